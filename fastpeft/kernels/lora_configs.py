@@ -1,0 +1,184 @@
+"""Which kernel configuration the LoRA launchers use for a given problem.
+
+Every configuration returned here is listed by ``lora_kernel_specs`` so ``fastpeft check``
+compiles it ahead of time for sm_80 and sm_90. The tables are starting points chosen from
+the shapes of the problem (rationale beside each constant); they have not yet been tuned
+on a GPU (see bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+# LoRA ranks the Triton kernels take: the rank is padded to a power of two >= 16 (tl.dot
+# needs every dimension >= 16) and kept <= 128 so the fp32 ``s`` tile and the B tile fit
+# in registers beside the GEMM accumulator. Larger ranks use the torch composite path.
+MIN_BLOCK_R = 16
+MAX_RANK = 128
+BLOCK_R_CHOICES = (16, 32, 64, 128)
+
+# Up to this many rows the forward is a decode step: bandwidth-bound on W, so tiles are
+# 16 rows (the smallest tl.dot) and narrow in N so that enough programs stream W.
+DECODE_MAX_M = 16
+# Up to this many rows, 64-row tiles keep enough programs in flight for the GPU.
+MEDIUM_MAX_M = 512
+
+# Peak bf16 tensor FLOP/s over HBM bytes/s on an H200 (~790e12 / 4.3e12, KERNEL_NOTES.md).
+# Recomputing s = x A^T in every column tile costs ~BLOCK_R/BLOCK_N of the GEMM's time;
+# an extra pass over x (the separate shrink kernel) costs ~FLOPS_PER_BYTE/N of it.
+FLOPS_PER_BYTE = 184
+
+# Rows of the grouped tile ordering: 8 row-tiles share each sweep of W's tiles in L2
+# (the value of Triton's matmul tutorial).
+GROUP_M = 8
+
+# Programs per SM to aim for when splitting reductions: 2 hides one program's latency
+# behind another's without making the partial buffers large.
+PROGRAMS_PER_SM = 2
+
+# SM count assumed under the Triton interpreter (no GPU): small, so that tests exercise
+# the split paths on small shapes.
+INTERPRETER_SMS = 4
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile of a GEMM-like kernel: BLOCK_M rows x BLOCK_N output columns, BLOCK_K reduction."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# Base GEMM tiles (forward y = x W^T and backward dX = dY W), per regime and architecture.
+# sm_90: 128x256x64 with 8 warps (two warpgroups) is the wgmma tile of Triton's Hopper
+# matmul examples; 3 stages of (128+256)x64 bf16 = 144 KB of shared memory (< 227 KB).
+# sm_80: 128x128x32, 4 warps, 4 stages (64 KB) is the A100 tile of the matmul tutorial.
+_GEMM_LARGE = {90: TileConfig(128, 256, 64, 8, 3), 80: TileConfig(128, 128, 32, 4, 4)}
+# With a large rank the fp32 s tile (128 x BLOCK_R) joins the accumulator: halve N.
+_GEMM_LARGE_BIG_R = {90: TileConfig(128, 128, 64, 8, 3), 80: TileConfig(128, 64, 32, 4, 4)}
+# Medium M: 64-row tiles double the programs; 4 stages of (64+128)x64 bf16 = 96 KB.
+_GEMM_MEDIUM = TileConfig(64, 128, 64, 4, 4)
+# Decode: 16 rows; BLOCK_K 128 gives 16 KB-per-stage W streams, 4 stages deep to keep
+# enough bytes in flight per SM for a bandwidth-bound loop.
+_GEMM_DECODE = {64: TileConfig(16, 64, 128, 4, 4), 32: TileConfig(16, 32, 128, 4, 4)}
+
+# Shrink (s = x_hat A^T): 64 rows x 128 columns of x per step, 4 warps; 3 stages.
+_SHRINK = TileConfig(64, 0, 128, 4, 3)
+_SHRINK_DECODE = TileConfig(16, 0, 128, 4, 3)
+# Backward pass over dY: 64 rows x 64 columns of dY per step.
+_DY_PASS = TileConfig(64, 64, 0, 4, 3)
+_DY_PASS_DECODE = TileConfig(16, 64, 0, 4, 3)
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of non-negative ints."""
+    return -(-a // b)
+
+
+def block_r(rank: int) -> int:
+    """The padded rank tile for ``rank`` (1 <= rank <= MAX_RANK)."""
+    return max(MIN_BLOCK_R, 1 << (rank - 1).bit_length())
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@lru_cache(maxsize=None)
+def _device_props(index: int) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, props.major * 10 + props.minor
+
+
+def device_info(device: torch.device) -> tuple[int, int]:
+    """(SM count, compute capability as 80/90/...) of ``device``; fixed values in the interpreter."""
+    if device.type != "cuda":
+        return INTERPRETER_SMS, 90
+    return _device_props(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _arch_key(capability: int) -> int:
+    """Hopper (sm_90) tables for sm_90 and newer, Ampere (sm_80) tables below."""
+    return 90 if capability >= 90 else 80
+
+
+def gemm_tile(m: int, r_block: int, capability: int, n: int, num_sms: int) -> TileConfig:
+    """The base-GEMM tile for ``m`` rows (forward over N columns, or dX over K columns)."""
+    if m <= DECODE_MAX_M:
+        wide = _GEMM_DECODE[64]
+        return wide if cdiv(n, wide.block_n) >= num_sms else _GEMM_DECODE[32]
+    if m <= MEDIUM_MAX_M:
+        return _GEMM_MEDIUM
+    table = _GEMM_LARGE_BIG_R if r_block >= 128 else _GEMM_LARGE
+    return table[_arch_key(capability)]
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """How the forward runs: the GEMM tile, and either a fused shrink or a split shrink."""
+
+    gemm: TileConfig
+    fuse_shrink: bool
+    shrink: TileConfig
+    shrink_splits: int  # K-splits of the shrink kernel (ignored when fused)
+    k_per_split: int
+
+
+def plan_forward(m: int, n: int, k: int, rank: int, dropout: bool, device: torch.device) -> ForwardPlan:
+    """Choose the forward kernels for x ``[m, k]``, W ``[n, k]`` and rank ``rank``."""
+    num_sms, capability = device_info(device)
+    r_block = block_r(rank)
+    gemm = gemm_tile(m, r_block, capability, n, num_sms)
+    if dropout:
+        fuse = False  # the mask must be drawn once per element, not once per column tile
+    elif m <= DECODE_MAX_M:
+        fuse = r_block <= gemm.block_n  # A re-read from L2 per program costs <= W's bytes
+    else:
+        fuse = r_block * n < FLOPS_PER_BYTE * gemm.block_n
+    shrink = _SHRINK_DECODE if m <= DECODE_MAX_M else _SHRINK
+    row_tiles = cdiv(m, shrink.block_m)
+    k_steps = cdiv(k, shrink.block_k)
+    splits = max(1, min(k_steps, cdiv(PROGRAMS_PER_SM * num_sms, row_tiles)))
+    steps_per_split = cdiv(k_steps, splits)
+    splits = cdiv(k_steps, steps_per_split)
+    return ForwardPlan(gemm, fuse, shrink, splits, steps_per_split * shrink.block_k)
+
+
+@dataclass(frozen=True)
+class BackwardPlan:
+    """Tiles of the two backward kernels and the column split of the pass over dY."""
+
+    dy_pass: TileConfig
+    split_n: int
+    dx: TileConfig
+
+
+def plan_backward(m: int, n: int, k: int, rank: int, device: torch.device) -> BackwardPlan:
+    """Choose the backward kernels for dY ``[m, n]``, x ``[m, k]`` and rank ``rank``."""
+    num_sms, capability = device_info(device)
+    dy_pass = _DY_PASS_DECODE if m <= DECODE_MAX_M else _DY_PASS
+    row_tiles = cdiv(m, dy_pass.block_m)
+    split_n = max(1, min(cdiv(n, dy_pass.block_n), cdiv(PROGRAMS_PER_SM * num_sms, row_tiles)))
+    dx = gemm_tile(m, block_r(rank), capability, k, num_sms)
+    return BackwardPlan(dy_pass, split_n, dx)
+
+
+def all_tile_choices() -> dict[str, list[TileConfig]]:
+    """Every tile each kernel can be launched with (for the ahead-of-time compile check)."""
+    gemm = sorted(
+        {*_GEMM_LARGE.values(), *_GEMM_LARGE_BIG_R.values(), _GEMM_MEDIUM, *_GEMM_DECODE.values()},
+        key=repr,
+    )
+    return {
+        "gemm": gemm,
+        "shrink": [_SHRINK, _SHRINK_DECODE],
+        "dy_pass": [_DY_PASS, _DY_PASS_DECODE],
+    }

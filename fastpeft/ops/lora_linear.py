@@ -1,0 +1,193 @@
+"""The fused LoRA linear op, registered with torch.library (autograd, fake tensors).
+
+    y = x W^T + b + scaling * dropout(x) A^T B^T
+
+``torch.ops.fastpeft.lora_linear`` holds the forward (returning ``y`` and ``s = x_hat A^T``,
+the only activation it saves besides its inputs) and ``torch.ops.fastpeft.lora_linear_backward``
+the backward; both dispatch to the Triton kernels (CUDA) or the torch path (CPU), see
+``fastpeft.backend``. Dropout draws from a 64-bit seed tensor made on x's device from
+torch's generator (no host sync, CUDA-graph safe); the backward regenerates the mask from it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastpeft.backend import use_triton
+from fastpeft.kernels.lora_configs import MAX_RANK  # torch-only module: no Triton import
+from fastpeft.ops.checks import check_lora_linear_args
+from fastpeft.ops.lora_linear_torch import lora_backward_torch, lora_forward_torch
+
+# Seeds are drawn in [0, 2**62): non-negative int64 values, which the kernels' Philox key
+# reads as 64 bits.
+_SEED_BOUND = 2**62
+
+
+def _use_kernels(x: torch.Tensor, rank: int) -> bool:
+    """Triton kernels for this call? Ranks above MAX_RANK always take the torch path."""
+    return rank <= MAX_RANK and use_triton(x.device)
+
+
+@torch.library.custom_op("fastpeft::lora_linear", mutates_args=())
+def _lora_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y [..., N], s [M, R] fp32)`` for x ``[..., K]`` with ``M = x.numel() // K``."""
+    k, n, rank = weight.shape[1], weight.shape[0], lora_a.shape[0]
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] == 0:
+        y = x.new_empty((0, n))
+        s = x.new_empty((0, rank), dtype=torch.float32)
+    elif _use_kernels(x, rank):
+        from fastpeft.kernels.lora_launch import lora_forward
+
+        y, s = lora_forward(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+    else:
+        y, s = lora_forward_torch(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+    return y.view(*x.shape[:-1], n), s
+
+
+@_lora_linear_op.register_fake
+def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    s = x.new_empty((m, lora_a.shape[0]), dtype=torch.float32)
+    return y, s
+
+
+@torch.library.custom_op("fastpeft::lora_linear_backward", mutates_args=())
+def _lora_linear_backward_op(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    s: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor,
+    need_x: bool,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dX like x, dA [R, K], dB [N, R])``; a gradient not asked for is an empty tensor."""
+    k, n, rank = weight.shape[1], weight.shape[0], lora_a.shape[0]
+    x2 = x.reshape(-1, k)
+    g2 = grad_y.reshape(-1, n)
+    if x2.shape[0] == 0:
+        dx = x2.new_zeros(x2.shape) if need_x else None
+        da = torch.zeros_like(lora_a) if need_a else None
+        db = torch.zeros_like(lora_b) if need_b else None
+    else:
+        backward = lora_backward_torch
+        if _use_kernels(x, rank):
+            from fastpeft.kernels.lora_launch import lora_backward as backward
+        dx, da, db = backward(g2, x2, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_x, need_a, need_b)
+    return (
+        dx.view(x.shape) if dx is not None else x.new_empty(0),
+        da if da is not None else x.new_empty(0),
+        db if db is not None else x.new_empty(0),
+    )
+
+
+@_lora_linear_backward_op.register_fake
+def _lora_linear_backward_fake(grad_y, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_x, need_a, need_b):
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else x.new_empty(0),
+        lora_a.new_empty(lora_a.shape) if need_a else x.new_empty(0),
+        lora_b.new_empty(lora_b.shape) if need_b else x.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed = inputs
+    _, s = output
+    ctx.mark_non_differentiable(s)
+    ctx.save_for_backward(x, weight, lora_a, lora_b, s, seed)
+    ctx.scaling = scaling
+    ctx.dropout_p = dropout_p
+
+
+def _backward(ctx, grad_y, _grad_s):
+    x, weight, lora_a, lora_b, s, seed = ctx.saved_tensors
+    need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+    dx, da, db = torch.ops.fastpeft.lora_linear_backward(
+        grad_y, x, weight, lora_a, lora_b, s, ctx.scaling, ctx.dropout_p, seed, need_x, need_a, need_b
+    )
+    # The base weight and bias are frozen in LoRA training; when a caller trains them anyway
+    # their gradients are the plain linear ones.
+    g2 = grad_y.reshape(-1, weight.shape[0])
+    dw = g2.t().to(weight.dtype) @ x.reshape(-1, weight.shape[1]) if need_w else None
+    dbias = g2.sum(0).to(weight.dtype) if need_bias else None
+    return (
+        dx if need_x else None,
+        dw,
+        dbias,
+        da if need_a else None,
+        db if need_b else None,
+        None,
+        None,
+        None,
+    )
+
+
+_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """A 1-element int64 dropout seed drawn on ``device`` from torch's default generator
+    for that device (so ``torch.manual_seed`` makes dropout reproducible)."""
+    return torch.randint(0, _SEED_BOUND, (1,), device=device, dtype=torch.int64)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """PEFT's LoRA linear, fused: ``F.linear(x, W, b) + scaling * F.linear(F.linear(dropout(x), A), B)``.
+
+    Args:
+        x: ``[..., K]`` activations, float32 / float16 / bfloat16, any strides.
+        weight: ``[N, K]`` frozen base weight, x's dtype.
+        bias: ``[N]`` in x's dtype, or None.
+        lora_a: ``[r, K]`` LoRA A (may be float32 while x is 16-bit, PEFT's default).
+        lora_b: ``[N, r]`` LoRA B, lora_a's dtype.
+        scaling: multiplier of the LoRA term (``lora_alpha / r``, or ``/ sqrt(r)`` for rsLoRA).
+        dropout_p: dropout probability on the LoRA branch's input, in [0, 1).
+        training: dropout is applied only when True.
+
+    Returns:
+        ``[..., N]`` in x's dtype (fp32 accumulation). Differentiable in x, lora_a and lora_b
+        (and weight/bias if they require grad). Saves ``x``, the weights, an ``M x r`` fp32
+        tensor and the seed for backward; the dropout mask is regenerated, never stored.
+    """
+    check_lora_linear_args(x, weight, bias, lora_a, lora_b, scaling, dropout_p)
+    p = float(dropout_p) if training else 0.0
+    seed = draw_seed(x.device) if p > 0.0 else x.new_empty(0, dtype=torch.int64)
+    y, _ = torch.ops.fastpeft.lora_linear(x, weight, bias, lora_a, lora_b, float(scaling), p, seed)
+    return y
+
+
+def lora_linear_dropout_mask(seed: torch.Tensor, m: int, k: int, dropout_p: float) -> torch.Tensor:
+    """The bool keep-mask ``[m, k]`` the op draws for ``seed`` on the backend in use for
+    ``seed.device`` (bit-identical across backends). Tests use it to rebuild a forward's dropout."""
+    if use_triton(seed.device):
+        from fastpeft.kernels.lora_launch import dropout_keep_mask
+
+        return dropout_keep_mask(seed, m, k, dropout_p)
+    from fastpeft.ops.dropout_mask import keep_mask_torch
+
+    return keep_mask_torch(seed, m, k, dropout_p)

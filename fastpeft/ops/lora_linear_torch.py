@@ -1,0 +1,72 @@
+"""The torch composite path of the LoRA linear op: CPU tensors, ranks above the Triton
+kernels' limit, and ``FASTPEFT_BACKEND=torch``.
+
+Same contract and the same dropout bits as the Triton path (``keep_mask_torch``). It adds
+no pass over the ``M x N`` output beyond one ``addmm_``: the scaling is folded into the
+rank-r side (``M x r`` elements) and the LoRA product accumulates into the base result.
+The LoRA side runs in the LoRA weights' dtype, as in PEFT.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastpeft.ops.dropout_mask import keep_mask_torch
+
+
+def _dropped(x: torch.Tensor, dropout_p: float, seed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x_hat = D * x / (1 - p)`` in ``dtype`` (``x`` itself, cast, when p is 0)."""
+    x = x.to(dtype)
+    if dropout_p == 0.0:
+        return x
+    keep = keep_mask_torch(seed, x.shape[0], x.shape[1], dropout_p)
+    return x * keep / (1.0 - dropout_p)
+
+
+def lora_forward_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y [M, N] in x.dtype, s [M, R] fp32)`` for 2-D x ``[M, K]``."""
+    s = _dropped(x, dropout_p, seed, lora_a.dtype) @ lora_a.t()
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    y.addmm_((s * scaling).to(y.dtype), lora_b.t().to(y.dtype))
+    return y, s.float()
+
+
+def lora_backward_torch(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    s: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor,
+    need_x: bool,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(dX [M, K], dA [R, K], dB [N, R])``, each None unless asked for; 2-D grad_y ``[M, N]``."""
+    lora_dtype = lora_a.dtype
+    g = grad_y.to(lora_dtype)
+    ds = (g @ lora_b) * scaling  # [M, R]
+    db = g.t() @ (s * scaling).to(lora_dtype) if need_b else None
+    dx = da = None
+    if need_a:
+        da = ds.t() @ _dropped(x, dropout_p, seed, lora_dtype)
+    if need_x:
+        dx = grad_y @ weight
+        lora = (ds @ lora_a).to(dx.dtype)
+        if dropout_p > 0.0:
+            keep = keep_mask_torch(seed, x.shape[0], x.shape[1], dropout_p)
+            lora = lora * keep / (1.0 - dropout_p)
+        dx += lora
+    return dx, da, db
