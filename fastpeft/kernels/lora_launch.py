@@ -19,6 +19,11 @@ from fastpeft.kernels.philox_dropout import keep_mask_kernel
 from fastpeft.ops.dropout_mask import dropout_threshold
 
 
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every output the kernels fully overwrite is allocated here (tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _numerics(dtype: torch.dtype) -> dict:
     """Constexprs fixing how tiles of activation dtype ``dtype`` meet the tensor cores.
 
@@ -52,13 +57,15 @@ def lora_forward(
     plan = plan_forward(m, n, k, rank, dropout_p > 0.0, x.device)
     r_block = block_r(rank)
     numerics = _numerics(x.dtype)
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    s = torch.empty((m, rank), device=x.device, dtype=torch.float32)
+    y = _empty((m, n), x.dtype, x.device)
+    s = _empty((m, rank), torch.float32, x.device)
     parts, num_parts = s, 0
+    if plan.fuse_shrink and dropout_p > 0.0:
+        raise RuntimeError("internal: the fused-shrink forward cannot apply dropout")
     if not plan.fuse_shrink:
         threshold, keep_scale = _dropout_args(dropout_p)
         num_parts = plan.shrink_splits
-        parts = torch.empty((num_parts, m, r_block), device=x.device, dtype=torch.float32)
+        parts = _empty((num_parts, m, r_block), torch.float32, x.device)
         lora_shrink_kernel[(cdiv(m, plan.shrink.block_m), num_parts)](
             x, lora_a, parts, seed,
             m, k, rank, plan.k_per_split,
@@ -113,7 +120,7 @@ def lora_backward(
         BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_R=r_block,
         num_warps=p.num_warps, num_stages=p.num_stages, **numerics,
     )
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
+    dx = _empty((m, k), x.dtype, x.device) if need_x else None
     da = torch.zeros((rank, k), device=x.device, dtype=torch.float32) if need_a else None
     if need_x or need_a:
         threshold, keep_scale = _dropout_args(dropout_p)
@@ -141,7 +148,7 @@ _MASK_TILE = 32
 
 def dropout_keep_mask(seed: torch.Tensor, m: int, k: int, dropout_p: float) -> torch.Tensor:
     """The bool keep-mask ``[m, k]`` the kernels draw for ``seed`` (a 1-element int64 tensor)."""
-    out = torch.empty((m, k), device=seed.device, dtype=torch.int8)
+    out = _empty((m, k), torch.int8, seed.device)
     if m and k:
         keep_mask_kernel[(cdiv(m, _MASK_TILE), cdiv(k, _MASK_TILE))](
             seed, out, m, k, dropout_threshold(dropout_p), BLOCK_M=_MASK_TILE, BLOCK_K=_MASK_TILE,

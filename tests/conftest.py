@@ -1,0 +1,46 @@
+"""Test set-up: run Triton kernels in the interpreter when there is no GPU.
+
+``TRITON_INTERPRET`` must be set before Triton is imported; neither torch nor fastpeft
+imports Triton at import time, so setting it here (before any test module is collected)
+takes effect. On a machine with CUDA the kernels run for real.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+from fastpeft.backend import triton_available  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+# Backends every op test runs on: the Triton kernels (interpreted on CPU) and the torch path.
+BACKENDS = ["triton", "torch"] if triton_available() else ["torch"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """Run the test once per backend, forcing it with FASTPEFT_BACKEND."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def poison_kernel_outputs(monkeypatch):
+    """Fill every buffer the kernels are meant to overwrite with NaN (or -1 for integers),
+    so an element a kernel forgets to write shows up in the comparison."""
+    if not triton_available():
+        return
+    from fastpeft.kernels import lora_launch
+
+    def poisoned(shape, dtype, device):
+        fill = float("nan") if dtype.is_floating_point else -1
+        return torch.full(shape, fill, dtype=dtype, device=device)
+
+    monkeypatch.setattr(lora_launch, "_empty", poisoned)

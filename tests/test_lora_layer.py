@@ -1,0 +1,133 @@
+"""LoRALinear: PEFT-compatible parameters and init, merge/unmerge, and equal outputs to
+HF PEFT's own lora.Linear with the same weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastpeft
+from tests.conftest import DEVICE
+from tests.numerics import assert_close
+
+
+def test_parameters_named_shaped_and_frozen_like_peft():
+    layer = fastpeft.LoRALinear(20, 12, r=4, device=DEVICE)
+    shapes = {name: tuple(p.shape) for name, p in layer.named_parameters()}
+    assert shapes == {"weight": (12, 20), "bias": (12,), "lora_A.weight": (4, 20), "lora_B.weight": (12, 4)}
+    trainable = {name for name, p in layer.named_parameters() if p.requires_grad}
+    assert trainable == {"lora_A.weight", "lora_B.weight"}
+
+
+def test_peft_default_init():
+    torch.manual_seed(0)
+    layer = fastpeft.LoRALinear(64, 32, r=8)
+    assert torch.count_nonzero(layer.lora_B.weight) == 0
+    bound = 1 / math.sqrt(64)  # kaiming-uniform with a = sqrt(5) gives U(-1/sqrt(in), 1/sqrt(in))
+    a = layer.lora_A.weight
+    assert a.abs().max() <= bound and a.abs().max() > 0.9 * bound and a.std() > 0.5 * bound / math.sqrt(3)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("r,alpha,rslora,expected", [(8, 16, False, 2.0), (16, 8, True, 2.0), (4, 4, False, 1.0)])
+def test_scaling(r, alpha, rslora, expected):
+    assert fastpeft.LoRALinear(8, 8, r=r, lora_alpha=alpha, use_rslora=rslora).scaling == expected
+
+
+def test_from_linear_shares_weight_without_copy():
+    base = nn.Linear(20, 10, device=DEVICE)
+    layer = fastpeft.LoRALinear.from_linear(base, r=3, lora_alpha=6)
+    assert layer.weight is base.weight and layer.bias is base.bias
+    assert not base.weight.requires_grad
+    no_bias = fastpeft.LoRALinear.from_linear(nn.Linear(20, 10, bias=False), r=3)
+    assert no_bias.bias is None
+    assert no_bias(torch.randn(2, 20)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_merge_unmerge_round_trip(backend, dtype):
+    layer = fastpeft.LoRALinear(48, 40, r=4, lora_alpha=8, device=DEVICE, dtype=dtype)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(5, 48, device=DEVICE, dtype=dtype)
+    w0 = layer.weight.detach().clone()
+    y_unmerged = layer(x)
+    layer.merge()
+    assert layer.merged
+    assert_close(layer(x), y_unmerged.double(), dtype, "merged forward")
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()
+    layer.unmerge()
+    assert not layer.merged
+    assert_close(layer.weight, w0.double(), dtype, "weight after unmerge")
+    with pytest.raises(RuntimeError, match="not merged"):
+        layer.unmerge()
+
+
+def test_dropout_follows_training_mode(backend):
+    layer = fastpeft.LoRALinear(32, 16, r=4, lora_dropout=0.5, device=DEVICE)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(8, 32, device=DEVICE)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    layer.train()
+    torch.manual_seed(1)
+    y1 = layer(x)
+    torch.manual_seed(2)
+    assert not torch.equal(y1, layer(x))
+
+
+@pytest.mark.parametrize("bad,exc", [(dict(r=0), ValueError), (dict(r=2.0), TypeError), (dict(lora_dropout=1.5), ValueError)])
+def test_bad_layer_arguments(bad, exc):
+    with pytest.raises(exc, match="r must|lora_dropout"):
+        fastpeft.LoRALinear(8, 8, **bad)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        fastpeft.LoRALinear.from_linear(nn.Conv1d(2, 2, 1))
+
+
+peft = pytest.importorskip("peft")
+
+
+class _OneLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(36, 28)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_same_outputs_grads_and_keys_as_peft(backend, rslora):
+    torch.manual_seed(0)
+    model = _OneLinear().to(DEVICE)
+    config = peft.LoraConfig(r=6, lora_alpha=12, target_modules=["proj"], use_rslora=rslora)
+    peft_model = peft.get_peft_model(model, config)
+    peft_layer = peft_model.base_model.model.proj
+    nn.init.normal_(peft_layer.lora_B["default"].weight)
+
+    ours = fastpeft.LoRALinear.from_linear(nn.Linear(36, 28).to(DEVICE), r=6, lora_alpha=12, use_rslora=rslora)
+    with torch.no_grad():
+        ours.weight.copy_(peft_layer.base_layer.weight)
+        ours.bias.copy_(peft_layer.base_layer.bias)
+        ours.lora_A.weight.copy_(peft_layer.lora_A["default"].weight)
+        ours.lora_B.weight.copy_(peft_layer.lora_B["default"].weight)
+    assert ours.scaling == peft_layer.scaling["default"]
+
+    x = torch.randn(3, 7, 36, device=DEVICE)
+    y_peft, y_ours = peft_model(x), ours(x)
+    torch.testing.assert_close(y_ours, y_peft)
+    y_peft.square().sum().backward()
+    y_ours.square().sum().backward()
+    # Both are fp32 sums over the batch in different orders: compare by relative error.
+    for name in ("lora_A", "lora_B"):
+        expected = getattr(peft_layer, name)["default"].weight.grad
+        assert_close(getattr(ours, name).weight.grad, expected, torch.float32, f"d{name}")
+
+    saved = peft.get_peft_model_state_dict(peft_model)
+    peft_keys = {k.removeprefix("base_model.model.proj.") for k in saved}
+    ours_keys = {k for k, p in ours.named_parameters() if p.requires_grad}
+    assert peft_keys == ours_keys
