@@ -10,7 +10,7 @@ import torch
 
 from fastpeft.backend import triton_available
 from fastpeft.ops import lora_linear, lora_linear_dropout_mask, lora_linear_ref
-from fastpeft.ops.dropout_mask import keep_mask_torch
+from fastpeft.ops.dropout_mask import keep_mask_philox
 from tests.conftest import DEVICE
 from tests.test_lora_linear_op import SCALING, make_problem
 
@@ -23,7 +23,7 @@ def test_kernel_mask_is_bit_identical_to_torch(m, k, seed):
 
     seed_t = torch.tensor([seed], dtype=torch.int64, device=DEVICE)
     kernel = dropout_keep_mask(seed_t, m, k, 0.3)
-    assert torch.equal(kernel, keep_mask_torch(seed_t, m, k, 0.3))
+    assert torch.equal(kernel, keep_mask_philox(seed_t, m, k, 0.3))
 
 
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.9])

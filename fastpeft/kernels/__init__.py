@@ -1,0 +1,11 @@
+"""Triton kernels and their launchers. Importing this package does not import Triton;
+``all_kernel_specs`` does."""
+
+from __future__ import annotations
+
+
+def all_kernel_specs() -> list:
+    """Every kernel configuration the dispatchers can launch (``fastpeft check`` compiles them)."""
+    from fastpeft.kernels.lora_specs import lora_kernel_specs
+
+    return lora_kernel_specs()

@@ -171,14 +171,24 @@ def plan_backward(m: int, n: int, k: int, rank: int, device: torch.device) -> Ba
     return BackwardPlan(dy_pass, split_n, dx)
 
 
-def all_tile_choices() -> dict[str, list[TileConfig]]:
-    """Every tile each kernel can be launched with (for the ahead-of-time compile check)."""
-    gemm = sorted(
-        {*_GEMM_LARGE.values(), *_GEMM_LARGE_BIG_R.values(), _GEMM_MEDIUM, *_GEMM_DECODE.values()},
-        key=repr,
-    )
-    return {
-        "gemm": gemm,
-        "shrink": [_SHRINK, _SHRINK_DECODE],
-        "dy_pass": [_DY_PASS, _DY_PASS_DECODE],
-    }
+def gemm_tile_choices() -> list[tuple[TileConfig, int | None, tuple[int, ...]]]:
+    """Every base-GEMM tile ``gemm_tile`` can return, as (tile, arch family or None for
+    all, padded ranks it can meet)."""
+    small = tuple(r for r in BLOCK_R_CHOICES if r < 128)
+    choices: list[tuple[TileConfig, int | None, tuple[int, ...]]] = []
+    for family in (80, 90):
+        choices.append((_GEMM_LARGE[family], family, small))
+        choices.append((_GEMM_LARGE_BIG_R[family], family, (128,)))
+    choices.append((_GEMM_MEDIUM, None, BLOCK_R_CHOICES))
+    choices.extend((tile, None, BLOCK_R_CHOICES) for tile in _GEMM_DECODE.values())
+    return choices
+
+
+def shrink_tile_choices() -> list[TileConfig]:
+    """Every tile of the shrink kernel (``plan_forward``)."""
+    return [_SHRINK, _SHRINK_DECODE]
+
+
+def dy_pass_tile_choices() -> list[TileConfig]:
+    """Every tile of the backward pass over dY (``plan_backward``)."""
+    return [_DY_PASS, _DY_PASS_DECODE]

@@ -1,5 +1,5 @@
 """Triton side of fastpeft's counter-based dropout (the scheme is described in
-``fastpeft.ops.dropout_mask``, whose ``keep_mask_torch`` draws the same bits in torch)."""
+``fastpeft.ops.dropout_mask``, whose ``keep_mask_philox`` draws the same bits in torch)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def keep_mask(seed, offs_m, k0, K, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl
 def keep_mask_kernel(seed_ptr, out_ptr, M, K, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Writes ``keep_mask`` for a whole ``[M, K]`` grid as int8 (0/1): what the op's kernels draw.
 
-    Grid ``(cdiv(M, BLOCK_M), cdiv(K, BLOCK_K))``. Tests compare it with ``keep_mask_torch``
+    Grid ``(cdiv(M, BLOCK_M), cdiv(K, BLOCK_K))``. Tests compare it with ``keep_mask_philox``
     and use it to rebuild the exact dropout of a forward.
     """
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)

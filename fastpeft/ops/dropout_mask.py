@@ -1,18 +1,26 @@
-"""Counter-based dropout masks, in plain torch: the bits the Triton kernels draw.
+"""Dropout keep-masks of the LoRA op, in plain torch, regenerated from a seed.
+
+The Triton kernels draw counter-based masks:
 
 Element ``(m, k)`` of an ``M x K`` activation is kept iff ``(u >> 1) >= threshold`` where
 ``u`` is lane ``k % 4`` of Philox4x32 (Triton's ``tl.randint4x``) evaluated at counter
 ``m * ceil(K / 4) + k // 4`` with the op's 64-bit seed, and ``threshold = round(p * 2**31)``.
 One Philox call thus serves four neighbouring columns.
 
-Because the mask is a pure function of (seed, m, k), the backward regenerates it instead of
-saving it, and the torch path produces bit-identical masks to the kernels
-(``fastpeft.kernels.philox_dropout``), so a seed means the same dropout on every device.
+``keep_mask_philox`` computes those bits with torch ops: it is the reference the kernels'
+mask is tested against, and the torch path's mask on CUDA (no host sync, same dropout as
+the kernels). On the CPU, Philox in torch ops costs tens of passes over the mask, so the
+torch backend draws CPU masks from torch's CPU generator seeded with the op's seed
+instead (``keep_mask_cpu``) -- like torch's own CPU and CUDA RNGs, CPU and GPU then drop different
+elements for one seed. Either way the mask is a pure function of the seed, so the backward
+regenerates it instead of saving it.
 """
 
 from __future__ import annotations
 
 import torch
+
+from fastpeft.backend import use_triton
 
 # Philox4x32 with 7 rounds: Salmon et al. (SC'11, "Parallel random numbers: as easy as
 # 1, 2, 3") report Philox4x32-7 passes all of TestU01's BigCrush; 10 (Triton's default)
@@ -54,8 +62,8 @@ def _philox4x32(c0: torch.Tensor, c1: torch.Tensor, seed: torch.Tensor, rounds: 
     return [c0, c1, c2, c3]
 
 
-def keep_mask_torch(seed: torch.Tensor | int, rows: int, cols: int, p: float) -> torch.Tensor:
-    """The bool keep-mask ``[rows, cols]`` that ``keep_mask`` draws, computed with torch ops.
+def keep_mask_philox(seed: torch.Tensor | int, rows: int, cols: int, p: float) -> torch.Tensor:
+    """The bool keep-mask ``[rows, cols]`` the Triton kernels draw, computed with torch ops.
 
     ``seed``: an int, or a 1-element int64 tensor (the mask is then made on its device).
     """
@@ -65,3 +73,19 @@ def keep_mask_torch(seed: torch.Tensor | int, rows: int, cols: int, p: float) ->
     lanes = _philox4x32(counter & _MASK32, counter >> 32, seed, PHILOX_ROUNDS)
     bits = torch.stack(lanes, dim=-1).reshape(rows, k4 * 4)[:, :cols]
     return (bits >> 1) >= dropout_threshold(p)
+
+
+def keep_mask_cpu(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
+    """A bool keep-mask ``[rows, cols]`` from torch's CPU generator seeded with ``seed``."""
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(int(seed.item()))
+    return torch.rand((rows, cols), generator=generator) >= p
+
+
+def keep_mask_torch_path(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
+    """The keep-mask of the torch path: ``keep_mask_cpu`` for CPU tensors on the torch
+    backend, else the kernels' Philox bits (so ranks the kernels hand to the torch path
+    drop what the kernels would)."""
+    if seed.device.type == "cpu" and not use_triton(seed.device):
+        return keep_mask_cpu(seed, rows, cols, p)
+    return keep_mask_philox(seed, rows, cols, p)

@@ -16,6 +16,7 @@ import torch
 from fastpeft.backend import use_triton
 from fastpeft.kernels.lora_configs import MAX_RANK  # torch-only module: no Triton import
 from fastpeft.ops.checks import check_lora_linear_args
+from fastpeft.ops.dropout_mask import keep_mask_torch_path
 from fastpeft.ops.lora_linear_torch import lora_backward_torch, lora_forward_torch
 
 # Seeds are drawn in [0, 2**62): non-negative int64 values, which the kernels' Philox key
@@ -182,12 +183,10 @@ def lora_linear(
 
 
 def lora_linear_dropout_mask(seed: torch.Tensor, m: int, k: int, dropout_p: float) -> torch.Tensor:
-    """The bool keep-mask ``[m, k]`` the op draws for ``seed`` on the backend in use for
-    ``seed.device`` (bit-identical across backends). Tests use it to rebuild a forward's dropout."""
+    """The bool keep-mask ``[m, k]`` the op draws for ``seed`` (a 1-element int64 tensor) on
+    the backend in use for ``seed.device``. Tests use it to rebuild a forward's dropout."""
     if use_triton(seed.device):
         from fastpeft.kernels.lora_launch import dropout_keep_mask
 
         return dropout_keep_mask(seed, m, k, dropout_p)
-    from fastpeft.ops.dropout_mask import keep_mask_torch
-
-    return keep_mask_torch(seed, m, k, dropout_p)
+    return keep_mask_torch_path(seed, m, k, dropout_p)

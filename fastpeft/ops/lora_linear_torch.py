@@ -1,7 +1,7 @@
 """The torch composite path of the LoRA linear op: CPU tensors, ranks above the Triton
 kernels' limit, and ``FASTPEFT_BACKEND=torch``.
 
-Same contract and the same dropout bits as the Triton path (``keep_mask_torch``). It adds
+Same contract as the Triton path; its dropout mask is ``keep_mask_torch_path``. It adds
 no pass over the ``M x N`` output beyond one ``addmm_``: the scaling is folded into the
 rank-r side (``M x r`` elements) and the LoRA product accumulates into the base result.
 The LoRA side runs in the LoRA weights' dtype, as in PEFT.
@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from fastpeft.ops.dropout_mask import keep_mask_torch
+from fastpeft.ops.dropout_mask import keep_mask_torch_path
 
 
-def _dropped(x: torch.Tensor, dropout_p: float, seed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x_hat = D * x / (1 - p)`` in ``dtype`` (``x`` itself, cast, when p is 0)."""
-    x = x.to(dtype)
+def _keep_scale(x: torch.Tensor, dropout_p: float, seed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """``D / (1 - p)`` ``[M, K]`` in ``dtype`` for 2-D x, or None when p is 0."""
     if dropout_p == 0.0:
-        return x
-    keep = keep_mask_torch(seed, x.shape[0], x.shape[1], dropout_p)
-    return x * keep / (1.0 - dropout_p)
+        return None
+    keep = keep_mask_torch_path(seed, x.shape[0], x.shape[1], dropout_p)
+    return keep.to(dtype) * (1.0 / (1.0 - dropout_p))
 
 
 def lora_forward_torch(
@@ -34,7 +33,9 @@ def lora_forward_torch(
     seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y [M, N] in x.dtype, s [M, R] fp32)`` for 2-D x ``[M, K]``."""
-    s = _dropped(x, dropout_p, seed, lora_a.dtype) @ lora_a.t()
+    x_lora = x.to(lora_a.dtype)
+    keep_scale = _keep_scale(x, dropout_p, seed, lora_a.dtype)
+    s = (x_lora * keep_scale if keep_scale is not None else x_lora) @ lora_a.t()
     y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
     y.addmm_((s * scaling).to(y.dtype), lora_b.t().to(y.dtype))
     return y, s.float()
@@ -59,14 +60,13 @@ def lora_backward_torch(
     g = grad_y.to(lora_dtype)
     ds = (g @ lora_b) * scaling  # [M, R]
     db = g.t() @ (s * scaling).to(lora_dtype) if need_b else None
+    keep_scale = _keep_scale(x, dropout_p, seed, lora_dtype) if (need_a or need_x) else None
     dx = da = None
     if need_a:
-        da = ds.t() @ _dropped(x, dropout_p, seed, lora_dtype)
+        x_lora = x.to(lora_dtype)
+        da = ds.t() @ (x_lora * keep_scale if keep_scale is not None else x_lora)
     if need_x:
         dx = grad_y @ weight
-        lora = (ds @ lora_a).to(dx.dtype)
-        if dropout_p > 0.0:
-            keep = keep_mask_torch(seed, x.shape[0], x.shape[1], dropout_p)
-            lora = lora * keep / (1.0 - dropout_p)
-        dx += lora
+        lora = ds @ lora_a
+        dx += (lora * keep_scale if keep_scale is not None else lora).to(dx.dtype)
     return dx, da, db

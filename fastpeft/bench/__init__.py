@@ -1,0 +1,8 @@
+"""Benchmark harness for the LoRA linear op: ``fastpeft bench`` / ``python -m fastpeft.bench``.
+
+Modules: ``cases`` (shapes, M, r, FLOPs), ``implementations`` (base, naive, PEFT,
+torch.compile, fastpeft on the same weights), ``timing`` (the one timing function),
+``memory`` (activations saved for backward), ``runner`` (the grid loop), ``results`` and
+``analysis`` (ratios, TFLOP/s), ``targets`` (the issue's goals), ``report`` / ``export`` /
+``plot`` (table, JSON, figure), ``environment`` (device and versions).
+"""

@@ -1,0 +1,172 @@
+"""``fastpeft bench`` / ``python -m fastpeft.bench``: LoRA linear benchmark on this machine.
+
+GPU default: Llama-3-8B shapes x M in {1, 16, 512, 4096, 8192} x r in {8, 16, 64}, bf16.
+CPU default: two shapes, M in {1, 16, 128}, r = 16, fp32 (under two minutes on two cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from fastpeft.bench.analysis import analyze
+from fastpeft.bench.cases import CPU_GRID, GPU_GRID, QUICK_GRID, SHAPES_BY_NAME, CaseGrid, LayerShape
+from fastpeft.bench.export import write_json
+from fastpeft.bench.implementations import COMPILE, IMPLEMENTATION_NAMES, PEFT, default_implementations
+from fastpeft.bench.report import markdown_report, print_report
+from fastpeft.bench.runner import DEFAULT_DROPOUT, BenchConfig, run_benchmark
+from fastpeft.bench.timing import CPU_BUDGET, GPU_BUDGET, QUICK_BUDGET
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OUT_FILES = {"json": "bench.json", "markdown": "bench.md", "plot": "bench.png"}
+
+
+def _comma_list(parse_item: Callable[[str], object]) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list, got nothing")
+        return [parse_item(item) for item in items]
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def _shape(text: str) -> LayerShape:
+    if text not in SHAPES_BY_NAME:
+        raise argparse.ArgumentTypeError(f"unknown shape {text!r}; choose from {', '.join(SHAPES_BY_NAME)}")
+    return SHAPES_BY_NAME[text]
+
+
+def _implementation(text: str) -> str:
+    if text not in IMPLEMENTATION_NAMES:
+        raise argparse.ArgumentTypeError(
+            f"unknown implementation {text!r}; choose from {', '.join(IMPLEMENTATION_NAMES)}"
+        )
+    return text
+
+
+def _dropout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"dropout {value} is not in [0, 1)")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastpeft bench",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: one case (k/v, M=16, r=8), 3 timed calls, "
+                        "no torch.compile unless --impls names it")
+    parser.add_argument("--shapes", type=_comma_list(_shape), help=f"comma list of {', '.join(SHAPES_BY_NAME)}")
+    parser.add_argument("--m", type=_comma_list(_positive_int), help="comma list of token counts M")
+    parser.add_argument("--r", type=_comma_list(_positive_int), help="comma list of LoRA ranks")
+    parser.add_argument("--impls", type=_comma_list(_implementation),
+                        help=f"comma list of {', '.join(IMPLEMENTATION_NAMES)} (default: all installed)")
+    parser.add_argument("--dropout", type=_dropout, default=DEFAULT_DROPOUT,
+                        help=f"LoRA dropout in fwd+bwd timings (default {DEFAULT_DROPOUT}); "
+                        "saved activations are always measured at 0.1")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    parser.add_argument("--markdown", type=Path, help="write the report as markdown here")
+    parser.add_argument("--plot", type=Path, help="write a ratio-vs-M plot here (needs matplotlib)")
+    parser.add_argument("--out", type=Path,
+                        help=f"directory for {', '.join(OUT_FILES.values())} (the plot when matplotlib is installed)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> BenchConfig:
+    """The run configuration; ``parser.error`` (exit 2) on arguments this machine cannot honour."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    on_gpu = device.type == "cuda"
+    grid = QUICK_GRID if args.quick else GPU_GRID if on_gpu else CPU_GRID
+    grid = CaseGrid(tuple(args.shapes or grid.shapes), tuple(args.m or grid.ms), tuple(args.r or grid.ranks))
+    impls = args.impls or [i for i in default_implementations() if not (args.quick and i == COMPILE)]
+    if PEFT in impls and importlib.util.find_spec("peft") is None:
+        parser.error("--impls peft: PEFT is not installed (pip install peft)")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        parser.error("--plot: matplotlib is not installed (pip install matplotlib)")
+    return BenchConfig(
+        grid=grid,
+        implementations=tuple(dict.fromkeys(impls)),
+        device=device,
+        dtype=DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")],
+        dropout=args.dropout,
+        budget=QUICK_BUDGET if args.quick else GPU_BUDGET if on_gpu else CPU_BUDGET,
+        seed=args.seed,
+    )
+
+
+def output_paths(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Path | None]:
+    """Where to write json / markdown / plot: explicit paths first, then ``--out DIR`` (created)."""
+    paths = {kind: getattr(args, kind) for kind in OUT_FILES}
+    for kind, path in paths.items():
+        if path is not None and not path.parent.is_dir():
+            parser.error(f"--{kind} {path}: directory {path.parent} does not exist")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for kind, name in OUT_FILES.items():
+            if paths[kind] is None and (kind != "plot" or importlib.util.find_spec("matplotlib") is not None):
+                paths[kind] = args.out / name
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; 0 when every measurement worked and fastpeft passed the saved-activation
+    criterion, 1 otherwise, 2 on bad arguments."""
+    # scripts/gpu_run.sh stops an overlong run with SIGINT (timeout -s INT) and the runner then
+    # reports what it measured; a shell without job control may start us with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    config = config_from_args(args, parser)
+    paths = output_paths(args, parser)
+    analysis = analyze(run_benchmark(config))
+    print_report(analysis)
+    if paths["json"]:
+        write_json(analysis, paths["json"])
+    if paths["markdown"]:
+        paths["markdown"].write_text(markdown_report(analysis))
+    plot_failed = False
+    if paths["plot"]:
+        from fastpeft.bench.plot import write_plot
+
+        try:
+            write_plot(analysis, paths["plot"])
+        except ValueError as exc:
+            print(f"fastpeft bench: no plot written: {exc}", file=sys.stderr)
+            paths["plot"], plot_failed = None, True
+    written = [str(p) for p in paths.values() if p]
+    if written:
+        print("wrote " + ", ".join(written))
+    return 1 if analysis.failed or plot_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

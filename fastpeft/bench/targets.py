@@ -1,0 +1,92 @@
+"""The issue's goals for fastpeft, evaluated on a run. Timing targets are displayed, never
+asserted (times vary by machine); the saved-activation criterion is deterministic and gets a
+PASS/FAIL line per case.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastpeft.bench.cases import FORWARD, FORWARD_BACKWARD, BenchCase
+from fastpeft.bench.implementations import FASTPEFT, PEFT
+from fastpeft.bench.memory import saved_elements_limit
+from fastpeft.bench.results import MetricRow, SavedResult
+
+RATIO_TO_BASE = "ratio_to_base"
+SPEEDUP_VS_PEFT = "speedup_vs_peft"
+
+
+@dataclass(frozen=True)
+class Target:
+    """fastpeft's ``metric`` in ``mode`` must be <= ``limit`` (``at_most``) or >= it, on cases
+    with M >= ``min_m``, and only when fwd+bwd was timed at ``dropout`` if one is given."""
+
+    label: str
+    mode: str
+    metric: str
+    limit: float
+    at_most: bool
+    min_m: int = 1
+    dropout: float | None = None
+
+    def met_by(self, value: float) -> bool:
+        return value <= self.limit if self.at_most else value >= self.limit
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("forward <= 1.05x base F.linear at M >= 4096", FORWARD, RATIO_TO_BASE, 1.05, True, min_m=4096),
+    Target("fwd+bwd <= 1.15x base frozen-layer fwd+bwd", FORWARD_BACKWARD, RATIO_TO_BASE, 1.15, True),
+    Target(
+        ">= 1.3x faster than PEFT fwd+bwd (dropout 0.05)", FORWARD_BACKWARD, SPEEDUP_VS_PEFT, 1.3, False, dropout=0.05
+    ),
+)
+
+
+@dataclass(frozen=True)
+class TargetCheck:
+    """One target evaluated on one fastpeft case: the metric's ``value`` and whether it ``met`` it."""
+
+    target: Target
+    case: BenchCase
+    value: float
+    met: bool
+
+
+def check_targets(rows: list[MetricRow], dropout: float) -> list[TargetCheck]:
+    """Every target on every fastpeft row it applies to (``dropout``: the fwd+bwd dropout of the run)."""
+    checks = []
+    for target in TARGETS:
+        if target.dropout is not None and target.dropout != dropout:
+            continue
+        for row in rows:
+            value = getattr(row, target.metric)
+            if row.impl == FASTPEFT and row.mode == target.mode and row.case.m >= target.min_m and value is not None:
+                checks.append(TargetCheck(target, row.case, value, target.met_by(value)))
+    return checks
+
+
+@dataclass(frozen=True)
+class SavedCheck:
+    """fastpeft's saved elements beyond x against ``M * r``; ``peft_bytes`` for comparison."""
+
+    case: BenchCase
+    elements: int
+    limit: int
+    bytes: int
+    peft_bytes: int | None
+
+    @property
+    def passed(self) -> bool:
+        return self.elements <= self.limit
+
+
+def check_saved_activations(saved: list[SavedResult]) -> list[SavedCheck]:
+    """The saved-activation criterion for every case where fastpeft was measured."""
+    peft_bytes = {s.case: s.saved.bytes for s in saved if s.impl == PEFT and s.saved is not None}
+    return [
+        SavedCheck(
+            s.case, s.saved.elements, saved_elements_limit(s.case.m, s.case.r), s.saved.bytes, peft_bytes.get(s.case)
+        )
+        for s in saved
+        if s.impl == FASTPEFT and s.saved is not None
+    ]

@@ -1,0 +1,93 @@
+"""The one timing function every implementation goes through: median milliseconds per call.
+
+On CUDA each call is timed with CUDA events and the L2 cache is flushed before it, so no
+call finds the weights or inputs cached by the previous one. On CPU each call is timed
+with ``time.perf_counter``. In both, the function is called once untimed (compilation,
+allocator warm-up), its cost is estimated, and warm-up and repetition counts are derived
+from a time budget, as ``triton.testing.do_bench`` does.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+# Bytes written before each timed CUDA call: 4x the H200's 60 MB L2 (the largest L2 of the
+# GPUs targeted), so nothing from the previous call survives in it.
+L2_FLUSH_BYTES = 256 * 1024 * 1024
+# Timed calls used to estimate one call's cost before choosing repetition counts.
+ESTIMATE_CALLS = 3
+
+
+@dataclass(frozen=True)
+class TimingBudget:
+    """How long to warm up and to measure one function (milliseconds of estimated call time),
+    and the bounds on timed calls (``max_reps`` also caps warm-up calls)."""
+
+    warmup_ms: float
+    rep_ms: float
+    min_reps: int
+    max_reps: int
+
+
+# GPU: the full grid's 600 timings must take ~1 minute. 40 ms of calls is >= 10 calls for the
+# largest case (~5 ms fwd+bwd); decode-sized calls (~20 us) stop at 200, which costs ~40 ms of
+# wall time with the L2 flush and launch overhead per call and still gives a stable median.
+GPU_BUDGET = TimingBudget(warmup_ms=10.0, rep_ms=40.0, min_reps=10, max_reps=200)
+# CPU: calls take 1-300 ms; 3 reps minimum give a median, 0.3 s per timing keeps the
+# default CPU run under two minutes.
+CPU_BUDGET = TimingBudget(warmup_ms=20.0, rep_ms=300.0, min_reps=3, max_reps=50)
+# Smoke runs: just enough calls to exercise the path and give a median of three.
+QUICK_BUDGET = TimingBudget(warmup_ms=10.0, rep_ms=0.0, min_reps=3, max_reps=3)
+
+
+@functools.cache
+def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
+    return torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
+
+
+def _cuda_call_times_ms(fn: Callable[[], object], calls: int, device: torch.device) -> list[float]:
+    flush = _l2_flush_buffer(device)
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(calls)
+    ]
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) for start, end in events]
+
+
+def _cpu_call_times_ms(fn: Callable[[], object], calls: int) -> list[float]:
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def call_times_ms(fn: Callable[[], object], calls: int, device: torch.device) -> list[float]:
+    """Milliseconds of each of ``calls`` calls of ``fn`` (CUDA events with L2 flush, or CPU clock)."""
+    if device.type == "cuda":
+        return _cuda_call_times_ms(fn, calls, device)
+    return _cpu_call_times_ms(fn, calls)
+
+
+def median_time_ms(fn: Callable[[], object], device: torch.device, budget: TimingBudget) -> float:
+    """Median milliseconds of one call of ``fn`` on ``device``, after warm-up."""
+    fn()
+    estimate_ms = max(statistics.mean(call_times_ms(fn, ESTIMATE_CALLS, device)), 1e-6)
+    warmup_calls = min(math.ceil(budget.warmup_ms / estimate_ms), budget.max_reps)
+    reps = min(max(math.ceil(budget.rep_ms / estimate_ms), budget.min_reps), budget.max_reps)
+    call_times_ms(fn, warmup_calls, device)
+    return statistics.median(call_times_ms(fn, reps, device))

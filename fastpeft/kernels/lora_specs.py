@@ -1,0 +1,123 @@
+"""Every compile-time configuration of the LoRA kernels that the launchers can produce,
+as ``KernelSpec``s for ``fastpeft check`` (ahead-of-time compile for sm_80 / sm_90).
+
+For each kernel: every tile the planners in ``lora_configs`` can hand it, on the
+architecture family that uses it, with every padded rank that tile can meet and the
+constexpr flags that change its code. Two dtype cases: bf16 activations with fp32 LoRA
+weights (PEFT's default; fp16 produces the same code with another element type) and fp32
+(IEEE products, a different MMA path). Scalars follow Triton's launch-time specialization
+for contiguous tensors: unit strides become the constexpr 1, other sizes and pointers are
+taken as multiples of 16.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from fastpeft.kernels.aot_spec import KernelSpec
+from fastpeft.kernels.lora_configs import (
+    BLOCK_R_CHOICES,
+    GROUP_M,
+    TileConfig,
+    dy_pass_tile_choices,
+    gemm_tile_choices,
+    shrink_tile_choices,
+)
+from fastpeft.kernels.lora_kernels import (
+    lora_bwd_dx_kernel,
+    lora_bwd_dy_kernel,
+    lora_fwd_kernel,
+    lora_shrink_kernel,
+)
+from fastpeft.kernels.philox_dropout import keep_mask_kernel
+
+# (activation dtype, LoRA weight dtype) cases.
+DTYPE_CASES = (("bf16", "fp32"), ("fp32", "fp32"))
+
+# Stride arguments equal to 1 for contiguous operands; Triton's launcher turns such
+# arguments into constexprs, so the checked code is the code that runs.
+_UNIT_STRIDES = {"stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_dyn"}
+_FLOAT_SCALARS = {"scaling", "keep_scale"}
+
+# Pointer arguments by role: activations/base weights use the activation dtype, the LoRA
+# weights their own, the seed is int64, the mask int8, the rest are fp32 buffers.
+_ACT_POINTERS = {"x_ptr", "w_ptr", "bias_ptr", "y_ptr", "dy_ptr", "dx_ptr"}
+_LORA_POINTERS = {"a_ptr", "b_ptr"}
+_OTHER_POINTERS = {"seed_ptr": "*i64", "out_ptr": "*i8"}
+
+# The bwd-dx kernel's (COMPUTE_DX, COMPUTE_DA, HAS_DROPOUT) variants checked: the heaviest
+# (everything) and the one without the GEMM main loop (first layer: no dX).
+_DX_VARIANTS = ((True, True, True), (False, True, True))
+
+
+def _numerics(act: str) -> dict:
+    return {"UPCAST": False, "PRECISION": "ieee" if act == "fp32" else "tf32"}
+
+
+def _spec(fn, name: str, act: str, lora: str, constexprs: dict, tile: TileConfig,
+          family: int | None = None, wgmma: bool = False) -> KernelSpec:
+    """Signature of ``fn`` for the dtype case, with unit strides and ``constexprs`` fixed."""
+    signature, values = {}, {}
+    for arg in fn.arg_names:
+        if arg in constexprs:
+            signature[arg], values[arg] = "constexpr", constexprs[arg]
+        elif arg in _UNIT_STRIDES:
+            signature[arg], values[arg] = "constexpr", 1
+        elif arg in _ACT_POINTERS:
+            signature[arg] = f"*{act}"
+        elif arg in _LORA_POINTERS:
+            signature[arg] = f"*{lora}"
+        elif arg in _OTHER_POINTERS:
+            signature[arg] = _OTHER_POINTERS[arg]
+        elif arg.endswith("_ptr"):
+            signature[arg] = "*fp32"
+        elif arg in _FLOAT_SCALARS:
+            signature[arg] = "fp32"
+        else:
+            signature[arg] = "i32"
+    flags = ",".join(f"{k}={int(v)}" for k, v in constexprs.items() if isinstance(v, bool) and k != "UPCAST")
+    full_name = (f"{name}[{tile.block_m}x{tile.block_n}x{tile.block_k},w{tile.num_warps},s{tile.num_stages},"
+                 f"R{constexprs.get('BLOCK_R', 0)},{flags},{act}/{lora}]")
+    return KernelSpec(name=full_name, fn=fn, signature=signature, constexprs=values,
+                      num_warps=tile.num_warps, num_stages=tile.num_stages,
+                      expects_wgmma_on_sm90=wgmma, arch_family=family)
+
+
+def _uses_wgmma(tile: TileConfig, act: str) -> bool:
+    """Hopper's wgmma takes 16-bit tiles of >= 64 rows with a warpgroup (4 warps) per 64 rows."""
+    return act != "fp32" and tile.block_m >= 64 and tile.num_warps >= tile.block_m // 64 * 4
+
+
+def lora_kernel_specs() -> list[KernelSpec]:
+    """All configurations of the four LoRA kernels and the mask kernel."""
+    specs: list[KernelSpec] = []
+    for (act, lora), (t, family, ranks) in itertools.product(DTYPE_CASES, gemm_tile_choices()):
+        wgmma = _uses_wgmma(t, act)
+        for r in ranks:
+            base = {"BLOCK_R": r, "GROUP_M": GROUP_M, **_numerics(act)}
+            for fuse in (True, False):
+                specs.append(_spec(
+                    lora_fwd_kernel, "lora_fwd", act, lora,
+                    {**base, "HAS_BIAS": True, "FUSE_SHRINK": fuse,
+                     "BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k},
+                    t, family, wgmma))
+            for dx, da, drop in _DX_VARIANTS:
+                specs.append(_spec(
+                    lora_bwd_dx_kernel, "lora_bwd_dx", act, lora,
+                    {**base, "COMPUTE_DX": dx, "COMPUTE_DA": da, "HAS_DROPOUT": drop,
+                     "BLOCK_M": t.block_m, "BLOCK_K": t.block_n, "BLOCK_N": t.block_k},
+                    t, family, wgmma and dx))
+    for (act, lora), r in itertools.product(DTYPE_CASES, BLOCK_R_CHOICES):
+        for t in shrink_tile_choices():
+            specs.append(_spec(
+                lora_shrink_kernel, "lora_shrink", act, lora,
+                {"HAS_DROPOUT": True, "BLOCK_M": t.block_m, "BLOCK_K": t.block_k, "BLOCK_R": r, **_numerics(act)},
+                t))
+        for t in dy_pass_tile_choices():
+            specs.append(_spec(
+                lora_bwd_dy_kernel, "lora_bwd_dy", act, lora,
+                {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_R": r, **_numerics(act)},
+                t))
+    specs.append(_spec(keep_mask_kernel, "keep_mask", "fp32", "fp32", {"BLOCK_M": 32, "BLOCK_K": 32},
+                       TileConfig(32, 0, 32, 4, 1)))
+    return specs

@@ -1,0 +1,199 @@
+"""Tests of ``fastpeft check`` (fastpeft/check.py) on small kernels defined here.
+
+The kernels are compiled for real sm_80/sm_90 targets without a GPU. One module-scoped run
+compiles every spec below for both archs (about ten compiles at jobs=2, with TRITON_INTERPRET=1
+set in the parent as in CPU test runs), and the tests read its rows. The kernels must stay at
+module level: worker processes import them from this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from fastpeft import check  # noqa: E402
+from fastpeft.kernels.aot_spec import KernelSpec  # noqa: E402
+
+ARCHS = ["sm_80", "sm_90"]
+
+
+@triton.jit
+def _scale_kernel(x_ptr, y_ptr, n, alpha, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=mask) * alpha, mask=mask)
+
+
+@triton.jit
+def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, K, BK):
+        a = tl.load(a_ptr + rm[:, None] * K + (k + rk)[None, :])
+        b = tl.load(b_ptr + (k + rk)[:, None] * N + rn[None, :])
+        acc += tl.dot(a, b)
+    tl.store(c_ptr + rm[:, None] * N + rn[None, :], acc.to(c_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _outer_acc_kernel(a_ptr, b_ptr, c_ptr, K, BM: tl.constexpr, BN: tl.constexpr):
+    # A BM x BN fp32 accumulator stays live across the loop: 64 x 128 in one warp is 256 values
+    # per thread, more than the 255 registers a thread can have, so ptxas must spill.
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(K):
+        a = tl.load(a_ptr + k * BM + tl.arange(0, BM))
+        b = tl.load(b_ptr + k * BN + tl.arange(0, BN))
+        acc += a[:, None] * b[None, :]
+    tl.store(c_ptr + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :], acc)
+
+
+class _ExitOnUnpickle:
+    """A constexpr value that kills the worker process that unpickles it (a simulated crash)."""
+
+    def __reduce__(self):
+        return (os._exit, (70,))
+
+
+SCALE_SIG = {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "alpha": "fp32", "BLOCK": "constexpr"}
+SIMPLE = KernelSpec("scale[b=1024]", _scale_kernel, SCALE_SIG, {"BLOCK": 1024}, 4, 1)
+SIMPLE_WANTS_WGMMA = KernelSpec(
+    "scale_wants_wgmma", _scale_kernel, SCALE_SIG, {"BLOCK": 1024}, 4, 1, expects_wgmma_on_sm90=True
+)
+GEMM = KernelSpec(
+    "gemm[128x128x64,w=8,s=3,bf16]",
+    _gemm_kernel,
+    {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
+     "BM": "constexpr", "BN": "constexpr", "BK": "constexpr"},
+    {"BM": 128, "BN": 128, "BK": 64},
+    num_warps=8,
+    num_stages=3,
+    expects_wgmma_on_sm90=True,
+)
+SPILLING = KernelSpec(
+    "outer_acc[64x128,w=1]",
+    _outer_acc_kernel,
+    {"a_ptr": "*fp32", "b_ptr": "*fp32", "c_ptr": "*fp32", "K": "i32",
+     "BM": "constexpr", "BN": "constexpr"},
+    {"BM": 64, "BN": 128},
+    num_warps=1,
+    num_stages=1,
+)
+# tl.arange needs a power-of-two length: a GPU compile error (the interpreter would not object).
+BROKEN = KernelSpec("scale[b=100]", _scale_kernel, SCALE_SIG, {"BLOCK": 100}, 4, 1)
+WITHOUT_N = {k: v for k, v in SCALE_SIG.items() if k != "n"}
+INVALID = KernelSpec("scale_missing_param", _scale_kernel, WITHOUT_N, {"BLOCK": 64}, 4, 1)
+CRASHING = KernelSpec("scale_crash", _scale_kernel, SCALE_SIG, {"BLOCK": _ExitOnUnpickle()}, 4, 1)
+
+
+@pytest.fixture(scope="module")
+def rows() -> dict[tuple[str, str], check.Result]:
+    specs = [SIMPLE, SIMPLE_WANTS_WGMMA, GEMM, SPILLING, BROKEN, INVALID]
+    # Under TRITON_INTERPRET=1, @triton.jit makes interpreter objects: the workers must not
+    # inherit it, or nothing below would compile. The parent must get it back afterwards.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        results = check._run(specs, ARCHS, jobs=2)
+        assert os.environ["TRITON_INTERPRET"] == "1"
+    assert [(r.kernel, r.arch) for r in results] == [(s.name, a) for s in specs for a in ARCHS]
+    return {(r.kernel, r.arch): r for r in results}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_simple_kernel_passes(rows, arch):
+    row = rows[SIMPLE.name, arch]
+    assert row.status == "ok", row.reason
+    assert row.registers > 0 and row.spill_bytes == 0 and row.wgmma is False
+
+
+def test_gemm_uses_wgmma_on_sm90_only(rows):
+    sm80, sm90 = rows[GEMM.name, "sm_80"], rows[GEMM.name, "sm_90"]
+    assert sm90.status == "ok", sm90.reason
+    assert sm90.wgmma is True and sm90.shared_bytes > 0
+    assert sm80.status == "ok", sm80.reason
+    assert sm80.wgmma is False
+
+
+def test_expected_wgmma_missing_fails_on_sm90(rows):
+    assert rows[SIMPLE_WANTS_WGMMA.name, "sm_80"].status == "ok"
+    row = rows[SIMPLE_WANTS_WGMMA.name, "sm_90"]
+    assert row.status == "FAIL" and "wgmma" in row.reason
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_spills_fail(rows, arch):
+    row = rows[SPILLING.name, arch]
+    assert row.spill_stores > 0 and row.spill_loads > 0
+    assert row.status == "FAIL" and "spill" in row.reason
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compile_error_is_a_failed_row(rows, arch):
+    row = rows[BROKEN.name, arch]
+    assert row.status == "FAIL" and row.reason.startswith("compile error")
+    assert "power of 2" in row.detail or "power of two" in row.detail
+
+
+def test_inconsistent_spec_is_rejected_before_compiling(rows):
+    row = rows[INVALID.name, "sm_80"]
+    assert row.status == "FAIL" and "invalid spec" in row.reason and row.registers is None
+
+
+def test_worker_crash_fails_only_its_spec():
+    results = check._run([CRASHING, SIMPLE], ["sm_80"], jobs=2)
+    crash, simple = results
+    assert crash.status == "FAIL" and "worker process died" in crash.reason
+    assert simple.status == "ok", simple.reason
+
+
+def test_judge_shared_memory_limits():
+    row = check.Result("k", "sm_80", registers=32, spill_stores=0, spill_loads=0, wgmma=False)
+    row.shared_bytes = 166912  # exactly sm_80's 163 KB
+    assert check.judge(row, check.ARCHS["sm_80"], expects_wgmma=False) == []
+    row.shared_bytes += 1
+    assert "shared memory" in check.judge(row, check.ARCHS["sm_80"], expects_wgmma=False)[0]
+    assert check.judge(row, check.ARCHS["sm_90"], expects_wgmma=False) == []  # 227 KB there
+    row.shared_bytes = 232449
+    assert "shared memory" in check.judge(row, check.ARCHS["sm_90"], expects_wgmma=False)[0]
+
+
+def test_parse_ptxas_output_sums_spills_over_functions():
+    out = (
+        "ptxas info    : Function properties for helper\n"
+        "    8 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
+        "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
+        "ptxas info    : Function properties for k\n"
+        "    0 bytes stack frame, 16 bytes spill stores, 12 bytes spill loads\n"
+        "ptxas info    : Used 168 registers, used 1 barriers\n"
+    )
+    expected = check.PtxasStats(registers=168, spill_stores=24, spill_loads=16)
+    assert check.parse_ptxas_output(out) == expected
+    with pytest.raises(RuntimeError, match="unexpected ptxas"):
+        check.parse_ptxas_output("ptxas fatal: something")
+
+
+def test_cli_exit_codes_and_json(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(check, "_load_specs", lambda: [SIMPLE, BROKEN])
+    report = tmp_path / "report.json"
+    assert check.main(["--arch", "sm_80", "--jobs", "2", "--filter", "1024", "--json", str(report)]) == 0
+    table = capsys.readouterr().out
+    assert "scale[b=1024]" in table and "ok" in table and "scale[b=100]" not in table
+    data = json.loads(report.read_text())
+    got = [(r["kernel"], r["arch"], r["status"]) for r in data["results"]]
+    assert got == [("scale[b=1024]", "sm_80", "ok")]
+    assert check.main(["--arch", "sm_80", "--jobs", "2", "--filter", "b=100"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_cli_list_and_usage_errors(monkeypatch, capsys):
+    monkeypatch.setattr(check, "_load_specs", lambda: [SIMPLE, BROKEN])
+    assert check.main(["--list"]) == 0
+    assert capsys.readouterr().out.split() == ["scale[b=1024]", "scale[b=100]"]
+    assert check.main(["--arch", "sm_75"]) == 2
+    assert check.main(["--filter", "nothing-matches"]) == 2
