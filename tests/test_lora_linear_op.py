@@ -98,8 +98,9 @@ def test_large_m_regime(backend, bias, dropout_p):
     check_against_reference(make_problem((600,), 200, 150, 5, torch.float32, bias=bias), dropout_p)
 
 
-def test_rank_above_kernel_limit_uses_torch_path(backend):
-    check_against_reference(make_problem((5,), 40, 30, 130, torch.float32), 0.1)
+@pytest.mark.parametrize("r", [65, 130])
+def test_rank_above_kernel_limit_uses_torch_path(backend, r):
+    check_against_reference(make_problem((5,), 40, 30, r, torch.float32), 0.1)
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])

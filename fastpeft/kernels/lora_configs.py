@@ -15,11 +15,12 @@ from functools import lru_cache
 import torch
 
 # LoRA ranks the Triton kernels take: the rank is padded to a power of two >= 16 (tl.dot
-# needs every dimension >= 16) and kept <= 128 so the fp32 ``s`` tile and the B tile fit
-# in registers beside the GEMM accumulator. Larger ranks use the torch composite path.
+# needs every dimension >= 16) and kept <= 64: with rank 128 the fp32 s tile and the B tile
+# beside the GEMM accumulator spill registers on every tile worth using (fastpeft check).
+# Larger ranks use the torch composite path.
 MIN_BLOCK_R = 16
-MAX_RANK = 128
-BLOCK_R_CHOICES = (16, 32, 64, 128)
+MAX_RANK = 64
+BLOCK_R_CHOICES = (16, 32, 64)
 
 # Up to this many rows the forward is a decode step: bandwidth-bound on W, so tiles are
 # 16 rows (the smallest tl.dot) and narrow in N so that enough programs stream W.
@@ -56,25 +57,32 @@ class TileConfig:
     num_stages: int
 
 
-# Base GEMM tiles (forward y = x W^T and backward dX = dY W), per regime and architecture.
-# sm_90: 128x256x64 with 8 warps (two warpgroups) is the wgmma tile of Triton's Hopper
-# matmul examples; 3 stages of (128+256)x64 bf16 = 144 KB of shared memory (< 227 KB).
-# sm_80: 128x128x32, 4 warps, 4 stages (64 KB) is the A100 tile of the matmul tutorial.
-_GEMM_LARGE = {90: TileConfig(128, 256, 64, 8, 3), 80: TileConfig(128, 128, 32, 4, 4)}
-# With a large rank the fp32 s tile (128 x BLOCK_R) joins the accumulator: halve N.
-_GEMM_LARGE_BIG_R = {90: TileConfig(128, 128, 64, 8, 3), 80: TileConfig(128, 64, 32, 4, 4)}
-# Medium M: 64-row tiles double the programs; 4 stages of (64+128)x64 bf16 = 96 KB.
-_GEMM_MEDIUM = TileConfig(64, 128, 64, 4, 4)
-# Decode: 16 rows; BLOCK_K 128 gives 16 KB-per-stage W streams, 4 stages deep to keep
-# enough bytes in flight per SM for a bandwidth-bound loop.
-_GEMM_DECODE = {64: TileConfig(16, 64, 128, 4, 4), 32: TileConfig(16, 32, 128, 4, 4)}
+# Base-GEMM tiles (forward y = x W^T, backward dX = dY W) per regime and architecture.
+# Every entry compiles without register spills (fastpeft check); none is tuned on a GPU yet.
+# sm_90: 128x256x64, 8 warps (two warpgroups) is the wgmma tile of Triton's Hopper matmul
+# examples; 3 stages of (128+256)x64 bf16 = 144 KB of shared memory (< 227 KB).
+# sm_80: 128x128x32, 8 warps, 3 stages: the 4-warp version spills with the LoRA epilogue.
+_GEMM_LARGE = {90: TileConfig(128, 256, 64, 8, 3), 80: TileConfig(128, 128, 32, 8, 3)}
+# dX with dropout: the mask and the separate LoRA product double the epilogue's live
+# registers, so the output tile is halved (128x256 and 128x128 spill there).
+_DX_DROPOUT_LARGE = {90: TileConfig(128, 128, 64, 8, 3), 80: TileConfig(64, 128, 64, 8, 4)}
+# Medium M: 64-row tiles double the programs; 4 stages of (64+128)x64 bf16 = 96 KB; 8 warps
+# (4 spill with rank 64 on sm_80).
+_GEMM_MEDIUM = TileConfig(64, 128, 64, 8, 4)
+# Decode: 16 rows; BLOCK_K 128 gives 16 KB-per-stage W streams, 3 stages deep to keep
+# bytes in flight per SM for a bandwidth-bound loop (4 stages spill the dX kernel at rank
+# 64 on sm_90). Keyed by BLOCK_N.
+_GEMM_DECODE = {64: TileConfig(16, 64, 128, 4, 3), 32: TileConfig(16, 32, 128, 4, 3)}
 
-# Shrink (s = x_hat A^T): 64 rows x 128 columns of x per step, 4 warps; 3 stages.
-_SHRINK = TileConfig(64, 0, 128, 4, 3)
+# Shrink (s = x_hat A^T), 4 warps, 3 stages: 64 rows x 128 columns of x per step, 64
+# columns for rank 64 (the 128-wide step spills on sm_80 there); decode tiles take 16 rows.
+_SHRINK = {16: TileConfig(64, 0, 128, 4, 3), 32: TileConfig(64, 0, 128, 4, 3), 64: TileConfig(64, 0, 64, 4, 3)}
 _SHRINK_DECODE = TileConfig(16, 0, 128, 4, 3)
-# Backward pass over dY: 64 rows x 64 columns of dY per step.
+# Backward pass over dY: 64 rows x 64 columns of dY per step (16 rows when decoding).
 _DY_PASS = TileConfig(64, 64, 0, 4, 3)
 _DY_PASS_DECODE = TileConfig(16, 64, 0, 4, 3)
+# dA = dS^T x_hat: one 64 x 128 tile of x per program, no loop (no pipelining stages).
+_DA = TileConfig(64, 128, 0, 4, 1)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -110,15 +118,24 @@ def _arch_key(capability: int) -> int:
     return 90 if capability >= 90 else 80
 
 
-def gemm_tile(m: int, r_block: int, capability: int, n: int, num_sms: int) -> TileConfig:
-    """The base-GEMM tile for ``m`` rows (forward over N columns, or dX over K columns)."""
+def gemm_tile(m: int, capability: int, n: int, num_sms: int, dropout_epilogue: bool = False) -> TileConfig:
+    """The base-GEMM tile for ``m`` rows and ``n`` output columns (N forward, K for dX).
+
+    ``dropout_epilogue``: the dX kernel's epilogue applies the dropout mask.
+    """
     if m <= DECODE_MAX_M:
         wide = _GEMM_DECODE[64]
         return wide if cdiv(n, wide.block_n) >= num_sms else _GEMM_DECODE[32]
     if m <= MEDIUM_MAX_M:
         return _GEMM_MEDIUM
-    table = _GEMM_LARGE_BIG_R if r_block >= 128 else _GEMM_LARGE
+    table = _DX_DROPOUT_LARGE if dropout_epilogue else _GEMM_LARGE
     return table[_arch_key(capability)]
+
+
+def may_fuse_shrink(gemm: TileConfig, r_block: int) -> bool:
+    """Whether ``plan_forward`` may compute s inside the GEMM tile ``gemm`` (decode tiles
+    re-read A from L2 per program, at most as many bytes as their slab of W)."""
+    return gemm.block_m > DECODE_MAX_M or r_block <= gemm.block_n
 
 
 @dataclass(frozen=True)
@@ -136,14 +153,14 @@ def plan_forward(m: int, n: int, k: int, rank: int, dropout: bool, device: torch
     """Choose the forward kernels for x ``[m, k]``, W ``[n, k]`` and rank ``rank``."""
     num_sms, capability = device_info(device)
     r_block = block_r(rank)
-    gemm = gemm_tile(m, r_block, capability, n, num_sms)
-    if dropout:
-        fuse = False  # the mask must be drawn once per element, not once per column tile
+    gemm = gemm_tile(m, capability, n, num_sms)
+    if dropout or not may_fuse_shrink(gemm, r_block):
+        fuse = False  # with dropout the mask must be drawn once per element, not per column tile
     elif m <= DECODE_MAX_M:
-        fuse = r_block <= gemm.block_n  # A re-read from L2 per program costs <= W's bytes
+        fuse = True
     else:
         fuse = r_block * n < FLOPS_PER_BYTE * gemm.block_n
-    shrink = _SHRINK_DECODE if m <= DECODE_MAX_M else _SHRINK
+    shrink = _SHRINK_DECODE if m <= DECODE_MAX_M else _SHRINK[r_block]
     row_tiles = cdiv(m, shrink.block_m)
     k_steps = cdiv(k, shrink.block_k)
     splits = max(1, min(k_steps, cdiv(PROGRAMS_PER_SM * num_sms, row_tiles)))
@@ -154,41 +171,47 @@ def plan_forward(m: int, n: int, k: int, rank: int, dropout: bool, device: torch
 
 @dataclass(frozen=True)
 class BackwardPlan:
-    """Tiles of the two backward kernels and the column split of the pass over dY."""
+    """Tiles of the backward kernels and the column split of the pass over dY."""
 
     dy_pass: TileConfig
     split_n: int
     dx: TileConfig
+    da: TileConfig
 
 
-def plan_backward(m: int, n: int, k: int, rank: int, device: torch.device) -> BackwardPlan:
+def plan_backward(m: int, n: int, k: int, rank: int, dropout: bool, device: torch.device) -> BackwardPlan:
     """Choose the backward kernels for dY ``[m, n]``, x ``[m, k]`` and rank ``rank``."""
     num_sms, capability = device_info(device)
     dy_pass = _DY_PASS_DECODE if m <= DECODE_MAX_M else _DY_PASS
     row_tiles = cdiv(m, dy_pass.block_m)
     split_n = max(1, min(cdiv(n, dy_pass.block_n), cdiv(PROGRAMS_PER_SM * num_sms, row_tiles)))
-    dx = gemm_tile(m, block_r(rank), capability, k, num_sms)
-    return BackwardPlan(dy_pass, split_n, dx)
+    dx = gemm_tile(m, capability, k, num_sms, dropout_epilogue=dropout)
+    return BackwardPlan(dy_pass, split_n, dx, _DA)
 
 
-def gemm_tile_choices() -> list[tuple[TileConfig, int | None, tuple[int, ...]]]:
+def gemm_tile_choices() -> list[tuple[TileConfig, int | None, bool]]:
     """Every base-GEMM tile ``gemm_tile`` can return, as (tile, arch family or None for
-    all, padded ranks it can meet)."""
-    small = tuple(r for r in BLOCK_R_CHOICES if r < 128)
-    choices: list[tuple[TileConfig, int | None, tuple[int, ...]]] = []
-    for family in (80, 90):
-        choices.append((_GEMM_LARGE[family], family, small))
-        choices.append((_GEMM_LARGE_BIG_R[family], family, (128,)))
-    choices.append((_GEMM_MEDIUM, None, BLOCK_R_CHOICES))
-    choices.extend((tile, None, BLOCK_R_CHOICES) for tile in _GEMM_DECODE.values())
-    return choices
+    all, whether the dX kernel uses it with a dropout epilogue)."""
+    everywhere = [(tile, None, drop) for tile in (_GEMM_MEDIUM, *_GEMM_DECODE.values()) for drop in (False, True)]
+    per_family = [
+        (table[family], family, drop)
+        for family in (80, 90)
+        for table, drop in ((_GEMM_LARGE, False), (_DX_DROPOUT_LARGE, True))
+        if (table[family], None, drop) not in everywhere
+    ]
+    return per_family + everywhere
 
 
-def shrink_tile_choices() -> list[TileConfig]:
-    """Every tile of the shrink kernel (``plan_forward``)."""
-    return [_SHRINK, _SHRINK_DECODE]
+def shrink_tile_choices() -> list[tuple[TileConfig, int]]:
+    """Every (shrink tile, padded rank) ``plan_forward`` can produce."""
+    return [(tile, r) for r, tile in _SHRINK.items()] + [(_SHRINK_DECODE, r) for r in BLOCK_R_CHOICES]
 
 
 def dy_pass_tile_choices() -> list[TileConfig]:
     """Every tile of the backward pass over dY (``plan_backward``)."""
     return [_DY_PASS, _DY_PASS_DECODE]
+
+
+def da_tile() -> TileConfig:
+    """The tile of the dA kernel."""
+    return _DA

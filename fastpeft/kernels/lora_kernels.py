@@ -16,8 +16,10 @@ Kernels (the launchers in ``lora_launch.py`` choose among them):
   (x read once); otherwise it sums the shrink kernel's partials. Row-tile 0..n writes ``s``
   (fp32) for the backward.
 - ``lora_bwd_dy_kernel``: one pass over dY giving ``dS`` and ``dB``.
-- ``lora_bwd_dx_kernel``: ``dX = dY W`` with the LoRA term and dropout in its epilogue, and
-  ``dA`` from the same x tile.
+- ``lora_bwd_dx_kernel``: ``dX = dY W`` with the LoRA term and dropout in its epilogue.
+- ``lora_bwd_da_kernel``: ``dA`` from one pass over x, the mask regenerated. (Fusing it
+  into the dX epilogue kept the x tile, the mask and two accumulators live at once:
+  register spills on every tile worth using.)
 
 ``lora_fwd_kernel`` and ``lora_bwd_dx_kernel`` share the GEMM main loop (``_gemm_mainloop``):
 the backward runs it on ``W`` with its strides swapped (reduction over N instead of K).
@@ -202,20 +204,27 @@ def lora_bwd_dy_kernel(
 
 
 @triton.jit
+def _ds_tile(ds_ptr, rows, row_ok, offs_r, R, dtype_ref_ptr, UPCAST: tl.constexpr):
+    """Rows ``rows`` of the fp32 ``dS [M, R]`` (zero past M and R), in the compute dtype."""
+    ds = tl.load(ds_ptr + rows.to(tl.int64)[:, None] * R + offs_r[None, :],
+                 mask=row_ok[:, None] & (offs_r[None, :] < R), other=0.0)
+    return to_compute(ds, dtype_ref_ptr, UPCAST)
+
+
+@triton.jit
 def lora_bwd_dx_kernel(
-    dy_ptr, w_ptr, a_ptr, ds_ptr, x_ptr, seed_ptr, dx_ptr, da_ptr,
+    dy_ptr, w_ptr, a_ptr, ds_ptr, seed_ptr, dx_ptr,
     M, N, K, R,
-    stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_xm, stride_xk,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak,
     threshold, keep_scale,
-    COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """``dX[M, K] = dY W + D * (dS A) / (1-p)`` and ``dA += dS^T x_hat`` per output tile.
+    """``dX[M, K] = dY W + D * (dS A) / (1-p)``: one GEMM with the LoRA term in its epilogue.
 
-    Grid ``(cdiv(M, BLOCK_M) * cdiv(K, BLOCK_K),)``. ``dS`` is fp32 ``[M, R]`` (already
-    scaled); ``dA`` a zeroed fp32 ``[R, K]`` buffer accumulated with atomics. The dropout
-    mask of the tile is drawn once and serves both terms.
+    Grid ``(cdiv(M, BLOCK_M) * cdiv(K, BLOCK_K),)``. ``dS`` is fp32 ``[M, R]``, already
+    scaled. Without dropout the LoRA product accumulates straight into the GEMM's tile.
     """
     pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -223,32 +232,54 @@ def lora_bwd_dx_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     row_ok = rows < M
     col_ok = cols < K
-    r_ok = offs_r < R
-    ds = tl.load(ds_ptr + rows.to(tl.int64)[:, None] * R + offs_r[None, :],
-                 mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-    ds = to_compute(ds, dy_ptr, UPCAST)
+    # dY W: P = dY [M, N], Q = W^T viewed as [K, N] (W's strides swapped).
+    acc, _ = _gemm_mainloop(
+        dy_ptr, w_ptr, a_ptr, rows % M, cols % K, N,
+        stride_dym, stride_dyn, stride_wk, stride_wn, stride_ar, stride_ak,
+        BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R, R, False, UPCAST, PRECISION,
+    )
+    # The epilogue tiles (the mask's Philox state above all) are made after the main loop,
+    # so none of them is live across it.
+    ds = _ds_tile(ds_ptr, rows, row_ok, offs_r, R, dy_ptr, UPCAST)
+    a = tl.load(a_ptr + offs_r[:, None] * stride_ar + cols[None, :] * stride_ak,
+                mask=(offs_r[:, None] < R) & col_ok[None, :], other=0.0)
+    a = to_compute(a, dy_ptr, UPCAST)
     if HAS_DROPOUT:
         keep = keep_mask(tl.load(seed_ptr), rows, pid_k * BLOCK_K, K, threshold, BLOCK_M, BLOCK_K)
-    if COMPUTE_DX:
-        # dY W: P = dY [M, N], Q = W^T viewed as [K, N] (W's strides swapped).
-        acc, _ = _gemm_mainloop(
-            dy_ptr, w_ptr, a_ptr, rows % M, cols % K, N,
-            stride_dym, stride_dyn, stride_wk, stride_wn, stride_ar, stride_ak,
-            BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R, R, False, UPCAST, PRECISION,
-        )
-        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + cols[None, :] * stride_ak,
-                    mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-        lora = tl.dot(ds, to_compute(a, dy_ptr, UPCAST), input_precision=PRECISION)
-        if HAS_DROPOUT:
-            lora = tl.where(keep, lora * keep_scale, 0.0)
-        dx_ptrs = dx_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]
-        tl.store(dx_ptrs, (acc + lora).to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-    if COMPUTE_DA:
-        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :] * stride_xk,
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        x = to_compute(x, dy_ptr, UPCAST)
-        if HAS_DROPOUT:
-            x = tl.where(keep, x * keep_scale, 0.0).to(x.dtype)
-        da_part = tl.dot(tl.trans(ds), x, input_precision=PRECISION)
-        tl.atomic_add(da_ptr + offs_r[:, None] * K + cols[None, :], da_part,
-                      mask=r_ok[:, None] & col_ok[None, :])
+        acc += tl.where(keep, tl.dot(ds, a, input_precision=PRECISION) * keep_scale, 0.0)
+    else:
+        acc = tl.dot(ds, a, acc, input_precision=PRECISION)
+    dx_ptrs = dx_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def lora_bwd_da_kernel(
+    x_ptr, ds_ptr, seed_ptr, da_ptr,
+    M, K, R,
+    stride_xm, stride_xk,
+    threshold, keep_scale,
+    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``dA [R, K] += dS^T x_hat`` over one ``BLOCK_M x BLOCK_K`` tile of x.
+
+    Grid ``(cdiv(M, BLOCK_M), cdiv(K, BLOCK_K))``; ``dA`` is a zeroed fp32 buffer
+    accumulated with atomics. The dropout mask is regenerated from the seed.
+    """
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = tl.program_id(1) * BLOCK_K
+    cols = k0 + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    row_ok = rows < M
+    col_ok = cols < K
+    ds = _ds_tile(ds_ptr, rows, row_ok, offs_r, R, x_ptr, UPCAST)
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :] * stride_xk,
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    x = to_compute(x, x_ptr, UPCAST)
+    if HAS_DROPOUT:
+        keep = keep_mask(tl.load(seed_ptr), rows, k0, K, threshold, BLOCK_M, BLOCK_K)
+        x = tl.where(keep, x * keep_scale, 0.0).to(x.dtype)
+    da_part = tl.dot(tl.trans(ds), x, input_precision=PRECISION)
+    tl.atomic_add(da_ptr + offs_r[:, None] * K + cols[None, :], da_part,
+                  mask=(offs_r[:, None] < R) & col_ok[None, :])

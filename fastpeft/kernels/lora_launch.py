@@ -10,6 +10,7 @@ import torch
 
 from fastpeft.kernels.lora_configs import GROUP_M, block_r, cdiv, interpreting, plan_backward, plan_forward
 from fastpeft.kernels.lora_kernels import (
+    lora_bwd_da_kernel,
     lora_bwd_dx_kernel,
     lora_bwd_dy_kernel,
     lora_fwd_kernel,
@@ -106,9 +107,10 @@ def lora_backward(
     """``(dX [M, K], dA [R, K], dB [N, R])``, each None unless asked for; 2-D grad_y ``[M, N]``."""
     m, k = x.shape
     n, rank = weight.shape[0], lora_a.shape[0]
-    plan = plan_backward(m, n, k, rank, x.device)
+    plan = plan_backward(m, n, k, rank, dropout_p > 0.0, x.device)
     r_block = block_r(rank)
     numerics = _numerics(x.dtype)
+    threshold, keep_scale = _dropout_args(dropout_p)
     ds = torch.zeros((m, rank), device=x.device, dtype=torch.float32)
     db = torch.zeros((n, rank), device=x.device, dtype=torch.float32)
     p = plan.dy_pass
@@ -120,20 +122,30 @@ def lora_backward(
         BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_R=r_block,
         num_warps=p.num_warps, num_stages=p.num_stages, **numerics,
     )
-    dx = _empty((m, k), x.dtype, x.device) if need_x else None
-    da = torch.zeros((rank, k), device=x.device, dtype=torch.float32) if need_a else None
-    if need_x or need_a:
-        threshold, keep_scale = _dropout_args(dropout_p)
+    dx = da = None
+    if need_x:
+        dx = _empty((m, k), x.dtype, x.device)
         g = plan.dx
         lora_bwd_dx_kernel[(cdiv(m, g.block_m) * cdiv(k, g.block_n),)](
-            grad_y, weight, lora_a, ds, x, seed, dx if need_x else ds, da if need_a else ds,
+            grad_y, weight, lora_a, ds, seed, dx,
             m, n, k, rank,
             grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
-            lora_a.stride(0), lora_a.stride(1), x.stride(0), x.stride(1),
+            lora_a.stride(0), lora_a.stride(1),
             threshold, keep_scale,
-            COMPUTE_DX=need_x, COMPUTE_DA=need_a, HAS_DROPOUT=dropout_p > 0.0,
+            HAS_DROPOUT=dropout_p > 0.0,
             BLOCK_M=g.block_m, BLOCK_K=g.block_n, BLOCK_N=g.block_k, BLOCK_R=r_block, GROUP_M=GROUP_M,
             num_warps=g.num_warps, num_stages=g.num_stages, **numerics,
+        )
+    if need_a:
+        da = torch.zeros((rank, k), device=x.device, dtype=torch.float32)
+        t = plan.da
+        lora_bwd_da_kernel[(cdiv(m, t.block_m), cdiv(k, t.block_n))](
+            x, ds, seed, da,
+            m, k, rank,
+            x.stride(0), x.stride(1),
+            threshold, keep_scale,
+            HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=t.block_m, BLOCK_K=t.block_n, BLOCK_R=r_block,
+            num_warps=t.num_warps, num_stages=t.num_stages, **numerics,
         )
     return (
         dx,

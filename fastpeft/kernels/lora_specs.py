@@ -2,12 +2,12 @@
 as ``KernelSpec``s for ``fastpeft check`` (ahead-of-time compile for sm_80 / sm_90).
 
 For each kernel: every tile the planners in ``lora_configs`` can hand it, on the
-architecture family that uses it, with every padded rank that tile can meet and the
-constexpr flags that change its code. Two dtype cases: bf16 activations with fp32 LoRA
-weights (PEFT's default; fp16 produces the same code with another element type) and fp32
-(IEEE products, a different MMA path). Scalars follow Triton's launch-time specialization
-for contiguous tensors: unit strides become the constexpr 1, other sizes and pointers are
-taken as multiples of 16.
+architecture family that uses it, with every padded rank and every constexpr flag the
+launcher can set. Two dtype cases: bf16 activations with fp32 LoRA weights (PEFT's default)
+and fp16 with fp16 LoRA weights. fp32 activations never reach the kernels on a GPU (see
+``fastpeft.ops.lora_linear._use_kernels``). Scalars follow Triton's launch-time
+specialization for contiguous tensors: unit strides become the constexpr 1, other sizes
+and pointers are taken as multiples of 16.
 """
 
 from __future__ import annotations
@@ -19,11 +19,14 @@ from fastpeft.kernels.lora_configs import (
     BLOCK_R_CHOICES,
     GROUP_M,
     TileConfig,
+    da_tile,
     dy_pass_tile_choices,
     gemm_tile_choices,
+    may_fuse_shrink,
     shrink_tile_choices,
 )
 from fastpeft.kernels.lora_kernels import (
+    lora_bwd_da_kernel,
     lora_bwd_dx_kernel,
     lora_bwd_dy_kernel,
     lora_fwd_kernel,
@@ -32,7 +35,7 @@ from fastpeft.kernels.lora_kernels import (
 from fastpeft.kernels.philox_dropout import keep_mask_kernel
 
 # (activation dtype, LoRA weight dtype) cases.
-DTYPE_CASES = (("bf16", "fp32"), ("fp32", "fp32"))
+DTYPE_CASES = (("bf16", "fp32"), ("fp16", "fp16"))
 
 # Stride arguments equal to 1 for contiguous operands; Triton's launcher turns such
 # arguments into constexprs, so the checked code is the code that runs.
@@ -45,13 +48,8 @@ _ACT_POINTERS = {"x_ptr", "w_ptr", "bias_ptr", "y_ptr", "dy_ptr", "dx_ptr"}
 _LORA_POINTERS = {"a_ptr", "b_ptr"}
 _OTHER_POINTERS = {"seed_ptr": "*i64", "out_ptr": "*i8"}
 
-# The bwd-dx kernel's (COMPUTE_DX, COMPUTE_DA, HAS_DROPOUT) variants checked: the heaviest
-# (everything) and the one without the GEMM main loop (first layer: no dX).
-_DX_VARIANTS = ((True, True, True), (False, True, True))
-
-
-def _numerics(act: str) -> dict:
-    return {"UPCAST": False, "PRECISION": "ieee" if act == "fp32" else "tf32"}
+# Tensor-core numerics of 16-bit activations (the launcher's ``_numerics``).
+_NUMERICS = {"UPCAST": False, "PRECISION": "tf32"}
 
 
 def _spec(fn, name: str, act: str, lora: str, constexprs: dict, tile: TileConfig,
@@ -83,41 +81,45 @@ def _spec(fn, name: str, act: str, lora: str, constexprs: dict, tile: TileConfig
                       expects_wgmma_on_sm90=wgmma, arch_family=family)
 
 
-def _uses_wgmma(tile: TileConfig, act: str) -> bool:
-    """Hopper's wgmma takes 16-bit tiles of >= 64 rows with a warpgroup (4 warps) per 64 rows."""
-    return act != "fp32" and tile.block_m >= 64 and tile.num_warps >= tile.block_m // 64 * 4
+def _uses_wgmma(tile: TileConfig) -> bool:
+    """Hopper's wgmma takes tiles of >= 64 rows with a warpgroup (4 warps) per 64 rows."""
+    return tile.block_m >= 64 and tile.num_warps >= tile.block_m // 64 * 4
 
 
 def lora_kernel_specs() -> list[KernelSpec]:
-    """All configurations of the four LoRA kernels and the mask kernel."""
+    """All configurations of the five LoRA kernels and the mask kernel."""
     specs: list[KernelSpec] = []
-    for (act, lora), (t, family, ranks) in itertools.product(DTYPE_CASES, gemm_tile_choices()):
-        wgmma = _uses_wgmma(t, act)
-        for r in ranks:
-            base = {"BLOCK_R": r, "GROUP_M": GROUP_M, **_numerics(act)}
-            for fuse in (True, False):
+    for (act, lora), (t, family, drop) in itertools.product(DTYPE_CASES, gemm_tile_choices()):
+        for r in BLOCK_R_CHOICES:
+            base = {"BLOCK_R": r, "GROUP_M": GROUP_M, **_NUMERICS}
+            specs.append(_spec(
+                lora_bwd_dx_kernel, "lora_bwd_dx", act, lora,
+                {**base, "HAS_DROPOUT": drop, "BLOCK_M": t.block_m, "BLOCK_K": t.block_n, "BLOCK_N": t.block_k},
+                t, family, _uses_wgmma(t)))
+            if drop:  # the forward GEMM has no dropout epilogue
+                continue
+            for fuse in (False, True) if may_fuse_shrink(t, r) else (False,):
                 specs.append(_spec(
                     lora_fwd_kernel, "lora_fwd", act, lora,
                     {**base, "HAS_BIAS": True, "FUSE_SHRINK": fuse,
                      "BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k},
-                    t, family, wgmma))
-            for dx, da, drop in _DX_VARIANTS:
+                    t, family, _uses_wgmma(t)))
+    for act, lora in DTYPE_CASES:
+        for t, r in shrink_tile_choices():
+            for drop in (True, False):
                 specs.append(_spec(
-                    lora_bwd_dx_kernel, "lora_bwd_dx", act, lora,
-                    {**base, "COMPUTE_DX": dx, "COMPUTE_DA": da, "HAS_DROPOUT": drop,
-                     "BLOCK_M": t.block_m, "BLOCK_K": t.block_n, "BLOCK_N": t.block_k},
-                    t, family, wgmma and dx))
-    for (act, lora), r in itertools.product(DTYPE_CASES, BLOCK_R_CHOICES):
-        for t in shrink_tile_choices():
-            specs.append(_spec(
-                lora_shrink_kernel, "lora_shrink", act, lora,
-                {"HAS_DROPOUT": True, "BLOCK_M": t.block_m, "BLOCK_K": t.block_k, "BLOCK_R": r, **_numerics(act)},
-                t))
-        for t in dy_pass_tile_choices():
+                    lora_shrink_kernel, "lora_shrink", act, lora,
+                    {"HAS_DROPOUT": drop, "BLOCK_M": t.block_m, "BLOCK_K": t.block_k, "BLOCK_R": r, **_NUMERICS},
+                    t))
+        for t, r in itertools.product(dy_pass_tile_choices(), BLOCK_R_CHOICES):
             specs.append(_spec(
                 lora_bwd_dy_kernel, "lora_bwd_dy", act, lora,
-                {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_R": r, **_numerics(act)},
-                t))
+                {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_R": r, **_NUMERICS}, t))
+        t = da_tile()
+        for r, drop in itertools.product(BLOCK_R_CHOICES, (True, False)):
+            specs.append(_spec(
+                lora_bwd_da_kernel, "lora_bwd_da", act, lora,
+                {"HAS_DROPOUT": drop, "BLOCK_M": t.block_m, "BLOCK_K": t.block_n, "BLOCK_R": r, **_NUMERICS}, t))
     specs.append(_spec(keep_mask_kernel, "keep_mask", "fp32", "fp32", {"BLOCK_M": 32, "BLOCK_K": 32},
-                       TileConfig(32, 0, 32, 4, 1)))
+                       TileConfig(32, 32, 0, 4, 1)))
     return specs

@@ -25,8 +25,12 @@ _SEED_BOUND = 2**62
 
 
 def _use_kernels(x: torch.Tensor, rank: int) -> bool:
-    """Triton kernels for this call? Ranks above MAX_RANK always take the torch path."""
-    return rank <= MAX_RANK and use_triton(x.device)
+    """Triton kernels for this call? Ranks above MAX_RANK take the torch path, and so do
+    fp32 activations on a GPU: Triton's IEEE-fp32 ``tl.dot`` runs on FMA units, with tiles
+    too small to compete with cuBLAS (fp32 still runs the kernels in the interpreter)."""
+    if rank > MAX_RANK or not use_triton(x.device):
+        return False
+    return x.dtype != torch.float32 or x.device.type != "cuda"
 
 
 @torch.library.custom_op("fastpeft::lora_linear", mutates_args=())
