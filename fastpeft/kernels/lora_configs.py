@@ -125,7 +125,9 @@ def gemm_tile(m: int, capability: int, n: int, num_sms: int, dropout_epilogue: b
     """
     if m <= DECODE_MAX_M:
         wide = _GEMM_DECODE[64]
-        return wide if cdiv(n, wide.block_n) >= num_sms else _GEMM_DECODE[32]
+        # The narrow tile spills with the dropout epilogue at rank 64 on sm_90.
+        narrow_ok = cdiv(n, wide.block_n) < num_sms and not dropout_epilogue
+        return _GEMM_DECODE[32] if narrow_ok else wide
     if m <= MEDIUM_MAX_M:
         return _GEMM_MEDIUM
     table = _DX_DROPOUT_LARGE if dropout_epilogue else _GEMM_LARGE
@@ -192,7 +194,8 @@ def plan_backward(m: int, n: int, k: int, rank: int, dropout: bool, device: torc
 def gemm_tile_choices() -> list[tuple[TileConfig, int | None, bool]]:
     """Every base-GEMM tile ``gemm_tile`` can return, as (tile, arch family or None for
     all, whether the dX kernel uses it with a dropout epilogue)."""
-    everywhere = [(tile, None, drop) for tile in (_GEMM_MEDIUM, *_GEMM_DECODE.values()) for drop in (False, True)]
+    everywhere = [(tile, None, drop) for tile in (_GEMM_MEDIUM, _GEMM_DECODE[64]) for drop in (False, True)]
+    everywhere.append((_GEMM_DECODE[32], None, False))
     per_family = [
         (table[family], family, drop)
         for family in (80, 90)

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from fastpeft.kernels.philox_dropout import keep_mask
-from fastpeft.kernels.tile_utils import grouped_tile, to_compute
+from fastpeft.kernels.tile_utils import output_tile, to_compute
 
 
 @triton.jit
@@ -128,9 +128,7 @@ def lora_fwd_kernel(
     Grid ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)``. Without ``FUSE_SHRINK``, ``s`` is the
     sum of ``num_parts`` shrink partials ``part [num_parts, M, BLOCK_R]``.
     """
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, cols, pid_n = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_r = tl.arange(0, BLOCK_R)
     row_ok = rows < M
     col_ok = cols < N
@@ -226,9 +224,7 @@ def lora_bwd_dx_kernel(
     Grid ``(cdiv(M, BLOCK_M) * cdiv(K, BLOCK_K),)``. ``dS`` is fp32 ``[M, R]``, already
     scaled. Without dropout the LoRA product accumulates straight into the GEMM's tile.
     """
-    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows, cols, pid_k = output_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_r = tl.arange(0, BLOCK_R)
     row_ok = rows < M
     col_ok = cols < K

@@ -7,20 +7,21 @@ import triton.language as tl
 
 
 @triton.jit
-def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """Map a linear program id to (pid_m, pid_n) in groups of GROUP_M row-tiles.
+def output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(rows, cols, pid_n)``: this program's ``BLOCK_M x BLOCK_N`` tile of an ``M x N`` output.
 
-    Programs that run together then share the same few row-tiles of the left operand and
-    sweep the columns, so the right operand's tiles are reused from L2 (the ordering of
-    Triton's matmul tutorial).
+    Program ids run in groups of GROUP_M row-tiles: programs that run together share the
+    same few row-tiles of the left operand and sweep the columns, so the right operand's
+    tiles are reused from L2 (the ordering of Triton's matmul tutorial).
     """
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_in_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
     group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N), pid_n
 
 
 @triton.jit
