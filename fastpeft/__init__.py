@@ -1,12 +1,36 @@
 """fastpeft: fused Triton kernels for parameter-efficient fine-tuning, compatible with HF PEFT.
 
 ``fastpeft.ops.lora_linear`` is the fused LoRA linear op; ``fastpeft.LoRALinear`` the
-drop-in ``nn.Linear`` replacement built on it.
+drop-in ``nn.Linear`` replacement built on it. The model-level API (``fastpeft.model``):
+``LoraConfig``, ``inject``, ``save_adapter`` / ``load_adapter`` (PEFT's files),
+``from_peft``, ``merge_and_unload``, ``trainable_parameters``.
 """
 
 from fastpeft import ops
 from fastpeft.layers.lora_linear import LoRALinear
+from fastpeft.model import (
+    LoraConfig,
+    ParameterCount,
+    from_peft,
+    inject,
+    load_adapter,
+    merge_and_unload,
+    save_adapter,
+    trainable_parameters,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["LoRALinear", "ops", "__version__"]
+__all__ = [
+    "LoRALinear",
+    "LoraConfig",
+    "ParameterCount",
+    "__version__",
+    "from_peft",
+    "inject",
+    "load_adapter",
+    "merge_and_unload",
+    "ops",
+    "save_adapter",
+    "trainable_parameters",
+]

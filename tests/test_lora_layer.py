@@ -131,3 +131,82 @@ def test_same_outputs_grads_and_keys_as_peft(backend, rslora):
     peft_keys = {k.removeprefix("base_model.model.proj.") for k in saved}
     ours_keys = {k for k, p in ours.named_parameters() if p.requires_grad}
     assert peft_keys == ours_keys
+
+
+transformers = pytest.importorskip("transformers")
+
+
+def _conv1d(n_in: int, n_out: int) -> nn.Module:
+    conv = transformers.pytorch_utils.Conv1D(n_out, n_in).to(DEVICE)  # weight [in, out]
+    nn.init.normal_(conv.bias)
+    return conv
+
+
+def test_from_conv1d_fan_in_fan_out_forward_and_merge(backend):
+    conv = _conv1d(40, 24)
+    layer = fastpeft.LoRALinear.from_conv1d(conv, r=4, lora_alpha=8)
+    assert layer.fan_in_fan_out and (layer.in_features, layer.out_features) == (40, 24)
+    assert layer.weight is conv.weight and tuple(layer.weight.shape) == (40, 24)
+    assert tuple(layer.lora_A.weight.shape) == (4, 40) and tuple(layer.lora_B.weight.shape) == (24, 4)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 5, 40, device=DEVICE)
+    a, b = layer.lora_A.weight.double(), layer.lora_B.weight.double()
+    expected = conv(x).double() + 2.0 * (x.double() @ a.t() @ b.t())
+    assert_close(layer(x), expected, torch.float32, "fan_in_fan_out forward")
+    w0 = conv.weight.detach().clone()
+    layer.merge()
+    assert_close(conv.weight, w0.double() + 2.0 * (b @ a).t(), torch.float32, "merged [in, out] weight")
+    assert_close(layer(x), expected, torch.float32, "merged forward")
+    assert layer.base_module() is conv
+    assert_close(conv(x), expected, torch.float32, "unwrapped merged Conv1D")
+    layer.unmerge()
+    assert_close(conv.weight, w0.double(), torch.float32, "weight after unmerge")
+
+
+def test_from_conv1d_same_outputs_and_grads_as_peft(backend):
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("proj", _conv1d(36, 28))
+    config = peft.LoraConfig(r=6, lora_alpha=12, target_modules=["proj"], fan_in_fan_out=True)
+    peft_layer = peft.get_peft_model(model, config).base_model.model.proj
+    nn.init.normal_(peft_layer.lora_B["default"].weight)
+    ours = fastpeft.LoRALinear.from_conv1d(_conv1d(36, 28), r=6, lora_alpha=12)
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            getattr(ours, name).copy_(getattr(peft_layer.base_layer, name))
+        for name in ("lora_A", "lora_B"):
+            getattr(ours, name).weight.copy_(getattr(peft_layer, name)["default"].weight)
+    x = torch.randn(4, 36, device=DEVICE, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y_peft, y_ours = peft_layer(x), ours(x2)
+    assert_close(y_ours, y_peft, torch.float32, "forward")
+    y_peft.square().sum().backward()
+    y_ours.square().sum().backward()
+    assert_close(x2.grad, x.grad, torch.float32, "dx")
+    for name in ("lora_A", "lora_B"):
+        expected = getattr(peft_layer, name)["default"].weight.grad
+        assert_close(getattr(ours, name).weight.grad, expected, torch.float32, f"d{name}")
+
+
+def test_lora_dtype_and_init_options():
+    base = nn.Linear(32, 16, dtype=torch.bfloat16)
+    layer = fastpeft.LoRALinear.from_linear(base, r=4, lora_dtype=torch.float32)
+    assert layer.weight.dtype == torch.bfloat16 and layer.lora_A.weight.dtype == torch.float32
+    assert layer(torch.randn(2, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    torch.manual_seed(0)
+    gaussian = fastpeft.LoRALinear.from_linear(nn.Linear(256, 64), r=4, init_lora_weights="Gaussian")
+    assert abs(gaussian.lora_A.weight.std().item() - 1 / 4) < 0.02 and not gaussian.lora_B.weight.any()
+    random_b = fastpeft.LoRALinear.from_linear(nn.Linear(256, 64), r=4, init_lora_weights=False)
+    assert random_b.lora_B.weight.abs().max() <= 1 / 2 and random_b.lora_B.weight.std() > 0.1
+    with pytest.raises(ValueError, match="init_lora_weights"):
+        fastpeft.LoRALinear.from_linear(nn.Linear(8, 8), init_lora_weights="pissa")
+    with pytest.raises(TypeError, match="Conv1D"):
+        fastpeft.LoRALinear.from_conv1d(nn.Linear(8, 8))
+
+
+def test_base_module_round_trip_for_linear():
+    base = nn.Linear(20, 10, bias=False)
+    layer = fastpeft.LoRALinear.from_linear(base, r=2).eval()
+    unwrapped = layer.base_module()
+    assert unwrapped is base and unwrapped.weight is layer.weight and unwrapped.bias is None
+    assert not unwrapped.training

@@ -1,4 +1,5 @@
-"""``LoRALinear``: a drop-in ``nn.Linear`` with a LoRA adapter, run by the fused op.
+"""``LoRALinear``: a drop-in ``nn.Linear`` (or transformers ``Conv1D``) with a LoRA adapter,
+run by the fused op.
 
 Parameters are named and shaped as HF PEFT's ``lora.Linear`` (``weight``, ``bias``,
 ``lora_A.weight [r, in]``, ``lora_B.weight [out, r]``) so state-dict keys line up.
@@ -7,6 +8,7 @@ Parameters are named and shaped as HF PEFT's ``lora.Linear`` (``weight``, ``bias
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn as nn
@@ -29,6 +31,21 @@ def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
+def conv1d_class() -> type[nn.Module] | None:
+    """transformers' ``Conv1D`` (GPT-2 style linear, weight ``[in, out]``), or None.
+
+    Looked up in ``sys.modules`` rather than imported: no module can be a ``Conv1D`` unless
+    transformers was imported, and fastpeft does not depend on transformers.
+    """
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def is_conv1d(module: object) -> bool:
+    """Whether ``module`` is a transformers ``Conv1D``."""
+    cls = conv1d_class()
+    return cls is not None and isinstance(module, cls)
+
+
 class LoRALinear(nn.Module):
     """``y = x W^T + b + scaling * dropout(x) A^T B^T`` with frozen W, b and trainable A, B.
 
@@ -44,6 +61,11 @@ class LoRALinear(nn.Module):
     Init follows PEFT: A kaiming-uniform (a = sqrt(5)), B zeros, so the layer starts as
     its base. ``merge()`` folds ``scaling * B A`` into W (forward becomes a plain linear),
     ``unmerge()`` takes it out again.
+
+    ``from_linear`` / ``from_conv1d`` wrap an existing layer, sharing its parameters. A
+    wrapped transformers ``Conv1D`` keeps its ``[in, out]`` weight (``fan_in_fan_out``
+    is then True): the op is handed the transposed view, A and B keep PEFT's layouts, and
+    merging adds the transposed delta, exactly as PEFT's ``fan_in_fan_out``.
     """
 
     def __init__(
@@ -60,7 +82,7 @@ class LoRALinear(nn.Module):
     ) -> None:
         super().__init__()
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init_from(base.weight, base.bias, r, lora_alpha, lora_dropout, use_rslora)
+        self._init_from(base, False, r, lora_alpha, lora_dropout, use_rslora, None, True)
 
     @classmethod
     def from_linear(
@@ -70,54 +92,111 @@ class LoRALinear(nn.Module):
         lora_alpha: float = 8,
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
+        *,
+        lora_dtype: torch.dtype | None = None,
+        init_lora_weights: bool | str = True,
     ) -> "LoRALinear":
-        """Wrap an existing ``nn.Linear``: its weight and bias are shared (not copied) and frozen."""
+        """Wrap an existing ``nn.Linear``: its weight and bias are shared (not copied) and frozen.
+
+        ``lora_dtype`` is the dtype of A and B (default: the base weight's; PEFT keeps them
+        in float32 on 16-bit models). ``init_lora_weights`` as in ``reset_lora_parameters``.
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        return cls._wrap(linear, False, r, lora_alpha, lora_dropout, use_rslora, lora_dtype, init_lora_weights)
+
+    @classmethod
+    def from_conv1d(
+        cls,
+        conv1d: nn.Module,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        *,
+        lora_dtype: torch.dtype | None = None,
+        init_lora_weights: bool | str = True,
+    ) -> "LoRALinear":
+        """Wrap a transformers ``Conv1D`` (weight ``[in, out]``, GPT-2) with PEFT's
+        ``fan_in_fan_out`` semantics; weight and bias shared and frozen as in ``from_linear``."""
+        if not is_conv1d(conv1d):
+            raise TypeError(f"conv1d must be a transformers Conv1D (weight [in, out]), got {type(conv1d).__name__}")
+        return cls._wrap(conv1d, True, r, lora_alpha, lora_dropout, use_rslora, lora_dtype, init_lora_weights)
+
+    @classmethod
+    def _wrap(cls, base: nn.Module, fan_in_fan_out: bool, *args) -> "LoRALinear":
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._init_from(linear.weight, linear.bias, r, lora_alpha, lora_dropout, use_rslora)
+        layer._init_from(base, fan_in_fan_out, *args)
         return layer
 
     def _init_from(
         self,
-        weight: nn.Parameter,
-        bias: nn.Parameter | None,
+        base: nn.Module,
+        fan_in_fan_out: bool,
         r: int,
         lora_alpha: float,
         lora_dropout: float,
         use_rslora: bool,
+        lora_dtype: torch.dtype | None,
+        init_lora_weights: bool | str,
     ) -> None:
         self.r = _require_rank(r)
         self.lora_alpha = lora_alpha
         self.lora_dropout = require_probability("lora_dropout", lora_dropout)
         self.use_rslora = bool(use_rslora)
-        self.out_features, self.in_features = weight.shape
+        self.fan_in_fan_out = fan_in_fan_out
+        weight, bias = base.weight, base.bias
+        if fan_in_fan_out:
+            self.in_features, self.out_features = weight.shape
+        else:
+            self.out_features, self.in_features = weight.shape
         self.weight = weight
         self.bias = bias
+        # The wrapped module, not registered as a submodule (its parameters are this layer's
+        # own): ``base_module()`` hands it back, e.g. to unload the adapter.
+        object.__setattr__(self, "_base_module", base)
         weight.requires_grad_(False)
         if bias is not None:
             bias.requires_grad_(False)
-        factory = {"device": weight.device, "dtype": weight.dtype}
+        factory = {"device": weight.device, "dtype": lora_dtype or weight.dtype}
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
-        self.reset_lora_parameters()
+        self.reset_lora_parameters(init_lora_weights)
         self.merged = False
 
-    def reset_lora_parameters(self) -> None:
-        """PEFT's default init: A kaiming-uniform with a = sqrt(5), B zeros."""
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+    def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
+        """PEFT's inits: ``True`` A kaiming-uniform with a = sqrt(5), B zeros (the default);
+        ``"gaussian"`` A normal with std 1/r, B zeros; ``False`` both as ``nn.Linear``'s
+        default (kaiming-uniform, a = sqrt(5)), so the adapter is not a no-op."""
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if init_lora_weights is True:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.zeros_(b)
+        elif init_lora_weights is False:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        elif isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian":
+            nn.init.normal_(a, std=1 / self.r)
+            nn.init.zeros_(b)
+        else:
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
 
     @property
     def scaling(self) -> float:
         return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
 
+    def _weight_out_in(self) -> torch.Tensor:
+        """The base weight as ``[out, in]`` (a transposed view for fan_in_fan_out)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
     def delta_weight(self) -> torch.Tensor:
-        """``scaling * B A`` ``[out, in]``, computed in fp32 and cast to the base weight's dtype."""
+        """``scaling * B A`` in the base weight's layout (``[out, in]``, or ``[in, out]`` with
+        fan_in_fan_out), computed in fp32 and cast to the base weight's dtype."""
         a = self.lora_A.weight.detach().float()
         b = self.lora_B.weight.detach().float()
-        return ((b @ a) * self.scaling).to(self.weight.dtype)
+        delta = (b @ a) * self.scaling
+        return (delta.t() if self.fan_in_fan_out else delta).to(self.weight.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -135,11 +214,20 @@ class LoRALinear(nn.Module):
         self.weight.sub_(self.delta_weight())
         self.merged = False
 
+    def base_module(self) -> nn.Module:
+        """The wrapped ``nn.Linear`` / ``Conv1D``, holding this layer's current weight and bias
+        and its train/eval mode. It computes the base layer, or the merged one after ``merge()``."""
+        base = self._base_module
+        base.weight = self.weight
+        base.bias = self.bias
+        return base.train(self.training)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self._weight_out_in()
         if self.merged:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, weight, self.bias)
         return lora_linear(
-            x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight,
+            x, weight, self.bias, self.lora_A.weight, self.lora_B.weight,
             self.scaling, self.lora_dropout, self.training,
         )
 
@@ -147,5 +235,6 @@ class LoRALinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
-            f"use_rslora={self.use_rslora}, bias={self.bias is not None}, merged={self.merged}"
+            f"use_rslora={self.use_rslora}, bias={self.bias is not None}, "
+            f"fan_in_fan_out={self.fan_in_fan_out}, merged={self.merged}"
         )

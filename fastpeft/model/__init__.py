@@ -1,0 +1,23 @@
+"""Model-level LoRA API, compatible with HF PEFT's configs, matching rules and files.
+
+``LoraConfig`` (PEFT's fields), ``inject`` (add LoRA layers in place), ``load_adapter`` /
+``save_adapter`` (PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``),
+``from_peft`` (convert a PEFT model), ``merge_and_unload`` and ``trainable_parameters``.
+"""
+
+from fastpeft.model.adapter_io import adapter_state_dict, load_adapter, save_adapter
+from fastpeft.model.config import LoraConfig
+from fastpeft.model.injection import ParameterCount, inject, merge_and_unload, trainable_parameters
+from fastpeft.model.peft_interop import from_peft
+
+__all__ = [
+    "LoraConfig",
+    "ParameterCount",
+    "adapter_state_dict",
+    "from_peft",
+    "inject",
+    "load_adapter",
+    "merge_and_unload",
+    "save_adapter",
+    "trainable_parameters",
+]

@@ -1,0 +1,304 @@
+"""Saving and loading adapters in HF PEFT's on-disk format.
+
+A PEFT LoRA directory holds ``adapter_config.json`` (the ``LoraConfig`` fields plus
+``peft_type: "LORA"``) and ``adapter_model.safetensors`` (metadata ``{"format": "pt"}``), whose
+keys are ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight`` for each LoRA
+layer and ``base_model.model.<module path>.<name>`` for each entry of a ``modules_to_save``
+module's state dict: what PEFT's ``save_pretrained`` writes for a ``get_peft_model`` model,
+whether a plain ``nn.Module`` or a transformers model with a ``task_type``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import torch.nn as nn
+
+from fastpeft.model.config import LoraConfig
+from fastpeft.model.injection import (
+    adapter_state,
+    build_replacements,
+    check_not_adapted,
+    install,
+    lora_layers,
+    require_module,
+    restore_requires_grad,
+)
+from fastpeft.model.matching import InjectionPlan, plan_injection
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+# A LoRA weight key without the prefix, with or without the adapter name PEFT uses in memory.
+_LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight")
+
+
+def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU copy (safetensors needs contiguous tensors that share no storage)."""
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's saved keys (CPU copies), as ``save_adapter`` writes them."""
+    state = adapter_state(require_module(model))
+    if state is None:
+        raise ValueError("model has no fastpeft adapter: add one with fastpeft.inject, load_adapter or from_peft")
+    out = {}
+    for name, layer in lora_layers(model):
+        out[f"{KEY_PREFIX}{name}.lora_A.weight"] = _cpu_copy(layer.lora_A.weight)
+        out[f"{KEY_PREFIX}{name}.lora_B.weight"] = _cpu_copy(layer.lora_B.weight)
+    for path in state.modules_to_save:
+        for key, value in model.get_submodule(path).state_dict().items():
+            out[f"{KEY_PREFIX}{path}.{key}"] = _cpu_copy(value)
+    return out
+
+
+def _saved_config(model: nn.Module) -> dict:
+    """The adapter's ``adapter_config.json`` contents, as PEFT writes them: ``"all-linear"``
+    resolved to the adapted module paths, ``fan_in_fan_out`` as PEFT leaves it after
+    wrapping ``Conv1D`` layers, ``inference_mode`` True, ``base_model_name_or_path`` from the
+    transformers model when the config has none."""
+    config = adapter_state(model).config
+    layers = lora_layers(model)
+    data = config.to_dict()
+    if config.is_all_linear:
+        data["target_modules"] = sorted(name for name, _ in layers)
+    data["fan_in_fan_out"] = any(layer.fan_in_fan_out for _, layer in layers)
+    data["inference_mode"] = True
+    if data["base_model_name_or_path"] is None:
+        name = getattr(getattr(model, "config", None), "name_or_path", None)
+        data["base_model_name_or_path"] = name or None
+    return data
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Hard-link (or copy) the entries of ``old`` that are not adapter files into ``new``,
+    leaving ``old`` untouched."""
+    for entry in old.iterdir():
+        if entry.name in (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, new / entry.name)
+
+
+def _replace_dir(tmp: Path, directory: Path) -> None:
+    """Put ``tmp`` in ``directory``'s place by renames; an existing ``directory`` is moved
+    aside first and restored if the second rename fails."""
+    if not directory.exists():
+        os.rename(tmp, directory)
+        return
+    old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex}"
+    os.rename(directory, old)
+    try:
+        os.rename(tmp, directory)
+    except BaseException:
+        os.rename(old, directory)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write the model's adapter to ``directory`` in PEFT's format (see the module docstring),
+    so that ``peft.PeftModel.from_pretrained(base_model, directory)`` loads it.
+
+    Atomic: both files are written (and fsynced) into a fresh directory next to
+    ``directory``, which then replaces it by renames, so a failure mid-save leaves an
+    existing ``directory`` as it was. Other files already in ``directory`` (a README,
+    training state) are carried over by hard link; an old ``adapter_model.bin`` is dropped.
+
+    Raises:
+        ValueError: the model has no fastpeft adapter.
+        NotADirectoryError: ``directory`` exists and is not a directory.
+    """
+    tensors = adapter_state_dict(model)
+    config_json = json.dumps(_saved_config(model), indent=2, sort_keys=True)
+    directory = Path(directory).absolute()
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"directory {str(directory)!r} exists and is not a directory")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        (tmp / CONFIG_NAME).write_text(config_json)
+        safetensors.torch.save_file(tensors, tmp / SAFETENSORS_NAME, metadata={"format": "pt"})
+        for name in (CONFIG_NAME, SAFETENSORS_NAME):
+            _fsync(tmp / name)
+        if directory.exists():
+            _carry_over(directory, tmp)
+        _replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.name == "posix":  # make the renames durable
+        _fsync(directory.parent)
+
+
+def _read_config(directory: Path) -> LoraConfig:
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {str(directory)!r}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{str(path)!r} is not a readable JSON file: {exc}") from exc
+    return LoraConfig.from_dict(data)
+
+
+def _read_tensors(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    """The weight file's tensors on the CPU: ``adapter_model.safetensors``, else
+    ``adapter_model.bin`` via ``torch.load(weights_only=True)`` when ``allow_pickle``."""
+    path = directory / SAFETENSORS_NAME
+    if path.is_file():
+        try:
+            return safetensors.torch.load_file(path, device="cpu")
+        except Exception as exc:
+            raise ValueError(f"{str(path)!r} is not a readable safetensors file: {exc}") from exc
+    path = directory / PICKLE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {SAFETENSORS_NAME} (or {PICKLE_NAME}) in {str(directory)!r}")
+    if not allow_pickle:
+        raise ValueError(f"{str(path)!r} is a pickle file and is not loaded by default; pass allow_pickle=True to "
+                         "load it with torch.load(weights_only=True), or convert it to safetensors")
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{str(path)!r} could not be loaded with torch.load(weights_only=True): {exc}") from exc
+    if not isinstance(tensors, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+    ):
+        raise ValueError(f"{str(path)!r} does not hold a dict of str -> tensor")
+    return tensors
+
+
+def _normalize_keys(tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Keys relative to the model: without the ``base_model.model.`` prefix and without an
+    adapter name in LoRA keys (``x.lora_A.default.weight`` -> ``x.lora_A.weight``)."""
+    out: dict[str, torch.Tensor] = {}
+    adapters = set()
+    for key, value in tensors.items():
+        name = key.removeprefix(KEY_PREFIX)
+        match = _LORA_KEY.fullmatch(name)
+        if match and match["adapter"]:
+            adapters.add(match["adapter"])
+            name = f"{match['module']}.{match['kind']}.weight"
+        if name in out:
+            raise ValueError(f"{source}: key {key!r} duplicates another key once prefixes and adapter names are removed")
+        out[name] = value
+    if len(adapters) > 1:
+        raise ValueError(f"{source} holds several adapters {sorted(adapters)}; load one adapter at a time")
+    return out
+
+
+def _check_tensors(
+    model: nn.Module, plan: InjectionPlan, tensors: dict[str, torch.Tensor], source: str
+) -> None:
+    """The file must hold exactly the plan's tensors, with the plan's shapes: LoRA weights
+    floating point, ``modules_to_save`` entries of their module's dtype kind."""
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {}
+    for t in plan.targets:
+        out_f, in_f = t.module.weight.shape
+        if t.fan_in_fan_out:
+            out_f, in_f = in_f, out_f
+        expected[f"{t.name}.lora_A.weight"] = ((t.r, in_f), None)
+        expected[f"{t.name}.lora_B.weight"] = ((out_f, t.r), None)
+    for path in plan.modules_to_save:
+        for key, value in model.get_submodule(path).state_dict().items():
+            expected[f"{path}.{key}"] = (tuple(value.shape), value.dtype)
+    missing = sorted(expected.keys() - tensors.keys())
+    extra = sorted(tensors.keys() - expected.keys())
+    if missing or extra:
+        raise ValueError(f"{source} does not match the adapter its config describes on this model: "
+                         f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+                         f"unexpected keys {extra[:8]}{' ...' if len(extra) > 8 else ''}")
+    for key, (shape, dtype) in expected.items():
+        tensor = tensors[key]
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, expected {shape} "
+                             "(from the config's r / rank_pattern and the model's layer)")
+        floating = dtype is None or dtype.is_floating_point
+        if tensor.dtype.is_floating_point != floating or (not floating and tensor.dtype != dtype):
+            raise ValueError(f"{source}: {key!r} has dtype {tensor.dtype}, expected "
+                             f"{'a floating point dtype' if floating else dtype}")
+
+
+@torch.no_grad()
+def _fill(replacements: dict[str, nn.Module], plan: InjectionPlan, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy the checked tensors into the not yet installed modules."""
+    for t in plan.targets:
+        layer = replacements[t.name]
+        layer.lora_A.weight.copy_(tensors[f"{t.name}.lora_A.weight"])
+        layer.lora_B.weight.copy_(tensors[f"{t.name}.lora_B.weight"])
+    for path in plan.modules_to_save:
+        prefix = f"{path}."
+        own = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+        replacements[path].load_state_dict(own, strict=True)
+
+
+def load_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    is_trainable: bool = False,
+    allow_pickle: bool = False,
+    autocast_adapter_dtype: bool = True,
+) -> nn.Module:
+    """Add the LoRA adapter saved in ``directory`` (PEFT's format) to ``model``; return ``model``.
+
+    The config's rules (``target_modules`` / ``exclude_modules``, ``layers_to_transform``,
+    ``rank_pattern`` / ``alpha_pattern``, ``use_rslora``, ...) decide the layers, as in
+    ``inject``; the weights come from ``adapter_model.safetensors``, whose keys may carry
+    PEFT's ``base_model.model.`` prefix and an adapter name (``lora_A.default.weight``).
+    ``adapter_model.bin`` (a pickle) is read only with ``allow_pickle=True``, then with
+    ``torch.load(weights_only=True)``. As PEFT's ``from_pretrained``, the adapter is frozen
+    unless ``is_trainable``; ``autocast_adapter_dtype`` as in ``inject``.
+
+    Everything (config, file, keys, shapes, dtypes) is checked and every tensor loaded into
+    the new layers before the model is touched: on any error the model is unchanged.
+
+    Raises:
+        FileNotFoundError: no config or weight file in ``directory``.
+        ValueError: unreadable or corrupt files, a peft_type other than LORA or a feature
+            fastpeft does not implement, missing / unexpected keys, wrong shapes or dtypes,
+            a pickle without ``allow_pickle``, or a model that already has adapter layers.
+    """
+    require_module(model)
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter directory {str(directory)!r} does not exist")
+    config = _read_config(directory)
+    tensors = _normalize_keys(_read_tensors(directory, allow_pickle), str(directory))
+    check_not_adapted(model)
+    plan = plan_injection(model, config)
+    _check_tensors(model, plan, tensors, str(directory))
+    with restore_requires_grad(model, always=False):
+        replacements = build_replacements(
+            model, plan, config, init_lora_weights=True, autocast_adapter_dtype=autocast_adapter_dtype
+        )
+        _fill(replacements, plan, tensors)
+    install(model, config, replacements, plan.modules_to_save, trainable=is_trainable)
+    return model

@@ -1,0 +1,211 @@
+"""Adding fastpeft LoRA layers to a model and taking them out again.
+
+``inject`` follows PEFT's ``get_peft_model`` for the modules it changes and what it freezes,
+but changes the model in place and keeps its type (no wrapper object): each target
+``nn.Linear`` / ``Conv1D`` becomes a ``LoRALinear`` sharing the original weight and bias.
+Every check runs before the first change, so a failing call leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from fastpeft.layers.lora_linear import LoRALinear
+from fastpeft.model.config import LoraConfig
+from fastpeft.model.matching import InjectionPlan, LoraTarget, plan_injection
+
+# Attribute under which an adapted model keeps its AdapterState.
+ADAPTER_ATTR = "_fastpeft_adapter"
+
+
+@dataclass(frozen=True)
+class AdapterState:
+    """What ``save_adapter`` needs to know about an adapted model: its config and the paths of
+    its ``modules_to_save`` copies (the LoRA layers are found by type)."""
+
+    config: LoraConfig
+    modules_to_save: tuple[str, ...]
+
+
+class ParameterCount(NamedTuple):
+    """Parameter counts of a model (shared parameters counted once); ``percent`` is
+    ``100 * trainable / total``. ``str()`` gives PEFT's ``print_trainable_parameters`` line."""
+
+    trainable: int
+    total: int
+    percent: float
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || trainable%: {self.percent:.4f}"
+
+
+def require_module(model: object) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def adapter_state(model: nn.Module) -> AdapterState | None:
+    """The model's adapter state (set by ``inject``, ``load_adapter``, ``from_peft``), or None."""
+    return getattr(model, ADAPTER_ATTR, None)
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    """``(path, layer)`` for every fastpeft LoRA layer below ``model``, in model order."""
+    return [(name, m) for name, m in model.named_modules() if name and isinstance(m, LoRALinear)]
+
+
+def check_not_adapted(model: nn.Module) -> None:
+    """Refuse a model that already has fastpeft or HF PEFT adapter layers."""
+    layers = [name for name, _ in lora_layers(model)]
+    if layers:
+        raise ValueError(f"model already has fastpeft LoRA layers ({', '.join(layers[:3])}, ...); "
+                         "call fastpeft.merge_and_unload(model) before adding another adapter")
+    tuner_layer = getattr(sys.modules.get("peft.tuners.tuners_utils"), "BaseTunerLayer", None)
+    peft_layers = [name for name, m in model.named_modules() if tuner_layer and isinstance(m, tuner_layer)]
+    if peft_layers:
+        raise ValueError(f"model has HF PEFT adapter layers ({', '.join(peft_layers[:3])}, ...); "
+                         "convert them with fastpeft.from_peft instead")
+
+
+@contextmanager
+def restore_requires_grad(model: nn.Module, *, always: bool) -> Iterator[None]:
+    """Put every parameter's ``requires_grad`` back as it was on exit (``always``) or only
+    when the block raises (wrapping a layer freezes its base weight)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+
+    def restore() -> None:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+    try:
+        yield
+    except BaseException:
+        restore()
+        raise
+    if always:
+        restore()
+
+
+def _lora_dtype(target: LoraTarget, autocast_adapter_dtype: bool) -> torch.dtype | None:
+    """PEFT's ``autocast_adapter_dtype``: float32 A and B on a float16 / bfloat16 base."""
+    if autocast_adapter_dtype and target.module.weight.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return None
+
+
+def build_replacements(
+    model: nn.Module,
+    plan: InjectionPlan,
+    config: LoraConfig,
+    *,
+    init_lora_weights: bool | str,
+    autocast_adapter_dtype: bool,
+) -> dict[str, nn.Module]:
+    """New modules by path, not yet installed: a ``LoRALinear`` per target (sharing and
+    freezing its base weight) and a deep copy per ``modules_to_save`` module."""
+    new: dict[str, nn.Module] = {}
+    for t in plan.targets:
+        wrap = LoRALinear.from_conv1d if t.fan_in_fan_out else LoRALinear.from_linear
+        new[t.name] = wrap(
+            t.module, t.r, t.lora_alpha, config.lora_dropout, config.use_rslora,
+            lora_dtype=_lora_dtype(t, autocast_adapter_dtype), init_lora_weights=init_lora_weights,
+        )
+        new[t.name].train(t.module.training)
+    for path in plan.modules_to_save:
+        new[path] = copy.deepcopy(model.get_submodule(path))
+    return new
+
+
+def install(
+    model: nn.Module,
+    config: LoraConfig,
+    replacements: dict[str, nn.Module],
+    modules_to_save: tuple[str, ...],
+    *,
+    trainable: bool,
+) -> None:
+    """Swap the new modules in, freeze every parameter but the adapter's (all of them when not
+    ``trainable``) and record the adapter state. Nothing here can fail on a checked plan."""
+    for path, module in replacements.items():
+        model.set_submodule(path, module)
+    model.requires_grad_(False)
+    if trainable:
+        for _, layer in lora_layers(model):
+            layer.lora_A.requires_grad_(True)
+            layer.lora_B.requires_grad_(True)
+        for path in modules_to_save:
+            model.get_submodule(path).requires_grad_(True)
+    setattr(model, ADAPTER_ATTR, AdapterState(config, modules_to_save))
+
+
+def inject(model: nn.Module, config: LoraConfig, *, autocast_adapter_dtype: bool = True) -> nn.Module:
+    """Add a LoRA adapter to ``model`` in place, as PEFT's ``get_peft_model`` would, and return it.
+
+    Every module ``config`` targets (PEFT's matching rules, see ``LoraConfig``) must be an
+    ``nn.Linear`` or transformers ``Conv1D``; each becomes a ``LoRALinear`` sharing the base
+    weight and bias (no copy), with ``r`` / ``lora_alpha`` from ``rank_pattern`` /
+    ``alpha_pattern`` and PEFT's init. ``modules_to_save`` modules are replaced by trainable
+    deep copies. Every other parameter is frozen. With ``autocast_adapter_dtype`` (PEFT's
+    default) A and B are float32 on a float16 / bfloat16 base.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or ``config`` not a ``LoraConfig``.
+        ValueError: nothing matches (the message lists the model's linear layers), a match is
+            not a linear layer, ``init_lora_weights`` is one fastpeft cannot create, or the
+            model already has adapter layers. The model is then unchanged.
+    """
+    require_module(model)
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a fastpeft.LoraConfig, got {type(config).__name__}")
+    init = config.init_lora_weights
+    if not (isinstance(init, bool) or init.lower() == "gaussian"):
+        raise ValueError(f"LoraConfig.init_lora_weights={init!r} cannot be created by fastpeft (it needs data or "
+                         "rewrites the base weights); use True, False or 'gaussian', or load trained weights "
+                         "with fastpeft.load_adapter")
+    check_not_adapted(model)
+    plan = plan_injection(model, config)
+    with restore_requires_grad(model, always=False):
+        replacements = build_replacements(
+            model, plan, config, init_lora_weights=init, autocast_adapter_dtype=autocast_adapter_dtype
+        )
+    install(model, config, replacements, plan.modules_to_save, trainable=True)
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every fastpeft LoRA layer into its base weight and put the plain base module
+    (``nn.Linear`` / ``Conv1D``, the original object) back in its place; return ``model``.
+
+    ``modules_to_save`` copies stay (they hold the trained weights, as PEFT's unload keeps
+    them). ``requires_grad`` flags are left as they are.
+
+    Raises:
+        ValueError: the model has no fastpeft LoRA layer.
+    """
+    layers = lora_layers(require_module(model))
+    if not layers:
+        raise ValueError("model has no fastpeft LoRA layers to merge")
+    for name, layer in layers:
+        if not layer.merged:
+            layer.merge()
+        model.set_submodule(name, layer.base_module())
+    if adapter_state(model) is not None:
+        delattr(model, ADAPTER_ATTR)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> ParameterCount:
+    """``(trainable, total, percent)`` over ``model.parameters()`` (each shared parameter once)."""
+    params = list(require_module(model).parameters())
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    return ParameterCount(trainable, total, 100.0 * trainable / total if total else 0.0)

@@ -1,0 +1,107 @@
+"""``from_peft``: turn a model HF PEFT has adapted into one running fastpeft's LoRA layers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch.nn as nn
+
+from fastpeft.layers.lora_linear import LoRALinear, is_conv1d
+from fastpeft.model.config import LoraConfig
+from fastpeft.model.injection import ADAPTER_ATTR, AdapterState, restore_requires_grad
+
+
+def _unsupported(path: str, why: str) -> ValueError:
+    return ValueError(f"from_peft: {path}: {why}")
+
+
+def _convert_lora_linear(path: str, layer: nn.Module, adapter: str, use_rslora: bool) -> LoRALinear:
+    """A ``LoRALinear`` sharing ``layer``'s base weight, bias, ``lora_A`` and ``lora_B``
+    modules (so parameters, their ``requires_grad`` and optimizer state carry over)."""
+    if list(layer.lora_A.keys()) != [adapter]:
+        raise _unsupported(path, f"has adapters {list(layer.lora_A.keys())}; fastpeft runs exactly one")
+    if layer.disable_adapters or adapter not in layer.active_adapters:
+        raise _unsupported(path, f"adapter {adapter!r} is disabled or not active")
+    if layer.use_dora.get(adapter) or adapter in layer.lora_magnitude_vector:
+        raise _unsupported(path, "DoRA is not implemented")
+    # lora_bias / lora_variant are absent from older PEFT layers
+    if getattr(layer, "lora_bias", {}).get(adapter):
+        raise _unsupported(path, "lora_bias is not implemented")
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    if variant is not None:
+        raise _unsupported(path, f"LoRA variant {type(variant).__name__} is not implemented")
+    base = layer.base_layer
+    fan_in_fan_out = is_conv1d(base)
+    if not (fan_in_fan_out or isinstance(base, nn.Linear)):
+        raise _unsupported(path, f"base layer {type(base).__name__} is neither nn.Linear nor Conv1D")
+    dropout = layer.lora_dropout[adapter]
+    if not isinstance(dropout, (nn.Dropout, nn.Identity)):
+        raise _unsupported(path, f"lora_dropout is a {type(dropout).__name__}, expected nn.Dropout or nn.Identity")
+    lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
+    wrap = LoRALinear.from_conv1d if fan_in_fan_out else LoRALinear.from_linear
+    new = wrap(
+        base, layer.r[adapter], layer.lora_alpha[adapter],
+        dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
+        use_rslora, lora_dtype=lora_a.weight.dtype,
+    )
+    if not math.isclose(new.scaling, layer.scaling[adapter], rel_tol=1e-12):
+        raise _unsupported(path, f"scaling {layer.scaling[adapter]} differs from lora_alpha / r ({new.scaling}); "
+                                 "a scaling changed with set_scale / scale_layer is not supported")
+    new.lora_A, new.lora_B = lora_a, lora_b
+    new.merged = adapter in layer.merged_adapters
+    return new.train(layer.training)
+
+
+def from_peft(peft_model: nn.Module) -> nn.Module:
+    """Swap HF PEFT's LoRA layers for fastpeft's, in place, and return the underlying model.
+
+    ``peft_model`` is a ``peft.PeftModel`` (or a ``LoraModel``) with exactly one LoRA adapter.
+    Each PEFT ``lora.Linear`` (over ``nn.Linear`` or ``Conv1D``) becomes a ``LoRALinear``
+    sharing its base weight and bias and its ``lora_A`` / ``lora_B`` modules (nothing is
+    copied; ``requires_grad`` flags are kept), merged if PEFT had merged it; each
+    ``ModulesToSaveWrapper`` is replaced by its trained copy. Outputs and gradients are the
+    same. The returned model is PEFT's base model (``peft_model.get_base_model()``), now
+    free of PEFT layers: use it, not the PEFT wrapper, from then on.
+
+    Raises:
+        TypeError: ``peft_model`` is not a PEFT model.
+        ValueError: several adapters, a disabled adapter, DoRA / lora_bias / a LoRA variant,
+            a changed scaling, other PEFT layer types (embeddings, convolutions, quantized
+            layers, trainable tokens), or a config fastpeft does not implement. Nothing is
+            changed then.
+    """
+    configs = getattr(peft_model, "peft_config", None)
+    if not isinstance(peft_model, nn.Module) or not isinstance(configs, Mapping):
+        raise TypeError(f"peft_model must be a peft.PeftModel or LoraModel, got {type(peft_model).__name__}")
+    if len(configs) != 1:
+        raise ValueError(f"from_peft: the model has adapters {list(configs)}; fastpeft runs exactly one "
+                         "(delete the others with peft_model.delete_adapter)")
+    (adapter, peft_config), = configs.items()
+    config = LoraConfig.from_dict(peft_config.to_dict())
+    model = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model.model
+
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+
+    replacements: dict[str, nn.Module] = {}
+    modules_to_save: list[str] = []
+    with restore_requires_grad(model, always=True):
+        for path, module in model.named_modules():
+            if type(module) is PeftLoraLinear:
+                replacements[path] = _convert_lora_linear(path, module, adapter, config.use_rslora)
+            elif isinstance(module, ModulesToSaveWrapper):
+                if module.active_adapters != [adapter]:
+                    raise _unsupported(path, f"modules_to_save adapter {adapter!r} is not active")
+                replacements[path] = module.modules_to_save[adapter]
+                modules_to_save.append(path)
+            elif isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+                raise _unsupported(path, f"PEFT layer type {type(module).__name__} is not supported "
+                                         "(only lora.Linear over nn.Linear / Conv1D, and modules_to_save)")
+        if not replacements:
+            raise ValueError("from_peft: the model has no PEFT LoRA layers")
+        for path, module in replacements.items():
+            model.set_submodule(path, module)
+    setattr(model, ADAPTER_ATTR, AdapterState(config, tuple(modules_to_save)))
+    return model
