@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._inductor.config as inductor_config
 
 import fastpeft
 from fastpeft.ops import lora_linear
@@ -39,11 +40,15 @@ def test_opcheck_backward(backend, needs):
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
-def test_torch_compile_fullgraph_forward_and_backward(backend, dropout_p, monkeypatch):
+def test_torch_compile_fullgraph_forward_and_backward(backend, dropout_p):
     """Compiled and eager agree exactly in what they compute, dropout included: with
     ``fallback_random`` Inductor draws the seed from the same generator stream as eager."""
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    with inductor_config.patch(fallback_random=True):
+        _compare_compiled_with_eager(dropout_p)
+
+
+def _compare_compiled_with_eager(dropout_p: float) -> None:
     layer = fastpeft.LoRALinear(40, 24, r=4, lora_alpha=8, lora_dropout=dropout_p, device=DEVICE)
     torch.nn.init.normal_(layer.lora_B.weight)
     x = torch.randn(2, 5, 40, device=DEVICE, requires_grad=True)
