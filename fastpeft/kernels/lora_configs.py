@@ -64,7 +64,7 @@ class TileConfig:
 # sm_80: 128x128x32, 8 warps, 3 stages: the 4-warp version spills with the LoRA epilogue.
 _GEMM_LARGE = {90: TileConfig(128, 256, 64, 8, 3), 80: TileConfig(128, 128, 32, 8, 3)}
 # dX with dropout: the mask and the separate LoRA product double the epilogue's live
-# registers, so the output tile is halved (128x256 and 128x128 spill there).
+# registers, so the output tile is halved (128x256 spills on sm_90, 128x128x32 on sm_80).
 _DX_DROPOUT_LARGE = {90: TileConfig(128, 128, 64, 8, 3), 80: TileConfig(64, 128, 64, 8, 4)}
 # Medium M: 64-row tiles double the programs; 4 stages of (64+128)x64 bf16 = 96 KB; 8 warps
 # (4 spill with rank 64 on sm_80).
