@@ -5,7 +5,7 @@
 #     scripts/gpu_run.sh [RESULTS_DIR]     # default: $OUT when set, else bench_results/
 #
 # Steps, each under `timeout`; `check` (CPU-bound) runs beside `tests` (GPU-bound), the others
-# one after another, so the worst case is 20 + 60 + 150 + 220 s = 7.5 min (plus 15 s of
+# one after another, so the worst case is 20 + 60 + 150 + 250 s = 8 min (plus 15 s of
 # SIGKILL grace per step that ignores SIGINT). A step that fails or times out does not stop
 # the next ones; the exit status is 1 when any step failed.
 #   env     versions, nvidia-smi                                  -> env.txt
@@ -13,8 +13,9 @@
 #           when csrc/ has sources (fastpeft is imported through PYTHONPATH)  -> env.txt
 #   tests   python3 -m pytest tests -m "not slow" -x -q (on the GPU)        -> tests.log
 #   check   fastpeft check --arch sm_90                           -> check.log
-#   bench   fastpeft bench, full GPU grid, alone on the machine   -> bench.log, bench.json,
-#                                                                    bench.md, bench.png
+#   bench   fastpeft bench alone on the machine: the end-to-end   -> bench.log, bench.json,
+#           training step (~1.1B Llama, fastpeft vs PEFT), then      bench.md, bench.png
+#           the full GPU grid                                        (e2e in its own sections)
 # and summary.txt (each step's exit status and seconds): 8 files, no subfolders.
 set -u -o pipefail
 
@@ -28,14 +29,16 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 # Seconds per step. env: a few commands. build: a CMake build of a few .cu files on 16 cores.
 # tests: the non-slow suite with real kernels. check: ~430 kernel configurations at ~5 CPU-s
-# each (measured on the 2-core dev machine) over CHECK_JOBS processes. bench: the full grid
-# (~600 timings, ~12 torch.compile graphs, fastpeft's kernel JIT); on timeout it gets SIGINT
-# and still writes what it measured.
+# each (measured on the 2-core dev machine) over CHECK_JOBS processes. bench: the end-to-end
+# case first (~1 min estimated, not yet run on a GPU: building the 1.1B model and its twin,
+# ~15 training steps of 16k tokens per model, fastpeft's kernel JIT), then the full grid (~600
+# timings, ~12 torch.compile graphs) in the rest; on timeout it gets SIGINT and still writes
+# what it measured (the grid cut short rank by rank, the end-to-end case already complete).
 ENV_TIMEOUT=20
 BUILD_TIMEOUT=60
 TESTS_TIMEOUT=120
 CHECK_TIMEOUT=150
-BENCH_TIMEOUT=220
+BENCH_TIMEOUT=250
 # Grace after SIGINT before SIGKILL: long enough to write the report, JSON and plot.
 KILL_AFTER=15
 # Compile processes for check: 12 of the 16 cores, leaving 4 to the GPU tests beside it.

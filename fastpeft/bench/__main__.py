@@ -2,6 +2,9 @@
 
 GPU default: Llama-3-8B shapes x M in {1, 16, 512, 4096, 8192} x r in {8, 16, 64}, bf16.
 CPU default: two shapes, M in {1, 16, 128}, r = 16, fp32 (under two minutes on two cores).
+The full default run also has the end-to-end case (run first): one LoRA training step of a
+Llama model, fastpeft vs PEFT (~1.1B parameters in bf16 on a GPU, a small fp32 one on CPU);
+--e2e runs only that case.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ import torch
 
 from fastpeft.bench.analysis import analyze
 from fastpeft.bench.cases import CPU_GRID, GPU_GRID, QUICK_GRID, SHAPES_BY_NAME, CaseGrid, LayerShape
+from fastpeft.bench.e2e import (
+    E2EConfig, default_e2e_config, e2e_markdown, missing_packages, print_e2e_report, run_e2e,
+)
 from fastpeft.bench.export import write_json
 from fastpeft.bench.implementations import COMPILE, IMPLEMENTATION_NAMES, PEFT, default_implementations
 from fastpeft.bench.report import markdown_report, print_report
@@ -25,6 +31,9 @@ from fastpeft.bench.timing import CPU_BUDGET, GPU_BUDGET, QUICK_BUDGET
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OUT_FILES = {"json": "bench.json", "markdown": "bench.md", "plot": "bench.png"}
+# Options that select part of the layer grid: a run with any of them is not the full default
+# run, so it leaves the end-to-end case out; with --e2e (no layer grid) they are errors.
+GRID_OPTIONS = ("quick", "shapes", "m", "r", "impls")
 
 
 def _comma_list(parse_item: Callable[[str], object]) -> Callable[[str], list]:
@@ -96,14 +105,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", type=Path, help="write a ratio-vs-M plot here (needs matplotlib)")
     parser.add_argument("--out", type=Path,
                         help=f"directory for {', '.join(OUT_FILES.values())} (the plot when matplotlib is installed)")
+    e2e = parser.add_mutually_exclusive_group()
+    e2e.add_argument("--e2e", action="store_true",
+                     help="only the end-to-end case: one LoRA training step (all linear layers, r 16) of a Llama "
+                     "model, fastpeft vs PEFT: tokens/s and memory (the full default run has it too)")
+    e2e.add_argument("--skip-e2e", action="store_true",
+                     help="leave the end-to-end case out of the full default run (runs that select part of "
+                     "the layer grid, --quick included, always leave it out)")
+    parser.add_argument("--e2e-checkpointing", action="store_true",
+                        help="gradient checkpointing (non-reentrant) in the end-to-end case (default off)")
     return parser
+
+
+def _device(args: argparse.Namespace, parser: argparse.ArgumentParser) -> torch.device:
+    """``--device``, else cuda when available; ``parser.error`` when cuda is asked for but absent."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    return device
 
 
 def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> BenchConfig:
     """The run configuration; ``parser.error`` (exit 2) on arguments this machine cannot honour."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    device = _device(args, parser)
     on_gpu = device.type == "cuda"
     grid = QUICK_GRID if args.quick else GPU_GRID if on_gpu else CPU_GRID
     grid = CaseGrid(tuple(args.shapes or grid.shapes), tuple(args.m or grid.ms), tuple(args.r or grid.ranks))
@@ -123,6 +147,29 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     )
 
 
+def e2e_config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> E2EConfig | None:
+    """The end-to-end case's configuration, or None when this run leaves it out; ``parser.error``
+    on options that contradict it. The full default run leaves it out, with a note, when
+    transformers or peft is missing."""
+    grid_options = [f"--{name}" for name in GRID_OPTIONS if getattr(args, name)]
+    if args.e2e and (grid_options or args.plot):
+        parser.error(f"--e2e runs no layer grid: {', '.join(grid_options or ['--plot'])} cannot go with it")
+    wanted = args.e2e or not (args.skip_e2e or grid_options)
+    if args.e2e_checkpointing and not wanted:
+        parser.error("--e2e-checkpointing: this run leaves the end-to-end case out")
+    missing = missing_packages() if wanted else []
+    if missing and args.e2e:
+        parser.error(f"--e2e: {' and '.join(missing)} not installed (pip install {' '.join(missing)})")
+    if missing:
+        print(f"fastpeft bench: end-to-end case left out: {' and '.join(missing)} not installed", file=sys.stderr)
+    if not wanted or missing:
+        return None
+    return default_e2e_config(
+        _device(args, parser), DTYPES[args.dtype] if args.dtype else None,
+        dropout=args.dropout, gradient_checkpointing=args.e2e_checkpointing, seed=args.seed,
+    )
+
+
 def output_paths(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Path | None]:
     """Where to write json / markdown / plot: explicit paths first, then ``--out DIR`` (created)."""
     paths = {kind: getattr(args, kind) for kind in OUT_FILES}
@@ -131,28 +178,42 @@ def output_paths(args: argparse.Namespace, parser: argparse.ArgumentParser) -> d
             parser.error(f"--{kind} {path}: directory {path.parent} does not exist")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
+        plot = not args.e2e and importlib.util.find_spec("matplotlib") is not None  # --e2e: no layer grid to plot
         for kind, name in OUT_FILES.items():
-            if paths[kind] is None and (kind != "plot" or importlib.util.find_spec("matplotlib") is not None):
+            if paths[kind] is None and (kind != "plot" or plot):
                 paths[kind] = args.out / name
     return paths
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 0 when every measurement worked and fastpeft passed the saved-activation
-    criterion, 1 otherwise, 2 on bad arguments."""
+    criterion, 1 otherwise, 2 on bad arguments.
+
+    The end-to-end case runs before the layer grid: its time is bounded, while the grid may be
+    stopped by a time limit (scripts/gpu_run.sh) and still reports what it measured."""
     # scripts/gpu_run.sh stops an overlong run with SIGINT (timeout -s INT) and the runner then
     # reports what it measured; a shell without job control may start us with SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    config = config_from_args(args, parser)
+    e2e_config = e2e_config_from_args(args, parser)
+    config = None if args.e2e else config_from_args(args, parser)
     paths = output_paths(args, parser)
-    analysis = analyze(run_benchmark(config))
-    print_report(analysis)
+    e2e = run_e2e(e2e_config) if e2e_config is not None else None
+    interrupted = e2e is not None and e2e.interrupted
+    analysis = analyze(run_benchmark(config)) if config is not None and not interrupted else None
+    if analysis is None:
+        paths["plot"] = None  # the plot shows the layer grid only
+    else:
+        print_report(analysis)
+    if e2e is not None:
+        if analysis is not None:
+            print()  # a blank line between the two reports
+        print_e2e_report(e2e)
     if paths["json"]:
-        write_json(analysis, paths["json"])
+        write_json(analysis, paths["json"], e2e)
     if paths["markdown"]:
-        paths["markdown"].write_text(markdown_report(analysis))
+        paths["markdown"].write_text(markdown_report(analysis, [e2e_markdown(e2e)] if e2e is not None else []))
     plot_failed = False
     if paths["plot"]:
         from fastpeft.bench.plot import write_plot
@@ -165,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     written = [str(p) for p in paths.values() if p]
     if written:
         print("wrote " + ", ".join(written))
-    return 1 if analysis.failed or plot_failed else 0
+    failed = (analysis is not None and analysis.failed) or (e2e is not None and e2e.failed)
+    return 1 if failed or plot_failed else 0
 
 
 if __name__ == "__main__":

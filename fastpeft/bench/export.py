@@ -1,5 +1,10 @@
 """The run as JSON: settings (date, device, versions, dtype...), every timing with its derived
-metrics, every saved-activation measurement, and the target and criterion checks."""
+metrics, every saved-activation measurement, and the target and criterion checks of the layer
+benchmark; the end-to-end case under ``"e2e"``.
+
+Schema ``fastpeft-bench/2`` (``/1`` plus ``"e2e"``): the layer keys (``settings``,
+``interrupted``, ``timings``, ``saved_activations``, ``targets``, ``saved_activation_checks``)
+are there when the layer grid ran, ``"e2e"`` (see ``e2e.e2e_json``) when the end-to-end case ran."""
 
 from __future__ import annotations
 
@@ -9,8 +14,9 @@ from typing import Any
 
 from fastpeft.bench.analysis import Analysis
 from fastpeft.bench.cases import BenchCase
+from fastpeft.bench.e2e import E2ERun, e2e_json
 
-SCHEMA = "fastpeft-bench/1"
+SCHEMA = "fastpeft-bench/2"
 
 
 def _case_fields(case: BenchCase) -> dict[str, Any]:
@@ -18,10 +24,18 @@ def _case_fields(case: BenchCase) -> dict[str, Any]:
     return {"shape": shape.name, "m": case.m, "n": shape.out_features, "k": shape.in_features, "r": case.r}
 
 
-def to_json_dict(analysis: Analysis) -> dict[str, Any]:
-    """Plain-data form of the analysis (see SCHEMA); times in ms, rates in TFLOP/s."""
+def to_json_dict(analysis: Analysis | None, e2e: E2ERun | None = None) -> dict[str, Any]:
+    """Plain-data form of the run (see SCHEMA); times in ms, rates in TFLOP/s and tokens/s."""
+    data: dict[str, Any] = {"schema": SCHEMA}
+    if analysis is not None:
+        data.update(_layer_json(analysis))
+    if e2e is not None:
+        data["e2e"] = e2e_json(e2e)
+    return data
+
+
+def _layer_json(analysis: Analysis) -> dict[str, Any]:
     return {
-        "schema": SCHEMA,
         "settings": analysis.run.settings,
         "interrupted": analysis.run.interrupted,
         "timings": [
@@ -59,5 +73,5 @@ def to_json_dict(analysis: Analysis) -> dict[str, Any]:
     }
 
 
-def write_json(analysis: Analysis, path: Path) -> None:
-    path.write_text(json.dumps(to_json_dict(analysis), indent=1) + "\n")
+def write_json(analysis: Analysis | None, path: Path, e2e: E2ERun | None = None) -> None:
+    path.write_text(json.dumps(to_json_dict(analysis, e2e), indent=1) + "\n")

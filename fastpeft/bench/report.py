@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Sequence
 
 from fastpeft.bench.analysis import Analysis
 from fastpeft.bench.cases import FORWARD, FORWARD_BACKWARD, BenchCase
@@ -151,12 +152,13 @@ def footer_lines(analysis: Analysis) -> list[str]:
     return lines
 
 
-def plain_table(headers: list[str], body: list[list[str]]) -> str:
-    """Columns padded to their widest cell; text left-aligned, numbers right-aligned."""
+def plain_table(headers: list[str], body: list[list[str]], text_columns: int = TEXT_COLUMNS) -> str:
+    """Columns padded to their widest cell; the first ``text_columns`` left-aligned, the
+    numbers after them right-aligned."""
     widths = [max(len(cell) for cell in column) for column in zip(headers, *body)]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i < TEXT_COLUMNS else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(c.ljust(w) if i < text_columns else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(row) for row in body])
 
 
@@ -165,13 +167,15 @@ def markdown_table(headers: list[str], body: list[list[str]]) -> str:
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
-def markdown_report(analysis: Analysis) -> str:
-    """The whole report as markdown (header and footer as preformatted text)."""
+def markdown_report(analysis: Analysis | None, sections: Sequence[str] = ()) -> str:
+    """The whole report as markdown (header and footer as preformatted text): the layer
+    benchmark when it ran, then ``sections`` (markdown, e.g. the end-to-end case's)."""
     fence = "```"
-    return "\n".join(
-        ["# fastpeft bench", "", fence, *header_lines(analysis), fence, "",
-         markdown_table(HEADERS, table_rows(analysis)), "", fence, *footer_lines(analysis), fence, ""]
-    )
+    lines = ["# fastpeft bench", ""]
+    if analysis is not None:
+        lines += [fence, *header_lines(analysis), fence, "",
+                  markdown_table(HEADERS, table_rows(analysis)), "", fence, *footer_lines(analysis), fence, ""]
+    return "\n".join(lines + list(sections))
 
 
 def print_report(analysis: Analysis) -> None:

@@ -99,7 +99,7 @@ def make_step(impl: Implementation, x: torch.Tensor, dy: torch.Tensor, mode: str
     return forward_backward
 
 
-def _describe(exc: Exception) -> str:
+def describe_error(exc: Exception) -> str:
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:MAX_ERROR_CHARS]
 
@@ -112,7 +112,7 @@ def _time_implementation(
         median_ms = median_time_ms(make_step(impl, x, dy, mode), config.device, config.budget)
         return TimingResult(case, mode, name, median_ms)
     except Exception as exc:  # one broken implementation must not stop the others
-        return TimingResult(case, mode, name, None, _describe(exc))
+        return TimingResult(case, mode, name, None, describe_error(exc))
 
 
 def _measure_implementation(name: str, case: BenchCase, w: LoRAWeights, x: torch.Tensor) -> SavedResult:
@@ -120,14 +120,14 @@ def _measure_implementation(name: str, case: BenchCase, w: LoRAWeights, x: torch
         impl = build_implementation(name, w, SAVED_ACTIVATIONS_DROPOUT, training=True)
         return SavedResult(case, name, measure_saved_activations(impl.forward, x, impl.owned))
     except Exception as exc:  # one broken implementation must not stop the others
-        return SavedResult(case, name, None, _describe(exc))
+        return SavedResult(case, name, None, describe_error(exc))
 
 
-def _log_to_stderr(message: str) -> None:
+def log_to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_benchmark(config: BenchConfig, log: Callable[[str], None] = _log_to_stderr) -> BenchRun:
+def run_benchmark(config: BenchConfig, log: Callable[[str], None] = log_to_stderr) -> BenchRun:
     """Time and measure every (case, implementation) of ``config``; progress goes to ``log``."""
     run = BenchRun(settings={**describe_environment(config.device), **config.settings()})
     generator = torch.Generator(config.device).manual_seed(config.seed)

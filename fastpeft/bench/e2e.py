@@ -1,0 +1,525 @@
+"""End-to-end case of ``fastpeft bench``: one LoRA training step of a Llama model, fastpeft vs PEFT.
+
+A transformers ``LlamaForCausalLM`` with random weights (built from a ``LlamaConfig``, nothing
+downloaded) gets LoRA on every linear layer (``target_modules="all-linear"``, r 16, alpha 32,
+dropout 0.05) from HF PEFT's ``get_peft_model``; its fastpeft twin is
+``fastpeft.from_peft`` of a deep copy, so both start from the same base weights and the same
+LoRA init, with the base frozen (``check_twins`` verifies all of it before anything is timed).
+One step is: ``zero_grad``, forward with ``labels`` (mean next-token cross-entropy),
+backward, AdamW step on the LoRA parameters, on one fixed batch of random tokens.
+
+Measured per model, one model at a time on the device (the other waits in host memory):
+
+- step time: median of the timed steps after warm-up (``timing.median_time_ms``: CUDA events
+  on a GPU, ``time.perf_counter`` on CPU), and tokens/s = batch * seq_len / step time;
+- GPU: peak memory, ``torch.cuda.max_memory_allocated`` over one step after
+  ``reset_peak_memory_stats`` (weights, LoRA parameters, AdamW state, activations);
+- every device: bytes of the tensors autograd saves for backward in one forward
+  (``memory.measure_saved_activations``, weights and the token ids excluded), the memory
+  proxy on CPU, where torch's allocator has no peak statistics.
+
+Every ratio is fastpeft / PEFT from the same run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import gc
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+from torch import nn
+
+import fastpeft
+from fastpeft.bench.environment import describe_environment, package_version
+from fastpeft.bench.implementations import FASTPEFT, PEFT
+from fastpeft.bench.memory import measure_saved_activations
+from fastpeft.bench.report import MISSING, format_bytes, markdown_table, plain_table
+from fastpeft.bench.results import time_ratio
+from fastpeft.bench.runner import DEFAULT_DROPOUT, describe_error, log_to_stderr
+from fastpeft.bench.targets import Target
+from fastpeft.bench.timing import ESTIMATE_CALLS, TimingBudget, median_time_ms
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
+
+# The issue's LoRA setting: rank 16, alpha 32 (scaling 2) on every linear layer but the LM head.
+LORA_RANK = 16
+LORA_ALPHA = 32
+TARGET_MODULES = "all-linear"
+# A usual LoRA learning rate; its value does not change the time of a step.
+LEARNING_RATE = 1e-4
+# PEFT's name of the adapter ``get_peft_model`` creates, inside its parameter names.
+PEFT_ADAPTER = "default"
+# What PEFT's wrappers add to the parameter names of the model they wrap.
+PEFT_PREFIX = "base_model.model."
+# The models in the order they are measured (and reported): the reference first.
+IMPLS = (PEFT, FASTPEFT)
+# The one kind of work a row of this case describes (``Target.mode``).
+TRAIN_STEP = "train step"
+# Metrics of an ``E2EResult`` that the ratios and targets refer to.
+TOKENS_PER_S, PEAK_BYTES, SAVED_BYTES = "tokens_per_s", "peak_bytes", "saved_bytes"
+
+# The issue's targets for this case on an H200, displayed, never asserted.
+E2E_TARGETS: tuple[Target, ...] = (
+    Target(">= 1.3x PEFT's tokens/s (dropout 0.05)", TRAIN_STEP, TOKENS_PER_S, 1.3, at_most=False, dropout=0.05),
+    Target("<= 0.8x PEFT's peak memory (dropout 0.05)", TRAIN_STEP, PEAK_BYTES, 0.8, at_most=True, dropout=0.05),
+)
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The sizes of a Llama model (``transformers.LlamaConfig`` fields)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+
+    def config(self, max_positions: int) -> LlamaConfig:
+        """The ``LlamaConfig``: no KV cache (training), PyTorch's SDPA attention (flash
+        attention on a GPU in bf16), the LM head untied from the embedding (Llama's default)."""
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            **dataclasses.asdict(self), max_position_embeddings=max_positions, use_cache=False,
+            attn_implementation="sdpa",
+        )
+
+
+@dataclass(frozen=True)
+class E2EConfig:
+    """What the end-to-end case runs: model sizes, batch x seq_len tokens per step, device and
+    dtype of the base model, LoRA dropout, gradient checkpointing, timing budget, seed."""
+
+    model: LlamaShape
+    batch: int
+    seq_len: int
+    device: torch.device
+    dtype: torch.dtype
+    budget: TimingBudget
+    dropout: float = DEFAULT_DROPOUT
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
+
+    def settings(self) -> dict[str, Any]:
+        """The configuration as plain data, for reports."""
+        on_gpu = self.device.type == "cuda"
+        return {
+            "transformers": package_version("transformers"),
+            "model": {"architecture": "LlamaForCausalLM", **dataclasses.asdict(self.model)},
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "batch": self.batch,
+            "seq_len": self.seq_len,
+            "tokens_per_step": self.tokens,
+            "lora": {"r": LORA_RANK, "lora_alpha": LORA_ALPHA, "lora_dropout": self.dropout,
+                     "target_modules": TARGET_MODULES},
+            "optimizer": f"AdamW(lr={LEARNING_RATE}) on the LoRA parameters",
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "step": "zero_grad, forward with labels (mean cross-entropy), backward, optimizer step",
+            "timing": (
+                "median of CUDA-event step times, L2 flushed before each" if on_gpu
+                else "median of time.perf_counter step times"
+            ),
+            "timing_budget": vars(self.budget),
+            "warmup_steps": WARMUP_STEPS,
+            "memory": (
+                "peak: torch.cuda.max_memory_allocated over one step after reset_peak_memory_stats, only this "
+                "model on the GPU (with the timing's 256 MiB L2-flush buffer); saved: bytes autograd saves "
+                "for backward in one forward"
+                if on_gpu else
+                "CPU: no peak statistics; the memory proxy is the bytes autograd saves for backward "
+                "in one forward (saved_tensors_hooks, weights and token ids excluded)"
+            ),
+            "seed": self.seed,
+        }
+
+
+# GPU: a ~1.1B-parameter Llama (Llama-3.2-1B-like widths: hidden 2048, MLP 4x, 16 layers,
+# 32 query / 8 KV heads of 64, Llama-2's 32000-token vocabulary) in bf16: big enough that its
+# GEMMs fill an H200, ~2.2 GB of weights.
+GPU_MODEL = LlamaShape(2048, 8192, 16, 32, 8, 32000)
+# 8 sequences of 2048 tokens (16k tokens) per step: a few hundred ms of GPU work, so launch
+# overhead does not matter, while the activations PEFT saves for backward (~60 GiB with its
+# fp32 dropout copies of every LoRA input; fastpeft ~27 GiB: extrapolated from the saved bytes
+# of 1- and 2-layer models of these widths on CPU) stay well within the H200's 140 GB.
+GPU_BATCH, GPU_SEQ_LEN = 8, 2048
+# Warm-up steps before the timed ones: ``median_time_ms`` runs one untimed call and
+# ESTIMATE_CALLS that estimate the step time; the budgets below add no more (warmup_ms 0).
+WARMUP_STEPS = 1 + ESTIMATE_CALLS
+# A few seconds per model: the warm-up steps, then 10 timed steps; fixed counts keep the
+# case's time predictable for scripts/gpu_run.sh.
+GPU_E2E_BUDGET = TimingBudget(warmup_ms=0.0, rep_ms=0.0, min_reps=10, max_reps=10)
+# CPU: 4 layers of width 256 with the same shape ratios (MLP 4x, GQA 4:1) and an 8192-token
+# vocabulary so the LM head does not dominate the step; 4 x 128 tokens, fp32: ~0.2 s a step
+# on two cores, the whole case in well under 30 s.
+CPU_MODEL = LlamaShape(256, 1024, 4, 8, 2, 8192)
+CPU_BATCH, CPU_SEQ_LEN = 4, 128
+# The warm-up steps (as on the GPU) and 10 timed steps: CPU step times vary with whatever else
+# runs on the machine, and a median of 10 is steadier (~2 s per model).
+CPU_E2E_BUDGET = TimingBudget(warmup_ms=0.0, rep_ms=0.0, min_reps=10, max_reps=10)
+
+GPU_E2E = E2EConfig(GPU_MODEL, GPU_BATCH, GPU_SEQ_LEN, torch.device("cuda"), torch.bfloat16, GPU_E2E_BUDGET)
+CPU_E2E = E2EConfig(CPU_MODEL, CPU_BATCH, CPU_SEQ_LEN, torch.device("cpu"), torch.float32, CPU_E2E_BUDGET)
+
+
+def default_e2e_config(device: torch.device, dtype: torch.dtype | None = None, **overrides: Any) -> E2EConfig:
+    """The GPU or CPU case for ``device`` (its default dtype unless ``dtype``), with ``overrides``
+    (``dropout``, ``gradient_checkpointing``, ``seed``)."""
+    template = GPU_E2E if device.type == "cuda" else CPU_E2E
+    return dataclasses.replace(template, device=device, dtype=dtype or template.dtype, **overrides)
+
+
+def missing_packages() -> list[str]:
+    """The packages the case needs (transformers, peft) that are not installed."""
+    return [name for name in ("transformers", "peft") if package_version(name) is None]
+
+
+# --- the twin models -----------------------------------------------------------------------
+
+
+def build_peft_model(config: E2EConfig) -> nn.Module:
+    """The Llama model (seeded random weights, on ``config.device`` in ``config.dtype``) with
+    PEFT's LoRA on all linear layers, in training mode; only the LoRA parameters train."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(config.seed)
+    with torch.device(config.device):
+        base = LlamaForCausalLM(config.model.config(config.seq_len)).to(config.dtype)
+    lora = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=config.dropout, target_modules=TARGET_MODULES)
+    with warnings.catch_warnings():
+        # PEFT calls a transformers property transformers 5 deprecates; nothing to act on here.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(base, lora).train()
+
+
+def _transformers_model(model: nn.Module) -> nn.Module:
+    """The ``LlamaForCausalLM`` inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def build_twins(config: E2EConfig) -> dict[str, nn.Module]:
+    """``{PEFT: PEFT model, FASTPEFT: its fastpeft twin}`` on ``config.device``, checked identical."""
+    peft_model = build_peft_model(config)
+    twins = {PEFT: peft_model, FASTPEFT: fastpeft.from_peft(copy.deepcopy(peft_model)).train()}
+    if config.gradient_checkpointing:
+        for model in twins.values():
+            _transformers_model(model).gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+    check_twins(twins[FASTPEFT], twins[PEFT])
+    return twins
+
+
+def canonical_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameters by their name in the plain transformers model: PEFT's wrapper prefix, its
+    ``base_layer`` and adapter-name segments dropped (fastpeft's layers already use these names)."""
+    return {
+        name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".").replace(f".{PEFT_ADAPTER}.", "."): p
+        for name, p in model.named_parameters()
+    }
+
+
+def _is_lora(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def check_twins(ours: nn.Module, theirs: nn.Module) -> None:
+    """Raise ``RuntimeError`` unless both models have the same parameters (names, values) and
+    exactly the LoRA parameters train in each (the base is frozen)."""
+    mine, peft_params = canonical_parameters(ours), canonical_parameters(theirs)
+    if mine.keys() != peft_params.keys():
+        raise RuntimeError(f"twin models differ in parameters: {sorted(mine.keys() ^ peft_params.keys())[:4]}")
+    for name, p in mine.items():
+        q = peft_params[name]
+        if p.requires_grad != _is_lora(name) or q.requires_grad != _is_lora(name):
+            raise RuntimeError(f"{name}: trains in fastpeft {p.requires_grad}, in PEFT {q.requires_grad}; "
+                               "only LoRA parameters must")
+        if p.dtype != q.dtype or not torch.equal(p, q):
+            raise RuntimeError(f"{name}: the twin models start from different values")
+
+
+# --- one step, measured -------------------------------------------------------------------------
+
+
+def training_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``model`` on ``input_ids`` (the labels are the ids)."""
+    return model(input_ids=input_ids, labels=input_ids).loss
+
+
+def make_train_step(model: nn.Module, input_ids: torch.Tensor) -> Callable[[], None]:
+    """One training step on ``input_ids`` with a fresh AdamW over the trainable parameters."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        training_loss(model, input_ids).backward()
+        optimizer.step()
+
+    return step
+
+
+def random_tokens(config: E2EConfig) -> torch.Tensor:
+    """The batch every step trains on: ``[batch, seq_len]`` random token ids, seeded."""
+    generator = torch.Generator(config.device).manual_seed(config.seed)
+    size = (config.batch, config.seq_len)
+    return torch.randint(0, config.model.vocab_size, size, generator=generator, device=config.device)
+
+
+def peak_step_memory(step: Callable[[], None], device: torch.device) -> int:
+    """``torch.cuda.max_memory_allocated`` over one call of ``step`` (CUDA only)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+@dataclass(frozen=True)
+class E2EResult:
+    """One model's training step: median time, tokens/s, peak memory (GPU only, else None) and
+    bytes saved for backward; all None and ``error`` set when it failed."""
+
+    impl: str
+    median_ms: float | None
+    tokens_per_s: float | None
+    peak_bytes: int | None
+    saved_bytes: int | None
+    error: str | None = None
+
+
+def measure(impl: str, model: nn.Module, input_ids: torch.Tensor, config: E2EConfig) -> E2EResult:
+    """Time ``model``'s training step, then its peak memory (GPU) and saved-for-backward bytes."""
+    try:
+        step = make_train_step(model, input_ids)
+        median_ms = median_time_ms(step, config.device, config.budget)
+        peak = peak_step_memory(step, config.device) if config.device.type == "cuda" else None
+        saved = measure_saved_activations(functools.partial(training_loss, model), input_ids, model.parameters())
+        return E2EResult(impl, median_ms, config.tokens / (median_ms * 1e-3), peak, saved.bytes)
+    except Exception as exc:  # a failing model is reported; the other is still measured
+        return E2EResult(impl, None, None, None, None, describe_error(exc))
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+class E2ECheck(NamedTuple):
+    """A target evaluated on the run: ``metric`` is the measurement it used (on CPU the memory
+    target uses the saved-for-backward proxy), ``value`` the fastpeft / PEFT ratio."""
+
+    target: Target
+    metric: str
+    value: float
+    met: bool
+
+
+@dataclass
+class E2ERun:
+    """The case's results (PEFT's, then fastpeft's) and ``settings`` (environment, config,
+    parameter counts)."""
+
+    settings: dict[str, Any]
+    results: list[E2EResult] = field(default_factory=list)
+    interrupted: bool = False
+
+    def result(self, impl: str) -> E2EResult | None:
+        return next((r for r in self.results if r.impl == impl), None)
+
+    def ratio(self, metric: str) -> float | None:
+        """fastpeft's ``metric`` / PEFT's (``TOKENS_PER_S``, ``PEAK_BYTES``, ``SAVED_BYTES``)."""
+        ours, theirs = self.result(FASTPEFT), self.result(PEFT)
+        if ours is None or theirs is None:
+            return None
+        return time_ratio(getattr(ours, metric), getattr(theirs, metric))
+
+    @property
+    def memory_metric(self) -> str:
+        """The memory the targets use: peak on a GPU, the saved-for-backward proxy on CPU."""
+        return PEAK_BYTES if self.settings["device"] == "cuda" else SAVED_BYTES
+
+    def target_checks(self) -> list[E2ECheck]:
+        """The targets that apply at this run's dropout, on the ratios that were measured."""
+        checks = []
+        for target in E2E_TARGETS:
+            metric = self.memory_metric if target.metric == PEAK_BYTES else target.metric
+            value = self.ratio(metric)
+            if value is not None and target.dropout in (None, self.settings["lora"]["lora_dropout"]):
+                checks.append(E2ECheck(target, metric, value, target.met_by(value)))
+        return checks
+
+    @property
+    def errors(self) -> list[str]:
+        return [f"e2e {r.impl}: {r.error}" for r in self.results if r.error]
+
+    @property
+    def failed(self) -> bool:
+        """A model failed, or the run was interrupted (missed targets do not count)."""
+        return bool(self.errors) or self.interrupted
+
+
+def _record_model(settings: dict[str, Any], model: nn.Module) -> None:
+    """Add the built fastpeft twin's parameter counts, LoRA layer count and adapter dtype
+    (PEFT's default: float32 LoRA weights, also on a 16-bit model) to ``settings``."""
+    counts = fastpeft.trainable_parameters(model)
+    layers = [m for m in model.modules() if isinstance(m, fastpeft.LoRALinear)]
+    settings["model"].update(parameters=counts.total, trainable_parameters=counts.trainable)
+    settings["lora"].update(layers=len(layers), adapter_dtype=str(layers[0].lora_A.weight.dtype).removeprefix("torch."))
+
+
+def _release(models: Iterable[nn.Module], device: torch.device) -> None:
+    """Move ``models`` to host memory and return freed device memory to the driver."""
+    for model in models:
+        model.to("cpu")
+    gc.collect()  # PEFT's wrappers hold reference cycles
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_e2e(config: E2EConfig, log: Callable[[str], None] = log_to_stderr) -> E2ERun:
+    """Build the twin models and measure PEFT's step, then fastpeft's, each alone on the device.
+
+    A failure is recorded in the results and the run goes on; Ctrl-C (or ``timeout -s INT``)
+    stops it and keeps what was measured.
+    """
+    run = E2ERun(settings={**describe_environment(config.device), **config.settings()})
+    try:
+        log(f"[e2e] building the Llama model and its LoRA twins ({config.device.type}, {run.settings['dtype']})")
+        try:
+            twins = build_twins(config)
+        except Exception as exc:  # nothing to measure; report why
+            run.results = [E2EResult(impl, None, None, None, None, f"building the models: {describe_error(exc)}")
+                           for impl in IMPLS]
+            return run
+        _record_model(run.settings, twins[FASTPEFT])
+        input_ids = random_tokens(config)
+        for impl in IMPLS:
+            model = twins.pop(impl)
+            _release(twins.values(), config.device)
+            log(f"[e2e] {impl}: {config.batch} x {config.seq_len} tokens per step")
+            run.results.append(measure(impl, model.to(config.device), input_ids, config))
+            if run.results[-1].error:
+                log(f"  {impl} failed: {run.results[-1].error}")
+            del model
+        _release((), config.device)
+    except KeyboardInterrupt:
+        run.interrupted = True
+        log("interrupted: reporting the end-to-end results measured so far")
+    return run
+
+
+# --- reports ----------------------------------------------------------------------------------
+
+E2E_HEADERS = ["impl", "step ms", "tokens/s", "x PEFT", "peak memory", "x PEFT", "saved for bwd", "x PEFT"]
+
+
+def _ratio_cell(run: E2ERun, metric: str, checks: dict[str, E2ECheck]) -> str:
+    value = run.ratio(metric)
+    if value is None:
+        return MISSING
+    check = checks.get(metric)
+    return f"{value:.2f}x" + ("" if check is None else " ✓" if check.met else " ✗")
+
+
+def e2e_table_rows(run: E2ERun) -> list[list[str]]:
+    """One row per model: step time, tokens/s, peak memory, saved bytes; fastpeft's row has
+    the fastpeft / PEFT ratios (with target marks)."""
+    checks = {c.metric: c for c in run.target_checks()}
+    rows = []
+    for r in run.results:
+        if r.error:
+            rows.append([r.impl, "error"] + [MISSING] * (len(E2E_HEADERS) - 2))
+            continue
+        ratios = [_ratio_cell(run, m, checks) if r.impl == FASTPEFT else MISSING
+                  for m in (TOKENS_PER_S, PEAK_BYTES, SAVED_BYTES)]
+        rows.append([
+            r.impl, f"{r.median_ms:.4g}", f"{r.tokens_per_s:,.0f}", ratios[0],
+            MISSING if r.peak_bytes is None else format_bytes(r.peak_bytes), ratios[1],
+            format_bytes(r.saved_bytes), ratios[2],
+        ])
+    return rows
+
+
+def _count(n: int) -> str:
+    """A parameter count as 1.10B / 8.3M."""
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def e2e_header_lines(run: E2ERun) -> list[str]:
+    s = run.settings
+    m, lora = s["model"], s["lora"]
+    size = f"{_count(m['parameters'])} parameters" if "parameters" in m else "not built"
+    return [
+        f"End-to-end training step  {s['date']}  {s['device']}: {s['device_name']}  "
+        f"torch {s['torch']}  transformers {s['transformers']}  peft {s['peft']}  fastpeft {s['fastpeft']}",
+        f"model: LlamaForCausalLM, random weights, {size} (hidden {m['hidden_size']}, intermediate "
+        f"{m['intermediate_size']}, {m['num_hidden_layers']} layers, {m['num_attention_heads']}/"
+        f"{m['num_key_value_heads']} heads, vocab {m['vocab_size']}), {s['dtype']}; "
+        f"batch {s['batch']} x seq {s['seq_len']} = {s['tokens_per_step']} tokens per step",
+        f"LoRA r={lora['r']} alpha={lora['lora_alpha']} dropout {lora['lora_dropout']} on {lora['target_modules']} "
+        f"({lora.get('layers', '?')} layers, {_count(m.get('trainable_parameters', 0))} trainable parameters, "
+        f"adapter weights in {lora.get('adapter_dtype', '?')} (PEFT's default)); {s['optimizer']}; "
+        f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}; same weights and LoRA init in both",
+        f"step: {s['step']}; timing: {s['timing']}, {s['timing_budget']['min_reps']} timed steps after "
+        f"{s['warmup_steps']} warm-up steps",
+        f"memory: {s['memory']}; 'x PEFT' = fastpeft / PEFT",
+    ]
+
+
+def e2e_footer_lines(run: E2ERun) -> list[str]:
+    lines = ["End-to-end targets for fastpeft (on an H200; displayed, not asserted):"]
+    checks = run.target_checks()
+    for c in checks:
+        proxy = " (CPU proxy: bytes saved for backward)" if c.metric == SAVED_BYTES else ""
+        lines.append(f"  {c.target.label}{proxy}: {c.value:.2f}x {'met' if c.met else 'missed'}")
+    if not checks:
+        lines.append("  none applies to this run (they are stated at dropout 0.05, for runs that measured both)")
+    if run.interrupted:
+        lines.append("INTERRUPTED: the end-to-end case stopped early.")
+    if run.errors:
+        lines.append(f"Errors ({len(run.errors)}):")
+        lines.extend(f"  {e}" for e in run.errors)
+    return lines
+
+
+def e2e_markdown(run: E2ERun) -> str:
+    """The case's report as a markdown section."""
+    fence = "```"
+    return "\n".join(
+        ["## End-to-end training step: fastpeft vs PEFT", "", fence, *e2e_header_lines(run), fence, "",
+         markdown_table(E2E_HEADERS, e2e_table_rows(run)), "", fence, *e2e_footer_lines(run), fence, ""]
+    )
+
+
+def print_e2e_report(run: E2ERun) -> None:
+    """Print the case's report to stdout as plain text."""
+    print("\n".join(e2e_header_lines(run)))
+    print(plain_table(E2E_HEADERS, e2e_table_rows(run), text_columns=1))
+    print("\n".join(e2e_footer_lines(run)))
+
+
+def e2e_json(run: E2ERun) -> dict[str, Any]:
+    """The case as plain data: settings, per-model results (ms, tokens/s, bytes), the
+    fastpeft / PEFT ratios and the target checks."""
+    return {
+        "settings": run.settings,
+        "interrupted": run.interrupted,
+        "results": [dataclasses.asdict(r) for r in run.results],
+        "fastpeft_vs_peft": {metric: run.ratio(metric) for metric in (TOKENS_PER_S, PEAK_BYTES, SAVED_BYTES)},
+        "targets": [
+            {"target": c.target.label, "metric": c.metric, "value": c.value, "met": c.met}
+            for c in run.target_checks()
+        ],
+    }
+

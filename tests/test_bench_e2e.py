@@ -1,0 +1,184 @@
+"""Fast CPU tests of the end-to-end case of ``fastpeft bench`` (``fastpeft.bench.e2e``): the twin
+models start identical with the base frozen, a step trains only the LoRA parameters, fastpeft
+and PEFT take the same step without dropout, and the report / JSON / CLI carry the results.
+A tiny Llama (2 layers of width 64) and one timed step per model; no test asserts on a time."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from fastpeft.bench import e2e
+from fastpeft.bench.__main__ import main
+from fastpeft.bench.e2e import (
+    E2E_HEADERS, FASTPEFT, PEAK_BYTES, PEFT, SAVED_BYTES, TOKENS_PER_S, E2EConfig, E2EResult, E2ERun, LlamaShape,
+    build_twins, canonical_parameters, check_twins, e2e_markdown, e2e_table_rows, make_train_step, random_tokens,
+    run_e2e,
+)
+from fastpeft.bench.export import SCHEMA, to_json_dict
+from fastpeft.bench.timing import TimingBudget
+from tests.numerics import TOLERANCE, assert_close, relative_error
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+CPU = torch.device("cpu")
+# One timed step after the untimed and estimating ones: the tests check plumbing, not speed.
+ONE_STEP = TimingBudget(warmup_ms=0.0, rep_ms=0.0, min_reps=1, max_reps=1)
+# 2 layers of width 64 (4 query / 2 KV heads), 2 x 16 tokens: a step takes milliseconds.
+TINY = E2EConfig(LlamaShape(64, 128, 2, 4, 2, 128), 2, 16, CPU, torch.float32, ONE_STEP)
+
+
+def tiny_twins(dropout: float) -> dict[str, torch.nn.Module]:
+    """The twin models at ``dropout``, with the same random nonzero ``lora_B`` in both, so that
+    the LoRA branch changes the outputs and ``lora_A`` gets gradients (PEFT's init has B = 0)."""
+    twins = build_twins(dataclasses.replace(TINY, dropout=dropout))
+    generator = torch.Generator().manual_seed(1)
+    ours, theirs = (canonical_parameters(twins[name]) for name in (FASTPEFT, PEFT))
+    with torch.no_grad():
+        for name, p in ours.items():
+            if ".lora_B." in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+                theirs[name].copy_(p)
+    return twins
+
+
+def logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Eval-mode logits (dropout off), the model left in training mode."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(input_ids=input_ids).logits
+    finally:
+        model.train()
+
+
+def test_twins_start_identical():
+    twins = tiny_twins(dropout=0.05)
+    check_twins(twins[FASTPEFT], twins[PEFT])  # same names, values, frozen base
+    ids = random_tokens(TINY)
+    assert_close(logits(twins[FASTPEFT], ids), logits(twins[PEFT], ids), torch.float32, "logits")
+    trainable = [n for n, p in canonical_parameters(twins[FASTPEFT]).items() if p.requires_grad]
+    assert len(trainable) == 2 * 7 * TINY.model.num_hidden_layers  # A and B of 7 linears per layer
+
+
+def test_check_twins_catches_different_weights_and_a_trainable_base():
+    twins = tiny_twins(dropout=0.0)
+    ours = canonical_parameters(twins[FASTPEFT])
+    weight = ours["model.layers.0.mlp.up_proj.weight"]
+    weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="only LoRA parameters must"):
+        check_twins(twins[FASTPEFT], twins[PEFT])
+    weight.requires_grad_(False)
+    with torch.no_grad():
+        weight[0, 0] += 1.0
+    with pytest.raises(RuntimeError, match="different values"):
+        check_twins(twins[FASTPEFT], twins[PEFT])
+
+
+@pytest.mark.parametrize("impl", [FASTPEFT, PEFT])
+def test_one_step_changes_only_lora_parameters(impl):
+    model = tiny_twins(dropout=0.05)[impl]
+    before = {name: p.detach().clone() for name, p in canonical_parameters(model).items()}
+    make_train_step(model, random_tokens(TINY))()
+    for name, p in canonical_parameters(model).items():
+        is_lora = ".lora_A." in name or ".lora_B." in name
+        assert torch.equal(p, before[name]) != is_lora, f"{impl} {name}: changed {not torch.equal(p, before[name])}"
+
+
+def test_one_step_without_dropout_matches_peft():
+    """Same weights, batch and step: the gradients and the updated LoRA weights agree to fp32
+    rounding (fastpeft folds the scaling into the rank-r side and sums in another order)."""
+    twins = tiny_twins(dropout=0.0)
+    ids = random_tokens(TINY)
+    for model in twins.values():
+        make_train_step(model, ids)()
+    ours, theirs = (canonical_parameters(twins[name]) for name in (FASTPEFT, PEFT))
+    lora = [name for name, p in ours.items() if p.requires_grad]
+    for name in lora:
+        assert ours[name].grad.abs().sum() > 0, f"{name}: zero gradient, the comparison proves nothing"
+        err = relative_error(ours[name].grad, theirs[name].grad)
+        assert err <= TOLERANCE[torch.float32], f"{name}: gradient relative error {err:.2e}"
+        assert_close(ours[name], theirs[name], torch.float32, f"{name} after the step")
+
+
+@pytest.fixture(scope="module")
+def tiny_run() -> E2ERun:
+    return run_e2e(TINY, log=lambda message: None)
+
+
+def test_run_measures_both_models(tiny_run):
+    assert not tiny_run.failed
+    assert [r.impl for r in tiny_run.results] == [PEFT, FASTPEFT]
+    for r in tiny_run.results:
+        assert r.median_ms > 0 and r.tokens_per_s == pytest.approx(TINY.tokens / (r.median_ms * 1e-3))
+        assert r.peak_bytes is None  # CPU: no peak statistics
+    # with dropout PEFT saves a dropped-out copy of each layer's input, fastpeft regenerates the mask
+    assert tiny_run.ratio(SAVED_BYTES) < 1.0
+    assert tiny_run.settings["model"]["parameters"] > tiny_run.settings["model"]["trainable_parameters"] > 0
+    assert tiny_run.settings["lora"]["layers"] == 7 * TINY.model.num_hidden_layers
+
+
+def test_json_and_report_have_the_e2e_fields(tiny_run):
+    data = json.loads(json.dumps(to_json_dict(None, tiny_run)))
+    assert data["schema"] == SCHEMA and "timings" not in data  # no layer grid in this run
+    section = data["e2e"]
+    for key in ("date", "device_name", "torch", "transformers", "peft", "dtype", "batch", "seq_len", "lora", "memory"):
+        assert key in section["settings"]
+    assert [set(r) for r in section["results"]] == [{f.name for f in dataclasses.fields(E2EResult)}] * 2
+    assert set(section["fastpeft_vs_peft"]) == {TOKENS_PER_S, PEAK_BYTES, SAVED_BYTES}
+    assert section["fastpeft_vs_peft"][PEAK_BYTES] is None
+    assert [t["metric"] for t in section["targets"]] == [TOKENS_PER_S, SAVED_BYTES]  # CPU: saved bytes as proxy
+    rows = e2e_table_rows(tiny_run)
+    assert [row[0] for row in rows] == [PEFT, FASTPEFT] and all(len(row) == len(E2E_HEADERS) for row in rows)
+    assert e2e_markdown(tiny_run).startswith("## End-to-end training step")
+
+
+def test_targets_use_peak_memory_on_a_gpu_and_apply_at_their_dropout():
+    settings = {"device": "cuda", "lora": {"lora_dropout": 0.05}}
+    results = [E2EResult(PEFT, 100.0, 1000.0, 1000, 500), E2EResult(FASTPEFT, 70.0, 1400.0, 700, 200)]
+    checks = E2ERun(settings, results).target_checks()
+    expected = [(TOKENS_PER_S, 1.4, True), (PEAK_BYTES, 0.7, True)]
+    assert [(c.metric, round(c.value, 6), c.met) for c in checks] == expected
+    assert E2ERun({**settings, "lora": {"lora_dropout": 0.1}}, results).target_checks() == []
+
+
+def test_a_failing_build_is_reported(monkeypatch):
+    def broken(config):
+        raise RuntimeError("out of memory\nsecond line")
+
+    monkeypatch.setattr(e2e, "build_twins", broken)
+    run = run_e2e(TINY, log=lambda message: None)
+    assert run.failed and len(run.errors) == 2
+    assert run.errors[0].endswith("building the models: RuntimeError: out of memory")
+    assert [row[1] for row in e2e_table_rows(run)] == ["error", "error"]
+
+
+def test_cli_e2e_writes_json_and_markdown_only(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(e2e, "CPU_E2E", TINY)
+    assert main(["--e2e", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "End-to-end training step" in out and "fastpeft" in out
+    assert "e2e" in json.loads((tmp_path / "bench.json").read_text())
+    markdown = (tmp_path / "bench.md").read_text()
+    assert markdown.startswith("# fastpeft bench") and "## End-to-end training step" in markdown
+    assert not (tmp_path / "bench.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--e2e", "--quick"], "--quick cannot go with it"),
+        (["--e2e", "--shapes", "q/o"], "--shapes cannot go with it"),
+        (["--e2e", "--skip-e2e"], "not allowed with argument"),
+        (["--quick", "--e2e-checkpointing"], "leaves the end-to-end case out"),
+    ],
+)
+def test_cli_rejects_contradicting_e2e_options(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
