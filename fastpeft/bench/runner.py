@@ -100,6 +100,7 @@ def make_step(impl: Implementation, x: torch.Tensor, dy: torch.Tensor, mode: str
 
 
 def describe_error(exc: Exception) -> str:
+    """One short line for a failed case: the exception type and its first message line."""
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:MAX_ERROR_CHARS]
 
@@ -124,6 +125,7 @@ def _measure_implementation(name: str, case: BenchCase, w: LoRAWeights, x: torch
 
 
 def log_to_stderr(message: str) -> None:
+    """Progress lines go to stderr, so the table on stdout stays clean."""
     print(message, file=sys.stderr, flush=True)
 
 
