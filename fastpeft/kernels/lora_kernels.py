@@ -13,8 +13,8 @@ Kernels (the launchers in ``lora_launch.py`` choose among them):
   tile would cost more than one extra pass over x.
 - ``lora_fwd_kernel``: the base GEMM with the LoRA term in its epilogue; with
   ``FUSE_SHRINK`` it also computes ``s`` inside its K-loop from the x tiles it already has
-  (x read once); otherwise it sums the shrink kernel's partials. Row-tile 0..n writes ``s``
-  (fp32) for the backward.
+  (x read once); otherwise it sums the shrink kernel's partials. The programs of the first
+  column tile write ``s`` (fp32) for the backward.
 - ``lora_bwd_dy_kernel``: one pass over dY giving ``dS`` and ``dB``.
 - ``lora_bwd_dx_kernel``: ``dX = dY W`` with the LoRA term and dropout in its epilogue.
 - ``lora_bwd_da_kernel``: ``dA`` from one pass over x, the mask regenerated. (Fusing it
