@@ -1,9 +1,11 @@
 """Which implementation an op runs: the Triton kernels or the torch composite path.
 
 ``FASTPEFT_BACKEND`` (read at every call, so tests can switch it):
-- ``auto`` (default): Triton kernels for CUDA tensors, torch ops otherwise.
-- ``triton``: Triton kernels even for CPU tensors; they then need ``TRITON_INTERPRET=1``
-  (set before Triton is imported), which runs them in Triton's interpreter. Tests use this.
+- ``auto`` (default): the torch path, and the Triton kernels for CUDA tensors once
+  ``KERNELS_VALIDATED_ON_GPU`` is set.
+- ``triton``: Triton kernels for CUDA tensors, and even for CPU tensors, which then need
+  ``TRITON_INTERPRET=1`` (set before Triton is imported) to run in Triton's interpreter.
+  Tests use this.
 - ``torch``: the torch path everywhere (also on CUDA).
 """
 
@@ -15,6 +17,12 @@ import os
 import torch
 
 _CHOICES = ("auto", "triton", "torch")
+
+# The Triton kernels are correct in the interpreter and compile for sm_80/sm_90, but no GPU
+# has run them yet (their bf16 tensor-core path cannot run in the interpreter at all). Until
+# scripts/gpu_run.sh has passed on a GPU (recorded in bench/RESULTS.md), they are opt-in on
+# CUDA (FASTPEFT_BACKEND=triton) and ``auto`` takes the torch path; then set this to True.
+KERNELS_VALIDATED_ON_GPU = False
 
 
 def triton_available() -> bool:
@@ -30,7 +38,7 @@ def use_triton(device: torch.device) -> bool:
     if choice == "torch":
         return False
     if choice == "auto":
-        return device.type == "cuda" and triton_available()
+        return KERNELS_VALIDATED_ON_GPU and device.type == "cuda" and triton_available()
     if not triton_available():
         raise RuntimeError("FASTPEFT_BACKEND=triton but the triton package is not installed")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):

@@ -26,6 +26,10 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 export PY=${PYTHON:-python3}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# The Triton kernels are opt-in on CUDA until a run of this script has validated them
+# (fastpeft/backend.py, KERNELS_VALIDATED_ON_GPU): this run opts in, for the tests and the
+# benchmark's fastpeft rows alike.
+export FASTPEFT_BACKEND=triton
 
 # Seconds per step. env: a few commands. build: a CMake build of a few .cu files on 16 cores.
 # tests: the non-slow suite with real kernels. check: ~430 kernel configurations at ~5 CPU-s

@@ -16,6 +16,13 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
+
+@pytest.fixture(autouse=True)
+def triton_kernels(monkeypatch):
+    """The kernels are opt-in on CUDA until validated there: these tests opt in."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+
+
 # Llama-like sizes, each kernel regime: decode, medium and large M.
 GPU_SHAPES = [(1, 4096, 1024), (16, 4096, 4096), (300, 1000, 3000), (2048, 4096, 1024)]
 

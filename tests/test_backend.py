@@ -1,0 +1,34 @@
+"""Backend selection: FASTPEFT_BACKEND and the opt-in state of the GPU kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastpeft import backend
+
+
+@pytest.mark.parametrize("choice", ["auto", "AUTO", "torch"])
+def test_cpu_tensors_take_the_torch_path(monkeypatch, choice):
+    monkeypatch.setenv("FASTPEFT_BACKEND", choice)
+    assert not backend.use_triton(torch.device("cpu"))
+
+
+def test_gpu_kernels_are_opt_in_until_validated(monkeypatch):
+    monkeypatch.setenv("FASTPEFT_BACKEND", "auto")
+    cuda = torch.device("cuda")
+    assert backend.use_triton(cuda) == (backend.KERNELS_VALIDATED_ON_GPU and backend.triton_available())
+    monkeypatch.setattr(backend, "KERNELS_VALIDATED_ON_GPU", True)
+    assert backend.use_triton(cuda) == backend.triton_available()
+    monkeypatch.setenv("FASTPEFT_BACKEND", "torch")
+    assert not backend.use_triton(cuda)
+
+
+@pytest.mark.skipif(not backend.triton_available(), reason="needs triton")
+def test_forcing_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        backend.use_triton(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend.use_triton(torch.device("cpu"))
