@@ -93,9 +93,10 @@ def test_fp32_lora_weights_with_16bit_activations(backend, dtype, dropout_p):
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_large_m_regime(backend, bias, dropout_p):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_large_m_regime(backend, bias, dropout_p, dtype):
     """More than 512 rows: the large-M GEMM tiles and the split shrink."""
-    check_against_reference(make_problem((600,), 200, 150, 5, torch.float32, bias=bias), dropout_p)
+    check_against_reference(make_problem((600,), 200, 150, 5, dtype, bias=bias), dropout_p)
 
 
 @pytest.mark.parametrize("r", [65, 130])
