@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -25,8 +26,9 @@ _CHOICES = ("auto", "triton", "torch")
 KERNELS_VALIDATED_ON_GPU = False
 
 
+@functools.cache
 def triton_available() -> bool:
-    """True when the ``triton`` package can be imported."""
+    """True when the ``triton`` package can be imported (looked up once: it is on every call's path)."""
     return importlib.util.find_spec("triton") is not None
 
 

@@ -79,3 +79,23 @@ def test_functional_op_compiles_without_graph_breaks(backend):
 
     explanation = torch._dynamo.explain(f)(pb.x, a)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_eager_inference_skips_the_dispatcher_only_when_nothing_needs_it():
+    from fastpeft.ops.lora_linear import _call_directly
+
+    pb = make_problem((3,), 16, 8, 2, torch.float32)
+    plain = (pb.x, pb.weight, pb.bias, pb.lora_a, pb.lora_b)
+    assert _call_directly(*plain)
+    a = pb.lora_a.clone().requires_grad_()
+    assert not _call_directly(pb.x, pb.weight, pb.bias, a, pb.lora_b)
+    with torch.no_grad():
+        assert _call_directly(pb.x, pb.weight, pb.bias, a, pb.lora_b)
+        y_direct = lora_linear(*plain, SCALING)
+    assert not _call_directly(pb.x.as_subclass(_Sub), pb.weight, None, pb.lora_a, pb.lora_b)
+    y_op, _ = torch.ops.fastpeft.lora_linear(*plain, SCALING, 0.0, pb.x.new_empty(0, dtype=torch.int64))
+    torch.testing.assert_close(y_direct, y_op, rtol=0, atol=0)
+
+
+class _Sub(torch.Tensor):
+    """A tensor subclass: the direct call must leave it to the dispatcher."""
