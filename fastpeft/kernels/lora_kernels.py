@@ -103,12 +103,14 @@ def lora_shrink_kernel(
         x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         x = to_compute(x, x_ptr, UPCAST)
         if HAS_DROPOUT:
-            keep = keep_mask(seed, offs_m, k0, K, threshold, BLOCK_M, BLOCK_K)
-            x = tl.where(keep, x * keep_scale, 0.0).to(x.dtype)
+            # Masking is exact in any dtype; the 1/(1-p) scale is applied to the fp32 sum.
+            x = tl.where(keep_mask(seed, offs_m, k0, K, threshold, BLOCK_M, BLOCK_K), x, 0.0)
         a = tl.load(a_ptrs, mask=k_ok[:, None] & (offs_r[None, :] < R), other=0.0)
         s_acc = tl.dot(x, to_compute(a, x_ptr, UPCAST), s_acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
+    if HAS_DROPOUT:
+        s_acc *= keep_scale
     part_ptrs = part_ptr + (pid_k * M + offs_m.to(tl.int64))[:, None] * BLOCK_R + offs_r[None, :]
     tl.store(part_ptrs, s_acc, mask=m_ok[:, None])
 
@@ -274,8 +276,10 @@ def lora_bwd_da_kernel(
                 mask=row_ok[:, None] & col_ok[None, :], other=0.0)
     x = to_compute(x, x_ptr, UPCAST)
     if HAS_DROPOUT:
-        keep = keep_mask(tl.load(seed_ptr), rows, k0, K, threshold, BLOCK_M, BLOCK_K)
-        x = tl.where(keep, x * keep_scale, 0.0).to(x.dtype)
+        # Exact masking; the 1/(1-p) scale goes on the fp32 product.
+        x = tl.where(keep_mask(tl.load(seed_ptr), rows, k0, K, threshold, BLOCK_M, BLOCK_K), x, 0.0)
     da_part = tl.dot(tl.trans(ds), x, input_precision=PRECISION)
+    if HAS_DROPOUT:
+        da_part *= keep_scale
     tl.atomic_add(da_ptr + offs_r[:, None] * K + cols[None, :], da_part,
                   mask=(offs_r[:, None] < R) & col_ok[None, :])

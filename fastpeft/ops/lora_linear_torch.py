@@ -14,12 +14,15 @@ import torch
 from fastpeft.ops.dropout_mask import keep_mask_torch_path
 
 
-def _keep_scale(x: torch.Tensor, dropout_p: float, seed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """``D / (1 - p)`` ``[M, K]`` in ``dtype`` for 2-D x, or None when p is 0."""
+def _keep(x: torch.Tensor, dropout_p: float, seed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """The keep-mask ``D`` ``[M, K]`` as 0/1 in ``dtype`` for 2-D x, or None when p is 0.
+
+    Multiplying by it is exact in any dtype; the ``1 / (1 - p)`` scale is applied to the
+    rank-r side instead of rounding ``x / (1 - p)`` in a 16-bit dtype.
+    """
     if dropout_p == 0.0:
         return None
-    keep = keep_mask_torch_path(seed, x.shape[0], x.shape[1], dropout_p)
-    return keep.to(dtype) * (1.0 / (1.0 - dropout_p))
+    return keep_mask_torch_path(seed, x.shape[0], x.shape[1], dropout_p).to(dtype)
 
 
 def lora_forward_torch(
@@ -34,11 +37,13 @@ def lora_forward_torch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y [M, N] in x.dtype, s [M, R] fp32)`` for 2-D x ``[M, K]``."""
     x_lora = x.to(lora_a.dtype)
-    keep_scale = _keep_scale(x, dropout_p, seed, lora_a.dtype)
-    s = (x_lora * keep_scale if keep_scale is not None else x_lora) @ lora_a.t()
+    keep = _keep(x, dropout_p, seed, lora_a.dtype)
+    s = ((x_lora * keep if keep is not None else x_lora) @ lora_a.t()).float()
+    if keep is not None:
+        s *= 1.0 / (1.0 - dropout_p)
     y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
     y.addmm_((s * scaling).to(y.dtype), lora_b.t().to(y.dtype))
-    return y, s.float()
+    return y, s
 
 
 def lora_backward_torch(
@@ -58,15 +63,17 @@ def lora_backward_torch(
     """``(dX [M, K], dA [R, K], dB [N, R])``, each None unless asked for; 2-D grad_y ``[M, N]``."""
     lora_dtype = lora_a.dtype
     g = grad_y.to(lora_dtype)
-    ds = (g @ lora_b) * scaling  # [M, R]
+    g_b = g @ lora_b  # [M, R]
     db = g.t() @ (s * scaling).to(lora_dtype) if need_b else None
-    keep_scale = _keep_scale(x, dropout_p, seed, lora_dtype) if (need_a or need_x) else None
+    keep = _keep(x, dropout_p, seed, lora_dtype) if (need_a or need_x) else None
+    # dS / (1 - p): the dropout scale rides on the rank-r side.
+    ds_scaled = g_b * (scaling / (1.0 - dropout_p))
     dx = da = None
     if need_a:
         x_lora = x.to(lora_dtype)
-        da = ds.t() @ (x_lora * keep_scale if keep_scale is not None else x_lora)
+        da = ds_scaled.t() @ (x_lora * keep if keep is not None else x_lora)
     if need_x:
         dx = grad_y @ weight
-        lora = ds @ lora_a
-        dx += (lora * keep_scale if keep_scale is not None else lora).to(dx.dtype)
+        lora = ds_scaled @ lora_a
+        dx += (lora * keep if keep is not None else lora).to(dx.dtype)
     return dx, da, db
