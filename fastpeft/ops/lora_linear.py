@@ -67,8 +67,9 @@ _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 def _call_directly(*tensors: torch.Tensor | None) -> bool:
     """Whether an eager call needs nothing from the dispatcher: not traced, no autograd,
-    plain tensors. Then ``lora_linear`` skips the custom op's dispatch (tens of
-    microseconds of Python per call, more than a decode step's kernel)."""
+    plain tensors. Then the op's implementation is called as a function, skipping the
+    custom op's dispatch (tens of microseconds of Python per call, more than a decode
+    step's kernel). The eager backward qualifies too: autograd runs it with grad off."""
     if torch.compiler.is_compiling():
         return False
     present = [t for t in tensors if t is not None]
@@ -85,8 +86,7 @@ def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
     return y, s
 
 
-@torch.library.custom_op("fastpeft::lora_linear_backward", mutates_args=())
-def _lora_linear_backward_op(
+def _lora_linear_backward(
     grad_y: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -120,6 +120,11 @@ def _lora_linear_backward_op(
     )
 
 
+_lora_linear_backward_op = torch.library.custom_op("fastpeft::lora_linear_backward", mutates_args=())(
+    _lora_linear_backward
+)
+
+
 @_lora_linear_backward_op.register_fake
 def _lora_linear_backward_fake(grad_y, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_x, need_a, need_b):
     return (
@@ -141,9 +146,9 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_y, _grad_s):
     x, weight, lora_a, lora_b, s, seed = ctx.saved_tensors
     need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-    dx, da, db = torch.ops.fastpeft.lora_linear_backward(
-        grad_y, x, weight, lora_a, lora_b, s, ctx.scaling, ctx.dropout_p, seed, need_x, need_a, need_b
-    )
+    direct = _call_directly(grad_y, x, weight, lora_a, lora_b, s, seed)
+    op = _lora_linear_backward if direct else torch.ops.fastpeft.lora_linear_backward
+    dx, da, db = op(grad_y, x, weight, lora_a, lora_b, s, ctx.scaling, ctx.dropout_p, seed, need_x, need_a, need_b)
     # The base weight and bias are frozen in LoRA training; when a caller trains them anyway
     # their gradients are the plain linear ones.
     g2 = grad_y.reshape(-1, weight.shape[0])
