@@ -28,9 +28,10 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 def _numerics(dtype: torch.dtype) -> dict:
     """Constexprs fixing how tiles of activation dtype ``dtype`` meet the tensor cores.
 
-    fp32 uses IEEE fp32 products (what ``F.linear`` does by default, TF32 off); fp16 and
-    bf16 use their own tensor-core path with fp32 accumulation. Under the interpreter, bf16
-    is computed in fp32 (its bf16 arithmetic is wrong; KERNEL_NOTES.md).
+    fp16 and bf16 use their own tensor-core path with fp32 accumulation. fp32 reaches the
+    kernels only in the interpreter (on a GPU it takes the torch path), with IEEE products.
+    Under the interpreter, bf16 is computed in fp32 (its bf16 arithmetic is wrong;
+    KERNEL_NOTES.md).
     """
     upcast = interpreting() and dtype == torch.bfloat16
     return {"UPCAST": upcast, "PRECISION": "ieee" if (dtype == torch.float32 or upcast) else "tf32"}
