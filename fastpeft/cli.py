@@ -3,26 +3,58 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
+
+import fastpeft
+
+# One line per command for ``fastpeft --help``; each command's own ``--help`` says the rest.
+COMMANDS: dict[str, str] = {
+    "bench": "benchmark the LoRA linear layer (base F.linear, naive PyTorch, HF PEFT, torch.compile, "
+    "fastpeft) on Llama-3-8B shapes, plus one end-to-end LoRA training step against PEFT; prints a "
+    "table with the spread of every timing and writes JSON / markdown / a plot with --out DIR",
+    "check": "compile every Triton kernel configuration ahead of time for sm_80 / sm_90 (no GPU "
+    "needed) and fail on compile errors, register spills, shared memory over the limit or a "
+    "large-M GEMM without wgmma on sm_90",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: ``--help``, ``--version`` and the choice of command."""
+    parser = argparse.ArgumentParser(
+        prog="fastpeft",
+        description="Fused Triton kernels for parameter-efficient fine-tuning: benchmark and compile check.",
+        epilog="Run 'fastpeft COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {fastpeft.__version__}")
+    # Not required=True: then "fastpeft --foo" would say COMMAND is missing, not that --foo is
+    # unknown; main reports a missing command itself.
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, summary in COMMANDS.items():
+        # add_help=False: "fastpeft bench --help" belongs to the command's own parser.
+        commands.add_parser(name, help=summary, add_help=False)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``fastpeft COMMAND [options]``; the command's exit status (2 on a usage error).
+
+    The top-level options (``--help``, ``--version``) are flags that exit, so the command is
+    always the first argument and everything after it goes to the command's own parser.
+    Raises SystemExit for ``--help``, ``--version`` and usage errors, as argparse does.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: fastpeft {bench,check} [options]  (fastpeft <command> --help for more)"
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage)
-        return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
+    parser = build_parser()
+    command = parser.parse_args(argv[:1]).command
+    if command is None:
+        parser.error("the following arguments are required: COMMAND")
     if command == "bench":
         from fastpeft.bench.__main__ import main as bench_main
 
-        return bench_main(rest)
-    if command == "check":
-        from fastpeft.check import main as check_main
+        return bench_main(argv[1:])
+    from fastpeft.check import main as check_main
 
-        return check_main(rest)
-    print(f"fastpeft: unknown command {command!r}\n{usage}", file=sys.stderr)
-    return 2
+    return check_main(argv[1:])
 
 
 if __name__ == "__main__":
