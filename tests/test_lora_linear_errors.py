@@ -27,7 +27,7 @@ def args(**over):
     [
         (dict(x=torch.randn(4, 15)), ValueError, ["x", "(4, 15)", "16"]),
         (dict(x=[[1.0]]), TypeError, ["x", "list"]),
-        (dict(x=torch.randn(4, 16).to(torch.float64)), TypeError, ["x", "float64"]),
+        (dict(x=torch.randn(4, 16, dtype=torch.complex64)), TypeError, ["x", "complex64", "float64"]),
         (dict(x=torch.zeros(4, 16, dtype=torch.int32)), TypeError, ["x", "int32"]),
         (dict(x=torch.tensor(1.0)), ValueError, ["x", "at least 1"]),
         (dict(weight=torch.randn(8, 16, 1)), ValueError, ["weight", "2-D"]),

@@ -7,7 +7,8 @@ import math
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 runs on the torch path (gradcheck, reference runs), the others on every backend.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -19,7 +20,7 @@ def require_tensor(name: str, value: object, ndim: int | None = None) -> torch.T
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} ({_describe(value)}) must be float32, float16 or bfloat16")
+        raise TypeError(f"{name} ({_describe(value)}) must be float32, float16, bfloat16 or float64")
     if ndim is not None and value.dim() != ndim:
         raise ValueError(f"{name} ({_describe(value)}) must be {ndim}-D")
     if ndim is None and value.dim() < 1:

@@ -11,26 +11,43 @@ torch's generator (no host sync, CUDA-graph safe); the backward regenerates the 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastpeft.backend import use_triton
 from fastpeft.kernels.lora_configs import MAX_RANK  # torch-only module: no Triton import
 from fastpeft.ops.checks import check_lora_linear_args
 from fastpeft.ops.dropout_mask import keep_mask_torch_path
-from fastpeft.ops.lora_linear_torch import lora_backward_torch, lora_forward_torch
+from fastpeft.ops.lora_linear_torch import (
+    lora_backward_torch,
+    lora_forward_torch,
+    lora_rank_side,
+    rank_side_dtype,
+)
 
 # Seeds are drawn in [0, 2**62): non-negative int64 values, which the kernels' Philox key
 # reads as 64 bits.
 _SEED_BOUND = 2**62
 
 
-def _use_kernels(x: torch.Tensor, rank: int) -> bool:
-    """Triton kernels for this call? Ranks above MAX_RANK take the torch path, and so do
-    fp32 activations on a GPU: Triton's IEEE-fp32 ``tl.dot`` runs on FMA units, with tiles
-    too small to compete with cuBLAS (fp32 still runs the kernels in the interpreter)."""
-    if rank > MAX_RANK or not use_triton(x.device):
+def _use_kernels(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor) -> bool:
+    """Triton kernels for this call? The torch path takes ranks above MAX_RANK, empty
+    problems (any of M, K, N zero), float64 (no tensor cores; the kernels' tiles are sized
+    for 16-bit) and fp32 activations on a GPU: Triton's IEEE-fp32 ``tl.dot`` runs on FMA
+    units, with tiles too small to compete with cuBLAS (fp32 still runs the kernels in the
+    interpreter)."""
+    if lora_a.shape[0] > MAX_RANK or x.numel() == 0 or weight.numel() == 0 or not use_triton(x.device):
+        return False
+    if torch.float64 in (x.dtype, lora_a.dtype):
         return False
     return x.dtype != torch.float32 or x.device.type != "cuda"
+
+
+def _rows(t: torch.Tensor, cols: int) -> torch.Tensor:
+    """``t [..., cols]`` as a 2-D ``[M, cols]`` view (or copy); also for ``cols == 0``,
+    where ``reshape(-1, 0)`` is ambiguous."""
+    return t.reshape(math.prod(t.shape[:-1]), cols)
 
 
 def _lora_linear_forward(
@@ -43,19 +60,14 @@ def _lora_linear_forward(
     dropout_p: float,
     seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y [..., N], s [M, R] fp32)`` for x ``[..., K]`` with ``M = x.numel() // K``."""
-    k, n, rank = weight.shape[1], weight.shape[0], lora_a.shape[0]
-    x2 = x.reshape(-1, k)
-    if x2.shape[0] == 0:
-        y = x.new_empty((0, n))
-        s = x.new_empty((0, rank), dtype=torch.float32)
-    elif _use_kernels(x, rank):
-        from fastpeft.kernels.lora_launch import lora_forward
-
-        y, s = lora_forward(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
-    else:
-        y, s = lora_forward_torch(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
-    return y.view(*x.shape[:-1], n), s
+    """``(y [..., N], s [M, R])`` for x ``[..., K]``, M the product of x's leading dims;
+    ``s`` in ``rank_side_dtype(lora_a.dtype)`` (fp32 unless the adapter is float64)."""
+    x2 = _rows(x, weight.shape[1])
+    forward = lora_forward_torch
+    if _use_kernels(x, weight, lora_a):
+        from fastpeft.kernels.lora_launch import lora_forward as forward
+    y, s = forward(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+    return y.view(*x.shape[:-1], weight.shape[0]), s
 
 
 _lora_linear_op = torch.library.custom_op("fastpeft::lora_linear", mutates_args=())(_lora_linear_forward)
@@ -80,9 +92,8 @@ def _call_directly(*tensors: torch.Tensor | None) -> bool:
 
 @_lora_linear_op.register_fake
 def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
-    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
-    s = x.new_empty((m, lora_a.shape[0]), dtype=torch.float32)
+    s = x.new_empty((math.prod(x.shape[:-1]), lora_a.shape[0]), dtype=rank_side_dtype(lora_a.dtype))
     return y, s
 
 
@@ -101,18 +112,13 @@ def _lora_linear_backward(
     need_b: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dX like x, dA [R, K], dB [N, R])``; a gradient not asked for is an empty tensor."""
-    k, n, rank = weight.shape[1], weight.shape[0], lora_a.shape[0]
-    x2 = x.reshape(-1, k)
-    g2 = grad_y.reshape(-1, n)
-    if x2.shape[0] == 0:
-        dx = x2.new_zeros(x2.shape) if need_x else None
-        da = torch.zeros_like(lora_a) if need_a else None
-        db = torch.zeros_like(lora_b) if need_b else None
-    else:
-        backward = lora_backward_torch
-        if _use_kernels(x, rank):
-            from fastpeft.kernels.lora_launch import lora_backward as backward
-        dx, da, db = backward(g2, x2, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_x, need_a, need_b)
+    backward = lora_backward_torch
+    if _use_kernels(x, weight, lora_a):
+        from fastpeft.kernels.lora_launch import lora_backward as backward
+    dx, da, db = backward(
+        _rows(grad_y, weight.shape[0]), _rows(x, weight.shape[1]), weight, lora_a, lora_b, s,
+        scaling, dropout_p, seed, need_x, need_a, need_b,
+    )
     return (
         dx.view(x.shape) if dx is not None else x.new_empty(0),
         da if da is not None else x.new_empty(0),
@@ -143,16 +149,32 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.dropout_p = dropout_p
 
 
+def _differentiable_backward(grad_y, x, weight, lora_a, lora_b, scaling, dropout_p, seed, need_x, need_a, need_b):
+    """The backward as plain torch ops that autograd records, for ``create_graph=True``
+    (double backward, e.g. gradient penalties): ``s`` is recomputed with autograd instead
+    of read from the non-differentiable saved copy, and the dropout mask is regenerated
+    from the seed as in the single backward (``keep_mask_torch_path`` draws the mask the
+    forward used on every backend)."""
+    x2, g2 = _rows(x, weight.shape[1]), _rows(grad_y, weight.shape[0])
+    s = lora_rank_side(x2, lora_a, dropout_p, seed)
+    dx, da, db = lora_backward_torch(g2, x2, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_x, need_a, need_b)
+    return dx.view(x.shape) if dx is not None else None, da, db
+
+
 def _backward(ctx, grad_y, _grad_s):
     x, weight, lora_a, lora_b, s, seed = ctx.saved_tensors
     need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-    direct = _call_directly(grad_y, x, weight, lora_a, lora_b, s, seed)
-    op = _lora_linear_backward if direct else torch.ops.fastpeft.lora_linear_backward
-    dx, da, db = op(grad_y, x, weight, lora_a, lora_b, s, ctx.scaling, ctx.dropout_p, seed, need_x, need_a, need_b)
+    args = (ctx.scaling, ctx.dropout_p, seed, need_x, need_a, need_b)
+    if torch.is_grad_enabled():
+        dx, da, db = _differentiable_backward(grad_y, x, weight, lora_a, lora_b, *args)
+    else:
+        direct = _call_directly(grad_y, x, weight, lora_a, lora_b, s, seed)
+        op = _lora_linear_backward if direct else torch.ops.fastpeft.lora_linear_backward
+        dx, da, db = op(grad_y, x, weight, lora_a, lora_b, s, *args)
     # The base weight and bias are frozen in LoRA training; when a caller trains them anyway
     # their gradients are the plain linear ones.
-    g2 = grad_y.reshape(-1, weight.shape[0])
-    dw = g2.t().to(weight.dtype) @ x.reshape(-1, weight.shape[1]) if need_w else None
+    g2 = _rows(grad_y, weight.shape[0])
+    dw = g2.t().to(weight.dtype) @ _rows(x, weight.shape[1]) if need_w else None
     dbias = g2.sum(0).to(weight.dtype) if need_bias else None
     return (
         dx if need_x else None,

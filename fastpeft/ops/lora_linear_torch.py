@@ -1,10 +1,15 @@
-"""The torch composite path of the LoRA linear op: CPU tensors, ranks above the Triton
-kernels' limit, and ``FASTPEFT_BACKEND=torch``.
+"""The torch composite path of the LoRA linear op: CPU tensors, float64, ranks above the
+Triton kernels' limit, and ``FASTPEFT_BACKEND=torch``.
 
-Same contract as the Triton path; its dropout mask is ``keep_mask_torch_path``. It adds
-no pass over the ``M x N`` output beyond one ``addmm_``: the scaling is folded into the
-rank-r side (``M x r`` elements) and the LoRA product accumulates into the base result.
-The LoRA side runs in the LoRA weights' dtype, as in PEFT.
+Same contract as the Triton path; its dropout mask is ``keep_mask_torch_path``. The rank-r
+side runs in the LoRA weights' dtype through the B product, as in PEFT (fp32 adapters on a
+16-bit model keep an fp32 branch: ``s * scaling`` is never rounded to 16 bits, so a large
+intermediate cannot overflow). When the LoRA weights share the activations' dtype the LoRA
+product accumulates into the base result with one ``addmm_``; with wider LoRA weights the
+``M x N`` delta is formed in their dtype and added with a single rounding, as PEFT does.
+
+Every function here is plain torch ops, so autograd can differentiate them: the op's
+double backward runs ``lora_backward_torch`` on a recomputed ``s`` (``lora_rank_side``).
 """
 
 from __future__ import annotations
@@ -12,6 +17,11 @@ from __future__ import annotations
 import torch
 
 from fastpeft.ops.dropout_mask import keep_mask_torch_path
+
+
+def rank_side_dtype(lora_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the saved rank-r activations ``s``: fp32, or float64 for float64 adapters."""
+    return torch.promote_types(lora_dtype, torch.float32)
 
 
 def _keep(x: torch.Tensor, dropout_p: float, seed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
@@ -25,6 +35,26 @@ def _keep(x: torch.Tensor, dropout_p: float, seed: torch.Tensor, dtype: torch.dt
     return keep_mask_torch_path(seed, x.shape[0], x.shape[1], dropout_p).to(dtype)
 
 
+def _masked(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    return t * keep if keep is not None else t
+
+
+def lora_rank_side(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
+    """``s = dropout(x) A^T`` ``[M, R]`` in ``rank_side_dtype`` for 2-D x ``[M, K]`` (the
+    dropout's ``1 / (1 - p)`` included), computed in the LoRA weights' dtype."""
+    keep = _keep(x, dropout_p, seed, lora_a.dtype)
+    s = (_masked(x.to(lora_a.dtype), keep) @ lora_a.t()).to(rank_side_dtype(lora_a.dtype))
+    return s * (1.0 / (1.0 - dropout_p)) if keep is not None else s
+
+
+def add_lora_product(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``out += left @ right`` in place, the product in ``left``'s dtype (the LoRA weights')
+    with one rounding to ``out``'s dtype: a single ``addmm_`` when the dtypes agree."""
+    if left.dtype == out.dtype:
+        return out.addmm_(left, right)
+    return out.add_(left @ right)
+
+
 def lora_forward_torch(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -35,15 +65,10 @@ def lora_forward_torch(
     dropout_p: float,
     seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y [M, N] in x.dtype, s [M, R] fp32)`` for 2-D x ``[M, K]``."""
-    x_lora = x.to(lora_a.dtype)
-    keep = _keep(x, dropout_p, seed, lora_a.dtype)
-    s = ((x_lora * keep if keep is not None else x_lora) @ lora_a.t()).float()
-    if keep is not None:
-        s *= 1.0 / (1.0 - dropout_p)
+    """``(y [M, N] in x.dtype, s [M, R] in rank_side_dtype)`` for 2-D x ``[M, K]``."""
+    s = lora_rank_side(x, lora_a, dropout_p, seed)
     y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
-    y.addmm_((s * scaling).to(y.dtype), lora_b.t().to(y.dtype))
-    return y, s
+    return add_lora_product(y, (s * scaling).to(lora_b.dtype), lora_b.t()), s
 
 
 def lora_backward_torch(
@@ -60,20 +85,20 @@ def lora_backward_torch(
     need_a: bool,
     need_b: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """``(dX [M, K], dA [R, K], dB [N, R])``, each None unless asked for; 2-D grad_y ``[M, N]``."""
+    """``(dX [M, K], dA [R, K], dB [N, R])``, each None unless asked for; 2-D grad_y ``[M, N]``.
+
+    The rank-r side (``dS``, dA, dB and dX's LoRA term) runs in the LoRA weights' dtype.
+    """
     lora_dtype = lora_a.dtype
     g = grad_y.to(lora_dtype)
-    g_b = g @ lora_b  # [M, R]
     db = g.t() @ (s * scaling).to(lora_dtype) if need_b else None
     keep = _keep(x, dropout_p, seed, lora_dtype) if (need_a or need_x) else None
     # dS / (1 - p): the dropout scale rides on the rank-r side.
-    ds_scaled = g_b * (scaling / (1.0 - dropout_p))
+    ds_scaled = (g @ lora_b) * (scaling / (1.0 - dropout_p))
     dx = da = None
     if need_a:
-        x_lora = x.to(lora_dtype)
-        da = ds_scaled.t() @ (x_lora * keep if keep is not None else x_lora)
+        da = ds_scaled.t() @ _masked(x.to(lora_dtype), keep)
     if need_x:
-        dx = grad_y @ weight
-        lora = ds_scaled @ lora_a
-        dx += (lora * keep if keep is not None else lora).to(dx.dtype)
+        lora = _masked(ds_scaled @ lora_a, keep)
+        dx = (grad_y @ weight).add_(lora)
     return dx, da, db
