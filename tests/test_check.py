@@ -8,6 +8,8 @@ module level: worker processes import them from this module.
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import os
 
@@ -90,6 +92,9 @@ BROKEN = KernelSpec("scale[b=100]", _scale_kernel, SCALE_SIG, {"BLOCK": 100}, 4,
 WITHOUT_N = {k: v for k, v in SCALE_SIG.items() if k != "n"}
 INVALID = KernelSpec("scale_missing_param", _scale_kernel, WITHOUT_N, {"BLOCK": 64}, 4, 1)
 CRASHING = KernelSpec("scale_crash", _scale_kernel, SCALE_SIG, {"BLOCK": _ExitOnUnpickle()}, 4, 1)
+# The same kernel as SIMPLE, launched only on Ampere / only on Hopper (KernelSpec.arch_family).
+SIMPLE_SM80 = dataclasses.replace(SIMPLE, name="scale_ampere[b=1024]", arch_family=80)
+SIMPLE_SM90 = dataclasses.replace(SIMPLE, name="scale_hopper[b=1024]", arch_family=90)
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +202,52 @@ def test_cli_list_and_usage_errors(monkeypatch, capsys):
     assert capsys.readouterr().out.split() == ["scale[b=1024]", "scale[b=100]"]
     assert check.main(["--arch", "sm_75"]) == 2
     assert check.main(["--filter", "nothing-matches"]) == 2
+
+
+def test_coverage_says_which_specs_compile_for_one_arch_only():
+    specs = [SIMPLE, GEMM, SIMPLE_SM80, SIMPLE_SM90]
+    assert len(check._plan(specs, ARCHS)) == 2 * 2 + 1 + 1
+    lines = check._coverage_lines(specs, ARCHS)
+    assert "2 spec(s) compile for each of sm_80, sm_90; 2 are launched on one architecture family only" in lines[0]
+    assert lines[1:] == ["    sm_80 only: 1 spec(s) of scale_ampere", "    sm_90 only: 1 spec(s) of scale_hopper"]
+    assert check._coverage_lines([SIMPLE, GEMM], ARCHS) == []
+    only_sm90 = check._coverage_lines(specs, ["sm_90"])
+    assert only_sm90[-1] == "    no requested target (skipped): 1 spec(s) of scale_ampere"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _finish(progress: check._Progress, results: int, failed: int = 0) -> None:
+    """Report ``results`` results to ``progress``, the first ``failed`` of them failed."""
+    for i in range(results):
+        progress(check.Result("k", "sm_80", status="FAIL" if i < failed else "ok"))
+
+
+def test_progress_in_a_log_is_a_line_per_tenth():
+    log = io.StringIO()
+    _finish(check._Progress(268, log), 268, failed=3)
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 10  # every 27th result, and the last
+    assert lines[0].startswith("fastpeft check: 27/268 compiled (10%), 3 failed")
+    assert lines[-1].startswith("fastpeft check: 268/268 compiled (100%), 3 failed")
+
+
+def test_progress_on_a_terminal_is_one_line_rewritten():
+    terminal = _Terminal()
+    _finish(check._Progress(5, terminal), 5)
+    text = terminal.getvalue()
+    assert text.count("\r") == 5 and text.count("\n") == 1 and text.endswith("\n")
+    assert text.rsplit("\r", 1)[1].startswith("fastpeft check: 5/5 compiled (100%), 0 failed")
+
+
+def test_cli_header_counts_compiles_and_progress_goes_to_stderr(monkeypatch, capsys):
+    monkeypatch.setattr(check, "_load_specs", lambda: [SIMPLE, SIMPLE_SM90])
+    assert check.main(["--arch", "sm_80,sm_90", "--jobs", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "fastpeft check: 2 spec(s) for sm_80, sm_90: 3 compile(s) with 2 process(es)" in err
+    assert "sm_90 only: 1 spec(s) of scale_hopper" in err
+    assert "fastpeft check: 3/3 compiled (100%), 0 failed" in err
+    assert "compiled" not in out and "3 passed, 0 failed" in out
