@@ -5,6 +5,7 @@ No test asserts on a measured time."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -240,6 +241,47 @@ def test_cli_rejects_bad_arguments_clearly(args, message, capsys):
         main(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--out", "{file}"], "{file} exists and is not a directory"),
+        (["--out", "{file}/results"], "cannot create the directory (Not a directory)"),
+        (["--json", "{dir}"], "is a directory"),
+        (["--markdown", "{file}/bench.md"], "{file} is not a directory"),
+    ],
+)
+def test_cli_rejects_unusable_output_paths_before_running(args, message, tmp_path, capsys):
+    existing = tmp_path / "bench.json"
+    existing.write_text("keep me")
+    fill = {"file": str(existing), "dir": str(tmp_path)}
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", *(a.format(**fill) for a in args)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: fastpeft bench") and message.format(**fill) in err
+    assert existing.read_text() == "keep me"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes in read-only directories")
+@pytest.mark.parametrize("option", ["--out", "--json"])
+def test_cli_rejects_an_unwritable_directory(option, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    target = locked if option == "--out" else locked / "bench.json"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", option, str(target)])
+    assert exit_info.value.code == 2
+    assert f"cannot write in {locked} (Permission denied)" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys"), reason="needs Linux's /sys, where nobody creates files")
+def test_cli_rejects_an_out_directory_nobody_can_write(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--out", "/sys"])
+    assert exit_info.value.code == 2
+    assert "--out /sys: cannot write in /sys" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error path")

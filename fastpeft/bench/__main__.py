@@ -13,6 +13,7 @@ import argparse
 import importlib.util
 import signal
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -170,14 +171,57 @@ def e2e_config_from_args(args: argparse.Namespace, parser: argparse.ArgumentPars
     )
 
 
+def _directory_problem(directory: Path) -> str | None:
+    """Why no file can be written in ``directory``, or None. A file is created and removed to
+    find out: permission bits say nothing for root, read-only mounts or ACLs."""
+    if not directory.exists():
+        return f"directory {directory} does not exist"
+    if not directory.is_dir():
+        return f"{directory} is not a directory"
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".fastpeft-bench-"):
+            return None
+    except OSError as exc:
+        return f"cannot write in {directory} ({exc.strerror or exc})"
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be written as a file, or None (an existing file is opened for appending,
+    which leaves it as it is)."""
+    if path.is_dir():
+        return "is a directory"
+    if not path.exists():
+        return _directory_problem(path.parent)
+    try:
+        with path.open("a"):
+            return None
+    except OSError as exc:
+        return f"cannot write it ({exc.strerror or exc})"
+
+
+def _make_out_dir(out: Path) -> str | None:
+    """Create ``out`` (and its parents) unless it exists; why it cannot hold the results, or None."""
+    if out.exists() and not out.is_dir():
+        return f"{out} exists and is not a directory"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a parent is a file, or not writable
+        return f"cannot create the directory ({exc.strerror or exc})"
+    return _directory_problem(out)
+
+
 def output_paths(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Path | None]:
-    """Where to write json / markdown / plot: explicit paths first, then ``--out DIR`` (created)."""
+    """Where to write json / markdown / plot: explicit paths first, then ``--out DIR`` (created).
+    ``parser.error`` (exit 2) when a path cannot be written, before anything is measured."""
     paths = {kind: getattr(args, kind) for kind in OUT_FILES}
     for kind, path in paths.items():
-        if path is not None and not path.parent.is_dir():
-            parser.error(f"--{kind} {path}: directory {path.parent} does not exist")
+        problem = None if path is None else _file_problem(path)
+        if problem is not None:
+            parser.error(f"--{kind} {path}: {problem}")
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
+        problem = _make_out_dir(args.out)
+        if problem is not None:
+            parser.error(f"--out {args.out}: {problem}")
         plot = not args.e2e and importlib.util.find_spec("matplotlib") is not None  # --e2e: no layer grid to plot
         for kind, name in OUT_FILES.items():
             if paths[kind] is None and (kind != "plot" or plot):
