@@ -210,3 +210,22 @@ def test_base_module_round_trip_for_linear():
     unwrapped = layer.base_module()
     assert unwrapped is base and unwrapped.weight is layer.weight and unwrapped.bias is None
     assert not unwrapped.training
+
+
+@pytest.mark.parametrize("alpha,exc", [("16", TypeError), (float("inf"), ValueError), (float("nan"), ValueError)])
+def test_bad_lora_alpha_is_refused_at_construction(alpha, exc):
+    with pytest.raises(exc, match="lora_alpha"):
+        fastpeft.LoRALinear(8, 8, lora_alpha=alpha)
+    with pytest.raises(exc, match="lora_alpha"):
+        fastpeft.LoRALinear.from_linear(nn.Linear(8, 8), lora_alpha=alpha)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16bit_layers_get_fp32_adapters_like_peft_and_inject(dtype):
+    """``from_linear`` and the constructor make fp32 A and B on a 16-bit base (PEFT's and
+    ``inject``'s default); ``lora_dtype`` still overrides it."""
+    assert fastpeft.LoRALinear.from_linear(nn.Linear(8, 6).to(dtype)).lora_A.weight.dtype == torch.float32
+    layer = fastpeft.LoRALinear(8, 6, dtype=dtype)
+    assert layer.weight.dtype == dtype and layer.lora_B.weight.dtype == torch.float32
+    kept = fastpeft.LoRALinear.from_linear(nn.Linear(8, 6).to(dtype), lora_dtype=dtype)
+    assert kept.lora_A.weight.dtype == dtype

@@ -141,3 +141,18 @@ def test_unknown_keys_tolerated_and_reported_when_set():
 def test_from_dict_errors(data, exc, match):
     with pytest.raises(exc, match=match):
         LoraConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("key,value", [("use_dora", True), ("lora_bias", True), ("use_qalora", True)])
+def test_constructor_refuses_unimplemented_features_like_the_load_path(key, value):
+    """``LoraConfig(use_dora=True)`` says what ``load_adapter`` says of such a config."""
+    with pytest.raises(ValueError, match=f"{key}=True: .* not implemented in fastpeft"):
+        LoraConfig(target_modules=["q_proj"], **{key: value})
+
+
+def test_constructor_takes_peft_only_keys_when_unset_or_metadata():
+    """Code written for ``peft.LoraConfig`` runs: unset features and metadata are accepted."""
+    config = LoraConfig(r=4, target_modules=["q_proj"], use_dora=False, inference_mode=False, peft_type="LORA")
+    assert config == LoraConfig(r=4, target_modules=["q_proj"])
+    with pytest.raises(TypeError, match="unexpected keyword argument 'lora_alfa'"):
+        LoraConfig(lora_alfa=16)

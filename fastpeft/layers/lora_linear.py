@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastpeft.ops.checks import require_probability
+from fastpeft.ops.checks import require_finite, require_probability
 from fastpeft.ops.lora_linear import lora_linear
 
 
@@ -24,6 +24,12 @@ def _require_rank(r: object) -> int:
     if r < 1:
         raise ValueError(f"r must be >= 1, got {r}")
     return r
+
+
+def default_lora_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """PEFT's adapter dtype (its ``autocast_adapter_dtype=True``): float32 A and B on a
+    float16 / bfloat16 base, the base's dtype otherwise."""
+    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
@@ -56,7 +62,8 @@ class LoRALinear(nn.Module):
             ``use_rslora``).
         lora_dropout: dropout on the LoRA branch input, active in ``train()`` mode.
         bias: whether the base layer has a bias.
-        device, dtype: of the base weight; the LoRA weights take the same.
+        device, dtype: of the base weight. A and B are float32 on a float16 / bfloat16
+            base (PEFT's default), else the base's dtype.
 
     Init follows PEFT: A kaiming-uniform (a = sqrt(5)), B zeros, so the layer starts as
     its base. ``merge()`` folds ``scaling * B A`` into W (forward becomes a plain linear),
@@ -98,8 +105,9 @@ class LoRALinear(nn.Module):
     ) -> "LoRALinear":
         """Wrap an existing ``nn.Linear``: its weight and bias are shared (not copied) and frozen.
 
-        ``lora_dtype`` is the dtype of A and B (default: the base weight's; PEFT keeps them
-        in float32 on 16-bit models). ``init_lora_weights`` as in ``reset_lora_parameters``.
+        ``lora_dtype`` is the dtype of A and B (default: float32 on a float16 / bfloat16 base,
+        as PEFT and ``fastpeft.inject``, else the base weight's). ``init_lora_weights`` as in
+        ``reset_lora_parameters``.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
@@ -142,6 +150,7 @@ class LoRALinear(nn.Module):
         init_lora_weights: bool | str,
     ) -> None:
         self.r = _require_rank(r)
+        require_finite("lora_alpha", lora_alpha)
         self.lora_alpha = lora_alpha
         self.lora_dropout = require_probability("lora_dropout", lora_dropout)
         self.use_rslora = bool(use_rslora)
@@ -159,7 +168,7 @@ class LoRALinear(nn.Module):
         weight.requires_grad_(False)
         if bias is not None:
             bias.requires_grad_(False)
-        factory = {"device": weight.device, "dtype": lora_dtype or weight.dtype}
+        factory = {"device": weight.device, "dtype": lora_dtype or default_lora_dtype(weight.dtype)}
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
         self.reset_lora_parameters(init_lora_weights)

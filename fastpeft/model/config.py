@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 import re
 import warnings
@@ -32,6 +33,8 @@ TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS
 # init_lora_weights values ``inject`` can create (PEFT's others need data or rewrite the base
 # weights: they are accepted when loading trained weights, where the init no longer matters).
 CREATABLE_INITS = (True, False, "gaussian")
+# init_lora_weights values that activate PEFT's MiCA variant: plain LoRA forward, lora_B frozen.
+FROZEN_B_INITS = ("mica",)
 
 _IGNORED_KEYS = frozenset({
     "peft_type", "peft_version", "revision", "auto_mapping", "inference_mode", "runtime_config",
@@ -259,6 +262,12 @@ class LoraConfig:
             out[f.name] = value
         return out
 
+    @property
+    def trains_lora_b(self) -> bool:
+        """Whether ``lora_B`` trains: PEFT's MiCA init (``init_lora_weights="mica"``) keeps it
+        frozen and trains only ``lora_A`` (its forward is plain LoRA)."""
+        return self.init_lora_weights not in FROZEN_B_INITS
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "LoraConfig":
         """Build from a PEFT ``adapter_config.json`` dict (or ``peft.LoraConfig.to_dict()``).
@@ -269,20 +278,42 @@ class LoraConfig:
         """
         if not isinstance(data, Mapping):
             raise TypeError(f"config data must be a dict, got {type(data).__name__}")
-        peft_type = _plain(data.get("peft_type", PEFT_TYPE))
-        if peft_type != PEFT_TYPE:
-            raise ValueError(f"peft_type must be {PEFT_TYPE!r}: fastpeft reads LoRA adapters only, got {peft_type!r}")
         names = {f.name for f in dataclasses.fields(cls)}
-        kwargs, unknown = {}, []
-        for key, value in data.items():
-            if key in names:
-                kwargs[key] = value
-            elif key in _UNSUPPORTED_KEYS:
-                if value:
-                    raise ValueError(f"adapter config sets {key}={value!r}: {_UNSUPPORTED_KEYS[key]} in fastpeft")
-            elif key not in _IGNORED_KEYS and value:
-                unknown.append(key)
+        kwargs = _without_peft_only_keys(data, "adapter config")
+        unknown = sorted(key for key, value in kwargs.items() if key not in names and value)
         if unknown:
-            warnings.warn(f"LoraConfig.from_dict: ignoring unknown adapter config keys {sorted(unknown)} "
+            warnings.warn(f"LoraConfig.from_dict: ignoring unknown adapter config keys {unknown} "
                           "(probably from a newer PEFT version)", stacklevel=2)
-        return cls(**kwargs)
+        return cls(**{key: value for key, value in kwargs.items() if key in names})
+
+
+def _without_peft_only_keys(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """``data`` less PEFT's keys that are not ``LoraConfig`` fields: metadata (dropped), and
+    unimplemented features (dropped when unset, a ``ValueError`` naming the key when set).
+    ``peft_type``, when present, must be ``"LORA"``."""
+    peft_type = _plain(data.get("peft_type", PEFT_TYPE))
+    if peft_type != PEFT_TYPE:
+        raise ValueError(f"peft_type must be {PEFT_TYPE!r}: fastpeft reads LoRA adapters only, got {peft_type!r}")
+    out = {}
+    for key, value in data.items():
+        if key in _UNSUPPORTED_KEYS:
+            if value:
+                raise ValueError(f"{source} sets {key}={value!r}: {_UNSUPPORTED_KEYS[key]} in fastpeft")
+        elif key not in _IGNORED_KEYS:
+            out[key] = value
+    return out
+
+
+_dataclass_init = LoraConfig.__init__
+
+
+@functools.wraps(_dataclass_init, assigned=("__module__", "__name__", "__qualname__"))
+def _init_accepting_peft_keys(self: LoraConfig, *args: Any, **kwargs: Any) -> None:
+    """``LoraConfig(**kwargs)`` also takes the PEFT-only keys ``from_dict`` knows, so code
+    written for ``peft.LoraConfig`` runs: metadata such as ``inference_mode=False`` is
+    ignored, and a set unimplemented feature (``use_dora=True``) is a ``ValueError`` naming
+    it. Any other unknown keyword stays a ``TypeError``."""
+    _dataclass_init(self, *args, **_without_peft_only_keys(kwargs, "LoraConfig"))
+
+
+LoraConfig.__init__ = _init_accepting_peft_keys

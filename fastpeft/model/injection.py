@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from fastpeft.layers.lora_linear import LoRALinear
+from fastpeft.layers.lora_linear import LoRALinear, default_lora_dtype
 from fastpeft.model.config import LoraConfig
 from fastpeft.model.matching import InjectionPlan, LoraTarget, plan_injection
 
@@ -95,11 +96,11 @@ def restore_requires_grad(model: nn.Module, *, always: bool) -> Iterator[None]:
         restore()
 
 
-def _lora_dtype(target: LoraTarget, autocast_adapter_dtype: bool) -> torch.dtype | None:
-    """PEFT's ``autocast_adapter_dtype``: float32 A and B on a float16 / bfloat16 base."""
-    if autocast_adapter_dtype and target.module.weight.dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
-    return None
+def _lora_dtype(target: LoraTarget, autocast_adapter_dtype: bool) -> torch.dtype:
+    """PEFT's ``autocast_adapter_dtype``: float32 A and B on a float16 / bfloat16 base when
+    set, else the base weight's dtype."""
+    base_dtype = target.module.weight.dtype
+    return default_lora_dtype(base_dtype) if autocast_adapter_dtype else base_dtype
 
 
 def build_replacements(
@@ -134,17 +135,54 @@ def install(
     trainable: bool,
 ) -> None:
     """Swap the new modules in, freeze every parameter but the adapter's (all of them when not
-    ``trainable``) and record the adapter state. Nothing here can fail on a checked plan."""
+    ``trainable``; ``lora_B`` too under PEFT's MiCA init, as PEFT does) and record the adapter
+    state. Warns about targets whose weight another module shares (see ``merge_and_unload``).
+    Nothing here can fail on a checked plan."""
     for path, module in replacements.items():
         model.set_submodule(path, module)
     model.requires_grad_(False)
     if trainable:
         for _, layer in lora_layers(model):
             layer.lora_A.requires_grad_(True)
-            layer.lora_B.requires_grad_(True)
+            layer.lora_B.requires_grad_(config.trains_lora_b)
         for path in modules_to_save:
             model.get_submodule(path).requires_grad_(True)
     setattr(model, ADAPTER_ATTR, AdapterState(config, modules_to_save))
+    warn_tied_targets(model)
+
+
+def _tied_targets(model: nn.Module) -> dict[str, list[str]]:
+    """For each LoRA layer whose base weight is also a parameter of another module (a tied
+    output embedding, say), the paths of those other parameters."""
+    owners: dict[int, list[str]] = {}
+    for path, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(path)
+    tied = {}
+    for name, layer in lora_layers(model):
+        others = [p for p in owners.get(id(layer.weight), []) if p != f"{name}.weight"]
+        if others:
+            tied[name] = others
+    return tied
+
+
+def warn_tied_targets(model: nn.Module) -> None:
+    """PEFT's warning for adapted layers with tied weights, and what fastpeft does about it."""
+    for name, others in _tied_targets(model).items():
+        warnings.warn(f"{name}'s weight is tied to {', '.join(others)}: the adapter changes {name} only, and "
+                      "fastpeft.merge_and_unload gives it its own merged weight (untying it) so that the tied "
+                      "module stays unchanged", stacklevel=3)
+
+
+@torch.no_grad()
+def _untie(model: nn.Module, name: str, layer: LoRALinear) -> None:
+    """Give ``layer`` its own copy of its (tied) base weight, and tell a transformers model
+    not to tie its embeddings again (on ``tie_weights()`` / ``save_pretrained``)."""
+    layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
+    config = getattr(model, "config", None)
+    if getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
+    warnings.warn(f"merge_and_unload: {name} had a tied weight; it now has its own merged copy and the "
+                  "modules it was tied to keep the base weight", stacklevel=3)
 
 
 def inject(model: nn.Module, config: LoraConfig, *, autocast_adapter_dtype: bool = True) -> nn.Module:
@@ -186,7 +224,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     (``nn.Linear`` / ``Conv1D``, the original object) back in its place; return ``model``.
 
     ``modules_to_save`` copies stay (they hold the trained weights, as PEFT's unload keeps
-    them). ``requires_grad`` flags are left as they are.
+    them). ``requires_grad`` flags are left as they are. A layer whose base weight is tied to
+    another module (GPT-2's ``lm_head`` and input embedding) gets its own merged weight, so
+    the merged model computes what the adapted one did (PEFT instead merges into the shared
+    weight, changing the embedding too); a transformers model's ``tie_word_embeddings``
+    is then set to False.
 
     Raises:
         ValueError: the model has no fastpeft LoRA layer.
@@ -194,7 +236,12 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     layers = lora_layers(require_module(model))
     if not layers:
         raise ValueError("model has no fastpeft LoRA layers to merge")
+    tied = _tied_targets(model)
     for name, layer in layers:
+        if name in tied:
+            if layer.merged:
+                layer.unmerge()
+            _untie(model, name, layer)
         if not layer.merged:
             layer.merge()
         model.set_submodule(name, layer.base_module())

@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch.nn as nn
 
 from fastpeft.layers.lora_linear import LoRALinear, is_conv1d
 from fastpeft.model.config import LoraConfig
 from fastpeft.model.injection import ADAPTER_ATTR, AdapterState, restore_requires_grad
+from fastpeft.model.injection import merge_and_unload as merge_and_unload_model
+
+
+# PEFT LoRA variants whose forward and merge are plain LoRA: MiCA only freezes lora_B, and
+# the converted layer keeps PEFT's requires_grad flags (its modules are shared).
+PLAIN_FORWARD_VARIANTS = ("MiCALinearVariant",)
+
+# PEFT wrapper methods that act on PEFT's LoRA layers, which a converted model no longer has.
+# After from_peft they raise instead of silently doing nothing (save_pretrained and
+# merge_and_unload are redirected to fastpeft's functions instead).
+_RETIRED_METHODS = (
+    "unload", "merge_adapter", "unmerge_adapter", "add_adapter", "load_adapter", "set_adapter",
+    "delete_adapter", "disable_adapter", "enable_adapter_layers", "disable_adapter_layers",
+    "add_weighted_adapter", "inject_adapter", "set_requires_grad", "get_layer_status", "get_model_status",
+)
 
 
 def _unsupported(path: str, why: str) -> ValueError:
@@ -29,7 +45,7 @@ def _convert_lora_linear(path: str, layer: nn.Module, adapter: str, use_rslora: 
     if getattr(layer, "lora_bias", {}).get(adapter):
         raise _unsupported(path, "lora_bias is not implemented")
     variant = getattr(layer, "lora_variant", {}).get(adapter)
-    if variant is not None:
+    if variant is not None and type(variant).__name__ not in PLAIN_FORWARD_VARIANTS:
         raise _unsupported(path, f"LoRA variant {type(variant).__name__} is not implemented")
     base = layer.base_layer
     fan_in_fan_out = is_conv1d(base)
@@ -62,7 +78,11 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     copied; ``requires_grad`` flags are kept), merged if PEFT had merged it; each
     ``ModulesToSaveWrapper`` is replaced by its trained copy. Outputs and gradients are the
     same. The returned model is PEFT's base model (``peft_model.get_base_model()``), now
-    free of PEFT layers: use it, not the PEFT wrapper, from then on.
+    free of PEFT layers: use it, not the PEFT wrapper, from then on. The wrapper still runs
+    the model; its ``save_pretrained`` and ``merge_and_unload`` call fastpeft's
+    ``save_adapter`` / ``merge_and_unload``, and its methods that manage PEFT's layers
+    (``set_adapter``, ``unload``, ``disable_adapter``, ...) raise a ``RuntimeError``.
+    PEFT's MiCA variant (plain LoRA forward, ``lora_B`` frozen) converts; its flags carry over.
 
     Raises:
         TypeError: ``peft_model`` is not a PEFT model.
@@ -104,4 +124,47 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         for path, module in replacements.items():
             model.set_submodule(path, module)
     setattr(model, ADAPTER_ATTR, AdapterState(config, tuple(modules_to_save)))
+    _retire_peft_wrapper(peft_model, model)
     return model
+
+
+def _retired(name: str) -> Callable[..., Any]:
+    def method(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"{name}: this PEFT model was converted by fastpeft.from_peft and has no PEFT LoRA "
+                           "layers left; use the model from_peft returned with fastpeft's functions "
+                           "(save_adapter, load_adapter, merge_and_unload)")
+
+    return method
+
+
+def _retire_peft_wrapper(peft_model: nn.Module, model: nn.Module) -> None:
+    """Make the PEFT wrapper objects (``PeftModel`` and its ``LoraModel``) safe to keep using:
+    forward still runs the converted model; ``save_pretrained`` writes the adapter with
+    ``fastpeft.save_adapter`` and ``merge_and_unload`` is ``fastpeft.merge_and_unload``; the
+    methods that manage PEFT layers raise. (PEFT's own versions would save 0 tensors and
+    merge nothing, since the layers they look for are gone.)"""
+
+    def save_pretrained(save_directory: str, safe_serialization: bool = True, selected_adapters: Any = None,
+                        is_main_process: bool = True, state_dict: Any = None, **kwargs: Any) -> None:
+        if not safe_serialization or state_dict is not None or kwargs:
+            raise ValueError("save_pretrained on a model converted by fastpeft.from_peft writes the adapter with "
+                             "fastpeft.save_adapter (safetensors, the model's own weights): safe_serialization=False, "
+                             f"state_dict and {sorted(kwargs)} are not supported")
+        if selected_adapters not in (None, list(peft_model.peft_config)):
+            raise ValueError(f"save_pretrained: the converted model has adapter {list(peft_model.peft_config)} only")
+        if is_main_process:
+            from fastpeft.model.adapter_io import save_adapter
+
+            save_adapter(model, save_directory)
+
+    def merge_and_unload(*args: Any, **kwargs: Any) -> nn.Module:
+        return merge_and_unload_model(model)
+
+    wrappers = [peft_model] + [m for m in (getattr(peft_model, "base_model", None),) if isinstance(m, nn.Module)]
+    for wrapper in wrappers:
+        for name in _RETIRED_METHODS:
+            if hasattr(type(wrapper), name):
+                object.__setattr__(wrapper, name, _retired(name))
+        if hasattr(type(wrapper), "merge_and_unload"):
+            object.__setattr__(wrapper, "merge_and_unload", merge_and_unload)
+    object.__setattr__(peft_model, "save_pretrained", save_pretrained)
