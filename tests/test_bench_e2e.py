@@ -15,10 +15,11 @@ from fastpeft.bench import e2e
 from fastpeft.bench.__main__ import main
 from fastpeft.bench.e2e import (
     E2E_HEADERS, FASTPEFT, PEAK_BYTES, PEFT, SAVED_BYTES, TOKENS_PER_S, E2EConfig, E2EResult, E2ERun, LlamaShape,
-    build_twins, canonical_parameters, check_twins, e2e_markdown, e2e_table_rows, make_train_step, random_tokens,
-    run_e2e,
+    build_twins, canonical_parameters, check_twins, e2e_footer_lines, e2e_markdown, e2e_table_rows, make_train_step,
+    random_tokens, run_e2e,
 )
 from fastpeft.bench.export import SCHEMA, to_json_dict
+from fastpeft.bench.spread import INCONCLUSIVE, MET, MISSED, Spread
 from fastpeft.bench.timing import TimingBudget
 from tests.numerics import TOLERANCE, assert_close, relative_error
 
@@ -26,10 +27,11 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 CPU = torch.device("cpu")
-# One timed step after the untimed and estimating ones: the tests check plumbing, not speed.
-ONE_STEP = TimingBudget(warmup_ms=0.0, rep_ms=0.0, min_reps=1, max_reps=1)
+# Three timed steps after the untimed and estimating ones, the fewest with quartiles: the tests
+# check plumbing, not speed.
+THREE_STEPS = TimingBudget(warmup_ms=0.0, rep_ms=0.0, min_reps=3, max_reps=3)
 # 2 layers of width 64 (4 query / 2 KV heads), 2 x 16 tokens: a step takes milliseconds.
-TINY = E2EConfig(LlamaShape(64, 128, 2, 4, 2, 128), 2, 16, CPU, torch.float32, ONE_STEP)
+TINY = E2EConfig(LlamaShape(64, 128, 2, 4, 2, 128), 2, 16, CPU, torch.float32, THREE_STEPS)
 
 
 def tiny_twins(dropout: float) -> dict[str, torch.nn.Module]:
@@ -114,10 +116,13 @@ def test_run_measures_both_models(tiny_run):
     assert not tiny_run.failed
     assert [r.impl for r in tiny_run.results] == [PEFT, FASTPEFT]
     for r in tiny_run.results:
-        assert r.median_ms > 0 and r.tokens_per_s == pytest.approx(TINY.tokens / (r.median_ms * 1e-3))
+        assert 0 < r.ms.low <= r.ms.value <= r.ms.high
+        assert r.tokens_per_s.value == pytest.approx(TINY.tokens / (r.ms.value * 1e-3))
+        assert r.tokens_per_s.low == pytest.approx(TINY.tokens / (r.ms.high * 1e-3))  # the slow steps
         assert r.peak_bytes is None  # CPU: no peak statistics
     # with dropout PEFT saves a dropped-out copy of each layer's input, fastpeft regenerates the mask
-    assert tiny_run.ratio(SAVED_BYTES) < 1.0
+    saved = tiny_run.ratio(SAVED_BYTES)
+    assert saved.value < 1.0 and saved.low == saved.high == saved.value  # bytes are exact
     assert tiny_run.settings["model"]["parameters"] > tiny_run.settings["model"]["trainable_parameters"] > 0
     assert tiny_run.settings["lora"]["layers"] == 7 * TINY.model.num_hidden_layers
 
@@ -129,21 +134,53 @@ def test_json_and_report_have_the_e2e_fields(tiny_run):
     for key in ("date", "device_name", "torch", "transformers", "peft", "dtype", "batch", "seq_len", "lora", "memory"):
         assert key in section["settings"]
     assert [set(r) for r in section["results"]] == [{f.name for f in dataclasses.fields(E2EResult)}] * 2
-    assert set(section["fastpeft_vs_peft"]) == {TOKENS_PER_S, PEAK_BYTES, SAVED_BYTES}
-    assert section["fastpeft_vs_peft"][PEAK_BYTES] is None
+    for r in section["results"]:
+        assert r["ms"]["low"] <= r["ms"]["value"] <= r["ms"]["high"]
+        assert set(r["tokens_per_s"]) == {"value", "low", "high"}
+    ratios = section["fastpeft_vs_peft"]
+    assert set(ratios) == {TOKENS_PER_S, PEAK_BYTES, SAVED_BYTES} and ratios[PEAK_BYTES] is None
+    assert ratios[TOKENS_PER_S]["low"] <= ratios[TOKENS_PER_S]["value"] <= ratios[TOKENS_PER_S]["high"]
+    assert ratios[SAVED_BYTES]["low"] == ratios[SAVED_BYTES]["value"] == ratios[SAVED_BYTES]["high"]
     assert [t["metric"] for t in section["targets"]] == [TOKENS_PER_S, SAVED_BYTES]  # CPU: saved bytes as proxy
+    assert all(t["verdict"] in (MET, MISSED, INCONCLUSIVE) for t in section["targets"])
     rows = e2e_table_rows(tiny_run)
     assert [row[0] for row in rows] == [PEFT, FASTPEFT] and all(len(row) == len(E2E_HEADERS) for row in rows)
     assert e2e_markdown(tiny_run).startswith("## End-to-end training step")
 
 
+def synthetic_result(impl: str, ms: tuple[float, float, float], peak: int, saved: int) -> E2EResult:
+    """A measured E2EResult: step time (median, q1, q3) of 1000-token steps, peak and saved bytes."""
+    step = Spread(*ms)
+    return E2EResult(impl, step, step.rate(1000 * 1e3), peak, saved)
+
+
+GPU_SETTINGS = {"device": "cuda", "lora": {"lora_dropout": 0.05}}
+
+
 def test_targets_use_peak_memory_on_a_gpu_and_apply_at_their_dropout():
-    settings = {"device": "cuda", "lora": {"lora_dropout": 0.05}}
-    results = [E2EResult(PEFT, 100.0, 1000.0, 1000, 500), E2EResult(FASTPEFT, 70.0, 1400.0, 700, 200)]
-    checks = E2ERun(settings, results).target_checks()
-    expected = [(TOKENS_PER_S, 1.4, True), (PEAK_BYTES, 0.7, True)]
-    assert [(c.metric, round(c.value, 6), c.met) for c in checks] == expected
-    assert E2ERun({**settings, "lora": {"lora_dropout": 0.1}}, results).target_checks() == []
+    results = [synthetic_result(PEFT, (100.0, 99.0, 101.0), 1000, 500),
+               synthetic_result(FASTPEFT, (70.0, 69.0, 71.0), 700, 200)]
+    checks = E2ERun(GPU_SETTINGS, results).target_checks()
+    expected = [(TOKENS_PER_S, 1.428571, MET), (PEAK_BYTES, 0.7, MET)]  # tokens/s: 1.39x-1.46x
+    assert [(c.metric, round(c.value.value, 6), c.verdict) for c in checks] == expected
+    assert E2ERun({**GPU_SETTINGS, "lora": {"lora_dropout": 0.1}}, results).target_checks() == []
+
+
+def test_a_noisy_tokens_per_s_ratio_is_inconclusive_and_memory_is_exact():
+    """fastpeft's median step is 1.43x faster, but the ranges allow 1.18x-1.72x: no verdict on
+    >= 1.3x. Memory ratios are exact points."""
+    results = [synthetic_result(PEFT, (100.0, 90.0, 110.0), 1000, 500),
+               synthetic_result(FASTPEFT, (70.0, 64.0, 76.0), 900, 200)]
+    run = E2ERun(GPU_SETTINGS, results)
+    tokens, memory = run.target_checks()
+    assert tokens.verdict == INCONCLUSIVE and tokens.value.low == pytest.approx(90 / 76)
+    assert memory.verdict == MISSED and memory.value == Spread.point(0.9)
+    fastpeft_row = e2e_table_rows(run)[1]
+    assert fastpeft_row[1] == "70.0 (64.0-76.0)" and fastpeft_row[2] == "14,286 (13,158-15,625)"
+    assert fastpeft_row[3] == "1.43x (1.18-1.72) ?" and fastpeft_row[5] == "0.90x ✗"
+    footer = e2e_footer_lines(run)
+    assert footer[1] == "  >= 1.3x PEFT's tokens/s (dropout 0.05): 1.43x (1.18-1.72) inconclusive"
+    assert footer[2] == "  <= 0.8x PEFT's peak memory (dropout 0.05): 0.90x missed"
 
 
 def test_a_failing_build_is_reported(monkeypatch):

@@ -1,6 +1,6 @@
 """Fast CPU tests of the benchmark harness (fastpeft.bench): saved-activation accounting on
-hand-computed cases, FLOP counts, ratios, targets, JSON schema, report tables, CLI errors.
-No test asserts on a measured time."""
+hand-computed cases, FLOP counts, ratios and their ranges, target verdicts on synthetic
+timings, JSON schema, report tables, CLI errors. No test asserts on a measured time."""
 
 from __future__ import annotations
 
@@ -11,22 +11,27 @@ import pytest
 import torch
 
 from fastpeft.bench.__main__ import main
-from fastpeft.bench.analysis import analyze
+from fastpeft.bench.analysis import Analysis, analyze
 from fastpeft.bench.cases import FORWARD, FORWARD_BACKWARD, BenchCase, CaseGrid, LayerShape, lora_flops
 from fastpeft.bench.export import SCHEMA, to_json_dict
 from fastpeft.bench.implementations import (
     BASE, FASTPEFT, NAIVE, PEFT, build_implementation, default_implementations, random_weights,
 )
 from fastpeft.bench.memory import measure_saved_activations, saved_elements_limit
-from fastpeft.bench.report import format_bytes, markdown_table, plain_table
-from fastpeft.bench.results import TimingResult, compute_metrics
+from fastpeft.bench.report import (
+    HEADERS, footer_lines, format_bytes, format_ms, markdown_table, plain_table, table_rows,
+)
+from fastpeft.bench.results import BenchRun, TimingResult, compute_metrics
 from fastpeft.bench.runner import BenchConfig, make_inputs, run_benchmark
+from fastpeft.bench.spread import INCONCLUSIVE, MET, MISSED, Spread, ratio, verdict
 from fastpeft.bench.targets import check_targets
-from fastpeft.bench.timing import TimingBudget, median_time_ms
+from fastpeft.bench.timing import TimingBudget, timed_calls_ms
 
 CPU = torch.device("cpu")
 TINY = LayerShape("tiny", 24, 40)  # K = 24, N = 40
 ONE_CALL = TimingBudget(warmup_ms=0.0, rep_ms=0.0, min_reps=1, max_reps=1)
+# Three timed calls: the fewest that give a median with quartiles around it.
+THREE_CALLS = TimingBudget(warmup_ms=0.0, rep_ms=0.0, min_reps=3, max_reps=3)
 
 
 def tiny_case(m: int = 5, r: int = 2) -> BenchCase:
@@ -116,8 +121,18 @@ def test_lora_flops_by_hand():
         lora_flops(m, n, k, r, "bwd")
 
 
-def synthetic_timings(case: BenchCase, mode: str, times: dict[str, float | None]) -> list[TimingResult]:
-    return [TimingResult(case, mode, impl, ms, None if ms else "RuntimeError: boom") for impl, ms in times.items()]
+def synthetic_timings(
+    case: BenchCase, mode: str, times: dict[str, float | tuple[float, float, float] | None]
+) -> list[TimingResult]:
+    """TimingResults of ``case`` in ``mode``: an exact time, a (median, q1, q3) triple, or a failure."""
+    results = []
+    for impl, ms in times.items():
+        if ms is None:
+            results.append(TimingResult(case, mode, impl, None, error="RuntimeError: boom"))
+        else:
+            spread = Spread(*ms) if isinstance(ms, tuple) else Spread.point(ms)
+            results.append(TimingResult(case, mode, impl, spread, reps=5))
+    return results
 
 
 def test_ratios_are_against_base_and_peft_in_the_same_case_and_mode():
@@ -125,11 +140,11 @@ def test_ratios_are_against_base_and_peft_in_the_same_case_and_mode():
     timings = synthetic_timings(case, FORWARD, {BASE: 2.0, PEFT: 3.0, FASTPEFT: 2.5, NAIVE: None})
     timings += synthetic_timings(case, FORWARD_BACKWARD, {BASE: 10.0, FASTPEFT: 11.0})
     rows = {(r.mode, r.impl): r for r in compute_metrics(timings)}
-    assert rows[FORWARD, BASE].ratio_to_base == 1.0
-    assert rows[FORWARD, FASTPEFT].ratio_to_base == pytest.approx(1.25)
-    assert rows[FORWARD, FASTPEFT].speedup_vs_peft == pytest.approx(3.0 / 2.5)
+    assert rows[FORWARD, BASE].ratio_to_base == Spread.point(1.0)
+    assert rows[FORWARD, FASTPEFT].ratio_to_base.value == pytest.approx(1.25)
+    assert rows[FORWARD, FASTPEFT].speedup_vs_peft.value == pytest.approx(3.0 / 2.5)
     assert rows[FORWARD, NAIVE].ratio_to_base is None and rows[FORWARD, NAIVE].tflops is None
-    assert rows[FORWARD_BACKWARD, FASTPEFT].ratio_to_base == pytest.approx(1.1)
+    assert rows[FORWARD_BACKWARD, FASTPEFT].ratio_to_base.value == pytest.approx(1.1)
     assert rows[FORWARD_BACKWARD, FASTPEFT].speedup_vs_peft is None  # PEFT not timed in this mode
     # 76 FLOPs in 1 ms; base counts no LoRA FLOPs (48 in 2 ms)
     assert compute_metrics(synthetic_timings(case, FORWARD, {FASTPEFT: 1.0}))[0].tflops == pytest.approx(76e3 / 1e12)
@@ -144,21 +159,100 @@ def test_targets_apply_only_where_the_issue_states_them():
         timings += synthetic_timings(case, FORWARD_BACKWARD, {BASE: 1.0, PEFT: 2.0, FASTPEFT: 1.2})
     checks = check_targets(compute_metrics(timings), dropout=0.05)
     forward = [c for c in checks if c.target.mode == FORWARD]
-    assert [(c.case.m, c.met) for c in forward] == [(4096, True)]  # M >= 4096 only
-    fwd_bwd = [(c.target.metric, c.case.m, c.met) for c in checks if c.target.mode == FORWARD_BACKWARD]
-    assert ("ratio_to_base", 16, False) in fwd_bwd  # 1.2 > 1.15
-    assert ("speedup_vs_peft", 4096, True) in fwd_bwd  # 2.0 / 1.2 >= 1.3
+    assert [(c.case.m, c.verdict) for c in forward] == [(4096, MET)]  # M >= 4096 only
+    fwd_bwd = [(c.target.metric, c.case.m, c.verdict) for c in checks if c.target.mode == FORWARD_BACKWARD]
+    assert ("ratio_to_base", 16, MISSED) in fwd_bwd  # 1.2 > 1.15
+    assert ("speedup_vs_peft", 4096, MET) in fwd_bwd  # 2.0 / 1.2 >= 1.3
     assert all(c.target.metric != "speedup_vs_peft" for c in check_targets(compute_metrics(timings), dropout=0.1))
+
+
+# --- spreads and verdicts ----------------------------------------------------------------
+
+
+def test_spread_of_samples_is_the_median_and_interquartile_range():
+    assert Spread.of_samples([4.0, 1.0, 100.0, 3.0, 2.0]) == Spread(3.0, 2.0, 4.0)  # the outlier moves nothing
+    assert Spread.of_samples([1.0, 2.0, 4.0]) == Spread(2.0, 1.5, 3.0)
+    assert Spread.of_samples([7.0]) == Spread.point(7.0)
+    with pytest.raises(ValueError, match="no samples"):
+        Spread.of_samples([])
+
+
+def test_ratio_spans_the_extremes_of_both_ranges():
+    got = ratio(Spread(2.0, 1.8, 2.4), Spread(1.0, 0.9, 1.2))
+    assert got.value == 2.0 and got.low == pytest.approx(1.8 / 1.2) and got.high == pytest.approx(2.4 / 0.9)
+    assert ratio(Spread.point(3.0), Spread.point(2.0)) == Spread.point(1.5)
+    assert ratio(None, Spread.point(1.0)) is None and ratio(Spread.point(1.0), None) is None
+    assert Spread(2.0, 1.0, 4.0).rate(8.0) == Spread(4.0, 2.0, 8.0)  # 8 / time: the bounds swap
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "limit", "at_most", "expected"),
+    [
+        (1.00, 1.05, 1.05, True, MET),  # the whole range <= the limit, touching it
+        (1.05, 1.05, 1.05, True, MET),  # an exact value on the limit meets it
+        (1.04, 1.06, 1.05, True, INCONCLUSIVE),  # straddles
+        (1.05, 1.10, 1.05, True, INCONCLUSIVE),  # starts on the limit: part of it meets
+        (1.0501, 1.10, 1.05, True, MISSED),
+        (1.30, 1.50, 1.3, False, MET),
+        (1.20, 1.30, 1.3, False, INCONCLUSIVE),  # ends on the limit
+        (1.10, 1.2999, 1.3, False, MISSED),
+        (1.29, 1.31, 1.3, False, INCONCLUSIVE),
+    ],
+)
+def test_verdict_at_the_boundaries(low, high, limit, at_most, expected):
+    assert verdict(Spread((low + high) / 2, low, high), limit, at_most) == expected
+
+
+def test_a_median_that_meets_a_target_with_a_straddling_range_is_inconclusive():
+    """The forward target (<= 1.05x base at M >= 4096) on three noisy cases: the ratio of the
+    medians is 1.04x in each, only the ranges differ."""
+    narrow, noisy, slow = BenchCase(TINY, 4096, 8), BenchCase(TINY, 8192, 8), BenchCase(TINY, 16384, 8)
+    timings = synthetic_timings(narrow, FORWARD, {BASE: (1.0, 0.999, 1.001), FASTPEFT: (1.04, 1.039, 1.041)})
+    timings += synthetic_timings(noisy, FORWARD, {BASE: (1.0, 0.98, 1.02), FASTPEFT: (1.04, 1.03, 1.05)})
+    timings += synthetic_timings(slow, FORWARD, {BASE: (1.0, 0.99, 1.01), FASTPEFT: (1.09, 1.08, 1.10)})
+    checks = {c.case.m: c for c in check_targets(compute_metrics(timings), dropout=0.05)}
+    assert checks[4096].verdict == MET  # [1.038, 1.042]
+    assert checks[8192].verdict == INCONCLUSIVE  # [1.010, 1.071] reaches over 1.05
+    assert checks[8192].value.value == pytest.approx(1.04)
+    assert checks[16384].verdict == MISSED  # [1.069, 1.111]
+
+
+def synthetic_analysis(timings: list[TimingResult]) -> Analysis:
+    """An Analysis of ``timings`` alone (no saved-activation measurements)."""
+    settings = {"dropout_fwd_bwd": 0.05, "dropout_saved_activations": 0.1}
+    return analyze(BenchRun(settings, timings))
+
+
+def test_table_and_footer_show_the_ranges_and_verdicts():
+    case = BenchCase(TINY, 8192, 8)
+    timings = synthetic_timings(case, FORWARD, {BASE: (1.0, 0.98, 1.02), FASTPEFT: (1.04, 1.03, 1.05)})
+    timings += synthetic_timings(case, FORWARD_BACKWARD, {BASE: 2.0, PEFT: 3.0, FASTPEFT: 2.2})
+    body = {row[3]: row for row in table_rows(synthetic_analysis(timings))}
+    column = {name: HEADERS.index(name) for name in ("fwd ms", "fwd x base", "f+b x base", "f+b vs PEFT")}
+    assert body[FASTPEFT][column["fwd ms"]] == "1.04 (1.03-1.05)"
+    assert body[FASTPEFT][column["fwd x base"]] == "1.04x (1.01-1.07) ?"
+    assert body[FASTPEFT][column["f+b x base"]] == "1.10x ✓"  # exact times: no range, a verdict
+    assert body[FASTPEFT][column["f+b vs PEFT"]] == "1.36x ✓"
+    assert body[BASE][column["fwd x base"]] == "1.00x"  # itself: no spread; no target on base: no mark
+    assert body[PEFT][column["f+b vs PEFT"]] == "1.00x"
+    footer = "\n".join(footer_lines(synthetic_analysis(timings)))
+    assert "forward <= 1.05x base F.linear at M >= 4096: met in 0/1 cases, missed in 0, inconclusive in 1" in footer
+    assert "(worst 1.04x (1.01-1.07) at tiny M=8192 r=8)" in footer
+
+
+def test_format_ms_keeps_three_significant_digits_without_an_exponent():
+    times = (0.0123456, 0.5123, 0.53, 12.34, 1234.5)
+    assert [format_ms(x) for x in times] == ["0.0123", "0.512", "0.530", "12.3", "1234"]
 
 
 # --- timing ------------------------------------------------------------------------------
 
 
-def test_median_time_calls_once_untimed_then_estimate_then_reps():
+def test_timed_calls_come_after_one_untimed_call_the_estimate_and_warm_up():
     calls = []
     budget = TimingBudget(warmup_ms=0.0, rep_ms=0.0, min_reps=5, max_reps=5)
-    ms = median_time_ms(lambda: calls.append(1), CPU, budget)
-    assert ms >= 0.0
+    samples = timed_calls_ms(lambda: calls.append(1), CPU, budget)
+    assert len(samples) == 5 and all(ms >= 0.0 for ms in samples)
     assert len(calls) == 1 + 3 + 5  # prime, estimate, reps (no warm-up budget)
 
 
@@ -170,7 +264,7 @@ def tiny_analysis():
     impls = tuple(i for i in default_implementations() if i in (BASE, NAIVE, PEFT, FASTPEFT))
     config = BenchConfig(
         grid=CaseGrid((TINY,), (1, 5), (2,)), implementations=impls, device=CPU,
-        dtype=torch.float32, dropout=0.05, budget=ONE_CALL,
+        dtype=torch.float32, dropout=0.05, budget=THREE_CALLS,
     )
     return analyze(run_benchmark(config, log=lambda message: None))
 
@@ -185,16 +279,20 @@ def test_json_has_the_schema_and_every_case(tiny_analysis):
     assert len(data["timings"]) == 2 * 2 * len(impls)  # 2 cases x 2 modes
     assert len(data["saved_activations"]) == 2 * len(impls)
     for timing in data["timings"]:
-        assert set(timing) == {"shape", "m", "n", "k", "r", "mode", "impl", "median_ms", "ratio_to_base",
+        assert set(timing) == {"shape", "m", "n", "k", "r", "mode", "impl", "ms", "reps", "ratio_to_base",
                                "tflops", "speedup_vs_peft", "error"}
-        assert timing["error"] is None and timing["median_ms"] > 0
+        assert timing["error"] is None and timing["reps"] == 3
+        ms, to_base = timing["ms"], timing["ratio_to_base"]
+        assert set(ms) == set(to_base) == {"value", "low", "high"}
+        assert 0 < ms["low"] <= ms["value"] <= ms["high"]
+        assert to_base["low"] <= to_base["value"] <= to_base["high"]
+    for target in data["targets"]:
+        assert target["verdict"] in (MET, MISSED, INCONCLUSIVE) and set(target["value"]) == {"value", "low", "high"}
     assert [c["passed"] for c in data["saved_activation_checks"]] == [True, True]
     assert not tiny_analysis.failed
 
 
 def test_report_table_has_one_row_per_case_and_implementation(tiny_analysis):
-    from fastpeft.bench.report import HEADERS, table_rows
-
     body = table_rows(tiny_analysis)
     assert len(body) == 2 * len(tiny_analysis.run.settings["implementations"])
     assert all(len(row) == len(HEADERS) for row in body)
@@ -211,7 +309,7 @@ def test_run_records_a_failing_implementation_and_goes_on(monkeypatch):
     monkeypatch.setitem(implementations.BUILDERS, FASTPEFT, broken)
     config = BenchConfig(CaseGrid((TINY,), (3,), (2,)), (BASE, FASTPEFT), CPU, torch.float32, 0.05, ONE_CALL)
     analysis = analyze(run_benchmark(config, log=lambda message: None))
-    assert [t.median_ms is not None for t in analysis.run.timings] == [True, False, True, False]
+    assert [t.ms is not None for t in analysis.run.timings] == [True, False, True, False]
     assert analysis.run.errors[0].endswith("RuntimeError: kernel exploded")
     assert analysis.failed
 
@@ -296,6 +394,7 @@ def test_cli_quick_run_writes_json_markdown_and_plot(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "PASS k/v M=16 r=8" in out
+    assert "ms: median (interquartile range) of the timed calls" in out
     assert json.loads((tmp_path / "bench.json").read_text())["schema"] == SCHEMA
     assert (tmp_path / "bench.md").read_text().startswith("# fastpeft bench")
     assert (tmp_path / "bench.png").stat().st_size > 0

@@ -10,15 +10,18 @@ backward, AdamW step on the LoRA parameters, on one fixed batch of random tokens
 
 Measured per model, one model at a time on the device (the other waits in host memory):
 
-- step time: median of the timed steps after warm-up (``timing.median_time_ms``: CUDA events
-  on a GPU, ``time.perf_counter`` on CPU), and tokens/s = batch * seq_len / step time;
+- step time: median and interquartile range of the timed steps after warm-up
+  (``timing.timed_calls_ms``: CUDA events on a GPU, ``time.perf_counter`` on CPU), and
+  tokens/s = batch * seq_len / step time, with the range that gives;
 - GPU: peak memory, ``torch.cuda.max_memory_allocated`` over one step after
   ``reset_peak_memory_stats`` (weights, LoRA parameters, AdamW state, activations);
 - every device: bytes of the tensors autograd saves for backward in one forward
   (``memory.measure_saved_activations``, weights and the token ids excluded), the memory
   proxy on CPU, where torch's allocator has no peak statistics.
 
-Every ratio is fastpeft / PEFT from the same run.
+Every ratio is fastpeft / PEFT from the same run, with the range the two measurements' ranges
+allow (a point for memory, which is deterministic); a target is met or missed only when that
+whole range is on one side of it, inconclusive otherwise (``spread``).
 """
 
 from __future__ import annotations
@@ -39,11 +42,13 @@ import fastpeft
 from fastpeft.bench.environment import describe_environment, package_version
 from fastpeft.bench.implementations import FASTPEFT, PEFT
 from fastpeft.bench.memory import measure_saved_activations
-from fastpeft.bench.report import MISSING, format_bytes, markdown_table, plain_table
-from fastpeft.bench.results import time_ratio
+from fastpeft.bench.report import (
+    MISSING, format_bytes, format_ms, format_ratio, format_spread, markdown_table, plain_table,
+)
 from fastpeft.bench.runner import DEFAULT_DROPOUT, describe_error, log_to_stderr
+from fastpeft.bench.spread import Spread, ratio, spread_json
 from fastpeft.bench.targets import Target
-from fastpeft.bench.timing import ESTIMATE_CALLS, TimingBudget, median_time_ms
+from fastpeft.bench.timing import ESTIMATE_CALLS, TimingBudget, timed_calls_ms
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig
@@ -129,8 +134,8 @@ class E2EConfig:
             "gradient_checkpointing": self.gradient_checkpointing,
             "step": "zero_grad, forward with labels (mean cross-entropy), backward, optimizer step",
             "timing": (
-                "median of CUDA-event step times, L2 flushed before each" if on_gpu
-                else "median of time.perf_counter step times"
+                "median and interquartile range of CUDA-event step times, L2 flushed before each" if on_gpu
+                else "median and interquartile range of time.perf_counter step times"
             ),
             "timing_budget": vars(self.budget),
             "warmup_steps": WARMUP_STEPS,
@@ -155,7 +160,7 @@ GPU_MODEL = LlamaShape(2048, 8192, 16, 32, 8, 32000)
 # fp32 dropout copies of every LoRA input; fastpeft ~27 GiB: extrapolated from the saved bytes
 # of 1- and 2-layer models of these widths on CPU) stay well within the H200's 140 GB.
 GPU_BATCH, GPU_SEQ_LEN = 8, 2048
-# Warm-up steps before the timed ones: ``median_time_ms`` runs one untimed call and
+# Warm-up steps before the timed ones: ``timed_calls_ms`` runs one untimed call and
 # ESTIMATE_CALLS that estimate the step time; the budgets below add no more (warmup_ms 0).
 WARMUP_STEPS = 1 + ESTIMATE_CALLS
 # A few seconds per model: the warm-up steps, then 10 timed steps; fixed counts keep the
@@ -289,12 +294,13 @@ def peak_step_memory(step: Callable[[], None], device: torch.device) -> int:
 
 @dataclass(frozen=True)
 class E2EResult:
-    """One model's training step: median time, tokens/s, peak memory (GPU only, else None) and
-    bytes saved for backward; all None and ``error`` set when it failed."""
+    """One model's training step: time in ms and tokens/s (median and interquartile range of the
+    timed steps), peak memory (GPU only, else None) and bytes saved for backward; all None and
+    ``error`` set when it failed."""
 
     impl: str
-    median_ms: float | None
-    tokens_per_s: float | None
+    ms: Spread | None
+    tokens_per_s: Spread | None
     peak_bytes: int | None
     saved_bytes: int | None
     error: str | None = None
@@ -304,10 +310,10 @@ def measure(impl: str, model: nn.Module, input_ids: torch.Tensor, config: E2ECon
     """Time ``model``'s training step, then its peak memory (GPU) and saved-for-backward bytes."""
     try:
         step = make_train_step(model, input_ids)
-        median_ms = median_time_ms(step, config.device, config.budget)
+        ms = Spread.of_samples(timed_calls_ms(step, config.device, config.budget))
         peak = peak_step_memory(step, config.device) if config.device.type == "cuda" else None
         saved = measure_saved_activations(functools.partial(training_loss, model), input_ids, model.parameters())
-        return E2EResult(impl, median_ms, config.tokens / (median_ms * 1e-3), peak, saved.bytes)
+        return E2EResult(impl, ms, ms.rate(config.tokens * 1e3), peak, saved.bytes)
     except Exception as exc:  # a failing model is reported; the other is still measured
         return E2EResult(impl, None, None, None, None, describe_error(exc))
 
@@ -317,12 +323,18 @@ def measure(impl: str, model: nn.Module, input_ids: torch.Tensor, config: E2ECon
 
 class E2ECheck(NamedTuple):
     """A target evaluated on the run: ``metric`` is the measurement it used (on CPU the memory
-    target uses the saved-for-backward proxy), ``value`` the fastpeft / PEFT ratio."""
+    target uses the saved-for-backward proxy), ``value`` the fastpeft / PEFT ratio with its
+    range, ``verdict`` met, missed or inconclusive (``spread``)."""
 
     target: Target
     metric: str
-    value: float
-    met: bool
+    value: Spread
+    verdict: str
+
+
+def _measured(value: Spread | int | None) -> Spread | None:
+    """A measurement as a Spread: byte counts are exact, so points."""
+    return value if value is None or isinstance(value, Spread) else Spread.point(value)
 
 
 @dataclass
@@ -337,12 +349,13 @@ class E2ERun:
     def result(self, impl: str) -> E2EResult | None:
         return next((r for r in self.results if r.impl == impl), None)
 
-    def ratio(self, metric: str) -> float | None:
-        """fastpeft's ``metric`` / PEFT's (``TOKENS_PER_S``, ``PEAK_BYTES``, ``SAVED_BYTES``)."""
+    def ratio(self, metric: str) -> Spread | None:
+        """fastpeft's ``metric`` / PEFT's (``TOKENS_PER_S``, ``PEAK_BYTES``, ``SAVED_BYTES``), with
+        its range (a point for the byte counts, which are exact)."""
         ours, theirs = self.result(FASTPEFT), self.result(PEFT)
         if ours is None or theirs is None:
             return None
-        return time_ratio(getattr(ours, metric), getattr(theirs, metric))
+        return ratio(_measured(getattr(ours, metric)), _measured(getattr(theirs, metric)))
 
     @property
     def memory_metric(self) -> str:
@@ -356,7 +369,7 @@ class E2ERun:
             metric = self.memory_metric if target.metric == PEAK_BYTES else target.metric
             value = self.ratio(metric)
             if value is not None and target.dropout in (None, self.settings["lora"]["lora_dropout"]):
-                checks.append(E2ECheck(target, metric, value, target.met_by(value)))
+                checks.append(E2ECheck(target, metric, value, target.verdict(value)))
         return checks
 
     @property
@@ -429,12 +442,12 @@ def _ratio_cell(run: E2ERun, metric: str, checks: dict[str, E2ECheck]) -> str:
     if value is None:
         return MISSING
     check = checks.get(metric)
-    return f"{value:.2f}x" + ("" if check is None else " ✓" if check.met else " ✗")
+    return format_ratio(value, None if check is None else check.verdict)
 
 
 def e2e_table_rows(run: E2ERun) -> list[list[str]]:
-    """One row per model: step time, tokens/s, peak memory, saved bytes; fastpeft's row has
-    the fastpeft / PEFT ratios (with target marks)."""
+    """One row per model: step time and tokens/s (median and interquartile range), peak memory,
+    saved bytes; fastpeft's row has the fastpeft / PEFT ratios (with their ranges and target marks)."""
     checks = {c.metric: c for c in run.target_checks()}
     rows = []
     for r in run.results:
@@ -444,7 +457,7 @@ def e2e_table_rows(run: E2ERun) -> list[list[str]]:
         ratios = [_ratio_cell(run, m, checks) if r.impl == FASTPEFT else MISSING
                   for m in (TOKENS_PER_S, PEAK_BYTES, SAVED_BYTES)]
         rows.append([
-            r.impl, f"{r.median_ms:.4g}", f"{r.tokens_per_s:,.0f}", ratios[0],
+            r.impl, format_spread(r.ms, format_ms), format_spread(r.tokens_per_s, "{:,.0f}".format), ratios[0],
             MISSING if r.peak_bytes is None else format_bytes(r.peak_bytes), ratios[1],
             format_bytes(r.saved_bytes), ratios[2],
         ])
@@ -474,15 +487,20 @@ def e2e_header_lines(run: E2ERun) -> list[str]:
         f"step: {s['step']}; timing: {s['timing']}, {s['timing_budget']['min_reps']} timed steps after "
         f"{s['warmup_steps']} warm-up steps",
         f"memory: {s['memory']}; 'x PEFT' = fastpeft / PEFT",
+        "step ms and tokens/s: median (interquartile range) of the timed steps; 'x PEFT' of tokens/s: ratio of "
+        "the medians (lowest-highest ratio the two ranges allow); memory is exact",
     ]
 
 
 def e2e_footer_lines(run: E2ERun) -> list[str]:
-    lines = ["End-to-end targets for fastpeft (on an H200; displayed, not asserted):"]
+    lines = [
+        "End-to-end targets for fastpeft (on an H200; displayed, not asserted), judged on the ratio's range: "
+        "met, missed, or inconclusive when the range reaches the target:"
+    ]
     checks = run.target_checks()
     for c in checks:
         proxy = " (CPU proxy: bytes saved for backward)" if c.metric == SAVED_BYTES else ""
-        lines.append(f"  {c.target.label}{proxy}: {c.value:.2f}x {'met' if c.met else 'missed'}")
+        lines.append(f"  {c.target.label}{proxy}: {format_ratio(c.value)} {c.verdict}")
     if not checks:
         lines.append("  none applies to this run (they are stated at dropout 0.05, for runs that measured both)")
     if run.interrupted:
@@ -510,15 +528,18 @@ def print_e2e_report(run: E2ERun) -> None:
 
 
 def e2e_json(run: E2ERun) -> dict[str, Any]:
-    """The case as plain data: settings, per-model results (ms, tokens/s, bytes), the
-    fastpeft / PEFT ratios and the target checks."""
+    """The case as plain data: settings, per-model results (ms and tokens/s as
+    ``{"value", "low", "high"}``, bytes), the fastpeft / PEFT ratios (the same, exact ones as
+    points) and the target checks with their verdicts."""
     return {
         "settings": run.settings,
         "interrupted": run.interrupted,
         "results": [dataclasses.asdict(r) for r in run.results],
-        "fastpeft_vs_peft": {metric: run.ratio(metric) for metric in (TOKENS_PER_S, PEAK_BYTES, SAVED_BYTES)},
+        "fastpeft_vs_peft": {
+            metric: spread_json(run.ratio(metric)) for metric in (TOKENS_PER_S, PEAK_BYTES, SAVED_BYTES)
+        },
         "targets": [
-            {"target": c.target.label, "metric": c.metric, "value": c.value, "met": c.met}
+            {"target": c.target.label, "metric": c.metric, "value": spread_json(c.value), "verdict": c.verdict}
             for c in run.target_checks()
         ],
     }

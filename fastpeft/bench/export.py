@@ -2,9 +2,13 @@
 metrics, every saved-activation measurement, and the target and criterion checks of the layer
 benchmark; the end-to-end case under ``"e2e"``.
 
-Schema ``fastpeft-bench/2`` (``/1`` plus ``"e2e"``): the layer keys (``settings``,
-``interrupted``, ``timings``, ``saved_activations``, ``targets``, ``saved_activation_checks``)
-are there when the layer grid ran, ``"e2e"`` (see ``e2e.e2e_json``) when the end-to-end case ran."""
+Schema ``fastpeft-bench/3``: the layer keys (``settings``, ``interrupted``, ``timings``,
+``saved_activations``, ``targets``, ``saved_activation_checks``) are there when the layer grid
+ran, ``"e2e"`` (see ``e2e.e2e_json``) when the end-to-end case ran. Every time and every ratio
+is ``{"value", "low", "high"}`` (``spread_json``): a time's median and interquartile range over
+its ``reps`` timed calls, a ratio of medians and the range the two timings' ranges allow; every
+target has a ``"verdict"``: "met", "missed" or "inconclusive" (the range reaches the limit).
+``/2`` had plain numbers (``median_ms``) and a boolean ``"met"`` instead."""
 
 from __future__ import annotations
 
@@ -15,8 +19,9 @@ from typing import Any
 from fastpeft.bench.analysis import Analysis
 from fastpeft.bench.cases import BenchCase
 from fastpeft.bench.e2e import E2ERun, e2e_json
+from fastpeft.bench.spread import spread_json
 
-SCHEMA = "fastpeft-bench/2"
+SCHEMA = "fastpeft-bench/3"
 
 
 def _case_fields(case: BenchCase) -> dict[str, Any]:
@@ -43,10 +48,11 @@ def _layer_json(analysis: Analysis) -> dict[str, Any]:
                 **_case_fields(r.case),
                 "mode": r.mode,
                 "impl": r.impl,
-                "median_ms": r.median_ms,
-                "ratio_to_base": r.ratio_to_base,
+                "ms": spread_json(r.ms),
+                "reps": r.reps,
+                "ratio_to_base": spread_json(r.ratio_to_base),
                 "tflops": r.tflops,
-                "speedup_vs_peft": r.speedup_vs_peft,
+                "speedup_vs_peft": spread_json(r.speedup_vs_peft),
                 "error": r.error,
             }
             for r in analysis.rows
@@ -63,7 +69,7 @@ def _layer_json(analysis: Analysis) -> dict[str, Any]:
             for s in analysis.run.saved
         ],
         "targets": [
-            {**_case_fields(c.case), "target": c.target.label, "value": c.value, "met": c.met}
+            {**_case_fields(c.case), "target": c.target.label, "value": spread_json(c.value), "verdict": c.verdict}
             for c in analysis.target_checks
         ],
         "saved_activation_checks": [

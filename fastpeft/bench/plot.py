@@ -1,5 +1,6 @@
 """Plot of time / base ``F.linear`` time against M: one panel per (mode, shape), one colour per
-implementation, one line style per rank, the target ratios as dotted lines."""
+implementation, one line style per rank, error bars from the ratio's range, the target ratios
+as dotted lines."""
 
 from __future__ import annotations
 
@@ -34,14 +35,16 @@ def write_plot(analysis: Analysis, path: Path) -> None:
             for impl in impls:
                 for rank, style in zip(ranks, itertools.cycle(LINE_STYLES)):
                     points = sorted(
-                        (r.case.m, r.ratio_to_base)
+                        (r.case.m, r.ratio_to_base.value, r.ratio_to_base.low, r.ratio_to_base.high)
                         for r in rows
                         if r.mode == mode and r.case.shape == shape and r.impl == impl and r.case.r == rank
                     )
                     if points:
-                        ms, ratios = zip(*points)
-                        ax.plot(ms, ratios, style, marker="o", markersize=3, color=colors[impl],
-                                label=f"{impl} r={rank}")
+                        ms, ratios, lows, highs = zip(*points)
+                        below = [v - low for v, low in zip(ratios, lows)]
+                        above = [high - v for v, high in zip(ratios, highs)]
+                        ax.errorbar(ms, ratios, yerr=(below, above), fmt=style, marker="o", markersize=3,
+                                    capsize=2, color=colors[impl], label=f"{impl} r={rank}")
             for target in TARGETS:
                 if target.mode == mode and target.metric == RATIO_TO_BASE:
                     ax.axhline(target.limit, color="grey", linestyle=":", linewidth=1)

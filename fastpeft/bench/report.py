@@ -2,19 +2,23 @@
 markdown) with a header (device, versions, settings) and a footer (targets, the
 saved-activation PASS/FAIL lines, errors).
 
-One table row per (case, implementation): forward and forward+backward side by side.
+One table row per (case, implementation): forward and forward+backward side by side. Every
+time shows its median and interquartile range, every ratio its range, and every target mark
+its verdict on that range (``spread``).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from fastpeft.bench.analysis import Analysis
 from fastpeft.bench.cases import FORWARD, FORWARD_BACKWARD, BenchCase
 from fastpeft.bench.implementations import FASTPEFT
 from fastpeft.bench.results import MetricRow
+from fastpeft.bench.spread import INCONCLUSIVE, MET, MISSED, Spread
 from fastpeft.bench.targets import RATIO_TO_BASE, SPEEDUP_VS_PEFT, TargetCheck
 
 HEADERS = [
@@ -26,9 +30,13 @@ HEADERS = [
 MISSING = "-"
 # shape, M, r, impl: left-aligned; the numbers after them right-aligned.
 TEXT_COLUMNS = 4
-# Characters the 12 columns need with rich's borders; a narrower terminal wraps lines
-# instead of truncating every cell.
-RICH_MIN_WIDTH = 150
+# Characters the 12 columns need with rich's borders (times and ratios with their ranges);
+# a narrower terminal wraps lines instead of truncating every cell.
+RICH_MIN_WIDTH = 200
+# The table's mark for each verdict on a target.
+VERDICT_MARKS = {MET: "✓", MISSED: "✗", INCONCLUSIVE: "?"}
+# Significant digits of times: the spread of repeated calls is rarely below 1%.
+MS_DIGITS = 3
 
 
 def format_bytes(n: int) -> str:
@@ -43,10 +51,25 @@ def format_bytes(n: int) -> str:
     return f"{value:.1f} GiB"
 
 
-def _mark(check: TargetCheck | None) -> str:
-    if check is None:
-        return ""
-    return " ✓" if check.met else " ✗"
+def format_ms(ms: float) -> str:
+    """Milliseconds to MS_DIGITS significant digits, without an exponent: 0.0123, 0.512, 1234."""
+    decimals = MS_DIGITS - 1 - math.floor(math.log10(ms)) if ms > 0 else 0
+    return f"{ms:.{max(decimals, 0)}f}"
+
+
+def format_spread(measured: Spread, fmt: Callable[[float], str], suffix: str = "") -> str:
+    """The value and, unless it is exact, its range: ``1.02x (0.98-1.07)``, ``0.512 (0.501-0.530)``."""
+    text = fmt(measured.value) + suffix
+    if measured.low == measured.high:
+        return text
+    return f"{text} ({fmt(measured.low)}-{fmt(measured.high)})"
+
+
+def format_ratio(measured: Spread, verdict: str | None = None) -> str:
+    """A ratio to two decimals (as the targets are stated: 1.05x, 1.3x) with its range, and the
+    mark of the ``verdict`` of a target on it if any."""
+    text = format_spread(measured, "{:.2f}".format, "x")
+    return text if verdict is None else f"{text} {VERDICT_MARKS[verdict]}"
 
 
 def _cells(row: MetricRow | None, checks: dict[tuple[BenchCase, str, str], TargetCheck], with_peft: bool) -> list[str]:
@@ -54,16 +77,16 @@ def _cells(row: MetricRow | None, checks: dict[tuple[BenchCase, str, str], Targe
     width = 4 if with_peft else 3
     if row is None:
         return [MISSING] * width
-    if row.median_ms is None:
+    if row.ms is None:
         return ["error"] + [MISSING] * (width - 1)
 
-    def metric(value: float | None, metric_name: str) -> str:
+    def metric(value: Spread | None, metric_name: str) -> str:
         if value is None:
             return MISSING
         check = checks.get((row.case, row.mode, metric_name)) if row.impl == FASTPEFT else None
-        return f"{value:.2f}x" + _mark(check)
+        return format_ratio(value, None if check is None else check.verdict)
 
-    cells = [f"{row.median_ms:.4g}", metric(row.ratio_to_base, RATIO_TO_BASE), f"{row.tflops:.3g}"]
+    cells = [format_spread(row.ms, format_ms), metric(row.ratio_to_base, RATIO_TO_BASE), f"{row.tflops:.3g}"]
     if with_peft:
         cells.append(metric(row.speedup_vs_peft, SPEEDUP_VS_PEFT))
     return cells
@@ -109,19 +132,27 @@ def header_lines(analysis: Analysis) -> list[str]:
         f"timing: {s['timing']}; 'x base' = time / base F.linear time in the same run, "
         f"'vs PEFT' = PEFT time / time; saved = activation bytes kept for backward beyond x and "
         f"weights at dropout {s['dropout_saved_activations']}",
+        "ms: median (interquartile range) of the timed calls; ratios: ratio of the medians (lowest-highest "
+        "ratio the two ranges allow); TFLOP/s at the median",
     ]
 
 
 def _target_lines(analysis: Analysis) -> list[str]:
-    lines = ["Targets for fastpeft (displayed, not asserted; ✓ met, ✗ missed in the table):"]
+    lines = [
+        "Targets for fastpeft (displayed, not asserted), judged on the ratio's range: "
+        "✓ met, ✗ missed, ? inconclusive (the range reaches the target):"
+    ]
     by_target: dict[str, list[TargetCheck]] = {}
     for check in analysis.target_checks:
         by_target.setdefault(check.target.label, []).append(check)
     for label, checks in by_target.items():
         at_most = checks[0].target.at_most
-        worst = max(checks, key=lambda c: c.value if at_most else -c.value)
-        met = sum(c.met for c in checks)
-        lines.append(f"  {label}: met in {met}/{len(checks)} cases (worst {worst.value:.2f}x at {worst.case.label})")
+        worst = max(checks, key=lambda c: c.value.value if at_most else -c.value.value)
+        counts = {v: sum(c.verdict == v for c in checks) for v in (MET, MISSED, INCONCLUSIVE)}
+        lines.append(
+            f"  {label}: met in {counts[MET]}/{len(checks)} cases, missed in {counts[MISSED]}, inconclusive "
+            f"in {counts[INCONCLUSIVE]} (worst {format_ratio(worst.value)} at {worst.case.label})"
+        )
     if not by_target:
         lines.append("  no fastpeft timing to which a target applies in this run")
     return lines

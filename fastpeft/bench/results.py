@@ -1,6 +1,7 @@
 """Raw measurements of a run and the metrics derived from them (ratios, TFLOP/s, speedups).
 
-Every ratio compares two implementations timed in the same run on the same case and mode.
+Every ratio compares two implementations timed in the same run on the same case and mode, and
+carries the spread of both timings (``spread.ratio``).
 """
 
 from __future__ import annotations
@@ -11,16 +12,19 @@ from typing import Any
 from fastpeft.bench.cases import BenchCase, lora_flops
 from fastpeft.bench.implementations import BASE, PEFT
 from fastpeft.bench.memory import SavedActivations
+from fastpeft.bench.spread import Spread, ratio
 
 
 @dataclass(frozen=True)
 class TimingResult:
-    """Median time of one implementation on one case in one mode, or why it failed."""
+    """Time of one implementation on one case in one mode (median and interquartile range of
+    ``reps`` timed calls, in ms), or why it failed (``ms`` None)."""
 
     case: BenchCase
     mode: str
     impl: str
-    median_ms: float | None
+    ms: Spread | None
+    reps: int = 0
     error: str | None = None
 
 
@@ -45,6 +49,7 @@ class BenchRun:
 
     @property
     def errors(self) -> list[str]:
+        """One line per failed measurement."""
         timing_errors = [f"{t.case.label} {t.mode} {t.impl}: {t.error}" for t in self.timings if t.error]
         saved_errors = [f"{s.case.label} saved-activations {s.impl}: {s.error}" for s in self.saved if s.error]
         return timing_errors + saved_errors
@@ -53,23 +58,26 @@ class BenchRun:
 @dataclass(frozen=True)
 class MetricRow:
     """Derived metrics of one timing: ``ratio_to_base`` = t / t(base), ``speedup_vs_peft`` =
-    t(peft) / t; both None where either time is missing."""
+    t(peft) / t, with their ranges; both None where either time is missing. ``tflops`` at the
+    median time."""
 
     case: BenchCase
     mode: str
     impl: str
-    median_ms: float | None
-    ratio_to_base: float | None
+    ms: Spread | None
+    reps: int
+    ratio_to_base: Spread | None
     tflops: float | None
-    speedup_vs_peft: float | None
+    speedup_vs_peft: Spread | None
     error: str | None
 
 
-def time_ratio(numerator_ms: float | None, denominator_ms: float | None) -> float | None:
-    """``numerator / denominator``, or None when either is missing."""
-    if numerator_ms is None or denominator_ms is None:
-        return None
-    return numerator_ms / denominator_ms
+def relative_time(numerator: Spread | None, denominator: Spread | None, same_timing: bool) -> Spread | None:
+    """``numerator / denominator`` with its range (None when either is missing); exactly 1 when
+    both are the same timing, whose spread cancels out."""
+    if same_timing and numerator is not None:
+        return Spread.point(1.0)
+    return ratio(numerator, denominator)
 
 
 def tflops(case: BenchCase, mode: str, impl: str, median_ms: float | None) -> float | None:
@@ -83,16 +91,17 @@ def tflops(case: BenchCase, mode: str, impl: str, median_ms: float | None) -> fl
 
 def compute_metrics(timings: list[TimingResult]) -> list[MetricRow]:
     """One ``MetricRow`` per timing, in the same order."""
-    times = {(t.case, t.mode, t.impl): t.median_ms for t in timings}
+    times = {(t.case, t.mode, t.impl): t.ms for t in timings}
     return [
         MetricRow(
             case=t.case,
             mode=t.mode,
             impl=t.impl,
-            median_ms=t.median_ms,
-            ratio_to_base=time_ratio(t.median_ms, times.get((t.case, t.mode, BASE))),
-            tflops=tflops(t.case, t.mode, t.impl, t.median_ms),
-            speedup_vs_peft=time_ratio(times.get((t.case, t.mode, PEFT)), t.median_ms),
+            ms=t.ms,
+            reps=t.reps,
+            ratio_to_base=relative_time(t.ms, times.get((t.case, t.mode, BASE)), t.impl == BASE),
+            tflops=tflops(t.case, t.mode, t.impl, None if t.ms is None else t.ms.value),
+            speedup_vs_peft=relative_time(times.get((t.case, t.mode, PEFT)), t.ms, t.impl == PEFT),
             error=t.error,
         )
         for t in timings

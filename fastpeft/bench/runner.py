@@ -23,7 +23,8 @@ from fastpeft.bench.environment import describe_environment
 from fastpeft.bench.implementations import Implementation, LoRAWeights, build_implementation, random_weights
 from fastpeft.bench.memory import measure_saved_activations
 from fastpeft.bench.results import BenchRun, SavedResult, TimingResult
-from fastpeft.bench.timing import TimingBudget, median_time_ms
+from fastpeft.bench.spread import Spread
+from fastpeft.bench.timing import TimingBudget, timed_calls_ms
 
 # Dropout of the fwd+bwd timings by default: the issue states its PEFT speed target at 0.05.
 DEFAULT_DROPOUT = 0.05
@@ -59,9 +60,9 @@ class BenchConfig:
                 FORWARD_BACKWARD: "training: dropout on, grads of x, A, B (base: x only; W frozen)",
             },
             "timing": (
-                "median of CUDA-event times, L2 flushed before each call"
+                "median and interquartile range of CUDA-event times, L2 flushed before each call"
                 if self.device.type == "cuda"
-                else "median of time.perf_counter times"
+                else "median and interquartile range of time.perf_counter times"
             ),
             "timing_budget": vars(self.budget),
             "grid": {
@@ -110,10 +111,10 @@ def _time_implementation(
 ) -> TimingResult:
     try:
         impl = build_implementation(name, w, config.dropout, training=mode == FORWARD_BACKWARD)
-        median_ms = median_time_ms(make_step(impl, x, dy, mode), config.device, config.budget)
-        return TimingResult(case, mode, name, median_ms)
+        samples = timed_calls_ms(make_step(impl, x, dy, mode), config.device, config.budget)
+        return TimingResult(case, mode, name, Spread.of_samples(samples), len(samples))
     except Exception as exc:  # one broken implementation must not stop the others
-        return TimingResult(case, mode, name, None, describe_error(exc))
+        return TimingResult(case, mode, name, None, error=describe_error(exc))
 
 
 def _measure_implementation(name: str, case: BenchCase, w: LoRAWeights, x: torch.Tensor) -> SavedResult:

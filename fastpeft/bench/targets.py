@@ -1,6 +1,7 @@
 """The issue's goals for fastpeft, evaluated on a run. Timing targets are displayed, never
-asserted (times vary by machine); the saved-activation criterion is deterministic and gets a
-PASS/FAIL line per case.
+asserted (times vary by machine), and judged on the range of the measured ratio: met, missed,
+or inconclusive when the range reaches the limit (``spread.verdict``). The saved-activation
+criterion is deterministic and gets a PASS/FAIL line per case.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from fastpeft.bench.cases import FORWARD, FORWARD_BACKWARD, BenchCase
 from fastpeft.bench.implementations import FASTPEFT, PEFT
 from fastpeft.bench.memory import saved_elements_limit
 from fastpeft.bench.results import MetricRow, SavedResult
+from fastpeft.bench.spread import Spread, verdict
 
 RATIO_TO_BASE = "ratio_to_base"
 SPEEDUP_VS_PEFT = "speedup_vs_peft"
@@ -29,8 +31,9 @@ class Target:
     min_m: int = 1
     dropout: float | None = None
 
-    def met_by(self, value: float) -> bool:
-        return value <= self.limit if self.at_most else value >= self.limit
+    def verdict(self, measured: Spread) -> str:
+        """``spread.MET``, ``MISSED`` or ``INCONCLUSIVE`` for the measured ratio and its range."""
+        return verdict(measured, self.limit, self.at_most)
 
 
 TARGETS: tuple[Target, ...] = (
@@ -44,12 +47,13 @@ TARGETS: tuple[Target, ...] = (
 
 @dataclass(frozen=True)
 class TargetCheck:
-    """One target evaluated on one fastpeft case: the metric's ``value`` and whether it ``met`` it."""
+    """One target evaluated on one fastpeft case: the metric's ``value`` (with its range) and
+    the ``verdict`` on it."""
 
     target: Target
     case: BenchCase
-    value: float
-    met: bool
+    value: Spread
+    verdict: str
 
 
 def check_targets(rows: list[MetricRow], dropout: float) -> list[TargetCheck]:
@@ -61,7 +65,7 @@ def check_targets(rows: list[MetricRow], dropout: float) -> list[TargetCheck]:
         for row in rows:
             value = getattr(row, target.metric)
             if row.impl == FASTPEFT and row.mode == target.mode and row.case.m >= target.min_m and value is not None:
-                checks.append(TargetCheck(target, row.case, value, target.met_by(value)))
+                checks.append(TargetCheck(target, row.case, value, target.verdict(value)))
     return checks
 
 

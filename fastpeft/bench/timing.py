@@ -1,4 +1,5 @@
-"""The one timing function every implementation goes through: median milliseconds per call.
+"""The one timing function every implementation goes through: the milliseconds of each timed
+call, which reports summarize as their median and interquartile range (``spread.Spread``).
 
 On CUDA each call is timed with CUDA events and the L2 cache is flushed before it, so no
 call finds the weights or inputs cached by the previous one. On CPU each call is timed
@@ -40,10 +41,11 @@ class TimingBudget:
 # largest case (~5 ms fwd+bwd); decode-sized calls (~20 us) stop at 200, which costs ~40 ms of
 # wall time with the L2 flush and launch overhead per call and still gives a stable median.
 GPU_BUDGET = TimingBudget(warmup_ms=10.0, rep_ms=40.0, min_reps=10, max_reps=200)
-# CPU: calls take 1-300 ms; 3 reps minimum give a median, 0.3 s per timing keeps the
-# default CPU run under two minutes.
+# CPU: calls take 1-300 ms; 3 reps minimum give a median and quartiles, 0.3 s per timing keeps
+# the default CPU run under two minutes.
 CPU_BUDGET = TimingBudget(warmup_ms=20.0, rep_ms=300.0, min_reps=3, max_reps=50)
-# Smoke runs: just enough calls to exercise the path and give a median of three.
+# Smoke runs: just enough calls to exercise the path and give a median of three (and quartiles,
+# a rough spread from so few calls).
 QUICK_BUDGET = TimingBudget(warmup_ms=10.0, rep_ms=0.0, min_reps=3, max_reps=3)
 
 
@@ -83,11 +85,12 @@ def call_times_ms(fn: Callable[[], object], calls: int, device: torch.device) ->
     return _cpu_call_times_ms(fn, calls)
 
 
-def median_time_ms(fn: Callable[[], object], device: torch.device, budget: TimingBudget) -> float:
-    """Median milliseconds of one call of ``fn`` on ``device``, after warm-up."""
+def timed_calls_ms(fn: Callable[[], object], device: torch.device, budget: TimingBudget) -> list[float]:
+    """Milliseconds of each timed call of ``fn`` on ``device`` (``budget.min_reps`` to
+    ``budget.max_reps`` of them), after one untimed call, the estimate and the warm-up."""
     fn()
     estimate_ms = max(statistics.mean(call_times_ms(fn, ESTIMATE_CALLS, device)), 1e-6)
     warmup_calls = min(math.ceil(budget.warmup_ms / estimate_ms), budget.max_reps)
     reps = min(max(math.ceil(budget.rep_ms / estimate_ms), budget.min_reps), budget.max_reps)
     call_times_ms(fn, warmup_calls, device)
-    return statistics.median(call_times_ms(fn, reps, device))
+    return call_times_ms(fn, reps, device)
