@@ -46,7 +46,7 @@ def check_against_reference(pb: Problem, dropout_p: float, grad_y: torch.Tensor 
     a = pb.lora_a.detach().requires_grad_()
     b = pb.lora_b.detach().requires_grad_()
     seed = draw_seed(x.device) if dropout_p > 0 else x.new_empty(0, dtype=torch.int64)
-    y, _ = torch.ops.fastpeft.lora_linear(x, pb.weight, pb.bias, a, b, SCALING, dropout_p, seed)
+    y, _, keep = torch.ops.fastpeft.lora_linear(x, pb.weight, pb.bias, a, b, SCALING, dropout_p, seed)
     if grad_y is None:
         grad_y = torch.randn_like(y)
     y.backward(grad_y)
@@ -55,6 +55,8 @@ def check_against_reference(pb: Problem, dropout_p: float, grad_y: torch.Tensor 
     mask = None
     if dropout_p > 0:
         mask = lora_linear_dropout_mask(seed, x.numel() // k, k, dropout_p).reshape(x.shape)
+        if keep.numel():  # the torch path hands its mask to the backward: the one it drew
+            assert torch.equal(keep.reshape(x.shape), mask)
     x64 = pb.x.detach().double().requires_grad_()
     a64 = pb.lora_a.detach().double().requires_grad_()
     b64 = pb.lora_b.detach().double().requires_grad_()

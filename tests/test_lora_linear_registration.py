@@ -33,9 +33,12 @@ def test_opcheck_backward(backend, needs):
     pb = make_problem((7,), 40, 24, 4, torch.float32)
     s = torch.randn(7, 4, device=DEVICE)
     grad_y = torch.randn(7, 24, device=DEVICE)
+    seed = draw_seed(DEVICE)
+    # The mask the op's forward would have handed over: the torch path's, or none after the kernels.
+    _, _, keep = torch.ops.fastpeft.lora_linear(pb.x, pb.weight, pb.bias, pb.lora_a, pb.lora_b, SCALING, 0.1, seed)
     torch.library.opcheck(
         torch.ops.fastpeft.lora_linear_backward.default,
-        (grad_y, pb.x, pb.weight, pb.lora_a, pb.lora_b, s, SCALING, 0.1, draw_seed(DEVICE), *needs),
+        (grad_y, pb.x, pb.weight, pb.lora_a, pb.lora_b, s, keep, SCALING, 0.1, seed, *needs),
     )
 
 
@@ -93,7 +96,7 @@ def test_eager_inference_skips_the_dispatcher_only_when_nothing_needs_it():
         assert _call_directly(pb.x, pb.weight, pb.bias, a, pb.lora_b)
         y_direct = lora_linear(*plain, SCALING)
     assert not _call_directly(pb.x.as_subclass(_Sub), pb.weight, None, pb.lora_a, pb.lora_b)
-    y_op, _ = torch.ops.fastpeft.lora_linear(*plain, SCALING, 0.0, pb.x.new_empty(0, dtype=torch.int64))
+    y_op, _, _ = torch.ops.fastpeft.lora_linear(*plain, SCALING, 0.0, pb.x.new_empty(0, dtype=torch.int64))
     torch.testing.assert_close(y_direct, y_op, rtol=0, atol=0)
 
 

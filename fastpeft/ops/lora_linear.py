@@ -2,11 +2,13 @@
 
     y = x W^T + b + scaling * dropout(x) A^T B^T
 
-``torch.ops.fastpeft.lora_linear`` holds the forward (returning ``y`` and ``s = x_hat A^T``,
-the only activation it saves besides its inputs) and ``torch.ops.fastpeft.lora_linear_backward``
-the backward; both dispatch to the Triton kernels (CUDA) or the torch path (CPU), see
-``fastpeft.backend``. Dropout draws from a 64-bit seed tensor made on x's device from
-torch's generator (no host sync, CUDA-graph safe); the backward regenerates the mask from it.
+``torch.ops.fastpeft.lora_linear`` holds the forward (returning ``y``, ``s = x_hat A^T`` and
+the torch path's dropout mask, the only activations it saves besides its inputs) and
+``torch.ops.fastpeft.lora_linear_backward`` the backward; both dispatch to the Triton kernels
+(CUDA) or the torch path (CPU), see ``fastpeft.backend``. Dropout draws from a 64-bit seed
+tensor made on x's device from torch's generator (no host sync, CUDA-graph safe); the
+kernels regenerate the mask from it in the backward, the torch path keeps it (one byte per
+element; see ``lora_linear_torch``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from fastpeft.kernels.lora_configs import MAX_RANK  # torch-only module: no Trit
 from fastpeft.ops.checks import check_lora_linear_args
 from fastpeft.ops.dropout_mask import keep_mask_torch_path
 from fastpeft.ops.lora_linear_torch import (
+    keep_mask,
     lora_backward_torch,
     lora_forward_torch,
     lora_rank_side,
@@ -59,15 +62,19 @@ def _lora_linear_forward(
     scaling: float,
     dropout_p: float,
     seed: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y [..., N], s [M, R])`` for x ``[..., K]``, M the product of x's leading dims;
-    ``s`` in ``rank_side_dtype(lora_a.dtype)`` (fp32 unless the adapter is float64)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y [..., N], s [M, R], keep)`` for x ``[..., K]``, M the product of x's leading dims;
+    ``s`` in ``rank_side_dtype(lora_a.dtype)`` (fp32 unless the adapter is float64); ``keep``
+    the torch path's bool ``[M, K]`` dropout mask, empty on the kernels or without dropout."""
     x2 = _rows(x, weight.shape[1])
-    forward = lora_forward_torch
     if _use_kernels(x, weight, lora_a):
-        from fastpeft.kernels.lora_launch import lora_forward as forward
-    y, s = forward(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
-    return y.view(*x.shape[:-1], weight.shape[0]), s
+        from fastpeft.kernels.lora_launch import lora_forward
+
+        y, s = lora_forward(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+        keep = x.new_empty(0, dtype=torch.bool)
+    else:
+        y, s, keep = lora_forward_torch(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+    return y.view(*x.shape[:-1], weight.shape[0]), s, keep
 
 
 _lora_linear_op = torch.library.custom_op("fastpeft::lora_linear", mutates_args=())(_lora_linear_forward)
@@ -92,9 +99,12 @@ def _call_directly(*tensors: torch.Tensor | None) -> bool:
 
 @_lora_linear_op.register_fake
 def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
+    m = math.prod(x.shape[:-1])
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
-    s = x.new_empty((math.prod(x.shape[:-1]), lora_a.shape[0]), dtype=rank_side_dtype(lora_a.dtype))
-    return y, s
+    s = x.new_empty((m, lora_a.shape[0]), dtype=rank_side_dtype(lora_a.dtype))
+    saves_mask = dropout_p > 0.0 and not _use_kernels(x, weight, lora_a)
+    keep = x.new_empty((m, x.shape[-1]) if saves_mask else (0,), dtype=torch.bool)
+    return y, s, keep
 
 
 def _lora_linear_backward(
@@ -104,6 +114,7 @@ def _lora_linear_backward(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     s: torch.Tensor,
+    keep: torch.Tensor,
     scaling: float,
     dropout_p: float,
     seed: torch.Tensor,
@@ -111,14 +122,16 @@ def _lora_linear_backward(
     need_a: bool,
     need_b: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dX like x, dA [R, K], dB [N, R])``; a gradient not asked for is an empty tensor."""
-    backward = lora_backward_torch
+    """``(dX like x, dA [R, K], dB [N, R])``; a gradient not asked for is an empty tensor.
+    The kernels regenerate the dropout mask from ``seed``, the torch path uses ``keep``."""
+    g2, x2 = _rows(grad_y, weight.shape[0]), _rows(x, weight.shape[1])
+    needs = (need_x, need_a, need_b)
     if _use_kernels(x, weight, lora_a):
-        from fastpeft.kernels.lora_launch import lora_backward as backward
-    dx, da, db = backward(
-        _rows(grad_y, weight.shape[0]), _rows(x, weight.shape[1]), weight, lora_a, lora_b, s,
-        scaling, dropout_p, seed, need_x, need_a, need_b,
-    )
+        from fastpeft.kernels.lora_launch import lora_backward
+
+        dx, da, db = lora_backward(g2, x2, weight, lora_a, lora_b, s, scaling, dropout_p, seed, *needs)
+    else:
+        dx, da, db = lora_backward_torch(g2, x2, weight, lora_a, lora_b, s, keep, scaling, dropout_p, *needs)
     return (
         dx.view(x.shape) if dx is not None else x.new_empty(0),
         da if da is not None else x.new_empty(0),
@@ -132,7 +145,8 @@ _lora_linear_backward_op = torch.library.custom_op("fastpeft::lora_linear_backwa
 
 
 @_lora_linear_backward_op.register_fake
-def _lora_linear_backward_fake(grad_y, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_x, need_a, need_b):
+def _lora_linear_backward_fake(grad_y, x, weight, lora_a, lora_b, s, keep, scaling, dropout_p, seed, need_x, need_a,
+                               need_b):
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else x.new_empty(0),
         lora_a.new_empty(lora_a.shape) if need_a else x.new_empty(0),
@@ -142,35 +156,38 @@ def _lora_linear_backward_fake(grad_y, x, weight, lora_a, lora_b, s, scaling, dr
 
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed = inputs
-    _, s = output
-    ctx.mark_non_differentiable(s)
-    ctx.save_for_backward(x, weight, lora_a, lora_b, s, seed)
+    _, s, keep = output
+    ctx.mark_non_differentiable(s, keep)
+    ctx.save_for_backward(x, weight, lora_a, lora_b, s, keep, seed)
     ctx.scaling = scaling
     ctx.dropout_p = dropout_p
 
 
-def _differentiable_backward(grad_y, x, weight, lora_a, lora_b, scaling, dropout_p, seed, need_x, need_a, need_b):
+def _differentiable_backward(grad_y, x, weight, lora_a, lora_b, keep, scaling, dropout_p, seed, need_x, need_a,
+                             need_b):
     """The backward as plain torch ops that autograd records, for ``create_graph=True``
     (double backward, e.g. gradient penalties): ``s`` is recomputed with autograd instead
-    of read from the non-differentiable saved copy, and the dropout mask is regenerated
-    from the seed as in the single backward (``keep_mask_torch_path`` draws the mask the
-    forward used on every backend)."""
+    of read from the non-differentiable saved copy. The dropout mask is the torch path's
+    saved one, or, after the kernels, regenerated from the seed (``keep_mask_torch_path``
+    draws the kernels' Philox mask whenever they run)."""
     x2, g2 = _rows(x, weight.shape[1]), _rows(grad_y, weight.shape[0])
-    s = lora_rank_side(x2, lora_a, dropout_p, seed)
-    dx, da, db = lora_backward_torch(g2, x2, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_x, need_a, need_b)
+    if dropout_p > 0.0 and not keep.numel():
+        keep = keep_mask(x2, dropout_p, seed)
+    s = lora_rank_side(x2, lora_a, dropout_p, keep)
+    dx, da, db = lora_backward_torch(g2, x2, weight, lora_a, lora_b, s, keep, scaling, dropout_p, need_x, need_a, need_b)
     return dx.view(x.shape) if dx is not None else None, da, db
 
 
-def _backward(ctx, grad_y, _grad_s):
-    x, weight, lora_a, lora_b, s, seed = ctx.saved_tensors
+def _backward(ctx, grad_y, _grad_s, _grad_keep):
+    x, weight, lora_a, lora_b, s, keep, seed = ctx.saved_tensors
     need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
     args = (ctx.scaling, ctx.dropout_p, seed, need_x, need_a, need_b)
     if torch.is_grad_enabled():
-        dx, da, db = _differentiable_backward(grad_y, x, weight, lora_a, lora_b, *args)
+        dx, da, db = _differentiable_backward(grad_y, x, weight, lora_a, lora_b, keep, *args)
     else:
-        direct = _call_directly(grad_y, x, weight, lora_a, lora_b, s, seed)
+        direct = _call_directly(grad_y, x, weight, lora_a, lora_b, s, keep, seed)
         op = _lora_linear_backward if direct else torch.ops.fastpeft.lora_linear_backward
-        dx, da, db = op(grad_y, x, weight, lora_a, lora_b, s, *args)
+        dx, da, db = op(grad_y, x, weight, lora_a, lora_b, s, keep, *args)
     # The base weight and bias are frozen in LoRA training; when a caller trains them anyway
     # their gradients are the plain linear ones.
     g2 = _rows(grad_y, weight.shape[0])
@@ -222,13 +239,14 @@ def lora_linear(
     Returns:
         ``[..., N]`` in x's dtype (fp32 accumulation). Differentiable in x, lora_a and lora_b
         (and weight/bias if they require grad). Saves ``x``, the weights, an ``M x r`` fp32
-        tensor and the seed for backward; the dropout mask is regenerated, never stored.
+        tensor and the seed for backward; the kernels regenerate the dropout mask, the torch
+        path keeps it as one byte per element of x (PEFT keeps a dropped-out copy of x).
     """
     check_lora_linear_args(x, weight, bias, lora_a, lora_b, scaling, dropout_p)
     p = float(dropout_p) if training else 0.0
     seed = draw_seed(x.device) if p > 0.0 else x.new_empty(0, dtype=torch.int64)
     op = _lora_linear_forward if _call_directly(x, weight, bias, lora_a, lora_b) else torch.ops.fastpeft.lora_linear
-    y, _ = op(x, weight, bias, lora_a, lora_b, float(scaling), p, seed)
+    y, _, _ = op(x, weight, bias, lora_a, lora_b, float(scaling), p, seed)
     return y
 
 

@@ -1,10 +1,12 @@
 """The torch composite path of the LoRA linear op: CPU tensors, float64, ranks above the
 Triton kernels' limit, and ``FASTPEFT_BACKEND=torch``.
 
-Same contract as the Triton path; its dropout mask is ``keep_mask_torch_path``. The rank-r
-side runs in the LoRA weights' dtype through the B product, as in PEFT (fp32 adapters on a
-16-bit model keep an fp32 branch: ``s * scaling`` is never rounded to 16 bits, so a large
-intermediate cannot overflow). When the LoRA weights share the activations' dtype the LoRA
+Same contract as the Triton path, except for dropout: the torch path draws its mask with
+``keep_mask_torch_path`` and keeps it (bool, one byte per element of x) for the backward,
+where regenerating it would cost a second draw (on the CPU, torch's generator is the
+slowest part of a LoRA step). The rank-r side runs in the LoRA weights' dtype through the
+B product, as in PEFT (fp32 adapters on a 16-bit model keep an fp32 branch: ``s * scaling``
+is never rounded to 16 bits, so a large intermediate cannot overflow). When the LoRA weights share the activations' dtype the LoRA
 product accumulates into the base result with one ``addmm_``; with wider LoRA weights the
 ``M x N`` delta is formed in their dtype and added with a single rounding, as PEFT does.
 
@@ -24,27 +26,26 @@ def rank_side_dtype(lora_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(lora_dtype, torch.float32)
 
 
-def _keep(x: torch.Tensor, dropout_p: float, seed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """The keep-mask ``D`` ``[M, K]`` as 0/1 in ``dtype`` for 2-D x, or None when p is 0.
-
-    Multiplying by it is exact in any dtype; the ``1 / (1 - p)`` scale is applied to the
-    rank-r side instead of rounding ``x / (1 - p)`` in a 16-bit dtype.
-    """
+def keep_mask(x: torch.Tensor, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
+    """The bool keep-mask ``[M, K]`` the torch path draws for 2-D x (``keep_mask_torch_path``);
+    empty when p is 0."""
     if dropout_p == 0.0:
-        return None
-    return keep_mask_torch_path(seed, x.shape[0], x.shape[1], dropout_p).to(dtype)
+        return x.new_empty(0, dtype=torch.bool)
+    return keep_mask_torch_path(seed, x.shape[0], x.shape[1], dropout_p)
 
 
-def _masked(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    return t * keep if keep is not None else t
+def _masked(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``t * D`` for a bool keep-mask (exact in any dtype), or ``t`` when the mask is empty
+    (no dropout). The ``1 / (1 - p)`` scale is applied to the rank-r side instead of
+    rounding ``x / (1 - p)`` in a 16-bit dtype."""
+    return t * keep if keep.numel() else t
 
 
-def lora_rank_side(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
-    """``s = dropout(x) A^T`` ``[M, R]`` in ``rank_side_dtype`` for 2-D x ``[M, K]`` (the
-    dropout's ``1 / (1 - p)`` included), computed in the LoRA weights' dtype."""
-    keep = _keep(x, dropout_p, seed, lora_a.dtype)
+def lora_rank_side(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float, keep: torch.Tensor) -> torch.Tensor:
+    """``s = dropout(x) A^T`` ``[M, R]`` in ``rank_side_dtype`` for 2-D x ``[M, K]`` and its
+    keep-mask (the dropout's ``1 / (1 - p)`` included), computed in the LoRA weights' dtype."""
     s = (_masked(x.to(lora_a.dtype), keep) @ lora_a.t()).to(rank_side_dtype(lora_a.dtype))
-    return s * (1.0 / (1.0 - dropout_p)) if keep is not None else s
+    return s * (1.0 / (1.0 - dropout_p)) if keep.numel() else s
 
 
 def add_lora_product(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -64,11 +65,14 @@ def lora_forward_torch(
     scaling: float,
     dropout_p: float,
     seed: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y [M, N] in x.dtype, s [M, R] in rank_side_dtype)`` for 2-D x ``[M, K]``."""
-    s = lora_rank_side(x, lora_a, dropout_p, seed)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y [M, N] in x.dtype, s [M, R] in rank_side_dtype, keep)`` for 2-D x ``[M, K]``;
+    ``keep`` is the bool ``[M, K]`` dropout mask (empty without dropout), saved for the
+    backward: one byte per element, where PEFT saves the dropped-out copy of x."""
+    keep = keep_mask(x, dropout_p, seed)
+    s = lora_rank_side(x, lora_a, dropout_p, keep)
     y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
-    return add_lora_product(y, (s * scaling).to(lora_b.dtype), lora_b.t()), s
+    return add_lora_product(y, (s * scaling).to(lora_b.dtype), lora_b.t()), s, keep
 
 
 def lora_backward_torch(
@@ -78,27 +82,26 @@ def lora_backward_torch(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     s: torch.Tensor,
+    keep: torch.Tensor,
     scaling: float,
     dropout_p: float,
-    seed: torch.Tensor,
     need_x: bool,
     need_a: bool,
     need_b: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """``(dX [M, K], dA [R, K], dB [N, R])``, each None unless asked for; 2-D grad_y ``[M, N]``.
+    """``(dX [M, K], dA [R, K], dB [N, R])``, each None unless asked for; 2-D grad_y ``[M, N]``
+    and the forward's keep-mask (empty without dropout).
 
     The rank-r side (``dS``, dA, dB and dX's LoRA term) runs in the LoRA weights' dtype.
     """
     lora_dtype = lora_a.dtype
     g = grad_y.to(lora_dtype)
     db = g.t() @ (s * scaling).to(lora_dtype) if need_b else None
-    keep = _keep(x, dropout_p, seed, lora_dtype) if (need_a or need_x) else None
     # dS / (1 - p): the dropout scale rides on the rank-r side.
     ds_scaled = (g @ lora_b) * (scaling / (1.0 - dropout_p))
     dx = da = None
     if need_a:
         da = ds_scaled.t() @ _masked(x.to(lora_dtype), keep)
     if need_x:
-        lora = _masked(ds_scaled @ lora_a, keep)
-        dx = (grad_y @ weight).add_(lora)
+        dx = (grad_y @ weight).add_(_masked(ds_scaled @ lora_a, keep))
     return dx, da, db
