@@ -1,12 +1,12 @@
 """save_adapter / load_adapter / from_peft against HF PEFT itself: PEFT loads what we save and
 we load what PEFT saves (equal outputs), from_peft gives equal outputs and gradients, bad
-files leave the model unchanged, saving is atomic, pickles are refused by default."""
+files leave the model unchanged, pickles are refused by default. What a save does to the
+directory it writes (crashes, concurrency, other files, permissions): test_save_adapter.py."""
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -272,70 +272,3 @@ def test_pickle_weights_need_allow_pickle_and_load_weights_only(peft_dir):
     with pytest.raises(ValueError, match="weights_only"):
         fastpeft.load_adapter(tiny_llama(), peft_dir, allow_pickle=True)
     assert not _UNPICKLED
-
-
-def _files(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def saved(tmp_path):
-    """An adapted model saved to tmp_path/adapter, with extra files beside the adapter."""
-    model = fastpeft.inject(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
-    target = tmp_path / "adapter"
-    fastpeft.save_adapter(model, target)
-    (target / "README.md").write_text("notes")
-    (target / "trainer").mkdir()
-    (target / "trainer" / "state.json").write_text("{}")
-    for _, layer in lora_layers(model):
-        perturb(layer.lora_B)
-    return model, target, _files(target)
-
-
-def test_crash_while_writing_weights_leaves_old_directory_intact(saved, monkeypatch):
-    model, target, before = saved
-
-    def crash(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"partial")
-        raise OSError("simulated crash while writing")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
-    with pytest.raises(OSError, match="simulated"):
-        fastpeft.save_adapter(model, target)
-    assert _files(target) == before
-    assert os.listdir(target.parent) == ["adapter"]
-
-
-def test_crash_while_swapping_restores_old_directory(saved, monkeypatch):
-    model, target, before = saved
-    rename = os.rename
-
-    def crash_on_swap(src, dst):
-        if Path(dst) == target and ".tmp-" in str(src):
-            raise OSError("simulated crash during rename")
-        rename(src, dst)
-
-    monkeypatch.setattr(os, "rename", crash_on_swap)
-    with pytest.raises(OSError, match="simulated"):
-        fastpeft.save_adapter(model, target)
-    assert _files(target) == before
-    assert os.listdir(target.parent) == ["adapter"]
-
-
-def test_resave_replaces_adapter_and_keeps_other_files(saved):
-    model, target, before = saved
-    fastpeft.save_adapter(model, target)
-    after = _files(target)
-    assert after["README.md"] == b"notes" and after["trainer/state.json"] == b"{}"
-    assert after[WEIGHTS] != before[WEIGHTS]
-    assert os.listdir(target.parent) == ["adapter"]
-    assert_close(forward(fastpeft.load_adapter(tiny_llama(), target)), forward(model), torch.float32, "re-saved")
-
-
-def test_save_errors(tmp_path):
-    with pytest.raises(ValueError, match="no fastpeft adapter"):
-        fastpeft.save_adapter(tiny_llama(), tmp_path / "a")
-    model = fastpeft.inject(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(NotADirectoryError):
-        fastpeft.save_adapter(model, tmp_path / "file")

@@ -13,15 +13,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 
 import safetensors.torch
 import torch
 import torch.nn as nn
 
+from fastpeft.model import safe_write
 from fastpeft.model.config import LoraConfig
 from fastpeft.model.injection import (
     adapter_state,
@@ -80,82 +78,81 @@ def _saved_config(model: nn.Module) -> dict:
     return data
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _link_or_copy(src: str | Path, dst: str | Path) -> None:
-    try:
-        os.link(src, dst, follow_symlinks=False)
-    except OSError:
-        shutil.copy2(src, dst, follow_symlinks=False)
-
-
-def _carry_over(old: Path, new: Path) -> None:
-    """Hard-link (or copy) the entries of ``old`` that are not adapter files into ``new``,
-    leaving ``old`` untouched."""
-    for entry in old.iterdir():
-        if entry.name in (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(entry, new / entry.name)
-
-
-def _replace_dir(tmp: Path, directory: Path) -> None:
-    """Put ``tmp`` in ``directory``'s place by renames; an existing ``directory`` is moved
-    aside first and restored if the second rename fails."""
-    if not directory.exists():
-        os.rename(tmp, directory)
-        return
-    old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex}"
-    os.rename(directory, old)
-    try:
-        os.rename(tmp, directory)
-    except BaseException:
-        os.rename(old, directory)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     """Write the model's adapter to ``directory`` in PEFT's format (see the module docstring),
     so that ``peft.PeftModel.from_pretrained(base_model, directory)`` loads it.
 
-    Atomic: both files are written (and fsynced) into a fresh directory next to
-    ``directory``, which then replaces it by renames, so a failure mid-save leaves an
-    existing ``directory`` as it was. Other files already in ``directory`` (a README,
-    training state) are carried over by hard link; an old ``adapter_model.bin`` is dropped.
+    The directory is used in place, as PEFT's ``save_pretrained`` does: created if missing
+    (``os.makedirs``, umask and a setgid parent honoured), a symlink to a directory is
+    written through, and the directory itself is never renamed or recreated (it may be a
+    mount point or the working directory). The adapter's tensors are gathered and
+    serialized before anything is written, so an error there writes nothing.
+
+    Guarantees (``_write_adapter`` gives the order of operations behind them):
+
+    * each of ``adapter_config.json`` and ``adapter_model.safetensors`` is written to a temp
+      file ``.<name>.tmp-<pid>-<random>`` beside it, fsynced and renamed over it: the name
+      always holds a whole file, the old one or the new one, never a truncated one;
+    * if the new ``adapter_config.json`` is byte-identical to the one in the directory (the
+      usual case when a training run saves checkpoints), only the weights are replaced, by
+      one rename: a crash at any point leaves exactly the old or the new adapter;
+    * if the config changes (or there is none), the old config is removed just before the
+      weights are replaced and the new one installed just after them: a crash (or an I/O
+      error) in between leaves no ``adapter_config.json``, so fastpeft and PEFT both refuse
+      to load the directory instead of pairing one adapter's config with the other's
+      weights; a crash at any other point leaves the old or the new adapter. The next save
+      repairs it;
+    * other files in the directory are never read, moved or rewritten, with two exceptions,
+      both removed once the new files are in place: a stale ``adapter_model.bin`` (shadowed
+      by the new safetensors file in PEFT and fastpeft), and the temp files of earlier
+      saves whose writer process is dead;
+    * concurrent saves to one directory (processes or threads) are serialized by an
+      exclusive ``flock`` on it: each succeeds and the directory ends up holding one of
+      them, whole (a reader that takes a shared flock on the directory never sees a save
+      in progress). On a filesystem without directory locks (some NFS mounts) saves are not
+      serialized, concurrent ones may leave a mixed pair, and stale temp files stay;
+    * the directory is fsynced after the renames, so a save that returned survives a power
+      loss. A power loss during the save leaves one of the states above on filesystems that
+      honour fsync and persist a directory's renames and removals in the order they were
+      made (ext4, xfs and btrfs journal them in order); not on ones that do not (e.g. some
+      network filesystems, or disks whose write cache ignores flushes).
+
+    New files get mode ``0o666`` less the umask, as with ``open(path, "w")``.
 
     Raises:
         ValueError: the model has no fastpeft adapter.
         NotADirectoryError: ``directory`` exists and is not a directory.
+        PermissionError: ``directory`` is not writable (permissions or a read-only
+            filesystem); nothing in it was changed.
     """
-    tensors = adapter_state_dict(model)
-    config_json = json.dumps(_saved_config(model), indent=2, sort_keys=True)
-    directory = Path(directory).absolute()
-    if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(f"directory {str(directory)!r} exists and is not a directory")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    weights = safetensors.torch.save(adapter_state_dict(model), metadata={"format": "pt"})
+    config = json.dumps(_saved_config(model), indent=2, sort_keys=True).encode()
+    with safe_write.open_directory(directory) as target:
+        _write_adapter(target, config, weights)
+        safe_write.remove_stale_temps(target, (CONFIG_NAME, SAFETENSORS_NAME))
+
+
+def _write_adapter(target: safe_write.Directory, config: bytes, weights: bytes) -> None:
+    """Replace the adapter files in ``target`` (flock held) in the order ``save_adapter``'s
+    guarantees need: the new weights, and the new config if it differs from the current
+    one, are staged (written and fsynced) first, so that the window without a config is
+    three syscalls long; then a changing config is removed, so that no crash can pair the
+    old config with the new weights; then the weights are renamed into place, then the
+    config; then the directory is fsynced and a stale ``adapter_model.bin`` removed. Staged
+    files that were not renamed are removed on error."""
+    staged = {SAFETENSORS_NAME: safe_write.stage(target, SAFETENSORS_NAME, weights)}
     try:
-        (tmp / CONFIG_NAME).write_text(config_json)
-        safetensors.torch.save_file(tensors, tmp / SAFETENSORS_NAME, metadata={"format": "pt"})
-        for name in (CONFIG_NAME, SAFETENSORS_NAME):
-            _fsync(tmp / name)
-        if directory.exists():
-            _carry_over(directory, tmp)
-        _replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.name == "posix":  # make the renames durable
-        _fsync(directory.parent)
+        if safe_write.read_file(target, CONFIG_NAME) != config:
+            staged[CONFIG_NAME] = safe_write.stage(target, CONFIG_NAME, config)
+            safe_write.remove(target, CONFIG_NAME)
+        for name, temp in list(staged.items()):  # the weights first, then the config
+            safe_write.commit(target, temp, name)
+            del staged[name]
+        safe_write.sync(target)
+    finally:
+        for temp in staged.values():
+            safe_write.remove(target, temp)
+    safe_write.remove(target, PICKLE_NAME)
 
 
 def _read_config(directory: Path) -> LoraConfig:
