@@ -1,6 +1,7 @@
 """save_adapter writes into the target directory in place: what a SIGKILL at a random point
 leaves, concurrent writers, other files never touched, mount points, symlinks, ".",
-"a/b/..", permissions (umask, setgid, read-only target or parent), stale temp files.
+"a/b/..", permissions (umask, setgid, read-only target or parent), stale temp files; and
+load_adapter's check of its path.
 
 Tests that need other processes fork them from one server process (the "zygote"), which
 imports torch and fastpeft once: a fresh interpreter takes seconds to start, and the SIGKILL
@@ -543,6 +544,14 @@ def test_path_with_dotdot(tmp_path):
     fastpeft.save_adapter(adapted("a"), tmp_path / "a" / "b" / "..")
     assert loaded_variant(tmp_path / "a") == "a"
     assert entries(tmp_path / "a") == sorted(["b", *ADAPTER_FILES])
+
+
+def test_load_adapter_path_checks(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match=f"{tmp_path / 'file'}.* is not a directory"):
+        fastpeft.load_adapter(Stack(), tmp_path / "file")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        fastpeft.load_adapter(Stack(), tmp_path / "missing")
 
 
 # --- permissions -----------------------------------------------------------------------------

@@ -278,15 +278,19 @@ def load_adapter(
     the new layers before the model is touched: on any error the model is unchanged.
 
     Raises:
-        FileNotFoundError: no config or weight file in ``directory``.
+        FileNotFoundError: ``directory`` does not exist, or has no config or weight file.
+        NotADirectoryError: ``directory`` is a file, not a directory.
         ValueError: unreadable or corrupt files, a peft_type other than LORA or a feature
             fastpeft does not implement, missing / unexpected keys, wrong shapes or dtypes,
             a pickle without ``allow_pickle``, or a model that already has adapter layers.
     """
     require_module(model)
     directory = Path(directory)
-    if not directory.is_dir():
+    if not directory.exists():
         raise FileNotFoundError(f"adapter directory {str(directory)!r} does not exist")
+    if not directory.is_dir():
+        raise NotADirectoryError(f"adapter path {str(directory)!r} is not a directory: an adapter is a directory "
+                                 f"holding {CONFIG_NAME} and {SAFETENSORS_NAME}")
     config = _read_config(directory)
     tensors = _normalize_keys(_read_tensors(directory, allow_pickle), str(directory))
     check_not_adapted(model)
