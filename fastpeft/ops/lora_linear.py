@@ -19,6 +19,7 @@ import torch
 
 from fastpeft.backend import use_triton
 from fastpeft.kernels.lora_configs import MAX_RANK  # torch-only module: no Triton import
+from fastpeft.ops.autocast import autocast_dtype, autocast_off, cast_for_autocast
 from fastpeft.ops.checks import check_lora_linear_args
 from fastpeft.ops.dropout_mask import keep_mask_torch_path
 from fastpeft.ops.lora_linear_torch import (
@@ -236,12 +237,22 @@ def lora_linear(
         dropout_p: dropout probability on the LoRA branch's input, in [0, 1).
         training: dropout is applied only when True.
 
+    Under ``torch.autocast`` for x's device, the op follows ``F.linear``'s rules, as PEFT's
+    layer does: every input but float64 ones is cast to the autocast dtype (LoRA weights
+    included), the output is in that dtype, and gradients come back in each input's dtype.
+
     Returns:
         ``[..., N]`` in x's dtype (fp32 accumulation). Differentiable in x, lora_a and lora_b
         (and weight/bias if they require grad). Saves ``x``, the weights, an ``M x r`` fp32
         tensor and the seed for backward; the kernels regenerate the dropout mask, the torch
         path keeps it as one byte per element of x (PEFT keeps a dropped-out copy of x).
     """
+    device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
+    dtype = autocast_dtype(device_type)
+    if dtype is not None:
+        x, weight, bias, lora_a, lora_b = cast_for_autocast(dtype, x, weight, bias, lora_a, lora_b)
+        with autocast_off(device_type):
+            return lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training)
     check_lora_linear_args(x, weight, bias, lora_a, lora_b, scaling, dropout_p)
     p = float(dropout_p) if training else 0.0
     seed = draw_seed(x.device) if p > 0.0 else x.new_empty(0, dtype=torch.int64)
