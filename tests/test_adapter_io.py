@@ -220,6 +220,8 @@ BREAKAGES = {
         ValueError, "several adapters"),
     "corrupt-weights": (lambda d: (d / WEIGHTS).write_bytes((d / WEIGHTS).read_bytes()[:300]), ValueError, "safetensors"),
     "bad-json": (lambda d: (d / "adapter_config.json").write_text("{"), ValueError, "JSON"),
+    "deeply-nested-json": (lambda d: (d / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000),
+                           ValueError, "too deeply"),
     "other-peft-type": (lambda d: _edit_config(d, peft_type="IA3"), ValueError, "peft_type"),
     "dora": (lambda d: _edit_config(d, use_dora=True), ValueError, "use_dora"),
     "no-match": (lambda d: _edit_config(d, target_modules=["w_proj"]), ValueError, "no module matches"),

@@ -163,6 +163,8 @@ def _read_config(directory: Path) -> LoraConfig:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{str(path)!r} is not a readable JSON file: {exc}") from exc
+    except RecursionError:
+        raise ValueError(f"{str(path)!r} nests JSON values too deeply to be an adapter config") from None
     return LoraConfig.from_dict(data)
 
 
