@@ -3,9 +3,10 @@
 ``FASTPEFT_BACKEND`` (read at every call, so tests can switch it):
 - ``auto`` (default): the torch path, and the Triton kernels for CUDA tensors once
   ``KERNELS_VALIDATED_ON_GPU`` is set.
-- ``triton``: Triton kernels for CUDA tensors, and even for CPU tensors, which then need
-  ``TRITON_INTERPRET=1`` (set before Triton is imported) to run in Triton's interpreter.
-  Tests use this.
+- ``triton``: Triton kernels for CUDA tensors; CPU tensors take them only under Triton's
+  interpreter (``TRITON_INTERPRET=1``, set before Triton is imported), which is how the tests
+  run the kernels without a GPU, and the torch path otherwise. So a GPU run can force the
+  kernels while its CPU-model tests keep running on the torch path.
 - ``torch``: the torch path everywhere (also on CUDA).
 """
 
@@ -32,6 +33,11 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def use_triton(device: torch.device) -> bool:
     """Whether tensors on ``device`` go to the Triton kernels under the current setting."""
     choice = os.environ.get("FASTPEFT_BACKEND", "auto").lower()
@@ -43,9 +49,4 @@ def use_triton(device: torch.device) -> bool:
         return KERNELS_VALIDATED_ON_GPU and device.type == "cuda" and triton_available()
     if not triton_available():
         raise RuntimeError("FASTPEFT_BACKEND=triton but the triton package is not installed")
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise RuntimeError(
-            f"FASTPEFT_BACKEND=triton with tensors on {device.type}: Triton kernels run on CPU "
-            "tensors only in the interpreter; set TRITON_INTERPRET=1 before importing triton"
-        )
-    return True
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())

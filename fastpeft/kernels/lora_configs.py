@@ -8,11 +8,12 @@ on a GPU (see bench/RESULTS.md).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+
+from fastpeft.backend import interpreting
 
 # LoRA ranks the Triton kernels take: the rank is padded to a power of two >= 16 (tl.dot
 # needs every dimension >= 16) and kept <= 64: with rank 128 the fp32 s tile and the B tile
@@ -93,11 +94,6 @@ def cdiv(a: int, b: int) -> int:
 def block_r(rank: int) -> int:
     """The padded rank tile for ``rank`` (1 <= rank <= MAX_RANK)."""
     return max(MIN_BLOCK_R, 1 << (rank - 1).bit_length())
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @lru_cache(maxsize=None)

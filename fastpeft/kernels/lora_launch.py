@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from fastpeft.kernels.lora_configs import GROUP_M, block_r, cdiv, interpreting, plan_backward, plan_forward
+from fastpeft.backend import interpreting
+from fastpeft.kernels.lora_configs import GROUP_M, block_r, cdiv, plan_backward, plan_forward
 from fastpeft.kernels.lora_kernels import (
     lora_bwd_da_kernel,
     lora_bwd_dx_kernel,
