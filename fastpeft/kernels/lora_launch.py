@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fastpeft.backend import interpreting
-from fastpeft.kernels.lora_configs import GROUP_M, block_r, cdiv, plan_backward, plan_forward
+from fastpeft.kernels.lora_configs import GROUP_M, BackwardPlan, block_r, cdiv, plan_backward, plan_forward
 from fastpeft.kernels.lora_kernels import (
     lora_bwd_da_kernel,
     lora_bwd_dx_kernel,
@@ -113,17 +113,7 @@ def lora_backward(
     r_block = block_r(rank)
     numerics = _numerics(x.dtype)
     threshold, keep_scale = _dropout_args(dropout_p)
-    ds = torch.zeros((m, rank), device=x.device, dtype=torch.float32)
-    db = torch.zeros((n, rank), device=x.device, dtype=torch.float32)
-    p = plan.dy_pass
-    lora_bwd_dy_kernel[(cdiv(m, p.block_m), plan.split_n)](
-        grad_y, lora_b, s, ds, db,
-        m, n, rank, plan.split_n,
-        grad_y.stride(0), grad_y.stride(1), lora_b.stride(0), lora_b.stride(1),
-        scaling,
-        BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_R=r_block,
-        num_warps=p.num_warps, num_stages=p.num_stages, **numerics,
-    )
+    ds, db = lora_dy_pass(grad_y, lora_b, s, scaling, plan)
     dx = da = None
     if need_x:
         dx = _empty((m, k), x.dtype, x.device)
@@ -139,21 +129,54 @@ def lora_backward(
             num_warps=g.num_warps, num_stages=g.num_stages, **numerics,
         )
     if need_a:
-        da = torch.zeros((rank, k), device=x.device, dtype=torch.float32)
-        t = plan.da
-        lora_bwd_da_kernel[(cdiv(m, t.block_m), cdiv(k, t.block_n))](
-            x, ds, seed, da,
-            m, k, rank,
-            x.stride(0), x.stride(1),
-            threshold, keep_scale,
-            HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=t.block_m, BLOCK_K=t.block_n, BLOCK_R=r_block,
-            num_warps=t.num_warps, num_stages=t.num_stages, **numerics,
-        )
+        da = lora_da_pass(x, ds, seed, dropout_p, plan)
     return (
         dx,
         da.to(lora_a.dtype) if need_a else None,
         db.to(lora_b.dtype) if need_b else None,
     )
+
+
+def lora_dy_pass(
+    grad_y: torch.Tensor, lora_b: torch.Tensor, s: torch.Tensor, scaling: float, plan: BackwardPlan,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over dY ``[M, N]`` (``lora_bwd_dy_kernel``): ``(dS [M, R], dB [N, R])``, both
+    fp32, ``dS = scaling * dY B`` and ``dB = scaling * dY^T s`` for the forward's fp32 ``s``."""
+    m, n = grad_y.shape
+    rank = s.shape[1]
+    ds = torch.zeros((m, rank), device=grad_y.device, dtype=torch.float32)
+    db = torch.zeros((n, rank), device=grad_y.device, dtype=torch.float32)
+    p = plan.dy_pass
+    lora_bwd_dy_kernel[(cdiv(m, p.block_m), plan.split_n)](
+        grad_y, lora_b, s, ds, db,
+        m, n, rank, plan.split_n,
+        grad_y.stride(0), grad_y.stride(1), lora_b.stride(0), lora_b.stride(1),
+        scaling,
+        BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_R=block_r(rank),
+        num_warps=p.num_warps, num_stages=p.num_stages, **_numerics(grad_y.dtype),
+    )
+    return ds, db
+
+
+def lora_da_pass(
+    x: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor, dropout_p: float, plan: BackwardPlan,
+) -> torch.Tensor:
+    """``dA [R, K] = dS^T x_hat`` (fp32) from one pass over x ``[M, K]`` (``lora_bwd_da_kernel``),
+    the dropout mask regenerated from ``seed``; ``dS`` is ``lora_dy_pass``'s."""
+    m, k = x.shape
+    rank = ds.shape[1]
+    threshold, keep_scale = _dropout_args(dropout_p)
+    da = torch.zeros((rank, k), device=x.device, dtype=torch.float32)
+    t = plan.da
+    lora_bwd_da_kernel[(cdiv(m, t.block_m), cdiv(k, t.block_n))](
+        x, ds, seed, da,
+        m, k, rank,
+        x.stride(0), x.stride(1),
+        threshold, keep_scale,
+        HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=t.block_m, BLOCK_K=t.block_n, BLOCK_R=block_r(rank),
+        num_warps=t.num_warps, num_stages=t.num_stages, **_numerics(x.dtype),
+    )
+    return da
 
 
 # Tile of the mask-writing kernel; any power-of-two multiple of 4 works (tests only).
