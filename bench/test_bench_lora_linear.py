@@ -20,7 +20,7 @@ from fastpeft.bench.cases import CPU_GRID, FORWARD_BACKWARD, GPU_GRID, MODES, Be
 from fastpeft.bench.implementations import (
     BASE, FASTPEFT, LoRAWeights, build_implementation, default_implementations, random_weights,
 )
-from fastpeft.bench.memory import measure_saved_activations, saved_elements_limit
+from fastpeft.bench.memory import measure_saved_activations, saved_elements_limit, saved_mask_bytes_limit
 from fastpeft.bench.runner import DEFAULT_DROPOUT, SAVED_ACTIVATIONS_DROPOUT, make_inputs, make_step
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -73,8 +73,10 @@ def test_lora_linear(benchmark, case: BenchCase, mode: str, impl: str) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_fastpeft_saved_activations(case: BenchCase) -> None:
-    """With dropout 0.1, fastpeft keeps beyond x at most M*r elements (plus scalars) for backward."""
+    """With dropout 0.1, fastpeft keeps beyond x at most M*r elements (plus scalars, and the torch
+    path's 1-byte M*K dropout mask) for backward."""
     weights, x, _ = case_tensors(case)
     implementation = build_implementation(FASTPEFT, weights, SAVED_ACTIVATIONS_DROPOUT, training=True)
     saved = measure_saved_activations(implementation.forward, x, implementation.owned)
     assert saved.elements <= saved_elements_limit(case.m, case.r), saved
+    assert saved.mask_bytes <= saved_mask_bytes_limit(case.m, case.shape.in_features), saved

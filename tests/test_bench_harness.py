@@ -17,7 +17,7 @@ from fastpeft.bench.export import SCHEMA, to_json_dict
 from fastpeft.bench.implementations import (
     BASE, FASTPEFT, NAIVE, PEFT, build_implementation, default_implementations, random_weights,
 )
-from fastpeft.bench.memory import measure_saved_activations, saved_elements_limit
+from fastpeft.bench.memory import measure_saved_activations, saved_elements_limit, saved_mask_bytes_limit
 from fastpeft.bench.report import (
     HEADERS, footer_lines, format_bytes, format_ms, markdown_table, plain_table, table_rows,
 )
@@ -70,6 +70,14 @@ def test_scalar_storages_count_in_bytes_but_not_elements():
     assert (saved.bytes, saved.elements, saved.storages) == (4, 0, 1)
 
 
+def test_bool_storages_count_as_mask_bytes_not_elements():
+    """mul by a bool mask saves the mask: 1 byte an element, counted apart from the elements."""
+    x = torch.randn(3, 5, requires_grad=True)
+    keep = torch.rand(3, 5) > 0.5
+    saved = measure_saved_activations(lambda t: t * keep, x, owned=[])
+    assert (saved.bytes, saved.elements, saved.mask_bytes, saved.storages) == (15, 0, 15, 1)
+
+
 def test_base_linear_with_frozen_weight_saves_nothing_beyond_x():
     case = tiny_case()
     weights, x, _ = tiny_tensors(case)
@@ -95,6 +103,7 @@ def test_fastpeft_meets_the_saved_activation_criterion():
     implementation = build_implementation(FASTPEFT, weights, 0.1, training=True)
     saved = measure_saved_activations(implementation.forward, x, implementation.owned)
     assert saved.elements <= saved_elements_limit(case.m, case.r)
+    assert saved.mask_bytes <= saved_mask_bytes_limit(case.m, case.shape.in_features)
 
 
 def test_implementations_agree_on_the_same_weights():

@@ -73,7 +73,8 @@ def _layer_json(analysis: Analysis) -> dict[str, Any]:
             for c in analysis.target_checks
         ],
         "saved_activation_checks": [
-            {**_case_fields(c.case), "elements": c.elements, "limit": c.limit, "passed": c.passed}
+            {**_case_fields(c.case), "elements": c.elements, "limit": c.limit, "mask_bytes": c.mask_bytes,
+             "mask_limit": c.mask_limit, "passed": c.passed}
             for c in analysis.saved_checks
         ],
     }

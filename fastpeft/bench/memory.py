@@ -23,12 +23,14 @@ class SavedActivations:
     """What one forward saved for backward, beyond the weights and x.
 
     ``bytes``: total bytes of the unique storages. ``elements``: their elements, leaving out
-    scalar storages. ``storages``: how many unique storages (scalars included).
+    scalar storages and bool ones. ``storages``: how many unique storages (scalars included).
+    ``mask_bytes``: bytes of bool storages (a dropout keep-mask, one byte per element).
     """
 
     bytes: int
     elements: int
     storages: int
+    mask_bytes: int = 0
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
@@ -44,24 +46,32 @@ def measure_saved_activations(
     ``x`` must require grad for the forward to save what its backward needs.
     """
     excluded = {_storage_key(t) for t in (x, *owned)}
-    saved: dict[tuple[str, int], tuple[int, int]] = {}
+    saved: dict[tuple[str, int], tuple[int, int, bool]] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         key = _storage_key(t)
         if key not in excluded and key not in saved:
             nbytes = t.untyped_storage().nbytes()
-            saved[key] = (nbytes, nbytes // t.element_size())
+            saved[key] = (nbytes, nbytes // t.element_size(), t.dtype == torch.bool)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         forward(x)
     return SavedActivations(
-        bytes=sum(nbytes for nbytes, _ in saved.values()),
-        elements=sum(n for _, n in saved.values() if n > SCALAR_MAX_ELEMENTS),
+        bytes=sum(nbytes for nbytes, _, _ in saved.values()),
+        elements=sum(n for _, n, is_mask in saved.values() if n > SCALAR_MAX_ELEMENTS and not is_mask),
         storages=len(saved),
+        mask_bytes=sum(nbytes for nbytes, _, is_mask in saved.values() if is_mask),
     )
 
 
 def saved_elements_limit(m: int, r: int) -> int:
-    """The criterion: beyond x, at most the rank-r intermediate ``s = x_hat A^T`` [M, r] (plus scalars)."""
+    """The criterion: beyond x, at most the rank-r intermediate ``s = x_hat A^T`` [M, r] (plus
+    scalars and the mask below)."""
     return m * r
+
+
+def saved_mask_bytes_limit(m: int, k: int) -> int:
+    """...and at most a one-byte-per-element ``[M, K]`` dropout keep-mask (the torch path keeps
+    one instead of drawing it twice; the kernels keep none). PEFT keeps a copy of x instead."""
+    return m * k

@@ -160,12 +160,14 @@ def _target_lines(analysis: Analysis) -> list[str]:
 
 def _saved_lines(analysis: Analysis) -> list[str]:
     p = analysis.run.settings["dropout_saved_activations"]
-    lines = [f"Saved-activation criterion (dropout {p}): fastpeft saves beyond x at most M*r elements plus scalars"]
+    lines = [f"Saved-activation criterion (dropout {p}): fastpeft saves beyond x at most M*r elements plus scalars "
+             "(and, on the torch path, a 1-byte-per-element M*K dropout mask)"]
     for c in analysis.saved_checks:
         peft = "" if c.peft_bytes is None else f"; PEFT saves {format_bytes(c.peft_bytes)}"
         verdict = "PASS" if c.passed else "FAIL"
         lines.append(
-            f"  {verdict} {c.case.label}: {c.elements} elements ({format_bytes(c.bytes)}), limit {c.limit}{peft}"
+            f"  {verdict} {c.case.label}: {c.elements} elements + {c.mask_bytes} mask bytes "
+            f"({format_bytes(c.bytes)}), limits {c.limit} / {c.mask_limit}{peft}"
         )
     if not analysis.saved_checks:
         lines.append("  fastpeft was not measured in this run")

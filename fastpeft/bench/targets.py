@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from fastpeft.bench.cases import FORWARD, FORWARD_BACKWARD, BenchCase
 from fastpeft.bench.implementations import FASTPEFT, PEFT
-from fastpeft.bench.memory import saved_elements_limit
+from fastpeft.bench.memory import saved_elements_limit, saved_mask_bytes_limit
 from fastpeft.bench.results import MetricRow, SavedResult
 from fastpeft.bench.spread import Spread, verdict
 
@@ -71,17 +71,20 @@ def check_targets(rows: list[MetricRow], dropout: float) -> list[TargetCheck]:
 
 @dataclass(frozen=True)
 class SavedCheck:
-    """fastpeft's saved elements beyond x against ``M * r``; ``peft_bytes`` for comparison."""
+    """fastpeft's saved elements beyond x against ``M * r``, and its bool dropout mask's bytes
+    against ``M * K``; ``peft_bytes`` for comparison."""
 
     case: BenchCase
     elements: int
     limit: int
     bytes: int
     peft_bytes: int | None
+    mask_bytes: int = 0
+    mask_limit: int = 0
 
     @property
     def passed(self) -> bool:
-        return self.elements <= self.limit
+        return self.elements <= self.limit and self.mask_bytes <= self.mask_limit
 
 
 def check_saved_activations(saved: list[SavedResult]) -> list[SavedCheck]:
@@ -89,7 +92,8 @@ def check_saved_activations(saved: list[SavedResult]) -> list[SavedCheck]:
     peft_bytes = {s.case: s.saved.bytes for s in saved if s.impl == PEFT and s.saved is not None}
     return [
         SavedCheck(
-            s.case, s.saved.elements, saved_elements_limit(s.case.m, s.case.r), s.saved.bytes, peft_bytes.get(s.case)
+            s.case, s.saved.elements, saved_elements_limit(s.case.m, s.case.r), s.saved.bytes, peft_bytes.get(s.case),
+            s.saved.mask_bytes, saved_mask_bytes_limit(s.case.m, s.case.shape.in_features),
         )
         for s in saved
         if s.impl == FASTPEFT and s.saved is not None
