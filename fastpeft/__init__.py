@@ -3,10 +3,11 @@
 ``fastpeft.ops.lora_linear`` is the fused LoRA linear op; ``fastpeft.LoRALinear`` the
 drop-in ``nn.Linear`` replacement built on it. The model-level API (``fastpeft.model``):
 ``LoraConfig``, ``inject``, ``save_adapter`` / ``load_adapter`` (PEFT's files),
-``from_peft``, ``merge_and_unload``, ``trainable_parameters``.
+``from_peft``, ``merge_and_unload``, ``trainable_parameters``. ``fastpeft.integrations``:
+HF Trainer checkpoints that hold the adapter only (``enable_adapter_checkpoints``).
 """
 
-from fastpeft import ops
+from fastpeft import integrations, ops
 from fastpeft.layers.lora_linear import LoRALinear
 from fastpeft.model import (
     LoraConfig,
@@ -28,6 +29,7 @@ __all__ = [
     "__version__",
     "from_peft",
     "inject",
+    "integrations",
     "load_adapter",
     "merge_and_unload",
     "ops",

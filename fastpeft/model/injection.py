@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import ModuleType
 from typing import NamedTuple
 
 import torch
@@ -126,6 +127,21 @@ def build_replacements(
     return new
 
 
+def _pretrained_save() -> ModuleType:
+    """``fastpeft.integrations.pretrained_save`` (adapter-only ``save_pretrained``), imported
+    on first use: the integrations import the adapter I/O, which imports this module."""
+    from fastpeft.integrations import pretrained_save
+
+    return pretrained_save
+
+
+def record_adapter(model: nn.Module, state: AdapterState) -> None:
+    """Mark ``model`` as carrying the adapter ``state`` describes (its layers installed) and,
+    on a transformers model, make ``save_pretrained`` write that adapter only."""
+    setattr(model, ADAPTER_ATTR, state)
+    _pretrained_save().attach(model)
+
+
 def install(
     model: nn.Module,
     config: LoraConfig,
@@ -136,8 +152,9 @@ def install(
 ) -> None:
     """Swap the new modules in, freeze every parameter but the adapter's (all of them when not
     ``trainable``; ``lora_B`` too under PEFT's MiCA init, as PEFT does) and record the adapter
-    state. Warns about targets whose weight another module shares (see ``merge_and_unload``).
-    Nothing here can fail on a checked plan."""
+    state. A transformers model's ``save_pretrained`` then writes the adapter only, as a PEFT
+    model's does (``fastpeft.integrations.pretrained_save``). Warns about targets whose weight
+    another module shares (see ``merge_and_unload``). Nothing here can fail on a checked plan."""
     for path, module in replacements.items():
         model.set_submodule(path, module)
     model.requires_grad_(False)
@@ -147,7 +164,7 @@ def install(
             layer.lora_B.requires_grad_(config.trains_lora_b)
         for path in modules_to_save:
             model.get_submodule(path).requires_grad_(True)
-    setattr(model, ADAPTER_ATTR, AdapterState(config, modules_to_save))
+    record_adapter(model, AdapterState(config, modules_to_save))
     warn_tied_targets(model)
 
 
@@ -193,7 +210,9 @@ def inject(model: nn.Module, config: LoraConfig, *, autocast_adapter_dtype: bool
     weight and bias (no copy), with ``r`` / ``lora_alpha`` from ``rank_pattern`` /
     ``alpha_pattern`` and PEFT's init. ``modules_to_save`` modules are replaced by trainable
     deep copies. Every other parameter is frozen. With ``autocast_adapter_dtype`` (PEFT's
-    default) A and B are float32 on a float16 / bfloat16 base.
+    default) A and B are float32 on a float16 / bfloat16 base. A transformers model's
+    ``save_pretrained(dir)`` then writes the adapter in PEFT's format, as a PEFT model's
+    does (so do HF Trainer's checkpoints), until ``merge_and_unload``.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``config`` not a ``LoraConfig``.
@@ -228,7 +247,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     another module (GPT-2's ``lm_head`` and input embedding) gets its own merged weight, so
     the merged model computes what the adapted one did (PEFT instead merges into the shared
     weight, changing the embedding too); a transformers model's ``tie_word_embeddings``
-    is then set to False.
+    is then set to False. A transformers model's ``save_pretrained`` writes the whole
+    (merged) model again.
 
     Raises:
         ValueError: the model has no fastpeft LoRA layer.
@@ -247,6 +267,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         model.set_submodule(name, layer.base_module())
     if adapter_state(model) is not None:
         delattr(model, ADAPTER_ATTR)
+    _pretrained_save().detach(model)
     return model
 
 

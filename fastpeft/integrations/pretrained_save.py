@@ -1,0 +1,90 @@
+"""``save_pretrained`` of a transformers model that carries a fastpeft adapter: it writes the
+adapter in PEFT's format, as ``peft.PeftModel.save_pretrained`` does, not the whole model.
+
+``fastpeft.inject`` / ``load_adapter`` change a model in place and keep its class, so the
+class's ``save_pretrained`` would write every base weight (plus LoRA tensors under keys that
+``from_pretrained`` ignores): for an 8B model, 16 GB where the adapter is tens of MB. HF
+``Trainer`` writes its checkpoints and ``save_model()`` through ``model.save_pretrained``.
+``attach`` (called when an adapter is installed) shadows the class's method on the one model
+object with an ``AdapterSavePretrained``; ``detach`` (called by ``merge_and_unload``) puts
+the class's back, so a merged model saves in full again.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import Any
+
+import torch.nn as nn
+
+# Instance attribute that shadows the class's save_pretrained.
+METHOD_NAME = "save_pretrained"
+# Options of transformers' save_pretrained that callers pass (push_to_hub's max_shard_size,
+# accelerate's save_function, transformers 4's Trainer safe_serialization) and that do not
+# apply to the adapter: it is one safetensors file, written by the main process.
+IGNORED_OPTIONS = frozenset({"max_shard_size", "save_function", "safe_serialization"})
+
+
+class AdapterSavePretrained:
+    """The ``save_pretrained`` of one adapted transformers model, kept in its instance
+    ``__dict__``. It holds the model itself, so ``copy.deepcopy`` and pickling carry it
+    over bound to the copy."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        state_dict: dict | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write the adapter to ``save_directory`` with ``fastpeft.save_adapter``
+        (``adapter_config.json`` + ``adapter_model.safetensors``, PEFT's keys) when
+        ``is_main_process``; other processes write nothing.
+
+        A ``state_dict`` (what Trainer passes under FSDP or DeepSpeed, whose parameters are
+        sharded) cannot be turned into the adapter here: the whole model is then written
+        from it by the class's ``save_pretrained``, with a warning, as without fastpeft.
+
+        Raises:
+            TypeError: a ``save_pretrained`` option other than ``is_main_process``,
+                ``state_dict`` and the ignored ``max_shard_size`` / ``save_function`` /
+                ``safe_serialization`` (a full save needs ``fastpeft.merge_and_unload``).
+        """
+        if state_dict is not None:
+            warnings.warn("save_pretrained got a state_dict (FSDP / DeepSpeed): fastpeft saves the adapter from "
+                          "the model's own parameters only, so the whole model is written", stacklevel=2)
+            type(self.model).save_pretrained(self.model, save_directory, is_main_process=is_main_process,
+                                             state_dict=state_dict, **kwargs)
+            return
+        unsupported = sorted(k for k, v in kwargs.items() if k not in IGNORED_OPTIONS and v not in (None, False))
+        if unsupported:
+            raise TypeError(f"save_pretrained of a model with a fastpeft adapter writes the adapter only and does not "
+                            f"take {unsupported}; call fastpeft.merge_and_unload(model) first to save the whole model")
+        if is_main_process:
+            from fastpeft.model.adapter_io import save_adapter  # it imports fastpeft.model.injection, our caller
+
+            save_adapter(self.model, save_directory)
+
+
+def is_pretrained_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers ``PreTrainedModel`` (without importing transformers)."""
+    cls = getattr(sys.modules.get("transformers.modeling_utils"), "PreTrainedModel", None)
+    return cls is not None and isinstance(model, cls)
+
+
+def attach(model: nn.Module) -> None:
+    """Give a transformers model the adapter-only ``save_pretrained``; other modules have
+    none to replace and are left alone. Idempotent."""
+    if is_pretrained_model(model) and not isinstance(model.__dict__.get(METHOD_NAME), AdapterSavePretrained):
+        object.__setattr__(model, METHOD_NAME, AdapterSavePretrained(model))
+
+
+def detach(model: nn.Module) -> None:
+    """Put the class's ``save_pretrained`` back (a no-op if ``attach`` did not replace it)."""
+    if isinstance(model.__dict__.get(METHOD_NAME), AdapterSavePretrained):
+        del model.__dict__[METHOD_NAME]

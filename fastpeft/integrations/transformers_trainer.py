@@ -1,0 +1,89 @@
+"""HF ``transformers.Trainer`` with a fastpeft model: checkpoints that hold only the adapter.
+
+Saving needs nothing: ``Trainer`` writes each checkpoint and ``save_model()`` through the
+model's ``save_pretrained``, which on a transformers model with a fastpeft adapter writes
+the adapter in PEFT's format (``fastpeft.integrations.pretrained_save``), so a checkpoint
+holds what a PEFT model's does: ``adapter_config.json``, ``adapter_model.safetensors``,
+optimizer, scheduler, RNG and trainer state.
+
+Loading them back needs ``enable_adapter_checkpoints(trainer)``: ``Trainer`` loads an
+adapter-only checkpoint (``train(resume_from_checkpoint=...)``, ``load_best_model_at_end``)
+only into a ``peft.PeftModel`` (an isinstance check), and for any other model looks for
+full weights (``model.safetensors`` or a sharded index) and fails. The function makes one
+trainer load adapter checkpoints into its fastpeft model, in place; any other checkpoint
+goes through Trainer's own code.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch.nn as nn
+
+from fastpeft.integrations import pretrained_save
+from fastpeft.integrations.adapter_checkpoint import is_adapter_checkpoint, load_adapter_weights
+from fastpeft.model.injection import adapter_state
+
+if TYPE_CHECKING:
+    from transformers import Trainer
+
+logger = logging.getLogger(__name__)
+
+
+def _adapted_model(trainer: Trainer, model: nn.Module) -> nn.Module | None:
+    """The fastpeft model inside ``model`` (DDP / torch.compile wrappers removed), or None
+    when it has no adapter or its parameters are sharded (FSDP, DeepSpeed: their
+    checkpoints hold the whole model, see ``AdapterSavePretrained``)."""
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        return None
+    model = trainer.accelerator.unwrap_model(model, keep_torch_compile=False)
+    return model if adapter_state(model) is not None else None
+
+
+def enable_adapter_checkpoints(trainer: Trainer) -> Trainer:
+    """Make ``trainer`` load the adapter-only checkpoints its fastpeft model writes, on
+    ``train(resume_from_checkpoint=...)`` and with ``load_best_model_at_end``; return it.
+
+    The trainer's ``_load_from_checkpoint`` and ``_load_best_model`` are wrapped on this
+    instance (any Trainer subclass, e.g. TRL's): for a checkpoint directory holding an
+    adapter and no full model, ``load_adapter_weights`` copies the saved adapter into the
+    model's, in place (the optimizer and scheduler states are restored by Trainer as
+    usual); anything else goes to Trainer's own method.
+
+    Raises:
+        ValueError: ``trainer.model`` has no fastpeft adapter.
+        TypeError: ``trainer.model`` is not a transformers ``PreTrainedModel`` (Trainer then
+            saves a full state dict, not through ``save_pretrained``).
+    """
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+    if adapter_state(model) is None:
+        raise ValueError("enable_adapter_checkpoints: trainer.model has no fastpeft adapter "
+                         "(add one with fastpeft.inject, load_adapter or from_peft before creating the Trainer)")
+    if not pretrained_save.is_pretrained_model(model):
+        raise TypeError(f"enable_adapter_checkpoints: trainer.model is a {type(model).__name__}, not a transformers "
+                        "PreTrainedModel; Trainer saves such a model's full state dict")
+    pretrained_save.attach(model)  # a model from fastpeft.from_peft has not got it yet
+    load_from_checkpoint = trainer._load_from_checkpoint
+    load_best_model = trainer._load_best_model
+
+    def _load_from_checkpoint(resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        adapted = _adapted_model(trainer, trainer.model if model is None else model)
+        if adapted is not None and is_adapter_checkpoint(resume_from_checkpoint):
+            logger.info("Loading the fastpeft adapter from %s", resume_from_checkpoint)
+            load_adapter_weights(adapted, resume_from_checkpoint)
+        else:
+            load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model() -> None:
+        best = trainer.state.best_model_checkpoint
+        adapted = _adapted_model(trainer, trainer.model)
+        if adapted is not None and is_adapter_checkpoint(best):
+            logger.info("Loading the best fastpeft adapter from %s (score: %s)", best, trainer.state.best_metric)
+            load_adapter_weights(adapted, best)
+        else:
+            load_best_model()
+
+    trainer._load_from_checkpoint = _load_from_checkpoint
+    trainer._load_best_model = _load_best_model
+    return trainer
