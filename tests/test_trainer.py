@@ -314,10 +314,11 @@ def test_save_pretrained_follows_copies_and_refuses_full_save_options(tmp_path):
 
 
 def test_from_peft_models_get_adapter_checkpoints(tmp_path):
-    """A model converted by ``fastpeft.from_peft`` writes adapter checkpoints once
-    ``enable_adapter_checkpoints`` has seen it."""
+    """A model converted by ``fastpeft.from_peft`` writes adapter checkpoints, like an
+    injected one: with a plain Trainer too (saving needs no hook)."""
     model = fastpeft.from_peft(peft.get_peft_model(build_model("llama"), lora_config(peft)))
-    make_trainer(model, training_args(tmp_path, max_steps=1, save_steps=1)).train()
+    transformers.Trainer(model=model, args=training_args(tmp_path, max_steps=1, save_steps=1),
+                         train_dataset=CountingDataset()).train()
     assert {p.name for p in (tmp_path / "checkpoint-1").iterdir()} == ADAPTER_FILES | TRAINER_FILES
 
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from fastpeft.layers.lora_linear import LoRALinear, is_conv1d
 from fastpeft.model.config import LoraConfig
-from fastpeft.model.injection import ADAPTER_ATTR, AdapterState, restore_requires_grad
+from fastpeft.model.injection import AdapterState, record_adapter, restore_requires_grad
 from fastpeft.model.injection import merge_and_unload as merge_and_unload_model
 
 
@@ -123,7 +123,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             raise ValueError("from_peft: the model has no PEFT LoRA layers")
         for path, module in replacements.items():
             model.set_submodule(path, module)
-    setattr(model, ADAPTER_ATTR, AdapterState(config, tuple(modules_to_save)))
+    record_adapter(model, AdapterState(config, tuple(modules_to_save)))
     _retire_peft_wrapper(peft_model, model)
     return model
 
