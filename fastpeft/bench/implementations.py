@@ -6,8 +6,10 @@
 - ``compile``: ``torch.compile`` of ``naive``.
 - ``fastpeft``: ``fastpeft.LoRALinear`` (the layer users get; it runs ``fastpeft.ops.lora_linear``).
 
-All tensors (x, W, b, A, B) are in one dtype ("all bf16" on GPU): PEFT is built with
-``autocast_adapter_dtype=False`` so it does not upcast its adapter to fp32.
+The grid puts all tensors (x, W, b, A, B) in one dtype ("all bf16" on GPU): PEFT is built with
+``autocast_adapter_dtype=False`` so it does not upcast its adapter to fp32. Weights made with
+``random_weights(..., lora_dtype=torch.float32)`` keep fp32 adapters in every implementation
+(PEFT's default on a 16-bit model; the focused benchmark times both).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastpeft.bench.cases import LayerShape
+from fastpeft.ops.lora_linear import lora_linear
 from fastpeft.ops.lora_linear_ref import lora_linear_ref
 
 # lora_alpha = 2 r (scaling 2), the usual PEFT setting; any nonzero scaling exercises the
@@ -51,21 +54,23 @@ class LoRAWeights:
 
 
 def random_weights(
-    shape: LayerShape, r: int, dtype: torch.dtype, device: torch.device, generator: torch.Generator
+    shape: LayerShape, r: int, dtype: torch.dtype, device: torch.device, generator: torch.Generator,
+    lora_dtype: torch.dtype | None = None,
 ) -> LoRAWeights:
     """Random weights with a trained layer's scale (std ``1/sqrt(fan_in)``); B is nonzero so the
-    LoRA branch is not timed on zeros."""
+    LoRA branch is not timed on zeros. W and b in ``dtype``, A and B in ``lora_dtype`` (default
+    ``dtype``)."""
     n, k = shape.out_features, shape.in_features
 
-    def randn(*size: int, fan_in: int) -> torch.Tensor:
+    def randn(*size: int, fan_in: int, to: torch.dtype = dtype) -> torch.Tensor:
         t = torch.randn(*size, generator=generator, device=device, dtype=torch.float32)
-        return (t / fan_in**0.5).to(dtype)
+        return (t / fan_in**0.5).to(to)
 
     return LoRAWeights(
         weight=randn(n, k, fan_in=k),
         bias=randn(n, fan_in=k),
-        lora_a=randn(r, k, fan_in=k),
-        lora_b=randn(n, r, fan_in=r),
+        lora_a=randn(r, k, fan_in=k, to=lora_dtype or dtype),
+        lora_b=randn(n, r, fan_in=r, to=lora_dtype or dtype),
         lora_alpha=LORA_ALPHA_PER_RANK * r,
     )
 
@@ -133,11 +138,12 @@ def _frozen_linear(w: LoRAWeights) -> nn.Linear:
 def _module_implementation(
     name: str, module: nn.Module, lora_a: nn.Parameter, lora_b: nn.Parameter, w: LoRAWeights, training: bool
 ) -> Implementation:
-    """Load ``w``'s A and B into a LoRA layer's parameters, in ``w``'s dtype."""
+    """Load ``w``'s A and B into a LoRA layer's parameters: the layer in W's dtype, its
+    adapter in A's (fp32 adapters on a bf16 layer stay fp32)."""
     module.to(w.weight.dtype).train(training)
     with torch.no_grad():
-        lora_a.copy_(w.lora_a)
-        lora_b.copy_(w.lora_b)
+        lora_a.data = w.lora_a.clone()
+        lora_b.data = w.lora_b.clone()
     return Implementation(name, module, (lora_a, lora_b), tuple(module.parameters()))
 
 
@@ -166,6 +172,12 @@ def _build_fastpeft(w: LoRAWeights, dropout_p: float, training: bool) -> Impleme
     )
     return _module_implementation(FASTPEFT, layer, layer.lora_A.weight, layer.lora_B.weight, w, training)
 
+
+# The op itself, under whatever FASTPEFT_BACKEND is set when it is called: the focused
+# benchmark (``fastpeft.bench.focused``) forces fused / hybrid / torch per row with it. Not a
+# row of the grid, whose ``fastpeft`` row is the layer users get.
+FASTPEFT_OP = "fastpeft-op"
+build_fastpeft_op: Builder = _functional_builder(FASTPEFT_OP, lambda: lora_linear)
 
 BUILDERS: dict[str, Builder] = {
     BASE: _build_base,
