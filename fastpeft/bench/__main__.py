@@ -4,7 +4,9 @@ GPU default: Llama-3-8B shapes x M in {1, 16, 512, 4096, 8192} x r in {8, 16, 64
 CPU default: two shapes, M in {1, 16, 128}, r = 16, fp32 (under two minutes on two cores).
 The full default run also has the end-to-end case (run first): one LoRA training step of a
 Llama model, fastpeft vs PEFT (~1.1B parameters in bf16 on a GPU, a small fp32 one on CPU);
---e2e runs only that case.
+--e2e runs only that case. --focused runs the focused kernel benchmark instead
+(``fastpeft.bench.focused``: fused / hybrid / torch path against F.linear, PEFT and
+torch.compile, CUDA-graph timed, within a time budget; its options: --focused --help).
 """
 
 from __future__ import annotations
@@ -115,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "the layer grid, --quick included, always leave it out)")
     parser.add_argument("--e2e-checkpointing", action="store_true",
                         help="gradient checkpointing (non-reentrant) in the end-to-end case (default off)")
+    parser.add_argument("--focused", action="store_true",
+                        help="run the focused kernel benchmark instead, with its own options "
+                        "(fastpeft bench --focused --help)")
     return parser
 
 
@@ -238,8 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     # scripts/gpu_run.sh stops an overlong run with SIGINT (timeout -s INT) and the runner then
     # reports what it measured; a shell without job control may start us with SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--focused" in argv:
+        from fastpeft.bench.focused import main as focused_main
+
+        return focused_main([arg for arg in argv if arg != "--focused"])
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     e2e_config = e2e_config_from_args(args, parser)
     config = None if args.e2e else config_from_args(args, parser)
     paths = output_paths(args, parser)

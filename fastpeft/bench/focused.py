@@ -1,0 +1,817 @@
+"""Focused kernel benchmark (``fastpeft bench --focused``): which LoRA linear implementation is
+fastest per Llama-3-8B shape, in one JSON, inside a time budget (about 3 minutes on an H200).
+
+What runs, in this order (the most wanted cells first, so a run cut short keeps them):
+
+- the profile: ``torch.profiler`` of one forward+backward per row at M = 4096
+  (``GPU_PROFILE_M``) on the first shape (q/o) with fp32 adapters: kernel names and device
+  times per call (CPU: op names and CPU times). It also compiles most of what the grid runs.
+- the grid, adapter dtype by adapter dtype (fp32, PEFT's default on a bf16 model, then bf16),
+  shape by shape (q/o 4096->4096, gate/up 4096->14336, down 14336->4096), M by M (16, 512,
+  4096, 16384), rank 16, bf16 activations: forward (inference: no grad, dropout off) and
+  forward+backward (training: dropout ``DROPOUT``, grads of x, A and B; W frozen) of each row:
+
+  ``linear``  ``F.linear(x, W, b)``: the floor
+  ``fused``   ``fastpeft.ops.lora_linear`` with ``FASTPEFT_BACKEND=triton`` (fused Triton kernels)
+  ``hybrid``  the same op with ``FASTPEFT_BACKEND=hybrid`` (cuBLAS base GEMM + Triton LoRA term);
+              "unavailable" while ``fastpeft.backend`` has no such choice
+  ``torch``   the same op with ``FASTPEFT_BACKEND=torch`` (torch composite path)
+  ``peft``    HF PEFT's ``lora.Linear``
+  ``compile`` ``torch.compile(dynamic=True)`` of PEFT's formula (``lora_linear_ref``)
+
+  The backend a fastpeft row forces is set around the whole step, forward and backward (the
+  op reads it at every call). Each cell records which path that gives on the device
+  (``runs``): on CPU without ``TRITON_INTERPRET`` the fused and hybrid rows run the torch path.
+
+Timing: ``rotation`` sets of inputs (x, dy, W, b, A, B: all distinct tensors) are cycled so
+that each call reads what the previous calls have pushed out of the L2 cache, as a layer of a
+real model does (its weights and input were last touched a whole layer earlier): the sets
+between two uses of one set hold at least ``ROTATION_CACHE_FACTOR`` times the L2
+(``rotation_count``; e.g. 5 sets for q/o at M = 16, whose 32 MiB weight fits a 60 MB L2, and
+2 for the large cells). On CUDA one round (a call on every set) is captured in a CUDA graph,
+after ``warmup_rounds`` eager rounds (JIT compiles, autotuning, allocator), and its replays
+are timed with CUDA events, as many as fit in ``rep_ms`` (``min_reps`` to ``max_reps``); a
+cell's time is the median over replays of replay time / rotation, with the interquartile
+range. Graphs leave Python and launch overhead out, as a captured training step does; a row
+whose capture fails is timed eagerly with events around each round instead (``method``, and
+why in ``note``). On
+CPU rounds are timed with ``time.perf_counter`` (the rehearsal: same code, tiny shapes).
+
+Budget: no cell starts after ``budget_s`` (the profile included); the cells left are recorded
+as skipped ("time budget"), a SIGINT (``timeout -s INT``) skips the rest as "interrupted", and
+either way the JSON is written. It is also rewritten after every (adapter dtype, shape, M)
+group, with ``"complete": false``, so even a killed run leaves what it measured.
+
+JSON (schema ``SCHEMA``)::
+
+    {"schema", "complete", "interrupted", "elapsed_s",
+     "settings": {environment..., "dtype" (activations), "arch", "rank", "adapter_dtypes",
+                  "dropout_fwd_bwd", "rows": {name: description}, "grid", "timing", "budget_s"},
+     "timings": [{"shape", "m", "n", "k", "r", "adapter_dtype", "mode", "impl", "status",
+                  "runs", "ms", "reps", "rotation", "method", "note", "tflops",
+                  "ratio_to_linear", "ratio_to_peft", "error"}, ...],
+     "fastest": [{"shape", "m", "n", "k", "adapter_dtype", "mode", "overall", "fastpeft",
+                  "fastpeft_ms", "clear"}, ...],
+     "profile": {"shape", "m", "n", "k", "adapter_dtype", "mode", "iters", "times", "impls":
+                 {impl: {"total_us", "kernels": [{"name", "calls", "us"}], "error"}}}}
+
+``status`` is ok, error, unavailable or skipped; ``ms`` and the two ratios are
+``{"value", "low", "high"}`` (``spread``), the ratios a time over F.linear's and over PEFT's
+in the same run (< 1: faster). ``fastest`` names, per cell, the fastest LoRA row (``overall``)
+and the fastest fastpeft row (``fused``/``hybrid``/``torch``), ``clear`` when that row's range
+lies below every other fastpeft row's. The ``settings``/``timings`` layout is the one
+``python -m fastpeft.kernels.lora_dispatch --from-bench`` reads; ``--dispatch-input`` writes
+the rows of one adapter dtype for it (the writer keys on rank, not adapter dtype).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.fx.experimental import _config as fx_config
+
+from fastpeft import backend
+from fastpeft.bench.cases import FORWARD, FORWARD_BACKWARD, MODES, SHAPES_BY_NAME, BenchCase, LayerShape, lora_flops
+from fastpeft.bench.environment import describe_environment
+from fastpeft.bench.implementations import (
+    BASE, COMPILE, PEFT, Implementation, LoRAWeights, build_fastpeft_op, build_implementation, random_weights,
+)
+from fastpeft.bench.runner import DEFAULT_DROPOUT, describe_error, log_to_stderr, make_step
+from fastpeft.bench.spread import Spread, ratio, spread_json
+
+SCHEMA = "fastpeft-focused/1"
+
+LINEAR, FUSED, HYBRID, TORCH = "linear", "fused", "hybrid", "torch"
+OK, ERROR, UNAVAILABLE, SKIPPED = "ok", "error", "unavailable", "skipped"
+# The rows fastpeft can dispatch between (``fastpeft.kernels.lora_dispatch``).
+FASTPEFT_ROWS = (FUSED, HYBRID, TORCH)
+# The adapter dtype fastpeft uses on 16-bit layers by default (``LoRALinear.from_linear``),
+# whose rows ``--dispatch-input`` hands to the dispatch-table writer.
+DISPATCH_ADAPTER_DTYPE = torch.float32
+# Dropout of the forward+backward timings: the issue's PEFT speed target is stated at 0.05.
+DROPOUT = DEFAULT_DROPOUT
+# Bytes of other input sets between two uses of one set, in multiples of the L2 size: a margin
+# over 1x, since the L2's replacement is not strict LRU and the A100/H100/H200 L2 is split in
+# two partitions that may each hold a copy of a line.
+ROTATION_CACHE_FACTOR = 2
+# At least two sets even where one set outgrows the cache (the large cells) or there is no
+# cache to beat (CPU), so every cell runs the same cycling code.
+MIN_ROTATION = 2
+# More sets than this would only be needed for sets far below the L2 size, which no cell of
+# the GPU grid has (its smallest weight is 32 MiB); the cap bounds graph length and memory.
+MAX_ROTATION = 16
+# Profile: calls profiled per row (their times are averaged per call), calls before them
+# (compiles, autotuning), and the kernels kept per row (the longest; the total counts all).
+PROFILE_ITERS = 3
+PROFILE_WARMUP = 2
+PROFILE_TOP = 12
+# Kernel names are kept to this length: CUTLASS template names run to thousands of characters.
+MAX_NAME_CHARS = 120
+
+
+@dataclass(frozen=True)
+class Row:
+    """One implementation of the grid: ``builder`` an ``implementations`` builder name (or the
+    op), ``backend`` the ``FASTPEFT_BACKEND`` forced around each step (fastpeft rows)."""
+
+    name: str
+    description: str
+    builder: str
+    backend: str | None = None
+
+
+ROWS: tuple[Row, ...] = (
+    Row(LINEAR, "F.linear(x, W, b): the floor", BASE),
+    Row(FUSED, "fastpeft.ops.lora_linear, FASTPEFT_BACKEND=triton: fused Triton kernels", "op", "triton"),
+    Row(HYBRID, "fastpeft.ops.lora_linear, FASTPEFT_BACKEND=hybrid: cuBLAS base GEMM + Triton LoRA term",
+        "op", "hybrid"),
+    Row(TORCH, "fastpeft.ops.lora_linear, FASTPEFT_BACKEND=torch: torch composite path", "op", "torch"),
+    Row(PEFT, "HF PEFT lora.Linear", PEFT),
+    Row(COMPILE, "torch.compile(dynamic=True) of PEFT's formula (lora_linear_ref)", COMPILE),
+)
+ROWS_BY_NAME = {row.name: row for row in ROWS}
+
+
+@dataclass(frozen=True)
+class RoundTiming:
+    """How a cell is timed: eager rounds before capture, then replays (rounds on CPU) until
+    ``rep_ms`` of measured time, between ``min_reps`` and ``max_reps`` of them."""
+
+    warmup_rounds: int
+    rep_ms: float
+    min_reps: int
+    max_reps: int
+
+
+# GPU: 2 eager rounds (the first compiles and autotunes, the second runs warm) and replays for
+# 20 ms: 5 replays of the largest cell (estimated ~2 x 8 ms a round for PEFT's down fwd+bwd at
+# M = 16384), 50 of a decode cell (~0.1 ms a round). 288 cells at an estimated 0.1-0.5 s each
+# (warm-up, capture, replays) fit the 3-minute budget with torch.compile's compilations (grad
+# on/off x adapter dtype: 4 graphs, duck sizing off) and the Triton JIT.
+GPU_TIMING = RoundTiming(warmup_rounds=2, rep_ms=20.0, min_reps=5, max_reps=50)
+# CPU rehearsal: the fewest calls that exercise warm-up and a median with quartiles.
+TINY_TIMING = RoundTiming(warmup_rounds=1, rep_ms=0.0, min_reps=3, max_reps=3)
+
+
+@dataclass(frozen=True)
+class FocusedConfig:
+    """The grid, the rows, the device, the timing and the budget of one run."""
+
+    shapes: tuple[LayerShape, ...]
+    ms: tuple[int, ...]
+    rank: int
+    dtype: torch.dtype
+    adapter_dtypes: tuple[torch.dtype, ...]
+    rows: tuple[str, ...]
+    device: torch.device
+    timing: RoundTiming
+    budget_s: float
+    profile_m: int
+    seed: int = 0
+
+
+# The issue's shapes (q/o, gate/up, down of Llama-3-8B; k/v is the q/o kernel on a narrower N),
+# decode (16), a prefill chunk (512), training batches (4096, 16384), and its rank.
+GPU_SHAPES = tuple(SHAPES_BY_NAME[name] for name in ("q/o", "gate/up", "down"))
+GPU_MS = (16, 512, 4096, 16384)
+RANK = 16
+# About 3 minutes, so that the GPU script's tests, this and the grid fit its 8 minutes.
+GPU_BUDGET_S = 180.0
+# The profiled M: a training batch, large enough that every kernel is compute- or
+# bandwidth-bound rather than launch-bound.
+GPU_PROFILE_M = 4096
+# The CPU rehearsal: the same shape names at 1/64 of the sizes (gate/up keeps its 3.5x
+# aspect), two Ms, a one-minute budget (torch.compile's C++ compiles take most of it).
+TINY_SCALE = 64
+TINY_SHAPES = tuple(
+    LayerShape(s.name, s.in_features // TINY_SCALE, s.out_features // TINY_SCALE) for s in GPU_SHAPES
+)
+TINY_MS = (16, 64)
+TINY_BUDGET_S = 60.0
+
+
+def default_config(device: torch.device, tiny: bool, budget_s: float | None = None, seed: int = 0) -> FocusedConfig:
+    """The GPU grid, or with ``tiny`` the CPU rehearsal's; ``budget_s`` overrides the budget."""
+    return FocusedConfig(
+        shapes=TINY_SHAPES if tiny else GPU_SHAPES,
+        ms=TINY_MS if tiny else GPU_MS,
+        rank=RANK,
+        dtype=torch.bfloat16,
+        adapter_dtypes=(torch.float32, torch.bfloat16),
+        rows=tuple(row.name for row in ROWS),
+        device=device,
+        timing=TINY_TIMING if tiny else GPU_TIMING,
+        budget_s=budget_s if budget_s is not None else TINY_BUDGET_S if tiny else GPU_BUDGET_S,
+        profile_m=TINY_MS[-1] if tiny else GPU_PROFILE_M,
+        seed=seed,
+    )
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch's name of ``dtype`` without the prefix: ``bfloat16``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def unavailable_reason(row: Row) -> str | None:
+    """Why ``row`` cannot run in this installation (None when it can): a forced backend that
+    ``fastpeft.backend`` does not offer (``hybrid`` before it lands), or PEFT not installed."""
+    if row.backend is not None and row.backend not in backend._CHOICES:
+        return f"FASTPEFT_BACKEND={row.backend} is not a choice of fastpeft.backend ({', '.join(backend._CHOICES)})"
+    if row.builder == PEFT and importlib.util.find_spec("peft") is None:
+        return "peft is not installed"
+    return None
+
+
+@contextlib.contextmanager
+def forced_backend(choice: str | None) -> Iterator[None]:
+    """``FASTPEFT_BACKEND=choice`` for the block (nothing when None), restored after it."""
+    if choice is None:
+        yield
+        return
+    previous = os.environ.get("FASTPEFT_BACKEND")
+    os.environ["FASTPEFT_BACKEND"] = choice
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["FASTPEFT_BACKEND"]
+        else:
+            os.environ["FASTPEFT_BACKEND"] = previous
+
+
+def path_taken(row: Row, device: torch.device) -> str:
+    """What a row runs on ``device``: itself, except a kernel row (fused, hybrid) that the op
+    sends to the torch path there (CPU tensors without Triton's interpreter)."""
+    if row.backend in (None, TORCH):
+        return row.name
+    with forced_backend(row.backend):
+        return row.name if backend.use_triton(device) else "torch path"
+
+
+# --- inputs -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputSet:
+    """One set of distinct tensors for a cell: weights, x ``[M, K]`` (requires grad), dy ``[M, N]``."""
+
+    weights: LoRAWeights
+    x: torch.Tensor
+    dy: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        w = self.weights
+        return sum(t.nbytes for t in (w.weight, w.bias, w.lora_a, w.lora_b, self.x, self.dy))
+
+
+def cache_bytes(device: torch.device) -> int:
+    """The L2 size of a CUDA device; 0 on CPU (the rehearsal cycles ``MIN_ROTATION`` sets)."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).L2_cache_size
+
+
+def rotation_count(set_bytes: int, cache: int) -> int:
+    """Sets to cycle so that the others hold ``ROTATION_CACHE_FACTOR`` x ``cache`` bytes between
+    two uses of one set, within ``[MIN_ROTATION, MAX_ROTATION]``."""
+    needed = 1 + math.ceil(ROTATION_CACHE_FACTOR * cache / set_bytes)
+    return min(max(needed, MIN_ROTATION), MAX_ROTATION)
+
+
+def make_input_sets(case: BenchCase, config: FocusedConfig, adapter_dtype: torch.dtype,
+                    generator: torch.Generator) -> list[InputSet]:
+    """``rotation_count`` sets of random inputs for ``case`` (the first one sized the rest)."""
+
+    def one() -> InputSet:
+        w = random_weights(case.shape, case.r, config.dtype, config.device, generator, lora_dtype=adapter_dtype)
+        x = torch.randn(case.m, case.shape.in_features, generator=generator, device=config.device)
+        dy = torch.randn(case.m, case.shape.out_features, generator=generator, device=config.device)
+        return InputSet(w, x.to(config.dtype).requires_grad_(), dy.to(config.dtype))
+
+    first = one()
+    return [first] + [one() for _ in range(rotation_count(first.nbytes, cache_bytes(config.device)) - 1)]
+
+
+def build_row(row: Row, w: LoRAWeights, training: bool) -> Implementation:
+    """``row``'s implementation on weights ``w`` (dropout ``DROPOUT`` when ``training``)."""
+    if row.builder == "op":
+        return build_fastpeft_op(w, DROPOUT, training)
+    return build_implementation(row.builder, w, DROPOUT, training)
+
+
+def row_steps(row: Row, sets: Sequence[InputSet], mode: str) -> list[Callable[[], object]]:
+    """One zero-argument step per input set: ``mode``'s work of ``row``, under its backend."""
+    steps = []
+    for s in sets:
+        step = make_step(build_row(row, s.weights, training=mode == FORWARD_BACKWARD), s.x, s.dy, mode)
+
+        def under_backend(step: Callable[[], object] = step) -> object:
+            with forced_backend(row.backend):
+                return step()
+
+        steps.append(under_backend)
+    return steps
+
+
+# --- timing -----------------------------------------------------------------------------------
+
+GRAPH, EVENTS, CPU_CLOCK = "cuda graph", "cuda events, eager", "perf_counter"
+
+
+def _run_round(steps: Sequence[Callable[[], object]]) -> None:
+    for step in steps:
+        step()
+
+
+def _reps(estimate_ms: float, timing: RoundTiming) -> int:
+    return min(max(math.ceil(timing.rep_ms / max(estimate_ms, 1e-6)), timing.min_reps), timing.max_reps)
+
+
+def _event_times_ms(run: Callable[[], None], reps: int) -> list[float]:
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        run()
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in events]
+
+
+def _timed_rounds_cuda(run: Callable[[], None], timing: RoundTiming) -> list[float]:
+    estimate = _event_times_ms(run, 1)[0]
+    return _event_times_ms(run, _reps(estimate, timing))
+
+
+def _capture(steps: Sequence[Callable[[], object]]) -> torch.cuda.CUDAGraph:
+    """One round of ``steps`` captured in a CUDA graph (already warmed up: capture runs nothing)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _run_round(steps)
+    return graph
+
+
+def time_rounds(steps: Sequence[Callable[[], object]], device: torch.device,
+                timing: RoundTiming) -> tuple[list[float], str, str | None]:
+    """Milliseconds per call of each timed round of ``steps`` (round time / len(steps)), the
+    method (``GRAPH``, ``EVENTS`` when capture fails, ``CPU_CLOCK``) and why capture failed."""
+    calls = len(steps)
+    if device.type != "cuda":
+        for _ in range(timing.warmup_rounds):
+            _run_round(steps)
+        reps = _reps(_cpu_round_ms(steps), timing)
+        return [_cpu_round_ms(steps) / calls for _ in range(reps)], CPU_CLOCK, None
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # capture needs its warm-up off the default stream
+        for _ in range(timing.warmup_rounds):
+            _run_round(steps)
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    try:
+        graph = _capture(steps)
+    except Exception as exc:  # a host sync, an op a graph cannot hold...: time it eagerly
+        torch.cuda.synchronize(device)
+        times = _timed_rounds_cuda(lambda: _run_round(steps), timing)
+        return [t / calls for t in times], EVENTS, f"capture failed: {describe_error(exc)}"
+    graph.replay()
+    return [t / calls for t in _timed_rounds_cuda(graph.replay, timing)], GRAPH, None
+
+
+def _cpu_round_ms(steps: Sequence[Callable[[], object]]) -> float:
+    start = time.perf_counter()
+    _run_round(steps)
+    return (time.perf_counter() - start) * 1e3
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    """One (adapter dtype, case, mode, row) of the grid and what became of it."""
+
+    adapter_dtype: torch.dtype
+    case: BenchCase
+    mode: str
+    row: str
+    status: str = SKIPPED
+    runs: str | None = None
+    ms: Spread | None = None
+    reps: int = 0
+    rotation: int = 0
+    method: str | None = None
+    note: str | None = None
+    error: str | None = None
+
+    @property
+    def key(self) -> tuple:
+        return (self.adapter_dtype, self.case, self.mode)
+
+
+@dataclass
+class FocusedRun:
+    """Everything a run produced; ``to_json`` is the file."""
+
+    config: FocusedConfig
+    settings: dict[str, Any]
+    cells: list[Cell]
+    profile: dict[str, Any]
+    interrupted: bool = False
+    complete: bool = False
+    elapsed_s: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "complete": self.complete,
+            "interrupted": self.interrupted,
+            "elapsed_s": round(self.elapsed_s, 1),
+            "settings": self.settings,
+            "timings": [_cell_json(c, self.cells) for c in self.cells],
+            "fastest": fastest(self.cells),
+            "profile": self.profile,
+        }
+
+
+def plan_cells(config: FocusedConfig) -> list[Cell]:
+    """Every cell of the grid, in the order they run."""
+    return [
+        Cell(adapter_dtype, BenchCase(shape, m, config.rank), mode, row)
+        for adapter_dtype in config.adapter_dtypes
+        for shape in config.shapes
+        for m in config.ms
+        for mode in MODES
+        for row in config.rows
+    ]
+
+
+def settings(config: FocusedConfig) -> dict[str, Any]:
+    """The run's settings as plain data (environment, dtypes, rows, grid, timing, budget)."""
+    arch = None
+    if config.device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(config.device)
+        arch = f"sm_{major}{minor}"
+    return {
+        **describe_environment(config.device),
+        "fastpeft_path": "forced per row (rows)",
+        "arch": arch,
+        "dtype": dtype_name(config.dtype),
+        "adapter_dtypes": [dtype_name(d) for d in config.adapter_dtypes],
+        "rank": config.rank,
+        "dropout_fwd_bwd": DROPOUT,
+        "modes": {FORWARD: "inference: no_grad, dropout off",
+                  FORWARD_BACKWARD: f"training: dropout {DROPOUT}, grads of x, A, B (linear: x only; W frozen)"},
+        "rows": {name: ROWS_BY_NAME[name].description for name in config.rows},
+        "grid": {"shapes": {s.name: [s.in_features, s.out_features] for s in config.shapes}, "m": list(config.ms)},
+        "timing": {
+            "method": "median over CUDA-graph replays (CPU: perf_counter rounds) of one round of calls, "
+                      "one call per rotated input set, divided by the rotation",
+            "rotation": f"distinct (x, dy, W, b, A, B) sets cycled so that >= {ROTATION_CACHE_FACTOR}x the L2 "
+                        f"({cache_bytes(config.device)} bytes) lies between two uses of one set; "
+                        f"{MIN_ROTATION} to {MAX_ROTATION} sets",
+            **dataclasses.asdict(config.timing),
+        },
+        "budget_s": config.budget_s,
+        "profile": {"m": config.profile_m, "iters": PROFILE_ITERS, "top": PROFILE_TOP},
+    }
+
+
+def _time_group(cells: Sequence[Cell], case: BenchCase, adapter_dtype: torch.dtype, config: FocusedConfig,
+                generator: torch.Generator, deadline: float) -> None:
+    """Time ``cells`` (one adapter dtype and case, both modes) on shared rotated inputs; the
+    cells reached after ``deadline`` stay skipped."""
+    try:
+        sets = make_input_sets(case, config, adapter_dtype, generator)
+    except Exception as exc:  # e.g. out of memory: this group's cells failed, the next may fit
+        for cell in cells:
+            cell.status, cell.error = ERROR, f"making the inputs: {describe_error(exc)}"
+        return
+    for cell in cells:
+        if time.monotonic() > deadline:
+            break
+        row = ROWS_BY_NAME[cell.row]
+        cell.rotation = len(sets)
+        try:
+            cell.runs = path_taken(row, config.device)
+            samples, cell.method, cell.note = time_rounds(row_steps(row, sets, cell.mode), config.device,
+                                                          config.timing)
+            cell.ms, cell.reps, cell.status = Spread.of_samples(samples), len(samples), OK
+        except Exception as exc:  # one broken row must not stop the others
+            cell.status, cell.error = ERROR, describe_error(exc)
+    del sets
+    _release(config.device)
+
+
+def run_focused(config: FocusedConfig, json_path: Path | None = None,
+                log: Callable[[str], None] = log_to_stderr) -> FocusedRun:
+    """Profile, then time the cells of ``config`` in order until its budget runs out; the JSON
+    is (re)written to ``json_path`` after the profile and after every group of cells.
+
+    torch.compile runs without duck sizing: sizes that happen to be equal (M == r at M = 16,
+    N == K for q/o) would otherwise each specialize a graph, and every compilation costs
+    seconds of the budget."""
+    start = time.monotonic()
+    deadline = start + config.budget_s
+    run = FocusedRun(config, settings(config), plan_cells(config), {"error": "not run: interrupted"})
+    for cell in run.cells:
+        reason = unavailable_reason(ROWS_BY_NAME[cell.row])
+        if reason is not None:
+            cell.status, cell.error = UNAVAILABLE, reason
+
+    def save() -> None:
+        run.elapsed_s = time.monotonic() - start
+        if json_path is not None:
+            write_json(run, json_path)
+
+    generator = torch.Generator(config.device).manual_seed(config.seed)
+    groups: dict[tuple, list[Cell]] = {}
+    for cell in run.cells:
+        if cell.status == SKIPPED:
+            groups.setdefault((cell.adapter_dtype, cell.case), []).append(cell)
+    try:
+        with fx_config.patch(use_duck_shape=False):
+            try:
+                run.profile = profile_rows(config, generator, log) if config.budget_s > 0 else {"error": "time budget"}
+            except Exception as exc:  # the grid can still run
+                run.profile = {"error": describe_error(exc)}
+            save()
+            for index, ((adapter_dtype, case), cells) in enumerate(groups.items(), 1):
+                if time.monotonic() > deadline:
+                    break
+                log(f"[{index}/{len(groups)}] {dtype_name(adapter_dtype)} adapters, {case.label}"
+                    f"  ({time.monotonic() - start:.0f} s)")
+                _time_group(cells, case, adapter_dtype, config, generator, deadline)
+                for cell in cells:
+                    if cell.status == ERROR:
+                        log(f"  {cell.mode} {cell.row} failed: {cell.error}")
+                save()
+    except KeyboardInterrupt:
+        run.interrupted = True
+        log("interrupted: writing the cells measured so far")
+    for cell in run.cells:
+        if cell.status == SKIPPED:
+            cell.error = "interrupted" if run.interrupted else "time budget"
+    run.complete = not run.interrupted
+    with sigint_ignored():  # the results are in: a time limit's SIGINT must not cut their writing
+        save()
+    return run
+
+
+@contextlib.contextmanager
+def sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored in the block, the previous handler back after it."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _release(device: torch.device) -> None:
+    """Give the cached memory of a group back before the next one's (larger) inputs."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --- derived data -----------------------------------------------------------------------------
+
+
+def _time_of(cells: Sequence[Cell], key: tuple, row: str) -> Spread | None:
+    for cell in cells:
+        if cell.key == key and cell.row == row and cell.status == OK:
+            return cell.ms
+    return None
+
+
+def _cell_json(cell: Cell, cells: Sequence[Cell]) -> dict[str, Any]:
+    case = cell.case
+    flops = lora_flops(case.m, case.shape.out_features, case.shape.in_features,
+                       0 if cell.row == LINEAR else case.r, cell.mode)
+    linear, peft = _time_of(cells, cell.key, LINEAR), _time_of(cells, cell.key, PEFT)
+    return {
+        "shape": case.shape.name, "m": case.m, "n": case.shape.out_features, "k": case.shape.in_features,
+        "r": case.r, "adapter_dtype": dtype_name(cell.adapter_dtype), "mode": cell.mode, "impl": cell.row,
+        "status": cell.status, "runs": cell.runs, "ms": spread_json(cell.ms), "reps": cell.reps,
+        "rotation": cell.rotation, "method": cell.method, "note": cell.note,
+        "tflops": None if cell.ms is None else flops / (cell.ms.value * 1e-3) / 1e12,
+        "ratio_to_linear": spread_json(Spread.point(1.0) if cell.row == LINEAR and cell.ms else ratio(cell.ms, linear)),
+        "ratio_to_peft": spread_json(Spread.point(1.0) if cell.row == PEFT and cell.ms else ratio(cell.ms, peft)),
+        "error": cell.error,
+    }
+
+
+def fastest(cells: Sequence[Cell]) -> list[dict[str, Any]]:
+    """Per (adapter dtype, case, mode) with a measured LoRA row: the fastest LoRA row, the
+    fastest fastpeft row and its time, and whether its range lies below every other
+    fastpeft row's (``clear``)."""
+    out = []
+    for key in dict.fromkeys(c.key for c in cells):
+        measured = [c for c in cells if c.key == key and c.status == OK and c.row != LINEAR]
+        if not measured:
+            continue
+        ours = [c for c in measured if c.row in FASTPEFT_ROWS]
+        best_ours = min(ours, key=lambda c: c.ms.value) if ours else None
+        adapter_dtype, case, mode = key
+        out.append({
+            "shape": case.shape.name, "m": case.m, "n": case.shape.out_features, "k": case.shape.in_features,
+            "adapter_dtype": dtype_name(adapter_dtype), "mode": mode,
+            "overall": min(measured, key=lambda c: c.ms.value).row,
+            "fastpeft": None if best_ours is None else best_ours.row,
+            "fastpeft_ms": None if best_ours is None else spread_json(best_ours.ms),
+            "clear": best_ours is not None and all(best_ours.ms.high < c.ms.low for c in ours if c is not best_ours),
+        })
+    return out
+
+
+def write_json(run: FocusedRun, path: Path) -> None:
+    """Write the run's JSON through a temporary file, so a reader never sees half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(run.to_json(), indent=1) + "\n")
+    tmp.replace(path)
+
+
+def dispatch_input(data: dict[str, Any], adapter_dtype: torch.dtype = DISPATCH_ADAPTER_DTYPE) -> dict[str, Any]:
+    """The focused JSON with the timings of one adapter dtype only: what
+    ``python -m fastpeft.kernels.lora_dispatch --from-bench`` reads (it keys rows on rank)."""
+    name = dtype_name(adapter_dtype)
+    return {**data, "timings": [t for t in data["timings"] if t["adapter_dtype"] == name]}
+
+
+# --- profile ----------------------------------------------------------------------------------
+
+
+def profile_rows(config: FocusedConfig, generator: torch.Generator, log: Callable[[str], None]) -> dict[str, Any]:
+    """``torch.profiler`` of one forward+backward per available row at ``config.profile_m`` rows
+    of the first shape, fp32 adapters (the first adapter dtype): kernels and device times per
+    call on CUDA, ops and CPU times on CPU."""
+    shape, adapter_dtype = config.shapes[0], config.adapter_dtypes[0]
+    case = BenchCase(shape, config.profile_m, config.rank)
+    on_cuda = config.device.type == "cuda"
+    out: dict[str, Any] = {
+        "shape": shape.name, "m": case.m, "n": shape.out_features, "k": shape.in_features,
+        "adapter_dtype": dtype_name(adapter_dtype), "mode": FORWARD_BACKWARD, "iters": PROFILE_ITERS,
+        "times": "device (CUDA kernels), us per call" if on_cuda else "CPU (self time of each op), us per call",
+        "impls": {},
+    }
+    log(f"[profile] {dtype_name(adapter_dtype)} adapters, {case.label}, {FORWARD_BACKWARD}")
+    sets = make_input_sets(case, config, adapter_dtype, generator)[:1]
+    for name in config.rows:
+        row = ROWS_BY_NAME[name]
+        reason = unavailable_reason(row)
+        if reason is not None:
+            out["impls"][name] = {"total_us": None, "kernels": [], "error": reason}
+            continue
+        try:
+            out["impls"][name] = _profile_step(row_steps(row, sets, FORWARD_BACKWARD)[0], on_cuda)
+        except Exception as exc:  # one broken row must not stop the others
+            out["impls"][name] = {"total_us": None, "kernels": [], "error": describe_error(exc)}
+    del sets
+    _release(config.device)
+    return out
+
+
+def _profile_step(step: Callable[[], object], on_cuda: bool) -> dict[str, Any]:
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(PROFILE_WARMUP):
+        step()
+    if on_cuda:
+        torch.cuda.synchronize()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(PROFILE_ITERS):
+            step()
+        if on_cuda:
+            torch.cuda.synchronize()
+    entries = []
+    for event in prof.key_averages():
+        if on_cuda:
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = event.self_device_time_total
+        else:
+            us = event.self_cpu_time_total
+        if us > 0:
+            entries.append({"name": event.key[:MAX_NAME_CHARS], "calls": event.count / PROFILE_ITERS,
+                            "us": us / PROFILE_ITERS})
+    entries.sort(key=lambda e: e["us"], reverse=True)
+    return {"total_us": sum(e["us"] for e in entries), "kernels": entries[:PROFILE_TOP], "error": None}
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def _ratio_text(timing: dict[str, Any] | None) -> str:
+    if timing is None or timing["status"] == UNAVAILABLE:
+        return "n/a"
+    return "-" if timing["ratio_to_linear"] is None else f"{timing['ratio_to_linear']['value']:.2f}"
+
+
+def ratios_table(data: dict[str, Any]) -> list[str]:
+    """The focused JSON as aligned text lines, one per measured (adapter dtype, mode, shape, M):
+    F.linear's ms, each LoRA row's time over it ("n/a": unavailable, "-": not measured), the
+    fastest fastpeft row ("?" when its range overlaps another's) and PEFT's time over it."""
+    rows = [r for r in data["settings"]["rows"] if r != LINEAR]
+    shapes, adapters = list(data["settings"]["grid"]["shapes"]), data["settings"]["adapter_dtypes"]
+    by_key: dict[tuple, dict[str, dict]] = {}
+    for t in data["timings"]:
+        by_key.setdefault((t["adapter_dtype"], t["mode"], t["shape"], t["m"]), {})[t["impl"]] = t
+    best = {(f["adapter_dtype"], f["mode"], f["shape"], f["m"]): f for f in data["fastest"]}
+    lines = [["adapter", "mode", "shape", "M", "linear ms", *(f"{r} xlin" for r in rows), "fastest", "peft/fastest"]]
+    for key in sorted(by_key, key=lambda k: (adapters.index(k[0]), MODES.index(k[1]), shapes.index(k[2]), k[3])):
+        timings = by_key[key]
+        if not any(t["status"] == OK for t in timings.values()):
+            continue
+        linear, peft, win = timings.get(LINEAR), timings.get(PEFT), best.get(key)
+        linear_ms = f"{linear['ms']['value']:.4g}" if linear and linear["ms"] else "-"
+        winner = peft_ratio = "-"
+        if win and win["fastpeft"]:
+            winner = win["fastpeft"] + ("" if win["clear"] else "?")
+            if peft and peft["ms"]:
+                peft_ratio = f"{peft['ms']['value'] / win['fastpeft_ms']['value']:.2f}"
+        lines.append([*key[:3], str(key[3]), linear_ms, *(_ratio_text(timings.get(r)) for r in rows),
+                      winner, peft_ratio])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    # adapter, mode, shape left-aligned; M and the numbers right-aligned
+    return ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+            for line in lines]
+
+
+def counts(data: dict[str, Any], field: str = "status") -> dict[str, int]:
+    """Cells per value of ``field`` (status, or the timing method of the measured ones)."""
+    out: dict[str, int] = {}
+    for t in data["timings"]:
+        if t[field] is not None:
+            out[t[field]] = out.get(t[field], 0) + 1
+    return out
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastpeft bench --focused",
+        description="Focused kernel benchmark: F.linear, fastpeft fused / hybrid / torch, PEFT and "
+                    "torch.compile on Llama-3-8B shapes, bf16 activations with fp32 and bf16 adapters, "
+                    "CUDA-graph timing with inputs rotated past L2, within a time budget; one JSON.",
+    )
+    parser.add_argument("--json", type=Path, required=True, help="the JSON to write (rewritten as the run goes)")
+    parser.add_argument("--dispatch-input", type=Path,
+                        help=f"also write the {dtype_name(DISPATCH_ADAPTER_DTYPE)}-adapter timings here, for "
+                             "python -m fastpeft.kernels.lora_dispatch --from-bench")
+    parser.add_argument("--budget-s", type=float,
+                        help=f"no cell starts after this many seconds "
+                             f"(default {GPU_BUDGET_S:g}, --tiny {TINY_BUDGET_S:g})")
+    parser.add_argument("--tiny", action="store_true",
+                        help=f"the rehearsal: shapes / {TINY_SCALE}, M in {TINY_MS}, a few calls per cell")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the focused benchmark; 0 once its JSON is written (failed, unavailable and skipped
+    cells are results in it), 2 on bad arguments."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # see fastpeft.bench.__main__.main
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.budget_s is not None and args.budget_s < 0:
+        parser.error("--budget-s must be >= 0")
+    config = default_config(device, args.tiny, args.budget_s, args.seed)
+    run = run_focused(config, args.json)
+    data = run.to_json()
+    print("\n".join(ratios_table(data)))
+    print(f"cells: {counts(data)}  ({run.elapsed_s:.0f} s{', interrupted' if run.interrupted else ''})")
+    written = [args.json]
+    if args.dispatch_input is not None:
+        usable = dispatch_input(data)
+        if any(t["status"] == OK and t["impl"] in FASTPEFT_ROWS for t in usable["timings"]):
+            args.dispatch_input.write_text(json.dumps(usable, indent=1) + "\n")
+            written.append(args.dispatch_input)
+        else:
+            print(f"no dispatch input: no fastpeft row measured with {dtype_name(DISPATCH_ADAPTER_DTYPE)} adapters")
+    print("wrote " + ", ".join(map(str, written)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The focused kernel benchmark (``fastpeft.bench.focused``) on CPU, on tiny problems: its
+JSON schema, the rotation count, the time guard and SIGINT (the JSON is written either way),
+rows marked unavailable, the ratios, the fastest-row table, the dispatch-table input, and
+the command line. No test asserts on a measured time."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from fastpeft import backend
+from fastpeft.bench import focused
+from fastpeft.bench.__main__ import main as bench_main
+from fastpeft.bench.cases import FORWARD, FORWARD_BACKWARD, LayerShape
+
+CPU = torch.device("cpu")
+TINY = LayerShape("tiny", 24, 40)  # K = 24, N = 40
+# Rows that run in well under a second on CPU (no torch.compile).
+QUICK_ROWS = (focused.LINEAR, focused.FUSED, focused.HYBRID, focused.TORCH, focused.PEFT)
+ONE_REP = focused.RoundTiming(warmup_rounds=1, rep_ms=0.0, min_reps=3, max_reps=3)
+TIMING_KEYS = {"shape", "m", "n", "k", "r", "adapter_dtype", "mode", "impl", "status", "runs", "ms", "reps",
+               "rotation", "method", "note", "tflops", "ratio_to_linear", "ratio_to_peft", "error"}
+
+
+def tiny_config(**overrides) -> focused.FocusedConfig:
+    config = focused.FocusedConfig(
+        shapes=(TINY,), ms=(5, 9), rank=4, dtype=torch.float32, adapter_dtypes=(torch.float32, torch.bfloat16),
+        rows=QUICK_ROWS, device=CPU, timing=ONE_REP, budget_s=600.0, profile_m=5,
+    )
+    return dataclasses.replace(config, **overrides)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One complete tiny run and the JSON it wrote."""
+    path = tmp_path_factory.mktemp("focused") / "focused.json"
+    run = focused.run_focused(tiny_config(), path, log=lambda _: None)
+    return run, json.loads(path.read_text())
+
+
+def test_json_has_the_schema_and_every_cell(tiny_run):
+    run, data = tiny_run
+    assert data == json.loads(json.dumps(run.to_json()))
+    assert data["schema"] == focused.SCHEMA and data["complete"] and not data["interrupted"]
+    for key in ("dtype", "adapter_dtypes", "rank", "rows", "grid", "timing", "budget_s", "device_name", "torch"):
+        assert key in data["settings"]
+    # 2 adapter dtypes x 2 M x 2 modes x 5 rows
+    assert len(data["timings"]) == 2 * 2 * 2 * len(QUICK_ROWS)
+    for timing in data["timings"]:
+        assert set(timing) == TIMING_KEYS
+        assert timing["status"] == focused.OK, timing
+        assert timing["reps"] == 3 and timing["rotation"] == focused.MIN_ROTATION
+        assert timing["method"] == focused.CPU_CLOCK
+        assert 0 < timing["ms"]["low"] <= timing["ms"]["value"] <= timing["ms"]["high"]
+        for ratio in ("ratio_to_linear", "ratio_to_peft"):
+            assert timing[ratio]["low"] <= timing[ratio]["value"] <= timing[ratio]["high"]
+    linear = [t for t in data["timings"] if t["impl"] == focused.LINEAR]
+    assert all(t["ratio_to_linear"] == {"value": 1.0, "low": 1.0, "high": 1.0} for t in linear)
+
+
+def test_cells_record_the_path_each_row_takes(tiny_run):
+    """Without Triton's interpreter, CPU tensors send the kernel rows to the torch path; the
+    cells say so rather than pass torch-path times off as kernel times."""
+    _, data = tiny_run
+    runs = {t["impl"]: t["runs"] for t in data["timings"]}
+    kernel_path = "torch path" if not backend.interpreting() else None
+    assert runs[focused.FUSED] == (kernel_path or focused.FUSED)
+    assert runs[focused.TORCH] == focused.TORCH and runs[focused.PEFT] == focused.PEFT
+
+
+def test_fp32_adapters_stay_fp32_in_every_row():
+    """The rows built on fp32-adapter weights of bf16 layers keep fp32 A and B (PEFT's default)."""
+    w = focused.random_weights(TINY, 4, torch.bfloat16, CPU, torch.Generator().manual_seed(0), lora_dtype=torch.float32)
+    for name in (focused.FUSED, focused.PEFT, focused.COMPILE):
+        impl = focused.build_row(focused.ROWS_BY_NAME[name], w, training=True)
+        assert [t.dtype for t in impl.trainable] == [torch.float32, torch.float32], name
+
+
+def test_fastest_names_a_row_per_measured_cell(tiny_run):
+    _, data = tiny_run
+    assert len(data["fastest"]) == 2 * 2 * 2
+    for entry in data["fastest"]:
+        assert entry["overall"] in QUICK_ROWS and entry["overall"] != focused.LINEAR
+        assert entry["fastpeft"] in focused.FASTPEFT_ROWS and isinstance(entry["clear"], bool)
+
+
+def test_profile_lists_every_row(tiny_run):
+    _, data = tiny_run
+    profile = data["profile"]
+    assert profile["m"] == 5 and profile["mode"] == FORWARD_BACKWARD and profile["adapter_dtype"] == "float32"
+    assert list(profile["impls"]) == list(QUICK_ROWS)
+    for entry in profile["impls"].values():
+        assert entry["error"] is None and entry["total_us"] > 0
+        assert 0 < len(entry["kernels"]) <= focused.PROFILE_TOP
+        assert {"name", "calls", "us"} == set(entry["kernels"][0])
+
+
+def test_ratios_table_has_a_line_per_measured_cell(tiny_run):
+    _, data = tiny_run
+    lines = focused.ratios_table(data)
+    assert lines[0].split()[:5] == ["adapter", "mode", "shape", "M", "linear"]
+    assert len(lines) == 1 + 2 * 2 * 2
+    assert lines[1].split()[:4] == ["float32", FORWARD, "tiny", "5"]  # run order: fp32 adapters first
+
+
+def test_dispatch_input_keeps_one_adapter_dtype_and_the_writer_reads_it(tiny_run):
+    _, data = tiny_run
+    usable = focused.dispatch_input(data)
+    assert usable["settings"] == data["settings"] and len(usable["timings"]) == len(data["timings"]) // 2
+    assert {t["adapter_dtype"] for t in usable["timings"]} == {"float32"}
+    dispatch = pytest.importorskip("fastpeft.kernels.lora_dispatch")
+    table = dispatch.table_from_bench(usable, "sm_90")
+    measured = [e for e in table["entries"] if isinstance(e["measured"], dict)]
+    # (forward, backward) x 2 Ms of the one shape
+    assert len(measured) == 2 * 2 and {e["implementation"] for e in measured} <= set(focused.FASTPEFT_ROWS)
+
+
+def test_rotation_count_covers_twice_the_cache():
+    mib = 2**20
+    assert focused.rotation_count(32 * mib, 60 * mib) == 5  # 4 other sets: 128 MiB >= 2 x 60 MiB
+    assert focused.rotation_count(700 * mib, 60 * mib) == focused.MIN_ROTATION
+    assert focused.rotation_count(1, 60 * mib) == focused.MAX_ROTATION
+    assert focused.rotation_count(100, 0) == focused.MIN_ROTATION
+
+
+def test_a_missing_backend_choice_marks_its_row_unavailable(monkeypatch, tmp_path):
+    monkeypatch.setattr(backend, "_CHOICES", tuple(c for c in backend._CHOICES if c != "hybrid"))
+    path = tmp_path / "f.json"
+    focused.run_focused(tiny_config(ms=(5,), adapter_dtypes=(torch.float32,)), path, log=lambda _: None)
+    data = json.loads(path.read_text())
+    hybrid = [t for t in data["timings"] if t["impl"] == focused.HYBRID]
+    assert len(hybrid) == 2 and all(t["status"] == focused.UNAVAILABLE and "hybrid" in t["error"] for t in hybrid)
+    assert all(t["status"] == focused.OK for t in data["timings"] if t["impl"] != focused.HYBRID)
+    assert data["profile"]["impls"][focused.HYBRID]["error"] == hybrid[0]["error"]
+    assert "n/a" in focused.ratios_table(data)[1].split()
+
+
+def test_budget_spent_skips_the_cells_and_still_writes_the_json(tmp_path):
+    path = tmp_path / "f.json"
+    run = focused.run_focused(tiny_config(budget_s=0.0), path, log=lambda _: None)
+    data = json.loads(path.read_text())
+    assert data["complete"] and not data["interrupted"] and run.complete
+    assert {t["status"] for t in data["timings"]} == {focused.SKIPPED}
+    assert {t["error"] for t in data["timings"]} == {"time budget"}
+    assert data["fastest"] == [] and focused.ratios_table(data) == focused.ratios_table(data)[:1]
+
+
+def test_sigint_mid_run_keeps_the_cells_measured(monkeypatch, tmp_path):
+    """A KeyboardInterrupt (timeout's SIGINT) in the second group: the first group's cells
+    stay, the rest are skipped as interrupted, the JSON says so."""
+    original, calls = focused._time_group, []
+
+    def interrupt_second_group(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(focused, "_time_group", interrupt_second_group)
+    path = tmp_path / "f.json"
+    focused.run_focused(tiny_config(), path, log=lambda _: None)
+    data = json.loads(path.read_text())
+    assert data["interrupted"] and not data["complete"]
+    statuses = [t["status"] for t in data["timings"]]
+    group = 2 * len(QUICK_ROWS)  # one (adapter dtype, M): 2 modes x rows
+    assert statuses[:group] == [focused.OK] * group
+    assert set(statuses[group:]) == {focused.SKIPPED}
+    assert {t["error"] for t in data["timings"][group:]} == {"interrupted"}
+
+
+def test_a_failing_row_is_recorded_and_the_others_run(monkeypatch, tmp_path):
+    original = focused.build_row
+
+    def broken_peft(row, w, training):
+        if row.name == focused.PEFT:
+            raise RuntimeError("peft exploded\nsecond line")
+        return original(row, w, training)
+
+    monkeypatch.setattr(focused, "build_row", broken_peft)
+    path = tmp_path / "f.json"
+    focused.run_focused(tiny_config(ms=(5,), adapter_dtypes=(torch.float32,)), path, log=lambda _: None)
+    data = json.loads(path.read_text())
+    peft = [t for t in data["timings"] if t["impl"] == focused.PEFT]
+    assert all(t["status"] == focused.ERROR and t["error"] == "RuntimeError: peft exploded" for t in peft)
+    others = [t for t in data["timings"] if t["impl"] != focused.PEFT]
+    assert all(t["status"] == focused.OK and t["ratio_to_peft"] is None for t in others)
+    assert data["profile"]["impls"][focused.PEFT]["error"] == "RuntimeError: peft exploded"
+
+
+def test_cli_writes_the_json_and_the_dispatch_input(tmp_path, capsys):
+    """``fastpeft bench --focused --tiny`` with a budget that skips every cell: the command
+    line's plumbing (the profile, which compiles, is what a budget cannot skip)."""
+    out, dispatch = tmp_path / "f.json", tmp_path / "d.json"
+    assert bench_main(["--focused", "--tiny", "--budget-s", "0", "--json", str(out),
+                       "--dispatch-input", str(dispatch)]) == 0
+    data = json.loads(out.read_text())
+    assert data["schema"] == focused.SCHEMA and data["settings"]["grid"]["m"] == list(focused.TINY_MS)
+    assert not dispatch.exists()  # nothing measured: no input for the dispatch writer
+    assert "no dispatch input" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--focused"], ["--focused", "--json", "x", "--budget-s", "-1"]])
+def test_cli_usage_errors(argv, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        bench_main(argv)
+    assert exc.value.code == 2
