@@ -2,7 +2,10 @@
 
 ``TRITON_INTERPRET`` must be set before Triton is imported; neither torch nor fastpeft
 imports Triton at import time, so setting it here (before any test module is collected)
-takes effect. On a machine with CUDA the kernels run for real.
+takes effect. On a machine with CUDA the kernels run for real, on CUDA tensors only: there
+``FASTPEFT_BACKEND=triton`` sends CPU tensors to the torch path (``fastpeft.backend``), so
+scripts/gpu_run.sh runs the CPU-tensor suite in a process with the GPU hidden, where the
+interpreter takes over as in CI.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from fastpeft.backend import triton_available  # noqa: E402
+from fastpeft.backend import interpreting, triton_available  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 # Backends every op test runs on: the Triton kernels (interpreted on CPU) and the torch path.
-BACKENDS = ["triton", "torch"] if triton_available() else ["torch"]
+# "triton" only where it runs kernels on DEVICE's tensors: elsewhere (a CPU run with
+# TRITON_INTERPRET=0) it would run the torch path a second time under the kernels' name.
+KERNELS_RUN = triton_available() and (DEVICE.type == "cuda" or interpreting())
+BACKENDS = ["triton", "torch"] if KERNELS_RUN else ["torch"]
 
 
 @pytest.fixture(params=BACKENDS)

@@ -1,38 +1,179 @@
-"""Checks that need a CUDA device (skipped without one): the real Triton kernels against
-float64 in bf16 (which the interpreter cannot compute), no host synchronisation, and
-capture of forward + backward in a CUDA graph."""
+"""Checks that need a CUDA device (skipped without one), for each kernel backend: the fused
+Triton kernels (``FASTPEFT_BACKEND=triton``) and the cuBLAS-hybrid path (``hybrid``, skipped
+until ``fastpeft.backend`` offers it).
+
+- forward and every gradient against float64, in bf16 and fp16 (which the interpreter cannot
+  compute in bf16), with adapters in the activation dtype or fp32 (PEFT's default), with and
+  without dropout, at every kernel regime of M and at aligned and unaligned K / N;
+- the kernels take CUDA tensors only (CPU tensors take the torch path in a GPU run, where
+  Triton's interpreter is off) and launch on the tensors' device;
+- no host synchronisation, capture and replay of forward + backward in a CUDA graph, fresh
+  dropout per replay, and bitwise-equal gradients run to run in deterministic mode.
+
+Shapes are chosen so that tests share kernel specializations: Triton's JIT compile (~1-2 s per
+configuration) is most of this file's time on a GPU (scripts/gpu_run.sh gives it 200 s).
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
 import fastpeft
+from fastpeft import backend
+from fastpeft.ops.lora_linear import draw_seed
 from tests.numerics import assert_close
-from tests.test_lora_linear_op import check_against_reference, make_problem
+from tests.test_lora_linear_op import SCALING, Problem, check_against_reference, make_problem
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
+FP32 = torch.float32
+# FASTPEFT_BACKEND values that run kernels, and the launcher functions the op calls for each
+# (module, forward, backward), which the spy test watches.
+KERNEL_BACKENDS = ["triton", "hybrid"]
+LAUNCHERS = {
+    "triton": ("fastpeft.kernels.lora_launch", "lora_forward", "lora_backward"),
+    "hybrid": ("fastpeft.kernels.lora_hybrid_launch", "hybrid_forward", "hybrid_backward"),
+}
 
-@pytest.fixture(autouse=True)
-def triton_kernels(monkeypatch):
-    """The kernels are opt-in on CUDA until validated there: these tests opt in."""
-    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def kernel_backend(request, monkeypatch) -> str:
+    """Force one kernel backend for the test (skipped while fastpeft.backend lacks it)."""
+    if request.param not in backend._CHOICES:
+        pytest.skip(f"FASTPEFT_BACKEND={request.param} is not offered by fastpeft.backend yet")
+    monkeypatch.setenv("FASTPEFT_BACKEND", request.param)
+    return request.param
 
 
-# Llama-like sizes, each kernel regime: decode, medium and large M.
-GPU_SHAPES = [(1, 4096, 1024), (16, 4096, 4096), (300, 1000, 3000), (2048, 4096, 1024)]
+# M: decode (1: also Triton's == 1 specialization; 16), the first medium size (17, not a
+# multiple of 16), medium (64, 512) and a training batch (4096).
+MS = [1, 16, 17, 64, 512, 4096]
+# (K, N): Llama's q/o (every row 16-byte aligned), and both odd (no aligned rows, partial tiles).
+KN = [(4096, 4096), (4095, 1031)]
+# (adapter dtype, dropout) rotate over M and (K, N), so that every combination meets each
+# activation dtype and each (K, N) while the specializations to compile stay few (the full
+# cross would be 4x the compiles). None: the activation dtype.
+ADAPTER_DROPOUT = [(None, 0.0), (FP32, 0.0), (None, 0.1), (FP32, 0.1)]
 
 
-@pytest.mark.parametrize("m,k,n", GPU_SHAPES)
-@pytest.mark.parametrize("r", [8, 16, 64, 128])  # 128: above MAX_RANK, the torch path on the GPU
-@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
-@pytest.mark.parametrize("lora_dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_bf16_kernels_match_float64(m, k, n, r, dropout_p, lora_dtype):
-    check_against_reference(make_problem((m,), k, n, r, torch.bfloat16, lora_dtype=lora_dtype), dropout_p)
+def _matrix() -> list:
+    cases = []
+    for dtype in (torch.bfloat16, torch.float16):
+        for j, (k, n) in enumerate(KN):
+            for i, m in enumerate(MS):
+                lora_dtype, dropout_p = ADAPTER_DROPOUT[(i + 2 * j) % len(ADAPTER_DROPOUT)]
+                lora_name = "fp32" if lora_dtype is FP32 else "same"
+                cases.append(pytest.param(dtype, lora_dtype or dtype, m, k, n, dropout_p,
+                                          id=f"{str(dtype)[6:]}-{lora_name}A-M{m}-K{k}-N{n}-p{dropout_p}"))
+    return cases
+
+
+# The problem the placement, spy and layer tests share: M = 64 on q/o, bf16 with fp32 adapters
+# and dropout, one of the matrix's cases (so its kernels are compiled once).
+SHARED = {"m": 64, "k": 4096, "n": 4096, "r": 16}
+
+
+def _shared_problem() -> Problem:
+    return make_problem((SHARED["m"],), SHARED["k"], SHARED["n"], SHARED["r"], torch.bfloat16, lora_dtype=FP32)
+
+
+def _moved(pb: Problem, device: torch.device) -> Problem:
+    """``pb`` with every tensor on ``device``."""
+    return dataclasses.replace(pb, **{f.name: getattr(pb, f.name).to(device) for f in dataclasses.fields(pb)})
+
+
+def _spy(monkeypatch, name: str) -> list[str]:
+    """Record the calls of ``name``'s launcher functions."""
+    module_name, *functions = LAUNCHERS[name]
+    module = pytest.importorskip(module_name)
+    calls: list[str] = []
+    for function in functions:
+        original = getattr(module, function)
+
+        def spy(*args, _function=function, _original=original, **kwargs):
+            calls.append(_function)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, function, spy)
+    return calls
+
+
+def test_kernels_take_cuda_tensors_only(kernel_backend, monkeypatch):
+    """A GPU run forces the kernels for CUDA tensors; its CPU tensors take the torch path,
+    since Triton's interpreter is off there (conftest sets it only without CUDA)."""
+    assert not backend.interpreting()
+    calls = _spy(monkeypatch, kernel_backend)
+    check_against_reference(_shared_problem(), 0.1)
+    assert calls == list(LAUNCHERS[kernel_backend][1:])
+    calls.clear()
+    check_against_reference(_moved(make_problem((7,), 33, 21, 4, torch.float32), torch.device("cpu")), 0.1)
+    assert calls == []
+
+
+def test_kernels_launch_on_the_tensors_device(kernel_backend):
+    """Tensors on the last GPU while the current device is the first: trivially the same
+    device on a one-GPU machine, a cross-device check on more."""
+    target = torch.device("cuda", torch.cuda.device_count() - 1)
+    with torch.cuda.device(0):
+        check_against_reference(_moved(_shared_problem(), target), 0.1)
+
+
+@pytest.mark.parametrize("dtype,lora_dtype,m,k,n,dropout_p", _matrix())
+def test_kernels_match_float64(kernel_backend, dtype, lora_dtype, m, k, n, dropout_p):
+    check_against_reference(make_problem((m,), k, n, 16, dtype, lora_dtype=lora_dtype), dropout_p)
+
+
+@pytest.mark.parametrize("r", [1, 8, 64, 128])  # 128: above MAX_RANK, the torch path on the GPU
+def test_ranks_match_float64(kernel_backend, r):
+    check_against_reference(make_problem((512,), 4096, 4096, r, torch.bfloat16, lora_dtype=FP32), 0.1)
+
+
+def test_strided_input_without_bias(kernel_backend):
+    """x a column slice of a wider tensor (row stride 2K) and no bias."""
+    pb = make_problem((64,), 4096, 4096, 16, torch.bfloat16, lora_dtype=FP32, bias=False)
+    wide = torch.randn(64, 2 * 4096, device=pb.x.device).to(torch.bfloat16)
+    check_against_reference(dataclasses.replace(pb, x=wide[:, 1:4097]), 0.1)
+
+
+def test_deterministic_mode_gives_bitwise_equal_grads(kernel_backend):
+    """Under ``torch.use_deterministic_algorithms`` two identical steps (same inputs, same
+    dropout seed) give bitwise-equal y, dX, dA and dB: M = 4096 rows summed into dA and dB,
+    unaligned K and N. ``warn_only``: torch reads ``CUBLAS_WORKSPACE_CONFIG`` (cuBLAS's
+    condition for determinism) once per process and would otherwise fail every cuBLAS call
+    of a process started without it; scripts/gpu_run.sh sets it, and the comparison here is
+    the test either way."""
+    pb = make_problem((4096,), 4095, 1031, 16, torch.bfloat16, lora_dtype=FP32)
+    grad_y = torch.randn(4096, 1031, device=pb.x.device, dtype=torch.bfloat16)
+    seed = draw_seed(pb.x.device)
+
+    def step() -> list[torch.Tensor]:
+        x, a, b = (t.detach().clone().requires_grad_() for t in (pb.x, pb.lora_a, pb.lora_b))
+        y, _, _ = torch.ops.fastpeft.lora_linear(x, pb.weight, pb.bias, a, b, SCALING, 0.1, seed)
+        y.backward(grad_y)
+        return [y, x.grad, a.grad, b.grad]
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        first, second = step(), step()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    for name, one, two in zip(("y", "dx", "dA", "dB"), first, second):
+        assert torch.equal(one, two), f"{name} differs between two identical deterministic steps"
+
+
+def _layer() -> fastpeft.LoRALinear:
+    """The shared problem's layer (bf16 base, fp32 adapters) with a nonzero B."""
+    layer = fastpeft.LoRALinear(SHARED["k"], SHARED["n"], r=SHARED["r"], lora_dropout=0.1, device="cuda",
+                                dtype=torch.bfloat16)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    return layer
 
 
 def _layer_step(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -41,9 +182,9 @@ def _layer_step(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def test_no_host_sync_in_forward_and_backward():
-    layer = fastpeft.LoRALinear(1024, 768, r=16, lora_dropout=0.1, device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(4, 100, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+def test_no_host_sync_in_forward_and_backward(kernel_backend):
+    layer = _layer()
+    x = torch.randn(4, SHARED["m"] // 4, SHARED["k"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
     _layer_step(layer, x)  # compile the kernels first (Triton's JIT may sync)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -72,11 +213,10 @@ def _capture(layer: torch.nn.Module, x: torch.Tensor) -> tuple[torch.cuda.CUDAGr
     return graph, y
 
 
-def test_cuda_graph_replay_equals_eager():
+def test_cuda_graph_replay_equals_eager(kernel_backend):
     torch.manual_seed(0)
-    layer = fastpeft.LoRALinear(512, 384, r=8, device="cuda", dtype=torch.bfloat16)
-    torch.nn.init.normal_(layer.lora_B.weight)
-    x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layer = _layer().eval()  # no dropout: replay and eager must compute the same function
+    x = torch.randn(SHARED["m"], SHARED["k"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
     graph, static_y = _capture(layer, x)
     x.data.copy_(torch.randn_like(x))
     params = (x, layer.lora_A.weight, layer.lora_B.weight)
@@ -94,10 +234,9 @@ def test_cuda_graph_replay_equals_eager():
         assert_close(got, want.double(), torch.bfloat16, f"graph replay {name}")
 
 
-def test_cuda_graph_replays_draw_fresh_dropout():
-    layer = fastpeft.LoRALinear(512, 384, r=8, lora_dropout=0.3, device="cuda", dtype=torch.bfloat16)
-    torch.nn.init.normal_(layer.lora_B.weight)
-    x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+def test_cuda_graph_replays_draw_fresh_dropout(kernel_backend):
+    layer = _layer()
+    x = torch.randn(SHARED["m"], SHARED["k"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
     graph, static_y = _capture(layer, x)
     graph.replay()
     first = static_y.clone()
