@@ -1,70 +1,174 @@
 #!/usr/bin/env bash
-# The one script to run on a lent GPU machine (H200; python3 with torch, triton, peft,
-# pytest, pybind11, cmake, ninja, nvcc preinstalled; no network, so nothing is downloaded).
+# The one script to run on a lent GPU machine (one H200; python3 with torch, triton, peft,
+# transformers, pytest, pytest-xdist, pytest-timeout, pybind11, cmake, ninja and nvcc
+# preinstalled; no network and nothing may be installed, so fastpeft runs from this checkout
+# through PYTHONPATH). It answers, in under 8 minutes: are the kernels right in bf16/fp16, and
+# which implementation is fastest per shape.
 #
-#     scripts/gpu_run.sh [RESULTS_DIR]     # default: $OUT when set, else bench_results/
+#     scripts/gpu_run.sh [RESULTS_DIR]            # default: $OUT when set, else bench_results/
+#     scripts/gpu_run.sh --rehearse RESULTS_DIR   # the CPU rehearsal (CI): every step's plumbing
 #
-# Steps, each under `timeout`; `check` (CPU-bound) runs beside `tests` (GPU-bound), the others
-# one after another, so the worst case is 20 + 60 + 150 + 250 s = 8 min (plus 15 s of
-# SIGKILL grace per step that ignores SIGINT). A step that fails or times out does not stop
-# the next ones; the exit status is 1 when any step failed.
-#   env     versions, nvidia-smi                                  -> env.txt
-#   build   CMake build of the optional CUDA extension into the tree
-#           when csrc/ has sources (fastpeft is imported through PYTHONPATH)  -> env.txt
-#   tests   python3 -m pytest tests -m "not slow" -x -q (on the GPU)        -> tests.log
-#   check   fastpeft check --arch sm_90                           -> check.log
-#   bench   fastpeft bench alone on the machine: the end-to-end   -> bench.log, bench.json,
-#           training step (~1.1B Llama, fastpeft vs PEFT), then      bench.md, bench.png
-#           the full GPU grid                                        (e2e in its own sections)
-# and summary.txt (each step's exit status and seconds): 8 files, no subfolders.
+# Steps (limits in seconds on the GPU; a step gets the smaller of its limit and the time left
+# before TOTAL_BUDGET, less what the steps after it need; a step stopped at its limit gets
+# SIGINT, then SIGKILL KILL_AFTER later):
+#   env        versions, nvidia-smi, nvcc                                   20  -> env.txt
+#   build      CMake build of the optional CUDA extension, when csrc/ has sources   60  -> env.txt
+#   tests_gpu  tests/test_gpu.py on the GPU first: fused and hybrid kernels against float64
+#              (bf16, fp16, fp32 adapters, every gradient, dropout, CUDA graphs, no host
+#              sync, determinism), 2 workers, 60 s per test, no -x          200 -> tests.log
+#   tests_cpu  beside it, the rest of the suite on CPU tensors (GPU hidden, so the kernels run
+#              in Triton's interpreter as in CI), 10 workers, 120 s per test 150 -> tests.log
+#   focused    fastpeft bench --focused alone on the machine: F.linear, fused, hybrid, torch
+#              path, PEFT, torch.compile on Llama-3-8B shapes, profiler table; its own
+#              180 s budget, JSON written even when cut                     210 -> focused.json, bench.log
+#   grid       fastpeft bench (end-to-end step, then the grid) with the kernels forced
+#              (FASTPEFT_BACKEND=triton): the time left, at least GRID_MIN  rest -> bench.json, bench.md, bench.log
+#   dispatch   a dispatch table from the focused timings (fp32 adapters),
+#              when python -m fastpeft.kernels.lora_dispatch can write one    20 -> dispatch.json
+#   summary    GPU, driver, versions, each step, test counts per group,
+#              the focused ratio table; the plumbing verdict                 20 -> summary.txt
+# That is at most 8 files, no subfolders. Typical GPU run: ~2 min of tests, 3.5 min focused,
+# the grid in the ~1.5 min left. The ahead-of-time compile check (fastpeft check) is CI's.
+#
+# Exit status: 0 unless the plumbing failed (a step crashed or could not start, the GPU tests
+# did not finish, a result file is missing, more than 8 files); failed tests and benchmark
+# cells are results, recorded in summary.txt (fastpeft/bench/run_summary.py).
+#
+# --rehearse runs the same steps on CPU (the GPU hidden even where there is one): the GPU
+# tests are collected and skip, the CPU group runs one quick file, the focused benchmark runs
+# tiny shapes (--tiny), the grid is stopped by its time guard, the dispatch table is written
+# for sm_90 from CPU timings (plumbing only), all in about 3 minutes on two cores.
 set -u -o pipefail
 
+usage() {
+    echo "usage: $0 [RESULTS_DIR] | --rehearse RESULTS_DIR" >&2
+    exit 2
+}
+
+REHEARSE=0
+if [ "${1:-}" = "--rehearse" ]; then
+    REHEARSE=1
+    shift
+    [ $# -eq 1 ] || usage
+fi
+[ $# -le 1 ] || usage
 RESULTS_ARG=${1:-${OUT:-bench_results}}
-mkdir -p "$RESULTS_ARG"
+mkdir -p "$RESULTS_ARG" || exit 2
 RESULTS=$(cd "$RESULTS_ARG" && pwd)
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
-export PY=${PYTHON:-python3}
+cd "$ROOT" || exit 2
+export ROOT PY=${PYTHON:-python3}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-# The Triton kernels are opt-in on CUDA until a run of this script has validated them
-# (fastpeft/backend.py, KERNELS_VALIDATED_ON_GPU): this run opts in, for the tests and the
-# benchmark's fastpeft rows alike.
-export FASTPEFT_BACKEND=triton
+export PYTHONUNBUFFERED=1
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+STEPS="$WORK/steps.tsv"
+: >"$STEPS"
+# This run's files, from an earlier run into the same folder too: the summary counts them all.
+RESULT_FILES=(summary.txt env.txt tests.log focused.json bench.log bench.json bench.md dispatch.json)
+for f in "${RESULT_FILES[@]}"; do rm -f "$RESULTS/$f" "$RESULTS/$f.tmp"; done
 
-# Seconds per step. env: a few commands. build: a CMake build of a few .cu files on 16 cores.
-# tests: the non-slow suite with real kernels. check: ~430 kernel configurations at ~5 CPU-s
-# each (measured on the 2-core dev machine) over CHECK_JOBS processes. bench: the end-to-end
-# case first (~1 min estimated, not yet run on a GPU: building the 1.1B model and its twin,
-# ~15 training steps of 16k tokens per model, fastpeft's kernel JIT), then the full grid (~600
-# timings, ~12 torch.compile graphs) in the rest; on timeout it gets SIGINT and still writes
-# what it measured (the grid cut short rank by rank, the end-to-end case already complete).
-ENV_TIMEOUT=20
-BUILD_TIMEOUT=60
-TESTS_TIMEOUT=120
-CHECK_TIMEOUT=150
-BENCH_TIMEOUT=250
-# Grace after SIGINT before SIGKILL: long enough to write the report, JSON and plot.
+# --- limits (seconds) ---------------------------------------------------------------------
+# The whole run: 8 minutes less 30 s for SIGKILL grace and the file transfer back.
+TOTAL_BUDGET=450
+# Grace after SIGINT before SIGKILL: long enough to write a report and a JSON.
 KILL_AFTER=15
-# Compile processes for check: 12 of the 16 cores, leaving 4 to the GPU tests beside it.
-CHECK_JOBS=12
+# A step not given at least this long is skipped (no Python step does anything useful in less).
+MIN_STEP=10
+# env: a few commands and one torch import. build: a CMake build of a few .cu files on 16 cores.
+ENV_LIMIT=20
+BUILD_LIMIT=60
+# GPU tests: ~400 tests, each well under a second once its kernels are compiled; the Triton
+# JIT (~1-2 s per kernel configuration, a few hundred of them over 2 processes) dominates.
+# 60 s per test catches a hang (thread method: a blocked CUDA call cannot take a signal).
+TESTS_GPU_LIMIT=200
+TESTS_GPU_WORKERS=2
+TESTS_GPU_PER_TEST=60
+# CPU tests: CI's ~6-10 CPU-minutes (3-5 min on 2 workers) over 10 of the 16 cores, one torch
+# thread each (the other cores: the GPU group and its compiles). It runs beside the GPU group,
+# so its limit keeps it from holding up the focused benchmark; 120 s per test for the slowest
+# interpreter and training-parity tests.
+TESTS_CPU_LIMIT=150
+TESTS_CPU_WORKERS=10
+TESTS_CPU_PER_TEST=120
+# The focused benchmark's own budget (no cell starts after it) and the step's limit: 30 s more
+# for the cell in flight (a torch.compile can take that long) and the JSON.
+FOCUSED_BUDGET=180
+FOCUSED_GRACE=30
+# The grid is skipped with less than this: the end-to-end case alone needs about a minute.
+GRID_MIN=30
+DISPATCH_LIMIT=20
+SUMMARY_LIMIT=20
+# What the steps after the focused benchmark need at the least: dispatch and summary.
+FINAL_RESERVE=$((DISPATCH_LIMIT + SUMMARY_LIMIT))
+TESTS_CPU_SELECTION=(tests --ignore=tests/test_gpu.py --ignore=tests/test_gpu_script.py)
+GRID_ENV=(FASTPEFT_BACKEND=triton)
+FOCUSED_ARGS=()
+DISPATCH_ARGS=()
+if [ "$REHEARSE" -eq 1 ]; then
+    # Two CI cores: the tests take ~30 s (xdist start-up), the tiny focused run ~90 s (mostly
+    # torch.compile's C++ builds), the grid is stopped after 40 s to exercise its time guard.
+    TOTAL_BUDGET=300
+    export CUDA_VISIBLE_DEVICES=""
+    TESTS_CPU_WORKERS=2
+    TESTS_CPU_SELECTION=(tests/test_backend.py)
+    FOCUSED_BUDGET=60
+    FOCUSED_ARGS=(--tiny)
+    GRID_REHEARSAL_LIMIT=40
+    # CPU timings carry no architecture: name the one the GPU run would write.
+    DISPATCH_ARGS=(--arch sm_90)
+fi
+DEADLINE=$((SECONDS + TOTAL_BUDGET))
+
+# limit CAP RESERVE: CAP, or less when only that much is left before the deadline after RESERVE.
+limit() {
+    local left=$((DEADLINE - SECONDS - $2))
+    echo $(($1 < left ? $1 : left))
+}
+
+# run_step NAME LIMIT LOG COMMAND...: COMMAND under timeout (SIGINT at LIMIT s), its output
+# appended to LOG; "NAME status seconds limit" appended to the steps file (status "skipped"
+# when LIMIT < MIN_STEP). Returns COMMAND's status (124: stopped at its limit).
+run_step() {
+    local name=$1 lim=$2 log=$3 start=$SECONDS rc
+    shift 3
+    if [ "$lim" -lt "$MIN_STEP" ]; then
+        printf '%s\tskipped\t0\t%s\n' "$name" "$lim" >>"$STEPS"
+        echo "[gpu_run] $name: skipped (limit $lim s)"
+        return 0
+    fi
+    echo "[gpu_run] $name: started (limit $lim s, $((DEADLINE - SECONDS)) s left)"
+    echo "== $name: $* (limit ${lim}s)" >>"$log"
+    timeout --signal=INT --kill-after="$KILL_AFTER" "$lim" "$@" >>"$log" 2>&1
+    rc=$?
+    [ "$rc" -eq 124 ] && echo "== $name: stopped at its ${lim} s limit" >>"$log"
+    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" "$lim" >>"$STEPS"
+    echo "[gpu_run] $name: exit status $rc after $((SECONDS - start)) s"
+    return "$rc"
+}
 
 show_environment() {
     date -u +"%Y-%m-%dT%H:%M:%SZ"
+    uname -a
     "$PY" --version
     "$PY" - <<'PYEOF'
 import importlib.metadata as md
+import os
 import torch
-for name in ("torch", "triton", "peft", "transformers", "pytest", "pytest-benchmark", "matplotlib", "rich"):
+for name in ("torch", "triton", "peft", "transformers", "pytest", "pytest-xdist", "pytest-timeout", "matplotlib"):
     try:
         print(f"{name} {md.version(name)}")
     except md.PackageNotFoundError:
         print(f"{name} not installed")
-print("cuda available:", torch.cuda.is_available(), "| torch CUDA:", torch.version.cuda)
-if torch.cuda.is_available():
-    print("device:", torch.cuda.get_device_name(0), "| capability:", torch.cuda.get_device_capability(0))
+print("cuda available:", torch.cuda.is_available(), "| torch CUDA:", torch.version.cuda,
+      "| CUDA_VISIBLE_DEVICES:", os.environ.get("CUDA_VISIBLE_DEVICES"))
+for i in range(torch.cuda.device_count()):
+    p = torch.cuda.get_device_properties(i)
+    print(f"device {i}: {p.name} | sm_{p.major}{p.minor} | {p.multi_processor_count} SMs | "
+          f"{p.total_memory / 2**30:.0f} GiB | L2 {p.L2_cache_size / 2**20:.0f} MiB")
 PYEOF
-    nvidia-smi
-    nvcc --version | tail -n 2
+    if command -v nvidia-smi >/dev/null; then nvidia-smi; else echo "nvidia-smi: not found"; fi
+    if command -v nvcc >/dev/null; then nvcc --version | tail -n 2; else echo "nvcc: not found"; fi
 }
 
 build_extension() {
@@ -78,34 +182,66 @@ build_extension() {
         && cmake --build build/gpu_run \
         && cmake --install build/gpu_run --prefix "$ROOT"
 }
+export -f show_environment build_extension
 
-run_tests() { "$PY" -m pytest tests -m "not slow" -x -q; }
-run_check() { "$PY" -m fastpeft.cli check --arch sm_90 --jobs "$CHECK_JOBS"; }
-run_bench() { "$PY" -m fastpeft.bench --out "$RESULTS"; }
-export ROOT RESULTS CHECK_JOBS
-export -f show_environment build_extension run_tests run_check run_bench
-
-# run_step NAME LIMIT_S LOG FUNCTION: run FUNCTION under timeout, append its output to LOG,
-# record "NAME rc seconds" in summary.txt; returns FUNCTION's status (124: timed out).
-run_step() {
-    local name=$1 limit=$2 log=$3 fn=$4 start=$SECONDS rc
-    echo "== $name ($fn, timeout ${limit}s)" >>"$log"
-    timeout --signal=INT --kill-after="$KILL_AFTER" "$limit" bash -c "$fn" >>"$log" 2>&1
-    rc=$?
-    [ "$rc" -eq 124 ] && echo "== $name: timed out after ${limit}s" >>"$log"
-    printf '%-6s rc=%-3s %4ss  -> %s\n' "$name" "$rc" "$((SECONDS - start))" "$(basename "$log")" \
-        | tee -a "$RESULTS/summary.txt"
-    return "$rc"
+# pytest_args NAME WORKERS PER_TEST SELECTION...: sets PYTEST to a pytest command line with its
+# own JUnit report ($WORK/junit_NAME.xml), WORKERS xdist workers, PER_TEST seconds per test (the
+# thread method: a test blocked in a CUDA call cannot take a signal), and never -x.
+pytest_args() {
+    local name=$1 workers=$2 per_test=$3
+    shift 3
+    PYTEST=("$PY" -m pytest -q -p no:cacheprovider -n "$workers" --timeout "$per_test" --timeout-method thread
+            --junitxml "$WORK/junit_$name.xml" "$@")
 }
 
-failures=0
-: >"$RESULTS/summary.txt"
-run_step env "$ENV_TIMEOUT" "$RESULTS/env.txt" show_environment || failures=$((failures + 1))
-run_step build "$BUILD_TIMEOUT" "$RESULTS/env.txt" build_extension || failures=$((failures + 1))
-run_step check "$CHECK_TIMEOUT" "$RESULTS/check.log" run_check &
-check_pid=$!
-run_step tests "$TESTS_TIMEOUT" "$RESULTS/tests.log" run_tests || failures=$((failures + 1))
-wait "$check_pid" || failures=$((failures + 1))
-run_step bench "$BENCH_TIMEOUT" "$RESULTS/bench.log" run_bench || failures=$((failures + 1))
-echo "failed steps: $failures (total ${SECONDS}s); results in $RESULTS" | tee -a "$RESULTS/summary.txt"
-[ "$failures" -eq 0 ]
+# --- the steps ------------------------------------------------------------------------------
+run_step env "$(limit "$ENV_LIMIT" 0)" "$RESULTS/env.txt" bash -c show_environment
+run_step build "$(limit "$BUILD_LIMIT" 0)" "$RESULTS/env.txt" bash -c build_extension
+
+# The GPU group first and in front; the CPU group beside it with the GPU hidden (its tests
+# then run the kernels in Triton's interpreter, as CI does). Both must end before the
+# focused benchmark starts, whose timings want the machine to themselves.
+tests_reserve=$((FOCUSED_BUDGET / 2 + FINAL_RESERVE))
+(
+    export CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=1
+    pytest_args cpu "$TESTS_CPU_WORKERS" "$TESTS_CPU_PER_TEST" "${TESTS_CPU_SELECTION[@]}"
+    run_step tests_cpu "$(limit "$TESTS_CPU_LIMIT" "$tests_reserve")" "$WORK/tests_cpu.log" "${PYTEST[@]}"
+) &
+cpu_tests=$!
+pytest_args gpu "$TESTS_GPU_WORKERS" "$TESTS_GPU_PER_TEST" tests/test_gpu.py
+# cuBLAS's workspace setting for deterministic GEMMs, read once per process (the determinism test).
+run_step tests_gpu "$(limit "$TESTS_GPU_LIMIT" "$tests_reserve")" "$RESULTS/tests.log" \
+    env CUBLAS_WORKSPACE_CONFIG=:4096:8 "${PYTEST[@]}"
+wait "$cpu_tests"
+[ -f "$WORK/tests_cpu.log" ] && cat "$WORK/tests_cpu.log" >>"$RESULTS/tests.log"
+
+focused_limit=$(limit $((FOCUSED_BUDGET + FOCUSED_GRACE)) "$FINAL_RESERVE")
+# Squeezed by slow tests, the budget keeps the grace, or half the limit when that is short.
+focused_budget=$((focused_limit > 2 * FOCUSED_GRACE ? focused_limit - FOCUSED_GRACE : focused_limit / 2))
+run_step focused "$focused_limit" "$RESULTS/bench.log" \
+    "$PY" -m fastpeft.bench --focused "${FOCUSED_ARGS[@]}" --budget-s "$focused_budget" \
+    --json "$RESULTS/focused.json" --dispatch-input "$WORK/dispatch_input.json"
+
+grid_limit=$(limit "${GRID_REHEARSAL_LIMIT:-$TOTAL_BUDGET}" "$FINAL_RESERVE")
+[ "$grid_limit" -lt "$GRID_MIN" ] && grid_limit=0
+run_step grid "$grid_limit" "$RESULTS/bench.log" \
+    env "${GRID_ENV[@]}" "$PY" -m fastpeft.bench --json "$RESULTS/bench.json" --markdown "$RESULTS/bench.md"
+
+if [ -f "$WORK/dispatch_input.json" ] \
+    && "$PY" -m fastpeft.kernels.lora_dispatch --help 2>/dev/null | grep -q -- --from-bench; then
+    run_step dispatch "$(limit "$DISPATCH_LIMIT" "$SUMMARY_LIMIT")" "$RESULTS/bench.log" \
+        "$PY" -m fastpeft.kernels.lora_dispatch --from-bench "$WORK/dispatch_input.json" \
+        --out "$RESULTS/dispatch.json" "${DISPATCH_ARGS[@]}"
+else
+    printf 'dispatch\tskipped\t0\t0\n' >>"$STEPS"
+    echo "[gpu_run] dispatch: skipped (no dispatch-table writer, or no focused fastpeft timings)"
+fi
+
+for f in "${RESULT_FILES[@]}"; do rm -f "$RESULTS/$f.tmp"; done  # a JSON cut mid-write
+rehearsal_flag=()
+[ "$REHEARSE" -eq 1 ] && rehearsal_flag=(--rehearsal)
+timeout --kill-after="$KILL_AFTER" "$SUMMARY_LIMIT" "$PY" -m fastpeft.bench.run_summary --results "$RESULTS" \
+    --steps "$STEPS" --junit gpu="$WORK/junit_gpu.xml" --junit cpu="$WORK/junit_cpu.xml" "${rehearsal_flag[@]}"
+status=$?
+echo "[gpu_run] total ${SECONDS} s; summary exit status $status (0: no plumbing problem); results in $RESULTS"
+[ "$status" -eq 0 ]

@@ -1,0 +1,147 @@
+"""scripts/gpu_run.sh and its summary (``fastpeft.bench.run_summary``), on CPU.
+
+- the script parses and refuses bad arguments;
+- the summary's plumbing verdict: which exit statuses are results, which are problems;
+- the outputs of a rehearsal (``scripts/gpu_run.sh --rehearse DIR``, about 3 minutes on two
+  cores): .ci/run runs it and points ``FASTPEFT_REHEARSAL_DIR`` at DIR; without that variable
+  the test is skipped, so the plain suite does not pay for a second run of the whole script.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fastpeft.bench import focused, run_summary
+from fastpeft.bench.export import SCHEMA as BENCH_SCHEMA
+from fastpeft.bench.run_summary import Step
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_run.sh"
+# What a run writes: at most 8 files, these names; dispatch.json when the dispatch-table writer
+# (fastpeft.kernels.lora_dispatch) exists.
+DISPATCH_WRITER = importlib.util.find_spec("fastpeft.kernels.lora_dispatch") is not None
+EXPECTED_FILES = {"summary.txt", "env.txt", "tests.log", "focused.json", "bench.log", "bench.json", "bench.md",
+                  *(["dispatch.json"] if DISPATCH_WRITER else [])}
+
+
+def test_script_parses():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+
+
+@pytest.mark.parametrize("args", [["--rehearse"], ["--rehearse", "a", "b"], ["a", "b"]])
+def test_script_refuses_bad_arguments(args, tmp_path):
+    result = subprocess.run(["bash", str(SCRIPT), *args], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2 and "usage" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def steps(**status: str) -> list[Step]:
+    return [Step(name, value, 1, 100) for name, value in status.items()]
+
+
+def test_failed_tests_and_planned_time_guards_are_results():
+    assert run_summary.step_problems(steps(env="0", tests_gpu="1", tests_cpu="124", focused="124", grid="124",
+                                           dispatch="skipped")) == []
+
+
+@pytest.mark.parametrize("name,status", [
+    ("env", "1"),  # no torch, say
+    ("tests_gpu", "124"),  # the GPU tests did not finish: the kernels' correctness is unanswered
+    ("tests_gpu", "2"),  # pytest interrupted or a usage error
+    ("tests_cpu", "5"),  # nothing collected
+    ("focused", "1"),  # the focused benchmark crashed
+    ("dispatch", "2"),  # the writer refused its input
+])
+def test_plumbing_problems(name, status):
+    assert run_summary.step_problems(steps(**{name: status})) == [
+        f"step {name}: " + ("stopped at its 100 s limit" if status == "124" else f"exit status {status}")
+    ]
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="1" failures="1"
+skipped="2" tests="6" time="3.5"><testcase classname="tests.test_gpu" name="test_a[x]"><failure message="m"/>
+</testcase><testcase classname="tests.test_gpu" name="test_b"><error message="e"/></testcase>
+<testcase classname="tests.test_gpu" name="test_c"/></testsuite></testsuites>"""
+
+
+def test_junit_counts_and_failed_names(tmp_path):
+    path = tmp_path / "j.xml"
+    path.write_text(JUNIT)
+    counts = run_summary.read_junit(path)
+    assert (counts.passed, counts.failures, counts.errors, counts.skipped, counts.tests) == (2, 1, 1, 2, 6)
+    assert counts.failed == ("tests.test_gpu::test_a[x]", "tests.test_gpu::test_b")
+
+
+def test_summary_of_a_run_without_results(tmp_path):
+    """Nothing written: every missing result is a problem, the test failures are not."""
+    junit = tmp_path / "gpu.xml"
+    junit.write_text(JUNIT)
+    results = tmp_path / "results"
+    results.mkdir()
+    lines, problems = run_summary.summarize(results, steps(tests_gpu="1", grid="1", dispatch="skipped"),
+                                            {"gpu": junit, "cpu": tmp_path / "absent.xml"}, rehearsal=False)
+    text = "\n".join(lines)
+    assert "gpu: 2 passed, 1 failed, 1 errors, 2 skipped (of 6)" in text
+    assert "FAILED tests.test_gpu::test_a[x]" in text
+    assert problems == ["tests cpu: no JUnit report", "focused.json was not written", "bench.json was not written"]
+
+
+def test_summary_flags_too_many_files_and_a_gpu_run_that_saw_no_gpu(tmp_path):
+    junit = tmp_path / "gpu.xml"
+    junit.write_text(JUNIT.replace('errors="1" failures="1"\nskipped="2"', 'errors="0" failures="0"\nskipped="6"'))
+    results = tmp_path / "results"
+    results.mkdir()
+    for i in range(9):
+        (results / f"f{i}").write_text("")
+    _, problems = run_summary.summarize(results, steps(focused="skipped", grid="skipped", dispatch="skipped"),
+                                        {"gpu": junit}, rehearsal=False)
+    assert "tests gpu: every test skipped (no CUDA device seen)" in problems
+    assert any(p.startswith("results: 10 entries") for p in problems)  # 9 files and summary.txt
+
+
+@pytest.fixture(scope="module")
+def rehearsal() -> Path:
+    """The results folder of a rehearsal run before the tests (.ci/run does that)."""
+    directory = os.environ.get("FASTPEFT_REHEARSAL_DIR")
+    if not directory:
+        pytest.skip("set FASTPEFT_REHEARSAL_DIR to the folder of a scripts/gpu_run.sh --rehearse run (.ci/run does)")
+    return Path(directory)
+
+
+def test_rehearsal_wrote_the_expected_files_and_no_plumbing_problem(rehearsal):
+    files = {p.name for p in rehearsal.iterdir()}
+    assert files == EXPECTED_FILES and len(files) <= run_summary.MAX_RESULT_FILES
+    assert all((rehearsal / name).is_file() for name in files)
+    summary = (rehearsal / "summary.txt").read_text()
+    assert "plumbing problems: none" in summary
+    gpu = re.search(r"gpu: 0 passed, 0 failed, 0 errors, (\d+) skipped \(of (\d+)\)", summary)
+    assert gpu and gpu[1] == gpu[2] and int(gpu[1]) > 0  # the GPU tests collected, and every one skipped
+
+
+def test_rehearsal_focused_json_schema(rehearsal):
+    data = json.loads((rehearsal / "focused.json").read_text())
+    assert data["schema"] == focused.SCHEMA
+    assert set(data) == {"schema", "complete", "interrupted", "elapsed_s", "settings", "timings", "fastest", "profile"}
+    assert data["settings"]["dtype"] == "bfloat16" and data["settings"]["adapter_dtypes"] == ["float32", "bfloat16"]
+    assert set(data["settings"]["rows"]) == {row.name for row in focused.ROWS}
+    assert {t["status"] for t in data["timings"]} <= {focused.OK, focused.SKIPPED, focused.UNAVAILABLE}
+    assert any(t["status"] == focused.OK for t in data["timings"])
+    assert set(data["profile"]["impls"]) == set(data["settings"]["rows"])
+    assert all(entry["error"] is None or row == focused.HYBRID for row, entry in data["profile"]["impls"].items())
+
+
+def test_rehearsal_bench_and_dispatch_json(rehearsal):
+    bench = json.loads((rehearsal / "bench.json").read_text())
+    assert bench["schema"] == BENCH_SCHEMA and ("timings" in bench or "e2e" in bench)
+    if not DISPATCH_WRITER:
+        return
+    table = json.loads((rehearsal / "dispatch.json").read_text())
+    assert table["schema"].startswith("fastpeft-lora-dispatch/")
+    assert any(isinstance(entry["measured"], dict) for entry in table["entries"])
