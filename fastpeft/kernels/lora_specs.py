@@ -32,6 +32,7 @@ from fastpeft.kernels.lora_kernels import (
     lora_fwd_kernel,
     lora_shrink_kernel,
 )
+from fastpeft.kernels.lora_hybrid_launch import hybrid_kernel_specs
 from fastpeft.kernels.philox_dropout import keep_mask_kernel
 
 # (activation dtype, LoRA weight dtype) cases.
@@ -122,4 +123,5 @@ def lora_kernel_specs() -> list[KernelSpec]:
                 {"HAS_DROPOUT": drop, "BLOCK_M": t.block_m, "BLOCK_K": t.block_n, "BLOCK_R": r, **_NUMERICS}, t))
     specs.append(_spec(keep_mask_kernel, "keep_mask", "fp32", "fp32", {"BLOCK_M": 32, "BLOCK_K": 32},
                        TileConfig(32, 32, 0, 4, 1)))
+    specs += hybrid_kernel_specs(_spec)  # the cuBLAS-hybrid path's kernels (lora_hybrid_launch)
     return specs

@@ -1,0 +1,198 @@
+"""Launchers of the cuBLAS-hybrid LoRA path: cuBLAS runs the base GEMMs and accumulates onto
+a LoRA term that Triton writes (kernels in ``lora_hybrid_kernels.py``).
+
+    forward   y = bias + scaling * s B^T        (Triton, also writes s = x_hat A^T)
+              y += x W^T                        (cuBLAS: y.addmm_(x, W^T), beta = 1)
+    backward  dS, dB                            (Triton, one pass over dY: lora_launch.lora_dy_pass)
+              dX = D * (dS A) / (1-p)           (Triton, mask regenerated from the seed)
+              dX += dY W                        (cuBLAS: dx.addmm_(dY, W))
+              dA = dS^T x_hat                   (Triton, one pass over x: lora_launch.lora_da_pass)
+
+Same contract as the fused launchers (``lora_launch``): 2-D inputs with any strides, fresh
+contiguous outputs (allocated through ``lora_launch._empty``, which the tests poison), ``s``
+fp32 ``[M, R]``, the dropout mask drawn from the seed and never saved, no host sync (CUDA-graph
+capturable). Every tile chosen here is compiled by ``fastpeft check`` (``hybrid_kernel_specs``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import torch
+
+from fastpeft.backend import interpreting
+from fastpeft.kernels import lora_launch
+from fastpeft.kernels.aot_spec import KernelSpec
+from fastpeft.kernels.launch_device import on_device_of
+from fastpeft.kernels.lora_configs import (
+    BLOCK_R_CHOICES,
+    MEDIUM_MAX_M,
+    PROGRAMS_PER_SM,
+    TileConfig,
+    block_r,
+    cdiv,
+    device_info,
+    plan_backward,
+)
+from fastpeft.kernels.lora_hybrid_kernels import lora_hybrid_dx_kernel, lora_hybrid_fwd_kernel
+
+# Forward kernel tiles: BLOCK_M rows, BLOCK_N columns of y per step of the expand loop, BLOCK_K
+# columns of x per step of the shrink loop. The kernel is bandwidth-bound (read x, write y).
+# Up to MEDIUM_MAX_M rows, 16-row tiles (the smallest tl.dot) give 4x the row tiles of 64-row
+# ones, so fewer programs have to re-read a row tile of x to fill the GPU. BLOCK_K 64, 3
+# stages: small programs (<= 96 registers, <= 40 KB of shared memory), several per SM; BLOCK_K
+# 128 spills with dropout and fp32 adapters at rank 16 on sm_80 (fastpeft check).
+_FWD_SMALL_M = TileConfig(16, 64, 64, 4, 3)
+# Larger M: 64-row tiles, a 64 x 128 fp32 y accumulator (64 registers a thread at 4 warps);
+# 3 stages of 64 x 64 x and A tiles (8 + 16 KB with fp32 A at rank 64).
+_FWD_LARGE_M = TileConfig(64, 128, 64, 4, 3)
+# At most this many programs share one row tile of x (each re-reads it and A, from L2 since
+# they run together): beyond it the re-reads cost more than the parallelism gains.
+MAX_SPLIT_N = 8
+# dX's LoRA term: one 64 x 128 output tile per program, a single rank-r dot (no loop, so no
+# pipelining stages); a write-bound kernel.
+_DX = TileConfig(64, 128, 0, 4, 1)
+
+
+def forward_tile(m: int) -> TileConfig:
+    """The forward kernel's tile for ``m`` rows."""
+    return _FWD_SMALL_M if m <= MEDIUM_MAX_M else _FWD_LARGE_M
+
+
+def forward_split(m: int, n: int, tile: TileConfig, num_sms: int) -> int:
+    """Programs per row tile (each writes every ``split``-th column tile of y): enough for
+    ``PROGRAMS_PER_SM`` programs per SM, at most one per column tile and ``MAX_SPLIT_N``."""
+    wanted = cdiv(PROGRAMS_PER_SM * num_sms, cdiv(m, tile.block_m))
+    return max(1, min(wanted, cdiv(n, tile.block_n), MAX_SPLIT_N))
+
+
+def rank_numerics(x_dtype: torch.dtype, lora_dtype: torch.dtype, interpret: bool) -> dict:
+    """Constexprs of the rank-r dots, whose operands are in the LoRA weights' dtype.
+
+    fp32 adapters on 16-bit activations: tf32 tensor cores (fp32 accumulation). fp32
+    activations reach the kernels only in the interpreter: IEEE products. Under the
+    interpreter, anything touching bf16 is computed in fp32 (its bf16 arithmetic and
+    conversions between 16-bit types are wrong; KERNEL_NOTES.md).
+    """
+    upcast = interpret and torch.bfloat16 in (x_dtype, lora_dtype)
+    ieee = upcast or x_dtype == torch.float32
+    return {"UPCAST": upcast, "PRECISION": "ieee" if ieee else "tf32"}
+
+
+def hybrid_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y [M, N] in x.dtype, s [M, R] fp32)`` for 2-D x ``[M, K]`` (M, N, K >= 1):
+    ``y = x W^T + bias + scaling * s B^T`` with ``s = x_hat A^T``."""
+    m, k = x.shape
+    n, rank = weight.shape[0], lora_a.shape[0]
+    tile = forward_tile(m)
+    split = forward_split(m, n, tile, device_info(x.device)[0])
+    threshold, keep_scale = lora_launch._dropout_args(dropout_p)
+    y = lora_launch._empty((m, n), x.dtype, x.device)
+    s = lora_launch._empty((m, rank), torch.float32, x.device)
+    with on_device_of(x):
+        lora_hybrid_fwd_kernel[(cdiv(m, tile.block_m) * split,)](
+            x, lora_a, lora_b, bias if bias is not None else y, seed, s, y,
+            m, n, k, rank, split,
+            x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
+            scaling, threshold, keep_scale,
+            HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, BLOCK_R=block_r(rank),
+            num_warps=tile.num_warps, num_stages=tile.num_stages,
+            **rank_numerics(x.dtype, lora_a.dtype, interpreting()),
+        )
+        y.addmm_(x, weight.t())
+    return y, s
+
+
+def hybrid_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    s: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor,
+    need_x: bool,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(dX [M, K], dA [R, K], dB [N, R])``, each None unless asked for; 2-D grad_y ``[M, N]``
+    and the forward's fp32 ``s``. dA and dB in the LoRA weights' dtype, dX in x's."""
+    m, k = x.shape
+    n, rank = weight.shape[0], lora_a.shape[0]
+    plan = plan_backward(m, n, k, rank, dropout_p > 0.0, x.device)
+    dx = da = None
+    with on_device_of(x):
+        ds, db = lora_launch.lora_dy_pass(grad_y, lora_b, s, scaling, plan)
+        if need_x:
+            threshold, keep_scale = lora_launch._dropout_args(dropout_p)
+            dx = lora_launch._empty((m, k), x.dtype, x.device)
+            lora_hybrid_dx_kernel[(cdiv(m, _DX.block_m), cdiv(k, _DX.block_n))](
+                ds, lora_a, seed, dx,
+                m, k, rank,
+                lora_a.stride(0), lora_a.stride(1),
+                threshold, keep_scale,
+                HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=_DX.block_m, BLOCK_K=_DX.block_n, BLOCK_R=block_r(rank),
+                num_warps=_DX.num_warps, num_stages=_DX.num_stages,
+                **rank_numerics(x.dtype, lora_a.dtype, interpreting()),
+            )
+            dx.addmm_(grad_y, weight)
+        if need_a:
+            da = lora_launch.lora_da_pass(x, ds, seed, dropout_p, plan).to(lora_a.dtype)
+    return dx, da, db.to(lora_b.dtype) if need_b else None
+
+
+# (activation, LoRA weight) dtypes compiled by ``fastpeft check``. The rank-r dots run in the
+# adapter's dtype, so fp32 adapters (x widened, tf32 dots) and 16-bit adapters (16-bit dots)
+# are different code, for both 16-bit activations. fp32 activations never reach the kernels
+# on a GPU (``lora_dispatch.choose_implementation``).
+HYBRID_DTYPE_CASES = (("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp32"), ("fp16", "fp16"))
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def forward_tile_choices() -> list[TileConfig]:
+    """Every tile ``forward_tile`` can return."""
+    return [_FWD_SMALL_M, _FWD_LARGE_M]
+
+
+def dx_tile() -> TileConfig:
+    """The tile of the dX LoRA-term kernel."""
+    return _DX
+
+
+def hybrid_kernel_specs(spec: Callable[..., KernelSpec]) -> list[KernelSpec]:
+    """Every configuration of the two hybrid kernels, for ``fastpeft check``.
+
+    ``spec`` is ``lora_specs``'s builder (``spec(fn, name, act, lora, constexprs, tile,
+    wgmma=...)``), so the signatures follow the same conventions as the fused kernels' specs
+    (unit strides as constexprs, everything else aligned to 16). Bias is compiled on only (a
+    superset of the code without it). The 64-row tiles (one 4-warp warpgroup per 64 rows) must
+    use Hopper's wgmma on sm_90. The dY and dA passes are the fused path's kernels with the
+    fused path's tiles (``plan_backward``): ``lora_kernel_specs`` compiles them already.
+    """
+    specs = []
+    for (act, lora), r, drop in itertools.product(HYBRID_DTYPE_CASES, BLOCK_R_CHOICES, (False, True)):
+        numerics = rank_numerics(_TORCH_DTYPES[act], _TORCH_DTYPES[lora], interpret=False)
+        for t in forward_tile_choices():
+            specs.append(spec(
+                lora_hybrid_fwd_kernel, "lora_hybrid_fwd", act, lora,
+                {"HAS_BIAS": True, "HAS_DROPOUT": drop, "BLOCK_M": t.block_m, "BLOCK_N": t.block_n,
+                 "BLOCK_K": t.block_k, "BLOCK_R": r, **numerics},
+                t, wgmma=t.block_m >= 64))
+        specs.append(spec(
+            lora_hybrid_dx_kernel, "lora_hybrid_dx", act, lora,
+            {"HAS_DROPOUT": drop, "BLOCK_M": _DX.block_m, "BLOCK_K": _DX.block_n, "BLOCK_R": r, **numerics},
+            _DX, wgmma=_DX.block_m >= 64))
+    return specs
