@@ -1,12 +1,16 @@
-"""Which implementation an op runs: the Triton kernels or the torch composite path.
+"""Which implementation an op runs: Triton kernels or the torch composite path.
 
 ``FASTPEFT_BACKEND`` (read at every call, so tests can switch it):
-- ``auto`` (default): the torch path, and the Triton kernels for CUDA tensors once
-  ``KERNELS_VALIDATED_ON_GPU`` is set.
-- ``triton``: Triton kernels for CUDA tensors; CPU tensors take them only under Triton's
-  interpreter (``TRITON_INTERPRET=1``, set before Triton is imported), which is how the tests
-  run the kernels without a GPU, and the torch path otherwise. So a GPU run can force the
-  kernels while its CPU-model tests keep running on the torch path.
+- ``auto`` (default): the torch path, and for CUDA tensors, once ``KERNELS_VALIDATED_ON_GPU``
+  is set, the implementation the per-shape dispatch table picks
+  (``fastpeft.kernels.lora_dispatch``).
+- ``triton``: the fused Triton kernels (base GEMM and LoRA term in one kernel) for CUDA
+  tensors; CPU tensors take them only under Triton's interpreter (``TRITON_INTERPRET=1``, set
+  before Triton is imported), which is how the tests run the kernels without a GPU, and the
+  torch path otherwise. So a GPU run can force the kernels while its CPU-model tests keep
+  running on the torch path.
+- ``hybrid``: the cuBLAS-hybrid path (cuBLAS base GEMM accumulating onto Triton's LoRA
+  term), for the same tensors as ``triton``.
 - ``torch``: the torch path everywhere (also on CUDA).
 """
 
@@ -18,12 +22,13 @@ import os
 
 import torch
 
-_CHOICES = ("auto", "triton", "torch")
+_CHOICES = ("auto", "triton", "hybrid", "torch")
 
-# The Triton kernels are correct in the interpreter and compile for sm_80/sm_90, but no GPU
-# has run them yet (their bf16 tensor-core path cannot run in the interpreter at all). Until
-# scripts/gpu_run.sh has passed on a GPU (recorded in bench/RESULTS.md), they are opt-in on
-# CUDA (FASTPEFT_BACKEND=triton) and ``auto`` takes the torch path; then set this to True.
+# The Triton kernels (fused and hybrid) are correct in the interpreter and compile for
+# sm_80/sm_90, but no GPU has run them yet (their bf16 tensor-core path cannot run in the
+# interpreter at all). Until scripts/gpu_run.sh has passed on a GPU (recorded in
+# bench/RESULTS.md), they are opt-in on CUDA (FASTPEFT_BACKEND=triton or hybrid) and ``auto``
+# takes the torch path; then set this to True, and ``auto`` follows the dispatch table.
 KERNELS_VALIDATED_ON_GPU = False
 
 
@@ -38,15 +43,22 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def use_triton(device: torch.device) -> bool:
-    """Whether tensors on ``device`` go to the Triton kernels under the current setting."""
+def backend_choice() -> str:
+    """The validated, lower-cased ``FASTPEFT_BACKEND`` (``auto`` when unset)."""
     choice = os.environ.get("FASTPEFT_BACKEND", "auto").lower()
     if choice not in _CHOICES:
         raise ValueError(f"FASTPEFT_BACKEND={choice!r}: expected one of {', '.join(_CHOICES)}")
+    return choice
+
+
+def use_triton(device: torch.device) -> bool:
+    """Whether tensors on ``device`` go to Triton kernels (fused or hybrid) under the current
+    setting; which of the two is ``fastpeft.kernels.lora_dispatch``'s choice."""
+    choice = backend_choice()
     if choice == "torch":
         return False
     if choice == "auto":
         return KERNELS_VALIDATED_ON_GPU and device.type == "cuda" and triton_available()
     if not triton_available():
-        raise RuntimeError("FASTPEFT_BACKEND=triton but the triton package is not installed")
+        raise RuntimeError(f"FASTPEFT_BACKEND={choice} but the triton package is not installed")
     return device.type == "cuda" or (device.type == "cpu" and interpreting())

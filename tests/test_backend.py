@@ -25,12 +25,29 @@ def test_gpu_kernels_are_opt_in_until_validated(monkeypatch):
 
 
 @pytest.mark.skipif(not backend.triton_available(), reason="needs triton")
-def test_forcing_triton_sends_cpu_tensors_to_kernels_only_in_the_interpreter(monkeypatch):
-    """``triton`` forces the kernels on CUDA tensors; CPU tensors run them in the
-    interpreter, and otherwise (a GPU run's CPU-model tests) take the torch path."""
-    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+@pytest.mark.parametrize("choice", ["triton", "hybrid", "Hybrid"])
+def test_forcing_kernels_sends_cpu_tensors_to_them_only_in_the_interpreter(monkeypatch, choice):
+    """``triton`` (fused kernels) and ``hybrid`` (cuBLAS-hybrid path) force Triton kernels on
+    CUDA tensors; CPU tensors run them in the interpreter, and otherwise (a GPU run's
+    CPU-model tests) take the torch path."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", choice)
+    assert backend.backend_choice() == choice.lower()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not backend.use_triton(torch.device("cpu"))
     assert backend.use_triton(torch.device("cuda"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert backend.use_triton(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("choice", ["triton", "hybrid"])
+def test_forcing_kernels_without_triton_is_an_error(monkeypatch, choice):
+    monkeypatch.setenv("FASTPEFT_BACKEND", choice)
+    monkeypatch.setattr(backend, "triton_available", lambda: False)
+    with pytest.raises(RuntimeError, match=f"FASTPEFT_BACKEND={choice} but the triton package"):
+        backend.use_triton(torch.device("cuda"))
+
+
+def test_unknown_choice_lists_the_choices(monkeypatch):
+    monkeypatch.setenv("FASTPEFT_BACKEND", "cublas")
+    with pytest.raises(ValueError, match="auto, triton, hybrid, torch"):
+        backend.backend_choice()

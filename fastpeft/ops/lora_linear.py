@@ -4,11 +4,12 @@
 
 ``torch.ops.fastpeft.lora_linear`` holds the forward (returning ``y``, ``s = x_hat A^T`` and
 the torch path's dropout mask, the only activations it saves besides its inputs) and
-``torch.ops.fastpeft.lora_linear_backward`` the backward; both dispatch to the Triton kernels
-(CUDA) or the torch path (CPU), see ``fastpeft.backend``. Dropout draws from a 64-bit seed
-tensor made on x's device from torch's generator (no host sync, CUDA-graph safe); the
-kernels regenerate the mask from it in the backward, the torch path keeps it (one byte per
-element; see ``lora_linear_torch``).
+``torch.ops.fastpeft.lora_linear_backward`` the backward; each dispatches, per call, to the
+fused Triton kernels, the cuBLAS-hybrid path or the torch path
+(``fastpeft.kernels.lora_dispatch.choose_implementation``; ``fastpeft.backend``). Dropout
+draws from a 64-bit seed tensor made on x's device from torch's generator (no host sync,
+CUDA-graph safe); the kernel paths regenerate the mask from it in the backward, the torch
+path keeps it (one byte per element; see ``lora_linear_torch``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import math
 import torch
 
 from fastpeft.backend import use_triton
-from fastpeft.kernels.lora_configs import MAX_RANK  # torch-only module: no Triton import
+# torch-only module: no Triton import
+from fastpeft.kernels.lora_dispatch import BACKWARD, FORWARD, FUSED, TORCH, choose_implementation
 from fastpeft.ops.autocast import autocast_dtype, autocast_off, cast_for_autocast
 from fastpeft.ops.checks import check_lora_linear_args
 from fastpeft.ops.dropout_mask import keep_mask_torch_path
@@ -33,19 +35,6 @@ from fastpeft.ops.lora_linear_torch import (
 # Seeds are drawn in [0, 2**62): non-negative int64 values, which the kernels' Philox key
 # reads as 64 bits.
 _SEED_BOUND = 2**62
-
-
-def _use_kernels(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor) -> bool:
-    """Triton kernels for this call? The torch path takes ranks above MAX_RANK, empty
-    problems (any of M, K, N zero), float64 (no tensor cores; the kernels' tiles are sized
-    for 16-bit) and fp32 activations on a GPU: Triton's IEEE-fp32 ``tl.dot`` runs on FMA
-    units, with tiles too small to compete with cuBLAS (fp32 still runs the kernels in the
-    interpreter)."""
-    if lora_a.shape[0] > MAX_RANK or x.numel() == 0 or weight.numel() == 0 or not use_triton(x.device):
-        return False
-    if torch.float64 in (x.dtype, lora_a.dtype):
-        return False
-    return x.dtype != torch.float32 or x.device.type != "cuda"
 
 
 def _rows(t: torch.Tensor, cols: int) -> torch.Tensor:
@@ -66,15 +55,19 @@ def _lora_linear_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y [..., N], s [M, R], keep)`` for x ``[..., K]``, M the product of x's leading dims;
     ``s`` in ``rank_side_dtype(lora_a.dtype)`` (fp32 unless the adapter is float64); ``keep``
-    the torch path's bool ``[M, K]`` dropout mask, empty on the kernels or without dropout."""
+    the torch path's bool ``[M, K]`` dropout mask, empty on the kernel paths (fused, hybrid)
+    or without dropout."""
     x2 = _rows(x, weight.shape[1])
-    if _use_kernels(x, weight, lora_a):
-        from fastpeft.kernels.lora_launch import lora_forward
-
+    impl = choose_implementation(x, weight, lora_a, FORWARD)
+    if impl == TORCH:
+        y, s, keep = lora_forward_torch(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+    else:
+        if impl == FUSED:
+            from fastpeft.kernels.lora_launch import lora_forward
+        else:
+            from fastpeft.kernels.lora_hybrid_launch import hybrid_forward as lora_forward
         y, s = lora_forward(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
         keep = x.new_empty(0, dtype=torch.bool)
-    else:
-        y, s, keep = lora_forward_torch(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
     return y.view(*x.shape[:-1], weight.shape[0]), s, keep
 
 
@@ -103,7 +96,7 @@ def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
     m = math.prod(x.shape[:-1])
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
     s = x.new_empty((m, lora_a.shape[0]), dtype=rank_side_dtype(lora_a.dtype))
-    saves_mask = dropout_p > 0.0 and not _use_kernels(x, weight, lora_a)
+    saves_mask = dropout_p > 0.0 and choose_implementation(x, weight, lora_a, FORWARD) == TORCH
     keep = x.new_empty((m, x.shape[-1]) if saves_mask else (0,), dtype=torch.bool)
     return y, s, keep
 
@@ -124,15 +117,22 @@ def _lora_linear_backward(
     need_b: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dX like x, dA [R, K], dB [N, R])``; a gradient not asked for is an empty tensor.
-    The kernels regenerate the dropout mask from ``seed``, the torch path uses ``keep``."""
+    The kernel paths regenerate the dropout mask from ``seed``; the torch path uses ``keep``,
+    or regenerates it when the forward ran a kernel path (the dispatch table may choose per
+    pass; ``keep_mask`` draws the kernels' Philox mask wherever they run)."""
     g2, x2 = _rows(grad_y, weight.shape[0]), _rows(x, weight.shape[1])
     needs = (need_x, need_a, need_b)
-    if _use_kernels(x, weight, lora_a):
-        from fastpeft.kernels.lora_launch import lora_backward
-
-        dx, da, db = lora_backward(g2, x2, weight, lora_a, lora_b, s, scaling, dropout_p, seed, *needs)
-    else:
+    impl = choose_implementation(x, weight, lora_a, BACKWARD)
+    if impl == TORCH:
+        if dropout_p > 0.0 and not keep.numel():
+            keep = keep_mask(x2, dropout_p, seed)
         dx, da, db = lora_backward_torch(g2, x2, weight, lora_a, lora_b, s, keep, scaling, dropout_p, *needs)
+    else:
+        if impl == FUSED:
+            from fastpeft.kernels.lora_launch import lora_backward
+        else:
+            from fastpeft.kernels.lora_hybrid_launch import hybrid_backward as lora_backward
+        dx, da, db = lora_backward(g2, x2, weight, lora_a, lora_b, s, scaling, dropout_p, seed, *needs)
     return (
         dx.view(x.shape) if dx is not None else x.new_empty(0),
         da if da is not None else x.new_empty(0),

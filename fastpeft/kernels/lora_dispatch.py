@@ -1,0 +1,303 @@
+"""Which implementation of the LoRA linear op runs a given problem, and the per-shape table
+that decides it once the kernels are validated on a GPU.
+
+Implementations:
+- ``fused`` (``lora_launch``): the base GEMM in Triton with the LoRA term in its epilogue.
+- ``hybrid`` (``lora_hybrid_launch``): cuBLAS for the base GEMMs, accumulating onto a LoRA
+  term written by Triton.
+- ``torch`` (``fastpeft.ops.lora_linear_torch``): torch composite ops.
+
+``choose_implementation`` is what the op asks, in its forward, its fake and its backward: a
+pure function of shapes, dtypes, device and ``FASTPEFT_BACKEND`` (never of tensor values, so
+compiled graphs and CUDA graphs see the choice eager mode makes). ``triton`` forces ``fused``,
+``hybrid`` forces ``hybrid``; ``auto`` reads the table, once ``KERNELS_VALIDATED_ON_GPU``.
+
+The table (``lora_dispatch_table.json``, shipped in the package; schema ``SCHEMA``) is a JSON
+object ``{"schema": SCHEMA, "entries": [...]}``. Each entry has ``"implementation"`` (one of
+``IMPLEMENTATIONS``), ``"measured"`` (the measurement that chose it: an object
+``{"gpu", "date", "m", "ranks", "median_ms": {impl: ms}, "ratio"}``, or a string starting with
+``"unmeasured"`` that says which rule of thumb chose it), and optional conditions, each
+absent meaning "any":
+- ``"arch"``: ``"sm_XY"``; it matches the devices of its family (``sm_90`` and newer, or
+  older), the split the kernels' tile tables use;
+- ``"dtype"``: the activation dtype, torch's name (``"bfloat16"``, ``"float16"``);
+- ``"pass"``: ``"forward"`` or ``"backward"``;
+- ``"m_min"``, ``"m_max"``: the range of rows M (inclusive; no ``m_max``: unbounded);
+- ``"n"``, ``"k"`` (together): the layer shape it was measured on.
+Lookup: among the entries whose conditions hold, those with a shape come first, the one
+nearest in ``|log2(N/n)| + |log2(K/k)|``; then the shapeless ones; ties by order. Entries
+without arch, dtype, pass or shape must cover every M >= 1, so every lookup finds one.
+
+The forward and the backward may pick different implementations: every kernel path saves the
+same ``s`` (fp32 ``x_hat A^T``) and no mask (it regenerates it from the seed), and a torch
+backward after a kernel forward regenerates the mask (``fastpeft.ops.lora_linear``).
+
+Writing a table from benchmark results (the GPU run does this)::
+
+    python -m fastpeft.kernels.lora_dispatch --from-bench bench.json --out table.json [--arch sm_90]
+
+``bench.json`` is ``fastpeft bench``'s JSON (schema ``fastpeft-bench/3``); what is read:
+- ``settings``: ``"device_name"`` (the GPU, recorded), ``"date"`` (recorded), ``"dtype"``
+  (torch's name, required), optionally ``"arch"`` (``"sm_90"``; else ``--arch``, else the
+  current CUDA device's);
+- ``timings``: rows ``{"m", "n", "k", "r", "mode", "impl", "ms", "error"}`` where ``mode`` is
+  ``"fwd"`` (decides the forward) or ``"fwd+bwd"`` (decides the backward: a training step's
+  winner), ``impl`` one of ``"fused"``, ``"hybrid"``, ``"torch"`` (other rows are ignored),
+  ``ms`` the median time in ms, a number or ``{"value": median, ...}``; rows with an
+  ``error`` or no time are skipped.
+Per (pass, n, k, m) the implementation with the smallest sum of medians over the ranks
+measured wins (an implementation missing a rank the others have is out). Entries for the
+measured Ms of one (pass, n, k) split M at the geometric means of neighbouring Ms, from 1 to
+unbounded. The shipped table's shapeless entries (the rules of thumb) follow, as fallback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.resources
+import json
+import math
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from fastpeft.backend import backend_choice, use_triton
+from fastpeft.kernels.lora_configs import MAX_RANK, device_info
+
+FUSED, HYBRID, TORCH = "fused", "hybrid", "torch"
+IMPLEMENTATIONS = (FUSED, HYBRID, TORCH)
+FORWARD, BACKWARD = "forward", "backward"
+PASSES = (FORWARD, BACKWARD)
+SCHEMA = "fastpeft-lora-dispatch/1"
+TABLE_FILE = "lora_dispatch_table.json"
+# Benchmark modes (fastpeft.bench.cases) and the pass each one decides.
+BENCH_MODES = {"fwd": FORWARD, "fwd+bwd": BACKWARD}
+
+_CONDITIONS = ("arch", "dtype", "pass", "m_min", "m_max", "n", "k")
+# Architecture families, as in the kernels' tile tables (lora_configs): sm_90 and newer
+# (Hopper tables) and older GPUs (Ampere tables).
+_HOPPER = 90
+
+
+def choose_implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, pass_: str) -> str:
+    """``fused``, ``hybrid`` or ``torch`` for x ``[..., K]``, W ``[N, K]``, A ``[R, K]`` in
+    pass ``pass_`` (``FORWARD`` or ``BACKWARD``).
+
+    The torch path takes ranks above MAX_RANK, empty problems (any of M, K, N zero), float64
+    (no tensor cores; the kernels' tiles are sized for 16-bit) and fp32 activations on a GPU:
+    Triton's IEEE-fp32 ``tl.dot`` runs on FMA units, with tiles too small to compete with
+    cuBLAS, and the kernels are compiled and checked for 16-bit activations only (fp32 still
+    runs the kernels in the interpreter).
+    """
+    if lora_a.shape[0] > MAX_RANK or x.numel() == 0 or weight.numel() == 0 or not use_triton(x.device):
+        return TORCH
+    if torch.float64 in (x.dtype, lora_a.dtype) or (x.dtype == torch.float32 and x.device.type == "cuda"):
+        return TORCH
+    choice = backend_choice()
+    if choice == "triton":
+        return FUSED
+    if choice == "hybrid":
+        return HYBRID
+    n, k = weight.shape
+    entry = lookup(shipped_table(), arch=device_arch(x.device), dtype=x.dtype, pass_=pass_,
+                   m=x.numel() // k, n=n, k=k)
+    return entry["implementation"]
+
+
+def device_arch(device: torch.device) -> str:
+    """``"sm_XY"`` of ``device`` (``device_info``'s fixed sm_90 in the interpreter)."""
+    return f"sm_{device_info(device)[1]}"
+
+
+def _family(arch: str) -> int:
+    """90 for ``"sm_90"`` and newer, 80 below."""
+    return _HOPPER if int(arch.removeprefix("sm_")) >= _HOPPER else 80
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _matches(entry: dict, arch: str, dtype: str, pass_: str, m: int) -> bool:
+    return (
+        ("arch" not in entry or _family(entry["arch"]) == _family(arch))
+        and entry.get("dtype", dtype) == dtype
+        and entry.get("pass", pass_) == pass_
+        and entry.get("m_min", 1) <= m
+        and ("m_max" not in entry or m <= entry["m_max"])
+    )
+
+
+def _shape_distance(entry: dict, n: int, k: int) -> float:
+    """How far ``(n, k)`` is from the entry's shape, in octaves (inf for shapeless entries)."""
+    if "n" not in entry:
+        return math.inf
+    return abs(math.log2(n / entry["n"])) + abs(math.log2(k / entry["k"]))
+
+
+def lookup(table: dict, *, arch: str, dtype: torch.dtype | str, pass_: str, m: int, n: int, k: int) -> dict:
+    """The entry of ``table`` that decides a problem (see the module docstring), for
+    ``arch`` ``"sm_XY"``, activation ``dtype``, ``pass_``, M rows and W ``[n, k]``."""
+    dtype = dtype if isinstance(dtype, str) else _dtype_name(dtype)
+    candidates = [e for e in table["entries"] if _matches(e, arch, dtype, pass_, m)]
+    if not candidates:
+        raise LookupError(f"dispatch table has no entry for {arch} {dtype} {pass_} M={m}")
+    return min(candidates, key=lambda e: _shape_distance(e, n, k))  # min keeps the first of ties
+
+
+def validate_table(table: Any) -> dict:
+    """``table`` if it follows the schema (module docstring), else ValueError saying what is wrong."""
+    if not isinstance(table, dict) or table.get("schema") != SCHEMA or not isinstance(table.get("entries"), list):
+        raise ValueError(f"dispatch table must be an object with schema {SCHEMA!r} and a list of entries")
+    for i, e in enumerate(table["entries"]):
+        where = f"dispatch table entry {i} ({e!r})"
+        if not isinstance(e, dict) or e.get("implementation") not in IMPLEMENTATIONS:
+            raise ValueError(f"{where}: implementation must be one of {IMPLEMENTATIONS}")
+        measured = e.get("measured")
+        if not (isinstance(measured, dict) or (isinstance(measured, str) and measured.startswith("unmeasured"))):
+            raise ValueError(f"{where}: 'measured' must be a measurement object or an 'unmeasured: ...' string")
+        unknown = set(e) - {"implementation", "measured", *_CONDITIONS}
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
+        if ("n" in e) != ("k" in e):
+            raise ValueError(f"{where}: 'n' and 'k' go together")
+        if "pass" in e and e["pass"] not in PASSES:
+            raise ValueError(f"{where}: pass must be one of {PASSES}")
+        if e.get("m_min", 1) < 1 or e.get("m_max", math.inf) < e.get("m_min", 1):
+            raise ValueError(f"{where}: needs 1 <= m_min <= m_max")
+    _check_fallback_coverage(table["entries"])
+    return table
+
+
+def _fallback_entries(entries: Sequence[dict]) -> list[dict]:
+    """The entries without arch, dtype, pass or shape conditions (only an M range)."""
+    return [e for e in entries if not set(e) & {"arch", "dtype", "pass", "n"}]
+
+
+def _check_fallback_coverage(entries: Sequence[dict]) -> None:
+    """The fallback entries must cover every M >= 1 (then every lookup finds an entry)."""
+    covered = 0  # every M <= covered has a fallback entry
+    for e in sorted(_fallback_entries(entries), key=lambda e: e.get("m_min", 1)):
+        if e.get("m_min", 1) > covered + 1:
+            break
+        covered = max(covered, e.get("m_max", math.inf))
+    if covered != math.inf:
+        raise ValueError(f"dispatch table: the entries without arch/dtype/pass/shape must cover every M >= 1; "
+                         f"M = {covered + 1} has none")
+
+
+@functools.cache
+def shipped_table() -> dict:
+    """The table shipped in the package (read once)."""
+    text = importlib.resources.files(__package__).joinpath(TABLE_FILE).read_text()
+    return validate_table(json.loads(text))
+
+
+def _median_ms(ms: Any) -> float | None:
+    value = ms.get("value") if isinstance(ms, dict) else ms
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) and value > 0 else None
+
+
+def _bench_times(bench: dict) -> dict[tuple, dict[str, dict[int, float]]]:
+    """``{(pass, n, k, m): {impl: {r: median ms}}}`` from the bench JSON's usable rows."""
+    times: dict[tuple, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    for row in bench.get("timings", []):
+        ms = _median_ms(row.get("ms"))
+        if row.get("impl") not in IMPLEMENTATIONS or row.get("mode") not in BENCH_MODES or ms is None:
+            continue
+        if row.get("error"):
+            continue
+        key = (BENCH_MODES[row["mode"]], int(row["n"]), int(row["k"]), int(row["m"]))
+        times[key][row["impl"]][int(row["r"])] = ms
+    return times
+
+
+def _winner(per_impl: dict[str, dict[int, float]]) -> tuple[str, dict[str, float], list[int]] | None:
+    """(winner, {impl: summed ms}, ranks) over the implementations measured at every rank any
+    of them was; None when none was."""
+    ranks = sorted(set().union(*(set(t) for t in per_impl.values())))
+    totals = {impl: sum(t[r] for r in ranks) for impl, t in per_impl.items() if set(ranks) <= set(t)}
+    if not totals:
+        return None
+    return min(totals, key=totals.get), totals, ranks
+
+
+def table_from_bench(bench: dict, arch: str, base: dict | None = None) -> dict:
+    """A dispatch table from benchmark results (input format in the module docstring) measured
+    on ``arch`` (``"sm_XY"``); the shapeless entries of ``base`` (default: the shipped table)
+    follow the measured ones as fallback."""
+    settings = bench.get("settings", {})
+    if not isinstance(settings.get("dtype"), str):
+        raise ValueError("bench JSON: settings.dtype (the activation dtype, e.g. 'bfloat16') is required")
+    gpu, date = settings.get("device_name", "unknown GPU"), settings.get("date", "unknown date")
+    groups: dict[tuple, list[tuple[int, tuple]]] = defaultdict(list)
+    for (pass_, n, k, m), per_impl in _bench_times(bench).items():
+        won = _winner(per_impl)
+        if won is not None:
+            groups[(pass_, n, k)].append((m, won))
+    entries = []
+    for (pass_, n, k), measured in sorted(groups.items()):
+        measured.sort()
+        for i, (m, (impl, totals, ranks)) in enumerate(measured):
+            ordered = sorted(totals.values())
+            entry = {"arch": arch, "dtype": settings["dtype"], "pass": pass_, "n": n, "k": k}
+            if i:
+                entry["m_min"] = math.isqrt(measured[i - 1][0] * m) + 1
+            if i + 1 < len(measured):
+                entry["m_max"] = math.isqrt(m * measured[i + 1][0])
+            entry["implementation"] = impl
+            entry["measured"] = {
+                "gpu": gpu, "date": date, "m": m, "ranks": ranks,
+                "median_ms": {name: round(t, 6) for name, t in sorted(totals.items())},
+                # the winner's time over the runner-up's (< 1: by how much it won)
+                "ratio": round(ordered[0] / ordered[1], 4) if len(ordered) > 1 else None,
+            }
+            entries.append(entry)
+    if not entries:
+        raise ValueError("bench JSON: no usable timings (impl fused/hybrid/torch, mode fwd or fwd+bwd, "
+                         "a median time and no error)")
+    fallback = _fallback_entries((base or shipped_table())["entries"])
+    return validate_table({"schema": SCHEMA, "entries": entries + fallback})
+
+
+def _current_arch() -> str | None:
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm_{major}{minor}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fastpeft.kernels.lora_dispatch --from-bench bench.json --out table.json``."""
+    parser = argparse.ArgumentParser(prog="python -m fastpeft.kernels.lora_dispatch",
+                                     description="Write a LoRA dispatch table from fastpeft bench JSON.")
+    parser.add_argument("--from-bench", required=True, metavar="BENCH_JSON", help="fastpeft bench --json output")
+    parser.add_argument("--out", required=True, metavar="TABLE_JSON", help="the table to write")
+    parser.add_argument("--arch", help="the GPU the bench ran on, e.g. sm_90 (default: the bench's "
+                                       "settings.arch, else the current CUDA device)")
+    args = parser.parse_args(argv)
+    try:
+        with open(args.from_bench) as f:
+            bench = json.load(f)
+        arch = args.arch or bench.get("settings", {}).get("arch") or _current_arch()
+        if not (isinstance(arch, str) and arch.startswith("sm_") and arch[3:].isdigit()):
+            raise ValueError(f"the GPU architecture is unknown or malformed ({arch!r}): pass --arch sm_XY")
+        table = table_from_bench(bench, arch)
+        with open(args.out, "w") as f:
+            json.dump(table, f, indent=1)
+            f.write("\n")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"lora_dispatch: {e}", file=sys.stderr)
+        return 2
+    measured = sum(isinstance(e["measured"], dict) for e in table["entries"])
+    print(f"lora_dispatch: wrote {args.out}: {measured} measured entries, "
+          f"{len(table['entries']) - measured} fallback", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

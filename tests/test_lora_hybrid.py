@@ -1,0 +1,257 @@
+"""The cuBLAS-hybrid path (FASTPEFT_BACKEND=hybrid) of the LoRA op against a float64
+reference: forward and all three gradients, dropout masks equal to the fused kernels',
+mixed per-pass dispatch, registration (opcheck, torch.compile), and every launch it can make
+compiled by ``fastpeft check``. Kernels run in Triton's interpreter on CPU; the conftest
+poisons ``lora_launch._empty``, through which the hybrid launchers allocate their outputs."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from fastpeft.backend import interpreting  # noqa: E402
+from fastpeft.kernels import all_kernel_specs, lora_dispatch  # noqa: E402
+from fastpeft.kernels import lora_hybrid_launch as hybrid  # noqa: E402
+from fastpeft.kernels.lora_configs import block_r  # noqa: E402
+from fastpeft.ops import lora_linear_dropout_mask  # noqa: E402
+from fastpeft.ops.dropout_mask import keep_mask_philox  # noqa: E402
+from fastpeft.ops.lora_linear import draw_seed  # noqa: E402
+from tests import test_lora_linear_registration as registration  # noqa: E402
+from tests.conftest import DEVICE  # noqa: E402
+from tests.test_lora_linear_op import SCALING, check_against_reference, make_problem  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# The kernels run on DEVICE's tensors only on a GPU or in the interpreter: elsewhere (a CPU
+# run with TRITON_INTERPRET=0) the hybrid backend sends CPU tensors to the torch path.
+pytestmark = pytest.mark.skipif(not (DEVICE.type == "cuda" or interpreting()),
+                                reason="the hybrid kernels do not run on CPU tensors outside the interpreter")
+
+
+@pytest.fixture(autouse=True)
+def hybrid_backend(monkeypatch):
+    """Every test here forces the hybrid path."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", "hybrid")
+
+
+def _spy_launches(monkeypatch) -> list[str]:
+    """Record which launcher functions the op calls."""
+    calls: list[str] = []
+    for name in ("hybrid_forward", "hybrid_backward"):
+        original = getattr(hybrid, name)
+
+        def spy(*args, _name=name, _original=original):
+            calls.append(_name)
+            return _original(*args)
+
+        monkeypatch.setattr(hybrid, name, spy)
+    return calls
+
+
+def test_the_op_runs_the_hybrid_launchers(monkeypatch):
+    calls = _spy_launches(monkeypatch)
+    check_against_reference(make_problem((7,), 33, 21, 4, torch.float32), 0.2)
+    assert calls == ["hybrid_forward", "hybrid_backward"]
+
+
+# K and N odd and not multiples of any tile; M: decode, the 16-row tiles, the 64-row tiles.
+@pytest.mark.parametrize("m", [1, 7, 130, 600])
+@pytest.mark.parametrize("r", [1, 4, 16, 64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference(m, r, dtype):
+    check_against_reference(make_problem((m,), 75, 93, r, dtype), 0.0)
+
+
+@pytest.mark.parametrize("m", [1, 130, 600])
+@pytest.mark.parametrize("r", [1, 64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference_with_dropout(m, r, dtype):
+    check_against_reference(make_problem((m,), 75, 93, r, dtype), 0.2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+@pytest.mark.parametrize("m", [9, 600])
+def test_fp32_lora_weights_with_16bit_activations(dtype, dropout_p, m):
+    """PEFT's default: fp32 adapters on a 16-bit model; the rank-r side stays fp32."""
+    check_against_reference(make_problem((m,), 70, 50, 8, dtype, lora_dtype=torch.float32), dropout_p)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_with_and_without_bias(bias, dropout_p):
+    check_against_reference(make_problem((130,), 61, 47, 5, torch.float16, bias=bias), dropout_p)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_3d_input(dropout_p):
+    check_against_reference(make_problem((2, 9), 37, 29, 4, torch.float32), dropout_p)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_non_contiguous_views(dropout_p):
+    """x strided along K and along rows, a transposed base weight, transposed A and B."""
+    pb = make_problem((2, 9), 74, 29, 4, torch.float32)
+    pb.x = torch.randn(9, 2, 2 * 74, device=DEVICE)[..., ::2].transpose(0, 1)  # [2, 9, 74], k-stride 2
+    pb.weight = pb.weight.t().contiguous().t()
+    pb.lora_a = pb.lora_a.t().contiguous().t()
+    pb.lora_b = pb.lora_b.t().contiguous().t()
+    check_against_reference(pb, dropout_p)
+    pb.x = torch.randn(11, 100, device=DEVICE)[:, 13:87]  # row stride 100, k stride 1
+    check_against_reference(pb, dropout_p)
+
+
+def test_broadcast_grad_output():
+    """``y.sum()`` hands the backward a gradient with zero strides (cuBLAS takes it as is)."""
+    pb = make_problem((6,), 40, 24, 4, torch.float32)
+    check_against_reference(pb, 0.2, grad_y=torch.ones(1, device=DEVICE).expand(6, 24))
+
+
+@pytest.mark.parametrize("lead", [(0,), (3, 0)])
+def test_empty_batch(lead):
+    """M = 0 takes the torch path (the dispatcher's rule), with the hybrid backend forced."""
+    pb = make_problem(lead, 20, 12, 4, torch.float32)
+    x = pb.x.requires_grad_()
+    a = pb.lora_a.requires_grad_()
+    seed = draw_seed(DEVICE)
+    y, s, _ = torch.ops.fastpeft.lora_linear(x, pb.weight, pb.bias, a, pb.lora_b, SCALING, 0.1, seed)
+    assert y.shape == (*lead, 12) and s.shape == (0, 4)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(a.grad, torch.zeros_like(a))
+
+
+@pytest.mark.parametrize("m,k", [(1, 75), (130, 75), (600, 33)])
+def test_dropout_mask_is_the_fused_kernels(monkeypatch, m, k):
+    """The forward's ``s`` is ``x_hat A^T`` for exactly the mask ``lora_linear_dropout_mask``
+    gives (the Philox bits of ``keep_mask_philox``), and equals the fused kernels' ``s``."""
+    p = 0.3
+    pb = make_problem((m,), k, 40, 16, torch.float32)
+    seed = torch.tensor([2**40 + 7], dtype=torch.int64, device=DEVICE)
+    keep = lora_linear_dropout_mask(seed, m, k, p)
+    assert torch.equal(keep, keep_mask_philox(seed, m, k, p))
+    args = (pb.x, pb.weight, pb.bias, pb.lora_a, pb.lora_b, SCALING, p, seed)
+    _, s_hybrid, saved = torch.ops.fastpeft.lora_linear(*args)
+    assert saved.numel() == 0  # the hybrid path saves no mask
+    expected = (pb.x.double() * keep / (1 - p)) @ pb.lora_a.double().t()
+    torch.testing.assert_close(s_hybrid.double(), expected, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    _, s_fused, _ = torch.ops.fastpeft.lora_linear(*args)
+    torch.testing.assert_close(s_hybrid, s_fused, rtol=1e-5, atol=1e-5)
+
+
+def _table(forward: str, backward: str) -> dict:
+    return {"schema": lora_dispatch.SCHEMA, "entries": [
+        {"pass": "forward", "implementation": forward, "measured": "unmeasured: test"},
+        {"pass": "backward", "implementation": backward, "measured": "unmeasured: test"},
+        {"implementation": "torch", "measured": "unmeasured: test"},
+    ]}
+
+
+@pytest.mark.parametrize("forward,backward", [
+    ("fused", "hybrid"), ("hybrid", "fused"), ("hybrid", "torch"), ("torch", "hybrid"), ("fused", "torch"),
+])
+def test_forward_and_backward_may_take_different_paths(monkeypatch, forward, backward):
+    """The table decides per pass: every kernel path saves the same fp32 s and no mask, and a
+    torch backward after a kernel forward regenerates the mask from the seed."""
+    monkeypatch.setattr(lora_dispatch, "backend_choice", lambda: "auto")
+    monkeypatch.setattr(lora_dispatch, "shipped_table", lambda: _table(forward, backward))
+    pb = make_problem((130,), 45, 37, 4, torch.float16, lora_dtype=torch.float32)
+    check_against_reference(pb, 0.2)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_opcheck_forward(dropout_p, dtype):
+    registration.test_opcheck_forward("hybrid", dropout_p, dtype)
+
+
+@pytest.mark.parametrize("needs", [(True, True, True), (False, False, True), (True, False, False)])
+def test_opcheck_backward(needs):
+    registration.test_opcheck_backward("hybrid", needs)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_torch_compile_fullgraph_forward_and_backward(dropout_p):
+    registration.test_torch_compile_fullgraph_forward_and_backward("hybrid", dropout_p)
+
+
+def test_functional_op_compiles_without_graph_breaks():
+    registration.test_functional_op_compiles_without_graph_breaks("hybrid")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_capture_and_replay():
+    """No host sync, no data-dependent shape: forward and backward capture in a CUDA graph
+    and a replay on new inputs matches eager (dropout included: the seed is a device tensor)."""
+    pb = make_problem((300,), 256, 192, 16, torch.bfloat16, lora_dtype=torch.float32)
+    static_x = pb.x.clone()
+    static_g = torch.randn(300, 192, device=DEVICE, dtype=torch.bfloat16)
+    seed = draw_seed(DEVICE)
+
+    def step():
+        y, s, keep = torch.ops.fastpeft.lora_linear(static_x, pb.weight, pb.bias, pb.lora_a, pb.lora_b,
+                                                    SCALING, 0.1, seed)
+        grads = torch.ops.fastpeft.lora_linear_backward(static_g, static_x, pb.weight, pb.lora_a, pb.lora_b, s,
+                                                        keep, SCALING, 0.1, seed, True, True, True)
+        return y, *grads
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up: compiles the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    static_x.copy_(torch.randn_like(static_x))
+    seed.copy_(draw_seed(DEVICE))
+    graph.replay()
+    for got, want in zip(captured, step()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+UNIT_STRIDES = ("stride_xk", "stride_ak", "stride_br")
+
+
+def _key(fn, constexprs: dict, tile) -> tuple:
+    strides = {p: 1 for p in UNIT_STRIDES if p in fn.arg_names}
+    settings = {**constexprs, **strides}
+    return fn.__name__, tuple(sorted(settings.items())), tile.num_warps, tile.num_stages
+
+
+def test_every_hybrid_launch_is_checked():
+    """Each hybrid kernel configuration the launchers can pick is among the specs ``fastpeft
+    check`` compiles, for every dtype case (bias on: a superset of the code without it; the
+    GPU numerics); the dY and dA passes are the fused path's (tests/test_kernel_specs.py).
+    The tiles do not depend on the GPU (only the split, a runtime argument, does)."""
+    compiled = {_key(s.fn, s.constexprs, s) for s in all_kernel_specs()}
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    for (act, lora), m, rank, drop in itertools.product(
+            hybrid.HYBRID_DTYPE_CASES, [1, 16, 17, 512, 513, 4096], [1, 16, 17, 33, 64], (False, True)):
+        numerics = hybrid.rank_numerics(dtypes[act], dtypes[lora], interpret=False)
+        t, d = hybrid.forward_tile(m), hybrid.dx_tile()
+        common = {"HAS_DROPOUT": drop, "BLOCK_R": block_r(rank), **numerics}
+        launches = [
+            (hybrid.lora_hybrid_fwd_kernel, {**common, "HAS_BIAS": True, "BLOCK_M": t.block_m, "BLOCK_N": t.block_n,
+                                             "BLOCK_K": t.block_k}, t),
+            (hybrid.lora_hybrid_dx_kernel, {**common, "BLOCK_M": d.block_m, "BLOCK_K": d.block_n}, d),
+        ]
+        for fn, constexprs, tile in launches:
+            assert _key(fn, constexprs, tile) in compiled, f"{fn.__name__} {act}/{lora} m={m} r={rank} is not checked"
+
+
+def test_forward_split_fills_the_gpu_within_bounds():
+    """Enough programs for PROGRAMS_PER_SM per SM, never more than one per column tile or
+    MAX_SPLIT_N per row tile."""
+    tile = hybrid.forward_tile(4096)
+    assert hybrid.forward_split(4096, 4096, tile, 132) == 5  # 64 row tiles, 264 programs wanted
+    assert hybrid.forward_split(65536, 4096, tile, 132) == 1
+    assert hybrid.forward_split(600, 4096, tile, 132) == hybrid.MAX_SPLIT_N
+    small = hybrid.forward_tile(1)
+    assert hybrid.forward_split(1, 100, small, 132) == 2  # two 64-column tiles
