@@ -93,6 +93,13 @@ def test_summary_of_a_run_without_results(tmp_path):
     assert problems == ["tests cpu: no JUnit report", "focused.json was not written", "bench.json was not written"]
 
 
+def test_summary_reports_a_cut_junit_report(tmp_path):
+    junit = tmp_path / "gpu.xml"
+    junit.write_text(JUNIT[:100])
+    lines, problems = run_summary.summarize(tmp_path, steps(tests_gpu="1"), {"gpu": junit}, rehearsal=False)
+    assert "tests gpu: unreadable JUnit report" in problems and any("unreadable report" in line for line in lines)
+
+
 def test_summary_flags_too_many_files_and_a_gpu_run_that_saw_no_gpu(tmp_path):
     junit = tmp_path / "gpu.xml"
     junit.write_text(JUNIT.replace('errors="1" failures="1"\nskipped="2"', 'errors="0" failures="0"\nskipped="6"'))

@@ -185,9 +185,15 @@ def summarize(results: Path, steps: Sequence[Step], junit: dict[str, Path],
             if group == "gpu" or step is None or step.code != TIMED_OUT:
                 problems.append(f"tests {group}: no JUnit report")
             continue
-        c = read_junit(path)
+        try:
+            c = read_junit(path)
+        except ET.ParseError as exc:  # cut mid-write
+            lines.append(f"  {group}: unreadable report ({exc})")
+            problems.append(f"tests {group}: unreadable JUnit report")
+            continue
+        cut = " (stopped at its limit: the tests left did not run)" if step and step.code == TIMED_OUT else ""
         lines.append(f"  {group}: {c.passed} passed, {c.failures} failed, {c.errors} errors, {c.skipped} skipped "
-                     f"(of {c.tests}) in {c.seconds:.0f} s")
+                     f"(of {c.tests}) in {c.seconds:.0f} s{cut}")
         lines += [f"    FAILED {name}" for name in c.failed[:MAX_FAILED_NAMES]]
         if len(c.failed) > MAX_FAILED_NAMES:
             lines.append(f"    ... and {len(c.failed) - MAX_FAILED_NAMES} more (tests.log)")
