@@ -2,8 +2,8 @@
 Triton kernels (``FASTPEFT_BACKEND=triton``) and the cuBLAS-hybrid path (``hybrid``, skipped
 until ``fastpeft.backend`` offers it).
 
-- forward and every gradient against float64, in bf16 and fp16 (which the interpreter cannot
-  compute in bf16), with adapters in the activation dtype or fp32 (PEFT's default), with and
+- forward and every gradient against float64, in bf16 and fp16 (the tensor-core paths, which
+  the interpreter cannot run: it computes bf16 in fp32), with adapters in the activation dtype or fp32 (PEFT's default), with and
   without dropout, at every kernel regime of M and at aligned and unaligned K / N;
 - the kernels take CUDA tensors only (CPU tensors take the torch path in a GPU run, where
   Triton's interpreter is off) and launch on the tensors' device;
@@ -84,8 +84,9 @@ def _shared_problem() -> Problem:
 
 
 def _moved(pb: Problem, device: torch.device) -> Problem:
-    """``pb`` with every tensor on ``device``."""
-    return dataclasses.replace(pb, **{f.name: getattr(pb, f.name).to(device) for f in dataclasses.fields(pb)})
+    """``pb`` with every tensor on ``device`` (a missing bias stays None)."""
+    moved = {f.name: getattr(pb, f.name) for f in dataclasses.fields(pb)}
+    return dataclasses.replace(pb, **{name: t if t is None else t.to(device) for name, t in moved.items()})
 
 
 def _spy(monkeypatch, name: str) -> list[str]:
@@ -135,7 +136,7 @@ def test_ranks_match_float64(kernel_backend, r):
 
 
 def test_strided_input_without_bias(kernel_backend):
-    """x a column slice of a wider tensor (row stride 2K) and no bias."""
+    """x a column slice of a wider tensor (row stride 2K, start not 16-byte aligned), no bias."""
     pb = make_problem((64,), 4096, 4096, 16, torch.bfloat16, lora_dtype=FP32, bias=False)
     wide = torch.randn(64, 2 * 4096, device=pb.x.device).to(torch.bfloat16)
     check_against_reference(dataclasses.replace(pb, x=wide[:, 1:4097]), 0.1)
