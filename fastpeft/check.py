@@ -4,8 +4,12 @@ For each :class:`~fastpeft.kernels.aot_spec.KernelSpec` returned by
 ``fastpeft.kernels.all_kernel_specs()`` and each requested architecture, Triton compiles the
 kernel to PTX (``triton.compile`` with an explicit ``GPUTarget``, which needs no driver), then
 ``ptxas -v`` from Triton's wheel reports registers and spills. A configuration fails on a compile
-error, any register spill, shared memory above the architecture's per-block limit, or (sm_90) a
-spec that expects wgmma whose PTX has none. The exit status is 1 if any configuration fails.
+error, any register spill, shared memory above the architecture's per-block limit, a GPU-scope
+memory fence or ordered atomic in its PTX (``forbidden_sync``: ``tl.atomic_add``'s default
+``sem="acq_rel"`` becomes ``MEMBAR.ALL.GPU`` + atomic + L1 invalidate in SASS, at every call),
+or (sm_90) a spec that expects wgmma whose PTX has none. The report gives the wgmma
+instruction shapes (``m64n128k16``...: the tile one warpgroup multiplies per instruction),
+and the exit status is 1 if any configuration fails.
 
 Compiles are CPU-bound, so they run in a pool of ``--jobs`` processes started with the *spawn*
 method. ``TRITON_INTERPRET`` is removed from the environment while the pool runs: under the
@@ -45,6 +49,8 @@ from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence, TextIO
+
+from fastpeft.kernels.aot_spec import unspecialized_args
 
 if TYPE_CHECKING:
     from fastpeft.kernels.aot_spec import KernelSpec
@@ -117,6 +123,8 @@ class Result:
     spill_loads: int | None = None
     shared_bytes: int | None = None
     wgmma: bool | None = None
+    wgmma_shapes: str = ""  # distinct wgmma shapes in the PTX, e.g. "m64n128k16+m64n64k8"
+    sync: str = ""  # forbidden fences / ordered atomics in the PTX (``forbidden_sync``), comma-separated
     status: str = "FAIL"  # "ok" or "FAIL"
     reason: str = ""  # why it failed, one line
     detail: str = ""  # the compiler's full error message for a failure, if any
@@ -183,6 +191,9 @@ def _spec_problem(spec: KernelSpec) -> str | None:
     bad_hints = [n for n in spec.aligned_params() if spec.signature.get(n, "constexpr") == "constexpr"]
     if bad_hints:
         return f"divisible_by_16 names non-runtime parameters {bad_hints}"
+    exempt = [n for n in spec.aligned_params() if n in unspecialized_args(spec.fn)]
+    if exempt:
+        return f"divisible_by_16 names parameters the kernel never specializes (do_not_specialize) {exempt}"
     if spec.num_warps < 1 or spec.num_warps & (spec.num_warps - 1):
         return f"num_warps must be a power of two, got {spec.num_warps}"
     return None
@@ -363,7 +374,7 @@ def _format_table(results: Sequence[Result]) -> str:
     header = ("kernel", "arch", "regs", "spill B", "shared B", "wgmma", "status")
     lines = [header]
     for r in results:
-        wgmma = "-" if r.wgmma is None else ("yes" if r.wgmma else "no")
+        wgmma = "-" if r.wgmma is None else ((r.wgmma_shapes or "yes") if r.wgmma else "no")
         status = r.status if r.status == "ok" else f"{r.status}: {r.reason}"
         cells = (r.kernel, r.arch, r.registers, r.spill_bytes, r.shared_bytes, wgmma, status)
         lines.append(tuple("-" if c is None else str(c) for c in cells))
@@ -394,7 +405,8 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="fastpeft check",
         description="Compile every Triton kernel configuration for real GPU targets without a GPU; "
-        "fail on compile errors, register spills, shared memory over the limit or missing wgmma.",
+        "fail on compile errors, register spills, shared memory over the limit, GPU-scope fences or "
+        "ordered atomics, or missing wgmma.",
     )
     parser.add_argument(
         "--arch",
@@ -458,8 +470,32 @@ def main(argv: list[str]) -> int:
             print(f"\n--- {r.kernel} [{r.arch}]: {r.reason}\n{r.detail.rstrip()}")
     if args.json:
         _write_json(args.json, results)
-    print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
+    print("\n" + _summary(results))
+    print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
+
+
+def _summary(results: Sequence[Result]) -> str:
+    """Totals of the report: spill bytes, configurations with forbidden synchronization, and
+    the wgmma shapes per kernel (how many configurations use each)."""
+    spills = sum(r.spill_bytes or 0 for r in results)
+    synced = [r for r in results if r.sync]
+    shapes: dict[str, dict[str, int]] = {}
+    for r in results:
+        counts = shapes.setdefault(r.kernel.split("[", 1)[0], {})
+        for shape in filter(None, r.wgmma_shapes.split("+")):
+            counts[shape] = counts.get(shape, 0) + 1
+    lines = [
+        f"register spills: {spills} bytes in all",
+        f"GPU-scope fences / ordered atomics: {len(synced)} configuration(s)"
+        + (f" ({', '.join(sorted({r.sync for r in synced}))})" if synced else ""),
+    ]
+    lines += [
+        f"wgmma shapes of {kernel}: " + ", ".join(f"{shape} x{count}" for shape, count in sorted(counts.items()))
+        for kernel, counts in shapes.items()
+        if counts
+    ]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,6 +525,8 @@ def _compile_job(job: _Job) -> Result:
         spill_loads=stats.spill_loads,
         shared_bytes=shared,
         wgmma=has_wgmma(ptx),
+        wgmma_shapes="+".join(wgmma_shapes(ptx)),
+        sync=", ".join(forbidden_sync(ptx)),
     )
     problems = judge(result, ARCHS[job.arch], job.expects_wgmma)
     result.status, result.reason = ("FAIL", "; ".join(problems)) if problems else ("ok", "")
@@ -603,6 +641,60 @@ def has_wgmma(ptx: str) -> bool:
     return _WGMMA_RE.search(ptx) is not None
 
 
+_WGMMA_SHAPE_RE = re.compile(r"\bwgmma\.mma_async(?:\.sp)?\.sync\.aligned\.(m\d+n\d+k\d+)\b")
+
+
+def wgmma_shapes(ptx: str) -> list[str]:
+    """The distinct shapes of the PTX's ``wgmma.mma_async`` instructions (``m64n128k16``...),
+    widest N first: a 64-row tile on one warpgroup gives m64nBLOCK_N, on two warpgroups
+    m64n(BLOCK_N/2)."""
+    found = set(_WGMMA_SHAPE_RE.findall(ptx))
+    return sorted(found, key=lambda shape: (-int(re.search(r"n(\d+)", shape).group(1)), shape))
+
+
+# Memory-ordering qualifiers of atom/red/ld/st and fence semantics that make an instruction
+# order memory (PTX ISA, "Memory Consistency Model"); relaxed (or none) does not.
+_ORDERED_SEMANTICS = {"acquire", "release", "acq_rel", "sc", "seq_cst"}
+# Scopes whose ordering costs a GPU-wide (or system-wide) barrier; .cta and .cluster do not.
+_WIDE_SCOPES = {"gpu", "sys"}
+# PTX opcode of an instruction line: after an optional guard predicate ("@%p1", "@!%p1").
+_OPCODE_RE = re.compile(r"^\s*(?:@!?%\w+\s+)?([a-z][\w.:]*)")
+
+
+def forbidden_sync(ptx: str) -> list[str]:
+    """GPU-scope synchronization in ``ptx``: the distinct offending opcodes, in order of first use.
+
+    Forbidden: ``membar.gl`` / ``membar.sys``; ``fence.sc`` / ``fence.acq_rel`` (and
+    acquire/release) at gpu or sys scope; atomics (``atom``, ``red``) and loads/stores with
+    acquire/release/acq_rel semantics at gpu or sys scope (the default scope of an atomic
+    is gpu). Each costs a GPU-wide memory barrier (``MEMBAR.ALL.GPU`` in SASS) or an L1
+    invalidation per execution; reductions want ``sem="relaxed"`` (``red.relaxed``) or no
+    atomics at all. Allowed:
+    relaxed atomics, CTA / cluster scopes, ``bar.sync``, and the proxy and ``wgmma.fence``
+    fences of Hopper GEMMs (``fence.proxy.async``, ``fence.mbarrier_init``).
+    """
+    found: dict[str, None] = {}
+    for line in ptx.splitlines():
+        match = _OPCODE_RE.match(line)
+        if not match:
+            continue
+        opcode = match.group(1)
+        parts = opcode.split(".")
+        head, qualifiers = parts[0], set(parts[1:])
+        if head == "membar":
+            wide = bool(qualifiers & {"gl", "sys"})
+        elif head == "fence":
+            wide = len(parts) > 2 and parts[1] in _ORDERED_SEMANTICS and bool(qualifiers & _WIDE_SCOPES)
+        elif head in ("atom", "red", "ld", "st"):
+            scopes = qualifiers & {"cta", "cluster", "gpu", "sys"}
+            wide = bool(qualifiers & _ORDERED_SEMANTICS) and (not scopes or bool(scopes & _WIDE_SCOPES))
+        else:
+            wide = False
+        if wide:
+            found[opcode] = None
+    return list(found)
+
+
 def judge(result: Result, arch: Arch, expects_wgmma: bool) -> list[str]:
     """Reasons a compiled configuration fails (empty if it passes)."""
     problems = []
@@ -613,6 +705,8 @@ def judge(result: Result, arch: Arch, expects_wgmma: bool) -> list[str]:
         )
     if result.shared_bytes is not None and result.shared_bytes > arch.max_shared_bytes:
         problems.append(f"shared memory {result.shared_bytes} B > {arch.max_shared_bytes} B limit")
+    if result.sync:
+        problems.append(f"GPU-scope fence or ordered atomic ({result.sync})")
     if arch.has_wgmma and expects_wgmma and not result.wgmma:
         problems.append("expected wgmma, but the PTX has no wgmma instruction")
     return problems

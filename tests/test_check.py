@@ -45,6 +45,19 @@ def _gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexp
 
 
 @triton.jit
+def _atomic_sum_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    # tl.atomic_add's default semantics, acq_rel: a GPU-wide fence around every call.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.atomic_add(y_ptr + offs % 16, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+
+@triton.jit(do_not_specialize=["n"])
+def _scale_any_n_kernel(x_ptr, y_ptr, n, alpha, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * alpha, mask=offs < n)
+
+
+@triton.jit
 def _outer_acc_kernel(a_ptr, b_ptr, c_ptr, K, BM: tl.constexpr, BN: tl.constexpr):
     # A BM x BN fp32 accumulator stays live across the loop: 64 x 128 in one warp is 256 values
     # per thread, more than the 255 registers a thread can have, so ptxas must spill.
@@ -92,6 +105,9 @@ BROKEN = KernelSpec("scale[b=100]", _scale_kernel, SCALE_SIG, {"BLOCK": 100}, 4,
 WITHOUT_N = {k: v for k, v in SCALE_SIG.items() if k != "n"}
 INVALID = KernelSpec("scale_missing_param", _scale_kernel, WITHOUT_N, {"BLOCK": 64}, 4, 1)
 CRASHING = KernelSpec("scale_crash", _scale_kernel, SCALE_SIG, {"BLOCK": _ExitOnUnpickle()}, 4, 1)
+ATOMIC = KernelSpec("atomic_sum[b=256]", _atomic_sum_kernel,
+                    {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"}, {"BLOCK": 256}, 4, 1)
+ANY_N = KernelSpec("scale_any_n[b=1024]", _scale_any_n_kernel, SCALE_SIG, {"BLOCK": 1024}, 4, 1)
 # The same kernel as SIMPLE, launched only on Ampere / only on Hopper (KernelSpec.arch_family).
 SIMPLE_SM80 = dataclasses.replace(SIMPLE, name="scale_ampere[b=1024]", arch_family=80)
 SIMPLE_SM90 = dataclasses.replace(SIMPLE, name="scale_hopper[b=1024]", arch_family=90)
@@ -99,7 +115,7 @@ SIMPLE_SM90 = dataclasses.replace(SIMPLE, name="scale_hopper[b=1024]", arch_fami
 
 @pytest.fixture(scope="module")
 def rows() -> dict[tuple[str, str], check.Result]:
-    specs = [SIMPLE, SIMPLE_WANTS_WGMMA, GEMM, SPILLING, BROKEN, INVALID]
+    specs = [SIMPLE, SIMPLE_WANTS_WGMMA, GEMM, SPILLING, BROKEN, INVALID, ATOMIC]
     # Under TRITON_INTERPRET=1, @triton.jit makes interpreter objects: the workers must not
     # inherit it, or nothing below would compile. The parent must get it back afterwards.
     with pytest.MonkeyPatch.context() as mp:
@@ -251,3 +267,85 @@ def test_cli_header_counts_compiles_and_progress_goes_to_stderr(monkeypatch, cap
     assert "sm_90 only: 1 spec(s) of scale_hopper" in err
     assert "fastpeft check: 3/3 compiled (100%), 0 failed" in err
     assert "compiled" not in out and "3 passed, 0 failed" in out
+    assert "register spills: 0 bytes in all" in out
+    assert "GPU-scope fences / ordered atomics: 0 configuration(s)" in out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_acq_rel_atomic_fails(rows, arch):
+    """``tl.atomic_add``'s default semantics (acq_rel) is a GPU-wide fence per call: FAIL."""
+    row = rows[ATOMIC.name, arch]
+    assert row.spill_bytes == 0 and row.sync.startswith("atom.global.gpu.acq_rel.add.")  # .f32, or .v2.f32 on sm_90
+    assert row.status == "FAIL" and f"GPU-scope fence or ordered atomic ({row.sync})" in row.reason
+
+
+def test_gemm_reports_its_wgmma_shape(rows):
+    """128 x 128 on 8 warps: two warpgroups of 64 rows, each m64n128 (k16 for bf16)."""
+    assert rows[GEMM.name, "sm_90"].wgmma_shapes == "m64n128k16"
+    assert rows[GEMM.name, "sm_80"].wgmma_shapes == ""
+    assert check.wgmma_shapes("wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 {...};\n"
+                              "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {...};") == ["m64n128k16",
+                                                                                                 "m64n64k8"]
+
+
+# Instruction lines of compiled kernels (as Triton 3.9 writes them, guards included) that order
+# memory GPU-wide, with the opcode forbidden_sync reports for each.
+FORBIDDEN_PTX = {
+    "\t@%p1 atom.global.gpu.acq_rel.add.f32 \t%r1, [ %rd2 + 0 ], %r2;": "atom.global.gpu.acq_rel.add.f32",
+    "\t@!%p2 atom.global.release.gpu.add.f32 %r3, [%rd4], %r5;": "atom.global.release.gpu.add.f32",
+    "\tatom.acquire.sys.global.cas.b32 %r1, [%rd1], %r2, %r3;": "atom.acquire.sys.global.cas.b32",
+    "\tatom.global.acq_rel.add.f32 %r1, [%rd1], %r2;": "atom.global.acq_rel.add.f32",  # default scope: gpu
+    "\tred.release.gpu.global.add.f32 [%rd1], %r2;": "red.release.gpu.global.add.f32",
+    "\tld.acquire.gpu.global.b32 %r1, [%rd1];": "ld.acquire.gpu.global.b32",
+    "\tmembar.gl;": "membar.gl",
+    "\tmembar.sys;": "membar.sys",
+    "\tfence.acq_rel.gpu;": "fence.acq_rel.gpu",
+    "\tfence.sc.gpu;": "fence.sc.gpu",
+    "\tfence.sc.sys;": "fence.sc.sys",
+}
+# Lines that must pass: relaxed (or unqualified) atomics, CTA and cluster scopes, barriers,
+# the fences of Hopper GEMMs, and the words in comments or debug directives.
+ALLOWED_PTX = [
+    "\t@%p1 red.global.gpu.relaxed.add.f32 \t[ %rd2 + 0 ], %r1;",
+    "\tatom.global.add.f32 %r1, [%rd2], %r2;",
+    "\tatom.shared.cta.acq_rel.add.u32 %r1, [%r2], 1;",
+    "\twgmma.fence.sync.aligned;",
+    "\twgmma.commit_group.sync.aligned;",
+    "\tfence.proxy.async.shared::cta;",
+    "\tfence.mbarrier_init.release.cluster;",
+    "\tfence.acq_rel.cluster;",
+    "\tmembar.cta;",
+    "\tbar.sync \t0;",
+    "\tld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];",
+    "\t// membar.gl and atom.global.gpu.acq_rel in a comment",
+    "\t.loc\t1 12 3                          // membar.gl.py:12:3",
+    "$L__BB0_2:",
+]
+
+
+@pytest.mark.parametrize("line,opcode", FORBIDDEN_PTX.items())
+def test_forbidden_sync_flags_gpu_scope_ordering(line, opcode):
+    assert check.forbidden_sync("\n".join([*ALLOWED_PTX, line, *ALLOWED_PTX])) == [opcode]
+
+
+def test_forbidden_sync_passes_relaxed_and_local_ordering():
+    assert check.forbidden_sync("\n".join(ALLOWED_PTX)) == []
+    twice = "\n".join([*FORBIDDEN_PTX, *FORBIDDEN_PTX])
+    assert check.forbidden_sync(twice) == list(FORBIDDEN_PTX.values())  # each once, in order
+
+
+def test_judge_fails_on_forbidden_sync():
+    row = check.Result("k", "sm_90", registers=32, spill_stores=0, spill_loads=0, shared_bytes=0, wgmma=False)
+    assert check.judge(row, check.ARCHS["sm_90"], expects_wgmma=False) == []
+    row.sync = "membar.gl"
+    problems = check.judge(row, check.ARCHS["sm_90"], expects_wgmma=False)
+    assert problems == ["GPU-scope fence or ordered atomic (membar.gl)"]
+
+
+def test_unspecialized_parameters_are_not_compiled_as_aligned():
+    """A do_not_specialize integer is never a multiple of 16 to Triton's launcher: specs leave
+    it plain by default, and naming it in divisible_by_16 is an invalid spec."""
+    assert ANY_N.aligned_params() == ("x_ptr", "y_ptr")
+    assert check._spec_problem(ANY_N) is None
+    wrong = dataclasses.replace(ANY_N, divisible_by_16=("x_ptr", "n"))
+    assert "never specializes" in check._spec_problem(wrong)

@@ -32,8 +32,9 @@ class KernelSpec:
     of 16 (pointers: 16-byte aligned; integers: sizes and strides divisible by 16). These hints
     change vectorization, software pipelining and so register and shared-memory use, so they
     should match the launches being checked. ``None`` means every pointer and every integer
-    parameter, which is what a launch with torch-allocated tensors and 16-aligned shapes
-    (typical hidden sizes) gets; ``()`` means no hint at all.
+    parameter but those the kernel exempts from specialization (``do_not_specialize``, see
+    ``unspecialized_args``), which is what a launch with torch-allocated tensors and 16-aligned
+    shapes (typical hidden sizes) gets; ``()`` means no hint at all.
     """
 
     name: str  # unique, e.g. "lora_fwd[bm=128,bn=256,bk=64,w=8,s=3,R=16,bf16]"
@@ -59,6 +60,20 @@ class KernelSpec:
         """Names of the parameters compiled as multiples of 16 (see the class docstring)."""
         if self.divisible_by_16 is not None:
             return tuple(self.divisible_by_16)
+        exempt = set(unspecialized_args(self.fn))
         return tuple(
-            name for name, ty in self.signature.items() if ty.startswith("*") or ty in _INTEGER_TYPES
+            name for name, ty in self.signature.items()
+            if (ty.startswith("*") or ty in _INTEGER_TYPES) and name not in exempt
         )
+
+
+def unspecialized_args(fn: object) -> tuple[str, ...]:
+    """The parameters ``fn``'s ``@triton.jit(do_not_specialize=...)`` exempts from launch-time
+    specialization (never a constexpr 1, never "divisible by 16"): one compiled variant covers
+    all their values. Works for JIT and interpreter objects (the interpreter keeps the
+    decorator's arguments in ``kwargs``)."""
+    names = getattr(fn, "do_not_specialize", None)
+    if names is None:
+        names = (getattr(fn, "kwargs", None) or {}).get("do_not_specialize") or ()
+    arg_names = list(getattr(fn, "arg_names", None) or [])
+    return tuple(arg_names[n] if isinstance(n, int) else n for n in names)
