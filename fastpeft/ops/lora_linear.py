@@ -19,8 +19,6 @@ import math
 import torch
 
 from fastpeft.backend import use_triton
-# torch-only module: no Triton import
-from fastpeft.kernels.lora_dispatch import BACKWARD, FORWARD, FUSED, TORCH, choose_implementation
 from fastpeft.ops.autocast import autocast_dtype, autocast_off, cast_for_autocast
 from fastpeft.ops.checks import check_lora_linear_args
 from fastpeft.ops.dropout_mask import keep_mask_torch_path
@@ -35,6 +33,16 @@ from fastpeft.ops.lora_linear_torch import (
 # Seeds are drawn in [0, 2**62): non-negative int64 values, which the kernels' Philox key
 # reads as 64 bits.
 _SEED_BOUND = 2**62
+
+
+def _implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, pass_: str) -> str:
+    """``"fused"``, ``"hybrid"`` or ``"torch"`` for this call's ``pass_`` (``"forward"`` or
+    ``"backward"``): ``lora_dispatch.choose_implementation`` (torch-only, no Triton import).
+    Imported at the first call, not with the package, so that running the table writer
+    (``python -m fastpeft.kernels.lora_dispatch``) does not find it imported already."""
+    from fastpeft.kernels import lora_dispatch
+
+    return lora_dispatch.choose_implementation(x, weight, lora_a, pass_)
 
 
 def _rows(t: torch.Tensor, cols: int) -> torch.Tensor:
@@ -58,11 +66,11 @@ def _lora_linear_forward(
     the torch path's bool ``[M, K]`` dropout mask, empty on the kernel paths (fused, hybrid)
     or without dropout."""
     x2 = _rows(x, weight.shape[1])
-    impl = choose_implementation(x, weight, lora_a, FORWARD)
-    if impl == TORCH:
+    impl = _implementation(x, weight, lora_a, "forward")
+    if impl == "torch":
         y, s, keep = lora_forward_torch(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
     else:
-        if impl == FUSED:
+        if impl == "fused":
             from fastpeft.kernels.lora_launch import lora_forward
         else:
             from fastpeft.kernels.lora_hybrid_launch import hybrid_forward as lora_forward
@@ -96,7 +104,7 @@ def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
     m = math.prod(x.shape[:-1])
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
     s = x.new_empty((m, lora_a.shape[0]), dtype=rank_side_dtype(lora_a.dtype))
-    saves_mask = dropout_p > 0.0 and choose_implementation(x, weight, lora_a, FORWARD) == TORCH
+    saves_mask = dropout_p > 0.0 and _implementation(x, weight, lora_a, "forward") == "torch"
     keep = x.new_empty((m, x.shape[-1]) if saves_mask else (0,), dtype=torch.bool)
     return y, s, keep
 
@@ -122,13 +130,13 @@ def _lora_linear_backward(
     pass; ``keep_mask`` draws the kernels' Philox mask wherever they run)."""
     g2, x2 = _rows(grad_y, weight.shape[0]), _rows(x, weight.shape[1])
     needs = (need_x, need_a, need_b)
-    impl = choose_implementation(x, weight, lora_a, BACKWARD)
-    if impl == TORCH:
+    impl = _implementation(x, weight, lora_a, "backward")
+    if impl == "torch":
         if dropout_p > 0.0 and not keep.numel():
             keep = keep_mask(x2, dropout_p, seed)
         dx, da, db = lora_backward_torch(g2, x2, weight, lora_a, lora_b, s, keep, scaling, dropout_p, *needs)
     else:
-        if impl == FUSED:
+        if impl == "fused":
             from fastpeft.kernels.lora_launch import lora_backward
         else:
             from fastpeft.kernels.lora_hybrid_launch import hybrid_backward as lora_backward
