@@ -173,6 +173,7 @@ def test_lookup_ties_keep_table_order():
     ([_entry(FUSED, shape="down"), _entry(FUSED)], "unknown keys"),
     ([_entry(FUSED, m_max=16), _entry(HYBRID, m_min=18)], "M = 17"),
     ([_entry(FUSED, arch="sm_90")], "M = 1"),
+    ([_entry(FUSED, arch="hopper"), _entry(FUSED)], "sm_XY"),
 ])
 def test_invalid_tables_are_rejected(entries, message):
     with pytest.raises(ValueError, match=message):
@@ -207,8 +208,10 @@ BENCH = _bench([
     _row(FUSED, "fwd+bwd", 4096, 1.30, r=64), _row(HYBRID, "fwd+bwd", 4096, 1.10, r=64),
     # torch errored at rank 64: out of the backward's race
     _row(TORCH, "fwd+bwd", 4096, 0.5), _row(TORCH, "fwd+bwd", 4096, None, r=64, error="OOM"),
-    # ignored: other implementations and modes
+    # ignored: other implementations and modes, rows not ok or that ran another path
     _row("base", "fwd", 256, 0.001), _row("peft", "fwd", 256, 0.002), _row(FUSED, "bwd-only", 256, 0.001),
+    {**_row(HYBRID, "fwd", 1, 0.001), "status": "skipped"},
+    {**_row(HYBRID, "fwd", 2, 0.001), "runs": "torch path"},
 ])
 
 

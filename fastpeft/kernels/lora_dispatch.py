@@ -44,7 +44,9 @@ Writing a table from benchmark results (the GPU run does this)::
   ``"fwd"`` (decides the forward) or ``"fwd+bwd"`` (decides the backward: a training step's
   winner), ``impl`` one of ``"fused"``, ``"hybrid"``, ``"torch"`` (other rows are ignored),
   ``ms`` the median time in ms, a number or ``{"value": median, ...}``; rows with an
-  ``error`` or no time are skipped.
+  ``error``, no time, a ``status`` other than ``"ok"`` or a ``runs`` other than ``impl`` (the
+  row ran another path, e.g. the torch path for a kernel row on CPU) are skipped.
+  ``fastpeft.bench.focused``'s JSON (``--dispatch-input``) has this layout.
 Per (pass, n, k, m) the implementation with the smallest sum of medians over the ranks
 measured wins (an implementation missing a rank the others have is out). Entries for the
 measured Ms of one (pass, n, k) split M at the geometric means of neighbouring Ms, from 1 to
@@ -165,6 +167,8 @@ def validate_table(table: Any) -> dict:
             raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
         if ("n" in e) != ("k" in e):
             raise ValueError(f"{where}: 'n' and 'k' go together")
+        if "arch" in e and not (isinstance(e["arch"], str) and e["arch"].startswith("sm_") and e["arch"][3:].isdigit()):
+            raise ValueError(f"{where}: arch must be 'sm_XY'")
         if "pass" in e and e["pass"] not in PASSES:
             raise ValueError(f"{where}: pass must be one of {PASSES}")
         if e.get("m_min", 1) < 1 or e.get("m_max", math.inf) < e.get("m_min", 1):
@@ -209,7 +213,7 @@ def _bench_times(bench: dict) -> dict[tuple, dict[str, dict[int, float]]]:
         ms = _median_ms(row.get("ms"))
         if row.get("impl") not in IMPLEMENTATIONS or row.get("mode") not in BENCH_MODES or ms is None:
             continue
-        if row.get("error"):
+        if row.get("error") or row.get("status", "ok") != "ok" or row.get("runs", row["impl"]) != row["impl"]:
             continue
         key = (BENCH_MODES[row["mode"]], int(row["n"]), int(row["k"]), int(row["m"]))
         times[key][row["impl"]][int(row["r"])] = ms
@@ -258,8 +262,8 @@ def table_from_bench(bench: dict, arch: str, base: dict | None = None) -> dict:
             }
             entries.append(entry)
     if not entries:
-        raise ValueError("bench JSON: no usable timings (impl fused/hybrid/torch, mode fwd or fwd+bwd, "
-                         "a median time and no error)")
+        raise ValueError("bench JSON: no usable timings (impl fused/hybrid/torch that ran as itself, "
+                         "mode fwd or fwd+bwd, a median time, no error)")
     fallback = _fallback_entries((base or shipped_table())["entries"])
     return validate_table({"schema": SCHEMA, "entries": entries + fallback})
 

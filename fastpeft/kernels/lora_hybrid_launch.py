@@ -3,10 +3,10 @@ a LoRA term that Triton writes (kernels in ``lora_hybrid_kernels.py``).
 
     forward   y = bias + scaling * s B^T        (Triton, also writes s = x_hat A^T)
               y += x W^T                        (cuBLAS: y.addmm_(x, W^T), beta = 1)
-    backward  dS, dB                            (Triton, one pass over dY: lora_launch.lora_dy_pass)
+    backward  dS = scaling dY B, dB             (Triton: lora_launch.lora_dy_pass, the fused path's)
               dX = D * (dS A) / (1-p)           (Triton, mask regenerated from the seed)
               dX += dY W                        (cuBLAS: dx.addmm_(dY, W))
-              dA = dS^T x_hat                   (Triton, one pass over x: lora_launch.lora_da_pass)
+              dA = dS^T x_hat                   (Triton: lora_launch.lora_da_pass, the fused path's)
 
 Same contract as the fused launchers (``lora_launch``): 2-D inputs with any strides, fresh
 contiguous outputs (allocated through ``lora_launch._empty``, which the tests poison), ``s``
@@ -47,8 +47,9 @@ _FWD_SMALL_M = TileConfig(16, 64, 64, 4, 3)
 # Larger M: 64-row tiles, a 64 x 128 fp32 y accumulator (64 registers a thread at 4 warps);
 # 3 stages of 64 x 64 x and A tiles (8 + 16 KB with fp32 A at rank 64).
 _FWD_LARGE_M = TileConfig(64, 128, 64, 4, 3)
-# At most this many programs share one row tile of x (each re-reads it and A, from L2 since
-# they run together): beyond it the re-reads cost more than the parallelism gains.
+# At most this many programs share one row tile of x: each re-reads it and A (from L2, since
+# they run together), so the split trades re-reads for parallelism. 8 caps the extra reads
+# at 7 row tiles of x per row tile of y written; a guess, to be tuned on a GPU.
 MAX_SPLIT_N = 8
 # dX's LoRA term: one 64 x 128 output tile per program, a single rank-r dot (no loop, so no
 # pipelining stages); a write-bound kernel.
