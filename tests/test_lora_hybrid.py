@@ -103,6 +103,8 @@ def test_non_contiguous_views(dropout_p):
     check_against_reference(pb, dropout_p)
     pb.x = torch.randn(11, 100, device=DEVICE)[:, 13:87]  # row stride 100, k stride 1
     check_against_reference(pb, dropout_p)
+    pb.bias = torch.randn(2 * 29, device=DEVICE)[::2]  # a strided bias
+    check_against_reference(pb, dropout_p)
 
 
 def test_broadcast_grad_output():

@@ -100,13 +100,14 @@ def hybrid_forward(
     threshold, keep_scale = lora_launch._dropout_args(dropout_p)
     y = lora_launch._empty((m, n), x.dtype, x.device)
     s = lora_launch._empty((m, rank), torch.float32, x.device)
+    bias = bias.contiguous() if bias is not None else y  # the kernel reads bias[n] at n
     with on_device_of(x):
         lora_hybrid_fwd_kernel[(cdiv(m, tile.block_m) * split,)](
-            x, lora_a, lora_b, bias if bias is not None else y, seed, s, y,
+            x, lora_a, lora_b, bias, seed, s, y,
             m, n, k, rank, split,
             x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
             scaling, threshold, keep_scale,
-            HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0,
+            HAS_BIAS=bias is not y, HAS_DROPOUT=dropout_p > 0.0,
             BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, BLOCK_R=block_r(rank),
             num_warps=tile.num_warps, num_stages=tile.num_stages,
             **rank_numerics(x.dtype, lora_a.dtype, interpreting()),
