@@ -1,8 +1,15 @@
-"""Every kernel configuration the planners can choose is among the specs that
-``fastpeft check`` compiles for sm_80 / sm_90 (so a planner change cannot skip the check).
+"""Every launch the fused launchers can make is a configuration that ``fastpeft check``
+compiles for sm_80 / sm_90 (so a planner or launcher change cannot skip the check).
 
-Launches are compared with bias on (the specs compile HAS_BIAS=True, a superset of the
-code without it) and with contiguous operands (unit strides are constexprs in the specs).
+The launchers run on meta tensors (nothing is allocated or computed) with every kernel
+replaced by a recorder, as on a GPU (``interpreting()`` off, the SM count and capability of
+an A100 / H100). Each recorded launch is reduced to what Triton's launcher specializes on —
+argument types, integers equal to 1 (constexprs) or divisible by 16 and 16-byte aligned
+pointers, except the arguments the kernel exempts (``do_not_specialize``) — plus its
+constexprs, warps and stages, and must equal a spec. Problems are aligned as
+``kernel_friendly`` requires (K, N multiples of 16, contiguous operands); M and the rank
+are arbitrary. Launches are made with bias on (the specs compile HAS_BIAS=True, a superset
+of the code without it).
 """
 
 from __future__ import annotations
@@ -14,59 +21,113 @@ import torch
 
 pytest.importorskip("triton")
 
-from fastpeft.kernels import all_kernel_specs, lora_configs, lora_kernels  # noqa: E402
-from fastpeft.kernels.lora_configs import block_r, plan_backward, plan_forward  # noqa: E402
-
-# Stride arguments that contiguous operands make 1.
-UNIT_STRIDES = ("stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_dyn")
+from fastpeft.kernels import all_kernel_specs, lora_configs, lora_launch  # noqa: E402
+from fastpeft.kernels.aot_spec import unspecialized_args  # noqa: E402
 
 # (SM count, capability) of an A100 and an H100/H200.
 GPUS = [(108, 80), (132, 90)]
-MS = [1, 16, 17, 512, 513, 4096]
+# (activation, LoRA weight) dtypes of the specs.
+DTYPES = [(torch.bfloat16, torch.float32), (torch.float16, torch.float16)]
+MS = [1, 16, 17, 64, 512, 513, 1024, 4096]
 NS = [64, 1024, 4096, 14336]
-RANKS = [1, 8, 16, 17, 32, 33, 64]
+RANKS = [1, 8, 16, 17, 33, 64]
+
+_TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64"}
 
 
-def _key(kernel: str, constexprs: dict, warps: int, stages: int) -> tuple:
-    return (kernel, tuple(sorted((k, v) for k, v in constexprs.items() if k not in ("UPCAST", "PRECISION"))), warps, stages)
+def _name(fn) -> str:
+    return getattr(fn, "fn", fn).__name__
+
+
+def _spec_key(spec) -> tuple:
+    return (_name(spec.fn), tuple(spec.signature.items()), tuple(sorted(spec.constexprs.items())),
+            tuple(sorted(spec.aligned_params())), spec.num_warps, spec.num_stages)
+
+
+def _launch_key(fn, args: tuple, kwargs: dict) -> tuple:
+    """What Triton's launcher would compile for this launch, keyed like ``_spec_key``."""
+    exempt = set(unspecialized_args(fn))
+    kwargs = dict(kwargs)
+    warps, stages = kwargs.pop("num_warps"), kwargs.pop("num_stages")
+    values = dict(zip(fn.arg_names, args))
+    signature, constexprs, aligned = {}, dict(kwargs), []
+    for name in fn.arg_names:
+        value = values.get(name)
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TRITON_TYPES[value.dtype]
+            if value.storage_offset() * value.element_size() % 16 == 0:  # torch's allocations are aligned
+                aligned.append(name)
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif name not in exempt and value == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            assert isinstance(value, int) and abs(value) < 2**31, (name, value)
+            signature[name] = "i32"
+            if name not in exempt and value % 16 == 0:
+                aligned.append(name)
+    return (_name(fn), tuple(signature.items()), tuple(sorted(constexprs.items())), tuple(sorted(aligned)),
+            warps, stages)
+
+
+class _Recorder:
+    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records the launch."""
+
+    def __init__(self, fn, launches: list):
+        self.fn, self.launches = fn, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.fn, args, kwargs))
 
 
 @pytest.fixture(scope="module")
 def compiled() -> dict[tuple, object]:
-    return {_key(s.fn.__name__, s.constexprs, s.num_warps, s.num_stages): s for s in all_kernel_specs()}
+    return {_spec_key(s): s for s in all_kernel_specs()}
 
 
-def _planned(m: int, n: int, k: int, rank: int, dropout: bool) -> list[tuple]:
-    """The (kernel, constexprs, warps, stages) launches of one forward + backward."""
-    r = block_r(rank)
-    fwd = plan_forward(m, n, k, rank, dropout, torch.device("cuda"))
-    bwd = plan_backward(m, n, k, rank, dropout, torch.device("cuda"))
-    g, d, x, a = fwd.gemm, bwd.dy_pass, bwd.dx, bwd.da
-    launches = [
-        ("lora_fwd_kernel", {"HAS_BIAS": True, "FUSE_SHRINK": fwd.fuse_shrink, "BLOCK_M": g.block_m,
-                             "BLOCK_N": g.block_n, "BLOCK_K": g.block_k, "BLOCK_R": r, "GROUP_M": lora_configs.GROUP_M},
-         g),
-        ("lora_bwd_dy_kernel", {"BLOCK_M": d.block_m, "BLOCK_N": d.block_n, "BLOCK_R": r}, d),
-        ("lora_bwd_dx_kernel", {"HAS_DROPOUT": dropout, "BLOCK_M": x.block_m, "BLOCK_K": x.block_n,
-                                "BLOCK_N": x.block_k, "BLOCK_R": r, "GROUP_M": lora_configs.GROUP_M}, x),
-        ("lora_bwd_da_kernel", {"HAS_DROPOUT": dropout, "BLOCK_M": a.block_m, "BLOCK_K": a.block_n, "BLOCK_R": r}, a),
-    ]
-    if not fwd.fuse_shrink:
-        s = fwd.shrink
-        launches.append(("lora_shrink_kernel", {"HAS_DROPOUT": dropout, "BLOCK_M": s.block_m,
-                                                "BLOCK_K": s.block_k, "BLOCK_R": r}, s))
-    out = []
-    for name, constexprs, tile in launches:
-        strides = {p: 1 for p in UNIT_STRIDES if p in getattr(lora_kernels, name).arg_names}
-        out.append(_key(name, {**constexprs, **strides}, tile.num_warps, tile.num_stages))
-    return out
+@pytest.fixture
+def recorded(monkeypatch) -> list:
+    launches: list = []
+    for name in dir(lora_launch):
+        if name.endswith("_kernel"):
+            monkeypatch.setattr(lora_launch, name, _Recorder(getattr(lora_launch, name), launches))
+    monkeypatch.setattr(lora_launch, "interpreting", lambda: False)
+    return launches
+
+
+def _run(m: int, n: int, k: int, rank: int, dropout: bool, act: torch.dtype, lora: torch.dtype) -> None:
+    """One forward and one full backward of the fused launchers, on meta tensors."""
+    meta = torch.device("meta")
+    x = torch.empty(m, k, dtype=act, device=meta)
+    w = torch.empty(n, k, dtype=act, device=meta)
+    bias = torch.empty(n, dtype=act, device=meta)
+    a = torch.empty(rank, k, dtype=lora, device=meta)
+    b = torch.empty(n, rank, dtype=lora, device=meta)
+    seed = torch.empty(1 if dropout else 0, dtype=torch.int64, device=meta)
+    p = 0.1 if dropout else 0.0
+    _, s = lora_launch.lora_forward(x, w, bias, a, b, 0.5, p, seed)
+    grad_y = torch.empty(m, n, dtype=act, device=meta)
+    lora_launch.lora_backward(grad_y, x, w, a, b, s, 0.5, p, seed, True, True, True)
 
 
 @pytest.mark.parametrize("num_sms,capability", GPUS)
-def test_every_planned_launch_is_checked(compiled, monkeypatch, num_sms, capability):
+@pytest.mark.parametrize("act,lora", DTYPES, ids=str)
+def test_every_launch_is_checked(compiled, recorded, monkeypatch, num_sms, capability, act, lora):
     monkeypatch.setattr(lora_configs, "device_info", lambda device: (num_sms, capability))
+    kernels = set()
     for m, n, k, rank, dropout in itertools.product(MS, NS, NS, RANKS, (False, True)):
-        for key in _planned(m, n, k, rank, dropout):
+        recorded.clear()
+        _run(m, n, k, rank, dropout, act, lora)
+        for fn, args, kwargs in recorded:
+            key = _launch_key(fn, args, kwargs)
             spec = compiled.get(key)
             assert spec is not None, f"m={m} n={n} k={k} r={rank} dropout={dropout}: {key} is never compiled"
             assert spec.runs_on(capability), f"{spec.name} is checked only for the other architecture"
+            kernels.add(key[0])
+    # Every kernel of the fused path was launched by some problem above.
+    assert kernels == {
+        "lora_shrink_kernel", "lora_fwd_kernel", "lora_gemm_split_kernel", "lora_fwd_split_epilogue_kernel",
+        "lora_bwd_dx_kernel", "lora_bwd_dx_split_epilogue_kernel", "lora_bwd_wgrad_kernel", "sum_partials_kernel",
+    }

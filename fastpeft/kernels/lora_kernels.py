@@ -8,24 +8,50 @@ Backward  ``dS = scaling * dY B``, ``dB = scaling * dY^T s``, ``dA = dS^T x_hat`
           ``dX = dY W + D * (dS A) / (1-p)``
 
 Kernels (the launchers in ``lora_launch.py`` choose among them):
-- ``lora_shrink_kernel``: ``s`` partial sums over a K-split, dropout applied on the fly
-  (mask drawn once per element). Used when dropout is on or re-computing ``s`` per output
-  tile would cost more than one extra pass over x.
+- ``lora_shrink_kernel``: partial sums of ``P_hat A^T`` over a range of P's columns, dropout
+  applied on the fly (mask drawn once per element): ``s`` in the forward (P = x, split over
+  K) when dropout is on or re-computing ``s`` per output tile would cost more than one
+  extra pass over x; ``dS`` in the backward (P = dY, A = B^T, split over N).
 - ``lora_fwd_kernel``: the base GEMM with the LoRA term in its epilogue; with
   ``FUSE_SHRINK`` it also computes ``s`` inside its K-loop from the x tiles it already has
   (x read once); otherwise it sums the shrink kernel's partials. The programs of the first
   column tile write ``s`` (fp32) for the backward.
-- ``lora_bwd_dy_kernel``: one pass over dY giving ``dS`` and ``dB``.
 - ``lora_bwd_dx_kernel``: ``dX = dY W`` with the LoRA term and dropout in its epilogue.
-- ``lora_bwd_da_kernel``: ``dA`` from one pass over x, the mask regenerated. (Fusing it
-  into the dX epilogue kept the x tile, the mask and two accumulators live at once:
-  register spills on every tile worth using.)
+- ``lora_gemm_split_kernel``: split-K for either GEMM when its output tiles leave SMs idle:
+  fp32 partial products over a range of the reduction; ``lora_fwd_split_epilogue_kernel`` /
+  ``lora_bwd_dx_split_epilogue_kernel`` sum them and apply the forward / dX epilogue.
+- ``lora_bwd_wgrad_kernel``: ``dA`` from one pass over x (the mask regenerated) and ``dB``
+  from one pass over dY; a program keeps its ``[R, 128]`` sum in registers over a range of
+  rows. (Fusing dA into the dX epilogue kept the x tile, the mask and two accumulators
+  live at once: register spills on every tile worth using. dB used to share a pass over dY
+  with dS, but the two reduce over different dimensions, so one of them was summed with an
+  fp32 atomic per element of dY at rank 64; a second read of dY is cheaper.)
+- ``sum_partials_kernel``: adds fp32 partials (dS, dA, dB) into the output dtype.
+
+No kernel uses atomics: every split reduction writes fp32 partials that a later program sums
+in a fixed order (``tile_utils.sum_partials``), so results are bitwise reproducible
+(``torch.use_deterministic_algorithms(True)`` holds with no other mode) and the compiled code
+has no memory fences (``fastpeft check`` fails on GPU-scope ones).
+
+Precision: the base GEMMs run in the activation dtype with fp32 accumulation. The rank-r
+products inside them (``x A^T`` fused, ``s B^T``, ``dS A``) run in the LoRA weights' dtype
+(``tile_utils.rank_dot``): fp32 adapters keep them in fp32 (tf32 tensor cores), as PEFT's
+fp32 branch does. The separate rank-r passes (shrink, dS, dA, dB) are bandwidth-bound and
+always take fp32 operands (tf32): free there, and neither ``s * scaling`` nor ``dS`` is
+ever rounded to 16 bits in them. ``s`` and ``dS`` are stored in fp32.
 
 ``lora_fwd_kernel`` and ``lora_bwd_dx_kernel`` share the GEMM main loop (``_gemm_mainloop``):
 the backward runs it on ``W`` with its strides swapped (reduction over N instead of K).
 Rows past M are handled by wrapping row indices (loads stay in bounds, stores are masked)
 wherever duplicated rows cannot leak into a reduction over M; the reductions over M mask
 them to zero instead.
+
+Launch-time specialization: Triton compiles one variant per class of each integer argument
+(1, multiple of 16, other) and pointer (16-byte aligned or not). Arguments whose values are
+arbitrary (M, the rank R, split and partial counts, the dropout threshold, strides equal to
+R) are exempt (``do_not_specialize``), so one variant covers every value and that is the one
+``fastpeft check`` compiles; the others (K, N, row strides, pointers) are aligned in every
+launch the planners admit (``lora_configs.kernel_friendly``).
 """
 
 from __future__ import annotations
@@ -34,56 +60,56 @@ import triton
 import triton.language as tl
 
 from fastpeft.kernels.philox_dropout import keep_mask
-from fastpeft.kernels.tile_utils import output_tile, to_compute
+from fastpeft.kernels.tile_utils import output_tile, rank_dot, sum_partials, to_compute
 
 
 @triton.jit
 def _gemm_mainloop(
-    p_ptr, q_ptr, a_ptr, offs_m, offs_n, RED,
+    p_ptr, q_ptr, a_ptr, offs_m, offs_n, red_start, red_end,
     stride_pm, stride_pr, stride_qn, stride_qr, stride_ar, stride_ak,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
     R, FUSE_SHRINK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """``acc = P Q^T`` for rows ``offs_m`` of P ``[*, RED]`` and rows ``offs_n`` of Q ``[*, RED]``.
+    """``acc = P Q^T`` for rows ``offs_m`` of P ``[*, RED]`` and rows ``offs_n`` of Q ``[*, RED]``,
+    over the reduction range ``[red_start, red_end)``.
 
-    With ``FUSE_SHRINK`` it also returns ``s_acc = P A^T`` (A ``[R, RED]``) from the same P
-    tiles; otherwise ``s_acc`` is a zero placeholder.
+    With ``FUSE_SHRINK`` it also returns ``s_acc = P A^T`` (A ``[R, RED]``, in A's dtype)
+    from the same P tiles; otherwise ``s_acc`` is a zero placeholder.
     """
     offs_red = tl.arange(0, BLOCK_RED)
     offs_r = tl.arange(0, BLOCK_R)
-    p_ptrs = p_ptr + offs_m.to(tl.int64)[:, None] * stride_pm + offs_red[None, :] * stride_pr
-    q_ptrs = q_ptr + offs_n.to(tl.int64)[None, :] * stride_qn + offs_red[:, None] * stride_qr
-    a_ptrs = a_ptr + offs_r[None, :] * stride_ar + offs_red[:, None] * stride_ak
+    p_ptrs = p_ptr + offs_m.to(tl.int64)[:, None] * stride_pm + (red_start + offs_red)[None, :] * stride_pr
+    q_ptrs = q_ptr + offs_n.to(tl.int64)[None, :] * stride_qn + (red_start + offs_red)[:, None] * stride_qr
+    a_ptrs = a_ptr + offs_r[None, :] * stride_ar + (red_start + offs_red)[:, None] * stride_ak
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     s_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for red0 in range(0, RED, BLOCK_RED):
-        red_ok = offs_red < RED - red0
+    for red0 in range(red_start, red_end, BLOCK_RED):
+        red_ok = offs_red < red_end - red0
         p = to_compute(tl.load(p_ptrs, mask=red_ok[None, :], other=0.0), p_ptr, UPCAST)
         q = to_compute(tl.load(q_ptrs, mask=red_ok[:, None], other=0.0), p_ptr, UPCAST)
         acc = tl.dot(p, q, acc, input_precision=PRECISION)
         if FUSE_SHRINK:
-            a_ok = red_ok[:, None] & (offs_r[None, :] < R)
-            a = to_compute(tl.load(a_ptrs, mask=a_ok, other=0.0), p_ptr, UPCAST)
-            s_acc = tl.dot(p, a, s_acc, input_precision=PRECISION)
+            a = tl.load(a_ptrs, mask=red_ok[:, None] & (offs_r[None, :] < R), other=0.0)
+            s_acc = rank_dot(p, a, s_acc, a_ptr, UPCAST, PRECISION)
             a_ptrs += BLOCK_RED * stride_ak
         p_ptrs += BLOCK_RED * stride_pr
         q_ptrs += BLOCK_RED * stride_qr
     return acc, s_acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("M", "R", "threshold"))
 def lora_shrink_kernel(
     x_ptr, a_ptr, part_ptr, seed_ptr,
     M, K, R, k_per_split,
     stride_xm, stride_xk, stride_ar, stride_ak,
-    threshold, keep_scale,
+    scale, threshold,
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """``part[split, m, :] = sum over this split's K range of x_hat[m, k] A[:, k]``.
+    """``part[split, m, :R] = scale * sum over this split's K range of x_hat[m, k] A[:, k]``.
 
-    Grid ``(cdiv(M, BLOCK_M), splits)``; part is fp32 ``[splits, M, BLOCK_R]`` and the
-    consumer sums the splits in a fixed order (deterministic, no atomics).
+    Grid ``(cdiv(M, BLOCK_M), splits)``; part is fp32 ``[splits, M, R]`` and its consumers
+    sum the splits in a fixed order. Operands are widened to fp32 (see the module docstring).
     """
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -91,6 +117,7 @@ def lora_shrink_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     m_ok = offs_m < M
+    r_ok = offs_r < R
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + (k_start + offs_k)[None, :] * stride_xk
@@ -100,22 +127,51 @@ def lora_shrink_kernel(
     s_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         k_ok = offs_k < k_end - k0
-        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        x = to_compute(x, x_ptr, UPCAST)
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            # Masking is exact in any dtype; the 1/(1-p) scale is applied to the fp32 sum.
+            # Masking is exact; the 1/(1-p) scale is applied to the fp32 sum.
             x = tl.where(keep_mask(seed, offs_m, k0, K, threshold, BLOCK_M, BLOCK_K), x, 0.0)
-        a = tl.load(a_ptrs, mask=k_ok[:, None] & (offs_r[None, :] < R), other=0.0)
-        s_acc = tl.dot(x, to_compute(a, x_ptr, UPCAST), s_acc, input_precision=PRECISION)
+        a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+        s_acc = tl.dot(x, a, s_acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
-    if HAS_DROPOUT:
-        s_acc *= keep_scale
-    part_ptrs = part_ptr + (pid_k * M + offs_m.to(tl.int64))[:, None] * BLOCK_R + offs_r[None, :]
-    tl.store(part_ptrs, s_acc, mask=m_ok[:, None])
+    part_ptrs = part_ptr + (pid_k.to(tl.int64) * M + offs_m)[:, None] * R + offs_r[None, :]
+    tl.store(part_ptrs, s_acc * scale, mask=m_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
+def _rank_partials(acc, part_ptr, rows, M, R, num_parts, BLOCK_R: tl.constexpr):
+    """``acc`` plus rows ``rows`` of the ``num_parts`` fp32 partials ``[num_parts, M, R]`` of
+    ``lora_shrink_kernel`` (zero past R)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    ptrs = part_ptr + (rows % M).to(tl.int64)[:, None] * R + offs_r[None, :]
+    return sum_partials(acc, ptrs, (offs_r < R)[None, :], num_parts, M.to(tl.int64) * R)
+
+
+@triton.jit
+def _fwd_epilogue(
+    acc, s_acc, rows, cols, pid_n, bias_ptr, b_ptr, s_ptr, y_ptr,
+    M, N, R, stride_bn, stride_br, scaling,
+    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Finish a forward tile: store ``s`` (first column tile only), add
+    ``scaling * s B^T`` (in B's dtype) and the bias to ``acc``, store ``y``."""
+    offs_r = tl.arange(0, BLOCK_R)
+    row_ok = rows < M
+    col_ok = cols < N
+    if pid_n == 0:
+        s_ptrs = s_ptr + rows.to(tl.int64)[:, None] * R + offs_r[None, :]
+        tl.store(s_ptrs, s_acc, mask=row_ok[:, None] & (offs_r[None, :] < R))
+    b_ptrs = b_ptr + offs_r[:, None] * stride_br + (cols % N)[None, :] * stride_bn
+    b = tl.load(b_ptrs, mask=offs_r[:, None] < R, other=0.0)
+    acc = rank_dot(s_acc * scaling, b, acc, b_ptr, UPCAST, PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit(do_not_specialize=("M", "R", "num_parts", "stride_bn"))
 def lora_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, part_ptr, s_ptr, y_ptr,
     M, N, K, R, num_parts,
@@ -128,79 +184,80 @@ def lora_fwd_kernel(
     """``y[M, N] = x W^T + bias + scaling * s B^T``; also writes ``s [M, R]`` (fp32).
 
     Grid ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)``. Without ``FUSE_SHRINK``, ``s`` is the
-    sum of ``num_parts`` shrink partials ``part [num_parts, M, BLOCK_R]``.
+    sum of ``num_parts`` shrink partials ``part [num_parts, M, R]``.
     """
     rows, cols, pid_n = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_r = tl.arange(0, BLOCK_R)
-    row_ok = rows < M
-    col_ok = cols < N
     acc, s_acc = _gemm_mainloop(
-        x_ptr, w_ptr, a_ptr, rows % M, cols % N, K,
+        x_ptr, w_ptr, a_ptr, rows % M, cols % N, 0, K,
         stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
         BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, R, FUSE_SHRINK, UPCAST, PRECISION,
     )
     if not FUSE_SHRINK:
-        part_ptrs = part_ptr + (rows % M).to(tl.int64)[:, None] * BLOCK_R + offs_r[None, :]
-        for _ in range(num_parts):
-            s_acc += tl.load(part_ptrs)
-            part_ptrs += M * BLOCK_R
-    if pid_n == 0:
-        s_ptrs = s_ptr + rows.to(tl.int64)[:, None] * R + offs_r[None, :]
-        tl.store(s_ptrs, s_acc, mask=row_ok[:, None] & (offs_r[None, :] < R))
-    b_ptrs = b_ptr + offs_r[:, None] * stride_br + (cols % N)[None, :] * stride_bn
-    b = tl.load(b_ptrs, mask=offs_r[:, None] < R, other=0.0)
-    acc = tl.dot(to_compute(s_acc * scaling, x_ptr, UPCAST), to_compute(b, x_ptr, UPCAST), acc,
-                 input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        s_acc = _rank_partials(s_acc, part_ptr, rows, M, R, num_parts, BLOCK_R)
+    _fwd_epilogue(
+        acc, s_acc, rows, cols, pid_n, bias_ptr, b_ptr, s_ptr, y_ptr, M, N, R, stride_bn, stride_br, scaling,
+        HAS_BIAS, BLOCK_R, UPCAST, PRECISION,
+    )
+
+
+@triton.jit(do_not_specialize=("M",))
+def lora_gemm_split_kernel(
+    p_ptr, q_ptr, part_ptr,
+    M, N, RED, red_per_split,
+    stride_pm, stride_pr, stride_qn, stride_qr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_RED: tl.constexpr,
+    GROUP_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``part[split, :M, :N] = P Q^T`` (fp32) over this split's range of the reduction:
+    split-K of the forward GEMM (P = x, Q = W) or of dX's (P = dY, Q = W^T: W's strides
+    swapped).
+
+    Grid ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), splits)``.
+    """
+    rows, cols, _ = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    split = tl.program_id(1)
+    red_start = split * red_per_split
+    red_end = tl.minimum(red_start + red_per_split, RED)
+    acc, _ = _gemm_mainloop(
+        p_ptr, q_ptr, p_ptr, rows % M, cols % N, red_start, red_end,
+        stride_pm, stride_pr, stride_qn, stride_qr, 0, 0,
+        BLOCK_M, BLOCK_N, BLOCK_RED, 16, 0, False, UPCAST, PRECISION,
+    )
+    part_ptrs = part_ptr + (split.to(tl.int64) * M + rows)[:, None] * N + cols[None, :]
+    tl.store(part_ptrs, acc, mask=(rows < M)[:, None] & (cols < N)[None, :])
 
 
 @triton.jit
-def lora_bwd_dy_kernel(
-    dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr,
-    M, N, R, split_n,
-    stride_dym, stride_dyn, stride_bn, stride_br,
-    scaling,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """One pass over dY: ``dS += scaling * dY B`` and ``dB += scaling * dY^T s``.
+def _split_sum(gemm_part_ptr, rows, cols, M, N, num_splits, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The ``[BLOCK_M, BLOCK_N]`` tile at ``rows, cols`` of the sum of ``num_splits`` fp32
+    partials ``[num_splits, M, N]`` of ``lora_gemm_split_kernel``."""
+    ptrs = gemm_part_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    return sum_partials(acc, ptrs, mask, num_splits, M.to(tl.int64) * N)
 
-    Grid ``(cdiv(M, BLOCK_M), split_n)``: program (i, j) takes row-tile i and column tiles
-    j, j + split_n, ... of dY. ``dS [M, R]`` and ``dB [N, R]`` are zeroed fp32 buffers
-    accumulated with atomics (dS needs none when split_n is 1).
+
+@triton.jit(do_not_specialize=("M", "R", "num_splits", "num_parts", "stride_bn"))
+def lora_fwd_split_epilogue_kernel(
+    gemm_part_ptr, bias_ptr, b_ptr, part_ptr, s_ptr, y_ptr,
+    M, N, R, num_splits, num_parts,
+    stride_bn, stride_br,
+    scaling,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The forward's epilogue after a split-K GEMM: ``y`` from the sum of the GEMM's
+    ``num_splits`` partials and of the shrink's ``num_parts`` partials (``s``, also stored).
+
+    Grid ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)``.
     """
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
-    row_ok = rows < M
-    r_ok = offs_r < R
-    s = tl.load(s_ptr + rows.to(tl.int64)[:, None] * R + offs_r[None, :],
-                mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-    s = to_compute(s * scaling, dy_ptr, UPCAST)
-    ds_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n_tile in range(pid_s, tl.cdiv(N, BLOCK_N), split_n):
-        cols = n_tile * BLOCK_N + offs_n
-        col_ok = cols < N
-        dy = tl.load(dy_ptr + rows.to(tl.int64)[:, None] * stride_dym + cols[None, :] * stride_dyn,
-                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        dy = to_compute(dy, dy_ptr, UPCAST)
-        b = tl.load(b_ptr + cols[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                    mask=col_ok[:, None] & r_ok[None, :], other=0.0)
-        ds_acc = tl.dot(dy, to_compute(b, dy_ptr, UPCAST), ds_acc, input_precision=PRECISION)
-        db_part = tl.dot(tl.trans(dy), s, input_precision=PRECISION)
-        tl.atomic_add(db_ptr + cols[:, None] * R + offs_r[None, :], db_part,
-                      mask=col_ok[:, None] & r_ok[None, :])
-    ds_ptrs = ds_ptr + rows.to(tl.int64)[:, None] * R + offs_r[None, :]
-    ds_ok = row_ok[:, None] & r_ok[None, :]
-    if split_n == 1:
-        tl.store(ds_ptrs, ds_acc * scaling, mask=ds_ok)
-    else:
-        tl.atomic_add(ds_ptrs, ds_acc * scaling, mask=ds_ok)
+    rows, cols, pid_n = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = _split_sum(gemm_part_ptr, rows, cols, M, N, num_splits, BLOCK_M, BLOCK_N)
+    s_acc = _rank_partials(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), part_ptr, rows, M, R, num_parts, BLOCK_R)
+    _fwd_epilogue(
+        acc, s_acc, rows, cols, pid_n, bias_ptr, b_ptr, s_ptr, y_ptr, M, N, R, stride_bn, stride_br, scaling,
+        HAS_BIAS, BLOCK_R, UPCAST, PRECISION,
+    )
 
 
 @triton.jit
@@ -212,6 +269,32 @@ def _ds_tile(ds_ptr, rows, row_ok, offs_r, R, dtype_ref_ptr, UPCAST: tl.constexp
 
 
 @triton.jit
+def _dx_epilogue(
+    acc, rows, cols, pid_k, a_ptr, ds_ptr, seed_ptr, dx_ptr,
+    M, K, R, stride_ar, stride_ak, threshold, keep_scale,
+    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Finish a dX tile: add ``D * (dS A) / (1-p)`` (in A's dtype) to ``acc`` and store it.
+    Without dropout the LoRA product accumulates straight into ``acc``."""
+    offs_r = tl.arange(0, BLOCK_R)
+    row_ok = rows < M
+    col_ok = cols < K
+    # The epilogue tiles (the mask's Philox state above all) are made after the main loop,
+    # so none of them is live across it.
+    ds = _ds_tile(ds_ptr, rows, row_ok, offs_r, R, a_ptr, UPCAST)
+    a = tl.load(a_ptr + offs_r[:, None] * stride_ar + cols[None, :] * stride_ak,
+                mask=(offs_r[:, None] < R) & col_ok[None, :], other=0.0)
+    if HAS_DROPOUT:
+        keep = keep_mask(tl.load(seed_ptr), rows, pid_k * BLOCK_K, K, threshold, BLOCK_M, BLOCK_K)
+        acc += tl.where(keep, rank_dot(ds, a, None, a_ptr, UPCAST, PRECISION) * keep_scale, 0.0)
+    else:
+        acc = rank_dot(ds, a, acc, a_ptr, UPCAST, PRECISION)
+    dx_ptrs = dx_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit(do_not_specialize=("M", "R", "threshold"))
 def lora_bwd_dx_kernel(
     dy_ptr, w_ptr, a_ptr, ds_ptr, seed_ptr, dx_ptr,
     M, N, K, R,
@@ -224,62 +307,91 @@ def lora_bwd_dx_kernel(
     """``dX[M, K] = dY W + D * (dS A) / (1-p)``: one GEMM with the LoRA term in its epilogue.
 
     Grid ``(cdiv(M, BLOCK_M) * cdiv(K, BLOCK_K),)``. ``dS`` is fp32 ``[M, R]``, already
-    scaled. Without dropout the LoRA product accumulates straight into the GEMM's tile.
+    scaled by ``scaling``.
     """
     rows, cols, pid_k = output_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
-    offs_r = tl.arange(0, BLOCK_R)
-    row_ok = rows < M
-    col_ok = cols < K
     # dY W: P = dY [M, N], Q = W^T viewed as [K, N] (W's strides swapped).
     acc, _ = _gemm_mainloop(
-        dy_ptr, w_ptr, a_ptr, rows % M, cols % K, N,
+        dy_ptr, w_ptr, a_ptr, rows % M, cols % K, 0, N,
         stride_dym, stride_dyn, stride_wk, stride_wn, stride_ar, stride_ak,
         BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R, R, False, UPCAST, PRECISION,
     )
-    # The epilogue tiles (the mask's Philox state above all) are made after the main loop,
-    # so none of them is live across it.
-    ds = _ds_tile(ds_ptr, rows, row_ok, offs_r, R, dy_ptr, UPCAST)
-    a = tl.load(a_ptr + offs_r[:, None] * stride_ar + cols[None, :] * stride_ak,
-                mask=(offs_r[:, None] < R) & col_ok[None, :], other=0.0)
-    a = to_compute(a, dy_ptr, UPCAST)
-    if HAS_DROPOUT:
-        keep = keep_mask(tl.load(seed_ptr), rows, pid_k * BLOCK_K, K, threshold, BLOCK_M, BLOCK_K)
-        acc += tl.where(keep, tl.dot(ds, a, input_precision=PRECISION) * keep_scale, 0.0)
-    else:
-        acc = tl.dot(ds, a, acc, input_precision=PRECISION)
-    dx_ptrs = dx_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    _dx_epilogue(
+        acc, rows, cols, pid_k, a_ptr, ds_ptr, seed_ptr, dx_ptr, M, K, R, stride_ar, stride_ak, threshold, keep_scale,
+        HAS_DROPOUT, BLOCK_M, BLOCK_K, BLOCK_R, UPCAST, PRECISION,
+    )
 
 
-@triton.jit
-def lora_bwd_da_kernel(
-    x_ptr, ds_ptr, seed_ptr, da_ptr,
-    M, K, R,
-    stride_xm, stride_xk,
+@triton.jit(do_not_specialize=("M", "R", "num_splits", "threshold"))
+def lora_bwd_dx_split_epilogue_kernel(
+    gemm_part_ptr, a_ptr, ds_ptr, seed_ptr, dx_ptr,
+    M, K, R, num_splits,
+    stride_ar, stride_ak,
     threshold, keep_scale,
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """``dA [R, K] += dS^T x_hat`` over one ``BLOCK_M x BLOCK_K`` tile of x.
+    """dX's epilogue after a split-K GEMM: ``dX`` from the sum of the ``num_splits`` partials
+    of ``dY W`` plus the LoRA term. Grid ``(cdiv(M, BLOCK_M) * cdiv(K, BLOCK_K),)``."""
+    rows, cols, pid_k = output_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    acc = _split_sum(gemm_part_ptr, rows, cols, M, K, num_splits, BLOCK_M, BLOCK_K)
+    _dx_epilogue(
+        acc, rows, cols, pid_k, a_ptr, ds_ptr, seed_ptr, dx_ptr, M, K, R, stride_ar, stride_ak, threshold, keep_scale,
+        HAS_DROPOUT, BLOCK_M, BLOCK_K, BLOCK_R, UPCAST, PRECISION,
+    )
 
-    Grid ``(cdiv(M, BLOCK_M), cdiv(K, BLOCK_K))``; ``dA`` is a zeroed fp32 buffer
-    accumulated with atomics. The dropout mask is regenerated from the seed.
+
+@triton.jit(do_not_specialize=("M", "R", "stride_lm", "stride_or", "stride_oc", "threshold"))
+def lora_bwd_wgrad_kernel(
+    l_ptr, x_ptr, seed_ptr, part_ptr,
+    M, C, R, rows_per_split,
+    stride_lm, stride_xm, stride_xc, stride_or, stride_oc,
+    scale, threshold,
+    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``part[split] = scale * L^T X_hat`` summed over this split's rows: an fp32 ``[R, C]``
+    stored with strides ``(stride_or, stride_oc)``, partials ``R * C`` elements apart.
+
+    ``L`` is fp32 ``[M, R]`` (unit column stride), ``X`` ``[M, C]``, ``X_hat`` X with the
+    dropout mask when ``HAS_DROPOUT``. dA: ``L = dS``, ``X = x``, ``scale = 1/(1-p)``,
+    partials ``[splits, R, K]``; dB: ``L = s``, ``X = dY``, ``scale = scaling``, partials
+    ``[splits, N, R]`` (transposed strides). Grid ``(cdiv(C, BLOCK_C), splits)``; a program
+    walks its ``rows_per_split`` rows ``BLOCK_M`` at a time, the sum in registers.
     """
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    k0 = tl.program_id(1) * BLOCK_K
-    cols = k0 + tl.arange(0, BLOCK_K)
+    pid_c = tl.program_id(0)
+    split = tl.program_id(1)
+    c0 = pid_c * BLOCK_C
+    cols = c0 + tl.arange(0, BLOCK_C)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
-    row_ok = rows < M
-    col_ok = cols < K
-    ds = _ds_tile(ds_ptr, rows, row_ok, offs_r, R, x_ptr, UPCAST)
-    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :] * stride_xk,
-                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-    x = to_compute(x, x_ptr, UPCAST)
+    col_ok = cols < C
+    r_ok = offs_r < R
+    m_start = split * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
     if HAS_DROPOUT:
-        # Exact masking; the 1/(1-p) scale goes on the fp32 product.
-        x = tl.where(keep_mask(tl.load(seed_ptr), rows, k0, K, threshold, BLOCK_M, BLOCK_K), x, 0.0)
-    da_part = tl.dot(tl.trans(ds), x, input_precision=PRECISION)
-    if HAS_DROPOUT:
-        da_part *= keep_scale
-    tl.atomic_add(da_ptr + offs_r[:, None] * K + cols[None, :], da_part,
-                  mask=(offs_r[:, None] < R) & col_ok[None, :])
+        seed = tl.load(seed_ptr)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        rows = m0 + offs_m
+        row_ok = rows < m_end
+        lt = tl.load(l_ptr + rows.to(tl.int64)[:, None] * stride_lm + offs_r[None, :],
+                     mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :] * stride_xc,
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        if HAS_DROPOUT:
+            # Exact masking; the 1/(1-p) scale goes on the fp32 sum.
+            x = tl.where(keep_mask(seed, rows, c0, C, threshold, BLOCK_M, BLOCK_C), x, 0.0)
+        acc = tl.dot(tl.trans(lt), x, acc, input_precision=PRECISION)
+    part_ptrs = part_ptr + split.to(tl.int64) * R * C + offs_r[:, None] * stride_or + cols[None, :] * stride_oc
+    tl.store(part_ptrs, acc * scale, mask=r_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit(do_not_specialize=("numel", "num_parts"))
+def sum_partials_kernel(part_ptr, total_ptr, numel, num_parts, BLOCK: tl.constexpr):
+    """``total[i] = sum over p of part[p, i]`` in order of p, for fp32 ``part [num_parts,
+    numel]``, rounded once to total's dtype. Grid ``(cdiv(numel, BLOCK),)``."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    acc = sum_partials(tl.zeros((BLOCK,), dtype=tl.float32), part_ptr + offs, ok, num_parts, numel)
+    tl.store(total_ptr + offs, acc.to(total_ptr.dtype.element_ty), mask=ok)

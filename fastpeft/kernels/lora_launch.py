@@ -1,7 +1,12 @@
 """Launchers of the LoRA linear Triton kernels: allocate outputs, pick a plan, launch.
 
-Inputs are 2-D with arbitrary strides (no copies); outputs are fresh contiguous tensors.
-Nothing here reads device memory on the host, so the path can be captured in a CUDA graph.
+Inputs are 2-D with arbitrary strides (no copies, except of the gradient dY and of the small
+operands A, B and the bias when a GPU launch could not take them as aligned rows:
+``_launchable``); outputs are fresh contiguous tensors. Every launch runs
+on its tensors' device (``on_device_of``), not on torch's current one. Nothing here reads
+device memory on the host, so the path can be captured in a CUDA graph. No kernel uses
+atomics (``lora_kernels``): every result is bitwise reproducible, so
+``torch.use_deterministic_algorithms(True)`` needs no other mode.
 """
 
 from __future__ import annotations
@@ -9,13 +14,29 @@ from __future__ import annotations
 import torch
 
 from fastpeft.backend import interpreting
-from fastpeft.kernels.lora_configs import GROUP_M, BackwardPlan, block_r, cdiv, plan_backward, plan_forward
+from fastpeft.kernels.launch_device import on_device_of
+from fastpeft.kernels.lora_configs import (
+    GROUP_M,
+    BackwardPlan,
+    Split,
+    TileConfig,
+    aligned_rows,
+    block_r,
+    cdiv,
+    plan_backward,
+    plan_forward,
+    reduce_tile,
+    split_epilogue_tile,
+)
 from fastpeft.kernels.lora_kernels import (
-    lora_bwd_da_kernel,
     lora_bwd_dx_kernel,
-    lora_bwd_dy_kernel,
+    lora_bwd_dx_split_epilogue_kernel,
+    lora_bwd_wgrad_kernel,
     lora_fwd_kernel,
+    lora_fwd_split_epilogue_kernel,
+    lora_gemm_split_kernel,
     lora_shrink_kernel,
+    sum_partials_kernel,
 )
 from fastpeft.kernels.philox_dropout import keep_mask_kernel
 from fastpeft.ops.dropout_mask import dropout_threshold
@@ -26,22 +47,106 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _numerics(dtype: torch.dtype) -> dict:
-    """Constexprs fixing how tiles of activation dtype ``dtype`` meet the tensor cores.
+def _numerics(dtype: torch.dtype, lora_dtype: torch.dtype) -> dict:
+    """Constexprs fixing how the GEMM kernels' tiles meet the tensor cores: activation tiles
+    of ``dtype``, rank-r tiles of ``lora_dtype`` (``tile_utils.rank_dot``).
 
     fp16 and bf16 use their own tensor-core path with fp32 accumulation. fp32 reaches the
     kernels only in the interpreter (on a GPU it takes the torch path), with IEEE products.
-    Under the interpreter, bf16 is computed in fp32 (its bf16 arithmetic is wrong;
-    KERNEL_NOTES.md).
+    Under the interpreter, everything is computed in fp32 when bf16 is involved (its bf16
+    arithmetic is wrong; KERNEL_NOTES.md).
     """
-    upcast = interpreting() and dtype == torch.bfloat16
+    upcast = interpreting() and torch.bfloat16 in (dtype, lora_dtype)
     return {"UPCAST": upcast, "PRECISION": "ieee" if (dtype == torch.float32 or upcast) else "tf32"}
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision for the rank-r passes, whose operands are fp32 (widened
+    from ``dtype``): tf32 tensor cores on a GPU, IEEE where ``_numerics`` says so."""
+    return _numerics(dtype, dtype)["PRECISION"]
 
 
 def _dropout_args(dropout_p: float) -> tuple[int, float]:
     if dropout_p == 0.0:
         return 0, 1.0
     return dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int]:
+    """2-D ``t``'s strides as passed to a kernel: a dimension of size 1 gets the stride of a
+    contiguous tensor (its own is never used, and may be anything), so such a launch gets the
+    same specialization as every other (``lora_configs.aligned_for_kernels``)."""
+    rows, cols = t.shape
+    return (t.stride(0) if rows > 1 else cols, t.stride(1) if cols > 1 else 1)
+
+
+def _launchable(t: torch.Tensor, row_strides: bool = True) -> torch.Tensor:
+    """``t``, or a contiguous copy when a GPU launch would not get the specialization
+    ``fastpeft check`` compiles (``lora_configs.aligned_rows``): dY (e.g. the zero-stride
+    gradient of ``y.sum()``), A and B (a few KB). The interpreter takes any strides."""
+    if t.device.type != "cuda" or aligned_rows(t, row_strides):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _bias(bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    """The bias argument: y when there is none (never read), else the bias contiguous (the
+    kernels read bias[n] at n) and, on a GPU, aligned (a copy of N elements if need be)."""
+    if bias is None:
+        return y
+    if bias.is_contiguous():
+        return _launchable(bias, row_strides=False)
+    return bias.clone(memory_format=torch.contiguous_format)
+
+
+def _sum_partials(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``parts [count, *shape]`` (fp32) summed in order over the first dimension, in ``dtype``."""
+    if parts.shape[0] == 1:
+        return parts[0].to(dtype)
+    out = _empty(parts.shape[1:], dtype, parts.device)
+    numel, t = out.numel(), reduce_tile()
+    sum_partials_kernel[(cdiv(numel, t.block_m),)](
+        parts, out, numel, parts.shape[0], BLOCK=t.block_m, num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    return out
+
+
+def _shrink(
+    x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, scale: float, dropout_p: float,
+    tile: TileConfig, split: Split,
+) -> torch.Tensor:
+    """``scale * x_hat a^T`` as fp32 partials ``[split.count, M, R]`` (``lora_shrink_kernel``)."""
+    m, k = x.shape
+    rank = a.shape[0]
+    threshold, _ = _dropout_args(dropout_p)
+    parts = _empty((split.count, m, rank), torch.float32, x.device)
+    lora_shrink_kernel[(cdiv(m, tile.block_m), split.count)](
+        x, a, parts, seed,
+        m, k, rank, split.length,
+        *_strides(x), *_strides(a),
+        scale, threshold,
+        HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=tile.block_m, BLOCK_K=tile.block_k, BLOCK_R=block_r(rank),
+        PRECISION=_precision(x.dtype), num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )
+    return parts
+
+
+def _gemm_split(
+    p: torch.Tensor, q: torch.Tensor, q_strides: tuple[int, int], n: int, tile: TileConfig, split: Split,
+    numerics: dict,
+) -> torch.Tensor:
+    """fp32 partials ``[split.count, M, n]`` of ``P Q^T`` for P ``[M, RED]`` and Q viewed as
+    ``[n, RED]`` with strides ``q_strides`` (``lora_gemm_split_kernel``)."""
+    m, red = p.shape
+    parts = _empty((split.count, m, n), torch.float32, p.device)
+    lora_gemm_split_kernel[(cdiv(m, tile.block_m) * cdiv(n, tile.block_n), split.count)](
+        p, q, parts,
+        m, n, red, split.length,
+        *_strides(p), *q_strides,
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_RED=tile.block_k, GROUP_M=GROUP_M,
+        num_warps=tile.num_warps, num_stages=tile.num_stages, **numerics,
+    )
+    return parts
 
 
 def lora_forward(
@@ -57,38 +162,43 @@ def lora_forward(
     """``(y [M, N] in x.dtype, s [M, R] fp32)`` for 2-D x ``[M, K]`` (M >= 1)."""
     m, k = x.shape
     n, rank = weight.shape[0], lora_a.shape[0]
-    plan = plan_forward(m, n, k, rank, dropout_p > 0.0, x.device)
-    r_block = block_r(rank)
-    numerics = _numerics(x.dtype)
-    y = _empty((m, n), x.dtype, x.device)
-    s = _empty((m, rank), torch.float32, x.device)
-    parts, num_parts = s, 0
-    if plan.fuse_shrink and dropout_p > 0.0:
-        raise RuntimeError("internal: the fused-shrink forward cannot apply dropout")
-    if not plan.fuse_shrink:
-        threshold, keep_scale = _dropout_args(dropout_p)
-        num_parts = plan.shrink_splits
-        parts = _empty((num_parts, m, r_block), torch.float32, x.device)
-        lora_shrink_kernel[(cdiv(m, plan.shrink.block_m), num_parts)](
-            x, lora_a, parts, seed,
-            m, k, rank, plan.k_per_split,
-            x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
-            threshold, keep_scale,
-            HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=plan.shrink.block_m, BLOCK_K=plan.shrink.block_k,
-            BLOCK_R=r_block, num_warps=plan.shrink.num_warps, num_stages=plan.shrink.num_stages,
-            **numerics,
+    with on_device_of(x):
+        plan = plan_forward(m, n, k, rank, dropout_p > 0.0, x.device)
+        r_block = block_r(rank)
+        numerics = _numerics(x.dtype, lora_a.dtype)
+        y = _empty((m, n), x.dtype, x.device)
+        s = _empty((m, rank), torch.float32, x.device)
+        has_bias, bias = bias is not None, _bias(bias, y)
+        lora_a, lora_b = _launchable(lora_a), _launchable(lora_b, row_strides=False)
+        if plan.fuse_shrink and dropout_p > 0.0:
+            raise RuntimeError("internal: the fused-shrink forward cannot apply dropout")
+        parts, num_parts = s, 0
+        if not plan.fuse_shrink:
+            _, keep_scale = _dropout_args(dropout_p)
+            parts = _shrink(x, lora_a, seed, keep_scale, dropout_p, plan.shrink, plan.shrink_split)
+            num_parts = plan.shrink_split.count
+        g = plan.gemm
+        b_args = (lora_b.stride(0), _strides(lora_b)[1])
+        if plan.gemm_split.count > 1:
+            gemm_parts = _gemm_split(x, weight, _strides(weight), n, g, plan.gemm_split, numerics)
+            e = split_epilogue_tile()
+            lora_fwd_split_epilogue_kernel[(cdiv(m, e.block_m) * cdiv(n, e.block_n),)](
+                gemm_parts, bias, lora_b, parts, s, y,
+                m, n, rank, plan.gemm_split.count, num_parts,
+                *b_args, scaling,
+                HAS_BIAS=has_bias, BLOCK_M=e.block_m, BLOCK_N=e.block_n, BLOCK_R=r_block, GROUP_M=GROUP_M,
+                num_warps=e.num_warps, num_stages=e.num_stages, **numerics,
+            )
+            return y, s
+        lora_fwd_kernel[(cdiv(m, g.block_m) * cdiv(n, g.block_n),)](
+            x, weight, bias, lora_a, lora_b, parts, s, y,
+            m, n, k, rank, num_parts,
+            *_strides(x), *_strides(weight), *_strides(lora_a), *b_args,
+            scaling,
+            HAS_BIAS=has_bias, FUSE_SHRINK=plan.fuse_shrink,
+            BLOCK_M=g.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k, BLOCK_R=r_block, GROUP_M=GROUP_M,
+            num_warps=g.num_warps, num_stages=g.num_stages, **numerics,
         )
-    g = plan.gemm
-    lora_fwd_kernel[(cdiv(m, g.block_m) * cdiv(n, g.block_n),)](
-        x, weight, bias if bias is not None else y, lora_a, lora_b, parts, s, y,
-        m, n, k, rank, num_parts,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
-        scaling,
-        HAS_BIAS=bias is not None, FUSE_SHRINK=plan.fuse_shrink,
-        BLOCK_M=g.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k, BLOCK_R=r_block, GROUP_M=GROUP_M,
-        num_warps=g.num_warps, num_stages=g.num_stages, **numerics,
-    )
     return y, s
 
 
@@ -109,74 +219,127 @@ def lora_backward(
     """``(dX [M, K], dA [R, K], dB [N, R])``, each None unless asked for; 2-D grad_y ``[M, N]``."""
     m, k = x.shape
     n, rank = weight.shape[0], lora_a.shape[0]
-    plan = plan_backward(m, n, k, rank, dropout_p > 0.0, x.device)
-    r_block = block_r(rank)
-    numerics = _numerics(x.dtype)
+    dx = da = db = None
+    with on_device_of(x):
+        grad_y, lora_a, lora_b = _launchable(grad_y), _launchable(lora_a), _launchable(lora_b, row_strides=False)
+        plan = plan_backward(m, n, k, rank, dropout_p > 0.0, x.device)
+        if need_b:
+            db = _db_pass(grad_y, s, scaling, plan, lora_b.dtype)
+        if not (need_x or need_a):
+            return dx, da, db
+        ds = _ds_pass(grad_y, lora_b, scaling, plan)
+        if need_x:
+            dx = _dx(grad_y, weight, lora_a, ds, seed, dropout_p, plan)
+        if need_a:
+            da = _da_pass(x, ds, seed, dropout_p, plan, lora_a.dtype)
+    return dx, da, db
+
+
+def _dx(
+    grad_y: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor,
+    dropout_p: float, plan: BackwardPlan,
+) -> torch.Tensor:
+    """``dX = dY W + D * (dS A) / (1-p)`` in dY's dtype: the fused GEMM, or its split-K and
+    epilogue kernels."""
+    m, n = grad_y.shape
+    k, rank = weight.shape[1], lora_a.shape[0]
     threshold, keep_scale = _dropout_args(dropout_p)
-    ds, db = lora_dy_pass(grad_y, lora_b, s, scaling, plan)
-    dx = da = None
-    if need_x:
-        dx = _empty((m, k), x.dtype, x.device)
-        g = plan.dx
-        lora_bwd_dx_kernel[(cdiv(m, g.block_m) * cdiv(k, g.block_n),)](
-            grad_y, weight, lora_a, ds, seed, dx,
-            m, n, k, rank,
-            grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
-            lora_a.stride(0), lora_a.stride(1),
-            threshold, keep_scale,
-            HAS_DROPOUT=dropout_p > 0.0,
-            BLOCK_M=g.block_m, BLOCK_K=g.block_n, BLOCK_N=g.block_k, BLOCK_R=r_block, GROUP_M=GROUP_M,
-            num_warps=g.num_warps, num_stages=g.num_stages, **numerics,
+    numerics = _numerics(grad_y.dtype, lora_a.dtype)
+    dx = _empty((m, k), grad_y.dtype, grad_y.device)
+    w_stride_n, w_stride_k = _strides(weight)
+    epilogue_args = (*_strides(lora_a), threshold, keep_scale)
+    epilogue_flags = {"HAS_DROPOUT": dropout_p > 0.0, "BLOCK_R": block_r(rank), "GROUP_M": GROUP_M, **numerics}
+    g = plan.dx
+    if plan.dx_split.count > 1:
+        # W^T viewed as [K, N]: W's strides swapped.
+        gemm_parts = _gemm_split(grad_y, weight, (w_stride_k, w_stride_n), k, g, plan.dx_split, numerics)
+        e = split_epilogue_tile()
+        lora_bwd_dx_split_epilogue_kernel[(cdiv(m, e.block_m) * cdiv(k, e.block_n),)](
+            gemm_parts, lora_a, ds, seed, dx,
+            m, k, rank, plan.dx_split.count,
+            *epilogue_args,
+            BLOCK_M=e.block_m, BLOCK_K=e.block_n, num_warps=e.num_warps, num_stages=e.num_stages, **epilogue_flags,
         )
-    if need_a:
-        da = lora_da_pass(x, ds, seed, dropout_p, plan)
-    return (
-        dx,
-        da.to(lora_a.dtype) if need_a else None,
-        db.to(lora_b.dtype) if need_b else None,
+        return dx
+    lora_bwd_dx_kernel[(cdiv(m, g.block_m) * cdiv(k, g.block_n),)](
+        grad_y, weight, lora_a, ds, seed, dx,
+        m, n, k, rank,
+        *_strides(grad_y), w_stride_n, w_stride_k,
+        *epilogue_args,
+        BLOCK_M=g.block_m, BLOCK_K=g.block_n, BLOCK_N=g.block_k,
+        num_warps=g.num_warps, num_stages=g.num_stages, **epilogue_flags,
     )
+    return dx
+
+
+def _no_seed(device: torch.device) -> torch.Tensor:
+    """The seed argument of a launch without dropout: never read, but int64 like a real seed,
+    so the launch has the signature ``fastpeft check`` compiles."""
+    return torch.empty(0, dtype=torch.int64, device=device)
+
+
+def _ds_pass(grad_y: torch.Tensor, lora_b: torch.Tensor, scaling: float, plan: BackwardPlan) -> torch.Tensor:
+    """``dS [M, R] = scaling * dY B`` (fp32): the shrink kernel on dY and B^T (copied
+    contiguous, a few KB, so that it loads like A in the forward), split over N."""
+    parts = _shrink(grad_y, lora_b.t().contiguous(), _no_seed(grad_y.device), scaling, 0.0, plan.ds, plan.ds_split)
+    return _sum_partials(parts, torch.float32)
+
+
+def _wgrad(
+    lhs: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, scale: float, dropout_p: float, tile: TileConfig,
+    split: Split, transposed: bool, dtype: torch.dtype,
+) -> torch.Tensor:
+    """``scale * lhs^T x_hat`` (``lora_bwd_wgrad_kernel``) in ``dtype``: ``[R, C]``, or
+    ``[C, R]`` when ``transposed``, for fp32 ``lhs [M, R]`` (contiguous) and ``x [M, C]``."""
+    m, c = x.shape
+    rank = lhs.shape[1]
+    threshold, _ = _dropout_args(dropout_p)
+    shape, out_strides = ((c, rank), (1, rank)) if transposed else ((rank, c), (c, 1))
+    parts = _empty((split.count, *shape), torch.float32, x.device)
+    lora_bwd_wgrad_kernel[(cdiv(c, tile.block_n), split.count)](
+        lhs, x, seed, parts,
+        m, c, rank, split.length,
+        rank, *_strides(x), *out_strides,
+        scale, threshold,
+        HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=tile.block_m, BLOCK_C=tile.block_n, BLOCK_R=block_r(rank),
+        PRECISION=_precision(x.dtype), num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )
+    return _sum_partials(parts, dtype)
+
+
+def _da_pass(
+    x: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor, dropout_p: float, plan: BackwardPlan, dtype: torch.dtype,
+) -> torch.Tensor:
+    """``dA [R, K] = dS^T x_hat`` in ``dtype``, the dropout mask regenerated from ``seed``."""
+    _, keep_scale = _dropout_args(dropout_p)
+    return _wgrad(ds, x, seed, keep_scale, dropout_p, plan.wgrad, plan.da_split, False, dtype)
+
+
+def _db_pass(
+    grad_y: torch.Tensor, s: torch.Tensor, scaling: float, plan: BackwardPlan, dtype: torch.dtype,
+) -> torch.Tensor:
+    """``dB [N, R] = scaling * dY^T s`` in ``dtype`` for the forward's fp32 ``s``."""
+    return _wgrad(s, grad_y, _no_seed(grad_y.device), scaling, 0.0, plan.wgrad, plan.db_split, True, dtype)
 
 
 def lora_dy_pass(
     grad_y: torch.Tensor, lora_b: torch.Tensor, s: torch.Tensor, scaling: float, plan: BackwardPlan,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass over dY ``[M, N]`` (``lora_bwd_dy_kernel``): ``(dS [M, R], dB [N, R])``, both
-    fp32, ``dS = scaling * dY B`` and ``dB = scaling * dY^T s`` for the forward's fp32 ``s``."""
-    m, n = grad_y.shape
-    rank = s.shape[1]
-    ds = torch.zeros((m, rank), device=grad_y.device, dtype=torch.float32)
-    db = torch.zeros((n, rank), device=grad_y.device, dtype=torch.float32)
-    p = plan.dy_pass
-    lora_bwd_dy_kernel[(cdiv(m, p.block_m), plan.split_n)](
-        grad_y, lora_b, s, ds, db,
-        m, n, rank, plan.split_n,
-        grad_y.stride(0), grad_y.stride(1), lora_b.stride(0), lora_b.stride(1),
-        scaling,
-        BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_R=block_r(rank),
-        num_warps=p.num_warps, num_stages=p.num_stages, **_numerics(grad_y.dtype),
-    )
-    return ds, db
+    """``(dS [M, R], dB [N, R])`` for dY ``[M, N]``, both fp32: ``dS = scaling * dY B`` and
+    ``dB = scaling * dY^T s`` for the forward's fp32 ``s`` (two bandwidth-bound passes over
+    dY; ``lora_bwd_wgrad_kernel`` says why not one). On dY's device."""
+    with on_device_of(grad_y):
+        grad_y = _launchable(grad_y)
+        return _ds_pass(grad_y, lora_b, scaling, plan), _db_pass(grad_y, s, scaling, plan, torch.float32)
 
 
 def lora_da_pass(
     x: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor, dropout_p: float, plan: BackwardPlan,
 ) -> torch.Tensor:
-    """``dA [R, K] = dS^T x_hat`` (fp32) from one pass over x ``[M, K]`` (``lora_bwd_da_kernel``),
-    the dropout mask regenerated from ``seed``; ``dS`` is ``lora_dy_pass``'s."""
-    m, k = x.shape
-    rank = ds.shape[1]
-    threshold, keep_scale = _dropout_args(dropout_p)
-    da = torch.zeros((rank, k), device=x.device, dtype=torch.float32)
-    t = plan.da
-    lora_bwd_da_kernel[(cdiv(m, t.block_m), cdiv(k, t.block_n))](
-        x, ds, seed, da,
-        m, k, rank,
-        x.stride(0), x.stride(1),
-        threshold, keep_scale,
-        HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=t.block_m, BLOCK_K=t.block_n, BLOCK_R=block_r(rank),
-        num_warps=t.num_warps, num_stages=t.num_stages, **_numerics(x.dtype),
-    )
-    return da
+    """``dA [R, K] = dS^T x_hat`` (fp32) from one pass over x ``[M, K]``, the dropout mask
+    regenerated from ``seed``; ``dS`` is ``lora_dy_pass``'s. On x's device."""
+    with on_device_of(x):
+        return _da_pass(x, ds, seed, dropout_p, plan, torch.float32)
 
 
 # Tile of the mask-writing kernel; any power-of-two multiple of 4 works (tests only).
@@ -187,7 +350,8 @@ def dropout_keep_mask(seed: torch.Tensor, m: int, k: int, dropout_p: float) -> t
     """The bool keep-mask ``[m, k]`` the kernels draw for ``seed`` (a 1-element int64 tensor)."""
     out = _empty((m, k), torch.int8, seed.device)
     if m and k:
-        keep_mask_kernel[(cdiv(m, _MASK_TILE), cdiv(k, _MASK_TILE))](
-            seed, out, m, k, dropout_threshold(dropout_p), BLOCK_M=_MASK_TILE, BLOCK_K=_MASK_TILE,
-        )
+        with on_device_of(seed):
+            keep_mask_kernel[(cdiv(m, _MASK_TILE), cdiv(k, _MASK_TILE))](
+                seed, out, m, k, dropout_threshold(dropout_p), BLOCK_M=_MASK_TILE, BLOCK_K=_MASK_TILE,
+            )
     return out.bool()

@@ -4,10 +4,12 @@ as ``KernelSpec``s for ``fastpeft check`` (ahead-of-time compile for sm_80 / sm_
 For each kernel: every tile the planners in ``lora_configs`` can hand it, on the
 architecture family that uses it, with every padded rank and every constexpr flag the
 launcher can set. Two dtype cases: bf16 activations with fp32 LoRA weights (PEFT's default)
-and fp16 with fp16 LoRA weights. fp32 activations never reach the kernels on a GPU (see
-``fastpeft.ops.lora_linear._use_kernels``). Scalars follow Triton's launch-time
-specialization for contiguous tensors: unit strides become the constexpr 1, other sizes
-and pointers are taken as multiples of 16.
+and fp16 with fp16 LoRA weights. fp32 activations never reach the kernels on a GPU (the op
+routes them to the torch path). Scalars follow Triton's launch-time specialization of the
+launches ``lora_configs.kernel_friendly`` admits: unit strides become the constexpr 1, the
+arguments a kernel exempts from specialization (``do_not_specialize``: M, the rank...) stay
+plain, other sizes, strides and pointers are multiples of 16 (tests/test_kernel_specs.py
+checks every launch against this).
 """
 
 from __future__ import annotations
@@ -19,18 +21,22 @@ from fastpeft.kernels.lora_configs import (
     BLOCK_R_CHOICES,
     GROUP_M,
     TileConfig,
-    da_tile,
-    dy_pass_tile_choices,
     gemm_tile_choices,
     may_fuse_shrink,
+    reduce_tile,
     shrink_tile_choices,
+    split_epilogue_tile,
+    wgrad_tile,
 )
 from fastpeft.kernels.lora_kernels import (
-    lora_bwd_da_kernel,
     lora_bwd_dx_kernel,
-    lora_bwd_dy_kernel,
+    lora_bwd_dx_split_epilogue_kernel,
+    lora_bwd_wgrad_kernel,
     lora_fwd_kernel,
+    lora_fwd_split_epilogue_kernel,
+    lora_gemm_split_kernel,
     lora_shrink_kernel,
+    sum_partials_kernel,
 )
 from fastpeft.kernels.lora_hybrid_launch import hybrid_kernel_specs
 from fastpeft.kernels.philox_dropout import keep_mask_kernel
@@ -40,13 +46,17 @@ DTYPE_CASES = (("bf16", "fp32"), ("fp16", "fp16"))
 
 # Stride arguments equal to 1 for contiguous operands; Triton's launcher turns such
 # arguments into constexprs, so the checked code is the code that runs.
-_UNIT_STRIDES = {"stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_dyn"}
-_FLOAT_SCALARS = {"scaling", "keep_scale"}
+_UNIT_STRIDES = {"stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_dyn", "stride_xc"}
+# The split-K GEMM's unit strides: P's columns, and Q's columns (forward: W [N, K]) or rows
+# (dX: W^T viewed as [K, N], W's strides swapped).
+_SPLIT_UNIT_STRIDES = {"fwd": {"stride_pr", "stride_qr"}, "dx": {"stride_pr", "stride_qn"}}
+_FLOAT_SCALARS = {"scaling", "keep_scale", "scale"}
 
 # Pointer arguments by role: activations/base weights use the activation dtype, the LoRA
 # weights their own, the seed is int64, the mask int8, the rest are fp32 buffers.
-_ACT_POINTERS = {"x_ptr", "w_ptr", "bias_ptr", "y_ptr", "dy_ptr", "dx_ptr"}
-_LORA_POINTERS = {"a_ptr", "b_ptr"}
+_ACT_POINTERS = {"x_ptr", "w_ptr", "bias_ptr", "y_ptr", "dy_ptr", "dx_ptr", "p_ptr", "q_ptr"}
+# total_ptr: the sum of partials, in the LoRA weights' dtype (dA, dB) or fp32 (dS).
+_LORA_POINTERS = {"a_ptr", "b_ptr", "total_ptr"}
 _OTHER_POINTERS = {"seed_ptr": "*i64", "out_ptr": "*i8"}
 
 # Tensor-core numerics of 16-bit activations (the launcher's ``_numerics``).
@@ -54,13 +64,15 @@ _NUMERICS = {"UPCAST": False, "PRECISION": "tf32"}
 
 
 def _spec(fn, name: str, act: str, lora: str, constexprs: dict, tile: TileConfig,
-          family: int | None = None, wgmma: bool = False) -> KernelSpec:
-    """Signature of ``fn`` for the dtype case, with unit strides and ``constexprs`` fixed."""
+          family: int | None = None, wgmma: bool = False, unit_strides: set | None = None) -> KernelSpec:
+    """Signature of ``fn`` for the dtype case, with unit strides (``_UNIT_STRIDES`` unless
+    given) and ``constexprs`` fixed."""
     signature, values = {}, {}
+    units = _UNIT_STRIDES if unit_strides is None else unit_strides
     for arg in fn.arg_names:
         if arg in constexprs:
             signature[arg], values[arg] = "constexpr", constexprs[arg]
-        elif arg in _UNIT_STRIDES:
+        elif arg in units:
             signature[arg], values[arg] = "constexpr", 1
         elif arg in _ACT_POINTERS:
             signature[arg] = f"*{act}"
@@ -75,6 +87,8 @@ def _spec(fn, name: str, act: str, lora: str, constexprs: dict, tile: TileConfig
         else:
             signature[arg] = "i32"
     flags = ",".join(f"{k}={int(v)}" for k, v in constexprs.items() if isinstance(v, bool) and k != "UPCAST")
+    if unit_strides is not None:
+        flags += "," + "/".join(sorted(unit_strides))
     full_name = (f"{name}[{tile.block_m}x{tile.block_n}x{tile.block_k},w{tile.num_warps},s{tile.num_stages},"
                  f"R{constexprs.get('BLOCK_R', 0)},{flags},{act}/{lora}]")
     return KernelSpec(name=full_name, fn=fn, signature=signature, constexprs=values,
@@ -87,8 +101,16 @@ def _uses_wgmma(tile: TileConfig) -> bool:
     return tile.block_m >= 64 and tile.num_warps >= tile.block_m // 64 * 4
 
 
+def _split_tiles() -> list[tuple[TileConfig, int | None]]:
+    """Every GEMM tile, once, with the architecture family using it (None: all, or both)."""
+    families: dict[TileConfig, set] = {}
+    for t, family, _ in gemm_tile_choices():
+        families.setdefault(t, set()).add(family)
+    return [(t, fams.pop() if len(fams) == 1 else None) for t, fams in families.items()]
+
+
 def lora_kernel_specs() -> list[KernelSpec]:
-    """All configurations of the five LoRA kernels and the mask kernel."""
+    """All configurations of the LoRA kernels and the mask kernel."""
     specs: list[KernelSpec] = []
     for (act, lora), (t, family, drop) in itertools.product(DTYPE_CASES, gemm_tile_choices()):
         for r in BLOCK_R_CHOICES:
@@ -105,22 +127,45 @@ def lora_kernel_specs() -> list[KernelSpec]:
                     {**base, "HAS_BIAS": True, "FUSE_SHRINK": fuse,
                      "BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k},
                     t, family, _uses_wgmma(t)))
+    e = split_epilogue_tile()
+    w = wgrad_tile()
     for act, lora in DTYPE_CASES:
+        # Split-K GEMM: no epilogue, so one spec per tile (with or without dropout) and use.
+        for (t, family), use in itertools.product(_split_tiles(), _SPLIT_UNIT_STRIDES):
+            specs.append(_spec(
+                lora_gemm_split_kernel, f"lora_gemm_split_{use}", act, lora,
+                {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_RED": t.block_k, "GROUP_M": GROUP_M,
+                 **_NUMERICS},
+                t, family, _uses_wgmma(t), unit_strides=_SPLIT_UNIT_STRIDES[use]))
+        for r in BLOCK_R_CHOICES:
+            base = {"BLOCK_M": e.block_m, "BLOCK_R": r, "GROUP_M": GROUP_M, **_NUMERICS}
+            specs.append(_spec(
+                lora_fwd_split_epilogue_kernel, "lora_fwd_split_epilogue", act, lora,
+                {**base, "HAS_BIAS": True, "BLOCK_N": e.block_n}, e))
+            for drop in (False, True):
+                specs.append(_spec(
+                    lora_bwd_dx_split_epilogue_kernel, "lora_bwd_dx_split_epilogue", act, lora,
+                    {**base, "HAS_DROPOUT": drop, "BLOCK_K": e.block_n}, e))
+        # The shrink computes s from x and A, and dS from dY and B^T (copied contiguous): one
+        # signature for both.
         for t, r in shrink_tile_choices():
             for drop in (True, False):
                 specs.append(_spec(
                     lora_shrink_kernel, "lora_shrink", act, lora,
-                    {"HAS_DROPOUT": drop, "BLOCK_M": t.block_m, "BLOCK_K": t.block_k, "BLOCK_R": r, **_NUMERICS},
+                    {"HAS_DROPOUT": drop, "BLOCK_M": t.block_m, "BLOCK_K": t.block_k, "BLOCK_R": r,
+                     "PRECISION": _NUMERICS["PRECISION"]},
                     t))
-        for t, r in itertools.product(dy_pass_tile_choices(), BLOCK_R_CHOICES):
-            specs.append(_spec(
-                lora_bwd_dy_kernel, "lora_bwd_dy", act, lora,
-                {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_R": r, **_NUMERICS}, t))
-        t = da_tile()
+        # dA (X = x, with dropout or not) and dB (X = dY, without): one signature for both.
         for r, drop in itertools.product(BLOCK_R_CHOICES, (True, False)):
             specs.append(_spec(
-                lora_bwd_da_kernel, "lora_bwd_da", act, lora,
-                {"HAS_DROPOUT": drop, "BLOCK_M": t.block_m, "BLOCK_K": t.block_n, "BLOCK_R": r, **_NUMERICS}, t))
+                lora_bwd_wgrad_kernel, "lora_bwd_wgrad", act, lora,
+                {"HAS_DROPOUT": drop, "BLOCK_M": w.block_m, "BLOCK_C": w.block_n, "BLOCK_R": r,
+                 "PRECISION": _NUMERICS["PRECISION"]},
+                w))
+    # Sums of partials into dS (fp32) and into dA / dB (the LoRA weights' dtype).
+    t = reduce_tile()
+    for total in dict.fromkeys(["fp32", *(lora for _, lora in DTYPE_CASES)]):
+        specs.append(_spec(sum_partials_kernel, "sum_partials", "fp32", total, {"BLOCK": t.block_m}, t))
     specs.append(_spec(keep_mask_kernel, "keep_mask", "fp32", "fp32", {"BLOCK_M": 32, "BLOCK_K": 32},
                        TileConfig(32, 32, 0, 4, 1)))
     specs += hybrid_kernel_specs(_spec)  # the cuBLAS-hybrid path's kernels (lora_hybrid_launch)

@@ -37,3 +37,25 @@ def to_compute(v, dtype_ref_ptr, UPCAST: tl.constexpr):
         return v.to(tl.float32)
     else:
         return v.to(dtype_ref_ptr.dtype.element_ty)
+
+
+@triton.jit
+def rank_dot(a, b, acc, dtype_ref_ptr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a @ b`` (``acc`` may be None) for a rank-r product inside a GEMM kernel, its
+    operands in the LoRA weight ``dtype_ref_ptr``'s dtype (``to_compute``), as PEFT runs the
+    LoRA branch in the adapter's dtype: fp32 adapters keep the rank-r side in fp32 (tf32
+    tensor cores; no 16-bit overflow of ``s * scaling``, no flush of a tiny dS), 16-bit
+    adapters use their own tensor-core path."""
+    return tl.dot(to_compute(a, dtype_ref_ptr, UPCAST), to_compute(b, dtype_ref_ptr, UPCAST), acc,
+                  input_precision=PRECISION)
+
+
+@triton.jit
+def sum_partials(acc, ptrs, mask, num_parts, part_stride):
+    """``acc`` plus the ``num_parts`` tiles at ``ptrs``, ``ptrs + part_stride``, ... (masked
+    lanes read 0), added in that order: a split reduction's fp32 partials summed the same
+    way on every run (no atomics), so its result is bitwise reproducible."""
+    for _ in range(num_parts):
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += part_stride
+    return acc
