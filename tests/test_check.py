@@ -19,6 +19,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from fastpeft import check  # noqa: E402
+from fastpeft.kernels import all_kernel_specs  # noqa: E402
 from fastpeft.kernels.aot_spec import KernelSpec  # noqa: E402
 
 ARCHS = ["sm_80", "sm_90"]
@@ -349,3 +350,33 @@ def test_unspecialized_parameters_are_not_compiled_as_aligned():
     assert check._spec_problem(ANY_N) is None
     wrong = dataclasses.replace(ANY_N, divisible_by_16=("x_ptr", "n"))
     assert "never specializes" in check._spec_problem(wrong)
+
+
+def _fastpeft_spec(prefix: str, contains: str) -> KernelSpec:
+    (spec,) = [s for s in all_kernel_specs() if s.name.startswith(prefix) and contains in s.name]
+    return spec
+
+
+@pytest.fixture(scope="module")
+def fastpeft_rows() -> dict[str, check.Result]:
+    """Two of fastpeft's own configurations compiled for sm_90: the dA/dB kernel of the
+    backward (rank 64, dropout) and the forward GEMM on the medium (M 17-512) tile."""
+    specs = [
+        _fastpeft_spec("lora_bwd_wgrad[", "R64,HAS_DROPOUT=1,bf16/fp32"),
+        _fastpeft_spec("lora_fwd[64x128x64,w4,", "R16,HAS_BIAS=1,FUSE_SHRINK=0,bf16/fp32"),
+    ]
+    return {r.kernel.split("[", 1)[0]: r for r in check._run(specs, ["sm_90"], jobs=2)}
+
+
+def test_backward_reduction_has_no_fences_or_spills(fastpeft_rows):
+    row = fastpeft_rows["lora_bwd_wgrad"]
+    assert row.status == "ok", row.reason
+    assert row.sync == "" and row.spill_bytes == 0
+
+
+def test_medium_tile_is_one_warpgroup_wide_wgmma_on_sm90(fastpeft_rows):
+    """The 64-row tile on 4 warps: one warpgroup multiplies 64 x 128 per instruction (on 8
+    warps it was two warpgroups of m64n64), and the fp32 adapter's s B^T runs in tf32 (k8)."""
+    row = fastpeft_rows["lora_fwd"]
+    assert row.status == "ok", row.reason
+    assert row.wgmma_shapes.split("+") == ["m64n128k16", "m64n128k8"]
