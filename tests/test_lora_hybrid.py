@@ -14,12 +14,13 @@ import torch
 pytest.importorskip("triton")
 
 from fastpeft.backend import interpreting  # noqa: E402
-from fastpeft.kernels import all_kernel_specs, lora_dispatch  # noqa: E402
+from fastpeft.kernels import all_kernel_specs, lora_configs, lora_dispatch, lora_launch  # noqa: E402
 from fastpeft.kernels import lora_hybrid_launch as hybrid  # noqa: E402
-from fastpeft.kernels.lora_configs import block_r  # noqa: E402
+from fastpeft.kernels.lora_specs import DTYPE_CASES  # noqa: E402
 from fastpeft.ops import lora_linear_dropout_mask  # noqa: E402
 from fastpeft.ops.dropout_mask import keep_mask_philox  # noqa: E402
 from fastpeft.ops.lora_linear import draw_seed  # noqa: E402
+from tests import test_kernel_specs as recorder  # noqa: E402  (the launch recorder and its keys)
 from tests import test_lora_linear_registration as registration  # noqa: E402
 from tests.conftest import DEVICE  # noqa: E402
 from tests.test_lora_linear_op import SCALING, check_against_reference, make_problem  # noqa: E402
@@ -186,34 +187,57 @@ def test_functional_op_compiles_without_graph_breaks():
     registration.test_functional_op_compiles_without_graph_breaks("hybrid")
 
 
-UNIT_STRIDES = ("stride_xk", "stride_ak", "stride_br")
+# (SM count, capability) of an A100 and an H100/H200.
+GPUS = [(108, 80), (132, 90)]
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _key(fn, constexprs: dict, tile) -> tuple:
-    strides = {p: 1 for p in UNIT_STRIDES if p in fn.arg_names}
-    settings = {**constexprs, **strides}
-    return fn.__name__, tuple(sorted(settings.items())), tile.num_warps, tile.num_stages
+def _run_on_meta(m: int, n: int, k: int, rank: int, dropout: bool, act: torch.dtype, lora: torch.dtype) -> None:
+    """One forward and one full backward of the hybrid launchers, on meta tensors."""
+    meta = torch.device("meta")
+    x = torch.empty(m, k, dtype=act, device=meta)
+    w = torch.empty(n, k, dtype=act, device=meta)
+    a = torch.empty(rank, k, dtype=lora, device=meta)
+    b = torch.empty(n, rank, dtype=lora, device=meta)
+    seed = torch.empty(1 if dropout else 0, dtype=torch.int64, device=meta)
+    p = 0.1 if dropout else 0.0
+    _, s = hybrid.hybrid_forward(x, w, torch.empty(n, dtype=act, device=meta), a, b, 0.5, p, seed)
+    grad_y = torch.empty(m, n, dtype=act, device=meta)
+    hybrid.hybrid_backward(grad_y, x, w, a, b, s, 0.5, p, seed, True, True, True)
 
 
-def test_every_hybrid_launch_is_checked():
-    """Each hybrid kernel configuration the launchers can pick is among the specs ``fastpeft
-    check`` compiles, for every dtype case (bias on: a superset of the code without it; the
-    GPU numerics); the dY and dA passes are the fused path's (tests/test_kernel_specs.py).
-    The tiles do not depend on the GPU (only the split, a runtime argument, does)."""
-    compiled = {_key(s.fn, s.constexprs, s) for s in all_kernel_specs()}
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    for (act, lora), m, rank, drop in itertools.product(
-            hybrid.HYBRID_DTYPE_CASES, [1, 16, 17, 512, 513, 4096], [1, 16, 17, 33, 64], (False, True)):
-        numerics = hybrid.rank_numerics(dtypes[act], dtypes[lora], interpret=False)
-        t, d = hybrid.forward_tile(m), hybrid.dx_tile()
-        common = {"HAS_DROPOUT": drop, "BLOCK_R": block_r(rank), **numerics}
-        launches = [
-            (hybrid.lora_hybrid_fwd_kernel, {**common, "HAS_BIAS": True, "BLOCK_M": t.block_m, "BLOCK_N": t.block_n,
-                                             "BLOCK_K": t.block_k}, t),
-            (hybrid.lora_hybrid_dx_kernel, {**common, "BLOCK_M": d.block_m, "BLOCK_K": d.block_n}, d),
-        ]
-        for fn, constexprs, tile in launches:
-            assert _key(fn, constexprs, tile) in compiled, f"{fn.__name__} {act}/{lora} m={m} r={rank} is not checked"
+@pytest.mark.parametrize("act,lora", hybrid.HYBRID_DTYPE_CASES)
+def test_every_hybrid_launch_is_checked(monkeypatch, act, lora):
+    """Every launch the hybrid launchers make, reduced to what Triton's launcher specializes
+    on (tests/test_kernel_specs.py's recorder, on meta tensors as on a GPU), is a spec that
+    ``fastpeft check`` compiles, on the architecture that launches it: the hybrid kernels in
+    every dtype case, the fused path's passes over dY and x (``lora_dy_pass``, ``lora_da_pass``)
+    in the dtype cases the fused specs cover (``lora_specs.DTYPE_CASES``). Problems are
+    ``kernel_friendly`` (K, N multiples of 16); M and the rank are arbitrary."""
+    compiled = {recorder._spec_key(s): s for s in all_kernel_specs()}
+    launches: list = []
+    for module in (lora_launch, hybrid):
+        for name in dir(module):
+            if name.endswith("_kernel"):
+                monkeypatch.setattr(module, name, recorder._Recorder(getattr(module, name), launches))
+    monkeypatch.setattr(lora_launch, "interpreting", lambda: False)
+    hybrid_kernels = {"lora_hybrid_fwd_kernel", "lora_hybrid_dx_kernel"}
+    launched = set()
+    for (num_sms, capability), m, n, k, rank, dropout in itertools.product(
+            GPUS, [1, 16, 17, 512, 513, 4096], [64, 4096, 14336], [64, 4096, 14336], [1, 16, 17, 64], (False, True)):
+        monkeypatch.setattr(lora_configs, "device_info", lambda device: (num_sms, capability))
+        monkeypatch.setattr(hybrid, "device_info", lambda device: (num_sms, capability))
+        launches.clear()
+        _run_on_meta(m, n, k, rank, dropout, _DTYPES[act], _DTYPES[lora])
+        for fn, args, kwargs in launches:
+            key = recorder._launch_key(fn, args, kwargs)
+            if key[0] not in hybrid_kernels and (act, lora) not in DTYPE_CASES:
+                continue
+            spec = compiled.get(key)
+            assert spec is not None, f"m={m} n={n} k={k} r={rank} dropout={dropout}: {key} is never compiled"
+            assert spec.runs_on(capability), f"{spec.name} is checked only for the other architecture"
+            launched.add(key[0])
+    assert hybrid_kernels <= launched
 
 
 def test_forward_split_fills_the_gpu_within_bounds():

@@ -6,17 +6,17 @@ keep-mask ``D`` (Philox, drawn from the op's seed), ``x_hat = D * x / (1-p)``,
 
 Forward   ``lora_hybrid_fwd_kernel`` writes ``y = bias + scaling * s B^T`` and ``s``; the launcher
           then runs ``y.addmm_(x, W^T)``: cuBLAS adds the base GEMM into y in its epilogue.
-Backward  ``lora_bwd_dy_kernel`` (shared with the fused path) gives ``dS = scaling * dY B`` and
-          ``dB`` from one pass over dY; ``lora_hybrid_dx_kernel`` writes
-          ``dX_lora = D * (dS A) / (1-p)`` and cuBLAS accumulates ``dY W`` onto it;
-          ``lora_bwd_da_kernel`` (shared) gives ``dA = dS^T x_hat`` from one pass over x.
+Backward  the fused path's passes over dY give ``dS = scaling * dY B`` and
+          ``dB = scaling * dY^T s`` (``lora_launch.lora_dy_pass``); ``lora_hybrid_dx_kernel``
+          writes ``dX_lora = D * (dS A) / (1-p)`` and cuBLAS accumulates ``dY W`` onto it; the
+          fused path's pass over x gives ``dA = dS^T x_hat`` (``lora_launch.lora_da_pass``).
 
-The rank-r dots (``x_hat A^T``, ``s B^T``, ``dS A``) take their operands in the LoRA weights'
-dtype, as PEFT runs the LoRA branch in the adapter's dtype: fp32 adapters on a 16-bit model
-keep the rank-r side in fp32 (tf32 tensor cores, fp32 accumulation; x is widened exactly),
-16-bit adapters use their own tensor-core path. ``s`` and ``dS`` are fp32. Dropout masks are
-drawn with ``philox_dropout.keep_mask`` at the same (row, column) counters as every other
-kernel, so the mask equals the fused kernels' for the same seed.
+Numerics as in the fused kernels: ``x_hat A^T`` with operands widened to fp32
+(``shrink_tile.shrink_rows``), ``s B^T`` and ``dS A`` in the LoRA weights' dtype
+(``tile_utils.rank_dot``: fp32 adapters keep the rank-r side in fp32 on tf32 tensor cores);
+``s`` and ``dS`` are fp32. Dropout masks are drawn with ``philox_dropout.keep_mask`` at the
+same (row, column) counters as every other kernel, so the mask equals the fused kernels' for
+the same seed.
 """
 
 from __future__ import annotations
@@ -24,41 +24,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastpeft.kernels.lora_kernels import _ds_tile
 from fastpeft.kernels.philox_dropout import keep_mask
-from fastpeft.kernels.tile_utils import to_compute
-
-
-@triton.jit
-def shrink_rows(
-    x_ptr, a_ptr, seed_ptr, rows, row_ok, K, R,
-    stride_xm, stride_xk, stride_ar, stride_ak, threshold,
-    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """``sum_k D[m, k] x[m, k] A[:, k]`` over all of K for the ``BLOCK_M`` rows ``rows``: fp32
-    ``[BLOCK_M, BLOCK_R]``, zero for rows where ``row_ok`` is false and past R, without the
-    ``1/(1-p)`` scale (masking is exact in any dtype; the caller scales the fp32 sum).
-
-    The dot runs in A's dtype (``to_compute`` with A as the dtype reference).
-    """
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
-    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    a_ptrs = a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = offs_k < K - k0
-        x = to_compute(tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0), a_ptr, UPCAST)
-        if HAS_DROPOUT:
-            x = tl.where(keep_mask(seed, rows, k0, K, threshold, BLOCK_M, BLOCK_K), x, 0.0)
-        a = tl.load(a_ptrs, mask=k_ok[:, None] & (offs_r[None, :] < R), other=0.0)
-        acc = tl.dot(x, to_compute(a, a_ptr, UPCAST), acc, input_precision=PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        a_ptrs += BLOCK_K * stride_ak
-    return acc
+from fastpeft.kernels.shrink_tile import shrink_rows
+from fastpeft.kernels.tile_utils import rank_dot
 
 
 # Arguments whose values are arbitrary (row count, rank, split, B's row stride = R, the
@@ -92,22 +60,22 @@ def lora_hybrid_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     row_ok = rows < M
     s = shrink_rows(
-        x_ptr, a_ptr, seed_ptr, rows, row_ok, K, R,
+        x_ptr, a_ptr, seed_ptr, rows, row_ok, 0, K, K, R,
         stride_xm, stride_xk, stride_ar, stride_ak, threshold,
-        HAS_DROPOUT, BLOCK_M, BLOCK_K, BLOCK_R, UPCAST, PRECISION,
+        HAS_DROPOUT, BLOCK_M, BLOCK_K, BLOCK_R, PRECISION,
     )
     if HAS_DROPOUT:
         s *= keep_scale
     if pid_n == 0:
         tl.store(s_ptr + rows.to(tl.int64)[:, None] * R + offs_r[None, :], s,
                  mask=row_ok[:, None] & (offs_r[None, :] < R))
-    s_scaled = to_compute(s * scaling, a_ptr, UPCAST)
+    s_scaled = s * scaling
     for n_tile in range(pid_n, tl.cdiv(N, BLOCK_N), split_n):
         cols = n_tile * BLOCK_N + offs_n
         col_ok = cols < N
         b = tl.load(b_ptr + offs_r[:, None] * stride_br + cols[None, :] * stride_bn,
                     mask=(offs_r[:, None] < R) & col_ok[None, :], other=0.0)
-        acc = tl.dot(s_scaled, to_compute(b, a_ptr, UPCAST), input_precision=PRECISION)
+        acc = rank_dot(s_scaled, b, None, b_ptr, UPCAST, PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -134,10 +102,11 @@ def lora_hybrid_dx_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     row_ok = rows < M
     col_ok = cols < K
-    ds = _ds_tile(ds_ptr, rows, row_ok, offs_r, R, a_ptr, UPCAST)
+    ds = tl.load(ds_ptr + rows.to(tl.int64)[:, None] * R + offs_r[None, :],
+                 mask=row_ok[:, None] & (offs_r[None, :] < R), other=0.0)
     a = tl.load(a_ptr + offs_r[:, None] * stride_ar + cols[None, :] * stride_ak,
                 mask=(offs_r[:, None] < R) & col_ok[None, :], other=0.0)
-    acc = tl.dot(ds, to_compute(a, a_ptr, UPCAST), input_precision=PRECISION)
+    acc = rank_dot(ds, a, None, a_ptr, UPCAST, PRECISION)
     if HAS_DROPOUT:
         acc = tl.where(keep_mask(tl.load(seed_ptr), rows, k0, K, threshold, BLOCK_M, BLOCK_K), acc * keep_scale, 0.0)
     tl.store(dx_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], acc.to(dx_ptr.dtype.element_ty),

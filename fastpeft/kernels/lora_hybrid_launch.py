@@ -8,9 +8,12 @@ a LoRA term that Triton writes (kernels in ``lora_hybrid_kernels.py``).
               dX += dY W                        (cuBLAS: dx.addmm_(dY, W))
               dA = dS^T x_hat                   (Triton: lora_launch.lora_da_pass, the fused path's)
 
-Same contract as the fused launchers (``lora_launch``): 2-D inputs with any strides, fresh
-contiguous outputs (allocated through ``lora_launch._empty``, which the tests poison), ``s``
-fp32 ``[M, R]``, the dropout mask drawn from the seed and never saved, no host sync (CUDA-graph
+Same contract and argument conventions as the fused launchers (``lora_launch``, whose helpers
+these use): 2-D inputs with any strides (on a GPU, A, B and the bias are copied when they
+would not launch the specialization ``fastpeft check`` compiles; x and W are the dispatcher's
+business, ``lora_configs.kernel_friendly``), fresh contiguous outputs (allocated through
+``lora_launch._empty``, which the tests poison), ``s`` fp32 ``[M, R]``, the dropout mask drawn
+from the seed and never saved, launches on the tensors' device, no host sync (CUDA-graph
 capturable). Every tile chosen here is compiled by ``fastpeft check`` (``hybrid_kernel_specs``).
 """
 
@@ -21,7 +24,6 @@ from collections.abc import Callable
 
 import torch
 
-from fastpeft.backend import interpreting
 from fastpeft.kernels import lora_launch
 from fastpeft.kernels.aot_spec import KernelSpec
 from fastpeft.kernels.launch_device import on_device_of
@@ -68,19 +70,6 @@ def forward_split(m: int, n: int, tile: TileConfig, num_sms: int) -> int:
     return max(1, min(wanted, cdiv(n, tile.block_n), MAX_SPLIT_N))
 
 
-def rank_numerics(x_dtype: torch.dtype, lora_dtype: torch.dtype, interpret: bool) -> dict:
-    """Constexprs of the rank-r dots, whose operands are in the LoRA weights' dtype.
-
-    fp32 adapters on 16-bit activations: tf32 tensor cores (fp32 accumulation). fp32
-    activations reach the kernels only in the interpreter: IEEE products. Under the
-    interpreter, anything touching bf16 is computed in fp32 (its bf16 arithmetic and
-    conversions between 16-bit types are wrong; KERNEL_NOTES.md).
-    """
-    upcast = interpret and torch.bfloat16 in (x_dtype, lora_dtype)
-    ieee = upcast or x_dtype == torch.float32
-    return {"UPCAST": upcast, "PRECISION": "ieee" if ieee else "tf32"}
-
-
 def hybrid_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -98,19 +87,20 @@ def hybrid_forward(
     tile = forward_tile(m)
     split = forward_split(m, n, tile, device_info(x.device)[0])
     threshold, keep_scale = lora_launch._dropout_args(dropout_p)
-    y = lora_launch._empty((m, n), x.dtype, x.device)
-    s = lora_launch._empty((m, rank), torch.float32, x.device)
-    bias = bias.contiguous() if bias is not None else y  # the kernel reads bias[n] at n
     with on_device_of(x):
+        y = lora_launch._empty((m, n), x.dtype, x.device)
+        s = lora_launch._empty((m, rank), torch.float32, x.device)
+        bias = lora_launch._bias(bias, y)
+        lora_a, lora_b = lora_launch._launchable(lora_a), lora_launch._launchable(lora_b, row_strides=False)
         lora_hybrid_fwd_kernel[(cdiv(m, tile.block_m) * split,)](
             x, lora_a, lora_b, bias, seed, s, y,
             m, n, k, rank, split,
-            x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
+            *lora_launch._strides(x), *lora_launch._strides(lora_a),
+            lora_b.stride(0), lora_launch._strides(lora_b)[1],
             scaling, threshold, keep_scale,
             HAS_BIAS=bias is not y, HAS_DROPOUT=dropout_p > 0.0,
             BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, BLOCK_R=block_r(rank),
-            num_warps=tile.num_warps, num_stages=tile.num_stages,
-            **rank_numerics(x.dtype, lora_a.dtype, interpreting()),
+            num_warps=tile.num_warps, num_stages=tile.num_stages, **lora_launch._numerics(x.dtype, lora_a.dtype),
         )
         y.addmm_(x, weight.t())
     return y, s
@@ -140,15 +130,15 @@ def hybrid_backward(
         ds, db = lora_launch.lora_dy_pass(grad_y, lora_b, s, scaling, plan)
         if need_x:
             threshold, keep_scale = lora_launch._dropout_args(dropout_p)
+            a = lora_launch._launchable(lora_a)
             dx = lora_launch._empty((m, k), x.dtype, x.device)
             lora_hybrid_dx_kernel[(cdiv(m, _DX.block_m), cdiv(k, _DX.block_n))](
-                ds, lora_a, seed, dx,
+                ds, a, seed, dx,
                 m, k, rank,
-                lora_a.stride(0), lora_a.stride(1),
+                *lora_launch._strides(a),
                 threshold, keep_scale,
                 HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=_DX.block_m, BLOCK_K=_DX.block_n, BLOCK_R=block_r(rank),
-                num_warps=_DX.num_warps, num_stages=_DX.num_stages,
-                **rank_numerics(x.dtype, lora_a.dtype, interpreting()),
+                num_warps=_DX.num_warps, num_stages=_DX.num_stages, **lora_launch._numerics(x.dtype, lora_a.dtype),
             )
             dx.addmm_(grad_y, weight)
         if need_a:
@@ -156,12 +146,14 @@ def hybrid_backward(
     return dx, da, db.to(lora_b.dtype) if need_b else None
 
 
-# (activation, LoRA weight) dtypes compiled by ``fastpeft check``. The rank-r dots run in the
-# adapter's dtype, so fp32 adapters (x widened, tf32 dots) and 16-bit adapters (16-bit dots)
-# are different code, for both 16-bit activations. fp32 activations never reach the kernels
-# on a GPU (``lora_dispatch.choose_implementation``).
+# (activation, LoRA weight) dtypes compiled by ``fastpeft check``. The expand and dX dots
+# run in the adapter's dtype (``tile_utils.rank_dot``), so fp32 adapters (tf32 dots) and 16-bit
+# adapters (16-bit dots) are different code, for both 16-bit activations. fp32 activations
+# never reach the kernels on a GPU (``lora_dispatch.choose_implementation``).
 HYBRID_DTYPE_CASES = (("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp32"), ("fp16", "fp16"))
-_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# ``lora_launch._numerics`` of 16-bit activations on a GPU: native tensor-core dots, tf32 for
+# fp32 operands.
+GPU_NUMERICS = {"UPCAST": False, "PRECISION": "tf32"}
 
 
 def forward_tile_choices() -> list[TileConfig]:
@@ -186,15 +178,14 @@ def hybrid_kernel_specs(spec: Callable[..., KernelSpec]) -> list[KernelSpec]:
     """
     specs = []
     for (act, lora), r, drop in itertools.product(HYBRID_DTYPE_CASES, BLOCK_R_CHOICES, (False, True)):
-        numerics = rank_numerics(_TORCH_DTYPES[act], _TORCH_DTYPES[lora], interpret=False)
         for t in forward_tile_choices():
             specs.append(spec(
                 lora_hybrid_fwd_kernel, "lora_hybrid_fwd", act, lora,
                 {"HAS_BIAS": True, "HAS_DROPOUT": drop, "BLOCK_M": t.block_m, "BLOCK_N": t.block_n,
-                 "BLOCK_K": t.block_k, "BLOCK_R": r, **numerics},
+                 "BLOCK_K": t.block_k, "BLOCK_R": r, **GPU_NUMERICS},
                 t, wgmma=t.block_m >= 64))
         specs.append(spec(
             lora_hybrid_dx_kernel, "lora_hybrid_dx", act, lora,
-            {"HAS_DROPOUT": drop, "BLOCK_M": _DX.block_m, "BLOCK_K": _DX.block_n, "BLOCK_R": r, **numerics},
+            {"HAS_DROPOUT": drop, "BLOCK_M": _DX.block_m, "BLOCK_K": _DX.block_n, "BLOCK_R": r, **GPU_NUMERICS},
             _DX, wgmma=_DX.block_m >= 64))
     return specs
