@@ -74,7 +74,8 @@ def test_validated_auto_follows_the_table(monkeypatch, on_h100):
 @needs_triton
 @pytest.mark.parametrize("choice", ["triton", "hybrid"])
 def test_what_always_takes_the_torch_path(monkeypatch, choice):
-    """Ranks above MAX_RANK, empty problems, float64, fp32 activations on a GPU."""
+    """Ranks above MAX_RANK, empty problems, float64, fp32 activations on a GPU, and CUDA
+    problems the kernels would launch unaligned (``lora_configs.kernel_friendly``)."""
     monkeypatch.setenv("FASTPEFT_BACKEND", choice)
     cases = [
         _problem(8, 64, 64, lora_configs.MAX_RANK + 1),
@@ -83,12 +84,15 @@ def test_what_always_takes_the_torch_path(monkeypatch, choice):
         _problem(8, 64, 64, 4, dtype=torch.float32),
         _problem(8, 64, 64, 4, dtype=torch.float16, lora_dtype=torch.float64),
         _problem(8, 64, 64, 4, dtype=torch.float64, device="cpu"),
+        _problem(8, 4095, 64, 4),
+        _problem(8, 64, 1031, 4),
     ]
     for args in cases:
         assert choose_implementation(*args, FORWARD) == TORCH
-    # fp32 activations and fp32 adapters reach the kernels in the interpreter only.
+    # fp32 activations and unaligned shapes reach the kernels in the interpreter only.
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert choose_implementation(*_problem(8, 64, 64, 4, dtype=torch.float32, device="cpu"), FORWARD) != TORCH
+    assert choose_implementation(*_problem(8, 4095, 1031, 4, device="cpu"), FORWARD) != TORCH
 
 
 def test_cpu_tensors_take_the_torch_path_without_the_interpreter(monkeypatch):

@@ -68,7 +68,7 @@ from typing import Any
 import torch
 
 from fastpeft.backend import backend_choice, use_triton
-from fastpeft.kernels.lora_configs import MAX_RANK, device_info
+from fastpeft.kernels.lora_configs import MAX_RANK, device_info, kernel_friendly
 
 FUSED, HYBRID, TORCH = "fused", "hybrid", "torch"
 IMPLEMENTATIONS = (FUSED, HYBRID, TORCH)
@@ -90,14 +90,19 @@ def choose_implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.T
     pass ``pass_`` (``FORWARD`` or ``BACKWARD``).
 
     The torch path takes ranks above MAX_RANK, empty problems (any of M, K, N zero), float64
-    (no tensor cores; the kernels' tiles are sized for 16-bit) and fp32 activations on a GPU:
-    Triton's IEEE-fp32 ``tl.dot`` runs on FMA units, with tiles too small to compete with
-    cuBLAS, and the kernels are compiled and checked for 16-bit activations only (fp32 still
-    runs the kernels in the interpreter).
+    (no tensor cores; the kernels' tiles are sized for 16-bit), fp32 activations on a GPU
+    (Triton's IEEE-fp32 ``tl.dot`` runs on FMA units, with tiles too small to compete with
+    cuBLAS, and the kernels are compiled and checked for 16-bit activations only; fp32 still
+    runs the kernels in the interpreter), and CUDA problems whose x or W would launch a
+    variant ``fastpeft check`` does not compile (``lora_configs.kernel_friendly``: e.g. K or N
+    not a multiple of 16, where the unaligned 64-row hybrid forward tile spills hundreds of
+    bytes; the launchers make the small operands comply).
     """
     if lora_a.shape[0] > MAX_RANK or x.numel() == 0 or weight.numel() == 0 or not use_triton(x.device):
         return TORCH
     if torch.float64 in (x.dtype, lora_a.dtype) or (x.dtype == torch.float32 and x.device.type == "cuda"):
+        return TORCH
+    if not kernel_friendly(x, weight):
         return TORCH
     choice = backend_choice()
     if choice == "triton":
