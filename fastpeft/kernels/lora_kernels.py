@@ -60,6 +60,7 @@ import triton
 import triton.language as tl
 
 from fastpeft.kernels.philox_dropout import keep_mask
+from fastpeft.kernels.shrink_tile import shrink_rows
 from fastpeft.kernels.tile_utils import output_tile, rank_dot, sum_partials, to_compute
 
 
@@ -109,34 +110,22 @@ def lora_shrink_kernel(
     """``part[split, m, :R] = scale * sum over this split's K range of x_hat[m, k] A[:, k]``.
 
     Grid ``(cdiv(M, BLOCK_M), splits)``; part is fp32 ``[splits, M, R]`` and its consumers
-    sum the splits in a fixed order. Operands are widened to fp32 (see the module docstring).
+    sum the splits in a fixed order. The loop is ``shrink_tile.shrink_rows`` (shared with the
+    hybrid forward): operands widened to fp32; ``scale`` (1/(1-p), or the LoRA scaling for
+    dS) multiplies the fp32 sum here.
     """
-    pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     m_ok = offs_m < M
-    r_ok = offs_r < R
     k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + (k_start + offs_k)[None, :] * stride_xk
-    a_ptrs = a_ptr + offs_r[None, :] * stride_ar + (k_start + offs_k)[:, None] * stride_ak
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-    s_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        k_ok = offs_k < k_end - k0
-        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        if HAS_DROPOUT:
-            # Masking is exact; the 1/(1-p) scale is applied to the fp32 sum.
-            x = tl.where(keep_mask(seed, offs_m, k0, K, threshold, BLOCK_M, BLOCK_K), x, 0.0)
-        a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
-        s_acc = tl.dot(x, a, s_acc, input_precision=PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        a_ptrs += BLOCK_K * stride_ak
+    s_acc = shrink_rows(
+        x_ptr, a_ptr, seed_ptr, offs_m, m_ok, k_start, tl.minimum(k_start + k_per_split, K), K, R,
+        stride_xm, stride_xk, stride_ar, stride_ak, threshold,
+        HAS_DROPOUT, BLOCK_M, BLOCK_K, BLOCK_R, PRECISION,
+    )
     part_ptrs = part_ptr + (pid_k.to(tl.int64) * M + offs_m)[:, None] * R + offs_r[None, :]
-    tl.store(part_ptrs, s_acc * scale, mask=m_ok[:, None] & r_ok[None, :])
+    tl.store(part_ptrs, s_acc * scale, mask=m_ok[:, None] & (offs_r < R)[None, :])
 
 
 @triton.jit
