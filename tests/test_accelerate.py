@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import copy
 import os
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 import fastpeft
@@ -30,10 +28,8 @@ from tests.test_distributed import (
     BATCH_SEED,
     COLLECTIVE_TIMEOUT_S,
     PER_RANK,
-    SPAWN_TIMEOUT_S,
     WORLD,
-    _free_port,
-    _loopback_interface,
+    spawn_ranks,
 )
 from tests.test_training_parity import build_model, lora_config, lora_grads, lora_model, one_thread, shift_batch
 
@@ -202,24 +198,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict]:
-    """Spawn ``WORLD`` ranks running ``_worker`` (bounded by ``SPAWN_TIMEOUT_S``); their results."""
-    out_dir = tmp_path_factory.mktemp("accelerate_ranks")
-    loopback = _loopback_interface()
-    with pytest.MonkeyPatch.context() as env:
-        if loopback is not None and "GLOO_SOCKET_IFNAME" not in os.environ:
-            env.setenv("GLOO_SOCKET_IFNAME", loopback)  # else gloo binds the hostname's interface
-        context = mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD,
-                                     join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not context.join(timeout=max(deadline - time.monotonic(), 0.0)):
-            if time.monotonic() >= deadline:
-                pytest.fail(f"accelerate workers still running after {SPAWN_TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    """The results of ``WORLD`` ranks running ``_worker``."""
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("accelerate_ranks"), "accelerate")
 
 
 def test_ddp_through_accelerate_matches_one_process(rank_results):

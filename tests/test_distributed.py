@@ -154,26 +154,31 @@ def _loopback_interface() -> str | None:
     return next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
 
 
-@pytest.fixture(scope="module")
-def rank_results(tmp_path_factory) -> list[dict]:
-    """Spawn ``WORLD`` ranks running ``_worker`` (bounded by ``SPAWN_TIMEOUT_S``); their results."""
-    out_dir = tmp_path_factory.mktemp("ranks")
+def spawn_ranks(worker: Callable[[int, int, str], None], out_dir: Path, what: str) -> list[dict]:
+    """Spawn ``WORLD`` ranks running ``worker(rank, port, out_dir)`` (bounded by
+    ``SPAWN_TIMEOUT_S``); the results each saved as ``rank{r}.pt`` in ``out_dir``."""
     loopback = _loopback_interface()
     with pytest.MonkeyPatch.context() as env:
         if loopback is not None and "GLOO_SOCKET_IFNAME" not in os.environ:
             env.setenv("GLOO_SOCKET_IFNAME", loopback)  # else gloo binds the hostname's interface
-        context = mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD,
+        context = mp.start_processes(worker, args=(_free_port(), str(out_dir)), nprocs=WORLD,
                                      join=False, start_method="spawn")
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     try:
         while not context.join(timeout=max(deadline - time.monotonic(), 0.0)):
             if time.monotonic() >= deadline:
-                pytest.fail(f"distributed workers still running after {SPAWN_TIMEOUT_S} s")
+                pytest.fail(f"{what} workers still running after {SPAWN_TIMEOUT_S} s")
     finally:
         for process in context.processes:
             if process.is_alive():
                 process.kill()
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory) -> list[dict]:
+    """The results of ``WORLD`` ranks running ``_worker``."""
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("ranks"), "distributed")
 
 
 @pytest.fixture(scope="module")
