@@ -7,7 +7,6 @@ Triton's interpreter; shapes are small."""
 from __future__ import annotations
 
 import contextlib
-import warnings
 
 import pytest
 import torch
@@ -24,9 +23,13 @@ from fastpeft.kernels.lora_configs import (  # noqa: E402
 )
 from fastpeft.ops import lora_linear, lora_linear_ref  # noqa: E402
 from tests.conftest import DEVICE  # noqa: E402
-from tests.model_helpers import peft  # noqa: E402
 from tests.numerics import TOLERANCE, assert_close, relative_error  # noqa: E402
 from tests.test_kernel_specs import _launch_key, _Recorder, _spec_key  # noqa: E402
+from tests.test_lora_linear_edge_cases import (  # noqa: E402
+    OVERFLOW_N,
+    OVERFLOW_SCALING,
+    overflowing_fp32_adapter_case,
+)
 from tests.test_lora_linear_op import SCALING, check_against_reference, make_problem  # noqa: E402
 
 CUDA = torch.device("cuda")
@@ -264,21 +267,10 @@ def test_fp32_adapter_branch_stays_fp32_like_peft(triton_backend):
     (Not bf16 here: the interpreter converts fp32 to bf16 by truncation, not rounding, which
     alone doubles the output's error; on a GPU the conversion rounds.)"""
     dtype = torch.float16
-    k, n, r, scaling = 64, 48, 8, 64.0
-    model = torch.nn.Sequential(torch.nn.Linear(k, n)).to(DEVICE, dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        config = peft.LoraConfig(r=r, lora_alpha=scaling * r, target_modules=["0"])
-        layer = peft.get_peft_model(model, config).base_model.model[0]
-    base = layer.base_layer
-    with torch.no_grad():
-        layer.lora_A["default"].weight.normal_(0, 1.0)
-        layer.lora_B["default"].weight.normal_(0, 1e-3)
+    layer, x = overflowing_fp32_adapter_case(dtype)
+    base, scaling, n = layer.base_layer, OVERFLOW_SCALING, OVERFLOW_N
     weights = (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
     a, b = (t.detach().clone().requires_grad_() for t in weights)
-    assert a.dtype == torch.float32
-    x = (1000 * torch.randn(6, k, device=DEVICE)).to(dtype)
-    assert (x.float() @ a.t() * scaling).abs().max() > 65504, "the case must overflow a 16-bit rank-r side"
     ours = lora_linear(x, base.weight, base.bias, a, b, scaling)
     with torch.no_grad():
         theirs = layer(x)

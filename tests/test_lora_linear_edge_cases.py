@@ -78,6 +78,29 @@ def test_double_backward_gradient_penalty(backend, dtype, dropout_p):
         assert_close(got, want, dtype, f"double-backward {what}")
 
 
+# The overflowing fp32-adapter case: scaling 64 and |x| ~ 1000 put s * scaling past fp16's
+# largest value (65504), while y itself stays in range.
+OVERFLOW_K, OVERFLOW_N, OVERFLOW_R, OVERFLOW_SCALING = 64, 48, 8, 64.0
+
+
+def overflowing_fp32_adapter_case(dtype: torch.dtype):
+    """PEFT's ``lora.Linear`` on a ``dtype`` base with fp32 adapters (its default) and an
+    input whose rank-r intermediate overflows 16 bits: ``(peft_layer, x)``."""
+    model = torch.nn.Sequential(torch.nn.Linear(OVERFLOW_K, OVERFLOW_N)).to(DEVICE, dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = peft.LoraConfig(r=OVERFLOW_R, lora_alpha=OVERFLOW_SCALING * OVERFLOW_R, target_modules=["0"])
+        layer = peft.get_peft_model(model, config).base_model.model[0]
+    with torch.no_grad():
+        layer.lora_A["default"].weight.normal_(0, 1.0)
+        layer.lora_B["default"].weight.normal_(0, 1e-3)
+    a = layer.lora_A["default"].weight
+    assert a.dtype == torch.float32
+    x = (1000 * torch.randn(6, OVERFLOW_K, device=DEVICE)).to(dtype)
+    assert (x.float() @ a.t() * OVERFLOW_SCALING).abs().max() > 65504, "the case must overflow a 16-bit rank-r side"
+    return layer, x
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_fp32_adapter_branch_stays_fp32_like_peft(monkeypatch, dtype):
     """fp32 adapters on a 16-bit base (PEFT's default) with ``s * scaling`` far beyond
@@ -85,20 +108,9 @@ def test_fp32_adapter_branch_stays_fp32_like_peft(monkeypatch, dtype):
     through the B product, as PEFT does, so the output is finite and no less accurate than
     PEFT's own layer against float64."""
     monkeypatch.setenv("FASTPEFT_BACKEND", "torch")
-    k, n, r, scaling = 64, 48, 8, 64.0
-    model = torch.nn.Sequential(torch.nn.Linear(k, n)).to(DEVICE, dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        config = peft.LoraConfig(r=r, lora_alpha=scaling * r, target_modules=["0"])
-        layer = peft.get_peft_model(model, config).base_model.model[0]
-    base = layer.base_layer
-    with torch.no_grad():
-        layer.lora_A["default"].weight.normal_(0, 1.0)
-        layer.lora_B["default"].weight.normal_(0, 1e-3)
+    layer, x = overflowing_fp32_adapter_case(dtype)
+    base, scaling = layer.base_layer, OVERFLOW_SCALING
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    assert a.dtype == torch.float32
-    x = (1000 * torch.randn(6, k, device=DEVICE)).to(dtype)
-    assert (x.float() @ a.t() * scaling).abs().max() > 65504, "the case must overflow a 16-bit rank-r side"
     ours = lora_linear(x, base.weight, base.bias, a, b, scaling)
     theirs = layer(x)
     exact = lora_linear_ref(x.double(), base.weight.double(), base.bias.double(), a.double(), b.double(), scaling)
