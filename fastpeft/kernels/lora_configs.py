@@ -21,8 +21,6 @@ from functools import lru_cache
 
 import torch
 
-from fastpeft.backend import interpreting
-
 # LoRA ranks the Triton kernels take: the rank is padded to a power of two >= 16 (tl.dot
 # needs every dimension >= 16) and kept <= 64: with rank 128 the fp32 s tile and the B tile
 # beside the GEMM accumulator spill registers on every tile worth using (fastpeft check).
