@@ -127,6 +127,7 @@ def _entry(impl: str, pass_: str | None = None, **conditions) -> dict:
     return {**conditions, "implementation": impl, "measured": "unmeasured: test"}
 
 
+# A table with every kind of condition: M ranges, two shapes, an arch family, a shapeless fallback.
 TABLE = {"schema": SCHEMA, "entries": [
     _entry(FUSED, arch="sm_90", dtype="bfloat16", pass_=FORWARD, n=4096, k=4096, m_max=64),
     _entry(HYBRID, arch="sm_90", dtype="bfloat16", pass_=FORWARD, n=4096, k=4096, m_min=65),
@@ -202,6 +203,7 @@ def _bench(rows: list[dict]) -> dict:
             "timings": rows}
 
 
+# A synthetic benchmark run on one shape: three Ms forward, one M backward at two ranks.
 BENCH = _bench([
     # forward: fused wins at decode, hybrid at prefill
     _row(FUSED, "fwd", 1, 0.010), _row(HYBRID, "fwd", 1, 0.014), _row(TORCH, "fwd", 1, 0.030),

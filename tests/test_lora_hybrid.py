@@ -25,6 +25,8 @@ from tests import test_lora_linear_registration as registration  # noqa: E402
 from tests.conftest import DEVICE  # noqa: E402
 from tests.test_lora_linear_op import SCALING, check_against_reference, make_problem  # noqa: E402
 
+# Activation dtypes: fp32 runs the kernels in the interpreter only; bf16 is computed in fp32
+# there (UPCAST), so only a GPU run covers bf16 arithmetic (tests/test_gpu.py).
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 # The kernels run on DEVICE's tensors only on a GPU or in the interpreter: elsewhere (a CPU
@@ -189,7 +191,7 @@ def test_functional_op_compiles_without_graph_breaks():
 
 # (SM count, capability) of an A100 and an H100/H200.
 GPUS = [(108, 80), (132, 90)]
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # the specs' names
 
 
 def _run_on_meta(m: int, n: int, k: int, rank: int, dropout: bool, act: torch.dtype, lora: torch.dtype) -> None:

@@ -70,15 +70,20 @@ import torch
 from fastpeft.backend import backend_choice, use_triton
 from fastpeft.kernels.lora_configs import MAX_RANK, device_info, kernel_friendly
 
+# The implementations, named as the benchmark's rows are (and as FASTPEFT_BACKEND's choices
+# hybrid and torch; "fused" is what FASTPEFT_BACKEND=triton forces).
 FUSED, HYBRID, TORCH = "fused", "hybrid", "torch"
 IMPLEMENTATIONS = (FUSED, HYBRID, TORCH)
+# The op's two passes; a table decides each on its own.
 FORWARD, BACKWARD = "forward", "backward"
 PASSES = (FORWARD, BACKWARD)
+# Versions the table format: a reader refuses a table written for another one.
 SCHEMA = "fastpeft-lora-dispatch/1"
+# The shipped table, package data next to this module.
 TABLE_FILE = "lora_dispatch_table.json"
 # Benchmark modes (fastpeft.bench.cases) and the pass each one decides.
 BENCH_MODES = {"fwd": FORWARD, "fwd+bwd": BACKWARD}
-
+# The keys of an entry that restrict which problems it decides.
 _CONDITIONS = ("arch", "dtype", "pass", "m_min", "m_max", "n", "k")
 # Architecture families, as in the kernels' tile tables (lora_configs): sm_90 and newer
 # (Hopper tables) and older GPUs (Ampere tables).
