@@ -37,8 +37,10 @@ def keep_mask(x: torch.Tensor, dropout_p: float, seed: torch.Tensor) -> torch.Te
 def _masked(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """``t * D`` for a bool keep-mask (exact in any dtype), or ``t`` when the mask is empty
     (no dropout). The ``1 / (1 - p)`` scale is applied to the rank-r side instead of
-    rounding ``x / (1 - p)`` in a 16-bit dtype."""
-    return t * keep if keep.numel() else t
+    rounding ``x / (1 - p)`` in a 16-bit dtype. The mask is read as uint8 (the same bytes):
+    torch multiplies a float tensor by a uint8 one in a single vectorised pass, but converts
+    a bool operand to the float dtype first (a copy, ~4x slower on the CPU)."""
+    return t * keep.view(torch.uint8) if keep.numel() else t
 
 
 def lora_rank_side(x: torch.Tensor, lora_a: torch.Tensor, dropout_p: float, keep: torch.Tensor) -> torch.Tensor:
