@@ -21,6 +21,7 @@ from fastpeft.kernels.lora_configs import (  # noqa: E402
     plan_backward,
     plan_forward,
 )
+from fastpeft.kernels.lora_hybrid_launch import hybrid_backward  # noqa: E402
 from fastpeft.ops import lora_linear, lora_linear_ref  # noqa: E402
 from tests.conftest import DEVICE  # noqa: E402
 from tests.numerics import TOLERANCE, assert_close, relative_error  # noqa: E402
@@ -88,10 +89,8 @@ def test_every_launch_runs_inside_on_device_of_the_tensors(monkeypatch, every_sp
     grad_y = torch.randn_like(y)
     lora_launch.lora_backward(grad_y, pb.x, pb.weight, pb.lora_a, pb.lora_b, s, SCALING, 0.2, seed, True, True, True)
     assert len(entered) == 2 and entered[1] is pb.x
-    plan = plan_backward(37, 160, 192, 4, True, DEVICE)
-    ds, _ = lora_launch.lora_dy_pass(grad_y, pb.lora_b, s, SCALING, plan)
-    lora_launch.lora_da_pass(pb.x, ds, seed, 0.2, plan)
-    assert entered[2] is grad_y and entered[3] is pb.x and depth[0] == 0
+    hybrid_backward(grad_y, pb.x, pb.weight, pb.lora_a, pb.lora_b, s, SCALING, 0.2, seed, True, True, True)
+    assert len(entered) == 3 and entered[2] is pb.x and depth[0] == 0
 
 
 # --- no atomics: reproducible gradients ---------------------------------------------------

@@ -213,7 +213,7 @@ def test_every_hybrid_launch_is_checked(monkeypatch, act, lora):
     """Every launch the hybrid launchers make, reduced to what Triton's launcher specializes
     on (tests/test_kernel_specs.py's recorder, on meta tensors as on a GPU), is a spec that
     ``fastpeft check`` compiles, on the architecture that launches it: the hybrid kernels in
-    every dtype case, the fused path's passes over dY and x (``lora_dy_pass``, ``lora_da_pass``)
+    every dtype case, the fused path's passes over dY and x (``lora_launch.lora_backward``)
     in the dtype cases the fused specs cover (``lora_specs.DTYPE_CASES``). Problems are
     ``kernel_friendly`` (K, N multiples of 16); M and the rank are arbitrary."""
     compiled = {recorder._spec_key(s): s for s in all_kernel_specs()}

@@ -7,9 +7,9 @@ keep-mask ``D`` (Philox, drawn from the op's seed), ``x_hat = D * x / (1-p)``,
 Forward   ``lora_hybrid_fwd_kernel`` writes ``y = bias + scaling * s B^T`` and ``s``; the launcher
           then runs ``y.addmm_(x, W^T)``: cuBLAS adds the base GEMM into y in its epilogue.
 Backward  the fused path's passes over dY give ``dS = scaling * dY B`` and
-          ``dB = scaling * dY^T s`` (``lora_launch.lora_dy_pass``); ``lora_hybrid_dx_kernel``
+          ``dB = scaling * dY^T s`` (``lora_launch.lora_backward``'s passes); ``lora_hybrid_dx_kernel``
           writes ``dX_lora = D * (dS A) / (1-p)`` and cuBLAS accumulates ``dY W`` onto it; the
-          fused path's pass over x gives ``dA = dS^T x_hat`` (``lora_launch.lora_da_pass``).
+          fused path's pass over x gives ``dA = dS^T x_hat`` (``lora_launch.lora_backward``).
 
 Numerics as in the fused kernels: ``x_hat A^T`` with operands widened to fp32
 (``shrink_tile.shrink_rows``), ``s B^T`` and ``dS A`` in the LoRA weights' dtype

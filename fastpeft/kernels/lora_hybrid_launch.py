@@ -3,10 +3,10 @@ a LoRA term that Triton writes (kernels in ``lora_hybrid_kernels.py``).
 
     forward   y = bias + scaling * s B^T        (Triton, also writes s = x_hat A^T)
               y += x W^T                        (cuBLAS: y.addmm_(x, W^T), beta = 1)
-    backward  dS = scaling dY B, dB             (Triton: lora_launch.lora_dy_pass, the fused path's)
+    backward  dS = scaling dY B, dB             (Triton: the fused path's passes, lora_launch.lora_backward)
               dX = D * (dS A) / (1-p)           (Triton, mask regenerated from the seed)
               dX += dY W                        (cuBLAS: dx.addmm_(dY, W))
-              dA = dS^T x_hat                   (Triton: lora_launch.lora_da_pass, the fused path's)
+              dA = dS^T x_hat                   (Triton: the fused path's pass over x)
 
 Same contract and argument conventions as the fused launchers (``lora_launch``, whose helpers
 these use): 2-D inputs with any strides (on a GPU, A, B and the bias are copied when they
@@ -29,13 +29,13 @@ from fastpeft.kernels.aot_spec import KernelSpec
 from fastpeft.kernels.launch_device import on_device_of
 from fastpeft.kernels.lora_configs import (
     BLOCK_R_CHOICES,
+    BackwardPlan,
     MEDIUM_MAX_M,
     PROGRAMS_PER_SM,
     TileConfig,
     block_r,
     cdiv,
     device_info,
-    plan_backward,
 )
 from fastpeft.kernels.lora_hybrid_kernels import lora_hybrid_dx_kernel, lora_hybrid_fwd_kernel
 
@@ -121,29 +121,31 @@ def hybrid_backward(
     need_b: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dX [M, K], dA [R, K], dB [N, R])``, each None unless asked for; 2-D grad_y ``[M, N]``
-    and the forward's fp32 ``s``. dA and dB in the LoRA weights' dtype, dX in x's."""
-    m, k = x.shape
-    n, rank = weight.shape[0], lora_a.shape[0]
-    plan = plan_backward(m, n, k, rank, dropout_p > 0.0, x.device)
-    dx = da = None
-    with on_device_of(x):
-        ds, db = lora_launch.lora_dy_pass(grad_y, lora_b, s, scaling, plan)
-        if need_x:
-            threshold, keep_scale = lora_launch._dropout_args(dropout_p)
-            a = lora_launch._launchable(lora_a)
-            dx = lora_launch._empty((m, k), x.dtype, x.device)
-            lora_hybrid_dx_kernel[(cdiv(m, _DX.block_m), cdiv(k, _DX.block_n))](
-                ds, a, seed, dx,
-                m, k, rank,
-                *lora_launch._strides(a),
-                threshold, keep_scale,
-                HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=_DX.block_m, BLOCK_K=_DX.block_n, BLOCK_R=block_r(rank),
-                num_warps=_DX.num_warps, num_stages=_DX.num_stages, **lora_launch._numerics(x.dtype, lora_a.dtype),
-            )
-            dx.addmm_(grad_y, weight)
-        if need_a:
-            da = lora_launch.lora_da_pass(x, ds, seed, dropout_p, plan).to(lora_a.dtype)
-    return dx, da, db.to(lora_b.dtype) if need_b else None
+    and the forward's fp32 ``s``: the fused path's backward (``lora_launch.lora_backward``,
+    which skips the passes a gradient not asked for needs) with dX formed by ``_hybrid_dx``."""
+    return lora_launch.lora_backward(
+        grad_y, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_x, need_a, need_b, dx=_hybrid_dx,
+    )
+
+
+def _hybrid_dx(
+    grad_y: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor,
+    dropout_p: float, plan: BackwardPlan,
+) -> torch.Tensor:
+    """``dX = D * (dS A) / (1-p)`` written by Triton (mask regenerated from ``seed``), then
+    ``dX += dY W`` by cuBLAS accumulating onto it; in dY's dtype."""
+    m, k, rank = grad_y.shape[0], weight.shape[1], lora_a.shape[0]
+    threshold, keep_scale = lora_launch._dropout_args(dropout_p)
+    dx = lora_launch._empty((m, k), grad_y.dtype, grad_y.device)
+    lora_hybrid_dx_kernel[(cdiv(m, _DX.block_m), cdiv(k, _DX.block_n))](
+        ds, lora_a, seed, dx,
+        m, k, rank,
+        *lora_launch._strides(lora_a),
+        threshold, keep_scale,
+        HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=_DX.block_m, BLOCK_K=_DX.block_n, BLOCK_R=block_r(rank),
+        num_warps=_DX.num_warps, num_stages=_DX.num_stages, **lora_launch._numerics(grad_y.dtype, lora_a.dtype),
+    )
+    return dx.addmm_(grad_y, weight)
 
 
 # (activation, LoRA weight) dtypes compiled by ``fastpeft check``. The expand and dX dots

@@ -11,6 +11,8 @@ atomics (``lora_kernels``): every result is bitwise reproducible, so
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from fastpeft.backend import interpreting
@@ -215,8 +217,15 @@ def lora_backward(
     need_x: bool,
     need_a: bool,
     need_b: bool,
+    *,
+    dx: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """``(dX [M, K], dA [R, K], dB [N, R])``, each None unless asked for; 2-D grad_y ``[M, N]``."""
+    """``(dX [M, K], dA [R, K], dB [N, R])``, each None unless asked for; 2-D grad_y ``[M, N]``.
+
+    ``dx``: how dX is formed from ``(grad_y, weight, lora_a, dS, seed, dropout_p, plan)``;
+    the fused GEMM (``_dx``) by default, the cuBLAS-hybrid path passes its own. The passes
+    for dS, dA and dB are the same for both."""
+    dx_fn = dx or _dx
     m, k = x.shape
     n, rank = weight.shape[0], lora_a.shape[0]
     dx = da = db = None
@@ -229,7 +238,7 @@ def lora_backward(
             return dx, da, db
         ds = _ds_pass(grad_y, lora_b, scaling, plan)
         if need_x:
-            dx = _dx(grad_y, weight, lora_a, ds, seed, dropout_p, plan)
+            dx = dx_fn(grad_y, weight, lora_a, ds, seed, dropout_p, plan)
         if need_a:
             da = _da_pass(x, ds, seed, dropout_p, plan, lora_a.dtype)
     return dx, da, db
@@ -320,26 +329,6 @@ def _db_pass(
 ) -> torch.Tensor:
     """``dB [N, R] = scaling * dY^T s`` in ``dtype`` for the forward's fp32 ``s``."""
     return _wgrad(s, grad_y, _no_seed(grad_y.device), scaling, 0.0, plan.wgrad, plan.db_split, True, dtype)
-
-
-def lora_dy_pass(
-    grad_y: torch.Tensor, lora_b: torch.Tensor, s: torch.Tensor, scaling: float, plan: BackwardPlan,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dS [M, R], dB [N, R])`` for dY ``[M, N]``, both fp32: ``dS = scaling * dY B`` and
-    ``dB = scaling * dY^T s`` for the forward's fp32 ``s`` (two bandwidth-bound passes over
-    dY; ``lora_bwd_wgrad_kernel`` says why not one). On dY's device."""
-    with on_device_of(grad_y):
-        grad_y = _launchable(grad_y)
-        return _ds_pass(grad_y, lora_b, scaling, plan), _db_pass(grad_y, s, scaling, plan, torch.float32)
-
-
-def lora_da_pass(
-    x: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor, dropout_p: float, plan: BackwardPlan,
-) -> torch.Tensor:
-    """``dA [R, K] = dS^T x_hat`` (fp32) from one pass over x ``[M, K]``, the dropout mask
-    regenerated from ``seed``; ``dS`` is ``lora_dy_pass``'s. On x's device."""
-    with on_device_of(x):
-        return _da_pass(x, ds, seed, dropout_p, plan, torch.float32)
 
 
 # Tile of the mask-writing kernel; any power-of-two multiple of 4 works (tests only).
