@@ -3,7 +3,7 @@
 ``FASTPEFT_BACKEND`` (read at every call, so tests can switch it):
 - ``auto`` (default): the torch path, and for CUDA tensors, once ``KERNELS_VALIDATED_ON_GPU``
   is set, the implementation the per-shape dispatch table picks
-  (``fastpeft.kernels.lora_dispatch``).
+  (``fastpeft.kernels.lora.dispatch``).
 - ``triton``: the fused Triton kernels (base GEMM and LoRA term in one kernel) for CUDA
   tensors; CPU tensors take them only under Triton's interpreter (``TRITON_INTERPRET=1``, set
   before Triton is imported), which is how the tests run the kernels without a GPU, and the
@@ -53,7 +53,7 @@ def backend_choice() -> str:
 
 def use_triton(device: torch.device) -> bool:
     """Whether tensors on ``device`` go to Triton kernels (fused or hybrid) under the current
-    setting; which of the two is ``fastpeft.kernels.lora_dispatch``'s choice."""
+    setting; which of the two is ``fastpeft.kernels.lora.dispatch``'s choice."""
     choice = backend_choice()
     if choice == "torch":
         return False

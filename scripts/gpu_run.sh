@@ -24,7 +24,7 @@
 #   grid       fastpeft bench (end-to-end step, then the grid) with the kernels forced
 #              (FASTPEFT_BACKEND=triton): the time left, at least GRID_MIN  rest -> bench.json, bench.md, bench.log
 #   dispatch   a dispatch table from the focused timings (fp32 adapters),
-#              when python -m fastpeft.kernels.lora_dispatch can write one    20 -> dispatch.json
+#              when python -m fastpeft.kernels.lora.dispatch can write one    20 -> dispatch.json
 #   summary    GPU, driver, versions, each step, test counts per group,
 #              the focused ratio table; the plumbing verdict                 20 -> summary.txt
 # That is at most 8 files, no subfolders. Everything ends by TOTAL_BUDGET (7 min) plus at most
@@ -231,9 +231,9 @@ run_step grid "$grid_limit" "$RESULTS/bench.log" \
     env "${GRID_ENV[@]}" "$PY" -m fastpeft.bench --json "$RESULTS/bench.json" --markdown "$RESULTS/bench.md"
 
 if [ -f "$WORK/dispatch_input.json" ] \
-    && "$PY" -m fastpeft.kernels.lora_dispatch --help 2>/dev/null | grep -q -- --from-bench; then
+    && "$PY" -m fastpeft.kernels.lora.dispatch --help 2>/dev/null | grep -q -- --from-bench; then
     run_step dispatch "$(limit "$DISPATCH_LIMIT" "$SUMMARY_LIMIT")" "$RESULTS/bench.log" \
-        "$PY" -m fastpeft.kernels.lora_dispatch --from-bench "$WORK/dispatch_input.json" \
+        "$PY" -m fastpeft.kernels.lora.dispatch --from-bench "$WORK/dispatch_input.json" \
         --out "$RESULTS/dispatch.json" "${DISPATCH_ARGS[@]}"
 else
     printf 'dispatch\tskipped\t0\t0\n' >>"$STEPS"

@@ -43,7 +43,7 @@ def poison_kernel_outputs(monkeypatch):
     so an element a kernel forgets to write shows up in the comparison."""
     if not triton_available():
         return
-    from fastpeft.kernels import lora_launch
+    from fastpeft.kernels.lora import launch as lora_launch
 
     def poisoned(shape, dtype, device):
         fill = float("nan") if dtype.is_floating_point else -1

@@ -111,7 +111,7 @@ def test_dispatch_input_keeps_one_adapter_dtype_and_the_writer_reads_it(tiny_run
     usable = focused.dispatch_input(data)
     assert usable["settings"] == data["settings"] and len(usable["timings"]) == len(data["timings"]) // 2
     assert {t["adapter_dtype"] for t in usable["timings"]} == {"float32"}
-    dispatch = pytest.importorskip("fastpeft.kernels.lora_dispatch")
+    dispatch = pytest.importorskip("fastpeft.kernels.lora.dispatch")
     table = dispatch.table_from_bench(usable, "sm_90")
     measured = [e for e in table["entries"] if isinstance(e["measured"], dict)]
     # (forward, backward) x 2 Ms of the one shape

@@ -19,7 +19,7 @@ from tests.test_lora_linear_op import SCALING, make_problem
 @pytest.mark.parametrize("m,k", [(1, 1), (5, 7), (33, 130), (64, 64)])
 @pytest.mark.parametrize("seed", [0, 12345, 2**40 + 7, 2**62 - 1])
 def test_kernel_mask_is_bit_identical_to_torch(m, k, seed):
-    from fastpeft.kernels.lora_launch import dropout_keep_mask
+    from fastpeft.kernels.lora.launch import dropout_keep_mask
 
     seed_t = torch.tensor([seed], dtype=torch.int64, device=DEVICE)
     kernel = dropout_keep_mask(seed_t, m, k, 0.3)

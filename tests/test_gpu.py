@@ -37,8 +37,8 @@ FP32 = torch.float32
 # (module, forward, backward), which the spy test watches.
 KERNEL_BACKENDS = ["triton", "hybrid"]
 LAUNCHERS = {
-    "triton": ("fastpeft.kernels.lora_launch", "lora_forward", "lora_backward"),
-    "hybrid": ("fastpeft.kernels.lora_hybrid_launch", "hybrid_forward", "hybrid_backward"),
+    "triton": ("fastpeft.kernels.lora.launch", "lora_forward", "lora_backward"),
+    "hybrid": ("fastpeft.kernels.lora.hybrid_launch", "hybrid_forward", "hybrid_backward"),
 }
 
 

@@ -25,8 +25,8 @@ from fastpeft.bench.run_summary import Step
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_run.sh"
 # What a run writes: at most 8 files, these names; dispatch.json when the dispatch-table writer
-# (fastpeft.kernels.lora_dispatch) exists.
-DISPATCH_WRITER = importlib.util.find_spec("fastpeft.kernels.lora_dispatch") is not None
+# (fastpeft.kernels.lora.dispatch) exists.
+DISPATCH_WRITER = importlib.util.find_spec("fastpeft.kernels.lora.dispatch") is not None
 EXPECTED_FILES = {"summary.txt", "env.txt", "tests.log", "focused.json", "bench.log", "bench.json", "bench.md",
                   *(["dispatch.json"] if DISPATCH_WRITER else [])}
 

@@ -13,15 +13,16 @@ import torch
 
 pytest.importorskip("triton")
 
-from fastpeft.kernels import all_kernel_specs, lora_configs, lora_launch  # noqa: E402
-from fastpeft.kernels.lora_configs import (  # noqa: E402
+from fastpeft.kernels import all_kernel_specs  # noqa: E402
+from fastpeft.kernels.lora import configs as lora_configs, launch as lora_launch  # noqa: E402
+from fastpeft.kernels.lora.configs import (  # noqa: E402
     aligned_for_kernels,
     gemm_tile,
     kernel_friendly,
     plan_backward,
     plan_forward,
 )
-from fastpeft.kernels.lora_hybrid_launch import hybrid_backward  # noqa: E402
+from fastpeft.kernels.lora.hybrid_launch import hybrid_backward  # noqa: E402
 from fastpeft.ops import lora_linear, lora_linear_ref  # noqa: E402
 from tests.conftest import DEVICE  # noqa: E402
 from tests.numerics import TOLERANCE, assert_close, relative_error  # noqa: E402

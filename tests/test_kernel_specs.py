@@ -21,7 +21,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from fastpeft.kernels import all_kernel_specs, lora_configs, lora_launch  # noqa: E402
+from fastpeft.kernels import all_kernel_specs  # noqa: E402
+from fastpeft.kernels.lora import configs as lora_configs, launch as lora_launch  # noqa: E402
 from fastpeft.kernels.aot_spec import unspecialized_args  # noqa: E402
 
 # (SM count, capability) of an A100 and an H100/H200.

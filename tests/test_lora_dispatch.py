@@ -1,4 +1,4 @@
-"""The per-shape dispatch of the LoRA op (fastpeft.kernels.lora_dispatch): which implementation
+"""The per-shape dispatch of the LoRA op (fastpeft.kernels.lora.dispatch): which implementation
 each FASTPEFT_BACKEND setting picks, the table lookup, the shipped table, and the writer that
 turns benchmark JSON into a table (synthetic bench JSON, CPU only)."""
 
@@ -11,8 +11,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fastpeft import backend
-from fastpeft.kernels import lora_configs, lora_dispatch
-from fastpeft.kernels.lora_dispatch import (
+from fastpeft.kernels.lora import configs as lora_configs, dispatch as lora_dispatch
+from fastpeft.kernels.lora.dispatch import (
     BACKWARD,
     FORWARD,
     FUSED,
@@ -303,5 +303,5 @@ def test_the_table_ships_with_the_package():
     directory, pyproject.toml wheel.packages)."""
     import importlib.resources
 
-    text = importlib.resources.files("fastpeft.kernels").joinpath(lora_dispatch.TABLE_FILE).read_text()
+    text = importlib.resources.files("fastpeft.kernels.lora").joinpath(lora_dispatch.TABLE_FILE).read_text()
     assert json.loads(text)["schema"] == SCHEMA

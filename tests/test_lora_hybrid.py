@@ -14,9 +14,10 @@ import torch
 pytest.importorskip("triton")
 
 from fastpeft.backend import interpreting  # noqa: E402
-from fastpeft.kernels import all_kernel_specs, lora_configs, lora_dispatch, lora_launch  # noqa: E402
-from fastpeft.kernels import lora_hybrid_launch as hybrid  # noqa: E402
-from fastpeft.kernels.lora_specs import DTYPE_CASES  # noqa: E402
+from fastpeft.kernels import all_kernel_specs  # noqa: E402
+from fastpeft.kernels.lora import configs as lora_configs, dispatch as lora_dispatch, launch as lora_launch  # noqa: E402
+from fastpeft.kernels.lora import hybrid_launch as hybrid  # noqa: E402
+from fastpeft.kernels.lora.specs import DTYPE_CASES  # noqa: E402
 from fastpeft.ops import lora_linear_dropout_mask  # noqa: E402
 from fastpeft.ops.dropout_mask import keep_mask_philox  # noqa: E402
 from fastpeft.ops.lora_linear import draw_seed  # noqa: E402

@@ -60,7 +60,7 @@ JSON (schema ``SCHEMA``)::
 in the same run (< 1: faster). ``fastest`` names, per cell, the fastest LoRA row (``overall``)
 and the fastest fastpeft row (``fused``/``hybrid``/``torch``), ``clear`` when that row's range
 lies below every other fastpeft row's. The ``settings``/``timings`` layout is the one
-``python -m fastpeft.kernels.lora_dispatch --from-bench`` reads; ``--dispatch-input`` writes
+``python -m fastpeft.kernels.lora.dispatch --from-bench`` reads; ``--dispatch-input`` writes
 the rows of one adapter dtype for it (the writer keys on rank, not adapter dtype).
 """
 
@@ -97,7 +97,7 @@ SCHEMA = "fastpeft-focused/1"
 
 LINEAR, FUSED, HYBRID, TORCH = "linear", "fused", "hybrid", "torch"
 OK, ERROR, UNAVAILABLE, SKIPPED = "ok", "error", "unavailable", "skipped"
-# The rows fastpeft can dispatch between (``fastpeft.kernels.lora_dispatch``).
+# The rows fastpeft can dispatch between (``fastpeft.kernels.lora.dispatch``).
 FASTPEFT_ROWS = (FUSED, HYBRID, TORCH)
 # The adapter dtype fastpeft uses on 16-bit layers by default (``LoRALinear.from_linear``),
 # whose rows ``--dispatch-input`` hands to the dispatch-table writer.
@@ -647,7 +647,7 @@ def write_json(run: FocusedRun, path: Path) -> None:
 
 def dispatch_input(data: dict[str, Any], adapter_dtype: torch.dtype = DISPATCH_ADAPTER_DTYPE) -> dict[str, Any]:
     """The focused JSON with the timings of one adapter dtype only: what
-    ``python -m fastpeft.kernels.lora_dispatch --from-bench`` reads (it keys rows on rank)."""
+    ``python -m fastpeft.kernels.lora.dispatch --from-bench`` reads (it keys rows on rank)."""
     name = dtype_name(adapter_dtype)
     return {**data, "timings": [t for t in data["timings"] if t["adapter_dtype"] == name]}
 
@@ -774,7 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, required=True, help="the JSON to write (rewritten as the run goes)")
     parser.add_argument("--dispatch-input", type=Path,
                         help=f"also write the {dtype_name(DISPATCH_ADAPTER_DTYPE)}-adapter timings here, for "
-                             "python -m fastpeft.kernels.lora_dispatch --from-bench")
+                             "python -m fastpeft.kernels.lora.dispatch --from-bench")
     parser.add_argument("--budget-s", type=float,
                         help=f"no cell starts after this many seconds "
                              f"(default {GPU_BUDGET_S:g}, --tiny {TINY_BUDGET_S:g})")

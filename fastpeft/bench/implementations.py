@@ -1,7 +1,7 @@
 """The implementations compared, built on the same weights.
 
 - ``base``: the frozen layer alone, ``F.linear(x, W, b)`` (the yardstick for ratios).
-- ``naive``: PEFT's formula in plain PyTorch (``fastpeft.ops.lora_linear_ref``).
+- ``naive``: PEFT's formula in plain PyTorch (``fastpeft.kernels.lora.ref``).
 - ``peft``: HF PEFT's own ``lora.Linear`` (made by ``get_peft_model`` on a one-Linear module).
 - ``compile``: ``torch.compile`` of ``naive``.
 - ``fastpeft``: ``fastpeft.LoRALinear`` (the layer users get; it runs ``fastpeft.ops.lora_linear``).
@@ -25,7 +25,7 @@ from torch import nn
 
 from fastpeft.bench.cases import LayerShape
 from fastpeft.ops.lora_linear import lora_linear
-from fastpeft.ops.lora_linear_ref import lora_linear_ref
+from fastpeft.kernels.lora.ref import lora_linear_ref
 
 # lora_alpha = 2 r (scaling 2), the usual PEFT setting; any nonzero scaling exercises the
 # same kernels, and all implementations get the same value.

@@ -6,7 +6,7 @@
 the torch path's dropout mask, the only activations it saves besides its inputs) and
 ``torch.ops.fastpeft.lora_linear_backward`` the backward; each dispatches, per call, to the
 fused Triton kernels, the cuBLAS-hybrid path or the torch path
-(``fastpeft.kernels.lora_dispatch.choose_implementation``; ``fastpeft.backend``). Dropout
+(``fastpeft.kernels.lora.dispatch.choose_implementation``; ``fastpeft.backend``). Dropout
 draws from a 64-bit seed tensor made on x's device from torch's generator (no host sync,
 CUDA-graph safe); the kernel paths regenerate the mask from it in the backward, the torch
 path keeps it (one byte per element; see ``lora_linear_torch``).
@@ -39,8 +39,8 @@ def _implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
     """``"fused"``, ``"hybrid"`` or ``"torch"`` for this call's ``pass_`` (``"forward"`` or
     ``"backward"``): ``lora_dispatch.choose_implementation`` (torch-only, no Triton import).
     Imported at the first call, not with the package, so that running the table writer
-    (``python -m fastpeft.kernels.lora_dispatch``) does not find it imported already."""
-    from fastpeft.kernels import lora_dispatch
+    (``python -m fastpeft.kernels.lora.dispatch``) does not find it imported already."""
+    from fastpeft.kernels.lora import dispatch as lora_dispatch
 
     return lora_dispatch.choose_implementation(x, weight, lora_a, pass_)
 
@@ -71,9 +71,9 @@ def _lora_linear_forward(
         y, s, keep = lora_forward_torch(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
     else:
         if impl == "fused":
-            from fastpeft.kernels.lora_launch import lora_forward
+            from fastpeft.kernels.lora.launch import lora_forward
         else:
-            from fastpeft.kernels.lora_hybrid_launch import hybrid_forward as lora_forward
+            from fastpeft.kernels.lora.hybrid_launch import hybrid_forward as lora_forward
         y, s = lora_forward(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
         keep = x.new_empty(0, dtype=torch.bool)
     return y.view(*x.shape[:-1], weight.shape[0]), s, keep
@@ -137,9 +137,9 @@ def _lora_linear_backward(
         dx, da, db = lora_backward_torch(g2, x2, weight, lora_a, lora_b, s, keep, scaling, dropout_p, *needs)
     else:
         if impl == "fused":
-            from fastpeft.kernels.lora_launch import lora_backward
+            from fastpeft.kernels.lora.launch import lora_backward
         else:
-            from fastpeft.kernels.lora_hybrid_launch import hybrid_backward as lora_backward
+            from fastpeft.kernels.lora.hybrid_launch import hybrid_backward as lora_backward
         dx, da, db = lora_backward(g2, x2, weight, lora_a, lora_b, s, scaling, dropout_p, seed, *needs)
     return (
         dx.view(x.shape) if dx is not None else x.new_empty(0),
@@ -273,7 +273,7 @@ def lora_linear_dropout_mask(seed: torch.Tensor, m: int, k: int, dropout_p: floa
     """The bool keep-mask ``[m, k]`` the op draws for ``seed`` (a 1-element int64 tensor) on
     the backend in use for ``seed.device``. Tests use it to rebuild a forward's dropout."""
     if use_triton(seed.device):
-        from fastpeft.kernels.lora_launch import dropout_keep_mask
+        from fastpeft.kernels.lora.launch import dropout_keep_mask
 
         return dropout_keep_mask(seed, m, k, dropout_p)
     return keep_mask_torch_path(seed, m, k, dropout_p)

@@ -24,10 +24,10 @@ from collections.abc import Callable
 
 import torch
 
-from fastpeft.kernels import lora_launch
+from fastpeft.kernels.lora import launch as lora_launch
 from fastpeft.kernels.aot_spec import KernelSpec
 from fastpeft.kernels.launch_device import on_device_of
-from fastpeft.kernels.lora_configs import (
+from fastpeft.kernels.lora.configs import (
     BLOCK_R_CHOICES,
     BackwardPlan,
     MEDIUM_MAX_M,
@@ -37,7 +37,7 @@ from fastpeft.kernels.lora_configs import (
     cdiv,
     device_info,
 )
-from fastpeft.kernels.lora_hybrid_kernels import lora_hybrid_dx_kernel, lora_hybrid_fwd_kernel
+from fastpeft.kernels.lora.hybrid_kernels import lora_hybrid_dx_kernel, lora_hybrid_fwd_kernel
 
 # Forward kernel tiles: BLOCK_M rows, BLOCK_N columns of y per step of the expand loop, BLOCK_K
 # columns of x per step of the shrink loop. The kernel is bandwidth-bound (read x, write y).

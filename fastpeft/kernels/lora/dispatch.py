@@ -12,7 +12,7 @@ pure function of shapes, dtypes, device and ``FASTPEFT_BACKEND`` (never of tenso
 compiled graphs and CUDA graphs see the choice eager mode makes). ``triton`` forces ``fused``,
 ``hybrid`` forces ``hybrid``; ``auto`` reads the table, once ``KERNELS_VALIDATED_ON_GPU``.
 
-The table (``lora_dispatch_table.json``, shipped in the package; schema ``SCHEMA``) is a JSON
+The table (``dispatch_table.json``, shipped in the package; schema ``SCHEMA``) is a JSON
 object ``{"schema": SCHEMA, "entries": [...]}``. Each entry has ``"implementation"`` (one of
 ``IMPLEMENTATIONS``), ``"measured"`` (the measurement that chose it: an object
 ``{"gpu", "date", "m", "ranks", "median_ms": {impl: ms}, "ratio"}``, or a string starting with
@@ -34,7 +34,7 @@ backward after a kernel forward regenerates the mask (``fastpeft.ops.lora_linear
 
 Writing a table from benchmark results (the GPU run does this)::
 
-    python -m fastpeft.kernels.lora_dispatch --from-bench bench.json --out table.json [--arch sm_90]
+    python -m fastpeft.kernels.lora.dispatch --from-bench bench.json --out table.json [--arch sm_90]
 
 ``bench.json`` is ``fastpeft bench``'s JSON (schema ``fastpeft-bench/3``); what is read:
 - ``settings``: ``"device_name"`` (the GPU, recorded), ``"date"`` (recorded), ``"dtype"``
@@ -68,7 +68,7 @@ from typing import Any
 import torch
 
 from fastpeft.backend import backend_choice, use_triton
-from fastpeft.kernels.lora_configs import MAX_RANK, device_info, kernel_friendly
+from fastpeft.kernels.lora.configs import MAX_RANK, device_info, kernel_friendly
 
 # The implementations, named as the benchmark's rows are (and as FASTPEFT_BACKEND's choices
 # hybrid and torch; "fused" is what FASTPEFT_BACKEND=triton forces).
@@ -80,7 +80,7 @@ PASSES = (FORWARD, BACKWARD)
 # Versions the table format: a reader refuses a table written for another one.
 SCHEMA = "fastpeft-lora-dispatch/1"
 # The shipped table, package data next to this module.
-TABLE_FILE = "lora_dispatch_table.json"
+TABLE_FILE = "dispatch_table.json"
 # Benchmark modes (fastpeft.bench.cases) and the pass each one decides.
 BENCH_MODES = {"fwd": FORWARD, "fwd+bwd": BACKWARD}
 # The keys of an entry that restrict which problems it decides.
@@ -286,8 +286,8 @@ def _current_arch() -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fastpeft.kernels.lora_dispatch --from-bench bench.json --out table.json``."""
-    parser = argparse.ArgumentParser(prog="python -m fastpeft.kernels.lora_dispatch",
+    """``python -m fastpeft.kernels.lora.dispatch --from-bench bench.json --out table.json``."""
+    parser = argparse.ArgumentParser(prog="python -m fastpeft.kernels.lora.dispatch",
                                      description="Write a LoRA dispatch table from fastpeft bench JSON.")
     parser.add_argument("--from-bench", required=True, metavar="BENCH_JSON", help="fastpeft bench --json output")
     parser.add_argument("--out", required=True, metavar="TABLE_JSON", help="the table to write")

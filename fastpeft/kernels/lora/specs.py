@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 
 from fastpeft.kernels.aot_spec import KernelSpec
-from fastpeft.kernels.lora_configs import (
+from fastpeft.kernels.lora.configs import (
     BLOCK_R_CHOICES,
     GROUP_M,
     TileConfig,
@@ -28,7 +28,7 @@ from fastpeft.kernels.lora_configs import (
     split_epilogue_tile,
     wgrad_tile,
 )
-from fastpeft.kernels.lora_kernels import (
+from fastpeft.kernels.lora.kernels import (
     lora_bwd_dx_kernel,
     lora_bwd_dx_split_epilogue_kernel,
     lora_bwd_wgrad_kernel,
@@ -38,7 +38,7 @@ from fastpeft.kernels.lora_kernels import (
     lora_shrink_kernel,
     sum_partials_kernel,
 )
-from fastpeft.kernels.lora_hybrid_launch import hybrid_kernel_specs
+from fastpeft.kernels.lora.hybrid_launch import hybrid_kernel_specs
 from fastpeft.kernels.philox_dropout import keep_mask_kernel
 
 # (activation dtype, LoRA weight dtype) cases.

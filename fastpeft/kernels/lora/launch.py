@@ -17,7 +17,7 @@ import torch
 
 from fastpeft.backend import interpreting
 from fastpeft.kernels.launch_device import on_device_of
-from fastpeft.kernels.lora_configs import (
+from fastpeft.kernels.lora.configs import (
     GROUP_M,
     BackwardPlan,
     Split,
@@ -30,7 +30,7 @@ from fastpeft.kernels.lora_configs import (
     reduce_tile,
     split_epilogue_tile,
 )
-from fastpeft.kernels.lora_kernels import (
+from fastpeft.kernels.lora.kernels import (
     lora_bwd_dx_kernel,
     lora_bwd_dx_split_epilogue_kernel,
     lora_bwd_wgrad_kernel,
