@@ -43,10 +43,10 @@ def poison_kernel_outputs(monkeypatch):
     so an element a kernel forgets to write shows up in the comparison."""
     if not triton_available():
         return
-    from fastpeft.kernels.lora import launch as lora_launch
+    from fastpeft.kernels import launch_device
 
     def poisoned(shape, dtype, device):
         fill = float("nan") if dtype.is_floating_point else -1
         return torch.full(shape, fill, dtype=dtype, device=device)
 
-    monkeypatch.setattr(lora_launch, "_empty", poisoned)
+    monkeypatch.setattr(launch_device, "empty_output", poisoned)

@@ -2,7 +2,7 @@
 reference: forward and all three gradients, dropout masks equal to the fused kernels',
 mixed per-pass dispatch, registration (opcheck, torch.compile), and every launch it can make
 compiled by ``fastpeft check``. Kernels run in Triton's interpreter on CPU; the conftest
-poisons ``lora_launch._empty``, through which the hybrid launchers allocate their outputs."""
+poisons ``launch_device.empty_output``, through which the hybrid launchers allocate their outputs."""
 
 from __future__ import annotations
 

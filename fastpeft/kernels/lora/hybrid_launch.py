@@ -12,7 +12,7 @@ Same contract and argument conventions as the fused launchers (``lora_launch``, 
 these use): 2-D inputs with any strides (on a GPU, A, B and the bias are copied when they
 would not launch the specialization ``fastpeft check`` compiles; x and W are the dispatcher's
 business, ``lora_configs.kernel_friendly``), fresh contiguous outputs (allocated through
-``lora_launch._empty``, which the tests poison), ``s`` fp32 ``[M, R]``, the dropout mask drawn
+``launch_device.empty_output``, which the tests poison), ``s`` fp32 ``[M, R]``, the dropout mask drawn
 from the seed and never saved, launches on the tensors' device, no host sync (CUDA-graph
 capturable). Every tile chosen here is compiled by ``fastpeft check`` (``hybrid_kernel_specs``).
 """
@@ -26,6 +26,7 @@ import torch
 
 from fastpeft.kernels.lora import launch as lora_launch
 from fastpeft.kernels.aot_spec import KernelSpec
+from fastpeft.kernels import launch_device
 from fastpeft.kernels.launch_device import on_device_of
 from fastpeft.kernels.lora.configs import (
     BLOCK_R_CHOICES,
@@ -88,8 +89,8 @@ def hybrid_forward(
     split = forward_split(m, n, tile, device_info(x.device)[0])
     threshold, keep_scale = lora_launch._dropout_args(dropout_p)
     with on_device_of(x):
-        y = lora_launch._empty((m, n), x.dtype, x.device)
-        s = lora_launch._empty((m, rank), torch.float32, x.device)
+        y = launch_device.empty_output((m, n), x.dtype, x.device)
+        s = launch_device.empty_output((m, rank), torch.float32, x.device)
         bias = lora_launch._bias(bias, y)
         lora_a, lora_b = lora_launch._launchable(lora_a), lora_launch._launchable(lora_b, row_strides=False)
         lora_hybrid_fwd_kernel[(cdiv(m, tile.block_m) * split,)](
@@ -136,7 +137,7 @@ def _hybrid_dx(
     ``dX += dY W`` by cuBLAS accumulating onto it; in dY's dtype."""
     m, k, rank = grad_y.shape[0], weight.shape[1], lora_a.shape[0]
     threshold, keep_scale = lora_launch._dropout_args(dropout_p)
-    dx = lora_launch._empty((m, k), grad_y.dtype, grad_y.device)
+    dx = launch_device.empty_output((m, k), grad_y.dtype, grad_y.device)
     lora_hybrid_dx_kernel[(cdiv(m, _DX.block_m), cdiv(k, _DX.block_n))](
         ds, lora_a, seed, dx,
         m, k, rank,

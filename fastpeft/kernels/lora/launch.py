@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from fastpeft.backend import interpreting
+from fastpeft.kernels import launch_device
 from fastpeft.kernels.launch_device import on_device_of
 from fastpeft.kernels.lora.configs import (
     GROUP_M,
@@ -42,11 +43,6 @@ from fastpeft.kernels.lora.kernels import (
 )
 from fastpeft.kernels.philox_dropout import keep_mask_kernel
 from fastpeft.ops.dropout_mask import dropout_threshold
-
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every output the kernels fully overwrite is allocated here (tests poison it with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _numerics(dtype: torch.dtype, lora_dtype: torch.dtype) -> dict:
@@ -105,7 +101,7 @@ def _sum_partials(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``parts [count, *shape]`` (fp32) summed in order over the first dimension, in ``dtype``."""
     if parts.shape[0] == 1:
         return parts[0].to(dtype)
-    out = _empty(parts.shape[1:], dtype, parts.device)
+    out = launch_device.empty_output(parts.shape[1:], dtype, parts.device)
     numel, t = out.numel(), reduce_tile()
     sum_partials_kernel[(cdiv(numel, t.block_m),)](
         parts, out, numel, parts.shape[0], BLOCK=t.block_m, num_warps=t.num_warps, num_stages=t.num_stages,
@@ -121,7 +117,7 @@ def _shrink(
     m, k = x.shape
     rank = a.shape[0]
     threshold, _ = _dropout_args(dropout_p)
-    parts = _empty((split.count, m, rank), torch.float32, x.device)
+    parts = launch_device.empty_output((split.count, m, rank), torch.float32, x.device)
     lora_shrink_kernel[(cdiv(m, tile.block_m), split.count)](
         x, a, parts, seed,
         m, k, rank, split.length,
@@ -140,7 +136,7 @@ def _gemm_split(
     """fp32 partials ``[split.count, M, n]`` of ``P Q^T`` for P ``[M, RED]`` and Q viewed as
     ``[n, RED]`` with strides ``q_strides`` (``lora_gemm_split_kernel``)."""
     m, red = p.shape
-    parts = _empty((split.count, m, n), torch.float32, p.device)
+    parts = launch_device.empty_output((split.count, m, n), torch.float32, p.device)
     lora_gemm_split_kernel[(cdiv(m, tile.block_m) * cdiv(n, tile.block_n), split.count)](
         p, q, parts,
         m, n, red, split.length,
@@ -168,8 +164,8 @@ def lora_forward(
         plan = plan_forward(m, n, k, rank, dropout_p > 0.0, x.device)
         r_block = block_r(rank)
         numerics = _numerics(x.dtype, lora_a.dtype)
-        y = _empty((m, n), x.dtype, x.device)
-        s = _empty((m, rank), torch.float32, x.device)
+        y = launch_device.empty_output((m, n), x.dtype, x.device)
+        s = launch_device.empty_output((m, rank), torch.float32, x.device)
         has_bias, bias = bias is not None, _bias(bias, y)
         lora_a, lora_b = _launchable(lora_a), _launchable(lora_b, row_strides=False)
         if plan.fuse_shrink and dropout_p > 0.0:
@@ -254,7 +250,7 @@ def _dx(
     k, rank = weight.shape[1], lora_a.shape[0]
     threshold, keep_scale = _dropout_args(dropout_p)
     numerics = _numerics(grad_y.dtype, lora_a.dtype)
-    dx = _empty((m, k), grad_y.dtype, grad_y.device)
+    dx = launch_device.empty_output((m, k), grad_y.dtype, grad_y.device)
     w_stride_n, w_stride_k = _strides(weight)
     epilogue_args = (*_strides(lora_a), threshold, keep_scale)
     epilogue_flags = {"HAS_DROPOUT": dropout_p > 0.0, "BLOCK_R": block_r(rank), "GROUP_M": GROUP_M, **numerics}
@@ -304,7 +300,7 @@ def _wgrad(
     rank = lhs.shape[1]
     threshold, _ = _dropout_args(dropout_p)
     shape, out_strides = ((c, rank), (1, rank)) if transposed else ((rank, c), (c, 1))
-    parts = _empty((split.count, *shape), torch.float32, x.device)
+    parts = launch_device.empty_output((split.count, *shape), torch.float32, x.device)
     lora_bwd_wgrad_kernel[(cdiv(c, tile.block_n), split.count)](
         lhs, x, seed, parts,
         m, c, rank, split.length,
@@ -337,7 +333,7 @@ _MASK_TILE = 32
 
 def dropout_keep_mask(seed: torch.Tensor, m: int, k: int, dropout_p: float) -> torch.Tensor:
     """The bool keep-mask ``[m, k]`` the kernels draw for ``seed`` (a 1-element int64 tensor)."""
-    out = _empty((m, k), torch.int8, seed.device)
+    out = launch_device.empty_output((m, k), torch.int8, seed.device)
     if m and k:
         with on_device_of(seed):
             keep_mask_kernel[(cdiv(m, _MASK_TILE), cdiv(k, _MASK_TILE))](
