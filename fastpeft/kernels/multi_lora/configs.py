@@ -1,0 +1,96 @@
+"""Tile choices of the multi-adapter LoRA kernels (``multi_lora.kernels``).
+
+Every tile here is listed by ``multi_lora.specs`` so ``fastpeft check`` compiles it for sm_80
+and sm_90. The values are starting points chosen from the problem's shape (reason beside
+each); no GPU has tuned them yet. Nothing here looks at device memory: the choice depends on
+T (tokens), R_MAX (slot rank) and the output width only, so it is fixed for a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Up to this many tokens a call takes the decode (BGMV) kernels: one vector product per token,
+# no sort. A decode step has one token per sequence; sorting them (a sort, two searchsorted,
+# a cumsum: ~6 small launches) costs more than re-reading an adapter shared by a few tokens
+# from L2. Above it, tokens are sorted into segments and tiles run tensor cores.
+DECODE_MAX_TOKENS = 32
+
+# Largest slot rank the kernels take (issue 11: ranks 1 to 256). The rank is a loop (expand,
+# wgrad) or a grid dimension (shrink) in blocks of ``rank_block``, so larger ranks only cost
+# more blocks; 256 bounds the fp32 ``s`` buffer at 1 KB per token.
+MAX_SLOT_RANK = 256
+
+# Rank blocks: tl.dot needs >= 16; 64 keeps the [BLOCK_M, BLOCK_R] fp32 s tile and the
+# [BLOCK_R, BLOCK_N] B tile beside a 64 x 64 accumulator within 4 warps' registers.
+RANK_BLOCKS = (16, 32, 64)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A launch's tile: ``block_m`` rows (tokens), ``block_n`` output columns (or the
+    reduction's step for the shrink), ``block_r`` rank columns, warps and stages."""
+
+    block_m: int
+    block_n: int
+    block_r: int
+    num_warps: int
+    num_stages: int
+
+
+def rank_block(r_max: int) -> int:
+    """Smallest rank block in ``RANK_BLOCKS`` covering ``r_max`` (the largest otherwise)."""
+    return next((b for b in RANK_BLOCKS if r_max <= b), RANK_BLOCKS[-1])
+
+
+# Decode shrink: a 16-rank x 256-column slice of A_i per step (8 KB of bf16), 4 warps: the
+# loop is a stream over A_i's rows, one program per (token, 16 ranks).
+DECODE_SHRINK = Tile(block_m=1, block_n=256, block_r=16, num_warps=4, num_stages=2)
+# Decode expand: 128 output columns per program, rank steps of 16 (B_i's rows are R_MAX
+# apart: one 16-rank slice per row is a 32-byte sector in bf16).
+DECODE_EXPAND = Tile(block_m=1, block_n=128, block_r=16, num_warps=4, num_stages=2)
+
+# Segments of sorted tokens: 16-row tiles while a batch is small (a segment of few tokens
+# wastes at most 15 rows of a tile; the loop is bandwidth-bound on the adapters), 64-row
+# tiles from SEGMENT_LARGE_T tokens (prefill: adapters hold hundreds of tokens, and 64 rows
+# quarter the re-reads of A and B per token).
+SEGMENT_LARGE_T = 512
+# Shrink: K steps of 64 (fp32 operands: 64 x 64 x 4 B = 16 KB per stage), 4 warps.
+# Expand: 64 output columns per program, rank steps of rank_block(R_MAX).
+_SEGMENT_BLOCK_M = {False: 16, True: 64}
+SHRINK_BLOCK_K = 64
+EXPAND_BLOCK_N = 64
+SEGMENT_WARPS = 4
+SEGMENT_STAGES = 2
+
+
+def segment_block_m(num_tokens: int) -> int:
+    """Rows per segment tile for a call with ``num_tokens`` tokens."""
+    return _SEGMENT_BLOCK_M[num_tokens >= SEGMENT_LARGE_T]
+
+
+def shrink_tile(num_tokens: int, r_max: int) -> Tile:
+    return Tile(segment_block_m(num_tokens), SHRINK_BLOCK_K, rank_block(r_max), SEGMENT_WARPS, SEGMENT_STAGES)
+
+
+def expand_tile(num_tokens: int, r_max: int) -> Tile:
+    return Tile(segment_block_m(num_tokens), EXPAND_BLOCK_N, rank_block(r_max), SEGMENT_WARPS, SEGMENT_STAGES)
+
+
+# dA / dB: a program owns [block_r, 64] of one adapter's gradient and walks its tokens 32 rows
+# at a time (a [32, 64] widened x tile and a [32, block_r] fp32 lhs tile per step), 4 warps.
+WGRAD_BLOCK_M = 32
+WGRAD_BLOCK_C = 64
+
+
+def wgrad_tile(r_max: int) -> Tile:
+    return Tile(WGRAD_BLOCK_M, WGRAD_BLOCK_C, rank_block(r_max), SEGMENT_WARPS, SEGMENT_STAGES)
+
+
+def all_segment_block_ms() -> tuple[int, ...]:
+    """Every ``segment_block_m`` value (for the specs)."""
+    return tuple(sorted(set(_SEGMENT_BLOCK_M.values())))
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)

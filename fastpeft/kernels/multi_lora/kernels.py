@@ -1,0 +1,239 @@
+"""Triton kernels of the multi-adapter LoRA linear op (many adapters, one batch).
+
+Notation: tokens x ``[T, K]``, adapter slots A ``[L, R_MAX, K]``, B ``[L, N, R_MAX]``,
+``scalings [L]``, ``ranks [L]``, one adapter id per token (``-1`` or any id outside
+``[0, L)``: no adapter). Adapter ``i`` uses the first ``r_i = clamp(ranks[i], 0, R_MAX)``
+rows of ``A_i`` and columns of ``B_i``; the rest of the slot is never read.
+
+Forward   ``y[t] += s_i x[t] A_i^T B_i^T`` (y holds the base ``x W^T + b`` from cuBLAS)
+Backward  ``dS = s_i dY B_i``, ``dX += dS A_i``, ``dA_i = dS_i^T x_i``, ``dB_i = dY_i^T (s_i x_i A_i^T)``
+(``x_i``, ``dY_i``: the rows of the tokens of adapter i, in token order).
+
+Two families:
+
+- Decode (BGMV, one row per token, its own adapter; no sorting):
+  ``multi_lora_decode_shrink_kernel`` writes ``s[t] = s_i x[t] A_i^T`` (fp32) and
+  ``multi_lora_decode_expand_kernel`` adds ``s[t] B_i^T`` into ``y[t]`` in place. Both are
+  vector products (a row per token is too few for ``tl.dot``'s 16), bandwidth-bound on the
+  adapters' rows.
+- Segments (prefill and training; SGMV-style): tokens are sorted by adapter on the device
+  (``multi_lora.segments``) and cut into tiles of ``BLOCK_M`` rows that never straddle two
+  adapters. ``multi_lora_shrink_kernel`` (``s`` = P A^T per tile, written in sorted order),
+  ``multi_lora_expand_kernel`` (``out[token] += s B^T`` in place, the rows scattered back
+  through the sort permutation) and ``multi_lora_wgrad_kernel`` (one program per adapter and
+  output tile, looping over that adapter's tokens in sorted order: dA and dB without atomics,
+  bitwise reproducible). The backward reuses shrink for ``dS`` (B read as ``[R, N]``) and
+  expand for dX's term (A read as ``[K, R]``), through strides.
+
+Every kernel's grid is sized from static bounds (T, L, R_MAX, N or K): programs without work
+(a tile past the last segment, a rank block past ``r_i``, a token without adapter) return at
+once, so nothing is read back on the host and a step can be captured in a CUDA graph. Ids
+outside ``[0, L)`` never index the slots (they are masked before any address is formed);
+ranks are clamped to ``[0, R_MAX]``. The rank-r loops stop at ``r_i``: a small adapter in a
+large slot costs its own rank, not ``R_MAX``.
+
+Precision: every operand is widened to fp32 after loading (exact for 16-bit values, and what
+Triton's interpreter needs for bf16); ``PRECISION`` is ``"tf32"`` on a GPU when x and the
+adapters are 16-bit (tf32 holds fp16/bf16 values exactly) and ``"ieee"`` otherwise. ``s`` and
+``dS`` stay fp32 (scaling included), y is read and written once in its own dtype.
+
+Launch-time specialization: token counts, ranks and other arbitrary values are exempt
+(``do_not_specialize``) so one compiled variant covers them (``multi_lora.specs``).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _adapter_rank(ranks_ptr, adapter, R_MAX):
+    """Rank of slot ``adapter`` (a valid index), clamped to ``[0, R_MAX]``."""
+    rank = tl.load(ranks_ptr + adapter).to(tl.int32)
+    return tl.minimum(tl.maximum(rank, 0), R_MAX)
+
+
+@triton.jit
+def _token_adapter(ids_ptr, t, L):
+    """``(adapter, valid)`` for token ``t``: its id as int64, 0 when the id is outside ``[0, L)``
+    (so no address is ever formed from an invalid id), and whether it was valid."""
+    adapter = tl.load(ids_ptr + t).to(tl.int64)
+    valid = (adapter >= 0) & (adapter < L)
+    return tl.where(valid, adapter, 0), valid
+
+
+@triton.jit(do_not_specialize=("L", "R_MAX"))
+def multi_lora_decode_shrink_kernel(
+    x_ptr, a_ptr, scal_ptr, ids_ptr, ranks_ptr, s_ptr,
+    K, L, R_MAX, stride_xm,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``s[t, r] = scalings[i] * sum_k x[t, k] A[i, r, k]`` for ``r < r_i`` (fp32, ``s [T, R_MAX]``);
+    program ``(t, rank block)``; nothing is written for tokens without adapter or ``r >= r_i``."""
+    t = tl.program_id(0)
+    r0 = tl.program_id(1) * BLOCK_R
+    adapter, valid = _token_adapter(ids_ptr, t, L)
+    rank = _adapter_rank(ranks_ptr, adapter, R_MAX)
+    if (not valid) or r0 >= rank:
+        return
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    r_ok = offs_r < rank
+    x_row = x_ptr + t.to(tl.int64) * stride_xm
+    a_rows = a_ptr + adapter * R_MAX * K + offs_r.to(tl.int64)[:, None] * K
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        k_ok = k < K
+        xv = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
+        a = tl.load(a_rows + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(a * xv[None, :], axis=1)
+    acc *= tl.load(scal_ptr + adapter).to(tl.float32)
+    tl.store(s_ptr + t.to(tl.int64) * R_MAX + offs_r, acc, mask=r_ok)
+
+
+@triton.jit(do_not_specialize=("L", "R_MAX"))
+def multi_lora_decode_expand_kernel(
+    y_ptr, b_ptr, ids_ptr, ranks_ptr, s_ptr,
+    N, L, R_MAX, stride_ym,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """``y[t, n] += sum_{r < r_i} s[t, r] B[i, n, r]`` in place; program ``(t, column block)``;
+    rows of tokens without adapter are not touched."""
+    t = tl.program_id(0)
+    adapter, valid = _token_adapter(ids_ptr, t, L)
+    if not valid:
+        return
+    rank = _adapter_rank(ranks_ptr, adapter, R_MAX)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    b_rows = b_ptr + adapter * N * R_MAX + offs_n.to(tl.int64)[:, None] * R_MAX
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r0 in range(0, rank, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_ok = offs_r < rank
+        sv = tl.load(s_ptr + t.to(tl.int64) * R_MAX + offs_r, mask=r_ok, other=0.0)
+        b = tl.load(b_rows + offs_r[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(b * sv[None, :], axis=1)
+    y_ptrs = y_ptr + t.to(tl.int64) * stride_ym + offs_n
+    y = tl.load(y_ptrs, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _segment_rows(tile_row_ptr, seg_end_ptr, order_ptr, j, adapter, BLOCK_M: tl.constexpr):
+    """Tile ``j`` of the tokens sorted by adapter (its adapter a valid slot):
+    ``(rows, row_ok, tokens)``, rows in sorted order, tokens their original indices (0 where
+    masked). A tile never straddles two adapters' segments."""
+    rows = tl.load(tile_row_ptr + j) + tl.arange(0, BLOCK_M)
+    row_ok = rows < tl.load(seg_end_ptr + adapter)
+    tokens = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    return rows, row_ok, tokens
+
+
+@triton.jit(do_not_specialize=("L", "R_MAX", "stride_al", "stride_ar", "stride_ak"))
+def multi_lora_shrink_kernel(
+    x_ptr, a_ptr, scal_ptr, ranks_ptr, order_ptr, tile_adapter_ptr, tile_row_ptr, seg_end_ptr, s_ptr,
+    K, L, R_MAX, stride_xm, stride_al, stride_ar, stride_ak,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``s[row, r] = scalings[i] * sum_k P[order[row], k] Q[i, r, k]`` (fp32, ``s [T, R_MAX]``
+    in sorted order) for the rows of tile ``program_id(0)`` (adapter i) and ``r`` in the rank
+    block ``program_id(1)``, ``r < r_i``. Q is A (forward: ``s``) or B read as ``[R, N]``
+    (backward: ``dS``), given by its strides; P has unit column stride."""
+    j = tl.program_id(0)
+    r0 = tl.program_id(1) * BLOCK_R
+    adapter = tl.load(tile_adapter_ptr + j).to(tl.int64)
+    if adapter >= L:
+        return
+    rank = _adapter_rank(ranks_ptr, adapter, R_MAX)
+    if r0 >= rank:
+        return
+    rows, row_ok, tokens = _segment_rows(tile_row_ptr, seg_end_ptr, order_ptr, j, adapter, BLOCK_M)
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    r_ok = offs_r < rank
+    p_rows = x_ptr + tokens[:, None] * stride_xm
+    q_cols = a_ptr + adapter * stride_al + offs_r.to(tl.int64)[None, :] * stride_ar
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        k_ok = k < K
+        p = tl.load(p_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        q = tl.load(q_cols + k.to(tl.int64)[:, None] * stride_ak, mask=k_ok[:, None] & r_ok[None, :],
+                    other=0.0).to(tl.float32)
+        acc = tl.dot(p, q, acc, input_precision=PRECISION)
+    acc *= tl.load(scal_ptr + adapter).to(tl.float32)
+    tl.store(s_ptr + rows.to(tl.int64)[:, None] * R_MAX + offs_r[None, :], acc,
+             mask=row_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit(do_not_specialize=("L", "R_MAX", "stride_bl", "stride_bn", "stride_br"))
+def multi_lora_expand_kernel(
+    y_ptr, b_ptr, ranks_ptr, order_ptr, tile_adapter_ptr, tile_row_ptr, seg_end_ptr, s_ptr,
+    N, L, R_MAX, stride_ym, stride_bl, stride_bn, stride_br,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``out[order[row], n] += sum_{r < r_i} s[row, r] Q[i, n, r]`` in place for the rows of tile
+    ``program_id(0)`` (adapter i) and the column block ``program_id(1)``. Q is B (forward) or
+    A read as ``[K, R]`` (backward's dX term), given by its strides. Each token lies in one
+    tile, so every element of ``out`` has at most one writer."""
+    j = tl.program_id(0)
+    adapter = tl.load(tile_adapter_ptr + j).to(tl.int64)
+    if adapter >= L:
+        return
+    rank = _adapter_rank(ranks_ptr, adapter, R_MAX)
+    rows, row_ok, tokens = _segment_rows(tile_row_ptr, seg_end_ptr, order_ptr, j, adapter, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    q_rows = b_ptr + adapter * stride_bl + offs_n.to(tl.int64)[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, rank, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_ok = offs_r < rank
+        s = tl.load(s_ptr + rows.to(tl.int64)[:, None] * R_MAX + offs_r[None, :],
+                    mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        q = tl.load(q_rows + offs_r.to(tl.int64)[:, None] * stride_br, mask=r_ok[:, None] & n_ok[None, :],
+                    other=0.0).to(tl.float32)
+        acc = tl.dot(s, q, acc, input_precision=PRECISION)
+    out_ptrs = y_ptr + tokens[:, None] * stride_ym + offs_n[None, :]
+    mask = row_ok[:, None] & n_ok[None, :]
+    out = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, (out + acc).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=("L", "R_MAX", "stride_ol", "stride_or", "stride_oc"))
+def multi_lora_wgrad_kernel(
+    lhs_ptr, x_ptr, ranks_ptr, order_ptr, seg_start_ptr, seg_end_ptr, out_ptr,
+    C, L, R_MAX, stride_xm, stride_ol, stride_or, stride_oc,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``out[i, r, c] = sum over adapter i's sorted rows of lhs[row, r] X[order[row], c]`` for the
+    slot ``program_id(0)``, rank block ``program_id(1)`` and column block ``program_id(2)``:
+    dA (lhs = dS, X = x, out ``[L, R_MAX, K]``) or dB (lhs = s, X = dY, out ``[L, N, R_MAX]``
+    through its strides). One program owns each output element and sums its rows in order
+    (no atomics); rows ``r >= r_i`` of the slot (the padding) and absent adapters get zeros."""
+    adapter = tl.program_id(0).to(tl.int64)
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rank = _adapter_rank(ranks_ptr, adapter, R_MAX)
+    r_ok = offs_r < rank
+    c_ok = offs_c < C
+    start = tl.load(seg_start_ptr + adapter)
+    end = tl.load(seg_end_ptr + adapter)
+    # A rank block entirely past r_i has nothing to sum: an empty loop.
+    end = tl.where(tl.program_id(1) * BLOCK_R < rank, end, start)
+    offs_m = tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + offs_m
+        row_ok = rows < end
+        tokens = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        lhs = tl.load(lhs_ptr + rows.to(tl.int64)[:, None] * R_MAX + offs_r[None, :],
+                      mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        xt = tl.load(x_ptr + tokens[:, None] * stride_xm + offs_c[None, :], mask=row_ok[:, None] & c_ok[None, :],
+                     other=0.0).to(tl.float32)
+        acc = tl.dot(tl.trans(lhs), xt, acc, input_precision=PRECISION)
+    out_ptrs = out_ptr + adapter * stride_ol + offs_r.to(tl.int64)[:, None] * stride_or + offs_c[None, :] * stride_oc
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_r < R_MAX)[:, None] & c_ok[None, :])
