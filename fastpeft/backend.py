@@ -11,6 +11,10 @@
   running on the torch path.
 - ``hybrid``: the cuBLAS-hybrid path (cuBLAS base GEMM accumulating onto Triton's LoRA
   term), for the same tensors as ``triton``.
+- ``cuda``: the CUDA C++ implementation (``csrc/``, built into ``fastpeft._cuda``) for CUDA
+  tensors, in the ops that have one (the bottleneck adapter; multi-LoRA decode); CPU tensors,
+  and the ops without one, take what ``auto`` would. An op asked for it raises a clear
+  RuntimeError when the extension is not built or cannot run.
 - ``torch``: the torch path everywhere (also on CUDA).
 """
 
@@ -22,7 +26,7 @@ import os
 
 import torch
 
-_CHOICES = ("auto", "triton", "hybrid", "torch")
+_CHOICES = ("auto", "triton", "hybrid", "cuda", "torch")
 
 # The Triton kernels (fused and hybrid) are correct in the interpreter and compile for
 # sm_80/sm_90, but no GPU has run them yet (their bf16 tensor-core path cannot run in the
@@ -57,8 +61,14 @@ def use_triton(device: torch.device) -> bool:
     choice = backend_choice()
     if choice == "torch":
         return False
-    if choice == "auto":
+    if choice in ("auto", "cuda"):
         return KERNELS_VALIDATED_ON_GPU and device.type == "cuda" and triton_available()
     if not triton_available():
         raise RuntimeError(f"FASTPEFT_BACKEND={choice} but the triton package is not installed")
     return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
+def use_cuda_extension(device: torch.device) -> bool:
+    """Whether an op that has a CUDA C++ implementation runs it for tensors on ``device``:
+    ``FASTPEFT_BACKEND=cuda`` and a CUDA device (ops without one follow ``use_triton``)."""
+    return backend_choice() == "cuda" and device.type == "cuda"

@@ -49,5 +49,23 @@ def test_forcing_kernels_without_triton_is_an_error(monkeypatch, choice):
 
 def test_unknown_choice_lists_the_choices(monkeypatch):
     monkeypatch.setenv("FASTPEFT_BACKEND", "cublas")
-    with pytest.raises(ValueError, match="auto, triton, hybrid, torch"):
+    with pytest.raises(ValueError, match="auto, triton, hybrid, cuda, torch"):
         backend.backend_choice()
+
+
+def test_cuda_choice_selects_the_extension_for_cuda_tensors_only(monkeypatch):
+    """``cuda`` picks the CUDA C++ implementation for CUDA tensors; everything else (CPU
+    tensors, ops without one: ``use_triton``) gets what ``auto`` gives."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", "CUDA")
+    assert backend.backend_choice() == "cuda"
+    assert backend.use_cuda_extension(torch.device("cuda"))
+    assert not backend.use_cuda_extension(torch.device("cpu"))
+    for validated in (False, True):
+        monkeypatch.setattr(backend, "KERNELS_VALIDATED_ON_GPU", validated)
+        monkeypatch.setenv("FASTPEFT_BACKEND", "auto")
+        expected = {dev: backend.use_triton(torch.device(dev)) for dev in ("cpu", "cuda")}
+        monkeypatch.setenv("FASTPEFT_BACKEND", "cuda")
+        assert {dev: backend.use_triton(torch.device(dev)) for dev in ("cpu", "cuda")} == expected
+    for choice in ("auto", "triton", "hybrid", "torch"):
+        monkeypatch.setenv("FASTPEFT_BACKEND", choice)
+        assert not backend.use_cuda_extension(torch.device("cuda"))
