@@ -30,6 +30,43 @@ from __future__ import annotations
 
 import torch
 
+from fastpeft.backend import interpreting
+from fastpeft.kernels import launch_device
+from fastpeft.kernels.bottleneck.configs import Plan, cdiv, plan
+from fastpeft.kernels.bottleneck.kernels import (
+    bottleneck_bwd_dz_kernel,
+    bottleneck_bwd_wgrad_dh_kernel,
+    bottleneck_fwd_kernel,
+)
+from fastpeft.kernels.launch_device import on_device_of
+from fastpeft.ops.dropout_mask import dropout_threshold
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision for fp32 operands widened from h's ``dtype``: tf32 tensor
+    cores on a GPU for 16-bit h (exact for 16-bit inputs), IEEE for fp32 h and in the
+    interpreter."""
+    return "ieee" if dtype == torch.float32 or interpreting() else "tf32"
+
+
+def _dropout_args(dropout_p: float) -> tuple[int, float]:
+    """``(threshold, 1/(1-p))`` of the kernels' keep test; ``(0, 1.0)`` without dropout."""
+    if dropout_p == 0.0:
+        return 0, 1.0
+    return dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
+
+
+def _scale_args(scaling: float | torch.Tensor, device: torch.device) -> tuple[torch.Tensor | None, float, bool]:
+    """``(scale_ptr, scaling, SCALE_FROM_PTR)``: a tensor scaling is read by the kernels on the
+    device (fp32); a float is passed as is."""
+    if isinstance(scaling, torch.Tensor):
+        return scaling.detach().to(device=device, dtype=torch.float32).reshape(1), 1.0, True
+    return None, float(scaling), False
+
+
+def _vector_stride(t: torch.Tensor | None) -> int:
+    return t.stride(0) if t is not None else 0
+
 
 def bottleneck_forward(
     h: torch.Tensor,
@@ -48,7 +85,29 @@ def bottleneck_forward(
     ``z`` is the pre-activation ``dropout(h) W_down^T + b_down`` (dropout's ``1/(1-p)``
     included), the only activation the backward needs besides its inputs.
     """
-    raise NotImplementedError
+    m, d = h.shape
+    rank = w_down.shape[0]
+    res = h if residual is None else residual
+    with on_device_of(h):
+        p = plan(m, d, rank, h.device)
+        t = p.rows
+        out = launch_device.empty_output((m, d), h.dtype, h.device)
+        z = launch_device.empty_output((m, rank), torch.float32, h.device)
+        scale_t, scale_f, from_ptr = _scale_args(scaling, h.device)
+        threshold, keep_scale = _dropout_args(dropout_p)
+        bottleneck_fwd_kernel[(cdiv(m, t.block_m),)](
+            h, w_down, b_down if b_down is not None else z, w_up, b_up if b_up is not None else z, res,
+            scale_t if from_ptr else z, seed, z, out,
+            m, d, rank,
+            *h.stride(), *w_down.stride(), *w_up.stride(), _vector_stride(b_down), _vector_stride(b_up),
+            *res.stride(),
+            scale_f, threshold, keep_scale,
+            ACTIVATION=activation, HAS_B_DOWN=b_down is not None, HAS_B_UP=b_up is not None,
+            SCALE_FROM_PTR=from_ptr, HAS_DROPOUT=dropout_p > 0.0,
+            BLOCK_M=t.block_m, BLOCK_D=t.block_d, BLOCK_R=p.block_r, PRECISION=_precision(h.dtype),
+            num_warps=t.num_warps, num_stages=t.num_stages,
+        )
+    return out, z
 
 
 def bottleneck_backward(
@@ -77,4 +136,82 @@ def bottleneck_backward(
     ``grad_w_up [D, R]``, ``grad_b_up [D]`` in the weights' dtype; ``grad_scaling`` a 0-d
     fp32 tensor. Here ``dz = scaling * (grad_out W_up) * act'(z)``.
     """
-    raise NotImplementedError
+    need_h, need_wd, need_bd, need_wu, need_bu, need_s = needs_grad
+    m, d = h.shape
+    rank = w_down.shape[0]
+    w_dtype = w_down.dtype
+    grads: dict[str, torch.Tensor | None] = dict.fromkeys(("h", "wd", "bd", "wu", "bu", "s"))
+    with on_device_of(h):
+        p = plan(m, d, rank, h.device)
+        scale_t, scale_f, from_ptr = _scale_args(scaling, h.device)
+        scale = scale_t.reshape(()) if from_ptr else scale_f
+        precision = _precision(h.dtype)
+        need_dz = need_h or need_wd or need_bd or need_s
+        if need_dz:
+            t = p.rows
+            programs = cdiv(m, t.block_m)
+            dz = launch_device.empty_output((m, rank), torch.float32, h.device)
+            dbd_parts = launch_device.empty_output((programs, rank), torch.float32, h.device)
+            ds_parts = launch_device.empty_output((programs,), torch.float32, h.device)
+            bottleneck_bwd_dz_kernel[(programs,)](
+                grad_out, w_up, z, scale_t if from_ptr else z, dz, dbd_parts, ds_parts,
+                m, d, rank,
+                *grad_out.stride(), *w_up.stride(),
+                scale_f,
+                ACTIVATION=activation, SCALE_FROM_PTR=from_ptr,
+                BLOCK_M=t.block_m, BLOCK_D=t.block_d, BLOCK_R=p.block_r, PRECISION=precision,
+                num_warps=t.num_warps, num_stages=t.num_stages,
+            )
+            if need_bd:
+                grads["bd"] = dbd_parts.sum(0).to(w_dtype)
+        need_up = need_wu or need_bu or (need_s and b_up is not None)
+        if need_up or need_wd or need_h:
+            dwu, dbu, dwd, dh = _column_pass(
+                grad_out, h, w_down, z, dz if need_dz else z, seed, activation, dropout_p, residual_is_h,
+                need_up, need_wd, need_h, p, precision,
+            )
+            _, keep_scale = _dropout_args(dropout_p)
+            grads["h"] = dh
+            grads["wd"] = (dwd * keep_scale).to(w_dtype) if need_wd else None
+            grads["wu"] = (dwu * scale).to(w_dtype) if need_wu else None
+            grads["bu"] = (dbu * scale).to(w_dtype) if need_bu else None
+        if need_s:
+            grad_s = ds_parts.sum()
+            if b_up is not None:
+                grad_s = grad_s + dbu @ b_up.to(torch.float32)
+            grads["s"] = grad_s
+    return grads["h"], grads["wd"], grads["bd"], grads["wu"], grads["bu"], grads["s"]
+
+
+def _column_pass(
+    grad_out: torch.Tensor, h: torch.Tensor, w_down: torch.Tensor, z: torch.Tensor, dz: torch.Tensor,
+    seed: torch.Tensor, activation: str, dropout_p: float, residual_is_h: bool,
+    need_up: bool, need_wd: bool, need_h: bool, p: Plan, precision: str,
+) -> tuple[torch.Tensor | None, ...]:
+    """``(g^T a [D, R], sum_m g [D], dz^T h_hat [R, D] without 1/(1-p), dh [M, D])`` (fp32 sums
+    of the per-split partials, added in split order; dh in h's dtype), each None unless
+    asked for (``bottleneck_bwd_wgrad_dh_kernel``)."""
+    m, d = h.shape
+    rank = w_down.shape[0]
+    t = p.columns
+    dev = h.device
+    dwu_parts = launch_device.empty_output((p.splits, d, rank) if need_up else (0,), torch.float32, dev)
+    dbu_parts = launch_device.empty_output((p.splits, d) if need_up else (0,), torch.float32, dev)
+    dwd_parts = launch_device.empty_output((p.splits, rank, d) if need_wd else (0,), torch.float32, dev)
+    dh = launch_device.empty_output((m, d) if need_h else (0,), h.dtype, dev)
+    threshold, keep_scale = _dropout_args(dropout_p)
+    bottleneck_bwd_wgrad_dh_kernel[(cdiv(d, t.block_d), p.splits)](
+        grad_out, h, w_down, z, dz, seed, dh, dwu_parts, dbu_parts, dwd_parts,
+        m, d, rank, p.rows_per_split,
+        *grad_out.stride(), *h.stride(), *w_down.stride(),
+        threshold, keep_scale,
+        ACTIVATION=activation, HAS_DROPOUT=dropout_p > 0.0, NEED_UP=need_up, NEED_W_DOWN=need_wd, NEED_DH=need_h,
+        RESIDUAL_IS_H=residual_is_h, BLOCK_M=t.block_m, BLOCK_D=t.block_d, BLOCK_R=p.block_r, PRECISION=precision,
+        num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    return (
+        dwu_parts.sum(0) if need_up else None,
+        dbu_parts.sum(0) if need_up else None,
+        dwd_parts.sum(0) if need_wd else None,
+        dh if need_h else None,
+    )

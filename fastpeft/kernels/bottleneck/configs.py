@@ -1,0 +1,108 @@
+"""Which tiles the bottleneck adapter's launchers use for a given problem.
+
+Every configuration returned here is listed by ``bottleneck_kernel_specs`` so ``fastpeft check``
+compiles it ahead of time for sm_80 and sm_90 (0 bytes of register spills, shared memory
+within the limit, no fences). The tables are starting points chosen from the shapes of the
+problem (rationale beside each constant); they have not been tuned on a GPU yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastpeft.kernels.lora.configs import block_r, cdiv, device_info
+
+# Bottleneck sizes the Triton kernels take: the rank tile is padded to a power of two >= 16
+# (tl.dot needs every dimension >= 16) and kept <= 256, AdapterHub's bottleneck for a
+# 4096-wide model at its default reduction factor 16. A program holds the [BLOCK_M, R] fp32
+# bottleneck tile in registers; larger bottlenecks take the torch path.
+MAX_RANK = 256
+BLOCK_R_CHOICES = (16, 32, 64, 128, 256)
+
+# Up to this many rows the call is a decode step: 16-row tiles (the smallest tl.dot), so
+# that the few rows do not pay for a larger tile's padding.
+DECODE_MAX_M = 16
+
+# Programs per SM to aim for when splitting the backward's column pass over rows: 2 hides
+# one program's latency behind another's while keeping the fp32 partials few (each split
+# adds one [D, R] partial per weight gradient, summed by the launcher).
+PROGRAMS_PER_SM = 2
+
+
+@dataclass(frozen=True)
+class Tile:
+    """``BLOCK_M`` rows x ``BLOCK_D`` columns of h per step, with launch options."""
+
+    block_m: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+# Row-block kernels (forward; backward dz), keyed by the rank tile: a program owns BLOCK_M
+# rows and walks D in BLOCK_D steps, with the fp32 [BLOCK_M, BLOCK_R] bottleneck tile live
+# throughout. 32 rows keep twice as many programs in flight as 64 on a memory-bound pass
+# (M = 8192 gives 256 programs, ~2 per SM on 132 SMs); the step shrinks as the rank tile
+# grows so that the W tile of a step ([BLOCK_R, BLOCK_D] fp32 after widening) stays
+# <= 32 KB. 4 warps, 3 stages (the loads of the next steps in flight).
+_ROW_TILES = {
+    16: Tile(32, 128, 4, 3),
+    32: Tile(32, 128, 4, 3),
+    64: Tile(32, 64, 4, 3),
+    128: Tile(32, 32, 4, 3),
+    256: Tile(16, 32, 4, 3),
+}
+# Decode: 16 rows (M <= 16 fits one program), same steps.
+_ROW_TILES_DECODE = {r: Tile(16, t.block_d, t.num_warps, t.num_stages) for r, t in _ROW_TILES.items()}
+
+# Column kernel of the backward (dW_up, db_up, dW_down, dh), keyed by the rank tile: a program
+# owns BLOCK_D columns and walks its rows BLOCK_M at a time, with the fp32 sums
+# [BLOCK_D, BLOCK_R] (dW_up) and [BLOCK_R, BLOCK_D] (dW_down) and the W_down tile live
+# throughout: 3 x 64 x 64 fp32 over 4 warps is 96 registers a thread at rank 64; larger
+# ranks narrow the columns and add warps.
+_COLUMN_TILES = {
+    16: Tile(64, 64, 4, 3),
+    32: Tile(64, 64, 4, 3),
+    64: Tile(32, 64, 8, 3),
+    128: Tile(32, 32, 8, 3),
+    256: Tile(32, 16, 8, 2),
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Tiles of one call: ``rows`` for the row-block kernels, ``columns`` for the backward's
+    column kernel with its ``splits`` row ranges of ``rows_per_split`` rows each."""
+
+    block_r: int
+    rows: Tile
+    columns: Tile
+    splits: int
+    rows_per_split: int
+
+
+def row_tile(m: int, r_block: int) -> Tile:
+    """The row-block kernels' tile for ``m`` rows and rank tile ``r_block``."""
+    return (_ROW_TILES_DECODE if m <= DECODE_MAX_M else _ROW_TILES)[r_block]
+
+
+def plan(m: int, d: int, rank: int, device: torch.device) -> Plan:
+    """The tiles for ``h [m, d]`` and bottleneck ``rank`` (1 <= rank <= MAX_RANK) on ``device``."""
+    if not 1 <= rank <= MAX_RANK:
+        raise ValueError(f"bottleneck kernels take 1 <= R <= {MAX_RANK}, got R={rank}")
+    num_sms, _ = device_info(device)
+    r_block = block_r(rank)
+    columns = _COLUMN_TILES[r_block]
+    row_blocks = cdiv(m, columns.block_m)
+    wanted = max(1, cdiv(PROGRAMS_PER_SM * num_sms, cdiv(d, columns.block_d)))
+    per_split = cdiv(row_blocks, min(wanted, row_blocks)) * columns.block_m
+    return Plan(r_block, row_tile(m, r_block), columns, cdiv(m, per_split), per_split)
+
+
+def tile_choices() -> list[tuple[str, int, Tile]]:
+    """Every ``(kernel kind, rank tile, tile)`` the planner can return: kind "rows" or
+    "columns" (for ``bottleneck_kernel_specs``)."""
+    rows = {(r, t) for table in (_ROW_TILES, _ROW_TILES_DECODE) for r, t in table.items()}
+    return [("rows", r, t) for r, t in sorted(rows, key=str)] + [("columns", r, t) for r, t in _COLUMN_TILES.items()]

@@ -1,0 +1,262 @@
+"""Triton kernels of the fused bottleneck adapter (forward and backward).
+
+Notation: h ``[M, D]``, W_down ``[R, D]``, W_up ``[D, R]``, dropout keep-mask ``K`` with kept
+values scaled by ``1/(1-p)``, ``h_hat = K * h / (1-p)``, s the scaling, g = dOut.
+
+Forward   ``z = h_hat W_down^T + b_down``, ``a = act(z)``, ``out = residual + s (a W_up^T + b_up)``
+Backward  ``dA = g W_up``, ``dz = s dA act'(z)``, ``db_down = sum_m dz``,
+          ``dW_up = s g^T a``, ``db_up = s sum_m g``, ``ds = sum(dA a) + (sum_m g) . b_up``,
+          ``dW_down = dz^T h_hat``, ``dh = K (dz W_down) / (1-p) [+ g when the residual is h]``
+
+Kernels (launched by ``launch.py``):
+- ``bottleneck_fwd_kernel``: one program per ``BLOCK_M`` rows. Pass 1 walks D and sums
+  ``z`` (``shrink_tile.shrink_rows``), the mask drawn on the fly; bias and activation are
+  applied to the ``[BLOCK_M, R]`` tile in registers (``z`` is stored, fp32, for the backward).
+  Pass 2 walks D again, forming ``a W_up^T`` per column tile and writing
+  ``out = residual + s (...)``. Memory traffic: h once in pass 1; the residual once in pass 2
+  (with the default residual h, that is h's second read, of the ``BLOCK_M x D`` rows the same
+  program read moments before, which mostly hit L2); out written once; ``[M, R]`` fp32 z.
+- ``bottleneck_bwd_dz_kernel``: one program per ``BLOCK_M`` rows walks D once: ``dA = g W_up``
+  (g read once), then ``dz`` (fp32, stored), and per-program partials of ``db_down`` and of
+  ``sum(dA a)`` (the scaling's gradient).
+- ``bottleneck_bwd_wgrad_dh_kernel``: one program per ``(BLOCK_D columns, row range)`` walks
+  its rows once, reading g and h tiles once each: sums ``g^T a``, ``sum_m g`` and
+  ``dz^T h_hat`` in registers over its rows (z and dz, ``[M, R]`` fp32, come from L2) and
+  writes ``dh`` for its tiles (``dz W_down``, the mask regenerated, plus g when the residual
+  is h). Each program stores its sums once as fp32 partials; the launcher adds the partials
+  of the row ranges in a fixed order (a few per column).
+
+So the backward reads g twice -- once for ``dz`` (which needs all of D before anything else
+can use it), once for ``dW_up``, ``db_up`` and dh's residual term together -- h once, and
+writes dh once. (Reading g once for both ``dz`` and ``dW_up`` would need fp32 partials of one
+of them per tile of the other's reduction: ``4 R / BLOCK`` times g's bytes, more than a
+second read of g for R >= 32, and with the residual h the second read of g is needed for dh
+anyway.)
+
+No kernel uses atomics: results are bitwise reproducible. The dropout mask is
+``philox_dropout.keep_mask`` (the counters of element ``(m, d)`` of h), drawn in the forward
+and regenerated in the backward, never stored.
+
+Precision: every product takes fp32 operands with fp32 accumulation (h and the weights are
+widened on load: exact for 16-bit inputs; ``PRECISION`` is "tf32" for the tensor cores on a
+GPU with 16-bit h, "ieee" for fp32 h and in the interpreter). z, a, dA and dz live in fp32.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from fastpeft.kernels.philox_dropout import keep_mask
+from fastpeft.kernels.shrink_tile import shrink_rows
+
+# GELU constants: 1/sqrt(2) (erf form), 1/sqrt(2 pi) (its derivative), sqrt(2/pi) and 0.044715
+# (the tanh approximation of Hendrycks & Gimpel, transformers' "gelu_new").
+_INV_SQRT2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_GELU_CUBIC = tl.constexpr(0.044715)
+
+
+@triton.jit
+def _sigmoid(x):
+    """The logistic function ``1 / (1 + exp(-x))`` (``tl.sigmoid`` fails in the interpreter of
+    Triton 3.9); overflow of ``exp`` for x < -88 gives the right limit 0."""
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _tanh(x):
+    """tanh via the logistic function (``2 sigmoid(2x) - 1``): exact in fp32 up to rounding,
+    and available on every Triton version and in the interpreter."""
+    return 2.0 * _sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def activate(z, ACTIVATION: tl.constexpr):
+    """``act(z)`` elementwise on an fp32 tile; ``act(0) = 0`` for every activation, so padded
+    rows and rank columns stay zero."""
+    if ACTIVATION == "relu":
+        return tl.maximum(z, 0.0)
+    elif ACTIVATION == "gelu":
+        return 0.5 * z * (1.0 + tl.erf(z * _INV_SQRT2))
+    elif ACTIVATION == "gelu_tanh":
+        return 0.5 * z * (1.0 + _tanh((z + z * z * z * _GELU_CUBIC) * _SQRT_2_OVER_PI))
+    elif ACTIVATION == "silu":
+        return z * _sigmoid(z)
+    else:
+        return z
+
+
+@triton.jit
+def activation_grad(z, ACTIVATION: tl.constexpr):
+    """``act'(z)`` elementwise on an fp32 tile (relu: 1 for z > 0, as torch's ``relu``)."""
+    if ACTIVATION == "relu":
+        return tl.where(z > 0.0, 1.0, 0.0)
+    elif ACTIVATION == "gelu":
+        return 0.5 * (1.0 + tl.erf(z * _INV_SQRT2)) + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+    elif ACTIVATION == "gelu_tanh":
+        t = _tanh((z + z * z * z * _GELU_CUBIC) * _SQRT_2_OVER_PI)
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + z * z * (3.0 * _GELU_CUBIC))
+    elif ACTIVATION == "silu":
+        sig = _sigmoid(z)
+        return sig * (1.0 + z * (1.0 - sig))
+    else:
+        return tl.full(z.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _scale(scale_ptr, scaling, SCALE_FROM_PTR: tl.constexpr):
+    """The adapter's scaling: the fp32 scalar at ``scale_ptr`` (a learned scaling, read on the
+    device) or the float argument."""
+    if SCALE_FROM_PTR:
+        return tl.load(scale_ptr)
+    else:
+        return scaling
+
+
+@triton.jit
+def _rank_tile(ptr, rows, row_ok, offs_r, r_ok, R):
+    """The ``[BLOCK_M, BLOCK_R]`` tile of a contiguous fp32 ``[M, R]`` buffer (0 outside)."""
+    return tl.load(ptr + rows.to(tl.int64)[:, None] * R + offs_r[None, :], mask=row_ok[:, None] & r_ok[None, :],
+                   other=0.0)
+
+
+@triton.jit(do_not_specialize=["M", "R", "threshold"])
+def bottleneck_fwd_kernel(
+    h_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, res_ptr, scale_ptr, seed_ptr, z_ptr, out_ptr,
+    M, D, R,
+    stride_hm, stride_hd, stride_wdr, stride_wdd, stride_wud, stride_wur, stride_bd, stride_bu,
+    stride_resm, stride_resd,
+    scaling, threshold, keep_scale,
+    ACTIVATION: tl.constexpr, HAS_B_DOWN: tl.constexpr, HAS_B_UP: tl.constexpr, SCALE_FROM_PTR: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``z [M, R]`` (fp32) and ``out [M, D]`` (out's dtype, contiguous) for ``BLOCK_M`` rows."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    z = shrink_rows(h_ptr, wd_ptr, seed_ptr, rows, row_ok, 0, D, D, R, stride_hm, stride_hd, stride_wdr,
+                    stride_wdd, threshold, HAS_DROPOUT, BLOCK_M, BLOCK_D, BLOCK_R, PRECISION)
+    if HAS_DROPOUT:
+        z = z * keep_scale
+    if HAS_B_DOWN:
+        z += tl.load(bd_ptr + offs_r * stride_bd, mask=r_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(z_ptr + rows.to(tl.int64)[:, None] * R + offs_r[None, :], z, mask=row_ok[:, None] & r_ok[None, :])
+    # Rows past M and rank columns past R hold act(0) = 0 (or act(b_down) on padded rows,
+    # which only reach masked stores).
+    a = activate(z, ACTIVATION)
+    s = _scale(scale_ptr, scaling, SCALE_FROM_PTR)
+    offs_d = tl.arange(0, BLOCK_D)
+    row64 = rows.to(tl.int64)[:, None]
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + offs_d
+        d_ok = cols < D
+        wu = tl.load(wu_ptr + offs_r[:, None] * stride_wur + cols[None, :] * stride_wud,
+                     mask=r_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        u = tl.dot(a, wu, input_precision=PRECISION)
+        if HAS_B_UP:
+            u += tl.load(bu_ptr + cols * stride_bu, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        ok = row_ok[:, None] & d_ok[None, :]
+        res = tl.load(res_ptr + row64 * stride_resm + cols[None, :] * stride_resd, mask=ok, other=0.0)
+        out = res.to(tl.float32) + s * u
+        tl.store(out_ptr + row64 * D + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=["M", "R"])
+def bottleneck_bwd_dz_kernel(
+    g_ptr, wu_ptr, z_ptr, scale_ptr, dz_ptr, dbd_part_ptr, ds_part_ptr,
+    M, D, R,
+    stride_gm, stride_gd, stride_wud, stride_wur,
+    scaling,
+    ACTIVATION: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """For ``BLOCK_M`` rows: ``dz = s (g W_up) act'(z)`` into ``dz [M, R]`` (fp32), this
+    program's ``sum_m dz`` into row ``pid`` of ``dbd_part [programs, R]`` and its
+    ``sum(dA a)`` into ``ds_part[pid]``."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    # g W_up is the shrink loop of g against W_up^T ([R, D] with W_up's strides swapped).
+    da = shrink_rows(g_ptr, wu_ptr, g_ptr, rows, row_ok, 0, D, D, R, stride_gm, stride_gd, stride_wur,
+                     stride_wud, 0, False, BLOCK_M, BLOCK_D, BLOCK_R, PRECISION)
+    z = _rank_tile(z_ptr, rows, row_ok, offs_r, r_ok, R)
+    dz = _scale(scale_ptr, scaling, SCALE_FROM_PTR) * da * activation_grad(z, ACTIVATION)
+    # Padded rows and columns: dA is 0 there (masked loads), so dz is too.
+    tl.store(dz_ptr + rows.to(tl.int64)[:, None] * R + offs_r[None, :], dz, mask=row_ok[:, None] & r_ok[None, :])
+    tl.store(dbd_part_ptr + pid * R + offs_r, tl.sum(dz, axis=0), mask=r_ok)
+    tl.store(ds_part_ptr + pid, tl.sum(tl.sum(da * activate(z, ACTIVATION), axis=1), axis=0))
+
+
+@triton.jit(do_not_specialize=["M", "R", "rows_per_split", "threshold"])
+def bottleneck_bwd_wgrad_dh_kernel(
+    g_ptr, h_ptr, wd_ptr, z_ptr, dz_ptr, seed_ptr, dh_ptr, dwu_part_ptr, dbu_part_ptr, dwd_part_ptr,
+    M, D, R, rows_per_split,
+    stride_gm, stride_gd, stride_hm, stride_hd, stride_wdr, stride_wdd,
+    threshold, keep_scale,
+    ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, NEED_UP: tl.constexpr, NEED_W_DOWN: tl.constexpr,
+    NEED_DH: tl.constexpr, RESIDUAL_IS_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """For ``BLOCK_D`` columns (axis 0) and the rows of split ``program_id(1)``
+    (``rows_per_split`` rows, a multiple of BLOCK_M): with ``NEED_UP`` the partials
+    ``g^T a`` into ``dwu_part [splits, D, R]`` and ``sum_m g`` into ``dbu_part [splits, D]``
+    (both without the scaling); with ``NEED_W_DOWN`` ``dz^T h_hat`` (without ``1/(1-p)``)
+    into ``dwd_part [splits, R, D]``; with ``NEED_DH`` the tiles of ``dh [M, D]`` (dh's dtype,
+    contiguous)."""
+    split = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = cols < D
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    m_start = split * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    if NEED_DH:
+        wd = tl.load(wd_ptr + offs_r[:, None] * stride_wdr + cols[None, :] * stride_wdd,
+                     mask=r_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    acc_wu = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
+    acc_bu = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc_wd = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < m_end
+        row64 = rows.to(tl.int64)[:, None]
+        ok = row_ok[:, None] & d_ok[None, :]
+        if NEED_UP or (NEED_DH and RESIDUAL_IS_H):
+            g = tl.load(g_ptr + row64 * stride_gm + cols[None, :] * stride_gd, mask=ok, other=0.0).to(tl.float32)
+        if NEED_UP:
+            a = activate(_rank_tile(z_ptr, rows, row_ok, offs_r, r_ok, R), ACTIVATION)
+            acc_wu = tl.dot(tl.trans(g), a, acc_wu, input_precision=PRECISION)
+            acc_bu += tl.sum(g, axis=0)
+        if NEED_W_DOWN or NEED_DH:
+            dz = _rank_tile(dz_ptr, rows, row_ok, offs_r, r_ok, R)
+            if HAS_DROPOUT:
+                keep = keep_mask(seed, rows, tl.program_id(0) * BLOCK_D, D, threshold, BLOCK_M, BLOCK_D)
+        if NEED_W_DOWN:
+            x = tl.load(h_ptr + row64 * stride_hm + cols[None, :] * stride_hd, mask=ok, other=0.0).to(tl.float32)
+            if HAS_DROPOUT:
+                x = tl.where(keep, x, 0.0)
+            acc_wd = tl.dot(tl.trans(dz), x, acc_wd, input_precision=PRECISION)
+        if NEED_DH:
+            dh = tl.dot(dz, wd, input_precision=PRECISION)
+            if HAS_DROPOUT:
+                dh = tl.where(keep, dh * keep_scale, 0.0)
+            if RESIDUAL_IS_H:
+                dh += g
+            tl.store(dh_ptr + row64 * D + cols[None, :], dh.to(dh_ptr.dtype.element_ty), mask=ok)
+    if NEED_UP:
+        base = split.to(tl.int64) * D
+        tl.store(dwu_part_ptr + (base + cols)[:, None] * R + offs_r[None, :], acc_wu,
+                 mask=d_ok[:, None] & r_ok[None, :])
+        tl.store(dbu_part_ptr + base + cols, acc_bu, mask=d_ok)
+    if NEED_W_DOWN:
+        base_wd = split.to(tl.int64) * R
+        tl.store(dwd_part_ptr + (base_wd + offs_r)[:, None] * D + cols[None, :], acc_wd,
+                 mask=r_ok[:, None] & d_ok[None, :])
