@@ -55,10 +55,21 @@ def backend_choice() -> str:
     return choice
 
 
-def use_triton(device: torch.device) -> bool:
+def resolve_choice(choice: str | None) -> str:
+    """An op's per-call ``backend=`` argument, validated and lower-cased; None means
+    ``FASTPEFT_BACKEND`` (``backend_choice``)."""
+    if choice is None:
+        return backend_choice()
+    if not isinstance(choice, str) or choice.lower() not in _CHOICES:
+        raise ValueError(f"backend={choice!r}: expected None or one of {', '.join(_CHOICES)}")
+    return choice.lower()
+
+
+def use_triton(device: torch.device, choice: str | None = None) -> bool:
     """Whether tensors on ``device`` go to Triton kernels (fused or hybrid) under the current
-    setting; which of the two is ``fastpeft.kernels.lora.dispatch``'s choice."""
-    choice = backend_choice()
+    setting (or ``choice``, an op's per-call override); which of the two is
+    ``fastpeft.kernels.lora.dispatch``'s choice."""
+    choice = choice or backend_choice()
     if choice == "torch":
         return False
     if choice in ("auto", "cuda"):
@@ -68,7 +79,8 @@ def use_triton(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
 
-def use_cuda_extension(device: torch.device) -> bool:
+def use_cuda_extension(device: torch.device, choice: str | None = None) -> bool:
     """Whether an op that has a CUDA C++ implementation runs it for tensors on ``device``:
-    ``FASTPEFT_BACKEND=cuda`` and a CUDA device (ops without one follow ``use_triton``)."""
-    return backend_choice() == "cuda" and device.type == "cuda"
+    ``FASTPEFT_BACKEND=cuda`` (or ``choice``) and a CUDA device (ops without one follow
+    ``use_triton``)."""
+    return (choice or backend_choice()) == "cuda" and device.type == "cuda"

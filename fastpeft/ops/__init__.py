@@ -2,5 +2,14 @@
 
 from fastpeft.ops.lora_linear import lora_linear, lora_linear_dropout_mask
 from fastpeft.kernels.lora.ref import lora_linear_ref
+from fastpeft.ops.bottleneck_adapter import bottleneck_adapter, bottleneck_adapter_dropout_mask
+from fastpeft.kernels.bottleneck.ref import bottleneck_adapter_ref
 
-__all__ = ["lora_linear", "lora_linear_dropout_mask", "lora_linear_ref"]
+__all__ = [
+    "bottleneck_adapter",
+    "bottleneck_adapter_dropout_mask",
+    "bottleneck_adapter_ref",
+    "lora_linear",
+    "lora_linear_dropout_mask",
+    "lora_linear_ref",
+]

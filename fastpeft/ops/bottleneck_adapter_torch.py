@@ -1,0 +1,134 @@
+"""The torch composite path of the bottleneck adapter op: CPU tensors, float64, bottlenecks
+above the Triton kernels' limit, and ``FASTPEFT_BACKEND=torch``.
+
+    z = dropout(h) W_down^T + b_down,  out = residual + scaling * (act(z) W_up^T + b_up)
+
+Same contract as the kernels (``fastpeft.kernels.bottleneck.launch``), except for dropout: the
+torch path draws its mask with ``keep_mask_torch_path`` and keeps it (bool, one byte per
+element of h) for the backward, as the LoRA op's torch path does. The branch runs in the
+adapter weights' dtype (an fp32 adapter on a 16-bit model computes its branch in fp32; the
+result is rounded once to h's dtype); ``z`` is saved in ``rank_side_dtype`` (fp32, or float64).
+
+Cost against AdapterHub's module (``nn.Linear``, activation, ``up * scaling``, dropout,
+``+ residual``): the biases ride in ``addmm``, the dropout's ``1/(1-p)`` in ``addmm``'s
+``alpha``, scale and residual in one ``add``/``addcmul`` (the module makes two more passes over
+``[M, D]`` for them); only z (``[M, R]``) and the 1-byte mask are saved, where the module saves
+the dropped-out input, the activations and the up-projection. The backward uses aten's fused
+activation backward kernels and needs no saved ``[M, D]`` intermediate.
+
+Every function here is plain torch ops, so autograd can differentiate them: the op's double
+backward runs ``bottleneck_backward_torch`` on a recomputed z.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastpeft.kernels.bottleneck.ref import CANONICAL_ACTIVATIONS
+from fastpeft.ops.lora_linear_torch import keep_mask, rank_side_dtype
+
+
+def down_projection(h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None, dropout_p: float,
+                    keep: torch.Tensor) -> torch.Tensor:
+    """``z = dropout(h) W_down^T + b_down`` ``[M, R]`` in ``rank_side_dtype`` for 2-D h and
+    its keep-mask (empty: no dropout), the product in the weights' dtype."""
+    x = h.to(w_down.dtype)
+    if keep.numel():
+        x = x * keep.to(x.dtype)
+    alpha = 1.0 / (1.0 - dropout_p) if keep.numel() else 1.0
+    z = torch.addmm(b_down, x, w_down.t(), alpha=alpha) if b_down is not None else torch.mm(x, w_down.t()).mul_(alpha)
+    return z.to(rank_side_dtype(w_down.dtype))
+
+
+def _scaled_add(residual: torch.Tensor, u: torch.Tensor, scaling: float | torch.Tensor) -> torch.Tensor:
+    """``residual + scaling * u`` in one pass, in the wider of the two dtypes."""
+    if isinstance(scaling, torch.Tensor):
+        dtype = torch.promote_types(residual.dtype, u.dtype)
+        return torch.addcmul(residual.to(dtype), u, scaling.to(dtype))
+    return torch.add(residual, u, alpha=scaling)
+
+
+def bottleneck_forward_torch(
+    h: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor | None,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    activation: str,
+    scaling: float | torch.Tensor,
+    dropout_p: float,
+    seed: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out [M, D] in h's dtype, z [M, R], keep)`` for 2-D h ``[M, D]``; ``keep`` is the
+    bool ``[M, D]`` dropout mask (empty without dropout), saved for the backward."""
+    keep = keep_mask(h, dropout_p, seed)
+    z = down_projection(h, w_down, b_down, dropout_p, keep)
+    a = CANONICAL_ACTIVATIONS[activation](z).to(w_up.dtype)
+    u = torch.addmm(b_up, a, w_up.t()) if b_up is not None else torch.mm(a, w_up.t())
+    out = _scaled_add(h if residual is None else residual, u, scaling)
+    return out.to(h.dtype), z, keep
+
+
+def activation_backward(grad: torch.Tensor, z: torch.Tensor, activation: str) -> torch.Tensor:
+    """``grad * act'(z)`` with aten's fused activation backward kernels (differentiable)."""
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(grad, z, 0)
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward(grad, z)
+    if activation == "gelu_tanh":
+        return torch.ops.aten.gelu_backward(grad, z, approximate="tanh")
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(grad, z)
+    return grad
+
+
+def bottleneck_backward_torch(
+    grad_out: torch.Tensor,
+    h: torch.Tensor,
+    w_down: torch.Tensor,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor | None,
+    z: torch.Tensor,
+    keep: torch.Tensor,
+    activation: str,
+    scaling: float | torch.Tensor,
+    dropout_p: float,
+    residual_is_h: bool,
+    needs_grad: tuple[bool, bool, bool, bool, bool, bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """``(grad_h, grad_w_down, grad_b_down, grad_w_up, grad_b_up, grad_scaling)`` as in
+    ``launch.bottleneck_backward``, for 2-D ``grad_out``/``h`` and the forward's z and keep-mask
+    (empty without dropout). The ``[M, R]`` side runs in ``z``'s dtype, the products in the
+    weights' dtype."""
+    need_h, need_wd, need_bd, need_wu, need_bu, need_s = needs_grad
+    w_dtype, r_dtype = w_down.dtype, z.dtype
+    g = grad_out.to(w_dtype)
+    a = CANONICAL_ACTIVATIONS[activation](z)
+    grad_wu = g.t() @ (a * scaling).to(w_dtype) if need_wu else None
+    g_sum = g.sum(0, dtype=r_dtype) if (need_bu or (need_s and b_up is not None)) else None
+    grad_bu = (g_sum * scaling).to(w_dtype) if need_bu else None
+    grad_h = grad_wd = grad_bd = grad_s = None
+    if need_h or need_wd or need_bd or need_s:
+        da = (g @ w_up).to(r_dtype)
+        if need_s:
+            grad_s = (da * a).sum()
+            if b_up is not None:
+                grad_s = grad_s + g_sum @ b_up.to(r_dtype)
+        dz = activation_backward(da * scaling, z, activation)
+        grad_bd = dz.sum(0).to(w_dtype) if need_bd else None
+        # dz / (1 - p): the dropout scale rides on the [M, R] side.
+        dz_hat = (dz * (1.0 / (1.0 - dropout_p)) if keep.numel() else dz).to(w_dtype)
+        factor = keep.to(w_dtype) if keep.numel() and (need_h or need_wd) else None
+        if need_wd:
+            x = h.to(w_dtype)
+            grad_wd = dz_hat.t() @ (x * factor if factor is not None else x)
+        if need_h:
+            grad_h = dz_hat @ w_down
+            if factor is not None:
+                grad_h = grad_h * factor
+            grad_h = grad_h.to(h.dtype)
+            if residual_is_h:
+                grad_h = grad_h + grad_out
+    return grad_h, grad_wd, grad_bd, grad_wu, grad_bu, grad_s
