@@ -9,15 +9,20 @@ from fastpeft.model.adapter_io import adapter_state_dict, load_adapter, save_ada
 from fastpeft.model.config import LoraConfig
 from fastpeft.model.injection import ParameterCount, inject, merge_and_unload, trainable_parameters
 from fastpeft.model.peft_interop import from_peft
+from fastpeft.model.prompt_config import PrefixTuningConfig, PromptTuningConfig
+from fastpeft.model.prompt_injection import merge_prefix
 
 __all__ = [
     "LoraConfig",
     "ParameterCount",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
     "adapter_state_dict",
     "from_peft",
     "inject",
     "load_adapter",
     "merge_and_unload",
+    "merge_prefix",
     "save_adapter",
     "trainable_parameters",
 ]

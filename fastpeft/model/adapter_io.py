@@ -19,7 +19,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from fastpeft.model import safe_write
+from fastpeft.model import prompt_io, safe_write
 from fastpeft.model.config import LoraConfig
 from fastpeft.model.injection import (
     adapter_state,
@@ -50,6 +50,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     state = adapter_state(require_module(model))
     if state is None:
         raise ValueError("model has no fastpeft adapter: add one with fastpeft.inject, load_adapter or from_peft")
+    if prompt_io.has_prompt_adapter(model):
+        return prompt_io.prompt_state_dict(model)
     out = {}
     for name, layer in lora_layers(model):
         out[f"{KEY_PREFIX}{name}.lora_A.weight"] = _cpu_copy(layer.lora_A.weight)
@@ -65,6 +67,8 @@ def _saved_config(model: nn.Module) -> dict:
     resolved to the adapted module paths, ``fan_in_fan_out`` as PEFT leaves it after
     wrapping ``Conv1D`` layers, ``inference_mode`` True, ``base_model_name_or_path`` from the
     transformers model when the config has none."""
+    if prompt_io.has_prompt_adapter(model):
+        return prompt_io.saved_prompt_config(model)
     config = adapter_state(model).config
     layers = lora_layers(model)
     data = config.to_dict()
@@ -293,6 +297,10 @@ def load_adapter(
     if not directory.is_dir():
         raise NotADirectoryError(f"adapter path {str(directory)!r} is not a directory: an adapter is a directory "
                                  f"holding {CONFIG_NAME} and {SAFETENSORS_NAME}")
+    prompt_data = prompt_io.read_config_data(directory)
+    if prompt_data is not None:  # PROMPT_TUNING / PREFIX_TUNING (other prompt types are refused there)
+        return prompt_io.load_prompt_adapter(model, directory, prompt_data,
+                                             lambda d: _read_tensors(d, allow_pickle), is_trainable=is_trainable)
     config = _read_config(directory)
     tensors = _normalize_keys(_read_tensors(directory, allow_pickle), str(directory))
     check_not_adapted(model)

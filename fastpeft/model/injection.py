@@ -66,7 +66,7 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
 
 
 def check_not_adapted(model: nn.Module) -> None:
-    """Refuse a model that already has fastpeft or HF PEFT adapter layers."""
+    """Refuse a model that already has fastpeft or HF PEFT adapter layers, or a fastpeft adapter."""
     layers = [name for name, _ in lora_layers(model)]
     if layers:
         raise ValueError(f"model already has fastpeft LoRA layers ({', '.join(layers[:3])}, ...); "
@@ -76,6 +76,10 @@ def check_not_adapted(model: nn.Module) -> None:
     if peft_layers:
         raise ValueError(f"model has HF PEFT adapter layers ({', '.join(peft_layers[:3])}, ...); "
                          "convert them with fastpeft.from_peft instead")
+    state = adapter_state(model)
+    if state is not None:
+        raise ValueError(f"model already has a fastpeft {getattr(state.config, 'peft_type', 'LORA')} adapter; "
+                         "one adapter per model")
 
 
 @contextmanager
@@ -221,8 +225,15 @@ def inject(model: nn.Module, config: LoraConfig, *, autocast_adapter_dtype: bool
             model already has adapter layers. The model is then unchanged.
     """
     require_module(model)
+    from fastpeft.model.prompt_config import PromptLearningConfig  # prompt_injection imports this module
+
+    if isinstance(config, PromptLearningConfig):
+        from fastpeft.model.prompt_injection import inject_prompt
+
+        return inject_prompt(model, config)
     if not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be a fastpeft.LoraConfig, got {type(config).__name__}")
+        raise TypeError(f"config must be a fastpeft.LoraConfig, PromptTuningConfig or PrefixTuningConfig, "
+                        f"got {type(config).__name__}")
     init = config.init_lora_weights
     if not (isinstance(init, bool) or init.lower() == "gaussian"):
         raise ValueError(f"LoraConfig.init_lora_weights={init!r} cannot be created by fastpeft (it needs data or "

@@ -98,6 +98,10 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         raise ValueError(f"from_peft: the model has adapters {list(configs)}; fastpeft runs exactly one "
                          "(delete the others with peft_model.delete_adapter)")
     (adapter, peft_config), = configs.items()
+    if getattr(peft_config, "is_prompt_learning", False):
+        from fastpeft.model.prompt_io import from_peft_prompt
+
+        return from_peft_prompt(peft_model, adapter, peft_config)
     config = LoraConfig.from_dict(peft_config.to_dict())
     model = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model.model
 

@@ -1,0 +1,362 @@
+"""Prompt tuning and prefix tuning on a transformers model, in place (no wrapper object).
+
+``inject_prompt`` adds the virtual-token module (``PromptEmbedding`` / ``PrefixEncoder``) to
+the model as the submodule ``fastpeft_prompt_encoder`` and gives this one model object a
+``forward`` (a ``PromptForward``) that does what PEFT's ``PeftModelForCausalLM`` /
+``PeftModelForSequenceClassification`` / ``PeftModelForFeatureExtraction`` forward does
+before calling the model's own forward, for a batch of ``B`` sequences of ``T`` tokens and
+``N = num_virtual_tokens``:
+
+* ``attention_mask`` ``[B, T]`` -> ``[B, N + T]`` (ones for the virtual tokens);
+* prompt tuning: ``inputs_embeds = cat(prompts, embed(input_ids))``; ``labels`` get ``N``
+  leading ``-100`` (causal LM); ``position_ids`` are dropped with a warning (PEFT); SEQ_CLS
+  ``token_type_ids`` get ``N`` leading zeros, other tasks drop them with a warning;
+* prefix tuning: the prefix keys/values are given as the model's key/value cache (a
+  transformers ``DynamicCache``; an empty ``Cache`` passed in is filled in place), so each
+  layer attends over ``N`` more keys and nothing else changes; ``position_ids + N``;
+  ``token_type_ids`` dropped with a warning except for SEQ_CLS.
+
+A call whose cache already holds tokens (a continuation: ``generate``'s decode steps, or a
+forward given the cache an earlier call returned) gets only the mask and position changes,
+since the cache already holds the virtual tokens. ``generate`` therefore works through the
+same forward: its decode steps pay attention over ``N`` cached tokens and nothing else.
+``prepare_inputs_for_generation`` is wrapped only to drop the position ids ``generate``
+makes for prompt tuning (PEFT ignores position ids there), without the forward's warning.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from fastpeft.layers.prefix_encoder import PrefixEncoder
+from fastpeft.layers.prompt_embedding import PromptEmbedding
+from fastpeft.model.injection import AdapterState, adapter_state, record_adapter, require_module
+from fastpeft.model.matching import find_modules_to_save
+from fastpeft.model.prompt_config import (
+    SUPPORTED_TASK_TYPES,
+    PrefixTuningConfig,
+    PromptLearningConfig,
+    PromptTuningConfig,
+)
+
+# Submodule that holds the virtual-token parameters.
+ENCODER_NAME = "fastpeft_prompt_encoder"
+# Model types whose attention PEFT post-processes or gives a special cache for prefix tuning.
+_PREFIX_UNSUPPORTED_MODEL_TYPES = ("bloom", "gpt_bigcode", "chatglm", "gemma2", "gemma3_text", "gemma4")
+# Key of the model inputs prepare_inputs_for_generation has already adjusted (popped by the forward).
+_GENERATE_KEY = "_fastpeft_prompt_generate"
+
+
+def prompt_state(model: nn.Module) -> AdapterState | None:
+    """The model's adapter state when it carries a fastpeft prompt / prefix adapter, else None."""
+    state = adapter_state(model)
+    return state if state is not None and isinstance(state.config, PromptLearningConfig) else None
+
+
+def prompt_encoder(model: nn.Module) -> PromptEmbedding | PrefixEncoder:
+    """The model's ``PromptEmbedding`` / ``PrefixEncoder``; ``ValueError`` when it has none."""
+    encoder = getattr(model, ENCODER_NAME, None)
+    if prompt_state(model) is None or not isinstance(encoder, (PromptEmbedding, PrefixEncoder)):
+        raise ValueError("model has no fastpeft prompt-tuning or prefix-tuning adapter")
+    return encoder
+
+
+def _batch_size(args: dict[str, Any]) -> int:
+    for key in ("input_ids", "inputs_embeds"):
+        if args.get(key) is not None:
+            return args[key].shape[0]
+    raise ValueError("prompt / prefix tuning forward needs input_ids or inputs_embeds")
+
+
+def _cache_classes():
+    from transformers import Cache, DynamicCache
+
+    return Cache, DynamicCache
+
+
+class PromptForward:
+    """The ``forward`` of one model carrying a prompt / prefix adapter (kept in the instance
+    ``__dict__``; it holds the model and the forward it replaced, so ``copy.deepcopy`` carries
+    it over bound to the copy). See the module docstring for what it changes."""
+
+    def __init__(self, model: nn.Module, original: Any) -> None:
+        self.model = model
+        self.original = original
+        params = inspect.signature(original).parameters
+        self.positional = [n for n, p in params.items()
+                           if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        self.cache_key = "cache" if "cache" in params else "past_key_values"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if len(args) > len(self.positional):
+            raise TypeError(f"forward takes at most {len(self.positional)} positional arguments, got {len(args)}")
+        for name, value in zip(self.positional, args):
+            if name in kwargs:
+                raise TypeError(f"forward got multiple values for argument {name!r}")
+            kwargs[name] = value
+        from_generate = kwargs.pop(_GENERATE_KEY, False)
+        state = prompt_state(self.model)
+        if state is None:  # adapter removed
+            return self.original(**kwargs)
+        return self.original(**self.adjust(state.config, kwargs, from_generate=from_generate))
+
+    def adjust(self, config: PromptLearningConfig, kw: dict[str, Any], *, from_generate: bool = False) -> dict[str, Any]:
+        """The model's forward arguments with the virtual tokens added (module docstring)."""
+        model = self.model
+        encoder = prompt_encoder(model)
+        n = config.num_virtual_tokens
+        batch = _batch_size(kw)
+        Cache, DynamicCache = _cache_classes()
+        cache = kw.pop("past_key_values", None) if self.cache_key != "past_key_values" else None
+        cache = kw.get(self.cache_key, cache)
+        if cache is not None and not isinstance(cache, Cache):
+            raise TypeError(f"prompt / prefix tuning takes the key/value cache as a transformers Cache, got "
+                            f"{type(cache).__name__}")
+        continuing = cache is not None and cache.get_seq_length() > 0
+        prefix = isinstance(config, PrefixTuningConfig)
+
+        mask = kw.get("attention_mask")
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != batch:
+                raise ValueError(f"prompt / prefix tuning needs a 2-D attention_mask [batch, length], got "
+                                 f"{getattr(mask, 'shape', type(mask).__name__)}")
+            kw["attention_mask"] = torch.cat((mask.new_ones(batch, n), mask), dim=1)
+        if kw.get("position_ids") is not None:
+            if prefix:
+                kw["position_ids"] = kw["position_ids"] + n
+            else:
+                if not from_generate:
+                    warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position "
+                                  "ids.", stacklevel=3)
+                kw["position_ids"] = None
+        token_types = kw.get("token_type_ids")
+        if token_types is not None:
+            if config.task_type != "SEQ_CLS":
+                warnings.warn("Token type ids are not supported for parameter efficient tuning. Ignoring token "
+                              "type ids", stacklevel=3)
+                kw["token_type_ids"] = None
+            elif not prefix and not continuing:
+                kw["token_type_ids"] = torch.cat((token_types.new_zeros(batch, n), token_types), dim=1)
+        if continuing:
+            kw[self.cache_key] = cache
+            return kw
+        if prefix:
+            heads = config.num_attention_heads
+            key_values = encoder.key_values(batch, heads, model.dtype)
+            if cache is None:
+                cache = DynamicCache()
+            for layer, (key, value) in enumerate(key_values):
+                cache.update(key, value, layer)
+            kw[self.cache_key] = cache
+            return kw
+        embeds = kw.get("inputs_embeds")
+        if embeds is None:
+            embeds = model.get_input_embeddings()(kw["input_ids"])
+        kw["inputs_embeds"] = torch.cat((encoder(batch, embeds.dtype), embeds), dim=1)
+        kw["input_ids"] = None
+        labels = kw.get("labels")
+        if labels is not None and config.task_type == "CAUSAL_LM":
+            kw["labels"] = torch.cat((labels.new_full((batch, n), -100), labels), dim=1)
+        if cache is not None:
+            kw[self.cache_key] = cache
+        return kw
+
+
+class PromptGenerationInputs:
+    """``prepare_inputs_for_generation`` of a model carrying a prompt / prefix adapter: the
+    model's own, with its inputs marked for the forward (which then drops ``generate``'s
+    position ids for prompt tuning without warning, as PEFT ignores them)."""
+
+    def __init__(self, model: nn.Module, original: Any) -> None:
+        self.model = model
+        self.original = original
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        inputs = self.original(*args, **kwargs)
+        if prompt_state(self.model) is not None:
+            inputs[_GENERATE_KEY] = True
+        return inputs
+
+
+def _word_embeddings(model: nn.Module) -> nn.Embedding:
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    if not isinstance(embeddings, nn.Embedding):
+        raise ValueError(f"prompt / prefix tuning needs a transformers model with an nn.Embedding input embedding "
+                         f"(get_input_embeddings()), got {type(model).__name__}")
+    return embeddings
+
+
+def _model_layers(model_config: object) -> tuple[int | None, int | None, int | None]:
+    """(layers, key/value heads, head_dim) of a transformers config, None where unknown."""
+    get = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    layers = getattr(get, "num_hidden_layers", None)
+    heads = getattr(get, "num_attention_heads", None)
+    kv_heads = getattr(get, "num_key_value_heads", None) or heads
+    hidden = getattr(get, "hidden_size", None)
+    head_dim = getattr(get, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    return layers, kv_heads, head_dim
+
+
+def _check_model(model: nn.Module, config: PromptLearningConfig) -> None:
+    """Refuse what the forward cannot reproduce, before anything changes."""
+    name = type(config).__name__
+    if config.task_type not in SUPPORTED_TASK_TYPES:
+        raise ValueError(f"{name}.task_type must be one of {SUPPORTED_TASK_TYPES} (PEFT's forward for that task is "
+                         f"what fastpeft reproduces), got {config.task_type!r}")
+    model_config = getattr(model, "config", None)
+    if getattr(model_config, "is_encoder_decoder", False):
+        raise ValueError("prompt / prefix tuning of encoder-decoder models is not supported")
+    word = _word_embeddings(model)
+    if isinstance(config, PromptTuningConfig):
+        if config.token_dim != word.embedding_dim:
+            raise ValueError(f"PromptTuningConfig.token_dim={config.token_dim} differs from the model's embedding "
+                             f"size {word.embedding_dim}")
+        return
+    if config.token_dim % config.num_attention_heads:
+        raise ValueError(f"PrefixTuningConfig.token_dim={config.token_dim} is not a multiple of "
+                         f"num_attention_heads={config.num_attention_heads}")
+    model_type = getattr(model_config, "model_type", "")
+    if model_type in _PREFIX_UNSUPPORTED_MODEL_TYPES:
+        raise ValueError(f"prefix tuning on model type {model_type!r} is not supported (PEFT gives it a special "
+                         "cache layout)")
+    if "cache" not in inspect.signature(model.forward).parameters and "past_key_values" not in \
+            inspect.signature(model.forward).parameters and not _passes_kwargs(model):
+        raise ValueError(f"{type(model).__name__}.forward takes no key/value cache, which prefix tuning needs")
+    layers, kv_heads, head_dim = _model_layers(model_config)
+    want = (config.num_layers, config.num_attention_heads, config.token_dim // config.num_attention_heads)
+    if layers is not None and kv_heads is not None and head_dim is not None and want != (layers, kv_heads, head_dim):
+        raise ValueError(f"PrefixTuningConfig gives (num_layers, heads, head_dim) = {want}, but the model's attention "
+                         f"has {(layers, kv_heads, head_dim)} (key/value heads)")
+
+
+def _passes_kwargs(model: nn.Module) -> bool:
+    return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
+
+
+def build_encoder(model: nn.Module, config: PromptLearningConfig, *, initialize: bool) -> PromptEmbedding | PrefixEncoder:
+    """The virtual-token module for a resolved ``config`` on the device of the model's input
+    embedding, float32; with ``initialize``, PEFT's init (``prompt_tuning_init``)."""
+    word = _word_embeddings(model)
+    device = word.weight.device
+    if isinstance(config, PrefixTuningConfig):
+        return PrefixEncoder(config.num_virtual_tokens, config.token_dim, config.num_layers,
+                             prefix_projection=config.prefix_projection,
+                             encoder_hidden_size=config.encoder_hidden_size,
+                             init_weights=config.init_weights if initialize else None, device=device)
+    encoder = PromptEmbedding(config.num_virtual_tokens, config.token_dim, device=device)
+    if initialize and config.prompt_tuning_init == "SAMPLE_VOCAB":
+        ids = torch.randint(0, word.num_embeddings, (config.num_virtual_tokens,), dtype=torch.long)
+        encoder.init_from_tokens(word, ids)
+    elif initialize and config.prompt_tuning_init == "TEXT":
+        encoder.init_from_tokens(word, _text_token_ids(config))
+    return encoder
+
+
+def _text_token_ids(config: PromptTuningConfig) -> list[int]:
+    tokenizer = config.tokenizer_name_or_path
+    if isinstance(tokenizer, str):
+        from transformers import AutoTokenizer
+
+        kwargs = dict(config.tokenizer_kwargs or {})
+        kwargs.pop("trust_remote_code", None)  # as PEFT: no remote code from an adapter config
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer, **kwargs)
+    ids = tokenizer(config.prompt_tuning_init_text)["input_ids"]
+    if isinstance(ids, torch.Tensor):
+        ids = ids.reshape(-1).tolist()
+    return list(ids)
+
+
+def resolve_config(model: nn.Module, config: PromptLearningConfig) -> PromptLearningConfig:
+    """``config`` with the model-shape fields filled from the model, checked against it."""
+    resolved = config.resolve(getattr(model, "config", None))
+    _check_model(model, resolved)
+    return resolved
+
+
+def plan_modules_to_save(model: nn.Module, config: PromptLearningConfig) -> tuple[str, ...]:
+    """Paths of the modules trained in full (PEFT's suffix rule; SEQ_CLS adds its head)."""
+    names = config.saved_modules_to_save
+    if not names:
+        return ()
+    return find_modules_to_save(model, _NamesOnly(names))
+
+
+class _NamesOnly:
+    """The ``modules_to_save`` view ``matching.find_modules_to_save`` reads."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.modules_to_save = names
+
+
+def install_prompt(
+    model: nn.Module,
+    config: PromptLearningConfig,
+    encoder: PromptEmbedding | PrefixEncoder,
+    modules_to_save: dict[str, nn.Module],
+    *,
+    trainable: bool,
+) -> None:
+    """Attach ``encoder`` and the ``modules_to_save`` copies, freeze every other parameter (all
+    of them unless ``trainable``), replace the model's forward and record the adapter.
+    Nothing here fails on checked inputs."""
+    for path, module in modules_to_save.items():
+        model.set_submodule(path, module)
+    model.requires_grad_(False)
+    model.add_module(ENCODER_NAME, encoder)
+    encoder.requires_grad_(trainable)
+    for module in modules_to_save.values():
+        module.requires_grad_(trainable)
+    object.__setattr__(model, "forward", PromptForward(model, model.forward))
+    if callable(getattr(model, "prepare_inputs_for_generation", None)):
+        object.__setattr__(model, "prepare_inputs_for_generation",
+                           PromptGenerationInputs(model, model.prepare_inputs_for_generation))
+    record_adapter(model, AdapterState(config, tuple(modules_to_save)))
+
+
+def inject_prompt(model: nn.Module, config: PromptLearningConfig) -> nn.Module:
+    """Add a prompt-tuning or prefix-tuning adapter to ``model`` in place (``fastpeft.inject``
+    with a ``PromptTuningConfig`` / ``PrefixTuningConfig``), as PEFT's ``get_peft_model``
+    would, and return it. Every other parameter is frozen; ``modules_to_save`` (and a SEQ_CLS
+    model's ``classifier`` / ``score``) become trainable copies.
+
+    Raises:
+        ValueError: an unsupported task type, model or configuration (the message says which),
+            or a model that already has an adapter. The model is then unchanged.
+    """
+    import copy
+
+    from fastpeft.model.injection import check_not_adapted
+
+    require_module(model)
+    check_not_adapted(model)
+    if adapter_state(model) is not None or hasattr(model, ENCODER_NAME):
+        raise ValueError("model already has a fastpeft adapter; one adapter per model")
+    resolved = resolve_config(model, config)
+    paths = plan_modules_to_save(model, resolved)
+    encoder = build_encoder(model, resolved, initialize=True)
+    copies = {path: copy.deepcopy(model.get_submodule(path)) for path in paths}
+    install_prompt(model, resolved, encoder, copies, trainable=True)
+    return model
+
+
+def merge_prefix(model: nn.Module) -> nn.Module:
+    """Fold a prefix-tuning adapter's reparameterization MLP (``prefix_projection``) into a
+    stored prefix, so that the forward and ``generate`` read the prefix with no MLP; return
+    ``model``. Outputs are unchanged (to float32 rounding of the one MLP evaluation). The
+    folded prefix keeps the adapter's ``requires_grad``; saving writes the same
+    ``prompt_embeddings`` as before. A no-op without ``prefix_projection``.
+
+    Raises:
+        ValueError: the model has no fastpeft prefix-tuning adapter.
+    """
+    encoder = prompt_encoder(require_module(model))
+    if not isinstance(encoder, PrefixEncoder):
+        raise ValueError("merge_prefix: the model's adapter is prompt tuning, which has no prefix MLP to fold")
+    encoder.merge()
+    return model

@@ -1,0 +1,258 @@
+"""Prompt-tuning and prefix-tuning adapters in HF PEFT's files, and from PEFT models.
+
+PEFT saves a prompt-learning adapter as ``adapter_config.json`` (``peft_type``
+``"PROMPT_TUNING"`` / ``"PREFIX_TUNING"``, the resolved model-shape fields,
+``inference_mode: true``) and ``adapter_model.safetensors`` holding:
+
+* ``prompt_embeddings``: what the encoder computes for the virtual tokens, float32 --
+  prompt tuning: the embeddings ``[num_virtual_tokens, token_dim]``; prefix tuning: the
+  prefix ``[num_virtual_tokens, num_layers * 2 * token_dim]``, which with
+  ``prefix_projection`` is the MLP's output, not its weights (``get_peft_model_state_dict``
+  -> ``get_prompt_embedding_to_save``);
+* ``base_model.<module path>.<name>`` for each ``modules_to_save`` module (a SEQ_CLS
+  model's ``classifier`` / ``score``).
+
+So a ``prefix_projection`` adapter loads as its stored prefix, frozen (PEFT's inference
+mode); its MLP cannot be restored from the file, and ``is_trainable=True`` is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from fastpeft.layers.prefix_encoder import PrefixEncoder
+from fastpeft.model.injection import adapter_state, check_not_adapted, restore_requires_grad
+from fastpeft.model.prompt_config import (
+    PrefixTuningConfig,
+    PromptLearningConfig,
+    is_prompt_peft_type,
+    peft_type_of,
+    prompt_config_from_dict,
+)
+from fastpeft.model.prompt_injection import (
+    ENCODER_NAME,
+    build_encoder,
+    install_prompt,
+    plan_modules_to_save,
+    prompt_encoder,
+    prompt_state,
+    resolve_config,
+)
+
+EMBEDDINGS_KEY = "prompt_embeddings"
+# PEFT's key prefix of modules_to_save entries for prompt learning (the wrapper's base_model
+# is the transformers model itself, with no LoraModel in between).
+MODULE_PREFIX = "base_model."
+
+
+def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
+def has_prompt_adapter(model: nn.Module) -> bool:
+    return prompt_state(model) is not None
+
+
+@torch.no_grad()
+def saved_prompt_embeddings(model: nn.Module) -> torch.Tensor:
+    """PEFT's ``prompt_embeddings`` for the model's adapter (float32, on the CPU)."""
+    encoder = prompt_encoder(model)
+    if isinstance(encoder, PrefixEncoder):
+        return _cpu_copy(encoder.prefix().float())
+    return _cpu_copy(encoder.embedding.weight.float())
+
+
+def prompt_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's saved keys (CPU copies)."""
+    state = prompt_state(model)
+    out = {EMBEDDINGS_KEY: saved_prompt_embeddings(model)}
+    for path in state.modules_to_save:
+        for key, value in model.get_submodule(path).state_dict().items():
+            out[f"{MODULE_PREFIX}{path}.{key}"] = _cpu_copy(value)
+    return out
+
+
+def saved_prompt_config(model: nn.Module) -> dict[str, Any]:
+    """``adapter_config.json`` as PEFT writes it: resolved fields, ``inference_mode`` True,
+    SEQ_CLS heads in ``modules_to_save``, ``base_model_name_or_path`` from the model."""
+    config: PromptLearningConfig = prompt_state(model).config
+    data = config.to_dict()
+    names = config.saved_modules_to_save
+    data["modules_to_save"] = list(names) if names else None
+    data["inference_mode"] = True
+    if data["base_model_name_or_path"] is None:
+        data["base_model_name_or_path"] = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    return data
+
+
+def read_config_data(directory: Path) -> Mapping[str, Any] | None:
+    """The JSON of ``directory/adapter_config.json`` when it names a prompt-learning type,
+    else None (unreadable files are left to the LoRA reader's errors)."""
+    try:
+        data = json.loads((directory / "adapter_config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if isinstance(data, Mapping) and is_prompt_peft_type(peft_type_of(data)):
+        return data
+    return None
+
+
+def _expected_shape(config: PromptLearningConfig) -> tuple[int, int]:
+    if isinstance(config, PrefixTuningConfig):
+        return config.num_virtual_tokens, config.num_layers * 2 * config.token_dim
+    return config.num_virtual_tokens, config.token_dim
+
+
+def _split_tensors(
+    model: nn.Module, config: PromptLearningConfig, paths: tuple[str, ...], tensors: dict[str, torch.Tensor], source: str
+) -> tuple[torch.Tensor, dict[str, dict[str, torch.Tensor]]]:
+    """Check the file's keys, shapes and dtypes against the adapter; return the prompt
+    embeddings and each ``modules_to_save`` module's state dict."""
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {EMBEDDINGS_KEY: (_expected_shape(config), None)}
+    for path in paths:
+        for key, value in model.get_submodule(path).state_dict().items():
+            expected[f"{MODULE_PREFIX}{path}.{key}"] = (tuple(value.shape), value.dtype)
+    names = {k.removeprefix("model.") if k.startswith(f"{MODULE_PREFIX}model.") else k: v for k, v in tensors.items()}
+    missing = sorted(expected.keys() - names.keys())
+    extra = sorted(names.keys() - expected.keys())
+    if missing or extra:
+        raise ValueError(f"{source} does not match the {config.peft_type} adapter its config describes on this "
+                         f"model: missing keys {missing[:8]}, unexpected keys {extra[:8]}")
+    for key, (shape, dtype) in expected.items():
+        tensor = names[key]
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, expected {shape} (from the config's "
+                             "num_virtual_tokens / token_dim / num_layers and the model)")
+        floating = dtype is None or dtype.is_floating_point
+        if tensor.dtype.is_floating_point != floating or (not floating and tensor.dtype != dtype):
+            raise ValueError(f"{source}: {key!r} has dtype {tensor.dtype}, expected "
+                             f"{'a floating point dtype' if floating else dtype}")
+    modules = {path: {k.removeprefix(f"{MODULE_PREFIX}{path}."): v for k, v in names.items()
+                      if k.startswith(f"{MODULE_PREFIX}{path}.")} for path in paths}
+    return names[EMBEDDINGS_KEY], modules
+
+
+def _stored_config(config: PromptLearningConfig) -> PromptLearningConfig:
+    """The config whose encoder holds the saved tensor as its parameter: a projected prefix
+    is stored, not its MLP (PEFT's inference mode)."""
+    if isinstance(config, PrefixTuningConfig) and config.prefix_projection:
+        return _replace(config, prefix_projection=False)
+    return config
+
+
+def _replace(config: PromptLearningConfig, **changes: Any) -> PromptLearningConfig:
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+def load_prompt_adapter(
+    model: nn.Module,
+    directory: Path,
+    data: Mapping[str, Any],
+    read_tensors: Callable[[Path], dict[str, torch.Tensor]],
+    *,
+    is_trainable: bool,
+) -> nn.Module:
+    """``fastpeft.load_adapter`` for a PEFT prompt-tuning / prefix-tuning directory whose
+    config JSON is ``data`` (``read_tensors`` reads its weight file). Everything is checked
+    and built before the model changes.
+
+    Raises:
+        ValueError: an unsupported prompt-learning type (P_TUNING, ...), configuration or
+            model, wrong keys / shapes / dtypes, ``is_trainable=True`` for a
+            ``prefix_projection`` adapter (its MLP is not in PEFT's file), or a model that
+            already has an adapter.
+    """
+    config = prompt_config_from_dict(data)
+    if isinstance(config, PrefixTuningConfig) and config.prefix_projection and is_trainable:
+        raise ValueError(f"{str(directory)!r}: a prefix_projection adapter is saved as its computed prefix, not its "
+                         "MLP (PEFT's format), so it cannot be loaded trainable; load it with is_trainable=False, "
+                         "or train a new adapter")
+    tensors = read_tensors(directory)
+    check_not_adapted(model)
+    if adapter_state(model) is not None or hasattr(model, ENCODER_NAME):
+        raise ValueError("model already has a fastpeft adapter; one adapter per model")
+    config = resolve_config(model, config)
+    paths = plan_modules_to_save(model, config)
+    embeddings, module_states = _split_tensors(model, config, paths, tensors, str(directory))
+    with restore_requires_grad(model, always=False):
+        encoder = build_encoder(model, _stored_config(config), initialize=False)
+        with torch.no_grad():
+            encoder.embedding.weight.copy_(embeddings)
+        copies = {}
+        for path in paths:
+            copies[path] = copy.deepcopy(model.get_submodule(path))
+            copies[path].load_state_dict(module_states[path], strict=True)
+    install_prompt(model, config, encoder, copies, trainable=is_trainable)
+    return model
+
+
+def from_peft_prompt(peft_model: nn.Module, adapter: str, peft_config: Any) -> nn.Module:
+    """``fastpeft.from_peft`` for a PEFT prompt-tuning / prefix-tuning model: the base model
+    gets a fastpeft encoder that shares PEFT's encoder parameters (``requires_grad`` and
+    optimizer state carry over) and the trained ``modules_to_save`` copies; returns it.
+    The PEFT wrapper's forward and generate then run the converted model (no second prompt),
+    its save_pretrained writes with ``fastpeft.save_adapter``."""
+    from fastpeft.model.peft_interop import _RETIRED_METHODS, _retired
+    from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+
+    config = prompt_config_from_dict(peft_config.to_dict())
+    model = peft_model.get_base_model()
+    peft_encoder = peft_model.prompt_encoder[adapter]
+    replacements: dict[str, nn.Module] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            if module.active_adapters != [adapter]:
+                raise ValueError(f"from_peft: {path}: modules_to_save adapter {adapter!r} is not active")
+            replacements[path] = module.modules_to_save[adapter]
+        elif isinstance(module, AuxiliaryTrainingWrapper):
+            raise ValueError(f"from_peft: {path}: PEFT layer type {type(module).__name__} is not supported")
+    config = resolve_config(model, config)
+    # PEFT's inference-mode prefix encoder holds the computed prefix and no MLP
+    projection = isinstance(config, PrefixTuningConfig) and hasattr(peft_encoder, "transform")
+    encoder = build_encoder(model, config if projection else _stored_config(config), initialize=False)
+    if tuple(encoder.embedding.weight.shape) != tuple(peft_encoder.embedding.weight.shape):
+        raise ValueError(f"from_peft: PEFT's prompt encoder has shape {tuple(peft_encoder.embedding.weight.shape)}, "
+                         f"expected {tuple(encoder.embedding.weight.shape)} from its config")
+    encoder.embedding = peft_encoder.embedding
+    if projection:
+        encoder.transform = peft_encoder.transform
+    modules = [peft_encoder, *replacements.values()]
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    install_prompt(model, config, encoder, replacements, trainable=True)
+    for param, flag in flags:
+        param.requires_grad_(flag)
+    _retire_prompt_wrapper(peft_model, model, _RETIRED_METHODS, _retired)
+    return model
+
+
+def _retire_prompt_wrapper(peft_model: nn.Module, model: nn.Module, names: tuple[str, ...], retired) -> None:
+    """Make the PEFT wrapper run the converted model: its forward / generate call the model's
+    (which add the virtual tokens once), save_pretrained writes with ``save_adapter``, and
+    its adapter-management methods raise."""
+    from fastpeft.model.adapter_io import save_adapter
+
+    def save_pretrained(save_directory: str, *args: Any, is_main_process: bool = True, **kwargs: Any) -> None:
+        if is_main_process:
+            save_adapter(model, save_directory)
+
+    for name in names:
+        if hasattr(type(peft_model), name):
+            object.__setattr__(peft_model, name, retired(name))
+    object.__setattr__(peft_model, "forward", lambda *a, **k: model(*a, **k))
+    object.__setattr__(peft_model, "generate", lambda *a, **k: model.generate(*a, **k))
+    object.__setattr__(peft_model, "save_pretrained", save_pretrained)
+
+
+__all__ = [
+    "EMBEDDINGS_KEY", "from_peft_prompt", "has_prompt_adapter", "load_prompt_adapter",
+    "prompt_state_dict", "read_config_data", "saved_prompt_config",
+]
