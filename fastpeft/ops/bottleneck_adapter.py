@@ -159,7 +159,7 @@ def _bottleneck_backward(
     need_b_up: bool,
     need_scaling: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dh like h, dW_down, db_down, dW_up, db_up, dscaling 0-d fp32)``; a gradient not asked
+    """``(dh like h, dW_down, db_down, dW_up, db_up, dscaling 0-d in z's dtype)``; a gradient not asked
     for is an empty tensor. The kernel paths regenerate the dropout mask from ``seed``; the
     torch path uses ``keep``, or, when the forward ran a kernel path (no mask kept), draws the
     kernels' Philox mask (``keep_mask_philox``)."""
@@ -179,7 +179,7 @@ def _bottleneck_backward(
     if grads[0] is not None:
         grads[0] = grads[0].view(h.shape)
     if grads[5] is not None:
-        grads[5] = grads[5].to(torch.float32)
+        grads[5] = grads[5].to(z.dtype)
     return tuple(t if t is not None else h.new_empty(0) for t in grads)
 
 
@@ -203,7 +203,7 @@ def _bottleneck_backward_fake(grad_out, h, w_down, w_up, b_up, z, keep, activati
         maybe(need_b_down, (rank,), w_dtype),
         maybe(need_w_up, (d, rank), w_dtype),
         maybe(need_b_up, (d,), w_dtype),
-        maybe(need_scaling, (), torch.float32),
+        maybe(need_scaling, (), z.dtype),
     )
 
 

@@ -1,0 +1,227 @@
+"""The fused bottleneck adapter op against a float64 reference: the output and every gradient
+(h, W_down, b_down, W_up, b_up, a separate residual, a learned scaling) on every backend (Triton
+kernels, interpreted on CPU, and the torch path), every activation, odd shapes, strided and
+3-D inputs, dropout, M = 0."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from fastpeft.ops import bottleneck_adapter, bottleneck_adapter_dropout_mask, bottleneck_adapter_ref
+from tests.conftest import DEVICE
+from tests.numerics import TOLERANCE, assert_close
+
+ACTIVATIONS = ["relu", "gelu", "gelu_new", "silu", "linear"]
+
+
+@dataclasses.dataclass
+class Problem:
+    h: torch.Tensor
+    w_down: torch.Tensor
+    b_down: torch.Tensor | None
+    w_up: torch.Tensor
+    b_up: torch.Tensor | None
+    residual: torch.Tensor | None = None
+
+
+def make_problem(lead: tuple[int, ...], d: int, r: int, dtype: torch.dtype, w_dtype: torch.dtype | None = None,
+                 biases: bool = True, residual: bool = False) -> Problem:
+    """Fresh random inputs, scaled so that the adapter's term is as large as h (an error in
+    it cannot hide behind the residual)."""
+    w_dtype = w_dtype or dtype
+
+    def randn(*shape: int, scale: float = 1.0, dt: torch.dtype = w_dtype) -> torch.Tensor:
+        return (torch.randn(*shape, device=DEVICE) * scale).to(dt)
+
+    return Problem(
+        h=randn(*lead, d, dt=dtype),
+        w_down=randn(r, d, scale=1 / math.sqrt(d)),
+        b_down=randn(r, scale=0.5) if biases else None,
+        w_up=randn(d, r, scale=1 / math.sqrt(r)),
+        b_up=randn(d, scale=0.5) if biases else None,
+        residual=randn(*lead, d, dt=dtype) if residual else None,
+    )
+
+
+def _leaf(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.detach().requires_grad_() if t is not None else None
+
+
+def check_against_reference(pb: Problem, activation: str = "gelu", dropout_p: float = 0.0, learned: bool = True,
+                            grad_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the op (forward + backward) and compare out and every gradient with float64 math,
+    rebuilding the dropout from the op's own seed so both use the same mask. Returns out."""
+    names = ("h", "w_down", "b_down", "w_up", "b_up", "residual")
+    leaves = {k: _leaf(getattr(pb, k)) for k in names}
+    # A learned scaling is fp32 (AdapterHub's parameter), float64 beside a float64 adapter.
+    s_dtype = torch.float64 if pb.h.dtype == torch.float64 else torch.float32
+    scaling = torch.tensor(0.75, dtype=s_dtype, device=DEVICE, requires_grad=True) if learned else 0.75
+    torch.manual_seed(1234)
+    out = bottleneck_adapter(leaves["h"], leaves["w_down"], leaves["b_down"], leaves["w_up"], leaves["b_up"],
+                             activation, scaling, leaves["residual"], dropout_p, training=dropout_p > 0)
+    if grad_out is None:
+        grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+
+    h = pb.h
+    mask = None
+    if dropout_p > 0:
+        torch.manual_seed(1234)
+        seed = torch.randint(0, 2**62, (1,), device=DEVICE, dtype=torch.int64)  # what the op drew
+        mask = bottleneck_adapter_dropout_mask(seed, h.numel() // h.shape[-1], h.shape[-1], dropout_p).reshape(h.shape)
+    ref = {k: (getattr(pb, k).detach().double().requires_grad_() if getattr(pb, k) is not None else None)
+           for k in names}
+    scaling64 = torch.tensor(0.75, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    out64 = bottleneck_adapter_ref(ref["h"], ref["w_down"], ref["b_down"], ref["w_up"], ref["b_up"], activation,
+                                   scaling64, ref["residual"], dropout_p, dropout_mask=mask)
+    out64.backward(grad_out.double())
+
+    dtype = h.dtype
+    assert out.dtype == dtype and out.shape == h.shape
+    assert_close(out, out64, dtype, "out")
+    for k in names:
+        if leaves[k] is None:
+            continue
+        assert leaves[k].grad.dtype == leaves[k].dtype, k
+        assert_close(leaves[k].grad, ref[k].grad, dtype, f"d{k}")
+    if learned:
+        assert scaling.grad.shape == () and scaling.grad.dtype == s_dtype
+        # dscaling = sum(grad_out * u) is one dot product whose terms cancel: its rounding error
+        # is bounded relative to sum |grad_out * u| (the sum's condition), not to its value.
+        base64 = ref["residual"] if ref["residual"] is not None else ref["h"]
+        u64 = (out64 - base64).detach() / 0.75
+        scale = (grad_out.double() * u64).abs().sum().item()
+        err = abs(scaling.grad.item() - scaling64.grad.item()) / scale
+        assert err <= TOLERANCE[dtype], f"dscaling: error {err:.3e} of sum|g u| > {TOLERANCE[dtype]:.1e} ({dtype})"
+    return out
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_every_activation(backend, activation):
+    check_against_reference(make_problem((7,), 45, 8, torch.float32), activation)
+
+
+# (leading dims, D, R): every bottleneck tile (R 1..256), decode and multi-program M, 3-D h,
+# D not a multiple of 16.
+SHAPES = [((1,), 45, 1), ((130,), 45, 48), ((2, 9), 45, 64), ((7,), 21, 256), ((130,), 33, 8)]
+
+
+@pytest.mark.parametrize("lead,d,r", SHAPES)
+def test_shapes_fp16(backend, lead, d, r):
+    check_against_reference(make_problem(lead, d, r, torch.float16), "silu")
+
+
+@pytest.mark.parametrize("dtype,w_dtype", [
+    (torch.float32, torch.float32), (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+])
+def test_dtypes(backend, dtype, w_dtype):
+    """16-bit h with fp32 adapter weights: the branch runs in fp32 (gradients in fp32). bf16
+    runs in the interpreter too: the kernels widen every load to fp32 before any arithmetic
+    (the interpreter's bf16 loads and stores are right, its bf16 arithmetic is not)."""
+    check_against_reference(make_problem((2, 9), 45, 16, dtype, w_dtype), "gelu_new")
+
+
+def test_float64_runs_the_torch_path_on_every_backend(backend):
+    check_against_reference(make_problem((7,), 45, 8, torch.float64), "relu")
+
+
+@pytest.mark.parametrize("learned", [True, False])
+def test_no_biases_and_a_separate_residual(backend, learned):
+    check_against_reference(make_problem((2, 7), 45, 16, torch.float32, biases=False, residual=True), "relu", learned=learned)
+
+
+def test_strided_inputs(backend):
+    """h a transposed 2-D view and the weights transposed views; a zero-stride grad_out
+    (the gradient of ``out.sum()``) in the second call."""
+    pb = make_problem((45,), 37, 8, torch.float32)
+    pb.h = torch.randn(37, 45, device=DEVICE).t()
+    pb.w_down = pb.w_down.t().contiguous().t()
+    pb.w_up = pb.w_up.t().contiguous().t()
+    assert not pb.h.is_contiguous() and not pb.w_down.is_contiguous()
+    out = check_against_reference(pb, "gelu")
+    check_against_reference(pb, "gelu", grad_out=torch.ones(1, 1, device=DEVICE).expand(out.shape))
+
+
+def test_strided_3d_view(backend):
+    pb = make_problem((3, 10), 45, 8, torch.float16, residual=True)
+    pb.h = torch.randn(3, 20, 45, device=DEVICE).half()[:, ::2]
+    pb.residual = torch.randn(3, 10, 90, device=DEVICE).half()[..., ::2]
+    check_against_reference(pb, "silu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dropout_matches_the_exposed_mask(backend, dtype):
+    check_against_reference(make_problem((2, 33), 45, 16, dtype, residual=dtype == torch.float16), "gelu", 0.3)
+
+
+def test_dropout_is_reproducible_and_keeps_about_1_minus_p(backend):
+    pb = make_problem((64,), 64, 8, torch.float32)
+
+    def run() -> torch.Tensor:
+        torch.manual_seed(7)
+        return bottleneck_adapter(pb.h, pb.w_down, pb.b_down, pb.w_up, pb.b_up, "relu", 1.0, None, 0.25, training=True)
+
+    first, second = run(), run()
+    assert torch.equal(first, second)
+    eval_out = bottleneck_adapter(pb.h, pb.w_down, pb.b_down, pb.w_up, pb.b_up, "relu", 1.0, None, 0.25)
+    assert not torch.equal(first, eval_out)
+    mask = bottleneck_adapter_dropout_mask(torch.tensor([99], device=DEVICE), 256, 512, 0.25)
+    assert abs(mask.float().mean().item() - 0.75) < 0.01
+
+
+def test_empty_batch(backend):
+    pb = make_problem((0,), 45, 8, torch.float32)
+    h, wd = pb.h.requires_grad_(), pb.w_down.requires_grad_()
+    out = bottleneck_adapter(h, wd, pb.b_down, pb.w_up, pb.b_up, "gelu", 0.5)
+    assert out.shape == (0, 45)
+    out.sum().backward()
+    assert h.grad.shape == (0, 45) and torch.equal(wd.grad, torch.zeros_like(wd))
+
+
+def test_backward_is_bitwise_reproducible(backend):
+    pb = make_problem((130,), 45, 16, torch.float16)
+
+    def grads() -> list[torch.Tensor]:
+        leaves = [_leaf(t) for t in (pb.h, pb.w_down, pb.b_down, pb.w_up, pb.b_up)]
+        out = bottleneck_adapter(*leaves, "silu", 0.5)
+        out.backward(torch.ones_like(out))
+        return [t.grad for t in leaves]
+
+    assert all(torch.equal(a, b) for a, b in zip(grads(), grads()))
+
+
+def test_only_the_weights_need_grad(backend):
+    """Frozen h (the first adapter on a model's embeddings' output): no dh is formed."""
+    pb = make_problem((7,), 45, 8, torch.float32)
+    wu = _leaf(pb.w_up)
+    out = bottleneck_adapter(pb.h, pb.w_down, pb.b_down, wu, pb.b_up, "relu", 2.0)
+    out.backward(torch.ones_like(out))
+    ref_wu = _leaf(pb.w_up.double())
+    bottleneck_adapter_ref(pb.h.double(), pb.w_down.double(), pb.b_down.double(), ref_wu, pb.b_up.double(), "relu",
+                           2.0).sum().backward()
+    assert_close(wu.grad, ref_wu.grad, torch.float32, "dw_up")
+
+
+def test_scaling_tensor_of_shape_1_gets_its_own_shape_back(backend):
+    """AdapterHub's learned scaling is ``nn.Parameter(torch.ones(1))``."""
+    pb = make_problem((5,), 45, 8, torch.float32)
+    scaling = torch.ones(1, device=DEVICE, requires_grad=True)
+    out = bottleneck_adapter(pb.h, pb.w_down, pb.b_down, pb.w_up, pb.b_up, "relu", scaling)
+    torch.testing.assert_close(out, bottleneck_adapter(pb.h, pb.w_down, pb.b_down, pb.w_up, pb.b_up, "relu", 1.0))
+    out.sum().backward()
+    assert scaling.grad.shape == (1,)
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    pb = make_problem((7,), 45, 8, torch.float32)
+    w = _leaf(pb.w_down)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = bottleneck_adapter(pb.h, w, pb.b_down, pb.w_up, pb.b_up, "gelu", 0.5)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert w.grad.dtype == torch.float32
