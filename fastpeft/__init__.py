@@ -5,11 +5,16 @@ drop-in ``nn.Linear`` replacement built on it. The model-level API (``fastpeft.m
 ``LoraConfig``, ``inject``, ``save_adapter`` / ``load_adapter`` (PEFT's files),
 ``from_peft``, ``merge_and_unload``, ``trainable_parameters``. ``fastpeft.integrations``:
 HF Trainer checkpoints that hold the adapter only (``enable_adapter_checkpoints``).
+``fastpeft.BottleneckAdapter`` and ``AdapterConfig``: AdapterHub's bottleneck adapters on
+the fused ``fastpeft.ops.bottleneck_adapter`` op (``inject`` / ``load_adapter`` /
+``save_adapter`` in AdapterHub's places and files; ``unload`` removes them).
 """
 
 from fastpeft import integrations, ops
+from fastpeft.layers.bottleneck_adapter import BottleneckAdapter
 from fastpeft.layers.lora_linear import LoRALinear
 from fastpeft.model import (
+    AdapterConfig,
     LoraConfig,
     ParameterCount,
     PrefixTuningConfig,
@@ -21,11 +26,14 @@ from fastpeft.model import (
     merge_prefix,
     save_adapter,
     trainable_parameters,
+    unload,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterConfig",
+    "BottleneckAdapter",
     "LoRALinear",
     "LoraConfig",
     "ParameterCount",
@@ -41,4 +49,5 @@ __all__ = [
     "ops",
     "save_adapter",
     "trainable_parameters",
+    "unload",
 ]

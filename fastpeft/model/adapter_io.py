@@ -19,7 +19,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from fastpeft.model import prompt_io, safe_write
+from fastpeft.model import adapterhub_io, prompt_io, safe_write
 from fastpeft.model.config import LoraConfig
 from fastpeft.model.injection import (
     adapter_state,
@@ -52,6 +52,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         raise ValueError("model has no fastpeft adapter: add one with fastpeft.inject, load_adapter or from_peft")
     if prompt_io.has_prompt_adapter(model):
         return prompt_io.prompt_state_dict(model)
+    if state.bottleneck is not None:
+        return adapterhub_io.adapterhub_state_dict(model)
     out = {}
     for name, layer in lora_layers(model):
         out[f"{KEY_PREFIX}{name}.lora_A.weight"] = _cpu_copy(layer.lora_A.weight)
@@ -84,7 +86,10 @@ def _saved_config(model: nn.Module) -> dict:
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     """Write the model's adapter to ``directory`` in PEFT's format (see the module docstring),
-    so that ``peft.PeftModel.from_pretrained(base_model, directory)`` loads it.
+    so that ``peft.PeftModel.from_pretrained(base_model, directory)`` loads it. Bottleneck
+    adapters (``AdapterConfig``) are written in AdapterHub's format instead
+    (``adapter_config.json`` + ``adapter.safetensors``, see ``fastpeft.model.adapterhub_io``),
+    with the same guarantees (a stale ``pytorch_adapter.bin`` is the file removed).
 
     The directory is used in place, as PEFT's ``save_pretrained`` does: created if missing
     (``os.makedirs``, umask and a setgid parent honoured), a symlink to a directory is
@@ -129,14 +134,20 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
         PermissionError: ``directory`` is not writable (permissions or a read-only
             filesystem); nothing in it was changed.
     """
-    weights = safetensors.torch.save(adapter_state_dict(model), metadata={"format": "pt"})
-    config = json.dumps(_saved_config(model), indent=2, sort_keys=True).encode()
+    if getattr(adapter_state(require_module(model)), "bottleneck", None) is not None:
+        weights, config = adapterhub_io.serialized(model)
+        names = (adapterhub_io.SAFETENSORS_NAME, adapterhub_io.PICKLE_NAME)
+    else:
+        weights = safetensors.torch.save(adapter_state_dict(model), metadata={"format": "pt"})
+        config = json.dumps(_saved_config(model), indent=2, sort_keys=True).encode()
+        names = (SAFETENSORS_NAME, PICKLE_NAME)
     with safe_write.open_directory(directory) as target:
-        _write_adapter(target, config, weights)
-        safe_write.remove_stale_temps(target, (CONFIG_NAME, SAFETENSORS_NAME))
+        _write_adapter(target, config, weights, *names)
+        safe_write.remove_stale_temps(target, (CONFIG_NAME, names[0]))
 
 
-def _write_adapter(target: safe_write.Directory, config: bytes, weights: bytes) -> None:
+def _write_adapter(target: safe_write.Directory, config: bytes, weights: bytes,
+                   weights_name: str = SAFETENSORS_NAME, stale_name: str = PICKLE_NAME) -> None:
     """Replace the adapter files in ``target`` (flock held) in the order ``save_adapter``'s
     guarantees need: the new weights, and the new config if it differs from the current
     one, are staged (written and fsynced) first, so that the window without a config is
@@ -144,7 +155,7 @@ def _write_adapter(target: safe_write.Directory, config: bytes, weights: bytes) 
     old config with the new weights; then the weights are renamed into place, then the
     config; then the directory is fsynced and a stale ``adapter_model.bin`` removed. Staged
     files that were not renamed are removed on error."""
-    staged = {SAFETENSORS_NAME: safe_write.stage(target, SAFETENSORS_NAME, weights)}
+    staged = {weights_name: safe_write.stage(target, weights_name, weights)}
     try:
         if safe_write.read_file(target, CONFIG_NAME) != config:
             staged[CONFIG_NAME] = safe_write.stage(target, CONFIG_NAME, config)
@@ -156,34 +167,40 @@ def _write_adapter(target: safe_write.Directory, config: bytes, weights: bytes) 
     finally:
         for temp in staged.values():
             safe_write.remove(target, temp)
-    safe_write.remove(target, PICKLE_NAME)
+    safe_write.remove(target, stale_name)
+
+
+def read_json(path: Path) -> object:
+    """A config file's JSON value; ValueError for an unreadable or broken file."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{str(path)!r} is not a readable JSON file: {exc}") from exc
+    except RecursionError:
+        raise ValueError(f"{str(path)!r} nests JSON values too deeply to be an adapter config") from None
 
 
 def _read_config(directory: Path) -> LoraConfig:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {str(directory)!r}")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{str(path)!r} is not a readable JSON file: {exc}") from exc
-    except RecursionError:
-        raise ValueError(f"{str(path)!r} nests JSON values too deeply to be an adapter config") from None
-    return LoraConfig.from_dict(data)
+    return LoraConfig.from_dict(read_json(path))
 
 
-def _read_tensors(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    """The weight file's tensors on the CPU: ``adapter_model.safetensors``, else
-    ``adapter_model.bin`` via ``torch.load(weights_only=True)`` when ``allow_pickle``."""
-    path = directory / SAFETENSORS_NAME
+def read_tensors(directory: Path, allow_pickle: bool, safetensors_name: str = SAFETENSORS_NAME,
+                 pickle_name: str = PICKLE_NAME) -> dict[str, torch.Tensor]:
+    """The weight file's tensors on the CPU: ``safetensors_name`` (``adapter_model.safetensors``),
+    else ``pickle_name`` (``adapter_model.bin``) via ``torch.load(weights_only=True)`` when
+    ``allow_pickle``."""
+    path = directory / safetensors_name
     if path.is_file():
         try:
             return safetensors.torch.load_file(path, device="cpu")
         except Exception as exc:
             raise ValueError(f"{str(path)!r} is not a readable safetensors file: {exc}") from exc
-    path = directory / PICKLE_NAME
+    path = directory / pickle_name
     if not path.is_file():
-        raise FileNotFoundError(f"no {SAFETENSORS_NAME} (or {PICKLE_NAME}) in {str(directory)!r}")
+        raise FileNotFoundError(f"no {safetensors_name} (or {pickle_name}) in {str(directory)!r}")
     if not allow_pickle:
         raise ValueError(f"{str(path)!r} is a pickle file and is not loaded by default; pass allow_pickle=True to "
                          "load it with torch.load(weights_only=True), or convert it to safetensors")
@@ -271,6 +288,9 @@ def load_adapter(
     autocast_adapter_dtype: bool = True,
 ) -> nn.Module:
     """Add the LoRA adapter saved in ``directory`` (PEFT's format) to ``model``; return ``model``.
+    An AdapterHub bottleneck-adapter directory (``adapter.safetensors`` or
+    ``pytorch_adapter.bin``) is loaded by ``fastpeft.model.adapterhub_io.load_adapterhub``
+    with the same options and guarantees.
 
     The config's rules (``target_modules`` / ``exclude_modules``, ``layers_to_transform``,
     ``rank_pattern`` / ``alpha_pattern``, ``use_rslora``, ...) decide the layers, as in
@@ -297,12 +317,15 @@ def load_adapter(
     if not directory.is_dir():
         raise NotADirectoryError(f"adapter path {str(directory)!r} is not a directory: an adapter is a directory "
                                  f"holding {CONFIG_NAME} and {SAFETENSORS_NAME}")
+    if adapterhub_io.is_adapterhub_directory(directory):  # AdapterHub's bottleneck adapters
+        return adapterhub_io.load_adapterhub(model, directory, is_trainable=is_trainable, allow_pickle=allow_pickle,
+                                             autocast_adapter_dtype=autocast_adapter_dtype)
     prompt_data = prompt_io.read_config_data(directory)
     if prompt_data is not None:  # PROMPT_TUNING / PREFIX_TUNING (other prompt types are refused there)
         return prompt_io.load_prompt_adapter(model, directory, prompt_data,
-                                             lambda d: _read_tensors(d, allow_pickle), is_trainable=is_trainable)
+                                             lambda d: read_tensors(d, allow_pickle), is_trainable=is_trainable)
     config = _read_config(directory)
-    tensors = _normalize_keys(_read_tensors(directory, allow_pickle), str(directory))
+    tensors = _normalize_keys(read_tensors(directory, allow_pickle), str(directory))
     check_not_adapted(model)
     plan = plan_injection(model, config)
     _check_tensors(model, plan, tensors, str(directory))

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -24,6 +24,9 @@ from fastpeft.layers.lora_linear import LoRALinear, default_lora_dtype
 from fastpeft.model.config import LoraConfig
 from fastpeft.model.matching import InjectionPlan, LoraTarget, plan_injection
 
+if TYPE_CHECKING:
+    from fastpeft.model.bottleneck_placement import BottleneckPlacement
+
 # Attribute under which an adapted model keeps its AdapterState.
 ADAPTER_ATTR = "_fastpeft_adapter"
 
@@ -31,10 +34,12 @@ ADAPTER_ATTR = "_fastpeft_adapter"
 @dataclass(frozen=True)
 class AdapterState:
     """What ``save_adapter`` needs to know about an adapted model: its config and the paths of
-    its ``modules_to_save`` copies (the LoRA layers are found by type)."""
+    its ``modules_to_save`` copies (the LoRA layers are found by type); for bottleneck
+    adapters (``AdapterConfig``), their placement (modules and hooks)."""
 
     config: LoraConfig
     modules_to_save: tuple[str, ...]
+    bottleneck: BottleneckPlacement | None = None
 
 
 class ParameterCount(NamedTuple):
@@ -231,9 +236,15 @@ def inject(model: nn.Module, config: LoraConfig, *, autocast_adapter_dtype: bool
         from fastpeft.model.prompt_injection import inject_prompt
 
         return inject_prompt(model, config)
+    from fastpeft.model.bottleneck_config import AdapterConfig
+
+    if isinstance(config, AdapterConfig):
+        from fastpeft.model.bottleneck_injection import inject_bottleneck  # it imports this module
+
+        return inject_bottleneck(model, config, autocast_adapter_dtype=autocast_adapter_dtype)
     if not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be a fastpeft.LoraConfig, PromptTuningConfig or PrefixTuningConfig, "
-                        f"got {type(config).__name__}")
+        raise TypeError(f"config must be a fastpeft.LoraConfig, AdapterConfig, PromptTuningConfig or "
+                        f"PrefixTuningConfig, got {type(config).__name__}")
     init = config.init_lora_weights
     if not (isinstance(init, bool) or init.lower() == "gaussian"):
         raise ValueError(f"LoraConfig.init_lora_weights={init!r} cannot be created by fastpeft (it needs data or "
@@ -261,10 +272,19 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     is then set to False. A transformers model's ``save_pretrained`` writes the whole
     (merged) model again.
 
+    Bottleneck adapters (``AdapterConfig``) are not linear in the hidden states and cannot be
+    merged: the adapter is removed only where every adapter adds exactly zero, otherwise a
+    ``ValueError`` says why (``unload`` removes them).
+
     Raises:
-        ValueError: the model has no fastpeft LoRA layer.
+        ValueError: the model has no fastpeft LoRA layer, or has bottleneck adapters that are
+            not exactly zero.
     """
-    layers = lora_layers(require_module(model))
+    if getattr(adapter_state(require_module(model)), "bottleneck", None) is not None:
+        from fastpeft.model.bottleneck_injection import merge_and_unload_bottleneck
+
+        return merge_and_unload_bottleneck(model)
+    layers = lora_layers(model)
     if not layers:
         raise ValueError("model has no fastpeft LoRA layers to merge")
     tied = _tied_targets(model)
@@ -275,6 +295,34 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             _untie(model, name, layer)
         if not layer.merged:
             layer.merge()
+        model.set_submodule(name, layer.base_module())
+    if adapter_state(model) is not None:
+        delattr(model, ADAPTER_ATTR)
+    _pretrained_save().detach(model)
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove the fastpeft LoRA or bottleneck adapter without merging it; return ``model``,
+    which computes the base model's output again (PEFT's ``unload``).
+
+    LoRA layers give back their base modules (unmerged first if merged); bottleneck adapters'
+    modules and hooks are removed. ``modules_to_save`` copies stay, ``requires_grad`` flags
+    are left as they are, and ``save_pretrained`` writes the whole model again.
+
+    Raises:
+        ValueError: the model has no fastpeft LoRA or bottleneck adapter.
+    """
+    if getattr(adapter_state(require_module(model)), "bottleneck", None) is not None:
+        from fastpeft.model.bottleneck_injection import unload_bottleneck
+
+        return unload_bottleneck(model)
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model has no fastpeft LoRA layers or bottleneck adapters to unload")
+    for name, layer in layers:
+        if layer.merged:
+            layer.unmerge()
         model.set_submodule(name, layer.base_module())
     if adapter_state(model) is not None:
         delattr(model, ADAPTER_ATTR)

@@ -1,0 +1,259 @@
+"""AdapterHub's (``adapters`` 1.3.0) bottleneck-adapter directories, read and written.
+
+A directory written by AdapterHub's ``model.save_adapter(dir, name, use_safetensors=True)``
+holds ``adapter_config.json``::
+
+    {"config": {<BnConfig fields>}, "name": <adapter name>, "model_type": ..., "hidden_size": ...,
+     "model_class": ..., "model_name": ..., "version": "adapters.1.3.0"}
+
+and ``adapter.safetensors`` (``pytorch_adapter.bin``, a pickle, without ``use_safetensors``),
+whose keys are the adapted model's ``state_dict`` keys of the adapter's parameters:
+``<layer>.<position>.adapters.<name>.adapter_down.0.weight`` / ``.adapter_down.0.bias`` /
+``.adapter_up.weight`` / ``.adapter_up.bias`` (and ``.scaling`` with ``scaling="learned"``),
+where ``<position>`` is ``attention.output`` / ``output`` (BERT) or ``attention_adapters`` /
+``output_adapters`` (Llama, GPT-2) (``bottleneck_placement.SiteSpec.hub_prefix``). Keys may
+carry the base model's prefix (``bert.``, ``model.``, ``transformer.``) or not, depending on
+the class that saved them; as AdapterHub, fastpeft adds or drops it to fit the model. A
+prediction head saved beside the adapter (``head_config.json``) is not loaded (a warning
+says so). fastpeft writes ``adapter_config.json`` and ``adapter.safetensors``, which
+AdapterHub reads with ``model.load_adapter(dir, use_safetensors=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+import torch.nn as nn
+
+from fastpeft.model import bottleneck_placement as placement
+from fastpeft.model.bottleneck_config import AdapterConfig
+from fastpeft.model.bottleneck_injection import check_can_place, install, placed_bottleneck
+from fastpeft.model.injection import adapter_state
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter.safetensors"
+PICKLE_NAME = "pytorch_adapter.bin"
+# AdapterHub's prediction-head files, saved beside an adapter by its flexible-head models.
+HEAD_FILES = ("head_config.json", "model_head.safetensors", "pytorch_model_head.bin")
+# AdapterHub's files of compositions: AdapterFusion layers and saved adapter setups (Stack, ...).
+COMPOSITION_FILES = {
+    "adapter_fusion_config.json": "AdapterFusion",
+    "adapter_setup.json": "an adapter setup (Stack / Fuse / Parallel ... compositions)",
+}
+# AdapterHub renames activations of files without a "version" (adapter-transformers v1).
+LEGACY_ACTIVATIONS = {"gelu": "gelu_new", "gelu_orig": "gelu"}
+# Old AdapterHub module names in weight keys, and their current name (AdapterHub's
+# ``AdapterLoader.legacy_weights_mapping``).
+LEGACY_KEY_PARTS = {
+    "attention_text_task_adapters": "adapters", "attention_text_lang_adapters": "adapters",
+    "layer_text_task_adapters": "adapters", "layer_text_lang_adapters": "adapters",
+}
+# One adapter's parameters: AdapterHub's key suffix -> (fastpeft module attribute, parameter).
+PARAMETERS = {
+    "adapter_down.0.weight": ("adapter_down", "weight"),
+    "adapter_down.0.bias": ("adapter_down", "bias"),
+    "adapter_up.weight": ("adapter_up", "weight"),
+    "adapter_up.bias": ("adapter_up", "bias"),
+}
+SCALING_KEY = "scaling"
+
+
+def _adapter_io():
+    """``fastpeft.model.adapter_io`` (its JSON / tensor readers), imported on first use: it
+    imports this module."""
+    from fastpeft.model import adapter_io
+
+    return adapter_io
+
+
+def is_adapterhub_directory(directory: Path) -> bool:
+    """Whether ``directory`` holds an AdapterHub adapter: an AdapterHub weight file, and no
+    ``peft_type`` in its ``adapter_config.json`` (PEFT's mark)."""
+    if not ((directory / SAFETENSORS_NAME).is_file() or (directory / PICKLE_NAME).is_file()):
+        return False
+    try:
+        data = json.loads((directory / CONFIG_NAME).read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return True  # AdapterHub's reader reports the broken config
+    return not (isinstance(data, dict) and "peft_type" in data)
+
+
+def _base_prefix(model: nn.Module) -> str:
+    """The transformers base-model attribute (``bert``, ``model``, ``transformer``) when the
+    model has one (a model with a head), else ""."""
+    prefix = getattr(model, "base_model_prefix", "")
+    return prefix if prefix and isinstance(getattr(model, prefix, None), nn.Module) else ""
+
+
+def _model_keys(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """File keys as paths of ``model``: legacy module names renamed, the base-model prefix
+    added or dropped as the model needs (AdapterHub's rule)."""
+    prefix = _base_prefix(model) or getattr(model, "base_model_prefix", "")
+    has_base = bool(_base_prefix(model))
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        name = key
+        for old, new in LEGACY_KEY_PARTS.items():
+            name = name.replace(old, new)
+        if prefix:
+            if has_base and not name.startswith(prefix + "."):
+                name = f"{prefix}.{name}"
+            elif not has_base and name.startswith(prefix + "."):
+                name = name[len(prefix) + 1:]
+        if name in out:
+            raise ValueError(f"adapter file key {key!r} duplicates another key once AdapterHub's prefixes are fitted "
+                             "to the model")
+        out[name] = value
+    return out
+
+
+def _expected(plan: list[placement.PlannedSite], config: AdapterConfig, name: str) -> dict[str, tuple[int, ...]]:
+    """AdapterHub's key -> shape of every tensor of the adapter ``config`` places by ``plan``."""
+    out = {}
+    for site in plan:
+        prefix = site.hub_prefix(name)
+        d, r = site.hidden_size, site.bottleneck_size
+        out.update({f"{prefix}adapter_down.0.weight": (r, d), f"{prefix}adapter_down.0.bias": (r,),
+                    f"{prefix}adapter_up.weight": (d, r), f"{prefix}adapter_up.bias": (d,)})
+        if config.scaling == "learned":
+            out[f"{prefix}{SCALING_KEY}"] = (1,)
+    return out
+
+
+def _check_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], source: str) -> None:
+    missing = sorted(expected.keys() - tensors.keys())
+    extra = sorted(tensors.keys() - expected.keys())
+    if missing or extra:
+        raise ValueError(f"{source} does not match the bottleneck adapter its config places in this model: "
+                         f"missing keys {missing[:6]}{' ...' if len(missing) > 6 else ''}, "
+                         f"unexpected keys {extra[:6]}{' ...' if len(extra) > 6 else ''}")
+    for key, shape in expected.items():
+        tensor = tensors[key]
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, expected {shape} (from the config's "
+                             "reduction_factor and the model's hidden_size)")
+        if not tensor.dtype.is_floating_point:
+            raise ValueError(f"{source}: {key!r} has dtype {tensor.dtype}, expected a floating point dtype")
+
+
+def _read_config(directory: Path) -> tuple[AdapterConfig, str, dict[str, Any]]:
+    """``(config, adapter name, the whole JSON)`` of an AdapterHub ``adapter_config.json``."""
+    for file, what in COMPOSITION_FILES.items():
+        if (directory / file).exists():
+            raise ValueError(f"{str(directory)!r} holds {file}: {what} is not implemented in fastpeft; load single "
+                             "bottleneck adapters")
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {str(directory)!r}")
+    data = _adapter_io().read_json(path)
+    if not isinstance(data, dict) or "config" not in data or not isinstance(data.get("name"), str) or not data["name"]:
+        raise ValueError(f"{str(path)!r} is not an AdapterHub adapter config (expected a JSON object with 'config' and "
+                         "a non-empty 'name')")
+    name = data["name"]
+    if "." in name:
+        raise ValueError(f"{str(path)!r}: adapter name {name!r} contains '.', which AdapterHub's keys cannot hold")
+    raw = data["config"]
+    if isinstance(raw, dict) and "version" not in data and raw.get("non_linearity") in LEGACY_ACTIVATIONS:
+        raw = {**raw, "non_linearity": LEGACY_ACTIVATIONS[raw["non_linearity"]]}
+    return AdapterConfig.from_dict(raw), name, data
+
+
+def _check_model(model: nn.Module, data: dict[str, Any], source: str) -> None:
+    """The config's ``model_type`` / ``hidden_size`` (when present) must be the model's."""
+    model_config = getattr(model, "config", None)
+    for key in ("model_type", "hidden_size"):
+        saved, ours = data.get(key), getattr(model_config, key, None)
+        if saved is not None and ours is not None and saved != ours:
+            raise ValueError(f"{source}: the adapter was saved for {key} {saved!r}, the model has {ours!r}")
+
+
+@torch.no_grad()
+def _fill(adapters: list[torch.nn.Module], plan: list[placement.PlannedSite], name: str,
+          tensors: dict[str, torch.Tensor]) -> None:
+    for site, adapter in zip(plan, adapters, strict=True):
+        prefix = site.hub_prefix(name)
+        for suffix, (module, param) in PARAMETERS.items():
+            getattr(getattr(adapter, module), param).copy_(tensors[prefix + suffix])
+        if adapter.learned_scaling:
+            adapter.scaling.copy_(tensors[prefix + SCALING_KEY])
+
+
+def load_adapterhub(
+    model: nn.Module,
+    directory: Path,
+    *,
+    is_trainable: bool,
+    allow_pickle: bool,
+    autocast_adapter_dtype: bool,
+) -> nn.Module:
+    """``fastpeft.load_adapter`` for an AdapterHub directory (see the module docstring):
+    the adapter is placed where AdapterHub would place it, named as saved; frozen unless
+    ``is_trainable``. Everything is checked and loaded into the new modules before the model
+    is touched: on any error the model is unchanged.
+
+    Raises:
+        FileNotFoundError: no config or weight file.
+        ValueError: unreadable files, a method or feature fastpeft does not implement
+            (another AdapterHub method, PHM, invertible adapters, gating, fusion, ...), an
+            adapter saved for another model type or width, missing / unexpected keys, wrong
+            shapes, a pickle without ``allow_pickle``, or a model that already has adapters.
+    """
+    source = str(directory)
+    config, name, data = _read_config(directory)
+    _check_model(model, data, source)
+    tensors = _adapter_io().read_tensors(directory, allow_pickle, SAFETENSORS_NAME, PICKLE_NAME)
+    check_can_place(model)
+    plan = placement.plan_bottleneck(model, config)
+    tensors = _model_keys(model, tensors)
+    _check_tensors(_expected(plan, config, name), tensors, source)
+    adapters = placement.build_adapters(model, plan, config, autocast_adapter_dtype)
+    _fill(adapters, plan, name, tensors)
+    heads = [file for file in HEAD_FILES if (directory / file).exists()]
+    install(model, config, name, plan, adapters, trainable=is_trainable)
+    if heads:
+        warnings.warn(f"{source} also holds an AdapterHub prediction head ({', '.join(heads)}); fastpeft loads the "
+                      "adapter only and keeps the model's own head", stacklevel=3)
+    return model
+
+
+def adapterhub_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The bottleneck adapter's tensors under AdapterHub's keys for this model (CPU copies)."""
+    placed = placed_bottleneck(model)
+    out = {}
+    for site in placed.sites:
+        prefix = site.planned.hub_prefix(placed.name)
+        for suffix, (module, param) in PARAMETERS.items():
+            out[prefix + suffix] = getattr(getattr(site.adapter, module), param).detach().to("cpu", copy=True)
+        if site.adapter.learned_scaling:
+            out[prefix + SCALING_KEY] = site.adapter.scaling.detach().to("cpu", copy=True)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def adapterhub_config(model: nn.Module) -> dict[str, Any]:
+    """``adapter_config.json``'s contents, as AdapterHub's ``build_full_config`` writes them."""
+    from fastpeft import __version__
+
+    state_config = adapter_state(model).config
+    model_config = getattr(model, "config", None)
+    return {
+        "config": state_config.to_dict(),
+        "hidden_size": getattr(model_config, "hidden_size", None),
+        "model_class": type(model).__name__,
+        "model_name": getattr(model_config, "name_or_path", "") or "",
+        "model_type": getattr(model_config, "model_type", None),
+        "name": placed_bottleneck(model).name,
+        # AdapterHub writes its own version here and reads it only to fix older files.
+        "version": f"fastpeft.{__version__}",
+    }
+
+
+def serialized(model: nn.Module) -> tuple[bytes, bytes]:
+    """``(adapter.safetensors, adapter_config.json)`` bytes for ``save_adapter``."""
+    weights = safetensors.torch.save(adapterhub_state_dict(model), metadata={"format": "pt"})
+    config = json.dumps(adapterhub_config(model), indent=2, sort_keys=True).encode()
+    return weights, config
