@@ -72,7 +72,8 @@ def bottleneck_forward_torch(
 
 
 def activation_backward(grad: torch.Tensor, z: torch.Tensor, activation: str) -> torch.Tensor:
-    """``grad * act'(z)`` with aten's fused activation backward kernels (differentiable)."""
+    """``grad * act'(z)``: aten's fused activation backward kernels, which autograd can
+    differentiate again (SiLU's has no derivative registered, so its formula is spelled out)."""
     if activation == "relu":
         return torch.ops.aten.threshold_backward(grad, z, 0)
     if activation == "gelu":
@@ -80,7 +81,8 @@ def activation_backward(grad: torch.Tensor, z: torch.Tensor, activation: str) ->
     if activation == "gelu_tanh":
         return torch.ops.aten.gelu_backward(grad, z, approximate="tanh")
     if activation == "silu":
-        return torch.ops.aten.silu_backward(grad, z)
+        sig = torch.sigmoid(z)
+        return grad * sig * (1.0 + z * (1.0 - sig))
     return grad
 
 
