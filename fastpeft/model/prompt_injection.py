@@ -87,7 +87,9 @@ class PromptForward:
     def __init__(self, model: nn.Module, original: Any) -> None:
         self.model = model
         self.original = original
-        params = inspect.signature(original).parameters
+        # generate() and Trainer inspect the forward's signature: show the model's own
+        self.__signature__ = inspect.signature(original)
+        params = self.__signature__.parameters
         self.positional = [n for n, p in params.items()
                            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         self.cache_key = "cache" if "cache" in params else "past_key_values"
@@ -114,6 +116,11 @@ class PromptForward:
         Cache, DynamicCache = _cache_classes()
         cache = kw.pop("past_key_values", None) if self.cache_key != "past_key_values" else None
         cache = kw.get(self.cache_key, cache)
+        if kw.get("use_cache") is False:
+            # no cache is kept between calls (generate(use_cache=False) hands back the one the
+            # last call filled): every call gets the whole sequence and a fresh prefix
+            cache = None
+            kw.pop(self.cache_key, None)
         if cache is not None and not isinstance(cache, Cache):
             raise TypeError(f"prompt / prefix tuning takes the key/value cache as a transformers Cache, got "
                             f"{type(cache).__name__}")
