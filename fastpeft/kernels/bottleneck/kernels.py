@@ -17,14 +17,14 @@ Kernels (launched by ``launch.py``):
   (with the default residual h, that is h's second read, of the ``BLOCK_M x D`` rows the same
   program read moments before, which mostly hit L2); out written once; ``[M, R]`` fp32 z.
 - ``bottleneck_bwd_dz_kernel``: one program per ``BLOCK_M`` rows walks D once: ``dA = g W_up``
-  (g read once), then ``dz`` (fp32, stored), and per-program partials of ``db_down`` and of
-  ``sum(dA a)`` (the scaling's gradient).
+  (g read once), then stores ``dz`` and ``a = act(z)`` (fp32 ``[M, R]``), and per-program
+  partials of ``db_down`` and of ``sum(dA a)`` (the scaling's gradient).
 - ``bottleneck_bwd_wgrad_dh_kernel``: one program per ``(BLOCK_D columns, row range)`` walks
   its rows once, reading g and h tiles once each: sums ``g^T a``, ``sum_m g`` and
-  ``dz^T h_hat`` in registers over its rows (z and dz, ``[M, R]`` fp32, come from L2) and
-  writes ``dh`` for its tiles (``dz W_down``, the mask regenerated, plus g when the residual
-  is h). Each program stores its sums once as fp32 partials; the launcher adds the partials
-  of the row ranges in a fixed order (a few per column).
+  ``dz^T h_hat`` in registers over its rows (a and dz, ``[M, R]`` fp32, come from L2) and,
+  with ``NEED_DH``, writes ``dh`` for its tiles (``dz W_down``, the mask regenerated, plus g
+  when the residual is h). Each program stores its sums once as fp32 partials; the launcher
+  adds the partials of the row ranges in a fixed order (a few per column).
 
 So the backward reads g twice -- once for ``dz`` (which needs all of D before anything else
 can use it), once for ``dW_up``, ``db_up`` and dh's residual term together -- h once, and
@@ -32,6 +32,16 @@ writes dh once. (Reading g once for both ``dz`` and ``dW_up`` would need fp32 pa
 of them per tile of the other's reduction: ``4 R / BLOCK`` times g's bytes, more than a
 second read of g for R >= 32, and with the residual h the second read of g is needed for dh
 anyway.)
+
+Compile-time variants: only the tiles, ``HAS_DROPOUT`` and ``NEED_DH`` are constexprs. The
+activation, the presence of each bias, whether the scaling is read from memory and whether
+the residual is h are runtime scalars: each selects a uniform branch (or an empty load mask)
+taken once per tile, so one compiled kernel serves all their combinations and ``fastpeft
+check`` compiles every variant the launchers can produce.
+
+The row-block kernels re-read W (``2 R D`` elements) per ``BLOCK_M`` rows, from L2: ``2 R /
+BLOCK_M`` times h's bytes of L2 traffic (4x at R = 64 with 32-row tiles) -- untuned; a GPU run
+decides whether larger row tiles pay for their fewer programs.
 
 No kernel uses atomics: results are bitwise reproducible. The dropout mask is
 ``philox_dropout.keep_mask`` (the counters of element ``(m, d)`` of h), drawn in the forward
@@ -49,6 +59,10 @@ import triton.language as tl
 
 from fastpeft.kernels.philox_dropout import keep_mask
 from fastpeft.kernels.shrink_tile import shrink_rows
+
+# Activation codes of the kernels' runtime ``activation`` argument, by canonical name
+# (``fastpeft.kernels.bottleneck.ref.CANONICAL_ACTIVATIONS``).
+ACTIVATION_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "identity": 4}
 
 # GELU constants: 1/sqrt(2) (erf form), 1/sqrt(2 pi) (its derivative), sqrt(2/pi) and 0.044715
 # (the tanh approximation of Hendrycks & Gimpel, transformers' "gelu_new").
@@ -73,46 +87,50 @@ def _tanh(x):
 
 
 @triton.jit
-def activate(z, ACTIVATION: tl.constexpr):
-    """``act(z)`` elementwise on an fp32 tile; ``act(0) = 0`` for every activation, so padded
-    rows and rank columns stay zero."""
-    if ACTIVATION == "relu":
-        return tl.maximum(z, 0.0)
-    elif ACTIVATION == "gelu":
-        return 0.5 * z * (1.0 + tl.erf(z * _INV_SQRT2))
-    elif ACTIVATION == "gelu_tanh":
-        return 0.5 * z * (1.0 + _tanh((z + z * z * z * _GELU_CUBIC) * _SQRT_2_OVER_PI))
-    elif ACTIVATION == "silu":
-        return z * _sigmoid(z)
+def activate(z, activation):
+    """``act(z)`` elementwise on an fp32 tile, ``activation`` a code of ``ACTIVATION_CODES``
+    (a runtime scalar: the branch is uniform and taken once per tile, so one compiled kernel
+    serves every activation); ``act(0) = 0`` for each, so padded rows and rank columns stay
+    zero."""
+    if activation == 0:
+        a = tl.maximum(z, 0.0)
+    elif activation == 1:
+        a = 0.5 * z * (1.0 + tl.erf(z * _INV_SQRT2))
+    elif activation == 2:
+        a = 0.5 * z * (1.0 + _tanh((z + z * z * z * _GELU_CUBIC) * _SQRT_2_OVER_PI))
+    elif activation == 3:
+        a = z * _sigmoid(z)
     else:
-        return z
+        a = z
+    return a
 
 
 @triton.jit
-def activation_grad(z, ACTIVATION: tl.constexpr):
+def activation_grad(z, activation):
     """``act'(z)`` elementwise on an fp32 tile (relu: 1 for z > 0, as torch's ``relu``)."""
-    if ACTIVATION == "relu":
-        return tl.where(z > 0.0, 1.0, 0.0)
-    elif ACTIVATION == "gelu":
-        return 0.5 * (1.0 + tl.erf(z * _INV_SQRT2)) + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
-    elif ACTIVATION == "gelu_tanh":
+    if activation == 0:
+        d = tl.where(z > 0.0, 1.0, 0.0)
+    elif activation == 1:
+        d = 0.5 * (1.0 + tl.erf(z * _INV_SQRT2)) + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+    elif activation == 2:
         t = _tanh((z + z * z * z * _GELU_CUBIC) * _SQRT_2_OVER_PI)
-        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + z * z * (3.0 * _GELU_CUBIC))
-    elif ACTIVATION == "silu":
+        d = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + z * z * (3.0 * _GELU_CUBIC))
+    elif activation == 3:
         sig = _sigmoid(z)
-        return sig * (1.0 + z * (1.0 - sig))
+        d = sig * (1.0 + z * (1.0 - sig))
     else:
-        return tl.full(z.shape, 1.0, tl.float32)
+        d = tl.full(z.shape, 1.0, tl.float32)
+    return d
 
 
 @triton.jit
-def _scale(scale_ptr, scaling, SCALE_FROM_PTR: tl.constexpr):
+def _scale(scale_ptr, scaling, scale_from_ptr):
     """The adapter's scaling: the fp32 scalar at ``scale_ptr`` (a learned scaling, read on the
-    device) or the float argument."""
-    if SCALE_FROM_PTR:
-        return tl.load(scale_ptr)
-    else:
-        return scaling
+    device) when ``scale_from_ptr`` is non-zero, else the float argument."""
+    s = scaling
+    if scale_from_ptr != 0:
+        s = tl.load(scale_ptr)
+    return s
 
 
 @triton.jit
@@ -122,18 +140,19 @@ def _rank_tile(ptr, rows, row_ok, offs_r, r_ok, R):
                    other=0.0)
 
 
-@triton.jit(do_not_specialize=["M", "R", "threshold"])
+@triton.jit(do_not_specialize=["M", "R", "threshold", "activation", "has_b_down", "has_b_up", "scale_from_ptr"])
 def bottleneck_fwd_kernel(
     h_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, res_ptr, scale_ptr, seed_ptr, z_ptr, out_ptr,
     M, D, R,
     stride_hm, stride_hd, stride_wdr, stride_wdd, stride_wud, stride_wur, stride_bd, stride_bu,
     stride_resm, stride_resd,
-    scaling, threshold, keep_scale,
-    ACTIVATION: tl.constexpr, HAS_B_DOWN: tl.constexpr, HAS_B_UP: tl.constexpr, SCALE_FROM_PTR: tl.constexpr,
+    scaling, threshold, keep_scale, activation, has_b_down, has_b_up, scale_from_ptr,
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """``z [M, R]`` (fp32) and ``out [M, D]`` (out's dtype, contiguous) for ``BLOCK_M`` rows."""
+    """``z [M, R]`` (fp32) and ``out [M, D]`` (out's dtype, contiguous) for ``BLOCK_M`` rows.
+    ``has_b_down`` / ``has_b_up`` (0/1): whether the bias pointers are read (with 0 their loads'
+    masks are empty: one compiled kernel for every combination)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     offs_r = tl.arange(0, BLOCK_R)
@@ -142,13 +161,11 @@ def bottleneck_fwd_kernel(
                     stride_wdd, threshold, HAS_DROPOUT, BLOCK_M, BLOCK_D, BLOCK_R, PRECISION)
     if HAS_DROPOUT:
         z = z * keep_scale
-    if HAS_B_DOWN:
-        z += tl.load(bd_ptr + offs_r * stride_bd, mask=r_ok, other=0.0).to(tl.float32)[None, :]
+    z += tl.load(bd_ptr + offs_r * stride_bd, mask=offs_r < R * has_b_down, other=0.0).to(tl.float32)[None, :]
     tl.store(z_ptr + rows.to(tl.int64)[:, None] * R + offs_r[None, :], z, mask=row_ok[:, None] & r_ok[None, :])
-    # Rows past M and rank columns past R hold act(0) = 0 (or act(b_down) on padded rows,
-    # which only reach masked stores).
-    a = activate(z, ACTIVATION)
-    s = _scale(scale_ptr, scaling, SCALE_FROM_PTR)
+    # Rank columns past R hold act(0) = 0; padded rows only reach masked stores.
+    a = activate(z, activation)
+    s = _scale(scale_ptr, scaling, scale_from_ptr)
     offs_d = tl.arange(0, BLOCK_D)
     row64 = rows.to(tl.int64)[:, None]
     for d0 in range(0, D, BLOCK_D):
@@ -157,25 +174,24 @@ def bottleneck_fwd_kernel(
         wu = tl.load(wu_ptr + offs_r[:, None] * stride_wur + cols[None, :] * stride_wud,
                      mask=r_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         u = tl.dot(a, wu, input_precision=PRECISION)
-        if HAS_B_UP:
-            u += tl.load(bu_ptr + cols * stride_bu, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        u += tl.load(bu_ptr + cols * stride_bu, mask=cols < D * has_b_up, other=0.0).to(tl.float32)[None, :]
         ok = row_ok[:, None] & d_ok[None, :]
         res = tl.load(res_ptr + row64 * stride_resm + cols[None, :] * stride_resd, mask=ok, other=0.0)
         out = res.to(tl.float32) + s * u
         tl.store(out_ptr + row64 * D + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit(do_not_specialize=["M", "R"])
+@triton.jit(do_not_specialize=["M", "R", "activation", "scale_from_ptr"])
 def bottleneck_bwd_dz_kernel(
-    g_ptr, wu_ptr, z_ptr, scale_ptr, dz_ptr, dbd_part_ptr, ds_part_ptr,
+    g_ptr, wu_ptr, z_ptr, scale_ptr, dz_ptr, a_ptr, dbd_part_ptr, ds_part_ptr,
     M, D, R,
     stride_gm, stride_gd, stride_wud, stride_wur,
-    scaling,
-    ACTIVATION: tl.constexpr, SCALE_FROM_PTR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    scaling, activation, scale_from_ptr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """For ``BLOCK_M`` rows: ``dz = s (g W_up) act'(z)`` into ``dz [M, R]`` (fp32), this
-    program's ``sum_m dz`` into row ``pid`` of ``dbd_part [programs, R]`` and its
+    """For ``BLOCK_M`` rows: ``dz = s (g W_up) act'(z)`` into ``dz [M, R]`` and ``a = act(z)``
+    into ``a [M, R]`` (fp32: the column kernel's operands, so it needs no activation code),
+    this program's ``sum_m dz`` into row ``pid`` of ``dbd_part [programs, R]`` and its
     ``sum(dA a)`` into ``ds_part[pid]``."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -186,29 +202,32 @@ def bottleneck_bwd_dz_kernel(
     da = shrink_rows(g_ptr, wu_ptr, g_ptr, rows, row_ok, 0, D, D, R, stride_gm, stride_gd, stride_wur,
                      stride_wud, 0, False, BLOCK_M, BLOCK_D, BLOCK_R, PRECISION)
     z = _rank_tile(z_ptr, rows, row_ok, offs_r, r_ok, R)
-    dz = _scale(scale_ptr, scaling, SCALE_FROM_PTR) * da * activation_grad(z, ACTIVATION)
+    a = activate(z, activation)
+    dz = _scale(scale_ptr, scaling, scale_from_ptr) * da * activation_grad(z, activation)
     # Padded rows and columns: dA is 0 there (masked loads), so dz is too.
-    tl.store(dz_ptr + rows.to(tl.int64)[:, None] * R + offs_r[None, :], dz, mask=row_ok[:, None] & r_ok[None, :])
+    offs = rows.to(tl.int64)[:, None] * R + offs_r[None, :]
+    ok = row_ok[:, None] & r_ok[None, :]
+    tl.store(dz_ptr + offs, dz, mask=ok)
+    tl.store(a_ptr + offs, a, mask=ok)
     tl.store(dbd_part_ptr + pid * R + offs_r, tl.sum(dz, axis=0), mask=r_ok)
-    tl.store(ds_part_ptr + pid, tl.sum(tl.sum(da * activate(z, ACTIVATION), axis=1), axis=0))
+    tl.store(ds_part_ptr + pid, tl.sum(tl.sum(da * a, axis=1), axis=0))
 
 
-@triton.jit(do_not_specialize=["M", "R", "rows_per_split", "threshold"])
+@triton.jit(do_not_specialize=["M", "R", "rows_per_split", "threshold", "residual_is_h"])
 def bottleneck_bwd_wgrad_dh_kernel(
-    g_ptr, h_ptr, wd_ptr, z_ptr, dz_ptr, seed_ptr, dh_ptr, dwu_part_ptr, dbu_part_ptr, dwd_part_ptr,
+    g_ptr, h_ptr, wd_ptr, a_ptr, dz_ptr, seed_ptr, dh_ptr, dwu_part_ptr, dbu_part_ptr, dwd_part_ptr,
     M, D, R, rows_per_split,
     stride_gm, stride_gd, stride_hm, stride_hd, stride_wdr, stride_wdd,
-    threshold, keep_scale,
-    ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, NEED_UP: tl.constexpr, NEED_W_DOWN: tl.constexpr,
-    NEED_DH: tl.constexpr, RESIDUAL_IS_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    threshold, keep_scale, residual_is_h,
+    HAS_DROPOUT: tl.constexpr, NEED_DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """For ``BLOCK_D`` columns (axis 0) and the rows of split ``program_id(1)``
-    (``rows_per_split`` rows, a multiple of BLOCK_M): with ``NEED_UP`` the partials
-    ``g^T a`` into ``dwu_part [splits, D, R]`` and ``sum_m g`` into ``dbu_part [splits, D]``
-    (both without the scaling); with ``NEED_W_DOWN`` ``dz^T h_hat`` (without ``1/(1-p)``)
-    into ``dwd_part [splits, R, D]``; with ``NEED_DH`` the tiles of ``dh [M, D]`` (dh's dtype,
-    contiguous)."""
+    (``rows_per_split`` rows, a multiple of BLOCK_M): the partials ``g^T a`` into
+    ``dwu_part [splits, D, R]``, ``sum_m g`` into ``dbu_part [splits, D]`` (both without the
+    scaling) and ``dz^T h_hat`` (without ``1/(1-p)``) into ``dwd_part [splits, R, D]``; with
+    ``NEED_DH`` the tiles of ``dh [M, D]`` (dh's dtype, contiguous), plus g when
+    ``residual_is_h`` is non-zero."""
     split = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = cols < D
@@ -229,34 +248,25 @@ def bottleneck_bwd_wgrad_dh_kernel(
         row_ok = rows < m_end
         row64 = rows.to(tl.int64)[:, None]
         ok = row_ok[:, None] & d_ok[None, :]
-        if NEED_UP or (NEED_DH and RESIDUAL_IS_H):
-            g = tl.load(g_ptr + row64 * stride_gm + cols[None, :] * stride_gd, mask=ok, other=0.0).to(tl.float32)
-        if NEED_UP:
-            a = activate(_rank_tile(z_ptr, rows, row_ok, offs_r, r_ok, R), ACTIVATION)
-            acc_wu = tl.dot(tl.trans(g), a, acc_wu, input_precision=PRECISION)
-            acc_bu += tl.sum(g, axis=0)
-        if NEED_W_DOWN or NEED_DH:
-            dz = _rank_tile(dz_ptr, rows, row_ok, offs_r, r_ok, R)
-            if HAS_DROPOUT:
-                keep = keep_mask(seed, rows, tl.program_id(0) * BLOCK_D, D, threshold, BLOCK_M, BLOCK_D)
-        if NEED_W_DOWN:
-            x = tl.load(h_ptr + row64 * stride_hm + cols[None, :] * stride_hd, mask=ok, other=0.0).to(tl.float32)
-            if HAS_DROPOUT:
-                x = tl.where(keep, x, 0.0)
-            acc_wd = tl.dot(tl.trans(dz), x, acc_wd, input_precision=PRECISION)
+        g = tl.load(g_ptr + row64 * stride_gm + cols[None, :] * stride_gd, mask=ok, other=0.0).to(tl.float32)
+        acc_wu = tl.dot(tl.trans(g), _rank_tile(a_ptr, rows, row_ok, offs_r, r_ok, R), acc_wu,
+                        input_precision=PRECISION)
+        acc_bu += tl.sum(g, axis=0)
+        dz = _rank_tile(dz_ptr, rows, row_ok, offs_r, r_ok, R)
+        x = tl.load(h_ptr + row64 * stride_hm + cols[None, :] * stride_hd, mask=ok, other=0.0).to(tl.float32)
+        if HAS_DROPOUT:
+            keep = keep_mask(seed, rows, tl.program_id(0) * BLOCK_D, D, threshold, BLOCK_M, BLOCK_D)
+            x = tl.where(keep, x, 0.0)
+        acc_wd = tl.dot(tl.trans(dz), x, acc_wd, input_precision=PRECISION)
         if NEED_DH:
             dh = tl.dot(dz, wd, input_precision=PRECISION)
             if HAS_DROPOUT:
                 dh = tl.where(keep, dh * keep_scale, 0.0)
-            if RESIDUAL_IS_H:
+            if residual_is_h != 0:
                 dh += g
             tl.store(dh_ptr + row64 * D + cols[None, :], dh.to(dh_ptr.dtype.element_ty), mask=ok)
-    if NEED_UP:
-        base = split.to(tl.int64) * D
-        tl.store(dwu_part_ptr + (base + cols)[:, None] * R + offs_r[None, :], acc_wu,
-                 mask=d_ok[:, None] & r_ok[None, :])
-        tl.store(dbu_part_ptr + base + cols, acc_bu, mask=d_ok)
-    if NEED_W_DOWN:
-        base_wd = split.to(tl.int64) * R
-        tl.store(dwd_part_ptr + (base_wd + offs_r)[:, None] * D + cols[None, :], acc_wd,
-                 mask=r_ok[:, None] & d_ok[None, :])
+    base = split.to(tl.int64) * D
+    tl.store(dwu_part_ptr + (base + cols)[:, None] * R + offs_r[None, :], acc_wu, mask=d_ok[:, None] & r_ok[None, :])
+    tl.store(dbu_part_ptr + base + cols, acc_bu, mask=d_ok)
+    base_wd = split.to(tl.int64) * R
+    tl.store(dwd_part_ptr + (base_wd + offs_r)[:, None] * D + cols[None, :], acc_wd, mask=r_ok[:, None] & d_ok[None, :])

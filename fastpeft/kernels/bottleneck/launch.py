@@ -34,6 +34,7 @@ from fastpeft.backend import interpreting
 from fastpeft.kernels import launch_device
 from fastpeft.kernels.bottleneck.configs import Plan, cdiv, plan
 from fastpeft.kernels.bottleneck.kernels import (
+    ACTIVATION_CODES,
     bottleneck_bwd_dz_kernel,
     bottleneck_bwd_wgrad_dh_kernel,
     bottleneck_fwd_kernel,
@@ -65,7 +66,8 @@ def _scale_args(scaling: float | torch.Tensor, device: torch.device) -> tuple[to
 
 
 def _vector_stride(t: torch.Tensor | None) -> int:
-    return t.stride(0) if t is not None else 0
+    """A bias's element stride (1 when absent: the kernel then masks its loads off)."""
+    return t.stride(0) if t is not None else 1
 
 
 def bottleneck_forward(
@@ -96,14 +98,14 @@ def bottleneck_forward(
         scale_t, scale_f, from_ptr = _scale_args(scaling, h.device)
         threshold, keep_scale = _dropout_args(dropout_p)
         bottleneck_fwd_kernel[(cdiv(m, t.block_m),)](
-            h, w_down, b_down if b_down is not None else z, w_up, b_up if b_up is not None else z, res,
+            h, w_down, b_down if b_down is not None else w_down, w_up, b_up if b_up is not None else w_up, res,
             scale_t if from_ptr else z, seed, z, out,
             m, d, rank,
             *h.stride(), *w_down.stride(), *w_up.stride(), _vector_stride(b_down), _vector_stride(b_up),
             *res.stride(),
-            scale_f, threshold, keep_scale,
-            ACTIVATION=activation, HAS_B_DOWN=b_down is not None, HAS_B_UP=b_up is not None,
-            SCALE_FROM_PTR=from_ptr, HAS_DROPOUT=dropout_p > 0.0,
+            scale_f, threshold, keep_scale, ACTIVATION_CODES[activation], int(b_down is not None),
+            int(b_up is not None), int(from_ptr),
+            HAS_DROPOUT=dropout_p > 0.0,
             BLOCK_M=t.block_m, BLOCK_D=t.block_d, BLOCK_R=p.block_r, PRECISION=_precision(h.dtype),
             num_warps=t.num_warps, num_stages=t.num_stages,
         )
@@ -140,78 +142,66 @@ def bottleneck_backward(
     m, d = h.shape
     rank = w_down.shape[0]
     w_dtype = w_down.dtype
-    grads: dict[str, torch.Tensor | None] = dict.fromkeys(("h", "wd", "bd", "wu", "bu", "s"))
+    grad_h = grad_wd = grad_bd = grad_wu = grad_bu = grad_s = None
     with on_device_of(h):
         p = plan(m, d, rank, h.device)
         scale_t, scale_f, from_ptr = _scale_args(scaling, h.device)
         scale = scale_t.reshape(()) if from_ptr else scale_f
         precision = _precision(h.dtype)
-        need_dz = need_h or need_wd or need_bd or need_s
-        if need_dz:
-            t = p.rows
-            programs = cdiv(m, t.block_m)
-            dz = launch_device.empty_output((m, rank), torch.float32, h.device)
-            dbd_parts = launch_device.empty_output((programs, rank), torch.float32, h.device)
-            ds_parts = launch_device.empty_output((programs,), torch.float32, h.device)
-            bottleneck_bwd_dz_kernel[(programs,)](
-                grad_out, w_up, z, scale_t if from_ptr else z, dz, dbd_parts, ds_parts,
-                m, d, rank,
-                *grad_out.stride(), *w_up.stride(),
-                scale_f,
-                ACTIVATION=activation, SCALE_FROM_PTR=from_ptr,
-                BLOCK_M=t.block_m, BLOCK_D=t.block_d, BLOCK_R=p.block_r, PRECISION=precision,
-                num_warps=t.num_warps, num_stages=t.num_stages,
-            )
-            if need_bd:
-                grads["bd"] = dbd_parts.sum(0).to(w_dtype)
-        need_up = need_wu or need_bu or (need_s and b_up is not None)
-        if need_up or need_wd or need_h:
-            dwu, dbu, dwd, dh = _column_pass(
-                grad_out, h, w_down, z, dz if need_dz else z, seed, activation, dropout_p, residual_is_h,
-                need_up, need_wd, need_h, p, precision,
-            )
-            _, keep_scale = _dropout_args(dropout_p)
-            grads["h"] = dh
-            grads["wd"] = (dwd * keep_scale).to(w_dtype) if need_wd else None
-            grads["wu"] = (dwu * scale).to(w_dtype) if need_wu else None
-            grads["bu"] = (dbu * scale).to(w_dtype) if need_bu else None
+        t = p.rows
+        programs = cdiv(m, t.block_m)
+        dz = launch_device.empty_output((m, rank), torch.float32, h.device)
+        a = launch_device.empty_output((m, rank), torch.float32, h.device)
+        dbd_parts = launch_device.empty_output((programs, rank), torch.float32, h.device)
+        ds_parts = launch_device.empty_output((programs,), torch.float32, h.device)
+        bottleneck_bwd_dz_kernel[(programs,)](
+            grad_out, w_up, z, scale_t if from_ptr else z, dz, a, dbd_parts, ds_parts,
+            m, d, rank,
+            *grad_out.stride(), *w_up.stride(),
+            scale_f, ACTIVATION_CODES[activation], int(from_ptr),
+            BLOCK_M=t.block_m, BLOCK_D=t.block_d, BLOCK_R=p.block_r, PRECISION=precision,
+            num_warps=t.num_warps, num_stages=t.num_stages,
+        )
+        if need_bd:
+            grad_bd = dbd_parts.sum(0).to(w_dtype)
         if need_s:
             grad_s = ds_parts.sum()
-            if b_up is not None:
+        if need_h or need_wd or need_wu or need_bu or (need_s and b_up is not None):
+            dwu, dbu, dwd, grad_h = _column_pass(grad_out, h, w_down, a, dz, seed, dropout_p, residual_is_h, need_h,
+                                                 p, precision)
+            _, keep_scale = _dropout_args(dropout_p)
+            grad_wd = (dwd * keep_scale).to(w_dtype) if need_wd else None
+            grad_wu = (dwu * scale).to(w_dtype) if need_wu else None
+            grad_bu = (dbu * scale).to(w_dtype) if need_bu else None
+            if need_s and b_up is not None:
                 grad_s = grad_s + dbu @ b_up.to(torch.float32)
-            grads["s"] = grad_s
-    return grads["h"], grads["wd"], grads["bd"], grads["wu"], grads["bu"], grads["s"]
+    return grad_h, grad_wd, grad_bd, grad_wu, grad_bu, grad_s
 
 
 def _column_pass(
-    grad_out: torch.Tensor, h: torch.Tensor, w_down: torch.Tensor, z: torch.Tensor, dz: torch.Tensor,
-    seed: torch.Tensor, activation: str, dropout_p: float, residual_is_h: bool,
-    need_up: bool, need_wd: bool, need_h: bool, p: Plan, precision: str,
+    grad_out: torch.Tensor, h: torch.Tensor, w_down: torch.Tensor, a: torch.Tensor, dz: torch.Tensor,
+    seed: torch.Tensor, dropout_p: float, residual_is_h: bool, need_h: bool, p: Plan, precision: str,
 ) -> tuple[torch.Tensor | None, ...]:
-    """``(g^T a [D, R], sum_m g [D], dz^T h_hat [R, D] without 1/(1-p), dh [M, D])`` (fp32 sums
-    of the per-split partials, added in split order; dh in h's dtype), each None unless
-    asked for (``bottleneck_bwd_wgrad_dh_kernel``)."""
+    """``(g^T a [D, R], sum_m g [D], dz^T h_hat [R, D] without 1/(1-p), dh [M, D] or None)``:
+    fp32 sums of the per-split partials, added in split order (torch's reduction over the
+    first dimension: no atomics), and dh in h's dtype when ``need_h``
+    (``bottleneck_bwd_wgrad_dh_kernel``)."""
     m, d = h.shape
     rank = w_down.shape[0]
     t = p.columns
     dev = h.device
-    dwu_parts = launch_device.empty_output((p.splits, d, rank) if need_up else (0,), torch.float32, dev)
-    dbu_parts = launch_device.empty_output((p.splits, d) if need_up else (0,), torch.float32, dev)
-    dwd_parts = launch_device.empty_output((p.splits, rank, d) if need_wd else (0,), torch.float32, dev)
+    dwu_parts = launch_device.empty_output((p.splits, d, rank), torch.float32, dev)
+    dbu_parts = launch_device.empty_output((p.splits, d), torch.float32, dev)
+    dwd_parts = launch_device.empty_output((p.splits, rank, d), torch.float32, dev)
     dh = launch_device.empty_output((m, d) if need_h else (0,), h.dtype, dev)
     threshold, keep_scale = _dropout_args(dropout_p)
     bottleneck_bwd_wgrad_dh_kernel[(cdiv(d, t.block_d), p.splits)](
-        grad_out, h, w_down, z, dz, seed, dh, dwu_parts, dbu_parts, dwd_parts,
+        grad_out, h, w_down, a, dz, seed, dh, dwu_parts, dbu_parts, dwd_parts,
         m, d, rank, p.rows_per_split,
         *grad_out.stride(), *h.stride(), *w_down.stride(),
-        threshold, keep_scale,
-        ACTIVATION=activation, HAS_DROPOUT=dropout_p > 0.0, NEED_UP=need_up, NEED_W_DOWN=need_wd, NEED_DH=need_h,
-        RESIDUAL_IS_H=residual_is_h, BLOCK_M=t.block_m, BLOCK_D=t.block_d, BLOCK_R=p.block_r, PRECISION=precision,
+        threshold, keep_scale, int(residual_is_h),
+        HAS_DROPOUT=dropout_p > 0.0, NEED_DH=need_h,
+        BLOCK_M=t.block_m, BLOCK_D=t.block_d, BLOCK_R=p.block_r, PRECISION=precision,
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
-    return (
-        dwu_parts.sum(0) if need_up else None,
-        dbu_parts.sum(0) if need_up else None,
-        dwd_parts.sum(0) if need_wd else None,
-        dh if need_h else None,
-    )
+    return dwu_parts.sum(0), dbu_parts.sum(0), dwd_parts.sum(0), dh if need_h else None
