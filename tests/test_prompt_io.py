@@ -1,0 +1,161 @@
+"""Prompt-tuning / prefix-tuning adapters in PEFT's files, both ways, ``from_peft``, and the
+configurations and files fastpeft refuses (leaving the model unchanged)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import safetensors.torch
+import torch
+
+import fastpeft
+from fastpeft.model.prompt_injection import prompt_encoder
+from model_helpers import assert_unchanged, snapshot
+from numerics import assert_close
+from prompt_helpers import MODELS, N_VIRTUAL, configs, pair, padded_batch, peft, tiny_bert_cls
+
+F32 = torch.float32
+
+
+def _logits(model, seed=2):
+    ids, mask, _ = padded_batch(seed=seed)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix", "prefix_mlp"])
+def test_fastpeft_save_loads_in_peft_and_back(tmp_path, method):
+    """save_adapter -> PeftModel.from_pretrained and fastpeft.load_adapter: same logits; the
+    file holds PEFT's keys (a projected prefix as its computed prefix)."""
+    base = MODELS["llama"]()
+    ours = fastpeft.inject(copy.deepcopy(base), configs(method)[1])
+    with torch.no_grad():
+        for p in prompt_encoder(ours).parameters():
+            p.add_(torch.randn_like(p))  # trained-looking weights
+    expected = _logits(ours)
+    fastpeft.save_adapter(ours, tmp_path)
+    tensors = safetensors.torch.load_file(tmp_path / "adapter_model.safetensors")
+    assert list(tensors) == ["prompt_embeddings"] and tensors["prompt_embeddings"].dtype == F32
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == ("PROMPT_TUNING" if method == "prompt" else "PREFIX_TUNING")
+    assert saved["inference_mode"] is True and saved["num_layers"] == 2
+
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert_close(_logits(theirs), expected, F32, "PEFT loading fastpeft's adapter")
+    back = fastpeft.load_adapter(copy.deepcopy(base), tmp_path)
+    assert_close(_logits(back), expected, F32, "fastpeft loading its adapter")
+    assert not any(p.requires_grad for p in back.parameters())
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix_mlp"])
+def test_peft_save_loads_in_fastpeft(tmp_path, method):
+    """A PEFT directory (GPT-2) loads frozen, or trainable where PEFT's file allows it."""
+    base = MODELS["gpt2"]()
+    theirs = peft.get_peft_model(copy.deepcopy(base), configs(method)[0])
+    theirs.save_pretrained(tmp_path)
+    expected = _logits(theirs)
+    ours = fastpeft.load_adapter(copy.deepcopy(base), tmp_path)
+    assert_close(_logits(ours), expected, F32, "fastpeft loading PEFT's adapter")
+    assert fastpeft.trainable_parameters(ours).trainable == 0
+    if method == "prompt":
+        trainable = fastpeft.load_adapter(copy.deepcopy(base), tmp_path, is_trainable=True)
+        assert fastpeft.trainable_parameters(trainable).trainable == N_VIRTUAL * 64
+    else:  # the MLP is not in PEFT's file: refused, model untouched
+        model = copy.deepcopy(base)
+        before = snapshot(model)
+        with pytest.raises(ValueError, match="cannot be loaded trainable"):
+            fastpeft.load_adapter(model, tmp_path, is_trainable=True)
+        assert_unchanged(model, before)
+        assert "forward" not in model.__dict__
+
+
+def test_seq_cls_head_round_trip(tmp_path):
+    """BERT SEQ_CLS: the trained classifier copy is saved under PEFT's keys, both ways."""
+    theirs, ours = pair(tiny_bert_cls(), "prompt", task_type="SEQ_CLS")
+    with torch.no_grad():
+        ours.classifier.weight.add_(1.0)
+    expected = _logits(ours)
+    fastpeft.save_adapter(ours, tmp_path / "ours")
+    keys = set(safetensors.torch.load_file(tmp_path / "ours" / "adapter_model.safetensors"))
+    theirs.save_pretrained(tmp_path / "theirs")
+    assert keys == set(safetensors.torch.load_file(tmp_path / "theirs" / "adapter_model.safetensors"))
+    loaded = peft.PeftModel.from_pretrained(tiny_bert_cls(), tmp_path / "ours")
+    assert_close(_logits(loaded), expected, F32, "PEFT loading the SEQ_CLS adapter")
+    assert_close(_logits(fastpeft.load_adapter(tiny_bert_cls(), tmp_path / "ours")), expected, F32, "fastpeft")
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix_mlp"])
+def test_from_peft(tmp_path, method):
+    """from_peft shares PEFT's parameters, keeps the logits and gradients' target, and the
+    PEFT wrapper then runs the converted model (virtual tokens added once) and saves it."""
+    theirs, _ = pair(MODELS["llama"](), method)
+    expected = _logits(theirs)
+    peft_params = {id(p) for p in theirs.prompt_encoder["default"].parameters()}
+    ours = fastpeft.from_peft(theirs)
+    assert {id(p) for p in prompt_encoder(ours).parameters()} == peft_params
+    assert_close(_logits(ours), expected, F32, "converted")
+    assert_close(_logits(theirs), expected, F32, "PEFT wrapper after from_peft")
+    theirs.save_pretrained(tmp_path)
+    assert_close(_logits(fastpeft.load_adapter(MODELS["llama"](), tmp_path)), expected, F32, "saved by the wrapper")
+    with pytest.raises(RuntimeError, match="from_peft"):
+        theirs.set_adapter("default")
+
+
+def test_p_tuning_and_unsupported_directories_are_refused(tmp_path):
+    base = MODELS["gpt2"]()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.PromptEncoderConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL, encoder_hidden_size=16))
+    theirs.save_pretrained(tmp_path / "ptuning")
+    model = copy.deepcopy(base)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="P_TUNING.*not implemented"):
+        fastpeft.load_adapter(model, tmp_path / "ptuning")
+    with pytest.raises(ValueError, match="P_TUNING.*not implemented"):
+        fastpeft.from_peft(theirs)
+    # a prefix file of the wrong shape, and a config of another model's depth
+    ours = fastpeft.inject(copy.deepcopy(base), configs("prefix")[1])
+    fastpeft.save_adapter(ours, tmp_path / "prefix")
+    weights = tmp_path / "prefix" / "adapter_model.safetensors"
+    safetensors.torch.save_file({"prompt_embeddings": torch.zeros(N_VIRTUAL, 7)}, weights)
+    with pytest.raises(ValueError, match="has shape"):
+        fastpeft.load_adapter(model, tmp_path / "prefix")
+    config_path = tmp_path / "prefix" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "num_layers": 5}))
+    with pytest.raises(ValueError, match="num_layers"):
+        fastpeft.load_adapter(model, tmp_path / "prefix")
+    assert_unchanged(model, before)
+    assert "forward" not in model.__dict__
+
+
+@pytest.mark.parametrize("config, match", [
+    (lambda: fastpeft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM"), "task_type must be one of"),
+    (lambda: fastpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_transformer_submodules=2), "encoder-decoder"),
+    (lambda: fastpeft.PromptTuningConfig(task_type="CAUSAL_LM", prompt_tuning_init="TEXT"), "prompt_tuning_init_text"),
+    (lambda: fastpeft.PromptTuningConfig(task_type="CAUSAL_LM", token_dim=48), "token_dim=48"),
+    (lambda: fastpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_attention_heads=3), "heads"),
+    (lambda: fastpeft.PrefixTuningConfig(task_type="CAUSAL_LM", init_weights="ones"), "init_weights"),
+    (lambda: fastpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=0), "num_virtual_tokens"),
+])
+def test_bad_configs_raise_and_leave_the_model(config, match):
+    model = MODELS["gpt2"]()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        fastpeft.inject(model, config())
+    assert_unchanged(model, before)
+    assert "forward" not in model.__dict__
+
+
+def test_one_adapter_per_model():
+    model = fastpeft.inject(MODELS["gpt2"](), configs("prompt")[1])
+    with pytest.raises(ValueError, match="already has a fastpeft PROMPT_TUNING adapter"):
+        fastpeft.inject(model, configs("prefix")[1])
+    with pytest.raises(ValueError, match="already has"):
+        fastpeft.inject(model, fastpeft.LoraConfig(target_modules=["c_attn"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lora = fastpeft.inject(MODELS["gpt2"](), fastpeft.LoraConfig(target_modules=["c_attn"]))
+    with pytest.raises(ValueError, match="already has fastpeft LoRA layers"):
+        fastpeft.inject(lora, configs("prompt")[1])
