@@ -24,7 +24,7 @@ import math
 import torch
 
 from fastpeft.backend import resolve_choice, use_cuda_extension, use_triton
-from fastpeft.kernels.bottleneck.configs import MAX_RANK
+from fastpeft.kernels.bottleneck.configs import MAX_RANK, kernel_friendly
 from fastpeft.kernels.bottleneck.ref import canonical_activation
 from fastpeft.ops.autocast import autocast_dtype, autocast_off, cast_for_autocast
 from fastpeft.ops.bottleneck_adapter_torch import (
@@ -41,16 +41,17 @@ TRITON, CUDA, TORCH = "triton", "cuda", "torch"
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _implementation(h: torch.Tensor, w_down: torch.Tensor, choice: str) -> str:
+def _implementation(h: torch.Tensor, w_down: torch.Tensor, choice: str, residual: torch.Tensor | None = None) -> str:
     """``"cuda"`` (backend choice ``cuda`` on CUDA tensors), ``"triton"`` or ``"torch"`` for
     the resolved backend ``choice`` (``fastpeft.backend``): float64, empty problems and
-    bottlenecks above ``MAX_RANK`` always take the torch path."""
+    bottlenecks above ``MAX_RANK`` always take the torch path, and so do, for Triton, CUDA
+    inputs its ahead-of-time check does not cover (``configs.kernel_friendly``)."""
     rank = w_down.shape[0]
     if torch.float64 in (h.dtype, w_down.dtype) or h.numel() == 0 or rank > MAX_RANK:
         return TORCH
     if use_cuda_extension(h.device, choice):
         return CUDA
-    return TRITON if use_triton(h.device, choice) else TORCH
+    return TRITON if use_triton(h.device, choice) and kernel_friendly(h, residual) else TORCH
 
 
 def _launcher(impl: str):
@@ -98,7 +99,7 @@ def _bottleneck_forward(
     h2 = _rows(h, d)
     res2 = _rows(residual, d) if residual is not None else None
     args = (w_down, b_down, w_up, b_up, res2, activation, _scaling_arg(scaling, scaling_t), dropout_p, seed)
-    impl = _implementation(h, w_down, backend)
+    impl = _implementation(h, w_down, backend, residual)
     if impl == TORCH:
         out, z, keep = bottleneck_forward_torch(h2, *args)
     else:
@@ -132,7 +133,7 @@ def _bottleneck_fake(h, w_down, b_down, w_up, b_up, residual, activation, scalin
     m = math.prod(h.shape[:-1])
     out = torch.empty_like(h, memory_format=torch.contiguous_format)
     z = h.new_empty((m, w_down.shape[0]), dtype=rank_side_dtype(w_down.dtype))
-    saves_mask = dropout_p > 0.0 and _implementation(h, w_down, backend) == TORCH
+    saves_mask = dropout_p > 0.0 and _implementation(h, w_down, backend, residual) == TORCH
     keep = h.new_empty((m, h.shape[-1]) if saves_mask else (0,), dtype=torch.bool)
     return out, z, keep
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastpeft.kernels.lora.configs import block_r, cdiv, device_info
+from fastpeft.kernels.lora.configs import ALIGN, aligned_rows, block_r, cdiv, device_info
 
 # Bottleneck sizes the Triton kernels take: the rank tile is padded to a power of two >= 16
 # (tl.dot needs every dimension >= 16) and kept <= 256, AdapterHub's bottleneck for a
@@ -106,3 +106,14 @@ def tile_choices() -> list[tuple[str, int, Tile]]:
     "columns" (for ``bottleneck_kernel_specs``)."""
     rows = {(r, t) for table in (_ROW_TILES, _ROW_TILES_DECODE) for r, t in table.items()}
     return [("rows", r, t) for r, t in sorted(rows, key=str)] + [("columns", r, t) for r, t in _COLUMN_TILES.items()]
+
+
+def kernel_friendly(h: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    """Whether h ``[..., D]`` (and a separate residual) launch the specialization ``fastpeft
+    check`` compiles: on CUDA, D a multiple of 16, unit inner strides, row strides multiples of
+    16 elements, 16-byte aligned data (``lora.configs.aligned_rows``); the op sends the others
+    to the torch path. The launchers make the small operands (weights, biases) and dOut comply
+    (a copy when one does not). Always true off CUDA: the interpreter compiles nothing."""
+    if h.device.type != "cuda":
+        return True
+    return h.shape[-1] % ALIGN == 0 and aligned_rows(h) and (residual is None or aligned_rows(residual))

@@ -33,7 +33,10 @@ of them per tile of the other's reduction: ``4 R / BLOCK`` times g's bytes, more
 second read of g for R >= 32, and with the residual h the second read of g is needed for dh
 anyway.)
 
-Compile-time variants: only the tiles, ``HAS_DROPOUT`` and ``NEED_DH`` are constexprs. The
+Compile-time variants: only the tiles, ``HAS_DROPOUT`` and ``NEED_DH`` are constexprs, and
+Triton's launch-time specialization (multiples of 16) of D, the row strides and the pointers;
+arguments with arbitrary values (M, R, W_up's row stride R, the flags below) are exempt
+(``do_not_specialize``). The
 activation, the presence of each bias, whether the scaling is read from memory and whether
 the residual is h are runtime scalars: each selects a uniform branch (or an empty load mask)
 taken once per tile, so one compiled kernel serves all their combinations and ``fastpeft
@@ -140,7 +143,8 @@ def _rank_tile(ptr, rows, row_ok, offs_r, r_ok, R):
                    other=0.0)
 
 
-@triton.jit(do_not_specialize=["M", "R", "threshold", "activation", "has_b_down", "has_b_up", "scale_from_ptr"])
+@triton.jit(do_not_specialize=["M", "R", "stride_wud", "threshold", "activation", "has_b_down", "has_b_up",
+                                "scale_from_ptr"])
 def bottleneck_fwd_kernel(
     h_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, res_ptr, scale_ptr, seed_ptr, z_ptr, out_ptr,
     M, D, R,
@@ -181,7 +185,7 @@ def bottleneck_fwd_kernel(
         tl.store(out_ptr + row64 * D + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit(do_not_specialize=["M", "R", "activation", "scale_from_ptr"])
+@triton.jit(do_not_specialize=["M", "R", "stride_wud", "activation", "scale_from_ptr"])
 def bottleneck_bwd_dz_kernel(
     g_ptr, wu_ptr, z_ptr, scale_ptr, dz_ptr, a_ptr, dbd_part_ptr, ds_part_ptr,
     M, D, R,

@@ -6,8 +6,9 @@ of the op follows (``cuda_launch`` mirrors these two functions exactly).
 
 Contract (both functions):
 
-- ``h``, ``residual``, ``grad_out``: 2-D ``[M, D]``, any strides (no copies), ``M >= 1``,
-  ``D >= 1``; fp32, fp16 or bf16 (float64 always takes the torch path). ``residual`` and
+- ``h``, ``residual``, ``grad_out``: 2-D ``[M, D]``, any strides (no copies; on a GPU the
+  Triton op takes only ``configs.kernel_friendly`` h and residual, and copies an unaligned
+  grad_out), ``M >= 1``, ``D >= 1``; fp32, fp16 or bf16 (float64 always takes the torch path). ``residual`` and
   ``grad_out`` in h's dtype.
 - ``w_down [R, D]``, ``w_up [D, R]``, any strides, ``1 <= R <= MAX_RANK`` (256); both in one
   dtype, h's dtype or fp32 (an fp32 adapter on a 16-bit model). Biases ``b_down [R]``,
@@ -32,7 +33,7 @@ import torch
 
 from fastpeft.backend import interpreting
 from fastpeft.kernels import launch_device
-from fastpeft.kernels.bottleneck.configs import Plan, cdiv, plan
+from fastpeft.kernels.bottleneck.configs import Plan, aligned_rows, cdiv, plan
 from fastpeft.kernels.bottleneck.kernels import (
     ACTIVATION_CODES,
     bottleneck_bwd_dz_kernel,
@@ -65,6 +66,15 @@ def _scale_args(scaling: float | torch.Tensor, device: torch.device) -> tuple[to
     return None, float(scaling), False
 
 
+def _launchable(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t``, or on a GPU a contiguous copy when it would not launch the specialization
+    ``fastpeft check`` compiles (``aligned_rows``): the weights and biases (a few KB) and dOut
+    (e.g. the zero-stride gradient of ``out.sum()``). The interpreter takes any strides."""
+    if t is None or t.device.type != "cuda" or aligned_rows(t):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _vector_stride(t: torch.Tensor | None) -> int:
     """A bias's element stride (1 when absent: the kernel then masks its loads off)."""
     return t.stride(0) if t is not None else 1
@@ -90,6 +100,7 @@ def bottleneck_forward(
     m, d = h.shape
     rank = w_down.shape[0]
     res = h if residual is None else residual
+    w_down, b_down, w_up, b_up = (_launchable(t) for t in (w_down, b_down, w_up, b_up))
     with on_device_of(h):
         p = plan(m, d, rank, h.device)
         t = p.rows
@@ -139,6 +150,7 @@ def bottleneck_backward(
     fp32 tensor. Here ``dz = scaling * (grad_out W_up) * act'(z)``.
     """
     need_h, need_wd, need_bd, need_wu, need_bu, need_s = needs_grad
+    grad_out, w_down, w_up = (_launchable(t) for t in (grad_out, w_down, w_up))
     m, d = h.shape
     rank = w_down.shape[0]
     w_dtype = w_down.dtype

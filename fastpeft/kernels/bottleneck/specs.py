@@ -1,0 +1,80 @@
+"""Every compile-time configuration of the bottleneck adapter's Triton kernels that the
+launchers can produce, as ``KernelSpec``s for ``fastpeft check`` (ahead-of-time compile for
+sm_80 / sm_90, 0 spills).
+
+For each kernel: every tile the planner (``configs``) can hand it, with every value of its
+constexpr flags (``HAS_DROPOUT``; ``NEED_DH`` for the column kernel). The activation, biases,
+learned scaling and residual-is-h are runtime arguments (one compiled kernel covers them).
+Two dtype cases, as for LoRA: bf16 h with fp32 adapter weights (a 16-bit model with an fp32
+adapter) and fp16 h with fp16 weights. Scalars follow Triton's launch-time specialization of
+aligned launches (``configs.kernel_friendly``): unit strides become the constexpr 1, arguments
+exempt from specialization (``do_not_specialize``) stay plain, other sizes, strides and pointers
+are multiples of 16.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from fastpeft.kernels.aot_spec import KernelSpec
+from fastpeft.kernels.bottleneck.configs import Tile, tile_choices
+from fastpeft.kernels.bottleneck.kernels import (
+    bottleneck_bwd_dz_kernel,
+    bottleneck_bwd_wgrad_dh_kernel,
+    bottleneck_fwd_kernel,
+)
+
+# (h dtype, adapter weight dtype) cases.
+DTYPE_CASES = (("bf16", "fp32"), ("fp16", "fp16"))
+
+# Strides equal to 1 for contiguous operands (h, the residual and dOut along D; W_down along D;
+# W_up along R; the biases): Triton's launcher turns them into constexprs.
+_UNIT_STRIDES = {"stride_hd", "stride_resd", "stride_gd", "stride_wdd", "stride_wur", "stride_bd", "stride_bu"}
+# Pointers by role: h's dtype, the adapter weights' dtype, the int64 seed; the rest are fp32.
+_H_POINTERS = {"h_ptr", "res_ptr", "out_ptr", "g_ptr", "dh_ptr"}
+_W_POINTERS = {"wd_ptr", "bd_ptr", "wu_ptr", "bu_ptr"}
+_FLOAT_SCALARS = {"scaling", "keep_scale"}
+
+
+def _spec(fn, name: str, act: str, weights: str, constexprs: dict, tile: Tile, r_block: int) -> KernelSpec:
+    """Signature of ``fn`` for the dtype case, with unit strides and ``constexprs`` fixed."""
+    signature, values = {}, {}
+    for arg in fn.arg_names:
+        if arg in constexprs:
+            signature[arg], values[arg] = "constexpr", constexprs[arg]
+        elif arg in _UNIT_STRIDES:
+            signature[arg], values[arg] = "constexpr", 1
+        elif arg in _H_POINTERS:
+            signature[arg] = f"*{act}"
+        elif arg in _W_POINTERS:
+            signature[arg] = f"*{weights}"
+        elif arg == "seed_ptr":
+            signature[arg] = "*i64"
+        elif arg.endswith("_ptr"):
+            signature[arg] = "*fp32"
+        elif arg in _FLOAT_SCALARS:
+            signature[arg] = "fp32"
+        else:
+            signature[arg] = "i32"
+    flags = ",".join(f"{k}={int(v)}" for k, v in constexprs.items() if isinstance(v, bool))
+    full_name = (f"{name}[{tile.block_m}x{tile.block_d},w{tile.num_warps},s{tile.num_stages},R{r_block},"
+                 f"{flags},{act}/{weights}]")
+    return KernelSpec(name=full_name, fn=fn, signature=signature, constexprs=values,
+                      num_warps=tile.num_warps, num_stages=tile.num_stages)
+
+
+def bottleneck_kernel_specs() -> list[KernelSpec]:
+    """All configurations of the bottleneck adapter's kernels."""
+    specs: list[KernelSpec] = []
+    for (act, weights), (kind, r_block, t) in itertools.product(DTYPE_CASES, tile_choices()):
+        base = {"BLOCK_M": t.block_m, "BLOCK_D": t.block_d, "BLOCK_R": r_block, "PRECISION": "tf32"}
+        if kind == "rows":
+            for drop in (False, True):
+                specs.append(_spec(bottleneck_fwd_kernel, "bottleneck_fwd", act, weights,
+                                   {**base, "HAS_DROPOUT": drop}, t, r_block))
+            specs.append(_spec(bottleneck_bwd_dz_kernel, "bottleneck_bwd_dz", act, weights, base, t, r_block))
+        else:
+            for drop, need_dh in itertools.product((False, True), (True, False)):
+                specs.append(_spec(bottleneck_bwd_wgrad_dh_kernel, "bottleneck_bwd_wgrad_dh", act, weights,
+                                   {**base, "HAS_DROPOUT": drop, "NEED_DH": need_dh}, t, r_block))
+    return specs
