@@ -8,11 +8,15 @@ HF Trainer checkpoints that hold the adapter only (``enable_adapter_checkpoints`
 ``fastpeft.BottleneckAdapter`` and ``AdapterConfig``: AdapterHub's bottleneck adapters on
 the fused ``fastpeft.ops.bottleneck_adapter`` op (``inject`` / ``load_adapter`` /
 ``save_adapter`` in AdapterHub's places and files; ``unload`` removes them).
+``fastpeft.MultiAdapterModel``: many PEFT LoRA adapters on one model, mixed per sequence in a
+batch (``forward`` / ``generate`` with ``adapter_names``), on ``fastpeft.MultiLoRALinear``
+and the ``fastpeft.ops.multi_lora_linear`` op.
 """
 
 from fastpeft import integrations, ops
 from fastpeft.layers.bottleneck_adapter import BottleneckAdapter
 from fastpeft.layers.lora_linear import LoRALinear
+from fastpeft.layers.multi_lora_linear import MultiLoRALinear
 from fastpeft.model import (
     AdapterConfig,
     LoraConfig,
@@ -28,6 +32,7 @@ from fastpeft.model import (
     trainable_parameters,
     unload,
 )
+from fastpeft.serving import MultiAdapterModel
 
 __version__ = "0.1.0"
 
@@ -36,6 +41,8 @@ __all__ = [
     "BottleneckAdapter",
     "LoRALinear",
     "LoraConfig",
+    "MultiAdapterModel",
+    "MultiLoRALinear",
     "ParameterCount",
     "PrefixTuningConfig",
     "PromptTuningConfig",

@@ -4,6 +4,8 @@ from fastpeft.ops.lora_linear import lora_linear, lora_linear_dropout_mask
 from fastpeft.kernels.lora.ref import lora_linear_ref
 from fastpeft.ops.bottleneck_adapter import bottleneck_adapter, bottleneck_adapter_dropout_mask
 from fastpeft.kernels.bottleneck.ref import bottleneck_adapter_ref
+from fastpeft.ops.multi_lora_linear import multi_lora_linear
+from fastpeft.kernels.multi_lora.ref import multi_lora_linear_ref
 
 __all__ = [
     "bottleneck_adapter",
@@ -12,4 +14,6 @@ __all__ = [
     "lora_linear",
     "lora_linear_dropout_mask",
     "lora_linear_ref",
+    "multi_lora_linear",
+    "multi_lora_linear_ref",
 ]

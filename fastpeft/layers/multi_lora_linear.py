@@ -1,0 +1,160 @@
+"""``MultiLoRALinear``: one base linear with preallocated LoRA adapter slots, so a batch can
+mix adapters per token (``fastpeft.ops.multi_lora_linear``) and adapters can be loaded and
+unloaded while serving without reallocating anything (or recompiling a captured graph).
+
+Slots: ``lora_A [max_adapters, max_rank, in]``, ``lora_B [max_adapters, out, max_rank]``,
+``scalings [max_adapters]`` (float32) and ``ranks [max_adapters]`` (int64; 0 = empty slot),
+all allocated once. ``load_slot`` copies an adapter into a slot in place (its padding past the
+rank zeroed), ``clear_slot`` empties it; other slots are never touched. A and B are
+parameters with ``requires_grad=False`` (serving); set it to train several adapters in one
+batch (every slot's gradient comes back in one backward).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastpeft.layers.lora_linear import default_lora_dtype, is_conv1d
+from fastpeft.ops.multi_lora_linear import multi_lora_linear
+
+
+class TokenAdapterIds:
+    """The adapter slot of each sequence in the batch being run, shared by every
+    ``MultiLoRALinear`` of a model (``MultiAdapterModel`` sets it around each call).
+
+    ``ids [B]`` (int64, -1 = base only) or None (no adapter: the layers run their base).
+    ``for_input(x)`` expands it to one id per row of ``x [B', S..., K]``: each token gets its
+    sequence's adapter (padding tokens too: their outputs are masked by attention, as in
+    PEFT). ``B'`` may be a multiple of B (``generate`` with beams or several return sequences
+    repeats each sequence in place).
+    """
+
+    def __init__(self) -> None:
+        self.ids: torch.Tensor | None = None
+
+    def for_input(self, x: torch.Tensor) -> torch.Tensor | None:
+        ids = self.ids
+        if ids is None:
+            return None
+        if x.dim() < 2:
+            raise ValueError(f"a mixed-adapter batch needs inputs [batch, ..., features], got shape {tuple(x.shape)}")
+        batch = x.shape[0]
+        if batch != ids.shape[0]:
+            if ids.shape[0] == 0 or batch % ids.shape[0]:
+                raise ValueError(f"adapter_names has {ids.shape[0]} entries but the layer input has batch size "
+                                 f"{batch}: give one adapter name per sequence")
+            ids = ids.repeat_interleave(batch // ids.shape[0])
+        ids = ids.to(x.device, non_blocking=True)
+        return ids.view(batch, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+
+
+class MultiLoRALinear(nn.Module):
+    """``y[t] = x[t] W^T + b + scalings[i] x[t] A_i^T B_i^T`` with ``i`` the adapter slot of
+    token t (``-1``: base only), over ``max_adapters`` preallocated slots of rank up to
+    ``max_rank``.
+
+    Args:
+        base_layer: the ``nn.Linear`` (or transformers ``Conv1D``, weight ``[in, out]``) whose
+            weight and bias are shared, not copied.
+        max_adapters, max_rank: slot count and largest rank (both >= 1).
+        dtype: of the slots; default PEFT's (float32 on a 16-bit base, else the base's).
+
+    ``forward(x, adapter_ids=None)``: ``adapter_ids`` one slot per row of x (x's leading
+    shape); when None, the ids come from ``token_ids`` (the shared ``TokenAdapterIds``), and
+    when that holds none either the layer is its base linear.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        max_adapters: int,
+        max_rank: int,
+        *,
+        dtype: torch.dtype | None = None,
+        token_ids: TokenAdapterIds | None = None,
+    ) -> None:
+        super().__init__()
+        if not (isinstance(base_layer, nn.Linear) or is_conv1d(base_layer)):
+            raise TypeError(f"base_layer must be nn.Linear or transformers Conv1D, got {type(base_layer).__name__}")
+        for name, value in (("max_adapters", max_adapters), ("max_rank", max_rank)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        weight = base_layer.weight
+        out_features, in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = weight
+        self.bias = base_layer.bias
+        lora_dtype = dtype or default_lora_dtype(weight.dtype)
+        device = weight.device
+        self.lora_A = nn.Parameter(torch.zeros(max_adapters, max_rank, in_features, dtype=lora_dtype, device=device),
+                                   requires_grad=False)
+        self.lora_B = nn.Parameter(torch.zeros(max_adapters, out_features, max_rank, dtype=lora_dtype, device=device),
+                                   requires_grad=False)
+        self.register_buffer("scalings", torch.zeros(max_adapters, dtype=torch.float32, device=device))
+        self.register_buffer("ranks", torch.zeros(max_adapters, dtype=torch.int64, device=device))
+        self.token_ids = token_ids or TokenAdapterIds()
+
+    @property
+    def max_adapters(self) -> int:
+        return self.lora_A.shape[0]
+
+    @property
+    def max_rank(self) -> int:
+        return self.lora_A.shape[1]
+
+    def _base_weight(self) -> torch.Tensor:
+        """The weight as ``[out, in]`` (a transposed view for ``Conv1D``)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    def _require_slot(self, slot: int) -> int:
+        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.max_adapters:
+            raise ValueError(f"slot must be an int in [0, {self.max_adapters}), got {slot!r}")
+        return slot
+
+    def check_adapter(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+        """``lora_a [r, in]`` and ``lora_b [out, r]`` fit a slot (``1 <= r <= max_rank``)."""
+        rank = lora_a.shape[0] if lora_a.dim() == 2 else -1
+        if lora_a.dim() != 2 or lora_a.shape[1] != self.in_features or not 1 <= rank <= self.max_rank:
+            raise ValueError(f"lora_a has shape {tuple(lora_a.shape)}; expected (r, {self.in_features}) with "
+                             f"1 <= r <= max_rank {self.max_rank}")
+        if tuple(lora_b.shape) != (self.out_features, rank):
+            raise ValueError(f"lora_b has shape {tuple(lora_b.shape)}; expected ({self.out_features}, {rank})")
+
+    @torch.no_grad()
+    def load_slot(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
+        """Copy an adapter (PEFT layouts: ``lora_A.weight [r, in]``, ``lora_B.weight [out, r]``)
+        into ``slot`` in place; the slot's padding past r is zeroed. No allocation on the
+        layer, no other slot touched."""
+        self._require_slot(slot)
+        self.check_adapter(lora_a, lora_b)
+        rank = lora_a.shape[0]
+        self.lora_A[slot, :rank].copy_(lora_a)
+        self.lora_A[slot, rank:].zero_()
+        self.lora_B[slot, :, :rank].copy_(lora_b)
+        self.lora_B[slot, :, rank:].zero_()
+        self.scalings[slot] = float(scaling)
+        self.ranks[slot] = rank
+
+    @torch.no_grad()
+    def clear_slot(self, slot: int) -> None:
+        """Empty ``slot`` (rank 0: its tokens get the base output)."""
+        self._require_slot(slot)
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
+        self.scalings[slot] = 0.0
+        self.ranks[slot] = 0
+
+    def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if adapter_ids is None:
+            adapter_ids = self.token_ids.for_input(x)
+        if adapter_ids is None:
+            return F.linear(x, self._base_weight(), self.bias)
+        return multi_lora_linear(x, self._base_weight(), self.bias, self.lora_A, self.lora_B, self.scalings,
+                                 adapter_ids, self.ranks)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"max_adapters={self.max_adapters}, max_rank={self.max_rank}, dtype={self.lora_A.dtype}")

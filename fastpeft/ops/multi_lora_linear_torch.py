@@ -1,0 +1,190 @@
+"""The torch path of the multi-adapter LoRA op: CPU tensors, float64, and the default on CUDA
+until the kernels have run on a GPU (``fastpeft.backend``).
+
+Same contract as the kernels' launchers (``fastpeft.kernels.multi_lora.launch``): the LoRA
+term is added into y (which holds the base ``x W^T + b``) in place; ids outside ``[0, L)``
+mean no adapter; slot i uses its first ``ranks[i]`` ranks (clamped to ``[0, R_MAX]``). The
+rank-r side runs in the adapters' dtype and each token's delta is rounded once to y's dtype
+and added, as PEFT's mixed batch does.
+
+Grouped (CPU, and CUDA outside graph capture): tokens are sorted by adapter and the group
+sizes read on the host. Groups of similar size (at most ``_PAD_FACTOR`` x the mean) and the
+same rank are padded to one ``[G, C, K]`` batch and run as two ``bmm`` calls over the
+gathered slots at that rank; larger groups (a popular adapter) run as their own two GEMMs. So a mixed batch
+costs a handful of large ops instead of PEFT's Python loop of small ones per adapter.
+
+Per-token (CUDA graph capture, where nothing may be read on the host): each token gathers its
+slot's ``A`` and ``B`` and runs two batched vector products over ``R_MAX``, masked by rank, in
+chunks of ``_GATHER_CHUNK`` tokens (bounding the gathered copies); the padding past each
+rank is masked out (never used, whatever it holds).
+
+The backward loops over the adapters present (grouped; it reads group sizes on the host):
+each adapter's dA and dB are written by one GEMM over its tokens in token order, so the
+result is deterministic. Everything is plain torch ops, so autograd can differentiate the
+backward (``create_graph=True``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+# Groups up to this many times the mean group size share one padded bmm (at most this much
+# padding waste in the batch); larger ones run alone. 2 keeps a uniform or distinct batch in
+# one bmm while a zipf-popular adapter (tens of times the mean) gets its own GEMMs.
+_PAD_FACTOR = 2.0
+# Tokens per chunk of the per-token path: 256 tokens x rank 64 x K 4096 x 2 bytes gathers
+# 128 MB of A rows; smaller chunks cost more launches.
+_GATHER_CHUNK = 256
+
+
+class Group(NamedTuple):
+    """One adapter's tokens: its slot, its rank and its token indices (in token order)."""
+
+    slot: int
+    rank: int
+    tokens: torch.Tensor
+
+
+def host_groups_allowed(device: torch.device) -> bool:
+    """Whether the group sizes may be read on the host: always on CPU, on CUDA except while a
+    CUDA graph is being captured."""
+    return device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
+
+
+def clamped_ranks(ranks: torch.Tensor, r_max: int) -> torch.Tensor:
+    """``ranks`` clamped to ``[0, R_MAX]`` (the kernels' semantics)."""
+    return ranks.clamp(0, r_max)
+
+
+def adapter_groups(adapter_ids: torch.Tensor, ranks: torch.Tensor, r_max: int) -> list[Group]:
+    """The adapters present in ``adapter_ids [T]`` (ids outside ``[0, L)`` skipped), in slot
+    order, each with its tokens in token order. Reads the group sizes on the host."""
+    num_slots = ranks.shape[0]
+    ids = adapter_ids.to(torch.int64)
+    key = torch.where((ids >= 0) & (ids < num_slots), ids, num_slots)
+    sorted_key, order = torch.sort(key, stable=True)
+    slots, counts = torch.unique_consecutive(sorted_key, return_counts=True)
+    rank_list = clamped_ranks(ranks, r_max).tolist()
+    groups, start = [], 0
+    for slot, count in zip(slots.tolist(), counts.tolist()):
+        if slot < num_slots and rank_list[slot] > 0:
+            groups.append(Group(slot, rank_list[slot], order[start:start + count]))
+        start += count
+    return groups
+
+
+def _add_rows(out: torch.Tensor, tokens: torch.Tensor, delta: torch.Tensor) -> None:
+    """``out[tokens] += delta`` (tokens distinct), rounding delta once to out's dtype."""
+    out[tokens] += delta.to(out.dtype)
+
+
+def _group_delta(x: torch.Tensor, g: Group, lora_a, lora_b, scalings) -> torch.Tensor:
+    """``scalings[i] x_g A_i^T B_i^T`` for one group, at its own rank, in the adapters' dtype."""
+    xs = x[g.tokens].to(lora_a.dtype)
+    s = (xs @ lora_a[g.slot, :g.rank].t()) * scalings[g.slot].to(lora_a.dtype)
+    return s @ lora_b[g.slot, :, :g.rank].t()
+
+
+def _padded_delta(x: torch.Tensor, groups: list[Group], lora_a, lora_b, scalings) -> tuple:
+    """``(tokens, delta)`` for groups of similar size and one rank in one padded batch:
+    ``[G, C, K]`` gathered rows (C the largest group, padding rows dropped at the end) and two
+    ``bmm`` over the gathered slots at that rank (nothing past it is read)."""
+    device = x.device
+    width, rank = max(len(g.tokens) for g in groups), groups[0].rank
+    slots = torch.tensor([g.slot for g in groups], device=device)
+    index = torch.zeros(len(groups), width, dtype=torch.int64, device=device)
+    row_ok = torch.zeros(len(groups), width, dtype=torch.bool, device=device)
+    for n, g in enumerate(groups):
+        index[n, :len(g.tokens)] = g.tokens
+        row_ok[n, :len(g.tokens)] = True
+    xs = x[index].to(lora_a.dtype)  # [G, C, K]
+    s = torch.bmm(xs, lora_a[slots, :rank].transpose(1, 2)) * scalings[slots].to(lora_a.dtype)[:, None, None]
+    delta = torch.bmm(s, lora_b[slots, :, :rank].transpose(1, 2))  # [G, C, N]
+    return index[row_ok], delta[row_ok]
+
+
+def multi_lora_add_torch(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scalings: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    ranks: torch.Tensor,
+) -> None:
+    """``y[t] += scalings[i] (x[t] A_i^T) B_i^T`` in place for 2-D x ``[T, K]`` and y ``[T, N]``
+    (the module docstring says how)."""
+    if x.shape[0] == 0 or lora_a.shape[0] == 0:
+        return
+    if not host_groups_allowed(x.device):
+        _add_per_token(y, x, lora_a, lora_b, scalings, adapter_ids, ranks)
+        return
+    groups = adapter_groups(adapter_ids, ranks, lora_a.shape[1])
+    if not groups:
+        return
+    mean = sum(len(g.tokens) for g in groups) / len(groups)
+    batches: dict[int, list[Group]] = {}  # groups of similar size, by rank
+    for g in groups:
+        if len(g.tokens) > _PAD_FACTOR * mean:
+            _add_rows(y, g.tokens, _group_delta(x, g, lora_a, lora_b, scalings))
+        else:
+            batches.setdefault(g.rank, []).append(g)
+    for batch in batches.values():
+        if len(batch) == 1:
+            _add_rows(y, batch[0].tokens, _group_delta(x, batch[0], lora_a, lora_b, scalings))
+        else:
+            _add_rows(y, *_padded_delta(x, batch, lora_a, lora_b, scalings))
+
+
+def _add_per_token(y, x, lora_a, lora_b, scalings, adapter_ids, ranks) -> None:
+    """The host-sync-free path: each token gathers its own slot (see the module docstring)."""
+    num_slots, r_max, _ = lora_a.shape
+    ids = adapter_ids.to(torch.int64)
+    valid = (ids >= 0) & (ids < num_slots)
+    slot = torch.where(valid, ids, 0)
+    # [T, R_MAX]: the ranks each token uses (none for a token without adapter).
+    rank_ok = (torch.arange(r_max, device=x.device) < clamped_ranks(ranks, r_max)[slot][:, None]) & valid[:, None]
+    scale = scalings[slot].to(lora_a.dtype)[:, None]
+    for start in range(0, x.shape[0], _GATHER_CHUNK):
+        rows = slice(start, start + _GATHER_CHUNK)
+        ok = rank_ok[rows]
+        # Masked with where, not multiplied: the padding of a slot is never used, whatever it holds.
+        a = lora_a[slot[rows]].masked_fill(~ok[:, :, None], 0)
+        b = lora_b[slot[rows]].masked_fill(~ok[:, None, :], 0)
+        s = torch.bmm(a, x[rows].to(lora_a.dtype)[:, :, None])[:, :, 0] * scale[rows]
+        y[rows] += torch.bmm(b, s[:, :, None])[:, :, 0].to(y.dtype)
+
+
+def multi_lora_backward_torch(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    dx: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scalings: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    ranks: torch.Tensor,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The LoRA part of the backward (the launchers' ``multi_lora_backward`` contract): ``dx``
+    (holding ``dY W``) gets ``+= dS_i A_i`` in place; returns ``(dA [L, R_MAX, K],
+    dB [L, N, R_MAX])`` in the adapters' dtype (None unless asked), zero for absent slots and
+    past each rank. One pair of GEMMs per adapter present, over its tokens in token order."""
+    lora_dtype = lora_a.dtype
+    da = torch.zeros_like(lora_a) if need_a else None
+    db = torch.zeros_like(lora_b) if need_b else None
+    for g in adapter_groups(adapter_ids, ranks, lora_a.shape[1]):
+        a, b = lora_a[g.slot, :g.rank], lora_b[g.slot, :, :g.rank]
+        scale = scalings[g.slot].to(lora_dtype)
+        gy = grad_y[g.tokens].to(lora_dtype)
+        ds = (gy @ b) * scale
+        if dx is not None:
+            _add_rows(dx, g.tokens, ds @ a)
+        if need_a:
+            da[g.slot, :g.rank] = ds.t() @ x[g.tokens].to(lora_dtype)
+        if need_b:
+            db[g.slot, :, :g.rank] = gy.t() @ ((x[g.tokens].to(lora_dtype) @ a.t()) * scale)
+    return da, db

@@ -1,0 +1,200 @@
+"""``MultiAdapterModel``: one transformers model, many PEFT LoRA adapters, mixed batches.
+
+The target linear layers are replaced once by ``MultiLoRALinear`` (preallocated slots);
+``load_adapter`` copies a PEFT adapter directory into a free slot of every layer it targets
+(and empties that slot elsewhere), ``unload_adapter`` empties it. ``forward`` and
+``generate`` take ``adapter_names`` (one per sequence, None = the base model), as PEFT's
+mixed batches do, and every linear layer runs ``fastpeft.ops.multi_lora_linear`` with each
+token's slot. Loading and unloading write only the slot concerned: nothing is reallocated,
+other adapters' slots are untouched, and a compiled or captured model keeps working.
+
+Files are read with ``fastpeft.model.adapter_io``'s readers (safetensors; a pickle only with
+``allow_pickle=True`` and ``weights_only=True``) and configs with ``LoraConfig`` (PEFT's
+rules: ``target_modules``, ``exclude_modules``, ``layers_to_transform``, ``rank_pattern`` /
+``alpha_pattern``, ``use_rslora``; unsupported features such as DoRA raise). Everything is
+checked before any slot is written: a failed load changes nothing.
+
+One batch at a time: the slot ids of the running batch live in a holder shared by the layers
+(``TokenAdapterIds``), set for the duration of each ``forward`` / ``generate`` call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from fastpeft.layers.lora_linear import lora_scaling
+from fastpeft.layers.multi_lora_linear import MultiLoRALinear, TokenAdapterIds
+from fastpeft.model import adapter_io
+from fastpeft.model.config import LoraConfig
+from fastpeft.model.matching import is_excluded, is_linear, is_targeted, pattern_value, plan_injection
+
+
+class MultiAdapterModel(nn.Module):
+    """Wrap ``model`` (changed in place) for mixed-adapter batches.
+
+    Args:
+        model: a transformers model (or any ``nn.Module`` with ``nn.Linear`` / ``Conv1D``).
+        max_adapters: adapter slots (adapters loaded at once).
+        max_rank: largest LoRA rank an adapter may have.
+        target_modules: the layers that get slots, with PEFT's matching rules
+            (``"all-linear"``: every linear layer but the output embedding); an adapter may
+            target any subset of them.
+        dtype: of the slots; default PEFT's (float32 on a 16-bit model).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        max_adapters: int = 8,
+        max_rank: int = 64,
+        target_modules: str | Sequence[str] = "all-linear",
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        targets = plan_injection(model, LoraConfig(r=1, target_modules=target_modules)).targets
+        self._linear_paths = frozenset(name for name, module in model.named_modules() if name and is_linear(module))
+        self._all_linear = frozenset(t.name for t in plan_injection(model, LoraConfig(r=1, target_modules="all-linear"))
+                                     .targets)
+        self.token_ids = TokenAdapterIds()
+        self.layers: dict[str, MultiLoRALinear] = {}
+        for t in targets:
+            layer = MultiLoRALinear(t.module, max_adapters, max_rank, dtype=dtype, token_ids=self.token_ids)
+            model.set_submodule(t.name, layer)
+            self.layers[t.name] = layer
+        self.model = model
+        self.max_adapters, self.max_rank = max_adapters, max_rank
+        self.adapters: dict[str, int] = {}  # name -> slot
+
+    # ----------------------------------------------------------------------- adapters
+    def _adapter_targets(self, config: LoraConfig, source: str) -> dict[str, tuple[int, float]]:
+        """``{layer path: (r, alpha)}`` the adapter's config selects, by PEFT's rules."""
+        target_modules = tuple(self._all_linear) if config.is_all_linear else config.target_modules
+        if target_modules is None:
+            raise ValueError(f"{source}: the adapter config has no target_modules")
+        if config.modules_to_save:
+            raise ValueError(f"{source}: modules_to_save {list(config.modules_to_save)} (full copies of modules per "
+                             "adapter) is not supported by MultiAdapterModel")
+        found: dict[str, tuple[int, float]] = {}
+        for key, _ in self.model.named_modules():
+            if not key or not is_targeted(config, target_modules, key) or is_excluded(config, key):
+                continue
+            if key not in self.layers:
+                why = ("has no adapter slots: add it to MultiAdapterModel's target_modules"
+                       if key in self._linear_paths else "is not a linear layer")
+                raise ValueError(f"{source} targets {key!r}, which {why}")
+            r = pattern_value(config.rank_pattern, key, config.r)
+            found[key] = (r, pattern_value(config.alpha_pattern, key, config.lora_alpha))
+        if not found:
+            raise ValueError(f"{source}: target_modules={config.target_modules!r} matches no layer of the model")
+        return found
+
+    def _check_weights(self, targets: dict[str, tuple[int, float]], tensors: dict[str, torch.Tensor],
+                       source: str) -> None:
+        expected = {f"{p}.lora_{kind}.weight" for p in targets for kind in "AB"}
+        missing, extra = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
+        if missing or extra:
+            raise ValueError(f"{source} does not match its config on this model: missing keys {missing[:8]}, "
+                             f"unexpected keys {extra[:8]}")
+        for path, (r, _) in targets.items():
+            if r > self.max_rank:
+                raise ValueError(f"{source}: {path!r} has rank {r} > max_rank {self.max_rank}")
+            a, b = tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"]
+            if not (a.dtype.is_floating_point and b.dtype.is_floating_point):
+                raise ValueError(f"{source}: {path!r}'s LoRA weights must be floating point, got {a.dtype}/{b.dtype}")
+            layer = self.layers[path]
+            if tuple(a.shape) != (r, layer.in_features) or tuple(b.shape) != (layer.out_features, r):
+                raise ValueError(f"{source}: {path!r} has lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)}, expected "
+                                 f"({r}, {layer.in_features}) / ({layer.out_features}, {r})")
+
+    def load_adapter(self, name: str, directory: str | os.PathLike, *, allow_pickle: bool = False) -> int:
+        """Load the PEFT LoRA adapter in ``directory`` as ``name`` into a free slot; return the slot.
+
+        Raises:
+            ValueError: ``name`` already loaded, every slot in use, or the adapter is invalid
+                (unreadable files, a rank above ``max_rank``, a target without slots, missing or
+                extra weights, an unsupported feature); nothing is changed then.
+            FileNotFoundError / NotADirectoryError: as ``fastpeft.load_adapter``.
+        """
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"adapter name must be a non-empty str, got {name!r}")
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} is already loaded (slot {self.adapters[name]}); unload it first")
+        free = [s for s in range(self.max_adapters) if s not in self.adapters.values()]
+        if not free:
+            raise ValueError(f"all {self.max_adapters} adapter slots are in use ({sorted(self.adapters)}); unload one "
+                             "first or create the MultiAdapterModel with a larger max_adapters")
+        directory = Path(directory)
+        if not directory.exists():
+            raise FileNotFoundError(f"adapter directory {str(directory)!r} does not exist")
+        if not directory.is_dir():
+            raise NotADirectoryError(f"adapter path {str(directory)!r} is not a directory")
+        source = str(directory)
+        config = adapter_io._read_config(directory)
+        tensors = adapter_io._normalize_keys(adapter_io._read_tensors(directory, allow_pickle), source)
+        targets = self._adapter_targets(config, source)
+        self._check_weights(targets, tensors, source)
+        slot = free[0]
+        for path, layer in self.layers.items():
+            if path in targets:
+                r, alpha = targets[path]
+                layer.load_slot(slot, tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"],
+                                lora_scaling(r, alpha, config.use_rslora))
+            else:
+                layer.clear_slot(slot)  # a layer this adapter does not target contributes nothing
+        self.adapters[name] = slot
+        return slot
+
+    def unload_adapter(self, name: str) -> None:
+        """Empty ``name``'s slot in every layer (other slots untouched); raises KeyError if unknown."""
+        if name not in self.adapters:
+            raise KeyError(f"adapter {name!r} is not loaded; loaded: {sorted(self.adapters)}")
+        slot = self.adapters.pop(name)
+        for layer in self.layers.values():
+            layer.clear_slot(slot)
+
+    # ----------------------------------------------------------------------- batches
+    def _slot_ids(self, adapter_names: Sequence[str | None]) -> torch.Tensor:
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+            raise TypeError(f"adapter_names must be a list with one adapter name (or None) per sequence, "
+                            f"got {adapter_names!r}")
+        unknown = sorted({n for n in adapter_names if n is not None and n not in self.adapters})
+        if unknown:
+            raise ValueError(f"adapter_names has adapters that are not loaded: {unknown}; loaded: {sorted(self.adapters)}")
+        device = next(iter(self.layers.values())).ranks.device
+        return torch.tensor([-1 if n is None else self.adapters[n] for n in adapter_names], dtype=torch.int64,
+                            device=device)
+
+    @contextlib.contextmanager
+    def _batch(self, adapter_names: Sequence[str | None] | None) -> Iterator[None]:
+        self.token_ids.ids = None if adapter_names is None else self._slot_ids(adapter_names)
+        try:
+            yield
+        finally:
+            self.token_ids.ids = None
+
+    def _check_batch_size(self, adapter_names, args, kwargs) -> None:
+        inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+        if adapter_names is not None and isinstance(inputs, torch.Tensor) and inputs.shape[0] != len(adapter_names):
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {inputs.shape[0]} "
+                             "sequences: give one adapter name (or None) per sequence")
+
+    def forward(self, *args, adapter_names: Sequence[str | None] | None = None, **kwargs):
+        """The wrapped model's forward with sequence b run with adapter ``adapter_names[b]``
+        (None: the base model; ``adapter_names=None``: every sequence on the base)."""
+        self._check_batch_size(adapter_names, args, kwargs)
+        with self._batch(adapter_names):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: Sequence[str | None] | None = None, **kwargs):
+        """The wrapped model's ``generate``, every step (prefill and each KV-cache decode step)
+        run with sequence b's adapter ``adapter_names[b]``."""
+        self._check_batch_size(adapter_names, args, kwargs)
+        with self._batch(adapter_names):
+            return self.model.generate(*args, **kwargs)
