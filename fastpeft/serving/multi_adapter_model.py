@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -33,6 +34,9 @@ from fastpeft.layers.multi_lora_linear import MultiLoRALinear, TokenAdapterIds
 from fastpeft.model import adapter_io
 from fastpeft.model.config import LoraConfig
 from fastpeft.model.matching import is_excluded, is_linear, is_targeted, pattern_value, plan_injection
+
+# PEFT's name for "no adapter" in ``adapter_names``; fastpeft also takes None.
+BASE_NAME = "__base__"
 
 
 class MultiAdapterModel(nn.Module):
@@ -58,10 +62,12 @@ class MultiAdapterModel(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        targets = plan_injection(model, LoraConfig(r=1, target_modules=target_modules)).targets
+        with warnings.catch_warnings():  # PEFT's fan_in_fan_out notes concern adapters, not slots
+            warnings.simplefilter("ignore")
+            targets = plan_injection(model, LoraConfig(r=1, target_modules=target_modules)).targets
+            all_linear = plan_injection(model, LoraConfig(r=1, target_modules="all-linear")).targets
         self._linear_paths = frozenset(name for name, module in model.named_modules() if name and is_linear(module))
-        self._all_linear = frozenset(t.name for t in plan_injection(model, LoraConfig(r=1, target_modules="all-linear"))
-                                     .targets)
+        self._all_linear = frozenset(t.name for t in all_linear)
         self.token_ids = TokenAdapterIds()
         self.layers: dict[str, MultiLoRALinear] = {}
         for t in targets:
@@ -124,6 +130,8 @@ class MultiAdapterModel(nn.Module):
         """
         if not isinstance(name, str) or not name:
             raise TypeError(f"adapter name must be a non-empty str, got {name!r}")
+        if name == BASE_NAME:
+            raise ValueError(f"{BASE_NAME!r} names the base model in adapter_names; choose another adapter name")
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} is already loaded (slot {self.adapters[name]}); unload it first")
         free = [s for s in range(self.max_adapters) if s not in self.adapters.values()]
@@ -137,7 +145,7 @@ class MultiAdapterModel(nn.Module):
             raise NotADirectoryError(f"adapter path {str(directory)!r} is not a directory")
         source = str(directory)
         config = adapter_io._read_config(directory)
-        tensors = adapter_io._normalize_keys(adapter_io._read_tensors(directory, allow_pickle), source)
+        tensors = adapter_io._normalize_keys(adapter_io.read_tensors(directory, allow_pickle), source)
         targets = self._adapter_targets(config, source)
         self._check_weights(targets, tensors, source)
         slot = free[0]
@@ -164,6 +172,7 @@ class MultiAdapterModel(nn.Module):
         if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
             raise TypeError(f"adapter_names must be a list with one adapter name (or None) per sequence, "
                             f"got {adapter_names!r}")
+        adapter_names = [None if n == BASE_NAME else n for n in adapter_names]
         unknown = sorted({n for n in adapter_names if n is not None and n not in self.adapters})
         if unknown:
             raise ValueError(f"adapter_names has adapters that are not loaded: {unknown}; loaded: {sorted(self.adapters)}")
@@ -187,7 +196,7 @@ class MultiAdapterModel(nn.Module):
 
     def forward(self, *args, adapter_names: Sequence[str | None] | None = None, **kwargs):
         """The wrapped model's forward with sequence b run with adapter ``adapter_names[b]``
-        (None: the base model; ``adapter_names=None``: every sequence on the base)."""
+        (None or PEFT's ``"__base__"``: the base model; ``adapter_names=None``: every sequence on the base)."""
         self._check_batch_size(adapter_names, args, kwargs)
         with self._batch(adapter_names):
             return self.model(*args, **kwargs)
