@@ -4,6 +4,8 @@
 // OPT-IN: no GPU has run these kernels yet. They are compiled for sm_80/sm_90 and checked for
 // register spills by `fastpeft check`, and their per-element math (elementwise.h) is tested on
 // the CPU; select them with FASTPEFT_BACKEND=cuda only until tests/test_gpu.py has passed on a GPU.
+// Each kernel's body is written once against a Block (block.h) and also runs on the CPU, thread
+// by thread (bottleneck_*_emulated), which is how the tests check the kernels' own code.
 //
 // Plan (CUDA cores, fp32 accumulation; the bottleneck R <= 256 is small, so both projections
 // are memory-bound on h/out and these kernels aim at reading h once and writing out once):
@@ -18,14 +20,16 @@
 #include <cuda_runtime.h>
 
 #include <string>
+#include <vector>
 
+#include "block.h"
 #include "dtypes.cuh"
 #include "elementwise.h"
 
 namespace fastpeft {
 namespace {
 
-constexpr int kThreads = 256;                                   // 8 warps per block
+constexpr int kThreads = kBlockThreads;                         // 8 warps per block
 constexpr int kRows = static_cast<int>(kRowBlock);              // rows of h per row-kernel block
 constexpr int kChunk = 32;                                      // columns staged per step: 8 Philox groups of 4
 constexpr int kChunkPad = kChunk + 1;                           // odd row pitch: no bank conflicts on ws[r][j]
@@ -34,122 +38,139 @@ constexpr int kAccPerThread = kRows * kMaxRank / kThreads;      // (row, r) dot 
 constexpr int kOuterTile = 64;                                  // d x r tile of the weight-gradient kernel
 constexpr int kOuterSub = kOuterTile / 16;                      // 4 x 4 outputs per thread (16 x 16 threads)
 constexpr int kOuterM = static_cast<int>(kOuterRows);           // rows staged per step there
+constexpr int kOuterSmemFloats = kOuterM * kOuterTile + kOuterM * (kOuterTile + 1);  // ps + qs
 
-// Shared memory of the row kernel, in floats: staging (xs + ws), reused for the [kRows, R]
+// Shared memory of the row kernels, in floats: staging (xs + ws), reused for the [kRows, R]
 // bottleneck activations, plus kThreads floats for the block reduction of ds.
-__host__ __device__ constexpr int64_t row_smem_floats(int64_t R) {
+FASTPEFT_HD constexpr int64_t row_smem_floats(int64_t R) {
   return ((kRows * kChunk + R * kChunkPad) > kRows * R ? (kRows * kChunk + R * kChunkPad) : kRows * R) + kThreads;
 }
 static_assert(row_smem_floats(kMaxRank) * 4 <= 48 * 1024, "row kernel must fit the default 48 KB");
 
-__device__ __forceinline__ uint64_t load_seed(const Dropout& dropout) {
+FASTPEFT_HD uint64_t load_seed(const Dropout& dropout) {
   return dropout.seed_ptr ? static_cast<uint64_t>(*reinterpret_cast<const int64_t*>(dropout.seed_ptr)) : 0;
 }
 
-__device__ __forceinline__ float load_scaling(const Scaling& s) {
+FASTPEFT_HD float load_scaling(const Scaling& s) {
   return s.scale_ptr ? *reinterpret_cast<const float*>(s.scale_ptr) : s.value;
 }
 
 template <typename W>
-__device__ __forceinline__ float load_bias(const Vector& b, int64_t i) {
+FASTPEFT_HD float load_bias(const Vector& b, int64_t i) {
   return b.ptr ? to_float(reinterpret_cast<const W*>(b.ptr)[i * b.stride]) : 0.0f;
 }
 
-// acc[k] (k-th (row, r) pair of this thread, o = tid + k * kThreads, row = o / R, r = o % R)
+// Stages 4 columns d .. d+3 of row m of src (one Philox group: d is a multiple of 4), dropped
+// and scaled when dropout is on, zero outside [0, M) x [0, D), into dst[0..3].
+template <typename T>
+FASTPEFT_HD void stage_group(const Matrix& src, int64_t m, int64_t d, int64_t M, int64_t D, const Dropout& dropout,
+                             uint64_t seed, float* dst) {
+  const T* x = reinterpret_cast<const T*>(src.ptr);
+  Philox4 bits{0, 0, 0, 0};
+  if (dropout.seed_ptr && m < M) bits = philox4x32(dropout_counter(m, d, D), seed);
+#pragma unroll
+  for (int l = 0; l < 4; ++l) {
+    float v = 0.0f;
+    if (m < M && d + l < D) {
+      v = to_float(x[m * src.s0 + (d + l) * src.s1]);
+      if (dropout.seed_ptr) v = keep_bits(philox_lane(bits, l), dropout.threshold) ? v * dropout.inv_keep : 0.0f;
+    }
+    dst[l] = v;
+  }
+}
+
+// acc[state][k] (k-th (row, r) pair of thread tid, o = tid + k * kThreads, row = o / R, r = o % R)
 // = sum_d keep(m, d) * src(m0 + row, d) * w(r, d), src [M, D] and w [R, D] as Matrix views.
 // Sums run over d in increasing order in fp32. Ends with shared memory free for reuse.
-template <typename T, typename W>
-__device__ void project_down(const Matrix& src, int64_t m0, int64_t M, int64_t D, int R, const Matrix& w,
-                             const Dropout& dropout, uint64_t seed, float* smem, float (&acc)[kAccPerThread]) {
+template <typename B, typename T, typename W>
+FASTPEFT_HD void project_down(const Matrix& src, int64_t m0, int64_t M, int64_t D, int R, const Matrix& w,
+                              const Dropout& dropout, uint64_t seed, float* smem, float (*acc)[kAccPerThread]) {
   float* xs = smem;                    // [kRows][kChunk]
   float* ws = smem + kRows * kChunk;   // [R][kChunkPad]
-  const T* x = reinterpret_cast<const T*>(src.ptr);
   const W* wp = reinterpret_cast<const W*>(w.ptr);
-  const int tid = threadIdx.x;
   const bool r_fastest = w.s0 == 1 && w.s1 != 1;  // stage along the unit stride, so the loads coalesce
+  B::each([&](int, int s) {
 #pragma unroll
-  for (int k = 0; k < kAccPerThread; ++k) acc[k] = 0.0f;
+    for (int k = 0; k < kAccPerThread; ++k) acc[s][k] = 0.0f;
+  });
   for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
-    // Each of the first kRows * kChunk / 4 threads stages one group of 4 columns (one Philox call).
-    if (tid < kRows * kChunk / 4) {
-      const int row = tid / (kChunk / 4), j = (tid % (kChunk / 4)) * 4;
-      const int64_t m = m0 + row, d = d0 + j;
-      Philox4 bits{0, 0, 0, 0};
-      if (dropout.seed_ptr && m < M) bits = philox4x32(dropout_counter(m, d, D), seed);
-#pragma unroll
-      for (int l = 0; l < 4; ++l) {
-        float v = 0.0f;
-        if (m < M && d + l < D) {
-          v = to_float(x[m * src.s0 + (d + l) * src.s1]);
-          if (dropout.seed_ptr) v = keep_bits(philox_lane(bits, l), dropout.threshold) ? v * dropout.inv_keep : 0.0f;
-        }
-        xs[row * kChunk + j + l] = v;
+    B::each([&](int tid, int) {
+      // The first kRows * kChunk / 4 threads stage one group of 4 columns each.
+      if (tid < kRows * kChunk / 4) {
+        const int row = tid / (kChunk / 4), j = (tid % (kChunk / 4)) * 4;
+        stage_group<T>(src, m0 + row, d0 + j, M, D, dropout, seed, xs + row * kChunk + j);
       }
-    }
-    for (int i = tid; i < R * kChunk; i += kThreads) {
-      const int r = r_fastest ? i % R : i / kChunk, j = r_fastest ? i / R : i % kChunk;
-      const int64_t d = d0 + j;
-      ws[r * kChunkPad + j] = d < D ? to_float(wp[r * w.s0 + d * w.s1]) : 0.0f;
-    }
-    __syncthreads();
+      for (int i = tid; i < R * kChunk; i += kThreads) {
+        const int r = r_fastest ? i % R : i / kChunk, j = r_fastest ? i / R : i % kChunk;
+        const int64_t d = d0 + j;
+        ws[r * kChunkPad + j] = d < D ? to_float(wp[r * w.s0 + d * w.s1]) : 0.0f;
+      }
+    });
+    B::sync();
+    B::each([&](int tid, int s) {
 #pragma unroll
-    for (int k = 0; k < kAccPerThread; ++k) {
-      const int o = tid + k * kThreads;
-      if (o < kRows * R) {
-        const float* x_row = xs + (o / R) * kChunk;
-        const float* w_row = ws + (o % R) * kChunkPad;
+      for (int k = 0; k < kAccPerThread; ++k) {
+        const int o = tid + k * kThreads;
+        if (o < kRows * R) {
+          const float* x_row = xs + (o / R) * kChunk;
+          const float* w_row = ws + (o % R) * kChunkPad;
 #pragma unroll 8
-        for (int j = 0; j < kChunk; ++j) acc[k] = fmaf(x_row[j], w_row[j], acc[k]);
+          for (int j = 0; j < kChunk; ++j) acc[s][k] = fmaf(x_row[j], w_row[j], acc[s][k]);
+        }
       }
-    }
-    __syncthreads();
+    });
+    B::sync();
   }
 }
 
 // For every row of the block and every column d (thread-strided): epilogue(row, d, sum_r
 // cs[row, r] * v(d, r)), v [D, R] as a Matrix view, sums over r in increasing order.
-template <typename W, typename Epilogue>
-__device__ void project_up(const float* cs, int R, int64_t D, const Matrix& v, Epilogue&& epilogue) {
+template <typename B, typename W, typename Epilogue>
+FASTPEFT_HD void project_up(const float* cs, int R, int64_t D, const Matrix& v, Epilogue&& epilogue) {
   const W* vp = reinterpret_cast<const W*>(v.ptr);
-  for (int64_t d = threadIdx.x; d < D; d += kThreads) {
-    float acc[kRows];
+  B::each([&](int tid, int) {
+    for (int64_t d = tid; d < D; d += kThreads) {
+      float acc[kRows];
 #pragma unroll
-    for (int row = 0; row < kRows; ++row) acc[row] = 0.0f;
-    for (int r = 0; r < R; ++r) {
-      const float vr = to_float(vp[d * v.s0 + r * v.s1]);
+      for (int row = 0; row < kRows; ++row) acc[row] = 0.0f;
+      for (int r = 0; r < R; ++r) {
+        const float vr = to_float(vp[d * v.s0 + r * v.s1]);
 #pragma unroll
-      for (int row = 0; row < kRows; ++row) acc[row] = fmaf(cs[row * R + r], vr, acc[row]);
+        for (int row = 0; row < kRows; ++row) acc[row] = fmaf(cs[row * R + r], vr, acc[row]);
+      }
+#pragma unroll
+      for (int row = 0; row < kRows; ++row) epilogue(row, d, acc[row]);
     }
-#pragma unroll
-    for (int row = 0; row < kRows; ++row) epilogue(row, d, acc[row]);
-  }
+  });
 }
 
-template <typename T, typename W>
-__global__ void __launch_bounds__(kThreads) bottleneck_forward_kernel(BottleneckForward a) {
-  extern __shared__ float smem[];
+// The forward of rows [block * kRows, ...) (launchers.h: BottleneckForward).
+template <typename B, typename T, typename W>
+FASTPEFT_HD void forward_block(const BottleneckForward& a, int64_t block, float* smem) {
   const int R = static_cast<int>(a.R);
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kRows;
-  float acc[kAccPerThread];
-  project_down<T, W>(a.h, m0, a.M, a.D, R, a.w_down, a.dropout, load_seed(a.dropout), smem, acc);
+  const int64_t m0 = block * kRows;
+  float acc[B::kStates][kAccPerThread];
+  project_down<B, T, W>(a.h, m0, a.M, a.D, R, a.w_down, a.dropout, load_seed(a.dropout), smem, acc);
   float* cs = smem;  // [kRows][R] activations
   float* z = reinterpret_cast<float*>(a.z);
+  B::each([&](int tid, int s) {
 #pragma unroll
-  for (int k = 0; k < kAccPerThread; ++k) {
-    const int o = threadIdx.x + k * kThreads;
-    if (o < kRows * R) {
-      const int64_t m = m0 + o / R;
-      const float zv = acc[k] + load_bias<W>(a.b_down, o % R);
-      if (m < a.M) z[m * R + o % R] = zv;
-      cs[o] = m < a.M ? activate(a.activation, zv) : 0.0f;
+    for (int k = 0; k < kAccPerThread; ++k) {
+      const int o = tid + k * kThreads;
+      if (o < kRows * R) {
+        const int64_t m = m0 + o / R;
+        const float zv = acc[s][k] + load_bias<W>(a.b_down, o % R);
+        if (m < a.M) z[m * R + o % R] = zv;
+        cs[o] = m < a.M ? activate(a.activation, zv) : 0.0f;
+      }
     }
-  }
-  __syncthreads();
+  });
+  B::sync();
   const Matrix res = a.residual.ptr ? a.residual : a.h;
   const T* res_p = reinterpret_cast<const T*>(res.ptr);
   T* out = reinterpret_cast<T*>(a.out);
   const float scaling = load_scaling(a.scaling);
-  project_up<W>(cs, R, a.D, a.w_up, [&](int row, int64_t d, float u) {
+  project_up<B, W>(cs, R, a.D, a.w_up, [&](int row, int64_t d, float u) {
     const int64_t m = m0 + row;
     if (m < a.M) {
       u += load_bias<W>(a.b_up, d);
@@ -158,46 +179,51 @@ __global__ void __launch_bounds__(kThreads) bottleneck_forward_kernel(Bottleneck
   });
 }
 
-// Step 1 of the backward (launchers.h: BottleneckBackward).
-template <typename T, typename W>
-__global__ void __launch_bounds__(kThreads) bottleneck_dz_dh_kernel(BottleneckBackward a) {
-  extern __shared__ float smem[];
+// Step 1 of the backward for rows [block * kRows, ...) (launchers.h: BottleneckBackward).
+template <typename B, typename T, typename W>
+FASTPEFT_HD void dz_dh_block(const BottleneckBackward& a, int64_t block, float* smem) {
   const int R = static_cast<int>(a.R);
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int64_t m0 = block * kRows;
   const Dropout no_dropout{0, 0, 1.0f};
-  float acc[kAccPerThread];
+  float acc[B::kStates][kAccPerThread];
   // (dout W_up)[m, r] = sum_d dout[m, d] w_up[d, r]: w_up seen as [R, D] is its transpose.
   const Matrix w_up_t{a.w_up.ptr, a.w_up.s1, a.w_up.s0};
-  project_down<T, W>(a.dout, m0, a.M, a.D, R, w_up_t, no_dropout, 0, smem, acc);
+  project_down<B, T, W>(a.dout, m0, a.M, a.D, R, w_up_t, no_dropout, 0, smem, acc);
   float* cs = smem;  // [kRows][R] dz
   float* ds_sum = smem + row_smem_floats(a.R) - kThreads;
   const float* z = reinterpret_cast<const float*>(a.z);
   float* dz = reinterpret_cast<float*>(a.dz);
   const float scaling = load_scaling(a.scaling);
-  float ds = 0.0f;  // this thread's share of sum act(z) * (dout W_up), in k order
+  B::each([&](int tid, int s) {
+    float ds = 0.0f;  // this thread's share of sum act(z) * (dout W_up), in k order
 #pragma unroll
-  for (int k = 0; k < kAccPerThread; ++k) {
-    const int o = threadIdx.x + k * kThreads;
-    if (o < kRows * R) {
-      const int64_t m = m0 + o / R;
-      float g = 0.0f;
-      if (m < a.M) {
-        const float zv = z[m * R + o % R];
-        g = scaling * acc[k] * activate_grad(a.activation, zv);
-        ds = fmaf(activate(a.activation, zv), acc[k], ds);
-        dz[m * R + o % R] = g;
+    for (int k = 0; k < kAccPerThread; ++k) {
+      const int o = tid + k * kThreads;
+      if (o < kRows * R) {
+        const int64_t m = m0 + o / R;
+        float g = 0.0f;
+        if (m < a.M) {
+          const float zv = z[m * R + o % R];
+          g = scaling * acc[s][k] * activate_grad(a.activation, zv);
+          ds = fmaf(activate(a.activation, zv), acc[s][k], ds);
+          dz[m * R + o % R] = g;
+        }
+        cs[o] = g;
       }
-      cs[o] = g;
     }
-  }
-  ds_sum[threadIdx.x] = ds;
-  __syncthreads();
+    ds_sum[tid] = ds;
+  });
+  B::sync();
   if (a.ds_partials) {  // fixed-order tree reduction of the block's ds
     for (int width = kThreads / 2; width > 0; width /= 2) {
-      if (threadIdx.x < width) ds_sum[threadIdx.x] += ds_sum[threadIdx.x + width];
-      __syncthreads();
+      B::each([&](int tid, int) {
+        if (tid < width) ds_sum[tid] += ds_sum[tid + width];
+      });
+      B::sync();
     }
-    if (threadIdx.x == 0) reinterpret_cast<float*>(a.ds_partials)[blockIdx.x] = ds_sum[0];
+    B::each([&](int tid, int) {
+      if (tid == 0) reinterpret_cast<float*>(a.ds_partials)[block] = ds_sum[0];
+    });
   }
   if (!a.dh) return;
   const uint64_t seed = load_seed(a.dropout);
@@ -205,7 +231,7 @@ __global__ void __launch_bounds__(kThreads) bottleneck_dz_dh_kernel(BottleneckBa
   T* dh = reinterpret_cast<T*>(a.dh);
   // (dz W_down)[m, d] = sum_r dz[m, r] w_down[r, d]: w_down seen as [D, R] is its transpose.
   const Matrix w_down_t{a.w_down.ptr, a.w_down.s1, a.w_down.s0};
-  project_up<W>(cs, R, a.D, w_down_t, [&](int row, int64_t d, float g) {
+  project_up<B, W>(cs, R, a.D, w_down_t, [&](int row, int64_t d, float g) {
     const int64_t m = m0 + row;
     if (m < a.M) {
       if (a.dropout.seed_ptr) g = keep_element(seed, m, d, a.D, a.dropout.threshold) ? g * a.dropout.inv_keep : 0.0f;
@@ -215,11 +241,11 @@ __global__ void __launch_bounds__(kThreads) bottleneck_dz_dh_kernel(BottleneckBa
   });
 }
 
-// Split blockIdx.z of sum_m P(m, d) * Q(m, r) over its rows, P [M, D] (dtype T, optionally
-// dropped), Q fp32 [M, R] contiguous (optionally act()): out[split, d, r] (or [split, r, d]
-// when r_major), each pointer written only if not null. Blocks with blockIdx.y == 0 also
-// write sum_m P(m, d) to p_sums[split, d]; blocks with blockIdx.x == 0, sum_m Q(m, r) to
-// q_sums[split, r]. Grid (cdiv(D, 64), cdiv(R, 64), splits).
+// Split `split` of sum_m P(m, d) * Q(m, r) over its rows, for the 64 x 64 tile (d_tile, r_tile);
+// P [M, D] (dtype T, optionally dropped), Q fp32 [M, R] contiguous (optionally act()): out[split,
+// d, r] (or [split, r, d] when r_major), each pointer written only if not null. Tiles with
+// r_tile == 0 also write sum_m P(m, d) to p_sums[split, d]; tiles with d_tile == 0, sum_m Q(m, r)
+// to q_sums[split, r]. Grid (cdiv(D, 64), cdiv(R, 64), splits).
 struct OuterArgs {
   Matrix p;
   const float* q;
@@ -232,78 +258,98 @@ struct OuterArgs {
   Dropout dropout;
 };
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) outer_partials_kernel(OuterArgs a) {
-  __shared__ float ps[kOuterM][kOuterTile];
-  __shared__ float qs[kOuterM][kOuterTile + 1];
-  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
-  const int64_t d_base = static_cast<int64_t>(blockIdx.x) * kOuterTile;
-  const int64_t r_base = static_cast<int64_t>(blockIdx.y) * kOuterTile;
-  const int64_t split = blockIdx.z;
+template <typename B, typename T>
+FASTPEFT_HD void outer_block(const OuterArgs& a, int64_t d_tile, int64_t r_tile, int64_t split, float* smem) {
+  float* ps = smem;                              // [kOuterM][kOuterTile]
+  float* qs = smem + kOuterM * kOuterTile;       // [kOuterM][kOuterTile + 1]
+  const int64_t d_base = d_tile * kOuterTile, r_base = r_tile * kOuterTile;
   const int64_t m_begin = split * a.rows_per_split;
   const int64_t m_end = m_begin + a.rows_per_split < a.M ? m_begin + a.rows_per_split : a.M;
   const uint64_t seed = load_seed(a.dropout);
-  const T* p = reinterpret_cast<const T*>(a.p.ptr);
-  float acc[kOuterSub][kOuterSub] = {};
-  float col_sum = 0.0f;  // threads 0..63: P column d_base + tid; 64..127: Q column r_base + tid - 64
-  for (int64_t m0 = m_begin; m0 < m_end; m0 += kOuterM) {
-    {  // P: kOuterM rows x 64 columns, 4 consecutive columns (one Philox group) per thread
-      const int row = tid / (kOuterTile / 4), j = (tid % (kOuterTile / 4)) * 4;
-      const int64_t m = m0 + row, d = d_base + j;
-      Philox4 bits{0, 0, 0, 0};
-      if (a.dropout.seed_ptr && m < m_end) bits = philox4x32(dropout_counter(m, d, a.D), seed);
+  float acc[B::kStates][kOuterSub][kOuterSub];
+  float col_sum[B::kStates];  // threads 0..63: P column d_base + tid; 64..127: Q column r_base + tid - 64
+  B::each([&](int, int s) {
 #pragma unroll
-      for (int l = 0; l < 4; ++l) {
+    for (int i = 0; i < kOuterSub; ++i)
+#pragma unroll
+      for (int j = 0; j < kOuterSub; ++j) acc[s][i][j] = 0.0f;
+    col_sum[s] = 0.0f;
+  });
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += kOuterM) {
+    B::each([&](int tid, int) {
+      // P: kOuterM rows x 64 columns, one group of 4 columns per thread.
+      const int row = tid / (kOuterTile / 4), j = (tid % (kOuterTile / 4)) * 4;
+      stage_group<T>(a.p, m0 + row, d_base + j, m_end, a.D, a.dropout, seed, ps + row * kOuterTile + j);
+      for (int i = tid; i < kOuterM * kOuterTile; i += kThreads) {
+        const int qrow = i / kOuterTile, qj = i % kOuterTile;
+        const int64_t m = m0 + qrow, r = r_base + qj;
         float v = 0.0f;
-        if (m < m_end && d + l < a.D) {
-          v = to_float(p[m * a.p.s0 + (d + l) * a.p.s1]);
-          if (a.dropout.seed_ptr) v = keep_bits(philox_lane(bits, l), a.dropout.threshold) ? v * a.dropout.inv_keep : 0.0f;
+        if (m < m_end && r < a.R) {
+          v = a.q[m * a.R + r];
+          if (a.q_activation >= 0) v = activate(a.q_activation, v);
         }
-        ps[row][j + l] = v;
+        qs[qrow * (kOuterTile + 1) + qj] = v;
       }
-    }
-    for (int i = tid; i < kOuterM * kOuterTile; i += kThreads) {
-      const int row = i / kOuterTile, j = i % kOuterTile;
-      const int64_t m = m0 + row, r = r_base + j;
-      float v = 0.0f;
-      if (m < m_end && r < a.R) {
-        v = a.q[m * a.R + r];
-        if (a.q_activation >= 0) v = activate(a.q_activation, v);
-      }
-      qs[row][j] = v;
-    }
-    __syncthreads();
+    });
+    B::sync();
+    B::each([&](int tid, int s) {
+      const int tx = tid % 16, ty = tid / 16;
 #pragma unroll 4
-    for (int mm = 0; mm < kOuterM; ++mm) {
+      for (int mm = 0; mm < kOuterM; ++mm) {
+#pragma unroll
+        for (int i = 0; i < kOuterSub; ++i) {
+#pragma unroll
+          for (int j = 0; j < kOuterSub; ++j) {
+            acc[s][i][j] = fmaf(ps[mm * kOuterTile + tx + 16 * i], qs[mm * (kOuterTile + 1) + ty + 16 * j], acc[s][i][j]);
+          }
+        }
+      }
+      if (tid < kOuterTile) {
+        for (int mm = 0; mm < kOuterM; ++mm) col_sum[s] += ps[mm * kOuterTile + tid];
+      } else if (tid < 2 * kOuterTile) {
+        for (int mm = 0; mm < kOuterM; ++mm) col_sum[s] += qs[mm * (kOuterTile + 1) + tid - kOuterTile];
+      }
+    });
+    B::sync();
+  }
+  B::each([&](int tid, int s) {
+    const int tx = tid % 16, ty = tid / 16;
+    if (a.out) {
 #pragma unroll
       for (int i = 0; i < kOuterSub; ++i) {
 #pragma unroll
-        for (int j = 0; j < kOuterSub; ++j) acc[i][j] = fmaf(ps[mm][tx + 16 * i], qs[mm][ty + 16 * j], acc[i][j]);
+        for (int j = 0; j < kOuterSub; ++j) {
+          const int64_t d = d_base + tx + 16 * i, r = r_base + ty + 16 * j;
+          if (d < a.D && r < a.R) {
+            a.out[a.r_major ? (split * a.R + r) * a.D + d : (split * a.D + d) * a.R + r] = acc[s][i][j];
+          }
+        }
       }
     }
-    if (tid < kOuterTile) {
-      for (int mm = 0; mm < kOuterM; ++mm) col_sum += ps[mm][tid];
-    } else if (tid < 2 * kOuterTile) {
-      for (int mm = 0; mm < kOuterM; ++mm) col_sum += qs[mm][tid - kOuterTile];
+    if (tid < kOuterTile && r_tile == 0 && a.p_sums && d_base + tid < a.D) {
+      a.p_sums[split * a.D + d_base + tid] = col_sum[s];
+    } else if (tid >= kOuterTile && tid < 2 * kOuterTile && d_tile == 0 && a.q_sums && r_base + tid - kOuterTile < a.R) {
+      a.q_sums[split * a.R + r_base + tid - kOuterTile] = col_sum[s];
     }
-    __syncthreads();
-  }
-  if (a.out) {
-#pragma unroll
-    for (int i = 0; i < kOuterSub; ++i) {
-#pragma unroll
-      for (int j = 0; j < kOuterSub; ++j) {
-        const int64_t d = d_base + tx + 16 * i, r = r_base + ty + 16 * j;
-        if (d < a.D && r < a.R) a.out[a.r_major ? (split * a.R + r) * a.D + d : (split * a.D + d) * a.R + r] = acc[i][j];
-      }
-    }
-  }
-  if (tid < kOuterTile && blockIdx.y == 0 && a.p_sums && d_base + tid < a.D) {
-    a.p_sums[split * a.D + d_base + tid] = col_sum;
-  } else if (tid >= kOuterTile && tid < 2 * kOuterTile && blockIdx.x == 0 && a.q_sums &&
-             r_base + tid - kOuterTile < a.R) {
-    a.q_sums[split * a.R + r_base + tid - kOuterTile] = col_sum;
-  }
+  });
+}
+
+template <typename T, typename W>
+__global__ void __launch_bounds__(kThreads) bottleneck_forward_kernel(BottleneckForward a) {
+  extern __shared__ float smem[];
+  forward_block<DeviceBlock, T, W>(a, blockIdx.x, smem);
+}
+
+template <typename T, typename W>
+__global__ void __launch_bounds__(kThreads) bottleneck_dz_dh_kernel(BottleneckBackward a) {
+  extern __shared__ float smem[];
+  dz_dh_block<DeviceBlock, T, W>(a, blockIdx.x, smem);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) outer_partials_kernel(OuterArgs a) {
+  __shared__ float smem[kOuterSmemFloats];
+  outer_block<DeviceBlock, T>(a, blockIdx.x, blockIdx.y, blockIdx.z, smem);
 }
 
 // The (h, weight) dtype pairs the op takes: weights in h's dtype, or fp32 weights on 16-bit h.
@@ -322,7 +368,79 @@ void check_rank(int64_t R) {
   if (R < 1 || R > kMaxRank) throw std::invalid_argument("fastpeft._C bottleneck: rank must be in [1, 256]");
 }
 
-unsigned row_blocks(int64_t M) { return static_cast<unsigned>((M + kRows - 1) / kRows); }
+int64_t row_blocks(int64_t M) { return (M + kRows - 1) / kRows; }
+
+// Runs a step of a launch: on the stream (device), or every block in order on the CPU (emulate).
+struct Runner {
+  cudaStream_t stream;
+  bool emulate;
+};
+
+void forward(const BottleneckForward& a, const Runner& run) {
+  check_rank(a.R);
+  if (a.M == 0) return;
+  const int64_t smem = row_smem_floats(a.R);
+  with_dtype_pair(a.dtype, a.weight_dtype, [&](auto t, auto w) {
+    using T = decltype(t);
+    using W = decltype(w);
+    if (run.emulate) {
+      std::vector<float> host_smem(smem);
+      for (int64_t b = 0; b < row_blocks(a.M); ++b) forward_block<HostBlock, T, W>(a, b, host_smem.data());
+      return;
+    }
+    bottleneck_forward_kernel<T, W><<<static_cast<unsigned>(row_blocks(a.M)), kThreads, smem * sizeof(float), run.stream>>>(a);
+    check_launch("bottleneck_forward_kernel");
+  });
+}
+
+template <typename T>
+void outer(const OuterArgs& o, int64_t splits, const Runner& run, const char* what) {
+  const int64_t d_tiles = (o.D + kOuterTile - 1) / kOuterTile, r_tiles = (o.R + kOuterTile - 1) / kOuterTile;
+  if (run.emulate) {
+    std::vector<float> host_smem(kOuterSmemFloats);
+    for (int64_t s = 0; s < splits; ++s)
+      for (int64_t rt = 0; rt < r_tiles; ++rt)
+        for (int64_t dt = 0; dt < d_tiles; ++dt) outer_block<HostBlock, T>(o, dt, rt, s, host_smem.data());
+    return;
+  }
+  const dim3 grid(static_cast<unsigned>(d_tiles), static_cast<unsigned>(r_tiles), static_cast<unsigned>(splits));
+  outer_partials_kernel<T><<<grid, kThreads, 0, run.stream>>>(o);
+  check_launch(what);
+}
+
+void backward(const BottleneckBackward& a, const Runner& run) {
+  check_rank(a.R);
+  if (a.rows_per_split % kOuterRows != 0 || a.splits < 1 || a.splits * a.rows_per_split < a.M) {
+    throw std::invalid_argument("fastpeft._C bottleneck_backward: splits must cover M in multiples of 16 rows");
+  }
+  const int64_t smem = row_smem_floats(a.R);
+  const Dropout no_dropout{0, 0, 1.0f};
+  with_dtype_pair(a.dtype, a.weight_dtype, [&](auto t, auto w) {
+    using T = decltype(t);
+    using W = decltype(w);
+    if (a.dz && a.M > 0) {
+      if (run.emulate) {
+        std::vector<float> host_smem(smem);
+        for (int64_t b = 0; b < row_blocks(a.M); ++b) dz_dh_block<HostBlock, T, W>(a, b, host_smem.data());
+      } else {
+        bottleneck_dz_dh_kernel<T, W><<<static_cast<unsigned>(row_blocks(a.M)), kThreads, smem * sizeof(float), run.stream>>>(a);
+        check_launch("bottleneck_dz_dh_kernel");
+      }
+    }
+    if (a.wu_partials || a.bu_partials) {  // dout^T act(z) and sum_m dout
+      outer<T>(OuterArgs{a.dout, reinterpret_cast<const float*>(a.z), reinterpret_cast<float*>(a.wu_partials),
+                         reinterpret_cast<float*>(a.bu_partials), nullptr, a.M, a.D, a.R, a.rows_per_split,
+                         a.activation, false, no_dropout},
+               a.splits, run, "bottleneck outer_partials_kernel (dW_up)");
+    }
+    if (a.wd_partials || a.bd_partials) {  // dz^T dropout(h) and sum_m dz
+      outer<T>(OuterArgs{a.h, reinterpret_cast<const float*>(a.dz), reinterpret_cast<float*>(a.wd_partials), nullptr,
+                         reinterpret_cast<float*>(a.bd_partials), a.M, a.D, a.R, a.rows_per_split, -1, true,
+                         a.dropout},
+               a.splits, run, "bottleneck outer_partials_kernel (dW_down)");
+    }
+  });
+}
 
 }  // namespace
 
@@ -335,47 +453,15 @@ void check_launch(const char* what) {
 }
 
 void bottleneck_forward(const BottleneckForward& args, uintptr_t stream) {
-  check_rank(args.R);
-  if (args.M == 0) return;
-  const size_t smem = static_cast<size_t>(row_smem_floats(args.R)) * sizeof(float);
-  with_dtype_pair(args.dtype, args.weight_dtype, [&](auto t, auto w) {
-    bottleneck_forward_kernel<decltype(t), decltype(w)>
-        <<<row_blocks(args.M), kThreads, smem, reinterpret_cast<cudaStream_t>(stream)>>>(args);
-    check_launch("bottleneck_forward_kernel");
-  });
+  forward(args, Runner{reinterpret_cast<cudaStream_t>(stream), false});
 }
 
-void bottleneck_backward(const BottleneckBackward& a, uintptr_t stream) {
-  check_rank(a.R);
-  if (a.rows_per_split % kOuterRows != 0 || a.splits < 1 || a.splits * a.rows_per_split < a.M) {
-    throw std::invalid_argument("fastpeft._C bottleneck_backward: splits must cover M in multiples of 16 rows");
-  }
-  const auto s = reinterpret_cast<cudaStream_t>(stream);
-  const size_t smem = static_cast<size_t>(row_smem_floats(a.R)) * sizeof(float);
-  const dim3 outer_grid(static_cast<unsigned>((a.D + kOuterTile - 1) / kOuterTile),
-                        static_cast<unsigned>((a.R + kOuterTile - 1) / kOuterTile), static_cast<unsigned>(a.splits));
-  const Dropout no_dropout{0, 0, 1.0f};
-  with_dtype_pair(a.dtype, a.weight_dtype, [&](auto t, auto w) {
-    using T = decltype(t);
-    using W = decltype(w);
-    if (a.dz && a.M > 0) {
-      bottleneck_dz_dh_kernel<T, W><<<row_blocks(a.M), kThreads, smem, s>>>(a);
-      check_launch("bottleneck_dz_dh_kernel");
-    }
-    if (a.wu_partials || a.bu_partials) {  // dout^T act(z) and sum_m dout
-      outer_partials_kernel<T><<<outer_grid, kThreads, 0, s>>>(
-          OuterArgs{a.dout, reinterpret_cast<const float*>(a.z), reinterpret_cast<float*>(a.wu_partials),
-                    reinterpret_cast<float*>(a.bu_partials), nullptr, a.M, a.D, a.R, a.rows_per_split, a.activation,
-                    false, no_dropout});
-      check_launch("bottleneck outer_partials_kernel (dW_up)");
-    }
-    if (a.wd_partials || a.bd_partials) {  // dz^T dropout(h) and sum_m dz
-      outer_partials_kernel<T><<<outer_grid, kThreads, 0, s>>>(
-          OuterArgs{a.h, reinterpret_cast<const float*>(a.dz), reinterpret_cast<float*>(a.wd_partials), nullptr,
-                    reinterpret_cast<float*>(a.bd_partials), a.M, a.D, a.R, a.rows_per_split, -1, true, a.dropout});
-      check_launch("bottleneck outer_partials_kernel (dW_down)");
-    }
-  });
+void bottleneck_backward(const BottleneckBackward& args, uintptr_t stream) {
+  backward(args, Runner{reinterpret_cast<cudaStream_t>(stream), false});
 }
+
+void bottleneck_forward_emulated(const BottleneckForward& args) { forward(args, Runner{nullptr, true}); }
+
+void bottleneck_backward_emulated(const BottleneckBackward& args) { backward(args, Runner{nullptr, true}); }
 
 }  // namespace fastpeft

@@ -84,6 +84,10 @@ constexpr int64_t kOuterRows = 16;
 
 void bottleneck_forward(const BottleneckForward& args, uintptr_t stream);
 void bottleneck_backward(const BottleneckBackward& args, uintptr_t stream);
+// The same kernels' code run on the CPU, block after block and thread after thread (block.h),
+// on host memory: what the tests check without a GPU.
+void bottleneck_forward_emulated(const BottleneckForward& args);
+void bottleneck_backward_emulated(const BottleneckBackward& args);
 
 // Multi-LoRA decode (BGMV), fastpeft.kernels.multi_lora.launch.multi_lora_decode's contract:
 // y[t] += scalings[i] * (x[t] A_i[:r]^T) B_i[:, :r]^T with i = adapter_ids[t] (int64; rows
@@ -98,5 +102,6 @@ struct BgmvForward {
 };
 
 void bgmv_forward(const BgmvForward& args, uintptr_t stream);
+void bgmv_forward_emulated(const BgmvForward& args);  // on the CPU, as above
 
 }  // namespace fastpeft

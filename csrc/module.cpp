@@ -78,6 +78,16 @@ Vector vector(const VectorArg& t) { return Vector{std::get<0>(t), std::get<1>(t)
 Scaling scaling(const ScalingArg& t) { return Scaling{std::get<0>(t), std::get<1>(t)}; }
 Dropout dropout(const DropoutArg& t) { return Dropout{std::get<0>(t), std::get<1>(t), std::get<2>(t)}; }
 
+// Binds `name` (launch on the given stream) and `name`_emulated (the same kernels' code run on the
+// CPU, block by block, on host memory; `stream` is ignored): make(emulate) returns the function.
+template <typename Make, typename... Args>
+void def_with_emulation(py::module_& m, const std::string& name, Make make, const std::string& doc,
+                        const Args&... args) {
+  m.def(name.c_str(), make(false), doc.c_str(), args...);
+  const std::string emulated_doc = "The CPU emulation of " + name + " (tests): same arguments, host addresses";
+  m.def((name + "_emulated").c_str(), make(true), emulated_doc.c_str(), args...);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -108,53 +118,59 @@ PYBIND11_MODULE(_C, m) {
   m.def("activation_host", &activation_host, py::arg("activation"), py::arg("zs"),
         "(act(z), act'(z)) for each z, computed on the CPU with the kernels' code");
 
-  m.def(
-      "bottleneck_forward",
-      [](const MatrixArg& h, const MatrixArg& w_down, const VectorArg& b_down, const MatrixArg& w_up,
-         const VectorArg& b_up, const MatrixArg& residual, uintptr_t out, uintptr_t z, int64_t M, int64_t D,
-         int64_t R, int activation, const ScalingArg& scale, const DropoutArg& drop, int dtype, int weight_dtype,
-         uintptr_t stream) {
-        bottleneck_forward(BottleneckForward{matrix(h), matrix(w_down), matrix(w_up), matrix(residual),
-                                             vector(b_down), vector(b_up), out, z, M, D, R, activation, scaling(scale),
-                                             dropout(drop), dtype_code(dtype), dtype_code(weight_dtype)},
-                           stream);
+  def_with_emulation(
+      m, "bottleneck_forward",
+      [](bool emulate) {
+        return [emulate](const MatrixArg& h, const MatrixArg& w_down, const VectorArg& b_down, const MatrixArg& w_up,
+                         const VectorArg& b_up, const MatrixArg& residual, uintptr_t out, uintptr_t z, int64_t M,
+                         int64_t D, int64_t R, int activation, const ScalingArg& scale, const DropoutArg& drop,
+                         int dtype, int weight_dtype, uintptr_t stream) {
+          const BottleneckForward args{matrix(h), matrix(w_down), matrix(w_up), matrix(residual), vector(b_down),
+                                       vector(b_up), out, z, M, D, R, activation, scaling(scale), dropout(drop),
+                                       dtype_code(dtype), dtype_code(weight_dtype)};
+          emulate ? bottleneck_forward_emulated(args) : bottleneck_forward(args, stream);
+        };
       },
-      py::arg("h"), py::arg("w_down"), py::arg("b_down"), py::arg("w_up"), py::arg("b_up"), py::arg("residual"),
-      py::arg("out"), py::arg("z"), py::arg("M"), py::arg("D"), py::arg("R"), py::arg("activation"),
-      py::arg("scaling"), py::arg("dropout"), py::arg("dtype"), py::arg("weight_dtype"), py::arg("stream"),
       "Launch the fused bottleneck forward (launchers.h: BottleneckForward). Matrices are (address, stride0, "
       "stride1), vectors (address or 0, stride), scaling (fp32 address or 0, value), dropout (seed address or 0, "
-      "threshold, 1/(1-p))");
-  m.def(
-      "bottleneck_backward",
-      [](const MatrixArg& dout, const MatrixArg& h, const MatrixArg& w_down, const MatrixArg& w_up, uintptr_t z,
-         uintptr_t dz, uintptr_t ds_partials, uintptr_t dh, uintptr_t wu_partials, uintptr_t bu_partials,
-         uintptr_t wd_partials, uintptr_t bd_partials, int64_t M, int64_t D, int64_t R, int64_t splits,
-         int64_t rows_per_split, int activation, const ScalingArg& scale, bool add_dout, const DropoutArg& drop,
-         int dtype, int weight_dtype, uintptr_t stream) {
-        bottleneck_backward(BottleneckBackward{matrix(dout), matrix(h), matrix(w_down), matrix(w_up), z, dz,
-                                               ds_partials, dh, wu_partials, bu_partials, wd_partials, bd_partials, M,
-                                               D, R, splits, rows_per_split, activation, scaling(scale), add_dout,
-                                               dropout(drop), dtype_code(dtype), dtype_code(weight_dtype)},
-                            stream);
+      "threshold, 1/(1-p))",
+      py::arg("h"), py::arg("w_down"), py::arg("b_down"), py::arg("w_up"), py::arg("b_up"), py::arg("residual"),
+      py::arg("out"), py::arg("z"), py::arg("M"), py::arg("D"), py::arg("R"), py::arg("activation"),
+      py::arg("scaling"), py::arg("dropout"), py::arg("dtype"), py::arg("weight_dtype"), py::arg("stream"));
+  def_with_emulation(
+      m, "bottleneck_backward",
+      [](bool emulate) {
+        return [emulate](const MatrixArg& dout, const MatrixArg& h, const MatrixArg& w_down, const MatrixArg& w_up,
+                         uintptr_t z, uintptr_t dz, uintptr_t ds_partials, uintptr_t dh, uintptr_t wu_partials,
+                         uintptr_t bu_partials, uintptr_t wd_partials, uintptr_t bd_partials, int64_t M, int64_t D,
+                         int64_t R, int64_t splits, int64_t rows_per_split, int activation, const ScalingArg& scale,
+                         bool add_dout, const DropoutArg& drop, int dtype, int weight_dtype, uintptr_t stream) {
+          const BottleneckBackward args{matrix(dout), matrix(h), matrix(w_down), matrix(w_up), z, dz, ds_partials,
+                                        dh, wu_partials, bu_partials, wd_partials, bd_partials, M, D, R, splits,
+                                        rows_per_split, activation, scaling(scale), add_dout, dropout(drop),
+                                        dtype_code(dtype), dtype_code(weight_dtype)};
+          emulate ? bottleneck_backward_emulated(args) : bottleneck_backward(args, stream);
+        };
       },
+      "Launch the bottleneck backward (launchers.h: BottleneckBackward); outputs at address 0 are skipped",
       py::arg("dout"), py::arg("h"), py::arg("w_down"), py::arg("w_up"), py::arg("z"), py::arg("dz"),
       py::arg("ds_partials"), py::arg("dh"), py::arg("wu_partials"), py::arg("bu_partials"), py::arg("wd_partials"),
       py::arg("bd_partials"), py::arg("M"), py::arg("D"), py::arg("R"), py::arg("splits"), py::arg("rows_per_split"),
       py::arg("activation"), py::arg("scaling"), py::arg("add_dout"), py::arg("dropout"), py::arg("dtype"),
-      py::arg("weight_dtype"), py::arg("stream"),
-      "Launch the bottleneck backward (launchers.h: BottleneckBackward); outputs at address 0 are skipped");
-  m.def(
-      "bgmv_forward",
-      [](uintptr_t x, uintptr_t lora_a, uintptr_t lora_b, uintptr_t scalings, uintptr_t adapter_ids, uintptr_t ranks,
-         uintptr_t y, uintptr_t shrunk, int64_t T, int64_t K, int64_t N, int64_t L, int64_t R_max, int64_t ld_x,
-         int64_t ld_y, int dtype, int lora_dtype, uintptr_t stream) {
-        bgmv_forward(BgmvForward{x, lora_a, lora_b, scalings, adapter_ids, ranks, y, shrunk, T, K, N, L, R_max, ld_x,
-                                 ld_y, dtype_code(dtype), dtype_code(lora_dtype)},
-                     stream);
+      py::arg("weight_dtype"), py::arg("stream"));
+  def_with_emulation(
+      m, "bgmv_forward",
+      [](bool emulate) {
+        return [emulate](uintptr_t x, uintptr_t lora_a, uintptr_t lora_b, uintptr_t scalings, uintptr_t adapter_ids,
+                         uintptr_t ranks, uintptr_t y, uintptr_t shrunk, int64_t T, int64_t K, int64_t N, int64_t L,
+                         int64_t R_max, int64_t ld_x, int64_t ld_y, int dtype, int lora_dtype, uintptr_t stream) {
+          const BgmvForward args{x, lora_a, lora_b, scalings, adapter_ids, ranks, y, shrunk, T, K, N, L, R_max,
+                                 ld_x, ld_y, dtype_code(dtype), dtype_code(lora_dtype)};
+          emulate ? bgmv_forward_emulated(args) : bgmv_forward(args, stream);
+        };
       },
-      py::arg("x"), py::arg("lora_a"), py::arg("lora_b"), py::arg("scalings"), py::arg("adapter_ids"),
-      py::arg("ranks"), py::arg("y"), py::arg("shrunk"), py::arg("T"), py::arg("K"), py::arg("N"), py::arg("L"),
-      py::arg("R_max"), py::arg("ld_x"), py::arg("ld_y"), py::arg("dtype"), py::arg("lora_dtype"), py::arg("stream"),
-      "Launch the multi-LoRA decode shrink + expand (launchers.h: BgmvForward)");
+      "Launch the multi-LoRA decode shrink + expand (launchers.h: BgmvForward)", py::arg("x"), py::arg("lora_a"),
+      py::arg("lora_b"), py::arg("scalings"), py::arg("adapter_ids"), py::arg("ranks"), py::arg("y"),
+      py::arg("shrunk"), py::arg("T"), py::arg("K"), py::arg("N"), py::arg("L"), py::arg("R_max"), py::arg("ld_x"),
+      py::arg("ld_y"), py::arg("dtype"), py::arg("lora_dtype"), py::arg("stream"));
 }

@@ -25,6 +25,8 @@ import importlib
 import importlib.util
 from types import ModuleType
 
+import torch
+
 _MODULE = "fastpeft._C"
 NOT_BUILT = (
     "fastpeft._C was not built: no CUDA compiler at install time (reinstall with nvcc on PATH, "
@@ -72,3 +74,42 @@ def load() -> ModuleType:
     if problem is not None:
         raise RuntimeError(problem)
     return extension()
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument helpers shared by the CUDA launchers (fastpeft.kernels.*.cuda_launch).
+# ---------------------------------------------------------------------------------------------
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    """The extension's code for a tensor dtype (float32, float16, bfloat16); ValueError otherwise."""
+    name = str(dtype).removeprefix("torch.")
+    codes = extension().DTYPES
+    if name not in codes:
+        raise ValueError(f"fastpeft._C kernels take {', '.join(codes)} tensors, got {dtype}")
+    return codes[name]
+
+
+def matrix(t: torch.Tensor) -> tuple[int, int, int]:
+    """A 2-D tensor as the extension's ``(address, stride 0, stride 1)`` (strides in elements)."""
+    return (t.data_ptr(), *t.stride())
+
+
+def vector(t: torch.Tensor | None) -> tuple[int, int]:
+    """A 1-D tensor (or None: absent) as the extension's ``(address or 0, stride)``."""
+    return (0, 0) if t is None else (t.data_ptr(), t.stride(0))
+
+
+def address(t: torch.Tensor | None) -> int:
+    """A tensor's device address, or 0 for None (an output the kernels skip)."""
+    return 0 if t is None else t.data_ptr()
+
+
+def stream_of(t: torch.Tensor) -> int:
+    """The current CUDA stream of ``t``'s device, as the integer handle the kernels launch on."""
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (torch caches the device properties: no sync)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -53,7 +53,7 @@ def _scaling(scaling: float | torch.Tensor, device: torch.device) -> tuple[tuple
 def _splits(m: int, d: int, rank: int, device: torch.device, rows_step: int) -> tuple[int, int]:
     """``(splits, rows_per_split)`` of the weight-gradient kernel: enough row splits for
     ``_BLOCKS_PER_SM`` blocks per SM, each a multiple of ``rows_step`` rows."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = cuda_ext.sm_count(device)
     tiles = _cdiv(d, _OUTER_TILE) * _cdiv(rank, _OUTER_TILE)
     splits = max(1, min(_cdiv(_BLOCKS_PER_SM * sms, tiles), _cdiv(m, rows_step)))
     rows_per_split = rows_step * _cdiv(_cdiv(max(m, 1), splits), rows_step)
