@@ -25,6 +25,10 @@ only (the large-M GEMM tiles have one table for sm_8x and one for sm_90), so it 
 for the requested targets of that family only, and a run for sm_80 and sm_90 has fewer
 compiles than twice the specs. The header on stderr says which specs those are; the count of
 finished compiles follows on stderr (in place on a terminal, about ten lines in a log).
+
+``--cuda`` adds the CUDA C++ kernels of ``csrc/`` (``fastpeft.check_cuda``: ``nvcc -Xptxas -v``
+per source and architecture, failing on register spills) as a second table and a ``"cuda"``
+section of the JSON report; skipped, with the reason, when nvcc is absent.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence, TextIO
 from fastpeft.kernels.aot_spec import unspecialized_args
 
 if TYPE_CHECKING:
+    from fastpeft.check_cuda import CudaReport
     from fastpeft.kernels.aot_spec import KernelSpec
 
 
@@ -384,12 +389,17 @@ def _format_table(results: Sequence[Result]) -> str:
     )
 
 
-def _write_json(path: str, results: Sequence[Result]) -> None:
-    """Write the report (same rows as the table, plus full failure details) as JSON."""
+def _write_json(path: str, results: Sequence[Result], cuda: CudaReport | None = None) -> None:
+    """Write the report (same rows as the table, plus full failure details) as JSON; with
+    ``cuda``, the CUDA C++ section under ``"cuda"`` (its nvcc, rows, or why it was skipped)."""
     import triton
 
-    rows = [{**asdict(r), "spill_bytes": r.spill_bytes} for r in results]
-    payload = {"triton_version": triton.__version__, "results": rows}
+    def rows(results: Sequence[Result]) -> list[dict]:
+        return [{**asdict(r), "spill_bytes": r.spill_bytes} for r in results]
+
+    payload: dict[str, object] = {"triton_version": triton.__version__, "results": rows(results)}
+    if cuda is not None:
+        payload["cuda"] = {"nvcc": cuda.nvcc, "skipped": cuda.skipped, "results": rows(cuda.results)}
     Path(path).write_text(json.dumps(payload, indent=2) + "\n")
 
 
@@ -422,6 +432,12 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--filter", default="", help="only specs whose name contains this substring")
     parser.add_argument("--list", action="store_true", help="list the matching specs and exit")
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
+    parser.add_argument(
+        "--cuda",
+        action="store_true",
+        help="also compile the CUDA C++ kernels (csrc/*.cu) with nvcc -Xptxas -v and fail on register "
+        "spills (skipped, with the reason, when nvcc is absent)",
+    )
     args = parser.parse_args(list(argv))
     args.arch = [a.strip() for a in args.arch.split(",") if a.strip()]
     unknown = [a for a in args.arch if a not in ARCHS]
@@ -464,15 +480,30 @@ def main(argv: list[str]) -> int:
     progress = _Progress(sum(isinstance(p, _Job) for p in planned), sys.stderr)
     results = _compile_plan(planned, args.jobs, progress)
     print(_format_table(results))
-    failed = [r for r in results if r.status != "ok"]
+    cuda = _check_cuda(args) if args.cuda else None
+    failed = [r for r in results + (cuda.results if cuda else []) if r.status != "ok"]
     for r in failed:
         if r.detail:
             print(f"\n--- {r.kernel} [{r.arch}]: {r.reason}\n{r.detail.rstrip()}")
     if args.json:
-        _write_json(args.json, results)
+        _write_json(args.json, results, cuda)
     print("\n" + _summary(results))
-    print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    total = len(results) + (len(cuda.results) if cuda else 0)
+    print(f"{total - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
+
+
+def _check_cuda(args: argparse.Namespace) -> CudaReport:
+    """Run and print the CUDA C++ section (``fastpeft.check_cuda``)."""
+    from fastpeft import check_cuda
+
+    print("fastpeft check: CUDA C++ kernels (csrc/*.cu, nvcc -Xptxas -v) ...", file=sys.stderr, flush=True)
+    report = check_cuda.run(args.arch, args.jobs)
+    if report.skipped:
+        print(f"\nCUDA C++ kernels: skipped: {report.skipped}")
+    else:
+        print(f"\nCUDA C++ kernels ({report.nvcc}):\n" + _format_table(report.results))
+    return report
 
 
 def _summary(results: Sequence[Result]) -> str:

@@ -1,0 +1,167 @@
+"""``fastpeft check --cuda``: the static check of the CUDA C++ kernels in ``csrc/``.
+
+Each ``csrc/*.cu`` is compiled for every requested architecture with
+``nvcc -cubin -Xptxas -v`` (device code only: no host link, no GPU needed), with the flags of
+the Release build (``-O3 -std=c++17``), and ptxas's report is parsed per kernel: registers,
+stack frame, spill stores/loads, static shared memory. A kernel fails on a register spill
+(any spill byte, as for the Triton kernels), static shared memory above the architecture's
+limit, or a compile error. The rows share ``fastpeft.check.Result`` with the Triton section
+and go into the same table and JSON report.
+
+Skipped, with the reason in the report, when nvcc is absent (``$CUDACXX``, ``PATH`` and
+``/usr/local/cuda/bin`` are searched) or when ``csrc/`` is not next to the package (an
+installed wheel rather than a source checkout).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from fastpeft.check import ARCHS, Result
+
+# Where the sources live in a source checkout (editable install or CI clone).
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# The Release build's device flags (CMake's CMAKE_CUDA_FLAGS_RELEASE plus the C++ standard).
+NVCC_FLAGS = ("-std=c++17", "-O3", "-DNDEBUG")
+# Where the CUDA toolkit installs nvcc when it is not on PATH.
+_DEFAULT_NVCC = "/usr/local/cuda/bin/nvcc"
+
+
+@dataclass
+class CudaReport:
+    """The CUDA C++ section: one Result per (kernel, arch), or why the section was skipped."""
+
+    results: list[Result] = field(default_factory=list)
+    skipped: str = ""  # the reason, when nothing was compiled
+    nvcc: str = ""  # nvcc's path and release line
+
+
+def find_nvcc() -> str | None:
+    """nvcc from ``$CUDACXX``, ``PATH`` or ``/usr/local/cuda/bin``, or None."""
+    for candidate in (os.environ.get("CUDACXX"), shutil.which("nvcc"), _DEFAULT_NVCC):
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def cuda_sources(csrc: Path = CSRC) -> list[Path]:
+    """The ``.cu`` files of ``csrc`` (empty when there is no such folder)."""
+    return sorted(csrc.glob("*.cu")) if csrc.is_dir() else []
+
+
+@dataclass(frozen=True)
+class KernelStats:
+    """What ``ptxas -v`` reports for one function."""
+
+    registers: int | None = None
+    stack_bytes: int = 0
+    spill_stores: int = 0
+    spill_loads: int = 0
+    shared_bytes: int = 0
+    entry: bool = False  # a __global__ kernel (else a non-inlined device function)
+
+
+_ENTRY_RE = re.compile(r"Compiling entry function '([^']+)' for '(\w+)'")
+_PROPS_RE = re.compile(r"Function properties for (\S+)")
+_FRAME_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED_RE = re.compile(r"Used (\d+) registers(?:.*?, (\d+) bytes smem)?")
+
+
+def parse_ptxas_verbose(output: str) -> dict[str, KernelStats]:
+    """Per-function statistics from ``nvcc -Xptxas -v`` output, by mangled name, in order.
+
+    ptxas prints, per function, ``Compiling entry function 'NAME'`` (kernels only), then
+    ``Function properties for NAME`` with the stack frame and spill line, then ``Used N
+    registers ... M bytes smem`` for the entry being compiled."""
+    stats: dict[str, dict] = {}
+    entry = props = None
+    for line in output.splitlines():
+        if m := _ENTRY_RE.search(line):
+            entry = m.group(1)
+            stats.setdefault(entry, {})["entry"] = True
+        elif m := _PROPS_RE.search(line):
+            props = m.group(1)
+            stats.setdefault(props, {})
+        elif (m := _FRAME_RE.search(line)) and props is not None:
+            stats[props].update(stack_bytes=int(m[1]), spill_stores=int(m[2]), spill_loads=int(m[3]))
+        elif (m := _USED_RE.search(line)) and entry is not None:
+            stats[entry].update(registers=int(m[1]), shared_bytes=int(m[2] or 0))
+    return {name: KernelStats(**values) for name, values in stats.items()}
+
+
+def _demangle(names: Sequence[str]) -> dict[str, str]:
+    """Readable kernel names (``bottleneck_forward_kernel<__half, float>``): c++filt's output
+    without the return type, namespaces and parameter list; the mangled name without c++filt."""
+    filt = shutil.which("c++filt")
+    if not filt or not names:
+        return {n: n for n in names}
+    proc = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True)
+    lines = proc.stdout.splitlines()
+    if proc.returncode != 0 or len(lines) != len(names):
+        return {n: n for n in names}
+    readable = {}
+    for name, line in zip(names, lines):
+        head = line.replace("(anonymous namespace)::", "").split("(", 1)[0].removeprefix("void ")
+        readable[name] = re.sub(r"\b\w+::", "", head)
+    return readable
+
+
+def _judge(row: Result, limit: int) -> Result:
+    problems = []
+    if row.spill_bytes:
+        problems.append(f"register spills ({row.spill_stores} B stores, {row.spill_loads} B loads at {row.registers} registers)")
+    if row.shared_bytes and row.shared_bytes > limit:
+        problems.append(f"static shared memory {row.shared_bytes} B > {limit} B limit")
+    row.status, row.reason = ("FAIL", "; ".join(problems)) if problems else ("ok", "")
+    return row
+
+
+def compile_source(nvcc: str, source: Path, arch: str) -> list[Result]:
+    """Compile ``source`` for ``arch`` (cubin only) and judge every function ptxas reports."""
+    capability = ARCHS[arch].capability
+    with tempfile.TemporaryDirectory(prefix="fastpeft-check-cuda-") as tmp:
+        cmd = [nvcc, *NVCC_FLAGS, "-cubin", f"-arch=sm_{capability}", "-Xptxas", "-v",
+               "-I", str(source.parent), str(source), "-o", str(Path(tmp) / "out.cubin")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    output = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        return [Result(source.name, arch, reason="nvcc compile error", detail=f"$ {' '.join(cmd)}\n{output}")]
+    stats = parse_ptxas_verbose(output)
+    if not stats:
+        return [Result(source.name, arch, reason="no ptxas -v statistics in nvcc's output", detail=output)]
+    names = _demangle(list(stats))
+    limit = ARCHS[arch].max_shared_bytes
+    return [
+        _judge(Result(f"{source.name}:{names[name]}", arch, registers=s.registers, spill_stores=s.spill_stores,
+                      spill_loads=s.spill_loads, shared_bytes=s.shared_bytes), limit)
+        for name, s in stats.items()
+    ]
+
+
+def nvcc_version(nvcc: str) -> str:
+    """nvcc's release line (``Cuda compilation tools, release 13.0, V13.0.88``)."""
+    proc = subprocess.run([nvcc, "--version"], capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if "release" in line]
+    return lines[-1].strip() if lines else proc.stdout.strip()
+
+
+def run(archs: Sequence[str], jobs: int, csrc: Path = CSRC) -> CudaReport:
+    """Compile every ``csrc/*.cu`` for every arch with up to ``jobs`` nvcc processes."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        return CudaReport(skipped="nvcc not found ($CUDACXX, PATH, /usr/local/cuda/bin): CUDA C++ kernels not checked")
+    sources = cuda_sources(csrc)
+    if not sources:
+        return CudaReport(skipped=f"no CUDA sources in {csrc} (not a source checkout?): CUDA C++ kernels not checked")
+    pairs = [(source, arch) for source in sources for arch in archs]
+    with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(pairs)))) as pool:
+        rows = [row for rows in pool.map(lambda p: compile_source(nvcc, *p), pairs) for row in rows]
+    return CudaReport(results=rows, nvcc=f"{nvcc} ({nvcc_version(nvcc)})")

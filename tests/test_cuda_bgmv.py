@@ -1,0 +1,82 @@
+"""The CUDA C++ multi-LoRA decode kernels (csrc/bgmv.cu) through their launcher
+(fastpeft.kernels.multi_lora.cuda_launch.multi_lora_decode), run on the CPU by the kernels'
+emulation (tests/cuda_emulation.py), against a per-token float64 reference.
+
+The slots' padding (rows/columns past each adapter's rank) holds NaN, so reading any of it
+shows; rows whose id is outside [0, L) must come back bit for bit unchanged (no slot read).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastpeft.kernels.multi_lora.cuda_launch import multi_lora_decode
+from tests.cuda_emulation import emulate_cuda_kernels
+from tests.numerics import assert_close
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    return emulate_cuda_kernels(monkeypatch)
+
+
+def _slots(num_slots, r_max, k, n, ranks, dtype, generator):
+    """lora_a [L, R_max, K], lora_b [L, N, R_max] with NaN past each slot's clamped rank."""
+    lora_a = torch.randn(num_slots, r_max, k, generator=generator) / k**0.5
+    lora_b = torch.randn(num_slots, n, r_max, generator=generator) / r_max**0.5
+    for i, rank in enumerate(ranks.clamp(0, r_max).tolist()):
+        lora_a[i, rank:] = float("nan")
+        lora_b[i, :, rank:] = float("nan")
+    return lora_a.to(dtype), lora_b.to(dtype)
+
+
+def _reference(y, x, lora_a, lora_b, scalings, adapter_ids, ranks):
+    """float64 ``y[t] + s_i x[t] A_i[:r]^T B_i[:, :r]^T`` for ids in [0, L), else y[t]."""
+    out = y.double().clone()
+    for t, i in enumerate(adapter_ids.tolist()):
+        if 0 <= i < lora_a.shape[0]:
+            r = min(max(int(ranks[i]), 0), lora_a.shape[1])
+            a, b = lora_a[i, :r].double(), lora_b[i, :, :r].double()
+            out[t] += float(scalings[i]) * (x[t].double() @ a.t() @ b.t())
+    return out
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "k", "n", "dtype", "lora_dtype"),
+    [
+        pytest.param(1, 37, 300, torch.float32, torch.float32, id="T1-fp32"),
+        pytest.param(5, 64, 129, torch.float16, torch.float32, id="T5-fp16-fp32adapters"),
+        pytest.param(67, 45, 257, torch.bfloat16, torch.bfloat16, id="T67-bf16"),
+    ],
+)
+def test_decode_matches_per_token_reference(emulated, num_tokens, k, n, dtype, lora_dtype):
+    g = torch.Generator().manual_seed(num_tokens)
+    num_slots, r_max = 4, 24
+    # Heterogeneous ranks, one past R_max (clamped) and one 0 (adds nothing).
+    ranks = torch.tensor([3, 24, 40, 0], dtype=torch.int64)
+    lora_a, lora_b = _slots(num_slots, r_max, k, n, ranks, lora_dtype, g)
+    scalings = torch.tensor([0.5, 2.0, 1.25, 3.0], dtype=torch.float32)
+    # Repeated and interleaved ids, -1 (base only) and out-of-range ids on both sides.
+    pattern = torch.tensor([2, -1, 0, 1, num_slots, 2, 3, -7, 1, 0], dtype=torch.int64)
+    adapter_ids = pattern.repeat(num_tokens // len(pattern) + 1)[:num_tokens]
+    if num_tokens == 1:
+        adapter_ids = torch.tensor([1])
+    # x and y as row-strided views (unit column stride), as the contract allows.
+    x = torch.randn(num_tokens, k + 3, generator=g).to(dtype)[:, :k]
+    y = torch.randn(num_tokens, n + 5, generator=g).to(dtype)[:, 2 : n + 2]
+    y_before = y.clone()
+    expected = _reference(y, x, lora_a, lora_b, scalings, adapter_ids, ranks)
+    multi_lora_decode(y, x, lora_a, lora_b, scalings, adapter_ids, ranks)
+    untouched = (adapter_ids < 0) | (adapter_ids >= num_slots)
+    assert torch.equal(y[untouched], y_before[untouched]), "a row without a valid adapter id was written"
+    assert_close(y, expected, dtype, "y")
+
+
+def test_bad_dtype_pair_and_rank_limit_raise_clearly(emulated):
+    x, y = torch.randn(2, 8), torch.randn(2, 6)
+    ids, ranks, scalings = torch.tensor([0, 0]), torch.tensor([4]), torch.ones(1)
+    with pytest.raises(ValueError, match="x's dtype or float32"):
+        multi_lora_decode(y, x, torch.randn(1, 4, 8).half(), torch.randn(1, 6, 4).half(), scalings, ids, ranks)
+    with pytest.raises(ValueError, match=r"R_max must be in \[1, 256\]"):
+        multi_lora_decode(y, x, torch.randn(1, 257, 8), torch.randn(1, 6, 257), scalings, ids, ranks)
