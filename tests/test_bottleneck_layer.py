@@ -26,7 +26,7 @@ def _randomize(layer: fastpeft.BottleneckAdapter, seed: int = 0) -> None:
     ("swish", "learned", True, (1, 37)),
     ("linear", -2.0, False, (9, 37)),
 ])
-def test_layer_matches_float64_reference(activation, scaling, residual, shape):
+def test_layer_matches_float64_reference(backend, activation, scaling, residual, shape):
     torch.manual_seed(0)
     layer = fastpeft.BottleneckAdapter(37, reduction_factor=4, non_linearity=activation, scaling=scaling)
     _randomize(layer)

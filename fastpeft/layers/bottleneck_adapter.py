@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from fastpeft.kernels.bottleneck.ref import canonical_activation
-from fastpeft.kernels.bottleneck.ref import bottleneck_adapter_ref as bottleneck_adapter  # DEV-ONLY: swap for the op
+from fastpeft.ops.bottleneck_adapter import bottleneck_adapter
 from fastpeft.ops.checks import require_finite, require_probability
 
 # Inits by name. AdapterHub's: "bert" (N(0, 0.02) weights, zero biases), "mam_adapter"
@@ -144,10 +144,6 @@ class BottleneckAdapter(nn.Module):
         down.bias.zero_()
         up.bias.zero_()
 
-    def op_scaling(self) -> float | torch.Tensor:
-        """The scaling as the op takes it: a float, or the learned parameter as a 0-d tensor."""
-        return self.scaling.reshape(()) if self.learned_scaling else self.scaling
-
     def is_identity(self) -> bool:
         """Whether the adapter adds exactly zero to any input (up weight, up bias or the
         scaling all zero): removing it then changes nothing."""
@@ -159,7 +155,7 @@ class BottleneckAdapter(nn.Module):
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         return bottleneck_adapter(
             h, self.adapter_down.weight, self.adapter_down.bias, self.adapter_up.weight, self.adapter_up.bias,
-            activation=self.non_linearity, scaling=self.op_scaling(), residual=residual,
+            activation=self.non_linearity, scaling=self.scaling, residual=residual,
             dropout_p=self.dropout, training=self.training,
         )
 
