@@ -96,6 +96,7 @@ def _multi_lora_linear_forward(
 ) -> torch.Tensor:
     """``y [..., N]`` for x ``[..., K]`` and ``adapter_ids`` with one id per row of x."""
     n, k = weight.shape
+    _check_host_values(adapter_ids, ranks, *lora_a.shape[:2])
     x2 = _rows(x, k)
     y = F.linear(x2, weight, bias)
     impl = implementation(x, lora_a, "forward")
@@ -225,8 +226,10 @@ def _require_int_tensor(name: str, value: object, shape: tuple[int, ...]) -> tor
     return value
 
 
-def _check_host_values(adapter_ids: torch.Tensor, ranks: torch.Tensor | None, num_slots: int, r_max: int) -> None:
-    """On CPU tensors (no sync to pay): ids in ``[-1, L)``, ranks in ``[0, R_MAX]``."""
+def _check_host_values(adapter_ids: torch.Tensor, ranks: torch.Tensor, num_slots: int, r_max: int) -> None:
+    """On CPU tensors (no sync to pay): ids in ``[-1, L)``, ranks in ``[0, R_MAX]``. Run inside
+    the op's implementation, so it also holds under ``torch.compile`` (which does not trace
+    into it)."""
     if adapter_ids.device.type != "cpu":
         return
     bad = (adapter_ids < -1) | (adapter_ids >= num_slots)
@@ -234,7 +237,7 @@ def _check_host_values(adapter_ids: torch.Tensor, ranks: torch.Tensor | None, nu
         position = int(bad.reshape(-1).nonzero()[0])
         raise ValueError(f"adapter_ids[{position}] = {int(adapter_ids.reshape(-1)[position])} is outside "
                          f"[-1, {num_slots}) (lora_a has {num_slots} adapter slots; -1 = no adapter)")
-    if ranks is not None and ((ranks < 0) | (ranks > r_max)).any():
+    if ((ranks < 0) | (ranks > r_max)).any():
         raise ValueError(f"ranks {ranks.tolist()} must lie in [0, {r_max}] (R_MAX = lora_a.shape[1])")
 
 
@@ -270,7 +273,6 @@ def check_multi_lora_linear_args(x, weight, bias, lora_a, lora_b, scalings, adap
         _require_int_tensor("ranks", ranks, (num_slots,))
     require_same_device({"x": x, "weight": weight, "bias": bias, "lora_a": lora_a, "lora_b": lora_b,
                          "scalings": scalings, "adapter_ids": adapter_ids, "ranks": ranks})
-    _check_host_values(adapter_ids, ranks, num_slots, r_max)
 
 
 def multi_lora_linear(

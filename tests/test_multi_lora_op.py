@@ -1,0 +1,251 @@
+"""``fastpeft.ops.multi_lora_linear`` against the per-token float64 reference
+(``multi_lora_linear_ref``), on the Triton kernels (interpreted on CPU) and the torch path:
+random ids with -1, repeated and interleaved, heterogeneous ranks (padding filled with NaN,
+so a kernel that reads it fails), T in {1, 5, 67} (decode kernels up to 32 tokens, sorted
+segments above), odd K and N, forward and every slot's gradient. Kernel outputs are poisoned
+with NaN (conftest)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastpeft.kernels.multi_lora import configs
+from fastpeft.ops import multi_lora_linear, multi_lora_linear_ref
+from fastpeft.ops import multi_lora_linear_torch
+from tests.conftest import DEVICE, KERNELS_RUN
+from tests.numerics import TOLERANCE, assert_close
+
+K, N = 37, 45  # odd: no tile divides them
+RANKS = [3, 40, 1, 17, 0]  # slot 4 empty; R_MAX = 40 spans several rank blocks
+
+
+def _problem(num_tokens: int, dtype: torch.dtype, lora_dtype: torch.dtype | None = None, ranks=RANKS, bias=True,
+             seed: int = 0, num_slots: int | None = None):
+    g = torch.Generator().manual_seed(seed)
+    lora_dtype = lora_dtype or dtype
+    num_slots = num_slots or len(ranks)
+    r_max = max(ranks)
+
+    def rand(*shape, dt=dtype):
+        return torch.randn(*shape, generator=g).to(dt).to(DEVICE)
+
+    lora_a, lora_b = rand(num_slots, r_max, K, dt=lora_dtype), rand(num_slots, N, r_max, dt=lora_dtype)
+    for i, r in enumerate(ranks):  # the padding past each rank is never to be read
+        lora_a[i, r:] = float("nan")
+        lora_b[i, :, r:] = float("nan")
+    # Ids: every slot and -1, repeated and interleaved.
+    ids = torch.randint(-1, num_slots, (num_tokens,), generator=g).to(DEVICE)
+    return dict(
+        x=rand(num_tokens, K), weight=rand(N, K) / K**0.5, bias=rand(N) if bias else None,
+        lora_a=lora_a / K**0.5, lora_b=lora_b, scalings=(torch.rand(num_slots, generator=g) + 0.5).to(DEVICE),
+        adapter_ids=ids, ranks=torch.tensor(ranks, device=DEVICE),
+    )
+
+
+def _reference(p: dict, grad: torch.Tensor | None = None):
+    """Forward in float64 per token, and the gradients of ``(y * grad).sum()``."""
+    leaves = {k: p[k].double().nan_to_num(0.0).requires_grad_() for k in ("x", "lora_a", "lora_b")}
+    y = multi_lora_linear_ref(leaves["x"], p["weight"].double(), None if p["bias"] is None else p["bias"].double(),
+                              leaves["lora_a"], leaves["lora_b"], p["scalings"].double(), p["adapter_ids"], p["ranks"])
+    if grad is None:
+        return y.detach(), None
+    y.backward(grad.double())
+    return y.detach(), {k: v.grad for k, v in leaves.items()}
+
+
+def _slot_grad_close(actual, expected, ranks, dtype, what):
+    """Each slot's used block within tolerance; the padding (and empty slots) exactly zero."""
+    for i, r in enumerate(ranks):
+        used = (slice(i, i + 1), slice(0, r)) if what == "lora_a" else (slice(i, i + 1), slice(None), slice(0, r))
+        if r:
+            assert_close(actual[used], expected[used], dtype, f"{what}[{i}]")
+        pad = actual[i, r:] if what == "lora_a" else actual[i, :, r:]
+        assert torch.equal(pad, torch.zeros_like(pad)), f"{what}[{i}] padding past rank {r} is not zero"
+
+
+# (T, dtype, LoRA dtype): decode sizes and a segments size; fp16, fp32, fp32 adapters on fp16.
+CASES = [(1, torch.float32, None), (5, torch.float16, torch.float32), (67, torch.float32, None),
+         (67, torch.float16, None)]
+
+
+@pytest.mark.parametrize("num_tokens,dtype,lora_dtype", CASES)
+def test_forward_and_backward_match_per_token_reference(backend, num_tokens, dtype, lora_dtype):
+    p = _problem(num_tokens, dtype, lora_dtype, seed=num_tokens)
+    grad = torch.randn(num_tokens, N, generator=torch.Generator().manual_seed(9)).to(dtype).to(DEVICE)
+    expected, grads = _reference(p, grad)
+    leaves = {k: p[k].clone().requires_grad_() for k in ("x", "lora_a", "lora_b")}
+    y = multi_lora_linear(**{**p, **leaves})
+    assert y.dtype == dtype
+    assert_close(y, expected, dtype, "y")
+    y.backward(grad)
+    assert_close(leaves["x"].grad, grads["x"], dtype, "dX")
+    for what in ("lora_a", "lora_b"):
+        _slot_grad_close(leaves[what].grad, grads[what], RANKS, lora_dtype or dtype, what)
+
+
+def test_bfloat16_torch_path(monkeypatch):
+    """bf16 (wrong in Triton's interpreter) on the torch path, with PEFT's fp32 adapters."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", "torch")
+    p = _problem(67, torch.bfloat16, torch.float32, seed=3)
+    assert_close(multi_lora_linear(**p), _reference(p)[0], torch.bfloat16, "y")
+
+
+@pytest.mark.skipif(not KERNELS_RUN, reason="the Triton kernels do not run here")
+def test_large_segment_tiles_and_wide_ranks(monkeypatch):
+    """The 64-row segment tiles (prefill) and ranks past one 64-wide rank block (up to 130),
+    forward and backward, on the kernels."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    monkeypatch.setattr(configs, "SEGMENT_LARGE_T", 40)
+    ranks = [130, 2, 65]
+    p = _problem(67, torch.float32, ranks=ranks, seed=4)
+    grad = torch.randn(67, N, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    expected, grads = _reference(p, grad)
+    leaves = {k: p[k].clone().requires_grad_() for k in ("x", "lora_a", "lora_b")}
+    y = multi_lora_linear(**{**p, **leaves})
+    assert_close(y, expected, torch.float32, "y")
+    y.backward(grad)
+    assert_close(leaves["x"].grad, grads["x"], torch.float32, "dX")
+    for what in ("lora_a", "lora_b"):
+        _slot_grad_close(leaves[what].grad, grads[what], ranks, torch.float32, what)
+
+
+@pytest.mark.skipif(not KERNELS_RUN, reason="the Triton kernels do not run here")
+def test_backward_is_bitwise_reproducible(monkeypatch):
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    p = _problem(67, torch.float32, seed=6)
+    grads = []
+    for _ in range(2):
+        leaves = {k: p[k].clone().requires_grad_() for k in ("x", "lora_a", "lora_b")}
+        multi_lora_linear(**{**p, **leaves}).sum().backward()
+        grads.append([leaves[k].grad for k in ("x", "lora_a", "lora_b")])
+    for a, b in zip(*grads):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+def test_three_d_input_and_non_contiguous_views(backend):
+    p = _problem(10, torch.float32, seed=7)
+    x3 = torch.randn(5, 2 * K, generator=torch.Generator().manual_seed(8)).to(DEVICE)[:, ::2].reshape(5, 1, K)
+    x3 = x3.expand(5, 2, K)  # stride 0 in the middle, odd column stride
+    ids = p["adapter_ids"].reshape(5, 2)
+    y = multi_lora_linear(**{**p, "x": x3, "adapter_ids": ids})
+    expected = _reference({**p, "x": x3.reshape(10, K), "adapter_ids": ids.reshape(-1)})[0]
+    assert_close(y, expected.reshape(5, 2, N), torch.float32, "y (3-D)")
+
+
+def test_no_tokens(backend):
+    p = _problem(0, torch.float32)
+    leaves = {k: p[k].clone().requires_grad_() for k in ("x", "lora_a", "lora_b")}
+    y = multi_lora_linear(**{**p, **leaves})
+    assert y.shape == (0, N)
+    y.sum().backward()
+    assert leaves["x"].grad.shape == (0, K)
+    assert torch.equal(leaves["lora_a"].grad, torch.zeros_like(p["lora_a"]))
+    assert torch.equal(leaves["lora_b"].grad, torch.zeros_like(p["lora_b"]))
+
+
+@pytest.mark.skipif(not KERNELS_RUN, reason="the Triton kernels do not run here")
+@pytest.mark.parametrize("path", ["decode", "segments"])
+def test_kernels_never_read_out_of_bounds(path):
+    """Ids outside [0, L) (the op raises for them on CPU; on a GPU they reach the kernels)
+    mean "no adapter": the row keeps its base output and no slot is read for it. The slots
+    are views into storage poisoned with NaN around them, so a read outside them shows."""
+    from fastpeft.kernels.multi_lora import launch
+
+    p = _problem(9, torch.float32, seed=10)
+    num_slots, r_max, _ = p["lora_a"].shape
+    storage_a = torch.full((num_slots + 4, r_max, K), float("nan"), device=DEVICE)
+    storage_b = torch.full((num_slots + 4, N, r_max), float("nan"), device=DEVICE)
+    storage_a[2:2 + num_slots] = p["lora_a"]
+    storage_b[2:2 + num_slots] = p["lora_b"]
+    ids = torch.tensor([-5, num_slots, 2, -1, num_slots + 1, 1, -2, 3, 2**40], device=DEVICE)
+    ranks = torch.tensor([3, 99, -4, 17, 0], device=DEVICE)  # clamped to [0, R_MAX]
+    y = p["x"] @ p["weight"].t()
+    base = y.clone()
+    add = launch.multi_lora_decode if path == "decode" else launch.multi_lora_segments_add
+    add(y, p["x"], storage_a[2:2 + num_slots], storage_b[2:2 + num_slots], p["scalings"], ids, ranks)
+    invalid = (ids < 0) | (ids >= num_slots)
+    assert torch.equal(y[invalid], base[invalid])
+    clean = {**p, "adapter_ids": torch.where(invalid, -1, ids), "ranks": ranks.clamp(0, r_max), "bias": None}
+    clean["lora_a"] = p["lora_a"].nan_to_num(0.0)  # rank 99 clamps to R_MAX = 40: slot 1 read whole
+    clean["lora_b"] = p["lora_b"].nan_to_num(0.0)
+    assert_close(y, _reference(clean)[0], torch.float32, "y")
+
+
+def test_torch_path_without_host_sync(monkeypatch):
+    """The per-token torch path (taken under CUDA graph capture) against the reference."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", "torch")
+    monkeypatch.setattr(multi_lora_linear_torch, "host_groups_allowed", lambda device: False)
+    monkeypatch.setattr(multi_lora_linear_torch, "_GATHER_CHUNK", 16)
+    p = _problem(67, torch.float32, seed=11)
+    assert_close(multi_lora_linear(**p), _reference(p)[0], torch.float32, "y")
+
+
+def test_torch_path_skewed_groups(monkeypatch):
+    """A popular adapter (its own GEMMs) beside small groups (one padded bmm per rank)."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", "torch")
+    p = _problem(67, torch.float64, seed=12)
+    p["adapter_ids"][:50] = 1
+    assert_close(multi_lora_linear(**p), _reference(p)[0], torch.float64, "y")
+
+
+def test_bad_arguments_raise_clear_errors():
+    p = _problem(5, torch.float32, seed=13)
+    cases = [
+        ({"adapter_ids": torch.tensor([0, 1, 5, 0, -1])}, ValueError, r"adapter_ids\[2\] = 5 is outside \[-1, 5\)"),
+        ({"adapter_ids": torch.tensor([0, -2, 1, 0, -1])}, ValueError, r"adapter_ids\[1\] = -2"),
+        ({"adapter_ids": torch.zeros(4, dtype=torch.int64)}, ValueError, "adapter_ids .* must have shape"),
+        ({"adapter_ids": torch.zeros(5)}, TypeError, "adapter_ids .* integer dtype"),
+        ({"ranks": torch.tensor([1, 2, 41, 0, 0])}, ValueError, r"ranks .* \[0, 40\]"),
+        ({"scalings": torch.ones(4)}, ValueError, "scalings .* one per adapter slot"),
+        ({"lora_b": torch.zeros(5, N, 39)}, ValueError, "lora_b .* must have shape"),
+        ({"lora_a": torch.zeros(5, 40, K + 1)}, ValueError, "lora_a"),
+        ({"lora_b": p["lora_b"].double()}, TypeError, "lora_b dtype"),
+        ({"weight": p["weight"].half()}, TypeError, "weight dtype"),
+    ]
+    for change, error, match in cases:
+        with pytest.raises(error, match=match):
+            multi_lora_linear(**{**p, **change})
+
+
+def test_opcheck_and_compile(monkeypatch):
+    monkeypatch.setenv("FASTPEFT_BACKEND", "torch")
+    p = _problem(7, torch.float64, ranks=[2, 3, 1], seed=14)
+    p = {k: v.nan_to_num(0.0) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in p.items()}
+    args = [p[k] for k in ("x", "weight", "bias", "lora_a", "lora_b", "scalings", "adapter_ids", "ranks")]
+    for i in (0, 3, 4):
+        args[i] = args[i].clone().requires_grad_()
+    torch.library.opcheck(torch.ops.fastpeft.multi_lora_linear.default, tuple(args))
+    # gradcheck (and gradgradcheck: the backward is differentiable) on a tiny problem.
+    g = torch.Generator().manual_seed(15)
+    x, w, a, b = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((4, 5), (6, 5), (2, 2, 5), (2, 6, 2)))
+    ids, ranks, scalings = torch.tensor([1, -1, 0, 1]), torch.tensor([2, 1]), torch.tensor([0.5, 2.0], dtype=torch.float64)
+    leaves = [t.requires_grad_() for t in (x, a, b)]
+    fn = lambda x, a, b: multi_lora_linear(x, w, None, a, b, scalings, ids, ranks)  # noqa: E731
+    torch.autograd.gradcheck(fn, leaves)
+    torch.autograd.gradgradcheck(fn, leaves)
+    compiled = torch.compile(lambda *a: multi_lora_linear(*a), fullgraph=True, backend="aot_eager")
+    y = compiled(*args)
+    torch.testing.assert_close(y, _reference(p)[0])
+    y.sum().backward()
+    assert args[3].grad is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+def test_cuda_graph_decode_replays_with_other_adapters(monkeypatch, backend_name):
+    """A decode step captured once and replayed with another adapter mix (and another slot
+    content) gives the eager result: nothing was read on the host."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", backend_name)
+    p = _problem(8, torch.float16, seed=15)
+    p["lora_a"], p["lora_b"] = p["lora_a"].nan_to_num(0.0), p["lora_b"].nan_to_num(0.0)
+    multi_lora_linear(**p)  # warm up (compiles the kernels)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = multi_lora_linear(**p)
+    for seed in (16, 17):
+        new = _problem(8, torch.float16, seed=seed)
+        p["adapter_ids"].copy_(new["adapter_ids"])
+        p["lora_a"][1].copy_(new["lora_a"][1].nan_to_num(0.0))
+        graph.replay()
+        assert_close(y, _reference(p)[0], torch.float16, f"replay {seed}")
