@@ -227,10 +227,10 @@ def test_training_lowers_the_loss_and_trains_only_the_adapter():
     count = fastpeft.trainable_parameters(model)
     assert count.trainable == sum(p.numel() for _, a in placed_bottleneck(model).adapters() for p in a.parameters())
     model.train()
-    ids = token_ids(shape=(4, 12))
+    ids = token_ids(shape=(4, 10))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
-    for _ in range(8):
+    for _ in range(6):
         loss = model(ids, labels=ids).loss
         optimizer.zero_grad()
         loss.backward()
@@ -240,6 +240,17 @@ def test_training_lowers_the_loss_and_trains_only_the_adapter():
     for name, param in model.named_parameters():
         if name in frozen:
             assert torch.equal(param, frozen[name]), name
+
+
+def test_gradient_checkpointing_recomputes_the_same_gradients():
+    """Checkpointing reruns each layer's forward, and so the residual hooks, in the backward."""
+    model = fastpeft.inject(tiny_llama(), AdapterConfig("seq_bn", init_weights="bert")).train()
+    ids = token_ids()
+    params = [p for p in model.parameters() if p.requires_grad]
+    expected = torch.autograd.grad(model(ids, labels=ids).loss, params)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for grad, want in zip(torch.autograd.grad(model(ids, labels=ids, use_cache=False).loss, params), expected):
+        assert torch.equal(grad, want)
 
 
 # --- refusals -------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from fastpeft.layers.bottleneck_adapter import BottleneckAdapter, bottleneck_size_for
+from fastpeft.layers.lora_linear import default_lora_dtype
 from fastpeft.model.bottleneck_config import POST_ADD, AdapterConfig
 
 MH_ADAPTER = "mh_adapter"
@@ -240,7 +241,14 @@ class BottleneckSite:
 
     def remember_residual(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         spec = self.planned.spec
-        self._residual = args[spec.residual_arg] if len(args) > spec.residual_arg else kwargs[spec.residual_kwarg]
+        if len(args) > spec.residual_arg:
+            self._residual = args[spec.residual_arg]
+        elif spec.residual_kwarg in kwargs:
+            self._residual = kwargs[spec.residual_kwarg]
+        else:
+            raise RuntimeError(f"bottleneck adapter at {self.planned.adapter_path}: "
+                               f"{self.planned.path(spec.residual_module)} was called without its argument "
+                               f"{spec.residual_arg} ({spec.residual_kwarg!r}), the residual stream")
 
     def adapt_output(self, module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> torch.Tensor | tuple:
         residual, self._residual = self._residual, None
@@ -281,8 +289,6 @@ def _site_dtype(layer: nn.Module, autocast_adapter_dtype: bool) -> tuple[torch.d
     """The device and adapter dtype for a layer: its first floating parameter's device, and
     that parameter's dtype, or float32 on a float16 / bfloat16 layer with
     ``autocast_adapter_dtype`` (as for LoRA)."""
-    from fastpeft.layers.lora_linear import default_lora_dtype
-
     param = next((p for p in layer.parameters() if p.is_floating_point()), None)
     if param is None:
         return torch.device("cpu"), torch.float32
