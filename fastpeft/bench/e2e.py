@@ -22,6 +22,16 @@ Measured per model, one model at a time on the device (the other waits in host m
 Every ratio is fastpeft / PEFT from the same run, with the range the two measurements' ranges
 allow (a point for memory, which is deterministic); a target is met or missed only when that
 whole range is on one side of it, inconclusive otherwise (``spread``).
+
+Prompt learning (``E2EConfig.prompt_methods``, on in the CLI's cases): the same Llama, batch
+and step with PEFT's prompt tuning, then prefix tuning with its MLP (``prefix_projection``),
+``NUM_VIRTUAL_TOKENS`` virtual tokens, fastpeft's twin from ``fastpeft.from_peft``: step
+time, tokens/s, peak memory and saved bytes against PEFT's. Then greedy ``generate`` tokens/s
+(KV cache on, ``DECODE_TOKENS`` new tokens per sequence after a ``DECODE_PROMPT_LEN``-token
+prompt, prefill included) of the fastpeft model, prefix folded (``fastpeft.merge_prefix``),
+against the same base model without an adapter: what the virtual tokens cost at inference.
+PEFT 0.21's ``generate`` is not timed: on transformers 5 it does not compute the adapted
+model (it re-adds the prompts at every step, or passes a prefix the model ignores).
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ from fastpeft.bench.runner import DEFAULT_DROPOUT, describe_error, log_to_stderr
 from fastpeft.bench.spread import Spread, ratio, spread_json
 from fastpeft.bench.targets import Target
 from fastpeft.bench.timing import ESTIMATE_CALLS, TimingBudget, timed_calls_ms
+from fastpeft.model.prompt_injection import prompt_encoder
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig
@@ -69,6 +80,8 @@ IMPLS = (PEFT, FASTPEFT)
 TRAIN_STEP = "train step"
 # Metrics of an ``E2EResult`` that the ratios and targets refer to.
 TOKENS_PER_S, PEAK_BYTES, SAVED_BYTES = "tokens_per_s", "peak_bytes", "saved_bytes"
+# The prompt-learning case's inference metric (fastpeft, prefix folded, against the base model).
+DECODE_TOKENS_PER_S = "decode_tokens_per_s"
 
 # The issue's targets for this case on an H200, displayed, never asserted.
 E2E_TARGETS: tuple[Target, ...] = (
@@ -113,6 +126,7 @@ class E2EConfig:
     dropout: float = DEFAULT_DROPOUT
     gradient_checkpointing: bool = False
     seed: int = 0
+    prompt_methods: tuple[str, ...] = ()
 
     @property
     def tokens(self) -> int:
@@ -148,6 +162,13 @@ class E2EConfig:
                 "in one forward (saved_tensors_hooks, weights and token ids excluded)"
             ),
             "seed": self.seed,
+            "prompt_learning": {
+                "methods": list(self.prompt_methods), "num_virtual_tokens": NUM_VIRTUAL_TOKENS,
+                "prefix": "prefix_projection=True (Embedding -> Linear -> Tanh -> Linear, hidden = token_dim)",
+                "gradient_checkpointing": False,
+                "decode": f"greedy generate, KV cache, batch {self.batch}, {DECODE_PROMPT_LEN}-token prompts, "
+                          f"{DECODE_TOKENS} new tokens (prefill included), fastpeft with the prefix folded",
+            },
         }
 
 
@@ -175,8 +196,21 @@ CPU_BATCH, CPU_SEQ_LEN = 4, 128
 # runs on the machine, and a median of 10 is steadier (~2 s per model).
 CPU_E2E_BUDGET = TimingBudget(warmup_ms=0.0, rep_ms=0.0, min_reps=10, max_reps=10)
 
-GPU_E2E = E2EConfig(GPU_MODEL, GPU_BATCH, GPU_SEQ_LEN, torch.device("cuda"), torch.bfloat16, GPU_E2E_BUDGET)
-CPU_E2E = E2EConfig(CPU_MODEL, CPU_BATCH, CPU_SEQ_LEN, torch.device("cpu"), torch.float32, CPU_E2E_BUDGET)
+PROMPT_TUNING, PREFIX_TUNING = "prompt tuning", "prefix tuning"
+PROMPT_METHODS = (PROMPT_TUNING, PREFIX_TUNING)
+# PEFT's examples use 20 virtual tokens for both methods (prompt tuning papers: 20-100).
+NUM_VIRTUAL_TOKENS = 20
+# Decode: short prompts and enough new tokens that the per-token steps, not the prefill,
+# dominate the generate call; 3 timed calls (each already many decode steps).
+DECODE_PROMPT_LEN, DECODE_TOKENS = 16, 32
+DECODE_BUDGET = TimingBudget(warmup_ms=0.0, rep_ms=0.0, min_reps=3, max_reps=3)
+# The decode reference: the same Llama without an adapter.
+BASE_MODEL = "base model"
+
+GPU_E2E = E2EConfig(GPU_MODEL, GPU_BATCH, GPU_SEQ_LEN, torch.device("cuda"), torch.bfloat16, GPU_E2E_BUDGET,
+                    prompt_methods=PROMPT_METHODS)
+CPU_E2E = E2EConfig(CPU_MODEL, CPU_BATCH, CPU_SEQ_LEN, torch.device("cpu"), torch.float32, CPU_E2E_BUDGET,
+                    prompt_methods=PROMPT_METHODS)
 
 
 def default_e2e_config(device: torch.device, dtype: torch.dtype | None = None, **overrides: Any) -> E2EConfig:
@@ -318,6 +352,113 @@ def measure(impl: str, model: nn.Module, input_ids: torch.Tensor, config: E2ECon
         return E2EResult(impl, None, None, None, None, describe_error(exc))
 
 
+# --- prompt learning ------------------------------------------------------------------------
+
+
+def build_prompt_twins(config: E2EConfig, method: str) -> dict[str, nn.Module]:
+    """``{PEFT: PEFT's prompt / prefix model, FASTPEFT: fastpeft.from_peft of a copy}`` on
+    ``config.device``, in training mode, checked to start identical (same virtual-token
+    weights, only they train)."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    if method not in PROMPT_METHODS:
+        raise ValueError(f"prompt method must be one of {PROMPT_METHODS}, got {method!r}")
+    torch.manual_seed(config.seed)
+    positions = NUM_VIRTUAL_TOKENS + max(config.seq_len, DECODE_PROMPT_LEN + DECODE_TOKENS)
+    with torch.device(config.device):
+        base = LlamaForCausalLM(config.model.config(positions)).to(config.dtype)
+    peft_config = (PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=NUM_VIRTUAL_TOKENS)
+                   if method == PROMPT_TUNING else
+                   PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=NUM_VIRTUAL_TOKENS,
+                                      prefix_projection=True))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(base, peft_config).train()
+    twins = {PEFT: peft_model, FASTPEFT: fastpeft.from_peft(copy.deepcopy(peft_model)).train()}
+    theirs = dict(peft_model.prompt_encoder[PEFT_ADAPTER].named_parameters())
+    ours = dict(prompt_encoder(twins[FASTPEFT]).named_parameters())
+    if ours.keys() != theirs.keys() or not all(torch.equal(ours[k], theirs[k]) for k in ours):
+        raise RuntimeError(f"{method} twins start from different virtual-token weights")
+    counts = [sum(p.numel() for p in m.parameters() if p.requires_grad) for m in (twins[FASTPEFT], peft_model)]
+    if counts[0] != counts[1] or counts[0] != sum(p.numel() for p in ours.values()):
+        raise RuntimeError(f"{method} twins train {counts} parameters; only the virtual-token weights must")
+    return twins
+
+
+def decode_tokens_per_s(model: nn.Module, config: E2EConfig) -> Spread:
+    """Greedy ``generate`` tokens/s of ``model`` (eval mode, KV cache on): ``batch`` random
+    prompts of ``DECODE_PROMPT_LEN`` tokens, exactly ``DECODE_TOKENS`` new ones each."""
+    generator = torch.Generator(config.device).manual_seed(config.seed + 1)
+    prompts = torch.randint(1, config.model.vocab_size, (config.batch, DECODE_PROMPT_LEN),
+                            generator=generator, device=config.device)
+    settings = {"max_new_tokens": DECODE_TOKENS, "min_new_tokens": DECODE_TOKENS, "do_sample": False,
+                "use_cache": True, "pad_token_id": 0}
+    model.eval()
+    try:
+        with torch.no_grad():
+            ms = Spread.of_samples(timed_calls_ms(
+                lambda: model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), **settings),
+                config.device, DECODE_BUDGET))
+    finally:
+        model.train()
+    return ms.rate(config.batch * DECODE_TOKENS * 1e3)
+
+
+@dataclass(frozen=True)
+class PromptResult:
+    """One model of the prompt-learning case: ``train`` (the training step's E2EResult; None
+    for the base model) and decode tokens/s (fastpeft and the base model; None for PEFT)."""
+
+    method: str
+    impl: str
+    train: E2EResult | None
+    decode_tokens_per_s: Spread | None = None
+    error: str | None = None
+
+
+def measure_prompt_method(config: E2EConfig, method: str, input_ids: torch.Tensor,
+                          log: Callable[[str], None]) -> list[PromptResult]:
+    """PEFT's and fastpeft's training step of ``method``, each alone on the device, then
+    fastpeft's decode with the prefix folded."""
+    try:
+        twins = build_prompt_twins(config, method)
+    except Exception as exc:
+        return [PromptResult(method, impl, None, error=f"building the models: {describe_error(exc)}") for impl in IMPLS]
+    results = []
+    for impl in IMPLS:
+        model = twins.pop(impl)
+        _release(twins.values(), config.device)
+        log(f"[e2e] {method}, {impl}: training step")
+        train = measure(impl, model.to(config.device), input_ids, config)
+        decode, error = None, train.error
+        if impl == FASTPEFT and error is None:
+            log(f"[e2e] {method}, {impl}: generate, prefix folded")
+            try:
+                if method == PREFIX_TUNING:
+                    fastpeft.merge_prefix(model)
+                decode = decode_tokens_per_s(model, config)
+            except Exception as exc:
+                error = f"generate: {describe_error(exc)}"
+        results.append(PromptResult(method, impl, train, decode, error))
+        del model
+    return results
+
+
+def measure_base_decode(config: E2EConfig) -> PromptResult:
+    """The decode reference: the same seeded Llama without an adapter."""
+    from transformers import LlamaForCausalLM
+
+    try:
+        torch.manual_seed(config.seed)
+        positions = NUM_VIRTUAL_TOKENS + max(config.seq_len, DECODE_PROMPT_LEN + DECODE_TOKENS)
+        with torch.device(config.device):
+            base = LlamaForCausalLM(config.model.config(positions)).to(config.dtype)
+        return PromptResult("-", BASE_MODEL, None, decode_tokens_per_s(base, config))
+    except Exception as exc:
+        return PromptResult("-", BASE_MODEL, None, error=f"generate: {describe_error(exc)}")
+
+
 # --- the run --------------------------------------------------------------------------------
 
 
@@ -345,6 +486,7 @@ class E2ERun:
     settings: dict[str, Any]
     results: list[E2EResult] = field(default_factory=list)
     interrupted: bool = False
+    prompt_results: list[PromptResult] = field(default_factory=list)
 
     def result(self, impl: str) -> E2EResult | None:
         return next((r for r in self.results if r.impl == impl), None)
@@ -372,9 +514,23 @@ class E2ERun:
                 checks.append(E2ECheck(target, metric, value, target.verdict(value)))
         return checks
 
+    def prompt_ratio(self, method: str, metric: str) -> Spread | None:
+        """fastpeft / PEFT of a training-step ``metric`` of a prompt ``method``, or, for
+        ``DECODE_TOKENS_PER_S``, fastpeft's decode tokens/s / the base model's."""
+        rows = {(r.method, r.impl): r for r in self.prompt_results}
+        ours = rows.get((method, FASTPEFT))
+        if metric == DECODE_TOKENS_PER_S:
+            base = next((r for r in self.prompt_results if r.impl == BASE_MODEL), None)
+            return None if ours is None or base is None else ratio(ours.decode_tokens_per_s, base.decode_tokens_per_s)
+        theirs = rows.get((method, PEFT))
+        if ours is None or theirs is None or ours.train is None or theirs.train is None:
+            return None
+        return ratio(_measured(getattr(ours.train, metric)), _measured(getattr(theirs.train, metric)))
+
     @property
     def errors(self) -> list[str]:
-        return [f"e2e {r.impl}: {r.error}" for r in self.results if r.error]
+        return ([f"e2e {r.impl}: {r.error}" for r in self.results if r.error]
+                + [f"e2e {r.method} {r.impl}: {r.error}" for r in self.prompt_results if r.error])
 
     @property
     def failed(self) -> bool:
@@ -409,15 +565,16 @@ def run_e2e(config: E2EConfig, log: Callable[[str], None] = log_to_stderr) -> E2
     run = E2ERun(settings={**describe_environment(config.device), **config.settings()})
     try:
         log(f"[e2e] building the Llama model and its LoRA twins ({config.device.type}, {run.settings['dtype']})")
+        input_ids = random_tokens(config)
         try:
             twins = build_twins(config)
-        except Exception as exc:  # nothing to measure; report why
+        except Exception as exc:  # no LoRA model to measure; report why (prompt learning still runs)
             run.results = [E2EResult(impl, None, None, None, None, f"building the models: {describe_error(exc)}")
                            for impl in IMPLS]
-            return run
-        _record_model(run.settings, twins[FASTPEFT])
-        input_ids = random_tokens(config)
-        for impl in IMPLS:
+            twins = {}
+        if twins:
+            _record_model(run.settings, twins[FASTPEFT])
+        for impl in IMPLS if twins else ():
             model = twins.pop(impl)
             _release(twins.values(), config.device)
             log(f"[e2e] {impl}: {config.batch} x {config.seq_len} tokens per step")
@@ -426,6 +583,13 @@ def run_e2e(config: E2EConfig, log: Callable[[str], None] = log_to_stderr) -> E2
                 log(f"  {impl} failed: {run.results[-1].error}")
             del model
         _release((), config.device)
+        for method in config.prompt_methods:
+            run.prompt_results.extend(measure_prompt_method(config, method, input_ids, log))
+            _release((), config.device)
+        if config.prompt_methods:
+            log(f"[e2e] {BASE_MODEL}: generate")
+            run.prompt_results.append(measure_base_decode(config))
+            _release((), config.device)
     except KeyboardInterrupt:
         run.interrupted = True
         log("interrupted: reporting the end-to-end results measured so far")
@@ -462,6 +626,46 @@ def e2e_table_rows(run: E2ERun) -> list[list[str]]:
             format_bytes(r.saved_bytes), ratios[2],
         ])
     return rows
+
+
+PROMPT_HEADERS = ["method", "impl", "step ms", "tokens/s", "x PEFT", "peak memory", "x PEFT", "saved for bwd",
+                  "x PEFT", "generate tokens/s", "x base"]
+
+
+def prompt_table_rows(run: E2ERun) -> list[list[str]]:
+    """One row per prompt-learning model: training step as in the LoRA table (ratios on
+    fastpeft's rows), and generate tokens/s (fastpeft: prefix folded; its ratio to the base
+    model's), then the base model's generate row."""
+    rows = []
+    for r in run.prompt_results:
+        if r.error and r.train is None:
+            rows.append([r.method, r.impl, "error"] + [MISSING] * (len(PROMPT_HEADERS) - 3))
+            continue
+        t = r.train
+        ours = r.impl == FASTPEFT
+
+        def cell(metric: str) -> str:
+            value = run.prompt_ratio(r.method, metric) if ours else None
+            return MISSING if value is None else format_ratio(value)
+
+        train = [MISSING] * 7 if t is None or t.error else [
+            format_spread(t.ms, format_ms), format_spread(t.tokens_per_s, "{:,.0f}".format), cell(TOKENS_PER_S),
+            MISSING if t.peak_bytes is None else format_bytes(t.peak_bytes), cell(PEAK_BYTES),
+            format_bytes(t.saved_bytes), cell(SAVED_BYTES),
+        ]
+        decode = MISSING if r.decode_tokens_per_s is None else format_spread(r.decode_tokens_per_s, "{:,.0f}".format)
+        rows.append([r.method, r.impl, *train, decode, cell(DECODE_TOKENS_PER_S)])
+    return rows
+
+
+def prompt_header_lines(run: E2ERun) -> list[str]:
+    p = run.settings["prompt_learning"]
+    return [
+        f"Prompt learning on the same model and batch: {', '.join(p['methods'])}; {p['num_virtual_tokens']} virtual "
+        f"tokens; prefix: {p['prefix']}; gradient checkpointing off; AdamW on the virtual-token weights",
+        f"generate: {p['decode']}; 'x base' = fastpeft / the model without adapter. PEFT 0.21's generate is not "
+        "timed: on transformers 5 it does not compute the adapted model",
+    ]
 
 
 def _count(n: int) -> str:
@@ -514,9 +718,12 @@ def e2e_footer_lines(run: E2ERun) -> list[str]:
 def e2e_markdown(run: E2ERun) -> str:
     """The case's report as a markdown section."""
     fence = "```"
+    prompt = [] if not run.prompt_results else [
+        "### Prompt tuning and prefix tuning", "", fence, *prompt_header_lines(run), fence, "",
+        markdown_table(PROMPT_HEADERS, prompt_table_rows(run)), ""]
     return "\n".join(
         ["## End-to-end training step: fastpeft vs PEFT", "", fence, *e2e_header_lines(run), fence, "",
-         markdown_table(E2E_HEADERS, e2e_table_rows(run)), "", fence, *e2e_footer_lines(run), fence, ""]
+         markdown_table(E2E_HEADERS, e2e_table_rows(run)), "", *prompt, fence, *e2e_footer_lines(run), fence, ""]
     )
 
 
@@ -524,6 +731,9 @@ def print_e2e_report(run: E2ERun) -> None:
     """Print the case's report to stdout as plain text."""
     print("\n".join(e2e_header_lines(run)))
     print(plain_table(E2E_HEADERS, e2e_table_rows(run), text_columns=1))
+    if run.prompt_results:
+        print("\n".join(prompt_header_lines(run)))
+        print(plain_table(PROMPT_HEADERS, prompt_table_rows(run), text_columns=2))
     print("\n".join(e2e_footer_lines(run)))
 
 
@@ -542,5 +752,15 @@ def e2e_json(run: E2ERun) -> dict[str, Any]:
             {"target": c.target.label, "metric": c.metric, "value": spread_json(c.value), "verdict": c.verdict}
             for c in run.target_checks()
         ],
+        "prompt_learning": [
+            {"method": r.method, "impl": r.impl, "train": None if r.train is None else dataclasses.asdict(r.train),
+             DECODE_TOKENS_PER_S: spread_json(r.decode_tokens_per_s), "error": r.error}
+            for r in run.prompt_results
+        ],
+        "prompt_learning_ratios": {
+            method: {metric: spread_json(run.prompt_ratio(method, metric))
+                     for metric in (TOKENS_PER_S, PEAK_BYTES, SAVED_BYTES, DECODE_TOKENS_PER_S)}
+            for method in run.settings.get("prompt_learning", {}).get("methods", [])
+        },
     }
 
