@@ -43,11 +43,29 @@ def tiny_gpt2() -> torch.nn.Module:
     return transformers.GPT2LMHeadModel(config)
 
 
-MODELS = {"bert": tiny_bert, "llama": tiny_llama, "gpt2": tiny_gpt2}
+def tiny_roberta(xlm: bool = False) -> torch.nn.Module:
+    kind = "XLMRoberta" if xlm else "Roberta"
+    config = getattr(transformers, f"{kind}Config")(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+        max_position_embeddings=40, pad_token_id=1, num_labels=2)
+    return getattr(transformers, f"{kind}ForSequenceClassification")(config)
+
+
+def tiny_mistral() -> torch.nn.Module:
+    config = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=44, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)
+    return transformers.MistralForCausalLM(config)
+
+
+MODELS = {"bert": tiny_bert, "llama": tiny_llama, "gpt2": tiny_gpt2, "roberta": tiny_roberta,
+          "xlm-roberta": lambda: tiny_roberta(xlm=True), "mistral": tiny_mistral}
 
 # (model, AdapterHub preset, overrides): every preset on every model, and the variants.
 CASES = [
-    *[(model, preset, {}) for model in MODELS for preset in ("seq_bn", "double_seq_bn", "par_bn")],
+    *[(model, preset, {}) for model in ("bert", "llama", "gpt2") for preset in ("seq_bn", "double_seq_bn", "par_bn")],
+    ("roberta", "seq_bn", {}),  # the other model types fastpeft knows the layouts of
+    ("xlm-roberta", "par_bn", {}),
+    ("mistral", "double_seq_bn", {}),
     ("bert", "scaled_par_bn", {}),
     ("llama", "scaled_par_bn", {}),
     ("bert", "seq_bn", {"residual_before_ln": False, "non_linearity": "gelu"}),
