@@ -297,6 +297,19 @@ def test_merge_and_unload_removes_only_exactly_zero_adapters():
     assert torch.equal(logits(model), adapted)
 
 
+def test_unload_takes_lora_layers_out_unmerged():
+    """``fastpeft.unload`` (added with bottleneck adapters, which cannot be merged) also undoes LoRA."""
+    model = tiny_llama()
+    base, linear = logits(model), model.model.layers[0].self_attn.q_proj
+    fastpeft.inject(model, fastpeft.LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+    model.model.layers[0].self_attn.q_proj.merge()
+    fastpeft.unload(model)
+    assert model.model.layers[0].self_attn.q_proj is linear
+    assert torch.allclose(logits(model), base, atol=1e-6)
+    with pytest.raises(ValueError, match="nothing|no fastpeft"):
+        fastpeft.unload(model)
+
+
 # --- files ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind, config", [
