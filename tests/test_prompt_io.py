@@ -85,6 +85,8 @@ def test_seq_cls_head_round_trip(tmp_path):
     loaded = peft.PeftModel.from_pretrained(tiny_bert_cls(), tmp_path / "ours")
     assert_close(_logits(loaded), expected, F32, "PEFT loading the SEQ_CLS adapter")
     assert_close(_logits(fastpeft.load_adapter(tiny_bert_cls(), tmp_path / "ours")), expected, F32, "fastpeft")
+    from_theirs = fastpeft.load_adapter(tiny_bert_cls(), tmp_path / "theirs")  # PEFT lists the heads twice
+    assert_close(_logits(from_theirs), _logits(theirs), F32, "fastpeft loading PEFT's SEQ_CLS adapter")
 
 
 @pytest.mark.parametrize("method", ["prompt", "prefix_mlp"])
@@ -130,14 +132,19 @@ def test_p_tuning_and_unsupported_directories_are_refused(tmp_path):
     assert "forward" not in model.__dict__
 
 
+PROMPT, PREFIX = fastpeft.PromptTuningConfig, fastpeft.PrefixTuningConfig
+CAUSAL = {"task_type": "CAUSAL_LM", "num_virtual_tokens": N_VIRTUAL}
+
+
 @pytest.mark.parametrize("config, match", [
-    (lambda: fastpeft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM"), "task_type must be one of"),
-    (lambda: fastpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_transformer_submodules=2), "encoder-decoder"),
-    (lambda: fastpeft.PromptTuningConfig(task_type="CAUSAL_LM", prompt_tuning_init="TEXT"), "prompt_tuning_init_text"),
-    (lambda: fastpeft.PromptTuningConfig(task_type="CAUSAL_LM", token_dim=48), "token_dim=48"),
-    (lambda: fastpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_attention_heads=3), "heads"),
-    (lambda: fastpeft.PrefixTuningConfig(task_type="CAUSAL_LM", init_weights="ones"), "init_weights"),
-    (lambda: fastpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=0), "num_virtual_tokens"),
+    (lambda: PROMPT(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=N_VIRTUAL), "task_type must be one of"),
+    (lambda: PROMPT(**CAUSAL, num_transformer_submodules=2), "encoder-decoder"),
+    (lambda: PROMPT(**CAUSAL, prompt_tuning_init="TEXT"), "prompt_tuning_init_text"),
+    (lambda: PROMPT(**CAUSAL, token_dim=48), "token_dim=48"),
+    (lambda: PREFIX(**CAUSAL, num_attention_heads=3), "heads"),
+    (lambda: PREFIX(**CAUSAL, init_weights="ones"), "init_weights"),
+    (lambda: PREFIX(task_type="CAUSAL_LM", num_virtual_tokens=0), "num_virtual_tokens"),
+    (lambda: PREFIX(task_type="CAUSAL_LM"), "num_virtual_tokens must be set"),
 ])
 def test_bad_configs_raise_and_leave_the_model(config, match):
     model = MODELS["gpt2"]()
@@ -146,6 +153,15 @@ def test_bad_configs_raise_and_leave_the_model(config, match):
         fastpeft.inject(model, config())
     assert_unchanged(model, before)
     assert "forward" not in model.__dict__
+
+
+def test_prefix_tuning_refuses_gradient_checkpointing():
+    model = MODELS["llama"]()
+    model.gradient_checkpointing_enable()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        fastpeft.inject(model, configs("prefix")[1])
+    assert_unchanged(model, before)
 
 
 def test_one_adapter_per_model():

@@ -110,7 +110,8 @@ def test_inits_match_peft(tmp_path):
     base = MODELS["llama"]()
     tokenizer = local_tokenizer(["the", "movie", "was", "great"])
     tokenizer.save_pretrained(tmp_path)
-    text = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "the movie was", "tokenizer_name_or_path": str(tmp_path)}
+    text = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "the movie was",
+            "tokenizer_name_or_path": str(tmp_path)}
     cases = [("prompt", {}), ("prompt", {"prompt_tuning_init": "SAMPLE_VOCAB"}), ("prompt", text),
              ("prefix", {}), ("prefix_mlp", {"init_weights": "zero"})]
     for method, extra in cases:

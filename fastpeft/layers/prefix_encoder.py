@@ -40,7 +40,9 @@ class PrefixEncoder(nn.Module):
         if prefix_projection:
             hidden = encoder_hidden_size or token_dim
             self.embedding = nn.Embedding(num_virtual_tokens, token_dim, **kw)
-            self.transform = nn.Sequential(nn.Linear(token_dim, hidden, **kw), nn.Tanh(), nn.Linear(hidden, width, **kw))
+            self.transform = nn.Sequential(
+                nn.Linear(token_dim, hidden, **kw), nn.Tanh(), nn.Linear(hidden, width, **kw)
+            )
             if init_weights == "zero":
                 nn.init.zeros_(self.transform[-1].weight)
                 nn.init.zeros_(self.transform[-1].bias)
@@ -71,7 +73,9 @@ class PrefixEncoder(nn.Module):
         del self.transform
         self.prefix_projection = False
 
-    def key_values(self, batch_size: int, num_heads: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def key_values(
+        self, batch_size: int, num_heads: int, dtype: torch.dtype
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the prefix keys and values ``[batch_size, num_heads, num_virtual_tokens,
         head_dim]`` in ``dtype`` (PEFT's ``view(B, T, 2 L, H, hd).permute(2, 0, 3, 1, 4)``;
         computed once and broadcast over the batch)."""

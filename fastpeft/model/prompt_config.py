@@ -76,7 +76,7 @@ class PromptLearningConfig:
     ``PromptLearningConfig``).
 
     Attributes:
-        num_virtual_tokens: number of virtual tokens (>= 1).
+        num_virtual_tokens: number of virtual tokens (>= 1); required, as in PEFT.
         token_dim: hidden size of the model's embeddings (prefix tuning: of its key/value
             projections); None = from the model.
         num_transformer_submodules: 1 (decoder-only and encoder models); PEFT's 2 is for
@@ -92,7 +92,7 @@ class PromptLearningConfig:
 
     PEFT_TYPE: ClassVar[str] = ""
 
-    num_virtual_tokens: int = 20
+    num_virtual_tokens: int | None = None
     token_dim: int | None = None
     num_transformer_submodules: int | None = None
     num_attention_heads: int | None = None
@@ -236,7 +236,8 @@ class PromptTuningConfig(PromptLearningConfig):
         super().__post_init__()
         init = _plain(self.prompt_tuning_init)
         if init not in PROMPT_TUNING_INITS:
-            raise ValueError(f"PromptTuningConfig.prompt_tuning_init must be one of {PROMPT_TUNING_INITS}, got {init!r}")
+            raise ValueError(f"PromptTuningConfig.prompt_tuning_init must be one of {PROMPT_TUNING_INITS}, "
+                             f"got {init!r}")
         object.__setattr__(self, "prompt_tuning_init", init)
         if init == "TEXT":
             if not isinstance(self.prompt_tuning_init_text, str) or not self.prompt_tuning_init_text:

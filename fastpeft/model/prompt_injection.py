@@ -18,7 +18,9 @@ before calling the model's own forward, for a batch of ``B`` sequences of ``T`` 
 
 A call whose cache already holds tokens (a continuation: ``generate``'s decode steps, or a
 forward given the cache an earlier call returned) gets only the mask and position changes,
-since the cache already holds the virtual tokens. ``generate`` therefore works through the
+since the cache already holds the virtual tokens. With ``use_cache=False`` a given cache is
+ignored and every call starts afresh (``generate(use_cache=False)`` hands back the cache the
+previous call filled). ``generate`` therefore works through the
 same forward: its decode steps pay attention over ``N`` cached tokens and nothing else.
 ``prepare_inputs_for_generation`` is wrapped only to drop the position ids ``generate``
 makes for prompt tuning (PEFT ignores position ids there), without the forward's warning.
@@ -107,7 +109,9 @@ class PromptForward:
             return self.original(**kwargs)
         return self.original(**self.adjust(state.config, kwargs, from_generate=from_generate))
 
-    def adjust(self, config: PromptLearningConfig, kw: dict[str, Any], *, from_generate: bool = False) -> dict[str, Any]:
+    def adjust(
+        self, config: PromptLearningConfig, kw: dict[str, Any], *, from_generate: bool = False
+    ) -> dict[str, Any]:
         """The model's forward arguments with the virtual tokens added (module docstring)."""
         model = self.model
         encoder = prompt_encoder(model)
@@ -228,6 +232,10 @@ def _check_model(model: nn.Module, config: PromptLearningConfig) -> None:
     if config.token_dim % config.num_attention_heads:
         raise ValueError(f"PrefixTuningConfig.token_dim={config.token_dim} is not a multiple of "
                          f"num_attention_heads={config.num_attention_heads}")
+    if any(getattr(module, "gradient_checkpointing", False) for module in model.modules()):
+        # the recomputed layers would append to the key/value cache a second time (PEFT refuses too)
+        raise ValueError("prefix tuning does not work with gradient checkpointing; disable it "
+                         "(model.gradient_checkpointing_disable()) first")
     model_type = getattr(model_config, "model_type", "")
     if model_type in _PREFIX_UNSUPPORTED_MODEL_TYPES:
         raise ValueError(f"prefix tuning on model type {model_type!r} is not supported (PEFT gives it a special "
@@ -246,7 +254,9 @@ def _passes_kwargs(model: nn.Module) -> bool:
     return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
 
 
-def build_encoder(model: nn.Module, config: PromptLearningConfig, *, initialize: bool) -> PromptEmbedding | PrefixEncoder:
+def build_encoder(
+    model: nn.Module, config: PromptLearningConfig, *, initialize: bool
+) -> PromptEmbedding | PrefixEncoder:
     """The virtual-token module for a resolved ``config`` on the device of the model's input
     embedding, float32; with ``initialize``, PEFT's init (``prompt_tuning_init``)."""
     word = _word_embeddings(model)
@@ -333,8 +343,10 @@ def inject_prompt(model: nn.Module, config: PromptLearningConfig) -> nn.Module:
     model's ``classifier`` / ``score``) become trainable copies.
 
     Raises:
-        ValueError: an unsupported task type, model or configuration (the message says which),
-            or a model that already has an adapter. The model is then unchanged.
+        ValueError: an unsupported task type, model or configuration (the message says which:
+            encoder-decoder models, prefix tuning under gradient checkpointing or with shapes
+            that differ from the model's attention, ...), or a model that already has an
+            adapter. The model is then unchanged.
     """
     import copy
 
@@ -342,8 +354,8 @@ def inject_prompt(model: nn.Module, config: PromptLearningConfig) -> nn.Module:
 
     require_module(model)
     check_not_adapted(model)
-    if adapter_state(model) is not None or hasattr(model, ENCODER_NAME):
-        raise ValueError("model already has a fastpeft adapter; one adapter per model")
+    if hasattr(model, ENCODER_NAME):
+        raise ValueError(f"model already has a {ENCODER_NAME} submodule")
     resolved = resolve_config(model, config)
     paths = plan_modules_to_save(model, resolved)
     encoder = build_encoder(model, resolved, initialize=True)

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from fastpeft.layers.prefix_encoder import PrefixEncoder
-from fastpeft.model.injection import adapter_state, check_not_adapted, restore_requires_grad
+from fastpeft.model.injection import check_not_adapted, restore_requires_grad
 from fastpeft.model.prompt_config import (
     PrefixTuningConfig,
     PromptLearningConfig,
@@ -111,7 +111,11 @@ def _expected_shape(config: PromptLearningConfig) -> tuple[int, int]:
 
 
 def _split_tensors(
-    model: nn.Module, config: PromptLearningConfig, paths: tuple[str, ...], tensors: dict[str, torch.Tensor], source: str
+    model: nn.Module,
+    config: PromptLearningConfig,
+    paths: tuple[str, ...],
+    tensors: dict[str, torch.Tensor],
+    source: str,
 ) -> tuple[torch.Tensor, dict[str, dict[str, torch.Tensor]]]:
     """Check the file's keys, shapes and dtypes against the adapter; return the prompt
     embeddings and each ``modules_to_save`` module's state dict."""
@@ -178,8 +182,8 @@ def load_prompt_adapter(
                          "or train a new adapter")
     tensors = read_tensors(directory)
     check_not_adapted(model)
-    if adapter_state(model) is not None or hasattr(model, ENCODER_NAME):
-        raise ValueError("model already has a fastpeft adapter; one adapter per model")
+    if hasattr(model, ENCODER_NAME):
+        raise ValueError(f"model already has a {ENCODER_NAME} submodule")
     config = resolve_config(model, config)
     paths = plan_modules_to_save(model, config)
     embeddings, module_states = _split_tensors(model, config, paths, tensors, str(directory))
