@@ -211,3 +211,20 @@ def test_training_steps_follow_peft(method):
         losses.append(run)
     assert losses[1][-1] < losses[1][0]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_bf16_model_keeps_fp32_virtual_tokens(method):
+    """On a bf16 model the virtual-token weights and their gradients stay float32 (PEFT's
+    choice); logits equal PEFT's, gradients to bf16 rounding (PEFT sums the batch in bf16
+    copies, fastpeft through one broadcast)."""
+    theirs, ours = pair(MODELS["llama"]().to(torch.bfloat16), method)
+    ids, mask, labels = padded_batch(seed=10)
+    out_theirs = theirs(input_ids=ids, attention_mask=mask, labels=labels)
+    out_ours = ours(input_ids=ids, attention_mask=mask, labels=labels)
+    assert torch.equal(out_ours.logits, out_theirs.logits)
+    out_theirs.loss.backward()
+    out_ours.loss.backward()
+    weight = prompt_encoder(ours).embedding.weight
+    assert weight.dtype == weight.grad.dtype == F32
+    assert_close(weight.grad, theirs.prompt_encoder["default"].embedding.weight.grad, torch.bfloat16, "grad")
