@@ -35,7 +35,7 @@ constexpr int kChunk = 32;                                      // columns stage
 constexpr int kChunkPad = kChunk + 1;                           // odd row pitch: no bank conflicts on ws[r][j]
 constexpr int kMaxRank = static_cast<int>(kBottleneckMaxRank);
 constexpr int kAccPerThread = kRows * kMaxRank / kThreads;      // (row, r) dot products per thread at R = 256
-constexpr int kOuterTile = 64;                                  // d x r tile of the weight-gradient kernel
+constexpr int kOuterTile = static_cast<int>(kOuterTileSize);   // d x r tile of the weight-gradient kernel
 constexpr int kOuterSub = kOuterTile / 16;                      // 4 x 4 outputs per thread (16 x 16 threads)
 constexpr int kOuterM = static_cast<int>(kOuterRows);           // rows staged per step there
 constexpr int kOuterSmemFloats = kOuterM * kOuterTile + kOuterM * (kOuterTile + 1);  // ps + qs

@@ -81,6 +81,8 @@ constexpr int64_t kBottleneckMaxRank = 256;
 constexpr int64_t kRowBlock = 16;
 // Rows per step of the weight-gradient kernel: rows_per_split must be a multiple of it.
 constexpr int64_t kOuterRows = 16;
+// The weight-gradient kernel's blocks cover kOuterTile x kOuterTile tiles of [D, R].
+constexpr int64_t kOuterTileSize = 64;
 
 void bottleneck_forward(const BottleneckForward& args, uintptr_t stream);
 void bottleneck_backward(const BottleneckBackward& args, uintptr_t stream);

@@ -96,6 +96,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("BOTTLENECK_MAX_RANK") = kBottleneckMaxRank;
   m.attr("ROW_BLOCK") = kRowBlock;
   m.attr("OUTER_ROWS") = kOuterRows;
+  m.attr("OUTER_TILE") = kOuterTileSize;
   py::dict acts;
   acts["identity"] = static_cast<int>(kIdentity);
   acts["relu"] = static_cast<int>(kRelu);

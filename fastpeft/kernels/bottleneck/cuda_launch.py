@@ -27,8 +27,6 @@ from fastpeft.ops.dropout_mask import dropout_threshold
 # row splits): 2 keeps every SM busy while one block waits on memory, and each extra split
 # only adds one fp32 [D, R] partial for the launcher to sum.
 _BLOCKS_PER_SM = 2
-# Tile of [D, R] one weight-gradient block covers (csrc/bottleneck.cu: kOuterTile).
-_OUTER_TILE = 64
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -50,11 +48,12 @@ def _scaling(scaling: float | torch.Tensor, device: torch.device) -> tuple[tuple
     return (0, float(scaling)), None
 
 
-def _splits(m: int, d: int, rank: int, device: torch.device, rows_step: int) -> tuple[int, int]:
-    """``(splits, rows_per_split)`` of the weight-gradient kernel: enough row splits for
-    ``_BLOCKS_PER_SM`` blocks per SM, each a multiple of ``rows_step`` rows."""
+def _splits(m: int, d: int, rank: int, device: torch.device, rows_step: int, tile: int) -> tuple[int, int]:
+    """``(splits, rows_per_split)`` of the weight-gradient kernel (``tile`` x ``tile`` blocks
+    of [D, R]): enough row splits for ``_BLOCKS_PER_SM`` blocks per SM, each a multiple of
+    ``rows_step`` rows."""
     sms = cuda_ext.sm_count(device)
-    tiles = _cdiv(d, _OUTER_TILE) * _cdiv(rank, _OUTER_TILE)
+    tiles = _cdiv(d, tile) * _cdiv(rank, tile)
     splits = max(1, min(_cdiv(_BLOCKS_PER_SM * sms, tiles), _cdiv(m, rows_step)))
     rows_per_split = rows_step * _cdiv(_cdiv(max(m, 1), splits), rows_step)
     return _cdiv(max(m, 1), rows_per_split), rows_per_split
@@ -115,7 +114,7 @@ def bottleneck_backward(
     dev = h.device
     need_dz = need_h or need_wd or need_bd or need_s
     with on_device_of(h):
-        splits, rows_per_split = _splits(m, d, rank, dev, ext.OUTER_ROWS)
+        splits, rows_per_split = _splits(m, d, rank, dev, ext.OUTER_ROWS, ext.OUTER_TILE)
 
         def buffer(shape: tuple[int, ...], needed: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
             return launch_device.empty_output(shape, dtype, dev) if needed else None
