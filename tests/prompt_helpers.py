@@ -19,11 +19,13 @@ peft = pytest.importorskip("peft")
 
 N_VIRTUAL = 3
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
-# (name, PEFT config class, fastpeft config class, extra fields); the MLP is narrow on purpose
+# method: (config class name in both peft and fastpeft, fields); the MLPs are narrow on purpose
 METHODS = {
     "prompt": ("PromptTuningConfig", {}),
     "prefix": ("PrefixTuningConfig", {}),
     "prefix_mlp": ("PrefixTuningConfig", {"prefix_projection": True, "encoder_hidden_size": 24}),
+    "ptuning_mlp": ("PromptEncoderConfig", {"encoder_hidden_size": 24}),
+    "ptuning_lstm": ("PromptEncoderConfig", {"encoder_reparameterization_type": "LSTM", "encoder_hidden_size": 12}),
 }
 
 

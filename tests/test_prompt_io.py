@@ -26,7 +26,7 @@ def _logits(model, seed=2):
         return model(input_ids=ids, attention_mask=mask).logits
 
 
-@pytest.mark.parametrize("method", ["prompt", "prefix", "prefix_mlp"])
+@pytest.mark.parametrize("method", ["prompt", "prefix", "prefix_mlp", "ptuning_lstm"])
 def test_fastpeft_save_loads_in_peft_and_back(tmp_path, method):
     """save_adapter -> PeftModel.from_pretrained and fastpeft.load_adapter: same logits; the
     file holds PEFT's keys (a projected prefix as its computed prefix)."""
@@ -40,7 +40,7 @@ def test_fastpeft_save_loads_in_peft_and_back(tmp_path, method):
     tensors = safetensors.torch.load_file(tmp_path / "adapter_model.safetensors")
     assert list(tensors) == ["prompt_embeddings"] and tensors["prompt_embeddings"].dtype == F32
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert saved["peft_type"] == ("PROMPT_TUNING" if method == "prompt" else "PREFIX_TUNING")
+    assert saved["peft_type"] == {"prompt": "PROMPT_TUNING", "ptuning_lstm": "P_TUNING"}.get(method, "PREFIX_TUNING")
     assert saved["inference_mode"] is True and saved["num_layers"] == 2
 
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
@@ -50,7 +50,7 @@ def test_fastpeft_save_loads_in_peft_and_back(tmp_path, method):
     assert not any(p.requires_grad for p in back.parameters())
 
 
-@pytest.mark.parametrize("method", ["prompt", "prefix_mlp"])
+@pytest.mark.parametrize("method", ["prompt", "prefix_mlp", "ptuning_mlp"])
 def test_peft_save_loads_in_fastpeft(tmp_path, method):
     """A PEFT directory (GPT-2) loads frozen, or trainable where PEFT's file allows it."""
     base = MODELS["gpt2"]()
@@ -89,7 +89,7 @@ def test_seq_cls_head_round_trip(tmp_path):
     assert_close(_logits(from_theirs), _logits(theirs), F32, "fastpeft loading PEFT's SEQ_CLS adapter")
 
 
-@pytest.mark.parametrize("method", ["prompt", "prefix_mlp"])
+@pytest.mark.parametrize("method", ["prompt", "prefix_mlp", "ptuning_mlp"])
 def test_from_peft(tmp_path, method):
     """from_peft shares PEFT's parameters, keeps the logits and gradients' target, and the
     PEFT wrapper then runs the converted model (virtual tokens added once) and saves it."""
@@ -106,17 +106,16 @@ def test_from_peft(tmp_path, method):
         theirs.set_adapter("default")
 
 
-def test_p_tuning_and_unsupported_directories_are_refused(tmp_path):
+def test_unsupported_prompt_types_and_files_are_refused(tmp_path):
     base = MODELS["gpt2"]()
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.PromptEncoderConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL, encoder_hidden_size=16))
-    theirs.save_pretrained(tmp_path / "ptuning")
+    ours = fastpeft.inject(copy.deepcopy(base), configs("prompt")[1])
+    fastpeft.save_adapter(ours, tmp_path / "multitask")
+    config_path = tmp_path / "multitask" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "peft_type": "MULTITASK_PROMPT_TUNING"}))
     model = copy.deepcopy(base)
     before = snapshot(model)
-    with pytest.raises(ValueError, match="P_TUNING.*not implemented"):
-        fastpeft.load_adapter(model, tmp_path / "ptuning")
-    with pytest.raises(ValueError, match="P_TUNING.*not implemented"):
-        fastpeft.from_peft(theirs)
+    with pytest.raises(ValueError, match="MULTITASK_PROMPT_TUNING.*not implemented"):
+        fastpeft.load_adapter(model, tmp_path / "multitask")
     # a prefix file of the wrong shape, and a config of another model's depth
     ours = fastpeft.inject(copy.deepcopy(base), configs("prefix")[1])
     fastpeft.save_adapter(ours, tmp_path / "prefix")

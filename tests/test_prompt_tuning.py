@@ -43,13 +43,15 @@ def _compare_step(theirs, ours, peft_encoder, kwargs):
         assert_close(got[name], expected[name], F32, f"grad {name}")
 
 
-@pytest.mark.parametrize("model_name", sorted(MODELS))
-@pytest.mark.parametrize("method", ["prompt", "prefix", "prefix_mlp"])
+@pytest.mark.parametrize(("model_name", "method"), [
+    *((model, method) for model in sorted(MODELS) for method in ("prompt", "prefix", "prefix_mlp")),
+    ("llama", "ptuning_mlp"), ("gpt2", "ptuning_lstm"),
+])
 def test_causal_lm_logits_and_grads_match_peft(model_name, method):
     theirs, ours = pair(MODELS[model_name](), method)
     ids, mask, labels = padded_batch()
     kwargs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    if method != "prompt":  # PEFT shifts given position ids past the prefix (prompt tuning drops them)
+    if method.startswith("prefix"):  # PEFT shifts given position ids past the prefix (prompt tuning drops them)
         kwargs["position_ids"] = generate_positions(mask)
     _compare_step(theirs, ours, theirs.prompt_encoder["default"], kwargs)
     base_grads = [p.grad for name, p in ours.named_parameters() if not name.startswith(ENCODER_NAME)]
@@ -113,7 +115,7 @@ def test_inits_match_peft(tmp_path):
     text = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "the movie was",
             "tokenizer_name_or_path": str(tmp_path)}
     cases = [("prompt", {}), ("prompt", {"prompt_tuning_init": "SAMPLE_VOCAB"}), ("prompt", text),
-             ("prefix", {}), ("prefix_mlp", {"init_weights": "zero"})]
+             ("prefix", {}), ("prefix_mlp", {"init_weights": "zero"}), ("ptuning_mlp", {}), ("ptuning_lstm", {})]
     for method, extra in cases:
         peft_config, config = configs(method, **extra)
         torch.manual_seed(7)
@@ -175,15 +177,17 @@ def test_forward_continues_from_returned_cache():
     assert_close(torch.cat((first.logits, second), dim=1)[2:], whole[2:], F32, "chunked logits")
 
 
-def test_merge_prefix_folds_the_mlp():
-    _, ours = pair(MODELS["gpt2"](), "prefix_mlp")
+@pytest.mark.parametrize("method", ["prefix_mlp", "ptuning_lstm"])
+def test_merge_prefix_folds_the_mlp(method):
+    _, ours = pair(MODELS["gpt2"](), method)
     ids, mask, _ = padded_batch(seed=8)
+    encoder = prompt_encoder(ours)
     with torch.no_grad():
         before = ours(input_ids=ids, attention_mask=mask).logits
-        prefix = prompt_encoder(ours).prefix().clone()
+        stored = (encoder.prefix() if method == "prefix_mlp" else encoder.prompts()).clone()
     assert fastpeft.merge_prefix(ours) is ours
-    encoder = prompt_encoder(ours)
-    assert not hasattr(encoder, "transform") and torch.equal(encoder.embedding.weight, prefix)
+    assert not any(hasattr(encoder, head) for head in ("transform", "mlp_head", "lstm_head"))
+    assert torch.equal(encoder.embedding.weight, stored) and encoder.embedding.weight.requires_grad
     with torch.no_grad():
         assert_close(ours(input_ids=ids, attention_mask=mask).logits, before, F32, "merged logits")
     with pytest.raises(ValueError, match="prompt tuning"):
@@ -192,7 +196,7 @@ def test_merge_prefix_folds_the_mlp():
         fastpeft.merge_prefix(MODELS["gpt2"]())
 
 
-@pytest.mark.parametrize("method", ["prompt", "prefix_mlp"])
+@pytest.mark.parametrize("method", ["prompt", "prefix_mlp", "ptuning_mlp"])
 def test_training_steps_follow_peft(method):
     """AdamW steps from the same weights: the same losses as PEFT's, and they fall."""
     theirs, ours = pair(MODELS["llama"](), method)

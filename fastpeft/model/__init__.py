@@ -11,7 +11,7 @@ from fastpeft.model.bottleneck_config import AdapterConfig
 from fastpeft.model.config import LoraConfig
 from fastpeft.model.injection import ParameterCount, inject, merge_and_unload, trainable_parameters, unload
 from fastpeft.model.peft_interop import from_peft
-from fastpeft.model.prompt_config import PrefixTuningConfig, PromptTuningConfig
+from fastpeft.model.prompt_config import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from fastpeft.model.prompt_injection import merge_prefix
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "LoraConfig",
     "ParameterCount",
     "PrefixTuningConfig",
+    "PromptEncoderConfig",
     "PromptTuningConfig",
     "adapter_state_dict",
     "from_peft",

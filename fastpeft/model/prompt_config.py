@@ -11,7 +11,8 @@ The model-shape fields (``num_layers``, ``token_dim``, ``num_attention_heads``,
 as PEFT's ``_prepare_prompt_learning_config`` does (for prefix tuning on a grouped-query
 model, ``token_dim`` / ``num_attention_heads`` become the key/value projection's size).
 PEFT's ``P_TUNING`` (a prompt encoder MLP / LSTM) and the other prompt-learning types are
-refused with a ``ValueError`` naming them.
+refused with a ``ValueError`` naming them. ``PromptEncoderConfig`` is PEFT's P-tuning: prompt
+tuning whose prompts come out of a trainable MLP or LSTM (``P_TUNING``).
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from fastpeft.model.config import TASK_TYPES
 
 PROMPT_TUNING = "PROMPT_TUNING"
 PREFIX_TUNING = "PREFIX_TUNING"
-PROMPT_PEFT_TYPES = (PROMPT_TUNING, PREFIX_TUNING)
+P_TUNING = "P_TUNING"
+PROMPT_PEFT_TYPES = (PROMPT_TUNING, PREFIX_TUNING, P_TUNING)
 # PEFT's other prompt-learning types: a clear refusal instead of "unknown peft_type".
 _REFUSED_PEFT_TYPES = {
-    "P_TUNING": "P-tuning (a trainable MLP / LSTM prompt encoder) is not implemented",
     "MULTITASK_PROMPT_TUNING": "multitask prompt tuning is not implemented",
     "CPT": "context-aware prompt tuning (CPT) is not implemented",
     "ADAPTION_PROMPT": "adaption prompt (LLaMA-Adapter) is not implemented",
@@ -135,10 +136,6 @@ class PromptLearningConfig:
         if self.task_type == "SEQ_CLS":
             names += tuple(head for head in SEQ_CLS_HEADS if head not in names)
         return names
-
-    @property
-    def is_resolved(self) -> bool:
-        return None not in (self.token_dim, self.num_attention_heads, self.num_layers)
 
     def resolve(self, model_config: object) -> "PromptLearningConfig":
         """A copy with the model-shape fields PEFT fills from the model's config filled
@@ -292,10 +289,6 @@ class PrefixTuningConfig(PromptLearningConfig):
         if self.init_weights not in (None, "zero"):
             raise ValueError(f"PrefixTuningConfig.init_weights must be None or 'zero', got {self.init_weights!r}")
 
-    @property
-    def is_resolved(self) -> bool:
-        return super().is_resolved and self.encoder_hidden_size is not None
-
     def _resolve_extra(self, data: dict, token_dim: int, heads: int) -> dict[str, Any]:
         """PEFT's grouped-query rule: with ``num_key_value_heads`` in the model config the
         prefix holds that many heads of ``head_dim`` (the config's, else token_dim / heads)."""
@@ -312,7 +305,59 @@ class PrefixTuningConfig(PromptLearningConfig):
         return changes
 
 
-PROMPT_CONFIG_TYPES = {PROMPT_TUNING: PromptTuningConfig, PREFIX_TUNING: PrefixTuningConfig}
+REPARAMETERIZATIONS = ("MLP", "LSTM")
+
+
+@dataclass(frozen=True)
+class PromptEncoderConfig(PromptLearningConfig):
+    """PEFT's P-tuning (``peft.PromptEncoderConfig``): prompt tuning whose virtual-token
+    embeddings pass through a trainable reparameterization before they are prepended.
+
+    Attributes:
+        encoder_reparameterization_type: ``"MLP"`` (3 linears with ReLUs, hidden
+            ``encoder_hidden_size``) or ``"LSTM"`` (a bidirectional LSTM over the virtual tokens,
+            then 2 linears), as PEFT's ``PromptEncoder``.
+        encoder_hidden_size: the reparameterization's hidden size; None = ``token_dim``.
+        encoder_num_layers: LSTM layers (PEFT ignores it for the MLP, with a warning).
+        encoder_dropout: dropout between LSTM layers, in [0, 1).
+    """
+
+    PEFT_TYPE: ClassVar[str] = P_TUNING
+
+    encoder_reparameterization_type: str = "MLP"
+    encoder_hidden_size: int | None = None
+    encoder_num_layers: int = 2
+    encoder_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        kind = _plain(self.encoder_reparameterization_type)
+        if kind not in REPARAMETERIZATIONS:
+            raise ValueError(f"PromptEncoderConfig.encoder_reparameterization_type must be one of "
+                             f"{REPARAMETERIZATIONS}, got {kind!r}")
+        object.__setattr__(self, "encoder_reparameterization_type", kind)
+        _optional_int("PromptEncoderConfig", "encoder_hidden_size", self.encoder_hidden_size, 1)
+        _optional_int("PromptEncoderConfig", "encoder_num_layers", self.encoder_num_layers, 1)
+        dropout = self.encoder_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"PromptEncoderConfig.encoder_dropout must be a number in [0, 1), got {dropout!r}")
+        if kind == "MLP" and self.encoder_num_layers != 2:
+            warnings.warn("PromptEncoderConfig: for MLP, the argument `encoder_num_layers` is ignored. Exactly 2 MLP "
+                          "layers are used.", stacklevel=3)
+
+    def _resolve_extra(self, data: dict, token_dim: int, heads: int) -> dict[str, Any]:
+        return {} if self.encoder_hidden_size is not None else {"encoder_hidden_size": token_dim}
+
+
+PROMPT_CONFIG_TYPES = {PROMPT_TUNING: PromptTuningConfig, PREFIX_TUNING: PrefixTuningConfig,
+                       P_TUNING: PromptEncoderConfig}
+
+
+def is_reparameterized(config: PromptLearningConfig) -> bool:
+    """Whether the adapter's trainable weights are not what PEFT saves: its file holds the
+    computed prompts / prefix, not the MLP (LSTM) that makes them."""
+    return isinstance(config, PromptEncoderConfig) or (isinstance(config, PrefixTuningConfig)
+                                                        and config.prefix_projection)
 
 
 def prompt_config_from_dict(data: Mapping[str, Any]) -> PromptLearningConfig:

@@ -36,14 +36,16 @@ import torch
 import torch.nn as nn
 
 from fastpeft.layers.prefix_encoder import PrefixEncoder
-from fastpeft.layers.prompt_embedding import PromptEmbedding
+from fastpeft.layers.prompt_embedding import PromptEmbedding, PTuningEncoder
 from fastpeft.model.injection import AdapterState, adapter_state, record_adapter, require_module
 from fastpeft.model.matching import find_modules_to_save
 from fastpeft.model.prompt_config import (
     SUPPORTED_TASK_TYPES,
     PrefixTuningConfig,
+    PromptEncoderConfig,
     PromptLearningConfig,
     PromptTuningConfig,
+    is_reparameterized,
 )
 
 # Submodule that holds the virtual-token parameters.
@@ -224,9 +226,9 @@ def _check_model(model: nn.Module, config: PromptLearningConfig) -> None:
     if getattr(model_config, "is_encoder_decoder", False):
         raise ValueError("prompt / prefix tuning of encoder-decoder models is not supported")
     word = _word_embeddings(model)
-    if isinstance(config, PromptTuningConfig):
+    if not isinstance(config, PrefixTuningConfig):
         if config.token_dim != word.embedding_dim:
-            raise ValueError(f"PromptTuningConfig.token_dim={config.token_dim} differs from the model's embedding "
+            raise ValueError(f"{name}.token_dim={config.token_dim} differs from the model's embedding "
                              f"size {word.embedding_dim}")
         return
     if config.token_dim % config.num_attention_heads:
@@ -255,18 +257,27 @@ def _passes_kwargs(model: nn.Module) -> bool:
 
 
 def build_encoder(
-    model: nn.Module, config: PromptLearningConfig, *, initialize: bool
+    model: nn.Module, config: PromptLearningConfig, *, initialize: bool, stored: bool = False
 ) -> PromptEmbedding | PrefixEncoder:
     """The virtual-token module for a resolved ``config`` on the device of the model's input
-    embedding, float32; with ``initialize``, PEFT's init (``prompt_tuning_init``)."""
+    embedding, float32; with ``initialize``, PEFT's init (``prompt_tuning_init``). ``stored``:
+    the module that holds PEFT's saved tensor as its one parameter (no reparameterization)."""
     word = _word_embeddings(model)
     device = word.weight.device
+    folded = stored and is_reparameterized(config)
     if isinstance(config, PrefixTuningConfig):
         return PrefixEncoder(config.num_virtual_tokens, config.token_dim, config.num_layers,
-                             prefix_projection=config.prefix_projection,
+                             prefix_projection=config.prefix_projection and not folded,
                              encoder_hidden_size=config.encoder_hidden_size,
                              init_weights=config.init_weights if initialize else None, device=device)
+    if isinstance(config, PromptEncoderConfig) and not folded:
+        return PTuningEncoder(config.num_virtual_tokens, config.token_dim,
+                              reparameterization=config.encoder_reparameterization_type,
+                              hidden_size=config.encoder_hidden_size, num_layers=config.encoder_num_layers,
+                              dropout=config.encoder_dropout, device=device)
     encoder = PromptEmbedding(config.num_virtual_tokens, config.token_dim, device=device)
+    if not isinstance(config, PromptTuningConfig):
+        return encoder
     if initialize and config.prompt_tuning_init == "SAMPLE_VOCAB":
         ids = torch.randint(0, word.num_embeddings, (config.num_virtual_tokens,), dtype=torch.long)
         encoder.init_from_tokens(word, ids)
@@ -365,17 +376,18 @@ def inject_prompt(model: nn.Module, config: PromptLearningConfig) -> nn.Module:
 
 
 def merge_prefix(model: nn.Module) -> nn.Module:
-    """Fold a prefix-tuning adapter's reparameterization MLP (``prefix_projection``) into a
-    stored prefix, so that the forward and ``generate`` read the prefix with no MLP; return
-    ``model``. Outputs are unchanged (to float32 rounding of the one MLP evaluation). The
-    folded prefix keeps the adapter's ``requires_grad``; saving writes the same
-    ``prompt_embeddings`` as before. A no-op without ``prefix_projection``.
+    """Fold a prefix-tuning adapter's reparameterization MLP (``prefix_projection``), or a
+    P-tuning adapter's MLP / LSTM, into stored prefixes / prompts, so that the forward and
+    ``generate`` read them with no MLP; return ``model``. Outputs are unchanged (to float32
+    rounding of the one evaluation). The stored tensor keeps the adapter's
+    ``requires_grad``; saving writes the same ``prompt_embeddings`` as before. A no-op when
+    there is nothing to fold (prefix tuning without ``prefix_projection``, already merged).
 
     Raises:
-        ValueError: the model has no fastpeft prefix-tuning adapter.
+        ValueError: the model has no fastpeft prefix-tuning or P-tuning adapter.
     """
     encoder = prompt_encoder(require_module(model))
-    if not isinstance(encoder, PrefixEncoder):
-        raise ValueError("merge_prefix: the model's adapter is prompt tuning, which has no prefix MLP to fold")
+    if not isinstance(encoder, (PrefixEncoder, PTuningEncoder)):
+        raise ValueError("merge_prefix: the model's adapter is prompt tuning, which has no MLP to fold")
     encoder.merge()
     return model

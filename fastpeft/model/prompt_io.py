@@ -12,8 +12,11 @@ PEFT saves a prompt-learning adapter as ``adapter_config.json`` (``peft_type``
 * ``base_model.<module path>.<name>`` for each ``modules_to_save`` module (a SEQ_CLS
   model's ``classifier`` / ``score``).
 
-So a ``prefix_projection`` adapter loads as its stored prefix, frozen (PEFT's inference
-mode); its MLP cannot be restored from the file, and ``is_trainable=True`` is refused.
+* P-tuning (``P_TUNING``): the prompts its MLP / LSTM computes, ``[num_virtual_tokens, token_dim]``.
+
+So a ``prefix_projection`` or P-tuning adapter loads as its stored prefix / prompts, frozen
+(PEFT's inference mode); its MLP cannot be restored from the file, and ``is_trainable=True``
+is refused.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from fastpeft.model.prompt_config import (
     PrefixTuningConfig,
     PromptLearningConfig,
     is_prompt_peft_type,
+    is_reparameterized,
     peft_type_of,
     prompt_config_from_dict,
 )
@@ -64,9 +68,7 @@ def has_prompt_adapter(model: nn.Module) -> bool:
 def saved_prompt_embeddings(model: nn.Module) -> torch.Tensor:
     """PEFT's ``prompt_embeddings`` for the model's adapter (float32, on the CPU)."""
     encoder = prompt_encoder(model)
-    if isinstance(encoder, PrefixEncoder):
-        return _cpu_copy(encoder.prefix().float())
-    return _cpu_copy(encoder.embedding.weight.float())
+    return _cpu_copy((encoder.prefix() if isinstance(encoder, PrefixEncoder) else encoder.prompts()).float())
 
 
 def prompt_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -105,6 +107,7 @@ def read_config_data(directory: Path) -> Mapping[str, Any] | None:
 
 
 def _expected_shape(config: PromptLearningConfig) -> tuple[int, int]:
+    """``prompt_embeddings``' shape: the prefix, or the prompts (prompt tuning, P-tuning)."""
     if isinstance(config, PrefixTuningConfig):
         return config.num_virtual_tokens, config.num_layers * 2 * config.token_dim
     return config.num_virtual_tokens, config.token_dim
@@ -143,20 +146,6 @@ def _split_tensors(
     return names[EMBEDDINGS_KEY], modules
 
 
-def _stored_config(config: PromptLearningConfig) -> PromptLearningConfig:
-    """The config whose encoder holds the saved tensor as its parameter: a projected prefix
-    is stored, not its MLP (PEFT's inference mode)."""
-    if isinstance(config, PrefixTuningConfig) and config.prefix_projection:
-        return _replace(config, prefix_projection=False)
-    return config
-
-
-def _replace(config: PromptLearningConfig, **changes: Any) -> PromptLearningConfig:
-    import dataclasses
-
-    return dataclasses.replace(config, **changes)
-
-
 def load_prompt_adapter(
     model: nn.Module,
     directory: Path,
@@ -176,9 +165,10 @@ def load_prompt_adapter(
             already has an adapter.
     """
     config = prompt_config_from_dict(data)
-    if isinstance(config, PrefixTuningConfig) and config.prefix_projection and is_trainable:
-        raise ValueError(f"{str(directory)!r}: a prefix_projection adapter is saved as its computed prefix, not its "
-                         "MLP (PEFT's format), so it cannot be loaded trainable; load it with is_trainable=False, "
+    if is_reparameterized(config) and is_trainable:
+        raise ValueError(f"{str(directory)!r}: a {config.peft_type} adapter with a reparameterization "
+                         "(prefix_projection, P-tuning's MLP / LSTM) is saved as its computed prompts, not its "
+                         "weights (PEFT's format), so it cannot be loaded trainable; load it with is_trainable=False, "
                          "or train a new adapter")
     tensors = read_tensors(directory)
     check_not_adapted(model)
@@ -188,7 +178,7 @@ def load_prompt_adapter(
     paths = plan_modules_to_save(model, config)
     embeddings, module_states = _split_tensors(model, config, paths, tensors, str(directory))
     with restore_requires_grad(model, always=False):
-        encoder = build_encoder(model, _stored_config(config), initialize=False)
+        encoder = build_encoder(model, config, initialize=False, stored=True)
         with torch.no_grad():
             encoder.embedding.weight.copy_(embeddings)
         copies = {}
@@ -220,15 +210,15 @@ def from_peft_prompt(peft_model: nn.Module, adapter: str, peft_config: Any) -> n
         elif isinstance(module, AuxiliaryTrainingWrapper):
             raise ValueError(f"from_peft: {path}: PEFT layer type {type(module).__name__} is not supported")
     config = resolve_config(model, config)
-    # PEFT's inference-mode prefix encoder holds the computed prefix and no MLP
-    projection = isinstance(config, PrefixTuningConfig) and hasattr(peft_encoder, "transform")
-    encoder = build_encoder(model, config if projection else _stored_config(config), initialize=False)
+    # PEFT's inference-mode encoders hold the computed prompts / prefix and no MLP
+    heads = [name for name in ("transform", "mlp_head", "lstm_head") if hasattr(peft_encoder, name)]
+    encoder = build_encoder(model, config, initialize=False, stored=not heads)
     if tuple(encoder.embedding.weight.shape) != tuple(peft_encoder.embedding.weight.shape):
         raise ValueError(f"from_peft: PEFT's prompt encoder has shape {tuple(peft_encoder.embedding.weight.shape)}, "
                          f"expected {tuple(encoder.embedding.weight.shape)} from its config")
     encoder.embedding = peft_encoder.embedding
-    if projection:
-        encoder.transform = peft_encoder.transform
+    for name in heads:
+        setattr(encoder, name, getattr(peft_encoder, name))
     modules = [peft_encoder, *replacements.values()]
     flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
     install_prompt(model, config, encoder, replacements, trainable=True)
