@@ -174,3 +174,16 @@ def test_one_adapter_per_model():
         lora = fastpeft.inject(MODELS["gpt2"](), fastpeft.LoraConfig(target_modules=["c_attn"]))
     with pytest.raises(ValueError, match="already has fastpeft LoRA layers"):
         fastpeft.inject(lora, configs("prompt")[1])
+
+
+def test_unload_gives_the_base_model_back():
+    base = MODELS["llama"]()
+    expected = _logits(base)
+    model = fastpeft.inject(copy.deepcopy(base), configs("prefix_mlp")[1])
+    with pytest.raises(ValueError, match="cannot be merged"):
+        fastpeft.merge_and_unload(model)
+    assert fastpeft.unload(model) is model
+    assert "forward" not in model.__dict__ and "prepare_inputs_for_generation" not in model.__dict__
+    assert_close(_logits(model), expected, F32, "unloaded")
+    assert model.state_dict().keys() == base.state_dict().keys()
+    fastpeft.inject(model, configs("prompt")[1])  # a new adapter can go on

@@ -287,6 +287,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         from fastpeft.model.bottleneck_injection import merge_and_unload_bottleneck
 
         return merge_and_unload_bottleneck(model)
+    if _has_prompt_adapter(model):
+        raise ValueError("a prompt-tuning / prefix-tuning / P-tuning adapter adds virtual tokens and cannot be merged "
+                         "into the weights: fastpeft.merge_prefix folds its MLP, fastpeft.unload removes it")
     layers = lora_layers(model)
     if not layers:
         raise ValueError("model has no fastpeft LoRA layers to merge")
@@ -306,8 +309,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove the fastpeft LoRA or bottleneck adapter without merging it; return ``model``,
-    which computes the base model's output again (PEFT's ``unload``).
+    """Remove the fastpeft LoRA, bottleneck or prompt-learning adapter without merging it;
+    return ``model``, which computes the base model's output again (PEFT's ``unload``).
 
     LoRA layers give back their base modules (unmerged first if merged); bottleneck adapters'
     modules and hooks are removed. ``modules_to_save`` copies stay, ``requires_grad`` flags
@@ -320,6 +323,10 @@ def unload(model: nn.Module) -> nn.Module:
         from fastpeft.model.bottleneck_injection import unload_bottleneck
 
         return unload_bottleneck(model)
+    if _has_prompt_adapter(model):
+        from fastpeft.model.prompt_injection import unload_prompt
+
+        return unload_prompt(model)
     layers = lora_layers(model)
     if not layers:
         raise ValueError("model has no fastpeft LoRA layers or bottleneck adapters to unload")
@@ -331,6 +338,12 @@ def unload(model: nn.Module) -> nn.Module:
         delattr(model, ADAPTER_ATTR)
     _pretrained_save().detach(model)
     return model
+
+
+def _has_prompt_adapter(model: nn.Module) -> bool:
+    from fastpeft.model.prompt_config import PromptLearningConfig
+
+    return isinstance(getattr(adapter_state(model), "config", None), PromptLearningConfig)
 
 
 def trainable_parameters(model: nn.Module) -> ParameterCount:

@@ -391,3 +391,24 @@ def merge_prefix(model: nn.Module) -> nn.Module:
         raise ValueError("merge_prefix: the model's adapter is prompt tuning, which has no MLP to fold")
     encoder.merge()
     return model
+
+
+def unload_prompt(model: nn.Module) -> nn.Module:
+    """Remove a prompt / prefix / P-tuning adapter (``fastpeft.unload``): the encoder
+    submodule, the instance ``forward`` / ``prepare_inputs_for_generation`` and the adapter
+    record go, so the model computes the base model's output again; ``modules_to_save``
+    copies stay and ``save_pretrained`` writes the whole model again. Returns ``model``."""
+    from fastpeft.model.injection import ADAPTER_ATTR, _pretrained_save
+
+    prompt_encoder(model)  # raises when there is no prompt adapter
+    delattr(model, ENCODER_NAME)
+    for name, kind in (("forward", PromptForward), ("prepare_inputs_for_generation", PromptGenerationInputs)):
+        if isinstance(model.__dict__.get(name), kind):
+            original = model.__dict__[name].original
+            if getattr(original, "__self__", None) is model and original.__func__ is getattr(type(model), name, None):
+                del model.__dict__[name]  # the class's own method again
+            else:
+                object.__setattr__(model, name, original)
+    delattr(model, ADAPTER_ATTR)
+    _pretrained_save().detach(model)
+    return model
