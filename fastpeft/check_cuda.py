@@ -3,9 +3,11 @@
 Each ``csrc/*.cu`` is compiled for every requested architecture with
 ``nvcc -cubin -Xptxas -v`` (device code only: no host link, no GPU needed), with the flags of
 the Release build (``-O3 -std=c++17``), and ptxas's report is parsed per kernel: registers,
-stack frame, spill stores/loads, static shared memory. A kernel fails on a register spill
-(any spill byte, as for the Triton kernels), static shared memory above the architecture's
-limit, or a compile error. The rows share ``fastpeft.check.Result`` with the Triton section
+stack frame, spill stores/loads, static shared memory; the PTX nvcc keeps on the way is read
+per kernel for GPU-scope fences and ordered atomics (``fastpeft.check.forbidden_sync``, as for
+the Triton kernels). A kernel fails on a register spill (any spill byte), static shared
+memory above the architecture's limit, a forbidden fence or ordered atomic, or a compile
+error. The rows share ``fastpeft.check.Result`` with the Triton section
 and go into the same table and JSON report.
 
 Skipped, with the reason in the report, when nvcc is absent (``$CUDACXX``, ``PATH`` and
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from fastpeft.check import ARCHS, Result
+from fastpeft.check import ARCHS, Result, forbidden_sync
 
 # Where the sources live in a source checkout (editable install or CI clone).
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -114,23 +116,37 @@ def _demangle(names: Sequence[str]) -> dict[str, str]:
     return readable
 
 
+_PTX_ENTRY_RE = re.compile(r"^(?:\.visible\s+)?\.entry\s+(\S+?)\(", re.MULTILINE)
+
+
+def ptx_entries(ptx: str) -> dict[str, str]:
+    """Each kernel's PTX (from its ``.entry`` line to the next), by mangled name."""
+    starts = [(m.start(), m.group(1)) for m in _PTX_ENTRY_RE.finditer(ptx)]
+    ends = [start for start, _ in starts[1:]] + [len(ptx)]
+    return {name: ptx[start:end] for (start, name), end in zip(starts, ends)}
+
+
 def _judge(row: Result, limit: int) -> Result:
     problems = []
     if row.spill_bytes:
         problems.append(f"register spills ({row.spill_stores} B stores, {row.spill_loads} B loads at {row.registers} registers)")
     if row.shared_bytes and row.shared_bytes > limit:
         problems.append(f"static shared memory {row.shared_bytes} B > {limit} B limit")
+    if row.sync:
+        problems.append(f"GPU-scope fence or ordered atomic ({row.sync})")
     row.status, row.reason = ("FAIL", "; ".join(problems)) if problems else ("ok", "")
     return row
 
 
 def compile_source(nvcc: str, source: Path, arch: str) -> list[Result]:
-    """Compile ``source`` for ``arch`` (cubin only) and judge every function ptxas reports."""
+    """Compile ``source`` for ``arch`` (cubin only, keeping the PTX) and judge every function
+    ptxas reports."""
     capability = ARCHS[arch].capability
     with tempfile.TemporaryDirectory(prefix="fastpeft-check-cuda-") as tmp:
-        cmd = [nvcc, *NVCC_FLAGS, "-cubin", f"-arch=sm_{capability}", "-Xptxas", "-v",
+        cmd = [nvcc, *NVCC_FLAGS, "-cubin", f"-arch=sm_{capability}", "-Xptxas", "-v", "-keep", "-keep-dir", tmp,
                "-I", str(source.parent), str(source), "-o", str(Path(tmp) / "out.cubin")]
         proc = subprocess.run(cmd, capture_output=True, text=True)
+        entries = {name: text for ptx in Path(tmp).glob("*.ptx") for name, text in ptx_entries(ptx.read_text()).items()}
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:
         return [Result(source.name, arch, reason="nvcc compile error", detail=f"$ {' '.join(cmd)}\n{output}")]
@@ -139,11 +155,16 @@ def compile_source(nvcc: str, source: Path, arch: str) -> list[Result]:
         return [Result(source.name, arch, reason="no ptxas -v statistics in nvcc's output", detail=output)]
     names = _demangle(list(stats))
     limit = ARCHS[arch].max_shared_bytes
-    return [
-        _judge(Result(f"{source.name}:{names[name]}", arch, registers=s.registers, spill_stores=s.spill_stores,
-                      spill_loads=s.spill_loads, shared_bytes=s.shared_bytes), limit)
-        for name, s in stats.items()
-    ]
+    rows = []
+    for name, s in stats.items():
+        row = Result(f"{source.name}:{names[name]}", arch, registers=s.registers, spill_stores=s.spill_stores,
+                     spill_loads=s.spill_loads, shared_bytes=s.shared_bytes,
+                     sync=", ".join(forbidden_sync(entries.get(name, ""))))
+        row = _judge(row, limit)
+        if s.entry and name not in entries:  # the fence check would have read nothing
+            row.status, row.reason = "FAIL", "; ".join(filter(None, [row.reason, "no PTX found for this kernel"]))
+        rows.append(row)
+    return rows
 
 
 def nvcc_version(nvcc: str) -> str:

@@ -47,6 +47,19 @@ def test_judge_fails_spills_and_shared_memory_over_the_limit():
     assert big.status == "FAIL" and "static shared memory" in big.reason
 
 
+def test_ptx_entries_split_kernels_and_fences_fail():
+    ptx = (".version 9.0\n.target sm_80\n"
+           ".visible .entry _Z1av(\n)\n{\n\tred.relaxed.gpu.global.add.f32 [%rd1], %f1;\n\tret;\n}\n"
+           ".entry _Z1bv(\n)\n{\n\tmembar.gl;\n\tatom.acq_rel.gpu.global.add.u32 %r1, [%rd1], 1;\n}\n")
+    entries = check_cuda.ptx_entries(ptx)
+    assert list(entries) == ["_Z1av", "_Z1bv"]
+    assert check.forbidden_sync(entries["_Z1av"]) == []
+    row = Result("b", "sm_80", registers=8, spill_stores=0, spill_loads=0, shared_bytes=0,
+                 sync=", ".join(check.forbidden_sync(entries["_Z1bv"])))
+    judged = check_cuda._judge(row, check.ARCHS["sm_80"].max_shared_bytes)
+    assert judged.status == "FAIL" and "membar.gl" in judged.reason and "atom.acq_rel.gpu.global.add.u32" in judged.reason
+
+
 def test_demangled_names_are_short():
     names = check_cuda._demangle(["_ZN8fastpeft7spill_kIfEEvPf"])
     assert names["_ZN8fastpeft7spill_kIfEEvPf"] in ("spill_k<float>", "_ZN8fastpeft7spill_kIfEEvPf")
@@ -88,7 +101,7 @@ def test_fastpeft_check_cuda_adds_rows_json_and_exit_status(monkeypatch, tmp_pat
 
 def test_real_compile_of_the_decode_kernels_has_no_spills():
     """One real nvcc -Xptxas -v compile (csrc/bgmv.cu for sm_80: a few seconds): every
-    instantiation is reported, by readable name, with 0 spill bytes."""
+    instantiation is reported, by readable name, with 0 spill bytes and no fences."""
     nvcc = check_cuda.find_nvcc()
     if nvcc is None or not (check_cuda.CSRC / "bgmv.cu").is_file():
         pytest.skip("needs nvcc and a source checkout (csrc/)")
@@ -97,4 +110,4 @@ def test_real_compile_of_the_decode_kernels_has_no_spills():
     kernels = {r.kernel for r in rows}
     # 2 kernels x 5 (x, adapter) dtype pairs.
     assert len(kernels) == 10 and "bgmv.cu:bgmv_shrink_kernel<__half, float>" in kernels
-    assert all(r.spill_bytes == 0 and r.registers and r.registers <= 255 for r in rows)
+    assert all(r.spill_bytes == 0 and r.registers and r.registers <= 255 and r.sync == "" for r in rows)
