@@ -290,7 +290,8 @@ def load_adapter(
     """Add the LoRA adapter saved in ``directory`` (PEFT's format) to ``model``; return ``model``.
     An AdapterHub bottleneck-adapter directory (``adapter.safetensors`` or
     ``pytorch_adapter.bin``) is loaded by ``fastpeft.model.adapterhub_io.load_adapterhub``
-    with the same options and guarantees.
+    with the same options and guarantees. A PEFT ``PROMPT_TUNING`` / ``PREFIX_TUNING`` /
+    ``P_TUNING`` directory is loaded by ``fastpeft.model.prompt_io.load_prompt_adapter``.
 
     The config's rules (``target_modules`` / ``exclude_modules``, ``layers_to_transform``,
     ``rank_pattern`` / ``alpha_pattern``, ``use_rslora``, ...) decide the layers, as in

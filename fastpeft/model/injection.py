@@ -27,6 +27,7 @@ from fastpeft.model.matching import InjectionPlan, LoraTarget, plan_injection
 if TYPE_CHECKING:
     from fastpeft.model.bottleneck_config import AdapterConfig
     from fastpeft.model.bottleneck_placement import BottleneckPlacement
+    from fastpeft.model.prompt_config import PromptLearningConfig
 
 # Attribute under which an adapted model keeps its AdapterState.
 ADAPTER_ATTR = "_fastpeft_adapter"
@@ -212,10 +213,17 @@ def _untie(model: nn.Module, name: str, layer: LoRALinear) -> None:
                   "modules it was tied to keep the base weight", stacklevel=3)
 
 
-def inject(model: nn.Module, config: LoraConfig | AdapterConfig, *, autocast_adapter_dtype: bool = True) -> nn.Module:
+def inject(
+    model: nn.Module,
+    config: LoraConfig | AdapterConfig | PromptLearningConfig,
+    *,
+    autocast_adapter_dtype: bool = True,
+) -> nn.Module:
     """Add a LoRA adapter to ``model`` in place, as PEFT's ``get_peft_model`` would, and return it.
     (An ``AdapterConfig`` adds AdapterHub's bottleneck adapters instead, see
-    ``fastpeft.model.bottleneck_injection.inject_bottleneck``; prompt configs, prompt tuning.)
+    ``fastpeft.model.bottleneck_injection.inject_bottleneck``; a ``PromptTuningConfig`` /
+    ``PrefixTuningConfig`` / ``PromptEncoderConfig`` adds virtual tokens, see
+    ``fastpeft.model.prompt_injection.inject_prompt``.)
 
     Every module ``config`` targets (PEFT's matching rules, see ``LoraConfig``) must be an
     ``nn.Linear`` or transformers ``Conv1D``; each becomes a ``LoRALinear`` sharing the base
