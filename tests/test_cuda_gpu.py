@@ -82,3 +82,57 @@ def test_decode_matches_reference_and_replays_in_a_cuda_graph(dtype):
     expected = test_cuda_bgmv._reference(y0.cpu(), x.cpu(), lora_a.cpu(), lora_b.cpu(), scalings.cpu(),
                                          new_ids.cpu(), ranks.cpu())
     assert_close(graph_y.cpu(), expected, dtype, "y after graph replay")
+
+
+def _spy(monkeypatch, module, name):
+    """Count calls of ``module.name`` (the op must reach the CUDA launcher, not another path)."""
+    calls = []
+    real = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def test_ops_reach_the_cuda_kernels_with_fastpeft_backend_cuda(monkeypatch):
+    """``FASTPEFT_BACKEND=cuda`` routes both ops to these kernels: bottleneck_adapter forward
+    and backward (3-D h, autograd) and multi_lora_linear's decode forward, against float64."""
+    from fastpeft.kernels.bottleneck import cuda_launch as bottleneck_cuda
+    from fastpeft.kernels.multi_lora import cuda_launch as multi_lora_cuda
+    from fastpeft.kernels.multi_lora.ref import multi_lora_linear_ref
+    from fastpeft.ops import bottleneck_adapter, bottleneck_adapter_ref, multi_lora_linear
+
+    monkeypatch.setenv("FASTPEFT_BACKEND", "cuda")
+    calls = _spy(monkeypatch, bottleneck_cuda, "bottleneck_forward")
+    backward_calls = _spy(monkeypatch, bottleneck_cuda, "bottleneck_backward")
+    decode_calls = _spy(monkeypatch, multi_lora_cuda, "multi_lora_decode")
+    g = torch.Generator().manual_seed(3)
+    dev, dt = "cuda", torch.bfloat16
+    h = torch.randn(2, 9, 768, generator=g).to(dev, dt).requires_grad_()
+    w_down = (torch.randn(48, 768, generator=g) / 768**0.5).to(dev, dt).requires_grad_()
+    w_up = (torch.randn(768, 48, generator=g) / 48**0.5).to(dev, dt).requires_grad_()
+    out = bottleneck_adapter(h, w_down, None, w_up, None, activation="gelu", scaling=0.5)
+    grad = torch.randn(out.shape, generator=g).to(dev, dt)
+    out.backward(grad)
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (h, w_down, w_up)]
+    expected = bottleneck_adapter_ref(leaves[0], leaves[1], None, leaves[2], None, activation="gelu", scaling=0.5)
+    expected.backward(grad.cpu().double())
+    assert_close(out.detach().cpu(), expected.detach(), dt, "bottleneck out")
+    for name, got, leaf in zip(("h", "w_down", "w_up"), (h, w_down, w_up), leaves):
+        assert_close(got.grad.cpu(), leaf.grad, dt, f"bottleneck grad {name}")
+    assert calls and backward_calls, "bottleneck_adapter did not call the CUDA launchers"
+
+    x = torch.randn(8, 512, generator=g).to(dev, dt)
+    weight = (torch.randn(1024, 512, generator=g) / 512**0.5).to(dev, dt)
+    lora_a = (torch.randn(3, 16, 512, generator=g) / 512**0.5).to(dev, dt)
+    lora_b = (torch.randn(3, 1024, 16, generator=g) / 4).to(dev, dt)
+    scalings = torch.tensor([1.0, 0.5, 2.0], device=dev)
+    ids = torch.tensor([0, 1, 2, -1, 2, 2, 0, 1], device=dev)
+    y = multi_lora_linear(x, weight, None, lora_a, lora_b, scalings, ids)
+    cpu = [t.cpu().double() for t in (x, weight)] + [None] + [t.cpu().double() for t in (lora_a, lora_b, scalings)]
+    expected = multi_lora_linear_ref(*cpu, ids.cpu())
+    assert_close(y.cpu(), expected, dt, "multi_lora_linear y")
+    assert decode_calls, "multi_lora_linear did not call the CUDA decode launcher"
