@@ -34,26 +34,41 @@ from fastpeft.ops.checks import require_same_device, require_tensor
 from fastpeft.ops.lora_linear import _call_directly
 from fastpeft.ops.multi_lora_linear_torch import multi_lora_add_torch, multi_lora_backward_torch
 
-# Dtypes the kernels take (float64 runs on the torch path).
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _rows(t: torch.Tensor, cols: int) -> torch.Tensor:
     """``t [..., cols]`` as ``[M, cols]`` (also for ``cols == 0``)."""
     return t.reshape(math.prod(t.shape[:-1]), cols)
 
 
-def _kernels_take(x: torch.Tensor, lora_a: torch.Tensor) -> bool:
-    """Whether the kernels cover this problem's dtypes and slot rank."""
-    from fastpeft.kernels.multi_lora.configs import MAX_SLOT_RANK
+def _kernels_take(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
+    """Whether the kernels cover this problem: adapter dtype and slot rank, and on a GPU 16-bit
+    activations and the aligned sizes and pointers ``fastpeft check`` compiled
+    (``multi_lora.configs``); the interpreter also takes fp32 activations and any alignment."""
+    from fastpeft.kernels.multi_lora import configs
 
-    return x.dtype in _KERNEL_DTYPES and lora_a.dtype in _KERNEL_DTYPES and lora_a.shape[1] <= MAX_SLOT_RANK
+    if lora_a.dtype not in configs.ADAPTER_DTYPES or lora_a.shape[1] > configs.MAX_SLOT_RANK:
+        return False
+    if x.device.type != "cuda":
+        return x.dtype in (*configs.GPU_ACTIVATION_DTYPES, torch.float32)
+    n, k = weight.shape
+    return x.dtype in configs.GPU_ACTIVATION_DTYPES and configs.kernel_friendly((n, k), (lora_a, lora_b))
 
 
-def implementation(x: torch.Tensor, lora_a: torch.Tensor, pass_: str) -> str:
+def _launchable_rows(t: torch.Tensor) -> torch.Tensor:
+    """2-D ``t`` with unit column stride and, on a GPU, an aligned pointer and row stride
+    (``configs.kernel_friendly``): itself, or a contiguous copy."""
+    from fastpeft.kernels.multi_lora import configs
+
+    if t.shape[1] <= 1 or t.stride(1) == 1:
+        if t.device.type != "cuda" or configs.kernel_friendly((t.stride(0),), (t,)):
+            return t
+    return t.contiguous()
+
+
+def implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                   pass_: str) -> str:
     """``"torch"``, ``"triton"`` or ``"cuda"`` for this call's ``pass_`` (``"forward"`` or
     ``"backward"``) under ``FASTPEFT_BACKEND`` (read at every call)."""
-    if not _kernels_take(x, lora_a):
+    if not _kernels_take(x, weight, lora_a, lora_b):
         return "torch"
     if backend_choice() == "cuda" and x.device.type == "cuda" and pass_ == "forward":
         from fastpeft.kernels.multi_lora.configs import DECODE_MAX_TOKENS
@@ -65,11 +80,12 @@ def implementation(x: torch.Tensor, lora_a: torch.Tensor, pass_: str) -> str:
 
 def _kernel_args(x2, lora_a, lora_b, scalings, adapter_ids, ranks) -> tuple:
     """The arguments in the launchers' contract (``multi_lora.launch``): x with unit column
-    stride, contiguous slots, fp32 scalings, int64 ids and ranks."""
+    stride (``_launchable_rows``), contiguous slots, fp32 scalings, int64 ids and ranks (the
+    last three copied into fresh, aligned buffers: a few bytes per token)."""
     return (
-        x2 if x2.stride(-1) == 1 or x2.shape[-1] <= 1 else x2.contiguous(),
-        lora_a.contiguous(), lora_b.contiguous(), scalings.to(torch.float32).contiguous(),
-        adapter_ids.to(torch.int64).contiguous(), ranks.to(torch.int64).contiguous(),
+        _launchable_rows(x2), lora_a.contiguous(), lora_b.contiguous(),
+        scalings.to(torch.float32, copy=True), adapter_ids.to(torch.int64, copy=True).reshape(-1),
+        ranks.to(torch.int64, copy=True),
     )
 
 
@@ -99,7 +115,7 @@ def _multi_lora_linear_forward(
     _check_host_values(adapter_ids, ranks, *lora_a.shape[:2])
     x2 = _rows(x, k)
     y = F.linear(x2, weight, bias)
-    impl = implementation(x, lora_a, "forward")
+    impl = implementation(x, weight, lora_a, lora_b, "forward")
     ids = adapter_ids.reshape(-1)
     if impl == "torch":
         multi_lora_add_torch(y, x2, lora_a, lora_b, scalings, ids, ranks)
@@ -145,13 +161,13 @@ def _multi_lora_linear_backward(
     g2, x2 = _rows(grad_y, n), _rows(x, k)
     ids = adapter_ids.reshape(-1)
     dx = g2 @ weight if need_x else None
-    if implementation(x, lora_a, "backward") == "torch":
+    if implementation(x, weight, lora_a, lora_b, "backward") == "torch":
         da, db = multi_lora_backward_torch(g2, x2, dx, lora_a, lora_b, scalings, ids, ranks, need_a, need_b)
     else:
         from fastpeft.kernels.multi_lora.launch import multi_lora_backward
 
         args = _kernel_args(x2, lora_a, lora_b, scalings, ids, ranks)
-        g2 = g2 if g2.stride(-1) == 1 or n <= 1 else g2.contiguous()
+        g2 = _launchable_rows(g2)
         da, db = multi_lora_backward(g2, args[0], dx, *args[1:], need_a, need_b)
     return (
         dx.view(x.shape) if dx is not None else x.new_empty(0),

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 # Up to this many tokens a call takes the decode (BGMV) kernels: one vector product per token,
 # no sort. A decode step has one token per sequence; sorting them (a sort, two searchsorted,
 # a cumsum: ~6 small launches) costs more than re-reading an adapter shared by a few tokens
@@ -94,3 +96,21 @@ def all_segment_block_ms() -> tuple[int, ...]:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+# Activation dtypes the kernels take on a GPU (fp32 and float64 take the torch path there: an
+# fp32 tl.dot at IEEE precision runs on FMA units and spills the 64-row tiles on sm_80);
+# the interpreter also runs fp32, which the tests use.
+GPU_ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
+# Adapter dtypes the kernels take: the activations' or PEFT's fp32.
+ADAPTER_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Sizes and pointers a GPU launch must have so that Triton compiles the variant ``fastpeft
+# check`` compiled (multiples of 16 / 16-byte aligned: ``multi_lora.specs``).
+ALIGN = 16
+
+
+def kernel_friendly(sizes: tuple[int, ...], tensors: tuple[torch.Tensor, ...]) -> bool:
+    """Whether a CUDA launch with these integer arguments (K, N, row strides) and tensors gets
+    the checked specialization; other problems take the torch path on a GPU."""
+    return all(s % ALIGN == 0 for s in sizes) and all(t.data_ptr() % ALIGN == 0 for t in tensors)

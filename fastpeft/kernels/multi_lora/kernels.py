@@ -33,9 +33,11 @@ ranks are clamped to ``[0, R_MAX]``. The rank-r loops stop at ``r_i``: a small a
 large slot costs its own rank, not ``R_MAX``.
 
 Precision: every operand is widened to fp32 after loading (exact for 16-bit values, and what
-Triton's interpreter needs for bf16); ``PRECISION`` is ``"tf32"`` on a GPU when x and the
-adapters are 16-bit (tf32 holds fp16/bf16 values exactly) and ``"ieee"`` otherwise. ``s`` and
-``dS`` stay fp32 (scaling included), y is read and written once in its own dtype.
+Triton's interpreter needs for bf16); ``PRECISION`` is ``"tf32"`` for 16-bit activations
+(their values are exact in tf32; fp32 adapters are rounded to tf32 in the products, as the
+LoRA kernels' rank-r side is) and ``"ieee"`` for fp32 activations, which reach the kernels
+only in the interpreter. ``s`` and ``dS`` stay fp32 (scaling included); y is read and
+written once in its own dtype.
 
 Launch-time specialization: token counts, ranks and other arbitrary values are exempt
 (``do_not_specialize``) so one compiled variant covers them (``multi_lora.specs``).

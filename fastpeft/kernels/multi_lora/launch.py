@@ -36,11 +36,12 @@ from fastpeft.kernels.multi_lora.kernels import (
 from fastpeft.kernels.multi_lora.segments import Segments, segments
 
 
-def precision(x_dtype: torch.dtype, lora_dtype: torch.dtype) -> str:
-    """``tl.dot``'s input precision for widened operands: tf32 (exact for 16-bit values) when
-    x and the adapters are both 16-bit, IEEE fp32 when either is fp32 (an fp32 adapter keeps
-    its fp32 products, as PEFT's fp32 branch does)."""
-    return "ieee" if torch.float32 in (x_dtype, lora_dtype) else "tf32"
+def precision(x_dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision for the widened operands: tf32 for 16-bit activations (exact
+    for their values; fp32 adapters are rounded to tf32 there, as the LoRA kernels' rank-r
+    side is), IEEE fp32 for fp32 activations (which reach the kernels only in the
+    interpreter: ``configs.KERNEL_DTYPES``)."""
+    return "ieee" if x_dtype == torch.float32 else "tf32"
 
 
 def multi_lora_decode(
@@ -83,7 +84,7 @@ def multi_lora_decode(
 
 def _shrink(
     p: torch.Tensor, q: torch.Tensor, q_strides: tuple[int, int, int], scalings: torch.Tensor, ranks: torch.Tensor,
-    seg: Segments, r_max: int, lora_dtype: torch.dtype,
+    seg: Segments, r_max: int,
 ) -> torch.Tensor:
     """``scalings[i] * P[t] Q_i^T`` for every token with an adapter, in sorted order: fp32
     ``[T, R_MAX]`` (entries of tokens without adapter and past ``r_i`` are not written).
@@ -96,7 +97,7 @@ def _shrink(
         p, q, scalings, ranks, seg.order, seg.tile_adapter, seg.tile_row, seg.seg_end, out,
         red, num_slots, r_max, p.stride(0), *q_strides,
         BLOCK_M=tile.block_m, BLOCK_R=tile.block_r, BLOCK_K=tile.block_n,
-        PRECISION=precision(p.dtype, lora_dtype), num_warps=tile.num_warps, num_stages=tile.num_stages,
+        PRECISION=precision(p.dtype), num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     return out
 
@@ -113,7 +114,7 @@ def _expand(
         out, q, ranks, seg.order, seg.tile_adapter, seg.tile_row, seg.seg_end, s,
         width, num_slots, r_max, out.stride(0), *q_strides,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_R=tile.block_r,
-        PRECISION=precision(out.dtype, q.dtype), num_warps=tile.num_warps, num_stages=tile.num_stages,
+        PRECISION=precision(out.dtype), num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
 
 
@@ -146,7 +147,7 @@ def multi_lora_segments_add(
         return
     with on_device_of(x):
         seg = segments(adapter_ids, num_slots, configs.segment_block_m(num_tokens))
-        s = _shrink(x, lora_a, _a_strides(lora_a), scalings, ranks, seg, r_max, lora_a.dtype)
+        s = _shrink(x, lora_a, _a_strides(lora_a), scalings, ranks, seg, r_max)
         _expand(y, s, lora_b, (lora_b.stride(0), lora_b.stride(1), lora_b.stride(2)), ranks, seg)
 
 
@@ -162,7 +163,7 @@ def _wgrad(
         lhs, x, ranks, seg.order, seg.seg_start, seg.seg_end, out,
         width, num_slots, r_max, x.stride(0), *out_strides,
         BLOCK_M=tile.block_m, BLOCK_R=tile.block_r, BLOCK_C=tile.block_n,
-        PRECISION=precision(x.dtype, out.dtype), num_warps=tile.num_warps, num_stages=tile.num_stages,
+        PRECISION=precision(x.dtype), num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     return out
 
@@ -199,7 +200,7 @@ def multi_lora_backward(
     with on_device_of(x):
         seg = segments(adapter_ids, num_slots, configs.segment_block_m(num_tokens))
         if dx is not None or need_a:
-            ds = _shrink(grad_y, lora_b, _b_as_rank_rows(lora_b), scalings, ranks, seg, r_max, lora_b.dtype)
+            ds = _shrink(grad_y, lora_b, _b_as_rank_rows(lora_b), scalings, ranks, seg, r_max)
             if dx is not None:
                 # dX += dS A_i: A [L, R, K] read as [L, K, R].
                 _expand(dx, ds, lora_a, (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)), ranks, seg)
@@ -207,7 +208,7 @@ def multi_lora_backward(
                 out = launch_device.empty_output((num_slots, r_max, k), lora_a.dtype, x.device)
                 da = _wgrad(ds, x, ranks, seg, out, (r_max * k, k, 1))
         if need_b:
-            s = _shrink(x, lora_a, _a_strides(lora_a), scalings, ranks, seg, r_max, lora_a.dtype)
+            s = _shrink(x, lora_a, _a_strides(lora_a), scalings, ranks, seg, r_max)
             out = launch_device.empty_output((num_slots, n, r_max), lora_b.dtype, x.device)
             db = _wgrad(s, grad_y, ranks, seg, out, (n * r_max, 1, r_max))
     return da, db

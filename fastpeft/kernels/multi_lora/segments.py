@@ -47,7 +47,8 @@ def segments(adapter_ids: torch.Tensor, num_adapters: int, block_m: int) -> Segm
     sorted_key, order = torch.sort(key, stable=True)
     slots = torch.arange(num_adapters + 2, device=device)
     bounds = torch.searchsorted(sorted_key, slots)  # bounds[i] = first sorted row of slot >= i
-    seg_start, seg_end = bounds[:-1], bounds[1:]
+    # seg_end copied: a view one element in would not be 16-byte aligned (kernel specialization).
+    seg_start, seg_end = bounds[:-1], bounds[1:].clone()
     counts = (seg_end - seg_start)[:num_adapters]
     tiles = (counts + block_m - 1) // block_m
     tile_end = torch.cumsum(tiles, 0)

@@ -1,0 +1,56 @@
+"""Every launch the multi-adapter LoRA launchers make is a configuration that ``fastpeft
+check`` compiles (``multi_lora.specs``): the launchers run with every kernel replaced by a
+recorder, on problems the op sends to the kernels on a GPU (16-bit activations, K and N
+multiples of 16), and each launch's specialization (``test_kernel_specs._launch_key``) must
+be a spec."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from fastpeft.kernels.multi_lora import launch  # noqa: E402
+from fastpeft.kernels.multi_lora.specs import multi_lora_kernel_specs  # noqa: E402
+from tests.test_kernel_specs import _launch_key, _Recorder, _spec_key  # noqa: E402
+
+DTYPES = [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+          (torch.float16, torch.float32)]
+TOKENS = [1, 33, 600]  # decode, small segments (16-row tiles), large (64-row)
+SLOT_RANKS = [1, 17, 64, 65, 256]
+WIDTHS = [16, 4096]
+
+
+@pytest.fixture
+def recorded(monkeypatch) -> list:
+    launches: list = []
+    for name in dir(launch):
+        if name.endswith("_kernel"):
+            monkeypatch.setattr(launch, name, _Recorder(getattr(launch, name), launches))
+    return launches
+
+
+@pytest.mark.parametrize("act,lora", DTYPES, ids=str)
+def test_every_launch_is_checked(recorded, act, lora):
+    compiled = {_spec_key(s) for s in multi_lora_kernel_specs()}
+    kernels = set()
+    for t, r_max, n, k in itertools.product(TOKENS, SLOT_RANKS, WIDTHS, WIDTHS):
+        num_slots = 3
+        x, y = torch.empty(t, k, dtype=act), torch.empty(t, n, dtype=act)
+        a, b = torch.empty(num_slots, r_max, k, dtype=lora), torch.empty(num_slots, n, r_max, dtype=lora)
+        scalings = torch.ones(num_slots)
+        ids = torch.arange(t, dtype=torch.int64) % (num_slots + 1) - 1
+        ranks = torch.full((num_slots,), r_max, dtype=torch.int64)
+        recorded.clear()
+        launch.multi_lora_decode(y, x, a, b, scalings, ids, ranks)
+        launch.multi_lora_segments_add(y, x, a, b, scalings, ids, ranks)
+        launch.multi_lora_backward(y, x, torch.empty(t, k, dtype=act), a, b, scalings, ids, ranks, True, True)
+        for fn, args, kwargs in recorded:
+            key = _launch_key(fn, args, kwargs)
+            assert key in compiled, f"T={t} R_MAX={r_max} N={n} K={k}: {key} is never compiled"
+            kernels.add(key[0])
+    assert kernels == {"multi_lora_decode_shrink_kernel", "multi_lora_decode_expand_kernel", "multi_lora_shrink_kernel",
+                       "multi_lora_expand_kernel", "multi_lora_wgrad_kernel"}
