@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import pytest
 import torch
@@ -50,6 +51,13 @@ def _no_lora(config):
     raise RuntimeError("LoRA twins not built in this test")
 
 
+def _one_call_ms(fn, device, budget):
+    """One timed call (the plumbing needs a time, not a good one)."""
+    start = time.perf_counter()
+    fn()
+    return [(time.perf_counter() - start) * 1e3]
+
+
 @pytest.fixture(scope="module")
 def prompt_run():
     """A tiny run of the prompt-learning models only (the LoRA case has its own tests)."""
@@ -57,6 +65,7 @@ def prompt_run():
         patch.setattr(e2e, "DECODE_TOKENS", 3)
         patch.setattr(e2e, "DECODE_BUDGET", ONE_STEP)
         patch.setattr(e2e, "build_twins", _no_lora)
+        patch.setattr(e2e, "timed_calls_ms", _one_call_ms)
         return run_e2e(TINY, log=lambda message: None)
 
 
