@@ -75,8 +75,21 @@ def shrink_tile(num_tokens: int, r_max: int) -> Tile:
     return Tile(segment_block_m(num_tokens), SHRINK_BLOCK_K, rank_block(r_max), SEGMENT_WARPS, SEGMENT_STAGES)
 
 
+# Rank step of the 64-row expand tile: with 64-wide steps the [64, 64] fp32 s tile, the
+# [64, 64] B tile and the 64 x 64 accumulator spill 8 bytes on sm_80 with fp32 adapters
+# (fastpeft check); the rank is a loop there, so a narrower step only adds iterations.
+EXPAND_LARGE_MAX_BLOCK_R = 32
+
+
+def expand_rank_block(block_m: int, r_max: int) -> int:
+    """The expand's rank step for ``block_m``-row tiles and slot rank ``r_max``."""
+    block_r = rank_block(r_max)
+    return min(block_r, EXPAND_LARGE_MAX_BLOCK_R) if block_m > _SEGMENT_BLOCK_M[False] else block_r
+
+
 def expand_tile(num_tokens: int, r_max: int) -> Tile:
-    return Tile(segment_block_m(num_tokens), EXPAND_BLOCK_N, rank_block(r_max), SEGMENT_WARPS, SEGMENT_STAGES)
+    block_m = segment_block_m(num_tokens)
+    return Tile(block_m, EXPAND_BLOCK_N, expand_rank_block(block_m, r_max), SEGMENT_WARPS, SEGMENT_STAGES)
 
 
 # dA / dB: a program owns [block_r, 64] of one adapter's gradient and walks its tokens 32 rows
