@@ -221,17 +221,23 @@ def load_adapterhub(
     return model
 
 
-def adapterhub_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The bottleneck adapter's tensors under AdapterHub's keys for this model (CPU copies)."""
+def adapterhub_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The bottleneck adapter's parameters themselves under AdapterHub's keys for this model
+    (what ``fastpeft.integrations`` copies a checkpoint into, in place)."""
     placed = placed_bottleneck(model)
     out = {}
     for site in placed.sites:
         prefix = site.planned.hub_prefix(placed.name)
         for suffix, (module, param) in PARAMETERS.items():
-            out[prefix + suffix] = getattr(getattr(site.adapter, module), param).detach().to("cpu", copy=True)
+            out[prefix + suffix] = getattr(getattr(site.adapter, module), param)
         if site.adapter.learned_scaling:
-            out[prefix + SCALING_KEY] = site.adapter.scaling.detach().to("cpu", copy=True)
-    return {k: v.contiguous() for k, v in out.items()}
+            out[prefix + SCALING_KEY] = site.adapter.scaling
+    return out
+
+
+def adapterhub_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The bottleneck adapter's tensors under AdapterHub's keys for this model (CPU copies)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapterhub_parameters(model).items()}
 
 
 def adapterhub_config(model: nn.Module) -> dict[str, Any]:
