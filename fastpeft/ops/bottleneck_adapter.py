@@ -38,20 +38,26 @@ from fastpeft.ops.lora_linear import draw_seed
 from fastpeft.ops.lora_linear_torch import rank_side_dtype
 
 TRITON, CUDA, TORCH = "triton", "cuda", "torch"
+# Largest bottleneck the CUDA C++ kernels take (``csrc/bottleneck.cu``); the Triton kernels'
+# is ``configs.MAX_RANK``.
+CUDA_MAX_RANK = 256
 _HALF = (torch.float16, torch.bfloat16)
 
 
 def _implementation(h: torch.Tensor, w_down: torch.Tensor, choice: str, residual: torch.Tensor | None = None) -> str:
     """``"cuda"`` (backend choice ``cuda`` on CUDA tensors), ``"triton"`` or ``"torch"`` for
-    the resolved backend ``choice`` (``fastpeft.backend``): float64, empty problems and
-    bottlenecks above ``MAX_RANK`` always take the torch path, and so do, for Triton, CUDA
-    inputs its ahead-of-time check does not cover (``configs.kernel_friendly``)."""
+    the resolved backend ``choice`` (``fastpeft.backend``): float64 and empty problems always
+    take the torch path, and so do bottlenecks above a kernel path's limit (CUDA_MAX_RANK,
+    ``configs.MAX_RANK``) and, for Triton, CUDA inputs its ahead-of-time check does not cover
+    (``configs.kernel_friendly``)."""
     rank = w_down.shape[0]
-    if torch.float64 in (h.dtype, w_down.dtype) or h.numel() == 0 or rank > MAX_RANK:
+    if torch.float64 in (h.dtype, w_down.dtype) or h.numel() == 0:
         return TORCH
     if use_cuda_extension(h.device, choice):
-        return CUDA
-    return TRITON if use_triton(h.device, choice) and kernel_friendly(h, residual) else TORCH
+        return CUDA if rank <= CUDA_MAX_RANK else TORCH
+    if rank <= MAX_RANK and use_triton(h.device, choice) and kernel_friendly(h, residual):
+        return TRITON
+    return TORCH
 
 
 def _launcher(impl: str):

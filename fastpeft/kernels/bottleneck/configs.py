@@ -15,11 +15,13 @@ import torch
 from fastpeft.kernels.lora.configs import ALIGN, aligned_rows, block_r, cdiv, device_info
 
 # Bottleneck sizes the Triton kernels take: the rank tile is padded to a power of two >= 16
-# (tl.dot needs every dimension >= 16) and kept <= 256, AdapterHub's bottleneck for a
-# 4096-wide model at its default reduction factor 16. A program holds the [BLOCK_M, R] fp32
-# bottleneck tile in registers; larger bottlenecks take the torch path.
-MAX_RANK = 256
-BLOCK_R_CHOICES = (16, 32, 64, 128, 256)
+# (tl.dot needs every dimension >= 16) and kept <= 128. At 256 (AdapterHub's default
+# reduction factor 16 on a 4096-wide model) the backward's column kernel spills on every tile
+# tried (16 x 16 with 8 warps: 120-1400 B; 16 warps cap registers at 128 and spill KBs;
+# fastpeft check), so such bottlenecks take the CUDA C++ kernels (R <= 256) when selected, else
+# the torch path.
+MAX_RANK = 128
+BLOCK_R_CHOICES = (16, 32, 64, 128)
 
 # Up to this many rows the call is a decode step: 16-row tiles (the smallest tl.dot), so
 # that the few rows do not pay for a larger tile's padding.
@@ -45,29 +47,29 @@ class Tile:
 # rows and walks D in BLOCK_D steps, with the fp32 [BLOCK_M, BLOCK_R] bottleneck tile live
 # throughout. 32 rows keep twice as many programs in flight as 64 on a memory-bound pass
 # (M = 8192 gives 256 programs, ~2 per SM on 132 SMs); the step shrinks as the rank tile
-# grows so that the W tile of a step ([BLOCK_R, BLOCK_D] fp32 after widening) stays
-# <= 32 KB. 4 warps, 3 stages (the loads of the next steps in flight).
+# grows so that the W tile of a step ([BLOCK_R, BLOCK_D] fp32 after widening) stays at
+# 8-16 KB. 4 warps, 3 stages (the loads of the next steps in flight). At rank 128, 32 rows
+# spill the dz kernel (48-88 B, fastpeft check): 16 rows.
 _ROW_TILES = {
     16: Tile(32, 128, 4, 3),
     32: Tile(32, 128, 4, 3),
     64: Tile(32, 64, 4, 3),
-    128: Tile(32, 32, 4, 3),
-    256: Tile(16, 32, 4, 3),
+    128: Tile(16, 32, 4, 3),
 }
 # Decode: 16 rows (M <= 16 fits one program), same steps.
 _ROW_TILES_DECODE = {r: Tile(16, t.block_d, t.num_warps, t.num_stages) for r, t in _ROW_TILES.items()}
 
 # Column kernel of the backward (dW_up, db_up, dW_down, dh), keyed by the rank tile: a program
 # owns BLOCK_D columns and walks its rows BLOCK_M at a time, with the fp32 sums
-# [BLOCK_D, BLOCK_R] (dW_up) and [BLOCK_R, BLOCK_D] (dW_down) and the W_down tile live
-# throughout: 3 x 64 x 64 fp32 over 4 warps is 96 registers a thread at rank 64; larger
-# ranks narrow the columns and add warps.
+# [BLOCK_D, BLOCK_R] (dW_up) and [BLOCK_R, BLOCK_D] (dW_down), the W_down tile and four
+# [BLOCK_M, BLOCK_D] tiles (g, h, the mask, dh) live at once. 32 rows and 2 stages: 64 rows or
+# 3 stages spill 12-560 B with dropout and dh (fastpeft check); rank 64 needs 8 warps, rank
+# 128 also 16 rows and 32 columns (up to 255 registers, 0 spills).
 _COLUMN_TILES = {
-    16: Tile(64, 64, 4, 3),
-    32: Tile(64, 64, 4, 3),
-    64: Tile(32, 64, 8, 3),
-    128: Tile(32, 32, 8, 3),
-    256: Tile(32, 16, 8, 2),
+    16: Tile(32, 64, 4, 2),
+    32: Tile(32, 64, 4, 2),
+    64: Tile(32, 64, 8, 2),
+    128: Tile(16, 32, 8, 2),
 }
 
 

@@ -127,11 +127,11 @@ def activation_grad(z, activation):
 
 
 @triton.jit
-def _scale(scale_ptr, scaling, scale_from_ptr):
+def _scale(scale_ptr, scaling, scale_in_memory):
     """The adapter's scaling: the fp32 scalar at ``scale_ptr`` (a learned scaling, read on the
-    device) when ``scale_from_ptr`` is non-zero, else the float argument."""
+    device) when ``scale_in_memory`` is non-zero, else the float argument."""
     s = scaling
-    if scale_from_ptr != 0:
+    if scale_in_memory != 0:
         s = tl.load(scale_ptr)
     return s
 
@@ -144,13 +144,13 @@ def _rank_tile(ptr, rows, row_ok, offs_r, r_ok, R):
 
 
 @triton.jit(do_not_specialize=["M", "R", "stride_wud", "threshold", "activation", "has_b_down", "has_b_up",
-                                "scale_from_ptr"])
+                                "scale_in_memory"])
 def bottleneck_fwd_kernel(
     h_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, res_ptr, scale_ptr, seed_ptr, z_ptr, out_ptr,
     M, D, R,
     stride_hm, stride_hd, stride_wdr, stride_wdd, stride_wud, stride_wur, stride_bd, stride_bu,
     stride_resm, stride_resd,
-    scaling, threshold, keep_scale, activation, has_b_down, has_b_up, scale_from_ptr,
+    scaling, threshold, keep_scale, activation, has_b_down, has_b_up, scale_in_memory,
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -169,7 +169,7 @@ def bottleneck_fwd_kernel(
     tl.store(z_ptr + rows.to(tl.int64)[:, None] * R + offs_r[None, :], z, mask=row_ok[:, None] & r_ok[None, :])
     # Rank columns past R hold act(0) = 0; padded rows only reach masked stores.
     a = activate(z, activation)
-    s = _scale(scale_ptr, scaling, scale_from_ptr)
+    s = _scale(scale_ptr, scaling, scale_in_memory)
     offs_d = tl.arange(0, BLOCK_D)
     row64 = rows.to(tl.int64)[:, None]
     for d0 in range(0, D, BLOCK_D):
@@ -185,12 +185,12 @@ def bottleneck_fwd_kernel(
         tl.store(out_ptr + row64 * D + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit(do_not_specialize=["M", "R", "stride_wud", "activation", "scale_from_ptr"])
+@triton.jit(do_not_specialize=["M", "R", "stride_wud", "activation", "scale_in_memory"])
 def bottleneck_bwd_dz_kernel(
     g_ptr, wu_ptr, z_ptr, scale_ptr, dz_ptr, a_ptr, dbd_part_ptr, ds_part_ptr,
     M, D, R,
     stride_gm, stride_gd, stride_wud, stride_wur,
-    scaling, activation, scale_from_ptr,
+    scaling, activation, scale_in_memory,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """For ``BLOCK_M`` rows: ``dz = s (g W_up) act'(z)`` into ``dz [M, R]`` and ``a = act(z)``
@@ -207,7 +207,7 @@ def bottleneck_bwd_dz_kernel(
                      stride_wud, 0, False, BLOCK_M, BLOCK_D, BLOCK_R, PRECISION)
     z = _rank_tile(z_ptr, rows, row_ok, offs_r, r_ok, R)
     a = activate(z, activation)
-    dz = _scale(scale_ptr, scaling, scale_from_ptr) * da * activation_grad(z, activation)
+    dz = _scale(scale_ptr, scaling, scale_in_memory) * da * activation_grad(z, activation)
     # Padded rows and columns: dA is 0 there (masked loads), so dz is too.
     offs = rows.to(tl.int64)[:, None] * R + offs_r[None, :]
     ok = row_ok[:, None] & r_ok[None, :]

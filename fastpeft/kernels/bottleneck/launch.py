@@ -10,7 +10,8 @@ Contract (both functions):
   Triton op takes only ``configs.kernel_friendly`` h and residual, and copies an unaligned
   grad_out), ``M >= 1``, ``D >= 1``; fp32, fp16 or bf16 (float64 always takes the torch path). ``residual`` and
   ``grad_out`` in h's dtype.
-- ``w_down [R, D]``, ``w_up [D, R]``, any strides, ``1 <= R <= MAX_RANK`` (256); both in one
+- ``w_down [R, D]``, ``w_up [D, R]``, any strides, ``1 <= R <= 256`` (the Triton launchers:
+  ``R <= configs.MAX_RANK`` = 128; the op sends larger bottlenecks elsewhere); both in one
   dtype, h's dtype or fp32 (an fp32 adapter on a 16-bit model). Biases ``b_down [R]``,
   ``b_up [D]`` in the weights' dtype, any stride, or None.
 - ``activation``: a canonical name from ``ref.CANONICAL_ACTIVATIONS`` ("relu", "gelu",
@@ -59,8 +60,9 @@ def _dropout_args(dropout_p: float) -> tuple[int, float]:
 
 
 def _scale_args(scaling: float | torch.Tensor, device: torch.device) -> tuple[torch.Tensor | None, float, bool]:
-    """``(scale_ptr, scaling, SCALE_FROM_PTR)``: a tensor scaling is read by the kernels on the
-    device (fp32); a float is passed as is."""
+    """``(scale tensor or None, float scaling, whether the kernels read the scale from memory)``:
+    a tensor scaling is read by the kernels on the device (fp32, no host sync); a float is
+    passed as is."""
     if isinstance(scaling, torch.Tensor):
         return scaling.detach().to(device=device, dtype=torch.float32).reshape(1), 1.0, True
     return None, float(scaling), False
@@ -75,9 +77,18 @@ def _launchable(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.clone(memory_format=torch.contiguous_format)
 
 
+def _strides(t: torch.Tensor) -> tuple[int, int]:
+    """2-D ``t``'s strides as passed to a kernel: a dimension of size 1 gets the stride of a
+    contiguous tensor (its own is never used and may be anything), so such a launch (e.g. a
+    one-token decode) gets the specialization ``fastpeft check`` compiles."""
+    rows, cols = t.shape
+    return (t.stride(0) if rows > 1 else cols, t.stride(1) if cols > 1 else 1)
+
+
 def _vector_stride(t: torch.Tensor | None) -> int:
-    """A bias's element stride (1 when absent: the kernel then masks its loads off)."""
-    return t.stride(0) if t is not None else 1
+    """A bias's element stride (1 when absent, or of one element: the kernel then masks its
+    loads off, or reads only element 0)."""
+    return t.stride(0) if t is not None and t.shape[0] > 1 else 1
 
 
 def bottleneck_forward(
@@ -112,8 +123,8 @@ def bottleneck_forward(
             h, w_down, b_down if b_down is not None else w_down, w_up, b_up if b_up is not None else w_up, res,
             scale_t if from_ptr else z, seed, z, out,
             m, d, rank,
-            *h.stride(), *w_down.stride(), *w_up.stride(), _vector_stride(b_down), _vector_stride(b_up),
-            *res.stride(),
+            *_strides(h), *_strides(w_down), *_strides(w_up), _vector_stride(b_down), _vector_stride(b_up),
+            *_strides(res),
             scale_f, threshold, keep_scale, ACTIVATION_CODES[activation], int(b_down is not None),
             int(b_up is not None), int(from_ptr),
             HAS_DROPOUT=dropout_p > 0.0,
@@ -169,7 +180,7 @@ def bottleneck_backward(
         bottleneck_bwd_dz_kernel[(programs,)](
             grad_out, w_up, z, scale_t if from_ptr else z, dz, a, dbd_parts, ds_parts,
             m, d, rank,
-            *grad_out.stride(), *w_up.stride(),
+            *_strides(grad_out), *_strides(w_up),
             scale_f, ACTIVATION_CODES[activation], int(from_ptr),
             BLOCK_M=t.block_m, BLOCK_D=t.block_d, BLOCK_R=p.block_r, PRECISION=precision,
             num_warps=t.num_warps, num_stages=t.num_stages,
@@ -210,7 +221,7 @@ def _column_pass(
     bottleneck_bwd_wgrad_dh_kernel[(cdiv(d, t.block_d), p.splits)](
         grad_out, h, w_down, a, dz, seed, dh, dwu_parts, dbu_parts, dwd_parts,
         m, d, rank, p.rows_per_split,
-        *grad_out.stride(), *h.stride(), *w_down.stride(),
+        *_strides(grad_out), *_strides(h), *_strides(w_down),
         threshold, keep_scale, int(residual_is_h),
         HAS_DROPOUT=dropout_p > 0.0, NEED_DH=need_h,
         BLOCK_M=t.block_m, BLOCK_D=t.block_d, BLOCK_R=p.block_r, PRECISION=precision,
