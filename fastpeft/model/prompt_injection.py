@@ -63,10 +63,11 @@ def prompt_state(model: nn.Module) -> AdapterState | None:
 
 
 def prompt_encoder(model: nn.Module) -> PromptEmbedding | PrefixEncoder:
-    """The model's ``PromptEmbedding`` / ``PrefixEncoder``; ``ValueError`` when it has none."""
+    """The model's ``PromptEmbedding`` (``PTuningEncoder``) / ``PrefixEncoder``; a
+    ``ValueError`` when it has none."""
     encoder = getattr(model, ENCODER_NAME, None)
     if prompt_state(model) is None or not isinstance(encoder, (PromptEmbedding, PrefixEncoder)):
-        raise ValueError("model has no fastpeft prompt-tuning or prefix-tuning adapter")
+        raise ValueError("model has no fastpeft prompt-tuning, prefix-tuning or P-tuning adapter")
     return encoder
 
 
@@ -75,12 +76,6 @@ def _batch_size(args: dict[str, Any]) -> int:
         if args.get(key) is not None:
             return args[key].shape[0]
     raise ValueError("prompt / prefix tuning forward needs input_ids or inputs_embeds")
-
-
-def _cache_classes():
-    from transformers import Cache, DynamicCache
-
-    return Cache, DynamicCache
 
 
 class PromptForward:
@@ -96,7 +91,8 @@ class PromptForward:
         params = self.__signature__.parameters
         self.positional = [n for n, p in params.items()
                            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        self.cache_key = "cache" if "cache" in params else "past_key_values"
+        # transformers 5 calls it "cache" (also a model that passes **kwargs on to its backbone)
+        self.cache_key = "past_key_values" if "past_key_values" in params else "cache"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if len(args) > len(self.positional):
@@ -115,69 +111,90 @@ class PromptForward:
         self, config: PromptLearningConfig, kw: dict[str, Any], *, from_generate: bool = False
     ) -> dict[str, Any]:
         """The model's forward arguments with the virtual tokens added (module docstring)."""
-        model = self.model
-        encoder = prompt_encoder(model)
-        n = config.num_virtual_tokens
         batch = _batch_size(kw)
-        Cache, DynamicCache = _cache_classes()
-        cache = kw.pop("past_key_values", None) if self.cache_key != "past_key_values" else None
-        cache = kw.get(self.cache_key, cache)
-        if kw.get("use_cache") is False:
-            # no cache is kept between calls (generate(use_cache=False) hands back the one the
-            # last call filled): every call gets the whole sequence and a fresh prefix
-            cache = None
-            kw.pop(self.cache_key, None)
-        if cache is not None and not isinstance(cache, Cache):
-            raise TypeError(f"prompt / prefix tuning takes the key/value cache as a transformers Cache, got "
-                            f"{type(cache).__name__}")
+        cache = self._given_cache(kw)
         continuing = cache is not None and cache.get_seq_length() > 0
         prefix = isinstance(config, PrefixTuningConfig)
-
-        mask = kw.get("attention_mask")
-        if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != batch:
-                raise ValueError(f"prompt / prefix tuning needs a 2-D attention_mask [batch, length], got "
-                                 f"{getattr(mask, 'shape', type(mask).__name__)}")
-            kw["attention_mask"] = torch.cat((mask.new_ones(batch, n), mask), dim=1)
-        if kw.get("position_ids") is not None:
+        _extend_mask_and_ids(config, kw, batch, prefix=prefix, continuing=continuing, from_generate=from_generate)
+        if not continuing:
             if prefix:
-                kw["position_ids"] = kw["position_ids"] + n
+                cache = self._prefix_cache(config, batch, cache)
             else:
-                if not from_generate:
-                    warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position "
-                                  "ids.", stacklevel=3)
-                kw["position_ids"] = None
-        token_types = kw.get("token_type_ids")
-        if token_types is not None:
-            if config.task_type != "SEQ_CLS":
-                warnings.warn("Token type ids are not supported for parameter efficient tuning. Ignoring token "
-                              "type ids", stacklevel=3)
-                kw["token_type_ids"] = None
-            elif not prefix and not continuing:
-                kw["token_type_ids"] = torch.cat((token_types.new_zeros(batch, n), token_types), dim=1)
-        if continuing:
-            kw[self.cache_key] = cache
-            return kw
-        if prefix:
-            heads = config.num_attention_heads
-            key_values = encoder.key_values(batch, heads, model.dtype)
-            if cache is None:
-                cache = DynamicCache()
-            for layer, (key, value) in enumerate(key_values):
-                cache.update(key, value, layer)
-            kw[self.cache_key] = cache
-            return kw
-        embeds = kw.get("inputs_embeds")
-        if embeds is None:
-            embeds = model.get_input_embeddings()(kw["input_ids"])
-        kw["inputs_embeds"] = torch.cat((encoder(batch, embeds.dtype), embeds), dim=1)
-        kw["input_ids"] = None
-        labels = kw.get("labels")
-        if labels is not None and config.task_type == "CAUSAL_LM":
-            kw["labels"] = torch.cat((labels.new_full((batch, n), -100), labels), dim=1)
+                self._prepend_prompts(config, kw, batch)
         if cache is not None:
             kw[self.cache_key] = cache
         return kw
+
+    def _given_cache(self, kw: dict[str, Any]) -> Any:
+        """The key/value cache of the call (under either name), taken out of ``kw``; None
+        with ``use_cache=False`` (``generate(use_cache=False)`` hands back the cache the last
+        call filled: every call gets the whole sequence and starts afresh)."""
+        from transformers import Cache
+
+        cache = kw.pop("past_key_values", None)
+        cache = kw.pop("cache", cache)
+        if kw.get("use_cache") is False:
+            return None
+        if cache is not None and not isinstance(cache, Cache):
+            raise TypeError(f"prompt / prefix tuning takes the key/value cache as a transformers Cache, got "
+                            f"{type(cache).__name__}")
+        return cache
+
+    def _prefix_cache(self, config: PrefixTuningConfig, batch: int, cache: Any) -> Any:
+        """``cache`` (an empty one, filled in place) or a new ``DynamicCache`` holding the prefix
+        keys and values of every layer, in the model's dtype."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache() if cache is None else cache
+        key_values = prompt_encoder(self.model).key_values(batch, config.num_attention_heads, self.model.dtype)
+        for layer, (key, value) in enumerate(key_values):
+            cache.update(key, value, layer)
+        return cache
+
+    def _prepend_prompts(self, config: PromptLearningConfig, kw: dict[str, Any], batch: int) -> None:
+        """``inputs_embeds = cat(prompts, embeds)`` (ids embedded first), causal LM labels
+        padded with ``-100`` for the virtual tokens."""
+        embeds = kw.get("inputs_embeds")
+        if embeds is None:
+            embeds = self.model.get_input_embeddings()(kw["input_ids"])
+        kw["inputs_embeds"] = torch.cat((prompt_encoder(self.model)(batch, embeds.dtype), embeds), dim=1)
+        kw["input_ids"] = None
+        labels = kw.get("labels")
+        if labels is not None and config.task_type == "CAUSAL_LM":
+            kw["labels"] = torch.cat((labels.new_full((batch, config.num_virtual_tokens), -100), labels), dim=1)
+
+
+def _extend_mask_and_ids(
+    config: PromptLearningConfig, kw: dict[str, Any], batch: int, *, prefix: bool, continuing: bool,
+    from_generate: bool,
+) -> None:
+    """PEFT's changes to the other inputs: the mask gets ``N`` leading ones; position ids are
+    shifted by ``N`` (prefix) or dropped (prompts; with PEFT's warning unless they are
+    ``generate``'s); token type ids get ``N`` leading zeros (SEQ_CLS prompts), or are dropped
+    with PEFT's warning (other tasks)."""
+    n = config.num_virtual_tokens
+    mask = kw.get("attention_mask")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != batch:
+            raise ValueError(f"prompt / prefix tuning needs a 2-D attention_mask [batch, length], got "
+                             f"{getattr(mask, 'shape', type(mask).__name__)}")
+        kw["attention_mask"] = torch.cat((mask.new_ones(batch, n), mask), dim=1)
+    if kw.get("position_ids") is not None:
+        if prefix:
+            kw["position_ids"] = kw["position_ids"] + n
+        else:
+            if not from_generate:
+                warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position "
+                              "ids.", stacklevel=5)
+            kw["position_ids"] = None
+    token_types = kw.get("token_type_ids")
+    if token_types is not None:
+        if config.task_type != "SEQ_CLS":
+            warnings.warn("Token type ids are not supported for parameter efficient tuning. Ignoring token "
+                          "type ids", stacklevel=5)
+            kw["token_type_ids"] = None
+        elif not prefix and not continuing:
+            kw["token_type_ids"] = torch.cat((token_types.new_zeros(batch, n), token_types), dim=1)
 
 
 class PromptGenerationInputs:
