@@ -154,15 +154,15 @@ def load_prompt_adapter(
     *,
     is_trainable: bool,
 ) -> nn.Module:
-    """``fastpeft.load_adapter`` for a PEFT prompt-tuning / prefix-tuning directory whose
-    config JSON is ``data`` (``read_tensors`` reads its weight file). Everything is checked
-    and built before the model changes.
+    """``fastpeft.load_adapter`` for a PEFT prompt-tuning / prefix-tuning / P-tuning directory
+    whose config JSON is ``data`` (``read_tensors`` reads its weight file). Everything is
+    checked and built before the model changes.
 
     Raises:
-        ValueError: an unsupported prompt-learning type (P_TUNING, ...), configuration or
-            model, wrong keys / shapes / dtypes, ``is_trainable=True`` for a
-            ``prefix_projection`` adapter (its MLP is not in PEFT's file), or a model that
-            already has an adapter.
+        ValueError: an unsupported prompt-learning type (MULTITASK_PROMPT_TUNING, CPT, ...),
+            configuration or model, wrong keys / shapes / dtypes, ``is_trainable=True`` for a
+            ``prefix_projection`` or P-tuning adapter (its MLP / LSTM is not in PEFT's file),
+            or a model that already has an adapter.
     """
     config = prompt_config_from_dict(data)
     if is_reparameterized(config) and is_trainable:
@@ -190,9 +190,10 @@ def load_prompt_adapter(
 
 
 def from_peft_prompt(peft_model: nn.Module, adapter: str, peft_config: Any) -> nn.Module:
-    """``fastpeft.from_peft`` for a PEFT prompt-tuning / prefix-tuning model: the base model
-    gets a fastpeft encoder that shares PEFT's encoder parameters (``requires_grad`` and
-    optimizer state carry over) and the trained ``modules_to_save`` copies; returns it.
+    """``fastpeft.from_peft`` for a PEFT prompt-tuning / prefix-tuning / P-tuning model: the
+    base model gets a fastpeft encoder that shares PEFT's encoder modules (parameters,
+    ``requires_grad`` and optimizer state carry over) and the trained ``modules_to_save``
+    copies; returns it. Unsupported configurations raise before anything changes.
     The PEFT wrapper's forward and generate then run the converted model (no second prompt),
     its save_pretrained writes with ``fastpeft.save_adapter``."""
     from fastpeft.model.peft_interop import _RETIRED_METHODS, _retired
@@ -234,7 +235,12 @@ def _retire_prompt_wrapper(peft_model: nn.Module, model: nn.Module, names: tuple
     its adapter-management methods raise."""
     from fastpeft.model.adapter_io import save_adapter
 
-    def save_pretrained(save_directory: str, *args: Any, is_main_process: bool = True, **kwargs: Any) -> None:
+    def save_pretrained(save_directory: str, safe_serialization: bool = True, is_main_process: bool = True,
+                        state_dict: Any = None, **kwargs: Any) -> None:
+        if not safe_serialization or state_dict is not None:
+            raise ValueError("save_pretrained on a model converted by fastpeft.from_peft writes the adapter with "
+                             "fastpeft.save_adapter (safetensors, the model's own weights): safe_serialization=False "
+                             "and state_dict are not supported")
         if is_main_process:
             save_adapter(model, save_directory)
 
