@@ -1,5 +1,7 @@
 """``save_pretrained`` of a transformers model that carries a fastpeft adapter: it writes the
-adapter in PEFT's format, as ``peft.PeftModel.save_pretrained`` does, not the whole model.
+adapter in its native format (PEFT's for LoRA and prompt learning, as
+``peft.PeftModel.save_pretrained`` does; AdapterHub's for bottleneck adapters), not the whole
+model.
 
 ``fastpeft.inject`` / ``load_adapter`` change a model in place and keep its class, so the
 class's ``save_pretrained`` would write every base weight (plus LoRA tensors under keys that
@@ -7,7 +9,7 @@ class's ``save_pretrained`` would write every base weight (plus LoRA tensors und
 ``Trainer`` writes its checkpoints and ``save_model()`` through ``model.save_pretrained``.
 ``attach`` (called when an adapter is installed) shadows the class's method on the one model
 object with an ``AdapterSavePretrained``; ``detach`` (called by ``merge_and_unload``) puts
-the class's back, so a merged model saves in full again.
+the class's back, so a merged (or unloaded) model saves in full again.
 """
 
 from __future__ import annotations
@@ -42,9 +44,13 @@ class AdapterSavePretrained:
         state_dict: dict | None = None,
         **kwargs: Any,
     ) -> None:
-        """Write the adapter to ``save_directory`` with ``fastpeft.save_adapter``
-        (``adapter_config.json`` + ``adapter_model.safetensors``, PEFT's keys) when
-        ``is_main_process``; other processes write nothing.
+        """Write the adapter to ``save_directory`` with ``fastpeft.save_adapter`` (its type's
+        native files: PEFT's ``adapter_config.json`` + ``adapter_model.safetensors`` for LoRA
+        and prompt learning, AdapterHub's ``adapter_config.json`` + ``adapter.safetensors``
+        for bottleneck adapters) when ``is_main_process``; other processes write nothing. A
+        prefix MLP or P-tuning MLP / LSTM, which PEFT's file lacks, is also written to
+        ``fastpeft_prompt_encoder.safetensors`` (``adapter_checkpoint.save_encoder_state``),
+        so that resuming restores it.
 
         A ``state_dict`` (what Trainer passes under FSDP or DeepSpeed, whose parameters are
         sharded) cannot be turned into the adapter here: the whole model is then written
@@ -66,9 +72,12 @@ class AdapterSavePretrained:
             raise TypeError(f"save_pretrained of a model with a fastpeft adapter writes the adapter only and does not "
                             f"take {unsupported}; call fastpeft.merge_and_unload(model) first to save the whole model")
         if is_main_process:
-            from fastpeft.model.adapter_io import save_adapter  # it imports fastpeft.model.injection, our caller
+            # both import fastpeft.model.injection, our caller
+            from fastpeft.integrations.adapter_checkpoint import save_encoder_state
+            from fastpeft.model.adapter_io import save_adapter
 
             save_adapter(self.model, save_directory)
+            save_encoder_state(self.model, save_directory)
 
 
 def is_pretrained_model(model: nn.Module) -> bool:

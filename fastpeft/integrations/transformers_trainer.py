@@ -2,9 +2,12 @@
 
 Saving needs nothing: ``Trainer`` writes each checkpoint and ``save_model()`` through the
 model's ``save_pretrained``, which on a transformers model with a fastpeft adapter writes
-the adapter in PEFT's format (``fastpeft.integrations.pretrained_save``), so a checkpoint
-holds what a PEFT model's does: ``adapter_config.json``, ``adapter_model.safetensors``,
-optimizer, scheduler, RNG and trainer state.
+the adapter in its type's native format (``fastpeft.integrations.pretrained_save``), so a
+checkpoint holds what a PEFT (or AdapterHub) model's does: ``adapter_config.json`` and
+``adapter_model.safetensors`` (LoRA, prompt / prefix / P-tuning) or ``adapter.safetensors``
+(bottleneck adapters), plus optimizer, scheduler, RNG and trainer state; a prefix MLP or a
+P-tuning MLP / LSTM adds ``fastpeft_prompt_encoder.safetensors`` (PEFT's file holds only
+their output).
 
 Loading them back needs ``enable_adapter_checkpoints(trainer)``: ``Trainer`` loads an
 adapter-only checkpoint (``train(resume_from_checkpoint=...)``, ``load_best_model_at_end``)
@@ -24,11 +27,14 @@ import torch.nn as nn
 from fastpeft.integrations import pretrained_save
 from fastpeft.integrations.adapter_checkpoint import is_adapter_checkpoint, load_adapter_weights
 from fastpeft.model.injection import adapter_state
+from fastpeft.model.prompt_config import PrefixTuningConfig
 
 if TYPE_CHECKING:
     from transformers import Trainer
 
 logger = logging.getLogger(__name__)
+# TrainingArguments' gradient checkpointing switch (renamed in transformers 5).
+CHECKPOINTING_ARGS = ("gradient_checkpointing", "activation_checkpointing")
 
 
 def _adapted_model(trainer: Trainer, model: nn.Module) -> nn.Module | None:
@@ -39,6 +45,16 @@ def _adapted_model(trainer: Trainer, model: nn.Module) -> nn.Module | None:
         return None
     model = trainer.accelerator.unwrap_model(model, keep_torch_compile=False)
     return model if adapter_state(model) is not None else None
+
+
+def _check_training_args(trainer: Trainer, model: nn.Module) -> None:
+    """Refuse training arguments the model's adapter cannot train under."""
+    checkpointing = any(getattr(trainer.args, name, False) for name in CHECKPOINTING_ARGS)
+    if checkpointing and isinstance(adapter_state(model).config, PrefixTuningConfig):
+        raise ValueError("enable_adapter_checkpoints: prefix tuning does not work with gradient checkpointing (the "
+                         "recomputed layers would append the prefix to the key/value cache twice; PEFT refuses it "
+                         "too); train without it (TrainingArguments gradient_checkpointing / "
+                         "activation_checkpointing False)")
 
 
 def enable_adapter_checkpoints(trainer: Trainer) -> Trainer:
@@ -52,7 +68,9 @@ def enable_adapter_checkpoints(trainer: Trainer) -> Trainer:
     usual); anything else goes to Trainer's own method.
 
     Raises:
-        ValueError: ``trainer.model`` has no fastpeft adapter.
+        ValueError: ``trainer.model`` has no fastpeft adapter, or has a prefix-tuning adapter
+            and ``trainer.args`` asks for gradient checkpointing (the recomputed layers would
+            append the prefix to the key/value cache twice; ``inject`` refuses it too).
         TypeError: ``trainer.model`` is not a transformers ``PreTrainedModel`` (Trainer then
             saves a full state dict, not through ``save_pretrained``).
     """
@@ -63,6 +81,7 @@ def enable_adapter_checkpoints(trainer: Trainer) -> Trainer:
     if not pretrained_save.is_pretrained_model(model):
         raise TypeError(f"enable_adapter_checkpoints: trainer.model is a {type(model).__name__}, not a transformers "
                         "PreTrainedModel; Trainer saves such a model's full state dict")
+    _check_training_args(trainer, model)
     pretrained_save.attach(model)  # a model from fastpeft.from_peft has not got it yet
     load_from_checkpoint = trainer._load_from_checkpoint
     load_best_model = trainer._load_best_model

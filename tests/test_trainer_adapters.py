@@ -1,0 +1,245 @@
+"""HF ``transformers.Trainer`` with every fastpeft adapter type but LoRA (``tests/test_trainer.py``
+covers LoRA): bottleneck adapters (AdapterHub's files) and prompt tuning, prefix tuning (with
+and without its MLP) and P-tuning (PEFT's files).
+
+For each type, on the CPU with a tiny random model and a few steps: checkpoints hold only the
+adapter in its native files (which ``fastpeft.load_adapter`` loads back into a fresh base
+model, computing what the trained model does), resuming from the halfway checkpoint into a
+model with another adapter init logs the losses, gradient norms and learning rates of the
+uninterrupted run and ends with its adapter (a reparameterization's MLP / LSTM restored from
+``fastpeft_prompt_encoder.safetensors``), and what cannot work is refused with a message that
+says why: a checkpoint of another adapter type or config, a reparameterized prompt checkpoint
+without its encoder file, prefix tuning under gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+import fastpeft
+from fastpeft.integrations.adapter_checkpoint import ENCODER_STATE_NAME
+from fastpeft.model.adapter_io import adapter_state_dict
+from fastpeft.model.prompt_injection import prompt_encoder
+from tests.numerics import TOLERANCE, relative_error
+from tests.test_trainer import (
+    TRAINER_FILES,
+    CountingDataset,
+    checkpointing_args,
+    step_logs,
+    training_args,
+)
+from tests.test_training_parity import VOCAB, build_model, one_thread
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+STEPS = 4
+SAVE_STEPS = 2  # a checkpoint halfway, one at the end
+PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors"}
+ADAPTERHUB_FILES = {"adapter_config.json", "adapter.safetensors"}
+N_VIRTUAL = 3
+# name: (base model, config factory, native adapter files); the configs cover dropout (whose
+# RNG a resume must restore), AdapterHub's learned scaling, and both reparameterizations. No
+# LSTM encoder_dropout: PEFT's file holds the prompts computed in the encoder's current mode,
+# so a checkpoint saved in training mode holds prompts with dropout applied (as PEFT's do).
+CASES = {
+    "seq_bn": ("llama", lambda: fastpeft.AdapterConfig("seq_bn", reduction_factor=4, dropout=0.1), ADAPTERHUB_FILES),
+    "scaled_par_bn": ("gpt2", lambda: fastpeft.AdapterConfig("scaled_par_bn", reduction_factor=8), ADAPTERHUB_FILES),
+    "prompt": ("llama", lambda: fastpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL),
+               PEFT_FILES),
+    "prefix": ("gpt2", lambda: fastpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL),
+               PEFT_FILES),
+    "prefix_mlp": ("llama", lambda: fastpeft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL, prefix_projection=True, encoder_hidden_size=16),
+        PEFT_FILES | {ENCODER_STATE_NAME}),
+    "ptuning_lstm": ("llama", lambda: fastpeft.PromptEncoderConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL, encoder_reparameterization_type="LSTM",
+        encoder_hidden_size=8), PEFT_FILES | {ENCODER_STATE_NAME}),
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def adapted(case: str, seed: int = 0) -> torch.nn.Module:
+    """The case's base model (always the same weights) with an adapter initialised from ``seed``."""
+    arch, config, _ = CASES[case]
+    model = build_model(arch)
+    torch.manual_seed(seed)
+    return fastpeft.inject(model, config())
+
+
+def trainer_for(model: torch.nn.Module, out: Path, eval_dataset=None, **overrides) -> transformers.Trainer:
+    args = training_args(out, max_steps=STEPS, save_steps=SAVE_STEPS, **overrides)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=CountingDataset(), eval_dataset=eval_dataset)
+    return fastpeft.integrations.enable_adapter_checkpoints(trainer)
+
+
+def trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable tensor of the adapter (a prompt encoder's MLP / LSTM included)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    model.eval()
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple[transformers.Trainer, Path]]:
+    """Per case, an uninterrupted ``STEPS``-step run (checkpoints every ``SAVE_STEPS``) and its
+    output dir, after ``trainer.save_model()``."""
+    out = {}
+    with one_thread():
+        for case in CASES:
+            directory = tmp_path_factory.mktemp(case)
+            trainer = trainer_for(adapted(case), directory)
+            trainer.train()
+            trainer.save_model()
+            out[case] = trainer, directory
+    return out
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_checkpoints_hold_the_native_adapter_files(runs, case):
+    """Checkpoints and the final save hold the adapter's native files and Trainer's state, no
+    base weights; the weights are the model's adapter at that step (the halfway one differs),
+    and ``fastpeft.load_adapter`` loads them into a fresh base model that computes what the
+    trained model does."""
+    trainer, out = runs[case]
+    native = CASES[case][2]
+    weights = (native - {"adapter_config.json", ENCODER_STATE_NAME}).pop()
+    for step in (SAVE_STEPS, STEPS):
+        assert {p.name for p in (out / f"checkpoint-{step}").iterdir()} == native | TRAINER_FILES
+    assert {p.name for p in out.iterdir() if p.is_file()} == native | {"training_args.bin"}
+    final = safetensors.torch.load_file(out / weights)
+    halfway = safetensors.torch.load_file(out / f"checkpoint-{SAVE_STEPS}" / weights)
+    expected = adapter_state_dict(trainer.model)
+    assert final.keys() == expected.keys() == halfway.keys()
+    for key, value in expected.items():
+        assert torch.equal(final[key], value), key
+    assert any(not torch.equal(halfway[key], value) for key, value in expected.items())
+    loaded = fastpeft.load_adapter(build_model(CASES[case][0]), out)
+    assert relative_error(logits(loaded), logits(trainer.model)) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_resume_continues_with_the_uninterrupted_losses(runs, case, tmp_path):
+    """A fresh model (another adapter init) resumed from the halfway checkpoint logs the
+    uninterrupted run's losses, gradient norms and learning rates (adapter, AdamW state,
+    scheduler and dropout RNG restored) and ends with its trainable weights."""
+    trainer, out = runs[case]
+    resumed = trainer_for(adapted(case, seed=1), tmp_path)
+    before = trained_state(resumed.model)
+    resumed.train(resume_from_checkpoint=str(out / f"checkpoint-{SAVE_STEPS}"))
+    expected, logs = ({s: log for s, log in step_logs(t).items() if s > SAVE_STEPS} for t in (trainer, resumed))
+    assert sorted(logs) == sorted(expected) == list(range(SAVE_STEPS + 1, STEPS + 1))
+    for step, log in logs.items():
+        for key, value in log.items():
+            assert value == pytest.approx(expected[step][key], rel=1e-5), f"step {step} {key}"
+    final, ours = trained_state(trainer.model), trained_state(resumed.model)
+    assert ours.keys() == final.keys()
+    for name, value in ours.items():
+        assert relative_error(value, final[name]) <= 1e-5, name
+        assert not torch.equal(before[name], final[name]), f"{name}: the inits of the two runs are the same"
+
+
+def test_resume_keeps_the_parameters_the_optimizer_holds(runs):
+    """``load_adapter_weights`` copies into the existing parameters (the optimizer's), also a
+    reparameterized prompt encoder's."""
+    _, out = runs["prefix_mlp"]
+    model = adapted("prefix_mlp", seed=1)
+    params = dict(model.named_parameters())
+    fastpeft.integrations.load_adapter_weights(model, out)
+    saved = safetensors.torch.load_file(out / ENCODER_STATE_NAME)
+    for name, value in prompt_encoder(model).state_dict(keep_vars=True).items():
+        assert value is params[f"fastpeft_prompt_encoder.{name}"]
+        assert torch.equal(value, saved[name]), name
+
+
+def test_load_best_model_at_end_loads_the_best_bottleneck_adapter(tmp_path):
+    """``load_best_model_at_end`` reloads the best AdapterHub checkpoint (the first one, by
+    ``greater_is_better=True`` on the eval loss), not the last weights."""
+    args = dict(eval_strategy="steps", eval_steps=2, load_best_model_at_end=True, metric_for_best_model="loss",
+                greater_is_better=True)
+    trainer = trainer_for(adapted("seq_bn"), tmp_path, CountingDataset(size=8, seed=1), **args)
+    trainer.train()
+    assert Path(trainer.state.best_model_checkpoint).name == f"checkpoint-{SAVE_STEPS}"
+    best = safetensors.torch.load_file(tmp_path / f"checkpoint-{SAVE_STEPS}" / "adapter.safetensors")
+    last = safetensors.torch.load_file(tmp_path / f"checkpoint-{STEPS}" / "adapter.safetensors")
+    current = adapter_state_dict(trainer.model)
+    assert current.keys() == best.keys()
+    assert all(torch.equal(value, best[key]) for key, value in current.items())
+    assert not all(torch.equal(value, last[key]) for key, value in current.items())
+
+
+def test_resume_refuses_another_adapter(runs, tmp_path):
+    """A checkpoint of another adapter type, or of the same type with another config, is
+    refused with the difference named, before the model changes."""
+    _, bottleneck_out = runs["seq_bn"]
+    _, prompt_out = runs["prompt"]
+    cases = [
+        (adapted("seq_bn"), prompt_out, "holds a PROMPT_TUNING adapter, the model has a bottleneck"),
+        (adapted("prompt"), bottleneck_out, "holds a bottleneck .* the model has a PROMPT_TUNING adapter"),
+        (fastpeft.inject(build_model("llama"), fastpeft.AdapterConfig("seq_bn", reduction_factor=2, dropout=0.1)),
+         bottleneck_out, "reduction_factor: saved 4, model 2"),
+        (fastpeft.inject(build_model("llama"), fastpeft.PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                           num_virtual_tokens=5)),
+         prompt_out, "num_virtual_tokens: saved 3, model 5"),
+    ]
+    for model, checkpoint, message in cases:
+        before = trained_state(model)
+        with pytest.raises(ValueError, match=message):
+            trainer_for(model, tmp_path).train(resume_from_checkpoint=str(checkpoint / f"checkpoint-{SAVE_STEPS}"))
+        assert all(torch.equal(value, before[name]) for name, value in trained_state(model).items())
+
+
+def test_reparameterized_prompt_checkpoint_needs_its_encoder_file(runs, tmp_path):
+    """Without ``fastpeft_prompt_encoder.safetensors`` (PEFT's own checkpoint, or a copy that
+    lost it) a prefix-MLP checkpoint cannot restore the MLP it trains: refused, saying so."""
+    _, out = runs["prefix_mlp"]
+    for name in PEFT_FILES:
+        (tmp_path / name).write_bytes((out / f"checkpoint-{SAVE_STEPS}" / name).read_bytes())
+    with pytest.raises(FileNotFoundError, match="computed PREFIX_TUNING prompts, not the reparameterization"):
+        fastpeft.integrations.load_adapter_weights(adapted("prefix_mlp"), tmp_path)
+
+
+def test_prefix_tuning_refuses_gradient_checkpointing(tmp_path):
+    """Prefix tuning under Trainer's gradient checkpointing would add the prefix twice: refused."""
+    trainer = transformers.Trainer(model=adapted("prefix"), args=training_args(tmp_path, **checkpointing_args()),
+                                   train_dataset=CountingDataset())
+    with pytest.raises(ValueError, match="prefix tuning does not work with gradient checkpointing"):
+        fastpeft.integrations.enable_adapter_checkpoints(trainer)
+
+
+@pytest.mark.parametrize("case", ["scaled_par_bn", "ptuning_lstm"])
+def test_save_pretrained_writes_the_adapter_until_unloaded(case, tmp_path):
+    """An injected model's ``save_pretrained`` writes ``save_adapter``'s native files (and a
+    P-tuning encoder's state, byte for byte the model's); after ``fastpeft.unload`` (or
+    ``merge_prefix``, whose stored prompts PEFT's file restores) the extra file goes, and an
+    unloaded model saves in full again."""
+    model = adapted(case)
+    model.save_pretrained(tmp_path / "adapter")
+    assert {p.name for p in (tmp_path / "adapter").iterdir()} == CASES[case][2]
+    fastpeft.save_adapter(model, tmp_path / "save_adapter")
+    for name in CASES[case][2] - {ENCODER_STATE_NAME}:
+        assert (tmp_path / "adapter" / name).read_bytes() == (tmp_path / "save_adapter" / name).read_bytes()
+    if case == "ptuning_lstm":
+        saved = safetensors.torch.load_file(tmp_path / "adapter" / ENCODER_STATE_NAME)
+        state = prompt_encoder(model).state_dict()
+        assert saved.keys() == state.keys() and all(torch.equal(saved[k], v) for k, v in state.items())
+        fastpeft.merge_prefix(model)
+        model.save_pretrained(tmp_path / "adapter")
+        assert {p.name for p in (tmp_path / "adapter").iterdir()} == PEFT_FILES
+    fastpeft.unload(model)
+    model.save_pretrained(tmp_path / "full")
+    assert "model.safetensors" in {p.name for p in (tmp_path / "full").iterdir()}
