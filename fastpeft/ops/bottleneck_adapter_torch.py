@@ -41,6 +41,15 @@ def down_projection(h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor 
     return z.to(rank_side_dtype(w_down.dtype))
 
 
+def augmented(a: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a_aug [M, R(+1)], w_aug [D, R(+1)])`` with ``a_aug w_aug^T = a W_up^T + b_up``: a
+    column of ones beside a and b_up beside W_up (both small), so that one GEMM forms the whole
+    up-projection (bias included) and one GEMM over dOut gives dW_up and db_up together."""
+    if b_up is None:
+        return a, w_up
+    return torch.cat([a, a.new_ones(a.shape[0], 1)], 1), torch.cat([w_up, b_up[:, None]], 1)
+
+
 def _scaled_add(residual: torch.Tensor, u: torch.Tensor, scaling: float | torch.Tensor) -> torch.Tensor:
     """``residual + scaling * u`` in one pass, in the wider of the two dtypes."""
     if isinstance(scaling, torch.Tensor):
@@ -66,8 +75,12 @@ def bottleneck_forward_torch(
     keep = keep_mask(h, dropout_p, seed)
     z = down_projection(h, w_down, b_down, dropout_p, keep)
     a = CANONICAL_ACTIVATIONS[activation](z).to(w_up.dtype)
-    u = torch.addmm(b_up, a, w_up.t()) if b_up is not None else torch.mm(a, w_up.t())
-    out = _scaled_add(h if residual is None else residual, u, scaling)
+    base = h if residual is None else residual
+    a_aug, w_aug = augmented(a, w_up, b_up)
+    if base.dtype == w_up.dtype:
+        # One GEMM reads the residual and writes out: residual + (scaling a_aug) w_aug^T.
+        return torch.addmm(base, a_aug * scaling, w_aug.t()), z, keep
+    out = _scaled_add(base, a_aug @ w_aug.t(), scaling)
     return out.to(h.dtype), z, keep
 
 
@@ -108,17 +121,18 @@ def bottleneck_backward_torch(
     w_dtype, r_dtype = w_down.dtype, z.dtype
     g = grad_out.to(w_dtype)
     a = CANONICAL_ACTIVATIONS[activation](z)
-    grad_wu = g.t() @ (a * scaling).to(w_dtype) if need_wu else None
-    g_sum = g.sum(0, dtype=r_dtype) if (need_bu or (need_s and b_up is not None)) else None
-    grad_bu = (g_sum * scaling).to(w_dtype) if need_bu else None
-    grad_h = grad_wd = grad_bd = grad_s = None
-    if need_h or need_wd or need_bd or need_s:
-        da = (g @ w_up).to(r_dtype)
-        if need_s:
-            grad_s = (da * a).sum()
-            if b_up is not None:
-                grad_s = grad_s + g_sum @ b_up.to(r_dtype)
-        dz = activation_backward(da * scaling, z, activation)
+    grad_wu = grad_bu = grad_s = None
+    if need_wu or need_bu or need_s:
+        # g^T [a, 1] = [dW_up, db_up] / scaling in one pass over g; dscaling = sum(g * u) is
+        # the sum of that product against [W_up, b_up].
+        a_aug, w_aug = augmented(a.to(w_dtype), w_up, b_up)
+        gw = (g.t() @ a_aug).to(r_dtype)
+        grad_s = (gw * w_aug).sum() if need_s else None
+        grad_wu = (gw[:, :w_up.shape[1]] * scaling).to(w_dtype) if need_wu else None
+        grad_bu = (gw[:, -1] * scaling).to(w_dtype) if need_bu else None
+    grad_h = grad_wd = grad_bd = None
+    if need_h or need_wd or need_bd:
+        dz = activation_backward((g @ w_up).to(r_dtype) * scaling, z, activation)
         grad_bd = dz.sum(0).to(w_dtype) if need_bd else None
         # dz / (1 - p): the dropout scale rides on the [M, R] side.
         dz_hat = (dz * (1.0 / (1.0 - dropout_p)) if keep.numel() else dz).to(w_dtype)
@@ -127,10 +141,18 @@ def bottleneck_backward_torch(
             x = h.to(w_dtype)
             grad_wd = dz_hat.t() @ (x * factor if factor is not None else x)
         if need_h:
-            grad_h = dz_hat @ w_down
-            if factor is not None:
-                grad_h = grad_h * factor
-            grad_h = grad_h.to(h.dtype)
-            if residual_is_h:
-                grad_h = grad_h + grad_out
+            grad_h = _input_grad(grad_out, dz_hat, w_down, factor, residual_is_h)
     return grad_h, grad_wd, grad_bd, grad_wu, grad_bu, grad_s
+
+
+def _input_grad(grad_out: torch.Tensor, dz_hat: torch.Tensor, w_down: torch.Tensor, factor: torch.Tensor | None,
+                residual_is_h: bool) -> torch.Tensor:
+    """``dh = keep * (dz_hat W_down) [+ grad_out]`` in grad_out's dtype: one GEMM accumulating
+    onto grad_out when there is no mask and the dtypes agree."""
+    if factor is None and residual_is_h and grad_out.dtype == w_down.dtype:
+        return torch.addmm(grad_out, dz_hat, w_down)
+    grad_h = dz_hat @ w_down
+    if factor is not None:
+        grad_h = grad_h * factor
+    grad_h = grad_h.to(grad_out.dtype)
+    return grad_h + grad_out if residual_is_h else grad_h
