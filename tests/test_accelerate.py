@@ -4,7 +4,8 @@ and ``accelerator.backward``, on the CPU.
 * one process, ``mixed_precision="bf16"`` (CPU autocast around the model's forward): the
   fastpeft model trains with the losses of the same PEFT model and LoRA gradients as
   accurate as PEFT's; ``mixed_precision="no"`` reproduces a plain training loop exactly;
-  the README's adapter save / reload lines work on a prepared model;
+  the README's adapter save / reload lines work on a prepared model (LoRA, and a bottleneck
+  adapter and a prefix MLP, each in its native files);
 * DDP through accelerate: two processes (gloo on 127.0.0.1, spawned and bounded in time as
   in ``tests/test_distributed.py``, whose helpers this reuses) each take half of every
   batch; their first-step LoRA gradients equal one process's on the whole batch, in fp32
@@ -175,6 +176,28 @@ def test_save_and_reload_the_adapter_as_the_readme_says(tmp_path):
     trained = dict(model.named_parameters())
     for name, param in other.named_parameters():
         assert torch.equal(param, trained[name]), name
+
+
+@pytest.mark.parametrize("case", ["seq_bn", "prefix_mlp"])
+def test_save_and_reload_other_adapter_types(case, tmp_path):
+    """The same lines for a bottleneck adapter (AdapterHub's files) and a prefix MLP (PEFT's
+    files plus its encoder's state): trained under bf16 autocast, saved from the unwrapped
+    model, copied into another prepared model's existing parameters."""
+    from tests.test_trainer_adapters import CASES, adapted
+
+    accelerator = fresh_accelerator(mixed_precision="bf16")
+    model = adapted(case)
+    run = _accelerated_steps(accelerator, model, slice(None))
+    assert all(run["base"].values())
+    assert all(not torch.equal(value, run["init"][name]) for name, value in run["final"].items())
+    accelerator.unwrap_model(model).save_pretrained(tmp_path, is_main_process=accelerator.is_main_process)
+    assert {p.name for p in tmp_path.iterdir()} == CASES[case][2]
+    other = accelerator.prepare(adapted(case, seed=1))
+    params = dict(other.named_parameters())
+    fastpeft.integrations.load_adapter_weights(accelerator.unwrap_model(other), tmp_path)
+    for name, value in run["final"].items():
+        assert torch.equal(params[name], value), name
+    assert all(param is params[name] for name, param in other.named_parameters())
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:

@@ -42,10 +42,12 @@ SAVE_STEPS = 2  # a checkpoint halfway, one at the end
 PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 ADAPTERHUB_FILES = {"adapter_config.json", "adapter.safetensors"}
 N_VIRTUAL = 3
+NUM_LABELS = 3
 # name: (base model, config factory, native adapter files); the configs cover dropout (whose
 # RNG a resume must restore), AdapterHub's learned scaling, and both reparameterizations. No
 # LSTM encoder_dropout: PEFT's file holds the prompts computed in the encoder's current mode,
 # so a checkpoint saved in training mode holds prompts with dropout applied (as PEFT's do).
+# The BERT classifier's prompt tuning trains (and saves) a copy of its head (modules_to_save).
 CASES = {
     "seq_bn": ("llama", lambda: fastpeft.AdapterConfig("seq_bn", reduction_factor=4, dropout=0.1), ADAPTERHUB_FILES),
     "scaled_par_bn": ("gpt2", lambda: fastpeft.AdapterConfig("scaled_par_bn", reduction_factor=8), ADAPTERHUB_FILES),
@@ -56,10 +58,32 @@ CASES = {
     "prefix_mlp": ("llama", lambda: fastpeft.PrefixTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL, prefix_projection=True, encoder_hidden_size=16),
         PEFT_FILES | {ENCODER_STATE_NAME}),
+    "bert_prompt_cls": ("bert", lambda: fastpeft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N_VIRTUAL),
+                        PEFT_FILES),
+    "bert_double_seq_bn": ("bert", lambda: fastpeft.AdapterConfig("double_seq_bn", reduction_factor=4),
+                           ADAPTERHUB_FILES),
     "ptuning_lstm": ("llama", lambda: fastpeft.PromptEncoderConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL, encoder_reparameterization_type="LSTM",
         encoder_hidden_size=8), PEFT_FILES | {ENCODER_STATE_NAME}),
 }
+
+
+class LabelledDataset(CountingDataset):
+    """Counting sequences labelled by their first token mod ``NUM_LABELS`` (sequence classification)."""
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i, 0] % NUM_LABELS}
+
+
+def base_model(arch: str) -> torch.nn.Module:
+    """A tiny random Llama / GPT-2 LM (``build_model``) or BERT classifier, always the same weights."""
+    if arch != "bert":
+        return build_model(arch)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, num_labels=NUM_LABELS, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+    return transformers.BertForSequenceClassification(config)
 
 
 @pytest.fixture(autouse=True)
@@ -71,14 +95,15 @@ def _one_thread():
 def adapted(case: str, seed: int = 0) -> torch.nn.Module:
     """The case's base model (always the same weights) with an adapter initialised from ``seed``."""
     arch, config, _ = CASES[case]
-    model = build_model(arch)
+    model = base_model(arch)
     torch.manual_seed(seed)
     return fastpeft.inject(model, config())
 
 
 def trainer_for(model: torch.nn.Module, out: Path, eval_dataset=None, **overrides) -> transformers.Trainer:
     args = training_args(out, max_steps=STEPS, save_steps=SAVE_STEPS, **overrides)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=CountingDataset(), eval_dataset=eval_dataset)
+    data = LabelledDataset() if isinstance(model, transformers.BertPreTrainedModel) else CountingDataset()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, eval_dataset=eval_dataset)
     return fastpeft.integrations.enable_adapter_checkpoints(trainer)
 
 
@@ -128,7 +153,7 @@ def test_checkpoints_hold_the_native_adapter_files(runs, case):
     for key, value in expected.items():
         assert torch.equal(final[key], value), key
     assert any(not torch.equal(halfway[key], value) for key, value in expected.items())
-    loaded = fastpeft.load_adapter(build_model(CASES[case][0]), out)
+    loaded = fastpeft.load_adapter(base_model(CASES[case][0]), out)
     assert relative_error(logits(loaded), logits(trainer.model)) <= TOLERANCE[torch.float32]
 
 
