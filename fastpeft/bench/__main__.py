@@ -2,9 +2,12 @@
 
 GPU default: Llama-3-8B shapes x M in {1, 16, 512, 4096, 8192} x r in {8, 16, 64}, bf16.
 CPU default: two shapes, M in {1, 16, 128}, r = 16, fp32 (under two minutes on two cores).
-The full default run also has the end-to-end case (run first): one LoRA training step of a
-Llama model, fastpeft vs PEFT (~1.1B parameters in bf16 on a GPU, a small fp32 one on CPU);
---e2e runs only that case. --focused runs the focused kernel benchmark instead
+After the LoRA grid come the other ops (--ops): the bottleneck adapter (fused Triton / CUDA C++ /
+torch path against AdapterHub's module and its torch.compile, with the memory roofline on a
+GPU) and the multi-LoRA mixed batch (against HF PEFT's adapter_names batch, a per-adapter loop
+and vLLM-style padded ranks, over the base linear). The full default run also has the
+end-to-end case (run first): one LoRA training step of a Llama model, fastpeft vs PEFT (~1.1B
+parameters in bf16 on a GPU, a small fp32 one on CPU); --e2e runs only that case. --focused runs the focused kernel benchmark instead
 (``fastpeft.bench.focused``: fused / hybrid / torch path against F.linear, PEFT and
 torch.compile, CUDA-graph timed, within a time budget; its options: --focused --help).
 """
@@ -21,12 +24,14 @@ from pathlib import Path
 
 import torch
 
+from fastpeft.bench import op_runs
 from fastpeft.bench.analysis import analyze
 from fastpeft.bench.cases import CPU_GRID, GPU_GRID, QUICK_GRID, SHAPES_BY_NAME, CaseGrid, LayerShape
 from fastpeft.bench.e2e import (
     E2EConfig, default_e2e_config, e2e_markdown, missing_packages, print_e2e_report, run_e2e,
 )
 from fastpeft.bench.export import write_json
+from fastpeft.bench.op_bench import op_report_markdown, op_report_text
 from fastpeft.bench.implementations import COMPILE, IMPLEMENTATION_NAMES, PEFT, default_implementations
 from fastpeft.bench.report import markdown_report, print_report
 from fastpeft.bench.runner import DEFAULT_DROPOUT, BenchConfig, run_benchmark
@@ -36,7 +41,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 OUT_FILES = {"json": "bench.json", "markdown": "bench.md", "plot": "bench.png"}
 # Options that select part of the layer grid: a run with any of them is not the full default
 # run, so it leaves the end-to-end case out; with --e2e (no layer grid) they are errors.
-GRID_OPTIONS = ("quick", "shapes", "m", "r", "impls")
+GRID_OPTIONS = ("quick", "shapes", "m", "r", "impls", "ops")
+# The options that select part of the LoRA grid: given without --ops, only the LoRA op runs.
+LORA_GRID_OPTIONS = ("shapes", "m", "r", "impls")
 
 
 def _comma_list(parse_item: Callable[[str], object]) -> Callable[[str], list]:
@@ -73,6 +80,21 @@ def _implementation(text: str) -> str:
     return text
 
 
+def _op(text: str) -> str:
+    if text not in op_runs.OPS:
+        raise argparse.ArgumentTypeError(f"unknown op {text!r}; choose from {', '.join(op_runs.OPS)}")
+    return text
+
+
+def selected_ops(args: argparse.Namespace) -> tuple[str, ...]:
+    """``--ops``, else every op, or only LoRA when an option selects part of its grid."""
+    if args.ops:
+        return tuple(dict.fromkeys(args.ops))
+    if any(getattr(args, name) for name in LORA_GRID_OPTIONS):
+        return (op_runs.LORA,)
+    return op_runs.OPS
+
+
 def _dropout(text: str) -> float:
     try:
         value = float(text)
@@ -97,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--r", type=_comma_list(_positive_int), help="comma list of LoRA ranks")
     parser.add_argument("--impls", type=_comma_list(_implementation),
                         help=f"comma list of {', '.join(IMPLEMENTATION_NAMES)} (default: all installed)")
+    parser.add_argument("--ops", type=_comma_list(_op),
+                        help=f"comma list of {', '.join(op_runs.OPS)} (default: all; only {op_runs.LORA} when "
+                        "--shapes, --m, --r or --impls is given)")
     parser.add_argument("--dropout", type=_dropout, default=DEFAULT_DROPOUT,
                         help=f"LoRA dropout in fwd+bwd timings (default {DEFAULT_DROPOUT}); "
                         "saved activations are always measured at 0.1")
@@ -252,22 +277,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     e2e_config = e2e_config_from_args(args, parser)
     config = None if args.e2e else config_from_args(args, parser)
+    ops = () if args.e2e else selected_ops(args)
     paths = output_paths(args, parser)
     e2e = run_e2e(e2e_config) if e2e_config is not None else None
     interrupted = e2e is not None and e2e.interrupted
-    analysis = analyze(run_benchmark(config)) if config is not None and not interrupted else None
+    analysis = None
+    if config is not None and op_runs.LORA in ops and not interrupted:
+        analysis = analyze(run_benchmark(config))
+        interrupted = analysis.run.interrupted
+    op_analyses = {} if config is None or interrupted else op_runs.run_ops(ops, config, quick=args.quick)
     if analysis is None:
         paths["plot"] = None  # the plot shows the layer grid only
     else:
         print_report(analysis)
+    for op_analysis in op_analyses.values():
+        print()
+        print(op_report_text(op_analysis))
     if e2e is not None:
-        if analysis is not None:
-            print()  # a blank line between the two reports
+        if analysis is not None or op_analyses:
+            print()  # a blank line between the reports
         print_e2e_report(e2e)
     if paths["json"]:
-        write_json(analysis, paths["json"], e2e)
+        write_json(analysis, paths["json"], e2e, op_analyses)
     if paths["markdown"]:
-        paths["markdown"].write_text(markdown_report(analysis, [e2e_markdown(e2e)] if e2e is not None else []))
+        sections = [op_report_markdown(a) for a in op_analyses.values()]
+        sections += [e2e_markdown(e2e)] if e2e is not None else []
+        paths["markdown"].write_text(markdown_report(analysis, sections))
     plot_failed = False
     if paths["plot"]:
         from fastpeft.bench.plot import write_plot
@@ -280,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     written = [str(p) for p in paths.values() if p]
     if written:
         print("wrote " + ", ".join(written))
-    failed = (analysis is not None and analysis.failed) or (e2e is not None and e2e.failed)
+    failed = ((analysis is not None and analysis.failed) or (e2e is not None and e2e.failed)
+              or any(a.failed for a in op_analyses.values()))
     return 1 if failed or plot_failed else 0
 
 

@@ -1,14 +1,15 @@
 """The run as JSON: settings (date, device, versions, dtype...), every timing with its derived
 metrics, every saved-activation measurement, and the target and criterion checks of the layer
-benchmark; the end-to-end case under ``"e2e"``.
+benchmark; the end-to-end case under ``"e2e"``; the other ops (bottleneck adapter, multi-LoRA)
+under ``"ops"`` (``{op name: op_bench.op_json}``).
 
-Schema ``fastpeft-bench/3``: the layer keys (``settings``, ``interrupted``, ``timings``,
+Schema ``fastpeft-bench/4``: the layer keys (``settings``, ``interrupted``, ``timings``,
 ``saved_activations``, ``targets``, ``saved_activation_checks``) are there when the layer grid
 ran, ``"e2e"`` (see ``e2e.e2e_json``) when the end-to-end case ran. Every time and every ratio
 is ``{"value", "low", "high"}`` (``spread_json``): a time's median and interquartile range over
 its ``reps`` timed calls, a ratio of medians and the range the two timings' ranges allow; every
 target has a ``"verdict"``: "met", "missed" or "inconclusive" (the range reaches the limit).
-``/2`` had plain numbers (``median_ms``) and a boolean ``"met"`` instead."""
+``"ops"`` is there when another op ran (``/3`` had no ``"ops"``); ``/2`` had plain numbers (``median_ms``) and a boolean ``"met"`` instead."""
 
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ from typing import Any
 from fastpeft.bench.analysis import Analysis
 from fastpeft.bench.cases import BenchCase
 from fastpeft.bench.e2e import E2ERun, e2e_json
+from fastpeft.bench.op_bench import OpAnalysis, op_json
 from fastpeft.bench.spread import spread_json
 
-SCHEMA = "fastpeft-bench/3"
+SCHEMA = "fastpeft-bench/4"
 
 
 def _case_fields(case: BenchCase) -> dict[str, Any]:
@@ -29,11 +31,14 @@ def _case_fields(case: BenchCase) -> dict[str, Any]:
     return {"shape": shape.name, "m": case.m, "n": shape.out_features, "k": shape.in_features, "r": case.r}
 
 
-def to_json_dict(analysis: Analysis | None, e2e: E2ERun | None = None) -> dict[str, Any]:
+def to_json_dict(analysis: Analysis | None, e2e: E2ERun | None = None,
+                 ops: dict[str, OpAnalysis] | None = None) -> dict[str, Any]:
     """Plain-data form of the run (see SCHEMA); times in ms, rates in TFLOP/s and tokens/s."""
     data: dict[str, Any] = {"schema": SCHEMA}
     if analysis is not None:
         data.update(_layer_json(analysis))
+    if ops:
+        data["ops"] = {name: op_json(op) for name, op in ops.items()}
     if e2e is not None:
         data["e2e"] = e2e_json(e2e)
     return data
@@ -80,5 +85,6 @@ def _layer_json(analysis: Analysis) -> dict[str, Any]:
     }
 
 
-def write_json(analysis: Analysis | None, path: Path, e2e: E2ERun | None = None) -> None:
-    path.write_text(json.dumps(to_json_dict(analysis, e2e), indent=1) + "\n")
+def write_json(analysis: Analysis | None, path: Path, e2e: E2ERun | None = None,
+               ops: dict[str, OpAnalysis] | None = None) -> None:
+    path.write_text(json.dumps(to_json_dict(analysis, e2e, ops), indent=1) + "\n")

@@ -87,6 +87,7 @@ from torch.fx.experimental import _config as fx_config
 from fastpeft import backend
 from fastpeft.bench.cases import FORWARD, FORWARD_BACKWARD, MODES, SHAPES_BY_NAME, BenchCase, LayerShape, lora_flops
 from fastpeft.bench.environment import describe_environment
+from fastpeft.bench.forced import forced_backend
 from fastpeft.bench.implementations import (
     BASE, COMPILE, PEFT, Implementation, LoRAWeights, build_fastpeft_op, build_implementation, random_weights,
 )
@@ -234,23 +235,6 @@ def unavailable_reason(row: Row) -> str | None:
     if row.builder == PEFT and importlib.util.find_spec("peft") is None:
         return "peft is not installed"
     return None
-
-
-@contextlib.contextmanager
-def forced_backend(choice: str | None) -> Iterator[None]:
-    """``FASTPEFT_BACKEND=choice`` for the block (nothing when None), restored after it."""
-    if choice is None:
-        yield
-        return
-    previous = os.environ.get("FASTPEFT_BACKEND")
-    os.environ["FASTPEFT_BACKEND"] = choice
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["FASTPEFT_BACKEND"]
-        else:
-            os.environ["FASTPEFT_BACKEND"] = previous
 
 
 def path_taken(row: Row, device: torch.device) -> str:
