@@ -182,7 +182,7 @@ def test_torch_path_without_host_sync(monkeypatch):
 
 
 def test_torch_path_skewed_groups(monkeypatch):
-    """A popular adapter (its own GEMMs) beside small groups (one padded bmm per rank)."""
+    """A popular adapter beside small groups, in float64 (the grouped torch path)."""
     monkeypatch.setenv("FASTPEFT_BACKEND", "torch")
     p = _problem(67, torch.float64, seed=12)
     p["adapter_ids"][:50] = 1

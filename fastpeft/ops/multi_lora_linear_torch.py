@@ -8,10 +8,11 @@ rank-r side runs in the adapters' dtype and each token's delta is rounded once t
 and added, as PEFT's mixed batch does.
 
 Grouped (CPU, and CUDA outside graph capture): tokens are sorted by adapter and the group
-sizes read on the host. Groups of similar size (at most ``_PAD_FACTOR`` x the mean) and the
-same rank are padded to one ``[G, C, K]`` batch and run as two ``bmm`` calls over the
-gathered slots at that rank; larger groups (a popular adapter) run as their own two GEMMs. So a mixed batch
-costs a handful of large ops instead of PEFT's Python loop of small ones per adapter.
+sizes read on the host; the rows of the tokens with an adapter are gathered once, each
+adapter runs two GEMMs on its contiguous block of rows at its own rank (slices of its slot:
+no copy of any weight, nothing past the rank read), and the deltas are scattered into y with
+one ``index_add_``. PEFT's mixed batch instead masks, gathers and scatters per adapter. (A
+padded ``bmm`` over gathered slots was tried: copying the slots cost more than the loop.)
 
 Per-token (CUDA graph capture, where nothing may be read on the host): each token gathers its
 slot's ``A`` and ``B`` and runs two batched vector products over ``R_MAX``, masked by rank, in
@@ -30,10 +31,6 @@ from typing import NamedTuple
 
 import torch
 
-# Groups up to this many times the mean group size share one padded bmm (at most this much
-# padding waste in the batch); larger ones run alone. 2 keeps a uniform or distinct batch in
-# one bmm while a zipf-popular adapter (tens of times the mean) gets its own GEMMs.
-_PAD_FACTOR = 2.0
 # Tokens per chunk of the per-token path: 256 tokens x rank 64 x K 4096 x 2 bytes gathers
 # 128 MB of A rows; smaller chunks cost more launches.
 _GATHER_CHUNK = 256
@@ -76,33 +73,13 @@ def adapter_groups(adapter_ids: torch.Tensor, ranks: torch.Tensor, r_max: int) -
 
 
 def _add_rows(out: torch.Tensor, tokens: torch.Tensor, delta: torch.Tensor) -> None:
-    """``out[tokens] += delta`` (tokens distinct), rounding delta once to out's dtype."""
-    out[tokens] += delta.to(out.dtype)
-
-
-def _group_delta(x: torch.Tensor, g: Group, lora_a, lora_b, scalings) -> torch.Tensor:
-    """``scalings[i] x_g A_i^T B_i^T`` for one group, at its own rank, in the adapters' dtype."""
-    xs = x[g.tokens].to(lora_a.dtype)
-    s = (xs @ lora_a[g.slot, :g.rank].t()) * scalings[g.slot].to(lora_a.dtype)
-    return s @ lora_b[g.slot, :, :g.rank].t()
-
-
-def _padded_delta(x: torch.Tensor, groups: list[Group], lora_a, lora_b, scalings) -> tuple:
-    """``(tokens, delta)`` for groups of similar size and one rank in one padded batch:
-    ``[G, C, K]`` gathered rows (C the largest group, padding rows dropped at the end) and two
-    ``bmm`` over the gathered slots at that rank (nothing past it is read)."""
-    device = x.device
-    width, rank = max(len(g.tokens) for g in groups), groups[0].rank
-    slots = torch.tensor([g.slot for g in groups], device=device)
-    index = torch.zeros(len(groups), width, dtype=torch.int64, device=device)
-    row_ok = torch.zeros(len(groups), width, dtype=torch.bool, device=device)
-    for n, g in enumerate(groups):
-        index[n, :len(g.tokens)] = g.tokens
-        row_ok[n, :len(g.tokens)] = True
-    xs = x[index].to(lora_a.dtype)  # [G, C, K]
-    s = torch.bmm(xs, lora_a[slots, :rank].transpose(1, 2)) * scalings[slots].to(lora_a.dtype)[:, None, None]
-    delta = torch.bmm(s, lora_b[slots, :, :rank].transpose(1, 2))  # [G, C, N]
-    return index[row_ok], delta[row_ok]
+    """``out[tokens] += delta`` (tokens distinct), rounding delta once to out's dtype: one
+    ``index_add_`` on the CPU; on CUDA a gather, add and scatter (``index_add_`` there is an
+    atomic add that deterministic mode refuses, though each row has one writer here)."""
+    if out.device.type == "cuda":
+        out[tokens] += delta.to(out.dtype)
+    else:
+        out.index_add_(0, tokens, delta.to(out.dtype))
 
 
 def multi_lora_add_torch(
@@ -124,18 +101,16 @@ def multi_lora_add_torch(
     groups = adapter_groups(adapter_ids, ranks, lora_a.shape[1])
     if not groups:
         return
-    mean = sum(len(g.tokens) for g in groups) / len(groups)
-    batches: dict[int, list[Group]] = {}  # groups of similar size, by rank
+    tokens = torch.cat([g.tokens for g in groups])
+    xs = x[tokens].to(lora_a.dtype)  # the tokens with an adapter, grouped
+    delta = xs.new_empty(xs.shape[0], lora_b.shape[1])
+    start = 0
     for g in groups:
-        if len(g.tokens) > _PAD_FACTOR * mean:
-            _add_rows(y, g.tokens, _group_delta(x, g, lora_a, lora_b, scalings))
-        else:
-            batches.setdefault(g.rank, []).append(g)
-    for batch in batches.values():
-        if len(batch) == 1:
-            _add_rows(y, batch[0].tokens, _group_delta(x, batch[0], lora_a, lora_b, scalings))
-        else:
-            _add_rows(y, *_padded_delta(x, batch, lora_a, lora_b, scalings))
+        rows = slice(start, start + len(g.tokens))
+        s = torch.mm(xs[rows], lora_a[g.slot, :g.rank].t()).mul_(scalings[g.slot].to(lora_a.dtype))
+        torch.mm(s, lora_b[g.slot, :, :g.rank].t(), out=delta[rows])
+        start = rows.stop
+    _add_rows(y, tokens, delta)
 
 
 def _add_per_token(y, x, lora_a, lora_b, scalings, adapter_ids, ranks) -> None:
