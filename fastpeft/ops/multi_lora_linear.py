@@ -12,7 +12,9 @@ a GPU); the LoRA term is added into its output in place by one of:
   decode kernels (one row per token, no sort) up to ``DECODE_MAX_TOKENS`` tokens, sorted
   segments above and in every backward;
 - the CUDA C++ decode kernel (``fastpeft.kernels.multi_lora.cuda_launch``), opt-in with
-  ``FASTPEFT_BACKEND=cuda`` for decode-sized forwards on CUDA tensors (the rest as ``triton``).
+  ``FASTPEFT_BACKEND=cuda`` for decode-sized forwards on CUDA tensors (up to
+  ``DECODE_MAX_TOKENS`` tokens); larger forwards and the backward then take what ``auto``
+  would (``fastpeft.backend``).
 
 Invalid ids and ranks: on CPU tensors an id outside ``[-1, L)`` or a rank outside
 ``[0, R_MAX]`` raises ``ValueError`` (checking costs no sync there). On a GPU nothing is
@@ -28,7 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastpeft.backend import backend_choice, use_triton
+from fastpeft.backend import use_cuda_extension, use_triton
 from fastpeft.ops.autocast import autocast_dtype, autocast_off, cast_for_autocast
 from fastpeft.ops.checks import require_same_device, require_tensor
 from fastpeft.ops.lora_linear import _call_directly
@@ -70,7 +72,7 @@ def implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, 
     ``"backward"``) under ``FASTPEFT_BACKEND`` (read at every call)."""
     if not _kernels_take(x, weight, lora_a, lora_b):
         return "torch"
-    if backend_choice() == "cuda" and x.device.type == "cuda" and pass_ == "forward":
+    if use_cuda_extension(x.device) and pass_ == "forward":
         from fastpeft.kernels.multi_lora.configs import DECODE_MAX_TOKENS
 
         if math.prod(x.shape[:-1]) <= DECODE_MAX_TOKENS:
