@@ -101,7 +101,7 @@ def adapted(case: str, seed: int = 0) -> torch.nn.Module:
 
 
 def trainer_for(model: torch.nn.Module, out: Path, eval_dataset=None, **overrides) -> transformers.Trainer:
-    args = training_args(out, max_steps=STEPS, save_steps=SAVE_STEPS, **overrides)
+    args = training_args(out, **{"max_steps": STEPS, "save_steps": SAVE_STEPS, **overrides})
     data = LabelledDataset() if isinstance(model, transformers.BertPreTrainedModel) else CountingDataset()
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, eval_dataset=eval_dataset)
     return fastpeft.integrations.enable_adapter_checkpoints(trainer)
@@ -268,3 +268,26 @@ def test_save_pretrained_writes_the_adapter_until_unloaded(case, tmp_path):
     fastpeft.unload(model)
     model.save_pretrained(tmp_path / "full")
     assert "model.safetensors" in {p.name for p in (tmp_path / "full").iterdir()}
+
+
+def test_from_peft_prompt_models_checkpoint_their_encoder(tmp_path):
+    """A PEFT P-tuning (MLP) model converted by ``fastpeft.from_peft`` trains under Trainer and
+    checkpoints PEFT's files plus its MLP, which ``load_adapter_weights`` restores; the PEFT
+    wrapper itself is refused, naming the model to pass instead."""
+    torch.manual_seed(0)
+    peft_model = peft.get_peft_model(build_model("llama"), peft.PromptEncoderConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL, encoder_hidden_size=8))
+    model = fastpeft.from_peft(peft_model)
+    with pytest.raises(ValueError, match="is a PEFT model .* the model from_peft returned"):
+        fastpeft.integrations.enable_adapter_checkpoints(transformers.Trainer(
+            model=peft_model, args=training_args(tmp_path), train_dataset=CountingDataset()))
+    trainer = trainer_for(model, tmp_path, max_steps=SAVE_STEPS)
+    trainer.train()
+    checkpoint = tmp_path / f"checkpoint-{SAVE_STEPS}"
+    assert {p.name for p in checkpoint.iterdir()} == PEFT_FILES | {ENCODER_STATE_NAME} | TRAINER_FILES
+    other = fastpeft.from_peft(peft.get_peft_model(build_model("llama"), peft.PromptEncoderConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL, encoder_hidden_size=8)))
+    fastpeft.integrations.load_adapter_weights(other, checkpoint)
+    trained = trained_state(model)
+    assert trained and trained_state(other).keys() == trained.keys()
+    assert all(torch.equal(value, trained[name]) for name, value in trained_state(other).items())

@@ -20,6 +20,7 @@ goes through Trainer's own code.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import TYPE_CHECKING
 
 import torch.nn as nn
@@ -68,13 +69,18 @@ def enable_adapter_checkpoints(trainer: Trainer) -> Trainer:
     usual); anything else goes to Trainer's own method.
 
     Raises:
-        ValueError: ``trainer.model`` has no fastpeft adapter, or has a prefix-tuning adapter
-            and ``trainer.args`` asks for gradient checkpointing (the recomputed layers would
-            append the prefix to the key/value cache twice; ``inject`` refuses it too).
+        ValueError: ``trainer.model`` has no fastpeft adapter or is a ``peft.PeftModel``, or
+            has a prefix-tuning adapter and ``trainer.args`` asks for gradient checkpointing
+            (the recomputed layers would append the prefix to the key/value cache twice;
+            ``inject`` refuses it too).
         TypeError: ``trainer.model`` is not a transformers ``PreTrainedModel`` (Trainer then
             saves a full state dict, not through ``save_pretrained``).
     """
     model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+    peft_model = getattr(sys.modules.get("peft.peft_model"), "PeftModel", None)
+    if peft_model is not None and isinstance(model, peft_model):
+        raise ValueError("enable_adapter_checkpoints: trainer.model is a PEFT model (PeftModel); for one converted by "
+                         "fastpeft.from_peft, give the Trainer the model from_peft returned")
     if adapter_state(model) is None:
         raise ValueError("enable_adapter_checkpoints: trainer.model has no fastpeft adapter "
                          "(add one with fastpeft.inject, load_adapter or from_peft before creating the Trainer)")
