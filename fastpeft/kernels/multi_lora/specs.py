@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import itertools
 
-import triton.language as tl  # noqa: F401  (the kernels' module needs Triton anyway)
-
 from fastpeft.kernels.aot_spec import KernelSpec
 from fastpeft.kernels.multi_lora import configs
 from fastpeft.kernels.multi_lora.kernels import (
