@@ -133,7 +133,8 @@ def test_float64_runs_the_torch_path_on_every_backend(backend):
 
 @pytest.mark.parametrize("learned", [True, False])
 def test_no_biases_and_a_separate_residual(backend, learned):
-    check_against_reference(make_problem((2, 7), 45, 16, torch.float32, biases=False, residual=True), "relu", learned=learned)
+    pb = make_problem((2, 7), 45, 16, torch.float32, biases=False, residual=True)
+    check_against_reference(pb, "relu", learned=learned)
 
 
 def test_strided_inputs(backend):

@@ -128,9 +128,11 @@ def test_bad_input_raises_clearly(change, error, match):
 
 def test_activation_names_are_adapterhubs_case_insensitive():
     g = _good()
-    for name, same_as in (("swish", "silu"), ("SiLU", "silu"), ("gelu_pytorch_tanh", "gelu_new"), ("identity", "linear"),
-                          ("ReLU", "relu")):
-        torch.testing.assert_close(bottleneck_adapter(**g, activation=name), bottleneck_adapter(**g, activation=same_as))
+    aliases = (("swish", "silu"), ("SiLU", "silu"), ("gelu_pytorch_tanh", "gelu_new"), ("identity", "linear"),
+               ("ReLU", "relu"))
+    for name, same_as in aliases:
+        torch.testing.assert_close(bottleneck_adapter(**g, activation=name),
+                                   bottleneck_adapter(**g, activation=same_as))
 
 
 def test_cuda_backend_on_cpu_tensors_runs_what_auto_runs():

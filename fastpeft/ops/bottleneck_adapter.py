@@ -256,7 +256,8 @@ def _backward(ctx, grad_out, _grad_z, _grad_keep):
     else:
         args = (grad_out, h, w_down, w_up, b_up, z, keep, ctx.activation, ctx.scaling, scaling_t, ctx.dropout_p, seed,
                 ctx.backend, ctx.residual_is_h, *needs)
-        op = _bottleneck_backward if _call_directly(*args[:7], seed, scaling_t) else torch.ops.fastpeft.bottleneck_adapter_backward
+        direct = _call_directly(*args[:7], seed, scaling_t)
+        op = _bottleneck_backward if direct else torch.ops.fastpeft.bottleneck_adapter_backward
         grads = op(*args)
     grad_h, grad_wd, grad_bd, grad_wu, grad_bu, grad_s = (g if n else None for g, n in zip(grads, needs))
     if grad_s is not None:
@@ -294,7 +295,8 @@ def check_bottleneck_adapter_args(
     if rank == 0:
         raise ValueError(f"w_down ({_describe(w_down)}) has bottleneck size 0; R must be >= 1")
     if tuple(w_up.shape) != (d, rank):
-        raise ValueError(f"w_up ({_describe(w_up)}) must have shape ({d}, {rank}) to match w_down {tuple(w_down.shape)}")
+        raise ValueError(f"w_up ({_describe(w_up)}) must have shape ({d}, {rank}) "
+                         f"to match w_down {tuple(w_down.shape)}")
     if w_up.dtype != w_down.dtype:
         raise TypeError(f"w_up dtype {w_up.dtype} must match w_down dtype {w_down.dtype}")
     if w_down.dtype != h.dtype and not (w_down.dtype == torch.float32 and h.dtype in _HALF):

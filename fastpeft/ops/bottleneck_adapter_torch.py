@@ -23,7 +23,6 @@ backward runs ``bottleneck_backward_torch`` on a recomputed z.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from fastpeft.kernels.bottleneck.ref import CANONICAL_ACTIVATIONS
 from fastpeft.ops.lora_linear_torch import keep_mask, rank_side_dtype

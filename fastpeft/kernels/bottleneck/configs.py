@@ -62,14 +62,16 @@ _ROW_TILES_DECODE = {r: Tile(16, t.block_d, t.num_warps, t.num_stages) for r, t 
 # Column kernel of the backward (dW_up, db_up, dW_down, dh), keyed by the rank tile: a program
 # owns BLOCK_D columns and walks its rows BLOCK_M at a time, with the fp32 sums
 # [BLOCK_D, BLOCK_R] (dW_up) and [BLOCK_R, BLOCK_D] (dW_down), the W_down tile and four
-# [BLOCK_M, BLOCK_D] tiles (g, h, the mask, dh) live at once. 32 rows and 2 stages: 64 rows or
-# 3 stages spill 12-560 B with dropout and dh (fastpeft check); rank 64 needs 8 warps, rank
-# 128 also 16 rows and 32 columns (up to 255 registers, 0 spills).
+# [BLOCK_M, BLOCK_D] tiles (g, h, the mask, dh) live at once. 32 rows and at most 2 stages:
+# 64 rows or 3 stages spill 12-560 B with dropout and dh (fastpeft check). Ranks 32 and 128
+# need 8 warps and a single stage (2 stages spill 8-168 B with fp16 weights, dropout and dh);
+# rank 64 fits 2 stages with 8 warps; rank 128 also takes 16 rows and 32 columns. Every entry
+# reaches up to 255 registers with 0 spills on sm_80 and sm_90.
 _COLUMN_TILES = {
     16: Tile(32, 64, 4, 2),
-    32: Tile(32, 64, 4, 2),
+    32: Tile(32, 64, 8, 1),
     64: Tile(32, 64, 8, 2),
-    128: Tile(16, 32, 8, 2),
+    128: Tile(16, 32, 8, 1),
 }
 
 
