@@ -21,7 +21,7 @@ RANKS = [3, 40, 1, 17, 0]  # slot 4 empty; R_MAX = 40 spans several rank blocks
 
 
 def _problem(num_tokens: int, dtype: torch.dtype, lora_dtype: torch.dtype | None = None, ranks=RANKS, bias=True,
-             seed: int = 0, num_slots: int | None = None):
+             seed: int = 0, num_slots: int | None = None, k: int = K, n: int = N):
     g = torch.Generator().manual_seed(seed)
     lora_dtype = lora_dtype or dtype
     num_slots = num_slots or len(ranks)
@@ -30,15 +30,15 @@ def _problem(num_tokens: int, dtype: torch.dtype, lora_dtype: torch.dtype | None
     def rand(*shape, dt=dtype):
         return torch.randn(*shape, generator=g).to(dt).to(DEVICE)
 
-    lora_a, lora_b = rand(num_slots, r_max, K, dt=lora_dtype), rand(num_slots, N, r_max, dt=lora_dtype)
+    lora_a, lora_b = rand(num_slots, r_max, k, dt=lora_dtype), rand(num_slots, n, r_max, dt=lora_dtype)
     for i, r in enumerate(ranks):  # the padding past each rank is never to be read
         lora_a[i, r:] = float("nan")
         lora_b[i, :, r:] = float("nan")
     # Ids: every slot and -1, repeated and interleaved.
     ids = torch.randint(-1, num_slots, (num_tokens,), generator=g).to(DEVICE)
     return dict(
-        x=rand(num_tokens, K), weight=rand(N, K) / K**0.5, bias=rand(N) if bias else None,
-        lora_a=lora_a / K**0.5, lora_b=lora_b, scalings=(torch.rand(num_slots, generator=g) + 0.5).to(DEVICE),
+        x=rand(num_tokens, k), weight=rand(n, k) / k**0.5, bias=rand(n) if bias else None,
+        lora_a=lora_a / k**0.5, lora_b=lora_b, scalings=(torch.rand(num_slots, generator=g) + 0.5).to(DEVICE),
         adapter_ids=ids, ranks=torch.tensor(ranks, device=DEVICE),
     )
 
@@ -233,19 +233,52 @@ def test_opcheck_and_compile(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend_name", ["triton", "torch"])
-def test_cuda_graph_decode_replays_with_other_adapters(monkeypatch, backend_name):
-    """A decode step captured once and replayed with another adapter mix (and another slot
-    content) gives the eager result: nothing was read on the host."""
+@pytest.mark.parametrize("num_tokens", [8, 40])  # decode kernels, sorted segments
+def test_cuda_graph_step_replays_with_other_adapters(monkeypatch, backend_name, num_tokens):
+    """A step captured once and replayed with another adapter mix (and another slot content)
+    gives the eager result: nothing was read on the host."""
     monkeypatch.setenv("FASTPEFT_BACKEND", backend_name)
-    p = _problem(8, torch.float16, seed=15)
+    p = _problem(num_tokens, torch.float16, seed=15, k=64, n=96)
     p["lora_a"], p["lora_b"] = p["lora_a"].nan_to_num(0.0), p["lora_b"].nan_to_num(0.0)
     multi_lora_linear(**p)  # warm up (compiles the kernels)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = multi_lora_linear(**p)
     for seed in (16, 17):
-        new = _problem(8, torch.float16, seed=seed)
+        new = _problem(num_tokens, torch.float16, seed=seed, k=64, n=96)
         p["adapter_ids"].copy_(new["adapter_ids"])
         p["lora_a"][1].copy_(new["lora_a"][1].nan_to_num(0.0))
         graph.replay()
         assert_close(y, _reference(p)[0], torch.float16, f"replay {seed}")
+
+
+def _cuda_extension_runs() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    from fastpeft import cuda_ext
+
+    return cuda_ext.available()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend_name", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype,lora_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float16)], ids=str)
+@pytest.mark.parametrize("num_tokens", [5, 67, 600])  # decode, 16-row and 64-row segment tiles
+def test_gpu_kernels_on_aligned_problems(monkeypatch, backend_name, dtype, lora_dtype, num_tokens):
+    """On a GPU the kernels take 16-bit, aligned problems (others take the torch path): bf16 and
+    fp16, PEFT's fp32 adapters, forward and every slot's gradient (``cuda``: the CUDA C++
+    decode kernel for decode-sized forwards, the rest as ``auto``)."""
+    if backend_name == "cuda" and not _cuda_extension_runs():
+        pytest.skip("the CUDA extension is not built")
+    monkeypatch.setenv("FASTPEFT_BACKEND", backend_name)
+    ranks = [16, 5, 64, 0, 33]
+    p = _problem(num_tokens, dtype, lora_dtype, ranks=ranks, seed=20, k=128, n=96)
+    grad = torch.randn(num_tokens, 96, generator=torch.Generator().manual_seed(21)).to(dtype).to(DEVICE)
+    expected, grads = _reference(p, grad)
+    leaves = {k: p[k].clone().requires_grad_() for k in ("x", "lora_a", "lora_b")}
+    y = multi_lora_linear(**{**p, **leaves})
+    assert_close(y, expected, dtype, "y")
+    y.backward(grad)
+    assert_close(leaves["x"].grad, grads["x"], dtype, "dX")
+    for what in ("lora_a", "lora_b"):
+        _slot_grad_close(leaves[what].grad, grads[what], ranks, dtype, what)
