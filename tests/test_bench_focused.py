@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastpeft import backend
-from fastpeft.bench import focused
+from fastpeft.bench import bottleneck, focused, multi_lora
 from fastpeft.bench.__main__ import main as bench_main
 from fastpeft.bench.cases import FORWARD, FORWARD_BACKWARD, LayerShape
 
@@ -208,3 +208,49 @@ def test_cli_usage_errors(argv, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exc:
         bench_main(argv)
     assert exc.value.code == 2
+
+
+# --- the other ops (bottleneck adapter, multi-LoRA) ------------------------------------------
+
+TINY_OPS = (
+    focused.OpFocus(focused.BOTTLENECK, bottleneck.SPEC, (bottleneck.BottleneckCase(1, 16, 4),),
+                    (bottleneck.NAIVE, bottleneck.TORCH, bottleneck.TRITON, bottleneck.LAUNCH)),
+    focused.OpFocus(focused.MULTI_LORA, multi_lora.SPEC, (multi_lora.MultiLoRACase(6, 16, 4, 3, multi_lora.ZIPF),),
+                    (multi_lora.BASE, multi_lora.LOOP, multi_lora.TORCH, multi_lora.CUDA)),
+)
+
+
+def ops_config(**overrides) -> focused.FocusedConfig:
+    settings = {"ms": (5,), "adapter_dtypes": (torch.float32,), "rows": (focused.LINEAR,), "ops": TINY_OPS,
+                "ops_budget_s": 600.0}
+    return tiny_config(**{**settings, **overrides})
+
+
+def test_other_ops_cells_ratios_and_skips_in_the_json(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the Triton row: skipped on CPU, with the reason
+    path = tmp_path / "f.json"
+    focused.run_focused(ops_config(), path, log=lambda _: None)
+    data = json.loads(path.read_text())
+    assert data["schema"] == focused.SCHEMA and set(data["ops"]) == {focused.BOTTLENECK, focused.MULTI_LORA}
+    cells = {(name, t["mode"], t["impl"]): t for name, op in data["ops"].items() for t in op["timings"]}
+    assert cells[(focused.BOTTLENECK, FORWARD, bottleneck.TRITON)]["status"] == "skipped"
+    assert "CUDA device" in cells[(focused.BOTTLENECK, FORWARD, bottleneck.TRITON)]["error"]
+    assert cells[(focused.MULTI_LORA, FORWARD, multi_lora.CUDA)]["status"] == "skipped"
+    measured = [t for t in cells.values() if t["status"] == "ok"]
+    assert len(measured) == 3 + 2 + 3  # naive, torch (both modes), launch (fwd); base, loop, torch
+    assert all(t["method"] == focused.CPU_CLOCK and t["ms"]["low"] <= t["ms"]["value"] for t in measured)
+    torch_fwd = cells[(focused.BOTTLENECK, FORWARD, bottleneck.TORCH)]
+    assert set(torch_fwd["ratios"]) == {bottleneck.VS_NAIVE, bottleneck.X_LAUNCH} and torch_fwd["ratios"]["x launch"]
+    assert any(t["target"].startswith("decode (M=1)") for t in data["ops"][focused.BOTTLENECK]["targets"])
+    lines = focused.ops_lines(data)
+    assert any(line.startswith("multi-lora T=6 hidden=16") and "vs loop" in line for line in lines)
+
+
+def test_other_ops_out_of_budget_are_skipped_and_capture_is_off_for_host_reading_rows(tmp_path):
+    path = tmp_path / "f.json"
+    focused.run_focused(ops_config(ops_budget_s=0.0, budget_s=0.0), path, log=lambda _: None)
+    data = json.loads(path.read_text())
+    errors = {t["error"] for op in data["ops"].values() for t in op["timings"] if t["status"] == "skipped"}
+    assert "time budget" in errors
+    assert not multi_lora.SPEC.row(multi_lora.PEFT).capturable and not multi_lora.SPEC.row(multi_lora.LOOP).capturable
+    assert all(row.capturable for row in bottleneck.SPEC.rows)

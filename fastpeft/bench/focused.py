@@ -37,6 +37,13 @@ whose capture fails is timed eagerly with events around each round instead (``me
 why in ``note``). On
 CPU rounds are timed with ``time.perf_counter`` (the rehearsal: same code, tiny shapes).
 
+Other ops (``config.ops``, right after the profile, before the LoRA grid and within their own
+``ops_budget_s``): the bottleneck adapter's and multi-LoRA's key shapes (``OP_FOCUS``): the cells
+of their targets, with the rows of ``fastpeft.bench.bottleneck`` / ``multi_lora``, timed the same
+way (rotated input sets, CUDA graphs; rows that read ids on the host -- PEFT's mixed batch, the
+per-adapter loop -- eagerly with events, as they run in practice), reported in ``"ops"`` with
+their ratios, bandwidth and target verdicts (``op_bench.op_json``).
+
 Budget: no cell starts after ``budget_s`` (the profile included); the cells left are recorded
 as skipped ("time budget"), a SIGINT (``timeout -s INT``) skips the rest as "interrupted", and
 either way the JSON is written. It is also rewritten after every (adapter dtype, shape, M)
@@ -50,6 +57,7 @@ JSON (schema ``SCHEMA``)::
      "timings": [{"shape", "m", "n", "k", "r", "adapter_dtype", "mode", "impl", "status",
                   "runs", "ms", "reps", "rotation", "method", "note", "tflops",
                   "ratio_to_linear", "ratio_to_peft", "error"}, ...],
+     "ops": {op: {"settings", "interrupted", "rows", "timings", "targets"}},
      "fastest": [{"shape", "m", "n", "k", "adapter_dtype", "mode", "overall", "fastpeft",
                   "fastpeft_ms", "clear"}, ...],
      "profile": {"shape", "m", "n", "k", "adapter_dtype", "mode", "iters", "times", "impls":
@@ -91,10 +99,16 @@ from fastpeft.bench.forced import forced_backend
 from fastpeft.bench.implementations import (
     BASE, COMPILE, PEFT, Implementation, LoRAWeights, build_fastpeft_op, build_implementation, random_weights,
 )
+from fastpeft.bench import bottleneck, multi_lora
+from fastpeft.bench.op_bench import OK as OP_OK
+from fastpeft.bench.op_bench import ERROR as OP_ERROR
+from fastpeft.bench.op_bench import OpRun, OpSpec, analyze_op, op_json, plan
+from fastpeft.bench.op_runs import BOTTLENECK, GRIDS, MULTI_LORA
 from fastpeft.bench.runner import DEFAULT_DROPOUT, describe_error, log_to_stderr, make_step
 from fastpeft.bench.spread import Spread, ratio, spread_json
 
-SCHEMA = "fastpeft-focused/1"
+# /2 added "ops" (the bottleneck adapter and multi-LoRA cells).
+SCHEMA = "fastpeft-focused/2"
 
 LINEAR, FUSED, HYBRID, TORCH = "linear", "fused", "hybrid", "torch"
 OK, ERROR, UNAVAILABLE, SKIPPED = "ok", "error", "unavailable", "skipped"
@@ -169,6 +183,46 @@ TINY_TIMING = RoundTiming(warmup_rounds=1, rep_ms=0.0, min_reps=3, max_reps=3)
 
 
 @dataclass(frozen=True)
+class OpFocus:
+    """The cells of one other op the focused benchmark times: its spec's ``rows`` on ``cases``."""
+
+    name: str
+    spec: OpSpec
+    cases: tuple
+    rows: tuple[str, ...]
+
+
+def _all_rows(spec: OpSpec) -> tuple[str, ...]:
+    return tuple(r.name for r in spec.rows)
+
+
+# The key shapes of the other ops: their targets' cells. Bottleneck: decode and a training batch
+# at Llama width, bottleneck 64 (both modes); multi-LoRA: 64 distinct adapters at decode T = 1
+# and 64 (r 16, and mixed ranks at 64) and a zipf prefill (T = 4096).
+OP_FOCUS = (
+    OpFocus(BOTTLENECK, bottleneck.SPEC, bottleneck.grid((1, 8192), (4096,), (64,)), _all_rows(bottleneck.SPEC)),
+    OpFocus(MULTI_LORA, multi_lora.SPEC, (
+        multi_lora.MultiLoRACase(1, 4096, multi_lora.RANK, 64, multi_lora.DISTINCT),
+        multi_lora.MultiLoRACase(64, 4096, multi_lora.RANK, 64, multi_lora.DISTINCT),
+        multi_lora.MultiLoRACase(64, 4096, multi_lora.MIXED, 64, multi_lora.DISTINCT),
+        multi_lora.MultiLoRACase(4096, 4096, multi_lora.RANK, 64, multi_lora.ZIPF),
+    ), _all_rows(multi_lora.SPEC)),
+)
+# The rehearsal's: the same code on CPU-sized cases, less torch.compile (its CPU compilations
+# would take the whole budget; the LoRA rows exercise the compile row's timing path).
+TINY_OP_FOCUS = (
+    OpFocus(BOTTLENECK, bottleneck.SPEC, bottleneck.grid((1, 64), (64,), (16,)),
+            tuple(r for r in _all_rows(bottleneck.SPEC) if r != bottleneck.COMPILE)),
+    OpFocus(MULTI_LORA, multi_lora.SPEC, (multi_lora.MultiLoRACase(16, 64, multi_lora.MIXED, 8, multi_lora.ZIPF),),
+            _all_rows(multi_lora.SPEC)),
+)
+# 16 bottleneck cells (1 compile graph pair) and 28 multi-LoRA cells (PEFT with 64 adapters
+# built once per set, eager decode cells ~1 ms) fit in 40 s; the LoRA grid keeps the rest.
+GPU_OPS_BUDGET_S = 40.0
+TINY_OPS_BUDGET_S = 30.0
+
+
+@dataclass(frozen=True)
 class FocusedConfig:
     """The grid, the rows, the device, the timing and the budget of one run."""
 
@@ -183,6 +237,8 @@ class FocusedConfig:
     budget_s: float
     profile_m: int
     seed: int = 0
+    ops: tuple[OpFocus, ...] = ()
+    ops_budget_s: float = 0.0
 
 
 # The issue's shapes (q/o, gate/up, down of Llama-3-8B; k/v is the q/o kernel on a narrower N),
@@ -219,6 +275,8 @@ def default_config(device: torch.device, tiny: bool, budget_s: float | None = No
         budget_s=budget_s if budget_s is not None else TINY_BUDGET_S if tiny else GPU_BUDGET_S,
         profile_m=TINY_MS[-1] if tiny else GPU_PROFILE_M,
         seed=seed,
+        ops=TINY_OP_FOCUS if tiny else OP_FOCUS,
+        ops_budget_s=TINY_OPS_BUDGET_S if tiny else GPU_OPS_BUDGET_S,
     )
 
 
@@ -350,9 +408,10 @@ def _capture(steps: Sequence[Callable[[], object]]) -> torch.cuda.CUDAGraph:
 
 
 def time_rounds(steps: Sequence[Callable[[], object]], device: torch.device,
-                timing: RoundTiming) -> tuple[list[float], str, str | None]:
+                timing: RoundTiming, capture: bool = True) -> tuple[list[float], str, str | None]:
     """Milliseconds per call of each timed round of ``steps`` (round time / len(steps)), the
-    method (``GRAPH``, ``EVENTS`` when capture fails, ``CPU_CLOCK``) and why capture failed."""
+    method (``GRAPH``, ``EVENTS`` when capture fails or ``capture`` is False, ``CPU_CLOCK``) and
+    why it was not captured."""
     calls = len(steps)
     if device.type != "cuda":
         for _ in range(timing.warmup_rounds):
@@ -366,6 +425,9 @@ def time_rounds(steps: Sequence[Callable[[], object]], device: torch.device,
             _run_round(steps)
     torch.cuda.current_stream(device).wait_stream(side)
     torch.cuda.synchronize(device)
+    if not capture:
+        times = _timed_rounds_cuda(lambda: _run_round(steps), timing)
+        return [t / calls for t in times], EVENTS, "not capturable: reads device data on the host"
     try:
         graph = _capture(steps)
     except Exception as exc:  # a host sync, an op a graph cannot hold...: time it eagerly
@@ -418,6 +480,7 @@ class FocusedRun:
     interrupted: bool = False
     complete: bool = False
     elapsed_s: float = 0.0
+    ops: dict[str, OpRun] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -429,6 +492,7 @@ class FocusedRun:
             "timings": [_cell_json(c, self.cells) for c in self.cells],
             "fastest": fastest(self.cells),
             "profile": self.profile,
+            "ops": {name: op_json(analyze_op(op)) for name, op in self.ops.items()},
         }
 
 
@@ -511,7 +575,8 @@ def run_focused(config: FocusedConfig, json_path: Path | None = None,
     seconds of the budget."""
     start = time.monotonic()
     deadline = start + config.budget_s
-    run = FocusedRun(config, settings(config), plan_cells(config), {"error": "not run: interrupted"})
+    run = FocusedRun(config, settings(config), plan_cells(config), {"error": "not run: interrupted"},
+                     ops=plan_ops(config))
     for cell in run.cells:
         reason = unavailable_reason(ROWS_BY_NAME[cell.row])
         if reason is not None:
@@ -534,6 +599,10 @@ def run_focused(config: FocusedConfig, json_path: Path | None = None,
             except Exception as exc:  # the grid can still run
                 run.profile = {"error": describe_error(exc)}
             save()
+            ops_deadline = min(deadline, time.monotonic() + config.ops_budget_s)
+            for focus in config.ops:
+                time_op(focus, run.ops[focus.name], config, generator, ops_deadline, log)
+                save()
             for index, ((adapter_dtype, case), cells) in enumerate(groups.items(), 1):
                 if time.monotonic() > deadline:
                     break
@@ -550,10 +619,63 @@ def run_focused(config: FocusedConfig, json_path: Path | None = None,
     for cell in run.cells:
         if cell.status == SKIPPED:
             cell.error = "interrupted" if run.interrupted else "time budget"
+    for op in run.ops.values():
+        op.interrupted = run.interrupted
+        for timing in op.timings:
+            if timing.status == SKIPPED and timing.error is None:
+                timing.error = "interrupted" if run.interrupted else "time budget"
     run.complete = not run.interrupted
     with sigint_ignored():  # the results are in: a time limit's SIGINT must not cut their writing
         save()
     return run
+
+
+def plan_ops(config: FocusedConfig) -> dict[str, OpRun]:
+    """An empty run per other op: its cells planned (rows unavailable here skipped with the
+    reason), its settings (environment, dtype, bandwidth peak, timing)."""
+    return {
+        focus.name: OpRun(focus.spec, {
+            **describe_environment(config.device), **GRIDS[focus.name].settings(config.device, config.dtype),
+            "timing": "median over CUDA-graph replays (eager CUDA events for rows that are not capturable; CPU: "
+                      "perf_counter rounds) of one round over rotated input sets, divided by the rotation",
+            **dataclasses.asdict(config.timing),
+        }, plan(focus.spec, focus.cases, focus.rows, config.device))
+        for focus in config.ops
+    }
+
+
+def time_op(focus: OpFocus, run: OpRun, config: FocusedConfig, generator: torch.Generator, deadline: float,
+            log: Callable[[str], None]) -> None:
+    """Time ``run``'s available cells case by case on rotated input sets (``time_rounds``); the
+    cells reached after ``deadline`` stay skipped."""
+    for case in focus.cases:
+        cells = [c for c in run.timings if c.case == case and c.status == SKIPPED and c.error is None]
+        if not cells or time.monotonic() > deadline:
+            continue
+        log(f"[{focus.name}] {case.label}")
+        try:
+            first = focus.spec.make_problem(case, config.dtype, config.device, generator)
+            count = rotation_count(first.nbytes, cache_bytes(config.device))
+            sets = [first] + [focus.spec.make_problem(case, config.dtype, config.device, generator)
+                              for _ in range(count - 1)]
+        except Exception as exc:  # e.g. out of memory: this case's cells failed, the next may fit
+            for cell in cells:
+                cell.status, cell.error = OP_ERROR, f"making the inputs: {describe_error(exc)}"
+            continue
+        for cell in cells:
+            if time.monotonic() > deadline:
+                break
+            row = focus.spec.row(cell.row)
+            try:
+                steps = [row.build(problem, cell.mode) for problem in sets]
+                samples, cell.method, cell.note = time_rounds(steps, config.device, config.timing,
+                                                              capture=row.capturable)
+                cell.ms, cell.reps, cell.status = Spread.of_samples(samples), len(samples), OP_OK
+            except Exception as exc:  # one broken row must not stop the others
+                cell.status, cell.error = OP_ERROR, describe_error(exc)
+                log(f"  {cell.mode} {cell.row} failed: {cell.error}")
+        del sets, first
+        _release(config.device)
 
 
 @contextlib.contextmanager
@@ -736,6 +858,38 @@ def ratios_table(data: dict[str, Any]) -> list[str]:
             for line in lines]
 
 
+def ops_lines(data: dict[str, Any]) -> list[str]:
+    """The other ops' cells in the focused JSON as text: one line per (op, case, mode) with each
+    measured row's ms and ratios, then each target verdict."""
+    lines = []
+    for name, op in data.get("ops", {}).items():
+        by_cell: dict[tuple, list[dict]] = {}
+        for t in op["timings"]:
+            key = tuple((k, v) for k, v in t.items() if k not in OP_TIMING_KEYS)
+            by_cell.setdefault((key, t["mode"]), []).append(t)
+        for (key, mode), timings in by_cell.items():
+            measured = []
+            for t in timings:
+                if t["status"] != OP_OK:
+                    continue
+                ratios = "".join(f", {label} {r['value']:.3g}" for label, r in {**t["ratios"], **t["metrics"]}.items()
+                                 if r is not None and not r["low"] == r["high"] == 1.0)  # not its own reference
+                measured.append(f"{t['impl']} {t['ms']['value']:.4g} ms{ratios}")
+            if measured:
+                case = " ".join(f"{k}={v}" for k, v in key)
+                lines.append(f"{name} {case} {mode}: " + "; ".join(measured))
+        lines += [f"{name} target {t['target']} [{t['impl']}] "
+                  + " ".join(f"{k}={t[k]}" for k in t if k not in OP_TARGET_KEYS)
+                  + f": {t['value']['value']:.3g} ({t['value']['low']:.3g}-{t['value']['high']:.3g}) {t['verdict']}"
+                  for t in op["targets"]]
+    return lines
+
+
+# The keys of an op timing / target in the JSON that are not the case's fields.
+OP_TIMING_KEYS = {"mode", "impl", "status", "ms", "reps", "method", "note", "ratios", "metrics", "error"}
+OP_TARGET_KEYS = {"mode", "impl", "target", "value", "verdict"}
+
+
 def counts(data: dict[str, Any], field: str = "status") -> dict[str, int]:
     """Cells per value of ``field`` (status, or the timing method of the measured ones)."""
     out: dict[str, int] = {}
@@ -783,7 +937,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = default_config(device, args.tiny, args.budget_s, args.seed)
     run = run_focused(config, args.json)
     data = run.to_json()
-    print("\n".join(ratios_table(data)))
+    print("\n".join(ratios_table(data) + ops_lines(data)))
     print(f"cells: {counts(data)}  ({run.elapsed_s:.0f} s{', interrupted' if run.interrupted else ''})")
     written = [args.json]
     if args.dispatch_input is not None:

@@ -270,9 +270,9 @@ def _kernel_unavailable(choice: str):
 ROWS: tuple[OpRow, ...] = (
     OpRow(BASE, "F.linear(x, W, b) alone: the floor", _forward_row(_base)),
     OpRow(PEFT, "HF PEFT lora.Linear with L adapters, mixed batch (adapter_names= one per token)",
-          _forward_row(_peft), _peft_unavailable),
+          _forward_row(_peft), _peft_unavailable, capturable=False),
     OpRow(LOOP, "per-adapter loop in PyTorch: gather the adapter's tokens, two GEMMs, index_add_",
-          _forward_row(_loop)),
+          _forward_row(_loop), capturable=False),
     OpRow(PADDED, "vLLM-style padded rank: every adapter padded to the largest rank, A and B gathered per token, "
                   f"two bmm (chunks of {PADDED_CHUNK} tokens)", _forward_row(_padded)),
     OpRow(TORCH, "fastpeft.ops.multi_lora_linear, FASTPEFT_BACKEND=torch (grouped torch path)",

@@ -63,13 +63,16 @@ Step = Callable[[], object]
 class OpRow:
     """One implementation. ``build(problem, mode)`` returns the zero-argument step timed in
     ``mode``; ``unavailable(device)`` says why it cannot run on ``device`` (None: it can);
-    ``applies(case, mode)`` limits it to some cells (e.g. the launch floor to decode)."""
+    ``applies(case, mode)`` limits it to some cells (e.g. the launch floor to decode);
+    ``capturable`` False: it reads device data on the host, so the focused benchmark times it
+    eagerly instead of in a CUDA graph."""
 
     name: str
     description: str
     build: Callable[[Any, str], Step]
     unavailable: Callable[[torch.device], str | None] = lambda device: None
     applies: Callable[[Any, str], bool] = lambda case, mode: True
+    capturable: bool = True
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,8 @@ class OpTiming:
     ms: Spread | None = None
     reps: int = 0
     error: str | None = None
+    method: str | None = None
+    note: str | None = None
 
 
 @dataclass
@@ -367,7 +372,7 @@ def op_json(analysis: OpAnalysis) -> dict[str, Any]:
         "rows": {r.name: r.description for r in analysis.run.spec.rows},
         "timings": [
             {**r.timing.case.fields(), "mode": r.timing.mode, "impl": r.timing.row, "status": r.timing.status,
-             "ms": spread_json(r.timing.ms), "reps": r.timing.reps,
+             "ms": spread_json(r.timing.ms), "reps": r.timing.reps, "method": r.timing.method, "note": r.timing.note,
              "ratios": {k: spread_json(v) for k, v in r.ratios.items()},
              "metrics": {k: spread_json(v) for k, v in r.metrics.items()}, "error": r.timing.error}
             for r in analysis.rows

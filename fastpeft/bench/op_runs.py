@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from fastpeft.bench import bottleneck, multi_lora
 from fastpeft.bench.environment import describe_environment
 from fastpeft.bench.op_bench import OpAnalysis, OpSpec, analyze_op, run_op_benchmark
@@ -32,17 +34,17 @@ class OpGrids:
     cpu: tuple
     quick: tuple
     not_quick: tuple[str, ...]
-    settings: Callable[[BenchConfig], dict[str, Any]]
+    settings: Callable[[torch.device, torch.dtype], dict[str, Any]]
 
 
 GRIDS: dict[str, OpGrids] = {
     BOTTLENECK: OpGrids(
         bottleneck.SPEC, bottleneck.GPU_CASES, bottleneck.CPU_CASES, bottleneck.QUICK_CASES, (bottleneck.COMPILE,),
-        lambda c: bottleneck.settings(c.device, c.dtype, device_peak_gb_s(c.device)),
+        lambda device, dtype: bottleneck.settings(device, dtype, device_peak_gb_s(device)),
     ),
     MULTI_LORA: OpGrids(
         multi_lora.SPEC, multi_lora.GPU_CASES, multi_lora.CPU_CASES, multi_lora.QUICK_CASES, (),
-        lambda c: multi_lora.settings(c.dtype),
+        lambda device, dtype: multi_lora.settings(dtype),
     ),
 }
 
@@ -63,7 +65,7 @@ def run_ops(ops: tuple[str, ...], config: BenchConfig, quick: bool,
             continue
         grids = GRIDS[name]
         rows = [r.name for r in grids.spec.rows if not (quick and r.name in grids.not_quick)]
-        settings = {**describe_environment(config.device), **grids.settings(config),
+        settings = {**describe_environment(config.device), **grids.settings(config.device, config.dtype),
                     "timing_budget": vars(config.budget), "seed": config.seed}
         run = run_op_benchmark(grids.spec, cases_for(grids, config, quick), rows, config.device, config.dtype,
                                config.budget, settings, config.seed, log)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from fastpeft.bench.focused import SCHEMA as FOCUSED_SCHEMA
-from fastpeft.bench.focused import counts, ratios_table
+from fastpeft.bench.focused import counts, ops_lines, ratios_table
 
 # A lent GPU machine brings back at most 8 files from its results folder.
 MAX_RESULT_FILES = 8
@@ -218,6 +218,7 @@ def summarize(results: Path, steps: Sequence[Step], junit: dict[str, Path],
                      " range); peft/fastest: PEFT's time over it")
         lines += [f"  {line}" for line in ratios_table(focused)]
         lines += _profile_lines(focused.get("profile", {}))
+        lines += _ops_summary(focused)
 
     lines += ["", f"grid and end-to-end case ({BENCH}):"]
     grid = by_name.get("grid")
@@ -266,6 +267,23 @@ def _cell_messages(focused: dict[str, Any]) -> list[str]:
             seen.setdefault(("eager", t["note"]), []).append(t["impl"])
     return [f"  {kind} x{len(rows)} ({', '.join(dict.fromkeys(rows))}): {message}"
             for (kind, message), rows in seen.items()]
+
+
+def _ops_summary(focused: dict[str, Any]) -> list[str]:
+    """The bottleneck adapter's and multi-LoRA's focused cells: counts per status, then their
+    times, ratios and target verdicts (``focused.ops_lines``)."""
+    ops = focused.get("ops", {})
+    if not ops:
+        return ["  other ops: none in this run"]
+    lines = ["  other ops (cells per status; ms, ratios and targets):"]
+    for name, op in ops.items():
+        status: dict[str, int] = {}
+        for t in op["timings"]:
+            status[t["status"]] = status.get(t["status"], 0) + 1
+        lines.append(f"    {name}: {status}")
+        failures = dict.fromkeys(f"{t['impl']}: {t['error']}" for t in op["timings"] if t["status"] == "error")
+        lines += [f"    {name} failed {failure}" for failure in failures]
+    return lines + [f"    {line}" for line in ops_lines(focused)]
 
 
 def _profile_lines(profile: dict[str, Any]) -> list[str]:
