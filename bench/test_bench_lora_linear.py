@@ -22,6 +22,7 @@ from fastpeft.bench.implementations import (
 )
 from fastpeft.bench.memory import measure_saved_activations, saved_elements_limit, saved_mask_bytes_limit
 from fastpeft.bench.runner import DEFAULT_DROPOUT, SAVED_ACTIVATIONS_DROPOUT, make_inputs, make_step
+from fastpeft.bench.timing import synchronized
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -42,17 +43,6 @@ def case_tensors(case: BenchCase) -> tuple[LoRAWeights, torch.Tensor, torch.Tens
     return (weights, *make_inputs(case, DTYPE, DEVICE, generator))
 
 
-def _synchronized(step):
-    if DEVICE.type != "cuda":
-        return step
-
-    def step_and_wait():
-        step()
-        torch.cuda.synchronize(DEVICE)
-
-    return step_and_wait
-
-
 @pytest.mark.parametrize(
     ("case", "mode", "impl"),
     [
@@ -68,7 +58,7 @@ def test_lora_linear(benchmark, case: BenchCase, mode: str, impl: str) -> None:
     benchmark.group = f"{case.label} {mode}"
     r = 0 if impl == BASE else case.r
     benchmark.extra_info["flops"] = lora_flops(case.m, case.shape.out_features, case.shape.in_features, r, mode)
-    benchmark(_synchronized(make_step(implementation, x, dy, mode)))
+    benchmark(synchronized(make_step(implementation, x, dy, mode), DEVICE))
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

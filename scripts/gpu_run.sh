@@ -12,24 +12,35 @@
 # before TOTAL_BUDGET, less what the steps after it need; a step stopped at its limit gets
 # SIGINT, then SIGKILL KILL_AFTER later):
 #   env        versions, nvidia-smi, nvcc                                   20  -> env.txt
-#   build      CMake build of the optional CUDA extension, when csrc/ has sources   60  -> env.txt
-#   tests_gpu  tests/test_gpu.py on the GPU first: fused and hybrid kernels against float64
-#              (bf16, fp16, fp32 adapters, every gradient, dropout, CUDA graphs, no host
-#              sync, determinism), 2 workers, 60 s per test, no -x          200 -> tests.log
+#   build      CMake build of the optional CUDA extension, when csrc/ has sources and nvcc,
+#              cmake, ninja and pybind11 are there (else it says what is missing; the
+#              rehearsal only configures)                                    60  -> env.txt
+#   tests_gpu  the GPU tests first (GPU_TESTS: tests/test_gpu.py, every file with the gpu
+#              marker -- tests/test_cuda_gpu.py --, and the bottleneck-adapter and multi-LoRA
+#              op tests, tests/test_bottleneck_*.py and tests/test_multi_lora_*.py, which run
+#              on the GPU's tensors there): fused, hybrid, bottleneck, multi-LoRA and CUDA C++
+#              kernels against float64 (bf16, fp16, fp32 adapters, every gradient, dropout,
+#              CUDA graphs, no host sync, determinism), 4 workers, 60 s per test, no -x,
+#              skip reasons listed (-rs)                                      240 -> tests.log
 #   tests_cpu  beside it, the rest of the suite on CPU tensors (GPU hidden, so the kernels run
 #              in Triton's interpreter as in CI), 10 workers, 120 s per test 150 -> tests.log
-#   focused    fastpeft bench --focused alone on the machine: F.linear, fused, hybrid, torch
-#              path, PEFT, torch.compile on Llama-3-8B shapes, profiler table; its own
-#              180 s budget, JSON written even when cut                     210 -> focused.json, bench.log
-#   grid       fastpeft bench (end-to-end step, then the grid) with the kernels forced
-#              (FASTPEFT_BACKEND=triton): the time left, at least GRID_MIN  rest -> bench.json, bench.md, bench.log
+#   focused    fastpeft bench --focused alone on the machine: the bottleneck adapter's and
+#              multi-LoRA's key shapes first (40 s of the budget: fused Triton / CUDA C++ /
+#              torch path against AdapterHub's module, torch.compile and the launch floor;
+#              against PEFT's mixed batch, a loop, vLLM-style padded ranks and F.linear), then
+#              F.linear, fused, hybrid, torch path, PEFT, torch.compile on Llama-3-8B shapes,
+#              profiler table; its own 180 s budget, JSON written even when cut
+#                                                                           210 -> focused.json, bench.log
+#   grid       fastpeft bench (end-to-end step, then the LoRA grid, the bottleneck adapter
+#              and multi-LoRA grids) with the kernels forced (FASTPEFT_BACKEND=triton): the
+#              time left, at least GRID_MIN                                  rest -> bench.json, bench.md, bench.log
 #   dispatch   a dispatch table from the focused timings (fp32 adapters),
 #              when python -m fastpeft.kernels.lora.dispatch can write one    20 -> dispatch.json
 #   summary    GPU, driver, versions, each step, test counts per group,
 #              the focused ratio table; the plumbing verdict                 20 -> summary.txt
 # That is at most 8 files, no subfolders. Everything ends by TOTAL_BUDGET (7 min) plus at most
-# 3 x KILL_AFTER: under 8 minutes. Expected on an H200: 2-3 min of tests, 3.5 min focused, the
-# grid in what is left (none when the tests take their whole 200 s). The ahead-of-time compile
+# 3 x KILL_AFTER: under 8 minutes. Expected on an H200: 2-3.5 min of tests, 3.5 min focused, the
+# grid in what is left (none when the tests take their whole limit). The ahead-of-time compile
 # check (fastpeft check) is CI's.
 #
 # Exit status: 0 unless the plumbing failed (a step crashed or could not start, the GPU tests
@@ -37,7 +48,9 @@
 # cells are results, recorded in summary.txt (fastpeft/bench/run_summary.py).
 #
 # --rehearse runs the same steps on CPU (the GPU hidden even where there is one): the GPU
-# tests are collected and skip, the CPU group runs one quick file, the focused benchmark runs
+# group's files are collected with -m gpu (their gpu-marked tests skip; the others, which would
+# run in Triton's interpreter, are deselected), the CPU group runs one quick file, the focused
+# benchmark runs
 # tiny shapes (--tiny), the grid is stopped by its time guard, the dispatch table is written
 # for sm_90 from CPU timings (plumbing only), all in about 3 minutes on two cores.
 set -u -o pipefail
@@ -59,7 +72,7 @@ mkdir -p "$RESULTS_ARG" || exit 2
 RESULTS=$(cd "$RESULTS_ARG" && pwd)
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 2
-export ROOT PY=${PYTHON:-python3}
+export ROOT PY=${PYTHON:-python3} REHEARSE
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 WORK=$(mktemp -d)
@@ -81,18 +94,19 @@ MIN_STEP=10
 # env: a few commands and one torch import. build: a CMake build of a few .cu files on 16 cores.
 ENV_LIMIT=20
 BUILD_LIMIT=60
-# GPU tests: ~400 tests, each well under a second once its kernels are compiled; the Triton
-# JIT (~1-2 s per kernel configuration, a few hundred of them over 2 processes) dominates.
-# 60 s per test catches a hang (thread method: a blocked CUDA call cannot take a signal).
-TESTS_GPU_LIMIT=200
-TESTS_GPU_WORKERS=2
+# GPU tests: ~1000 tests (LoRA, bottleneck, multi-LoRA, CUDA C++), each well under a second
+# once its kernels are compiled; the Triton JIT (~1-2 s per kernel configuration, a few hundred
+# of them) dominates, over 4 processes (it is CPU-bound: 4 of the 16 cores). 60 s per test
+# catches a hang (thread method: a blocked CUDA call cannot take a signal).
+TESTS_GPU_LIMIT=240
+TESTS_GPU_WORKERS=4
 TESTS_GPU_PER_TEST=60
-# CPU tests: CI's ~6-10 CPU-minutes (3-5 min on 2 workers) over 10 of the 16 cores, one torch
+# CPU tests: CI's ~6-10 CPU-minutes (3-5 min on 2 workers) over 8 of the 16 cores, one torch
 # thread each (the other cores: the GPU group and its compiles). It runs beside the GPU group,
 # so its limit keeps it from holding up the focused benchmark; 120 s per test for the slowest
 # interpreter and training-parity tests.
 TESTS_CPU_LIMIT=150
-TESTS_CPU_WORKERS=10
+TESTS_CPU_WORKERS=8
 TESTS_CPU_PER_TEST=120
 # The focused benchmark's own budget (no cell starts after it) and the step's limit: 30 s more
 # for the cell in flight (a torch.compile can take that long) and the JSON.
@@ -104,7 +118,14 @@ DISPATCH_LIMIT=20
 SUMMARY_LIMIT=20
 # What the steps after the focused benchmark need at the least: dispatch and summary.
 FINAL_RESERVE=$((DISPATCH_LIMIT + SUMMARY_LIMIT))
-TESTS_CPU_SELECTION=(tests --ignore=tests/test_gpu.py --ignore=tests/test_gpu_script.py)
+# The GPU group: test_gpu.py, the files with the gpu marker, the bottleneck and multi-LoRA op
+# tests (their DEVICE is the GPU there), each once.
+mapfile -t GPU_TESTS < <(printf '%s\n' tests/test_gpu.py $(grep -l -E 'pytest\.mark\.gpu\b' tests/test_*.py) \
+    tests/test_bottleneck_*.py tests/test_multi_lora_*.py | awk '!seen[$0]++')
+GPU_MARK=()
+# The CPU group: the rest, with the GPU hidden (the GPU-only files would only skip).
+TESTS_CPU_SELECTION=(tests --ignore=tests/test_gpu_script.py)
+for f in $(grep -l -E 'pytest\.mark\.gpu\b' tests/test_*.py); do TESTS_CPU_SELECTION+=(--ignore="$f"); done
 GRID_ENV=(FASTPEFT_BACKEND=triton)
 FOCUSED_ARGS=()
 DISPATCH_ARGS=()
@@ -115,6 +136,8 @@ if [ "$REHEARSE" -eq 1 ]; then
     export CUDA_VISIBLE_DEVICES=""
     TESTS_CPU_WORKERS=2
     TESTS_CPU_SELECTION=(tests/test_backend.py)
+    # Collect every GPU-group file; keep only its gpu-marked tests (they skip without CUDA).
+    GPU_MARK=(-m gpu)
     FOCUSED_BUDGET=60
     FOCUSED_ARGS=(--tiny)
     GRID_REHEARSAL_LIMIT=40
@@ -179,11 +202,23 @@ build_extension() {
         echo "csrc/ has no sources: nothing to build; fastpeft is pure Python (PYTHONPATH=$ROOT)"
         return 0
     fi
-    # Installs fastpeft/_C*.so into the source tree (CMakeLists: install(... DESTINATION fastpeft)).
+    # What the build needs; without it the extension is not built (a result, not a plumbing
+    # failure: the CUDA C++ rows and tests then report "fastpeft._C was not built").
+    local missing=() tool
+    for tool in nvcc cmake ninja; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+    "$PY" -m pybind11 --cmakedir >/dev/null 2>&1 || missing+=("pybind11 (python module)")
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "CUDA extension not built: ${missing[*]} not found"
+        return 0
+    fi
     cmake -S . -B build/gpu_run -G Ninja -DCMAKE_BUILD_TYPE=Release \
-        -DPython_EXECUTABLE="$(command -v "$PY")" -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" \
-        && cmake --build build/gpu_run \
-        && cmake --install build/gpu_run --prefix "$ROOT"
+        -DPython_EXECUTABLE="$(command -v "$PY")" -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" || return
+    if [ "$REHEARSE" -eq 1 ]; then
+        echo "rehearsal: CMake configured the CUDA extension; not compiled (minutes of nvcc on two cores)"
+        return 0
+    fi
+    # Installs fastpeft/_C*.so into the source tree (CMakeLists: install(... DESTINATION fastpeft)).
+    cmake --build build/gpu_run && cmake --install build/gpu_run --prefix "$ROOT"
 }
 export -f show_environment build_extension
 
@@ -211,7 +246,7 @@ tests_reserve=$((FOCUSED_BUDGET / 2 + FINAL_RESERVE))
     run_step tests_cpu "$(limit "$TESTS_CPU_LIMIT" "$tests_reserve")" "$WORK/tests_cpu.log" "${PYTEST[@]}"
 ) &
 cpu_tests=$!
-pytest_args gpu "$TESTS_GPU_WORKERS" "$TESTS_GPU_PER_TEST" tests/test_gpu.py
+pytest_args gpu "$TESTS_GPU_WORKERS" "$TESTS_GPU_PER_TEST" -rs "${GPU_MARK[@]}" "${GPU_TESTS[@]}"
 # cuBLAS's workspace setting for deterministic GEMMs, read once per process (the determinism test).
 run_step tests_gpu "$(limit "$TESTS_GPU_LIMIT" "$tests_reserve")" "$RESULTS/tests.log" \
     env CUBLAS_WORKSPACE_CONFIG=:4096:8 "${PYTEST[@]}"

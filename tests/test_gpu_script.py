@@ -3,7 +3,8 @@
 - the script parses and refuses bad arguments;
 - the summary's plumbing verdict: which exit statuses are results, which are problems;
 - the outputs of a rehearsal (``scripts/gpu_run.sh --rehearse DIR``, about 3 minutes on two
-  cores): .ci/run runs it and points ``FASTPEFT_REHEARSAL_DIR`` at DIR; without that variable
+  cores), the bottleneck-adapter and multi-LoRA steps included (their GPU test files collected,
+  their focused cells): .ci/run runs it and points ``FASTPEFT_REHEARSAL_DIR`` at DIR; without that variable
   the test is skipped, so the plain suite does not pay for a second run of the whole script.
 """
 
@@ -135,13 +136,45 @@ def test_rehearsal_wrote_the_expected_files_and_no_plumbing_problem(rehearsal):
 def test_rehearsal_focused_json_schema(rehearsal):
     data = json.loads((rehearsal / "focused.json").read_text())
     assert data["schema"] == focused.SCHEMA
-    assert set(data) == {"schema", "complete", "interrupted", "elapsed_s", "settings", "timings", "fastest", "profile"}
+    assert set(data) == {"schema", "complete", "interrupted", "elapsed_s", "settings", "timings", "fastest", "profile",
+                         "ops"}
     assert data["settings"]["dtype"] == "bfloat16" and data["settings"]["adapter_dtypes"] == ["float32", "bfloat16"]
     assert set(data["settings"]["rows"]) == {row.name for row in focused.ROWS}
     assert {t["status"] for t in data["timings"]} <= {focused.OK, focused.SKIPPED, focused.UNAVAILABLE}
     assert any(t["status"] == focused.OK for t in data["timings"])
     assert set(data["profile"]["impls"]) == set(data["settings"]["rows"])
     assert all(entry["error"] is None or row == focused.HYBRID for row, entry in data["profile"]["impls"].items())
+
+
+def test_rehearsal_focused_ran_the_bottleneck_and_multi_lora_cells(rehearsal):
+    """The focused run's other ops: every planned row of each is measured or skipped with a
+    reason (the kernel rows: no CUDA device), fastpeft's torch path measured, in the summary."""
+    data = json.loads((rehearsal / "focused.json").read_text())
+    assert set(data["ops"]) == {focus.name for focus in focused.TINY_OP_FOCUS}
+    for focus in focused.TINY_OP_FOCUS:
+        op = data["ops"][focus.name]
+        assert {t["impl"] for t in op["timings"]} == set(focus.rows)
+        assert {t["status"] for t in op["timings"]} <= {"ok", "skipped"}
+        assert any(t["impl"] == "torch" and t["status"] == "ok" for t in op["timings"])
+        assert all(t["error"] for t in op["timings"] if t["status"] == "skipped")
+        assert any(t["status"] == "skipped" and "CUDA device" in t["error"] for t in op["timings"])
+    summary = (rehearsal / "summary.txt").read_text()
+    assert "other ops (cells per status" in summary
+    assert all(f"    {focus.name}: " in summary for focus in focused.TINY_OP_FOCUS)
+
+
+def test_rehearsal_gpu_group_collected_the_new_gpu_tests(rehearsal):
+    """The GPU step's command line names the bottleneck, multi-LoRA and CUDA C++ test files and
+    every file with the gpu marker, and its skip list shows they were collected."""
+    log = (rehearsal / "tests.log").read_text()
+    command = next(line for line in log.splitlines() if line.startswith("== tests_gpu: "))
+    marked = [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "tests").glob("test_*.py"))
+              if re.search(r"pytest\.mark\.gpu\b", p.read_text())]
+    expected = ["tests/test_gpu.py", "tests/test_cuda_gpu.py", *marked,
+                *(p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "tests").glob("test_bottleneck_*.py"))),
+                *(p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "tests").glob("test_multi_lora_*.py")))]
+    assert all(f" {name}" in command for name in expected), command
+    assert "SKIPPED" in log and "tests/test_cuda_gpu.py" in log.split("== tests_gpu: ", 1)[1]
 
 
 def test_rehearsal_bench_and_dispatch_json(rehearsal):

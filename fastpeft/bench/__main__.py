@@ -7,9 +7,10 @@ torch path against AdapterHub's module and its torch.compile, with the memory ro
 GPU) and the multi-LoRA mixed batch (against HF PEFT's adapter_names batch, a per-adapter loop
 and vLLM-style padded ranks, over the base linear). The full default run also has the
 end-to-end case (run first): one LoRA training step of a Llama model, fastpeft vs PEFT (~1.1B
-parameters in bf16 on a GPU, a small fp32 one on CPU); --e2e runs only that case. --focused runs the focused kernel benchmark instead
-(``fastpeft.bench.focused``: fused / hybrid / torch path against F.linear, PEFT and
-torch.compile, CUDA-graph timed, within a time budget; its options: --focused --help).
+parameters in bf16 on a GPU, a small fp32 one on CPU); --e2e runs only that case. --focused
+runs the focused kernel benchmark instead (``fastpeft.bench.focused``: fused / hybrid / torch
+path against F.linear, PEFT and torch.compile, and the other ops' key shapes, CUDA-graph timed,
+within a time budget; its options: --focused --help).
 """
 
 from __future__ import annotations

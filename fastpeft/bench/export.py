@@ -9,7 +9,8 @@ ran, ``"e2e"`` (see ``e2e.e2e_json``) when the end-to-end case ran. Every time a
 is ``{"value", "low", "high"}`` (``spread_json``): a time's median and interquartile range over
 its ``reps`` timed calls, a ratio of medians and the range the two timings' ranges allow; every
 target has a ``"verdict"``: "met", "missed" or "inconclusive" (the range reaches the limit).
-``"ops"`` is there when another op ran (``/3`` had no ``"ops"``); ``/2`` had plain numbers (``median_ms``) and a boolean ``"met"`` instead."""
+``"ops"`` is there when another op ran (``/3`` had no ``"ops"``); ``/2`` had plain numbers
+(``median_ms``) and a boolean ``"met"`` instead."""
 
 from __future__ import annotations
 

@@ -80,7 +80,6 @@ import dataclasses
 import importlib.util
 import json
 import math
-import os
 import signal
 import sys
 import time

@@ -94,3 +94,17 @@ def timed_calls_ms(fn: Callable[[], object], device: torch.device, budget: Timin
     reps = min(max(math.ceil(budget.rep_ms / estimate_ms), budget.min_reps), budget.max_reps)
     call_times_ms(fn, warmup_calls, device)
     return call_times_ms(fn, reps, device)
+
+
+def synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``fn`` followed by a device synchronization on CUDA (for host-clock timers such as
+    pytest-benchmark's); ``fn`` itself elsewhere."""
+    if device.type != "cuda":
+        return fn
+
+    def call_and_wait() -> object:
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return call_and_wait
