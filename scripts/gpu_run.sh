@@ -25,7 +25,7 @@
 #   tests_cpu  beside it, the rest of the suite on CPU tensors (GPU hidden, so the kernels run
 #              in Triton's interpreter as in CI), 10 workers, 120 s per test 150 -> tests.log
 #   focused    fastpeft bench --focused alone on the machine: the bottleneck adapter's and
-#              multi-LoRA's key shapes first (40 s of the budget: fused Triton / CUDA C++ /
+#              multi-LoRA's key shapes first (60 s of the budget: fused Triton / CUDA C++ /
 #              torch path against AdapterHub's module, torch.compile and the launch floor;
 #              against PEFT's mixed batch, a loop, vLLM-style padded ranks and F.linear), then
 #              F.linear, fused, hybrid, torch path, PEFT, torch.compile on Llama-3-8B shapes,

@@ -15,6 +15,7 @@ from fastpeft import backend
 from fastpeft.bench import bottleneck, focused, multi_lora
 from fastpeft.bench.__main__ import main as bench_main
 from fastpeft.bench.cases import FORWARD, FORWARD_BACKWARD, LayerShape
+from fastpeft.bench.op_bench import OpRow
 
 CPU = torch.device("cpu")
 TINY = LayerShape("tiny", 24, 40)  # K = 24, N = 40
@@ -254,3 +255,25 @@ def test_other_ops_out_of_budget_are_skipped_and_capture_is_off_for_host_reading
     assert "time budget" in errors
     assert not multi_lora.SPEC.row(multi_lora.PEFT).capturable and not multi_lora.SPEC.row(multi_lora.LOOP).capturable
     assert all(row.capturable for row in bottleneck.SPEC.rows)
+
+
+def test_compiling_rows_run_after_every_other_ops_cell(tmp_path):
+    """torch.compile's rows (``compiles``) come after all other ops' cells, so their compile time
+    cannot crowd the others out of the ops budget."""
+    order = []
+
+    def recording(name, compiles=False):
+        def build(problem, mode):
+            order.append(name)
+            return lambda: None
+
+        return OpRow(name, name, build, compiles=compiles)
+
+    spec = dataclasses.replace(bottleneck.SPEC, rows=(recording("slow", compiles=True), recording("fast")),
+                               modes=(FORWARD,))
+    other = dataclasses.replace(multi_lora.SPEC, rows=(recording("other"),))
+    ops = (focused.OpFocus(focused.BOTTLENECK, spec, (bottleneck.BottleneckCase(1, 8, 2),), ("slow", "fast")),
+           focused.OpFocus(focused.MULTI_LORA, other, (multi_lora.MultiLoRACase(2, 8, 2, 2, "distinct"),), ("other",)))
+    focused.run_focused(ops_config(ops=ops), tmp_path / "f.json", log=lambda _: None)
+    first = list(dict.fromkeys(order))
+    assert first == ["fast", "other", "slow"]

@@ -224,7 +224,7 @@ def _roofline(case: BottleneckCase, mode: str, row: str, ms: Spread, settings: d
 ROWS: tuple[OpRow, ...] = (
     OpRow(NAIVE, "AdapterHub's Adapter module structure in plain PyTorch: Linear down, ReLU, Linear up, "
                  "scale, residual add", _module_row(compiled=False)),
-    OpRow(COMPILE, "torch.compile(dynamic=True) of that module", _module_row(compiled=True)),
+    OpRow(COMPILE, "torch.compile(dynamic=True) of that module", _module_row(compiled=True), compiles=True),
     OpRow(TORCH, "fastpeft.ops.bottleneck_adapter, torch path", _op_row("torch")),
     OpRow(TRITON, "fastpeft.ops.bottleneck_adapter, fused Triton kernels", _op_row("triton"), _triton_unavailable),
     OpRow(CUDA, "fastpeft.ops.bottleneck_adapter, CUDA C++ kernels (fastpeft._C)", _op_row("cuda"),

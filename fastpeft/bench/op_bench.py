@@ -65,7 +65,8 @@ class OpRow:
     ``mode``; ``unavailable(device)`` says why it cannot run on ``device`` (None: it can);
     ``applies(case, mode)`` limits it to some cells (e.g. the launch floor to decode);
     ``capturable`` False: it reads device data on the host, so the focused benchmark times it
-    eagerly instead of in a CUDA graph."""
+    eagerly instead of in a CUDA graph; ``compiles``: its first calls compile for seconds to
+    minutes (torch.compile), so the focused benchmark times it after the others."""
 
     name: str
     description: str
@@ -73,6 +74,7 @@ class OpRow:
     unavailable: Callable[[torch.device], str | None] = lambda device: None
     applies: Callable[[Any, str], bool] = lambda case, mode: True
     capturable: bool = True
+    compiles: bool = False
 
 
 @dataclass(frozen=True)
