@@ -4,8 +4,9 @@ bottleneck`` runs; see ``fastpeft.bench.bottleneck``).
     pytest bench/test_bench_bottleneck.py                          # timed
     pytest bench/test_bench_bottleneck.py --benchmark-disable -q   # smoke: every cell once
 
-On CUDA: the GPU grid in bf16; on CPU: the CPU grid in fp32. Rows that cannot run here (the
-Triton and CUDA C++ kernels on CPU) skip with the reason. ``fastpeft bench`` is the reference
+On CUDA: the GPU grid in bf16; on CPU: the ``--quick`` cases in fp32 without torch.compile (CI
+runs this suite once per cell; ``fastpeft bench`` has the CPU grid). Rows that cannot run here
+(the Triton and CUDA C++ kernels on CPU) skip with the reason. ``fastpeft bench`` is the reference
 measurement (ratios, ranges, bandwidth, targets); this suite feeds pytest-benchmark's history.
 """
 
@@ -16,14 +17,17 @@ import functools
 import pytest
 import torch
 
-from fastpeft.bench import bottleneck
+from fastpeft.bench import bottleneck, op_runs
 from fastpeft.bench.op_bench import plan
 from fastpeft.bench.timing import synchronized
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-CASES = bottleneck.GPU_CASES if DEVICE.type == "cuda" else bottleneck.CPU_CASES
-CELLS = plan(bottleneck.SPEC, CASES, bottleneck.ROW_NAMES, DEVICE)
+GRIDS = op_runs.GRIDS[op_runs.BOTTLENECK]
+QUICK = DEVICE.type != "cuda"
+CASES = GRIDS.quick if QUICK else GRIDS.gpu
+ROWS = [name for name in bottleneck.ROW_NAMES if not (QUICK and name in GRIDS.not_quick)]
+CELLS = plan(bottleneck.SPEC, CASES, ROWS, DEVICE)
 
 
 @functools.lru_cache(maxsize=1)  # one case's tensors at a time: the cells run case by case

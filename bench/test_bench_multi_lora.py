@@ -4,8 +4,9 @@ multi-lora`` runs; see ``fastpeft.bench.multi_lora``).
     pytest bench/test_bench_multi_lora.py                          # timed
     pytest bench/test_bench_multi_lora.py --benchmark-disable -q   # smoke: every cell once
 
-On CUDA: the GPU grid in bf16; on CPU: the CPU grid in fp32. Rows that cannot run here (the
-Triton and CUDA C++ kernels on CPU, PEFT when not installed) skip with the reason.
+On CUDA: the GPU grid in bf16; on CPU: the ``--quick`` cases in fp32 (CI runs this suite once
+per cell; ``fastpeft bench`` has the CPU grid). Rows that cannot run here (the Triton and CUDA
+C++ kernels on CPU, PEFT when not installed) skip with the reason.
 ``fastpeft bench`` is the reference measurement (ratios to the base linear and PEFT, ranges,
 targets); this suite feeds pytest-benchmark's history.
 """
@@ -23,7 +24,7 @@ from fastpeft.bench.timing import synchronized
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-CASES = multi_lora.GPU_CASES if DEVICE.type == "cuda" else multi_lora.CPU_CASES
+CASES = multi_lora.GPU_CASES if DEVICE.type == "cuda" else multi_lora.QUICK_CASES
 CELLS = plan(multi_lora.SPEC, CASES, multi_lora.ROW_NAMES, DEVICE)
 
 
