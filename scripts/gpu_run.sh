@@ -16,9 +16,9 @@
 #              cmake, ninja and pybind11 are there (else it says what is missing; the
 #              rehearsal only configures)                                    60  -> env.txt
 #   tests_gpu  the GPU tests first (GPU_TESTS: tests/test_gpu.py, every file with the gpu
-#              marker -- tests/test_cuda_gpu.py --, and the bottleneck-adapter and multi-LoRA
-#              op tests, tests/test_bottleneck_*.py and tests/test_multi_lora_*.py, which run
-#              on the GPU's tensors there): fused, hybrid, bottleneck, multi-LoRA and CUDA C++
+#              marker -- tests/test_cuda_gpu.py, ... --, and the bottleneck-adapter and
+#              multi-LoRA tests, tests/test_bottleneck_*.py and tests/test_multi_lora_*.py,
+#              that put tensors on the GPU there): fused, hybrid, bottleneck, multi-LoRA and CUDA C++
 #              kernels against float64 (bf16, fp16, fp32 adapters, every gradient, dropout,
 #              CUDA graphs, no host sync, determinism), 4 workers, 60 s per test, no -x,
 #              skip reasons listed (-rs)                                      240 -> tests.log
@@ -118,10 +118,11 @@ DISPATCH_LIMIT=20
 SUMMARY_LIMIT=20
 # What the steps after the focused benchmark need at the least: dispatch and summary.
 FINAL_RESERVE=$((DISPATCH_LIMIT + SUMMARY_LIMIT))
-# The GPU group: test_gpu.py, the files with the gpu marker, the bottleneck and multi-LoRA op
-# tests (their DEVICE is the GPU there), each once.
+# The GPU group: test_gpu.py, the files with the gpu marker, and the bottleneck and multi-LoRA
+# test files that put tensors on the GPU (they name DEVICE or cuda; the others run CPU tensors
+# only, which the CPU group covers), each once.
 mapfile -t GPU_TESTS < <(printf '%s\n' tests/test_gpu.py $(grep -l -E 'pytest\.mark\.gpu\b' tests/test_*.py) \
-    tests/test_bottleneck_*.py tests/test_multi_lora_*.py | awk '!seen[$0]++')
+    $(grep -l -E '\bDEVICE\b|cuda' tests/test_bottleneck_*.py tests/test_multi_lora_*.py) | awk '!seen[$0]++')
 GPU_MARK=()
 # The CPU group: the rest, with the GPU hidden (the GPU-only files would only skip).
 TESTS_CPU_SELECTION=(tests --ignore=tests/test_gpu_script.py)

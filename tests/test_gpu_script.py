@@ -164,15 +164,19 @@ def test_rehearsal_focused_ran_the_bottleneck_and_multi_lora_cells(rehearsal):
 
 
 def test_rehearsal_gpu_group_collected_the_new_gpu_tests(rehearsal):
-    """The GPU step's command line names the bottleneck, multi-LoRA and CUDA C++ test files and
-    every file with the gpu marker, and its skip list shows they were collected."""
+    """The GPU step's command line names the CUDA C++ test files, every file with the gpu marker
+    and the bottleneck / multi-LoRA test files that use the GPU, and its skip list shows they
+    were collected."""
     log = (rehearsal / "tests.log").read_text()
     command = next(line for line in log.splitlines() if line.startswith("== tests_gpu: "))
-    marked = [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "tests").glob("test_*.py"))
-              if re.search(r"pytest\.mark\.gpu\b", p.read_text())]
-    expected = ["tests/test_gpu.py", "tests/test_cuda_gpu.py", *marked,
-                *(p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "tests").glob("test_bottleneck_*.py"))),
-                *(p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "tests").glob("test_multi_lora_*.py")))]
+    def files(pattern: str, regex: str) -> list[str]:
+        return [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "tests").glob(pattern))
+                if re.search(regex, p.read_text())]
+
+    on_gpu = r"\bDEVICE\b|cuda"  # the bottleneck / multi-LoRA files that put tensors on the GPU
+    expected = ["tests/test_gpu.py", "tests/test_cuda_gpu.py", "tests/test_bottleneck_op.py",
+                "tests/test_multi_lora_op.py", *files("test_*.py", r"pytest\.mark\.gpu\b"),
+                *files("test_bottleneck_*.py", on_gpu), *files("test_multi_lora_*.py", on_gpu)]
     assert all(f" {name}" in command for name in expected), command
     assert "SKIPPED" in log and "tests/test_cuda_gpu.py" in log.split("== tests_gpu: ", 1)[1]
 

@@ -22,7 +22,6 @@ that range.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -122,7 +121,7 @@ class OpSpec:
 
     name: str
     title: str
-    make_problem: Callable[[Any, torch.dtype, torch.device, torch.Generator], Any]
+    make_problem: Callable[[Any, torch.dtype, torch.device, torch.Generator], OpProblem]
     rows: tuple[OpRow, ...]
     modes: tuple[str, ...]
     ratios: tuple[Ratio, ...]
@@ -139,7 +138,7 @@ class OpTiming:
     """One (case, mode, row): its time (median and interquartile range of ``reps`` calls), or
     why it was skipped or failed."""
 
-    case: Any
+    case: OpCase
     mode: str
     row: str
     status: str = SKIPPED
@@ -184,7 +183,7 @@ def mode_step(forward: Callable[[], torch.Tensor], mode: str, grad_inputs: Seque
     return forward_backward
 
 
-def plan(spec: OpSpec, cases: Sequence[Any], rows: Sequence[str], device: torch.device) -> list[OpTiming]:
+def plan(spec: OpSpec, cases: Sequence[OpCase], rows: Sequence[str], device: torch.device) -> list[OpTiming]:
     """Every (case, mode, row) cell that applies, in run order; rows unavailable on ``device``
     come skipped with the reason."""
     reasons = {name: spec.row(name).unavailable(device) for name in rows}
@@ -197,7 +196,7 @@ def plan(spec: OpSpec, cases: Sequence[Any], rows: Sequence[str], device: torch.
     return cells
 
 
-def run_op_benchmark(spec: OpSpec, cases: Sequence[Any], rows: Sequence[str], device: torch.device,
+def run_op_benchmark(spec: OpSpec, cases: Sequence[OpCase], rows: Sequence[str], device: torch.device,
                      dtype: torch.dtype, budget: TimingBudget, settings: dict[str, Any], seed: int = 0,
                      log: Callable[[str], None] = log_to_stderr) -> OpRun:
     """Time every available (case, mode, row) of ``spec``; a failing row is recorded and the run
@@ -385,7 +384,3 @@ def op_json(analysis: OpAnalysis) -> dict[str, Any]:
             for c in analysis.checks
         ],
     }
-
-
-def print_op_report(analysis: OpAnalysis) -> None:
-    print(op_report_text(analysis), file=sys.stdout)
