@@ -20,7 +20,7 @@ from fastpeft.kernels.lora import hybrid_launch as hybrid  # noqa: E402
 from fastpeft.kernels.lora.specs import DTYPE_CASES  # noqa: E402
 from fastpeft.ops import lora_linear_dropout_mask  # noqa: E402
 from fastpeft.ops.dropout_mask import keep_mask_philox  # noqa: E402
-from fastpeft.ops.lora_linear import draw_seed  # noqa: E402
+from fastpeft.ops.dropout_mask import draw_seed  # noqa: E402
 from tests import test_kernel_specs as recorder  # noqa: E402  (the launch recorder and its keys)
 from tests import test_lora_linear_registration as registration  # noqa: E402
 from tests.conftest import DEVICE  # noqa: E402

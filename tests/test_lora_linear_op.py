@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastpeft.ops import lora_linear, lora_linear_dropout_mask, lora_linear_ref
-from fastpeft.ops.lora_linear import draw_seed
+from fastpeft.ops.dropout_mask import draw_seed
 from tests.conftest import DEVICE
 from tests.numerics import assert_close
 

@@ -9,7 +9,7 @@ import torch._inductor.config as inductor_config
 
 import fastpeft
 from fastpeft.ops import lora_linear
-from fastpeft.ops.lora_linear import draw_seed
+from fastpeft.ops.dropout_mask import draw_seed
 from tests.conftest import DEVICE
 from tests.test_lora_linear_op import SCALING, make_problem
 
@@ -85,17 +85,17 @@ def test_functional_op_compiles_without_graph_breaks(backend):
 
 
 def test_eager_inference_skips_the_dispatcher_only_when_nothing_needs_it():
-    from fastpeft.ops.lora_linear import _call_directly
+    from fastpeft.ops.op_calls import call_directly
 
     pb = make_problem((3,), 16, 8, 2, torch.float32)
     plain = (pb.x, pb.weight, pb.bias, pb.lora_a, pb.lora_b)
-    assert _call_directly(*plain)
+    assert call_directly(*plain)
     a = pb.lora_a.clone().requires_grad_()
-    assert not _call_directly(pb.x, pb.weight, pb.bias, a, pb.lora_b)
+    assert not call_directly(pb.x, pb.weight, pb.bias, a, pb.lora_b)
     with torch.no_grad():
-        assert _call_directly(pb.x, pb.weight, pb.bias, a, pb.lora_b)
+        assert call_directly(pb.x, pb.weight, pb.bias, a, pb.lora_b)
         y_direct = lora_linear(*plain, SCALING)
-    assert not _call_directly(pb.x.as_subclass(_Sub), pb.weight, None, pb.lora_a, pb.lora_b)
+    assert not call_directly(pb.x.as_subclass(_Sub), pb.weight, None, pb.lora_a, pb.lora_b)
     y_op, _, _ = torch.ops.fastpeft.lora_linear(*plain, SCALING, 0.0, pb.x.new_empty(0, dtype=torch.int64))
     torch.testing.assert_close(y_direct, y_op, rtol=0, atol=0)
 
@@ -110,7 +110,8 @@ def test_eager_training_path_matches_the_custom_op_exactly(backend, dropout_p):
     ``autograd.Function`` (``_LoRALinearFunction``) instead of the custom op's dispatch: the
     output and every gradient must be bitwise those of ``torch.ops.fastpeft.lora_linear``
     for the same seed, and a second-order gradient must still flow."""
-    from fastpeft.ops.lora_linear import _eager_plain, _LoRALinearFunction
+    from fastpeft.ops.lora_linear import _LoRALinearFunction
+    from fastpeft.ops.op_calls import eager_plain
 
     pb = make_problem((2, 5), 24, 16, 4, torch.float32)
     seed = draw_seed(DEVICE)
@@ -124,8 +125,8 @@ def test_eager_training_path_matches_the_custom_op_exactly(backend, dropout_p):
         results.append([y.detach(), *(t.grad for t in leaves)])
     for eager, op, what in zip(*results, ("y", "dx", "dA", "dB")):
         torch.testing.assert_close(eager, op, rtol=0, atol=0, msg=what)
-    assert _eager_plain(pb.x, pb.weight, pb.bias, pb.lora_a, pb.lora_b)
-    assert not _eager_plain(pb.x.as_subclass(_Sub), pb.weight, None, pb.lora_a, pb.lora_b)
+    assert eager_plain(pb.x, pb.weight, pb.bias, pb.lora_a, pb.lora_b)
+    assert not eager_plain(pb.x.as_subclass(_Sub), pb.weight, None, pb.lora_a, pb.lora_b)
 
     # Double backward through the eager path (the backward is linear in grad_y and the LoRA weights).
     x = pb.x.detach().clone().requires_grad_()

@@ -33,9 +33,9 @@ from fastpeft.ops.bottleneck_adapter_torch import (
     down_projection,
 )
 from fastpeft.ops.checks import require_finite, require_probability, require_same_device, require_tensor
-from fastpeft.ops.dropout_mask import keep_mask_philox, keep_mask_torch_path
-from fastpeft.ops.lora_linear import draw_seed
+from fastpeft.ops.dropout_mask import draw_seed, keep_mask_philox, keep_mask_torch_path
 from fastpeft.ops.lora_linear_torch import rank_side_dtype
+from fastpeft.ops.op_calls import call_directly, eager_function, op_for_call, rows
 
 TRITON, CUDA, TORCH = "triton", "cuda", "torch"
 # Largest bottleneck the CUDA C++ kernels take (``csrc/bottleneck.cu``); the Triton kernels'
@@ -75,11 +75,6 @@ def _launcher(impl: str):
         ) from exc
 
 
-def _rows(t: torch.Tensor, cols: int) -> torch.Tensor:
-    """``t [..., cols]`` as a 2-D ``[M, cols]`` view (or copy); also for M = 0."""
-    return t.reshape(math.prod(t.shape[:-1]), cols)
-
-
 def _scaling_arg(scaling: float, scaling_t: torch.Tensor | None) -> float | torch.Tensor:
     """The scaling the implementations take: the 0-d tensor if given, else the float."""
     return scaling_t.reshape(()) if scaling_t is not None else scaling
@@ -102,8 +97,8 @@ def _bottleneck_forward(
     """``(out like h, z [M, R] in rank_side_dtype, keep)``; ``keep`` the torch path's bool
     ``[M, D]`` dropout mask, empty on the kernel paths or without dropout."""
     d = h.shape[-1]
-    h2 = _rows(h, d)
-    res2 = _rows(residual, d) if residual is not None else None
+    h2 = rows(h, d)
+    res2 = rows(residual, d) if residual is not None else None
     args = (w_down, b_down, w_up, b_up, res2, activation, _scaling_arg(scaling, scaling_t), dropout_p, seed)
     impl = _implementation(h, w_down, backend, residual)
     if impl == TORCH:
@@ -115,23 +110,6 @@ def _bottleneck_forward(
 
 
 _forward_op = torch.library.custom_op("fastpeft::bottleneck_adapter", mutates_args=())(_bottleneck_forward)
-
-# Tensor types the direct inference call takes; subclasses (DTensor, fake and functorch
-# tensors...) go through the dispatcher.
-_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-
-def _call_directly(*tensors: torch.Tensor | None) -> bool:
-    """Whether an eager call needs nothing from the dispatcher (not traced, no autograd,
-    plain tensors): then the implementation is called as a function, saving the custom op's
-    dispatch overhead on small (decode) calls."""
-    if torch.compiler.is_compiling():
-        return False
-    present = [t for t in tensors if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
-        return False
-    return all(type(t) in _PLAIN_TENSOR_TYPES for t in present)
-
 
 @_forward_op.register_fake
 def _bottleneck_fake(h, w_down, b_down, w_up, b_up, residual, activation, scaling, scaling_t, dropout_p, seed,
@@ -171,7 +149,7 @@ def _bottleneck_backward(
     torch path uses ``keep``, or, when the forward ran a kernel path (no mask kept), draws the
     kernels' Philox mask (``keep_mask_philox``)."""
     d = h.shape[-1]
-    g2, h2 = _rows(grad_out, d), _rows(h, d)
+    g2, h2 = rows(grad_out, d), rows(h, d)
     needs = (need_h, need_w_down, need_b_down, need_w_up, need_b_up, need_scaling)
     scale = _scaling_arg(scaling, scaling_t)
     impl = _implementation(h, w_down, backend)
@@ -239,10 +217,10 @@ def _differentiable_backward(grad_out, h, w_down, b_down, w_up, b_up, keep, seed
     (double backward): z is recomputed with autograd instead of read from the
     non-differentiable saved copy; the mask is the forward's (``_saved_or_kernel_mask``)."""
     d = h.shape[-1]
-    h2 = _rows(h, d)
+    h2 = rows(h, d)
     keep = _saved_or_kernel_mask(keep, h2, ctx.dropout_p, seed)
     z = down_projection(h2, w_down, b_down, ctx.dropout_p, keep)
-    grads = bottleneck_backward_torch(_rows(grad_out, d), h2, w_down, w_up, b_up, z, keep, ctx.activation,
+    grads = bottleneck_backward_torch(rows(grad_out, d), h2, w_down, w_up, b_up, z, keep, ctx.activation,
                                       _scaling_arg(ctx.scaling, scaling_t), ctx.dropout_p, ctx.residual_is_h, needs)
     return (grads[0].view(h.shape) if grads[0] is not None else None, *grads[1:])
 
@@ -256,7 +234,7 @@ def _backward(ctx, grad_out, _grad_z, _grad_keep):
     else:
         args = (grad_out, h, w_down, w_up, b_up, z, keep, ctx.activation, ctx.scaling, scaling_t, ctx.dropout_p, seed,
                 ctx.backend, ctx.residual_is_h, *needs)
-        direct = _call_directly(*args[:7], seed, scaling_t)
+        direct = call_directly(*args[:7], seed, scaling_t)
         op = _bottleneck_backward if direct else torch.ops.fastpeft.bottleneck_adapter_backward
         grads = op(*args)
     grad_h, grad_wd, grad_bd, grad_wu, grad_bu, grad_s = (g if n else None for g, n in zip(grads, needs))
@@ -267,6 +245,10 @@ def _backward(ctx, grad_out, _grad_z, _grad_keep):
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+# Eager training calls on plain tensors apply the registered forward/backward through this
+# Function instead of the custom op's dispatch (``op_calls``).
+_BottleneckFunction = eager_function("BottleneckAdapterFunction", _bottleneck_forward, _setup_context, _backward)
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -381,7 +363,7 @@ def bottleneck_adapter(
     scaling_t = scaling if isinstance(scaling, torch.Tensor) else None
     scaling_f = 1.0 if scaling_t is not None else float(scaling)
     tensors = (h, w_down, b_down, w_up, b_up, residual, scaling_t)
-    op = _bottleneck_forward if _call_directly(*tensors) else torch.ops.fastpeft.bottleneck_adapter
+    op = op_for_call(_bottleneck_forward, _BottleneckFunction, torch.ops.fastpeft.bottleneck_adapter, *tensors)
     out, _, _ = op(h, w_down, b_down, w_up, b_up, residual, act, scaling_f, scaling_t, p, seed, choice)
     return out
 

@@ -22,6 +22,10 @@ import torch
 
 from fastpeft.backend import use_triton
 
+# Seeds are drawn in [0, 2**62): non-negative int64 values, which the kernels' Philox key
+# reads as 64 bits.
+_SEED_BOUND = 2**62
+
 # Philox4x32 with 7 rounds: Salmon et al. (SC'11, "Parallel random numbers: as easy as
 # 1, 2, 3") report Philox4x32-7 passes all of TestU01's BigCrush; 10 (Triton's default)
 # only adds margin, and each round is ~8 integer ops per 4 elements on a hot path.
@@ -95,3 +99,9 @@ def keep_mask_torch_path(seed: torch.Tensor, rows: int, cols: int, p: float) -> 
     if seed.device.type == "cpu" and not use_triton(seed.device):
         return keep_mask_cpu(seed, rows, cols, p)
     return keep_mask_philox(seed, rows, cols, p)
+
+
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """A 1-element int64 dropout seed drawn on ``device`` from torch's default generator
+    for that device (so ``torch.manual_seed`` makes dropout reproducible; no host sync)."""
+    return torch.randint(0, _SEED_BOUND, (1,), device=device, dtype=torch.int64)

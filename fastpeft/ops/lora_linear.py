@@ -21,7 +21,7 @@ import torch
 from fastpeft.backend import use_triton
 from fastpeft.ops.autocast import autocast_dtype, autocast_off, cast_for_autocast
 from fastpeft.ops.checks import check_lora_linear_args
-from fastpeft.ops.dropout_mask import keep_mask_torch_path
+from fastpeft.ops.dropout_mask import draw_seed, keep_mask_torch_path
 from fastpeft.ops.lora_linear_torch import (
     keep_mask,
     lora_backward_torch,
@@ -29,11 +29,7 @@ from fastpeft.ops.lora_linear_torch import (
     lora_rank_side,
     rank_side_dtype,
 )
-
-# Seeds are drawn in [0, 2**62): non-negative int64 values, which the kernels' Philox key
-# reads as 64 bits.
-_SEED_BOUND = 2**62
-
+from fastpeft.ops.op_calls import call_directly, eager_function, op_for_call, rows
 
 def _implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, pass_: str) -> str:
     """``"fused"``, ``"hybrid"`` or ``"torch"`` for this call's ``pass_`` (``"forward"`` or
@@ -43,12 +39,6 @@ def _implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
     from fastpeft.kernels.lora import dispatch as lora_dispatch
 
     return lora_dispatch.choose_implementation(x, weight, lora_a, pass_)
-
-
-def _rows(t: torch.Tensor, cols: int) -> torch.Tensor:
-    """``t [..., cols]`` as a 2-D ``[M, cols]`` view (or copy); also for ``cols == 0``,
-    where ``reshape(-1, 0)`` is ambiguous."""
-    return t.reshape(math.prod(t.shape[:-1]), cols)
 
 
 def _lora_linear_forward(
@@ -65,7 +55,7 @@ def _lora_linear_forward(
     ``s`` in ``rank_side_dtype(lora_a.dtype)`` (fp32 unless the adapter is float64); ``keep``
     the torch path's bool ``[M, K]`` dropout mask, empty on the kernel paths (fused, hybrid)
     or without dropout."""
-    x2 = _rows(x, weight.shape[1])
+    x2 = rows(x, weight.shape[1])
     impl = _implementation(x, weight, lora_a, "forward")
     if impl == "torch":
         y, s, keep = lora_forward_torch(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
@@ -80,30 +70,6 @@ def _lora_linear_forward(
 
 
 _lora_linear_op = torch.library.custom_op("fastpeft::lora_linear", mutates_args=())(_lora_linear_forward)
-
-# Tensor types the direct inference call takes; subclasses (DTensor, fake and functorch
-# tensors...) go through the dispatcher, which knows what to do with them.
-_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-
-def _eager_plain(*tensors: torch.Tensor | None) -> bool:
-    """Whether a call needs nothing from the dispatcher but autograd: eager (not traced) on
-    plain tensors (subclasses such as DTensor and fake tensors go through the dispatcher,
-    which knows what to do with them)."""
-    if torch.compiler.is_compiling():
-        return False
-    return all(type(t) in _PLAIN_TENSOR_TYPES for t in tensors if t is not None)
-
-
-def _call_directly(*tensors: torch.Tensor | None) -> bool:
-    """Whether an eager call needs nothing from the dispatcher: not traced, no autograd,
-    plain tensors. Then the op's implementation is called as a function, skipping the
-    custom op's dispatch (tens of microseconds of Python per call, more than a decode
-    step's kernel). The eager backward qualifies too: autograd runs it with grad off."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return False
-    return _eager_plain(*tensors)
-
 
 @_lora_linear_op.register_fake
 def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
@@ -134,7 +100,7 @@ def _lora_linear_backward(
     The kernel paths regenerate the dropout mask from ``seed``; the torch path uses ``keep``,
     or regenerates it when the forward ran a kernel path (the dispatch table may choose per
     pass; ``keep_mask`` draws the kernels' Philox mask wherever they run)."""
-    g2, x2 = _rows(grad_y, weight.shape[0]), _rows(x, weight.shape[1])
+    g2, x2 = rows(grad_y, weight.shape[0]), rows(x, weight.shape[1])
     needs = (need_x, need_a, need_b)
     impl = _implementation(x, weight, lora_a, "backward")
     if impl == "torch":
@@ -185,7 +151,7 @@ def _differentiable_backward(grad_y, x, weight, lora_a, lora_b, keep, scaling, d
     of read from the non-differentiable saved copy. The dropout mask is the torch path's
     saved one, or, after the kernels, regenerated from the seed (``keep_mask_torch_path``
     draws the kernels' Philox mask whenever they run)."""
-    x2, g2 = _rows(x, weight.shape[1]), _rows(grad_y, weight.shape[0])
+    x2, g2 = rows(x, weight.shape[1]), rows(grad_y, weight.shape[0])
     if dropout_p > 0.0 and not keep.numel():
         keep = keep_mask(x2, dropout_p, seed)
     s = lora_rank_side(x2, lora_a, dropout_p, keep)
@@ -200,13 +166,13 @@ def _backward(ctx, grad_y, _grad_s, _grad_keep):
     if torch.is_grad_enabled():
         dx, da, db = _differentiable_backward(grad_y, x, weight, lora_a, lora_b, keep, *args)
     else:
-        direct = _call_directly(grad_y, x, weight, lora_a, lora_b, s, keep, seed)
+        direct = call_directly(grad_y, x, weight, lora_a, lora_b, s, keep, seed)
         op = _lora_linear_backward if direct else torch.ops.fastpeft.lora_linear_backward
         dx, da, db = op(grad_y, x, weight, lora_a, lora_b, s, keep, *args)
     # The base weight and bias are frozen in LoRA training; when a caller trains them anyway
     # their gradients are the plain linear ones.
-    g2 = _rows(grad_y, weight.shape[0])
-    dw = g2.t().to(weight.dtype) @ _rows(x, weight.shape[1]) if need_w else None
+    g2 = rows(grad_y, weight.shape[0])
+    dw = g2.t().to(weight.dtype) @ rows(x, weight.shape[1]) if need_w else None
     dbias = g2.sum(0).to(weight.dtype) if need_bias else None
     return (
         dx if need_x else None,
@@ -223,28 +189,9 @@ def _backward(ctx, grad_y, _grad_s, _grad_keep):
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _LoRALinearFunction(torch.autograd.Function):
-    """The op's autograd for eager training calls on plain tensors (``_eager_plain``): the
-    forward, context setup and backward registered with the custom op above, applied without
-    the custom op's dispatch, which costs ~0.1 ms of Python per call on top of autograd's
-    (measured on the CPU: the difference between a tiny LoRA layer and an ``nn.Linear``).
-    Compiled, traced and subclass calls keep going through ``torch.ops.fastpeft.lora_linear``.
-    The forward takes ``ctx`` itself: with a separate ``setup_context`` torch binds every
-    call's arguments to the forward's signature with ``inspect``, which costs as much again."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _lora_linear_forward(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(_backward)
-
-
-def draw_seed(device: torch.device) -> torch.Tensor:
-    """A 1-element int64 dropout seed drawn on ``device`` from torch's default generator
-    for that device (so ``torch.manual_seed`` makes dropout reproducible)."""
-    return torch.randint(0, _SEED_BOUND, (1,), device=device, dtype=torch.int64)
+# Eager training calls on plain tensors apply the registered forward/backward through this
+# Function instead of the custom op's dispatch (``op_calls``).
+_LoRALinearFunction = eager_function("LoRALinearFunction", _lora_linear_forward, _setup_context, _backward)
 
 
 def lora_linear(
@@ -288,13 +235,8 @@ def lora_linear(
     check_lora_linear_args(x, weight, bias, lora_a, lora_b, scaling, dropout_p)
     p = float(dropout_p) if training else 0.0
     seed = draw_seed(x.device) if p > 0.0 else x.new_empty(0, dtype=torch.int64)
-    tensors = (x, weight, bias, lora_a, lora_b)
-    if _call_directly(*tensors):
-        op = _lora_linear_forward
-    elif _eager_plain(*tensors):
-        op = _LoRALinearFunction.apply
-    else:
-        op = torch.ops.fastpeft.lora_linear
+    op = op_for_call(_lora_linear_forward, _LoRALinearFunction, torch.ops.fastpeft.lora_linear,
+                     x, weight, bias, lora_a, lora_b)
     y, _, _ = op(x, weight, bias, lora_a, lora_b, float(scaling), p, seed)
     return y
 

@@ -33,13 +33,8 @@ import torch.nn.functional as F
 from fastpeft.backend import use_cuda_extension, use_triton
 from fastpeft.ops.autocast import autocast_dtype, autocast_off, cast_for_autocast
 from fastpeft.ops.checks import require_same_device, require_tensor
-from fastpeft.ops.lora_linear import _call_directly
 from fastpeft.ops.multi_lora_linear_torch import multi_lora_add_torch, multi_lora_backward_torch
-
-def _rows(t: torch.Tensor, cols: int) -> torch.Tensor:
-    """``t [..., cols]`` as ``[M, cols]`` (also for ``cols == 0``)."""
-    return t.reshape(math.prod(t.shape[:-1]), cols)
-
+from fastpeft.ops.op_calls import call_directly, eager_function, op_for_call, rows
 
 def _kernels_take(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
     """Whether the kernels cover this problem: adapter dtype and slot rank, and on a GPU 16-bit
@@ -55,7 +50,7 @@ def _kernels_take(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, l
     return x.dtype in configs.GPU_ACTIVATION_DTYPES and configs.kernel_friendly((n, k), (lora_a, lora_b))
 
 
-def _launchable_rows(t: torch.Tensor) -> torch.Tensor:
+def _launchablerows(t: torch.Tensor) -> torch.Tensor:
     """2-D ``t`` with unit column stride and, on a GPU, an aligned pointer and row stride
     (``configs.kernel_friendly``): itself, or a contiguous copy."""
     from fastpeft.kernels.multi_lora import configs
@@ -85,7 +80,7 @@ def _kernel_args(x2, lora_a, lora_b, scalings, adapter_ids, ranks) -> tuple:
     stride (``_launchable_rows``), contiguous slots, fp32 scalings, int64 ids and ranks (the
     last three copied into fresh, aligned buffers: a few bytes per token)."""
     return (
-        _launchable_rows(x2), lora_a.contiguous(), lora_b.contiguous(),
+        _launchablerows(x2), lora_a.contiguous(), lora_b.contiguous(),
         scalings.to(torch.float32, copy=True), adapter_ids.to(torch.int64, copy=True).reshape(-1),
         ranks.to(torch.int64, copy=True),
     )
@@ -115,7 +110,7 @@ def _multi_lora_linear_forward(
     """``y [..., N]`` for x ``[..., K]`` and ``adapter_ids`` with one id per row of x."""
     n, k = weight.shape
     _check_host_values(adapter_ids, ranks, *lora_a.shape[:2])
-    x2 = _rows(x, k)
+    x2 = rows(x, k)
     y = F.linear(x2, weight, bias)
     impl = implementation(x, weight, lora_a, lora_b, "forward")
     ids = adapter_ids.reshape(-1)
@@ -160,7 +155,7 @@ def _multi_lora_linear_backward(
     """``(dX like x, dA [L, R_MAX, K], dB [L, N, R_MAX])``; a gradient not asked for is empty.
     dA and dB are zero for slots no token uses and past each slot's rank."""
     n, k = weight.shape
-    g2, x2 = _rows(grad_y, n), _rows(x, k)
+    g2, x2 = rows(grad_y, n), rows(x, k)
     ids = adapter_ids.reshape(-1)
     dx = g2 @ weight if need_x else None
     if implementation(x, weight, lora_a, lora_b, "backward") == "torch":
@@ -169,7 +164,7 @@ def _multi_lora_linear_backward(
         from fastpeft.kernels.multi_lora.launch import multi_lora_backward
 
         args = _kernel_args(x2, lora_a, lora_b, scalings, ids, ranks)
-        g2 = _launchable_rows(g2)
+        g2 = _launchablerows(g2)
         da, db = multi_lora_backward(g2, args[0], dx, *args[1:], need_a, need_b)
     return (
         dx.view(x.shape) if dx is not None else x.new_empty(0),
@@ -202,7 +197,7 @@ def _differentiable_backward(grad_y, x, weight, lora_a, lora_b, scalings, adapte
                              need_b):
     """The backward as torch ops autograd records (``create_graph=True``)."""
     n, k = weight.shape
-    g2, x2 = _rows(grad_y, n), _rows(x, k)
+    g2, x2 = rows(grad_y, n), rows(x, k)
     dx = g2 @ weight if need_x else None
     da, db = multi_lora_backward_torch(g2, x2, dx, lora_a, lora_b, scalings, adapter_ids.reshape(-1), ranks,
                                        need_a, need_b)
@@ -216,18 +211,22 @@ def _backward(ctx, grad_y):
     if torch.is_grad_enabled():
         dx, da, db = _differentiable_backward(*args)
     else:
-        direct = _call_directly(grad_y, x, weight, lora_a, lora_b, scalings)
+        direct = call_directly(grad_y, x, weight, lora_a, lora_b, scalings)
         op = _multi_lora_linear_backward if direct else torch.ops.fastpeft.multi_lora_linear_backward
         dx, da, db = op(*args)
     # The base weight and bias are frozen in LoRA serving and training; if a caller trains
     # them anyway their gradients are the plain linear ones.
-    g2 = _rows(grad_y, weight.shape[0])
-    dw = g2.t().to(weight.dtype) @ _rows(x, weight.shape[1]) if need_w else None
+    g2 = rows(grad_y, weight.shape[0])
+    dw = g2.t().to(weight.dtype) @ rows(x, weight.shape[1]) if need_w else None
     dbias = g2.sum(0).to(weight.dtype) if need_bias else None
     return (dx if need_x else None, dw, dbias, da if need_a else None, db if need_b else None, None, None, None)
 
 
 _multi_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+# Eager training calls on plain tensors apply the registered forward/backward through this
+# Function instead of the custom op's dispatch (``op_calls``).
+_MultiLoRAFunction = eager_function("MultiLoRALinearFunction", _multi_lora_linear_forward, _setup_context, _backward)
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -342,6 +341,6 @@ def multi_lora_linear(
     adapter_ids = adapter_ids.reshape(x.shape[:-1])
     scalings = scalings.to(torch.promote_types(lora_a.dtype, torch.float32))
     args = (x, weight, bias, lora_a, lora_b, scalings, adapter_ids, ranks)
-    direct = _call_directly(x, weight, bias, lora_a, lora_b, scalings)
-    op = _multi_lora_linear_forward if direct else torch.ops.fastpeft.multi_lora_linear
+    op = op_for_call(_multi_lora_linear_forward, _MultiLoRAFunction, torch.ops.fastpeft.multi_lora_linear,
+                     x, weight, bias, lora_a, lora_b, scalings)
     return op(*args)
