@@ -40,13 +40,16 @@ def down_projection(h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor 
     return z.to(rank_side_dtype(w_down.dtype))
 
 
-def augmented(a: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(a_aug [M, R(+1)], w_aug [D, R(+1)])`` with ``a_aug w_aug^T = a W_up^T + b_up``: a
-    column of ones beside a and b_up beside W_up (both small), so that one GEMM forms the whole
-    up-projection (bias included) and one GEMM over dOut gives dW_up and db_up together."""
-    if b_up is None:
-        return a, w_up
-    return torch.cat([a, a.new_ones(a.shape[0], 1)], 1), torch.cat([w_up, b_up[:, None]], 1)
+def with_ones(a: torch.Tensor, b_up: torch.Tensor | None) -> torch.Tensor:
+    """``[a, 1]`` ``[M, R + 1]`` (a column of ones beside a), or a without an up bias: with
+    ``with_bias``'s ``[W_up, b_up]``, one GEMM forms ``a W_up^T + b_up``, and one GEMM over dOut
+    gives dW_up and db_up together."""
+    return torch.cat([a, a.new_ones(a.shape[0], 1)], 1) if b_up is not None else a
+
+
+def with_bias(w_up: torch.Tensor, b_up: torch.Tensor | None) -> torch.Tensor:
+    """``[W_up, b_up]`` ``[D, R + 1]`` (a copy of the weight), or W_up without an up bias."""
+    return torch.cat([w_up, b_up[:, None]], 1) if b_up is not None else w_up
 
 
 def _scaled_add(residual: torch.Tensor, u: torch.Tensor, scaling: float | torch.Tensor) -> torch.Tensor:
@@ -75,12 +78,13 @@ def bottleneck_forward_torch(
     z = down_projection(h, w_down, b_down, dropout_p, keep)
     a = CANONICAL_ACTIVATIONS[activation](z).to(w_up.dtype)
     base = h if residual is None else residual
-    a_aug, w_aug = augmented(a, w_up, b_up)
-    if base.dtype == w_up.dtype:
-        # One GEMM reads the residual and writes out: residual + (scaling a_aug) w_aug^T.
-        return torch.addmm(base, a_aug * scaling, w_aug.t()), z, keep
-    out = _scaled_add(base, a_aug @ w_aug.t(), scaling)
-    return out.to(h.dtype), z, keep
+    if base.dtype == w_up.dtype and (b_up is None or h.shape[0] > w_up.shape[1] + 1):
+        # One GEMM reads the residual and writes out: residual + (scaling [a, 1]) [W_up, b_up]^T.
+        # Worth it once the [D, R + 1] weight copy it needs is smaller than the [M, D] pass it
+        # saves (M > R + 1); below, e.g. decode, the copy would cost more than the whole step.
+        return torch.addmm(base, with_ones(a, b_up) * scaling, with_bias(w_up, b_up).t()), z, keep
+    u = torch.addmm(b_up, a, w_up.t()) if b_up is not None else a @ w_up.t()
+    return _scaled_add(base, u, scaling).to(h.dtype), z, keep
 
 
 def activation_backward(grad: torch.Tensor, z: torch.Tensor, activation: str) -> torch.Tensor:
@@ -124,9 +128,8 @@ def bottleneck_backward_torch(
     if need_wu or need_bu or need_s:
         # g^T [a, 1] = [dW_up, db_up] / scaling in one pass over g; dscaling = sum(g * u) is
         # the sum of that product against [W_up, b_up].
-        a_aug, w_aug = augmented(a.to(w_dtype), w_up, b_up)
-        gw = (g.t() @ a_aug).to(r_dtype)
-        grad_s = (gw * w_aug).sum() if need_s else None
+        gw = (g.t() @ with_ones(a.to(w_dtype), b_up)).to(r_dtype)
+        grad_s = (gw * with_bias(w_up, b_up)).sum() if need_s else None
         grad_wu = (gw[:, :w_up.shape[1]] * scaling).to(w_dtype) if need_wu else None
         grad_bu = (gw[:, -1] * scaling).to(w_dtype) if need_bu else None
     grad_h = grad_wd = grad_bd = None
