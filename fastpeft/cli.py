@@ -11,11 +11,13 @@ import fastpeft
 # One line per command for ``fastpeft --help``; each command's own ``--help`` says the rest.
 COMMANDS: dict[str, str] = {
     "bench": "benchmark the LoRA linear layer (base F.linear, naive PyTorch, HF PEFT, torch.compile, "
-    "fastpeft) on Llama-3-8B shapes, plus one end-to-end LoRA training step against PEFT; prints a "
-    "table with the spread of every timing and writes JSON / markdown / a plot with --out DIR",
+    "fastpeft) on Llama-3-8B shapes, the bottleneck adapter (against AdapterHub's module structure) "
+    "and multi-adapter LoRA (against PEFT's mixed batch, a loop and padded ranks; --ops selects), "
+    "plus end-to-end LoRA / prompt / prefix training steps against PEFT; prints tables with the "
+    "spread of every timing and writes JSON / markdown / a plot with --out DIR",
     "check": "compile every Triton kernel configuration ahead of time for sm_80 / sm_90 (no GPU "
     "needed) and fail on compile errors, register spills, shared memory over the limit or a "
-    "large-M GEMM without wgmma on sm_90",
+    "large-M GEMM without wgmma on sm_90; --cuda also compiles csrc/ with nvcc -Xptxas -v",
 }
 
 
@@ -23,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The top-level parser: ``--help``, ``--version`` and the choice of command."""
     parser = argparse.ArgumentParser(
         prog="fastpeft",
-        description="Fused Triton kernels for parameter-efficient fine-tuning: benchmark and compile check.",
+        description="Fused Triton and CUDA C++ kernels for parameter-efficient fine-tuning: benchmark and compile check.",
         epilog="Run 'fastpeft COMMAND --help' for the options of a command.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {fastpeft.__version__}")

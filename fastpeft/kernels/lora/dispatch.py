@@ -36,7 +36,7 @@ Writing a table from benchmark results (the GPU run does this)::
 
     python -m fastpeft.kernels.lora.dispatch --from-bench bench.json --out table.json [--arch sm_90]
 
-``bench.json`` is ``fastpeft bench``'s JSON (schema ``fastpeft-bench/3``); what is read:
+``bench.json`` is ``fastpeft bench``'s JSON (schema ``fastpeft-bench/4``); what is read:
 - ``settings``: ``"device_name"`` (the GPU, recorded), ``"date"`` (recorded), ``"dtype"``
   (torch's name, required), optionally ``"arch"`` (``"sm_90"``; else ``--arch``, else the
   current CUDA device's);
