@@ -187,3 +187,23 @@ def test_unload_gives_the_base_model_back():
     assert_close(_logits(model), expected, F32, "unloaded")
     assert model.state_dict().keys() == base.state_dict().keys()
     fastpeft.inject(model, configs("prompt")[1])  # a new adapter can go on
+
+
+def test_save_during_training_writes_the_inference_prompts(tmp_path):
+    """A P-tuning LSTM encoder with dropout (PEFT's MLP encoder has none) saved while training,
+    as Trainer's checkpoints are, writes the prompts it computes in eval mode, and the model
+    stays in training mode."""
+    base = MODELS["llama"]()
+    ours = fastpeft.inject(copy.deepcopy(base), configs("ptuning_lstm", encoder_dropout=0.5)[1])
+    ours.train()
+    fastpeft.save_adapter(ours, tmp_path)
+    saved = safetensors.torch.load_file(tmp_path / "adapter_model.safetensors")["prompt_embeddings"]
+    encoder = prompt_encoder(ours)
+    assert encoder.training
+    encoder.eval()
+    with torch.no_grad():
+        expected = encoder.prompts().float()
+    torch.testing.assert_close(saved, expected.cpu(), rtol=0, atol=0)
+    encoder.train()
+    with torch.no_grad():
+        assert not torch.equal(encoder.prompts().float().cpu(), saved)  # training mode draws dropout

@@ -66,9 +66,20 @@ def has_prompt_adapter(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def saved_prompt_embeddings(model: nn.Module) -> torch.Tensor:
-    """PEFT's ``prompt_embeddings`` for the model's adapter (float32, on the CPU)."""
+    """PEFT's ``prompt_embeddings`` for the model's adapter (float32, on the CPU), computed
+    as at inference: the encoder in eval mode (a P-tuning encoder's dropout off) whatever
+    mode the model is in, so a save during training (Trainer's checkpoints) writes the prompts
+    the adapter will serve, not one dropout draw of them (PEFT computes them in the current
+    mode)."""
     encoder = prompt_encoder(model)
-    return _cpu_copy((encoder.prefix() if isinstance(encoder, PrefixEncoder) else encoder.prompts()).float())
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with torch.no_grad():
+            prompts = encoder.prefix() if isinstance(encoder, PrefixEncoder) else encoder.prompts()
+    finally:
+        encoder.train(was_training)
+    return _cpu_copy(prompts.float())
 
 
 def prompt_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
