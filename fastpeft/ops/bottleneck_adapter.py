@@ -32,7 +32,7 @@ from fastpeft.ops.bottleneck_adapter_torch import (
     bottleneck_forward_torch,
     down_projection,
 )
-from fastpeft.ops.checks import require_finite, require_probability, require_same_device, require_tensor
+from fastpeft.ops.checks import describe, require_finite, require_probability, require_same_device, require_tensor
 from fastpeft.ops.dropout_mask import draw_seed, keep_mask_philox, keep_mask_torch_path
 from fastpeft.ops.lora_linear_torch import rank_side_dtype
 from fastpeft.ops.op_calls import call_directly, eager_function, op_for_call, rows
@@ -251,10 +251,6 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 _BottleneckFunction = eager_function("BottleneckAdapterFunction", _bottleneck_forward, _setup_context, _backward)
 
 
-def _describe(t: torch.Tensor) -> str:
-    return f"shape {tuple(t.shape)}, dtype {t.dtype}"
-
-
 def check_bottleneck_adapter_args(
     h: torch.Tensor,
     w_down: torch.Tensor,
@@ -272,12 +268,12 @@ def check_bottleneck_adapter_args(
     require_tensor("w_up", w_up, ndim=2)
     rank, d = w_down.shape
     if h.shape[-1] != d:
-        raise ValueError(f"h ({_describe(h)}): last dimension must equal w_down's input size {d} "
+        raise ValueError(f"h ({describe(h)}): last dimension must equal w_down's input size {d} "
                          f"(w_down {tuple(w_down.shape)}, expected [R, D])")
     if rank == 0:
-        raise ValueError(f"w_down ({_describe(w_down)}) has bottleneck size 0; R must be >= 1")
+        raise ValueError(f"w_down ({describe(w_down)}) has bottleneck size 0; R must be >= 1")
     if tuple(w_up.shape) != (d, rank):
-        raise ValueError(f"w_up ({_describe(w_up)}) must have shape ({d}, {rank}) "
+        raise ValueError(f"w_up ({describe(w_up)}) must have shape ({d}, {rank}) "
                          f"to match w_down {tuple(w_down.shape)}")
     if w_up.dtype != w_down.dtype:
         raise TypeError(f"w_up dtype {w_up.dtype} must match w_down dtype {w_down.dtype}")
@@ -289,16 +285,16 @@ def check_bottleneck_adapter_args(
             continue
         require_tensor(name, bias, ndim=1)
         if bias.shape[0] != size:
-            raise ValueError(f"{name} ({_describe(bias)}) must have shape ({size},)")
+            raise ValueError(f"{name} ({describe(bias)}) must have shape ({size},)")
         if bias.dtype != w_down.dtype:
             raise TypeError(f"{name} dtype {bias.dtype} must match the adapter weights' dtype {w_down.dtype}")
     if residual is not None:
         require_tensor("residual", residual)
         if residual.shape != h.shape or residual.dtype != h.dtype:
-            raise ValueError(f"residual ({_describe(residual)}) must have h's shape and dtype ({_describe(h)})")
+            raise ValueError(f"residual ({describe(residual)}) must have h's shape and dtype ({describe(h)})")
     if isinstance(scaling, torch.Tensor):
         if scaling.numel() != 1 or scaling.dim() > 1 or not scaling.is_floating_point():
-            raise ValueError(f"scaling tensor ({_describe(scaling)}) must be a floating 0-d or 1-element tensor")
+            raise ValueError(f"scaling tensor ({describe(scaling)}) must be a floating 0-d or 1-element tensor")
     else:
         require_finite("scaling", scaling)
     require_same_device({"h": h, "w_down": w_down, "b_down": b_down, "w_up": w_up, "b_up": b_up, "residual": residual,

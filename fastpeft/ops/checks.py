@@ -11,7 +11,8 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _describe(t: torch.Tensor) -> str:
+def describe(t: torch.Tensor) -> str:
+    """A tensor's shape, dtype and device, for error messages."""
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
@@ -20,11 +21,11 @@ def require_tensor(name: str, value: object, ndim: int | None = None) -> torch.T
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} ({_describe(value)}) must be float32, float16, bfloat16 or float64")
+        raise TypeError(f"{name} ({describe(value)}) must be float32, float16, bfloat16 or float64")
     if ndim is not None and value.dim() != ndim:
-        raise ValueError(f"{name} ({_describe(value)}) must be {ndim}-D")
+        raise ValueError(f"{name} ({describe(value)}) must be {ndim}-D")
     if ndim is None and value.dim() < 1:
-        raise ValueError(f"{name} ({_describe(value)}) must have at least 1 dimension")
+        raise ValueError(f"{name} ({describe(value)}) must have at least 1 dimension")
     return value
 
 
@@ -74,21 +75,21 @@ def check_lora_linear_args(
     n, k = weight.shape
     rank = lora_a.shape[0]
     if x.shape[-1] != k:
-        raise ValueError(f"x ({_describe(x)}): last dimension must equal weight's in_features {k} "
+        raise ValueError(f"x ({describe(x)}): last dimension must equal weight's in_features {k} "
                          f"(weight {tuple(weight.shape)})")
     if weight.dtype != x.dtype:
         raise TypeError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
     if bias is not None:
         if bias.shape[0] != n:
-            raise ValueError(f"bias ({_describe(bias)}) must have shape ({n},) to match weight {tuple(weight.shape)}")
+            raise ValueError(f"bias ({describe(bias)}) must have shape ({n},) to match weight {tuple(weight.shape)}")
         if bias.dtype != x.dtype:
             raise TypeError(f"bias dtype {bias.dtype} must match x dtype {x.dtype}")
     if rank == 0:
-        raise ValueError(f"lora_a ({_describe(lora_a)}) has rank 0; the LoRA rank r must be >= 1")
+        raise ValueError(f"lora_a ({describe(lora_a)}) has rank 0; the LoRA rank r must be >= 1")
     if lora_a.shape[1] != k:
-        raise ValueError(f"lora_a ({_describe(lora_a)}) must have shape (r, {k}) to match weight {tuple(weight.shape)}")
+        raise ValueError(f"lora_a ({describe(lora_a)}) must have shape (r, {k}) to match weight {tuple(weight.shape)}")
     if lora_b.shape != (n, rank):
-        raise ValueError(f"lora_b ({_describe(lora_b)}) must have shape ({n}, {rank}): "
+        raise ValueError(f"lora_b ({describe(lora_b)}) must have shape ({n}, {rank}): "
                          f"weight has {n} out_features and lora_a has rank {rank}")
     if lora_b.dtype != lora_a.dtype:
         raise TypeError(f"lora_b dtype {lora_b.dtype} must match lora_a dtype {lora_a.dtype}")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from fastpeft.backend import use_cuda_extension, use_triton
 from fastpeft.ops.autocast import autocast_dtype, autocast_off, cast_for_autocast
-from fastpeft.ops.checks import require_same_device, require_tensor
+from fastpeft.ops.checks import describe, require_same_device, require_tensor
 from fastpeft.ops.multi_lora_linear_torch import multi_lora_add_torch, multi_lora_backward_torch
 from fastpeft.ops.op_calls import call_directly, eager_function, op_for_call, rows
 
@@ -229,17 +229,13 @@ _multi_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 _MultiLoRAFunction = eager_function("MultiLoRALinearFunction", _multi_lora_linear_forward, _setup_context, _backward)
 
 
-def _describe(t: torch.Tensor) -> str:
-    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
-
-
 def _require_int_tensor(name: str, value: object, shape: tuple[int, ...]) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of integers, got {type(value).__name__}")
     if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
-        raise TypeError(f"{name} ({_describe(value)}) must have an integer dtype (int32 or int64)")
+        raise TypeError(f"{name} ({describe(value)}) must have an integer dtype (int32 or int64)")
     if tuple(value.shape) != shape and value.numel() != math.prod(shape):
-        raise ValueError(f"{name} ({_describe(value)}) must have shape {shape}")
+        raise ValueError(f"{name} ({describe(value)}) must have shape {shape}")
     return value
 
 
@@ -270,21 +266,21 @@ def check_multi_lora_linear_args(x, weight, bias, lora_a, lora_b, scalings, adap
     n, k = weight.shape
     num_slots, r_max, a_k = lora_a.shape
     if x.shape[-1] != k:
-        raise ValueError(f"x ({_describe(x)}): last dimension must equal weight's in_features {k}")
+        raise ValueError(f"x ({describe(x)}): last dimension must equal weight's in_features {k}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"{name} dtype {t.dtype} must match x dtype {x.dtype}")
     if bias is not None and bias.shape[0] != n:
-        raise ValueError(f"bias ({_describe(bias)}) must have shape ({n},) to match weight {tuple(weight.shape)}")
+        raise ValueError(f"bias ({describe(bias)}) must have shape ({n},) to match weight {tuple(weight.shape)}")
     if a_k != k:
-        raise ValueError(f"lora_a ({_describe(lora_a)}) must have shape (L, R_MAX, {k}) to match weight")
+        raise ValueError(f"lora_a ({describe(lora_a)}) must have shape (L, R_MAX, {k}) to match weight")
     if tuple(lora_b.shape) != (num_slots, n, r_max):
-        raise ValueError(f"lora_b ({_describe(lora_b)}) must have shape ({num_slots}, {n}, {r_max}) to match "
+        raise ValueError(f"lora_b ({describe(lora_b)}) must have shape ({num_slots}, {n}, {r_max}) to match "
                          f"weight {tuple(weight.shape)} and lora_a {tuple(lora_a.shape)}")
     if lora_b.dtype != lora_a.dtype:
         raise TypeError(f"lora_b dtype {lora_b.dtype} must match lora_a dtype {lora_a.dtype}")
     if tuple(scalings.shape) != (num_slots,):
-        raise ValueError(f"scalings ({_describe(scalings)}) must have shape ({num_slots},): one per adapter slot")
+        raise ValueError(f"scalings ({describe(scalings)}) must have shape ({num_slots},): one per adapter slot")
     _require_int_tensor("adapter_ids", adapter_ids, tuple(x.shape[:-1]))
     if ranks is not None:
         _require_int_tensor("ranks", ranks, (num_slots,))
