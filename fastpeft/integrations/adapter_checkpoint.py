@@ -45,6 +45,7 @@ from fastpeft.model.config import LoraConfig
 from fastpeft.model.injection import adapter_state, require_module
 from fastpeft.model.prompt_config import prompt_config_from_dict
 from fastpeft.model.prompt_injection import ENCODER_NAME, prompt_encoder
+from fastpeft.model.saved_tensors import cpu_copies
 
 # Weight files of a full transformers checkpoint (transformers' WEIGHTS_NAME, SAFE_WEIGHTS_NAME
 # and their sharded indexes): a directory with one of them is not an adapter-only checkpoint.
@@ -85,7 +86,7 @@ def encoder_state_bytes(model: nn.Module) -> bytes | None:
     encoder = unsaved_encoder(model)
     if encoder is None:
         return None
-    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in encoder.state_dict().items()}
+    state = cpu_copies(encoder.state_dict())
     return safetensors.torch.save(state, metadata={"format": "pt"})
 
 

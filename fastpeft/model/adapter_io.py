@@ -31,6 +31,7 @@ from fastpeft.model.injection import (
     restore_requires_grad,
 )
 from fastpeft.model.matching import InjectionPlan, plan_injection
+from fastpeft.model.saved_tensors import cpu_copy
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -38,11 +39,6 @@ PICKLE_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 # A LoRA weight key without the prefix, with or without the adapter name PEFT uses in memory.
 _LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight")
-
-
-def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous CPU copy (safetensors needs contiguous tensors that share no storage)."""
-    return t.detach().to("cpu", copy=True).contiguous()
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -56,11 +52,11 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         return adapterhub_io.adapterhub_state_dict(model)
     out = {}
     for name, layer in lora_layers(model):
-        out[f"{KEY_PREFIX}{name}.lora_A.weight"] = _cpu_copy(layer.lora_A.weight)
-        out[f"{KEY_PREFIX}{name}.lora_B.weight"] = _cpu_copy(layer.lora_B.weight)
+        out[f"{KEY_PREFIX}{name}.lora_A.weight"] = cpu_copy(layer.lora_A.weight)
+        out[f"{KEY_PREFIX}{name}.lora_B.weight"] = cpu_copy(layer.lora_B.weight)
     for path in state.modules_to_save:
         for key, value in model.get_submodule(path).state_dict().items():
-            out[f"{KEY_PREFIX}{path}.{key}"] = _cpu_copy(value)
+            out[f"{KEY_PREFIX}{path}.{key}"] = cpu_copy(value)
     return out
 
 

@@ -34,6 +34,7 @@ from fastpeft.model import bottleneck_placement as placement
 from fastpeft.model.bottleneck_config import AdapterConfig
 from fastpeft.model.bottleneck_injection import check_can_place, install, placed_bottleneck
 from fastpeft.model.injection import adapter_state
+from fastpeft.model.saved_tensors import cpu_copies
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter.safetensors"
@@ -237,7 +238,7 @@ def adapterhub_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def adapterhub_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The bottleneck adapter's tensors under AdapterHub's keys for this model (CPU copies)."""
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapterhub_parameters(model).items()}
+    return cpu_copies(adapterhub_parameters(model))
 
 
 def adapterhub_config(model: nn.Module) -> dict[str, Any]:

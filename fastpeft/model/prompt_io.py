@@ -49,15 +49,12 @@ from fastpeft.model.prompt_injection import (
     prompt_state,
     resolve_config,
 )
+from fastpeft.model.saved_tensors import cpu_copy
 
 EMBEDDINGS_KEY = "prompt_embeddings"
 # PEFT's key prefix of modules_to_save entries for prompt learning (the wrapper's base_model
 # is the transformers model itself, with no LoraModel in between).
 MODULE_PREFIX = "base_model."
-
-
-def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", copy=True).contiguous()
 
 
 def has_prompt_adapter(model: nn.Module) -> bool:
@@ -79,7 +76,7 @@ def saved_prompt_embeddings(model: nn.Module) -> torch.Tensor:
             prompts = encoder.prefix() if isinstance(encoder, PrefixEncoder) else encoder.prompts()
     finally:
         encoder.train(was_training)
-    return _cpu_copy(prompts.float())
+    return cpu_copy(prompts.float())
 
 
 def prompt_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -88,7 +85,7 @@ def prompt_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {EMBEDDINGS_KEY: saved_prompt_embeddings(model)}
     for path in state.modules_to_save:
         for key, value in model.get_submodule(path).state_dict().items():
-            out[f"{MODULE_PREFIX}{path}.{key}"] = _cpu_copy(value)
+            out[f"{MODULE_PREFIX}{path}.{key}"] = cpu_copy(value)
     return out
 
 
