@@ -23,6 +23,7 @@ from fastpeft.ops.autocast import autocast_dtype, autocast_off, cast_for_autocas
 from fastpeft.ops.checks import check_lora_linear_args
 from fastpeft.ops.dropout_mask import draw_seed, keep_mask_torch_path
 from fastpeft.ops.lora_linear_torch import (
+    base_linear_grads,
     keep_mask,
     lora_backward_torch,
     lora_forward_torch,
@@ -169,11 +170,7 @@ def _backward(ctx, grad_y, _grad_s, _grad_keep):
         direct = call_directly(grad_y, x, weight, lora_a, lora_b, s, keep, seed)
         op = _lora_linear_backward if direct else torch.ops.fastpeft.lora_linear_backward
         dx, da, db = op(grad_y, x, weight, lora_a, lora_b, s, keep, *args)
-    # The base weight and bias are frozen in LoRA training; when a caller trains them anyway
-    # their gradients are the plain linear ones.
-    g2 = rows(grad_y, weight.shape[0])
-    dw = g2.t().to(weight.dtype) @ rows(x, weight.shape[1]) if need_w else None
-    dbias = g2.sum(0).to(weight.dtype) if need_bias else None
+    dw, dbias = base_linear_grads(grad_y, x, weight, need_w, need_bias)
     return (
         dx if need_x else None,
         dw,

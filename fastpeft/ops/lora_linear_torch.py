@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from fastpeft.ops.dropout_mask import keep_mask_torch_path
+from fastpeft.ops.op_calls import rows
 
 
 def rank_side_dtype(lora_dtype: torch.dtype) -> torch.dtype:
@@ -118,3 +119,16 @@ def lora_backward_torch(
         dx = grad_y @ weight
         dx = dx.add_(ds_scaled @ lora_a) if factor is None else dx.addcmul_(ds_scaled @ lora_a, factor)
     return dx, da, db
+
+
+def base_linear_grads(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_w: bool, need_bias: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(dW [N, K], dbias [N])`` of the base linear, each None unless asked for, for
+    ``grad_y [..., N]`` and ``x [..., K]``, in the weight's dtype. The base weight and bias are
+    frozen in LoRA training and serving; when a caller trains them anyway (LoRA and multi-LoRA
+    ops alike) their gradients are the plain linear ones."""
+    g2 = rows(grad_y, weight.shape[0])
+    dw = g2.t().to(weight.dtype) @ rows(x, weight.shape[1]) if need_w else None
+    dbias = g2.sum(0).to(weight.dtype) if need_bias else None
+    return dw, dbias

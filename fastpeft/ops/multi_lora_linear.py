@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from fastpeft.backend import use_cuda_extension, use_triton
 from fastpeft.ops.autocast import autocast_dtype, autocast_off, cast_for_autocast
 from fastpeft.ops.checks import describe, require_same_device, require_tensor
+from fastpeft.ops.lora_linear_torch import base_linear_grads
 from fastpeft.ops.multi_lora_linear_torch import multi_lora_add_torch, multi_lora_backward_torch
 from fastpeft.ops.op_calls import call_directly, eager_function, op_for_call, rows
 
@@ -214,11 +215,7 @@ def _backward(ctx, grad_y):
         direct = call_directly(grad_y, x, weight, lora_a, lora_b, scalings)
         op = _multi_lora_linear_backward if direct else torch.ops.fastpeft.multi_lora_linear_backward
         dx, da, db = op(*args)
-    # The base weight and bias are frozen in LoRA serving and training; if a caller trains
-    # them anyway their gradients are the plain linear ones.
-    g2 = rows(grad_y, weight.shape[0])
-    dw = g2.t().to(weight.dtype) @ rows(x, weight.shape[1]) if need_w else None
-    dbias = g2.sum(0).to(weight.dtype) if need_bias else None
+    dw, dbias = base_linear_grads(grad_y, x, weight, need_w, need_bias)
     return (dx if need_x else None, dw, dbias, da if need_a else None, db if need_b else None, None, None, None)
 
 
