@@ -25,7 +25,7 @@ from fastpeft.bench.results import BenchRun, TimingResult, compute_metrics
 from fastpeft.bench.runner import BenchConfig, make_inputs, run_benchmark
 from fastpeft.bench.spread import INCONCLUSIVE, MET, MISSED, Spread, ratio, verdict
 from fastpeft.bench.targets import check_targets
-from fastpeft.bench.timing import TimingBudget, timed_calls_ms
+from fastpeft.bench.timing import TimingBudget, interleaved_calls_ms, timed_calls_ms
 
 CPU = torch.device("cpu")
 TINY = LayerShape("tiny", 24, 40)  # K = 24, N = 40
@@ -263,6 +263,25 @@ def test_timed_calls_come_after_one_untimed_call_the_estimate_and_warm_up():
     samples = timed_calls_ms(lambda: calls.append(1), CPU, budget)
     assert len(samples) == 5 and all(ms >= 0.0 for ms in samples)
     assert len(calls) == 1 + 3 + 5  # prime, estimate, reps (no warm-up budget)
+
+
+def test_interleaved_timing_alternates_the_functions_and_isolates_a_failing_one():
+    """Each round calls every function in turn (so a slow phase of the machine hits all of
+    them), every function gets exactly its reps, and one that raises mid-run is reported with
+    its exception while the others finish."""
+    calls: list[str] = []
+
+    def broken() -> None:
+        calls.append("c")
+        if calls.count("c") == 3:
+            raise RuntimeError("third call fails")
+
+    plans = [(lambda: calls.append("a"), 8), (lambda: calls.append("b"), 5), (broken, 8)]
+    results = interleaved_calls_ms(plans, CPU, rounds=4)
+    assert [len(r) for r in results[:2]] == [8, 5]
+    assert isinstance(results[2], RuntimeError)
+    # round 1: a a b c c, round 2: a a b c (raises) , rounds 3 and 4: without c
+    assert "".join(calls) == "aabcc" + "aabc" + "aab" + "aabb"
 
 
 # --- run, JSON, report -------------------------------------------------------------------

@@ -14,7 +14,7 @@ import functools
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +24,11 @@ import torch
 L2_FLUSH_BYTES = 256 * 1024 * 1024
 # Timed calls used to estimate one call's cost before choosing repetition counts.
 ESTIMATE_CALLS = 3
+# Rounds an interleaved timing (``interleaved_calls_ms``) splits each function's calls into.
+# Every round calls each function in turn, so a slow phase of the machine (another process, a
+# frequency step), which lasts from milliseconds to seconds, lands on all of them alike instead
+# of on whichever was being timed then; 8 rounds of >= 1 call each fit the smallest budgets.
+INTERLEAVE_ROUNDS = 8
 
 
 @dataclass(frozen=True)
@@ -41,9 +46,11 @@ class TimingBudget:
 # largest case (~5 ms fwd+bwd); decode-sized calls (~20 us) stop at 200, which costs ~40 ms of
 # wall time with the L2 flush and launch overhead per call and still gives a stable median.
 GPU_BUDGET = TimingBudget(warmup_ms=10.0, rep_ms=40.0, min_reps=10, max_reps=200)
-# CPU: calls take 1-300 ms; 3 reps minimum give a median and quartiles, 0.3 s per timing keeps
-# the default CPU run under two minutes.
-CPU_BUDGET = TimingBudget(warmup_ms=20.0, rep_ms=300.0, min_reps=3, max_reps=50)
+# CPU: calls take 0.05-300 ms; 3 reps minimum give a median and quartiles, 0.3 s per timing
+# keeps the default CPU run within a few minutes. Decode-sized calls (~0.1 ms) get up to 2000
+# reps: with 50 (5 ms of calls) their medians moved by 1.5x between two runs on a 2-core VM,
+# as a scheduler tick or a frequency step covers a large part of the sample.
+CPU_BUDGET = TimingBudget(warmup_ms=20.0, rep_ms=300.0, min_reps=3, max_reps=2000)
 # Smoke runs: just enough calls to exercise the path and give a median of three (and quartiles,
 # a rough spread from so few calls).
 QUICK_BUDGET = TimingBudget(warmup_ms=10.0, rep_ms=0.0, min_reps=3, max_reps=3)
@@ -85,15 +92,39 @@ def call_times_ms(fn: Callable[[], object], calls: int, device: torch.device) ->
     return _cpu_call_times_ms(fn, calls)
 
 
-def timed_calls_ms(fn: Callable[[], object], device: torch.device, budget: TimingBudget) -> list[float]:
-    """Milliseconds of each timed call of ``fn`` on ``device`` (``budget.min_reps`` to
-    ``budget.max_reps`` of them), after one untimed call, the estimate and the warm-up."""
+def warmed_up_reps(fn: Callable[[], object], device: torch.device, budget: TimingBudget) -> int:
+    """Prepare ``fn`` for timing: one untimed call, the estimate and the warm-up; returns how
+    many timed calls the budget gives it (``budget.min_reps`` to ``budget.max_reps``)."""
     fn()
     estimate_ms = max(statistics.mean(call_times_ms(fn, ESTIMATE_CALLS, device)), 1e-6)
     warmup_calls = min(math.ceil(budget.warmup_ms / estimate_ms), budget.max_reps)
-    reps = min(max(math.ceil(budget.rep_ms / estimate_ms), budget.min_reps), budget.max_reps)
     call_times_ms(fn, warmup_calls, device)
-    return call_times_ms(fn, reps, device)
+    return min(max(math.ceil(budget.rep_ms / estimate_ms), budget.min_reps), budget.max_reps)
+
+
+def timed_calls_ms(fn: Callable[[], object], device: torch.device, budget: TimingBudget) -> list[float]:
+    """Milliseconds of each timed call of ``fn`` on ``device`` (``budget.min_reps`` to
+    ``budget.max_reps`` of them), after one untimed call, the estimate and the warm-up."""
+    return call_times_ms(fn, warmed_up_reps(fn, device, budget), device)
+
+
+def interleaved_calls_ms(plans: Sequence[tuple[Callable[[], object], int]], device: torch.device,
+                         rounds: int = INTERLEAVE_ROUNDS) -> list[list[float] | Exception]:
+    """Time several warmed-up functions side by side: ``plans`` are ``(fn, reps)`` pairs
+    (``warmed_up_reps``); each fn's reps are split over ``rounds`` rounds, each round calling
+    every fn in turn. Returns each fn's call times, or the exception its call raised (that fn
+    is then left out of later rounds; the others go on)."""
+    results: list[list[float] | Exception] = [[] for _ in plans]
+    for r in range(rounds):
+        for i, (fn, reps) in enumerate(plans):
+            samples = results[i]
+            if isinstance(samples, Exception):
+                continue
+            try:
+                samples += call_times_ms(fn, reps * (r + 1) // rounds - reps * r // rounds, device)
+            except Exception as exc:  # one broken function must not stop the others
+                results[i] = exc
+    return results
 
 
 def synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
