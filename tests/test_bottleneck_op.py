@@ -6,16 +6,34 @@ kernels, interpreted on CPU, and the torch path), every activation, odd shapes, 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
+import sys
 
 import pytest
 import torch
 
 from fastpeft.ops import bottleneck_adapter, bottleneck_adapter_dropout_mask, bottleneck_adapter_ref
-from tests.conftest import DEVICE
+from tests.conftest import BACKENDS, DEVICE
 from tests.numerics import TOLERANCE, assert_close
 
 ACTIVATIONS = ["relu", "gelu", "gelu_new", "silu", "linear"]
+OP_MODULE = importlib.import_module("fastpeft.ops.bottleneck_adapter")
+# Eager torch-path calls run one of two ways (``RECORDED_MAX_ELEMENTS``): small problems as
+# torch ops that autograd records, larger ones through the op's own backward. Here "torch"
+# records every size and "torch-op-backward" sends every size needing autograd to the op's
+# backward, so each test checks both on its small shapes.
+TORCH_OP_BACKWARD = "torch-op-backward"
+
+
+@pytest.fixture(params=[*BACKENDS, TORCH_OP_BACKWARD])
+def backend(request, monkeypatch):
+    """This module's backends (overriding conftest's): FASTPEFT_BACKEND, and for the torch path
+    which of its two eager routes runs."""
+    choice = "torch" if request.param == TORCH_OP_BACKWARD else request.param
+    monkeypatch.setenv("FASTPEFT_BACKEND", choice)
+    monkeypatch.setattr(OP_MODULE, "RECORDED_MAX_ELEMENTS", 0 if request.param == TORCH_OP_BACKWARD else sys.maxsize)
+    return choice
 
 
 @dataclasses.dataclass
@@ -227,3 +245,20 @@ def test_autocast_runs_in_the_autocast_dtype():
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert w.grad.dtype == torch.float32
+
+
+def test_small_eager_torch_path_calls_are_recorded_by_autograd_large_ones_use_the_op(monkeypatch):
+    """The torch path's two eager routes switch at ``RECORDED_MAX_ELEMENTS`` elements of h
+    (inclusive); calls needing no autograd return a plain tensor either way."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", "torch")
+    pb = make_problem((7,), 45, 8, torch.float32)
+    leaves = [_leaf(t) for t in (pb.h, pb.w_down, pb.b_down, pb.w_up, pb.b_up)]
+    outs = {}
+    for limit in (7 * 45, 7 * 45 - 1):
+        monkeypatch.setattr(OP_MODULE, "RECORDED_MAX_ELEMENTS", limit)
+        outs[limit] = bottleneck_adapter(*leaves, "gelu", 0.5)
+        with torch.no_grad():
+            assert bottleneck_adapter(*leaves, "gelu", 0.5).grad_fn is None
+    assert "BottleneckAdapterFunction" not in type(outs[7 * 45].grad_fn).__name__
+    assert type(outs[7 * 45 - 1].grad_fn).__name__ == "BottleneckAdapterFunctionBackward"
+    torch.testing.assert_close(outs[7 * 45], outs[7 * 45 - 1], rtol=0, atol=0)

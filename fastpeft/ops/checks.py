@@ -31,10 +31,9 @@ def require_tensor(name: str, value: object, ndim: int | None = None) -> torch.T
 
 def require_same_device(tensors: dict[str, torch.Tensor | None]) -> None:
     """All non-None tensors live on one device."""
-    present = {k: v for k, v in tensors.items() if v is not None}
-    devices = {v.device for v in present.values()}
-    if len(devices) > 1:
-        listing = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+    devices = [v.device for v in tensors.values() if v is not None]
+    if len(set(devices)) > 1:
+        listing = ", ".join(f"{k} on {v.device}" for k, v in tensors.items() if v is not None)
         raise ValueError(f"all tensors must be on one device, got {listing}")
 
 

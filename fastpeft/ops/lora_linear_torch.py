@@ -27,9 +27,9 @@ def rank_side_dtype(lora_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(lora_dtype, torch.float32)
 
 
-def keep_mask(x: torch.Tensor, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
+def keep_mask(x: torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
     """The bool keep-mask ``[M, K]`` the torch path draws for 2-D x (``keep_mask_torch_path``);
-    empty when p is 0."""
+    empty when p is 0 (``seed`` is then not read and may be None)."""
     if dropout_p == 0.0:
         return x.new_empty(0, dtype=torch.bool)
     return keep_mask_torch_path(seed, x.shape[0], x.shape[1], dropout_p)
