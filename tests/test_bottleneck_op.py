@@ -123,10 +123,12 @@ def test_every_activation(backend, activation):
     check_against_reference(make_problem((7,), 45, 8, torch.float32), activation)
 
 
-# (leading dims, D, R): every bottleneck tile of the kernels (R 1..128), decode and
-# multi-program M, 3-D h, D not a multiple of 16; R = 256 is above the Triton kernels' limit
-# (the torch path on every backend here).
-SHAPES = [((1,), 45, 1), ((130,), 45, 48), ((2, 9), 45, 64), ((7,), 21, 128), ((7,), 21, 256), ((130,), 33, 8)]
+# (leading dims, D, R): every bottleneck tile of the kernels (R 1..256), decode and
+# multi-program M, 3-D h, D not a multiple of 16; above 128 ranks the backward's column kernel
+# runs per 128-rank chunk (200: a partial second chunk) and dh has its own kernel (130 rows:
+# three of its row tiles).
+SHAPES = [((1,), 45, 1), ((130,), 45, 48), ((2, 9), 45, 64), ((7,), 21, 128), ((7,), 21, 256), ((130,), 33, 8),
+          ((2, 65), 45, 200)]
 
 
 @pytest.mark.parametrize("lead,d,r", SHAPES)
@@ -174,9 +176,11 @@ def test_strided_3d_view(backend):
     check_against_reference(pb, "silu")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_dropout_matches_the_exposed_mask(backend, dtype):
-    check_against_reference(make_problem((2, 33), 45, 16, dtype, residual=dtype == torch.float16), "gelu", 0.3)
+@pytest.mark.parametrize("dtype,r", [(torch.float32, 16), (torch.float16, 16), (torch.float32, 200)])
+def test_dropout_matches_the_exposed_mask(backend, dtype, r):
+    """Dropout with h as the residual and with a separate one (fp16), and through the dh kernel
+    of bottlenecks above 128 ranks (r = 200), whose tiles draw the mask on their own."""
+    check_against_reference(make_problem((2, 33), 45, r, dtype, residual=dtype == torch.float16), "gelu", 0.3)
 
 
 def test_dropout_is_reproducible_and_keeps_about_1_minus_p(backend):

@@ -1,8 +1,8 @@
 """The bottleneck adapter's kernels on a GPU (skipped without CUDA): the tensor-core paths the
 interpreter cannot run (bf16 / fp16 h with fp16 or fp32 adapters, tf32 products), every
-kernel tile (rank 16..128, decode and multi-program M), dropout, the learned scaling, CUDA-graph
-capture (no host sync) and bitwise-reproducible gradients, for the Triton kernels and, when
-built, the CUDA C++ ones."""
+kernel tile (rank 16..256, the chunked backward above 128, decode and multi-program M),
+dropout, the learned scaling, CUDA-graph capture (no host sync) and bitwise-reproducible
+gradients, for the Triton kernels and, when built, the CUDA C++ ones."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def gpu_backend(request, monkeypatch) -> str:
     return request.param
 
 
-@pytest.mark.parametrize("m,d,r", [(1, 768, 16), (513, 768, 64), (300, 1024, 128), (64, 4096, 48)])
+@pytest.mark.parametrize("m,d,r", [(1, 768, 16), (513, 768, 64), (300, 1024, 128), (64, 4096, 48), (257, 4096, 256)])
 @pytest.mark.parametrize("dtype,w_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
 def test_against_float64(gpu_backend, m, d, r, dtype, w_dtype):
     check_against_reference(make_problem((m,), d, r, dtype, w_dtype), "gelu_new")

@@ -33,7 +33,8 @@ def test_every_launch_is_checked(monkeypatch, num_sms, capability, act, weights)
     meta = torch.device("meta")
     kernels = set()
     for m, d, rank, dropout, biases, learned, need_h in itertools.product(
-        (1, 17, 4096), (768, 4096), (1, 16, 48, 64, 128), (False, True), (False, True), (False, True), (False, True)
+        (1, 17, 4096), (768, 4096), (1, 16, 48, 64, 128, 200, 256), (False, True), (False, True), (False, True),
+        (False, True)
     ):
         h = torch.empty(m, d, dtype=act, device=meta)
         w_down = torch.empty(rank, d, dtype=weights, device=meta)
@@ -51,4 +52,5 @@ def test_every_launch_is_checked(monkeypatch, num_sms, capability, act, weights)
             key = _launch_key(fn, args, kwargs)
             assert key in compiled, f"m={m} d={d} r={rank} dropout={dropout}: {key} is never compiled"
             kernels.add(key[0])
-    assert kernels == {"bottleneck_fwd_kernel", "bottleneck_bwd_dz_kernel", "bottleneck_bwd_wgrad_dh_kernel"}
+    assert kernels == {"bottleneck_fwd_kernel", "bottleneck_bwd_dz_kernel", "bottleneck_bwd_wgrad_dh_kernel",
+                       "bottleneck_bwd_dh_kernel"}

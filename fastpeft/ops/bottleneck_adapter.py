@@ -44,7 +44,7 @@ from fastpeft.ops.op_calls import call_directly, eager_function, eager_plain, op
 
 TRITON, CUDA, TORCH = "triton", "cuda", "torch"
 # Largest bottleneck the CUDA C++ kernels take (``csrc/bottleneck.cu``); the Triton kernels'
-# is ``configs.MAX_RANK``.
+# is ``configs.MAX_RANK`` (also 256).
 CUDA_MAX_RANK = 256
 _HALF = (torch.float16, torch.bfloat16)
 # Eager torch-path calls needing autograd on h with at most this many elements are recorded

@@ -15,13 +15,17 @@ import torch
 from fastpeft.kernels.lora.configs import ALIGN, aligned_rows, block_r, cdiv, device_info
 
 # Bottleneck sizes the Triton kernels take: the rank tile is padded to a power of two >= 16
-# (tl.dot needs every dimension >= 16) and kept <= 128. At 256 (AdapterHub's default
-# reduction factor 16 on a 4096-wide model) the backward's column kernel spills on every tile
-# tried (16 x 16 with 8 warps: 120-1400 B; 16 warps cap registers at 128 and spill KBs;
-# fastpeft check), so such bottlenecks take the CUDA C++ kernels (R <= 256) when selected, else
-# the torch path.
-MAX_RANK = 128
-BLOCK_R_CHOICES = (16, 32, 64, 128)
+# (tl.dot needs every dimension >= 16), up to 256 (AdapterHub's default reduction factor 16 on
+# a 4096-wide model).
+MAX_RANK = 256
+BLOCK_R_CHOICES = (16, 32, 64, 128, 256)
+# The widest rank tile of the backward's column kernel. At 256 its two fp32 weight-gradient
+# sums alone ([BLOCK_D, 256] and [256, BLOCK_D]) spill on every tile tried (16 x 16 with 8
+# warps: 120-1400 B; 16 warps cap registers at 128 and spill KBs; fastpeft check), so wider
+# bottlenecks run it once per 128-rank chunk (a third grid axis; each chunk re-reads its g and
+# h tiles) and form dh in a kernel of its own (``bottleneck_bwd_dh_kernel``), which walks the
+# rank in steps.
+COLUMN_MAX_RANK = 128
 
 # Up to this many rows the call is a decode step: 16-row tiles (the smallest tl.dot), so
 # that the few rows do not pay for a larger tile's padding.
@@ -55,6 +59,10 @@ _ROW_TILES = {
     32: Tile(32, 128, 4, 3),
     64: Tile(32, 64, 4, 3),
     128: Tile(16, 32, 4, 3),
+    # 8 warps halve each thread's share of the [16, 256] fp32 tiles (z, a, dA, dz): with 4 the
+    # dz kernel reaches 255 registers; 2 stages keep the forward's shared memory at 51 KB
+    # (3: 84 KB) with 0 spills either way (fastpeft check).
+    256: Tile(16, 32, 8, 2),
 }
 # Decode: 16 rows (M <= 16 fits one program), same steps.
 _ROW_TILES_DECODE = {r: Tile(16, t.block_d, t.num_warps, t.num_stages) for r, t in _ROW_TILES.items()}
@@ -75,16 +83,28 @@ _COLUMN_TILES = {
 }
 
 
+# dh kernel of the backward for bottlenecks above COLUMN_MAX_RANK: a [BLOCK_M, BLOCK_D] tile of
+# dz W_down per program, the rank walked DH_RANK_STEP at a time. A GEMM tile of a memory-bound
+# pass (dz, fp32 [M, R], and W_down are read, dh written): 64 x 64 with 4 warps keeps a 32-
+# register fp32 accumulator per thread; 2 stages overlap the next rank step's loads.
+DH_TILE = Tile(64, 64, 4, 2)
+DH_RANK_STEP = 32
+
+
 @dataclass(frozen=True)
 class Plan:
-    """Tiles of one call: ``rows`` for the row-block kernels, ``columns`` for the backward's
-    column kernel with its ``splits`` row ranges of ``rows_per_split`` rows each."""
+    """Tiles of one call: ``rows`` for the row-block kernels (rank tile ``block_r``),
+    ``columns`` for the backward's column kernel (rank tile ``column_r``, run for
+    ``rank_chunks`` chunks) with its ``splits`` row ranges of ``rows_per_split`` rows each;
+    with more than one chunk dh comes from the dh kernel (``DH_TILE``)."""
 
     block_r: int
     rows: Tile
     columns: Tile
     splits: int
     rows_per_split: int
+    column_r: int
+    rank_chunks: int
 
 
 def row_tile(m: int, r_block: int) -> Tile:
@@ -98,18 +118,21 @@ def plan(m: int, d: int, rank: int, device: torch.device) -> Plan:
         raise ValueError(f"bottleneck kernels take 1 <= R <= {MAX_RANK}, got R={rank}")
     num_sms, _ = device_info(device)
     r_block = block_r(rank)
-    columns = _COLUMN_TILES[r_block]
+    column_r = min(r_block, COLUMN_MAX_RANK)
+    chunks = cdiv(rank, column_r)
+    columns = _COLUMN_TILES[column_r]
     row_blocks = cdiv(m, columns.block_m)
-    wanted = max(1, cdiv(PROGRAMS_PER_SM * num_sms, cdiv(d, columns.block_d)))
+    wanted = max(1, cdiv(PROGRAMS_PER_SM * num_sms, cdiv(d, columns.block_d) * chunks))
     per_split = cdiv(row_blocks, min(wanted, row_blocks)) * columns.block_m
-    return Plan(r_block, row_tile(m, r_block), columns, cdiv(m, per_split), per_split)
+    return Plan(r_block, row_tile(m, r_block), columns, cdiv(m, per_split), per_split, column_r, chunks)
 
 
 def tile_choices() -> list[tuple[str, int, Tile]]:
-    """Every ``(kernel kind, rank tile, tile)`` the planner can return: kind "rows" or
-    "columns" (for ``bottleneck_kernel_specs``)."""
+    """Every ``(kernel kind, rank tile, tile)`` the planner can return: kind "rows",
+    "columns" or "dh" (for ``bottleneck_kernel_specs``)."""
     rows = {(r, t) for table in (_ROW_TILES, _ROW_TILES_DECODE) for r, t in table.items()}
-    return [("rows", r, t) for r, t in sorted(rows, key=str)] + [("columns", r, t) for r, t in _COLUMN_TILES.items()]
+    return ([("rows", r, t) for r, t in sorted(rows, key=str)] + [("columns", r, t) for r, t in _COLUMN_TILES.items()]
+            + [("dh", DH_RANK_STEP, DH_TILE)])
 
 
 def kernel_friendly(h: torch.Tensor, residual: torch.Tensor | None) -> bool:

@@ -24,9 +24,13 @@ Kernels (launched by ``launch.py``):
   ``dz^T h_hat`` in registers over its rows (a and dz, ``[M, R]`` fp32, come from L2) and,
   with ``NEED_DH``, writes ``dh`` for its tiles (``dz W_down``, the mask regenerated, plus g
   when the residual is h). Each program stores its sums once as fp32 partials; the launcher
-  adds the partials of the row ranges in a fixed order (a few per column).
+  adds the partials of the row ranges in a fixed order (a few per column). Bottlenecks wider
+  than ``configs.COLUMN_MAX_RANK`` (128) run it per 128-rank chunk (grid axis 2; each chunk
+  reads its g and h tiles again) without dh, which then comes from
+- ``bottleneck_bwd_dh_kernel``: one program per ``[BLOCK_M, BLOCK_D]`` tile of dh: ``dz W_down``
+  with the rank walked in steps, the mask regenerated, plus g when the residual is h.
 
-So the backward reads g twice -- once for ``dz`` (which needs all of D before anything else
+So the backward (up to 128 ranks) reads g twice -- once for ``dz`` (which needs all of D before anything else
 can use it), once for ``dW_up``, ``db_up`` and dh's residual term together -- h once, and
 writes dh once. (Reading g once for both ``dz`` and ``dW_up`` would need fp32 partials of one
 of them per tile of the other's reduction: ``4 R / BLOCK`` times g's bytes, more than a
@@ -226,16 +230,17 @@ def bottleneck_bwd_wgrad_dh_kernel(
     HAS_DROPOUT: tl.constexpr, NEED_DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """For ``BLOCK_D`` columns (axis 0) and the rows of split ``program_id(1)``
-    (``rows_per_split`` rows, a multiple of BLOCK_M): the partials ``g^T a`` into
-    ``dwu_part [splits, D, R]``, ``sum_m g`` into ``dbu_part [splits, D]`` (both without the
-    scaling) and ``dz^T h_hat`` (without ``1/(1-p)``) into ``dwd_part [splits, R, D]``; with
-    ``NEED_DH`` the tiles of ``dh [M, D]`` (dh's dtype, contiguous), plus g when
-    ``residual_is_h`` is non-zero."""
+    """For ``BLOCK_D`` columns (axis 0), the rows of split ``program_id(1)``
+    (``rows_per_split`` rows, a multiple of BLOCK_M) and the ranks of chunk ``program_id(2)``
+    (``BLOCK_R`` ranks from ``BLOCK_R * program_id(2)``): the partials ``g^T a`` into
+    ``dwu_part [splits, D, R]``, ``sum_m g`` into ``dbu_part [splits, D]`` (by chunk 0; both
+    without the scaling) and ``dz^T h_hat`` (without ``1/(1-p)``) into
+    ``dwd_part [splits, R, D]``; with ``NEED_DH`` (one chunk covering R) the tiles of
+    ``dh [M, D]`` (dh's dtype, contiguous), plus g when ``residual_is_h`` is non-zero."""
     split = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = cols < D
-    offs_r = tl.arange(0, BLOCK_R)
+    offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
     m_start = split * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)
@@ -258,19 +263,66 @@ def bottleneck_bwd_wgrad_dh_kernel(
         acc_bu += tl.sum(g, axis=0)
         dz = _rank_tile(dz_ptr, rows, row_ok, offs_r, r_ok, R)
         x = tl.load(h_ptr + row64 * stride_hm + cols[None, :] * stride_hd, mask=ok, other=0.0).to(tl.float32)
+        keep = ok  # (read only with HAS_DROPOUT)
         if HAS_DROPOUT:
             keep = keep_mask(seed, rows, tl.program_id(0) * BLOCK_D, D, threshold, BLOCK_M, BLOCK_D)
             x = tl.where(keep, x, 0.0)
         acc_wd = tl.dot(tl.trans(dz), x, acc_wd, input_precision=PRECISION)
         if NEED_DH:
-            dh = tl.dot(dz, wd, input_precision=PRECISION)
-            if HAS_DROPOUT:
-                dh = tl.where(keep, dh * keep_scale, 0.0)
-            if residual_is_h != 0:
-                dh += g
-            tl.store(dh_ptr + row64 * D + cols[None, :], dh.to(dh_ptr.dtype.element_ty), mask=ok)
+            _store_dh(tl.dot(dz, wd, input_precision=PRECISION), g, keep, keep_scale, residual_is_h,
+                      dh_ptr + row64 * D + cols[None, :], ok, HAS_DROPOUT)
     base = split.to(tl.int64) * D
     tl.store(dwu_part_ptr + (base + cols)[:, None] * R + offs_r[None, :], acc_wu, mask=d_ok[:, None] & r_ok[None, :])
-    tl.store(dbu_part_ptr + base + cols, acc_bu, mask=d_ok)
+    if tl.program_id(2) == 0:  # every chunk sums g; the first stores it
+        tl.store(dbu_part_ptr + base + cols, acc_bu, mask=d_ok)
     base_wd = split.to(tl.int64) * R
     tl.store(dwd_part_ptr + (base_wd + offs_r)[:, None] * D + cols[None, :], acc_wd, mask=r_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _store_dh(dz_wd, g, keep, keep_scale, residual_is_h, dh_ptrs, ok, HAS_DROPOUT: tl.constexpr):
+    """Store a tile of ``dh = K (dz W_down) / (1-p)``, plus g when ``residual_is_h`` is
+    non-zero, from ``dz_wd = dz W_down`` (fp32), rounded once to dh's dtype."""
+    dh = dz_wd
+    if HAS_DROPOUT:
+        dh = tl.where(keep, dh * keep_scale, 0.0)
+    if residual_is_h != 0:
+        dh += g
+    tl.store(dh_ptrs, dh.to(dh_ptrs.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=["M", "R", "threshold", "residual_is_h"])
+def bottleneck_bwd_dh_kernel(
+    g_ptr, wd_ptr, dz_ptr, seed_ptr, dh_ptr,
+    M, D, R,
+    stride_gm, stride_gd, stride_wdr, stride_wdd,
+    threshold, keep_scale, residual_is_h,
+    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """The ``[BLOCK_M, BLOCK_D]`` tile (axes 0, 1) of ``dh [M, D]`` (dh's dtype, contiguous)
+    for bottlenecks wider than the column kernel's rank tile: ``dz W_down`` summed ``BLOCK_R``
+    ranks at a time, then the mask, ``1/(1-p)`` and g as in ``bottleneck_bwd_wgrad_dh_kernel``
+    (g is read only when ``residual_is_h`` is non-zero)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    d0 = tl.program_id(1) * BLOCK_D
+    cols = d0 + tl.arange(0, BLOCK_D)
+    d_ok = cols < D
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_ok = offs_r < R
+        wd = tl.load(wd_ptr + offs_r[:, None] * stride_wdr + cols[None, :] * stride_wdd,
+                     mask=r_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(_rank_tile(dz_ptr, rows, row_ok, offs_r, r_ok, R), wd, acc, input_precision=PRECISION)
+    row64 = rows.to(tl.int64)[:, None]
+    ok = row_ok[:, None] & d_ok[None, :]
+    g = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    if residual_is_h != 0:
+        g = tl.load(g_ptr + row64 * stride_gm + cols[None, :] * stride_gd, mask=ok, other=0.0).to(tl.float32)
+    keep = ok  # (read only with HAS_DROPOUT)
+    if HAS_DROPOUT:
+        keep = keep_mask(tl.load(seed_ptr), rows, d0, D, threshold, BLOCK_M, BLOCK_D)
+    _store_dh(acc, g, keep, keep_scale, residual_is_h, dh_ptr + row64 * D + cols[None, :], ok,
+              HAS_DROPOUT)

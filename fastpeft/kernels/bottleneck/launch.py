@@ -10,8 +10,8 @@ Contract (both functions):
   Triton op takes only ``configs.kernel_friendly`` h and residual, and copies an unaligned
   grad_out), ``M >= 1``, ``D >= 1``; fp32, fp16 or bf16 (float64 always takes the torch path). ``residual`` and
   ``grad_out`` in h's dtype.
-- ``w_down [R, D]``, ``w_up [D, R]``, any strides, ``1 <= R <= 256`` (the Triton launchers:
-  ``R <= configs.MAX_RANK`` = 128; the op sends larger bottlenecks elsewhere); both in one
+- ``w_down [R, D]``, ``w_up [D, R]``, any strides, ``1 <= R <= 256`` (``configs.MAX_RANK``
+  for the Triton launchers, ``CUDA_MAX_RANK`` for the CUDA C++ ones); both in one
   dtype, h's dtype or fp32 (an fp32 adapter on a 16-bit model). Biases ``b_down [R]``,
   ``b_up [D]`` in the weights' dtype, any stride, or None.
 - ``activation``: a canonical name from ``ref.CANONICAL_ACTIVATIONS`` ("relu", "gelu",
@@ -34,9 +34,10 @@ import torch
 
 from fastpeft.backend import interpreting
 from fastpeft.kernels import launch_device
-from fastpeft.kernels.bottleneck.configs import Plan, aligned_rows, cdiv, plan
+from fastpeft.kernels.bottleneck.configs import DH_RANK_STEP, DH_TILE, Plan, aligned_rows, cdiv, plan
 from fastpeft.kernels.bottleneck.kernels import (
     ACTIVATION_CODES,
+    bottleneck_bwd_dh_kernel,
     bottleneck_bwd_dz_kernel,
     bottleneck_bwd_wgrad_dh_kernel,
     bottleneck_fwd_kernel,
@@ -218,13 +219,24 @@ def _column_pass(
     dwd_parts = launch_device.empty_output((p.splits, rank, d), torch.float32, dev)
     dh = launch_device.empty_output((m, d) if need_h else (0,), h.dtype, dev)
     threshold, keep_scale = _dropout_args(dropout_p)
-    bottleneck_bwd_wgrad_dh_kernel[(cdiv(d, t.block_d), p.splits)](
+    dh_in_columns = need_h and p.rank_chunks == 1
+    bottleneck_bwd_wgrad_dh_kernel[(cdiv(d, t.block_d), p.splits, p.rank_chunks)](
         grad_out, h, w_down, a, dz, seed, dh, dwu_parts, dbu_parts, dwd_parts,
         m, d, rank, p.rows_per_split,
         *_strides(grad_out), *_strides(h), *_strides(w_down),
         threshold, keep_scale, int(residual_is_h),
-        HAS_DROPOUT=dropout_p > 0.0, NEED_DH=need_h,
-        BLOCK_M=t.block_m, BLOCK_D=t.block_d, BLOCK_R=p.block_r, PRECISION=precision,
+        HAS_DROPOUT=dropout_p > 0.0, NEED_DH=dh_in_columns,
+        BLOCK_M=t.block_m, BLOCK_D=t.block_d, BLOCK_R=p.column_r, PRECISION=precision,
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
+    if need_h and not dh_in_columns:
+        bottleneck_bwd_dh_kernel[(cdiv(m, DH_TILE.block_m), cdiv(d, DH_TILE.block_d))](
+            grad_out, w_down, dz, seed, dh,
+            m, d, rank,
+            *_strides(grad_out), *_strides(w_down),
+            threshold, keep_scale, int(residual_is_h),
+            HAS_DROPOUT=dropout_p > 0.0,
+            BLOCK_M=DH_TILE.block_m, BLOCK_D=DH_TILE.block_d, BLOCK_R=DH_RANK_STEP, PRECISION=precision,
+            num_warps=DH_TILE.num_warps, num_stages=DH_TILE.num_stages,
+        )
     return dwu_parts.sum(0), dbu_parts.sum(0), dwd_parts.sum(0), dh if need_h else None

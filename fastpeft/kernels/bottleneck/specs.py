@@ -3,7 +3,8 @@ launchers can produce, as ``KernelSpec``s for ``fastpeft check`` (ahead-of-time 
 sm_80 / sm_90, 0 spills).
 
 For each kernel: every tile the planner (``configs``) can hand it, with every value of its
-constexpr flags (``HAS_DROPOUT``; ``NEED_DH`` for the column kernel). The activation, biases,
+constexpr flags (``HAS_DROPOUT``; ``NEED_DH`` for the column kernel; the dh kernel's rank
+step as its ``BLOCK_R``). The activation, biases,
 learned scaling and residual-is-h are runtime arguments (one compiled kernel covers them).
 Two dtype cases, as for LoRA: bf16 h with fp32 adapter weights (a 16-bit model with an fp32
 adapter) and fp16 h with fp16 weights. Scalars follow Triton's launch-time specialization of
@@ -19,6 +20,7 @@ import itertools
 from fastpeft.kernels.aot_spec import KernelSpec
 from fastpeft.kernels.bottleneck.configs import Tile, tile_choices
 from fastpeft.kernels.bottleneck.kernels import (
+    bottleneck_bwd_dh_kernel,
     bottleneck_bwd_dz_kernel,
     bottleneck_bwd_wgrad_dh_kernel,
     bottleneck_fwd_kernel,
@@ -73,6 +75,10 @@ def bottleneck_kernel_specs() -> list[KernelSpec]:
                 specs.append(_spec(bottleneck_fwd_kernel, "bottleneck_fwd", act, weights,
                                    {**base, "HAS_DROPOUT": drop}, t, r_block))
             specs.append(_spec(bottleneck_bwd_dz_kernel, "bottleneck_bwd_dz", act, weights, base, t, r_block))
+        elif kind == "dh":
+            for drop in (False, True):
+                specs.append(_spec(bottleneck_bwd_dh_kernel, "bottleneck_bwd_dh", act, weights,
+                                   {**base, "HAS_DROPOUT": drop}, t, r_block))
         else:
             for drop, need_dh in itertools.product((False, True), (True, False)):
                 specs.append(_spec(bottleneck_bwd_wgrad_dh_kernel, "bottleneck_bwd_wgrad_dh", act, weights,
