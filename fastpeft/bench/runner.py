@@ -1,5 +1,6 @@
-"""Runs the grid: for every case, times each implementation forward-only and forward+backward,
-then measures what each saves for backward.
+"""Runs the grid: for every case, times the implementations forward-only and forward+backward
+(side by side: each mode's implementations interleaved, ``timing.interleaved_calls_ms``), then
+measures what each saves for backward.
 
 - ``fwd``: inference, under ``torch.no_grad()``, dropout inactive.
 - ``fwd+bwd``: training with dropout ``config.dropout``; backward computes the grads of x, A
@@ -24,7 +25,7 @@ from fastpeft.bench.implementations import Implementation, LoRAWeights, build_im
 from fastpeft.bench.memory import measure_saved_activations
 from fastpeft.bench.results import BenchRun, SavedResult, TimingResult
 from fastpeft.bench.spread import Spread
-from fastpeft.bench.timing import TimingBudget, timed_calls_ms
+from fastpeft.bench.timing import TimingBudget, interleaved_calls_ms, warmed_up_reps
 
 # Dropout of the fwd+bwd timings by default: the issue states its PEFT speed target at 0.05.
 DEFAULT_DROPOUT = 0.05
@@ -106,15 +107,27 @@ def describe_error(exc: Exception) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:MAX_ERROR_CHARS]
 
 
-def _time_implementation(
-    name: str, case: BenchCase, mode: str, w: LoRAWeights, x: torch.Tensor, dy: torch.Tensor, config: BenchConfig
-) -> TimingResult:
-    try:
-        impl = build_implementation(name, w, config.dropout, training=mode == FORWARD_BACKWARD)
-        samples = timed_calls_ms(make_step(impl, x, dy, mode), config.device, config.budget)
-        return TimingResult(case, mode, name, Spread.of_samples(samples), len(samples))
-    except Exception as exc:  # one broken implementation must not stop the others
-        return TimingResult(case, mode, name, None, error=describe_error(exc))
+def _time_implementations(
+    case: BenchCase, mode: str, w: LoRAWeights, x: torch.Tensor, dy: torch.Tensor, config: BenchConfig
+) -> list[TimingResult]:
+    """Every implementation of ``config`` on one case and mode, timed interleaved
+    (``timing.interleaved_calls_ms``: their ratios compare calls made under the same machine
+    conditions); one that fails to build, warm up or run gets its error and the others go on."""
+    results: dict[str, TimingResult] = {}
+    planned: list[tuple[str, tuple[Callable[[], object], int]]] = []
+    for name in config.implementations:
+        try:
+            impl = build_implementation(name, w, config.dropout, training=mode == FORWARD_BACKWARD)
+            step = make_step(impl, x, dy, mode)
+            planned.append((name, (step, warmed_up_reps(step, config.device, config.budget))))
+        except Exception as exc:  # one broken implementation must not stop the others
+            results[name] = TimingResult(case, mode, name, None, error=describe_error(exc))
+    for (name, _), samples in zip(planned, interleaved_calls_ms([plan for _, plan in planned], config.device)):
+        if isinstance(samples, Exception):
+            results[name] = TimingResult(case, mode, name, None, error=describe_error(samples))
+        else:
+            results[name] = TimingResult(case, mode, name, Spread.of_samples(samples), len(samples))
+    return [results[name] for name in config.implementations]
 
 
 def _measure_implementation(name: str, case: BenchCase, w: LoRAWeights, x: torch.Tensor) -> SavedResult:
@@ -148,8 +161,8 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = log_to_stder
             w = random_weights(case.shape, case.r, config.dtype, config.device, generator)
             x, dy = make_inputs(case, config.dtype, config.device, generator)
             for mode in MODES:
-                for name in config.implementations:
-                    keep(run.timings, _time_implementation(name, case, mode, w, x, dy, config))
+                for result in _time_implementations(case, mode, w, x, dy, config):
+                    keep(run.timings, result)
             for name in config.implementations:
                 keep(run.saved, _measure_implementation(name, case, w, x))
     except KeyboardInterrupt:
