@@ -65,6 +65,8 @@ def _slot_grad_close(actual, expected, ranks, dtype, what):
 
 
 # (T, dtype, LoRA dtype): decode sizes and a segments size; fp16, fp32, fp32 adapters on fp16.
+# On the torch path 1 and 5 tokens are grouped on the host, 67 (above
+# HOST_GROUPING_MAX_TOKENS) by the sort.
 CASES = [(1, torch.float32, None), (5, torch.float16, torch.float32), (67, torch.float32, None),
          (67, torch.float16, None)]
 
@@ -282,3 +284,19 @@ def test_gpu_kernels_on_aligned_problems(monkeypatch, backend_name, dtype, lora_
     assert_close(leaves["x"].grad, grads["x"], dtype, "dX")
     for what in ("lora_a", "lora_b"):
         _slot_grad_close(leaves[what].grad, grads[what], ranks, dtype, what)
+
+
+def test_host_and_sorted_grouping_agree(monkeypatch):
+    """The torch path's two ways of grouping tokens by adapter (a Python dict up to
+    HOST_GROUPING_MAX_TOKENS CPU tokens, a sort above) give the same groups: slots in order,
+    each with its tokens in token order and its clamped rank; ids outside [0, L) and slots of
+    rank 0 skipped."""
+    from fastpeft.ops import multi_lora_linear_torch as torch_path
+
+    ids = torch.tensor([3, -1, 0, 3, 7, 2, 0, 5, 3, 9, -4, 2])
+    ranks = torch.tensor([4, 8, 0, 20, 2, 1, 3, 6])  # slot 2: rank 0; slot 3: clamped to 16
+    found = []
+    for limit in (len(ids), len(ids) - 1):
+        monkeypatch.setattr(torch_path, "HOST_GROUPING_MAX_TOKENS", limit)
+        found.append([(g.slot, g.rank, g.tokens.tolist()) for g in torch_path.adapter_groups(ids, ranks, 16)])
+    assert found[0] == found[1] == [(0, 4, [2, 6]), (3, 16, [0, 3, 8]), (5, 1, [7]), (7, 6, [4])]

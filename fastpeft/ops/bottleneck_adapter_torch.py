@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from fastpeft.kernels.bottleneck.ref import CANONICAL_ACTIVATIONS
 from fastpeft.ops.lora_linear_torch import keep_mask, rank_side_dtype
+from fastpeft.ops.op_calls import as_dtype
 
 
 def down_projection(h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None, dropout_p: float,
@@ -40,12 +41,6 @@ def down_projection(h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor 
     alpha = 1.0 / (1.0 - dropout_p)
     z = torch.addmm(b_down, x, w_down.t(), alpha=alpha) if b_down is not None else torch.mm(x, w_down.t()).mul_(alpha)
     return as_dtype(z, rank_side_dtype(w_down.dtype))
-
-
-def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t in ``dtype``, with no call when it already is: a no-op ``.to`` costs ~3 us of Python,
-    a tenth of a decode step's whole adapter on the CPU."""
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def with_ones(a: torch.Tensor, b_up: torch.Tensor | None) -> torch.Tensor:

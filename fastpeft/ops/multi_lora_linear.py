@@ -242,13 +242,20 @@ def _check_host_values(adapter_ids: torch.Tensor, ranks: torch.Tensor, num_slots
     into it)."""
     if adapter_ids.device.type != "cpu":
         return
-    bad = (adapter_ids < -1) | (adapter_ids >= num_slots)
-    if bad.any():
+    if adapter_ids.numel() and not _within(adapter_ids, -1, num_slots - 1):
+        bad = (adapter_ids < -1) | (adapter_ids >= num_slots)
         position = int(bad.reshape(-1).nonzero()[0])
         raise ValueError(f"adapter_ids[{position}] = {int(adapter_ids.reshape(-1)[position])} is outside "
                          f"[-1, {num_slots}) (lora_a has {num_slots} adapter slots; -1 = no adapter)")
-    if ((ranks < 0) | (ranks > r_max)).any():
+    if ranks.numel() and not _within(ranks, 0, r_max):
         raise ValueError(f"ranks {ranks.tolist()} must lie in [0, {r_max}] (R_MAX = lora_a.shape[1])")
+
+
+def _within(t: torch.Tensor, low: int, high: int) -> bool:
+    """Whether every element of non-empty integer ``t`` lies in ``[low, high]`` (one reduction,
+    two host reads)."""
+    smallest, largest = torch.aminmax(t)
+    return low <= int(smallest) and int(largest) <= high
 
 
 def check_multi_lora_linear_args(x, weight, bias, lora_a, lora_b, scalings, adapter_ids, ranks) -> None:

@@ -31,9 +31,16 @@ from typing import NamedTuple
 
 import torch
 
+from fastpeft.ops.op_calls import as_dtype
+
 # Tokens per chunk of the per-token path: 256 tokens x rank 64 x K 4096 x 2 bytes gathers
 # 128 MB of A rows; smaller chunks cost more launches.
 _GATHER_CHUNK = 256
+# Up to this many CPU tokens (decode steps, a few short requests) the tokens are grouped by
+# adapter in Python from one host copy of the ids: a list read and a dict cost less than the
+# sort-based grouping's ~8 torch calls (~40 us, most of a decode step's LoRA term). Above it
+# the per-token Python loop would grow past the sort's cost.
+HOST_GROUPING_MAX_TOKENS = 64
 
 
 class Group(NamedTuple):
@@ -59,11 +66,18 @@ def adapter_groups(adapter_ids: torch.Tensor, ranks: torch.Tensor, r_max: int) -
     """The adapters present in ``adapter_ids [T]`` (ids outside ``[0, L)`` skipped), in slot
     order, each with its tokens in token order. Reads the group sizes on the host."""
     num_slots = ranks.shape[0]
+    rank_list = [min(max(r, 0), r_max) for r in ranks.tolist()]  # clamped_ranks, on the host
+    if adapter_ids.device.type == "cpu" and adapter_ids.shape[0] <= HOST_GROUPING_MAX_TOKENS:
+        by_slot: dict[int, list[int]] = {}
+        for token, slot in enumerate(adapter_ids.tolist()):
+            if 0 <= slot < num_slots and rank_list[slot] > 0:
+                by_slot.setdefault(slot, []).append(token)
+        return [Group(slot, rank_list[slot], torch.tensor(by_slot[slot], dtype=torch.int64))
+                for slot in sorted(by_slot)]
     ids = adapter_ids.to(torch.int64)
     key = torch.where((ids >= 0) & (ids < num_slots), ids, num_slots)
     sorted_key, order = torch.sort(key, stable=True)
     slots, counts = torch.unique_consecutive(sorted_key, return_counts=True)
-    rank_list = clamped_ranks(ranks, r_max).tolist()
     groups, start = [], 0
     for slot, count in zip(slots.tolist(), counts.tolist()):
         if slot < num_slots and rank_list[slot] > 0:
@@ -77,9 +91,9 @@ def _add_rows(out: torch.Tensor, tokens: torch.Tensor, delta: torch.Tensor) -> N
     ``index_add_`` on the CPU; on CUDA a gather, add and scatter (``index_add_`` there is an
     atomic add that deterministic mode refuses, though each row has one writer here)."""
     if out.device.type == "cuda":
-        out[tokens] += delta.to(out.dtype)
+        out[tokens] += as_dtype(delta, out.dtype)
     else:
-        out.index_add_(0, tokens, delta.to(out.dtype))
+        out.index_add_(0, tokens, as_dtype(delta, out.dtype))
 
 
 def multi_lora_add_torch(
@@ -101,13 +115,14 @@ def multi_lora_add_torch(
     groups = adapter_groups(adapter_ids, ranks, lora_a.shape[1])
     if not groups:
         return
-    tokens = torch.cat([g.tokens for g in groups])
-    xs = x[tokens].to(lora_a.dtype)  # the tokens with an adapter, grouped
+    tokens = torch.cat([g.tokens for g in groups]) if len(groups) > 1 else groups[0].tokens
+    xs = as_dtype(x[tokens], lora_a.dtype)  # the tokens with an adapter, grouped
     delta = xs.new_empty(xs.shape[0], lora_b.shape[1])
+    scale_list = scalings.to(lora_a.dtype).tolist()
     start = 0
     for g in groups:
         rows = slice(start, start + len(g.tokens))
-        s = torch.mm(xs[rows], lora_a[g.slot, :g.rank].t()).mul_(scalings[g.slot].to(lora_a.dtype))
+        s = torch.mm(xs[rows], lora_a[g.slot, :g.rank].t()).mul_(scale_list[g.slot])
         torch.mm(s, lora_b[g.slot, :, :g.rank].t(), out=delta[rows])
         start = rows.stop
     _add_rows(y, tokens, delta)

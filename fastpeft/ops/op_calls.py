@@ -33,6 +33,12 @@ def rows(t: torch.Tensor, cols: int) -> torch.Tensor:
     return t.reshape(math.prod(t.shape[:-1]), cols)
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in ``dtype``, with no call when it already is: a no-op ``.to`` costs ~3 us of Python,
+    a tenth of a decode step's whole adapter on the CPU."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def eager_plain(*tensors: torch.Tensor | None) -> bool:
     """Whether a call needs nothing from the dispatcher but autograd: eager (not traced) on
     plain tensors (None entries are ignored)."""
