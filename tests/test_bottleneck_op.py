@@ -19,10 +19,13 @@ from tests.numerics import TOLERANCE, assert_close
 
 ACTIVATIONS = ["relu", "gelu", "gelu_new", "silu", "linear"]
 OP_MODULE = importlib.import_module("fastpeft.ops.bottleneck_adapter")
+TORCH_PATH = importlib.import_module("fastpeft.ops.bottleneck_adapter_torch")
 # Eager torch-path calls run one of two ways (``RECORDED_MAX_ELEMENTS``): small problems as
-# torch ops that autograd records, larger ones through the op's own backward. Here "torch"
-# records every size and "torch-op-backward" sends every size needing autograd to the op's
-# backward, so each test checks both on its small shapes.
+# torch ops that autograd records, larger ones through the op's own backward, where large
+# problems' forward also forms its up-projection as one GEMM (``FUSED_UP_MIN_ELEMENTS``).
+# Here "torch" records every size (plain up-projection) and "torch-op-backward" sends every
+# size needing autograd to the op's backward, with the one-GEMM up-projection at every size,
+# so each test checks both on its small shapes.
 TORCH_OP_BACKWARD = "torch-op-backward"
 
 
@@ -30,10 +33,11 @@ TORCH_OP_BACKWARD = "torch-op-backward"
 def backend(request, monkeypatch):
     """This module's backends (overriding conftest's): FASTPEFT_BACKEND, and for the torch path
     which of its two eager routes runs."""
-    choice = "torch" if request.param == TORCH_OP_BACKWARD else request.param
-    monkeypatch.setenv("FASTPEFT_BACKEND", choice)
-    monkeypatch.setattr(OP_MODULE, "RECORDED_MAX_ELEMENTS", 0 if request.param == TORCH_OP_BACKWARD else sys.maxsize)
-    return choice
+    large_route = request.param == TORCH_OP_BACKWARD
+    monkeypatch.setenv("FASTPEFT_BACKEND", "torch" if large_route else request.param)
+    monkeypatch.setattr(OP_MODULE, "RECORDED_MAX_ELEMENTS", 0 if large_route else sys.maxsize)
+    monkeypatch.setattr(TORCH_PATH, "FUSED_UP_MIN_ELEMENTS", 0 if large_route else sys.maxsize)
+    return "torch" if large_route else request.param
 
 
 @dataclasses.dataclass
