@@ -35,7 +35,7 @@ def backend(request, monkeypatch):
     which of its two eager routes runs."""
     large_route = request.param == TORCH_OP_BACKWARD
     monkeypatch.setenv("FASTPEFT_BACKEND", "torch" if large_route else request.param)
-    monkeypatch.setattr(OP_MODULE, "RECORDED_MAX_ELEMENTS", 0 if large_route else sys.maxsize)
+    monkeypatch.setattr(OP_MODULE, "RECORDED_MAX_ELEMENTS", -1 if large_route else sys.maxsize)
     monkeypatch.setattr(TORCH_PATH, "FUSED_UP_MIN_ELEMENTS", 0 if large_route else sys.maxsize)
     return "torch" if large_route else request.param
 
@@ -180,11 +180,12 @@ def test_strided_3d_view(backend):
     check_against_reference(pb, "silu")
 
 
-@pytest.mark.parametrize("dtype,r", [(torch.float32, 16), (torch.float16, 16), (torch.float32, 200)])
-def test_dropout_matches_the_exposed_mask(backend, dtype, r):
+@pytest.mark.parametrize("dtype,r,d", [(torch.float32, 16, 45), (torch.float16, 16, 45), (torch.float32, 200, 130)])
+def test_dropout_matches_the_exposed_mask(backend, dtype, r, d):
     """Dropout with h as the residual and with a separate one (fp16), and through the dh kernel
-    of bottlenecks above 128 ranks (r = 200), whose tiles draw the mask on their own."""
-    check_against_reference(make_problem((2, 33), 45, r, dtype, residual=dtype == torch.float16), "gelu", 0.3)
+    of bottlenecks above 128 ranks (r = 200), whose tiles draw the mask on their own (D = 130:
+    three column tiles, so the mask's column offset is exercised)."""
+    check_against_reference(make_problem((2, 33), d, r, dtype, residual=dtype == torch.float16), "gelu", 0.3)
 
 
 def test_dropout_is_reproducible_and_keeps_about_1_minus_p(backend):

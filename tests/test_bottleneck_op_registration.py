@@ -4,11 +4,13 @@ gradcheck in float64, double backward, and clear errors for bad input."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch._inductor.config as inductor_config
 
-from fastpeft.ops import bottleneck_adapter, bottleneck_adapter_ref
+from fastpeft.ops import bottleneck_adapter, bottleneck_adapter_dropout_mask, bottleneck_adapter_ref
 from fastpeft.ops.dropout_mask import draw_seed
 from tests.conftest import DEVICE
 from tests.test_bottleneck_op import make_problem
@@ -66,7 +68,22 @@ def test_torch_compile_fullgraph_forward_and_backward(backend, dropout_p):
         torch.testing.assert_close(got, want)
 
 
-def test_gradcheck_float64():
+# The torch path's two eager routes (``RECORDED_MAX_ELEMENTS``): small calls recorded by
+# autograd (its own double backward), larger ones through the op's backward, whose
+# ``create_graph=True`` branch (``_differentiable_backward``) these tests must reach too.
+EAGER_ROUTES = {"recorded": None, "op-backward": -1}
+
+
+@pytest.fixture(params=list(EAGER_ROUTES))
+def eager_route(request, monkeypatch):
+    limit = EAGER_ROUTES[request.param]
+    if limit is not None:
+        monkeypatch.setattr(importlib.import_module("fastpeft.ops.bottleneck_adapter"), "RECORDED_MAX_ELEMENTS",
+                            limit)
+    return request.param
+
+
+def test_gradcheck_float64(eager_route):
     pb = make_problem((3, 2), 9, 3, torch.float64, residual=True)
     scaling = torch.tensor(0.7, dtype=torch.float64, device=DEVICE)
     inputs = [t.requires_grad_() for t in (pb.h, pb.w_down, pb.b_down, pb.w_up, pb.b_up, pb.residual, scaling)]
@@ -78,14 +95,26 @@ def test_gradcheck_float64():
     assert torch.autograd.gradgradcheck(f, inputs)
 
 
-def test_double_backward_matches_the_reference(backend):
-    """``create_graph=True`` (a gradient penalty) differentiates the backward itself."""
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_double_backward_matches_the_reference(backend, eager_route, dropout_p):
+    """``create_graph=True`` (a gradient penalty) differentiates the backward itself, with the
+    forward's dropout mask (the reference gets the op's mask for the same seed)."""
     pb = make_problem((5,), 12, 4, torch.float64)
     h64 = pb.h.requires_grad_()
     wd = pb.w_down.requires_grad_()
+    torch.manual_seed(5)
+    seed = draw_seed(DEVICE)  # what the op draws after the same manual_seed
+    # float64 runs the torch path on every backend, so its mask is the torch path's.
+    mask = bottleneck_adapter_dropout_mask(seed, 5, 12, dropout_p, backend="torch") if dropout_p else None
+    calls = (
+        lambda: bottleneck_adapter(h64, wd, pb.b_down, pb.w_up, pb.b_up, "gelu", 0.5, None, dropout_p, training=True),
+        lambda: bottleneck_adapter_ref(h64, wd, pb.b_down, pb.w_up, pb.b_up, "gelu", 0.5, None, dropout_p,
+                                       dropout_mask=mask),
+    )
     results = []
-    for fn in (bottleneck_adapter, bottleneck_adapter_ref):
-        out = fn(h64, wd, pb.b_down, pb.w_up, pb.b_up, "gelu", 0.5)
+    for call in calls:
+        torch.manual_seed(5)
+        out = call()
         (g,) = torch.autograd.grad(out.square().sum(), h64, create_graph=True)
         results.append(torch.autograd.grad(g.square().sum(), wd)[0])
     torch.testing.assert_close(*results)

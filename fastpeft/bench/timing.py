@@ -123,7 +123,9 @@ def interleaved_calls_ms(plans: Sequence[tuple[Callable[[], object], int]], devi
             try:
                 samples += call_times_ms(fn, reps * (r + 1) // rounds - reps * r // rounds, device)
             except Exception as exc:  # one broken function must not stop the others
-                results[i] = exc
+                # Without its traceback: its frames would keep the failed call's tensors (an
+                # out-of-memory error's, say) alive through the other functions' rounds.
+                results[i] = exc.with_traceback(None)
     return results
 
 
