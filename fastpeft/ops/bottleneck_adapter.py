@@ -48,7 +48,7 @@ TRITON, CUDA, TORCH = "triton", "cuda", "torch"
 CUDA_MAX_RANK = 256
 _HALF = (torch.float16, torch.bfloat16)
 # Eager torch-path calls needing autograd on h with at most this many elements are recorded
-# by autograd op by op (``_torch_path_eager``; its backward runs in C++) instead of running
+# by autograd op by op (``_torch_path_forward``; its backward runs in C++) instead of running
 # the op's backward, whose ~15 Python-level torch calls cost more than the [M, D] passes its
 # fused GEMMs save on small problems. One thread, fp32, forward+backward, measured 2026-11-29:
 # recorded 2.3x / 1.4x / 1.35x faster at M*D = 6k / 25k / 49k (M = 8, 32, 64 at D = 768,
@@ -111,17 +111,41 @@ def _bottleneck_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out like h, z [M, R] in rank_side_dtype, keep)``; ``keep`` the torch path's bool
     ``[M, D]`` dropout mask, empty on the kernel paths or without dropout."""
-    d = h.shape[-1]
-    h2 = rows(h, d)
-    res2 = rows(residual, d) if residual is not None else None
-    args = (w_down, b_down, w_up, b_up, res2, activation, _scaling_arg(scaling, scaling_t), dropout_p, seed)
+    scale = _scaling_arg(scaling, scaling_t)
     impl = _implementation(h, w_down, backend, residual)
     if impl == TORCH:
-        out, z, keep = bottleneck_forward_torch(h2, *args)
-    else:
-        out, z = _launcher(impl).bottleneck_forward(h2, *args)
-        keep = h.new_empty(0, dtype=torch.bool)
-    return out.view(h.shape), z, keep
+        return _torch_path_forward(h, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed)
+    h2, res2 = _as_rows(h, residual)
+    out, z = _launcher(impl).bottleneck_forward(h2, w_down, b_down, w_up, b_up, res2, activation, scale, dropout_p,
+                                                seed)
+    return _like(out, h), z, h.new_empty(0, dtype=torch.bool)
+
+
+def _torch_path_forward(h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None, w_up: torch.Tensor,
+                        b_up: torch.Tensor | None, residual: torch.Tensor | None, activation: str,
+                        scaling: float | torch.Tensor, dropout_p: float,
+                        seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out like h, z, keep)`` from ``bottleneck_forward_torch`` for h ``[..., D]``: the op's
+    torch path, and the eager calls that skip the op (``bottleneck_adapter``), whose ops
+    autograd, if on, records. ``scaling`` is a float or a 0-d tensor; ``seed`` may be None
+    without dropout."""
+    h2, res2 = _as_rows(h, residual)
+    out, z, keep = bottleneck_forward_torch(h2, w_down, b_down, w_up, b_up, res2, activation, scaling, dropout_p, seed)
+    return _like(out, h), z, keep
+
+
+def _as_rows(h: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """h and the residual as 2-D ``[M, D]`` (2-D ones as they are: a reshape costs ~2 us, a
+    tenth of a decode step's adapter on the CPU)."""
+    if h.dim() == 2:
+        return h, residual
+    d = h.shape[-1]
+    return rows(h, d), rows(residual, d) if residual is not None else None
+
+
+def _like(out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The 2-D ``out`` in h's shape."""
+    return out if h.dim() == 2 else out.view(h.shape)
 
 
 _forward_op = torch.library.custom_op("fastpeft::bottleneck_adapter", mutates_args=())(_bottleneck_forward)
@@ -381,29 +405,15 @@ def bottleneck_adapter(
     if _implementation(h, w_down, choice, residual) == TORCH and (
         call_directly(*tensors) or (h.numel() <= RECORDED_MAX_ELEMENTS and eager_plain(*tensors))
     ):
-        return _torch_path_eager(h, w_down, b_down, w_up, b_up, residual, act, _scaling_arg(scaling_f, scaling_t), p,
-                                 seed)
+        # The torch path as plain torch ops (see RECORDED_MAX_ELEMENTS).
+        out, _, _ = _torch_path_forward(h, w_down, b_down, w_up, b_up, residual, act,
+                                        _scaling_arg(scaling_f, scaling_t), p, seed)
+        return out
     if seed is None:
         seed = h.new_empty(0, dtype=torch.int64)
     op = op_for_call(_bottleneck_forward, _BottleneckFunction, torch.ops.fastpeft.bottleneck_adapter, *tensors)
     out, _, _ = op(h, w_down, b_down, w_up, b_up, residual, act, scaling_f, scaling_t, p, seed, choice)
     return out
-
-
-def _torch_path_eager(h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None, w_up: torch.Tensor,
-                      b_up: torch.Tensor | None, residual: torch.Tensor | None, activation: str,
-                      scaling: float | torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
-    """``out`` like h: the torch path's forward called as plain torch ops, for eager calls on
-    plain tensors that need no autograd (any size) or are small (``RECORDED_MAX_ELEMENTS``);
-    autograd, if on, records those ops and differentiates them itself. ``scaling`` is a float
-    or a 0-d tensor; ``seed`` (None without dropout) gives the op's own mask
-    (``keep_mask_torch_path``)."""
-    d = h.shape[-1]
-    flat = h.dim() != 2
-    h2 = rows(h, d) if flat else h
-    res2 = rows(residual, d) if flat and residual is not None else residual
-    out, _, _ = bottleneck_forward_torch(h2, w_down, b_down, w_up, b_up, res2, activation, scaling, dropout_p, seed)
-    return out.view(h.shape) if flat else out
 
 
 def bottleneck_adapter_dropout_mask(seed: torch.Tensor, m: int, d: int, dropout_p: float,

@@ -66,7 +66,7 @@ def adapter_groups(adapter_ids: torch.Tensor, ranks: torch.Tensor, r_max: int) -
     """The adapters present in ``adapter_ids [T]`` (ids outside ``[0, L)`` skipped), in slot
     order, each with its tokens in token order. Reads the group sizes on the host."""
     num_slots = ranks.shape[0]
-    rank_list = [min(max(r, 0), r_max) for r in ranks.tolist()]  # clamped_ranks, on the host
+    rank_list = clamped_ranks(ranks, r_max).tolist()
     if adapter_ids.device.type == "cpu" and adapter_ids.shape[0] <= HOST_GROUPING_MAX_TOKENS:
         by_slot: dict[int, list[int]] = {}
         for token, slot in enumerate(adapter_ids.tolist()):
