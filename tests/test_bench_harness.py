@@ -25,7 +25,7 @@ from fastpeft.bench.results import BenchRun, TimingResult, compute_metrics
 from fastpeft.bench.runner import BenchConfig, make_inputs, run_benchmark
 from fastpeft.bench.spread import INCONCLUSIVE, MET, MISSED, Spread, ratio, verdict
 from fastpeft.bench.targets import check_targets
-from fastpeft.bench.timing import TimingBudget, interleaved_calls_ms, timed_calls_ms
+from fastpeft.bench.timing import TimingBudget, interleaved_calls_ms, time_side_by_side, timed_calls_ms
 
 CPU = torch.device("cpu")
 TINY = LayerShape("tiny", 24, 40)  # K = 24, N = 40
@@ -282,6 +282,27 @@ def test_interleaved_timing_alternates_the_functions_and_isolates_a_failing_one(
     assert isinstance(results[2], RuntimeError)
     # round 1: a a b c c, round 2: a a b c (raises) , rounds 3 and 4: without c
     assert "".join(calls) == "aabcc" + "aabc" + "aab" + "aabb"
+
+
+def test_side_by_side_timing_reports_each_build_or_its_failure():
+    """Steps that fail to build or to warm up get their exception in their place; the others
+    are timed with their full reps."""
+    budget = TimingBudget(warmup_ms=0.0, rep_ms=0.0, min_reps=4, max_reps=4)
+
+    def no_step() -> None:
+        raise ValueError("cannot build")
+
+    def breaks_at_once():
+        def step() -> None:
+            raise RuntimeError("first call fails")
+
+        return step
+
+    results = time_side_by_side([lambda: (lambda: None), no_step, breaks_at_once, lambda: (lambda: None)], CPU,
+                                budget)
+    assert [len(r) for r in (results[0], results[3])] == [4, 4]
+    assert isinstance(results[1], ValueError) and isinstance(results[2], RuntimeError)
+    assert results[1].__traceback__ is None
 
 
 # --- run, JSON, report -------------------------------------------------------------------

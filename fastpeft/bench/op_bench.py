@@ -1,8 +1,8 @@
 """What the per-op benchmarks (the bottleneck adapter, multi-LoRA) share with each other: cases,
 rows, ratios, extra metrics and targets declared as data (an ``OpSpec``), one runner, one
 analysis, one table and one JSON layout. The LoRA grid (``runner``, ``results``, ``report``) and
-these share the timing (``timing``; here the rows of one case and mode are timed interleaved,
-``interleaved_calls_ms``), the spread of every timing and ratio and the
+these share the timing (``timing.time_side_by_side``: the rows of one case and mode timed
+interleaved), the spread of every timing and ratio and the
 met / missed / inconclusive verdicts (``spread``), the step of a mode (``runner.make_step``'s
 no-grad forward or ``autograd.grad`` forward+backward) and the table formatting (``report``).
 
@@ -23,6 +23,7 @@ that range.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from fastpeft.bench.cases import FORWARD, FORWARD_BACKWARD
 from fastpeft.bench.report import VERDICT_MARKS, format_ms, format_ratio, format_spread, markdown_table, plain_table
 from fastpeft.bench.runner import describe_error, log_to_stderr
 from fastpeft.bench.spread import INCONCLUSIVE, MET, MISSED, Spread, ratio, spread_json, verdict
-from fastpeft.bench.timing import TimingBudget, interleaved_calls_ms, warmed_up_reps
+from fastpeft.bench.timing import TimingBudget, time_side_by_side
 
 OK, ERROR, SKIPPED = "ok", "error", "skipped"
 MISSING = "-"
@@ -199,27 +200,15 @@ def plan(spec: OpSpec, cases: Sequence[OpCase], rows: Sequence[str], device: tor
 
 def _time_side_by_side(cells: Sequence[OpTiming], problem: Any, spec: OpSpec, device: torch.device,
                        budget: TimingBudget, log: Callable[[str], None]) -> None:
-    """Time the rows of one case and mode interleaved (``timing.interleaved_calls_ms``), so
-    their ratios compare calls made under the same machine conditions; a row that fails to
-    build, warm up or run is recorded as an error and the others go on."""
-    planned: list[tuple[OpTiming, tuple[Callable[[], object], int]]] = []
-    for cell in cells:
-        try:
-            step = spec.row(cell.row).build(problem, cell.mode)
-            planned.append((cell, (step, warmed_up_reps(step, device, budget))))
-        except Exception as exc:  # one broken row must not stop the others
-            _record_error(cell, exc, log)
-    results = interleaved_calls_ms([plan for _, plan in planned], device)
-    for (cell, _), samples in zip(planned, results):
+    """Time the rows of one case and mode side by side (``timing.time_side_by_side``); a row
+    that fails to build, warm up or run is recorded as an error and the others go on."""
+    builds = [functools.partial(spec.row(cell.row).build, problem, cell.mode) for cell in cells]
+    for cell, samples in zip(cells, time_side_by_side(builds, device, budget)):
         if isinstance(samples, Exception):
-            _record_error(cell, samples, log)
+            cell.status, cell.error = ERROR, describe_error(samples)
+            log(f"  {cell.mode} {cell.row} failed: {cell.error}")
         else:
             cell.ms, cell.reps, cell.status = Spread.of_samples(samples), len(samples), OK
-
-
-def _record_error(cell: OpTiming, exc: Exception, log: Callable[[str], None]) -> None:
-    cell.status, cell.error = ERROR, describe_error(exc)
-    log(f"  {cell.mode} {cell.row} failed: {cell.error}")
 
 
 def run_op_benchmark(spec: OpSpec, cases: Sequence[OpCase], rows: Sequence[str], device: torch.device,

@@ -1,5 +1,5 @@
 """Runs the grid: for every case, times the implementations forward-only and forward+backward
-(side by side: each mode's implementations interleaved, ``timing.interleaved_calls_ms``), then
+(side by side: each mode's implementations interleaved, ``timing.time_side_by_side``), then
 measures what each saves for backward.
 
 - ``fwd``: inference, under ``torch.no_grad()``, dropout inactive.
@@ -12,6 +12,7 @@ SIGINT of ``timeout -s INT``) stops the run and keeps what was measured.
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from fastpeft.bench.implementations import Implementation, LoRAWeights, build_im
 from fastpeft.bench.memory import measure_saved_activations
 from fastpeft.bench.results import BenchRun, SavedResult, TimingResult
 from fastpeft.bench.spread import Spread
-from fastpeft.bench.timing import TimingBudget, interleaved_calls_ms, warmed_up_reps
+from fastpeft.bench.timing import TimingBudget, time_side_by_side
 
 # Dropout of the fwd+bwd timings by default: the issue states its PEFT speed target at 0.05.
 DEFAULT_DROPOUT = 0.05
@@ -110,24 +111,19 @@ def describe_error(exc: Exception) -> str:
 def _time_implementations(
     case: BenchCase, mode: str, w: LoRAWeights, x: torch.Tensor, dy: torch.Tensor, config: BenchConfig
 ) -> list[TimingResult]:
-    """Every implementation of ``config`` on one case and mode, timed interleaved
-    (``timing.interleaved_calls_ms``: their ratios compare calls made under the same machine
-    conditions); one that fails to build, warm up or run gets its error and the others go on."""
-    results: dict[str, TimingResult] = {}
-    planned: list[tuple[str, tuple[Callable[[], object], int]]] = []
-    for name in config.implementations:
-        try:
-            impl = build_implementation(name, w, config.dropout, training=mode == FORWARD_BACKWARD)
-            step = make_step(impl, x, dy, mode)
-            planned.append((name, (step, warmed_up_reps(step, config.device, config.budget))))
-        except Exception as exc:  # one broken implementation must not stop the others
-            results[name] = TimingResult(case, mode, name, None, error=describe_error(exc))
-    for (name, _), samples in zip(planned, interleaved_calls_ms([plan for _, plan in planned], config.device)):
-        if isinstance(samples, Exception):
-            results[name] = TimingResult(case, mode, name, None, error=describe_error(samples))
-        else:
-            results[name] = TimingResult(case, mode, name, Spread.of_samples(samples), len(samples))
-    return [results[name] for name in config.implementations]
+    """Every implementation of ``config`` on one case and mode, timed side by side
+    (``timing.time_side_by_side``); one that fails to build, warm up or run gets its error and
+    the others go on."""
+
+    def build(name: str) -> Callable[[], object]:
+        impl = build_implementation(name, w, config.dropout, training=mode == FORWARD_BACKWARD)
+        return make_step(impl, x, dy, mode)
+
+    names = config.implementations
+    timings = time_side_by_side([functools.partial(build, name) for name in names], config.device, config.budget)
+    return [TimingResult(case, mode, name, None, error=describe_error(samples)) if isinstance(samples, Exception)
+            else TimingResult(case, mode, name, Spread.of_samples(samples), len(samples))
+            for name, samples in zip(names, timings)]
 
 
 def _measure_implementation(name: str, case: BenchCase, w: LoRAWeights, x: torch.Tensor) -> SavedResult:

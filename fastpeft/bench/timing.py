@@ -129,6 +129,28 @@ def interleaved_calls_ms(plans: Sequence[tuple[Callable[[], object], int]], devi
     return results
 
 
+def time_side_by_side(builds: Sequence[Callable[[], Callable[[], object]]], device: torch.device,
+                      budget: TimingBudget) -> list[list[float] | Exception]:
+    """Build each step (``build()``), warm it up (``warmed_up_reps``) and time all of them
+    interleaved (``interleaved_calls_ms``), so their ratios compare calls made under the same
+    machine conditions. Returns, per build, its call times or the exception its build, warm-up
+    or calls raised (the others go on)."""
+    results: list[list[float] | Exception] = []
+    planned: list[tuple[Callable[[], object], int]] = []
+    timed: list[int] = []
+    for build in builds:
+        try:
+            step = build()
+            planned.append((step, warmed_up_reps(step, device, budget)))
+            timed.append(len(results))
+            results.append([])
+        except Exception as exc:  # one broken step must not stop the others
+            results.append(exc.with_traceback(None))
+    for index, samples in zip(timed, interleaved_calls_ms(planned, device)):
+        results[index] = samples
+    return results
+
+
 def synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
     """``fn`` followed by a device synchronization on CUDA (for host-clock timers such as
     pytest-benchmark's); ``fn`` itself elsewhere."""
