@@ -61,6 +61,17 @@ def is_prompt_peft_type(peft_type: object) -> bool:
     return _plain(peft_type) in PROMPT_PEFT_TYPES or _plain(peft_type) in _REFUSED_PEFT_TYPES
 
 
+def _set_choice(config: Any, cls: str, name: str, allowed: Sequence[str], allow_none: bool = False) -> Any:
+    """Field ``name`` of the frozen ``config`` as a plain string (enum members unwrapped),
+    which must be in ``allowed`` (or None with ``allow_none``); stores and returns it."""
+    value = _plain(getattr(config, name))
+    if not (value in allowed or (allow_none and value is None)):
+        either = "None or one of" if allow_none else "one of"
+        raise ValueError(f"{cls}.{name} must be {either} {allowed}, got {value!r}")
+    object.__setattr__(config, name, value)
+    return value
+
+
 def _optional_int(cls: str, name: str, value: object, minimum: int) -> int | None:
     if value is None:
         return None
@@ -113,10 +124,7 @@ class PromptLearningConfig:
         if submodules not in (None, 1):
             raise ValueError(f"{name}.num_transformer_submodules={submodules}: only 1 (decoder-only and encoder "
                              "models) is supported; 2 is PEFT's setting for encoder-decoder models")
-        task_type = _plain(self.task_type)
-        if task_type is not None and task_type not in TASK_TYPES:
-            raise ValueError(f"{name}.task_type must be None or one of {TASK_TYPES}, got {task_type!r}")
-        object.__setattr__(self, "task_type", task_type)
+        _set_choice(self, name, "task_type", TASK_TYPES, allow_none=True)
         if self.modules_to_save is not None:
             items = self.modules_to_save
             if isinstance(items, str) or not isinstance(items, Sequence) or not all(isinstance(i, str) for i in items):
@@ -231,11 +239,7 @@ class PromptTuningConfig(PromptLearningConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        init = _plain(self.prompt_tuning_init)
-        if init not in PROMPT_TUNING_INITS:
-            raise ValueError(f"PromptTuningConfig.prompt_tuning_init must be one of {PROMPT_TUNING_INITS}, "
-                             f"got {init!r}")
-        object.__setattr__(self, "prompt_tuning_init", init)
+        init = _set_choice(self, "PromptTuningConfig", "prompt_tuning_init", PROMPT_TUNING_INITS)
         if init == "TEXT":
             if not isinstance(self.prompt_tuning_init_text, str) or not self.prompt_tuning_init_text:
                 raise ValueError("PromptTuningConfig.prompt_tuning_init='TEXT' needs prompt_tuning_init_text (a "
@@ -331,11 +335,7 @@ class PromptEncoderConfig(PromptLearningConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        kind = _plain(self.encoder_reparameterization_type)
-        if kind not in REPARAMETERIZATIONS:
-            raise ValueError(f"PromptEncoderConfig.encoder_reparameterization_type must be one of "
-                             f"{REPARAMETERIZATIONS}, got {kind!r}")
-        object.__setattr__(self, "encoder_reparameterization_type", kind)
+        kind = _set_choice(self, "PromptEncoderConfig", "encoder_reparameterization_type", REPARAMETERIZATIONS)
         _optional_int("PromptEncoderConfig", "encoder_hidden_size", self.encoder_hidden_size, 1)
         _optional_int("PromptEncoderConfig", "encoder_num_layers", self.encoder_num_layers, 1)
         dropout = self.encoder_dropout
