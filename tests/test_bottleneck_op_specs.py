@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 
 from fastpeft.kernels.bottleneck import configs as bn_configs, launch as bn_launch  # noqa: E402
 from fastpeft.kernels.bottleneck.specs import bottleneck_kernel_specs  # noqa: E402
-from tests.test_kernel_specs import GPUS, _launch_key, _Recorder, _spec_key  # noqa: E402
+from tests.test_kernel_specs import GPUS, _launch_key, _spec_key, record_launches  # noqa: E402
 
 DTYPES = [(torch.bfloat16, torch.float32), (torch.float16, torch.float16)]
 
@@ -24,10 +24,7 @@ DTYPES = [(torch.bfloat16, torch.float32), (torch.float16, torch.float16)]
 @pytest.mark.parametrize("act,weights", DTYPES, ids=str)
 def test_every_launch_is_checked(monkeypatch, num_sms, capability, act, weights):
     compiled = {_spec_key(s) for s in bottleneck_kernel_specs()}
-    launches: list = []
-    for name in dir(bn_launch):
-        if name.endswith("_kernel"):
-            monkeypatch.setattr(bn_launch, name, _Recorder(getattr(bn_launch, name), launches))
+    launches = record_launches(monkeypatch, bn_launch)
     monkeypatch.setattr(bn_launch, "interpreting", lambda: False)
     monkeypatch.setattr(bn_configs, "device_info", lambda device: (num_sms, capability))
     meta = torch.device("meta")

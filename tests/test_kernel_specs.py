@@ -83,6 +83,17 @@ class _Recorder:
         return lambda *args, **kwargs: self.launches.append((self.fn, args, kwargs))
 
 
+def record_launches(monkeypatch, *modules) -> list:
+    """Replace every ``*_kernel`` of the launcher ``modules`` with a ``_Recorder``; returns the
+    list their launches are appended to."""
+    launches: list = []
+    for module in modules:
+        for name in dir(module):
+            if name.endswith("_kernel"):
+                monkeypatch.setattr(module, name, _Recorder(getattr(module, name), launches))
+    return launches
+
+
 @pytest.fixture(scope="module")
 def compiled() -> dict[tuple, object]:
     return {_spec_key(s): s for s in all_kernel_specs()}
@@ -90,10 +101,7 @@ def compiled() -> dict[tuple, object]:
 
 @pytest.fixture
 def recorded(monkeypatch) -> list:
-    launches: list = []
-    for name in dir(lora_launch):
-        if name.endswith("_kernel"):
-            monkeypatch.setattr(lora_launch, name, _Recorder(getattr(lora_launch, name), launches))
+    launches = record_launches(monkeypatch, lora_launch)
     monkeypatch.setattr(lora_launch, "interpreting", lambda: False)
     return launches
 

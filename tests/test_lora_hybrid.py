@@ -218,11 +218,7 @@ def test_every_hybrid_launch_is_checked(monkeypatch, act, lora):
     in the dtype cases the fused specs cover (``lora_specs.DTYPE_CASES``). Problems are
     ``kernel_friendly`` (K, N multiples of 16); M and the rank are arbitrary."""
     compiled = {recorder._spec_key(s): s for s in all_kernel_specs()}
-    launches: list = []
-    for module in (lora_launch, hybrid):
-        for name in dir(module):
-            if name.endswith("_kernel"):
-                monkeypatch.setattr(module, name, recorder._Recorder(getattr(module, name), launches))
+    launches = recorder.record_launches(monkeypatch, lora_launch, hybrid)
     monkeypatch.setattr(lora_launch, "interpreting", lambda: False)
     hybrid_kernels = {"lora_hybrid_fwd_kernel", "lora_hybrid_dx_kernel"}
     launched = set()

@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 
 from fastpeft.kernels.multi_lora import launch  # noqa: E402
 from fastpeft.kernels.multi_lora.specs import multi_lora_kernel_specs  # noqa: E402
-from tests.test_kernel_specs import _launch_key, _Recorder, _spec_key  # noqa: E402
+from tests.test_kernel_specs import _launch_key, _spec_key, record_launches  # noqa: E402
 
 DTYPES = [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
           (torch.float16, torch.float32)]
@@ -26,11 +26,7 @@ WIDTHS = [16, 4096]
 
 @pytest.fixture
 def recorded(monkeypatch) -> list:
-    launches: list = []
-    for name in dir(launch):
-        if name.endswith("_kernel"):
-            monkeypatch.setattr(launch, name, _Recorder(getattr(launch, name), launches))
-    return launches
+    return record_launches(monkeypatch, launch)
 
 
 @pytest.mark.parametrize("act,lora", DTYPES, ids=str)
