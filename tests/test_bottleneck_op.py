@@ -212,8 +212,9 @@ def test_empty_batch(backend):
     assert h.grad.shape == (0, 45) and torch.equal(wd.grad, torch.zeros_like(wd))
 
 
-def test_backward_is_bitwise_reproducible(backend):
-    pb = make_problem((130,), 45, 16, torch.float16)
+@pytest.mark.parametrize("r", [16, 200])  # 200: the chunked column kernel and the dh kernel
+def test_backward_is_bitwise_reproducible(backend, r):
+    pb = make_problem((130,), 45, r, torch.float16)
 
     def grads() -> list[torch.Tensor]:
         leaves = [_leaf(t) for t in (pb.h, pb.w_down, pb.b_down, pb.w_up, pb.b_up)]
