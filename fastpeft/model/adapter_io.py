@@ -211,6 +211,18 @@ def read_tensors(directory: Path, allow_pickle: bool, safetensors_name: str = SA
     return tensors
 
 
+def read_lora_adapter(directory: str | os.PathLike, allow_pickle: bool = False) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """A PEFT LoRA directory's ``(config, tensors)``: the tensors on the CPU under keys relative
+    to the model (``_normalize_keys``), both from one save. What ``MultiAdapterModel`` loads.
+
+    Raises:
+        FileNotFoundError / NotADirectoryError / ValueError: as ``load_adapter``.
+    """
+    directory = Path(directory)
+    config = _read_config(directory)
+    return config, _normalize_keys(read_tensors(directory, allow_pickle), str(directory))
+
+
 def _normalize_keys(tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """Keys relative to the model: without the ``base_model.model.`` prefix and without an
     adapter name in LoRA keys (``x.lora_A.default.weight`` -> ``x.lora_A.weight``)."""

@@ -144,8 +144,7 @@ class MultiAdapterModel(nn.Module):
         if not directory.is_dir():
             raise NotADirectoryError(f"adapter path {str(directory)!r} is not a directory")
         source = str(directory)
-        config = adapter_io._read_config(directory)
-        tensors = adapter_io._normalize_keys(adapter_io.read_tensors(directory, allow_pickle), source)
+        config, tensors = adapter_io.read_lora_adapter(directory, allow_pickle)
         targets = self._adapter_targets(config, source)
         self._check_weights(targets, tensors, source)
         slot = free[0]
