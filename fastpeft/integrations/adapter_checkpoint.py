@@ -11,9 +11,10 @@ as ``save_adapter`` writes them:
 * prompt tuning, prefix tuning, P-tuning: PEFT's ``adapter_config.json`` +
   ``adapter_model.safetensors`` (``prompt_embeddings`` and ``modules_to_save``). PEFT's file
   holds the *computed* prompts / prefix, not a reparameterization's MLP / LSTM (prefix
-  tuning with ``prefix_projection``, P-tuning before ``merge_prefix``), so a fastpeft model
-  with one also writes ``fastpeft_prompt_encoder.safetensors`` beside them (its encoder's
-  state dict: ``ENCODER_STATE_NAME``), which resuming needs and PEFT ignores;
+  tuning with ``prefix_projection``, P-tuning before ``merge_prefix``), so ``save_adapter``
+  also writes ``fastpeft_prompt_encoder.safetensors`` for one, in the same save (its
+  encoder's state dict: ``prompt_io.ENCODER_STATE_NAME``), which resuming needs and PEFT
+  ignores;
 * bottleneck adapters: AdapterHub's ``adapter_config.json`` + ``adapter.safetensors``.
 """
 
@@ -22,30 +23,28 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NamedTuple
 
-import safetensors.torch
 import torch
 import torch.nn as nn
 
-from fastpeft.layers.prefix_encoder import PrefixEncoder
-from fastpeft.layers.prompt_embedding import PTuningEncoder
-from fastpeft.model import adapterhub_io, prompt_io, safe_write
+from fastpeft.model import adapterhub_io, prompt_io
 from fastpeft.model.adapter_io import (
+    ADAPTER_FILE_NAMES,
     CONFIG_NAME,
     KEY_PREFIX,
     SAFETENSORS_NAME,
     _saved_config,
     adapter_state_dict,
-    read_json,
 )
 from fastpeft.model.bottleneck_config import AdapterConfig
 from fastpeft.model.config import LoraConfig
 from fastpeft.model.injection import adapter_state, require_module
 from fastpeft.model.prompt_config import prompt_config_from_dict
-from fastpeft.model.prompt_injection import ENCODER_NAME, prompt_encoder
-from fastpeft.model.saved_tensors import cpu_copies
+from fastpeft.model.prompt_injection import ENCODER_NAME
+from fastpeft.model.prompt_io import ENCODER_STATE_NAME, unsaved_encoder
+from fastpeft.model.saved_tensors import check_dtype
+from fastpeft.model.snapshot import Snapshot, open_snapshot
 
 # Weight files of a full transformers checkpoint (transformers' WEIGHTS_NAME, SAFE_WEIGHTS_NAME
 # and their sharded indexes): a directory with one of them is not an adapter-only checkpoint.
@@ -54,61 +53,19 @@ FULL_MODEL_FILES = (
 )
 # The adapter weight files save_adapter writes: PEFT's (LoRA, prompt learning), AdapterHub's (bottleneck).
 ADAPTER_WEIGHT_FILES = (SAFETENSORS_NAME, adapterhub_io.SAFETENSORS_NAME)
-# The state dict of a prompt encoder whose trainable weights PEFT's file lacks (see the module docstring).
-ENCODER_STATE_NAME = "fastpeft_prompt_encoder.safetensors"
 # Config fields that do not describe the adapter's layers or math: a resumed run may differ.
 UNCOMPARED_FIELDS = frozenset({"base_model_name_or_path"})
 
 
-def is_adapter_checkpoint(directory: str | os.PathLike) -> bool:
+def is_adapter_checkpoint(directory: str | bytes | os.PathLike) -> bool:
     """Whether ``directory`` holds an adapter in a format ``save_adapter`` writes (PEFT's or
     AdapterHub's safetensors files) and no full model."""
-    path = Path(directory)
-    return (path / CONFIG_NAME).is_file() and any((path / name).is_file() for name in ADAPTER_WEIGHT_FILES) and not any(
-        (path / name).exists() for name in FULL_MODEL_FILES
-    )
-
-
-def unsaved_encoder(model: nn.Module) -> nn.Module | None:
-    """The model's prompt encoder when PEFT's file cannot restore it (an unmerged prefix MLP
-    or P-tuning MLP / LSTM: the file holds their output), else None."""
-    if not prompt_io.has_prompt_adapter(model):
-        return None
-    encoder = prompt_encoder(model)
-    if isinstance(encoder, PTuningEncoder) and not encoder.merged:
-        return encoder
-    return encoder if isinstance(encoder, PrefixEncoder) and encoder.prefix_projection else None
-
-
-def encoder_state_bytes(model: nn.Module) -> bytes | None:
-    """``ENCODER_STATE_NAME``'s contents for ``model`` (its ``unsaved_encoder``'s state dict,
-    CPU copies), or None when PEFT's file is enough."""
-    encoder = unsaved_encoder(model)
-    if encoder is None:
-        return None
-    state = cpu_copies(encoder.state_dict())
-    return safetensors.torch.save(state, metadata={"format": "pt"})
-
-
-def save_encoder_state(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Write ``ENCODER_STATE_NAME`` into the adapter directory ``directory`` when the model's
-    prompt encoder needs it (``unsaved_encoder``), as ``save_adapter`` writes its files
-    (temp file, fsync, rename, directory fsync); remove a stale one (an adapter merged since)
-    otherwise."""
-    data = encoder_state_bytes(model)
-    if data is None and not (Path(directory) / ENCODER_STATE_NAME).exists():
-        return
-    with safe_write.open_directory(directory) as target:
-        if data is None:
-            safe_write.remove(target, ENCODER_STATE_NAME)
-        else:
-            temp = safe_write.stage(target, ENCODER_STATE_NAME, data)
-            try:
-                safe_write.commit(target, temp, ENCODER_STATE_NAME)
-            except BaseException:
-                safe_write.remove(target, temp)
-                raise
-        safe_write.sync(target)
+    try:
+        with open_snapshot(directory, ADAPTER_FILE_NAMES) as snapshot:
+            return snapshot.exists(CONFIG_NAME) and any(snapshot.exists(name) for name in ADAPTER_WEIGHT_FILES) \
+                and not any(snapshot.exists(name) for name in FULL_MODEL_FILES)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
 
 
 def _comparable(value: object) -> object:
@@ -186,34 +143,34 @@ def _model_config_json(model: nn.Module, files: AdapterFiles) -> object:
     return _saved_config(model)
 
 
-def _file_kind(directory: Path) -> str:
+def _file_kind(snapshot: Snapshot) -> str:
     """The adapter type a checkpoint directory holds, in ``AdapterFiles.kind``'s words."""
-    if adapterhub_io.is_adapterhub_directory(directory):
+    if adapterhub_io.is_adapterhub_directory(snapshot):
         return "bottleneck (AdapterHub)"
-    data = prompt_io.read_config_data(directory)
+    data = prompt_io.read_config_data(snapshot)
     return data["peft_type"] if data is not None else "LORA"
 
 
-def _read_checked(directory: Path, name: str, expected: dict[str, tuple[int, ...]], what: str) -> dict:
-    """The tensors of ``directory/name``, which must be exactly ``expected``'s keys and shapes."""
-    path = directory / name
-    if not path.is_file():
-        raise FileNotFoundError(f"no {name} in {str(directory)!r}{what}")
-    try:
-        tensors = safetensors.torch.load_file(path, device="cpu")
-    except Exception as exc:
-        raise ValueError(f"{str(path)!r} is not a readable safetensors file: {exc}") from exc
+def _read_checked(snapshot: Snapshot, name: str, expected: dict[str, torch.Tensor], what: str) -> dict:
+    """The tensors of the snapshot's ``name``, which must be exactly ``expected``'s keys, with
+    their shapes and dtypes (``check_dtype``)."""
+    path = snapshot.file_path(name)
+    if not snapshot.exists(name):
+        raise FileNotFoundError(f"no {name} in {snapshot.path!r}{what}")
+    tensors = snapshot.read_safetensors(name)
     missing, extra = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
     if missing or extra:
-        raise ValueError(f"{str(path)!r} does not hold the model's adapter tensors: missing {missing[:8]}, "
+        raise ValueError(f"{path!r} does not hold the model's adapter tensors: missing {missing[:8]}, "
                          f"unexpected {extra[:8]}")
-    for key, shape in expected.items():
-        if tuple(tensors[key].shape) != shape:
-            raise ValueError(f"{str(path)!r}: {key!r} has shape {tuple(tensors[key].shape)}, the model's has {shape}")
+    for key, like in expected.items():
+        if tensors[key].shape != like.shape:
+            raise ValueError(f"{path!r}: {key!r} has shape {tuple(tensors[key].shape)}, the model's has "
+                             f"{tuple(like.shape)}")
+        check_dtype(tensors[key], like.dtype, key, repr(path))
     return tensors
 
 
-def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> None:
+def load_adapter_weights(model: nn.Module, directory: str | bytes | os.PathLike) -> None:
     """Copy the adapter saved in ``directory`` (by ``save_adapter`` or a fastpeft model's
     ``save_pretrained``) into ``model``'s adapter, in place, for every adapter type (LoRA,
     bottleneck, prompt / prefix / P-tuning; see the module docstring for the files).
@@ -221,44 +178,55 @@ def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> None
     The checkpoint must describe the model's adapter: the same type, the same config
     (``base_model_name_or_path`` and AdapterHub's ``model_name`` / ``model_class`` /
     ``version`` are not compared; list fields are compared as sets, as PEFT saves them) and
-    exactly the model's adapter tensors, with their shapes. A reparameterized prompt encoder
-    (prefix MLP, P-tuning MLP / LSTM) is restored from ``ENCODER_STATE_NAME``, which must be
-    there. Everything is checked before anything is copied.
+    exactly the model's adapter tensors, with their shapes and dtype kinds (floating point
+    where the model's are: an integer or bool tensor is refused, not cast). A
+    reparameterized prompt encoder (prefix MLP, P-tuning MLP / LSTM) is restored from
+    ``ENCODER_STATE_NAME``, which must be there. All files come from one save (read as
+    ``fastpeft.load_adapter`` reads them: ``fastpeft.model.snapshot``), and everything is
+    checked before anything is copied.
 
     Raises:
         ValueError: the model has no fastpeft adapter, or the checkpoint holds another
-            adapter type, or its config, keys or shapes differ from the model's.
-        FileNotFoundError: ``directory`` lacks the config or a weight file.
+            adapter type, or its config, keys, shapes or dtypes differ from the model's,
+            or a file is unreadable, not a regular file or too large.
+        FileNotFoundError: ``directory`` does not exist or lacks the config or a weight file.
+        TypeError: ``directory`` is not a str, bytes or ``os.PathLike`` path.
     """
     files = model_adapter_files(model)
-    directory = Path(directory)
-    if not (directory / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {str(directory)!r}")
-    kind = _file_kind(directory)
+    with open_snapshot(directory, ADAPTER_FILE_NAMES) as snapshot:
+        targets = _read_checkpoint(model, files, snapshot)
+    with torch.no_grad():
+        for target, value in targets.values():
+            target.copy_(value)
+
+
+def _read_checkpoint(model: nn.Module, files: AdapterFiles,
+                     snapshot: Snapshot) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``load_adapter_weights``' checks and reads: ``{key: (the model's tensor, the saved one)}``."""
+    config_path = snapshot.file_path(CONFIG_NAME)
+    if not snapshot.exists(CONFIG_NAME):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {snapshot.path!r}")
+    kind = _file_kind(snapshot)
     if kind != files.kind:
-        raise ValueError(f"{str(directory)!r} holds a {kind} adapter, the model has a {files.kind} adapter")
+        raise ValueError(f"{snapshot.path!r} holds a {kind} adapter, the model has a {files.kind} adapter")
     try:
-        saved = files.describe(read_json(directory / CONFIG_NAME))
+        saved = files.describe(snapshot.read_json(CONFIG_NAME))
     except (ValueError, TypeError, AttributeError) as exc:
-        raise ValueError(f"{str(directory / CONFIG_NAME)!r} is not a readable {files.kind} adapter config: {exc}") \
-            from exc
+        raise ValueError(f"{config_path!r} is not a readable {files.kind} adapter config: {exc}") from exc
     current = files.describe(_model_config_json(model, files))
     differences = [f"{key}: saved {saved.get(key)!r}, model {value!r}"
                    for key, value in current.items() if saved.get(key) != value]
     if differences:
-        raise ValueError(f"{str(directory)!r} holds another adapter than the model's: {'; '.join(differences)}")
-    expected = {key: tuple(value.shape) for key, value in adapter_state_dict(model).items()}
-    tensors = _read_checked(directory, files.weights_name, expected, "")
+        raise ValueError(f"{snapshot.path!r} holds another adapter than the model's: {'; '.join(differences)}")
+    tensors = _read_checked(snapshot, files.weights_name, adapter_state_dict(model), "")
     targets = {key: (files.targets[key], tensors[key]) for key in files.targets}
     encoder = unsaved_encoder(model)
     if encoder is not None:
         state = encoder.state_dict(keep_vars=True)
         encoder_tensors = _read_checked(
-            directory, ENCODER_STATE_NAME, {k: tuple(v.shape) for k, v in state.items()},
+            snapshot, ENCODER_STATE_NAME, {k: v.detach() for k, v in state.items()},
             f": PEFT's {SAFETENSORS_NAME} holds the computed {files.kind} prompts, not the reparameterization "
-            "this model trains; fastpeft writes its weights to that file in checkpoints (save_pretrained)",
+            "this model trains; fastpeft writes its weights to that file beside it (save_adapter)",
         )
         targets.update({f"{ENCODER_NAME}.{k}": (v, encoder_tensors[k]) for k, v in state.items()})
-    with torch.no_grad():
-        for target, value in targets.values():
-            target.copy_(value)
+    return targets

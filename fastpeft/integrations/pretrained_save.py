@@ -49,8 +49,8 @@ class AdapterSavePretrained:
         and prompt learning, AdapterHub's ``adapter_config.json`` + ``adapter.safetensors``
         for bottleneck adapters) when ``is_main_process``; other processes write nothing. A
         prefix MLP or P-tuning MLP / LSTM, which PEFT's file lacks, is also written to
-        ``fastpeft_prompt_encoder.safetensors`` (``adapter_checkpoint.save_encoder_state``),
-        so that resuming restores it.
+        ``fastpeft_prompt_encoder.safetensors`` in the same all-or-nothing save, so that
+        resuming restores it.
 
         A ``state_dict`` (what Trainer passes under FSDP or DeepSpeed, whose parameters are
         sharded) cannot be turned into the adapter here: the whole model is then written
@@ -72,12 +72,9 @@ class AdapterSavePretrained:
             raise TypeError(f"save_pretrained of a model with a fastpeft adapter writes the adapter only and does not "
                             f"take {unsupported}; call fastpeft.merge_and_unload(model) first to save the whole model")
         if is_main_process:
-            # both import fastpeft.model.injection, our caller
-            from fastpeft.integrations.adapter_checkpoint import save_encoder_state
-            from fastpeft.model.adapter_io import save_adapter
+            from fastpeft.model.adapter_io import save_adapter  # it imports fastpeft.model.injection, our caller
 
             save_adapter(self.model, save_directory)
-            save_encoder_state(self.model, save_directory)
 
 
 def is_pretrained_model(model: nn.Module) -> bool:

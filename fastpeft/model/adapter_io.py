@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path
 
 import safetensors.torch
 import torch
 import torch.nn as nn
 
-from fastpeft.model import adapterhub_io, prompt_io, safe_write
+from fastpeft.model import adapterhub_io, prompt_io, save_journal
 from fastpeft.model.config import LoraConfig
 from fastpeft.model.injection import (
     adapter_state,
@@ -31,12 +30,20 @@ from fastpeft.model.injection import (
     restore_requires_grad,
 )
 from fastpeft.model.matching import InjectionPlan, plan_injection
-from fastpeft.model.saved_tensors import cpu_copy
+from fastpeft.model.saved_tensors import check_dtype, cpu_copy
+from fastpeft.model.snapshot import Snapshot, open_snapshot
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
+# Every file a save writes or removes, in PEFT's format and AdapterHub's: a save replaces the
+# ones it writes and removes the others (stale files of another save), in one commit; the
+# only names a save journal may hold.
+ADAPTER_FILE_NAMES = frozenset({
+    CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME, prompt_io.ENCODER_STATE_NAME,
+    adapterhub_io.SAFETENSORS_NAME, adapterhub_io.PICKLE_NAME,
+})
 # A LoRA weight key without the prefix, with or without the adapter name PEFT uses in memory.
 _LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight")
 
@@ -80,12 +87,29 @@ def _saved_config(model: nn.Module) -> dict:
     return data
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
+def saved_files(model: nn.Module) -> dict[str, bytes]:
+    """The files ``save_adapter`` writes for the model, name -> contents, the config last:
+    PEFT's (``adapter_model.safetensors``, and for a prefix MLP / P-tuning encoder
+    ``prompt_io.ENCODER_STATE_NAME``) or AdapterHub's (``adapter.safetensors``)."""
+    if getattr(adapter_state(require_module(model)), "bottleneck", None) is not None:
+        weights, config = adapterhub_io.serialized(model)
+        return {adapterhub_io.SAFETENSORS_NAME: weights, CONFIG_NAME: config}
+    files = {SAFETENSORS_NAME: safetensors.torch.save(adapter_state_dict(model), metadata={"format": "pt"})}
+    encoder = prompt_io.encoder_state_bytes(model)
+    if encoder is not None:
+        files[prompt_io.ENCODER_STATE_NAME] = encoder
+    files[CONFIG_NAME] = json.dumps(_saved_config(model), indent=2, sort_keys=True).encode()
+    return files
+
+
+def save_adapter(model: nn.Module, directory: str | bytes | os.PathLike) -> None:
     """Write the model's adapter to ``directory`` in PEFT's format (see the module docstring),
     so that ``peft.PeftModel.from_pretrained(base_model, directory)`` loads it. Bottleneck
     adapters (``AdapterConfig``) are written in AdapterHub's format instead
-    (``adapter_config.json`` + ``adapter.safetensors``, see ``fastpeft.model.adapterhub_io``),
-    with the same guarantees (a stale ``pytorch_adapter.bin`` is the file removed).
+    (``adapter_config.json`` + ``adapter.safetensors``, see ``fastpeft.model.adapterhub_io``).
+    A prefix-tuning MLP or P-tuning MLP / LSTM, whose weights PEFT's file lacks (it holds
+    their output), also goes to ``fastpeft_prompt_encoder.safetensors``, which PEFT ignores
+    and resuming (``load_adapter_weights``) needs.
 
     The directory is used in place, as PEFT's ``save_pretrained`` does: created if missing
     (``os.makedirs``, umask and a setgid parent honoured), a symlink to a directory is
@@ -93,134 +117,68 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     mount point or the working directory). The adapter's tensors are gathered and
     serialized before anything is written, so an error there writes nothing.
 
-    Guarantees (``_write_adapter`` gives the order of operations behind them):
+    Guarantees (``fastpeft.model.save_journal`` gives the mechanism):
 
-    * each of ``adapter_config.json`` and ``adapter_model.safetensors`` is written to a temp
-      file ``.<name>.tmp-<pid>-<random>`` beside it, fsynced and renamed over it: the name
-      always holds a whole file, the old one or the new one, never a truncated one;
-    * if the new ``adapter_config.json`` is byte-identical to the one in the directory (the
-      usual case when a training run saves checkpoints), only the weights are replaced, by
-      one rename: a crash at any point leaves exactly the old or the new adapter;
-    * if the config changes (or there is none), the old config is removed just before the
-      weights are replaced and the new one installed just after them: a crash (or an I/O
-      error) in between leaves no ``adapter_config.json``, so fastpeft and PEFT both refuse
-      to load the directory instead of pairing one adapter's config with the other's
-      weights; a crash at any other point leaves the old or the new adapter. The next save
-      repairs it;
-    * other files in the directory are never read, moved or rewritten, with two exceptions,
-      both removed once the new files are in place: a stale ``adapter_model.bin`` (shadowed
-      by the new safetensors file in PEFT and fastpeft), and the temp files of earlier
-      saves whose writer process is dead;
+    * **all or nothing**: the adapter's files (config, weights and the encoder file) are
+      replaced in one commit, and a stale file of another save (``adapter_model.bin``, an
+      encoder file, the other format's weight file) is removed in the same commit. Killed at
+      any moment (``kill -9``, a full disk, an I/O error), the directory holds, as every
+      fastpeft reader sees it, exactly the old adapter or exactly the new one. A save killed
+      after its commit point is completed by the next fastpeft load or save of the directory;
+    * **readers**: fastpeft's readers (``load_adapter``, ``load_adapter_weights``,
+      ``MultiAdapterModel.load_adapter``, AdapterHub and prompt directories) take a shared
+      ``flock`` on the directory and wait for a save in progress, so they read one save,
+      whole. PEFT, AdapterHub and other readers that take no lock see the old files, the new
+      ones, or, for a few syscalls while a *changed* config is swapped (or after a kill
+      there, until fastpeft next opens the directory), no ``adapter_config.json``: they fail
+      loudly rather than pair one save's config with another's weights. With an unchanged
+      config (a training run's checkpoints) only the weight file is replaced, by one
+      rename, which every reader sees atomically;
+    * other files in the directory are never read, moved or rewritten, except temp files
+      ``.<name>.tmp-<pid>-<random>`` of earlier saves whose writer is dead, which are removed;
     * concurrent saves to one directory (processes or threads) are serialized by an
       exclusive ``flock`` on it: each succeeds and the directory ends up holding one of
-      them, whole (a reader that takes a shared flock on the directory never sees a save
-      in progress). On a filesystem without directory locks (some NFS mounts) saves are not
-      serialized, concurrent ones may leave a mixed pair, and stale temp files stay;
-    * the directory is fsynced after the renames, so a save that returned survives a power
-      loss. A power loss during the save leaves one of the states above on filesystems that
-      honour fsync and persist a directory's renames and removals in the order they were
-      made (ext4, xfs and btrfs journal them in order); not on ones that do not (e.g. some
-      network filesystems, or disks whose write cache ignores flushes).
+      them, whole. On a filesystem without directory locks (some NFS mounts) neither saves
+      nor readers are serialized: concurrent ones may mix, and stale temp files stay;
+    * the temp files, the commit record and the directory are fsynced (and a new
+      directory's parent), so a save that returned survives a power loss, and one cut by a
+      power loss leaves the old or the new adapter, on filesystems that honour fsync.
 
     New files get mode ``0o666`` less the umask, as with ``open(path, "w")``.
 
     Raises:
         ValueError: the model has no fastpeft adapter.
+        TypeError: ``directory`` is not a str, bytes or ``os.PathLike`` path.
         NotADirectoryError: ``directory`` exists and is not a directory.
+        IsADirectoryError: a directory has the name of one of the adapter's files.
         PermissionError: ``directory`` is not writable (permissions or a read-only
             filesystem); nothing in it was changed.
     """
-    if getattr(adapter_state(require_module(model)), "bottleneck", None) is not None:
-        weights, config = adapterhub_io.serialized(model)
-        names = (adapterhub_io.SAFETENSORS_NAME, adapterhub_io.PICKLE_NAME)
-    else:
-        weights = safetensors.torch.save(adapter_state_dict(model), metadata={"format": "pt"})
-        config = json.dumps(_saved_config(model), indent=2, sort_keys=True).encode()
-        names = (SAFETENSORS_NAME, PICKLE_NAME)
-    with safe_write.open_directory(directory) as target:
-        _write_adapter(target, config, weights, *names)
-        safe_write.remove_stale_temps(target, (CONFIG_NAME, names[0]))
+    files = saved_files(model)
+    save_journal.save_files(directory, files, removes=ADAPTER_FILE_NAMES - files.keys(), hide=(CONFIG_NAME,),
+                            allowed=ADAPTER_FILE_NAMES)
 
 
-def _write_adapter(target: safe_write.Directory, config: bytes, weights: bytes,
-                   weights_name: str = SAFETENSORS_NAME, stale_name: str = PICKLE_NAME) -> None:
-    """Replace the adapter files in ``target`` (flock held) in the order ``save_adapter``'s
-    guarantees need: the new weights, and the new config if it differs from the current
-    one, are staged (written and fsynced) first, so that the window without a config is
-    three syscalls long; then a changing config is removed, so that no crash can pair the
-    old config with the new weights; then the weights are renamed into place, then the
-    config; then the directory is fsynced and a stale ``adapter_model.bin`` removed. Staged
-    files that were not renamed are removed on error."""
-    staged = {weights_name: safe_write.stage(target, weights_name, weights)}
-    try:
-        if safe_write.read_file(target, CONFIG_NAME) != config:
-            staged[CONFIG_NAME] = safe_write.stage(target, CONFIG_NAME, config)
-            safe_write.remove(target, CONFIG_NAME)
-        for name, temp in list(staged.items()):  # the weights first, then the config
-            safe_write.commit(target, temp, name)
-            del staged[name]
-        safe_write.sync(target)
-    finally:
-        for temp in staged.values():
-            safe_write.remove(target, temp)
-    safe_write.remove(target, stale_name)
+def _read_config(snapshot: Snapshot) -> LoraConfig:
+    return LoraConfig.from_dict(snapshot.read_json(CONFIG_NAME))
 
 
-def read_json(path: Path) -> object:
-    """A config file's JSON value; ValueError for an unreadable or broken file."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{str(path)!r} is not a readable JSON file: {exc}") from exc
-    except RecursionError:
-        raise ValueError(f"{str(path)!r} nests JSON values too deeply to be an adapter config") from None
+def _read_weights(snapshot: Snapshot, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    return snapshot.read_weights(SAFETENSORS_NAME, PICKLE_NAME, allow_pickle)
 
 
-def _read_config(directory: Path) -> LoraConfig:
-    path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {str(directory)!r}")
-    return LoraConfig.from_dict(read_json(path))
-
-
-def read_tensors(directory: Path, allow_pickle: bool, safetensors_name: str = SAFETENSORS_NAME,
-                 pickle_name: str = PICKLE_NAME) -> dict[str, torch.Tensor]:
-    """The weight file's tensors on the CPU: ``safetensors_name`` (``adapter_model.safetensors``),
-    else ``pickle_name`` (``adapter_model.bin``) via ``torch.load(weights_only=True)`` when
-    ``allow_pickle``."""
-    path = directory / safetensors_name
-    if path.is_file():
-        try:
-            return safetensors.torch.load_file(path, device="cpu")
-        except Exception as exc:
-            raise ValueError(f"{str(path)!r} is not a readable safetensors file: {exc}") from exc
-    path = directory / pickle_name
-    if not path.is_file():
-        raise FileNotFoundError(f"no {safetensors_name} (or {pickle_name}) in {str(directory)!r}")
-    if not allow_pickle:
-        raise ValueError(f"{str(path)!r} is a pickle file and is not loaded by default; pass allow_pickle=True to "
-                         "load it with torch.load(weights_only=True), or convert it to safetensors")
-    try:
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{str(path)!r} could not be loaded with torch.load(weights_only=True): {exc}") from exc
-    if not isinstance(tensors, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
-    ):
-        raise ValueError(f"{str(path)!r} does not hold a dict of str -> tensor")
-    return tensors
-
-
-def read_lora_adapter(directory: str | os.PathLike, allow_pickle: bool = False) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+def read_lora_adapter(directory: str | bytes | os.PathLike,
+                      allow_pickle: bool = False) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """A PEFT LoRA directory's ``(config, tensors)``: the tensors on the CPU under keys relative
-    to the model (``_normalize_keys``), both from one save. What ``MultiAdapterModel`` loads.
+    to the model (``_normalize_keys``), both from one save (read from one snapshot). What
+    ``MultiAdapterModel`` loads.
 
     Raises:
         FileNotFoundError / NotADirectoryError / ValueError: as ``load_adapter``.
     """
-    directory = Path(directory)
-    config = _read_config(directory)
-    return config, _normalize_keys(read_tensors(directory, allow_pickle), str(directory))
+    with open_snapshot(directory, ADAPTER_FILE_NAMES) as snapshot:
+        config = _read_config(snapshot)
+        return config, _normalize_keys(_read_weights(snapshot, allow_pickle), snapshot.path)
 
 
 def _normalize_keys(tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
@@ -268,10 +226,7 @@ def _check_tensors(
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, expected {shape} "
                              "(from the config's r / rank_pattern and the model's layer)")
-        floating = dtype is None or dtype.is_floating_point
-        if tensor.dtype.is_floating_point != floating or (not floating and tensor.dtype != dtype):
-            raise ValueError(f"{source}: {key!r} has dtype {tensor.dtype}, expected "
-                             f"{'a floating point dtype' if floating else dtype}")
+        check_dtype(tensor, dtype, key, source)
 
 
 @torch.no_grad()
@@ -289,7 +244,7 @@ def _fill(replacements: dict[str, nn.Module], plan: InjectionPlan, tensors: dict
 
 def load_adapter(
     model: nn.Module,
-    directory: str | os.PathLike,
+    directory: str | bytes | os.PathLike,
     *,
     is_trainable: bool = False,
     allow_pickle: bool = False,
@@ -309,35 +264,36 @@ def load_adapter(
     ``torch.load(weights_only=True)``. As PEFT's ``from_pretrained``, the adapter is frozen
     unless ``is_trainable``; ``autocast_adapter_dtype`` as in ``inject``.
 
-    Everything (config, file, keys, shapes, dtypes) is checked and every tensor loaded into
-    the new layers before the model is touched: on any error the model is unchanged.
+    The files are read from one save (``fastpeft.model.snapshot``: a save in progress is
+    waited for, one killed after its commit point completed), regular files only, capped
+    in size. Everything (config, file, keys, shapes, dtypes) is checked and every tensor
+    loaded into the new layers before the model is touched: on any error the model is
+    unchanged.
 
     Raises:
+        TypeError: ``directory`` is not a str, bytes or ``os.PathLike`` path.
         FileNotFoundError: ``directory`` does not exist, or has no config or weight file.
         NotADirectoryError: ``directory`` is a file, not a directory.
-        ValueError: unreadable or corrupt files, a peft_type other than LORA or a feature
+        ValueError: unreadable or corrupt files, an adapter file that is not a regular file
+            (a directory, FIFO or device) or is too large, a peft_type other than LORA or a feature
             fastpeft does not implement, missing / unexpected keys, wrong shapes or dtypes,
             a pickle without ``allow_pickle``, or a model that already has adapter layers.
     """
     require_module(model)
-    directory = Path(directory)
-    if not directory.exists():
-        raise FileNotFoundError(f"adapter directory {str(directory)!r} does not exist")
-    if not directory.is_dir():
-        raise NotADirectoryError(f"adapter path {str(directory)!r} is not a directory: an adapter is a directory "
-                                 f"holding {CONFIG_NAME} and {SAFETENSORS_NAME}")
-    if adapterhub_io.is_adapterhub_directory(directory):  # AdapterHub's bottleneck adapters
-        return adapterhub_io.load_adapterhub(model, directory, is_trainable=is_trainable, allow_pickle=allow_pickle,
-                                             autocast_adapter_dtype=autocast_adapter_dtype)
-    prompt_data = prompt_io.read_config_data(directory)
-    if prompt_data is not None:  # PROMPT_TUNING / PREFIX_TUNING (other prompt types are refused there)
-        return prompt_io.load_prompt_adapter(model, directory, prompt_data,
-                                             lambda d: read_tensors(d, allow_pickle), is_trainable=is_trainable)
-    config = _read_config(directory)
-    tensors = _normalize_keys(read_tensors(directory, allow_pickle), str(directory))
+    with open_snapshot(directory, ADAPTER_FILE_NAMES) as snapshot:
+        if adapterhub_io.is_adapterhub_directory(snapshot):  # AdapterHub's bottleneck adapters
+            return adapterhub_io.load_adapterhub(model, snapshot, is_trainable=is_trainable, allow_pickle=allow_pickle,
+                                                 autocast_adapter_dtype=autocast_adapter_dtype)
+        prompt_data = prompt_io.read_config_data(snapshot)
+        if prompt_data is not None:  # PROMPT_TUNING / PREFIX_TUNING (other prompt types are refused there)
+            return prompt_io.load_prompt_adapter(model, snapshot, prompt_data,
+                                                 lambda s: _read_weights(s, allow_pickle), is_trainable=is_trainable)
+        config = _read_config(snapshot)
+        tensors = _normalize_keys(_read_weights(snapshot, allow_pickle), snapshot.path)
+        source = snapshot.path
     check_not_adapted(model)
     plan = plan_injection(model, config)
-    _check_tensors(model, plan, tensors, str(directory))
+    _check_tensors(model, plan, tensors, source)
     with restore_requires_grad(model, always=False):
         replacements = build_replacements(
             model, plan, config, init_lora_weights=True, autocast_adapter_dtype=autocast_adapter_dtype

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 from typing import Any
 
 import safetensors.torch
@@ -34,7 +33,8 @@ from fastpeft.model import bottleneck_placement as placement
 from fastpeft.model.bottleneck_config import AdapterConfig
 from fastpeft.model.bottleneck_injection import check_can_place, install, placed_bottleneck
 from fastpeft.model.injection import adapter_state
-from fastpeft.model.saved_tensors import cpu_copies
+from fastpeft.model.saved_tensors import check_dtype, cpu_copies
+from fastpeft.model.snapshot import Snapshot
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter.safetensors"
@@ -64,22 +64,14 @@ PARAMETERS = {
 SCALING_KEY = "scaling"
 
 
-def _adapter_io():
-    """``fastpeft.model.adapter_io`` (its JSON / tensor readers), imported on first use: it
-    imports this module."""
-    from fastpeft.model import adapter_io
-
-    return adapter_io
-
-
-def is_adapterhub_directory(directory: Path) -> bool:
-    """Whether ``directory`` holds an AdapterHub adapter: an AdapterHub weight file, and no
+def is_adapterhub_directory(snapshot: Snapshot) -> bool:
+    """Whether the snapshot holds an AdapterHub adapter: an AdapterHub weight file, and no
     ``peft_type`` in its ``adapter_config.json`` (PEFT's mark)."""
-    if not ((directory / SAFETENSORS_NAME).is_file() or (directory / PICKLE_NAME).is_file()):
+    if not (snapshot.exists(SAFETENSORS_NAME) or snapshot.exists(PICKLE_NAME)):
         return False
     try:
-        data = json.loads((directory / CONFIG_NAME).read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        data = snapshot.read_json(CONFIG_NAME)
+    except (OSError, ValueError):
         return True  # AdapterHub's reader reports the broken config
     return not (isinstance(data, dict) and "peft_type" in data)
 
@@ -138,26 +130,23 @@ def _check_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[str, torc
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, expected {shape} (from the config's "
                              "reduction_factor and the model's hidden_size)")
-        if not tensor.dtype.is_floating_point:
-            raise ValueError(f"{source}: {key!r} has dtype {tensor.dtype}, expected a floating point dtype")
+        check_dtype(tensor, None, key, source)
 
 
-def _read_config(directory: Path) -> tuple[AdapterConfig, str, dict[str, Any]]:
+def _read_config(snapshot: Snapshot) -> tuple[AdapterConfig, str, dict[str, Any]]:
     """``(config, adapter name, the whole JSON)`` of an AdapterHub ``adapter_config.json``."""
     for file, what in COMPOSITION_FILES.items():
-        if (directory / file).exists():
-            raise ValueError(f"{str(directory)!r} holds {file}: {what} is not implemented in fastpeft; load single "
+        if snapshot.exists(file):
+            raise ValueError(f"{snapshot.path!r} holds {file}: {what} is not implemented in fastpeft; load single "
                              "bottleneck adapters")
-    path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {str(directory)!r}")
-    data = _adapter_io().read_json(path)
+    data = snapshot.read_json(CONFIG_NAME)
+    path = snapshot.file_path(CONFIG_NAME)
     if not isinstance(data, dict) or "config" not in data or not isinstance(data.get("name"), str) or not data["name"]:
-        raise ValueError(f"{str(path)!r} is not an AdapterHub adapter config (expected a JSON object with 'config' and "
+        raise ValueError(f"{path!r} is not an AdapterHub adapter config (expected a JSON object with 'config' and "
                          "a non-empty 'name')")
     name = data["name"]
     if "." in name:
-        raise ValueError(f"{str(path)!r}: adapter name {name!r} contains '.', which AdapterHub's keys cannot hold")
+        raise ValueError(f"{path!r}: adapter name {name!r} contains '.', which AdapterHub's keys cannot hold")
     raw = data["config"]
     if isinstance(raw, dict) and "version" not in data and raw.get("non_linearity") in LEGACY_ACTIVATIONS:
         raw = {**raw, "non_linearity": LEGACY_ACTIVATIONS[raw["non_linearity"]]}
@@ -186,13 +175,13 @@ def _fill(adapters: list[torch.nn.Module], plan: list[placement.PlannedSite], na
 
 def load_adapterhub(
     model: nn.Module,
-    directory: Path,
+    snapshot: Snapshot,
     *,
     is_trainable: bool,
     allow_pickle: bool,
     autocast_adapter_dtype: bool,
 ) -> nn.Module:
-    """``fastpeft.load_adapter`` for an AdapterHub directory (see the module docstring):
+    """``fastpeft.load_adapter`` for an AdapterHub directory's ``snapshot`` (see the module docstring):
     the adapter is placed where AdapterHub would place it, named as saved; frozen unless
     ``is_trainable``. Everything is checked and loaded into the new modules before the model
     is touched: on any error the model is unchanged.
@@ -204,17 +193,17 @@ def load_adapterhub(
             adapter saved for another model type or width, missing / unexpected keys, wrong
             shapes, a pickle without ``allow_pickle``, or a model that already has adapters.
     """
-    source = str(directory)
-    config, name, data = _read_config(directory)
+    source = snapshot.path
+    config, name, data = _read_config(snapshot)
     _check_model(model, data, source)
-    tensors = _adapter_io().read_tensors(directory, allow_pickle, SAFETENSORS_NAME, PICKLE_NAME)
+    tensors = snapshot.read_weights(SAFETENSORS_NAME, PICKLE_NAME, allow_pickle)
     check_can_place(model)
     plan = placement.plan_bottleneck(model, config)
     tensors = _model_keys(model, tensors)
     _check_tensors(_expected(plan, config, name), tensors, source)
     adapters = placement.build_adapters(model, plan, config, autocast_adapter_dtype)
     _fill(adapters, plan, name, tensors)
-    heads = [file for file in HEAD_FILES if (directory / file).exists()]
+    heads = [file for file in HEAD_FILES if snapshot.exists(file)]
     install(model, config, name, plan, adapters, trainable=is_trainable)
     if heads:
         warnings.warn(f"{source} also holds an AdapterHub prediction head ({', '.join(heads)}); fastpeft loads the "

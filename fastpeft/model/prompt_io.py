@@ -22,15 +22,15 @@ is refused.
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 import torch.nn as nn
 
 from fastpeft.layers.prefix_encoder import PrefixEncoder
+from fastpeft.layers.prompt_embedding import PTuningEncoder
 from fastpeft.model.injection import check_not_adapted, restore_requires_grad
 from fastpeft.model.prompt_config import (
     PrefixTuningConfig,
@@ -49,9 +49,14 @@ from fastpeft.model.prompt_injection import (
     prompt_state,
     resolve_config,
 )
-from fastpeft.model.saved_tensors import cpu_copy
+from fastpeft.model.saved_tensors import check_dtype, cpu_copies, cpu_copy
+from fastpeft.model.snapshot import Snapshot
 
 EMBEDDINGS_KEY = "prompt_embeddings"
+# The state dict of a prompt encoder whose trainable weights PEFT's file lacks (a prefix MLP,
+# a P-tuning MLP / LSTM: PEFT saves their output), written beside PEFT's files in the same
+# save so that a checkpoint can be resumed; PEFT ignores it.
+ENCODER_STATE_NAME = "fastpeft_prompt_encoder.safetensors"
 # PEFT's key prefix of modules_to_save entries for prompt learning (the wrapper's base_model
 # is the transformers model itself, with no LoraModel in between).
 MODULE_PREFIX = "base_model."
@@ -59,6 +64,26 @@ MODULE_PREFIX = "base_model."
 
 def has_prompt_adapter(model: nn.Module) -> bool:
     return prompt_state(model) is not None
+
+
+def unsaved_encoder(model: nn.Module) -> nn.Module | None:
+    """The model's prompt encoder when PEFT's file cannot restore it (an unmerged prefix MLP
+    or P-tuning MLP / LSTM: the file holds their output), else None."""
+    if not has_prompt_adapter(model):
+        return None
+    encoder = prompt_encoder(model)
+    if isinstance(encoder, PTuningEncoder) and not encoder.merged:
+        return encoder
+    return encoder if isinstance(encoder, PrefixEncoder) and encoder.prefix_projection else None
+
+
+def encoder_state_bytes(model: nn.Module) -> bytes | None:
+    """``ENCODER_STATE_NAME``'s contents for ``model`` (its ``unsaved_encoder``'s state dict,
+    CPU copies), or None when PEFT's file is enough."""
+    encoder = unsaved_encoder(model)
+    if encoder is None:
+        return None
+    return safetensors.torch.save(cpu_copies(encoder.state_dict()), metadata={"format": "pt"})
 
 
 @torch.no_grad()
@@ -102,12 +127,12 @@ def saved_prompt_config(model: nn.Module) -> dict[str, Any]:
     return data
 
 
-def read_config_data(directory: Path) -> Mapping[str, Any] | None:
-    """The JSON of ``directory/adapter_config.json`` when it names a prompt-learning type,
-    else None (unreadable files are left to the LoRA reader's errors)."""
+def read_config_data(snapshot: Snapshot) -> Mapping[str, Any] | None:
+    """The JSON of the snapshot's ``adapter_config.json`` when it names a prompt-learning
+    type, else None (unreadable files are left to the LoRA reader's errors)."""
     try:
-        data = json.loads((directory / "adapter_config.json").read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        data = snapshot.read_json("adapter_config.json")
+    except (OSError, ValueError):
         return None
     if isinstance(data, Mapping) and is_prompt_peft_type(peft_type_of(data)):
         return data
@@ -145,10 +170,7 @@ def _split_tensors(
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, expected {shape} (from the config's "
                              "num_virtual_tokens / token_dim / num_layers and the model)")
-        floating = dtype is None or dtype.is_floating_point
-        if tensor.dtype.is_floating_point != floating or (not floating and tensor.dtype != dtype):
-            raise ValueError(f"{source}: {key!r} has dtype {tensor.dtype}, expected "
-                             f"{'a floating point dtype' if floating else dtype}")
+        check_dtype(tensor, dtype, key, source)
     modules = {path: {k.removeprefix(f"{MODULE_PREFIX}{path}."): v for k, v in names.items()
                       if k.startswith(f"{MODULE_PREFIX}{path}.")} for path in paths}
     return names[EMBEDDINGS_KEY], modules
@@ -156,14 +178,14 @@ def _split_tensors(
 
 def load_prompt_adapter(
     model: nn.Module,
-    directory: Path,
+    snapshot: Snapshot,
     data: Mapping[str, Any],
-    read_tensors: Callable[[Path], dict[str, torch.Tensor]],
+    read_tensors: Callable[[Snapshot], dict[str, torch.Tensor]],
     *,
     is_trainable: bool,
 ) -> nn.Module:
     """``fastpeft.load_adapter`` for a PEFT prompt-tuning / prefix-tuning / P-tuning directory
-    whose config JSON is ``data`` (``read_tensors`` reads its weight file). Everything is
+    (``snapshot``) whose config JSON is ``data`` (``read_tensors`` reads its weight file). Everything is
     checked and built before the model changes.
 
     Raises:
@@ -174,17 +196,17 @@ def load_prompt_adapter(
     """
     config = prompt_config_from_dict(data)
     if is_reparameterized(config) and is_trainable:
-        raise ValueError(f"{str(directory)!r}: a {config.peft_type} adapter with a reparameterization "
+        raise ValueError(f"{snapshot.path!r}: a {config.peft_type} adapter with a reparameterization "
                          "(prefix_projection, P-tuning's MLP / LSTM) is saved as its computed prompts, not its "
                          "weights (PEFT's format), so it cannot be loaded trainable; load it with is_trainable=False, "
                          "or train a new adapter")
-    tensors = read_tensors(directory)
+    tensors = read_tensors(snapshot)
     check_not_adapted(model)
     if hasattr(model, ENCODER_NAME):
         raise ValueError(f"model already has a {ENCODER_NAME} submodule")
     config = resolve_config(model, config)
     paths = plan_modules_to_save(model, config)
-    embeddings, module_states = _split_tensors(model, config, paths, tensors, str(directory))
+    embeddings, module_states = _split_tensors(model, config, paths, tensors, snapshot.path)
     with restore_requires_grad(model, always=False):
         encoder = build_encoder(model, config, initialize=False, stored=True)
         with torch.no_grad():
@@ -261,6 +283,6 @@ def _retire_prompt_wrapper(peft_model: nn.Module, model: nn.Module, names: tuple
 
 
 __all__ = [
-    "EMBEDDINGS_KEY", "from_peft_prompt", "has_prompt_adapter", "load_prompt_adapter",
-    "prompt_state_dict", "read_config_data", "saved_prompt_config",
+    "EMBEDDINGS_KEY", "ENCODER_STATE_NAME", "encoder_state_bytes", "from_peft_prompt", "has_prompt_adapter",
+    "load_prompt_adapter", "prompt_state_dict", "read_config_data", "saved_prompt_config", "unsaved_encoder",
 ]

@@ -42,9 +42,9 @@ _RANDOM_BYTES = 8
 _TEMP_NAME = re.compile(rf"\.(?P<name>.+)\.tmp-(?P<pid>[1-9][0-9]{{0,6}})-[0-9a-f]{{{2 * _RANDOM_BYTES}}}")
 # errno values of flock on a filesystem without directory locks: NFS gives EBADF for a
 # read-only descriptor, ENOLCK without a lock manager; others EOPNOTSUPP or EINVAL.
-_NO_FLOCK = frozenset({errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL})
+NO_FLOCK = frozenset({errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL})
 # errno values meaning "this process may not write here".
-_NOT_WRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+NOT_WRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
 
 @dataclass(frozen=True)
@@ -58,17 +58,32 @@ class Directory:
     locked: bool
 
 
+def fs_path(path: str | bytes | os.PathLike) -> str:
+    """``path`` as a str (a bytes path decoded as the filesystem encodes names), so that
+    saving and loading take the same paths.
+
+    Raises:
+        TypeError: ``path`` is not a str, bytes or ``os.PathLike``.
+    """
+    try:
+        return os.fsdecode(os.fspath(path))
+    except TypeError:
+        raise TypeError(f"an adapter directory must be a str, bytes or os.PathLike path, got "
+                        f"{type(path).__name__} {path!r}") from None
+
+
 @contextmanager
-def open_directory(path: str | os.PathLike) -> Iterator[Directory]:
+def open_directory(path: str | bytes | os.PathLike) -> Iterator[Directory]:
     """Create ``path`` if needed (``os.makedirs``: umask honoured, intermediate directories
     created), open the directory it names (following symlinks) and hold an exclusive flock on
     it until the block exits. A newly created directory's entry is fsynced in its parent.
 
     Raises:
+        TypeError: ``path`` is not a path.
         NotADirectoryError: ``path`` exists and is not a directory.
         PermissionError: the directory cannot be created or opened.
     """
-    path = os.fspath(path)
+    path = fs_path(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(errno.ENOTDIR, f"cannot save into {path!r}: it exists and is not a directory")
     created = not os.path.isdir(path)
@@ -89,28 +104,21 @@ def _lock(fd: int) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
     except OSError as exc:
-        if exc.errno in _NO_FLOCK:
+        if exc.errno in NO_FLOCK:
             return False
         raise
     return True
 
 
-def read_file(directory: Directory, name: str) -> bytes | None:
-    """The contents of ``name`` in the directory, or None if it is missing or unreadable."""
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=directory.fd)
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as f:
-        try:
-            return f.read()
-        except OSError:  # e.g. EISDIR: not a regular file
-            return None
-
-
 def temp_name(name: str) -> str:
     """A fresh temp name for ``name``: ``.<name>.tmp-<pid>-<random>``."""
     return f".{name}.tmp-{os.getpid()}-{secrets.token_hex(_RANDOM_BYTES)}"
+
+
+def is_temp_of(temp: str, name: str) -> bool:
+    """Whether ``temp`` is a temp name ``temp_name(name)`` gives (any pid and random part)."""
+    match = _TEMP_NAME.fullmatch(temp)
+    return bool(match) and match["name"] == name
 
 
 def stage(directory: Directory, name: str, data: bytes) -> str:
@@ -125,7 +133,7 @@ def stage(directory: Directory, name: str, data: bytes) -> str:
     try:
         fd = os.open(temp, flags, _FILE_MODE, dir_fd=directory.fd)
     except OSError as exc:
-        if exc.errno in _NOT_WRITABLE:
+        if exc.errno in NOT_WRITABLE:
             raise PermissionError(exc.errno, f"cannot write into {directory.path!r}: {os.strerror(exc.errno)}") from exc
         raise
     try:
