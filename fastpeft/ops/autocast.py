@@ -21,8 +21,10 @@ _ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype of the autocast region enabled for ``device_type``, or None outside one."""
-    if not torch.is_autocast_enabled(device_type):
+    """The dtype of the autocast region enabled for ``device_type``, or None outside one and
+    for device types autocast does not know (``meta``: there ``torch.is_autocast_enabled``
+    raises, while ``F.linear`` on meta tensors is never cast)."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
 
