@@ -196,7 +196,13 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _differentiable_backward(grad_y, x, weight, lora_a, lora_b, scalings, adapter_ids, ranks, need_x, need_a,
                              need_b):
-    """The backward as torch ops autograd records (``create_graph=True``)."""
+    """The backward as torch ops autograd records (``create_graph=True``). Not on meta tensors:
+    it groups the tokens by the values of ``adapter_ids`` and ``ranks``, which they lack."""
+    if x.is_meta:
+        raise NotImplementedError(
+            "multi_lora_linear: the double backward (create_graph=True) is not available on meta tensors: it groups "
+            "the tokens by the values of adapter_ids and ranks, which meta tensors do not hold (the first backward "
+            "runs on meta tensors)")
     n, k = weight.shape
     g2, x2 = rows(grad_y, n), rows(x, k)
     dx = g2 @ weight if need_x else None
@@ -322,6 +328,7 @@ def multi_lora_linear(
     and replayed with other ids (and other slot contents).
 
     Under ``torch.autocast`` it casts like ``F.linear`` (x, weight, bias, lora_a, lora_b).
+    On meta tensors it propagates shapes, forward and backward (not the double backward).
 
     Returns:
         ``[..., N]`` in x's dtype. Differentiable in x, lora_a and lora_b (every slot's

@@ -12,6 +12,10 @@ kernels or a small layer's CPU math. Eager calls on plain tensors therefore skip
 - autograd needed: the op's own forward, ``setup_context`` and backward are applied through
   an ``autograd.Function`` (``eager_function``), so eager training computes exactly what the
   registered autograd computes.
+
+Meta tensors take the dispatcher, like tensor subclasses: its Meta kernels are the ops' fake
+implementations, so the ops propagate shapes and dtypes on them, forward and backward, as
+``F.linear`` does.
 """
 
 from __future__ import annotations
@@ -41,8 +45,14 @@ def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def eager_plain(*tensors: torch.Tensor | None) -> bool:
     """Whether a call needs nothing from the dispatcher but autograd: eager (not traced) on
-    plain tensors (None entries are ignored)."""
-    if torch.compiler.is_compiling():
+    plain tensors holding data (None entries are ignored; the first is a tensor, and the ops'
+    checks put all of them on its device).
+
+    Meta tensors go to the dispatcher, whose Meta kernel of each op is its fake implementation
+    (shapes and dtypes only, as ``F.linear`` on meta): the implementations may read values
+    that meta tensors do not hold (the multi-LoRA torch path groups tokens by adapter id on
+    the host)."""
+    if torch.compiler.is_compiling() or tensors[0].is_meta:
         return False
     return all(type(t) in _PLAIN_TENSOR_TYPES for t in tensors if t is not None)
 
