@@ -4,11 +4,16 @@ adapter_config.json compatibility both ways (what PEFT writes, what PEFT reads).
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
+import time
 import warnings
 
 import pytest
+import torch.nn as nn
 
-from fastpeft import LoraConfig
+from fastpeft import LoraConfig, inject
+from fastpeft.model.matching import is_targeted
 
 peft = pytest.importorskip("peft")
 
@@ -34,6 +39,9 @@ def test_defaults_and_field_names_are_peft_s():
     (dict(target_modules=["q_proj", 3]), TypeError, "target_modules"),
     (dict(target_modules="(q_proj"), ValueError, "target_modules"),
     (dict(exclude_modules="[bad"), ValueError, "exclude_modules"),
+    (dict(target_modules=["q_proj"], layers_to_transform=[0], layers_pattern="(layers"), ValueError,
+     "layers_pattern"),
+    (dict(modules_to_save=["lm_head", "score["]), ValueError, "modules_to_save"),
     (dict(bias="all"), ValueError, "bias"),
     (dict(bias="lora_only"), ValueError, "bias"),
     (dict(bias="some"), ValueError, "bias"),
@@ -156,3 +164,77 @@ def test_constructor_takes_peft_only_keys_when_unset_or_metadata():
     assert config == LoraConfig(r=4, target_modules=["q_proj"])
     with pytest.raises(TypeError, match="unexpected keyword argument 'lora_alfa'"):
         LoraConfig(lora_alfa=16)
+
+
+# Regexes that backtrack exponentially on a long module path that does not match: a variable
+# repeat or an alternation inside a repeat. Each runs ``re.fullmatch`` on ``LONG_PATH`` for
+# longer than anyone waits (more than 3 s measured for each, exponential in the path's length).
+CATASTROPHIC = ["(a+)+b", "(.*a){25}", "(a|a)*b", "(a?){25}a{25}", r"(\w+)*\.q_proj"]
+LONG_PATH = "a" * 40 + "_proj"
+# PEFT-style regexes that must pass, with a module path each fully matches: repeats side by
+# side (``.*decoder.*...``) cost a power of the path's length, not an exponential.
+ORDINARY = {
+    r".*\.(q_proj|v_proj)": "model.layers.0.self_attn.q_proj",
+    r".*(q|k|v)_proj$": "model.layers.0.self_attn.k_proj",
+    r"model\.layers\.\d+\.self_attn\.(q|v)_proj": "model.layers.11.self_attn.v_proj",
+    r"^(?!.*lm_head).*proj$": "model.layers.0.mlp.up_proj",
+    r".*decoder.*(SelfAttention|EncDecAttention).*(q|v)$": "decoder.block.0.layer.1.EncDecAttention.q",
+    r"(?:model\.)?layers\.[0-9]+\.(?:attn|mlp)\.[a-z_]+": "model.layers.3.mlp.down_proj",
+}
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("pattern", CATASTROPHIC)
+def test_catastrophic_target_regex_is_refused_before_the_model_is_touched(pattern):
+    """A target regex that would hang matching ``LONG_PATH`` (as it hangs PEFT) is a
+    ValueError naming the field, the pattern and why, raised at once by the config: reading
+    it from an adapter_config.json refuses it before ``inject`` sees the model."""
+    model = nn.ModuleDict({LONG_PATH: nn.Linear(4, 4)})
+    text = json.dumps({"peft_type": "LORA", "r": 2, "target_modules": pattern})
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"LoraConfig\.target_modules: .*backtrack exponentially") as info:
+        inject(model, LoraConfig.from_dict(json.loads(text)))
+    assert time.perf_counter() - start < 1.0
+    assert repr(pattern) in str(info.value)
+    assert type(model[LONG_PATH]) is nn.Linear
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(exclude_modules="(.*a){25}"), "exclude_modules"),
+    (dict(rank_pattern={"(a+)+": 4}), "rank_pattern['(a+)+']"),
+    (dict(alpha_pattern={"(proj|pro|j)+x": 4}), "alpha_pattern['(proj|pro|j)+x']"),
+    (dict(target_modules=["q_proj"], layers_to_transform=[0], layers_pattern="(h+)+"), "layers_pattern"),
+    (dict(target_modules=["q_proj"], layers_to_transform=[0], layers_pattern=["h", "(h+)+"]), "layers_pattern[1]"),
+    (dict(modules_to_save=["lm_head", "(head+)*"]), "modules_to_save[1]"),
+])
+def test_catastrophic_regex_in_every_regex_field_is_refused(kwargs, field):
+    """Every field PEFT's matching reads as a regex (or puts into one) is checked, in the
+    regex it is matched with."""
+    with pytest.raises(ValueError, match=rf"LoraConfig\.{re.escape(field)}: .*backtrack exponentially"):
+        LoraConfig.from_dict({"peft_type": "LORA", **kwargs})
+
+
+@pytest.mark.parametrize("pattern", ORDINARY)
+def test_ordinary_peft_regexes_are_accepted(pattern):
+    """Ordinary PEFT regexes pass in any field that takes a regex, and target the module path
+    they match in PEFT."""
+    path = ORDINARY[pattern]
+    assert LoraConfig(exclude_modules=pattern, rank_pattern={pattern: 4}, alpha_pattern={pattern: 2}).rank_pattern
+    config = LoraConfig(target_modules=pattern)
+    assert is_targeted(config, config.target_modules, path)
+    assert peft.tuners.tuners_utils.check_target_module_exists(peft.LoraConfig(target_modules=pattern), path)
+
+
+def test_ordinary_layer_and_modules_to_save_names_are_accepted():
+    config = LoraConfig(target_modules=["q_proj"], layers_to_transform=[0], layers_pattern=["h", "layers"],
+                        modules_to_save=["lm_head", "classifier.dense"])
+    assert config.layers_pattern == ("h", "layers")
+    assert config.modules_to_save == ("lm_head", "classifier.dense")
+
+
+def test_peft_config_with_catastrophic_regex_is_refused_on_load():
+    """PEFT itself accepts the regex (and would hang on it); reading its config refuses it."""
+    data = peft.LoraConfig(target_modules="(a+)+b").to_dict()
+    with pytest.raises(ValueError, match=r"LoraConfig\.target_modules: the regular expression '\(a\+\)\+b'"):
+        LoraConfig.from_dict(data)

@@ -26,6 +26,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+try:  # the regex parser behind re.compile (sre_parse before Python 3.11, deprecated since)
+    from re import _parser as _regex_parser
+except ImportError:  # Python 3.10
+    import sre_parse as _regex_parser
+
 PEFT_TYPE = "LORA"
 ALL_LINEAR = "all-linear"
 # PEFT's TaskType values.
@@ -85,11 +90,81 @@ def _require_bool(name: str, value: object) -> bool:
     return value
 
 
+def rank_pattern_regex(key: str) -> str:
+    """The regex a ``rank_pattern`` / ``alpha_pattern`` key is matched with (PEFT's, ``re.match``)."""
+    return rf"(.*\.)?({key})$"
+
+
+def modules_to_save_regex(name: str) -> str:
+    """The regex (PEFT's, ``re.match``) of the paths of a ``modules_to_save`` module and of
+    the modules inside it, which LoRA never targets."""
+    return rf"(^|.*\.){name}($|\..*)"
+
+
+def layers_pattern_regex(pattern: str) -> str:
+    """The regex (PEFT's, ``re.match``) whose group ``idx`` is the layer index after a
+    ``layers_pattern`` path segment."""
+    return rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\."
+
+
+# Possessive repeats ('a*+') and atomic groups ('(?>...)') exist from Python 3.11 on.
+_REPEATS = {_regex_parser.MAX_REPEAT, _regex_parser.MIN_REPEAT, getattr(_regex_parser, "POSSESSIVE_REPEAT", None)}
+_ATOMIC_GROUP = getattr(_regex_parser, "ATOMIC_GROUP", None)
+_ASSERTIONS = {_regex_parser.ASSERT, _regex_parser.ASSERT_NOT}
+
+
+def _backtracking_hazard(items: Any, in_repeat: bool) -> str | None:
+    """What makes the parsed regex ``items`` (``re._parser.parse``'s tree) backtrack
+    exponentially, or None: inside a repeat that can run more than once (``in_repeat``), a
+    repeat of variable count (``(a+)+``, ``(.*a){25}``, ``(a?){25}``) or an alternation
+    (``(a|a)*``) lets the regex split one text in exponentially many ways, all of which ``re``
+    tries before it gives up on a text that does not match. Conservative: some such regexes
+    split a text in one way only (``(\\w+\\.)*``: the dot ends each run) and are refused too.
+    Repeats side by side (``.*a.*b``) cost a power of the text's length, not an exponential,
+    and pass. Lookarounds are walked as regexes of their own: ``re`` never backtracks into one,
+    so inside a repeat it costs one match per try instead of multiplying the ways to split."""
+    for op, av in items:
+        if op in _REPEATS:
+            low, high, body = av
+            if in_repeat and low != high:
+                return "a repeat ('*', '+', '?', '{m,n}') inside another repeat"
+            parts, inside = [body], in_repeat or high > 1
+        elif op is _regex_parser.BRANCH:
+            if in_repeat:
+                return "an alternation ('|') inside a repeat"
+            parts, inside = av[1], False
+        elif op is _regex_parser.SUBPATTERN:
+            parts, inside = [av[-1]], in_repeat
+        elif op is _ATOMIC_GROUP:
+            parts, inside = [av], in_repeat
+        elif op is _regex_parser.GROUPREF_EXISTS:  # (?(group)yes|no): the group decides, no alternation
+            parts, inside = [arm for arm in av[1:] if arm is not None], in_repeat
+        elif op in _ASSERTIONS:
+            parts, inside = [av[1]], False
+        else:
+            continue
+        for part in parts:
+            hazard = _backtracking_hazard(part, inside)
+            if hazard:
+                return hazard
+    return None
+
+
 def _require_regex(name: str, pattern: str) -> str:
+    """``pattern``, the regex matched for field ``name``, compiles and cannot backtrack
+    exponentially (``_backtracking_hazard``): ``re`` has no timeout, so such a regex would
+    hang matching a long module path, as it hangs PEFT. ValueError naming the field if not."""
     try:
         re.compile(pattern)
     except re.error as exc:
         raise ValueError(f"LoraConfig.{name}: {pattern!r} is not a valid regular expression ({exc})") from None
+    hazard = _backtracking_hazard(_regex_parser.parse(pattern), in_repeat=False)
+    if hazard:
+        raise ValueError(
+            f"LoraConfig.{name}: the regular expression {pattern!r} has {hazard}, so matching it against a module "
+            "path can backtrack exponentially (catastrophic backtracking; Python's re cannot time out a match) and "
+            "never finish. Rewrite it without the nesting (e.g. '[\\w.]*' for '(\\w+\\.)*', '.*' for '(.*)*') "
+            "or list the module names instead")
     return pattern
 
 
@@ -123,7 +198,7 @@ def _pattern_dict(name: str, value: object, check) -> dict[str, Any]:
     for key, item in value.items():
         if not isinstance(key, str):
             raise TypeError(f"LoraConfig.{name} keys must be str, got {key!r}")
-        _require_regex(f"{name}[{key!r}]", rf"(.*\.)?({key})$")
+        _require_regex(f"{name}[{key!r}]", rank_pattern_regex(key))
         out[key] = check(f"{name}[{key!r}]", item)
     return out
 
@@ -170,6 +245,15 @@ class LoraConfig:
 
     The config is immutable; use ``dataclasses.replace`` to change a field. Lists are stored
     as tuples, with duplicates dropped.
+
+    Regular expressions (a ``target_modules`` / ``exclude_modules`` string, the keys of
+    ``rank_pattern`` / ``alpha_pattern``, ``layers_pattern`` and ``modules_to_save`` entries,
+    which PEFT's matching puts into regexes) are checked here, before any model is touched: a
+    ``ValueError`` names the field when one does not compile, or when it nests a variable
+    repeat or an alternation inside a repeat (``(a+)+``, ``(.*a){25}``, ``(a|a)*``), which can
+    backtrack exponentially: ``re`` cannot time out a match, and such a regex would hang
+    matching a long module path (it hangs PEFT). Repeats side by side, as in
+    ``.*decoder.*(SelfAttention|EncDecAttention).*(q|v)$``, pass.
     """
 
     r: int = 8
@@ -212,6 +296,8 @@ class LoraConfig:
         self._check_layers(put)
         if self.modules_to_save is not None:
             put("modules_to_save", _str_tuple("modules_to_save", self.modules_to_save))
+            for i, name in enumerate(self.modules_to_save):
+                _require_regex(f"modules_to_save[{i}]", modules_to_save_regex(name))
         init = self.init_lora_weights
         if not isinstance(init, (bool, str)):
             raise TypeError(f"LoraConfig.init_lora_weights must be a bool or str, got {type(init).__name__} {init!r}")
@@ -238,7 +324,12 @@ class LoraConfig:
                                  "(a regex or 'all-linear'); PEFT applies it to a list of names only")
         if self.layers_pattern is not None:
             pattern = self.layers_pattern
-            put("layers_pattern", pattern if isinstance(pattern, str) else _str_tuple("layers_pattern", pattern))
+            if isinstance(pattern, str):
+                _require_regex("layers_pattern", layers_pattern_regex(pattern))
+            else:
+                put("layers_pattern", _str_tuple("layers_pattern", pattern))
+                for i, item in enumerate(self.layers_pattern):
+                    _require_regex(f"layers_pattern[{i}]", layers_pattern_regex(item))
             if isinstance(self.target_modules, str):
                 raise ValueError("LoraConfig.layers_pattern cannot be used when target_modules is a str")
             if self.layers_pattern and layers is None:

@@ -16,7 +16,7 @@ from typing import Any
 import torch.nn as nn
 
 from fastpeft.layers.lora_linear import is_conv1d
-from fastpeft.model.config import LoraConfig
+from fastpeft.model.config import LoraConfig, layers_pattern_regex, modules_to_save_regex, rank_pattern_regex
 
 # PEFT's SEQ_CLS_HEAD_NAMES: classifier heads "all-linear" leaves out for SEQ_CLS models
 # without an output embedding.
@@ -52,7 +52,7 @@ def pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
     """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the value of the first key (in dict
     order) such that ``name`` matches ``(.*\\.)?(key)$``, else ``default``."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if re.match(rank_pattern_regex(key), name):
             return value
     return default
 
@@ -72,7 +72,7 @@ def is_excluded(config: LoraConfig, key: str) -> bool:
                 return True
         elif _in_list(exclude, key):
             return True
-    return any(re.match(rf"(^|.*\.){name}($|\..*)", key) for name in config.modules_to_save or ())
+    return any(re.match(modules_to_save_regex(name), key) for name in config.modules_to_save or ())
 
 
 def _layer_index(config: LoraConfig, key: str) -> int | None:
@@ -84,7 +84,7 @@ def _layer_index(config: LoraConfig, key: str) -> int | None:
     else:
         match = None
         for pattern in (patterns,) if isinstance(patterns, str) else patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            match = re.match(layers_pattern_regex(pattern), key)
             if match is not None:
                 break
     return int(match.group("idx")) if match else None
