@@ -649,3 +649,82 @@ def test_read_only_parent_with_writable_target(zygote, tmp_path):
     assert zygote.run("_child_read_only_parent", parent=str(tmp_path)) == {
         "parent writable": False, "entries": ADAPTER_FILES, "loads": "c",
     }
+
+
+# --- durability: what is fsynced, and when ---------------------------------------------------
+
+
+def _record_calls(monkeypatch) -> list[tuple[str, str]]:
+    """Record ``os.fsync`` (as the path of the synced file or directory), ``os.replace`` and
+    ``os.unlink`` (as the name they change) in order."""
+    calls: list[tuple[str, str]] = []
+    for name in ("fsync", "replace", "unlink"):
+        original = getattr(os, name)
+
+        def recorded(*args, _name=name, _original=original, **kwargs):
+            what = os.readlink(f"/proc/self/fd/{args[0]}") if _name == "fsync" else os.fsdecode(args[1 if _name ==
+                                                                                                      "replace" else 0])
+            calls.append((_name, what))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(os, name, recorded)
+    return calls
+
+
+def test_directory_and_new_parents_are_fsynced_after_the_renames(tmp_path, monkeypatch):
+    """A save into a new directory a/b/adapter, and one over an adapter whose config
+    changes: each new directory's entry is synced in its parent; every file is synced in
+    its temp file before the commit point; the journal's rename (the commit point) is
+    synced before the first file is renamed; the renames and the journal's removal are
+    synced before the save returns."""
+    fastpeft.save_adapter(adapted("c"), tmp_path / "old")
+    target = tmp_path / "a" / "b" / "adapter"
+    for directory in (target, tmp_path / "old"):
+        calls = _record_calls(monkeypatch)
+        fastpeft.save_adapter(adapted("a"), directory)
+        monkeypatch.undo()
+        syncs = [what for call, what in calls if call == "fsync"]
+        if directory == target:
+            for new in (target, target.parent, target.parent.parent):
+                assert str(new.parent) in syncs, f"{new}'s entry is not synced in its parent"
+        commit = calls.index(("replace", save_journal.JOURNAL_NAME))
+        staged = {Path(what).name.split(".tmp-")[0] for what in syncs[:commit] if ".tmp-" in what}
+        assert staged == {f".{name}" for name in [*ADAPTER_FILES, save_journal.JOURNAL_NAME]}, staged
+        first_rename = next(i for i, (call, _) in enumerate(calls) if call == "replace" and i > commit)
+        assert ("fsync", str(directory)) in calls[commit:first_rename], "the commit point is not synced"
+        renamed = [what for call, what in calls[commit + 1:] if call == "replace"]
+        assert renamed == [WEIGHTS, CONFIG], renamed  # the config last
+        last_change = max(i for i, (call, _) in enumerate(calls) if call in ("replace", "unlink"))
+        assert calls[last_change] == ("unlink", save_journal.JOURNAL_NAME)
+        assert ("fsync", str(directory)) in calls[calls.index(("replace", CONFIG)):last_change]
+        assert ("fsync", str(directory)) in calls[last_change:], "the journal's removal is not synced"
+
+
+def _child_journal_on_read_only_filesystem(directory: str) -> dict:
+    """A save of "c" over "a" that fails after its commit point (its journal stays), then the
+    filesystem remounted read-only: loads read the committed save through the journal."""
+    _enter_private_mount_namespace()
+    _mount(directory)
+    fastpeft.save_adapter(adapted("a"), directory)
+    original = os.replace
+
+    def failing(src, dst, **kwargs):
+        if dst == WEIGHTS:
+            raise OSError(errno.EIO, "simulated I/O error")
+        return original(src, dst, **kwargs)
+
+    os.replace = failing
+    error = _error_of(lambda: fastpeft.save_adapter(adapted("c"), directory))
+    os.replace = original
+    _mount(directory, MS_REMOUNT | MS_RDONLY)
+    before = entries(Path(directory))
+    return {"error": error and error["message"], "journal": save_journal.JOURNAL_NAME in before,
+            "loads": loaded_variant(directory), "unchanged": entries(Path(directory)) == before}
+
+
+def test_a_killed_save_on_a_read_only_filesystem_is_read_through_its_journal(zygote, tmp_path):
+    target = tmp_path / "adapter"
+    target.mkdir()
+    assert zygote.run("_child_journal_on_read_only_filesystem", directory=str(target)) == {
+        "error": "[Errno 5] simulated I/O error", "journal": True, "loads": "c", "unchanged": True,
+    }

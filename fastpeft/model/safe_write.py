@@ -76,7 +76,7 @@ def fs_path(path: str | bytes | os.PathLike) -> str:
 def open_directory(path: str | bytes | os.PathLike) -> Iterator[Directory]:
     """Create ``path`` if needed (``os.makedirs``: umask honoured, intermediate directories
     created), open the directory it names (following symlinks) and hold an exclusive flock on
-    it until the block exits. A newly created directory's entry is fsynced in its parent.
+    it until the block exits. Each newly created directory's entry is fsynced in its parent.
 
     Raises:
         TypeError: ``path`` is not a path.
@@ -86,16 +86,28 @@ def open_directory(path: str | bytes | os.PathLike) -> Iterator[Directory]:
     path = fs_path(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(errno.ENOTDIR, f"cannot save into {path!r}: it exists and is not a directory")
-    created = not os.path.isdir(path)
+    created = _missing_directories(path)
     os.makedirs(path, mode=_DIR_MODE, exist_ok=True)
+    for new in created:  # each new directory's entry, deepest first, durable in its parent
+        _sync_path(os.path.dirname(new) or ".")
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        directory = Directory(fd, path, _lock(fd))
-        if created:
-            _sync_parent(directory)
-        yield directory
+        yield Directory(fd, path, _lock(fd))
     finally:
         os.close(fd)  # also releases the flock
+
+
+def _missing_directories(path: str) -> list[str]:
+    """The directories ``os.makedirs(path)`` would create, deepest first."""
+    missing = []
+    path = os.path.join(os.getcwd(), path)  # not normalized: "a/b/.." creates b, as the kernel walks it
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
 
 
 def _lock(fd: int) -> bool:
@@ -167,10 +179,9 @@ def sync(directory: Directory) -> None:
     _fsync_dir(directory.fd)
 
 
-def _sync_parent(directory: Directory) -> None:
-    """fsync the directory's parent (its physical parent, through ``..``), making a new
-    directory's entry durable."""
-    fd = os.open("..", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=directory.fd)
+def _sync_path(path: str) -> None:
+    """fsync the directory ``path``."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         _fsync_dir(fd)
     finally:
