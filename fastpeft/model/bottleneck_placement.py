@@ -18,7 +18,7 @@ only ``h``: a forward hook on the module producing ``h`` returns ``h'`` with
 and the model then computes ``LN(h' + r)`` or ``h' + r``, which is AdapterHub's output. ``r``
 is taken by a forward pre-hook on the module that receives it (``BertSelfOutput``'s
 ``input_tensor``; the pre-LayerNorm of a pre-LN block) and handed to the output hook of the
-same call.
+same call, per thread: one model may run forwards in several threads at once.
 
 Each adapter module is registered on the model (``owner.child``, see ``SiteSpec``), so it is
 in ``model.parameters()`` / ``state_dict()`` and follows ``.to()``. Layouts are known per
@@ -28,6 +28,7 @@ anything is changed.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -212,7 +213,13 @@ class BottleneckSite:
     ``remember_residual`` (a forward pre-hook with kwargs on ``residual_module``) keeps ``r``
     until ``adapt_output`` (a forward hook on ``output_module``) of the same layer call
     replaces ``h`` by ``h'`` and lets go of it. Hooks are registered by ``attach`` and removed
-    by ``detach``; the handles survive ``copy.deepcopy`` of the model, bound to the copy.
+    by ``detach``; the handles survive ``copy.deepcopy`` and pickling of the model, bound to
+    the copy.
+
+    Thread safety: ``r`` is kept per thread (a ``threading.local``), so forwards of one model
+    running in several threads at once each pair their own ``r`` and ``h`` (a layer call runs
+    both hooks in the thread that calls it; so does a gradient-checkpointing recompute). A
+    copy starts with no residual kept.
     """
 
     def __init__(self, planned: PlannedSite, adapter: BottleneckAdapter, layer_norm: nn.Module | None,
@@ -223,8 +230,19 @@ class BottleneckSite:
         self.parallel = config.is_parallel
         self.ln_before = config.original_ln_before
         self.residual_before_ln = config.residual_before_ln
-        self._residual: torch.Tensor | None = None
+        self._kept = threading.local()  # .residual: this thread's r, from pre-hook to hook
         self._handles: tuple = ()
+
+    def __getstate__(self) -> dict:
+        """For ``copy.deepcopy`` and pickling: everything but the per-thread residuals (a
+        ``threading.local`` can be neither copied nor pickled, and they belong to running calls)."""
+        state = self.__dict__.copy()
+        del state["_kept"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._kept = threading.local()
 
     def attach(self, layer: nn.Module) -> None:
         spec = self.planned.spec
@@ -237,21 +255,22 @@ class BottleneckSite:
         for handle in self._handles:
             handle.remove()
         self._handles = ()
-        self._residual = None
+        self._kept = threading.local()
 
     def remember_residual(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         spec = self.planned.spec
         if len(args) > spec.residual_arg:
-            self._residual = args[spec.residual_arg]
+            self._kept.residual = args[spec.residual_arg]
         elif spec.residual_kwarg in kwargs:
-            self._residual = kwargs[spec.residual_kwarg]
+            self._kept.residual = kwargs[spec.residual_kwarg]
         else:
             raise RuntimeError(f"bottleneck adapter at {self.planned.adapter_path}: "
                                f"{self.planned.path(spec.residual_module)} was called without its argument "
                                f"{spec.residual_arg} ({spec.residual_kwarg!r}), the residual stream")
 
     def adapt_output(self, module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> torch.Tensor | tuple:
-        residual, self._residual = self._residual, None
+        residual = getattr(self._kept, "residual", None)
+        self._kept.residual = None
         if residual is None:
             raise RuntimeError(f"bottleneck adapter at {self.planned.adapter_path}: "
                                f"{self.planned.path(self.planned.spec.output_module)} ran outside its layer's "
