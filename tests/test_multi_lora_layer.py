@@ -57,12 +57,20 @@ def test_shared_ids_expand_per_sequence():
     layer = fastpeft.MultiLoRALinear(nn.Linear(IN, OUT), max_adapters=2, max_rank=4, token_ids=holder)
     layer.load_slot(1, *_adapter(3, 4), scaling=1.0)
     x = torch.randn(4, 5, IN)
-    holder.ids = torch.tensor([1, -1])  # two sequences, each repeated twice (beams)
-    tokens = torch.tensor([1, 1, -1, -1])[:, None].expand(4, 5)
-    assert_close(layer(x), _expected(layer, x, tokens), torch.float32, "y")
-    holder.ids = torch.tensor([1, -1, 0])
-    with pytest.raises(ValueError, match="one adapter name per sequence"):
+    base = nn.functional.linear(x, layer.weight, layer.bias)
+    with holder.bind(torch.tensor([1, -1])):  # two sequences, each repeated twice (beams)
+        tokens = torch.tensor([1, 1, -1, -1])[:, None].expand(4, 5)
+        assert_close(layer(x), _expected(layer, x, tokens), torch.float32, "y")
+        with holder.bind(None):  # nested: the inner ids, then the outer ones again
+            torch.testing.assert_close(layer(x), base)
+        assert_close(layer(x), _expected(layer, x, tokens), torch.float32, "y")
+    assert holder.ids is None
+    torch.testing.assert_close(layer(x), base)
+    with holder.bind(torch.tensor([1, -1, 0])), pytest.raises(ValueError, match="one adapter name per sequence"):
         layer(x)
+    for bad in ([1, -1], torch.tensor([[1, -1]])):
+        with pytest.raises(TypeError, match="ids must be a 1-D tensor"), holder.bind(bad):
+            pass
 
 
 def test_bad_slots_and_adapters():

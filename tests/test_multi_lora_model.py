@@ -6,6 +6,7 @@ kernels have their own tests in test_multi_lora_op.py), in float32."""
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -147,6 +148,30 @@ def test_load_unload_touch_only_their_slot(setup, tmp_path):
         ours(input_ids=ids, adapter_names=["missing", None])
     with pytest.raises(ValueError, match="one adapter name"):
         ours(input_ids=ids, adapter_names=[names[0]])
+    with pytest.raises(TypeError, match="adapter_names must be a list"):  # not "has 3 entries for a batch of 2"
+        ours(input_ids=ids, adapter_names="ad1")
+    with pytest.raises(TypeError, match="adapter_names must hold adapter names"):
+        ours(input_ids=ids, adapter_names=[names[0], 1])
+
+
+@pytest.mark.parametrize("duplicate", [copy.deepcopy, lambda model: pickle.loads(pickle.dumps(model))],
+                         ids=["deepcopy", "pickle"])
+@torch.no_grad()
+def test_copies_have_the_adapters_and_are_independent(setup, duplicate):
+    base, dirs, _, _ = setup
+    ours = _ours(base, dirs)
+    names = list(dirs)
+    ids, mask = _batch(9, 2, 5, [0, 1])
+    mix = [names[-1], names[0]]
+    expected = ours(input_ids=ids, attention_mask=mask, adapter_names=mix).logits
+    clone = duplicate(ours)
+    assert clone.adapters == ours.adapters
+    torch.testing.assert_close(clone(input_ids=ids, attention_mask=mask, adapter_names=mix).logits, expected,
+                               rtol=0, atol=0)
+    clone.unload_adapter(names[0])
+    clone.load_adapter("again", dirs[names[0]])
+    torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask, adapter_names=mix).logits, expected,
+                               rtol=0, atol=0)
 
 
 def test_bad_adapters_change_nothing(tmp_path):

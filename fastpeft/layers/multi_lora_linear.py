@@ -12,17 +12,28 @@ batch (every slot's gradient comes back in one backward).
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fastpeft.layers.lora_linear import default_lora_dtype, is_conv1d
+from fastpeft.ops.checks import describe
 from fastpeft.ops.multi_lora_linear import multi_lora_linear
 
 
 class TokenAdapterIds:
-    """The adapter slot of each sequence in the batch being run, shared by every
-    ``MultiLoRALinear`` of a model (``MultiAdapterModel`` sets it around each call).
+    """The adapter slot of each sequence in the batch that the calling thread runs, shared
+    by every ``MultiLoRALinear`` of a model (``MultiAdapterModel`` binds it around each call).
+
+    Per thread: ``bind(ids)`` sets the calling thread's ids for the duration of a ``with``
+    block, and the layers read the ids of the thread that runs them (a model's forward runs
+    its layers in the thread that calls it), so calls running in several threads at once each
+    get their own ids. A copy (``copy.deepcopy``, pickling) is a fresh holder with no ids: ids
+    belong to running calls, not to the model.
 
     ``ids [B]`` (int64, -1 = base only) or None (no adapter: the layers run their base).
     ``for_input(x)`` expands it to one id per row of ``x [B', S..., K]``: each token gets its
@@ -32,7 +43,29 @@ class TokenAdapterIds:
     """
 
     def __init__(self) -> None:
-        self.ids: torch.Tensor | None = None
+        self._bound = threading.local()
+
+    def __reduce__(self) -> tuple:
+        return type(self), ()
+
+    @property
+    def ids(self) -> torch.Tensor | None:
+        """The calling thread's ids; None outside ``bind``."""
+        return getattr(self._bound, "ids", None)
+
+    @contextlib.contextmanager
+    def bind(self, ids: torch.Tensor | None) -> Iterator[None]:
+        """Give the calling thread ``ids`` (``[B]`` integers, or None) while the block runs,
+        and its previous ids after it."""
+        if ids is not None and not (isinstance(ids, torch.Tensor) and ids.dim() == 1):
+            got = describe(ids) if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise TypeError(f"ids must be a 1-D tensor (one adapter slot per sequence) or None, got {got}")
+        previous = self.ids
+        self._bound.ids = ids
+        try:
+            yield
+        finally:
+            self._bound.ids = previous
 
     def for_input(self, x: torch.Tensor) -> torch.Tensor | None:
         ids = self.ids
@@ -62,8 +95,14 @@ class MultiLoRALinear(nn.Module):
         dtype: of the slots; default PEFT's (float32 on a 16-bit base, else the base's).
 
     ``forward(x, adapter_ids=None)``: ``adapter_ids`` one slot per row of x (x's leading
-    shape); when None, the ids come from ``token_ids`` (the shared ``TokenAdapterIds``), and
-    when that holds none either the layer is its base linear.
+    shape); when None, the ids come from ``token_ids`` (the shared ``TokenAdapterIds``: the
+    ids the calling thread bound), and when that holds none either the layer is its base
+    linear.
+
+    Threads: forwards may run in several threads at once. A forward's output depends only on
+    the slots its ids name, and ``load_slot`` / ``clear_slot`` write only theirs; writing a slot that a
+    running forward reads gives that forward a mix of the two adapters, so the caller must
+    keep those apart (``MultiAdapterModel`` does).
     """
 
     def __init__(

@@ -2,7 +2,8 @@
 
 The target linear layers are replaced once by ``MultiLoRALinear`` (preallocated slots);
 ``load_adapter`` copies a PEFT adapter directory into a free slot of every layer it targets
-(and empties that slot elsewhere), ``unload_adapter`` empties it. ``forward`` and
+(and empties that slot elsewhere), ``unload_adapter`` empties it (once no running call uses
+it, see Threads below). ``forward`` and
 ``generate`` take ``adapter_names`` (one per sequence, None = the base model), as PEFT's
 mixed batches do, and every linear layer runs ``fastpeft.ops.multi_lora_linear`` with each
 token's slot. Loading and unloading write only the slot concerned: nothing is reallocated,
@@ -14,17 +15,39 @@ rules: ``target_modules``, ``exclude_modules``, ``layers_to_transform``, ``rank_
 ``alpha_pattern``, ``use_rslora``; unsupported features such as DoRA raise). Everything is
 checked before any slot is written: a failed load changes nothing.
 
-One batch at a time: the slot ids of the running batch live in a holder shared by the layers
-(``TokenAdapterIds``), set for the duration of each ``forward`` / ``generate`` call.
+Threads: a serving process may call ``forward`` / ``generate`` / ``load_adapter`` /
+``unload_adapter`` from several threads at once.
+
+* Each call gets its own adapters: the slot ids of a call are bound to the thread that makes
+  it (``TokenAdapterIds.bind``) for the duration of the call, and the layers read the ids of
+  the thread that runs them.
+* Each call runs every sequence with the adapter its name had when the call started, whatever
+  is loaded or unloaded meanwhile. A call counts itself as a user of its slots (under the
+  model's lock, when it resolves its names); ``unload_adapter`` removes the name at once (later
+  calls cannot use it) but the slot is emptied, and can be loaded again, only when its last
+  user has finished: the one to leave empties it. ``load_adapter`` picks a free slot, writes
+  it and publishes the name under the lock, so two loads never share a slot; when the only
+  slots not loaded are still in use it waits for one to be freed. It reads and checks the
+  files outside the lock; calls that start while it writes the slot wait for it.
+* On CUDA the slot writes of ``load_adapter`` / the emptying are queued on the current stream
+  of the thread that makes them: work queued on the same stream (the default, unless the
+  threads choose streams) runs in order, so a slot is rewritten only after the kernels of
+  the calls that read it. With streams of their own per thread that order is the caller's
+  to ensure (synchronize the streams of finished calls before ``load_adapter`` /
+  ``unload_adapter``).
+* A copy (``copy.deepcopy``, pickling) has the adapters loaded when it starts and no running
+  calls; one made while an adapter is being unloaded may hold part of that adapter.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -76,7 +99,33 @@ class MultiAdapterModel(nn.Module):
             self.layers[t.name] = layer
         self.model = model
         self.max_adapters, self.max_rank = max_adapters, max_rank
-        self.adapters: dict[str, int] = {}  # name -> slot
+        # Under _slots_changed (a Condition, notified when a slot becomes free): the loaded
+        # adapters (name -> slot) and the number of running calls using each slot.
+        self._slots_changed = threading.Condition()
+        self._loaded: dict[str, int] = {}
+        self._users = [0] * max_adapters
+
+    def __getstate__(self) -> dict:
+        """For ``copy.deepcopy`` and pickling: the model and its loaded adapters, without the
+        lock (which can be neither) or the running calls (a copy has none)."""
+        with self._slots_changed:
+            state = super().__getstate__()
+            state["_loaded"] = dict(self._loaded)
+        del state["_slots_changed"]
+        state["_users"] = [0] * self.max_adapters
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._slots_changed = threading.Condition()
+        for slot in set(range(self.max_adapters)) - set(self._loaded.values()):
+            self._clear_slot(slot)  # one the original was emptying or loading while it was copied
+
+    @property
+    def adapters(self) -> dict[str, int]:
+        """The loaded adapters, ``{name: slot}`` (a copy)."""
+        with self._slots_changed:
+            return dict(self._loaded)
 
     # ----------------------------------------------------------------------- adapters
     def _adapter_targets(self, config: LoraConfig, source: str) -> dict[str, tuple[int, float]]:
@@ -122,22 +171,21 @@ class MultiAdapterModel(nn.Module):
     def load_adapter(self, name: str, directory: str | os.PathLike, *, allow_pickle: bool = False) -> int:
         """Load the PEFT LoRA adapter in ``directory`` as ``name`` into a free slot; return the slot.
 
+        Safe against running calls and other loads (see the module docstring): a slot that a
+        running call still uses after its adapter was unloaded is not free; when no other slot
+        is, this waits until one is.
+
         Raises:
-            ValueError: ``name`` already loaded, every slot in use, or the adapter is invalid
-                (unreadable files, a rank above ``max_rank``, a target without slots, missing or
-                extra weights, an unsupported feature); nothing is changed then.
+            TypeError: ``name`` is not a non-empty str.
+            ValueError: ``name`` already loaded, every slot holding a loaded adapter, or the
+                adapter is invalid (unreadable files, a rank above ``max_rank``, a target without
+                slots, missing or extra weights, an unsupported feature); nothing is changed then.
             FileNotFoundError / NotADirectoryError: as ``fastpeft.load_adapter``.
         """
         if not isinstance(name, str) or not name:
             raise TypeError(f"adapter name must be a non-empty str, got {name!r}")
         if name == BASE_NAME:
             raise ValueError(f"{BASE_NAME!r} names the base model in adapter_names; choose another adapter name")
-        if name in self.adapters:
-            raise ValueError(f"adapter {name!r} is already loaded (slot {self.adapters[name]}); unload it first")
-        free = [s for s in range(self.max_adapters) if s not in self.adapters.values()]
-        if not free:
-            raise ValueError(f"all {self.max_adapters} adapter slots are in use ({sorted(self.adapters)}); unload one "
-                             "first or create the MultiAdapterModel with a larger max_adapters")
         directory = Path(directory)
         if not directory.exists():
             raise FileNotFoundError(f"adapter directory {str(directory)!r} does not exist")
@@ -147,62 +195,114 @@ class MultiAdapterModel(nn.Module):
         config, tensors = adapter_io.read_lora_adapter(directory, allow_pickle)
         targets = self._adapter_targets(config, source)
         self._check_weights(targets, tensors, source)
-        slot = free[0]
-        for path, layer in self.layers.items():
-            if path in targets:
-                r, alpha = targets[path]
-                layer.load_slot(slot, tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"],
-                                lora_scaling(r, alpha, config.use_rslora))
-            else:
-                layer.clear_slot(slot)  # a layer this adapter does not target contributes nothing
-        self.adapters[name] = slot
+        with self._slots_changed:
+            while (slot := self._free_slot(name)) is None:
+                self._slots_changed.wait()
+            for path, layer in self.layers.items():
+                if path in targets:
+                    r, alpha = targets[path]
+                    layer.load_slot(slot, tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"],
+                                    lora_scaling(r, alpha, config.use_rslora))
+                else:
+                    layer.clear_slot(slot)  # a layer this adapter does not target contributes nothing
+            self._loaded[name] = slot
         return slot
 
+    def _free_slot(self, name: str) -> int | None:
+        """Under the lock: a slot for ``name`` that is neither loaded nor used by a running
+        call, or None while the only slots not loaded are still in use.
+
+        Raises:
+            ValueError: ``name`` is already loaded, or every slot holds a loaded adapter.
+        """
+        if name in self._loaded:
+            raise ValueError(f"adapter {name!r} is already loaded (slot {self._loaded[name]}); unload it first")
+        not_loaded = [s for s in range(self.max_adapters) if s not in self._loaded.values()]
+        if not not_loaded:
+            raise ValueError(f"all {self.max_adapters} adapter slots are in use ({sorted(self._loaded)}); unload one "
+                             "first or create the MultiAdapterModel with a larger max_adapters")
+        return next((s for s in not_loaded if not self._users[s]), None)
+
     def unload_adapter(self, name: str) -> None:
-        """Empty ``name``'s slot in every layer (other slots untouched); raises KeyError if unknown."""
-        if name not in self.adapters:
-            raise KeyError(f"adapter {name!r} is not loaded; loaded: {sorted(self.adapters)}")
-        slot = self.adapters.pop(name)
+        """Remove ``name``: later calls cannot use it; its slot is emptied in every layer (other
+        slots untouched) at once, or when the last running call using it finishes. Raises
+        KeyError if ``name`` is not loaded."""
+        with self._slots_changed:
+            if name not in self._loaded:
+                raise KeyError(f"adapter {name!r} is not loaded; loaded: {sorted(self._loaded)}")
+            slot = self._loaded.pop(name)
+            if not self._users[slot]:
+                self._clear_slot(slot)
+                self._slots_changed.notify_all()
+
+    def _clear_slot(self, slot: int) -> None:
         for layer in self.layers.values():
             layer.clear_slot(slot)
 
     # ----------------------------------------------------------------------- batches
-    def _slot_ids(self, adapter_names: Sequence[str | None]) -> torch.Tensor:
+    @contextlib.contextmanager
+    def _batch(self, adapter_names: Sequence[str | None] | None, args: tuple, kwargs: dict) -> Iterator[None]:
+        """Run the block with ``adapter_names``' slot ids bound to this thread, and their slots
+        in use (not emptied or reused) until it ends."""
+        if adapter_names is None:
+            with self.token_ids.bind(None):
+                yield
+            return
+        slots = self._acquire(self._checked_names(adapter_names, args, kwargs))
+        try:
+            device = next(iter(self.layers.values())).ranks.device
+            with self.token_ids.bind(torch.tensor(slots, dtype=torch.int64, device=device)):
+                yield
+        finally:
+            self._release(slots)
+
+    @staticmethod
+    def _checked_names(adapter_names: Sequence[str | None], args: tuple, kwargs: dict) -> list[str | None]:
+        """``adapter_names`` with PEFT's ``"__base__"`` as None, after checking its type and that
+        it has one entry per sequence of the batch (``input_ids`` / ``inputs_embeds``)."""
         if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
             raise TypeError(f"adapter_names must be a list with one adapter name (or None) per sequence, "
                             f"got {adapter_names!r}")
-        adapter_names = [None if n == BASE_NAME else n for n in adapter_names]
-        unknown = sorted({n for n in adapter_names if n is not None and n not in self.adapters})
-        if unknown:
-            raise ValueError(f"adapter_names has adapters that are not loaded: {unknown}; loaded: {sorted(self.adapters)}")
-        device = next(iter(self.layers.values())).ranks.device
-        return torch.tensor([-1 if n is None else self.adapters[n] for n in adapter_names], dtype=torch.int64,
-                            device=device)
-
-    @contextlib.contextmanager
-    def _batch(self, adapter_names: Sequence[str | None] | None) -> Iterator[None]:
-        self.token_ids.ids = None if adapter_names is None else self._slot_ids(adapter_names)
-        try:
-            yield
-        finally:
-            self.token_ids.ids = None
-
-    def _check_batch_size(self, adapter_names, args, kwargs) -> None:
+        odd = [n for n in adapter_names if n is not None and not isinstance(n, str)]
+        if odd:
+            raise TypeError(f"adapter_names must hold adapter names (str) or None, got {odd[:4]}")
         inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
-        if adapter_names is not None and isinstance(inputs, torch.Tensor) and inputs.shape[0] != len(adapter_names):
+        if isinstance(inputs, torch.Tensor) and inputs.shape[0] != len(adapter_names):
             raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {inputs.shape[0]} "
                              "sequences: give one adapter name (or None) per sequence")
+        return [None if n == BASE_NAME else n for n in adapter_names]
 
-    def forward(self, *args, adapter_names: Sequence[str | None] | None = None, **kwargs):
+    def _acquire(self, names: list[str | None]) -> list[int]:
+        """The slot of each name (-1: the base), each counted as used by one more sequence."""
+        with self._slots_changed:
+            unknown = sorted({n for n in names if n is not None and n not in self._loaded})
+            if unknown:
+                raise ValueError(f"adapter_names has adapters that are not loaded: {unknown}; "
+                                 f"loaded: {sorted(self._loaded)}")
+            slots = [-1 if n is None else self._loaded[n] for n in names]
+            for slot in slots:
+                if slot >= 0:
+                    self._users[slot] += 1
+        return slots
+
+    def _release(self, slots: list[int]) -> None:
+        """Undo ``_acquire``; a slot unloaded meanwhile is emptied when its last user leaves."""
+        with self._slots_changed:
+            for slot in slots:
+                if slot >= 0:
+                    self._users[slot] -= 1
+                    if not self._users[slot] and slot not in self._loaded.values():
+                        self._clear_slot(slot)
+                        self._slots_changed.notify_all()
+
+    def forward(self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
         """The wrapped model's forward with sequence b run with adapter ``adapter_names[b]``
         (None or PEFT's ``"__base__"``: the base model; ``adapter_names=None``: every sequence on the base)."""
-        self._check_batch_size(adapter_names, args, kwargs)
-        with self._batch(adapter_names):
+        with self._batch(adapter_names, args, kwargs):
             return self.model(*args, **kwargs)
 
-    def generate(self, *args, adapter_names: Sequence[str | None] | None = None, **kwargs):
+    def generate(self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
         """The wrapped model's ``generate``, every step (prefill and each KV-cache decode step)
         run with sequence b's adapter ``adapter_names[b]``."""
-        self._check_batch_size(adapter_names, args, kwargs)
-        with self._batch(adapter_names):
+        with self._batch(adapter_names, args, kwargs):
             return self.model.generate(*args, **kwargs)
