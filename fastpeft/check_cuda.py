@@ -4,10 +4,10 @@ Each ``csrc/*.cu`` is compiled for every requested architecture with
 ``nvcc -cubin -Xptxas -v`` (device code only: no host link, no GPU needed), with the flags of
 the Release build (``-O3 -std=c++17``), and ptxas's report is parsed per kernel: registers,
 stack frame, spill stores/loads, static shared memory; the PTX nvcc keeps on the way is read
-per kernel for GPU-scope fences and ordered atomics (``fastpeft.check.forbidden_sync``, as for
+per kernel for GPU-scope fences and ordered atomics (``fastpeft.kernel_report.forbidden_sync``, as for
 the Triton kernels). A kernel fails on a register spill (any spill byte), static shared
 memory above the architecture's limit, a forbidden fence or ordered atomic, or a compile
-error. The rows share ``fastpeft.check.Result`` with the Triton section
+error. The rows share ``fastpeft.kernel_report.Result`` with the Triton section
 and go into the same table and JSON report.
 
 Skipped, with the reason in the report, when nvcc is absent (``$CUDACXX``, ``PATH`` and
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from fastpeft.check import ARCHS, Result, forbidden_sync
+from fastpeft.kernel_report import ARCHS, Result, forbidden_sync
 
 # Where the sources live in a source checkout (editable install or CI clone).
 CSRC = Path(__file__).resolve().parent.parent / "csrc"

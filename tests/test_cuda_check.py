@@ -8,7 +8,7 @@ import json
 import pytest
 
 from fastpeft import check, check_cuda
-from fastpeft.check import Result
+from fastpeft.kernel_report import Result
 
 # nvcc -Xptxas -v output (CUDA 13.0) for two kernels, one of which spills, and a non-inlined
 # device function (whose spills count too).
