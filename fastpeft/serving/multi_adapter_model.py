@@ -46,7 +46,6 @@ import os
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,6 +56,7 @@ from fastpeft.layers.multi_lora_linear import MultiLoRALinear, TokenAdapterIds
 from fastpeft.model import adapter_io
 from fastpeft.model.config import LoraConfig
 from fastpeft.model.matching import is_excluded, is_linear, is_targeted, pattern_value, plan_injection
+from fastpeft.model.safe_write import fs_path
 
 # PEFT's name for "no adapter" in ``adapter_names``; fastpeft also takes None.
 BASE_NAME = "__base__"
@@ -168,7 +168,7 @@ class MultiAdapterModel(nn.Module):
                 raise ValueError(f"{source}: {path!r} has lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)}, expected "
                                  f"({r}, {layer.in_features}) / ({layer.out_features}, {r})")
 
-    def load_adapter(self, name: str, directory: str | os.PathLike, *, allow_pickle: bool = False) -> int:
+    def load_adapter(self, name: str, directory: str | bytes | os.PathLike, *, allow_pickle: bool = False) -> int:
         """Load the PEFT LoRA adapter in ``directory`` as ``name`` into a free slot; return the slot.
 
         Safe against running calls and other loads (see the module docstring): a slot that a
@@ -180,19 +180,16 @@ class MultiAdapterModel(nn.Module):
             ValueError: ``name`` already loaded, every slot holding a loaded adapter, or the
                 adapter is invalid (unreadable files, a rank above ``max_rank``, a target without
                 slots, missing or extra weights, an unsupported feature); nothing is changed then.
-            FileNotFoundError / NotADirectoryError: as ``fastpeft.load_adapter``.
+            FileNotFoundError / NotADirectoryError / TypeError (``directory`` not a path): as
+                ``fastpeft.load_adapter``, which reads the files the same way (one save, regular
+                files, capped).
         """
         if not isinstance(name, str) or not name:
             raise TypeError(f"adapter name must be a non-empty str, got {name!r}")
         if name == BASE_NAME:
             raise ValueError(f"{BASE_NAME!r} names the base model in adapter_names; choose another adapter name")
-        directory = Path(directory)
-        if not directory.exists():
-            raise FileNotFoundError(f"adapter directory {str(directory)!r} does not exist")
-        if not directory.is_dir():
-            raise NotADirectoryError(f"adapter path {str(directory)!r} is not a directory")
-        source = str(directory)
-        config, tensors = adapter_io.read_lora_adapter(directory, allow_pickle)
+        source = fs_path(directory)
+        config, tensors = adapter_io.read_lora_adapter(source, allow_pickle)
         targets = self._adapter_targets(config, source)
         self._check_weights(targets, tensors, source)
         with self._slots_changed:
