@@ -190,3 +190,20 @@ def test_bad_adapters_change_nothing(tmp_path):
     assert ours.adapters == {}
     for k, v in ours.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+def test_gradient_checkpointing_is_refused_while_training(setup):
+    """Its recompute in the backward would run after the call, without the adapter ids:
+    refused, not silently the base model's gradients. Eval mode or no_grad are fine."""
+    base, dirs, _, _ = setup
+    model = _ours(base, dirs)
+    model.model.gradient_checkpointing_enable()
+    model.train()
+    names = list(dirs)[:2]
+    ids, mask = _batch(3, 2, 5, [0, 1])
+    with pytest.raises(ValueError, match="gradient checkpointing on"):
+        model(input_ids=ids, attention_mask=mask, adapter_names=names)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, adapter_names=names)
+    model.eval()
+    model(input_ids=ids, attention_mask=mask, adapter_names=names)

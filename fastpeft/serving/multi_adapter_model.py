@@ -245,6 +245,10 @@ class MultiAdapterModel(nn.Module):
             with self.token_ids.bind(None):
                 yield
             return
+        if getattr(self.model, "is_gradient_checkpointing", False) and self.model.training and torch.is_grad_enabled():
+            raise ValueError("MultiAdapterModel: the wrapped model has gradient checkpointing on, whose recompute in "
+                             "the backward runs after this call, without its adapter_names (the gradients would be "
+                             "the base model's); call model.gradient_checkpointing_disable() or run it in eval mode")
         slots = self._acquire(self._checked_names(adapter_names, args, kwargs))
         try:
             device = next(iter(self.layers.values())).ranks.device
