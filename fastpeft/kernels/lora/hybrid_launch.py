@@ -3,15 +3,15 @@ a LoRA term that Triton writes (kernels in ``lora_hybrid_kernels.py``).
 
     forward   y = bias + scaling * s B^T        (Triton, also writes s = x_hat A^T)
               y += x W^T                        (cuBLAS: y.addmm_(x, W^T), beta = 1)
-    backward  dS = scaling dY B, dB             (Triton: the fused path's passes, lora_launch.lora_backward)
+    backward  dS = scaling dY B, dB             (Triton: the fused path's passes, fastpeft.kernels.lora.launch.lora_backward)
               dX = D * (dS A) / (1-p)           (Triton, mask regenerated from the seed)
               dX += dY W                        (cuBLAS: dx.addmm_(dY, W))
               dA = dS^T x_hat                   (Triton: the fused path's pass over x)
 
-Same contract and argument conventions as the fused launchers (``lora_launch``, whose helpers
+Same contract and argument conventions as the fused launchers (``fastpeft.kernels.lora.launch``, whose helpers
 these use): 2-D inputs with any strides (on a GPU, A, B and the bias are copied when they
 would not launch the specialization ``fastpeft check`` compiles; x and W are the dispatcher's
-business, ``lora_configs.kernel_friendly``), fresh contiguous outputs (allocated through
+business, ``fastpeft.kernels.lora.configs.kernel_friendly``), fresh contiguous outputs (allocated through
 ``launch_device.empty_output``, which the tests poison), ``s`` fp32 ``[M, R]``, the dropout mask drawn
 from the seed and never saved, launches on the tensors' device, no host sync (CUDA-graph
 capturable). Every tile chosen here is compiled by ``fastpeft check`` (``hybrid_kernel_specs``).
@@ -87,21 +87,21 @@ def hybrid_forward(
     n, rank = weight.shape[0], lora_a.shape[0]
     tile = forward_tile(m)
     split = forward_split(m, n, tile, device_info(x.device)[0])
-    threshold, keep_scale = lora_launch._dropout_args(dropout_p)
+    threshold, keep_scale = lora_launch.dropout_args(dropout_p)
     with on_device_of(x):
         y = launch_device.empty_output((m, n), x.dtype, x.device)
         s = launch_device.empty_output((m, rank), torch.float32, x.device)
-        bias = lora_launch._bias(bias, y)
-        lora_a, lora_b = lora_launch._launchable(lora_a), lora_launch._launchable(lora_b, row_strides=False)
+        bias = lora_launch.launchable_bias(bias, y)
+        lora_a, lora_b = lora_launch.launchable(lora_a), lora_launch.launchable(lora_b, row_strides=False)
         lora_hybrid_fwd_kernel[(cdiv(m, tile.block_m) * split,)](
             x, lora_a, lora_b, bias, seed, s, y,
             m, n, k, rank, split,
-            *lora_launch._strides(x), *lora_launch._strides(lora_a),
-            lora_b.stride(0), lora_launch._strides(lora_b)[1],
+            *lora_launch.strides2d(x), *lora_launch.strides2d(lora_a),
+            lora_b.stride(0), lora_launch.strides2d(lora_b)[1],
             scaling, threshold, keep_scale,
             HAS_BIAS=bias is not y, HAS_DROPOUT=dropout_p > 0.0,
             BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, BLOCK_R=block_r(rank),
-            num_warps=tile.num_warps, num_stages=tile.num_stages, **lora_launch._numerics(x.dtype, lora_a.dtype),
+            num_warps=tile.num_warps, num_stages=tile.num_stages, **lora_launch.kernel_numerics(x.dtype, lora_a.dtype),
         )
         y.addmm_(x, weight.t())
     return y, s
@@ -122,7 +122,7 @@ def hybrid_backward(
     need_b: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dX [M, K], dA [R, K], dB [N, R])``, each None unless asked for; 2-D grad_y ``[M, N]``
-    and the forward's fp32 ``s``: the fused path's backward (``lora_launch.lora_backward``,
+    and the forward's fp32 ``s``: the fused path's backward (``fastpeft.kernels.lora.launch.lora_backward``,
     which skips the passes a gradient not asked for needs) with dX formed by ``_hybrid_dx``."""
     return lora_launch.lora_backward(
         grad_y, x, weight, lora_a, lora_b, s, scaling, dropout_p, seed, need_x, need_a, need_b, dx=_hybrid_dx,
@@ -136,15 +136,15 @@ def _hybrid_dx(
     """``dX = D * (dS A) / (1-p)`` written by Triton (mask regenerated from ``seed``), then
     ``dX += dY W`` by cuBLAS accumulating onto it; in dY's dtype."""
     m, k, rank = grad_y.shape[0], weight.shape[1], lora_a.shape[0]
-    threshold, keep_scale = lora_launch._dropout_args(dropout_p)
+    threshold, keep_scale = lora_launch.dropout_args(dropout_p)
     dx = launch_device.empty_output((m, k), grad_y.dtype, grad_y.device)
     lora_hybrid_dx_kernel[(cdiv(m, _DX.block_m), cdiv(k, _DX.block_n))](
         ds, lora_a, seed, dx,
         m, k, rank,
-        *lora_launch._strides(lora_a),
+        *lora_launch.strides2d(lora_a),
         threshold, keep_scale,
         HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=_DX.block_m, BLOCK_K=_DX.block_n, BLOCK_R=block_r(rank),
-        num_warps=_DX.num_warps, num_stages=_DX.num_stages, **lora_launch._numerics(grad_y.dtype, lora_a.dtype),
+        num_warps=_DX.num_warps, num_stages=_DX.num_stages, **lora_launch.kernel_numerics(grad_y.dtype, lora_a.dtype),
     )
     return dx.addmm_(grad_y, weight)
 
@@ -152,9 +152,9 @@ def _hybrid_dx(
 # (activation, LoRA weight) dtypes compiled by ``fastpeft check``. The expand and dX dots
 # run in the adapter's dtype (``tile_utils.rank_dot``), so fp32 adapters (tf32 dots) and 16-bit
 # adapters (16-bit dots) are different code, for both 16-bit activations. fp32 activations
-# never reach the kernels on a GPU (``lora_dispatch.choose_implementation``).
+# never reach the kernels on a GPU (``fastpeft.kernels.lora.dispatch.choose_implementation``).
 HYBRID_DTYPE_CASES = (("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp32"), ("fp16", "fp16"))
-# ``lora_launch._numerics`` of 16-bit activations on a GPU: native tensor-core dots, tf32 for
+# ``fastpeft.kernels.lora.launch.kernel_numerics`` of 16-bit activations on a GPU: native tensor-core dots, tf32 for
 # fp32 operands.
 GPU_NUMERICS = {"UPCAST": False, "PRECISION": "tf32"}
 

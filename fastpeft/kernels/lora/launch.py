@@ -2,10 +2,10 @@
 
 Inputs are 2-D with arbitrary strides (no copies, except of the gradient dY and of the small
 operands A, B and the bias when a GPU launch could not take them as aligned rows:
-``_launchable``); outputs are fresh contiguous tensors. Every launch runs
+``launchable``); outputs are fresh contiguous tensors. Every launch runs
 on its tensors' device (``on_device_of``), not on torch's current one. Nothing here reads
 device memory on the host, so the path can be captured in a CUDA graph. No kernel uses
-atomics (``lora_kernels``): every result is bitwise reproducible, so
+atomics (``fastpeft.kernels.lora.kernels``): every result is bitwise reproducible, so
 ``torch.use_deterministic_algorithms(True)`` needs no other mode.
 """
 
@@ -45,7 +45,7 @@ from fastpeft.kernels.philox_dropout import keep_mask_kernel
 from fastpeft.ops.dropout_mask import dropout_threshold
 
 
-def _numerics(dtype: torch.dtype, lora_dtype: torch.dtype) -> dict:
+def kernel_numerics(dtype: torch.dtype, lora_dtype: torch.dtype) -> dict:
     """Constexprs fixing how the GEMM kernels' tiles meet the tensor cores: activation tiles
     of ``dtype``, rank-r tiles of ``lora_dtype`` (``tile_utils.rank_dot``).
 
@@ -60,40 +60,42 @@ def _numerics(dtype: torch.dtype, lora_dtype: torch.dtype) -> dict:
 
 def _precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s input precision for the rank-r passes, whose operands are fp32 (widened
-    from ``dtype``): tf32 tensor cores on a GPU, IEEE where ``_numerics`` says so."""
-    return _numerics(dtype, dtype)["PRECISION"]
+    from ``dtype``): tf32 tensor cores on a GPU, IEEE where ``kernel_numerics`` says so."""
+    return kernel_numerics(dtype, dtype)["PRECISION"]
 
 
-def _dropout_args(dropout_p: float) -> tuple[int, float]:
+def dropout_args(dropout_p: float) -> tuple[int, float]:
+    """The kernels' dropout arguments: the keep threshold of the Philox draw
+    (``fastpeft.ops.dropout_mask.dropout_threshold``; 0 = no dropout) and ``1 / (1 - p)``."""
     if dropout_p == 0.0:
         return 0, 1.0
     return dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
 
 
-def _strides(t: torch.Tensor) -> tuple[int, int]:
+def strides2d(t: torch.Tensor) -> tuple[int, int]:
     """2-D ``t``'s strides as passed to a kernel: a dimension of size 1 gets the stride of a
     contiguous tensor (its own is never used, and may be anything), so such a launch gets the
-    same specialization as every other (``lora_configs.aligned_for_kernels``)."""
+    same specialization as every other (``fastpeft.kernels.lora.configs.aligned_for_kernels``)."""
     rows, cols = t.shape
     return (t.stride(0) if rows > 1 else cols, t.stride(1) if cols > 1 else 1)
 
 
-def _launchable(t: torch.Tensor, row_strides: bool = True) -> torch.Tensor:
+def launchable(t: torch.Tensor, row_strides: bool = True) -> torch.Tensor:
     """``t``, or a contiguous copy when a GPU launch would not get the specialization
-    ``fastpeft check`` compiles (``lora_configs.aligned_rows``): dY (e.g. the zero-stride
+    ``fastpeft check`` compiles (``fastpeft.kernels.lora.configs.aligned_rows``): dY (e.g. the zero-stride
     gradient of ``y.sum()``), A and B (a few KB). The interpreter takes any strides."""
     if t.device.type != "cuda" or aligned_rows(t, row_strides):
         return t
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def _bias(bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+def launchable_bias(bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
     """The bias argument: y when there is none (never read), else the bias contiguous (the
     kernels read bias[n] at n) and, on a GPU, aligned (a copy of N elements if need be)."""
     if bias is None:
         return y
     if bias.is_contiguous():
-        return _launchable(bias, row_strides=False)
+        return launchable(bias, row_strides=False)
     return bias.clone(memory_format=torch.contiguous_format)
 
 
@@ -116,12 +118,12 @@ def _shrink(
     """``scale * x_hat a^T`` as fp32 partials ``[split.count, M, R]`` (``lora_shrink_kernel``)."""
     m, k = x.shape
     rank = a.shape[0]
-    threshold, _ = _dropout_args(dropout_p)
+    threshold, _ = dropout_args(dropout_p)
     parts = launch_device.empty_output((split.count, m, rank), torch.float32, x.device)
     lora_shrink_kernel[(cdiv(m, tile.block_m), split.count)](
         x, a, parts, seed,
         m, k, rank, split.length,
-        *_strides(x), *_strides(a),
+        *strides2d(x), *strides2d(a),
         scale, threshold,
         HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=tile.block_m, BLOCK_K=tile.block_k, BLOCK_R=block_r(rank),
         PRECISION=_precision(x.dtype), num_warps=tile.num_warps, num_stages=tile.num_stages,
@@ -140,7 +142,7 @@ def _gemm_split(
     lora_gemm_split_kernel[(cdiv(m, tile.block_m) * cdiv(n, tile.block_n), split.count)](
         p, q, parts,
         m, n, red, split.length,
-        *_strides(p), *q_strides,
+        *strides2d(p), *q_strides,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_RED=tile.block_k, GROUP_M=GROUP_M,
         num_warps=tile.num_warps, num_stages=tile.num_stages, **numerics,
     )
@@ -163,22 +165,22 @@ def lora_forward(
     with on_device_of(x):
         plan = plan_forward(m, n, k, rank, dropout_p > 0.0, x.device)
         r_block = block_r(rank)
-        numerics = _numerics(x.dtype, lora_a.dtype)
+        numerics = kernel_numerics(x.dtype, lora_a.dtype)
         y = launch_device.empty_output((m, n), x.dtype, x.device)
         s = launch_device.empty_output((m, rank), torch.float32, x.device)
-        has_bias, bias = bias is not None, _bias(bias, y)
-        lora_a, lora_b = _launchable(lora_a), _launchable(lora_b, row_strides=False)
+        has_bias, bias = bias is not None, launchable_bias(bias, y)
+        lora_a, lora_b = launchable(lora_a), launchable(lora_b, row_strides=False)
         if plan.fuse_shrink and dropout_p > 0.0:
             raise RuntimeError("internal: the fused-shrink forward cannot apply dropout")
         parts, num_parts = s, 0
         if not plan.fuse_shrink:
-            _, keep_scale = _dropout_args(dropout_p)
+            _, keep_scale = dropout_args(dropout_p)
             parts = _shrink(x, lora_a, seed, keep_scale, dropout_p, plan.shrink, plan.shrink_split)
             num_parts = plan.shrink_split.count
         g = plan.gemm
-        b_args = (lora_b.stride(0), _strides(lora_b)[1])
+        b_args = (lora_b.stride(0), strides2d(lora_b)[1])
         if plan.gemm_split.count > 1:
-            gemm_parts = _gemm_split(x, weight, _strides(weight), n, g, plan.gemm_split, numerics)
+            gemm_parts = _gemm_split(x, weight, strides2d(weight), n, g, plan.gemm_split, numerics)
             e = split_epilogue_tile()
             lora_fwd_split_epilogue_kernel[(cdiv(m, e.block_m) * cdiv(n, e.block_n),)](
                 gemm_parts, bias, lora_b, parts, s, y,
@@ -191,7 +193,7 @@ def lora_forward(
         lora_fwd_kernel[(cdiv(m, g.block_m) * cdiv(n, g.block_n),)](
             x, weight, bias, lora_a, lora_b, parts, s, y,
             m, n, k, rank, num_parts,
-            *_strides(x), *_strides(weight), *_strides(lora_a), *b_args,
+            *strides2d(x), *strides2d(weight), *strides2d(lora_a), *b_args,
             scaling,
             HAS_BIAS=has_bias, FUSE_SHRINK=plan.fuse_shrink,
             BLOCK_M=g.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k, BLOCK_R=r_block, GROUP_M=GROUP_M,
@@ -226,7 +228,7 @@ def lora_backward(
     n, rank = weight.shape[0], lora_a.shape[0]
     dx = da = db = None
     with on_device_of(x):
-        grad_y, lora_a, lora_b = _launchable(grad_y), _launchable(lora_a), _launchable(lora_b, row_strides=False)
+        grad_y, lora_a, lora_b = launchable(grad_y), launchable(lora_a), launchable(lora_b, row_strides=False)
         plan = plan_backward(m, n, k, rank, dropout_p > 0.0, x.device)
         if need_b:
             db = _db_pass(grad_y, s, scaling, plan, lora_b.dtype)
@@ -248,11 +250,11 @@ def _dx(
     epilogue kernels."""
     m, n = grad_y.shape
     k, rank = weight.shape[1], lora_a.shape[0]
-    threshold, keep_scale = _dropout_args(dropout_p)
-    numerics = _numerics(grad_y.dtype, lora_a.dtype)
+    threshold, keep_scale = dropout_args(dropout_p)
+    numerics = kernel_numerics(grad_y.dtype, lora_a.dtype)
     dx = launch_device.empty_output((m, k), grad_y.dtype, grad_y.device)
-    w_stride_n, w_stride_k = _strides(weight)
-    epilogue_args = (*_strides(lora_a), threshold, keep_scale)
+    w_stride_n, w_stride_k = strides2d(weight)
+    epilogue_args = (*strides2d(lora_a), threshold, keep_scale)
     epilogue_flags = {"HAS_DROPOUT": dropout_p > 0.0, "BLOCK_R": block_r(rank), "GROUP_M": GROUP_M, **numerics}
     g = plan.dx
     if plan.dx_split.count > 1:
@@ -269,7 +271,7 @@ def _dx(
     lora_bwd_dx_kernel[(cdiv(m, g.block_m) * cdiv(k, g.block_n),)](
         grad_y, weight, lora_a, ds, seed, dx,
         m, n, k, rank,
-        *_strides(grad_y), w_stride_n, w_stride_k,
+        *strides2d(grad_y), w_stride_n, w_stride_k,
         *epilogue_args,
         BLOCK_M=g.block_m, BLOCK_K=g.block_n, BLOCK_N=g.block_k,
         num_warps=g.num_warps, num_stages=g.num_stages, **epilogue_flags,
@@ -298,13 +300,13 @@ def _wgrad(
     ``[C, R]`` when ``transposed``, for fp32 ``lhs [M, R]`` (contiguous) and ``x [M, C]``."""
     m, c = x.shape
     rank = lhs.shape[1]
-    threshold, _ = _dropout_args(dropout_p)
+    threshold, _ = dropout_args(dropout_p)
     shape, out_strides = ((c, rank), (1, rank)) if transposed else ((rank, c), (c, 1))
     parts = launch_device.empty_output((split.count, *shape), torch.float32, x.device)
     lora_bwd_wgrad_kernel[(cdiv(c, tile.block_n), split.count)](
         lhs, x, seed, parts,
         m, c, rank, split.length,
-        rank, *_strides(x), *out_strides,
+        rank, *strides2d(x), *out_strides,
         scale, threshold,
         HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=tile.block_m, BLOCK_C=tile.block_n, BLOCK_R=block_r(rank),
         PRECISION=_precision(x.dtype), num_warps=tile.num_warps, num_stages=tile.num_stages,
@@ -316,7 +318,7 @@ def _da_pass(
     x: torch.Tensor, ds: torch.Tensor, seed: torch.Tensor, dropout_p: float, plan: BackwardPlan, dtype: torch.dtype,
 ) -> torch.Tensor:
     """``dA [R, K] = dS^T x_hat`` in ``dtype``, the dropout mask regenerated from ``seed``."""
-    _, keep_scale = _dropout_args(dropout_p)
+    _, keep_scale = dropout_args(dropout_p)
     return _wgrad(ds, x, seed, keep_scale, dropout_p, plan.wgrad, plan.da_split, False, dtype)
 
 
