@@ -27,7 +27,7 @@ from types import ModuleType
 
 import torch
 
-_MODULE = "fastpeft._C"
+EXTENSION_MODULE = "fastpeft._C"
 NOT_BUILT = (
     "fastpeft._C was not built: no CUDA compiler at install time (reinstall with nvcc on PATH, "
     "or CUDACXX=/path/to/nvcc, to build the CUDA C++ kernels; see README)"
@@ -38,10 +38,10 @@ NOT_BUILT = (
 def extension() -> ModuleType:
     """The imported ``fastpeft._C`` (no device needed), or RuntimeError if it is not built or
     cannot be imported."""
-    if importlib.util.find_spec(_MODULE) is None:
+    if importlib.util.find_spec(EXTENSION_MODULE) is None:
         raise RuntimeError(NOT_BUILT)
     try:
-        return importlib.import_module(_MODULE)
+        return importlib.import_module(EXTENSION_MODULE)
     except ImportError as exc:
         raise RuntimeError(f"fastpeft._C is installed but could not be imported: {exc}") from exc
 

@@ -6,6 +6,7 @@ the command line. No test asserts on a measured time."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 
 import pytest
@@ -127,15 +128,16 @@ def test_rotation_count_covers_twice_the_cache():
     assert focused.rotation_count(100, 0) == focused.MIN_ROTATION
 
 
-def test_a_missing_backend_choice_marks_its_row_unavailable(monkeypatch, tmp_path):
-    monkeypatch.setattr(backend, "_CHOICES", tuple(c for c in backend._CHOICES if c != "hybrid"))
+def test_without_peft_its_row_is_unavailable_and_the_others_run(monkeypatch, tmp_path):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a))
     path = tmp_path / "f.json"
     focused.run_focused(tiny_config(ms=(5,), adapter_dtypes=(torch.float32,)), path, log=lambda _: None)
     data = json.loads(path.read_text())
-    hybrid = [t for t in data["timings"] if t["impl"] == focused.HYBRID]
-    assert len(hybrid) == 2 and all(t["status"] == focused.UNAVAILABLE and "hybrid" in t["error"] for t in hybrid)
-    assert all(t["status"] == focused.OK for t in data["timings"] if t["impl"] != focused.HYBRID)
-    assert data["profile"]["impls"][focused.HYBRID]["error"] == hybrid[0]["error"]
+    peft_rows = [t for t in data["timings"] if t["impl"] == focused.PEFT]
+    assert len(peft_rows) == 2 and all(t["status"] == focused.UNAVAILABLE and "peft" in t["error"] for t in peft_rows)
+    assert all(t["status"] == focused.OK for t in data["timings"] if t["impl"] != focused.PEFT)
+    assert data["profile"]["impls"][focused.PEFT]["error"] == peft_rows[0]["error"]
     assert "n/a" in focused.ratios_table(data)[1].split()
 
 

@@ -13,8 +13,7 @@ What runs, in this order (the most wanted cells first, so a run cut short keeps 
 
   ``linear``  ``F.linear(x, W, b)``: the floor
   ``fused``   ``fastpeft.ops.lora_linear`` with ``FASTPEFT_BACKEND=triton`` (fused Triton kernels)
-  ``hybrid``  the same op with ``FASTPEFT_BACKEND=hybrid`` (cuBLAS base GEMM + Triton LoRA term);
-              "unavailable" while ``fastpeft.backend`` has no such choice
+  ``hybrid``  the same op with ``FASTPEFT_BACKEND=hybrid`` (cuBLAS base GEMM + Triton LoRA term)
   ``torch``   the same op with ``FASTPEFT_BACKEND=torch`` (torch composite path)
   ``peft``    HF PEFT's ``lora.Linear``
   ``compile`` ``torch.compile(dynamic=True)`` of PEFT's formula (``lora_linear_ref``)
@@ -287,10 +286,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def unavailable_reason(row: Row) -> str | None:
-    """Why ``row`` cannot run in this installation (None when it can): a forced backend that
-    ``fastpeft.backend`` does not offer (``hybrid`` before it lands), or PEFT not installed."""
-    if row.backend is not None and row.backend not in backend._CHOICES:
-        return f"FASTPEFT_BACKEND={row.backend} is not a choice of fastpeft.backend ({', '.join(backend._CHOICES)})"
+    """Why ``row`` cannot run in this installation (None when it can): PEFT not installed."""
     if row.builder == PEFT and importlib.util.find_spec("peft") is None:
         return "peft is not installed"
     return None

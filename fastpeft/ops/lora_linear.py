@@ -34,7 +34,7 @@ from fastpeft.ops.op_calls import call_directly, eager_function, op_for_call, ro
 
 def _implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, pass_: str) -> str:
     """``"fused"``, ``"hybrid"`` or ``"torch"`` for this call's ``pass_`` (``"forward"`` or
-    ``"backward"``): ``lora_dispatch.choose_implementation`` (torch-only, no Triton import).
+    ``"backward"``): ``fastpeft.kernels.lora.dispatch.choose_implementation`` (torch-only, no Triton import).
     Imported at the first call, not with the package, so that running the table writer
     (``python -m fastpeft.kernels.lora.dispatch``) does not find it imported already."""
     from fastpeft.kernels.lora import dispatch as lora_dispatch

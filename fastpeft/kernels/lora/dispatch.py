@@ -2,7 +2,7 @@
 that decides it once the kernels are validated on a GPU.
 
 Implementations:
-- ``fused`` (``lora_launch``): the base GEMM in Triton with the LoRA term in its epilogue.
+- ``fused`` (``fastpeft.kernels.lora.launch``): the base GEMM in Triton with the LoRA term in its epilogue.
 - ``hybrid`` (``lora_hybrid_launch``): cuBLAS for the base GEMMs, accumulating onto a LoRA
   term written by Triton.
 - ``torch`` (``fastpeft.ops.lora_linear_torch``): torch composite ops.
@@ -85,7 +85,7 @@ TABLE_FILE = "dispatch_table.json"
 BENCH_MODES = {"fwd": FORWARD, "fwd+bwd": BACKWARD}
 # The keys of an entry that restrict which problems it decides.
 _CONDITIONS = ("arch", "dtype", "pass", "m_min", "m_max", "n", "k")
-# Architecture families, as in the kernels' tile tables (lora_configs): sm_90 and newer
+# Architecture families, as in the kernels' tile tables (fastpeft.kernels.lora.configs): sm_90 and newer
 # (Hopper tables) and older GPUs (Ampere tables).
 _HOPPER = 90
 
@@ -99,7 +99,7 @@ def choose_implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.T
     (Triton's IEEE-fp32 ``tl.dot`` runs on FMA units, with tiles too small to compete with
     cuBLAS, and the kernels are compiled and checked for 16-bit activations only; fp32 still
     runs the kernels in the interpreter), and CUDA problems whose x or W would launch a
-    variant ``fastpeft check`` does not compile (``lora_configs.kernel_friendly``: e.g. K or N
+    variant ``fastpeft check`` does not compile (``fastpeft.kernels.lora.configs.kernel_friendly``: e.g. K or N
     not a multiple of 16, where the unaligned 64-row hybrid forward tile spills hundreds of
     bytes; the launchers make the small operands comply).
     """

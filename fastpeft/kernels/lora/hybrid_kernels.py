@@ -1,15 +1,15 @@
 """Triton kernels of the cuBLAS-hybrid LoRA path: the rank-r work, with cuBLAS doing the base GEMMs.
 
-Notation as in ``lora_kernels.py``: x ``[M, K]``, W ``[N, K]``, A ``[R, K]``, B ``[N, R]``,
+Notation as in ``fastpeft.kernels.lora.kernels``: x ``[M, K]``, W ``[N, K]``, A ``[R, K]``, B ``[N, R]``,
 keep-mask ``D`` (Philox, drawn from the op's seed), ``x_hat = D * x / (1-p)``,
 ``s = x_hat A^T [M, R]``.
 
 Forward   ``lora_hybrid_fwd_kernel`` writes ``y = bias + scaling * s B^T`` and ``s``; the launcher
           then runs ``y.addmm_(x, W^T)``: cuBLAS adds the base GEMM into y in its epilogue.
 Backward  the fused path's passes over dY give ``dS = scaling * dY B`` and
-          ``dB = scaling * dY^T s`` (``lora_launch.lora_backward``'s passes); ``lora_hybrid_dx_kernel``
+          ``dB = scaling * dY^T s`` (``fastpeft.kernels.lora.launch.lora_backward``'s passes); ``lora_hybrid_dx_kernel``
           writes ``dX_lora = D * (dS A) / (1-p)`` and cuBLAS accumulates ``dY W`` onto it; the
-          fused path's pass over x gives ``dA = dS^T x_hat`` (``lora_launch.lora_backward``).
+          fused path's pass over x gives ``dA = dS^T x_hat`` (``fastpeft.kernels.lora.launch.lora_backward``).
 
 Numerics as in the fused kernels: ``x_hat A^T`` with operands widened to fp32
 (``shrink_tile.shrink_rows``), ``s B^T`` and ``dS A`` in the LoRA weights' dtype
@@ -31,7 +31,7 @@ from fastpeft.kernels.tile_utils import rank_dot
 
 # Arguments whose values are arbitrary (row count, rank, split, B's row stride = R, the
 # dropout threshold) are exempt from Triton's launch-time specialization on divisibility by
-# 16, as in lora_kernels.py: one compiled variant serves every value, the one `fastpeft check`
+# 16, as in fastpeft.kernels.lora.kernels: one compiled variant serves every value, the one `fastpeft check`
 # compiles.
 @triton.jit(do_not_specialize=("M", "R", "split_n", "stride_bn", "threshold"))
 def lora_hybrid_fwd_kernel(

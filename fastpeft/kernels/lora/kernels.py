@@ -7,7 +7,7 @@ Forward   ``y = x W^T + bias + scaling * s B^T``
 Backward  ``dS = scaling * dY B``, ``dB = scaling * dY^T s``, ``dA = dS^T x_hat``,
           ``dX = dY W + D * (dS A) / (1-p)``
 
-Kernels (the launchers in ``lora_launch.py`` choose among them):
+Kernels (the launchers in ``fastpeft.kernels.lora.launch`` choose among them):
 - ``lora_shrink_kernel``: partial sums of ``P_hat A^T`` over a range of P's columns, dropout
   applied on the fly (mask drawn once per element): ``s`` in the forward (P = x, split over
   K) when dropout is on or re-computing ``s`` per output tile would cost more than one
@@ -51,7 +51,7 @@ Launch-time specialization: Triton compiles one variant per class of each intege
 arbitrary (M, the rank R, split and partial counts, the dropout threshold, strides equal to
 R) are exempt (``do_not_specialize``), so one variant covers every value and that is the one
 ``fastpeft check`` compiles; the others (K, N, row strides, pointers) are aligned in every
-launch the planners admit (``lora_configs.kernel_friendly``).
+launch the planners admit (``fastpeft.kernels.lora.configs.kernel_friendly``).
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """Every compile-time configuration of the LoRA kernels that the launchers can produce,
 as ``KernelSpec``s for ``fastpeft check`` (ahead-of-time compile for sm_80 / sm_90).
 
-For each kernel: every tile the planners in ``lora_configs`` can hand it, on the
+For each kernel: every tile the planners in ``fastpeft.kernels.lora.configs`` can hand it, on the
 architecture family that uses it, with every padded rank and every constexpr flag the
 launcher can set. Two dtype cases: bf16 activations with fp32 LoRA weights (PEFT's default)
 and fp16 with fp16 LoRA weights. fp32 activations never reach the kernels on a GPU (the op
 routes them to the torch path). Scalars follow Triton's launch-time specialization of the
-launches ``lora_configs.kernel_friendly`` admits: unit strides become the constexpr 1, the
+launches ``fastpeft.kernels.lora.configs.kernel_friendly`` admits: unit strides become the constexpr 1, the
 arguments a kernel exempts from specialization (``do_not_specialize``: M, the rank...) stay
 plain, other sizes, strides and pointers are multiples of 16 (tests/test_kernel_specs.py
 checks every launch against this).
