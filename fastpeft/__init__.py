@@ -1,7 +1,7 @@
 """fastpeft: fused Triton kernels for parameter-efficient fine-tuning, compatible with HF PEFT.
 
 ``fastpeft.ops.lora_linear`` is the fused LoRA linear op; ``fastpeft.LoRALinear`` the
-drop-in ``nn.Linear`` replacement built on it. The model-level API (``fastpeft.model``):
+drop-in ``nn.Linear`` replacement built on it. The model-level API (``fastpeft.api``):
 ``LoraConfig``, ``inject``, ``save_adapter`` / ``load_adapter`` (PEFT's files),
 ``from_peft``, ``merge_and_unload``, ``trainable_parameters``. ``fastpeft.integrations``:
 HF Trainer checkpoints that hold the adapter only (``enable_adapter_checkpoints``).
@@ -14,10 +14,8 @@ and the ``fastpeft.ops.multi_lora_linear`` op.
 """
 
 from fastpeft import integrations, ops
-from fastpeft.layers.bottleneck_adapter import BottleneckAdapter
-from fastpeft.layers.lora_linear import LoRALinear
-from fastpeft.layers.multi_lora_linear import MultiLoRALinear
-from fastpeft.model import (
+from fastpeft._version import __version__
+from fastpeft.api import (
     AdapterConfig,
     LoraConfig,
     ParameterCount,
@@ -33,9 +31,10 @@ from fastpeft.model import (
     trainable_parameters,
     unload,
 )
+from fastpeft.methods.bottleneck.layer import BottleneckAdapter
+from fastpeft.methods.lora.layer import LoRALinear
+from fastpeft.methods.lora.multi_layer import MultiLoRALinear
 from fastpeft.serving import MultiAdapterModel
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig",

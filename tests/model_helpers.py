@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import fastpeft
-from fastpeft.model.injection import lora_layers
+from fastpeft.methods.lora.model import lora_layers
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -77,7 +77,7 @@ def snapshot(model: nn.Module) -> tuple:
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     types = {name: type(m) for name, m in model.named_modules()}
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    return state, types, flags, fastpeft.model.injection.adapter_state(model)
+    return state, types, flags, fastpeft.methods.state.adapter_state(model)
 
 
 def assert_unchanged(model: nn.Module, before: tuple) -> None:

@@ -9,10 +9,10 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from model_helpers import VOCAB, tiny_gpt2, tiny_llama
 
 import fastpeft
-from fastpeft.model.prompt_injection import prompt_encoder
-from model_helpers import VOCAB, tiny_gpt2, tiny_llama
+from fastpeft.methods.prompt.model import prompt_encoder
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

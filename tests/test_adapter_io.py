@@ -16,7 +16,7 @@ import torch
 
 import fastpeft
 from fastpeft import LoraConfig
-from fastpeft.model.injection import lora_layers
+from fastpeft.methods.lora.model import lora_layers
 from tests.model_helpers import TinyNet, assert_unchanged, forward, peft, snapshot, tiny_gpt2, tiny_llama
 from tests.numerics import assert_close, relative_error
 

@@ -19,9 +19,9 @@ import safetensors.torch
 import torch
 
 import fastpeft
+from fastpeft.api import adapter_state_dict
+from fastpeft.formats import safe_read, save_journal
 from fastpeft.integrations import is_adapter_checkpoint, load_adapter_weights
-from fastpeft.model import safe_read, save_journal
-from fastpeft.model.adapter_io import adapter_state_dict
 from fastpeft.serving import MultiAdapterModel
 from tests.model_helpers import TinyNet, tiny_llama
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import fastpeft
+from fastpeft.kernels.dropout_mask import draw_seed
 from fastpeft.ops import lora_linear, lora_linear_dropout_mask, lora_linear_ref
-from fastpeft.ops.dropout_mask import draw_seed
 from tests.model_helpers import peft, tiny_gpt2, tiny_llama, token_ids
 from tests.numerics import TOLERANCE, assert_close, relative_error
 from tests.test_lora_linear_op import SCALING, make_problem

@@ -16,8 +16,8 @@ import torch
 
 import fastpeft
 from fastpeft import AdapterConfig
-from fastpeft.model import bottleneck_placement
-from fastpeft.model.bottleneck_injection import placed_bottleneck
+from fastpeft.methods.bottleneck import placement as bottleneck_placement
+from fastpeft.methods.bottleneck.model import placed_bottleneck
 
 # Own tiny models (not tests.model_helpers', which needs peft): scripts/adapterhub_env.sh runs
 # this file under transformers 4.57 too, where the module layout may differ.
@@ -56,7 +56,7 @@ def snapshot(model: torch.nn.Module) -> tuple:
     return ({k: v.detach().clone() for k, v in model.state_dict().items()},
             {name: type(m) for name, m in model.named_modules()},
             {name: p.requires_grad for name, p in model.named_parameters()},
-            fastpeft.model.injection.adapter_state(model))
+            fastpeft.methods.state.adapter_state(model))
 
 
 def assert_unchanged(model: torch.nn.Module, before: tuple) -> None:
@@ -212,7 +212,7 @@ def test_identity_adapters_keep_logits_and_trained_ones_change_them(kind, preset
     fastpeft.unload(model)
     assert torch.equal(logits(model), base)
     assert not any("bottleneck" in name for name, _ in model.named_modules())
-    assert fastpeft.model.injection.adapter_state(model) is None
+    assert fastpeft.methods.state.adapter_state(model) is None
 
 
 def test_leave_out_and_per_layer_reduction_factor():
@@ -334,7 +334,7 @@ def test_save_load_round_trip(tmp_path, kind, config):
     loaded = fastpeft.load_adapter(MODELS[kind](), tmp_path)
     assert torch.equal(logits(loaded), expected)
     assert fastpeft.trainable_parameters(loaded).trainable == 0
-    assert fastpeft.model.adapter_state_dict(loaded).keys() == keys
+    assert fastpeft.api.adapter_state_dict(loaded).keys() == keys
 
 
 def test_pickled_weights_need_allow_pickle(tmp_path):

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch._inductor.config as inductor_config
 
+from fastpeft.kernels.dropout_mask import draw_seed
 from fastpeft.ops import bottleneck_adapter, bottleneck_adapter_dropout_mask, bottleneck_adapter_ref
-from fastpeft.ops.dropout_mask import draw_seed
 from tests.conftest import DEVICE
 from tests.test_bottleneck_op import make_problem
 

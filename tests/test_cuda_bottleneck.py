@@ -15,7 +15,7 @@ import torch
 
 from fastpeft.kernels.bottleneck import cuda_launch
 from fastpeft.kernels.bottleneck.ref import bottleneck_adapter_ref
-from fastpeft.ops.dropout_mask import keep_mask_philox
+from fastpeft.kernels.dropout_mask import keep_mask_philox
 from tests.cuda_emulation import emulate_cuda_kernels
 from tests.numerics import assert_close
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fastpeft import check_cuda, cuda_ext
+from fastpeft.kernels import dropout_mask
 from fastpeft.kernels.bottleneck.ref import CANONICAL_ACTIVATIONS
-from fastpeft.ops import dropout_mask
 from tests.cuda_emulation import built_extension
 
 MASK64 = (1 << 64) - 1

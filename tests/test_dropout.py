@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fastpeft.backend import triton_available
+from fastpeft.kernels.dropout_mask import keep_mask_philox
 from fastpeft.ops import lora_linear, lora_linear_dropout_mask, lora_linear_ref
-from fastpeft.ops.dropout_mask import keep_mask_philox
 from tests.conftest import DEVICE
 from tests.test_lora_linear_op import SCALING, make_problem
 

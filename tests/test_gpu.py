@@ -23,7 +23,7 @@ import torch
 
 import fastpeft
 from fastpeft import backend
-from fastpeft.ops.dropout_mask import draw_seed
+from fastpeft.kernels.dropout_mask import draw_seed
 from tests.numerics import assert_close
 from tests.test_lora_linear_op import SCALING, Problem, check_against_reference, make_problem
 

@@ -15,12 +15,16 @@ pytest.importorskip("triton")
 
 from fastpeft.backend import interpreting  # noqa: E402
 from fastpeft.kernels import all_kernel_specs  # noqa: E402
-from fastpeft.kernels.lora import configs as lora_configs, dispatch as lora_dispatch, launch as lora_launch  # noqa: E402
+from fastpeft.kernels.dropout_mask import (
+    draw_seed,  # noqa: E402
+    keep_mask_philox,  # noqa: E402
+)
+from fastpeft.kernels.lora import configs as lora_configs  # noqa: E402
+from fastpeft.kernels.lora import dispatch as lora_dispatch
 from fastpeft.kernels.lora import hybrid_launch as hybrid  # noqa: E402
+from fastpeft.kernels.lora import launch as lora_launch
 from fastpeft.kernels.lora.specs import DTYPE_CASES  # noqa: E402
 from fastpeft.ops import lora_linear_dropout_mask  # noqa: E402
-from fastpeft.ops.dropout_mask import keep_mask_philox  # noqa: E402
-from fastpeft.ops.dropout_mask import draw_seed  # noqa: E402
 from tests import test_kernel_specs as recorder  # noqa: E402  (the launch recorder and its keys)
 from tests import test_lora_linear_registration as registration  # noqa: E402
 from tests.conftest import DEVICE  # noqa: E402

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastpeft.kernels.dropout_mask import draw_seed
 from fastpeft.ops import lora_linear, lora_linear_dropout_mask, lora_linear_ref
-from fastpeft.ops.dropout_mask import draw_seed
 from tests.conftest import DEVICE
 from tests.model_helpers import peft
 from tests.numerics import TOLERANCE, assert_close, relative_error

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
+from fastpeft.kernels.dropout_mask import draw_seed
 from fastpeft.ops import lora_linear, lora_linear_dropout_mask, lora_linear_ref
-from fastpeft.ops.dropout_mask import draw_seed
 from tests.conftest import DEVICE
 from tests.numerics import assert_close
 

@@ -8,8 +8,8 @@ import torch
 import torch._inductor.config as inductor_config
 
 import fastpeft
+from fastpeft.kernels.dropout_mask import draw_seed
 from fastpeft.ops import lora_linear
-from fastpeft.ops.dropout_mask import draw_seed
 from tests.conftest import DEVICE
 from tests.test_lora_linear_op import SCALING, make_problem
 

@@ -13,7 +13,7 @@ import pytest
 import torch.nn as nn
 
 from fastpeft import LoraConfig, inject
-from fastpeft.model.matching import is_targeted
+from fastpeft.methods.lora.targets import is_targeted
 
 peft = pytest.importorskip("peft")
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 import fastpeft
 from fastpeft import LoraConfig, LoRALinear
-from fastpeft.model.injection import lora_layers
+from fastpeft.methods.lora.model import lora_layers
 from tests.model_helpers import (
     TinyNet,
     assert_unchanged,
@@ -164,7 +164,7 @@ def test_merge_and_unload_keeps_outputs_and_restores_plain_modules(model_name, k
     assert merged is model and not lora_layers(merged)
     for name, _ in [(n, m) for n, m in originals.items() if n.endswith(("q_proj", "c_attn"))]:
         assert merged.get_submodule(name) is originals[name]
-    assert fastpeft.model.injection.adapter_state(merged) is None
+    assert fastpeft.methods.state.adapter_state(merged) is None
     assert_close(merged(ids).logits, adapted, torch.float32, "merged logits")
     with pytest.raises(ValueError, match="no fastpeft LoRA layers"):
         fastpeft.merge_and_unload(merged)

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import fastpeft
-from fastpeft.layers.multi_lora_linear import TokenAdapterIds
+from fastpeft.methods.lora.multi_layer import TokenAdapterIds
 from fastpeft.ops import multi_lora_linear_ref
 from tests.numerics import assert_close
 

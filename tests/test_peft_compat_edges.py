@@ -11,7 +11,7 @@ import torch
 
 import fastpeft
 from fastpeft import LoraConfig
-from fastpeft.model.injection import lora_layers
+from fastpeft.methods.lora.model import lora_layers
 from tests.model_helpers import peft, tiny_gpt2, tiny_llama, token_ids, transformers
 from tests.numerics import assert_close
 

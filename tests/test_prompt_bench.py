@@ -13,12 +13,28 @@ import torch
 
 from fastpeft.bench import e2e
 from fastpeft.bench.e2e import (
-    BASE_MODEL, DECODE_TOKENS_PER_S, FASTPEFT, PEFT, PREFIX_TUNING, PROMPT_HEADERS, PROMPT_METHODS, PROMPT_TUNING,
-    SAVED_BYTES, TOKENS_PER_S, E2EConfig, LlamaShape, build_prompt_twins, e2e_json, e2e_markdown, make_train_step,
-    prompt_table_rows, random_tokens, run_e2e,
+    BASE_MODEL,
+    DECODE_TOKENS_PER_S,
+    FASTPEFT,
+    PEFT,
+    PREFIX_TUNING,
+    PROMPT_HEADERS,
+    PROMPT_METHODS,
+    PROMPT_TUNING,
+    SAVED_BYTES,
+    TOKENS_PER_S,
+    E2EConfig,
+    LlamaShape,
+    build_prompt_twins,
+    e2e_json,
+    e2e_markdown,
+    make_train_step,
+    prompt_table_rows,
+    random_tokens,
+    run_e2e,
 )
 from fastpeft.bench.timing import TimingBudget
-from fastpeft.model.prompt_injection import prompt_encoder
+from fastpeft.methods.prompt.model import prompt_encoder
 from tests.numerics import assert_close
 
 pytest.importorskip("transformers")

@@ -10,12 +10,12 @@ import warnings
 import pytest
 import safetensors.torch
 import torch
-
-import fastpeft
-from fastpeft.model.prompt_injection import prompt_encoder
 from model_helpers import assert_unchanged, snapshot
 from numerics import assert_close
-from prompt_helpers import MODELS, N_VIRTUAL, configs, pair, padded_batch, peft, tiny_bert_cls
+from prompt_helpers import MODELS, N_VIRTUAL, configs, padded_batch, pair, peft, tiny_bert_cls
+
+import fastpeft
+from fastpeft.methods.prompt.model import prompt_encoder
 
 F32 = torch.float32
 

@@ -9,9 +9,6 @@ import warnings
 
 import pytest
 import torch
-
-import fastpeft
-from fastpeft.model.prompt_injection import ENCODER_NAME, prompt_encoder
 from numerics import assert_close
 from prompt_helpers import (
     MODELS,
@@ -20,11 +17,14 @@ from prompt_helpers import (
     encoder_grads,
     generate_positions,
     local_tokenizer,
-    pair,
     padded_batch,
+    pair,
     peft,
     tiny_bert_cls,
 )
+
+import fastpeft
+from fastpeft.methods.prompt.model import ENCODER_NAME, prompt_encoder
 
 F32 = torch.float32
 

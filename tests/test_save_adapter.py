@@ -36,8 +36,8 @@ import torch.nn as nn
 
 import fastpeft
 from fastpeft import LoraConfig
-from fastpeft.model import safe_write, save_journal
-from fastpeft.model.adapter_io import adapter_state_dict
+from fastpeft.api import adapter_state_dict
+from fastpeft.formats import safe_write, save_journal
 from tests.zygote import NamespaceUnavailable, Zygote
 
 CONFIG = "adapter_config.json"

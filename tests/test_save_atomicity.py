@@ -34,9 +34,10 @@ import torch
 import torch.nn as nn
 
 import fastpeft
+from fastpeft.api import adapter_state_dict
+from fastpeft.formats.file_names import ADAPTER_FILE_NAMES
+from fastpeft.formats.save_journal import JOURNAL_NAME
 from fastpeft.integrations import load_adapter_weights
-from fastpeft.model.adapter_io import ADAPTER_FILE_NAMES, adapter_state_dict
-from fastpeft.model.save_journal import JOURNAL_NAME
 from fastpeft.serving import MultiAdapterModel
 from tests.model_helpers import tiny_llama
 from tests.zygote import Zygote

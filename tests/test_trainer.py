@@ -21,7 +21,7 @@ import safetensors.torch
 import torch
 
 import fastpeft
-from fastpeft.model.adapter_io import adapter_state_dict
+from fastpeft.api import adapter_state_dict
 from tests.model_helpers import token_ids
 from tests.numerics import TOLERANCE, relative_error
 from tests.test_training_parity import build_model, one_thread, shift_batch

@@ -21,9 +21,9 @@ import safetensors.torch
 import torch
 
 import fastpeft
-from fastpeft.integrations.adapter_checkpoint import ENCODER_STATE_NAME
-from fastpeft.model.adapter_io import adapter_state_dict
-from fastpeft.model.prompt_injection import prompt_encoder
+from fastpeft.api import adapter_state_dict
+from fastpeft.formats.file_names import ENCODER_STATE_NAME
+from fastpeft.methods.prompt.model import prompt_encoder
 from tests.numerics import TOLERANCE, relative_error
 from tests.test_trainer import (
     TRAINER_FILES,

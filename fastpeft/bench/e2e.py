@@ -53,13 +53,19 @@ from fastpeft.bench.environment import describe_environment, package_version
 from fastpeft.bench.implementations import FASTPEFT, PEFT
 from fastpeft.bench.memory import measure_saved_activations
 from fastpeft.bench.report import (
-    MISSING, format_bytes, format_ms, format_ratio, format_spread, markdown_table, plain_table,
+    MISSING,
+    format_bytes,
+    format_ms,
+    format_ratio,
+    format_spread,
+    markdown_table,
+    plain_table,
 )
 from fastpeft.bench.runner import DEFAULT_DROPOUT, describe_error, log_to_stderr
 from fastpeft.bench.spread import Spread, ratio, spread_json
 from fastpeft.bench.targets import Target
 from fastpeft.bench.timing import ESTIMATE_CALLS, TimingBudget, timed_calls_ms
-from fastpeft.model.prompt_injection import prompt_encoder
+from fastpeft.methods.prompt.model import prompt_encoder
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig

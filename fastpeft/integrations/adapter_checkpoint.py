@@ -13,7 +13,7 @@ as ``save_adapter`` writes them:
   holds the *computed* prompts / prefix, not a reparameterization's MLP / LSTM (prefix
   tuning with ``prefix_projection``, P-tuning before ``merge_prefix``), so ``save_adapter``
   also writes ``fastpeft_prompt_encoder.safetensors`` for one, in the same save (its
-  encoder's state dict: ``prompt_io.ENCODER_STATE_NAME``), which resuming needs and PEFT
+  encoder's state dict: ``peft_prompt.ENCODER_STATE_NAME``), which resuming needs and PEFT
   ignores;
 * bottleneck adapters: AdapterHub's ``adapter_config.json`` + ``adapter.safetensors``.
 """
@@ -28,23 +28,24 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 
-from fastpeft.model import adapterhub_io, prompt_io
-from fastpeft.model.adapter_io import (
+from fastpeft.api.adapters import adapter_state_dict
+from fastpeft.formats import adapterhub, peft_prompt
+from fastpeft.formats import peft as peft_format
+from fastpeft.formats.file_names import (
     ADAPTER_FILE_NAMES,
     CONFIG_NAME,
-    KEY_PREFIX,
-    SAFETENSORS_NAME,
-    _saved_config,
-    adapter_state_dict,
+    ENCODER_STATE_NAME,
+    HUB_WEIGHTS_NAME,
+    PEFT_WEIGHTS_NAME,
 )
-from fastpeft.model.bottleneck_config import AdapterConfig
-from fastpeft.model.config import LoraConfig
-from fastpeft.model.injection import adapter_state, require_module
-from fastpeft.model.prompt_config import prompt_config_from_dict
-from fastpeft.model.prompt_injection import ENCODER_NAME
-from fastpeft.model.prompt_io import ENCODER_STATE_NAME, unsaved_encoder
-from fastpeft.model.saved_tensors import check_dtype
-from fastpeft.model.snapshot import Snapshot, open_snapshot
+from fastpeft.formats.peft_prompt import unsaved_encoder
+from fastpeft.formats.saved_tensors import check_dtype
+from fastpeft.formats.snapshot import Snapshot, open_snapshot
+from fastpeft.methods.bottleneck.config import AdapterConfig
+from fastpeft.methods.lora.config import LoraConfig
+from fastpeft.methods.prompt.config import prompt_config_from_dict
+from fastpeft.methods.prompt.model import ENCODER_NAME
+from fastpeft.methods.state import adapter_state, require_module
 
 # Weight files of a full transformers checkpoint (transformers' WEIGHTS_NAME, SAFE_WEIGHTS_NAME
 # and their sharded indexes): a directory with one of them is not an adapter-only checkpoint.
@@ -52,7 +53,7 @@ FULL_MODEL_FILES = (
     "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json",
 )
 # The adapter weight files save_adapter writes: PEFT's (LoRA, prompt learning), AdapterHub's (bottleneck).
-ADAPTER_WEIGHT_FILES = (SAFETENSORS_NAME, adapterhub_io.SAFETENSORS_NAME)
+ADAPTER_WEIGHT_FILES = (PEFT_WEIGHTS_NAME, HUB_WEIGHTS_NAME)
 # Config fields that do not describe the adapter's layers or math: a resumed run may differ.
 UNCOMPARED_FIELDS = frozenset({"base_model_name_or_path"})
 
@@ -92,25 +93,25 @@ class AdapterFiles(NamedTuple):
 
 def _lora_files(model: nn.Module) -> AdapterFiles:
     live = model.state_dict(keep_vars=True)
-    targets = {key: live[key.removeprefix(KEY_PREFIX)] for key in adapter_state_dict(model)}
-    return AdapterFiles("LORA", SAFETENSORS_NAME, lambda data: _fields(LoraConfig.from_dict(data)), targets)
+    targets = {key: live[key.removeprefix(peft_format.KEY_PREFIX)] for key in adapter_state_dict(model)}
+    return AdapterFiles("LORA", PEFT_WEIGHTS_NAME, lambda data: _fields(LoraConfig.from_dict(data)), targets)
 
 
 def _prompt_files(model: nn.Module) -> AdapterFiles:
     live = model.state_dict(keep_vars=True)
     targets = {}
     for key in adapter_state_dict(model):
-        if key == prompt_io.EMBEDDINGS_KEY:
+        if key == peft_prompt.EMBEDDINGS_KEY:
             if unsaved_encoder(model) is None:  # the stored prompts / prefix are the encoder's weight
                 targets[key] = live[f"{ENCODER_NAME}.embedding.weight"]
         else:
-            targets[key] = live[key.removeprefix(prompt_io.MODULE_PREFIX)]
+            targets[key] = live[key.removeprefix(peft_prompt.MODULE_PREFIX)]
     kind = adapter_state(model).config.peft_type
 
     def describe(data: object) -> dict[str, object]:
         return {"peft_type": data.get("peft_type"), **_fields(prompt_config_from_dict(data))}
 
-    return AdapterFiles(kind, SAFETENSORS_NAME, describe, targets)
+    return AdapterFiles(kind, PEFT_WEIGHTS_NAME, describe, targets)
 
 
 def _bottleneck_files(model: nn.Module) -> AdapterFiles:
@@ -120,8 +121,8 @@ def _bottleneck_files(model: nn.Module) -> AdapterFiles:
         return {**_fields(AdapterConfig.from_dict(data["config"])),
                 **{key: data.get(key) for key in ("name", "model_type", "hidden_size")}}
 
-    return AdapterFiles("bottleneck (AdapterHub)", adapterhub_io.SAFETENSORS_NAME, describe,
-                        adapterhub_io.adapterhub_parameters(model))
+    return AdapterFiles("bottleneck (AdapterHub)", HUB_WEIGHTS_NAME, describe,
+                        adapterhub.adapterhub_parameters(model))
 
 
 def model_adapter_files(model: nn.Module) -> AdapterFiles:
@@ -129,7 +130,7 @@ def model_adapter_files(model: nn.Module) -> AdapterFiles:
     state = adapter_state(require_module(model))
     if state is None:
         raise ValueError("model has no fastpeft adapter: add one with fastpeft.inject, load_adapter or from_peft")
-    if prompt_io.has_prompt_adapter(model):
+    if peft_prompt.has_prompt_adapter(model):
         return _prompt_files(model)
     if state.bottleneck is not None:
         return _bottleneck_files(model)
@@ -138,16 +139,18 @@ def model_adapter_files(model: nn.Module) -> AdapterFiles:
 
 def _model_config_json(model: nn.Module, files: AdapterFiles) -> object:
     """The config JSON ``save_adapter`` writes for the model (parsed back like the file's)."""
-    if files.weights_name == adapterhub_io.SAFETENSORS_NAME:
-        return adapterhub_io.adapterhub_config(model)
-    return _saved_config(model)
+    if files.weights_name == HUB_WEIGHTS_NAME:
+        return adapterhub.adapterhub_config(model)
+    if peft_prompt.has_prompt_adapter(model):
+        return peft_prompt.saved_prompt_config(model)
+    return peft_format.saved_lora_config(model)
 
 
 def _file_kind(snapshot: Snapshot) -> str:
     """The adapter type a checkpoint directory holds, in ``AdapterFiles.kind``'s words."""
-    if adapterhub_io.is_adapterhub_directory(snapshot):
+    if adapterhub.is_adapterhub_directory(snapshot):
         return "bottleneck (AdapterHub)"
-    data = prompt_io.read_config_data(snapshot)
+    data = peft_prompt.read_config_data(snapshot)
     return data["peft_type"] if data is not None else "LORA"
 
 
@@ -182,7 +185,7 @@ def load_adapter_weights(model: nn.Module, directory: str | bytes | os.PathLike)
     where the model's are: an integer or bool tensor is refused, not cast). A
     reparameterized prompt encoder (prefix MLP, P-tuning MLP / LSTM) is restored from
     ``ENCODER_STATE_NAME``, which must be there. All files come from one save (read as
-    ``fastpeft.load_adapter`` reads them: ``fastpeft.model.snapshot``), and everything is
+    ``fastpeft.load_adapter`` reads them: ``fastpeft.formats.snapshot``), and everything is
     checked before anything is copied.
 
     Raises:
@@ -225,7 +228,7 @@ def _read_checkpoint(model: nn.Module, files: AdapterFiles,
         state = encoder.state_dict(keep_vars=True)
         encoder_tensors = _read_checked(
             snapshot, ENCODER_STATE_NAME, {k: v.detach() for k, v in state.items()},
-            f": PEFT's {SAFETENSORS_NAME} holds the computed {files.kind} prompts, not the reparameterization "
+            f": PEFT's {PEFT_WEIGHTS_NAME} holds the computed {files.kind} prompts, not the reparameterization "
             "this model trains; fastpeft writes its weights to that file beside it (save_adapter)",
         )
         targets.update({f"{ENCODER_NAME}.{k}": (v, encoder_tensors[k]) for k, v in state.items()})

@@ -2,7 +2,7 @@
 
 Saving needs nothing: ``Trainer`` writes each checkpoint and ``save_model()`` through the
 model's ``save_pretrained``, which on a transformers model with a fastpeft adapter writes
-the adapter in its type's native format (``fastpeft.integrations.pretrained_save``), so a
+the adapter in its type's native format (``fastpeft.api.pretrained_save``), so a
 checkpoint holds what a PEFT (or AdapterHub) model's does: ``adapter_config.json`` and
 ``adapter_model.safetensors`` (LoRA, prompt / prefix / P-tuning) or ``adapter.safetensors``
 (bottleneck adapters), plus optimizer, scheduler, RNG and trainer state; a prefix MLP or a
@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING
 
 import torch.nn as nn
 
-from fastpeft.integrations import pretrained_save
+from fastpeft.api import pretrained_save
+from fastpeft.api.adapters import save_adapter
 from fastpeft.integrations.adapter_checkpoint import is_adapter_checkpoint, load_adapter_weights
-from fastpeft.model.injection import adapter_state
-from fastpeft.model.prompt_config import PrefixTuningConfig
+from fastpeft.methods.prompt.config import PrefixTuningConfig
+from fastpeft.methods.state import adapter_state
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -88,7 +89,7 @@ def enable_adapter_checkpoints(trainer: Trainer) -> Trainer:
         raise TypeError(f"enable_adapter_checkpoints: trainer.model is a {type(model).__name__}, not a transformers "
                         "PreTrainedModel; Trainer saves such a model's full state dict")
     _check_training_args(trainer, model)
-    pretrained_save.attach(model)  # a model from fastpeft.from_peft has not got it yet
+    pretrained_save.attach(model, save_adapter)  # idempotent: inject, load_adapter and from_peft attach it too
     load_from_checkpoint = trainer._load_from_checkpoint
     load_best_model = trainer._load_best_model
 

@@ -1,12 +1,12 @@
 """Triton side of fastpeft's counter-based dropout (the scheme is described in
-``fastpeft.ops.dropout_mask``, whose ``keep_mask_philox`` draws the same bits in torch)."""
+``fastpeft.kernels.dropout_mask``, whose ``keep_mask_philox`` draws the same bits in torch)."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from fastpeft.ops.dropout_mask import PHILOX_ROUNDS
+from fastpeft.kernels.dropout_mask import PHILOX_ROUNDS
 
 # Globals read inside @triton.jit functions must be constexpr.
 _N_ROUNDS = tl.constexpr(PHILOX_ROUNDS)

@@ -31,6 +31,7 @@ import torch
 from fastpeft.backend import resolve_choice, use_cuda_extension, use_triton
 from fastpeft.kernels.bottleneck.configs import MAX_RANK, kernel_friendly
 from fastpeft.kernels.bottleneck.ref import canonical_activation
+from fastpeft.kernels.dropout_mask import draw_seed, keep_mask_philox, keep_mask_torch_path
 from fastpeft.ops.autocast import autocast_dtype, autocast_off, cast_for_autocast
 from fastpeft.ops.bottleneck_adapter_torch import (
     bottleneck_backward_torch,
@@ -38,7 +39,6 @@ from fastpeft.ops.bottleneck_adapter_torch import (
     down_projection,
 )
 from fastpeft.ops.checks import describe, require_finite, require_probability, require_same_device, require_tensor
-from fastpeft.ops.dropout_mask import draw_seed, keep_mask_philox, keep_mask_torch_path
 from fastpeft.ops.lora_linear_torch import rank_side_dtype
 from fastpeft.ops.op_calls import call_directly, eager_function, eager_plain, op_for_call, rows
 

@@ -19,9 +19,9 @@ import math
 import torch
 
 from fastpeft.backend import use_triton
+from fastpeft.kernels.dropout_mask import draw_seed, keep_mask_torch_path
 from fastpeft.ops.autocast import autocast_dtype, autocast_off, cast_for_autocast
 from fastpeft.ops.checks import check_lora_linear_args
-from fastpeft.ops.dropout_mask import draw_seed, keep_mask_torch_path
 from fastpeft.ops.lora_linear_torch import (
     base_linear_grads,
     keep_mask,
@@ -31,6 +31,7 @@ from fastpeft.ops.lora_linear_torch import (
     rank_side_dtype,
 )
 from fastpeft.ops.op_calls import call_directly, eager_function, op_for_call, rows
+
 
 def _implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, pass_: str) -> str:
     """``"fused"``, ``"hybrid"`` or ``"torch"`` for this call's ``pass_`` (``"forward"`` or

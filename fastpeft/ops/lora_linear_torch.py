@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from fastpeft.ops.dropout_mask import keep_mask_torch_path
+from fastpeft.kernels.dropout_mask import keep_mask_torch_path
 from fastpeft.ops.op_calls import rows
 
 

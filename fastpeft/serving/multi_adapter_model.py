@@ -9,7 +9,7 @@ mixed batches do, and every linear layer runs ``fastpeft.ops.multi_lora_linear``
 token's slot. Loading and unloading write only the slot concerned: nothing is reallocated,
 other adapters' slots are untouched, and a compiled or captured model keeps working.
 
-Files are read with ``fastpeft.model.adapter_io``'s readers (safetensors; a pickle only with
+Files are read with ``fastpeft.formats.peft``'s readers (safetensors; a pickle only with
 ``allow_pickle=True`` and ``weights_only=True``) and configs with ``LoraConfig`` (PEFT's
 rules: ``target_modules``, ``exclude_modules``, ``layers_to_transform``, ``rank_pattern`` /
 ``alpha_pattern``, ``use_rslora``; unsupported features such as DoRA raise). Everything is
@@ -51,12 +51,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from fastpeft.layers.lora_linear import lora_scaling
-from fastpeft.layers.multi_lora_linear import MultiLoRALinear, TokenAdapterIds
-from fastpeft.model import adapter_io
-from fastpeft.model.config import LoraConfig
-from fastpeft.model.matching import is_excluded, is_linear, is_targeted, pattern_value, plan_injection
-from fastpeft.model.safe_write import fs_path
+from fastpeft.formats import peft as peft_format
+from fastpeft.formats.safe_write import fs_path
+from fastpeft.methods.base_layers import is_linear
+from fastpeft.methods.lora.config import LoraConfig
+from fastpeft.methods.lora.layer import lora_scaling
+from fastpeft.methods.lora.multi_layer import MultiLoRALinear, TokenAdapterIds
+from fastpeft.methods.lora.targets import is_excluded, is_targeted, pattern_value, plan_injection
 
 # PEFT's name for "no adapter" in ``adapter_names``; fastpeft also takes None.
 BASE_NAME = "__base__"
@@ -189,7 +190,7 @@ class MultiAdapterModel(nn.Module):
         if name == BASE_NAME:
             raise ValueError(f"{BASE_NAME!r} names the base model in adapter_names; choose another adapter name")
         source = fs_path(directory)
-        config, tensors = adapter_io.read_lora_adapter(source, allow_pickle)
+        config, tensors = peft_format.read_lora_adapter(source, allow_pickle)
         targets = self._adapter_targets(config, source)
         self._check_weights(targets, tensors, source)
         with self._slots_changed:

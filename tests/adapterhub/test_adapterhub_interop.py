@@ -18,8 +18,8 @@ adapters = pytest.importorskip("adapters")
 transformers = pytest.importorskip("transformers")
 
 import fastpeft  # noqa: E402
-from fastpeft.model.adapterhub_io import PARAMETERS, SCALING_KEY  # noqa: E402
-from fastpeft.model.bottleneck_injection import placed_bottleneck  # noqa: E402
+from fastpeft.formats.adapterhub import PARAMETERS, SCALING_KEY  # noqa: E402
+from fastpeft.methods.bottleneck.model import placed_bottleneck  # noqa: E402
 from tests.numerics import assert_close  # noqa: E402
 
 VOCAB = 64

@@ -20,8 +20,8 @@ import torch
 
 from fastpeft import cuda_ext
 from fastpeft.kernels import launch_device
+from fastpeft.kernels.dropout_mask import dropout_threshold
 from fastpeft.kernels.launch_device import on_device_of
-from fastpeft.ops.dropout_mask import dropout_threshold
 
 # Blocks per SM to aim for in the weight-gradient kernel (64 x 64 tiles of [D, R] times the
 # row splits): 2 keeps every SM busy while one block waits on memory, and each extra split

@@ -20,7 +20,7 @@ Contract (both functions):
   scaling), read on the device (no host sync; CUDA-graph safe).
 - ``dropout_p`` in ``[0, 1)``; ``seed`` a 1-element int64 tensor on h's device, read only when
   ``dropout_p > 0`` (it may be empty otherwise). The keep-mask is
-  ``fastpeft.ops.dropout_mask.keep_mask_philox(seed, M, D, dropout_p)`` (Philox counters of
+  ``fastpeft.kernels.dropout_mask.keep_mask_philox(seed, M, D, dropout_p)`` (Philox counters of
   element ``(m, d)``), regenerated in the backward, never stored.
 - Arithmetic: fp32 accumulation; the bottleneck side (``z``, ``act(z)``, the products) is fp32;
   ``out = residual + scaling * u`` is formed in fp32 and rounded once to h's dtype.
@@ -42,8 +42,8 @@ from fastpeft.kernels.bottleneck.kernels import (
     bottleneck_bwd_wgrad_dh_kernel,
     bottleneck_fwd_kernel,
 )
+from fastpeft.kernels.dropout_mask import dropout_threshold
 from fastpeft.kernels.launch_device import on_device_of
-from fastpeft.ops.dropout_mask import dropout_threshold
 
 
 def _precision(dtype: torch.dtype) -> str:

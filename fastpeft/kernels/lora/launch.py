@@ -17,6 +17,7 @@ import torch
 
 from fastpeft.backend import interpreting
 from fastpeft.kernels import launch_device
+from fastpeft.kernels.dropout_mask import dropout_threshold
 from fastpeft.kernels.launch_device import on_device_of
 from fastpeft.kernels.lora.configs import (
     GROUP_M,
@@ -42,7 +43,6 @@ from fastpeft.kernels.lora.kernels import (
     sum_partials_kernel,
 )
 from fastpeft.kernels.philox_dropout import keep_mask_kernel
-from fastpeft.ops.dropout_mask import dropout_threshold
 
 
 def kernel_numerics(dtype: torch.dtype, lora_dtype: torch.dtype) -> dict:
@@ -66,7 +66,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 def dropout_args(dropout_p: float) -> tuple[int, float]:
     """The kernels' dropout arguments: the keep threshold of the Philox draw
-    (``fastpeft.ops.dropout_mask.dropout_threshold``; 0 = no dropout) and ``1 / (1 - p)``."""
+    (``fastpeft.kernels.dropout_mask.dropout_threshold``; 0 = no dropout) and ``1 / (1 - p)``."""
     if dropout_p == 0.0:
         return 0, 1.0
     return dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)

@@ -8,12 +8,12 @@ Parameters are named and shaped as HF PEFT's ``lora.Linear`` (``weight``, ``bias
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastpeft.methods.base_layers import AdapterLayer, default_lora_dtype, is_conv1d
 from fastpeft.ops.checks import require_finite, require_probability
 from fastpeft.ops.lora_linear import lora_linear
 
@@ -26,33 +26,12 @@ def _require_rank(r: object) -> int:
     return r
 
 
-def default_lora_dtype(base_dtype: torch.dtype) -> torch.dtype:
-    """PEFT's adapter dtype (its ``autocast_adapter_dtype=True``): float32 A and B on a
-    float16 / bfloat16 base, the base's dtype otherwise."""
-    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
-
-
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
     """PEFT's scaling: ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA."""
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
-def conv1d_class() -> type[nn.Module] | None:
-    """transformers' ``Conv1D`` (GPT-2 style linear, weight ``[in, out]``), or None.
-
-    Looked up in ``sys.modules`` rather than imported: no module can be a ``Conv1D`` unless
-    transformers was imported, and fastpeft does not depend on transformers.
-    """
-    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-
-
-def is_conv1d(module: object) -> bool:
-    """Whether ``module`` is a transformers ``Conv1D``."""
-    cls = conv1d_class()
-    return cls is not None and isinstance(module, cls)
-
-
-class LoRALinear(nn.Module):
+class LoRALinear(AdapterLayer):
     """``y = x W^T + b + scaling * dropout(x) A^T B^T`` with frozen W, b and trainable A, B.
 
     Args:
@@ -74,6 +53,8 @@ class LoRALinear(nn.Module):
     is then True): the op is handed the transposed view, A and B keep PEFT's layouts, and
     merging adds the transposed delta, exactly as PEFT's ``fan_in_fan_out``.
     """
+
+    ADAPTER_KIND = "LoRA"
 
     def __init__(
         self,

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch.nn as nn
 
-from fastpeft.layers.lora_linear import is_conv1d
-from fastpeft.model.config import LoraConfig, layers_pattern_regex, modules_to_save_regex, rank_pattern_regex
+from fastpeft.methods.base_layers import is_conv1d, is_linear
+from fastpeft.methods.lora.config import LoraConfig, layers_pattern_regex, modules_to_save_regex, rank_pattern_regex
+from fastpeft.methods.modules_to_save import find_modules_to_save
 
 # PEFT's SEQ_CLS_HEAD_NAMES: classifier heads "all-linear" leaves out for SEQ_CLS models
 # without an output embedding.
@@ -41,11 +42,6 @@ class InjectionPlan:
 
     targets: tuple[LoraTarget, ...]
     modules_to_save: tuple[str, ...]
-
-
-def is_linear(module: nn.Module) -> bool:
-    """A layer fastpeft can wrap: ``nn.Linear`` (or a subclass) or transformers ``Conv1D``."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
@@ -128,22 +124,6 @@ def all_linear_names(model: nn.Module, config: LoraConfig) -> tuple[str, ...]:
     return tuple(name for name in names if name not in excluded)
 
 
-def find_modules_to_save(model: nn.Module, config: LoraConfig) -> tuple[str, ...]:
-    """Paths of the ``modules_to_save`` modules: those ending with one of the configured
-    strings (PEFT's ``_set_trainable`` rule), outermost only (a match inside another is
-    part of its copy). Raises if the config lists names and none matches."""
-    names = config.modules_to_save
-    if not names:
-        return ()
-    found: list[str] = []
-    for key, _ in model.named_modules(remove_duplicate=False):
-        if key and key.endswith(tuple(names)) and not any(key.startswith(f"{outer}.") for outer in found):
-            found.append(key)
-    if not found:
-        raise ValueError(f"LoraConfig.modules_to_save {list(names)} matches no module of the model")
-    return tuple(found)
-
-
 def _describe_linear_layers(model: nn.Module) -> str:
     names = [name for name, module in model.named_modules() if name and is_linear(module)]
     return ", ".join(names) if names else "(none)"
@@ -184,7 +164,7 @@ def plan_injection(model: nn.Module, config: LoraConfig) -> InjectionPlan:
         raise ValueError(f"LoraConfig.target_modules={config.target_modules!r}: {why}. The model's linear "
                          f"layers are: {_describe_linear_layers(model)}")
     _warn_fan_in_fan_out(config, targets)
-    to_save = find_modules_to_save(model, config)
+    to_save = find_modules_to_save(model, config.modules_to_save, "LoraConfig.modules_to_save")
     clash = [t.name for t in targets if any(t.name == p or t.name.startswith(f"{p}.") for p in to_save)]
     if clash:
         raise ValueError(f"modules {clash} are both LoRA targets and (inside) modules_to_save {list(to_save)}")

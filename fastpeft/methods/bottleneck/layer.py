@@ -6,7 +6,7 @@
 ``nn.Sequential`` level: ``adapter_down`` ``[R, D]`` + bias (AdapterHub: ``adapter_down.0``),
 ``adapter_up`` ``[D, R]`` + bias, and with ``scaling="learned"`` a trainable 1-element
 ``scaling`` (AdapterHub's ``nn.Parameter(torch.ones(1))``). Where to place it in a model, and
-AdapterHub's files, are ``fastpeft.model``'s business (``AdapterConfig``).
+AdapterHub's files, are the model level's business (``fastpeft.methods.bottleneck.model``) (``AdapterConfig``).
 
 Dropout is applied to the adapter's input (the op fuses it and regenerates the mask in the
 backward); AdapterHub drops its output instead. Both are the identity outside ``train()``.

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from fastpeft.model.config import TASK_TYPES
+from fastpeft.methods.state import TASK_TYPES
 
 PROMPT_TUNING = "PROMPT_TUNING"
 PREFIX_TUNING = "PREFIX_TUNING"

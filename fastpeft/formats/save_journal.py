@@ -17,7 +17,7 @@ them), so ``save_files`` makes a set of replacements atomic with a journal:
    are removed, the directory is fsynced, and the journal removed.
 
 A crash in step 4 leaves the journal: the next save, and every fastpeft reader
-(``fastpeft.model.snapshot``), rolls it forward, or, without write access, reads each name
+(``fastpeft.formats.snapshot``), rolls it forward, or, without write access, reads each name
 from the temp file the journal gives for it. So a fastpeft reader always sees exactly the
 old files or exactly the new ones.
 
@@ -40,7 +40,7 @@ import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from fastpeft.model import safe_read, safe_write
+from fastpeft.formats import safe_read, safe_write
 
 JOURNAL_NAME = ".fastpeft-save-journal.json"
 _FORMAT = "fastpeft-save-journal/1"

@@ -1,4 +1,5 @@
-"""``from_peft``: turn a model HF PEFT has adapted into one running fastpeft's LoRA layers."""
+"""``from_peft``: turn a model HF PEFT has adapted into one running fastpeft's layers (LoRA,
+or prompt / prefix / P-tuning encoders)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ from typing import Any
 
 import torch.nn as nn
 
-from fastpeft.layers.lora_linear import LoRALinear, is_conv1d
-from fastpeft.model.config import LoraConfig
-from fastpeft.model.injection import AdapterState, record_adapter, restore_requires_grad
-from fastpeft.model.injection import merge_and_unload as merge_and_unload_model
-
+from fastpeft.api import pretrained_save
+from fastpeft.api.adapters import merge_and_unload as merge_and_unload_model
+from fastpeft.api.adapters import save_adapter
+from fastpeft.methods.base_layers import is_conv1d
+from fastpeft.methods.lora.config import LoraConfig
+from fastpeft.methods.lora.layer import LoRALinear
+from fastpeft.methods.prompt.config import prompt_config_from_dict
+from fastpeft.methods.prompt.model import build_encoder, install_prompt, resolve_config
+from fastpeft.methods.state import AdapterState, record_adapter, restore_requires_grad
 
 # PEFT LoRA variants whose forward and merge are plain LoRA: MiCA only freezes lora_B, and
 # the converted layer keeps PEFT's requires_grad flags (its modules are shared).
@@ -99,9 +104,9 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
                          "(delete the others with peft_model.delete_adapter)")
     (adapter, peft_config), = configs.items()
     if getattr(peft_config, "is_prompt_learning", False):
-        from fastpeft.model.prompt_io import from_peft_prompt
-
-        return from_peft_prompt(peft_model, adapter, peft_config)
+        model = _from_peft_prompt(peft_model, adapter, peft_config)
+        pretrained_save.attach(model, save_adapter)
+        return model
     config = LoraConfig.from_dict(peft_config.to_dict())
     model = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model.model
 
@@ -128,6 +133,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         for path, module in replacements.items():
             model.set_submodule(path, module)
     record_adapter(model, AdapterState(config, tuple(modules_to_save)))
+    pretrained_save.attach(model, save_adapter)
     _retire_peft_wrapper(peft_model, model)
     return model
 
@@ -157,8 +163,6 @@ def _retire_peft_wrapper(peft_model: nn.Module, model: nn.Module) -> None:
         if selected_adapters not in (None, list(peft_model.peft_config)):
             raise ValueError(f"save_pretrained: the converted model has adapter {list(peft_model.peft_config)} only")
         if is_main_process:
-            from fastpeft.model.adapter_io import save_adapter
-
             save_adapter(model, save_directory)
 
     def merge_and_unload(*args: Any, **kwargs: Any) -> nn.Module:
@@ -171,4 +175,65 @@ def _retire_peft_wrapper(peft_model: nn.Module, model: nn.Module) -> None:
                 object.__setattr__(wrapper, name, _retired(name))
         if hasattr(type(wrapper), "merge_and_unload"):
             object.__setattr__(wrapper, "merge_and_unload", merge_and_unload)
+    object.__setattr__(peft_model, "save_pretrained", save_pretrained)
+
+
+def _from_peft_prompt(peft_model: nn.Module, adapter: str, peft_config: Any) -> nn.Module:
+    """``fastpeft.from_peft`` for a PEFT prompt-tuning / prefix-tuning / P-tuning model: the
+    base model gets a fastpeft encoder that shares PEFT's encoder modules (parameters,
+    ``requires_grad`` and optimizer state carry over) and the trained ``modules_to_save``
+    copies; returns it. Unsupported configurations raise before anything changes.
+    The PEFT wrapper's forward and generate then run the converted model (no second prompt),
+    its save_pretrained writes with ``fastpeft.save_adapter``."""
+    from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+
+    config = prompt_config_from_dict(peft_config.to_dict())
+    model = peft_model.get_base_model()
+    peft_encoder = peft_model.prompt_encoder[adapter]
+    replacements: dict[str, nn.Module] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            if module.active_adapters != [adapter]:
+                raise ValueError(f"from_peft: {path}: modules_to_save adapter {adapter!r} is not active")
+            replacements[path] = module.modules_to_save[adapter]
+        elif isinstance(module, AuxiliaryTrainingWrapper):
+            raise ValueError(f"from_peft: {path}: PEFT layer type {type(module).__name__} is not supported")
+    config = resolve_config(model, config)
+    # PEFT's inference-mode encoders hold the computed prompts / prefix and no MLP
+    heads = [name for name in ("transform", "mlp_head", "lstm_head") if hasattr(peft_encoder, name)]
+    encoder = build_encoder(model, config, initialize=False, stored=not heads)
+    if tuple(encoder.embedding.weight.shape) != tuple(peft_encoder.embedding.weight.shape):
+        raise ValueError(f"from_peft: PEFT's prompt encoder has shape {tuple(peft_encoder.embedding.weight.shape)}, "
+                         f"expected {tuple(encoder.embedding.weight.shape)} from its config")
+    encoder.embedding = peft_encoder.embedding
+    for name in heads:
+        setattr(encoder, name, getattr(peft_encoder, name))
+    modules = [peft_encoder, *replacements.values()]
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    install_prompt(model, config, encoder, replacements, trainable=True)
+    for param, flag in flags:
+        param.requires_grad_(flag)
+    _retire_prompt_wrapper(peft_model, model)
+    return model
+
+
+def _retire_prompt_wrapper(peft_model: nn.Module, model: nn.Module) -> None:
+    """Make the PEFT wrapper run the converted model: its forward / generate call the model's
+    (which add the virtual tokens once), save_pretrained writes with ``save_adapter``, and
+    its adapter-management methods raise."""
+
+    def save_pretrained(save_directory: str, safe_serialization: bool = True, is_main_process: bool = True,
+                        state_dict: Any = None, **kwargs: Any) -> None:
+        if not safe_serialization or state_dict is not None:
+            raise ValueError("save_pretrained on a model converted by fastpeft.from_peft writes the adapter with "
+                             "fastpeft.save_adapter (safetensors, the model's own weights): safe_serialization=False "
+                             "and state_dict are not supported")
+        if is_main_process:
+            save_adapter(model, save_directory)
+
+    for name in _RETIRED_METHODS:
+        if hasattr(type(peft_model), name):
+            object.__setattr__(peft_model, name, _retired(name))
+    object.__setattr__(peft_model, "forward", lambda *a, **k: model(*a, **k))
+    object.__setattr__(peft_model, "generate", lambda *a, **k: model.generate(*a, **k))
     object.__setattr__(peft_model, "save_pretrained", save_pretrained)

@@ -11,7 +11,7 @@ whose keys are the adapted model's ``state_dict`` keys of the adapter's paramete
 ``<layer>.<position>.adapters.<name>.adapter_down.0.weight`` / ``.adapter_down.0.bias`` /
 ``.adapter_up.weight`` / ``.adapter_up.bias`` (and ``.scaling`` with ``scaling="learned"``),
 where ``<position>`` is ``attention.output`` / ``output`` (BERT) or ``attention_adapters`` /
-``output_adapters`` (Llama, GPT-2) (``bottleneck_placement.SiteSpec.hub_prefix``). Keys may
+``output_adapters`` (Llama, GPT-2) (``fastpeft.methods.bottleneck.placement.PlannedSite.hub_prefix``). Keys may
 carry the base model's prefix (``bert.``, ``model.``, ``transformer.``) or not, depending on
 the class that saved them; as AdapterHub, fastpeft adds or drops it to fit the model. A
 prediction head saved beside the adapter (``head_config.json``) is not loaded (a warning
@@ -29,16 +29,17 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from fastpeft.model import bottleneck_placement as placement
-from fastpeft.model.bottleneck_config import AdapterConfig
-from fastpeft.model.bottleneck_injection import check_can_place, install, placed_bottleneck
-from fastpeft.model.injection import adapter_state
-from fastpeft.model.saved_tensors import check_dtype, cpu_copies
-from fastpeft.model.snapshot import Snapshot
+from fastpeft._version import __version__
+from fastpeft.formats.file_names import CONFIG_NAME, HUB_PICKLE_NAME, HUB_WEIGHTS_NAME
+from fastpeft.formats.saved_tensors import check_dtype, cpu_copies
+from fastpeft.formats.snapshot import Snapshot
+from fastpeft.methods.bottleneck import placement
+from fastpeft.methods.bottleneck.config import AdapterConfig
+from fastpeft.methods.bottleneck.model import check_can_place, install, placed_bottleneck
+from fastpeft.methods.state import adapter_state
 
-CONFIG_NAME = "adapter_config.json"
-SAFETENSORS_NAME = "adapter.safetensors"
-PICKLE_NAME = "pytorch_adapter.bin"
+SAFETENSORS_NAME = HUB_WEIGHTS_NAME
+PICKLE_NAME = HUB_PICKLE_NAME
 # AdapterHub's prediction-head files, saved beside an adapter by its flexible-head models.
 HEAD_FILES = ("head_config.json", "model_head.safetensors", "pytorch_model_head.bin")
 # AdapterHub's files of compositions: AdapterFusion layers and saved adapter setups (Stack, ...).
@@ -232,8 +233,6 @@ def adapterhub_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def adapterhub_config(model: nn.Module) -> dict[str, Any]:
     """``adapter_config.json``'s contents, as AdapterHub's ``build_full_config`` writes them."""
-    from fastpeft import __version__
-
     state_config = adapter_state(model).config
     model_config = getattr(model, "config", None)
     return {
@@ -248,8 +247,9 @@ def adapterhub_config(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def serialized(model: nn.Module) -> tuple[bytes, bytes]:
-    """``(adapter.safetensors, adapter_config.json)`` bytes for ``save_adapter``."""
+def saved_files(model: nn.Module) -> dict[str, bytes]:
+    """The files a save of the model's bottleneck adapter writes, name -> contents, the config
+    last: ``adapter.safetensors`` and ``adapter_config.json``."""
     weights = safetensors.torch.save(adapterhub_state_dict(model), metadata={"format": "pt"})
-    config = json.dumps(adapterhub_config(model), indent=2, sort_keys=True).encode()
-    return weights, config
+    return {SAFETENSORS_NAME: weights,
+            CONFIG_NAME: json.dumps(adapterhub_config(model), indent=2, sort_keys=True).encode()}

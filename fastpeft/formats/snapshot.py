@@ -29,7 +29,7 @@ from collections.abc import Iterator
 import safetensors.torch
 import torch
 
-from fastpeft.model import safe_read, safe_write, save_journal
+from fastpeft.formats import safe_read, safe_write, save_journal
 
 
 class Snapshot:

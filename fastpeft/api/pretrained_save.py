@@ -7,8 +7,9 @@ model.
 class's ``save_pretrained`` would write every base weight (plus LoRA tensors under keys that
 ``from_pretrained`` ignores): for an 8B model, 16 GB where the adapter is tens of MB. HF
 ``Trainer`` writes its checkpoints and ``save_model()`` through ``model.save_pretrained``.
-``attach`` (called when an adapter is installed) shadows the class's method on the one model
-object with an ``AdapterSavePretrained``; ``detach`` (called by ``merge_and_unload``) puts
+``attach`` (called by ``fastpeft.api`` when an adapter is installed, with the function that
+saves it, ``fastpeft.save_adapter``) shadows the class's method on the one model object with
+an ``AdapterSavePretrained``; ``detach`` (called by ``merge_and_unload`` / ``unload``) puts
 the class's back, so a merged (or unloaded) model saves in full again.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch.nn as nn
@@ -31,11 +33,13 @@ IGNORED_OPTIONS = frozenset({"max_shard_size", "save_function", "safe_serializat
 
 class AdapterSavePretrained:
     """The ``save_pretrained`` of one adapted transformers model, kept in its instance
-    ``__dict__``. It holds the model itself, so ``copy.deepcopy`` and pickling carry it
+    ``__dict__``. It holds the model itself and ``save(model, directory)``, the function that
+    writes its adapter (a module-level function), so ``copy.deepcopy`` and pickling carry it
     over bound to the copy."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, save: Callable[[nn.Module, str | os.PathLike], None]) -> None:
         self.model = model
+        self.save = save
 
     def __call__(
         self,
@@ -72,9 +76,7 @@ class AdapterSavePretrained:
             raise TypeError(f"save_pretrained of a model with a fastpeft adapter writes the adapter only and does not "
                             f"take {unsupported}; call fastpeft.merge_and_unload(model) first to save the whole model")
         if is_main_process:
-            from fastpeft.model.adapter_io import save_adapter  # it imports fastpeft.model.injection, our caller
-
-            save_adapter(self.model, save_directory)
+            self.save(self.model, save_directory)
 
 
 def is_pretrained_model(model: nn.Module) -> bool:
@@ -83,11 +85,12 @@ def is_pretrained_model(model: nn.Module) -> bool:
     return cls is not None and isinstance(model, cls)
 
 
-def attach(model: nn.Module) -> None:
-    """Give a transformers model the adapter-only ``save_pretrained``; other modules have
-    none to replace and are left alone. Idempotent."""
+def attach(model: nn.Module, save: Callable[[nn.Module, str | os.PathLike], None]) -> None:
+    """Give a transformers model the adapter-only ``save_pretrained``, which writes with
+    ``save(model, directory)``; other modules have none to replace and are left alone.
+    Idempotent."""
     if is_pretrained_model(model) and not isinstance(model.__dict__.get(METHOD_NAME), AdapterSavePretrained):
-        object.__setattr__(model, METHOD_NAME, AdapterSavePretrained(model))
+        object.__setattr__(model, METHOD_NAME, AdapterSavePretrained(model, save))
 
 
 def detach(model: nn.Module) -> None:

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from fastpeft.layers.bottleneck_adapter import BottleneckAdapter, bottleneck_size_for
-from fastpeft.layers.lora_linear import default_lora_dtype
-from fastpeft.model.bottleneck_config import POST_ADD, AdapterConfig
+from fastpeft.methods.base_layers import default_lora_dtype
+from fastpeft.methods.bottleneck.config import POST_ADD, AdapterConfig
+from fastpeft.methods.bottleneck.layer import BottleneckAdapter, bottleneck_size_for
 
 MH_ADAPTER = "mh_adapter"
 OUTPUT_ADAPTER = "output_adapter"

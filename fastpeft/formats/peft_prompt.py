@@ -22,17 +22,19 @@ is refused.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+import json
+from collections.abc import Mapping
 from typing import Any
 
 import safetensors.torch
 import torch
 import torch.nn as nn
 
-from fastpeft.layers.prefix_encoder import PrefixEncoder
-from fastpeft.layers.prompt_embedding import PTuningEncoder
-from fastpeft.model.injection import check_not_adapted, restore_requires_grad
-from fastpeft.model.prompt_config import (
+from fastpeft.formats.file_names import CONFIG_NAME, ENCODER_STATE_NAME, PEFT_WEIGHTS_NAME
+from fastpeft.formats.peft import read_weights
+from fastpeft.formats.saved_tensors import check_dtype, cpu_copies, cpu_copy
+from fastpeft.formats.snapshot import Snapshot
+from fastpeft.methods.prompt.config import (
     PrefixTuningConfig,
     PromptLearningConfig,
     is_prompt_peft_type,
@@ -40,7 +42,7 @@ from fastpeft.model.prompt_config import (
     peft_type_of,
     prompt_config_from_dict,
 )
-from fastpeft.model.prompt_injection import (
+from fastpeft.methods.prompt.model import (
     ENCODER_NAME,
     build_encoder,
     install_prompt,
@@ -49,14 +51,11 @@ from fastpeft.model.prompt_injection import (
     prompt_state,
     resolve_config,
 )
-from fastpeft.model.saved_tensors import check_dtype, cpu_copies, cpu_copy
-from fastpeft.model.snapshot import Snapshot
+from fastpeft.methods.prompt.prefix_encoder import PrefixEncoder
+from fastpeft.methods.prompt.prompt_embedding import PTuningEncoder
+from fastpeft.methods.state import check_not_adapted, restore_requires_grad
 
 EMBEDDINGS_KEY = "prompt_embeddings"
-# The state dict of a prompt encoder whose trainable weights PEFT's file lacks (a prefix MLP,
-# a P-tuning MLP / LSTM: PEFT saves their output), written beside PEFT's files in the same
-# save so that a checkpoint can be resumed; PEFT ignores it.
-ENCODER_STATE_NAME = "fastpeft_prompt_encoder.safetensors"
 # PEFT's key prefix of modules_to_save entries for prompt learning (the wrapper's base_model
 # is the transformers model itself, with no LoraModel in between).
 MODULE_PREFIX = "base_model."
@@ -127,11 +126,23 @@ def saved_prompt_config(model: nn.Module) -> dict[str, Any]:
     return data
 
 
+def saved_files(model: nn.Module) -> dict[str, bytes]:
+    """The files a save of the model's prompt-learning adapter writes, name -> contents, the
+    config last: PEFT's weights, and ``ENCODER_STATE_NAME`` for an encoder PEFT's file
+    cannot restore (``unsaved_encoder``)."""
+    files = {PEFT_WEIGHTS_NAME: safetensors.torch.save(prompt_state_dict(model), metadata={"format": "pt"})}
+    encoder = encoder_state_bytes(model)
+    if encoder is not None:
+        files[ENCODER_STATE_NAME] = encoder
+    files[CONFIG_NAME] = json.dumps(saved_prompt_config(model), indent=2, sort_keys=True).encode()
+    return files
+
+
 def read_config_data(snapshot: Snapshot) -> Mapping[str, Any] | None:
     """The JSON of the snapshot's ``adapter_config.json`` when it names a prompt-learning
     type, else None (unreadable files are left to the LoRA reader's errors)."""
     try:
-        data = snapshot.read_json("adapter_config.json")
+        data = snapshot.read_json(CONFIG_NAME)
     except (OSError, ValueError):
         return None
     if isinstance(data, Mapping) and is_prompt_peft_type(peft_type_of(data)):
@@ -180,12 +191,12 @@ def load_prompt_adapter(
     model: nn.Module,
     snapshot: Snapshot,
     data: Mapping[str, Any],
-    read_tensors: Callable[[Snapshot], dict[str, torch.Tensor]],
     *,
     is_trainable: bool,
+    allow_pickle: bool,
 ) -> nn.Module:
     """``fastpeft.load_adapter`` for a PEFT prompt-tuning / prefix-tuning / P-tuning directory
-    (``snapshot``) whose config JSON is ``data`` (``read_tensors`` reads its weight file). Everything is
+    (``snapshot``) whose config JSON is ``data``. Everything is
     checked and built before the model changes.
 
     Raises:
@@ -200,7 +211,7 @@ def load_prompt_adapter(
                          "(prefix_projection, P-tuning's MLP / LSTM) is saved as its computed prompts, not its "
                          "weights (PEFT's format), so it cannot be loaded trainable; load it with is_trainable=False, "
                          "or train a new adapter")
-    tensors = read_tensors(snapshot)
+    tensors = read_weights(snapshot, allow_pickle)
     check_not_adapted(model)
     if hasattr(model, ENCODER_NAME):
         raise ValueError(f"model already has a {ENCODER_NAME} submodule")
@@ -219,70 +230,7 @@ def load_prompt_adapter(
     return model
 
 
-def from_peft_prompt(peft_model: nn.Module, adapter: str, peft_config: Any) -> nn.Module:
-    """``fastpeft.from_peft`` for a PEFT prompt-tuning / prefix-tuning / P-tuning model: the
-    base model gets a fastpeft encoder that shares PEFT's encoder modules (parameters,
-    ``requires_grad`` and optimizer state carry over) and the trained ``modules_to_save``
-    copies; returns it. Unsupported configurations raise before anything changes.
-    The PEFT wrapper's forward and generate then run the converted model (no second prompt),
-    its save_pretrained writes with ``fastpeft.save_adapter``."""
-    from fastpeft.model.peft_interop import _RETIRED_METHODS, _retired
-    from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
-
-    config = prompt_config_from_dict(peft_config.to_dict())
-    model = peft_model.get_base_model()
-    peft_encoder = peft_model.prompt_encoder[adapter]
-    replacements: dict[str, nn.Module] = {}
-    for path, module in model.named_modules():
-        if isinstance(module, ModulesToSaveWrapper):
-            if module.active_adapters != [adapter]:
-                raise ValueError(f"from_peft: {path}: modules_to_save adapter {adapter!r} is not active")
-            replacements[path] = module.modules_to_save[adapter]
-        elif isinstance(module, AuxiliaryTrainingWrapper):
-            raise ValueError(f"from_peft: {path}: PEFT layer type {type(module).__name__} is not supported")
-    config = resolve_config(model, config)
-    # PEFT's inference-mode encoders hold the computed prompts / prefix and no MLP
-    heads = [name for name in ("transform", "mlp_head", "lstm_head") if hasattr(peft_encoder, name)]
-    encoder = build_encoder(model, config, initialize=False, stored=not heads)
-    if tuple(encoder.embedding.weight.shape) != tuple(peft_encoder.embedding.weight.shape):
-        raise ValueError(f"from_peft: PEFT's prompt encoder has shape {tuple(peft_encoder.embedding.weight.shape)}, "
-                         f"expected {tuple(encoder.embedding.weight.shape)} from its config")
-    encoder.embedding = peft_encoder.embedding
-    for name in heads:
-        setattr(encoder, name, getattr(peft_encoder, name))
-    modules = [peft_encoder, *replacements.values()]
-    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
-    install_prompt(model, config, encoder, replacements, trainable=True)
-    for param, flag in flags:
-        param.requires_grad_(flag)
-    _retire_prompt_wrapper(peft_model, model, _RETIRED_METHODS, _retired)
-    return model
-
-
-def _retire_prompt_wrapper(peft_model: nn.Module, model: nn.Module, names: tuple[str, ...], retired) -> None:
-    """Make the PEFT wrapper run the converted model: its forward / generate call the model's
-    (which add the virtual tokens once), save_pretrained writes with ``save_adapter``, and
-    its adapter-management methods raise."""
-    from fastpeft.model.adapter_io import save_adapter
-
-    def save_pretrained(save_directory: str, safe_serialization: bool = True, is_main_process: bool = True,
-                        state_dict: Any = None, **kwargs: Any) -> None:
-        if not safe_serialization or state_dict is not None:
-            raise ValueError("save_pretrained on a model converted by fastpeft.from_peft writes the adapter with "
-                             "fastpeft.save_adapter (safetensors, the model's own weights): safe_serialization=False "
-                             "and state_dict are not supported")
-        if is_main_process:
-            save_adapter(model, save_directory)
-
-    for name in names:
-        if hasattr(type(peft_model), name):
-            object.__setattr__(peft_model, name, retired(name))
-    object.__setattr__(peft_model, "forward", lambda *a, **k: model(*a, **k))
-    object.__setattr__(peft_model, "generate", lambda *a, **k: model.generate(*a, **k))
-    object.__setattr__(peft_model, "save_pretrained", save_pretrained)
-
-
 __all__ = [
-    "EMBEDDINGS_KEY", "ENCODER_STATE_NAME", "encoder_state_bytes", "from_peft_prompt", "has_prompt_adapter",
-    "load_prompt_adapter", "prompt_state_dict", "read_config_data", "saved_prompt_config", "unsaved_encoder",
+    "EMBEDDINGS_KEY", "encoder_state_bytes", "has_prompt_adapter", "load_prompt_adapter", "prompt_state_dict",
+    "read_config_data", "saved_files", "saved_prompt_config", "unsaved_encoder",
 ]

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastpeft.layers.lora_linear import default_lora_dtype, is_conv1d
+from fastpeft.methods.base_layers import default_lora_dtype, is_conv1d
 from fastpeft.ops.checks import describe
 from fastpeft.ops.multi_lora_linear import multi_lora_linear
 

@@ -31,10 +31,10 @@ try:  # the regex parser behind re.compile (sre_parse before Python 3.11, deprec
 except ImportError:  # Python 3.10
     import sre_parse as _regex_parser
 
+from fastpeft.methods.state import TASK_TYPES
+
 PEFT_TYPE = "LORA"
 ALL_LINEAR = "all-linear"
-# PEFT's TaskType values.
-TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 # init_lora_weights values ``inject`` can create (PEFT's others need data or rewrite the base
 # weights: they are accepted when loading trained weights, where the init no longer matters).
 CREATABLE_INITS = (True, False, "gaussian")

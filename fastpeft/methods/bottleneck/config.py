@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastpeft.kernels.bottleneck.ref import canonical_activation
-from fastpeft.layers.bottleneck_adapter import IDENTITY_INITS, LEARNED
+from fastpeft.methods.bottleneck.layer import IDENTITY_INITS, LEARNED
 
 # AdapterHub's BnConfig defaults for fields that have one.
 _BASE_DEFAULTS: dict[str, Any] = {

@@ -2,7 +2,7 @@
 removing them (``fastpeft.unload``) and why they cannot be merged (``merge_and_unload``).
 
 As for LoRA, the model is changed in place and keeps its class, every check runs before the
-first change, and every parameter but the adapters' is frozen. ``fastpeft.model.injection``
+first change, and every parameter but the adapters' is frozen. ``fastpeft.methods.lora.model``
 calls these for a model whose ``AdapterState`` holds a ``BottleneckPlacement``.
 """
 
@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from fastpeft.layers.bottleneck_adapter import BottleneckAdapter
-from fastpeft.model import bottleneck_placement as placement
-from fastpeft.model.bottleneck_config import AdapterConfig
-from fastpeft.model.injection import (
-    ADAPTER_ATTR,
+from fastpeft.methods.bottleneck import placement
+from fastpeft.methods.bottleneck.config import AdapterConfig
+from fastpeft.methods.bottleneck.layer import BottleneckAdapter
+from fastpeft.methods.state import (
     AdapterState,
     adapter_state,
     check_not_adapted,
+    clear_adapter,
     record_adapter,
     require_module,
 )
@@ -87,10 +87,7 @@ def unload_bottleneck(model: nn.Module) -> nn.Module:
     if placed is None:
         raise ValueError("model has no fastpeft bottleneck adapter")
     placement.remove(model, placed)
-    delattr(model, ADAPTER_ATTR)
-    from fastpeft.integrations import pretrained_save
-
-    pretrained_save.detach(model)
+    clear_adapter(model)
     return model
 
 

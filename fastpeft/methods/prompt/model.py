@@ -28,6 +28,7 @@ makes for prompt tuning (PEFT ignores position ids there), without the forward's
 
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 from typing import Any
@@ -35,17 +36,24 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from fastpeft.layers.prefix_encoder import PrefixEncoder
-from fastpeft.layers.prompt_embedding import PromptEmbedding, PTuningEncoder
-from fastpeft.model.injection import AdapterState, adapter_state, record_adapter, require_module
-from fastpeft.model.matching import find_modules_to_save
-from fastpeft.model.prompt_config import (
+from fastpeft.methods.modules_to_save import find_modules_to_save
+from fastpeft.methods.prompt.config import (
     SUPPORTED_TASK_TYPES,
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptLearningConfig,
     PromptTuningConfig,
     is_reparameterized,
+)
+from fastpeft.methods.prompt.prefix_encoder import PrefixEncoder
+from fastpeft.methods.prompt.prompt_embedding import PromptEmbedding, PTuningEncoder
+from fastpeft.methods.state import (
+    AdapterState,
+    adapter_state,
+    check_not_adapted,
+    clear_adapter,
+    record_adapter,
+    require_module,
 )
 
 # Submodule that holds the virtual-token parameters.
@@ -326,17 +334,7 @@ def resolve_config(model: nn.Module, config: PromptLearningConfig) -> PromptLear
 
 def plan_modules_to_save(model: nn.Module, config: PromptLearningConfig) -> tuple[str, ...]:
     """Paths of the modules trained in full (PEFT's suffix rule; SEQ_CLS adds its head)."""
-    names = config.saved_modules_to_save
-    if not names:
-        return ()
-    return find_modules_to_save(model, _NamesOnly(names))
-
-
-class _NamesOnly:
-    """The ``modules_to_save`` view ``matching.find_modules_to_save`` reads."""
-
-    def __init__(self, names: tuple[str, ...]) -> None:
-        self.modules_to_save = names
+    return find_modules_to_save(model, config.saved_modules_to_save, f"{type(config).__name__}.modules_to_save")
 
 
 def install_prompt(
@@ -376,10 +374,6 @@ def inject_prompt(model: nn.Module, config: PromptLearningConfig) -> nn.Module:
             that differ from the model's attention, ...), or a model that already has an
             adapter. The model is then unchanged.
     """
-    import copy
-
-    from fastpeft.model.injection import check_not_adapted
-
     require_module(model)
     check_not_adapted(model)
     if hasattr(model, ENCODER_NAME):
@@ -415,8 +409,6 @@ def unload_prompt(model: nn.Module) -> nn.Module:
     submodule, the instance ``forward`` / ``prepare_inputs_for_generation`` and the adapter
     record go, so the model computes the base model's output again; ``modules_to_save``
     copies stay and ``save_pretrained`` writes the whole model again. Returns ``model``."""
-    from fastpeft.model.injection import ADAPTER_ATTR, _pretrained_save
-
     prompt_encoder(model)  # raises when there is no prompt adapter
     delattr(model, ENCODER_NAME)
     for name, kind in (("forward", PromptForward), ("prepare_inputs_for_generation", PromptGenerationInputs)):
@@ -426,6 +418,5 @@ def unload_prompt(model: nn.Module) -> nn.Module:
                 del model.__dict__[name]  # the class's own method again
             else:
                 object.__setattr__(model, name, original)
-    delattr(model, ADAPTER_ATTR)
-    _pretrained_save().detach(model)
+    clear_adapter(model)
     return model

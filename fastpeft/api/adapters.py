@@ -1,0 +1,281 @@
+"""The public model-level API: ``inject``, ``load_adapter``, ``save_adapter``,
+``adapter_state_dict``, ``merge_and_unload`` and ``unload`` dispatch here to the adaptation
+methods (``fastpeft.methods``) and the file formats (``fastpeft.formats``).
+
+``METHODS`` is the method registry, keyed by config type: each ``Method`` says how to add
+the method's adapter to a model, take it out (merged or not), and which files and tensors a
+save writes. A new method (or a variant such as DoRA) is one entry. Loading detects the
+format of a directory (AdapterHub's, PEFT's prompt learning, PEFT's LoRA) and reads it
+through one snapshot (``fastpeft.formats.snapshot``).
+
+Above the methods, this module also gives a transformers model carrying an adapter its
+adapter-only ``save_pretrained`` (``fastpeft.api.pretrained_save``), and takes it away when
+the adapter goes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from fastpeft.api import pretrained_save
+from fastpeft.formats import adapterhub, peft_prompt, save_journal
+from fastpeft.formats import peft as peft_format
+from fastpeft.formats.file_names import ADAPTER_FILE_NAMES, CONFIG_NAME
+from fastpeft.formats.snapshot import open_snapshot
+from fastpeft.methods.bottleneck.config import AdapterConfig
+from fastpeft.methods.bottleneck.model import inject_bottleneck, merge_and_unload_bottleneck, unload_bottleneck
+from fastpeft.methods.lora.config import LoraConfig
+from fastpeft.methods.lora.model import inject_lora, merge_and_unload_lora, unload_lora
+from fastpeft.methods.prompt.config import PromptLearningConfig
+from fastpeft.methods.prompt.model import inject_prompt, unload_prompt
+from fastpeft.methods.state import adapter_state, require_module
+
+
+def _prompt_merge(model: nn.Module) -> nn.Module:
+    raise ValueError("a prompt-tuning / prefix-tuning / P-tuning adapter adds virtual tokens and cannot be merged "
+                     "into the weights: fastpeft.merge_prefix folds its MLP, fastpeft.unload removes it")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One adaptation method: its config type, how to add it to a model (``inject(model,
+    config, autocast_adapter_dtype)``) and take it out, and what a save of it writes
+    (``saved_files``: name -> bytes, config last) and holds (``state_dict``: saved key -> CPU
+    tensor), in its format's files."""
+
+    name: str
+    config_type: type
+    inject: Callable[[nn.Module, Any, bool], nn.Module]
+    merge_and_unload: Callable[[nn.Module], nn.Module]
+    unload: Callable[[nn.Module], nn.Module]
+    saved_files: Callable[[nn.Module], dict[str, bytes]]
+    state_dict: Callable[[nn.Module], dict[str, torch.Tensor]]
+
+
+METHODS = (
+    Method("LoRA", LoraConfig, lambda m, c, autocast: inject_lora(m, c, autocast_adapter_dtype=autocast),
+           merge_and_unload_lora, unload_lora, peft_format.saved_files, peft_format.lora_state_dict),
+    Method("bottleneck", AdapterConfig,
+           lambda m, c, autocast: inject_bottleneck(m, c, autocast_adapter_dtype=autocast),
+           merge_and_unload_bottleneck, unload_bottleneck, adapterhub.saved_files, adapterhub.adapterhub_state_dict),
+    Method("prompt learning", PromptLearningConfig, lambda m, c, autocast: inject_prompt(m, c),
+           _prompt_merge, unload_prompt, peft_prompt.saved_files, peft_prompt.prompt_state_dict),
+)
+_LORA = METHODS[0]
+
+
+def _method_of_config(config: object) -> Method:
+    for method in METHODS:
+        if isinstance(config, method.config_type):
+            return method
+    raise TypeError(f"config must be a fastpeft.LoraConfig, AdapterConfig, PromptTuningConfig, PrefixTuningConfig "
+                    f"or PromptEncoderConfig, got {type(config).__name__}")
+
+
+def _method_of_model(model: nn.Module) -> Method:
+    """The method of the model's adapter; LoRA when it has none recorded (LoRA layers put in
+    by hand are found by type, and the LoRA functions say when there are none)."""
+    state = adapter_state(require_module(model))
+    return _LORA if state is None else _method_of_config(state.config)
+
+
+def _adapted(model: nn.Module) -> nn.Module:
+    pretrained_save.attach(model, save_adapter)
+    return model
+
+
+def _unadapted(model: nn.Module) -> nn.Module:
+    pretrained_save.detach(model)
+    return model
+
+
+def inject(
+    model: nn.Module,
+    config: LoraConfig | AdapterConfig | PromptLearningConfig,
+    *,
+    autocast_adapter_dtype: bool = True,
+) -> nn.Module:
+    """Add an adapter to ``model`` in place, as PEFT's ``get_peft_model`` (or AdapterHub's
+    ``add_adapter``) would, and return it: LoRA layers for a ``LoraConfig``
+    (``fastpeft.methods.lora.model.inject_lora``), AdapterHub's bottleneck adapters for an
+    ``AdapterConfig`` (``fastpeft.methods.bottleneck.model.inject_bottleneck``), virtual
+    tokens for a ``PromptTuningConfig`` / ``PrefixTuningConfig`` / ``PromptEncoderConfig``
+    (``fastpeft.methods.prompt.model.inject_prompt``). Every other parameter is frozen; with
+    ``autocast_adapter_dtype`` (PEFT's default) the adapter is float32 on a 16-bit base.
+
+    A transformers model's ``save_pretrained(dir)`` then writes the adapter in its format, as
+    a PEFT model's does (so do HF Trainer's checkpoints), until ``merge_and_unload`` or
+    ``unload``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or ``config`` not one of those configs.
+        ValueError: the method's checks (nothing to adapt, an unsupported feature, a model
+            that already has an adapter, ...). The model is then unchanged.
+    """
+    require_module(model)
+    return _adapted(_method_of_config(config).inject(model, config, autocast_adapter_dtype))
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge the adapter into the base weights and remove it; return ``model``, whose
+    ``save_pretrained`` writes the whole model again. LoRA: each layer merged into its base
+    weight (``fastpeft.methods.lora.model.merge_and_unload_lora``). Bottleneck adapters are
+    not linear in the hidden states and cannot be merged: they are removed only where every
+    adapter adds exactly zero, otherwise a ``ValueError`` says why (``unload`` removes them).
+    Prompt learning adds tokens and cannot be merged (``merge_prefix`` folds its MLP).
+
+    Raises:
+        ValueError: the model has no fastpeft adapter to merge, or one that cannot be merged.
+    """
+    return _unadapted(_method_of_model(model).merge_and_unload(model))
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove the adapter without merging it; return ``model``, which computes the base
+    model's output again (PEFT's ``unload``) and whose ``save_pretrained`` writes the whole
+    model. ``modules_to_save`` copies stay; ``requires_grad`` flags are left as they are.
+
+    Raises:
+        ValueError: the model has no fastpeft adapter.
+    """
+    return _unadapted(_method_of_model(model).unload(model))
+
+
+def _require_adapter(model: nn.Module) -> Method:
+    if adapter_state(require_module(model)) is None:
+        raise ValueError("model has no fastpeft adapter: add one with fastpeft.inject, load_adapter or from_peft")
+    return _method_of_model(model)
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under its format's saved keys (CPU copies), as ``save_adapter``
+    writes them.
+
+    Raises:
+        ValueError: the model has no fastpeft adapter.
+    """
+    return _require_adapter(model).state_dict(model)
+
+
+def saved_files(model: nn.Module) -> dict[str, bytes]:
+    """The files ``save_adapter`` writes for the model, name -> contents, the config last.
+
+    Raises:
+        ValueError: the model has no fastpeft adapter.
+    """
+    return _require_adapter(model).saved_files(model)
+
+
+def save_adapter(model: nn.Module, directory: str | bytes | os.PathLike) -> None:
+    """Write the model's adapter to ``directory`` in its format: PEFT's for LoRA and prompt
+    learning (``peft.PeftModel.from_pretrained(base_model, directory)`` loads it), AdapterHub's
+    for bottleneck adapters (``adapter_config.json`` + ``adapter.safetensors``). A
+    prefix-tuning MLP or P-tuning MLP / LSTM, whose weights PEFT's file lacks (it holds their
+    output), also goes to ``fastpeft_prompt_encoder.safetensors``, which PEFT ignores and
+    resuming (``load_adapter_weights``) needs.
+
+    The directory is used in place, as PEFT's ``save_pretrained`` does: created if missing
+    (``os.makedirs``, umask and a setgid parent honoured), a symlink to a directory is
+    written through, and the directory itself is never renamed or recreated (it may be a
+    mount point or the working directory). The adapter's tensors are gathered and
+    serialized before anything is written, so an error there writes nothing.
+
+    Guarantees (``fastpeft.formats.save_journal`` gives the mechanism):
+
+    * **all or nothing**: the adapter's files (config, weights and the encoder file) are
+      replaced in one commit, and a stale file of another save (``adapter_model.bin``, an
+      encoder file, the other format's weight file) is removed in the same commit. Killed at
+      any moment (``kill -9``, a full disk, an I/O error), the directory holds, as every
+      fastpeft reader sees it, exactly the old adapter or exactly the new one. A save killed
+      after its commit point is completed by the next fastpeft load or save of the directory;
+    * **readers**: fastpeft's readers (``load_adapter``, ``load_adapter_weights``,
+      ``MultiAdapterModel.load_adapter``, AdapterHub and prompt directories) take a shared
+      ``flock`` on the directory and wait for a save in progress, so they read one save,
+      whole. PEFT, AdapterHub and other readers that take no lock see the old files, the new
+      ones, or, for a few syscalls while a *changed* config is swapped (or after a kill
+      there, until fastpeft next opens the directory), no ``adapter_config.json``: they fail
+      loudly rather than pair one save's config with another's weights. With an unchanged
+      config (a training run's checkpoints) only the weight file is replaced, by one
+      rename, which every reader sees atomically;
+    * other files in the directory are never read, moved or rewritten, except temp files
+      ``.<name>.tmp-<pid>-<random>`` of earlier saves whose writer is dead, which are removed;
+    * concurrent saves to one directory (processes or threads) are serialized by an
+      exclusive ``flock`` on it: each succeeds and the directory ends up holding one of
+      them, whole. On a filesystem without directory locks (some NFS mounts) neither saves
+      nor readers are serialized: concurrent ones may mix, and stale temp files stay;
+    * the temp files, the commit record and the directory are fsynced (and every directory
+      the save creates, in its parent), so a save that returned survives a power loss, and
+      one cut by a power loss leaves the old or the new adapter, on filesystems that honour
+      fsync.
+
+    New files get mode ``0o666`` less the umask, as with ``open(path, "w")``.
+
+    Raises:
+        ValueError: the model has no fastpeft adapter.
+        TypeError: ``directory`` is not a str, bytes or ``os.PathLike`` path.
+        NotADirectoryError: ``directory`` exists and is not a directory.
+        IsADirectoryError: a directory has the name of one of the adapter's files.
+        PermissionError: ``directory`` is not writable (permissions or a read-only
+            filesystem); nothing in it was changed.
+    """
+    files = saved_files(model)
+    save_journal.save_files(directory, files, removes=ADAPTER_FILE_NAMES - files.keys(), hide=(CONFIG_NAME,),
+                            allowed=ADAPTER_FILE_NAMES)
+
+
+def load_adapter(
+    model: nn.Module,
+    directory: str | bytes | os.PathLike,
+    *,
+    is_trainable: bool = False,
+    allow_pickle: bool = False,
+    autocast_adapter_dtype: bool = True,
+) -> nn.Module:
+    """Add the adapter saved in ``directory`` to ``model``; return ``model``. The directory's
+    format decides the method: AdapterHub's bottleneck adapters (``adapter.safetensors`` or
+    ``pytorch_adapter.bin``, ``fastpeft.formats.adapterhub.load_adapterhub``), PEFT's
+    ``PROMPT_TUNING`` / ``PREFIX_TUNING`` / ``P_TUNING`` (``fastpeft.formats.peft_prompt``),
+    or PEFT's LoRA (``fastpeft.formats.peft.load_lora``).
+
+    For LoRA the config's rules (``target_modules`` / ``exclude_modules``,
+    ``layers_to_transform``, ``rank_pattern`` / ``alpha_pattern``, ``use_rslora``, ...) decide
+    the layers, as in ``inject``; the weights come from ``adapter_model.safetensors``, whose
+    keys may carry PEFT's ``base_model.model.`` prefix and an adapter name
+    (``lora_A.default.weight``). A pickle (``adapter_model.bin``, ``pytorch_adapter.bin``) is
+    read only with ``allow_pickle=True``, then with ``torch.load(weights_only=True)``. As
+    PEFT's ``from_pretrained``, the adapter is frozen unless ``is_trainable``;
+    ``autocast_adapter_dtype`` as in ``inject``.
+
+    The files are read from one save (``fastpeft.formats.snapshot``: a save in progress is
+    waited for, one killed after its commit point completed), regular files only, capped
+    in size. Everything (config, file, keys, shapes, dtypes) is checked and every tensor
+    loaded into the new layers before the model is touched: on any error the model is
+    unchanged.
+
+    Raises:
+        TypeError: ``directory`` is not a str, bytes or ``os.PathLike`` path.
+        FileNotFoundError: ``directory`` does not exist, or has no config or weight file.
+        NotADirectoryError: ``directory`` is a file, not a directory.
+        ValueError: unreadable or corrupt files, an adapter file that is not a regular file
+            (a directory, FIFO or device) or is too large, a peft_type or feature fastpeft
+            does not implement, missing / unexpected keys, wrong shapes or dtypes, a pickle
+            without ``allow_pickle``, or a model that already has adapter layers.
+    """
+    require_module(model)
+    with open_snapshot(directory, ADAPTER_FILE_NAMES) as snapshot:
+        if adapterhub.is_adapterhub_directory(snapshot):
+            adapterhub.load_adapterhub(model, snapshot, is_trainable=is_trainable, allow_pickle=allow_pickle,
+                                       autocast_adapter_dtype=autocast_adapter_dtype)
+        elif (prompt_data := peft_prompt.read_config_data(snapshot)) is not None:
+            peft_prompt.load_prompt_adapter(model, snapshot, prompt_data, is_trainable=is_trainable,
+                                            allow_pickle=allow_pickle)
+        else:
+            peft_format.load_lora(model, snapshot, is_trainable=is_trainable, allow_pickle=allow_pickle,
+                                  autocast_adapter_dtype=autocast_adapter_dtype)
+    return _adapted(model)

@@ -1,0 +1,22 @@
+"""The names of the files the adapter formats read and write, in one place: each format's
+module takes its names from here, and ``ADAPTER_FILE_NAMES`` (every name a save writes or
+removes) is what a save journal may name and what a save clears of other saves' files."""
+
+from __future__ import annotations
+
+# Both formats' config (PEFT's LoraConfig / prompt-learning fields; AdapterHub's full config).
+CONFIG_NAME = "adapter_config.json"
+# PEFT's weights: safetensors, and the pickle older PEFT versions write.
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PICKLE_NAME = "adapter_model.bin"
+# AdapterHub's weights.
+HUB_WEIGHTS_NAME = "adapter.safetensors"
+HUB_PICKLE_NAME = "pytorch_adapter.bin"
+# fastpeft's state dict of a prompt encoder whose trainable weights PEFT's file lacks (a
+# prefix MLP, a P-tuning MLP / LSTM: PEFT saves their output), written beside PEFT's files
+# in the same save so that a checkpoint can be resumed; PEFT ignores it.
+ENCODER_STATE_NAME = "fastpeft_prompt_encoder.safetensors"
+
+ADAPTER_FILE_NAMES = frozenset({
+    CONFIG_NAME, PEFT_WEIGHTS_NAME, PEFT_PICKLE_NAME, HUB_WEIGHTS_NAME, HUB_PICKLE_NAME, ENCODER_STATE_NAME,
+})

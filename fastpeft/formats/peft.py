@@ -1,0 +1,173 @@
+"""HF PEFT's on-disk format of a LoRA adapter: what ``save_adapter`` writes for one and how
+``load_adapter`` reads it (``fastpeft.api`` dispatches to it).
+
+A PEFT LoRA directory holds ``adapter_config.json`` (the ``LoraConfig`` fields plus
+``peft_type: "LORA"``) and ``adapter_model.safetensors`` (metadata ``{"format": "pt"}``), whose
+keys are ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight`` for each LoRA
+layer and ``base_model.model.<module path>.<name>`` for each entry of a ``modules_to_save``
+module's state dict: what PEFT's ``save_pretrained`` writes for a ``get_peft_model`` model,
+whether a plain ``nn.Module`` or a transformers model with a ``task_type``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import safetensors.torch
+import torch
+import torch.nn as nn
+
+from fastpeft.formats.file_names import ADAPTER_FILE_NAMES, CONFIG_NAME, PEFT_PICKLE_NAME, PEFT_WEIGHTS_NAME
+from fastpeft.formats.saved_tensors import check_dtype, cpu_copy
+from fastpeft.formats.snapshot import Snapshot, open_snapshot
+from fastpeft.methods.lora.config import LoraConfig
+from fastpeft.methods.lora.model import build_replacements, install, lora_layers
+from fastpeft.methods.lora.targets import InjectionPlan, plan_injection
+from fastpeft.methods.state import adapter_state, check_not_adapted, restore_requires_grad
+
+KEY_PREFIX = "base_model.model."
+# A LoRA weight key without the prefix, with or without the adapter name PEFT uses in memory.
+_LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight")
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA adapter's tensors under PEFT's saved keys (CPU copies), as a save writes them."""
+    out = {}
+    for name, layer in lora_layers(model):
+        out[f"{KEY_PREFIX}{name}.lora_A.weight"] = cpu_copy(layer.lora_A.weight)
+        out[f"{KEY_PREFIX}{name}.lora_B.weight"] = cpu_copy(layer.lora_B.weight)
+    for path in adapter_state(model).modules_to_save:
+        for key, value in model.get_submodule(path).state_dict().items():
+            out[f"{KEY_PREFIX}{path}.{key}"] = cpu_copy(value)
+    return out
+
+
+def saved_lora_config(model: nn.Module) -> dict:
+    """The LoRA adapter's ``adapter_config.json`` contents, as PEFT writes them: ``"all-linear"``
+    resolved to the adapted module paths, ``fan_in_fan_out`` as PEFT leaves it after
+    wrapping ``Conv1D`` layers, ``inference_mode`` True, ``base_model_name_or_path`` from the
+    transformers model when the config has none."""
+    config = adapter_state(model).config
+    layers = lora_layers(model)
+    data = config.to_dict()
+    if config.is_all_linear:
+        data["target_modules"] = sorted(name for name, _ in layers)
+    data["fan_in_fan_out"] = any(layer.fan_in_fan_out for _, layer in layers)
+    data["inference_mode"] = True
+    if data["base_model_name_or_path"] is None:
+        name = getattr(getattr(model, "config", None), "name_or_path", None)
+        data["base_model_name_or_path"] = name or None
+    return data
+
+
+def saved_files(model: nn.Module) -> dict[str, bytes]:
+    """The files a save of the model's LoRA adapter writes, name -> contents, the config last."""
+    weights = safetensors.torch.save(lora_state_dict(model), metadata={"format": "pt"})
+    return {PEFT_WEIGHTS_NAME: weights,
+            CONFIG_NAME: json.dumps(saved_lora_config(model), indent=2, sort_keys=True).encode()}
+
+
+def read_weights(snapshot: Snapshot, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    """A PEFT directory's weight file (LoRA or prompt learning): safetensors, else the pickle
+    with ``allow_pickle`` (``Snapshot.read_weights``)."""
+    return snapshot.read_weights(PEFT_WEIGHTS_NAME, PEFT_PICKLE_NAME, allow_pickle)
+
+
+def _read_config(snapshot: Snapshot) -> LoraConfig:
+    return LoraConfig.from_dict(snapshot.read_json(CONFIG_NAME))
+
+
+def read_lora_adapter(directory: str | bytes | os.PathLike,
+                      allow_pickle: bool = False) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """A PEFT LoRA directory's ``(config, tensors)``: the tensors on the CPU under keys relative
+    to the model (``_normalize_keys``), both from one save (read from one snapshot). What
+    ``MultiAdapterModel`` loads.
+
+    Raises:
+        FileNotFoundError / NotADirectoryError / ValueError: as ``load_adapter``.
+    """
+    with open_snapshot(directory, ADAPTER_FILE_NAMES) as snapshot:
+        config = _read_config(snapshot)
+        return config, _normalize_keys(read_weights(snapshot, allow_pickle), snapshot.path)
+
+
+def _normalize_keys(tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Keys relative to the model: without the ``base_model.model.`` prefix and without an
+    adapter name in LoRA keys (``x.lora_A.default.weight`` -> ``x.lora_A.weight``)."""
+    out: dict[str, torch.Tensor] = {}
+    adapters = set()
+    for key, value in tensors.items():
+        name = key.removeprefix(KEY_PREFIX)
+        match = _LORA_KEY.fullmatch(name)
+        if match and match["adapter"]:
+            adapters.add(match["adapter"])
+            name = f"{match['module']}.{match['kind']}.weight"
+        if name in out:
+            raise ValueError(f"{source}: key {key!r} duplicates another key once prefixes and adapter names are removed")
+        out[name] = value
+    if len(adapters) > 1:
+        raise ValueError(f"{source} holds several adapters {sorted(adapters)}; load one adapter at a time")
+    return out
+
+
+def _check_tensors(
+    model: nn.Module, plan: InjectionPlan, tensors: dict[str, torch.Tensor], source: str
+) -> None:
+    """The file must hold exactly the plan's tensors, with the plan's shapes: LoRA weights
+    floating point, ``modules_to_save`` entries of their module's dtype kind."""
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {}
+    for t in plan.targets:
+        out_f, in_f = t.module.weight.shape
+        if t.fan_in_fan_out:
+            out_f, in_f = in_f, out_f
+        expected[f"{t.name}.lora_A.weight"] = ((t.r, in_f), None)
+        expected[f"{t.name}.lora_B.weight"] = ((out_f, t.r), None)
+    for path in plan.modules_to_save:
+        for key, value in model.get_submodule(path).state_dict().items():
+            expected[f"{path}.{key}"] = (tuple(value.shape), value.dtype)
+    missing = sorted(expected.keys() - tensors.keys())
+    extra = sorted(tensors.keys() - expected.keys())
+    if missing or extra:
+        raise ValueError(f"{source} does not match the adapter its config describes on this model: "
+                         f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+                         f"unexpected keys {extra[:8]}{' ...' if len(extra) > 8 else ''}")
+    for key, (shape, dtype) in expected.items():
+        tensor = tensors[key]
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, expected {shape} "
+                             "(from the config's r / rank_pattern and the model's layer)")
+        check_dtype(tensor, dtype, key, source)
+
+
+@torch.no_grad()
+def _fill(replacements: dict[str, nn.Module], plan: InjectionPlan, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy the checked tensors into the not yet installed modules."""
+    for t in plan.targets:
+        layer = replacements[t.name]
+        layer.lora_A.weight.copy_(tensors[f"{t.name}.lora_A.weight"])
+        layer.lora_B.weight.copy_(tensors[f"{t.name}.lora_B.weight"])
+    for path in plan.modules_to_save:
+        prefix = f"{path}."
+        own = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+        replacements[path].load_state_dict(own, strict=True)
+
+
+def load_lora(model: nn.Module, snapshot: Snapshot, *, is_trainable: bool, allow_pickle: bool,
+              autocast_adapter_dtype: bool) -> nn.Module:
+    """``fastpeft.load_adapter`` for a PEFT LoRA directory's ``snapshot``: the config's rules
+    decide the layers, the weight file fills them; everything is checked and loaded into the
+    new layers before the model is touched. Returns ``model``."""
+    config = _read_config(snapshot)
+    tensors = _normalize_keys(read_weights(snapshot, allow_pickle), snapshot.path)
+    check_not_adapted(model)
+    plan = plan_injection(model, config)
+    _check_tensors(model, plan, tensors, snapshot.path)
+    with restore_requires_grad(model, always=False):
+        replacements = build_replacements(
+            model, plan, config, init_lora_weights=True, autocast_adapter_dtype=autocast_adapter_dtype
+        )
+        _fill(replacements, plan, tensors)
+    install(model, config, replacements, plan.modules_to_save, trainable=is_trainable)
+    return model
