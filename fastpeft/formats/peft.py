@@ -23,21 +23,22 @@ from fastpeft.formats.file_names import ADAPTER_FILE_NAMES, CONFIG_NAME, PEFT_PI
 from fastpeft.formats.saved_tensors import check_dtype, cpu_copy
 from fastpeft.formats.snapshot import Snapshot, open_snapshot
 from fastpeft.methods.lora.config import LoraConfig
+from fastpeft.methods.lora.layer import A_MODULE, B_MODULE, lora_keys
 from fastpeft.methods.lora.model import build_replacements, install, lora_layers
 from fastpeft.methods.lora.targets import InjectionPlan, plan_injection
 from fastpeft.methods.state import adapter_state, check_not_adapted, restore_requires_grad
 
 KEY_PREFIX = "base_model.model."
 # A LoRA weight key without the prefix, with or without the adapter name PEFT uses in memory.
-_LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight")
+_LORA_KEY = re.compile(rf"(?P<module>.+)\.(?P<kind>{A_MODULE}|{B_MODULE})(?:\.(?P<adapter>[^.]+))?\.weight")
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA adapter's tensors under PEFT's saved keys (CPU copies), as a save writes them."""
     out = {}
     for name, layer in lora_layers(model):
-        out[f"{KEY_PREFIX}{name}.lora_A.weight"] = cpu_copy(layer.lora_A.weight)
-        out[f"{KEY_PREFIX}{name}.lora_B.weight"] = cpu_copy(layer.lora_B.weight)
+        a_key, b_key = lora_keys(f"{KEY_PREFIX}{name}")
+        out[a_key], out[b_key] = cpu_copy(layer.lora_A.weight), cpu_copy(layer.lora_B.weight)
     for path in adapter_state(model).modules_to_save:
         for key, value in model.get_submodule(path).state_dict().items():
             out[f"{KEY_PREFIX}{path}.{key}"] = cpu_copy(value)
@@ -103,7 +104,8 @@ def _normalize_keys(tensors: dict[str, torch.Tensor], source: str) -> dict[str, 
         match = _LORA_KEY.fullmatch(name)
         if match and match["adapter"]:
             adapters.add(match["adapter"])
-            name = f"{match['module']}.{match['kind']}.weight"
+            a_key, b_key = lora_keys(match["module"])
+            name = b_key if match["kind"] == B_MODULE else a_key
         if name in out:
             raise ValueError(f"{source}: key {key!r} duplicates another key once prefixes and adapter names are removed")
         out[name] = value
@@ -122,8 +124,8 @@ def _check_tensors(
         out_f, in_f = t.module.weight.shape
         if t.fan_in_fan_out:
             out_f, in_f = in_f, out_f
-        expected[f"{t.name}.lora_A.weight"] = ((t.r, in_f), None)
-        expected[f"{t.name}.lora_B.weight"] = ((out_f, t.r), None)
+        a_key, b_key = lora_keys(t.name)
+        expected[a_key], expected[b_key] = ((t.r, in_f), None), ((out_f, t.r), None)
     for path in plan.modules_to_save:
         for key, value in model.get_submodule(path).state_dict().items():
             expected[f"{path}.{key}"] = (tuple(value.shape), value.dtype)
@@ -146,8 +148,9 @@ def _fill(replacements: dict[str, nn.Module], plan: InjectionPlan, tensors: dict
     """Copy the checked tensors into the not yet installed modules."""
     for t in plan.targets:
         layer = replacements[t.name]
-        layer.lora_A.weight.copy_(tensors[f"{t.name}.lora_A.weight"])
-        layer.lora_B.weight.copy_(tensors[f"{t.name}.lora_B.weight"])
+        a_key, b_key = lora_keys(t.name)
+        layer.lora_A.weight.copy_(tensors[a_key])
+        layer.lora_B.weight.copy_(tensors[b_key])
     for path in plan.modules_to_save:
         prefix = f"{path}."
         own = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}

@@ -55,7 +55,7 @@ from fastpeft.formats import peft as peft_format
 from fastpeft.formats.safe_write import fs_path
 from fastpeft.methods.base_layers import is_linear
 from fastpeft.methods.lora.config import LoraConfig
-from fastpeft.methods.lora.layer import lora_scaling
+from fastpeft.methods.lora.layer import lora_keys, lora_scaling
 from fastpeft.methods.lora.multi_layer import MultiLoRALinear, TokenAdapterIds
 from fastpeft.methods.lora.targets import is_excluded, is_targeted, pattern_value, plan_injection
 
@@ -153,7 +153,7 @@ class MultiAdapterModel(nn.Module):
 
     def _check_weights(self, targets: dict[str, tuple[int, float]], tensors: dict[str, torch.Tensor],
                        source: str) -> None:
-        expected = {f"{p}.lora_{kind}.weight" for p in targets for kind in "AB"}
+        expected = {key for path in targets for key in lora_keys(path)}
         missing, extra = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
         if missing or extra:
             raise ValueError(f"{source} does not match its config on this model: missing keys {missing[:8]}, "
@@ -161,7 +161,7 @@ class MultiAdapterModel(nn.Module):
         for path, (r, _) in targets.items():
             if r > self.max_rank:
                 raise ValueError(f"{source}: {path!r} has rank {r} > max_rank {self.max_rank}")
-            a, b = tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"]
+            a, b = (tensors[key] for key in lora_keys(path))
             if not (a.dtype.is_floating_point and b.dtype.is_floating_point):
                 raise ValueError(f"{source}: {path!r}'s LoRA weights must be floating point, got {a.dtype}/{b.dtype}")
             layer = self.layers[path]
@@ -199,8 +199,8 @@ class MultiAdapterModel(nn.Module):
             for path, layer in self.layers.items():
                 if path in targets:
                     r, alpha = targets[path]
-                    layer.load_slot(slot, tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"],
-                                    lora_scaling(r, alpha, config.use_rslora))
+                    lora_a, lora_b = (tensors[key] for key in lora_keys(path))
+                    layer.load_slot(slot, lora_a, lora_b, lora_scaling(r, alpha, config.use_rslora))
                 else:
                     layer.clear_slot(slot)  # a layer this adapter does not target contributes nothing
             self._loaded[name] = slot

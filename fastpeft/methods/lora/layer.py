@@ -26,6 +26,19 @@ def _require_rank(r: object) -> int:
     return r
 
 
+# The submodules holding A and B, named as PEFT's lora.Linear names them, and the keys of their
+# weights under a layer's path in a state dict (PEFT's saved keys, less its prefix and the
+# adapter name): declared here once for every reader and writer of LoRA tensors.
+A_MODULE, B_MODULE = "lora_A", "lora_B"
+A_KEY, B_KEY = f"{A_MODULE}.weight", f"{B_MODULE}.weight"
+
+
+def lora_keys(path: str) -> tuple[str, str]:
+    """``(A's key, B's key)`` of the LoRA layer at ``path``: ``<path>.lora_A.weight``,
+    ``<path>.lora_B.weight``."""
+    return f"{path}.{A_KEY}", f"{path}.{B_KEY}"
+
+
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
     """PEFT's scaling: ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA."""
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
