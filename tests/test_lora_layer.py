@@ -229,3 +229,20 @@ def test_16bit_layers_get_fp32_adapters_like_peft_and_inject(dtype):
     assert layer.weight.dtype == dtype and layer.lora_B.weight.dtype == torch.float32
     kept = fastpeft.LoRALinear.from_linear(nn.Linear(8, 6).to(dtype), lora_dtype=dtype)
     assert kept.lora_A.weight.dtype == dtype
+
+
+def test_wrap_dispatches_on_the_base_layer_kind_and_refuses_others():
+    """``LoRALinear.wrap`` takes any of ``BASE_LAYER_KINDS`` (first match), as ``from_linear`` /
+    ``from_conv1d`` would, and refuses another module naming the kinds it takes."""
+    from fastpeft.methods.base_layers import BASE_LAYER_KINDS, CONV1D, LINEAR, base_layer_kind
+
+    transformers = pytest.importorskip("transformers")
+    linear, conv1d = torch.nn.Linear(6, 4), transformers.pytorch_utils.Conv1D(4, 6)  # both [in 6, out 4]
+    assert base_layer_kind(linear) is LINEAR and base_layer_kind(conv1d) is CONV1D
+    assert base_layer_kind(torch.nn.Embedding(3, 4)) is None
+    for base, fan_in_fan_out in ((linear, False), (conv1d, True)):
+        layer = fastpeft.LoRALinear.wrap(base, r=2)
+        assert (layer.in_features, layer.out_features, layer.fan_in_fan_out) == (6, 4, fan_in_fan_out)
+        assert layer.weight is base.weight
+    with pytest.raises(TypeError, match="base must be one of " + ", ".join(k.name for k in BASE_LAYER_KINDS)):
+        fastpeft.LoRALinear.wrap(torch.nn.Embedding(3, 4))

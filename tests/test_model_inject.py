@@ -173,7 +173,7 @@ def test_merge_and_unload_keeps_outputs_and_restores_plain_modules(model_name, k
 def test_failure_mid_build_leaves_model_unchanged(monkeypatch):
     model = tiny_llama()
     before = snapshot(model)
-    original = LoRALinear.from_linear
+    original = LoRALinear.wrap
     calls = []
 
     def failing(*args, **kwargs):
@@ -182,7 +182,7 @@ def test_failure_mid_build_leaves_model_unchanged(monkeypatch):
             raise RuntimeError("simulated failure while building a layer")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(LoRALinear, "from_linear", failing)
+    monkeypatch.setattr(LoRALinear, "wrap", failing)
     with pytest.raises(RuntimeError, match="simulated"):
         fastpeft.inject(model, LoraConfig(target_modules="all-linear"))
     assert len(calls) == 3

@@ -12,7 +12,7 @@ import torch.nn as nn
 from fastpeft.api import pretrained_save
 from fastpeft.api.adapters import merge_and_unload as merge_and_unload_model
 from fastpeft.api.adapters import save_adapter
-from fastpeft.methods.base_layers import is_conv1d
+from fastpeft.methods.base_layers import BASE_LAYER_KINDS, base_layer_kind
 from fastpeft.methods.lora.config import LoraConfig
 from fastpeft.methods.lora.layer import LoRALinear
 from fastpeft.methods.prompt.config import prompt_config_from_dict
@@ -53,15 +53,14 @@ def _convert_lora_linear(path: str, layer: nn.Module, adapter: str, use_rslora: 
     if variant is not None and type(variant).__name__ not in PLAIN_FORWARD_VARIANTS:
         raise _unsupported(path, f"LoRA variant {type(variant).__name__} is not implemented")
     base = layer.base_layer
-    fan_in_fan_out = is_conv1d(base)
-    if not (fan_in_fan_out or isinstance(base, nn.Linear)):
-        raise _unsupported(path, f"base layer {type(base).__name__} is neither nn.Linear nor Conv1D")
+    if base_layer_kind(base) is None:
+        raise _unsupported(path, f"base layer {type(base).__name__} is not one of "
+                                 f"{', '.join(kind.name for kind in BASE_LAYER_KINDS)}")
     dropout = layer.lora_dropout[adapter]
     if not isinstance(dropout, (nn.Dropout, nn.Identity)):
         raise _unsupported(path, f"lora_dropout is a {type(dropout).__name__}, expected nn.Dropout or nn.Identity")
     lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
-    wrap = LoRALinear.from_conv1d if fan_in_fan_out else LoRALinear.from_linear
-    new = wrap(
+    new = LoRALinear.wrap(
         base, layer.r[adapter], layer.lora_alpha[adapter],
         dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
         use_rslora, lora_dtype=lora_a.weight.dtype,

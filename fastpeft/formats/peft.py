@@ -121,9 +121,7 @@ def _check_tensors(
     floating point, ``modules_to_save`` entries of their module's dtype kind."""
     expected: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {}
     for t in plan.targets:
-        out_f, in_f = t.module.weight.shape
-        if t.fan_in_fan_out:
-            out_f, in_f = in_f, out_f
+        in_f, out_f = t.kind.features(t.module)
         a_key, b_key = lora_keys(t.name)
         expected[a_key], expected[b_key] = ((t.r, in_f), None), ((out_f, t.r), None)
     for path in plan.modules_to_save:

@@ -1,8 +1,10 @@
 """What every adaptation method needs to know about the base layers it adapts, and the mark
 of a layer that fastpeft put into a model.
 
-* ``is_linear``: the base layers LoRA (and multi-LoRA) wrap: ``nn.Linear`` and transformers'
-  ``Conv1D`` (weight ``[in, out]``, ``is_conv1d``);
+* ``BASE_LAYER_KINDS``: the base layers LoRA (and multi-LoRA) wrap, first match wins:
+  ``nn.Linear`` and transformers' ``Conv1D`` (weight ``[in, out]``). A ``BaseLayerKind`` says
+  how to recognise one and read its weight as ``[out, in]``; a new kind of base layer (a
+  quantized linear, say) is one entry, ahead of the kinds it subclasses;
 * ``default_lora_dtype``: PEFT's adapter dtype rule (float32 adapters on a 16-bit base), which
   the bottleneck adapters follow too;
 * ``AdapterLayer``: the base class of the layers a method installs (``ADAPTER_KIND`` names the
@@ -13,6 +15,8 @@ of a layer that fastpeft put into a model.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -45,6 +49,51 @@ def is_conv1d(module: object) -> bool:
     return cls is not None and isinstance(module, cls)
 
 
+@dataclass(frozen=True)
+class BaseLayerKind:
+    """A kind of base layer an adapter can wrap: ``name`` (for messages), ``matches(module)``,
+    and ``fan_in_fan_out``: the weight is stored ``[in, out]`` (``Conv1D``) rather than
+    ``[out, in]`` (``nn.Linear``)."""
+
+    name: str
+    matches: Callable[[nn.Module], bool]
+    fan_in_fan_out: bool
+
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        """``(in_features, out_features)`` of ``module``, from its weight's shape."""
+        rows, cols = module.weight.shape
+        return (rows, cols) if self.fan_in_fan_out else (cols, rows)
+
+    def weight_out_in(self, module: nn.Module) -> torch.Tensor:
+        """``module``'s weight as ``[out, in]`` (a transposed view for ``fan_in_fan_out``)."""
+        return module.weight.t() if self.fan_in_fan_out else module.weight
+
+
+def is_nn_linear(module: object) -> bool:
+    """Whether ``module`` is a ``torch.nn.Linear`` (a subclass too)."""
+    return isinstance(module, nn.Linear)
+
+
+LINEAR = BaseLayerKind("torch.nn.Linear", is_nn_linear, fan_in_fan_out=False)
+CONV1D = BaseLayerKind("transformers Conv1D", is_conv1d, fan_in_fan_out=True)
+# The kinds, first match wins: a kind that subclasses another's module type goes first.
+BASE_LAYER_KINDS: tuple[BaseLayerKind, ...] = (LINEAR, CONV1D)
+
+
+def base_layer_kind(module: nn.Module) -> BaseLayerKind | None:
+    """The first of ``BASE_LAYER_KINDS`` that ``module`` is, or None."""
+    return next((kind for kind in BASE_LAYER_KINDS if kind.matches(module)), None)
+
+
+def require_base_layer(module: object, argument: str) -> BaseLayerKind:
+    """``module``'s kind; TypeError naming ``argument`` and the kinds taken when it has none."""
+    kind = base_layer_kind(module) if isinstance(module, nn.Module) else None
+    if kind is None:
+        raise TypeError(f"{argument} must be one of {', '.join(k.name for k in BASE_LAYER_KINDS)}, "
+                        f"got {type(module).__name__}")
+    return kind
+
+
 def is_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is a linear layer LoRA can wrap (``nn.Linear`` or ``Conv1D``)."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    """Whether ``module`` is a base layer LoRA can wrap (one of ``BASE_LAYER_KINDS``)."""
+    return base_layer_kind(module) is not None

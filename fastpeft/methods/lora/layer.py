@@ -13,7 +13,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastpeft.methods.base_layers import AdapterLayer, default_lora_dtype, is_conv1d
+from fastpeft.methods.base_layers import (
+    CONV1D,
+    LINEAR,
+    AdapterLayer,
+    BaseLayerKind,
+    default_lora_dtype,
+    is_conv1d,
+    require_base_layer,
+)
 from fastpeft.ops.checks import require_finite, require_probability
 from fastpeft.ops.lora_linear import lora_linear
 
@@ -83,7 +91,7 @@ class LoRALinear(AdapterLayer):
     ) -> None:
         super().__init__()
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init_from(base, False, r, lora_alpha, lora_dropout, use_rslora, None, True)
+        self._init_from(base, LINEAR, r, lora_alpha, lora_dropout, use_rslora, None, True)
 
     @classmethod
     def from_linear(
@@ -105,7 +113,7 @@ class LoRALinear(AdapterLayer):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
-        return cls._wrap(linear, False, r, lora_alpha, lora_dropout, use_rslora, lora_dtype, init_lora_weights)
+        return cls._wrap(linear, LINEAR, r, lora_alpha, lora_dropout, use_rslora, lora_dtype, init_lora_weights)
 
     @classmethod
     def from_conv1d(
@@ -123,19 +131,36 @@ class LoRALinear(AdapterLayer):
         ``fan_in_fan_out`` semantics; weight and bias shared and frozen as in ``from_linear``."""
         if not is_conv1d(conv1d):
             raise TypeError(f"conv1d must be a transformers Conv1D (weight [in, out]), got {type(conv1d).__name__}")
-        return cls._wrap(conv1d, True, r, lora_alpha, lora_dropout, use_rslora, lora_dtype, init_lora_weights)
+        return cls._wrap(conv1d, CONV1D, r, lora_alpha, lora_dropout, use_rslora, lora_dtype, init_lora_weights)
 
     @classmethod
-    def _wrap(cls, base: nn.Module, fan_in_fan_out: bool, *args) -> "LoRALinear":
+    def wrap(
+        cls,
+        base: nn.Module,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        *,
+        lora_dtype: torch.dtype | None = None,
+        init_lora_weights: bool | str = True,
+    ) -> "LoRALinear":
+        """Wrap a base layer of any kind in ``fastpeft.methods.base_layers.BASE_LAYER_KINDS``
+        (``from_linear`` / ``from_conv1d`` for the one it is); TypeError for another module."""
+        kind = require_base_layer(base, "base")
+        return cls._wrap(base, kind, r, lora_alpha, lora_dropout, use_rslora, lora_dtype, init_lora_weights)
+
+    @classmethod
+    def _wrap(cls, base: nn.Module, kind: BaseLayerKind, *args) -> "LoRALinear":
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._init_from(base, fan_in_fan_out, *args)
+        layer._init_from(base, kind, *args)
         return layer
 
     def _init_from(
         self,
         base: nn.Module,
-        fan_in_fan_out: bool,
+        kind: BaseLayerKind,
         r: int,
         lora_alpha: float,
         lora_dropout: float,
@@ -148,12 +173,9 @@ class LoRALinear(AdapterLayer):
         self.lora_alpha = lora_alpha
         self.lora_dropout = require_probability("lora_dropout", lora_dropout)
         self.use_rslora = bool(use_rslora)
-        self.fan_in_fan_out = fan_in_fan_out
+        self.fan_in_fan_out = kind.fan_in_fan_out
         weight, bias = base.weight, base.bias
-        if fan_in_fan_out:
-            self.in_features, self.out_features = weight.shape
-        else:
-            self.out_features, self.in_features = weight.shape
+        self.in_features, self.out_features = kind.features(base)
         self.weight = weight
         self.bias = bias
         # The wrapped module, not registered as a submodule (its parameters are this layer's

@@ -51,8 +51,7 @@ def build_replacements(
     freezing its base weight) and a deep copy per ``modules_to_save`` module."""
     new: dict[str, nn.Module] = {}
     for t in plan.targets:
-        wrap = LoRALinear.from_conv1d if t.fan_in_fan_out else LoRALinear.from_linear
-        new[t.name] = wrap(
+        new[t.name] = LoRALinear.wrap(
             t.module, t.r, t.lora_alpha, config.lora_dropout, config.use_rslora,
             lora_dtype=_lora_dtype(t, autocast_adapter_dtype), init_lora_weights=init_lora_weights,
         )

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastpeft.methods.base_layers import default_lora_dtype, is_conv1d
+from fastpeft.methods.base_layers import default_lora_dtype, require_base_layer
 from fastpeft.ops.checks import describe
 from fastpeft.ops.multi_lora_linear import multi_lora_linear
 
@@ -115,14 +115,13 @@ class MultiLoRALinear(nn.Module):
         token_ids: TokenAdapterIds | None = None,
     ) -> None:
         super().__init__()
-        if not (isinstance(base_layer, nn.Linear) or is_conv1d(base_layer)):
-            raise TypeError(f"base_layer must be nn.Linear or transformers Conv1D, got {type(base_layer).__name__}")
+        kind = require_base_layer(base_layer, "base_layer")
         for name, value in (("max_adapters", max_adapters), ("max_rank", max_rank)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.fan_in_fan_out = kind.fan_in_fan_out
         weight = base_layer.weight
-        out_features, in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
+        in_features, out_features = kind.features(base_layer)
         self.in_features, self.out_features = in_features, out_features
         self.weight = weight
         self.bias = base_layer.bias

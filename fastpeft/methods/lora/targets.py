@@ -15,7 +15,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from fastpeft.methods.base_layers import is_conv1d, is_linear
+from fastpeft.methods.base_layers import BaseLayerKind, base_layer_kind, is_linear
 from fastpeft.methods.lora.config import LoraConfig, layers_pattern_regex, modules_to_save_regex, rank_pattern_regex
 from fastpeft.methods.modules_to_save import find_modules_to_save
 
@@ -26,14 +26,19 @@ SEQ_CLS_HEAD_NAMES = ("score", "classifier")
 
 @dataclass(frozen=True)
 class LoraTarget:
-    """A module to wrap: its path, the module, its rank and alpha, and whether its weight is
-    ``[in, out]`` (transformers ``Conv1D``)."""
+    """A module to wrap: its path, the module, its rank and alpha, and its kind of base layer
+    (``fastpeft.methods.base_layers.BaseLayerKind``)."""
 
     name: str
     module: nn.Module
     r: int
     lora_alpha: float
-    fan_in_fan_out: bool
+    kind: BaseLayerKind
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        """Whether the module's weight is ``[in, out]`` (transformers ``Conv1D``)."""
+        return self.kind.fan_in_fan_out
 
 
 @dataclass(frozen=True)
@@ -155,7 +160,7 @@ def plan_injection(model: nn.Module, config: LoraConfig) -> InjectionPlan:
         else:
             r = pattern_value(config.rank_pattern, key, config.r)
             alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
-            targets.append(LoraTarget(key, module, r, alpha, is_conv1d(module)))
+            targets.append(LoraTarget(key, module, r, alpha, base_layer_kind(module)))
     if unsupported:
         raise ValueError(f"target_modules matches modules fastpeft cannot wrap: {', '.join(unsupported)}; "
                          "only nn.Linear and transformers Conv1D layers are supported")
