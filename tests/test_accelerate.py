@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 import fastpeft
-from tests.numerics import TOLERANCE, assert_close, relative_error
+from tests.helpers.numerics import TOLERANCE, assert_close, relative_error
 from tests.test_distributed import (
     BATCH_SEED,
     COLLECTIVE_TIMEOUT_S,

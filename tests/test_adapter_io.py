@@ -17,8 +17,8 @@ import torch
 import fastpeft
 from fastpeft import LoraConfig
 from fastpeft.methods.lora.model import lora_layers
-from tests.model_helpers import TinyNet, assert_unchanged, forward, peft, snapshot, tiny_gpt2, tiny_llama
-from tests.numerics import assert_close, relative_error
+from tests.helpers.models import TinyNet, assert_unchanged, forward, peft, snapshot, tiny_gpt2, tiny_llama
+from tests.helpers.numerics import assert_close, relative_error
 
 CASES = {
     "llama": (tiny_llama, dict(

@@ -23,7 +23,7 @@ from fastpeft.api import adapter_state_dict
 from fastpeft.formats import safe_read, save_journal
 from fastpeft.integrations import is_adapter_checkpoint, load_adapter_weights
 from fastpeft.serving import MultiAdapterModel
-from tests.model_helpers import TinyNet, tiny_llama
+from tests.helpers.models import TinyNet, tiny_llama
 
 CONFIG = "adapter_config.json"
 LORA = fastpeft.LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False)

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 import fastpeft
 from fastpeft.kernels.dropout_mask import draw_seed
 from fastpeft.ops import lora_linear, lora_linear_dropout_mask, lora_linear_ref
-from tests.model_helpers import peft, tiny_gpt2, tiny_llama, token_ids
-from tests.numerics import TOLERANCE, assert_close, relative_error
-from tests.test_lora_linear_op import SCALING, make_problem
+from tests.helpers.models import peft, tiny_gpt2, tiny_llama, token_ids
+from tests.helpers.numerics import TOLERANCE, assert_close, relative_error
+from tests.helpers.lora_problem import SCALING, make_problem
 
 AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
 # fastpeft's error against fp32 may exceed PEFT's by this factor: both round every GEMM's

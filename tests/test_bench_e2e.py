@@ -21,7 +21,7 @@ from fastpeft.bench.e2e import (
 from fastpeft.bench.export import SCHEMA, to_json_dict
 from fastpeft.bench.spread import INCONCLUSIVE, MET, MISSED, Spread
 from fastpeft.bench.timing import TimingBudget
-from tests.numerics import TOLERANCE, assert_close, relative_error
+from tests.helpers.numerics import TOLERANCE, assert_close, relative_error
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")

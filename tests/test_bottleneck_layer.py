@@ -8,7 +8,7 @@ import torch
 
 import fastpeft
 from fastpeft.kernels.bottleneck.ref import bottleneck_adapter_ref
-from tests.numerics import assert_close
+from tests.helpers.numerics import assert_close
 
 
 def _randomize(layer: fastpeft.BottleneckAdapter, seed: int = 0) -> None:

@@ -19,7 +19,7 @@ from fastpeft import AdapterConfig
 from fastpeft.methods.bottleneck import placement as bottleneck_placement
 from fastpeft.methods.bottleneck.model import placed_bottleneck
 
-# Own tiny models (not tests.model_helpers', which needs peft): scripts/adapterhub_env.sh runs
+# Own tiny models (not tests.helpers.models', which needs peft): scripts/adapterhub_env.sh runs
 # this file under transformers 4.57 too, where the module layout may differ.
 transformers = pytest.importorskip("transformers")
 

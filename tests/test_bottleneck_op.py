@@ -15,7 +15,7 @@ import torch
 
 from fastpeft.ops import bottleneck_adapter, bottleneck_adapter_dropout_mask, bottleneck_adapter_ref
 from tests.conftest import BACKENDS, DEVICE
-from tests.numerics import TOLERANCE, assert_close
+from tests.helpers.numerics import TOLERANCE, assert_close
 
 ACTIVATIONS = ["relu", "gelu", "gelu_new", "silu", "linear"]
 OP_MODULE = importlib.import_module("fastpeft.ops.bottleneck_adapter")

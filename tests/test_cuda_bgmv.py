@@ -1,6 +1,6 @@
 """The CUDA C++ multi-LoRA decode kernels (csrc/bgmv.cu) through their launcher
 (fastpeft.kernels.multi_lora.cuda_launch.multi_lora_decode), run on the CPU by the kernels'
-emulation (tests/cuda_emulation.py), against a per-token float64 reference.
+emulation (tests/helpers/cuda_emulation.py), against a per-token float64 reference.
 
 The slots' padding (rows/columns past each adapter's rank) holds NaN, so reading any of it
 shows; rows whose id is outside [0, L) must come back bit for bit unchanged (no slot read).
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from fastpeft.kernels.multi_lora.cuda_launch import multi_lora_decode
-from tests.cuda_emulation import emulate_cuda_kernels
-from tests.numerics import assert_close
+from tests.helpers.cuda_emulation import emulate_cuda_kernels
+from tests.helpers.numerics import assert_close
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """The CUDA C++ bottleneck adapter kernels (csrc/bottleneck.cu) through their launcher
 (fastpeft.kernels.bottleneck.cuda_launch), run on the CPU by the kernels' emulation
-(tests/cuda_emulation.py), against the float64 reference for out, z and every gradient.
+(tests/helpers/cuda_emulation.py), against the float64 reference for out, z and every gradient.
 
 The emulation runs the kernels' own code (written once against csrc/block.h) thread by
 thread, so these tests cover the kernels' indexing, staging, dropout bits, activations,
@@ -16,8 +16,8 @@ import torch
 from fastpeft.kernels.bottleneck import cuda_launch
 from fastpeft.kernels.bottleneck.ref import bottleneck_adapter_ref
 from fastpeft.kernels.dropout_mask import keep_mask_philox
-from tests.cuda_emulation import emulate_cuda_kernels
-from tests.numerics import assert_close
+from tests.helpers.cuda_emulation import emulate_cuda_kernels
+from tests.helpers.numerics import assert_close
 
 ALL_GRADS = (True, True, True, True, True, True)
 

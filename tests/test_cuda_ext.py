@@ -13,7 +13,7 @@ import torch
 from fastpeft import check_cuda, cuda_ext
 from fastpeft.kernels import dropout_mask
 from fastpeft.kernels.bottleneck.ref import CANONICAL_ACTIVATIONS
-from tests.cuda_emulation import built_extension
+from tests.helpers.cuda_emulation import built_extension
 
 MASK64 = (1 << 64) - 1
 # The loader's cached functions (tests may monkeypatch the module attributes).

@@ -16,7 +16,7 @@ import torch
 from fastpeft import cuda_ext
 from fastpeft.kernels.multi_lora.cuda_launch import multi_lora_decode
 from tests import test_cuda_bgmv, test_cuda_bottleneck
-from tests.numerics import assert_close
+from tests.helpers.numerics import assert_close
 
 pytestmark = [
     pytest.mark.gpu,

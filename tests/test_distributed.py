@@ -31,7 +31,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import fastpeft
-from tests.numerics import TOLERANCE, assert_close, relative_error
+from tests.helpers.numerics import TOLERANCE, assert_close, relative_error
 from tests.test_training_parity import lora_grads, lora_model, one_thread, shift_batch
 
 if not dist.is_available():

@@ -12,7 +12,7 @@ from fastpeft.backend import triton_available
 from fastpeft.kernels.dropout_mask import keep_mask_philox
 from fastpeft.ops import lora_linear, lora_linear_dropout_mask, lora_linear_ref
 from tests.conftest import DEVICE
-from tests.test_lora_linear_op import SCALING, make_problem
+from tests.helpers.lora_problem import SCALING, make_problem
 
 
 @pytest.mark.skipif(not triton_available(), reason="needs triton")

@@ -24,8 +24,8 @@ import torch
 import fastpeft
 from fastpeft import backend
 from fastpeft.kernels.dropout_mask import draw_seed
-from tests.numerics import assert_close
-from tests.test_lora_linear_op import SCALING, Problem, check_against_reference, make_problem
+from tests.helpers.numerics import assert_close
+from tests.helpers.lora_problem import SCALING, Problem, check_against_reference, make_problem
 
 pytestmark = [
     pytest.mark.gpu,

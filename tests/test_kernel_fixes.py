@@ -25,14 +25,14 @@ from fastpeft.kernels.lora.configs import (  # noqa: E402
 from fastpeft.kernels.lora.hybrid_launch import hybrid_backward  # noqa: E402
 from fastpeft.ops import lora_linear, lora_linear_ref  # noqa: E402
 from tests.conftest import DEVICE  # noqa: E402
-from tests.numerics import TOLERANCE, assert_close, relative_error  # noqa: E402
+from tests.helpers.numerics import TOLERANCE, assert_close, relative_error  # noqa: E402
 from tests.test_kernel_specs import _launch_key, _Recorder, _spec_key  # noqa: E402
 from tests.test_lora_linear_edge_cases import (  # noqa: E402
     OVERFLOW_N,
     OVERFLOW_SCALING,
     overflowing_fp32_adapter_case,
 )
-from tests.test_lora_linear_op import SCALING, check_against_reference, make_problem  # noqa: E402
+from tests.helpers.lora_problem import SCALING, check_against_reference, make_problem  # noqa: E402
 
 CUDA = torch.device("cuda")
 

@@ -28,7 +28,7 @@ from fastpeft.ops import lora_linear_dropout_mask  # noqa: E402
 from tests import test_kernel_specs as recorder  # noqa: E402  (the launch recorder and its keys)
 from tests import test_lora_linear_registration as registration  # noqa: E402
 from tests.conftest import DEVICE  # noqa: E402
-from tests.test_lora_linear_op import SCALING, check_against_reference, make_problem  # noqa: E402
+from tests.helpers.lora_problem import SCALING, check_against_reference, make_problem  # noqa: E402
 
 # Activation dtypes: fp32 runs the kernels in the interpreter only; bf16 is computed in fp32
 # there (UPCAST), so only a GPU run covers bf16 arithmetic (tests/test_gpu.py).

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import fastpeft
 from tests.conftest import DEVICE
-from tests.numerics import assert_close
+from tests.helpers.numerics import assert_close
 
 
 def test_parameters_named_shaped_and_frozen_like_peft():

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from fastpeft.kernels.dropout_mask import draw_seed
 from fastpeft.ops import lora_linear, lora_linear_dropout_mask, lora_linear_ref
 from tests.conftest import DEVICE
-from tests.model_helpers import peft
-from tests.numerics import TOLERANCE, assert_close, relative_error
-from tests.test_lora_linear_op import SCALING, check_against_reference, make_problem
+from tests.helpers.models import peft
+from tests.helpers.numerics import TOLERANCE, assert_close, relative_error
+from tests.helpers.lora_problem import SCALING, check_against_reference, make_problem
 
 
 @pytest.mark.parametrize("k,n", [(0, 12), (20, 0), (0, 0)])

@@ -11,7 +11,7 @@ import fastpeft
 from fastpeft.kernels.dropout_mask import draw_seed
 from fastpeft.ops import lora_linear
 from tests.conftest import DEVICE
-from tests.test_lora_linear_op import SCALING, make_problem
+from tests.helpers.lora_problem import SCALING, make_problem
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])

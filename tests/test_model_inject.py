@@ -14,7 +14,7 @@ import torch.nn as nn
 import fastpeft
 from fastpeft import LoraConfig, LoRALinear
 from fastpeft.methods.lora.model import lora_layers
-from tests.model_helpers import (
+from tests.helpers.models import (
     TinyNet,
     assert_unchanged,
     our_layers,
@@ -25,7 +25,7 @@ from tests.model_helpers import (
     tiny_llama,
     token_ids,
 )
-from tests.numerics import assert_close
+from tests.helpers.numerics import assert_close
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "tinynet": TinyNet}
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 import fastpeft
 from fastpeft.methods.lora.multi_layer import TokenAdapterIds
 from fastpeft.ops import multi_lora_linear_ref
-from tests.numerics import assert_close
+from tests.helpers.numerics import assert_close
 
 IN, OUT = 19, 23
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fastpeft
-from tests.model_helpers import VOCAB, tiny_gpt2, tiny_llama
+from tests.helpers.models import VOCAB, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 

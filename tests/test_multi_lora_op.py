@@ -14,7 +14,7 @@ from fastpeft.kernels.multi_lora import configs
 from fastpeft.ops import multi_lora_linear, multi_lora_linear_ref
 from fastpeft.ops import multi_lora_linear_torch
 from tests.conftest import DEVICE, KERNELS_RUN
-from tests.numerics import assert_close
+from tests.helpers.numerics import assert_close
 
 K, N = 37, 45  # odd: no tile divides them
 RANKS = [3, 40, 1, 17, 0]  # slot 4 empty; R_MAX = 40 spans several rank blocks

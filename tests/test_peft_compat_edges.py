@@ -12,8 +12,8 @@ import torch
 import fastpeft
 from fastpeft import LoraConfig
 from fastpeft.methods.lora.model import lora_layers
-from tests.model_helpers import peft, tiny_gpt2, tiny_llama, token_ids, transformers
-from tests.numerics import assert_close
+from tests.helpers.models import peft, tiny_gpt2, tiny_llama, token_ids, transformers
+from tests.helpers.numerics import assert_close
 
 
 def test_tied_lm_head_warns_and_merge_keeps_the_input_embedding(tmp_path):

@@ -35,7 +35,7 @@ from fastpeft.bench.e2e import (
 )
 from fastpeft.bench.timing import TimingBudget
 from fastpeft.methods.prompt.model import prompt_encoder
-from tests.numerics import assert_close
+from tests.helpers.numerics import assert_close
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")

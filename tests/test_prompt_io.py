@@ -10,9 +10,9 @@ import warnings
 import pytest
 import safetensors.torch
 import torch
-from model_helpers import assert_unchanged, snapshot
-from numerics import assert_close
-from prompt_helpers import MODELS, N_VIRTUAL, configs, padded_batch, pair, peft, tiny_bert_cls
+from tests.helpers.models import assert_unchanged, snapshot
+from tests.helpers.numerics import assert_close
+from tests.helpers.prompts import MODELS, N_VIRTUAL, configs, padded_batch, pair, peft, tiny_bert_cls
 
 import fastpeft
 from fastpeft.methods.prompt.model import prompt_encoder

@@ -9,8 +9,8 @@ import warnings
 
 import pytest
 import torch
-from numerics import assert_close
-from prompt_helpers import (
+from tests.helpers.numerics import assert_close
+from tests.helpers.prompts import (
     MODELS,
     N_VIRTUAL,
     configs,

@@ -6,7 +6,7 @@ load_adapter's check of its path.
 Tests that need other processes fork them from one server process (the "zygote"), which
 imports torch and fastpeft once: a fresh interpreter takes seconds to start, and the SIGKILL
 test needs a new writer for every kill. For the same reason these tests use ``Stack``
-below rather than tests/model_helpers.py (importing transformers takes seconds more).
+below rather than tests/helpers/models.py (importing transformers takes seconds more).
 Mount points and read-only filesystems are made in a private mount namespace (tmpfs), as
 chmod does not stop root.
 """
@@ -38,7 +38,7 @@ import fastpeft
 from fastpeft import LoraConfig
 from fastpeft.api import adapter_state_dict
 from fastpeft.formats import safe_write, save_journal
-from tests.zygote import NamespaceUnavailable, Zygote
+from tests.helpers.zygote import NamespaceUnavailable, Zygote
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -100,7 +100,7 @@ def temp_files(directory: Path) -> list[str]:
 
 
 def zygote_warm() -> None:
-    """What the zygote prepares before forking (``tests.zygote``): every variant's adapter."""
+    """What the zygote prepares before forking (``tests.helpers.zygote``): every variant's adapter."""
     for variant in VARIANTS:
         adapted(variant)
 

@@ -10,7 +10,7 @@
   process: each read returns one save's adapter, never a mix, and never fails because a
   save is in progress.
 
-Writers are forked from a zygote (``tests.zygote``) that builds the models once.
+Writers are forked from a zygote (``tests.helpers.zygote``) that builds the models once.
 tests/test_save_adapter.py has the LoRA kill test and the directory cases (mounts,
 permissions, concurrent writers).
 """
@@ -39,8 +39,8 @@ from fastpeft.formats.file_names import ADAPTER_FILE_NAMES
 from fastpeft.formats.save_journal import JOURNAL_NAME
 from fastpeft.integrations import load_adapter_weights
 from fastpeft.serving import MultiAdapterModel
-from tests.model_helpers import tiny_llama
-from tests.zygote import Zygote
+from tests.helpers.models import tiny_llama
+from tests.helpers.zygote import Zygote
 
 # kind -> its two variants' configs; every pair differs in its config, so a mix of one
 # save's config and the other's weights cannot load as either. "prefix_same" keeps the

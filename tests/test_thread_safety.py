@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import fastpeft
-from tests.model_helpers import VOCAB, tiny_llama
+from tests.helpers.models import VOCAB, tiny_llama
 from tests.test_multi_lora_model import LLAMA_ADAPTERS, _save_adapters
 
 THREADS = 8

@@ -22,8 +22,8 @@ import torch
 
 import fastpeft
 from fastpeft.api import adapter_state_dict
-from tests.model_helpers import token_ids
-from tests.numerics import TOLERANCE, relative_error
+from tests.helpers.models import token_ids
+from tests.helpers.numerics import TOLERANCE, relative_error
 from tests.test_training_parity import build_model, one_thread, shift_batch
 
 transformers = pytest.importorskip("transformers")

@@ -24,7 +24,7 @@ import fastpeft
 from fastpeft.api import adapter_state_dict
 from fastpeft.formats.file_names import ENCODER_STATE_NAME
 from fastpeft.methods.prompt.model import prompt_encoder
-from tests.numerics import TOLERANCE, relative_error
+from tests.helpers.numerics import TOLERANCE, relative_error
 from tests.test_trainer import (
     TRAINER_FILES,
     CountingDataset,

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 import fastpeft
-from tests.numerics import TOLERANCE, relative_error
+from tests.helpers.numerics import TOLERANCE, relative_error
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

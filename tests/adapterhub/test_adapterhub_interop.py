@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 import fastpeft  # noqa: E402
 from fastpeft.formats.adapterhub import PARAMETERS, SCALING_KEY  # noqa: E402
 from fastpeft.methods.bottleneck.model import placed_bottleneck  # noqa: E402
-from tests.numerics import assert_close  # noqa: E402
+from tests.helpers.numerics import assert_close  # noqa: E402
 
 VOCAB = 64
 NAME = "hub"  # the adapter's name in AdapterHub

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from model_helpers import VOCAB, tiny_gpt2, tiny_llama
+from tests.helpers.models import VOCAB, tiny_gpt2, tiny_llama
 
 import fastpeft
 from fastpeft.methods.prompt.model import prompt_encoder

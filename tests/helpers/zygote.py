@@ -84,7 +84,7 @@ class Zygote:
 
     def __init__(self, module_name: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-c", f"from tests.zygote import main; main({module_name!r})"],
+            [sys.executable, "-c", f"from tests.helpers.zygote import main; main({module_name!r})"],
             cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
 
