@@ -274,3 +274,17 @@ def test_pickle_weights_need_allow_pickle_and_load_weights_only(peft_dir):
     with pytest.raises(ValueError, match="weights_only"):
         fastpeft.load_adapter(tiny_llama(), peft_dir, allow_pickle=True)
     assert not _UNPICKLED
+
+
+def test_format_detection_takes_the_first_matching_format(tmp_path):
+    """The last format (PEFT LoRA) takes every directory the others do not claim, so each
+    directory is read by exactly the format that detects it first."""
+    from fastpeft.api.adapters import FORMATS
+    from fastpeft.formats.file_names import ADAPTER_FILE_NAMES
+    from fastpeft.formats.snapshot import open_snapshot
+
+    assert FORMATS[-1].name == "PEFT LoRA"
+    model = fastpeft.inject(tiny_llama(), fastpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    fastpeft.save_adapter(model, tmp_path)
+    with open_snapshot(tmp_path, ADAPTER_FILE_NAMES) as snapshot:
+        assert [f.name for f in FORMATS if f.detect(snapshot)] == ["PEFT prompt learning", "PEFT LoRA"]

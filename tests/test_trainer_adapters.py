@@ -291,3 +291,11 @@ def test_from_peft_prompt_models_checkpoint_their_encoder(tmp_path):
     trained = trained_state(model)
     assert trained and trained_state(other).keys() == trained.keys()
     assert all(torch.equal(value, trained[name]) for name, value in trained_state(other).items())
+
+
+def test_every_method_has_its_checkpoint_files():
+    """``load_adapter_weights`` reads every method of the registry: none is left out."""
+    from fastpeft.api.adapters import METHODS
+    from fastpeft.integrations.adapter_checkpoint import _CHECKPOINT_FILES
+
+    assert set(_CHECKPOINT_FILES) == {method.name for method in METHODS}

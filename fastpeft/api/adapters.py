@@ -4,9 +4,10 @@ methods (``fastpeft.methods``) and the file formats (``fastpeft.formats``).
 
 ``METHODS`` is the method registry, keyed by config type: each ``Method`` says how to add
 the method's adapter to a model, take it out (merged or not), and which files and tensors a
-save writes. A new method (or a variant such as DoRA) is one entry. Loading detects the
-format of a directory (AdapterHub's, PEFT's prompt learning, PEFT's LoRA) and reads it
-through one snapshot (``fastpeft.formats.snapshot``).
+save writes. ``FORMATS`` is the format registry, first match wins: each ``Format`` says how
+to recognise a directory (AdapterHub's, PEFT's prompt learning, PEFT's LoRA) and load it,
+through one snapshot (``fastpeft.formats.snapshot``). A new method (or a variant such as
+DoRA) is one entry in each.
 
 Above the methods, this module also gives a transformers model carrying an adapter its
 adapter-only ``save_pretrained`` (``fastpeft.api.pretrained_save``), and takes it away when
@@ -27,7 +28,7 @@ from fastpeft.api import pretrained_save
 from fastpeft.formats import adapterhub, peft_prompt, save_journal
 from fastpeft.formats import peft as peft_format
 from fastpeft.formats.file_names import ADAPTER_FILE_NAMES, CONFIG_NAME
-from fastpeft.formats.snapshot import open_snapshot
+from fastpeft.formats.snapshot import Snapshot, open_snapshot
 from fastpeft.methods.bottleneck.config import AdapterConfig
 from fastpeft.methods.bottleneck.model import inject_bottleneck, merge_and_unload_bottleneck, unload_bottleneck
 from fastpeft.methods.lora.config import LoraConfig
@@ -70,6 +71,40 @@ METHODS = (
 _LORA = METHODS[0]
 
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """``load_adapter``'s options, as every format's loader gets them."""
+
+    is_trainable: bool
+    allow_pickle: bool
+    autocast_adapter_dtype: bool
+
+
+@dataclass(frozen=True)
+class Format:
+    """One on-disk adapter format: ``name`` (in messages), ``detect(snapshot)`` and
+    ``load(model, snapshot, options)`` (checks everything before it changes the model)."""
+
+    name: str
+    detect: Callable[[Snapshot], bool]
+    load: Callable[[nn.Module, Snapshot, LoadOptions], nn.Module]
+
+
+FORMATS = (
+    Format("AdapterHub", adapterhub.is_adapterhub_directory,
+           lambda m, s, o: adapterhub.load_adapterhub(m, s, is_trainable=o.is_trainable, allow_pickle=o.allow_pickle,
+                                                      autocast_adapter_dtype=o.autocast_adapter_dtype)),
+    Format("PEFT prompt learning", peft_prompt.is_prompt_directory,
+           lambda m, s, o: peft_prompt.load_prompt_adapter(m, s, is_trainable=o.is_trainable,
+                                                           allow_pickle=o.allow_pickle)),
+    # Last: a PEFT directory of any other type is LoRA's to read (and refuse with a message
+    # naming its peft_type, or the file that is missing).
+    Format("PEFT LoRA", lambda s: True,
+           lambda m, s, o: peft_format.load_lora(m, s, is_trainable=o.is_trainable, allow_pickle=o.allow_pickle,
+                                                 autocast_adapter_dtype=o.autocast_adapter_dtype)),
+)
+
+
 def _method_of_config(config: object) -> Method:
     for method in METHODS:
         if isinstance(config, method.config_type):
@@ -78,7 +113,7 @@ def _method_of_config(config: object) -> Method:
                     f"or PromptEncoderConfig, got {type(config).__name__}")
 
 
-def _method_of_model(model: nn.Module) -> Method:
+def method_of_model(model: nn.Module) -> Method:
     """The method of the model's adapter; LoRA when it has none recorded (LoRA layers put in
     by hand are found by type, and the LoRA functions say when there are none)."""
     state = adapter_state(require_module(model))
@@ -133,7 +168,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     Raises:
         ValueError: the model has no fastpeft adapter to merge, or one that cannot be merged.
     """
-    return _unadapted(_method_of_model(model).merge_and_unload(model))
+    return _unadapted(method_of_model(model).merge_and_unload(model))
 
 
 def unload(model: nn.Module) -> nn.Module:
@@ -144,13 +179,14 @@ def unload(model: nn.Module) -> nn.Module:
     Raises:
         ValueError: the model has no fastpeft adapter.
     """
-    return _unadapted(_method_of_model(model).unload(model))
+    return _unadapted(method_of_model(model).unload(model))
 
 
-def _require_adapter(model: nn.Module) -> Method:
+def require_adapter(model: nn.Module) -> Method:
+    """The method of the model's adapter; ValueError when the model has none."""
     if adapter_state(require_module(model)) is None:
         raise ValueError("model has no fastpeft adapter: add one with fastpeft.inject, load_adapter or from_peft")
-    return _method_of_model(model)
+    return method_of_model(model)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -160,7 +196,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     Raises:
         ValueError: the model has no fastpeft adapter.
     """
-    return _require_adapter(model).state_dict(model)
+    return require_adapter(model).state_dict(model)
 
 
 def saved_files(model: nn.Module) -> dict[str, bytes]:
@@ -169,7 +205,7 @@ def saved_files(model: nn.Module) -> dict[str, bytes]:
     Raises:
         ValueError: the model has no fastpeft adapter.
     """
-    return _require_adapter(model).saved_files(model)
+    return require_adapter(model).saved_files(model)
 
 
 def save_adapter(model: nn.Module, directory: str | bytes | os.PathLike) -> None:
@@ -268,14 +304,7 @@ def load_adapter(
             without ``allow_pickle``, or a model that already has adapter layers.
     """
     require_module(model)
+    options = LoadOptions(is_trainable, allow_pickle, autocast_adapter_dtype)
     with open_snapshot(directory, ADAPTER_FILE_NAMES) as snapshot:
-        if adapterhub.is_adapterhub_directory(snapshot):
-            adapterhub.load_adapterhub(model, snapshot, is_trainable=is_trainable, allow_pickle=allow_pickle,
-                                       autocast_adapter_dtype=autocast_adapter_dtype)
-        elif (prompt_data := peft_prompt.read_config_data(snapshot)) is not None:
-            peft_prompt.load_prompt_adapter(model, snapshot, prompt_data, is_trainable=is_trainable,
-                                            allow_pickle=allow_pickle)
-        else:
-            peft_format.load_lora(model, snapshot, is_trainable=is_trainable, allow_pickle=allow_pickle,
-                                  autocast_adapter_dtype=autocast_adapter_dtype)
+        next(f for f in FORMATS if f.detect(snapshot)).load(model, snapshot, options)
     return _adapted(model)

@@ -187,17 +187,15 @@ def _split_tensors(
     return names[EMBEDDINGS_KEY], modules
 
 
-def load_prompt_adapter(
-    model: nn.Module,
-    snapshot: Snapshot,
-    data: Mapping[str, Any],
-    *,
-    is_trainable: bool,
-    allow_pickle: bool,
-) -> nn.Module:
+def is_prompt_directory(snapshot: Snapshot) -> bool:
+    """Whether the snapshot's config names a PEFT prompt-learning type (``read_config_data``)."""
+    return read_config_data(snapshot) is not None
+
+
+def load_prompt_adapter(model: nn.Module, snapshot: Snapshot, *, is_trainable: bool, allow_pickle: bool) -> nn.Module:
     """``fastpeft.load_adapter`` for a PEFT prompt-tuning / prefix-tuning / P-tuning directory
-    (``snapshot``) whose config JSON is ``data``. Everything is
-    checked and built before the model changes.
+    (``snapshot``, ``is_prompt_directory``). Everything is checked and built before the
+    model changes.
 
     Raises:
         ValueError: an unsupported prompt-learning type (MULTITASK_PROMPT_TUNING, CPT, ...),
@@ -205,7 +203,7 @@ def load_prompt_adapter(
             ``prefix_projection`` or P-tuning adapter (its MLP / LSTM is not in PEFT's file),
             or a model that already has an adapter.
     """
-    config = prompt_config_from_dict(data)
+    config = prompt_config_from_dict(read_config_data(snapshot))
     if is_reparameterized(config) and is_trainable:
         raise ValueError(f"{snapshot.path!r}: a {config.peft_type} adapter with a reparameterization "
                          "(prefix_projection, P-tuning's MLP / LSTM) is saved as its computed prompts, not its "
@@ -231,6 +229,7 @@ def load_prompt_adapter(
 
 
 __all__ = [
-    "EMBEDDINGS_KEY", "encoder_state_bytes", "has_prompt_adapter", "load_prompt_adapter", "prompt_state_dict",
+    "EMBEDDINGS_KEY", "encoder_state_bytes", "has_prompt_adapter", "is_prompt_directory", "load_prompt_adapter",
+    "prompt_state_dict",
     "read_config_data", "saved_files", "saved_prompt_config", "unsaved_encoder",
 ]

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 
-from fastpeft.api.adapters import adapter_state_dict
+from fastpeft.api.adapters import adapter_state_dict, require_adapter
 from fastpeft.formats import adapterhub, peft_prompt
 from fastpeft.formats import peft as peft_format
 from fastpeft.formats.file_names import (
@@ -45,7 +45,7 @@ from fastpeft.methods.bottleneck.config import AdapterConfig
 from fastpeft.methods.lora.config import LoraConfig
 from fastpeft.methods.prompt.config import prompt_config_from_dict
 from fastpeft.methods.prompt.model import ENCODER_NAME
-from fastpeft.methods.state import adapter_state, require_module
+from fastpeft.methods.state import adapter_state
 
 # Weight files of a full transformers checkpoint (transformers' WEIGHTS_NAME, SAFE_WEIGHTS_NAME
 # and their sharded indexes): a directory with one of them is not an adapter-only checkpoint.
@@ -125,16 +125,15 @@ def _bottleneck_files(model: nn.Module) -> AdapterFiles:
                         adapterhub.adapterhub_parameters(model))
 
 
+# How each method of ``fastpeft.api.adapters.METHODS`` (by name) is checkpointed.
+_CHECKPOINT_FILES: dict[str, Callable[[nn.Module], AdapterFiles]] = {
+    "LoRA": _lora_files, "bottleneck": _bottleneck_files, "prompt learning": _prompt_files,
+}
+
+
 def model_adapter_files(model: nn.Module) -> AdapterFiles:
     """The ``AdapterFiles`` of the model's adapter; ValueError when it has none."""
-    state = adapter_state(require_module(model))
-    if state is None:
-        raise ValueError("model has no fastpeft adapter: add one with fastpeft.inject, load_adapter or from_peft")
-    if peft_prompt.has_prompt_adapter(model):
-        return _prompt_files(model)
-    if state.bottleneck is not None:
-        return _bottleneck_files(model)
-    return _lora_files(model)
+    return _CHECKPOINT_FILES[require_adapter(model).name](model)
 
 
 def _model_config_json(model: nn.Module, files: AdapterFiles) -> object:
