@@ -105,6 +105,7 @@ from fastpeft.bench.op_bench import OpRun, OpSpec, analyze_op, op_json, plan
 from fastpeft.bench.op_runs import BOTTLENECK, GRIDS, MULTI_LORA
 from fastpeft.bench.runner import DEFAULT_DROPOUT, describe_error, log_to_stderr, make_step
 from fastpeft.bench.spread import Spread, ratio, spread_json
+from fastpeft.bench.timing import reps_for
 
 # /2 added "ops" (the bottleneck adapter and multi-LoRA cells).
 SCHEMA = "fastpeft-focused/2"
@@ -378,7 +379,7 @@ def _run_round(steps: Sequence[Callable[[], object]]) -> None:
 
 
 def _reps(estimate_ms: float, timing: RoundTiming) -> int:
-    return min(max(math.ceil(timing.rep_ms / max(estimate_ms, 1e-6)), timing.min_reps), timing.max_reps)
+    return reps_for(estimate_ms, timing.rep_ms, timing.min_reps, timing.max_reps)
 
 
 def _event_times_ms(run: Callable[[], None], reps: int) -> list[float]:

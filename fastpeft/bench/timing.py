@@ -92,6 +92,12 @@ def call_times_ms(fn: Callable[[], object], calls: int, device: torch.device) ->
     return _cpu_call_times_ms(fn, calls)
 
 
+def reps_for(estimate_ms: float, rep_ms: float, min_reps: int, max_reps: int) -> int:
+    """Timed calls that fill ``rep_ms`` at ``estimate_ms`` a call, between ``min_reps`` and
+    ``max_reps`` (the rule of every timing here, per call or per round)."""
+    return min(max(math.ceil(rep_ms / max(estimate_ms, 1e-6)), min_reps), max_reps)
+
+
 def warmed_up_reps(fn: Callable[[], object], device: torch.device, budget: TimingBudget) -> int:
     """Prepare ``fn`` for timing: one untimed call, the estimate and the warm-up; returns how
     many timed calls the budget gives it (``budget.min_reps`` to ``budget.max_reps``)."""
@@ -99,7 +105,7 @@ def warmed_up_reps(fn: Callable[[], object], device: torch.device, budget: Timin
     estimate_ms = max(statistics.mean(call_times_ms(fn, ESTIMATE_CALLS, device)), 1e-6)
     warmup_calls = min(math.ceil(budget.warmup_ms / estimate_ms), budget.max_reps)
     call_times_ms(fn, warmup_calls, device)
-    return min(max(math.ceil(budget.rep_ms / estimate_ms), budget.min_reps), budget.max_reps)
+    return reps_for(estimate_ms, budget.rep_ms, budget.min_reps, budget.max_reps)
 
 
 def timed_calls_ms(fn: Callable[[], object], device: torch.device, budget: TimingBudget) -> list[float]:
