@@ -1,8 +1,8 @@
-"""Kernel fixes found without a GPU: launches on the tensors' device, no atomics (bitwise
-reproducible gradients), split-K for grids that leave SMs idle, fewer and longer shrink
-splits, per-architecture medium tiles, the alignment rule that keeps launches on the
-compiled specializations, and an fp32 rank-r side for fp32 adapters. Kernels run in
-Triton's interpreter; shapes are small."""
+"""How the LoRA kernels are planned and launched (``fastpeft.kernels.lora.configs`` and
+``launch``): launches on the tensors' device, no atomics (bitwise reproducible gradients),
+split-K for grids that leave SMs idle, shrink splits of at least 8 K-steps, per-architecture
+medium tiles, the alignment rule that keeps launches on the compiled specializations, and an
+fp32 rank-r side for fp32 adapters. Kernels run in Triton's interpreter; shapes are small."""
 
 from __future__ import annotations
 
