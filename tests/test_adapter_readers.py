@@ -245,3 +245,15 @@ def test_readers_finding_a_killed_save_at_once_complete_it_once(tmp_path, monkey
     assert len(results) == 8
     assert all(r.keys() == expected.keys() and all(torch.equal(r[k], expected[k]) for k in r) for r in results)
     assert sorted(os.listdir(directory)) == [CONFIG, "adapter_model.safetensors"]
+
+
+def test_a_directory_named_like_a_stale_file_is_left_alone(tmp_path):
+    """A save removes other saves' files (a stale adapter_model.bin); a directory under that
+    name is no save's file: the save succeeds, leaves it, and the adapter loads."""
+    directory = saved("lora", tmp_path)
+    (directory / "adapter_model.bin").mkdir()
+    (directory / "adapter_model.bin" / "inside.txt").write_text("keep")
+    fastpeft.save_adapter(fastpeft.inject(TinyNet(), fastpeft.LoraConfig(r=3, target_modules=["proj"])), directory)
+    assert (directory / "adapter_model.bin" / "inside.txt").read_text() == "keep"
+    assert save_journal.JOURNAL_NAME not in os.listdir(directory)
+    read("lora", directory)

@@ -144,14 +144,18 @@ def _unchanged(target: safe_write.Directory, name: str, data: bytes) -> bool:
         return False
 
 
+def _is_dir(target: safe_write.Directory, name: str) -> bool:
+    """Whether ``name`` in the directory is a directory (a symlink is not)."""
+    try:
+        return stat.S_ISDIR(os.stat(name, dir_fd=target.fd, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
+
+
 def _check_replaceable(target: safe_write.Directory, names: Iterable[str]) -> None:
     """A rename over a directory fails: find out before the commit point, not after it."""
     for name in names:
-        try:
-            mode = os.stat(name, dir_fd=target.fd, follow_symlinks=False).st_mode
-        except FileNotFoundError:
-            continue
-        if stat.S_ISDIR(mode):
+        if _is_dir(target, name):
             raise IsADirectoryError(errno.EISDIR, f"cannot save {name!r} into {target.path!r}: a directory has "
                                     "that name")
 
@@ -180,7 +184,9 @@ def save_files(path: str | os.PathLike, files: Mapping[str, bytes], *, removes: 
         safe_write.remove_stale_temps(target, {*allowed, JOURNAL_NAME})
         _check_replaceable(target, files)
         changed = {name: data for name, data in files.items() if not _unchanged(target, name, data)}
-        removed = tuple(name for name in removes if safe_read.exists(target.fd, name))
+        # A directory under a removed name is not a file of any save: left alone (unlinking
+        # it would fail after the commit point).
+        removed = tuple(name for name in removes if safe_read.exists(target.fd, name) and not _is_dir(target, name))
         if not changed and not removed:
             return
         staged: dict[str, str] = {}
