@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from fastpeft._version import __version__
 from fastpeft.formats.file_names import CONFIG_NAME, HUB_PICKLE_NAME, HUB_WEIGHTS_NAME
-from fastpeft.formats.saved_tensors import check_dtype, cpu_copies
+from fastpeft.formats.saved_tensors import check_tensors, cpu_copies
 from fastpeft.formats.snapshot import Snapshot
 from fastpeft.methods.bottleneck import placement
 from fastpeft.methods.bottleneck.config import AdapterConfig
@@ -119,21 +119,6 @@ def _expected(plan: list[placement.PlannedSite], config: AdapterConfig, name: st
     return out
 
 
-def _check_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], source: str) -> None:
-    missing = sorted(expected.keys() - tensors.keys())
-    extra = sorted(tensors.keys() - expected.keys())
-    if missing or extra:
-        raise ValueError(f"{source} does not match the bottleneck adapter its config places in this model: "
-                         f"missing keys {missing[:6]}{' ...' if len(missing) > 6 else ''}, "
-                         f"unexpected keys {extra[:6]}{' ...' if len(extra) > 6 else ''}")
-    for key, shape in expected.items():
-        tensor = tensors[key]
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, expected {shape} (from the config's "
-                             "reduction_factor and the model's hidden_size)")
-        check_dtype(tensor, None, key, source)
-
-
 def _read_config(snapshot: Snapshot) -> tuple[AdapterConfig, str, dict[str, Any]]:
     """``(config, adapter name, the whole JSON)`` of an AdapterHub ``adapter_config.json``."""
     for file, what in COMPOSITION_FILES.items():
@@ -201,7 +186,9 @@ def load_adapterhub(
     check_can_place(model)
     plan = placement.plan_bottleneck(model, config)
     tensors = _model_keys(model, tensors)
-    _check_tensors(_expected(plan, config, name), tensors, source)
+    expected = {key: (shape, None) for key, shape in _expected(plan, config, name).items()}  # floating, any dtype
+    check_tensors(expected, tensors, source, "the bottleneck adapter its config places in this model",
+                  "the config's reduction_factor and the model's hidden_size")
     adapters = placement.build_adapters(model, plan, config, autocast_adapter_dtype)
     _fill(adapters, plan, name, tensors)
     heads = [file for file in HEAD_FILES if snapshot.exists(file)]

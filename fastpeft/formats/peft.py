@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from fastpeft.formats.file_names import ADAPTER_FILE_NAMES, CONFIG_NAME, PEFT_PICKLE_NAME, PEFT_WEIGHTS_NAME
-from fastpeft.formats.saved_tensors import check_dtype, cpu_copy
+from fastpeft.formats.saved_tensors import check_tensors, cpu_copy
 from fastpeft.formats.snapshot import Snapshot, open_snapshot
 from fastpeft.methods.lora.config import LoraConfig
 from fastpeft.methods.lora.layer import A_MODULE, B_MODULE, lora_keys
@@ -127,18 +127,8 @@ def _check_tensors(
     for path in plan.modules_to_save:
         for key, value in model.get_submodule(path).state_dict().items():
             expected[f"{path}.{key}"] = (tuple(value.shape), value.dtype)
-    missing = sorted(expected.keys() - tensors.keys())
-    extra = sorted(tensors.keys() - expected.keys())
-    if missing or extra:
-        raise ValueError(f"{source} does not match the adapter its config describes on this model: "
-                         f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
-                         f"unexpected keys {extra[:8]}{' ...' if len(extra) > 8 else ''}")
-    for key, (shape, dtype) in expected.items():
-        tensor = tensors[key]
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, expected {shape} "
-                             "(from the config's r / rank_pattern and the model's layer)")
-        check_dtype(tensor, dtype, key, source)
+    check_tensors(expected, tensors, source, "the adapter its config describes on this model",
+                  "the config's r / rank_pattern and the model's layer")
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from fastpeft.formats.file_names import CONFIG_NAME, ENCODER_STATE_NAME, PEFT_WEIGHTS_NAME
 from fastpeft.formats.peft import read_weights
-from fastpeft.formats.saved_tensors import check_dtype, cpu_copies, cpu_copy
+from fastpeft.formats.saved_tensors import check_tensors, cpu_copies, cpu_copy
 from fastpeft.formats.snapshot import Snapshot
 from fastpeft.methods.prompt.config import (
     PrefixTuningConfig,
@@ -171,17 +171,8 @@ def _split_tensors(
         for key, value in model.get_submodule(path).state_dict().items():
             expected[f"{MODULE_PREFIX}{path}.{key}"] = (tuple(value.shape), value.dtype)
     names = {k.removeprefix("model.") if k.startswith(f"{MODULE_PREFIX}model.") else k: v for k, v in tensors.items()}
-    missing = sorted(expected.keys() - names.keys())
-    extra = sorted(names.keys() - expected.keys())
-    if missing or extra:
-        raise ValueError(f"{source} does not match the {config.peft_type} adapter its config describes on this "
-                         f"model: missing keys {missing[:8]}, unexpected keys {extra[:8]}")
-    for key, (shape, dtype) in expected.items():
-        tensor = names[key]
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, expected {shape} (from the config's "
-                             "num_virtual_tokens / token_dim / num_layers and the model)")
-        check_dtype(tensor, dtype, key, source)
+    check_tensors(expected, names, source, f"the {config.peft_type} adapter its config describes on this model",
+                  "the config's num_virtual_tokens / token_dim / num_layers and the model")
     modules = {path: {k.removeprefix(f"{MODULE_PREFIX}{path}."): v for k, v in names.items()
                       if k.startswith(f"{MODULE_PREFIX}{path}.")} for path in paths}
     return names[EMBEDDINGS_KEY], modules

@@ -1,13 +1,16 @@
 """Tensors as the adapter savers hand them to safetensors (PEFT, AdapterHub and prompt files,
 and fastpeft's own encoder file): detached, on the CPU, contiguous, sharing no storage with the
 model (safetensors refuses shared or strided storage); and the dtype rule every loader
-applies to the tensors it reads (``check_dtype``)."""
+applies to the tensors it reads (``check_tensors``: ``check_keys``, shapes, ``check_dtype``)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
+
+# Keys a key mismatch names of each kind (missing, unexpected): enough to see the pattern.
+_KEYS_SHOWN = 8
 
 
 def cpu_copy(t: torch.Tensor) -> torch.Tensor:
@@ -34,3 +37,37 @@ def check_dtype(tensor: torch.Tensor, expected: torch.dtype | None, key: str, so
     if tensor.dtype.is_floating_point != floating or (not floating and tensor.dtype != expected):
         raise ValueError(f"{source}: {key!r} has dtype {tensor.dtype}, expected "
                          f"{'a floating point dtype' if floating else expected}")
+
+
+def check_keys(expected: Iterable[str], found: Iterable[str], message: str) -> None:
+    """A loaded file must hold exactly the ``expected`` keys.
+
+    Raises:
+        ValueError: ``"<message>: missing keys [...], unexpected keys [...]"`` (the first
+            ``_KEYS_SHOWN`` of each, sorted) when the key sets differ.
+    """
+    expected, found = set(expected), set(found)
+    missing, extra = sorted(expected - found), sorted(found - expected)
+    if missing or extra:
+        raise ValueError(f"{message}: missing keys {_shown(missing)}, unexpected keys {_shown(extra)}")
+
+
+def _shown(keys: list[str]) -> str:
+    return f"{keys[:_KEYS_SHOWN]}{' ...' if len(keys) > _KEYS_SHOWN else ''}"
+
+
+def check_tensors(expected: Mapping[str, tuple[tuple[int, ...], torch.dtype | None]],
+                  tensors: Mapping[str, torch.Tensor], source: str, what: str, shapes_from: str) -> None:
+    """A loaded file (``source``) must hold exactly ``expected``'s keys (``check_keys``:
+    "does not match ``what``"), each tensor with its shape and its dtype rule
+    (``check_dtype``); ``shapes_from`` says where the expected shapes come from.
+
+    Raises:
+        ValueError: naming the file, the key, what it has and what was expected.
+    """
+    check_keys(expected, tensors, f"{source} does not match {what}")
+    for key, (shape, dtype) in expected.items():
+        tensor = tensors[key]
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, expected {shape} (from {shapes_from})")
+        check_dtype(tensor, dtype, key, source)

@@ -39,7 +39,7 @@ from fastpeft.formats.file_names import (
     PEFT_WEIGHTS_NAME,
 )
 from fastpeft.formats.peft_prompt import unsaved_encoder
-from fastpeft.formats.saved_tensors import check_dtype
+from fastpeft.formats.saved_tensors import check_dtype, check_keys
 from fastpeft.formats.snapshot import Snapshot, open_snapshot
 from fastpeft.methods.bottleneck.config import AdapterConfig
 from fastpeft.methods.lora.config import LoraConfig
@@ -160,10 +160,7 @@ def _read_checked(snapshot: Snapshot, name: str, expected: dict[str, torch.Tenso
     if not snapshot.exists(name):
         raise FileNotFoundError(f"no {name} in {snapshot.path!r}{what}")
     tensors = snapshot.read_safetensors(name)
-    missing, extra = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
-    if missing or extra:
-        raise ValueError(f"{path!r} does not hold the model's adapter tensors: missing {missing[:8]}, "
-                         f"unexpected {extra[:8]}")
+    check_keys(expected, tensors, f"{path!r} does not hold the model's adapter tensors")
     for key, like in expected.items():
         if tensors[key].shape != like.shape:
             raise ValueError(f"{path!r}: {key!r} has shape {tuple(tensors[key].shape)}, the model's has "

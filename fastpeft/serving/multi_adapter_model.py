@@ -53,6 +53,7 @@ import torch.nn as nn
 
 from fastpeft.formats import peft as peft_format
 from fastpeft.formats.safe_write import fs_path
+from fastpeft.formats.saved_tensors import check_keys
 from fastpeft.methods.base_layers import is_linear
 from fastpeft.methods.lora.config import LoraConfig
 from fastpeft.methods.lora.layer import lora_keys, lora_scaling
@@ -153,11 +154,8 @@ class MultiAdapterModel(nn.Module):
 
     def _check_weights(self, targets: dict[str, tuple[int, float]], tensors: dict[str, torch.Tensor],
                        source: str) -> None:
-        expected = {key for path in targets for key in lora_keys(path)}
-        missing, extra = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
-        if missing or extra:
-            raise ValueError(f"{source} does not match its config on this model: missing keys {missing[:8]}, "
-                             f"unexpected keys {extra[:8]}")
+        check_keys((key for path in targets for key in lora_keys(path)), tensors,
+                   f"{source} does not match its config on this model")
         for path, (r, _) in targets.items():
             if r > self.max_rank:
                 raise ValueError(f"{source}: {path!r} has rank {r} > max_rank {self.max_rank}")

@@ -13,14 +13,8 @@ import torch.nn as nn
 from fastpeft.methods.bottleneck import placement
 from fastpeft.methods.bottleneck.config import AdapterConfig
 from fastpeft.methods.bottleneck.layer import BottleneckAdapter
-from fastpeft.methods.state import (
-    AdapterState,
-    adapter_state,
-    check_not_adapted,
-    clear_adapter,
-    record_adapter,
-    require_module,
-)
+from fastpeft.methods.state import AdapterState, adapter_state, check_not_adapted, clear_adapter, record_adapter
+from fastpeft.methods.state import require_module
 
 # The adapter's name in AdapterHub's files (its ``adapters.<name>.`` keys) when the model got
 # it from ``inject`` rather than from a loaded AdapterHub directory.

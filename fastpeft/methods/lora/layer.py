@@ -8,13 +8,13 @@ Parameters are named and shaped as HF PEFT's ``lora.Linear`` (``weight``, ``bias
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fastpeft.methods.base_layers import (
-    CONV1D,
     LINEAR,
     AdapterLayer,
     BaseLayerKind,
@@ -94,46 +94,6 @@ class LoRALinear(AdapterLayer):
         self._init_from(base, LINEAR, r, lora_alpha, lora_dropout, use_rslora, None, True)
 
     @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Linear,
-        r: int = 8,
-        lora_alpha: float = 8,
-        lora_dropout: float = 0.0,
-        use_rslora: bool = False,
-        *,
-        lora_dtype: torch.dtype | None = None,
-        init_lora_weights: bool | str = True,
-    ) -> "LoRALinear":
-        """Wrap an existing ``nn.Linear``: its weight and bias are shared (not copied) and frozen.
-
-        ``lora_dtype`` is the dtype of A and B (default: float32 on a float16 / bfloat16 base,
-        as PEFT and ``fastpeft.inject``, else the base weight's). ``init_lora_weights`` as in
-        ``reset_lora_parameters``.
-        """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
-        return cls._wrap(linear, LINEAR, r, lora_alpha, lora_dropout, use_rslora, lora_dtype, init_lora_weights)
-
-    @classmethod
-    def from_conv1d(
-        cls,
-        conv1d: nn.Module,
-        r: int = 8,
-        lora_alpha: float = 8,
-        lora_dropout: float = 0.0,
-        use_rslora: bool = False,
-        *,
-        lora_dtype: torch.dtype | None = None,
-        init_lora_weights: bool | str = True,
-    ) -> "LoRALinear":
-        """Wrap a transformers ``Conv1D`` (weight ``[in, out]``, GPT-2) with PEFT's
-        ``fan_in_fan_out`` semantics; weight and bias shared and frozen as in ``from_linear``."""
-        if not is_conv1d(conv1d):
-            raise TypeError(f"conv1d must be a transformers Conv1D (weight [in, out]), got {type(conv1d).__name__}")
-        return cls._wrap(conv1d, CONV1D, r, lora_alpha, lora_dropout, use_rslora, lora_dtype, init_lora_weights)
-
-    @classmethod
     def wrap(
         cls,
         base: nn.Module,
@@ -145,10 +105,32 @@ class LoRALinear(AdapterLayer):
         lora_dtype: torch.dtype | None = None,
         init_lora_weights: bool | str = True,
     ) -> "LoRALinear":
-        """Wrap a base layer of any kind in ``fastpeft.methods.base_layers.BASE_LAYER_KINDS``
-        (``from_linear`` / ``from_conv1d`` for the one it is); TypeError for another module."""
+        """Wrap an existing base layer of any kind in
+        ``fastpeft.methods.base_layers.BASE_LAYER_KINDS`` (``nn.Linear``, transformers'
+        ``Conv1D`` with PEFT's ``fan_in_fan_out`` semantics): its weight and bias are shared
+        (not copied) and frozen; TypeError for another module.
+
+        ``lora_dtype`` is the dtype of A and B (default: float32 on a float16 / bfloat16 base,
+        as PEFT and ``fastpeft.inject``, else the base weight's). ``init_lora_weights`` as in
+        ``reset_lora_parameters``.
+        """
         kind = require_base_layer(base, "base")
         return cls._wrap(base, kind, r, lora_alpha, lora_dropout, use_rslora, lora_dtype, init_lora_weights)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *args: Any, **kwargs: Any) -> "LoRALinear":
+        """``wrap`` (same arguments) for an ``nn.Linear``; TypeError for another module."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        return cls.wrap(linear, *args, **kwargs)
+
+    @classmethod
+    def from_conv1d(cls, conv1d: nn.Module, *args: Any, **kwargs: Any) -> "LoRALinear":
+        """``wrap`` (same arguments) for a transformers ``Conv1D`` (weight ``[in, out]``,
+        GPT-2); TypeError for another module."""
+        if not is_conv1d(conv1d):
+            raise TypeError(f"conv1d must be a transformers Conv1D (weight [in, out]), got {type(conv1d).__name__}")
+        return cls.wrap(conv1d, *args, **kwargs)
 
     @classmethod
     def _wrap(cls, base: nn.Module, kind: BaseLayerKind, *args) -> "LoRALinear":

@@ -47,14 +47,8 @@ from fastpeft.methods.prompt.config import (
 )
 from fastpeft.methods.prompt.prefix_encoder import PrefixEncoder
 from fastpeft.methods.prompt.prompt_embedding import PromptEmbedding, PTuningEncoder
-from fastpeft.methods.state import (
-    AdapterState,
-    adapter_state,
-    check_not_adapted,
-    clear_adapter,
-    record_adapter,
-    require_module,
-)
+from fastpeft.methods.state import AdapterState, adapter_state, check_not_adapted, clear_adapter, record_adapter
+from fastpeft.methods.state import require_module
 
 # Submodule that holds the virtual-token parameters.
 ENCODER_NAME = "fastpeft_prompt_encoder"
