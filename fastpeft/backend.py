@@ -11,9 +11,10 @@
   running on the torch path.
 - ``hybrid``: the cuBLAS-hybrid path (cuBLAS base GEMM accumulating onto Triton's LoRA
   term), for the same tensors as ``triton``.
-- ``cuda``: the CUDA C++ implementation (``csrc/``, built into the optional extension ``fastpeft._C``: ``fastpeft.cuda_ext.load``) for CUDA
-  tensors, in the ops that have one (the bottleneck adapter; multi-LoRA decode); CPU tensors,
-  and the ops without one, take what ``auto`` would. An op asked for it raises a clear
+- ``cuda``: the CUDA C++ implementation (``csrc/``, built into the optional extension
+  ``fastpeft._C``: ``fastpeft.cuda_ext.load``) for CUDA tensors, in the ops that have one (the
+  bottleneck adapter; multi-LoRA decode); CPU tensors, and the ops without one, take what
+  ``auto`` would. An op asked for it raises a clear
   RuntimeError when the extension is not built or cannot run.
 - ``torch``: the torch path everywhere (also on CUDA).
 """

@@ -11,9 +11,10 @@ whose keys are the adapted model's ``state_dict`` keys of the adapter's paramete
 ``<layer>.<position>.adapters.<name>.adapter_down.0.weight`` / ``.adapter_down.0.bias`` /
 ``.adapter_up.weight`` / ``.adapter_up.bias`` (and ``.scaling`` with ``scaling="learned"``),
 where ``<position>`` is ``attention.output`` / ``output`` (BERT) or ``attention_adapters`` /
-``output_adapters`` (Llama, GPT-2) (``fastpeft.methods.bottleneck.placement.PlannedSite.hub_prefix``). Keys may
-carry the base model's prefix (``bert.``, ``model.``, ``transformer.``) or not, depending on
-the class that saved them; as AdapterHub, fastpeft adds or drops it to fit the model. A
+``output_adapters`` (Llama, GPT-2)
+(``fastpeft.methods.bottleneck.placement.PlannedSite.hub_prefix``). Keys may carry the base
+model's prefix (``bert.``, ``model.``, ``transformer.``) or not, depending on the class that
+saved them; as AdapterHub, fastpeft adds or drops it to fit the model. A
 prediction head saved beside the adapter (``head_config.json``) is not loaded (a warning
 says so). fastpeft writes ``adapter_config.json`` and ``adapter.safetensors``, which
 AdapterHub reads with ``model.load_adapter(dir, use_safetensors=True)``.
@@ -38,8 +39,6 @@ from fastpeft.methods.bottleneck.config import AdapterConfig
 from fastpeft.methods.bottleneck.model import check_can_place, install, placed_bottleneck
 from fastpeft.methods.state import adapter_state
 
-SAFETENSORS_NAME = HUB_WEIGHTS_NAME
-PICKLE_NAME = HUB_PICKLE_NAME
 # AdapterHub's prediction-head files, saved beside an adapter by its flexible-head models.
 HEAD_FILES = ("head_config.json", "model_head.safetensors", "pytorch_model_head.bin")
 # AdapterHub's files of compositions: AdapterFusion layers and saved adapter setups (Stack, ...).
@@ -68,7 +67,7 @@ SCALING_KEY = "scaling"
 def is_adapterhub_directory(snapshot: Snapshot) -> bool:
     """Whether the snapshot holds an AdapterHub adapter: an AdapterHub weight file, and no
     ``peft_type`` in its ``adapter_config.json`` (PEFT's mark)."""
-    if not (snapshot.exists(SAFETENSORS_NAME) or snapshot.exists(PICKLE_NAME)):
+    if not (snapshot.exists(HUB_WEIGHTS_NAME) or snapshot.exists(HUB_PICKLE_NAME)):
         return False
     try:
         data = snapshot.read_json(CONFIG_NAME)
@@ -182,7 +181,7 @@ def load_adapterhub(
     source = snapshot.path
     config, name, data = _read_config(snapshot)
     _check_model(model, data, source)
-    tensors = snapshot.read_weights(SAFETENSORS_NAME, PICKLE_NAME, allow_pickle)
+    tensors = snapshot.read_weights(HUB_WEIGHTS_NAME, HUB_PICKLE_NAME, allow_pickle)
     check_can_place(model)
     plan = placement.plan_bottleneck(model, config)
     tensors = _model_keys(model, tensors)
@@ -238,5 +237,5 @@ def saved_files(model: nn.Module) -> dict[str, bytes]:
     """The files a save of the model's bottleneck adapter writes, name -> contents, the config
     last: ``adapter.safetensors`` and ``adapter_config.json``."""
     weights = safetensors.torch.save(adapterhub_state_dict(model), metadata={"format": "pt"})
-    return {SAFETENSORS_NAME: weights,
+    return {HUB_WEIGHTS_NAME: weights,
             CONFIG_NAME: json.dumps(adapterhub_config(model), indent=2, sort_keys=True).encode()}

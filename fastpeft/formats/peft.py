@@ -76,8 +76,10 @@ def read_weights(snapshot: Snapshot, allow_pickle: bool) -> dict[str, torch.Tens
     return snapshot.read_weights(PEFT_WEIGHTS_NAME, PEFT_PICKLE_NAME, allow_pickle)
 
 
-def _read_config(snapshot: Snapshot) -> LoraConfig:
-    return LoraConfig.from_dict(snapshot.read_json(CONFIG_NAME))
+def _read_lora(snapshot: Snapshot, allow_pickle: bool) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """The snapshot's ``(config, tensors)``, keys made relative to the model (``_normalize_keys``)."""
+    config = LoraConfig.from_dict(snapshot.read_json(CONFIG_NAME))
+    return config, _normalize_keys(read_weights(snapshot, allow_pickle), snapshot.path)
 
 
 def read_lora_adapter(directory: str | bytes | os.PathLike,
@@ -90,8 +92,7 @@ def read_lora_adapter(directory: str | bytes | os.PathLike,
         FileNotFoundError / NotADirectoryError / ValueError: as ``load_adapter``.
     """
     with open_snapshot(directory, ADAPTER_FILE_NAMES) as snapshot:
-        config = _read_config(snapshot)
-        return config, _normalize_keys(read_weights(snapshot, allow_pickle), snapshot.path)
+        return _read_lora(snapshot, allow_pickle)
 
 
 def _normalize_keys(tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
@@ -150,8 +151,7 @@ def load_lora(model: nn.Module, snapshot: Snapshot, *, is_trainable: bool, allow
     """``fastpeft.load_adapter`` for a PEFT LoRA directory's ``snapshot``: the config's rules
     decide the layers, the weight file fills them; everything is checked and loaded into the
     new layers before the model is touched. Returns ``model``."""
-    config = _read_config(snapshot)
-    tensors = _normalize_keys(read_weights(snapshot, allow_pickle), snapshot.path)
+    config, tensors = _read_lora(snapshot, allow_pickle)
     check_not_adapted(model)
     plan = plan_injection(model, config)
     _check_tensors(model, plan, tensors, snapshot.path)

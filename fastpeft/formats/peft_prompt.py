@@ -221,6 +221,5 @@ def load_prompt_adapter(model: nn.Module, snapshot: Snapshot, *, is_trainable: b
 
 __all__ = [
     "EMBEDDINGS_KEY", "encoder_state_bytes", "has_prompt_adapter", "is_prompt_directory", "load_prompt_adapter",
-    "prompt_state_dict",
-    "read_config_data", "saved_files", "saved_prompt_config", "unsaved_encoder",
+    "prompt_state_dict", "read_config_data", "saved_files", "saved_prompt_config", "unsaved_encoder",
 ]

@@ -32,14 +32,6 @@ def _require_regular(mode: int, display: str) -> None:
         raise ValueError(f"{display!r} is {kind}, not a regular file: adapter files must be regular files")
 
 
-def is_regular(dir_fd: int, name: str) -> bool:
-    """Whether ``name`` in the directory is (a symlink to) a regular file."""
-    try:
-        return stat.S_ISREG(os.stat(name, dir_fd=dir_fd).st_mode)
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-
-
 def exists(dir_fd: int, name: str) -> bool:
     """Whether anything (a dangling symlink too) has ``name`` in the directory."""
     try:

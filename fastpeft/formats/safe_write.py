@@ -92,7 +92,7 @@ def open_directory(path: str | bytes | os.PathLike) -> Iterator[Directory]:
         _sync_path(os.path.dirname(new) or ".")
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        yield Directory(fd, path, _lock(fd))
+        yield Directory(fd, path, flock(fd, fcntl.LOCK_EX))
     finally:
         os.close(fd)  # also releases the flock
 
@@ -110,11 +110,11 @@ def _missing_directories(path: str) -> list[str]:
     return missing
 
 
-def _lock(fd: int) -> bool:
-    """Take an exclusive flock on ``fd`` (waiting for other holders); False if the
-    filesystem does not support it."""
+def flock(fd: int, operation: int) -> bool:
+    """``fcntl.flock(fd, operation)`` (waiting for other holders); False if the filesystem
+    does not support directory locks."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, operation)
     except OSError as exc:
         if exc.errno in NO_FLOCK:
             return False

@@ -69,5 +69,6 @@ def check_tensors(expected: Mapping[str, tuple[tuple[int, ...], torch.dtype | No
     for key, (shape, dtype) in expected.items():
         tensor = tensors[key]
         if tuple(tensor.shape) != shape:
-            raise ValueError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, expected {shape} (from {shapes_from})")
+            raise ValueError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, expected {shape} "
+                             f"(from {shapes_from})")
         check_dtype(tensor, dtype, key, source)

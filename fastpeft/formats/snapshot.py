@@ -102,7 +102,6 @@ class Snapshot:
             raise ValueError(f"{self.file_path(name)!r} does not hold a dict of str -> tensor")
         return tensors
 
-
     def read_weights(self, safetensors_name: str, pickle_name: str, allow_pickle: bool) -> dict[str, torch.Tensor]:
         """An adapter's weight file, on the CPU: ``safetensors_name`` if the save has it, else
         the pickle ``pickle_name``, read only with ``allow_pickle`` (``read_pickle``).
@@ -120,17 +119,6 @@ class Snapshot:
                              "allow_pickle=True to load it with torch.load(weights_only=True), or convert it to "
                              "safetensors")
         return self.read_pickle(pickle_name)
-
-
-def _flock(fd: int, operation: int) -> bool:
-    """``flock(fd, operation)``; False where the filesystem has no directory locks."""
-    try:
-        fcntl.flock(fd, operation)
-    except OSError as exc:
-        if exc.errno in safe_write.NO_FLOCK:
-            return False
-        raise
-    return True
 
 
 def _complete_killed_save(fd: int, path: str, allowed: frozenset[str]) -> save_journal.Journal | None:
@@ -172,7 +160,7 @@ def open_snapshot(directory: str | bytes | os.PathLike, allowed: frozenset[str])
                                  "directory holding its config and weight files")
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        locked = _flock(fd, fcntl.LOCK_SH)
+        locked = safe_write.flock(fd, fcntl.LOCK_SH)
         journal = save_journal.read_journal(fd, path, allowed)
         if journal is not None and locked:
             journal = _complete_killed_save(fd, path, allowed)

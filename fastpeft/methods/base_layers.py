@@ -64,10 +64,6 @@ class BaseLayerKind:
         rows, cols = module.weight.shape
         return (rows, cols) if self.fan_in_fan_out else (cols, rows)
 
-    def weight_out_in(self, module: nn.Module) -> torch.Tensor:
-        """``module``'s weight as ``[out, in]`` (a transposed view for ``fan_in_fan_out``)."""
-        return module.weight.t() if self.fan_in_fan_out else module.weight
-
 
 def is_nn_linear(module: object) -> bool:
     """Whether ``module`` is a ``torch.nn.Linear`` (a subclass too)."""

@@ -3,7 +3,8 @@ a LoRA term that Triton writes (kernels in ``lora_hybrid_kernels.py``).
 
     forward   y = bias + scaling * s B^T        (Triton, also writes s = x_hat A^T)
               y += x W^T                        (cuBLAS: y.addmm_(x, W^T), beta = 1)
-    backward  dS = scaling dY B, dB             (Triton: the fused path's passes, fastpeft.kernels.lora.launch.lora_backward)
+    backward  dS = scaling dY B, dB             (Triton: the fused path's passes,
+                                                 fastpeft.kernels.lora.launch.lora_backward)
               dX = D * (dS A) / (1-p)           (Triton, mask regenerated from the seed)
               dX += dY W                        (cuBLAS: dx.addmm_(dY, W))
               dA = dS^T x_hat                   (Triton: the fused path's pass over x)
