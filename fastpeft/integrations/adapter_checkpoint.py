@@ -82,19 +82,22 @@ def _fields(config: Any) -> dict[str, object]:
 
 class AdapterFiles(NamedTuple):
     """How one adapter type is saved: ``kind`` (its name in messages), its weight file, how
-    to read a config JSON into comparable fields, and the model's own live tensors under
-    the file's keys (what a checkpoint is copied into)."""
+    to read a config JSON into comparable fields, the model's own live tensors under the
+    file's keys (what a checkpoint is copied into), and the config JSON ``save_adapter``
+    writes for the model (what the checkpoint's must describe alike)."""
 
     kind: str
     weights_name: str
     describe: Callable[[Any], dict[str, object]]  # config JSON -> comparable fields
     targets: dict[str, torch.Tensor]
+    config_json: dict[str, Any]
 
 
 def _lora_files(model: nn.Module) -> AdapterFiles:
     live = model.state_dict(keep_vars=True)
     targets = {key: live[key.removeprefix(peft_format.KEY_PREFIX)] for key in adapter_state_dict(model)}
-    return AdapterFiles("LORA", PEFT_WEIGHTS_NAME, lambda data: _fields(LoraConfig.from_dict(data)), targets)
+    return AdapterFiles("LORA", PEFT_WEIGHTS_NAME, lambda data: _fields(LoraConfig.from_dict(data)), targets,
+                        peft_format.saved_lora_config(model))
 
 
 def _prompt_files(model: nn.Module) -> AdapterFiles:
@@ -111,7 +114,7 @@ def _prompt_files(model: nn.Module) -> AdapterFiles:
     def describe(data: object) -> dict[str, object]:
         return {"peft_type": data.get("peft_type"), **_fields(prompt_config_from_dict(data))}
 
-    return AdapterFiles(kind, PEFT_WEIGHTS_NAME, describe, targets)
+    return AdapterFiles(kind, PEFT_WEIGHTS_NAME, describe, targets, peft_prompt.saved_prompt_config(model))
 
 
 def _bottleneck_files(model: nn.Module) -> AdapterFiles:
@@ -122,7 +125,7 @@ def _bottleneck_files(model: nn.Module) -> AdapterFiles:
                 **{key: data.get(key) for key in ("name", "model_type", "hidden_size")}}
 
     return AdapterFiles("bottleneck (AdapterHub)", HUB_WEIGHTS_NAME, describe,
-                        adapterhub.adapterhub_parameters(model))
+                        adapterhub.adapterhub_parameters(model), adapterhub.adapterhub_config(model))
 
 
 # How each method of ``fastpeft.api.adapters.METHODS`` (by name) is checkpointed.
@@ -134,15 +137,6 @@ _CHECKPOINT_FILES: dict[str, Callable[[nn.Module], AdapterFiles]] = {
 def model_adapter_files(model: nn.Module) -> AdapterFiles:
     """The ``AdapterFiles`` of the model's adapter; ValueError when it has none."""
     return _CHECKPOINT_FILES[require_adapter(model).name](model)
-
-
-def _model_config_json(model: nn.Module, files: AdapterFiles) -> object:
-    """The config JSON ``save_adapter`` writes for the model (parsed back like the file's)."""
-    if files.weights_name == HUB_WEIGHTS_NAME:
-        return adapterhub.adapterhub_config(model)
-    if peft_prompt.has_prompt_adapter(model):
-        return peft_prompt.saved_prompt_config(model)
-    return peft_format.saved_lora_config(model)
 
 
 def _file_kind(snapshot: Snapshot) -> str:
@@ -212,7 +206,7 @@ def _read_checkpoint(model: nn.Module, files: AdapterFiles,
         saved = files.describe(snapshot.read_json(CONFIG_NAME))
     except (ValueError, TypeError, AttributeError) as exc:
         raise ValueError(f"{config_path!r} is not a readable {files.kind} adapter config: {exc}") from exc
-    current = files.describe(_model_config_json(model, files))
+    current = files.describe(files.config_json)
     differences = [f"{key}: saved {saved.get(key)!r}, model {value!r}"
                    for key, value in current.items() if saved.get(key) != value]
     if differences:
