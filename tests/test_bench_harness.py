@@ -25,7 +25,7 @@ from fastpeft.bench.results import BenchRun, TimingResult, compute_metrics
 from fastpeft.bench.runner import BenchConfig, make_inputs, run_benchmark
 from fastpeft.bench.spread import INCONCLUSIVE, MET, MISSED, Spread, ratio, verdict
 from fastpeft.bench.targets import check_targets
-from fastpeft.bench.timing import TimingBudget, interleaved_calls_ms, time_side_by_side, timed_calls_ms
+from fastpeft.bench.timing import TimingBudget
 
 CPU = torch.device("cpu")
 TINY = LayerShape("tiny", 24, 40)  # K = 24, N = 40
@@ -252,57 +252,6 @@ def test_table_and_footer_show_the_ranges_and_verdicts():
 def test_format_ms_keeps_three_significant_digits_without_an_exponent():
     times = (0.0123456, 0.5123, 0.53, 12.34, 1234.5)
     assert [format_ms(x) for x in times] == ["0.0123", "0.512", "0.530", "12.3", "1234"]
-
-
-# --- timing ------------------------------------------------------------------------------
-
-
-def test_timed_calls_come_after_one_untimed_call_the_estimate_and_warm_up():
-    calls = []
-    budget = TimingBudget(warmup_ms=0.0, rep_ms=0.0, min_reps=5, max_reps=5)
-    samples = timed_calls_ms(lambda: calls.append(1), CPU, budget)
-    assert len(samples) == 5 and all(ms >= 0.0 for ms in samples)
-    assert len(calls) == 1 + 3 + 5  # prime, estimate, reps (no warm-up budget)
-
-
-def test_interleaved_timing_alternates_the_functions_and_isolates_a_failing_one():
-    """Each round calls every function in turn (so a slow phase of the machine hits all of
-    them), every function gets exactly its reps, and one that raises mid-run is reported with
-    its exception while the others finish."""
-    calls: list[str] = []
-
-    def broken() -> None:
-        calls.append("c")
-        if calls.count("c") == 3:
-            raise RuntimeError("third call fails")
-
-    plans = [(lambda: calls.append("a"), 8), (lambda: calls.append("b"), 5), (broken, 8)]
-    results = interleaved_calls_ms(plans, CPU, rounds=4)
-    assert [len(r) for r in results[:2]] == [8, 5]
-    assert isinstance(results[2], RuntimeError)
-    # round 1: a a b c c, round 2: a a b c (raises) , rounds 3 and 4: without c
-    assert "".join(calls) == "aabcc" + "aabc" + "aab" + "aabb"
-
-
-def test_side_by_side_timing_reports_each_build_or_its_failure():
-    """Steps that fail to build or to warm up get their exception in their place; the others
-    are timed with their full reps."""
-    budget = TimingBudget(warmup_ms=0.0, rep_ms=0.0, min_reps=4, max_reps=4)
-
-    def no_step() -> None:
-        raise ValueError("cannot build")
-
-    def breaks_at_once():
-        def step() -> None:
-            raise RuntimeError("first call fails")
-
-        return step
-
-    results = time_side_by_side([lambda: (lambda: None), no_step, breaks_at_once, lambda: (lambda: None)], CPU,
-                                budget)
-    assert [len(r) for r in (results[0], results[3])] == [4, 4]
-    assert isinstance(results[1], ValueError) and isinstance(results[2], RuntimeError)
-    assert results[1].__traceback__ is None
 
 
 # --- run, JSON, report -------------------------------------------------------------------

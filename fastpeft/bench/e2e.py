@@ -61,7 +61,8 @@ from fastpeft.bench.report import (
     markdown_table,
     plain_table,
 )
-from fastpeft.bench.runner import DEFAULT_DROPOUT, describe_error, log_to_stderr
+from fastpeft.bench.errors import describe_error
+from fastpeft.bench.runner import DEFAULT_DROPOUT, log_to_stderr
 from fastpeft.bench.spread import Spread, ratio, spread_json
 from fastpeft.bench.targets import Target
 from fastpeft.bench.timing import ESTIMATE_CALLS, TimingBudget, timed_calls_ms

@@ -27,14 +27,14 @@ that each call reads what the previous calls have pushed out of the L2 cache, as
 real model does (its weights and input were last touched a whole layer earlier): the sets
 between two uses of one set hold at least ``ROTATION_CACHE_FACTOR`` times the L2
 (``rotation_count``; e.g. 5 sets for q/o at M = 16, whose 32 MiB weight fits a 60 MB L2, and
-2 for the large cells). On CUDA one round (a call on every set) is captured in a CUDA graph,
-after ``warmup_rounds`` eager rounds (JIT compiles, autotuning, allocator), and its replays
-are timed with CUDA events, as many as fit in ``rep_ms`` (``min_reps`` to ``max_reps``); a
-cell's time is the median over replays of replay time / rotation, with the interquartile
-range. Graphs leave Python and launch overhead out, as a captured training step does; a row
-whose capture fails is timed eagerly with events around each round instead (``method``, and
-why in ``note``). On
-CPU rounds are timed with ``time.perf_counter`` (the rehearsal: same code, tiny shapes).
+2 for the large cells). Each cell is timed per round (``timing.time_rounds``): on CUDA one
+round (a call on every set) is captured in a CUDA graph after the eager warm-up (JIT compiles,
+autotuning, allocator), and its replays are timed with CUDA events, as many as fit in the
+budget's ``rep_ms`` (``min_reps`` to ``max_reps``); a cell's time is the median over replays
+of replay time / rotation, with the interquartile range. Graphs leave Python and launch
+overhead out, as a captured training step does; a row whose capture fails is timed eagerly
+with events around each round instead (``method``, and why in ``note``). On CPU rounds are
+timed with ``time.perf_counter`` (the rehearsal: same code, tiny shapes).
 
 Other ops (``config.ops``, right after the profile, before the LoRA grid and within their own
 ``ops_budget_s``): the bottleneck adapter's and multi-LoRA's key shapes (``OP_FOCUS``): the cells
@@ -103,9 +103,10 @@ from fastpeft.bench.op_bench import OK as OP_OK
 from fastpeft.bench.op_bench import ERROR as OP_ERROR
 from fastpeft.bench.op_bench import OpRun, OpSpec, analyze_op, op_json, plan
 from fastpeft.bench.op_runs import BOTTLENECK, GRIDS, MULTI_LORA
-from fastpeft.bench.runner import DEFAULT_DROPOUT, describe_error, log_to_stderr, make_step
+from fastpeft.bench.errors import describe_error
+from fastpeft.bench.runner import DEFAULT_DROPOUT, log_to_stderr, make_step
 from fastpeft.bench.spread import Spread, ratio, spread_json
-from fastpeft.bench.timing import reps_for
+from fastpeft.bench.timing import GPU_ROUNDS_BUDGET, QUICK_BUDGET, TimingBudget, time_rounds
 
 # /2 added "ops" (the bottleneck adapter and multi-LoRA cells).
 SCHEMA = "fastpeft-focused/2"
@@ -162,27 +163,6 @@ ROWS_BY_NAME = {row.name: row for row in ROWS}
 
 
 @dataclass(frozen=True)
-class RoundTiming:
-    """How a cell is timed: eager rounds before capture, then replays (rounds on CPU) until
-    ``rep_ms`` of measured time, between ``min_reps`` and ``max_reps`` of them."""
-
-    warmup_rounds: int
-    rep_ms: float
-    min_reps: int
-    max_reps: int
-
-
-# GPU: 2 eager rounds (the first compiles and autotunes, the second runs warm) and replays for
-# 20 ms: 5 replays of the largest cell (estimated ~2 x 8 ms a round for PEFT's down fwd+bwd at
-# M = 16384), 50 of a decode cell (~0.1 ms a round). 288 cells at an estimated 0.1-0.5 s each
-# (warm-up, capture, replays) fit the 3-minute budget with torch.compile's compilations (grad
-# on/off x adapter dtype: 4 graphs, duck sizing off) and the Triton JIT.
-GPU_TIMING = RoundTiming(warmup_rounds=2, rep_ms=20.0, min_reps=5, max_reps=50)
-# CPU rehearsal: the fewest calls that exercise warm-up and a median with quartiles.
-TINY_TIMING = RoundTiming(warmup_rounds=1, rep_ms=0.0, min_reps=3, max_reps=3)
-
-
-@dataclass(frozen=True)
 class OpFocus:
     """The cells of one other op the focused benchmark times: its spec's ``rows`` on ``cases``."""
 
@@ -234,7 +214,7 @@ class FocusedConfig:
     adapter_dtypes: tuple[torch.dtype, ...]
     rows: tuple[str, ...]
     device: torch.device
-    timing: RoundTiming
+    timing: TimingBudget
     budget_s: float
     profile_m: int
     seed: int = 0
@@ -272,7 +252,7 @@ def default_config(device: torch.device, tiny: bool, budget_s: float | None = No
         adapter_dtypes=(torch.float32, torch.bfloat16),
         rows=tuple(row.name for row in ROWS),
         device=device,
-        timing=TINY_TIMING if tiny else GPU_TIMING,
+        timing=QUICK_BUDGET if tiny else GPU_ROUNDS_BUDGET,
         budget_s=budget_s if budget_s is not None else TINY_BUDGET_S if tiny else GPU_BUDGET_S,
         profile_m=TINY_MS[-1] if tiny else GPU_PROFILE_M,
         seed=seed,
@@ -366,80 +346,6 @@ def row_steps(row: Row, sets: Sequence[InputSet], mode: str) -> list[Callable[[]
 
         steps.append(under_backend)
     return steps
-
-
-# --- timing -----------------------------------------------------------------------------------
-
-GRAPH, EVENTS, CPU_CLOCK = "cuda graph", "cuda events, eager", "perf_counter"
-
-
-def _run_round(steps: Sequence[Callable[[], object]]) -> None:
-    for step in steps:
-        step()
-
-
-def _reps(estimate_ms: float, timing: RoundTiming) -> int:
-    return reps_for(estimate_ms, timing.rep_ms, timing.min_reps, timing.max_reps)
-
-
-def _event_times_ms(run: Callable[[], None], reps: int) -> list[float]:
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in events:
-        start.record()
-        run()
-        end.record()
-    torch.cuda.synchronize()
-    return [start.elapsed_time(end) for start, end in events]
-
-
-def _timed_rounds_cuda(run: Callable[[], None], timing: RoundTiming) -> list[float]:
-    estimate = _event_times_ms(run, 1)[0]
-    return _event_times_ms(run, _reps(estimate, timing))
-
-
-def _capture(steps: Sequence[Callable[[], object]]) -> torch.cuda.CUDAGraph:
-    """One round of ``steps`` captured in a CUDA graph (already warmed up: capture runs nothing)."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        _run_round(steps)
-    return graph
-
-
-def time_rounds(steps: Sequence[Callable[[], object]], device: torch.device,
-                timing: RoundTiming, capture: bool = True) -> tuple[list[float], str, str | None]:
-    """Milliseconds per call of each timed round of ``steps`` (round time / len(steps)), the
-    method (``GRAPH``, ``EVENTS`` when capture fails or ``capture`` is False, ``CPU_CLOCK``) and
-    why it was not captured."""
-    calls = len(steps)
-    if device.type != "cuda":
-        for _ in range(timing.warmup_rounds):
-            _run_round(steps)
-        reps = _reps(_cpu_round_ms(steps), timing)
-        return [_cpu_round_ms(steps) / calls for _ in range(reps)], CPU_CLOCK, None
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):  # capture needs its warm-up off the default stream
-        for _ in range(timing.warmup_rounds):
-            _run_round(steps)
-    torch.cuda.current_stream(device).wait_stream(side)
-    torch.cuda.synchronize(device)
-    if not capture:
-        times = _timed_rounds_cuda(lambda: _run_round(steps), timing)
-        return [t / calls for t in times], EVENTS, "not capturable: reads device data on the host"
-    try:
-        graph = _capture(steps)
-    except Exception as exc:  # a host sync, an op a graph cannot hold...: time it eagerly
-        torch.cuda.synchronize(device)
-        times = _timed_rounds_cuda(lambda: _run_round(steps), timing)
-        return [t / calls for t in times], EVENTS, f"capture failed: {describe_error(exc)}"
-    graph.replay()
-    return [t / calls for t in _timed_rounds_cuda(graph.replay, timing)], GRAPH, None
-
-
-def _cpu_round_ms(steps: Sequence[Callable[[], object]]) -> float:
-    start = time.perf_counter()
-    _run_round(steps)
-    return (time.perf_counter() - start) * 1e3
 
 
 # --- the run ----------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ import torch
 
 from fastpeft.bench.cases import FORWARD, FORWARD_BACKWARD
 from fastpeft.bench.report import VERDICT_MARKS, format_ms, format_ratio, format_spread, markdown_table, plain_table
-from fastpeft.bench.runner import describe_error, log_to_stderr
+from fastpeft.bench.errors import describe_error
+from fastpeft.bench.runner import log_to_stderr
 from fastpeft.bench.spread import INCONCLUSIVE, MET, MISSED, Spread, ratio, spread_json, verdict
 from fastpeft.bench.timing import TimingBudget, time_side_by_side
 

@@ -22,6 +22,7 @@ import torch
 
 from fastpeft.bench.cases import FORWARD, FORWARD_BACKWARD, MODES, BenchCase, CaseGrid
 from fastpeft.bench.environment import describe_environment
+from fastpeft.bench.errors import describe_error
 from fastpeft.bench.implementations import Implementation, LoRAWeights, build_implementation, random_weights
 from fastpeft.bench.memory import measure_saved_activations
 from fastpeft.bench.results import BenchRun, SavedResult, TimingResult
@@ -33,8 +34,6 @@ DEFAULT_DROPOUT = 0.05
 # The issue states the saved-activation criterion at dropout 0.1 (with dropout, PEFT keeps a
 # dropped-out copy of x); the timing dropout is separate (``BenchConfig.dropout``).
 SAVED_ACTIVATIONS_DROPOUT = 0.1
-# Longest error message kept per failure: the first line says what went wrong.
-MAX_ERROR_CHARS = 300
 
 
 @dataclass(frozen=True)
@@ -100,12 +99,6 @@ def make_step(impl: Implementation, x: torch.Tensor, dy: torch.Tensor, mode: str
         return torch.autograd.grad(impl.forward(x), grad_inputs, dy)
 
     return forward_backward
-
-
-def describe_error(exc: Exception) -> str:
-    """One short line for a failed case: the exception type and its first message line."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:MAX_ERROR_CHARS]
 
 
 def _time_implementations(

@@ -1,11 +1,24 @@
-"""The one timing function every implementation goes through: the milliseconds of each timed
-call, which reports summarize as their median and interquartile range (``spread.Spread``).
+"""The timing engine of every benchmark here: one clock, two strategies, one warm-up rule.
 
-On CUDA each call is timed with CUDA events and the L2 cache is flushed before it, so no
-call finds the weights or inputs cached by the previous one. On CPU each call is timed
-with ``time.perf_counter``. In both, the function is called once untimed (compilation,
-allocator warm-up), its cost is estimated, and warm-up and repetition counts are derived
-from a time budget, as ``triton.testing.do_bench`` does.
+The clock (``call_times_ms``): the milliseconds of each of n calls -- CUDA events around each
+call on a GPU (with ``flush_l2``, the L2 cache flushed before each, so no call finds the
+weights or inputs the previous one left there), ``time.perf_counter`` on CPU.
+
+The strategies:
+
+- per call (``timed_calls_ms``, ``time_side_by_side``: ``fastpeft bench``, its end-to-end and
+  per-op runs): one call is one step, the L2 flushed before each; several implementations are
+  timed interleaved, round by round, so a slow phase of the machine lands on all of them alike.
+- per round (``time_rounds``: the focused benchmark): one round calls every step once, each
+  step on its own rotated input set (the rotation, not a flush, keeps the caches cold, as a
+  layer of a real model finds them); on CUDA the round is captured in a CUDA graph and its
+  replays are timed (eagerly with events when the steps cannot be captured), on CPU with
+  ``perf_counter``; each sample is a round's time over its number of steps.
+
+The warm-up rule, shared (``warmed_up_reps``): the function is called once untimed
+(compilation, autotuning, allocator), its cost is estimated, and warm-up and repetition counts
+are derived from a time budget (``TimingBudget``), as ``triton.testing.do_bench`` does.
+Reports summarize the samples as their median and interquartile range (``spread.Spread``).
 """
 
 from __future__ import annotations
@@ -18,6 +31,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from fastpeft.bench.errors import describe_error
 
 # Bytes written before each timed CUDA call: 4x the H200's 60 MB L2 (the largest L2 of the
 # GPUs targeted), so nothing from the previous call survives in it.
@@ -56,19 +71,31 @@ CPU_BUDGET = TimingBudget(warmup_ms=20.0, rep_ms=300.0, min_reps=3, max_reps=200
 QUICK_BUDGET = TimingBudget(warmup_ms=10.0, rep_ms=0.0, min_reps=3, max_reps=3)
 
 
+# Focused benchmark (rounds), GPU: 20 ms of replays: 5 of the largest cell (estimated ~2 x 8 ms
+# a round for PEFT's down fwd+bwd at M = 16384), 50 of a decode cell (~0.1 ms a round). No
+# warm-up budget beyond the untimed call (JIT compiles, autotuning) and the 3 estimate rounds,
+# which run warm. 288 cells at an estimated 0.1-0.5 s each (warm-up, capture, replays) fit the
+# 3-minute budget with torch.compile's compilations and the Triton JIT.
+GPU_ROUNDS_BUDGET = TimingBudget(warmup_ms=0.0, rep_ms=20.0, min_reps=5, max_reps=50)
+
+# How a ``time_rounds`` sample was measured.
+GRAPH, EVENTS, CPU_CLOCK = "cuda graph", "cuda events, eager", "perf_counter"
+
+
 @functools.cache
 def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
     return torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
 
 
-def _cuda_call_times_ms(fn: Callable[[], object], calls: int, device: torch.device) -> list[float]:
-    flush = _l2_flush_buffer(device)
+def _cuda_call_times_ms(fn: Callable[[], object], calls: int, device: torch.device, flush_l2: bool) -> list[float]:
+    flush = _l2_flush_buffer(device) if flush_l2 else None
     events = [
         (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
         for _ in range(calls)
     ]
     for start, end in events:
-        flush.zero_()
+        if flush is not None:
+            flush.zero_()
         start.record()
         fn()
         end.record()
@@ -85,10 +112,11 @@ def _cpu_call_times_ms(fn: Callable[[], object], calls: int) -> list[float]:
     return times
 
 
-def call_times_ms(fn: Callable[[], object], calls: int, device: torch.device) -> list[float]:
-    """Milliseconds of each of ``calls`` calls of ``fn`` (CUDA events with L2 flush, or CPU clock)."""
+def call_times_ms(fn: Callable[[], object], calls: int, device: torch.device, flush_l2: bool = True) -> list[float]:
+    """Milliseconds of each of ``calls`` calls of ``fn``: CUDA events on the current stream
+    (after an L2 flush with ``flush_l2``), or the CPU clock."""
     if device.type == "cuda":
-        return _cuda_call_times_ms(fn, calls, device)
+        return _cuda_call_times_ms(fn, calls, device, flush_l2)
     return _cpu_call_times_ms(fn, calls)
 
 
@@ -98,13 +126,15 @@ def reps_for(estimate_ms: float, rep_ms: float, min_reps: int, max_reps: int) ->
     return min(max(math.ceil(rep_ms / max(estimate_ms, 1e-6)), min_reps), max_reps)
 
 
-def warmed_up_reps(fn: Callable[[], object], device: torch.device, budget: TimingBudget) -> int:
-    """Prepare ``fn`` for timing: one untimed call, the estimate and the warm-up; returns how
-    many timed calls the budget gives it (``budget.min_reps`` to ``budget.max_reps``)."""
+def warmed_up_reps(fn: Callable[[], object], device: torch.device, budget: TimingBudget,
+                   flush_l2: bool = True) -> int:
+    """Prepare ``fn`` for timing: one untimed call, the estimate (``ESTIMATE_CALLS`` calls timed
+    as the timed calls will be, ``flush_l2`` included) and the warm-up; returns how many timed
+    calls the budget gives it (``budget.min_reps`` to ``budget.max_reps``)."""
     fn()
-    estimate_ms = max(statistics.mean(call_times_ms(fn, ESTIMATE_CALLS, device)), 1e-6)
+    estimate_ms = max(statistics.mean(call_times_ms(fn, ESTIMATE_CALLS, device, flush_l2)), 1e-6)
     warmup_calls = min(math.ceil(budget.warmup_ms / estimate_ms), budget.max_reps)
-    call_times_ms(fn, warmup_calls, device)
+    call_times_ms(fn, warmup_calls, device, flush_l2)
     return reps_for(estimate_ms, budget.rep_ms, budget.min_reps, budget.max_reps)
 
 
@@ -155,6 +185,48 @@ def time_side_by_side(builds: Sequence[Callable[[], Callable[[], object]]], devi
     for index, samples in zip(timed, interleaved_calls_ms(planned, device)):
         results[index] = samples
     return results
+
+
+def time_rounds(steps: Sequence[Callable[[], object]], device: torch.device, budget: TimingBudget,
+                capture: bool = True) -> tuple[list[float], str, str | None]:
+    """Milliseconds per call of each timed round of ``steps`` (a round calls each step once;
+    a sample is its time / ``len(steps)``), how they were measured (``GRAPH``; ``EVENTS`` when
+    ``capture`` is False or the capture fails; ``CPU_CLOCK``) and why a CUDA round was not
+    captured (None otherwise). No L2 flush: the steps' rotated inputs keep the cache cold.
+
+    On CUDA the warm-up runs on a side stream (capture needs the steps' first calls off the
+    default stream), the warmed-up round is captured once and replayed, once untimed, then
+    as many times as the warm-up's estimate and ``budget`` give."""
+    calls = len(steps)
+
+    def run_round() -> None:
+        for step in steps:
+            step()
+
+    def per_call(times: list[float]) -> list[float]:
+        return [t / calls for t in times]
+
+    if device.type != "cuda":
+        return per_call(call_times_ms(run_round, warmed_up_reps(run_round, device, budget), device)), CPU_CLOCK, None
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        reps = warmed_up_reps(run_round, device, budget, flush_l2=False)
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    note = "not capturable: reads device data on the host"
+    if capture:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                run_round()
+        except Exception as exc:  # a host sync, an op a graph cannot hold...: time it eagerly
+            torch.cuda.synchronize(device)
+            note = f"capture failed: {describe_error(exc)}"
+        else:
+            graph.replay()
+            return per_call(call_times_ms(graph.replay, reps, device, flush_l2=False)), GRAPH, None
+    return per_call(call_times_ms(run_round, reps, device, flush_l2=False)), EVENTS, note
 
 
 def synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
