@@ -5,7 +5,8 @@ imports Triton at import time, so setting it here (before any test module is col
 takes effect. On a machine with CUDA the kernels run for real, on CUDA tensors only: there
 ``FASTPEFT_BACKEND=triton`` sends CPU tensors to the torch path (``fastpeft.backend``), so
 scripts/gpu_run.sh runs the CPU-tensor suite in a process with the GPU hidden, where the
-interpreter takes over as in CI.
+interpreter takes over as in CI. The device and backends the tests run on
+(``tests/helpers/devices.py``) are imported after it is set, since they depend on it.
 """
 
 from __future__ import annotations
@@ -20,15 +21,8 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from fastpeft.backend import interpreting, triton_available  # noqa: E402
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-# Backends every op test runs on: the Triton kernels (interpreted on CPU) and the torch path.
-# "triton" only where it runs kernels on DEVICE's tensors: elsewhere (a CPU run with
-# TRITON_INTERPRET=0) it would run the torch path a second time under the kernels' name.
-KERNELS_RUN = triton_available() and (DEVICE.type == "cuda" or interpreting())
-BACKENDS = ["triton", "torch"] if KERNELS_RUN else ["torch"]
+from fastpeft.backend import triton_available  # noqa: E402
+from tests.helpers.devices import BACKENDS  # noqa: E402
 
 
 @pytest.fixture(params=BACKENDS)

@@ -6,8 +6,8 @@ and ``accelerator.backward``, on the CPU.
   accurate as PEFT's; ``mixed_precision="no"`` reproduces a plain training loop exactly;
   the README's adapter save / reload lines work on a prepared model (LoRA, and a bottleneck
   adapter and a prefix MLP, each in its native files);
-* DDP through accelerate: two processes (gloo on 127.0.0.1, spawned and bounded in time as
-  in ``tests/test_distributed.py``, whose helpers this reuses) each take half of every
+* DDP through accelerate: two processes (gloo on 127.0.0.1, spawned and bounded in time by
+  ``tests/helpers/distributed.py``, as in ``tests/test_distributed.py``) each take half of every
   batch; their first-step LoRA gradients equal one process's on the whole batch, in fp32
   and in bf16, and the ranks stay in sync.
 """
@@ -24,15 +24,10 @@ import torch
 import torch.nn as nn
 
 import fastpeft
+from tests.helpers.adapter_cases import CASES, adapted
+from tests.helpers.distributed import BATCH_SEED, COLLECTIVE_TIMEOUT_S, PER_RANK, WORLD, spawn_ranks
 from tests.helpers.numerics import TOLERANCE, assert_close, relative_error
-from tests.test_distributed import (
-    BATCH_SEED,
-    COLLECTIVE_TIMEOUT_S,
-    PER_RANK,
-    WORLD,
-    spawn_ranks,
-)
-from tests.test_training_parity import build_model, lora_config, lora_grads, lora_model, one_thread, shift_batch
+from tests.helpers.training import build_model, lora_config, lora_grads, lora_model, one_thread, shift_batch
 
 accelerate = pytest.importorskip("accelerate")
 peft = pytest.importorskip("peft")
@@ -183,8 +178,6 @@ def test_save_and_reload_other_adapter_types(case, tmp_path):
     """The same lines for a bottleneck adapter (AdapterHub's files) and a prefix MLP (PEFT's
     files plus its encoder's state): trained under bf16 autocast, saved from the unwrapped
     model, copied into another prepared model's existing parameters."""
-    from tests.test_trainer_adapters import CASES, adapted
-
     accelerator = fresh_accelerator(mixed_precision="bf16")
     model = adapted(case)
     run = _accelerated_steps(accelerator, model, slice(None))

@@ -5,17 +5,16 @@ kernels, interpreted on CPU, and the torch path), every activation, odd shapes, 
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
-import math
 import sys
 
 import pytest
 import torch
 
 from fastpeft.ops import bottleneck_adapter, bottleneck_adapter_dropout_mask, bottleneck_adapter_ref
-from tests.conftest import BACKENDS, DEVICE
-from tests.helpers.numerics import TOLERANCE, assert_close
+from tests.helpers.bottleneck_problem import check_against_reference, leaf, make_problem
+from tests.helpers.devices import BACKENDS, DEVICE
+from tests.helpers.numerics import assert_close
 
 ACTIVATIONS = ["relu", "gelu", "gelu_new", "silu", "linear"]
 OP_MODULE = importlib.import_module("fastpeft.ops.bottleneck_adapter")
@@ -38,88 +37,6 @@ def backend(request, monkeypatch):
     monkeypatch.setattr(OP_MODULE, "RECORDED_MAX_ELEMENTS", -1 if large_route else sys.maxsize)
     monkeypatch.setattr(TORCH_PATH, "FUSED_UP_MIN_ELEMENTS", 0 if large_route else sys.maxsize)
     return "torch" if large_route else request.param
-
-
-@dataclasses.dataclass
-class Problem:
-    h: torch.Tensor
-    w_down: torch.Tensor
-    b_down: torch.Tensor | None
-    w_up: torch.Tensor
-    b_up: torch.Tensor | None
-    residual: torch.Tensor | None = None
-
-
-def make_problem(lead: tuple[int, ...], d: int, r: int, dtype: torch.dtype, w_dtype: torch.dtype | None = None,
-                 biases: bool = True, residual: bool = False) -> Problem:
-    """Fresh random inputs, scaled so that the adapter's term is as large as h (an error in
-    it cannot hide behind the residual)."""
-    w_dtype = w_dtype or dtype
-
-    def randn(*shape: int, scale: float = 1.0, dt: torch.dtype = w_dtype) -> torch.Tensor:
-        return (torch.randn(*shape, device=DEVICE) * scale).to(dt)
-
-    return Problem(
-        h=randn(*lead, d, dt=dtype),
-        w_down=randn(r, d, scale=1 / math.sqrt(d)),
-        b_down=randn(r, scale=0.5) if biases else None,
-        w_up=randn(d, r, scale=1 / math.sqrt(r)),
-        b_up=randn(d, scale=0.5) if biases else None,
-        residual=randn(*lead, d, dt=dtype) if residual else None,
-    )
-
-
-def _leaf(t: torch.Tensor | None) -> torch.Tensor | None:
-    return t.detach().requires_grad_() if t is not None else None
-
-
-def check_against_reference(pb: Problem, activation: str = "gelu", dropout_p: float = 0.0, learned: bool = True,
-                            grad_out: torch.Tensor | None = None) -> torch.Tensor:
-    """Run the op (forward + backward) and compare out and every gradient with float64 math,
-    rebuilding the dropout from the op's own seed so both use the same mask. Returns out."""
-    names = ("h", "w_down", "b_down", "w_up", "b_up", "residual")
-    leaves = {k: _leaf(getattr(pb, k)) for k in names}
-    # A learned scaling is fp32 (AdapterHub's parameter), float64 beside a float64 adapter.
-    s_dtype = torch.float64 if pb.h.dtype == torch.float64 else torch.float32
-    scaling = torch.tensor(0.75, dtype=s_dtype, device=DEVICE, requires_grad=True) if learned else 0.75
-    torch.manual_seed(1234)
-    out = bottleneck_adapter(leaves["h"], leaves["w_down"], leaves["b_down"], leaves["w_up"], leaves["b_up"],
-                             activation, scaling, leaves["residual"], dropout_p, training=dropout_p > 0)
-    if grad_out is None:
-        grad_out = torch.randn_like(out)
-    out.backward(grad_out)
-
-    h = pb.h
-    mask = None
-    if dropout_p > 0:
-        torch.manual_seed(1234)
-        seed = torch.randint(0, 2**62, (1,), device=DEVICE, dtype=torch.int64)  # what the op drew
-        mask = bottleneck_adapter_dropout_mask(seed, h.numel() // h.shape[-1], h.shape[-1], dropout_p).reshape(h.shape)
-    ref = {k: (getattr(pb, k).detach().double().requires_grad_() if getattr(pb, k) is not None else None)
-           for k in names}
-    scaling64 = torch.tensor(0.75, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    out64 = bottleneck_adapter_ref(ref["h"], ref["w_down"], ref["b_down"], ref["w_up"], ref["b_up"], activation,
-                                   scaling64, ref["residual"], dropout_p, dropout_mask=mask)
-    out64.backward(grad_out.double())
-
-    dtype = h.dtype
-    assert out.dtype == dtype and out.shape == h.shape
-    assert_close(out, out64, dtype, "out")
-    for k in names:
-        if leaves[k] is None:
-            continue
-        assert leaves[k].grad.dtype == leaves[k].dtype, k
-        assert_close(leaves[k].grad, ref[k].grad, dtype, f"d{k}")
-    if learned:
-        assert scaling.grad.shape == () and scaling.grad.dtype == s_dtype
-        # dscaling = sum(grad_out * u) is one dot product whose terms cancel: its rounding error
-        # is bounded relative to sum |grad_out * u| (the sum's condition), not to its value.
-        base64 = ref["residual"] if ref["residual"] is not None else ref["h"]
-        u64 = (out64 - base64).detach() / 0.75
-        scale = (grad_out.double() * u64).abs().sum().item()
-        err = abs(scaling.grad.item() - scaling64.grad.item()) / scale
-        assert err <= TOLERANCE[dtype], f"dscaling: error {err:.3e} of sum|g u| > {TOLERANCE[dtype]:.1e} ({dtype})"
-    return out
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -217,7 +134,7 @@ def test_backward_is_bitwise_reproducible(backend, r):
     pb = make_problem((130,), 45, r, torch.float16)
 
     def grads() -> list[torch.Tensor]:
-        leaves = [_leaf(t) for t in (pb.h, pb.w_down, pb.b_down, pb.w_up, pb.b_up)]
+        leaves = [leaf(t) for t in (pb.h, pb.w_down, pb.b_down, pb.w_up, pb.b_up)]
         out = bottleneck_adapter(*leaves, "silu", 0.5)
         out.backward(torch.ones_like(out))
         return [t.grad for t in leaves]
@@ -228,10 +145,10 @@ def test_backward_is_bitwise_reproducible(backend, r):
 def test_only_the_weights_need_grad(backend):
     """Frozen h (the first adapter on a model's embeddings' output): no dh is formed."""
     pb = make_problem((7,), 45, 8, torch.float32)
-    wu = _leaf(pb.w_up)
+    wu = leaf(pb.w_up)
     out = bottleneck_adapter(pb.h, pb.w_down, pb.b_down, wu, pb.b_up, "relu", 2.0)
     out.backward(torch.ones_like(out))
-    ref_wu = _leaf(pb.w_up.double())
+    ref_wu = leaf(pb.w_up.double())
     bottleneck_adapter_ref(pb.h.double(), pb.w_down.double(), pb.b_down.double(), ref_wu, pb.b_up.double(), "relu",
                            2.0).sum().backward()
     assert_close(wu.grad, ref_wu.grad, torch.float32, "dw_up")
@@ -249,7 +166,7 @@ def test_scaling_tensor_of_shape_1_gets_its_own_shape_back(backend):
 
 def test_autocast_runs_in_the_autocast_dtype():
     pb = make_problem((7,), 45, 8, torch.float32)
-    w = _leaf(pb.w_down)
+    w = leaf(pb.w_down)
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         out = bottleneck_adapter(pb.h, w, pb.b_down, pb.w_up, pb.b_up, "gelu", 0.5)
     assert out.dtype == torch.bfloat16
@@ -262,7 +179,7 @@ def test_small_eager_torch_path_calls_are_recorded_by_autograd_large_ones_use_th
     (inclusive); calls needing no autograd return a plain tensor either way."""
     monkeypatch.setenv("FASTPEFT_BACKEND", "torch")
     pb = make_problem((7,), 45, 8, torch.float32)
-    leaves = [_leaf(t) for t in (pb.h, pb.w_down, pb.b_down, pb.w_up, pb.b_up)]
+    leaves = [leaf(t) for t in (pb.h, pb.w_down, pb.b_down, pb.w_up, pb.b_up)]
     outs = {}
     for limit in (7 * 45, 7 * 45 - 1):
         monkeypatch.setattr(OP_MODULE, "RECORDED_MAX_ELEMENTS", limit)

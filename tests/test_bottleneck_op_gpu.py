@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastpeft.ops import bottleneck_adapter
-from tests.test_bottleneck_op import check_against_reference, make_problem
+from tests.helpers.bottleneck_problem import check_against_reference, make_problem
 
 pytestmark = [
     pytest.mark.gpu,

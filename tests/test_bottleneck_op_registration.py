@@ -12,8 +12,8 @@ import torch._inductor.config as inductor_config
 
 from fastpeft.kernels.dropout_mask import draw_seed
 from fastpeft.ops import bottleneck_adapter, bottleneck_adapter_dropout_mask, bottleneck_adapter_ref
-from tests.conftest import DEVICE
-from tests.test_bottleneck_op import make_problem
+from tests.helpers.bottleneck_problem import make_problem
+from tests.helpers.devices import DEVICE
 
 
 @pytest.mark.parametrize("dropout_p,learned", [(0.0, True), (0.2, False)])

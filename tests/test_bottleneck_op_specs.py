@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 
 from fastpeft.kernels.bottleneck import configs as bn_configs, launch as bn_launch  # noqa: E402
 from fastpeft.kernels.bottleneck.specs import bottleneck_kernel_specs  # noqa: E402
-from tests.test_kernel_specs import GPUS, _launch_key, _spec_key, record_launches  # noqa: E402
+from tests.helpers.launch_recorder import GPUS, launch_key, record_launches, spec_key  # noqa: E402
 
 DTYPES = [(torch.bfloat16, torch.float32), (torch.float16, torch.float16)]
 
@@ -23,7 +23,7 @@ DTYPES = [(torch.bfloat16, torch.float32), (torch.float16, torch.float16)]
 @pytest.mark.parametrize("num_sms,capability", GPUS)
 @pytest.mark.parametrize("act,weights", DTYPES, ids=str)
 def test_every_launch_is_checked(monkeypatch, num_sms, capability, act, weights):
-    compiled = {_spec_key(s) for s in bottleneck_kernel_specs()}
+    compiled = {spec_key(s) for s in bottleneck_kernel_specs()}
     launches = record_launches(monkeypatch, bn_launch)
     monkeypatch.setattr(bn_launch, "interpreting", lambda: False)
     monkeypatch.setattr(bn_configs, "device_info", lambda device: (num_sms, capability))
@@ -46,7 +46,7 @@ def test_every_launch_is_checked(monkeypatch, num_sms, capability, act, weights)
         bn_launch.bottleneck_backward(torch.empty_like(h), h, w_down, w_up, b_up, z, "gelu", scaling, p, seed, True,
                                       (need_h, True, biases, True, biases, learned))
         for fn, args, kwargs in launches:
-            key = _launch_key(fn, args, kwargs)
+            key = launch_key(fn, args, kwargs)
             assert key in compiled, f"m={m} d={d} r={rank} dropout={dropout}: {key} is never compiled"
             kernels.add(key[0])
     assert kernels == {"bottleneck_fwd_kernel", "bottleneck_bwd_dz_kernel", "bottleneck_bwd_wgrad_dh_kernel",

@@ -15,7 +15,8 @@ import torch
 
 from fastpeft import cuda_ext
 from fastpeft.kernels.multi_lora.cuda_launch import multi_lora_decode
-from tests import test_cuda_bgmv, test_cuda_bottleneck
+from tests.helpers.cuda_bottleneck_cases import CASE_ARGS, CASES, check_case
+from tests.helpers.multi_lora_decode import decode_reference, padded_slots
 from tests.helpers.numerics import assert_close
 
 pytestmark = [
@@ -29,12 +30,12 @@ def extension_loads():
     cuda_ext.load()  # raises with the reason if the extension cannot run here
 
 
-@pytest.mark.parametrize(test_cuda_bottleneck.CASE_ARGS, test_cuda_bottleneck.CASES)
+@pytest.mark.parametrize(CASE_ARGS, CASES)
 def test_bottleneck_matches_float64_and_is_reproducible(m, d, r, activation, bias, separate_residual, dropout_p, dtype,
                                                         w_dtype, tensor_scaling, strided):
     args = (m, d, r, activation, bias, separate_residual, dropout_p, dtype, w_dtype, tensor_scaling, strided)
-    first = test_cuda_bottleneck.check_case("cuda", *args)
-    second = test_cuda_bottleneck.check_case("cuda", *args)
+    first = check_case("cuda", *args)
+    second = check_case("cuda", *args)
     torch.cuda.synchronize()
     for a, b in zip(first, second):
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), "not bitwise reproducible"
@@ -43,14 +44,13 @@ def test_bottleneck_matches_float64_and_is_reproducible(m, d, r, activation, bia
 @pytest.mark.parametrize(("m", "d", "r"), [(8192, 4096, 64), (1, 4096, 16)])
 def test_bottleneck_at_benchmark_shapes(m, d, r):
     """The issue's benchmark shapes in bf16 (many row blocks and splits; the decode row)."""
-    test_cuda_bottleneck.check_case("cuda", m, d, r, "gelu", True, False, 0.1, torch.bfloat16, torch.bfloat16,
-                                    False, False)
+    check_case("cuda", m, d, r, "gelu", True, False, 0.1, torch.bfloat16, torch.bfloat16, False, False)
 
 
 def _decode_problem(num_tokens, k, n, dtype, device="cuda"):
     g = torch.Generator().manual_seed(0)
     ranks = torch.tensor([3, 16, 40, 0], dtype=torch.int64)
-    lora_a, lora_b = test_cuda_bgmv._slots(4, 16, k, n, ranks, dtype, g)
+    lora_a, lora_b = padded_slots(4, 16, k, n, ranks, dtype, g)
     scalings = torch.tensor([0.5, 2.0, 1.25, 3.0])
     x = torch.randn(num_tokens, k, generator=g).to(dtype)
     y = torch.randn(num_tokens, n, generator=g).to(dtype)
@@ -63,8 +63,8 @@ def test_decode_matches_reference_and_replays_in_a_cuda_graph(dtype):
     ids = torch.tensor([0, 1, 2, 3, -1, 4, 1, 2] * 8, dtype=torch.int64, device="cuda")
     y = y0.clone()
     multi_lora_decode(y, x, lora_a, lora_b, scalings, ids, ranks)
-    expected = test_cuda_bgmv._reference(y0.cpu(), x.cpu(), lora_a.cpu(), lora_b.cpu(), scalings.cpu(), ids.cpu(),
-                                         ranks.cpu())
+    expected = decode_reference(y0.cpu(), x.cpu(), lora_a.cpu(), lora_b.cpu(), scalings.cpu(), ids.cpu(),
+                                ranks.cpu())
     assert_close(y.cpu(), expected, dtype, "y")
     # Capture once, replay with another adapter mix written into the same ids buffer.
     graph_y = y0.clone()
@@ -79,8 +79,8 @@ def test_decode_matches_reference_and_replays_in_a_cuda_graph(dtype):
     graph_y.copy_(y0)
     graph.replay()
     torch.cuda.synchronize()
-    expected = test_cuda_bgmv._reference(y0.cpu(), x.cpu(), lora_a.cpu(), lora_b.cpu(), scalings.cpu(),
-                                         new_ids.cpu(), ranks.cpu())
+    expected = decode_reference(y0.cpu(), x.cpu(), lora_a.cpu(), lora_b.cpu(), scalings.cpu(),
+                                new_ids.cpu(), ranks.cpu())
     assert_close(graph_y.cpu(), expected, dtype, "y after graph replay")
 
 

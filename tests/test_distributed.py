@@ -1,6 +1,7 @@
 """fastpeft LoRA layers under DDP and FSDP2: two CPU processes (gloo, 127.0.0.1 only) train
-the small Llama of ``tests/test_training_parity.py`` on halves of each batch, and must
-reproduce a single process on the full batches.
+the small Llama of ``tests/helpers/training.py`` on halves of each batch, and must
+reproduce a single process on the full batches (the ranks are spawned by
+``tests/helpers/distributed.py``).
 
 One spawn (module fixture) runs every scenario in both ranks and saves, per scenario, the
 LoRA gradients of the first step and the LoRA parameters after ``STEPS`` AdamW steps; the
@@ -17,9 +18,6 @@ custom op only ever sees plain tensors. The op itself does not accept DTensor in
 from __future__ import annotations
 
 import builtins
-import os
-import socket
-import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -27,12 +25,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 import fastpeft
+from tests.helpers.distributed import BATCH_SEED, COLLECTIVE_TIMEOUT_S, PER_RANK, WORLD, spawn_ranks
 from tests.helpers.numerics import TOLERANCE, assert_close, relative_error
-from tests.test_training_parity import lora_grads, lora_model, one_thread, shift_batch
+from tests.helpers.training import lora_grads, lora_model, one_thread, shift_batch
 
 if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
@@ -44,12 +42,7 @@ except ImportError:  # torch < 2.6 has FSDP2 only under its old private path
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
-WORLD = 2
-PER_RANK = 2  # sequences per rank and step; a single process takes WORLD * PER_RANK
 STEPS = 3
-BATCH_SEED = 1234
-COLLECTIVE_TIMEOUT_S = 60  # any one collective (a rank stuck in a hang raises after this)
-SPAWN_TIMEOUT_S = 150  # the whole spawn, start-up (imports) included
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -141,38 +134,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _loopback_interface() -> str | None:
-    """The loopback interface's name (``lo`` on Linux), for gloo's own connections."""
-    return next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
-
-
-def spawn_ranks(worker: Callable[[int, int, str], None], out_dir: Path, what: str) -> list[dict]:
-    """Spawn ``WORLD`` ranks running ``worker(rank, port, out_dir)`` (bounded by
-    ``SPAWN_TIMEOUT_S``); the results each saved as ``rank{r}.pt`` in ``out_dir``."""
-    loopback = _loopback_interface()
-    with pytest.MonkeyPatch.context() as env:
-        if loopback is not None and "GLOO_SOCKET_IFNAME" not in os.environ:
-            env.setenv("GLOO_SOCKET_IFNAME", loopback)  # else gloo binds the hostname's interface
-        context = mp.start_processes(worker, args=(_free_port(), str(out_dir)), nprocs=WORLD,
-                                     join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not context.join(timeout=max(deadline - time.monotonic(), 0.0)):
-            if time.monotonic() >= deadline:
-                pytest.fail(f"{what} workers still running after {SPAWN_TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 @pytest.fixture(scope="module")

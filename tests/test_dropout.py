@@ -11,7 +11,7 @@ import torch
 from fastpeft.backend import triton_available
 from fastpeft.kernels.dropout_mask import keep_mask_philox
 from fastpeft.ops import lora_linear, lora_linear_dropout_mask, lora_linear_ref
-from tests.conftest import DEVICE
+from tests.helpers.devices import DEVICE
 from tests.helpers.lora_problem import SCALING, make_problem
 
 

@@ -2,14 +2,14 @@
 compiles for sm_80 / sm_90 (so a planner or launcher change cannot skip the check).
 
 The launchers run on meta tensors (nothing is allocated or computed) with every kernel
-replaced by a recorder, as on a GPU (``interpreting()`` off, the SM count and capability of
-an A100 / H100). Each recorded launch is reduced to what Triton's launcher specializes on —
-argument types, integers equal to 1 (constexprs) or divisible by 16 and 16-byte aligned
-pointers, except the arguments the kernel exempts (``do_not_specialize``) — plus its
-constexprs, warps and stages, and must equal a spec. Problems are aligned as
-``kernel_friendly`` requires (K, N multiples of 16, contiguous operands); M and the rank
-are arbitrary. Launches are made with bias on (the specs compile HAS_BIAS=True, a superset
-of the code without it).
+replaced by a recorder (``tests/helpers/launch_recorder.py``), as on a GPU
+(``interpreting()`` off, the SM count and capability of an A100 / H100). Each recorded
+launch is reduced to what Triton's launcher specializes on — argument types, integers equal
+to 1 (constexprs) or divisible by 16 and 16-byte aligned pointers, except the arguments the
+kernel exempts (``do_not_specialize``) — plus its constexprs, warps and stages, and must
+equal a spec. Problems are aligned as ``kernel_friendly`` requires (K, N multiples of 16,
+contiguous operands); M and the rank are arbitrary. Launches are made with bias on (the
+specs compile HAS_BIAS=True, a superset of the code without it).
 """
 
 from __future__ import annotations
@@ -23,80 +23,18 @@ pytest.importorskip("triton")
 
 from fastpeft.kernels import all_kernel_specs  # noqa: E402
 from fastpeft.kernels.lora import configs as lora_configs, launch as lora_launch  # noqa: E402
-from fastpeft.kernels.aot_spec import unspecialized_args  # noqa: E402
+from tests.helpers.launch_recorder import GPUS, launch_key, record_launches, spec_key  # noqa: E402
 
-# (SM count, capability) of an A100 and an H100/H200.
-GPUS = [(108, 80), (132, 90)]
 # (activation, LoRA weight) dtypes of the specs.
 DTYPES = [(torch.bfloat16, torch.float32), (torch.float16, torch.float16)]
 MS = [1, 16, 17, 64, 512, 513, 1024, 4096]
 NS = [64, 1024, 4096, 14336]
 RANKS = [1, 8, 16, 17, 33, 64]
 
-_TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64"}
-
-
-def _name(fn) -> str:
-    return getattr(fn, "fn", fn).__name__
-
-
-def _spec_key(spec) -> tuple:
-    return (_name(spec.fn), tuple(spec.signature.items()), tuple(sorted(spec.constexprs.items())),
-            tuple(sorted(spec.aligned_params())), spec.num_warps, spec.num_stages)
-
-
-def _launch_key(fn, args: tuple, kwargs: dict) -> tuple:
-    """What Triton's launcher would compile for this launch, keyed like ``_spec_key``."""
-    exempt = set(unspecialized_args(fn))
-    kwargs = dict(kwargs)
-    warps, stages = kwargs.pop("num_warps"), kwargs.pop("num_stages")
-    values = dict(zip(fn.arg_names, args))
-    signature, constexprs, aligned = {}, dict(kwargs), []
-    for name in fn.arg_names:
-        value = values.get(name)
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif isinstance(value, torch.Tensor):
-            signature[name] = "*" + _TRITON_TYPES[value.dtype]
-            if value.storage_offset() * value.element_size() % 16 == 0:  # torch's allocations are aligned
-                aligned.append(name)
-        elif isinstance(value, float):
-            signature[name] = "fp32"
-        elif name not in exempt and value == 1:
-            signature[name], constexprs[name] = "constexpr", 1
-        else:
-            assert isinstance(value, int) and abs(value) < 2**31, (name, value)
-            signature[name] = "i32"
-            if name not in exempt and value % 16 == 0:
-                aligned.append(name)
-    return (_name(fn), tuple(signature.items()), tuple(sorted(constexprs.items())), tuple(sorted(aligned)),
-            warps, stages)
-
-
-class _Recorder:
-    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records the launch."""
-
-    def __init__(self, fn, launches: list):
-        self.fn, self.launches = fn, launches
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((self.fn, args, kwargs))
-
-
-def record_launches(monkeypatch, *modules) -> list:
-    """Replace every ``*_kernel`` of the launcher ``modules`` with a ``_Recorder``; returns the
-    list their launches are appended to."""
-    launches: list = []
-    for module in modules:
-        for name in dir(module):
-            if name.endswith("_kernel"):
-                monkeypatch.setattr(module, name, _Recorder(getattr(module, name), launches))
-    return launches
-
 
 @pytest.fixture(scope="module")
 def compiled() -> dict[tuple, object]:
-    return {_spec_key(s): s for s in all_kernel_specs()}
+    return {spec_key(s): s for s in all_kernel_specs()}
 
 
 @pytest.fixture
@@ -130,7 +68,7 @@ def test_every_launch_is_checked(compiled, recorded, monkeypatch, num_sms, capab
         recorded.clear()
         _run(m, n, k, rank, dropout, act, lora)
         for fn, args, kwargs in recorded:
-            key = _launch_key(fn, args, kwargs)
+            key = launch_key(fn, args, kwargs)
             spec = compiled.get(key)
             assert spec is not None, f"m={m} n={n} k={k} r={rank} dropout={dropout}: {key} is never compiled"
             assert spec.runs_on(capability), f"{spec.name} is checked only for the other architecture"

@@ -25,10 +25,15 @@ from fastpeft.kernels.lora import hybrid_launch as hybrid  # noqa: E402
 from fastpeft.kernels.lora import launch as lora_launch
 from fastpeft.kernels.lora.specs import DTYPE_CASES  # noqa: E402
 from fastpeft.ops import lora_linear_dropout_mask  # noqa: E402
-from tests import test_kernel_specs as recorder  # noqa: E402  (the launch recorder and its keys)
-from tests import test_lora_linear_registration as registration  # noqa: E402
-from tests.conftest import DEVICE  # noqa: E402
+from tests.helpers.devices import DEVICE  # noqa: E402
+from tests.helpers.launch_recorder import GPUS, launch_key, record_launches, spec_key  # noqa: E402
 from tests.helpers.lora_problem import SCALING, check_against_reference, make_problem  # noqa: E402
+from tests.helpers.lora_registration import (  # noqa: E402
+    compiled_matches_eager,
+    functional_op_compiles_without_graph_breaks,
+    opcheck_backward,
+    opcheck_forward,
+)
 
 # Activation dtypes: fp32 runs the kernels in the interpreter only; bf16 is computed in fp32
 # there (UPCAST), so only a GPU run covers bf16 arithmetic (tests/test_gpu.py).
@@ -177,25 +182,23 @@ def test_forward_and_backward_may_take_different_paths(monkeypatch, forward, bac
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_opcheck_forward(dropout_p, dtype):
-    registration.test_opcheck_forward("hybrid", dropout_p, dtype)
+    opcheck_forward(dropout_p, dtype)
 
 
 @pytest.mark.parametrize("needs", [(True, True, True), (False, False, True), (True, False, False)])
 def test_opcheck_backward(needs):
-    registration.test_opcheck_backward("hybrid", needs)
+    opcheck_backward(needs)
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 def test_torch_compile_fullgraph_forward_and_backward(dropout_p):
-    registration.test_torch_compile_fullgraph_forward_and_backward("hybrid", dropout_p)
+    compiled_matches_eager(dropout_p)
 
 
 def test_functional_op_compiles_without_graph_breaks():
-    registration.test_functional_op_compiles_without_graph_breaks("hybrid")
+    functional_op_compiles_without_graph_breaks()
 
 
-# (SM count, capability) of an A100 and an H100/H200.
-GPUS = [(108, 80), (132, 90)]
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # the specs' names
 
 
@@ -216,13 +219,13 @@ def _run_on_meta(m: int, n: int, k: int, rank: int, dropout: bool, act: torch.dt
 @pytest.mark.parametrize("act,lora", hybrid.HYBRID_DTYPE_CASES)
 def test_every_hybrid_launch_is_checked(monkeypatch, act, lora):
     """Every launch the hybrid launchers make, reduced to what Triton's launcher specializes
-    on (tests/test_kernel_specs.py's recorder, on meta tensors as on a GPU), is a spec that
+    on (tests/helpers/launch_recorder.py, on meta tensors as on a GPU), is a spec that
     ``fastpeft check`` compiles, on the architecture that launches it: the hybrid kernels in
     every dtype case, the fused path's passes over dY and x (``lora_launch.lora_backward``)
     in the dtype cases the fused specs cover (``lora_specs.DTYPE_CASES``). Problems are
     ``kernel_friendly`` (K, N multiples of 16); M and the rank are arbitrary."""
-    compiled = {recorder._spec_key(s): s for s in all_kernel_specs()}
-    launches = recorder.record_launches(monkeypatch, lora_launch, hybrid)
+    compiled = {spec_key(s): s for s in all_kernel_specs()}
+    launches = record_launches(monkeypatch, lora_launch, hybrid)
     monkeypatch.setattr(lora_launch, "interpreting", lambda: False)
     hybrid_kernels = {"lora_hybrid_fwd_kernel", "lora_hybrid_dx_kernel"}
     launched = set()
@@ -233,7 +236,7 @@ def test_every_hybrid_launch_is_checked(monkeypatch, act, lora):
         launches.clear()
         _run_on_meta(m, n, k, rank, dropout, _DTYPES[act], _DTYPES[lora])
         for fn, args, kwargs in launches:
-            key = recorder._launch_key(fn, args, kwargs)
+            key = launch_key(fn, args, kwargs)
             if key[0] not in hybrid_kernels and (act, lora) not in DTYPE_CASES:
                 continue
             spec = compiled.get(key)

@@ -24,15 +24,15 @@ from fastpeft.kernels.lora.configs import (  # noqa: E402
 )
 from fastpeft.kernels.lora.hybrid_launch import hybrid_backward  # noqa: E402
 from fastpeft.ops import lora_linear, lora_linear_ref  # noqa: E402
-from tests.conftest import DEVICE  # noqa: E402
-from tests.helpers.numerics import TOLERANCE, assert_close, relative_error  # noqa: E402
-from tests.test_kernel_specs import _launch_key, _Recorder, _spec_key  # noqa: E402
-from tests.test_lora_linear_edge_cases import (  # noqa: E402
+from tests.helpers.devices import DEVICE  # noqa: E402
+from tests.helpers.fp32_adapter_overflow import (  # noqa: E402
     OVERFLOW_N,
     OVERFLOW_SCALING,
     overflowing_fp32_adapter_case,
 )
+from tests.helpers.launch_recorder import Recorder, launch_key, spec_key  # noqa: E402
 from tests.helpers.lora_problem import SCALING, check_against_reference, make_problem  # noqa: E402
+from tests.helpers.numerics import TOLERANCE, assert_close, relative_error  # noqa: E402
 
 CUDA = torch.device("cuda")
 
@@ -74,7 +74,7 @@ def test_every_launch_runs_inside_on_device_of_the_tensors(monkeypatch, every_sp
         yield
         depth[0] -= 1
 
-    class Checked(_Recorder):
+    class Checked(Recorder):
         def __getitem__(self, grid):
             assert depth[0] == 1, f"{self.fn} launched outside on_device_of"
             return self.fn[grid]
@@ -117,7 +117,7 @@ def test_split_gradients_are_bitwise_reproducible_and_compiled(monkeypatch, trit
         if name.endswith("_kernel"):
             kernel = getattr(lora_launch, name)
 
-            class Recording(_Recorder):
+            class Recording(Recorder):
                 def __getitem__(self, grid, _kernel=kernel):
                     def launch(*args, **kwargs):
                         self.launches.append((self.fn, args, kwargs))
@@ -136,9 +136,9 @@ def test_split_gradients_are_bitwise_reproducible_and_compiled(monkeypatch, trit
     first, second = run(), run()
     for got, again, what in zip(first, second, ("y", "dX", "dA", "dB")):
         assert torch.equal(got, again), what
-    compiled = {_spec_key(s) for s in all_kernel_specs()}
+    compiled = {spec_key(s) for s in all_kernel_specs()}
     for fn, args, kwargs in launches:
-        key = _launch_key(fn, args, kwargs)
+        key = launch_key(fn, args, kwargs)
         assert key in compiled, f"{key} is never compiled"
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import fastpeft
-from tests.conftest import DEVICE
+from tests.helpers.devices import DEVICE
 from tests.helpers.numerics import assert_close
 
 

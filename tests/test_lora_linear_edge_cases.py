@@ -4,16 +4,13 @@ rank-r intermediate beyond the 16-bit range."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fastpeft.kernels.dropout_mask import draw_seed
 from fastpeft.ops import lora_linear, lora_linear_dropout_mask, lora_linear_ref
-from tests.conftest import DEVICE
-from tests.helpers.models import peft
+from tests.helpers.fp32_adapter_overflow import OVERFLOW_SCALING, overflowing_fp32_adapter_case
 from tests.helpers.numerics import TOLERANCE, assert_close, relative_error
 from tests.helpers.lora_problem import SCALING, check_against_reference, make_problem
 
@@ -76,29 +73,6 @@ def test_double_backward_gradient_penalty(backend, dtype, dropout_p):
     assert_close(gx, gx64, dtype, "first-order dx")
     for got, want, what in ((x.grad, x64.grad, "dx"), (a.grad, a64.grad, "dA"), (b.grad, b64.grad, "dB")):
         assert_close(got, want, dtype, f"double-backward {what}")
-
-
-# The overflowing fp32-adapter case: scaling 64 and |x| ~ 1000 put s * scaling past fp16's
-# largest value (65504), while y itself stays in range.
-OVERFLOW_K, OVERFLOW_N, OVERFLOW_R, OVERFLOW_SCALING = 64, 48, 8, 64.0
-
-
-def overflowing_fp32_adapter_case(dtype: torch.dtype):
-    """PEFT's ``lora.Linear`` on a ``dtype`` base with fp32 adapters (its default) and an
-    input whose rank-r intermediate overflows 16 bits: ``(peft_layer, x)``."""
-    model = torch.nn.Sequential(torch.nn.Linear(OVERFLOW_K, OVERFLOW_N)).to(DEVICE, dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        config = peft.LoraConfig(r=OVERFLOW_R, lora_alpha=OVERFLOW_SCALING * OVERFLOW_R, target_modules=["0"])
-        layer = peft.get_peft_model(model, config).base_model.model[0]
-    with torch.no_grad():
-        layer.lora_A["default"].weight.normal_(0, 1.0)
-        layer.lora_B["default"].weight.normal_(0, 1e-3)
-    a = layer.lora_A["default"].weight
-    assert a.dtype == torch.float32
-    x = (1000 * torch.randn(6, OVERFLOW_K, device=DEVICE)).to(dtype)
-    assert (x.float() @ a.t() * OVERFLOW_SCALING).abs().max() > 65504, "the case must overflow a 16-bit rank-r side"
-    return layer, x
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

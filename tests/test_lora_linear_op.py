@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastpeft.ops import lora_linear, lora_linear_ref
-from tests.conftest import DEVICE
+from tests.helpers.devices import DEVICE
 from tests.helpers.lora_problem import SCALING, check_against_reference, make_problem
 from tests.helpers.numerics import assert_close
 

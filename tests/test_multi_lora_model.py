@@ -13,35 +13,9 @@ import torch
 
 import fastpeft
 from tests.helpers.models import VOCAB, tiny_gpt2, tiny_llama
+from tests.helpers.peft_adapters import GPT2_ADAPTERS, LLAMA_ADAPTERS, save_adapters
 
 peft = pytest.importorskip("peft")
-
-# Each adapter: its PEFT LoraConfig keywords (init_lora_weights=False: B random, so every
-# adapter changes the output).
-LLAMA_ADAPTERS = {
-    "qv8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
-    "mlp4": dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"], use_rslora=True),
-    "all16": dict(r=16, lora_alpha=8, target_modules="all-linear", rank_pattern={"o_proj": 2},
-                  alpha_pattern={"k_proj": 3.0}),
-}
-GPT2_ADAPTERS = {
-    "attn8": dict(r=8, lora_alpha=16, target_modules=["c_attn"], fan_in_fan_out=True),
-    "mlp2": dict(r=2, lora_alpha=4, target_modules=["c_fc", "mlp.c_proj"], fan_in_fan_out=True),
-}
-
-
-def _save_adapters(base, adapters: dict, root) -> dict:
-    dirs = {}
-    for n, (name, kwargs) in enumerate(adapters.items()):
-        torch.manual_seed(100 + n)
-        model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **kwargs))
-        with torch.no_grad():  # PEFT's non-default init draws B small: make every adapter matter
-            for p_name, p in model.named_parameters():
-                if "lora_B" in p_name:
-                    p.normal_(0, 0.3)
-        dirs[name] = root / name
-        model.save_pretrained(str(dirs[name]))
-    return dirs
 
 
 def _peft_mixed(base, dirs: dict):
@@ -72,7 +46,7 @@ def _batch(seed: int, batch: int, length: int, left_pad: list[int]):
 def setup(request, tmp_path_factory):
     base = tiny_llama() if request.param == "llama" else tiny_gpt2()
     adapters = LLAMA_ADAPTERS if request.param == "llama" else GPT2_ADAPTERS
-    dirs = _save_adapters(base, adapters, tmp_path_factory.mktemp(request.param))
+    dirs = save_adapters(base, adapters, tmp_path_factory.mktemp(request.param))
     return base, dirs, _peft_mixed(base, dirs), _ours(base, dirs)
 
 
@@ -176,7 +150,7 @@ def test_copies_have_the_adapters_and_are_independent(setup, duplicate):
 
 def test_bad_adapters_change_nothing(tmp_path):
     base = tiny_llama()
-    dirs = _save_adapters(base, {"big": dict(r=32, lora_alpha=8, target_modules=["q_proj"]),
+    dirs = save_adapters(base, {"big": dict(r=32, lora_alpha=8, target_modules=["q_proj"]),
                                  "mlp": dict(r=4, lora_alpha=8, target_modules=["down_proj"])}, tmp_path)
     ours = fastpeft.MultiAdapterModel(copy.deepcopy(base), max_adapters=2, max_rank=16,
                                       target_modules=["q_proj", "v_proj"])

@@ -13,7 +13,7 @@ import torch
 from fastpeft.kernels.multi_lora import configs
 from fastpeft.ops import multi_lora_linear, multi_lora_linear_ref
 from fastpeft.ops import multi_lora_linear_torch
-from tests.conftest import DEVICE, KERNELS_RUN
+from tests.helpers.devices import DEVICE, KERNELS_RUN
 from tests.helpers.numerics import assert_close
 
 K, N = 37, 45  # odd: no tile divides them

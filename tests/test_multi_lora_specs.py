@@ -1,8 +1,8 @@
 """Every launch the multi-adapter LoRA launchers make is a configuration that ``fastpeft
 check`` compiles (``multi_lora.specs``): the launchers run with every kernel replaced by a
 recorder, on problems the op sends to the kernels on a GPU (16-bit activations, K and N
-multiples of 16), and each launch's specialization (``test_kernel_specs._launch_key``) must
-be a spec."""
+multiples of 16), and each launch's specialization (``launch_key`` of
+``tests/helpers/launch_recorder.py``) must be a spec."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 
 from fastpeft.kernels.multi_lora import launch  # noqa: E402
 from fastpeft.kernels.multi_lora.specs import multi_lora_kernel_specs  # noqa: E402
-from tests.test_kernel_specs import _launch_key, _spec_key, record_launches  # noqa: E402
+from tests.helpers.launch_recorder import launch_key, record_launches, spec_key  # noqa: E402
 
 DTYPES = [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
           (torch.float16, torch.float32)]
@@ -31,7 +31,7 @@ def recorded(monkeypatch) -> list:
 
 @pytest.mark.parametrize("act,lora", DTYPES, ids=str)
 def test_every_launch_is_checked(recorded, act, lora):
-    compiled = {_spec_key(s) for s in multi_lora_kernel_specs()}
+    compiled = {spec_key(s) for s in multi_lora_kernel_specs()}
     kernels = set()
     for t, r_max, n, k in itertools.product(TOKENS, SLOT_RANKS, WIDTHS, WIDTHS):
         num_slots = 3
@@ -45,7 +45,7 @@ def test_every_launch_is_checked(recorded, act, lora):
         launch.multi_lora_segments_add(y, x, a, b, scalings, ids, ranks)
         launch.multi_lora_backward(y, x, torch.empty(t, k, dtype=act), a, b, scalings, ids, ranks, True, True)
         for fn, args, kwargs in recorded:
-            key = _launch_key(fn, args, kwargs)
+            key = launch_key(fn, args, kwargs)
             assert key in compiled, f"T={t} R_MAX={r_max} N={n} K={k}: {key} is never compiled"
             kernels.add(key[0])
     assert kernels == {"multi_lora_decode_shrink_kernel", "multi_lora_decode_expand_kernel", "multi_lora_shrink_kernel",

@@ -27,7 +27,7 @@ import torch
 
 import fastpeft
 from tests.helpers.models import VOCAB, tiny_llama
-from tests.test_multi_lora_model import LLAMA_ADAPTERS, _save_adapters
+from tests.helpers.peft_adapters import LLAMA_ADAPTERS, save_adapters
 
 THREADS = 8
 ROUNDS = 3
@@ -136,7 +136,7 @@ ADAPTERS = {**LLAMA_ADAPTERS, "qv4": dict(r=4, lora_alpha=4, target_modules=["q_
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> tuple[torch.nn.Module, dict]:
     base = tiny_llama()
-    return base, _save_adapters(base, ADAPTERS, tmp_path_factory.mktemp("adapters"))
+    return base, save_adapters(base, ADAPTERS, tmp_path_factory.mktemp("adapters"))
 
 
 def serving(base: torch.nn.Module, dirs: dict, max_adapters: int = 4) -> fastpeft.MultiAdapterModel:

@@ -5,7 +5,8 @@ gradient checkpointing and ``bf16=True`` (CPU autocast) train. Also the adapter-
 ``save_pretrained`` that makes this work, and the README's recipe.
 
 Everything runs on the CPU (``use_cpu=True``) with a 2-layer random Llama (no downloads) on
-the counting task of ``tests/test_training_parity.py``, for a few steps.
+the counting task of ``tests/helpers/training.py``, for a few steps (the Trainer pieces
+the adapter types' Trainer tests share are in ``tests/helpers/trainer.py``).
 """
 
 from __future__ import annotations
@@ -24,18 +25,22 @@ import fastpeft
 from fastpeft.api import adapter_state_dict
 from tests.helpers.models import token_ids
 from tests.helpers.numerics import TOLERANCE, relative_error
-from tests.test_training_parity import build_model, one_thread, shift_batch
+from tests.helpers.trainer import (
+    SAVE_STEPS,
+    STEPS,
+    TRAINER_FILES,
+    CountingDataset,
+    checkpointing_args,
+    step_logs,
+    training_args,
+)
+from tests.helpers.training import build_model, one_thread
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
-STEPS = 6
-SAVE_STEPS = 3  # a checkpoint halfway, one at the end
 FULL_MODEL_FILES = {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"}
-# What Trainer writes next to the adapter in a checkpoint (PEFT's checkpoints also hold its
-# model card, README.md, which fastpeft does not write).
-TRAINER_FILES = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"}
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 
 
@@ -43,19 +48,6 @@ ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 def _one_thread():
     with one_thread():
         yield
-
-
-class CountingDataset(torch.utils.data.Dataset):
-    """``size`` counting sequences as Trainer's dicts (the model shifts the labels)."""
-
-    def __init__(self, size: int = 16, length: int = 12, seed: int = 0) -> None:
-        self.ids = shift_batch(torch.Generator().manual_seed(seed), batch=size, length=length)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def lora_config(library=fastpeft, dropout: float = 0.1):
@@ -69,34 +61,9 @@ def adapted_llama(lora_seed: int = 0, dropout: float = 0.1) -> torch.nn.Module:
     return fastpeft.inject(model, lora_config(dropout=dropout))
 
 
-def training_args(output_dir: Path, **overrides) -> transformers.TrainingArguments:
-    settings = dict(
-        output_dir=str(output_dir), max_steps=STEPS, save_steps=SAVE_STEPS, logging_steps=1,
-        per_device_train_batch_size=4, learning_rate=1e-2, report_to=[], use_cpu=True,
-        disable_tqdm=True, seed=0,
-    )
-    settings.update(overrides)
-    return transformers.TrainingArguments(**settings)
-
-
-def checkpointing_args() -> dict:
-    """Gradient checkpointing in the installed transformers' words (renamed in 5.x)."""
-    if "activation_checkpointing" in transformers.TrainingArguments.__dataclass_fields__:
-        return {"activation_checkpointing": True}
-    return {"gradient_checkpointing": True}
-
-
 def make_trainer(model: torch.nn.Module, args: transformers.TrainingArguments, **kwargs) -> transformers.Trainer:
     trainer = transformers.Trainer(model=model, args=args, train_dataset=CountingDataset(), **kwargs)
     return fastpeft.integrations.enable_adapter_checkpoints(trainer)
-
-
-def step_logs(trainer: transformers.Trainer) -> dict[int, dict]:
-    """``{step: {"loss", "grad_norm", "learning_rate"}}`` of the training steps logged."""
-    return {
-        entry["step"]: {k: entry[k] for k in ("loss", "grad_norm", "learning_rate")}
-        for entry in trainer.state.log_history if "loss" in entry
-    }
 
 
 def saved_tensors(directory: Path) -> dict[str, torch.Tensor]:

@@ -9,7 +9,8 @@ model with another adapter init logs the losses, gradient norms and learning rat
 uninterrupted run and ends with its adapter (a reparameterization's MLP / LSTM restored from
 ``fastpeft_prompt_encoder.safetensors``), and what cannot work is refused with a message that
 says why: a checkpoint of another adapter type or config, a reparameterized prompt checkpoint
-without its encoder file, prefix tuning under gradient checkpointing.
+without its encoder file, prefix tuning under gradient checkpointing. The cases (base model,
+config, native files) are ``tests/helpers/adapter_cases.py``'s.
 """
 
 from __future__ import annotations
@@ -24,48 +25,29 @@ import fastpeft
 from fastpeft.api import adapter_state_dict
 from fastpeft.formats.file_names import ENCODER_STATE_NAME
 from fastpeft.methods.prompt.model import prompt_encoder
+from tests.helpers.adapter_cases import (
+    CASES,
+    N_VIRTUAL,
+    NUM_LABELS,
+    PEFT_FILES,
+    adapted,
+    base_model,
+)
 from tests.helpers.numerics import TOLERANCE, relative_error
-from tests.test_trainer import (
+from tests.helpers.trainer import (
     TRAINER_FILES,
     CountingDataset,
     checkpointing_args,
     step_logs,
     training_args,
 )
-from tests.test_training_parity import VOCAB, build_model, one_thread
+from tests.helpers.training import VOCAB, build_model, one_thread
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 STEPS = 4
 SAVE_STEPS = 2  # a checkpoint halfway, one at the end
-PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors"}
-ADAPTERHUB_FILES = {"adapter_config.json", "adapter.safetensors"}
-N_VIRTUAL = 3
-NUM_LABELS = 3
-# name: (base model, config factory, native adapter files); the configs cover dropout (whose
-# RNG a resume must restore), AdapterHub's learned scaling, and both reparameterizations. No
-# LSTM encoder_dropout: PEFT's file holds the prompts computed in the encoder's current mode,
-# so a checkpoint saved in training mode holds prompts with dropout applied (as PEFT's do).
-# The BERT classifier's prompt tuning trains (and saves) a copy of its head (modules_to_save).
-CASES = {
-    "seq_bn": ("llama", lambda: fastpeft.AdapterConfig("seq_bn", reduction_factor=4, dropout=0.1), ADAPTERHUB_FILES),
-    "scaled_par_bn": ("gpt2", lambda: fastpeft.AdapterConfig("scaled_par_bn", reduction_factor=8), ADAPTERHUB_FILES),
-    "prompt": ("llama", lambda: fastpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL),
-               PEFT_FILES),
-    "prefix": ("gpt2", lambda: fastpeft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL),
-               PEFT_FILES),
-    "prefix_mlp": ("llama", lambda: fastpeft.PrefixTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL, prefix_projection=True, encoder_hidden_size=16),
-        PEFT_FILES | {ENCODER_STATE_NAME}),
-    "bert_prompt_cls": ("bert", lambda: fastpeft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N_VIRTUAL),
-                        PEFT_FILES),
-    "bert_double_seq_bn": ("bert", lambda: fastpeft.AdapterConfig("double_seq_bn", reduction_factor=4),
-                           ADAPTERHUB_FILES),
-    "ptuning_lstm": ("llama", lambda: fastpeft.PromptEncoderConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL, encoder_reparameterization_type="LSTM",
-        encoder_hidden_size=8), PEFT_FILES | {ENCODER_STATE_NAME}),
-}
 
 
 class LabelledDataset(CountingDataset):
@@ -75,29 +57,10 @@ class LabelledDataset(CountingDataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i, 0] % NUM_LABELS}
 
 
-def base_model(arch: str) -> torch.nn.Module:
-    """A tiny random Llama / GPT-2 LM (``build_model``) or BERT classifier, always the same weights."""
-    if arch != "bert":
-        return build_model(arch)
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=64, num_labels=NUM_LABELS, hidden_dropout_prob=0.0,
-                                     attention_probs_dropout_prob=0.0)
-    return transformers.BertForSequenceClassification(config)
-
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     with one_thread():
         yield
-
-
-def adapted(case: str, seed: int = 0) -> torch.nn.Module:
-    """The case's base model (always the same weights) with an adapter initialised from ``seed``."""
-    arch, config, _ = CASES[case]
-    model = base_model(arch)
-    torch.manual_seed(seed)
-    return fastpeft.inject(model, config())
 
 
 def trainer_for(model: torch.nn.Module, out: Path, eval_dataset=None, **overrides) -> transformers.Trainer:

@@ -10,7 +10,7 @@ import torch
 
 from fastpeft.kernels.dropout_mask import draw_seed
 from fastpeft.ops import lora_linear_dropout_mask, lora_linear_ref
-from tests.conftest import DEVICE
+from tests.helpers.devices import DEVICE
 from tests.helpers.numerics import assert_close
 
 SCALING = 0.75

@@ -1,0 +1,58 @@
+"""Two-process CPU runs of the distributed tests: ``spawn_ranks`` starts ``WORLD`` ranks
+(gloo on 127.0.0.1 only), bounded in time so that a hang fails the test instead of stalling
+CI, and collects what each rank saved; the sizes and seeds the ranks share."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+if not dist.is_available():
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+WORLD = 2  # ranks
+PER_RANK = 2  # sequences per rank and step; a single process takes WORLD * PER_RANK
+BATCH_SEED = 1234  # seeds the generator of the full batches the ranks split
+COLLECTIVE_TIMEOUT_S = 60  # any one collective (a rank stuck in a hang raises after this)
+SPAWN_TIMEOUT_S = 150  # the whole spawn, start-up (imports) included
+
+
+def _free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for the ranks' rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _loopback_interface() -> str | None:
+    """The loopback interface's name (``lo`` on Linux), for gloo's own connections."""
+    return next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
+
+
+def spawn_ranks(worker: Callable[[int, int, str], None], out_dir: Path, what: str) -> list[dict]:
+    """Spawn ``WORLD`` ranks running ``worker(rank, port, out_dir)`` (bounded by
+    ``SPAWN_TIMEOUT_S``); the results each saved as ``rank{r}.pt`` in ``out_dir``."""
+    loopback = _loopback_interface()
+    with pytest.MonkeyPatch.context() as env:
+        if loopback is not None and "GLOO_SOCKET_IFNAME" not in os.environ:
+            env.setenv("GLOO_SOCKET_IFNAME", loopback)  # else gloo binds the hostname's interface
+        context = mp.start_processes(worker, args=(_free_port(), str(out_dir)), nprocs=WORLD,
+                                     join=False, start_method="spawn")
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    try:
+        while not context.join(timeout=max(deadline - time.monotonic(), 0.0)):
+            if time.monotonic() >= deadline:
+                pytest.fail(f"{what} workers still running after {SPAWN_TIMEOUT_S} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
