@@ -29,12 +29,14 @@ ADAPTER_ATTR = "_fastpeft_adapter"
 class AdapterState:
     """What ``save_adapter`` needs to know about an adapted model: its config (a method's
     config: ``LoraConfig``, ``AdapterConfig``, a prompt-learning config), the paths of its
-    ``modules_to_save`` copies, and for bottleneck adapters their placement (modules and
-    hooks, ``fastpeft.methods.bottleneck.placement.BottleneckPlacement``)."""
+    ``modules_to_save`` copies, and what the method placed that the model's modules do not
+    show by themselves (its own record, opaque here: for bottleneck adapters their modules
+    and hooks, ``fastpeft.methods.bottleneck.placement.BottleneckPlacement``; None for the
+    methods whose layers replace the model's modules)."""
 
     config: Any
     modules_to_save: tuple[str, ...]
-    bottleneck: Any = None
+    placement: Any = None
 
 
 class ParameterCount(NamedTuple):

@@ -2,8 +2,9 @@
 removing them (``fastpeft.unload``) and why they cannot be merged (``merge_and_unload``).
 
 As for LoRA, the model is changed in place and keeps its class, every check runs before the
-first change, and every parameter but the adapters' is frozen. ``fastpeft.methods.lora.model``
-calls these for a model whose ``AdapterState`` holds a ``BottleneckPlacement``.
+first change, and every parameter but the adapters' is frozen. The public API
+(``fastpeft.api.adapters``) calls these for a model whose ``AdapterState`` holds a
+``BottleneckPlacement``.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def inject_bottleneck(model: nn.Module, config: AdapterConfig, *, autocast_adapt
 def placed_bottleneck(model: nn.Module) -> placement.BottleneckPlacement | None:
     """The model's placed bottleneck adapter, or None."""
     state = adapter_state(model)
-    return None if state is None else state.bottleneck
+    return None if state is None else state.placement
 
 
 def unload_bottleneck(model: nn.Module) -> nn.Module:
