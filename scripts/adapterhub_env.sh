@@ -19,4 +19,4 @@ python -m pip install --quiet torch==2.13.0 triton transformers==4.57.6 adapters
 python -m pip install --quiet --no-deps -e . -Ccmake.define.FASTPEFT_CUDA=OFF
 python -c "import adapters, transformers; assert transformers.__version__ == '4.57.6', transformers.__version__"
 
-python -m pytest -q -p no:randomly tests/adapterhub tests/test_bottleneck_layer.py tests/test_bottleneck_model.py "$@"
+python -m pytest -q -p no:randomly tests/adapterhub tests/methods/bottleneck/test_layer.py tests/methods/bottleneck/test_model.py "$@"

@@ -17,7 +17,7 @@
 #              rehearsal only configures)                                    60  -> env.txt
 #   tests_gpu  the GPU tests first (GPU_TESTS: tests/test_gpu.py, every file with the gpu
 #              marker -- tests/test_cuda_gpu.py, ... --, and the bottleneck-adapter and
-#              multi-LoRA tests, tests/test_bottleneck_*.py and tests/test_multi_lora_*.py,
+#              multi-LoRA tests (OP_FAMILY_TESTS: their ops, layers, models and serving)
 #              that put tensors on the GPU there): fused, hybrid, bottleneck, multi-LoRA and CUDA C++
 #              kernels against float64 (bf16, fp16, fp32 adapters, every gradient, dropout,
 #              CUDA graphs, no host sync, determinism), 4 workers, 60 s per test, no -x,
@@ -121,12 +121,17 @@ FINAL_RESERVE=$((DISPATCH_LIMIT + SUMMARY_LIMIT))
 # The GPU group: test_gpu.py, the files with the gpu marker, and the bottleneck and multi-LoRA
 # test files that put tensors on the GPU (they name DEVICE or cuda; the others run CPU tensors
 # only, which the CPU group covers), each once.
-mapfile -t GPU_TESTS < <(printf '%s\n' tests/test_gpu.py $(grep -l -E 'pytest\.mark\.gpu\b' tests/test_*.py) \
-    $(grep -l -E '\bDEVICE\b|cuda' tests/test_bottleneck_*.py tests/test_multi_lora_*.py) | awk '!seen[$0]++')
+# (Their kernels' tests, tests/kernels/*/, run CPU tensors: the CUDA launchers' on the kernels'
+# CPU emulation.)
+OP_FAMILY_TESTS=(tests/ops/test_bottleneck_*.py tests/ops/test_multi_lora_*.py tests/methods/bottleneck/test_*.py
+    tests/methods/lora/test_multi_layer.py tests/serving/test_multi_adapter_model.py)
+GPU_MARKED=$(grep -rl -E 'pytest\.mark\.gpu\b' --include='test_*.py' tests | sort)
+mapfile -t GPU_TESTS < <(printf '%s\n' tests/test_gpu.py $GPU_MARKED \
+    $(grep -l -E '\bDEVICE\b|cuda' "${OP_FAMILY_TESTS[@]}") | awk '!seen[$0]++')
 GPU_MARK=()
 # The CPU group: the rest, with the GPU hidden (the GPU-only files would only skip).
 TESTS_CPU_SELECTION=(tests --ignore=tests/test_gpu_script.py)
-for f in $(grep -l -E 'pytest\.mark\.gpu\b' tests/test_*.py); do TESTS_CPU_SELECTION+=(--ignore="$f"); done
+for f in $GPU_MARKED; do TESTS_CPU_SELECTION+=(--ignore="$f"); done
 GRID_ENV=(FASTPEFT_BACKEND=triton)
 FOCUSED_ARGS=()
 DISPATCH_ARGS=()

@@ -174,9 +174,11 @@ def test_rehearsal_gpu_group_collected_the_new_gpu_tests(rehearsal):
                 if re.search(regex, p.read_text())]
 
     on_gpu = r"\bDEVICE\b|cuda"  # the bottleneck / multi-LoRA files that put tensors on the GPU
-    expected = ["tests/test_gpu.py", "tests/test_cuda_gpu.py", "tests/test_bottleneck_op.py",
-                "tests/test_multi_lora_op.py", *files("test_*.py", r"pytest\.mark\.gpu\b"),
-                *files("test_bottleneck_*.py", on_gpu), *files("test_multi_lora_*.py", on_gpu)]
+    op_families = ("ops/test_bottleneck_*.py", "ops/test_multi_lora_*.py", "methods/bottleneck/test_*.py",
+                   "methods/lora/test_multi_layer.py", "serving/test_multi_adapter_model.py")
+    expected = ["tests/test_gpu.py", "tests/test_cuda_gpu.py", "tests/ops/test_bottleneck_adapter.py",
+                "tests/ops/test_multi_lora_linear.py",
+                *files("**/test_*.py", r"pytest\.mark\.gpu\b"), *(f for g in op_families for f in files(g, on_gpu))]
     assert all(f" {name}" in command for name in expected), command
     assert "SKIPPED" in log and "tests/test_cuda_gpu.py" in log.split("== tests_gpu: ", 1)[1]
 

@@ -8,7 +8,7 @@ and fp16 with fp16 LoRA weights. fp32 activations never reach the kernels on a G
 routes them to the torch path). Scalars follow Triton's launch-time specialization of the
 launches ``fastpeft.kernels.lora.configs.kernel_friendly`` admits: unit strides become the constexpr 1, the
 arguments a kernel exempts from specialization (``do_not_specialize``: M, the rank...) stay
-plain, other sizes, strides and pointers are multiples of 16 (tests/test_kernel_specs.py
+plain, other sizes, strides and pointers are multiples of 16 (tests/kernels/lora/test_specs.py
 checks every launch against this).
 """
 

@@ -5,7 +5,7 @@ bounds, no GPU-scope fences).
 Launches are specialized as Triton's launcher does for the problems the op sends to the
 kernels on a GPU (``configs.kernel_friendly``: K and N multiples of 16, 16-byte aligned
 operands): every pointer and every integer the kernel does not exempt (``do_not_specialize``)
-is compiled as a multiple of 16. ``tests/test_multi_lora_specs.py`` checks that each launch
+is compiled as a multiple of 16. ``tests/kernels/multi_lora/test_specs.py`` checks that each launch
 of the launchers over a grid of problems is one of these.
 """
 

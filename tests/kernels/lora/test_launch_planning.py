@@ -260,7 +260,7 @@ def test_kernel_friendly_only_judges_cuda_tensors():
 
 
 def test_fp32_adapter_branch_stays_fp32_like_peft(triton_backend):
-    """The kernels' version of the torch-path test (test_lora_linear_edge_cases): fp32
+    """The kernels' version of the torch-path test (tests/ops/test_lora_linear_edge_cases.py): fp32
     adapters on an fp16 base, ``s * scaling`` far beyond fp16's range (scaling 64,
     |x| ~ 1000). The LoRA product runs on fp32 operands, so y is finite and no less accurate
     than PEFT's own layer against float64; the gradients are finite and accurate too.

@@ -1,4 +1,4 @@
-"""HF ``transformers.Trainer`` with every fastpeft adapter type but LoRA (``tests/test_trainer.py``
+"""HF ``transformers.Trainer`` with every fastpeft adapter type but LoRA (``tests/integrations/test_transformers_trainer.py``
 covers LoRA): bottleneck adapters (AdapterHub's files) and prompt tuning, prefix tuning (with
 and without its MLP) and P-tuning (PEFT's files).
 

@@ -7,7 +7,7 @@ and ``accelerator.backward``, on the CPU.
   the README's adapter save / reload lines work on a prepared model (LoRA, and a bottleneck
   adapter and a prefix MLP, each in its native files);
 * DDP through accelerate: two processes (gloo on 127.0.0.1, spawned and bounded in time by
-  ``tests/helpers/distributed.py``, as in ``tests/test_distributed.py``) each take half of every
+  ``tests/helpers/distributed.py``, as in ``tests/integrations/test_distributed.py``) each take half of every
   batch; their first-step LoRA gradients equal one process's on the whole batch, in fp32
   and in bf16, and the ranks stay in sync.
 """
@@ -115,7 +115,7 @@ def _flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
 def test_prepare_bf16_trains_like_peft():
     """Under ``mixed_precision="bf16"`` the fastpeft model's losses match the PEFT model's
     and its first-step LoRA gradients are no further from the fp32 gradients than PEFT's
-    by more than 2x (the criterion of ``tests/test_autocast.py``: both round to bf16, in a
+    by more than 2x (the criterion of ``tests/ops/test_autocast.py``: both round to bf16, in a
     different order); the loss falls, the LoRA weights stay fp32 and the base weights do
     not move."""
     ours, theirs = _twins()

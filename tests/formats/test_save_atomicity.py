@@ -11,7 +11,7 @@
   save is in progress.
 
 Writers are forked from a zygote (``tests.helpers.zygote``) that builds the models once.
-tests/test_save_adapter.py has the LoRA kill test and the directory cases (mounts,
+tests/formats/test_safe_write.py has the LoRA kill test and the directory cases (mounts,
 permissions, concurrent writers).
 """
 
@@ -108,7 +108,7 @@ def zygote_warm() -> None:
 
 @pytest.fixture(scope="module")
 def zygote():
-    server = Zygote("tests.test_save_atomicity")
+    server = Zygote("tests.formats.test_save_atomicity")
     yield server
     server.close()
 

@@ -1,7 +1,7 @@
 """``fastpeft.MultiAdapterModel`` against HF PEFT's mixed-adapter batches, on tiny random
 Llama and GPT-2 models (no downloads) with several PEFT adapters saved to disk: different
 ranks, alphas, rsLoRA, rank/alpha patterns and target modules. Runs on the torch path (the
-kernels have their own tests in test_multi_lora_op.py), in float32."""
+kernels have their own tests in tests/ops/test_multi_lora_linear.py), in float32."""
 
 from __future__ import annotations
 

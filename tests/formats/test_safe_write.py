@@ -107,7 +107,7 @@ def zygote_warm() -> None:
 
 @pytest.fixture(scope="module")
 def zygote():
-    server = Zygote("tests.test_save_adapter")
+    server = Zygote("tests.formats.test_safe_write")
     yield server
     server.close()
 

@@ -1,7 +1,7 @@
 """save_adapter / load_adapter / from_peft against HF PEFT itself: PEFT loads what we save and
 we load what PEFT saves (equal outputs), from_peft gives equal outputs and gradients, bad
 files leave the model unchanged, pickles are refused by default. What a save does to the
-directory it writes (crashes, concurrency, other files, permissions): test_save_adapter.py."""
+directory it writes (crashes, concurrency, other files, permissions): tests/formats/test_safe_write.py."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Every launch the bottleneck adapter's Triton launchers can make is a configuration that
-``fastpeft check`` compiles (``bottleneck_kernel_specs``), as ``tests/test_kernel_specs.py``
+``fastpeft check`` compiles (``bottleneck_kernel_specs``), as ``tests/kernels/lora/test_specs.py``
 checks for LoRA: the launchers run on meta tensors with the kernels replaced by recorders, as
 on a GPU (``interpreting()`` off, an A100's / H100's SM count), and each launch, reduced to
 what Triton's launcher specializes on, must equal a spec."""
