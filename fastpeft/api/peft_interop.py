@@ -146,12 +146,10 @@ def _retired(name: str) -> Callable[..., Any]:
     return method
 
 
-def _retire_peft_wrapper(peft_model: nn.Module, model: nn.Module) -> None:
-    """Make the PEFT wrapper objects (``PeftModel`` and its ``LoraModel``) safe to keep using:
-    forward still runs the converted model; ``save_pretrained`` writes the adapter with
-    ``fastpeft.save_adapter`` and ``merge_and_unload`` is ``fastpeft.merge_and_unload``; the
-    methods that manage PEFT layers raise. (PEFT's own versions would save 0 tensors and
-    merge nothing, since the layers they look for are gone.)"""
+def _adapter_save_pretrained(peft_model: nn.Module, model: nn.Module) -> Callable[..., None]:
+    """The converted PEFT wrapper's ``save_pretrained``: ``fastpeft.save_adapter`` of
+    ``model`` (on the main process), with PEFT's signature; the options it cannot honour
+    raise rather than being ignored."""
 
     def save_pretrained(save_directory: str, safe_serialization: bool = True, selected_adapters: Any = None,
                         is_main_process: bool = True, state_dict: Any = None, **kwargs: Any) -> None:
@@ -164,6 +162,16 @@ def _retire_peft_wrapper(peft_model: nn.Module, model: nn.Module) -> None:
         if is_main_process:
             save_adapter(model, save_directory)
 
+    return save_pretrained
+
+
+def _retire_peft_wrapper(peft_model: nn.Module, model: nn.Module) -> None:
+    """Make the PEFT wrapper objects (``PeftModel`` and its ``LoraModel``) safe to keep using:
+    forward still runs the converted model; ``save_pretrained`` writes the adapter with
+    ``fastpeft.save_adapter`` and ``merge_and_unload`` is ``fastpeft.merge_and_unload``; the
+    methods that manage PEFT layers raise. (PEFT's own versions would save 0 tensors and
+    merge nothing, since the layers they look for are gone.)"""
+
     def merge_and_unload(*args: Any, **kwargs: Any) -> nn.Module:
         return merge_and_unload_model(model)
 
@@ -174,7 +182,7 @@ def _retire_peft_wrapper(peft_model: nn.Module, model: nn.Module) -> None:
                 object.__setattr__(wrapper, name, _retired(name))
         if hasattr(type(wrapper), "merge_and_unload"):
             object.__setattr__(wrapper, "merge_and_unload", merge_and_unload)
-    object.__setattr__(peft_model, "save_pretrained", save_pretrained)
+    object.__setattr__(peft_model, "save_pretrained", _adapter_save_pretrained(peft_model, model))
 
 
 def _from_peft_prompt(peft_model: nn.Module, adapter: str, peft_config: Any) -> nn.Module:
@@ -221,18 +229,9 @@ def _retire_prompt_wrapper(peft_model: nn.Module, model: nn.Module) -> None:
     (which add the virtual tokens once), save_pretrained writes with ``save_adapter``, and
     its adapter-management methods raise."""
 
-    def save_pretrained(save_directory: str, safe_serialization: bool = True, is_main_process: bool = True,
-                        state_dict: Any = None, **kwargs: Any) -> None:
-        if not safe_serialization or state_dict is not None:
-            raise ValueError("save_pretrained on a model converted by fastpeft.from_peft writes the adapter with "
-                             "fastpeft.save_adapter (safetensors, the model's own weights): safe_serialization=False "
-                             "and state_dict are not supported")
-        if is_main_process:
-            save_adapter(model, save_directory)
-
     for name in _RETIRED_METHODS:
         if hasattr(type(peft_model), name):
             object.__setattr__(peft_model, name, _retired(name))
     object.__setattr__(peft_model, "forward", lambda *a, **k: model(*a, **k))
     object.__setattr__(peft_model, "generate", lambda *a, **k: model.generate(*a, **k))
-    object.__setattr__(peft_model, "save_pretrained", save_pretrained)
+    object.__setattr__(peft_model, "save_pretrained", _adapter_save_pretrained(peft_model, model))

@@ -104,6 +104,11 @@ def test_from_peft(tmp_path, method):
     assert_close(_logits(fastpeft.load_adapter(MODELS["llama"](), tmp_path)), expected, F32, "saved by the wrapper")
     with pytest.raises(RuntimeError, match="from_peft"):
         theirs.set_adapter("default")
+    # the options save_adapter cannot honour raise (as for a converted LoRA wrapper), not ignored
+    for options in ({"safe_serialization": False}, {"selected_adapters": ["other"]}, {"max_shard_size": "1GB"}):
+        with pytest.raises(ValueError, match="save_pretrained"):
+            theirs.save_pretrained(tmp_path / "refused", **options)
+    assert not (tmp_path / "refused").exists()
 
 
 def test_unsupported_prompt_types_and_files_are_refused(tmp_path):
