@@ -38,6 +38,9 @@ class Snapshot:
 
     def __init__(self, fd: int, path: str, journal: save_journal.Journal | None) -> None:
         self._fd, self.path, self._journal = fd, path, journal
+        # name -> bytes of each JSON file read: detection and loading both read the config,
+        # from the disk once (and, without directory locks, the same version each time).
+        self._json_bytes: dict[str, bytes] = {}
 
     def file_path(self, name: str) -> str:
         """``name``'s path, for messages."""
@@ -69,8 +72,11 @@ class Snapshot:
             raise ValueError(f"{self.file_path(name)!r} could not be read: {exc}") from exc
 
     def read_json(self, name: str) -> object:
-        """``name`` parsed as JSON; ValueError for an unreadable or broken file."""
-        data = self.read_bytes(name, safe_read.MAX_CONFIG_BYTES)
+        """``name`` parsed as JSON (a new object per call; the file is read once per snapshot);
+        ValueError for an unreadable or broken file."""
+        data = self._json_bytes.get(name)
+        if data is None:
+            data = self._json_bytes[name] = self.read_bytes(name, safe_read.MAX_CONFIG_BYTES)
         try:
             return json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -103,6 +103,23 @@ def test_files_over_the_caps_are_refused(tmp_path, reader, monkeypatch):
 
 
 @pytest.mark.parametrize("reader", READERS)
+def test_each_file_is_read_once_per_load(tmp_path, reader, monkeypatch):
+    """Format detection and the loader share the snapshot's reads: the config is read from
+    the disk once, as is the weight file (and the save journal is looked for once)."""
+    directory = saved(reader, tmp_path / "adapter")
+    reads: list[str] = []
+    real = safe_read.read_regular
+
+    def counted(fd, name, *args):
+        reads.append(name)
+        return real(fd, name, *args)
+
+    monkeypatch.setattr(safe_read, "read_regular", counted)
+    read(reader, directory)
+    assert sorted(reads) == sorted([save_journal.JOURNAL_NAME, CONFIG, READERS[reader][1]])  # (no journal here)
+
+
+@pytest.mark.parametrize("reader", READERS)
 def test_symlinked_files_are_read(tmp_path, reader):
     """The Hub's cache links each file of a snapshot to a blob: links to regular files are fine."""
     directory = saved(reader, tmp_path / "adapter")
