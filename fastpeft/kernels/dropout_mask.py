@@ -8,19 +8,16 @@ Element ``(m, k)`` of an ``M x K`` activation is kept iff ``(u >> 1) >= threshol
 One Philox call thus serves four neighbouring columns.
 
 ``keep_mask_philox`` computes those bits with torch ops: it is the reference the kernels'
-mask is tested against, and the torch path's mask on CUDA (no host sync, same dropout as
-the kernels). On the CPU, Philox in torch ops costs tens of passes over the mask, so the
-torch backend draws CPU masks from torch's CPU generator seeded with the op's seed
-instead (``keep_mask_cpu``) -- like torch's own CPU and CUDA RNGs, CPU and GPU then drop different
-elements for one seed. Either way the mask is a pure function of the seed, so the backward
-regenerates it instead of saving it.
+mask is tested against, and their mask under Triton's interpreter. On the CPU, Philox in
+torch ops costs tens of passes over the mask, so the torch backend draws CPU masks from
+torch's CPU generator seeded with the op's seed instead (``keep_mask_cpu``) -- like torch's own
+CPU and CUDA RNGs, CPU and GPU then drop different elements for one seed. Which mask an op
+draws where is ``fastpeft.ops.dropout``'s choice.
 """
 
 from __future__ import annotations
 
 import torch
-
-from fastpeft.backend import use_triton
 
 # Seeds are drawn in [0, 2**62): non-negative int64 values, which the kernels' Philox key
 # reads as 64 bits.
@@ -90,15 +87,6 @@ def keep_mask_cpu(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.T
     generator.manual_seed(int(seed.item()))
     bits = torch.empty((rows, cols), dtype=torch.int32).random_(generator=generator)
     return bits >= dropout_threshold(p)
-
-
-def keep_mask_torch_path(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
-    """The keep-mask of the torch path: ``keep_mask_cpu`` for CPU tensors on the torch
-    backend, else the kernels' Philox bits (so ranks the kernels hand to the torch path
-    drop what the kernels would)."""
-    if seed.device.type == "cpu" and not use_triton(seed.device):
-        return keep_mask_cpu(seed, rows, cols, p)
-    return keep_mask_philox(seed, rows, cols, p)
 
 
 def draw_seed(device: torch.device) -> torch.Tensor:

@@ -10,7 +10,8 @@ dispatches, per call, to the fused Triton kernels (``fastpeft.kernels.bottleneck
 the CUDA C++ kernels (``cuda_launch``, ``FASTPEFT_BACKEND=cuda``) or the torch path
 (``bottleneck_adapter_torch``), following ``fastpeft.backend``. Dropout draws from a 64-bit
 seed tensor made on h's device (no host sync, CUDA-graph safe); the kernels regenerate the
-mask from it in the backward, the torch path keeps it (one byte per element).
+mask from it in the backward, the torch path keeps it (one byte per element) unless the
+kernels' mask kernel can redraw it (``fastpeft.ops.dropout``).
 
 A learned scaling (AdapterHub's ``scaling="learned"``) is a tensor input of the op, read on the
 device, and gets a gradient; a float scaling is a constant of the graph.
@@ -31,13 +32,14 @@ import torch
 from fastpeft.backend import resolve_choice, use_cuda_extension, use_triton
 from fastpeft.kernels.bottleneck.configs import MAX_RANK, kernel_friendly
 from fastpeft.kernels.bottleneck.ref import canonical_activation
-from fastpeft.kernels.dropout_mask import draw_seed, keep_mask_philox, keep_mask_torch_path
+from fastpeft.kernels.dropout_mask import draw_seed
 from fastpeft.ops.autocast import autocast_dtype, autocast_off, cast_for_autocast
 from fastpeft.ops.bottleneck_adapter_torch import (
     bottleneck_backward_torch,
     bottleneck_forward_torch,
     down_projection,
 )
+from fastpeft.ops.dropout import kept_mask, kernel_keep_mask, rebuilt_keep_mask, redraws_mask
 from fastpeft.ops.checks import describe, require_finite, require_probability, require_same_device, require_tensor
 from fastpeft.ops.lora_linear_torch import rank_side_dtype
 from fastpeft.ops.op_calls import call_directly, eager_function, eager_plain, op_for_call, rows
@@ -114,7 +116,8 @@ def _bottleneck_forward(
     scale = _scaling_arg(scaling, scaling_t)
     impl = _implementation(h, w_down, backend, residual)
     if impl == TORCH:
-        return _torch_path_forward(h, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed)
+        out, z, keep = _torch_path_forward(h, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed)
+        return out, z, kept_mask(keep)
     h2, res2 = _as_rows(h, residual)
     out, z = _launcher(impl).bottleneck_forward(h2, w_down, b_down, w_up, b_up, res2, activation, scale, dropout_p,
                                                 seed)
@@ -156,7 +159,8 @@ def _bottleneck_fake(h, w_down, b_down, w_up, b_up, residual, activation, scalin
     m = math.prod(h.shape[:-1])
     out = torch.empty_like(h, memory_format=torch.contiguous_format)
     z = h.new_empty((m, w_down.shape[0]), dtype=rank_side_dtype(w_down.dtype))
-    saves_mask = dropout_p > 0.0 and _implementation(h, w_down, backend, residual) == TORCH
+    saves_mask = (dropout_p > 0.0 and _implementation(h, w_down, backend, residual) == TORCH
+                  and not redraws_mask(h.device))
     keep = h.new_empty((m, h.shape[-1]) if saves_mask else (0,), dtype=torch.bool)
     return out, z, keep
 
@@ -185,8 +189,8 @@ def _bottleneck_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dh like h, dW_down, db_down, dW_up, db_up, dscaling 0-d in z's dtype)``; a gradient not asked
     for is an empty tensor. The kernel paths regenerate the dropout mask from ``seed``; the
-    torch path uses ``keep``, or, when the forward ran a kernel path (no mask kept), draws the
-    kernels' Philox mask (``keep_mask_philox``)."""
+    torch path uses ``keep``, or, when it kept none (a kernel path ran the forward, or the
+    mask is redrawn), draws the kernels' Philox mask (``fastpeft.ops.dropout.kernel_keep_mask``)."""
     d = h.shape[-1]
     g2, h2 = rows(grad_out, d), rows(h, d)
     needs = (need_h, need_w_down, need_b_down, need_w_up, need_b_up, need_scaling)
@@ -232,10 +236,11 @@ def _bottleneck_backward_fake(grad_out, h, w_down, w_up, b_up, z, keep, activati
 
 
 def _saved_or_kernel_mask(keep: torch.Tensor, h2: torch.Tensor, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
-    """The forward's keep-mask: the torch path's saved one, or (the forward ran a kernel path,
-    which keeps none) the kernels' Philox mask regenerated from ``seed``."""
+    """The forward's keep-mask: the torch path's saved one, or (a kernel path ran the forward,
+    or the torch path's mask is redrawn: either keeps none) the kernels' Philox mask
+    regenerated from ``seed``."""
     if dropout_p > 0.0 and not keep.numel():
-        return keep_mask_philox(seed, h2.shape[0], h2.shape[1], dropout_p)
+        return kernel_keep_mask(seed, h2.shape[0], h2.shape[1], dropout_p)
     return keep
 
 
@@ -420,8 +425,13 @@ def bottleneck_adapter_dropout_mask(seed: torch.Tensor, m: int, d: int, dropout_
                                     backend: str | None = None) -> torch.Tensor:
     """The bool keep-mask ``[m, d]`` the op draws for ``seed`` (a 1-element int64 tensor) with
     ``backend`` (None: ``FASTPEFT_BACKEND``) on ``seed.device``: the kernels' Philox bits where a
-    kernel path runs, else the torch path's draw. Tests use it to rebuild a forward's dropout."""
+    kernel path runs, else the torch path's draw. Tests use it to rebuild a forward's dropout.
+
+    Raises:
+        ValueError: the torch path on CUDA without the kernels, which draws its mask from
+            torch's CUDA generator (``fastpeft.ops.dropout``); ``torch.ops.fastpeft.bottleneck_adapter``
+            returns it (its ``keep`` output).
+    """
     choice = resolve_choice(backend)
-    if use_triton(seed.device, choice) or use_cuda_extension(seed.device, choice):
-        return keep_mask_philox(seed, m, d, dropout_p)
-    return keep_mask_torch_path(seed, m, d, dropout_p)
+    kernel_path = use_triton(seed.device, choice) or use_cuda_extension(seed.device, choice)
+    return rebuilt_keep_mask(seed, m, d, dropout_p, kernel_path)

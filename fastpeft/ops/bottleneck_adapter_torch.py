@@ -4,8 +4,8 @@ above the Triton kernels' limit, and ``FASTPEFT_BACKEND=torch``.
     z = dropout(h) W_down^T + b_down,  out = residual + scaling * (act(z) W_up^T + b_up)
 
 Same contract as the kernels (``fastpeft.kernels.bottleneck.launch``), except for dropout: the
-torch path draws its mask with ``keep_mask_torch_path`` and keeps it (bool, one byte per
-element of h) for the backward, as the LoRA op's torch path does. The branch runs in the
+torch path draws its mask with ``fastpeft.ops.dropout.keep_mask_torch_path`` and keeps it
+(bool, one byte per element of h) for the backward, as the LoRA op's torch path does. The branch runs in the
 adapter weights' dtype (an fp32 adapter on a 16-bit model computes its branch in fp32; the
 result is rounded once to h's dtype); ``z`` is saved in ``rank_side_dtype`` (fp32, or float64).
 

@@ -9,7 +9,8 @@ fused Triton kernels, the cuBLAS-hybrid path or the torch path
 (``fastpeft.kernels.lora.dispatch.choose_implementation``; ``fastpeft.backend``). Dropout
 draws from a 64-bit seed tensor made on x's device from torch's generator (no host sync,
 CUDA-graph safe); the kernel paths regenerate the mask from it in the backward, the torch
-path keeps it (one byte per element; see ``lora_linear_torch``).
+path keeps it (one byte per element) unless the kernels' mask kernel can redraw it
+(``fastpeft.ops.dropout``).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import math
 import torch
 
 from fastpeft.backend import use_triton
-from fastpeft.kernels.dropout_mask import draw_seed, keep_mask_torch_path
+from fastpeft.kernels.dropout_mask import draw_seed
 from fastpeft.ops.autocast import autocast_dtype, autocast_off, cast_for_autocast
 from fastpeft.ops.checks import check_lora_linear_args
+from fastpeft.ops.dropout import kept_mask, rebuilt_keep_mask, redraws_mask
 from fastpeft.ops.lora_linear_torch import (
     base_linear_grads,
     keep_mask,
@@ -55,12 +57,13 @@ def _lora_linear_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y [..., N], s [M, R], keep)`` for x ``[..., K]``, M the product of x's leading dims;
     ``s`` in ``rank_side_dtype(lora_a.dtype)`` (fp32 unless the adapter is float64); ``keep``
-    the torch path's bool ``[M, K]`` dropout mask, empty on the kernel paths (fused, hybrid)
-    or without dropout."""
+    the torch path's bool ``[M, K]`` dropout mask, empty on the kernel paths (fused, hybrid),
+    without dropout, or where the backward redraws it (``fastpeft.ops.dropout.redraws_mask``)."""
     x2 = rows(x, weight.shape[1])
     impl = _implementation(x, weight, lora_a, "forward")
     if impl == "torch":
         y, s, keep = lora_forward_torch(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+        keep = kept_mask(keep)
     else:
         if impl == "fused":
             from fastpeft.kernels.lora.launch import lora_forward
@@ -78,7 +81,8 @@ def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
     m = math.prod(x.shape[:-1])
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
     s = x.new_empty((m, lora_a.shape[0]), dtype=rank_side_dtype(lora_a.dtype))
-    saves_mask = dropout_p > 0.0 and _implementation(x, weight, lora_a, "forward") == "torch"
+    saves_mask = (dropout_p > 0.0 and _implementation(x, weight, lora_a, "forward") == "torch"
+                  and not redraws_mask(x.device))
     keep = x.new_empty((m, x.shape[-1]) if saves_mask else (0,), dtype=torch.bool)
     return y, s, keep
 
@@ -151,8 +155,8 @@ def _differentiable_backward(grad_y, x, weight, lora_a, lora_b, keep, scaling, d
     """The backward as plain torch ops that autograd records, for ``create_graph=True``
     (double backward, e.g. gradient penalties): ``s`` is recomputed with autograd instead
     of read from the non-differentiable saved copy. The dropout mask is the torch path's
-    saved one, or, after the kernels, regenerated from the seed (``keep_mask_torch_path``
-    draws the kernels' Philox mask whenever they run)."""
+    saved one, or, after the kernels, regenerated from the seed (the torch path draws the
+    kernels' Philox mask whenever they run: ``fastpeft.ops.dropout``)."""
     x2, g2 = rows(x, weight.shape[1]), rows(grad_y, weight.shape[0])
     if dropout_p > 0.0 and not keep.numel():
         keep = keep_mask(x2, dropout_p, seed)
@@ -241,9 +245,11 @@ def lora_linear(
 
 def lora_linear_dropout_mask(seed: torch.Tensor, m: int, k: int, dropout_p: float) -> torch.Tensor:
     """The bool keep-mask ``[m, k]`` the op draws for ``seed`` (a 1-element int64 tensor) on
-    the backend in use for ``seed.device``. Tests use it to rebuild a forward's dropout."""
-    if use_triton(seed.device):
-        from fastpeft.kernels.lora.launch import dropout_keep_mask
+    the backend in use for ``seed.device``. Tests use it to rebuild a forward's dropout.
 
-        return dropout_keep_mask(seed, m, k, dropout_p)
-    return keep_mask_torch_path(seed, m, k, dropout_p)
+    Raises:
+        ValueError: on CUDA without the kernels, where the op's torch path draws its mask from
+            torch's CUDA generator (``fastpeft.ops.dropout``); ``torch.ops.fastpeft.lora_linear``
+            returns it (its ``keep`` output).
+    """
+    return rebuilt_keep_mask(seed, m, k, dropout_p, kernel_path=use_triton(seed.device))

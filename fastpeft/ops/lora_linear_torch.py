@@ -2,9 +2,10 @@
 Triton kernels' limit, and ``FASTPEFT_BACKEND=torch``.
 
 Same contract as the Triton path, except for dropout: the torch path draws its mask with
-``keep_mask_torch_path`` and keeps it (bool, one byte per element of x) for the backward,
-where regenerating it would cost a second draw (on the CPU, torch's generator is the
-slowest part of a LoRA step). The rank-r side runs in the LoRA weights' dtype through the
+``fastpeft.ops.dropout.keep_mask_torch_path`` and keeps it (bool, one byte per element of x)
+for the backward, where regenerating it would cost a second draw (on the CPU, torch's
+generator is the slowest part of a LoRA step), except where the kernels' mask kernel redraws
+it (``fastpeft.ops.dropout.redraws_mask``). The rank-r side runs in the LoRA weights' dtype through the
 B product, as in PEFT (fp32 adapters on a 16-bit model keep an fp32 branch: ``s * scaling``
 is never rounded to 16 bits, so a large intermediate cannot overflow). When the LoRA weights share the activations' dtype the LoRA
 product accumulates into the base result with one ``addmm_``; with wider LoRA weights the
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from fastpeft.kernels.dropout_mask import keep_mask_torch_path
+from fastpeft.ops.dropout import keep_mask_torch_path
 from fastpeft.ops.op_calls import rows
 
 

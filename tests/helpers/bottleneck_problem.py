@@ -11,6 +11,7 @@ import torch
 
 from fastpeft.ops import bottleneck_adapter, bottleneck_adapter_dropout_mask, bottleneck_adapter_ref
 from tests.helpers.devices import DEVICE
+from tests.helpers.dropout_replay import replayed_keep_mask
 from tests.helpers.numerics import TOLERANCE, assert_close
 
 
@@ -71,7 +72,8 @@ def check_against_reference(pb: Problem, activation: str = "gelu", dropout_p: fl
     if dropout_p > 0:
         torch.manual_seed(1234)
         seed = torch.randint(0, 2**62, (1,), device=DEVICE, dtype=torch.int64)  # what the op drew
-        mask = bottleneck_adapter_dropout_mask(seed, h.numel() // h.shape[-1], h.shape[-1], dropout_p).reshape(h.shape)
+        mask = replayed_keep_mask(seed, h.numel() // h.shape[-1], h.shape[-1], dropout_p,
+                                  bottleneck_adapter_dropout_mask).reshape(h.shape)
     ref = {k: (getattr(pb, k).detach().double().requires_grad_() if getattr(pb, k) is not None else None)
            for k in names}
     scaling64 = torch.tensor(0.75, dtype=torch.float64, device=DEVICE, requires_grad=True)

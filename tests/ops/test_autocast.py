@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import fastpeft
 from fastpeft.kernels.dropout_mask import draw_seed
 from fastpeft.ops import lora_linear, lora_linear_dropout_mask, lora_linear_ref
+from tests.helpers.dropout_replay import replayed_keep_mask
 from tests.helpers.models import peft, tiny_gpt2, tiny_llama, token_ids
 from tests.helpers.numerics import TOLERANCE, assert_close, relative_error
 from tests.helpers.lora_problem import SCALING, make_problem
@@ -48,7 +49,7 @@ def test_op_casts_like_f_linear(backend, dtype, dropout_p):
     torch.manual_seed(3)
     mask = None
     if dropout_p:
-        mask = lora_linear_dropout_mask(draw_seed(x.device), 15, 40, dropout_p).reshape(x.shape)
+        mask = replayed_keep_mask(draw_seed(x.device), 15, 40, dropout_p, lora_linear_dropout_mask).reshape(x.shape)
     cast = [t.detach().to(dtype).double().requires_grad_() for t in (pb.x, pb.lora_a, pb.lora_b)]
     w64, bias64 = pb.weight.to(dtype).double(), pb.bias.to(dtype).double()
     y64 = lora_linear_ref(cast[0], w64, bias64, cast[1], cast[2], SCALING, dropout_p, dropout_mask=mask)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from fastpeft.kernels.dropout_mask import draw_seed
 from fastpeft.ops import lora_linear, lora_linear_dropout_mask, lora_linear_ref
+from tests.helpers.dropout_replay import replayed_keep_mask
 from tests.helpers.fp32_adapter_overflow import OVERFLOW_SCALING, overflowing_fp32_adapter_case
 from tests.helpers.numerics import TOLERANCE, assert_close, relative_error
 from tests.helpers.lora_problem import SCALING, check_against_reference, make_problem
@@ -65,7 +66,7 @@ def test_double_backward_gradient_penalty(backend, dtype, dropout_p):
 
     torch.manual_seed(1)
     seed = draw_seed(x.device) if dropout_p else None
-    mask = lora_linear_dropout_mask(seed, 20, 37, dropout_p).reshape(x.shape) if dropout_p else None
+    mask = replayed_keep_mask(seed, 20, 37, dropout_p, lora_linear_dropout_mask).reshape(x.shape) if dropout_p else None
     x64, a64, b64 = (t.detach().double().requires_grad_() for t in (pb.x, pb.lora_a, pb.lora_b))
     y64 = lora_linear_ref(x64, pb.weight.double(), pb.bias.double(), a64, b64, SCALING, dropout_p, dropout_mask=mask)
     (gx64,) = torch.autograd.grad(y64.pow(2).sum(), x64, create_graph=True)
