@@ -7,7 +7,10 @@ kernel to PTX (``triton.compile`` with an explicit ``GPUTarget``, which needs no
 error, any register spill, shared memory above the architecture's per-block limit, a GPU-scope
 memory fence or ordered atomic in its PTX (``forbidden_sync``: ``tl.atomic_add``'s default
 ``sem="acq_rel"`` becomes ``MEMBAR.ALL.GPU`` + atomic + L1 invalidate in SASS, at every call),
-or (sm_90) a spec that expects wgmma whose PTX has none. The report gives the wgmma
+any global atomic in its PTX, relaxed included (``global_atomics``: every fastpeft kernel is
+documented as free of atomics and bitwise reproducible, its reductions as fixed-order sums of
+partials, and atomics landing in a varying order break that), or (sm_90) a spec that expects
+wgmma whose PTX has none. The report gives the wgmma
 instruction shapes (``m64n128k16``...: the tile one warpgroup multiplies per instruction),
 and the exit status is 1 if any configuration fails.
 
@@ -27,7 +30,7 @@ compiles than twice the specs. The header on stderr says which specs those are; 
 finished compiles follows on stderr (in place on a terminal, about ten lines in a log).
 
 ``--cuda`` adds the CUDA C++ kernels of ``csrc/`` (``fastpeft.check_cuda``: ``nvcc -Xptxas -v``
-per source and architecture, failing on register spills) as a second table and a ``"cuda"``
+per source and architecture, failing on register spills, GPU-scope fences and global atomics) as a second table and a ``"cuda"``
 section of the JSON report; skipped, with the reason, when nvcc is absent.
 """
 
@@ -54,7 +57,15 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence, TextIO
 
-from fastpeft.kernel_report import ARCHS, DEFAULT_ARCHS, Arch, Result, forbidden_sync
+from fastpeft.kernel_report import (
+    ARCHS,
+    DEFAULT_ARCHS,
+    Arch,
+    Result,
+    atomics_problem,
+    forbidden_sync,
+    global_atomics,
+)
 from fastpeft.kernels.aot_spec import unspecialized_args
 
 if TYPE_CHECKING:
@@ -369,7 +380,7 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         prog="fastpeft check",
         description="Compile every Triton kernel configuration for real GPU targets without a GPU; "
         "fail on compile errors, register spills, shared memory over the limit, GPU-scope fences or "
-        "ordered atomics, or missing wgmma.",
+        "ordered atomics, global atomics (relaxed included), or missing wgmma.",
     )
     parser.add_argument(
         "--arch",
@@ -389,7 +400,7 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--cuda",
         action="store_true",
         help="also compile the CUDA C++ kernels (csrc/*.cu) with nvcc -Xptxas -v and fail on register "
-        "spills (skipped, with the reason, when nvcc is absent)",
+        "spills, GPU-scope fences and global atomics (skipped, with the reason, when nvcc is absent)",
     )
     args = parser.parse_args(list(argv))
     args.arch = [a.strip() for a in args.arch.split(",") if a.strip()]
@@ -460,10 +471,11 @@ def _check_cuda(args: argparse.Namespace) -> CudaReport:
 
 
 def _summary(results: Sequence[Result]) -> str:
-    """Totals of the report: spill bytes, configurations with forbidden synchronization, and
-    the wgmma shapes per kernel (how many configurations use each)."""
+    """Totals of the report: spill bytes, configurations with forbidden synchronization or
+    global atomics, and the wgmma shapes per kernel (how many configurations use each)."""
     spills = sum(r.spill_bytes or 0 for r in results)
     synced = [r for r in results if r.sync]
+    atomic = [r for r in results if r.atomics]
     shapes: dict[str, dict[str, int]] = {}
     for r in results:
         counts = shapes.setdefault(r.kernel.split("[", 1)[0], {})
@@ -473,6 +485,8 @@ def _summary(results: Sequence[Result]) -> str:
         f"register spills: {spills} bytes in all",
         f"GPU-scope fences / ordered atomics: {len(synced)} configuration(s)"
         + (f" ({', '.join(sorted({r.sync for r in synced}))})" if synced else ""),
+        f"global atomics: {len(atomic)} configuration(s)"
+        + (f" ({', '.join(dict.fromkeys(r.kernel.split('[', 1)[0] for r in atomic))})" if atomic else ""),
     ]
     lines += [
         f"wgmma shapes of {kernel}: " + ", ".join(f"{shape} x{count}" for shape, count in sorted(counts.items()))
@@ -511,6 +525,7 @@ def _compile_job(job: _Job) -> Result:
         wgmma=has_wgmma(ptx),
         wgmma_shapes="+".join(wgmma_shapes(ptx)),
         sync=", ".join(forbidden_sync(ptx)),
+        atomics=", ".join(global_atomics(ptx)),
     )
     problems = judge(result, ARCHS[job.arch], job.expects_wgmma)
     result.status, result.reason = ("FAIL", "; ".join(problems)) if problems else ("ok", "")
@@ -648,6 +663,8 @@ def judge(result: Result, arch: Arch, expects_wgmma: bool) -> list[str]:
         problems.append(f"shared memory {result.shared_bytes} B > {arch.max_shared_bytes} B limit")
     if result.sync:
         problems.append(f"GPU-scope fence or ordered atomic ({result.sync})")
+    if result.atomics:
+        problems.append(atomics_problem(result))
     if arch.has_wgmma and expects_wgmma and not result.wgmma:
         problems.append("expected wgmma, but the PTX has no wgmma instruction")
     return problems

@@ -5,9 +5,10 @@ Each ``csrc/*.cu`` is compiled for every requested architecture with
 the Release build (``-O3 -std=c++17``), and ptxas's report is parsed per kernel: registers,
 stack frame, spill stores/loads, static shared memory; the PTX nvcc keeps on the way is read
 per kernel for GPU-scope fences and ordered atomics (``fastpeft.kernel_report.forbidden_sync``, as for
-the Triton kernels). A kernel fails on a register spill (any spill byte), static shared
-memory above the architecture's limit, a forbidden fence or ordered atomic, or a compile
-error. The rows share ``fastpeft.kernel_report.Result`` with the Triton section
+the Triton kernels) and for global atomics (``global_atomics``: the kernels are documented as free
+of atomics, bitwise reproducible). A kernel fails on a register spill (any spill byte), static
+shared memory above the architecture's limit, a forbidden fence or ordered atomic, a global
+atomic (relaxed included), or a compile error. The rows share ``fastpeft.kernel_report.Result`` with the Triton section
 and go into the same table and JSON report.
 
 Skipped, with the reason in the report, when nvcc is absent (``$CUDACXX``, ``PATH`` and
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from fastpeft.kernel_report import ARCHS, Result, forbidden_sync
+from fastpeft.kernel_report import ARCHS, Result, atomics_problem, forbidden_sync, global_atomics
 
 # Where the sources live in a source checkout (editable install or CI clone).
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -134,6 +135,8 @@ def _judge(row: Result, limit: int) -> Result:
         problems.append(f"static shared memory {row.shared_bytes} B > {limit} B limit")
     if row.sync:
         problems.append(f"GPU-scope fence or ordered atomic ({row.sync})")
+    if row.atomics:
+        problems.append(atomics_problem(row))
     row.status, row.reason = ("FAIL", "; ".join(problems)) if problems else ("ok", "")
     return row
 
@@ -159,7 +162,8 @@ def compile_source(nvcc: str, source: Path, arch: str) -> list[Result]:
     for name, s in stats.items():
         row = Result(f"{source.name}:{names[name]}", arch, registers=s.registers, spill_stores=s.spill_stores,
                      spill_loads=s.spill_loads, shared_bytes=s.shared_bytes,
-                     sync=", ".join(forbidden_sync(entries.get(name, ""))))
+                     sync=", ".join(forbidden_sync(entries.get(name, ""))),
+                     atomics=", ".join(global_atomics(entries.get(name, ""))))
         row = _judge(row, limit)
         if s.entry and name not in entries:  # the fence check would have read nothing
             row.status, row.reason = "FAIL", "; ".join(filter(None, [row.reason, "no PTX found for this kernel"]))

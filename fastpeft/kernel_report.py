@@ -1,8 +1,8 @@
 """What the kernel checks (``fastpeft check``: Triton in ``fastpeft.check``, CUDA C++ in
 ``fastpeft.check_cuda``) judge compiled kernels by and report them as: the GPU targets
-(``ARCHS``), one report row per kernel and target (``Result``), and the rule that no kernel
-may synchronize GPU-wide (``forbidden_sync``, read from its PTX). Both checks import this
-module; neither imports the other's internals.
+(``ARCHS``), one report row per kernel and target (``Result``), and the rules read from a
+kernel's PTX: no kernel may synchronize GPU-wide (``forbidden_sync``) or use a global atomic
+(``global_atomics``). Both checks import this module; neither imports the other's internals.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class Result:
     wgmma: bool | None = None
     wgmma_shapes: str = ""  # distinct wgmma shapes in the PTX, e.g. "m64n128k16+m64n64k8"
     sync: str = ""  # forbidden fences / ordered atomics in the PTX (``forbidden_sync``), comma-separated
+    atomics: str = ""  # global atomics in the PTX, relaxed included (``global_atomics``), comma-separated
     status: str = "FAIL"  # "ok" or "FAIL"
     reason: str = ""  # why it failed, one line
     detail: str = ""  # the compiler's full error message for a failure, if any
@@ -102,3 +103,48 @@ def forbidden_sync(ptx: str) -> list[str]:
         if wide:
             found[opcode] = None
     return list(found)
+
+
+# State spaces of atom/red that stay inside a block or cluster; any other atom/red (.global, or
+# generic addressing, which may reach global memory) is a global atomic.
+_SHARED_SPACES = {"shared", "shared::cta", "shared::cluster"}
+
+
+def global_atomics(ptx: str) -> list[str]:
+    """Atomic read-modify-writes of global memory in ``ptx``: the distinct opcodes, in order of
+    first use.
+
+    Every ``atom`` / ``red`` not on shared memory (``.global``, or generic addressing, which may
+    reach global memory), ``multimem.red``, and the bulk (TMA) reductions into global memory
+    (``cp.reduce.async.bulk...global``), whatever their memory order: ``relaxed`` avoids the
+    fence ``forbidden_sync`` rejects, but the order in which several programs' atomics land
+    still varies run to run, so a float sum gathered that way is not bitwise reproducible.
+    fastpeft documents every kernel (Triton and CUDA C++) as free of atomics, its reductions
+    as fixed-order sums of partials, so ``fastpeft check`` fails a kernel with any of these.
+    Shared-memory atomics stay inside one block and are not reported.
+    """
+    found: dict[str, None] = {}
+    for line in ptx.splitlines():
+        match = _OPCODE_RE.match(line)
+        if not match:
+            continue
+        opcode = match.group(1)
+        parts = opcode.split(".")
+        head, qualifiers = parts[0], set(parts[1:])
+        if head in ("atom", "red"):
+            atomic = not qualifiers & _SHARED_SPACES
+        elif head == "multimem":
+            atomic = parts[1:2] == ["red"]
+        elif head == "cp":
+            atomic = "reduce" in qualifiers and "global" in qualifiers  # the destination; the source is shared
+        else:
+            atomic = False
+        if atomic:
+            found[opcode] = None
+    return list(found)
+
+
+def atomics_problem(result: Result) -> str:
+    """Why ``result``'s global atomics (``global_atomics``) fail it, naming the kernel."""
+    return (f"{result.kernel} uses global atomics ({result.atomics}): fastpeft's kernels are documented as "
+            "free of atomics (fixed-order reductions, bitwise reproducible), relaxed atomics included")

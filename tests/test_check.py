@@ -1,7 +1,7 @@
 """Tests of ``fastpeft check`` (fastpeft/check.py) on small kernels defined here.
 
 The kernels are compiled for real sm_80/sm_90 targets without a GPU. One module-scoped run
-compiles every spec below for both archs (about ten compiles at jobs=2, with TRITON_INTERPRET=1
+compiles every spec below for both archs (about fifteen compiles at jobs=2, with TRITON_INTERPRET=1
 set in the parent as in CPU test runs), and the tests read its rows. The kernels must stay at
 module level: worker processes import them from this module.
 """
@@ -50,6 +50,13 @@ def _atomic_sum_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     # tl.atomic_add's default semantics, acq_rel: a GPU-wide fence around every call.
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tl.atomic_add(y_ptr + offs % 16, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+
+@triton.jit
+def _relaxed_atomic_sum_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    # No fence (sem="relaxed"), but the order in which programs' adds land varies run to run.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.atomic_add(y_ptr + offs % 16, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -108,6 +115,8 @@ INVALID = KernelSpec("scale_missing_param", _scale_kernel, WITHOUT_N, {"BLOCK": 
 CRASHING = KernelSpec("scale_crash", _scale_kernel, SCALE_SIG, {"BLOCK": _ExitOnUnpickle()}, 4, 1)
 ATOMIC = KernelSpec("atomic_sum[b=256]", _atomic_sum_kernel,
                     {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"}, {"BLOCK": 256}, 4, 1)
+RELAXED_ATOMIC = KernelSpec("relaxed_atomic_sum[b=256]", _relaxed_atomic_sum_kernel,
+                            {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"}, {"BLOCK": 256}, 4, 1)
 ANY_N = KernelSpec("scale_any_n[b=1024]", _scale_any_n_kernel, SCALE_SIG, {"BLOCK": 1024}, 4, 1)
 # The same kernel as SIMPLE, launched only on Ampere / only on Hopper (KernelSpec.arch_family).
 SIMPLE_SM80 = dataclasses.replace(SIMPLE, name="scale_ampere[b=1024]", arch_family=80)
@@ -116,7 +125,7 @@ SIMPLE_SM90 = dataclasses.replace(SIMPLE, name="scale_hopper[b=1024]", arch_fami
 
 @pytest.fixture(scope="module")
 def rows() -> dict[tuple[str, str], check.Result]:
-    specs = [SIMPLE, SIMPLE_WANTS_WGMMA, GEMM, SPILLING, BROKEN, INVALID, ATOMIC]
+    specs = [SIMPLE, SIMPLE_WANTS_WGMMA, GEMM, SPILLING, BROKEN, INVALID, ATOMIC, RELAXED_ATOMIC]
     # Under TRITON_INTERPRET=1, @triton.jit makes interpreter objects: the workers must not
     # inherit it, or nothing below would compile. The parent must get it back afterwards.
     with pytest.MonkeyPatch.context() as mp:
@@ -270,6 +279,7 @@ def test_cli_header_counts_compiles_and_progress_goes_to_stderr(monkeypatch, cap
     assert "compiled" not in out and "3 passed, 0 failed" in out
     assert "register spills: 0 bytes in all" in out
     assert "GPU-scope fences / ordered atomics: 0 configuration(s)" in out
+    assert "global atomics: 0 configuration(s)" in out
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -278,6 +288,28 @@ def test_acq_rel_atomic_fails(rows, arch):
     row = rows[ATOMIC.name, arch]
     assert row.spill_bytes == 0 and row.sync.startswith("atom.global.gpu.acq_rel.add.")  # .f32, or .v2.f32 on sm_90
     assert row.status == "FAIL" and f"GPU-scope fence or ordered atomic ({row.sync})" in row.reason
+    assert row.atomics == row.sync and f"{ATOMIC.name} uses global atomics ({row.atomics})" in row.reason
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_relaxed_atomic_fails_as_not_reproducible(rows, arch):
+    """A relaxed ``tl.atomic_add`` has no fence (``forbidden_sync`` passes it), but the order in
+    which the programs' adds land varies run to run: fastpeft's kernels are documented free of
+    atomics (bitwise reproducible), so any global atomic fails, naming the kernel."""
+    row = rows[RELAXED_ATOMIC.name, arch]
+    assert row.spill_bytes == 0 and row.sync == ""
+    assert row.atomics.startswith("red.global.gpu.relaxed.add.")  # .f32, or .v2.f32 on sm_90
+    assert row.status == "FAIL"
+    assert row.reason == (f"relaxed_atomic_sum[b=256] uses global atomics ({row.atomics}): fastpeft's kernels are "
+                          "documented as free of atomics (fixed-order reductions, bitwise reproducible), relaxed "
+                          "atomics included")
+
+
+def test_cli_summary_names_the_kernels_with_global_atomics(monkeypatch, capsys):
+    monkeypatch.setattr(check, "_load_specs", lambda: [SIMPLE, RELAXED_ATOMIC])
+    assert check.main(["--arch", "sm_80", "--jobs", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "global atomics: 1 configuration(s) (relaxed_atomic_sum)" in out and "1 passed, 1 failed" in out
 
 
 def test_gemm_reports_its_wgmma_shape(rows):
@@ -304,8 +336,9 @@ FORBIDDEN_PTX = {
     "\tfence.sc.gpu;": "fence.sc.gpu",
     "\tfence.sc.sys;": "fence.sc.sys",
 }
-# Lines that must pass: relaxed (or unqualified) atomics, CTA and cluster scopes, barriers,
-# the fences of Hopper GEMMs, and the words in comments or debug directives.
+# Lines forbidden_sync must pass: relaxed (or unqualified) atomics, CTA and cluster scopes,
+# barriers, the fences of Hopper GEMMs, and the words in comments or debug directives. (The two
+# global atomics among them fail another rule: global_atomics, tested below.)
 ALLOWED_PTX = [
     "\t@%p1 red.global.gpu.relaxed.add.f32 \t[ %rd2 + 0 ], %r1;",
     "\tatom.global.add.f32 %r1, [%rd2], %r2;",
@@ -333,6 +366,59 @@ def test_forbidden_sync_passes_relaxed_and_local_ordering():
     assert check.forbidden_sync("\n".join(ALLOWED_PTX)) == []
     twice = "\n".join([*FORBIDDEN_PTX, *FORBIDDEN_PTX])
     assert check.forbidden_sync(twice) == list(FORBIDDEN_PTX.values())  # each once, in order
+
+
+# Instruction lines that read-modify-write global memory atomically, whatever their memory
+# order, with the opcode global_atomics reports for each.
+GLOBAL_ATOMIC_PTX = {
+    "\t@%p1 red.global.gpu.relaxed.add.f32 \t[ %rd2 + 0 ], %r1;": "red.global.gpu.relaxed.add.f32",
+    "\t@%p1 red.global.gpu.relaxed.add.v2.f32 \t[ %rd2 + 0 ], { %r1, %r2 };": "red.global.gpu.relaxed.add.v2.f32",
+    "\tatom.global.add.f32 %r1, [%rd2], %r2;": "atom.global.add.f32",
+    "\t@!%p2 atom.global.gpu.acq_rel.add.f32 \t%r1, [ %rd2 + 0 ], %r2;": "atom.global.gpu.acq_rel.add.f32",
+    "\tatom.add.f32 %f1, [%rd1], %f2;": "atom.add.f32",  # generic address: may be global
+    "\tred.relaxed.gpu.global.max.s32 [%rd1], %r2;": "red.relaxed.gpu.global.max.s32",
+    "\tatom.global.cas.b32 %r1, [%rd1], %r2, %r3;": "atom.global.cas.b32",
+    "\tmultimem.red.relaxed.gpu.global.add.f32 [%rd1], %f1;": "multimem.red.relaxed.gpu.global.add.f32",
+    "\tcp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%rd1], [%r1], 256;":
+        "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32",
+    "\tcp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile.bulk_group [%rd1, {%r1, %r2}], [%r3];":
+        "cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile.bulk_group",
+}
+# Lines that are no global atomic: shared-memory atomics, plain and bulk loads/stores, bulk
+# reductions into (cluster) shared memory, and the words in comments.
+NOT_GLOBAL_ATOMIC_PTX = [
+    "\tatom.shared.cta.acq_rel.add.u32 %r1, [%r2], 1;",
+    "\tatom.shared::cta.add.f32 %f1, [%r2], %f2;",
+    "\tred.shared::cluster.add.u32 [%r1], 1;",
+    "\tst.global.v4.b32 [ %rd1 + 0 ], { %r1, %r2, %r3, %r4 };",
+    "\tld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];",
+    "\tcp.async.bulk.global.shared::cta.bulk_group [%rd1], [%r1], 256;",
+    "\tcp.reduce.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes.add.u32 [%r1], [%r2], 64, [%r3];",
+    "\tmbarrier.arrive.shared::cta.b64 %rd1, [%r1];",
+    "\t// red.global.add.f32 and atom.global in a comment",
+    "\t.loc\t1 12 3                          // atom.global.py:12:3",
+]
+
+
+@pytest.mark.parametrize("line,opcode", GLOBAL_ATOMIC_PTX.items())
+def test_global_atomics_flags_every_global_atomic(line, opcode):
+    context = NOT_GLOBAL_ATOMIC_PTX
+    assert check.global_atomics("\n".join([*context, line, *context])) == [opcode]
+
+
+def test_global_atomics_passes_shared_memory_and_plain_accesses():
+    assert check.global_atomics("\n".join(NOT_GLOBAL_ATOMIC_PTX)) == []
+    twice = "\n".join([*GLOBAL_ATOMIC_PTX, *GLOBAL_ATOMIC_PTX])
+    assert check.global_atomics(twice) == list(GLOBAL_ATOMIC_PTX.values())  # each once, in order
+
+
+def test_judge_fails_on_global_atomics():
+    row = check.Result("k[b=64]", "sm_80", registers=32, spill_stores=0, spill_loads=0, shared_bytes=0, wgmma=False)
+    row.atomics = "red.global.gpu.relaxed.add.f32"
+    problems = check.judge(row, check.ARCHS["sm_80"], expects_wgmma=False)
+    assert problems == ["k[b=64] uses global atomics (red.global.gpu.relaxed.add.f32): fastpeft's kernels are "
+                        "documented as free of atomics (fixed-order reductions, bitwise reproducible), relaxed "
+                        "atomics included"]
 
 
 def test_judge_fails_on_forbidden_sync():
@@ -371,7 +457,7 @@ def fastpeft_rows() -> dict[str, check.Result]:
 def test_backward_reduction_has_no_fences_or_spills(fastpeft_rows):
     row = fastpeft_rows["lora_bwd_wgrad"]
     assert row.status == "ok", row.reason
-    assert row.sync == "" and row.spill_bytes == 0
+    assert row.sync == "" and row.atomics == "" and row.spill_bytes == 0
 
 
 def test_medium_tile_is_one_warpgroup_wide_wgmma_on_sm90(fastpeft_rows):

@@ -58,6 +58,29 @@ def test_ptx_entries_split_kernels_and_fences_fail():
                  sync=", ".join(check.forbidden_sync(entries["_Z1bv"])))
     judged = check_cuda._judge(row, check.ARCHS["sm_80"].max_shared_bytes)
     assert judged.status == "FAIL" and "membar.gl" in judged.reason and "atom.acq_rel.gpu.global.add.u32" in judged.reason
+    # The relaxed reduction has no fence, but it is a global atomic: not bitwise reproducible.
+    assert check.global_atomics(entries["_Z1av"]) == ["red.relaxed.gpu.global.add.f32"]
+    row = Result("a.cu:a", "sm_80", registers=8, spill_stores=0, spill_loads=0, shared_bytes=0,
+                 atomics=", ".join(check.global_atomics(entries["_Z1av"])))
+    judged = check_cuda._judge(row, check.ARCHS["sm_80"].max_shared_bytes)
+    assert judged.status == "FAIL" and judged.reason.startswith(
+        "a.cu:a uses global atomics (red.relaxed.gpu.global.add.f32): fastpeft's kernels are documented as free")
+
+
+def test_real_compile_of_an_atomic_add_fails_naming_the_kernel(tmp_path):
+    """nvcc compiles ``atomicAdd`` on a global float to ``atom.global.add.f32`` (no ordering: no
+    fence), yet the check fails that kernel, and only it, for its global atomic."""
+    nvcc = check_cuda.find_nvcc()
+    if nvcc is None:
+        pytest.skip("needs nvcc")
+    source = tmp_path / "sums.cu"
+    source.write_text("__global__ void atomic_sum(float* y, const float* x) { atomicAdd(y, x[threadIdx.x]); }\n"
+                      "__global__ void plain_sum(float* y, const float* x) { y[threadIdx.x] += x[threadIdx.x]; }\n")
+    rows = {r.kernel: r for r in check_cuda.compile_source(nvcc, source, "sm_80")}
+    assert rows["sums.cu:plain_sum"].status == "ok", rows["sums.cu:plain_sum"].reason
+    atomic = rows["sums.cu:atomic_sum"]
+    assert atomic.sync == "" and atomic.atomics == "atom.global.add.f32"
+    assert atomic.status == "FAIL" and atomic.reason.startswith(f"sums.cu:atomic_sum uses global atomics ({atomic.atomics})")
 
 
 def test_demangled_names_are_short():
@@ -110,4 +133,5 @@ def test_real_compile_of_the_decode_kernels_has_no_spills():
     kernels = {r.kernel for r in rows}
     # 2 kernels x 5 (x, adapter) dtype pairs.
     assert len(kernels) == 10 and "bgmv.cu:bgmv_shrink_kernel<__half, float>" in kernels
-    assert all(r.spill_bytes == 0 and r.registers and r.registers <= 255 and r.sync == "" for r in rows)
+    assert all(r.spill_bytes == 0 and r.registers and r.registers <= 255 and r.sync == "" and r.atomics == ""
+               for r in rows)
