@@ -1,5 +1,6 @@
-"""Command line: ``fastpeft bench`` (the benchmark harness) and ``fastpeft check``
-(ahead-of-time compile of every Triton kernel configuration for real GPU targets)."""
+"""Command line: ``fastpeft bench`` (the benchmark harness), ``fastpeft check``
+(ahead-of-time compile of every Triton kernel configuration for real GPU targets) and
+``fastpeft plan`` (the performance plan of the key shapes, without a GPU)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ COMMANDS: dict[str, str] = {
     "check": "compile every Triton kernel configuration ahead of time for sm_80 / sm_90 (no GPU "
     "needed) and fail on compile errors, register spills, shared memory over the limit or a "
     "large-M GEMM without wgmma on sm_90; --cuda also compiles csrc/ with nvcc -Xptxas -v",
+    "plan": "the performance plan of each op family at the key shapes without a GPU: the path and kernel "
+    "configuration the dispatch chooses, its grid and waves, its memory traffic by tiling against the "
+    "problem's minimum, the roofline and an estimated time (--json, --gpu, --compare a focused benchmark JSON)",
 }
 
 
@@ -25,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The top-level parser: ``--help``, ``--version`` and the choice of command."""
     parser = argparse.ArgumentParser(
         prog="fastpeft",
-        description="Fused Triton and CUDA C++ kernels for parameter-efficient fine-tuning: benchmark and compile check.",
+        description="Fused Triton and CUDA C++ kernels for parameter-efficient fine-tuning: benchmark, compile check "
+        "and performance plan.",
         epilog="Run 'fastpeft COMMAND --help' for the options of a command.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {fastpeft.__version__}")
@@ -54,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         from fastpeft.bench.__main__ import main as bench_main
 
         return bench_main(argv[1:])
+    if command == "plan":
+        from fastpeft.plan.cli import main as plan_main
+
+        return plan_main(argv[1:])
     from fastpeft.check import main as check_main
 
     return check_main(argv[1:])

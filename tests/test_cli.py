@@ -11,16 +11,7 @@ import pytest
 import fastpeft
 from fastpeft import check, cli
 from fastpeft.bench import __main__ as bench_main
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """``fastpeft ARGS``: exit status (argparse's SystemExit included), stdout, stderr."""
-    try:
-        code = cli.main(args)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.helpers.cli_runner import run_cli
 
 
 def test_help_says_what_each_command_does(capsys):
@@ -59,6 +50,14 @@ def test_the_rest_of_the_arguments_go_to_the_command(monkeypatch, command, modul
     monkeypatch.setattr(module, "main", lambda argv: received.append(argv) or 7)
     assert cli.main([command, "--help", "--version", "x"]) == 7
     assert received == [["--help", "--version", "x"]]
+
+
+def test_plan_gets_the_rest_of_the_arguments(monkeypatch):
+    plan_cli = pytest.importorskip("fastpeft.plan.cli")  # the plan imports the Triton launchers
+    received = []
+    monkeypatch.setattr(plan_cli, "main", lambda argv: received.append(argv) or 7)
+    assert cli.main(["plan", "--help", "--gpu", "h200"]) == 7
+    assert received == [["--help", "--gpu", "h200"]]
 
 
 def test_command_help_is_the_commands_own(capsys):

@@ -1,7 +1,8 @@
 """Kernel launches recorded instead of run, and reduced to what ``fastpeft check`` compiles.
 
 ``record_launches`` replaces the kernels of launcher modules with ``Recorder`` s, so the
-launchers run (on meta tensors, nothing computed) and leave the launches they would make.
+launchers run (on meta tensors, nothing computed) and leave the launches they would make, and
+their grids.
 ``launch_key`` reduces a launch to what Triton's launcher specializes on -- argument types,
 integers equal to 1 (constexprs) or divisible by 16 and 16-byte aligned pointers, except the
 arguments the kernel exempts (``do_not_specialize``) -- plus its constexprs, warps and
@@ -59,20 +60,36 @@ def launch_key(fn, args: tuple, kwargs: dict) -> tuple:
             warps, stages)
 
 
+class Launches(list):
+    """The recorded ``(fn, args, kwargs)`` launches, with each one's grid in ``grids`` (same order)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grids: list[tuple[int, ...]] = []
+
+    def clear(self) -> None:
+        super().clear()
+        self.grids.clear()
+
+
 class Recorder:
     """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records the launch."""
 
-    def __init__(self, fn, launches: list):
+    def __init__(self, fn, launches: Launches):
         self.fn, self.launches = fn, launches
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((self.fn, args, kwargs))
+        def launch(*args, **kwargs):
+            self.launches.append((self.fn, args, kwargs))
+            self.launches.grids.append(tuple(grid))
+
+        return launch
 
 
-def record_launches(monkeypatch, *modules) -> list:
+def record_launches(monkeypatch, *modules) -> Launches:
     """Replace every ``*_kernel`` of the launcher ``modules`` with a ``Recorder``; returns the
-    list their launches are appended to."""
-    launches: list = []
+    list their launches are appended to (their grids in its ``grids``)."""
+    launches = Launches()
     for module in modules:
         for name in dir(module):
             if name.endswith("_kernel"):

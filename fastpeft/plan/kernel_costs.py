@@ -1,0 +1,350 @@
+"""Traffic and FLOPs of each Triton kernel of ``fastpeft.kernels``, from a recorded launch.
+
+Each function reads the sizes, tensors and tile constexprs the launcher passed (``p``, by
+the kernel's parameter names) and the grid, and says what the kernel's loops load and store
+(see each kernel's docstring): which operand every program re-reads, per row tile or column
+tile. ``fastpeft.plan.traffic`` explains the two byte counts and ``hw``. Readers that are
+consecutive programs (the fastest grid axis) are marked ``concurrent``.
+Notation: row tiles ``rt = cdiv(M, BLOCK_M)``, column tiles ``ct``; ``e(t)`` bytes per element.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from fastpeft.kernels.lora.configs import cdiv
+from fastpeft.plan.recording import Launch
+from fastpeft.plan.traffic import Access, Cost, Hardware, gemm_reads, read, write
+
+Params = Mapping[str, Any]
+KernelCost = Callable[[Params, tuple[int, ...], Hardware], Cost]
+# Kernel name -> the cost of one launch from its parameters, grid and the GPU.
+KERNEL_COSTS: dict[str, KernelCost] = {}
+
+
+def kernel_cost(name: str) -> Callable[[KernelCost], KernelCost]:
+    """Register the cost function of the Triton kernel ``name``."""
+
+    def register(fn: KernelCost) -> KernelCost:
+        KERNEL_COSTS[name] = fn
+        return fn
+
+    return register
+
+
+def triton_cost(launch: Launch, hw: Hardware) -> Cost:
+    """The cost of a recorded Triton launch; KeyError for a kernel without a cost function
+    here (so a new kernel cannot pass as free)."""
+    try:
+        fn = KERNEL_COSTS[launch.name]
+    except KeyError:
+        raise KeyError(f"fastpeft.plan has no traffic model for the kernel {launch.name} (launched by "
+                       f"{launch.source}): add one to fastpeft/plan/kernel_costs.py") from None
+    return fn(launch.params, launch.grid, hw)
+
+
+def e(t: torch.Tensor) -> int:
+    return t.element_size()
+
+
+# --- LoRA linear (fastpeft.kernels.lora.kernels, hybrid_kernels) -------------------------
+
+
+@kernel_cost("lora_shrink_kernel")
+def _lora_shrink(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
+    """x read once (each program its rows and K range); A by every row tile; fp32 partials
+    ``[splits, M, R]`` written."""
+    m, k, r = p["M"], p["K"], p["R"]
+    row_tiles, splits = grid
+    return Cost((read("x", m * k * e(p["x_ptr"]), 1, hw),
+                 read("A", r * k * e(p["a_ptr"]), row_tiles, hw, concurrent=True),
+                 write("s partials", splits * m * r * 4)), 2 * m * k * r)
+
+
+@kernel_cost("lora_fwd_kernel")
+def _lora_fwd(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
+    """The GEMM's x (per column tile) and W (per row tile); A per tile when the shrink is
+    fused, else the shrink's partials per column tile; B and the bias per row tile; y and s
+    written."""
+    m, n, k, r = p["M"], p["N"], p["K"], p["R"]
+    rt, ct = cdiv(m, p["BLOCK_M"]), cdiv(n, p["BLOCK_N"])
+    x_read, w_read = gemm_reads("x", m * k * e(p["x_ptr"]), m, "W", n * k * e(p["w_ptr"]), rt, ct, p["BLOCK_M"], hw)
+    accesses = [x_read, w_read, read("B", n * r * e(p["b_ptr"]), rt, hw)]
+    if p["HAS_BIAS"]:
+        accesses.append(read("bias", n * e(p["bias_ptr"]), rt, hw))
+    if p["FUSE_SHRINK"]:
+        accesses.append(read("A", r * k * e(p["a_ptr"]), rt * ct, hw))
+    else:
+        accesses.append(read("s partials", p["num_parts"] * m * r * 4, ct, hw))
+    accesses += [write("y", m * n * e(p["y_ptr"])), write("s", m * r * 4)]
+    fused = 2 * m * k * r * ct if p["FUSE_SHRINK"] else 0
+    return Cost(tuple(accesses), 2 * m * n * k + 2 * m * n * r + fused)
+
+
+@kernel_cost("lora_gemm_split_kernel")
+def _lora_gemm_split(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
+    """Split-K GEMM: P per column tile and Q per row tile over all splits; fp32 partials
+    ``[splits, M, N]`` written."""
+    m, n, red = p["M"], p["N"], p["RED"]
+    splits = grid[1]
+    rt, ct = cdiv(m, p["BLOCK_M"]), cdiv(n, p["BLOCK_N"])
+    reads = gemm_reads("P", m * red * e(p["p_ptr"]), m, "Q", n * red * e(p["q_ptr"]), rt, ct, p["BLOCK_M"], hw)
+    return Cost((*reads, write("partials", splits * m * n * 4)), 2 * m * n * red)
+
+
+@kernel_cost("lora_fwd_split_epilogue_kernel")
+def _lora_fwd_split_epilogue(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
+    """The GEMM's partials once; the shrink's partials per column tile; B, bias per row tile."""
+    m, n, r = p["M"], p["N"], p["R"]
+    rt, ct = cdiv(m, p["BLOCK_M"]), cdiv(n, p["BLOCK_N"])
+    accesses = [read("GEMM partials", p["num_splits"] * m * n * 4, 1, hw),
+                read("s partials", p["num_parts"] * m * r * 4, ct, hw), read("B", n * r * e(p["b_ptr"]), rt, hw)]
+    if p["HAS_BIAS"]:
+        accesses.append(read("bias", n * e(p["bias_ptr"]), rt, hw))
+    accesses += [write("y", m * n * e(p["y_ptr"])), write("s", m * r * 4)]
+    return Cost(tuple(accesses), 2 * m * n * r)
+
+
+@kernel_cost("lora_bwd_dx_kernel")
+def _lora_bwd_dx(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
+    """dY per column tile of dX, W per row tile (the GEMM), A per row tile and dS per column
+    tile (the epilogue); dX written."""
+    m, n, k, r = p["M"], p["N"], p["K"], p["R"]
+    rt, ct = cdiv(m, p["BLOCK_M"]), cdiv(k, p["BLOCK_K"])
+    dy_read, w_read = gemm_reads("dY", m * n * e(p["dy_ptr"]), m, "W", n * k * e(p["w_ptr"]), rt, ct, p["BLOCK_M"], hw)
+    return Cost((dy_read, w_read, read("A", r * k * e(p["a_ptr"]), rt, hw), read("dS", m * r * 4, ct, hw),
+                 write("dX", m * k * e(p["dx_ptr"]))), 2 * m * n * k + 2 * m * k * r)
+
+
+@kernel_cost("lora_bwd_dx_split_epilogue_kernel")
+def _lora_bwd_dx_split_epilogue(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
+    m, k, r = p["M"], p["K"], p["R"]
+    rt, ct = cdiv(m, p["BLOCK_M"]), cdiv(k, p["BLOCK_K"])
+    return Cost((read("GEMM partials", p["num_splits"] * m * k * 4, 1, hw), read("A", r * k * e(p["a_ptr"]), rt, hw),
+                 read("dS", m * r * 4, ct, hw), write("dX", m * k * e(p["dx_ptr"]))), 2 * m * k * r)
+
+
+@kernel_cost("lora_bwd_wgrad_kernel")
+def _lora_bwd_wgrad(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
+    """dA (L = dS, X = x) or dB (L = s, X = dY): X read once, the fp32 L per column tile;
+    fp32 partials ``[splits, R, C]`` written."""
+    m, c, r = p["M"], p["C"], p["R"]
+    col_tiles, splits = grid
+    return Cost((read("X", m * c * e(p["x_ptr"]), 1, hw), read("L (fp32)", m * r * 4, col_tiles, hw, concurrent=True),
+                 write("partials", splits * r * c * 4)), 2 * m * c * r)
+
+
+@kernel_cost("sum_partials_kernel")
+def _sum_partials(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
+    numel, parts = p["numel"], p["num_parts"]
+    return Cost((read("partials", parts * numel * 4, 1, hw), write("sum", numel * e(p["total_ptr"]))), parts * numel)
+
+
+@kernel_cost("lora_hybrid_fwd_kernel")
+def _lora_hybrid_fwd(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
+    """Each of a row tile's ``split_n`` programs runs the whole shrink (x and A re-read; the
+    programs run together, so with L2 reuse x once), then writes its share of the column
+    tiles (B and the bias once per row tile); y and s written."""
+    m, n, k, r, split = p["M"], p["N"], p["K"], p["R"], p["split_n"]
+    rt = cdiv(m, p["BLOCK_M"])
+    accesses = [read("x", m * k * e(p["x_ptr"]), split, hw, 1),
+                read("A", r * k * e(p["a_ptr"]), rt * split, hw, concurrent=True),
+                read("B", n * r * e(p["b_ptr"]), rt, hw)]
+    if p["HAS_BIAS"]:
+        accesses.append(read("bias", n * e(p["bias_ptr"]), rt, hw))
+    accesses += [write("y", m * n * e(p["y_ptr"])), write("s", m * r * 4)]
+    return Cost(tuple(accesses), 2 * m * k * r * split + 2 * m * n * r)
+
+
+@kernel_cost("lora_hybrid_dx_kernel")
+def _lora_hybrid_dx(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
+    m, k, r = p["M"], p["K"], p["R"]
+    rt, ct = grid
+    return Cost((read("dS", m * r * 4, ct, hw), read("A", r * k * e(p["a_ptr"]), rt, hw),
+                 write("dX (LoRA term)", m * k * e(p["dx_ptr"]))), 2 * m * k * r)
+
+
+# --- Bottleneck adapter (fastpeft.kernels.bottleneck.kernels) ----------------------------
+
+
+@kernel_cost("bottleneck_fwd_kernel")
+def _bottleneck_fwd(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
+    """A program walks D twice for its rows: h for the down projection, then the residual
+    (h again when the residual is h) beside W_up; both weights and biases per row tile."""
+    m, d, r = p["M"], p["D"], p["R"]
+    rt = grid[0]
+    h, res = p["h_ptr"], p["res_ptr"]
+    h_bytes = m * d * e(h)
+    accesses = [read("h, residual", h_bytes, 2, hw)] if res is h else [read("h", h_bytes, 1, hw),
+                                                                         read("residual", m * d * e(res), 1, hw)]
+    accesses += [read("W_down", r * d * e(p["wd_ptr"]), rt, hw, concurrent=True),
+                 read("W_up", d * r * e(p["wu_ptr"]), rt, hw, concurrent=True)]
+    if p["has_b_down"]:
+        accesses.append(read("b_down", r * e(p["bd_ptr"]), rt, hw))
+    if p["has_b_up"]:
+        accesses.append(read("b_up", d * e(p["bu_ptr"]), rt, hw))
+    accesses += [write("z", m * r * 4), write("out", m * d * e(p["out_ptr"]))]
+    return Cost(tuple(accesses), 4 * m * d * r)
+
+
+@kernel_cost("bottleneck_bwd_dz_kernel")
+def _bottleneck_bwd_dz(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
+    """dOut once, W_up per row tile, z once; dz and act(z) (fp32 ``[M, R]``) and per-program
+    partial sums written."""
+    m, d, r = p["M"], p["D"], p["R"]
+    programs = grid[0]
+    return Cost((read("dOut", m * d * e(p["g_ptr"]), 1, hw),
+                 read("W_up", d * r * e(p["wu_ptr"]), programs, hw, concurrent=True),
+                 read("z", m * r * 4, 1, hw), write("dz, act(z)", 2 * m * r * 4),
+                 write("partials", programs * (r + 1) * 4)), 2 * m * d * r)
+
+
+@kernel_cost("bottleneck_bwd_wgrad_dh_kernel")
+def _bottleneck_bwd_wgrad_dh(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
+    """Per rank chunk, dOut and h read once; dz and act(z) (fp32) per column tile; W_down per
+    split (for dh); fp32 weight-gradient partials per split and dh written."""
+    m, d, r = p["M"], p["D"], p["R"]
+    col_tiles, splits, chunks = grid
+    accesses = [read("dOut", m * d * e(p["g_ptr"]), chunks, hw), read("h", m * d * e(p["h_ptr"]), chunks, hw),
+                read("dz, act(z)", 2 * m * r * 4, col_tiles, hw, concurrent=True)]
+    flops = 4 * m * d * r
+    if p["NEED_DH"]:
+        accesses += [read("W_down", r * d * e(p["wd_ptr"]), splits, hw), write("dh", m * d * e(p["dh_ptr"]))]
+        flops += 2 * m * d * r
+    accesses.append(write("partials", splits * (2 * d * r + d) * 4))
+    return Cost(tuple(accesses), flops)
+
+
+@kernel_cost("bottleneck_bwd_dh_kernel")
+def _bottleneck_bwd_dh(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
+    m, d, r = p["M"], p["D"], p["R"]
+    rt, ct = grid
+    accesses = [read("dz", m * r * 4, ct, hw), read("W_down", r * d * e(p["wd_ptr"]), rt, hw, concurrent=True)]
+    if p["residual_is_h"]:
+        accesses.append(read("dOut", m * d * e(p["g_ptr"]), 1, hw))
+    accesses.append(write("dh", m * d * e(p["dh_ptr"])))
+    return Cost(tuple(accesses), 2 * m * d * r)
+
+
+# --- Multi-adapter LoRA (fastpeft.kernels.multi_lora.kernels) ----------------------------
+# These kernels skip the programs without work (a token without adapter, a tile past the
+# last segment, a rank block past the adapter's rank), so their traffic depends on the
+# adapter ids: the plan passes real ids and ranks (CPU tensors) and reads them here.
+
+
+def _slot_rank(ranks: torch.Tensor, slot: int, r_max: int) -> int:
+    return min(max(int(ranks[slot]), 0), r_max)
+
+
+def _decode_tokens(p: Params) -> list[tuple[int, int]]:
+    """(slot, rank) of each token with a valid adapter."""
+    num_slots, r_max = p["L"], p["R_MAX"]
+    out = []
+    for slot in p["ids_ptr"].tolist():
+        if 0 <= slot < num_slots:
+            out.append((slot, _slot_rank(p["ranks_ptr"], slot, r_max)))
+    return out
+
+
+@kernel_cost("multi_lora_decode_shrink_kernel")
+def _multi_lora_decode_shrink(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
+    """Program (token, rank block): x's row and the block's rows of A_i (with L2 reuse, each
+    token's row and each adapter's block once); s written."""
+    k, block_r = p["K"], p["BLOCK_R"]
+    ex, ea = e(p["x_ptr"]), e(p["a_ptr"])
+    x_bytes = x_l2 = a_bytes = a_l2 = s_bytes = flops = 0
+    seen = set()
+    for slot, rank in _decode_tokens(p):
+        blocks = cdiv(rank, block_r)
+        x_bytes += blocks * k * ex
+        x_l2 += k * ex if blocks else 0
+        a_bytes += rank * k * ea
+        if slot not in seen:
+            seen.add(slot)
+            a_l2 += rank * k * ea
+        s_bytes += rank * 4
+        flops += 2 * k * rank
+    return Cost((_access("x", x_bytes, x_l2), _access("A", a_bytes, a_l2), write("s", s_bytes)), flops)
+
+
+@kernel_cost("multi_lora_decode_expand_kernel")
+def _multi_lora_decode_expand(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
+    """Program (token, column block): the block's rows of B_i, s's row; y's row read and
+    written."""
+    n = p["N"]
+    col_blocks = grid[1]
+    eb, ey = e(p["b_ptr"]), e(p["y_ptr"])
+    b_bytes = b_l2 = s_bytes = s_l2 = y_bytes = flops = 0
+    seen = set()
+    for slot, rank in _decode_tokens(p):
+        b_bytes += n * rank * eb
+        if slot not in seen:
+            seen.add(slot)
+            b_l2 += n * rank * eb
+        s_bytes += col_blocks * rank * 4
+        s_l2 += rank * 4
+        y_bytes += n * ey
+        flops += 2 * n * rank
+    return Cost((_access("B", b_bytes, b_l2), _access("s", s_bytes, s_l2), _access("y", y_bytes, y_bytes),
+                 write("y", y_bytes)), flops)
+
+
+def _access(operand: str, no_reuse: int, with_reuse: int) -> Access:
+    return Access(operand, no_reuse, with_reuse)
+
+
+def _segment_tiles(p: Params) -> list[tuple[int, int, int]]:
+    """(slot, rank, rows) of each tile with work (``fastpeft.kernels.multi_lora.segments``)."""
+    num_slots, r_max, block_m = p["L"], p["R_MAX"], p["BLOCK_M"]
+    out = []
+    for slot, row in zip(p["tile_adapter_ptr"].tolist(), p["tile_row_ptr"].tolist()):
+        if slot < num_slots:
+            rows = min(block_m, int(p["seg_end_ptr"][slot]) - row)
+            out.append((slot, _slot_rank(p["ranks_ptr"], slot, r_max), rows))
+    return out
+
+
+@kernel_cost("multi_lora_shrink_kernel")
+def _multi_lora_shrink(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
+    """Program (tile, rank block): the tile's rows of P and the block's rows of Q_i over the
+    whole reduction (with L2 reuse: each tile's rows once, each adapter's rows once)."""
+    red, block_r = p["K"], p["BLOCK_R"]
+    ep, eq = e(p["x_ptr"]), e(p["a_ptr"])
+    p_bytes = p_l2 = q_bytes = q_l2 = s_bytes = flops = 0
+    seen = set()
+    for slot, rank, rows in _segment_tiles(p):
+        blocks = cdiv(rank, block_r)
+        p_bytes += blocks * rows * red * ep
+        p_l2 += rows * red * ep if blocks else 0
+        q_bytes += rank * red * eq
+        if slot not in seen:
+            seen.add(slot)
+            q_l2 += rank * red * eq
+        s_bytes += rows * rank * 4
+        flops += 2 * rows * red * rank
+    return Cost((_access("P", p_bytes, p_l2), _access("Q", q_bytes, q_l2), write("s", s_bytes)), flops)
+
+
+@kernel_cost("multi_lora_expand_kernel")
+def _multi_lora_expand(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
+    """Program (tile, column block): the tile's s rows and the block of Q_i; the tile's rows of
+    the output read and written."""
+    n = p["N"]
+    col_blocks = grid[1]
+    eq, ey = e(p["b_ptr"]), e(p["y_ptr"])
+    q_bytes = q_l2 = s_bytes = s_l2 = y_bytes = flops = 0
+    seen = set()
+    for slot, rank, rows in _segment_tiles(p):
+        q_bytes += n * rank * eq
+        if slot not in seen:
+            seen.add(slot)
+            q_l2 += n * rank * eq
+        s_bytes += col_blocks * rows * rank * 4
+        s_l2 += rows * rank * 4
+        y_bytes += rows * n * ey
+        flops += 2 * rows * n * rank
+    return Cost((_access("Q", q_bytes, q_l2), _access("s", s_bytes, s_l2), _access("out", y_bytes, y_bytes),
+                 write("out", y_bytes)), flops)

@@ -1,0 +1,233 @@
+"""The implementations a plan costs per problem, and who picks each.
+
+For every ``fastpeft.plan.problems.Problem`` a ``PathRun`` per implementation: its name, the
+settings that choose it (``choice``), and a function that runs its code on meta tensors
+inside ``fastpeft.plan.recording.recording`` -- the launchers and torch paths the ops call,
+with the ops' own glue between them (torch path or launcher, forward then backward).
+
+Choices: ``auto`` (what ``FASTPEFT_BACKEND=auto`` runs on CUDA today), ``validated`` (what
+``auto`` runs once ``fastpeft.backend.KERNELS_VALIDATED_ON_GPU`` is set: for LoRA, the shipped
+dispatch table's pick, ``fastpeft.kernels.lora.dispatch.lookup``), and the forced backends
+``torch``, ``triton``, ``hybrid``. While the kernels are not validated, ``auto`` is the torch
+path for every op.
+
+Paths: ``torch`` (the ops' torch path, on the GPU through cuBLAS and aten kernels),
+``fused`` and ``hybrid`` (LoRA's Triton paths), ``triton`` (the bottleneck adapter's and
+multi-LoRA's Triton kernels), and, for LoRA, ``fused/hybrid`` or ``hybrid/fused`` when the
+dispatch table picks one for the forward and the other for the backward. The CUDA C++
+kernels (``FASTPEFT_BACKEND=cuda``) are not planned: their launches are not Python calls the
+recording can see.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fastpeft import backend
+from fastpeft.kernels.bottleneck import launch as bottleneck_launch
+from fastpeft.kernels.lora import dispatch, hybrid_launch, launch as lora_launch
+from fastpeft.kernels.lora.configs import MAX_RANK
+from fastpeft.kernels.multi_lora import configs as multi_lora_configs, launch as multi_lora_launch
+from fastpeft.ops.bottleneck_adapter_torch import bottleneck_backward_torch, bottleneck_forward_torch
+from fastpeft.ops.lora_linear_torch import keep_mask, lora_backward_torch, lora_forward_torch
+from fastpeft.ops.multi_lora_linear_torch import multi_lora_add_torch
+from fastpeft.plan.gpus import GpuSpec
+from fastpeft.plan.problems import BOTTLENECK, FWD_BWD, LORA, LORA_TRAIN_DROPOUT, Problem
+
+AUTO, VALIDATED = "auto", "validated"
+TORCH, FUSED, HYBRID, TRITON = "torch", "fused", "hybrid", "triton"
+# Every path a plan row can have (a LoRA row mixing two is named forward/backward).
+PATH_NAMES = (TORCH, FUSED, HYBRID, TRITON, f"{FUSED}/{HYBRID}", f"{HYBRID}/{FUSED}")
+# The values do not change any launch (they are kernel arguments, not shapes); PEFT's usual
+# lora_alpha = 2 r, AdapterHub's seq_bn defaults.
+LORA_SCALING = 2.0
+BOTTLENECK_ACTIVATION = "relu"
+BOTTLENECK_SCALING = 1.0
+# The bottleneck training step's gradients: h, W_down, b_down, W_up, b_up, not the scaling.
+BOTTLENECK_NEEDS = (True, True, True, True, True, False)
+
+# The planned tensors: meta (shapes, dtypes and strides, no data; see
+# fastpeft.plan.recording for why they plan what CUDA tensors would run).
+_META = torch.device("meta")
+
+
+def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(*shape, dtype=dtype, device=_META)
+
+
+def _seed() -> torch.Tensor:
+    return _meta(1, dtype=torch.int64)
+
+
+@dataclass(frozen=True)
+class PathRun:
+    """An implementation of a problem: ``path``, the settings that pick it, and ``run``, which
+    makes its launches on meta tensors (call it inside ``recording``, with ``backend`` forced)."""
+
+    path: str
+    choice: tuple[str, ...]
+    run: Callable[[], None]
+    # FASTPEFT_BACKEND while it runs: the torch paths read it (the launchers do not).
+    backend: str | None = None
+
+
+def _torch_choice() -> tuple[str, ...]:
+    return (TORCH,) if backend.KERNELS_VALIDATED_ON_GPU else (TORCH, AUTO)
+
+
+def _validated_choice() -> tuple[str, ...]:
+    return (VALIDATED, AUTO) if backend.KERNELS_VALIDATED_ON_GPU else (VALIDATED,)
+
+
+# --- LoRA ------------------------------------------------------------------------------
+
+_LORA_FORWARD = {FUSED: lora_launch.lora_forward, HYBRID: hybrid_launch.hybrid_forward}
+_LORA_BACKWARD = {FUSED: lora_launch.lora_backward, HYBRID: hybrid_launch.hybrid_backward}
+
+
+def _lora_run(p: Problem, forward: str, backward: str) -> Callable[[], None]:
+    """The LoRA op's forward (and backward) on ``forward`` / ``backward`` implementations, as
+    ``fastpeft.ops.lora_linear`` calls them for 2-D x."""
+
+    def run() -> None:
+        dropout = LORA_TRAIN_DROPOUT if p.mode == FWD_BWD else 0.0
+        x, w = _meta(p.m, p.k, dtype=p.dtype), _meta(p.n, p.k, dtype=p.dtype)
+        a, b = _meta(p.r, p.k, dtype=p.adapter_dtype), _meta(p.n, p.r, dtype=p.adapter_dtype)
+        seed = _seed()
+        keep = x.new_empty(0, dtype=torch.bool)
+        if forward == TORCH:
+            _, s, keep = lora_forward_torch(x, w, None, a, b, LORA_SCALING, dropout, seed)
+        else:
+            _, s = _LORA_FORWARD[forward](x, w, None, a, b, LORA_SCALING, dropout, seed)
+        if p.mode != FWD_BWD:
+            return
+        grad_y = _meta(p.m, p.n, dtype=p.dtype)
+        if backward == TORCH:
+            if dropout > 0.0 and not keep.numel():  # a kernel forward kept no mask
+                keep = keep_mask(x, dropout, seed)
+            lora_backward_torch(grad_y, x, w, a, b, s, keep, LORA_SCALING, dropout, True, True, True)
+        else:
+            _LORA_BACKWARD[backward](grad_y, x, w, a, b, s, LORA_SCALING, dropout, seed, True, True, True)
+
+    return run
+
+
+def lora_table_choice(p: Problem, gpu: GpuSpec) -> tuple[str, str]:
+    """(forward, backward) implementations the shipped dispatch table picks for ``p`` on ``gpu``
+    (the backward's is the forward's in ``fwd`` mode)."""
+    table = dispatch.shipped_table()
+
+    def pick(pass_: str) -> str:
+        entry = dispatch.lookup(table, arch=f"sm_{gpu.capability}", dtype=p.dtype, pass_=pass_, m=p.m, n=p.n, k=p.k)
+        return entry["implementation"]
+
+    forward = pick(dispatch.FORWARD)
+    return forward, pick(dispatch.BACKWARD) if p.mode == FWD_BWD else forward
+
+
+def lora_paths(p: Problem, gpu: GpuSpec) -> list[PathRun]:
+    if p.r > MAX_RANK:  # the op sends larger ranks to the torch path whatever the backend
+        return [PathRun(TORCH, (TORCH, AUTO, VALIDATED), _lora_run(p, TORCH, TORCH), TORCH)]
+    table = lora_table_choice(p, gpu)
+    runs = []
+    for path, forced in ((TORCH, TORCH), (FUSED, TRITON), (HYBRID, HYBRID)):
+        choice = _torch_choice() if path == TORCH else (forced,)
+        if table == (path, path):
+            choice = (*choice, *_validated_choice())
+        runs.append(PathRun(path, choice, _lora_run(p, path, path), forced))
+    if table[0] != table[1]:
+        runs.append(PathRun("/".join(table), _validated_choice(), _lora_run(p, *table), AUTO))
+    return runs
+
+
+# --- Bottleneck adapter ------------------------------------------------------------------
+
+
+def _bottleneck_run(p: Problem, kernels: bool) -> Callable[[], None]:
+    """The bottleneck op's forward (and backward), torch path or Triton launchers, for 2-D h
+    and the residual h."""
+
+    def run() -> None:
+        h = _meta(p.m, p.k, dtype=p.dtype)
+        w_down, w_up = _meta(p.r, p.k, dtype=p.adapter_dtype), _meta(p.k, p.r, dtype=p.adapter_dtype)
+        b_down, b_up = _meta(p.r, dtype=p.adapter_dtype), _meta(p.k, dtype=p.adapter_dtype)
+        args = (h, w_down, b_down, w_up, b_up, None, BOTTLENECK_ACTIVATION, BOTTLENECK_SCALING, 0.0)
+        if kernels:
+            _, z = bottleneck_launch.bottleneck_forward(*args, _seed())
+        else:
+            _, z, keep = bottleneck_forward_torch(*args, None)
+        if p.mode != FWD_BWD:
+            return
+        grad = _meta(p.m, p.k, dtype=p.dtype)
+        if kernels:
+            bottleneck_launch.bottleneck_backward(grad, h, w_down, w_up, b_up, z, BOTTLENECK_ACTIVATION,
+                                                  BOTTLENECK_SCALING, 0.0, _seed(), True, BOTTLENECK_NEEDS)
+        else:
+            bottleneck_backward_torch(grad, h, w_down, w_up, b_up, z, keep, BOTTLENECK_ACTIVATION, BOTTLENECK_SCALING,
+                                      0.0, True, BOTTLENECK_NEEDS)
+
+    return run
+
+
+def bottleneck_paths(p: Problem, gpu: GpuSpec) -> list[PathRun]:
+    return [PathRun(TORCH, _torch_choice(), _bottleneck_run(p, False), TORCH),
+            PathRun(TRITON, (TRITON, *_validated_choice()), _bottleneck_run(p, True), TRITON)]
+
+
+# --- Multi-adapter LoRA ------------------------------------------------------------------
+
+
+def base_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The multi-LoRA op's base GEMM, ``F.linear`` (cuBLAS), before the LoRA term is added."""
+    return F.linear(x, w)
+
+
+def multi_lora_ids(p: Problem) -> torch.Tensor:
+    """Adapter ids of the problem's tokens: token t uses slot ``t % L`` (distinct while T <= L)."""
+    return torch.arange(p.m, dtype=torch.int64) % p.adapters
+
+
+def _multi_lora_run(p: Problem, kernels: bool) -> Callable[[], None]:
+    """The multi-LoRA op's forward: the base ``F.linear``, then the LoRA term added in place by
+    the torch path or the Triton launcher the op picks for T tokens. The kernels skip the
+    programs without work, so their traffic depends on the ids: for them the ids, ranks and
+    scalings are real (CPU) tensors; the torch path's CUDA formulation reads no value on the
+    host, so all of its tensors are meta."""
+
+    # Made here, outside the recording: the op's caller provides them.
+    scalings = torch.full((p.adapters,), LORA_SCALING)
+    ranks = torch.full((p.adapters,), p.r, dtype=torch.int64)
+    ids = multi_lora_ids(p)
+
+    def run() -> None:
+        x, w = _meta(p.m, p.k, dtype=p.dtype), _meta(p.n, p.k, dtype=p.dtype)
+        a = _meta(p.adapters, p.r, p.k, dtype=p.adapter_dtype)
+        b = _meta(p.adapters, p.n, p.r, dtype=p.adapter_dtype)
+        y = base_linear(x, w)
+        if not kernels:
+            multi_lora_add_torch(y, x, a, b, _meta(p.adapters, dtype=torch.float32), _meta(p.m, dtype=torch.int64),
+                                 _meta(p.adapters, dtype=torch.int64))
+            return
+        add = (multi_lora_launch.multi_lora_decode if p.m <= multi_lora_configs.DECODE_MAX_TOKENS
+               else multi_lora_launch.multi_lora_segments_add)
+        add(y, x, a, b, scalings, ids, ranks)
+
+    return run
+
+
+def multi_lora_paths(p: Problem, gpu: GpuSpec) -> list[PathRun]:
+    return [PathRun(TORCH, _torch_choice(), _multi_lora_run(p, False), TORCH),
+            PathRun(TRITON, (TRITON, *_validated_choice()), _multi_lora_run(p, True), TRITON)]
+
+
+def paths(p: Problem, gpu: GpuSpec) -> list[PathRun]:
+    """Every implementation planned for ``p`` on ``gpu``."""
+    if p.op == LORA:
+        return lora_paths(p, gpu)
+    if p.op == BOTTLENECK:
+        return bottleneck_paths(p, gpu)
+    return multi_lora_paths(p, gpu)
