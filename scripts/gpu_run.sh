@@ -16,20 +16,22 @@
 #              cmake, ninja and pybind11 are there (else it says what is missing; the
 #              rehearsal only configures)                                    60  -> env.txt
 #   tests_gpu  the GPU tests first (GPU_TESTS: tests/test_gpu.py, every file with the gpu
-#              marker -- tests/test_cuda_gpu.py, ... --, and the bottleneck-adapter and
-#              multi-LoRA tests (OP_FAMILY_TESTS: their ops, layers, models and serving)
-#              that put tensors on the GPU there): fused, hybrid, bottleneck, multi-LoRA and CUDA C++
+#              marker -- tests/test_cuda_gpu.py, ... --, and the tests of DEVICE_TESTS that
+#              put tensors on the GPU there: the LoRA kernels' dropout, hybrid, launch
+#              planning and dispatch, the bottleneck adapter's and multi-LoRA's ops, layers,
+#              models and serving): fused, hybrid, bottleneck, multi-LoRA and CUDA C++
 #              kernels against float64 (bf16, fp16, fp32 adapters, every gradient, dropout,
 #              CUDA graphs, no host sync, determinism), 4 workers, 60 s per test, no -x,
 #              skip reasons listed (-rs)                                      240 -> tests.log
 #   tests_cpu  beside it, the rest of the suite on CPU tensors (GPU hidden, so the kernels run
 #              in Triton's interpreter as in CI), 10 workers, 120 s per test 150 -> tests.log
-#   focused    fastpeft bench --focused alone on the machine: the bottleneck adapter's and
-#              multi-LoRA's key shapes first (60 s of the budget: fused Triton / CUDA C++ /
-#              torch path against AdapterHub's module, torch.compile and the launch floor;
-#              against PEFT's mixed batch, a loop, vLLM-style padded ranks and F.linear), then
-#              F.linear, fused, hybrid, torch path, PEFT, torch.compile on Llama-3-8B shapes,
-#              profiler table; its own 180 s budget, JSON written even when cut
+#   focused    fastpeft bench --focused alone on the machine: F.linear, fused, hybrid, torch
+#              path and PEFT on Llama-3-8B shapes first (what the dispatch table needs), then
+#              the bottleneck adapter's and multi-LoRA's key shapes (60 s of the budget: fused
+#              Triton / CUDA C++ / torch path against AdapterHub's module and the launch floor;
+#              against PEFT's mixed batch, a loop, vLLM-style padded ranks and F.linear), the
+#              profiler table, and torch.compile's rows last; its own 180 s budget, JSON
+#              written even when cut
 #                                                                           210 -> focused.json, bench.log
 #   grid       fastpeft bench (end-to-end step, then the LoRA grid, the bottleneck adapter
 #              and multi-LoRA grids) with the kernels forced (FASTPEFT_BACKEND=triton): the
@@ -123,11 +125,12 @@ FINAL_RESERVE=$((DISPATCH_LIMIT + SUMMARY_LIMIT))
 # only, which the CPU group covers), each once.
 # (Their kernels' tests, tests/kernels/*/, run CPU tensors: the CUDA launchers' on the kernels'
 # CPU emulation.)
-OP_FAMILY_TESTS=(tests/ops/test_bottleneck_*.py tests/ops/test_multi_lora_*.py tests/methods/bottleneck/test_*.py
-    tests/methods/lora/test_multi_layer.py tests/serving/test_multi_adapter_model.py)
+DEVICE_TESTS=(tests/kernels/test_dropout_mask.py tests/kernels/lora/test_hybrid.py tests/kernels/lora/test_launch_planning.py
+    tests/kernels/lora/test_dispatch.py tests/ops/test_bottleneck_*.py tests/ops/test_multi_lora_*.py
+    tests/methods/bottleneck/test_*.py tests/methods/lora/test_multi_layer.py tests/serving/test_multi_adapter_model.py)
 GPU_MARKED=$(grep -rl -E 'pytest\.mark\.gpu\b' --include='test_*.py' tests | sort)
 mapfile -t GPU_TESTS < <(printf '%s\n' tests/test_gpu.py $GPU_MARKED \
-    $(grep -l -E '\bDEVICE\b|cuda' "${OP_FAMILY_TESTS[@]}") | awk '!seen[$0]++')
+    $(grep -l -E '\bDEVICE\b|cuda' "${DEVICE_TESTS[@]}") | awk '!seen[$0]++')
 GPU_MARK=()
 # The CPU group: the rest, with the GPU hidden (the GPU-only files would only skip).
 TESTS_CPU_SELECTION=(tests --ignore=tests/test_gpu_script.py)

@@ -165,20 +165,22 @@ def test_rehearsal_focused_ran_the_bottleneck_and_multi_lora_cells(rehearsal):
 
 def test_rehearsal_gpu_group_collected_the_new_gpu_tests(rehearsal):
     """The GPU step's command line names the CUDA C++ test files, every file with the gpu marker
-    and the bottleneck / multi-LoRA test files that use the GPU, and its skip list shows they
-    were collected."""
+    and the kernel, op, layer and serving test files that use the GPU (the LoRA kernels' dropout,
+    hybrid, launch planning and dispatch included), and its skip list shows they were collected."""
     log = (rehearsal / "tests.log").read_text()
     command = next(line for line in log.splitlines() if line.startswith("== tests_gpu: "))
     def files(pattern: str, regex: str) -> list[str]:
         return [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "tests").glob(pattern))
                 if re.search(regex, p.read_text())]
 
-    on_gpu = r"\bDEVICE\b|cuda"  # the bottleneck / multi-LoRA files that put tensors on the GPU
-    op_families = ("ops/test_bottleneck_*.py", "ops/test_multi_lora_*.py", "methods/bottleneck/test_*.py",
-                   "methods/lora/test_multi_layer.py", "serving/test_multi_adapter_model.py")
+    on_gpu = r"\bDEVICE\b|cuda"  # the files that put tensors on the GPU
+    device_tests = ("kernels/test_dropout_mask.py", "kernels/lora/test_hybrid.py", "kernels/lora/test_launch_planning.py",
+                    "kernels/lora/test_dispatch.py", "ops/test_bottleneck_*.py", "ops/test_multi_lora_*.py",
+                    "methods/bottleneck/test_*.py", "methods/lora/test_multi_layer.py",
+                    "serving/test_multi_adapter_model.py")
     expected = ["tests/test_gpu.py", "tests/test_cuda_gpu.py", "tests/ops/test_bottleneck_adapter.py",
-                "tests/ops/test_multi_lora_linear.py",
-                *files("**/test_*.py", r"pytest\.mark\.gpu\b"), *(f for g in op_families for f in files(g, on_gpu))]
+                "tests/ops/test_multi_lora_linear.py", "tests/kernels/test_dropout_mask.py",
+                "tests/kernels/lora/test_hybrid.py", *files("**/test_*.py", r"pytest\.mark\.gpu\b"), *(f for g in device_tests for f in files(g, on_gpu))]
     assert all(f" {name}" in command for name in expected), command
     assert "SKIPPED" in log and "tests/test_cuda_gpu.py" in log.split("== tests_gpu: ", 1)[1]
 

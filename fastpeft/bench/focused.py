@@ -1,11 +1,15 @@
 """Focused kernel benchmark (``fastpeft bench --focused``): which LoRA linear implementation is
 fastest per Llama-3-8B shape, in one JSON, inside a time budget (about 3 minutes on an H200).
 
-What runs, in this order (the most wanted cells first, so a run cut short keeps them):
+What runs, in this order (the most wanted cells first, so a run cut short keeps them: the
+LoRA grid feeds the dispatch table), each phase under a deadline (``run_focused``):
 
-- the profile: ``torch.profiler`` of one forward+backward per row at M = 4096
-  (``GPU_PROFILE_M``) on the first shape (q/o) with fp32 adapters: kernel names and device
-  times per call (CPU: op names and CPU times). It also compiles most of what the grid runs.
+1. the LoRA grid without its ``compile`` row, until the budget less ``ops_budget_s``;
+2. the other ops' cells without their compiling rows, within ``ops_budget_s``;
+3. the profile, until the budget;
+4. the compiling rows (torch.compile's compilations take seconds a graph): the LoRA grid's
+   ``compile`` cells, then the other ops', until the budget.
+
 - the grid, adapter dtype by adapter dtype (fp32, PEFT's default on a bf16 model, then bf16),
   shape by shape (q/o 4096->4096, gate/up 4096->14336, down 14336->4096), M by M (16, 512,
   4096, 16384), rank 16, bf16 activations: forward (inference: no grad, dropout off) and
@@ -17,6 +21,10 @@ What runs, in this order (the most wanted cells first, so a run cut short keeps 
   ``torch``   the same op with ``FASTPEFT_BACKEND=torch`` (torch composite path)
   ``peft``    HF PEFT's ``lora.Linear``
   ``compile`` ``torch.compile(dynamic=True)`` of PEFT's formula (``lora_linear_ref``)
+
+- the profile: ``torch.profiler`` of one forward+backward per row at M = 4096
+  (``GPU_PROFILE_M``) on the first shape (q/o) with fp32 adapters: kernel names and device
+  times per call (CPU: op names and CPU times).
 
   The backend a fastpeft row forces is set around the whole step, forward and backward (the
   op reads it at every call). Each cell records which path that gives on the device
@@ -36,7 +44,7 @@ overhead out, as a captured training step does; a row whose capture fails is tim
 with events around each round instead (``method``, and why in ``note``). On CPU rounds are
 timed with ``time.perf_counter`` (the rehearsal: same code, tiny shapes).
 
-Other ops (``config.ops``, right after the profile, before the LoRA grid and within their own
+Other ops (``config.ops``, after the LoRA grid's non-compiling rows and within their own
 ``ops_budget_s``): the bottleneck adapter's and multi-LoRA's key shapes (``OP_FOCUS``): the cells
 of their targets, with the rows of ``fastpeft.bench.bottleneck`` / ``multi_lora``, timed the same
 way (rotated input sets, CUDA graphs; rows that read ids on the host -- PEFT's mixed batch, the
@@ -77,7 +85,6 @@ import argparse
 import contextlib
 import dataclasses
 import importlib.util
-import itertools
 import json
 import math
 import signal
@@ -469,6 +476,26 @@ def _time_group(cells: Sequence[Cell], case: BenchCase, adapter_dtype: torch.dty
     _release(config.device)
 
 
+def _time_groups(groups: dict[tuple, list[Cell]], compiling: bool, config: FocusedConfig,
+                 generator: torch.Generator, deadline: float, start: float, log: Callable[[str], None],
+                 save: Callable[[], None]) -> None:
+    """Time the cells of the compile row (``compiling``) or of the other rows, group by group
+    (adapter dtype, case) until ``deadline``; the JSON is saved after each group."""
+    for index, ((adapter_dtype, case), group) in enumerate(groups.items(), 1):
+        cells = [c for c in group if (c.row == COMPILE) == compiling]
+        if not cells:
+            continue
+        if time.monotonic() > deadline:
+            break
+        log(f"[{index}/{len(groups)}{' compile' if compiling else ''}] {dtype_name(adapter_dtype)} adapters, "
+            f"{case.label}  ({time.monotonic() - start:.0f} s)")
+        _time_group(cells, case, adapter_dtype, config, generator, deadline)
+        for cell in cells:
+            if cell.status == ERROR:
+                log(f"  {cell.mode} {cell.row} failed: {cell.error}")
+        save()
+
+
 def run_focused(config: FocusedConfig, json_path: Path | None = None,
                 log: Callable[[str], None] = log_to_stderr) -> FocusedRun:
     """Profile, then time the cells of ``config`` in order until its budget runs out; the JSON
@@ -498,25 +525,23 @@ def run_focused(config: FocusedConfig, json_path: Path | None = None,
             groups.setdefault((cell.adapter_dtype, cell.case), []).append(cell)
     try:
         with fx_config.patch(use_duck_shape=False):
+            # 1. the LoRA grid without torch.compile, leaving the other ops their budget
+            _time_groups(groups, False, config, generator, deadline - config.ops_budget_s, start, log, save)
+            # 2. the other ops without their compiling rows
+            ops_deadline = min(deadline, time.monotonic() + config.ops_budget_s)
+            for focus in config.ops:
+                time_op(focus, run.ops[focus.name], config, generator, ops_deadline, log, compiling=False)
+                save()
+            # 3. the profile
             try:
-                run.profile = profile_rows(config, generator, log) if config.budget_s > 0 else {"error": "time budget"}
-            except Exception as exc:  # the grid can still run
+                run.profile = profile_rows(config, generator, log, deadline)
+            except Exception as exc:  # the compiling rows can still run
                 run.profile = {"error": describe_error(exc)}
             save()
-            ops_deadline = min(deadline, time.monotonic() + config.ops_budget_s)
-            # torch.compile's rows last: their compilations must not crowd the other rows out
-            for compiling, focus in itertools.product((False, True), config.ops):
-                time_op(focus, run.ops[focus.name], config, generator, ops_deadline, log, compiling)
-                save()
-            for index, ((adapter_dtype, case), cells) in enumerate(groups.items(), 1):
-                if time.monotonic() > deadline:
-                    break
-                log(f"[{index}/{len(groups)}] {dtype_name(adapter_dtype)} adapters, {case.label}"
-                    f"  ({time.monotonic() - start:.0f} s)")
-                _time_group(cells, case, adapter_dtype, config, generator, deadline)
-                for cell in cells:
-                    if cell.status == ERROR:
-                        log(f"  {cell.mode} {cell.row} failed: {cell.error}")
+            # 4. torch.compile's rows last: their compilations must not crowd the other rows out
+            _time_groups(groups, True, config, generator, deadline, start, log, save)
+            for focus in config.ops:
+                time_op(focus, run.ops[focus.name], config, generator, deadline, log, compiling=True)
                 save()
     except KeyboardInterrupt:
         run.interrupted = True
@@ -668,10 +693,12 @@ def dispatch_input(data: dict[str, Any], adapter_dtype: torch.dtype = DISPATCH_A
 # --- profile ----------------------------------------------------------------------------------
 
 
-def profile_rows(config: FocusedConfig, generator: torch.Generator, log: Callable[[str], None]) -> dict[str, Any]:
+def profile_rows(config: FocusedConfig, generator: torch.Generator, log: Callable[[str], None],
+                 deadline: float) -> dict[str, Any]:
     """``torch.profiler`` of one forward+backward per available row at ``config.profile_m`` rows
     of the first shape, fp32 adapters (the first adapter dtype): kernels and device times per
-    call on CUDA, ops and CPU times on CPU."""
+    call on CUDA, ops and CPU times on CPU. Rows reached after ``deadline`` are not profiled
+    (their error says "time budget")."""
     shape, adapter_dtype = config.shapes[0], config.adapter_dtypes[0]
     case = BenchCase(shape, config.profile_m, config.rank)
     on_cuda = config.device.type == "cuda"
@@ -685,7 +712,7 @@ def profile_rows(config: FocusedConfig, generator: torch.Generator, log: Callabl
     sets = make_input_sets(case, config, adapter_dtype, generator)[:1]
     for name in config.rows:
         row = ROWS_BY_NAME[name]
-        reason = unavailable_reason(row)
+        reason = unavailable_reason(row) or ("time budget" if time.monotonic() > deadline else None)
         if reason is not None:
             out["impls"][name] = {"total_us": None, "kernels": [], "error": reason}
             continue

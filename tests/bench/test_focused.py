@@ -280,3 +280,23 @@ def test_compiling_rows_run_after_every_other_ops_cell(tmp_path):
     focused.run_focused(ops_config(ops=ops), tmp_path / "f.json", log=lambda _: None)
     first = list(dict.fromkeys(order))
     assert first == ["fast", "other", "slow"]
+
+
+def test_phases_run_grid_first_then_other_ops_then_profile_then_compiling_rows(tmp_path):
+    """The LoRA grid (what the dispatch table needs) comes first, its compile row last, and the
+    profile after the other ops: a run cut short keeps the cells most wanted."""
+    lines: list[str] = []
+    config = tiny_config(rows=(focused.LINEAR, focused.TORCH, focused.COMPILE), ms=(5,),
+                         adapter_dtypes=(torch.float32,), ops=focused.TINY_OP_FOCUS[:1], ops_budget_s=60.0)
+    run = focused.run_focused(config, tmp_path / "f.json", log=lines.append)
+    phases = list(dict.fromkeys(line.split("]")[0] + "]" for line in lines if line.startswith("[")))
+    assert phases == ["[1/1]", f"[{focused.BOTTLENECK}]", "[profile]", "[1/1 compile]"], lines
+    assert all(c.status == focused.OK for c in run.cells)
+    assert all(entry["error"] is None for entry in run.profile["impls"].values())
+
+
+def test_profile_rows_reached_after_the_deadline_are_not_profiled():
+    config = tiny_config(rows=(focused.LINEAR, focused.TORCH))
+    profile = focused.profile_rows(config, torch.Generator().manual_seed(0), lambda _: None, deadline=0.0)
+    assert {name: entry["error"] for name, entry in profile["impls"].items()} == {
+        focused.LINEAR: "time budget", focused.TORCH: "time budget"}
