@@ -77,11 +77,14 @@ def _gemm_mainloop(
     With ``FUSE_SHRINK`` it also returns ``s_acc = P A^T`` (A ``[R, RED]``, in A's dtype)
     from the same P tiles; otherwise ``s_acc`` is a zero placeholder.
     """
+    # 64-bit: a split's start times a row stride exceeds i32 once the operand has 2**31
+    # elements (dX's split-K reads W^T, whose reduction stride is W's row stride K).
     offs_red = tl.arange(0, BLOCK_RED)
+    red = (red_start + offs_red).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
-    p_ptrs = p_ptr + offs_m.to(tl.int64)[:, None] * stride_pm + (red_start + offs_red)[None, :] * stride_pr
-    q_ptrs = q_ptr + offs_n.to(tl.int64)[None, :] * stride_qn + (red_start + offs_red)[:, None] * stride_qr
-    a_ptrs = a_ptr + offs_r[None, :] * stride_ar + (red_start + offs_red)[:, None] * stride_ak
+    p_ptrs = p_ptr + offs_m.to(tl.int64)[:, None] * stride_pm + red[None, :] * stride_pr
+    q_ptrs = q_ptr + offs_n.to(tl.int64)[None, :] * stride_qn + red[:, None] * stride_qr
+    a_ptrs = a_ptr + offs_r[None, :] * stride_ar + red[:, None] * stride_ak
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     s_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for red0 in range(red_start, red_end, BLOCK_RED):
