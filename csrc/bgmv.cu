@@ -109,10 +109,10 @@ template <typename T, typename W>
 void run(const BgmvForward& a, cudaStream_t s, bool emulate) {
   const int64_t n_blocks = (a.N + kThreads - 1) / kThreads;
   if (emulate) {
-    std::vector<float> smem(kThreads > kMaxRank ? kThreads : kMaxRank);
-    for (int64_t t = 0; t < a.T; ++t) shrink_block<HostBlock, T, W>(a, t, smem.data());
+    HostShared smem(kThreads > kMaxRank ? kThreads : kMaxRank);
+    for (int64_t t = 0; t < a.T; ++t) shrink_block<HostBlock, T, W>(a, t, smem.begin_block());
     for (int64_t t = 0; t < a.T; ++t)
-      for (int64_t nb = 0; nb < n_blocks; ++nb) expand_block<HostBlock, T, W>(a, t, nb, smem.data());
+      for (int64_t nb = 0; nb < n_blocks; ++nb) expand_block<HostBlock, T, W>(a, t, nb, smem.begin_block());
     return;
   }
   bgmv_shrink_kernel<T, W><<<static_cast<unsigned>(a.T), kThreads, 0, s>>>(a);

@@ -9,7 +9,28 @@
 // (device) or for every tid (host); shared memory is a float* the caller provides; phases
 // that read what other threads wrote are separated by B::sync() (__syncthreads on the device).
 // OPT-IN: no GPU has run the kernels written this way yet.
+//
+// Missing barriers on the CPU. Running one phase for every thread before the next starts hides a
+// missing B::sync(): the next phase always finds the previous one finished. So the emulation
+// keeps the block's shared memory in a HostShared, which enforces the rules a barrier stands for
+// between the phases of one *interval* (the phases since the last B::sync(), or the block's start):
+//   - at the block's start, shared memory is poisoned (a NaN pattern): the GPU's is undefined;
+//   - a phase that is not the first of its interval sees every element an earlier phase of the
+//     interval wrote as poison (a thread may run ahead of the writers on the GPU: read-after-write
+//     race), restored afterwards unless the phase writes it;
+//   - such a phase may not overwrite an element that held a value before it (a slower thread may
+//     still read it in an earlier phase: write-after-read race): the emulation throws.
+// Stricter than CUDA on one point: a thread may not read its own shared-memory write of an earlier
+// phase of the interval either (the emulation cannot tell writers apart). Shared memory is all it
+// checks: global memory written and read across threads in one interval goes unseen. The tests
+// drop one B::sync() site at a time in the emulation (emulation_drop_barrier) and expect a failure.
 #pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
 
 #include "elementwise.h"
 
@@ -32,15 +53,108 @@ struct DeviceBlock {
   }
 };
 
+// The shared memory of the blocks one emulated launch runs, one block after another (see the
+// top of this file). Constructing one makes it the calling thread's current one, which HostBlock
+// checks; begin_block() starts a block. Host only.
+class HostShared {
+ public:
+  explicit HostShared(size_t floats) : data_(floats), previous_(current()) { current() = this; }
+  ~HostShared() { current() = previous_; }
+  HostShared(const HostShared&) = delete;
+  HostShared& operator=(const HostShared&) = delete;
+
+  // A new block: shared memory poisoned, a new interval. Returns the block's shared memory.
+  float* begin_block() {
+    for (float& v : data_) v = poison();
+    start_interval("the block's start");
+    return data_.data();
+  }
+
+  static HostShared*& current() {
+    static thread_local HostShared* shared = nullptr;
+    return shared;
+  }
+
+  // "file:line" of the one B::sync() the emulation skips ("" for none): a test's way to remove it.
+  static std::string& dropped_barrier() {
+    static std::string site;
+    return site;
+  }
+
+  void barrier(const char* file, int line) {
+    const char* slash = std::strrchr(file, '/');
+    const std::string site = std::string(slash ? slash + 1 : file) + ":" + std::to_string(line);
+    if (site != dropped_barrier()) start_interval(site);
+  }
+
+  void before_phase() {
+    hidden_.clear();
+    if (phases_ == 0) return;
+    before_ = data_;
+    for (size_t i = 0; i < data_.size(); ++i) {
+      if (bits(data_[i]) != bits(interval_start_[i])) {  // written by an earlier phase of the interval
+        hidden_.push_back(i);
+        data_[i] = poison();
+      }
+    }
+  }
+
+  void after_phase() {
+    if (phases_++ == 0) return;
+    for (size_t i : hidden_) {
+      if (bits(data_[i]) == bits(poison())) data_[i] = before_[i];
+    }
+    for (size_t i = 0; i < data_.size(); ++i) {
+      if (bits(data_[i]) != bits(before_[i]) && bits(before_[i]) != bits(poison())) {
+        throw std::logic_error("fastpeft emulation: missing barrier: a phase overwrote shared memory element " +
+                               std::to_string(i) + ", which an earlier phase may still read (no B::sync() since " +
+                               interval_site_ + ")");
+      }
+    }
+  }
+
+ private:
+  static float poison() {
+    const uint32_t pattern = 0x7fc0dead;  // a quiet NaN: arithmetic on it gives NaN
+    float v;
+    std::memcpy(&v, &pattern, sizeof v);
+    return v;
+  }
+  static uint32_t bits(float v) {
+    uint32_t b;
+    std::memcpy(&b, &v, sizeof b);
+    return b;
+  }
+  void start_interval(const std::string& site) {
+    interval_start_ = data_;
+    interval_site_ = site;
+    phases_ = 0;
+  }
+
+  std::vector<float> data_, interval_start_, before_;
+  std::vector<size_t> hidden_;
+  std::string interval_site_;
+  int phases_ = 0;
+  HostShared* previous_;
+};
+
 struct HostBlock {
   static constexpr int kStates = kBlockThreads;
   template <typename F>
   FASTPEFT_HD static void each(F&& f) {
 #ifndef __CUDA_ARCH__
+    HostShared* shared = HostShared::current();
+    if (shared) shared->before_phase();
     for (int tid = 0; tid < kBlockThreads; ++tid) f(tid, tid);
+    if (shared) shared->after_phase();
 #endif
   }
-  FASTPEFT_HD static void sync() {}
+  // The call site's file and line name the barrier (HostShared::dropped_barrier).
+  FASTPEFT_HD static void sync(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+#ifndef __CUDA_ARCH__
+    if (HostShared* shared = HostShared::current()) shared->barrier(file, line);
+#endif
+  }
 };
 
 }  // namespace fastpeft

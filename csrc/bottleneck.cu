@@ -384,8 +384,8 @@ void forward(const BottleneckForward& a, const Runner& run) {
     using T = decltype(t);
     using W = decltype(w);
     if (run.emulate) {
-      std::vector<float> host_smem(smem);
-      for (int64_t b = 0; b < row_blocks(a.M); ++b) forward_block<HostBlock, T, W>(a, b, host_smem.data());
+      HostShared host_smem(smem);
+      for (int64_t b = 0; b < row_blocks(a.M); ++b) forward_block<HostBlock, T, W>(a, b, host_smem.begin_block());
       return;
     }
     bottleneck_forward_kernel<T, W><<<static_cast<unsigned>(row_blocks(a.M)), kThreads, smem * sizeof(float), run.stream>>>(a);
@@ -397,10 +397,10 @@ template <typename T>
 void outer(const OuterArgs& o, int64_t splits, const Runner& run, const char* what) {
   const int64_t d_tiles = (o.D + kOuterTile - 1) / kOuterTile, r_tiles = (o.R + kOuterTile - 1) / kOuterTile;
   if (run.emulate) {
-    std::vector<float> host_smem(kOuterSmemFloats);
+    HostShared host_smem(kOuterSmemFloats);
     for (int64_t s = 0; s < splits; ++s)
       for (int64_t rt = 0; rt < r_tiles; ++rt)
-        for (int64_t dt = 0; dt < d_tiles; ++dt) outer_block<HostBlock, T>(o, dt, rt, s, host_smem.data());
+        for (int64_t dt = 0; dt < d_tiles; ++dt) outer_block<HostBlock, T>(o, dt, rt, s, host_smem.begin_block());
     return;
   }
   const dim3 grid(static_cast<unsigned>(d_tiles), static_cast<unsigned>(r_tiles), static_cast<unsigned>(splits));
@@ -420,8 +420,8 @@ void backward(const BottleneckBackward& a, const Runner& run) {
     using W = decltype(w);
     if (a.dz && a.M > 0) {
       if (run.emulate) {
-        std::vector<float> host_smem(smem);
-        for (int64_t b = 0; b < row_blocks(a.M); ++b) dz_dh_block<HostBlock, T, W>(a, b, host_smem.data());
+        HostShared host_smem(smem);
+        for (int64_t b = 0; b < row_blocks(a.M); ++b) dz_dh_block<HostBlock, T, W>(a, b, host_smem.begin_block());
       } else {
         bottleneck_dz_dh_kernel<T, W><<<static_cast<unsigned>(row_blocks(a.M)), kThreads, smem * sizeof(float), run.stream>>>(a);
         check_launch("bottleneck_dz_dh_kernel");

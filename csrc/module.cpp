@@ -13,6 +13,7 @@
 #include <tuple>
 #include <vector>
 
+#include "block.h"
 #include "elementwise.h"
 #include "launchers.h"
 
@@ -119,6 +120,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("activation_host", &activation_host, py::arg("activation"), py::arg("zs"),
         "(act(z), act'(z)) for each z, computed on the CPU with the kernels' code");
 
+  m.def(
+      "emulation_drop_barrier", [](const std::string& site) { HostShared::dropped_barrier() = site; }, py::arg("site"),
+      "Tests: make the CPU emulation skip the B::sync() at `site` (\"bottleneck.cu:109\"), as if the line were "
+      "removed; \"\" restores every barrier (block.h: HostShared)");
   def_with_emulation(
       m, "bottleneck_forward",
       [](bool emulate) {

@@ -5,15 +5,21 @@ on the CPU, block by block and thread by thread, on host memory. ``emulate_cuda_
 points ``fastpeft.cuda_ext.load`` at a view of the module whose launch entry points are those
 emulations, so the real launchers (``fastpeft.kernels.*.cuda_launch``) run end to end on CPU
 tensors: argument plumbing, strides, workspaces and the kernels' own arithmetic.
+
+The emulation also checks the block's barriers on shared memory (csrc/block.h: HostShared):
+``barrier_sites`` lists every ``B::sync()`` of ``csrc/*.cu``, and ``dropped_barrier`` runs the
+emulation as if one of them were removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import types
+from typing import Iterator
 
 import pytest
 
-from fastpeft import cuda_ext
+from fastpeft import check_cuda, cuda_ext
 
 LAUNCHES = ("bottleneck_forward", "bottleneck_backward", "bgmv_forward")
 
@@ -37,3 +43,24 @@ def emulate_cuda_kernels(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
     monkeypatch.setattr(cuda_ext, "stream_of", lambda tensor: 0)
     monkeypatch.setattr(cuda_ext, "sm_count", lambda device: 132)
     return shim
+
+
+def barrier_sites() -> list[str]:
+    """Every ``B::sync()`` call in ``csrc/*.cu``, as ``"file:line"`` (the emulation's name of it)."""
+    return [
+        f"{source.name}:{number}"
+        for source in check_cuda.cuda_sources()
+        for number, line in enumerate(source.read_text().splitlines(), 1)
+        if "B::sync()" in line
+    ]
+
+
+@contextlib.contextmanager
+def dropped_barrier(site: str) -> Iterator[None]:
+    """Run the emulation as if the ``B::sync()`` at ``site`` were removed, for the block."""
+    ext = built_extension()
+    ext.emulation_drop_barrier(site)
+    try:
+        yield
+    finally:
+        ext.emulation_drop_barrier("")

@@ -6,8 +6,9 @@ tests/helpers/cuda_bottleneck_cases.py).
 
 The emulation runs the kernels' own code (written once against csrc/block.h) thread by
 thread, so these tests cover the kernels' indexing, staging, dropout bits, activations,
-split partial sums and the launcher's plumbing; what they cannot cover (timing, memory
-ordering, the GPU's own arithmetic units) is left to tests/test_gpu.py on a GPU.
+split partial sums and the launcher's plumbing; the block's barriers on shared memory are
+tests/test_cuda_barriers.py's. What they cannot cover (timing, global-memory ordering, the
+GPU's own arithmetic units) is left to tests/test_gpu.py on a GPU.
 """
 
 from __future__ import annotations
