@@ -1,5 +1,7 @@
 """The fused LoRA linear op against a float64 reference, forward and all three gradients,
-on every backend (Triton kernels, interpreted on CPU, and the torch path)."""
+on every backend (Triton kernels, interpreted on CPU, and the torch path). In the interpreter
+the kernels' bf16 cases are bf16 I/O with fp32 math (test id "bf16_io_fp32_math",
+``tests.helpers.devices.dtype_id``): no coverage of their bf16 arithmetic."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import pytest
 import torch
 
 from fastpeft.ops import lora_linear, lora_linear_ref
-from tests.helpers.devices import DEVICE
+from tests.helpers.devices import DEVICE, dtype_id
 from tests.helpers.lora_problem import SCALING, check_against_reference, make_problem
 from tests.helpers.numerics import assert_close
 
@@ -18,13 +20,13 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
 @pytest.mark.parametrize("r", [1, 4, 16, 64])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 def test_matches_reference(backend, m, k, n, r, dtype, dropout_p):
     check_against_reference(make_problem((m,), k, n, r, dtype), dropout_p)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 def test_fp32_lora_weights_with_16bit_activations(backend, dtype, dropout_p):
     """PEFT's default: adapter weights in fp32 on a 16-bit model; output stays 16-bit."""

@@ -25,7 +25,7 @@ from fastpeft.kernels.lora import hybrid_launch as hybrid  # noqa: E402
 from fastpeft.kernels.lora import launch as lora_launch
 from fastpeft.kernels.lora.specs import DTYPE_CASES  # noqa: E402
 from fastpeft.ops import lora_linear_dropout_mask  # noqa: E402
-from tests.helpers.devices import DEVICE  # noqa: E402
+from tests.helpers.devices import DEVICE, dtype_id  # noqa: E402
 from tests.helpers.launch_recorder import GPUS, launch_key, record_launches, spec_key  # noqa: E402
 from tests.helpers.lora_problem import SCALING, check_against_reference, make_problem  # noqa: E402
 from tests.helpers.lora_registration import (  # noqa: E402
@@ -36,7 +36,8 @@ from tests.helpers.lora_registration import (  # noqa: E402
 )
 
 # Activation dtypes: fp32 runs the kernels in the interpreter only; bf16 is computed in fp32
-# there (UPCAST), so only a GPU run covers bf16 arithmetic (tests/test_gpu.py).
+# there (UPCAST, IEEE products): bf16 I/O, fp32 math (test id "bf16_io_fp32_math",
+# tests.helpers.devices.dtype_id), so only a GPU run covers bf16 arithmetic (tests/test_gpu.py).
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 # The kernels run on DEVICE's tensors only on a GPU or in the interpreter: elsewhere (a CPU
@@ -74,19 +75,19 @@ def test_the_op_runs_the_hybrid_launchers(monkeypatch):
 # K and N odd and not multiples of any tile; M: decode, the 16-row tiles, the 64-row tiles.
 @pytest.mark.parametrize("m", [1, 7, 130, 600])
 @pytest.mark.parametrize("r", [1, 4, 16, 64])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_matches_reference(m, r, dtype):
     check_against_reference(make_problem((m,), 75, 93, r, dtype), 0.0)
 
 
 @pytest.mark.parametrize("m", [1, 130, 600])
 @pytest.mark.parametrize("r", [1, 64])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_matches_reference_with_dropout(m, r, dtype):
     check_against_reference(make_problem((m,), 75, 93, r, dtype), 0.2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 @pytest.mark.parametrize("m", [9, 600])
 def test_fp32_lora_weights_with_16bit_activations(dtype, dropout_p, m):

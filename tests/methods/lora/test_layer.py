@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import fastpeft
-from tests.helpers.devices import DEVICE
+from tests.helpers.devices import DEVICE, dtype_id
 from tests.helpers.numerics import assert_close
 
 
@@ -48,7 +48,7 @@ def test_from_linear_shares_weight_without_copy():
     assert no_bias(torch.randn(2, 20)).shape == (2, 10)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_merge_unmerge_round_trip(backend, dtype):
     layer = fastpeft.LoRALinear(48, 40, r=4, lora_alpha=8, device=DEVICE, dtype=dtype)
     nn.init.normal_(layer.lora_B.weight)
