@@ -172,13 +172,15 @@ def gemm_tile(m: int, capability: int, n: int, num_sms: int, dropout_epilogue: b
     return table[_arch_key(capability)]
 
 
-def may_fuse_shrink(gemm: TileConfig, r_block: int) -> bool:
+def may_fuse_shrink(gemm: TileConfig, r_block: int, a_bytes: int, w_bytes: int) -> bool:
     """Whether ``plan_forward`` may compute s inside the GEMM tile ``gemm``: an s tile of at
-    most MAX_FUSED_S_TILE elements, and on decode tiles a rank within the tile's width (they
-    re-read A from L2 per program, at most as many bytes as their slab of W)."""
+    most MAX_FUSED_S_TILE elements, and on decode tiles at most as many bytes of A as of W per
+    program (each program re-reads all of A, ``r_block`` rows of ``a_bytes`` elements, beside
+    its ``block_n`` rows of W of ``w_bytes``: an fp32 A at rank 32 would double a 64-wide
+    bf16 tile's reads)."""
     if gemm.block_m * r_block > MAX_FUSED_S_TILE:
         return False
-    return gemm.block_m > DECODE_MAX_M or r_block <= gemm.block_n
+    return gemm.block_m > DECODE_MAX_M or r_block * a_bytes <= gemm.block_n * w_bytes
 
 
 @dataclass(frozen=True)
@@ -230,13 +232,15 @@ class ForwardPlan:
     shrink_split: Split  # ignored when fused
 
 
-def plan_forward(m: int, n: int, k: int, rank: int, dropout: bool, device: torch.device) -> ForwardPlan:
-    """Choose the forward kernels for x ``[m, k]``, W ``[n, k]`` and rank ``rank``."""
+def plan_forward(m: int, n: int, k: int, rank: int, dropout: bool, device: torch.device, *, a_bytes: int,
+                 w_bytes: int) -> ForwardPlan:
+    """Choose the forward kernels for x ``[m, k]``, W ``[n, k]`` (``w_bytes`` an element) and
+    rank ``rank`` (A's elements ``a_bytes``)."""
     num_sms, capability = device_info(device)
     r_block = block_r(rank)
     gemm = gemm_tile(m, capability, n, num_sms)
     split = gemm_split(m, n, k, gemm, num_sms)
-    if dropout or split.count > 1 or not may_fuse_shrink(gemm, r_block):
+    if dropout or split.count > 1 or not may_fuse_shrink(gemm, r_block, a_bytes, w_bytes):
         # With dropout the mask must be drawn once per element, not per column tile; a
         # split-K GEMM has only part of K for its s.
         fuse = False

@@ -66,13 +66,15 @@ from fastpeft.kernels.tile_utils import output_tile, rank_dot, sum_partials, to_
 
 @triton.jit
 def _gemm_mainloop(
-    p_ptr, q_ptr, a_ptr, offs_m, offs_n, red_start, red_end,
+    p_ptr, q_ptr, a_ptr, offs_m, m_rows, offs_n, red_start, red_end,
     stride_pm, stride_pr, stride_qn, stride_qr, stride_ar, stride_ak,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
     R, FUSE_SHRINK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """``acc = P Q^T`` for rows ``offs_m`` of P ``[*, RED]`` and rows ``offs_n`` of Q ``[*, RED]``,
-    over the reduction range ``[red_start, red_end)``.
+    """``acc = P Q^T`` for rows ``offs_m`` of P ``[m_rows, RED]`` and rows ``offs_n`` of Q
+    ``[*, RED]``, over the reduction range ``[red_start, red_end)``. Rows of P past ``m_rows``
+    are masked (they load nothing and give zero rows), not wrapped onto real rows: at M = 1 a
+    16-row tile would otherwise load its one row 16 times.
 
     With ``FUSE_SHRINK`` it also returns ``s_acc = P A^T`` (A ``[R, RED]``, in A's dtype)
     from the same P tiles; otherwise ``s_acc`` is a zero placeholder.
@@ -82,6 +84,7 @@ def _gemm_mainloop(
     offs_red = tl.arange(0, BLOCK_RED)
     red = (red_start + offs_red).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
+    m_ok = offs_m < m_rows
     p_ptrs = p_ptr + offs_m.to(tl.int64)[:, None] * stride_pm + red[None, :] * stride_pr
     q_ptrs = q_ptr + offs_n.to(tl.int64)[None, :] * stride_qn + red[:, None] * stride_qr
     a_ptrs = a_ptr + offs_r[None, :] * stride_ar + red[:, None] * stride_ak
@@ -89,7 +92,7 @@ def _gemm_mainloop(
     s_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for red0 in range(red_start, red_end, BLOCK_RED):
         red_ok = offs_red < red_end - red0
-        p = to_compute(tl.load(p_ptrs, mask=red_ok[None, :], other=0.0), p_ptr, UPCAST)
+        p = to_compute(tl.load(p_ptrs, mask=m_ok[:, None] & red_ok[None, :], other=0.0), p_ptr, UPCAST)
         q = to_compute(tl.load(q_ptrs, mask=red_ok[:, None], other=0.0), p_ptr, UPCAST)
         acc = tl.dot(p, q, acc, input_precision=PRECISION)
         if FUSE_SHRINK:
@@ -180,7 +183,7 @@ def lora_fwd_kernel(
     """
     rows, cols, pid_n = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc, s_acc = _gemm_mainloop(
-        x_ptr, w_ptr, a_ptr, rows % M, cols % N, 0, K,
+        x_ptr, w_ptr, a_ptr, rows, M, cols % N, 0, K,
         stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
         BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, R, FUSE_SHRINK, UPCAST, PRECISION,
     )
@@ -211,7 +214,7 @@ def lora_gemm_split_kernel(
     red_start = split * red_per_split
     red_end = tl.minimum(red_start + red_per_split, RED)
     acc, _ = _gemm_mainloop(
-        p_ptr, q_ptr, p_ptr, rows % M, cols % N, red_start, red_end,
+        p_ptr, q_ptr, p_ptr, rows, M, cols % N, red_start, red_end,
         stride_pm, stride_pr, stride_qn, stride_qr, 0, 0,
         BLOCK_M, BLOCK_N, BLOCK_RED, 16, 0, False, UPCAST, PRECISION,
     )
@@ -304,7 +307,7 @@ def lora_bwd_dx_kernel(
     rows, cols, pid_k = output_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     # dY W: P = dY [M, N], Q = W^T viewed as [K, N] (W's strides swapped).
     acc, _ = _gemm_mainloop(
-        dy_ptr, w_ptr, a_ptr, rows % M, cols % K, 0, N,
+        dy_ptr, w_ptr, a_ptr, rows, M, cols % K, 0, N,
         stride_dym, stride_dyn, stride_wk, stride_wn, stride_ar, stride_ak,
         BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R, R, False, UPCAST, PRECISION,
     )

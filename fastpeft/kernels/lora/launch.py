@@ -163,7 +163,8 @@ def lora_forward(
     m, k = x.shape
     n, rank = weight.shape[0], lora_a.shape[0]
     with on_device_of(x):
-        plan = plan_forward(m, n, k, rank, dropout_p > 0.0, x.device)
+        plan = plan_forward(m, n, k, rank, dropout_p > 0.0, x.device, a_bytes=lora_a.element_size(),
+                            w_bytes=weight.element_size())
         r_block = block_r(rank)
         numerics = kernel_numerics(x.dtype, lora_a.dtype)
         y = launch_device.empty_output((m, n), x.dtype, x.device)

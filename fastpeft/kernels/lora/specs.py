@@ -43,6 +43,8 @@ from fastpeft.kernels.philox_dropout import keep_mask_kernel
 
 # (activation dtype, LoRA weight dtype) cases.
 DTYPE_CASES = (("bf16", "fp32"), ("fp16", "fp16"))
+# Bytes an element of each dtype name: the fusion rule compares A's bytes with W's.
+ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 # Stride arguments equal to 1 for contiguous operands; Triton's launcher turns such
 # arguments into constexprs, so the checked code is the code that runs.
@@ -121,7 +123,8 @@ def lora_kernel_specs() -> list[KernelSpec]:
                 t, family, _uses_wgmma(t)))
             if drop:  # the forward GEMM has no dropout epilogue
                 continue
-            for fuse in (False, True) if may_fuse_shrink(t, r) else (False,):
+            fusable = may_fuse_shrink(t, r, ELEMENT_BYTES[lora], ELEMENT_BYTES[act])
+            for fuse in (False, True) if fusable else (False,):
                 specs.append(_spec(
                     lora_fwd_kernel, "lora_fwd", act, lora,
                     {**base, "HAS_BIAS": True, "FUSE_SHRINK": fuse,

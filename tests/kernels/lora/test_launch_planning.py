@@ -52,7 +52,7 @@ def every_split(monkeypatch):
 
 
 def _splits(m: int, n: int, k: int, rank: int, dropout: bool) -> dict[str, int]:
-    fwd = plan_forward(m, n, k, rank, dropout, DEVICE)
+    fwd = plan_forward(m, n, k, rank, dropout, DEVICE, a_bytes=4, w_bytes=4)
     bwd = plan_backward(m, n, k, rank, dropout, DEVICE)
     return {"gemm": fwd.gemm_split.count, "shrink": 1 if fwd.fuse_shrink else fwd.shrink_split.count,
             "dx": bwd.dx_split.count, "ds": bwd.ds_split.count, "da": bwd.da_split.count, "db": bwd.db_split.count}
@@ -183,7 +183,7 @@ def h100(monkeypatch):
 def test_gemm_split_fills_one_wave(h100, m, n, k, splits):
     """At most one wave of CTAs (132 SMs), at least 8 K-steps per split; a split GEMM has
     only part of K, so s comes from the separate shrink."""
-    plan = plan_forward(m, n, k, 16, False, CUDA)
+    plan = plan_forward(m, n, k, 16, False, CUDA, a_bytes=4, w_bytes=2)
     g = plan.gemm
     tiles = -(-m // g.block_m) * -(-n // g.block_n)
     assert plan.gemm_split.count == splits and tiles * splits <= max(132, tiles)
@@ -200,9 +200,19 @@ def test_dx_split_for_small_m(h100):
 
 def test_shrink_splits_have_at_least_8_k_steps(h100):
     """M = 512 used to split K = 4096 into 32 shrink partials of one step each."""
-    plan = plan_forward(512, 4096, 4096, 16, True, CUDA)
+    plan = plan_forward(512, 4096, 4096, 16, True, CUDA, a_bytes=4, w_bytes=2)
     assert not plan.fuse_shrink
     assert plan.shrink_split.count == 4 and plan.shrink_split.length == 8 * plan.shrink.block_k
+
+
+@pytest.mark.parametrize("rank,a_bytes,fused", [(16, 2, True), (32, 2, True), (64, 2, True), (16, 4, True),
+                                                (32, 4, True), (64, 4, False)])
+def test_decode_fusion_compares_the_bytes_of_a_with_those_of_w(h100, rank, a_bytes, fused):
+    """At M = 1, N = 14336 (16 x 64 tiles over bf16 W) each program re-reads all of A: fused only while
+    A's bytes (rank x element) stay within its slab of W's (64 x 2): rank 64 in fp32 doubles
+    them, so its shrink runs once, apart."""
+    plan = plan_forward(1, 14336, 4096, rank, False, CUDA, a_bytes=a_bytes, w_bytes=2)
+    assert plan.gemm.block_n == 64 and plan.fuse_shrink == fused
 
 
 def test_medium_tile_per_architecture():
