@@ -41,8 +41,9 @@ from fastpeft.kernels.lora.kernels import (
 from fastpeft.kernels.lora.hybrid_launch import hybrid_kernel_specs
 from fastpeft.kernels.philox_dropout import keep_mask_kernel
 
-# (activation dtype, LoRA weight dtype) cases.
-DTYPE_CASES = (("bf16", "fp32"), ("fp16", "fp16"))
+# (activation dtype, LoRA weight dtype) cases: PEFT's default on a 16-bit model (fp32
+# adapters), adapters in the model's dtype, and both on fp16 and on bf16 models.
+DTYPE_CASES = (("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("fp16", "fp32"))
 # Bytes an element of each dtype name: the fusion rule compares A's bytes with W's.
 ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
