@@ -8,7 +8,9 @@ until ``fastpeft.backend`` offers it).
 - the kernels take CUDA tensors only (CPU tensors take the torch path in a GPU run, where
   Triton's interpreter is off) and launch on the tensors' device;
 - no host synchronisation, capture and replay of forward + backward in a CUDA graph, fresh
-  dropout per replay, and bitwise-equal gradients run to run in deterministic mode.
+  dropout per replay, and bitwise-equal gradients run to run in deterministic mode;
+- the multi-LoRA op's torch path (``FASTPEFT_BACKEND=torch``): no host synchronisation, and
+  a captured forward + backward replayed on new inputs equals the eager step.
 
 Shapes are chosen so that tests share kernel specializations: Triton's JIT compile (~1-2 s per
 configuration) is most of this file's time on a GPU (scripts/gpu_run.sh gives it 200 s).
@@ -243,3 +245,94 @@ def test_cuda_graph_replays_draw_fresh_dropout(kernel_backend):
     torch.cuda.synchronize()
     assert torch.isfinite(first).all() and torch.isfinite(static_y).all()
     assert not torch.equal(first, static_y)
+
+
+# The multi-LoRA op's torch path (FASTPEFT_BACKEND=torch, the default on CUDA for now): its
+# static formulation, all slots at once (T >= L) or per token (T < L), must not sync and must
+# replay in a CUDA graph with other ids, ranks, slots and inputs. Eight slots of R_MAX 16
+# (slot 2 empty), bf16 activations with PEFT's fp32 adapters; ids include ones outside
+# [0, L) (no adapter on a GPU).
+MULTI_LORA = {"k": 512, "n": 384, "r_max": 16, "slots": 8}
+
+
+def _multi_lora_inputs(num_tokens: int, seed: int) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    k, n, r_max, slots = MULTI_LORA["k"], MULTI_LORA["n"], MULTI_LORA["r_max"], MULTI_LORA["slots"]
+
+    def rand(*shape, dtype=FP32):
+        return torch.randn(*shape, generator=g, device="cuda").to(dtype)
+
+    ids = torch.randint(-1, slots, (num_tokens,), generator=g, device="cuda")
+    ids[::5] = 2**40
+    ranks = torch.randint(0, r_max + 1, (slots,), generator=g, device="cuda")
+    ranks[2] = 0
+    return dict(x=rand(num_tokens, k, dtype=torch.bfloat16), weight=rand(n, k, dtype=torch.bfloat16) / k**0.5,
+                bias=rand(n, dtype=torch.bfloat16), lora_a=rand(slots, r_max, k) / k**0.5,
+                lora_b=rand(slots, n, r_max), scalings=torch.rand(slots, generator=g, device="cuda") + 0.5,
+                adapter_ids=ids, ranks=ranks)
+
+
+def _multi_lora_step(inputs: dict) -> torch.Tensor:
+    """Forward and backward of the op (gradients into x, lora_a and lora_b)."""
+    y = fastpeft.ops.multi_lora_linear(**inputs)
+    y.float().square().mean().backward()
+    return y
+
+
+def _multi_lora_leaves(inputs: dict) -> tuple[torch.Tensor, ...]:
+    return inputs["x"], inputs["lora_a"], inputs["lora_b"]
+
+
+@pytest.mark.parametrize("num_tokens", [4, 64])  # per token (T < L), all slots
+def test_multi_lora_torch_path_no_host_sync(monkeypatch, num_tokens):
+    monkeypatch.setenv("FASTPEFT_BACKEND", "torch")
+    inputs = _multi_lora_inputs(num_tokens, seed=0)
+    for t in _multi_lora_leaves(inputs):
+        t.requires_grad_()
+    _multi_lora_step(inputs)  # warm up (cuBLAS handles, the allocator)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _multi_lora_step(inputs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("num_tokens", [4, 64])
+def test_multi_lora_torch_path_cuda_graph_replay_equals_eager(monkeypatch, num_tokens):
+    """A step (forward + backward) captured once, replayed after every input changed (x, ids,
+    ranks, slot contents, scalings), gives what the same step gives eagerly."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", "torch")
+    inputs = _multi_lora_inputs(num_tokens, seed=0)
+    leaves = _multi_lora_leaves(inputs)
+    for t in leaves:
+        t.requires_grad_()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm up outside the graph
+            for t in leaves:
+                t.grad = None
+            _multi_lora_step(inputs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    for t in leaves:
+        t.grad = None
+    with torch.cuda.graph(graph):
+        static_y = _multi_lora_step(inputs)
+    new = _multi_lora_inputs(num_tokens, seed=1)
+    with torch.no_grad():
+        for name, value in new.items():
+            inputs[name].copy_(value)
+    for t in leaves:
+        t.grad.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = [static_y.clone()] + [t.grad.clone() for t in leaves]
+
+    leaf_names = ("x", "lora_a", "lora_b")
+    eager_inputs = {**inputs, **{name: inputs[name].detach().clone().requires_grad_() for name in leaf_names}}
+    y = _multi_lora_step(eager_inputs)
+    eager = [y] + [t.grad for t in _multi_lora_leaves(eager_inputs)]
+    for name, got, want in zip(("y", "dx", "dA", "dB"), replayed, eager):
+        assert_close(got, want.double(), got.dtype, f"graph replay {name}")

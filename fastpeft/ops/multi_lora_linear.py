@@ -324,8 +324,9 @@ def multi_lora_linear(
 
     Out-of-range ids and ranks: see the module docstring (ValueError on CPU; on a GPU an
     invalid id means no adapter and ranks are clamped). The op never synchronizes with the
-    host on a GPU's Triton and CUDA paths, so a decode step can be captured in a CUDA graph
-    and replayed with other ids (and other slot contents).
+    host on a GPU, on any path (the torch path's static formulation there:
+    ``multi_lora_linear_torch``), so a step can be captured in a CUDA graph and replayed
+    with other ids, ranks and slot contents.
 
     Under ``torch.autocast`` it casts like ``F.linear`` (x, weight, bias, lora_a, lora_b).
     On meta tensors it propagates shapes, forward and backward (not the double backward).

@@ -7,6 +7,8 @@ with NaN (conftest)."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from fastpeft.kernels.multi_lora import configs
 from fastpeft.ops import multi_lora_linear, multi_lora_linear_ref
 from fastpeft.ops import multi_lora_linear_torch
 from tests.helpers.devices import DEVICE, KERNELS_RUN
+from tests.helpers.host_sync import no_host_sync
 from tests.helpers.numerics import assert_close
 
 K, N = 37, 45  # odd: no tile divides them
@@ -174,13 +177,29 @@ def test_kernels_never_read_out_of_bounds(path):
     assert_close(y, _reference(clean)[0], torch.float32, "y")
 
 
-def test_torch_path_without_host_sync(monkeypatch):
-    """The per-token torch path (taken under CUDA graph capture) against the reference."""
+@pytest.mark.parametrize("num_tokens,ranks", [(67, RANKS), (21, RANKS * 5)])  # all slots; per token (T < L)
+def test_torch_path_without_host_sync(monkeypatch, num_tokens, ranks):
+    """The op on the torch path as CUDA tensors take it (the static formulations, and no
+    CPU-only argument check), forward and backward under ``no_host_sync``: a host read (ATen's
+    ``_local_scalar_dense``, ``nonzero``..., or Python's ``item`` / ``tolist`` / ``bool`` /
+    ``int``) or a data-dependent shape raises; the result against the reference."""
     monkeypatch.setenv("FASTPEFT_BACKEND", "torch")
     monkeypatch.setattr(multi_lora_linear_torch, "host_groups_allowed", lambda device: False)
-    monkeypatch.setattr(multi_lora_linear_torch, "_GATHER_CHUNK", 16)
-    p = _problem(67, torch.float32, seed=11)
-    assert_close(multi_lora_linear(**p), _reference(p)[0], torch.float32, "y")
+    # On CUDA tensors the op's value check returns at once; on CPU ones it reads them.
+    monkeypatch.setattr(importlib.import_module("fastpeft.ops.multi_lora_linear"), "_check_host_values",
+                        lambda *args: None)
+    monkeypatch.setattr(multi_lora_linear_torch, "_GATHER_CHUNK", 16)  # 2 chunks of the per-token formulation
+    p = _problem(num_tokens, torch.float32, ranks=ranks, seed=11)
+    grad = torch.randn(num_tokens, N, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    expected, grads = _reference(p, grad)
+    leaves = {k: p[k].clone().requires_grad_() for k in ("x", "lora_a", "lora_b")}
+    with no_host_sync():
+        y = multi_lora_linear(**{**p, **leaves})
+        y.backward(grad)
+    assert_close(y, expected, torch.float32, "y")
+    assert_close(leaves["x"].grad, grads["x"], torch.float32, "dX")
+    for what in ("lora_a", "lora_b"):
+        _slot_grad_close(leaves[what].grad, grads[what], ranks, torch.float32, what)
 
 
 def test_torch_path_skewed_groups(monkeypatch):
