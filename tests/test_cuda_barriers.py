@@ -59,5 +59,5 @@ def test_removing_a_barrier_fails(emulated, site):
         RUNS[site.split(":")[0]]()
     if failure.type is RuntimeError:
         assert "missing barrier" in str(failure.value)
-    else:
-        assert "relative error" in str(failure.value)
+    else:  # the norm-wise or the element-wise check against float64
+        assert "relative error" in str(failure.value) or "magnitude bound" in str(failure.value)

@@ -10,7 +10,8 @@ import torch
 from fastpeft.kernels.bottleneck import cuda_launch
 from fastpeft.kernels.bottleneck.ref import bottleneck_adapter_ref
 from fastpeft.kernels.dropout_mask import keep_mask_philox
-from tests.helpers.numerics import assert_close
+from tests.helpers.bottleneck_problem import REFERENCE_ACTIVATIONS, bottleneck_magnitudes
+from tests.helpers.numerics import assert_close, assert_within_bound
 
 # The backward asked for every gradient (h, w_down, b_down, w_up, b_up, scaling).
 ALL_GRADS = (True, True, True, True, True, True)
@@ -44,7 +45,7 @@ def float64_reference(h, w_down, b_down, w_up, b_up, residual, activation, scali
     scale = torch.tensor(float(scaling), dtype=torch.float64, requires_grad=True)
     mask = keep_mask_philox(seed, h.shape[0], h.shape[1], dropout_p) if dropout_p > 0 else None
     res = residual.cpu().double() if residual is not None else None
-    out = bottleneck_adapter_ref(*leaves, activation=activation, scaling=scale, residual=res,
+    out = bottleneck_adapter_ref(*leaves, activation=REFERENCE_ACTIVATIONS[activation], scaling=scale, residual=res,
                                  dropout_p=dropout_p, dropout_mask=mask)
     h_hat = leaves[0] * mask / (1 - dropout_p) if mask is not None else leaves[0]
     z = torch.nn.functional.linear(h_hat, leaves[1], leaves[2])
@@ -91,8 +92,13 @@ def check_case(device, m, d, r, activation, bias, separate_residual, dropout_p, 
     exp_out, exp_z, exp_grads = float64_reference(h, w_down, b_down, w_up, b_up, residual, activation, scaling_value,
                                                   dropout_p, 20261129, grad_out)
     assert out.dtype == dtype and out.is_contiguous() and z.dtype == torch.float32
-    assert_close(out.cpu(), exp_out, dtype, "out")
-    assert_close(z.cpu(), exp_z, torch.float32 if w_dtype == torch.float32 and dtype == torch.float32 else dtype, "z")
+    mask = keep_mask_philox(20261129, m, d, dropout_p).cpu() if dropout_p > 0 else None
+    bounds = bottleneck_magnitudes(h.cpu(), w_down.cpu(), b_down, w_up.cpu(), b_up, residual, activation, scaling_value,
+                                   mask, dropout_p, grad_out.cpu())
+    z_dtype = torch.float32 if w_dtype == torch.float32 and dtype == torch.float32 else dtype
+    for name, got, exp, tol_dtype in (("out", out, exp_out, dtype), ("z", z, exp_z, z_dtype)):
+        assert_close(got.cpu(), exp, tol_dtype, name)
+        assert_within_bound(got.cpu(), exp, bounds[name], tol_dtype, name)
     names = ("grad_h", "grad_w_down", "grad_b_down", "grad_w_up", "grad_b_up", "grad_scaling")
     for name, got, exp in zip(names, grads, exp_grads):
         if exp is None:  # no bias: the launcher was asked for it anyway and must not fail
@@ -101,4 +107,6 @@ def check_case(device, m, d, r, activation, bias, separate_residual, dropout_p, 
         want_dtype = dtype if name == "grad_h" else (torch.float32 if name == "grad_scaling" else w_dtype)
         assert got.dtype == want_dtype, (name, got.dtype)
         assert_close(got.cpu().reshape(exp.shape), exp, dtype, name)
+        bound = bounds[name.removeprefix("grad_")]
+        assert_within_bound(got.cpu().reshape(exp.shape), exp, bound.reshape(exp.shape), dtype, name)
     return (out, z, *grads)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from fastpeft.kernels.multi_lora.cuda_launch import multi_lora_decode
-from tests.helpers.numerics import assert_close
+from tests.helpers.numerics import assert_close, assert_within_bound
 
 
 def padded_slots(num_slots, r_max, k, n, ranks, dtype, generator):
@@ -55,3 +55,6 @@ def check_decode_case(num_tokens, k, n, dtype, lora_dtype):
     untouched = (adapter_ids < 0) | (adapter_ids >= num_slots)
     assert torch.equal(y[untouched], y_before[untouched]), "a row without a valid adapter id was written"
     assert_close(y, expected, dtype, "y")
+    # The magnitude bound: the reference on absolute values (sums of |products|).
+    bound = decode_reference(y_before.abs(), x.abs(), lora_a.abs(), lora_b.abs(), scalings.abs(), adapter_ids, ranks)
+    assert_within_bound(y, expected, bound, dtype, "y")

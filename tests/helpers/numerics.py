@@ -34,3 +34,57 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     err = relative_error(actual, expected)
     assert err <= TOLERANCE[dtype], f"{what}: relative error {err:.3e} > {TOLERANCE[dtype]:.1e} ({dtype})"
+
+
+# Largest allowed |actual - expected| per element, in units of the element's magnitude bound
+# (``assert_within_bound``), per compute dtype. 16-bit: 4 unit roundoffs (an output rounded once
+# to the dtype, a rank-r intermediate rounded once, and margin; the LoRA, bottleneck and decode
+# tests measure at most 1.5u in fp16 and 1.3u in bf16). fp32: 32u, as its error is the fp32
+# accumulation's and grows with K (at most 4.4u measured, K <= 200). float64: about TOLERANCE's.
+ELEMENT_TOLERANCE = {
+    torch.float32: 2.0**-19,
+    torch.float16: 2.0**-9,
+    torch.bfloat16: 2.0**-6,
+    torch.float64: 2.0**-40,
+}
+
+
+def assert_within_bound(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor, dtype: torch.dtype,
+                        what: str) -> None:
+    """Element by element, ``|actual - expected| <= ELEMENT_TOLERANCE[dtype] * bound``.
+
+    ``bound`` (float64, ``expected``'s shape) is the element's magnitude: the sum of the
+    absolute values of the products its dot products add (``|x| @ |W|^T`` for ``x @ W^T``, see
+    ``magnitudes``), which is what their rounding error scales with -- not the value itself,
+    which cancellation can make arbitrarily small. Beside ``assert_close``'s norm-wise check,
+    this catches one element that is far off: the norm of thousands of right elements
+    hides it."""
+    assert actual.shape == expected.shape == bound.shape, (what, actual.shape, expected.shape, bound.shape)
+    actual, expected, bound = (t.detach().cpu().double() for t in (actual, expected, bound))
+    if not torch.isfinite(actual).all():
+        raise AssertionError(f"{what}: non-finite elements")
+    err = (actual - expected).abs()
+    limit = ELEMENT_TOLERANCE[dtype] * bound
+    bad = err > limit
+    if bad.any():
+        i = int(bad.flatten().nonzero()[0])
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} element(s) off by more than {ELEMENT_TOLERANCE[dtype]:.1e} x their magnitude "
+            f"bound ({dtype}); first at flat index {i}: |{actual.flatten()[i].item():.6g} - "
+            f"{expected.flatten()[i].item():.6g}| > {limit.flatten()[i].item():.3e}")
+
+
+def magnitudes(reference, inputs: list, grad_out: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
+    """The magnitude bounds of a multilinear op's output and gradients: ``reference`` (a
+    float64 function of ``inputs`` built from products and sums only, e.g. ``x W^T + b +
+    s x A^T B^T``) evaluated on the inputs' absolute values, and its gradients for ``|grad_out|``
+    (None for an input that is None or not floating point). Every sum then adds the absolute
+    values of its terms: for ``x @ W^T`` that is ``|x| @ |W|^T``."""
+    leaves = [t.detach().double().abs().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point()
+              else t for t in inputs]
+    out = reference(*leaves)
+    if grad_out is None:
+        return out.detach(), []
+    wanted = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = iter(torch.autograd.grad(out, wanted, grad_out.detach().double().abs(), allow_unused=True))
+    return out.detach(), [next(grads) if isinstance(t, torch.Tensor) and t.requires_grad else None for t in leaves]

@@ -11,7 +11,7 @@ import torch
 from fastpeft.ops import lora_linear, lora_linear_ref
 from tests.helpers.devices import DEVICE, dtype_id
 from tests.helpers.lora_problem import SCALING, check_against_reference, make_problem
-from tests.helpers.numerics import assert_close
+from tests.helpers.numerics import assert_close, assert_within_bound, magnitudes
 
 # M covers the three kernel regimes: decode (<= 16 rows), medium, and one large-M case below.
 SHAPES = [(1, 33, 21), (7, 75, 93), (130, 75, 93)]
@@ -107,3 +107,29 @@ def test_trainable_base_weight_gets_plain_linear_grads(backend):
     lora_linear_ref(pb.x.double(), w64, bias64, pb.lora_a.double(), pb.lora_b.double(), SCALING).backward(g.double())
     assert_close(w.grad, w64.grad, torch.float32, "dW")
     assert_close(bias.grad, bias64.grad, torch.float32, "dbias")
+
+
+@pytest.mark.parametrize(("dtype", "error"), [
+    pytest.param(torch.float16, "1.2 x rms", id="fp16-one-element-off-by-1.2x-a-typical-element"),
+    pytest.param(torch.float32, "1e4 ulps", id="fp32-one-element-off-by-1e4-ulps"),
+])
+def test_one_wrong_element_passes_the_norm_check_but_not_the_elementwise_one(dtype, error):
+    """The norm-wise check (``assert_close``) lets one far-off element through among ~140k
+    right ones (1.2 / sqrt(140k) = 3.2e-3 < fp16's 4e-3); the element-wise bound
+    (``assert_within_bound``) does not."""
+    pb = make_problem((1500,), 75, 93, 16, dtype)
+    y = lora_linear(pb.x, pb.weight, pb.bias, pb.lora_a, pb.lora_b, SCALING)
+    inputs = [t.double() for t in (pb.x, pb.weight, pb.bias, pb.lora_a, pb.lora_b)]
+    y64 = lora_linear_ref(*inputs, SCALING)
+    bound, _ = magnitudes(lambda *t: lora_linear_ref(*t, abs(SCALING)), inputs)
+    assert_close(y, y64, dtype, "y")
+    assert_within_bound(y, y64, bound, dtype, "y")
+    wrong = y.clone()
+    i = 777
+    if error == "1.2 x rms":
+        wrong.view(-1)[i] += 1.2 * y.float().pow(2).mean().sqrt().to(dtype)
+    else:
+        wrong.view(-1)[i] += 1e4 * torch.finfo(dtype).eps * wrong.view(-1)[i].abs()
+    assert_close(wrong, y64, dtype, "y with one wrong element")
+    with pytest.raises(AssertionError, match=r"y: 1 element\(s\) off by more than .* first at flat index 777"):
+        assert_within_bound(wrong, y64, bound, dtype, "y")

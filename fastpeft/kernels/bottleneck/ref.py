@@ -80,7 +80,7 @@ def bottleneck_adapter_ref(
     b_down: torch.Tensor | None,
     w_up: torch.Tensor,
     b_up: torch.Tensor | None,
-    activation: str = "relu",
+    activation: str | Callable[[torch.Tensor], torch.Tensor] = "relu",
     scaling: float | torch.Tensor = 1.0,
     residual: torch.Tensor | None = None,
     dropout_p: float = 0.0,
@@ -93,9 +93,10 @@ def bottleneck_adapter_ref(
     kept elements are scaled by ``1 / (1 - dropout_p)``, as ``F.dropout`` does. Tests pass
     the mask an implementation used, to check forward and backward against the same draw.
     (AdapterHub applies its dropout to the adapter's output rather than its input; both are
-    the identity outside training.)
+    the identity outside training.) ``activation`` is a name or a function: tests pass their
+    own, so that the reference shares no activation code with the torch path.
     """
-    act = CANONICAL_ACTIVATIONS[canonical_activation(activation)]
+    act = activation if callable(activation) else CANONICAL_ACTIVATIONS[canonical_activation(activation)]
     h_branch = h.to(w_down.dtype)
     if dropout_mask is not None:
         h_branch = h_branch * dropout_mask.to(h_branch.dtype) / (1.0 - dropout_p)
