@@ -38,8 +38,10 @@
 #              time left, at least GRID_MIN                                  rest -> bench.json, bench.md, bench.log
 #   dispatch   a dispatch table from the focused timings (fp32 adapters),
 #              when python -m fastpeft.kernels.lora.dispatch can write one    20 -> dispatch.json
+#   plan       fastpeft plan --compare: the performance model's estimate beside each focused
+#              time, so the first GPU run also checks the model              30 -> (summary.txt)
 #   summary    GPU, driver, versions, each step, test counts per group,
-#              the focused ratio table; the plumbing verdict                 20 -> summary.txt
+#              the focused ratio table, the plan comparison; the plumbing verdict 20 -> summary.txt
 # That is at most 8 files, no subfolders. Everything ends by TOTAL_BUDGET (7 min) plus at most
 # 3 x KILL_AFTER: under 8 minutes. Expected on an H200: 2-3.5 min of tests, 3.5 min focused, the
 # grid in what is left (none when the tests take their whole limit). The ahead-of-time compile
@@ -117,9 +119,15 @@ FOCUSED_GRACE=30
 # The grid is skipped with less than this: the end-to-end case alone needs about a minute.
 GRID_MIN=30
 DISPATCH_LIMIT=20
+# The plan records every launch of ~300 planned problems on meta tensors: ~10 s on a free
+# machine (measured on the CI VM: ~30 s for a fifth of them on two busy cores).
+PLAN_LIMIT=30
 SUMMARY_LIMIT=20
-# What the steps after the focused benchmark need at the least: dispatch and summary.
-FINAL_RESERVE=$((DISPATCH_LIMIT + SUMMARY_LIMIT))
+# What the steps after the focused benchmark need at the least: dispatch, plan and summary.
+FINAL_RESERVE=$((DISPATCH_LIMIT + PLAN_LIMIT + SUMMARY_LIMIT))
+# The focused benchmark replays CUDA graphs: a launch there costs ~1-2 us of the GPU's front
+# end, not the ~4 us of an eager PyTorch launch that fastpeft plan assumes by default.
+PLAN_ARGS=(--launch-us 1.5)
 # The GPU group: test_gpu.py, the files with the gpu marker, and the bottleneck and multi-LoRA
 # test files that put tensors on the GPU (they name DEVICE or cuda; the others run CPU tensors
 # only, which the CPU group covers), each once.
@@ -150,8 +158,9 @@ if [ "$REHEARSE" -eq 1 ]; then
     FOCUSED_BUDGET=60
     FOCUSED_ARGS=(--tiny)
     GRID_REHEARSAL_LIMIT=40
-    # CPU timings carry no architecture: name the one the GPU run would write.
+    # CPU timings carry no architecture: name the one the GPU run would write (and plan for).
     DISPATCH_ARGS=(--arch sm_90)
+    PLAN_ARGS+=(--gpu h100)
 fi
 DEADLINE=$((SECONDS + TOTAL_BUDGET))
 
@@ -284,11 +293,20 @@ else
     echo "[gpu_run] dispatch: skipped (no dispatch-table writer, or no focused fastpeft timings)"
 fi
 
+if [ -f "$RESULTS/focused.json" ]; then
+    run_step plan "$(limit "$PLAN_LIMIT" "$SUMMARY_LIMIT")" "$WORK/plan.txt" \
+        "$PY" -m fastpeft.plan.cli --compare "$RESULTS/focused.json" "${PLAN_ARGS[@]}"
+else
+    printf 'plan\tskipped\t0\t0\n' >>"$STEPS"
+    echo "[gpu_run] plan: skipped (no focused.json)"
+fi
+
 for f in "${RESULT_FILES[@]}"; do rm -f "$RESULTS/$f.tmp"; done  # a JSON cut mid-write
 rehearsal_flag=()
 [ "$REHEARSE" -eq 1 ] && rehearsal_flag=(--rehearsal)
 timeout --kill-after="$KILL_AFTER" "$SUMMARY_LIMIT" "$PY" -m fastpeft.bench.run_summary --results "$RESULTS" \
-    --steps "$STEPS" --junit gpu="$WORK/junit_gpu.xml" --junit cpu="$WORK/junit_cpu.xml" "${rehearsal_flag[@]}"
+    --steps "$STEPS" --junit gpu="$WORK/junit_gpu.xml" --junit cpu="$WORK/junit_cpu.xml" --plan "$WORK/plan.txt" \
+    "${rehearsal_flag[@]}"
 status=$?
 echo "[gpu_run] total ${SECONDS} s; summary exit status $status (0: no plumbing problem); results in $RESULTS"
 [ "$status" -eq 0 ]

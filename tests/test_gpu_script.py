@@ -101,6 +101,18 @@ def test_summary_reports_a_cut_junit_report(tmp_path):
     assert "tests gpu: unreadable JUnit report" in problems and any("unreadable report" in line for line in lines)
 
 
+def test_summary_carries_the_plan_comparison_without_its_step_header(tmp_path):
+    log = tmp_path / "plan.txt"
+    log.write_text("== plan: python -m fastpeft.plan.cli --compare focused.json (limit 30s)\n"
+                   "lora 4096->4096 M=16 r=16 fwd fused (float32 adapters): 0.031 ms vs est 15.7 us\n")
+    lines, problems = run_summary.summarize(tmp_path, steps(plan="0"), {}, rehearsal=False, plan=log)
+    at = lines.index("plan (fastpeft plan --compare: the model's estimate beside each focused time):")
+    assert lines[at + 1] == "  lora 4096->4096 M=16 r=16 fwd fused (float32 adapters): 0.031 ms vs est 15.7 us"
+    assert not any("== plan" in line for line in lines)
+    skipped, _ = run_summary.summarize(tmp_path, steps(plan="skipped"), {}, rehearsal=False, plan=log)
+    assert skipped[skipped.index(lines[at]) + 1] == "  not run"
+
+
 def test_summary_flags_too_many_files_and_a_gpu_run_that_saw_no_gpu(tmp_path):
     junit = tmp_path / "gpu.xml"
     junit.write_text(JUNIT.replace('errors="1" failures="1"\nskipped="2"', 'errors="0" failures="0"\nskipped="6"'))
@@ -129,6 +141,7 @@ def test_rehearsal_wrote_the_expected_files_and_no_plumbing_problem(rehearsal):
     assert all((rehearsal / name).is_file() for name in files)
     summary = (rehearsal / "summary.txt").read_text()
     assert "plumbing problems: none" in summary
+    assert re.search(r"^  plan +0 ", summary, re.M)  # the plan step ran and exited 0
     gpu = re.search(r"gpu: 0 passed, 0 failed, 0 errors, (\d+) skipped \(of (\d+)\)", summary)
     assert gpu and gpu[1] == gpu[2] and int(gpu[1]) > 0  # the GPU tests collected, and every one skipped
 

@@ -165,9 +165,10 @@ def step_problems(steps: Sequence[Step]) -> list[str]:
     return problems
 
 
-def summarize(results: Path, steps: Sequence[Step], junit: dict[str, Path],
-              rehearsal: bool) -> tuple[list[str], list[str]]:
-    """The summary's lines and the plumbing problems found."""
+def summarize(results: Path, steps: Sequence[Step], junit: dict[str, Path], rehearsal: bool,
+              plan: Path | None = None) -> tuple[list[str], list[str]]:
+    """The summary's lines and the plumbing problems found; ``plan``: the plan step's log
+    (``fastpeft plan --compare``'s output after the step's command line)."""
     by_name = {s.name: s for s in steps}
     problems = step_problems(steps)
     lines = [f"fastpeft scripts/gpu_run.sh{' --rehearse (CPU, no GPU)' if rehearsal else ''}", *gpu_lines(),
@@ -219,6 +220,9 @@ def summarize(results: Path, steps: Sequence[Step], junit: dict[str, Path],
         lines += [f"  {line}" for line in ratios_table(focused)]
         lines += _profile_lines(focused.get("profile", {}))
         lines += _ops_summary(focused)
+
+    lines += ["", "plan (fastpeft plan --compare: the model's estimate beside each focused time):"]
+    lines += _plan_lines(by_name.get("plan"), plan)
 
     lines += ["", f"grid and end-to-end case ({BENCH}):"]
     grid = by_name.get("grid")
@@ -323,6 +327,16 @@ def _bench_lines(bench: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _plan_lines(step: Step | None, log: Path | None) -> list[str]:
+    """The plan step's comparison lines (its log less the step's "== " headers), or why there
+    are none."""
+    if step is None or step.code is None:
+        return ["  not run"]
+    if log is None or not log.exists():
+        return ["  no output"]
+    return [f"  {line}" for line in log.read_text().splitlines() if line and not line.startswith("== ")]
+
+
 def _junit_arg(text: str) -> tuple[str, Path]:
     group, sep, path = text.partition("=")
     if not sep or not group or not path:
@@ -337,8 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=Path, required=True, help="the steps file (name, status, seconds, limit)")
     parser.add_argument("--junit", type=_junit_arg, action="append", default=[], help="GROUP=PATH of a JUnit XML")
     parser.add_argument("--rehearsal", action="store_true", help="the run was scripts/gpu_run.sh --rehearse")
+    parser.add_argument("--plan", type=Path, help="the plan step's log (fastpeft plan --compare)")
     args = parser.parse_args(argv)
-    lines, problems = summarize(args.results, read_steps(args.steps), dict(args.junit), args.rehearsal)
+    lines, problems = summarize(args.results, read_steps(args.steps), dict(args.junit), args.rehearsal, args.plan)
     text = "\n".join(lines) + "\n"
     (args.results / SUMMARY).write_text(text)
     print(text, end="")
