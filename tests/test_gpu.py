@@ -4,7 +4,8 @@ until ``fastpeft.backend`` offers it).
 
 - forward and every gradient against float64, in bf16 and fp16 (the tensor-core paths, which
   the interpreter cannot run: it computes bf16 in fp32), with adapters in the activation dtype or fp32 (PEFT's default), with and
-  without dropout, at every kernel regime of M and at aligned and unaligned K / N;
+  without dropout, at every kernel regime of M and at K / N of tile sizes and of none (each
+  case checks that the kernels ran, not the torch path);
 - the kernels take CUDA tensors only (CPU tensors take the torch path in a GPU run, where
   Triton's interpreter is off) and launch on the tensors' device;
 - no host synchronisation, capture and replay of forward + backward in a CUDA graph, fresh
@@ -54,8 +55,10 @@ def kernel_backend(request, monkeypatch) -> str:
 # M: decode (1: also Triton's == 1 specialization; 16), the first medium size (17, not a
 # multiple of 16), medium (64, 512) and a training batch (4096).
 MS = [1, 16, 17, 64, 512, 4096]
-# (K, N): Llama's q/o (every row 16-byte aligned), and both odd (no aligned rows, partial tiles).
-KN = [(4096, 4096), (4095, 1031)]
+# (K, N): Llama's q/o, and both odd for the tiles (multiples of 16, as the kernels need, but
+# of no tile size: partial tiles in every dimension). Shapes the kernels refuse (K = 4095) run
+# the torch path: tests/ops covers that on CPU.
+KN = [(4096, 4096), (2064, 1040)]
 # (adapter dtype, dropout) rotate over M and (K, N), so that every combination meets each
 # activation dtype and each (K, N) while the specializations to compile stay few (the full
 # cross would be 4x the compiles). None: the activation dtype.
@@ -126,8 +129,10 @@ def test_kernels_launch_on_the_tensors_device(kernel_backend):
 
 
 @pytest.mark.parametrize("dtype,lora_dtype,m,k,n,dropout_p", _matrix())
-def test_kernels_match_float64(kernel_backend, dtype, lora_dtype, m, k, n, dropout_p):
+def test_kernels_match_float64(kernel_backend, dtype, lora_dtype, m, k, n, dropout_p, monkeypatch):
+    calls = _spy(monkeypatch, kernel_backend)
     check_against_reference(make_problem((m,), k, n, 16, dtype, lora_dtype=lora_dtype), dropout_p)
+    assert calls == list(LAUNCHERS[kernel_backend][1:])  # the kernels ran, not the torch path
 
 
 @pytest.mark.parametrize("r", [1, 8, 64, 128])  # 128: above MAX_RANK, the torch path on the GPU
@@ -135,23 +140,27 @@ def test_ranks_match_float64(kernel_backend, r):
     check_against_reference(make_problem((512,), 4096, 4096, r, torch.bfloat16, lora_dtype=FP32), 0.1)
 
 
-def test_strided_input_without_bias(kernel_backend):
-    """x a column slice of a wider tensor (row stride 2K, start not 16-byte aligned), no bias."""
+def test_strided_input_without_bias(kernel_backend, monkeypatch):
+    """x a column slice of a wider tensor (row stride 2K, start 16 elements in: 16-byte
+    aligned, so the kernels take it as it is), no bias."""
     pb = make_problem((64,), 4096, 4096, 16, torch.bfloat16, lora_dtype=FP32, bias=False)
     wide = torch.randn(64, 2 * 4096, device=pb.x.device).to(torch.bfloat16)
-    check_against_reference(dataclasses.replace(pb, x=wide[:, 1:4097]), 0.1)
+    calls = _spy(monkeypatch, kernel_backend)
+    check_against_reference(dataclasses.replace(pb, x=wide[:, 16:4112]), 0.1)
+    assert calls == list(LAUNCHERS[kernel_backend][1:])
 
 
-def test_deterministic_mode_gives_bitwise_equal_grads(kernel_backend):
+def test_deterministic_mode_gives_bitwise_equal_grads(kernel_backend, monkeypatch):
     """Under ``torch.use_deterministic_algorithms`` two identical steps (same inputs, same
-    dropout seed) give bitwise-equal y, dX, dA and dB: M = 4096 rows summed into dA and dB,
-    unaligned K and N. ``warn_only``: torch reads ``CUBLAS_WORKSPACE_CONFIG`` (cuBLAS's
+    dropout seed) give bitwise-equal y, dX, dA and dB on the kernels: M = 4096 rows summed
+    into dA and dB, K and N of no tile size. ``warn_only``: torch reads ``CUBLAS_WORKSPACE_CONFIG`` (cuBLAS's
     condition for determinism) once per process and would otherwise fail every cuBLAS call
     of a process started without it; scripts/gpu_run.sh sets it, and the comparison here is
     the test either way."""
-    pb = make_problem((4096,), 4095, 1031, 16, torch.bfloat16, lora_dtype=FP32)
-    grad_y = torch.randn(4096, 1031, device=pb.x.device, dtype=torch.bfloat16)
+    pb = make_problem((4096,), 2064, 1040, 16, torch.bfloat16, lora_dtype=FP32)
+    grad_y = torch.randn(4096, 1040, device=pb.x.device, dtype=torch.bfloat16)
     seed = draw_seed(pb.x.device)
+    calls = _spy(monkeypatch, kernel_backend)
 
     def step() -> list[torch.Tensor]:
         x, a, b = (t.detach().clone().requires_grad_() for t in (pb.x, pb.lora_a, pb.lora_b))
@@ -165,6 +174,7 @@ def test_deterministic_mode_gives_bitwise_equal_grads(kernel_backend):
         first, second = step(), step()
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    assert calls == list(LAUNCHERS[kernel_backend][1:]) * 2
     for name, one, two in zip(("y", "dx", "dA", "dB"), first, second):
         assert torch.equal(one, two), f"{name} differs between two identical deterministic steps"
 
