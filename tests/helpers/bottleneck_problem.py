@@ -28,7 +28,7 @@ def _silu(z: torch.Tensor) -> torch.Tensor:
 
 
 def _relu(z: torch.Tensor) -> torch.Tensor:
-    return z.clamp_min(0.0)
+    return torch.where(z > 0, z, torch.zeros_like(z))  # derivative 0 at 0, as torch's ReLU
 
 
 def _identity(z: torch.Tensor) -> torch.Tensor:

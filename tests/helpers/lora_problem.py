@@ -12,6 +12,7 @@ from fastpeft.kernels.dropout_mask import draw_seed
 from fastpeft.ops import lora_linear_dropout_mask, lora_linear_ref
 from fastpeft.ops.dropout import mask_follows_seed
 from tests.helpers.devices import DEVICE
+from tests.helpers.dropout_replay import independent_keep_mask
 from tests.helpers.numerics import assert_close, assert_within_bound, magnitudes
 
 SCALING = 0.75
@@ -55,8 +56,8 @@ def check_against_reference(pb: Problem, dropout_p: float, grad_y: torch.Tensor 
     mask = None
     if dropout_p > 0 and keep.numel():  # the torch path hands the mask it drew to the backward
         mask = keep.reshape(x.shape)
-        if mask_follows_seed(x.device):
-            assert torch.equal(mask, lora_linear_dropout_mask(seed, x.numel() // k, k, dropout_p).reshape(x.shape))
+        if mask_follows_seed(x.device):  # against code the op does not call
+            assert torch.equal(mask, independent_keep_mask(seed, x.numel() // k, k, dropout_p).reshape(x.shape))
     elif dropout_p > 0:  # a kernel path ran, or the torch path's mask is redrawn from the seed
         mask = lora_linear_dropout_mask(seed, x.numel() // k, k, dropout_p).reshape(x.shape)
     x64 = pb.x.detach().double().requires_grad_()

@@ -11,8 +11,10 @@ import sys
 import pytest
 import torch
 
+from fastpeft.kernels.bottleneck.ref import ACTIVATIONS as ACCEPTED_NAMES
+from fastpeft.kernels.bottleneck.ref import CANONICAL_ACTIVATIONS, canonical_activation
 from fastpeft.ops import bottleneck_adapter, bottleneck_adapter_dropout_mask, bottleneck_adapter_ref
-from tests.helpers.bottleneck_problem import check_against_reference, leaf, make_problem
+from tests.helpers.bottleneck_problem import REFERENCE_ACTIVATIONS, check_against_reference, leaf, make_problem
 from tests.helpers.devices import BACKENDS, DEVICE
 from tests.helpers.numerics import assert_close
 
@@ -26,6 +28,19 @@ TORCH_PATH = importlib.import_module("fastpeft.ops.bottleneck_adapter_torch")
 # size needing autograd to the op's backward, with the one-GEMM up-projection at every size,
 # so each test checks both on its small shapes.
 TORCH_OP_BACKWARD = "torch-op-backward"
+# Points where the activations are pinned, and transformers' ACT2FN values there (transformers
+# 5.25, float64), by function: a change in ACT2FN, in the torch path's table or name map
+# (fastpeft.kernels.bottleneck.ref) or in the tests' reference formulas shows.
+PIN_Z = [-3.0, -0.5, 0.0, 0.7, 2.5]
+PINNED = {
+    "relu": [0.0, 0.0, 0.0, 0.7, 2.5],
+    "gelu": [-0.00404969409489031, -0.15426876936299344, 0.0, 0.5306254434438489, 2.4844758366855597],
+    "gelu_tanh": [-0.0036373920817729943, -0.15428599017485606, 0.0, 0.5305701347051167, 2.484915733910001],
+    "silu": [-0.14227761953270035, -0.1887703343990727, 0.0, 0.46773144051771626, 2.3103545499468914],
+    "identity": PIN_Z,
+}
+# fastpeft's names that are no ACT2FN key, and the ACT2FN key of the same function.
+ACT2FN_NAME = {"gelu_tanh": "gelu_pytorch_tanh", "identity": "linear"}
 
 
 @pytest.fixture(params=[*BACKENDS, TORCH_OP_BACKWARD])
@@ -189,3 +204,19 @@ def test_small_eager_torch_path_calls_are_recorded_by_autograd_large_ones_use_th
     assert "BottleneckAdapterFunction" not in type(outs[7 * 45].grad_fn).__name__
     assert type(outs[7 * 45 - 1].grad_fn).__name__ == "BottleneckAdapterFunctionBackward"
     torch.testing.assert_close(outs[7 * 45], outs[7 * 45 - 1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(ACCEPTED_NAMES))
+def test_activations_are_transformers_act2fn(name):
+    """Every accepted name, through the torch path's table and name map and through the tests'
+    reference formulas, gives transformers' ACT2FN values at a few pinned points (gelu_fast
+    folds its constants differently from gelu_new: equal up to rounding)."""
+    act2fn = pytest.importorskip("transformers.activations").ACT2FN
+    z = torch.tensor(PIN_Z, dtype=torch.float64)
+    pinned = torch.tensor(PINNED[canonical_activation(name)], dtype=torch.float64)
+    hf = act2fn[ACT2FN_NAME.get(name, name)](z)
+    torch_path = CANONICAL_ACTIVATIONS[canonical_activation(name)](z)
+    reference = REFERENCE_ACTIVATIONS[name](z)
+    for what, values in (("transformers' ACT2FN", hf), ("the torch path", torch_path), ("the reference", reference)):
+        torch.testing.assert_close(values, pinned, rtol=1e-12, atol=1e-12, msg=lambda m, w=what: f"{name}, {w}: {m}")
+    assert set(REFERENCE_ACTIVATIONS) == set(ACCEPTED_NAMES)
