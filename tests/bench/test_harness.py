@@ -4,6 +4,8 @@ timings, JSON schema, report tables, CLI errors. No test asserts on a measured t
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 
@@ -26,6 +28,7 @@ from fastpeft.bench.runner import BenchConfig, make_inputs, run_benchmark
 from fastpeft.bench.spread import INCONCLUSIVE, MET, MISSED, Spread, ratio, verdict
 from fastpeft.bench.targets import check_targets
 from fastpeft.bench.timing import TimingBudget
+from tests.helpers.zygote import Zygote, give_to_nobody_if_root, reachable_temp_dir, run_as_nobody_if_root
 
 CPU = torch.device("cpu")
 TINY = LayerShape("tiny", 24, 40)  # K = 24, N = 40
@@ -360,16 +363,40 @@ def test_cli_rejects_unusable_output_paths_before_running(args, message, tmp_pat
     assert existing.read_text() == "keep me"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes in read-only directories")
+@pytest.fixture(scope="module")
+def zygote():
+    server = Zygote("tests.bench.test_harness")
+    yield server
+    server.close()
+
+
+def _child_cli_exit(args: list[str]) -> dict:
+    """In a zygote child, as "nobody" when the tests run as root: the bench CLI's exit code and
+    stderr for ``args``."""
+    run_as_nobody_if_root()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            main(args)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+    return {"code": code, "stderr": err.getvalue()}
+
+
 @pytest.mark.parametrize("option", ["--out", "--json"])
-def test_cli_rejects_an_unwritable_directory(option, tmp_path, capsys):
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    target = locked if option == "--out" else locked / "bench.json"
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--quick", option, str(target)])
-    assert exit_info.value.code == 2
-    assert f"cannot write in {locked} (Permission denied)" in capsys.readouterr().err
+def test_cli_rejects_an_unwritable_directory(option, zygote):
+    """Run by an unprivileged user: "nobody" when the tests run as root, who writes in
+    read-only directories."""
+    with reachable_temp_dir("fastpeft-bench-") as root:
+        locked = root / "locked"
+        locked.mkdir(mode=0o500)
+        give_to_nobody_if_root(locked)
+        target = locked if option == "--out" else locked / "bench.json"
+        outcome = zygote.run("_child_cli_exit", args=["--quick", option, str(target)])
+        assert not any(locked.iterdir())
+    assert outcome["code"] == 2
+    assert f"cannot write in {locked} (Permission denied)" in outcome["stderr"]
 
 
 @pytest.mark.skipif(not os.path.isdir("/sys"), reason="needs Linux's /sys, where nobody creates files")

@@ -21,7 +21,6 @@ import itertools
 import os
 import pwd
 import random
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -38,7 +37,13 @@ import fastpeft
 from fastpeft import LoraConfig
 from fastpeft.api import adapter_state_dict
 from fastpeft.formats import safe_write, save_journal
-from tests.helpers.zygote import NamespaceUnavailable, Zygote
+from tests.helpers.zygote import (
+    NamespaceUnavailable,
+    Zygote,
+    give_to_nobody_if_root,
+    reachable_temp_dir,
+    run_as_nobody_if_root,
+)
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -505,20 +510,14 @@ def test_modes_follow_umask_and_setgid_group(tmp_path, umask, file_mode, dir_mod
 @pytest.fixture
 def world_dir():
     """A directory that an unprivileged user can reach (pytest's tmp_path is root-only)."""
-    path = Path(tempfile.mkdtemp(prefix="fastpeft-save-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path)
+    with reachable_temp_dir("fastpeft-save-") as path:
+        yield path
 
 
 def _child_unprivileged_saves(root: str) -> dict:
     """As "nobody" (when run as root): save over an adapter in a read-only directory, and
     into a writable directory whose parent is read-only."""
-    if os.geteuid() == 0:
-        user = pwd.getpwnam("nobody")
-        os.setgroups([])
-        os.setgid(user.pw_gid)
-        os.setuid(user.pw_uid)
+    run_as_nobody_if_root()
     return {
         name: _error_of(lambda: fastpeft.save_adapter(adapted("c"), Path(root, *path)))
         for name, path in [("read-only-target", ["ro-target"]), ("read-only-parent", ["ro-parent", "adapter"])]
@@ -528,10 +527,7 @@ def _child_unprivileged_saves(root: str) -> dict:
 def _owned_adapter_dir(path: Path, mode: int) -> None:
     """An adapter "a" in ``path``, owned by nobody when running as root, with ``mode``."""
     fastpeft.save_adapter(adapted("a"), path)
-    if os.geteuid() == 0:
-        user = pwd.getpwnam("nobody")
-        for p in [path, *path.iterdir()]:
-            os.chown(p, user.pw_uid, user.pw_gid)
+    give_to_nobody_if_root(path, *path.iterdir())
     path.chmod(mode)
 
 

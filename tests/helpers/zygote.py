@@ -9,16 +9,25 @@ Protocol: one JSON line per request on the zygote's stdin, one JSON reply line o
 stdout: ``{"op": "fork", "fn": name, "kwargs": {...}}`` forks a child running
 ``module.name(**kwargs)`` and replies its pid; ``{"op": "wait", "pid": pid}`` reaps it and
 replies its exit code and what the function returned or raised.
+
+Permission tests run their children as an unprivileged user: as root, which ignores permission
+bits, a child becomes "nobody" (``run_as_nobody_if_root``) and works in a directory it can reach
+(``reachable_temp_dir``), on files given to it (``give_to_nobody_if_root``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
+import pwd
+import shutil
 import subprocess
 import sys
+import tempfile
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -119,3 +128,34 @@ class Zygote:
     def close(self) -> None:
         self.process.stdin.close()
         self.process.wait(timeout=30)
+
+
+def run_as_nobody_if_root() -> None:
+    """In a forked child: when running as root, become "nobody" (its group, no supplementary
+    groups), so that permission bits apply as to an unprivileged user; nothing otherwise."""
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("nobody")
+        os.setgroups([])
+        os.setgid(user.pw_gid)
+        os.setuid(user.pw_uid)
+
+
+def give_to_nobody_if_root(*paths: Path) -> None:
+    """When running as root, make "nobody" the owner of ``paths`` (what ``run_as_nobody_if_root``'s
+    child is to own); nothing otherwise."""
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("nobody")
+        for path in paths:
+            os.chown(path, user.pw_uid, user.pw_gid)
+
+
+@contextlib.contextmanager
+def reachable_temp_dir(prefix: str) -> Iterator[Path]:
+    """A temporary directory an unprivileged user can reach (pytest's tmp_path is root-only),
+    removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)

@@ -75,8 +75,9 @@ def test_loss_curve_matches_peft(arch, dropout):
     into the rank-r side and sums in another order): each of the first steps agrees to fp32
     tolerance, and the final loss (seen within 1e-4 after 200 Adam steps, as rounding
     differences grow) to 2e-3. With dropout the masks differ (fastpeft draws its own), so
-    only the final losses are compared, loosely (seen within 11%): dropout in the fused op
-    trains as stably as PEFT's. Both runs must cut the loss by more than 3x (it falls
+    only the final losses are compared, to 15% (seen within 11%; 8.5% and 1.1% with torch
+    2.13 on CPU): dropout in the fused op trains as stably as PEFT's, and a wrong one shows
+    (a dropout of 0.12 against PEFT's 0.1 moves Llama's final loss by 24%). Both runs must cut the loss by more than 3x (it falls
     10-60x without dropout, ~4-20x with it).
     """
     ours, theirs = _twin_models(arch, dropout)
@@ -87,7 +88,7 @@ def test_loss_curve_matches_peft(arch, dropout):
     if dropout == 0.0:
         per_step = (losses_ours[:10] - losses_peft[:10]).abs() / losses_peft[:10]
         assert per_step.max() <= TOLERANCE[torch.float32], f"first 10 steps: relative differences {per_step}"
-    final_tol = 2e-3 if dropout == 0.0 else 0.3
+    final_tol = 2e-3 if dropout == 0.0 else 0.15
     rel = abs(final_ours - final_peft) / final_peft
     assert rel <= final_tol, f"final loss fastpeft {final_ours:.4f} vs peft {final_peft:.4f} (rel {rel:.2e})"
 

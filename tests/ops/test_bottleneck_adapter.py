@@ -16,7 +16,7 @@ from fastpeft.kernels.bottleneck.ref import CANONICAL_ACTIVATIONS, canonical_act
 from fastpeft.ops import bottleneck_adapter, bottleneck_adapter_dropout_mask, bottleneck_adapter_ref
 from tests.helpers.bottleneck_problem import REFERENCE_ACTIVATIONS, check_against_reference, leaf, make_problem
 from tests.helpers.devices import BACKENDS, DEVICE
-from tests.helpers.numerics import assert_close
+from tests.helpers.numerics import TOLERANCE, assert_close
 
 ACTIVATIONS = ["relu", "gelu", "gelu_new", "silu", "linear"]
 OP_MODULE = importlib.import_module("fastpeft.ops.bottleneck_adapter")
@@ -94,15 +94,16 @@ def test_no_biases_and_a_separate_residual(backend, learned):
 
 
 def test_strided_inputs(backend):
-    """h a transposed 2-D view and the weights transposed views; a zero-stride grad_out
-    (the gradient of ``out.sum()``) in the second call."""
+    """h a transposed 2-D view and the weights transposed views; a zero-stride grad_out in
+    the second call (one random row broadcast over the rows, like the gradient of a sum over
+    rows: random, so that dW_up's rows differ)."""
     pb = make_problem((45,), 37, 8, torch.float32)
     pb.h = torch.randn(37, 45, device=DEVICE).t()
     pb.w_down = pb.w_down.t().contiguous().t()
     pb.w_up = pb.w_up.t().contiguous().t()
     assert not pb.h.is_contiguous() and not pb.w_down.is_contiguous()
     out = check_against_reference(pb, "gelu")
-    check_against_reference(pb, "gelu", grad_out=torch.ones(1, 1, device=DEVICE).expand(out.shape))
+    check_against_reference(pb, "gelu", grad_out=torch.randn(1, out.shape[-1], device=DEVICE).expand(out.shape))
 
 
 def test_strided_3d_view(backend):
@@ -170,13 +171,24 @@ def test_only_the_weights_need_grad(backend):
 
 
 def test_scaling_tensor_of_shape_1_gets_its_own_shape_back(backend):
-    """AdapterHub's learned scaling is ``nn.Parameter(torch.ones(1))``."""
+    """AdapterHub's learned scaling is ``nn.Parameter(torch.ones(1))``: a shape-(1,) scaling,
+    here of a random value under a random upstream gradient, gives float64's out and dscaling,
+    the latter in its own shape."""
     pb = make_problem((5,), 45, 8, torch.float32)
-    scaling = torch.ones(1, device=DEVICE, requires_grad=True)
+    scaling = torch.randn(1, device=DEVICE).requires_grad_()
     out = bottleneck_adapter(pb.h, pb.w_down, pb.b_down, pb.w_up, pb.b_up, "relu", scaling)
-    torch.testing.assert_close(out, bottleneck_adapter(pb.h, pb.w_down, pb.b_down, pb.w_up, pb.b_up, "relu", 1.0))
-    out.sum().backward()
-    assert scaling.grad.shape == (1,)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    inputs64 = [t.double() for t in (pb.h, pb.w_down, pb.b_down, pb.w_up, pb.b_up)]
+    scaling64 = scaling.detach().double().requires_grad_()
+    out64 = bottleneck_adapter_ref(*inputs64, REFERENCE_ACTIVATIONS["relu"], scaling64)
+    out64.backward(grad_out.double())
+    assert_close(out, out64, torch.float32, "out")
+    assert scaling.grad.shape == (1,) and scaling.grad.dtype == torch.float32
+    # dscaling = sum(grad_out * u): its rounding scales with sum |grad_out * u|, not its value.
+    u64 = (out64 - inputs64[0]).detach() / scaling64.detach()
+    err = (scaling.grad.double() - scaling64.grad).abs().item() / (grad_out.double() * u64).abs().sum().item()
+    assert err <= TOLERANCE[torch.float32], f"dscaling: error {err:.3e} of sum|g u|"
 
 
 def test_autocast_runs_in_the_autocast_dtype():

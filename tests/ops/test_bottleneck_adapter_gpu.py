@@ -11,6 +11,7 @@ import torch
 
 from fastpeft.ops import bottleneck_adapter
 from tests.helpers.bottleneck_problem import check_against_reference, make_problem
+from tests.helpers.numerics import assert_close
 
 pytestmark = [
     pytest.mark.gpu,
@@ -63,7 +64,11 @@ def test_cuda_graph_capture_and_deterministic_backward(gpu_backend):
         step()  # warm-up on the side stream, as CUDA graphs require
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
+    static = [t.detach().clone() for t in leaves]
     with torch.cuda.graph(graph):
-        bottleneck_adapter(*[t.detach() for t in leaves], "silu", 0.5, None, 0.1, training=True)
+        bottleneck_adapter(*static, "silu", 0.5, None, 0.1, training=True)  # dropout captures too (no host sync)
+        out = bottleneck_adapter(*static, "silu", 0.5, None, 0.0)
+    static[0].copy_(torch.randn_like(static[0]))  # new h in the captured buffer: the replay must read it
     graph.replay()
     torch.cuda.synchronize()
+    assert_close(out, bottleneck_adapter(*static, "silu", 0.5, None, 0.0).double(), torch.bfloat16, "replayed out")

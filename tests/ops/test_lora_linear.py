@@ -65,9 +65,10 @@ def test_non_contiguous_views(backend, dropout_p):
 
 
 def test_broadcast_grad_output(backend):
-    """``y.sum()`` hands the backward a gradient with zero strides."""
+    """A gradient with zero row stride, as ``y.sum()`` hands the backward: one random row
+    broadcast over the rows (random, so that dB's rows differ; ones would make them equal)."""
     pb = make_problem((6,), 40, 24, 4, torch.float32)
-    check_against_reference(pb, 0.2, grad_y=torch.ones(1, device=DEVICE).expand(6, 24))
+    check_against_reference(pb, 0.2, grad_y=torch.randn(1, 24, device=DEVICE).expand(6, 24))
 
 
 @pytest.mark.parametrize("lead", [(0,), (3, 0)])

@@ -122,9 +122,10 @@ def test_non_contiguous_views(dropout_p):
 
 
 def test_broadcast_grad_output():
-    """``y.sum()`` hands the backward a gradient with zero strides (cuBLAS takes it as is)."""
+    """A gradient with zero row stride, as ``y.sum()`` hands the backward (cuBLAS takes it as
+    is): one random row broadcast over the rows, so that dB's rows differ."""
     pb = make_problem((6,), 40, 24, 4, torch.float32)
-    check_against_reference(pb, 0.2, grad_y=torch.ones(1, device=DEVICE).expand(6, 24))
+    check_against_reference(pb, 0.2, grad_y=torch.randn(1, 24, device=DEVICE).expand(6, 24))
 
 
 @pytest.mark.parametrize("lead", [(0,), (3, 0)])
