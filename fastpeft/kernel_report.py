@@ -8,6 +8,7 @@ kernel's PTX: no kernel may synchronize GPU-wide (``forbidden_sync``) or use a g
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -71,6 +72,34 @@ _WIDE_SCOPES = {"gpu", "sys"}
 _OPCODE_RE = re.compile(r"^\s*(?:@!?%\w+\s+)?([a-z][\w.:]*)")
 
 
+def _matching_opcodes(ptx: str, matches: Callable[[list[str], set[str]], bool]) -> list[str]:
+    """The distinct opcodes of ``ptx``'s instructions for which ``matches(parts, qualifiers)``
+    holds (``parts``: the opcode split at dots; ``qualifiers``: all but the first), in order of
+    first use. An instruction's opcode follows an optional guard predicate; comments, labels
+    and directives are no instructions."""
+    found: dict[str, None] = {}
+    for line in ptx.splitlines():
+        match = _OPCODE_RE.match(line)
+        if match:
+            parts = match.group(1).split(".")
+            if matches(parts, set(parts[1:])):
+                found[match.group(1)] = None
+    return list(found)
+
+
+def _orders_gpu_wide(parts: list[str], qualifiers: set[str]) -> bool:
+    """Whether an instruction orders memory at gpu or sys scope (``forbidden_sync``)."""
+    head = parts[0]
+    if head == "membar":
+        return bool(qualifiers & {"gl", "sys"})
+    if head == "fence":
+        return len(parts) > 2 and parts[1] in _ORDERED_SEMANTICS and bool(qualifiers & _WIDE_SCOPES)
+    if head in ("atom", "red", "ld", "st"):
+        scopes = qualifiers & {"cta", "cluster", "gpu", "sys"}
+        return bool(qualifiers & _ORDERED_SEMANTICS) and (not scopes or bool(scopes & _WIDE_SCOPES))
+    return False
+
+
 def forbidden_sync(ptx: str) -> list[str]:
     """GPU-scope synchronization in ``ptx``: the distinct offending opcodes, in order of first use.
 
@@ -78,36 +107,29 @@ def forbidden_sync(ptx: str) -> list[str]:
     acquire/release) at gpu or sys scope; atomics (``atom``, ``red``) and loads/stores with
     acquire/release/acq_rel semantics at gpu or sys scope (the default scope of an atomic
     is gpu). Each costs a GPU-wide memory barrier (``MEMBAR.ALL.GPU`` in SASS) or an L1
-    invalidation per execution; reductions want ``sem="relaxed"`` (``red.relaxed``) or no
-    atomics at all. Allowed:
-    relaxed atomics, CTA / cluster scopes, ``bar.sync``, and the proxy and ``wgmma.fence``
-    fences of Hopper GEMMs (``fence.proxy.async``, ``fence.mbarrier_init``).
+    invalidation per execution. Allowed here: relaxed atomics (which ``global_atomics``
+    rejects on global memory: they are not reproducible), CTA / cluster scopes, ``bar.sync``,
+    and the proxy and ``wgmma.fence`` fences of Hopper GEMMs (``fence.proxy.async``,
+    ``fence.mbarrier_init``).
     """
-    found: dict[str, None] = {}
-    for line in ptx.splitlines():
-        match = _OPCODE_RE.match(line)
-        if not match:
-            continue
-        opcode = match.group(1)
-        parts = opcode.split(".")
-        head, qualifiers = parts[0], set(parts[1:])
-        if head == "membar":
-            wide = bool(qualifiers & {"gl", "sys"})
-        elif head == "fence":
-            wide = len(parts) > 2 and parts[1] in _ORDERED_SEMANTICS and bool(qualifiers & _WIDE_SCOPES)
-        elif head in ("atom", "red", "ld", "st"):
-            scopes = qualifiers & {"cta", "cluster", "gpu", "sys"}
-            wide = bool(qualifiers & _ORDERED_SEMANTICS) and (not scopes or bool(scopes & _WIDE_SCOPES))
-        else:
-            wide = False
-        if wide:
-            found[opcode] = None
-    return list(found)
+    return _matching_opcodes(ptx, _orders_gpu_wide)
 
 
 # State spaces of atom/red that stay inside a block or cluster; any other atom/red (.global, or
 # generic addressing, which may reach global memory) is a global atomic.
 _SHARED_SPACES = {"shared", "shared::cta", "shared::cluster"}
+
+
+def _is_global_atomic(parts: list[str], qualifiers: set[str]) -> bool:
+    """Whether an instruction is an atomic read-modify-write of global memory (``global_atomics``)."""
+    head = parts[0]
+    if head in ("atom", "red"):
+        return not qualifiers & _SHARED_SPACES
+    if head == "multimem":
+        return parts[1:2] == ["red"]
+    if head == "cp":  # bulk reductions: the destination's state space comes first, the source is shared
+        return "reduce" in qualifiers and "global" in qualifiers
+    return False
 
 
 def global_atomics(ptx: str) -> list[str]:
@@ -123,25 +145,7 @@ def global_atomics(ptx: str) -> list[str]:
     as fixed-order sums of partials, so ``fastpeft check`` fails a kernel with any of these.
     Shared-memory atomics stay inside one block and are not reported.
     """
-    found: dict[str, None] = {}
-    for line in ptx.splitlines():
-        match = _OPCODE_RE.match(line)
-        if not match:
-            continue
-        opcode = match.group(1)
-        parts = opcode.split(".")
-        head, qualifiers = parts[0], set(parts[1:])
-        if head in ("atom", "red"):
-            atomic = not qualifiers & _SHARED_SPACES
-        elif head == "multimem":
-            atomic = parts[1:2] == ["red"]
-        elif head == "cp":
-            atomic = "reduce" in qualifiers and "global" in qualifiers  # the destination; the source is shared
-        else:
-            atomic = False
-        if atomic:
-            found[opcode] = None
-    return list(found)
+    return _matching_opcodes(ptx, _is_global_atomic)
 
 
 def atomics_problem(result: Result) -> str:

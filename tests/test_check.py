@@ -357,17 +357,6 @@ ALLOWED_PTX = [
 ]
 
 
-@pytest.mark.parametrize("line,opcode", FORBIDDEN_PTX.items())
-def test_forbidden_sync_flags_gpu_scope_ordering(line, opcode):
-    assert check.forbidden_sync("\n".join([*ALLOWED_PTX, line, *ALLOWED_PTX])) == [opcode]
-
-
-def test_forbidden_sync_passes_relaxed_and_local_ordering():
-    assert check.forbidden_sync("\n".join(ALLOWED_PTX)) == []
-    twice = "\n".join([*FORBIDDEN_PTX, *FORBIDDEN_PTX])
-    assert check.forbidden_sync(twice) == list(FORBIDDEN_PTX.values())  # each once, in order
-
-
 # Instruction lines that read-modify-write global memory atomically, whatever their memory
 # order, with the opcode global_atomics reports for each.
 GLOBAL_ATOMIC_PTX = {
@@ -400,16 +389,25 @@ NOT_GLOBAL_ATOMIC_PTX = [
 ]
 
 
-@pytest.mark.parametrize("line,opcode", GLOBAL_ATOMIC_PTX.items())
-def test_global_atomics_flags_every_global_atomic(line, opcode):
-    context = NOT_GLOBAL_ATOMIC_PTX
-    assert check.global_atomics("\n".join([*context, line, *context])) == [opcode]
+# Each PTX rule, the lines it flags (with the opcode it reports) and lines it must pass.
+RULES = {
+    "forbidden_sync": (check.forbidden_sync, FORBIDDEN_PTX, ALLOWED_PTX),
+    "global_atomics": (check.global_atomics, GLOBAL_ATOMIC_PTX, NOT_GLOBAL_ATOMIC_PTX),
+}
 
 
-def test_global_atomics_passes_shared_memory_and_plain_accesses():
-    assert check.global_atomics("\n".join(NOT_GLOBAL_ATOMIC_PTX)) == []
-    twice = "\n".join([*GLOBAL_ATOMIC_PTX, *GLOBAL_ATOMIC_PTX])
-    assert check.global_atomics(twice) == list(GLOBAL_ATOMIC_PTX.values())  # each once, in order
+@pytest.mark.parametrize("rule,line,opcode", [(rule, line, opcode) for rule, (_, flagged, _) in RULES.items()
+                                              for line, opcode in flagged.items()])
+def test_rule_flags_each_line(rule, line, opcode):
+    find, _, passing = RULES[rule]
+    assert find("\n".join([*passing, line, *passing])) == [opcode]
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_rule_passes_its_allowed_lines_and_reports_each_opcode_once(rule):
+    find, flagged, passing = RULES[rule]
+    assert find("\n".join(passing)) == []
+    assert find("\n".join([*flagged, *flagged])) == list(flagged.values())  # each once, in order
 
 
 def test_judge_fails_on_global_atomics():
