@@ -35,14 +35,15 @@ from fastpeft.ops.lora_linear_torch import (
 from fastpeft.ops.op_calls import call_directly, eager_function, op_for_call, rows
 
 
-def _implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, pass_: str) -> str:
-    """``"fused"``, ``"hybrid"`` or ``"torch"`` for this call's ``pass_`` (``"forward"`` or
-    ``"backward"``): ``fastpeft.kernels.lora.dispatch.choose_implementation`` (torch-only, no Triton import).
+def _implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, training: bool) -> str:
+    """``"fused"``, ``"hybrid"`` or ``"torch"`` for an inference forward, or (``training``) for
+    either pass of a training step: ``fastpeft.kernels.lora.dispatch.choose_implementation``
+    (torch-only, no Triton import).
     Imported at the first call, not with the package, so that running the table writer
     (``python -m fastpeft.kernels.lora.dispatch``) does not find it imported already."""
     from fastpeft.kernels.lora import dispatch as lora_dispatch
 
-    return lora_dispatch.choose_implementation(x, weight, lora_a, pass_)
+    return lora_dispatch.choose_implementation(x, weight, lora_a, training)
 
 
 def _lora_linear_forward(
@@ -54,13 +55,16 @@ def _lora_linear_forward(
     scaling: float,
     dropout_p: float,
     seed: torch.Tensor,
+    training: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y [..., N], s [M, R], keep)`` for x ``[..., K]``, M the product of x's leading dims;
+    ``training``: a backward follows (the implementation is the training step's, chosen for
+    both passes together, not the inference forward's);
     ``s`` in ``rank_side_dtype(lora_a.dtype)`` (fp32 unless the adapter is float64); ``keep``
     the torch path's bool ``[M, K]`` dropout mask, empty on the kernel paths (fused, hybrid),
     without dropout, or where the backward redraws it (``fastpeft.ops.dropout.redraws_mask``)."""
     x2 = rows(x, weight.shape[1])
-    impl = _implementation(x, weight, lora_a, "forward")
+    impl = _implementation(x, weight, lora_a, training)
     if impl == "torch":
         y, s, keep = lora_forward_torch(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
         keep = kept_mask(keep)
@@ -77,11 +81,11 @@ def _lora_linear_forward(
 _lora_linear_op = torch.library.custom_op("fastpeft::lora_linear", mutates_args=())(_lora_linear_forward)
 
 @_lora_linear_op.register_fake
-def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
+def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, training=False):
     m = math.prod(x.shape[:-1])
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
     s = x.new_empty((m, lora_a.shape[0]), dtype=rank_side_dtype(lora_a.dtype))
-    saves_mask = (dropout_p > 0.0 and _implementation(x, weight, lora_a, "forward") == "torch"
+    saves_mask = (dropout_p > 0.0 and _implementation(x, weight, lora_a, training) == "torch"
                   and not redraws_mask(x.device))
     keep = x.new_empty((m, x.shape[-1]) if saves_mask else (0,), dtype=torch.bool)
     return y, s, keep
@@ -108,7 +112,7 @@ def _lora_linear_backward(
     pass; ``keep_mask`` draws the kernels' Philox mask wherever they run)."""
     g2, x2 = rows(grad_y, weight.shape[0]), rows(x, weight.shape[1])
     needs = (need_x, need_a, need_b)
-    impl = _implementation(x, weight, lora_a, "backward")
+    impl = _implementation(x, weight, lora_a, True)
     if impl == "torch":
         if dropout_p > 0.0 and not keep.numel():
             keep = keep_mask(x2, dropout_p, seed)
@@ -142,7 +146,7 @@ def _lora_linear_backward_fake(grad_y, x, weight, lora_a, lora_b, s, keep, scali
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed = inputs
+    x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed = inputs[:8]  # then training
     _, s, keep = output
     ctx.mark_non_differentiable(s, keep)
     ctx.save_for_backward(x, weight, lora_a, lora_b, s, keep, seed)
@@ -182,6 +186,7 @@ def _backward(ctx, grad_y, _grad_s, _grad_keep):
         dbias,
         da if need_a else None,
         db if need_b else None,
+        None,
         None,
         None,
         None,
@@ -237,9 +242,10 @@ def lora_linear(
     check_lora_linear_args(x, weight, bias, lora_a, lora_b, scaling, dropout_p)
     p = float(dropout_p) if training else 0.0
     seed = draw_seed(x.device) if p > 0.0 else x.new_empty(0, dtype=torch.int64)
-    op = op_for_call(_lora_linear_forward, _LoRALinearFunction, torch.ops.fastpeft.lora_linear,
-                     x, weight, bias, lora_a, lora_b)
-    y, _, _ = op(x, weight, bias, lora_a, lora_b, float(scaling), p, seed)
+    tensors = (x, weight, bias, lora_a, lora_b)
+    backward_follows = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    op = op_for_call(_lora_linear_forward, _LoRALinearFunction, torch.ops.fastpeft.lora_linear, *tensors)
+    y, _, _ = op(x, weight, bias, lora_a, lora_b, float(scaling), p, seed, backward_follows)
     return y
 
 

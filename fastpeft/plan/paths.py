@@ -117,16 +117,13 @@ def _lora_run(p: Problem, forward: str, backward: str) -> Callable[[], None]:
 
 
 def lora_table_choice(p: Problem, gpu: GpuSpec) -> tuple[str, str]:
-    """(forward, backward) implementations the shipped dispatch table picks for ``p`` on ``gpu``
-    (the backward's is the forward's in ``fwd`` mode)."""
+    """(forward, backward) implementations the shipped dispatch table picks for ``p`` on ``gpu``:
+    one implementation for both, the inference entry's in ``fwd`` mode, the training step's
+    in ``fwd+bwd``."""
     table = dispatch.shipped_table()
-
-    def pick(pass_: str) -> str:
-        entry = dispatch.lookup(table, arch=f"sm_{gpu.capability}", dtype=p.dtype, pass_=pass_, m=p.m, n=p.n, k=p.k)
-        return entry["implementation"]
-
-    forward = pick(dispatch.FORWARD)
-    return forward, pick(dispatch.BACKWARD) if p.mode == FWD_BWD else forward
+    mode = dispatch.TRAINING if p.mode == FWD_BWD else dispatch.INFERENCE
+    entry = dispatch.lookup(table, arch=f"sm_{gpu.capability}", dtype=p.dtype, mode=mode, m=p.m, n=p.n, k=p.k)
+    return entry["implementation"], entry["implementation"]
 
 
 def lora_paths(p: Problem, gpu: GpuSpec) -> list[PathRun]:

@@ -8,8 +8,12 @@ Implementations:
 - ``torch`` (``fastpeft.ops.lora_linear_torch``): torch composite ops.
 
 ``choose_implementation`` is what the op asks, in its forward, its fake and its backward: a
-pure function of shapes, dtypes, device and ``FASTPEFT_BACKEND`` (never of tensor values, so
-compiled graphs and CUDA graphs see the choice eager mode makes). ``triton`` forces ``fused``,
+pure function of shapes, dtypes, device, the mode (inference, or a training step: the op's
+``training`` argument, true when a backward follows) and ``FASTPEFT_BACKEND`` (never of tensor
+values, so compiled graphs and CUDA graphs see the choice eager mode makes). A training step
+runs the forward and the backward the table chose together, from timings of both passes
+together: the pair that runs is the pair that was timed (a forward timed without dropout or
+backward does not decide a training step's). ``triton`` forces ``fused``,
 ``hybrid`` forces ``hybrid``; ``auto`` reads the table, once ``KERNELS_VALIDATED_ON_GPU``.
 
 The table (``dispatch_table.json``, shipped in the package; schema ``SCHEMA``) is a JSON
@@ -21,16 +25,18 @@ absent meaning "any":
 - ``"arch"``: ``"sm_XY"``; it matches the devices of its family (``sm_90`` and newer, or
   older), the split the kernels' tile tables use;
 - ``"dtype"``: the activation dtype, torch's name (``"bfloat16"``, ``"float16"``);
-- ``"pass"``: ``"forward"`` or ``"backward"``;
+- ``"mode"``: ``"inference"`` (a forward without backward) or ``"training"`` (both passes of
+  a training step);
 - ``"m_min"``, ``"m_max"``: the range of rows M (inclusive; no ``m_max``: unbounded);
 - ``"n"``, ``"k"`` (together): the layer shape it was measured on.
 Lookup: among the entries whose conditions hold, those with a shape come first, the one
 nearest in ``|log2(N/n)| + |log2(K/k)|``; then the shapeless ones; ties by order. Entries
-without arch, dtype, pass or shape must cover every M >= 1, so every lookup finds one.
+without arch, dtype, mode or shape must cover every M >= 1, so every lookup finds one.
 
-The forward and the backward may pick different implementations: every kernel path saves the
-same ``s`` (fp32 ``x_hat A^T``) and no mask (it regenerates it from the seed), and a torch
-backward after a kernel forward regenerates the mask (``fastpeft.ops.lora_linear``).
+An inference forward and a training step may pick different implementations. (A forward and a
+backward may also differ, e.g. under a forced backend changed between them: every kernel path
+saves the same ``s``, fp32 ``x_hat A^T``, and no mask, which it regenerates from the seed, and a
+torch backward after a kernel forward regenerates the mask: ``fastpeft.ops.lora_linear``.)
 
 Writing a table from benchmark results (the GPU run does this)::
 
@@ -41,15 +47,14 @@ Writing a table from benchmark results (the GPU run does this)::
   (torch's name, required), optionally ``"arch"`` (``"sm_90"``; else ``--arch``, else the
   current CUDA device's);
 - ``timings``: rows ``{"m", "n", "k", "r", "mode", "impl", "ms", "error"}`` where ``mode`` is
-  ``"fwd"`` (decides the forward) or ``"fwd+bwd"`` (decides the backward: a training step's
-  winner), ``impl`` one of ``"fused"``, ``"hybrid"``, ``"torch"`` (other rows are ignored),
+  ``"fwd"`` (decides inference) or ``"fwd+bwd"`` (decides training: a whole step's winner), ``impl`` one of ``"fused"``, ``"hybrid"``, ``"torch"`` (other rows are ignored),
   ``ms`` the median time in ms, a number or ``{"value": median, ...}``; rows with an
   ``error``, no time, a ``status`` other than ``"ok"`` or a ``runs`` other than ``impl`` (the
   row ran another path, e.g. the torch path for a kernel row on CPU) are skipped.
   ``fastpeft.bench.focused``'s JSON (``--dispatch-input``) has this layout.
-Per (pass, n, k, m) the implementation with the smallest sum of medians over the ranks
+Per (mode, n, k, m) the implementation with the smallest sum of medians over the ranks
 measured wins (an implementation missing a rank the others have is out). Entries for the
-measured Ms of one (pass, n, k) split M at the geometric means of neighbouring Ms, from 1 to
+measured Ms of one (mode, n, k) split M at the geometric means of neighbouring Ms, from 1 to
 unbounded. The shipped table's shapeless entries (the rules of thumb) follow, as fallback.
 """
 
@@ -74,25 +79,26 @@ from fastpeft.kernels.lora.configs import MAX_RANK, device_info, kernel_friendly
 # hybrid and torch; "fused" is what FASTPEFT_BACKEND=triton forces).
 FUSED, HYBRID, TORCH = "fused", "hybrid", "torch"
 IMPLEMENTATIONS = (FUSED, HYBRID, TORCH)
-# The op's two passes; a table decides each on its own.
-FORWARD, BACKWARD = "forward", "backward"
-PASSES = (FORWARD, BACKWARD)
+# What a table decides on its own: a forward without backward, and a training step's passes.
+INFERENCE, TRAINING = "inference", "training"
+MODES = (INFERENCE, TRAINING)
 # Versions the table format: a reader refuses a table written for another one.
-SCHEMA = "fastpeft-lora-dispatch/1"
+# /2: entries keyed on "mode" (inference, training), not on the pass.
+SCHEMA = "fastpeft-lora-dispatch/2"
 # The shipped table, package data next to this module.
 TABLE_FILE = "dispatch_table.json"
-# Benchmark modes (fastpeft.bench.cases) and the pass each one decides.
-BENCH_MODES = {"fwd": FORWARD, "fwd+bwd": BACKWARD}
+# Benchmark modes (fastpeft.bench.cases) and the mode each one decides.
+BENCH_MODES = {"fwd": INFERENCE, "fwd+bwd": TRAINING}
 # The keys of an entry that restrict which problems it decides.
-_CONDITIONS = ("arch", "dtype", "pass", "m_min", "m_max", "n", "k")
+_CONDITIONS = ("arch", "dtype", "mode", "m_min", "m_max", "n", "k")
 # Architecture families, as in the kernels' tile tables (fastpeft.kernels.lora.configs): sm_90 and newer
 # (Hopper tables) and older GPUs (Ampere tables).
 _HOPPER = 90
 
 
-def choose_implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, pass_: str) -> str:
-    """``fused``, ``hybrid`` or ``torch`` for x ``[..., K]``, W ``[N, K]``, A ``[R, K]`` in
-    pass ``pass_`` (``FORWARD`` or ``BACKWARD``).
+def choose_implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, training: bool) -> str:
+    """``fused``, ``hybrid`` or ``torch`` for x ``[..., K]``, W ``[N, K]``, A ``[R, K]`` in an
+    inference forward, or (``training``) in either pass of a training step.
 
     The torch path takes ranks above MAX_RANK, empty problems (any of M, K, N zero), float64
     (no tensor cores; the kernels' tiles are sized for 16-bit), fp32 activations on a GPU
@@ -115,8 +121,8 @@ def choose_implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.T
     if choice == "hybrid":
         return HYBRID
     n, k = weight.shape
-    entry = lookup(shipped_table(), arch=device_arch(x.device), dtype=x.dtype, pass_=pass_,
-                   m=x.numel() // k, n=n, k=k)
+    entry = lookup(shipped_table(), arch=device_arch(x.device), dtype=x.dtype,
+                   mode=TRAINING if training else INFERENCE, m=x.numel() // k, n=n, k=k)
     return entry["implementation"]
 
 
@@ -134,11 +140,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _matches(entry: dict, arch: str, dtype: str, pass_: str, m: int) -> bool:
+def _matches(entry: dict, arch: str, dtype: str, mode: str, m: int) -> bool:
     return (
         ("arch" not in entry or _family(entry["arch"]) == _family(arch))
         and entry.get("dtype", dtype) == dtype
-        and entry.get("pass", pass_) == pass_
+        and entry.get("mode", mode) == mode
         and entry.get("m_min", 1) <= m
         and ("m_max" not in entry or m <= entry["m_max"])
     )
@@ -151,13 +157,14 @@ def _shape_distance(entry: dict, n: int, k: int) -> float:
     return abs(math.log2(n / entry["n"])) + abs(math.log2(k / entry["k"]))
 
 
-def lookup(table: dict, *, arch: str, dtype: torch.dtype | str, pass_: str, m: int, n: int, k: int) -> dict:
+def lookup(table: dict, *, arch: str, dtype: torch.dtype | str, mode: str, m: int, n: int, k: int) -> dict:
     """The entry of ``table`` that decides a problem (see the module docstring), for
-    ``arch`` ``"sm_XY"``, activation ``dtype``, ``pass_``, M rows and W ``[n, k]``."""
+    ``arch`` ``"sm_XY"``, activation ``dtype``, ``mode`` (``INFERENCE`` or ``TRAINING``), M rows
+    and W ``[n, k]``."""
     dtype = dtype if isinstance(dtype, str) else _dtype_name(dtype)
-    candidates = [e for e in table["entries"] if _matches(e, arch, dtype, pass_, m)]
+    candidates = [e for e in table["entries"] if _matches(e, arch, dtype, mode, m)]
     if not candidates:
-        raise LookupError(f"dispatch table has no entry for {arch} {dtype} {pass_} M={m}")
+        raise LookupError(f"dispatch table has no entry for {arch} {dtype} {mode} M={m}")
     return min(candidates, key=lambda e: _shape_distance(e, n, k))  # min keeps the first of ties
 
 
@@ -179,8 +186,8 @@ def validate_table(table: Any) -> dict:
             raise ValueError(f"{where}: 'n' and 'k' go together")
         if "arch" in e and not (isinstance(e["arch"], str) and e["arch"].startswith("sm_") and e["arch"][3:].isdigit()):
             raise ValueError(f"{where}: arch must be 'sm_XY'")
-        if "pass" in e and e["pass"] not in PASSES:
-            raise ValueError(f"{where}: pass must be one of {PASSES}")
+        if "mode" in e and e["mode"] not in MODES:
+            raise ValueError(f"{where}: mode must be one of {MODES}")
         if e.get("m_min", 1) < 1 or e.get("m_max", math.inf) < e.get("m_min", 1):
             raise ValueError(f"{where}: needs 1 <= m_min <= m_max")
     _check_fallback_coverage(table["entries"])
@@ -188,8 +195,8 @@ def validate_table(table: Any) -> dict:
 
 
 def _fallback_entries(entries: Sequence[dict]) -> list[dict]:
-    """The entries without arch, dtype, pass or shape conditions (only an M range)."""
-    return [e for e in entries if not set(e) & {"arch", "dtype", "pass", "n"}]
+    """The entries without arch, dtype, mode or shape conditions (only an M range)."""
+    return [e for e in entries if not set(e) & {"arch", "dtype", "mode", "n"}]
 
 
 def _check_fallback_coverage(entries: Sequence[dict]) -> None:
@@ -200,7 +207,7 @@ def _check_fallback_coverage(entries: Sequence[dict]) -> None:
             break
         covered = max(covered, e.get("m_max", math.inf))
     if covered != math.inf:
-        raise ValueError(f"dispatch table: the entries without arch/dtype/pass/shape must cover every M >= 1; "
+        raise ValueError(f"dispatch table: the entries without arch/dtype/mode/shape must cover every M >= 1; "
                          f"M = {covered + 1} has none")
 
 
@@ -217,7 +224,7 @@ def _median_ms(ms: Any) -> float | None:
 
 
 def _bench_times(bench: dict) -> dict[tuple, dict[str, dict[int, float]]]:
-    """``{(pass, n, k, m): {impl: {r: median ms}}}`` from the bench JSON's usable rows."""
+    """``{(mode, n, k, m): {impl: {r: median ms}}}`` from the bench JSON's usable rows."""
     times: dict[tuple, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     for row in bench.get("timings", []):
         ms = _median_ms(row.get("ms"))
@@ -249,16 +256,16 @@ def table_from_bench(bench: dict, arch: str, base: dict | None = None) -> dict:
         raise ValueError("bench JSON: settings.dtype (the activation dtype, e.g. 'bfloat16') is required")
     gpu, date = settings.get("device_name", "unknown GPU"), settings.get("date", "unknown date")
     groups: dict[tuple, list[tuple[int, tuple]]] = defaultdict(list)
-    for (pass_, n, k, m), per_impl in _bench_times(bench).items():
+    for (mode, n, k, m), per_impl in _bench_times(bench).items():
         won = _winner(per_impl)
         if won is not None:
-            groups[(pass_, n, k)].append((m, won))
+            groups[(mode, n, k)].append((m, won))
     entries = []
-    for (pass_, n, k), measured in sorted(groups.items()):
+    for (mode, n, k), measured in sorted(groups.items()):
         measured.sort()
         for i, (m, (impl, totals, ranks)) in enumerate(measured):
             ordered = sorted(totals.values())
-            entry = {"arch": arch, "dtype": settings["dtype"], "pass": pass_, "n": n, "k": k}
+            entry = {"arch": arch, "dtype": settings["dtype"], "mode": mode, "n": n, "k": k}
             if i:
                 entry["m_min"] = math.isqrt(measured[i - 1][0] * m) + 1
             if i + 1 < len(measured):

@@ -13,8 +13,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from fastpeft import backend
 from fastpeft.kernels.lora import configs as lora_configs, dispatch as lora_dispatch
 from fastpeft.kernels.lora.dispatch import (
-    BACKWARD,
-    FORWARD,
+    TRAINING,
+    INFERENCE,
     FUSED,
     HYBRID,
     SCHEMA,
@@ -50,25 +50,25 @@ def test_forced_backends_and_unvalidated_auto(monkeypatch, choice, expected, m):
     keeps the torch path on CUDA until the kernels are validated on a GPU."""
     monkeypatch.setenv("FASTPEFT_BACKEND", choice)
     monkeypatch.setattr(backend, "KERNELS_VALIDATED_ON_GPU", False)
-    for pass_ in (FORWARD, BACKWARD):
-        assert choose_implementation(*_problem(m, 4096, 4096, 16), pass_) == expected
+    for training in (False, True):
+        assert choose_implementation(*_problem(m, 4096, 4096, 16), training) == expected
 
 
 @needs_triton
 def test_validated_auto_follows_the_table(monkeypatch, on_h100):
     monkeypatch.setenv("FASTPEFT_BACKEND", "auto")
     monkeypatch.setattr(backend, "KERNELS_VALIDATED_ON_GPU", True)
-    assert choose_implementation(*_problem(1, 4096, 4096, 16), FORWARD) == FUSED  # the shipped rules of thumb
-    assert choose_implementation(*_problem(4096, 4096, 4096, 16), FORWARD) == HYBRID
+    assert choose_implementation(*_problem(1, 4096, 4096, 16), False) == FUSED  # the shipped rules of thumb
+    assert choose_implementation(*_problem(4096, 4096, 4096, 16), False) == HYBRID
     table = {"schema": SCHEMA, "entries": [
-        {"arch": "sm_90", "dtype": "bfloat16", "pass": "backward", "n": 4096, "k": 4096,
+        {"arch": "sm_90", "dtype": "bfloat16", "mode": "training", "n": 4096, "k": 4096,
          "implementation": TORCH, "measured": "unmeasured: test"},
         {"implementation": FUSED, "measured": "unmeasured: test"},
     ]}
     monkeypatch.setattr(lora_dispatch, "shipped_table", lambda: table)
-    assert choose_implementation(*_problem(4096, 4096, 4096, 16), BACKWARD) == TORCH
-    assert choose_implementation(*_problem(4096, 4096, 4096, 16), FORWARD) == FUSED
-    assert choose_implementation(*_problem(4096, 4096, 4096, 16, dtype=torch.float16), BACKWARD) == FUSED
+    assert choose_implementation(*_problem(4096, 4096, 4096, 16), True) == TORCH
+    assert choose_implementation(*_problem(4096, 4096, 4096, 16), False) == FUSED
+    assert choose_implementation(*_problem(4096, 4096, 4096, 16, dtype=torch.float16), True) == FUSED
 
 
 @needs_triton
@@ -88,18 +88,18 @@ def test_what_always_takes_the_torch_path(monkeypatch, choice):
         _problem(8, 64, 1031, 4),
     ]
     for args in cases:
-        assert choose_implementation(*args, FORWARD) == TORCH
+        assert choose_implementation(*args, False) == TORCH
     # fp32 activations and unaligned shapes reach the kernels in the interpreter only.
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert choose_implementation(*_problem(8, 64, 64, 4, dtype=torch.float32, device="cpu"), FORWARD) != TORCH
-    assert choose_implementation(*_problem(8, 4095, 1031, 4, device="cpu"), FORWARD) != TORCH
+    assert choose_implementation(*_problem(8, 64, 64, 4, dtype=torch.float32, device="cpu"), False) != TORCH
+    assert choose_implementation(*_problem(8, 4095, 1031, 4, device="cpu"), False) != TORCH
 
 
 def test_cpu_tensors_take_the_torch_path_without_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     for choice in ("auto", "torch", "hybrid", "triton") if backend.triton_available() else ("auto", "torch"):
         monkeypatch.setenv("FASTPEFT_BACKEND", choice)
-        assert choose_implementation(*_problem(8, 64, 64, 4, device="cpu"), FORWARD) == TORCH
+        assert choose_implementation(*_problem(8, 64, 64, 4, device="cpu"), False) == TORCH
 
 
 def test_shipped_table_is_valid_and_says_why():
@@ -110,35 +110,33 @@ def test_shipped_table_is_valid_and_says_why():
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-@pytest.mark.parametrize("pass_", [FORWARD, BACKWARD])
-def test_shipped_rule_of_thumb_fused_for_decode_hybrid_above(arch, pass_):
+@pytest.mark.parametrize("mode", [INFERENCE, TRAINING])
+def test_shipped_rule_of_thumb_fused_for_decode_hybrid_above(arch, mode):
     """The rule of thumb splits at the decode regime of the kernels' tile tables."""
     def pick(m):
-        return lookup(shipped_table(), arch=arch, dtype=torch.bfloat16, pass_=pass_, m=m, n=4096, k=4096)
+        return lookup(shipped_table(), arch=arch, dtype=torch.bfloat16, mode=mode, m=m, n=4096, k=4096)
 
     assert pick(1)["implementation"] == pick(lora_configs.DECODE_MAX_M)["implementation"] == FUSED
     assert pick(lora_configs.DECODE_MAX_M + 1)["implementation"] == pick(10**6)["implementation"] == HYBRID
 
 
-def _entry(impl: str, pass_: str | None = None, **conditions) -> dict:
-    """A table entry (``pass_`` is the "pass" condition: a Python keyword)."""
-    if pass_ is not None:
-        conditions["pass"] = pass_
+def _entry(impl: str, **conditions) -> dict:
+    """A table entry with ``conditions``."""
     return {**conditions, "implementation": impl, "measured": "unmeasured: test"}
 
 
 # A table with every kind of condition: M ranges, two shapes, an arch family, a shapeless fallback.
 TABLE = {"schema": SCHEMA, "entries": [
-    _entry(FUSED, arch="sm_90", dtype="bfloat16", pass_=FORWARD, n=4096, k=4096, m_max=64),
-    _entry(HYBRID, arch="sm_90", dtype="bfloat16", pass_=FORWARD, n=4096, k=4096, m_min=65),
-    _entry(TORCH, arch="sm_90", dtype="bfloat16", pass_=FORWARD, n=4096, k=14336),
+    _entry(FUSED, arch="sm_90", dtype="bfloat16", mode=INFERENCE, n=4096, k=4096, m_max=64),
+    _entry(HYBRID, arch="sm_90", dtype="bfloat16", mode=INFERENCE, n=4096, k=4096, m_min=65),
+    _entry(TORCH, arch="sm_90", dtype="bfloat16", mode=INFERENCE, n=4096, k=14336),
     _entry(TORCH, arch="sm_80", n=1024, k=1024),
     _entry(FUSED),
 ]}
 
 
 def _pick(**query) -> str:
-    defaults = {"arch": "sm_90", "dtype": "bfloat16", "pass_": FORWARD, "m": 100, "n": 4096, "k": 4096}
+    defaults = {"arch": "sm_90", "dtype": "bfloat16", "mode": INFERENCE, "m": 100, "n": 4096, "k": 4096}
     return lookup(validate_table(TABLE), **{**defaults, **query})["implementation"]
 
 
@@ -153,19 +151,19 @@ def test_lookup_nearest_shape_in_octaves():
     assert _pick(n=2048, k=2048) == HYBRID  # two octaves from 4096^2, more from 4096 x 14336
 
 
-def test_lookup_arch_family_dtype_and_pass():
+def test_lookup_arch_family_dtype_and_mode():
     assert _pick(arch="sm_100") == HYBRID  # newer than sm_90: the Hopper family
     assert _pick(arch="sm_86", n=1024, k=1024) == TORCH  # the sm_80 family
     assert _pick(arch="sm_86") == TORCH  # a shaped entry, however far, before the shapeless one
     assert _pick(dtype=torch.float16) == FUSED  # only the shapeless entry matches
-    assert _pick(pass_=BACKWARD) == FUSED
+    assert _pick(mode=TRAINING) == FUSED
 
 
 def test_lookup_ties_keep_table_order():
     table = {"schema": SCHEMA, "entries": [_entry(TORCH, m_max=10), _entry(HYBRID), _entry(FUSED)]}
-    assert lookup(validate_table(table), arch="sm_90", dtype="bfloat16", pass_=FORWARD, m=5, n=8, k=8)[
+    assert lookup(validate_table(table), arch="sm_90", dtype="bfloat16", mode=INFERENCE, m=5, n=8, k=8)[
         "implementation"] == TORCH
-    assert lookup(table, arch="sm_90", dtype="bfloat16", pass_=FORWARD, m=11, n=8, k=8)["implementation"] == HYBRID
+    assert lookup(table, arch="sm_90", dtype="bfloat16", mode=INFERENCE, m=11, n=8, k=8)["implementation"] == HYBRID
 
 
 @pytest.mark.parametrize("entries,message", [
@@ -221,10 +219,10 @@ BENCH = _bench([
 ])
 
 
-def test_table_from_bench_picks_the_fastest_per_shape_and_pass():
+def test_table_from_bench_picks_the_fastest_per_shape_and_mode():
     table = table_from_bench(BENCH, "sm_90")
     measured = [e for e in table["entries"] if isinstance(e["measured"], dict)]
-    forward = [e for e in measured if e["pass"] == FORWARD]
+    forward = [e for e in measured if e["mode"] == INFERENCE]
     assert [(e.get("m_min"), e.get("m_max"), e["implementation"]) for e in forward] == [
         (None, 16, FUSED),  # split at isqrt(1 * 256) = 16
         (17, 1024, HYBRID),  # and at isqrt(256 * 4096) = 1024
@@ -235,7 +233,7 @@ def test_table_from_bench_picks_the_fastest_per_shape_and_pass():
     first = forward[0]["measured"]
     assert first == {"gpu": "NVIDIA H200", "date": "2026-12-01T10:00:00+00:00", "m": 1, "ranks": [16],
                      "median_ms": {FUSED: 0.01, HYBRID: 0.014, TORCH: 0.03}, "ratio": round(0.010 / 0.014, 4)}
-    (backward,) = [e for e in measured if e["pass"] == BACKWARD]
+    (backward,) = [e for e in measured if e["mode"] == TRAINING]
     assert backward["implementation"] == HYBRID and "m_min" not in backward and "m_max" not in backward
     assert backward["measured"]["ranks"] == [16, 64]
     assert backward["measured"]["median_ms"] == {FUSED: 2.3, HYBRID: 2.15}
@@ -246,12 +244,12 @@ def test_table_from_bench_picks_the_fastest_per_shape_and_pass():
 def test_written_table_drives_lookup():
     table = table_from_bench(BENCH, "sm_90")
 
-    def pick(pass_, m, arch="sm_90"):
-        return lookup(table, arch=arch, dtype=torch.bfloat16, pass_=pass_, m=m, n=4096, k=4096)
+    def pick(mode, m, arch="sm_90"):
+        return lookup(table, arch=arch, dtype=torch.bfloat16, mode=mode, m=m, n=4096, k=4096)
 
-    assert pick(FORWARD, 16)["implementation"] == FUSED and pick(FORWARD, 17)["implementation"] == HYBRID
-    assert pick(BACKWARD, 1)["implementation"] == HYBRID  # one measured M covers every M
-    assert pick(FORWARD, 1, arch="sm_80")["measured"].startswith("unmeasured")  # measured on sm_90 only
+    assert pick(INFERENCE, 16)["implementation"] == FUSED and pick(INFERENCE, 17)["implementation"] == HYBRID
+    assert pick(TRAINING, 1)["implementation"] == HYBRID  # one measured M covers every M
+    assert pick(INFERENCE, 1, arch="sm_80")["measured"].startswith("unmeasured")  # measured on sm_90 only
 
 
 def test_table_from_bench_needs_usable_rows_and_a_dtype():
@@ -305,3 +303,28 @@ def test_the_table_ships_with_the_package():
 
     text = importlib.resources.files("fastpeft.kernels.lora").joinpath(lora_dispatch.TABLE_FILE).read_text()
     assert json.loads(text)["schema"] == SCHEMA
+
+
+def test_the_op_asks_for_a_training_steps_choice_when_a_backward_follows(monkeypatch):
+    """A forward whose backward follows (grad enabled, an input requiring grad) and that
+    backward run the training step's implementation, the pair a fwd+bwd timing measured; a
+    forward without backward runs the inference choice."""
+    from fastpeft.ops import lora_linear
+
+    asked: list[bool] = []
+
+    def choose(x, weight, lora_a, training):
+        asked.append(training)
+        return TORCH
+
+    monkeypatch.setattr(lora_dispatch, "choose_implementation", choose)
+    x, w, a, b = torch.randn(5, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
+    with torch.no_grad():
+        lora_linear(x, w, None, a.requires_grad_(), b, 1.0)
+    assert asked == [False]
+    asked.clear()
+    lora_linear(x, w, None, a, b, 1.0, 0.1, training=True).sum().backward()
+    assert asked == [True, True]
+    asked.clear()
+    lora_linear(x, w, None, a.detach(), b, 1.0)  # nothing requires grad: no backward
+    assert asked == [False]

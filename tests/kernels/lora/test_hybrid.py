@@ -142,7 +142,7 @@ def test_empty_batch(lead):
     assert torch.equal(a.grad, torch.zeros_like(a))
 
 
-@pytest.mark.parametrize("m,k", [(1, 75), (130, 75), (600, 33)])
+@pytest.mark.parametrize("m,k", [(1, 75), (5, 517), (130, 75), (600, 33)])
 def test_dropout_mask_is_the_fused_kernels(monkeypatch, m, k):
     """The forward's ``s`` is ``x_hat A^T`` for exactly the mask ``lora_linear_dropout_mask``
     gives (the Philox bits of ``keep_mask_philox``), and equals the fused kernels' ``s``."""
@@ -163,8 +163,8 @@ def test_dropout_mask_is_the_fused_kernels(monkeypatch, m, k):
 
 def _table(forward: str, backward: str) -> dict:
     return {"schema": lora_dispatch.SCHEMA, "entries": [
-        {"pass": "forward", "implementation": forward, "measured": "unmeasured: test"},
-        {"pass": "backward", "implementation": backward, "measured": "unmeasured: test"},
+        {"mode": "inference", "implementation": forward, "measured": "unmeasured: test"},
+        {"mode": "training", "implementation": backward, "measured": "unmeasured: test"},
         {"implementation": "torch", "measured": "unmeasured: test"},
     ]}
 
@@ -173,8 +173,10 @@ def _table(forward: str, backward: str) -> dict:
     ("fused", "hybrid"), ("hybrid", "fused"), ("hybrid", "torch"), ("torch", "hybrid"), ("fused", "torch"),
 ])
 def test_forward_and_backward_may_take_different_paths(monkeypatch, forward, backward):
-    """The table decides per pass: every kernel path saves the same fp32 s and no mask, and a
-    torch backward after a kernel forward regenerates the mask from the seed."""
+    """A forward and a backward on different paths (the op called without ``training``: its
+    forward takes the inference entry, its backward the training one): every kernel path
+    saves the same fp32 s and no mask, and a torch backward after a kernel forward
+    regenerates the mask from the seed."""
     monkeypatch.setattr(lora_dispatch, "backend_choice", lambda: "auto")
     monkeypatch.setattr(lora_dispatch, "shipped_table", lambda: _table(forward, backward))
     pb = make_problem((130,), 45, 37, 4, torch.float16, lora_dtype=torch.float32)
@@ -245,7 +247,8 @@ def test_every_hybrid_launch_is_checked(monkeypatch, act, lora):
             assert spec is not None, f"m={m} n={n} k={k} r={rank} dropout={dropout}: {key} is never compiled"
             assert spec.runs_on(capability), f"{spec.name} is checked only for the other architecture"
             launched.add(key[0])
-    assert hybrid_kernels <= launched
+    # with the fused path's shrink and split-K epilogue (the expand) up to SPLIT_SHRINK_MAX_M rows
+    assert hybrid_kernels | {"lora_shrink_kernel", "lora_fwd_split_epilogue_kernel"} <= launched
 
 
 def test_forward_split_fills_the_gpu_within_bounds():
@@ -257,3 +260,90 @@ def test_forward_split_fills_the_gpu_within_bounds():
     assert hybrid.forward_split(600, 4096, tile, 132) == hybrid.MAX_SPLIT_N
     small = hybrid.forward_tile(1)
     assert hybrid.forward_split(1, 100, small, 132) == 2  # two 64-column tiles
+
+
+# The decode forward (M <= SPLIT_SHRINK_MAX_M): K-split shrink, then the write-only expand.
+# K = 517 is 5 steps of the 128-wide shrink tile: 2 splits of 3 and 2 steps under the
+# interpreter's 4 SMs, so the partial sum runs. M = 17, 64, 300: the other side of the bound.
+_SPLIT_K = 517
+
+
+def _spy_split_forward(monkeypatch) -> list[int]:
+    """Row counts of the calls to the split-shrink forward."""
+    calls: list[int] = []
+    original = hybrid._split_shrink_forward
+
+    def spy(x, *args):
+        calls.append(x.shape[0])
+        return original(x, *args)
+
+    monkeypatch.setattr(hybrid, "_split_shrink_forward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 64, 300])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_split_shrink_forward_matches_reference(monkeypatch, m, dropout_p, dtype):
+    calls = _spy_split_forward(monkeypatch)
+    check_against_reference(make_problem((m,), _SPLIT_K, 93, 5, dtype), dropout_p)
+    assert calls == ([m] if m <= hybrid.SPLIT_SHRINK_MAX_M else [])
+
+
+@pytest.mark.parametrize("r", [1, 64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_split_shrink_forward_ranks_and_fp32_adapters(monkeypatch, r, dtype, dropout_p):
+    calls = _spy_split_forward(monkeypatch)
+    check_against_reference(make_problem((7,), _SPLIT_K, 45, r, dtype, lora_dtype=torch.float32), dropout_p)
+    check_against_reference(make_problem((3,), _SPLIT_K, 45, r, dtype, bias=False), dropout_p)
+    assert calls == [7, 3]
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_split_shrink_forward_3d_and_strided(monkeypatch, dropout_p):
+    """3-D x of 2 x 5 rows; x strided along K and along rows; transposed W, A and B."""
+    calls = _spy_split_forward(monkeypatch)
+    pb = make_problem((2, 5), _SPLIT_K, 29, 4, torch.float32)
+    check_against_reference(pb, dropout_p)
+    pb.x = torch.randn(5, 2, 2 * _SPLIT_K, device=DEVICE)[..., ::2].transpose(0, 1)  # [2, 5, K], k-stride 2
+    pb.weight = pb.weight.t().contiguous().t()
+    pb.lora_a = pb.lora_a.t().contiguous().t()
+    pb.lora_b = pb.lora_b.t().contiguous().t()
+    check_against_reference(pb, dropout_p)
+    pb.x = torch.randn(11, _SPLIT_K + 40, device=DEVICE)[:, 13:13 + _SPLIT_K]  # row stride K + 40
+    check_against_reference(pb, dropout_p)
+    assert calls == [10, 10, 11]
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_decode_forward_grid_on_h100(monkeypatch, dropout):
+    """At M = 16 on an H100 (132 SMs), K = N = 4096, rank 16: the shrink is split over K into
+    16 programs of 2 steps (not one program per row tile over the whole K loop, as the 8
+    programs of ``lora_hybrid_fwd_kernel`` were), and the expand sums their 16 partials with
+    no K loop of its own. At M = 64 the 16-row tiles of ``lora_hybrid_fwd_kernel`` give 32
+    programs (4 row tiles x MAX_SPLIT_N), and it stays (SPLIT_SHRINK_MAX_M)."""
+    launches = record_launches(monkeypatch, lora_launch, hybrid)
+    monkeypatch.setattr(lora_launch, "interpreting", lambda: False)
+    monkeypatch.setattr(lora_configs, "device_info", lambda device: (132, 90))
+    monkeypatch.setattr(hybrid, "device_info", lambda device: (132, 90))
+    meta = torch.device("meta")
+
+    def forward(m: int) -> list[tuple[str, tuple[int, ...], dict]]:
+        launches.clear()
+        x = torch.empty(m, 4096, dtype=torch.bfloat16, device=meta)
+        w = torch.empty(4096, 4096, dtype=torch.bfloat16, device=meta)
+        a = torch.empty(16, 4096, dtype=torch.float32, device=meta)
+        b = torch.empty(4096, 16, dtype=torch.float32, device=meta)
+        seed = torch.empty(1 if dropout else 0, dtype=torch.int64, device=meta)
+        hybrid.hybrid_forward(x, w, torch.empty(4096, dtype=torch.bfloat16, device=meta), a, b, 0.5,
+                              0.1 if dropout else 0.0, seed)
+        return [(getattr(fn, "fn", fn).__name__, grid, dict(zip(fn.arg_names, args)))
+                for (fn, args, _), grid in zip(launches, launches.grids)]
+
+    (shrink, shrink_grid, _), (expand, expand_grid, expand_args) = forward(16)
+    assert shrink == "lora_shrink_kernel" and shrink_grid == (1, 16)
+    assert expand == "lora_fwd_split_epilogue_kernel" and expand_grid == (32,)
+    assert expand_args["num_splits"] == 0 and expand_args["num_parts"] == 16
+    ((name, grid, _),) = forward(64)
+    assert name == "lora_hybrid_fwd_kernel" and grid == (32,)
