@@ -1,7 +1,10 @@
 """Launchers of the cuBLAS-hybrid LoRA path: cuBLAS runs the base GEMMs and accumulates onto
 a LoRA term that Triton writes (kernels in ``lora_hybrid_kernels.py``).
 
-    forward   y = bias + scaling * s B^T        (Triton, also writes s = x_hat A^T)
+    forward   y = bias + scaling * s B^T        (Triton, also writes s = x_hat A^T; up to
+                                                 SPLIT_SHRINK_MAX_M rows the fused path's
+                                                 K-split shrink, then its split-K epilogue
+                                                 kernel as a write-only expand)
               y += x W^T                        (cuBLAS: y.addmm_(x, W^T), beta = 1)
     backward  dS = scaling dY B, dB             (Triton: the fused path's passes,
                                                  fastpeft.kernels.lora.launch.lora_backward)
@@ -15,7 +18,8 @@ would not launch the specialization ``fastpeft check`` compiles; x and W are the
 business, ``fastpeft.kernels.lora.configs.kernel_friendly``), fresh contiguous outputs (allocated through
 ``launch_device.empty_output``, which the tests poison), ``s`` fp32 ``[M, R]``, the dropout mask drawn
 from the seed and never saved, launches on the tensors' device, no host sync (CUDA-graph
-capturable). Every tile chosen here is compiled by ``fastpeft check`` (``hybrid_kernel_specs``).
+capturable). Every tile chosen here is compiled by ``fastpeft check`` (``hybrid_kernel_specs``; the
+fused path's kernels by ``lora_kernel_specs``).
 """
 
 from __future__ import annotations
@@ -31,15 +35,21 @@ from fastpeft.kernels import launch_device
 from fastpeft.kernels.launch_device import on_device_of
 from fastpeft.kernels.lora.configs import (
     BLOCK_R_CHOICES,
+    GROUP_M,
     BackwardPlan,
+    DECODE_MAX_M,
     MEDIUM_MAX_M,
     PROGRAMS_PER_SM,
     TileConfig,
     block_r,
     cdiv,
     device_info,
+    plan_forward,
+    split_epilogue_tile,
+    split_reduction,
 )
 from fastpeft.kernels.lora.hybrid_kernels import lora_hybrid_dx_kernel, lora_hybrid_fwd_kernel
+from fastpeft.kernels.lora.kernels import lora_fwd_split_epilogue_kernel
 
 # Forward kernel tiles: BLOCK_M rows, BLOCK_N columns of y per step of the expand loop, BLOCK_K
 # columns of x per step of the shrink loop. The kernel is bandwidth-bound (read x, write y).
@@ -55,6 +65,23 @@ _FWD_LARGE_M = TileConfig(64, 128, 64, 4, 3)
 # they run together), so the split trades re-reads for parallelism. 8 caps the extra reads
 # at 7 row tiles of x per row tile of y written; a guess, to be tuned on a GPU.
 MAX_SPLIT_N = 8
+# Up to this many rows (decode) hybrid_forward runs the fused path's K-split shrink and then a
+# write-only expand (_split_shrink_forward) instead of lora_hybrid_fwd_kernel. That kernel
+# gives each program the whole K loop on a 16-row tile: at M <= 16 its grid is 8 programs (one
+# row tile x MAX_SPLIT_N), each re-reading all of A. The bound is from `fastpeft plan`'s
+# estimates (H100, K = 4096, N = 4096 / 14336, ranks 8 / 16 / 64; no GPU has run either path):
+# at M = 1 and 16 the split path is up to 20 us faster (rank 64, N = 14336) and at most 3 us
+# slower (rank 8, N = 4096: its second launch, 4 us eager, is most of that); at M = 64 it is
+# 1-4 us slower at N = 4096 and at M = 512 slower everywhere (1.7-7 us): from 17 rows on, the
+# 16-row tiles already give 32+ programs and the extra launch costs more than the re-reads
+# of A, which stay in L2.
+SPLIT_SHRINK_MAX_M = DECODE_MAX_M
+# Fewest K-steps per split of that shrink: each expand program sums all the partials for its
+# rows one after another, so 1-step splits (32 partials at K = 4096) trade a long chain of
+# loads for a grid the plan estimates at most 1.4 us faster; 2 halves the chain. The fused
+# path's MIN_STEPS_PER_SPLIT (8) leaves M <= 16 with 4 programs at K = 4096 (plan: up to 10 us
+# slower at rank 64).
+SHRINK_MIN_STEPS = 2
 # dX's LoRA term: one 64 x 128 output tile per program, a single rank-r dot (no loop, so no
 # pipelining stages); a write-bound kernel.
 _DX = TileConfig(64, 128, 0, 4, 1)
@@ -85,6 +112,8 @@ def hybrid_forward(
     """``(y [M, N] in x.dtype, s [M, R] fp32)`` for 2-D x ``[M, K]`` (M, N, K >= 1):
     ``y = x W^T + bias + scaling * s B^T`` with ``s = x_hat A^T``."""
     m, k = x.shape
+    if m <= SPLIT_SHRINK_MAX_M:
+        return _split_shrink_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
     n, rank = weight.shape[0], lora_a.shape[0]
     tile = forward_tile(m)
     split = forward_split(m, n, tile, device_info(x.device)[0])
@@ -103,6 +132,45 @@ def hybrid_forward(
             HAS_BIAS=bias is not y, HAS_DROPOUT=dropout_p > 0.0,
             BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, BLOCK_R=block_r(rank),
             num_warps=tile.num_warps, num_stages=tile.num_stages, **lora_launch.kernel_numerics(x.dtype, lora_a.dtype),
+        )
+        y.addmm_(x, weight.t())
+    return y, s
+
+
+def _split_shrink_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
+    scaling: float, dropout_p: float, seed: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``hybrid_forward`` up to ``SPLIT_SHRINK_MAX_M`` rows. First the fused path's shrink
+    kernel (``lora_launch.shrink_partials``) on ``plan_forward``'s shrink tile, split over K
+    into ranges of at least ``SHRINK_MIN_STEPS`` steps for up to PROGRAMS_PER_SM programs per
+    SM, the dropout mask drawn there at the same counters. Then a write-only expand: the fused
+    path's split-K epilogue kernel with no GEMM partials (``num_splits = 0``), each program
+    summing the shrink's partials for its rows in a fixed order, storing ``s`` (first column
+    tile) and writing ``bias + scaling * s B^T`` for its tile of y (B read once per row tile,
+    no K loop). Then cuBLAS adds ``x W^T``."""
+    m, k = x.shape
+    n, rank = weight.shape[0], lora_a.shape[0]
+    _, keep_scale = lora_launch.dropout_args(dropout_p)
+    with on_device_of(x):
+        plan = plan_forward(m, n, k, rank, dropout_p > 0.0, x.device, a_bytes=lora_a.element_size(),
+                            w_bytes=weight.element_size())
+        y = launch_device.empty_output((m, n), x.dtype, x.device)
+        s = launch_device.empty_output((m, rank), torch.float32, x.device)
+        has_bias, bias = bias is not None, lora_launch.launchable_bias(bias, y)
+        lora_a, lora_b = lora_launch.launchable(lora_a), lora_launch.launchable(lora_b, row_strides=False)
+        shrink = plan.shrink
+        split = split_reduction(k, shrink.block_k, cdiv(PROGRAMS_PER_SM * device_info(x.device)[0],
+                                                        cdiv(m, shrink.block_m)), SHRINK_MIN_STEPS)
+        parts = lora_launch.shrink_partials(x, lora_a, seed, keep_scale, dropout_p, shrink, split)
+        e = split_epilogue_tile()
+        # parts stands in for the (absent) GEMM partials: an fp32 pointer, never read.
+        lora_fwd_split_epilogue_kernel[(cdiv(m, e.block_m) * cdiv(n, e.block_n),)](
+            parts, bias, lora_b, parts, s, y,
+            m, n, rank, 0, split.count,
+            lora_b.stride(0), lora_launch.strides2d(lora_b)[1], scaling,
+            HAS_BIAS=has_bias, BLOCK_M=e.block_m, BLOCK_N=e.block_n, BLOCK_R=block_r(rank), GROUP_M=GROUP_M,
+            num_warps=e.num_warps, num_stages=e.num_stages, **lora_launch.kernel_numerics(x.dtype, lora_a.dtype),
         )
         y.addmm_(x, weight.t())
     return y, s

@@ -111,11 +111,13 @@ def _sum_partials(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _shrink(
+def shrink_partials(
     x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, scale: float, dropout_p: float,
     tile: TileConfig, split: Split,
 ) -> torch.Tensor:
-    """``scale * x_hat a^T`` as fp32 partials ``[split.count, M, R]`` (``lora_shrink_kernel``)."""
+    """``scale * x_hat a^T`` as fp32 partials ``[split.count, M, R]`` (``lora_shrink_kernel``):
+    the fused forward's separate shrink, dS in the backward, and the hybrid forward's shrink
+    (``fastpeft.kernels.lora.hybrid_launch``)."""
     m, k = x.shape
     rank = a.shape[0]
     threshold, _ = dropout_args(dropout_p)
@@ -176,7 +178,7 @@ def lora_forward(
         parts, num_parts = s, 0
         if not plan.fuse_shrink:
             _, keep_scale = dropout_args(dropout_p)
-            parts = _shrink(x, lora_a, seed, keep_scale, dropout_p, plan.shrink, plan.shrink_split)
+            parts = shrink_partials(x, lora_a, seed, keep_scale, dropout_p, plan.shrink, plan.shrink_split)
             num_parts = plan.shrink_split.count
         g = plan.gemm
         b_args = (lora_b.stride(0), strides2d(lora_b)[1])
@@ -289,7 +291,9 @@ def _no_seed(device: torch.device) -> torch.Tensor:
 def _ds_pass(grad_y: torch.Tensor, lora_b: torch.Tensor, scaling: float, plan: BackwardPlan) -> torch.Tensor:
     """``dS [M, R] = scaling * dY B`` (fp32): the shrink kernel on dY and B^T (copied
     contiguous, a few KB, so that it loads like A in the forward), split over N."""
-    parts = _shrink(grad_y, lora_b.t().contiguous(), _no_seed(grad_y.device), scaling, 0.0, plan.ds, plan.ds_split)
+    parts = shrink_partials(
+        grad_y, lora_b.t().contiguous(), _no_seed(grad_y.device), scaling, 0.0, plan.ds, plan.ds_split,
+    )
     return _sum_partials(parts, torch.float32)
 
 
