@@ -158,9 +158,10 @@ if [ "$REHEARSE" -eq 1 ]; then
     FOCUSED_BUDGET=60
     FOCUSED_ARGS=(--tiny)
     GRID_REHEARSAL_LIMIT=40
-    # CPU timings carry no architecture: name the one the GPU run would write (and plan for).
+    # CPU timings carry no architecture: name the one the GPU run would write (and plan for);
+    # the tiny shapes match no planned problem, so one op and mode is plumbing enough.
     DISPATCH_ARGS=(--arch sm_90)
-    PLAN_ARGS+=(--gpu h100)
+    PLAN_ARGS+=(--gpu h100 --ops lora --modes fwd)
 fi
 DEADLINE=$((SECONDS + TOTAL_BUDGET))
 
