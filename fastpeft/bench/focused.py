@@ -47,8 +47,9 @@ timed with ``time.perf_counter`` (the rehearsal: same code, tiny shapes).
 Other ops (``config.ops``, after the LoRA grid's non-compiling rows and within their own
 ``ops_budget_s``): the bottleneck adapter's and multi-LoRA's key shapes (``OP_FOCUS``): the cells
 of their targets, with the rows of ``fastpeft.bench.bottleneck`` / ``multi_lora``, timed the same
-way (rotated input sets, CUDA graphs; rows that read ids on the host -- PEFT's mixed batch, the
-per-adapter loop -- eagerly with events, as they run in practice), reported in ``"ops"`` with
+way (rotated input sets, CUDA graphs; when one of an op's rows reads ids on the host --
+PEFT's mixed batch, the per-adapter loop -- every row of that op eagerly with events, so that
+their ratios compare like with like), reported in ``"ops"`` with
 their ratios, bandwidth and target verdicts (``op_bench.op_json``).
 
 Budget: no cell starts after ``budget_s`` (the profile included); the cells left are recorded
@@ -183,6 +184,9 @@ def _all_rows(spec: OpSpec) -> tuple[str, ...]:
     return tuple(r.name for r in spec.rows)
 
 
+# Why an other op's cell was timed eagerly (``time_op``).
+NOT_CAPTURABLE_NOTE = "not capturable: reads device data on the host"
+EAGER_NOTE = "timed eagerly, as the rows of this op that cannot be captured (ratios compare like with like)"
 # The key shapes of the other ops: their targets' cells. Bottleneck: decode and a training batch
 # at Llama width, bottleneck 64 (both modes); multi-LoRA: 64 distinct adapters at decode T = 1
 # and 64 (r 16, and mixed ranks at 64) and a zipf prefill (T = 4096).
@@ -566,8 +570,9 @@ def plan_ops(config: FocusedConfig) -> dict[str, OpRun]:
     return {
         focus.name: OpRun(focus.spec, {
             **describe_environment(config.device), **GRIDS[focus.name].settings(config.device, config.dtype),
-            "timing": "median over CUDA-graph replays (eager CUDA events for rows that are not capturable; CPU: "
-                      "perf_counter rounds) of one round over rotated input sets, divided by the rotation",
+            "timing": "median over CUDA-graph replays (eager CUDA events for every row of an op one of whose "
+                      "rows is not capturable; CPU: perf_counter rounds) of one round over rotated input sets, "
+                      "divided by the rotation",
             **dataclasses.asdict(config.timing),
         }, plan(focus.spec, focus.cases, focus.rows, config.device))
         for focus in config.ops
@@ -578,7 +583,10 @@ def time_op(focus: OpFocus, run: OpRun, config: FocusedConfig, generator: torch.
             log: Callable[[str], None], compiling: bool = False) -> None:
     """Time ``run``'s available cells of the rows that compile (``compiling``) or of the others,
     case by case on rotated input sets (``time_rounds``); the cells reached after ``deadline``
-    stay skipped."""
+    stay skipped. Every row of ``focus`` is timed the same way, so that their ratios compare
+    like with like: in CUDA graphs, or eagerly when one of them cannot be captured (it reads
+    device data on the host: PEFT's mixed batch, the per-adapter loop)."""
+    capture = all(focus.spec.row(name).capturable for name in focus.rows)
     for case in focus.cases:
         cells = [c for c in run.timings if c.case == case and c.status == SKIPPED and c.error is None
                  and focus.spec.row(c.row).compiles == compiling]
@@ -600,8 +608,9 @@ def time_op(focus: OpFocus, run: OpRun, config: FocusedConfig, generator: torch.
             row = focus.spec.row(cell.row)
             try:
                 steps = [row.build(problem, cell.mode) for problem in sets]
-                samples, cell.method, cell.note = time_rounds(steps, config.device, config.timing,
-                                                              capture=row.capturable)
+                samples, cell.method, cell.note = time_rounds(steps, config.device, config.timing, capture)
+                if not capture:
+                    cell.note = EAGER_NOTE if row.capturable else NOT_CAPTURABLE_NOTE
                 cell.ms, cell.reps, cell.status = Spread.of_samples(samples), len(samples), OP_OK
             except Exception as exc:  # one broken row must not stop the others
                 cell.status, cell.error = OP_ERROR, describe_error(exc)

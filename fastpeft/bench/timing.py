@@ -214,7 +214,7 @@ def time_rounds(steps: Sequence[Callable[[], object]], device: torch.device, bud
         reps = warmed_up_reps(run_round, device, budget, flush_l2=False)
     torch.cuda.current_stream(device).wait_stream(side)
     torch.cuda.synchronize(device)
-    note = "not capturable: reads device data on the host"
+    note = "capture off"
     if capture:
         graph = torch.cuda.CUDAGraph()
         try:

@@ -300,3 +300,28 @@ def test_profile_rows_reached_after_the_deadline_are_not_profiled():
     profile = focused.profile_rows(config, torch.Generator().manual_seed(0), lambda _: None, deadline=0.0)
     assert {name: entry["error"] for name, entry in profile["impls"].items()} == {
         focused.LINEAR: "time budget", focused.TORCH: "time budget"}
+
+
+def test_every_row_of_an_op_is_timed_the_same_way(tmp_path, monkeypatch):
+    """One row that cannot be captured (it reads ids on the host) makes its op's rows all eager,
+    so their ratios compare like with like; an op whose rows all capture keeps CUDA graphs."""
+    captured: dict[str, bool] = {}
+
+    def row(name, capturable=True):
+        return OpRow(name, name, lambda problem, mode: name, capturable=capturable)
+
+    def time_rounds(steps, device, budget, capture=True):
+        """Record each row's capture flag (a step here is its row's name)."""
+        captured.update(dict.fromkeys(steps, capture))
+        return [1.0, 1.0, 1.0], "recorded", None
+
+    monkeypatch.setattr(focused, "time_rounds", time_rounds)
+    mixed = dataclasses.replace(multi_lora.SPEC, rows=(row("ours"), row("host", capturable=False)), modes=(FORWARD,))
+    plain = dataclasses.replace(bottleneck.SPEC, rows=(row("graph"),), modes=(FORWARD,))
+    ops = (focused.OpFocus(focused.MULTI_LORA, mixed, (multi_lora.MultiLoRACase(2, 8, 2, 2, "distinct"),),
+                           ("ours", "host")),
+           focused.OpFocus(focused.BOTTLENECK, plain, (bottleneck.BottleneckCase(1, 8, 2),), ("graph",)))
+    run = focused.run_focused(ops_config(ops=ops), tmp_path / "f.json", log=lambda _: None)
+    assert captured == {"ours": False, "host": False, "graph": True}
+    notes = {t.row: t.note for t in run.ops[focused.MULTI_LORA].timings}
+    assert notes == {"ours": focused.EAGER_NOTE, "host": focused.NOT_CAPTURABLE_NOTE}
