@@ -251,9 +251,10 @@ def _decode_tokens(p: Params) -> list[tuple[int, int]]:
 
 @kernel_cost("multi_lora_decode_shrink_kernel")
 def _multi_lora_decode_shrink(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
-    """Program (token, rank block): x's row and the block's rows of A_i (with L2 reuse, each
-    token's row and each adapter's block once); s written."""
-    k, block_r = p["K"], p["BLOCK_R"]
+    """Program (token, rank block, K split): the split's columns of x's row and of the block's
+    rows of A_i (with L2 reuse, each token's row and each adapter's block once); an fp32
+    partial of s written per split."""
+    k, block_r, splits = p["K"], p["BLOCK_R"], grid[2]
     ex, ea = e(p["x_ptr"]), e(p["a_ptr"])
     x_bytes = x_l2 = a_bytes = a_l2 = s_bytes = flops = 0
     seen = set()
@@ -265,16 +266,16 @@ def _multi_lora_decode_shrink(p: Params, grid: tuple[int, ...], hw: Hardware) ->
         if slot not in seen:
             seen.add(slot)
             a_l2 += rank * k * ea
-        s_bytes += rank * 4
+        s_bytes += splits * rank * 4
         flops += 2 * k * rank
     return Cost((_access("x", x_bytes, x_l2), _access("A", a_bytes, a_l2), write("s", s_bytes)), flops)
 
 
 @kernel_cost("multi_lora_decode_expand_kernel")
 def _multi_lora_decode_expand(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
-    """Program (token, column block): the block's rows of B_i, s's row; y's row read and
-    written."""
-    n = p["N"]
+    """Program (token, column block): the block's rows of B_i, the shrink's ``num_splits``
+    partials of s's row (summed in the program); y's row read and written."""
+    n, splits = p["N"], p["num_splits"]
     col_blocks = grid[1]
     eb, ey = e(p["b_ptr"]), e(p["y_ptr"])
     b_bytes = b_l2 = s_bytes = s_l2 = y_bytes = flops = 0
@@ -284,8 +285,8 @@ def _multi_lora_decode_expand(p: Params, grid: tuple[int, ...], hw: Hardware) ->
         if slot not in seen:
             seen.add(slot)
             b_l2 += n * rank * eb
-        s_bytes += col_blocks * rank * 4
-        s_l2 += rank * 4
+        s_bytes += col_blocks * splits * rank * 4
+        s_l2 += splits * rank * 4
         y_bytes += n * ey
         flops += 2 * n * rank
     return Cost((_access("B", b_bytes, b_l2), _access("s", s_bytes, s_l2), _access("y", y_bytes, y_bytes),

@@ -177,6 +177,32 @@ def test_kernels_never_read_out_of_bounds(path):
     assert_close(y, _reference(clean)[0], torch.float32, "y")
 
 
+@pytest.mark.skipif(not KERNELS_RUN, reason="the Triton kernels do not run here")
+@pytest.mark.parametrize("dtype,lora_dtype", [(torch.float32, None), (torch.float16, torch.float32)])
+def test_decode_split_k_matches_reference(monkeypatch, dtype, lora_dtype):
+    """The decode shrink split over K (issue 19): with 64 simulated SMs, K = 300 (five 64-column
+    steps, the last one partial) is cut into five partials per (token, rank block), summed
+    by the expand in a fixed order: equal to the float64 reference, and bitwise the same on
+    a second run."""
+    from fastpeft.kernels.lora import configs as lora_configs
+    from fastpeft.kernels.multi_lora import launch
+
+    monkeypatch.setattr(lora_configs, "device_info", lambda device: (64, 90))
+    k = 300
+    p = _problem(3, dtype, lora_dtype, seed=11, k=k)
+    num_slots, r_max, _ = p["lora_a"].shape
+    assert configs.decode_shrink_split(3, r_max, k, p["x"].device).count == 5
+    base = p["x"] @ p["weight"].t()
+    runs = []
+    for _ in range(2):
+        y = base.clone()
+        launch.multi_lora_decode(y, p["x"], p["lora_a"], p["lora_b"], p["scalings"], p["adapter_ids"], p["ranks"])
+        runs.append(y)
+    assert torch.equal(runs[0], runs[1])
+    expected = _reference({**p, "bias": None})[0]
+    assert_close(runs[0], expected, dtype, "y")
+
+
 @pytest.mark.parametrize("num_tokens,ranks", [(67, RANKS), (21, RANKS * 5)])  # all slots; per token (T < L)
 def test_torch_path_without_host_sync(monkeypatch, num_tokens, ranks):
     """The op on the torch path as CUDA tensors take it (the static formulations, and no

@@ -3,7 +3,8 @@
 Every tile here is listed by ``multi_lora.specs`` so ``fastpeft check`` compiles it for sm_80
 and sm_90. The values are starting points chosen from the problem's shape (reason beside
 each); no GPU has tuned them yet. Nothing here looks at device memory: the choice depends on
-T (tokens), R_MAX (slot rank) and the output width only, so it is fixed for a CUDA graph.
+T (tokens), R_MAX (slot rank), the output width, K and the SM count (the decode shrink's
+split) only, so it is fixed for a CUDA graph.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from fastpeft.kernels.lora import configs as lora_configs
+from fastpeft.kernels.lora.configs import Split, split_reduction
 
 # Up to this many tokens a call takes the decode (BGMV) kernels: one vector product per token,
 # no sort. A decode step has one token per sequence; sorting them (a sort, two searchsorted,
@@ -45,9 +49,20 @@ def rank_block(r_max: int) -> int:
     return next((b for b in RANK_BLOCKS if r_max <= b), RANK_BLOCKS[-1])
 
 
-# Decode shrink: a 16-rank x 256-column slice of A_i per step (8 KB of bf16), 4 warps: the
-# loop is a stream over A_i's rows, one program per (token, 16 ranks).
-DECODE_SHRINK = Tile(block_m=1, block_n=256, block_r=16, num_warps=4, num_stages=2)
+# Decode shrink: a 16-rank x 64-column slice of A_i per step (2 KB of bf16), 2 warps: 16
+# elements a thread, i.e. two 16-byte loads of bf16 (four of fp32). One program per (token,
+# 16 ranks, K split): the step is narrow so that K = 4096 gives 64 steps to split across
+# programs when a decode batch has only a few tokens (``decode_shrink_split``).
+DECODE_SHRINK = Tile(block_m=1, block_n=64, block_r=16, num_warps=2, num_stages=2)
+# Partials the decode expand loads at once when it sums the shrink's splits: 32 x 16 ranks
+# of fp32 (2 KB, four values a thread of its 4 warps), so the 64 splits of T = 1, K = 4096
+# cost two dependent L2 round trips, not 64.
+DECODE_SPLIT_BLOCK = 32
+# Fewest K steps per split of the decode shrink: one. A step reads 2 KB of A_i (bf16) and a
+# split adds a 64-byte fp32 partial of 16 ranks, written once and read back from L2 by the
+# expand: ~3% more traffic, against a grid of T x rank blocks programs (one at T = 1) that
+# leaves all but a few SMs idle on a bandwidth-bound stream.
+DECODE_MIN_STEPS_PER_SPLIT = 1
 # Decode expand: 128 output columns per program, rank steps of 16 (B_i's rows are R_MAX
 # apart: one 16-rank slice per row is a 32-byte sector in bf16).
 DECODE_EXPAND = Tile(block_m=1, block_n=128, block_r=16, num_warps=4, num_stages=2)
@@ -100,6 +115,18 @@ WGRAD_BLOCK_C = 64
 
 def wgrad_tile(r_max: int) -> Tile:
     return Tile(WGRAD_BLOCK_M, WGRAD_BLOCK_C, rank_block(r_max), SEGMENT_WARPS, SEGMENT_STAGES)
+
+
+def decode_shrink_split(num_tokens: int, r_max: int, k: int, device: torch.device) -> Split:
+    """Split of the decode shrink's reduction over K: as many splits as one wave holds (tokens x
+    rank blocks x splits <= SMs, one program per SM: a second wave would take as long as the
+    first) with at least ``DECODE_MIN_STEPS_PER_SPLIT`` steps of ``DECODE_SHRINK.block_n``
+    columns each. Grids already a wave wide are not split. Depends on T, R_MAX, K and the SM
+    count only (fixed for a CUDA graph)."""
+    # Through the module: the planner's recording and the tests replace lora_configs.device_info.
+    num_sms, _ = lora_configs.device_info(device)
+    programs = num_tokens * cdiv(r_max, DECODE_SHRINK.block_r)
+    return split_reduction(k, DECODE_SHRINK.block_n, max(1, num_sms // programs), DECODE_MIN_STEPS_PER_SPLIT)
 
 
 def all_segment_block_ms() -> tuple[int, ...]:

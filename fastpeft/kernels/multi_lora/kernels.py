@@ -12,8 +12,10 @@ Backward  ``dS = s_i dY B_i``, ``dX += dS A_i``, ``dA_i = dS_i^T x_i``, ``dB_i =
 Two families:
 
 - Decode (BGMV, one row per token, its own adapter; no sorting):
-  ``multi_lora_decode_shrink_kernel`` writes ``s[t] = s_i x[t] A_i^T`` (fp32) and
-  ``multi_lora_decode_expand_kernel`` adds ``s[t] B_i^T`` into ``y[t]`` in place. Both are
+  ``multi_lora_decode_shrink_kernel`` writes fp32 partials of ``s[t] = s_i x[t] A_i^T``, one
+  per split of K (a few tokens alone would leave most SMs idle), and
+  ``multi_lora_decode_expand_kernel`` sums them in a fixed order and adds ``s[t] B_i^T`` into
+  ``y[t]`` in place. Both are
   vector products (a row per token is too few for ``tl.dot``'s 16), bandwidth-bound on the
   adapters' rows.
 - Segments (prefill and training; SGMV-style): tokens are sorted by adapter on the device
@@ -68,13 +70,16 @@ def _token_adapter(ids_ptr, t, L):
 @triton.jit(do_not_specialize=("L", "R_MAX"))
 def multi_lora_decode_shrink_kernel(
     x_ptr, a_ptr, scal_ptr, ids_ptr, ranks_ptr, s_ptr,
-    K, L, R_MAX, stride_xm,
+    K, L, R_MAX, stride_xm, split_k,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """``s[t, r] = scalings[i] * sum_k x[t, k] A[i, r, k]`` for ``r < r_i`` (fp32, ``s [T, R_MAX]``);
-    program ``(t, rank block)``; nothing is written for tokens without adapter or ``r >= r_i``."""
+    """``s[p, t, r] = scalings[i] * sum_{k in split p} x[t, k] A[i, r, k]`` for ``r < r_i``: the
+    fp32 partial of split ``p`` (columns ``[p * split_k, (p + 1) * split_k)`` of K; ``s
+    [splits, T, R_MAX]``); program ``(t, rank block, p)``, T and the split count from the grid.
+    Nothing is written for tokens without adapter or ``r >= r_i``."""
     t = tl.program_id(0)
     r0 = tl.program_id(1) * BLOCK_R
+    split = tl.program_id(2)
     adapter, valid = _token_adapter(ids_ptr, t, L)
     rank = _adapter_rank(ranks_ptr, adapter, R_MAX)
     if (not valid) or r0 >= rank:
@@ -84,25 +89,48 @@ def multi_lora_decode_shrink_kernel(
     r_ok = offs_r < rank
     x_row = x_ptr + t.to(tl.int64) * stride_xm
     a_rows = a_ptr + adapter * R_MAX * K + offs_r.to(tl.int64)[:, None] * K
+    k_start = split * split_k
+    k_end = tl.minimum(k_start + split_k, K)
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + offs_k
-        k_ok = k < K
+        k_ok = k < k_end
         xv = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
         a = tl.load(a_rows + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(a * xv[None, :], axis=1)
     acc *= tl.load(scal_ptr + adapter).to(tl.float32)
-    tl.store(s_ptr + t.to(tl.int64) * R_MAX + offs_r, acc, mask=r_ok)
+    row = split.to(tl.int64) * tl.num_programs(0) + t
+    tl.store(s_ptr + row * R_MAX + offs_r, acc, mask=r_ok)
 
 
-@triton.jit(do_not_specialize=("L", "R_MAX"))
+@triton.jit
+def _sum_split_partials(part_ptr, offs_r, r_ok, num_splits, part_stride, BLOCK_R: tl.constexpr,
+                        SPLIT_BLOCK: tl.constexpr):
+    """Sum over p of ``part_ptr[p * part_stride + offs_r]`` (fp32, masked lanes 0) in a fixed
+    order: split p goes to row ``p % SPLIT_BLOCK`` of a ``[SPLIT_BLOCK, BLOCK_R]`` tile, added
+    in order of p, and the rows are then reduced by ``tl.sum``'s fixed tree. The same on every
+    run for a given split count (no atomics). ``SPLIT_BLOCK`` splits per load rather than one
+    (``tile_utils.sum_partials``): a chain of dependent L2 loads, one per split, would cost
+    about as long as the decode shrink it sums."""
+    offs_p = tl.arange(0, SPLIT_BLOCK)
+    acc = tl.zeros((SPLIT_BLOCK, BLOCK_R), dtype=tl.float32)
+    for p0 in range(0, num_splits, SPLIT_BLOCK):
+        p = p0 + offs_p
+        ptrs = part_ptr + p.to(tl.int64)[:, None] * part_stride + offs_r[None, :]
+        acc += tl.load(ptrs, mask=(p < num_splits)[:, None] & r_ok[None, :], other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit(do_not_specialize=("L", "R_MAX", "num_splits"))
 def multi_lora_decode_expand_kernel(
     y_ptr, b_ptr, ids_ptr, ranks_ptr, s_ptr,
-    N, L, R_MAX, stride_ym,
-    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    N, L, R_MAX, stride_ym, num_splits,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
 ):
-    """``y[t, n] += sum_{r < r_i} s[t, r] B[i, n, r]`` in place; program ``(t, column block)``;
-    rows of tokens without adapter are not touched."""
+    """``y[t, n] += sum_{r < r_i} s[t, r] B[i, n, r]`` in place, ``s[t] = sum_p s[p, t]`` the
+    shrink's ``num_splits`` partials (``s [num_splits, T, R_MAX]``, summed in a fixed order:
+    ``_sum_split_partials``); program ``(t, column block)``; rows of tokens without adapter
+    are not touched."""
     t = tl.program_id(0)
     adapter, valid = _token_adapter(ids_ptr, t, L)
     if not valid:
@@ -111,11 +139,13 @@ def multi_lora_decode_expand_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     b_rows = b_ptr + adapter * N * R_MAX + offs_n.to(tl.int64)[:, None] * R_MAX
+    s_row = s_ptr + t.to(tl.int64) * R_MAX
+    part_stride = tl.num_programs(0).to(tl.int64) * R_MAX
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for r0 in range(0, rank, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_ok = offs_r < rank
-        sv = tl.load(s_ptr + t.to(tl.int64) * R_MAX + offs_r, mask=r_ok, other=0.0)
+        sv = _sum_split_partials(s_row, offs_r, r_ok, num_splits, part_stride, BLOCK_R, SPLIT_BLOCK)
         b = tl.load(b_rows + offs_r[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(b * sv[None, :], axis=1)
     y_ptrs = y_ptr + t.to(tl.int64) * stride_ym + offs_n

@@ -12,9 +12,9 @@ Argument contract shared by every launcher here and by the CUDA C++ decode launc
   A_i and columns of B_i, and the rest of the slot is never read.
 
 The op (``fastpeft.ops.multi_lora_linear``) brings its arguments into this form. Nothing here
-reads device memory on the host and every grid is sized from T, L, R_MAX, N and K: a step can
-be captured in a CUDA graph and replayed with other ids, ranks and slot contents. Launches
-run on x's device (``on_device_of``). No kernel uses atomics: results are bitwise
+reads device memory on the host and every grid is sized from T, L, R_MAX, N, K and the SM
+count: a step can be captured in a CUDA graph and replayed with other ids, ranks and slot
+contents. Launches run on x's device (``on_device_of``). No kernel uses atomics: results are bitwise
 reproducible.
 """
 
@@ -59,7 +59,9 @@ def multi_lora_decode(
     ``y [T, N]``: x's dtype, unit column stride (any row stride); written in place (read once,
     written once per touched row). The other arguments follow the module's contract. No sort:
     one row per token, each with its own adapter; meant for small T (``DECODE_MAX_TOKENS``).
-    An fp32 scratch ``s [T, R_MAX]`` holds ``scalings[i] * x[t] A_i^T`` between the two kernels.
+    An fp32 scratch ``s [splits, T, R_MAX]`` holds the partials of ``scalings[i] * x[t] A_i^T``
+    over ``configs.decode_shrink_split`` ranges of K between the two kernels; the expand sums
+    them in a fixed order (no atomics: bitwise reproducible for a given SM count).
     Returns None.
     """
     num_tokens, k = x.shape
@@ -67,18 +69,20 @@ def multi_lora_decode(
     n = lora_b.shape[1]
     if num_tokens == 0 or num_slots == 0:
         return
-    s = launch_device.empty_output((num_tokens, r_max), torch.float32, x.device)
     shrink, expand = configs.DECODE_SHRINK, configs.DECODE_EXPAND
+    split = configs.decode_shrink_split(num_tokens, r_max, k, x.device)
+    s = launch_device.empty_output((split.count, num_tokens, r_max), torch.float32, x.device)
     with on_device_of(x):
-        multi_lora_decode_shrink_kernel[(num_tokens, cdiv(r_max, shrink.block_r))](
+        multi_lora_decode_shrink_kernel[(num_tokens, cdiv(r_max, shrink.block_r), split.count)](
             x, lora_a, scalings, adapter_ids, ranks, s,
-            k, num_slots, r_max, x.stride(0),
+            k, num_slots, r_max, x.stride(0), split.length,
             BLOCK_R=shrink.block_r, BLOCK_K=shrink.block_n, num_warps=shrink.num_warps, num_stages=shrink.num_stages,
         )
         multi_lora_decode_expand_kernel[(num_tokens, cdiv(n, expand.block_n))](
             y, lora_b, adapter_ids, ranks, s,
-            n, num_slots, r_max, y.stride(0),
-            BLOCK_N=expand.block_n, BLOCK_R=expand.block_r, num_warps=expand.num_warps, num_stages=expand.num_stages,
+            n, num_slots, r_max, y.stride(0), split.count,
+            BLOCK_N=expand.block_n, BLOCK_R=expand.block_r, SPLIT_BLOCK=configs.DECODE_SPLIT_BLOCK,
+            num_warps=expand.num_warps, num_stages=expand.num_stages,
         )
 
 

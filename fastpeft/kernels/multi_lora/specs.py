@@ -66,7 +66,8 @@ def multi_lora_kernel_specs() -> list[KernelSpec]:
         specs.append(_spec(multi_lora_decode_shrink_kernel, act, lora,
                            {"BLOCK_R": shrink.block_r, "BLOCK_K": shrink.block_n}, shrink))
         specs.append(_spec(multi_lora_decode_expand_kernel, act, lora,
-                           {"BLOCK_N": expand.block_n, "BLOCK_R": expand.block_r}, expand))
+                           {"BLOCK_N": expand.block_n, "BLOCK_R": expand.block_r,
+                            "SPLIT_BLOCK": configs.DECODE_SPLIT_BLOCK}, expand))
         for block_m, block_r in itertools.product(configs.all_segment_block_ms(), configs.RANK_BLOCKS):
             t = configs.Tile(block_m, configs.SHRINK_BLOCK_K, block_r, configs.SEGMENT_WARPS, configs.SEGMENT_STAGES)
             # x A^T (forward) and dY B (backward's dS): one signature.

@@ -50,3 +50,24 @@ def test_every_launch_is_checked(recorded, act, lora):
             kernels.add(key[0])
     assert kernels == {"multi_lora_decode_shrink_kernel", "multi_lora_decode_expand_kernel", "multi_lora_shrink_kernel",
                        "multi_lora_expand_kernel", "multi_lora_wgrad_kernel"}
+
+
+def test_decode_shrink_splits_k_to_fill_an_h100(recorded, monkeypatch):
+    """Issue 19: one decode token of rank 16 over K = 4096 was one program (grid (T, R/16)); on
+    a simulated H100 (132 SMs) the shrink now splits K into at least 64 programs, within one
+    wave, and the expand is told how many partials to sum."""
+    from fastpeft.kernels.lora import configs as lora_configs
+
+    monkeypatch.setattr(lora_configs, "device_info", lambda device: (132, 90))
+    t, r_max, n, k, num_slots = 1, 16, 4096, 4096, 3
+    x, y = torch.empty(t, k, dtype=torch.bfloat16), torch.empty(t, n, dtype=torch.bfloat16)
+    a = torch.empty(num_slots, r_max, k, dtype=torch.bfloat16)
+    b = torch.empty(num_slots, n, r_max, dtype=torch.bfloat16)
+    ranks = torch.full((num_slots,), r_max, dtype=torch.int64)
+    launch.multi_lora_decode(y, x, a, b, torch.ones(num_slots), torch.zeros(t, dtype=torch.int64), ranks)
+    names = [launch_key(fn, args, kwargs)[0] for fn, args, kwargs in recorded]
+    shrink = recorded.grids[names.index("multi_lora_decode_shrink_kernel")]
+    programs = shrink[0] * shrink[1] * shrink[2]
+    assert 64 <= programs <= 132, shrink
+    fn, args, kwargs = recorded[names.index("multi_lora_decode_expand_kernel")]
+    assert dict(zip(fn.arg_names, args))["num_splits"] == shrink[2]
