@@ -13,8 +13,8 @@ path for every op.
 
 Paths: ``torch`` (the ops' torch path, on the GPU through cuBLAS and aten kernels),
 ``fused`` and ``hybrid`` (LoRA's Triton paths), ``triton`` (the bottleneck adapter's and
-multi-LoRA's Triton kernels), and, for LoRA, ``fused/hybrid`` or ``hybrid/fused`` when the
-dispatch table picks one for the forward and the other for the backward. The CUDA C++
+multi-LoRA's Triton kernels); the dispatch table picks one implementation for both passes of
+a training step. The CUDA C++
 kernels (``FASTPEFT_BACKEND=cuda``) are not planned: their launches are not Python calls the
 recording can see.
 """
@@ -40,8 +40,8 @@ from fastpeft.plan.problems import BOTTLENECK, FWD_BWD, LORA, LORA_TRAIN_DROPOUT
 
 AUTO, VALIDATED = "auto", "validated"
 TORCH, FUSED, HYBRID, TRITON = "torch", "fused", "hybrid", "triton"
-# Every path a plan row can have (a LoRA row mixing two is named forward/backward).
-PATH_NAMES = (TORCH, FUSED, HYBRID, TRITON, f"{FUSED}/{HYBRID}", f"{HYBRID}/{FUSED}")
+# Every path a plan row can have.
+PATH_NAMES = (TORCH, FUSED, HYBRID, TRITON)
 # The values do not change any launch (they are kernel arguments, not shapes); PEFT's usual
 # lora_alpha = 2 r, AdapterHub's seq_bn defaults.
 LORA_SCALING = 2.0
@@ -89,8 +89,8 @@ _LORA_FORWARD = {FUSED: lora_launch.lora_forward, HYBRID: hybrid_launch.hybrid_f
 _LORA_BACKWARD = {FUSED: lora_launch.lora_backward, HYBRID: hybrid_launch.hybrid_backward}
 
 
-def _lora_run(p: Problem, forward: str, backward: str) -> Callable[[], None]:
-    """The LoRA op's forward (and backward) on ``forward`` / ``backward`` implementations, as
+def _lora_run(p: Problem, path: str) -> Callable[[], None]:
+    """The LoRA op's forward (and backward) on implementation ``path``, as
     ``fastpeft.ops.lora_linear`` calls them for 2-D x."""
 
     def run() -> None:
@@ -99,45 +99,42 @@ def _lora_run(p: Problem, forward: str, backward: str) -> Callable[[], None]:
         a, b = _meta(p.r, p.k, dtype=p.adapter_dtype), _meta(p.n, p.r, dtype=p.adapter_dtype)
         seed = _seed()
         keep = x.new_empty(0, dtype=torch.bool)
-        if forward == TORCH:
+        if path == TORCH:
             _, s, keep = lora_forward_torch(x, w, None, a, b, LORA_SCALING, dropout, seed)
         else:
-            _, s = _LORA_FORWARD[forward](x, w, None, a, b, LORA_SCALING, dropout, seed)
+            _, s = _LORA_FORWARD[path](x, w, None, a, b, LORA_SCALING, dropout, seed)
         if p.mode != FWD_BWD:
             return
         grad_y = _meta(p.m, p.n, dtype=p.dtype)
-        if backward == TORCH:
-            if dropout > 0.0 and not keep.numel():  # a kernel forward kept no mask
+        if path == TORCH:
+            if dropout > 0.0 and not keep.numel():  # the torch path redraws the mask here too
                 keep = keep_mask(x, dropout, seed)
             lora_backward_torch(grad_y, x, w, a, b, s, keep, LORA_SCALING, dropout, True, True, True)
         else:
-            _LORA_BACKWARD[backward](grad_y, x, w, a, b, s, LORA_SCALING, dropout, seed, True, True, True)
+            _LORA_BACKWARD[path](grad_y, x, w, a, b, s, LORA_SCALING, dropout, seed, True, True, True)
 
     return run
 
 
-def lora_table_choice(p: Problem, gpu: GpuSpec) -> tuple[str, str]:
-    """(forward, backward) implementations the shipped dispatch table picks for ``p`` on ``gpu``:
-    one implementation for both, the inference entry's in ``fwd`` mode, the training step's
-    in ``fwd+bwd``."""
-    table = dispatch.shipped_table()
+def lora_table_choice(p: Problem, gpu: GpuSpec) -> str:
+    """The implementation the shipped dispatch table picks for ``p`` on ``gpu``: the inference
+    entry's in ``fwd`` mode, the training step's (both passes) in ``fwd+bwd``."""
     mode = dispatch.TRAINING if p.mode == FWD_BWD else dispatch.INFERENCE
-    entry = dispatch.lookup(table, arch=f"sm_{gpu.capability}", dtype=p.dtype, mode=mode, m=p.m, n=p.n, k=p.k)
-    return entry["implementation"], entry["implementation"]
+    entry = dispatch.lookup(dispatch.shipped_table(), arch=f"sm_{gpu.capability}", dtype=p.dtype, mode=mode,
+                            m=p.m, n=p.n, k=p.k)
+    return entry["implementation"]
 
 
 def lora_paths(p: Problem, gpu: GpuSpec) -> list[PathRun]:
     if p.r > MAX_RANK:  # the op sends larger ranks to the torch path whatever the backend
-        return [PathRun(TORCH, (TORCH, AUTO, VALIDATED), _lora_run(p, TORCH, TORCH), TORCH)]
+        return [PathRun(TORCH, (TORCH, AUTO, VALIDATED), _lora_run(p, TORCH), TORCH)]
     table = lora_table_choice(p, gpu)
     runs = []
     for path, forced in ((TORCH, TORCH), (FUSED, TRITON), (HYBRID, HYBRID)):
         choice = _torch_choice() if path == TORCH else (forced,)
-        if table == (path, path):
+        if table == path:
             choice = (*choice, *_validated_choice())
-        runs.append(PathRun(path, choice, _lora_run(p, path, path), forced))
-    if table[0] != table[1]:
-        runs.append(PathRun("/".join(table), _validated_choice(), _lora_run(p, *table), AUTO))
+        runs.append(PathRun(path, choice, _lora_run(p, path), forced))
     return runs
 
 
