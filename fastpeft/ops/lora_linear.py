@@ -32,7 +32,7 @@ from fastpeft.ops.lora_linear_torch import (
     lora_rank_side,
     rank_side_dtype,
 )
-from fastpeft.ops.op_calls import call_directly, eager_function, op_for_call, rows
+from fastpeft.ops.op_calls import call_directly, eager_function, needs_autograd, op_for_call, rows
 
 
 def _implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, training: bool) -> str:
@@ -243,9 +243,8 @@ def lora_linear(
     p = float(dropout_p) if training else 0.0
     seed = draw_seed(x.device) if p > 0.0 else x.new_empty(0, dtype=torch.int64)
     tensors = (x, weight, bias, lora_a, lora_b)
-    backward_follows = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     op = op_for_call(_lora_linear_forward, _LoRALinearFunction, torch.ops.fastpeft.lora_linear, *tensors)
-    y, _, _ = op(x, weight, bias, lora_a, lora_b, float(scaling), p, seed, backward_follows)
+    y, _, _ = op(*tensors, float(scaling), p, seed, needs_autograd(*tensors))
     return y
 
 

@@ -57,12 +57,16 @@ def eager_plain(*tensors: torch.Tensor | None) -> bool:
     return all(type(t) in _PLAIN_TENSOR_TYPES for t in tensors if t is not None)
 
 
+def needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether a backward can follow a call on ``tensors``: grad mode on and one of them
+    (None entries ignored) requiring grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def call_directly(*tensors: torch.Tensor | None) -> bool:
     """Whether an eager call needs nothing from the dispatcher at all: ``eager_plain`` and no
-    autograd (grad mode off, or no tensor requiring grad)."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return False
-    return eager_plain(*tensors)
+    autograd (``needs_autograd`` false)."""
+    return not needs_autograd(*tensors) and eager_plain(*tensors)
 
 
 def eager_function(
