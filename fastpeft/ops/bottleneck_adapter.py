@@ -39,7 +39,7 @@ from fastpeft.ops.bottleneck_adapter_torch import (
     bottleneck_forward_torch,
     down_projection,
 )
-from fastpeft.ops.dropout import kept_mask, kernel_keep_mask, rebuilt_keep_mask, redraws_mask
+from fastpeft.ops.dropout import kept_mask, rebuilt_keep_mask, redraws_mask, saved_or_redrawn_mask
 from fastpeft.ops.checks import describe, require_finite, require_probability, require_same_device, require_tensor
 from fastpeft.ops.lora_linear_torch import rank_side_dtype
 from fastpeft.ops.op_calls import call_directly, eager_function, eager_plain, op_for_call, rows
@@ -190,14 +190,14 @@ def _bottleneck_backward(
     """``(dh like h, dW_down, db_down, dW_up, db_up, dscaling 0-d in z's dtype)``; a gradient not asked
     for is an empty tensor. The kernel paths regenerate the dropout mask from ``seed``; the
     torch path uses ``keep``, or, when it kept none (a kernel path ran the forward, or the
-    mask is redrawn), draws the kernels' Philox mask (``fastpeft.ops.dropout.kernel_keep_mask``)."""
+    mask is redrawn), draws the kernels' Philox mask (``fastpeft.ops.dropout.saved_or_redrawn_mask``)."""
     d = h.shape[-1]
     g2, h2 = rows(grad_out, d), rows(h, d)
     needs = (need_h, need_w_down, need_b_down, need_w_up, need_b_up, need_scaling)
     scale = _scaling_arg(scaling, scaling_t)
     impl = _implementation(h, w_down, backend)
     if impl == TORCH:
-        keep = _saved_or_kernel_mask(keep, h2, dropout_p, seed)
+        keep = saved_or_redrawn_mask(keep, h2, dropout_p, seed)
         grads = bottleneck_backward_torch(g2, h2, w_down, w_up, b_up, z, keep, activation, scale, dropout_p,
                                           residual_is_h, needs)
     else:
@@ -235,15 +235,6 @@ def _bottleneck_backward_fake(grad_out, h, w_down, w_up, b_up, z, keep, activati
     )
 
 
-def _saved_or_kernel_mask(keep: torch.Tensor, h2: torch.Tensor, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
-    """The forward's keep-mask: the torch path's saved one, or (a kernel path ran the forward,
-    or the torch path's mask is redrawn: either keeps none) the kernels' Philox mask
-    regenerated from ``seed``."""
-    if dropout_p > 0.0 and not keep.numel():
-        return kernel_keep_mask(seed, h2.shape[0], h2.shape[1], dropout_p)
-    return keep
-
-
 def _setup_context(ctx, inputs, output) -> None:
     h, w_down, b_down, w_up, b_up, residual, activation, scaling, scaling_t, dropout_p, seed, backend = inputs
     _, z, keep = output
@@ -259,10 +250,10 @@ def _setup_context(ctx, inputs, output) -> None:
 def _differentiable_backward(grad_out, h, w_down, b_down, w_up, b_up, keep, seed, scaling_t, ctx, needs):
     """The backward as plain torch ops that autograd records, for ``create_graph=True``
     (double backward): z is recomputed with autograd instead of read from the
-    non-differentiable saved copy; the mask is the forward's (``_saved_or_kernel_mask``)."""
+    non-differentiable saved copy; the mask is the forward's (``fastpeft.ops.dropout.saved_or_redrawn_mask``)."""
     d = h.shape[-1]
     h2 = rows(h, d)
-    keep = _saved_or_kernel_mask(keep, h2, ctx.dropout_p, seed)
+    keep = saved_or_redrawn_mask(keep, h2, ctx.dropout_p, seed)
     z = down_projection(h2, w_down, b_down, ctx.dropout_p, keep)
     grads = bottleneck_backward_torch(rows(grad_out, d), h2, w_down, w_up, b_up, z, keep, ctx.activation,
                                       _scaling_arg(ctx.scaling, scaling_t), ctx.dropout_p, ctx.residual_is_h, needs)

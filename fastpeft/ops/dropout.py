@@ -59,6 +59,15 @@ def kept_mask(keep: torch.Tensor) -> torch.Tensor:
     return keep.new_empty(0) if keep.numel() and redraws_mask(keep.device) else keep
 
 
+def saved_or_redrawn_mask(keep: torch.Tensor, x2: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """The forward's keep-mask for 2-D x ``[M, K]``, for a backward on the torch path:
+    ``keep`` as the torch path kept it, or (a kernel path ran the forward, or the mask is
+    redrawn: either keeps none) the kernels' Philox mask redrawn from ``seed``."""
+    if p > 0.0 and not keep.numel():
+        return kernel_keep_mask(seed, x2.shape[0], x2.shape[1], p)
+    return keep
+
+
 def keep_mask_torch_path(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
     """The keep-mask the torch path draws on ``seed.device`` (see the module docstring)."""
     device = seed.device

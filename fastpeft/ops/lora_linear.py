@@ -23,10 +23,9 @@ from fastpeft.backend import use_triton
 from fastpeft.kernels.dropout_mask import draw_seed
 from fastpeft.ops.autocast import autocast_dtype, autocast_off, cast_for_autocast
 from fastpeft.ops.checks import check_lora_linear_args
-from fastpeft.ops.dropout import kept_mask, rebuilt_keep_mask, redraws_mask
+from fastpeft.ops.dropout import kept_mask, rebuilt_keep_mask, redraws_mask, saved_or_redrawn_mask
 from fastpeft.ops.lora_linear_torch import (
     base_linear_grads,
-    keep_mask,
     lora_backward_torch,
     lora_forward_torch,
     lora_rank_side,
@@ -108,14 +107,13 @@ def _lora_linear_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dX like x, dA [R, K], dB [N, R])``; a gradient not asked for is an empty tensor.
     The kernel paths regenerate the dropout mask from ``seed``; the torch path uses ``keep``,
-    or regenerates it when the forward ran a kernel path (the dispatch table may choose per
-    pass; ``keep_mask`` draws the kernels' Philox mask wherever they run)."""
+    or, when the forward kept none (a kernel path ran it, or the mask is redrawn), redraws the
+    kernels' Philox mask (``fastpeft.ops.dropout.saved_or_redrawn_mask``)."""
     g2, x2 = rows(grad_y, weight.shape[0]), rows(x, weight.shape[1])
     needs = (need_x, need_a, need_b)
     impl = _implementation(x, weight, lora_a, True)
     if impl == "torch":
-        if dropout_p > 0.0 and not keep.numel():
-            keep = keep_mask(x2, dropout_p, seed)
+        keep = saved_or_redrawn_mask(keep, x2, dropout_p, seed)
         dx, da, db = lora_backward_torch(g2, x2, weight, lora_a, lora_b, s, keep, scaling, dropout_p, *needs)
     else:
         if impl == "fused":
@@ -159,11 +157,10 @@ def _differentiable_backward(grad_y, x, weight, lora_a, lora_b, keep, scaling, d
     """The backward as plain torch ops that autograd records, for ``create_graph=True``
     (double backward, e.g. gradient penalties): ``s`` is recomputed with autograd instead
     of read from the non-differentiable saved copy. The dropout mask is the torch path's
-    saved one, or, after the kernels, regenerated from the seed (the torch path draws the
-    kernels' Philox mask whenever they run: ``fastpeft.ops.dropout``)."""
+    saved one, or the kernels' Philox mask redrawn from the seed
+    (``fastpeft.ops.dropout.saved_or_redrawn_mask``)."""
     x2, g2 = rows(x, weight.shape[1]), rows(grad_y, weight.shape[0])
-    if dropout_p > 0.0 and not keep.numel():
-        keep = keep_mask(x2, dropout_p, seed)
+    keep = saved_or_redrawn_mask(keep, x2, dropout_p, seed)
     s = lora_rank_side(x2, lora_a, dropout_p, keep)
     dx, da, db = lora_backward_torch(g2, x2, weight, lora_a, lora_b, s, keep, scaling, dropout_p, need_x, need_a, need_b)
     return dx.view(x.shape) if dx is not None else None, da, db

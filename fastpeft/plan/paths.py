@@ -33,7 +33,8 @@ from fastpeft.kernels.lora import dispatch, hybrid_launch, launch as lora_launch
 from fastpeft.kernels.lora.configs import MAX_RANK
 from fastpeft.kernels.multi_lora import configs as multi_lora_configs, launch as multi_lora_launch
 from fastpeft.ops.bottleneck_adapter_torch import bottleneck_backward_torch, bottleneck_forward_torch
-from fastpeft.ops.lora_linear_torch import keep_mask, lora_backward_torch, lora_forward_torch
+from fastpeft.ops.dropout import saved_or_redrawn_mask
+from fastpeft.ops.lora_linear_torch import lora_backward_torch, lora_forward_torch
 from fastpeft.ops.multi_lora_linear_torch import multi_lora_add_torch
 from fastpeft.plan.gpus import GpuSpec
 from fastpeft.plan.problems import BOTTLENECK, FWD_BWD, LORA, LORA_TRAIN_DROPOUT, Problem
@@ -107,8 +108,7 @@ def _lora_run(p: Problem, path: str) -> Callable[[], None]:
             return
         grad_y = _meta(p.m, p.n, dtype=p.dtype)
         if path == TORCH:
-            if dropout > 0.0 and not keep.numel():  # the torch path redraws the mask here too
-                keep = keep_mask(x, dropout, seed)
+            keep = saved_or_redrawn_mask(keep, x, dropout, seed)
             lora_backward_torch(grad_y, x, w, a, b, s, keep, LORA_SCALING, dropout, True, True, True)
         else:
             _LORA_BACKWARD[path](grad_y, x, w, a, b, s, LORA_SCALING, dropout, seed, True, True, True)
