@@ -268,7 +268,7 @@ def _multi_lora_decode_shrink(p: Params, grid: tuple[int, ...], hw: Hardware) ->
             a_l2 += rank * k * ea
         s_bytes += splits * rank * 4
         flops += 2 * k * rank
-    return Cost((_access("x", x_bytes, x_l2), _access("A", a_bytes, a_l2), write("s", s_bytes)), flops)
+    return Cost((Access("x", x_bytes, x_l2), Access("A", a_bytes, a_l2), write("s", s_bytes)), flops)
 
 
 @kernel_cost("multi_lora_decode_expand_kernel")
@@ -289,12 +289,8 @@ def _multi_lora_decode_expand(p: Params, grid: tuple[int, ...], hw: Hardware) ->
         s_l2 += splits * rank * 4
         y_bytes += n * ey
         flops += 2 * n * rank
-    return Cost((_access("B", b_bytes, b_l2), _access("s", s_bytes, s_l2), _access("y", y_bytes, y_bytes),
+    return Cost((Access("B", b_bytes, b_l2), Access("s", s_bytes, s_l2), Access("y", y_bytes, y_bytes),
                  write("y", y_bytes)), flops)
-
-
-def _access(operand: str, no_reuse: int, with_reuse: int) -> Access:
-    return Access(operand, no_reuse, with_reuse)
 
 
 def _segment_tiles(p: Params) -> list[tuple[int, int, int]]:
@@ -326,7 +322,7 @@ def _multi_lora_shrink(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
             q_l2 += rank * red * eq
         s_bytes += rows * rank * 4
         flops += 2 * rows * red * rank
-    return Cost((_access("P", p_bytes, p_l2), _access("Q", q_bytes, q_l2), write("s", s_bytes)), flops)
+    return Cost((Access("P", p_bytes, p_l2), Access("Q", q_bytes, q_l2), write("s", s_bytes)), flops)
 
 
 @kernel_cost("multi_lora_expand_kernel")
@@ -347,5 +343,5 @@ def _multi_lora_expand(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
         s_l2 += rows * rank * 4
         y_bytes += rows * n * ey
         flops += 2 * rows * n * rank
-    return Cost((_access("Q", q_bytes, q_l2), _access("s", s_bytes, s_l2), _access("out", y_bytes, y_bytes),
+    return Cost((Access("Q", q_bytes, q_l2), Access("s", s_bytes, s_l2), Access("out", y_bytes, y_bytes),
                  write("out", y_bytes)), flops)
