@@ -12,6 +12,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from fastpeft.kernels import launch_device
 from fastpeft.kernels.bottleneck import configs as bn_configs, launch as bn_launch  # noqa: E402
 from fastpeft.kernels.lora import configs as lora_configs, hybrid_launch, launch as lora_launch  # noqa: E402
 from fastpeft.kernels.multi_lora import launch as ml_launch  # noqa: E402
@@ -86,7 +87,7 @@ def _helper_launches(monkeypatch, gpu, run: paths.PathRun) -> list[tuple]:
     recorded = record_launches(monkeypatch, lora_launch, hybrid_launch, bn_launch, ml_launch)
     for module in (lora_configs, bn_configs, hybrid_launch):
         monkeypatch.setattr(module, "device_info", lambda device: (gpu.sms, gpu.capability))
-    for module in (lora_launch, bn_launch):
+    for module in (launch_device, bn_launch):
         monkeypatch.setattr(module, "interpreting", lambda: False)
     run.run()
     return [_summary(kernel_name(fn), grid, {**dict(zip(fn.arg_names, args)), **kwargs})
@@ -172,7 +173,7 @@ def test_recording_restores_the_launch_code():
 def test_every_planned_kernel_has_a_traffic_model(h100_rows):
     launched = {k.kernel for row in h100_rows for k in row.kernels if k.grid is not None}
     assert launched <= set(kernel_costs.KERNEL_COSTS)
-    assert {"lora_fwd_kernel", "lora_hybrid_fwd_kernel", "bottleneck_fwd_kernel",
+    assert {"lora_fwd_kernel", "lora_hybrid_fwd_kernel", "bottleneck_down_kernel", "bottleneck_up_kernel",
             "multi_lora_decode_shrink_kernel", "multi_lora_shrink_kernel"} <= launched
 
 

@@ -1,4 +1,5 @@
-"""Where kernel launches happen and what they write into.
+"""Where kernel launches happen, what they write into, and the launch arguments every op
+family computes the same way (``kernel_numerics``, ``dropout_args``).
 
 Triton launches a kernel on ``torch.cuda.current_device()``, not on its arguments' device.
 With a model spread over several GPUs (``device_map="auto"``), a layer's tensors may live
@@ -17,6 +18,9 @@ from collections.abc import Iterator
 
 import torch
 
+from fastpeft.backend import interpreting
+from fastpeft.kernels.dropout_mask import dropout_threshold
+
 
 @contextlib.contextmanager
 def on_device_of(tensor: torch.Tensor) -> Iterator[None]:
@@ -32,3 +36,24 @@ def on_device_of(tensor: torch.Tensor) -> Iterator[None]:
 def empty_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialized buffer a kernel will fully overwrite (tests replace this with NaN fill)."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def kernel_numerics(dtype: torch.dtype, lora_dtype: torch.dtype) -> dict:
+    """Constexprs fixing how the GEMM kernels' tiles meet the tensor cores: activation tiles
+    of ``dtype``, adapter-weight tiles of ``lora_dtype`` (``tile_utils.to_compute``).
+
+    fp16 and bf16 use their own tensor-core path with fp32 accumulation; fp32 activations
+    get IEEE products (LoRA sends them to the torch path on a GPU). Under the interpreter,
+    everything is computed in fp32 when bf16 is involved (its bf16 arithmetic is wrong;
+    KERNEL_NOTES.md).
+    """
+    upcast = interpreting() and torch.bfloat16 in (dtype, lora_dtype)
+    return {"UPCAST": upcast, "PRECISION": "ieee" if (dtype == torch.float32 or upcast) else "tf32"}
+
+
+def dropout_args(dropout_p: float) -> tuple[int, float]:
+    """The kernels' dropout arguments: the keep threshold of the Philox draw
+    (``fastpeft.kernels.dropout_mask.dropout_threshold``; 0 = no dropout) and ``1 / (1 - p)``."""
+    if dropout_p == 0.0:
+        return 0, 1.0
+    return dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)

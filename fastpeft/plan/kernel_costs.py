@@ -170,24 +170,45 @@ def _lora_hybrid_dx(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
 # --- Bottleneck adapter (fastpeft.kernels.bottleneck.kernels) ----------------------------
 
 
-@kernel_cost("bottleneck_fwd_kernel")
-def _bottleneck_fwd(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
-    """A program walks D twice for its rows: h for the down projection, then the residual
-    (h again when the residual is h) beside W_up; both weights and biases per row tile."""
+@kernel_cost("bottleneck_down_kernel")
+def _bottleneck_down(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
+    """h by every rank block (consecutive programs; each its rows and D range); W_down by every
+    row tile (each rank block its rows of it); b_down per row tile; with one split z and act(z) (fp32
+    ``[M, R]``) written, else the fp32 partials ``[splits, M, R]``."""
     m, d, r = p["M"], p["D"], p["R"]
-    rt = grid[0]
-    h, res = p["h_ptr"], p["res_ptr"]
-    h_bytes = m * d * e(h)
-    accesses = [read("h, residual", h_bytes, 2, hw)] if res is h else [read("h", h_bytes, 1, hw),
-                                                                         read("residual", m * d * e(res), 1, hw)]
-    accesses += [read("W_down", r * d * e(p["wd_ptr"]), rt, hw, concurrent=True),
-                 read("W_up", d * r * e(p["wu_ptr"]), rt, hw, concurrent=True)]
+    programs, splits = grid
+    rank_blocks = cdiv(r, p["BLOCK_R"])
+    row_tiles = programs // rank_blocks
+    accesses = [read("h", m * d * e(p["h_ptr"]), rank_blocks, hw, concurrent=True),
+                read("W_down", r * d * e(p["wd_ptr"]), row_tiles, hw, concurrent=True)]
+    if p["has_b_down"] and splits == 1:
+        accesses.append(read("b_down", r * e(p["bd_ptr"]), row_tiles, hw))
+    accesses.append(write("z, act(z)", 2 * m * r * 4) if splits == 1 else write("z partials", splits * m * r * 4))
+    return Cost(tuple(accesses), 2 * m * d * r)
+
+
+@kernel_cost("bottleneck_down_sum_kernel")
+def _bottleneck_down_sum(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
+    """The partials read once, b_down per row tile, z and act(z) written."""
+    m, r, splits = p["M"], p["R"], p["num_splits"]
+    accesses = [read("z partials", splits * m * r * 4, 1, hw)]
     if p["has_b_down"]:
-        accesses.append(read("b_down", r * e(p["bd_ptr"]), rt, hw))
+        accesses.append(read("b_down", r * e(p["bd_ptr"]), grid[0], hw))
+    return Cost((*accesses, write("z, act(z)", 2 * m * r * 4)), 0)
+
+
+@kernel_cost("bottleneck_up_kernel")
+def _bottleneck_up(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
+    """act(z) (fp32 ``[M, R]``) by every column tile, W_up and b_up by every row tile
+    (consecutive programs are row tiles of one column tile); the residual once; out written."""
+    m, d, r = p["M"], p["D"], p["R"]
+    row_tiles, col_tiles = grid
+    accesses = [read("act(z)", m * r * 4, col_tiles, hw),
+                read("W_up", d * r * e(p["wu_ptr"]), row_tiles, hw, concurrent=True)]
     if p["has_b_up"]:
-        accesses.append(read("b_up", d * e(p["bu_ptr"]), rt, hw))
-    accesses += [write("z", m * r * 4), write("out", m * d * e(p["out_ptr"]))]
-    return Cost(tuple(accesses), 4 * m * d * r)
+        accesses.append(read("b_up", d * e(p["bu_ptr"]), row_tiles, hw, concurrent=True))
+    accesses += [read("residual", m * d * e(p["res_ptr"]), 1, hw), write("out", m * d * e(p["out_ptr"]))]
+    return Cost(tuple(accesses), 2 * m * d * r)
 
 
 @kernel_cost("bottleneck_bwd_dz_kernel")

@@ -23,7 +23,7 @@ BACKENDS = ["triton", "torch"] if KERNELS_RUN else ["torch"]
 def dtype_id(dtype: torch.dtype) -> str:
     """Test id of an activation dtype in the LoRA op's tests: ``str(dtype)``, but for bf16 where
     the kernels run in Triton's interpreter, "bf16_io_fp32_math". There the LoRA kernels read and
-    write bf16 but compute in fp32 with IEEE products (``fastpeft.kernels.lora.launch.
+    write bf16 but compute in fp32 with IEEE products (``fastpeft.kernels.launch_device.
     kernel_numerics``: UPCAST, as the interpreter's bf16 arithmetic is wrong), not with the bf16
     tensor-core and tf32 arithmetic a GPU runs, so those cases are no coverage of the kernels'
     bf16 arithmetic (a GPU run is: tests/test_gpu.py). The torch path's run of the same case

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastpeft.kernels.lora.configs import ALIGN, aligned_rows, block_r, cdiv, device_info
+from fastpeft.kernels.lora.configs import ALIGN, Split, aligned_rows, block_r, cdiv, device_info
 
 # Bottleneck sizes the Triton kernels take: the rank tile is padded to a power of two >= 16
 # (tl.dot needs every dimension >= 16), up to 256 (AdapterHub's default reduction factor 16 on
@@ -47,25 +47,120 @@ class Tile:
     num_stages: int
 
 
-# Row-block kernels (forward; backward dz), keyed by the rank tile: a program owns BLOCK_M
-# rows and walks D in BLOCK_D steps, with the fp32 [BLOCK_M, BLOCK_R] bottleneck tile live
+# Row-block kernel of the backward (dz), keyed by the rank tile: a program owns BLOCK_M rows
+# and walks D in BLOCK_D steps, with the fp32 [BLOCK_M, BLOCK_R] bottleneck tile live
 # throughout. 32 rows keep twice as many programs in flight as 64 on a memory-bound pass
 # (M = 8192 gives 256 programs, ~2 per SM on 132 SMs); the step shrinks as the rank tile
 # grows so that the W tile of a step ([BLOCK_R, BLOCK_D] fp32 after widening) stays at
 # 8-16 KB. 4 warps, 3 stages (the loads of the next steps in flight). At rank 128, 32 rows
-# spill the dz kernel (48-88 B, fastpeft check): 16 rows.
+# spill (48-88 B, fastpeft check): 16 rows.
 _ROW_TILES = {
     16: Tile(32, 128, 4, 3),
     32: Tile(32, 128, 4, 3),
     64: Tile(32, 64, 4, 3),
     128: Tile(16, 32, 4, 3),
     # 8 warps halve each thread's share of the [16, 256] fp32 tiles (z, a, dA, dz): with 4 the
-    # dz kernel reaches 255 registers; 2 stages keep the forward's shared memory at 51 KB
-    # (3: 84 KB) with 0 spills either way (fastpeft check).
+    # kernel reaches 255 registers; 2 stages, 0 spills (fastpeft check).
     256: Tile(16, 32, 8, 2),
 }
 # Decode: 16 rows (M <= 16 fits one program), same steps.
 _ROW_TILES_DECODE = {r: Tile(16, t.block_d, t.num_warps, t.num_stages) for r, t in _ROW_TILES.items()}
+
+# --- The forward: a down projection, then an up projection in GEMM-shaped tiles ------------
+# Down projection (``bottleneck_down_kernel``), keyed by the rank block: BLOCK_M rows x a
+# block of up to DOWN_MAX_RANK_BLOCK ranks, D walked BLOCK_D at a time; W_down is re-read
+# once per row tile, so the row tile is as tall as the fp32 [BLOCK_M, BLOCK_R] sum allows: 64
+# rows cut the re-reads 4x against the old 16-row tiles. The step keeps a stage's W tile at
+# 8-16 KB; 8 warps from rank 64 up (4 spill 0.4-1.8 KB there: fastpeft check), 0 spills at
+# 180-255 registers.
+_DOWN_TILES = {
+    16: Tile(64, 64, 4, 3),
+    32: Tile(64, 64, 4, 3),
+    64: Tile(64, 64, 8, 3),
+    128: Tile(64, 32, 8, 3),
+}
+# A 64 x 256 fp32 sum spills with 8 warps (0.2-0.5 KB) and with 16 (capped at 128 registers),
+# so wider bottlenecks run as rank blocks of 128: each re-reads its row tile's h, from L2 (the
+# blocks of a row tile are consecutive programs).
+DOWN_MAX_RANK_BLOCK = 128
+# Decode (M <= DECODE_MAX_M): one 16-row tile holds every row, so the work is spread over
+# D (a split, partials summed by ``bottleneck_down_sum_kernel``) and over blocks of
+# DECODE_RANK_BLOCK ranks (a grid axis: each block re-reads the few rows of h, a few KB).
+# 16-column steps make D = 4096 cut into up to 256 ranges, enough for 2 programs per SM. 2
+# warps for the [16, 64] sum (4 spill 8 B on sm_90 with dropout: fastpeft check).
+_DOWN_TILE_DECODE = Tile(16, 16, 2, 2)
+DECODE_RANK_BLOCK = 64
+# The split's partials (fp32 [splits, M, R], written, then read by the sum kernel) may add
+# at most this share of the projection's own bytes (h and W_down): the issue-19 target
+# allows 1.5x the minimum, and the partials cost twice their size.
+PARTIALS_SHARE = 0.25
+# The sum kernel's tile: 16 rows (all of a decode step) x 16 ranks, so that R = 256 spreads
+# over 16 programs (it reads 16-600 KB of partials: a launch's latency is most of its cost).
+DOWN_SUM_TILE = Tile(16, 16, 4, 1)
+
+# Up projection (``bottleneck_up_kernel``): [BLOCK_M, BLOCK_N] tiles of out, the rank walked
+# UP_RANK_STEP at a time (16 for ranks <= 16, whose padded tile is 16). The rows by M (16 at
+# decode, 32 up to 64 rows, then 64: act(z) re-read per column tile, W_up per row tile); the
+# columns as wide as still gives one wave (128 at M >= 512 on D = 4096), down to 16
+# (256 tiles at D = 4096 for one token). 4 warps, 8 for the 64 x 128 tile (its fp32
+# accumulator is 64 registers a thread with 4, which spill 80 B on sm_80 with fp32 weights:
+# fastpeft check); 3 stages of [64, 32] act and [32, 128] W_up fp32 tiles, ~72 KB.
+UP_ROW_BLOCKS = ((DECODE_MAX_M, 16), (64, 32), (None, 64))
+UP_BLOCK_N_CHOICES = (128, 64, 32, 16)
+UP_RANK_STEP = 32
+UP_STAGES = 3
+
+
+def _up_tile(rows: int, cols: int) -> Tile:
+    return Tile(rows, cols, 8 if rows * cols >= 64 * 128 else 4, UP_STAGES)
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """Tiles of one forward call: the down projection's ``down`` tile with rank blocks of
+    ``down_r`` ranks (``rank_blocks`` of them) and ``split`` over D (several ranges: partials,
+    then the sum kernel), and the up projection's ``up`` tile (``block_d`` = BLOCK_N) walking
+    the rank ``up_r`` at a time."""
+
+    down: Tile
+    down_r: int
+    rank_blocks: int
+    split: Split
+    up: Tile
+    up_r: int
+
+
+def plan_forward(m: int, d: int, rank: int, h_bytes: int, w_bytes: int, device: torch.device) -> ForwardPlan:
+    """The forward's tiles for ``h [m, d]`` (``h_bytes`` an element), bottleneck ``rank``
+    (1 <= rank <= MAX_RANK) and weights of ``w_bytes`` an element, on ``device``.
+
+    The down projection is split over D only while its tiles fill under half the SMs (as
+    ``lora.configs.gemm_split``), up to PROGRAMS_PER_SM programs per SM, within about the
+    PARTIALS_SHARE budget."""
+    _check_rank(rank)
+    num_sms, _ = device_info(device)
+    r_block = block_r(rank)
+    decode = m <= DECODE_MAX_M
+    down_r = min(r_block, DECODE_RANK_BLOCK if decode else DOWN_MAX_RANK_BLOCK)
+    down = _DOWN_TILE_DECODE if decode else _DOWN_TILES[down_r]
+    rank_blocks = cdiv(rank, down_r)
+    tiles = cdiv(m, down.block_m) * rank_blocks
+    wanted = 1
+    if 2 * tiles < num_sms:
+        budget = int(PARTIALS_SHARE * (m * d * h_bytes + rank * d * w_bytes) / (4 * m * rank))
+        wanted = max(1, min(cdiv(PROGRAMS_PER_SM * num_sms, tiles), budget))
+    # Whole steps per range, rounded down so that there are at least ``wanted`` ranges (at
+    # most about wanted (1 + wanted / steps): 37 for 34 at M = 16, R = 256, D = 4096, where
+    # rounding up would leave 32 x 4 = 128 programs on 132 SMs).
+    steps = cdiv(d, down.block_d)
+    per_split = max(1, steps // wanted)
+    split = Split(cdiv(steps, per_split), per_split * down.block_d)
+    up_m = next(rows for limit, rows in UP_ROW_BLOCKS if limit is None or m <= limit)
+    row_tiles = cdiv(m, up_m)
+    up_n = next((n for n in UP_BLOCK_N_CHOICES if row_tiles * cdiv(d, n) >= num_sms), UP_BLOCK_N_CHOICES[-1])
+    return ForwardPlan(down, down_r, rank_blocks, split, _up_tile(up_m, up_n),
+                       min(UP_RANK_STEP, r_block))
+
 
 # Column kernel of the backward (dW_up, db_up, dW_down, dh), keyed by the rank tile: a program
 # owns BLOCK_D columns and walks its rows BLOCK_M at a time, with the fp32 sums
@@ -93,7 +188,7 @@ DH_RANK_STEP = 32
 
 @dataclass(frozen=True)
 class Plan:
-    """Tiles of one call: ``rows`` for the row-block kernels (rank tile ``block_r``),
+    """Tiles of one backward call: ``rows`` for the dz kernel (rank tile ``block_r``),
     ``columns`` for the backward's column kernel (rank tile ``column_r``, run for
     ``rank_chunks`` chunks) with its ``splits`` row ranges of ``rows_per_split`` rows each;
     with more than one chunk dh comes from the dh kernel (``DH_TILE``)."""
@@ -107,15 +202,20 @@ class Plan:
     rank_chunks: int
 
 
+def _check_rank(rank: int) -> None:
+    if not 1 <= rank <= MAX_RANK:
+        raise ValueError(f"bottleneck kernels take 1 <= R <= {MAX_RANK}, got R={rank}")
+
+
 def row_tile(m: int, r_block: int) -> Tile:
-    """The row-block kernels' tile for ``m`` rows and rank tile ``r_block``."""
+    """The dz kernel's tile for ``m`` rows and rank tile ``r_block``."""
     return (_ROW_TILES_DECODE if m <= DECODE_MAX_M else _ROW_TILES)[r_block]
 
 
 def plan(m: int, d: int, rank: int, device: torch.device) -> Plan:
-    """The tiles for ``h [m, d]`` and bottleneck ``rank`` (1 <= rank <= MAX_RANK) on ``device``."""
-    if not 1 <= rank <= MAX_RANK:
-        raise ValueError(f"bottleneck kernels take 1 <= R <= {MAX_RANK}, got R={rank}")
+    """The backward's tiles for ``h [m, d]`` and bottleneck ``rank`` (1 <= rank <= MAX_RANK)
+    on ``device``."""
+    _check_rank(rank)
     num_sms, _ = device_info(device)
     r_block = block_r(rank)
     column_r = min(r_block, COLUMN_MAX_RANK)
@@ -128,10 +228,18 @@ def plan(m: int, d: int, rank: int, device: torch.device) -> Plan:
 
 
 def tile_choices() -> list[tuple[str, int, Tile]]:
-    """Every ``(kernel kind, rank tile, tile)`` the planner can return: kind "rows",
-    "columns" or "dh" (for ``bottleneck_kernel_specs``)."""
+    """Every ``(kernel kind, rank tile, tile)`` the planners can return: kind "down" (rank
+    tile: the rank block), "down_sum", "up" (rank tile: the rank step), "rows" (the dz
+    kernel), "columns" or "dh" (for ``bottleneck_kernel_specs``)."""
     rows = {(r, t) for table in (_ROW_TILES, _ROW_TILES_DECODE) for r, t in table.items()}
-    return ([("rows", r, t) for r, t in sorted(rows, key=str)] + [("columns", r, t) for r, t in _COLUMN_TILES.items()]
+    decode_blocks = {min(r, DECODE_RANK_BLOCK) for r in BLOCK_R_CHOICES}
+    up_steps = sorted({min(UP_RANK_STEP, r) for r in BLOCK_R_CHOICES})
+    up_tiles = [_up_tile(m, n) for _, m in UP_ROW_BLOCKS for n in UP_BLOCK_N_CHOICES]
+    return ([("down", r, t) for r, t in _DOWN_TILES.items()]
+            + [("down", r, _DOWN_TILE_DECODE) for r in sorted(decode_blocks)]
+            + [("down_sum", DOWN_SUM_TILE.block_d, DOWN_SUM_TILE)]
+            + [("up", r, t) for r in up_steps for t in up_tiles]
+            + [("rows", r, t) for r, t in sorted(rows, key=str)] + [("columns", r, t) for r, t in _COLUMN_TILES.items()]
             + [("dh", DH_RANK_STEP, DH_TILE)])
 
 

@@ -9,13 +9,19 @@ Backward  ``dA = g W_up``, ``dz = s dA act'(z)``, ``db_down = sum_m dz``,
           ``dW_down = dz^T h_hat``, ``dh = K (dz W_down) / (1-p) [+ g when the residual is h]``
 
 Kernels (launched by ``launch.py``):
-- ``bottleneck_fwd_kernel``: one program per ``BLOCK_M`` rows. Pass 1 walks D and sums
-  ``z`` (``shrink_tile.shrink_rows``), the mask drawn on the fly; bias and activation are
-  applied to the ``[BLOCK_M, R]`` tile in registers (``z`` is stored, fp32, for the backward).
-  Pass 2 walks D again, forming ``a W_up^T`` per column tile and writing
-  ``out = residual + s (...)``. Memory traffic: h once in pass 1; the residual once in pass 2
-  (with the default residual h, that is h's second read, of the ``BLOCK_M x D`` rows the same
-  program read moments before, which mostly hit L2); out written once; ``[M, R]`` fp32 z.
+- The forward is a down projection, then an up projection in GEMM-shaped tiles:
+  ``bottleneck_down_kernel``, one program per ``BLOCK_M`` rows (64 rows; 16 at decode), block
+  of ranks (up to 128; 64 at decode) and range of D (one range, or at decode
+  and small M a split that fills the GPU), sums ``z`` over its range
+  (``shrink_tile.shrink_rows``, the mask drawn on the fly; 16-bit h and weights meet on the
+  bf16/fp16 tensor cores). With one range it stores ``z`` (fp32, for the backward) and
+  ``act(z)`` (fp32, for the up projection); with several, fp32 partials that
+  ``bottleneck_down_sum_kernel`` adds in split order. ``bottleneck_up_kernel``: one program
+  per ``[BLOCK_M, BLOCK_N]`` tile of out, ``act(z) W_up^T`` with the rank walked in steps,
+  then ``out = residual + s (... + b_up)``. Memory traffic: h once per rank block (from L2
+  after the first); W_down once per row tile; ``act(z)`` ([M, R] fp32) once per column tile
+  and W_up once per row tile (both from L2 at the shapes that matter); the residual once, out
+  written once; z and act(z) written once.
 - ``bottleneck_bwd_dz_kernel``: one program per ``BLOCK_M`` rows walks D once: ``dA = g W_up``
   (g read once), then stores ``dz`` and ``a = act(z)`` (fp32 ``[M, R]``), and per-program
   partials of ``db_down`` and of ``sum(dA a)`` (the scaling's gradient).
@@ -37,7 +43,8 @@ of them per tile of the other's reduction: ``4 R / BLOCK`` times g's bytes, more
 second read of g for R >= 32, and with the residual h the second read of g is needed for dh
 anyway.)
 
-Compile-time variants: only the tiles, ``HAS_DROPOUT`` and ``NEED_DH`` are constexprs, and
+Compile-time variants: only the tiles, ``HAS_DROPOUT``, ``NEED_DH``, ``UPCAST`` and
+``PRECISION`` are constexprs, and
 Triton's launch-time specialization (multiples of 16) of D, the row strides and the pointers;
 arguments with arbitrary values (M, R, W_up's row stride R, the flags below) are exempt
 (``do_not_specialize``). The
@@ -46,17 +53,21 @@ the residual is h are runtime scalars: each selects a uniform branch (or an empt
 taken once per tile, so one compiled kernel serves all their combinations and ``fastpeft
 check`` compiles every variant the launchers can produce.
 
-The row-block kernels re-read W (``2 R D`` elements) per ``BLOCK_M`` rows, from L2: ``2 R /
-BLOCK_M`` times h's bytes of L2 traffic (4x at R = 64 with 32-row tiles) -- untuned; a GPU run
+The dz kernel re-reads W_up (``R D`` elements) per ``BLOCK_M`` rows, from L2: ``R / BLOCK_M``
+times dOut's bytes of L2 traffic (2x at R = 64 with 32-row tiles) -- untuned; a GPU run
 decides whether larger row tiles pay for their fewer programs.
 
 No kernel uses atomics: results are bitwise reproducible. The dropout mask is
 ``philox_dropout.keep_mask`` (the counters of element ``(m, d)`` of h), drawn in the forward
 and regenerated in the backward, never stored.
 
-Precision: every product takes fp32 operands with fp32 accumulation (h and the weights are
-widened on load: exact for 16-bit inputs; ``PRECISION`` is "tf32" for the tensor cores on a
-GPU with 16-bit h, "ieee" for fp32 h and in the interpreter). z, a, dA and dz live in fp32.
+Precision: every product accumulates in fp32 and every product of two 16-bit values is exact
+there. The down projection meets in the weights' dtype (``tile_utils.to_compute``: 16-bit h
+and weights on their own tensor cores; h widened to meet fp32 weights; ``UPCAST`` widens
+everything in the interpreter, whose bf16 arithmetic is wrong); every other product takes
+fp32 operands (``PRECISION`` "tf32" for the tensor cores on a GPU with 16-bit h, "ieee" for
+fp32 h and in the interpreter), so ``act(z)`` meets W_up unrounded. z, a, dA and dz live
+in fp32.
 """
 
 from __future__ import annotations
@@ -66,6 +77,7 @@ import triton.language as tl
 
 from fastpeft.kernels.philox_dropout import keep_mask
 from fastpeft.kernels.shrink_tile import shrink_rows
+from fastpeft.kernels.tile_utils import sum_partials
 
 # Activation codes of the kernels' runtime ``activation`` argument, by canonical name
 # (``fastpeft.kernels.bottleneck.ref.CANONICAL_ACTIVATIONS``).
@@ -147,46 +159,102 @@ def _rank_tile(ptr, rows, row_ok, offs_r, r_ok, R):
                    other=0.0)
 
 
-@triton.jit(do_not_specialize=["M", "R", "stride_wud", "threshold", "activation", "has_b_down", "has_b_up",
-                                "scale_in_memory"])
-def bottleneck_fwd_kernel(
-    h_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, res_ptr, scale_ptr, seed_ptr, z_ptr, out_ptr,
-    M, D, R,
-    stride_hm, stride_hd, stride_wdr, stride_wdd, stride_wud, stride_wur, stride_bd, stride_bu,
-    stride_resm, stride_resd,
-    scaling, threshold, keep_scale, activation, has_b_down, has_b_up, scale_in_memory,
+@triton.jit
+def _store_z(z, bd_ptr, stride_bd, has_b_down, z_ptr, act_ptr, rows, row_ok, offs_r, r_ok, R, activation):
+    """Add ``b_down`` (when ``has_b_down`` is non-zero) to the ``[BLOCK_M, BLOCK_R]`` tile
+    ``z`` at ``rows, offs_r`` and store it into ``z [M, R]`` and ``act(z)`` into
+    ``act [M, R]`` (both fp32, contiguous)."""
+    z += tl.load(bd_ptr + offs_r * stride_bd, mask=offs_r < R * has_b_down, other=0.0).to(tl.float32)[None, :]
+    offs = rows.to(tl.int64)[:, None] * R + offs_r[None, :]
+    ok = row_ok[:, None] & r_ok[None, :]
+    tl.store(z_ptr + offs, z, mask=ok)
+    tl.store(act_ptr + offs, activate(z, activation), mask=ok)
+
+
+@triton.jit(do_not_specialize=["M", "R", "d_per_split", "num_splits", "threshold", "activation", "has_b_down"])
+def bottleneck_down_kernel(
+    h_ptr, wd_ptr, bd_ptr, seed_ptr, part_ptr, z_ptr, act_ptr,
+    M, D, R, d_per_split, num_splits,
+    stride_hm, stride_hd, stride_wdr, stride_wdd, stride_bd,
+    threshold, keep_scale, activation, has_b_down,
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """``z [M, R]`` (fp32) and ``out [M, D]`` (out's dtype, contiguous) for ``BLOCK_M`` rows.
-    ``has_b_down`` / ``has_b_up`` (0/1): whether the bias pointers are read (with 0 their loads'
-    masks are empty: one compiled kernel for every combination)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """The down projection for ``BLOCK_M`` rows and ``BLOCK_R`` ranks (axis 0: the rank blocks
+    of a row tile are consecutive programs, which share its rows of h through L2) and the
+    ``d_per_split`` columns of h of split ``program_id(1)``:
+    ``dropout(h) W_down^T`` over those columns (``shrink_tile.shrink_rows``, the mask drawn on
+    the fly, ``1/(1-p)`` applied). With one split it is all of z: ``z = ... + b_down`` and
+    ``act(z)`` are stored (``_store_z``); with several, the fp32 partial goes to
+    ``part [num_splits, M, R]`` for ``bottleneck_down_sum_kernel``."""
+    split = tl.program_id(1)
+    rank_blocks = tl.cdiv(R, BLOCK_R)
+    rows = (tl.program_id(0) // rank_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    offs_r = tl.arange(0, BLOCK_R)
+    r0 = (tl.program_id(0) % rank_blocks) * BLOCK_R
+    offs_r = r0 + tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
-    z = shrink_rows(h_ptr, wd_ptr, seed_ptr, rows, row_ok, 0, D, D, R, stride_hm, stride_hd, stride_wdr,
-                    stride_wdd, threshold, HAS_DROPOUT, BLOCK_M, BLOCK_D, BLOCK_R, PRECISION)
+    d_start = split * d_per_split
+    z = shrink_rows(h_ptr, wd_ptr + r0 * stride_wdr, seed_ptr, rows, row_ok, d_start,
+                    tl.minimum(d_start + d_per_split, D), D, R - r0, stride_hm, stride_hd, stride_wdr, stride_wdd,
+                    threshold, HAS_DROPOUT, BLOCK_M, BLOCK_D, BLOCK_R, UPCAST, PRECISION)
     if HAS_DROPOUT:
         z = z * keep_scale
-    z += tl.load(bd_ptr + offs_r * stride_bd, mask=offs_r < R * has_b_down, other=0.0).to(tl.float32)[None, :]
-    tl.store(z_ptr + rows.to(tl.int64)[:, None] * R + offs_r[None, :], z, mask=row_ok[:, None] & r_ok[None, :])
-    # Rank columns past R hold act(0) = 0; padded rows only reach masked stores.
-    a = activate(z, activation)
-    s = _scale(scale_ptr, scaling, scale_in_memory)
-    offs_d = tl.arange(0, BLOCK_D)
-    row64 = rows.to(tl.int64)[:, None]
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + offs_d
-        d_ok = cols < D
+    if num_splits == 1:
+        _store_z(z, bd_ptr, stride_bd, has_b_down, z_ptr, act_ptr, rows, row_ok, offs_r, r_ok, R, activation)
+    else:
+        tl.store(part_ptr + (split.to(tl.int64) * M + rows)[:, None] * R + offs_r[None, :], z,
+                 mask=row_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "R", "num_splits", "activation", "has_b_down"])
+def bottleneck_down_sum_kernel(
+    part_ptr, bd_ptr, z_ptr, act_ptr,
+    M, R, num_splits, stride_bd, activation, has_b_down,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """``z = sum over splits of part + b_down`` and ``act(z)`` (``_store_z``) for the
+    ``[BLOCK_M, BLOCK_R]`` tile ``program_id(0), program_id(1)``: the split down projection's
+    partials ``part [num_splits, M, R]`` added in split order (bitwise reproducible)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    z = sum_partials(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32),
+                     part_ptr + rows.to(tl.int64)[:, None] * R + offs_r[None, :], row_ok[:, None] & r_ok[None, :],
+                     num_splits, M * R)
+    _store_z(z, bd_ptr, stride_bd, has_b_down, z_ptr, act_ptr, rows, row_ok, offs_r, r_ok, R, activation)
+
+
+@triton.jit(do_not_specialize=["M", "R", "stride_wud", "has_b_up", "scale_in_memory"])
+def bottleneck_up_kernel(
+    act_ptr, wu_ptr, bu_ptr, res_ptr, scale_ptr, out_ptr,
+    M, D, R,
+    stride_wud, stride_wur, stride_bu, stride_resm, stride_resd,
+    scaling, has_b_up, scale_in_memory,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The ``[BLOCK_M, BLOCK_N]`` tile (axes 0, 1) of ``out = residual + s (act(z) W_up^T +
+    b_up)`` (out's dtype, contiguous): a GEMM tile whose reduction is the rank, walked
+    ``BLOCK_R`` at a time over ``act [M, R]`` (fp32) and W_up (widened to fp32: the bottleneck
+    side stays fp32), the bias, scaling and residual in its epilogue, ``out`` rounded once."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d_ok = cols < D
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_ok = offs_r < R
         wu = tl.load(wu_ptr + offs_r[:, None] * stride_wur + cols[None, :] * stride_wud,
                      mask=r_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        u = tl.dot(a, wu, input_precision=PRECISION)
-        u += tl.load(bu_ptr + cols * stride_bu, mask=cols < D * has_b_up, other=0.0).to(tl.float32)[None, :]
-        ok = row_ok[:, None] & d_ok[None, :]
-        res = tl.load(res_ptr + row64 * stride_resm + cols[None, :] * stride_resd, mask=ok, other=0.0)
-        out = res.to(tl.float32) + s * u
-        tl.store(out_ptr + row64 * D + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
+        acc = tl.dot(_rank_tile(act_ptr, rows, row_ok, offs_r, r_ok, R), wu, acc, input_precision=PRECISION)
+    acc += tl.load(bu_ptr + cols * stride_bu, mask=cols < D * has_b_up, other=0.0).to(tl.float32)[None, :]
+    row64 = rows.to(tl.int64)[:, None]
+    ok = row_ok[:, None] & d_ok[None, :]
+    res = tl.load(res_ptr + row64 * stride_resm + cols[None, :] * stride_resd, mask=ok, other=0.0)
+    out = res.to(tl.float32) + _scale(scale_ptr, scaling, scale_in_memory) * acc
+    tl.store(out_ptr + row64 * D + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit(do_not_specialize=["M", "R", "stride_wud", "activation", "scale_in_memory"])
@@ -208,7 +276,7 @@ def bottleneck_bwd_dz_kernel(
     r_ok = offs_r < R
     # g W_up is the shrink loop of g against W_up^T ([R, D] with W_up's strides swapped).
     da = shrink_rows(g_ptr, wu_ptr, g_ptr, rows, row_ok, 0, D, D, R, stride_gm, stride_gd, stride_wur,
-                     stride_wud, 0, False, BLOCK_M, BLOCK_D, BLOCK_R, PRECISION)
+                     stride_wud, 0, False, BLOCK_M, BLOCK_D, BLOCK_R, True, PRECISION)
     z = _rank_tile(z_ptr, rows, row_ok, offs_r, r_ok, R)
     a = activate(z, activation)
     dz = _scale(scale_ptr, scaling, scale_in_memory) * da * activation_grad(z, activation)

@@ -34,16 +34,27 @@ import torch
 
 from fastpeft.backend import interpreting
 from fastpeft.kernels import launch_device
-from fastpeft.kernels.bottleneck.configs import DH_RANK_STEP, DH_TILE, Plan, aligned_rows, cdiv, plan
+from fastpeft.kernels.bottleneck.configs import (
+    DH_RANK_STEP,
+    DH_TILE,
+    DOWN_SUM_TILE,
+    ForwardPlan,
+    Plan,
+    aligned_rows,
+    cdiv,
+    plan,
+    plan_forward,
+)
 from fastpeft.kernels.bottleneck.kernels import (
     ACTIVATION_CODES,
     bottleneck_bwd_dh_kernel,
     bottleneck_bwd_dz_kernel,
     bottleneck_bwd_wgrad_dh_kernel,
-    bottleneck_fwd_kernel,
+    bottleneck_down_kernel,
+    bottleneck_down_sum_kernel,
+    bottleneck_up_kernel,
 )
-from fastpeft.kernels.dropout_mask import dropout_threshold
-from fastpeft.kernels.launch_device import on_device_of
+from fastpeft.kernels.launch_device import dropout_args, kernel_numerics, on_device_of
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -51,13 +62,6 @@ def _precision(dtype: torch.dtype) -> str:
     cores on a GPU for 16-bit h (exact for 16-bit inputs), IEEE for fp32 h and in the
     interpreter."""
     return "ieee" if dtype == torch.float32 or interpreting() else "tf32"
-
-
-def _dropout_args(dropout_p: float) -> tuple[int, float]:
-    """``(threshold, 1/(1-p))`` of the kernels' keep test; ``(0, 1.0)`` without dropout."""
-    if dropout_p == 0.0:
-        return 0, 1.0
-    return dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
 
 
 def _scale_args(scaling: float | torch.Tensor, device: torch.device) -> tuple[torch.Tensor | None, float, bool]:
@@ -114,25 +118,52 @@ def bottleneck_forward(
     res = h if residual is None else residual
     w_down, b_down, w_up, b_up = (_launchable(t) for t in (w_down, b_down, w_up, b_up))
     with on_device_of(h):
-        p = plan(m, d, rank, h.device)
-        t = p.rows
+        p = plan_forward(m, d, rank, h.element_size(), w_down.element_size(), h.device)
         out = launch_device.empty_output((m, d), h.dtype, h.device)
         z = launch_device.empty_output((m, rank), torch.float32, h.device)
+        act = launch_device.empty_output((m, rank), torch.float32, h.device)
+        _down_projection(h, w_down, b_down, activation, dropout_p, seed, z, act, p)
         scale_t, scale_f, from_ptr = _scale_args(scaling, h.device)
-        threshold, keep_scale = _dropout_args(dropout_p)
-        bottleneck_fwd_kernel[(cdiv(m, t.block_m),)](
-            h, w_down, b_down if b_down is not None else w_down, w_up, b_up if b_up is not None else w_up, res,
-            scale_t if from_ptr else z, seed, z, out,
+        up = p.up
+        bottleneck_up_kernel[(cdiv(m, up.block_m), cdiv(d, up.block_d))](
+            act, w_up, b_up if b_up is not None else w_up, res, scale_t if from_ptr else z, out,
             m, d, rank,
-            *_strides(h), *_strides(w_down), *_strides(w_up), _vector_stride(b_down), _vector_stride(b_up),
-            *_strides(res),
-            scale_f, threshold, keep_scale, ACTIVATION_CODES[activation], int(b_down is not None),
-            int(b_up is not None), int(from_ptr),
-            HAS_DROPOUT=dropout_p > 0.0,
-            BLOCK_M=t.block_m, BLOCK_D=t.block_d, BLOCK_R=p.block_r, PRECISION=_precision(h.dtype),
-            num_warps=t.num_warps, num_stages=t.num_stages,
+            *_strides(w_up), _vector_stride(b_up), *_strides(res),
+            scale_f, int(b_up is not None), int(from_ptr),
+            BLOCK_M=up.block_m, BLOCK_N=up.block_d, BLOCK_R=p.up_r, PRECISION=_precision(h.dtype),
+            num_warps=up.num_warps, num_stages=up.num_stages,
         )
     return out, z
+
+
+def _down_projection(
+    h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None, activation: str, dropout_p: float,
+    seed: torch.Tensor, z: torch.Tensor, act: torch.Tensor, p: ForwardPlan,
+) -> None:
+    """Fill ``z = dropout(h) W_down^T + b_down`` and ``act = act(z)`` (fp32 ``[M, R]``):
+    ``bottleneck_down_kernel`` over ``p``'s row tiles, rank blocks and D-split, then, with
+    several splits, ``bottleneck_down_sum_kernel`` adding the partials in split order."""
+    m, d = h.shape
+    rank = w_down.shape[0]
+    t, split = p.down, p.split
+    parts = launch_device.empty_output((split.count if split.count > 1 else 0, m, rank), torch.float32, h.device)
+    threshold, keep_scale = dropout_args(dropout_p)
+    bd = b_down if b_down is not None else w_down
+    code, has_bd = ACTIVATION_CODES[activation], int(b_down is not None)
+    bottleneck_down_kernel[(cdiv(m, t.block_m) * p.rank_blocks, split.count)](
+        h, w_down, bd, seed, parts, z, act,
+        m, d, rank, split.length, split.count,
+        *_strides(h), *_strides(w_down), _vector_stride(b_down),
+        threshold, keep_scale, code, has_bd,
+        HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=t.block_m, BLOCK_D=t.block_d, BLOCK_R=p.down_r,
+        **kernel_numerics(h.dtype, w_down.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    if split.count > 1:
+        st = DOWN_SUM_TILE
+        bottleneck_down_sum_kernel[(cdiv(m, st.block_m), cdiv(rank, st.block_d))](
+            parts, bd, z, act, m, rank, split.count, _vector_stride(b_down), code, has_bd,
+            BLOCK_M=st.block_m, BLOCK_R=st.block_d, num_warps=st.num_warps, num_stages=st.num_stages,
+        )
 
 
 def bottleneck_backward(
@@ -193,7 +224,7 @@ def bottleneck_backward(
         if need_h or need_wd or need_wu or need_bu or (need_s and b_up is not None):
             dwu, dbu, dwd, grad_h = _column_pass(grad_out, h, w_down, a, dz, seed, dropout_p, residual_is_h, need_h,
                                                  p, precision)
-            _, keep_scale = _dropout_args(dropout_p)
+            _, keep_scale = dropout_args(dropout_p)
             grad_wd = (dwd * keep_scale).to(w_dtype) if need_wd else None
             grad_wu = (dwu * scale).to(w_dtype) if need_wu else None
             grad_bu = (dbu * scale).to(w_dtype) if need_bu else None
@@ -218,7 +249,7 @@ def _column_pass(
     dbu_parts = launch_device.empty_output((p.splits, d), torch.float32, dev)
     dwd_parts = launch_device.empty_output((p.splits, rank, d), torch.float32, dev)
     dh = launch_device.empty_output((m, d) if need_h else (0,), h.dtype, dev)
-    threshold, keep_scale = _dropout_args(dropout_p)
+    threshold, keep_scale = dropout_args(dropout_p)
     dh_in_columns = need_h and p.rank_chunks == 1
     bottleneck_bwd_wgrad_dh_kernel[(cdiv(d, t.block_d), p.splits, p.rank_chunks)](
         grad_out, h, w_down, a, dz, seed, dh, dwu_parts, dbu_parts, dwd_parts,

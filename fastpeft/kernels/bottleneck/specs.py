@@ -6,8 +6,9 @@ For each kernel: every tile the planner (``configs``) can hand it, with every va
 constexpr flags (``HAS_DROPOUT``; ``NEED_DH`` for the column kernel; the dh kernel's rank
 step as its ``BLOCK_R``). The activation, biases,
 learned scaling and residual-is-h are runtime arguments (one compiled kernel covers them).
-Two dtype cases, as for LoRA: bf16 h with fp32 adapter weights (a 16-bit model with an fp32
-adapter) and fp16 h with fp16 weights. Scalars follow Triton's launch-time specialization of
+Three dtype cases: bf16 h with fp32 adapter weights (a 16-bit model with an fp32 adapter),
+bf16 h with bf16 weights (the down projection on the bf16 tensor cores) and fp16 h with fp16
+weights. Scalars follow Triton's launch-time specialization of
 aligned launches (``configs.kernel_friendly``): unit strides become the constexpr 1, arguments
 exempt from specialization (``do_not_specialize``) stay plain, other sizes, strides and pointers
 are multiples of 16.
@@ -23,17 +24,21 @@ from fastpeft.kernels.bottleneck.kernels import (
     bottleneck_bwd_dh_kernel,
     bottleneck_bwd_dz_kernel,
     bottleneck_bwd_wgrad_dh_kernel,
-    bottleneck_fwd_kernel,
+    bottleneck_down_kernel,
+    bottleneck_down_sum_kernel,
+    bottleneck_up_kernel,
 )
 
 # (h dtype, adapter weight dtype) cases.
-DTYPE_CASES = (("bf16", "fp32"), ("fp16", "fp16"))
+DTYPE_CASES = (("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"))
 
 # Strides equal to 1 for contiguous operands (h, the residual and dOut along D; W_down along D;
 # W_up along R; the biases): Triton's launcher turns them into constexprs.
 _UNIT_STRIDES = {"stride_hd", "stride_resd", "stride_gd", "stride_wdd", "stride_wur", "stride_bd", "stride_bu"}
 # Pointers by role: h's dtype, the adapter weights' dtype, the int64 seed; the rest are fp32.
 _H_POINTERS = {"h_ptr", "res_ptr", "out_ptr", "g_ptr", "dh_ptr"}
+# The down projection's UPCAST (interpreter only) and tensor-core inputs, by dtype case.
+_DOWN_NUMERICS = {"UPCAST": False, "PRECISION": "tf32"}
 _W_POINTERS = {"wd_ptr", "bd_ptr", "wu_ptr", "bu_ptr"}
 _FLOAT_SCALARS = {"scaling", "keep_scale"}
 
@@ -70,10 +75,18 @@ def bottleneck_kernel_specs() -> list[KernelSpec]:
     specs: list[KernelSpec] = []
     for (act, weights), (kind, r_block, t) in itertools.product(DTYPE_CASES, tile_choices()):
         base = {"BLOCK_M": t.block_m, "BLOCK_D": t.block_d, "BLOCK_R": r_block, "PRECISION": "tf32"}
-        if kind == "rows":
+        if kind == "down":
             for drop in (False, True):
-                specs.append(_spec(bottleneck_fwd_kernel, "bottleneck_fwd", act, weights,
-                                   {**base, "HAS_DROPOUT": drop}, t, r_block))
+                specs.append(_spec(bottleneck_down_kernel, "bottleneck_down", act, weights,
+                                   {**base, **_DOWN_NUMERICS, "HAS_DROPOUT": drop}, t, r_block))
+        elif kind == "down_sum":
+            specs.append(_spec(bottleneck_down_sum_kernel, "bottleneck_down_sum", act, weights,
+                               {"BLOCK_M": t.block_m, "BLOCK_R": r_block}, t, r_block))
+        elif kind == "up":
+            specs.append(_spec(bottleneck_up_kernel, "bottleneck_up", act, weights,
+                               {"BLOCK_M": t.block_m, "BLOCK_N": t.block_d, "BLOCK_R": r_block, "PRECISION": "tf32"},
+                               t, r_block))
+        elif kind == "rows":
             specs.append(_spec(bottleneck_bwd_dz_kernel, "bottleneck_bwd_dz", act, weights, base, t, r_block))
         elif kind == "dh":
             for drop in (False, True):

@@ -62,7 +62,7 @@ def lora_hybrid_fwd_kernel(
     s = shrink_rows(
         x_ptr, a_ptr, seed_ptr, rows, row_ok, 0, K, K, R,
         stride_xm, stride_xk, stride_ar, stride_ak, threshold,
-        HAS_DROPOUT, BLOCK_M, BLOCK_K, BLOCK_R, PRECISION,
+        HAS_DROPOUT, BLOCK_M, BLOCK_K, BLOCK_R, True, PRECISION,  # fp32 operands (a bandwidth-bound pass)
     )
     if HAS_DROPOUT:
         s *= keep_scale

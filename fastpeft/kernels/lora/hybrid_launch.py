@@ -117,7 +117,7 @@ def hybrid_forward(
     n, rank = weight.shape[0], lora_a.shape[0]
     tile = forward_tile(m)
     split = forward_split(m, n, tile, device_info(x.device)[0])
-    threshold, keep_scale = lora_launch.dropout_args(dropout_p)
+    threshold, keep_scale = launch_device.dropout_args(dropout_p)
     with on_device_of(x):
         y = launch_device.empty_output((m, n), x.dtype, x.device)
         s = launch_device.empty_output((m, rank), torch.float32, x.device)
@@ -131,7 +131,8 @@ def hybrid_forward(
             scaling, threshold, keep_scale,
             HAS_BIAS=bias is not y, HAS_DROPOUT=dropout_p > 0.0,
             BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, BLOCK_R=block_r(rank),
-            num_warps=tile.num_warps, num_stages=tile.num_stages, **lora_launch.kernel_numerics(x.dtype, lora_a.dtype),
+            num_warps=tile.num_warps, num_stages=tile.num_stages,
+            **launch_device.kernel_numerics(x.dtype, lora_a.dtype),
         )
         y.addmm_(x, weight.t())
     return y, s
@@ -151,7 +152,7 @@ def _split_shrink_forward(
     no K loop). Then cuBLAS adds ``x W^T``."""
     m, k = x.shape
     n, rank = weight.shape[0], lora_a.shape[0]
-    _, keep_scale = lora_launch.dropout_args(dropout_p)
+    _, keep_scale = launch_device.dropout_args(dropout_p)
     with on_device_of(x):
         plan = plan_forward(m, n, k, rank, dropout_p > 0.0, x.device, a_bytes=lora_a.element_size(),
                             w_bytes=weight.element_size())
@@ -170,7 +171,7 @@ def _split_shrink_forward(
             m, n, rank, 0, split.count,
             lora_b.stride(0), lora_launch.strides2d(lora_b)[1], scaling,
             HAS_BIAS=has_bias, BLOCK_M=e.block_m, BLOCK_N=e.block_n, BLOCK_R=block_r(rank), GROUP_M=GROUP_M,
-            num_warps=e.num_warps, num_stages=e.num_stages, **lora_launch.kernel_numerics(x.dtype, lora_a.dtype),
+            num_warps=e.num_warps, num_stages=e.num_stages, **launch_device.kernel_numerics(x.dtype, lora_a.dtype),
         )
         y.addmm_(x, weight.t())
     return y, s
@@ -205,7 +206,7 @@ def _hybrid_dx(
     """``dX = D * (dS A) / (1-p)`` written by Triton (mask regenerated from ``seed``), then
     ``dX += dY W`` by cuBLAS accumulating onto it; in dY's dtype."""
     m, k, rank = grad_y.shape[0], weight.shape[1], lora_a.shape[0]
-    threshold, keep_scale = lora_launch.dropout_args(dropout_p)
+    threshold, keep_scale = launch_device.dropout_args(dropout_p)
     dx = launch_device.empty_output((m, k), grad_y.dtype, grad_y.device)
     lora_hybrid_dx_kernel[(cdiv(m, _DX.block_m), cdiv(k, _DX.block_n))](
         ds, lora_a, seed, dx,
@@ -213,7 +214,7 @@ def _hybrid_dx(
         *lora_launch.strides2d(lora_a),
         threshold, keep_scale,
         HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=_DX.block_m, BLOCK_K=_DX.block_n, BLOCK_R=block_r(rank),
-        num_warps=_DX.num_warps, num_stages=_DX.num_stages, **lora_launch.kernel_numerics(grad_y.dtype, lora_a.dtype),
+        num_warps=_DX.num_warps, num_stages=_DX.num_stages, **launch_device.kernel_numerics(grad_y.dtype, lora_a.dtype),
     )
     return dx.addmm_(grad_y, weight)
 
@@ -223,7 +224,7 @@ def _hybrid_dx(
 # adapters (16-bit dots) are different code, for both 16-bit activations. fp32 activations
 # never reach the kernels on a GPU (``fastpeft.kernels.lora.dispatch.choose_implementation``).
 HYBRID_DTYPE_CASES = (("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp32"), ("fp16", "fp16"))
-# ``fastpeft.kernels.lora.launch.kernel_numerics`` of 16-bit activations on a GPU: native tensor-core dots, tf32 for
+# ``fastpeft.kernels.launch_device.kernel_numerics`` of 16-bit activations on a GPU: native tensor-core dots, tf32 for
 # fp32 operands.
 GPU_NUMERICS = {"UPCAST": False, "PRECISION": "tf32"}
 

@@ -128,7 +128,7 @@ def lora_shrink_kernel(
     s_acc = shrink_rows(
         x_ptr, a_ptr, seed_ptr, offs_m, m_ok, k_start, tl.minimum(k_start + k_per_split, K), K, R,
         stride_xm, stride_xk, stride_ar, stride_ak, threshold,
-        HAS_DROPOUT, BLOCK_M, BLOCK_K, BLOCK_R, PRECISION,
+        HAS_DROPOUT, BLOCK_M, BLOCK_K, BLOCK_R, True, PRECISION,  # fp32 operands (a bandwidth-bound pass)
     )
     part_ptrs = part_ptr + (pid_k.to(tl.int64) * M + offs_m)[:, None] * R + offs_r[None, :]
     tl.store(part_ptrs, s_acc * scale, mask=m_ok[:, None] & (offs_r < R)[None, :])

@@ -15,10 +15,9 @@ from collections.abc import Callable
 
 import torch
 
-from fastpeft.backend import interpreting
 from fastpeft.kernels import launch_device
 from fastpeft.kernels.dropout_mask import dropout_threshold
-from fastpeft.kernels.launch_device import on_device_of
+from fastpeft.kernels.launch_device import dropout_args, kernel_numerics, on_device_of
 from fastpeft.kernels.lora.configs import (
     GROUP_M,
     BackwardPlan,
@@ -45,31 +44,10 @@ from fastpeft.kernels.lora.kernels import (
 from fastpeft.kernels.philox_dropout import keep_mask_kernel
 
 
-def kernel_numerics(dtype: torch.dtype, lora_dtype: torch.dtype) -> dict:
-    """Constexprs fixing how the GEMM kernels' tiles meet the tensor cores: activation tiles
-    of ``dtype``, rank-r tiles of ``lora_dtype`` (``tile_utils.rank_dot``).
-
-    fp16 and bf16 use their own tensor-core path with fp32 accumulation. fp32 reaches the
-    kernels only in the interpreter (on a GPU it takes the torch path), with IEEE products.
-    Under the interpreter, everything is computed in fp32 when bf16 is involved (its bf16
-    arithmetic is wrong; KERNEL_NOTES.md).
-    """
-    upcast = interpreting() and torch.bfloat16 in (dtype, lora_dtype)
-    return {"UPCAST": upcast, "PRECISION": "ieee" if (dtype == torch.float32 or upcast) else "tf32"}
-
-
 def _precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s input precision for the rank-r passes, whose operands are fp32 (widened
     from ``dtype``): tf32 tensor cores on a GPU, IEEE where ``kernel_numerics`` says so."""
     return kernel_numerics(dtype, dtype)["PRECISION"]
-
-
-def dropout_args(dropout_p: float) -> tuple[int, float]:
-    """The kernels' dropout arguments: the keep threshold of the Philox draw
-    (``fastpeft.kernels.dropout_mask.dropout_threshold``; 0 = no dropout) and ``1 / (1 - p)``."""
-    if dropout_p == 0.0:
-        return 0, 1.0
-    return dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
 
 
 def strides2d(t: torch.Tensor) -> tuple[int, int]:

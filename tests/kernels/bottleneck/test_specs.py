@@ -13,11 +13,12 @@ import torch
 
 pytest.importorskip("triton")
 
+from fastpeft.kernels import launch_device  # noqa: E402
 from fastpeft.kernels.bottleneck import configs as bn_configs, launch as bn_launch  # noqa: E402
 from fastpeft.kernels.bottleneck.specs import bottleneck_kernel_specs  # noqa: E402
 from tests.helpers.launch_recorder import GPUS, launch_key, record_launches, spec_key  # noqa: E402
 
-DTYPES = [(torch.bfloat16, torch.float32), (torch.float16, torch.float16)]
+DTYPES = [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)]
 
 
 @pytest.mark.parametrize("num_sms,capability", GPUS)
@@ -25,7 +26,8 @@ DTYPES = [(torch.bfloat16, torch.float32), (torch.float16, torch.float16)]
 def test_every_launch_is_checked(monkeypatch, num_sms, capability, act, weights):
     compiled = {spec_key(s) for s in bottleneck_kernel_specs()}
     launches = record_launches(monkeypatch, bn_launch)
-    monkeypatch.setattr(bn_launch, "interpreting", lambda: False)
+    for module in (bn_launch, launch_device):
+        monkeypatch.setattr(module, "interpreting", lambda: False)
     monkeypatch.setattr(bn_configs, "device_info", lambda device: (num_sms, capability))
     meta = torch.device("meta")
     kernels = set()
@@ -49,5 +51,5 @@ def test_every_launch_is_checked(monkeypatch, num_sms, capability, act, weights)
             key = launch_key(fn, args, kwargs)
             assert key in compiled, f"m={m} d={d} r={rank} dropout={dropout}: {key} is never compiled"
             kernels.add(key[0])
-    assert kernels == {"bottleneck_fwd_kernel", "bottleneck_bwd_dz_kernel", "bottleneck_bwd_wgrad_dh_kernel",
-                       "bottleneck_bwd_dh_kernel"}
+    assert kernels == {"bottleneck_down_kernel", "bottleneck_down_sum_kernel", "bottleneck_up_kernel",
+                       "bottleneck_bwd_dz_kernel", "bottleneck_bwd_wgrad_dh_kernel", "bottleneck_bwd_dh_kernel"}

@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("triton")
 
 from fastpeft.backend import interpreting  # noqa: E402
+from fastpeft.kernels import launch_device  # noqa: E402
 from fastpeft.kernels import all_kernel_specs  # noqa: E402
 from fastpeft.kernels.dropout_mask import (
     draw_seed,  # noqa: E402
@@ -230,7 +231,7 @@ def test_every_hybrid_launch_is_checked(monkeypatch, act, lora):
     ``kernel_friendly`` (K, N multiples of 16); M and the rank are arbitrary."""
     compiled = {spec_key(s): s for s in all_kernel_specs()}
     launches = record_launches(monkeypatch, lora_launch, hybrid)
-    monkeypatch.setattr(lora_launch, "interpreting", lambda: False)
+    monkeypatch.setattr(launch_device, "interpreting", lambda: False)
     hybrid_kernels = {"lora_hybrid_fwd_kernel", "lora_hybrid_dx_kernel"}
     launched = set()
     for (num_sms, capability), m, n, k, rank, dropout in itertools.product(
@@ -324,7 +325,7 @@ def test_decode_forward_grid_on_h100(monkeypatch, dropout):
     no K loop of its own. At M = 64 the 16-row tiles of ``lora_hybrid_fwd_kernel`` give 32
     programs (4 row tiles x MAX_SPLIT_N), and it stays (SPLIT_SHRINK_MAX_M)."""
     launches = record_launches(monkeypatch, lora_launch, hybrid)
-    monkeypatch.setattr(lora_launch, "interpreting", lambda: False)
+    monkeypatch.setattr(launch_device, "interpreting", lambda: False)
     monkeypatch.setattr(lora_configs, "device_info", lambda device: (132, 90))
     monkeypatch.setattr(hybrid, "device_info", lambda device: (132, 90))
     meta = torch.device("meta")

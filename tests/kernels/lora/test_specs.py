@@ -21,6 +21,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from fastpeft.kernels import launch_device  # noqa: E402
 from fastpeft.kernels import all_kernel_specs  # noqa: E402
 from fastpeft.kernels.lora import configs as lora_configs, launch as lora_launch  # noqa: E402
 from tests.helpers.launch_recorder import GPUS, launch_key, record_launches, spec_key  # noqa: E402
@@ -40,7 +41,7 @@ def compiled() -> dict[tuple, object]:
 @pytest.fixture
 def recorded(monkeypatch) -> list:
     launches = record_launches(monkeypatch, lora_launch)
-    monkeypatch.setattr(lora_launch, "interpreting", lambda: False)
+    monkeypatch.setattr(launch_device, "interpreting", lambda: False)
     return launches
 
 
