@@ -176,9 +176,7 @@ def _bottleneck_down(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
     row tile (each rank block its rows of it); b_down per row tile; with one split z and act(z) (fp32
     ``[M, R]``) written, else the fp32 partials ``[splits, M, R]``."""
     m, d, r = p["M"], p["D"], p["R"]
-    programs, splits = grid
-    rank_blocks = cdiv(r, p["BLOCK_R"])
-    row_tiles = programs // rank_blocks
+    row_tiles, splits, rank_blocks = _row_pass_grid(p, grid)
     accesses = [read("h", m * d * e(p["h_ptr"]), rank_blocks, hw, concurrent=True),
                 read("W_down", r * d * e(p["wd_ptr"]), row_tiles, hw, concurrent=True)]
     if p["has_b_down"] and splits == 1:
@@ -211,16 +209,36 @@ def _bottleneck_up(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
     return Cost(tuple(accesses), 2 * m * d * r)
 
 
+def _row_pass_grid(p: Params, grid: tuple[int, ...]) -> tuple[int, int, int]:
+    """``(row tiles, splits, rank blocks)`` of a row-pass launch (axis 0: row tiles x rank blocks)."""
+    programs, splits = grid
+    rank_blocks = cdiv(p["R"], p["BLOCK_R"])
+    return programs // rank_blocks, splits, rank_blocks
+
+
 @kernel_cost("bottleneck_bwd_dz_kernel")
 def _bottleneck_bwd_dz(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
-    """dOut once, W_up per row tile, z once; dz and act(z) (fp32 ``[M, R]``) and per-program
-    partial sums written."""
+    """dOut by every rank block (consecutive programs), W_up per row tile; with one split z
+    read and dz and act(z) (fp32 ``[M, R]``) and per-program partial sums written, else the
+    fp32 partials of g W_up."""
     m, d, r = p["M"], p["D"], p["R"]
-    programs = grid[0]
-    return Cost((read("dOut", m * d * e(p["g_ptr"]), 1, hw),
-                 read("W_up", d * r * e(p["wu_ptr"]), programs, hw, concurrent=True),
-                 read("z", m * r * 4, 1, hw), write("dz, act(z)", 2 * m * r * 4),
-                 write("partials", programs * (r + 1) * 4)), 2 * m * d * r)
+    row_tiles, splits, rank_blocks = _row_pass_grid(p, grid)
+    accesses = [read("dOut", m * d * e(p["g_ptr"]), rank_blocks, hw, concurrent=True),
+                read("W_up", d * r * e(p["wu_ptr"]), row_tiles, hw, concurrent=True)]
+    if splits == 1:
+        accesses += [read("z", m * r * 4, 1, hw), write("dz, act(z)", 2 * m * r * 4),
+                     write("partials", row_tiles * rank_blocks * (r + 1) * 4)]
+    else:
+        accesses.append(write("g W_up partials", splits * m * r * 4))
+    return Cost(tuple(accesses), 2 * m * d * r)
+
+
+@kernel_cost("bottleneck_bwd_dz_sum_kernel")
+def _bottleneck_bwd_dz_sum(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
+    """The partials and z read once; dz, act(z) and per-program partial sums written."""
+    m, r, splits = p["M"], p["R"], p["num_splits"]
+    return Cost((read("g W_up partials", splits * m * r * 4, 1, hw), read("z", m * r * 4, 1, hw),
+                 write("dz, act(z)", 2 * m * r * 4), write("partials", grid[0] * grid[1] * (r + 1) * 4)), 0)
 
 
 @kernel_cost("bottleneck_bwd_wgrad_dh_kernel")

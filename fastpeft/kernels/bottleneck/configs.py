@@ -47,24 +47,23 @@ class Tile:
     num_stages: int
 
 
-# Row-block kernel of the backward (dz), keyed by the rank tile: a program owns BLOCK_M rows
-# and walks D in BLOCK_D steps, with the fp32 [BLOCK_M, BLOCK_R] bottleneck tile live
-# throughout. 32 rows keep twice as many programs in flight as 64 on a memory-bound pass
-# (M = 8192 gives 256 programs, ~2 per SM on 132 SMs); the step shrinks as the rank tile
-# grows so that the W tile of a step ([BLOCK_R, BLOCK_D] fp32 after widening) stays at
-# 8-16 KB. 4 warps, 3 stages (the loads of the next steps in flight). At rank 128, 32 rows
-# spill (48-88 B, fastpeft check): 16 rows.
+# Row-block kernel of the backward (dz = the shrink of dOut against W_up^T, then the
+# activation's derivative), keyed by the rank tile: a program owns BLOCK_M rows and walks D in
+# BLOCK_D steps, with the fp32 [BLOCK_M, BLOCK_R] bottleneck tile live throughout. 32 rows
+# keep twice as many programs in flight as 64 on a memory-bound pass (M = 8192 gives 256
+# programs, ~2 per SM on 132 SMs); the step shrinks as the rank tile grows so that the W tile
+# of a step ([BLOCK_R, BLOCK_D] fp32 after widening) stays at 8-16 KB. 4 warps, 3 stages (the
+# loads of the next steps in flight). At rank 128, 32 rows spill (48-88 B, fastpeft check):
+# 16 rows, 2 stages (3 spill 8 B on sm_90 with fp32 weights). At decode it takes the down projection's decode tile and split (``_row_pass``).
 _ROW_TILES = {
     16: Tile(32, 128, 4, 3),
     32: Tile(32, 128, 4, 3),
     64: Tile(32, 64, 4, 3),
-    128: Tile(16, 32, 4, 3),
+    128: Tile(16, 32, 4, 2),
     # 8 warps halve each thread's share of the [16, 256] fp32 tiles (z, a, dA, dz): with 4 the
     # kernel reaches 255 registers; 2 stages, 0 spills (fastpeft check).
     256: Tile(16, 32, 8, 2),
 }
-# Decode: 16 rows (M <= 16 fits one program), same steps.
-_ROW_TILES_DECODE = {r: Tile(16, t.block_d, t.num_warps, t.num_stages) for r, t in _ROW_TILES.items()}
 
 # --- The forward: a down projection, then an up projection in GEMM-shaped tiles ------------
 # Down projection (``bottleneck_down_kernel``), keyed by the rank block: BLOCK_M rows x a
@@ -94,9 +93,10 @@ DECODE_RANK_BLOCK = 64
 # at most this share of the projection's own bytes (h and W_down): the issue-19 target
 # allows 1.5x the minimum, and the partials cost twice their size.
 PARTIALS_SHARE = 0.25
-# The sum kernel's tile: 16 rows (all of a decode step) x 16 ranks, so that R = 256 spreads
-# over 16 programs (it reads 16-600 KB of partials: a launch's latency is most of its cost).
-DOWN_SUM_TILE = Tile(16, 16, 4, 1)
+# The sum kernels' tile (forward and dz): 16 rows (all of a decode step) x 16 ranks, so that
+# R = 256 spreads over 16 programs (they read 16-600 KB of partials at decode: a launch's
+# latency is most of the cost).
+SUM_TILE = Tile(16, 16, 4, 1)
 
 # Up projection (``bottleneck_up_kernel``): [BLOCK_M, BLOCK_N] tiles of out, the rank walked
 # UP_RANK_STEP at a time (16 for ranks <= 16, whose padded tile is 16). The rows by M (16 at
@@ -116,35 +116,26 @@ def _up_tile(rows: int, cols: int) -> Tile:
 
 
 @dataclass(frozen=True)
-class ForwardPlan:
-    """Tiles of one forward call: the down projection's ``down`` tile with rank blocks of
-    ``down_r`` ranks (``rank_blocks`` of them) and ``split`` over D (several ranges: partials,
-    then the sum kernel), and the up projection's ``up`` tile (``block_d`` = BLOCK_N) walking
-    the rank ``up_r`` at a time."""
+class RowPass:
+    """A pass that shrinks ``[M, D]`` rows against an ``[R, D]`` weight (the down projection;
+    dOut against W_up^T for dz): ``tile`` (BLOCK_M rows, BLOCK_D steps), ``rank_blocks`` blocks
+    of ``rank_block`` ranks, and ``split`` over D (several ranges: fp32 partials, then a sum
+    kernel with ``SUM_TILE``)."""
 
-    down: Tile
-    down_r: int
+    tile: Tile
+    rank_block: int
     rank_blocks: int
     split: Split
-    up: Tile
-    up_r: int
 
 
-def plan_forward(m: int, d: int, rank: int, h_bytes: int, w_bytes: int, device: torch.device) -> ForwardPlan:
-    """The forward's tiles for ``h [m, d]`` (``h_bytes`` an element), bottleneck ``rank``
-    (1 <= rank <= MAX_RANK) and weights of ``w_bytes`` an element, on ``device``.
-
-    The down projection is split over D only while its tiles fill under half the SMs (as
-    ``lora.configs.gemm_split``), up to PROGRAMS_PER_SM programs per SM, within about the
-    PARTIALS_SHARE budget."""
-    _check_rank(rank)
-    num_sms, _ = device_info(device)
-    r_block = block_r(rank)
-    decode = m <= DECODE_MAX_M
-    down_r = min(r_block, DECODE_RANK_BLOCK if decode else DOWN_MAX_RANK_BLOCK)
-    down = _DOWN_TILE_DECODE if decode else _DOWN_TILES[down_r]
-    rank_blocks = cdiv(rank, down_r)
-    tiles = cdiv(m, down.block_m) * rank_blocks
+def _row_pass(m: int, d: int, rank: int, tile: Tile, rank_block: int, h_bytes: int, w_bytes: int,
+              num_sms: int) -> RowPass:
+    """The pass of ``tile`` and rank blocks of ``rank_block`` over ``[m, d]`` rows of
+    ``h_bytes`` an element against a weight of ``w_bytes`` an element: split over D only while
+    its tiles fill under half the SMs (as ``lora.configs.gemm_split``), up to PROGRAMS_PER_SM
+    programs per SM, within about the PARTIALS_SHARE budget."""
+    rank_blocks = cdiv(rank, rank_block)
+    tiles = cdiv(m, tile.block_m) * rank_blocks
     wanted = 1
     if 2 * tiles < num_sms:
         budget = int(PARTIALS_SHARE * (m * d * h_bytes + rank * d * w_bytes) / (4 * m * rank))
@@ -152,14 +143,43 @@ def plan_forward(m: int, d: int, rank: int, h_bytes: int, w_bytes: int, device: 
     # Whole steps per range, rounded down so that there are at least ``wanted`` ranges (at
     # most about wanted (1 + wanted / steps): 37 for 34 at M = 16, R = 256, D = 4096, where
     # rounding up would leave 32 x 4 = 128 programs on 132 SMs).
-    steps = cdiv(d, down.block_d)
+    steps = cdiv(d, tile.block_d)
     per_split = max(1, steps // wanted)
-    split = Split(cdiv(steps, per_split), per_split * down.block_d)
+    return RowPass(tile, rank_block, rank_blocks, Split(cdiv(steps, per_split), per_split * tile.block_d))
+
+
+def _decode_pass(m: int, d: int, rank: int, h_bytes: int, w_bytes: int, num_sms: int) -> RowPass:
+    """A row pass at decode (m <= DECODE_MAX_M): one 16-row tile, rank blocks of
+    DECODE_RANK_BLOCK, split over D."""
+    return _row_pass(m, d, rank, _DOWN_TILE_DECODE, min(block_r(rank), DECODE_RANK_BLOCK), h_bytes, w_bytes,
+                     num_sms)
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """Tiles of one forward call: the down projection's pass, and the up projection's ``up``
+    tile (``block_d`` = BLOCK_N) walking the rank ``up_r`` at a time."""
+
+    down: RowPass
+    up: Tile
+    up_r: int
+
+
+def plan_forward(m: int, d: int, rank: int, h_bytes: int, w_bytes: int, device: torch.device) -> ForwardPlan:
+    """The forward's tiles for ``h [m, d]`` (``h_bytes`` an element), bottleneck ``rank``
+    (1 <= rank <= MAX_RANK) and weights of ``w_bytes`` an element, on ``device``."""
+    _check_rank(rank)
+    num_sms, _ = device_info(device)
+    r_block = block_r(rank)
+    if m <= DECODE_MAX_M:
+        down = _decode_pass(m, d, rank, h_bytes, w_bytes, num_sms)
+    else:
+        rank_block = min(r_block, DOWN_MAX_RANK_BLOCK)
+        down = _row_pass(m, d, rank, _DOWN_TILES[rank_block], rank_block, h_bytes, w_bytes, num_sms)
     up_m = next(rows for limit, rows in UP_ROW_BLOCKS if limit is None or m <= limit)
     row_tiles = cdiv(m, up_m)
     up_n = next((n for n in UP_BLOCK_N_CHOICES if row_tiles * cdiv(d, n) >= num_sms), UP_BLOCK_N_CHOICES[-1])
-    return ForwardPlan(down, down_r, rank_blocks, split, _up_tile(up_m, up_n),
-                       min(UP_RANK_STEP, r_block))
+    return ForwardPlan(down, _up_tile(up_m, up_n), min(UP_RANK_STEP, r_block))
 
 
 # Column kernel of the backward (dW_up, db_up, dW_down, dh), keyed by the rank tile: a program
@@ -188,13 +208,12 @@ DH_RANK_STEP = 32
 
 @dataclass(frozen=True)
 class Plan:
-    """Tiles of one backward call: ``rows`` for the dz kernel (rank tile ``block_r``),
-    ``columns`` for the backward's column kernel (rank tile ``column_r``, run for
-    ``rank_chunks`` chunks) with its ``splits`` row ranges of ``rows_per_split`` rows each;
-    with more than one chunk dh comes from the dh kernel (``DH_TILE``)."""
+    """Tiles of one backward call: ``dz``, the dz kernel's pass; ``columns`` for the column
+    kernel (rank tile ``column_r``, run for ``rank_chunks`` chunks) with its ``splits`` row
+    ranges of ``rows_per_split`` rows each; with more than one chunk dh comes from the dh
+    kernel (``DH_TILE``)."""
 
-    block_r: int
-    rows: Tile
+    dz: RowPass
     columns: Tile
     splits: int
     rows_per_split: int
@@ -207,39 +226,38 @@ def _check_rank(rank: int) -> None:
         raise ValueError(f"bottleneck kernels take 1 <= R <= {MAX_RANK}, got R={rank}")
 
 
-def row_tile(m: int, r_block: int) -> Tile:
-    """The dz kernel's tile for ``m`` rows and rank tile ``r_block``."""
-    return (_ROW_TILES_DECODE if m <= DECODE_MAX_M else _ROW_TILES)[r_block]
-
-
-def plan(m: int, d: int, rank: int, device: torch.device) -> Plan:
-    """The backward's tiles for ``h [m, d]`` and bottleneck ``rank`` (1 <= rank <= MAX_RANK)
-    on ``device``."""
+def plan(m: int, d: int, rank: int, g_bytes: int, w_bytes: int, device: torch.device) -> Plan:
+    """The backward's tiles for dOut and h ``[m, d]`` (dOut's elements ``g_bytes``),
+    bottleneck ``rank`` (1 <= rank <= MAX_RANK) and weights of ``w_bytes`` an element, on
+    ``device``."""
     _check_rank(rank)
     num_sms, _ = device_info(device)
     r_block = block_r(rank)
+    if m <= DECODE_MAX_M:
+        dz = _decode_pass(m, d, rank, g_bytes, w_bytes, num_sms)
+    else:
+        dz = _row_pass(m, d, rank, _ROW_TILES[r_block], r_block, g_bytes, w_bytes, num_sms)
     column_r = min(r_block, COLUMN_MAX_RANK)
     chunks = cdiv(rank, column_r)
     columns = _COLUMN_TILES[column_r]
     row_blocks = cdiv(m, columns.block_m)
     wanted = max(1, cdiv(PROGRAMS_PER_SM * num_sms, cdiv(d, columns.block_d) * chunks))
     per_split = cdiv(row_blocks, min(wanted, row_blocks)) * columns.block_m
-    return Plan(r_block, row_tile(m, r_block), columns, cdiv(m, per_split), per_split, column_r, chunks)
+    return Plan(dz, columns, cdiv(m, per_split), per_split, column_r, chunks)
 
 
 def tile_choices() -> list[tuple[str, int, Tile]]:
-    """Every ``(kernel kind, rank tile, tile)`` the planners can return: kind "down" (rank
-    tile: the rank block), "down_sum", "up" (rank tile: the rank step), "rows" (the dz
-    kernel), "columns" or "dh" (for ``bottleneck_kernel_specs``)."""
-    rows = {(r, t) for table in (_ROW_TILES, _ROW_TILES_DECODE) for r, t in table.items()}
-    decode_blocks = {min(r, DECODE_RANK_BLOCK) for r in BLOCK_R_CHOICES}
+    """Every ``(kernel kind, rank tile, tile)`` the planners can return: kind "down" and
+    "rows" (the dz kernel; rank tile: the rank block), "sum" (both sum kernels), "up" (rank
+    tile: the rank step), "columns" or "dh" (for ``bottleneck_kernel_specs``)."""
+    decode = [(r, _DOWN_TILE_DECODE) for r in sorted({min(r, DECODE_RANK_BLOCK) for r in BLOCK_R_CHOICES})]
     up_steps = sorted({min(UP_RANK_STEP, r) for r in BLOCK_R_CHOICES})
     up_tiles = [_up_tile(m, n) for _, m in UP_ROW_BLOCKS for n in UP_BLOCK_N_CHOICES]
-    return ([("down", r, t) for r, t in _DOWN_TILES.items()]
-            + [("down", r, _DOWN_TILE_DECODE) for r in sorted(decode_blocks)]
-            + [("down_sum", DOWN_SUM_TILE.block_d, DOWN_SUM_TILE)]
+    return ([("down", r, t) for r, t in [*_DOWN_TILES.items(), *decode]]
+            + [("rows", r, t) for r, t in [*_ROW_TILES.items(), *decode]]
+            + [("sum", SUM_TILE.block_d, SUM_TILE)]
             + [("up", r, t) for r in up_steps for t in up_tiles]
-            + [("rows", r, t) for r, t in sorted(rows, key=str)] + [("columns", r, t) for r, t in _COLUMN_TILES.items()]
+            + [("columns", r, t) for r, t in _COLUMN_TILES.items()]
             + [("dh", DH_RANK_STEP, DH_TILE)])
 
 

@@ -22,9 +22,12 @@ Kernels (launched by ``launch.py``):
   after the first); W_down once per row tile; ``act(z)`` ([M, R] fp32) once per column tile
   and W_up once per row tile (both from L2 at the shapes that matter); the residual once, out
   written once; z and act(z) written once.
-- ``bottleneck_bwd_dz_kernel``: one program per ``BLOCK_M`` rows walks D once: ``dA = g W_up``
-  (g read once), then stores ``dz`` and ``a = act(z)`` (fp32 ``[M, R]``), and per-program
-  partials of ``db_down`` and of ``sum(dA a)`` (the scaling's gradient).
+- ``bottleneck_bwd_dz_kernel``: the same row pass as the down projection, over g against
+  W_up^T: one program per ``BLOCK_M`` rows and block of ranks walks its range of D (g read
+  once per rank block): ``dA = g W_up``; with one range it stores ``dz`` and ``a = act(z)``
+  (fp32 ``[M, R]``) and per-program partials of ``db_down`` and of ``sum(dA a)`` (the
+  scaling's gradient); with several (decode and small M), fp32 partials of dA that
+  ``bottleneck_bwd_dz_sum_kernel`` adds in split order before doing the same.
 - ``bottleneck_bwd_wgrad_dh_kernel``: one program per ``(BLOCK_D columns, row range)`` walks
   its rows once, reading g and h tiles once each: sums ``g^T a``, ``sum_m g`` and
   ``dz^T h_hat`` in registers over its rows (a and dz, ``[M, R]`` fp32, come from L2) and,
@@ -207,6 +210,16 @@ def bottleneck_down_kernel(
                  mask=row_ok[:, None] & r_ok[None, :])
 
 
+@triton.jit
+def _summed_partials(part_ptr, rows, row_ok, offs_r, r_ok, M, R, num_splits, BLOCK_M: tl.constexpr,
+                     BLOCK_R: tl.constexpr):
+    """The ``[BLOCK_M, BLOCK_R]`` tile at ``rows, offs_r`` of the sum over splits of the fp32
+    partials ``part [num_splits, M, R]``, added in split order (bitwise reproducible)."""
+    return sum_partials(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32),
+                        part_ptr + rows.to(tl.int64)[:, None] * R + offs_r[None, :], row_ok[:, None] & r_ok[None, :],
+                        num_splits, M * R)
+
+
 @triton.jit(do_not_specialize=["M", "R", "num_splits", "activation", "has_b_down"])
 def bottleneck_down_sum_kernel(
     part_ptr, bd_ptr, z_ptr, act_ptr,
@@ -220,9 +233,7 @@ def bottleneck_down_sum_kernel(
     row_ok = rows < M
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
-    z = sum_partials(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32),
-                     part_ptr + rows.to(tl.int64)[:, None] * R + offs_r[None, :], row_ok[:, None] & r_ok[None, :],
-                     num_splits, M * R)
+    z = _summed_partials(part_ptr, rows, row_ok, offs_r, r_ok, M, R, num_splits, BLOCK_M, BLOCK_R)
     _store_z(z, bd_ptr, stride_bd, has_b_down, z_ptr, act_ptr, rows, row_ok, offs_r, r_ok, R, activation)
 
 
@@ -257,26 +268,14 @@ def bottleneck_up_kernel(
     tl.store(out_ptr + row64 * D + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit(do_not_specialize=["M", "R", "stride_wud", "activation", "scale_in_memory"])
-def bottleneck_bwd_dz_kernel(
-    g_ptr, wu_ptr, z_ptr, scale_ptr, dz_ptr, a_ptr, dbd_part_ptr, ds_part_ptr,
-    M, D, R,
-    stride_gm, stride_gd, stride_wud, stride_wur,
-    scaling, activation, scale_in_memory,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """For ``BLOCK_M`` rows: ``dz = s (g W_up) act'(z)`` into ``dz [M, R]`` and ``a = act(z)``
-    into ``a [M, R]`` (fp32: the column kernel's operands, so it needs no activation code),
-    this program's ``sum_m dz`` into row ``pid`` of ``dbd_part [programs, R]`` and its
-    ``sum(dA a)`` into ``ds_part[pid]``."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    offs_r = tl.arange(0, BLOCK_R)
-    r_ok = offs_r < R
-    # g W_up is the shrink loop of g against W_up^T ([R, D] with W_up's strides swapped).
-    da = shrink_rows(g_ptr, wu_ptr, g_ptr, rows, row_ok, 0, D, D, R, stride_gm, stride_gd, stride_wur,
-                     stride_wud, 0, False, BLOCK_M, BLOCK_D, BLOCK_R, True, PRECISION)
+@triton.jit
+def _store_dz(da, z_ptr, scale_ptr, scaling, scale_in_memory, activation, dz_ptr, a_ptr, dbd_part_ptr, ds_part_ptr,
+              rows, row_ok, offs_r, r_ok, R, row_tile, program):
+    """From the ``[BLOCK_M, BLOCK_R]`` tile ``da = g W_up`` at ``rows, offs_r``: store
+    ``dz = s da act'(z)`` into ``dz [M, R]`` and ``a = act(z)`` into ``a [M, R]`` (fp32: the
+    column kernel's operands, so it needs no activation code), the tile's ``sum_m dz`` into row
+    ``row_tile`` of ``dbd_part [row tiles, R]`` and its ``sum(dA a)`` into
+    ``ds_part[program]``."""
     z = _rank_tile(z_ptr, rows, row_ok, offs_r, r_ok, R)
     a = activate(z, activation)
     dz = _scale(scale_ptr, scaling, scale_in_memory) * da * activation_grad(z, activation)
@@ -285,8 +284,60 @@ def bottleneck_bwd_dz_kernel(
     ok = row_ok[:, None] & r_ok[None, :]
     tl.store(dz_ptr + offs, dz, mask=ok)
     tl.store(a_ptr + offs, a, mask=ok)
-    tl.store(dbd_part_ptr + pid * R + offs_r, tl.sum(dz, axis=0), mask=r_ok)
-    tl.store(ds_part_ptr + pid, tl.sum(tl.sum(da * a, axis=1), axis=0))
+    tl.store(dbd_part_ptr + row_tile * R + offs_r, tl.sum(dz, axis=0), mask=r_ok)
+    tl.store(ds_part_ptr + program, tl.sum(tl.sum(da * a, axis=1), axis=0))
+
+
+@triton.jit(do_not_specialize=["M", "R", "d_per_split", "num_splits", "stride_wud", "activation", "scale_in_memory"])
+def bottleneck_bwd_dz_kernel(
+    g_ptr, wu_ptr, z_ptr, scale_ptr, part_ptr, dz_ptr, a_ptr, dbd_part_ptr, ds_part_ptr,
+    M, D, R, d_per_split, num_splits,
+    stride_gm, stride_gd, stride_wud, stride_wur,
+    scaling, activation, scale_in_memory,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``da = g W_up`` for ``BLOCK_M`` rows and ``BLOCK_R`` ranks (axis 0, the rank blocks of
+    a row tile consecutive) over the ``d_per_split`` columns of split ``program_id(1)``: with
+    one split, ``_store_dz`` (program ``program_id(0)``); with several, the fp32 partial into
+    ``part [num_splits, M, R]`` for ``bottleneck_bwd_dz_sum_kernel``."""
+    split = tl.program_id(1)
+    rank_blocks = tl.cdiv(R, BLOCK_R)
+    row_tile = tl.program_id(0) // rank_blocks
+    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    r0 = (tl.program_id(0) % rank_blocks) * BLOCK_R
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    d_start = split * d_per_split
+    # g W_up is the shrink loop of g against W_up^T ([R, D] with W_up's strides swapped).
+    da = shrink_rows(g_ptr, wu_ptr + r0 * stride_wur, g_ptr, rows, row_ok, d_start, tl.minimum(d_start + d_per_split, D),
+                     D, R - r0, stride_gm, stride_gd, stride_wur, stride_wud, 0, False, BLOCK_M, BLOCK_D, BLOCK_R,
+                     UPCAST, PRECISION)
+    if num_splits == 1:
+        _store_dz(da, z_ptr, scale_ptr, scaling, scale_in_memory, activation, dz_ptr, a_ptr, dbd_part_ptr,
+                  ds_part_ptr, rows, row_ok, offs_r, r_ok, R, row_tile, tl.program_id(0))
+    else:
+        tl.store(part_ptr + (split.to(tl.int64) * M + rows)[:, None] * R + offs_r[None, :], da,
+                 mask=row_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "R", "num_splits", "activation", "scale_in_memory"])
+def bottleneck_bwd_dz_sum_kernel(
+    part_ptr, z_ptr, scale_ptr, dz_ptr, a_ptr, dbd_part_ptr, ds_part_ptr,
+    M, R, num_splits, scaling, activation, scale_in_memory,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """``da`` = the split dz pass's partials ``part [num_splits, M, R]`` added in split order,
+    then ``_store_dz`` for the ``[BLOCK_M, BLOCK_R]`` tile ``program_id(0), program_id(1)``
+    (its ``sum(dA a)`` into ``ds_part`` at the flattened program index)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    da = _summed_partials(part_ptr, rows, row_ok, offs_r, r_ok, M, R, num_splits, BLOCK_M, BLOCK_R)
+    _store_dz(da, z_ptr, scale_ptr, scaling, scale_in_memory, activation, dz_ptr, a_ptr, dbd_part_ptr, ds_part_ptr,
+              rows, row_ok, offs_r, r_ok, R, tl.program_id(0), tl.program_id(0) * tl.num_programs(1) + tl.program_id(1))
 
 
 @triton.jit(do_not_specialize=["M", "R", "rows_per_split", "threshold", "residual_is_h"])

@@ -37,9 +37,10 @@ from fastpeft.kernels import launch_device
 from fastpeft.kernels.bottleneck.configs import (
     DH_RANK_STEP,
     DH_TILE,
-    DOWN_SUM_TILE,
+    SUM_TILE,
     ForwardPlan,
     Plan,
+    RowPass,
     aligned_rows,
     cdiv,
     plan,
@@ -49,6 +50,7 @@ from fastpeft.kernels.bottleneck.kernels import (
     ACTIVATION_CODES,
     bottleneck_bwd_dh_kernel,
     bottleneck_bwd_dz_kernel,
+    bottleneck_bwd_dz_sum_kernel,
     bottleneck_bwd_wgrad_dh_kernel,
     bottleneck_down_kernel,
     bottleneck_down_sum_kernel,
@@ -145,21 +147,22 @@ def _down_projection(
     several splits, ``bottleneck_down_sum_kernel`` adding the partials in split order."""
     m, d = h.shape
     rank = w_down.shape[0]
-    t, split = p.down, p.split
+    rp = p.down
+    t, split = rp.tile, rp.split
     parts = launch_device.empty_output((split.count if split.count > 1 else 0, m, rank), torch.float32, h.device)
     threshold, keep_scale = dropout_args(dropout_p)
     bd = b_down if b_down is not None else w_down
     code, has_bd = ACTIVATION_CODES[activation], int(b_down is not None)
-    bottleneck_down_kernel[(cdiv(m, t.block_m) * p.rank_blocks, split.count)](
+    bottleneck_down_kernel[(cdiv(m, t.block_m) * rp.rank_blocks, split.count)](
         h, w_down, bd, seed, parts, z, act,
         m, d, rank, split.length, split.count,
         *_strides(h), *_strides(w_down), _vector_stride(b_down),
         threshold, keep_scale, code, has_bd,
-        HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=t.block_m, BLOCK_D=t.block_d, BLOCK_R=p.down_r,
+        HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=t.block_m, BLOCK_D=t.block_d, BLOCK_R=rp.rank_block,
         **kernel_numerics(h.dtype, w_down.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
     )
     if split.count > 1:
-        st = DOWN_SUM_TILE
+        st = SUM_TILE
         bottleneck_down_sum_kernel[(cdiv(m, st.block_m), cdiv(rank, st.block_d))](
             parts, bd, z, act, m, rank, split.count, _vector_stride(b_down), code, has_bd,
             BLOCK_M=st.block_m, BLOCK_R=st.block_d, num_warps=st.num_warps, num_stages=st.num_stages,
@@ -199,24 +202,12 @@ def bottleneck_backward(
     w_dtype = w_down.dtype
     grad_h = grad_wd = grad_bd = grad_wu = grad_bu = grad_s = None
     with on_device_of(h):
-        p = plan(m, d, rank, h.device)
+        p = plan(m, d, rank, grad_out.element_size(), w_down.element_size(), h.device)
         scale_t, scale_f, from_ptr = _scale_args(scaling, h.device)
         scale = scale_t.reshape(()) if from_ptr else scale_f
         precision = _precision(h.dtype)
-        t = p.rows
-        programs = cdiv(m, t.block_m)
-        dz = launch_device.empty_output((m, rank), torch.float32, h.device)
-        a = launch_device.empty_output((m, rank), torch.float32, h.device)
-        dbd_parts = launch_device.empty_output((programs, rank), torch.float32, h.device)
-        ds_parts = launch_device.empty_output((programs,), torch.float32, h.device)
-        bottleneck_bwd_dz_kernel[(programs,)](
-            grad_out, w_up, z, scale_t if from_ptr else z, dz, a, dbd_parts, ds_parts,
-            m, d, rank,
-            *_strides(grad_out), *_strides(w_up),
-            scale_f, ACTIVATION_CODES[activation], int(from_ptr),
-            BLOCK_M=t.block_m, BLOCK_D=t.block_d, BLOCK_R=p.block_r, PRECISION=precision,
-            num_warps=t.num_warps, num_stages=t.num_stages,
-        )
+        dz, a, dbd_parts, ds_parts = _dz_pass(grad_out, w_up, z, activation, scale_t if from_ptr else z, scale_f,
+                                              from_ptr, p.dz)
         if need_bd:
             grad_bd = dbd_parts.sum(0).to(w_dtype)
         if need_s:
@@ -231,6 +222,47 @@ def bottleneck_backward(
             if need_s and b_up is not None:
                 grad_s = grad_s + dbu @ b_up.to(torch.float32)
     return grad_h, grad_wd, grad_bd, grad_wu, grad_bu, grad_s
+
+
+def _dz_pass(
+    grad_out: torch.Tensor, w_up: torch.Tensor, z: torch.Tensor, activation: str, scale_ptr: torch.Tensor,
+    scaling: float, scale_in_memory: bool, rp: RowPass,
+) -> tuple[torch.Tensor, ...]:
+    """``(dz, act(z), dbd partials [row tiles, R], ds partials)``, fp32: ``dz = s (g W_up)
+    act'(z)`` by ``bottleneck_bwd_dz_kernel`` over ``rp``'s row tiles, rank blocks and D-split,
+    then, with several splits, ``bottleneck_bwd_dz_sum_kernel`` (whose grid the partial sums
+    follow)."""
+    m, d = grad_out.shape
+    rank = w_up.shape[1]
+    t, split = rp.tile, rp.split
+    dev = grad_out.device
+    row_tiles = cdiv(m, t.block_m)
+    grid = (row_tiles * rp.rank_blocks, split.count)
+    sum_grid = (cdiv(m, SUM_TILE.block_m), cdiv(rank, SUM_TILE.block_d)) if split.count > 1 else None
+    # The programs that finish dz (the sum kernel's, or the dz kernel's with one split) store
+    # a row of dbd partials per row tile and one ds partial each.
+    finishers = sum_grid or (row_tiles, rp.rank_blocks)
+    parts = launch_device.empty_output((split.count if split.count > 1 else 0, m, rank), torch.float32, dev)
+    dz = launch_device.empty_output((m, rank), torch.float32, dev)
+    a = launch_device.empty_output((m, rank), torch.float32, dev)
+    dbd_parts = launch_device.empty_output((finishers[0], rank), torch.float32, dev)
+    ds_parts = launch_device.empty_output((finishers[0] * finishers[1],), torch.float32, dev)
+    code = ACTIVATION_CODES[activation]
+    bottleneck_bwd_dz_kernel[grid](
+        grad_out, w_up, z, scale_ptr, parts, dz, a, dbd_parts, ds_parts,
+        m, d, rank, split.length, split.count,
+        *_strides(grad_out), *_strides(w_up),
+        scaling, code, int(scale_in_memory),
+        BLOCK_M=t.block_m, BLOCK_D=t.block_d, BLOCK_R=rp.rank_block,
+        **kernel_numerics(grad_out.dtype, w_up.dtype), num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    if sum_grid is not None:
+        bottleneck_bwd_dz_sum_kernel[sum_grid](
+            parts, z, scale_ptr, dz, a, dbd_parts, ds_parts, m, rank, split.count, scaling, code, int(scale_in_memory),
+            BLOCK_M=SUM_TILE.block_m, BLOCK_R=SUM_TILE.block_d, num_warps=SUM_TILE.num_warps,
+            num_stages=SUM_TILE.num_stages,
+        )
+    return dz, a, dbd_parts, ds_parts
 
 
 def _column_pass(

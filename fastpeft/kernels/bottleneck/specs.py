@@ -23,6 +23,7 @@ from fastpeft.kernels.bottleneck.configs import Tile, tile_choices
 from fastpeft.kernels.bottleneck.kernels import (
     bottleneck_bwd_dh_kernel,
     bottleneck_bwd_dz_kernel,
+    bottleneck_bwd_dz_sum_kernel,
     bottleneck_bwd_wgrad_dh_kernel,
     bottleneck_down_kernel,
     bottleneck_down_sum_kernel,
@@ -37,8 +38,9 @@ DTYPE_CASES = (("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"))
 _UNIT_STRIDES = {"stride_hd", "stride_resd", "stride_gd", "stride_wdd", "stride_wur", "stride_bd", "stride_bu"}
 # Pointers by role: h's dtype, the adapter weights' dtype, the int64 seed; the rest are fp32.
 _H_POINTERS = {"h_ptr", "res_ptr", "out_ptr", "g_ptr", "dh_ptr"}
-# The down projection's UPCAST (interpreter only) and tensor-core inputs, by dtype case.
-_DOWN_NUMERICS = {"UPCAST": False, "PRECISION": "tf32"}
+# The row passes' (down projection, dz) numerics on a GPU (``launch_device.kernel_numerics``:
+# UPCAST is for the interpreter only).
+_ROW_PASS_NUMERICS = {"UPCAST": False, "PRECISION": "tf32"}
 _W_POINTERS = {"wd_ptr", "bd_ptr", "wu_ptr", "bu_ptr"}
 _FLOAT_SCALARS = {"scaling", "keep_scale"}
 
@@ -78,16 +80,18 @@ def bottleneck_kernel_specs() -> list[KernelSpec]:
         if kind == "down":
             for drop in (False, True):
                 specs.append(_spec(bottleneck_down_kernel, "bottleneck_down", act, weights,
-                                   {**base, **_DOWN_NUMERICS, "HAS_DROPOUT": drop}, t, r_block))
-        elif kind == "down_sum":
-            specs.append(_spec(bottleneck_down_sum_kernel, "bottleneck_down_sum", act, weights,
-                               {"BLOCK_M": t.block_m, "BLOCK_R": r_block}, t, r_block))
+                                   {**base, **_ROW_PASS_NUMERICS, "HAS_DROPOUT": drop}, t, r_block))
+        elif kind == "sum":
+            for fn, name in ((bottleneck_down_sum_kernel, "bottleneck_down_sum"),
+                             (bottleneck_bwd_dz_sum_kernel, "bottleneck_bwd_dz_sum")):
+                specs.append(_spec(fn, name, act, weights, {"BLOCK_M": t.block_m, "BLOCK_R": r_block}, t, r_block))
         elif kind == "up":
             specs.append(_spec(bottleneck_up_kernel, "bottleneck_up", act, weights,
                                {"BLOCK_M": t.block_m, "BLOCK_N": t.block_d, "BLOCK_R": r_block, "PRECISION": "tf32"},
                                t, r_block))
         elif kind == "rows":
-            specs.append(_spec(bottleneck_bwd_dz_kernel, "bottleneck_bwd_dz", act, weights, base, t, r_block))
+            specs.append(_spec(bottleneck_bwd_dz_kernel, "bottleneck_bwd_dz", act, weights,
+                               {**base, **_ROW_PASS_NUMERICS}, t, r_block))
         elif kind == "dh":
             for drop in (False, True):
                 specs.append(_spec(bottleneck_bwd_dh_kernel, "bottleneck_bwd_dh", act, weights,

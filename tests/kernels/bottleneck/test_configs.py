@@ -14,9 +14,10 @@ from fastpeft.kernels.bottleneck.configs import (
     COLUMN_MAX_RANK,
     DH_RANK_STEP,
     DH_TILE,
-    DOWN_SUM_TILE,
     MAX_RANK,
     PARTIALS_SHARE,
+    SUM_TILE,
+    block_r,
     kernel_friendly,
     plan,
     plan_forward,
@@ -38,21 +39,21 @@ def test_every_planned_tile_is_compiled_ahead_of_time(monkeypatch, sms):
     compiled = _compiled_configurations()
     for m, d, r in itertools.product((1, 16, 17, 4096, 8192), (768, 4096), (1, 16, 17, 48, 64, 100, 128, 200, 256)):
         f = plan_forward(m, d, r, 2, 4, torch.device("cpu"))
-        down, up, st = f.down, f.up, DOWN_SUM_TILE
-        assert ("bottleneck_down_kernel", down.block_m, down.block_d, f.down_r, down.num_warps,
-                down.num_stages) in compiled
+        p = plan(m, d, r, 2, 4, torch.device("cpu"))
+        up, st = f.up, SUM_TILE
         assert ("bottleneck_up_kernel", up.block_m, up.block_d, f.up_r, up.num_warps, up.num_stages) in compiled
-        assert ("bottleneck_down_sum_kernel", st.block_m, None, st.block_d, st.num_warps, st.num_stages) in compiled
-        assert (f.rank_blocks - 1) * f.down_r < r <= f.rank_blocks * f.down_r
-        assert f.split.length % down.block_d == 0 and (f.split.count - 1) * f.split.length < d
-        assert d <= f.split.count * f.split.length
-        p = plan(m, d, r, torch.device("cpu"))
-        rows, cols = p.rows, p.columns
-        assert ("bottleneck_bwd_dz_kernel", rows.block_m, rows.block_d, p.block_r, rows.num_warps,
-                rows.num_stages) in compiled
+        for fn, rp in (("bottleneck_down_kernel", f.down), ("bottleneck_bwd_dz_kernel", p.dz)):
+            t = rp.tile
+            assert (fn, t.block_m, t.block_d, rp.rank_block, t.num_warps, t.num_stages) in compiled
+            assert (rp.rank_blocks - 1) * rp.rank_block < r <= rp.rank_blocks * rp.rank_block
+            assert rp.split.length % t.block_d == 0 and (rp.split.count - 1) * rp.split.length < d
+            assert d <= rp.split.count * rp.split.length
+        for fn in ("bottleneck_down_sum_kernel", "bottleneck_bwd_dz_sum_kernel"):
+            assert (fn, st.block_m, None, st.block_d, st.num_warps, st.num_stages) in compiled
+        cols = p.columns
         assert ("bottleneck_bwd_wgrad_dh_kernel", cols.block_m, cols.block_d, p.column_r, cols.num_warps,
                 cols.num_stages) in compiled
-        assert p.column_r == min(p.block_r, COLUMN_MAX_RANK) and (p.rank_chunks - 1) * p.column_r < r
+        assert p.column_r == min(block_r(r), COLUMN_MAX_RANK) and (p.rank_chunks - 1) * p.column_r < r
         assert r <= p.rank_chunks * p.column_r
         if p.rank_chunks > 1:
             t = DH_TILE
@@ -63,30 +64,32 @@ def test_every_planned_tile_is_compiled_ahead_of_time(monkeypatch, sms):
 
 
 @pytest.mark.parametrize("m,r", [(1, 64), (1, 256), (16, 256), (8192, 64), (8192, 256)])
-def test_h100_forward_fills_the_gpu_within_the_partials_budget(monkeypatch, m, r):
-    """D = 4096, bf16: at decode both projections run at least one wave of programs (a split
-    over D and rank blocks; the up projection's 16-column tiles), with the split's fp32
-    partials about PARTIALS_SHARE of h's and W_down's bytes (the split's ranges rounded to
-    whole steps: under 1.2x); at M = 8192 64-row tiles, rank blocks of 128 and no split."""
+def test_h100_row_passes_fill_the_gpu_within_the_partials_budget(monkeypatch, m, r):
+    """D = 4096, bf16: at decode the down projection, dz and the up projection run at least
+    one wave of programs (a split over D and rank blocks; the up projection's 16-column
+    tiles), with the split's fp32 partials about PARTIALS_SHARE of the pass's bytes (its
+    ranges rounded to whole steps: under 1.2x); at M = 8192 64-row down tiles, rank blocks of
+    128 and no split."""
     from fastpeft.kernels.bottleneck import configs
 
     monkeypatch.setattr(configs, "device_info", lambda device: (132, 90))
     d = 4096
     f = plan_forward(m, d, r, 2, 2, torch.device("cpu"))
-    down_ctas = -(-m // f.down.block_m) * f.split.count * f.rank_blocks
     up_ctas = -(-m // f.up.block_m) * -(-d // f.up.block_d)
     assert up_ctas >= 132
-    # At M = 8192, R = 64, 128 row tiles: a split would add more partials' traffic (4 x 2 MB,
-    # written and read) than the 4 idle SMs cost.
-    assert down_ctas >= 132 if m <= 16 else down_ctas == -(-m // 64) * f.rank_blocks
-    assert f.split.count * m * r * 4 <= 1.2 * PARTIALS_SHARE * (m * d + r * d) * 2 or f.split.count == 1
+    for rp in (f.down, plan(m, d, r, 2, 2, torch.device("cpu")).dz):
+        ctas = -(-m // rp.tile.block_m) * rp.split.count * rp.rank_blocks
+        assert ctas >= 132 or m > 16
+        assert rp.split.count * m * r * 4 <= 1.2 * PARTIALS_SHARE * (m * d + r * d) * 2 or rp.split.count == 1
     if m >= 8192:
-        assert f.split.count == 1 and f.down.block_m == 64 and f.rank_blocks == -(-r // 128)
+        # 128 row tiles at R = 64: a split would add more partials' traffic (4 x 2 MB,
+        # written and read) than the 4 idle SMs cost.
+        assert f.down.split.count == 1 and f.down.tile.block_m == 64 and f.down.rank_blocks == -(-r // 128)
 
 
 def test_bottlenecks_above_the_limit_are_refused_by_the_planners():
     with pytest.raises(ValueError, match=f"1 <= R <= {MAX_RANK}"):
-        plan(8, 64, MAX_RANK + 1, torch.device("cpu"))
+        plan(8, 64, MAX_RANK + 1, 2, 2, torch.device("cpu"))
     with pytest.raises(ValueError, match=f"1 <= R <= {MAX_RANK}"):
         plan_forward(8, 64, MAX_RANK + 1, 2, 2, torch.device("cpu"))
 

@@ -52,4 +52,5 @@ def test_every_launch_is_checked(monkeypatch, num_sms, capability, act, weights)
             assert key in compiled, f"m={m} d={d} r={rank} dropout={dropout}: {key} is never compiled"
             kernels.add(key[0])
     assert kernels == {"bottleneck_down_kernel", "bottleneck_down_sum_kernel", "bottleneck_up_kernel",
-                       "bottleneck_bwd_dz_kernel", "bottleneck_bwd_wgrad_dh_kernel", "bottleneck_bwd_dh_kernel"}
+                       "bottleneck_bwd_dz_kernel", "bottleneck_bwd_dz_sum_kernel", "bottleneck_bwd_wgrad_dh_kernel",
+                       "bottleneck_bwd_dh_kernel"}
