@@ -66,13 +66,14 @@ from fastpeft.kernels.tile_utils import output_tile, rank_dot, sum_partials, to_
 
 @triton.jit
 def _gemm_mainloop(
-    p_ptr, q_ptr, a_ptr, offs_m, m_rows, offs_n, red_start, red_end,
+    acc, p_ptr, q_ptr, a_ptr, offs_m, m_rows, offs_n, red_start, red_end,
     stride_pm, stride_pr, stride_qn, stride_qr, stride_ar, stride_ak,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
     R, FUSE_SHRINK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """``acc = P Q^T`` for rows ``offs_m`` of P ``[m_rows, RED]`` and rows ``offs_n`` of Q
-    ``[*, RED]``, over the reduction range ``[red_start, red_end)``. Rows of P past ``m_rows``
+    """``acc + P Q^T`` (``acc`` fp32 ``[BLOCK_M, BLOCK_N]``) for rows ``offs_m`` of P
+    ``[m_rows, RED]`` and rows ``offs_n`` of Q ``[*, RED]``, over the reduction range
+    ``[red_start, red_end)``. Rows of P past ``m_rows``
     are masked (they load nothing and give zero rows), not wrapped onto real rows: at M = 1 a
     16-row tile would otherwise load its one row 16 times.
 
@@ -88,7 +89,6 @@ def _gemm_mainloop(
     p_ptrs = p_ptr + offs_m.to(tl.int64)[:, None] * stride_pm + red[None, :] * stride_pr
     q_ptrs = q_ptr + offs_n.to(tl.int64)[None, :] * stride_qn + red[:, None] * stride_qr
     a_ptrs = a_ptr + offs_r[None, :] * stride_ar + red[:, None] * stride_ak
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     s_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for red0 in range(red_start, red_end, BLOCK_RED):
         red_ok = offs_red < red_end - red0
@@ -183,6 +183,7 @@ def lora_fwd_kernel(
     """
     rows, cols, pid_n = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc, s_acc = _gemm_mainloop(
+        tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
         x_ptr, w_ptr, a_ptr, rows, M, cols % N, 0, K,
         stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
         BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, R, FUSE_SHRINK, UPCAST, PRECISION,
@@ -214,7 +215,7 @@ def lora_gemm_split_kernel(
     red_start = split * red_per_split
     red_end = tl.minimum(red_start + red_per_split, RED)
     acc, _ = _gemm_mainloop(
-        p_ptr, q_ptr, p_ptr, rows, M, cols % N, red_start, red_end,
+        tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), p_ptr, q_ptr, p_ptr, rows, M, cols % N, red_start, red_end,
         stride_pm, stride_pr, stride_qn, stride_qr, 0, 0,
         BLOCK_M, BLOCK_N, BLOCK_RED, 16, 0, False, UPCAST, PRECISION,
     )
@@ -264,29 +265,30 @@ def _ds_tile(ds_ptr, rows, row_ok, offs_r, R, dtype_ref_ptr, UPCAST: tl.constexp
 
 
 @triton.jit
-def _dx_epilogue(
-    acc, rows, cols, pid_k, a_ptr, ds_ptr, seed_ptr, dx_ptr,
-    M, K, R, stride_ar, stride_ak, threshold, keep_scale,
+def _dx_lora_term(
+    acc, rows, cols, pid_k, a_ptr, ds_ptr, seed_ptr, M, K, R, stride_ar, stride_ak, threshold, keep_scale,
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Finish a dX tile: add ``D * (dS A) / (1-p)`` (in A's dtype) to ``acc`` and store it.
-    Without dropout the LoRA product accumulates straight into ``acc``."""
+    """``acc + D * (dS A) / (1-p)`` (the product in A's dtype) for dX's tile at ``rows,
+    cols``; without dropout the LoRA product accumulates straight into ``acc``."""
     offs_r = tl.arange(0, BLOCK_R)
-    row_ok = rows < M
-    col_ok = cols < K
-    # The epilogue tiles (the mask's Philox state above all) are made after the main loop,
-    # so none of them is live across it.
-    ds = _ds_tile(ds_ptr, rows, row_ok, offs_r, R, a_ptr, UPCAST)
+    ds = _ds_tile(ds_ptr, rows, rows < M, offs_r, R, a_ptr, UPCAST)
     a = tl.load(a_ptr + offs_r[:, None] * stride_ar + cols[None, :] * stride_ak,
-                mask=(offs_r[:, None] < R) & col_ok[None, :], other=0.0)
+                mask=(offs_r[:, None] < R) & (cols < K)[None, :], other=0.0)
     if HAS_DROPOUT:
         keep = keep_mask(tl.load(seed_ptr), rows, pid_k * BLOCK_K, K, threshold, BLOCK_M, BLOCK_K)
         acc += tl.where(keep, rank_dot(ds, a, None, a_ptr, UPCAST, PRECISION) * keep_scale, 0.0)
     else:
         acc = rank_dot(ds, a, acc, a_ptr, UPCAST, PRECISION)
+    return acc
+
+
+@triton.jit
+def _store_dx(acc, rows, cols, dx_ptr, M, K):
+    """Store dX's fp32 tile ``acc`` at ``rows, cols``, rounded to dX's dtype."""
     dx_ptrs = dx_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < K)[None, :])
 
 
 @triton.jit(do_not_specialize=("M", "R", "threshold"))
@@ -305,16 +307,23 @@ def lora_bwd_dx_kernel(
     scaled by ``scaling``.
     """
     rows, cols, pid_k = output_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if HAS_DROPOUT:
+        # The masked LoRA term first, as the main loop's starting accumulator: the mask's
+        # Philox state and the separate product are dead before the loop starts, instead of
+        # live beside the finished accumulator in an epilogue (which spills 128 x 256 tiles).
+        acc = _dx_lora_term(acc, rows, cols, pid_k, a_ptr, ds_ptr, seed_ptr, M, K, R, stride_ar, stride_ak,
+                            threshold, keep_scale, HAS_DROPOUT, BLOCK_M, BLOCK_K, BLOCK_R, UPCAST, PRECISION)
     # dY W: P = dY [M, N], Q = W^T viewed as [K, N] (W's strides swapped).
     acc, _ = _gemm_mainloop(
-        dy_ptr, w_ptr, a_ptr, rows, M, cols % K, 0, N,
+        acc, dy_ptr, w_ptr, a_ptr, rows, M, cols % K, 0, N,
         stride_dym, stride_dyn, stride_wk, stride_wn, stride_ar, stride_ak,
         BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R, R, False, UPCAST, PRECISION,
     )
-    _dx_epilogue(
-        acc, rows, cols, pid_k, a_ptr, ds_ptr, seed_ptr, dx_ptr, M, K, R, stride_ar, stride_ak, threshold, keep_scale,
-        HAS_DROPOUT, BLOCK_M, BLOCK_K, BLOCK_R, UPCAST, PRECISION,
-    )
+    if not HAS_DROPOUT:
+        acc = _dx_lora_term(acc, rows, cols, pid_k, a_ptr, ds_ptr, seed_ptr, M, K, R, stride_ar, stride_ak,
+                            threshold, keep_scale, HAS_DROPOUT, BLOCK_M, BLOCK_K, BLOCK_R, UPCAST, PRECISION)
+    _store_dx(acc, rows, cols, dx_ptr, M, K)
 
 
 @triton.jit(do_not_specialize=("M", "R", "num_splits", "threshold"))
@@ -330,10 +339,9 @@ def lora_bwd_dx_split_epilogue_kernel(
     of ``dY W`` plus the LoRA term. Grid ``(cdiv(M, BLOCK_M) * cdiv(K, BLOCK_K),)``."""
     rows, cols, pid_k = output_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     acc = _split_sum(gemm_part_ptr, rows, cols, M, K, num_splits, BLOCK_M, BLOCK_K)
-    _dx_epilogue(
-        acc, rows, cols, pid_k, a_ptr, ds_ptr, seed_ptr, dx_ptr, M, K, R, stride_ar, stride_ak, threshold, keep_scale,
-        HAS_DROPOUT, BLOCK_M, BLOCK_K, BLOCK_R, UPCAST, PRECISION,
-    )
+    acc = _dx_lora_term(acc, rows, cols, pid_k, a_ptr, ds_ptr, seed_ptr, M, K, R, stride_ar, stride_ak, threshold,
+                        keep_scale, HAS_DROPOUT, BLOCK_M, BLOCK_K, BLOCK_R, UPCAST, PRECISION)
+    _store_dx(acc, rows, cols, dx_ptr, M, K)
 
 
 @triton.jit(do_not_specialize=("M", "R", "stride_lm", "stride_or", "stride_oc", "threshold"))

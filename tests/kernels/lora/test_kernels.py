@@ -25,7 +25,8 @@ def probe(p_ptr, q_ptr, out_ptr, shift_q, red_start, stride_qr, BLOCK: tl.conste
     offs = tl.arange(0, BLOCK)
     # P [BLOCK, *] (stride_pm = BLOCK, stride_pr = 1) and Q [BLOCK, *] (stride_qn = 1,
     # stride_qr) seen from column / row red_start on: p and q hold exactly that range.
-    acc, _ = _gemm_mainloop(p_ptr - red_start, q_ptr - shift_q, p_ptr, offs, BLOCK, offs, red_start, red_start + BLOCK,
+    acc, _ = _gemm_mainloop(tl.zeros((BLOCK, BLOCK), dtype=tl.float32), p_ptr - red_start, q_ptr - shift_q, p_ptr,
+                            offs, BLOCK, offs, red_start, red_start + BLOCK,
                             BLOCK, 1, 1, stride_qr, 0, 0, BLOCK, BLOCK, BLOCK, 16, 0, False, True, "ieee")
     tl.store(out_ptr + offs[:, None] * BLOCK + offs[None, :], acc)
 
