@@ -179,28 +179,37 @@ def test_kernels_never_read_out_of_bounds(path):
 
 @pytest.mark.skipif(not KERNELS_RUN, reason="the Triton kernels do not run here")
 @pytest.mark.parametrize("dtype,lora_dtype", [(torch.float32, None), (torch.float16, torch.float32)])
-def test_decode_split_k_matches_reference(monkeypatch, dtype, lora_dtype):
-    """The decode shrink split over K (issue 19): with 64 simulated SMs, K = 300 (five 64-column
-    steps, the last one partial) is cut into five partials per (token, rank block), summed
-    by the expand in a fixed order: equal to the float64 reference, and bitwise the same on
-    a second run."""
+@pytest.mark.parametrize("num_tokens,splits", [(1, 5), (3, 4)])
+def test_decode_split_k_matches_reference(monkeypatch, num_tokens, splits, dtype, lora_dtype):
+    """The decode shrink split over K and the expand's narrow column blocks (issue 19), with 64
+    simulated SMs: K = 300 is five 64-column steps (the last one partial); T = 3, R_MAX = 40
+    (10 rank blocks of 4) takes 4 splits of 1, 1, 1 and 2 steps; T = 1 takes 5 of one step each.
+    The expand (N = 45, too few columns for 64 programs) takes 16-column blocks. T = 1 runs
+    once per id: -1, each slot (ranks 3, 40, 1, 17) and the rank-0 slot (no change).
+    Against the float64 reference, with the scratch partials NaN-poisoned (conftest), and
+    bitwise the same on a second run."""
     from fastpeft.kernels.lora import configs as lora_configs
     from fastpeft.kernels.multi_lora import launch
 
     monkeypatch.setattr(lora_configs, "device_info", lambda device: (64, 90))
     k = 300
-    p = _problem(3, dtype, lora_dtype, seed=11, k=k)
+    p = _problem(num_tokens, dtype, lora_dtype, seed=11, k=k)
     num_slots, r_max, _ = p["lora_a"].shape
-    assert configs.decode_shrink_split(3, r_max, k, p["x"].device).count == 5
+    assert configs.decode_shrink_splits(num_tokens, r_max, k, p["x"].device) == splits
+    assert configs.decode_expand_tile(num_tokens, N, p["x"].device).block_n == 16
+    id_cases = [p["adapter_ids"]] if num_tokens > 1 else [torch.tensor([i], device=DEVICE) for i in range(-1, num_slots)]
     base = p["x"] @ p["weight"].t()
-    runs = []
-    for _ in range(2):
-        y = base.clone()
-        launch.multi_lora_decode(y, p["x"], p["lora_a"], p["lora_b"], p["scalings"], p["adapter_ids"], p["ranks"])
-        runs.append(y)
-    assert torch.equal(runs[0], runs[1])
-    expected = _reference({**p, "bias": None})[0]
-    assert_close(runs[0], expected, dtype, "y")
+    for ids in id_cases:
+        runs = []
+        for _ in range(2):
+            y = base.clone()
+            launch.multi_lora_decode(y, p["x"], p["lora_a"], p["lora_b"], p["scalings"], ids, p["ranks"])
+            runs.append(y)
+        assert torch.equal(runs[0], runs[1]), ids
+        expected = _reference({**p, "bias": None, "adapter_ids": ids})[0]
+        assert_close(runs[0], expected, dtype, f"y (ids {ids.tolist()})")
+        if ids.tolist() in ([-1], [num_slots - 1]):  # no adapter, or the rank-0 slot: y untouched
+            assert torch.equal(runs[0], base), ids
 
 
 @pytest.mark.parametrize("num_tokens,ranks", [(67, RANKS), (21, RANKS * 5)])  # all slots; per token (T < L)

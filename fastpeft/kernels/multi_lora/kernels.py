@@ -70,12 +70,15 @@ def _token_adapter(ids_ptr, t, L):
 @triton.jit(do_not_specialize=("L", "R_MAX"))
 def multi_lora_decode_shrink_kernel(
     x_ptr, a_ptr, scal_ptr, ids_ptr, ranks_ptr, s_ptr,
-    K, L, R_MAX, stride_xm, split_k,
+    K, L, R_MAX, stride_xm,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``s[p, t, r] = scalings[i] * sum_{k in split p} x[t, k] A[i, r, k]`` for ``r < r_i``: the
-    fp32 partial of split ``p`` (columns ``[p * split_k, (p + 1) * split_k)`` of K; ``s
-    [splits, T, R_MAX]``); program ``(t, rank block, p)``, T and the split count from the grid.
+    fp32 partial of split ``p`` (``s [splits, T, R_MAX]``); program ``(t, rank block, p)``, T
+    and the split count S from the grid. The ``cdiv(K, BLOCK_K)`` steps of K are dealt out
+    evenly: split p walks steps ``[p * steps // S, (p + 1) * steps // S)`` (S <= steps, so
+    each at least one), so any S fills the grid, not only the divisors of the step count.
+    Each program reads its rank block's rows of A_i and x's row over its steps once.
     Nothing is written for tokens without adapter or ``r >= r_i``."""
     t = tl.program_id(0)
     r0 = tl.program_id(1) * BLOCK_R
@@ -89,8 +92,10 @@ def multi_lora_decode_shrink_kernel(
     r_ok = offs_r < rank
     x_row = x_ptr + t.to(tl.int64) * stride_xm
     a_rows = a_ptr + adapter * R_MAX * K + offs_r.to(tl.int64)[:, None] * K
-    k_start = split * split_k
-    k_end = tl.minimum(k_start + split_k, K)
+    num_splits = tl.num_programs(2)
+    steps = tl.cdiv(K, BLOCK_K)
+    k_start = (split * steps // num_splits) * BLOCK_K
+    k_end = tl.minimum(((split + 1) * steps // num_splits) * BLOCK_K, K)
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + offs_k
@@ -129,8 +134,12 @@ def multi_lora_decode_expand_kernel(
 ):
     """``y[t, n] += sum_{r < r_i} s[t, r] B[i, n, r]`` in place, ``s[t] = sum_p s[p, t]`` the
     shrink's ``num_splits`` partials (``s [num_splits, T, R_MAX]``, summed in a fixed order:
-    ``_sum_split_partials``); program ``(t, column block)``; rows of tokens without adapter
-    are not touched."""
+    ``_sum_split_partials``); program ``(t, column block)``, grid ``(T, cdiv(N, BLOCK_N))``;
+    rows of tokens without adapter are not touched. Bytes per program: ``BLOCK_N x r_i`` of
+    B_i, y's ``BLOCK_N`` columns read and written, and all ``num_splits x r_i`` fp32
+    partials of the token: every column block re-reads them (from L2), so a launch reads
+    ``T x cdiv(N, BLOCK_N) x num_splits x r_i x 4`` bytes of partials
+    (``configs.decode_expand_tile`` weighs that against filling the GPU)."""
     t = tl.program_id(0)
     adapter, valid = _token_adapter(ids_ptr, t, L)
     if not valid:

@@ -59,9 +59,11 @@ def multi_lora_decode(
     ``y [T, N]``: x's dtype, unit column stride (any row stride); written in place (read once,
     written once per touched row). The other arguments follow the module's contract. No sort:
     one row per token, each with its own adapter; meant for small T (``DECODE_MAX_TOKENS``).
-    An fp32 scratch ``s [splits, T, R_MAX]`` holds the partials of ``scalings[i] * x[t] A_i^T``
-    over ``configs.decode_shrink_split`` ranges of K between the two kernels; the expand sums
-    them in a fixed order (no atomics: bitwise reproducible for a given SM count).
+    An fp32 scratch ``s [S, T, R_MAX]`` holds the partials of ``scalings[i] * x[t] A_i^T``
+    over ``configs.decode_shrink_splits`` ranges of K between the two kernels; the expand sums
+    them in a fixed order (no atomics: bitwise reproducible for a given SM count). Grids:
+    shrink ``(T, cdiv(R_MAX, 4), S)``, expand ``(T, cdiv(N, BLOCK_N))`` with ``BLOCK_N`` from
+    ``configs.decode_expand_tile``; both at least one program per SM where the problem allows.
     Returns None.
     """
     num_tokens, k = x.shape
@@ -69,18 +71,19 @@ def multi_lora_decode(
     n = lora_b.shape[1]
     if num_tokens == 0 or num_slots == 0:
         return
-    shrink, expand = configs.DECODE_SHRINK, configs.DECODE_EXPAND
-    split = configs.decode_shrink_split(num_tokens, r_max, k, x.device)
-    s = launch_device.empty_output((split.count, num_tokens, r_max), torch.float32, x.device)
+    shrink = configs.DECODE_SHRINK
+    expand = configs.decode_expand_tile(num_tokens, n, x.device)
+    splits = configs.decode_shrink_splits(num_tokens, r_max, k, x.device)
+    s = launch_device.empty_output((splits, num_tokens, r_max), torch.float32, x.device)
     with on_device_of(x):
-        multi_lora_decode_shrink_kernel[(num_tokens, cdiv(r_max, shrink.block_r), split.count)](
+        multi_lora_decode_shrink_kernel[(num_tokens, cdiv(r_max, shrink.block_r), splits)](
             x, lora_a, scalings, adapter_ids, ranks, s,
-            k, num_slots, r_max, x.stride(0), split.length,
+            k, num_slots, r_max, x.stride(0),
             BLOCK_R=shrink.block_r, BLOCK_K=shrink.block_n, num_warps=shrink.num_warps, num_stages=shrink.num_stages,
         )
         multi_lora_decode_expand_kernel[(num_tokens, cdiv(n, expand.block_n))](
             y, lora_b, adapter_ids, ranks, s,
-            n, num_slots, r_max, y.stride(0), split.count,
+            n, num_slots, r_max, y.stride(0), splits,
             BLOCK_N=expand.block_n, BLOCK_R=expand.block_r, SPLIT_BLOCK=configs.DECODE_SPLIT_BLOCK,
             num_warps=expand.num_warps, num_stages=expand.num_stages,
         )

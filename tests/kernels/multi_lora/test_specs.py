@@ -52,22 +52,32 @@ def test_every_launch_is_checked(recorded, act, lora):
                        "multi_lora_expand_kernel", "multi_lora_wgrad_kernel"}
 
 
-def test_decode_shrink_splits_k_to_fill_an_h100(recorded, monkeypatch):
-    """Issue 19: one decode token of rank 16 over K = 4096 was one program (grid (T, R/16)); on
-    a simulated H100 (132 SMs) the shrink now splits K into at least 64 programs, within one
-    wave, and the expand is told how many partials to sum."""
+@pytest.mark.parametrize("num_tokens", [1, 16])
+@pytest.mark.parametrize("n", [4096, 14336])
+@pytest.mark.parametrize("r_max", [8, 16, 32, 64])
+def test_decode_grids_fill_an_h100(recorded, monkeypatch, num_tokens, n, r_max):
+    """Issue 19 at the plan's decode shapes (K = 4096, 64 slots): on a simulated H100 (132 SMs)
+    the shrink's grid (T, rank blocks of 4, K splits) and the expand's (T, column blocks) each
+    hold at least one program per SM, or, where K's 64-column steps cannot give that many
+    (T = 1, r = 8: 2 rank blocks x 64 steps), one program per step. The shrink adds no split
+    beyond twice the fewest that fill a wave, and the expand is told how many partials to sum."""
     from fastpeft.kernels.lora import configs as lora_configs
 
     monkeypatch.setattr(lora_configs, "device_info", lambda device: (132, 90))
-    t, r_max, n, k, num_slots = 1, 16, 4096, 4096, 3
-    x, y = torch.empty(t, k, dtype=torch.bfloat16), torch.empty(t, n, dtype=torch.bfloat16)
+    k, num_slots = 4096, 64
+    x, y = torch.empty(num_tokens, k, dtype=torch.bfloat16), torch.empty(num_tokens, n, dtype=torch.bfloat16)
     a = torch.empty(num_slots, r_max, k, dtype=torch.bfloat16)
     b = torch.empty(num_slots, n, r_max, dtype=torch.bfloat16)
     ranks = torch.full((num_slots,), r_max, dtype=torch.int64)
-    launch.multi_lora_decode(y, x, a, b, torch.ones(num_slots), torch.zeros(t, dtype=torch.int64), ranks)
+    ids = torch.arange(num_tokens, dtype=torch.int64)
+    launch.multi_lora_decode(y, x, a, b, torch.ones(num_slots), ids, ranks)
     names = [launch_key(fn, args, kwargs)[0] for fn, args, kwargs in recorded]
     shrink = recorded.grids[names.index("multi_lora_decode_shrink_kernel")]
-    programs = shrink[0] * shrink[1] * shrink[2]
-    assert 64 <= programs <= 132, shrink
+    expand = recorded.grids[names.index("multi_lora_decode_expand_kernel")]
+    rank_programs = num_tokens * -(-r_max // 4)
+    assert shrink[:2] == (num_tokens, -(-r_max // 4))
+    assert shrink[0] * shrink[1] * shrink[2] >= min(132, rank_programs * k // 64), shrink
+    assert shrink[2] <= 2 * -(-132 // rank_programs), shrink  # at most twice the fewest splits that fill a wave
+    assert expand[0] * expand[1] >= 132, expand
     fn, args, kwargs = recorded[names.index("multi_lora_decode_expand_kernel")]
     assert dict(zip(fn.arg_names, args))["num_splits"] == shrink[2]
