@@ -200,16 +200,53 @@ def test_decode_split_k_matches_reference(monkeypatch, num_tokens, splits, dtype
     id_cases = [p["adapter_ids"]] if num_tokens > 1 else [torch.tensor([i], device=DEVICE) for i in range(-1, num_slots)]
     base = p["x"] @ p["weight"].t()
     for ids in id_cases:
-        runs = []
-        for _ in range(2):
-            y = base.clone()
-            launch.multi_lora_decode(y, p["x"], p["lora_a"], p["lora_b"], p["scalings"], ids, p["ranks"])
-            runs.append(y)
-        assert torch.equal(runs[0], runs[1]), ids
-        expected = _reference({**p, "bias": None, "adapter_ids": ids})[0]
-        assert_close(runs[0], expected, dtype, f"y (ids {ids.tolist()})")
+        y = _added_twice(launch.multi_lora_decode, {**p, "adapter_ids": ids}, base, dtype)
         if ids.tolist() in ([-1], [num_slots - 1]):  # no adapter, or the rank-0 slot: y untouched
-            assert torch.equal(runs[0], base), ids
+            assert torch.equal(y, base), ids
+
+
+def _added_twice(add, p: dict, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``add`` (a launcher of ``multi_lora.launch``) run twice on copies of ``base``: bitwise
+    the same both times and equal to the float64 reference; returns the result."""
+    runs = []
+    for _ in range(2):
+        y = base.clone()
+        add(y, p["x"], p["lora_a"], p["lora_b"], p["scalings"], p["adapter_ids"], p["ranks"])
+        runs.append(y)
+    ids = p["adapter_ids"].tolist()
+    assert torch.equal(runs[0], runs[1]), ids
+    assert_close(runs[0], _reference({**p, "bias": None})[0], dtype, f"y (ids {ids})")
+    return runs[0]
+
+
+@pytest.mark.skipif(not KERNELS_RUN, reason="the Triton kernels do not run here")
+@pytest.mark.parametrize("dtype,lora_dtype", [(torch.float32, None), (torch.float16, torch.float32)])
+def test_segment_split_k_matches_reference(monkeypatch, dtype, lora_dtype):
+    """The segment shrink split over K (issue 19), with 24 simulated SMs: T = 40 tokens in
+    16-row tiles (8 tiles in the static list, one rank block at R_MAX = 40) over K = 300 (five
+    64-column steps, the last partial) take 3 splits of 1, 2 and 2 steps, which the expand
+    adds in a fixed order: equal to the float64 reference with the partials NaN-poisoned
+    (conftest), bitwise the same on a second run. The op's backward (one split: dA reads dS
+    itself) matches too."""
+    from fastpeft.kernels.lora import configs as lora_configs
+    from fastpeft.kernels.multi_lora import launch
+
+    monkeypatch.setattr(lora_configs, "device_info", lambda device: (24, 90))
+    k, num_tokens = 300, 40
+    p = _problem(num_tokens, dtype, lora_dtype, seed=14, k=k)
+    r_max = p["lora_a"].shape[1]
+    assert configs.segment_shrink_splits(8, num_tokens, r_max, k, p["x"].device) == 3
+    _added_twice(launch.multi_lora_segments_add, p, p["x"] @ p["weight"].t(), dtype)
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    grad = torch.randn(num_tokens, N, generator=torch.Generator().manual_seed(15)).to(dtype).to(DEVICE)
+    expected, grads = _reference(p, grad)
+    leaves = {name: p[name].clone().requires_grad_() for name in ("x", "lora_a", "lora_b")}
+    y = multi_lora_linear(**{**p, **leaves})
+    y.backward(grad)
+    assert_close(y, expected, dtype, "y")
+    assert_close(leaves["x"].grad, grads["x"], dtype, "dX")
+    for what in ("lora_a", "lora_b"):
+        _slot_grad_close(leaves[what].grad, grads[what], RANKS, dtype, what)
 
 
 @pytest.mark.parametrize("num_tokens,ranks", [(67, RANKS), (21, RANKS * 5)])  # all slots; per token (T < L)

@@ -130,24 +130,43 @@ def wgrad_tile(r_max: int) -> Tile:
     return Tile(WGRAD_BLOCK_M, WGRAD_BLOCK_C, rank_block(r_max), SEGMENT_WARPS, SEGMENT_STAGES)
 
 
+def balanced_splits(programs: int, steps: int, num_sms: int) -> int:
+    """Splits S of a bandwidth-bound reduction of ``steps`` steps run by ``programs``
+    independent programs (before splitting), dealt out evenly (``kernels._split_range``): at
+    least one program per SM (``S >= cdiv(SMs, programs)``), at most one split per step, and
+    among ``cdiv(SMs, programs)`` to twice that the S whose busiest SM has the least work,
+    ``cdiv(programs x S, SMs) / S`` of a program's reduction, the fewest on a tie: each split
+    adds a partial that the next kernel reads back. Grids already a wave wide are not split."""
+    if programs >= num_sms:
+        return 1
+    fewest = cdiv(num_sms, programs)
+    steps = max(1, steps)
+    candidates = range(min(fewest, steps), min(2 * fewest, steps) + 1)
+    return min(candidates, key=lambda splits: (cdiv(programs * splits, num_sms) / splits, splits))
+
+
 def decode_shrink_splits(num_tokens: int, r_max: int, k: int, device: torch.device) -> int:
-    """Splits S of the decode shrink's K, for ``P = T x cdiv(R_MAX, 4)`` (token, rank block)
-    pairs: at least one program per SM (``S >= cdiv(SMs, P)``) and at most one split per K
-    step of ``DECODE_SHRINK.block_n`` columns (the kernel deals the steps out evenly). Among
-    ``cdiv(SMs, P)`` to twice that, the S whose busiest SM has the least work,
-    ``cdiv(P x S, SMs) / S`` of a (token, rank block)'s K, the fewest splits on a tie: the
-    expand re-reads every split's partial once per column block, so extra splits cost
-    traffic. H100, K = 4096, r = 16: S = 33 at T = 1 (132 programs, one each), S = 4 at
-    T = 16 (256 programs, two each: S = 3 would leave 60 SMs with two programs of a third of
-    K and the rest with one). Grids already a wave wide are not split. Depends on T, R_MAX,
-    K and the SM count only (fixed for a CUDA graph)."""
+    """Splits S of the decode shrink's K over ``T x cdiv(R_MAX, 4)`` (token, rank block)
+    programs, in steps of ``DECODE_SHRINK.block_n`` columns (``balanced_splits``). The expand
+    re-reads every split's partial once per column block. H100, K = 4096, r = 16: S = 33 at
+    T = 1 (132 programs, one per SM), S = 4 at T = 16 (256 programs, two per SM: S = 3 would
+    leave 60 SMs with two programs of a third of K and the rest with one). Depends on T,
+    R_MAX, K and the SM count only (fixed for a CUDA graph)."""
     # Through the module: the planner's recording and the tests replace lora_configs.device_info.
     num_sms, _ = lora_configs.device_info(device)
     programs = num_tokens * cdiv(r_max, DECODE_SHRINK.block_r)
-    fewest = cdiv(num_sms, programs)
-    steps = max(1, cdiv(k, DECODE_SHRINK.block_n))
-    candidates = range(min(fewest, steps), min(2 * fewest, steps) + 1)
-    return min(candidates, key=lambda splits: (cdiv(programs * splits, num_sms) / splits, splits))
+    return balanced_splits(programs, cdiv(k, DECODE_SHRINK.block_n), num_sms)
+
+
+def segment_shrink_splits(num_tiles: int, num_tokens: int, r_max: int, red: int, device: torch.device) -> int:
+    """Splits of the segment shrink's reduction (``red`` columns in steps of SHRINK_BLOCK_K)
+    over its ``num_tiles`` x rank blocks programs (``balanced_splits``); the expand
+    re-reads each split's rows once per column block. The forward's, for 64 distinct
+    adapters at T = 64 (68 tiles of 16 rows, one rank block) on an H100: 3 splits, 204
+    programs; unsplit, 64 SMs stream the adapters' A (8 MB) and 68 sit idle."""
+    num_sms, _ = lora_configs.device_info(device)
+    programs = num_tiles * cdiv(r_max, shrink_tile(num_tokens, r_max).block_r)
+    return balanced_splits(programs, cdiv(red, SHRINK_BLOCK_K), num_sms)
 
 
 def decode_expand_tile(num_tokens: int, n: int, device: torch.device) -> Tile:

@@ -20,9 +20,10 @@ Two families:
   adapters' rows.
 - Segments (prefill and training; SGMV-style): tokens are sorted by adapter on the device
   (``multi_lora.segments``) and cut into tiles of ``BLOCK_M`` rows that never straddle two
-  adapters. ``multi_lora_shrink_kernel`` (``s`` = P A^T per tile, written in sorted order),
-  ``multi_lora_expand_kernel`` (``out[token] += s B^T`` in place, the rows scattered back
-  through the sort permutation) and ``multi_lora_wgrad_kernel`` (one program per adapter and
+  adapters. ``multi_lora_shrink_kernel`` (``s`` = P A^T per tile, written in sorted order;
+  in the forward, fp32 partials over splits of K when the tiles alone would leave SMs idle),
+  ``multi_lora_expand_kernel`` (sums the partials in a fixed order, ``out[token] += s B^T``
+  in place, the rows scattered back through the sort permutation) and ``multi_lora_wgrad_kernel`` (one program per adapter and
   output tile, looping over that adapter's tokens in sorted order: dA and dB without atomics,
   bitwise reproducible). The backward reuses shrink for ``dS`` (B read as ``[R, N]``) and
   expand for dX's term (A read as ``[K, R]``), through strides.
@@ -67,6 +68,19 @@ def _token_adapter(ids_ptr, t, L):
     return tl.where(valid, adapter, 0), valid
 
 
+@triton.jit
+def _split_range(size, BLOCK: tl.constexpr):
+    """``[start, end)`` of split ``program_id(2)`` of ``num_programs(2)`` over a reduction of
+    ``size`` walked ``BLOCK`` at a time: the ``cdiv(size, BLOCK)`` steps dealt out evenly, split
+    p taking steps ``[p * steps // S, (p + 1) * steps // S)`` (S <= steps: each at least one),
+    so any split count S fills a grid, not only the divisors of the step count."""
+    split, num_splits = tl.program_id(2), tl.num_programs(2)
+    steps = tl.cdiv(size, BLOCK)
+    start = (split * steps // num_splits) * BLOCK
+    end = tl.minimum(((split + 1) * steps // num_splits) * BLOCK, size)
+    return start, end
+
+
 @triton.jit(do_not_specialize=("L", "R_MAX"))
 def multi_lora_decode_shrink_kernel(
     x_ptr, a_ptr, scal_ptr, ids_ptr, ranks_ptr, s_ptr,
@@ -74,12 +88,11 @@ def multi_lora_decode_shrink_kernel(
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``s[p, t, r] = scalings[i] * sum_{k in split p} x[t, k] A[i, r, k]`` for ``r < r_i``: the
-    fp32 partial of split ``p`` (``s [splits, T, R_MAX]``); program ``(t, rank block, p)``, T
-    and the split count S from the grid. The ``cdiv(K, BLOCK_K)`` steps of K are dealt out
-    evenly: split p walks steps ``[p * steps // S, (p + 1) * steps // S)`` (S <= steps, so
-    each at least one), so any S fills the grid, not only the divisors of the step count.
-    Each program reads its rank block's rows of A_i and x's row over its steps once.
-    Nothing is written for tokens without adapter or ``r >= r_i``."""
+    fp32 partial of split ``p`` (``_split_range`` of K; ``s [S, T, R_MAX]``); program
+    ``(t, rank block, p)``, grid ``(T, cdiv(R_MAX, BLOCK_R), S)``. Bytes per program: its rank
+    block's rows of A_i and x's row over the split's columns (x's row is so read once per
+    rank block), ``BLOCK_R`` fp32 written. Nothing is written for tokens without adapter or
+    ``r >= r_i``."""
     t = tl.program_id(0)
     r0 = tl.program_id(1) * BLOCK_R
     split = tl.program_id(2)
@@ -92,10 +105,7 @@ def multi_lora_decode_shrink_kernel(
     r_ok = offs_r < rank
     x_row = x_ptr + t.to(tl.int64) * stride_xm
     a_rows = a_ptr + adapter * R_MAX * K + offs_r.to(tl.int64)[:, None] * K
-    num_splits = tl.num_programs(2)
-    steps = tl.cdiv(K, BLOCK_K)
-    k_start = (split * steps // num_splits) * BLOCK_K
-    k_end = tl.minimum(((split + 1) * steps // num_splits) * BLOCK_K, K)
+    k_start, k_end = _split_range(K, BLOCK_K)
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + offs_k
@@ -173,16 +183,19 @@ def _segment_rows(tile_row_ptr, seg_end_ptr, order_ptr, j, adapter, BLOCK_M: tl.
     return rows, row_ok, tokens
 
 
-@triton.jit(do_not_specialize=("L", "R_MAX", "stride_al", "stride_ar", "stride_ak"))
+@triton.jit(do_not_specialize=("L", "R_MAX", "stride_al", "stride_ar", "stride_ak", "split_stride"))
 def multi_lora_shrink_kernel(
     x_ptr, a_ptr, scal_ptr, ranks_ptr, order_ptr, tile_adapter_ptr, tile_row_ptr, seg_end_ptr, s_ptr,
-    K, L, R_MAX, stride_xm, stride_al, stride_ar, stride_ak,
+    K, L, R_MAX, stride_xm, stride_al, stride_ar, stride_ak, split_stride,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """``s[row, r] = scalings[i] * sum_k P[order[row], k] Q[i, r, k]`` (fp32, ``s [T, R_MAX]``
-    in sorted order) for the rows of tile ``program_id(0)`` (adapter i) and ``r`` in the rank
-    block ``program_id(1)``, ``r < r_i``. Q is A (forward: ``s``) or B read as ``[R, N]``
-    (backward: ``dS``), given by its strides; P has unit column stride."""
+    """``s[p, row, r] = scalings[i] * sum_{k in split p} P[order[row], k] Q[i, r, k]``: the fp32
+    partial of split p (``_split_range`` of the reduction; ``s [S, T, R_MAX]`` in sorted
+    order, ``split_stride = T x R_MAX`` apart) for the rows of tile ``program_id(0)``
+    (adapter i), ``r`` in the rank block ``program_id(1)`` (``r < r_i``) and the split
+    ``program_id(2)``. Q is A (forward: ``s``) or B read as ``[R, N]`` (backward: ``dS``),
+    given by its strides; P has unit column stride. Bytes per program: the tile's rows of P
+    and the block's r_i rows of Q over the split's columns, ``BLOCK_M x BLOCK_R`` fp32 written."""
     j = tl.program_id(0)
     r0 = tl.program_id(1) * BLOCK_R
     adapter = tl.load(tile_adapter_ptr + j).to(tl.int64)
@@ -197,29 +210,34 @@ def multi_lora_shrink_kernel(
     r_ok = offs_r < rank
     p_rows = x_ptr + tokens[:, None] * stride_xm
     q_cols = a_ptr + adapter * stride_al + offs_r.to(tl.int64)[None, :] * stride_ar
+    k_start, k_end = _split_range(K, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         k = k0 + offs_k
-        k_ok = k < K
+        k_ok = k < k_end
         p = tl.load(p_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         q = tl.load(q_cols + k.to(tl.int64)[:, None] * stride_ak, mask=k_ok[:, None] & r_ok[None, :],
                     other=0.0).to(tl.float32)
         acc = tl.dot(p, q, acc, input_precision=PRECISION)
     acc *= tl.load(scal_ptr + adapter).to(tl.float32)
-    tl.store(s_ptr + rows.to(tl.int64)[:, None] * R_MAX + offs_r[None, :], acc,
-             mask=row_ok[:, None] & r_ok[None, :])
+    s_rows = s_ptr + tl.program_id(2).to(tl.int64) * split_stride + rows.to(tl.int64)[:, None] * R_MAX
+    tl.store(s_rows + offs_r[None, :], acc, mask=row_ok[:, None] & r_ok[None, :])
 
 
-@triton.jit(do_not_specialize=("L", "R_MAX", "stride_bl", "stride_bn", "stride_br"))
+@triton.jit(do_not_specialize=("L", "R_MAX", "stride_bl", "stride_bn", "stride_br", "num_splits", "split_stride"))
 def multi_lora_expand_kernel(
     y_ptr, b_ptr, ranks_ptr, order_ptr, tile_adapter_ptr, tile_row_ptr, seg_end_ptr, s_ptr,
-    N, L, R_MAX, stride_ym, stride_bl, stride_bn, stride_br,
+    N, L, R_MAX, stride_ym, stride_bl, stride_bn, stride_br, num_splits, split_stride,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """``out[order[row], n] += sum_{r < r_i} s[row, r] Q[i, n, r]`` in place for the rows of tile
-    ``program_id(0)`` (adapter i) and the column block ``program_id(1)``. Q is B (forward) or
-    A read as ``[K, R]`` (backward's dX term), given by its strides. Each token lies in one
-    tile, so every element of ``out`` has at most one writer."""
+    ``program_id(0)`` (adapter i) and the column block ``program_id(1)``, ``s[row] = sum_p
+    s[p, row]`` the shrink's ``num_splits`` partials (``split_stride`` apart), added in order
+    of p (fixed: the same on every run). Q is B (forward) or A read as ``[K, R]`` (backward's
+    dX term), given by its strides. Each token lies in one tile, so every element of ``out``
+    has at most one writer. Bytes per program: the block of Q_i (``BLOCK_N x r_i``), the
+    tile's rows of every partial (re-read by each column block) and the tile's rows of
+    ``out`` read and written."""
     j = tl.program_id(0)
     adapter = tl.load(tile_adapter_ptr + j).to(tl.int64)
     if adapter >= L:
@@ -229,12 +247,17 @@ def multi_lora_expand_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     q_rows = b_ptr + adapter * stride_bl + offs_n.to(tl.int64)[None, :] * stride_bn
+    s_rows = s_ptr + rows.to(tl.int64)[:, None] * R_MAX
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, rank, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_ok = offs_r < rank
-        s = tl.load(s_ptr + rows.to(tl.int64)[:, None] * R_MAX + offs_r[None, :],
-                    mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        s_mask = row_ok[:, None] & r_ok[None, :]
+        s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        s_ptrs = s_rows + offs_r[None, :]
+        for _ in range(0, num_splits):  # partial p at s_ptrs + p * split_stride, in order of p
+            s += tl.load(s_ptrs, mask=s_mask, other=0.0)
+            s_ptrs += split_stride
         q = tl.load(q_rows + offs_r.to(tl.int64)[:, None] * stride_br, mask=r_ok[:, None] & n_ok[None, :],
                     other=0.0).to(tl.float32)
         acc = tl.dot(s, q, acc, input_precision=PRECISION)

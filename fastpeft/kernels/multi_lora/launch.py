@@ -91,18 +91,19 @@ def multi_lora_decode(
 
 def _shrink(
     p: torch.Tensor, q: torch.Tensor, q_strides: tuple[int, int, int], scalings: torch.Tensor, ranks: torch.Tensor,
-    seg: Segments, r_max: int,
+    seg: Segments, r_max: int, splits: int = 1,
 ) -> torch.Tensor:
-    """``scalings[i] * P[t] Q_i^T`` for every token with an adapter, in sorted order: fp32
-    ``[T, R_MAX]`` (entries of tokens without adapter and past ``r_i`` are not written).
-    Q is A (strides of ``[L, R, K]``) or B read as ``[L, R, N]``."""
+    """``scalings[i] * P[t] Q_i^T`` for every token with an adapter, in sorted order, as fp32
+    partials over ``splits`` ranges of the reduction: ``[splits, T, R_MAX]`` (entries of
+    tokens without adapter and past ``r_i`` are not written; one split: ``[0]`` is the
+    product). Q is A (strides of ``[L, R, K]``) or B read as ``[L, R, N]``."""
     num_tokens, red = p.shape
     num_slots = ranks.shape[0]
     tile = configs.shrink_tile(num_tokens, r_max)
-    out = launch_device.empty_output((num_tokens, r_max), torch.float32, p.device)
-    multi_lora_shrink_kernel[(seg.tile_adapter.shape[0], cdiv(r_max, tile.block_r))](
+    out = launch_device.empty_output((splits, num_tokens, r_max), torch.float32, p.device)
+    multi_lora_shrink_kernel[(seg.tile_adapter.shape[0], cdiv(r_max, tile.block_r), splits)](
         p, q, scalings, ranks, seg.order, seg.tile_adapter, seg.tile_row, seg.seg_end, out,
-        red, num_slots, r_max, p.stride(0), *q_strides,
+        red, num_slots, r_max, p.stride(0), *q_strides, out.stride(0),
         BLOCK_M=tile.block_m, BLOCK_R=tile.block_r, BLOCK_K=tile.block_n,
         PRECISION=precision(p.dtype), num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
@@ -113,13 +114,14 @@ def _expand(
     out: torch.Tensor, s: torch.Tensor, q: torch.Tensor, q_strides: tuple[int, int, int], ranks: torch.Tensor,
     seg: Segments,
 ) -> None:
-    """``out[t] += s[row(t)] Q_i^T`` in place (``Q`` B ``[L, N, R]``, or A read as ``[L, K, R]``)."""
+    """``out[t] += (sum_p s[p, row(t)]) Q_i^T`` in place (``s`` the shrink's partials ``[S, T,
+    R_MAX]``; ``Q`` B ``[L, N, R]``, or A read as ``[L, K, R]``)."""
     num_tokens, width = out.shape
-    num_slots, r_max = ranks.shape[0], s.shape[1]
+    num_slots, (splits, _, r_max) = ranks.shape[0], s.shape
     tile = configs.expand_tile(num_tokens, r_max)
     multi_lora_expand_kernel[(seg.tile_adapter.shape[0], cdiv(width, tile.block_n))](
         out, q, ranks, seg.order, seg.tile_adapter, seg.tile_row, seg.seg_end, s,
-        width, num_slots, r_max, out.stride(0), *q_strides,
+        width, num_slots, r_max, out.stride(0), *q_strides, splits, s.stride(0),
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_R=tile.block_r,
         PRECISION=precision(out.dtype), num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
@@ -154,7 +156,8 @@ def multi_lora_segments_add(
         return
     with on_device_of(x):
         seg = segments(adapter_ids, num_slots, configs.segment_block_m(num_tokens))
-        s = _shrink(x, lora_a, _a_strides(lora_a), scalings, ranks, seg, r_max)
+        splits = configs.segment_shrink_splits(seg.tile_adapter.shape[0], num_tokens, r_max, x.shape[1], x.device)
+        s = _shrink(x, lora_a, _a_strides(lora_a), scalings, ranks, seg, r_max, splits)
         _expand(y, s, lora_b, (lora_b.stride(0), lora_b.stride(1), lora_b.stride(2)), ranks, seg)
 
 
@@ -207,15 +210,16 @@ def multi_lora_backward(
     with on_device_of(x):
         seg = segments(adapter_ids, num_slots, configs.segment_block_m(num_tokens))
         if dx is not None or need_a:
+            # One split (the shrinks here): the dA and dB passes read dS and s whole, not partials.
             ds = _shrink(grad_y, lora_b, _b_as_rank_rows(lora_b), scalings, ranks, seg, r_max)
             if dx is not None:
                 # dX += dS A_i: A [L, R, K] read as [L, K, R].
                 _expand(dx, ds, lora_a, (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)), ranks, seg)
             if need_a:
                 out = launch_device.empty_output((num_slots, r_max, k), lora_a.dtype, x.device)
-                da = _wgrad(ds, x, ranks, seg, out, (r_max * k, k, 1))
+                da = _wgrad(ds[0], x, ranks, seg, out, (r_max * k, k, 1))
         if need_b:
             s = _shrink(x, lora_a, _a_strides(lora_a), scalings, ranks, seg, r_max)
             out = launch_device.empty_output((num_slots, n, r_max), lora_b.dtype, x.device)
-            db = _wgrad(s, grad_y, ranks, seg, out, (n * r_max, 1, r_max))
+            db = _wgrad(s[0], grad_y, ranks, seg, out, (n * r_max, 1, r_max))
     return da, db
