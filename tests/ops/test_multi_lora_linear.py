@@ -179,25 +179,31 @@ def test_kernels_never_read_out_of_bounds(path):
 
 @pytest.mark.skipif(not KERNELS_RUN, reason="the Triton kernels do not run here")
 @pytest.mark.parametrize("dtype,lora_dtype", [(torch.float32, None), (torch.float16, torch.float32)])
-@pytest.mark.parametrize("num_tokens,splits", [(1, 5), (3, 4)])
-def test_decode_split_k_matches_reference(monkeypatch, num_tokens, splits, dtype, lora_dtype):
+@pytest.mark.parametrize("num_tokens,ranks,splits", [(1, RANKS, 5), (3, RANKS, 4), (3, [3, 21, 1, 17, 0], 5)])
+def test_decode_split_k_matches_reference(monkeypatch, num_tokens, ranks, splits, dtype, lora_dtype):
     """The decode shrink split over K and the expand's narrow column blocks (issue 19), with 64
     simulated SMs: K = 300 is five 64-column steps (the last one partial); T = 3, R_MAX = 40
     (10 rank blocks of 4) takes 4 splits of 1, 1, 1 and 2 steps; T = 1 takes 5 of one step each.
-    The expand (N = 45, too few columns for 64 programs) takes 16-column blocks. T = 1 runs
-    once per id: -1, each slot (ranks 3, 40, 1, 17) and the rank-0 slot (no change).
-    Against the float64 reference, with the scratch partials NaN-poisoned (conftest), and
-    bitwise the same on a second run."""
+    The expand (N = 45, too few columns for 64 programs) takes 16-column blocks, of whole
+    16-rank blocks and a masked last one (ranks 17 and 40), loaded as vectors (R_MAX = 40:
+    R_ALIGN 8) or one element at a time (R_MAX = 21: R_ALIGN 1). T = 1 runs once per id: -1,
+    each slot (ranks 3, 40, 1, 17) and the rank-0 slot (no change). Against the float64
+    reference, with the scratch partials NaN-poisoned (conftest), and bitwise the same on a
+    second run."""
     from fastpeft.kernels.lora import configs as lora_configs
     from fastpeft.kernels.multi_lora import launch
 
     monkeypatch.setattr(lora_configs, "device_info", lambda device: (64, 90))
     k = 300
-    p = _problem(num_tokens, dtype, lora_dtype, seed=11, k=k)
+    p = _problem(num_tokens, dtype, lora_dtype, ranks=ranks, seed=11, k=k)
     num_slots, r_max, _ = p["lora_a"].shape
     assert configs.decode_shrink_splits(num_tokens, r_max, k, p["x"].device) == splits
+    assert configs.decode_rank_align(r_max) == (8 if r_max == 40 else 1)
     assert configs.decode_expand_tile(num_tokens, N, p["x"].device).block_n == 16
-    id_cases = [p["adapter_ids"]] if num_tokens > 1 else [torch.tensor([i], device=DEVICE) for i in range(-1, num_slots)]
+    if num_tokens == 1:
+        id_cases = [torch.tensor([i], device=DEVICE) for i in range(-1, num_slots)]
+    else:  # whole rank blocks and a last one of 8 or 5 ranks (slot 1), 1 rank (slot 3), none
+        id_cases = [torch.tensor([1, 3, -1], device=DEVICE)]
     base = p["x"] @ p["weight"].t()
     for ids in id_cases:
         y = _added_twice(launch.multi_lora_decode, {**p, "adapter_ids": ids}, base, dtype)

@@ -71,6 +71,15 @@ DECODE_SPLIT_BLOCK = 32
 DECODE_EXPAND_BLOCK_NS = (128, 64, 32, 16)
 DECODE_EXPAND_BLOCK_R = 16
 DECODE_EXPAND_STAGES = 2
+# The decode expand's R_ALIGN (a divisor of R_MAX it may assume, as R_MAX is exempt from
+# specialization): 8 elements, a 16-byte vector of bf16 (two of fp32), for the usual slot
+# ranks (8, 16, 32, 64...); 1 for the rest, which load the rank one element at a time.
+DECODE_RANK_ALIGNS = (8, 1)
+
+
+def decode_rank_align(r_max: int) -> int:
+    """The largest of ``DECODE_RANK_ALIGNS`` dividing ``r_max``."""
+    return next(a for a in DECODE_RANK_ALIGNS if r_max % a == 0)
 
 
 def decode_expand_tile_of(block_n: int) -> Tile:

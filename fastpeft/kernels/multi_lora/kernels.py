@@ -23,9 +23,9 @@ Two families:
   adapters. ``multi_lora_shrink_kernel`` (``s`` = P A^T per tile, written in sorted order;
   in the forward, fp32 partials over splits of K when the tiles alone would leave SMs idle),
   ``multi_lora_expand_kernel`` (sums the partials in a fixed order, ``out[token] += s B^T``
-  in place, the rows scattered back through the sort permutation) and ``multi_lora_wgrad_kernel`` (one program per adapter and
-  output tile, looping over that adapter's tokens in sorted order: dA and dB without atomics,
-  bitwise reproducible). The backward reuses shrink for ``dS`` (B read as ``[R, N]``) and
+  in place, the rows scattered back through the sort permutation) and
+  ``multi_lora_wgrad_kernel`` (one program per adapter and output tile, looping over that
+  adapter's tokens in sorted order: dA and dB without atomics, bitwise reproducible). The backward reuses shrink for ``dS`` (B read as ``[R, N]``) and
   expand for dX's term (A read as ``[K, R]``), through strides.
 
 Every kernel's grid is sized from static bounds (T, L, R_MAX, N or K): programs without work
@@ -136,20 +136,40 @@ def _sum_split_partials(part_ptr, offs_r, r_ok, num_splits, part_stride, BLOCK_R
     return tl.sum(acc, axis=0)
 
 
+@triton.jit
+def _decode_rank_block(acc, b_rows, s_row, n_ok, r0, rank, num_splits, part_stride, BLOCK_R: tl.constexpr,
+                       SPLIT_BLOCK: tl.constexpr, TAIL: tl.constexpr):
+    """``acc + B[:, r0:r0 + BLOCK_R] s[r0:r0 + BLOCK_R]`` for the decode expand, the partials of
+    s summed first (``_sum_split_partials``). ``TAIL``: the last, partial block (ranks masked
+    at ``rank``); otherwise every rank of the block is below ``rank`` and only the columns are
+    masked, so the loads stay whole 16-byte vectors along the rank."""
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    if TAIL:
+        r_ok = offs_r < rank
+    else:
+        r_ok = tl.full((BLOCK_R,), 1, tl.int1)
+    sv = _sum_split_partials(s_row, offs_r, r_ok, num_splits, part_stride, BLOCK_R, SPLIT_BLOCK)
+    b = tl.load(b_rows + offs_r[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+    return acc + tl.sum(b * sv[None, :], axis=1)
+
+
 @triton.jit(do_not_specialize=("L", "R_MAX", "num_splits"))
 def multi_lora_decode_expand_kernel(
     y_ptr, b_ptr, ids_ptr, ranks_ptr, s_ptr,
     N, L, R_MAX, stride_ym, num_splits,
-    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_BLOCK: tl.constexpr, R_ALIGN: tl.constexpr,
 ):
     """``y[t, n] += sum_{r < r_i} s[t, r] B[i, n, r]`` in place, ``s[t] = sum_p s[p, t]`` the
     shrink's ``num_splits`` partials (``s [num_splits, T, R_MAX]``, summed in a fixed order:
     ``_sum_split_partials``); program ``(t, column block)``, grid ``(T, cdiv(N, BLOCK_N))``;
-    rows of tokens without adapter are not touched. Bytes per program: ``BLOCK_N x r_i`` of
-    B_i, y's ``BLOCK_N`` columns read and written, and all ``num_splits x r_i`` fp32
-    partials of the token: every column block re-reads them (from L2), so a launch reads
-    ``T x cdiv(N, BLOCK_N) x num_splits x r_i x 4`` bytes of partials
-    (``configs.decode_expand_tile`` weighs that against filling the GPU)."""
+    rows of tokens without adapter are not touched. ``R_ALIGN`` divides R_MAX (the launcher's
+    promise): B's rows and the partials' are then known to be ``R_ALIGN`` elements apart, and
+    the whole rank blocks load as 16-byte vectors once that is 8 (bf16) or 4 (fp32).
+    Bytes per program: ``BLOCK_N x r_i`` of B_i, y's ``BLOCK_N`` columns read and written,
+    and all ``num_splits x r_i`` fp32 partials of the token: every column block re-reads
+    them (from L2), so a launch reads ``T x cdiv(N, BLOCK_N) x num_splits x r_i x 4`` bytes
+    of partials (``configs.decode_expand_tile`` weighs that against filling the GPU)."""
+    R_MAX = R_MAX // R_ALIGN * R_ALIGN  # the same value, with its divisibility visible to the compiler
     t = tl.program_id(0)
     adapter, valid = _token_adapter(ids_ptr, t, L)
     if not valid:
@@ -161,12 +181,13 @@ def multi_lora_decode_expand_kernel(
     s_row = s_ptr + t.to(tl.int64) * R_MAX
     part_stride = tl.num_programs(0).to(tl.int64) * R_MAX
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for r0 in range(0, rank, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        r_ok = offs_r < rank
-        sv = _sum_split_partials(s_row, offs_r, r_ok, num_splits, part_stride, BLOCK_R, SPLIT_BLOCK)
-        b = tl.load(b_rows + offs_r[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(b * sv[None, :], axis=1)
+    whole = rank // BLOCK_R * BLOCK_R
+    for r0 in range(0, whole, BLOCK_R):
+        acc = _decode_rank_block(acc, b_rows, s_row, n_ok, r0, rank, num_splits, part_stride, BLOCK_R, SPLIT_BLOCK,
+                                 False)
+    if whole < rank:
+        acc = _decode_rank_block(acc, b_rows, s_row, n_ok, whole, rank, num_splits, part_stride, BLOCK_R,
+                                 SPLIT_BLOCK, True)
     y_ptrs = y_ptr + t.to(tl.int64) * stride_ym + offs_n
     y = tl.load(y_ptrs, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=n_ok)

@@ -85,7 +85,7 @@ def multi_lora_decode(
             y, lora_b, adapter_ids, ranks, s,
             n, num_slots, r_max, y.stride(0), splits,
             BLOCK_N=expand.block_n, BLOCK_R=expand.block_r, SPLIT_BLOCK=configs.DECODE_SPLIT_BLOCK,
-            num_warps=expand.num_warps, num_stages=expand.num_stages,
+            R_ALIGN=configs.decode_rank_align(r_max), num_warps=expand.num_warps, num_stages=expand.num_stages,
         )
 
 

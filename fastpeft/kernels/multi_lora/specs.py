@@ -65,10 +65,11 @@ def multi_lora_kernel_specs() -> list[KernelSpec]:
         prec = "tf32"  # launch.precision for 16-bit activations
         specs.append(_spec(multi_lora_decode_shrink_kernel, act, lora,
                            {"BLOCK_R": shrink.block_r, "BLOCK_K": shrink.block_n}, shrink))
-        for expand in map(configs.decode_expand_tile_of, configs.DECODE_EXPAND_BLOCK_NS):
+        for block_n, align in itertools.product(configs.DECODE_EXPAND_BLOCK_NS, configs.DECODE_RANK_ALIGNS):
+            expand = configs.decode_expand_tile_of(block_n)
             specs.append(_spec(multi_lora_decode_expand_kernel, act, lora,
                                {"BLOCK_N": expand.block_n, "BLOCK_R": expand.block_r,
-                                "SPLIT_BLOCK": configs.DECODE_SPLIT_BLOCK}, expand))
+                                "SPLIT_BLOCK": configs.DECODE_SPLIT_BLOCK, "R_ALIGN": align}, expand))
         for block_m, block_r in itertools.product(configs.all_segment_block_ms(), configs.RANK_BLOCKS):
             t = configs.Tile(block_m, configs.SHRINK_BLOCK_K, block_r, configs.SEGMENT_WARPS, configs.SEGMENT_STAGES)
             # x A^T (forward) and dY B (backward's dS): one signature.

@@ -7,6 +7,9 @@ multiples of 16), and each launch's specialization (``launch_key`` of
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -81,3 +84,45 @@ def test_decode_grids_fill_an_h100(recorded, monkeypatch, num_tokens, n, r_max):
     assert expand[0] * expand[1] >= 132, expand
     fn, args, kwargs = recorded[names.index("multi_lora_decode_expand_kernel")]
     assert dict(zip(fn.arg_names, args))["num_splits"] == shrink[2]
+
+
+# Compiles the named specs for sm_90 in a fresh interpreter (the tests may run under
+# TRITON_INTERPRET, which makes the kernels uncompilable in this process) and prints, per
+# spec, its count of 16-byte global loads in the PTX.
+_COUNT_VECTOR_LOADS = """
+import re, sys
+from fastpeft import check
+from fastpeft.kernels.multi_lora.specs import multi_lora_kernel_specs
+for spec in multi_lora_kernel_specs():
+    if spec.name in sys.argv[1:]:
+        (job,) = check._make_jobs(spec, ["sm_90"])
+        ptx, _ = check._compile_to_ptx(job)
+        print(spec.name, len(re.findall(r"ld[.]global[.](?:[a-z0-9]+[.])*v4[.]b32", ptx)))
+"""
+
+
+def test_decode_kernels_load_16_byte_vectors():
+    """Issue 19: the decode kernels read the adapters in 16-byte vectors (PTX ``ld.global.v4``),
+    as many as their tiles need, for bf16 activations with bf16 or fp32 adapters: the shrink
+    its [4, 64] slices of A_i, the expand with R_ALIGN 8 its whole [BLOCK_N, 16] blocks of B_i
+    and [32, 16] of fp32 partials (each thread's share of a tile, in 16-byte loads). With
+    R_ALIGN 1 nothing is known of B's row stride and every load is scalar."""
+    wanted = {s.name: s for s in multi_lora_kernel_specs()
+              if s.name.startswith("multi_lora_decode_") and "bf16/" in s.name}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _COUNT_VECTOR_LOADS, *wanted], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    counts = {name: int(count) for name, count in (line.rsplit(" ", 1) for line in out.splitlines())}
+    assert counts.keys() == wanted.keys()
+    for name, spec in wanted.items():
+        lanes_bytes = 16 * 32 * spec.num_warps  # one 16-byte load by every thread
+        adapter_bytes = 4 if "/fp32" in name else 2
+        c = spec.constexprs
+        if "shrink" in name:
+            expected = c["BLOCK_R"] * c["BLOCK_K"] * adapter_bytes // lanes_bytes
+        elif c["R_ALIGN"] == 8:
+            b_tile, partials_tile = c["BLOCK_N"] * c["BLOCK_R"] * adapter_bytes, c["SPLIT_BLOCK"] * c["BLOCK_R"] * 4
+            expected = (b_tile + partials_tile) // lanes_bytes
+        else:
+            expected = 0
+        assert counts[name] == expected, name
