@@ -211,6 +211,24 @@ def test_decode_split_k_matches_reference(monkeypatch, num_tokens, ranks, splits
             assert torch.equal(y, base), ids
 
 
+@pytest.mark.skipif(not KERNELS_RUN, reason="the Triton kernels do not run here")
+@pytest.mark.parametrize("num_sms,block_n", [(2, 128), (4, 64), (7, 32), (13, 16)])
+def test_decode_expand_column_blocks(monkeypatch, num_sms, block_n):
+    """Each column block the decode expand can take (N = 200: 2, 4, 7 or 13 blocks, the widest
+    that gives one program per simulated SM), on one token of each slot and none."""
+    from fastpeft.kernels.lora import configs as lora_configs
+    from fastpeft.kernels.multi_lora import launch
+
+    monkeypatch.setattr(lora_configs, "device_info", lambda device: (num_sms, 90))
+    n = 200
+    p = _problem(len(RANKS) + 1, torch.float32, seed=16, n=n)
+    p["adapter_ids"] = torch.arange(-1, len(RANKS), device=DEVICE)
+    assert configs.decode_expand_tile(1, n, p["x"].device).block_n == block_n
+    for t in range(len(RANKS) + 1):
+        one = {**p, "x": p["x"][t:t + 1], "adapter_ids": p["adapter_ids"][t:t + 1]}
+        _added_twice(launch.multi_lora_decode, one, one["x"] @ p["weight"].t(), torch.float32)
+
+
 def _added_twice(add, p: dict, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``add`` (a launcher of ``multi_lora.launch``) run twice on copies of ``base``: bitwise
     the same both times and equal to the float64 reference; returns the result."""

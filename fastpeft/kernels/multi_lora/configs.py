@@ -70,6 +70,8 @@ DECODE_SPLIT_BLOCK = 32
 # T = 1 (256 programs; 32 columns give 128). N = 14336: 64 columns at T = 1 (224).
 DECODE_EXPAND_BLOCK_NS = (128, 64, 32, 16)
 DECODE_EXPAND_BLOCK_R = 16
+# Stages: as the shrink's; the rank loop holds no tl.dot for Triton's pipeliner, and a rank-16
+# slot runs it once.
 DECODE_EXPAND_STAGES = 2
 # The decode expand's R_ALIGN (a divisor of R_MAX it may assume, as R_MAX is exempt from
 # specialization): 8 elements, a 16-byte vector of bf16 (two of fp32), for the usual slot
@@ -145,7 +147,8 @@ def balanced_splits(programs: int, steps: int, num_sms: int) -> int:
     least one program per SM (``S >= cdiv(SMs, programs)``), at most one split per step, and
     among ``cdiv(SMs, programs)`` to twice that the S whose busiest SM has the least work,
     ``cdiv(programs x S, SMs) / S`` of a program's reduction, the fewest on a tie: each split
-    adds a partial that the next kernel reads back. Grids already a wave wide are not split."""
+    adds a partial that the next kernel reads back, and past twice the fewest the partials
+    double for what little imbalance is left. Grids already a wave wide are not split."""
     if programs >= num_sms:
         return 1
     fewest = cdiv(num_sms, programs)

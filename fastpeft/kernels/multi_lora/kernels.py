@@ -13,11 +13,11 @@ Two families:
 
 - Decode (BGMV, one row per token, its own adapter; no sorting):
   ``multi_lora_decode_shrink_kernel`` writes fp32 partials of ``s[t] = s_i x[t] A_i^T``, one
-  per split of K (a few tokens alone would leave most SMs idle), and
+  per block of 4 ranks and split of K (a few tokens alone would leave most SMs idle), and
   ``multi_lora_decode_expand_kernel`` sums them in a fixed order and adds ``s[t] B_i^T`` into
-  ``y[t]`` in place. Both are
-  vector products (a row per token is too few for ``tl.dot``'s 16), bandwidth-bound on the
-  adapters' rows.
+  ``y[t]`` in place, in column blocks narrow enough to fill the GPU. Both are vector
+  products (a row per token is too few for ``tl.dot``'s 16), bandwidth-bound on the
+  adapters' rows, read in 16-byte vectors.
 - Segments (prefill and training; SGMV-style): tokens are sorted by adapter on the device
   (``multi_lora.segments``) and cut into tiles of ``BLOCK_M`` rows that never straddle two
   adapters. ``multi_lora_shrink_kernel`` (``s`` = P A^T per tile, written in sorted order;
@@ -25,8 +25,9 @@ Two families:
   ``multi_lora_expand_kernel`` (sums the partials in a fixed order, ``out[token] += s B^T``
   in place, the rows scattered back through the sort permutation) and
   ``multi_lora_wgrad_kernel`` (one program per adapter and output tile, looping over that
-  adapter's tokens in sorted order: dA and dB without atomics, bitwise reproducible). The backward reuses shrink for ``dS`` (B read as ``[R, N]``) and
-  expand for dX's term (A read as ``[K, R]``), through strides.
+  adapter's tokens in sorted order: dA and dB without atomics, bitwise reproducible). The
+  backward reuses shrink for ``dS`` (B read as ``[R, N]``) and expand for dX's term (A read
+  as ``[K, R]``), through strides.
 
 Every kernel's grid is sized from static bounds (T, L, R_MAX, N or K): programs without work
 (a tile past the last segment, a rank block past ``r_i``, a token without adapter) return at
@@ -250,11 +251,16 @@ def multi_lora_expand_kernel(
     y_ptr, b_ptr, ranks_ptr, order_ptr, tile_adapter_ptr, tile_row_ptr, seg_end_ptr, s_ptr,
     N, L, R_MAX, stride_ym, stride_bl, stride_bn, stride_br, num_splits, split_stride,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    SUM_SPLITS: tl.constexpr,
 ):
     """``out[order[row], n] += sum_{r < r_i} s[row, r] Q[i, n, r]`` in place for the rows of tile
     ``program_id(0)`` (adapter i) and the column block ``program_id(1)``, ``s[row] = sum_p
     s[p, row]`` the shrink's ``num_splits`` partials (``split_stride`` apart), added in order
-    of p (fixed: the same on every run). Q is B (forward) or A read as ``[K, R]`` (backward's
+    of p (fixed: the same on every run). ``SUM_SPLITS`` False: one partial (``num_splits`` 1),
+    loaded without the loop over splits, which would keep Triton from pipelining the rank
+    loop's loads (cp.async) and raise the 64 x 64 tile of rank step 32 from 139 to 226
+    registers (bf16 on sm_90).
+    Q is B (forward) or A read as ``[K, R]`` (backward's
     dX term), given by its strides. Each token lies in one tile, so every element of ``out``
     has at most one writer. Bytes per program: the block of Q_i (``BLOCK_N x r_i``), the
     tile's rows of every partial (re-read by each column block) and the tile's rows of
@@ -273,12 +279,15 @@ def multi_lora_expand_kernel(
     for r0 in range(0, rank, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_ok = offs_r < rank
-        s_mask = row_ok[:, None] & r_ok[None, :]
-        s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         s_ptrs = s_rows + offs_r[None, :]
-        for _ in range(0, num_splits):  # partial p at s_ptrs + p * split_stride, in order of p
-            s += tl.load(s_ptrs, mask=s_mask, other=0.0)
-            s_ptrs += split_stride
+        s_mask = row_ok[:, None] & r_ok[None, :]
+        if SUM_SPLITS:
+            s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for _ in range(0, num_splits):  # partial p at s_ptrs + p * split_stride, in order of p
+                s += tl.load(s_ptrs, mask=s_mask, other=0.0)
+                s_ptrs += split_stride
+        else:
+            s = tl.load(s_ptrs, mask=s_mask, other=0.0)
         q = tl.load(q_rows + offs_r.to(tl.int64)[:, None] * stride_br, mask=r_ok[:, None] & n_ok[None, :],
                     other=0.0).to(tl.float32)
         acc = tl.dot(s, q, acc, input_precision=PRECISION)

@@ -123,7 +123,7 @@ def _expand(
         out, q, ranks, seg.order, seg.tile_adapter, seg.tile_row, seg.seg_end, s,
         width, num_slots, r_max, out.stride(0), *q_strides, splits, s.stride(0),
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_R=tile.block_r,
-        PRECISION=precision(out.dtype), num_warps=tile.num_warps, num_stages=tile.num_stages,
+        PRECISION=precision(out.dtype), SUM_SPLITS=splits > 1, num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
 
 

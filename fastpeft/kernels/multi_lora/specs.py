@@ -78,10 +78,12 @@ def multi_lora_kernel_specs() -> list[KernelSpec]:
         expand_tiles = {configs.Tile(m, configs.EXPAND_BLOCK_N, configs.expand_rank_block(m, r), configs.SEGMENT_WARPS,
                                      configs.SEGMENT_STAGES)
                         for m, r in itertools.product(configs.all_segment_block_ms(), configs.RANK_BLOCKS)}
-        for t in sorted(expand_tiles, key=lambda t: (t.block_m, t.block_r)):
-            # y += s B^T (forward) and dX += dS A (backward): one signature.
+        for t, sum_splits in itertools.product(sorted(expand_tiles, key=lambda t: (t.block_m, t.block_r)),
+                                               (False, True)):
+            # y += s B^T (forward, its shrink split or not) and dX += dS A (backward): one signature.
             specs.append(_spec(multi_lora_expand_kernel, act, lora,
-                               {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_R": t.block_r, "PRECISION": prec}, t))
+                               {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_R": t.block_r, "PRECISION": prec,
+                                "SUM_SPLITS": sum_splits}, t))
         for block_r in configs.RANK_BLOCKS:
             t = configs.wgrad_tile(block_r)
             # dA (X = x) and dB (X = dY): one signature.

@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 
 from fastpeft.kernels.multi_lora import launch  # noqa: E402
 from fastpeft.kernels.multi_lora.specs import multi_lora_kernel_specs  # noqa: E402
-from tests.helpers.launch_recorder import launch_key, record_launches, spec_key  # noqa: E402
+from tests.helpers.launch_recorder import GPUS, launch_key, record_launches, spec_key  # noqa: E402
 
 DTYPES = [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
           (torch.float16, torch.float32)]
@@ -32,8 +32,15 @@ def recorded(monkeypatch) -> list:
     return record_launches(monkeypatch, launch)
 
 
+@pytest.mark.parametrize("gpu", GPUS, ids=str)
 @pytest.mark.parametrize("act,lora", DTYPES, ids=str)
-def test_every_launch_is_checked(recorded, act, lora):
+def test_every_launch_is_checked(recorded, monkeypatch, gpu, act, lora):
+    """Each launch over the grid of problems is a compiled spec, on a simulated A100 and H100
+    (their SM counts pick the decode splits and column blocks and the segment shrink's
+    splits, so whether the expand sums partials)."""
+    from fastpeft.kernels.lora import configs as lora_configs
+
+    monkeypatch.setattr(lora_configs, "device_info", lambda device: gpu)
     compiled = {spec_key(s) for s in multi_lora_kernel_specs()}
     kernels = set()
     for t, r_max, n, k in itertools.product(TOKENS, SLOT_RANKS, WIDTHS, WIDTHS):
