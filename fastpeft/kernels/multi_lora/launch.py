@@ -105,7 +105,7 @@ def _shrink(
         p, q, scalings, ranks, seg.order, seg.tile_adapter, seg.tile_row, seg.seg_end, out,
         red, num_slots, r_max, p.stride(0), *q_strides, out.stride(0),
         BLOCK_M=tile.block_m, BLOCK_R=tile.block_r, BLOCK_K=tile.block_n,
-        PRECISION=precision(p.dtype), num_warps=tile.num_warps, num_stages=tile.num_stages,
+        PRECISION=precision(p.dtype), SPLIT_K=splits > 1, num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     return out
 

@@ -73,8 +73,10 @@ def multi_lora_kernel_specs() -> list[KernelSpec]:
         for block_m, block_r in itertools.product(configs.all_segment_block_ms(), configs.RANK_BLOCKS):
             t = configs.Tile(block_m, configs.SHRINK_BLOCK_K, block_r, configs.SEGMENT_WARPS, configs.SEGMENT_STAGES)
             # x A^T (forward) and dY B (backward's dS): one signature.
-            specs.append(_spec(multi_lora_shrink_kernel, act, lora,
-                               {"BLOCK_M": block_m, "BLOCK_R": block_r, "BLOCK_K": t.block_n, "PRECISION": prec}, t))
+            for split_k in (False, True):
+                specs.append(_spec(multi_lora_shrink_kernel, act, lora,
+                                   {"BLOCK_M": block_m, "BLOCK_R": block_r, "BLOCK_K": t.block_n, "PRECISION": prec,
+                                    "SPLIT_K": split_k}, t))
         expand_tiles = {configs.Tile(m, configs.EXPAND_BLOCK_N, configs.expand_rank_block(m, r), configs.SEGMENT_WARPS,
                                      configs.SEGMENT_STAGES)
                         for m, r in itertools.product(configs.all_segment_block_ms(), configs.RANK_BLOCKS)}
