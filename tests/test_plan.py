@@ -156,6 +156,46 @@ def test_fused_forward_traffic_by_hand():
     assert reused.l2_bytes == x + w * 4 + b + parts + y + s
 
 
+def _multi_lora_costs(m: int) -> dict[str, object]:
+    """The Triton launches of the multi-LoRA forward at T = m (64 adapters of rank 16 on
+    4096 -> 4096, distinct ids) on an H100, by kernel name, with their costs without L2."""
+    problem = Problem(MULTI_LORA, FWD, m, 4096, 4096, 16, torch.bfloat16, torch.bfloat16, 64)
+    run = next(r for r in paths.paths(problem, H100) if r.path == "triton")
+    with recording(H100) as launches:
+        run.run()
+    return {launch.name: (launch.grid, kernel_costs.triton_cost(launch, Hardware(H100.sms, 0)))
+            for launch in launches if launch.is_triton}
+
+
+def test_multi_lora_decode_traffic_by_hand():
+    """T = 1: the shrink's 4 rank blocks x 33 K splits (132 CTAs) read x's row (8 KB) once per
+    rank block and A_i (16 x 4096 bf16) once, and write 33 partials of 16 fp32; the expand's
+    256 column blocks of 16 each re-read all 33 partials, read B_i once and y's row once
+    and write it."""
+    costs = _multi_lora_costs(1)
+    grid, shrink = costs["multi_lora_decode_shrink_kernel"]
+    assert grid == (1, 4, 33)
+    x, a, partials = 4096 * 2, 16 * 4096 * 2, 33 * 16 * 4
+    assert shrink.bytes == 4 * x + a + partials
+    grid, expand = costs["multi_lora_decode_expand_kernel"]
+    assert grid == (1, 256)
+    assert expand.bytes == 4096 * 16 * 2 + 256 * partials + 2 * 4096 * 2
+
+
+def test_multi_lora_segment_traffic_by_hand():
+    """T = 64, one token per adapter: 68 tiles (64 with one row, 4 past the last segment) x 3 K
+    splits (204 CTAs); per tile with work the shrink reads its row of x and A_i and writes 3
+    partials of 16 fp32; the expand's 64 column blocks re-read them and read B_i's block."""
+    costs = _multi_lora_costs(64)
+    grid, shrink = costs["multi_lora_shrink_kernel"]
+    assert grid == (68, 1, 3)
+    x, a, partials = 4096 * 2, 16 * 4096 * 2, 3 * 16 * 4
+    assert shrink.bytes == 64 * (x + a + partials)
+    grid, expand = costs["multi_lora_expand_kernel"]
+    assert grid == (68, 64)
+    assert expand.bytes == 64 * (4096 * 16 * 2 + 64 * partials + 2 * 4096 * 2)
+
+
 def test_a_kernel_without_a_traffic_model_is_an_error():
     launch = Launch("new_kernel", "fastpeft.kernels.x.launch.f", (1,), {})
     with pytest.raises(KeyError, match="no traffic model for the kernel new_kernel"):

@@ -345,9 +345,11 @@ def _segment_tiles(p: Params) -> list[tuple[int, int, int]]:
 
 @kernel_cost("multi_lora_shrink_kernel")
 def _multi_lora_shrink(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
-    """Program (tile, rank block): the tile's rows of P and the block's rows of Q_i over the
-    whole reduction (with L2 reuse: each tile's rows once, each adapter's rows once)."""
-    red, block_r = p["K"], p["BLOCK_R"]
+    """Program (tile, rank block, split): the tile's rows of P and the block's rows of Q_i over
+    the split's share of the reduction, so over the splits each tile's P rows once per rank
+    block and Q_i's rows once per tile (with L2 reuse: each tile's rows once, each adapter's
+    rows once); an fp32 partial of the tile's rows written per split."""
+    red, block_r, splits = p["K"], p["BLOCK_R"], grid[2]
     ep, eq = e(p["x_ptr"]), e(p["a_ptr"])
     p_bytes = p_l2 = q_bytes = q_l2 = s_bytes = flops = 0
     seen = set()
@@ -359,16 +361,17 @@ def _multi_lora_shrink(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
         if slot not in seen:
             seen.add(slot)
             q_l2 += rank * red * eq
-        s_bytes += rows * rank * 4
+        s_bytes += splits * rows * rank * 4
         flops += 2 * rows * red * rank
     return Cost((Access("P", p_bytes, p_l2), Access("Q", q_bytes, q_l2), write("s", s_bytes)), flops)
 
 
 @kernel_cost("multi_lora_expand_kernel")
 def _multi_lora_expand(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
-    """Program (tile, column block): the tile's s rows and the block of Q_i; the tile's rows of
-    the output read and written."""
-    n = p["N"]
+    """Program (tile, column block): the tile's rows of each of the shrink's ``num_splits``
+    partials (re-read by every column block) and the block of Q_i; the tile's rows of the
+    output read and written."""
+    n, splits = p["N"], p["num_splits"]
     col_blocks = grid[1]
     eq, ey = e(p["b_ptr"]), e(p["y_ptr"])
     q_bytes = q_l2 = s_bytes = s_l2 = y_bytes = flops = 0
@@ -378,8 +381,8 @@ def _multi_lora_expand(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
         if slot not in seen:
             seen.add(slot)
             q_l2 += n * rank * eq
-        s_bytes += col_blocks * rows * rank * 4
-        s_l2 += rows * rank * 4
+        s_bytes += col_blocks * splits * rows * rank * 4
+        s_l2 += splits * rows * rank * 4
         y_bytes += rows * n * ey
         flops += 2 * rows * n * rank
     return Cost((Access("Q", q_bytes, q_l2), Access("s", s_bytes, s_l2), Access("out", y_bytes, y_bytes),

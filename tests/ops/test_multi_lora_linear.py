@@ -179,28 +179,98 @@ def test_kernels_never_read_out_of_bounds(path):
 
 @pytest.mark.skipif(not KERNELS_RUN, reason="the Triton kernels do not run here")
 @pytest.mark.parametrize("dtype,lora_dtype", [(torch.float32, None), (torch.float16, torch.float32)])
-def test_decode_split_k_matches_reference(monkeypatch, dtype, lora_dtype):
-    """The decode shrink split over K (issue 19): with 64 simulated SMs, K = 300 (five 64-column
-    steps, the last one partial) is cut into five partials per (token, rank block), summed
-    by the expand in a fixed order: equal to the float64 reference, and bitwise the same on
-    a second run."""
+@pytest.mark.parametrize("num_tokens,ranks,splits", [(1, RANKS, 5), (3, RANKS, 4), (3, [3, 21, 1, 17, 0], 5)])
+def test_decode_split_k_matches_reference(monkeypatch, num_tokens, ranks, splits, dtype, lora_dtype):
+    """The decode shrink split over K and the expand's narrow column blocks (issue 19), with 64
+    simulated SMs: K = 300 is five 64-column steps (the last one partial); T = 3, R_MAX = 40
+    (10 rank blocks of 4) takes 4 splits of 1, 1, 1 and 2 steps; T = 1 takes 5 of one step each.
+    The expand (N = 45, too few columns for 64 programs) takes 16-column blocks, of whole
+    16-rank blocks and a masked last one (ranks 17 and 40), loaded as vectors (R_MAX = 40:
+    R_ALIGN 8) or one element at a time (R_MAX = 21: R_ALIGN 1). T = 1 runs once per id: -1,
+    each slot (ranks 3, 40, 1, 17) and the rank-0 slot (no change). Against the float64
+    reference, with the scratch partials NaN-poisoned (conftest), and bitwise the same on a
+    second run."""
     from fastpeft.kernels.lora import configs as lora_configs
     from fastpeft.kernels.multi_lora import launch
 
     monkeypatch.setattr(lora_configs, "device_info", lambda device: (64, 90))
     k = 300
-    p = _problem(3, dtype, lora_dtype, seed=11, k=k)
+    p = _problem(num_tokens, dtype, lora_dtype, ranks=ranks, seed=11, k=k)
     num_slots, r_max, _ = p["lora_a"].shape
-    assert configs.decode_shrink_split(3, r_max, k, p["x"].device).count == 5
+    assert configs.decode_shrink_splits(num_tokens, r_max, k, p["x"].device) == splits
+    assert configs.decode_rank_align(r_max) == (8 if r_max == 40 else 1)
+    assert configs.decode_expand_tile(num_tokens, N, p["x"].device).block_n == 16
+    if num_tokens == 1:
+        id_cases = [torch.tensor([i], device=DEVICE) for i in range(-1, num_slots)]
+    else:  # whole rank blocks and a last one of 8 or 5 ranks (slot 1), 1 rank (slot 3), none
+        id_cases = [torch.tensor([1, 3, -1], device=DEVICE)]
     base = p["x"] @ p["weight"].t()
+    for ids in id_cases:
+        y = _added_twice(launch.multi_lora_decode, {**p, "adapter_ids": ids}, base, dtype)
+        if ids.tolist() in ([-1], [num_slots - 1]):  # no adapter, or the rank-0 slot: y untouched
+            assert torch.equal(y, base), ids
+
+
+@pytest.mark.skipif(not KERNELS_RUN, reason="the Triton kernels do not run here")
+@pytest.mark.parametrize("num_sms,block_n", [(2, 128), (4, 64), (7, 32), (13, 16)])
+def test_decode_expand_column_blocks(monkeypatch, num_sms, block_n):
+    """Each column block the decode expand can take (N = 200: 2, 4, 7 or 13 blocks, the widest
+    that gives one program per simulated SM), on one token of each slot and none."""
+    from fastpeft.kernels.lora import configs as lora_configs
+    from fastpeft.kernels.multi_lora import launch
+
+    monkeypatch.setattr(lora_configs, "device_info", lambda device: (num_sms, 90))
+    n = 200
+    p = _problem(len(RANKS) + 1, torch.float32, seed=16, n=n)
+    p["adapter_ids"] = torch.arange(-1, len(RANKS), device=DEVICE)
+    assert configs.decode_expand_tile(1, n, p["x"].device).block_n == block_n
+    for t in range(len(RANKS) + 1):
+        one = {**p, "x": p["x"][t:t + 1], "adapter_ids": p["adapter_ids"][t:t + 1]}
+        _added_twice(launch.multi_lora_decode, one, one["x"] @ p["weight"].t(), torch.float32)
+
+
+def _added_twice(add, p: dict, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``add`` (a launcher of ``multi_lora.launch``) run twice on copies of ``base``: bitwise
+    the same both times and equal to the float64 reference; returns the result."""
     runs = []
     for _ in range(2):
         y = base.clone()
-        launch.multi_lora_decode(y, p["x"], p["lora_a"], p["lora_b"], p["scalings"], p["adapter_ids"], p["ranks"])
+        add(y, p["x"], p["lora_a"], p["lora_b"], p["scalings"], p["adapter_ids"], p["ranks"])
         runs.append(y)
-    assert torch.equal(runs[0], runs[1])
-    expected = _reference({**p, "bias": None})[0]
-    assert_close(runs[0], expected, dtype, "y")
+    ids = p["adapter_ids"].tolist()
+    assert torch.equal(runs[0], runs[1]), ids
+    assert_close(runs[0], _reference({**p, "bias": None})[0], dtype, f"y (ids {ids})")
+    return runs[0]
+
+
+@pytest.mark.skipif(not KERNELS_RUN, reason="the Triton kernels do not run here")
+@pytest.mark.parametrize("dtype,lora_dtype", [(torch.float32, None), (torch.float16, torch.float32)])
+def test_segment_split_k_matches_reference(monkeypatch, dtype, lora_dtype):
+    """The segment shrink split over K (issue 19), with 24 simulated SMs: T = 40 tokens in
+    16-row tiles (8 tiles in the static list, one rank block at R_MAX = 40) over K = 300 (five
+    64-column steps, the last partial) take 3 splits of 1, 2 and 2 steps, which the expand
+    adds in a fixed order: equal to the float64 reference with the partials NaN-poisoned
+    (conftest), bitwise the same on a second run. The op's backward (one split: dA reads dS
+    itself) matches too."""
+    from fastpeft.kernels.lora import configs as lora_configs
+    from fastpeft.kernels.multi_lora import launch
+
+    monkeypatch.setattr(lora_configs, "device_info", lambda device: (24, 90))
+    k, num_tokens = 300, 40
+    p = _problem(num_tokens, dtype, lora_dtype, seed=14, k=k)
+    r_max = p["lora_a"].shape[1]
+    assert configs.segment_shrink_splits(8, num_tokens, r_max, k, p["x"].device) == 3
+    _added_twice(launch.multi_lora_segments_add, p, p["x"] @ p["weight"].t(), dtype)
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    grad = torch.randn(num_tokens, N, generator=torch.Generator().manual_seed(15)).to(dtype).to(DEVICE)
+    expected, grads = _reference(p, grad)
+    leaves = {name: p[name].clone().requires_grad_() for name in ("x", "lora_a", "lora_b")}
+    y = multi_lora_linear(**{**p, **leaves})
+    y.backward(grad)
+    assert_close(y, expected, dtype, "y")
+    assert_close(leaves["x"].grad, grads["x"], dtype, "dX")
+    for what in ("lora_a", "lora_b"):
+        _slot_grad_close(leaves[what].grad, grads[what], RANKS, dtype, what)
 
 
 @pytest.mark.parametrize("num_tokens,ranks", [(67, RANKS), (21, RANKS * 5)])  # all slots; per token (T < L)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 
 from fastpeft.kernels.lora import configs as lora_configs
-from fastpeft.kernels.lora.configs import Split, split_reduction
 
 # Up to this many tokens a call takes the decode (BGMV) kernels: one vector product per token,
 # no sort. A decode step has one token per sequence; sorting them (a sort, two searchsorted,
@@ -49,23 +48,48 @@ def rank_block(r_max: int) -> int:
     return next((b for b in RANK_BLOCKS if r_max <= b), RANK_BLOCKS[-1])
 
 
-# Decode shrink: a 16-rank x 64-column slice of A_i per step (2 KB of bf16), 2 warps: 16
-# elements a thread, i.e. two 16-byte loads of bf16 (four of fp32). One program per (token,
-# 16 ranks, K split): the step is narrow so that K = 4096 gives 64 steps to split across
-# programs when a decode batch has only a few tokens (``decode_shrink_split``).
-DECODE_SHRINK = Tile(block_m=1, block_n=64, block_r=16, num_warps=2, num_stages=2)
-# Partials the decode expand loads at once when it sums the shrink's splits: 32 x 16 ranks
-# of fp32 (2 KB, four values a thread of its 4 warps), so the 64 splits of T = 1, K = 4096
-# cost two dependent L2 round trips, not 64.
+# Decode shrink: a 4-rank x 64-column slice of A_i per step (512 B of bf16), one warp: 8
+# elements a thread, one 16-byte load of bf16 (two of fp32). Program (token, 4 ranks, K split):
+# the grid is T x cdiv(R_MAX, 4) x S, and the expand re-reads all S partials of a token per
+# column block, so narrow rank blocks fill the GPU with few splits. At T = 1, r = 16, K = 4096
+# on an H100: 4 rank blocks x 33 splits = 132 programs, and the expand's 256 column blocks
+# re-read 256 x 33 x 64 B = 0.54 MB of partials from L2; 16-rank blocks would need 132 splits
+# of 16-column steps and re-read 2.2 MB. The price: x's row is read once per rank block
+# (cdiv(r, 4) x K x 2 B: 32 KB at r = 16, a quarter of A_i's 128 KB; L2 hits, as a token's
+# rank blocks are consecutive programs).
+DECODE_SHRINK = Tile(block_m=1, block_n=64, block_r=4, num_warps=1, num_stages=2)
+# Partials the decode expand loads at once when it sums the shrink's splits: 32 x 16 ranks of
+# fp32 (2 KB: 16 values a thread of one warp, 4 of four warps: 16-byte loads either way), so
+# the 33 splits of T = 1, r = 16 cost two L2 round trips, not 33.
 DECODE_SPLIT_BLOCK = 32
-# Fewest K steps per split of the decode shrink: one. A step reads 2 KB of A_i (bf16) and a
-# split adds a 64-byte fp32 partial of 16 ranks, written once and read back from L2 by the
-# expand: ~3% more traffic, against a grid of T x rank blocks programs (one at T = 1) that
-# leaves all but a few SMs idle on a bandwidth-bound stream.
-DECODE_MIN_STEPS_PER_SPLIT = 1
-# Decode expand: 128 output columns per program, rank steps of 16 (B_i's rows are R_MAX
-# apart: one 16-rank slice per row is a 32-byte sector in bf16).
-DECODE_EXPAND = Tile(block_m=1, block_n=128, block_r=16, num_warps=4, num_stages=2)
+# Decode expand: rank steps of 16 (B_i's rows are R_MAX apart: a 16-rank slice of a row is a
+# 32-byte sector of bf16) and the widest column block of DECODE_EXPAND_BLOCK_NS that still
+# gives one program per SM (T x cdiv(N, BLOCK_N) >= SMs; the narrowest if none does): every
+# column block re-reads its token's S x r x 4 bytes of partials, so the fewest blocks that
+# fill the GPU. On an H100 (132 SMs), N = 4096: 128 columns from T = 5 (160 programs), 16 at
+# T = 1 (256 programs; 32 columns give 128). N = 14336: 64 columns at T = 1 (224).
+DECODE_EXPAND_BLOCK_NS = (128, 64, 32, 16)
+DECODE_EXPAND_BLOCK_R = 16
+# Stages: as the shrink's; the rank loop holds no tl.dot for Triton's pipeliner, and a rank-16
+# slot runs it once.
+DECODE_EXPAND_STAGES = 2
+# The decode expand's R_ALIGN (a divisor of R_MAX it may assume, as R_MAX is exempt from
+# specialization): 8 elements, a 16-byte vector of bf16 (two of fp32), for the usual slot
+# ranks (8, 16, 32, 64...); 1 for the rest, which load the rank one element at a time.
+DECODE_RANK_ALIGNS = (8, 1)
+
+
+def decode_rank_align(r_max: int) -> int:
+    """The largest of ``DECODE_RANK_ALIGNS`` dividing ``r_max``."""
+    return next(a for a in DECODE_RANK_ALIGNS if r_max % a == 0)
+
+
+def decode_expand_tile_of(block_n: int) -> Tile:
+    """The decode expand's tile for ``block_n`` columns: ``block_n / 32`` warps (one for 16), so
+    the ``[block_n, 16]`` B tile is 16 elements a thread (8 at 16 columns): whole 16-byte
+    loads of bf16 and fp32 adapters at every width."""
+    return Tile(1, block_n, DECODE_EXPAND_BLOCK_R, max(1, block_n // 32), DECODE_EXPAND_STAGES)
+
 
 # Segments of sorted tokens: 16-row tiles while a batch is small (a segment of few tokens
 # wastes at most 15 rows of a tile; the loop is bandwidth-bound on the adapters), 64-row
@@ -117,16 +141,52 @@ def wgrad_tile(r_max: int) -> Tile:
     return Tile(WGRAD_BLOCK_M, WGRAD_BLOCK_C, rank_block(r_max), SEGMENT_WARPS, SEGMENT_STAGES)
 
 
-def decode_shrink_split(num_tokens: int, r_max: int, k: int, device: torch.device) -> Split:
-    """Split of the decode shrink's reduction over K: as many splits as one wave holds (tokens x
-    rank blocks x splits <= SMs, one program per SM: a second wave would take as long as the
-    first) with at least ``DECODE_MIN_STEPS_PER_SPLIT`` steps of ``DECODE_SHRINK.block_n``
-    columns each. Grids already a wave wide are not split. Depends on T, R_MAX, K and the SM
-    count only (fixed for a CUDA graph)."""
+def balanced_splits(programs: int, steps: int, num_sms: int) -> int:
+    """Splits S of a bandwidth-bound reduction of ``steps`` steps run by ``programs``
+    independent programs (before splitting), dealt out evenly (``kernels._split_range``): at
+    least one program per SM (``S >= cdiv(SMs, programs)``), at most one split per step, and
+    among ``cdiv(SMs, programs)`` to twice that the S whose busiest SM has the least work,
+    ``cdiv(programs x S, SMs) / S`` of a program's reduction, the fewest on a tie: each split
+    adds a partial that the next kernel reads back, and past twice the fewest the partials
+    double for what little imbalance is left. Grids already a wave wide are not split."""
+    if programs >= num_sms:
+        return 1
+    fewest = cdiv(num_sms, programs)
+    steps = max(1, steps)
+    candidates = range(min(fewest, steps), min(2 * fewest, steps) + 1)
+    return min(candidates, key=lambda splits: (cdiv(programs * splits, num_sms) / splits, splits))
+
+
+def decode_shrink_splits(num_tokens: int, r_max: int, k: int, device: torch.device) -> int:
+    """Splits S of the decode shrink's K over ``T x cdiv(R_MAX, 4)`` (token, rank block)
+    programs, in steps of ``DECODE_SHRINK.block_n`` columns (``balanced_splits``). The expand
+    re-reads every split's partial once per column block. H100, K = 4096, r = 16: S = 33 at
+    T = 1 (132 programs, one per SM), S = 4 at T = 16 (256 programs, two per SM: S = 3 would
+    leave 60 SMs with two programs of a third of K and the rest with one). Depends on T,
+    R_MAX, K and the SM count only (fixed for a CUDA graph)."""
     # Through the module: the planner's recording and the tests replace lora_configs.device_info.
     num_sms, _ = lora_configs.device_info(device)
     programs = num_tokens * cdiv(r_max, DECODE_SHRINK.block_r)
-    return split_reduction(k, DECODE_SHRINK.block_n, max(1, num_sms // programs), DECODE_MIN_STEPS_PER_SPLIT)
+    return balanced_splits(programs, cdiv(k, DECODE_SHRINK.block_n), num_sms)
+
+
+def segment_shrink_splits(num_tiles: int, num_tokens: int, r_max: int, red: int, device: torch.device) -> int:
+    """Splits of the segment shrink's reduction (``red`` columns in steps of SHRINK_BLOCK_K)
+    over its ``num_tiles`` x rank blocks programs (``balanced_splits``); the expand
+    re-reads each split's rows once per column block. The forward's, for 64 distinct
+    adapters at T = 64 (68 tiles of 16 rows, one rank block) on an H100: 3 splits, 204
+    programs; unsplit, 64 SMs stream the adapters' A (8 MB) and 68 sit idle."""
+    num_sms, _ = lora_configs.device_info(device)
+    programs = num_tiles * cdiv(r_max, shrink_tile(num_tokens, r_max).block_r)
+    return balanced_splits(programs, cdiv(red, SHRINK_BLOCK_K), num_sms)
+
+
+def decode_expand_tile(num_tokens: int, n: int, device: torch.device) -> Tile:
+    """The decode expand's tile for T tokens and N output columns (``DECODE_EXPAND_BLOCK_NS``)."""
+    num_sms, _ = lora_configs.device_info(device)
+    block_n = next((b for b in DECODE_EXPAND_BLOCK_NS if num_tokens * cdiv(n, b) >= num_sms),
+                   DECODE_EXPAND_BLOCK_NS[-1])
+    return decode_expand_tile_of(block_n)
 
 
 def all_segment_block_ms() -> tuple[int, ...]:

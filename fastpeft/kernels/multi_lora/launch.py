@@ -59,9 +59,11 @@ def multi_lora_decode(
     ``y [T, N]``: x's dtype, unit column stride (any row stride); written in place (read once,
     written once per touched row). The other arguments follow the module's contract. No sort:
     one row per token, each with its own adapter; meant for small T (``DECODE_MAX_TOKENS``).
-    An fp32 scratch ``s [splits, T, R_MAX]`` holds the partials of ``scalings[i] * x[t] A_i^T``
-    over ``configs.decode_shrink_split`` ranges of K between the two kernels; the expand sums
-    them in a fixed order (no atomics: bitwise reproducible for a given SM count).
+    An fp32 scratch ``s [S, T, R_MAX]`` holds the partials of ``scalings[i] * x[t] A_i^T``
+    over ``configs.decode_shrink_splits`` ranges of K between the two kernels; the expand sums
+    them in a fixed order (no atomics: bitwise reproducible for a given SM count). Grids:
+    shrink ``(T, cdiv(R_MAX, 4), S)``, expand ``(T, cdiv(N, BLOCK_N))`` with ``BLOCK_N`` from
+    ``configs.decode_expand_tile``; both at least one program per SM where the problem allows.
     Returns None.
     """
     num_tokens, k = x.shape
@@ -69,39 +71,41 @@ def multi_lora_decode(
     n = lora_b.shape[1]
     if num_tokens == 0 or num_slots == 0:
         return
-    shrink, expand = configs.DECODE_SHRINK, configs.DECODE_EXPAND
-    split = configs.decode_shrink_split(num_tokens, r_max, k, x.device)
-    s = launch_device.empty_output((split.count, num_tokens, r_max), torch.float32, x.device)
+    shrink = configs.DECODE_SHRINK
+    expand = configs.decode_expand_tile(num_tokens, n, x.device)
+    splits = configs.decode_shrink_splits(num_tokens, r_max, k, x.device)
+    s = launch_device.empty_output((splits, num_tokens, r_max), torch.float32, x.device)
     with on_device_of(x):
-        multi_lora_decode_shrink_kernel[(num_tokens, cdiv(r_max, shrink.block_r), split.count)](
+        multi_lora_decode_shrink_kernel[(num_tokens, cdiv(r_max, shrink.block_r), splits)](
             x, lora_a, scalings, adapter_ids, ranks, s,
-            k, num_slots, r_max, x.stride(0), split.length,
+            k, num_slots, r_max, x.stride(0),
             BLOCK_R=shrink.block_r, BLOCK_K=shrink.block_n, num_warps=shrink.num_warps, num_stages=shrink.num_stages,
         )
         multi_lora_decode_expand_kernel[(num_tokens, cdiv(n, expand.block_n))](
             y, lora_b, adapter_ids, ranks, s,
-            n, num_slots, r_max, y.stride(0), split.count,
+            n, num_slots, r_max, y.stride(0), splits,
             BLOCK_N=expand.block_n, BLOCK_R=expand.block_r, SPLIT_BLOCK=configs.DECODE_SPLIT_BLOCK,
-            num_warps=expand.num_warps, num_stages=expand.num_stages,
+            R_ALIGN=configs.decode_rank_align(r_max), num_warps=expand.num_warps, num_stages=expand.num_stages,
         )
 
 
 def _shrink(
     p: torch.Tensor, q: torch.Tensor, q_strides: tuple[int, int, int], scalings: torch.Tensor, ranks: torch.Tensor,
-    seg: Segments, r_max: int,
+    seg: Segments, r_max: int, splits: int = 1,
 ) -> torch.Tensor:
-    """``scalings[i] * P[t] Q_i^T`` for every token with an adapter, in sorted order: fp32
-    ``[T, R_MAX]`` (entries of tokens without adapter and past ``r_i`` are not written).
-    Q is A (strides of ``[L, R, K]``) or B read as ``[L, R, N]``."""
+    """``scalings[i] * P[t] Q_i^T`` for every token with an adapter, in sorted order, as fp32
+    partials over ``splits`` ranges of the reduction: ``[splits, T, R_MAX]`` (entries of
+    tokens without adapter and past ``r_i`` are not written; one split: ``[0]`` is the
+    product). Q is A (strides of ``[L, R, K]``) or B read as ``[L, R, N]``."""
     num_tokens, red = p.shape
     num_slots = ranks.shape[0]
     tile = configs.shrink_tile(num_tokens, r_max)
-    out = launch_device.empty_output((num_tokens, r_max), torch.float32, p.device)
-    multi_lora_shrink_kernel[(seg.tile_adapter.shape[0], cdiv(r_max, tile.block_r))](
+    out = launch_device.empty_output((splits, num_tokens, r_max), torch.float32, p.device)
+    multi_lora_shrink_kernel[(seg.tile_adapter.shape[0], cdiv(r_max, tile.block_r), splits)](
         p, q, scalings, ranks, seg.order, seg.tile_adapter, seg.tile_row, seg.seg_end, out,
-        red, num_slots, r_max, p.stride(0), *q_strides,
+        red, num_slots, r_max, p.stride(0), *q_strides, out.stride(0),
         BLOCK_M=tile.block_m, BLOCK_R=tile.block_r, BLOCK_K=tile.block_n,
-        PRECISION=precision(p.dtype), num_warps=tile.num_warps, num_stages=tile.num_stages,
+        PRECISION=precision(p.dtype), SPLIT_K=splits > 1, num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     return out
 
@@ -110,15 +114,16 @@ def _expand(
     out: torch.Tensor, s: torch.Tensor, q: torch.Tensor, q_strides: tuple[int, int, int], ranks: torch.Tensor,
     seg: Segments,
 ) -> None:
-    """``out[t] += s[row(t)] Q_i^T`` in place (``Q`` B ``[L, N, R]``, or A read as ``[L, K, R]``)."""
+    """``out[t] += (sum_p s[p, row(t)]) Q_i^T`` in place (``s`` the shrink's partials ``[S, T,
+    R_MAX]``; ``Q`` B ``[L, N, R]``, or A read as ``[L, K, R]``)."""
     num_tokens, width = out.shape
-    num_slots, r_max = ranks.shape[0], s.shape[1]
+    num_slots, (splits, _, r_max) = ranks.shape[0], s.shape
     tile = configs.expand_tile(num_tokens, r_max)
     multi_lora_expand_kernel[(seg.tile_adapter.shape[0], cdiv(width, tile.block_n))](
         out, q, ranks, seg.order, seg.tile_adapter, seg.tile_row, seg.seg_end, s,
-        width, num_slots, r_max, out.stride(0), *q_strides,
+        width, num_slots, r_max, out.stride(0), *q_strides, splits, s.stride(0),
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_R=tile.block_r,
-        PRECISION=precision(out.dtype), num_warps=tile.num_warps, num_stages=tile.num_stages,
+        PRECISION=precision(out.dtype), SUM_SPLITS=splits > 1, num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
 
 
@@ -151,7 +156,8 @@ def multi_lora_segments_add(
         return
     with on_device_of(x):
         seg = segments(adapter_ids, num_slots, configs.segment_block_m(num_tokens))
-        s = _shrink(x, lora_a, _a_strides(lora_a), scalings, ranks, seg, r_max)
+        splits = configs.segment_shrink_splits(seg.tile_adapter.shape[0], num_tokens, r_max, x.shape[1], x.device)
+        s = _shrink(x, lora_a, _a_strides(lora_a), scalings, ranks, seg, r_max, splits)
         _expand(y, s, lora_b, (lora_b.stride(0), lora_b.stride(1), lora_b.stride(2)), ranks, seg)
 
 
@@ -204,15 +210,16 @@ def multi_lora_backward(
     with on_device_of(x):
         seg = segments(adapter_ids, num_slots, configs.segment_block_m(num_tokens))
         if dx is not None or need_a:
+            # One split (the shrinks here): the dA and dB passes read dS and s whole, not partials.
             ds = _shrink(grad_y, lora_b, _b_as_rank_rows(lora_b), scalings, ranks, seg, r_max)
             if dx is not None:
                 # dX += dS A_i: A [L, R, K] read as [L, K, R].
                 _expand(dx, ds, lora_a, (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)), ranks, seg)
             if need_a:
                 out = launch_device.empty_output((num_slots, r_max, k), lora_a.dtype, x.device)
-                da = _wgrad(ds, x, ranks, seg, out, (r_max * k, k, 1))
+                da = _wgrad(ds[0], x, ranks, seg, out, (r_max * k, k, 1))
         if need_b:
             s = _shrink(x, lora_a, _a_strides(lora_a), scalings, ranks, seg, r_max)
             out = launch_device.empty_output((num_slots, n, r_max), lora_b.dtype, x.device)
-            db = _wgrad(s, grad_y, ranks, seg, out, (n * r_max, 1, r_max))
+            db = _wgrad(s[0], grad_y, ranks, seg, out, (n * r_max, 1, r_max))
     return da, db

@@ -60,26 +60,32 @@ def _spec(fn, act: str, lora: str, constexprs: dict, tile: configs.Tile) -> Kern
 def multi_lora_kernel_specs() -> list[KernelSpec]:
     """All configurations of the multi-adapter LoRA kernels."""
     specs: list[KernelSpec] = []
-    shrink, expand = configs.DECODE_SHRINK, configs.DECODE_EXPAND
+    shrink = configs.DECODE_SHRINK
     for act, lora in DTYPE_CASES:
         prec = "tf32"  # launch.precision for 16-bit activations
         specs.append(_spec(multi_lora_decode_shrink_kernel, act, lora,
                            {"BLOCK_R": shrink.block_r, "BLOCK_K": shrink.block_n}, shrink))
-        specs.append(_spec(multi_lora_decode_expand_kernel, act, lora,
-                           {"BLOCK_N": expand.block_n, "BLOCK_R": expand.block_r,
-                            "SPLIT_BLOCK": configs.DECODE_SPLIT_BLOCK}, expand))
+        for block_n, align in itertools.product(configs.DECODE_EXPAND_BLOCK_NS, configs.DECODE_RANK_ALIGNS):
+            expand = configs.decode_expand_tile_of(block_n)
+            specs.append(_spec(multi_lora_decode_expand_kernel, act, lora,
+                               {"BLOCK_N": expand.block_n, "BLOCK_R": expand.block_r,
+                                "SPLIT_BLOCK": configs.DECODE_SPLIT_BLOCK, "R_ALIGN": align}, expand))
         for block_m, block_r in itertools.product(configs.all_segment_block_ms(), configs.RANK_BLOCKS):
             t = configs.Tile(block_m, configs.SHRINK_BLOCK_K, block_r, configs.SEGMENT_WARPS, configs.SEGMENT_STAGES)
             # x A^T (forward) and dY B (backward's dS): one signature.
-            specs.append(_spec(multi_lora_shrink_kernel, act, lora,
-                               {"BLOCK_M": block_m, "BLOCK_R": block_r, "BLOCK_K": t.block_n, "PRECISION": prec}, t))
+            for split_k in (False, True):
+                specs.append(_spec(multi_lora_shrink_kernel, act, lora,
+                                   {"BLOCK_M": block_m, "BLOCK_R": block_r, "BLOCK_K": t.block_n, "PRECISION": prec,
+                                    "SPLIT_K": split_k}, t))
         expand_tiles = {configs.Tile(m, configs.EXPAND_BLOCK_N, configs.expand_rank_block(m, r), configs.SEGMENT_WARPS,
                                      configs.SEGMENT_STAGES)
                         for m, r in itertools.product(configs.all_segment_block_ms(), configs.RANK_BLOCKS)}
-        for t in sorted(expand_tiles, key=lambda t: (t.block_m, t.block_r)):
-            # y += s B^T (forward) and dX += dS A (backward): one signature.
+        for t, sum_splits in itertools.product(sorted(expand_tiles, key=lambda t: (t.block_m, t.block_r)),
+                                               (False, True)):
+            # y += s B^T (forward, its shrink split or not) and dX += dS A (backward): one signature.
             specs.append(_spec(multi_lora_expand_kernel, act, lora,
-                               {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_R": t.block_r, "PRECISION": prec}, t))
+                               {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_R": t.block_r, "PRECISION": prec,
+                                "SUM_SPLITS": sum_splits}, t))
         for block_r in configs.RANK_BLOCKS:
             t = configs.wgrad_tile(block_r)
             # dA (X = x) and dB (X = dY): one signature.
