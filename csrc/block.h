@@ -26,8 +26,11 @@
 // drop one B::sync() site at a time in the emulation (emulation_drop_barrier) and expect a failure.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -138,6 +141,22 @@ class HostShared {
   HostShared* previous_;
 };
 
+// What the emulation counts of the kernels' global loads (tests: that a path is exercised):
+// vector groups read with 16-byte loads and groups read element by element (dtypes.cuh:
+// load_group). Host only; the device build counts nothing.
+struct EmulationCounts {
+  int64_t vector_loads = 0, scalar_loads = 0;
+  static EmulationCounts& current() {
+    static thread_local EmulationCounts counts;
+    return counts;
+  }
+  FASTPEFT_HD static void count_load(bool vector) {
+#ifndef __CUDA_ARCH__
+    ++(vector ? current().vector_loads : current().scalar_loads);
+#endif
+  }
+};
+
 struct HostBlock {
   static constexpr int kStates = kBlockThreads;
   template <typename F>
@@ -156,5 +175,22 @@ struct HostBlock {
 #endif
   }
 };
+
+// The emulation's order of a grid's blocks: 0 runs them in index order, any other value a
+// permutation drawn from it (a test's way to show that no result depends on the order a GPU
+// happens to run blocks in: emulation_block_order). Host only.
+inline uint64_t& emulation_block_order() {
+  static uint64_t seed = 0;
+  return seed;
+}
+
+// Runs f(x, y, z) for every block of an nx x ny x nz grid on the CPU, in emulation_block_order().
+template <typename F>
+void emulate_grid(int64_t nx, int64_t ny, int64_t nz, F&& f) {
+  std::vector<int64_t> order(static_cast<size_t>(nx * ny * nz));
+  std::iota(order.begin(), order.end(), int64_t{0});
+  if (emulation_block_order() != 0) std::shuffle(order.begin(), order.end(), std::mt19937_64(emulation_block_order()));
+  for (int64_t b : order) f(b % nx, b / nx % ny, b / (nx * ny));
+}
 
 }  // namespace fastpeft

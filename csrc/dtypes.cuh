@@ -6,6 +6,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstring>
+
+#include "block.h"
 #include "elementwise.h"
 #include "launchers.h"
 
@@ -23,6 +26,34 @@ template <>
 FASTPEFT_HD __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <>
 FASTPEFT_HD __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Elements of one vector group: 8 x 16-bit = one 16-byte load (LDG.128), the widest a thread
+// issues; fp32 groups take two.
+constexpr int kVec = 8;
+
+// v[j] = p[j] as fp32 for j < min(count, kVec), 0 for the rest. When p is 16-byte aligned and
+// the whole group lies below count, with 16-byte loads (one for 16-bit E, two for fp32); else
+// element by element (a row's tail, or a row that does not start on 16 bytes), reading nothing
+// at or past p[count]. Both paths give the same values, so results do not depend on alignment.
+template <typename E>
+FASTPEFT_HD void load_group(const E* p, int64_t count, float (&v)[kVec]) {
+  constexpr int kPerLoad = 16 / static_cast<int>(sizeof(E));
+  if (count >= kVec && reinterpret_cast<uintptr_t>(p) % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < kVec / kPerLoad; ++i) {
+      const uint4 bits = reinterpret_cast<const uint4*>(p)[i];
+      E e[kPerLoad];
+      memcpy(e, &bits, sizeof bits);
+#pragma unroll
+      for (int j = 0; j < kPerLoad; ++j) v[i * kPerLoad + j] = to_float(e[j]);
+    }
+    EmulationCounts::count_load(true);
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) v[j] = j < count ? to_float(p[j]) : 0.0f;
+  EmulationCounts::count_load(false);
+}
 
 // Calls f(T{}) with the C++ type of a DType code; throws on an unknown code.
 template <typename F>
