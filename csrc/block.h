@@ -6,8 +6,11 @@
 // Rules for code written against a Block B: per-thread state lives in arrays of B::kStates
 // entries indexed by the `state` argument (one entry per thread on the host, one register-
 // resident entry on the device); B::each(f) calls f(tid, state) for the calling thread
-// (device) or for every tid (host); shared memory is a float* the caller provides; phases
-// that read what other threads wrote are separated by B::sync() (__syncthreads on the device).
+// (device) or for every tid (host); B::each_warp(f) likewise calls f(warp, state) with per-warp
+// state in arrays of B::kWarpStates entries (tensor_core.h's fragments); shared memory is a
+// float* the caller provides (16-bit values may be staged in it, whole 32-bit words per phase);
+// phases that read what other threads wrote are separated by B::sync() (__syncthreads on the
+// device).
 // OPT-IN: no GPU has run the kernels written this way yet.
 //
 // Missing barriers on the CPU. Running one phase for every thread before the next starts hides a
@@ -41,12 +44,22 @@ namespace fastpeft {
 
 constexpr int kBlockThreads = 256;  // 8 warps: every kernel here uses 256-thread blocks
 
+constexpr int kBlockWarps = kBlockThreads / 32;
+
 struct DeviceBlock {
   static constexpr int kStates = 1;
+  static constexpr int kWarpStates = 1;
   template <typename F>
   FASTPEFT_HD static void each(F&& f) {
 #ifdef __CUDA_ARCH__
     f(static_cast<int>(threadIdx.x), 0);
+#endif
+  }
+  // f(warp, state) for the calling thread's warp (every lane calls it: tensor_core.h's rules).
+  template <typename F>
+  FASTPEFT_HD static void each_warp(F&& f) {
+#ifdef __CUDA_ARCH__
+    f(static_cast<int>(threadIdx.x) / 32, 0);
 #endif
   }
   FASTPEFT_HD static void sync() {
@@ -118,7 +131,9 @@ class HostShared {
 
  private:
   static float poison() {
-    const uint32_t pattern = 0x7fc0dead;  // a quiet NaN: arithmetic on it gives NaN
+    // A quiet NaN whose two 16-bit halves are fp16 and bf16 NaNs too (kernels also stage 16-bit
+    // values in shared memory): arithmetic on a poisoned read gives NaN.
+    const uint32_t pattern = 0x7fff7fff;
     float v;
     std::memcpy(&v, &pattern, sizeof v);
     return v;
@@ -159,14 +174,30 @@ struct EmulationCounts {
 
 struct HostBlock {
   static constexpr int kStates = kBlockThreads;
+  static constexpr int kWarpStates = kBlockWarps;
   template <typename F>
   FASTPEFT_HD static void each(F&& f) {
 #ifndef __CUDA_ARCH__
+    phase([&] {
+      for (int tid = 0; tid < kBlockThreads; ++tid) f(tid, tid);
+    });
+#endif
+  }
+  // A phase of warp-level work: f(warp, warp) once per warp (one call stands for its 32 lanes).
+  template <typename F>
+  FASTPEFT_HD static void each_warp(F&& f) {
+#ifndef __CUDA_ARCH__
+    phase([&] {
+      for (int warp = 0; warp < kBlockWarps; ++warp) f(warp, warp);
+    });
+#endif
+  }
+  template <typename F>
+  static void phase(F&& run) {
     HostShared* shared = HostShared::current();
     if (shared) shared->before_phase();
-    for (int tid = 0; tid < kBlockThreads; ++tid) f(tid, tid);
+    run();
     if (shared) shared->after_phase();
-#endif
   }
   // The call site's file and line name the barrier (HostShared::dropped_barrier).
   FASTPEFT_HD static void sync(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {

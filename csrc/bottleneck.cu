@@ -2,29 +2,45 @@
 //   out = residual + scaling * (act(dropout(h) W_down^T + b_down) W_up^T + b_up).
 //
 // OPT-IN: no GPU has run these kernels yet. They are compiled for sm_80/sm_90 and checked for
-// register spills by `fastpeft check`, and their per-element math (elementwise.h) is tested on
-// the CPU; select them with FASTPEFT_BACKEND=cuda only until tests/test_gpu.py has passed on a GPU.
+// register spills (and the tensor-core forward for HMMA instructions) by `fastpeft check --cuda`,
+// and their per-element math (elementwise.h) is tested on the CPU; select them with
+// FASTPEFT_BACKEND=cuda only until tests/test_gpu.py has passed on a GPU.
 // Each kernel's body is written once against a Block (block.h) and also runs on the CPU, thread
 // by thread (bottleneck_*_emulated), which is how the tests check the kernels' own code.
 //
-// Plan (CUDA cores, fp32 accumulation; the bottleneck R <= 256 is small, so both projections
-// are memory-bound on h/out and these kernels aim at reading h once and writing out once):
-//   forward:  one block per kRows rows. Down: the rows' dropped h and W_down are staged kChunk
-//             columns at a time in shared memory; each thread owns a few (row, r) dot products.
-//             The activations stay in shared memory; up: each thread owns columns d of out.
-//   backward: the same row kernel on dout with the roles of the weights swapped gives
-//             dz = scaling * (dout W_up) * act'(z) and dh = dropout'(dz W_down) (+ dout);
-//             then a tiled kernel forms per-split fp32 partial sums of dout^T act(z) and
-//             dz^T dropout(h) (and the bias sums), which the launcher adds in a fixed order:
+// Plan (fp32 accumulation throughout):
+//   forward, 16-bit h (tensor cores, tensor_core.h): one block per kTcRows = 32 rows. Down:
+//             dropout(h) and W_down are staged 32 columns at a time as 16-bit in shared memory
+//             (16-byte loads, a conflict-free 40-element pitch) and multiplied with wmma
+//             m16n16k16 into fp32 accumulators, 2 x Rk/16 tiles over 8 warps (Rk: R rounded up to
+//             32, zero weights in the padding); the fp32 z tile goes through shared memory to
+//             write z and keep act(z) as 16-bit; up: per 128 columns of out, W_up's rows are
+//             staged the same way and the products accumulated over Rk, then the epilogue adds
+//             residual and bias, 8 columns per thread, 16-byte stores. fp32 weights are rounded to h's dtype as they are staged, and act(z) is
+//             rounded to it before the up product (one rounding each, within the 16-bit tests'
+//             tolerance of 4 unit roundoffs per element).
+//             Per block: 2 * 32 * D * Rk * 2 FLOPs on HMMA; bytes: h and out rows once, z once,
+//             W_down and W_up once per block (from L2 after the first block).
+//   forward, fp32 h (CUDA cores: tf32 products would round h, which the fp32 contract does
+//             not allow): one block per kRows rows. Down: the rows' dropped h and W_down are
+//             staged kChunk columns at a time in shared memory; each thread owns a few (row, r)
+//             dot products. The activations stay in shared memory; up: each thread owns columns
+//             d of out.
+//   backward (CUDA cores): the fp32 forward's row kernel on dout with the roles of the weights
+//             swapped gives dz = scaling * (dout W_up) * act'(z) and dh = dropout'(dz W_down)
+//             (+ dout); then a tiled kernel forms per-split fp32 partial sums of dout^T act(z)
+//             and dz^T dropout(h) (and the bias sums), which the launcher adds in a fixed order:
 //             no float atomics, bitwise reproducible.
 #include <cuda_runtime.h>
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "block.h"
 #include "dtypes.cuh"
 #include "elementwise.h"
+#include "tensor_core.h"
 
 namespace fastpeft {
 namespace {
@@ -60,23 +76,39 @@ FASTPEFT_HD float load_bias(const Vector& b, int64_t i) {
   return b.ptr ? to_float(reinterpret_cast<const W*>(b.ptr)[i * b.stride]) : 0.0f;
 }
 
-// Stages 4 columns d .. d+3 of row m of src (one Philox group: d is a multiple of 4), dropped
-// and scaled when dropout is on, zero outside [0, M) x [0, D), into dst[0..3].
+// v[0..3], columns d .. d+3 of row m (one Philox group: d a multiple of 4), times the dropout
+// mask's keep / (1 - p) when dropout is on.
+FASTPEFT_HD void drop_group4(float* v, int64_t m, int64_t d, int64_t D, const Dropout& dropout, uint64_t seed) {
+  if (!dropout.seed_ptr) return;
+  const Philox4 bits = philox4x32(dropout_counter(m, d, D), seed);
+#pragma unroll
+  for (int l = 0; l < 4; ++l) v[l] = keep_bits(philox_lane(bits, l), dropout.threshold) ? v[l] * dropout.inv_keep : 0.0f;
+}
+
+// Stages 4 columns d .. d+3 of row m of src (d a multiple of 4), dropped and scaled when dropout
+// is on, zero outside [0, M) x [0, D), into dst[0..3].
 template <typename T>
 FASTPEFT_HD void stage_group(const Matrix& src, int64_t m, int64_t d, int64_t M, int64_t D, const Dropout& dropout,
                              uint64_t seed, float* dst) {
   const T* x = reinterpret_cast<const T*>(src.ptr);
-  Philox4 bits{0, 0, 0, 0};
-  if (dropout.seed_ptr && m < M) bits = philox4x32(dropout_counter(m, d, D), seed);
 #pragma unroll
-  for (int l = 0; l < 4; ++l) {
-    float v = 0.0f;
-    if (m < M && d + l < D) {
-      v = to_float(x[m * src.s0 + (d + l) * src.s1]);
-      if (dropout.seed_ptr) v = keep_bits(philox_lane(bits, l), dropout.threshold) ? v * dropout.inv_keep : 0.0f;
-    }
-    dst[l] = v;
+  for (int l = 0; l < 4; ++l) dst[l] = m < M && d + l < D ? to_float(x[m * src.s0 + (d + l) * src.s1]) : 0.0f;
+  if (m < M) drop_group4(dst, m, d, D, dropout, seed);
+}
+
+// v = columns d .. d+7 of row m of src (d a multiple of 8) as stage_group has them: 16-byte
+// loads along a unit stride (dtypes.cuh: load_row_group).
+template <typename T>
+FASTPEFT_HD void load_dropped_group(const Matrix& src, int64_t m, int64_t d, int64_t M, int64_t D,
+                                    const Dropout& dropout, uint64_t seed, float (&v)[kVec]) {
+  if (m >= M) {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) v[j] = 0.0f;
+    return;
   }
+  load_row_group<T>(src, m, d, D, v);
+  drop_group4(v, m, d, D, dropout, seed);
+  drop_group4(v + 4, m, d + 4, D, dropout, seed);
 }
 
 // acc[state][k] (k-th (row, r) pair of thread tid, o = tid + k * kThreads, row = o / R, r = o % R)
@@ -177,6 +209,181 @@ FASTPEFT_HD void forward_block(const BottleneckForward& a, int64_t block, float*
       out[m * a.D + d] = from_float<T>(to_float(res_p[m * res.s0 + d * res.s1]) + scaling * u);
     }
   });
+}
+
+// ---- The forward on tensor cores (16-bit h; tensor_core.h) ----
+// One block per kTcRows rows of h; 8 warps. Down: z[32, Rk] = dropout(h) W_down^T in kTcStep-
+// column steps: each step stages the rows' dropout(h) and W_down[:Rk] as 16-bit in shared memory
+// (16-byte loads and stores), then each warp adds 2 mma k-steps into its accumulator tiles (tile
+// t of warp w is tile w + 8 t of the 2 x Rk/16 grid). The fp32 tiles go through shared memory
+// to write z and act(z) (16-bit, cs). Up: for each kTcUpCols columns of out, the same steps
+// over Rk with W_up's rows, then the fp32 tile goes through shared memory to the epilogue
+// (residual + scaling * (u + b_up)), 8 columns per thread, 16-byte stores.
+constexpr int kTcRows = 32;                      // rows of h per block: 2 mma row tiles
+constexpr int kTcRowTiles = kTcRows / kMmaTile;
+constexpr int kTcStep = 32;                      // reduction columns staged per step: 2 mma k-steps
+constexpr int kTcStepGroups = kTcStep / kVec;    // 8-element groups per staged row
+// 16-bit staging pitch: 80 B rows put any 8 consecutive rows' 16-byte chunks on distinct banks
+// (the fragment loads read 8 rows x 16 B at a time) and keep every tile 32-byte aligned.
+constexpr int kTcPitch = kTcStep + 8;
+// fp32 pitches are the width + 8: the accumulator stores (8 B per lane, 4 rows per half-warp)
+// then hit 4 distinct 32-byte bank ranges.
+constexpr int kTcF32Pad = 8;
+constexpr int kTcUpCols = 128;                   // columns of out per up step: 8 tiles, 2 per warp
+constexpr int kTcDownTiles = kTcRowTiles * (kMaxRank / kMmaTile) / kBlockWarps;  // 4 per warp at Rk = 256
+constexpr int kTcUpTiles = kTcRowTiles * (kTcUpCols / kMmaTile) / kBlockWarps;   // 2 per warp
+
+// R rounded up to whole steps (the padding holds zero weights).
+FASTPEFT_HD constexpr int tc_rank(int64_t R) { return static_cast<int>((R + kTcStep - 1) / kTcStep * kTcStep); }
+FASTPEFT_HD constexpr int64_t tc_max(int64_t a, int64_t b) { return a > b ? a : b; }
+// Shared memory (floats): a region reused by the down staging, the fp32 z tile and the up step
+// (W_up staging + fp32 out tile), 32-byte aligned, then cs, act(z) in 16-bit [kTcRows][Rk + 8].
+FASTPEFT_HD constexpr int64_t tc_region_floats(int Rk) {
+  return (tc_max(tc_max((kTcRows + Rk) * kTcPitch / 2, kTcRows * (Rk + kTcF32Pad)),
+                 kTcUpCols * kTcPitch / 2 + kTcRows * (kTcUpCols + kTcF32Pad)) + 7) / 8 * 8;
+}
+FASTPEFT_HD constexpr int64_t tc_smem_floats(int64_t R) {
+  return tc_region_floats(tc_rank(R)) + kTcRows * (tc_rank(R) + 8) / 2;
+}
+// 50,688 B at R = 256: above the 48 KB default, so the launch opts in (sm_80 allows 163 KB).
+static_assert(tc_smem_floats(kMaxRank) * 4 <= 160 * 1024, "tensor-core forward must fit an A100's shared memory");
+
+// The warp's tile t of a grid of row tiles x col_tiles tiles: (row tile, col tile), or false
+// when the grid has no such tile (warp-uniform).
+FASTPEFT_HD bool tc_tile(int warp, int t, int col_tiles, int* rt, int* ct) {
+  const int tile = warp + t * kBlockWarps;
+  *rt = tile % kTcRowTiles;
+  *ct = tile / kTcRowTiles;
+  return *ct < col_tiles;
+}
+
+// acc[tile] (zeroed first when `first`) += A[tile rows, 0:kTcStep] B[tile cols, 0:kTcStep]^T over
+// the warp's tiles: A row-major at a (pitch lda), B's rows at b (pitch kTcPitch), 16-bit in
+// shared memory. (Zeroing here rather than in a phase of its own keeps one phase per step.)
+template <typename Mma, typename T, int kTiles>
+FASTPEFT_HD void tc_step(typename Mma::Acc (&acc)[kTiles], bool first, int warp, int col_tiles, const T* a, int lda,
+                         const T* b) {
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+    int rt, ct;
+    if (!tc_tile(warp, t, col_tiles, &rt, &ct)) continue;
+    if (first) Mma::zero(acc[t]);
+#pragma unroll
+    for (int k = 0; k < kTcStep; k += kMmaTile) {
+      typename Mma::template FragA<T> fa;
+      typename Mma::template FragB<T> fb;
+      Mma::load_a(fa, a + rt * kMmaTile * lda + k, lda);
+      Mma::load_b(fb, b + ct * kMmaTile * kTcPitch + k, kTcPitch);
+      Mma::mma(acc[t], fa, fb);
+    }
+  }
+}
+
+// The warp's accumulator tiles into the fp32 [kTcRows][ld] tile at dst.
+template <typename Mma, int kTiles>
+FASTPEFT_HD void tc_store(const typename Mma::Acc (&acc)[kTiles], int warp, int col_tiles, float* dst, int ld) {
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+    int rt, ct;
+    if (tc_tile(warp, t, col_tiles, &rt, &ct)) Mma::store(dst + rt * kMmaTile * ld + ct * kMmaTile, acc[t], ld);
+  }
+}
+
+// Thread tid's share of staging rows [row0, row0 + rows) x columns [c0, c0 + kTcStep) of src (a
+// Matrix view of E) into dst [rows][kTcPitch] as T, zero where a row >= valid_rows or a column
+// >= cols: one 8-element group per thread and step of kThreads, 16-byte loads and stores.
+template <typename T, typename E>
+FASTPEFT_HD void tc_stage_rows(int tid, T* dst, int rows, const Matrix& src, int64_t row0, int64_t valid_rows,
+                               int64_t c0, int64_t cols) {
+  for (int g = tid; g < rows * kTcStepGroups; g += kThreads) {
+    const int row = g / kTcStepGroups, j = g % kTcStepGroups * kVec;
+    float v[kVec] = {};
+    if (row0 + row < valid_rows) load_row_group<E>(src, row0 + row, c0 + j, cols, v);
+    store_group(dst + row * kTcPitch + j, kVec, v);
+  }
+}
+
+// The forward of rows [block * kTcRows, ...) on tensor cores (launchers.h: BottleneckForward).
+template <typename B, typename T, typename W>
+FASTPEFT_HD void forward_tc_block(const BottleneckForward& a, int64_t block, float* smem) {
+  using Mma = typename MmaOf<B>::type;
+  const int R = static_cast<int>(a.R), Rk = tc_rank(a.R), rank_tiles = Rk / kMmaTile;
+  const int64_t m0 = block * kTcRows;
+  const uint64_t seed = load_seed(a.dropout);
+  T* xs = reinterpret_cast<T*>(smem);   // [kTcRows][kTcPitch] dropout(h), one step
+  T* ws = xs + kTcRows * kTcPitch;      // [Rk][kTcPitch] W_down, one step
+  float* zs = smem;                     // [kTcRows][Rk + 8] h W_down^T
+  T* wu = reinterpret_cast<T*>(smem);   // [kTcUpCols][kTcPitch] W_up, one step
+  float* os = smem + kTcUpCols * kTcPitch / 2;                 // [kTcRows][kTcUpCols + 8] out tile
+  T* cs = reinterpret_cast<T*>(smem + tc_region_floats(Rk));  // [kTcRows][Rk + 8] act(z)
+  const int zs_ld = Rk + kTcF32Pad, cs_ld = Rk + 8, os_ld = kTcUpCols + kTcF32Pad;
+
+  typename Mma::Acc acc[B::kWarpStates][kTcDownTiles];
+  for (int64_t d0 = 0; d0 == 0 || d0 < a.D; d0 += kTcStep) {  // once at least: D = 0 gives z = b_down
+    B::each([&](int tid, int) {
+      if (tid < kTcRows * kTcStepGroups) {  // dropout(h): one group per thread
+        const int row = tid / kTcStepGroups, j = tid % kTcStepGroups * kVec;
+        float v[kVec];
+        load_dropped_group<T>(a.h, m0 + row, d0 + j, a.M, a.D, a.dropout, seed, v);
+        store_group(xs + row * kTcPitch + j, kVec, v);
+      }
+      tc_stage_rows<T, W>(tid, ws, Rk, a.w_down, 0, R, d0, a.D);
+    });
+    B::sync();
+    B::each_warp([&](int warp, int s) { tc_step<Mma, T>(acc[s], d0 == 0, warp, rank_tiles, xs, kTcPitch, ws); });
+    B::sync();
+  }
+  B::each_warp([&](int warp, int s) { tc_store<Mma>(acc[s], warp, rank_tiles, zs, zs_ld); });
+  B::sync();
+  float* z = reinterpret_cast<float*>(a.z);
+  B::each([&](int tid, int) {
+    for (int i = tid; i < kTcRows * Rk; i += kThreads) {
+      const int row = i / Rk, r = i % Rk;
+      const int64_t m = m0 + row;
+      float c = 0.0f;
+      if (m < a.M && r < R) {
+        const float zv = zs[row * zs_ld + r] + load_bias<W>(a.b_down, r);
+        z[m * R + r] = zv;
+        c = activate(a.activation, zv);
+      }
+      cs[row * cs_ld + r] = from_float<T>(c);
+    }
+  });
+  B::sync();
+
+  const Matrix res = a.residual.ptr ? a.residual : a.h;
+  T* out = reinterpret_cast<T*>(a.out);
+  const float scaling = load_scaling(a.scaling);
+  constexpr int kColTiles = kTcUpCols / kMmaTile, kGroupsPerRow = kTcUpCols / kVec;
+  for (int64_t n0 = 0; n0 < a.D; n0 += kTcUpCols) {
+    typename Mma::Acc up[B::kWarpStates][kTcUpTiles];
+    for (int r0 = 0; r0 < Rk; r0 += kTcStep) {
+      B::each([&](int tid, int) { tc_stage_rows<T, W>(tid, wu, kTcUpCols, a.w_up, n0, a.D, r0, R); });
+      B::sync();
+      B::each_warp([&](int warp, int s) { tc_step<Mma, T>(up[s], r0 == 0, warp, kColTiles, cs + r0, cs_ld, wu); });
+      B::sync();
+    }
+    B::each_warp([&](int warp, int s) { tc_store<Mma>(up[s], warp, kColTiles, os, os_ld); });
+    B::sync();
+    B::each([&](int tid, int) {
+      for (int g = tid; g < kTcRows * kGroupsPerRow; g += kThreads) {
+        const int row = g / kGroupsPerRow, j = g % kGroupsPerRow * kVec;
+        const int64_t m = m0 + row, d = n0 + j;
+        if (m >= a.M || d >= a.D) continue;
+        float v[kVec];
+        load_row_group<T>(res, m, d, a.D, v);
+#pragma unroll
+        for (int l = 0; l < kVec; ++l) {
+          const float u = os[row * os_ld + j + l] + (d + l < a.D ? load_bias<W>(a.b_up, d + l) : 0.0f);
+          v[l] += scaling * u;
+        }
+        store_group(out + m * a.D + d, a.D - d, v);
+      }
+    });
+    // The next step's staging overwrites wu, which this interval's first phase (the tile
+    // store) did not read: the emulation's write-after-read rule still wants a barrier here.
+    B::sync();
+  }
 }
 
 // Step 1 of the backward for rows [block * kRows, ...) (launchers.h: BottleneckBackward).
@@ -340,6 +547,16 @@ __global__ void __launch_bounds__(kThreads) bottleneck_forward_kernel(Bottleneck
   forward_block<DeviceBlock, T, W>(a, blockIdx.x, smem);
 }
 
+// Two blocks per SM (16 warps to overlap one block's staging with the other's products): up to
+// 128 registers. Without the minimum, ptxas aimed at 80 and spilled (sm_80, bf16 weights).
+constexpr int kTcBlocksPerSm = 2;
+
+template <typename T, typename W>
+__global__ void __launch_bounds__(kThreads, kTcBlocksPerSm) bottleneck_forward_tc_kernel(BottleneckForward a) {
+  extern __shared__ __align__(32) float tc_smem[];
+  forward_tc_block<DeviceBlock, T, W>(a, blockIdx.x, tc_smem);
+}
+
 template <typename T, typename W>
 __global__ void __launch_bounds__(kThreads) bottleneck_dz_dh_kernel(BottleneckBackward a) {
   extern __shared__ float smem[];
@@ -376,20 +593,41 @@ struct Runner {
   bool emulate;
 };
 
+// fp32 h: CUDA cores (fp32 products, as the fp32 contract promises; tf32 would round h);
+// 16-bit h: tensor cores, with fp32 weights rounded to h's dtype as they are staged.
 void forward(const BottleneckForward& a, const Runner& run) {
   check_rank(a.R);
   if (a.M == 0) return;
-  const int64_t smem = row_smem_floats(a.R);
   with_dtype_pair(a.dtype, a.weight_dtype, [&](auto t, auto w) {
     using T = decltype(t);
     using W = decltype(w);
-    if (run.emulate) {
-      HostShared host_smem(smem);
-      for (int64_t b = 0; b < row_blocks(a.M); ++b) forward_block<HostBlock, T, W>(a, b, host_smem.begin_block());
-      return;
+    if constexpr (std::is_same_v<T, float>) {
+      const int64_t smem = row_smem_floats(a.R);
+      if (run.emulate) {
+        HostShared host_smem(smem);
+        emulate_grid(row_blocks(a.M), 1, 1, [&](int64_t b, int64_t, int64_t) {
+          forward_block<HostBlock, T, W>(a, b, host_smem.begin_block());
+        });
+        return;
+      }
+      bottleneck_forward_kernel<T, W><<<static_cast<unsigned>(row_blocks(a.M)), kThreads, smem * sizeof(float), run.stream>>>(a);
+      check_launch("bottleneck_forward_kernel");
+    } else {
+      const int64_t blocks = (a.M + kTcRows - 1) / kTcRows, bytes = tc_smem_floats(a.R) * sizeof(float);
+      if (run.emulate) {
+        HostShared host_smem(tc_smem_floats(a.R));
+        emulate_grid(blocks, 1, 1, [&](int64_t b, int64_t, int64_t) {
+          forward_tc_block<HostBlock, T, W>(a, b, host_smem.begin_block());
+        });
+        return;
+      }
+      if (bytes > 48 * 1024) {  // above the default dynamic shared memory limit: opt in
+        cudaFuncSetAttribute(bottleneck_forward_tc_kernel<T, W>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(bytes));
+      }
+      bottleneck_forward_tc_kernel<T, W><<<static_cast<unsigned>(blocks), kThreads, bytes, run.stream>>>(a);
+      check_launch("bottleneck_forward_tc_kernel");
     }
-    bottleneck_forward_kernel<T, W><<<static_cast<unsigned>(row_blocks(a.M)), kThreads, smem * sizeof(float), run.stream>>>(a);
-    check_launch("bottleneck_forward_kernel");
   });
 }
 

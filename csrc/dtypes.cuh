@@ -55,6 +55,36 @@ FASTPEFT_HD void load_group(const E* p, int64_t count, float (&v)[kVec]) {
   EmulationCounts::count_load(false);
 }
 
+// v[j] = element (row, c + j) of a Matrix view of E as fp32 for j < kVec, 0 where c + j >= cols:
+// load_group along a unit column stride, element by element along any other.
+template <typename E>
+FASTPEFT_HD void load_row_group(const Matrix& m, int64_t row, int64_t c, int64_t cols, float (&v)[kVec]) {
+  const E* p = reinterpret_cast<const E*>(m.ptr) + row * m.s0 + c * m.s1;
+  if (m.s1 == 1) return load_group(p, cols - c, v);
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) v[j] = c + j < cols ? to_float(p[j * m.s1]) : 0.0f;
+  EmulationCounts::count_load(false);
+}
+
+// p[j] = v[j] in E for j < min(count, kVec): one 16-byte store when p is 16-byte aligned and
+// count >= kVec (16-bit E), else element by element.
+template <typename E>
+FASTPEFT_HD void store_group(E* p, int64_t count, const float (&v)[kVec]) {
+  if (sizeof(E) * kVec == 16 && count >= kVec && reinterpret_cast<uintptr_t>(p) % 16 == 0) {
+    E e[kVec];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) e[j] = from_float<E>(v[j]);
+    uint4 bits;
+    memcpy(&bits, e, sizeof bits);
+    *reinterpret_cast<uint4*>(p) = bits;
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) {
+    if (j < count) p[j] = from_float<E>(v[j]);
+  }
+}
+
 // Calls f(T{}) with the C++ type of a DType code; throws on an unknown code.
 template <typename F>
 void with_dtype(DType dtype, F&& f) {

@@ -5,8 +5,9 @@
 tests/helpers/cuda_bottleneck_cases.py).
 
 The emulation runs the kernels' own code (written once against csrc/block.h) thread by
-thread, so these tests cover the kernels' indexing, staging, dropout bits, activations,
-split partial sums and the launcher's plumbing; the block's barriers on shared memory are
+thread, and the tensor-core forward's wmma calls through csrc/tensor_core.h's fp32 emulation
+(one 16 x 16 tile per warp), so these tests cover the kernels' indexing, staging, dropout bits,
+activations, split partial sums and the launcher's plumbing; the block's barriers on shared memory are
 tests/test_cuda_barriers.py's. What they cannot cover (timing, global-memory ordering, the
 GPU's own arithmetic units) is left to tests/test_gpu.py on a GPU.
 """
@@ -18,7 +19,7 @@ import torch
 
 from fastpeft.kernels.bottleneck import cuda_launch
 from tests.helpers.cuda_bottleneck_cases import CASE_ARGS, CASES, case_inputs, check_case, float64_reference
-from tests.helpers.cuda_emulation import emulate_cuda_kernels
+from tests.helpers.cuda_emulation import block_order, emulate_cuda_kernels
 from tests.helpers.numerics import assert_close
 
 
@@ -56,3 +57,37 @@ def test_bad_arguments_raise_clearly(emulated):
     with pytest.raises(ValueError, match="float64"):
         cuda_launch.bottleneck_forward(h.double(), w_down.double(), None, w_up.double(), None, None, "relu", 1.0, 0.0,
                                        seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_rows(emulated, dtype):
+    """M = 0: empty outputs of the right shapes and dtypes, zero weight gradients."""
+    h, w_down, b_down, w_up, b_up, grad_out = case_inputs(0, 24, 8, dtype, dtype, True)
+    seed = torch.tensor([3], dtype=torch.int64)
+    out, z = cuda_launch.bottleneck_forward(h, w_down, b_down, w_up, b_up, None, "relu", 1.0, 0.0, seed)
+    assert out.shape == (0, 24) and out.dtype == dtype and z.shape == (0, 8) and z.dtype == torch.float32
+    grads = cuda_launch.bottleneck_backward(grad_out, h, w_down, w_up, b_up, z, "relu", 1.0, 0.0, seed, True,
+                                            (True,) * 6)
+    assert grads[0].shape == (0, 24)
+    for grad, leaf in zip(grads[1:5], (w_down, b_down, w_up, b_up)):
+        assert grad.shape == leaf.shape and not grad.any()
+    assert grads[5].item() == 0.0
+
+
+def test_tensor_core_forward_is_order_free_and_vectorized(emulated):
+    """16-bit h on the tensor-core forward: the same bits in any block order, 16-byte loads for
+    aligned rows (D = 264) and element-by-element loads for a strided h."""
+    ext = emulated
+    h, w_down, b_down, w_up, b_up, _ = case_inputs(70, 264, 40, torch.bfloat16, torch.bfloat16, True)
+    seed = torch.tensor([11], dtype=torch.int64)
+    runs = []
+    ext.emulation_load_counts()
+    for order in (0, 5, 99):
+        with block_order(order):
+            runs.append(cuda_launch.bottleneck_forward(h, w_down, b_down, w_up, b_up, None, "gelu", 0.5, 0.2, seed))
+    vector, _ = ext.emulation_load_counts()
+    assert vector > 0
+    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
+    strided = h.t().contiguous().t()
+    out, z = cuda_launch.bottleneck_forward(strided, w_down, b_down, w_up, b_up, None, "gelu", 0.5, 0.2, seed)
+    assert torch.equal(out, runs[0][0]) and torch.equal(z, runs[0][1])
