@@ -9,28 +9,22 @@
 // by thread (bottleneck_*_emulated), which is how the tests check the kernels' own code.
 //
 // Plan (fp32 accumulation throughout):
-//   forward, 16-bit h (tensor cores, tensor_core.h): one block per kTcRows = 32 rows. Down:
-//             dropout(h) and W_down are staged 32 columns at a time as 16-bit in shared memory
-//             (16-byte loads, a conflict-free 40-element pitch) and multiplied with wmma
-//             m16n16k16 into fp32 accumulators, 2 x Rk/16 tiles over 8 warps (Rk: R rounded up to
-//             32, zero weights in the padding); the fp32 z tile goes through shared memory to
-//             write z and keep act(z) as 16-bit; up: per 128 columns of out, W_up's rows are
-//             staged the same way and the products accumulated over Rk, then the epilogue adds
-//             residual and bias, 8 columns per thread, 16-byte stores. fp32 weights are rounded to h's dtype as they are staged, and act(z) is
-//             rounded to it before the up product (one rounding each, within the 16-bit tests'
-//             tolerance of 4 unit roundoffs per element).
-//             Per block: 2 * 32 * D * Rk * 2 FLOPs on HMMA; bytes: h and out rows once, z once,
-//             W_down and W_up once per block (from L2 after the first block).
-//   forward, fp32 h (CUDA cores: tf32 products would round h, which the fp32 contract does
-//             not allow): one block per kRows rows. Down: the rows' dropped h and W_down are
-//             staged kChunk columns at a time in shared memory; each thread owns a few (row, r)
-//             dot products. The activations stay in shared memory; up: each thread owns columns
-//             d of out.
-//   backward (CUDA cores): the fp32 forward's row kernel on dout with the roles of the weights
-//             swapped gives dz = scaling * (dout W_up) * act'(z) and dh = dropout'(dz W_down)
-//             (+ dout); then a tiled kernel forms per-split fp32 partial sums of dout^T act(z)
-//             and dz^T dropout(h) (and the bias sums), which the launcher adds in a fixed order:
-//             no float atomics, bitwise reproducible.
+//   16-bit h, tensor cores (tensor_core.h; "Tensor-core row kernels" below): one block per 32
+//             rows runs both products of the forward (dropout(h) W_down^T, act(z) W_up^T) and of
+//             the backward's row step (dout W_up, dz W_down) with wmma m16n16k16, operands staged
+//             32 deep as 16-bit in shared memory (16-byte loads and stores, conflict-free
+//             pitches), fp32 tiles through shared memory to the epilogues.
+//             Per block: 2 x 2 x 32 x D x Rk FLOPs on HMMA (Rk: R rounded up to 32); bytes: its
+//             rows of h (dout) and out (dh) once, z/dz once, W_down and W_up once per block
+//             (from L2 after the first blocks).
+//   fp32 h, CUDA cores (tf32 products would round h, which the fp32 contract does not allow):
+//             one block per kRows rows. Down: the rows' dropped h and W_down are staged kChunk
+//             columns at a time in shared memory; each thread owns a few (row, r) dot products.
+//             The activations stay in shared memory; up: each thread owns columns d of out. The
+//             backward's row step is the same kernel on dout with the weights' roles swapped.
+//   backward, weight gradients (CUDA cores, every dtype): a tiled kernel forms per-split fp32
+//             partial sums of dout^T act(z) and dz^T dropout(h) (and the bias sums), which the
+//             launcher adds in a fixed order: no float atomics, bitwise reproducible.
 #include <cuda_runtime.h>
 
 #include <string>
@@ -211,44 +205,62 @@ FASTPEFT_HD void forward_block(const BottleneckForward& a, int64_t block, float*
   });
 }
 
-// ---- The forward on tensor cores (16-bit h; tensor_core.h) ----
-// One block per kTcRows rows of h; 8 warps. Down: z[32, Rk] = dropout(h) W_down^T in kTcStep-
-// column steps: each step stages the rows' dropout(h) and W_down[:Rk] as 16-bit in shared memory
-// (16-byte loads and stores), then each warp adds 2 mma k-steps into its accumulator tiles (tile
-// t of warp w is tile w + 8 t of the 2 x Rk/16 grid). The fp32 tiles go through shared memory
-// to write z and act(z) (16-bit, cs). Up: for each kTcUpCols columns of out, the same steps
-// over Rk with W_up's rows, then the fp32 tile goes through shared memory to the epilogue
-// (residual + scaling * (u + b_up)), 8 columns per thread, 16-byte stores.
-constexpr int kTcRows = 32;                      // rows of h per block: 2 mma row tiles
+// ---- Tensor-core row kernels (16-bit h; tensor_core.h) ----
+// One block per kTcRows rows; 8 warps. Both row kernels are two products with fp32 accumulation:
+//   down: acc[32, Rk] = rows(src) Wd, Wd [D, Rk], in kTcStep-deep steps: each step stages the rows
+//         (dropped when dropout is on) and the step's rows of the weight operand as 16-bit in
+//         shared memory (16-byte loads and stores), then each warp adds 2 mma k-steps into its
+//         accumulator tiles (tile t of warp w is tile w + 8 t of the 2 x Rk/16 grid); the fp32
+//         tiles then go through shared memory (zs) to the kernel's epilogue, which keeps a 16-bit
+//         [32, Rk] operand (cs) for
+//   up:   per kTcUpCols output columns, out[32, 128] = cs Wu, Wu [Rk, 128], in the same steps
+//         over Rk, then the fp32 tile goes through shared memory (os) to the kernel's epilogue,
+//         8 columns per thread, 16-byte stores.
+// forward:  src = h (dropout), Wd = W_down^T (W_down's rows staged as they are: BRowsN),
+//           epilogue z = acc + b_down, cs = act(z); Wu = W_up^T (W_up's rows: BRowsN), epilogue
+//           out = residual + scaling * (u + b_up).
+// backward: src = dout, Wd = W_up (rows d staged along r: BRowsK), epilogue dz = scaling * acc *
+//           act'(z), ds, cs = dz; Wu = W_down (rows r along d: BRowsK), epilogue dh = dropout'(u)
+//           (+ dout). fp32 weights, act(z) and dz are rounded to h's dtype for the products (one
+//           rounding each, within the 16-bit tests' tolerance of 4 unit roundoffs per element).
+// Every staged operand is read along its unit stride, so the loads coalesce; a strided view
+// (no unit column stride) is read element by element (dtypes.cuh: load_row_group).
+constexpr int kTcRows = 32;                      // rows per block: 2 mma row tiles
 constexpr int kTcRowTiles = kTcRows / kMmaTile;
-constexpr int kTcStep = 32;                      // reduction columns staged per step: 2 mma k-steps
-constexpr int kTcStepGroups = kTcStep / kVec;    // 8-element groups per staged row
-// 16-bit staging pitch: 80 B rows put any 8 consecutive rows' 16-byte chunks on distinct banks
-// (the fragment loads read 8 rows x 16 B at a time) and keep every tile 32-byte aligned.
-constexpr int kTcPitch = kTcStep + 8;
+constexpr int kTcStep = 32;                      // reduction depth staged per step: 2 mma k-steps
+// 16-bit staging pitches are the width + 8: with 80 B rows (width 32) or 2 (mod 4) x 16 B rows
+// (widths 128 and Rk, multiples of 32), any 8 consecutive rows' 16-byte chunks fall on distinct
+// banks (the fragment loads read 8 rows x 16 B at a time), and every tile stays 32-byte aligned.
+constexpr int kTcPad16 = 8;
+constexpr int kTcPitch = kTcStep + kTcPad16;
 // fp32 pitches are the width + 8: the accumulator stores (8 B per lane, 4 rows per half-warp)
 // then hit 4 distinct 32-byte bank ranges.
 constexpr int kTcF32Pad = 8;
-constexpr int kTcUpCols = 128;                   // columns of out per up step: 8 tiles, 2 per warp
+constexpr int kTcUpCols = 128;                   // output columns per up step: 8 tiles, 2 per warp
 constexpr int kTcDownTiles = kTcRowTiles * (kMaxRank / kMmaTile) / kBlockWarps;  // 4 per warp at Rk = 256
 constexpr int kTcUpTiles = kTcRowTiles * (kTcUpCols / kMmaTile) / kBlockWarps;   // 2 per warp
 
 // R rounded up to whole steps (the padding holds zero weights).
 FASTPEFT_HD constexpr int tc_rank(int64_t R) { return static_cast<int>((R + kTcStep - 1) / kTcStep * kTcStep); }
 FASTPEFT_HD constexpr int64_t tc_max(int64_t a, int64_t b) { return a > b ? a : b; }
-// Shared memory (floats): a region reused by the down staging, the fp32 z tile and the up step
-// (W_up staging + fp32 out tile), 32-byte aligned, then cs, act(z) in 16-bit [kTcRows][Rk + 8].
+// The 16-bit weight operand of an up step: kTcUpCols x kTcStep either way round.
+constexpr int64_t kTcUpStageFloats = tc_max(kTcUpCols * kTcPitch, kTcStep * (kTcUpCols + kTcPad16)) / 2;
+// Shared memory (floats): a region reused by the down staging (rows + weight step, either
+// layout), the fp32 zs tile and the up step (weight step + fp32 os tile), 32-byte aligned;
+// then cs [kTcRows][Rk + 8] (16-bit); the backward adds kTcRowTiles x kThreads floats for ds.
 FASTPEFT_HD constexpr int64_t tc_region_floats(int Rk) {
-  return (tc_max(tc_max((kTcRows + Rk) * kTcPitch / 2, kTcRows * (Rk + kTcF32Pad)),
-                 kTcUpCols * kTcPitch / 2 + kTcRows * (kTcUpCols + kTcF32Pad)) + 7) / 8 * 8;
+  return (tc_max(tc_max((kTcRows * kTcPitch + tc_max(Rk * kTcPitch, kTcStep * (Rk + kTcPad16))) / 2,
+                        kTcRows * (Rk + kTcF32Pad)),
+                 kTcUpStageFloats + kTcRows * (kTcUpCols + kTcF32Pad)) + 7) / 8 * 8;
 }
-FASTPEFT_HD constexpr int64_t tc_smem_floats(int64_t R) {
-  return tc_region_floats(tc_rank(R)) + kTcRows * (tc_rank(R) + 8) / 2;
+FASTPEFT_HD constexpr int64_t tc_smem_floats(int64_t R, bool backward) {
+  return tc_region_floats(tc_rank(R)) + kTcRows * (tc_rank(R) + kTcPad16) / 2 + (backward ? kTcRowTiles * kThreads : 0);
 }
-// 50,688 B at R = 256: above the 48 KB default, so the launch opts in (sm_80 allows 163 KB).
-static_assert(tc_smem_floats(kMaxRank) * 4 <= 160 * 1024, "tensor-core forward must fit an A100's shared memory");
+// 52,736 B at R = 256 (backward): above the 48 KB default, so the launch opts in (an A100
+// takes up to 163 KB per block).
+static_assert(tc_smem_floats(kMaxRank, true) * 4 <= 160 * 1024, "tensor-core kernels must fit an A100's shared memory");
 
-// The warp's tile t of a grid of row tiles x col_tiles tiles: (row tile, col tile), or false
+// The warp's tile t of a grid of kTcRowTiles x col_tiles tiles: (row tile, col tile), or false
 // when the grid has no such tile (warp-uniform).
 FASTPEFT_HD bool tc_tile(int warp, int t, int col_tiles, int* rt, int* ct) {
   const int tile = warp + t * kBlockWarps;
@@ -257,12 +269,13 @@ FASTPEFT_HD bool tc_tile(int warp, int t, int col_tiles, int* rt, int* ct) {
   return *ct < col_tiles;
 }
 
-// acc[tile] (zeroed first when `first`) += A[tile rows, 0:kTcStep] B[tile cols, 0:kTcStep]^T over
-// the warp's tiles: A row-major at a (pitch lda), B's rows at b (pitch kTcPitch), 16-bit in
+// acc[tile] (zeroed first when `first`) += A[tile rows, 0:kTcStep] B[0:kTcStep, tile cols] over
+// the warp's tiles: A row-major at a (pitch lda), B at b in layout L (pitch ldb), 16-bit in
 // shared memory. (Zeroing here rather than in a phase of its own keeps one phase per step.)
-template <typename Mma, typename T, int kTiles>
+template <typename Mma, typename L, typename T, int kTiles>
 FASTPEFT_HD void tc_step(typename Mma::Acc (&acc)[kTiles], bool first, int warp, int col_tiles, const T* a, int lda,
-                         const T* b) {
+                         const T* b, int ldb) {
+  constexpr bool rows_n = std::is_same<L, BRowsN>::value;
 #pragma unroll
   for (int t = 0; t < kTiles; ++t) {
     int rt, ct;
@@ -271,9 +284,9 @@ FASTPEFT_HD void tc_step(typename Mma::Acc (&acc)[kTiles], bool first, int warp,
 #pragma unroll
     for (int k = 0; k < kTcStep; k += kMmaTile) {
       typename Mma::template FragA<T> fa;
-      typename Mma::template FragB<T> fb;
+      typename Mma::template FragB<T, L> fb;
       Mma::load_a(fa, a + rt * kMmaTile * lda + k, lda);
-      Mma::load_b(fb, b + ct * kMmaTile * kTcPitch + k, kTcPitch);
+      Mma::template load_b<L>(fb, rows_n ? b + ct * kMmaTile * ldb + k : b + k * ldb + ct * kMmaTile, ldb);
       Mma::mma(acc[t], fa, fb);
     }
   }
@@ -289,52 +302,133 @@ FASTPEFT_HD void tc_store(const typename Mma::Acc (&acc)[kTiles], int warp, int 
   }
 }
 
-// Thread tid's share of staging rows [row0, row0 + rows) x columns [c0, c0 + kTcStep) of src (a
-// Matrix view of E) into dst [rows][kTcPitch] as T, zero where a row >= valid_rows or a column
-// >= cols: one 8-element group per thread and step of kThreads, 16-byte loads and stores.
+// Thread tid's share of staging rows [row0, row0 + rows) x columns [c0, c0 + width) of src (a
+// Matrix view of E) into dst [rows][ld] as T, zero where a row >= valid_rows or a column >= cols:
+// one 8-element group per thread and step of kThreads, 16-byte loads and stores.
 template <typename T, typename E>
-FASTPEFT_HD void tc_stage_rows(int tid, T* dst, int rows, const Matrix& src, int64_t row0, int64_t valid_rows,
-                               int64_t c0, int64_t cols) {
-  for (int g = tid; g < rows * kTcStepGroups; g += kThreads) {
-    const int row = g / kTcStepGroups, j = g % kTcStepGroups * kVec;
+FASTPEFT_HD void tc_stage_rows(int tid, T* dst, int ld, int rows, int width, const Matrix& src, int64_t row0,
+                               int64_t valid_rows, int64_t c0, int64_t cols) {
+  const int groups = width / kVec;
+  for (int g = tid; g < rows * groups; g += kThreads) {
+    const int row = g / groups, j = g % groups * kVec;
     float v[kVec] = {};
     if (row0 + row < valid_rows) load_row_group<E>(src, row0 + row, c0 + j, cols, v);
-    store_group(dst + row * kTcPitch + j, kVec, v);
+    store_group(dst + row * ld + j, kVec, v);
+  }
+}
+
+// The weight operand of a step in layout L: BRowsN stages kTcStep columns [k0, k0 + kTcStep) of
+// `width` rows [n0, ...) of w (w's rows are outputs n); BRowsK stages kTcStep rows [k0, ...) of
+// w, `width` columns [n0, ...) each (w's rows are inputs k). valid_n / valid_k bound n and k.
+template <typename L, typename T, typename W>
+FASTPEFT_HD void tc_stage_weight(int tid, T* dst, int width, const Matrix& w, int64_t n0, int64_t valid_n, int64_t k0,
+                                 int64_t valid_k) {
+  if (std::is_same<L, BRowsN>::value) {
+    tc_stage_rows<T, W>(tid, dst, kTcPitch, width, kTcStep, w, n0, valid_n, k0, valid_k);
+  } else {
+    tc_stage_rows<T, W>(tid, dst, width + kTcPad16, kTcStep, width, w, k0, valid_k, n0, valid_n);
+  }
+}
+
+// Leading dimension of a staged weight step of `width` outputs in layout L.
+template <typename L>
+FASTPEFT_HD constexpr int tc_weight_ld(int width) {
+  return std::is_same<L, BRowsN>::value ? kTcPitch : width + kTcPad16;
+}
+
+// Down: the block's zs [kTcRows][Rk + 8] (fp32, at smem) = rows [m0, m0 + kTcRows) of src,
+// dropped when dropout is on, times w (outputs r < R, inputs d < D, layout L), sums over d in
+// steps of kTcStep. Ends after a barrier, with zs ready and the rest of the region free.
+template <typename B, typename L, typename T, typename W>
+FASTPEFT_HD void tc_down(const Matrix& src, int64_t m0, int64_t M, int64_t D, const Dropout& dropout, uint64_t seed,
+                         const Matrix& w, int R, float* smem) {
+  using Mma = typename MmaOf<B>::type;
+  const int Rk = tc_rank(R), rank_tiles = Rk / kMmaTile;
+  T* xs = reinterpret_cast<T*>(smem);  // [kTcRows][kTcPitch] rows of src, one step
+  T* ws = xs + kTcRows * kTcPitch;     // the weight step, layout L
+  typename Mma::Acc acc[B::kWarpStates][kTcDownTiles];
+  for (int64_t d0 = 0; d0 == 0 || d0 < D; d0 += kTcStep) {  // once at least: D = 0 gives zeros
+    B::each([&](int tid, int) {
+      if (tid < kTcRows * kTcStep / kVec) {  // the rows: one group per thread
+        const int row = tid / (kTcStep / kVec), j = tid % (kTcStep / kVec) * kVec;
+        float v[kVec];
+        load_dropped_group<T>(src, m0 + row, d0 + j, M, D, dropout, seed, v);
+        store_group(xs + row * kTcPitch + j, kVec, v);
+      }
+      tc_stage_weight<L, T, W>(tid, ws, Rk, w, 0, R, d0, D);
+    });
+    B::sync();
+    B::each_warp([&](int warp, int s) {
+      tc_step<Mma, L>(acc[s], d0 == 0, warp, rank_tiles, xs, kTcPitch, ws, tc_weight_ld<L>(Rk));
+    });
+    B::sync();
+  }
+  B::each_warp([&](int warp, int s) { tc_store<Mma>(acc[s], warp, rank_tiles, smem, Rk + kTcF32Pad); });
+  B::sync();
+}
+
+// Up: for each kTcUpCols columns n0 of the output, u[kTcRows][kTcUpCols] = cs [kTcRows][Rk]
+// (16-bit, pitch Rk + 8) times w (outputs d < D, inputs r < R, layout L), then epilogue(m, d,
+// u[0..7]) for each group of 8 columns d < D of each row m = m0 + row < M (thread-strided).
+template <typename B, typename L, typename T, typename W, typename Epilogue>
+FASTPEFT_HD void tc_up(const T* cs, int64_t m0, int64_t M, int64_t D, const Matrix& w, int R, float* smem,
+                       Epilogue&& epilogue) {
+  using Mma = typename MmaOf<B>::type;
+  constexpr int kColTiles = kTcUpCols / kMmaTile, kGroupsPerRow = kTcUpCols / kVec, os_ld = kTcUpCols + kTcF32Pad;
+  const int Rk = tc_rank(R);
+  T* vs = reinterpret_cast<T*>(smem);      // the weight step, layout L
+  float* os = smem + kTcUpStageFloats;     // [kTcRows][os_ld] the output tile
+  for (int64_t n0 = 0; n0 < D; n0 += kTcUpCols) {
+    typename Mma::Acc up[B::kWarpStates][kTcUpTiles];
+    for (int r0 = 0; r0 < Rk; r0 += kTcStep) {
+      B::each([&](int tid, int) { tc_stage_weight<L, T, W>(tid, vs, kTcUpCols, w, n0, D, r0, R); });
+      B::sync();
+      B::each_warp([&](int warp, int s) {
+        tc_step<Mma, L>(up[s], r0 == 0, warp, kColTiles, cs + r0, Rk + kTcPad16, vs, tc_weight_ld<L>(kTcUpCols));
+      });
+      B::sync();
+    }
+    B::each_warp([&](int warp, int s) { tc_store<Mma>(up[s], warp, kColTiles, os, os_ld); });
+    B::sync();
+    B::each([&](int tid, int) {
+      for (int g = tid; g < kTcRows * kGroupsPerRow; g += kThreads) {
+        const int row = g / kGroupsPerRow, j = g % kGroupsPerRow * kVec;
+        const int64_t m = m0 + row, d = n0 + j;
+        if (m >= M || d >= D) continue;
+        float u[kVec];
+#pragma unroll
+        for (int l = 0; l < kVec; ++l) u[l] = os[row * os_ld + j + l];
+        epilogue(m, d, u);
+      }
+    });
+    // The next step's staging overwrites vs, which this interval's first phase (the tile
+    // store) did not read: the emulation's write-after-read rule still wants a barrier here.
+    B::sync();
+  }
+}
+
+// Sums each of `arrays` consecutive kThreads-float arrays at sums into its element 0, by a tree
+// in a fixed order (bitwise reproducible).
+template <typename B>
+FASTPEFT_HD void tree_sum(float* sums, int arrays) {
+  for (int width = kThreads / 2; width > 0; width /= 2) {
+    B::each([&](int tid, int) {
+      if (tid < width) {
+        for (int i = 0; i < arrays; ++i) sums[i * kThreads + tid] += sums[i * kThreads + tid + width];
+      }
+    });
+    B::sync();
   }
 }
 
 // The forward of rows [block * kTcRows, ...) on tensor cores (launchers.h: BottleneckForward).
 template <typename B, typename T, typename W>
 FASTPEFT_HD void forward_tc_block(const BottleneckForward& a, int64_t block, float* smem) {
-  using Mma = typename MmaOf<B>::type;
-  const int R = static_cast<int>(a.R), Rk = tc_rank(a.R), rank_tiles = Rk / kMmaTile;
+  const int R = static_cast<int>(a.R), Rk = tc_rank(a.R), zs_ld = Rk + kTcF32Pad, cs_ld = Rk + kTcPad16;
   const int64_t m0 = block * kTcRows;
-  const uint64_t seed = load_seed(a.dropout);
-  T* xs = reinterpret_cast<T*>(smem);   // [kTcRows][kTcPitch] dropout(h), one step
-  T* ws = xs + kTcRows * kTcPitch;      // [Rk][kTcPitch] W_down, one step
-  float* zs = smem;                     // [kTcRows][Rk + 8] h W_down^T
-  T* wu = reinterpret_cast<T*>(smem);   // [kTcUpCols][kTcPitch] W_up, one step
-  float* os = smem + kTcUpCols * kTcPitch / 2;                 // [kTcRows][kTcUpCols + 8] out tile
-  T* cs = reinterpret_cast<T*>(smem + tc_region_floats(Rk));  // [kTcRows][Rk + 8] act(z)
-  const int zs_ld = Rk + kTcF32Pad, cs_ld = Rk + 8, os_ld = kTcUpCols + kTcF32Pad;
-
-  typename Mma::Acc acc[B::kWarpStates][kTcDownTiles];
-  for (int64_t d0 = 0; d0 == 0 || d0 < a.D; d0 += kTcStep) {  // once at least: D = 0 gives z = b_down
-    B::each([&](int tid, int) {
-      if (tid < kTcRows * kTcStepGroups) {  // dropout(h): one group per thread
-        const int row = tid / kTcStepGroups, j = tid % kTcStepGroups * kVec;
-        float v[kVec];
-        load_dropped_group<T>(a.h, m0 + row, d0 + j, a.M, a.D, a.dropout, seed, v);
-        store_group(xs + row * kTcPitch + j, kVec, v);
-      }
-      tc_stage_rows<T, W>(tid, ws, Rk, a.w_down, 0, R, d0, a.D);
-    });
-    B::sync();
-    B::each_warp([&](int warp, int s) { tc_step<Mma, T>(acc[s], d0 == 0, warp, rank_tiles, xs, kTcPitch, ws); });
-    B::sync();
-  }
-  B::each_warp([&](int warp, int s) { tc_store<Mma>(acc[s], warp, rank_tiles, zs, zs_ld); });
-  B::sync();
+  tc_down<B, BRowsN, T, W>(a.h, m0, a.M, a.D, a.dropout, load_seed(a.dropout), a.w_down, R, smem);
+  const float* zs = smem;
+  T* cs = reinterpret_cast<T*>(smem + tc_region_floats(Rk));
   float* z = reinterpret_cast<float*>(a.z);
   B::each([&](int tid, int) {
     for (int i = tid; i < kTcRows * Rk; i += kThreads) {
@@ -350,39 +444,79 @@ FASTPEFT_HD void forward_tc_block(const BottleneckForward& a, int64_t block, flo
     }
   });
   B::sync();
-
   const Matrix res = a.residual.ptr ? a.residual : a.h;
   T* out = reinterpret_cast<T*>(a.out);
   const float scaling = load_scaling(a.scaling);
-  constexpr int kColTiles = kTcUpCols / kMmaTile, kGroupsPerRow = kTcUpCols / kVec;
-  for (int64_t n0 = 0; n0 < a.D; n0 += kTcUpCols) {
-    typename Mma::Acc up[B::kWarpStates][kTcUpTiles];
-    for (int r0 = 0; r0 < Rk; r0 += kTcStep) {
-      B::each([&](int tid, int) { tc_stage_rows<T, W>(tid, wu, kTcUpCols, a.w_up, n0, a.D, r0, R); });
-      B::sync();
-      B::each_warp([&](int warp, int s) { tc_step<Mma, T>(up[s], r0 == 0, warp, kColTiles, cs + r0, cs_ld, wu); });
-      B::sync();
-    }
-    B::each_warp([&](int warp, int s) { tc_store<Mma>(up[s], warp, kColTiles, os, os_ld); });
-    B::sync();
-    B::each([&](int tid, int) {
-      for (int g = tid; g < kTcRows * kGroupsPerRow; g += kThreads) {
-        const int row = g / kGroupsPerRow, j = g % kGroupsPerRow * kVec;
-        const int64_t m = m0 + row, d = n0 + j;
-        if (m >= a.M || d >= a.D) continue;
-        float v[kVec];
-        load_row_group<T>(res, m, d, a.D, v);
+  tc_up<B, BRowsN, T, W>(cs, m0, a.M, a.D, a.w_up, R, smem, [&](int64_t m, int64_t d, float (&u)[kVec]) {
+    float v[kVec];
+    load_row_group<T>(res, m, d, a.D, v);
 #pragma unroll
-        for (int l = 0; l < kVec; ++l) {
-          const float u = os[row * os_ld + j + l] + (d + l < a.D ? load_bias<W>(a.b_up, d + l) : 0.0f);
-          v[l] += scaling * u;
-        }
-        store_group(out + m * a.D + d, a.D - d, v);
+    for (int l = 0; l < kVec; ++l) v[l] += scaling * (u[l] + (d + l < a.D ? load_bias<W>(a.b_up, d + l) : 0.0f));
+    store_group(out + m * a.D + d, a.D - d, v);
+  });
+}
+
+// Step 1 of the backward for rows [block * kTcRows, ...) on tensor cores (launchers.h:
+// BottleneckBackward; ds_partials gets one entry per kRowBlock = 16 rows: one per row tile).
+template <typename B, typename T, typename W>
+FASTPEFT_HD void dz_dh_tc_block(const BottleneckBackward& a, int64_t block, float* smem) {
+  static_assert(kRowBlock == kMmaTile, "one ds partial per row tile");
+  const int R = static_cast<int>(a.R), Rk = tc_rank(a.R), zs_ld = Rk + kTcF32Pad, cs_ld = Rk + kTcPad16;
+  const int64_t m0 = block * kTcRows;
+  const Dropout no_dropout{0, 0, 1.0f};
+  tc_down<B, BRowsK, T, W>(a.dout, m0, a.M, a.D, no_dropout, 0, a.w_up, R, smem);  // (dout W_up)[m, r]
+  const float* zs = smem;
+  T* cs = reinterpret_cast<T*>(smem + tc_region_floats(Rk));
+  float* ds_sum = smem + tc_smem_floats(R, true) - kTcRowTiles * kThreads;  // [kTcRowTiles][kThreads]
+  const float* z = reinterpret_cast<const float*>(a.z);
+  float* dz = reinterpret_cast<float*>(a.dz);
+  const float scaling = load_scaling(a.scaling);
+  B::each([&](int tid, int) {
+    // This thread's share of sum act(z) * (dout W_up) per row tile, in i order (two scalars, not
+    // an array: ptxas put a runtime-indexed array in local memory).
+    static_assert(kTcRowTiles == 2, "one ds scalar per row tile");
+    float ds0 = 0.0f, ds1 = 0.0f;
+    for (int i = tid; i < kTcRows * Rk; i += kThreads) {
+      const int row = i / Rk, r = i % Rk;
+      const int64_t m = m0 + row;
+      float g = 0.0f;
+      if (m < a.M && r < R) {
+        const float zv = z[m * R + r], p = zs[row * zs_ld + r];
+        g = scaling * p * activate_grad(a.activation, zv);
+        const float term = activate(a.activation, zv);
+        ds0 = row < kMmaTile ? fmaf(term, p, ds0) : ds0;
+        ds1 = row < kMmaTile ? ds1 : fmaf(term, p, ds1);
+        dz[m * R + r] = g;
+      }
+      cs[row * cs_ld + r] = from_float<T>(g);
+    }
+    ds_sum[tid] = ds0;
+    ds_sum[kThreads + tid] = ds1;
+  });
+  B::sync();
+  if (a.dh) {
+    const uint64_t seed = load_seed(a.dropout);
+    T* dh = reinterpret_cast<T*>(a.dh);
+    tc_up<B, BRowsK, T, W>(cs, m0, a.M, a.D, a.w_down, R, smem, [&](int64_t m, int64_t d, float (&u)[kVec]) {
+      drop_group4(u, m, d, a.D, a.dropout, seed);  // (dz W_down)[m, d], dropped and scaled
+      drop_group4(u + 4, m, d + 4, a.D, a.dropout, seed);
+      if (a.add_dout) {
+        float v[kVec];
+        load_row_group<T>(a.dout, m, d, a.D, v);
+#pragma unroll
+        for (int l = 0; l < kVec; ++l) u[l] += v[l];
+      }
+      store_group(dh + m * a.D + d, a.D - d, u);
+    });
+  }
+  if (a.ds_partials) {  // ds_sum has a region of its own: the reduction can wait until here
+    tree_sum<B>(ds_sum, kTcRowTiles);
+    B::each([&](int tid, int) {
+      const int64_t entry = block * kTcRowTiles + tid;
+      if (tid < kTcRowTiles && entry * kRowBlock < a.M) {
+        reinterpret_cast<float*>(a.ds_partials)[entry] = ds_sum[tid * kThreads];
       }
     });
-    // The next step's staging overwrites wu, which this interval's first phase (the tile
-    // store) did not read: the emulation's write-after-read rule still wants a barrier here.
-    B::sync();
   }
 }
 
@@ -421,13 +555,8 @@ FASTPEFT_HD void dz_dh_block(const BottleneckBackward& a, int64_t block, float* 
     ds_sum[tid] = ds;
   });
   B::sync();
-  if (a.ds_partials) {  // fixed-order tree reduction of the block's ds
-    for (int width = kThreads / 2; width > 0; width /= 2) {
-      B::each([&](int tid, int) {
-        if (tid < width) ds_sum[tid] += ds_sum[tid + width];
-      });
-      B::sync();
-    }
+  if (a.ds_partials) {
+    tree_sum<B>(ds_sum, 1);
     B::each([&](int tid, int) {
       if (tid == 0) reinterpret_cast<float*>(a.ds_partials)[block] = ds_sum[0];
     });
@@ -558,6 +687,12 @@ __global__ void __launch_bounds__(kThreads, kTcBlocksPerSm) bottleneck_forward_t
 }
 
 template <typename T, typename W>
+__global__ void __launch_bounds__(kThreads, kTcBlocksPerSm) bottleneck_dz_dh_tc_kernel(BottleneckBackward a) {
+  extern __shared__ __align__(32) float tc_smem[];
+  dz_dh_tc_block<DeviceBlock, T, W>(a, blockIdx.x, tc_smem);
+}
+
+template <typename T, typename W>
 __global__ void __launch_bounds__(kThreads) bottleneck_dz_dh_kernel(BottleneckBackward a) {
   extern __shared__ float smem[];
   dz_dh_block<DeviceBlock, T, W>(a, blockIdx.x, smem);
@@ -593,6 +728,24 @@ struct Runner {
   bool emulate;
 };
 
+// Runs a row kernel over `blocks` blocks with `floats` floats of dynamic shared memory: on the
+// stream (opting in above the default 48 KB), or on the CPU, emulated(block, smem) per block.
+template <typename Args, typename Emulated>
+void run_rows(const Runner& run, int64_t blocks, int64_t floats, void (*kernel)(Args), const Args& args,
+              Emulated&& emulated, const char* what) {
+  if (run.emulate) {
+    HostShared host_smem(floats);
+    emulate_grid(blocks, 1, 1, [&](int64_t b, int64_t, int64_t) { emulated(b, host_smem.begin_block()); });
+    return;
+  }
+  const size_t bytes = static_cast<size_t>(floats) * sizeof(float);
+  if (bytes > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  kernel<<<static_cast<unsigned>(blocks), kThreads, bytes, run.stream>>>(args);
+  check_launch(what);
+}
+
+int64_t tc_blocks(int64_t M) { return (M + kTcRows - 1) / kTcRows; }
+
 // fp32 h: CUDA cores (fp32 products, as the fp32 contract promises; tf32 would round h);
 // 16-bit h: tensor cores, with fp32 weights rounded to h's dtype as they are staged.
 void forward(const BottleneckForward& a, const Runner& run) {
@@ -601,32 +754,13 @@ void forward(const BottleneckForward& a, const Runner& run) {
   with_dtype_pair(a.dtype, a.weight_dtype, [&](auto t, auto w) {
     using T = decltype(t);
     using W = decltype(w);
-    if constexpr (std::is_same_v<T, float>) {
-      const int64_t smem = row_smem_floats(a.R);
-      if (run.emulate) {
-        HostShared host_smem(smem);
-        emulate_grid(row_blocks(a.M), 1, 1, [&](int64_t b, int64_t, int64_t) {
-          forward_block<HostBlock, T, W>(a, b, host_smem.begin_block());
-        });
-        return;
-      }
-      bottleneck_forward_kernel<T, W><<<static_cast<unsigned>(row_blocks(a.M)), kThreads, smem * sizeof(float), run.stream>>>(a);
-      check_launch("bottleneck_forward_kernel");
+    if constexpr (std::is_same<T, float>::value) {
+      run_rows(run, row_blocks(a.M), row_smem_floats(a.R), bottleneck_forward_kernel<T, W>, a,
+               [&](int64_t b, float* smem) { forward_block<HostBlock, T, W>(a, b, smem); }, "bottleneck_forward_kernel");
     } else {
-      const int64_t blocks = (a.M + kTcRows - 1) / kTcRows, bytes = tc_smem_floats(a.R) * sizeof(float);
-      if (run.emulate) {
-        HostShared host_smem(tc_smem_floats(a.R));
-        emulate_grid(blocks, 1, 1, [&](int64_t b, int64_t, int64_t) {
-          forward_tc_block<HostBlock, T, W>(a, b, host_smem.begin_block());
-        });
-        return;
-      }
-      if (bytes > 48 * 1024) {  // above the default dynamic shared memory limit: opt in
-        cudaFuncSetAttribute(bottleneck_forward_tc_kernel<T, W>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(bytes));
-      }
-      bottleneck_forward_tc_kernel<T, W><<<static_cast<unsigned>(blocks), kThreads, bytes, run.stream>>>(a);
-      check_launch("bottleneck_forward_tc_kernel");
+      run_rows(run, tc_blocks(a.M), tc_smem_floats(a.R, false), bottleneck_forward_tc_kernel<T, W>, a,
+               [&](int64_t b, float* smem) { forward_tc_block<HostBlock, T, W>(a, b, smem); },
+               "bottleneck_forward_tc_kernel");
     }
   });
 }
@@ -651,18 +785,18 @@ void backward(const BottleneckBackward& a, const Runner& run) {
   if (a.rows_per_split % kOuterRows != 0 || a.splits < 1 || a.splits * a.rows_per_split < a.M) {
     throw std::invalid_argument("fastpeft._C bottleneck_backward: splits must cover M in multiples of 16 rows");
   }
-  const int64_t smem = row_smem_floats(a.R);
   const Dropout no_dropout{0, 0, 1.0f};
   with_dtype_pair(a.dtype, a.weight_dtype, [&](auto t, auto w) {
     using T = decltype(t);
     using W = decltype(w);
-    if (a.dz && a.M > 0) {
-      if (run.emulate) {
-        HostShared host_smem(smem);
-        for (int64_t b = 0; b < row_blocks(a.M); ++b) dz_dh_block<HostBlock, T, W>(a, b, host_smem.begin_block());
+    if (a.dz && a.M > 0) {  // as the forward: fp32 on CUDA cores, 16-bit on tensor cores
+      if constexpr (std::is_same<T, float>::value) {
+        run_rows(run, row_blocks(a.M), row_smem_floats(a.R), bottleneck_dz_dh_kernel<T, W>, a,
+                 [&](int64_t b, float* smem) { dz_dh_block<HostBlock, T, W>(a, b, smem); }, "bottleneck_dz_dh_kernel");
       } else {
-        bottleneck_dz_dh_kernel<T, W><<<static_cast<unsigned>(row_blocks(a.M)), kThreads, smem * sizeof(float), run.stream>>>(a);
-        check_launch("bottleneck_dz_dh_kernel");
+        run_rows(run, tc_blocks(a.M), tc_smem_floats(a.R, true), bottleneck_dz_dh_tc_kernel<T, W>, a,
+                 [&](int64_t b, float* smem) { dz_dh_tc_block<HostBlock, T, W>(a, b, smem); },
+                 "bottleneck_dz_dh_tc_kernel");
       }
     }
     if (a.wu_partials || a.bu_partials) {  // dout^T act(z) and sum_m dout

@@ -16,19 +16,32 @@
 
 #include <mma.h>
 
+#include <type_traits>
+
 #include "dtypes.cuh"
 
 namespace fastpeft {
 
 constexpr int kMmaTile = 16;  // m = n = k of one wmma product
 
+// Layouts of a B operand [k][n] in shared memory: a weight staged with its rows along n (each
+// row holds that output's k inputs: B[k][n] at p[n * ld + k], wmma's col_major) or along k
+// (B[k][n] at p[k * ld + n], row_major).
+struct BRowsN {
+  using wmma_layout = nvcuda::wmma::col_major;
+};
+struct BRowsK {
+  using wmma_layout = nvcuda::wmma::row_major;
+};
+
 struct DeviceMma {
-  // A [16 x 16] row-major at p[i * ld + k]; B [16 x 16] "column-major" at p[j * ld + k], i.e. the
-  // rows of a [n][k] tile (a weight stored output-major); the accumulator fp32 [16 x 16].
+  // A [16 x 16] row-major at p[i * ld + k]; B [16 x 16] in layout L (BRowsN / BRowsK); the
+  // accumulator fp32 [16 x 16].
   template <typename T>
   using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, kMmaTile, kMmaTile, kMmaTile, T, nvcuda::wmma::row_major>;
-  template <typename T>
-  using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, kMmaTile, kMmaTile, kMmaTile, T, nvcuda::wmma::col_major>;
+  template <typename T, typename L>
+  using FragB =
+      nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, kMmaTile, kMmaTile, kMmaTile, T, typename L::wmma_layout>;
   using Acc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, kMmaTile, kMmaTile, kMmaTile, float>;
 
   FASTPEFT_HD static void zero(Acc& c) {
@@ -42,15 +55,15 @@ struct DeviceMma {
     nvcuda::wmma::load_matrix_sync(a, p, ld);
 #endif
   }
-  template <typename T>
-  FASTPEFT_HD static void load_b(FragB<T>& b, const T* p, int ld) {
+  template <typename L, typename T>
+  FASTPEFT_HD static void load_b(FragB<T, L>& b, const T* p, int ld) {
 #ifdef __CUDA_ARCH__
     nvcuda::wmma::load_matrix_sync(b, p, ld);
 #endif
   }
   // c += a b
-  template <typename T>
-  FASTPEFT_HD static void mma(Acc& c, const FragA<T>& a, const FragB<T>& b) {
+  template <typename T, typename FB>
+  FASTPEFT_HD static void mma(Acc& c, const FragA<T>& a, const FB& b) {
 #ifdef __CUDA_ARCH__
     nvcuda::wmma::mma_sync(c, a, b, c);
 #endif
@@ -69,7 +82,7 @@ struct HostMma {
   };
   template <typename T>
   using FragA = Tile;  // a[i][k]
-  template <typename T>
+  template <typename T, typename L>
   using FragB = Tile;  // b[k][j]
   using Acc = Tile;    // c[i][j]
 
@@ -86,11 +99,12 @@ struct HostMma {
       for (int k = 0; k < kMmaTile; ++k) a.v[i][k] = to_float(p[i * ld + k]);
 #endif
   }
-  template <typename T>
+  template <typename L, typename T>
   FASTPEFT_HD static void load_b(Tile& b, const T* p, int ld) {
 #ifndef __CUDA_ARCH__
+    constexpr bool rows_n = std::is_same<L, BRowsN>::value;
     for (int j = 0; j < kMmaTile; ++j)
-      for (int k = 0; k < kMmaTile; ++k) b.v[k][j] = to_float(p[j * ld + k]);
+      for (int k = 0; k < kMmaTile; ++k) b.v[k][j] = to_float(rows_n ? p[j * ld + k] : p[k * ld + j]);
 #endif
   }
   FASTPEFT_HD static void mma(Acc& c, const Tile& a, const Tile& b) {

@@ -7,10 +7,11 @@ there), including the saved fp32 pre-activation ``z``; selected with ``FASTPEFT_
     z   = dropout(h) W_down^T + b_down            (fp32, [M, R])
     out = residual + scaling * (act(z) W_up^T + b_up)
 
-The forward of 16-bit h runs both products on tensor cores (``bottleneck_forward_tc_kernel``:
-one block per 32 rows, wmma m16n16k16 with fp32 accumulation, fp32 weights and ``act(z)``
-rounded to h's dtype for the products); fp32 h keeps fp32 products on CUDA cores (one block
-per 16 rows), as does the backward. The kernels read every operand through its strides (no copies), a tensor ``scaling`` and the
+For 16-bit h the forward and the backward's row step (``dz``, ``dh`` and the scaling's
+partials) run their products on tensor cores (one block per 32 rows, wmma m16n16k16 with fp32
+accumulation; fp32 weights, ``act(z)`` and ``dz`` rounded to h's dtype for the products); fp32
+h keeps fp32 products on CUDA cores (one block per 16 rows), as do the weight gradients. The
+kernels read every operand through its strides (no copies), a tensor ``scaling`` and the
 dropout seed on the device (no host sync: CUDA-graph safe), and launch on h's device's current
 stream. The backward's weight and bias gradients come as per-split fp32 partial sums (one
 split per ``rows_per_split`` rows) that this module adds in split order with torch: no

@@ -74,20 +74,27 @@ def test_no_rows(emulated, dtype):
     assert grads[5].item() == 0.0
 
 
-def test_tensor_core_forward_is_order_free_and_vectorized(emulated):
-    """16-bit h on the tensor-core forward: the same bits in any block order, 16-byte loads for
-    aligned rows (D = 264) and element-by-element loads for a strided h."""
+def test_tensor_core_kernels_are_order_free_and_vectorized(emulated):
+    """16-bit h on the tensor-core row kernels (forward, and the backward's dz/dh/ds): the same
+    bits in any block order, 16-byte loads for aligned rows (D = 264), and the same bits again
+    from element-by-element loads of a strided h and grad_out."""
     ext = emulated
-    h, w_down, b_down, w_up, b_up, _ = case_inputs(70, 264, 40, torch.bfloat16, torch.bfloat16, True)
+    h, w_down, b_down, w_up, b_up, grad_out = case_inputs(70, 264, 40, torch.bfloat16, torch.bfloat16, True)
     seed = torch.tensor([11], dtype=torch.int64)
+    needs = (True, False, False, False, False, True)  # dh and ds: the row kernel's outputs only
+
+    def run(h, grad_out):
+        out, z = cuda_launch.bottleneck_forward(h, w_down, b_down, w_up, b_up, None, "gelu", 0.5, 0.2, seed)
+        grads = cuda_launch.bottleneck_backward(grad_out, h, w_down, w_up, b_up, z, "gelu", 0.5, 0.2, seed, True, needs)
+        return out, z, grads[0], grads[5]
+
     runs = []
     ext.emulation_load_counts()
     for order in (0, 5, 99):
         with block_order(order):
-            runs.append(cuda_launch.bottleneck_forward(h, w_down, b_down, w_up, b_up, None, "gelu", 0.5, 0.2, seed))
+            runs.append(run(h, grad_out))
     vector, _ = ext.emulation_load_counts()
     assert vector > 0
-    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
-    strided = h.t().contiguous().t()
-    out, z = cuda_launch.bottleneck_forward(strided, w_down, b_down, w_up, b_up, None, "gelu", 0.5, 0.2, seed)
-    assert torch.equal(out, runs[0][0]) and torch.equal(z, runs[0][1])
+    assert all(torch.equal(a, b) for other in runs[1:] for a, b in zip(runs[0], other))
+    strided = run(h.t().contiguous().t(), grad_out.t().contiguous().t())
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], strided))
