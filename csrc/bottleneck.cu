@@ -22,9 +22,11 @@
 //             columns at a time in shared memory; each thread owns a few (row, r) dot products.
 //             The activations stay in shared memory; up: each thread owns columns d of out. The
 //             backward's row step is the same kernel on dout with the weights' roles swapped.
-//   backward, weight gradients (CUDA cores, every dtype): a tiled kernel forms per-split fp32
-//             partial sums of dout^T act(z) and dz^T dropout(h) (and the bias sums), which the
-//             launcher adds in a fixed order: no float atomics, bitwise reproducible.
+//   backward, weight gradients: a tiled kernel forms per-split fp32 partial sums of
+//             dout^T act(z) and dz^T dropout(h) (and the bias sums, exact fp32), which the
+//             launcher adds in a fixed order: no float atomics, bitwise reproducible. 16-bit h:
+//             the products on tensor cores (outer_tc_block; act(z) and dz rounded to h's dtype
+//             for them); fp32 h: CUDA cores (outer_block).
 #include <cuda_runtime.h>
 
 #include <string>
@@ -216,11 +218,11 @@ FASTPEFT_HD void forward_block(const BottleneckForward& a, int64_t block, float*
 //   up:   per kTcUpCols output columns, out[32, 128] = cs Wu, Wu [Rk, 128], in the same steps
 //         over Rk, then the fp32 tile goes through shared memory (os) to the kernel's epilogue,
 //         8 columns per thread, 16-byte stores.
-// forward:  src = h (dropout), Wd = W_down^T (W_down's rows staged as they are: BRowsN),
-//           epilogue z = acc + b_down, cs = act(z); Wu = W_up^T (W_up's rows: BRowsN), epilogue
+// forward:  src = h (dropout), Wd = W_down^T (W_down's rows staged as they are: ColMajor),
+//           epilogue z = acc + b_down, cs = act(z); Wu = W_up^T (W_up's rows: ColMajor), epilogue
 //           out = residual + scaling * (u + b_up).
-// backward: src = dout, Wd = W_up (rows d staged along r: BRowsK), epilogue dz = scaling * acc *
-//           act'(z), ds, cs = dz; Wu = W_down (rows r along d: BRowsK), epilogue dh = dropout'(u)
+// backward: src = dout, Wd = W_up (rows d staged along r: RowMajor), epilogue dz = scaling * acc *
+//           act'(z), ds, cs = dz; Wu = W_down (rows r along d: RowMajor), epilogue dh = dropout'(u)
 //           (+ dout). fp32 weights, act(z) and dz are rounded to h's dtype for the products (one
 //           rounding each, within the 16-bit tests' tolerance of 4 unit roundoffs per element).
 // Every staged operand is read along its unit stride, so the loads coalesce; a strided view
@@ -260,45 +262,49 @@ FASTPEFT_HD constexpr int64_t tc_smem_floats(int64_t R, bool backward) {
 // takes up to 163 KB per block).
 static_assert(tc_smem_floats(kMaxRank, true) * 4 <= 160 * 1024, "tensor-core kernels must fit an A100's shared memory");
 
-// The warp's tile t of a grid of kTcRowTiles x col_tiles tiles: (row tile, col tile), or false
-// when the grid has no such tile (warp-uniform).
-FASTPEFT_HD bool tc_tile(int warp, int t, int col_tiles, int* rt, int* ct) {
+// The warp's tile t of a grid of row_tiles x col_tiles tiles: (row tile, col tile), or false
+// when the grid has no such tile (warp-uniform). Tile t of warp w is tile w + 8 t.
+FASTPEFT_HD bool tc_tile(int warp, int t, int row_tiles, int col_tiles, int* rt, int* ct) {
   const int tile = warp + t * kBlockWarps;
-  *rt = tile % kTcRowTiles;
-  *ct = tile / kTcRowTiles;
+  *rt = tile % row_tiles;
+  *ct = tile / row_tiles;
   return *ct < col_tiles;
 }
 
-// acc[tile] (zeroed first when `first`) += A[tile rows, 0:kTcStep] B[0:kTcStep, tile cols] over
-// the warp's tiles: A row-major at a (pitch lda), B at b in layout L (pitch ldb), 16-bit in
-// shared memory. (Zeroing here rather than in a phase of its own keeps one phase per step.)
-template <typename Mma, typename L, typename T, int kTiles>
-FASTPEFT_HD void tc_step(typename Mma::Acc (&acc)[kTiles], bool first, int warp, int col_tiles, const T* a, int lda,
-                         const T* b, int ldb) {
-  constexpr bool rows_n = std::is_same<L, BRowsN>::value;
+// acc[tile] (zeroed first when `first`) += A[tile rows, 0:depth] B[0:depth, tile cols] over the
+// warp's tiles of a row_tiles x col_tiles grid: A at a in layout LA (pitch lda), B at b in
+// layout LB (pitch ldb), 16-bit in shared memory. (Zeroing here rather than in a phase of its
+// own keeps one phase per step.)
+template <typename Mma, typename LA, typename LB, typename T, int kTiles>
+FASTPEFT_HD void tc_step(typename Mma::Acc (&acc)[kTiles], bool first, int warp, int row_tiles, int col_tiles,
+                         int depth, const T* a, int lda, const T* b, int ldb) {
+  constexpr bool a_rows = std::is_same<LA, RowMajor>::value, b_rows = std::is_same<LB, RowMajor>::value;
 #pragma unroll
   for (int t = 0; t < kTiles; ++t) {
     int rt, ct;
-    if (!tc_tile(warp, t, col_tiles, &rt, &ct)) continue;
+    if (!tc_tile(warp, t, row_tiles, col_tiles, &rt, &ct)) continue;
     if (first) Mma::zero(acc[t]);
-#pragma unroll
-    for (int k = 0; k < kTcStep; k += kMmaTile) {
-      typename Mma::template FragA<T> fa;
-      typename Mma::template FragB<T, L> fb;
-      Mma::load_a(fa, a + rt * kMmaTile * lda + k, lda);
-      Mma::template load_b<L>(fb, rows_n ? b + ct * kMmaTile * ldb + k : b + k * ldb + ct * kMmaTile, ldb);
+    for (int k = 0; k < depth; k += kMmaTile) {
+      typename Mma::template FragA<T, LA> fa;
+      typename Mma::template FragB<T, LB> fb;
+      const int i0 = rt * kMmaTile, j0 = ct * kMmaTile;
+      Mma::template load_a<LA>(fa, a_rows ? a + i0 * lda + k : a + k * lda + i0, lda);
+      Mma::template load_b<LB>(fb, b_rows ? b + k * ldb + j0 : b + j0 * ldb + k, ldb);
       Mma::mma(acc[t], fa, fb);
     }
   }
 }
 
-// The warp's accumulator tiles into the fp32 [kTcRows][ld] tile at dst.
+// The warp's accumulator tiles into the fp32 [row_tiles x 16][ld] tile at dst.
 template <typename Mma, int kTiles>
-FASTPEFT_HD void tc_store(const typename Mma::Acc (&acc)[kTiles], int warp, int col_tiles, float* dst, int ld) {
+FASTPEFT_HD void tc_store(const typename Mma::Acc (&acc)[kTiles], int warp, int row_tiles, int col_tiles, float* dst,
+                          int ld) {
 #pragma unroll
   for (int t = 0; t < kTiles; ++t) {
     int rt, ct;
-    if (tc_tile(warp, t, col_tiles, &rt, &ct)) Mma::store(dst + rt * kMmaTile * ld + ct * kMmaTile, acc[t], ld);
+    if (tc_tile(warp, t, row_tiles, col_tiles, &rt, &ct)) {
+      Mma::store(dst + rt * kMmaTile * ld + ct * kMmaTile, acc[t], ld);
+    }
   }
 }
 
@@ -317,13 +323,13 @@ FASTPEFT_HD void tc_stage_rows(int tid, T* dst, int ld, int rows, int width, con
   }
 }
 
-// The weight operand of a step in layout L: BRowsN stages kTcStep columns [k0, k0 + kTcStep) of
-// `width` rows [n0, ...) of w (w's rows are outputs n); BRowsK stages kTcStep rows [k0, ...) of
+// The weight operand of a step in layout L: ColMajor stages kTcStep columns [k0, k0 + kTcStep) of
+// `width` rows [n0, ...) of w (w's rows are outputs n); RowMajor stages kTcStep rows [k0, ...) of
 // w, `width` columns [n0, ...) each (w's rows are inputs k). valid_n / valid_k bound n and k.
 template <typename L, typename T, typename W>
 FASTPEFT_HD void tc_stage_weight(int tid, T* dst, int width, const Matrix& w, int64_t n0, int64_t valid_n, int64_t k0,
                                  int64_t valid_k) {
-  if (std::is_same<L, BRowsN>::value) {
+  if (std::is_same<L, ColMajor>::value) {
     tc_stage_rows<T, W>(tid, dst, kTcPitch, width, kTcStep, w, n0, valid_n, k0, valid_k);
   } else {
     tc_stage_rows<T, W>(tid, dst, width + kTcPad16, kTcStep, width, w, k0, valid_k, n0, valid_n);
@@ -333,7 +339,7 @@ FASTPEFT_HD void tc_stage_weight(int tid, T* dst, int width, const Matrix& w, in
 // Leading dimension of a staged weight step of `width` outputs in layout L.
 template <typename L>
 FASTPEFT_HD constexpr int tc_weight_ld(int width) {
-  return std::is_same<L, BRowsN>::value ? kTcPitch : width + kTcPad16;
+  return std::is_same<L, ColMajor>::value ? kTcPitch : width + kTcPad16;
 }
 
 // Down: the block's zs [kTcRows][Rk + 8] (fp32, at smem) = rows [m0, m0 + kTcRows) of src,
@@ -359,11 +365,12 @@ FASTPEFT_HD void tc_down(const Matrix& src, int64_t m0, int64_t M, int64_t D, co
     });
     B::sync();
     B::each_warp([&](int warp, int s) {
-      tc_step<Mma, L>(acc[s], d0 == 0, warp, rank_tiles, xs, kTcPitch, ws, tc_weight_ld<L>(Rk));
+      tc_step<Mma, RowMajor, L>(acc[s], d0 == 0, warp, kTcRowTiles, rank_tiles, kTcStep, xs, kTcPitch, ws,
+                                tc_weight_ld<L>(Rk));
     });
     B::sync();
   }
-  B::each_warp([&](int warp, int s) { tc_store<Mma>(acc[s], warp, rank_tiles, smem, Rk + kTcF32Pad); });
+  B::each_warp([&](int warp, int s) { tc_store<Mma>(acc[s], warp, kTcRowTiles, rank_tiles, smem, Rk + kTcF32Pad); });
   B::sync();
 }
 
@@ -384,11 +391,12 @@ FASTPEFT_HD void tc_up(const T* cs, int64_t m0, int64_t M, int64_t D, const Matr
       B::each([&](int tid, int) { tc_stage_weight<L, T, W>(tid, vs, kTcUpCols, w, n0, D, r0, R); });
       B::sync();
       B::each_warp([&](int warp, int s) {
-        tc_step<Mma, L>(up[s], r0 == 0, warp, kColTiles, cs + r0, Rk + kTcPad16, vs, tc_weight_ld<L>(kTcUpCols));
+        tc_step<Mma, RowMajor, L>(up[s], r0 == 0, warp, kTcRowTiles, kColTiles, kTcStep, cs + r0, Rk + kTcPad16, vs,
+                                  tc_weight_ld<L>(kTcUpCols));
       });
       B::sync();
     }
-    B::each_warp([&](int warp, int s) { tc_store<Mma>(up[s], warp, kColTiles, os, os_ld); });
+    B::each_warp([&](int warp, int s) { tc_store<Mma>(up[s], warp, kTcRowTiles, kColTiles, os, os_ld); });
     B::sync();
     B::each([&](int tid, int) {
       for (int g = tid; g < kTcRows * kGroupsPerRow; g += kThreads) {
@@ -426,7 +434,7 @@ template <typename B, typename T, typename W>
 FASTPEFT_HD void forward_tc_block(const BottleneckForward& a, int64_t block, float* smem) {
   const int R = static_cast<int>(a.R), Rk = tc_rank(a.R), zs_ld = Rk + kTcF32Pad, cs_ld = Rk + kTcPad16;
   const int64_t m0 = block * kTcRows;
-  tc_down<B, BRowsN, T, W>(a.h, m0, a.M, a.D, a.dropout, load_seed(a.dropout), a.w_down, R, smem);
+  tc_down<B, ColMajor, T, W>(a.h, m0, a.M, a.D, a.dropout, load_seed(a.dropout), a.w_down, R, smem);
   const float* zs = smem;
   T* cs = reinterpret_cast<T*>(smem + tc_region_floats(Rk));
   float* z = reinterpret_cast<float*>(a.z);
@@ -447,7 +455,7 @@ FASTPEFT_HD void forward_tc_block(const BottleneckForward& a, int64_t block, flo
   const Matrix res = a.residual.ptr ? a.residual : a.h;
   T* out = reinterpret_cast<T*>(a.out);
   const float scaling = load_scaling(a.scaling);
-  tc_up<B, BRowsN, T, W>(cs, m0, a.M, a.D, a.w_up, R, smem, [&](int64_t m, int64_t d, float (&u)[kVec]) {
+  tc_up<B, ColMajor, T, W>(cs, m0, a.M, a.D, a.w_up, R, smem, [&](int64_t m, int64_t d, float (&u)[kVec]) {
     float v[kVec];
     load_row_group<T>(res, m, d, a.D, v);
 #pragma unroll
@@ -464,7 +472,7 @@ FASTPEFT_HD void dz_dh_tc_block(const BottleneckBackward& a, int64_t block, floa
   const int R = static_cast<int>(a.R), Rk = tc_rank(a.R), zs_ld = Rk + kTcF32Pad, cs_ld = Rk + kTcPad16;
   const int64_t m0 = block * kTcRows;
   const Dropout no_dropout{0, 0, 1.0f};
-  tc_down<B, BRowsK, T, W>(a.dout, m0, a.M, a.D, no_dropout, 0, a.w_up, R, smem);  // (dout W_up)[m, r]
+  tc_down<B, RowMajor, T, W>(a.dout, m0, a.M, a.D, no_dropout, 0, a.w_up, R, smem);  // (dout W_up)[m, r]
   const float* zs = smem;
   T* cs = reinterpret_cast<T*>(smem + tc_region_floats(Rk));
   float* ds_sum = smem + tc_smem_floats(R, true) - kTcRowTiles * kThreads;  // [kTcRowTiles][kThreads]
@@ -497,7 +505,7 @@ FASTPEFT_HD void dz_dh_tc_block(const BottleneckBackward& a, int64_t block, floa
   if (a.dh) {
     const uint64_t seed = load_seed(a.dropout);
     T* dh = reinterpret_cast<T*>(a.dh);
-    tc_up<B, BRowsK, T, W>(cs, m0, a.M, a.D, a.w_down, R, smem, [&](int64_t m, int64_t d, float (&u)[kVec]) {
+    tc_up<B, RowMajor, T, W>(cs, m0, a.M, a.D, a.w_down, R, smem, [&](int64_t m, int64_t d, float (&u)[kVec]) {
       drop_group4(u, m, d, a.D, a.dropout, seed);  // (dz W_down)[m, d], dropped and scaled
       drop_group4(u + 4, m, d + 4, a.D, a.dropout, seed);
       if (a.add_dout) {
@@ -670,6 +678,99 @@ FASTPEFT_HD void outer_block(const OuterArgs& a, int64_t d_tile, int64_t r_tile,
   });
 }
 
+// outer_block's split on tensor cores (16-bit P): the same outputs, kTcOuterM rows per step
+// staged as 16-bit [m][d] (P, the A operand seen column-major) and [m][r] (Q rounded to P's
+// dtype, B row-major), 16-byte loads and stores, wmma products into fp32 (4 x 4 tiles, 2 per
+// warp), the tile written through shared memory along the output's unit stride. The column
+// sums stay exact fp32, added in m order from the rows' values in global memory (L1 hits:
+// the staging has just read them), only in the tiles that write them.
+constexpr int kTcOuterM = 64;                        // rows per step: 4 mma k-steps per barrier pair
+constexpr int kTcOuterLd = kOuterTile + kTcPad16;    // 144 B rows: conflict-free fragment loads
+constexpr int kTcOuterTileTiles = kOuterTile / kMmaTile;
+constexpr int kTcOuterTiles = kTcOuterTileTiles * kTcOuterTileTiles / kBlockWarps;  // 2 per warp
+// ps + qs (16-bit), reused for the fp32 [64][kTcOuterLd] output tile, in floats.
+constexpr int kTcOuterSmemFloats = kOuterTile * kTcOuterLd;
+static_assert(2 * kTcOuterM * kTcOuterLd / 2 <= kTcOuterSmemFloats, "the staged rows fit the output tile's space");
+
+template <typename B, typename T>
+FASTPEFT_HD void outer_tc_block(const OuterArgs& a, int64_t d_tile, int64_t r_tile, int64_t split, float* smem) {
+  using Mma = typename MmaOf<B>::type;
+  constexpr int kGroups = kOuterTile / kVec;  // 8-element groups per staged row
+  T* ps = reinterpret_cast<T*>(smem);         // [kTcOuterM][kTcOuterLd] P rows
+  T* qs = ps + kTcOuterM * kTcOuterLd;        // [kTcOuterM][kTcOuterLd] Q rows
+  const int64_t d_base = d_tile * kOuterTile, r_base = r_tile * kOuterTile;
+  const int64_t m_begin = split * a.rows_per_split;
+  const int64_t m_end = m_begin + a.rows_per_split < a.M ? m_begin + a.rows_per_split : a.M;
+  const uint64_t seed = load_seed(a.dropout);
+  // Threads 0..63 sum P column d_base + tid, 64..127 Q column r_base + tid - 64, when written.
+  const bool p_sums = a.p_sums && r_tile == 0, q_sums = a.q_sums && d_tile == 0;
+  float col_sum[B::kStates];
+  typename Mma::Acc acc[B::kWarpStates][kTcOuterTiles];
+  for (int64_t m0 = m_begin; m0 == m_begin || m0 < m_end; m0 += kTcOuterM) {  // once at least: zeros
+    B::each([&](int tid, int s) {
+      for (int g = tid; g < kTcOuterM * kGroups; g += kThreads) {
+        const int row = g / kGroups, j = g % kGroups * kVec;
+        const int64_t m = m0 + row, r = r_base + j;
+        float v[kVec];
+        load_dropped_group<T>(a.p, m, d_base + j, m_end, a.D, a.dropout, seed, v);
+        store_group(ps + row * kTcOuterLd + j, kVec, v);
+        const Matrix q{reinterpret_cast<uintptr_t>(a.q), a.R, 1};
+        float w[kVec] = {};
+        if (m < m_end) load_row_group<float>(q, m, r, a.R, w);
+#pragma unroll
+        for (int l = 0; l < kVec; ++l) {
+          if (a.q_activation >= 0 && m < m_end && r + l < a.R) w[l] = activate(a.q_activation, w[l]);
+        }
+        store_group(qs + row * kTcOuterLd + j, kVec, w);
+      }
+      if (m0 == m_begin) col_sum[s] = 0.0f;
+      const int64_t rows_end = m0 + kTcOuterM < m_end ? m0 + kTcOuterM : m_end;
+      if (p_sums && tid < kOuterTile && d_base + tid < a.D) {
+        const int64_t d = d_base + tid;
+        const T* p = reinterpret_cast<const T*>(a.p.ptr);
+        for (int64_t m = m0; m < rows_end; ++m) {
+          float v = to_float(p[m * a.p.s0 + d * a.p.s1]);
+          if (a.dropout.seed_ptr) v = keep_element(seed, m, d, a.D, a.dropout.threshold) ? v * a.dropout.inv_keep : 0.0f;
+          col_sum[s] += v;
+        }
+      } else if (q_sums && tid >= kOuterTile && tid < 2 * kOuterTile && r_base + tid - kOuterTile < a.R) {
+        const int64_t r = r_base + tid - kOuterTile;
+        for (int64_t m = m0; m < rows_end; ++m) {
+          const float v = a.q[m * a.R + r];
+          col_sum[s] += a.q_activation >= 0 ? activate(a.q_activation, v) : v;
+        }
+      }
+    });
+    B::sync();
+    B::each_warp([&](int warp, int s) {
+      tc_step<Mma, ColMajor, RowMajor>(acc[s], m0 == m_begin, warp, kTcOuterTileTiles, kTcOuterTileTiles, kTcOuterM,
+                                       ps, kTcOuterLd, qs, kTcOuterLd);
+    });
+    B::sync();
+  }
+  B::each_warp([&](int warp, int s) {
+    tc_store<Mma>(acc[s], warp, kTcOuterTileTiles, kTcOuterTileTiles, smem, kTcOuterLd);  // [d][r]
+  });
+  B::sync();
+  B::each([&](int tid, int s) {
+    if (a.out) {
+      for (int i = tid; i < kOuterTile * kOuterTile; i += kThreads) {
+        // Consecutive threads along the output's unit stride: d when r_major, else r.
+        const int dd = a.r_major ? i % kOuterTile : i / kOuterTile, rr = a.r_major ? i / kOuterTile : i % kOuterTile;
+        const int64_t d = d_base + dd, r = r_base + rr;
+        if (d < a.D && r < a.R) {
+          a.out[a.r_major ? (split * a.R + r) * a.D + d : (split * a.D + d) * a.R + r] = smem[dd * kTcOuterLd + rr];
+        }
+      }
+    }
+    if (p_sums && tid < kOuterTile && d_base + tid < a.D) {
+      a.p_sums[split * a.D + d_base + tid] = col_sum[s];
+    } else if (q_sums && tid >= kOuterTile && tid < 2 * kOuterTile && r_base + tid - kOuterTile < a.R) {
+      a.q_sums[split * a.R + r_base + tid - kOuterTile] = col_sum[s];
+    }
+  });
+}
+
 template <typename T, typename W>
 __global__ void __launch_bounds__(kThreads) bottleneck_forward_kernel(BottleneckForward a) {
   extern __shared__ float smem[];
@@ -702,6 +803,12 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) outer_partials_kernel(OuterArgs a) {
   __shared__ float smem[kOuterSmemFloats];
   outer_block<DeviceBlock, T>(a, blockIdx.x, blockIdx.y, blockIdx.z, smem);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) outer_partials_tc_kernel(OuterArgs a) {
+  __shared__ __align__(32) float smem[kTcOuterSmemFloats];
+  outer_tc_block<DeviceBlock, T>(a, blockIdx.x, blockIdx.y, blockIdx.z, smem);
 }
 
 // The (h, weight) dtype pairs the op takes: weights in h's dtype, or fp32 weights on 16-bit h.
@@ -765,18 +872,28 @@ void forward(const BottleneckForward& a, const Runner& run) {
   });
 }
 
+// The weight-gradient partials: fp32 P on CUDA cores, 16-bit P on tensor cores.
 template <typename T>
 void outer(const OuterArgs& o, int64_t splits, const Runner& run, const char* what) {
   const int64_t d_tiles = (o.D + kOuterTile - 1) / kOuterTile, r_tiles = (o.R + kOuterTile - 1) / kOuterTile;
+  constexpr bool tensor_cores = !std::is_same<T, float>::value;
   if (run.emulate) {
-    HostShared host_smem(kOuterSmemFloats);
-    for (int64_t s = 0; s < splits; ++s)
-      for (int64_t rt = 0; rt < r_tiles; ++rt)
-        for (int64_t dt = 0; dt < d_tiles; ++dt) outer_block<HostBlock, T>(o, dt, rt, s, host_smem.begin_block());
+    HostShared host_smem(tensor_cores ? kTcOuterSmemFloats : kOuterSmemFloats);
+    emulate_grid(d_tiles, r_tiles, splits, [&](int64_t dt, int64_t rt, int64_t s) {
+      if constexpr (tensor_cores) {
+        outer_tc_block<HostBlock, T>(o, dt, rt, s, host_smem.begin_block());
+      } else {
+        outer_block<HostBlock, T>(o, dt, rt, s, host_smem.begin_block());
+      }
+    });
     return;
   }
   const dim3 grid(static_cast<unsigned>(d_tiles), static_cast<unsigned>(r_tiles), static_cast<unsigned>(splits));
-  outer_partials_kernel<T><<<grid, kThreads, 0, run.stream>>>(o);
+  if constexpr (tensor_cores) {
+    outer_partials_tc_kernel<T><<<grid, kThreads, 0, run.stream>>>(o);
+  } else {
+    outer_partials_kernel<T><<<grid, kThreads, 0, run.stream>>>(o);
+  }
   check_launch(what);
 }
 

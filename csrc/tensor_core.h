@@ -24,24 +24,28 @@ namespace fastpeft {
 
 constexpr int kMmaTile = 16;  // m = n = k of one wmma product
 
-// Layouts of a B operand [k][n] in shared memory: a weight staged with its rows along n (each
-// row holds that output's k inputs: B[k][n] at p[n * ld + k], wmma's col_major) or along k
-// (B[k][n] at p[k * ld + n], row_major).
-struct BRowsN {
-  using wmma_layout = nvcuda::wmma::col_major;
-};
-struct BRowsK {
+// Layouts of an operand tile in shared memory, as wmma's: RowMajor keeps A[i][k] at p[i * ld + k]
+// and B[k][n] at p[k * ld + n]; ColMajor keeps A[i][k] at p[k * ld + i] and B[k][n] at
+// p[n * ld + k] (a weight staged with its rows along n: each row one output's inputs).
+struct RowMajor {
   using wmma_layout = nvcuda::wmma::row_major;
 };
+struct ColMajor {
+  using wmma_layout = nvcuda::wmma::col_major;
+};
+
+// Element (row, col) of a tile in layout L at p with leading dimension ld.
+template <typename L, typename T>
+FASTPEFT_HD const T& tile_at(const T* p, int ld, int row, int col) {
+  return std::is_same<L, RowMajor>::value ? p[row * ld + col] : p[col * ld + row];
+}
 
 struct DeviceMma {
-  // A [16 x 16] row-major at p[i * ld + k]; B [16 x 16] in layout L (BRowsN / BRowsK); the
-  // accumulator fp32 [16 x 16].
-  template <typename T>
-  using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, kMmaTile, kMmaTile, kMmaTile, T, nvcuda::wmma::row_major>;
+  // A [16 x 16] and B [16 x 16] in layouts LA, LB (RowMajor / ColMajor); the accumulator fp32.
   template <typename T, typename L>
-  using FragB =
-      nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, kMmaTile, kMmaTile, kMmaTile, T, typename L::wmma_layout>;
+  using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, kMmaTile, kMmaTile, kMmaTile, T, typename L::wmma_layout>;
+  template <typename T, typename L>
+  using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, kMmaTile, kMmaTile, kMmaTile, T, typename L::wmma_layout>;
   using Acc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, kMmaTile, kMmaTile, kMmaTile, float>;
 
   FASTPEFT_HD static void zero(Acc& c) {
@@ -49,8 +53,8 @@ struct DeviceMma {
     nvcuda::wmma::fill_fragment(c, 0.0f);
 #endif
   }
-  template <typename T>
-  FASTPEFT_HD static void load_a(FragA<T>& a, const T* p, int ld) {
+  template <typename L, typename T>
+  FASTPEFT_HD static void load_a(FragA<T, L>& a, const T* p, int ld) {
 #ifdef __CUDA_ARCH__
     nvcuda::wmma::load_matrix_sync(a, p, ld);
 #endif
@@ -62,8 +66,8 @@ struct DeviceMma {
 #endif
   }
   // c += a b
-  template <typename T, typename FB>
-  FASTPEFT_HD static void mma(Acc& c, const FragA<T>& a, const FB& b) {
+  template <typename FA, typename FB>
+  FASTPEFT_HD static void mma(Acc& c, const FA& a, const FB& b) {
 #ifdef __CUDA_ARCH__
     nvcuda::wmma::mma_sync(c, a, b, c);
 #endif
@@ -80,7 +84,7 @@ struct HostMma {
   struct Tile {
     float v[kMmaTile][kMmaTile];
   };
-  template <typename T>
+  template <typename T, typename L>
   using FragA = Tile;  // a[i][k]
   template <typename T, typename L>
   using FragB = Tile;  // b[k][j]
@@ -92,19 +96,18 @@ struct HostMma {
       for (float& v : row) v = 0.0f;
 #endif
   }
-  template <typename T>
+  template <typename L, typename T>
   FASTPEFT_HD static void load_a(Tile& a, const T* p, int ld) {
 #ifndef __CUDA_ARCH__
     for (int i = 0; i < kMmaTile; ++i)
-      for (int k = 0; k < kMmaTile; ++k) a.v[i][k] = to_float(p[i * ld + k]);
+      for (int k = 0; k < kMmaTile; ++k) a.v[i][k] = to_float(tile_at<L>(p, ld, i, k));
 #endif
   }
   template <typename L, typename T>
   FASTPEFT_HD static void load_b(Tile& b, const T* p, int ld) {
 #ifndef __CUDA_ARCH__
-    constexpr bool rows_n = std::is_same<L, BRowsN>::value;
-    for (int j = 0; j < kMmaTile; ++j)
-      for (int k = 0; k < kMmaTile; ++k) b.v[k][j] = to_float(rows_n ? p[j * ld + k] : p[k * ld + j]);
+    for (int k = 0; k < kMmaTile; ++k)
+      for (int j = 0; j < kMmaTile; ++j) b.v[k][j] = to_float(tile_at<L>(p, ld, k, j));
 #endif
   }
   FASTPEFT_HD static void mma(Acc& c, const Tile& a, const Tile& b) {

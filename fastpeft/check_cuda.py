@@ -41,7 +41,7 @@ NVCC_FLAGS = ("-std=c++17", "-O3", "-DNDEBUG")
 # Kernels written for tensor cores (their name, found in the mangled one): the check fails
 # one that compiles to no HMMA instruction (csrc/tensor_core.h), e.g. after a change that
 # makes nvcc drop the wmma path.
-TENSOR_CORE_KERNELS = frozenset({"bottleneck_forward_tc_kernel", "bottleneck_dz_dh_tc_kernel"})
+TENSOR_CORE_KERNELS = frozenset({"bottleneck_forward_tc_kernel", "bottleneck_dz_dh_tc_kernel", "outer_partials_tc_kernel"})
 # Where the CUDA toolkit installs nvcc when it is not on PATH.
 _DEFAULT_NVCC = "/usr/local/cuda/bin/nvcc"
 
