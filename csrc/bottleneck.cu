@@ -230,8 +230,8 @@ FASTPEFT_HD void forward_block(const BottleneckForward& a, int64_t block, float*
 constexpr int kTcRows = 32;                      // rows per block: 2 mma row tiles
 constexpr int kTcRowTiles = kTcRows / kMmaTile;
 constexpr int kTcStep = 32;                      // reduction depth staged per step: 2 mma k-steps
-// 16-bit staging pitches are the width + 8: with 80 B rows (width 32) or 2 (mod 4) x 16 B rows
-// (widths 128 and Rk, multiples of 32), any 8 consecutive rows' 16-byte chunks fall on distinct
+// 16-bit staging pitches are the width + 8 (widths multiples of 32): rows are an odd number of
+// 16 B chunks long (80 B at width 32), so any 8 consecutive rows' 16-byte chunks fall on distinct
 // banks (the fragment loads read 8 rows x 16 B at a time), and every tile stays 32-byte aligned.
 constexpr int kTcPad16 = 8;
 constexpr int kTcPitch = kTcStep + kTcPad16;
@@ -811,8 +811,9 @@ __global__ void __launch_bounds__(kThreads) outer_partials_tc_kernel(OuterArgs a
   outer_tc_block<DeviceBlock, T>(a, blockIdx.x, blockIdx.y, blockIdx.z, smem);
 }
 
-// The (h, weight) dtype pairs the op takes: weights in h's dtype, or fp32 weights on 16-bit h.
-// Five instantiations per kernel keep the build and `fastpeft check` small.
+// The (h, weight) dtype pairs the op takes: weights in h's dtype, or fp32 weights on 16-bit h
+// (five pairs: the four 16-bit ones go to the tensor-core kernels, fp32/fp32 to the CUDA-core
+// ones, which keeps the build and `fastpeft check` small).
 template <typename F>
 void with_dtype_pair(DType dtype, DType weight_dtype, F&& f) {
   with_dtype(dtype, [&](auto t) {
@@ -829,7 +830,8 @@ void check_rank(int64_t R) {
 
 int64_t row_blocks(int64_t M) { return (M + kRows - 1) / kRows; }
 
-// Runs a step of a launch: on the stream (device), or every block in order on the CPU (emulate).
+// Runs a step of a launch: on the stream (device), or every block on the CPU (emulate, in
+// emulate_grid's order).
 struct Runner {
   cudaStream_t stream;
   bool emulate;
