@@ -743,13 +743,14 @@ FASTPEFT_HD void outer_tc_block(const OuterArgs& a, int64_t d_tile, int64_t r_ti
     });
     B::sync();
     B::each_warp([&](int warp, int s) {
+      if (!a.out) return;  // only the column sums were asked for
       tc_step<Mma, ColMajor, RowMajor>(acc[s], m0 == m_begin, warp, kTcOuterTileTiles, kTcOuterTileTiles, kTcOuterM,
                                        ps, kTcOuterLd, qs, kTcOuterLd);
     });
     B::sync();
   }
   B::each_warp([&](int warp, int s) {
-    tc_store<Mma>(acc[s], warp, kTcOuterTileTiles, kTcOuterTileTiles, smem, kTcOuterLd);  // [d][r]
+    if (a.out) tc_store<Mma>(acc[s], warp, kTcOuterTileTiles, kTcOuterTileTiles, smem, kTcOuterLd);  // [d][r]
   });
   B::sync();
   B::each([&](int tid, int s) {

@@ -34,8 +34,9 @@ def test_forward_and_every_gradient_match_float64(emulated, m, d, r, activation,
     check_case("cpu", m, d, r, activation, bias, separate_residual, dropout_p, dtype, w_dtype, tensor_scaling, strided)
 
 
-def test_backward_computes_only_what_is_asked(emulated):
-    h, w_down, b_down, w_up, b_up, grad_out = case_inputs(9, 33, 12, torch.float32, torch.float32, True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # CUDA-core and tensor-core kernels
+def test_backward_computes_only_what_is_asked(emulated, dtype):
+    h, w_down, b_down, w_up, b_up, grad_out = case_inputs(9, 33, 12, dtype, dtype, True)
     seed = torch.tensor([7], dtype=torch.int64)
     _, z = cuda_launch.bottleneck_forward(h, w_down, b_down, w_up, b_up, None, "silu", 1.5, 0.0, seed)
     _, _, exp = float64_reference(h, w_down, b_down, w_up, b_up, None, "silu", 1.5, 0.0, seed, grad_out)
@@ -43,7 +44,7 @@ def test_backward_computes_only_what_is_asked(emulated):
         needs = tuple(j == i for j in range(6))
         grads = cuda_launch.bottleneck_backward(grad_out, h, w_down, w_up, b_up, z, "silu", 1.5, 0.0, seed, True, needs)
         assert [g is not None for g in grads] == list(needs)
-        assert_close(grads[i].reshape(exp[i].shape), exp[i], torch.float32, f"gradient {i} alone")
+        assert_close(grads[i].reshape(exp[i].shape), exp[i], dtype, f"gradient {i} alone")
 
 
 def test_bad_arguments_raise_clearly(emulated):
