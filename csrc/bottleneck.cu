@@ -227,7 +227,13 @@ FASTPEFT_HD void forward_block(const BottleneckForward& a, int64_t block, float*
 //           rounding each, within the 16-bit tests' tolerance of 4 unit roundoffs per element).
 // Every staged operand is read along its unit stride, so the loads coalesce; a strided view
 // (no unit column stride) is read element by element (dtypes.cuh: load_row_group).
-constexpr int kTcRows = 32;                      // rows per block: 2 mma row tiles
+// Rows per block: 2 mma row tiles. Every block reads both weights, so the rows per block set
+// the L2 traffic: at M = 8192, D = 4096, R = 256 in bf16 (34 GFLOP, 8.4 M HMMA, 143 MB of DRAM
+// at the least) the 256 blocks read 1.07 GB of weights from L2, likely the bound (est. ~150 us
+// at ~7 TB/s against ~70 us of HMMA). 64 rows would halve it for twice the shared memory
+// (~101 KB: one block per SM on an A100) and the accumulator registers (64 at R = 256): a GPU
+// measurement should decide.
+constexpr int kTcRows = 32;
 constexpr int kTcRowTiles = kTcRows / kMmaTile;
 constexpr int kTcStep = 32;                      // reduction depth staged per step: 2 mma k-steps
 // 16-bit staging pitches are the width + 8 (widths multiples of 32): rows are an odd number of
