@@ -6,8 +6,11 @@
 // Rules for code written against a Block B: per-thread state lives in arrays of B::kStates
 // entries indexed by the `state` argument (one entry per thread on the host, one register-
 // resident entry on the device); B::each(f) calls f(tid, state) for the calling thread
-// (device) or for every tid (host); shared memory is a float* the caller provides; phases
-// that read what other threads wrote are separated by B::sync() (__syncthreads on the device).
+// (device) or for every tid (host); B::each_warp(f) likewise calls f(warp, state) with per-warp
+// state in arrays of B::kWarpStates entries (tensor_core.h's fragments); shared memory is a
+// float* the caller provides (16-bit values may be staged in it, whole 32-bit words per phase);
+// phases that read what other threads wrote are separated by B::sync() (__syncthreads on the
+// device).
 // OPT-IN: no GPU has run the kernels written this way yet.
 //
 // Missing barriers on the CPU. Running one phase for every thread before the next starts hides a
@@ -26,8 +29,11 @@
 // drop one B::sync() site at a time in the emulation (emulation_drop_barrier) and expect a failure.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -38,12 +44,22 @@ namespace fastpeft {
 
 constexpr int kBlockThreads = 256;  // 8 warps: every kernel here uses 256-thread blocks
 
+constexpr int kBlockWarps = kBlockThreads / 32;
+
 struct DeviceBlock {
   static constexpr int kStates = 1;
+  static constexpr int kWarpStates = 1;
   template <typename F>
   FASTPEFT_HD static void each(F&& f) {
 #ifdef __CUDA_ARCH__
     f(static_cast<int>(threadIdx.x), 0);
+#endif
+  }
+  // f(warp, state) for the calling thread's warp (every lane calls it: tensor_core.h's rules).
+  template <typename F>
+  FASTPEFT_HD static void each_warp(F&& f) {
+#ifdef __CUDA_ARCH__
+    f(static_cast<int>(threadIdx.x) / 32, 0);
 #endif
   }
   FASTPEFT_HD static void sync() {
@@ -115,7 +131,9 @@ class HostShared {
 
  private:
   static float poison() {
-    const uint32_t pattern = 0x7fc0dead;  // a quiet NaN: arithmetic on it gives NaN
+    // A quiet NaN whose two 16-bit halves are fp16 and bf16 NaNs too (kernels also stage 16-bit
+    // values in shared memory): arithmetic on a poisoned read gives NaN.
+    const uint32_t pattern = 0x7fff7fff;
     float v;
     std::memcpy(&v, &pattern, sizeof v);
     return v;
@@ -138,16 +156,48 @@ class HostShared {
   HostShared* previous_;
 };
 
+// What the emulation counts of the kernels' global loads (tests: that a path is exercised):
+// vector groups read with 16-byte loads and groups read element by element (dtypes.cuh:
+// load_group). Host only; the device build counts nothing.
+struct EmulationCounts {
+  int64_t vector_loads = 0, scalar_loads = 0;
+  static EmulationCounts& current() {
+    static thread_local EmulationCounts counts;
+    return counts;
+  }
+  FASTPEFT_HD static void count_load(bool vector) {
+#ifndef __CUDA_ARCH__
+    ++(vector ? current().vector_loads : current().scalar_loads);
+#endif
+  }
+};
+
 struct HostBlock {
   static constexpr int kStates = kBlockThreads;
+  static constexpr int kWarpStates = kBlockWarps;
   template <typename F>
   FASTPEFT_HD static void each(F&& f) {
 #ifndef __CUDA_ARCH__
+    phase([&] {
+      for (int tid = 0; tid < kBlockThreads; ++tid) f(tid, tid);
+    });
+#endif
+  }
+  // A phase of warp-level work: f(warp, warp) once per warp (one call stands for its 32 lanes).
+  template <typename F>
+  FASTPEFT_HD static void each_warp(F&& f) {
+#ifndef __CUDA_ARCH__
+    phase([&] {
+      for (int warp = 0; warp < kBlockWarps; ++warp) f(warp, warp);
+    });
+#endif
+  }
+  template <typename F>
+  static void phase(F&& run) {
     HostShared* shared = HostShared::current();
     if (shared) shared->before_phase();
-    for (int tid = 0; tid < kBlockThreads; ++tid) f(tid, tid);
+    run();
     if (shared) shared->after_phase();
-#endif
   }
   // The call site's file and line name the barrier (HostShared::dropped_barrier).
   FASTPEFT_HD static void sync(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
@@ -156,5 +206,22 @@ struct HostBlock {
 #endif
   }
 };
+
+// The emulation's order of a grid's blocks: 0 runs them in index order, any other value a
+// permutation drawn from it (a test's way to show that no result depends on the order a GPU
+// happens to run blocks in: emulation_block_order). Host only.
+inline uint64_t& emulation_block_order() {
+  static uint64_t seed = 0;
+  return seed;
+}
+
+// Runs f(x, y, z) for every block of an nx x ny x nz grid on the CPU, in emulation_block_order().
+template <typename F>
+void emulate_grid(int64_t nx, int64_t ny, int64_t nz, F&& f) {
+  std::vector<int64_t> order(static_cast<size_t>(nx * ny * nz));
+  std::iota(order.begin(), order.end(), int64_t{0});
+  if (emulation_block_order() != 0) std::shuffle(order.begin(), order.end(), std::mt19937_64(emulation_block_order()));
+  for (int64_t b : order) f(b % nx, b / nx % ny, b / (nx * ny));
+}
 
 }  // namespace fastpeft

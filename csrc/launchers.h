@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <stdexcept>
 
+#include "elementwise.h"
+
 namespace fastpeft {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
@@ -54,9 +56,10 @@ struct BottleneckForward {
   DType dtype, weight_dtype;
 };
 
-// Backward, step 1 (one block per kRowBlock rows): dz = scaling * (dout W_up) * act'(z)
-// (fp32 [M, R] -> dz), the per-block partial sums of act(z) * (dout W_up) (the gradient of a
-// device scaling, before the b_up term: ds_partials [row_blocks(M)], ptr 0 = skip), and, when
+// Backward, step 1 (row blocks: 16 rows for fp32 h, 32 for 16-bit h on tensor cores): dz =
+// scaling * (dout W_up) * act'(z) (fp32 [M, R] -> dz), the partial sums of act(z) * (dout W_up)
+// per kRowBlock rows (the gradient of a device scaling, before the b_up term: ds_partials
+// [ceil(M / kRowBlock)], ptr 0 = skip), and, when
 // dh != 0, dh = keep/(1-p) * (dz W_down) (+ dout when add_dout, i.e. the residual was h).
 // Step 2 (tiled over d and r, one grid z-slice per split of rows_per_split rows, a multiple
 // of kOuterRows): fp32 partial sums per split, written only where the pointer is not 0:
@@ -96,12 +99,17 @@ void bottleneck_backward_emulated(const BottleneckBackward& args);
 // with i outside [0, L) untouched, no slot read for them) and r = clamp(ranks[i], 0, R_max)
 // (int64). x [T, K] and y [T, N] with unit column stride and row strides ld_x, ld_y;
 // lora_a [L, R_max, K], lora_b [L, N, R_max] contiguous, in x's dtype or fp32 (lora_dtype);
-// scalings fp32 [L]; shrunk: an fp32 workspace [T, R_max].
+// scalings fp32 [L]; shrunk: an fp32 workspace [T, bgmv_slices(K), R_max] (the shrink's
+// partial sums, one per kBgmvSliceK columns of K).
 struct BgmvForward {
   uintptr_t x, lora_a, lora_b, scalings, adapter_ids, ranks, y, shrunk;
   int64_t T, K, N, L, R_max, ld_x, ld_y;
   DType dtype, lora_dtype;
 };
+
+// Columns of K per shrink block (bgmv.cu: 64 threads x 8 elements per rank row).
+constexpr int64_t kBgmvSliceK = 512;
+FASTPEFT_HD constexpr int64_t bgmv_slices(int64_t K) { return (K + kBgmvSliceK - 1) / kBgmvSliceK; }
 
 void bgmv_forward(const BgmvForward& args, uintptr_t stream);
 void bgmv_forward_emulated(const BgmvForward& args);  // on the CPU, as above

@@ -98,6 +98,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("ROW_BLOCK") = kRowBlock;
   m.attr("OUTER_ROWS") = kOuterRows;
   m.attr("OUTER_TILE") = kOuterTileSize;
+  m.attr("BGMV_SLICE_K") = kBgmvSliceK;
   py::dict acts;
   acts["identity"] = static_cast<int>(kIdentity);
   acts["relu"] = static_cast<int>(kRelu);
@@ -124,6 +125,20 @@ PYBIND11_MODULE(_C, m) {
       "emulation_drop_barrier", [](const std::string& site) { HostShared::dropped_barrier() = site; }, py::arg("site"),
       "Tests: make the CPU emulation skip the B::sync() at `site` (\"bottleneck.cu:109\"), as if the line were "
       "removed; \"\" restores every barrier (block.h: HostShared)");
+  m.def(
+      "emulation_block_order", [](uint64_t seed) { emulation_block_order() = seed; }, py::arg("seed"),
+      "Tests: run the CPU emulation's blocks in index order (0) or in a permutation drawn from `seed` (block.h: "
+      "emulate_grid), as a GPU runs them in no set order");
+  m.def(
+      "emulation_load_counts",
+      []() {
+        EmulationCounts& counts = EmulationCounts::current();
+        const std::pair<int64_t, int64_t> seen{counts.vector_loads, counts.scalar_loads};
+        counts = EmulationCounts{};
+        return seen;
+      },
+      "Tests: (vector groups, element-by-element groups) the CPU emulation's load_group read since the last call "
+      "(dtypes.cuh), then resets both counts");
   def_with_emulation(
       m, "bottleneck_forward",
       [](bool emulate) {

@@ -340,10 +340,12 @@ class _Progress:
 
 def _format_table(results: Sequence[Result]) -> str:
     """The report as an aligned text table, one line per (spec, arch)."""
-    header = ("kernel", "arch", "regs", "spill B", "shared B", "wgmma", "status")
+    header = ("kernel", "arch", "regs", "spill B", "shared B", "mma", "status")
     lines = [header]
     for r in results:
         wgmma = "-" if r.wgmma is None else ((r.wgmma_shapes or "yes") if r.wgmma else "no")
+        if r.hmma is not None:  # a CUDA C++ row: its SASS's tensor-core instruction count
+            wgmma = f"HMMA x{r.hmma}"
         status = r.status if r.status == "ok" else f"{r.status}: {r.reason}"
         cells = (r.kernel, r.arch, r.registers, r.spill_bytes, r.shared_bytes, wgmma, status)
         lines.append(tuple("-" if c is None else str(c) for c in cells))

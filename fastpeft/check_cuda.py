@@ -8,7 +8,10 @@ per kernel for GPU-scope fences and ordered atomics (``fastpeft.kernel_report.fo
 the Triton kernels) and for global atomics (``global_atomics``: the kernels are documented as free
 of atomics, bitwise reproducible). A kernel fails on a register spill (any spill byte), static
 shared memory above the architecture's limit, a forbidden fence or ordered atomic, a global
-atomic (relaxed included), or a compile error. The rows share ``fastpeft.kernel_report.Result`` with the Triton section
+atomic (relaxed included), or a compile error; and a kernel of ``TENSOR_CORE_KERNELS`` fails when it
+compiles to no tensor-core instruction: the SASS (``cuobjdump -sass``, from the CUDA toolkit or
+the one Triton bundles) is read for HMMA per kernel, or, without cuobjdump, the PTX for
+``wmma.mma`` / ``mma.sync``. The rows share ``fastpeft.kernel_report.Result`` with the Triton section
 and go into the same table and JSON report.
 
 Skipped, with the reason in the report, when nvcc is absent (``$CUDACXX``, ``PATH`` and
@@ -18,6 +21,7 @@ installed wheel rather than a source checkout).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -34,6 +38,10 @@ from fastpeft.kernel_report import ARCHS, Result, atomics_problem, forbidden_syn
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 # The Release build's device flags (CMake's CMAKE_CUDA_FLAGS_RELEASE plus the C++ standard).
 NVCC_FLAGS = ("-std=c++17", "-O3", "-DNDEBUG")
+# Kernels written for tensor cores (their name, found in the mangled one): the check fails
+# one that compiles to no HMMA instruction (csrc/tensor_core.h), e.g. after a change that
+# makes nvcc drop the wmma path.
+TENSOR_CORE_KERNELS = frozenset({"bottleneck_forward_tc_kernel", "bottleneck_dz_dh_tc_kernel", "outer_partials_tc_kernel"})
 # Where the CUDA toolkit installs nvcc when it is not on PATH.
 _DEFAULT_NVCC = "/usr/local/cuda/bin/nvcc"
 
@@ -53,6 +61,35 @@ def find_nvcc() -> str | None:
         if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
     return None
+
+
+def find_cuobjdump(nvcc: str) -> str | None:
+    """cuobjdump next to nvcc, on ``PATH``, or bundled with Triton (``triton/backends/nvidia/bin``), or None."""
+    candidates = [str(Path(nvcc).with_name("cuobjdump")), shutil.which("cuobjdump")]
+    spec = importlib.util.find_spec("triton")
+    if spec is not None and spec.origin:
+        candidates.append(str(Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))
+    for candidate in candidates:
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+_SASS_FUNCTION_RE = re.compile(r"^\s*Function : (\S+)", re.MULTILINE)
+_HMMA_RE = re.compile(r"\bHMMA\.")
+_PTX_MMA_RE = re.compile(r"^\s*(?:@!?%\w+\s+)?(?:wmma\.mma|mma\.sync)\b", re.MULTILINE)
+
+
+def sass_hmma_counts(sass: str) -> dict[str, int]:
+    """HMMA instructions per function of ``cuobjdump -sass`` output, by mangled name."""
+    starts = [(m.end(), m.group(1)) for m in _SASS_FUNCTION_RE.finditer(sass)]
+    ends = [m.start() for m in _SASS_FUNCTION_RE.finditer(sass)][1:] + [len(sass)]
+    return {name: len(_HMMA_RE.findall(sass[start:end])) for (start, name), end in zip(starts, ends)}
+
+
+def ptx_mma_count(ptx: str) -> int:
+    """``wmma.mma`` / ``mma.sync`` instructions in a kernel's PTX (tensor-core products)."""
+    return len(_PTX_MMA_RE.findall(ptx))
 
 
 def cuda_sources(csrc: Path = CSRC) -> list[Path]:
@@ -150,6 +187,10 @@ def compile_source(nvcc: str, source: Path, arch: str) -> list[Result]:
                "-I", str(source.parent), str(source), "-o", str(Path(tmp) / "out.cubin")]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         entries = {name: text for ptx in Path(tmp).glob("*.ptx") for name, text in ptx_entries(ptx.read_text()).items()}
+        cuobjdump = find_cuobjdump(nvcc) if proc.returncode == 0 else None
+        sass = subprocess.run([cuobjdump, "-sass", str(Path(tmp) / "out.cubin")], capture_output=True,
+                              text=True) if cuobjdump else None
+    hmma = sass_hmma_counts(sass.stdout) if sass is not None and sass.returncode == 0 else None
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:
         return [Result(source.name, arch, reason="nvcc compile error", detail=f"$ {' '.join(cmd)}\n{output}")]
@@ -164,7 +205,14 @@ def compile_source(nvcc: str, source: Path, arch: str) -> list[Result]:
                      spill_loads=s.spill_loads, shared_bytes=s.shared_bytes,
                      sync=", ".join(forbidden_sync(entries.get(name, ""))),
                      atomics=", ".join(global_atomics(entries.get(name, ""))))
+        if hmma is not None and s.entry:
+            row.hmma = hmma.get(name, 0)
         row = _judge(row, limit)
+        if any(kernel in name for kernel in TENSOR_CORE_KERNELS):  # in the mangled name too
+            mma = row.hmma if row.hmma is not None else ptx_mma_count(entries.get(name, ""))
+            if not mma:
+                what = "HMMA in its SASS" if row.hmma is not None else "wmma.mma / mma.sync in its PTX (no cuobjdump)"
+                row.status, row.reason = "FAIL", "; ".join(filter(None, [row.reason, f"written for tensor cores but no {what}"]))
         if s.entry and name not in entries:  # the fence check would have read nothing
             row.status, row.reason = "FAIL", "; ".join(filter(None, [row.reason, "no PTX found for this kernel"]))
         rows.append(row)

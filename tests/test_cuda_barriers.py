@@ -7,8 +7,9 @@ showed it as poison).
 
 The cases are chosen so that every loop around a barrier runs at least twice: D = 37 > 32 columns
 per staging step, M = 130 rows in 2 splits of 80 rows (one SM) > 16 rows per staging step, a
-learned scaling (the block reduction of its gradient), and decode ranks up to 24 > 8 rows per
-shrink step.
+learned scaling (the block reduction of its gradient); for the tensor-core forward (16-bit h),
+D = 150 > 128 output columns per step and rank 48 (padded to 64) > 32 per step; and decode
+ranks up to 24 > 4 rows per shrink block.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ SITES = barrier_sites()
 def _bottleneck():
     # m, d, r, activation, bias, separate residual, dropout_p, h dtype, weight dtype, tensor scaling, strided
     check_case("cpu", 130, 37, 48, "gelu", True, False, 0.1, torch.float32, torch.float32, True, False)
+    check_case("cpu", 40, 150, 48, "silu", True, True, 0.1, torch.bfloat16, torch.bfloat16, False, False)
 
 
 def _decode():

@@ -135,3 +135,53 @@ def test_real_compile_of_the_decode_kernels_has_no_spills():
     assert len(kernels) == 10 and "bgmv.cu:bgmv_shrink_kernel<__half, float>" in kernels
     assert all(r.spill_bytes == 0 and r.registers and r.registers <= 255 and r.sync == "" and r.atomics == ""
                for r in rows)
+
+
+# cuobjdump -sass output (sm_80) for two functions, one with tensor-core instructions.
+CAPTURED_SASS = """\
+\tcode for sm_80
+\t\tFunction : _ZN8fastpeft9tc_kernelEv
+\t.headerflags\t@"EF_CUDA_SM80 EF_CUDA_VIRTUAL_SM(EF_CUDA_SM80)"
+        /*0100*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0110*/                   HMMA.16816.F32.BF16 R16, R8, R14, R16 ;
+        /*0120*/                   EXIT ;
+\t\t..........
+\t\tFunction : _ZN8fastpeft6ffma_kEv
+        /*0100*/                   FFMA R4, R8, R12, R4 ;
+        /*0120*/                   EXIT ;
+"""
+
+
+def test_sass_hmma_counts_per_function():
+    assert check_cuda.sass_hmma_counts(CAPTURED_SASS) == {"_ZN8fastpeft9tc_kernelEv": 2, "_ZN8fastpeft6ffma_kEv": 0}
+    ptx = "\twmma.mma.sync.aligned.row.col.m16n16k16.f32.bf16.bf16.f32 {%f1}, {%r1}, {%r2}, {%f1};\n\tfma.rn.f32 %f1;\n"
+    assert check_cuda.ptx_mma_count(ptx) == 1 and check_cuda.ptx_mma_count("\tfma.rn.f32 %f1, %f2;\n") == 0
+
+
+def test_a_tensor_core_kernel_without_mma_fails(tmp_path):
+    """A kernel named in TENSOR_CORE_KERNELS that compiles to FFMA only fails the check."""
+    nvcc = check_cuda.find_nvcc()
+    if nvcc is None:
+        pytest.skip("needs nvcc")
+    name = next(iter(check_cuda.TENSOR_CORE_KERNELS))
+    source = tmp_path / "scalar.cu"
+    source.write_text(f"__global__ void {name}(float* y, const float* x) {{ y[threadIdx.x] = 2.0f * x[threadIdx.x]; }}\n")
+    (row,) = check_cuda.compile_source(nvcc, source, "sm_80")
+    assert row.status == "FAIL" and "written for tensor cores but no" in row.reason, row.reason
+    assert row.hmma in (0, None)
+
+
+def test_real_compile_of_the_bottleneck_kernels_uses_tensor_cores():
+    """csrc/bottleneck.cu for sm_80 (about 20 s): every kernel ok with 0 spill bytes, and the
+    16-bit instantiations of the forward, the backward's row kernel and its weight-gradient
+    kernel run their products on HMMA."""
+    nvcc = check_cuda.find_nvcc()
+    if nvcc is None or not (check_cuda.CSRC / "bottleneck.cu").is_file():
+        pytest.skip("needs nvcc and a source checkout (csrc/)")
+    rows = check_cuda.compile_source(nvcc, check_cuda.CSRC / "bottleneck.cu", "sm_80")
+    assert all(r.status == "ok" and r.spill_bytes == 0 for r in rows), [(r.kernel, r.reason) for r in rows]
+    tensor_core = [r for r in rows if any(name in r.kernel for name in check_cuda.TENSOR_CORE_KERNELS)]
+    # (forward | dz_dh) x (fp16 | bf16) x (16-bit | fp32 weights), and the outer kernel x (fp16 | bf16).
+    assert len(tensor_core) == 10
+    if check_cuda.find_cuobjdump(nvcc) is not None:
+        assert all(r.hmma and r.hmma > 0 for r in tensor_core), [(r.kernel, r.hmma) for r in tensor_core]

@@ -67,6 +67,10 @@ CASES = [
     pytest.param(20, 45, 64, "identity", True, True, 0.0, torch.bfloat16, torch.bfloat16, True, False,
                  id="bf16-identity-residual"),
     pytest.param(17, 40, 16, "relu", True, False, 0.1, torch.float16, torch.float16, False, False, id="fp16-dropout"),
+    # Tensor-core forward: 3 blocks of 32 rows (the last 6), D = 264 in 9 steps of 32 and 3 of
+    # 128 output columns (the last 8), rank 40 padded to 64, aligned rows: 16-byte loads.
+    pytest.param(70, 264, 40, "gelu", True, False, 0.1, torch.bfloat16, torch.bfloat16, False, False,
+                 id="bf16-3blocks-D264-r40-dropout"),
 ]
 # The arguments of a ``CASES`` entry: ``check_case``'s after the device.
 CASE_ARGS = ("m", "d", "r", "activation", "bias", "separate_residual", "dropout_p", "dtype", "w_dtype",

@@ -56,6 +56,18 @@ def barrier_sites() -> list[str]:
 
 
 @contextlib.contextmanager
+def block_order(seed: int) -> Iterator[None]:
+    """Run the emulation's blocks in a permutation drawn from ``seed`` (0: index order), as a
+    GPU runs a grid's blocks in no set order (csrc/block.h: emulate_grid)."""
+    ext = built_extension()
+    ext.emulation_block_order(seed)
+    try:
+        yield
+    finally:
+        ext.emulation_block_order(0)
+
+
+@contextlib.contextmanager
 def dropped_barrier(site: str) -> Iterator[None]:
     """Run the emulation as if the ``B::sync()`` at ``site`` were removed, for the block."""
     ext = built_extension()

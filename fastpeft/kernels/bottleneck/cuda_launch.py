@@ -7,7 +7,11 @@ there), including the saved fp32 pre-activation ``z``; selected with ``FASTPEFT_
     z   = dropout(h) W_down^T + b_down            (fp32, [M, R])
     out = residual + scaling * (act(z) W_up^T + b_up)
 
-The kernels read every operand through its strides (no copies), a tensor ``scaling`` and the
+For 16-bit h every product runs on tensor cores (wmma m16n16k16, fp32 accumulation): the
+forward and the backward's row step (``dz``, ``dh``, the scaling's partials) one block per 32
+rows, the weight gradients one block per 64 x 64 tile and row split; fp32 weights, ``act(z)``
+and ``dz`` are rounded to h's dtype for the products, sums stay fp32. fp32 h keeps fp32
+products on CUDA cores. The kernels read every operand through its strides (no copies), a tensor ``scaling`` and the
 dropout seed on the device (no host sync: CUDA-graph safe), and launch on h's device's current
 stream. The backward's weight and bias gradients come as per-split fp32 partial sums (one
 split per ``rows_per_split`` rows) that this module adds in split order with torch: no
