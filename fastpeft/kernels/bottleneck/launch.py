@@ -1,5 +1,6 @@
 """Launchers of the bottleneck adapter's Triton kernels: the contract every implementation
-of the op follows (``cuda_launch`` mirrors these two functions exactly).
+of the op follows (``cuda_launch`` mirrors these two functions, its products' rounding
+aside: see Arithmetic).
 
     z   = dropout(h) W_down^T + b_down            (fp32, [M, R]; saved for the backward)
     out = residual + scaling * (act(z) W_up^T + b_up)
@@ -22,8 +23,12 @@ Contract (both functions):
   ``dropout_p > 0`` (it may be empty otherwise). The keep-mask is
   ``fastpeft.kernels.dropout_mask.keep_mask_philox(seed, M, D, dropout_p)`` (Philox counters of
   element ``(m, d)``), regenerated in the backward, never stored.
-- Arithmetic: fp32 accumulation; the bottleneck side (``z``, ``act(z)``, the products) is fp32;
-  ``out = residual + scaling * u`` is formed in fp32 and rounded once to h's dtype.
+- Arithmetic: fp32 accumulation; ``z``, ``act(z)`` and the products' sums are fp32; every
+  product of two 16-bit values is exact; ``out = residual + scaling * u`` is formed in fp32
+  and rounded once to h's dtype. Here ``act(z)`` and ``dz`` meet the weights in fp32 (tf32
+  tensor cores on a GPU); the CUDA C++ kernels round fp32 weights, ``act(z)`` and ``dz`` to a
+  16-bit h's dtype for their tensor-core products (``cuda_launch``), a difference within
+  the 16-bit tolerances.
 - Outputs are fresh contiguous tensors; launches run on h's device (not torch's current one);
   no atomics, so results are bitwise reproducible run to run.
 """
