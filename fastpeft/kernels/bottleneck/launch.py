@@ -214,7 +214,7 @@ def bottleneck_backward(
         dz, a, dbd_parts, ds_parts = _dz_pass(grad_out, w_up, z, activation, scale_t if from_ptr else z, scale_f,
                                               from_ptr, p.dz)
         if need_bd:
-            grad_bd = dbd_parts.sum(0).to(w_dtype)
+            grad_bd = _split_sum(dbd_parts).to(w_dtype)
         if need_s:
             grad_s = ds_parts.sum()
         if need_h or need_wd or need_wu or need_bu or (need_s and b_up is not None):
@@ -307,4 +307,11 @@ def _column_pass(
             BLOCK_M=DH_TILE.block_m, BLOCK_D=DH_TILE.block_d, BLOCK_R=DH_RANK_STEP, PRECISION=precision,
             num_warps=DH_TILE.num_warps, num_stages=DH_TILE.num_stages,
         )
-    return dwu_parts.sum(0), dbu_parts.sum(0), dwd_parts.sum(0), dh if need_h else None
+    return _split_sum(dwu_parts), _split_sum(dbu_parts), _split_sum(dwd_parts), dh if need_h else None
+
+
+def _split_sum(parts: torch.Tensor) -> torch.Tensor:
+    """The sum over the first dimension of fp32 per-split partials, in split order (torch's
+    reduction: no atomics); one split is its own sum (no copy: at decode the weight
+    gradients' partials are the largest tensors of the backward)."""
+    return parts[0] if parts.shape[0] == 1 else parts.sum(0)
