@@ -785,7 +785,8 @@ __global__ void __launch_bounds__(kThreads) bottleneck_forward_kernel(Bottleneck
 }
 
 // Two blocks per SM (16 warps to overlap one block's staging with the other's products): up to
-// 128 registers. Without the minimum, ptxas aimed at 80 and spilled (sm_80, bf16 weights).
+// 128 registers. Without the minimum, ptxas aimed at 80 and spilled (the forward on sm_80 with
+// bf16 weights; the weight-gradient kernel on sm_90 with bf16: 8 B).
 constexpr int kTcBlocksPerSm = 2;
 
 template <typename T, typename W>
@@ -813,7 +814,7 @@ __global__ void __launch_bounds__(kThreads) outer_partials_kernel(OuterArgs a) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) outer_partials_tc_kernel(OuterArgs a) {
+__global__ void __launch_bounds__(kThreads, kTcBlocksPerSm) outer_partials_tc_kernel(OuterArgs a) {
   __shared__ __align__(32) float smem[kTcOuterSmemFloats];
   outer_tc_block<DeviceBlock, T>(a, blockIdx.x, blockIdx.y, blockIdx.z, smem);
 }
