@@ -144,6 +144,37 @@ def _rank_partials(acc, part_ptr, rows, M, R, num_parts, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
+def _store_s(s_acc, rows, pid_n, s_ptr, M, R, BLOCK_R: tl.constexpr):
+    """Store the fp32 ``s`` tile (rows ``rows``) from the programs of the first column tile."""
+    offs_r = tl.arange(0, BLOCK_R)
+    if pid_n == 0:
+        s_ptrs = s_ptr + rows.to(tl.int64)[:, None] * R + offs_r[None, :]
+        tl.store(s_ptrs, s_acc, mask=(rows < M)[:, None] & (offs_r[None, :] < R))
+
+
+@triton.jit
+def _add_lora_term(
+    acc, s_acc, cols, b_ptr, N, R, stride_bn, stride_br, scaling,
+    BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``acc + scaling * s B^T`` (in B's dtype) for the output columns ``cols``."""
+    offs_r = tl.arange(0, BLOCK_R)
+    b_ptrs = b_ptr + offs_r[:, None] * stride_br + (cols % N)[None, :] * stride_bn
+    b = tl.load(b_ptrs, mask=offs_r[:, None] < R, other=0.0)
+    return rank_dot(s_acc * scaling, b, acc, b_ptr, UPCAST, PRECISION)
+
+
+@triton.jit
+def _store_y(acc, rows, cols, bias_ptr, y_ptr, M, N, HAS_BIAS: tl.constexpr):
+    """Add the bias to the fp32 tile ``acc`` and store it as ``y``'s tile at ``rows, cols``."""
+    col_ok = cols < N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None] & col_ok[None, :])
+
+
+@triton.jit
 def _fwd_epilogue(
     acc, s_acc, rows, cols, pid_n, bias_ptr, b_ptr, s_ptr, y_ptr,
     M, N, R, stride_bn, stride_br, scaling,
@@ -151,19 +182,9 @@ def _fwd_epilogue(
 ):
     """Finish a forward tile: store ``s`` (first column tile only), add
     ``scaling * s B^T`` (in B's dtype) and the bias to ``acc``, store ``y``."""
-    offs_r = tl.arange(0, BLOCK_R)
-    row_ok = rows < M
-    col_ok = cols < N
-    if pid_n == 0:
-        s_ptrs = s_ptr + rows.to(tl.int64)[:, None] * R + offs_r[None, :]
-        tl.store(s_ptrs, s_acc, mask=row_ok[:, None] & (offs_r[None, :] < R))
-    b_ptrs = b_ptr + offs_r[:, None] * stride_br + (cols % N)[None, :] * stride_bn
-    b = tl.load(b_ptrs, mask=offs_r[:, None] < R, other=0.0)
-    acc = rank_dot(s_acc * scaling, b, acc, b_ptr, UPCAST, PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    _store_s(s_acc, rows, pid_n, s_ptr, M, R, BLOCK_R)
+    acc = _add_lora_term(acc, s_acc, cols, b_ptr, N, R, stride_bn, stride_br, scaling, BLOCK_R, UPCAST, PRECISION)
+    _store_y(acc, rows, cols, bias_ptr, y_ptr, M, N, HAS_BIAS)
 
 
 @triton.jit(do_not_specialize=("M", "R", "num_parts", "stride_bn"))
