@@ -464,3 +464,24 @@ def test_medium_tile_is_one_warpgroup_wide_wgmma_on_sm90(fastpeft_rows):
     row = fastpeft_rows["lora_fwd"]
     assert row.status == "ok", row.reason
     assert row.wgmma_shapes.split("+") == ["m64n128k16", "m64n128k8"]
+
+
+@pytest.mark.parametrize("line,found", [
+    ("\tcp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r1], [%rd2, {%r3, %r4}], [%r5];",
+     True),
+    ("\t@%p1 cp.async.bulk.tensor.3d.shared::cta.global.tile.mbarrier::complete_tx::bytes [%r1], [%rd2], [%r5];",
+     True),
+    ("\tcp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%rd2, {%r3, %r4}], [%r1];", False),  # a TMA store
+    ("\tcp.async.cg.shared.global [%r1], [%rd2], 16;", False),  # a pointer load (cp.async)
+])
+def test_has_tma_loads(line, found):
+    assert check.has_tma_loads(f".visible .entry k()\n{{\n{line}\n}}") is found
+
+
+def test_judge_fails_on_missing_tma_loads_on_sm90_only():
+    row = check.Result("k", "sm_90", registers=32, spill_stores=0, spill_loads=0, shared_bytes=0, wgmma=True, tma=False)
+    assert "expected TMA loads" in check.judge(row, check.ARCHS["sm_90"], expects_wgmma=True, expects_tma=True)[0]
+    assert check.judge(row, check.ARCHS["sm_90"], expects_wgmma=True) == []
+    assert check.judge(row, check.ARCHS["sm_80"], expects_wgmma=False, expects_tma=True) == []
+    row.tma = True
+    assert check.judge(row, check.ARCHS["sm_90"], expects_wgmma=True, expects_tma=True) == []
