@@ -239,8 +239,10 @@ def lora_fwd_tma_kernel(
     Grid ``(num_programs,)``, at most one program per output tile: program ``p`` takes tile
     numbers ``p, p + num_programs, ...`` in ``grouped_tile``'s order (the same tile -> program
     map on every run, each tile owned by one program, no atomics). Why: one program per SM
-    stays resident for the whole GEMM, so no CTA launch or prologue per tile, and the grouped
-    order keeps the concurrently running tiles on the same W columns in L2. Bytes are those of
+    stays resident for the whole GEMM (no CTA launch and set-up per tile), and the grouped
+    order keeps the concurrently running tiles on the same W columns in L2. Not overlapped:
+    each tile's K-loop pipeline fills after the previous tile's stores (that would take a
+    flattened loop or warp specialization, left until a GPU can time them). Bytes are those of
     ``lora_fwd_kernel``'s non-fused case: x once per column tile, W once per row tile (through
     L2), the partials, B and the bias per tile. Its pieces are ``_fwd_epilogue``'s, with the
     LoRA term moved before the main loop (so y's rounding order differs from
