@@ -10,8 +10,10 @@ memory fence or ordered atomic in its PTX (``forbidden_sync``: ``tl.atomic_add``
 any global atomic in its PTX, relaxed included (``global_atomics``: every fastpeft kernel is
 documented as free of atomics and bitwise reproducible, its reductions as fixed-order sums of
 partials, and atomics landing in a varying order break that), or (sm_90) a spec that expects
-wgmma whose PTX has none. The report gives the wgmma
-instruction shapes (``m64n128k16``...: the tile one warpgroup multiplies per instruction),
+wgmma, or TMA loads (``expects_tma_on_sm90``: ``cp.async.bulk.tensor``, ``has_tma_loads``),
+whose PTX has none. The report gives the wgmma
+instruction shapes (``m64n128k16``...: the tile one warpgroup multiplies per instruction)
+and ``+TMA`` where the PTX loads through tensor descriptors,
 and the exit status is 1 if any configuration fails.
 
 Compiles are CPU-bound, so they run in a pool of ``--jobs`` processes started with the *spawn*
@@ -103,6 +105,7 @@ class _Job:
     num_stages: int
     aligned_params: tuple[str, ...]
     expects_wgmma: bool
+    expects_tma: bool
     arch: str
 
 
@@ -188,6 +191,7 @@ def _make_jobs(spec: KernelSpec, archs: Sequence[str]) -> list[_Job] | str:
             num_stages=spec.num_stages,
             aligned_params=spec.aligned_params(),
             expects_wgmma=spec.expects_wgmma_on_sm90,
+            expects_tma=spec.expects_tma_on_sm90,
             arch=arch,
         )
         for arch in archs
@@ -346,6 +350,8 @@ def _format_table(results: Sequence[Result]) -> str:
         wgmma = "-" if r.wgmma is None else ((r.wgmma_shapes or "yes") if r.wgmma else "no")
         if r.hmma is not None:  # a CUDA C++ row: its SASS's tensor-core instruction count
             wgmma = f"HMMA x{r.hmma}"
+        if r.tma:
+            wgmma += " +TMA"
         status = r.status if r.status == "ok" else f"{r.status}: {r.reason}"
         cells = (r.kernel, r.arch, r.registers, r.spill_bytes, r.shared_bytes, wgmma, status)
         lines.append(tuple("-" if c is None else str(c) for c in cells))
@@ -382,7 +388,7 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         prog="fastpeft check",
         description="Compile every Triton kernel configuration for real GPU targets without a GPU; "
         "fail on compile errors, register spills, shared memory over the limit, GPU-scope fences or "
-        "ordered atomics, global atomics (relaxed included), or missing wgmma.",
+        "ordered atomics, global atomics (relaxed included), or missing wgmma or TMA loads.",
     )
     parser.add_argument(
         "--arch",
@@ -526,10 +532,11 @@ def _compile_job(job: _Job) -> Result:
         shared_bytes=shared,
         wgmma=has_wgmma(ptx),
         wgmma_shapes="+".join(wgmma_shapes(ptx)),
+        tma=has_tma_loads(ptx),
         sync=", ".join(forbidden_sync(ptx)),
         atomics=", ".join(global_atomics(ptx)),
     )
-    problems = judge(result, ARCHS[job.arch], job.expects_wgmma)
+    problems = judge(result, ARCHS[job.arch], job.expects_wgmma, job.expects_tma)
     result.status, result.reason = ("FAIL", "; ".join(problems)) if problems else ("ok", "")
     return result
 
@@ -653,7 +660,17 @@ def wgmma_shapes(ptx: str) -> list[str]:
     return sorted(found, key=lambda shape: (-int(re.search(r"n(\d+)", shape).group(1)), shape))
 
 
-def judge(result: Result, arch: Arch, expects_wgmma: bool) -> list[str]:
+_TMA_LOAD_RE = re.compile(r"\bcp\.async\.bulk\.tensor\.\d+d\.shared::\w+\.global\b")
+
+
+def has_tma_loads(ptx: str) -> bool:
+    """Whether the PTX loads through a TMA tensor descriptor: ``cp.async.bulk.tensor.Nd`` from
+    global into shared memory (what a ``TensorDescriptor.load`` becomes on sm_90; the shared
+    state space is ``::cluster`` or ``::cta`` by PTX version)."""
+    return _TMA_LOAD_RE.search(ptx) is not None
+
+
+def judge(result: Result, arch: Arch, expects_wgmma: bool, expects_tma: bool = False) -> list[str]:
     """Reasons a compiled configuration fails (empty if it passes)."""
     problems = []
     if result.spill_bytes:
@@ -669,4 +686,6 @@ def judge(result: Result, arch: Arch, expects_wgmma: bool) -> list[str]:
         problems.append(atomics_problem(result))
     if arch.has_wgmma and expects_wgmma and not result.wgmma:
         problems.append("expected wgmma, but the PTX has no wgmma instruction")
+    if arch.has_wgmma and expects_tma and not result.tma:
+        problems.append("expected TMA loads, but the PTX has no cp.async.bulk.tensor load")
     return problems

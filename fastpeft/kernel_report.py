@@ -49,6 +49,7 @@ class Result:
     shared_bytes: int | None = None
     wgmma: bool | None = None
     wgmma_shapes: str = ""  # distinct wgmma shapes in the PTX, e.g. "m64n128k16+m64n64k8"
+    tma: bool | None = None  # TMA tensor loads (``cp.async.bulk.tensor``) in the PTX (None: not read)
     hmma: int | None = None  # HMMA (tensor-core) instructions in the SASS (CUDA C++ rows; None: not read)
     sync: str = ""  # forbidden fences / ordered atomics in the PTX (``forbidden_sync``), comma-separated
     atomics: str = ""  # global atomics in the PTX, relaxed included (``global_atomics``), comma-separated

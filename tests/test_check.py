@@ -443,11 +443,13 @@ def _fastpeft_spec(prefix: str, contains: str) -> KernelSpec:
 
 @pytest.fixture(scope="module")
 def fastpeft_rows() -> dict[str, check.Result]:
-    """Two of fastpeft's own configurations compiled for sm_90: the dA/dB kernel of the
-    backward (rank 64, dropout) and the forward GEMM on the medium (M 17-512) tile."""
+    """Three of fastpeft's own configurations compiled for sm_90: the dA/dB kernel of the
+    backward (rank 64, dropout), the forward GEMM on the medium (M 17-512) tile and the
+    opt-in TMA forward (rank 64)."""
     specs = [
         _fastpeft_spec("lora_bwd_wgrad[", "R64,HAS_DROPOUT=1,bf16/fp32"),
         _fastpeft_spec("lora_fwd[64x128x64,w4,", "R16,HAS_BIAS=1,FUSE_SHRINK=0,bf16/fp32"),
+        _fastpeft_spec("lora_fwd_tma[", "R64,HAS_BIAS=1,fp16/fp16"),
     ]
     return {r.kernel.split("[", 1)[0]: r for r in check._run(specs, ["sm_90"], jobs=2)}
 
@@ -464,3 +466,30 @@ def test_medium_tile_is_one_warpgroup_wide_wgmma_on_sm90(fastpeft_rows):
     row = fastpeft_rows["lora_fwd"]
     assert row.status == "ok", row.reason
     assert row.wgmma_shapes.split("+") == ["m64n128k16", "m64n128k8"]
+
+
+def test_tma_forward_loads_through_tma_with_wgmma_and_no_spills(fastpeft_rows):
+    row = fastpeft_rows["lora_fwd_tma"]
+    assert row.status == "ok", row.reason
+    assert row.tma and row.wgmma_shapes.split("+") == ["m64n256k16"] and row.spill_bytes == 0
+
+
+@pytest.mark.parametrize("line,found", [
+    ("\tcp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r1], [%rd2, {%r3, %r4}], [%r5];",
+     True),
+    ("\t@%p1 cp.async.bulk.tensor.3d.shared::cta.global.tile.mbarrier::complete_tx::bytes [%r1], [%rd2], [%r5];",
+     True),
+    ("\tcp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%rd2, {%r3, %r4}], [%r1];", False),  # a TMA store
+    ("\tcp.async.cg.shared.global [%r1], [%rd2], 16;", False),  # a pointer load (cp.async)
+])
+def test_has_tma_loads(line, found):
+    assert check.has_tma_loads(f".visible .entry k()\n{{\n{line}\n}}") is found
+
+
+def test_judge_fails_on_missing_tma_loads_on_sm90_only():
+    row = check.Result("k", "sm_90", registers=32, spill_stores=0, spill_loads=0, shared_bytes=0, wgmma=True, tma=False)
+    assert "expected TMA loads" in check.judge(row, check.ARCHS["sm_90"], expects_wgmma=True, expects_tma=True)[0]
+    assert check.judge(row, check.ARCHS["sm_90"], expects_wgmma=True) == []
+    assert check.judge(row, check.ARCHS["sm_80"], expects_wgmma=False, expects_tma=True) == []
+    row.tma = True
+    assert check.judge(row, check.ARCHS["sm_90"], expects_wgmma=True, expects_tma=True) == []

@@ -10,6 +10,7 @@ until ``fastpeft.backend`` offers it).
   Triton's interpreter is off) and launch on the tensors' device;
 - no host synchronisation, capture and replay of forward + backward in a CUDA graph, fresh
   dropout per replay, and bitwise-equal gradients run to run in deterministic mode;
+- the opt-in sm_90 TMA forward (``FASTPEFT_LORA_TMA=1``): launched, against float64, repeatable;
 - the multi-LoRA op's torch path (``FASTPEFT_BACKEND=torch``): no host synchronisation, and
   a captured forward + backward replayed on new inputs equals the eager step.
 
@@ -177,6 +178,39 @@ def test_deterministic_mode_gives_bitwise_equal_grads(kernel_backend, monkeypatc
     assert calls == list(LAUNCHERS[kernel_backend][1:]) * 2
     for name, one, two in zip(("y", "dx", "dA", "dB"), first, second):
         assert torch.equal(one, two), f"{name} differs between two identical deterministic steps"
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+@pytest.mark.skipif(not _hopper(), reason="the TMA forward runs on sm_90 and newer")
+@pytest.mark.parametrize("dtype,lora_dtype,k,n,dropout_p", [(torch.bfloat16, FP32, 4096, 4096, 0.1),
+                                                           (torch.float16, torch.float16, 2064, 1040, 0.0)])
+def test_tma_forward_matches_float64_and_repeats_bitwise(dtype, lora_dtype, k, n, dropout_p, monkeypatch):
+    """``FASTPEFT_LORA_TMA=1`` at M = 4096 (the large tile, no split-K): the forward GEMM is
+    ``lora_fwd_tma_kernel`` on one program per SM; forward and gradients against float64,
+    and two forwards with one seed bitwise equal."""
+    from fastpeft.kernels.lora import launch
+
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    monkeypatch.setenv("FASTPEFT_LORA_TMA", "1")
+    grids, kernel = [], launch.lora_fwd_tma_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(launch, "lora_fwd_tma_kernel", Spy())
+    pb = make_problem((4096,), k, n, 16, dtype, lora_dtype=lora_dtype)
+    check_against_reference(pb, dropout_p)
+    tiles = 4096 // 128 * -(-n // 256)
+    assert grids == [(min(tiles, torch.cuda.get_device_properties(pb.x.device).multi_processor_count),)]
+    seed = draw_seed(pb.x.device)
+    first, second = (launch.lora_forward(pb.x, pb.weight, pb.bias, pb.lora_a, pb.lora_b, SCALING, dropout_p, seed)
+                     for _ in range(2))
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
 def _layer() -> fastpeft.LoRALinear:

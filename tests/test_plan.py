@@ -156,6 +156,24 @@ def test_fused_forward_traffic_by_hand():
     assert reused.l2_bytes == x + w * 4 + b + parts + y + s
 
 
+def test_tma_forward_traffic_is_the_pointer_kernels(monkeypatch):
+    """The opt-in TMA forward (FASTPEFT_LORA_TMA=1) on the same problem: one persistent
+    program per SM (132 for 512 tiles), and the bytes and FLOPs of the non-fused
+    ``lora_fwd_kernel`` above (same tiles, same grouped order: only the loads differ)."""
+    problem = Problem(LORA, FWD, 4096, 4096, 4096, 16, torch.bfloat16, torch.float32)
+    run = next(r for r in paths.paths(problem, H100) if r.path == "fused")
+    costs = {}
+    for tma in ("0", "1"):
+        monkeypatch.setenv(lora_configs.TMA_ENV, tma)
+        with recording(H100) as launches:
+            run.run()
+        _, fwd = (launch for launch in launches if launch.is_triton)
+        costs[fwd.name] = (fwd.grid, *(kernel_costs.triton_cost(fwd, Hardware(H100.sms, l2)) for l2 in (0, 10**8)))
+    assert set(costs) == {"lora_fwd_kernel", "lora_fwd_tma_kernel"}
+    assert costs["lora_fwd_tma_kernel"][0] == (132,) and costs["lora_fwd_kernel"][0] == (512,)
+    assert costs["lora_fwd_tma_kernel"][1:] == costs["lora_fwd_kernel"][1:]
+
+
 def _multi_lora_costs(m: int) -> dict[str, object]:
     """The Triton launches of the multi-LoRA forward at T = m (64 adapters of rank 16 on
     4096 -> 4096, distinct ids) on an H100, by kernel name, with their costs without L2."""

@@ -12,6 +12,8 @@ Spelling rules (Triton 3.4-3.9 ``ASTSource``):
 * ``constexprs`` gives a value for each ``"constexpr"`` parameter, keyed by parameter name.
   Dtypes must be Triton dtypes (``tl.bfloat16``), not torch dtypes or strings; other values are
   plain ``int``/``float``/``bool``.
+* A host-side tensor descriptor parameter (``triton.tools.tensor_descriptor.TensorDescriptor``)
+  is typed ``"tensordesc<bf16[128, 64]>"``: element type and block shape (Triton 3.6 and 3.9).
 * ``fn`` must be a module-level ``@triton.jit`` function: compiles run in worker processes that
   import it by module and name.
 """
@@ -44,6 +46,9 @@ class KernelSpec:
     num_warps: int
     num_stages: int
     expects_wgmma_on_sm90: bool = False
+    # sm_90: the kernel's main loop loads through TMA tensor descriptors, so its PTX must hold
+    # ``cp.async.bulk.tensor`` (a kernel that silently fell back to pointer loads fails).
+    expects_tma_on_sm90: bool = False
     divisible_by_16: tuple[str, ...] | None = None
     # The architecture family the dispatcher launches this configuration on: 80 for
     # compute capability 8.x (Ampere/Ada tables), 90 for 9.0 and newer (Hopper tables),

@@ -7,20 +7,29 @@ import triton.language as tl
 
 
 @triton.jit
-def output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """``(rows, cols, pid_n)``: this program's ``BLOCK_M x BLOCK_N`` tile of an ``M x N`` output.
+def grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)``: the row and column tile of output tile number ``tile`` of an
+    ``M x N`` output cut into ``BLOCK_M x BLOCK_N`` tiles.
 
-    Program ids run in groups of GROUP_M row-tiles: programs that run together share the
+    Tile numbers run in groups of GROUP_M row-tiles: tiles numbered close together share the
     same few row-tiles of the left operand and sweep the columns, so the right operand's
-    tiles are reused from L2 (the ordering of Triton's matmul tutorial).
+    tiles are reused from L2 (the ordering of Triton's matmul tutorial). One program per tile
+    (``output_tile``) and persistent programs walking tile numbers use the same order.
     """
-    pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_in_group = GROUP_M * tl.cdiv(N, BLOCK_N)
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    first_pid_m = (tile // num_pid_in_group) * GROUP_M
     group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
+    pid_n = (tile % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(rows, cols, pid_n)``: this program's ``BLOCK_M x BLOCK_N`` tile of an ``M x N`` output,
+    tile number ``program_id(0)`` in ``grouped_tile``'s order."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N), pid_n
 
 

@@ -64,24 +64,41 @@ def _lora_shrink(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
                  write("s partials", splits * m * r * 4)), 2 * m * k * r)
 
 
-@kernel_cost("lora_fwd_kernel")
-def _lora_fwd(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
-    """The GEMM's x (per column tile) and W (per row tile); A per tile when the shrink is
-    fused, else the shrink's partials per column tile; B and the bias per row tile; y and s
-    written."""
+def _fwd_cost(p: Params, x_bytes: int, w_bytes: int, fused: bool, hw: Hardware) -> Cost:
+    """The forward GEMM's traffic for x and W elements of ``x_bytes`` / ``w_bytes``: x (per
+    column tile) and W (per row tile) in ``output_tile``'s grouped order; A per tile when the
+    shrink is ``fused``, else the shrink's partials per column tile; B and the bias per row
+    tile; y and s written."""
     m, n, k, r = p["M"], p["N"], p["K"], p["R"]
     rt, ct = cdiv(m, p["BLOCK_M"]), cdiv(n, p["BLOCK_N"])
-    x_read, w_read = gemm_reads("x", m * k * e(p["x_ptr"]), m, "W", n * k * e(p["w_ptr"]), rt, ct, p["BLOCK_M"], hw)
+    x_read, w_read = gemm_reads("x", m * k * x_bytes, m, "W", n * k * w_bytes, rt, ct, p["BLOCK_M"], hw)
     accesses = [x_read, w_read, read("B", n * r * e(p["b_ptr"]), rt, hw)]
     if p["HAS_BIAS"]:
         accesses.append(read("bias", n * e(p["bias_ptr"]), rt, hw))
-    if p["FUSE_SHRINK"]:
+    if fused:
         accesses.append(read("A", r * k * e(p["a_ptr"]), rt * ct, hw))
     else:
         accesses.append(read("s partials", p["num_parts"] * m * r * 4, ct, hw))
     accesses += [write("y", m * n * e(p["y_ptr"])), write("s", m * r * 4)]
-    fused = 2 * m * k * r * ct if p["FUSE_SHRINK"] else 0
-    return Cost(tuple(accesses), 2 * m * n * k + 2 * m * n * r + fused)
+    return Cost(tuple(accesses), 2 * m * n * k + 2 * m * n * r + (2 * m * k * r * ct if fused else 0))
+
+
+@kernel_cost("lora_fwd_kernel")
+def _lora_fwd(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
+    """One program per output tile (``_fwd_cost``), the shrink fused or not."""
+    return _fwd_cost(p, e(p["x_ptr"]), e(p["w_ptr"]), p["FUSE_SHRINK"], hw)
+
+
+@kernel_cost("lora_fwd_tma_kernel")
+def _lora_fwd_tma(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
+    """The non-fused ``lora_fwd_kernel``'s traffic (``_fwd_cost``; x and W read through their
+    TMA descriptors): its ``grid[0]`` persistent programs take the tiles in the same grouped
+    order, tile t on program t mod grid[0], so the tiles in flight at any time are the same
+    consecutive run as in a wave of one program per tile, and each program re-reads what
+    such a program would. TMA changes how the tiles are loaded, not which bytes. (The plan's
+    fill factor counts programs, not tiles, so it does not see that some programs take one
+    tile more than others.)"""
+    return _fwd_cost(p, p["x_desc"].base.element_size(), p["w_desc"].base.element_size(), False, hw)
 
 
 @kernel_cost("lora_gemm_split_kernel")

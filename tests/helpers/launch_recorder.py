@@ -13,6 +13,7 @@ is a spec's.
 from __future__ import annotations
 
 import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fastpeft.kernels.aot_spec import unspecialized_args
 
@@ -47,6 +48,9 @@ def launch_key(fn, args: tuple, kwargs: dict) -> tuple:
             signature[name] = "*" + _TRITON_TYPES[value.dtype]
             if value.storage_offset() * value.element_size() % 16 == 0:  # torch's allocations are aligned
                 aligned.append(name)
+        elif isinstance(value, TensorDescriptor):  # a host-side TMA descriptor: its type and block
+            block = ", ".join(str(b) for b in value.block_shape)
+            signature[name] = f"tensordesc<{_TRITON_TYPES[value.base.dtype]}[{block}]>"
         elif isinstance(value, float):
             signature[name] = "fp32"
         elif name not in exempt and value == 1:

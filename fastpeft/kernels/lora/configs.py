@@ -16,6 +16,7 @@ path, or they would run code nobody compiled ahead of time (scalar loads instead
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -108,6 +109,15 @@ _GEMM_LARGE = {90: TileConfig(128, 256, 64, 8, 3), 80: TileConfig(128, 128, 32, 
 # stays halved on sm_90 (128x256 needs the mask drawn in the accumulator's own layout), and on
 # sm_80 64x128 (128x128x32 spills).
 _DX_DROPOUT_LARGE = {90: TileConfig(128, 128, 64, 8, 3), 80: TileConfig(64, 128, 64, 8, 4)}
+# The opt-in sm_90 forward with TMA loads and a persistent grid (``lora_fwd_tma_kernel``,
+# ``FASTPEFT_LORA_TMA``) runs on _GEMM_LARGE[90], the tile its pointer-load twin runs, so the
+# GPU timing compares the main loops and not two tiles. Programs per SM: 1, because 3 stages
+# of 48 KB fill 144 of the 227 KB of shared memory, so a second program could not be resident
+# beside the first and would only queue behind it.
+TMA_PROGRAMS_PER_SM = 1
+# Environment variable that opts in to the TMA forward (read at every call, like
+# FASTPEFT_BACKEND, so a benchmark can time both kernels in one process): "1" on, else off.
+TMA_ENV = "FASTPEFT_LORA_TMA"
 # Medium M: 64-row tiles double the programs; 4 stages of (64+128)x64 bf16 = 96 KB.
 # sm_90: 4 warps, one warpgroup owning all 64 rows, so the wgmma is m64n128 (with 8 warps
 # Triton gives each of two warpgroups half the columns: m64n64, half the work per
@@ -239,17 +249,29 @@ class ForwardPlan:
     fuse_shrink: bool
     shrink: TileConfig
     shrink_split: Split  # ignored when fused
+    tma: bool = False  # the GEMM is lora_fwd_tma_kernel (persistent, TMA loads), on ``gemm``
+
+
+def tma_requested() -> bool:
+    """Whether ``FASTPEFT_LORA_TMA=1`` asks for the TMA forward (read at every call)."""
+    return os.environ.get(TMA_ENV, "0") == "1"
 
 
 def plan_forward(m: int, n: int, k: int, rank: int, dropout: bool, device: torch.device, *, a_bytes: int,
-                 w_bytes: int) -> ForwardPlan:
+                 w_bytes: int, tma: bool = False) -> ForwardPlan:
     """Choose the forward kernels for x ``[m, k]``, W ``[n, k]`` (``w_bytes`` an element) and
-    rank ``rank`` (A's elements ``a_bytes``)."""
+    rank ``rank`` (A's elements ``a_bytes``).
+
+    ``tma``: the TMA forward is asked for and x and W qualify for its descriptors; it then runs
+    wherever the plan is sm_90's large tile without split-K, always with the separate shrink
+    (the TMA kernel has no fused shrink: A's pointer loads and the s tile would sit beside
+    the descriptors' pipeline in a kernel no GPU has timed yet)."""
     num_sms, capability = device_info(device)
     r_block = block_r(rank)
     gemm = gemm_tile(m, capability, n, num_sms)
     split = gemm_split(m, n, k, gemm, num_sms)
-    if dropout or split.count > 1 or not may_fuse_shrink(gemm, r_block, a_bytes, w_bytes):
+    tma = tma and _arch_key(capability) == 90 and gemm == tma_tile() and split.count == 1
+    if tma or dropout or split.count > 1 or not may_fuse_shrink(gemm, r_block, a_bytes, w_bytes):
         # With dropout the mask must be drawn once per element, not per column tile; a
         # split-K GEMM has only part of K for its s.
         fuse = False
@@ -259,7 +281,7 @@ def plan_forward(m: int, n: int, k: int, rank: int, dropout: bool, device: torch
         fuse = r_block * n < FLOPS_PER_BYTE * gemm.block_n
     shrink = _SHRINK_DECODE if m <= DECODE_MAX_M else _SHRINK[r_block]
     shrink_split = _rank_pass_split(cdiv(m, shrink.block_m), k, shrink.block_k, num_sms, MIN_STEPS_PER_SPLIT)
-    return ForwardPlan(gemm, split, fuse, shrink, shrink_split)
+    return ForwardPlan(gemm, split, fuse, shrink, shrink_split, tma)
 
 
 @dataclass(frozen=True)
@@ -354,6 +376,11 @@ def gemm_tile_choices() -> list[tuple[TileConfig, int | None, bool]]:
 def shrink_tile_choices() -> list[tuple[TileConfig, int]]:
     """Every (shrink tile, padded rank) ``plan_forward`` and ``plan_backward`` can produce."""
     return [(tile, r) for r, tile in _SHRINK.items()] + [(_SHRINK_DECODE, r) for r in BLOCK_R_CHOICES]
+
+
+def tma_tile() -> TileConfig:
+    """The tile of the opt-in TMA forward (``plan_forward(tma=True)``), sm_90 only."""
+    return _GEMM_LARGE[90]
 
 
 def wgrad_tile() -> TileConfig:

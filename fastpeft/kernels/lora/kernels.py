@@ -16,6 +16,9 @@ Kernels (the launchers in ``fastpeft.kernels.lora.launch`` choose among them):
   ``FUSE_SHRINK`` it also computes ``s`` inside its K-loop from the x tiles it already has
   (x read once); otherwise it sums the shrink kernel's partials. The programs of the first
   column tile write ``s`` (fp32) for the backward.
+- ``lora_fwd_tma_kernel`` (sm_90, opt-in: ``FASTPEFT_LORA_TMA=1``, not yet run on a GPU): the
+  non-fused ``lora_fwd_kernel`` with its x and W tiles loaded through TMA tensor descriptors
+  and a persistent grid (one program per SM looping over the output tiles).
 - ``lora_bwd_dx_kernel``: ``dX = dY W`` with the LoRA term and dropout in its epilogue.
 - ``lora_gemm_split_kernel``: split-K for either GEMM when its output tiles leave SMs idle:
   fp32 partial products over a range of the reduction; ``lora_fwd_split_epilogue_kernel`` /
@@ -61,7 +64,7 @@ import triton.language as tl
 
 from fastpeft.kernels.philox_dropout import keep_mask
 from fastpeft.kernels.shrink_tile import shrink_rows
-from fastpeft.kernels.tile_utils import output_tile, rank_dot, sum_partials, to_compute
+from fastpeft.kernels.tile_utils import grouped_tile, output_tile, rank_dot, sum_partials, to_compute
 
 
 @triton.jit
@@ -144,6 +147,37 @@ def _rank_partials(acc, part_ptr, rows, M, R, num_parts, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
+def _store_s(s_acc, rows, pid_n, s_ptr, M, R, BLOCK_R: tl.constexpr):
+    """Store the fp32 ``s`` tile (rows ``rows``) from the programs of the first column tile."""
+    offs_r = tl.arange(0, BLOCK_R)
+    if pid_n == 0:
+        s_ptrs = s_ptr + rows.to(tl.int64)[:, None] * R + offs_r[None, :]
+        tl.store(s_ptrs, s_acc, mask=(rows < M)[:, None] & (offs_r[None, :] < R))
+
+
+@triton.jit
+def _add_lora_term(
+    acc, s_acc, cols, b_ptr, N, R, stride_bn, stride_br, scaling,
+    BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``acc + scaling * s B^T`` (in B's dtype) for the output columns ``cols``."""
+    offs_r = tl.arange(0, BLOCK_R)
+    b_ptrs = b_ptr + offs_r[:, None] * stride_br + (cols % N)[None, :] * stride_bn
+    b = tl.load(b_ptrs, mask=offs_r[:, None] < R, other=0.0)
+    return rank_dot(s_acc * scaling, b, acc, b_ptr, UPCAST, PRECISION)
+
+
+@triton.jit
+def _store_y(acc, rows, cols, bias_ptr, y_ptr, M, N, HAS_BIAS: tl.constexpr):
+    """Add the bias to the fp32 tile ``acc`` and store it as ``y``'s tile at ``rows, cols``."""
+    col_ok = cols < N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None] & col_ok[None, :])
+
+
+@triton.jit
 def _fwd_epilogue(
     acc, s_acc, rows, cols, pid_n, bias_ptr, b_ptr, s_ptr, y_ptr,
     M, N, R, stride_bn, stride_br, scaling,
@@ -151,19 +185,9 @@ def _fwd_epilogue(
 ):
     """Finish a forward tile: store ``s`` (first column tile only), add
     ``scaling * s B^T`` (in B's dtype) and the bias to ``acc``, store ``y``."""
-    offs_r = tl.arange(0, BLOCK_R)
-    row_ok = rows < M
-    col_ok = cols < N
-    if pid_n == 0:
-        s_ptrs = s_ptr + rows.to(tl.int64)[:, None] * R + offs_r[None, :]
-        tl.store(s_ptrs, s_acc, mask=row_ok[:, None] & (offs_r[None, :] < R))
-    b_ptrs = b_ptr + offs_r[:, None] * stride_br + (cols % N)[None, :] * stride_bn
-    b = tl.load(b_ptrs, mask=offs_r[:, None] < R, other=0.0)
-    acc = rank_dot(s_acc * scaling, b, acc, b_ptr, UPCAST, PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    _store_s(s_acc, rows, pid_n, s_ptr, M, R, BLOCK_R)
+    acc = _add_lora_term(acc, s_acc, cols, b_ptr, N, R, stride_bn, stride_br, scaling, BLOCK_R, UPCAST, PRECISION)
+    _store_y(acc, rows, cols, bias_ptr, y_ptr, M, N, HAS_BIAS)
 
 
 @triton.jit(do_not_specialize=("M", "R", "num_parts", "stride_bn"))
@@ -194,6 +218,54 @@ def lora_fwd_kernel(
         acc, s_acc, rows, cols, pid_n, bias_ptr, b_ptr, s_ptr, y_ptr, M, N, R, stride_bn, stride_br, scaling,
         HAS_BIAS, BLOCK_R, UPCAST, PRECISION,
     )
+
+
+@triton.jit(do_not_specialize=("M", "R", "num_parts", "num_programs", "stride_bn"))
+def lora_fwd_tma_kernel(
+    x_desc, w_desc, bias_ptr, b_ptr, part_ptr, s_ptr, y_ptr,
+    M, N, K, R, num_parts, num_programs,
+    stride_bn, stride_br,
+    scaling,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``lora_fwd_kernel`` without ``FUSE_SHRINK`` (``s`` the sum of ``num_parts`` shrink
+    partials), its x and W tiles loaded through TMA, on a persistent grid (sm_90 opt-in).
+
+    ``x_desc`` / ``w_desc``: host-side tensor descriptors of x ``[M, K]`` (block
+    ``[BLOCK_M, BLOCK_K]``) and W ``[N, K]`` (block ``[BLOCK_N, BLOCK_K]``); TMA fills rows
+    and columns past the edges with zeros, so the main loop has no masks and no index math.
+    Grid ``(num_programs,)``, at most one program per output tile: program ``p`` takes tile
+    numbers ``p, p + num_programs, ...`` in ``grouped_tile``'s order (the same tile -> program
+    map on every run, each tile owned by one program, no atomics). Why: one program per SM
+    stays resident for the whole GEMM (no CTA launch and set-up per tile), and the grouped
+    order keeps the concurrently running tiles on the same W columns in L2. Not overlapped:
+    each tile's K-loop pipeline fills after the previous tile's stores (that would take a
+    flattened loop or warp specialization, left until a GPU can time them). Bytes are those of
+    ``lora_fwd_kernel``'s non-fused case: x once per column tile, W once per row tile (through
+    L2), the partials, B and the bias per tile. Its pieces are ``_fwd_epilogue``'s, with the
+    LoRA term moved before the main loop (so y's rounding order differs from
+    ``lora_fwd_kernel``'s; ``s`` is the same sum, bitwise).
+    """
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in range(tl.program_id(0), num_tiles, num_programs):
+        pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # The LoRA term first, as the main loop's starting accumulator (as dX's masked term):
+        # s and B are dead before the loop instead of live beside the finished accumulator
+        # (at rank 64 that epilogue spills 76-324 B at 255 registers, fastpeft check).
+        s_acc = _rank_partials(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), part_ptr, rows, M, R, num_parts,
+                               BLOCK_R)
+        _store_s(s_acc, rows, pid_n, s_ptr, M, R, BLOCK_R)
+        acc = _add_lora_term(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), s_acc, cols, b_ptr, N, R,
+                             stride_bn, stride_br, scaling, BLOCK_R, UPCAST, PRECISION)
+        for k0 in range(0, K, BLOCK_K):
+            x = to_compute(x_desc.load([pid_m * BLOCK_M, k0]), y_ptr, UPCAST)
+            w = to_compute(w_desc.load([pid_n * BLOCK_N, k0]), y_ptr, UPCAST)
+            acc = tl.dot(x, w.T, acc, input_precision=PRECISION)
+        _store_y(acc, rows, cols, bias_ptr, y_ptr, M, N, HAS_BIAS)
 
 
 @triton.jit(do_not_specialize=("M",))

@@ -14,22 +14,26 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fastpeft.kernels import launch_device
 from fastpeft.kernels.dropout_mask import dropout_threshold
 from fastpeft.kernels.launch_device import dropout_args, kernel_numerics, on_device_of
 from fastpeft.kernels.lora.configs import (
     GROUP_M,
+    TMA_PROGRAMS_PER_SM,
     BackwardPlan,
     Split,
     TileConfig,
     aligned_rows,
     block_r,
     cdiv,
+    device_info,
     plan_backward,
     plan_forward,
     reduce_tile,
     split_epilogue_tile,
+    tma_requested,
 )
 from fastpeft.kernels.lora.kernels import (
     lora_bwd_dx_kernel,
@@ -37,6 +41,7 @@ from fastpeft.kernels.lora.kernels import (
     lora_bwd_wgrad_kernel,
     lora_fwd_kernel,
     lora_fwd_split_epilogue_kernel,
+    lora_fwd_tma_kernel,
     lora_gemm_split_kernel,
     lora_shrink_kernel,
     sum_partials_kernel,
@@ -56,6 +61,26 @@ def strides2d(t: torch.Tensor) -> tuple[int, int]:
     same specialization as every other (``fastpeft.kernels.lora.configs.aligned_for_kernels``)."""
     rows, cols = t.shape
     return (t.stride(0) if rows > 1 else cols, t.stride(1) if cols > 1 else 1)
+
+
+# TMA's alignment: a tensor descriptor's base address and row stride must be multiples of
+# 16 bytes (cuTensorMapEncodeTiled; Triton's TensorDescriptor asserts the same).
+TMA_ALIGN = 16
+
+
+def tma_ready(t: torch.Tensor) -> bool:
+    """Whether 2-D ``t`` can back a TMA descriptor (``tensor_descriptor``): unit inner stride,
+    base address and row stride (as ``strides2d`` passes it) multiples of TMA_ALIGN bytes. The
+    TMA forward falls back to ``lora_fwd_kernel`` when x or W is not."""
+    row_stride, col_stride = strides2d(t)
+    return col_stride == 1 and t.data_ptr() % TMA_ALIGN == 0 and row_stride * t.element_size() % TMA_ALIGN == 0
+
+
+def tensor_descriptor(t: torch.Tensor, block_rows: int, block_cols: int) -> TensorDescriptor:
+    """A host-side TMA descriptor of 2-D ``t`` (``tma_ready``) loading ``[block_rows,
+    block_cols]`` tiles, zero-filled past its edges. Built on the host and passed by value to
+    the kernel, so no device-side allocator (``triton.set_allocator``) is involved."""
+    return TensorDescriptor(t, list(t.shape), list(strides2d(t)), [block_rows, block_cols])
 
 
 def launchable(t: torch.Tensor, row_strides: bool = True) -> torch.Tensor:
@@ -143,8 +168,9 @@ def lora_forward(
     m, k = x.shape
     n, rank = weight.shape[0], lora_a.shape[0]
     with on_device_of(x):
+        tma = tma_requested() and tma_ready(x) and tma_ready(weight)
         plan = plan_forward(m, n, k, rank, dropout_p > 0.0, x.device, a_bytes=lora_a.element_size(),
-                            w_bytes=weight.element_size())
+                            w_bytes=weight.element_size(), tma=tma)
         r_block = block_r(rank)
         numerics = kernel_numerics(x.dtype, lora_a.dtype)
         y = launch_device.empty_output((m, n), x.dtype, x.device)
@@ -171,7 +197,19 @@ def lora_forward(
                 num_warps=e.num_warps, num_stages=e.num_stages, **numerics,
             )
             return y, s
-        lora_fwd_kernel[(cdiv(m, g.block_m) * cdiv(n, g.block_n),)](
+        num_tiles = cdiv(m, g.block_m) * cdiv(n, g.block_n)
+        if plan.tma:
+            programs = min(num_tiles, TMA_PROGRAMS_PER_SM * device_info(x.device)[0])
+            lora_fwd_tma_kernel[(programs,)](
+                tensor_descriptor(x, g.block_m, g.block_k), tensor_descriptor(weight, g.block_n, g.block_k),
+                bias, lora_b, parts, s, y,
+                m, n, k, rank, num_parts, programs,
+                *b_args, scaling,
+                HAS_BIAS=has_bias, BLOCK_M=g.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k, BLOCK_R=r_block,
+                GROUP_M=GROUP_M, num_warps=g.num_warps, num_stages=g.num_stages, **numerics,
+            )
+            return y, s
+        lora_fwd_kernel[(num_tiles,)](
             x, weight, bias, lora_a, lora_b, parts, s, y,
             m, n, k, rank, num_parts,
             *strides2d(x), *strides2d(weight), *strides2d(lora_a), *b_args,

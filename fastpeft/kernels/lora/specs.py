@@ -26,6 +26,7 @@ from fastpeft.kernels.lora.configs import (
     reduce_tile,
     shrink_tile_choices,
     split_epilogue_tile,
+    tma_tile,
     wgrad_tile,
 )
 from fastpeft.kernels.lora.kernels import (
@@ -34,6 +35,7 @@ from fastpeft.kernels.lora.kernels import (
     lora_bwd_wgrad_kernel,
     lora_fwd_kernel,
     lora_fwd_split_epilogue_kernel,
+    lora_fwd_tma_kernel,
     lora_gemm_split_kernel,
     lora_shrink_kernel,
     sum_partials_kernel,
@@ -54,6 +56,8 @@ _UNIT_STRIDES = {"stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_dyn
 # (dX: W^T viewed as [K, N], W's strides swapped).
 _SPLIT_UNIT_STRIDES = {"fwd": {"stride_pr", "stride_qr"}, "dx": {"stride_pr", "stride_qn"}}
 _FLOAT_SCALARS = {"scaling", "keep_scale", "scale"}
+# Tensor-descriptor arguments (the TMA forward): the tile's fields giving their block shape.
+_DESCRIPTORS = {"x_desc": ("block_m", "block_k"), "w_desc": ("block_n", "block_k")}
 
 # Pointer arguments by role: activations/base weights use the activation dtype, the LoRA
 # weights their own, the seed is int64, the mask int8, the rest are fp32 buffers.
@@ -67,7 +71,8 @@ _NUMERICS = {"UPCAST": False, "PRECISION": "tf32"}
 
 
 def _spec(fn, name: str, act: str, lora: str, constexprs: dict, tile: TileConfig,
-          family: int | None = None, wgmma: bool = False, unit_strides: set | None = None) -> KernelSpec:
+          family: int | None = None, wgmma: bool = False, unit_strides: set | None = None,
+          tma: bool = False) -> KernelSpec:
     """Signature of ``fn`` for the dtype case, with unit strides (``_UNIT_STRIDES`` unless
     given) and ``constexprs`` fixed."""
     signature, values = {}, {}
@@ -77,6 +82,9 @@ def _spec(fn, name: str, act: str, lora: str, constexprs: dict, tile: TileConfig
             signature[arg], values[arg] = "constexpr", constexprs[arg]
         elif arg in units:
             signature[arg], values[arg] = "constexpr", 1
+        elif arg in _DESCRIPTORS:
+            rows, cols = (getattr(tile, field) for field in _DESCRIPTORS[arg])
+            signature[arg] = f"tensordesc<{act}[{rows}, {cols}]>"
         elif arg in _ACT_POINTERS:
             signature[arg] = f"*{act}"
         elif arg in _LORA_POINTERS:
@@ -96,7 +104,7 @@ def _spec(fn, name: str, act: str, lora: str, constexprs: dict, tile: TileConfig
                  f"R{constexprs.get('BLOCK_R', 0)},{flags},{act}/{lora}]")
     return KernelSpec(name=full_name, fn=fn, signature=signature, constexprs=values,
                       num_warps=tile.num_warps, num_stages=tile.num_stages,
-                      expects_wgmma_on_sm90=wgmma, arch_family=family)
+                      expects_wgmma_on_sm90=wgmma, expects_tma_on_sm90=tma, arch_family=family)
 
 
 def _uses_wgmma(tile: TileConfig) -> bool:
@@ -133,7 +141,15 @@ def lora_kernel_specs() -> list[KernelSpec]:
                     t, family, _uses_wgmma(t)))
     e = split_epilogue_tile()
     w = wgrad_tile()
+    tma = tma_tile()
     for act, lora in DTYPE_CASES:
+        # The opt-in TMA forward (sm_90 only, never fused); with a bias, as lora_fwd: the larger variant.
+        for r in BLOCK_R_CHOICES:
+            specs.append(_spec(
+                lora_fwd_tma_kernel, "lora_fwd_tma", act, lora,
+                {"HAS_BIAS": True, "BLOCK_M": tma.block_m, "BLOCK_N": tma.block_n, "BLOCK_K": tma.block_k,
+                 "BLOCK_R": r, "GROUP_M": GROUP_M, **_NUMERICS},
+                tma, 90, _uses_wgmma(tma), tma=True))
         # Split-K GEMM: no epilogue, so one spec per tile (with or without dropout) and use.
         for (t, family), use in itertools.product(_split_tiles(), _SPLIT_UNIT_STRIDES):
             specs.append(_spec(

@@ -79,3 +79,23 @@ def test_every_launch_is_checked(compiled, recorded, monkeypatch, num_sms, capab
         "lora_shrink_kernel", "lora_fwd_kernel", "lora_gemm_split_kernel", "lora_fwd_split_epilogue_kernel",
         "lora_bwd_dx_kernel", "lora_bwd_dx_split_epilogue_kernel", "lora_bwd_wgrad_kernel", "sum_partials_kernel",
     }
+
+
+@pytest.mark.parametrize("act,lora", DTYPES, ids=str)
+def test_every_tma_launch_is_checked(compiled, recorded, monkeypatch, act, lora):
+    """With the TMA forward opted in (FASTPEFT_LORA_TMA=1) on an H100, every launch is still a
+    compiled spec, and the TMA kernel is among them (large M, no split-K)."""
+    num_sms, capability = GPUS[1]
+    monkeypatch.setattr(lora_configs, "device_info", lambda device: (num_sms, capability))
+    monkeypatch.setenv(lora_configs.TMA_ENV, "1")
+    kernels = set()
+    for m, n, rank, dropout in itertools.product([513, 4096], NS, RANKS, (False, True)):
+        recorded.clear()
+        _run(m, n, 4096, rank, dropout, act, lora)
+        for fn, args, kwargs in recorded:
+            key = launch_key(fn, args, kwargs)
+            spec = compiled.get(key)
+            assert spec is not None, f"m={m} n={n} r={rank} dropout={dropout}: {key} is never compiled"
+            assert spec.runs_on(capability) and spec.expects_tma_on_sm90 == (key[0] == "lora_fwd_tma_kernel")
+            kernels.add(key[0])
+    assert "lora_fwd_tma_kernel" in kernels and "lora_fwd_kernel" not in kernels
