@@ -17,6 +17,8 @@ LoRA grid feeds the dispatch table), each phase under a deadline (``run_focused`
 
   ``linear``  ``F.linear(x, W, b)``: the floor
   ``fused``   ``fastpeft.ops.lora_linear`` with ``FASTPEFT_BACKEND=triton`` (fused Triton kernels)
+  ``fused-tma`` the same with ``FASTPEFT_LORA_TMA=1`` (the opt-in sm_90 TMA + persistent
+              forward GEMM): on sm_90 only, at M = 4096 and 16384 only (the large-M tiles)
   ``hybrid``  the same op with ``FASTPEFT_BACKEND=hybrid`` (cuBLAS base GEMM + Triton LoRA term)
   ``torch``   the same op with ``FASTPEFT_BACKEND=torch`` (torch composite path)
   ``peft``    HF PEFT's ``lora.Linear``
@@ -102,7 +104,7 @@ from torch.fx.experimental import _config as fx_config
 from fastpeft import backend
 from fastpeft.bench.cases import FORWARD, FORWARD_BACKWARD, MODES, SHAPES_BY_NAME, BenchCase, LayerShape, lora_flops
 from fastpeft.bench.environment import describe_environment
-from fastpeft.bench.forced import forced_backend
+from fastpeft.bench.forced import forced_backend, forced_env
 from fastpeft.bench.implementations import (
     BASE, COMPILE, PEFT, Implementation, LoRAWeights, build_fastpeft_op, build_implementation, random_weights,
 )
@@ -115,14 +117,15 @@ from fastpeft.bench.errors import describe_error
 from fastpeft.bench.runner import DEFAULT_DROPOUT, log_to_stderr, make_step
 from fastpeft.bench.spread import Spread, ratio, spread_json
 from fastpeft.bench.timing import GPU_ROUNDS_BUDGET, QUICK_BUDGET, TimingBudget, time_rounds
+from fastpeft.kernels.lora.configs import MEDIUM_MAX_M, TMA_ENV
 
 # /2 added "ops" (the bottleneck adapter and multi-LoRA cells).
 SCHEMA = "fastpeft-focused/2"
 
-LINEAR, FUSED, HYBRID, TORCH = "linear", "fused", "hybrid", "torch"
+LINEAR, FUSED, FUSED_TMA, HYBRID, TORCH = "linear", "fused", "fused-tma", "hybrid", "torch"
 OK, ERROR, UNAVAILABLE, SKIPPED = "ok", "error", "unavailable", "skipped"
 # The rows fastpeft can dispatch between (``fastpeft.kernels.lora.dispatch``).
-FASTPEFT_ROWS = (FUSED, HYBRID, TORCH)
+FASTPEFT_ROWS = (FUSED, FUSED_TMA, HYBRID, TORCH)
 # The adapter dtype fastpeft uses on 16-bit layers by default (``LoRALinear.from_linear``),
 # whose rows ``--dispatch-input`` hands to the dispatch-table writer.
 DISPATCH_ADAPTER_DTYPE = torch.float32
@@ -156,11 +159,20 @@ class Row:
     description: str
     builder: str
     backend: str | None = None
+    # An environment variable set around each step, and the fewest rows M a cell needs to be
+    # timed (below it the row would run what another row runs).
+    env: tuple[str, str] | None = None
+    min_m: int = 0
 
 
 ROWS: tuple[Row, ...] = (
     Row(LINEAR, "F.linear(x, W, b): the floor", BASE),
     Row(FUSED, "fastpeft.ops.lora_linear, FASTPEFT_BACKEND=triton: fused Triton kernels", "op", "triton"),
+    # The opt-in sm_90 TMA + persistent forward (lora_fwd_tma_kernel), timed beside the fused
+    # row so that the first GPU run measures it; it replaces the fused forward's GEMM only on
+    # the large-M tiles, and only on sm_90 (default_config leaves the row out elsewhere).
+    Row(FUSED_TMA, f"fastpeft.ops.lora_linear, FASTPEFT_BACKEND=triton, {TMA_ENV}=1: the fused kernels with the "
+        "opt-in sm_90 TMA + persistent forward GEMM", "op", "triton", (TMA_ENV, "1"), MEDIUM_MAX_M + 1),
     Row(HYBRID, "fastpeft.ops.lora_linear, FASTPEFT_BACKEND=hybrid: cuBLAS base GEMM + Triton LoRA term",
         "op", "hybrid"),
     Row(TORCH, "fastpeft.ops.lora_linear, FASTPEFT_BACKEND=torch: torch composite path", "op", "torch"),
@@ -261,7 +273,7 @@ def default_config(device: torch.device, tiny: bool, budget_s: float | None = No
         rank=RANK,
         dtype=torch.bfloat16,
         adapter_dtypes=(torch.float32, torch.bfloat16),
-        rows=tuple(row.name for row in ROWS),
+        rows=tuple(row.name for row in ROWS if row.name != FUSED_TMA or (not tiny and _has_tma(device))),
         device=device,
         timing=QUICK_BUDGET if tiny else GPU_ROUNDS_BUDGET,
         budget_s=budget_s if budget_s is not None else TINY_BUDGET_S if tiny else GPU_BUDGET_S,
@@ -270,6 +282,11 @@ def default_config(device: torch.device, tiny: bool, budget_s: float | None = No
         ops=TINY_OP_FOCUS if tiny else OP_FOCUS,
         ops_budget_s=TINY_OPS_BUDGET_S if tiny else GPU_OPS_BUDGET_S,
     )
+
+
+def _has_tma(device: torch.device) -> bool:
+    """Whether ``device`` runs the TMA forward (a CUDA device of compute capability 9.x)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -352,7 +369,7 @@ def row_steps(row: Row, sets: Sequence[InputSet], mode: str) -> list[Callable[[]
         step = make_step(build_row(row, s.weights, training=mode == FORWARD_BACKWARD), s.x, s.dy, mode)
 
         def under_backend(step: Callable[[], object] = step) -> object:
-            with forced_backend(row.backend):
+            with forced_backend(row.backend), forced_env(*row.env) if row.env else contextlib.nullcontext():
                 return step()
 
         steps.append(under_backend)
@@ -420,6 +437,7 @@ def plan_cells(config: FocusedConfig) -> list[Cell]:
         for m in config.ms
         for mode in MODES
         for row in config.rows
+        if m >= ROWS_BY_NAME[row].min_m
     ]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from fastpeft.bench.__main__ import main as bench_main
 from fastpeft.bench.cases import FORWARD, FORWARD_BACKWARD, LayerShape
 from fastpeft.bench.op_bench import OpRow
 from fastpeft.bench.timing import CPU_CLOCK, TimingBudget
+from fastpeft.kernels.lora.configs import TMA_ENV
 
 CPU = torch.device("cpu")
 TINY = LayerShape("tiny", 24, 40)  # K = 24, N = 40
@@ -325,3 +327,32 @@ def test_every_row_of_an_op_is_timed_the_same_way(tmp_path, monkeypatch):
     assert captured == {"ours": False, "host": False, "graph": True}
     notes = {t.row: t.note for t in run.ops[focused.MULTI_LORA].timings}
     assert notes == {"ours": focused.EAGER_NOTE, "host": focused.NOT_CAPTURABLE_NOTE}
+
+
+def test_the_tma_row_runs_only_large_m_cells_under_its_variable(monkeypatch, tmp_path):
+    """The opt-in TMA forward's row: left out of the CPU and rehearsal grids, timed only at
+    M above the medium tiles (below them it would run the fused row's kernels), each step
+    with ``FASTPEFT_LORA_TMA=1`` set (and nothing left set after it)."""
+    assert focused.FUSED_TMA not in focused.default_config(CPU, tiny=True).rows
+    assert focused.FUSED_TMA not in focused.default_config(CPU, tiny=False).rows
+    row = focused.ROWS_BY_NAME[focused.FUSED_TMA]
+    small, large = 5, row.min_m
+    cells = focused.plan_cells(tiny_config(ms=(small, large), rows=(focused.FUSED, focused.FUSED_TMA)))
+    assert {c.case.m for c in cells if c.row == focused.FUSED} == {small, large}
+    assert {c.case.m for c in cells if c.row == focused.FUSED_TMA} == {large}
+    seen = []
+
+    def step_reading_the_environment(impl, x, dy, mode):
+        return lambda: seen.append((os.environ.get(TMA_ENV), os.environ.get("FASTPEFT_BACKEND")))
+
+    monkeypatch.delenv(TMA_ENV, raising=False)
+    monkeypatch.setattr(focused, "make_step", step_reading_the_environment)
+    monkeypatch.setattr(focused, "build_row", lambda row, w, training: None)
+    config = tiny_config(ms=(5,))
+    sets = focused.make_input_sets(focused.plan_cells(config)[0].case, config, torch.float32,
+                                   torch.Generator().manual_seed(0))
+    for name, expected in ((focused.FUSED_TMA, ("1", "triton")), (focused.FUSED, (None, "triton"))):
+        for step in focused.row_steps(focused.ROWS_BY_NAME[name], sets, FORWARD):
+            step()
+        assert seen[-1] == expected
+    assert TMA_ENV not in os.environ
