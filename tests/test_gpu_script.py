@@ -152,7 +152,8 @@ def test_rehearsal_focused_json_schema(rehearsal):
     assert set(data) == {"schema", "complete", "interrupted", "elapsed_s", "settings", "timings", "fastest", "profile",
                          "ops"}
     assert data["settings"]["dtype"] == "bfloat16" and data["settings"]["adapter_dtypes"] == ["float32", "bfloat16"]
-    assert set(data["settings"]["rows"]) == {row.name for row in focused.ROWS}
+    # The rehearsal runs on CPU, where default_config leaves out the sm_90-only TMA row.
+    assert set(data["settings"]["rows"]) == {row.name for row in focused.ROWS} - {focused.FUSED_TMA}
     assert {t["status"] for t in data["timings"]} <= {focused.OK, focused.SKIPPED, focused.UNAVAILABLE}
     assert any(t["status"] == focused.OK for t in data["timings"])
     assert set(data["profile"]["impls"]) == set(data["settings"]["rows"])
