@@ -12,7 +12,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from fastpeft.kernels import launch_device
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
+
+from fastpeft.kernels import launch_device  # noqa: E402
 from fastpeft.kernels.bottleneck import configs as bn_configs, launch as bn_launch  # noqa: E402
 from fastpeft.kernels.lora import configs as lora_configs, hybrid_launch, launch as lora_launch  # noqa: E402
 from fastpeft.kernels.multi_lora import launch as ml_launch  # noqa: E402
@@ -76,16 +78,18 @@ def test_who_picks_each_path(h100_rows):
 
 def _summary(name: str, grid: tuple[int, ...], named: dict) -> tuple:
     """A launch as (kernel, grid, its non-tensor arguments and constexprs, its tensors' shapes
-    and dtypes)."""
-    values = {k: v for k, v in named.items() if not isinstance(v, torch.Tensor)}
+    and dtypes, and its TMA descriptors' shapes, strides, blocks and dtypes)."""
+    values = {k: v for k, v in named.items() if not isinstance(v, (torch.Tensor, TensorDescriptor))}
     shapes = {k: (tuple(v.shape), v.dtype) for k, v in named.items() if isinstance(v, torch.Tensor)}
+    shapes |= {k: (tuple(v.shape), tuple(v.strides), tuple(v.block_shape), v.base.dtype) for k, v in named.items()
+               if isinstance(v, TensorDescriptor)}
     return name, tuple(grid), values, shapes
 
 
 def _helper_launches(monkeypatch, gpu, run: paths.PathRun) -> list[tuple]:
     """The Triton launches of ``run`` recorded by the tests' own recorder (as the spec tests do)."""
     recorded = record_launches(monkeypatch, lora_launch, hybrid_launch, bn_launch, ml_launch)
-    for module in (lora_configs, bn_configs, hybrid_launch):
+    for module in (lora_configs, lora_launch, bn_configs, hybrid_launch):
         monkeypatch.setattr(module, "device_info", lambda device: (gpu.sms, gpu.capability))
     for module in (launch_device, bn_launch):
         monkeypatch.setattr(module, "interpreting", lambda: False)
@@ -172,6 +176,30 @@ def test_tma_forward_traffic_is_the_pointer_kernels(monkeypatch):
     assert set(costs) == {"lora_fwd_kernel", "lora_fwd_tma_kernel"}
     assert costs["lora_fwd_tma_kernel"][0] == (132,) and costs["lora_fwd_kernel"][0] == (512,)
     assert costs["lora_fwd_tma_kernel"][1:] == costs["lora_fwd_kernel"][1:]
+
+
+def test_fused_tma_path_is_planned_where_its_kernel_runs(h100_rows, monkeypatch):
+    """A fused-tma row (forced by ``tma``: FASTPEFT_BACKEND=triton, FASTPEFT_LORA_TMA=1) for
+    every LoRA problem above the medium tiles on sm_90, none elsewhere; its forward GEMM is the
+    TMA kernel. A table that picks fused-tma marks that row validated, and the fused row where
+    no TMA kernel would run (M = 512, or an A100)."""
+    tma_rows = [r for r in h100_rows if r.path == "fused-tma"]
+    assert {(r.problem.m, r.problem.n, r.problem.r, r.problem.mode) for r in tma_rows} == {
+        (m, n, rank, mode) for m in (4096, 16384) for n in (4096, 14336) for rank in (8, 16, 64)
+        for mode in (FWD, FWD_BWD)}
+    assert all(r.choice == "tma" for r in tma_rows)
+    a100 = Problem(LORA, FWD, 4096, 4096, 4096, 16, torch.bfloat16, torch.float32)
+    assert "fused-tma" not in {run.path for run in paths.paths(a100, GPUS["a100"])}
+    (run,) = [r for r in paths.paths(a100, H100) if r.path == "fused-tma"]
+    with recording(H100) as launches:
+        run.run()
+    assert "lora_fwd_tma_kernel" in {launch.name for launch in launches if launch.is_triton}
+
+    monkeypatch.setattr(paths, "lora_table_choice", lambda p, gpu: "fused-tma")
+    for problem, gpu, validated in ((a100, H100, "fused-tma"), (a100, GPUS["a100"], "fused"),
+                                    (Problem(LORA, FWD, 512, 4096, 4096, 16, torch.bfloat16, torch.float32), H100,
+                                     "fused")):
+        assert [r.path for r in paths.paths(problem, gpu) if paths.VALIDATED in r.choice] == [validated]
 
 
 def _multi_lora_costs(m: int) -> dict[str, object]:

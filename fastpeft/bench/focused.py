@@ -117,15 +117,16 @@ from fastpeft.bench.errors import describe_error
 from fastpeft.bench.runner import DEFAULT_DROPOUT, log_to_stderr, make_step
 from fastpeft.bench.spread import Spread, ratio, spread_json
 from fastpeft.bench.timing import GPU_ROUNDS_BUDGET, QUICK_BUDGET, TimingBudget, time_rounds
-from fastpeft.kernels.lora.configs import MEDIUM_MAX_M, TMA_ENV
+from fastpeft.kernels.lora.configs import MEDIUM_MAX_M, TMA_ENV, device_info
+from fastpeft.kernels.lora.dispatch import FUSED, FUSED_TMA, HYBRID, IMPLEMENTATIONS, TORCH
 
 # /2 added "ops" (the bottleneck adapter and multi-LoRA cells).
 SCHEMA = "fastpeft-focused/2"
 
-LINEAR, FUSED, FUSED_TMA, HYBRID, TORCH = "linear", "fused", "fused-tma", "hybrid", "torch"
+LINEAR = "linear"
 OK, ERROR, UNAVAILABLE, SKIPPED = "ok", "error", "unavailable", "skipped"
-# The rows fastpeft can dispatch between (``fastpeft.kernels.lora.dispatch``).
-FASTPEFT_ROWS = (FUSED, FUSED_TMA, HYBRID, TORCH)
+# The rows fastpeft can dispatch between, named as the dispatch table names them.
+FASTPEFT_ROWS = IMPLEMENTATIONS
 # The adapter dtype fastpeft uses on 16-bit layers by default (``LoRALinear.from_linear``),
 # whose rows ``--dispatch-input`` hands to the dispatch-table writer.
 DISPATCH_ADAPTER_DTYPE = torch.float32
@@ -303,11 +304,14 @@ def unavailable_reason(row: Row) -> str | None:
 
 def path_taken(row: Row, device: torch.device) -> str:
     """What a row runs on ``device``: itself, except a kernel row (fused, hybrid) that the op
-    sends to the torch path there (CPU tensors without Triton's interpreter)."""
+    sends to the torch path there (CPU tensors without Triton's interpreter), and the
+    fused-tma row before sm_90, where its plan runs the fused kernels."""
     if row.backend in (None, TORCH):
         return row.name
     with forced_backend(row.backend):
-        return row.name if backend.use_triton(device) else "torch path"
+        if not backend.use_triton(device):
+            return "torch path"
+    return FUSED if row.name == FUSED_TMA and device_info(device)[1] < 90 else row.name
 
 
 # --- inputs -----------------------------------------------------------------------------------

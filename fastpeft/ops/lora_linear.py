@@ -35,7 +35,7 @@ from fastpeft.ops.op_calls import call_directly, eager_function, needs_autograd,
 
 
 def _implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, training: bool) -> str:
-    """``"fused"``, ``"hybrid"`` or ``"torch"`` for an inference forward, or (``training``) for
+    """``"fused"``, ``"fused-tma"``, ``"hybrid"`` or ``"torch"`` for an inference forward, or (``training``) for
     either pass of a training step: ``fastpeft.kernels.lora.dispatch.choose_implementation``
     (torch-only, no Triton import).
     Imported at the first call, not with the package, so that running the table writer
@@ -68,11 +68,14 @@ def _lora_linear_forward(
         y, s, keep = lora_forward_torch(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
         keep = kept_mask(keep)
     else:
-        if impl == "fused":
+        if impl == "hybrid":
+            from fastpeft.kernels.lora.hybrid_launch import hybrid_forward
+
+            y, s = hybrid_forward(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+        else:  # "fused", or "fused-tma": the same kernels with the sm_90 TMA forward GEMM
             from fastpeft.kernels.lora.launch import lora_forward
-        else:
-            from fastpeft.kernels.lora.hybrid_launch import hybrid_forward as lora_forward
-        y, s = lora_forward(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+
+            y, s = lora_forward(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, tma=impl == "fused-tma")
         keep = x.new_empty(0, dtype=torch.bool)
     return y.view(*x.shape[:-1], weight.shape[0]), s, keep
 
@@ -116,10 +119,10 @@ def _lora_linear_backward(
         keep = saved_or_redrawn_mask(keep, x2, dropout_p, seed)
         dx, da, db = lora_backward_torch(g2, x2, weight, lora_a, lora_b, s, keep, scaling, dropout_p, *needs)
     else:
-        if impl == "fused":
-            from fastpeft.kernels.lora.launch import lora_backward
-        else:
+        if impl == "hybrid":
             from fastpeft.kernels.lora.hybrid_launch import hybrid_backward as lora_backward
+        else:  # "fused" and "fused-tma" (whose TMA kernel is a forward GEMM) share the backward
+            from fastpeft.kernels.lora.launch import lora_backward
         dx, da, db = lora_backward(g2, x2, weight, lora_a, lora_b, s, scaling, dropout_p, seed, *needs)
     return (
         dx.view(x.shape) if dx is not None else x.new_empty(0),

@@ -8,11 +8,14 @@ with the ops' own glue between them (torch path or launcher, forward then backwa
 Choices: ``auto`` (what ``FASTPEFT_BACKEND=auto`` runs on CUDA today), ``validated`` (what
 ``auto`` runs once ``fastpeft.backend.KERNELS_VALIDATED_ON_GPU`` is set: for LoRA, the shipped
 dispatch table's pick, ``fastpeft.kernels.lora.dispatch.lookup``), and the forced backends
-``torch``, ``triton``, ``hybrid``. While the kernels are not validated, ``auto`` is the torch
+``torch``, ``triton``, ``hybrid``, and ``tma`` (``FASTPEFT_BACKEND=triton`` with
+``FASTPEFT_LORA_TMA=1``). While the kernels are not validated, ``auto`` is the torch
 path for every op.
 
 Paths: ``torch`` (the ops' torch path, on the GPU through cuBLAS and aten kernels),
-``fused`` and ``hybrid`` (LoRA's Triton paths), ``triton`` (the bottleneck adapter's and
+``fused`` and ``hybrid`` (LoRA's Triton paths), ``fused-tma`` (``fused`` with the sm_90 TMA
+forward GEMM: planned on sm_90 GPUs at M above ``MEDIUM_MAX_M``, where its plan replaces the
+forward's GEMM, as the focused benchmark times it), ``triton`` (the bottleneck adapter's and
 multi-LoRA's Triton kernels); the dispatch table picks one implementation for both passes of
 a training step. The CUDA C++
 kernels (``FASTPEFT_BACKEND=cuda``) are not planned: their launches are not Python calls the
@@ -21,6 +24,7 @@ recording can see.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,7 +34,7 @@ import torch.nn.functional as F
 from fastpeft import backend
 from fastpeft.kernels.bottleneck import launch as bottleneck_launch
 from fastpeft.kernels.lora import dispatch, hybrid_launch, launch as lora_launch
-from fastpeft.kernels.lora.configs import MAX_RANK
+from fastpeft.kernels.lora.configs import MAX_RANK, MEDIUM_MAX_M
 from fastpeft.kernels.multi_lora import configs as multi_lora_configs, launch as multi_lora_launch
 from fastpeft.ops.bottleneck_adapter_torch import bottleneck_backward_torch, bottleneck_forward_torch
 from fastpeft.ops.dropout import saved_or_redrawn_mask
@@ -40,9 +44,11 @@ from fastpeft.plan.gpus import GpuSpec
 from fastpeft.plan.problems import BOTTLENECK, FWD_BWD, LORA, LORA_TRAIN_DROPOUT, Problem
 
 AUTO, VALIDATED = "auto", "validated"
-TORCH, FUSED, HYBRID, TRITON = "torch", "fused", "hybrid", "triton"
+TORCH, FUSED, FUSED_TMA, HYBRID, TRITON = "torch", dispatch.FUSED, dispatch.FUSED_TMA, "hybrid", "triton"
+# The forced setting that runs fused-tma: FASTPEFT_BACKEND=triton, FASTPEFT_LORA_TMA=1.
+TMA = "tma"
 # Every path a plan row can have.
-PATH_NAMES = (TORCH, FUSED, HYBRID, TRITON)
+PATH_NAMES = (TORCH, FUSED, FUSED_TMA, HYBRID, TRITON)
 # The values do not change any launch (they are kernel arguments, not shapes); PEFT's usual
 # lora_alpha = 2 r, AdapterHub's seq_bn defaults.
 LORA_SCALING = 2.0
@@ -86,8 +92,10 @@ def _validated_choice() -> tuple[str, ...]:
 
 # --- LoRA ------------------------------------------------------------------------------
 
-_LORA_FORWARD = {FUSED: lora_launch.lora_forward, HYBRID: hybrid_launch.hybrid_forward}
-_LORA_BACKWARD = {FUSED: lora_launch.lora_backward, HYBRID: hybrid_launch.hybrid_backward}
+_LORA_FORWARD = {FUSED: lora_launch.lora_forward, FUSED_TMA: functools.partial(lora_launch.lora_forward, tma=True),
+                 HYBRID: hybrid_launch.hybrid_forward}
+_LORA_BACKWARD = {FUSED: lora_launch.lora_backward, FUSED_TMA: lora_launch.lora_backward,
+                  HYBRID: hybrid_launch.hybrid_backward}
 
 
 def _lora_run(p: Problem, path: str) -> Callable[[], None]:
@@ -128,13 +136,19 @@ def lora_table_choice(p: Problem, gpu: GpuSpec) -> str:
 def lora_paths(p: Problem, gpu: GpuSpec) -> list[PathRun]:
     if p.r > MAX_RANK:  # the op sends larger ranks to the torch path whatever the backend
         return [PathRun(TORCH, (TORCH, AUTO, VALIDATED), _lora_run(p, TORCH), TORCH)]
+    # (path, the forced setting that runs it, FASTPEFT_BACKEND meanwhile)
+    implementations = [(TORCH, TORCH, TORCH), (FUSED, TRITON, TRITON), (HYBRID, HYBRID, HYBRID)]
+    if gpu.capability >= 90 and p.m > MEDIUM_MAX_M:
+        implementations.insert(2, (FUSED_TMA, TMA, TRITON))
     table = lora_table_choice(p, gpu)
+    if table == FUSED_TMA and FUSED_TMA not in (path for path, _, _ in implementations):
+        table = FUSED  # its plan would not use the TMA kernel here: the op runs fused's kernels
     runs = []
-    for path, forced in ((TORCH, TORCH), (FUSED, TRITON), (HYBRID, HYBRID)):
+    for path, forced, backend_name in implementations:
         choice = _torch_choice() if path == TORCH else (forced,)
         if table == path:
             choice = (*choice, *_validated_choice())
-        runs.append(PathRun(path, choice, _lora_run(p, path), forced))
+        runs.append(PathRun(path, choice, _lora_run(p, path), backend_name))
     return runs
 
 

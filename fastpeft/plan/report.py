@@ -104,7 +104,7 @@ def plan_json(rows: Sequence[PlanRow], gpu: GpuSpec, launch_us: float) -> dict[s
 
 # The focused benchmark's LoRA rows named as the plan's paths (its "linear" and "peft" rows
 # have no plan row); the op benchmarks' fastpeft rows share the plan's names.
-_LORA_IMPLS = {"fused": "fused", "hybrid": "hybrid", "torch": "torch"}
+_LORA_IMPLS = {"fused": "fused", "fused-tma": "fused-tma", "hybrid": "hybrid", "torch": "torch"}
 _OP_IMPLS = {"torch": "torch", "triton": "triton"}
 
 

@@ -356,3 +356,21 @@ def test_the_tma_row_runs_only_large_m_cells_under_its_variable(monkeypatch, tmp
             step()
         assert seen[-1] == expected
     assert TMA_ENV not in os.environ
+
+
+def test_the_tma_row_says_when_it_runs_the_fused_kernels(monkeypatch):
+    """``runs`` of the fused-tma row: itself where the TMA forward can run (sm_90, and the
+    interpreter, which plans as sm_90), ``fused`` on an older GPU (so the dispatch-table
+    writer and the plan comparison skip its times), the torch path where the kernels do not run."""
+    from fastpeft.kernels.lora import configs as lora_configs
+
+    row = focused.ROWS_BY_NAME[focused.FUSED_TMA]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert focused.path_taken(row, CPU) == focused.FUSED_TMA
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert focused.path_taken(row, CPU) == "torch path"
+    cuda = torch.device("cuda", 0)
+    for capability, expected in ((90, focused.FUSED_TMA), (80, focused.FUSED)):
+        monkeypatch.setattr(lora_configs, "_device_props", lambda index, c=capability: (132, c))
+        monkeypatch.setattr(focused.backend, "use_triton", lambda device: True)
+        assert focused.path_taken(row, cuda) == expected

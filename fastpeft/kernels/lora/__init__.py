@@ -4,7 +4,7 @@
   backward passes); ``launch.py``: their launchers.
 - ``hybrid_kernels.py`` / ``hybrid_launch.py``: the cuBLAS-hybrid path's Triton pieces.
 - ``configs.py``: tile tables and the planners that pick a tile per shape and architecture.
-- ``dispatch.py`` + ``dispatch_table.json``: which implementation runs a call (fused, hybrid, torch).
+- ``dispatch.py`` + ``dispatch_table.json``: which implementation runs a call (fused, fused-tma, hybrid, torch).
 - ``specs.py``: every configuration the planners can pick, for ``fastpeft check``'s AOT compile.
 - ``ref.py``: ``lora_linear_ref``, the pure-PyTorch reference the tests and benchmarks compare to.
 

@@ -117,6 +117,7 @@ _DX_DROPOUT_LARGE = {90: TileConfig(128, 128, 64, 8, 3), 80: TileConfig(64, 128,
 TMA_PROGRAMS_PER_SM = 1
 # Environment variable that opts in to the TMA forward (read at every call, like
 # FASTPEFT_BACKEND, so a benchmark can time both kernels in one process): "1" on, else off.
+# A dispatch table written from a GPU run that timed it may also choose it ("fused-tma").
 TMA_ENV = "FASTPEFT_LORA_TMA"
 # Medium M: 64-row tiles double the programs; 4 stages of (64+128)x64 bf16 = 96 KB.
 # sm_90: 4 warps, one warpgroup owning all 64 rows, so the wgmma is m64n128 (with 8 warps

@@ -3,6 +3,11 @@ that decides it once the kernels are validated on a GPU.
 
 Implementations:
 - ``fused`` (``fastpeft.kernels.lora.launch``): the base GEMM in Triton with the LoRA term in its epilogue.
+- ``fused-tma``: the same kernels with the sm_90 TMA + persistent forward GEMM
+  (``lora_fwd_tma_kernel``) where its plan allows it (sm_90, the large-M tile without split-K,
+  16-byte aligned x and W: ``fastpeft.kernels.lora.configs.plan_forward``), exactly ``fused``
+  elsewhere; its backward is ``fused``'s. No rule of thumb picks it: only a table written from a
+  GPU run that timed it (the focused benchmark's ``fused-tma`` row) and found it fastest.
 - ``hybrid`` (``lora_hybrid_launch``): cuBLAS for the base GEMMs, accumulating onto a LoRA
   term written by Triton.
 - ``torch`` (``fastpeft.ops.lora_linear_torch``): torch composite ops.
@@ -13,8 +18,9 @@ pure function of shapes, dtypes, device, the mode (inference, or a training step
 values, so compiled graphs and CUDA graphs see the choice eager mode makes). A training step
 runs the forward and the backward the table chose together, from timings of both passes
 together: the pair that runs is the pair that was timed (a forward timed without dropout or
-backward does not decide a training step's). ``triton`` forces ``fused``,
-``hybrid`` forces ``hybrid``; ``auto`` reads the table, once ``KERNELS_VALIDATED_ON_GPU``.
+backward does not decide a training step's). ``triton`` forces ``fused``
+(``FASTPEFT_LORA_TMA=1`` then turns its TMA forward on), ``hybrid`` forces ``hybrid``; ``auto``
+reads the table, once ``KERNELS_VALIDATED_ON_GPU``.
 
 The table (``dispatch_table.json``, shipped in the package; schema ``SCHEMA``) is a JSON
 object ``{"schema": SCHEMA, "entries": [...]}``. Each entry has ``"implementation"`` (one of
@@ -47,7 +53,8 @@ Writing a table from benchmark results (the GPU run does this)::
   (torch's name, required), optionally ``"arch"`` (``"sm_90"``; else ``--arch``, else the
   current CUDA device's);
 - ``timings``: rows ``{"m", "n", "k", "r", "mode", "impl", "ms", "error"}`` where ``mode`` is
-  ``"fwd"`` (decides inference) or ``"fwd+bwd"`` (decides training: a whole step's winner), ``impl`` one of ``"fused"``, ``"hybrid"``, ``"torch"`` (other rows are ignored),
+  ``"fwd"`` (decides inference) or ``"fwd+bwd"`` (decides training: a whole step's winner), ``impl`` one of
+  ``IMPLEMENTATIONS`` (other rows are ignored),
   ``ms`` the median time in ms, a number or ``{"value": median, ...}``; rows with an
   ``error``, no time, a ``status`` other than ``"ok"`` or a ``runs`` other than ``impl`` (the
   row ran another path, e.g. the torch path for a kernel row on CPU) are skipped.
@@ -76,9 +83,10 @@ from fastpeft.backend import backend_choice, use_triton
 from fastpeft.kernels.lora.configs import MAX_RANK, device_info, kernel_friendly
 
 # The implementations, named as the benchmark's rows are (and as FASTPEFT_BACKEND's choices
-# hybrid and torch; "fused" is what FASTPEFT_BACKEND=triton forces).
-FUSED, HYBRID, TORCH = "fused", "hybrid", "torch"
-IMPLEMENTATIONS = (FUSED, HYBRID, TORCH)
+# hybrid and torch; "fused" is what FASTPEFT_BACKEND=triton forces, "fused-tma" what it runs
+# with FASTPEFT_LORA_TMA=1).
+FUSED, FUSED_TMA, HYBRID, TORCH = "fused", "fused-tma", "hybrid", "torch"
+IMPLEMENTATIONS = (FUSED, FUSED_TMA, HYBRID, TORCH)
 # What a table decides on its own: a forward without backward, and a training step's passes.
 INFERENCE, TRAINING = "inference", "training"
 MODES = (INFERENCE, TRAINING)
@@ -97,7 +105,7 @@ _HOPPER = 90
 
 
 def choose_implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, training: bool) -> str:
-    """``fused``, ``hybrid`` or ``torch`` for x ``[..., K]``, W ``[N, K]``, A ``[R, K]`` in an
+    """One of ``IMPLEMENTATIONS`` for x ``[..., K]``, W ``[N, K]``, A ``[R, K]`` in an
     inference forward, or (``training``) in either pass of a training step.
 
     The torch path takes ranks above MAX_RANK, empty problems (any of M, K, N zero), float64
@@ -279,7 +287,7 @@ def table_from_bench(bench: dict, arch: str, base: dict | None = None) -> dict:
             }
             entries.append(entry)
     if not entries:
-        raise ValueError("bench JSON: no usable timings (impl fused/hybrid/torch that ran as itself, "
+        raise ValueError(f"bench JSON: no usable timings (impl one of {IMPLEMENTATIONS} that ran as itself, "
                          "mode fwd or fwd+bwd, a median time, no error)")
     fallback = _fallback_entries((base or shipped_table())["entries"])
     return validate_table({"schema": SCHEMA, "entries": entries + fallback})

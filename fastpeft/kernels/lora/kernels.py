@@ -16,7 +16,8 @@ Kernels (the launchers in ``fastpeft.kernels.lora.launch`` choose among them):
   ``FUSE_SHRINK`` it also computes ``s`` inside its K-loop from the x tiles it already has
   (x read once); otherwise it sums the shrink kernel's partials. The programs of the first
   column tile write ``s`` (fp32) for the backward.
-- ``lora_fwd_tma_kernel`` (sm_90, opt-in: ``FASTPEFT_LORA_TMA=1``, not yet run on a GPU): the
+- ``lora_fwd_tma_kernel`` (sm_90, opt-in: ``FASTPEFT_LORA_TMA=1``, or a dispatch table written
+  from a GPU run where it won, ``fused-tma``; not yet run on a GPU): the
   non-fused ``lora_fwd_kernel`` with its x and W tiles loaded through TMA tensor descriptors
   and a persistent grid (one program per SM looping over the output tiles).
 - ``lora_bwd_dx_kernel``: ``dX = dY W`` with the LoRA term and dropout in its epilogue.

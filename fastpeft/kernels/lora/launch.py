@@ -163,12 +163,16 @@ def lora_forward(
     scaling: float,
     dropout_p: float,
     seed: torch.Tensor,
+    tma: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y [M, N] in x.dtype, s [M, R] fp32)`` for 2-D x ``[M, K]`` (M >= 1)."""
+    """``(y [M, N] in x.dtype, s [M, R] fp32)`` for 2-D x ``[M, K]`` (M >= 1).
+
+    ``tma`` (the dispatch table's ``fused-tma``) or ``FASTPEFT_LORA_TMA=1``: run the GEMM as
+    ``lora_fwd_tma_kernel`` where ``plan_forward`` allows it and x and W are ``tma_ready``."""
     m, k = x.shape
     n, rank = weight.shape[0], lora_a.shape[0]
     with on_device_of(x):
-        tma = tma_requested() and tma_ready(x) and tma_ready(weight)
+        tma = (tma or tma_requested()) and tma_ready(x) and tma_ready(weight)
         plan = plan_forward(m, n, k, rank, dropout_p > 0.0, x.device, a_bytes=lora_a.element_size(),
                             w_bytes=weight.element_size(), tma=tma)
         r_block = block_r(rank)

@@ -16,6 +16,7 @@ from fastpeft.kernels.lora.dispatch import (
     TRAINING,
     INFERENCE,
     FUSED,
+    FUSED_TMA,
     HYBRID,
     SCHEMA,
     TORCH,
@@ -69,6 +70,12 @@ def test_validated_auto_follows_the_table(monkeypatch, on_h100):
     assert choose_implementation(*_problem(4096, 4096, 4096, 16), True) == TORCH
     assert choose_implementation(*_problem(4096, 4096, 4096, 16), False) == FUSED
     assert choose_implementation(*_problem(4096, 4096, 4096, 16, dtype=torch.float16), True) == FUSED
+    # a table written from a GPU run where the TMA forward won (no rule of thumb picks it)
+    table["entries"].insert(0, {"arch": "sm_90", "m_min": 2049, "implementation": FUSED_TMA,
+                                "measured": "unmeasured: test"})
+    assert choose_implementation(*_problem(4096, 4096, 4096, 16), False) == FUSED_TMA
+    assert choose_implementation(*_problem(2048, 4096, 4096, 16), False) == FUSED
+    assert FUSED_TMA not in {e["implementation"] for e in shipped_table.__wrapped__()["entries"]}
 
 
 @needs_triton
@@ -250,6 +257,21 @@ def test_written_table_drives_lookup():
     assert pick(INFERENCE, 16)["implementation"] == FUSED and pick(INFERENCE, 17)["implementation"] == HYBRID
     assert pick(TRAINING, 1)["implementation"] == HYBRID  # one measured M covers every M
     assert pick(INFERENCE, 1, arch="sm_80")["measured"].startswith("unmeasured")  # measured on sm_90 only
+
+
+def test_table_from_bench_takes_the_tma_row_where_it_won_at_every_rank():
+    """The focused benchmark's fused-tma row (M above the medium tiles only) races the others
+    at its Ms: it wins M = 4096 where it is fastest at both ranks' sum, and at M = 16384 it is
+    out, having no rank-64 time (a deadline cut it), so the fastest of the rest wins."""
+    rows = [_row(FUSED, "fwd", 4096, 0.50), _row(FUSED, "fwd", 4096, 0.90, r=64),
+            _row(FUSED_TMA, "fwd", 4096, 0.46), _row(FUSED_TMA, "fwd", 4096, 0.88, r=64),
+            _row(HYBRID, "fwd", 4096, 0.48), _row(HYBRID, "fwd", 4096, 0.95, r=64),
+            _row(FUSED, "fwd", 16384, 1.9), _row(FUSED, "fwd", 16384, 3.4, r=64),
+            _row(FUSED_TMA, "fwd", 16384, 1.5), _row(HYBRID, "fwd", 16384, 2.0), _row(HYBRID, "fwd", 16384, 3.6, r=64)]
+    measured = [e for e in table_from_bench(_bench(rows), "sm_90")["entries"] if isinstance(e["measured"], dict)]
+    assert [(e["measured"]["m"], e["implementation"]) for e in measured] == [(4096, FUSED_TMA), (16384, FUSED)]
+    assert measured[0]["measured"]["median_ms"] == {FUSED: 1.4, FUSED_TMA: 1.34, HYBRID: 1.43}
+    assert FUSED_TMA not in measured[1]["measured"]["median_ms"]
 
 
 def test_table_from_bench_needs_usable_rows_and_a_dtype():

@@ -186,3 +186,28 @@ def test_persistent_programs_walk_output_tiles_in_grouped_order():
     assert torch.equal(persistent[:, :2], one_each)
     assert torch.equal(persistent[:, 2], torch.arange(tiles, dtype=torch.int32) % programs)
     assert len(set(map(tuple, one_each.tolist()))) == tiles
+
+
+@pytest.mark.parametrize("impl,kernel", [("fused-tma", "lora_fwd_tma_kernel"), ("fused", "lora_fwd_kernel")])
+def test_the_ops_fused_tma_choice_runs_the_tma_forward(large_tiles, monkeypatch, impl, kernel):
+    """A dispatch table's ``fused-tma`` (the env var off) makes the op's forward the TMA kernel
+    and its backward the fused one; ``fused`` keeps the pointer-load kernel. Every output and
+    gradient against float64."""
+    from fastpeft.kernels.lora import dispatch
+    from fastpeft.ops import lora_linear
+
+    monkeypatch.setenv(configs.TMA_ENV, "0")
+    monkeypatch.setattr(dispatch, "choose_implementation", lambda x, weight, lora_a, training: impl)
+    x, w, b, a, bb = _problem(300, 272, 200, 16, torch.bfloat16, torch.float32, True)
+    leaves = [t.requires_grad_() for t in (x, a, bb)]
+    y = lora_linear(x, w, b, a, bb, SCALING, training=True)
+    assert [name for name, _ in large_tiles] == [kernel]
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in leaves)
+    y64 = lora_linear_ref(x64, w.double(), b.double(), a64, b64, SCALING)
+    y64.backward(dy.double())
+    assert_close(y, y64, torch.bfloat16, "y")
+    for got, want, dtype, name in ((x.grad, x64.grad, torch.bfloat16, "dx"), (a.grad, a64.grad, torch.float32, "dA"),
+                                   (bb.grad, b64.grad, torch.float32, "dB")):
+        assert_close(got, want, dtype, name)
