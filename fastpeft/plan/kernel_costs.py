@@ -146,11 +146,14 @@ def _lora_bwd_dx_split_epilogue(p: Params, grid: tuple[int, ...], hw: Hardware) 
 
 @kernel_cost("lora_bwd_wgrad_kernel")
 def _lora_bwd_wgrad(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
-    """dA (L = dS, X = x) or dB (L = s, X = dY): X read once, the fp32 L per column tile;
-    fp32 partials ``[splits, R, C]`` written."""
+    """dA (L = dS, X = x) or dB (L = s, X = dY), and the bottleneck's dW_down / dW_up: X read
+    once per rank block (the blocks of a column tile run together), the fp32 L (each block
+    its own ranks) per column tile; fp32 partials ``[splits, R, C]`` written."""
     m, c, r = p["M"], p["C"], p["R"]
-    col_tiles, splits = grid
-    return Cost((read("X", m * c * e(p["x_ptr"]), 1, hw), read("L (fp32)", m * r * 4, col_tiles, hw, concurrent=True),
+    rank_blocks = cdiv(r, p["BLOCK_R"])
+    col_tiles, splits = grid[0] // rank_blocks, grid[1]
+    return Cost((read("X", m * c * e(p["x_ptr"]), rank_blocks, hw, concurrent=True),
+                 read("L (fp32)", m * r * 4, col_tiles, hw, concurrent=True),
                  write("partials", splits * r * c * 4)), 2 * m * c * r)
 
 
@@ -260,11 +263,11 @@ def _bottleneck_bwd_dz_sum(p: Params, grid: tuple[int, ...], hw: Hardware) -> Co
 
 @kernel_cost("bottleneck_bwd_wgrad_dh_kernel")
 def _bottleneck_bwd_wgrad_dh(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
-    """Per rank chunk, dOut and h read once; dz and act(z) (fp32) per column tile; W_down per
-    split (for dh); fp32 weight-gradient partials per split and dh written."""
+    """dOut and h read once; dz and act(z) (fp32) per column tile; W_down per split (for dh);
+    fp32 weight-gradient partials per split and dh written."""
     m, d, r = p["M"], p["D"], p["R"]
-    col_tiles, splits, chunks = grid
-    accesses = [read("dOut", m * d * e(p["g_ptr"]), chunks, hw), read("h", m * d * e(p["h_ptr"]), chunks, hw),
+    col_tiles, splits = grid
+    accesses = [read("dOut", m * d * e(p["g_ptr"]), 1, hw), read("h", m * d * e(p["h_ptr"]), 1, hw),
                 read("dz, act(z)", 2 * m * r * 4, col_tiles, hw, concurrent=True)]
     flops = 4 * m * d * r
     if p["NEED_DH"]:

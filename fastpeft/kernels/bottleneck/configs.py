@@ -12,20 +12,28 @@ from dataclasses import dataclass
 
 import torch
 
-from fastpeft.kernels.lora.configs import ALIGN, Split, aligned_rows, block_r, cdiv, device_info
+from fastpeft.kernels.lora.configs import ALIGN, Split, aligned_rows, block_r, cdiv, device_info, wgrad_tile
 
 # Bottleneck sizes the Triton kernels take: the rank tile is padded to a power of two >= 16
 # (tl.dot needs every dimension >= 16), up to 256 (AdapterHub's default reduction factor 16 on
 # a 4096-wide model).
 MAX_RANK = 256
 BLOCK_R_CHOICES = (16, 32, 64, 128, 256)
-# The widest rank tile of the backward's column kernel. At 256 its two fp32 weight-gradient
-# sums alone ([BLOCK_D, 256] and [256, BLOCK_D]) spill on every tile tried (16 x 16 with 8
-# warps: 120-1400 B; 16 warps cap registers at 128 and spill KBs; fastpeft check), so wider
-# bottlenecks run it once per 128-rank chunk (a third grid axis; each chunk re-reads its g and
-# h tiles) and form dh in a kernel of its own (``bottleneck_bwd_dh_kernel``), which walks the
-# rank in steps.
-COLUMN_MAX_RANK = 128
+# The widest rank tile of the backward's column kernel, which keeps two fp32 weight-gradient
+# sums ([BLOCK_D, R] and [R, BLOCK_D]) in registers and so narrows its column tile as R grows:
+# 64 columns up to rank 64, 32 at 128 (16 rows), and at 256 every tile spills (16 x 16 with 8
+# warps: 120-1400 B; fastpeft check). Each column tile re-reads dz and act(z) (fp32 [M, R]):
+# at R = 128 that is 1.1 GB at M = 8192, D = 4096 (128 column tiles). Wider bottlenecks run
+# the weight gradients as two GEMMs instead (``lora_bwd_wgrad_kernel``: dW_down = dz^T h_hat,
+# dW_up = act(z)^T dOut, one fp32 sum each, [128 ranks, 128 columns] tiles: dz and act(z)
+# re-read per 128 columns, h and dOut once: 0.4 GB there), db_up as a column sum of
+# dOut, and dh in a kernel of its own (``bottleneck_bwd_dh_kernel``).
+COLUMN_MAX_RANK = 64
+# Ranks a program of the wide weight-gradient GEMMs owns (their grid's third axis), on the
+# LoRA weight gradient's 64 x 128 tile (``lora.configs.wgrad_tile``): the [128, 128] fp32 sum
+# is 64 registers a thread at 8 warps (128-171 registers in all, 0 spills; 128 KB of shared
+# memory at 3 stages on sm_80, 160 KB on sm_90: fastpeft check).
+WIDE_RANK_BLOCK = 128
 
 # Up to this many rows the call is a decode step: 16-row tiles (the smallest tl.dot), so
 # that the few rows do not pay for a larger tile's padding.
@@ -53,16 +61,18 @@ class Tile:
 # keep twice as many programs in flight as 64 on a memory-bound pass (M = 8192 gives 256
 # programs, ~2 per SM on 132 SMs); the step shrinks as the rank tile grows so that the W tile
 # of a step ([BLOCK_R, BLOCK_D] fp32 after widening) stays at 8-16 KB. 4 warps, 3 stages (the
-# loads of the next steps in flight). At rank 128, 32 rows spill (48-88 B, fastpeft check):
-# 16 rows, 2 stages (3 spill 8 B on sm_90 with fp32 weights). At decode it takes the down projection's decode tile and split (``_row_pass``).
+# loads of the next steps in flight). Rank 128 takes 8 warps (with 4, 32 rows spill 48-88 B:
+# fastpeft check; with 8: 177-192 registers, 0 spills; 64 rows spill 56-144 B even with 8, the
+# epilogue's fp32 z, act(z), dA and dz tiles live together), and wider bottlenecks run as rank
+# blocks of DOWN_MAX_RANK_BLOCK, as the down projection does: 16-row tiles of all 256 ranks
+# re-read W_up once per 16 rows (1.2 GB of L2 reads at M = 8192, D = 4096, bf16), 32-row
+# blocks of 128 ranks half as often, each block re-reading its rows of dOut from L2. At decode
+# it takes the down projection's decode tile and split (``_row_pass``).
 _ROW_TILES = {
     16: Tile(32, 128, 4, 3),
     32: Tile(32, 128, 4, 3),
     64: Tile(32, 64, 4, 3),
-    128: Tile(16, 32, 4, 2),
-    # 8 warps halve each thread's share of the [16, 256] fp32 tiles (z, a, dA, dz): with 4 the
-    # kernel reaches 255 registers; 2 stages, 0 spills (fastpeft check).
-    256: Tile(16, 32, 8, 2),
+    128: Tile(32, 32, 8, 3),
 }
 
 # --- The forward: a down projection, then an up projection in GEMM-shaped tiles ------------
@@ -188,37 +198,41 @@ def plan_forward(m: int, d: int, rank: int, h_bytes: int, w_bytes: int, device: 
 # [BLOCK_M, BLOCK_D] tiles (g, h, the mask, dh) live at once. 32 rows and at most 2 stages:
 # 64 rows or 3 stages spill 12-560 B with dropout and dh (fastpeft check). Ranks 32 and 128
 # need 8 warps and a single stage (2 stages spill 8-168 B with fp16 weights, dropout and dh);
-# rank 64 fits 2 stages with 8 warps; rank 128 also takes 16 rows and 32 columns. Every entry
+# rank 64 fits 2 stages with 8 warps. Every entry
 # reaches up to 255 registers with 0 spills on sm_80 and sm_90.
 _COLUMN_TILES = {
     16: Tile(32, 64, 4, 2),
     32: Tile(32, 64, 8, 1),
     64: Tile(32, 64, 8, 2),
-    128: Tile(16, 32, 8, 1),
 }
 
 
 # dh kernel of the backward for bottlenecks above COLUMN_MAX_RANK: a [BLOCK_M, BLOCK_D] tile of
 # dz W_down per program, the rank walked DH_RANK_STEP at a time. A GEMM tile of a memory-bound
-# pass (dz, fp32 [M, R], and W_down are read, dh written): 64 x 64 with 4 warps keeps a 32-
-# register fp32 accumulator per thread; 2 stages overlap the next rank step's loads.
-DH_TILE = Tile(64, 64, 4, 2)
+# pass (dz, fp32 [M, R], read per column tile; W_down per row tile; dh written): 128 x 64
+# with 8 warps (107-171 registers, 0 spills; 128 x 128 spills 48 B on sm_80 with dropout and
+# fp32 weights, and 64 x 64 reads W_down twice as often: 0.94 GB at M = 8192, D = 4096, R = 256
+# against 0.81 GB); 2 stages overlap the next rank step's loads.
+DH_TILE = Tile(128, 64, 8, 2)
 DH_RANK_STEP = 32
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Tiles of one backward call: ``dz``, the dz kernel's pass; ``columns`` for the column
-    kernel (rank tile ``column_r``, run for ``rank_chunks`` chunks) with its ``splits`` row
-    ranges of ``rows_per_split`` rows each; with more than one chunk dh comes from the dh
-    kernel (``DH_TILE``)."""
+    """Tiles of one backward call: ``dz``, the dz kernel's pass; ``columns``, the column
+    kernel's tile for its rank tile ``column_r``, or None for a bottleneck wider than
+    COLUMN_MAX_RANK (the weight-gradient GEMMs on ``wgrad_tile`` in blocks of WIDE_RANK_BLOCK
+    ranks, and the dh kernel on DH_TILE); ``rows``, the row ranges (of the column kernel or of
+    the GEMMs), each summed into fp32 partials."""
 
     dz: RowPass
-    columns: Tile
-    splits: int
-    rows_per_split: int
+    columns: Tile | None
     column_r: int
-    rank_chunks: int
+    rows: Split
+
+    @property
+    def wide(self) -> bool:
+        return self.columns is None
 
 
 def _check_rank(rank: int) -> None:
@@ -236,14 +250,29 @@ def plan(m: int, d: int, rank: int, g_bytes: int, w_bytes: int, device: torch.de
     if m <= DECODE_MAX_M:
         dz = _decode_pass(m, d, rank, g_bytes, w_bytes, num_sms)
     else:
-        dz = _row_pass(m, d, rank, _ROW_TILES[r_block], r_block, g_bytes, w_bytes, num_sms)
-    column_r = min(r_block, COLUMN_MAX_RANK)
-    chunks = cdiv(rank, column_r)
-    columns = _COLUMN_TILES[column_r]
-    row_blocks = cdiv(m, columns.block_m)
-    wanted = max(1, cdiv(PROGRAMS_PER_SM * num_sms, cdiv(d, columns.block_d) * chunks))
-    per_split = cdiv(row_blocks, min(wanted, row_blocks)) * columns.block_m
-    return Plan(dz, columns, cdiv(m, per_split), per_split, column_r, chunks)
+        rank_block = min(r_block, DOWN_MAX_RANK_BLOCK)
+        dz = _row_pass(m, d, rank, _ROW_TILES[rank_block], rank_block, g_bytes, w_bytes, num_sms)
+    if r_block > COLUMN_MAX_RANK:
+        w = wgrad_tile()
+        tiles = cdiv(d, w.block_n) * cdiv(rank, WIDE_RANK_BLOCK)
+        # Each GEMM's partials ([splits, R, D] fp32, written and read back) within the
+        # PARTIALS_SHARE budget of its inputs (X [M, D] and the fp32 [M, R] L): at M = 512,
+        # R = 256 one range (the 4 MB [R, D] sum outweighs the 4.5 MB inputs), at M = 8192 two.
+        budget = int(PARTIALS_SHARE * (m * d * g_bytes + m * rank * 4) / (2 * rank * d * 4))
+        return Plan(dz, None, WIDE_RANK_BLOCK, _row_split(m, w.block_m, tiles, num_sms, budget))
+    columns = _COLUMN_TILES[r_block]
+    return Plan(dz, columns, r_block, _row_split(m, columns.block_m, cdiv(d, columns.block_d), num_sms))
+
+
+def _row_split(m: int, block_m: int, tiles: int, num_sms: int, max_splits: int | None = None) -> Split:
+    """Row ranges (whole ``block_m`` tiles) of a pass over ``m`` rows with ``tiles`` output
+    tiles: enough for PROGRAMS_PER_SM programs per SM, at most ``max_splits`` (at least 1)."""
+    row_blocks = cdiv(m, block_m)
+    wanted = max(1, cdiv(PROGRAMS_PER_SM * num_sms, tiles))
+    if max_splits is not None:
+        wanted = max(1, min(wanted, max_splits))
+    per_split = cdiv(row_blocks, min(wanted, row_blocks)) * block_m
+    return Split(cdiv(m, per_split), per_split)
 
 
 def tile_choices() -> list[tuple[str, int, Tile]]:

@@ -28,18 +28,20 @@ Kernels (launched by ``launch.py``):
   (fp32 ``[M, R]``) and per-program partials of ``db_down`` and of ``sum(dA a)`` (the
   scaling's gradient); with several (decode and small M), fp32 partials of dA that
   ``bottleneck_bwd_dz_sum_kernel`` adds in split order before doing the same.
-- ``bottleneck_bwd_wgrad_dh_kernel``: one program per ``(BLOCK_D columns, row range)`` walks
-  its rows once, reading g and h tiles once each: sums ``g^T a``, ``sum_m g`` and
-  ``dz^T h_hat`` in registers over its rows (a and dz, ``[M, R]`` fp32, come from L2) and,
-  with ``NEED_DH``, writes ``dh`` for its tiles (``dz W_down``, the mask regenerated, plus g
-  when the residual is h). Each program stores its sums once as fp32 partials; the launcher
-  adds the partials of the row ranges in a fixed order (a few per column). Bottlenecks wider
-  than ``configs.COLUMN_MAX_RANK`` (128) run it per 128-rank chunk (grid axis 2; each chunk
-  reads its g and h tiles again) without dh, which then comes from
+- ``bottleneck_bwd_wgrad_dh_kernel`` (up to ``configs.COLUMN_MAX_RANK`` ranks): one program
+  per ``(BLOCK_D columns, row range)`` walks its rows once, reading g and h tiles once each:
+  sums ``g^T a``, ``sum_m g`` and ``dz^T h_hat`` in registers over its rows (a and dz,
+  ``[M, R]`` fp32, come from L2) and, with ``NEED_DH``, writes ``dh`` for its tiles
+  (``dz W_down``, the mask regenerated, plus g when the residual is h). Each program stores
+  its sums once as fp32 partials; the launcher adds the partials of the row ranges in a
+  fixed order (a few per column). Wider bottlenecks (whose two sums would narrow the column
+  tile until dz and a are re-read per 32 columns) run the weight gradients as two GEMMs on
+  ``fastpeft.kernels.lora.kernels.lora_bwd_wgrad_kernel`` (the same products as LoRA's dA
+  and dB, in blocks of 128 ranks), ``sum_m g`` as a torch column sum, and dh in
 - ``bottleneck_bwd_dh_kernel``: one program per ``[BLOCK_M, BLOCK_D]`` tile of dh: ``dz W_down``
   with the rank walked in steps, the mask regenerated, plus g when the residual is h.
 
-So the backward (up to 128 ranks) reads g twice -- once for ``dz`` (which needs all of D before anything else
+So the backward (up to 64 ranks) reads g twice -- once for ``dz`` (which needs all of D before anything else
 can use it), once for ``dW_up``, ``db_up`` and dh's residual term together -- h once, and
 writes dh once. (Reading g once for both ``dz`` and ``dW_up`` would need fp32 partials of one
 of them per tile of the other's reduction: ``4 R / BLOCK`` times g's bytes, more than a
@@ -349,17 +351,16 @@ def bottleneck_bwd_wgrad_dh_kernel(
     HAS_DROPOUT: tl.constexpr, NEED_DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """For ``BLOCK_D`` columns (axis 0), the rows of split ``program_id(1)``
-    (``rows_per_split`` rows, a multiple of BLOCK_M) and the ranks of chunk ``program_id(2)``
-    (``BLOCK_R`` ranks from ``BLOCK_R * program_id(2)``): the partials ``g^T a`` into
-    ``dwu_part [splits, D, R]``, ``sum_m g`` into ``dbu_part [splits, D]`` (by chunk 0; both
-    without the scaling) and ``dz^T h_hat`` (without ``1/(1-p)``) into
-    ``dwd_part [splits, R, D]``; with ``NEED_DH`` (one chunk covering R) the tiles of
-    ``dh [M, D]`` (dh's dtype, contiguous), plus g when ``residual_is_h`` is non-zero."""
+    """For ``BLOCK_D`` columns (axis 0) and the rows of split ``program_id(1)``
+    (``rows_per_split`` rows, a multiple of BLOCK_M), every rank (R <= BLOCK_R): the partials
+    ``g^T a`` into ``dwu_part [splits, D, R]``, ``sum_m g`` into ``dbu_part [splits, D]``
+    (both without the scaling) and ``dz^T h_hat`` (without ``1/(1-p)``) into
+    ``dwd_part [splits, R, D]``; with ``NEED_DH`` the tiles of ``dh [M, D]`` (dh's dtype,
+    contiguous), plus g when ``residual_is_h`` is non-zero."""
     split = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = cols < D
-    offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
     m_start = split * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)
@@ -392,8 +393,7 @@ def bottleneck_bwd_wgrad_dh_kernel(
                       dh_ptr + row64 * D + cols[None, :], ok, HAS_DROPOUT)
     base = split.to(tl.int64) * D
     tl.store(dwu_part_ptr + (base + cols)[:, None] * R + offs_r[None, :], acc_wu, mask=d_ok[:, None] & r_ok[None, :])
-    if tl.program_id(2) == 0:  # every chunk sums g; the first stores it
-        tl.store(dbu_part_ptr + base + cols, acc_bu, mask=d_ok)
+    tl.store(dbu_part_ptr + base + cols, acc_bu, mask=d_ok)
     base_wd = split.to(tl.int64) * R
     tl.store(dwd_part_ptr + (base_wd + offs_r)[:, None] * D + cols[None, :], acc_wd, mask=r_ok[:, None] & d_ok[None, :])
 
@@ -420,7 +420,7 @@ def bottleneck_bwd_dh_kernel(
     PRECISION: tl.constexpr,
 ):
     """The ``[BLOCK_M, BLOCK_D]`` tile (axes 0, 1) of ``dh [M, D]`` (dh's dtype, contiguous)
-    for bottlenecks wider than the column kernel's rank tile: ``dz W_down`` summed ``BLOCK_R``
+    for bottlenecks wider than the column kernel's widest rank tile: ``dz W_down`` summed ``BLOCK_R``
     ranks at a time, then the mask, ``1/(1-p)`` and g as in ``bottleneck_bwd_wgrad_dh_kernel``
     (g is read only when ``residual_is_h`` is non-zero)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)

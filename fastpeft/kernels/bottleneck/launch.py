@@ -62,6 +62,8 @@ from fastpeft.kernels.bottleneck.kernels import (
     bottleneck_up_kernel,
 )
 from fastpeft.kernels.launch_device import dropout_args, kernel_numerics, on_device_of
+from fastpeft.kernels.lora.configs import wgrad_tile
+from fastpeft.kernels.lora.launch import weight_grad
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -217,9 +219,14 @@ def bottleneck_backward(
             grad_bd = _split_sum(dbd_parts).to(w_dtype)
         if need_s:
             grad_s = ds_parts.sum()
-        if need_h or need_wd or need_wu or need_bu or (need_s and b_up is not None):
-            dwu, dbu, dwd, grad_h = _column_pass(grad_out, h, w_down, a, dz, seed, dropout_p, residual_is_h, need_h,
-                                                 p, precision)
+        need_sum_g = need_bu or (need_s and b_up is not None)
+        if need_h or need_wd or need_wu or need_sum_g:
+            if p.wide:
+                dwu, dbu, dwd, grad_h = _wide_pass(grad_out, h, w_down, a, dz, seed, dropout_p, residual_is_h, p,
+                                                   precision, (need_wu, need_sum_g, need_wd, need_h))
+            else:
+                dwu, dbu, dwd, grad_h = _column_pass(grad_out, h, w_down, a, dz, seed, dropout_p, residual_is_h,
+                                                     need_h, p, precision)
             _, keep_scale = dropout_args(dropout_p)
             grad_wd = (dwd * keep_scale).to(w_dtype) if need_wd else None
             grad_wu = (dwu * scale).to(w_dtype) if need_wu else None
@@ -282,32 +289,61 @@ def _column_pass(
     rank = w_down.shape[0]
     t = p.columns
     dev = h.device
-    dwu_parts = launch_device.empty_output((p.splits, d, rank), torch.float32, dev)
-    dbu_parts = launch_device.empty_output((p.splits, d), torch.float32, dev)
-    dwd_parts = launch_device.empty_output((p.splits, rank, d), torch.float32, dev)
+    dwu_parts = launch_device.empty_output((p.rows.count, d, rank), torch.float32, dev)
+    dbu_parts = launch_device.empty_output((p.rows.count, d), torch.float32, dev)
+    dwd_parts = launch_device.empty_output((p.rows.count, rank, d), torch.float32, dev)
     dh = launch_device.empty_output((m, d) if need_h else (0,), h.dtype, dev)
     threshold, keep_scale = dropout_args(dropout_p)
-    dh_in_columns = need_h and p.rank_chunks == 1
-    bottleneck_bwd_wgrad_dh_kernel[(cdiv(d, t.block_d), p.splits, p.rank_chunks)](
+    bottleneck_bwd_wgrad_dh_kernel[(cdiv(d, t.block_d), p.rows.count)](
         grad_out, h, w_down, a, dz, seed, dh, dwu_parts, dbu_parts, dwd_parts,
-        m, d, rank, p.rows_per_split,
+        m, d, rank, p.rows.length,
         *_strides(grad_out), *_strides(h), *_strides(w_down),
         threshold, keep_scale, int(residual_is_h),
-        HAS_DROPOUT=dropout_p > 0.0, NEED_DH=dh_in_columns,
+        HAS_DROPOUT=dropout_p > 0.0, NEED_DH=need_h,
         BLOCK_M=t.block_m, BLOCK_D=t.block_d, BLOCK_R=p.column_r, PRECISION=precision,
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
-    if need_h and not dh_in_columns:
-        bottleneck_bwd_dh_kernel[(cdiv(m, DH_TILE.block_m), cdiv(d, DH_TILE.block_d))](
-            grad_out, w_down, dz, seed, dh,
-            m, d, rank,
-            *_strides(grad_out), *_strides(w_down),
-            threshold, keep_scale, int(residual_is_h),
-            HAS_DROPOUT=dropout_p > 0.0,
-            BLOCK_M=DH_TILE.block_m, BLOCK_D=DH_TILE.block_d, BLOCK_R=DH_RANK_STEP, PRECISION=precision,
-            num_warps=DH_TILE.num_warps, num_stages=DH_TILE.num_stages,
-        )
     return _split_sum(dwu_parts), _split_sum(dbu_parts), _split_sum(dwd_parts), dh if need_h else None
+
+
+def _wide_pass(
+    grad_out: torch.Tensor, h: torch.Tensor, w_down: torch.Tensor, a: torch.Tensor, dz: torch.Tensor,
+    seed: torch.Tensor, dropout_p: float, residual_is_h: bool, p: Plan, precision: str,
+    needs: tuple[bool, bool, bool, bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """``_column_pass``'s four results for a bottleneck wider than ``COLUMN_MAX_RANK``, each
+    only where ``needs`` (g^T a, sum_m g, dz^T h_hat, dh) asks (else None): the weight
+    gradients as GEMMs over ``p.rows``'s row ranges in blocks of ``p.column_r`` ranks
+    (``lora_launch.weight_grad``: partials summed in split order), ``sum_m g`` as torch's
+    column sum (no atomics), dh from ``bottleneck_bwd_dh_kernel``."""
+    need_wu, need_sum_g, need_wd, need_h = needs
+    tile, f32 = wgrad_tile(), torch.float32
+    dwu = weight_grad(a, grad_out, seed, 1.0, 0.0, tile, p.rows, True, f32, p.column_r) if need_wu else None
+    dwd = weight_grad(dz, h, seed, 1.0, dropout_p, tile, p.rows, False, f32, p.column_r) if need_wd else None
+    dbu = grad_out.sum(0, dtype=f32) if need_sum_g else None
+    dh = _dh_pass(grad_out, w_down, dz, seed, dropout_p, residual_is_h, h.dtype, precision) if need_h else None
+    return dwu, dbu, dwd, dh
+
+
+def _dh_pass(
+    grad_out: torch.Tensor, w_down: torch.Tensor, dz: torch.Tensor, seed: torch.Tensor, dropout_p: float,
+    residual_is_h: bool, dtype: torch.dtype, precision: str,
+) -> torch.Tensor:
+    """``dh [M, D]`` in ``dtype`` (``bottleneck_bwd_dh_kernel`` on DH_TILE): ``keep/(1-p) *
+    (dz W_down)``, plus ``grad_out`` when ``residual_is_h``."""
+    m, d = grad_out.shape
+    dh = launch_device.empty_output((m, d), dtype, grad_out.device)
+    threshold, keep_scale = dropout_args(dropout_p)
+    bottleneck_bwd_dh_kernel[(cdiv(m, DH_TILE.block_m), cdiv(d, DH_TILE.block_d))](
+        grad_out, w_down, dz, seed, dh,
+        m, d, w_down.shape[0],
+        *_strides(grad_out), *_strides(w_down),
+        threshold, keep_scale, int(residual_is_h),
+        HAS_DROPOUT=dropout_p > 0.0,
+        BLOCK_M=DH_TILE.block_m, BLOCK_D=DH_TILE.block_d, BLOCK_R=DH_RANK_STEP, PRECISION=precision,
+        num_warps=DH_TILE.num_warps, num_stages=DH_TILE.num_stages,
+    )
+    return dh
 
 
 def _split_sum(parts: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ sm_80 / sm_90, 0 spills).
 
 For each kernel: every tile the planner (``configs``) can hand it, with every value of its
 constexpr flags (``HAS_DROPOUT``; ``NEED_DH`` for the column kernel; the dh kernel's rank
-step as its ``BLOCK_R``). The activation, biases,
+step as its ``BLOCK_R``), and the LoRA weight-gradient kernel on the wide backward's rank
+block (``configs.WIDE_RANK_BLOCK``). The activation, biases,
 learned scaling and residual-is-h are runtime arguments (one compiled kernel covers them).
 Three dtype cases: bf16 h with fp32 adapter weights (a 16-bit model with an fp32 adapter),
 bf16 h with bf16 weights (the down projection on the bf16 tensor cores) and fp16 h with fp16
@@ -19,7 +20,7 @@ from __future__ import annotations
 import itertools
 
 from fastpeft.kernels.aot_spec import KernelSpec
-from fastpeft.kernels.bottleneck.configs import Tile, tile_choices
+from fastpeft.kernels.bottleneck.configs import WIDE_RANK_BLOCK, Tile, tile_choices
 from fastpeft.kernels.bottleneck.kernels import (
     bottleneck_bwd_dh_kernel,
     bottleneck_bwd_dz_kernel,
@@ -29,6 +30,7 @@ from fastpeft.kernels.bottleneck.kernels import (
     bottleneck_down_sum_kernel,
     bottleneck_up_kernel,
 )
+from fastpeft.kernels.lora.specs import wgrad_spec
 
 # (h dtype, adapter weight dtype) cases.
 DTYPE_CASES = (("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"))
@@ -100,4 +102,8 @@ def bottleneck_kernel_specs() -> list[KernelSpec]:
             for drop, need_dh in itertools.product((False, True), (True, False)):
                 specs.append(_spec(bottleneck_bwd_wgrad_dh_kernel, "bottleneck_bwd_wgrad_dh", act, weights,
                                    {**base, "HAS_DROPOUT": drop, "NEED_DH": need_dh}, t, r_block))
+    # The wide backward's weight-gradient GEMMs: dW_down (X = h, the mask of h) and dW_up
+    # (X = dOut, no mask), L = dz or act(z) in fp32 whatever the weights' dtype.
+    for act in dict.fromkeys(act for act, _ in DTYPE_CASES):
+        specs += [wgrad_spec(act, "fp32", WIDE_RANK_BLOCK, drop) for drop in (True, False)]
     return specs

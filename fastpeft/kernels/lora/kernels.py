@@ -432,15 +432,21 @@ def lora_bwd_wgrad_kernel(
     ``L`` is fp32 ``[M, R]`` (unit column stride), ``X`` ``[M, C]``, ``X_hat`` X with the
     dropout mask when ``HAS_DROPOUT``. dA: ``L = dS``, ``X = x``, ``scale = 1/(1-p)``,
     partials ``[splits, R, K]``; dB: ``L = s``, ``X = dY``, ``scale = scaling``, partials
-    ``[splits, N, R]`` (transposed strides). Grid ``(cdiv(C, BLOCK_C), splits)``; a program
-    walks its ``rows_per_split`` rows ``BLOCK_M`` at a time, the sum in registers.
+    ``[splits, N, R]`` (transposed strides). The bottleneck adapter's wide backward
+    (``fastpeft.kernels.bottleneck.launch``) runs the same products: ``dW_down`` (``L = dz``,
+    ``X = h``, the mask of h) and ``dW_up`` (``L = act(z)``, ``X = dOut``).
+    Grid ``(cdiv(R, BLOCK_R) * cdiv(C, BLOCK_C), splits)``: a program owns ``BLOCK_R`` ranks
+    (LoRA's one block covers its rank) of ``BLOCK_C`` columns, the rank blocks of a column
+    tile consecutive programs (they read the same X tiles together, so X comes from DRAM
+    once), and walks its ``rows_per_split`` rows ``BLOCK_M`` at a time, the sum in registers.
     """
-    pid_c = tl.program_id(0)
+    rank_blocks = tl.cdiv(R, BLOCK_R)
+    pid_c = tl.program_id(0) // rank_blocks
     split = tl.program_id(1)
     c0 = pid_c * BLOCK_C
     cols = c0 + tl.arange(0, BLOCK_C)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_r = tl.arange(0, BLOCK_R)
+    offs_r = (tl.program_id(0) % rank_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
     col_ok = cols < C
     r_ok = offs_r < R
     m_start = split * rows_per_split

@@ -317,23 +317,27 @@ def _ds_pass(grad_y: torch.Tensor, lora_b: torch.Tensor, scaling: float, plan: B
     return _sum_partials(parts, torch.float32)
 
 
-def _wgrad(
+def weight_grad(
     lhs: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, scale: float, dropout_p: float, tile: TileConfig,
-    split: Split, transposed: bool, dtype: torch.dtype,
+    split: Split, transposed: bool, dtype: torch.dtype, rank_block: int | None = None,
 ) -> torch.Tensor:
     """``scale * lhs^T x_hat`` (``lora_bwd_wgrad_kernel``) in ``dtype``: ``[R, C]``, or
-    ``[C, R]`` when ``transposed``, for fp32 ``lhs [M, R]`` (contiguous) and ``x [M, C]``."""
+    ``[C, R]`` when ``transposed``, for fp32 ``lhs [M, R]`` (contiguous) and ``x [M, C]``,
+    summed over ``split``'s row ranges in order; ``x_hat`` is x with the dropout mask of
+    ``seed``. ``rank_block``: the ranks a program owns (default all of R, padded; the
+    bottleneck adapter's wide ranks run in blocks, which read x together)."""
     m, c = x.shape
     rank = lhs.shape[1]
+    r_block = rank_block or block_r(rank)
     threshold, _ = dropout_args(dropout_p)
     shape, out_strides = ((c, rank), (1, rank)) if transposed else ((rank, c), (c, 1))
     parts = launch_device.empty_output((split.count, *shape), torch.float32, x.device)
-    lora_bwd_wgrad_kernel[(cdiv(c, tile.block_n), split.count)](
+    lora_bwd_wgrad_kernel[(cdiv(rank, r_block) * cdiv(c, tile.block_n), split.count)](
         lhs, x, seed, parts,
         m, c, rank, split.length,
         rank, *strides2d(x), *out_strides,
         scale, threshold,
-        HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=tile.block_m, BLOCK_C=tile.block_n, BLOCK_R=block_r(rank),
+        HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=tile.block_m, BLOCK_C=tile.block_n, BLOCK_R=r_block,
         PRECISION=_precision(x.dtype), num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     return _sum_partials(parts, dtype)
@@ -344,14 +348,14 @@ def _da_pass(
 ) -> torch.Tensor:
     """``dA [R, K] = dS^T x_hat`` in ``dtype``, the dropout mask regenerated from ``seed``."""
     _, keep_scale = dropout_args(dropout_p)
-    return _wgrad(ds, x, seed, keep_scale, dropout_p, plan.wgrad, plan.da_split, False, dtype)
+    return weight_grad(ds, x, seed, keep_scale, dropout_p, plan.wgrad, plan.da_split, False, dtype)
 
 
 def _db_pass(
     grad_y: torch.Tensor, s: torch.Tensor, scaling: float, plan: BackwardPlan, dtype: torch.dtype,
 ) -> torch.Tensor:
     """``dB [N, R] = scaling * dY^T s`` in ``dtype`` for the forward's fp32 ``s``."""
-    return _wgrad(s, grad_y, _no_seed(grad_y.device), scaling, 0.0, plan.wgrad, plan.db_split, True, dtype)
+    return weight_grad(s, grad_y, _no_seed(grad_y.device), scaling, 0.0, plan.wgrad, plan.db_split, True, dtype)
 
 
 # Tile of the mask-writing kernel; any power-of-two multiple of 4 works (tests only).

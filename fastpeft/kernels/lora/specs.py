@@ -120,6 +120,16 @@ def _split_tiles() -> list[tuple[TileConfig, int | None]]:
     return [(t, fams.pop() if len(fams) == 1 else None) for t, fams in families.items()]
 
 
+def wgrad_spec(act: str, lora: str, block_r: int, dropout: bool) -> KernelSpec:
+    """``lora_bwd_wgrad_kernel`` on its tile (``wgrad_tile``) for X in ``act``, rank tile
+    ``block_r`` (the bottleneck adapter's wide backward adds its own), with or without the
+    dropout mask; ``lora`` only names the case (L and the partials are fp32)."""
+    w = wgrad_tile()
+    return _spec(lora_bwd_wgrad_kernel, "lora_bwd_wgrad", act, lora,
+                 {"HAS_DROPOUT": dropout, "BLOCK_M": w.block_m, "BLOCK_C": w.block_n, "BLOCK_R": block_r,
+                  "PRECISION": _NUMERICS["PRECISION"]}, w)
+
+
 def lora_kernel_specs() -> list[KernelSpec]:
     """All configurations of the LoRA kernels and the mask kernel."""
     specs: list[KernelSpec] = []
@@ -140,7 +150,6 @@ def lora_kernel_specs() -> list[KernelSpec]:
                      "BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k},
                     t, family, _uses_wgmma(t)))
     e = split_epilogue_tile()
-    w = wgrad_tile()
     tma = tma_tile()
     for act, lora in DTYPE_CASES:
         # The opt-in TMA forward (sm_90 only, never fused); with a bias, as lora_fwd: the larger variant.
@@ -176,12 +185,7 @@ def lora_kernel_specs() -> list[KernelSpec]:
                      "PRECISION": _NUMERICS["PRECISION"]},
                     t))
         # dA (X = x, with dropout or not) and dB (X = dY, without): one signature for both.
-        for r, drop in itertools.product(BLOCK_R_CHOICES, (True, False)):
-            specs.append(_spec(
-                lora_bwd_wgrad_kernel, "lora_bwd_wgrad", act, lora,
-                {"HAS_DROPOUT": drop, "BLOCK_M": w.block_m, "BLOCK_C": w.block_n, "BLOCK_R": r,
-                 "PRECISION": _NUMERICS["PRECISION"]},
-                w))
+        specs += [wgrad_spec(act, lora, r, drop) for r, drop in itertools.product(BLOCK_R_CHOICES, (True, False))]
     # Sums of partials into dS (fp32) and into dA / dB (the LoRA weights' dtype).
     t = reduce_tile()
     for total in dict.fromkeys(["fp32", *(lora for _, lora in DTYPE_CASES)]):

@@ -17,17 +17,20 @@ from fastpeft.kernels.bottleneck.configs import (
     MAX_RANK,
     PARTIALS_SHARE,
     SUM_TILE,
+    WIDE_RANK_BLOCK,
     block_r,
     kernel_friendly,
     plan,
     plan_forward,
 )
+from fastpeft.kernels.lora.configs import wgrad_tile
 
 
 def _compiled_configurations() -> set[tuple]:
     from fastpeft.kernels.bottleneck.specs import bottleneck_kernel_specs
 
-    return {(s.fn.__name__, s.constexprs["BLOCK_M"], s.constexprs.get("BLOCK_D", s.constexprs.get("BLOCK_N")),
+    return {(s.fn.__name__, s.constexprs["BLOCK_M"],
+             s.constexprs.get("BLOCK_D", s.constexprs.get("BLOCK_N", s.constexprs.get("BLOCK_C"))),
              s.constexprs["BLOCK_R"], s.num_warps, s.num_stages) for s in bottleneck_kernel_specs()}
 
 
@@ -50,17 +53,22 @@ def test_every_planned_tile_is_compiled_ahead_of_time(monkeypatch, sms):
             assert d <= rp.split.count * rp.split.length
         for fn in ("bottleneck_down_sum_kernel", "bottleneck_bwd_dz_sum_kernel"):
             assert (fn, st.block_m, None, st.block_d, st.num_warps, st.num_stages) in compiled
-        cols = p.columns
-        assert ("bottleneck_bwd_wgrad_dh_kernel", cols.block_m, cols.block_d, p.column_r, cols.num_warps,
-                cols.num_stages) in compiled
-        assert p.column_r == min(block_r(r), COLUMN_MAX_RANK) and (p.rank_chunks - 1) * p.column_r < r
-        assert r <= p.rank_chunks * p.column_r
-        if p.rank_chunks > 1:
-            t = DH_TILE
+        assert p.wide == (block_r(r) > COLUMN_MAX_RANK)
+        if p.wide:  # the weight-gradient GEMMs in rank blocks, and the dh kernel
+            w, t = wgrad_tile(), DH_TILE
+            assert p.column_r == WIDE_RANK_BLOCK and r > COLUMN_MAX_RANK
+            assert ("lora_bwd_wgrad_kernel", w.block_m, w.block_n, p.column_r, w.num_warps, w.num_stages) in compiled
             assert ("bottleneck_bwd_dh_kernel", t.block_m, t.block_d, DH_RANK_STEP, t.num_warps,
                     t.num_stages) in compiled
-        assert p.rows_per_split % cols.block_m == 0
-        assert (p.splits - 1) * p.rows_per_split < m <= p.splits * p.rows_per_split
+            row_step = w.block_m
+        else:  # the column kernel over every rank
+            cols = p.columns
+            assert ("bottleneck_bwd_wgrad_dh_kernel", cols.block_m, cols.block_d, p.column_r, cols.num_warps,
+                    cols.num_stages) in compiled
+            assert p.column_r == block_r(r) <= COLUMN_MAX_RANK
+            row_step = cols.block_m
+        assert p.rows.length % row_step == 0
+        assert (p.rows.count - 1) * p.rows.length < m <= p.rows.count * p.rows.length
 
 
 @pytest.mark.parametrize("m,r", [(1, 64), (1, 256), (16, 256), (8192, 64), (8192, 256)])

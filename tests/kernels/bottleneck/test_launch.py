@@ -29,8 +29,8 @@ STRUCTURES = [
     # one 64-row down tile split over D; dz: two 32-row tiles, split
     ((40,), 200, 48, 132, 100.0, (True, False, 32), (True, False, 32)),
     ((130,), 45, 17, 4, 0.25, (False, False, 64), (False, False, 32)),  # several row tiles, one range
-    # the widest rank: the down pass in 2 blocks of 128, dz whole (16-row tiles); D odd
-    ((2, 33), 37, 256, 4, 0.25, (False, True, 64), (False, False, 16)),
+    # the widest rank: both passes in 2 blocks of 128 (64-row down tiles, 32-row dz tiles); D odd
+    ((2, 33), 37, 256, 4, 0.25, (False, True, 64), (False, True, 32)),
 ]
 
 
@@ -84,3 +84,28 @@ def test_the_split_passes_are_bitwise_reproducible(monkeypatch, planned):
     for rp in (planned["fwd"][0].down, planned["bwd"][0].dz):
         assert rp.split.count > 2 and rp.rank_blocks > 1
     assert all(torch.equal(x, y) for x, y in zip(first, second))
+
+
+@pytest.mark.parametrize("needs", [(True, False, False, False, False, False), (False, True, False, False, False, False),
+                                   (False, False, False, True, True, False), (False, False, False, False, False, True),
+                                   (True, True, True, True, True, True)])
+def test_the_wide_backward_forms_only_the_gradients_asked_for(monkeypatch, needs):
+    """A bottleneck wider than the column kernel (R = 200: the weight-gradient GEMMs in rank
+    blocks, the dh kernel, dOut's column sum) returns exactly the gradients ``needs`` asks for
+    (the others None), each bitwise equal to the same gradient of a call asking for all (the
+    full call's values are checked against float64 by the launch-structure tests)."""
+    monkeypatch.setattr(bn_configs, "device_info", lambda device: (4, 90))
+    pb = make_problem((40,), 37, 200, torch.float32, residual=False)
+    h, grad_out = pb.h, torch.randn_like(pb.h)
+    seed = torch.tensor([7], dtype=torch.int64)
+    assert bn_configs.plan(40, 37, 200, 4, 4, h.device).wide
+    _, z = bn_launch.bottleneck_forward(h, pb.w_down, pb.b_down, pb.w_up, pb.b_up, None, "silu", 0.5, 0.2, seed)
+
+    def backward(asked):
+        return bn_launch.bottleneck_backward(grad_out, h, pb.w_down, pb.w_up, pb.b_up, z, "silu", 0.5, 0.2, seed,
+                                             True, asked)
+
+    full, some = backward((True,) * 6), backward(needs)
+    for name, wanted, got, want in zip(("h", "w_down", "b_down", "w_up", "b_up", "scaling"), needs, some, full):
+        assert (got is not None) == wanted, name
+        assert got is None or torch.equal(got, want), name

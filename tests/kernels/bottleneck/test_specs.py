@@ -16,6 +16,8 @@ pytest.importorskip("triton")
 from fastpeft.kernels import launch_device  # noqa: E402
 from fastpeft.kernels.bottleneck import configs as bn_configs, launch as bn_launch  # noqa: E402
 from fastpeft.kernels.bottleneck.specs import bottleneck_kernel_specs  # noqa: E402
+from fastpeft.kernels.lora import launch as lora_launch  # noqa: E402
+from fastpeft.kernels.lora.specs import lora_kernel_specs  # noqa: E402
 from tests.helpers.launch_recorder import GPUS, launch_key, record_launches, spec_key  # noqa: E402
 
 DTYPES = [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)]
@@ -24,8 +26,8 @@ DTYPES = [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16), (to
 @pytest.mark.parametrize("num_sms,capability", GPUS)
 @pytest.mark.parametrize("act,weights", DTYPES, ids=str)
 def test_every_launch_is_checked(monkeypatch, num_sms, capability, act, weights):
-    compiled = {spec_key(s) for s in bottleneck_kernel_specs()}
-    launches = record_launches(monkeypatch, bn_launch)
+    compiled = {spec_key(s) for s in [*bottleneck_kernel_specs(), *lora_kernel_specs()]}
+    launches = record_launches(monkeypatch, bn_launch, lora_launch)  # the wide weight gradients are LoRA's kernel
     for module in (bn_launch, launch_device):
         monkeypatch.setattr(module, "interpreting", lambda: False)
     monkeypatch.setattr(bn_configs, "device_info", lambda device: (num_sms, capability))
@@ -53,4 +55,4 @@ def test_every_launch_is_checked(monkeypatch, num_sms, capability, act, weights)
             kernels.add(key[0])
     assert kernels == {"bottleneck_down_kernel", "bottleneck_down_sum_kernel", "bottleneck_up_kernel",
                        "bottleneck_bwd_dz_kernel", "bottleneck_bwd_dz_sum_kernel", "bottleneck_bwd_wgrad_dh_kernel",
-                       "bottleneck_bwd_dh_kernel"}
+                       "bottleneck_bwd_dh_kernel", "lora_bwd_wgrad_kernel", "sum_partials_kernel"}
