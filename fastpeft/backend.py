@@ -1,9 +1,10 @@
 """Which implementation an op runs: Triton kernels or the torch composite path.
 
 ``FASTPEFT_BACKEND`` (read at every call, so tests can switch it):
-- ``auto`` (default): the torch path, and for CUDA tensors, once ``KERNELS_VALIDATED_ON_GPU``
-  is set, the implementation the per-shape dispatch table picks
-  (``fastpeft.kernels.lora.dispatch``).
+- ``auto`` (default): the torch path; for CUDA tensors, the LoRA op follows a tuned table made
+  on that GPU and software, if there is one (``fastpeft.kernels.tuned_table``: only kernels that
+  passed validation there), and once ``KERNELS_VALIDATED_ON_GPU`` is set, the implementation
+  the per-shape dispatch table picks (``fastpeft.kernels.lora.dispatch``).
 - ``triton``: the fused Triton kernels (base GEMM and LoRA term in one kernel) for CUDA
   tensors; CPU tensors take them only under Triton's interpreter (``TRITON_INTERPRET=1``, set
   before Triton is imported), which is how the tests run the kernels without a GPU, and the

@@ -20,7 +20,10 @@ runs the forward and the backward the table chose together, from timings of both
 together: the pair that runs is the pair that was timed (a forward timed without dropout or
 backward does not decide a training step's). ``triton`` forces ``fused``
 (``FASTPEFT_LORA_TMA=1`` then turns its TMA forward on), ``hybrid`` forces ``hybrid``; ``auto``
-reads the table, once ``KERNELS_VALIDATED_ON_GPU``.
+on a GPU follows a tuned table made on that GPU and software
+(``fastpeft.kernels.tuned_table``: only what passed validation there, the torch path where
+nothing was faster beyond the spread), else this module's table once
+``KERNELS_VALIDATED_ON_GPU``, else the torch path.
 
 The table (``dispatch_table.json``, shipped in the package; schema ``SCHEMA``) is a JSON
 object ``{"schema": SCHEMA, "entries": [...]}``. Each entry has ``"implementation"`` (one of
@@ -79,7 +82,8 @@ from typing import Any
 
 import torch
 
-from fastpeft.backend import backend_choice, use_triton
+from fastpeft.backend import backend_choice, triton_available, use_triton
+from fastpeft.kernels import tuned_table
 from fastpeft.kernels.lora.configs import MAX_RANK, device_info, kernel_friendly
 
 # The implementations, named as the benchmark's rows are (and as FASTPEFT_BACKEND's choices
@@ -117,21 +121,32 @@ def choose_implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.T
     not a multiple of 16, where the unaligned 64-row hybrid forward tile spills hundreds of
     bytes; the launchers make the small operands comply).
     """
-    if lora_a.shape[0] > MAX_RANK or x.numel() == 0 or weight.numel() == 0 or not use_triton(x.device):
+    choice = backend_choice()
+    # ``auto`` on a GPU follows a tuned table made there, if any (tuned_table).
+    tunable = choice == "auto" and x.device.type == "cuda" and triton_available()
+    if lora_a.shape[0] > MAX_RANK or x.numel() == 0 or weight.numel() == 0:
+        return TORCH
+    if not (tunable or use_triton(x.device)):
         return TORCH
     if torch.float64 in (x.dtype, lora_a.dtype) or (x.dtype == torch.float32 and x.device.type == "cuda"):
         return TORCH
     if not kernel_friendly(x, weight):
         return TORCH
-    choice = backend_choice()
     if choice == "triton":
         return FUSED
     if choice == "hybrid":
         return HYBRID
     n, k = weight.shape
-    entry = lookup(shipped_table(), arch=device_arch(x.device), dtype=x.dtype,
-                   mode=TRAINING if training else INFERENCE, m=x.numel() // k, n=n, k=k)
-    return entry["implementation"]
+    m, mode = x.numel() // k, TRAINING if training else INFERENCE
+    if tunable:
+        table = tuned_table.table_for(x.device)
+        picked = None if table is None else tuned_table.choose(table, "lora", mode, x.dtype, m, k, n, lora_a.shape[0])
+        if picked is not None:
+            return picked if picked in IMPLEMENTATIONS else TORCH
+        if not use_triton(x.device):  # no table, and the kernels not validated by the project
+            return TORCH
+    return lookup(shipped_table(), arch=device_arch(x.device), dtype=x.dtype, mode=mode, m=m, n=n, k=k)[
+        "implementation"]
 
 
 def device_arch(device: torch.device) -> str:
