@@ -1,8 +1,8 @@
 """Which implementation an op runs: Triton kernels or the torch composite path.
 
 ``FASTPEFT_BACKEND`` (read at every call, so tests can switch it):
-- ``auto`` (default): the torch path; for CUDA tensors, the LoRA op follows a tuned table made
-  on that GPU and software, if there is one (``fastpeft.kernels.tuned_table``: only kernels that
+- ``auto`` (default): the torch path; for CUDA tensors, the LoRA op follows the table ``fastpeft tune``
+  made on that GPU and software, if there is one (``fastpeft.kernels.tuned_table``: only kernels that
   passed validation there), and once ``KERNELS_VALIDATED_ON_GPU`` is set, the implementation
   the per-shape dispatch table picks (``fastpeft.kernels.lora.dispatch``).
 - ``triton``: the fused Triton kernels (base GEMM and LoRA term in one kernel) for CUDA

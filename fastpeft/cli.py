@@ -1,6 +1,7 @@
 """Command line: ``fastpeft bench`` (the benchmark harness), ``fastpeft check``
-(ahead-of-time compile of every Triton kernel configuration for real GPU targets) and
-``fastpeft plan`` (the performance plan of the key shapes, without a GPU)."""
+(ahead-of-time compile of every Triton kernel configuration for real GPU targets),
+``fastpeft plan`` (the performance plan of the key shapes, without a GPU) and ``fastpeft
+tune`` (validate and time the kernels on this machine's GPU; the table ``auto`` follows)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ COMMANDS: dict[str, str] = {
     "check": "compile every Triton kernel configuration ahead of time for sm_80 / sm_90 (no GPU "
     "needed) and fail on compile errors, register spills, shared memory over the limit or a "
     "large-M GEMM without wgmma on sm_90; --cuda also compiles csrc/ with nvcc -Xptxas -v",
+    "tune": "validate the LoRA kernels on this machine's GPU against float64, time the ones that passed beside "
+    "the torch path, and write the per-device table FASTPEFT_BACKEND=auto then follows (--rehearse: on the CPU)",
     "plan": "the performance plan of each op family at the key shapes without a GPU: the path and kernel "
     "configuration the dispatch chooses, its grid and waves, its memory traffic by tiling against the "
     "problem's minimum, the roofline and an estimated time (--json, --gpu, --compare a focused benchmark JSON)",
@@ -63,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         from fastpeft.plan.cli import main as plan_main
 
         return plan_main(argv[1:])
+    if command == "tune":
+        from fastpeft.tune.cli import main as tune_main
+
+        return tune_main(argv[1:])
     from fastpeft.check import main as check_main
 
     return check_main(argv[1:])

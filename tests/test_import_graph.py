@@ -1,6 +1,6 @@
 """The package's layering, from every import statement in it (lazy ones inside functions too):
 
-    bench, check, cli, plan, fastpeft/__init__    (top)
+    bench, check, cli, plan, tune, fastpeft/__init__    (top)
     integrations, serving
     api                     public API: dispatch to methods and formats
     formats                 PEFT / AdapterHub files over one hardened reader/writer
@@ -31,7 +31,7 @@ LAYERS = [
     (5, ("fastpeft.api",)),
     (6, ("fastpeft.integrations", "fastpeft.serving")),
     (7, ("fastpeft.bench", "fastpeft.check", "fastpeft.check_cuda", "fastpeft.kernel_report", "fastpeft.cli",
-         "fastpeft.plan")),
+         "fastpeft.plan", "fastpeft.tune")),
 ]
 # The package root imports the public names of every layer.
 ROOT_LAYER = 7

@@ -1,14 +1,12 @@
-"""The per-device table of validated, timed kernels, and the choice ``FASTPEFT_BACKEND=auto``
-reads from it on a CUDA device. Issue 20's ``fastpeft tune`` is to write it (validate every
-implementation on the user's GPU, time the ones that passed, write this file); until that
-command exists only a table written to ``SCHEMA`` by other means is read.
+"""The per-device table of validated, timed kernels ``fastpeft tune`` writes
+(``fastpeft.tune``), and the choice ``FASTPEFT_BACKEND=auto`` reads from it on a CUDA device.
 
 Where: ``$FASTPEFT_TUNE_DIR``, else ``$XDG_CACHE_HOME/fastpeft``, else ``~/.cache/fastpeft``;
 one file per GPU, ``tuned-<device slug>.json`` (``table_path``). A table is used only on the
 device and software it was made with (``fingerprint``: GPU name, SM count, compute
 capability, NVIDIA driver, torch, Triton and fastpeft versions, all equal); a table for this
-GPU made with other versions is ignored with a one-line warning that says to re-tune on this
-machine. Without a table, ``auto`` is unchanged.
+GPU made with other versions is ignored with a one-line warning that suggests running
+``fastpeft tune`` again. Without a table, ``auto`` is unchanged.
 
 Format (``SCHEMA``): ``{"schema", "device": fingerprint, "entries": [...]}``, each entry
 ``{"device", "op", "mode", "dtype", "M", "K", "N", "r", "implementation", "max_rel_error",
@@ -18,7 +16,8 @@ torch's name of the activation dtype; ``M`` rows, ``K`` -> ``N`` the layer (for 
 adapter K = N = D and ``r`` its R), ``r`` the rank; ``implementation`` one of the op's
 implementations (LoRA: ``fastpeft.kernels.lora.dispatch.IMPLEMENTATIONS``), the torch path
 ``"torch"`` included; ``passed`` whether it matched float64 on that GPU (``max_rel_error``, the
-largest per-row relative error over the outputs and gradients it checked); ``median_us`` and
+largest per-row relative error over the outputs and gradients it checked, null when not
+finite); ``median_us`` and
 ``spread_us`` (``[low, high]`` of the interleaved rounds' medians) its time.
 
 Choice (``choose``): the measured shape nearest the problem (in octaves, summed over M, K,
@@ -155,6 +154,9 @@ def validate_table(table: Any) -> dict:
             raise ValueError(f"{where}: M, K, N and r must be integers >= 1")
         if not (isinstance(e["implementation"], str) and isinstance(e["dtype"], str) and isinstance(e["passed"], bool)):
             raise ValueError(f"{where}: implementation and dtype must be strings, passed a boolean")
+        err = e["max_rel_error"]
+        if err is not None and not (_positive(err) or err == 0):
+            raise ValueError(f"{where}: max_rel_error must be a finite number >= 0, or null")
         spread = e["spread_us"]
         if not (_positive(e["median_us"]) and isinstance(spread, list) and len(spread) == 2
                 and all(_positive(v) for v in spread) and spread[0] <= e["median_us"] <= spread[1]):
@@ -187,7 +189,7 @@ def _load(path: str, mtime_ns: int, size: int, device_json: str) -> _Loaded:
     if table["device"] != device:
         differ = sorted(k for k in set(device) | set(table["device"]) if table["device"].get(k) != device.get(k))
         return _Loaded(None, f"ignoring the tuned table {path}: it was made with other {', '.join(differ)} "
-                             f"than this machine's; re-tune on this machine")
+                             f"than this machine's; run `fastpeft tune` to make one for it")
     return _Loaded(table, None)
 
 
@@ -225,7 +227,7 @@ def _notice_other_tables(directory: str, name: str) -> None:
         return
     if others:
         _warn_once(f"the tuned tables in {directory} ({', '.join(others)}) are for other GPUs, not {name}; "
-                   f"tune on this GPU to make one")
+                   f"run `fastpeft tune` to make one for this GPU")
 
 
 def _octaves(a: int, b: int) -> float:

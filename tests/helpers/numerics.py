@@ -1,32 +1,20 @@
-"""Shared numerics of the tests: the per-dtype tolerance table and relative-error checks."""
+"""Shared numerics of the tests: assertions over the per-dtype tolerance table and error
+measures of ``fastpeft.tune.numerics`` (re-exported here: ``fastpeft tune`` validates a
+user's GPU with the same table the tests use)."""
 
 from __future__ import annotations
 
 import torch
 
-# Largest allowed relative Frobenius error against a float64 reference, per compute dtype.
-# About 4x the dtype's unit roundoff times a small accumulation factor: fp32 2^-24 (IEEE
-# products, K <= a few hundred here), fp16 2^-11, bf16 2^-8 (outputs are rounded to the
-# dtype; LoRA weights are rounded to it inside the kernels).
-TOLERANCE = {
-    torch.float32: 1e-5,
-    torch.float16: 4e-3,
-    torch.bfloat16: 1.6e-2,
-    # float64 runs the same math as the float64 reference in another order: 2^-53 times a
-    # small accumulation factor.
-    torch.float64: 1e-12,
-}
+from fastpeft.tune.numerics import (
+    ELEMENT_TOLERANCE,
+    TOLERANCE,
+    element_violations,
+    magnitudes,
+    relative_error,
+)
 
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """``||actual - expected|| / ||expected||`` in float64 (inf if actual has NaN/inf)."""
-    actual = actual.detach().double()
-    expected = expected.detach().double()
-    if not torch.isfinite(actual).all():
-        return float("inf")
-    denom = expected.norm().item()
-    diff = (actual - expected).norm().item()
-    return diff / denom if denom > 0 else diff
+__all__ = ["ELEMENT_TOLERANCE", "TOLERANCE", "assert_close", "assert_within_bound", "magnitudes", "relative_error"]
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
@@ -34,19 +22,6 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     err = relative_error(actual, expected)
     assert err <= TOLERANCE[dtype], f"{what}: relative error {err:.3e} > {TOLERANCE[dtype]:.1e} ({dtype})"
-
-
-# Largest allowed |actual - expected| per element, in units of the element's magnitude bound
-# (``assert_within_bound``), per compute dtype. 16-bit: 4 unit roundoffs (an output rounded once
-# to the dtype, a rank-r intermediate rounded once, and margin; the LoRA, bottleneck and decode
-# tests measure at most 1.5u in fp16 and 1.3u in bf16). fp32: 32u, as its error is the fp32
-# accumulation's and grows with K (at most 4.4u measured, K <= 200). float64: about TOLERANCE's.
-ELEMENT_TOLERANCE = {
-    torch.float32: 2.0**-19,
-    torch.float16: 2.0**-9,
-    torch.bfloat16: 2.0**-6,
-    torch.float64: 2.0**-40,
-}
 
 
 def assert_within_bound(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor, dtype: torch.dtype,
@@ -60,31 +35,7 @@ def assert_within_bound(actual: torch.Tensor, expected: torch.Tensor, bound: tor
     this catches one element that is far off: the norm of thousands of right elements
     hides it."""
     assert actual.shape == expected.shape == bound.shape, (what, actual.shape, expected.shape, bound.shape)
-    actual, expected, bound = (t.detach().cpu().double() for t in (actual, expected, bound))
-    if not torch.isfinite(actual).all():
-        raise AssertionError(f"{what}: non-finite elements")
-    err = (actual - expected).abs()
-    limit = ELEMENT_TOLERANCE[dtype] * bound
-    bad = err > limit
-    if bad.any():
-        i = int(bad.flatten().nonzero()[0])
-        raise AssertionError(
-            f"{what}: {int(bad.sum())} element(s) off by more than {ELEMENT_TOLERANCE[dtype]:.1e} x their magnitude "
-            f"bound ({dtype}); first at flat index {i}: |{actual.flatten()[i].item():.6g} - "
-            f"{expected.flatten()[i].item():.6g}| > {limit.flatten()[i].item():.3e}")
-
-
-def magnitudes(reference, inputs: list, grad_out: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
-    """The magnitude bounds of a multilinear op's output and gradients: ``reference`` (a
-    float64 function of ``inputs`` built from products and sums only, e.g. ``x W^T + b +
-    s x A^T B^T``) evaluated on the inputs' absolute values, and its gradients for ``|grad_out|``
-    (None for an input that is None or not floating point). Every sum then adds the absolute
-    values of its terms: for ``x @ W^T`` that is ``|x| @ |W|^T``."""
-    leaves = [t.detach().double().abs().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point()
-              else t for t in inputs]
-    out = reference(*leaves)
-    if grad_out is None:
-        return out.detach(), []
-    wanted = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
-    grads = iter(torch.autograd.grad(out, wanted, grad_out.detach().double().abs(), allow_unused=True))
-    return out.detach(), [next(grads) if isinstance(t, torch.Tensor) and t.requires_grad else None for t in leaves]
+    count, first = element_violations(actual, expected, bound, dtype)
+    if count:
+        raise AssertionError(f"{what}: {count} element(s) off by more than {ELEMENT_TOLERANCE[dtype]:.1e} x their "
+                             f"magnitude bound ({dtype}); {first}")

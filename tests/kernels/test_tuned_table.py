@@ -72,6 +72,8 @@ def test_the_nearest_measured_shape_decides_and_other_keys_do_not_match():
     (lambda t: t["entries"][0].update(median_us=200.0), "within spread_us"),
     (lambda t: t["entries"][0].update(spread_us=[1.0]), "within spread_us"),
     (lambda t: t["entries"][0].update(median_us=float("nan")), "positive"),
+    (lambda t: t["entries"][0].update(max_rel_error=-1.0), "max_rel_error"),
+    (lambda t: t["entries"][0].update(max_rel_error="0.1"), "max_rel_error"),
 ])
 def test_malformed_tables_are_rejected(mutate, message):
     table = _table(_entry("torch", 100.0))

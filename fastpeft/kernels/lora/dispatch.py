@@ -20,7 +20,7 @@ runs the forward and the backward the table chose together, from timings of both
 together: the pair that runs is the pair that was timed (a forward timed without dropout or
 backward does not decide a training step's). ``triton`` forces ``fused``
 (``FASTPEFT_LORA_TMA=1`` then turns its TMA forward on), ``hybrid`` forces ``hybrid``; ``auto``
-on a GPU follows a tuned table made on that GPU and software
+on a GPU follows the table ``fastpeft tune`` made on that GPU and software
 (``fastpeft.kernels.tuned_table``: only what passed validation there, the torch path where
 nothing was faster beyond the spread), else this module's table once
 ``KERNELS_VALIDATED_ON_GPU``, else the torch path.
@@ -122,7 +122,7 @@ def choose_implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.T
     bytes; the launchers make the small operands comply).
     """
     choice = backend_choice()
-    # ``auto`` on a GPU follows a tuned table made there, if any (tuned_table).
+    # ``auto`` on a GPU follows the table ``fastpeft tune`` made there, if any (tuned_table).
     tunable = choice == "auto" and x.device.type == "cuda" and triton_available()
     if lora_a.shape[0] > MAX_RANK or x.numel() == 0 or weight.numel() == 0:
         return TORCH

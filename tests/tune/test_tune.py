@@ -1,0 +1,188 @@
+"""``fastpeft tune`` end to end: the rehearsal (the whole pipeline on the CPU, kernels in the
+interpreter) writes a valid table with every implementation validated and timed, which ``auto``
+then follows on a (mocked) CUDA device only where validation passed; the time budget; the
+shapes a model config gives; the atomic table file under a concurrent reader; usage errors."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from fastpeft import backend
+from fastpeft.bench.cases import LLAMA3_8B_SHAPES, LayerShape
+from fastpeft.kernels import tuned_table
+from fastpeft.kernels.lora import dispatch
+from fastpeft.tune import cli as tune_cli
+from fastpeft.tune.shapes import load_model_config, shapes_from_config
+from fastpeft.tune.table_file import write_table
+from tests.helpers.cli_runner import run_cli
+from tests.helpers.devices import KERNELS_RUN
+
+needs_kernels = pytest.mark.skipif(not KERNELS_RUN, reason="needs the Triton kernels (a GPU or the interpreter)")
+
+LLAMA3_8B_CONFIG = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+                    "num_key_value_heads": 8, "model_type": "llama"}
+
+
+@pytest.fixture(scope="module")
+def rehearsal(tmp_path_factory) -> tuple[dict, dict]:
+    """One ``fastpeft tune --rehearse`` run: (the table it wrote, its JSON report)."""
+    out = tmp_path_factory.mktemp("tune")
+    code = tune_cli.main(["--rehearse", "--out", str(out), "--json", str(out / "report.json")])
+    assert code == 0
+    (path,) = out.glob("tuned-*.json")
+    return json.loads(path.read_text()), json.loads((out / "report.json").read_text())
+
+
+@needs_kernels
+def test_the_rehearsal_writes_a_valid_table_of_validated_timed_implementations(rehearsal):
+    table, report = rehearsal
+    assert tuned_table.validate_table(table) == report["table"]
+    assert table["device"]["gpu"] == tune_cli.REHEARSAL_GPU
+    assert report["failures"] == [] and report["done"] == report["planned"] == 3 and not report["interrupted"]
+    cases = {(e["mode"], e["M"], e["K"], e["N"], e["r"]) for e in table["entries"]}
+    assert cases == {("training", 33, 64, 80, 8), ("inference", 1, 64, 80, 8), ("inference", 33, 64, 80, 8)}
+    for case in cases:
+        here = [e for e in table["entries"] if (e["mode"], e["M"], e["K"], e["N"], e["r"]) == case]
+        assert sorted(e["implementation"] for e in here) == ["fused", "hybrid", "torch"]
+        assert all(e["passed"] and 0 < e["max_rel_error"] < 0.05 and e["dtype"] == "bfloat16" for e in here)
+
+
+@needs_kernels
+def test_auto_follows_the_tuned_table_where_validation_passed(rehearsal, monkeypatch, tmp_path):
+    """The rehearsal's table, as if made on this (mocked) GPU with fused fastest everywhere but
+    failed at decode: auto takes fused for the training step and torch at decode."""
+    table, _ = rehearsal
+    device = {**table["device"], "gpu": "NVIDIA H100 80GB HBM3", "capability": "sm_90"}
+    mocked = {**table, "device": device, "entries": []}
+    for e in table["entries"]:
+        e = {**e, "device": device["gpu"]}
+        if e["implementation"] == "fused":
+            e.update(median_us=1.0, spread_us=[0.9, 1.1], passed=e["M"] != 1)
+        mocked["entries"].append(e)
+    monkeypatch.setenv(tuned_table.ENV_DIR, str(tmp_path))
+    write_table(mocked, tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(tuned_table, "_fingerprint_json", lambda index: json.dumps(device, sort_keys=True))
+    monkeypatch.setenv("FASTPEFT_BACKEND", "auto")
+    monkeypatch.setattr(backend, "KERNELS_VALIDATED_ON_GPU", False)
+    tuned_table._load.cache_clear()
+
+    def choice(m: int, training: bool) -> str:
+        with FakeTensorMode():
+            x, w = torch.empty(m, 64, dtype=torch.bfloat16, device="cuda"), torch.empty(80, 64, dtype=torch.bfloat16,
+                                                                                       device="cuda")
+            a = torch.empty(8, 64, device="cuda")
+        return dispatch.choose_implementation(x, w, a, training)
+
+    assert choice(33, True) == "fused"
+    assert choice(2048, True) == "fused"  # the nearest measured shape
+    assert choice(1, False) != "fused"  # failed validation there
+    assert choice(33, False) == "fused"
+    tuned_table._load.cache_clear()
+
+
+@needs_kernels
+def test_the_time_budget_stops_between_cases(tmp_path, capsys):
+    code, out, err = run_cli(["tune", "--rehearse", "--out", str(tmp_path), "--time-budget", "1e-9"], capsys)
+    assert code == 1 and "time budget of 0 s reached: 0 of 3 cases done" in err and "no table written" in err
+    assert not list(tmp_path.glob("tuned-*.json"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ops", "dora"], "unknown op"),
+    (["--ops", "bottleneck"], "only lora can be tuned so far"),
+    (["--rehearse"], "--rehearse needs --out"),
+    (["--time-budget", "0"], "positive number of seconds"),
+    ([], "no CUDA device"),
+])
+def test_usage_errors(args, message, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = run_cli(["tune", *args], capsys)
+    assert code == 2 and message in err
+
+
+def test_shapes_of_a_model_config(tmp_path):
+    assert shapes_from_config(LLAMA3_8B_CONFIG) == LLAMA3_8B_SHAPES
+    mha = shapes_from_config({"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12})
+    assert mha == (LayerShape("q/o", 768, 768), LayerShape("gate/up", 768, 3072), LayerShape("down", 3072, 768))
+    with pytest.raises(ValueError, match="'intermediate_size' must be a positive integer"):
+        shapes_from_config({"hidden_size": 768, "num_attention_heads": 12})
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B_CONFIG))
+    assert load_model_config(str(tmp_path)) == LLAMA3_8B_CONFIG
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(ValueError, match="JSON object"):
+        load_model_config(str(tmp_path / "list.json"))
+
+
+def test_a_reader_never_sees_a_partial_table(tmp_path):
+    """The table file is replaced whole: a reader racing 40 rewrites (alternating two tables
+    of different sizes) always parses one of them."""
+    device = {"gpu": "G", "sms": 1, "capability": "sm_90", "driver": "1", "torch": "t", "triton": "3",
+              "fastpeft": "0"}
+    entry = {"device": "G", "op": "lora", "mode": "training", "dtype": "bfloat16", "M": 1, "K": 16, "N": 16, "r": 8,
+             "implementation": "torch", "max_rel_error": 0.001, "passed": True, "median_us": 2.0,
+             "spread_us": [1.0, 3.0]}
+    tables = [{"schema": tuned_table.SCHEMA, "device": device, "entries": [entry] * count} for count in (1, 400)]
+    path = tuned_table.table_path(device, tmp_path)
+    write_table(tables[0], tmp_path)
+    seen, done = [], threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            seen.append(len(json.loads(path.read_text())["entries"]))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for i in range(40):
+        write_table(tables[i % 2], tmp_path)
+    done.set()
+    reader.join()
+    assert seen and set(seen) <= {1, 400}
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp files left
+
+
+_WRITER = """
+import sys
+from pathlib import Path
+from fastpeft.kernels import tuned_table
+from fastpeft.tune.table_file import write_table
+device = {"gpu": "G", "sms": 1, "capability": "sm_90", "driver": "1", "torch": "t", "triton": "3", "fastpeft": "0"}
+entry = {"device": "G", "op": "lora", "mode": "training", "dtype": "bfloat16", "M": 1, "K": 16, "N": 16, "r": 8,
+         "implementation": "torch", "max_rel_error": 0.001, "passed": True, "median_us": 2.0, "spread_us": [1.0, 3.0]}
+i = 0
+while True:
+    i += 1
+    write_table({"schema": tuned_table.SCHEMA, "device": device, "entries": [entry] * (1 + i % 2 * 5000)},
+                Path(sys.argv[1]))
+"""
+
+
+def test_a_writer_killed_at_random_moments_leaves_a_whole_table(tmp_path):
+    """kill -9 of a process rewriting the table, at 6 random moments: the file always parses
+    as one of the two tables, and the next write removes the killed writer's temp file."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tuned_table.table_path({"gpu": "G", "capability": "sm_90"}, tmp_path)
+    rng = random.Random(7)
+    for _ in range(6):
+        writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)])
+        deadline = time.monotonic() + 60
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.3))
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        table = tuned_table.validate_table(json.loads(path.read_text()))
+        assert len(table["entries"]) in (1, 5001)
+    write_table(table, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
