@@ -33,6 +33,10 @@
 #              profiler table, and torch.compile's rows last; its own 180 s budget, JSON
 #              written even when cut
 #                                                                           210 -> focused.json, bench.log
+#   tune       fastpeft tune (the command users run): every LoRA implementation validated
+#              against float64 at odd shapes and at each case, then timed beside the torch
+#              path, case by case (training steps first) within its own budget; its report
+#              goes into summary.txt (failures, every table entry)           60 -> (summary.txt), bench.log
 #   grid       fastpeft bench (end-to-end step, then the LoRA grid, the bottleneck adapter
 #              and multi-LoRA grids) with the kernels forced (FASTPEFT_BACKEND=triton): the
 #              time left, at least GRID_MIN                                  rest -> bench.json, bench.md, bench.log
@@ -42,9 +46,9 @@
 #              time, so the first GPU run also checks the model              30 -> (summary.txt)
 #   summary    GPU, driver, versions, each step, test counts per group,
 #              the focused ratio table, the plan comparison; the plumbing verdict 20 -> summary.txt
-# That is at most 8 files, no subfolders. Everything ends by TOTAL_BUDGET (7 min) plus at most
-# 3 x KILL_AFTER: under 8 minutes. Expected on an H200: 2-3.5 min of tests, 3.5 min focused, the
-# grid in what is left (none when the tests take their whole limit). The ahead-of-time compile
+# That is at most 8 files, no subfolders. Everything ends by TOTAL_BUDGET (6 3/4 min) plus at most
+# 4 x KILL_AFTER: under 8 minutes. Expected on an H200: 2-3.5 min of tests, 3.5 min focused, 1 min
+# tune, the grid in what is left (none when the tests take their whole limit). The ahead-of-time compile
 # check (fastpeft check) is CI's.
 #
 # Exit status: 0 unless the plumbing failed (a step crashed or could not start, the GPU tests
@@ -88,9 +92,9 @@ RESULT_FILES=(summary.txt env.txt tests.log focused.json bench.log bench.json be
 for f in "${RESULT_FILES[@]}"; do rm -f "$RESULTS/$f" "$RESULTS/$f.tmp"; done
 
 # --- limits (seconds) ---------------------------------------------------------------------
-# The whole run: 8 minutes less 60 s, room for the SIGKILL grace of the three steps that can
-# run to their limit (tests, focused, grid: KILL_AFTER each) and for the summary.
-TOTAL_BUDGET=420
+# The whole run: 8 minutes less 75 s, room for the SIGKILL grace of the steps that can run to
+# their limit (tests, focused, tune, grid: KILL_AFTER each) and for the summary.
+TOTAL_BUDGET=405
 # Grace after SIGINT before SIGKILL: long enough to write a report and a JSON.
 KILL_AFTER=15
 # A step not given at least this long is skipped (no Python step does anything useful in less).
@@ -116,6 +120,10 @@ TESTS_CPU_PER_TEST=120
 # for the cell in flight (a torch.compile can take that long) and the JSON.
 FOCUSED_BUDGET=180
 FOCUSED_GRACE=30
+# fastpeft tune's budget (no case starts after it; the odd-shape validation comes first, its
+# compiles mostly cached by the GPU tests') and the step's grace for the case in flight.
+TUNE_BUDGET=45
+TUNE_GRACE=15
 # The grid is skipped with less than this: the end-to-end case alone needs about a minute.
 GRID_MIN=30
 DISPATCH_LIMIT=20
@@ -145,6 +153,7 @@ TESTS_CPU_SELECTION=(tests --ignore=tests/test_gpu_script.py)
 for f in $GPU_MARKED; do TESTS_CPU_SELECTION+=(--ignore="$f"); done
 GRID_ENV=(FASTPEFT_BACKEND=triton)
 FOCUSED_ARGS=()
+TUNE_ARGS=()
 DISPATCH_ARGS=()
 if [ "$REHEARSE" -eq 1 ]; then
     # Two CI cores: the tests take ~30 s (xdist start-up), the tiny focused run ~90 s (mostly
@@ -157,6 +166,8 @@ if [ "$REHEARSE" -eq 1 ]; then
     GPU_MARK=(-m gpu)
     FOCUSED_BUDGET=60
     FOCUSED_ARGS=(--tiny)
+    # The whole tune pipeline on the CPU (interpreter, tiny shapes): ~20 s on two cores.
+    TUNE_ARGS=(--rehearse)
     GRID_REHEARSAL_LIMIT=40
     # CPU timings carry no architecture: name the one the GPU run would write (and plan for);
     # the tiny shapes match no planned problem, so one op and mode is plumbing enough.
@@ -279,6 +290,11 @@ run_step focused "$focused_limit" "$RESULTS/bench.log" \
     "$PY" -m fastpeft.bench --focused "${FOCUSED_ARGS[@]}" --budget-s "$focused_budget" \
     --json "$RESULTS/focused.json" --dispatch-input "$WORK/dispatch_input.json"
 
+tune_limit=$(limit $((TUNE_BUDGET + TUNE_GRACE)) "$FINAL_RESERVE")
+run_step tune "$tune_limit" "$RESULTS/bench.log" \
+    "$PY" -m fastpeft.cli tune "${TUNE_ARGS[@]}" --time-budget $((tune_limit > 2 * TUNE_GRACE ? tune_limit - TUNE_GRACE : tune_limit / 2)) \
+    --out "$WORK/tune" --json "$WORK/tune.json"
+
 grid_limit=$(limit "${GRID_REHEARSAL_LIMIT:-$TOTAL_BUDGET}" "$FINAL_RESERVE")
 [ "$grid_limit" -lt "$GRID_MIN" ] && grid_limit=0
 run_step grid "$grid_limit" "$RESULTS/bench.log" \
@@ -307,6 +323,7 @@ rehearsal_flag=()
 [ "$REHEARSE" -eq 1 ] && rehearsal_flag=(--rehearsal)
 timeout --kill-after="$KILL_AFTER" "$SUMMARY_LIMIT" "$PY" -m fastpeft.bench.run_summary --results "$RESULTS" \
     --steps "$STEPS" --junit gpu="$WORK/junit_gpu.xml" --junit cpu="$WORK/junit_cpu.xml" --plan "$WORK/plan.txt" \
+    --tune "$WORK/tune.json" \
     "${rehearsal_flag[@]}"
 status=$?
 echo "[gpu_run] total ${SECONDS} s; summary exit status $status (0: no plumbing problem); results in $RESULTS"

@@ -48,8 +48,8 @@ def steps(**status: str) -> list[Step]:
 
 
 def test_failed_tests_and_planned_time_guards_are_results():
-    assert run_summary.step_problems(steps(env="0", tests_gpu="1", tests_cpu="124", focused="124", grid="124",
-                                           dispatch="skipped")) == []
+    assert run_summary.step_problems(steps(env="0", tests_gpu="1", tests_cpu="124", focused="124", tune="124",
+                                           grid="124", dispatch="skipped")) == []
 
 
 @pytest.mark.parametrize("name,status", [
@@ -58,6 +58,7 @@ def test_failed_tests_and_planned_time_guards_are_results():
     ("tests_gpu", "2"),  # pytest interrupted or a usage error
     ("tests_cpu", "5"),  # nothing collected
     ("focused", "1"),  # the focused benchmark crashed
+    ("tune", "1"),  # fastpeft tune crashed, or timed nothing
     ("dispatch", "2"),  # the writer refused its input
 ])
 def test_plumbing_problems(name, status):
@@ -111,6 +112,33 @@ def test_summary_carries_the_plan_comparison_without_its_step_header(tmp_path):
     assert not any("== plan" in line for line in lines)
     skipped, _ = run_summary.summarize(tmp_path, steps(plan="skipped"), {}, rehearsal=False, plan=log)
     assert skipped[skipped.index(lines[at]) + 1] == "  not run"
+
+
+def test_summary_carries_the_tune_report(tmp_path):
+    """The tune step's failures and every entry of its table (the report stays on the GPU
+    machine: the summary is how the table comes back); an unreadable report is a problem."""
+    entry = {"device": "G", "op": "lora", "mode": "training", "dtype": "bfloat16", "M": 4096, "K": 4096, "N": 14336,
+             "r": 16, "implementation": "fused", "max_rel_error": 0.0031, "passed": True, "median_us": 812.5,
+             "spread_us": [800.0, 830.0]}
+    report = {"table": {"entries": [entry, {**entry, "implementation": "hybrid", "passed": False,
+                                            "max_rel_error": None}]},
+              "failures": ["hybrid at M=4096 K=4096 N=14336 r=16 dropout=0.05: dx: relative error 2e-1 > 1.6e-2"],
+              "done": 1, "planned": 48, "interrupted": True}
+    path = tmp_path / "tune.json"
+    path.write_text(json.dumps(report))
+    lines, problems = run_summary.summarize(tmp_path, steps(tune="0"), {}, rehearsal=False, tune=path)
+    at = next(i for i, line in enumerate(lines) if line.startswith("tune (fastpeft tune"))
+    assert lines[at + 1] == "  1 of 48 cases (time budget reached), 2 entries, 1 validation failure(s)"
+    assert lines[at + 2].startswith("    FAILED hybrid at M=4096")
+    assert lines[at + 4].split() == ["training", "4096", "4096", "14336", "16", "fused", "yes", "3.10e-03", "812.5",
+                                     "(800.0-830.0)"]
+    assert lines[at + 5].split()[5:8] == ["hybrid", "NO", "-"]
+    assert not [p for p in problems if p.startswith("tune")]
+    path.write_text("{")
+    _, problems = run_summary.summarize(tmp_path, steps(tune="0"), {}, rehearsal=False, tune=path)
+    assert any(p.startswith("tune: tune.json is unreadable") for p in problems)
+    lines, _ = run_summary.summarize(tmp_path, steps(tune="skipped"), {}, rehearsal=False, tune=path)
+    assert lines[lines.index(lines[at]) + 1] == "  not run"
 
 
 def test_summary_flags_too_many_files_and_a_gpu_run_that_saw_no_gpu(tmp_path):
@@ -207,3 +235,14 @@ def test_rehearsal_bench_and_dispatch_json(rehearsal):
     table = json.loads((rehearsal / "dispatch.json").read_text())
     assert table["schema"].startswith("fastpeft-lora-dispatch/")
     assert any(isinstance(entry["measured"], dict) for entry in table["entries"])
+
+
+def test_rehearsal_tune_validated_and_timed_every_case(rehearsal):
+    """The rehearsal's tune step (fastpeft tune --rehearse) ran every case with no validation
+    failure, and its entries came back in summary.txt."""
+    summary = (rehearsal / "summary.txt").read_text()
+    assert re.search(r"^  tune +0 ", summary, re.M)
+    assert "  3 of 3 cases, 9 entries, 0 validation failure(s)" in summary
+    rows = [line.split() for line in summary.splitlines() if re.match(r"  (training|inference) ", line)]
+    assert len(rows) == 9 and {row[5] for row in rows} == {"torch", "fused", "hybrid"}
+    assert all(row[6] == "yes" for row in rows)

@@ -6,8 +6,9 @@
 writes ``DIR/summary.txt``: the GPU (name and driver from ``nvidia-smi``), the library
 versions, each step's exit status and seconds, the test counts per group (from pytest's
 JUnit XML) with the failed tests, the focused benchmark's ratio table and profile totals
-(``focused.json``), the grid's and end-to-end case's state (``bench.json``), the dispatch
-table written (``dispatch.json``), and the plumbing problems, if any.
+(``focused.json``), the tune step's validation failures and table entries (its report, from
+``--tune``), the grid's and end-to-end case's state (``bench.json``), the dispatch table
+written (``dispatch.json``), and the plumbing problems, if any.
 
 Test failures, failed benchmark cells and missed targets are results. Plumbing problems are
 what keeps the run from answering its questions: a step that crashed or could not start, a
@@ -50,7 +51,7 @@ SKIPPED = "skipped"
 # Steps stopped at their limit on purpose: the CPU test group ("time permitting"), the focused
 # benchmark (its JSON is written on SIGINT) and the grid (it gets the time left). The GPU test
 # group must finish: cut short, it has not answered whether the kernels are right.
-TIME_GUARDED = {"tests_cpu", "focused", "grid"}
+TIME_GUARDED = {"tests_cpu", "focused", "tune", "grid"}
 # Steps whose exit status 1 is a result: failed tests, or a grid with a failed measurement.
 RESULT_STATUS_ONE = {"tests_gpu", "tests_cpu", "grid"}
 # The profile's longest kernels shown per row, and their names' length (the JSON has the rest).
@@ -166,9 +167,10 @@ def step_problems(steps: Sequence[Step]) -> list[str]:
 
 
 def summarize(results: Path, steps: Sequence[Step], junit: dict[str, Path], rehearsal: bool,
-              plan: Path | None = None) -> tuple[list[str], list[str]]:
+              plan: Path | None = None, tune: Path | None = None) -> tuple[list[str], list[str]]:
     """The summary's lines and the plumbing problems found; ``plan``: the plan step's log
-    (``fastpeft plan --compare``'s output after the step's command line)."""
+    (``fastpeft plan --compare``'s output after the step's command line); ``tune``: the tune
+    step's JSON report (``fastpeft tune --json``)."""
     by_name = {s.name: s for s in steps}
     problems = step_problems(steps)
     lines = [f"fastpeft scripts/gpu_run.sh{' --rehearse (CPU, no GPU)' if rehearsal else ''}", *gpu_lines(),
@@ -220,6 +222,13 @@ def summarize(results: Path, steps: Sequence[Step], junit: dict[str, Path], rehe
         lines += [f"  {line}" for line in ratios_table(focused)]
         lines += _profile_lines(focused.get("profile", {}))
         lines += _ops_summary(focused)
+
+    lines += ["", "tune (fastpeft tune: validated on this GPU, timed beside the torch path; the table auto "
+                  "would follow):"]
+    tune_lines, problem = _tune_lines(by_name.get("tune"), tune)
+    lines += tune_lines
+    if problem:
+        problems.append(problem)
 
     lines += ["", "plan (fastpeft plan --compare: the model's estimate beside each focused time):"]
     lines += _plan_lines(by_name.get("plan"), plan)
@@ -337,6 +346,30 @@ def _plan_lines(step: Step | None, log: Path | None) -> list[str]:
     return [f"  {line}" for line in log.read_text().splitlines() if line and not line.startswith("== ")]
 
 
+def _tune_lines(step: Step | None, report_path: Path | None) -> tuple[list[str], str | None]:
+    """The tune step's outcome: cases done, the validation failures, and every table entry on
+    a line (the table itself, in text: the report does not come back), or why there is none;
+    and a plumbing problem (an unreadable report), if any."""
+    if step is None or step.code is None:
+        return ["  not run"], None
+    if report_path is None or not report_path.exists():
+        return [f"  no report (exit status {step.status})"], None
+    report, problem = _load_json(report_path)
+    if report is None:
+        return [f"  {problem}"], f"tune: {problem}"
+    entries = report["table"]["entries"]
+    lines = [f"  {report['done']} of {report['planned']} cases{' (time budget reached)' if report['interrupted'] else ''}"
+             f", {len(entries)} entries, {len(report['failures'])} validation failure(s)"]
+    lines += [f"    FAILED {f}" for f in report["failures"][:MAX_FAILED_NAMES]]
+    lines.append("  mode       M     K     N    r  implementation  passed  max row err  median us (IQR)")
+    for e in entries:
+        err = "-" if e["max_rel_error"] is None else f"{e['max_rel_error']:.2e}"
+        low, high = e["spread_us"]
+        lines.append(f"  {e['mode']:<9} {e['M']:>5} {e['K']:>5} {e['N']:>5} {e['r']:>3}  {e['implementation']:<14}  "
+                     f"{'yes' if e['passed'] else 'NO':<6}  {err:>11}  {e['median_us']:.1f} ({low:.1f}-{high:.1f})")
+    return lines, None
+
+
 def _junit_arg(text: str) -> tuple[str, Path]:
     group, sep, path = text.partition("=")
     if not sep or not group or not path:
@@ -352,8 +385,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--junit", type=_junit_arg, action="append", default=[], help="GROUP=PATH of a JUnit XML")
     parser.add_argument("--rehearsal", action="store_true", help="the run was scripts/gpu_run.sh --rehearse")
     parser.add_argument("--plan", type=Path, help="the plan step's log (fastpeft plan --compare)")
+    parser.add_argument("--tune", type=Path, help="the tune step's JSON report (fastpeft tune --json)")
     args = parser.parse_args(argv)
-    lines, problems = summarize(args.results, read_steps(args.steps), dict(args.junit), args.rehearsal, args.plan)
+    lines, problems = summarize(args.results, read_steps(args.steps), dict(args.junit), args.rehearsal, args.plan,
+                                args.tune)
     text = "\n".join(lines) + "\n"
     (args.results / SUMMARY).write_text(text)
     print(text, end="")
