@@ -242,7 +242,8 @@ def test_rehearsal_tune_validated_and_timed_every_case(rehearsal):
     failure, and its entries came back in summary.txt."""
     summary = (rehearsal / "summary.txt").read_text()
     assert re.search(r"^  tune +0 ", summary, re.M)
-    assert "  3 of 3 cases, 9 entries, 0 validation failure(s)" in summary
-    rows = [line.split() for line in summary.splitlines() if re.match(r"  (training|inference) ", line)]
-    assert len(rows) == 9 and {row[5] for row in rows} == {"torch", "fused", "hybrid"}
+    assert "  4 of 4 cases, 12 entries, 0 validation failure(s)" in summary
+    rows = [line.split() for line in summary.splitlines() if re.match(r"  (training|training_dropout|inference) ",
+                                                                      line)]
+    assert len(rows) == 12 and {row[5] for row in rows} == {"torch", "fused", "hybrid"}
     assert all(row[6] == "yes" for row in rows)

@@ -11,7 +11,8 @@ GPU made with other versions is ignored with a one-line warning that suggests ru
 Format (``SCHEMA``): ``{"schema", "device": fingerprint, "entries": [...]}``, each entry
 ``{"device", "op", "mode", "dtype", "M", "K", "N", "r", "implementation", "max_rel_error",
 "passed", "median_us", "spread_us"}``: ``op`` one of ``OPS``; ``mode`` ``"inference"`` (a
-forward) or ``"training"`` (forward and backward, the pair a training step runs); ``dtype``
+forward), ``"training"`` (forward and backward, the pair a training step runs, without
+dropout) or ``"training_dropout"`` (the same with dropout); ``dtype``
 torch's name of the activation dtype; ``M`` rows, ``K`` -> ``N`` the layer (for the bottleneck
 adapter K = N = D and ``r`` its R), ``r`` the rank; ``implementation`` one of the op's
 implementations (LoRA: ``fastpeft.kernels.lora.dispatch.IMPLEMENTATIONS``), the torch path
@@ -50,7 +51,10 @@ from fastpeft.backend import triton_available
 SCHEMA = "fastpeft-tuned/1"
 # Ops a table can decide.
 OPS = ("lora", "bottleneck", "multi_lora")
-MODES = ("inference", "training")
+# "training": a forward and backward without dropout (PEFT's default lora_dropout = 0, where the
+# forward may fuse the shrink into the GEMM), "training_dropout" with it (the mask drawn in the
+# forward, redrawn in the backward): the kernels differ, so the tables keep them apart.
+MODES = ("inference", "training", "training_dropout")
 TORCH = "torch"
 # A table holds a few hundred entries (~300 bytes each); 16 MB bounds what a bad file costs.
 MAX_TABLE_BYTES = 16 * 1024 * 1024

@@ -34,15 +34,16 @@ from fastpeft.ops.lora_linear_torch import (
 from fastpeft.ops.op_calls import call_directly, eager_function, needs_autograd, op_for_call, rows
 
 
-def _implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, training: bool) -> str:
+def _implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, training: bool,
+                    dropout_p: float) -> str:
     """``"fused"``, ``"fused-tma"``, ``"hybrid"`` or ``"torch"`` for an inference forward, or (``training``) for
-    either pass of a training step: ``fastpeft.kernels.lora.dispatch.choose_implementation``
+    either pass of a training step with dropout ``dropout_p``: ``fastpeft.kernels.lora.dispatch.choose_implementation``
     (torch-only, no Triton import).
     Imported at the first call, not with the package, so that running the table writer
     (``python -m fastpeft.kernels.lora.dispatch``) does not find it imported already."""
     from fastpeft.kernels.lora import dispatch as lora_dispatch
 
-    return lora_dispatch.choose_implementation(x, weight, lora_a, training)
+    return lora_dispatch.choose_implementation(x, weight, lora_a, training, dropout_p > 0.0)
 
 
 def _lora_linear_forward(
@@ -63,7 +64,7 @@ def _lora_linear_forward(
     the torch path's bool ``[M, K]`` dropout mask, empty on the kernel paths (fused, hybrid),
     without dropout, or where the backward redraws it (``fastpeft.ops.dropout.redraws_mask``)."""
     x2 = rows(x, weight.shape[1])
-    impl = _implementation(x, weight, lora_a, training)
+    impl = _implementation(x, weight, lora_a, training, dropout_p)
     if impl == "torch":
         y, s, keep = lora_forward_torch(x2, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
         keep = kept_mask(keep)
@@ -87,7 +88,7 @@ def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed,
     m = math.prod(x.shape[:-1])
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
     s = x.new_empty((m, lora_a.shape[0]), dtype=rank_side_dtype(lora_a.dtype))
-    saves_mask = (dropout_p > 0.0 and _implementation(x, weight, lora_a, training) == "torch"
+    saves_mask = (dropout_p > 0.0 and _implementation(x, weight, lora_a, training, dropout_p) == "torch"
                   and not redraws_mask(x.device))
     keep = x.new_empty((m, x.shape[-1]) if saves_mask else (0,), dtype=torch.bool)
     return y, s, keep
@@ -114,7 +115,7 @@ def _lora_linear_backward(
     kernels' Philox mask (``fastpeft.ops.dropout.saved_or_redrawn_mask``)."""
     g2, x2 = rows(grad_y, weight.shape[0]), rows(x, weight.shape[1])
     needs = (need_x, need_a, need_b)
-    impl = _implementation(x, weight, lora_a, True)
+    impl = _implementation(x, weight, lora_a, True, dropout_p)
     if impl == "torch":
         keep = saved_or_redrawn_mask(keep, x2, dropout_p, seed)
         dx, da, db = lora_backward_torch(g2, x2, weight, lora_a, lora_b, s, keep, scaling, dropout_p, *needs)

@@ -3,8 +3,8 @@
 1. Every implementation ``auto`` may choose (``lora_implementations``) is checked against
    float64 at odd shapes (partial tiles in every dimension), with and without dropout
    (``validate.validate_lora``); an implementation failing one fails everywhere.
-2. Case by case (``plan_cases``: a training step with dropout at the training row counts,
-   then inference forwards at every row count, per layer shape and rank), each
+2. Case by case (``plan_cases``: training steps without and with dropout at the training row
+   counts, then inference forwards at every row count, per layer shape and rank), each
    implementation is checked at the case's own shape and then all are timed side by side with
    the torch path (``fastpeft.bench.timing.time_side_by_side``: interleaved rounds, the L2
    flushed before each call on a GPU; median and interquartile range).
@@ -35,7 +35,7 @@ from fastpeft.tune.validate import LoRACase, Validation, running, validate_lora
 
 # The generator seed of every input: a rerun validates and times the same tensors.
 SEED = 20261207
-INFERENCE, TRAINING = dispatch.INFERENCE, dispatch.TRAINING
+INFERENCE, TRAINING, TRAINING_DROPOUT = dispatch.INFERENCE, dispatch.TRAINING, dispatch.TUNED_TRAINING_DROPOUT
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,8 @@ class TuneConfig:
 
 @dataclass(frozen=True)
 class Case:
-    """A timed case: a layer shape, M rows, rank r, and the mode (a training step with
-    dropout, or an inference forward)."""
+    """A timed case: a layer shape, M rows, rank r, and the mode (a training step without or
+    with dropout, or an inference forward)."""
 
     shape: LayerShape
     m: int
@@ -96,8 +96,10 @@ def lora_implementations(device: torch.device) -> tuple[str, ...]:
 
 def plan_cases(config: TuneConfig) -> list[Case]:
     """The timed cases in the order they run: training steps first (where a fine-tuning run
-    spends its time), then inference forwards from decode up."""
-    cases = [Case(s, m, r, TRAINING) for m in config.train_ms for s in config.shapes for r in config.ranks]
+    spends its time; without dropout, PEFT's default, then with), then inference forwards from
+    decode up."""
+    cases = [Case(s, m, r, mode) for mode in (TRAINING, TRAINING_DROPOUT) for m in config.train_ms
+             for s in config.shapes for r in config.ranks]
     cases += [Case(s, m, r, INFERENCE) for m in (*config.decode_ms, *config.train_ms) for s in config.shapes
               for r in config.ranks]
     return cases
@@ -109,7 +111,7 @@ def _runs_here(implementation: str, m: int) -> bool:
 
 
 def _lora_case(config: TuneConfig, case: Case) -> LoRACase:
-    dropout = config.dropout_p if case.mode == TRAINING else 0.0
+    dropout = config.dropout_p if case.mode == TRAINING_DROPOUT else 0.0
     return LoRACase(case.m, case.shape.in_features, case.shape.out_features, case.r, config.dtype,
                     config.adapter_dtype, dropout)
 
@@ -119,7 +121,7 @@ def time_case(config: TuneConfig, case: Case, implementations: Sequence[str],
     """Each implementation's time (milliseconds: median and interquartile range) for ``case``,
     timed side by side, or the exception it raised."""
     lc = _lora_case(config, case)
-    training = case.mode == TRAINING
+    training = case.mode != INFERENCE
     w = random_weights(case.shape, case.r, config.dtype, config.device, generator, config.adapter_dtype)
     x = torch.randn(lc.m, lc.k, generator=generator, device=config.device, dtype=torch.float32).to(config.dtype)
     dy = torch.randn(lc.m, lc.n, generator=generator, device=config.device, dtype=torch.float32).to(config.dtype)

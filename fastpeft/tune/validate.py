@@ -90,7 +90,7 @@ def validate_lora(implementation: str, case: LoRACase, device: torch.device, gen
     dy = torch.randn(case.m, case.n, generator=generator, device=device, dtype=torch.float32).to(case.dtype)
     seed = torch.randint(0, 2**62, (1,), generator=generator, device=device, dtype=torch.int64)
     with running(implementation):
-        ran = dispatch.choose_implementation(x, w.weight, w.lora_a, True)
+        ran = dispatch.choose_implementation(x, w.weight, w.lora_a, True, case.dropout_p > 0)
     if ran != _expected_dispatch(implementation):
         return Validation(float("inf"), False, (f"the op runs {ran} for this problem, not {implementation}",))
 

@@ -172,8 +172,11 @@ def test_auto_follows_the_tuned_table_only_where_validation_passed(on_mocked_gpu
         _entry("torch", 100.0, m=4096), _entry("fused-tma", 70.0, m=4096), _entry("hybrid", 80.0, m=4096),
         _entry("torch", 10.0, m=1), _entry("fused", 5.0, m=1, passed=False), _entry("hybrid", 9.0, m=1),
         _entry("torch", 10.0, m=1, mode="inference"), _entry("fused", 5.0, m=1, mode="inference"),
-        _entry("torch", 10.0, m=64, dtype="float16"), _entry("no-such-path", 1.0, m=64, dtype="float16")))
+        _entry("torch", 10.0, m=64, dtype="float16"), _entry("no-such-path", 1.0, m=64, dtype="float16"),
+        _entry("torch", 100.0, m=4096, mode="training_dropout"), _entry("hybrid", 80.0, m=4096, mode="training_dropout")))
     assert choose_implementation(*_problem(4096), True) == "fused-tma"
+    assert choose_implementation(*_problem(4096), True, True) == "hybrid"  # the entries with dropout
+    assert choose_implementation(*_problem(4096), False, True) == "fused"  # inference: the M = 1 inference entries
     assert choose_implementation(*_problem(8192), True) == "fused-tma"
     assert choose_implementation(*_problem(1), True) == "hybrid"  # fused failed there
     assert choose_implementation(*_problem(1), False) == "fused"  # the inference entries

@@ -43,9 +43,10 @@ def test_the_rehearsal_writes_a_valid_table_of_validated_timed_implementations(r
     table, report = rehearsal
     assert tuned_table.validate_table(table) == report["table"]
     assert table["device"]["gpu"] == tune_cli.REHEARSAL_GPU
-    assert report["failures"] == [] and report["done"] == report["planned"] == 3 and not report["interrupted"]
+    assert report["failures"] == [] and report["done"] == report["planned"] == 4 and not report["interrupted"]
     cases = {(e["mode"], e["M"], e["K"], e["N"], e["r"]) for e in table["entries"]}
-    assert cases == {("training", 33, 64, 80, 8), ("inference", 1, 64, 80, 8), ("inference", 33, 64, 80, 8)}
+    assert cases == {("training", 33, 64, 80, 8), ("training_dropout", 33, 64, 80, 8), ("inference", 1, 64, 80, 8),
+                     ("inference", 33, 64, 80, 8)}
     for case in cases:
         here = [e for e in table["entries"] if (e["mode"], e["M"], e["K"], e["N"], e["r"]) == case]
         assert sorted(e["implementation"] for e in here) == ["fused", "hybrid", "torch"]
@@ -73,14 +74,15 @@ def test_auto_follows_the_tuned_table_where_validation_passed(rehearsal, monkeyp
     monkeypatch.setattr(backend, "KERNELS_VALIDATED_ON_GPU", False)
     tuned_table._load.cache_clear()
 
-    def choice(m: int, training: bool) -> str:
+    def choice(m: int, training: bool, dropout: bool = False) -> str:
         with FakeTensorMode():
             x, w = torch.empty(m, 64, dtype=torch.bfloat16, device="cuda"), torch.empty(80, 64, dtype=torch.bfloat16,
                                                                                        device="cuda")
             a = torch.empty(8, 64, device="cuda")
-        return dispatch.choose_implementation(x, w, a, training)
+        return dispatch.choose_implementation(x, w, a, training, dropout)
 
     assert choice(33, True) == "fused"
+    assert choice(33, True, dropout=True) == "fused"
     assert choice(2048, True) == "fused"  # the nearest measured shape
     assert choice(1, False) != "fused"  # failed validation there
     assert choice(33, False) == "fused"
@@ -90,7 +92,7 @@ def test_auto_follows_the_tuned_table_where_validation_passed(rehearsal, monkeyp
 @needs_kernels
 def test_the_time_budget_stops_between_cases(tmp_path, capsys):
     code, out, err = run_cli(["tune", "--rehearse", "--out", str(tmp_path), "--time-budget", "1e-9"], capsys)
-    assert code == 1 and "time budget of 0 s reached: 0 of 3 cases done" in err and "no table written" in err
+    assert code == 1 and "time budget of 0 s reached: 0 of 4 cases done" in err and "no table written" in err
     assert not list(tmp_path.glob("tuned-*.json"))
 
 

@@ -94,6 +94,8 @@ IMPLEMENTATIONS = (FUSED, FUSED_TMA, HYBRID, TORCH)
 # What a table decides on its own: a forward without backward, and a training step's passes.
 INFERENCE, TRAINING = "inference", "training"
 MODES = (INFERENCE, TRAINING)
+# A tuned table (``tuned_table``) also keeps training steps with dropout apart.
+TUNED_TRAINING_DROPOUT = "training_dropout"
 # Versions the table format: a reader refuses a table written for another one.
 # /2: entries keyed on "mode" (inference, training), not on the pass.
 SCHEMA = "fastpeft-lora-dispatch/2"
@@ -108,9 +110,11 @@ _CONDITIONS = ("arch", "dtype", "mode", "m_min", "m_max", "n", "k")
 _HOPPER = 90
 
 
-def choose_implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, training: bool) -> str:
+def choose_implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, training: bool,
+                          dropout: bool = False) -> str:
     """One of ``IMPLEMENTATIONS`` for x ``[..., K]``, W ``[N, K]``, A ``[R, K]`` in an
-    inference forward, or (``training``) in either pass of a training step.
+    inference forward, or (``training``) in either pass of a training step (``dropout``: with
+    dropout; only a tuned table tells the two apart).
 
     The torch path takes ranks above MAX_RANK, empty problems (any of M, K, N zero), float64
     (no tensor cores; the kernels' tiles are sized for 16-bit), fp32 activations on a GPU
@@ -140,7 +144,9 @@ def choose_implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.T
     m, mode = x.numel() // k, TRAINING if training else INFERENCE
     if tunable:
         table = tuned_table.table_for(x.device)
-        picked = None if table is None else tuned_table.choose(table, "lora", mode, x.dtype, m, k, n, lora_a.shape[0])
+        tuned_mode = TUNED_TRAINING_DROPOUT if training and dropout else mode
+        picked = None if table is None else tuned_table.choose(table, "lora", tuned_mode, x.dtype, m, k, n,
+                                                               lora_a.shape[0])
         if picked is not None:
             return picked if picked in IMPLEMENTATIONS else TORCH
         if not use_triton(x.device):  # no table, and the kernels not validated by the project

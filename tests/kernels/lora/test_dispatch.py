@@ -335,7 +335,7 @@ def test_the_op_asks_for_a_training_steps_choice_when_a_backward_follows(monkeyp
 
     asked: list[bool] = []
 
-    def choose(x, weight, lora_a, training):
+    def choose(x, weight, lora_a, training, dropout=False):
         asked.append(training)
         return TORCH
 

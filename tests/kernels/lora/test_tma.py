@@ -197,7 +197,7 @@ def test_the_ops_fused_tma_choice_runs_the_tma_forward(large_tiles, monkeypatch,
     from fastpeft.ops import lora_linear
 
     monkeypatch.setenv(configs.TMA_ENV, "0")
-    monkeypatch.setattr(dispatch, "choose_implementation", lambda x, weight, lora_a, training: impl)
+    monkeypatch.setattr(dispatch, "choose_implementation", lambda x, weight, lora_a, training, dropout=False: impl)
     x, w, b, a, bb = _problem(300, 272, 200, 16, torch.bfloat16, torch.float32, True)
     leaves = [t.requires_grad_() for t in (x, a, bb)]
     y = lora_linear(x, w, b, a, bb, SCALING, training=True)
