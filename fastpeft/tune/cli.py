@@ -13,11 +13,15 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from fastpeft._version import __version__
 from fastpeft.backend import interpreting, triton_available
+
+if TYPE_CHECKING:
+    from fastpeft.tune.run import TuneConfig
 
 # Ops the command tunes (issue 20 lists the bottleneck adapter and multi-LoRA too: not yet).
 SUPPORTED_OPS = ("lora",)
@@ -107,7 +111,7 @@ def _default_dir() -> Path:
     return tune_dir()
 
 
-def _config(args: argparse.Namespace):
+def _config(args: argparse.Namespace) -> TuneConfig:
     """The run's ``TuneConfig`` from the options (the rehearsal's, or this GPU's)."""
     from fastpeft.bench.cases import LayerShape
     from fastpeft.bench.timing import GPU_BUDGET, QUICK_BUDGET
