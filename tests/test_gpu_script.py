@@ -123,6 +123,8 @@ def test_summary_carries_the_tune_report(tmp_path):
     report = {"table": {"entries": [entry, {**entry, "implementation": "hybrid", "passed": False,
                                             "max_rel_error": None}]},
               "failures": ["hybrid at M=4096 K=4096 N=14336 r=16 dropout=0.05: dx: relative error 2e-1 > 1.6e-2"],
+              "peft": [{"mode": "training", "M": 4096, "K": 4096, "N": 14336, "r": 16, "median_us": 1500.0,
+                        "spread_us": [1450.0, 1550.0]}],
               "done": 1, "planned": 48, "interrupted": True}
     path = tmp_path / "tune.json"
     path.write_text(json.dumps(report))
@@ -133,6 +135,7 @@ def test_summary_carries_the_tune_report(tmp_path):
     assert lines[at + 4].split() == ["training", "4096", "4096", "14336", "16", "fused", "yes", "3.10e-03", "812.5",
                                      "(800.0-830.0)"]
     assert lines[at + 5].split()[5:8] == ["hybrid", "NO", "-"]
+    assert lines[at + 6].split()[5:9] == ["peft", "(HF)", "-", "-"]
     assert not [p for p in problems if p.startswith("tune")]
     path.write_text("{")
     _, problems = run_summary.summarize(tmp_path, steps(tune="0"), {}, rehearsal=False, tune=path)
@@ -245,5 +248,7 @@ def test_rehearsal_tune_validated_and_timed_every_case(rehearsal):
     assert "  4 of 4 cases, 12 entries, 0 validation failure(s)" in summary
     rows = [line.split() for line in summary.splitlines() if re.match(r"  (training|training_dropout|inference) ",
                                                                       line)]
-    assert len(rows) == 12 and {row[5] for row in rows} == {"torch", "fused", "hybrid"}
-    assert all(row[6] == "yes" for row in rows)
+    ours = [row for row in rows if row[5] != "peft"]
+    assert len(ours) == 12 and {row[5] for row in ours} == {"torch", "fused", "hybrid"}
+    assert all(row[6] == "yes" for row in ours)
+    assert len(rows) - len(ours) == (4 if importlib.util.find_spec("peft") else 0)  # PEFT's layer, the reference

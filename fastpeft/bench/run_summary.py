@@ -362,11 +362,13 @@ def _tune_lines(step: Step | None, report_path: Path | None) -> tuple[list[str],
              f", {len(entries)} entries, {len(report['failures'])} validation failure(s)"]
     lines += [f"    FAILED {f}" for f in report["failures"][:MAX_FAILED_NAMES]]
     lines.append("  mode       M     K     N    r  implementation  passed  max row err  median us (IQR)")
-    for e in entries:
-        err = "-" if e["max_rel_error"] is None else f"{e['max_rel_error']:.2e}"
+    rows = [(e, e["implementation"], "yes" if e["passed"] else "NO",
+             "-" if e["max_rel_error"] is None else f"{e['max_rel_error']:.2e}") for e in entries]
+    rows += [(p, "peft (HF)", "-", "-") for p in report.get("peft", [])]  # the reference, not a choice
+    for e, name, passed, err in rows:
         low, high = e["spread_us"]
-        lines.append(f"  {e['mode']:<9} {e['M']:>5} {e['K']:>5} {e['N']:>5} {e['r']:>3}  {e['implementation']:<14}  "
-                     f"{'yes' if e['passed'] else 'NO':<6}  {err:>11}  {e['median_us']:.1f} ({low:.1f}-{high:.1f})")
+        lines.append(f"  {e['mode']:<9} {e['M']:>5} {e['K']:>5} {e['N']:>5} {e['r']:>3}  {name:<14}  "
+                     f"{passed:<6}  {err:>11}  {e['median_us']:.1f} ({low:.1f}-{high:.1f})")
     return lines, None
 
 

@@ -9,6 +9,7 @@ without a GPU; ``auto`` never reads such a table (its device is no GPU's).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -93,7 +94,7 @@ def main(argv: list[str]) -> int:
     for failure in result.failures:
         print(f"[tune] FAILED {failure}", file=sys.stderr)
     if args.json is not None:
-        report = {"table": result.table, "failures": result.failures, "done": result.done,
+        report = {"table": result.table, "failures": result.failures, "peft": result.peft, "done": result.done,
                   "planned": result.planned, "interrupted": result.interrupted}
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     if not result.table["entries"]:
@@ -147,4 +148,4 @@ def _config(args: argparse.Namespace) -> TuneConfig:
     return TuneConfig(device=device, fingerprint=device_fp, shapes=layer_shapes, decode_ms=decode_ms,
                       train_ms=train_ms, ranks=ranks, dtype=dtype, adapter_dtype=adapter_dtype,
                       implementations=lora_implementations(device), odd_cases=odd_cases, timing=timing,
-                      time_budget_s=args.time_budget)
+                      time_budget_s=args.time_budget, time_peft=importlib.util.find_spec("peft") is not None)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fastpeft.bench.cases import FORWARD, FORWARD_BACKWARD, LayerShape
-from fastpeft.bench.implementations import build_fastpeft_op, random_weights
+from fastpeft.bench.implementations import PEFT, build_fastpeft_op, build_implementation, random_weights
 from fastpeft.bench.runner import DEFAULT_DROPOUT, make_step
 from fastpeft.bench.spread import Spread
 from fastpeft.bench.timing import TimingBudget, time_side_by_side
@@ -57,6 +57,8 @@ class TuneConfig:
     timing: TimingBudget
     time_budget_s: float
     dropout_p: float = DEFAULT_DROPOUT
+    # Time HF PEFT's lora.Linear beside them (the reference users compare with), when installed.
+    time_peft: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,11 +74,13 @@ class Case:
 
 @dataclass
 class TuneResult:
-    """The table, what failed validation (one line each), how many cases were done of those
-    planned, and whether the time budget cut the run short."""
+    """The table, what failed validation (one line each), PEFT's times per case (when timed:
+    ``{"mode", "M", "K", "N", "r", "median_us", "spread_us"}``), how many cases were done of
+    those planned, and whether the time budget cut the run short."""
 
     table: dict
     failures: list[str] = field(default_factory=list)
+    peft: list[dict] = field(default_factory=list)
     done: int = 0
     planned: int = 0
 
@@ -119,7 +123,8 @@ def _lora_case(config: TuneConfig, case: Case) -> LoRACase:
 def time_case(config: TuneConfig, case: Case, implementations: Sequence[str],
               generator: torch.Generator) -> list[Spread | Exception]:
     """Each implementation's time (milliseconds: median and interquartile range) for ``case``,
-    timed side by side, or the exception it raised."""
+    timed side by side, or the exception it raised; with ``config.time_peft``, PEFT's layer's
+    last, timed in the same rounds."""
     lc = _lora_case(config, case)
     training = case.mode != INFERENCE
     w = random_weights(case.shape, case.r, config.dtype, config.device, generator, config.adapter_dtype)
@@ -140,7 +145,12 @@ def time_case(config: TuneConfig, case: Case, implementations: Sequence[str],
 
         return make
 
-    results = time_side_by_side([build(i) for i in implementations], config.device, config.timing)
+    def build_peft() -> Callable[[], object]:
+        return make_step(build_implementation(PEFT, w, lc.dropout_p, training), x, dy,
+                         FORWARD_BACKWARD if training else FORWARD)
+
+    builds = [build(i) for i in implementations] + ([build_peft] if config.time_peft else [])
+    results = time_side_by_side(builds, config.device, config.timing)
     return [r if isinstance(r, Exception) else Spread.of_samples(r) for r in results]
 
 
@@ -193,7 +203,10 @@ def tune(config: TuneConfig, log: Callable[[str], None]) -> TuneResult:
         for i, v in checks.items():
             if not v.passed:
                 result.failures.append(f"{i} at {_describe(lc)}: {'; '.join(v.problems)}")
-        for i, ms in zip(impls, time_case(config, case, impls, generator)):
+        times = time_case(config, case, impls, generator)
+        if config.time_peft:
+            _record_peft(result, case, times.pop())
+        for i, ms in zip(impls, times):
             if isinstance(ms, Exception):
                 result.failures.append(f"{i} at {_describe(lc)}: timing raised {type(ms).__name__}: {ms}")
                 continue
@@ -201,12 +214,22 @@ def tune(config: TuneConfig, log: Callable[[str], None]) -> TuneResult:
             result.table["entries"].append(_entry(config, case, i, passed, ms))
         result.done += 1
         log(f"[{result.done}/{len(cases)}] {case.shape.name} M={case.m} r={case.r} {case.mode}: "
-            f"{summary_line(result.table, case, config)}")
+            f"{summary_line(result.table, case, config, result.peft)}")
     return result
 
 
-def summary_line(table: dict, case: Case, config: TuneConfig) -> str:
-    """What the table picks for ``case`` and its time against the torch path's."""
+def _record_peft(result: TuneResult, case: Case, ms: Spread | Exception) -> None:
+    if isinstance(ms, Exception):
+        result.failures.append(f"PEFT's layer at {case.shape.name} M={case.m} r={case.r} {case.mode}: timing "
+                               f"raised {type(ms).__name__}: {ms}")
+        return
+    result.peft.append({"mode": case.mode, "M": case.m, "K": case.shape.in_features, "N": case.shape.out_features,
+                        "r": case.r, "median_us": ms.value * 1e3, "spread_us": [ms.low * 1e3, ms.high * 1e3]})
+
+
+def summary_line(table: dict, case: Case, config: TuneConfig, peft: Sequence[dict] = ()) -> str:
+    """What the table picks for ``case`` and its time against the torch path's (and PEFT's
+    layer's, when timed)."""
     pick = choose(table, "lora", case.mode, config.dtype, case.m, case.shape.in_features, case.shape.out_features,
                   case.r)
     here = {e["implementation"]: e["median_us"] for e in table["entries"]
@@ -214,4 +237,7 @@ def summary_line(table: dict, case: Case, config: TuneConfig) -> str:
                                                                 case.shape.out_features, case.r)}
     if pick is None or pick not in here or dispatch.TORCH not in here:
         return f"{pick or 'nothing'} (not timed against the torch path)"
-    return f"{pick} ({here[dispatch.TORCH] / here[pick]:.2f}x the torch path's speed)"
+    key = (case.mode, case.m, case.shape.in_features, case.shape.out_features, case.r)
+    peft_us = next((p["median_us"] for p in peft if (p["mode"], p["M"], p["K"], p["N"], p["r"]) == key), None)
+    versus_peft = "" if peft_us is None else f", {peft_us / here[pick]:.2f}x PEFT's"
+    return f"{pick} (speed: {here[dispatch.TORCH] / here[pick]:.2f}x the torch path's{versus_peft})"

@@ -5,6 +5,7 @@ shapes a model config gives; the atomic table file under a concurrent reader; us
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import threading
 
@@ -47,6 +48,8 @@ def test_the_rehearsal_writes_a_valid_table_of_validated_timed_implementations(r
     cases = {(e["mode"], e["M"], e["K"], e["N"], e["r"]) for e in table["entries"]}
     assert cases == {("training", 33, 64, 80, 8), ("training_dropout", 33, 64, 80, 8), ("inference", 1, 64, 80, 8),
                      ("inference", 33, 64, 80, 8)}
+    if importlib.util.find_spec("peft") is not None:  # PEFT's layer timed in the same rounds, as the reference
+        assert {(p["mode"], p["M"], p["K"], p["N"], p["r"]) for p in report["peft"]} == cases
     for case in cases:
         here = [e for e in table["entries"] if (e["mode"], e["M"], e["K"], e["N"], e["r"]) == case]
         assert sorted(e["implementation"] for e in here) == ["fused", "hybrid", "torch"]
