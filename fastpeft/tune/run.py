@@ -174,11 +174,21 @@ def _validate_odd_shapes(config: TuneConfig, generator: torch.Generator, result:
         for implementation in config.implementations:
             if not _runs_here(implementation, lc.m):
                 continue
-            v = validate_lora(implementation, lc, config.device, generator)
+            v = _checked(implementation, lc, config, generator)
             if not v.passed:
                 failed.add(implementation)
                 result.failures.append(f"{implementation} at {_describe(lc)}: {'; '.join(v.problems)}")
     return failed
+
+
+def _checked(implementation: str, lc: LoRACase, config: TuneConfig, generator: torch.Generator) -> Validation:
+    """``validate_lora``, with an exception it raised (a kernel that does not compile or
+    launch on this GPU) a failed check that says so: one broken implementation must not stop
+    the others."""
+    try:
+        return validate_lora(implementation, lc, config.device, generator)
+    except Exception as exc:  # any failure of the implementation is its result
+        return Validation(float("inf"), False, (f"raised {type(exc).__name__}: {exc}",))
 
 
 def _describe(lc: LoRACase) -> str:
@@ -191,7 +201,7 @@ def tune(config: TuneConfig, log: Callable[[str], None]) -> TuneResult:
     generator = torch.Generator(config.device).manual_seed(SEED)
     cases = plan_cases(config)
     result = TuneResult({"schema": SCHEMA, "device": config.fingerprint, "entries": []}, planned=len(cases))
-    log(f"validating {', '.join(config.implementations)} at {len(config.odd_cases)} odd shapes")
+    log(f"validating {', '.join(config.implementations)} on {len(config.odd_cases)} odd-shape problems")
     failed_odd = _validate_odd_shapes(config, generator, result)
     for case in cases:
         if time.monotonic() > deadline:
@@ -199,7 +209,7 @@ def tune(config: TuneConfig, log: Callable[[str], None]) -> TuneResult:
             break
         lc = _lora_case(config, case)
         impls = [i for i in config.implementations if _runs_here(i, case.m)]
-        checks = {i: validate_lora(i, lc, config.device, generator) for i in impls}
+        checks = {i: _checked(i, lc, config, generator) for i in impls}
         for i, v in checks.items():
             if not v.passed:
                 result.failures.append(f"{i} at {_describe(lc)}: {'; '.join(v.problems)}")

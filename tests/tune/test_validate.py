@@ -78,3 +78,18 @@ def test_the_op_running_another_path_fails(monkeypatch):
     monkeypatch.setattr(dispatch, "choose_implementation", lambda *args: dispatch.TORCH)
     v = validate_lora(dispatch.HYBRID, _case(), CPU, torch.Generator().manual_seed(5))
     assert not v.passed and v.problems == ("the op runs torch for this problem, not hybrid",)
+
+
+def test_an_implementation_that_raises_fails_without_stopping_the_run(monkeypatch):
+    """tune's check turns an exception (a kernel that does not compile or launch) into a
+    failed validation naming it."""
+    from fastpeft.tune import run
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX JIT compilation failed")
+
+    monkeypatch.setattr(lora_launch, "lora_forward", broken)
+    config = type("Config", (), {"device": CPU})()
+    v = run._checked(dispatch.FUSED, _case(), config, torch.Generator().manual_seed(6))
+    assert not v.passed and v.problems == ("raised RuntimeError: PTX JIT compilation failed",)
+
