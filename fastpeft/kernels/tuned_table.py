@@ -16,10 +16,10 @@ dropout) or ``"training_dropout"`` (the same with dropout); ``dtype``
 torch's name of the activation dtype; ``M`` rows, ``K`` -> ``N`` the layer (for the bottleneck
 adapter K = N = D and ``r`` its R), ``r`` the rank; ``implementation`` one of the op's
 implementations (LoRA: ``fastpeft.kernels.lora.dispatch.IMPLEMENTATIONS``), the torch path
-``"torch"`` included; ``passed`` whether it matched float64 on that GPU (``max_rel_error``, the
-largest per-row relative error over the outputs and gradients it checked, null when not
-finite); ``median_us`` and
-``spread_us`` (``[low, high]`` of the interleaved rounds' medians) its time.
+``"torch"`` included; ``passed`` whether it matched float64 on that GPU in every check of the
+tuning run (``max_rel_error``: the largest per-row relative error over the outputs and
+gradients checked at this shape, null when not finite); ``median_us`` and ``spread_us``
+(``[low, high]``, the interquartile range of its timed calls) its time.
 
 Choice (``choose``): the measured shape nearest the problem (in octaves, summed over M, K,
 N and r); there, the fastest implementation that passed, if its whole spread lies below the

@@ -2,7 +2,8 @@
 
 1. Every implementation ``auto`` may choose (``lora_implementations``) is checked against
    float64 at odd shapes (partial tiles in every dimension), with and without dropout
-   (``validate.validate_lora``); an implementation failing one fails everywhere.
+   (``validate.validate_lora``). An implementation that fails any check of the run (an odd
+   shape, a timed case, or raising) has ``passed`` false in every entry: never chosen.
 2. Case by case (``plan_cases``: training steps without and with dropout at the training row
    counts, then inference forwards at every row count, per layer shape and rank), each
    implementation is checked at the case's own shape and then all are timed side by side with
@@ -202,7 +203,8 @@ def tune(config: TuneConfig, log: Callable[[str], None]) -> TuneResult:
     cases = plan_cases(config)
     result = TuneResult({"schema": SCHEMA, "device": config.fingerprint, "entries": []}, planned=len(cases))
     log(f"validating {', '.join(config.implementations)} on {len(config.odd_cases)} odd-shape problems")
-    failed_odd = _validate_odd_shapes(config, generator, result)
+    # An implementation wrong anywhere (an odd shape, a timed case, a crash) is trusted nowhere.
+    failed = _validate_odd_shapes(config, generator, result)
     for case in cases:
         if time.monotonic() > deadline:
             log(f"time budget of {config.time_budget_s:.0f} s reached: {result.done} of {len(cases)} cases done")
@@ -212,19 +214,25 @@ def tune(config: TuneConfig, log: Callable[[str], None]) -> TuneResult:
         checks = {i: _checked(i, lc, config, generator) for i in impls}
         for i, v in checks.items():
             if not v.passed:
+                failed.add(i)
                 result.failures.append(f"{i} at {_describe(lc)}: {'; '.join(v.problems)}")
         times = time_case(config, case, impls, generator)
         if config.time_peft:
             _record_peft(result, case, times.pop())
         for i, ms in zip(impls, times):
             if isinstance(ms, Exception):
+                failed.add(i)
                 result.failures.append(f"{i} at {_describe(lc)}: timing raised {type(ms).__name__}: {ms}")
                 continue
-            passed = Validation(checks[i].max_rel_error, checks[i].passed and i not in failed_odd, checks[i].problems)
+            passed = Validation(checks[i].max_rel_error, checks[i].passed and i not in failed, checks[i].problems)
             result.table["entries"].append(_entry(config, case, i, passed, ms))
         result.done += 1
         log(f"[{result.done}/{len(cases)}] {case.shape.name} M={case.m} r={case.r} {case.mode}: "
             f"{summary_line(result.table, case, config, result.peft)}")
+    for e in result.table["entries"]:
+        e["passed"] = e["passed"] and e["implementation"] not in failed
+    if failed:
+        log(f"failed validation somewhere, so never chosen: {', '.join(sorted(failed))}")
     return result
 
 

@@ -191,3 +191,26 @@ def test_a_writer_killed_at_random_moments_leaves_a_whole_table(tmp_path):
         assert len(table["entries"]) in (1, 5001)
     write_table(table, tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+@needs_kernels
+def test_an_implementation_failing_one_case_is_never_chosen(tmp_path, monkeypatch):
+    """fused fails validation at one timed case (decode) only: every fused entry of the table
+    has passed false, so auto never picks it."""
+    from fastpeft.tune import run
+    from fastpeft.tune.validate import Validation
+
+    checked = run.validate_lora
+
+    def fused_wrong_at_decode(implementation, case, *args, **kwargs):
+        if implementation == "fused" and case.m == 1:
+            return Validation(0.5, False, ("y: 1 element(s) beyond their magnitude bound",))
+        return checked(implementation, case, *args, **kwargs)
+
+    monkeypatch.setattr(run, "validate_lora", fused_wrong_at_decode)
+    assert tune_cli.main(["--rehearse", "--out", str(tmp_path), "--json", str(tmp_path / "report.json")]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["failures"] == ["fused at M=1 K=64 N=80 r=8 dropout=0.0: y: 1 element(s) beyond their magnitude bound"]
+    entries = report["table"]["entries"]
+    assert {e["passed"] for e in entries if e["implementation"] == "fused"} == {False}
+    assert all(e["passed"] for e in entries if e["implementation"] != "fused")
