@@ -92,6 +92,13 @@ def _triton_version() -> str:
     return triton.__version__
 
 
+def device_fingerprint(gpu: str, sms: int, capability: str) -> dict[str, Any]:
+    """A fingerprint: the device's name, SM count and capability, with this machine's NVIDIA
+    driver and torch, Triton and fastpeft versions."""
+    return {"gpu": gpu, "sms": sms, "capability": capability, "driver": driver_version(),
+            "torch": torch.__version__, "triton": _triton_version(), "fastpeft": __version__}
+
+
 def fingerprint(index: int) -> dict[str, Any]:
     """What a table must have been made on to be used on CUDA device ``index``."""
     return json.loads(_fingerprint_json(index))
@@ -101,15 +108,15 @@ def fingerprint(index: int) -> dict[str, Any]:
 def _fingerprint_json(index: int) -> str:
     """``fingerprint(index)`` as sorted JSON (the form tables are compared in), once per device."""
     props = torch.cuda.get_device_properties(index)
-    return json.dumps({
-        "gpu": props.name,
-        "sms": props.multi_processor_count,
-        "capability": f"sm_{props.major}{props.minor}",
-        "driver": driver_version(),
-        "torch": torch.__version__,
-        "triton": _triton_version(),
-        "fastpeft": __version__,
-    }, sort_keys=True)
+    return json.dumps(device_fingerprint(props.name, props.multi_processor_count, f"sm_{props.major}{props.minor}"),
+                      sort_keys=True)
+
+
+@functools.cache
+def _file_name(fingerprint_json: str) -> str:
+    """The table's file name for a fingerprint (``table_path``'s), parsed once per device: the
+    op asks ``table_for`` at every call."""
+    return table_path(json.loads(fingerprint_json), Path()).name
 
 
 def device_slug(device: Mapping[str, Any]) -> str:
@@ -210,7 +217,7 @@ def table_for(device: torch.device) -> dict | None:
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     fp_json = _fingerprint_json(index)
-    path = table_path(json.loads(fp_json))
+    path = tune_dir() / _file_name(fp_json)
     try:
         info = path.stat()
     except OSError:

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fastpeft._version import __version__
 from fastpeft.backend import interpreting, triton_available
 
 if TYPE_CHECKING:
@@ -116,7 +115,7 @@ def _config(args: argparse.Namespace) -> TuneConfig:
     """The run's ``TuneConfig`` from the options (the rehearsal's, or this GPU's)."""
     from fastpeft.bench.cases import LayerShape
     from fastpeft.bench.timing import GPU_BUDGET, QUICK_BUDGET
-    from fastpeft.kernels.tuned_table import driver_version, fingerprint
+    from fastpeft.kernels.tuned_table import device_fingerprint, fingerprint
     from fastpeft.tune import shapes
     from fastpeft.tune.run import TuneConfig, lora_implementations
     from fastpeft.tune.validate import LoRACase
@@ -125,10 +124,7 @@ def _config(args: argparse.Namespace) -> TuneConfig:
     adapter_dtype = ADAPTER_DTYPES[args.adapter_dtype] or dtype
     if args.rehearse:
         device = torch.device("cpu")
-        import triton
-
-        device_fp = {"gpu": REHEARSAL_GPU, "sms": 0, "capability": "none", "driver": driver_version(),
-                     "torch": torch.__version__, "triton": triton.__version__, "fastpeft": __version__}
+        device_fp = device_fingerprint(REHEARSAL_GPU, 0, "none")
         # Tiny shapes (the interpreter runs a kernel program at a time): one layer, one decode
         # and one batch row count, rank 8; odd shapes of partial tiles in every dimension.
         layer_shapes = (LayerShape("tiny", 64, 80),)
