@@ -60,9 +60,9 @@ def test_every_activation(backend, activation):
 
 
 # (leading dims, D, R): every bottleneck tile of the kernels (R 1..256), decode and
-# multi-program M, 3-D h, D not a multiple of 16; above 128 ranks the backward's column kernel
-# runs per 128-rank chunk (200: a partial second chunk) and dh has its own kernel (130 rows:
-# three of its row tiles).
+# multi-program M, 3-D h, D not a multiple of 16; above 64 ranks the backward's weight
+# gradients are GEMMs in 128-rank blocks (200: a partial second block) and dh has its own
+# kernel (130 rows: two of its 128-row tiles).
 SHAPES = [((1,), 45, 1), ((130,), 45, 48), ((2, 9), 45, 64), ((7,), 21, 128), ((7,), 21, 256), ((130,), 33, 8),
           ((2, 65), 45, 200)]
 

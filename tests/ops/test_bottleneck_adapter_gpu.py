@@ -1,6 +1,6 @@
 """The bottleneck adapter's kernels on a GPU (skipped without CUDA): the tensor-core paths the
 interpreter cannot run (bf16 / fp16 h with fp16 or fp32 adapters, tf32 products), every
-kernel tile (rank 16..256, the chunked backward above 128, decode and multi-program M),
+kernel tile (rank 16..256, the weight-gradient GEMMs and dh kernel above 64, decode and multi-program M),
 dropout, the learned scaling, CUDA-graph capture (no host sync) and bitwise-reproducible
 gradients, for the Triton kernels and, when built, the CUDA C++ ones."""
 
