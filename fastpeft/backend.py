@@ -1,10 +1,11 @@
 """Which implementation an op runs: Triton kernels or the torch composite path.
 
 ``FASTPEFT_BACKEND`` (read at every call, so tests can switch it):
-- ``auto`` (default): the torch path; for CUDA tensors, the LoRA op follows the table ``fastpeft tune``
-  made on that GPU and software, if there is one (``fastpeft.kernels.tuned_table``: only kernels that
-  passed validation there), and once ``KERNELS_VALIDATED_ON_GPU`` is set, the implementation
-  the per-shape dispatch table picks (``fastpeft.kernels.lora.dispatch``).
+- ``auto`` (default): the torch path; for CUDA tensors, the LoRA op, the bottleneck adapter and the
+  multi-LoRA forward follow the table ``fastpeft tune`` made on that GPU and software, if there is
+  one (``fastpeft.kernels.tuned_table``: only kernels that passed validation there); without one,
+  once ``KERNELS_VALIDATED_ON_GPU`` is set, the kernels (for LoRA, the implementation the
+  per-shape dispatch table picks: ``fastpeft.kernels.lora.dispatch``).
 - ``triton``: the fused Triton kernels (base GEMM and LoRA term in one kernel) for CUDA
   tensors; CPU tensors take them only under Triton's interpreter (``TRITON_INTERPRET=1``, set
   before Triton is imported), which is how the tests run the kernels without a GPU, and the
@@ -79,6 +80,13 @@ def use_triton(device: torch.device, choice: str | None = None) -> bool:
     if not triton_available():
         raise RuntimeError(f"FASTPEFT_BACKEND={choice} but the triton package is not installed")
     return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
+def follows_tuned_table(device: torch.device, choice: str | None = None) -> bool:
+    """Whether an op on ``device`` asks the table ``fastpeft tune`` made on this GPU first
+    (``fastpeft.kernels.tuned_table``): ``auto`` (or ``choice``) on a CUDA device with Triton
+    installed (the kernels it may pick are Triton's and the CUDA extension's)."""
+    return (choice or backend_choice()) == "auto" and device.type == "cuda" and triton_available()
 
 
 def use_cuda_extension(device: torch.device, choice: str | None = None) -> bool:

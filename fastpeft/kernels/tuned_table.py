@@ -54,7 +54,8 @@ OPS = ("lora", "bottleneck", "multi_lora")
 # "training": a forward and backward without dropout (PEFT's default lora_dropout = 0, where the
 # forward may fuse the shrink into the GEMM), "training_dropout" with it (the mask drawn in the
 # forward, redrawn in the backward): the kernels differ, so the tables keep them apart.
-MODES = ("inference", "training", "training_dropout")
+INFERENCE, TRAINING, TRAINING_DROPOUT = "inference", "training", "training_dropout"
+MODES = (INFERENCE, TRAINING, TRAINING_DROPOUT)
 TORCH = "torch"
 # A table holds a few hundred entries (~300 bytes each); 16 MB bounds what a bad file costs.
 MAX_TABLE_BYTES = 16 * 1024 * 1024
@@ -239,6 +240,23 @@ def _notice_other_tables(directory: str, name: str) -> None:
     if others:
         _warn_once(f"the tuned tables in {directory} ({', '.join(others)}) are for other GPUs, not {name}; "
                    f"run `fastpeft tune` to make one for this GPU")
+
+
+def mode_of(training: bool, dropout: bool) -> str:
+    """The table's mode of a call: an inference forward, or either pass of a training step
+    without or with dropout."""
+    if not training:
+        return INFERENCE
+    return TRAINING_DROPOUT if dropout else TRAINING
+
+
+def tuned_choice(device: torch.device, op: str, mode: str, dtype: torch.dtype, m: int, k: int, n: int,
+                 r: int) -> str | None:
+    """What the tuned table of CUDA ``device`` picks for the problem (``choose``), or None:
+    no usable table (``table_for``), or none of its entries is for ``op``, ``mode`` and
+    ``dtype`` -- the op then decides as it does without a table."""
+    table = table_for(device)
+    return None if table is None else choose(table, op, mode, dtype, m, k, n, r)
 
 
 def _octaves(a: int, b: int) -> float:

@@ -8,7 +8,8 @@ pre-activation ``z [M, R]`` and the torch path's dropout mask, the only activati
 besides its inputs) and ``torch.ops.fastpeft.bottleneck_adapter_backward`` the backward; each
 dispatches, per call, to the fused Triton kernels (``fastpeft.kernels.bottleneck.launch``),
 the CUDA C++ kernels (``cuda_launch``, ``FASTPEFT_BACKEND=cuda``) or the torch path
-(``bottleneck_adapter_torch``), following ``fastpeft.backend``. Dropout draws from a 64-bit
+(``bottleneck_adapter_torch``), following ``fastpeft.backend`` and, under ``auto`` on a GPU, the
+table ``fastpeft tune`` made there (``implementation``). Dropout draws from a 64-bit
 seed tensor made on h's device (no host sync, CUDA-graph safe); the kernels regenerate the
 mask from it in the backward, the torch path keeps it (one byte per element) unless the
 kernels' mask kernel can redraw it (``fastpeft.ops.dropout``).
@@ -29,8 +30,9 @@ import math
 
 import torch
 
-from fastpeft.backend import resolve_choice, use_cuda_extension, use_triton
+from fastpeft.backend import follows_tuned_table, resolve_choice, use_cuda_extension, use_triton
 from fastpeft.kernels.bottleneck.configs import MAX_RANK, kernel_friendly
+from fastpeft.kernels import tuned_table
 from fastpeft.kernels.bottleneck.ref import canonical_activation
 from fastpeft.kernels.dropout_mask import draw_seed
 from fastpeft.ops.autocast import autocast_dtype, autocast_off, cast_for_autocast
@@ -42,7 +44,7 @@ from fastpeft.ops.bottleneck_adapter_torch import (
 from fastpeft.ops.dropout import kept_mask, rebuilt_keep_mask, redraws_mask, saved_or_redrawn_mask
 from fastpeft.ops.checks import describe, require_finite, require_probability, require_same_device, require_tensor
 from fastpeft.ops.lora_linear_torch import rank_side_dtype
-from fastpeft.ops.op_calls import call_directly, eager_function, eager_plain, op_for_call, rows
+from fastpeft.ops.op_calls import call_directly, eager_function, eager_plain, needs_autograd, op_for_call, rows
 
 TRITON, CUDA, TORCH = "triton", "cuda", "torch"
 # Largest bottleneck the CUDA C++ kernels take (``csrc/bottleneck.cu``); the Triton kernels'
@@ -61,17 +63,31 @@ _HALF = (torch.float16, torch.bfloat16)
 RECORDED_MAX_ELEMENTS = 65536
 
 
-def _implementation(h: torch.Tensor, w_down: torch.Tensor, choice: str, residual: torch.Tensor | None = None) -> str:
-    """``"cuda"`` (backend choice ``cuda`` on CUDA tensors), ``"triton"`` or ``"torch"`` for
-    the resolved backend ``choice`` (``fastpeft.backend``): float64 and empty problems always
-    take the torch path, and so do bottlenecks above a kernel path's limit (CUDA_MAX_RANK,
+def implementation(h: torch.Tensor, w_down: torch.Tensor, choice: str, residual: torch.Tensor | None = None,
+                    training: bool = False, dropout: bool = False) -> str:
+    """``"cuda"``, ``"triton"`` or ``"torch"`` for the resolved backend ``choice``
+    (``fastpeft.backend``) in an inference forward, or in either pass of a training step
+    (``training``; ``dropout``: with dropout). Float64 and empty problems always take the torch
+    path, and so do bottlenecks above a kernel path's limit (CUDA_MAX_RANK,
     ``configs.MAX_RANK``) and, for Triton, CUDA inputs its ahead-of-time check does not cover
-    (``configs.kernel_friendly``)."""
+    (``configs.kernel_friendly``). ``cuda`` runs the CUDA C++ kernels on CUDA tensors;
+    ``auto`` on a GPU follows the table ``fastpeft tune`` made there (op ``"bottleneck"``, K = N
+    = D, r = R: ``fastpeft.kernels.tuned_table``), if it has entries for this mode and dtype,
+    else ``fastpeft.backend.use_triton``. A pure function of shapes, dtypes, device and
+    settings: the forward, its fake and the backward agree."""
     rank = w_down.shape[0]
     if torch.float64 in (h.dtype, w_down.dtype) or h.numel() == 0:
         return TORCH
     if use_cuda_extension(h.device, choice):
         return CUDA if rank <= CUDA_MAX_RANK else TORCH
+    if follows_tuned_table(h.device, choice):
+        d = h.shape[-1]
+        picked = tuned_table.tuned_choice(h.device, "bottleneck", tuned_table.mode_of(training, dropout), h.dtype,
+                                          h.numel() // d, d, d, rank)
+        if picked == CUDA:
+            return CUDA if rank <= CUDA_MAX_RANK else TORCH
+        if picked is not None:
+            return TRITON if picked == TRITON and rank <= MAX_RANK and kernel_friendly(h, residual) else TORCH
     if rank <= MAX_RANK and use_triton(h.device, choice) and kernel_friendly(h, residual):
         return TRITON
     return TORCH
@@ -110,11 +126,13 @@ def _bottleneck_forward(
     dropout_p: float,
     seed: torch.Tensor,
     backend: str,
+    training: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out like h, z [M, R] in rank_side_dtype, keep)``; ``keep`` the torch path's bool
-    ``[M, D]`` dropout mask, empty on the kernel paths or without dropout."""
+    ``[M, D]`` dropout mask, empty on the kernel paths or without dropout. ``training``: a
+    backward follows (the implementation is the training step's, ``implementation``)."""
     scale = _scaling_arg(scaling, scaling_t)
-    impl = _implementation(h, w_down, backend, residual)
+    impl = implementation(h, w_down, backend, residual, training, dropout_p > 0.0)
     if impl == TORCH:
         out, z, keep = _torch_path_forward(h, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed)
         return out, z, kept_mask(keep)
@@ -155,11 +173,11 @@ _forward_op = torch.library.custom_op("fastpeft::bottleneck_adapter", mutates_ar
 
 @_forward_op.register_fake
 def _bottleneck_fake(h, w_down, b_down, w_up, b_up, residual, activation, scaling, scaling_t, dropout_p, seed,
-                     backend):
+                     backend, training):
     m = math.prod(h.shape[:-1])
     out = torch.empty_like(h, memory_format=torch.contiguous_format)
     z = h.new_empty((m, w_down.shape[0]), dtype=rank_side_dtype(w_down.dtype))
-    saves_mask = (dropout_p > 0.0 and _implementation(h, w_down, backend, residual) == TORCH
+    saves_mask = (dropout_p > 0.0 and implementation(h, w_down, backend, residual, training, True) == TORCH
                   and not redraws_mask(h.device))
     keep = h.new_empty((m, h.shape[-1]) if saves_mask else (0,), dtype=torch.bool)
     return out, z, keep
@@ -195,7 +213,7 @@ def _bottleneck_backward(
     g2, h2 = rows(grad_out, d), rows(h, d)
     needs = (need_h, need_w_down, need_b_down, need_w_up, need_b_up, need_scaling)
     scale = _scaling_arg(scaling, scaling_t)
-    impl = _implementation(h, w_down, backend)
+    impl = implementation(h, w_down, backend, None, True, dropout_p > 0.0)
     if impl == TORCH:
         keep = saved_or_redrawn_mask(keep, h2, dropout_p, seed)
         grads = bottleneck_backward_torch(g2, h2, w_down, w_up, b_up, z, keep, activation, scale, dropout_p,
@@ -236,7 +254,7 @@ def _bottleneck_backward_fake(grad_out, h, w_down, w_up, b_up, z, keep, activati
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    h, w_down, b_down, w_up, b_up, residual, activation, scaling, scaling_t, dropout_p, seed, backend = inputs
+    h, w_down, b_down, w_up, b_up, residual, activation, scaling, scaling_t, dropout_p, seed, backend, _ = inputs
     _, z, keep = output
     ctx.mark_non_differentiable(z, keep)
     ctx.save_for_backward(h, w_down, b_down, w_up, b_up, z, keep, seed, scaling_t)
@@ -276,7 +294,7 @@ def _backward(ctx, grad_out, _grad_z, _grad_keep):
     if grad_s is not None:
         grad_s = grad_s.to(scaling_t.dtype).reshape(scaling_t.shape)
     return (grad_h, grad_wd, grad_bd, grad_wu, grad_bu, grad_out if need[5] else None, None, None, grad_s, None, None,
-            None)
+            None, None)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -398,9 +416,10 @@ def bottleneck_adapter(
     scaling_t = scaling if isinstance(scaling, torch.Tensor) else None
     scaling_f = 1.0 if scaling_t is not None else float(scaling)
     tensors = (h, w_down, b_down, w_up, b_up, residual, scaling_t)
-    if _implementation(h, w_down, choice, residual) == TORCH and (
-        call_directly(*tensors) or (h.numel() <= RECORDED_MAX_ELEMENTS and eager_plain(*tensors))
-    ):
+    training = needs_autograd(*tensors)
+    # Eager only (never traced: the implementation's choice may read the tuned table's file).
+    eager_torch_path = call_directly(*tensors) or (h.numel() <= RECORDED_MAX_ELEMENTS and eager_plain(*tensors))
+    if eager_torch_path and implementation(h, w_down, choice, residual, training, p > 0.0) == TORCH:
         # The torch path as plain torch ops (see RECORDED_MAX_ELEMENTS).
         out, _, _ = _torch_path_forward(h, w_down, b_down, w_up, b_up, residual, act,
                                         _scaling_arg(scaling_f, scaling_t), p, seed)
@@ -408,7 +427,7 @@ def bottleneck_adapter(
     if seed is None:
         seed = h.new_empty(0, dtype=torch.int64)
     op = op_for_call(_bottleneck_forward, _BottleneckFunction, torch.ops.fastpeft.bottleneck_adapter, *tensors)
-    out, _, _ = op(h, w_down, b_down, w_up, b_up, residual, act, scaling_f, scaling_t, p, seed, choice)
+    out, _, _ = op(h, w_down, b_down, w_up, b_up, residual, act, scaling_f, scaling_t, p, seed, choice, training)
     return out
 
 

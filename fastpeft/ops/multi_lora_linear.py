@@ -7,7 +7,8 @@ and ``torch.ops.fastpeft.multi_lora_linear_backward``. The base GEMM is ``F.line
 a GPU); the LoRA term is added into its output in place by one of:
 
 - the torch path (``multi_lora_linear_torch``): CPU tensors, float64, and the default on CUDA
-  until the kernels have run on a GPU (``fastpeft.backend``);
+  until the kernels have run on a GPU (``fastpeft.backend``), unless the table ``fastpeft
+  tune`` made on that GPU picks a kernel for the forward (``implementation``);
 - the Triton kernels (``fastpeft.kernels.multi_lora``), opt-in with ``FASTPEFT_BACKEND=triton``:
   decode kernels (one row per token, no sort) up to ``DECODE_MAX_TOKENS`` tokens, sorted
   segments above and in every backward;
@@ -30,7 +31,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastpeft.backend import use_cuda_extension, use_triton
+from fastpeft.backend import follows_tuned_table, use_cuda_extension, use_triton
+from fastpeft.kernels import tuned_table
 from fastpeft.ops.autocast import autocast_dtype, autocast_off, cast_for_autocast
 from fastpeft.ops.checks import describe, require_same_device, require_tensor
 from fastpeft.ops.lora_linear_torch import base_linear_grads
@@ -65,14 +67,24 @@ def _launchablerows(t: torch.Tensor) -> torch.Tensor:
 def implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                    pass_: str) -> str:
     """``"torch"``, ``"triton"`` or ``"cuda"`` for this call's ``pass_`` (``"forward"`` or
-    ``"backward"``) under ``FASTPEFT_BACKEND`` (read at every call)."""
+    ``"backward"``) under ``FASTPEFT_BACKEND`` (read at every call). Under ``auto`` on a GPU the
+    forward follows the table ``fastpeft tune`` made there (op ``"multi_lora"``, inference
+    mode: tokens M, K -> N, the slots' rank R_MAX; ``fastpeft.kernels.tuned_table``) when it has
+    entries for the dtype; the backward is not tuned (a serving op: ``fastpeft tune`` times
+    forwards only) and follows ``use_triton``."""
     if not _kernels_take(x, weight, lora_a, lora_b):
         return "torch"
-    if use_cuda_extension(x.device) and pass_ == "forward":
-        from fastpeft.kernels.multi_lora.configs import DECODE_MAX_TOKENS
+    from fastpeft.kernels.multi_lora.configs import DECODE_MAX_TOKENS
 
-        if math.prod(x.shape[:-1]) <= DECODE_MAX_TOKENS:
-            return "cuda"
+    tokens = math.prod(x.shape[:-1])
+    if use_cuda_extension(x.device) and pass_ == "forward" and tokens <= DECODE_MAX_TOKENS:
+        return "cuda"
+    if pass_ == "forward" and follows_tuned_table(x.device):
+        n, k = weight.shape
+        picked = tuned_table.tuned_choice(x.device, "multi_lora", tuned_table.INFERENCE, x.dtype, tokens, k, n,
+                                          lora_a.shape[1])
+        if picked is not None:
+            return picked if picked == "triton" or (picked == "cuda" and tokens <= DECODE_MAX_TOKENS) else "torch"
     return "triton" if use_triton(x.device) else "torch"
 
 

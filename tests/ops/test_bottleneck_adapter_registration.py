@@ -25,7 +25,7 @@ def test_opcheck_forward(backend, dropout_p, learned):
     torch.library.opcheck(
         torch.ops.fastpeft.bottleneck_adapter.default,
         (pb.h, pb.w_down, pb.b_down, pb.w_up, pb.b_up, None, "gelu", 0.5, scaling_t, dropout_p, draw_seed(DEVICE),
-         backend),
+         backend, True),
     )
 
 
@@ -35,7 +35,7 @@ def test_opcheck_backward(backend, needs):
     seed = draw_seed(DEVICE)
     scaling_t = torch.tensor(0.5, device=DEVICE)
     _, z, keep = torch.ops.fastpeft.bottleneck_adapter(pb.h, pb.w_down, pb.b_down, pb.w_up, pb.b_up, None, "silu",
-                                                       0.5, scaling_t, 0.1, seed, backend)
+                                                       0.5, scaling_t, 0.1, seed, backend, True)
     torch.library.opcheck(
         torch.ops.fastpeft.bottleneck_adapter_backward.default,
         (torch.randn_like(pb.h), pb.h, pb.w_down, pb.w_up, pb.b_up, z, keep, "silu", 0.5, scaling_t, 0.1, seed,

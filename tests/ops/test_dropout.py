@@ -83,6 +83,6 @@ def test_where_the_kernels_run_the_torch_path_draws_their_bits_and_keeps_no_mask
     check_against_reference(pb, 0.3)
     bn = bottleneck_problem((3, 7), 40, 8, torch.float64)
     _, _, keep = torch.ops.fastpeft.bottleneck_adapter(bn.h, bn.w_down, bn.b_down, bn.w_up, bn.b_up, None, "silu",
-                                                       0.5, None, 0.3, seed, "triton")
+                                                       0.5, None, 0.3, seed, "triton", True)
     assert keep.numel() == 0
     check_bottleneck(bn, "silu", 0.3)

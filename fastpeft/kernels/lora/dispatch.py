@@ -82,7 +82,7 @@ from typing import Any
 
 import torch
 
-from fastpeft.backend import backend_choice, triton_available, use_triton
+from fastpeft.backend import backend_choice, follows_tuned_table, use_triton
 from fastpeft.kernels import tuned_table
 from fastpeft.kernels.lora.configs import MAX_RANK, device_info, kernel_friendly
 
@@ -94,8 +94,6 @@ IMPLEMENTATIONS = (FUSED, FUSED_TMA, HYBRID, TORCH)
 # What a table decides on its own: a forward without backward, and a training step's passes.
 INFERENCE, TRAINING = "inference", "training"
 MODES = (INFERENCE, TRAINING)
-# A tuned table (``tuned_table``) also keeps training steps with dropout apart.
-TUNED_TRAINING_DROPOUT = "training_dropout"
 # Versions the table format: a reader refuses a table written for another one.
 # /2: entries keyed on "mode" (inference, training), not on the pass.
 SCHEMA = "fastpeft-lora-dispatch/2"
@@ -127,7 +125,7 @@ def choose_implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.T
     """
     choice = backend_choice()
     # ``auto`` on a GPU follows the table ``fastpeft tune`` made there, if any (tuned_table).
-    tunable = choice == "auto" and x.device.type == "cuda" and triton_available()
+    tunable = follows_tuned_table(x.device, choice)
     if lora_a.shape[0] > MAX_RANK or x.numel() == 0 or weight.numel() == 0:
         return TORCH
     if not (tunable or use_triton(x.device)):
@@ -143,10 +141,8 @@ def choose_implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.T
     n, k = weight.shape
     m, mode = x.numel() // k, TRAINING if training else INFERENCE
     if tunable:
-        table = tuned_table.table_for(x.device)
-        tuned_mode = TUNED_TRAINING_DROPOUT if training and dropout else mode
-        picked = None if table is None else tuned_table.choose(table, "lora", tuned_mode, x.dtype, m, k, n,
-                                                               lora_a.shape[0])
+        picked = tuned_table.tuned_choice(x.device, "lora", tuned_table.mode_of(training, dropout), x.dtype, m, k,
+                                          n, lora_a.shape[0])
         if picked is not None:
             return picked if picked in IMPLEMENTATIONS else TORCH
         if not use_triton(x.device):  # no table, and the kernels not validated by the project
