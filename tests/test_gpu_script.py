@@ -132,10 +132,11 @@ def test_summary_carries_the_tune_report(tmp_path):
     at = next(i for i, line in enumerate(lines) if line.startswith("tune (fastpeft tune"))
     assert lines[at + 1] == "  1 of 48 cases (time budget reached), 2 entries, 1 validation failure(s)"
     assert lines[at + 2].startswith("    FAILED hybrid at M=4096")
-    assert lines[at + 4].split() == ["training", "4096", "4096", "14336", "16", "fused", "yes", "3.10e-03", "812.5",
-                                     "(800.0-830.0)"]
-    assert lines[at + 5].split()[5:8] == ["hybrid", "NO", "-"]
-    assert lines[at + 6].split()[5:9] == ["peft", "(HF)", "-", "-"]
+    assert lines[at + 4].split() == ["lora", "training", "4096", "4096", "14336", "16", "fused", "yes", "3.10e-03",
+                                     "812.5", "(800.0-830.0)"]
+    assert lines[at + 5].split()[6:9] == ["hybrid", "NO", "-"]
+    assert lines[at + 6].split()[:2] == ["lora", "training"] and lines[at + 6].split()[6:10] == ["peft", "(HF)", "-",
+                                                                                                 "-"]
     assert not [p for p in problems if p.startswith("tune")]
     path.write_text("{")
     _, problems = run_summary.summarize(tmp_path, steps(tune="0"), {}, rehearsal=False, tune=path)
@@ -245,10 +246,12 @@ def test_rehearsal_tune_validated_and_timed_every_case(rehearsal):
     failure, and its entries came back in summary.txt."""
     summary = (rehearsal / "summary.txt").read_text()
     assert re.search(r"^  tune +0 ", summary, re.M)
-    assert "  4 of 4 cases, 12 entries, 0 validation failure(s)" in summary
-    rows = [line.split() for line in summary.splitlines() if re.match(r"  (training|training_dropout|inference) ",
-                                                                      line)]
-    ours = [row for row in rows if row[5] != "peft"]
-    assert len(ours) == 12 and {row[5] for row in ours} == {"torch", "fused", "hybrid"}
-    assert all(row[6] == "yes" for row in ours)
+    assert "  10 of 10 cases, 24 entries, 0 validation failure(s)" in summary
+    rows = [line.split() for line in summary.splitlines()
+            if re.match(r"  (lora|bottleneck|multi_lora) +(training|training_dropout|inference) ", line)]
+    ours = [row for row in rows if row[6] != "peft"]
+    assert len(ours) == 24 and all(row[7] == "yes" for row in ours)
+    assert {(row[0], row[6]) for row in ours} == {("lora", "torch"), ("lora", "fused"), ("lora", "hybrid"),
+                                                  ("bottleneck", "torch"), ("bottleneck", "triton"),
+                                                  ("multi_lora", "torch"), ("multi_lora", "triton")}
     assert len(rows) - len(ours) == (4 if importlib.util.find_spec("peft") else 0)  # PEFT's layer, the reference

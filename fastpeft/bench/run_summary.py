@@ -361,13 +361,14 @@ def _tune_lines(step: Step | None, report_path: Path | None) -> tuple[list[str],
     lines = [f"  {report['done']} of {report['planned']} cases{' (time budget reached)' if report['interrupted'] else ''}"
              f", {len(entries)} entries, {len(report['failures'])} validation failure(s)"]
     lines += [f"    FAILED {f}" for f in report["failures"][:MAX_FAILED_NAMES]]
-    lines.append("  mode       M     K     N    r  implementation  passed  max row err  median us (IQR)")
-    rows = [(e, e["implementation"], "yes" if e["passed"] else "NO",
+    lines.append("  op          mode               M     K     N    r  implementation  passed  max row err  "
+                 "median us (IQR)")
+    rows = [(e, e["op"], e["implementation"], "yes" if e["passed"] else "NO",
              "-" if e["max_rel_error"] is None else f"{e['max_rel_error']:.2e}") for e in entries]
-    rows += [(p, "peft (HF)", "-", "-") for p in report.get("peft", [])]  # the reference, not a choice
-    for e, name, passed, err in rows:
+    rows += [(p, "lora", "peft (HF)", "-", "-") for p in report.get("peft", [])]  # the reference, not a choice
+    for e, op, name, passed, err in rows:
         low, high = e["spread_us"]
-        lines.append(f"  {e['mode']:<9} {e['M']:>5} {e['K']:>5} {e['N']:>5} {e['r']:>3}  {name:<14}  "
+        lines.append(f"  {op:<10}  {e['mode']:<16} {e['M']:>5} {e['K']:>5} {e['N']:>5} {e['r']:>3}  {name:<14}  "
                      f"{passed:<6}  {err:>11}  {e['median_us']:.1f} ({low:.1f}-{high:.1f})")
     return lines, None
 

@@ -1,5 +1,6 @@
-"""``fastpeft tune``: validate and time the LoRA kernels on this machine's GPU and write the table
-``FASTPEFT_BACKEND=auto`` follows there (``fastpeft.tune.run``, ``fastpeft.kernels.tuned_table``).
+"""``fastpeft tune``: validate and time the kernels of the LoRA op, the bottleneck adapter and
+multi-LoRA on this machine's GPU and write the table ``FASTPEFT_BACKEND=auto`` follows there
+(``fastpeft.tune.run``, ``fastpeft.kernels.tuned_table``).
 
 ``--rehearse`` runs the whole pipeline on the CPU (the kernels in Triton's interpreter, tiny
 shapes, a made-up device) and writes its table under ``--out``: CI keeps the command working
@@ -23,12 +24,13 @@ from fastpeft.backend import interpreting, triton_available
 if TYPE_CHECKING:
     from fastpeft.tune.run import TuneConfig
 
-# Ops the command tunes (issue 20 lists the bottleneck adapter and multi-LoRA too: not yet).
-SUPPORTED_OPS = ("lora",)
+# The ops the command tunes (fastpeft.tune.ops), all by default.
 ALL_OPS = ("lora", "bottleneck", "multi_lora")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 ADAPTER_DTYPES = {"fp32": torch.float32, "same": None}
-# A few minutes: the Llama-3-8B set (4 shapes x 2 ranks x 4 cases) on an H100, est.
+# A few minutes: on Llama-3-8B's shapes the LoRA op's 40 cases (4 layers x 2 ranks x 5), the
+# bottleneck adapter's 10 and multi-LoRA's 24 at about 3 s each (checks and timing) on an
+# H100, est.
 DEFAULT_BUDGET_S = 300.0
 # The rehearsal's device: no GPU's name, so no machine's auto ever reads its table.
 REHEARSAL_GPU = "rehearsal (CPU, Triton interpreter)"
@@ -38,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastpeft tune", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="a transformers config.json, a directory holding one, or a model name: the "
                                    "layer shapes to tune (default: Llama-3-8B's)")
-    p.add_argument("--ops", default="lora", help=f"comma-separated ops (supported: {', '.join(SUPPORTED_OPS)})")
+    p.add_argument("--ops", default=",".join(ALL_OPS), help=f"comma-separated ops (default: all of {', '.join(ALL_OPS)})")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="activation dtype (default bf16)")
     p.add_argument("--adapter-dtype", choices=sorted(ADAPTER_DTYPES), default="fp32",
                    help="LoRA weights' dtype: fp32 (PEFT's default on a 16-bit model) or the activations'")
@@ -68,8 +70,6 @@ def main(argv: list[str]) -> int:
     unknown = [o for o in ops if o not in ALL_OPS]
     if unknown or not ops:
         return _usage(parser, f"--ops: unknown op(s) {unknown}; choose from {', '.join(ALL_OPS)}")
-    if [o for o in ops if o not in SUPPORTED_OPS]:
-        return _usage(parser, f"--ops: only {', '.join(SUPPORTED_OPS)} can be tuned so far")
     if not args.time_budget > 0:
         return _usage(parser, "--time-budget must be a positive number of seconds")
     if args.rehearse:
@@ -83,18 +83,20 @@ def main(argv: list[str]) -> int:
     if not triton_available():
         return _usage(parser, "the triton package is not installed: there are no kernels to tune")
     try:
-        config = _config(args)
+        config = _config(args, tuple(dict.fromkeys(ops)))
     except (OSError, ValueError) as exc:
         return _usage(parser, str(exc))
+    from fastpeft.tune.progress import Progress
     from fastpeft.tune.run import tune
     from fastpeft.tune.table_file import write_table
 
-    result = tune(config, lambda line: print(f"[tune] {line}", file=sys.stderr, flush=True))
+    result = tune(config, Progress(sys.stderr, config.time_budget_s))
     for failure in result.failures:
         print(f"[tune] FAILED {failure}", file=sys.stderr)
     if args.json is not None:
         report = {"table": result.table, "failures": result.failures, "peft": result.peft, "done": result.done,
                   "planned": result.planned, "interrupted": result.interrupted}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     if not result.table["entries"]:
         print("[tune] nothing was timed: no table written", file=sys.stderr)
@@ -111,14 +113,15 @@ def _default_dir() -> Path:
     return tune_dir()
 
 
-def _config(args: argparse.Namespace) -> TuneConfig:
+def _config(args: argparse.Namespace, ops: tuple[str, ...]) -> TuneConfig:
     """The run's ``TuneConfig`` from the options (the rehearsal's, or this GPU's)."""
     from fastpeft.bench.cases import LayerShape
+    from fastpeft.bench.runner import DEFAULT_DROPOUT
     from fastpeft.bench.timing import GPU_BUDGET, QUICK_BUDGET
+    from fastpeft.kernels.bottleneck.configs import MAX_RANK as BOTTLENECK_MAX_RANK
     from fastpeft.kernels.tuned_table import device_fingerprint, fingerprint
     from fastpeft.tune import shapes
-    from fastpeft.tune.run import TuneConfig, lora_implementations
-    from fastpeft.tune.validate import LoRACase
+    from fastpeft.tune.run import TuneConfig
 
     dtype = DTYPES[args.dtype]
     adapter_dtype = ADAPTER_DTYPES[args.adapter_dtype] or dtype
@@ -126,22 +129,19 @@ def _config(args: argparse.Namespace) -> TuneConfig:
         device = torch.device("cpu")
         device_fp = device_fingerprint(REHEARSAL_GPU, 0, "none")
         # Tiny shapes (the interpreter runs a kernel program at a time): one layer, one decode
-        # and one batch row count, rank 8; odd shapes of partial tiles in every dimension.
-        layer_shapes = (LayerShape("tiny", 64, 80),)
-        decode_ms, train_ms, ranks = (1,), (33,), (8,)
-        odd = [(5, 48, 80, 8), (17, 80, 48, 4)]
+        # and one batch row count, rank 8 (and a bottleneck of 8 at D = 64).
+        grid = shapes.Grid(layers=(LayerShape("tiny", 64, 80),), hidden=64, decode_ms=(1,), train_ms=(33,),
+                           ranks=(8,), bottleneck_ranks=(8,), dtype=dtype, adapter_dtype=adapter_dtype,
+                           dropout_p=DEFAULT_DROPOUT, tiny=True)
         timing = QUICK_BUDGET
     else:
         device = torch.device("cuda", torch.cuda.current_device())
         device_fp = fingerprint(device.index)
-        layer_shapes = shapes.model_shapes(args.model)
-        decode_ms, train_ms, ranks = shapes.DECODE_MS, shapes.TRAIN_MS, shapes.RANKS
-        # Partial tiles in every dimension at decode, medium and large M (the kernels need K
-        # and N multiples of 16): 2064 = 16 x 129, 1040 = 16 x 65.
-        odd = [(1, 2064, 1040, 16), (33, 1040, 2064, 64), (4100, 2064, 1040, 16)]
+        layers = shapes.model_shapes(args.model)
+        hidden = layers[0].in_features  # the q/o projection's input: the model's hidden size
+        grid = shapes.Grid(layers=layers, hidden=hidden, decode_ms=shapes.DECODE_MS, train_ms=shapes.TRAIN_MS,
+                           ranks=shapes.RANKS, bottleneck_ranks=shapes.bottleneck_ranks(hidden, BOTTLENECK_MAX_RANK),
+                           dtype=dtype, adapter_dtype=adapter_dtype, dropout_p=DEFAULT_DROPOUT)
         timing = GPU_BUDGET
-    odd_cases = tuple(LoRACase(m, k, n, r, dtype, adapter_dtype, p) for m, k, n, r in odd for p in (0.0, 0.1))
-    return TuneConfig(device=device, fingerprint=device_fp, shapes=layer_shapes, decode_ms=decode_ms,
-                      train_ms=train_ms, ranks=ranks, dtype=dtype, adapter_dtype=adapter_dtype,
-                      implementations=lora_implementations(device), odd_cases=odd_cases, timing=timing,
+    return TuneConfig(device=device, fingerprint=device_fp, ops=ops, grid=grid, timing=timing,
                       time_budget_s=args.time_budget, time_peft=importlib.util.find_spec("peft") is not None)

@@ -1,5 +1,6 @@
-"""What ``fastpeft tune`` tunes: the LoRA layer shapes of a model and the row counts M its
-training steps and decode steps run.
+"""What ``fastpeft tune`` tunes: the LoRA layer shapes of a model, its hidden size (the
+bottleneck adapter's width), the row counts M its training steps and decode steps run, and the
+ranks (``Grid``).
 
 The shapes come from a transformers config (``hidden_size``, ``intermediate_size``,
 ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``): the attention projections
@@ -14,8 +15,11 @@ import json
 import os
 import stat
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from fastpeft.bench.cases import LLAMA3_8B_SHAPES, LayerShape
 
@@ -25,6 +29,10 @@ DECODE_MS = (1, 16)
 TRAIN_MS = (4096,)
 # LoRA ranks: PEFT's default 8's neighbour 16, and 64 (the kernels' largest padded rank).
 RANKS = (16, 64)
+# Bottleneck widths R: AdapterHub's default reduction factor 16 (seq_bn, par_bn: R = D / 16,
+# 256 on Llama-3-8B, the kernels' largest) and 64 (reduction factor 64 there).
+BOTTLENECK_REDUCTION = 16
+BOTTLENECK_FIXED_RANK = 64
 # A config.json is a few KB; anything much larger is not one.
 MAX_CONFIG_BYTES = 1024 * 1024
 
@@ -78,3 +86,29 @@ def model_shapes(name_or_path: str | None) -> tuple[LayerShape, ...]:
         return LLAMA3_8B_SHAPES
     config = load_model_config(name_or_path)
     return shapes_from_config(config.get("text_config", config))
+
+
+def bottleneck_ranks(hidden: int, largest: int) -> tuple[int, ...]:
+    """The bottleneck widths tuned on a model of hidden size ``hidden`` (at most ``largest``,
+    the kernels' limit): ``hidden / BOTTLENECK_REDUCTION`` and ``BOTTLENECK_FIXED_RANK``."""
+    return tuple(sorted({max(1, min(hidden // BOTTLENECK_REDUCTION, largest)), min(BOTTLENECK_FIXED_RANK, largest)}))
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What a tuning run covers: the LoRA (and multi-LoRA) layer shapes, the hidden size D the
+    bottleneck adapter runs at (the q/o layer's input), decode and training row counts, LoRA
+    ranks (multi-LoRA: the slots' rank), bottleneck widths, the activation and adapter dtypes,
+    the training steps' dropout, and whether it is the rehearsal's tiny grid (whose odd shapes
+    are tiny too)."""
+
+    layers: tuple[LayerShape, ...]
+    hidden: int
+    decode_ms: tuple[int, ...]
+    train_ms: tuple[int, ...]
+    ranks: tuple[int, ...]
+    bottleneck_ranks: tuple[int, ...]
+    dtype: torch.dtype
+    adapter_dtype: torch.dtype
+    dropout_p: float
+    tiny: bool = False

@@ -1,4 +1,4 @@
-"""``fastpeft tune``'s validation (fastpeft.tune.validate) in Triton's interpreter: every LoRA
+"""``fastpeft tune``'s LoRA validation (fastpeft.tune.lora) in Triton's interpreter: every LoRA
 implementation passes on odd shapes with and without dropout, and each check fails when what
 it guards breaks -- one wrong element that the norm hides, other dropout bits from the mask
 kernel, two runs that differ, the op running another path than the one asked for."""
@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from fastpeft.kernels.lora import dispatch, launch as lora_launch
-from fastpeft.tune.validate import LORA_SETTINGS, LoRACase, validate_lora
+from fastpeft.kernels.tuned_table import TRAINING, TRAINING_DROPOUT
+from fastpeft.tune.checks import Problem, checked
+from fastpeft.tune.lora import LORA_SETTINGS, validate as validate_lora
 from tests.helpers.devices import KERNELS_RUN
 
 pytestmark = pytest.mark.skipif(not KERNELS_RUN, reason="needs the Triton kernels (a GPU or the interpreter)")
@@ -17,9 +19,10 @@ pytestmark = pytest.mark.skipif(not KERNELS_RUN, reason="needs the Triton kernel
 CPU = torch.device("cpu")
 
 
-def _case(dropout_p: float = 0.0, m: int = 21) -> LoRACase:
+def _case(dropout_p: float = 0.0, m: int = 21) -> Problem:
     # partial tiles in every dimension; bf16 activations with PEFT's fp32 adapters
-    return LoRACase(m, 48, 80, 8, torch.bfloat16, torch.float32, dropout_p)
+    return Problem("lora", TRAINING_DROPOUT if dropout_p else TRAINING, m, 48, 80, 8, torch.bfloat16, torch.float32,
+                   dropout_p)
 
 
 @pytest.mark.parametrize("implementation", sorted(LORA_SETTINGS))
@@ -83,13 +86,11 @@ def test_the_op_running_another_path_fails(monkeypatch):
 def test_an_implementation_that_raises_fails_without_stopping_the_run(monkeypatch):
     """tune's check turns an exception (a kernel that does not compile or launch) into a
     failed validation naming it."""
-    from fastpeft.tune import run
 
     def broken(*args, **kwargs):
         raise RuntimeError("PTX JIT compilation failed")
 
     monkeypatch.setattr(lora_launch, "lora_forward", broken)
-    config = type("Config", (), {"device": CPU})()
-    v = run._checked(dispatch.FUSED, _case(), config, torch.Generator().manual_seed(6))
+    v = checked(validate_lora, dispatch.FUSED, _case(), CPU, torch.Generator().manual_seed(6))
     assert not v.passed and v.problems == ("raised RuntimeError: PTX JIT compilation failed",)
 

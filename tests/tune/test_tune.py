@@ -5,6 +5,7 @@ shapes a model config gives; the atomic table file under a concurrent reader; us
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import threading
@@ -44,28 +45,41 @@ def test_the_rehearsal_writes_a_valid_table_of_validated_timed_implementations(r
     table, report = rehearsal
     assert tuned_table.validate_table(table) == report["table"]
     assert table["device"]["gpu"] == tune_cli.REHEARSAL_GPU
-    assert report["failures"] == [] and report["done"] == report["planned"] == 4 and not report["interrupted"]
-    cases = {(e["mode"], e["M"], e["K"], e["N"], e["r"]) for e in table["entries"]}
-    assert cases == {("training", 33, 64, 80, 8), ("training_dropout", 33, 64, 80, 8), ("inference", 1, 64, 80, 8),
-                     ("inference", 33, 64, 80, 8)}
+    assert report["failures"] == [] and report["done"] == report["planned"] == 10 and not report["interrupted"]
+    cases = {(e["op"], e["mode"], e["M"], e["K"], e["N"], e["r"]) for e in table["entries"]}
+    lora_cases = {("lora", "training", 33, 64, 80, 8), ("lora", "training_dropout", 33, 64, 80, 8),
+                  ("lora", "inference", 1, 64, 80, 8), ("lora", "inference", 33, 64, 80, 8)}
+    assert cases == lora_cases | {("bottleneck", mode, m, 64, 64, 8) for mode, m in (
+        ("training", 33), ("training_dropout", 33), ("inference", 1), ("inference", 33))} | {
+        ("multi_lora", "inference", 1, 64, 80, 8), ("multi_lora", "inference", 33, 64, 80, 8)}
     if importlib.util.find_spec("peft") is not None:  # PEFT's layer timed in the same rounds, as the reference
-        assert {(p["mode"], p["M"], p["K"], p["N"], p["r"]) for p in report["peft"]} == cases
+        assert {("lora", p["mode"], p["M"], p["K"], p["N"], p["r"]) for p in report["peft"]} == lora_cases
+    implementations = {"lora": ["fused", "hybrid", "torch"], "bottleneck": ["torch", "triton"],
+                       "multi_lora": ["torch", "triton"]}
     for case in cases:
-        here = [e for e in table["entries"] if (e["mode"], e["M"], e["K"], e["N"], e["r"]) == case]
-        assert sorted(e["implementation"] for e in here) == ["fused", "hybrid", "torch"]
+        here = [e for e in table["entries"] if (e["op"], e["mode"], e["M"], e["K"], e["N"], e["r"]) == case]
+        assert sorted(e["implementation"] for e in here) == implementations[case[0]]
         assert all(e["passed"] and 0 < e["max_rel_error"] < 0.05 and e["dtype"] == "bfloat16" for e in here)
 
 
 @needs_kernels
+# multi-LoRA's alignment check reads the (fake) tensors' data pointers
+@pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")
 def test_auto_follows_the_tuned_table_where_validation_passed(rehearsal, monkeypatch, tmp_path):
-    """The rehearsal's table, as if made on this (mocked) GPU with fused fastest everywhere but
-    failed at decode: auto takes fused for the training step and torch at decode."""
+    """The rehearsal's table, as if made on this (mocked) GPU with each op's kernel (LoRA's
+    fused, the bottleneck adapter's and multi-LoRA's Triton) fastest everywhere but failed at
+    decode: auto takes the kernel for the training step and the torch path at decode, for every
+    op; multi-LoRA's backward is not tuned."""
+    # the op modules (fastpeft.ops re-exports the functions under the same names)
+    bottleneck_op = importlib.import_module("fastpeft.ops.bottleneck_adapter")
+    multi_lora_op = importlib.import_module("fastpeft.ops.multi_lora_linear")
+
     table, _ = rehearsal
     device = {**table["device"], "gpu": "NVIDIA H100 80GB HBM3", "capability": "sm_90"}
     mocked = {**table, "device": device, "entries": []}
     for e in table["entries"]:
         e = {**e, "device": device["gpu"]}
-        if e["implementation"] == "fused":
+        if e["implementation"] in ("fused", "triton"):
             e.update(median_us=1.0, spread_us=[0.9, 1.1], passed=e["M"] != 1)
         mocked["entries"].append(e)
     monkeypatch.setenv(tuned_table.ENV_DIR, str(tmp_path))
@@ -77,31 +91,46 @@ def test_auto_follows_the_tuned_table_where_validation_passed(rehearsal, monkeyp
     monkeypatch.setattr(backend, "KERNELS_VALIDATED_ON_GPU", False)
     tuned_table._load.cache_clear()
 
+    def cuda(*size: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device="cuda")
+
     def choice(m: int, training: bool, dropout: bool = False) -> str:
         with FakeTensorMode():
-            x, w = torch.empty(m, 64, dtype=torch.bfloat16, device="cuda"), torch.empty(80, 64, dtype=torch.bfloat16,
-                                                                                       device="cuda")
-            a = torch.empty(8, 64, device="cuda")
-        return dispatch.choose_implementation(x, w, a, training, dropout)
+            return dispatch.choose_implementation(cuda(m, 64), cuda(80, 64), cuda(8, 64, dtype=torch.float32),
+                                                  training, dropout)
+
+    def bottleneck_choice(m: int, training: bool, dropout: bool = False) -> str:
+        with FakeTensorMode():
+            return bottleneck_op.implementation(cuda(m, 64), cuda(8, 64, dtype=torch.float32), "auto", None,
+                                                training, dropout)
+
+    def multi_lora_choice(m: int, pass_: str = "forward") -> str:
+        with FakeTensorMode():
+            return multi_lora_op.implementation(cuda(m, 64), cuda(80, 64), cuda(8, 8, 64, dtype=torch.float32),
+                                                cuda(8, 80, 8, dtype=torch.float32), pass_)
 
     assert choice(33, True) == "fused"
     assert choice(33, True, dropout=True) == "fused"
     assert choice(2048, True) == "fused"  # the nearest measured shape
     assert choice(1, False) != "fused"  # failed validation there
     assert choice(33, False) == "fused"
+    assert [bottleneck_choice(33, True), bottleneck_choice(33, True, True), bottleneck_choice(33, False)] == [
+        "triton"] * 3
+    assert bottleneck_choice(1, False) == "torch"
+    assert multi_lora_choice(33) == "triton" and multi_lora_choice(1) == "torch"
+    assert multi_lora_choice(33, "backward") == "torch"  # not tuned: the kernels are not validated by the project
     tuned_table._load.cache_clear()
 
 
 @needs_kernels
 def test_the_time_budget_stops_between_cases(tmp_path, capsys):
     code, out, err = run_cli(["tune", "--rehearse", "--out", str(tmp_path), "--time-budget", "1e-9"], capsys)
-    assert code == 1 and "time budget of 0 s reached: 0 of 4 cases done" in err and "no table written" in err
+    assert code == 1 and "time budget of 0 s reached: 0 of 10 cases done" in err and "no table written" in err
     assert not list(tmp_path.glob("tuned-*.json"))
 
 
 @pytest.mark.parametrize("args,message", [
     (["--ops", "dora"], "unknown op"),
-    (["--ops", "bottleneck"], "only lora can be tuned so far"),
     (["--rehearse"], "--rehearse needs --out"),
     (["--time-budget", "0"], "positive number of seconds"),
     ([], "no CUDA device"),
@@ -195,22 +224,27 @@ def test_a_writer_killed_at_random_moments_leaves_a_whole_table(tmp_path):
 
 @needs_kernels
 def test_an_implementation_failing_one_case_is_never_chosen(tmp_path, monkeypatch):
-    """fused fails validation at one timed case (decode) only: every fused entry of the table
-    has passed false, so auto never picks it."""
-    from fastpeft.tune import run
-    from fastpeft.tune.validate import Validation
+    """LoRA's fused fails validation at one timed case (decode) only: every fused entry of the
+    table has passed false, so auto never picks it; the other ops' are untouched."""
+    import dataclasses
 
-    checked = run.validate_lora
+    from fastpeft.tune import ops
+    from fastpeft.tune.checks import Validation
 
-    def fused_wrong_at_decode(implementation, case, *args, **kwargs):
-        if implementation == "fused" and case.m == 1:
+    lora = ops.TUNERS["lora"]
+
+    def fused_wrong_at_decode(implementation, problem, *args, **kwargs):
+        if implementation == "fused" and problem.m == 1:
             return Validation(0.5, False, ("y: 1 element(s) beyond their magnitude bound",))
-        return checked(implementation, case, *args, **kwargs)
+        return lora.validate(implementation, problem, *args, **kwargs)
 
-    monkeypatch.setattr(run, "validate_lora", fused_wrong_at_decode)
-    assert tune_cli.main(["--rehearse", "--out", str(tmp_path), "--json", str(tmp_path / "report.json")]) == 0
+    monkeypatch.setitem(ops.TUNERS, "lora", dataclasses.replace(lora, validate=fused_wrong_at_decode))
+    assert tune_cli.main(["--rehearse", "--ops", "lora,bottleneck", "--out", str(tmp_path), "--json",
+                          str(tmp_path / "report.json")]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["failures"] == ["fused at M=1 K=64 N=80 r=8 dropout=0.0: y: 1 element(s) beyond their magnitude bound"]
+    assert report["failures"] == ["fused at lora M=1 K=64 N=80 r=8 dropout=0.0: y: 1 element(s) beyond their "
+                                  "magnitude bound"]
     entries = report["table"]["entries"]
+    assert {e["op"] for e in entries} == {"lora", "bottleneck"}
     assert {e["passed"] for e in entries if e["implementation"] == "fused"} == {False}
     assert all(e["passed"] for e in entries if e["implementation"] != "fused")
