@@ -26,7 +26,7 @@
 #   tests_cpu  beside it, the rest of the suite on CPU tensors (GPU hidden, so the kernels run
 #              in Triton's interpreter as in CI), 10 workers, 120 s per test 150 -> tests.log
 #   focused    fastpeft bench --focused alone on the machine: F.linear, fused, hybrid, torch
-#              path and PEFT on Llama-3-8B shapes first (what the dispatch table needs), then
+#              path and PEFT on Llama-3-8B shapes first (the ratios RESULTS.md records), then
 #              the bottleneck adapter's and multi-LoRA's key shapes (60 s of the budget: fused
 #              Triton / CUDA C++ / torch path against AdapterHub's module and the launch floor;
 #              against PEFT's mixed batch, a loop, vLLM-style padded ranks and F.linear), the
@@ -41,8 +41,9 @@
 #   grid       fastpeft bench (end-to-end step, then the LoRA grid, the bottleneck adapter
 #              and multi-LoRA grids) with the kernels forced (FASTPEFT_BACKEND=triton): the
 #              time left, at least GRID_MIN                                  rest -> bench.json, bench.md, bench.log
-#   dispatch   a dispatch table from the focused timings (fp32 adapters),
-#              when python -m fastpeft.kernels.lora.dispatch can write one    20 -> dispatch.json
+#   dispatch   the LoRA dispatch table the package would ship, from the tune step's table
+#              (what passed validation here, chosen by its rule), when python -m
+#              fastpeft.kernels.lora.dispatch --from-tune can write one       20 -> dispatch.json
 #   plan       fastpeft plan --compare: the performance model's estimate beside each focused
 #              time, so the first GPU run also checks the model              30 -> (summary.txt)
 #   summary    GPU, driver, versions, each step, test counts per group,
@@ -61,7 +62,7 @@
 # run in Triton's interpreter, are deselected), the CPU group runs one quick file, the focused
 # benchmark runs
 # tiny shapes (--tiny), the grid is stopped by its time guard, the dispatch table is written
-# for sm_90 from CPU timings (plumbing only), all in about 3 minutes on two cores.
+# for sm_90 from the rehearsal's tune table (plumbing only), all in about 3 minutes on two cores.
 set -u -o pipefail
 
 usage() {
@@ -293,7 +294,7 @@ focused_limit=$(limit $((FOCUSED_BUDGET + FOCUSED_GRACE)) "$FINAL_RESERVE")
 focused_budget=$((focused_limit > 2 * FOCUSED_GRACE ? focused_limit - FOCUSED_GRACE : focused_limit / 2))
 run_step focused "$focused_limit" "$RESULTS/bench.log" \
     "$PY" -m fastpeft.bench --focused "${FOCUSED_ARGS[@]}" --budget-s "$focused_budget" \
-    --json "$RESULTS/focused.json" --dispatch-input "$WORK/dispatch_input.json"
+    --json "$RESULTS/focused.json"
 
 tune_limit=$(limit $((TUNE_BUDGET + TUNE_GRACE)) "$FINAL_RESERVE")
 run_step tune "$tune_limit" "$RESULTS/bench.log" \
@@ -305,14 +306,16 @@ grid_limit=$(limit "${GRID_REHEARSAL_LIMIT:-$TOTAL_BUDGET}" "$FINAL_RESERVE")
 run_step grid "$grid_limit" "$RESULTS/bench.log" \
     env "${GRID_ENV[@]}" "$PY" -m fastpeft.bench --json "$RESULTS/bench.json" --markdown "$RESULTS/bench.md"
 
-if [ -f "$WORK/dispatch_input.json" ] \
-    && "$PY" -m fastpeft.kernels.lora.dispatch --help 2>/dev/null | grep -q -- --from-bench; then
+# The project's dispatch table from what fastpeft tune validated and timed (its choice rule:
+# one implementation of "validate, time, choose" for users' tables and the project's).
+if [ -f "$WORK/tune.json" ] \
+    && "$PY" -m fastpeft.kernels.lora.dispatch --help 2>/dev/null | grep -q -- --from-tune; then
     run_step dispatch "$(limit "$DISPATCH_LIMIT" "$SUMMARY_LIMIT")" "$RESULTS/bench.log" \
-        "$PY" -m fastpeft.kernels.lora.dispatch --from-bench "$WORK/dispatch_input.json" \
+        "$PY" -m fastpeft.kernels.lora.dispatch --from-tune "$WORK/tune.json" \
         --out "$RESULTS/dispatch.json" "${DISPATCH_ARGS[@]}"
 else
     printf 'dispatch\tskipped\t0\t0\n' >>"$STEPS"
-    echo "[gpu_run] dispatch: skipped (no dispatch-table writer, or no focused fastpeft timings)"
+    echo "[gpu_run] dispatch: skipped (no dispatch-table writer, or no tune report)"
 fi
 
 if [ -f "$RESULTS/focused.json" ]; then

@@ -8,7 +8,7 @@ versions, each step's exit status and seconds, the test counts per group (from p
 JUnit XML) with the failed tests, the focused benchmark's ratio table and profile totals
 (``focused.json``), the tune step's validation failures and table entries (its report, from
 ``--tune``), the grid's and end-to-end case's state (``bench.json``), the dispatch table
-written (``dispatch.json``), and the plumbing problems, if any.
+written from the tune step's table (``dispatch.json``), and the plumbing problems, if any.
 
 Test failures, failed benchmark cells and missed targets are results. Plumbing problems are
 what keeps the run from answering its questions: a step that crashed or could not start, a
@@ -248,7 +248,7 @@ def summarize(results: Path, steps: Sequence[Step], junit: dict[str, Path], rehe
     lines += ["", f"dispatch table ({DISPATCH}):"]
     dispatch = by_name.get("dispatch")
     if dispatch is None or dispatch.code is None:
-        lines.append("  not written (no dispatch-table writer, or no focused timings)")
+        lines.append("  not written (no dispatch-table writer, or no tune report)")
     else:
         table, problem = _load_json(results / DISPATCH)
         if table is None:

@@ -38,7 +38,7 @@ import os
 import re
 import stat
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -244,19 +244,21 @@ def _notice_other_tables(directory: str, name: str) -> None:
 
 def mode_of(training: bool, dropout: bool) -> str:
     """The table's mode of a call: an inference forward, or either pass of a training step
-    without or with dropout."""
-    if not training:
-        return INFERENCE
-    return TRAINING_DROPOUT if dropout else TRAINING
+    without or with dropout. A call with dropout is a training step's even without a backward
+    (reentrant activation checkpointing runs its first forward under no_grad): its forward and
+    the recomputation then pick the same implementation, so they draw the same mask."""
+    if dropout:
+        return TRAINING_DROPOUT
+    return TRAINING if training else INFERENCE
 
 
 def tuned_choice(device: torch.device, op: str, mode: str, dtype: torch.dtype, m: int, k: int, n: int,
-                 r: int) -> str | None:
+                 r: int, excluded: Collection[str] = ()) -> str | None:
     """What the tuned table of CUDA ``device`` picks for the problem (``choose``), or None:
     no usable table (``table_for``), or none of its entries is for ``op``, ``mode`` and
     ``dtype`` -- the op then decides as it does without a table."""
     table = table_for(device)
-    return None if table is None else choose(table, op, mode, dtype, m, k, n, r)
+    return None if table is None else choose(table, op, mode, dtype, m, k, n, r, excluded)
 
 
 def _octaves(a: int, b: int) -> float:
@@ -264,10 +266,11 @@ def _octaves(a: int, b: int) -> float:
 
 
 def choose(table: Mapping[str, Any], op: str, mode: str, dtype: torch.dtype | str, m: int, k: int, n: int,
-           r: int) -> str | None:
+           r: int, excluded: Collection[str] = ()) -> str | None:
     """The implementation ``table`` picks for ``op`` in ``mode`` on ``dtype`` activations at
     M rows, K -> N and rank r (module docstring), or None when the table has no entry for
-    that op, mode and dtype."""
+    that op, mode and dtype. ``excluded``: implementations that cannot run this problem
+    (multi-LoRA's CUDA C++ decode kernel above decode sizes), never picked."""
     dtype = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
     entries = [e for e in table["entries"] if (e["op"], e["mode"], e["dtype"]) == (op, mode, dtype)]
     if not entries:
@@ -276,7 +279,7 @@ def choose(table: Mapping[str, Any], op: str, mode: str, dtype: torch.dtype | st
                 key=lambda s: _octaves(m, s[0]) + _octaves(k, s[1]) + _octaves(n, s[2]) + _octaves(r, s[3]))
     here = [e for e in entries if (e["M"], e["K"], e["N"], e["r"]) == shape]
     torch_low = min((e["spread_us"][0] for e in here if e["implementation"] == TORCH and e["passed"]), default=None)
-    passed = [e for e in here if e["passed"] and e["implementation"] != TORCH]
+    passed = [e for e in here if e["passed"] and e["implementation"] != TORCH and e["implementation"] not in excluded]
     if torch_low is None or not passed:
         return TORCH
     best = min(passed, key=lambda e: e["median_us"])

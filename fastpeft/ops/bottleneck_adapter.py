@@ -74,7 +74,8 @@ def implementation(h: torch.Tensor, w_down: torch.Tensor, choice: str, residual:
     ``auto`` on a GPU follows the table ``fastpeft tune`` made there (op ``"bottleneck"``, K = N
     = D, r = R: ``fastpeft.kernels.tuned_table``), if it has entries for this mode and dtype,
     else ``fastpeft.backend.use_triton``. A pure function of shapes, dtypes, device and
-    settings: the forward, its fake and the backward agree."""
+    settings, so the forward and its fake agree; a backward whose forward kept a dropout mask
+    takes the torch path, the one that reads it (``_bottleneck_backward``)."""
     rank = w_down.shape[0]
     if torch.float64 in (h.dtype, w_down.dtype) or h.numel() == 0:
         return TORCH
@@ -126,7 +127,7 @@ def _bottleneck_forward(
     dropout_p: float,
     seed: torch.Tensor,
     backend: str,
-    training: bool,
+    training: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out like h, z [M, R] in rank_side_dtype, keep)``; ``keep`` the torch path's bool
     ``[M, D]`` dropout mask, empty on the kernel paths or without dropout. ``training``: a
@@ -173,7 +174,7 @@ _forward_op = torch.library.custom_op("fastpeft::bottleneck_adapter", mutates_ar
 
 @_forward_op.register_fake
 def _bottleneck_fake(h, w_down, b_down, w_up, b_up, residual, activation, scaling, scaling_t, dropout_p, seed,
-                     backend, training):
+                     backend, training=False):
     m = math.prod(h.shape[:-1])
     out = torch.empty_like(h, memory_format=torch.contiguous_format)
     z = h.new_empty((m, w_down.shape[0]), dtype=rank_side_dtype(w_down.dtype))
@@ -213,7 +214,9 @@ def _bottleneck_backward(
     g2, h2 = rows(grad_out, d), rows(h, d)
     needs = (need_h, need_w_down, need_b_down, need_w_up, need_b_up, need_scaling)
     scale = _scaling_arg(scaling, scaling_t)
-    impl = implementation(h, w_down, backend, None, True, dropout_p > 0.0)
+    # A kept mask: the torch path ran the forward with a mask not drawn from the seed (torch's
+    # CUDA generator), which only the torch backward reads.
+    impl = TORCH if keep.numel() else implementation(h, w_down, backend, None, True, dropout_p > 0.0)
     if impl == TORCH:
         keep = saved_or_redrawn_mask(keep, h2, dropout_p, seed)
         grads = bottleneck_backward_torch(g2, h2, w_down, w_up, b_up, z, keep, activation, scale, dropout_p,
@@ -416,10 +419,10 @@ def bottleneck_adapter(
     scaling_t = scaling if isinstance(scaling, torch.Tensor) else None
     scaling_f = 1.0 if scaling_t is not None else float(scaling)
     tensors = (h, w_down, b_down, w_up, b_up, residual, scaling_t)
-    training = needs_autograd(*tensors)
+    backward_follows = needs_autograd(*tensors)
     # Eager only (never traced: the implementation's choice may read the tuned table's file).
     eager_torch_path = call_directly(*tensors) or (h.numel() <= RECORDED_MAX_ELEMENTS and eager_plain(*tensors))
-    if eager_torch_path and implementation(h, w_down, choice, residual, training, p > 0.0) == TORCH:
+    if eager_torch_path and implementation(h, w_down, choice, residual, backward_follows, p > 0.0) == TORCH:
         # The torch path as plain torch ops (see RECORDED_MAX_ELEMENTS).
         out, _, _ = _torch_path_forward(h, w_down, b_down, w_up, b_up, residual, act,
                                         _scaling_arg(scaling_f, scaling_t), p, seed)
@@ -427,7 +430,8 @@ def bottleneck_adapter(
     if seed is None:
         seed = h.new_empty(0, dtype=torch.int64)
     op = op_for_call(_bottleneck_forward, _BottleneckFunction, torch.ops.fastpeft.bottleneck_adapter, *tensors)
-    out, _, _ = op(h, w_down, b_down, w_up, b_up, residual, act, scaling_f, scaling_t, p, seed, choice, training)
+    out, _, _ = op(h, w_down, b_down, w_up, b_up, residual, act, scaling_f, scaling_t, p, seed, choice,
+                   backward_follows)
     return out
 
 

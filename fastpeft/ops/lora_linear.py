@@ -115,7 +115,9 @@ def _lora_linear_backward(
     kernels' Philox mask (``fastpeft.ops.dropout.saved_or_redrawn_mask``)."""
     g2, x2 = rows(grad_y, weight.shape[0]), rows(x, weight.shape[1])
     needs = (need_x, need_a, need_b)
-    impl = _implementation(x, weight, lora_a, True, dropout_p)
+    # A kept mask: the torch path ran the forward with a mask not drawn from the seed (torch's
+    # CUDA generator), which only the torch backward reads.
+    impl = "torch" if keep.numel() else _implementation(x, weight, lora_a, True, dropout_p)
     if impl == "torch":
         keep = saved_or_redrawn_mask(keep, x2, dropout_p, seed)
         dx, da, db = lora_backward_torch(g2, x2, weight, lora_a, lora_b, s, keep, scaling, dropout_p, *needs)

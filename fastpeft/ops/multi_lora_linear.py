@@ -14,8 +14,8 @@ a GPU); the LoRA term is added into its output in place by one of:
   segments above and in every backward;
 - the CUDA C++ decode kernel (``fastpeft.kernels.multi_lora.cuda_launch``), opt-in with
   ``FASTPEFT_BACKEND=cuda`` for decode-sized forwards on CUDA tensors (up to
-  ``DECODE_MAX_TOKENS`` tokens); larger forwards and the backward then take what ``auto``
-  would (``fastpeft.backend``).
+  ``DECODE_MAX_TOKENS`` tokens); larger forwards and the backward then take the Triton
+  kernels where ``fastpeft.backend.use_triton`` says so, else the torch path.
 
 Invalid ids and ranks: on CPU tensors an id outside ``[-1, L)`` or a rank outside
 ``[0, R_MAX]`` raises ``ValueError`` (checking costs no sync there). On a GPU nothing is
@@ -81,10 +81,11 @@ def implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, 
         return "cuda"
     if pass_ == "forward" and follows_tuned_table(x.device):
         n, k = weight.shape
+        # the CUDA C++ kernel is a decode kernel: above decode sizes the best of the others
         picked = tuned_table.tuned_choice(x.device, "multi_lora", tuned_table.INFERENCE, x.dtype, tokens, k, n,
-                                          lora_a.shape[1])
+                                          lora_a.shape[1], () if tokens <= DECODE_MAX_TOKENS else ("cuda",))
         if picked is not None:
-            return picked if picked == "triton" or (picked == "cuda" and tokens <= DECODE_MAX_TOKENS) else "torch"
+            return picked if picked in ("triton", "cuda") else "torch"
     return "triton" if use_triton(x.device) else "torch"
 
 

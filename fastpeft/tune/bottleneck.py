@@ -19,7 +19,7 @@ and SiLU (each activation is its own compiled kernel).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -28,10 +28,21 @@ from fastpeft.bench.op_bench import mode_step
 from fastpeft.kernels.bottleneck.ref import bottleneck_adapter_ref
 from fastpeft.kernels.dropout_mask import keep_mask_philox
 from fastpeft.kernels.tuned_table import INFERENCE, TRAINING, TRAINING_DROPOUT
-from fastpeft.ops.bottleneck_adapter import CUDA, TORCH, TRITON, bottleneck_adapter
+from fastpeft.ops.bottleneck_adapter import bottleneck_adapter
 from fastpeft.ops.bottleneck_adapter import implementation as op_implementation
 from fastpeft.tune.bottleneck_bounds import REFERENCE_ACTIVATIONS, bottleneck_magnitudes
-from fastpeft.tune.checks import Problem, Validation, compare, draw_seed, ran_other_path, randn, reproducible
+from fastpeft.tune.checks import (
+    ODD_DROPOUTS,
+    Build,
+    Problem,
+    Validation,
+    compare,
+    draw_seed,
+    ran_other_path,
+    randn,
+    reproducible,
+    triton_and_cuda,
+)
 from fastpeft.tune.shapes import Grid
 
 OP = "bottleneck"
@@ -43,24 +54,8 @@ SCALING = 0.75
 # M (the kernels need D a multiple of 16: 2064 = 16 x 129); the rehearsal's are tiny.
 ODD_SHAPES = ((1, 2064, 48, "gelu"), (33, 2064, 200, "silu"), (4100, 1040, 24, "relu"))
 TINY_ODD_SHAPES = ((5, 48, 8, "gelu"), (17, 80, 20, "silu"))
-ODD_DROPOUTS = (0.0, 0.1)
-
-Build = Callable[[], Callable[[], object]]
-
-
-def implementations(device: torch.device) -> tuple[str, ...]:
-    """What ``auto`` may choose on ``device``: the torch path, the Triton kernels, and on a GPU
-    the CUDA C++ kernels when the extension is built and runs there."""
-    impls = [TORCH, TRITON]
-    if device.type == "cuda":
-        from fastpeft import cuda_ext
-
-        try:
-            cuda_ext.load()
-            impls.append(CUDA)
-        except RuntimeError:  # not built, or cannot run on this device: nothing to tune
-            pass
-    return tuple(impls)
+# What auto may choose: the torch path, the Triton kernels, the CUDA C++ ones where built.
+implementations = triton_and_cuda
 
 
 def runs_here(implementation: str, problem: Problem) -> bool:

@@ -23,6 +23,13 @@ import torch
 
 from fastpeft.tune.numerics import TOLERANCE, element_violations, max_row_error, relative_error
 
+# The implementations of the bottleneck adapter and multi-LoRA (FASTPEFT_BACKEND's names).
+TORCH, TRITON, CUDA = "torch", "triton", "cuda"
+# The odd shapes' dropout: none and a large one (more dropped elements to get wrong).
+ODD_DROPOUTS = (0.0, 0.1)
+# What an op's ``timed_steps`` returns per implementation: a function building the step timed.
+Build = Callable[[], Callable[[], object]]
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -104,6 +111,22 @@ def checked(validate: Callable[[str, Problem, torch.device, torch.Generator], Va
         return validate(implementation, problem, device, generator)
     except Exception as exc:  # any failure of the implementation is its result
         return Validation(float("inf"), False, (f"raised {type(exc).__name__}: {exc}",))
+
+
+def triton_and_cuda(device: torch.device) -> tuple[str, ...]:
+    """The torch path and the Triton kernels, and on a GPU the CUDA C++ kernels when the
+    extension is built and runs there (what ``auto`` may choose for the bottleneck adapter and
+    multi-LoRA)."""
+    impls = [TORCH, TRITON]
+    if device.type == "cuda":
+        from fastpeft import cuda_ext
+
+        try:
+            cuda_ext.load()
+            impls.append(CUDA)
+        except RuntimeError:  # not built, or cannot run on this device: nothing to tune
+            pass
+    return tuple(impls)
 
 
 def randn(generator: torch.Generator, device: torch.device, dtype: torch.dtype, *size: int,

@@ -34,7 +34,17 @@ from fastpeft.kernels.lora import dispatch
 from fastpeft.kernels.lora.configs import MEDIUM_MAX_M, TMA_ENV, device_info
 from fastpeft.kernels.lora.ref import lora_linear_ref
 from fastpeft.kernels.tuned_table import INFERENCE, TRAINING, TRAINING_DROPOUT
-from fastpeft.tune.checks import Problem, Validation, compare, draw_seed, ran_other_path, randn, reproducible
+from fastpeft.tune.checks import (
+    ODD_DROPOUTS,
+    Build,
+    Problem,
+    Validation,
+    compare,
+    draw_seed,
+    ran_other_path,
+    randn,
+    reproducible,
+)
 from fastpeft.tune.numerics import magnitudes
 from fastpeft.tune.shapes import Grid
 
@@ -54,8 +64,6 @@ SCALING = 2.0
 # tiny (the interpreter runs one program at a time).
 ODD_SHAPES = ((1, 2064, 1040, 16), (33, 1040, 2064, 64), (4100, 2064, 1040, 16))
 TINY_ODD_SHAPES = ((5, 48, 80, 8), (17, 80, 48, 4))
-# The odd shapes' dropout: none and a large one (more dropped elements to get wrong).
-ODD_DROPOUTS = (0.0, 0.1)
 
 
 @contextlib.contextmanager
@@ -164,8 +172,6 @@ def _mask_kernel_problems(seed: torch.Tensor, problem: Problem, reference: torch
     return [f"the mask kernel drew {int((drawn.cpu() != reference.cpu()).sum())} bit(s) other than the reference "
             "Philox mask"]
 
-
-Build = Callable[[], Callable[[], object]]
 
 
 def timed_steps(problem: Problem, implementations: Sequence[str], device: torch.device, generator: torch.Generator,

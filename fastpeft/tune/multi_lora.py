@@ -16,7 +16,7 @@ element-wise within magnitude bounds; the two runs bitwise equal.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -26,12 +26,21 @@ from fastpeft.kernels.multi_lora.ref import multi_lora_linear_ref
 from fastpeft.kernels.tuned_table import INFERENCE
 from fastpeft.ops.multi_lora_linear import implementation as op_implementation
 from fastpeft.ops.multi_lora_linear import multi_lora_linear
-from fastpeft.tune.checks import Problem, Validation, compare, ran_other_path, randn, reproducible
+from fastpeft.tune.checks import (
+    CUDA,
+    Build,
+    Problem,
+    Validation,
+    compare,
+    ran_other_path,
+    randn,
+    reproducible,
+    triton_and_cuda,
+)
 from fastpeft.tune.numerics import magnitudes
 from fastpeft.tune.shapes import Grid
 
 OP = "multi_lora"
-TORCH, TRITON, CUDA = "torch", "triton", "cuda"
 # Adapters per problem: a server's handful of hot adapters (the benchmark's 8), ranks halving.
 ADAPTERS = 8
 RANK_DIVISORS = (1, 2, 4, 8)
@@ -44,23 +53,8 @@ SCALING = 2.0
 # divides (24); the rehearsal's are tiny.
 ODD_SHAPES = ((1, 2064, 1040, 16), (DECODE_MAX_TOKENS + 1, 1040, 2064, 64), (700, 2064, 1040, 24))
 TINY_ODD_SHAPES = ((5, 48, 80, 8), (DECODE_MAX_TOKENS + 5, 80, 48, 12))
-
-Build = Callable[[], Callable[[], object]]
-
-
-def implementations(device: torch.device) -> tuple[str, ...]:
-    """What ``auto`` may choose for the forward on ``device``: the torch path, the Triton
-    kernels, and on a GPU the CUDA C++ decode kernel when the extension is built and runs."""
-    impls = [TORCH, TRITON]
-    if device.type == "cuda":
-        from fastpeft import cuda_ext
-
-        try:
-            cuda_ext.load()
-            impls.append(CUDA)
-        except RuntimeError:  # not built, or cannot run on this device: nothing to tune
-            pass
-    return tuple(impls)
+# What auto may choose: the torch path, the Triton kernels, the CUDA C++ ones where built.
+implementations = triton_and_cuda
 
 
 def runs_here(implementation: str, problem: Problem) -> bool:

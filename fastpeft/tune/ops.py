@@ -10,10 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from fastpeft.tune import bottleneck, lora, multi_lora
-from fastpeft.tune.checks import Problem, Validation
+from fastpeft.tune.checks import Build, Problem, Validation
 from fastpeft.tune.shapes import Grid
-
-Build = Callable[[], Callable[[], object]]
 
 
 @dataclass(frozen=True)

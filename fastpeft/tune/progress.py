@@ -26,14 +26,15 @@ class Progress:
         self.budget_s = budget_s
         self.prefix = prefix
         self.tty = bool(getattr(stream, "isatty", lambda: False)())
-        self.start = time.monotonic()
+        # The run's clock (the budget counts the validation before the cases) and the cases'.
+        self.start = self.cases_start = time.monotonic()
         self.planned = 0
         self.done = 0
         self._bar_shown = False
 
     def begin(self, planned: int) -> None:
-        """The cases are about to run (the clock of the bar starts now)."""
-        self.planned, self.done, self.start = planned, 0, time.monotonic()
+        """The cases are about to run (their pace is measured from now)."""
+        self.planned, self.done, self.cases_start = planned, 0, time.monotonic()
         self._draw()
 
     def message(self, text: str) -> None:
@@ -53,12 +54,14 @@ class Progress:
         self.planned = 0
 
     def bar(self) -> str:
-        """The bar's text: ``[#####-----] 12/74 cases, 1:05 spent, 3:55 left``."""
-        spent = time.monotonic() - self.start
+        """The bar's text: ``[#####-----] 12/74 cases, 1:05 spent, 3:55 left`` (spent since the
+        run began; left: the cases' pace or the budget, whichever ends first)."""
+        now = time.monotonic()
+        spent = now - self.start
         filled = BAR_WIDTH * self.done // max(1, self.planned)
         left = self.budget_s - spent
         if self.done:
-            left = min(left, spent / self.done * (self.planned - self.done))
+            left = min(left, (now - self.cases_start) / self.done * (self.planned - self.done))
         return (f"{self.prefix}[{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {self.done}/{self.planned} cases, "
                 f"{_clock(spent)} spent, {_clock(left)} left")
 

@@ -132,7 +132,12 @@ def _run_case(config: TuneConfig, problem: Problem, generator: torch.Generator, 
     impls = [i for i in config.implementations(problem.op) if tuner.runs_here(i, problem)]
     checks = {i: failures.check(tuner, i, problem, config, generator) for i in impls}
     peer = config.time_peft and tuner.has_peer
-    builds = tuner.timed_steps(problem, impls, config.device, generator, peer)
+    try:
+        builds = tuner.timed_steps(problem, impls, config.device, generator, peer)
+    except Exception as exc:  # e.g. out of memory for the case's inputs: no implementation's fault
+        result.failures.append(f"{problem.describe()} {problem.mode}: not timed, making its inputs raised "
+                               f"{type(exc).__name__}: {exc}")
+        return
     times = [r if isinstance(r, Exception) else Spread.of_samples(r)
              for r in time_side_by_side(builds, config.device, config.timing)]
     if peer:

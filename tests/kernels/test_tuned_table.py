@@ -38,6 +38,9 @@ def test_the_fastest_implementation_that_passed_wins_beyond_the_torch_spread():
     # fused failed validation there: the next fastest that passed
     table = _table(_entry("torch", 100.0), _entry("fused", 80.0, passed=False), _entry("hybrid", 90.0))
     assert choose(table, "lora", "training", "bfloat16", 4096, 4096, 4096, 16) == "hybrid"
+    # an implementation that cannot run the problem is never picked: the next fastest
+    table = _table(_entry("torch", 100.0), _entry("fused", 80.0), _entry("hybrid", 90.0))
+    assert choose(table, "lora", "training", "bfloat16", 4096, 4096, 4096, 16, excluded=("fused",)) == "hybrid"
 
 
 @pytest.mark.parametrize("entries", [
@@ -176,7 +179,8 @@ def test_auto_follows_the_tuned_table_only_where_validation_passed(on_mocked_gpu
         _entry("torch", 100.0, m=4096, mode="training_dropout"), _entry("hybrid", 80.0, m=4096, mode="training_dropout")))
     assert choose_implementation(*_problem(4096), True) == "fused-tma"
     assert choose_implementation(*_problem(4096), True, True) == "hybrid"  # the entries with dropout
-    assert choose_implementation(*_problem(4096), False, True) == "fused"  # inference: the M = 1 inference entries
+    # dropout is a training step's, even in a forward without backward (reentrant checkpointing)
+    assert choose_implementation(*_problem(4096), False, True) == "hybrid"
     assert choose_implementation(*_problem(8192), True) == "fused-tma"
     assert choose_implementation(*_problem(1), True) == "hybrid"  # fused failed there
     assert choose_implementation(*_problem(1), False) == "fused"  # the inference entries

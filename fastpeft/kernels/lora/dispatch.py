@@ -7,7 +7,8 @@ Implementations:
   (``lora_fwd_tma_kernel``) where its plan allows it (sm_90, the large-M tile without split-K,
   16-byte aligned x and W: ``fastpeft.kernels.lora.configs.plan_forward``), exactly ``fused``
   elsewhere; its backward is ``fused``'s. No rule of thumb picks it: only a table written from a
-  GPU run that timed it (the focused benchmark's ``fused-tma`` row) and found it fastest.
+  GPU run that timed it (``fastpeft tune`` on sm_90, or the focused benchmark's ``fused-tma`` row)
+  and found it fastest.
 - ``hybrid`` (``lora_hybrid_launch``): cuBLAS for the base GEMMs, accumulating onto a LoRA
   term written by Triton.
 - ``torch`` (``fastpeft.ops.lora_linear_torch``): torch composite ops.
@@ -47,8 +48,11 @@ backward may also differ, e.g. under a forced backend changed between them: ever
 saves the same ``s``, fp32 ``x_hat A^T``, and no mask, which it regenerates from the seed, and a
 torch backward after a kernel forward regenerates the mask: ``fastpeft.ops.lora_linear``.)
 
-Writing a table from benchmark results (the GPU run does this)::
+Writing a table from what ``fastpeft tune`` validated and timed (the GPU run does this:
+``table_from_tune``, the tuned table's own choice per layer shape, mode and measured M, at
+every rank measured there), or from benchmark results::
 
+    python -m fastpeft.kernels.lora.dispatch --from-tune tune.json --out table.json [--arch sm_90]
     python -m fastpeft.kernels.lora.dispatch --from-bench bench.json --out table.json [--arch sm_90]
 
 ``bench.json`` is ``fastpeft bench``'s JSON (schema ``fastpeft-bench/4``); what is read:
@@ -76,6 +80,7 @@ import importlib.resources
 import json
 import math
 import sys
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -279,18 +284,60 @@ def table_from_bench(bench: dict, arch: str, base: dict | None = None) -> dict:
     settings = bench.get("settings", {})
     if not isinstance(settings.get("dtype"), str):
         raise ValueError("bench JSON: settings.dtype (the activation dtype, e.g. 'bfloat16') is required")
-    gpu, date = settings.get("device_name", "unknown GPU"), settings.get("date", "unknown date")
+    winners = {key: won for key, per_impl in _bench_times(bench).items()
+               if (won := _winner(per_impl)) is not None}
+    if not winners:
+        raise ValueError(f"bench JSON: no usable timings (impl one of {IMPLEMENTATIONS} that ran as itself, "
+                         "mode fwd or fwd+bwd, a median time, no error)")
+    return _table(winners, arch, settings["dtype"], settings.get("device_name", "unknown GPU"),
+                  settings.get("date", "unknown date"), base)
+
+
+def table_from_tune(tuned: dict, arch: str, date: str, base: dict | None = None) -> dict:
+    """A dispatch table from a ``fastpeft tune`` table (``fastpeft.kernels.tuned_table``; or its
+    report, which holds it as ``"table"``) made on ``arch``, the choice made by the tuned
+    table's own rule (``tuned_table.choose``: what passed validation there, only where it beats
+    the torch path beyond the spread): per LoRA layer shape, mode (inference, and training
+    without dropout: this table does not tell dropout apart) and measured M, the implementation
+    the tuned table picks at every rank measured there, the torch path where the ranks
+    disagree. ``date``: the tuning run's. The shapeless entries of ``base`` follow as fallback."""
+    table = tuned_table.validate_table(tuned.get("table", tuned))
+    lora = [e for e in table["entries"] if e["op"] == "lora" and e["mode"] in MODES]
+    dtypes = {e["dtype"] for e in lora}
+    if len(dtypes) != 1:
+        raise ValueError(f"tuned table: expected LoRA entries of one activation dtype, found {sorted(dtypes) or 'none'}")
+    (dtype,) = dtypes
+    shapes: dict[tuple, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    for e in lora:
+        if e["passed"]:
+            shapes[(e["mode"], e["N"], e["K"], e["M"])][e["implementation"]][e["r"]] = e["median_us"] / 1e3
+    winners = {}
+    for (mode, n, k, m), per_impl in shapes.items():
+        ranks = sorted(set().union(*(set(t) for t in per_impl.values())))
+        picks = {tuned_table.choose(table, "lora", mode, dtype, m, k, n, r) for r in ranks}
+        totals = {impl: sum(t[r] for r in ranks) for impl, t in per_impl.items() if set(ranks) <= set(t)}
+        winner = picks.pop() if len(picks) == 1 else TORCH
+        if winner in totals:
+            winners[(mode, n, k, m)] = (winner, totals, ranks)
+    if not winners:
+        raise ValueError("tuned table: no LoRA shape where an implementation that passed was timed at every rank")
+    return _table(winners, arch, dtype, table["device"]["gpu"], date, base)
+
+
+def _table(winners: dict[tuple, tuple[str, dict[str, float], list[int]]], arch: str, dtype: str, gpu: str, date: str,
+           base: dict | None) -> dict:
+    """The table of ``winners`` (``{(mode, n, k, m): (implementation, {impl: summed ms over the
+    ranks}, ranks)}``) on ``arch`` and ``dtype``: per (mode, n, k) the measured Ms split at the
+    geometric means of neighbours, from 1 to unbounded; then ``base``'s shapeless entries."""
     groups: dict[tuple, list[tuple[int, tuple]]] = defaultdict(list)
-    for (mode, n, k, m), per_impl in _bench_times(bench).items():
-        won = _winner(per_impl)
-        if won is not None:
-            groups[(mode, n, k)].append((m, won))
+    for (mode, n, k, m), won in winners.items():
+        groups[(mode, n, k)].append((m, won))
     entries = []
     for (mode, n, k), measured in sorted(groups.items()):
         measured.sort()
         for i, (m, (impl, totals, ranks)) in enumerate(measured):
             ordered = sorted(totals.values())
-            entry = {"arch": arch, "dtype": settings["dtype"], "mode": mode, "n": n, "k": k}
+            entry = {"arch": arch, "dtype": dtype, "mode": mode, "n": n, "k": k}
             if i:
                 entry["m_min"] = math.isqrt(measured[i - 1][0] * m) + 1
             if i + 1 < len(measured):
@@ -299,13 +346,10 @@ def table_from_bench(bench: dict, arch: str, base: dict | None = None) -> dict:
             entry["measured"] = {
                 "gpu": gpu, "date": date, "m": m, "ranks": ranks,
                 "median_ms": {name: round(t, 6) for name, t in sorted(totals.items())},
-                # the winner's time over the runner-up's (< 1: by how much it won)
+                # the fastest time over the runner-up's (< 1: by how much it won)
                 "ratio": round(ordered[0] / ordered[1], 4) if len(ordered) > 1 else None,
             }
             entries.append(entry)
-    if not entries:
-        raise ValueError(f"bench JSON: no usable timings (impl one of {IMPLEMENTATIONS} that ran as itself, "
-                         "mode fwd or fwd+bwd, a median time, no error)")
     fallback = _fallback_entries((base or shipped_table())["entries"])
     return validate_table({"schema": SCHEMA, "entries": entries + fallback})
 
@@ -318,25 +362,33 @@ def _current_arch() -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fastpeft.kernels.lora.dispatch --from-bench bench.json --out table.json``."""
+    """``python -m fastpeft.kernels.lora.dispatch (--from-tune TUNE_JSON | --from-bench BENCH_JSON) --out TABLE_JSON``."""
     parser = argparse.ArgumentParser(prog="python -m fastpeft.kernels.lora.dispatch",
-                                     description="Write a LoRA dispatch table from fastpeft bench JSON.")
-    parser.add_argument("--from-bench", required=True, metavar="BENCH_JSON", help="fastpeft bench --json output")
+                                     description="Write a LoRA dispatch table from fastpeft tune or bench JSON.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-tune", metavar="TUNE_JSON", help="fastpeft tune's table or --json report (what the "
+                                                                  "GPU run uses)")
+    source.add_argument("--from-bench", metavar="BENCH_JSON", help="fastpeft bench --json output")
     parser.add_argument("--out", required=True, metavar="TABLE_JSON", help="the table to write")
-    parser.add_argument("--arch", help="the GPU the bench ran on, e.g. sm_90 (default: the bench's "
-                                       "settings.arch, else the current CUDA device)")
+    parser.add_argument("--arch", help="the GPU it ran on, e.g. sm_90 (default: the tuned table's capability or "
+                                       "the bench's settings.arch, else the current CUDA device)")
+    parser.add_argument("--date", default=time.strftime("%Y-%m-%d"), help="the tuning run's date (default: today)")
     args = parser.parse_args(argv)
     try:
-        with open(args.from_bench) as f:
-            bench = json.load(f)
-        arch = args.arch or bench.get("settings", {}).get("arch") or _current_arch()
+        with open(args.from_tune or args.from_bench) as f:
+            data = json.load(f)
+        if args.from_tune:
+            recorded = data.get("table", data).get("device", {}).get("capability")
+        else:
+            recorded = data.get("settings", {}).get("arch")
+        arch = args.arch or recorded or _current_arch()
         if not (isinstance(arch, str) and arch.startswith("sm_") and arch[3:].isdigit()):
             raise ValueError(f"the GPU architecture is unknown or malformed ({arch!r}): pass --arch sm_XY")
-        table = table_from_bench(bench, arch)
+        table = table_from_tune(data, arch, args.date) if args.from_tune else table_from_bench(data, arch)
         with open(args.out, "w") as f:
             json.dump(table, f, indent=1)
             f.write("\n")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         print(f"lora_dispatch: {e}", file=sys.stderr)
         return 2
     measured = sum(isinstance(e["measured"], dict) for e in table["entries"])

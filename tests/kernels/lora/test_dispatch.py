@@ -1,6 +1,6 @@
 """The per-shape dispatch of the LoRA op (fastpeft.kernels.lora.dispatch): which implementation
-each FASTPEFT_BACKEND setting picks, the table lookup, the shipped table, and the writer that
-turns benchmark JSON into a table (synthetic bench JSON, CPU only)."""
+each FASTPEFT_BACKEND setting picks, the table lookup, the shipped table, and the writers that
+turn benchmark JSON or a ``fastpeft tune`` table into a table (synthetic inputs, CPU only)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fastpeft import backend
+from fastpeft.kernels import tuned_table
 from fastpeft.kernels.lora import configs as lora_configs, dispatch as lora_dispatch
 from fastpeft.kernels.lora.dispatch import (
     TRAINING,
@@ -329,8 +330,9 @@ def test_the_table_ships_with_the_package():
 
 def test_the_op_asks_for_a_training_steps_choice_when_a_backward_follows(monkeypatch):
     """A forward whose backward follows (grad enabled, an input requiring grad) and that
-    backward run the training step's implementation, the pair a fwd+bwd timing measured; a
-    forward without backward runs the inference choice."""
+    backward run the training step's implementation, the pair a fwd+bwd timing measured (but a
+    backward whose forward kept a dropout mask takes the torch path, which reads it); a forward
+    without backward runs the inference choice."""
     from fastpeft.ops import lora_linear
 
     asked: list[bool] = []
@@ -345,8 +347,69 @@ def test_the_op_asks_for_a_training_steps_choice_when_a_backward_follows(monkeyp
         lora_linear(x, w, None, a.requires_grad_(), b, 1.0)
     assert asked == [False]
     asked.clear()
-    lora_linear(x, w, None, a, b, 1.0, 0.1, training=True).sum().backward()
+    lora_linear(x, w, None, a, b, 1.0).sum().backward()
     assert asked == [True, True]
+    asked.clear()
+    # the torch path kept its dropout mask (the CPU's): the backward is the torch path's, which reads it
+    lora_linear(x, w, None, a, b, 1.0, 0.1, training=True).sum().backward()
+    assert asked == [True]
     asked.clear()
     lora_linear(x, w, None, a.detach(), b, 1.0)  # nothing requires grad: no backward
     assert asked == [False]
+
+
+def _tuned(*entries: tuple) -> dict:
+    """A tuned table (fastpeft.kernels.tuned_table) on an H100 of ``(op, mode, M, r,
+    implementation, median_us, passed)`` entries at K = N = 4096, each spread +-5%."""
+    device = {"gpu": "NVIDIA H100 80GB HBM3", "sms": 132, "capability": "sm_90", "driver": "1", "torch": "t",
+              "triton": "3", "fastpeft": "0"}
+    return {"schema": tuned_table.SCHEMA, "device": device, "entries": [
+        {"device": device["gpu"], "op": op, "mode": mode, "dtype": "bfloat16", "M": m, "K": 4096, "N": 4096, "r": r,
+         "implementation": impl, "max_rel_error": 0.004, "passed": passed, "median_us": us,
+         "spread_us": [us * 0.95, us * 1.05]} for op, mode, m, r, impl, us, passed in entries]}
+
+
+def test_table_from_tune_follows_the_tuned_choice():
+    """Per mode and M: the implementation the tuned table picks at every rank (only what
+    passed, only beyond the spread); the torch path where the ranks disagree; entries with
+    dropout and of other ops ignored."""
+    rows = []
+    for r in (16, 64):
+        rows += [("lora", TRAINING, 4096, r, TORCH, 1000.0, True), ("lora", TRAINING, 4096, r, HYBRID, 800.0, True),
+                 ("lora", TRAINING, 4096, r, FUSED, 700.0, False),  # fastest, but failed validation
+                 ("lora", INFERENCE, 1, r, TORCH, 50.0, True), ("lora", INFERENCE, 1, r, FUSED, 30.0, True),
+                 ("lora", "training_dropout", 4096, r, TORCH, 1000.0, True),
+                 ("bottleneck", INFERENCE, 1, r, TORCH, 10.0, True)]
+    # at M = 16 fused wins at rank 16 only: the ranks disagree
+    rows += [("lora", INFERENCE, 16, 16, TORCH, 60.0, True), ("lora", INFERENCE, 16, 16, FUSED, 40.0, True),
+             ("lora", INFERENCE, 16, 64, TORCH, 60.0, True), ("lora", INFERENCE, 16, 64, FUSED, 59.0, True)]
+    table = lora_dispatch.table_from_tune(_tuned(*rows), "sm_90", "2026-12-07")
+    measured = [e for e in table["entries"] if isinstance(e["measured"], dict)]
+    picked = {(e["mode"], e["measured"]["m"]): e["implementation"] for e in measured}
+    assert picked == {(TRAINING, 4096): HYBRID, (INFERENCE, 1): FUSED, (INFERENCE, 16): TORCH}
+    training = next(e for e in measured if e["mode"] == TRAINING)
+    assert training["measured"] == {"gpu": "NVIDIA H100 80GB HBM3", "date": "2026-12-07", "m": 4096, "ranks": [16, 64],
+                                    "median_ms": {HYBRID: 1.6, TORCH: 2.0}, "ratio": 0.8}
+    inference = sorted((e for e in measured if e["mode"] == INFERENCE), key=lambda e: e["measured"]["m"])
+    assert [(e.get("m_min", 1), e.get("m_max")) for e in inference] == [(1, 4), (5, None)]
+    assert lookup(table, arch="sm_90", dtype=torch.bfloat16, mode=INFERENCE, m=2, n=4096, k=4096)["implementation"] == FUSED
+
+
+def test_table_from_tune_cli_takes_the_report_and_its_arch(tmp_path, capsys):
+    report = {"table": _tuned(("lora", TRAINING, 4096, 16, TORCH, 1000.0, True),
+                              ("lora", TRAINING, 4096, 16, HYBRID, 500.0, True)), "failures": []}
+    path, out = tmp_path / "tune.json", tmp_path / "table.json"
+    path.write_text(json.dumps(report))
+    assert lora_dispatch.main(["--from-tune", str(path), "--out", str(out), "--date", "2026-12-07"]) == 0
+    written = validate_table(json.loads(out.read_text()))
+    assert written == lora_dispatch.table_from_tune(report, "sm_90", "2026-12-07")
+    assert "1 measured entries" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rows,message", [
+    ([("bottleneck", INFERENCE, 1, 16, TORCH, 10.0, True)], "one activation dtype, found none"),
+    ([("lora", INFERENCE, 1, 16, FUSED, 10.0, False)], "no LoRA shape"),
+])
+def test_table_from_tune_refuses_tables_without_usable_lora_entries(rows, message):
+    with pytest.raises(ValueError, match=message):
+        lora_dispatch.table_from_tune(_tuned(*rows), "sm_90", "2026-12-07")
