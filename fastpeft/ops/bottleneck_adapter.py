@@ -436,16 +436,19 @@ def bottleneck_adapter(
 
 
 def bottleneck_adapter_dropout_mask(seed: torch.Tensor, m: int, d: int, dropout_p: float,
-                                    backend: str | None = None) -> torch.Tensor:
+                                    backend: str | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
     """The bool keep-mask ``[m, d]`` the op draws for ``seed`` (a 1-element int64 tensor) with
-    ``backend`` (None: ``FASTPEFT_BACKEND``) on ``seed.device``: the kernels' Philox bits where a
-    kernel path runs, else the torch path's draw. Tests use it to rebuild a forward's dropout.
+    ``backend`` (None: ``FASTPEFT_BACKEND``) on ``seed.device``: the kernels' Philox bits where the
+    setting sends the call to a kernel path, else the torch path's draw; with ``keep`` (the
+    ``keep`` output of ``torch.ops.fastpeft.bottleneck_adapter``'s call), the mask that call drew
+    whichever implementation ran it -- under ``auto`` on a GPU with a tuned table, only ``keep``
+    tells (``fastpeft.ops.dropout.rebuilt_keep_mask``). Tests use it to rebuild a forward's
+    dropout.
 
     Raises:
-        ValueError: the torch path on CUDA without the kernels, which draws its mask from
-            torch's CUDA generator (``fastpeft.ops.dropout``); ``torch.ops.fastpeft.bottleneck_adapter``
-            returns it (its ``keep`` output).
+        ValueError: without ``keep``, the torch path on CUDA without the kernels, which draws
+            its mask from torch's CUDA generator (``fastpeft.ops.dropout``).
     """
     choice = resolve_choice(backend)
     kernel_path = use_triton(seed.device, choice) or use_cuda_extension(seed.device, choice)
-    return rebuilt_keep_mask(seed, m, d, dropout_p, kernel_path)
+    return rebuilt_keep_mask(seed, m, d, dropout_p, kernel_path, keep)

@@ -78,14 +78,21 @@ def keep_mask_torch_path(seed: torch.Tensor, rows: int, cols: int, p: float) -> 
     return keep_mask_cpu(seed, rows, cols, p)
 
 
-def rebuilt_keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float, kernel_path: bool) -> torch.Tensor:
-    """The mask an op call with ``seed`` drew (``kernel_path``: a kernel path ran it), for
-    tests and users that rebuild a forward's dropout.
+def rebuilt_keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float, kernel_path: bool,
+                      keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The mask an op call with ``seed`` drew (``kernel_path``: the backend setting sends the
+    call to a kernel path), for tests and users that rebuild a forward's dropout. With
+    ``keep``, the op's own ``keep`` output of that call, the answer holds whatever ran it (a
+    tuned table's pick included): the torch path's kept mask when it kept one, else the
+    kernels' Philox mask (a kernel path ran it, or the torch path draws and redraws that one).
 
     Raises:
-        ValueError: the torch path on CUDA without the kernels, whose mask comes from torch's
-            CUDA generator and is returned by the op itself (its ``keep`` output).
+        ValueError: without ``keep``, the torch path on CUDA without the kernels, whose mask
+            comes from torch's CUDA generator and is returned by the op itself (its ``keep``
+            output).
     """
+    if keep is not None:
+        return keep.reshape(rows, cols) if keep.numel() else kernel_keep_mask(seed, rows, cols, p)
     if kernel_path:
         return kernel_keep_mask(seed, rows, cols, p)
     if not mask_follows_seed(seed.device):

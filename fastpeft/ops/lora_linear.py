@@ -251,13 +251,16 @@ def lora_linear(
     return y
 
 
-def lora_linear_dropout_mask(seed: torch.Tensor, m: int, k: int, dropout_p: float) -> torch.Tensor:
+def lora_linear_dropout_mask(seed: torch.Tensor, m: int, k: int, dropout_p: float,
+                             keep: torch.Tensor | None = None) -> torch.Tensor:
     """The bool keep-mask ``[m, k]`` the op draws for ``seed`` (a 1-element int64 tensor) on
-    the backend in use for ``seed.device``. Tests use it to rebuild a forward's dropout.
+    the backend in use for ``seed.device``; with ``keep`` (the ``keep`` output of
+    ``torch.ops.fastpeft.lora_linear``'s call), the mask that call drew whichever
+    implementation ran it -- under ``auto`` on a GPU with a tuned table, only ``keep`` tells
+    (``fastpeft.ops.dropout.rebuilt_keep_mask``). Tests use it to rebuild a forward's dropout.
 
     Raises:
-        ValueError: on CUDA without the kernels, where the op's torch path draws its mask from
-            torch's CUDA generator (``fastpeft.ops.dropout``); ``torch.ops.fastpeft.lora_linear``
-            returns it (its ``keep`` output).
+        ValueError: without ``keep``, on CUDA without the kernels, where the op's torch path
+            draws its mask from torch's CUDA generator (``fastpeft.ops.dropout``).
     """
-    return rebuilt_keep_mask(seed, m, k, dropout_p, kernel_path=use_triton(seed.device))
+    return rebuilt_keep_mask(seed, m, k, dropout_p, use_triton(seed.device), keep)

@@ -86,3 +86,25 @@ def test_where_the_kernels_run_the_torch_path_draws_their_bits_and_keeps_no_mask
                                                        0.5, None, 0.3, seed, "triton", True)
     assert keep.numel() == 0
     check_bottleneck(bn, "silu", 0.3)
+
+
+def test_the_ops_keep_output_says_which_mask_the_call_drew(monkeypatch):
+    """With the op's ``keep`` output the rebuilt mask is the call's whichever path ran it: the
+    torch path's kept mask, else (nothing kept) the kernels' Philox mask; on CUDA under
+    ``auto``, where a tuned table may have sent the call to a kernel, it answers instead of
+    raising."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", "torch")
+    seed = torch.tensor([4242])
+    pb = make_problem((9,), 13, 6, 2, torch.float32)
+    _, _, keep = torch.ops.fastpeft.lora_linear(pb.x, pb.weight, pb.bias, pb.lora_a, pb.lora_b, 2.0, 0.3, seed, True)
+    assert torch.equal(lora_linear_dropout_mask(seed, 9, 13, 0.3, keep=keep), keep_mask_cpu(seed, 9, 13, 0.3))
+    nothing_kept = torch.empty(0, dtype=torch.bool)
+    for rebuild in (lora_linear_dropout_mask, bottleneck_adapter_dropout_mask):
+        assert torch.equal(rebuild(seed, 9, 13, 0.3, keep=keep), keep.reshape(9, 13))
+        assert torch.equal(rebuild(seed, 9, 13, 0.3, keep=nothing_kept), keep_mask_philox(seed, 9, 13, 0.3))
+    monkeypatch.setenv("FASTPEFT_BACKEND", "auto")
+    with FakeTensorMode():
+        seed = torch.zeros(1, dtype=torch.int64, device=CUDA)
+        kept = torch.empty(64, dtype=torch.bool, device=CUDA)
+        assert lora_linear_dropout_mask(seed, 8, 8, 0.1, keep=kept).shape == (8, 8)
+        assert bottleneck_adapter_dropout_mask(seed, 8, 8, 0.1, keep=kept).shape == (8, 8)
