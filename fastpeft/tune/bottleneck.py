@@ -79,10 +79,11 @@ def cases(grid: Grid) -> list[Problem]:
 
 
 def odd_problems(grid: Grid) -> tuple[Problem, ...]:
-    """The odd shapes validated before anything is timed, as training steps (every gradient)."""
+    """The odd shapes validated before anything is timed, as training steps (every gradient),
+    with both adapter dtypes (``Grid.odd_adapter_dtypes``)."""
     shapes = TINY_ODD_SHAPES if grid.tiny else ODD_SHAPES
-    return tuple(Problem(OP, TRAINING_DROPOUT if p else TRAINING, m, d, d, r, grid.dtype, grid.adapter_dtype, p, act)
-                 for m, d, r, act in shapes for p in ODD_DROPOUTS)
+    return tuple(Problem(OP, TRAINING_DROPOUT if p else TRAINING, m, d, d, r, grid.dtype, adapter_dtype, p, act)
+                 for adapter_dtype in grid.odd_adapter_dtypes for m, d, r, act in shapes for p in ODD_DROPOUTS)
 
 
 def _inputs(problem: Problem, device: torch.device, generator: torch.Generator) -> list[torch.Tensor]:

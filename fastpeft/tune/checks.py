@@ -57,7 +57,8 @@ class Problem:
             shape = f"M={self.m} D={self.k} R={self.r} {self.activation}"
         else:
             shape = f"M={self.m} K={self.k} N={self.n} r={self.r}"
-        return f"{self.op} {shape} dropout={self.dropout_p}"
+        adapters = "" if self.adapter_dtype == torch.float32 else f" {str(self.adapter_dtype).removeprefix('torch.')} adapter"
+        return f"{self.op} {shape} dropout={self.dropout_p}{adapters}"
 
 
 @dataclass(frozen=True)

@@ -69,9 +69,11 @@ def cases(grid: Grid) -> list[Problem]:
 
 
 def odd_problems(grid: Grid) -> tuple[Problem, ...]:
-    """The odd shapes validated before anything is timed."""
+    """The odd shapes validated before anything is timed, with both adapter dtypes
+    (``Grid.odd_adapter_dtypes``)."""
     shapes = TINY_ODD_SHAPES if grid.tiny else ODD_SHAPES
-    return tuple(Problem(OP, INFERENCE, m, k, n, r, grid.dtype, grid.adapter_dtype) for m, k, n, r in shapes)
+    return tuple(Problem(OP, INFERENCE, m, k, n, r, grid.dtype, adapter_dtype)
+                 for adapter_dtype in grid.odd_adapter_dtypes for m, k, n, r in shapes)
 
 
 def _inputs(problem: Problem, device: torch.device, generator: torch.Generator) -> tuple[torch.Tensor, ...]:

@@ -112,3 +112,10 @@ class Grid:
     adapter_dtype: torch.dtype
     dropout_p: float
     tiny: bool = False
+
+    @property
+    def odd_adapter_dtypes(self) -> tuple[torch.dtype, ...]:
+        """The adapter dtypes the odd shapes are validated with: the timed one first, then
+        both that users run (fp32, PEFT's default on a 16-bit model, and the activations'):
+        the table is keyed by the activation dtype, so ``auto`` follows it for either."""
+        return tuple(dict.fromkeys((self.adapter_dtype, torch.float32, self.dtype)))
