@@ -73,6 +73,21 @@ def _convert_lora_linear(path: str, layer: nn.Module, adapter: str, use_rslora: 
     return new.train(layer.training)
 
 
+def _peft_lora_linear_types() -> tuple[type, ...]:
+    """PEFT's plain LoRA linear layer classes: ``lora.Linear``, and with bitsandbytes installed
+    its QLoRA layers (``lora.bnb.Linear4bit`` / ``Linear8bitLt``, the same forward over a
+    quantized base)."""
+    from peft.tuners.lora import layer
+
+    types = [layer.Linear]
+    try:
+        from peft.tuners.lora import bnb
+    except ImportError:  # bitsandbytes not installed: PEFT has no QLoRA layers then
+        return tuple(types)
+    types += [t for t in (getattr(bnb, "Linear4bit", None), getattr(bnb, "Linear8bitLt", None)) if t is not None]
+    return tuple(types)
+
+
 def from_peft(peft_model: nn.Module) -> nn.Module:
     """Swap HF PEFT's LoRA layers for fastpeft's, in place, and return the underlying model.
 
@@ -109,15 +124,15 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     config = LoraConfig.from_dict(peft_config.to_dict())
     model = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model.model
 
-    from peft.tuners.lora.layer import Linear as PeftLoraLinear
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 
+    lora_linear_types = _peft_lora_linear_types()
     replacements: dict[str, nn.Module] = {}
     modules_to_save: list[str] = []
     with restore_requires_grad(model, always=True):
         for path, module in model.named_modules():
-            if type(module) is PeftLoraLinear:
+            if type(module) in lora_linear_types:
                 replacements[path] = _convert_lora_linear(path, module, adapter, config.use_rslora)
             elif isinstance(module, ModulesToSaveWrapper):
                 if module.active_adapters != [adapter]:
@@ -126,7 +141,8 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
                 modules_to_save.append(path)
             elif isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
                 raise _unsupported(path, f"PEFT layer type {type(module).__name__} is not supported "
-                                         "(only lora.Linear over nn.Linear / Conv1D, and modules_to_save)")
+                                         "(only lora.Linear over nn.Linear / Conv1D, its bitsandbytes "
+                                         "Linear4bit / Linear8bitLt layers, and modules_to_save)")
         if not replacements:
             raise ValueError("from_peft: the model has no PEFT LoRA layers")
         for path, module in replacements.items():

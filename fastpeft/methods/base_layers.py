@@ -2,9 +2,10 @@
 of a layer that fastpeft put into a model.
 
 * ``BASE_LAYER_KINDS``: the base layers LoRA (and multi-LoRA) wrap, first match wins:
-  ``nn.Linear`` and transformers' ``Conv1D`` (weight ``[in, out]``). A ``BaseLayerKind`` says
-  how to recognise one and read its weight as ``[out, in]``; a new kind of base layer (a
-  quantized linear, say) is one entry, ahead of the kinds it subclasses;
+  bitsandbytes' quantized ``Linear4bit`` / ``Linear8bitLt`` (QLoRA; they subclass
+  ``nn.Linear``, so they come first), ``nn.Linear`` and transformers' ``Conv1D`` (weight
+  ``[in, out]``). A ``BaseLayerKind`` says how to recognise one, its sizes and the dtype its
+  adapters follow;
 * ``default_lora_dtype``: PEFT's adapter dtype rule (float32 adapters on a 16-bit base), which
   the bottleneck adapters follow too;
 * ``AdapterLayer``: the base class of the layers a method installs (``ADAPTER_KIND`` names the
@@ -52,17 +53,29 @@ def is_conv1d(module: object) -> bool:
 @dataclass(frozen=True)
 class BaseLayerKind:
     """A kind of base layer an adapter can wrap: ``name`` (for messages), ``matches(module)``,
-    and ``fan_in_fan_out``: the weight is stored ``[in, out]`` (``Conv1D``) rather than
-    ``[out, in]`` (``nn.Linear``)."""
+    ``fan_in_fan_out``: the weight is stored ``[in, out]`` (``Conv1D``) rather than ``[out,
+    in]`` (``nn.Linear``), and ``quantized``: the weight is packed codes (bitsandbytes), its
+    sizes the module's ``in_features`` / ``out_features``."""
 
     name: str
     matches: Callable[[nn.Module], bool]
     fan_in_fan_out: bool
+    quantized: bool = False
 
     def features(self, module: nn.Module) -> tuple[int, int]:
-        """``(in_features, out_features)`` of ``module``, from its weight's shape."""
+        """``(in_features, out_features)`` of ``module``, from its weight's shape (a quantized
+        layer's attributes)."""
+        if self.quantized:
+            return module.in_features, module.out_features
         rows, cols = module.weight.shape
         return (rows, cols) if self.fan_in_fan_out else (cols, rows)
+
+    def base_dtype(self, module: nn.Module) -> torch.dtype:
+        """The dtype PEFT's adapter dtype rule starts from: the weight's, or for a quantized
+        layer its storage dtype when that is a float (bitsandbytes' ``quant_storage``) and
+        float32 otherwise (PEFT leaves its float32 adapters as they are on a uint8 base)."""
+        dtype = module.weight.dtype
+        return dtype if dtype.is_floating_point else torch.float32
 
 
 def is_nn_linear(module: object) -> bool:
@@ -70,10 +83,22 @@ def is_nn_linear(module: object) -> bool:
     return isinstance(module, nn.Linear)
 
 
+def _bitsandbytes_layer(name: str) -> Callable[[object], bool]:
+    """Whether a module is bitsandbytes' ``name`` layer, looked up in ``sys.modules`` (no
+    module is one unless bitsandbytes was imported; fastpeft does not depend on it)."""
+    def matches(module: object) -> bool:
+        cls = getattr(sys.modules.get("bitsandbytes.nn.modules"), name, None)
+        return cls is not None and isinstance(module, cls)
+
+    return matches
+
+
+BNB_4BIT = BaseLayerKind("bitsandbytes Linear4bit", _bitsandbytes_layer("Linear4bit"), False, quantized=True)
+BNB_8BIT = BaseLayerKind("bitsandbytes Linear8bitLt", _bitsandbytes_layer("Linear8bitLt"), False, quantized=True)
 LINEAR = BaseLayerKind("torch.nn.Linear", is_nn_linear, fan_in_fan_out=False)
 CONV1D = BaseLayerKind("transformers Conv1D", is_conv1d, fan_in_fan_out=True)
 # The kinds, first match wins: a kind that subclasses another's module type goes first.
-BASE_LAYER_KINDS: tuple[BaseLayerKind, ...] = (LINEAR, CONV1D)
+BASE_LAYER_KINDS: tuple[BaseLayerKind, ...] = (BNB_4BIT, BNB_8BIT, LINEAR, CONV1D)
 
 
 def base_layer_kind(module: nn.Module) -> BaseLayerKind | None:
@@ -81,12 +106,15 @@ def base_layer_kind(module: nn.Module) -> BaseLayerKind | None:
     return next((kind for kind in BASE_LAYER_KINDS if kind.matches(module)), None)
 
 
-def require_base_layer(module: object, argument: str) -> BaseLayerKind:
-    """``module``'s kind; TypeError naming ``argument`` and the kinds taken when it has none."""
+def require_base_layer(module: object, argument: str, quantized: bool = True) -> BaseLayerKind:
+    """``module``'s kind; TypeError naming ``argument`` and the kinds taken when it has none,
+    or (``quantized`` False: a caller that needs a dense weight) when it is a quantized one."""
     kind = base_layer_kind(module) if isinstance(module, nn.Module) else None
+    if kind is not None and kind.quantized and not quantized:
+        raise TypeError(f"{argument} is a {kind.name}: a quantized base is not supported here")
     if kind is None:
-        raise TypeError(f"{argument} must be one of {', '.join(k.name for k in BASE_LAYER_KINDS)}, "
-                        f"got {type(module).__name__}")
+        taken = [k.name for k in BASE_LAYER_KINDS if quantized or not k.quantized]
+        raise TypeError(f"{argument} must be one of {', '.join(taken)}, got {type(module).__name__}")
     return kind
 
 

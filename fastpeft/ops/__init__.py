@@ -6,8 +6,10 @@ from fastpeft.ops.bottleneck_adapter import bottleneck_adapter, bottleneck_adapt
 from fastpeft.kernels.bottleneck.ref import bottleneck_adapter_ref
 from fastpeft.ops.multi_lora_linear import multi_lora_linear
 from fastpeft.kernels.multi_lora.ref import multi_lora_linear_ref
+from fastpeft.ops.qlora_linear import QuantizedWeight, qlora_linear
 
 __all__ = [
+    "QuantizedWeight",
     "bottleneck_adapter",
     "bottleneck_adapter_dropout_mask",
     "bottleneck_adapter_ref",
@@ -16,4 +18,5 @@ __all__ = [
     "lora_linear_ref",
     "multi_lora_linear",
     "multi_lora_linear_ref",
+    "qlora_linear",
 ]

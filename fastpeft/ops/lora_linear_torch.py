@@ -91,7 +91,7 @@ def lora_forward_torch(
 def lora_backward_torch(
     grad_y: torch.Tensor,
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     s: torch.Tensor,
@@ -101,9 +101,12 @@ def lora_backward_torch(
     need_x: bool,
     need_a: bool,
     need_b: bool,
+    base_grad: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dX [M, K], dA [R, K], dB [N, R])``, each None unless asked for; 2-D grad_y ``[M, N]``
-    and the forward's keep-mask (empty without dropout).
+    and the forward's keep-mask (empty without dropout). dX's base term is ``grad_y @ weight``,
+    or ``base_grad`` when the caller formed it (a quantized base, in its compute dtype; then
+    ``weight`` may be None).
 
     The rank-r side (``dS``, dA, dB and dX's LoRA term) runs in the LoRA weights' dtype.
     """
@@ -117,7 +120,7 @@ def lora_backward_torch(
     if need_a:
         da = ds_scaled.t() @ _apply(x.to(lora_dtype), factor)
     if need_x:
-        dx = grad_y @ weight
+        dx = grad_y @ weight if base_grad is None else base_grad
         dx = dx.add_(ds_scaled @ lora_a) if factor is None else dx.addcmul_(ds_scaled @ lora_a, factor)
     return dx, da, db
 

@@ -22,8 +22,10 @@ from fastpeft.methods.base_layers import (
     is_conv1d,
     require_base_layer,
 )
+from fastpeft.methods.quantized_base import add_to_quantized, quantized_weight
 from fastpeft.ops.checks import require_finite, require_probability
 from fastpeft.ops.lora_linear import lora_linear
+from fastpeft.ops.qlora_linear import qlora_linear
 
 
 def _require_rank(r: object) -> int:
@@ -107,8 +109,9 @@ class LoRALinear(AdapterLayer):
     ) -> "LoRALinear":
         """Wrap an existing base layer of any kind in
         ``fastpeft.methods.base_layers.BASE_LAYER_KINDS`` (``nn.Linear``, transformers'
-        ``Conv1D`` with PEFT's ``fan_in_fan_out`` semantics): its weight and bias are shared
-        (not copied) and frozen; TypeError for another module.
+        ``Conv1D`` with PEFT's ``fan_in_fan_out`` semantics, bitsandbytes' quantized layers in a
+        ``QuantLoRALinear``): its weight and bias are shared (not copied) and frozen; TypeError
+        for another module.
 
         ``lora_dtype`` is the dtype of A and B (default: float32 on a float16 / bfloat16 base,
         as PEFT and ``fastpeft.inject``, else the base weight's). ``init_lora_weights`` as in
@@ -134,7 +137,8 @@ class LoRALinear(AdapterLayer):
 
     @classmethod
     def _wrap(cls, base: nn.Module, kind: BaseLayerKind, *args) -> "LoRALinear":
-        layer = cls.__new__(cls)
+        layer_cls = QuantLoRALinear if kind.quantized else cls
+        layer = layer_cls.__new__(layer_cls)
         nn.Module.__init__(layer)
         layer._init_from(base, kind, *args)
         return layer
@@ -166,7 +170,7 @@ class LoRALinear(AdapterLayer):
         weight.requires_grad_(False)
         if bias is not None:
             bias.requires_grad_(False)
-        factory = {"device": weight.device, "dtype": lora_dtype or default_lora_dtype(weight.dtype)}
+        factory = {"device": weight.device, "dtype": lora_dtype or default_lora_dtype(kind.base_dtype(base))}
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
         self.reset_lora_parameters(init_lora_weights)
@@ -245,3 +249,53 @@ class LoRALinear(AdapterLayer):
             f"use_rslora={self.use_rslora}, bias={self.bias is not None}, "
             f"fan_in_fan_out={self.fan_in_fan_out}, merged={self.merged}"
         )
+
+
+class QuantLoRALinear(LoRALinear):
+    """LoRA on a bitsandbytes-quantized base layer (QLoRA): ``Linear4bit`` (NF4 / FP4, double
+    quantization) or ``Linear8bitLt`` (frozen int8), which ``LoRALinear.wrap`` (and so
+    ``fastpeft.inject``) wraps in this class. Parameters and state-dict keys as ``LoRALinear``'s
+    (the base layer's own keys, quantization state included, for the base weight).
+
+    The forward is ``fastpeft.ops.qlora_linear`` on the packed weight (bitsandbytes' base output
+    bit for bit, plus PEFT's LoRA term); A and B are float32 by default (PEFT's). ``merge()``
+    merges as PEFT does: dequantize, add ``scaling * B A``, requantize into a new weight of the
+    same settings (with PEFT's warning about rounding); ``unmerge()`` subtracts the same way
+    (so a merge and unmerge round trip requantizes twice).
+    """
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B A`` ``[out, in]`` in float32 (it is added to a dequantized weight)."""
+        return (self.lora_B.weight.detach().float() @ self.lora_A.weight.detach().float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            raise RuntimeError("QuantLoRALinear.merge(): the adapter is already merged")
+        self._add_delta(1.0)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise RuntimeError("QuantLoRALinear.unmerge(): the adapter is not merged")
+        self._add_delta(-1.0)
+        self.merged = False
+
+    def _add_delta(self, sign: float) -> None:
+        base = self.base_module()
+        add_to_quantized(base, self.delta_weight(), sign)
+        self.weight = base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = quantized_weight(self.base_module())
+        if self.merged:
+            dtype = weight.compute_dtype or x.dtype
+            bias = self.bias.to(dtype) if self.bias is not None else None
+            return F.linear(x.to(dtype), weight.dequantize(dtype), bias).to(x.dtype)
+        return qlora_linear(x, weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
+                            self.lora_dropout, self.training)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        # The base layer writes its own entries (bitsandbytes adds the quantization state's).
+        self.base_module()._save_to_state_dict(destination, prefix, keep_vars)

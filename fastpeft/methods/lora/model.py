@@ -35,7 +35,7 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
 def _lora_dtype(target: LoraTarget, autocast_adapter_dtype: bool) -> torch.dtype:
     """PEFT's ``autocast_adapter_dtype``: float32 A and B on a float16 / bfloat16 base when
     set, else the base weight's dtype."""
-    base_dtype = target.module.weight.dtype
+    base_dtype = target.kind.base_dtype(target.module)
     return default_lora_dtype(base_dtype) if autocast_adapter_dtype else base_dtype
 
 
@@ -125,8 +125,9 @@ def inject_lora(model: nn.Module, config: LoraConfig, *, autocast_adapter_dtype:
     it (``fastpeft.inject`` with a ``LoraConfig``).
 
     Every module ``config`` targets (PEFT's matching rules, see ``LoraConfig``) must be an
-    ``nn.Linear`` or transformers ``Conv1D``; each becomes a ``LoRALinear`` sharing the base
-    weight and bias (no copy), with ``r`` / ``lora_alpha`` from ``rank_pattern`` /
+    ``nn.Linear``, transformers ``Conv1D`` or bitsandbytes ``Linear4bit`` / ``Linear8bitLt``
+    (QLoRA: a ``QuantLoRALinear``); each becomes a ``LoRALinear`` sharing the base weight and
+    bias (no copy), with ``r`` / ``lora_alpha`` from ``rank_pattern`` /
     ``alpha_pattern`` and PEFT's init. ``modules_to_save`` modules are replaced by trainable
     deep copies. Every other parameter is frozen. With ``autocast_adapter_dtype`` (PEFT's
     default) A and B are float32 on a float16 / bfloat16 base.

@@ -115,7 +115,7 @@ class MultiLoRALinear(nn.Module):
         token_ids: TokenAdapterIds | None = None,
     ) -> None:
         super().__init__()
-        kind = require_base_layer(base_layer, "base_layer")
+        kind = require_base_layer(base_layer, "base_layer", quantized=False)  # multi-LoRA: not on quantized bases yet
         for name, value in (("max_adapters", max_adapters), ("max_rank", max_rank)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")

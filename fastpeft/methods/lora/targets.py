@@ -15,9 +15,11 @@ from typing import Any
 
 import torch.nn as nn
 
-from fastpeft.methods.base_layers import BaseLayerKind, base_layer_kind, is_linear
+from fastpeft.methods.base_layers import BASE_LAYER_KINDS, BaseLayerKind, base_layer_kind, is_linear
 from fastpeft.methods.lora.config import LoraConfig, layers_pattern_regex, modules_to_save_regex, rank_pattern_regex
 from fastpeft.methods.modules_to_save import find_modules_to_save
+from fastpeft.methods.quantized_base import SUPPORTED as SUPPORTED_QUANTIZED
+from fastpeft.methods.quantized_base import quantized_weight, unsupported_quantized_layer
 
 # PEFT's SEQ_CLS_HEAD_NAMES: classifier heads "all-linear" leaves out for SEQ_CLS models
 # without an output embedding.
@@ -153,17 +155,24 @@ def plan_injection(model: nn.Module, config: LoraConfig) -> InjectionPlan:
     for key, module in model.named_modules():
         if not key or not is_targeted(config, target_modules, key):
             continue
+        quantizer = unsupported_quantized_layer(module)
         if is_excluded(config, key):
             excluded += 1
+        elif quantizer is not None:
+            unsupported.append(f"{key} ({type(module).__name__}, quantized by {quantizer})")
         elif not is_linear(module):
             unsupported.append(f"{key} ({type(module).__name__})")
         else:
             r = pattern_value(config.rank_pattern, key, config.r)
             alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
-            targets.append(LoraTarget(key, module, r, alpha, base_layer_kind(module)))
+            kind = base_layer_kind(module)
+            if kind.quantized:
+                quantized_weight(module)  # ValueError naming the layer's problem, before any change
+            targets.append(LoraTarget(key, module, r, alpha, kind))
     if unsupported:
         raise ValueError(f"target_modules matches modules fastpeft cannot wrap: {', '.join(unsupported)}; "
-                         "only nn.Linear and transformers Conv1D layers are supported")
+                         f"supported: {', '.join(k.name for k in BASE_LAYER_KINDS)} (quantized: "
+                         f"{SUPPORTED_QUANTIZED} only)")
     if not targets:
         why = "all matching modules are excluded (exclude_modules / modules_to_save)" if excluded else "no module matches"
         raise ValueError(f"LoraConfig.target_modules={config.target_modules!r}: {why}. The model's linear "

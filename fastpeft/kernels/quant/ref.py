@@ -1,0 +1,73 @@
+"""Reference dequantization of the quantized base weights a QLoRA layer runs on, in torch ops:
+bit for bit what bitsandbytes computes (its ``dequantize_4bit`` / ``dequantize_blockwise`` ops
+and its int8 layers' training-mode forward), so a layer on a quantized base gives exactly the
+base output bitsandbytes' own layer gives.
+
+4-bit (``quant_type`` ``"nf4"`` or ``"fp4"``), W ``[N, K]`` stored as ``packed``: N*K/2 bytes
+(any storage dtype, read as uint8), two 4-bit codes per byte, the high nibble first, in
+row-major order of W; blocks of ``blocksize`` consecutive elements share a scale:
+
+    W.flat[i] = code[nibble_i] * absmax[i // blocksize]         (fp32, then rounded to dtype)
+
+``code`` is the 16-value table (NF4's normal quantiles or FP4's values). With double
+quantization the per-block scales are themselves 8-bit codes of blocks of
+``nested_blocksize`` scales:
+
+    absmax[j] = nested_code[absmax_u8[j]] * nested_absmax[j // nested_blocksize] + offset
+
+int8 (bitsandbytes ``Linear8bitLt``): ``CB [N, K]`` int8 and ``SCB [N]`` fp32 row maxima,
+``W = CB * SCB / 127`` (in the compute dtype, as bitsandbytes' ``MatMul8bitFp``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+NF4, FP4, INT8 = "nf4", "fp4", "int8"
+QUANT_TYPES = (NF4, FP4, INT8)
+# int8 rows are scaled to [-127, 127] by their absolute maximum (bitsandbytes' vector-wise quantization).
+INT8_MAX = 127
+
+
+def blockwise_scales(absmax: torch.Tensor, nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None,
+                     nested_blocksize: int, offset: torch.Tensor | None) -> torch.Tensor:
+    """The fp32 per-block scales: ``absmax`` itself, or with double quantization (uint8
+    ``absmax`` and the nested state given) its dequantization plus ``offset``."""
+    if nested_absmax is None:
+        return absmax
+    n = absmax.numel()
+    values = nested_code[absmax.reshape(-1).to(torch.int64)]
+    blocks = -(-n // nested_blocksize)
+    padded = torch.nn.functional.pad(values, (0, blocks * nested_blocksize - n)).view(blocks, nested_blocksize)
+    return (padded * nested_absmax.view(-1, 1)).reshape(-1)[:n] + offset
+
+
+def dequantize_4bit(packed: torch.Tensor, scales: torch.Tensor, code: torch.Tensor, blocksize: int,
+                    shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """W ``shape`` in ``dtype`` from 4-bit ``packed`` codes, fp32 block ``scales``
+    (``blockwise_scales``) and the 16-value ``code`` table (module docstring)."""
+    n = math.prod(shape)
+    data = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
+    nibbles = torch.stack((data >> 4, data & 0xF), dim=1).reshape(-1)[:n].to(torch.int64)
+    values = code[nibbles]
+    blocks = -(-n // blocksize)
+    padded = torch.nn.functional.pad(values, (0, blocks * blocksize - n)).view(blocks, blocksize)
+    return (padded * scales[:blocks].view(-1, 1)).reshape(-1)[:n].view(shape).to(dtype)
+
+
+def dequantize_int8(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W ``[N, K]`` in ``dtype`` from int8 ``cb`` and fp32 row maxima ``scb`` (module docstring)."""
+    return cb.to(dtype).mul_(scb.unsqueeze(1).mul(1.0 / INT8_MAX))
+
+
+def dequantize(quant_type: str, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+               nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None, offset: torch.Tensor | None,
+               blocksize: int, nested_blocksize: int, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """W ``shape`` in ``dtype`` for any ``quant_type`` of ``QUANT_TYPES`` (int8: ``packed`` is
+    CB, ``absmax`` SCB; the other arguments unused)."""
+    if quant_type == INT8:
+        return dequantize_int8(packed, absmax, dtype)
+    scales = blockwise_scales(absmax, nested_absmax, nested_code, nested_blocksize, offset)
+    return dequantize_4bit(packed, scales, code, blocksize, shape, dtype)

@@ -1,0 +1,106 @@
+"""bitsandbytes-quantized base layers (``Linear4bit``, ``Linear8bitLt``): their weight as the op's
+``QuantizedWeight``, and PEFT's merge into them (dequantize, add the delta, requantize).
+
+Read from the module at every call (its tensors move with ``.to()``): 4-bit, the packed codes
+(``weight.data``) and ``weight.quant_state`` (block scales, code table, double quantization's
+nested state); 8-bit, CB and SCB, which bitsandbytes moves from the weight to the layer's
+``state`` at its first forward. Refused, naming the layer: a 4-bit weight not yet quantized
+(bitsandbytes quantizes when the layer moves to a device), one bitsandbytes repacked for its
+CPU inference kernel (an eval-mode forward without grad on an AVX512-BF16 CPU rewrites the
+weight in place; the way back is lossy), and an 8-bit layer that keeps fp16 weights
+(``has_fp16_weights=True`` trains its weight: no quantized base).
+
+Other quantized layers PEFT knows (GPTQ, AWQ, AQLM, EETQ, HQQ, torchao, ...) are refused by
+``unsupported_quantized_layer``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+
+from fastpeft.kernels.quant.ref import INT8, dequantize_int8
+from fastpeft.ops.qlora_linear import QuantizedWeight
+
+# Modules of quantizers fastpeft does not take, by the package their layer classes come from
+# (PEFT's own dispatch list), and the ones it takes.
+_OTHER_QUANTIZERS = {"auto_gptq": "GPTQ", "gptqmodel": "GPTQ/AWQ (gptqmodel)", "awq": "AWQ", "aqlm": "AQLM",
+                     "eetq": "EETQ", "hqq": "HQQ", "optimum": "optimum quanto", "torchao": "torchao",
+                     "neural_compressor": "Intel Neural Compressor", "transformer_engine": "TransformerEngine"}
+SUPPORTED = "bitsandbytes Linear4bit (NF4 / FP4, double quantization) and Linear8bitLt"
+
+
+def unsupported_quantized_layer(module: nn.Module) -> str | None:
+    """The quantizer's name when ``module`` (or its weight) comes from a quantization library
+    fastpeft does not support, else None."""
+    for obj in (module, getattr(module, "weight", None)):
+        root = type(obj).__module__.split(".")[0] if obj is not None else ""
+        if root in _OTHER_QUANTIZERS:
+            return _OTHER_QUANTIZERS[root]
+    return None
+
+
+def _require_cpu_layout(module: nn.Module, what: str) -> None:
+    state = getattr(module.weight, "quant_state", None)
+    if getattr(state, "packing_format_for_cpu", False):
+        raise ValueError(f"{what}: bitsandbytes repacked this layer's 4-bit weight for its CPU inference kernel "
+                         "(an eval-mode forward without grad on an AVX512-BF16 CPU); its way back is lossy. Load the "
+                         "model again and adapt it before running it in eval mode under no_grad")
+
+
+def quantized_weight(module: nn.Module) -> QuantizedWeight:
+    """The weight of bitsandbytes layer ``module`` as the op takes it (module docstring)."""
+    name = type(module).__name__
+    weight = module.weight
+    if hasattr(weight, "quant_state") or hasattr(weight, "bnb_quantized"):
+        if not getattr(weight, "bnb_quantized", False) or weight.quant_state is None:
+            raise ValueError(f"{name}: its 4-bit weight is not quantized yet (bitsandbytes quantizes it when the "
+                             "layer moves to a device: call .to(device) first)")
+        _require_cpu_layout(module, name)
+        s = weight.quant_state
+        nested = s.state2 if s.nested else None
+        return QuantizedWeight(s.quant_type, weight.data, s.absmax, s.code,
+                               nested.absmax if nested is not None else None,
+                               nested.code if nested is not None else None,
+                               s.offset if nested is not None else None,
+                               s.blocksize, nested.blocksize if nested is not None else 0,
+                               module.out_features, module.in_features, getattr(module, "compute_dtype", None))
+    state = getattr(module, "state", None)
+    cb = getattr(state, "CB", None)
+    cb = cb if cb is not None else getattr(weight, "CB", None)
+    scb = getattr(state, "SCB", None)
+    scb = scb if scb is not None else getattr(weight, "SCB", None)
+    if getattr(weight, "has_fp16_weights", False) or cb is None or scb is None or weight.dtype != torch.int8:
+        raise ValueError(f"{name}: not a frozen int8 base (has_fp16_weights=True keeps and trains a 16-bit weight, "
+                         "or the layer was not quantized: move it to a device first); fastpeft adapts quantized "
+                         "int8 layers (has_fp16_weights=False)")
+    return QuantizedWeight(INT8, cb, scb, None, None, None, None, 0, 0, module.out_features, module.in_features)
+
+
+@torch.no_grad()
+def add_to_quantized(module: nn.Module, delta: torch.Tensor, sign: float) -> None:
+    """PEFT's merge into a bitsandbytes layer: dequantize its weight, add ``sign * delta``
+    (``[out, in]``), requantize into a new weight parameter of the same settings (a
+    ``UserWarning``, as PEFT's: the rounding changes generations slightly)."""
+    import bitsandbytes as bnb
+
+    weight = module.weight
+    what = "Merge" if sign > 0 else "Unmerge"
+    w = quantized_weight(module)
+    if w.quant_type == INT8:
+        warnings.warn(f"{what} lora module to 8-bit linear may get different generations due to rounding errors.",
+                      UserWarning, stacklevel=3)
+        merged = dequantize_int8(w.packed, w.absmax, torch.float32) + sign * delta.float()
+        module.weight = bnb.nn.Int8Params(merged.to("cpu"), requires_grad=False,
+                                          has_fp16_weights=weight.has_fp16_weights).to(weight.device)
+        module.state.reset_grads()
+        return
+    warnings.warn(f"{what} lora module to 4-bit linear may get different generations due to rounding errors.",
+                  UserWarning, stacklevel=3)
+    dtype = weight.quant_state.dtype
+    merged = w.dequantize(torch.float32) + sign * delta.float()
+    settings = {k: v for k, v in weight.__dict__.items() if not k.startswith("_") and k != "data"}
+    settings.update(bnb_quantized=False, requires_grad=False, quant_state=None)
+    module.weight = bnb.nn.Params4bit(merged.to(dtype).to("cpu"), **settings).to(weight.device)

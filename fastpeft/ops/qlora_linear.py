@@ -1,0 +1,284 @@
+"""The LoRA linear op on a quantized base weight (QLoRA), registered with torch.library
+(autograd, fake tensors):
+
+    y = (x_c W_c^T + b_c) -> x.dtype  +  scaling * dropout(x) A^T B^T,   W_c = dequant(W) in the compute dtype
+
+``torch.ops.fastpeft.qlora_linear`` takes the quantized weight itself -- bitsandbytes' packed
+4-bit codes (NF4 / FP4) with their block scales (double quantization included), or its int8
+rows with their scales (``QuantizedWeight``; the layout: ``fastpeft.kernels.quant.ref``) -- never a
+dequantized copy: the forward dequantizes into a transient ``[N, K]`` tensor in the compute dtype
+(bitsandbytes' ``compute_dtype``; x is cast to it for the base product, as bitsandbytes' layer
+does, the output cast back to x's dtype), and the backward dequantizes again for dX. What the
+op saves for the backward is x, the packed weight (the model's own tensors), ``s = x_hat A^T``
+``[M, r]`` and the dropout mask (as the LoRA op: ``fastpeft.ops.dropout``): one layer's
+dequantized weight is alive at a time, in the forward or the backward, never between them.
+dX's base term is ``dY W`` in the compute dtype (bitsandbytes' own backward), its LoRA term as
+the LoRA op's.
+
+The base part is bit for bit bitsandbytes' own layer's training-mode output (the dequantization
+of ``fastpeft.kernels.quant.ref``, then ``F.linear`` in the compute dtype); the LoRA part is PEFT's
+(computed from x in the adapter's dtype, added in the output's). Gradients: x, A and B (and the
+bias if it requires grad); the quantized weight is frozen (no gradient). Double backward
+(``create_graph=True``) is not supported. This is the torch path on CPU and CUDA; fused
+dequantize+LoRA kernels are issue 21's next step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fastpeft.kernels.dropout_mask import draw_seed
+from fastpeft.kernels.quant.ref import INT8, QUANT_TYPES, dequantize
+from fastpeft.ops.autocast import autocast_dtype, autocast_off, cast_for_autocast
+from fastpeft.ops.checks import describe, require_finite, require_probability, require_same_device, require_tensor
+from fastpeft.ops.dropout import kept_mask, redraws_mask, saved_or_redrawn_mask
+from fastpeft.ops.lora_linear_torch import (
+    add_lora_product,
+    keep_mask,
+    lora_backward_torch,
+    lora_rank_side,
+    rank_side_dtype,
+)
+from fastpeft.ops.op_calls import eager_function, op_for_call, rows
+
+# Activation and compute dtypes the op takes (bitsandbytes' compute dtypes).
+COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A quantized ``[out_features, in_features]`` base weight (``fastpeft.kernels.quant.ref``):
+    ``quant_type`` (``"nf4"``, ``"fp4"`` or ``"int8"``), ``packed`` (4-bit: the packed codes in
+    any storage dtype; int8: CB ``[N, K]``), ``absmax`` (4-bit: per-block scales, fp32, or uint8
+    codes with double quantization; int8: SCB ``[N]``), ``code`` (4-bit: the 16-value table), the
+    double quantization's ``nested_absmax``, ``nested_code``, ``offset`` and ``nested_blocksize``
+    (None / 0 without it), ``blocksize``, and ``compute_dtype`` (the dtype the base product runs
+    in; None: the activations')."""
+
+    quant_type: str
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    code: torch.Tensor | None
+    nested_absmax: torch.Tensor | None
+    nested_code: torch.Tensor | None
+    offset: torch.Tensor | None
+    blocksize: int
+    nested_blocksize: int
+    out_features: int
+    in_features: int
+    compute_dtype: torch.dtype | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """The op's tensor arguments: packed, absmax, code, nested_absmax, nested_code, offset."""
+        return self.packed, self.absmax, self.code, self.nested_absmax, self.nested_code, self.offset
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """W ``[out_features, in_features]`` in ``dtype`` (bit for bit bitsandbytes')."""
+        return dequantize(self.quant_type, *self.tensors(), self.blocksize, self.nested_blocksize, self.shape, dtype)
+
+
+def check_quantized_weight(weight: object) -> QuantizedWeight:
+    """``weight`` must be a consistent ``QuantizedWeight``; ValueError / TypeError naming what is wrong."""
+    if not isinstance(weight, QuantizedWeight):
+        raise TypeError(f"weight must be a fastpeft.ops.QuantizedWeight, got {type(weight).__name__}")
+    w = weight
+    if w.quant_type not in QUANT_TYPES:
+        raise ValueError(f"weight.quant_type must be one of {QUANT_TYPES}, got {w.quant_type!r}")
+    n, k = w.shape
+    if n < 1 or k < 1:
+        raise ValueError(f"weight shape must be positive, got [{n}, {k}]")
+    if w.quant_type == INT8:
+        if w.packed.dtype != torch.int8 or tuple(w.packed.shape) != (n, k):
+            raise ValueError(f"int8 weight.packed ({describe(w.packed)}) must be int8 of shape ({n}, {k})")
+        if w.absmax.dtype != torch.float32 or tuple(w.absmax.shape) != (n,):
+            raise ValueError(f"int8 weight.absmax ({describe(w.absmax)}) must be float32 of shape ({n},)")
+        return w
+    if w.packed.numel() * w.packed.element_size() * 2 != n * k:
+        raise ValueError(f"4-bit weight.packed ({describe(w.packed)}) must hold {n} x {k} / 2 bytes")
+    if w.blocksize < 1 or w.absmax.numel() != math.ceil(n * k / w.blocksize):
+        raise ValueError(f"weight.absmax ({describe(w.absmax)}) must hold one scale per block of {w.blocksize} "
+                         f"elements ({math.ceil(n * k / w.blocksize)})")
+    if w.code is None or w.code.dtype != torch.float32 or w.code.numel() != 16:
+        raise ValueError("4-bit weight.code must be the 16-value float32 code table")
+    nested = (w.nested_absmax, w.nested_code, w.offset)
+    if any(t is None for t in nested) != all(t is None for t in nested):
+        raise ValueError("double quantization needs nested_absmax, nested_code and offset together")
+    if w.nested_absmax is not None:
+        if w.absmax.dtype != torch.uint8 or w.nested_blocksize < 1:
+            raise ValueError(f"double-quantized weight.absmax ({describe(w.absmax)}) must be uint8 codes, with "
+                             f"nested_blocksize >= 1 (got {w.nested_blocksize})")
+        if w.nested_absmax.numel() != math.ceil(w.absmax.numel() / w.nested_blocksize):
+            raise ValueError(f"weight.nested_absmax ({describe(w.nested_absmax)}) must hold one scale per block of "
+                             f"{w.nested_blocksize} block scales")
+    elif w.absmax.dtype != torch.float32:
+        raise ValueError(f"weight.absmax ({describe(w.absmax)}) must be float32 without double quantization")
+    return w
+
+
+def _compute_dtype(weight: QuantizedWeight, x: torch.Tensor) -> torch.dtype:
+    return weight.compute_dtype or x.dtype
+
+
+def _qlora_forward(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor | None,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    quant_type: str,
+    blocksize: int,
+    nested_blocksize: int,
+    out_features: int,
+    compute_dtype: torch.dtype,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y [..., N] in x's dtype, s [M, r], keep)`` (module docstring); ``keep`` the torch
+    path's dropout mask, empty when the backward redraws it or without dropout."""
+    k = x.shape[-1]
+    w = dequantize(quant_type, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                   (out_features, k), compute_dtype)
+    x2 = rows(x, k)
+    keep = keep_mask(x2, dropout_p, seed)
+    s = lora_rank_side(x2, lora_a, dropout_p, keep)
+    base = F.linear(x2.to(compute_dtype), w, bias.to(compute_dtype) if bias is not None else None).to(x.dtype)
+    y = add_lora_product(base, (s * scaling).to(lora_b.dtype), lora_b.t())
+    return y.view(*x.shape[:-1], out_features), s, kept_mask(keep)
+
+
+_forward_op = torch.library.custom_op("fastpeft::qlora_linear", mutates_args=())(_qlora_forward)
+
+
+@_forward_op.register_fake
+def _qlora_fake(x, packed, absmax, code, nested_absmax, nested_code, offset, bias, lora_a, lora_b, quant_type,
+                blocksize, nested_blocksize, out_features, compute_dtype, scaling, dropout_p, seed):
+    m, k = math.prod(x.shape[:-1]), x.shape[-1]
+    keeps = dropout_p > 0.0 and not redraws_mask(x.device)
+    return (x.new_empty((*x.shape[:-1], out_features)),
+            x.new_empty((m, lora_a.shape[0]), dtype=rank_side_dtype(lora_a.dtype)),
+            x.new_empty((m, k) if keeps else (0,), dtype=torch.bool))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    (x, packed, absmax, code, nested_absmax, nested_code, offset, bias, lora_a, lora_b, quant_type, blocksize,
+     nested_blocksize, out_features, compute_dtype, scaling, dropout_p, seed) = inputs
+    _, s, keep = output
+    ctx.mark_non_differentiable(s, keep)
+    ctx.save_for_backward(x, packed, absmax, code, nested_absmax, nested_code, offset, lora_a, lora_b, s, keep, seed)
+    ctx.quant = (quant_type, blocksize, nested_blocksize, out_features, compute_dtype)
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _backward(ctx, grad_y, _grad_s, _grad_keep):
+    if torch.is_grad_enabled():
+        raise RuntimeError("fastpeft.ops.qlora_linear does not support double backward (create_graph=True)")
+    x, packed, absmax, code, nested_absmax, nested_code, offset, lora_a, lora_b, s, keep, seed = ctx.saved_tensors
+    quant_type, blocksize, nested_blocksize, out_features, compute_dtype = ctx.quant
+    need = ctx.needs_input_grad
+    k = x.shape[-1]
+    x2, g2 = rows(x, k), rows(grad_y, out_features)
+    base_grad = None
+    if need[0]:  # dY W in the compute dtype, as bitsandbytes' own backward forms it
+        w = dequantize(quant_type, packed, absmax, code, nested_absmax, nested_code, offset, blocksize,
+                       nested_blocksize, (out_features, k), compute_dtype)
+        base_grad = (g2.to(compute_dtype) @ w).to(x.dtype)
+    mask = saved_or_redrawn_mask(keep, x2, ctx.dropout_p, seed)
+    dx, da, db = lora_backward_torch(g2, x2, None, lora_a, lora_b, s, mask, ctx.scaling, ctx.dropout_p, need[0],
+                                     need[8], need[9], base_grad)
+    dbias = g2.sum(0).to(ctx.bias_dtype) if need[7] else None
+    return (dx.view(x.shape) if dx is not None else None, None, None, None, None, None, None, dbias, da, db,
+            None, None, None, None, None, None, None, None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+_QLoRAFunction = eager_function("QLoRALinearFunction", _qlora_forward, _setup_context, _backward)
+
+
+def check_qlora_linear_args(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None,
+                            lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, dropout_p: float) -> None:
+    """Validate ``qlora_linear``'s arguments (each failure names the argument)."""
+    require_tensor("x", x)
+    check_quantized_weight(weight)
+    n, k = weight.shape
+    if x.dtype not in COMPUTE_DTYPES:
+        raise TypeError(f"x ({describe(x)}) must be float32, float16 or bfloat16 on a quantized base")
+    if weight.compute_dtype is not None and weight.compute_dtype not in COMPUTE_DTYPES:
+        raise TypeError(f"weight.compute_dtype must be one of {COMPUTE_DTYPES}, got {weight.compute_dtype}")
+    if x.shape[-1] != k:
+        raise ValueError(f"x ({describe(x)}): last dimension must equal the weight's in_features {k}")
+    require_tensor("lora_a", lora_a, ndim=2)
+    require_tensor("lora_b", lora_b, ndim=2)
+    r = lora_a.shape[0]
+    if tuple(lora_a.shape) != (r, k) or tuple(lora_b.shape) != (n, r) or r < 1:
+        raise ValueError(f"lora_a ({describe(lora_a)}) and lora_b ({describe(lora_b)}) must be [r, {k}] and [{n}, r]")
+    if lora_b.dtype != lora_a.dtype:
+        raise TypeError(f"lora_b dtype {lora_b.dtype} must match lora_a dtype {lora_a.dtype}")
+    if bias is not None:
+        require_tensor("bias", bias, ndim=1)
+        if bias.shape[0] != n:
+            raise ValueError(f"bias ({describe(bias)}) must have shape ({n},)")
+    require_finite("scaling", scaling)
+    require_probability("dropout_p", dropout_p)
+    require_same_device({"x": x, "weight.packed": weight.packed, "weight.absmax": weight.absmax, "bias": bias,
+                         "lora_a": lora_a, "lora_b": lora_b})
+
+
+def qlora_linear(
+    x: torch.Tensor,
+    weight: QuantizedWeight,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """PEFT's LoRA on a bitsandbytes-quantized base layer (module docstring):
+    ``base(x) + scaling * dropout(x) A^T B^T``.
+
+    Args:
+        x: ``[..., K]`` activations, float32 / float16 / bfloat16.
+        weight: the quantized ``[N, K]`` base weight (``QuantizedWeight``).
+        bias: ``[N]`` or None (cast to the compute dtype for the base product, as bitsandbytes does).
+        lora_a: ``[r, K]``, lora_b: ``[N, r]`` (float32 on a quantized base, PEFT's default).
+        scaling: ``lora_alpha / r`` (or ``/ sqrt(r)``); dropout_p: on the LoRA branch, in [0, 1);
+        training: dropout only when True.
+
+    Under ``torch.autocast`` x, bias, A and B are cast as ``F.linear`` casts its inputs.
+
+    Returns:
+        ``[..., N]`` in x's dtype; differentiable in x, A, B (and bias if it requires grad).
+    """
+    device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
+    dtype = autocast_dtype(device_type)
+    if dtype is not None:
+        x, bias, lora_a, lora_b = cast_for_autocast(dtype, x, bias, lora_a, lora_b)
+        with autocast_off(device_type):
+            return qlora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training)
+    check_qlora_linear_args(x, weight, bias, lora_a, lora_b, scaling, dropout_p)
+    p = float(dropout_p) if training else 0.0
+    seed = draw_seed(x.device) if p > 0.0 else x.new_empty(0, dtype=torch.int64)
+    tensors = (x, *weight.tensors(), bias, lora_a, lora_b)
+    op = op_for_call(_qlora_forward, _QLoRAFunction, torch.ops.fastpeft.qlora_linear, *tensors)
+    y, _, _ = op(*tensors, weight.quant_type, weight.blocksize, weight.nested_blocksize, weight.out_features,
+                 _compute_dtype(weight, x), float(scaling), p, seed)
+    return y

@@ -1,0 +1,45 @@
+"""bitsandbytes-quantized bases for the QLoRA tests: one ``Linear4bit`` / ``Linear8bitLt`` made
+deterministically from an ``nn.Linear`` (quantized when moved to the CPU, as bitsandbytes
+does), and the settings the model-level tests load a tiny Llama with."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes")
+
+# (name, transformers BitsAndBytesConfig kwargs): NF4 with double quantization (QLoRA's
+# recipe), FP4 with bf16 storage and compute, int8.
+MODEL_SETTINGS = [
+    ("nf4-dq", dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                    bnb_4bit_compute_dtype=torch.float32)),
+    ("fp4-bf16", dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.bfloat16,
+                      bnb_4bit_quant_storage=torch.bfloat16)),
+    ("int8", dict(load_in_8bit=True)),
+]
+
+
+def linear_4bit(linear: nn.Linear, quant_type: str = "nf4", double_quant: bool = True,
+                compute_dtype: torch.dtype | None = torch.float32, storage: torch.dtype = torch.uint8,
+                weight_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """``linear`` quantized to a bitsandbytes ``Linear4bit`` (its own copy of the weights)."""
+    k, n = linear.in_features, linear.out_features
+    layer = bnb.nn.Linear4bit(k, n, bias=linear.bias is not None, compute_dtype=compute_dtype,
+                              compress_statistics=double_quant, quant_type=quant_type, quant_storage=storage,
+                              device="meta")
+    layer.weight = bnb.nn.Params4bit(linear.weight.detach().to(weight_dtype).clone(), requires_grad=False,
+                                     compress_statistics=double_quant, quant_type=quant_type, quant_storage=storage,
+                                     module=layer)
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return layer.to("cpu").train()
+
+
+def linear_8bit(linear: nn.Linear) -> nn.Module:
+    """``linear`` quantized to a frozen bitsandbytes ``Linear8bitLt``."""
+    layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                has_fp16_weights=False)
+    layer.load_state_dict(linear.state_dict())
+    return layer.to("cpu").train()

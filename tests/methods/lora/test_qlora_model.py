@@ -1,0 +1,179 @@
+"""LoRA on bitsandbytes-quantized models (QLoRA) through the public API, against HF PEFT on the
+same bases (a tiny Llama loaded by transformers in 4-bit NF4 with double quantization, 4-bit
+FP4 with bf16 storage and compute, and 8-bit): logits and LoRA gradients equal PEFT's; adapter
+files both ways; ``from_peft``; ``merge_and_unload`` as PEFT merges; ``unload`` gives back the
+quantized layers untouched; other quantizers and unusable layers refused before any change."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastpeft
+from fastpeft.methods.lora.layer import QuantLoRALinear
+from fastpeft.methods.quantized_base import quantized_weight
+from tests.helpers.quantized import MODEL_SETTINGS, bnb
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+LORA = dict(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama saved in full precision (every K a multiple of 64: bitsandbytes'
+    CPU kernel is right there, so PEFT's bitsandbytes forward is exact too)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def _load(model_dir, settings: dict) -> nn.Module:
+    quantization = transformers.BitsAndBytesConfig(**settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization,
+                                                                  device_map="cpu", dtype=torch.float32)
+    return model.train()
+
+
+def _peft_model(model_dir, settings):
+    torch.manual_seed(1)
+    return peft.get_peft_model(_load(model_dir, settings), peft.LoraConfig(**LORA)).train()
+
+
+def _copy_adapter(peft_model, ours) -> None:
+    """PEFT's (random, init_lora_weights=False) A and B into fastpeft's layers."""
+    theirs = {k.replace("base_model.model.", "").replace(".default", ""): v
+              for k, v in peft_model.state_dict().items() if "lora_" in k}
+    state = ours.state_dict()
+    with torch.no_grad():
+        for key, value in theirs.items():
+            state[key].copy_(value)
+
+
+def _inputs():
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(2))
+    return {"input_ids": ids, "labels": ids}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("name,settings", MODEL_SETTINGS, ids=[n for n, _ in MODEL_SETTINGS])
+def test_logits_and_gradients_equal_peft(model_dir, name, settings):
+    theirs = _peft_model(model_dir, settings)
+    ours = fastpeft.inject(_load(model_dir, settings), fastpeft.LoraConfig(**LORA))
+    assert all(isinstance(ours.get_submodule(f"model.layers.{i}.self_attn.q_proj"), QuantLoRALinear) for i in (0, 1))
+    _copy_adapter(theirs, ours)
+    out, ref = ours(**_inputs()), theirs(**_inputs())
+    assert _rel(out.logits, ref.logits) <= 1e-4
+    out.loss.backward()
+    ref.loss.backward()
+    ours_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    peft_grads = {n.replace("base_model.model.", "").replace(".default", ""): p.grad
+                  for n, p in theirs.named_parameters() if p.requires_grad}
+    assert set(ours_grads) == set(peft_grads) and len(ours_grads) == 4 * len(TARGETS)
+    for key, grad in peft_grads.items():
+        assert _rel(ours_grads[key], grad) <= 1e-4, key
+    assert fastpeft.trainable_parameters(ours).trainable == sum(g.numel() for g in peft_grads.values())
+
+
+@pytest.mark.parametrize("name,settings", MODEL_SETTINGS, ids=[n for n, _ in MODEL_SETTINGS])
+def test_adapter_files_both_ways_and_from_peft(model_dir, tmp_path, name, settings):
+    theirs = _peft_model(model_dir, settings).eval()
+    with torch.no_grad():  # train mode's forward is the exact one on CPU (module docstring of quantized_base)
+        theirs.train()
+        reference = theirs(**_inputs()).logits
+    theirs.save_pretrained(tmp_path / "peft")
+    loaded = fastpeft.load_adapter(_load(model_dir, settings), tmp_path / "peft")
+    with torch.no_grad():
+        assert _rel(loaded(**_inputs()).logits, reference) <= 1e-4
+    fastpeft.save_adapter(loaded, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(_load(model_dir, settings), tmp_path / "ours").train()
+    with torch.no_grad():
+        assert _rel(back(**_inputs()).logits, reference) <= 1e-4
+    converted = fastpeft.from_peft(theirs)
+    assert isinstance(converted.get_submodule("model.layers.1.mlp.down_proj"), QuantLoRALinear)
+    with torch.no_grad():
+        assert _rel(converted(**_inputs()).logits, reference) <= 1e-4
+
+
+@pytest.mark.parametrize("name,settings", MODEL_SETTINGS, ids=[n for n, _ in MODEL_SETTINGS])
+def test_merge_and_unload_as_peft_and_unload_untouched(model_dir, name, settings):
+    theirs = _peft_model(model_dir, settings)
+    ours = fastpeft.inject(_load(model_dir, settings), fastpeft.LoraConfig(**LORA))
+    _copy_adapter(theirs, ours)
+    adapted = ours.get_submodule("model.layers.0.self_attn.q_proj")
+    expected = quantized_weight(adapted.base_module()).dequantize(torch.float32) + adapted.delta_weight()
+    with pytest.warns(UserWarning, match="rounding errors"):
+        merged = fastpeft.merge_and_unload(ours)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_merged = theirs.merge_and_unload()
+    layer = merged.get_submodule("model.layers.0.self_attn.q_proj")
+    assert type(layer) is type(peft_merged.get_submodule("model.layers.0.self_attn.q_proj"))
+    with torch.no_grad():
+        ours_logits, peft_logits = merged(**_inputs()).logits, peft_merged(**_inputs()).logits
+    assert _rel(ours_logits, peft_logits) <= 1e-3  # both requantize the merged weight
+    # W + delta, requantized: within the quantization's own error (4-bit: ~9% of the weight's norm)
+    assert _rel(quantized_weight(layer).dequantize(torch.float32), expected) <= (0.02 if name == "int8" else 0.15)
+
+    base = _load(model_dir, settings)
+    # the bytes of the packed weights (bf16 storage holds NaN patterns: compare bits, not values)
+    before = {n: (m.weight.data.view(torch.uint8).clone(), type(m)) for n, m in base.named_modules()
+              if n.endswith(tuple(TARGETS))}
+    fastpeft.unload(fastpeft.inject(base, fastpeft.LoraConfig(**LORA)))
+    for path, (data, cls) in before.items():
+        module = base.get_submodule(path)
+        assert type(module) is cls and torch.equal(module.weight.data.view(torch.uint8), data)
+
+
+def test_other_quantizers_are_refused_by_name_and_the_model_is_unchanged():
+    class QuantLinear(nn.Module):  # the class auto-gptq's layers have, in its package
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(4, 4))
+
+    QuantLinear.__module__ = "auto_gptq.nn_modules.qlinear.qlinear_cuda"
+    model = nn.Sequential()
+    model.add_module("q_proj", QuantLinear())
+    with pytest.raises(ValueError, match=r"q_proj \(QuantLinear, quantized by GPTQ\).*bitsandbytes Linear4bit"):
+        fastpeft.inject(model, fastpeft.LoraConfig(target_modules=["q_proj"]))
+    assert type(model.q_proj) is QuantLinear
+
+
+def test_a_layer_repacked_for_bitsandbytes_cpu_inference_is_refused(model_dir):
+    """bitsandbytes rewrites a 4-bit weight in place for its CPU inference kernel (an eval
+    forward without grad on an AVX512-BF16 CPU); such a layer is refused, naming why."""
+    model = _load(model_dir, MODEL_SETTINGS[0][1])
+    model.model.layers[0].self_attn.q_proj.weight.quant_state.packing_format_for_cpu = True
+    with pytest.raises(ValueError, match="repacked"):
+        fastpeft.inject(model, fastpeft.LoraConfig(**LORA))
+    assert not any(isinstance(m, QuantLoRALinear) for m in model.modules())
+
+
+def test_an_8bit_layer_with_fp16_weights_is_refused():
+    layer = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=True)
+    model = nn.Sequential()
+    model.add_module("q_proj", layer)
+    with pytest.raises(ValueError, match="has_fp16_weights"):
+        fastpeft.inject(model, fastpeft.LoraConfig(target_modules=["q_proj"]))
+
+
+def test_multi_adapter_serving_refuses_a_quantized_base_before_any_change(model_dir):
+    model = _load(model_dir, MODEL_SETTINGS[0][1])
+    with pytest.raises(ValueError, match="quantized base is not supported yet"):
+        fastpeft.MultiAdapterModel(model, target_modules=TARGETS)
+    assert not any(isinstance(m, fastpeft.MultiLoRALinear) for m in model.modules())
+    with pytest.raises(TypeError, match="a quantized base is not supported here"):
+        fastpeft.MultiLoRALinear(model.model.layers[0].self_attn.q_proj, 2, 8)
