@@ -107,6 +107,7 @@ class _Job:
     expects_wgmma: bool
     expects_tma: bool
     arch: str
+    enable_fp_fusion: bool = True
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,7 @@ def _make_jobs(spec: KernelSpec, archs: Sequence[str]) -> list[_Job] | str:
             expects_wgmma=spec.expects_wgmma_on_sm90,
             expects_tma=spec.expects_tma_on_sm90,
             arch=arch,
+            enable_fp_fusion=spec.enable_fp_fusion,
         )
         for arch in archs
         if spec.runs_on(ARCHS[arch].capability)
@@ -551,7 +553,7 @@ def _compile_to_ptx(job: _Job) -> tuple[str, int]:
         raise TypeError(f"{job.fn_module}.{job.fn_qualname} is {type(fn).__name__}, not a JITFunction")
     source = _ast_source(fn, job)
     target = GPUTarget("cuda", ARCHS[job.arch].capability, _WARP_SIZE)
-    options = {"num_warps": job.num_warps, "num_stages": job.num_stages}
+    options = {"num_warps": job.num_warps, "num_stages": job.num_stages, "enable_fp_fusion": job.enable_fp_fusion}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=f".*{_FP_FUSION_WARNING}")
         kernel = triton.compile(source, target=target, options=options)

@@ -9,5 +9,6 @@ def all_kernel_specs() -> list:
     from fastpeft.kernels.bottleneck.specs import bottleneck_kernel_specs
     from fastpeft.kernels.lora.specs import lora_kernel_specs
     from fastpeft.kernels.multi_lora.specs import multi_lora_kernel_specs
+    from fastpeft.kernels.quant.specs import quant_kernel_specs
 
-    return lora_kernel_specs() + bottleneck_kernel_specs() + multi_lora_kernel_specs()
+    return lora_kernel_specs() + bottleneck_kernel_specs() + multi_lora_kernel_specs() + quant_kernel_specs()

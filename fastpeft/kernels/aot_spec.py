@@ -50,6 +50,9 @@ class KernelSpec:
     # ``cp.async.bulk.tensor`` (a kernel that silently fell back to pointer loads fails).
     expects_tma_on_sm90: bool = False
     divisible_by_16: tuple[str, ...] | None = None
+    # Triton's ``enable_fp_fusion`` of the launches (False: a * b + c stays a product and a sum,
+    # as in torch: the dequantization kernels' bit-exact scales), compiled the same way.
+    enable_fp_fusion: bool = True
     # The architecture family the dispatcher launches this configuration on: 80 for
     # compute capability 8.x (Ampere/Ada tables), 90 for 9.0 and newer (Hopper tables),
     # None for every architecture.

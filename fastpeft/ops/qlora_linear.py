@@ -12,6 +12,9 @@ does, the output cast back to x's dtype), and the backward dequantizes again for
 op saves for the backward is x, the packed weight (the model's own tensors), ``s = x_hat A^T``
 ``[M, r]`` and the dropout mask (as the LoRA op: ``fastpeft.ops.dropout``): one layer's
 dequantized weight is alive at a time, in the forward or the backward, never between them.
+Where the kernels are in use (``FASTPEFT_BACKEND=triton``; opt-in, no GPU has run them) the
+dequantization is one Triton launch (``fastpeft.kernels.quant.launch``, double quantization
+included), else torch ops.
 dX's base term is ``dY W`` in the compute dtype (bitsandbytes' own backward), its LoRA term as
 the LoRA op's.
 
@@ -19,8 +22,8 @@ The base part is bit for bit bitsandbytes' own layer's training-mode output (the
 of ``fastpeft.kernels.quant.ref``, then ``F.linear`` in the compute dtype); the LoRA part is PEFT's
 (computed from x in the adapter's dtype, added in the output's). Gradients: x, A and B (and the
 bias if it requires grad); the quantized weight is frozen (no gradient). Double backward
-(``create_graph=True``) is not supported. This is the torch path on CPU and CUDA; fused
-dequantize+LoRA kernels are issue 21's next step.
+(``create_graph=True``) is not supported. The products are torch's (cuBLAS on a GPU); a fused
+dequantize+GEMV+LoRA decode kernel is issue 21's next step.
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fastpeft.backend import use_triton
 from fastpeft.kernels.dropout_mask import draw_seed
-from fastpeft.kernels.quant.ref import INT8, QUANT_TYPES, dequantize
+from fastpeft.kernels.quant import ref
+from fastpeft.kernels.quant.ref import INT8, QUANT_TYPES
 from fastpeft.ops.autocast import autocast_dtype, autocast_off, cast_for_autocast
 from fastpeft.ops.checks import describe, require_finite, require_probability, require_same_device, require_tensor
 from fastpeft.ops.dropout import kept_mask, redraws_mask, saved_or_redrawn_mask
@@ -86,7 +91,8 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """W ``[out_features, in_features]`` in ``dtype`` (bit for bit bitsandbytes')."""
-        return dequantize(self.quant_type, *self.tensors(), self.blocksize, self.nested_blocksize, self.shape, dtype)
+        return ref.dequantize(self.quant_type, *self.tensors(), self.blocksize, self.nested_blocksize, self.shape,
+                              dtype)
 
 
 def check_quantized_weight(weight: object) -> QuantizedWeight:
@@ -125,6 +131,17 @@ def check_quantized_weight(weight: object) -> QuantizedWeight:
     elif w.absmax.dtype != torch.float32:
         raise ValueError(f"weight.absmax ({describe(w.absmax)}) must be float32 without double quantization")
     return w
+
+
+def dequantize(quant_type: str, *args) -> torch.Tensor:
+    """``fastpeft.kernels.quant.ref.dequantize`` (same arguments; the packed weight second), by
+    the Triton kernel in one launch where the kernels are in use for the weight's device
+    (``fastpeft.backend.use_triton``: opt-in, not yet run on a GPU), else in torch ops."""
+    if use_triton(args[0].device):
+        from fastpeft.kernels.quant import launch
+
+        return launch.dequantize(quant_type, *args)
+    return ref.dequantize(quant_type, *args)
 
 
 def _compute_dtype(weight: QuantizedWeight, x: torch.Tensor) -> torch.dtype:
