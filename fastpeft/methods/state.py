@@ -63,15 +63,32 @@ def adapter_state(model: nn.Module) -> AdapterState | None:
     return getattr(model, ADAPTER_ATTR, None)
 
 
+# transformers' Trainer refuses to train a quantized model (``is_quantized``, set by its
+# quantizers) unless trainable adapters are attached, which it reads from the flag its own PEFT
+# integration sets (``trainer_utils.validate_quantization_for_training``). A quantized model
+# carrying a fastpeft adapter is such a model: the flag is set while the adapter is on (and
+# only by fastpeft if it was not set already). Besides that check, transformers reads it in
+# save_pretrained (fastpeft's own replaces it on an adapted model: ``api.pretrained_save``) and
+# to make activation checkpointing's inputs require grad, which the adapter needs too.
+_TRANSFORMERS_ADAPTER_FLAG = "_hf_peft_config_loaded"
+_FLAG_SET = "_fastpeft_set_hf_adapter_flag"
+
+
 def record_adapter(model: nn.Module, state: AdapterState) -> None:
     """Mark ``model`` as carrying the adapter ``state`` describes (its layers installed)."""
     setattr(model, ADAPTER_ATTR, state)
+    if getattr(model, "is_quantized", False) and not getattr(model, _TRANSFORMERS_ADAPTER_FLAG, False):
+        setattr(model, _TRANSFORMERS_ADAPTER_FLAG, True)
+        setattr(model, _FLAG_SET, True)
 
 
 def clear_adapter(model: nn.Module) -> None:
     """Forget the model's adapter state (its layers removed); a no-op without one."""
     if adapter_state(model) is not None:
         delattr(model, ADAPTER_ATTR)
+    if getattr(model, _FLAG_SET, False):
+        setattr(model, _TRANSFORMERS_ADAPTER_FLAG, False)
+        delattr(model, _FLAG_SET)
 
 
 def check_not_adapted(model: nn.Module) -> None:

@@ -177,3 +177,51 @@ def test_multi_adapter_serving_refuses_a_quantized_base_before_any_change(model_
     assert not any(isinstance(m, fastpeft.MultiLoRALinear) for m in model.modules())
     with pytest.raises(TypeError, match="a quantized base is not supported here"):
         fastpeft.MultiLoRALinear(model.model.layers[0].self_attn.q_proj, 2, 8)
+
+
+def test_trainer_trains_checkpoints_and_resumes_a_quantized_model(model_dir, tmp_path):
+    """transformers' Trainer takes a 4-bit model carrying a fastpeft adapter (it refuses
+    quantized models without adapters); its checkpoints hold the adapter, and a run resumed
+    halfway on a fresh quantized model logs the uninterrupted run's losses and ends with its
+    adapter. ``unload`` takes the model back to a plain quantized one."""
+    from fastpeft.api import adapter_state_dict
+    from tests.helpers.trainer import SAVE_STEPS, STEPS, CountingDataset, step_logs, training_args
+
+    settings = MODEL_SETTINGS[0][1]
+
+    def run(lora_seed: int, out, resume=None):
+        model = _load(model_dir, settings)
+        torch.manual_seed(lora_seed)
+        fastpeft.inject(model, fastpeft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS))
+        trainer = transformers.Trainer(model=model, args=training_args(out), train_dataset=CountingDataset())
+        fastpeft.integrations.enable_adapter_checkpoints(trainer)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    whole = run(0, tmp_path / "whole")
+    assert (tmp_path / "whole" / f"checkpoint-{SAVE_STEPS}" / "adapter_model.safetensors").is_file()
+    resumed = run(1, tmp_path / "resumed", str(tmp_path / "whole" / f"checkpoint-{SAVE_STEPS}"))
+    expected, got = ({s: log for s, log in step_logs(t).items() if s > SAVE_STEPS} for t in (whole, resumed))
+    assert sorted(got) == list(range(SAVE_STEPS + 1, STEPS + 1))
+    for step, log in got.items():
+        assert log["loss"] == pytest.approx(expected[step]["loss"], rel=1e-5), step
+    final = adapter_state_dict(whole.model)
+    for key, value in adapter_state_dict(resumed.model).items():
+        assert _rel(value, final[key]) <= 1e-5, key
+    model = fastpeft.unload(whole.model)
+    assert not model._hf_peft_config_loaded
+    with pytest.raises(ValueError, match="purely quantized"):
+        transformers.Trainer(model=model, args=training_args(tmp_path / "again"), train_dataset=CountingDataset())
+
+
+def test_under_autocast_as_peft(model_dir):
+    """Under CPU autocast to bf16 the adapted quantized model computes what PEFT's does, to
+    bf16's tolerance."""
+    settings = MODEL_SETTINGS[0][1]
+    theirs = _peft_model(model_dir, settings)
+    ours = fastpeft.inject(_load(model_dir, settings), fastpeft.LoraConfig(**LORA))
+    _copy_adapter(theirs, ours)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = ours(**_inputs()).logits, theirs(**_inputs()).logits
+    assert out.dtype == ref.dtype
+    assert _rel(out, ref) <= 1.6e-2
