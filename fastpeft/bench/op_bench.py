@@ -226,6 +226,8 @@ def run_op_benchmark(spec: OpSpec, cases: Sequence[OpCase], rows: Sequence[str],
     try:
         for index, (case, cells) in enumerate(by_case.items(), 1):
             log(f"[{spec.name} {index}/{len(by_case)}] {case.label}  ({time.perf_counter() - start:.0f} s)")
+            if all(c.error is not None for c in cells):  # every row unavailable here: no tensors to make
+                continue
             problem = spec.make_problem(case, dtype, device, generator)
             for mode in spec.modes:
                 _time_side_by_side([c for c in cells if c.mode == mode and c.error is None], problem, spec, device,

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from fastpeft.backend import use_triton
 from fastpeft.kernels.dropout_mask import draw_seed
 from fastpeft.kernels.quant import ref
+from fastpeft.kernels.quant.bitsandbytes_ops import dequantize_4bit_cpu
 from fastpeft.kernels.quant.ref import INT8, QUANT_TYPES
 from fastpeft.ops.autocast import autocast_dtype, autocast_off, cast_for_autocast
 from fastpeft.ops.checks import describe, require_finite, require_probability, require_same_device, require_tensor
@@ -133,14 +134,23 @@ def check_quantized_weight(weight: object) -> QuantizedWeight:
     return w
 
 
-def dequantize(quant_type: str, *args) -> torch.Tensor:
-    """``fastpeft.kernels.quant.ref.dequantize`` (same arguments; the packed weight second), by
-    the Triton kernel in one launch where the kernels are in use for the weight's device
-    (``fastpeft.backend.use_triton``: opt-in, not yet run on a GPU), else in torch ops."""
-    if use_triton(args[0].device):
+def dequantize(quant_type: str, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor | None,
+               nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None, offset: torch.Tensor | None,
+               blocksize: int, nested_blocksize: int, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """``fastpeft.kernels.quant.ref.dequantize``'s result (same arguments): by the Triton kernel
+    in one launch where the kernels are in use for the weight's device
+    (``fastpeft.backend.use_triton``: opt-in, not yet run on a GPU); on the CPU by bitsandbytes'
+    compiled kernels where they give the same bits (``quant.bitsandbytes_ops``); else in torch ops."""
+    args = (packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape, dtype)
+    if use_triton(packed.device):
         from fastpeft.kernels.quant import launch
 
         return launch.dequantize(quant_type, *args)
+    if quant_type != INT8:
+        compiled = dequantize_4bit_cpu(packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                       nested_blocksize, quant_type, shape, dtype)
+        if compiled is not None:
+            return compiled
     return ref.dequantize(quant_type, *args)
 
 
