@@ -91,11 +91,6 @@ class MultiAdapterModel(nn.Module):
             warnings.simplefilter("ignore")
             targets = plan_injection(model, LoraConfig(r=1, target_modules=target_modules)).targets
             all_linear = plan_injection(model, LoraConfig(r=1, target_modules="all-linear")).targets
-        quantized = [t.name for t in targets if t.kind.quantized]
-        if quantized:
-            raise ValueError(f"MultiAdapterModel: {', '.join(quantized)} are bitsandbytes-quantized layers; "
-                             "multi-adapter serving on a quantized base is not supported yet (fastpeft.inject "
-                             "adapts them with one adapter)")
         self._linear_paths = frozenset(name for name, module in model.named_modules() if name and is_linear(module))
         self._all_linear = frozenset(t.name for t in all_linear)
         self.token_ids = TokenAdapterIds()

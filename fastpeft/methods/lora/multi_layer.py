@@ -21,8 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastpeft.methods.base_layers import default_lora_dtype, require_base_layer
+from fastpeft.methods.quantized_base import quantized_weight
 from fastpeft.ops.checks import describe
 from fastpeft.ops.multi_lora_linear import multi_lora_linear
+from fastpeft.ops.qlora_linear import dequantize
 
 
 class TokenAdapterIds:
@@ -89,10 +91,14 @@ class MultiLoRALinear(nn.Module):
     ``max_rank``.
 
     Args:
-        base_layer: the ``nn.Linear`` (or transformers ``Conv1D``, weight ``[in, out]``) whose
-            weight and bias are shared, not copied.
+        base_layer: the ``nn.Linear`` (or transformers ``Conv1D``, weight ``[in, out]``, or a
+            bitsandbytes ``Linear4bit`` / ``Linear8bitLt``) whose weight and bias are shared, not
+            copied. On a quantized base each forward dequantizes the weight into a transient
+            tensor in x's dtype (``fastpeft.ops.qlora_linear.dequantize``: bitsandbytes' values;
+            the base product then runs in x's dtype, bitsandbytes' own layer in its compute
+            dtype: the same where the two agree).
         max_adapters, max_rank: slot count and largest rank (both >= 1).
-        dtype: of the slots; default PEFT's (float32 on a 16-bit base, else the base's).
+        dtype: of the slots; default PEFT's (float32 on a 16-bit or quantized base, else the base's).
 
     ``forward(x, adapter_ids=None)``: ``adapter_ids`` one slot per row of x (x's leading
     shape); when None, the ids come from ``token_ids`` (the shared ``TokenAdapterIds``: the
@@ -115,7 +121,11 @@ class MultiLoRALinear(nn.Module):
         token_ids: TokenAdapterIds | None = None,
     ) -> None:
         super().__init__()
-        kind = require_base_layer(base_layer, "base_layer", quantized=False)  # multi-LoRA: not on quantized bases yet
+        kind = require_base_layer(base_layer, "base_layer")
+        self.quantized = kind.quantized
+        # A quantized base's module, not registered (its weight and bias are this layer's own):
+        # it knows how to read the packed weight (quantized_base.quantized_weight).
+        object.__setattr__(self, "_quantized_base", base_layer if kind.quantized else None)
         for name, value in (("max_adapters", max_adapters), ("max_rank", max_rank)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -125,7 +135,7 @@ class MultiLoRALinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = weight
         self.bias = base_layer.bias
-        lora_dtype = dtype or default_lora_dtype(weight.dtype)
+        lora_dtype = dtype or default_lora_dtype(kind.base_dtype(base_layer))
         device = weight.device
         self.lora_A = nn.Parameter(torch.zeros(max_adapters, max_rank, in_features, dtype=lora_dtype, device=device),
                                    requires_grad=False)
@@ -143,8 +153,14 @@ class MultiLoRALinear(nn.Module):
     def max_rank(self) -> int:
         return self.lora_A.shape[1]
 
-    def _base_weight(self) -> torch.Tensor:
-        """The weight as ``[out, in]`` (a transposed view for ``Conv1D``)."""
+    def _base_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight as ``[out, in]`` (a transposed view for ``Conv1D``; a quantized base's
+        dequantized in x's dtype)."""
+        if self.quantized:
+            base = self._quantized_base
+            base.weight, base.bias = self.weight, self.bias
+            w = quantized_weight(base)
+            return dequantize(w.quant_type, *w.tensors(), w.blocksize, w.nested_blocksize, w.shape, x.dtype)
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
     def _require_slot(self, slot: int) -> int:
@@ -188,9 +204,10 @@ class MultiLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
         if adapter_ids is None:
             adapter_ids = self.token_ids.for_input(x)
+        bias = self.bias.to(x.dtype) if self.quantized and self.bias is not None else self.bias
         if adapter_ids is None:
-            return F.linear(x, self._base_weight(), self.bias)
-        return multi_lora_linear(x, self._base_weight(), self.bias, self.lora_A, self.lora_B, self.scalings,
+            return F.linear(x, self._base_weight(x), bias)
+        return multi_lora_linear(x, self._base_weight(x), bias, self.lora_A, self.lora_B, self.scalings,
                                  adapter_ids, self.ranks)
 
     def extra_repr(self) -> str:

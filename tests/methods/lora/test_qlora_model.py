@@ -170,13 +170,32 @@ def test_an_8bit_layer_with_fp16_weights_is_refused():
         fastpeft.inject(model, fastpeft.LoraConfig(target_modules=["q_proj"]))
 
 
-def test_multi_adapter_serving_refuses_a_quantized_base_before_any_change(model_dir):
-    model = _load(model_dir, MODEL_SETTINGS[0][1])
-    with pytest.raises(ValueError, match="quantized base is not supported yet"):
-        fastpeft.MultiAdapterModel(model, target_modules=TARGETS)
-    assert not any(isinstance(m, fastpeft.MultiLoRALinear) for m in model.modules())
-    with pytest.raises(TypeError, match="a quantized base is not supported here"):
-        fastpeft.MultiLoRALinear(model.model.layers[0].self_attn.q_proj, 2, 8)
+@pytest.mark.parametrize("name,settings", MODEL_SETTINGS[::2], ids=[n for n, _ in MODEL_SETTINGS[::2]])
+def test_multi_adapter_serving_on_a_quantized_base_matches_peft(model_dir, tmp_path, name, settings):
+    """Two PEFT QLoRA adapters served in one mixed batch by ``MultiAdapterModel`` on the same
+    quantized base (and a base-only sequence): PEFT's ``adapter_names`` batch's logits."""
+    dirs = {}
+    for i, adapter in enumerate(("a", "b")):
+        torch.manual_seed(10 + i)
+        peft.get_peft_model(_load(model_dir, settings), peft.LoraConfig(**LORA)).save_pretrained(tmp_path / adapter)
+        dirs[adapter] = tmp_path / adapter
+    theirs = peft.PeftModel.from_pretrained(_load(model_dir, settings), dirs["a"], adapter_name="a")
+    theirs.load_adapter(dirs["b"], adapter_name="b")
+    ours = fastpeft.MultiAdapterModel(_load(model_dir, settings), max_adapters=2, max_rank=4, target_modules=TARGETS)
+    for adapter, directory in dirs.items():
+        ours.load_adapter(adapter, directory)
+    ids = torch.randint(0, 128, (3, 9), generator=torch.Generator().manual_seed(3))
+    # PEFT's mixed batch wants eval mode; bitsandbytes' layers (the targets' and the others')
+    # stay in training mode, its exact CPU forward: eval mode under no_grad repacks 4-bit weights
+    # in place for an approximate kernel and quantizes int8 activations
+    theirs.eval()
+    for module in theirs.modules():
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            module.train()
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, adapter_names=["a", "__base__", "b"]).logits
+        got = ours.train()(input_ids=ids, adapter_names=["a", None, "b"]).logits
+    assert _rel(got, expected) <= 1e-4
 
 
 def test_trainer_trains_checkpoints_and_resumes_a_quantized_model(model_dir, tmp_path):
