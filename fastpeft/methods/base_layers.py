@@ -106,15 +106,12 @@ def base_layer_kind(module: nn.Module) -> BaseLayerKind | None:
     return next((kind for kind in BASE_LAYER_KINDS if kind.matches(module)), None)
 
 
-def require_base_layer(module: object, argument: str, quantized: bool = True) -> BaseLayerKind:
-    """``module``'s kind; TypeError naming ``argument`` and the kinds taken when it has none,
-    or (``quantized`` False: a caller that needs a dense weight) when it is a quantized one."""
+def require_base_layer(module: object, argument: str) -> BaseLayerKind:
+    """``module``'s kind; TypeError naming ``argument`` and the kinds taken when it has none."""
     kind = base_layer_kind(module) if isinstance(module, nn.Module) else None
-    if kind is not None and kind.quantized and not quantized:
-        raise TypeError(f"{argument} is a {kind.name}: a quantized base is not supported here")
     if kind is None:
-        taken = [k.name for k in BASE_LAYER_KINDS if quantized or not k.quantized]
-        raise TypeError(f"{argument} must be one of {', '.join(taken)}, got {type(module).__name__}")
+        raise TypeError(f"{argument} must be one of {', '.join(k.name for k in BASE_LAYER_KINDS)}, "
+                        f"got {type(module).__name__}")
     return kind
 
 
