@@ -16,6 +16,7 @@ from fastpeft.methods.base_layers import BASE_LAYER_KINDS, base_layer_kind
 from fastpeft.methods.lora.config import LoraConfig
 from fastpeft.methods.lora.layer import LoRALinear
 from fastpeft.methods.prompt.config import prompt_config_from_dict
+from fastpeft.methods.quantized_base import quantized_weight
 from fastpeft.methods.prompt.model import build_encoder, install_prompt, resolve_config
 from fastpeft.methods.state import AdapterState, record_adapter, restore_requires_grad
 
@@ -53,9 +54,15 @@ def _convert_lora_linear(path: str, layer: nn.Module, adapter: str, use_rslora: 
     if variant is not None and type(variant).__name__ not in PLAIN_FORWARD_VARIANTS:
         raise _unsupported(path, f"LoRA variant {type(variant).__name__} is not implemented")
     base = layer.base_layer
-    if base_layer_kind(base) is None:
+    kind = base_layer_kind(base)
+    if kind is None:
         raise _unsupported(path, f"base layer {type(base).__name__} is not one of "
                                  f"{', '.join(kind.name for kind in BASE_LAYER_KINDS)}")
+    if kind.quantized:
+        try:
+            quantized_weight(base)
+        except ValueError as exc:
+            raise _unsupported(path, str(exc)) from exc
     dropout = layer.lora_dropout[adapter]
     if not isinstance(dropout, (nn.Dropout, nn.Identity)):
         raise _unsupported(path, f"lora_dropout is a {type(dropout).__name__}, expected nn.Dropout or nn.Identity")

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch.nn as nn
 
+from fastpeft.methods.state import without_transformers_adapter_flag
+
 # Instance attribute that shadows the class's save_pretrained.
 METHOD_NAME = "save_pretrained"
 # Options of transformers' save_pretrained that callers pass (push_to_hub's max_shard_size,
@@ -68,8 +70,9 @@ class AdapterSavePretrained:
         if state_dict is not None:
             warnings.warn("save_pretrained got a state_dict (FSDP / DeepSpeed): fastpeft saves the adapter from "
                           "the model's own parameters only, so the whole model is written", stacklevel=2)
-            type(self.model).save_pretrained(self.model, save_directory, is_main_process=is_main_process,
-                                             state_dict=state_dict, **kwargs)
+            with without_transformers_adapter_flag(self.model):
+                type(self.model).save_pretrained(self.model, save_directory, is_main_process=is_main_process,
+                                                 state_dict=state_dict, **kwargs)
             return
         unsupported = sorted(k for k, v in kwargs.items() if k not in IGNORED_OPTIONS and v not in (None, False))
         if unsupported:

@@ -104,3 +104,41 @@ def add_to_quantized(module: nn.Module, delta: torch.Tensor, sign: float) -> Non
     settings = {k: v for k, v in weight.__dict__.items() if not k.startswith("_") and k != "data"}
     settings.update(bnb_quantized=False, requires_grad=False, quant_state=None)
     module.weight = bnb.nn.Params4bit(merged.to(dtype).to("cpu"), **settings).to(weight.device)
+
+
+class QuantizedBaseState:
+    """State-dict handling for a layer holding a bitsandbytes-quantized base's ``weight`` and
+    ``bias`` as its own (``QuantLoRALinear``, ``MultiLoRALinear``): the base module writes the
+    base's entries, so they are bitsandbytes' (the packed weight with its quantization state:
+    ``weight.absmax``, ``weight.quant_map``, ..., or int8's ``SCB``); loading such entries back
+    into the adapted layer is refused with a clear error before anything is copied
+    (bitsandbytes' own loading runs hooks of its module; a half-loaded int8 layer would keep
+    stale scales): load the quantized model with transformers, then the adapter."""
+
+    def quantized_base_module(self) -> nn.Module:
+        """The bitsandbytes module, holding this layer's current weight and bias."""
+        raise NotImplementedError
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        self.quantized_base_module()._save_to_state_dict(destination, prefix, keep_vars)
+        own = {k: v for k, v in self._parameters.items() if k not in ("weight", "bias")}
+        own.update(self._buffers)
+        for name, value in own.items():
+            if value is not None and name not in self._non_persistent_buffers_set:
+                destination[prefix + name] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        own = (set(self._parameters) | set(self._buffers)) - {"weight", "bias"}
+        children = tuple(f"{name}." for name in self._modules)
+        base = [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in own
+                and not k[len(prefix):].startswith(children)]
+        if base:
+            error_msgs.append(f"{prefix or 'the layer'}: the quantized base's entries {base[:3]} cannot be loaded "
+                              "into an adapted bitsandbytes layer; load the quantized model with transformers and "
+                              "the adapter with fastpeft.load_adapter")
+            return
+        kept = {k: v for k, v in state_dict.items() if not (k.startswith(prefix) and k[len(prefix):] in
+                                                              ("weight", "bias"))}
+        nn.Module._load_from_state_dict(self, kept, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                        error_msgs)

@@ -18,8 +18,10 @@ included), else torch ops.
 dX's base term is ``dY W`` in the compute dtype (bitsandbytes' own backward), its LoRA term as
 the LoRA op's.
 
-The base part is bit for bit bitsandbytes' own layer's training-mode output (the dequantization
-of ``fastpeft.kernels.quant.ref``, then ``F.linear`` in the compute dtype); the LoRA part is PEFT's
+The base part is the dequantization of ``fastpeft.kernels.quant.ref`` then ``F.linear`` in the
+compute dtype: on the CPU bit for bit bitsandbytes' own layer's training-mode output (on CUDA its
+int8 layers multiply int8 activations, and its 4-bit ones may use their own GEMV kernels: not
+compared yet); the LoRA part is PEFT's
 (computed from x in the adapter's dtype, added in the output's). Gradients: x, A and B (and the
 bias if it requires grad); the quantized weight is frozen (no gradient). Double backward
 (``create_graph=True``) is not supported. The products are torch's (cuBLAS on a GPU); a fused

@@ -1,7 +1,9 @@
 """Reference dequantization of the quantized base weights a QLoRA layer runs on, in torch ops:
-bit for bit what bitsandbytes computes (its ``dequantize_4bit`` / ``dequantize_blockwise`` ops
-and its int8 layers' training-mode forward), so a layer on a quantized base gives exactly the
-base output bitsandbytes' own layer gives.
+bit for bit what bitsandbytes' reference implementation computes (its ``dequantize_4bit`` /
+``dequantize_blockwise`` semantics, shared by its CUDA kernels; its CPU kernel where that is
+right) and, for int8, its CPU layers' training-mode dequantization (on CUDA bitsandbytes' int8
+layers multiply int8 activations instead), so on the CPU a layer on a quantized base gives
+exactly the base output bitsandbytes' own layer gives.
 
 4-bit (``quant_type`` ``"nf4"`` or ``"fp4"``), W ``[N, K]`` stored as ``packed``: N*K/2 bytes
 (any storage dtype, read as uint8), two 4-bit codes per byte, the high nibble first, in

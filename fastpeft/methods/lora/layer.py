@@ -22,7 +22,7 @@ from fastpeft.methods.base_layers import (
     is_conv1d,
     require_base_layer,
 )
-from fastpeft.methods.quantized_base import add_to_quantized, quantized_weight
+from fastpeft.methods.quantized_base import QuantizedBaseState, add_to_quantized, quantized_weight
 from fastpeft.ops.checks import require_finite, require_probability
 from fastpeft.ops.lora_linear import lora_linear
 from fastpeft.ops.qlora_linear import qlora_linear
@@ -251,14 +251,16 @@ class LoRALinear(AdapterLayer):
         )
 
 
-class QuantLoRALinear(LoRALinear):
+class QuantLoRALinear(QuantizedBaseState, LoRALinear):
     """LoRA on a bitsandbytes-quantized base layer (QLoRA): ``Linear4bit`` (NF4 / FP4, double
     quantization) or ``Linear8bitLt`` (frozen int8), which ``LoRALinear.wrap`` (and so
     ``fastpeft.inject``) wraps in this class. Parameters and state-dict keys as ``LoRALinear``'s
     (the base layer's own keys, quantization state included, for the base weight).
 
-    The forward is ``fastpeft.ops.qlora_linear`` on the packed weight (bitsandbytes' base output
-    bit for bit, plus PEFT's LoRA term); A and B are float32 by default (PEFT's). ``merge()``
+    The forward is ``fastpeft.ops.qlora_linear`` on the packed weight (on the CPU bitsandbytes'
+    base output bit for bit, plus PEFT's LoRA term); A and B are float32 by default (PEFT's).
+    State dicts: ``QuantizedBaseState`` (bitsandbytes' entries for the base; loading them back is
+    refused). ``merge()``
     merges as PEFT does: dequantize, add ``scaling * B A``, requantize into a new weight of the
     same settings (with PEFT's warning about rounding); ``unmerge()`` subtracts the same way
     (so a merge and unmerge round trip requantizes twice).
@@ -296,6 +298,5 @@ class QuantLoRALinear(LoRALinear):
         return qlora_linear(x, weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
                             self.lora_dropout, self.training)
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        # The base layer writes its own entries (bitsandbytes adds the quantization state's).
-        self.base_module()._save_to_state_dict(destination, prefix, keep_vars)
+    def quantized_base_module(self) -> nn.Module:
+        return self.base_module()

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastpeft.methods.base_layers import default_lora_dtype, require_base_layer
-from fastpeft.methods.quantized_base import quantized_weight
+from fastpeft.methods.quantized_base import QuantizedBaseState, quantized_weight
 from fastpeft.ops.checks import describe
 from fastpeft.ops.multi_lora_linear import multi_lora_linear
 from fastpeft.ops.qlora_linear import dequantize
@@ -85,7 +85,7 @@ class TokenAdapterIds:
         return ids.view(batch, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
 
 
-class MultiLoRALinear(nn.Module):
+class MultiLoRALinear(QuantizedBaseState, nn.Module):
     """``y[t] = x[t] W^T + b + scalings[i] x[t] A_i^T B_i^T`` with ``i`` the adapter slot of
     token t (``-1``: base only), over ``max_adapters`` preallocated slots of rank up to
     ``max_rank``.
@@ -153,13 +153,25 @@ class MultiLoRALinear(nn.Module):
     def max_rank(self) -> int:
         return self.lora_A.shape[1]
 
+    def quantized_base_module(self) -> nn.Module:
+        base = self._quantized_base
+        base.weight, base.bias = self.weight, self.bias
+        return base
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        if self.quantized:
+            return QuantizedBaseState._save_to_state_dict(self, destination, prefix, keep_vars)
+        return nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, *args) -> None:
+        owner = QuantizedBaseState if self.quantized else nn.Module
+        return owner._load_from_state_dict(self, *args)
+
     def _base_weight(self, x: torch.Tensor) -> torch.Tensor:
         """The weight as ``[out, in]`` (a transposed view for ``Conv1D``; a quantized base's
         dequantized in x's dtype)."""
         if self.quantized:
-            base = self._quantized_base
-            base.weight, base.bias = self.weight, self.bias
-            w = quantized_weight(base)
+            w = quantized_weight(self.quantized_base_module())
             return dequantize(w.quant_type, *w.tensors(), w.blocksize, w.nested_blocksize, w.shape, x.dtype)
         return self.weight.t() if self.fan_in_fan_out else self.weight
 

@@ -244,3 +244,41 @@ def test_under_autocast_as_peft(model_dir):
         out, ref = ours(**_inputs()).logits, theirs(**_inputs()).logits
     assert out.dtype == ref.dtype
     assert _rel(out, ref) <= 1.6e-2
+
+
+@pytest.mark.parametrize("name,settings", MODEL_SETTINGS[::2], ids=[n for n, _ in MODEL_SETTINGS[::2]])
+def test_state_dicts_hold_bitsandbytes_entries_and_refuse_base_loads(model_dir, tmp_path, name, settings):
+    """An adapted quantized model's state dict has bitsandbytes' entries for each base (as the
+    unadapted model's) beside A and B, in both the one-adapter and the serving layers; loading
+    base entries back is refused before anything changes (an int8 layer would keep stale
+    scales), adapter entries load; the whole-model save_pretrained fallback (Trainer under
+    FSDP / DeepSpeed passes a state_dict) runs as transformers' own, not its PEFT branch."""
+    plain = _load(model_dir, settings).state_dict()
+    ours = fastpeft.inject(_load(model_dir, settings), fastpeft.LoraConfig(**LORA))
+    served = fastpeft.MultiAdapterModel(_load(model_dir, settings), max_adapters=2, max_rank=4,
+                                        target_modules=TARGETS).state_dict()
+    state = ours.state_dict()
+    base = {k for k in plain if ".q_proj." in k}
+    assert base < set(state) and {f"model.{k}" for k in base} < set(served)
+    assert {k for k in state if ".q_proj." in k} - base == {
+        f"model.layers.{i}.self_attn.q_proj.lora_{m}.weight" for i in (0, 1) for m in "AB"}
+    before = {k: v.clone() for k, v in state.items() if "lora_" not in k}
+    with pytest.raises(RuntimeError, match="cannot be loaded into an adapted bitsandbytes layer"):
+        ours.load_state_dict(state, strict=False)
+    for key, value in ours.state_dict().items():  # bits, not values: bf16 storage holds NaN patterns
+        if key in before:
+            assert torch.equal(value.contiguous().view(torch.uint8), before[key].contiguous().view(torch.uint8)), key
+    assert not ours.load_state_dict({k: v for k, v in state.items() if "lora_" in k}, strict=False).unexpected_keys
+    with pytest.warns(UserWarning, match="the whole model is written"):
+        ours.save_pretrained(tmp_path / "full", state_dict=ours.state_dict())
+    assert ours._hf_peft_config_loaded  # back on after the whole-model save
+    assert any(tmp_path.joinpath("full").glob("*.safetensors"))
+
+
+def test_from_peft_refuses_a_repacked_layer_before_any_change(model_dir):
+    theirs = _peft_model(model_dir, MODEL_SETTINGS[0][1])
+    layer = theirs.base_model.model.model.layers[1].mlp.down_proj.base_layer
+    layer.weight.quant_state.packing_format_for_cpu = True
+    with pytest.raises(ValueError, match="repacked"):
+        fastpeft.from_peft(theirs)
+    assert not any(isinstance(m, QuantLoRALinear) for m in theirs.modules())
