@@ -21,7 +21,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from fastpeft.kernels.quant.ref import INT8, dequantize_int8
+from fastpeft.kernels.quant.ref import INT8
 from fastpeft.ops.qlora_linear import QuantizedWeight
 
 # Modules of quantizers fastpeft does not take, by the package their layer classes come from
@@ -87,20 +87,17 @@ def add_to_quantized(module: nn.Module, delta: torch.Tensor, sign: float) -> Non
     import bitsandbytes as bnb
 
     weight = module.weight
-    what = "Merge" if sign > 0 else "Unmerge"
     w = quantized_weight(module)
+    bits = 8 if w.quant_type == INT8 else 4
+    warnings.warn(f"{'Merge' if sign > 0 else 'Unmerge'} lora module to {bits}-bit linear may get different "
+                  "generations due to rounding errors.", UserWarning, stacklevel=3)
+    merged = w.dequantize(torch.float32) + sign * delta.float()
     if w.quant_type == INT8:
-        warnings.warn(f"{what} lora module to 8-bit linear may get different generations due to rounding errors.",
-                      UserWarning, stacklevel=3)
-        merged = dequantize_int8(w.packed, w.absmax, torch.float32) + sign * delta.float()
         module.weight = bnb.nn.Int8Params(merged.to("cpu"), requires_grad=False,
                                           has_fp16_weights=weight.has_fp16_weights).to(weight.device)
         module.state.reset_grads()
         return
-    warnings.warn(f"{what} lora module to 4-bit linear may get different generations due to rounding errors.",
-                  UserWarning, stacklevel=3)
     dtype = weight.quant_state.dtype
-    merged = w.dequantize(torch.float32) + sign * delta.float()
     settings = {k: v for k, v in weight.__dict__.items() if not k.startswith("_") and k != "data"}
     settings.update(bnb_quantized=False, requires_grad=False, quant_state=None)
     module.weight = bnb.nn.Params4bit(merged.to(dtype).to("cpu"), **settings).to(weight.device)
@@ -115,20 +112,22 @@ class QuantizedBaseState:
     (bitsandbytes' own loading runs hooks of its module; a half-loaded int8 layer would keep
     stale scales): load the quantized model with transformers, then the adapter."""
 
-    def quantized_base_module(self) -> nn.Module:
-        """The bitsandbytes module, holding this layer's current weight and bias."""
+    def quantized_base_module(self) -> nn.Module | None:
+        """The bitsandbytes module, holding this layer's current weight and bias; None when the
+        base is not quantized (the layer's state dict is then ``nn.Module``'s)."""
         raise NotImplementedError
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        self.quantized_base_module()._save_to_state_dict(destination, prefix, keep_vars)
-        own = {k: v for k, v in self._parameters.items() if k not in ("weight", "bias")}
-        own.update(self._buffers)
-        for name, value in own.items():
-            if value is not None and name not in self._non_persistent_buffers_set:
-                destination[prefix + name] = value if keep_vars else value.detach()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        base = self.quantized_base_module()
+        if base is not None:  # its entries for weight and bias, and its quantization state's
+            base._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
+        if self.quantized_base_module() is None:
+            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                                 unexpected_keys, error_msgs)
         own = (set(self._parameters) | set(self._buffers)) - {"weight", "bias"}
         children = tuple(f"{name}." for name in self._modules)
         base = [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in own
@@ -140,5 +139,5 @@ class QuantizedBaseState:
             return
         kept = {k: v for k, v in state_dict.items() if not (k.startswith(prefix) and k[len(prefix):] in
                                                               ("weight", "bias"))}
-        nn.Module._load_from_state_dict(self, kept, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                        error_msgs)
+        super()._load_from_state_dict(kept, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)

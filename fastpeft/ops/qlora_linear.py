@@ -84,10 +84,6 @@ class QuantizedWeight:
     def shape(self) -> tuple[int, int]:
         return self.out_features, self.in_features
 
-    @property
-    def device(self) -> torch.device:
-        return self.packed.device
-
     def tensors(self) -> tuple[torch.Tensor | None, ...]:
         """The op's tensor arguments: packed, absmax, code, nested_absmax, nested_code, offset."""
         return self.packed, self.absmax, self.code, self.nested_absmax, self.nested_code, self.offset

@@ -12,7 +12,7 @@ from fastpeft.kernels import launch_device
 from fastpeft.kernels.launch_device import on_device_of
 from fastpeft.kernels.quant import configs
 from fastpeft.kernels.quant.kernels import dequant_4bit_kernel, dequant_int8_kernel
-from fastpeft.kernels.quant.ref import INT8, INT8_MAX
+from fastpeft.kernels.quant.ref import INT8, INT8_MAX, packed_bytes
 
 
 def _grid(n: int, block: int) -> tuple[int]:
@@ -41,7 +41,7 @@ def _launch(quant_type, packed, absmax, code, nested_absmax, nested_code, offset
             BLOCK=configs.BLOCK_INT8, num_warps=configs.NUM_WARPS, num_stages=configs.NUM_STAGES,
         )
         return out
-    data = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
+    data = packed_bytes(packed)
     nested = nested_absmax is not None
     placeholder = absmax  # never read without double quantization
     dequant_4bit_kernel[_grid(n // 2, configs.BLOCK_BYTES)](

@@ -33,30 +33,35 @@ QUANT_TYPES = (NF4, FP4, INT8)
 INT8_MAX = 127
 
 
+def packed_bytes(packed: torch.Tensor) -> torch.Tensor:
+    """The packed 4-bit codes as a flat uint8 tensor, whatever their storage dtype."""
+    return packed.reshape(-1).view(torch.uint8)
+
+
+def _scaled_by_block(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """``values[i] * scales[i // blocksize]`` (fp32), the last block possibly partial."""
+    n = values.numel()
+    blocks = -(-n // blocksize)
+    padded = torch.nn.functional.pad(values, (0, blocks * blocksize - n)).view(blocks, blocksize)
+    return (padded * scales[:blocks].view(-1, 1)).reshape(-1)[:n]
+
+
 def blockwise_scales(absmax: torch.Tensor, nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None,
                      nested_blocksize: int, offset: torch.Tensor | None) -> torch.Tensor:
     """The fp32 per-block scales: ``absmax`` itself, or with double quantization (uint8
     ``absmax`` and the nested state given) its dequantization plus ``offset``."""
     if nested_absmax is None:
         return absmax
-    n = absmax.numel()
-    values = nested_code[absmax.reshape(-1).to(torch.int64)]
-    blocks = -(-n // nested_blocksize)
-    padded = torch.nn.functional.pad(values, (0, blocks * nested_blocksize - n)).view(blocks, nested_blocksize)
-    return (padded * nested_absmax.view(-1, 1)).reshape(-1)[:n] + offset
+    return _scaled_by_block(nested_code[absmax.reshape(-1).to(torch.int64)], nested_absmax, nested_blocksize) + offset
 
 
 def dequantize_4bit(packed: torch.Tensor, scales: torch.Tensor, code: torch.Tensor, blocksize: int,
                     shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     """W ``shape`` in ``dtype`` from 4-bit ``packed`` codes, fp32 block ``scales``
     (``blockwise_scales``) and the 16-value ``code`` table (module docstring)."""
-    n = math.prod(shape)
-    data = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
-    nibbles = torch.stack((data >> 4, data & 0xF), dim=1).reshape(-1)[:n].to(torch.int64)
-    values = code[nibbles]
-    blocks = -(-n // blocksize)
-    padded = torch.nn.functional.pad(values, (0, blocks * blocksize - n)).view(blocks, blocksize)
-    return (padded * scales[:blocks].view(-1, 1)).reshape(-1)[:n].view(shape).to(dtype)
+    data = packed_bytes(packed)
+    nibbles = torch.stack((data >> 4, data & 0xF), dim=1).reshape(-1)[:math.prod(shape)].to(torch.int64)
+    return _scaled_by_block(code[nibbles], scales, blocksize).view(shape).to(dtype)
 
 
 def dequantize_int8(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -122,7 +122,6 @@ class MultiLoRALinear(QuantizedBaseState, nn.Module):
     ) -> None:
         super().__init__()
         kind = require_base_layer(base_layer, "base_layer")
-        self.quantized = kind.quantized
         # A quantized base's module, not registered (its weight and bias are this layer's own):
         # it knows how to read the packed weight (quantized_base.quantized_weight).
         object.__setattr__(self, "_quantized_base", base_layer if kind.quantized else None)
@@ -153,19 +152,16 @@ class MultiLoRALinear(QuantizedBaseState, nn.Module):
     def max_rank(self) -> int:
         return self.lora_A.shape[1]
 
-    def quantized_base_module(self) -> nn.Module:
+    @property
+    def quantized(self) -> bool:
+        """Whether the base is a bitsandbytes-quantized layer."""
+        return self._quantized_base is not None
+
+    def quantized_base_module(self) -> nn.Module | None:
         base = self._quantized_base
-        base.weight, base.bias = self.weight, self.bias
+        if base is not None:
+            base.weight, base.bias = self.weight, self.bias
         return base
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        if self.quantized:
-            return QuantizedBaseState._save_to_state_dict(self, destination, prefix, keep_vars)
-        return nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
-
-    def _load_from_state_dict(self, *args) -> None:
-        owner = QuantizedBaseState if self.quantized else nn.Module
-        return owner._load_from_state_dict(self, *args)
 
     def _base_weight(self, x: torch.Tensor) -> torch.Tensor:
         """The weight as ``[out, in]`` (a transposed view for ``Conv1D``; a quantized base's
