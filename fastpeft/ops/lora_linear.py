@@ -46,7 +46,7 @@ def _implementation(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
     return lora_dispatch.choose_implementation(x, weight, lora_a, training, dropout_p > 0.0)
 
 
-def _lora_linear_forward(
+def lora_forward_by_dispatch(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -81,7 +81,7 @@ def _lora_linear_forward(
     return y.view(*x.shape[:-1], weight.shape[0]), s, keep
 
 
-_lora_linear_op = torch.library.custom_op("fastpeft::lora_linear", mutates_args=())(_lora_linear_forward)
+_lora_linear_op = torch.library.custom_op("fastpeft::lora_linear", mutates_args=())(lora_forward_by_dispatch)
 
 @_lora_linear_op.register_fake
 def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, training=False):
@@ -94,7 +94,7 @@ def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed,
     return y, s, keep
 
 
-def _lora_linear_backward(
+def lora_backward_by_dispatch(
     grad_y: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -135,7 +135,7 @@ def _lora_linear_backward(
 
 
 _lora_linear_backward_op = torch.library.custom_op("fastpeft::lora_linear_backward", mutates_args=())(
-    _lora_linear_backward
+    lora_backward_by_dispatch
 )
 
 
@@ -180,7 +180,7 @@ def _backward(ctx, grad_y, _grad_s, _grad_keep):
         dx, da, db = _differentiable_backward(grad_y, x, weight, lora_a, lora_b, keep, *args)
     else:
         direct = call_directly(grad_y, x, weight, lora_a, lora_b, s, keep, seed)
-        op = _lora_linear_backward if direct else torch.ops.fastpeft.lora_linear_backward
+        op = lora_backward_by_dispatch if direct else torch.ops.fastpeft.lora_linear_backward
         dx, da, db = op(grad_y, x, weight, lora_a, lora_b, s, keep, *args)
     dw, dbias = base_linear_grads(grad_y, x, weight, need_w, need_bias)
     return (
@@ -201,7 +201,7 @@ _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 # Eager training calls on plain tensors apply the registered forward/backward through this
 # Function instead of the custom op's dispatch (``op_calls``).
-_LoRALinearFunction = eager_function("LoRALinearFunction", _lora_linear_forward, _setup_context, _backward)
+_LoRALinearFunction = eager_function("LoRALinearFunction", lora_forward_by_dispatch, _setup_context, _backward)
 
 
 def lora_linear(
@@ -246,7 +246,7 @@ def lora_linear(
     p = float(dropout_p) if training else 0.0
     seed = draw_seed(x.device) if p > 0.0 else x.new_empty(0, dtype=torch.int64)
     tensors = (x, weight, bias, lora_a, lora_b)
-    op = op_for_call(_lora_linear_forward, _LoRALinearFunction, torch.ops.fastpeft.lora_linear, *tensors)
+    op = op_for_call(lora_forward_by_dispatch, _LoRALinearFunction, torch.ops.fastpeft.lora_linear, *tensors)
     y, _, _ = op(*tensors, float(scaling), p, seed, needs_autograd(*tensors))
     return y
 

@@ -6,26 +6,32 @@
 ``torch.ops.fastpeft.qlora_linear`` takes the quantized weight itself -- bitsandbytes' packed
 4-bit codes (NF4 / FP4) with their block scales (double quantization included), or its int8
 rows with their scales (``QuantizedWeight``; the layout: ``fastpeft.kernels.quant.ref``) -- never a
-dequantized copy: the forward dequantizes into a transient ``[N, K]`` tensor in the compute dtype
-(bitsandbytes' ``compute_dtype``; x is cast to it for the base product, as bitsandbytes' layer
-does, the output cast back to x's dtype), and the backward dequantizes again for dX. What the
-op saves for the backward is x, the packed weight (the model's own tensors), ``s = x_hat A^T``
-``[M, r]`` and the dropout mask (as the LoRA op: ``fastpeft.ops.dropout``): one layer's
-dequantized weight is alive at a time, in the forward or the backward, never between them.
-Where the kernels are in use (``FASTPEFT_BACKEND=triton``; opt-in, no GPU has run them) the
-dequantization is one Triton launch (``fastpeft.kernels.quant.launch``, double quantization
-included), else torch ops.
-dX's base term is ``dY W`` in the compute dtype (bitsandbytes' own backward), its LoRA term as
-the LoRA op's.
+dequantized copy kept between calls. What the op saves for the backward is x, the packed weight
+(the model's own tensors), ``s = x_hat A^T`` ``[M, r]`` and the dropout mask (as the LoRA op:
+``fastpeft.ops.dropout``): one layer's dequantized weight is alive at a time, in the forward or
+the backward, never between them.
 
-The base part is the dequantization of ``fastpeft.kernels.quant.ref`` then ``F.linear`` in the
+Paths:
+
+- torch (the CPU, and CUDA unless the kernels are in use): the weight dequantized into a
+  transient ``[N, K]`` tensor in the compute dtype (bitsandbytes' ``compute_dtype``; torch ops,
+  or on the CPU bitsandbytes' compiled kernels where they give the same bits), x cast to it for
+  ``F.linear`` as bitsandbytes' layer does, the output cast back to x's dtype, the LoRA term
+  PEFT's (computed from x in the adapter's dtype, added in the output's). The backward
+  dequantizes again: dX's base term is ``dY W`` in the compute dtype (bitsandbytes' own
+  backward), its LoRA term the LoRA op's.
+- kernels (``FASTPEFT_BACKEND=triton``, x in the compute dtype; opt-in: no GPU has run them):
+  up to 16 rows (decode) the fused decode kernel reads the packed weight once, dequantizing in
+  registers, and adds the LoRA term (``fastpeft.kernels.quant.decode_kernel``); above, one Triton
+  launch dequantizes (double quantization included) and the float LoRA op's forward runs on that
+  transient weight (its dispatch: the fused GEMM, the cuBLAS-hybrid path or torch's). The
+  backward dequantizes in one launch and runs the float op's backward (its fused dX kernel).
+
+The base part is the dequantization of ``fastpeft.kernels.quant.ref`` then the product in the
 compute dtype: on the CPU bit for bit bitsandbytes' own layer's training-mode output (on CUDA its
 int8 layers multiply int8 activations, and its 4-bit ones may use their own GEMV kernels: not
-compared yet); the LoRA part is PEFT's
-(computed from x in the adapter's dtype, added in the output's). Gradients: x, A and B (and the
-bias if it requires grad); the quantized weight is frozen (no gradient). Double backward
-(``create_graph=True``) is not supported. The products are torch's (cuBLAS on a GPU); a fused
-dequantize+GEMV+LoRA decode kernel is issue 21's next step.
+compared yet). Gradients: x, A and B (and the bias if it requires grad); the quantized weight is
+frozen (no gradient). Double backward (``create_graph=True``) is not supported.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from fastpeft.kernels.quant.ref import INT8, QUANT_TYPES
 from fastpeft.ops.autocast import autocast_dtype, autocast_off, cast_for_autocast
 from fastpeft.ops.checks import describe, require_finite, require_probability, require_same_device, require_tensor
 from fastpeft.ops.dropout import kept_mask, redraws_mask, saved_or_redrawn_mask
+from fastpeft.ops.lora_linear import lora_backward_by_dispatch, lora_forward_by_dispatch
 from fastpeft.ops.lora_linear_torch import (
     add_lora_product,
     keep_mask,
@@ -51,7 +58,7 @@ from fastpeft.ops.lora_linear_torch import (
     lora_rank_side,
     rank_side_dtype,
 )
-from fastpeft.ops.op_calls import eager_function, op_for_call, rows
+from fastpeft.ops.op_calls import call_directly, eager_function, op_for_call, rows
 
 # Activation and compute dtypes the op takes (bitsandbytes' compute dtypes).
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -156,6 +163,13 @@ def _compute_dtype(weight: QuantizedWeight, x: torch.Tensor) -> torch.dtype:
     return weight.compute_dtype or x.dtype
 
 
+def _kernels_take(x: torch.Tensor, compute_dtype: torch.dtype) -> bool:
+    """Whether the call runs on the kernels: they are in use for x's device and x is in the
+    compute dtype (the base product and the LoRA term then meet in one dtype, as in the float
+    op; other calls cast x for the base product and take the torch composition)."""
+    return use_triton(x.device) and x.dtype == compute_dtype
+
+
 def _qlora_forward(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -177,16 +191,39 @@ def _qlora_forward(
     seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y [..., N] in x's dtype, s [M, r], keep)`` (module docstring); ``keep`` the torch
-    path's dropout mask, empty when the backward redraws it or without dropout."""
+    path's dropout mask, empty when the backward redraws it or without dropout.
+
+    Where the kernels take the call (``_kernels_take``): a decode-sized call
+    (``quant.launch.decode_fits``) runs the fused decode kernel on the packed weight; a larger
+    one dequantizes in one launch and runs the float LoRA op's forward on that transient weight
+    (its dispatch: the fused GEMM, the cuBLAS-hybrid path or torch's)."""
     k = x.shape[-1]
-    w = dequantize(quant_type, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                   (out_features, k), compute_dtype)
     x2 = rows(x, k)
+    quant = (quant_type, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize)
+    bias_c = bias.to(compute_dtype) if bias is not None else None
+    kernels = _kernels_take(x, compute_dtype)
+    decode = kernels and _decode_fits(x2, out_features, lora_a, lora_b, compute_dtype)
+    if kernels and not decode:
+        w = dequantize(*quant, (out_features, k), compute_dtype)
+        return lora_forward_by_dispatch(x, w, bias_c, lora_a, lora_b, scaling, dropout_p, seed)
     keep = keep_mask(x2, dropout_p, seed)
     s = lora_rank_side(x2, lora_a, dropout_p, keep)
-    base = F.linear(x2.to(compute_dtype), w, bias.to(compute_dtype) if bias is not None else None).to(x.dtype)
-    y = add_lora_product(base, (s * scaling).to(lora_b.dtype), lora_b.t())
+    s_scaled = (s * scaling).to(lora_b.dtype)
+    if decode:
+        from fastpeft.kernels.quant.launch import decode_forward
+
+        y = decode_forward(x2, *quant, bias_c, s_scaled, lora_b)
+    else:
+        w = dequantize(*quant, (out_features, k), compute_dtype)
+        y = add_lora_product(F.linear(x2.to(compute_dtype), w, bias_c).to(x.dtype), s_scaled, lora_b.t())
     return y.view(*x.shape[:-1], out_features), s, kept_mask(keep)
+
+
+def _decode_fits(x2: torch.Tensor, n: int, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                 compute_dtype: torch.dtype) -> bool:
+    from fastpeft.kernels.quant.launch import decode_fits
+
+    return decode_fits(x2.shape[0], n, x2.shape[1], lora_a.shape[0], compute_dtype, lora_b.dtype, x2.device)
 
 
 _forward_op = torch.library.custom_op("fastpeft::qlora_linear", mutates_args=())(_qlora_forward)
@@ -208,30 +245,76 @@ def _setup_context(ctx, inputs, output) -> None:
     _, s, keep = output
     ctx.mark_non_differentiable(s, keep)
     ctx.save_for_backward(x, packed, absmax, code, nested_absmax, nested_code, offset, lora_a, lora_b, s, keep, seed)
-    ctx.quant = (quant_type, blocksize, nested_blocksize, out_features, compute_dtype)
+    ctx.quant = (quant_type, blocksize, nested_blocksize, compute_dtype)
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
     ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _qlora_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor | None,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    s: torch.Tensor,
+    keep: torch.Tensor,
+    seed: torch.Tensor,
+    quant_type: str,
+    blocksize: int,
+    nested_blocksize: int,
+    compute_dtype: torch.dtype,
+    scaling: float,
+    dropout_p: float,
+    need_x: bool,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dX like x, dA [r, K], dB [N, r])``, a gradient not asked for an empty tensor (module
+    docstring: the weight dequantized again, for dX only)."""
+    quant = (quant_type, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize)
+    out_features, k = lora_b.shape[0], x.shape[-1]
+    w = dequantize(*quant, (out_features, k), compute_dtype) if need_x else None
+    if w is not None and _kernels_take(x, compute_dtype):  # the float op's backward on the transient weight
+        return lora_backward_by_dispatch(grad_y, x, w, lora_a, lora_b, s, keep, scaling, dropout_p, seed, need_x,
+                                         need_a, need_b)
+    x2, g2 = rows(x, k), rows(grad_y, out_features)
+    # dY W in the compute dtype, as bitsandbytes' own backward forms it
+    base_grad = (g2.to(compute_dtype) @ w).to(x.dtype) if w is not None else None
+    mask = saved_or_redrawn_mask(keep, x2, dropout_p, seed)
+    dx, da, db = lora_backward_torch(g2, x2, None, lora_a, lora_b, s, mask, scaling, dropout_p, need_x, need_a,
+                                     need_b, base_grad)
+    empty = x.new_empty(0)
+    return dx.view(x.shape) if dx is not None else empty, da if da is not None else empty, db if db is not None else empty
+
+
+_backward_op = torch.library.custom_op("fastpeft::qlora_linear_backward", mutates_args=())(_qlora_backward)
+
+
+@_backward_op.register_fake
+def _qlora_backward_fake(grad_y, x, packed, absmax, code, nested_absmax, nested_code, offset, lora_a, lora_b, s, keep,
+                         seed, quant_type, blocksize, nested_blocksize, compute_dtype, scaling, dropout_p, need_x,
+                         need_a, need_b):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else x.new_empty(0),
+            lora_a.new_empty(lora_a.shape) if need_a else x.new_empty(0),
+            lora_b.new_empty(lora_b.shape) if need_b else x.new_empty(0))
 
 
 def _backward(ctx, grad_y, _grad_s, _grad_keep):
     if torch.is_grad_enabled():
         raise RuntimeError("fastpeft.ops.qlora_linear does not support double backward (create_graph=True)")
-    x, packed, absmax, code, nested_absmax, nested_code, offset, lora_a, lora_b, s, keep, seed = ctx.saved_tensors
-    quant_type, blocksize, nested_blocksize, out_features, compute_dtype = ctx.quant
+    saved = ctx.saved_tensors
     need = ctx.needs_input_grad
-    k = x.shape[-1]
-    x2, g2 = rows(x, k), rows(grad_y, out_features)
-    base_grad = None
-    if need[0]:  # dY W in the compute dtype, as bitsandbytes' own backward forms it
-        w = dequantize(quant_type, packed, absmax, code, nested_absmax, nested_code, offset, blocksize,
-                       nested_blocksize, (out_features, k), compute_dtype)
-        base_grad = (g2.to(compute_dtype) @ w).to(x.dtype)
-    mask = saved_or_redrawn_mask(keep, x2, ctx.dropout_p, seed)
-    dx, da, db = lora_backward_torch(g2, x2, None, lora_a, lora_b, s, mask, ctx.scaling, ctx.dropout_p, need[0],
-                                     need[8], need[9], base_grad)
-    dbias = g2.sum(0).to(ctx.bias_dtype) if need[7] else None
-    return (dx.view(x.shape) if dx is not None else None, None, None, None, None, None, None, dbias, da, db,
-            None, None, None, None, None, None, None, None)
+    args = (grad_y, *saved, *ctx.quant, ctx.scaling, ctx.dropout_p, need[0], need[8], need[9])
+    op = _qlora_backward if call_directly(grad_y, *saved) else torch.ops.fastpeft.qlora_linear_backward
+    dx, da, db = op(*args)
+    dbias = rows(grad_y, grad_y.shape[-1]).sum(0).to(ctx.bias_dtype) if need[7] else None
+    return (dx if need[0] else None, None, None, None, None, None, None, dbias, da if need[8] else None,
+            db if need[9] else None, None, None, None, None, None, None, None, None)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)

@@ -6,7 +6,7 @@ their grids.
 ``launch_key`` reduces a launch to what Triton's launcher specializes on -- argument types,
 integers equal to 1 (constexprs) or divisible by 16 and 16-byte aligned pointers, except the
 arguments the kernel exempts (``do_not_specialize``) -- plus its constexprs, warps and
-stages; ``spec_key`` keys a compiled spec the same way, so a launch is checked when its key
+stages and FP fusion; ``spec_key`` keys a compiled spec the same way, so a launch is checked when its key
 is a spec's.
 """
 
@@ -20,7 +20,8 @@ from fastpeft.kernels.aot_spec import unspecialized_args
 # (SM count, capability) of an A100 and an H100/H200.
 GPUS = [(108, 80), (132, 90)]
 
-_TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64"}
+_TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64",
+                 torch.uint8: "u8", torch.int8: "i8"}
 
 
 def _name(fn) -> str:
@@ -30,7 +31,7 @@ def _name(fn) -> str:
 def spec_key(spec) -> tuple:
     """What a compiled spec specializes on, keyed like ``launch_key``."""
     return (_name(spec.fn), tuple(spec.signature.items()), tuple(sorted(spec.constexprs.items())),
-            tuple(sorted(spec.aligned_params())), spec.num_warps, spec.num_stages)
+            tuple(sorted(spec.aligned_params())), spec.num_warps, spec.num_stages, spec.enable_fp_fusion)
 
 
 def launch_key(fn, args: tuple, kwargs: dict) -> tuple:
@@ -38,6 +39,7 @@ def launch_key(fn, args: tuple, kwargs: dict) -> tuple:
     exempt = set(unspecialized_args(fn))
     kwargs = dict(kwargs)
     warps, stages = kwargs.pop("num_warps"), kwargs.pop("num_stages")
+    fp_fusion = kwargs.pop("enable_fp_fusion", True)
     values = dict(zip(fn.arg_names, args))
     signature, constexprs, aligned = {}, dict(kwargs), []
     for name in fn.arg_names:
@@ -61,7 +63,7 @@ def launch_key(fn, args: tuple, kwargs: dict) -> tuple:
             if name not in exempt and value % 16 == 0:
                 aligned.append(name)
     return (_name(fn), tuple(signature.items()), tuple(sorted(constexprs.items())), tuple(sorted(aligned)),
-            warps, stages)
+            warps, stages, fp_fusion)
 
 
 class Launches(list):

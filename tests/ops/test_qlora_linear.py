@@ -93,10 +93,14 @@ def test_no_rows():
     assert x.grad.shape == (0, K) and torch.equal(a.grad, torch.zeros_like(a))
 
 
-def test_registration_and_compile():
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("m", [4, 20])
+def test_registration_and_compile(backend, m, monkeypatch):
+    """``backend`` triton: 4 rows run the fused decode kernel, 20 the dequantize-then-GEMM path."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", backend)
     layer = _base("nf4-dq", torch.float32)
     weight = quantized_weight(layer)
-    x = torch.randn(4, K, requires_grad=True)
+    x = torch.randn(m, K, requires_grad=True)
     a, b = torch.randn(R, K, requires_grad=True), torch.randn(N, R, requires_grad=True)
     torch.library.opcheck(torch.ops.fastpeft.qlora_linear.default,
                           (x, *weight.tensors(), layer.bias, a, b, "nf4", weight.blocksize, weight.nested_blocksize,

@@ -51,20 +51,25 @@ def test_int8():
         assert torch.equal(_launch(weight, dtype), _expected(weight, dtype)), dtype
 
 
-def test_the_op_runs_the_kernel_where_the_kernels_are_in_use(monkeypatch):
+@pytest.mark.parametrize("m,dequantizations,decodes", [(3, 1, 1), (17, 2, 0)])
+def test_the_op_runs_the_kernels_where_they_are_in_use(m, dequantizations, decodes, monkeypatch):
+    """Up to 16 rows the forward is the fused decode kernel and only the backward dequantizes;
+    above, the forward dequantizes too (one launch each); the torch backend launches nothing."""
     from fastpeft.kernels.quant import launch
     from fastpeft.ops import qlora_linear
 
-    calls = []  # the launcher, counted, computing the reference's result
-    monkeypatch.setattr(launch, "dequantize", lambda *args: calls.append(args[0]) or launch_reference(*args))
+    calls = []  # the launchers, counted, computing the reference's result
+    monkeypatch.setattr(launch, "dequantize", lambda *args: calls.append("dequantize") or launch_reference(*args))
+    decode = launch.decode_forward
+    monkeypatch.setattr(launch, "decode_forward", lambda *args: calls.append("decode") or decode(*args))
     layer = linear_4bit(nn.Linear(96, 40))
-    x = torch.randn(3, 96, requires_grad=True)
+    x = torch.randn(m, 96, requires_grad=True)
     a, b = torch.randn(4, 96, requires_grad=True), torch.randn(40, 4)
-    for choice, expected in (("torch", 0), ("triton", 2)):
+    for choice, expected in (("torch", []), ("triton", ["decode"] * decodes + ["dequantize"] * dequantizations)):
         monkeypatch.setenv("FASTPEFT_BACKEND", choice)
         calls.clear()
         qlora_linear(x, quantized_weight(layer), layer.bias, a, b, 2.0).sum().backward()
-        assert len(calls) == expected  # forward and backward, one launch each
+        assert sorted(calls) == sorted(expected)
 
 
 def launch_reference(quant_type, *args):
