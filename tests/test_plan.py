@@ -18,8 +18,9 @@ from fastpeft.kernels import launch_device  # noqa: E402
 from fastpeft.kernels.bottleneck import configs as bn_configs, launch as bn_launch  # noqa: E402
 from fastpeft.kernels.lora import configs as lora_configs, hybrid_launch, launch as lora_launch  # noqa: E402
 from fastpeft.kernels.multi_lora import launch as ml_launch  # noqa: E402
+from fastpeft.kernels.quant import launch as quant_launch  # noqa: E402
 from fastpeft.plan import GPUS, build_plan, compare_lines, kernel_costs, model, paths, problems  # noqa: E402
-from fastpeft.plan.problems import BOTTLENECK, FWD, FWD_BWD, LORA, MULTI_LORA, Problem  # noqa: E402
+from fastpeft.plan.problems import BOTTLENECK, FWD, FWD_BWD, LORA, MULTI_LORA, QLORA, Problem  # noqa: E402
 from fastpeft.plan.recording import Launch, kernel_name, recording  # noqa: E402
 from fastpeft.plan.traffic import Hardware  # noqa: E402
 from tests.helpers.cli_runner import run_cli  # noqa: E402
@@ -38,12 +39,14 @@ def h100_rows() -> list[model.PlanRow]:
 
 def test_rows_cover_every_key_shape_with_the_issue_fields(h100_rows):
     problems_ = [r.problem for r in h100_rows]
-    assert {p.op for p in problems_} == {LORA, BOTTLENECK, MULTI_LORA}
+    assert {p.op for p in problems_} == {LORA, QLORA, BOTTLENECK, MULTI_LORA}
     lora = {(p.m, p.k, p.n, p.r) for p in problems_ if p.op == LORA}
     assert lora == {(m, k, n, rank) for m in (1, 16, 64, 512, 4096, 16384) for k, n in ((4096, 4096), (4096, 14336))
                     for rank in (8, 16, 64)}
     assert {(p.m, p.r) for p in problems_ if p.op == BOTTLENECK} >= {(m, r) for m in (1, 8192) for r in (64, 256)}
     assert {(p.m, p.adapters) for p in problems_ if p.op == MULTI_LORA} == {(1, 64), (16, 64), (64, 64)}
+    assert {(p.m, p.k, p.n, p.r) for p in problems_ if p.op == QLORA} == {
+        (m, k, n, 16) for m in (1, 16, 64, 512, 4096) for k, n in ((4096, 4096), (4096, 14336))}
     for row in h100_rows:
         data = row.as_json()
         assert ISSUE_FIELDS <= set(data), ISSUE_FIELDS - set(data)
@@ -70,6 +73,8 @@ def test_who_picks_each_path(h100_rows):
         assert len(validated) == 1
         if problem.op == LORA:  # the shipped dispatch table's rules of thumb
             assert validated[0].path == ("fused" if problem.m <= 16 else "hybrid")
+        if problem.op == QLORA:  # the kernels: the decode kernel or the dequantization + the LoRA table's path
+            assert validated[0].path == "triton"
         # torch rows have no grid of their own; every kernel row names its main Triton launch
         for r in rows:
             assert (r.ctas is None) == (r.path == "torch")
@@ -88,7 +93,7 @@ def _summary(name: str, grid: tuple[int, ...], named: dict) -> tuple:
 
 def _helper_launches(monkeypatch, gpu, run: paths.PathRun) -> list[tuple]:
     """The Triton launches of ``run`` recorded by the tests' own recorder (as the spec tests do)."""
-    recorded = record_launches(monkeypatch, lora_launch, hybrid_launch, bn_launch, ml_launch)
+    recorded = record_launches(monkeypatch, lora_launch, hybrid_launch, bn_launch, ml_launch, quant_launch)
     for module in (lora_configs, lora_launch, bn_configs, hybrid_launch):
         monkeypatch.setattr(module, "device_info", lambda device: (gpu.sms, gpu.capability))
     for module in (launch_device, bn_launch):
@@ -111,6 +116,8 @@ CROSS_CHECKED = [
     *(Problem(BOTTLENECK, FWD_BWD, m, 4096, 4096, r, torch.bfloat16, torch.bfloat16) for m in (1, 8192)
       for r in (64, 256)),
     *(Problem(MULTI_LORA, FWD, t, 4096, 4096, 16, torch.bfloat16, torch.bfloat16, 64) for t in (1, 64)),
+    *(Problem(QLORA, mode, m, 4096, 14336, 16, torch.bfloat16, torch.float32) for m in (1, 512)
+      for mode in (FWD, FWD_BWD)),
 ]
 
 
@@ -139,6 +146,25 @@ def test_min_bytes_and_flops_by_hand():
     multi = Problem(MULTI_LORA, FWD, 16, 4096, 4096, 16, torch.bfloat16, torch.bfloat16, 64)
     # 16 tokens with distinct adapters: 16 adapters' A and B read once
     assert multi.min_bytes() == (16 * 4096 * 2 + 4096 * 4096) * 2 + 16 * (2 * 16 * 4096) * 2
+
+
+def test_qlora_weight_bytes_and_decode_traffic_by_hand():
+    """NF4 with double quantization: 4 bits per element, one 8-bit scale code per 64 elements,
+    one fp32 nested scale per 256 codes, the two code tables. The decode kernel's row (M = 1)
+    moves about that weight, ~3.5x under the bf16 LoRA row's bytes, and fills the GPU."""
+    problem = Problem(QLORA, FWD, 1, 4096, 4096, 16, torch.bfloat16, torch.float32)
+    codes, scale_codes = 4096 * 4096 // 2, 4096 * 4096 // 64
+    assert problem.weight_bytes() == codes + scale_codes + 4 * (scale_codes // 256) + (16 + 256) * 4
+    assert problem.min_bytes() == (4096 + 4096) * 2 + problem.weight_bytes() + (16 * 4096 + 4096 * 16) * 4
+    (kernels,) = [r for r in build_plan(H100, ops=(QLORA,), modes=(FWD,)) if r.problem == problem and
+                  r.path == "triton"]
+    decode = [k for k in kernels.kernels if k.kernel == "qlora_decode_kernel"]
+    assert len(decode) == 1 and decode[0].ctas == 4096 // 16 and kernels.meets_target
+    # the packed weight and scales once, x and s' by each of the 256 programs, B, y
+    assert decode[0].bytes == (codes + scale_codes + 4 * (scale_codes // 256) + 256 * 4096 * 2 + 256 * 16 * 4
+                               + 4096 * 16 * 4 + 4096 * 2)
+    lora = Problem(LORA, FWD, 1, 4096, 4096, 16, torch.bfloat16, torch.float32)
+    assert lora.min_bytes() / kernels.bytes > 3.0
 
 
 def test_fused_forward_traffic_by_hand():
@@ -260,11 +286,12 @@ def test_every_planned_kernel_has_a_traffic_model(h100_rows):
     launched = {k.kernel for row in h100_rows for k in row.kernels if k.grid is not None}
     assert launched <= set(kernel_costs.KERNEL_COSTS)
     assert {"lora_fwd_kernel", "lora_hybrid_fwd_kernel", "bottleneck_down_kernel", "bottleneck_up_kernel",
-            "multi_lora_decode_shrink_kernel", "multi_lora_shrink_kernel"} <= launched
+            "multi_lora_decode_shrink_kernel", "multi_lora_shrink_kernel", "qlora_decode_kernel",
+            "dequant_4bit_kernel"} <= launched
 
 
 def test_problems_of_the_issue():
-    assert len(problems.problems()) == 2 * 2 * 6 * 3 + 2 * 2 * 7 + 3
+    assert len(problems.problems()) == 2 * 2 * 6 * 3 + 2 * 2 * 5 + 2 * 2 * 7 + 3
     assert all(p.mode == FWD for p in problems.problems(ops=(MULTI_LORA,)))
 
 
@@ -291,7 +318,7 @@ def test_cli_misses_shows_only_rows_missing_the_target(capsys):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--gpu", "v100"], "invalid choice: 'v100'"),
-    (["--ops", "lora,conv"], "--ops must be a comma-separated list of lora, bottleneck, multi-lora"),
+    (["--ops", "lora,conv"], "--ops must be a comma-separated list of lora, qlora, bottleneck, multi-lora"),
     (["--modes", "bwd"], "--modes must be a comma-separated list of fwd, fwd+bwd"),
     (["--launch-us", "-1"], "--launch-us must be >= 0"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),

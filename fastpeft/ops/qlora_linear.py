@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from fastpeft.backend import use_triton
 from fastpeft.kernels.dropout_mask import draw_seed
 from fastpeft.kernels.quant import ref
-from fastpeft.kernels.quant.bitsandbytes_ops import dequantize_4bit_cpu
+from fastpeft.kernels.quant.bitsandbytes_ops import bitsandbytes_dequantize_4bit, bitsandbytes_dequantizes_exactly
 from fastpeft.kernels.quant.ref import INT8, QUANT_TYPES
 from fastpeft.ops.autocast import autocast_dtype, autocast_off, cast_for_autocast
 from fastpeft.ops.checks import describe, require_finite, require_probability, require_same_device, require_tensor
@@ -58,7 +58,7 @@ from fastpeft.ops.lora_linear_torch import (
     lora_rank_side,
     rank_side_dtype,
 )
-from fastpeft.ops.op_calls import call_directly, eager_function, op_for_call, rows
+from fastpeft.ops.op_calls import call_directly, eager_function, needs_autograd, op_for_call, rows
 
 # Activation and compute dtypes the op takes (bitsandbytes' compute dtypes).
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -144,18 +144,17 @@ def dequantize(quant_type: str, packed: torch.Tensor, absmax: torch.Tensor, code
                blocksize: int, nested_blocksize: int, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     """``fastpeft.kernels.quant.ref.dequantize``'s result (same arguments): by the Triton kernel
     in one launch where the kernels are in use for the weight's device
-    (``fastpeft.backend.use_triton``: opt-in, not yet run on a GPU); on the CPU by bitsandbytes'
-    compiled kernels where they give the same bits (``quant.bitsandbytes_ops``); else in torch ops."""
+    (``fastpeft.backend.use_triton``: opt-in, not yet run on a GPU); else by bitsandbytes' own
+    kernels where they give the same bits (CUDA; the CPU where its kernel is right:
+    ``quant.bitsandbytes_ops``); else in torch ops."""
     args = (packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape, dtype)
     if use_triton(packed.device):
         from fastpeft.kernels.quant import launch
 
         return launch.dequantize(quant_type, *args)
-    if quant_type != INT8:
-        compiled = dequantize_4bit_cpu(packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                                       nested_blocksize, quant_type, shape, dtype)
-        if compiled is not None:
-            return compiled
+    if quant_type != INT8 and bitsandbytes_dequantizes_exactly(packed.device, shape[1], blocksize):
+        return bitsandbytes_dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                            nested_blocksize, quant_type, shape, dtype)
     return ref.dequantize(quant_type, *args)
 
 
@@ -189,9 +188,11 @@ def _qlora_forward(
     scaling: float,
     dropout_p: float,
     seed: torch.Tensor,
+    training: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y [..., N] in x's dtype, s [M, r], keep)`` (module docstring); ``keep`` the torch
-    path's dropout mask, empty when the backward redraws it or without dropout.
+    path's dropout mask, empty when the backward redraws it or without dropout; ``training``:
+    a backward follows (the float op's dispatch then picks the training step's implementation).
 
     Where the kernels take the call (``_kernels_take``): a decode-sized call
     (``quant.launch.decode_fits``) runs the fused decode kernel on the packed weight; a larger
@@ -205,7 +206,7 @@ def _qlora_forward(
     decode = kernels and _decode_fits(x2, out_features, lora_a, lora_b, compute_dtype)
     if kernels and not decode:
         w = dequantize(*quant, (out_features, k), compute_dtype)
-        return lora_forward_by_dispatch(x, w, bias_c, lora_a, lora_b, scaling, dropout_p, seed)
+        return lora_forward_by_dispatch(x, w, bias_c, lora_a, lora_b, scaling, dropout_p, seed, training)
     keep = keep_mask(x2, dropout_p, seed)
     s = lora_rank_side(x2, lora_a, dropout_p, keep)
     s_scaled = (s * scaling).to(lora_b.dtype)
@@ -231,7 +232,7 @@ _forward_op = torch.library.custom_op("fastpeft::qlora_linear", mutates_args=())
 
 @_forward_op.register_fake
 def _qlora_fake(x, packed, absmax, code, nested_absmax, nested_code, offset, bias, lora_a, lora_b, quant_type,
-                blocksize, nested_blocksize, out_features, compute_dtype, scaling, dropout_p, seed):
+                blocksize, nested_blocksize, out_features, compute_dtype, scaling, dropout_p, seed, training=False):
     m, k = math.prod(x.shape[:-1]), x.shape[-1]
     keeps = dropout_p > 0.0 and not redraws_mask(x.device)
     return (x.new_empty((*x.shape[:-1], out_features)),
@@ -241,7 +242,7 @@ def _qlora_fake(x, packed, absmax, code, nested_absmax, nested_code, offset, bia
 
 def _setup_context(ctx, inputs, output) -> None:
     (x, packed, absmax, code, nested_absmax, nested_code, offset, bias, lora_a, lora_b, quant_type, blocksize,
-     nested_blocksize, out_features, compute_dtype, scaling, dropout_p, seed) = inputs
+     nested_blocksize, out_features, compute_dtype, scaling, dropout_p, seed) = inputs[:18]  # then training
     _, s, keep = output
     ctx.mark_non_differentiable(s, keep)
     ctx.save_for_backward(x, packed, absmax, code, nested_absmax, nested_code, offset, lora_a, lora_b, s, keep, seed)
@@ -314,7 +315,7 @@ def _backward(ctx, grad_y, _grad_s, _grad_keep):
     dx, da, db = op(*args)
     dbias = rows(grad_y, grad_y.shape[-1]).sum(0).to(ctx.bias_dtype) if need[7] else None
     return (dx if need[0] else None, None, None, None, None, None, None, dbias, da if need[8] else None,
-            db if need[9] else None, None, None, None, None, None, None, None, None)
+            db if need[9] else None, None, None, None, None, None, None, None, None, None)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -388,5 +389,5 @@ def qlora_linear(
     tensors = (x, *weight.tensors(), bias, lora_a, lora_b)
     op = op_for_call(_qlora_forward, _QLoRAFunction, torch.ops.fastpeft.qlora_linear, *tensors)
     y, _, _ = op(*tensors, weight.quant_type, weight.blocksize, weight.nested_blocksize, weight.out_features,
-                 _compute_dtype(weight, x), float(scaling), p, seed)
+                 _compute_dtype(weight, x), float(scaling), p, seed, needs_autograd(*tensors))
     return y

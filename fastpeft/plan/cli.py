@@ -1,6 +1,6 @@
 """``fastpeft plan``: the performance plan of the key shapes, without a GPU.
 
-    fastpeft plan [--gpu h100] [--json plan.json] [--ops lora,bottleneck,multi-lora]
+    fastpeft plan [--gpu h100] [--json plan.json] [--ops lora,qlora,bottleneck,multi-lora]
                   [--modes fwd,fwd+bwd] [--paths torch,fused,...] [--misses] [--launch-us 4]
                   [--compare focused.json]
 

@@ -407,3 +407,57 @@ def _multi_lora_expand(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
         flops += 2 * rows * n * rank
     return Cost((Access("Q", q_bytes, q_l2), Access("s", s_bytes, s_l2), Access("out", y_bytes, y_bytes),
                  write("out", y_bytes)), flops)
+
+
+# --- Dropout mask (fastpeft.kernels.philox_dropout) -------------------------------------
+
+
+@kernel_cost("keep_mask_kernel")
+def _keep_mask(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
+    """The ``[M, K]`` Philox keep-mask written, one byte per element (nothing read but the seed)."""
+    return Cost((write("mask", p["M"] * p["K"]),), 0)
+
+
+# --- Quantized weights (fastpeft.kernels.quant.kernels, decode_kernel) ------------------
+
+
+def _scale_reads(n_elements: int, p: Params, hw: Hardware) -> list[Access]:
+    """A 4-bit weight's block scales read once (with double quantization the 8-bit codes and
+    the nested fp32 scales; the code tables are L2-resident and left out, as index vectors)."""
+    blocks = cdiv(n_elements, p["blocksize"])
+    if not p["NESTED"]:
+        return [read("scales", blocks * 4, 1, hw)]
+    return [read("scale codes", blocks, 1, hw), read("nested scales", cdiv(blocks, p["nested_blocksize"]) * 4, 1, hw)]
+
+
+@kernel_cost("dequant_4bit_kernel")
+def _dequant_4bit(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
+    """The packed codes and their scales read once; W written in the output dtype."""
+    n_bytes = p["n_bytes"]
+    return Cost((read("packed W", n_bytes, 1, hw), *_scale_reads(2 * n_bytes, p, hw),
+                 write("W", 2 * n_bytes * e(p["out_ptr"]))), 0)
+
+
+@kernel_cost("dequant_int8_kernel")
+def _dequant_int8(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
+    """CB and the row scales read once; W written in the output dtype."""
+    n = p["n_elements"]
+    return Cost((read("CB", n, 1, hw), read("row scales", n // p["k"] * 4, 1, hw),
+                 write("W", n * e(p["out_ptr"]))), 0)
+
+
+@kernel_cost("qlora_decode_kernel")
+def _qlora_decode(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
+    """Program (column block): its rows of the packed weight and their scales, once over all
+    programs; x's M rows and s' by every program (consecutive programs); its rows of B and
+    the bias; y written."""
+    m, n, k, r = p["M"], p["N"], p["K"], p["R"]
+    programs = grid[0]
+    weight = [read("CB", n * k, 1, hw), read("row scales", n * 4, 1, hw)] if p["INT8"] else [
+        read("packed W", n * k // 2, 1, hw), *_scale_reads(n * k, p, hw)]
+    accesses = [*weight, read("x", m * k * e(p["x_ptr"]), programs, hw, concurrent=True),
+                read("s'", m * r * e(p["s_ptr"]), programs, hw, concurrent=True), read("B", n * r * e(p["b_ptr"]), 1, hw)]
+    if p["HAS_BIAS"]:
+        accesses.append(read("bias", n * e(p["bias_ptr"]), 1, hw))
+    accesses.append(write("y", m * n * e(p["y_ptr"])))
+    return Cost(tuple(accesses), 2 * m * n * k + 2 * m * n * r)

@@ -24,7 +24,10 @@ recording can see.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,12 +39,23 @@ from fastpeft.kernels.bottleneck import launch as bottleneck_launch
 from fastpeft.kernels.lora import dispatch, hybrid_launch, launch as lora_launch
 from fastpeft.kernels.lora.configs import MAX_RANK, MEDIUM_MAX_M
 from fastpeft.kernels.multi_lora import configs as multi_lora_configs, launch as multi_lora_launch
+from fastpeft.kernels.quant import launch as quant_launch, ref as quant_ref
+from fastpeft.kernels.quant.bitsandbytes_ops import bitsandbytes_dequantize_4bit
 from fastpeft.ops.bottleneck_adapter_torch import bottleneck_backward_torch, bottleneck_forward_torch
 from fastpeft.ops.dropout import saved_or_redrawn_mask
-from fastpeft.ops.lora_linear_torch import lora_backward_torch, lora_forward_torch
+from fastpeft.ops.lora_linear_torch import lora_backward_torch, lora_forward_torch, lora_rank_side
 from fastpeft.ops.multi_lora_linear_torch import multi_lora_add_torch
 from fastpeft.plan.gpus import GpuSpec
-from fastpeft.plan.problems import BOTTLENECK, FWD_BWD, LORA, LORA_TRAIN_DROPOUT, Problem
+from fastpeft.plan.problems import (
+    BOTTLENECK,
+    FWD_BWD,
+    LORA,
+    LORA_TRAIN_DROPOUT,
+    QLORA,
+    QLORA_BLOCKSIZE,
+    QLORA_NESTED_BLOCKSIZE,
+    Problem,
+)
 
 AUTO, VALIDATED = "auto", "validated"
 TORCH, FUSED, FUSED_TMA, HYBRID, TRITON = "torch", dispatch.FUSED, dispatch.FUSED_TMA, "hybrid", "triton"
@@ -152,6 +166,83 @@ def lora_paths(p: Problem, gpu: GpuSpec) -> list[PathRun]:
     return runs
 
 
+# --- QLoRA ------------------------------------------------------------------------------
+
+
+def _nf4_weight(p: Problem) -> tuple:
+    """The QLoRA op's weight arguments for NF4 with double quantization on meta tensors:
+    (quant_type, packed, absmax, code, nested_absmax, nested_code, offset, blocksize,
+    nested_blocksize), as bitsandbytes stores them."""
+    blocks = -(-p.n * p.k // QLORA_BLOCKSIZE)
+    return (quant_ref.NF4, _meta(p.n * p.k // 2, 1, dtype=torch.uint8), _meta(blocks, dtype=torch.uint8),
+            _meta(16, dtype=torch.float32), _meta(-(-blocks // QLORA_NESTED_BLOCKSIZE), dtype=torch.float32),
+            _meta(256, dtype=torch.float32), _meta(1, dtype=torch.float32), QLORA_BLOCKSIZE, QLORA_NESTED_BLOCKSIZE)
+
+
+def _torch_path_dequantize(quant_type, packed, absmax, code, nested_absmax, nested_code, offset, blocksize,
+                           nested_blocksize, shape, dtype) -> torch.Tensor:
+    """The QLoRA op's torch-path dequantization on CUDA: bitsandbytes' own kernels
+    (``fastpeft.kernels.quant.bitsandbytes_ops``; recorded as its ops), or ``ref``'s torch ops
+    where bitsandbytes is not installed (then the plan shows what the op would run without it)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return quant_ref.dequantize(quant_type, packed, absmax, code, nested_absmax, nested_code, offset, blocksize,
+                                    nested_blocksize, shape, dtype)
+    importlib.import_module("bitsandbytes")  # registers its ops (and their fake kernels for meta tensors)
+    return bitsandbytes_dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                        nested_blocksize, quant_type, shape, dtype)
+
+
+def _qlora_run(p: Problem, lora_path: str) -> Callable[[], None]:
+    """The QLoRA op (``fastpeft.ops.qlora_linear``) for 2-D x in its compute dtype, on the torch
+    path (``lora_path`` torch: ``_torch_path_dequantize``, then the LoRA op's torch path with
+    bitsandbytes' base gradient) or the kernels: the fused decode kernel where it takes the
+    forward, else the one-launch dequantization and the LoRA op's ``lora_path``; the backward
+    dequantizes in one launch and runs ``lora_path``'s backward."""
+
+    def run() -> None:
+        dropout = LORA_TRAIN_DROPOUT if p.mode == FWD_BWD else 0.0
+        weight = _nf4_weight(p)
+        x = _meta(p.m, p.k, dtype=p.dtype)
+        a, b = _meta(p.r, p.k, dtype=p.adapter_dtype), _meta(p.n, p.r, dtype=p.adapter_dtype)
+        seed = _seed()
+        kernels = lora_path != TORCH
+        dequantize = quant_launch.dequantize if kernels else _torch_path_dequantize
+        keep = x.new_empty(0, dtype=torch.bool)
+        if kernels and quant_launch.decode_fits(p.m, p.n, p.k, p.r, p.dtype, p.adapter_dtype, torch.device("cuda")):
+            # the op's torch-ops mask with the kernels in use: the Triton mask kernel's Philox draw
+            keep = lora_launch.dropout_keep_mask(seed, p.m, p.k, dropout) if dropout else keep
+            s = lora_rank_side(x, a, dropout, keep)
+            quant_launch.decode_forward(x, *weight, None, (s * LORA_SCALING).to(b.dtype), b)
+        elif kernels:
+            w = dequantize(*weight, (p.n, p.k), p.dtype)
+            _, s = _LORA_FORWARD[lora_path](x, w, None, a, b, LORA_SCALING, dropout, seed)
+        else:
+            w = dequantize(*weight, (p.n, p.k), p.dtype)
+            _, s, keep = lora_forward_torch(x, w, None, a, b, LORA_SCALING, dropout, seed)
+        if p.mode != FWD_BWD:
+            return
+        grad_y = _meta(p.m, p.n, dtype=p.dtype)
+        w = dequantize(*weight, (p.n, p.k), p.dtype)
+        if kernels:
+            _LORA_BACKWARD[lora_path](grad_y, x, w, a, b, s, LORA_SCALING, dropout, seed, True, True, True)
+        else:
+            keep = saved_or_redrawn_mask(keep, x, dropout, seed)
+            lora_backward_torch(grad_y, x, None, a, b, s, keep, LORA_SCALING, dropout, True, True, True, grad_y @ w)
+
+    return run
+
+
+def qlora_paths(p: Problem, gpu: GpuSpec) -> list[PathRun]:
+    """The torch path, and the kernels with the LoRA part the shipped dispatch table picks for
+    the same LoRA problem (``triton``: the decode kernel's forward, or the one-launch
+    dequantization feeding that LoRA path)."""
+    lora_part = lora_table_choice(dataclasses.replace(p, op=LORA), gpu)
+    if lora_part == FUSED_TMA and not (gpu.capability >= 90 and p.m > MEDIUM_MAX_M):
+        lora_part = FUSED
+    return [PathRun(TORCH, _torch_choice(), _qlora_run(p, TORCH), TORCH),
+            PathRun(TRITON, (TRITON, *_validated_choice()), _qlora_run(p, lora_part), TRITON)]
+
+
 # --- Bottleneck adapter ------------------------------------------------------------------
 
 
@@ -236,6 +327,8 @@ def paths(p: Problem, gpu: GpuSpec) -> list[PathRun]:
     """Every implementation planned for ``p`` on ``gpu``."""
     if p.op == LORA:
         return lora_paths(p, gpu)
+    if p.op == QLORA:
+        return qlora_paths(p, gpu)
     if p.op == BOTTLENECK:
         return bottleneck_paths(p, gpu)
     return multi_lora_paths(p, gpu)

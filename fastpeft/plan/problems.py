@@ -11,6 +11,11 @@ Shapes (Llama-3-8B; bf16 activations):
 - ``bottleneck``: h ``[M, D]``, D = 4096, bottleneck R = 64 and 256, bf16 weights with biases,
   relu, the residual h (AdapterHub's seq_bn); ``fwd`` and ``fwd+bwd`` (every gradient but
   the scaling's, no dropout).
+- ``qlora``: LoRA's shapes, M = 1 to 4096, r = 16, on bitsandbytes' NF4 weight with double
+  quantization (QLoRA's recipe: blocks of 64, the block scales 8-bit in blocks of 256), bf16
+  compute dtype and activations, fp32 adapters; ``fwd`` and ``fwd+bwd`` as LoRA's. The weight's
+  bytes are the packed codes (N K / 2), one 8-bit scale code per block, the nested fp32 scales
+  and the two code tables.
 - ``multi-lora``: T = 1, 16, 64 tokens through a 4096 x 4096 linear with 64 loaded adapters
   of rank 16 (bf16 slots), each token its own adapter (distinct ids, the serving worst
   case); ``fwd`` only (serving).
@@ -27,8 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-LORA, BOTTLENECK, MULTI_LORA = "lora", "bottleneck", "multi-lora"
-OPS = (LORA, BOTTLENECK, MULTI_LORA)
+LORA, QLORA, BOTTLENECK, MULTI_LORA = "lora", "qlora", "bottleneck", "multi-lora"
+OPS = (LORA, QLORA, BOTTLENECK, MULTI_LORA)
 FWD, FWD_BWD = "fwd", "fwd+bwd"
 MODES = (FWD, FWD_BWD)
 
@@ -40,6 +45,14 @@ LORA_MS = (1, 16, 64, 512, 4096, 16384)
 LORA_RANKS = (8, 16, 64)
 # Dropout of the training step: the focused benchmark's (``fastpeft.bench.focused.DROPOUT``).
 LORA_TRAIN_DROPOUT = 0.05
+# QLoRA: LoRA's shapes from decode to a training batch, the benchmark's rank; bitsandbytes'
+# defaults for NF4 with double quantization (4-bit blocks of 64, scale blocks of 256).
+QLORA_MS = (1, 16, 64, 512, 4096)
+QLORA_RANK = 16
+QLORA_BLOCKSIZE = 64
+QLORA_NESTED_BLOCKSIZE = 256
+# The 4-bit code table (16 fp32 values) and the scales' 8-bit code table (256 fp32 values).
+QLORA_CODE_BYTES = (16 + 256) * 4
 # AdapterHub width of a Llama-7B/8B model and bottlenecks of reduction factor 64 and 16.
 BOTTLENECK_D = 4096
 BOTTLENECK_RANKS = (64, 256)
@@ -74,17 +87,26 @@ class Problem:
     def ea(self) -> int:
         return self.adapter_dtype.itemsize
 
+    def weight_bytes(self) -> int:
+        """Bytes of the base weight: ``N K`` elements, or (QLoRA) the NF4 weight's packed codes
+        and scales (module docstring)."""
+        if self.op != QLORA:
+            return self.n * self.k * self.e
+        blocks = -(-self.n * self.k // QLORA_BLOCKSIZE)
+        return self.n * self.k // 2 + blocks + 4 * -(-blocks // QLORA_NESTED_BLOCKSIZE) + QLORA_CODE_BYTES
+
     def min_bytes(self) -> int:
         """Bytes every implementation must move (module docstring)."""
         m, k, n, r, e, ea = self.m, self.k, self.n, self.r, self.e, self.ea
-        if self.op == LORA:
+        if self.op in (LORA, QLORA):
             adapter = (r * k + n * r) * ea
-            forward = (m * k + n * k + m * n) * e + adapter
+            w = self.weight_bytes()
+            forward = (m * k + m * n) * e + w + adapter
             if self.mode == FWD:
                 return forward
             s = m * r * 4  # the forward's saved fp32 x A^T
             # backward: dY, x, W, A, B, s read; dX, dA, dB written
-            return forward + s + (m * n + 2 * m * k + n * k) * e + 2 * adapter + s
+            return forward + s + (m * n + 2 * m * k) * e + w + 2 * adapter + s
         if self.op == BOTTLENECK:
             weights = (2 * r * k + r + k) * ea
             forward = 2 * m * k * e + weights
@@ -98,7 +120,7 @@ class Problem:
 
     def flops(self) -> int:
         m, k, n, r = self.m, self.k, self.n, self.r
-        if self.op == LORA:
+        if self.op in (LORA, QLORA):
             forward = 2 * m * n * k + 2 * m * k * r + 2 * m * n * r
             # backward: dX = dY W + dS A, dS = dY B, dA = dS^T x, dB = dY^T s
             return forward if self.mode == FWD else forward + 2 * m * n * k + 4 * m * k * r + 4 * m * n * r
@@ -117,6 +139,9 @@ def problems(ops: tuple[str, ...] = OPS, modes: tuple[str, ...] = MODES) -> list
         if LORA in ops:
             for (k, n), r, m in itertools.product(LORA_SHAPES, LORA_RANKS, LORA_MS):
                 out.append(Problem(LORA, mode, m, k, n, r, bf16, fp32))
+        if QLORA in ops:
+            for (k, n), m in itertools.product(LORA_SHAPES, QLORA_MS):
+                out.append(Problem(QLORA, mode, m, k, n, QLORA_RANK, bf16, fp32))
         if BOTTLENECK in ops:
             for r, m in itertools.product(BOTTLENECK_RANKS, BOTTLENECK_MS):
                 out.append(Problem(BOTTLENECK, mode, m, BOTTLENECK_D, BOTTLENECK_D, r, bf16, bf16))

@@ -19,8 +19,8 @@ as they would on ``gpu``:
   take the other branches as CUDA ones do (the launchers copy no aligned contiguous operand,
   the multi-LoRA torch path reads no value on the host). Fake CUDA tensors throughout would be
   closer still, but torch without CUDA cannot index them;
-- a ``TorchDispatchMode`` appends a ``Launch`` per aten op that launches work (views,
-  allocations and non-aten ops do not): the torch paths' ops, and the torch ops the launchers
+- a ``TorchDispatchMode`` appends a ``Launch`` per aten (or bitsandbytes) op that launches work
+  (views, allocations and other ops do not): the torch paths' ops, and the torch ops the launchers
   run between kernels (partial sums, copies of small operands, the hybrid path's cuBLAS GEMM).
 
 So the plan's grids, tiles and splits are the launchers' own, with no second copy of their
@@ -53,7 +53,11 @@ LAUNCH_MODULES = (
     "fastpeft.kernels.lora.hybrid_launch",
     "fastpeft.kernels.bottleneck.launch",
     "fastpeft.kernels.multi_lora.launch",
+    "fastpeft.kernels.quant.launch",
 )
+# Namespaces of the torch ops recorded: aten's, and bitsandbytes' (the QLoRA op's torch path
+# dequantizes with them on CUDA).
+RECORDED_NAMESPACES = ("aten", "bitsandbytes")
 # Aten ops that launch nothing: allocations (the launchers' outputs, filled by the kernels)
 # and aliases; views are recognised by their schema (``OpOverload.is_view``).
 NO_LAUNCH_OPS = frozenset({
@@ -137,7 +141,7 @@ def _is_kernel(name: str, value: Any) -> bool:
 
 
 class _TorchOps(TorchDispatchMode):
-    """Appends a ``Launch`` for each aten op that launches work."""
+    """Appends a ``Launch`` for each recorded op (``RECORDED_NAMESPACES``) that launches work."""
 
     def __init__(self, launches: list[Launch]) -> None:
         super().__init__()
@@ -148,7 +152,8 @@ class _TorchOps(TorchDispatchMode):
         out = func(*args, **kwargs)
         outputs = tuple(t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor))
         # Ops that return no tensor (dtype promotion, host reads) launch nothing either.
-        if outputs and func.namespace == "aten" and not (func.is_view or func.overloadpacket.__name__ in NO_LAUNCH_OPS):
+        launches_work = not (func.is_view or func.overloadpacket.__name__ in NO_LAUNCH_OPS)
+        if outputs and func.namespace in RECORDED_NAMESPACES and launches_work:
             self.launches.append(Launch(str(func), _source(), op=func, inputs=(*args, *kwargs.values()),
                                         outputs=outputs))
         return out

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fastpeft.kernels.quant.bitsandbytes_ops import dequantize_4bit_cpu
+from fastpeft.kernels.quant.bitsandbytes_ops import bitsandbytes_dequantize_4bit, bitsandbytes_dequantizes_exactly
 from fastpeft.kernels.quant.ref import dequantize
 from fastpeft.methods.quantized_base import quantized_weight
 from tests.helpers.quantized import linear_4bit, linear_8bit
@@ -55,10 +55,11 @@ def test_4bit_equals_bitsandbytes(k, n, quant_type, double_quant):
                                              _get_4bit_code(quant_type, "cpu"), s.blocksize, s.shape, dtype)
         assert torch.equal(got, reference), (weight_dtype, dtype, storage)
         w = quantized_weight(layer)
-        cpu = dequantize_4bit_cpu(w.packed, w.absmax, w.nested_absmax, w.nested_code, w.offset, w.blocksize,
-                                  w.nested_blocksize, quant_type, w.shape, dtype)
-        assert (cpu is not None) == (k % s.blocksize == 0)  # bitsandbytes' CPU kernel only where it is right
-        if cpu is not None:  # then it, and bitsandbytes' layer's forward, are the reference bit for bit
+        exact = bitsandbytes_dequantizes_exactly(w.packed.device, k, w.blocksize)
+        assert exact == (k % s.blocksize == 0)  # bitsandbytes' CPU kernel only where it is right
+        if exact:  # then it, and bitsandbytes' layer's forward, are the reference bit for bit
+            cpu = bitsandbytes_dequantize_4bit(w.packed, w.absmax, w.nested_absmax, w.nested_code, w.offset,
+                                               w.blocksize, w.nested_blocksize, quant_type, w.shape, dtype)
             assert torch.equal(got, cpu)
             x = torch.randn(3, k, dtype=dtype)
             assert torch.equal(layer(x), nn.functional.linear(x, got, layer.bias.to(dtype)))
@@ -76,3 +77,13 @@ def test_int8_equals_the_training_mode_forward(k, n):
         scb = layer.state.SCB if layer.state.SCB is not None else layer.weight.SCB
         w = dequantize("int8", cb, scb, None, None, None, None, 0, 0, (n, k), dtype)
         assert torch.equal(nn.functional.linear(x, w, layer.bias.to(dtype)), want)
+
+
+def test_bitsandbytes_own_kernels_where_they_are_the_reference():
+    """On CUDA bitsandbytes' kernels define the reference (whatever the shape: the GPU run
+    compares them); on the CPU only rows of whole blocks below 2048; nowhere else."""
+    cuda, cpu, meta = torch.device("cuda"), torch.device("cpu"), torch.device("meta")
+    assert bitsandbytes_dequantizes_exactly(cuda, 96, 64)
+    assert bitsandbytes_dequantizes_exactly(cpu, 128, 64) and not bitsandbytes_dequantizes_exactly(cpu, 96, 64)
+    assert not bitsandbytes_dequantizes_exactly(cpu, 4096, 2048)
+    assert not bitsandbytes_dequantizes_exactly(meta, 128, 64)
