@@ -2,9 +2,11 @@
 ``QuantizedWeight``, and PEFT's merge into them (dequantize, add the delta, requantize).
 
 Read from the module at every call (its tensors move with ``.to()``): 4-bit, the packed codes
-(``weight.data``) and ``weight.quant_state`` (block scales, code table, double quantization's
-nested state); 8-bit, CB and SCB, which bitsandbytes moves from the weight to the layer's
-``state`` at its first forward. Refused, naming the layer: a 4-bit weight not yet quantized
+(``weight.data``) and the quantization state (block scales, code table, double quantization's
+nested state); 8-bit, CB (the int8 weight) and SCB, which bitsandbytes moves from the weight to
+the layer's ``state`` at its first forward. The state is kept on the module too
+(``stash_quantization_state``), so a weight FSDP2 shards and all-gathers back into a plain tensor
+still reads. Refused, naming the layer: a 4-bit weight not yet quantized
 (bitsandbytes quantizes when the layer moves to a device), one bitsandbytes repacked for its
 CPU inference kernel (an eval-mode forward without grad on an AVX512-BF16 CPU rewrites the
 weight in place; the way back is lossy), and an 8-bit layer that keeps fp16 weights
@@ -22,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from fastpeft.kernels.quant.ref import INT8
+from fastpeft.methods.base_layers import BNB_4BIT
 from fastpeft.ops.qlora_linear import QuantizedWeight
 
 # Modules of quantizers fastpeft does not take, by the package their layer classes come from
@@ -42,24 +45,53 @@ def unsupported_quantized_layer(module: nn.Module) -> str | None:
     return None
 
 
-def _require_cpu_layout(module: nn.Module, what: str) -> None:
-    state = getattr(module.weight, "quant_state", None)
+def _require_cpu_layout(state: object, what: str) -> None:
     if getattr(state, "packing_format_for_cpu", False):
         raise ValueError(f"{what}: bitsandbytes repacked this layer's 4-bit weight for its CPU inference kernel "
                          "(an eval-mode forward without grad on an AVX512-BF16 CPU); its way back is lossy. Load the "
                          "model again and adapt it before running it in eval mode under no_grad")
 
 
-def quantized_weight(module: nn.Module) -> QuantizedWeight:
-    """The weight of bitsandbytes layer ``module`` as the op takes it (module docstring)."""
+def stash_quantization_state(module: nn.Module) -> None:
+    """Keep bitsandbytes layer ``module``'s quantization state on the module itself, where it
+    survives the weight parameter being replaced by a plain tensor of the same bytes (FSDP2
+    all-gathers a sharded weight into one): a 4-bit ``quant_state`` on ``module.quant_state``
+    (bitsandbytes' own place for it, which its forward falls back to), an 8-bit ``SCB`` on
+    ``module.state.SCB``. The weight keeps its own (bitsandbytes' state dict reads it there)."""
+    weight = module.weight
+    if BNB_4BIT.matches(module):
+        if getattr(module, "quant_state", None) is None and getattr(weight, "quant_state", None) is not None:
+            module.quant_state = weight.quant_state
+    elif getattr(module.state, "SCB", None) is None and getattr(weight, "SCB", None) is not None:
+        module.state.SCB = weight.SCB
+
+
+def _first(*values: object) -> object:
+    return next((v for v in values if v is not None), None)
+
+
+def quantized_weight(module: nn.Module, storage_dtype: torch.dtype | None = None) -> QuantizedWeight:
+    """The weight of bitsandbytes layer ``module`` as the op takes it (module docstring).
+
+    The weight may be bitsandbytes' parameter or a plain tensor holding its bytes (FSDP2's
+    all-gathered weight): the quantization state is the weight's, else the module's
+    (``stash_quantization_state``). ``storage_dtype``: the dtype the 4-bit codes were packed in
+    when the layer was adapted; a weight now in another dtype was value-cast (FSDP2's
+    ``MixedPrecisionPolicy(param_dtype=...)`` casts a floating-point ``bnb_4bit_quant_storage``),
+    so its codes are gone: ValueError."""
     name = type(module).__name__
     weight = module.weight
-    if hasattr(weight, "quant_state") or hasattr(weight, "bnb_quantized"):
-        if not getattr(weight, "bnb_quantized", False) or weight.quant_state is None:
+    if BNB_4BIT.matches(module):
+        s = _first(getattr(weight, "quant_state", None), getattr(module, "quant_state", None))
+        if s is None or getattr(weight, "bnb_quantized", True) is False:
             raise ValueError(f"{name}: its 4-bit weight is not quantized yet (bitsandbytes quantizes it when the "
                              "layer moves to a device: call .to(device) first)")
-        _require_cpu_layout(module, name)
-        s = weight.quant_state
+        if storage_dtype is not None and weight.dtype != storage_dtype:
+            raise ValueError(f"{name}: its 4-bit codes were packed as {storage_dtype} but the layer now holds "
+                             f"{weight.dtype}: something cast them (FSDP2's MixedPrecisionPolicy(param_dtype=...) "
+                             "casts a floating-point bnb_4bit_quant_storage). Use bnb_4bit_quant_storage=torch.uint8 "
+                             "(never cast), or a param_dtype equal to the storage dtype")
+        _require_cpu_layout(s, name)
         nested = s.state2 if s.nested else None
         return QuantizedWeight(s.quant_type, weight.data, s.absmax, s.code,
                                nested.absmax if nested is not None else None,
@@ -68,15 +100,15 @@ def quantized_weight(module: nn.Module) -> QuantizedWeight:
                                s.blocksize, nested.blocksize if nested is not None else 0,
                                module.out_features, module.in_features, getattr(module, "compute_dtype", None))
     state = getattr(module, "state", None)
-    cb = getattr(state, "CB", None)
-    cb = cb if cb is not None else getattr(weight, "CB", None)
-    scb = getattr(state, "SCB", None)
-    scb = scb if scb is not None else getattr(weight, "SCB", None)
-    if getattr(weight, "has_fp16_weights", False) or cb is None or scb is None or weight.dtype != torch.int8:
+    shape = (module.out_features, module.in_features)
+    cb = weight.data if weight.dtype == torch.int8 and tuple(weight.shape) == shape else getattr(state, "CB", None)
+    scb = _first(getattr(weight, "SCB", None), getattr(state, "SCB", None))
+    fp16_weights = _first(getattr(weight, "has_fp16_weights", None), getattr(state, "has_fp16_weights", None))
+    if fp16_weights or cb is None or scb is None or cb.dtype != torch.int8:
         raise ValueError(f"{name}: not a frozen int8 base (has_fp16_weights=True keeps and trains a 16-bit weight, "
                          "or the layer was not quantized: move it to a device first); fastpeft adapts quantized "
                          "int8 layers (has_fp16_weights=False)")
-    return QuantizedWeight(INT8, cb, scb, None, None, None, None, 0, 0, module.out_features, module.in_features)
+    return QuantizedWeight(INT8, cb, scb, None, None, None, None, 0, 0, *shape)
 
 
 @torch.no_grad()
@@ -110,12 +142,24 @@ class QuantizedBaseState:
     ``weight.absmax``, ``weight.quant_map``, ..., or int8's ``SCB``); loading such entries back
     into the adapted layer is refused with a clear error before anything is copied
     (bitsandbytes' own loading runs hooks of its module; a half-loaded int8 layer would keep
-    stale scales): load the quantized model with transformers, then the adapter."""
+    stale scales): load the quantized model with transformers, then the adapter. The layer
+    reads its base weight through ``quantized_base_weight`` (the state stashed at wrap time, the
+    storage dtype checked)."""
 
     def quantized_base_module(self) -> nn.Module | None:
         """The bitsandbytes module, holding this layer's current weight and bias; None when the
         base is not quantized (the layer's state dict is then ``nn.Module``'s)."""
         raise NotImplementedError
+
+    def _adopt_quantized_base(self, base: nn.Module) -> None:
+        """At wrap time: the base's quantization state stashed on it (``stash_quantization_state``)
+        and the dtype its weight is stored in, which ``quantized_base_weight`` then requires."""
+        stash_quantization_state(base)
+        self._storage_dtype = base.weight.dtype
+
+    def quantized_base_weight(self) -> QuantizedWeight:
+        """The quantized base weight as the op takes it (``quantized_weight``)."""
+        return quantized_weight(self.quantized_base_module(), self._storage_dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)

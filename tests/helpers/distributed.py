@@ -4,10 +4,12 @@ CI, and collects what each rank saved; the sizes and seeds the ranks share."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,19 @@ def _free_port() -> int:
 def _loopback_interface() -> str | None:
     """The loopback interface's name (``lo`` on Linux), for gloo's own connections."""
     return next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
+
+
+@contextlib.contextmanager
+def rank_process_group(rank: int, port: int) -> Iterator[None]:
+    """Rank ``rank``'s gloo process group on 127.0.0.1:``port`` for the block (one thread per
+    rank; every collective bounded by ``COLLECTIVE_TIMEOUT_S``)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def spawn_ranks(worker: Callable[[int, int, str], None], out_dir: Path, what: str) -> list[dict]:

@@ -4,6 +4,9 @@ does), and the settings the model-level tests load a tiny Llama with."""
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -43,3 +46,28 @@ def linear_8bit(linear: nn.Linear) -> nn.Module:
                                 has_fp16_weights=False)
     layer.load_state_dict(linear.state_dict())
     return layer.to("cpu").train()
+
+
+def save_tiny_llama(path: Path) -> Path:
+    """A tiny random Llama saved in full precision at ``path`` (every K a multiple of 64:
+    bitsandbytes' CPU kernel is right there, so PEFT's bitsandbytes forward is exact too)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def load_quantized(model_dir: Path, settings: dict) -> nn.Module:
+    """The model at ``model_dir`` loaded by transformers with ``BitsAndBytesConfig(**settings)``
+    on the CPU, in training mode."""
+    import transformers
+
+    quantization = transformers.BitsAndBytesConfig(**settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization,
+                                                                  device_map="cpu", dtype=torch.float32)
+    return model.train()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import fastpeft
-from tests.helpers.distributed import BATCH_SEED, COLLECTIVE_TIMEOUT_S, PER_RANK, WORLD, spawn_ranks
+from tests.helpers.distributed import BATCH_SEED, PER_RANK, WORLD, rank_process_group, spawn_ranks
 from tests.helpers.numerics import TOLERANCE, assert_close, relative_error
 from tests.helpers.training import lora_grads, lora_model, one_thread, shift_batch
 
@@ -122,18 +121,11 @@ def _op_on_dtensors() -> str | float:
 def _worker(rank: int, port: int, out_dir: str) -> None:
     """One rank: run every scenario and ``_op_on_dtensors``, save the results to
     ``out_dir/rank{rank}.pt``."""
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
-    )
-    try:
+    with rank_process_group(rank, port):
         rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
         results = {name: _train_steps(parallelize, rows) for name, parallelize in SCENARIOS.items()}
         results["op_on_dtensors"] = _op_on_dtensors()
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from fastpeft.methods.base_layers import (
     is_conv1d,
     require_base_layer,
 )
-from fastpeft.methods.quantized_base import QuantizedBaseState, add_to_quantized, quantized_weight
+from fastpeft.methods.quantized_base import QuantizedBaseState, add_to_quantized
 from fastpeft.ops.checks import require_finite, require_probability
 from fastpeft.ops.lora_linear import lora_linear
 from fastpeft.ops.qlora_linear import qlora_linear
@@ -266,6 +266,10 @@ class QuantLoRALinear(QuantizedBaseState, LoRALinear):
     (so a merge and unmerge round trip requantizes twice).
     """
 
+    def _init_from(self, base: nn.Module, kind: BaseLayerKind, *args: Any) -> None:
+        super()._init_from(base, kind, *args)
+        self._adopt_quantized_base(base)
+
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B A`` ``[out, in]`` in float32 (it is added to a dequantized weight)."""
         return (self.lora_B.weight.detach().float() @ self.lora_A.weight.detach().float()) * self.scaling
@@ -290,7 +294,7 @@ class QuantLoRALinear(QuantizedBaseState, LoRALinear):
         self.weight = base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = quantized_weight(self.base_module())
+        weight = self.quantized_base_weight()
         if self.merged:
             dtype = weight.compute_dtype or x.dtype
             bias = self.bias.to(dtype) if self.bias is not None else None

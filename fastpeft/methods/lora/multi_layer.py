@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastpeft.methods.base_layers import default_lora_dtype, require_base_layer
-from fastpeft.methods.quantized_base import QuantizedBaseState, quantized_weight
+from fastpeft.methods.quantized_base import QuantizedBaseState
 from fastpeft.ops.checks import describe
 from fastpeft.ops.multi_lora_linear import multi_lora_linear
 from fastpeft.ops.qlora_linear import dequantize
@@ -125,6 +125,8 @@ class MultiLoRALinear(QuantizedBaseState, nn.Module):
         # A quantized base's module, not registered (its weight and bias are this layer's own):
         # it knows how to read the packed weight (quantized_base.quantized_weight).
         object.__setattr__(self, "_quantized_base", base_layer if kind.quantized else None)
+        if kind.quantized:
+            self._adopt_quantized_base(base_layer)
         for name, value in (("max_adapters", max_adapters), ("max_rank", max_rank)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -167,7 +169,7 @@ class MultiLoRALinear(QuantizedBaseState, nn.Module):
         """The weight as ``[out, in]`` (a transposed view for ``Conv1D``; a quantized base's
         dequantized in x's dtype)."""
         if self.quantized:
-            w = quantized_weight(self.quantized_base_module())
+            w = self.quantized_base_weight()
             return dequantize(w.quant_type, *w.tensors(), w.blocksize, w.nested_blocksize, w.shape, x.dtype)
         return self.weight.t() if self.fan_in_fan_out else self.weight
 

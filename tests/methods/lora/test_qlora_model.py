@@ -15,7 +15,7 @@ import torch.nn as nn
 import fastpeft
 from fastpeft.methods.lora.layer import QuantLoRALinear
 from fastpeft.methods.quantized_base import quantized_weight
-from tests.helpers.quantized import MODEL_SETTINGS, bnb
+from tests.helpers.quantized import MODEL_SETTINGS, bnb, load_quantized, save_tiny_llama
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -26,23 +26,11 @@ LORA = dict(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A tiny random Llama saved in full precision (every K a multiple of 64: bitsandbytes'
-    CPU kernel is right there, so PEFT's bitsandbytes forward is exact too)."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def _load(model_dir, settings: dict) -> nn.Module:
-    quantization = transformers.BitsAndBytesConfig(**settings)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization,
-                                                                  device_map="cpu", dtype=torch.float32)
-    return model.train()
+    return load_quantized(model_dir, settings)
 
 
 def _peft_model(model_dir, settings):
