@@ -81,17 +81,20 @@ def _convert_lora_linear(path: str, layer: nn.Module, adapter: str, use_rslora: 
 
 
 def _peft_lora_linear_types() -> tuple[type, ...]:
-    """PEFT's plain LoRA linear layer classes: ``lora.Linear``, and with bitsandbytes installed
-    its QLoRA layers (``lora.bnb.Linear4bit`` / ``Linear8bitLt``, the same forward over a
-    quantized base)."""
+    """PEFT's plain LoRA linear layer classes: ``lora.Linear``, and its layers over quantized
+    bases (the same forward): with bitsandbytes installed ``lora.bnb.Linear4bit`` /
+    ``Linear8bitLt``, with torchao ``lora.torchao.TorchaoLoraLinear``."""
+    import importlib
+
     from peft.tuners.lora import layer
 
     types = [layer.Linear]
-    try:
-        from peft.tuners.lora import bnb
-    except ImportError:  # bitsandbytes not installed: PEFT has no QLoRA layers then
-        return tuple(types)
-    types += [t for t in (getattr(bnb, "Linear4bit", None), getattr(bnb, "Linear8bitLt", None)) if t is not None]
+    for module, names in (("bnb", ("Linear4bit", "Linear8bitLt")), ("torchao", ("TorchaoLoraLinear",))):
+        try:
+            found = importlib.import_module(f"peft.tuners.lora.{module}")
+        except ImportError:  # the quantizer is not installed: PEFT has no such layers then
+            continue
+        types += [t for t in (getattr(found, name, None) for name in names) if t is not None]
     return tuple(types)
 
 
@@ -149,7 +152,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             elif isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
                 raise _unsupported(path, f"PEFT layer type {type(module).__name__} is not supported "
                                          "(only lora.Linear over nn.Linear / Conv1D, its bitsandbytes "
-                                         "Linear4bit / Linear8bitLt layers, and modules_to_save)")
+                                         "Linear4bit / Linear8bitLt and torchao layers, and modules_to_save)")
         if not replacements:
             raise ValueError("from_peft: the model has no PEFT LoRA layers")
         for path, module in replacements.items():

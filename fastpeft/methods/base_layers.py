@@ -3,8 +3,8 @@ of a layer that fastpeft put into a model.
 
 * ``BASE_LAYER_KINDS``: the base layers LoRA (and multi-LoRA) wrap, first match wins:
   bitsandbytes' quantized ``Linear4bit`` / ``Linear8bitLt`` (QLoRA; they subclass
-  ``nn.Linear``, so they come first), ``nn.Linear`` and transformers' ``Conv1D`` (weight
-  ``[in, out]``). A ``BaseLayerKind`` says how to recognise one, its sizes and the dtype its
+  ``nn.Linear``, so they come first), an ``nn.Linear`` holding torchao's int8 weight-only
+  ``Int8Tensor``, ``nn.Linear`` and transformers' ``Conv1D`` (weight ``[in, out]``). A ``BaseLayerKind`` says how to recognise one, its sizes and the dtype its
   adapters follow;
 * ``default_lora_dtype``: PEFT's adapter dtype rule (float32 adapters on a 16-bit base), which
   the bottleneck adapters follow too;
@@ -54,8 +54,8 @@ def is_conv1d(module: object) -> bool:
 class BaseLayerKind:
     """A kind of base layer an adapter can wrap: ``name`` (for messages), ``matches(module)``,
     ``fan_in_fan_out``: the weight is stored ``[in, out]`` (``Conv1D``) rather than ``[out,
-    in]`` (``nn.Linear``), and ``quantized``: the weight is packed codes (bitsandbytes), its
-    sizes the module's ``in_features`` / ``out_features``."""
+    in]`` (``nn.Linear``), and ``quantized``: the weight is quantized codes (bitsandbytes,
+    torchao), its sizes the module's ``in_features`` / ``out_features``."""
 
     name: str
     matches: Callable[[nn.Module], bool]
@@ -93,12 +93,26 @@ def _bitsandbytes_layer(name: str) -> Callable[[object], bool]:
     return matches
 
 
+def _torchao_weight(name: str) -> Callable[[object], bool]:
+    """Whether a module is an ``nn.Linear`` whose weight is torchao's tensor subclass ``name``
+    (by class name and package: fastpeft does not depend on torchao, whose classes move between
+    releases)."""
+    def matches(module: object) -> bool:
+        cls = type(getattr(module, "weight", None))
+        return isinstance(module, nn.Linear) and cls.__name__ == name and cls.__module__.startswith("torchao.")
+
+    return matches
+
+
 BNB_4BIT = BaseLayerKind("bitsandbytes Linear4bit", _bitsandbytes_layer("Linear4bit"), False, quantized=True)
 BNB_8BIT = BaseLayerKind("bitsandbytes Linear8bitLt", _bitsandbytes_layer("Linear8bitLt"), False, quantized=True)
+TORCHAO_INT8 = BaseLayerKind("torch.nn.Linear with a torchao Int8Tensor weight", _torchao_weight("Int8Tensor"), False,
+                             quantized=True)
 LINEAR = BaseLayerKind("torch.nn.Linear", is_nn_linear, fan_in_fan_out=False)
 CONV1D = BaseLayerKind("transformers Conv1D", is_conv1d, fan_in_fan_out=True)
-# The kinds, first match wins: a kind that subclasses another's module type goes first.
-BASE_LAYER_KINDS: tuple[BaseLayerKind, ...] = (BNB_4BIT, BNB_8BIT, LINEAR, CONV1D)
+# The kinds, first match wins: a kind that subclasses another's module type (or is an
+# nn.Linear with a quantized weight) goes first.
+BASE_LAYER_KINDS: tuple[BaseLayerKind, ...] = (BNB_4BIT, BNB_8BIT, TORCHAO_INT8, LINEAR, CONV1D)
 
 
 def base_layer_kind(module: nn.Module) -> BaseLayerKind | None:

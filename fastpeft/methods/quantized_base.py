@@ -1,4 +1,5 @@
-"""bitsandbytes-quantized base layers (``Linear4bit``, ``Linear8bitLt``): their weight as the op's
+"""Quantized base layers -- bitsandbytes' ``Linear4bit`` / ``Linear8bitLt`` and an ``nn.Linear``
+holding torchao's int8 weight-only ``Int8Tensor`` -- their weight as the op's
 ``QuantizedWeight``, and PEFT's merge into them (dequantize, add the delta, requantize).
 
 Read from the module at every call (its tensors move with ``.to()``): 4-bit, the packed codes
@@ -10,10 +11,11 @@ still reads. Refused, naming the layer: a 4-bit weight not yet quantized
 (bitsandbytes quantizes when the layer moves to a device), one bitsandbytes repacked for its
 CPU inference kernel (an eval-mode forward without grad on an AVX512-BF16 CPU rewrites the
 weight in place; the way back is lossy), and an 8-bit layer that keeps fp16 weights
-(``has_fp16_weights=True`` trains its weight: no quantized base).
+(``has_fp16_weights=True`` trains its weight: no quantized base); torchao weights that quantize
+activations, have per-group scales or nonzero zero points.
 
-Other quantized layers PEFT knows (GPTQ, AWQ, AQLM, EETQ, HQQ, torchao, ...) are refused by
-``unsupported_quantized_layer``.
+Other quantized layers PEFT knows (GPTQ, AWQ, AQLM, EETQ, HQQ, torchao's others, ...) are refused
+by ``unsupported_quantized_layer``.
 """
 
 from __future__ import annotations
@@ -23,21 +25,26 @@ import warnings
 import torch
 import torch.nn as nn
 
-from fastpeft.kernels.quant.ref import INT8
-from fastpeft.methods.base_layers import BNB_4BIT
+from fastpeft.kernels.quant.ref import INT8, INT8_SCALED
+from fastpeft.methods.base_layers import BNB_4BIT, BNB_8BIT, TORCHAO_INT8
 from fastpeft.ops.qlora_linear import QuantizedWeight
 
 # Modules of quantizers fastpeft does not take, by the package their layer classes come from
 # (PEFT's own dispatch list), and the ones it takes.
 _OTHER_QUANTIZERS = {"auto_gptq": "GPTQ", "gptqmodel": "GPTQ/AWQ (gptqmodel)", "awq": "AWQ", "aqlm": "AQLM",
-                     "eetq": "EETQ", "hqq": "HQQ", "optimum": "optimum quanto", "torchao": "torchao",
+                     "eetq": "EETQ", "hqq": "HQQ", "optimum": "optimum quanto",
+                     "torchao": "torchao (other than its int8 weight-only Int8Tensor)",
                      "neural_compressor": "Intel Neural Compressor", "transformer_engine": "TransformerEngine"}
-SUPPORTED = "bitsandbytes Linear4bit (NF4 / FP4, double quantization) and Linear8bitLt"
+SUPPORTED = ("bitsandbytes Linear4bit (NF4 / FP4, double quantization) and Linear8bitLt, and torchao's int8 "
+             "weight-only Int8Tensor (per-row or per-tensor scales: Int8WeightOnlyConfig, version 2, the default "
+             "from torchao 0.18)")
 
 
 def unsupported_quantized_layer(module: nn.Module) -> str | None:
     """The quantizer's name when ``module`` (or its weight) comes from a quantization library
     fastpeft does not support, else None."""
+    if TORCHAO_INT8.matches(module):
+        return None
     for obj in (module, getattr(module, "weight", None)):
         root = type(obj).__module__.split(".")[0] if obj is not None else ""
         if root in _OTHER_QUANTIZERS:
@@ -62,8 +69,9 @@ def stash_quantization_state(module: nn.Module) -> None:
     if BNB_4BIT.matches(module):
         if getattr(module, "quant_state", None) is None and getattr(weight, "quant_state", None) is not None:
             module.quant_state = weight.quant_state
-    elif getattr(module.state, "SCB", None) is None and getattr(weight, "SCB", None) is not None:
-        module.state.SCB = weight.SCB
+    elif BNB_8BIT.matches(module):
+        if getattr(module.state, "SCB", None) is None and getattr(weight, "SCB", None) is not None:
+            module.state.SCB = weight.SCB
 
 
 def _first(*values: object) -> object:
@@ -81,6 +89,8 @@ def quantized_weight(module: nn.Module, storage_dtype: torch.dtype | None = None
     so its codes are gone: ValueError."""
     name = type(module).__name__
     weight = module.weight
+    if TORCHAO_INT8.matches(module):
+        return _torchao_int8_weight(module)
     if BNB_4BIT.matches(module):
         s = _first(getattr(weight, "quant_state", None), getattr(module, "quant_state", None))
         if s is None or getattr(weight, "bnb_quantized", True) is False:
@@ -111,6 +121,48 @@ def quantized_weight(module: nn.Module, storage_dtype: torch.dtype | None = None
     return QuantizedWeight(INT8, cb, scb, None, None, None, None, 0, 0, *shape)
 
 
+def _torchao_int8_weight(module: nn.Module) -> QuantizedWeight:
+    """torchao's int8 weight-only ``Int8Tensor`` (``quantize_(model, Int8WeightOnlyConfig())``,
+    or transformers' ``TorchAoConfig``) as the op's ``"int8-scaled"`` weight: ``qdata`` and one
+    fp32 scale per row (a per-tensor scale repeated). Refused: activation quantization (its
+    forward quantizes the inputs) and per-group scales. The zero points of torchao's symmetric
+    int8 are zeros (checked once, when the layer is adapted: ``require_symmetric``)."""
+    weight, what = module.weight, f"{type(module).__name__} with a torchao Int8Tensor weight"
+    if getattr(weight, "act_quant_kwargs", None) is not None or getattr(weight, "act_pre_scale", None) is not None:
+        raise ValueError(f"{what}: it quantizes its activations too (Int8DynamicActivationInt8WeightConfig); "
+                         "fastpeft takes torchao's int8 weight-only weights (Int8WeightOnlyConfig)")
+    n, k = weight.shape
+    block = tuple(weight.block_size)
+    if block not in ((1, k), (n, k)):
+        raise ValueError(f"{what}: block_size {list(block)}: fastpeft takes per-row ([1, {k}], PerRow) or "
+                         "per-tensor scales, not per-group ones")
+    scale = weight.scale.reshape(-1).float()
+    rows = scale if block == (1, k) else scale.expand(n).contiguous()
+    return QuantizedWeight(INT8_SCALED, weight.qdata, rows, None, None, None, None, 0, 0, n, k)
+
+
+def require_symmetric(module: nn.Module) -> None:
+    """A torchao int8 weight's zero points must be zeros (torchao's int8 weight-only is symmetric;
+    fastpeft reads ``qdata * scale``): ValueError otherwise. A host read: called once per layer,
+    when it is adapted. Nothing to check for other bases."""
+    zero_point = getattr(module.weight, "zero_point", None) if TORCHAO_INT8.matches(module) else None
+    if zero_point is not None and bool(zero_point.any()):
+        raise ValueError(f"{type(module).__name__} with a torchao Int8Tensor weight: nonzero zero points (an "
+                         "asymmetric int8 weight); fastpeft takes torchao's symmetric int8 weight-only weights")
+
+
+def _requantized_torchao_int8(module: nn.Module, merged: torch.Tensor) -> None:
+    """``module``'s weight replaced by ``merged`` quantized as its old weight was: torchao's
+    ``Int8WeightOnlyConfig`` with the same granularity (PEFT requantizes with the model's own
+    config, the same one for a model quantized with it)."""
+    from torchao.quantization import Int8WeightOnlyConfig, PerRow, PerTensor, quantize_
+
+    per_row = tuple(module.weight.block_size)[0] == 1
+    del module.weight
+    module.weight = nn.Parameter(merged, requires_grad=False)
+    quantize_(module, Int8WeightOnlyConfig(granularity=PerRow() if per_row else PerTensor()))
+
+
 @torch.no_grad()
 def add_to_quantized(module: nn.Module, delta: torch.Tensor, sign: float) -> None:
     """PEFT's merge into a bitsandbytes layer: dequantize its weight, add ``sign * delta``
@@ -120,9 +172,12 @@ def add_to_quantized(module: nn.Module, delta: torch.Tensor, sign: float) -> Non
 
     weight = module.weight
     w = quantized_weight(module)
-    bits = 8 if w.quant_type == INT8 else 4
+    bits = 8 if w.quant_type in (INT8, INT8_SCALED) else 4
     warnings.warn(f"{'Merge' if sign > 0 else 'Unmerge'} lora module to {bits}-bit linear may get different "
                   "generations due to rounding errors.", UserWarning, stacklevel=3)
+    if w.quant_type == INT8_SCALED:  # as PEFT: in the weight's dtype
+        _requantized_torchao_int8(module, w.dequantize(weight.dtype) + sign * delta.to(weight.dtype))
+        return
     merged = w.dequantize(torch.float32) + sign * delta.float()
     if w.quant_type == INT8:
         module.weight = bnb.nn.Int8Params(merged.to("cpu"), requires_grad=False,
@@ -152,8 +207,10 @@ class QuantizedBaseState:
         raise NotImplementedError
 
     def _adopt_quantized_base(self, base: nn.Module) -> None:
-        """At wrap time: the base's quantization state stashed on it (``stash_quantization_state``)
-        and the dtype its weight is stored in, which ``quantized_base_weight`` then requires."""
+        """At wrap time: the base's zero points checked (``require_symmetric``), its quantization
+        state stashed on it (``stash_quantization_state``) and the dtype its weight is stored in,
+        which ``quantized_base_weight`` then requires."""
+        require_symmetric(base)
         stash_quantization_state(base)
         self._storage_dtype = base.weight.dtype
 
@@ -178,7 +235,7 @@ class QuantizedBaseState:
                 and not k[len(prefix):].startswith(children)]
         if base:
             error_msgs.append(f"{prefix or 'the layer'}: the quantized base's entries {base[:3]} cannot be loaded "
-                              "into an adapted bitsandbytes layer; load the quantized model with transformers and "
+                              "into an adapted quantized layer; load the quantized model with transformers and "
                               "the adapter with fastpeft.load_adapter")
             return
         kept = {k: v for k, v in state_dict.items() if not (k.startswith(prefix) and k[len(prefix):] in

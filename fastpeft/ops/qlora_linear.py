@@ -4,8 +4,9 @@
     y = (x_c W_c^T + b_c) -> x.dtype  +  scaling * dropout(x) A^T B^T,   W_c = dequant(W) in the compute dtype
 
 ``torch.ops.fastpeft.qlora_linear`` takes the quantized weight itself -- bitsandbytes' packed
-4-bit codes (NF4 / FP4) with their block scales (double quantization included), or its int8
-rows with their scales (``QuantizedWeight``; the layout: ``fastpeft.kernels.quant.ref``) -- never a
+4-bit codes (NF4 / FP4) with their block scales (double quantization included), its int8 rows
+with their scales, or torchao's int8 weight-only rows with theirs (``QuantizedWeight``; the
+layouts: ``fastpeft.kernels.quant.ref``) -- never a
 dequantized copy kept between calls. What the op saves for the backward is x, the packed weight
 (the model's own tensors), ``s = x_hat A^T`` ``[M, r]`` and the dropout mask (as the LoRA op:
 ``fastpeft.ops.dropout``): one layer's dequantized weight is alive at a time, in the forward or
@@ -46,7 +47,7 @@ from fastpeft.backend import use_triton
 from fastpeft.kernels.dropout_mask import draw_seed
 from fastpeft.kernels.quant import ref
 from fastpeft.kernels.quant.bitsandbytes_ops import bitsandbytes_dequantize_4bit, bitsandbytes_dequantizes_exactly
-from fastpeft.kernels.quant.ref import INT8, QUANT_TYPES
+from fastpeft.kernels.quant.ref import INT8_TYPES, QUANT_TYPES
 from fastpeft.ops.autocast import autocast_dtype, autocast_off, cast_for_autocast
 from fastpeft.ops.checks import describe, require_finite, require_probability, require_same_device, require_tensor
 from fastpeft.ops.dropout import kept_mask, redraws_mask, saved_or_redrawn_mask
@@ -67,10 +68,10 @@ COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @dataclass(frozen=True)
 class QuantizedWeight:
     """A quantized ``[out_features, in_features]`` base weight (``fastpeft.kernels.quant.ref``):
-    ``quant_type`` (``"nf4"``, ``"fp4"`` or ``"int8"``), ``packed`` (4-bit: the packed codes in
-    any storage dtype; int8: CB ``[N, K]``), ``absmax`` (4-bit: per-block scales, fp32, or uint8
-    codes with double quantization; int8: SCB ``[N]``), ``code`` (4-bit: the 16-value table), the
-    double quantization's ``nested_absmax``, ``nested_code``, ``offset`` and ``nested_blocksize``
+    ``quant_type`` (``"nf4"``, ``"fp4"``, ``"int8"`` or ``"int8-scaled"``), ``packed`` (4-bit: the
+    packed codes in any storage dtype; int8: CB ``[N, K]``), ``absmax`` (4-bit: per-block scales,
+    fp32, or uint8 codes with double quantization; int8: SCB ``[N]``, or the row scales),
+    ``code`` (4-bit: the 16-value table), the double quantization's ``nested_absmax``, ``nested_code``, ``offset`` and ``nested_blocksize``
     (None / 0 without it), ``blocksize``, and ``compute_dtype`` (the dtype the base product runs
     in; None: the activations')."""
 
@@ -111,7 +112,7 @@ def check_quantized_weight(weight: object) -> QuantizedWeight:
     n, k = w.shape
     if n < 1 or k < 1:
         raise ValueError(f"weight shape must be positive, got [{n}, {k}]")
-    if w.quant_type == INT8:
+    if w.quant_type in INT8_TYPES:
         if w.packed.dtype != torch.int8 or tuple(w.packed.shape) != (n, k):
             raise ValueError(f"int8 weight.packed ({describe(w.packed)}) must be int8 of shape ({n}, {k})")
         if w.absmax.dtype != torch.float32 or tuple(w.absmax.shape) != (n,):
@@ -152,7 +153,7 @@ def dequantize(quant_type: str, packed: torch.Tensor, absmax: torch.Tensor, code
         from fastpeft.kernels.quant import launch
 
         return launch.dequantize(quant_type, *args)
-    if quant_type != INT8 and bitsandbytes_dequantizes_exactly(packed.device, shape[1], blocksize):
+    if quant_type not in INT8_TYPES and bitsandbytes_dequantizes_exactly(packed.device, shape[1], blocksize):
         return bitsandbytes_dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, blocksize,
                                             nested_blocksize, quant_type, shape, dtype)
     return ref.dequantize(quant_type, *args)

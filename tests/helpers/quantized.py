@@ -4,6 +4,7 @@ does), and the settings the model-level tests load a tiny Llama with."""
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from pathlib import Path
 
@@ -13,14 +14,20 @@ import torch.nn as nn
 
 bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes")
 
-# (name, transformers BitsAndBytesConfig kwargs): NF4 with double quantization (QLoRA's
-# recipe), FP4 with bf16 storage and compute, int8.
+# torchao's int8 weight-only quantization, where torchao is installed (PEFT takes it from 0.16).
+TORCHAO = "torchao-int8"
+TORCHAO_INSTALLED = importlib.util.find_spec("torchao") is not None
+
+# (name, transformers BitsAndBytesConfig kwargs, or {TORCHAO: True} for torchao's TorchAoConfig):
+# NF4 with double quantization (QLoRA's recipe), FP4 with bf16 storage and compute, int8, and
+# torchao's int8 weight-only.
 MODEL_SETTINGS = [
     ("nf4-dq", dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                     bnb_4bit_compute_dtype=torch.float32)),
     ("fp4-bf16", dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.bfloat16,
                       bnb_4bit_quant_storage=torch.bfloat16)),
     ("int8", dict(load_in_8bit=True)),
+    *([(TORCHAO, {TORCHAO: True})] if TORCHAO_INSTALLED else []),
 ]
 
 
@@ -60,12 +67,26 @@ def save_tiny_llama(path: Path) -> Path:
     return path
 
 
+def torchao_int8(module: nn.Module) -> nn.Module:
+    """``module``'s linear layers quantized in place by torchao's int8 weight-only config
+    (without its process-wide inductor settings)."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantize_(module, Int8WeightOnlyConfig(set_inductor_config=False))
+    return module
+
+
 def load_quantized(model_dir: Path, settings: dict) -> nn.Module:
     """The model at ``model_dir`` loaded by transformers with ``BitsAndBytesConfig(**settings)``
-    on the CPU, in training mode."""
+    (or torchao's ``TorchAoConfig`` for int8 weight-only) on the CPU, in training mode."""
     import transformers
 
-    quantization = transformers.BitsAndBytesConfig(**settings)
+    if settings.get(TORCHAO):
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        quantization = transformers.TorchAoConfig(Int8WeightOnlyConfig(set_inductor_config=False))
+    else:
+        quantization = transformers.BitsAndBytesConfig(**settings)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization,

@@ -16,7 +16,7 @@ from fastpeft.methods.quantized_base import quantized_weight
 from fastpeft.ops import lora_linear_dropout_mask, lora_linear_ref, qlora_linear
 from tests.helpers.devices import BACKENDS
 from tests.helpers.numerics import assert_close, assert_within_bound, magnitudes
-from tests.helpers.quantized import linear_4bit, linear_8bit
+from tests.helpers.quantized import TORCHAO, TORCHAO_INSTALLED, linear_4bit, linear_8bit, torchao_int8
 
 SCALING = 2.0
 K, N, R = 96, 40, 6  # blocks of 64 straddle rows; partial everything
@@ -24,6 +24,8 @@ K, N, R = 96, 40, 6  # blocks of 64 straddle rows; partial everything
 
 def _base(quant: str, compute_dtype: torch.dtype) -> nn.Module:
     linear = nn.Linear(K, N)
+    if quant == TORCHAO:
+        return torchao_int8(linear)
     if quant == "int8":
         return linear_8bit(linear)
     return linear_4bit(linear, quant.split("-")[0], quant.endswith("-dq"), compute_dtype)
@@ -35,7 +37,7 @@ def _op(x, weight, bias, a, b, p, seed):
                                            weight.compute_dtype or x.dtype, SCALING, p, seed)
 
 
-@pytest.mark.parametrize("quant", ["nf4-dq", "nf4", "fp4-dq", "int8"])
+@pytest.mark.parametrize("quant", ["nf4-dq", "nf4", "fp4-dq", "int8", *([TORCHAO] if TORCHAO_INSTALLED else [])])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 @pytest.mark.parametrize("layout", ["3d", "transposed"])
@@ -81,6 +83,16 @@ def test_the_base_part_is_bitsandbytes_own_output(quant):
     want = layer(x)
     got = qlora_linear(x, quantized_weight(layer), layer.bias, torch.randn(4, 128), torch.zeros(48, 4), SCALING)
     assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not TORCHAO_INSTALLED, reason="needs torchao")
+def test_the_base_part_is_torchaos_own_output_to_rounding():
+    """With B = 0 the op is torchao's int8 weight-only layer up to the order of rounding (torchao
+    multiplies by the int8 values, then scales the products: ~1 ulp, KERNEL_NOTES)."""
+    layer = torchao_int8(nn.Linear(128, 48))
+    x = torch.randn(5, 128)
+    got = qlora_linear(x, quantized_weight(layer), layer.bias, torch.randn(4, 128), torch.zeros(48, 4), SCALING)
+    assert_close(got, layer(x), torch.float32, "y")
 
 
 def test_no_rows():

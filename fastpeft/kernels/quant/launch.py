@@ -16,7 +16,7 @@ from fastpeft.kernels.lora.configs import ALIGN, block_r
 from fastpeft.kernels.quant import configs
 from fastpeft.kernels.quant.decode_kernel import qlora_decode_kernel
 from fastpeft.kernels.quant.kernels import dequant_4bit_kernel, dequant_int8_kernel
-from fastpeft.kernels.quant.ref import INT8, INT8_MAX, packed_bytes
+from fastpeft.kernels.quant.ref import INT8_TYPES, int8_row_scale, packed_bytes
 
 
 def _grid(n: int, block: int) -> tuple[int]:
@@ -35,11 +35,6 @@ def dequantize(quant_type: str, packed: torch.Tensor, absmax: torch.Tensor, code
                        nested_blocksize, shape, dtype, n)
 
 
-def _int8_row_scale(scb: torch.Tensor) -> torch.Tensor:
-    """bitsandbytes' int8 row scale ``SCB / 127``, formed as it forms it (fp32)."""
-    return scb.mul(1.0 / INT8_MAX)
-
-
 def _nested_args(absmax, nested_absmax, nested_code, offset, nested_blocksize) -> tuple:
     """The kernels' double-quantization arguments: the nested state, or (without double
     quantization) placeholders the kernels never read."""
@@ -51,8 +46,8 @@ def _nested_args(absmax, nested_absmax, nested_code, offset, nested_blocksize) -
 def _launch(quant_type, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape,
             dtype, n) -> torch.Tensor:
     out = launch_device.empty_output(shape, dtype, packed.device)
-    if quant_type == INT8:
-        scale = _int8_row_scale(absmax)
+    if quant_type in INT8_TYPES:
+        scale = int8_row_scale(quant_type, absmax)
         dequant_int8_kernel[_grid(n, configs.BLOCK_INT8)](
             packed.contiguous(), scale, out, n, shape[1],
             BLOCK=configs.BLOCK_INT8, num_warps=configs.NUM_WARPS, num_stages=configs.NUM_STAGES,
@@ -93,9 +88,10 @@ def decode_forward(x: torch.Tensor, quant_type: str, packed: torch.Tensor, absma
     adapter's dtype; the problem must ``decode_fits``."""
     m, k = x.shape
     n, rank = lora_b.shape
-    int8 = quant_type == INT8
-    if int8:  # the row scales in absmax's place; SCB itself stands in for the (unread) code table
-        packed, absmax, code = packed.contiguous(), _int8_row_scale(absmax), absmax
+    int8 = quant_type in INT8_TYPES
+    if int8:  # the row scales in absmax's place, standing in for the (unread) code table too
+        packed, absmax = packed.contiguous(), int8_row_scale(quant_type, absmax)
+        code = absmax
     else:
         packed = packed_bytes(packed).contiguous()
     *nested_state, nested_blocksize = _nested_args(absmax, nested_absmax, nested_code, offset, nested_blocksize)

@@ -19,6 +19,10 @@ quantization the per-block scales are themselves 8-bit codes of blocks of
 
 int8 (bitsandbytes ``Linear8bitLt``): ``CB [N, K]`` int8 and ``SCB [N]`` fp32 row maxima,
 ``W = CB * SCB / 127`` (in the compute dtype, as bitsandbytes' ``MatMul8bitFp``).
+
+int8 with row scales (``"int8-scaled"``: torchao's int8 weight-only ``Int8Tensor``, per-row or
+per-tensor, symmetric): ``qdata [N, K]`` int8 and fp32 row scales ``s [N]``, ``W = qdata * s``
+(the fp32 product rounded once to the dtype, as torchao's ``dequantize()``).
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ import math
 
 import torch
 
-NF4, FP4, INT8 = "nf4", "fp4", "int8"
-QUANT_TYPES = (NF4, FP4, INT8)
+NF4, FP4, INT8, INT8_SCALED = "nf4", "fp4", "int8", "int8-scaled"
+QUANT_TYPES = (NF4, FP4, INT8, INT8_SCALED)
+# The int8 kinds: int8 codes ``[N, K]`` and one scale per row.
+INT8_TYPES = (INT8, INT8_SCALED)
 # int8 rows are scaled to [-127, 127] by their absolute maximum (bitsandbytes' vector-wise quantization).
 INT8_MAX = 127
 
@@ -64,17 +70,24 @@ def dequantize_4bit(packed: torch.Tensor, scales: torch.Tensor, code: torch.Tens
     return _scaled_by_block(code[nibbles], scales, blocksize).view(shape).to(dtype)
 
 
-def dequantize_int8(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """W ``[N, K]`` in ``dtype`` from int8 ``cb`` and fp32 row maxima ``scb`` (module docstring)."""
-    return cb.to(dtype).mul_(scb.unsqueeze(1).mul(1.0 / INT8_MAX))
+def int8_row_scale(quant_type: str, absmax: torch.Tensor) -> torch.Tensor:
+    """The fp32 factor of each row of an int8 weight: bitsandbytes' ``SCB / 127`` (formed as it
+    forms it), or the row scales themselves (``"int8-scaled"``)."""
+    return absmax.mul(1.0 / INT8_MAX) if quant_type == INT8 else absmax
+
+
+def dequantize_int8(cb: torch.Tensor, row_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W ``[N, K]`` in ``dtype`` from int8 ``cb`` and fp32 ``row_scale`` ``[N]``: each product in
+    fp32, rounded once (``int8_row_scale``; module docstring)."""
+    return cb.to(dtype).mul_(row_scale.unsqueeze(1))
 
 
 def dequantize(quant_type: str, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None, offset: torch.Tensor | None,
                blocksize: int, nested_blocksize: int, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     """W ``shape`` in ``dtype`` for any ``quant_type`` of ``QUANT_TYPES`` (int8: ``packed`` is
-    CB, ``absmax`` SCB; the other arguments unused)."""
-    if quant_type == INT8:
-        return dequantize_int8(packed, absmax, dtype)
+    CB, ``absmax`` SCB or the row scales; the other arguments unused)."""
+    if quant_type in INT8_TYPES:
+        return dequantize_int8(packed, int8_row_scale(quant_type, absmax), dtype)
     scales = blockwise_scales(absmax, nested_absmax, nested_code, nested_blocksize, offset)
     return dequantize_4bit(packed, scales, code, blocksize, shape, dtype)

@@ -1,8 +1,8 @@
 """The fused QLoRA decode kernel (fastpeft.kernels.quant.launch.decode_forward) in Triton's
 interpreter against float64: every row count up to 16, odd N and K (4-bit blocks straddling rows,
 a row of codes starting mid-byte), NF4 / FP4 with and without double quantization, uint8 and bf16
-storage, int8, every compiled (compute, adapter) dtype pair, every padded rank, with and without
-bias. The float64 reference multiplies the weight the torch path multiplies (``ref.dequantize``
+storage, int8 (bitsandbytes' and torchao's), every compiled (compute, adapter) dtype pair, every
+padded rank, with and without bias. The float64 reference multiplies the weight the torch path multiplies (``ref.dequantize``
 in the compute dtype, exact) by x, so what is compared is the kernel's dequantization in registers
 and its products; the epilogue's rounding is the compute dtype's (the tolerance table's)."""
 
@@ -17,7 +17,7 @@ import torch.nn as nn
 from fastpeft.methods.quantized_base import quantized_weight
 from tests.helpers.devices import DEVICE, KERNELS_RUN
 from tests.helpers.numerics import assert_close, assert_within_bound
-from tests.helpers.quantized import linear_4bit, linear_8bit
+from tests.helpers.quantized import TORCHAO, TORCHAO_INSTALLED, linear_4bit, linear_8bit, torchao_int8
 
 pytestmark = pytest.mark.skipif(not KERNELS_RUN, reason="needs the Triton kernels (a GPU or the interpreter)")
 
@@ -27,7 +27,9 @@ PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch
 
 def _weight(quant: str, k: int, n: int, compute: torch.dtype, bias: bool):
     linear = nn.Linear(k, n, bias=bias)
-    if quant == "int8":
+    if quant == TORCHAO:
+        layer = torchao_int8(linear)
+    elif quant == "int8":
         layer = linear_8bit(linear)
         layer(torch.randn(1, k))  # bitsandbytes moves CB / SCB into the layer's state
     else:
@@ -55,7 +57,8 @@ def _reference(x, weight, bias, s_scaled, b):
     return base.to(x.dtype).double() + lora, bound
 
 
-@pytest.mark.parametrize("quant", ["nf4-dq", "nf4", "fp4-dq-bf16", "fp4", "int8"])
+@pytest.mark.parametrize("quant", ["nf4-dq", "nf4", "fp4-dq-bf16", "fp4", "int8",
+                                   *([TORCHAO] if TORCHAO_INSTALLED else [])])
 @pytest.mark.parametrize("k,n", [(96, 40), (33, 20), (512, 20)])
 @pytest.mark.parametrize("compute,lora_dtype", PAIRS)
 def test_against_float64(quant, k, n, compute, lora_dtype):

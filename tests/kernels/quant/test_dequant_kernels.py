@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from fastpeft.methods.quantized_base import quantized_weight
 from tests.helpers.devices import DEVICE, KERNELS_RUN
-from tests.helpers.quantized import linear_4bit, linear_8bit
+from tests.helpers.quantized import TORCHAO, TORCHAO_INSTALLED, linear_4bit, linear_8bit, torchao_int8
 
 pytestmark = pytest.mark.skipif(not KERNELS_RUN, reason="needs the Triton kernels (a GPU or the interpreter)")
 
@@ -43,9 +43,14 @@ def test_4bit(k, n, quant_type, double_quant, storage):
         assert torch.equal(_launch(weight, dtype), _expected(weight, dtype)), dtype
 
 
-def test_int8():
-    layer = linear_8bit(nn.Linear(96, 40))
-    layer(torch.randn(2, 96))  # bitsandbytes moves CB / SCB into the layer's state
+@pytest.mark.parametrize("quant", ["int8", *([TORCHAO] if TORCHAO_INSTALLED else [])])
+def test_int8(quant):
+    """bitsandbytes' int8 (CB * SCB / 127) and torchao's int8 weight-only (qdata * scale)."""
+    if quant == TORCHAO:
+        layer = torchao_int8(nn.Linear(96, 40))
+    else:
+        layer = linear_8bit(nn.Linear(96, 40))
+        layer(torch.randn(2, 96))  # bitsandbytes moves CB / SCB into the layer's state
     weight = quantized_weight(layer)
     for dtype in DTYPES:
         assert torch.equal(_launch(weight, dtype), _expected(weight, dtype)), dtype

@@ -15,7 +15,14 @@ import torch.nn as nn
 import fastpeft
 from fastpeft.methods.lora.layer import QuantLoRALinear
 from fastpeft.methods.quantized_base import quantized_weight
-from tests.helpers.quantized import MODEL_SETTINGS, bnb, load_quantized, save_tiny_llama
+from tests.helpers.quantized import (
+    MODEL_SETTINGS,
+    TORCHAO,
+    TORCHAO_INSTALLED,
+    bnb,
+    load_quantized,
+    save_tiny_llama,
+)
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -114,16 +121,29 @@ def test_merge_and_unload_as_peft_and_unload_untouched(model_dir, name, settings
         ours_logits, peft_logits = merged(**_inputs()).logits, peft_merged(**_inputs()).logits
     assert _rel(ours_logits, peft_logits) <= 1e-3  # both requantize the merged weight
     # W + delta, requantized: within the quantization's own error (4-bit: ~9% of the weight's norm)
-    assert _rel(quantized_weight(layer).dequantize(torch.float32), expected) <= (0.02 if name == "int8" else 0.15)
+    assert _rel(quantized_weight(layer).dequantize(torch.float32), expected) <= (0.02 if name in ("int8", TORCHAO) else 0.15)
 
     base = _load(model_dir, settings)
-    # the bytes of the packed weights (bf16 storage holds NaN patterns: compare bits, not values)
-    before = {n: (m.weight.data.view(torch.uint8).clone(), type(m)) for n, m in base.named_modules()
+    before = {n: (_stored_bits(m), type(m), type(m.weight)) for n, m in base.named_modules()
               if n.endswith(tuple(TARGETS))}
     fastpeft.unload(fastpeft.inject(base, fastpeft.LoraConfig(**LORA)))
-    for path, (data, cls) in before.items():
+    for path, (bits, cls, weight_cls) in before.items():
         module = base.get_submodule(path)
-        assert type(module) is cls and torch.equal(module.weight.data.view(torch.uint8), data)
+        assert type(module) is cls and type(module.weight) is weight_cls
+        assert all(torch.equal(a, b) for a, b in zip(_stored_bits(module), bits, strict=True))
+
+
+def _stored_bits(module: nn.Module) -> list[torch.Tensor]:
+    """The bytes a quantized layer stores its weight in (``_bits``)."""
+    return _bits(module.weight.data)
+
+
+def _bits(t: torch.Tensor) -> list[torch.Tensor]:
+    """A stored tensor's bytes (bf16-packed codes hold NaN patterns: compare bits, not values):
+    bitsandbytes' packed data and other tensors as they are, torchao's int8 data and scales."""
+    if hasattr(t, "qdata"):
+        return [t.qdata.clone(), t.scale.contiguous().view(torch.uint8).clone()]
+    return [t.contiguous().view(torch.uint8).clone()]
 
 
 def test_other_quantizers_are_refused_by_name_and_the_model_is_unchanged():
@@ -138,6 +158,31 @@ def test_other_quantizers_are_refused_by_name_and_the_model_is_unchanged():
     with pytest.raises(ValueError, match=r"q_proj \(QuantLinear, quantized by GPTQ\).*bitsandbytes Linear4bit"):
         fastpeft.inject(model, fastpeft.LoraConfig(target_modules=["q_proj"]))
     assert type(model.q_proj) is QuantLinear
+
+
+def _nf4_weight(linear: nn.Linear) -> None:
+    from torchao.quantization import to_nf4
+
+    linear.weight = nn.Parameter(to_nf4(linear.weight.detach()), requires_grad=False)
+
+
+@pytest.mark.skipif(not TORCHAO_INSTALLED, reason="needs torchao")
+@pytest.mark.parametrize("quantize,message", [
+    (lambda tq, m: tq.quantize_(m, tq.Int8DynamicActivationInt8WeightConfig()), "quantizes its activations"),
+    (lambda tq, m: tq.quantize_(m, tq.Int8WeightOnlyConfig(granularity=tq.PerGroup(16), set_inductor_config=False)),
+     "per-group"),
+    (lambda tq, m: _nf4_weight(m.q_proj), r"torchao \(other than its int8 weight-only Int8Tensor\)"),
+], ids=["dynamic-activation", "per-group", "nf4"])
+def test_torchao_weights_other_than_int8_weight_only_are_refused(quantize, message):
+    import torchao.quantization as tq
+
+    model = nn.Sequential()
+    model.add_module("q_proj", nn.Linear(256, 64))  # 16384 elements: to_nf4's smallest
+    quantize(tq, model)
+    weight = model.q_proj.weight
+    with pytest.raises(ValueError, match=message):
+        fastpeft.inject(model, fastpeft.LoraConfig(target_modules=["q_proj"]))
+    assert type(model.q_proj) is nn.Linear and model.q_proj.weight is weight
 
 
 def test_a_layer_repacked_for_bitsandbytes_cpu_inference_is_refused(model_dir):
@@ -158,7 +203,11 @@ def test_an_8bit_layer_with_fp16_weights_is_refused():
         fastpeft.inject(model, fastpeft.LoraConfig(target_modules=["q_proj"]))
 
 
-@pytest.mark.parametrize("name,settings", MODEL_SETTINGS[::2], ids=[n for n, _ in MODEL_SETTINGS[::2]])
+# NF4 with double quantization, int8, torchao's int8: the three weight layouts
+SERVED = [(n, s) for n, s in MODEL_SETTINGS if n != "fp4-bf16"]
+
+
+@pytest.mark.parametrize("name,settings", SERVED, ids=[n for n, _ in SERVED])
 def test_multi_adapter_serving_on_a_quantized_base_matches_peft(model_dir, tmp_path, name, settings):
     """Two PEFT QLoRA adapters served in one mixed batch by ``MultiAdapterModel`` on the same
     quantized base (and a base-only sequence): PEFT's ``adapter_names`` batch's logits."""
@@ -186,15 +235,17 @@ def test_multi_adapter_serving_on_a_quantized_base_matches_peft(model_dir, tmp_p
     assert _rel(got, expected) <= 1e-4
 
 
-def test_trainer_trains_checkpoints_and_resumes_a_quantized_model(model_dir, tmp_path):
-    """transformers' Trainer takes a 4-bit model carrying a fastpeft adapter (it refuses
+TRAINED = [(n, s) for n, s in MODEL_SETTINGS if n in ("nf4-dq", TORCHAO)]
+
+
+@pytest.mark.parametrize("name,settings", TRAINED, ids=[n for n, _ in TRAINED])
+def test_trainer_trains_checkpoints_and_resumes_a_quantized_model(model_dir, tmp_path, name, settings):
+    """transformers' Trainer takes a quantized model carrying a fastpeft adapter (it refuses
     quantized models without adapters); its checkpoints hold the adapter, and a run resumed
     halfway on a fresh quantized model logs the uninterrupted run's losses and ends with its
     adapter. ``unload`` takes the model back to a plain quantized one."""
     from fastpeft.api import adapter_state_dict
     from tests.helpers.trainer import SAVE_STEPS, STEPS, CountingDataset, step_logs, training_args
-
-    settings = MODEL_SETTINGS[0][1]
 
     def run(lora_seed: int, out, resume=None):
         model = _load(model_dir, settings)
@@ -234,7 +285,7 @@ def test_under_autocast_as_peft(model_dir):
     assert _rel(out, ref) <= 1.6e-2
 
 
-@pytest.mark.parametrize("name,settings", MODEL_SETTINGS[::2], ids=[n for n, _ in MODEL_SETTINGS[::2]])
+@pytest.mark.parametrize("name,settings", SERVED, ids=[n for n, _ in SERVED])
 def test_state_dicts_hold_bitsandbytes_entries_and_refuse_base_loads(model_dir, tmp_path, name, settings):
     """An adapted quantized model's state dict has bitsandbytes' entries for each base (as the
     unadapted model's) beside A and B, in both the one-adapter and the serving layers; loading
@@ -251,11 +302,11 @@ def test_state_dicts_hold_bitsandbytes_entries_and_refuse_base_loads(model_dir, 
     assert {k for k in state if ".q_proj." in k} - base == {
         f"model.layers.{i}.self_attn.q_proj.lora_{m}.weight" for i in (0, 1) for m in "AB"}
     before = {k: v.clone() for k, v in state.items() if "lora_" not in k}
-    with pytest.raises(RuntimeError, match="cannot be loaded into an adapted bitsandbytes layer"):
+    with pytest.raises(RuntimeError, match="cannot be loaded into an adapted quantized layer"):
         ours.load_state_dict(state, strict=False)
     for key, value in ours.state_dict().items():  # bits, not values: bf16 storage holds NaN patterns
         if key in before:
-            assert torch.equal(value.contiguous().view(torch.uint8), before[key].contiguous().view(torch.uint8)), key
+            assert all(torch.equal(a, b) for a, b in zip(_bits(value), _bits(before[key]), strict=True)), key
     assert not ours.load_state_dict({k: v for k, v in state.items() if "lora_" in k}, strict=False).unexpected_keys
     with pytest.warns(UserWarning, match="the whole model is written"):
         ours.save_pretrained(tmp_path / "full", state_dict=ours.state_dict())
