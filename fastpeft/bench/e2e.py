@@ -40,6 +40,7 @@ import copy
 import dataclasses
 import functools
 import gc
+import importlib.util
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ import fastpeft
 from fastpeft.bench.environment import describe_environment, package_version
 from fastpeft.bench.implementations import FASTPEFT, PEFT
 from fastpeft.bench.memory import measure_saved_activations
+from fastpeft.bench.qlora import NF4_DQ, quantize_linears
 from fastpeft.bench.report import (
     MISSING,
     format_bytes,
@@ -97,6 +99,13 @@ E2E_TARGETS: tuple[Target, ...] = (
 )
 
 
+# The issue's QLoRA targets on a GPU (on CPU: no slower than PEFT), displayed, never asserted.
+QLORA_E2E_TARGETS: tuple[Target, ...] = (
+    Target(">= 1.5x PEFT's QLoRA tokens/s (GPU)", TRAIN_STEP, TOKENS_PER_S, 1.5, at_most=False),
+    Target("<= PEFT's QLoRA peak memory", TRAIN_STEP, PEAK_BYTES, 1.0, at_most=True),
+)
+
+
 @dataclass(frozen=True)
 class LlamaShape:
     """The sizes of a Llama model (``transformers.LlamaConfig`` fields)."""
@@ -134,6 +143,9 @@ class E2EConfig:
     gradient_checkpointing: bool = False
     seed: int = 0
     prompt_methods: tuple[str, ...] = ()
+    # QLoRA: the same step on the model with its decoder linears quantized by bitsandbytes
+    # (``fastpeft.bench.qlora.quantize_linears``), once per quantization named here.
+    quantizations: tuple[str, ...] = ()
 
     @property
     def tokens(self) -> int:
@@ -169,6 +181,12 @@ class E2EConfig:
                 "in one forward (saved_tensors_hooks, weights and token ids excluded)"
             ),
             "seed": self.seed,
+            "qlora": {
+                "quantizations": list(self.quantizations),
+                "base": "the decoder's linear layers quantized by bitsandbytes (nf4-dq: NF4 with double quantization, "
+                        "blocks of 64, compute dtype = the model's dtype), the LM head in full precision; the same "
+                        "LoRA, batch and step",
+            },
             "prompt_learning": {
                 "methods": list(self.prompt_methods), "num_virtual_tokens": NUM_VIRTUAL_TOKENS,
                 "prefix": "prefix_projection=True (Embedding -> Linear -> Tanh -> Linear, hidden = token_dim)",
@@ -224,7 +242,9 @@ def default_e2e_config(device: torch.device, dtype: torch.dtype | None = None, *
     """The GPU or CPU case for ``device`` (its default dtype unless ``dtype``), with ``overrides``
     (``dropout``, ``gradient_checkpointing``, ``seed``)."""
     template = GPU_E2E if device.type == "cuda" else CPU_E2E
-    return dataclasses.replace(template, device=device, dtype=dtype or template.dtype, **overrides)
+    quantizations = (NF4_DQ,) if importlib.util.find_spec("bitsandbytes") is not None else ()
+    return dataclasses.replace(template, device=device, dtype=dtype or template.dtype,
+                               **{"quantizations": quantizations, **overrides})
 
 
 def missing_packages() -> list[str]:
@@ -235,15 +255,18 @@ def missing_packages() -> list[str]:
 # --- the twin models -----------------------------------------------------------------------
 
 
-def build_peft_model(config: E2EConfig) -> nn.Module:
-    """The Llama model (seeded random weights, on ``config.device`` in ``config.dtype``) with
-    PEFT's LoRA on all linear layers, in training mode; only the LoRA parameters train."""
+def build_peft_model(config: E2EConfig, quantization: str | None = None) -> nn.Module:
+    """The Llama model (seeded random weights, on ``config.device`` in ``config.dtype``; its
+    decoder linears quantized by bitsandbytes with ``quantization``) with PEFT's LoRA on all
+    linear layers, in training mode; only the LoRA parameters train."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(config.seed)
     with torch.device(config.device):
         base = LlamaForCausalLM(config.model.config(config.seq_len)).to(config.dtype)
+    if quantization is not None:
+        quantize_linears(base, quantization, config.dtype, config.device)
     lora = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=config.dropout, target_modules=TARGET_MODULES)
     with warnings.catch_warnings():
         # PEFT calls a transformers property transformers 5 deprecates; nothing to act on here.
@@ -256,9 +279,10 @@ def _transformers_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def build_twins(config: E2EConfig) -> dict[str, nn.Module]:
-    """``{PEFT: PEFT model, FASTPEFT: its fastpeft twin}`` on ``config.device``, checked identical."""
-    peft_model = build_peft_model(config)
+def build_twins(config: E2EConfig, quantization: str | None = None) -> dict[str, nn.Module]:
+    """``{PEFT: PEFT model, FASTPEFT: its fastpeft twin}`` on ``config.device``, checked identical
+    (``quantization``: on the quantized base, ``build_peft_model``)."""
+    peft_model = build_peft_model(config, quantization)
     twins = {PEFT: peft_model, FASTPEFT: fastpeft.from_peft(copy.deepcopy(peft_model)).train()}
     if config.gradient_checkpointing:
         for model in twins.values():
@@ -494,14 +518,19 @@ class E2ERun:
     results: list[E2EResult] = field(default_factory=list)
     interrupted: bool = False
     prompt_results: list[PromptResult] = field(default_factory=list)
+    # per quantization (``E2EConfig.quantizations``): the QLoRA step's results, PEFT's then fastpeft's
+    qlora_results: dict[str, list[E2EResult]] = field(default_factory=dict)
 
-    def result(self, impl: str) -> E2EResult | None:
-        return next((r for r in self.results if r.impl == impl), None)
+    def result(self, impl: str, quantization: str | None = None) -> E2EResult | None:
+        """``impl``'s result of the LoRA step, or of the QLoRA step on ``quantization``."""
+        results = self.results if quantization is None else self.qlora_results.get(quantization, [])
+        return next((r for r in results if r.impl == impl), None)
 
-    def ratio(self, metric: str) -> Spread | None:
+    def ratio(self, metric: str, quantization: str | None = None) -> Spread | None:
         """fastpeft's ``metric`` / PEFT's (``TOKENS_PER_S``, ``PEAK_BYTES``, ``SAVED_BYTES``), with
-        its range (a point for the byte counts, which are exact)."""
-        ours, theirs = self.result(FASTPEFT), self.result(PEFT)
+        its range (a point for the byte counts, which are exact), of the LoRA step or of the
+        QLoRA step on ``quantization``."""
+        ours, theirs = self.result(FASTPEFT, quantization), self.result(PEFT, quantization)
         if ours is None or theirs is None:
             return None
         return ratio(_measured(getattr(ours, metric)), _measured(getattr(theirs, metric)))
@@ -511,12 +540,13 @@ class E2ERun:
         """The memory the targets use: peak on a GPU, the saved-for-backward proxy on CPU."""
         return PEAK_BYTES if self.settings["device"] == "cuda" else SAVED_BYTES
 
-    def target_checks(self) -> list[E2ECheck]:
-        """The targets that apply at this run's dropout, on the ratios that were measured."""
+    def target_checks(self, quantization: str | None = None) -> list[E2ECheck]:
+        """The targets that apply at this run's dropout, on the ratios that were measured: the
+        LoRA step's, or the QLoRA step's on ``quantization``."""
         checks = []
-        for target in E2E_TARGETS:
+        for target in E2E_TARGETS if quantization is None else QLORA_E2E_TARGETS:
             metric = self.memory_metric if target.metric == PEAK_BYTES else target.metric
-            value = self.ratio(metric)
+            value = self.ratio(metric, quantization)
             if value is not None and target.dropout in (None, self.settings["lora"]["lora_dropout"]):
                 checks.append(E2ECheck(target, metric, value, target.verdict(value)))
         return checks
@@ -537,6 +567,7 @@ class E2ERun:
     @property
     def errors(self) -> list[str]:
         return ([f"e2e {r.impl}: {r.error}" for r in self.results if r.error]
+                + [f"e2e QLoRA {q} {r.impl}: {r.error}" for q, rs in self.qlora_results.items() for r in rs if r.error]
                 + [f"e2e {r.method} {r.impl}: {r.error}" for r in self.prompt_results if r.error])
 
     @property
@@ -563,6 +594,30 @@ def _release(models: Iterable[nn.Module], device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def measure_twins(config: E2EConfig, input_ids: torch.Tensor, quantization: str | None, log: Callable[[str], None],
+                  results: list[E2EResult], settings: dict[str, Any] | None = None) -> None:
+    """Build the twin models (on the base quantized with ``quantization``, if given) and
+    measure PEFT's step, then fastpeft's, each alone on the device, appending each result to
+    ``results`` as it is measured (an interrupted run keeps them); a model that cannot be built
+    gives both results an error. ``settings``: where to record the fastpeft twin's counts."""
+    try:
+        twins = build_twins(config, quantization)
+    except Exception as exc:  # no model to measure; report why (the rest of the case still runs)
+        results.extend(E2EResult(impl, None, None, None, None, f"building the models: {describe_error(exc)}")
+                       for impl in IMPLS)
+        return
+    if settings is not None:
+        _record_model(settings, twins[FASTPEFT])
+    for impl in IMPLS:
+        model = twins.pop(impl)
+        _release(twins.values(), config.device)
+        log(f"[e2e] {impl}: {config.batch} x {config.seq_len} tokens per step")
+        results.append(measure(impl, model.to(config.device), input_ids, config))
+        if results[-1].error:
+            log(f"  {impl} failed: {results[-1].error}")
+        del model
+
+
 def run_e2e(config: E2EConfig, log: Callable[[str], None] = log_to_stderr) -> E2ERun:
     """Build the twin models and measure PEFT's step, then fastpeft's, each alone on the device.
 
@@ -573,22 +628,11 @@ def run_e2e(config: E2EConfig, log: Callable[[str], None] = log_to_stderr) -> E2
     try:
         log(f"[e2e] building the Llama model and its LoRA twins ({config.device.type}, {run.settings['dtype']})")
         input_ids = random_tokens(config)
-        try:
-            twins = build_twins(config)
-        except Exception as exc:  # no LoRA model to measure; report why (prompt learning still runs)
-            run.results = [E2EResult(impl, None, None, None, None, f"building the models: {describe_error(exc)}")
-                           for impl in IMPLS]
-            twins = {}
-        if twins:
-            _record_model(run.settings, twins[FASTPEFT])
-        for impl in IMPLS if twins else ():
-            model = twins.pop(impl)
-            _release(twins.values(), config.device)
-            log(f"[e2e] {impl}: {config.batch} x {config.seq_len} tokens per step")
-            run.results.append(measure(impl, model.to(config.device), input_ids, config))
-            if run.results[-1].error:
-                log(f"  {impl} failed: {run.results[-1].error}")
-            del model
+        measure_twins(config, input_ids, None, log, run.results, run.settings)
+        for quantization in config.quantizations:
+            _release((), config.device)
+            log(f"[e2e] QLoRA: the same model, its decoder linears quantized ({quantization})")
+            measure_twins(config, input_ids, quantization, log, run.qlora_results.setdefault(quantization, []))
         _release((), config.device)
         for method in config.prompt_methods:
             run.prompt_results.extend(measure_prompt_method(config, method, input_ids, log))
@@ -608,24 +652,25 @@ def run_e2e(config: E2EConfig, log: Callable[[str], None] = log_to_stderr) -> E2
 E2E_HEADERS = ["impl", "step ms", "tokens/s", "x PEFT", "peak memory", "x PEFT", "saved for bwd", "x PEFT"]
 
 
-def _ratio_cell(run: E2ERun, metric: str, checks: dict[str, E2ECheck]) -> str:
-    value = run.ratio(metric)
+def _ratio_cell(run: E2ERun, metric: str, checks: dict[str, E2ECheck], quantization: str | None) -> str:
+    value = run.ratio(metric, quantization)
     if value is None:
         return MISSING
     check = checks.get(metric)
     return format_ratio(value, None if check is None else check.verdict)
 
 
-def e2e_table_rows(run: E2ERun) -> list[list[str]]:
-    """One row per model: step time and tokens/s (median and interquartile range), peak memory,
-    saved bytes; fastpeft's row has the fastpeft / PEFT ratios (with their ranges and target marks)."""
-    checks = {c.metric: c for c in run.target_checks()}
+def e2e_table_rows(run: E2ERun, quantization: str | None = None) -> list[list[str]]:
+    """One row per model of the LoRA step (or the QLoRA step on ``quantization``): step time and
+    tokens/s (median and interquartile range), peak memory, saved bytes; fastpeft's row has the
+    fastpeft / PEFT ratios (with their ranges and target marks)."""
+    checks = {c.metric: c for c in run.target_checks(quantization)}
     rows = []
-    for r in run.results:
+    for r in run.results if quantization is None else run.qlora_results[quantization]:
         if r.error:
             rows.append([r.impl, "error"] + [MISSING] * (len(E2E_HEADERS) - 2))
             continue
-        ratios = [_ratio_cell(run, m, checks) if r.impl == FASTPEFT else MISSING
+        ratios = [_ratio_cell(run, m, checks, quantization) if r.impl == FASTPEFT else MISSING
                   for m in (TOKENS_PER_S, PEAK_BYTES, SAVED_BYTES)]
         rows.append([
             r.impl, format_spread(r.ms, format_ms), format_spread(r.tokens_per_s, "{:,.0f}".format), ratios[0],
@@ -709,9 +754,11 @@ def e2e_footer_lines(run: E2ERun) -> list[str]:
         "met, missed, or inconclusive when the range reaches the target:"
     ]
     checks = run.target_checks()
-    for c in checks:
+    for quantization, c in [(None, c) for c in checks] + [
+            (q, c) for q in run.qlora_results for c in run.target_checks(q)]:
         proxy = " (CPU proxy: bytes saved for backward)" if c.metric == SAVED_BYTES else ""
-        lines.append(f"  {c.target.label}{proxy}: {format_ratio(c.value)} {c.verdict}")
+        step = "" if quantization is None else f"QLoRA ({quantization}): "
+        lines.append(f"  {step}{c.target.label}{proxy}: {format_ratio(c.value)} {c.verdict}")
     if not checks:
         lines.append("  none applies to this run (they are stated at dropout 0.05, for runs that measured both)")
     if run.interrupted:
@@ -722,15 +769,23 @@ def e2e_footer_lines(run: E2ERun) -> list[str]:
     return lines
 
 
+def qlora_header_line(run: E2ERun, quantization: str) -> str:
+    return f"QLoRA ({quantization}): {run.settings['qlora']['base']}"
+
+
 def e2e_markdown(run: E2ERun) -> str:
     """The case's report as a markdown section."""
     fence = "```"
+    qlora = [line for q in run.qlora_results for line in (
+        f"### QLoRA training step ({q})", "", fence, qlora_header_line(run, q), fence, "",
+        markdown_table(E2E_HEADERS, e2e_table_rows(run, q)), "")]
     prompt = [] if not run.prompt_results else [
         "### Prompt tuning and prefix tuning", "", fence, *prompt_header_lines(run), fence, "",
         markdown_table(PROMPT_HEADERS, prompt_table_rows(run)), ""]
     return "\n".join(
         ["## End-to-end training step: fastpeft vs PEFT", "", fence, *e2e_header_lines(run), fence, "",
-         markdown_table(E2E_HEADERS, e2e_table_rows(run)), "", *prompt, fence, *e2e_footer_lines(run), fence, ""]
+         markdown_table(E2E_HEADERS, e2e_table_rows(run)), "", *qlora, *prompt, fence, *e2e_footer_lines(run),
+         fence, ""]
     )
 
 
@@ -738,10 +793,18 @@ def print_e2e_report(run: E2ERun) -> None:
     """Print the case's report to stdout as plain text."""
     print("\n".join(e2e_header_lines(run)))
     print(plain_table(E2E_HEADERS, e2e_table_rows(run), text_columns=1))
+    for quantization in run.qlora_results:
+        print(qlora_header_line(run, quantization))
+        print(plain_table(E2E_HEADERS, e2e_table_rows(run, quantization), text_columns=1))
     if run.prompt_results:
         print("\n".join(prompt_header_lines(run)))
         print(plain_table(PROMPT_HEADERS, prompt_table_rows(run), text_columns=2))
     print("\n".join(e2e_footer_lines(run)))
+
+
+def _checks_json(checks: list[E2ECheck]) -> list[dict[str, Any]]:
+    return [{"target": c.target.label, "metric": c.metric, "value": spread_json(c.value), "verdict": c.verdict}
+            for c in checks]
 
 
 def e2e_json(run: E2ERun) -> dict[str, Any]:
@@ -755,10 +818,16 @@ def e2e_json(run: E2ERun) -> dict[str, Any]:
         "fastpeft_vs_peft": {
             metric: spread_json(run.ratio(metric)) for metric in (TOKENS_PER_S, PEAK_BYTES, SAVED_BYTES)
         },
-        "targets": [
-            {"target": c.target.label, "metric": c.metric, "value": spread_json(c.value), "verdict": c.verdict}
-            for c in run.target_checks()
-        ],
+        "targets": _checks_json(run.target_checks()),
+        "qlora": {
+            quantization: {
+                "results": [dataclasses.asdict(r) for r in results],
+                "fastpeft_vs_peft": {metric: spread_json(run.ratio(metric, quantization))
+                                     for metric in (TOKENS_PER_S, PEAK_BYTES, SAVED_BYTES)},
+                "targets": _checks_json(run.target_checks(quantization)),
+            }
+            for quantization, results in run.qlora_results.items()
+        },
         "prompt_learning": [
             {"method": r.method, "impl": r.impl, "train": None if r.train is None else dataclasses.asdict(r.train),
              DECODE_TOKENS_PER_S: spread_json(r.decode_tokens_per_s), "error": r.error}

@@ -85,24 +85,44 @@ class QLoRAProblem:
         return sum(t.nbytes for t in (packed, self.lora_a, self.lora_b, self.x, self.grad_out))
 
 
-def _quantized(case: QLoRACase, dtype: torch.dtype, device: torch.device, generator: torch.Generator) -> nn.Module:
-    """A ``hidden x hidden`` layer with a trained layer's scale (std ``1/sqrt(K)``), quantized
-    by bitsandbytes as it moves to ``device``."""
+def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, quant: str, dtype: torch.dtype,
+                     device: torch.device) -> nn.Module:
+    """``weight`` ``[N, K]`` (and ``bias``) as a bitsandbytes layer, quantized as it moves to
+    ``device``: ``nf4-dq`` (``Linear4bit``, NF4 with double quantization, compute dtype
+    ``dtype``) or ``int8`` (``Linear8bitLt``, frozen int8), in training mode."""
     import bitsandbytes as bnb
 
+    n, k = weight.shape
+    if quant == INT8:
+        layer = bnb.nn.Linear8bitLt(k, n, bias=bias is not None, has_fp16_weights=False, device="meta")
+        layer.weight = bnb.nn.Int8Params(weight.detach().cpu(), requires_grad=False, has_fp16_weights=False)
+    else:
+        layer = bnb.nn.Linear4bit(k, n, bias=bias is not None, compute_dtype=dtype, compress_statistics=True,
+                                  quant_type="nf4", device="meta")
+        layer.weight = bnb.nn.Params4bit(weight.detach().cpu(), requires_grad=False, compress_statistics=True,
+                                         quant_type="nf4", module=layer)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().cpu(), requires_grad=False)
+    return layer.to(device).train()
+
+
+def quantize_linears(model: nn.Module, quant: str, dtype: torch.dtype, device: torch.device,
+                     skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+    """Every ``nn.Linear`` of ``model`` but those named in ``skip`` replaced by its quantized
+    layer (``quantized_linear``), as transformers' ``BitsAndBytesConfig`` loads a model (its
+    LM head stays in full precision)."""
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and name.rsplit(".", 1)[-1] not in skip:
+            model.set_submodule(name, quantized_linear(module.weight, module.bias, quant, dtype, device))
+    return model
+
+
+def _quantized(case: QLoRACase, dtype: torch.dtype, device: torch.device, generator: torch.Generator) -> nn.Module:
+    """A ``hidden x hidden`` layer with a trained layer's scale (std ``1/sqrt(K)``), quantized."""
     k = n = case.hidden
     weight = torch.randn(n, k, generator=generator, device=device) * k**-0.5
     bias = torch.randn(n, generator=generator, device=device) * k**-0.5
-    if case.quant == INT8:
-        layer = bnb.nn.Linear8bitLt(k, n, bias=True, has_fp16_weights=False, device="meta")
-        layer.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False)
-    else:
-        layer = bnb.nn.Linear4bit(k, n, bias=True, compute_dtype=dtype, compress_statistics=True, quant_type="nf4",
-                                  device="meta")
-        layer.weight = bnb.nn.Params4bit(weight.cpu(), requires_grad=False, compress_statistics=True,
-                                         quant_type="nf4", module=layer)
-    layer.bias = nn.Parameter(bias.cpu(), requires_grad=False)
-    return layer.to(device).train()
+    return quantized_linear(weight, bias, case.quant, dtype, device)
 
 
 def make_problem(case: QLoRACase, dtype: torch.dtype, device: torch.device,

@@ -184,7 +184,7 @@ def test_a_noisy_tokens_per_s_ratio_is_inconclusive_and_memory_is_exact():
 
 
 def test_a_failing_build_is_reported(monkeypatch):
-    def broken(config):
+    def broken(config, quantization=None):
         raise RuntimeError("out of memory\nsecond line")
 
     monkeypatch.setattr(e2e, "build_twins", broken)
@@ -192,6 +192,33 @@ def test_a_failing_build_is_reported(monkeypatch):
     assert run.failed and len(run.errors) == 2
     assert run.errors[0].endswith("building the models: RuntimeError: out of memory")
     assert [row[1] for row in e2e_table_rows(run)] == ["error", "error"]
+
+
+def test_qlora_twins_start_identical_and_take_the_same_step():
+    """On the quantized base (the decoder's linears in NF4 with double quantization, PEFT's
+    ``lora.bnb`` layers against fastpeft's ``QuantLoRALinear``) the twins start identical and
+    their training-mode logits (bitsandbytes' exact CPU forward) agree; the run reports both
+    steps with their ratios and the QLoRA targets."""
+    pytest.importorskip("bitsandbytes")
+    from fastpeft.bench.qlora import NF4_DQ
+    from fastpeft.methods.lora.layer import QuantLoRALinear
+
+    config = dataclasses.replace(TINY, dropout=0.0, quantizations=(NF4_DQ,))
+    twins = build_twins(config, NF4_DQ)
+    check_twins(twins[FASTPEFT], twins[PEFT])
+    layers = [m for m in twins[FASTPEFT].modules() if isinstance(m, QuantLoRALinear)]
+    assert len(layers) == 7 * config.model.num_hidden_layers
+    ids = random_tokens(config)
+    with torch.no_grad():
+        assert_close(twins[FASTPEFT](input_ids=ids).logits, twins[PEFT](input_ids=ids).logits, torch.float32,
+                     "logits")
+    run = run_e2e(dataclasses.replace(config, quantizations=(NF4_DQ,)), log=lambda message: None)
+    assert not run.failed and [r.impl for r in run.qlora_results[NF4_DQ]] == [PEFT, FASTPEFT]
+    assert run.ratio(TOKENS_PER_S, NF4_DQ) is not None and run.ratio(SAVED_BYTES, NF4_DQ).value > 0
+    assert [c.target.label for c in run.target_checks(NF4_DQ)] == [
+        ">= 1.5x PEFT's QLoRA tokens/s (GPU)", "<= PEFT's QLoRA peak memory"]
+    assert "### QLoRA training step (nf4-dq)" in e2e_markdown(run)
+    assert any(line.startswith("  QLoRA (nf4-dq): ") for line in e2e_footer_lines(run))
 
 
 def test_cli_e2e_writes_json_and_markdown_only(monkeypatch, tmp_path, capsys):
