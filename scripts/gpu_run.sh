@@ -19,7 +19,8 @@
 #              marker -- tests/test_cuda_gpu.py, ... --, and the tests of DEVICE_TESTS that
 #              put tensors on the GPU there: the LoRA kernels' dropout, hybrid, launch
 #              planning and dispatch, the bottleneck adapter's and multi-LoRA's ops, layers,
-#              models and serving): fused, hybrid, bottleneck, multi-LoRA and CUDA C++
+#              models and serving, the QLoRA op and its dequantization and decode kernels,
+#              bitsandbytes' CUDA dequantization): fused, hybrid, bottleneck, multi-LoRA and CUDA C++
 #              kernels against float64 (bf16, fp16, fp32 adapters, every gradient, dropout,
 #              CUDA graphs, no host sync, determinism), 4 workers, 60 s per test, no -x,
 #              skip reasons listed (-rs)                                      240 -> tests.log
@@ -146,7 +147,8 @@ PLAN_ARGS=(--launch-us 1.5)
 # CPU emulation.)
 DEVICE_TESTS=(tests/kernels/test_dropout_mask.py tests/kernels/lora/test_hybrid.py tests/kernels/lora/test_launch_planning.py
     tests/kernels/lora/test_dispatch.py tests/ops/test_bottleneck_*.py tests/ops/test_multi_lora_*.py
-    tests/methods/bottleneck/test_*.py tests/methods/lora/test_multi_layer.py tests/serving/test_multi_adapter_model.py)
+    tests/methods/bottleneck/test_*.py tests/methods/lora/test_multi_layer.py tests/serving/test_multi_adapter_model.py
+    tests/kernels/quant/test_*.py tests/ops/test_qlora_linear.py)
 GPU_MARKED=$(grep -rl -E 'pytest\.mark\.gpu\b' --include='test_*.py' tests | sort)
 mapfile -t GPU_TESTS < <(printf '%s\n' tests/test_gpu.py $GPU_MARKED \
     $(grep -l -E '\bDEVICE\b|cuda' "${DEVICE_TESTS[@]}") | awk '!seen[$0]++')

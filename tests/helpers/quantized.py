@@ -33,8 +33,9 @@ MODEL_SETTINGS = [
 
 def linear_4bit(linear: nn.Linear, quant_type: str = "nf4", double_quant: bool = True,
                 compute_dtype: torch.dtype | None = torch.float32, storage: torch.dtype = torch.uint8,
-                weight_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """``linear`` quantized to a bitsandbytes ``Linear4bit`` (its own copy of the weights)."""
+                weight_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> nn.Module:
+    """``linear`` quantized to a bitsandbytes ``Linear4bit`` on ``device`` (its own copy of the
+    weights; bitsandbytes quantizes as the layer moves there)."""
     k, n = linear.in_features, linear.out_features
     layer = bnb.nn.Linear4bit(k, n, bias=linear.bias is not None, compute_dtype=compute_dtype,
                               compress_statistics=double_quant, quant_type=quant_type, quant_storage=storage,
@@ -44,15 +45,15 @@ def linear_4bit(linear: nn.Linear, quant_type: str = "nf4", double_quant: bool =
                                      module=layer)
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-    return layer.to("cpu").train()
+    return layer.to(device).train()
 
 
-def linear_8bit(linear: nn.Linear) -> nn.Module:
-    """``linear`` quantized to a frozen bitsandbytes ``Linear8bitLt``."""
+def linear_8bit(linear: nn.Linear, device: torch.device | str = "cpu") -> nn.Module:
+    """``linear`` quantized to a frozen bitsandbytes ``Linear8bitLt`` on ``device``."""
     layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                 has_fp16_weights=False)
     layer.load_state_dict(linear.state_dict())
-    return layer.to("cpu").train()
+    return layer.to(device).train()
 
 
 def save_tiny_llama(path: Path) -> Path:
@@ -67,12 +68,12 @@ def save_tiny_llama(path: Path) -> Path:
     return path
 
 
-def torchao_int8(module: nn.Module) -> nn.Module:
-    """``module``'s linear layers quantized in place by torchao's int8 weight-only config
-    (without its process-wide inductor settings)."""
+def torchao_int8(module: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
+    """``module``'s linear layers moved to ``device`` and quantized in place by torchao's int8
+    weight-only config (without its process-wide inductor settings)."""
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    quantize_(module, Int8WeightOnlyConfig(set_inductor_config=False))
+    quantize_(module.to(device), Int8WeightOnlyConfig(set_inductor_config=False))
     return module
 
 

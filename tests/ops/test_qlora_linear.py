@@ -14,7 +14,7 @@ import torch.nn as nn
 from fastpeft.kernels.dropout_mask import draw_seed
 from fastpeft.methods.quantized_base import quantized_weight
 from fastpeft.ops import lora_linear_dropout_mask, lora_linear_ref, qlora_linear
-from tests.helpers.devices import BACKENDS
+from tests.helpers.devices import BACKENDS, DEVICE
 from tests.helpers.numerics import assert_close, assert_within_bound, magnitudes
 from tests.helpers.quantized import TORCHAO, TORCHAO_INSTALLED, linear_4bit, linear_8bit, torchao_int8
 
@@ -22,13 +22,21 @@ SCALING = 2.0
 K, N, R = 96, 40, 6  # blocks of 64 straddle rows; partial everything
 
 
+@pytest.fixture(autouse=True)
+def on_device():
+    """The tests' tensors on DEVICE (the GPU where there is one: the GPU script runs this file),
+    but for the tests that name the CPU."""
+    with torch.device(DEVICE):
+        yield
+
+
 def _base(quant: str, compute_dtype: torch.dtype) -> nn.Module:
     linear = nn.Linear(K, N)
     if quant == TORCHAO:
-        return torchao_int8(linear)
+        return torchao_int8(linear, DEVICE)
     if quant == "int8":
-        return linear_8bit(linear)
-    return linear_4bit(linear, quant.split("-")[0], quant.endswith("-dq"), compute_dtype)
+        return linear_8bit(linear, DEVICE)
+    return linear_4bit(linear, quant.split("-")[0], quant.endswith("-dq"), compute_dtype, device=DEVICE)
 
 
 def _op(x, weight, bias, a, b, p, seed):
@@ -76,12 +84,14 @@ def test_forward_and_gradients_against_float64(quant, dtype, dropout_p, layout, 
 @pytest.mark.parametrize("quant", ["nf4-dq", "fp4", "int8"])
 def test_the_base_part_is_bitsandbytes_own_output(quant):
     """With B = 0 the op is the base layer, bit for bit, in bitsandbytes' training-mode forward
-    (K = 128: a multiple of the block size, where bitsandbytes' CPU kernel is right)."""
-    linear = nn.Linear(128, 48)
-    layer = linear_8bit(linear) if quant == "int8" else linear_4bit(linear, quant[:3], quant.endswith("-dq"))
-    x = torch.randn(5, 128)
-    want = layer(x)
-    got = qlora_linear(x, quantized_weight(layer), layer.bias, torch.randn(4, 128), torch.zeros(48, 4), SCALING)
+    on the CPU (K = 128: a multiple of the block size, where bitsandbytes' CPU kernel is right;
+    on CUDA its int8 layer multiplies int8 activations)."""
+    with torch.device("cpu"):
+        linear = nn.Linear(128, 48)
+        layer = linear_8bit(linear) if quant == "int8" else linear_4bit(linear, quant[:3], quant.endswith("-dq"))
+        x = torch.randn(5, 128)
+        want = layer(x)
+        got = qlora_linear(x, quantized_weight(layer), layer.bias, torch.randn(4, 128), torch.zeros(48, 4), SCALING)
     assert torch.equal(got, want)
 
 
@@ -89,7 +99,7 @@ def test_the_base_part_is_bitsandbytes_own_output(quant):
 def test_the_base_part_is_torchaos_own_output_to_rounding():
     """With B = 0 the op is torchao's int8 weight-only layer up to the order of rounding (torchao
     multiplies by the int8 values, then scales the products: ~1 ulp, KERNEL_NOTES)."""
-    layer = torchao_int8(nn.Linear(128, 48))
+    layer = torchao_int8(nn.Linear(128, 48), DEVICE)
     x = torch.randn(5, 128)
     got = qlora_linear(x, quantized_weight(layer), layer.bias, torch.randn(4, 128), torch.zeros(48, 4), SCALING)
     assert_close(got, layer(x), torch.float32, "y")

@@ -28,13 +28,12 @@ PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch
 def _weight(quant: str, k: int, n: int, compute: torch.dtype, bias: bool):
     linear = nn.Linear(k, n, bias=bias)
     if quant == TORCHAO:
-        layer = torchao_int8(linear)
+        layer = torchao_int8(linear, DEVICE)
     elif quant == "int8":
-        layer = linear_8bit(linear)
-        layer(torch.randn(1, k))  # bitsandbytes moves CB / SCB into the layer's state
+        layer = linear_8bit(linear, DEVICE)
     else:
         name, storage = quant.split("-")[0], torch.bfloat16 if quant.endswith("bf16") else torch.uint8
-        layer = linear_4bit(linear, name, "-dq" in quant, compute, storage)
+        layer = linear_4bit(linear, name, "-dq" in quant, compute, storage, device=DEVICE)
     weight = dataclasses.replace(quantized_weight(layer), compute_dtype=compute)
     return weight, layer.bias
 
@@ -79,7 +78,8 @@ def test_against_float64(quant, k, n, compute, lora_dtype):
 def test_one_wrong_code_is_caught():
     """The comparison sees one flipped 4-bit code: the kernel reads every code it multiplies."""
     weight, _ = _weight("nf4-dq", 96, 40, torch.float32, False)
-    x, s_scaled, b = torch.randn(4, 96), torch.zeros(4, 1), torch.zeros(40, 1)
+    x, s_scaled, b = (torch.randn(4, 96, device=DEVICE), torch.zeros(4, 1, device=DEVICE),
+                      torch.zeros(40, 1, device=DEVICE))
     want, bound = _reference(x, weight, None, s_scaled, b)
     packed = weight.packed.clone()
     packed.view(-1)[1234] ^= 0x70  # the high nibble of one element of row 25

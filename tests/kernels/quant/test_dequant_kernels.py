@@ -39,7 +39,8 @@ def _launch(weight, dtype):
     ("nf4", True, torch.uint8), ("nf4", False, torch.bfloat16), ("fp4", True, torch.bfloat16), ("fp4", False, torch.uint8)])
 def test_4bit(k, n, quant_type, double_quant, storage):
     for dtype in DTYPES:
-        weight = quantized_weight(linear_4bit(nn.Linear(k, n), quant_type, double_quant, dtype, storage))
+        weight = quantized_weight(linear_4bit(nn.Linear(k, n), quant_type, double_quant, dtype, storage,
+                                              device=DEVICE))
         assert torch.equal(_launch(weight, dtype), _expected(weight, dtype)), dtype
 
 
@@ -47,10 +48,10 @@ def test_4bit(k, n, quant_type, double_quant, storage):
 def test_int8(quant):
     """bitsandbytes' int8 (CB * SCB / 127) and torchao's int8 weight-only (qdata * scale)."""
     if quant == TORCHAO:
-        layer = torchao_int8(nn.Linear(96, 40))
+        layer = torchao_int8(nn.Linear(96, 40), DEVICE)
     else:
-        layer = linear_8bit(nn.Linear(96, 40))
-        layer(torch.randn(2, 96))  # bitsandbytes moves CB / SCB into the layer's state
+        layer = linear_8bit(nn.Linear(96, 40), DEVICE)
+        layer(torch.randn(2, 96, device=DEVICE))  # bitsandbytes moves CB / SCB into the layer's state
     weight = quantized_weight(layer)
     for dtype in DTYPES:
         assert torch.equal(_launch(weight, dtype), _expected(weight, dtype)), dtype
@@ -59,7 +60,9 @@ def test_int8(quant):
 @pytest.mark.parametrize("m,dequantizations,decodes", [(3, 1, 1), (17, 2, 0)])
 def test_the_op_runs_the_kernels_where_they_are_in_use(m, dequantizations, decodes, monkeypatch):
     """Up to 16 rows the forward is the fused decode kernel and only the backward dequantizes;
-    above, the forward dequantizes too (one launch each); the torch backend launches nothing."""
+    above, the forward dequantizes too (one launch each); the torch backend launches nothing.
+    (bf16 compute with fp32 adapters and N, K multiples of 16: what the decode kernel takes on a
+    GPU too.)"""
     from fastpeft.kernels.quant import launch
     from fastpeft.ops import qlora_linear
 
@@ -67,9 +70,9 @@ def test_the_op_runs_the_kernels_where_they_are_in_use(m, dequantizations, decod
     monkeypatch.setattr(launch, "dequantize", lambda *args: calls.append("dequantize") or launch_reference(*args))
     decode = launch.decode_forward
     monkeypatch.setattr(launch, "decode_forward", lambda *args: calls.append("decode") or decode(*args))
-    layer = linear_4bit(nn.Linear(96, 40))
-    x = torch.randn(m, 96, requires_grad=True)
-    a, b = torch.randn(4, 96, requires_grad=True), torch.randn(40, 4)
+    layer = linear_4bit(nn.Linear(96, 48), compute_dtype=torch.bfloat16, device=DEVICE)
+    x = torch.randn(m, 96, device=DEVICE).to(torch.bfloat16).requires_grad_()
+    a, b = torch.randn(4, 96, device=DEVICE, requires_grad=True), torch.randn(48, 4, device=DEVICE)
     for choice, expected in (("torch", []), ("triton", ["decode"] * decodes + ["dequantize"] * dequantizations)):
         monkeypatch.setenv("FASTPEFT_BACKEND", choice)
         calls.clear()

@@ -15,6 +15,7 @@ import torch.nn as nn
 from fastpeft.kernels.quant.bitsandbytes_ops import bitsandbytes_dequantize_4bit, bitsandbytes_dequantizes_exactly
 from fastpeft.kernels.quant.ref import dequantize
 from fastpeft.methods.quantized_base import quantized_weight
+from tests.helpers.devices import DEVICE
 from tests.helpers.quantized import linear_4bit, linear_8bit
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -87,3 +88,17 @@ def test_bitsandbytes_own_kernels_where_they_are_the_reference():
     assert bitsandbytes_dequantizes_exactly(cpu, 128, 64) and not bitsandbytes_dequantizes_exactly(cpu, 96, 64)
     assert not bitsandbytes_dequantizes_exactly(cpu, 4096, 2048)
     assert not bitsandbytes_dequantizes_exactly(meta, 128, 64)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="bitsandbytes' CUDA kernels: the GPU script runs this")
+@pytest.mark.parametrize("k,n", [(96, 40), (34, 12), (4096, 3)])
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("nf4", False), ("fp4", True)])
+def test_bitsandbytes_cuda_dequantization_is_the_reference(k, n, quant_type, double_quant):
+    """What the torch path runs on CUDA (bitsandbytes' own kernels) equals ``ref`` bit for bit,
+    blocks straddling rows included."""
+    for dtype, storage in itertools.product(DTYPES, (torch.uint8, torch.bfloat16)):
+        layer = linear_4bit(nn.Linear(k, n), quant_type, double_quant, dtype, storage, device=DEVICE)
+        w = quantized_weight(layer)
+        got = bitsandbytes_dequantize_4bit(w.packed, w.absmax, w.nested_absmax, w.nested_code, w.offset, w.blocksize,
+                                           w.nested_blocksize, quant_type, w.shape, dtype)
+        assert torch.equal(got, w.dequantize(dtype)), (dtype, storage)
