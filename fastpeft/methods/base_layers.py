@@ -4,7 +4,7 @@ of a layer that fastpeft put into a model.
 * ``BASE_LAYER_KINDS``: the base layers LoRA (and multi-LoRA) wrap, first match wins:
   bitsandbytes' quantized ``Linear4bit`` / ``Linear8bitLt`` (QLoRA; they subclass
   ``nn.Linear``, so they come first), an ``nn.Linear`` holding torchao's int8 weight-only
-  ``Int8Tensor``, ``nn.Linear`` and transformers' ``Conv1D`` (weight ``[in, out]``). A ``BaseLayerKind`` says how to recognise one, its sizes and the dtype its
+  ``Int8Tensor`` or its ``NF4Tensor``, ``nn.Linear`` and transformers' ``Conv1D`` (weight ``[in, out]``). A ``BaseLayerKind`` says how to recognise one, its sizes and the dtype its
   adapters follow;
 * ``default_lora_dtype``: PEFT's adapter dtype rule (float32 adapters on a 16-bit base), which
   the bottleneck adapters follow too;
@@ -108,11 +108,13 @@ BNB_4BIT = BaseLayerKind("bitsandbytes Linear4bit", _bitsandbytes_layer("Linear4
 BNB_8BIT = BaseLayerKind("bitsandbytes Linear8bitLt", _bitsandbytes_layer("Linear8bitLt"), False, quantized=True)
 TORCHAO_INT8 = BaseLayerKind("torch.nn.Linear with a torchao Int8Tensor weight", _torchao_weight("Int8Tensor"), False,
                              quantized=True)
+TORCHAO_NF4 = BaseLayerKind("torch.nn.Linear with a torchao NF4Tensor weight", _torchao_weight("NF4Tensor"), False,
+                            quantized=True)
 LINEAR = BaseLayerKind("torch.nn.Linear", is_nn_linear, fan_in_fan_out=False)
 CONV1D = BaseLayerKind("transformers Conv1D", is_conv1d, fan_in_fan_out=True)
 # The kinds, first match wins: a kind that subclasses another's module type (or is an
 # nn.Linear with a quantized weight) goes first.
-BASE_LAYER_KINDS: tuple[BaseLayerKind, ...] = (BNB_4BIT, BNB_8BIT, TORCHAO_INT8, LINEAR, CONV1D)
+BASE_LAYER_KINDS: tuple[BaseLayerKind, ...] = (BNB_4BIT, BNB_8BIT, TORCHAO_INT8, TORCHAO_NF4, LINEAR, CONV1D)
 
 
 def base_layer_kind(module: nn.Module) -> BaseLayerKind | None:

@@ -1,5 +1,5 @@
 """Quantized base layers -- bitsandbytes' ``Linear4bit`` / ``Linear8bitLt`` and an ``nn.Linear``
-holding torchao's int8 weight-only ``Int8Tensor`` -- their weight as the op's
+holding torchao's int8 weight-only ``Int8Tensor`` or its ``NF4Tensor`` -- their weight as the op's
 ``QuantizedWeight``, and PEFT's merge into them (dequantize, add the delta, requantize).
 
 Read from the module at every call (its tensors move with ``.to()``): 4-bit, the packed codes
@@ -25,25 +25,25 @@ import warnings
 import torch
 import torch.nn as nn
 
-from fastpeft.kernels.quant.ref import INT8, INT8_SCALED
-from fastpeft.methods.base_layers import BNB_4BIT, BNB_8BIT, TORCHAO_INT8
+from fastpeft.kernels.quant.ref import INT8, INT8_SCALED, NF4_TORCHAO
+from fastpeft.methods.base_layers import BNB_4BIT, BNB_8BIT, TORCHAO_INT8, TORCHAO_NF4
 from fastpeft.ops.qlora_linear import QuantizedWeight
 
 # Modules of quantizers fastpeft does not take, by the package their layer classes come from
 # (PEFT's own dispatch list), and the ones it takes.
 _OTHER_QUANTIZERS = {"auto_gptq": "GPTQ", "gptqmodel": "GPTQ/AWQ (gptqmodel)", "awq": "AWQ", "aqlm": "AQLM",
                      "eetq": "EETQ", "hqq": "HQQ", "optimum": "optimum quanto",
-                     "torchao": "torchao (other than its int8 weight-only Int8Tensor)",
+                     "torchao": "torchao (other than its int8 weight-only Int8Tensor and its NF4Tensor)",
                      "neural_compressor": "Intel Neural Compressor", "transformer_engine": "TransformerEngine"}
-SUPPORTED = ("bitsandbytes Linear4bit (NF4 / FP4, double quantization) and Linear8bitLt, and torchao's int8 "
+SUPPORTED = ("bitsandbytes Linear4bit (NF4 / FP4, double quantization) and Linear8bitLt, torchao's int8 "
              "weight-only Int8Tensor (per-row or per-tensor scales: Int8WeightOnlyConfig, version 2, the default "
-             "from torchao 0.18)")
+             "from torchao 0.18) and torchao's NF4Tensor (to_nf4)")
 
 
 def unsupported_quantized_layer(module: nn.Module) -> str | None:
     """The quantizer's name when ``module`` (or its weight) comes from a quantization library
     fastpeft does not support, else None."""
-    if TORCHAO_INT8.matches(module):
+    if TORCHAO_INT8.matches(module) or TORCHAO_NF4.matches(module):
         return None
     for obj in (module, getattr(module, "weight", None)):
         root = type(obj).__module__.split(".")[0] if obj is not None else ""
@@ -91,6 +91,8 @@ def quantized_weight(module: nn.Module, storage_dtype: torch.dtype | None = None
     weight = module.weight
     if TORCHAO_INT8.matches(module):
         return _torchao_int8_weight(module)
+    if TORCHAO_NF4.matches(module):
+        return _torchao_nf4_weight(module)
     if BNB_4BIT.matches(module):
         s = _first(getattr(weight, "quant_state", None), getattr(module, "quant_state", None))
         if s is None or getattr(weight, "bnb_quantized", True) is False:
@@ -141,6 +143,15 @@ def _torchao_int8_weight(module: nn.Module) -> QuantizedWeight:
     return QuantizedWeight(INT8_SCALED, weight.qdata, rows, None, None, None, None, 0, 0, n, k)
 
 
+def _torchao_nf4_weight(module: nn.Module) -> QuantizedWeight:
+    """torchao's ``NF4Tensor`` (``to_nf4``; torchtune's QLoRA base) as the op's ``"nf4-torchao"``
+    weight (``fastpeft.kernels.quant.ref``): its packed codes, int8 block scales, code table,
+    factors and mean, block sizes."""
+    t = module.weight
+    return QuantizedWeight(NF4_TORCHAO, t.quantized_data, t.quantized_scalers, t.nf4, t.quantization_factor, None,
+                           t.scaler_mean, t.block_size, t.scaler_block_size, module.out_features, module.in_features)
+
+
 def require_symmetric(module: nn.Module) -> None:
     """A torchao int8 weight's zero points must be zeros (torchao's int8 weight-only is symmetric;
     fastpeft reads ``qdata * scale``): ValueError otherwise. A host read: called once per layer,
@@ -151,16 +162,22 @@ def require_symmetric(module: nn.Module) -> None:
                          "asymmetric int8 weight); fastpeft takes torchao's symmetric int8 weight-only weights")
 
 
-def _requantized_torchao_int8(module: nn.Module, merged: torch.Tensor) -> None:
-    """``module``'s weight replaced by ``merged`` quantized as its old weight was: torchao's
-    ``Int8WeightOnlyConfig`` with the same granularity (PEFT requantizes with the model's own
-    config, the same one for a model quantized with it)."""
-    from torchao.quantization import Int8WeightOnlyConfig, PerRow, PerTensor, quantize_
+def _requantized_torchao(module: nn.Module, merged: torch.Tensor) -> None:
+    """``module``'s weight replaced by ``merged`` quantized as its old weight was: int8 with
+    torchao's ``Int8WeightOnlyConfig`` of the same granularity (PEFT requantizes with the model's
+    own config, the same one for a model quantized with it), NF4 with ``to_nf4`` of the same
+    block sizes (PEFT cannot merge into an NF4Tensor)."""
+    import torchao.quantization as tq
 
-    per_row = tuple(module.weight.block_size)[0] == 1
+    nf4 = TORCHAO_NF4.matches(module)
+    old = module.weight
     del module.weight
+    if nf4:
+        module.weight = nn.Parameter(tq.to_nf4(merged, old.block_size, old.scaler_block_size), requires_grad=False)
+        return
+    per_row = tuple(old.block_size)[0] == 1
     module.weight = nn.Parameter(merged, requires_grad=False)
-    quantize_(module, Int8WeightOnlyConfig(granularity=PerRow() if per_row else PerTensor()))
+    tq.quantize_(module, tq.Int8WeightOnlyConfig(granularity=tq.PerRow() if per_row else tq.PerTensor()))
 
 
 @torch.no_grad()
@@ -175,8 +192,8 @@ def add_to_quantized(module: nn.Module, delta: torch.Tensor, sign: float) -> Non
     bits = 8 if w.quant_type in (INT8, INT8_SCALED) else 4
     warnings.warn(f"{'Merge' if sign > 0 else 'Unmerge'} lora module to {bits}-bit linear may get different "
                   "generations due to rounding errors.", UserWarning, stacklevel=3)
-    if w.quant_type == INT8_SCALED:  # as PEFT: in the weight's dtype
-        _requantized_torchao_int8(module, w.dequantize(weight.dtype) + sign * delta.to(weight.dtype))
+    if w.quant_type in (INT8_SCALED, NF4_TORCHAO):  # as PEFT: in the weight's dtype
+        _requantized_torchao(module, w.dequantize(weight.dtype) + sign * delta.to(weight.dtype))
         return
     merged = w.dequantize(torch.float32) + sign * delta.float()
     if w.quant_type == INT8:

@@ -47,7 +47,7 @@ from fastpeft.backend import use_triton
 from fastpeft.kernels.dropout_mask import draw_seed
 from fastpeft.kernels.quant import ref
 from fastpeft.kernels.quant.bitsandbytes_ops import bitsandbytes_dequantize_4bit, bitsandbytes_dequantizes_exactly
-from fastpeft.kernels.quant.ref import INT8_TYPES, QUANT_TYPES
+from fastpeft.kernels.quant.ref import INT8_TYPES, NF4_TORCHAO, QUANT_TYPES
 from fastpeft.ops.autocast import autocast_dtype, autocast_off, cast_for_autocast
 from fastpeft.ops.checks import describe, require_finite, require_probability, require_same_device, require_tensor
 from fastpeft.ops.dropout import kept_mask, redraws_mask, saved_or_redrawn_mask
@@ -120,6 +120,8 @@ def check_quantized_weight(weight: object) -> QuantizedWeight:
         return w
     if w.packed.numel() * w.packed.element_size() * 2 != n * k:
         raise ValueError(f"4-bit weight.packed ({describe(w.packed)}) must hold {n} x {k} / 2 bytes")
+    if w.quant_type == NF4_TORCHAO:
+        return _check_nf4_torchao(w, n * k)
     if w.blocksize < 1 or w.absmax.numel() != math.ceil(n * k / w.blocksize):
         raise ValueError(f"weight.absmax ({describe(w.absmax)}) must hold one scale per block of {w.blocksize} "
                          f"elements ({math.ceil(n * k / w.blocksize)})")
@@ -140,20 +142,36 @@ def check_quantized_weight(weight: object) -> QuantizedWeight:
     return w
 
 
+def _check_nf4_torchao(w: QuantizedWeight, elements: int) -> QuantizedWeight:
+    """torchao's NF4 parts (``ref``): int8 block scales, a float code table, one factor per
+    ``nested_blocksize`` blocks and the mean, all but the scales in the weight's dtype."""
+    blocks = elements // w.blocksize if w.blocksize >= 1 else -1
+    if w.blocksize < 1 or elements % w.blocksize or w.absmax.dtype != torch.int8 or w.absmax.numel() != blocks:
+        raise ValueError(f"torchao NF4 weight.absmax ({describe(w.absmax)}) must be int8 with one scale per block of "
+                         f"{w.blocksize} elements")
+    if w.code is None or not w.code.dtype.is_floating_point or w.code.numel() != 16:
+        raise ValueError("torchao NF4 weight.code must be its 16-value table")
+    if (w.nested_absmax is None or w.offset is None or w.nested_blocksize < 1 or blocks % w.nested_blocksize
+            or w.nested_absmax.numel() != blocks // w.nested_blocksize or w.offset.numel() != 1):
+        raise ValueError(f"torchao NF4 weight needs nested_absmax (one factor per {w.nested_blocksize} block scales) "
+                         "and offset (the scales' mean)")
+    return w
+
+
 def dequantize(quant_type: str, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor | None,
                nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None, offset: torch.Tensor | None,
                blocksize: int, nested_blocksize: int, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     """``fastpeft.kernels.quant.ref.dequantize``'s result (same arguments): by the Triton kernel
     in one launch where the kernels are in use for the weight's device
-    (``fastpeft.backend.use_triton``: opt-in, not yet run on a GPU); else by bitsandbytes' own
-    kernels where they give the same bits (CUDA; the CPU where its kernel is right:
-    ``quant.bitsandbytes_ops``); else in torch ops."""
+    (``fastpeft.backend.use_triton``: opt-in, not yet run on a GPU; torchao's NF4 has no kernel);
+    else by bitsandbytes' own kernels where they give the same bits (CUDA; the CPU where its
+    kernel is right: ``quant.bitsandbytes_ops``); else in torch ops."""
     args = (packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape, dtype)
-    if use_triton(packed.device):
+    if use_triton(packed.device) and quant_type != NF4_TORCHAO:
         from fastpeft.kernels.quant import launch
 
         return launch.dequantize(quant_type, *args)
-    if quant_type not in INT8_TYPES and bitsandbytes_dequantizes_exactly(packed.device, shape[1], blocksize):
+    if quant_type not in (*INT8_TYPES, NF4_TORCHAO) and bitsandbytes_dequantizes_exactly(packed.device, shape[1], blocksize):
         return bitsandbytes_dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, blocksize,
                                             nested_blocksize, quant_type, shape, dtype)
     return ref.dequantize(quant_type, *args)
@@ -163,11 +181,12 @@ def _compute_dtype(weight: QuantizedWeight, x: torch.Tensor) -> torch.dtype:
     return weight.compute_dtype or x.dtype
 
 
-def _kernels_take(x: torch.Tensor, compute_dtype: torch.dtype) -> bool:
-    """Whether the call runs on the kernels: they are in use for x's device and x is in the
+def _kernels_take(x: torch.Tensor, compute_dtype: torch.dtype, quant_type: str) -> bool:
+    """Whether the call runs on the kernels: they are in use for x's device, x is in the
     compute dtype (the base product and the LoRA term then meet in one dtype, as in the float
-    op; other calls cast x for the base product and take the torch composition)."""
-    return use_triton(x.device) and x.dtype == compute_dtype
+    op; other calls cast x for the base product and take the torch composition), and the
+    weight has kernels (torchao's NF4 has none)."""
+    return use_triton(x.device) and x.dtype == compute_dtype and quant_type != NF4_TORCHAO
 
 
 def _qlora_forward(
@@ -203,7 +222,7 @@ def _qlora_forward(
     x2 = rows(x, k)
     quant = (quant_type, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize)
     bias_c = bias.to(compute_dtype) if bias is not None else None
-    kernels = _kernels_take(x, compute_dtype)
+    kernels = _kernels_take(x, compute_dtype, quant_type)
     decode = kernels and _decode_fits(x2, out_features, lora_a, lora_b, compute_dtype)
     if kernels and not decode:
         w = dequantize(*quant, (out_features, k), compute_dtype)
@@ -281,7 +300,7 @@ def _qlora_backward(
     quant = (quant_type, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize)
     out_features, k = lora_b.shape[0], x.shape[-1]
     w = dequantize(*quant, (out_features, k), compute_dtype) if need_x else None
-    if w is not None and _kernels_take(x, compute_dtype):  # the float op's backward on the transient weight
+    if w is not None and _kernels_take(x, compute_dtype, quant_type):  # the float op's backward on the transient weight
         return lora_backward_by_dispatch(grad_y, x, w, lora_a, lora_b, s, keep, scaling, dropout_p, seed, need_x,
                                          need_a, need_b)
     x2, g2 = rows(x, k), rows(grad_y, out_features)

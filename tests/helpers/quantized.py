@@ -14,20 +14,24 @@ import torch.nn as nn
 
 bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes")
 
-# torchao's int8 weight-only quantization, where torchao is installed (PEFT takes it from 0.16).
-TORCHAO = "torchao-int8"
+# torchao's int8 weight-only quantization and its NF4Tensor, where torchao is installed (PEFT
+# takes it from 0.16).
+TORCHAO, TORCHAO_NF4 = "torchao-int8", "torchao-nf4"
 TORCHAO_INSTALLED = importlib.util.find_spec("torchao") is not None
+# to_nf4 takes weights of a multiple of 64 x 256 elements (its scales are quantized in blocks of
+# 256 blocks of 64).
+NF4_ELEMENTS = 64 * 256
 
-# (name, transformers BitsAndBytesConfig kwargs, or {TORCHAO: True} for torchao's TorchAoConfig):
-# NF4 with double quantization (QLoRA's recipe), FP4 with bf16 storage and compute, int8, and
-# torchao's int8 weight-only.
+# (name, transformers BitsAndBytesConfig kwargs, or {TORCHAO: True} for torchao's TorchAoConfig,
+# {TORCHAO_NF4: True} for torchao's NF4Tensor): NF4 with double quantization (QLoRA's recipe),
+# FP4 with bf16 storage and compute, int8, torchao's int8 weight-only and NF4.
 MODEL_SETTINGS = [
     ("nf4-dq", dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                     bnb_4bit_compute_dtype=torch.float32)),
     ("fp4-bf16", dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.bfloat16,
                       bnb_4bit_quant_storage=torch.bfloat16)),
     ("int8", dict(load_in_8bit=True)),
-    *([(TORCHAO, {TORCHAO: True})] if TORCHAO_INSTALLED else []),
+    *([(TORCHAO, {TORCHAO: True}), (TORCHAO_NF4, {TORCHAO_NF4: True})] if TORCHAO_INSTALLED else []),
 ]
 
 
@@ -58,11 +62,12 @@ def linear_8bit(linear: nn.Linear, device: torch.device | str = "cpu") -> nn.Mod
 
 def save_tiny_llama(path: Path) -> Path:
     """A tiny random Llama saved in full precision at ``path`` (every K a multiple of 64:
-    bitsandbytes' CPU kernel is right there, so PEFT's bitsandbytes forward is exact too)."""
+    bitsandbytes' CPU kernel is right there, so PEFT's bitsandbytes forward is exact too; q, o,
+    the MLP's projections of 128 x 128: what torchao's to_nf4 takes)."""
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2)
     transformers.LlamaForCausalLM(config).save_pretrained(path)
     return path
@@ -77,11 +82,29 @@ def torchao_int8(module: nn.Module, device: torch.device | str = "cpu") -> nn.Mo
     return module
 
 
+def torchao_nf4(module: nn.Module) -> nn.Module:
+    """Every linear layer of ``module`` that ``to_nf4`` takes (``NF4_ELEMENTS``) given an
+    ``NF4Tensor`` weight, as torchtune's QLoRA does (the others stay in full precision)."""
+    from torchao.quantization import to_nf4
+
+    for layer in module.modules():
+        if type(layer) is nn.Linear and layer.weight.numel() % NF4_ELEMENTS == 0:
+            layer.weight = nn.Parameter(to_nf4(layer.weight.detach()), requires_grad=False)
+    return module
+
+
 def load_quantized(model_dir: Path, settings: dict) -> nn.Module:
     """The model at ``model_dir`` loaded by transformers with ``BitsAndBytesConfig(**settings)``
-    (or torchao's ``TorchAoConfig`` for int8 weight-only) on the CPU, in training mode."""
+    (or torchao's ``TorchAoConfig`` for int8 weight-only; torchao's NF4 by ``torchao_nf4`` after
+    loading) on the CPU, in training mode."""
     import transformers
 
+    if settings.get(TORCHAO_NF4):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, device_map="cpu", dtype=torch.float32)
+        torchao_nf4(model.model)
+        return model.train()
     if settings.get(TORCHAO):
         from torchao.quantization import Int8WeightOnlyConfig
 

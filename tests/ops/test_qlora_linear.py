@@ -16,7 +16,7 @@ from fastpeft.methods.quantized_base import quantized_weight
 from fastpeft.ops import lora_linear_dropout_mask, lora_linear_ref, qlora_linear
 from tests.helpers.devices import BACKENDS, DEVICE
 from tests.helpers.numerics import assert_close, assert_within_bound, magnitudes
-from tests.helpers.quantized import TORCHAO, TORCHAO_INSTALLED, linear_4bit, linear_8bit, torchao_int8
+from tests.helpers.quantized import TORCHAO, TORCHAO_INSTALLED, linear_4bit, linear_8bit, torchao_int8, torchao_nf4
 
 SCALING = 2.0
 K, N, R = 96, 40, 6  # blocks of 64 straddle rows; partial everything
@@ -93,6 +93,39 @@ def test_the_base_part_is_bitsandbytes_own_output(quant):
         want = layer(x)
         got = qlora_linear(x, quantized_weight(layer), layer.bias, torch.randn(4, 128), torch.zeros(48, 4), SCALING)
     assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not TORCHAO_INSTALLED, reason="needs torchao")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torchao_nf4_base_against_float64_and_its_own_output(dtype, backend, monkeypatch):
+    """On torchao's NF4Tensor (256 x 64: to_nf4's smallest) the op is its layer's output plus
+    the LoRA term: y and every gradient against float64 on the weight it dequantizes, and with
+    B = 0 torchao's own layer (bit for bit in fp32; in bf16 to rounding: torchao adds the bias
+    after rounding the product); the kernels have no NF4Tensor path, so ``backend`` triton runs
+    the torch composition."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", backend)
+    k, n = 256, 64
+    layer = torchao_nf4(nn.Linear(k, n).to(dtype))
+    weight = quantized_weight(layer)
+    x = torch.randn(5, k).to(dtype).requires_grad_()
+    a, b = torch.randn(R, k, requires_grad=True), torch.randn(n, R, requires_grad=True)
+    bias = layer.bias.detach()
+    base = qlora_linear(x, weight, bias, a, torch.zeros(n, R), SCALING)
+    if dtype == torch.float32:
+        assert torch.equal(base, layer(x))
+    else:
+        assert_close(base, layer(x), dtype, "base")
+    y = qlora_linear(x, weight, bias, a, b, SCALING)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    w64 = weight.dequantize(dtype).double()
+    leaves = [t.detach().double().requires_grad_() for t in (x, a, b)]
+    y64 = lora_linear_ref(leaves[0], w64, bias.double(), leaves[1], leaves[2], SCALING, 0.0)
+    y64.backward(grad_y.double())
+    for what, got, want in (("y", y, y64), ("dx", x.grad, leaves[0].grad), ("dA", a.grad, leaves[1].grad),
+                            ("dB", b.grad, leaves[2].grad)):
+        assert_close(got, want, dtype, what)
 
 
 @pytest.mark.skipif(not TORCHAO_INSTALLED, reason="needs torchao")

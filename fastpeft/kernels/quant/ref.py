@@ -23,6 +23,15 @@ int8 (bitsandbytes ``Linear8bitLt``): ``CB [N, K]`` int8 and ``SCB [N]`` fp32 ro
 int8 with row scales (``"int8-scaled"``: torchao's int8 weight-only ``Int8Tensor``, per-row or
 per-tensor, symmetric): ``qdata [N, K]`` int8 and fp32 row scales ``s [N]``, ``W = qdata * s``
 (the fp32 product rounded once to the dtype, as torchao's ``dequantize()``).
+
+torchao's NF4 (``"nf4-torchao"``: its ``NF4Tensor``, ``to_nf4``): the same packing of 4-bit codes
+(two per byte, high nibble first, blocks of ``blocksize`` over the row-major weight), a 16-value
+table ``code`` and block scales double-quantized linearly -- int8 ``absmax`` per block, one
+factor per ``nested_blocksize`` blocks (``nested_absmax``), the mean ``offset`` -- with every
+operation in the weight's own dtype (``code.dtype``), as its ``get_original_weight()``:
+
+    scale[j] = (absmax[j] / nested_absmax[j // nested_blocksize]) -> weight dtype + offset
+    W.flat[i] = code[nibble_i] * scale[i // blocksize]                (in the weight dtype)
 """
 
 from __future__ import annotations
@@ -31,8 +40,8 @@ import math
 
 import torch
 
-NF4, FP4, INT8, INT8_SCALED = "nf4", "fp4", "int8", "int8-scaled"
-QUANT_TYPES = (NF4, FP4, INT8, INT8_SCALED)
+NF4, FP4, INT8, INT8_SCALED, NF4_TORCHAO = "nf4", "fp4", "int8", "int8-scaled", "nf4-torchao"
+QUANT_TYPES = (NF4, FP4, INT8, INT8_SCALED, NF4_TORCHAO)
 # The int8 kinds: int8 codes ``[N, K]`` and one scale per row.
 INT8_TYPES = (INT8, INT8_SCALED)
 # int8 rows are scaled to [-127, 127] by their absolute maximum (bitsandbytes' vector-wise quantization).
@@ -82,12 +91,28 @@ def dequantize_int8(cb: torch.Tensor, row_scale: torch.Tensor, dtype: torch.dtyp
     return cb.to(dtype).mul_(row_scale.unsqueeze(1))
 
 
+def dequantize_nf4_torchao(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                           factors: torch.Tensor, mean: torch.Tensor, blocksize: int, nested_blocksize: int,
+                           shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """W ``shape`` in ``dtype`` from torchao's NF4 parts (module docstring), bit for bit its
+    ``get_original_weight()`` then cast."""
+    data = packed_bytes(packed)
+    values = code[torch.stack((data >> 4, data & 0xF), dim=1).reshape(-1).to(torch.int64)]
+    scaler_blocks = absmax.numel() // nested_blocksize
+    scales = (absmax.view(scaler_blocks, nested_blocksize) / factors.reshape(-1, 1)).reshape(-1).to(code.dtype)
+    return (values.view(-1, blocksize) * (scales + mean.reshape(())).unsqueeze(-1)).view(shape).to(dtype)
+
+
 def dequantize(quant_type: str, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None, offset: torch.Tensor | None,
                blocksize: int, nested_blocksize: int, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     """W ``shape`` in ``dtype`` for any ``quant_type`` of ``QUANT_TYPES`` (int8: ``packed`` is
-    CB, ``absmax`` SCB or the row scales; the other arguments unused)."""
+    CB, ``absmax`` SCB or the row scales, the other arguments unused; torchao's NF4:
+    ``nested_absmax`` holds its factors, ``offset`` its mean)."""
     if quant_type in INT8_TYPES:
         return dequantize_int8(packed, int8_row_scale(quant_type, absmax), dtype)
+    if quant_type == NF4_TORCHAO:
+        return dequantize_nf4_torchao(packed, absmax, code, nested_absmax, offset, blocksize, nested_blocksize, shape,
+                                      dtype)
     scales = blockwise_scales(absmax, nested_absmax, nested_code, nested_blocksize, offset)
     return dequantize_4bit(packed, scales, code, blocksize, shape, dtype)

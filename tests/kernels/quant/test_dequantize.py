@@ -16,7 +16,7 @@ from fastpeft.kernels.quant.bitsandbytes_ops import bitsandbytes_dequantize_4bit
 from fastpeft.kernels.quant.ref import dequantize
 from fastpeft.methods.quantized_base import quantized_weight
 from tests.helpers.devices import DEVICE
-from tests.helpers.quantized import linear_4bit, linear_8bit
+from tests.helpers.quantized import TORCHAO_INSTALLED, linear_4bit, linear_8bit, torchao_nf4
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -102,3 +102,18 @@ def test_bitsandbytes_cuda_dequantization_is_the_reference(k, n, quant_type, dou
         got = bitsandbytes_dequantize_4bit(w.packed, w.absmax, w.nested_absmax, w.nested_code, w.offset, w.blocksize,
                                            w.nested_blocksize, quant_type, w.shape, dtype)
         assert torch.equal(got, w.dequantize(dtype)), (dtype, storage)
+
+
+@pytest.mark.skipif(not TORCHAO_INSTALLED, reason="needs torchao")
+@pytest.mark.parametrize("shape", [(128, 128), (256, 64), (16384, 3), (3, 16384)])
+def test_torchao_nf4_equals_its_original_weight(shape):
+    """torchao's NF4Tensor (blocks straddling rows, odd K) dequantized as ``ref`` does it: its
+    ``get_original_weight()`` bit for bit, in each weight dtype, and cast to each dtype."""
+    from fastpeft.methods.quantized_base import quantized_weight
+
+    for weight_dtype in DTYPES:
+        layer = torchao_nf4(nn.Linear(shape[1], shape[0]).to(weight_dtype))
+        original = layer.weight.get_original_weight()
+        w = quantized_weight(layer)
+        for dtype in DTYPES:
+            assert torch.equal(w.dequantize(dtype), original.to(dtype)), (weight_dtype, dtype)

@@ -82,8 +82,8 @@ def test_bad_slots_and_adapters():
     with pytest.raises(ValueError, match="lora_b has shape"):
         layer.load_slot(0, _adapter(2, 0)[0], torch.zeros(OUT, 3), scaling=1.0)
     with pytest.raises(TypeError, match="base_layer must be one of bitsandbytes Linear4bit, bitsandbytes Linear8bitLt, "
-                                        "torch.nn.Linear with a torchao Int8Tensor weight, torch.nn.Linear, "
-                                        "transformers Conv1D, got Conv1d"):
+                                        "torch.nn.Linear with a torchao Int8Tensor weight, torch.nn.Linear with a "
+                                        "torchao NF4Tensor weight, torch.nn.Linear, transformers Conv1D, got Conv1d"):
         fastpeft.MultiLoRALinear(nn.Conv1d(2, 2, 1), max_adapters=1, max_rank=1)
     with pytest.raises(ValueError, match="max_adapters must be"):
         fastpeft.MultiLoRALinear(nn.Linear(2, 2), max_adapters=0, max_rank=1)
