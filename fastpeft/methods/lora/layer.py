@@ -229,9 +229,13 @@ class LoRALinear(AdapterLayer):
         """The wrapped ``nn.Linear`` / ``Conv1D``, holding this layer's current weight and bias
         and its train/eval mode. It computes the base layer, or the merged one after ``merge()``."""
         base = self._base_module
-        base.weight = self.weight
-        base.bias = self.bias
-        return base.train(self.training)
+        # re-registered only when they changed (FSDP2 swaps in its all-gathered parameters): a
+        # registration per forward costs more than the rest of a QLoRA layer's Python work
+        if base.weight is not self.weight:
+            base.weight = self.weight
+        if base.bias is not self.bias:
+            base.bias = self.bias
+        return base.train(self.training) if base.training != self.training else base
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self._weight_out_in()

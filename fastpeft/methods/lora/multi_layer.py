@@ -161,7 +161,7 @@ class MultiLoRALinear(QuantizedBaseState, nn.Module):
 
     def quantized_base_module(self) -> nn.Module | None:
         base = self._quantized_base
-        if base is not None:
+        if base is not None and (base.weight is not self.weight or base.bias is not self.bias):
             base.weight, base.bias = self.weight, self.bias
         return base
 
