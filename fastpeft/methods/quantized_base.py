@@ -64,13 +64,15 @@ def stash_quantization_state(module: nn.Module) -> None:
     survives the weight parameter being replaced by a plain tensor of the same bytes (FSDP2
     all-gathers a sharded weight into one): a 4-bit ``quant_state`` on ``module.quant_state``
     (bitsandbytes' own place for it, which its forward falls back to), an 8-bit ``SCB`` on
-    ``module.state.SCB``. The weight keeps its own (bitsandbytes' state dict reads it there)."""
+    ``module.state.SCB``. The weight's own state wins whenever it has one (a merge's new weight,
+    or a deep copy whose weight points its state at the original layer); the weight keeps it
+    too (bitsandbytes' state dict reads it there)."""
     weight = module.weight
     if BNB_4BIT.matches(module):
-        if getattr(module, "quant_state", None) is None and getattr(weight, "quant_state", None) is not None:
+        if getattr(weight, "quant_state", None) is not None:
             module.quant_state = weight.quant_state
     elif BNB_8BIT.matches(module):
-        if getattr(module.state, "SCB", None) is None and getattr(weight, "SCB", None) is not None:
+        if getattr(weight, "SCB", None) is not None:
             module.state.SCB = weight.SCB
 
 
@@ -139,7 +141,7 @@ def _torchao_int8_weight(module: nn.Module) -> QuantizedWeight:
         raise ValueError(f"{what}: block_size {list(block)}: fastpeft takes per-row ([1, {k}], PerRow) or "
                          "per-tensor scales, not per-group ones")
     scale = weight.scale.reshape(-1).float()
-    rows = scale if block == (1, k) else scale.expand(n).contiguous()
+    rows = scale.contiguous() if block == (1, k) else scale.expand(n).contiguous()
     return QuantizedWeight(INT8_SCALED, weight.qdata, rows, None, None, None, None, 0, 0, n, k)
 
 
@@ -164,29 +166,48 @@ def require_symmetric(module: nn.Module) -> None:
 
 def _requantized_torchao(module: nn.Module, merged: torch.Tensor) -> None:
     """``module``'s weight replaced by ``merged`` quantized as its old weight was: int8 with
-    torchao's ``Int8WeightOnlyConfig`` of the same granularity (PEFT requantizes with the model's
-    own config, the same one for a model quantized with it), NF4 with ``to_nf4`` of the same
-    block sizes (PEFT cannot merge into an NF4Tensor)."""
+    torchao's ``Int8WeightOnlyConfig`` (its ``Int8Tensor``, version 2, without the process-wide
+    inductor settings) of the same granularity (PEFT requantizes with the model's own config,
+    the same one for a model quantized with it), NF4 with ``to_nf4`` of the same block sizes
+    (PEFT cannot merge into an NF4Tensor). The new weight is made first, then swapped in."""
     import torchao.quantization as tq
 
-    nf4 = TORCHAO_NF4.matches(module)
     old = module.weight
-    del module.weight
-    if nf4:
-        module.weight = nn.Parameter(tq.to_nf4(merged, old.block_size, old.scaler_block_size), requires_grad=False)
-        return
-    per_row = tuple(old.block_size)[0] == 1
-    module.weight = nn.Parameter(merged, requires_grad=False)
-    tq.quantize_(module, tq.Int8WeightOnlyConfig(granularity=tq.PerRow() if per_row else tq.PerTensor()))
+    if TORCHAO_NF4.matches(module):
+        new = nn.Parameter(tq.to_nf4(merged, old.block_size, old.scaler_block_size), requires_grad=False)
+    else:
+        granularity = tq.PerRow() if tuple(old.block_size)[0] == 1 else tq.PerTensor()
+        holder = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+        holder.weight = nn.Parameter(merged, requires_grad=False)
+        tq.quantize_(holder, tq.Int8WeightOnlyConfig(granularity=granularity, set_inductor_config=False, version=2))
+        new = holder.weight
+    module.weight = new
+
+
+def _requantized_bitsandbytes(module: nn.Module, merged: torch.Tensor) -> None:
+    """``module``'s weight replaced by fp32 ``merged`` quantized with its bitsandbytes settings
+    (the new 4-bit weight's state pointing at ``module``), its state stashed again."""
+    import bitsandbytes as bnb
+
+    weight = module.weight
+    if BNB_8BIT.matches(module):
+        new = bnb.nn.Int8Params(merged.to("cpu"), requires_grad=False,
+                                has_fp16_weights=weight.has_fp16_weights).to(weight.device)
+        module.weight = new
+        module.state.reset_grads()
+    else:
+        state = _first(getattr(weight, "quant_state", None), getattr(module, "quant_state", None))
+        settings = {k: v for k, v in weight.__dict__.items() if not k.startswith("_") and k != "data"}
+        settings.update(bnb_quantized=False, requires_grad=False, quant_state=None, module=module)
+        module.weight = bnb.nn.Params4bit(merged.to(state.dtype).to("cpu"), **settings).to(weight.device)
+    stash_quantization_state(module)
 
 
 @torch.no_grad()
 def add_to_quantized(module: nn.Module, delta: torch.Tensor, sign: float) -> None:
-    """PEFT's merge into a bitsandbytes layer: dequantize its weight, add ``sign * delta``
+    """PEFT's merge into a quantized layer: dequantize its weight, add ``sign * delta``
     (``[out, in]``), requantize into a new weight parameter of the same settings (a
     ``UserWarning``, as PEFT's: the rounding changes generations slightly)."""
-    import bitsandbytes as bnb
-
     weight = module.weight
     w = quantized_weight(module)
     bits = 8 if w.quant_type in (INT8, INT8_SCALED) else 4
@@ -194,17 +215,8 @@ def add_to_quantized(module: nn.Module, delta: torch.Tensor, sign: float) -> Non
                   "generations due to rounding errors.", UserWarning, stacklevel=3)
     if w.quant_type in (INT8_SCALED, NF4_TORCHAO):  # as PEFT: in the weight's dtype
         _requantized_torchao(module, w.dequantize(weight.dtype) + sign * delta.to(weight.dtype))
-        return
-    merged = w.dequantize(torch.float32) + sign * delta.float()
-    if w.quant_type == INT8:
-        module.weight = bnb.nn.Int8Params(merged.to("cpu"), requires_grad=False,
-                                          has_fp16_weights=weight.has_fp16_weights).to(weight.device)
-        module.state.reset_grads()
-        return
-    dtype = weight.quant_state.dtype
-    settings = {k: v for k, v in weight.__dict__.items() if not k.startswith("_") and k != "data"}
-    settings.update(bnb_quantized=False, requires_grad=False, quant_state=None)
-    module.weight = bnb.nn.Params4bit(merged.to(dtype).to("cpu"), **settings).to(weight.device)
+    else:
+        _requantized_bitsandbytes(module, w.dequantize(torch.float32) + sign * delta.float())
 
 
 class QuantizedBaseState:

@@ -6,6 +6,7 @@ quantized layers untouched; other quantizers and unusable layers refused before 
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -137,6 +138,25 @@ def test_merge_and_unload_as_peft_and_unload_untouched(model_dir, name, settings
         module = base.get_submodule(path)
         assert type(module) is cls and type(module.weight) is weight_cls
         assert all(torch.equal(a, b) for a, b in zip(_stored_bits(module), bits, strict=True))
+
+
+@pytest.mark.parametrize("name", ["nf4-dq", "int8"])
+def test_merging_a_deep_copy_leaves_the_original_alone(model_dir, name):
+    """bitsandbytes' 4-bit weight points its state at its layer, a deep copy's at the original's:
+    merging the copy requantizes into the copy's own layer, whose module-level state (what an
+    FSDP2-gathered weight is read with) is then the new weight's, and leaves the original's."""
+    original = fastpeft.inject(_load(model_dir, dict(MODEL_SETTINGS)[name]), fastpeft.LoraConfig(**LORA))
+    copied = copy.deepcopy(original)
+    base = original.get_submodule("model.layers.0.self_attn.q_proj").base_module()
+    state = (lambda m: m.quant_state) if name == "nf4-dq" else (lambda m: m.state.SCB)
+    weight_state = (lambda m: m.weight.quant_state) if name == "nf4-dq" else (lambda m: m.weight.SCB)
+    before = state(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = fastpeft.merge_and_unload(copied)
+    assert state(base) is before and weight_state(base) is before
+    layer = merged.get_submodule("model.layers.0.self_attn.q_proj")
+    assert state(layer) is weight_state(layer) and state(layer) is not before
 
 
 def _stored_bits(module: nn.Module) -> list[torch.Tensor]:
