@@ -15,14 +15,16 @@ the backward, never between them.
 Paths:
 
 - torch (the CPU, and CUDA unless the kernels are in use): the weight dequantized into a
-  transient ``[N, K]`` tensor in the compute dtype (bitsandbytes' ``compute_dtype``; torch ops,
-  or on the CPU bitsandbytes' compiled kernels where they give the same bits), x cast to it for
+  transient ``[N, K]`` tensor in the compute dtype (bitsandbytes' ``compute_dtype``; for
+  bitsandbytes' 4-bit weights its own kernels -- on CUDA always, on the CPU where they give the
+  reference's bits: ``fastpeft.kernels.quant.bitsandbytes_ops`` --, else torch ops), x cast to it for
   ``F.linear`` as bitsandbytes' layer does, the output cast back to x's dtype, the LoRA term
   PEFT's (computed from x in the adapter's dtype, added in the output's). The backward
   dequantizes again: dX's base term is ``dY W`` in the compute dtype (bitsandbytes' own
   backward), its LoRA term the LoRA op's.
-- kernels (``FASTPEFT_BACKEND=triton``, x in the compute dtype; opt-in: no GPU has run them):
-  up to 16 rows (decode) the fused decode kernel reads the packed weight once, dequantizing in
+- kernels (``FASTPEFT_BACKEND=triton``, x in the compute dtype, not torchao's NF4; opt-in: no GPU
+  has run them): up to 16 rows (decode; ``fastpeft.kernels.quant.launch.decode_fits``: rank <= 64,
+  on a GPU N and K multiples of 16 and a 16-bit compute dtype) the fused decode kernel reads the packed weight once, dequantizing in
   registers, and adds the LoRA term (``fastpeft.kernels.quant.decode_kernel``); above, one Triton
   launch dequantizes (double quantization included) and the float LoRA op's forward runs on that
   transient weight (its dispatch: the fused GEMM, the cuBLAS-hybrid path or torch's). The
@@ -68,10 +70,11 @@ COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @dataclass(frozen=True)
 class QuantizedWeight:
     """A quantized ``[out_features, in_features]`` base weight (``fastpeft.kernels.quant.ref``):
-    ``quant_type`` (``"nf4"``, ``"fp4"``, ``"int8"`` or ``"int8-scaled"``), ``packed`` (4-bit: the
-    packed codes in any storage dtype; int8: CB ``[N, K]``), ``absmax`` (4-bit: per-block scales,
-    fp32, or uint8 codes with double quantization; int8: SCB ``[N]``, or the row scales),
-    ``code`` (4-bit: the 16-value table), the double quantization's ``nested_absmax``, ``nested_code``, ``offset`` and ``nested_blocksize``
+    ``quant_type`` (``"nf4"``, ``"fp4"``, ``"int8"``, ``"int8-scaled"`` or ``"nf4-torchao"``),
+    ``packed`` (4-bit: the packed codes in any storage dtype; int8: CB ``[N, K]``), ``absmax``
+    (4-bit: per-block scales, fp32, or uint8 codes with double quantization, torchao's int8 ones;
+    int8: SCB ``[N]``, or the row scales), ``code`` (4-bit: the 16-value table), the double
+    quantization's ``nested_absmax``, ``nested_code``, ``offset`` and ``nested_blocksize``
     (None / 0 without it), ``blocksize``, and ``compute_dtype`` (the dtype the base product runs
     in; None: the activations')."""
 
@@ -97,7 +100,8 @@ class QuantizedWeight:
         return self.packed, self.absmax, self.code, self.nested_absmax, self.nested_code, self.offset
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """W ``[out_features, in_features]`` in ``dtype`` (bit for bit bitsandbytes')."""
+        """W ``[out_features, in_features]`` in ``dtype`` (``ref.dequantize``: bit for bit the
+        quantizer's own dequantization)."""
         return ref.dequantize(self.quant_type, *self.tensors(), self.blocksize, self.nested_blocksize, self.shape,
                               dtype)
 

@@ -100,7 +100,9 @@ def decode_forward(x: torch.Tensor, quant_type: str, packed: torch.Tensor, absma
         y = launch_device.empty_output((m, n), x.dtype, x.device)
         qlora_decode_kernel[_grid(n, configs.DECODE_BLOCK_N)](
             x, packed, absmax, code, *nested_state, bias if bias is not None else x, s_scaled, lora_b, y,
-            m, n, k, rank, blocksize, nested_blocksize, x.stride(0), s_scaled.stride(0), lora_b.stride(0), y.stride(0),
+            # one row: its stride is k whatever the view said (the specialization checked is K's)
+            m, n, k, rank, blocksize, nested_blocksize, x.stride(0) if m > 1 else k, s_scaled.stride(0),
+            lora_b.stride(0), y.stride(0),
             INT8=int8, NESTED=nested_absmax is not None, HAS_BIAS=bias is not None,
             BLOCK_M=configs.DECODE_BLOCK_M, BLOCK_N=configs.DECODE_BLOCK_N, BLOCK_K=configs.DECODE_BLOCK_K,
             BLOCK_R=block_r(rank), num_warps=configs.DECODE_WARPS, num_stages=configs.DECODE_STAGES,

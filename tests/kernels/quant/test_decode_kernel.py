@@ -75,6 +75,19 @@ def test_against_float64(quant, k, n, compute, lora_dtype):
         assert_within_bound(got, want, bound, compute, what)
 
 
+@pytest.mark.parametrize("quant", ["nf4-dq", "fp4", "int8", *([TORCHAO] if TORCHAO_INSTALLED else [])])
+def test_the_weight_in_registers_is_the_reference_exactly(quant):
+    """x = rows of the identity and B = 0 read the kernel's dequantized weight out: column m of
+    W, exactly the reference's value in the compute dtype (one nonzero product per output, so
+    the sum adds nothing; fp16: exact on a GPU's tensor cores and in the interpreter)."""
+    k, n, dtype = 48, 32, torch.float16
+    weight, _ = _weight(quant, k, n, dtype, False)
+    x = torch.eye(16, k, device=DEVICE, dtype=dtype)
+    got = _decode(x, weight, None, torch.zeros(16, 1, device=DEVICE, dtype=dtype),
+                  torch.zeros(n, 1, device=DEVICE, dtype=dtype))
+    assert torch.equal(got, weight.dequantize(dtype)[:, :16].t())
+
+
 def test_one_wrong_code_is_caught():
     """The comparison sees one flipped 4-bit code: the kernel reads every code it multiplies."""
     weight, _ = _weight("nf4-dq", 96, 40, torch.float32, False)
