@@ -259,7 +259,7 @@ def test_multi_adapter_serving_on_a_quantized_base_matches_peft(model_dir, tmp_p
     assert _rel(got, expected) <= 1e-4
 
 
-TRAINED = [(n, s) for n, s in MODEL_SETTINGS if n in ("nf4-dq", TORCHAO)]
+TRAINED = MODEL_SETTINGS
 
 
 @pytest.mark.parametrize("name,settings", TRAINED, ids=[n for n, _ in TRAINED])
@@ -291,7 +291,9 @@ def test_trainer_trains_checkpoints_and_resumes_a_quantized_model(model_dir, tmp
     for key, value in adapter_state_dict(resumed.model).items():
         assert _rel(value, final[key]) <= 1e-5, key
     model = fastpeft.unload(whole.model)
-    assert not model._hf_peft_config_loaded
+    assert not getattr(model, "_hf_peft_config_loaded", False)
+    if name == TORCHAO_NF4:  # quantized after loading: transformers does not know the model is
+        return
     with pytest.raises(ValueError, match="purely quantized"):
         transformers.Trainer(model=model, args=training_args(tmp_path / "again"), train_dataset=CountingDataset())
 
