@@ -76,6 +76,14 @@ def stash_quantization_state(module: nn.Module) -> None:
             module.state.SCB = weight.SCB
 
 
+def parameter_elements(param: torch.Tensor) -> int:
+    """The weight elements a parameter holds: a bitsandbytes 4-bit weight packs two per byte of
+    its storage (PEFT's count), every other parameter its ``numel``."""
+    if type(param).__name__ == "Params4bit":
+        return param.numel() * 2 * param.element_size()
+    return param.numel()
+
+
 def _first(*values: object) -> object:
     return next((v for v in values if v is not None), None)
 

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import torch.nn as nn
 
 from fastpeft.methods.base_layers import AdapterLayer
+from fastpeft.methods.quantized_base import parameter_elements
 
 # PEFT's TaskType values, which every method's config takes.
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
@@ -146,8 +147,9 @@ def restore_requires_grad(model: nn.Module, *, always: bool) -> Iterator[None]:
 
 
 def trainable_parameters(model: nn.Module) -> ParameterCount:
-    """``(trainable, total, percent)`` over ``model.parameters()`` (each shared parameter once)."""
+    """``(trainable, total, percent)`` over ``model.parameters()`` (each shared parameter once;
+    a bitsandbytes 4-bit weight counts the elements it packs, as PEFT counts them)."""
     params = list(require_module(model).parameters())
-    total = sum(p.numel() for p in params)
-    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(parameter_elements(p) for p in params)
+    trainable = sum(parameter_elements(p) for p in params if p.requires_grad)
     return ParameterCount(trainable, total, 100.0 * trainable / total if total else 0.0)

@@ -82,7 +82,9 @@ def test_logits_and_gradients_equal_peft(model_dir, name, settings):
     assert set(ours_grads) == set(peft_grads) and len(ours_grads) == 4 * len(TARGETS)
     for key, grad in peft_grads.items():
         assert _rel(ours_grads[key], grad) <= 1e-4, key
-    assert fastpeft.trainable_parameters(ours).trainable == sum(g.numel() for g in peft_grads.values())
+    counts = fastpeft.trainable_parameters(ours)
+    assert counts.trainable == sum(g.numel() for g in peft_grads.values())
+    assert counts.total == theirs.get_nb_trainable_parameters()[1]  # 4-bit weights: the elements they pack
 
 
 @pytest.mark.parametrize("name,settings", MODEL_SETTINGS, ids=[n for n, _ in MODEL_SETTINGS])
