@@ -192,7 +192,7 @@ def test_rehearsal_focused_json_schema(rehearsal):
     assert all(entry["error"] is None or row == focused.HYBRID for row, entry in data["profile"]["impls"].items())
 
 
-def test_rehearsal_focused_ran_the_bottleneck_and_multi_lora_cells(rehearsal):
+def test_rehearsal_focused_ran_the_other_ops_cells(rehearsal):
     """The focused run's other ops: every planned row of each is measured or skipped with a
     reason (the kernel rows: no CUDA device), fastpeft's torch path measured, in the summary."""
     data = json.loads((rehearsal / "focused.json").read_text())
@@ -212,7 +212,8 @@ def test_rehearsal_focused_ran_the_bottleneck_and_multi_lora_cells(rehearsal):
 def test_rehearsal_gpu_group_collected_the_new_gpu_tests(rehearsal):
     """The GPU step's command line names the CUDA C++ test files, every file with the gpu marker
     and the kernel, op, layer and serving test files that use the GPU (the LoRA kernels' dropout,
-    hybrid, launch planning and dispatch included), and its skip list shows they were collected."""
+    hybrid, launch planning and dispatch, the QLoRA op and kernels included), and its skip list
+    shows they were collected."""
     log = (rehearsal / "tests.log").read_text()
     command = next(line for line in log.splitlines() if line.startswith("== tests_gpu: "))
     def files(pattern: str, regex: str) -> list[str]:
@@ -223,7 +224,7 @@ def test_rehearsal_gpu_group_collected_the_new_gpu_tests(rehearsal):
     device_tests = ("kernels/test_dropout_mask.py", "kernels/lora/test_hybrid.py", "kernels/lora/test_launch_planning.py",
                     "kernels/lora/test_dispatch.py", "ops/test_bottleneck_*.py", "ops/test_multi_lora_*.py",
                     "methods/bottleneck/test_*.py", "methods/lora/test_multi_layer.py",
-                    "serving/test_multi_adapter_model.py")
+                    "serving/test_multi_adapter_model.py", "kernels/quant/test_*.py", "ops/test_qlora_linear.py")
     expected = ["tests/test_gpu.py", "tests/test_cuda_gpu.py", "tests/ops/test_bottleneck_adapter.py",
                 "tests/ops/test_multi_lora_linear.py", "tests/kernels/test_dropout_mask.py",
                 "tests/kernels/lora/test_hybrid.py", *files("**/test_*.py", r"pytest\.mark\.gpu\b"), *(f for g in device_tests for f in files(g, on_gpu))]

@@ -47,10 +47,10 @@ with events around each round instead (``method``, and why in ``note``). On CPU 
 timed with ``time.perf_counter`` (the rehearsal: same code, tiny shapes).
 
 Other ops (``config.ops``, after the LoRA grid's non-compiling rows and within their own
-``ops_budget_s``): the bottleneck adapter's and multi-LoRA's key shapes (``OP_FOCUS``): the cells
-of their targets, with the rows of ``fastpeft.bench.bottleneck`` / ``multi_lora``, timed the same
-way (rotated input sets, CUDA graphs; when one of an op's rows reads ids on the host --
-PEFT's mixed batch, the per-adapter loop -- every row of that op eagerly with events, so that
+``ops_budget_s``): the bottleneck adapter's, multi-LoRA's and QLoRA's key shapes (``OP_FOCUS``): the cells
+of their targets, with the rows of ``fastpeft.bench.bottleneck`` / ``multi_lora`` / ``qlora``, timed the same
+way (rotated input sets, CUDA graphs; when one of an op's rows cannot be captured -- PEFT's
+mixed batch, the per-adapter loop, bitsandbytes' layers -- every row of that op eagerly with events, so that
 their ratios compare like with like), reported in ``"ops"`` with
 their ratios, bandwidth and target verdicts (``op_bench.op_json``).
 
@@ -108,11 +108,11 @@ from fastpeft.bench.forced import forced_backend, forced_env
 from fastpeft.bench.implementations import (
     BASE, COMPILE, PEFT, Implementation, LoRAWeights, build_fastpeft_op, build_implementation, random_weights,
 )
-from fastpeft.bench import bottleneck, multi_lora
+from fastpeft.bench import bottleneck, multi_lora, qlora
 from fastpeft.bench.op_bench import OK as OP_OK
 from fastpeft.bench.op_bench import ERROR as OP_ERROR
 from fastpeft.bench.op_bench import OpRun, OpSpec, analyze_op, op_json, plan
-from fastpeft.bench.op_runs import BOTTLENECK, GRIDS, MULTI_LORA
+from fastpeft.bench.op_runs import BOTTLENECK, GRIDS, MULTI_LORA, QLORA
 from fastpeft.bench.errors import describe_error
 from fastpeft.bench.runner import DEFAULT_DROPOUT, log_to_stderr, make_step
 from fastpeft.bench.spread import Spread, ratio, spread_json
@@ -211,6 +211,9 @@ OP_FOCUS = (
         multi_lora.MultiLoRACase(64, 4096, multi_lora.MIXED, 64, multi_lora.DISTINCT),
         multi_lora.MultiLoRACase(4096, 4096, multi_lora.RANK, 64, multi_lora.ZIPF),
     ), _all_rows(multi_lora.SPEC)),
+    # QLoRA (NF4 with double quantization, Llama width, r 16): its targets' cells, decode against
+    # the quantized layer alone and a training batch against PEFT's QLoRA layer.
+    OpFocus(QLORA, qlora.SPEC, qlora.grid((1, 4096), 4096, (16,), (qlora.NF4_DQ,)), _all_rows(qlora.SPEC)),
 )
 # The rehearsal's: the same code on CPU-sized cases, less torch.compile (its CPU compilations
 # would take the whole budget; the LoRA rows exercise the compile row's timing path).
@@ -219,11 +222,13 @@ TINY_OP_FOCUS = (
             tuple(r for r in _all_rows(bottleneck.SPEC) if r != bottleneck.COMPILE)),
     OpFocus(MULTI_LORA, multi_lora.SPEC, (multi_lora.MultiLoRACase(16, 64, multi_lora.MIXED, 8, multi_lora.ZIPF),),
             _all_rows(multi_lora.SPEC)),
+    OpFocus(QLORA, qlora.SPEC, qlora.grid((16,), 64, (8,), (qlora.NF4_DQ,)), _all_rows(qlora.SPEC)),
 )
 # 14 bottleneck cells, then 28 multi-LoRA cells (PEFT's layer with 64 adapters built once per
-# input set, eager decode cells ~1 ms), then torch.compile's 4 bottleneck cells (its compiles:
-# ~10 s a graph) in about a minute; the LoRA grid keeps the rest of the 3 minutes.
-GPU_OPS_BUDGET_S = 60.0
+# input set, eager decode cells ~1 ms), 16 QLoRA cells (eager; a 4096 x 4096 NF4 layer
+# quantized per input set), then torch.compile's 4 bottleneck cells (its compiles: ~10 s a
+# graph) in about 75 s (estimate); the LoRA grid keeps the rest of the 3 minutes.
+GPU_OPS_BUDGET_S = 75.0
 TINY_OPS_BUDGET_S = 30.0
 
 
