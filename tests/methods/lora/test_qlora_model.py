@@ -229,11 +229,11 @@ def test_an_8bit_layer_with_fp16_weights_is_refused():
         fastpeft.inject(model, fastpeft.LoraConfig(target_modules=["q_proj"]))
 
 
-# NF4 with double quantization, int8, torchao's int8: the three weight layouts
+# The state-dict layouts: NF4 with double quantization, int8, torchao's int8 and NF4.
 SERVED = [(n, s) for n, s in MODEL_SETTINGS if n != "fp4-bf16"]
 
 
-@pytest.mark.parametrize("name,settings", SERVED, ids=[n for n, _ in SERVED])
+@pytest.mark.parametrize("name,settings", MODEL_SETTINGS, ids=[n for n, _ in MODEL_SETTINGS])
 def test_multi_adapter_serving_on_a_quantized_base_matches_peft(model_dir, tmp_path, name, settings):
     """Two PEFT QLoRA adapters served in one mixed batch by ``MultiAdapterModel`` on the same
     quantized base (and a base-only sequence): PEFT's ``adapter_names`` batch's logits."""
@@ -258,7 +258,9 @@ def test_multi_adapter_serving_on_a_quantized_base_matches_peft(model_dir, tmp_p
     with torch.no_grad():
         expected = theirs(input_ids=ids, adapter_names=["a", "__base__", "b"]).logits
         got = ours.train()(input_ids=ids, adapter_names=["a", None, "b"]).logits
-    assert _rel(got, expected) <= 1e-4
+    # bf16 compute (fp4-bf16): both sides round the base product in bf16, then add the LoRA term
+    # in their own order
+    assert _rel(got, expected) <= (1.6e-2 if name == "fp4-bf16" else 1e-4)
 
 
 TRAINED = MODEL_SETTINGS
