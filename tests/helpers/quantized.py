@@ -37,16 +37,17 @@ MODEL_SETTINGS = [
 
 def linear_4bit(linear: nn.Linear, quant_type: str = "nf4", double_quant: bool = True,
                 compute_dtype: torch.dtype | None = torch.float32, storage: torch.dtype = torch.uint8,
-                weight_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> nn.Module:
-    """``linear`` quantized to a bitsandbytes ``Linear4bit`` on ``device`` (its own copy of the
-    weights; bitsandbytes quantizes as the layer moves there)."""
+                weight_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                blocksize: int = 64) -> nn.Module:
+    """``linear`` quantized to a bitsandbytes ``Linear4bit`` on ``device`` in blocks of
+    ``blocksize`` (its own copy of the weights; bitsandbytes quantizes as the layer moves there)."""
     k, n = linear.in_features, linear.out_features
     layer = bnb.nn.Linear4bit(k, n, bias=linear.bias is not None, compute_dtype=compute_dtype,
                               compress_statistics=double_quant, quant_type=quant_type, quant_storage=storage,
                               device="meta")
     layer.weight = bnb.nn.Params4bit(linear.weight.detach().to(weight_dtype).clone(), requires_grad=False,
                                      compress_statistics=double_quant, quant_type=quant_type, quant_storage=storage,
-                                     module=layer)
+                                     blocksize=blocksize, module=layer)
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
     return layer.to(device).train()

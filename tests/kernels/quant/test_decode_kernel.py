@@ -25,7 +25,7 @@ PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch
          (torch.float16, torch.float32), (torch.float16, torch.float16)]
 
 
-def _weight(quant: str, k: int, n: int, compute: torch.dtype, bias: bool):
+def _weight(quant: str, k: int, n: int, compute: torch.dtype, bias: bool, blocksize: int = 64):
     linear = nn.Linear(k, n, bias=bias)
     if quant == TORCHAO:
         layer = torchao_int8(linear, DEVICE)
@@ -33,7 +33,7 @@ def _weight(quant: str, k: int, n: int, compute: torch.dtype, bias: bool):
         layer = linear_8bit(linear, DEVICE)
     else:
         name, storage = quant.split("-")[0], torch.bfloat16 if quant.endswith("bf16") else torch.uint8
-        layer = linear_4bit(linear, name, "-dq" in quant, compute, storage, device=DEVICE)
+        layer = linear_4bit(linear, name, "-dq" in quant, compute, storage, device=DEVICE, blocksize=blocksize)
     weight = dataclasses.replace(quantized_weight(layer), compute_dtype=compute)
     return weight, layer.bias
 
@@ -86,6 +86,18 @@ def test_the_weight_in_registers_is_the_reference_exactly(quant):
     got = _decode(x, weight, None, torch.zeros(16, 1, device=DEVICE, dtype=dtype),
                   torch.zeros(n, 1, device=DEVICE, dtype=dtype))
     assert torch.equal(got, weight.dequantize(dtype)[:, :16].t())
+
+
+@pytest.mark.parametrize("blocksize", [32, 128, 256])
+def test_other_block_sizes(blocksize):
+    """bitsandbytes' other 4-bit block sizes (double quantized: 256 scales per nested block),
+    read out exactly as in ``test_the_weight_in_registers_is_the_reference_exactly``."""
+    k, n, dtype = 96, 40, torch.float16
+    weight, _ = _weight("nf4-dq", k, n, dtype, False, blocksize)
+    assert weight.blocksize == blocksize
+    x = torch.eye(16, k, device=DEVICE, dtype=dtype)
+    zeros = torch.zeros(16, 1, device=DEVICE, dtype=dtype), torch.zeros(n, 1, device=DEVICE, dtype=dtype)
+    assert torch.equal(_decode(x, weight, None, *zeros), weight.dequantize(dtype)[:, :16].t())
 
 
 def test_one_wrong_code_is_caught():
