@@ -4,7 +4,8 @@ of a layer that fastpeft put into a model.
 * ``BASE_LAYER_KINDS``: the base layers LoRA (and multi-LoRA) wrap, first match wins:
   bitsandbytes' quantized ``Linear4bit`` / ``Linear8bitLt`` (QLoRA; they subclass
   ``nn.Linear``, so they come first), an ``nn.Linear`` holding torchao's int8 weight-only
-  ``Int8Tensor`` or its ``NF4Tensor``, ``nn.Linear`` and transformers' ``Conv1D`` (weight ``[in, out]``). A ``BaseLayerKind`` says how to recognise one, its sizes and the dtype its
+  ``Int8Tensor`` or its ``NF4Tensor``, ``nn.Linear`` and transformers' ``Conv1D`` (weight
+  ``[in, out]``). A ``BaseLayerKind`` says how to recognise one, its sizes and the dtype its
   adapters follow;
 * ``default_lora_dtype``: PEFT's adapter dtype rule (float32 adapters on a 16-bit base), which
   the bottleneck adapters follow too;

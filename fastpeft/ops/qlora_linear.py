@@ -24,8 +24,9 @@ Paths:
   backward), its LoRA term the LoRA op's.
 - kernels (``FASTPEFT_BACKEND=triton``, x in the compute dtype, not torchao's NF4; opt-in: no GPU
   has run them): up to 16 rows (decode; ``fastpeft.kernels.quant.launch.decode_fits``: rank <= 64,
-  on a GPU N and K multiples of 16 and a 16-bit compute dtype) the fused decode kernel reads the packed weight once, dequantizing in
-  registers, and adds the LoRA term (``fastpeft.kernels.quant.decode_kernel``); above, one Triton
+  on a GPU N and K multiples of 16 and a 16-bit compute dtype) the fused decode kernel reads the
+  packed weight once, dequantizing in registers, and adds the LoRA term
+  (``fastpeft.kernels.quant.decode_kernel``); above, one Triton
   launch dequantizes (double quantization included) and the float LoRA op's forward runs on that
   transient weight (its dispatch: the fused GEMM, the cuBLAS-hybrid path or torch's). The
   backward dequantizes in one launch and runs the float op's backward (its fused dX kernel).
@@ -175,7 +176,8 @@ def dequantize(quant_type: str, packed: torch.Tensor, absmax: torch.Tensor, code
         from fastpeft.kernels.quant import launch
 
         return launch.dequantize(quant_type, *args)
-    if quant_type not in (*INT8_TYPES, NF4_TORCHAO) and bitsandbytes_dequantizes_exactly(packed.device, shape[1], blocksize):
+    bitsandbytes_4bit = quant_type not in (*INT8_TYPES, NF4_TORCHAO)
+    if bitsandbytes_4bit and bitsandbytes_dequantizes_exactly(packed.device, shape[1], blocksize):
         return bitsandbytes_dequantize_4bit(packed, absmax, nested_absmax, nested_code, offset, blocksize,
                                             nested_blocksize, quant_type, shape, dtype)
     return ref.dequantize(quant_type, *args)
@@ -314,7 +316,8 @@ def _qlora_backward(
     dx, da, db = lora_backward_torch(g2, x2, None, lora_a, lora_b, s, mask, scaling, dropout_p, need_x, need_a,
                                      need_b, base_grad)
     empty = x.new_empty(0)
-    return dx.view(x.shape) if dx is not None else empty, da if da is not None else empty, db if db is not None else empty
+    dx = dx.view(x.shape) if dx is not None else None
+    return tuple(empty if g is None else g for g in (dx, da, db))
 
 
 _backward_op = torch.library.custom_op("fastpeft::qlora_linear_backward", mutates_args=())(_qlora_backward)

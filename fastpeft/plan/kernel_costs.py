@@ -456,7 +456,8 @@ def _qlora_decode(p: Params, grid: tuple[int, ...], hw: Hardware) -> Cost:
     weight = [read("CB", n * k, 1, hw), read("row scales", n * 4, 1, hw)] if p["INT8"] else [
         read("packed W", n * k // 2, 1, hw), *_scale_reads(n * k, p, hw)]
     accesses = [*weight, read("x", m * k * e(p["x_ptr"]), programs, hw, concurrent=True),
-                read("s'", m * r * e(p["s_ptr"]), programs, hw, concurrent=True), read("B", n * r * e(p["b_ptr"]), 1, hw)]
+                read("s'", m * r * e(p["s_ptr"]), programs, hw, concurrent=True),
+                read("B", n * r * e(p["b_ptr"]), 1, hw)]
     if p["HAS_BIAS"]:
         accesses.append(read("bias", n * e(p["bias_ptr"]), 1, hw))
     accesses.append(write("y", m * n * e(p["y_ptr"])))

@@ -57,7 +57,8 @@ def _launch(quant_type, packed, absmax, code, nested_absmax, nested_code, offset
     *nested_state, nested_blocksize = _nested_args(absmax, nested_absmax, nested_code, offset, nested_blocksize)
     dequant_4bit_kernel[_grid(n // 2, configs.BLOCK_BYTES)](
         packed_bytes(packed).contiguous(), absmax, code, *nested_state, out, n // 2, blocksize, nested_blocksize,
-        NESTED=nested_absmax is not None, BLOCK=configs.BLOCK_BYTES, num_warps=configs.NUM_WARPS, num_stages=configs.NUM_STAGES,
+        NESTED=nested_absmax is not None, BLOCK=configs.BLOCK_BYTES, num_warps=configs.NUM_WARPS,
+        num_stages=configs.NUM_STAGES,
         enable_fp_fusion=False,
     )
     return out

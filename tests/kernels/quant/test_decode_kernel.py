@@ -2,9 +2,10 @@
 interpreter against float64: every row count up to 16, odd N and K (4-bit blocks straddling rows,
 a row of codes starting mid-byte), NF4 / FP4 with and without double quantization, uint8 and bf16
 storage, int8 (bitsandbytes' and torchao's), every compiled (compute, adapter) dtype pair, every
-padded rank, with and without bias. The float64 reference multiplies the weight the torch path multiplies (``ref.dequantize``
-in the compute dtype, exact) by x, so what is compared is the kernel's dequantization in registers
-and its products; the epilogue's rounding is the compute dtype's (the tolerance table's)."""
+padded rank, with and without bias. The float64 reference multiplies the weight the torch path
+multiplies (``ref.dequantize`` in the compute dtype, exact) by x, so what is compared is the
+kernel's dequantization in registers and its products; the epilogue's rounding is the compute
+dtype's (the tolerance table's)."""
 
 from __future__ import annotations
 

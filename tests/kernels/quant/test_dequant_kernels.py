@@ -36,7 +36,8 @@ def _launch(weight, dtype):
 
 @pytest.mark.parametrize("k,n", [(96, 40), (34, 12), (2048, 3)])
 @pytest.mark.parametrize("quant_type,double_quant,storage", [
-    ("nf4", True, torch.uint8), ("nf4", False, torch.bfloat16), ("fp4", True, torch.bfloat16), ("fp4", False, torch.uint8)])
+    ("nf4", True, torch.uint8), ("nf4", False, torch.bfloat16), ("fp4", True, torch.bfloat16),
+    ("fp4", False, torch.uint8)])
 def test_4bit(k, n, quant_type, double_quant, storage):
     for dtype in DTYPES:
         weight = quantized_weight(linear_4bit(nn.Linear(k, n), quant_type, double_quant, dtype, storage,
