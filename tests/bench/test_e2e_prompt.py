@@ -63,7 +63,7 @@ def test_prompt_twins_take_peft_step(method):
             assert torch.equal(p, frozen[name]), name
 
 
-def _no_lora(config):
+def _no_lora(config, quantization=None):
     raise RuntimeError("LoRA twins not built in this test")
 
 
