@@ -28,6 +28,7 @@ from fastpeft.api import pretrained_save
 from fastpeft.formats import adapterhub, peft_prompt, save_journal
 from fastpeft.formats import peft as peft_format
 from fastpeft.formats.file_names import ADAPTER_FILE_NAMES, CONFIG_NAME
+from fastpeft.formats.saved_tensors import is_sharded
 from fastpeft.formats.snapshot import Snapshot, open_snapshot
 from fastpeft.methods.bottleneck.config import AdapterConfig
 from fastpeft.methods.bottleneck.model import inject_bottleneck, merge_and_unload_bottleneck, unload_bottleneck
@@ -252,6 +253,11 @@ def save_adapter(model: nn.Module, directory: str | bytes | os.PathLike) -> None
 
     New files get mode ``0o666`` less the umask, as with ``open(path, "w")``.
 
+    A model sharded with FSDP2 (``fully_shard``: its parameters are ``DTensor`` s): call it on
+    every rank of the mesh, as every collective. Each rank gathers the adapter's tensors (only
+    those, never the base weights), rank 0 writes the directory, and every rank returns once
+    it is written (or raises rank 0's error).
+
     Raises:
         ValueError: the model has no fastpeft adapter.
         TypeError: ``directory`` is not a str, bytes or ``os.PathLike`` path.
@@ -261,8 +267,33 @@ def save_adapter(model: nn.Module, directory: str | bytes | os.PathLike) -> None
             filesystem); nothing in it was changed.
     """
     files = saved_files(model)
-    save_journal.save_files(directory, files, removes=ADAPTER_FILE_NAMES - files.keys(), hide=(CONFIG_NAME,),
-                            allowed=ADAPTER_FILE_NAMES)
+    group = sharded_group(model)
+    if group is None:
+        save_journal.save_files(directory, files, removes=ADAPTER_FILE_NAMES - files.keys(), hide=(CONFIG_NAME,),
+                                allowed=ADAPTER_FILE_NAMES)
+        return
+    writer_error = None
+    if torch.distributed.get_rank(group) == 0:
+        try:
+            save_journal.save_files(directory, files, removes=ADAPTER_FILE_NAMES - files.keys(),
+                                    hide=(CONFIG_NAME,), allowed=ADAPTER_FILE_NAMES)
+        except Exception as exc:  # every rank raises it below
+            writer_error = exc
+    outcome = [None if writer_error is None else f"{type(writer_error).__name__}: {writer_error}"]
+    torch.distributed.broadcast_object_list(outcome, src=torch.distributed.get_global_rank(group, 0), group=group)
+    if writer_error is not None:
+        raise writer_error
+    if outcome[0] is not None:
+        raise RuntimeError(f"save_adapter: rank 0 of the model's mesh could not write the adapter: {outcome[0]}")
+
+
+def sharded_group(model: nn.Module):
+    """The process group of ``model``'s sharded parameters (FSDP2's ``DTensor`` s), or None
+    when none is sharded."""
+    for param in model.parameters():
+        if is_sharded(param):
+            return param.device_mesh.get_group()
+    return None
 
 
 def load_adapter(

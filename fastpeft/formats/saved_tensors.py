@@ -13,8 +13,21 @@ import torch
 _KEYS_SHOWN = 8
 
 
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``DTensor`` (a parameter FSDP2 sharded, or a tensor-parallel one)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def cpu_copy(t: torch.Tensor) -> torch.Tensor:
-    """A detached, contiguous CPU copy of ``t``."""
+    """A detached, contiguous CPU copy of ``t``; a ``DTensor`` is gathered whole first
+    (``full_tensor``: a collective, so every rank of its mesh must make the same calls in the
+    same order, as every rank's ``save_adapter`` of the same model does)."""
+    if is_sharded(t):
+        t = t.detach().full_tensor()
     return t.detach().to("cpu", copy=True).contiguous()
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -29,7 +30,7 @@ import torch.nn as nn
 import fastpeft
 from tests.helpers.distributed import BATCH_SEED, PER_RANK, WORLD, rank_process_group, spawn_ranks
 from tests.helpers.numerics import TOLERANCE, assert_close, relative_error
-from tests.helpers.training import lora_grads, lora_model, one_thread, shift_batch
+from tests.helpers.training import build_model, lora_grads, lora_model, one_thread, shift_batch
 
 if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
@@ -49,9 +50,11 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _train_steps(parallelize: Callable[[nn.Module], nn.Module], rows: slice) -> dict:
+def _train_steps(parallelize: Callable[[nn.Module], nn.Module], rows: slice, save_to: Path | None = None) -> dict:
     """Build the LoRA Llama, ``parallelize`` it, and take ``STEPS`` AdamW steps on the
-    ``rows`` of each fresh full batch (``WORLD * PER_RANK`` sequences from ``BATCH_SEED``).
+    ``rows`` of each fresh full batch (``WORLD * PER_RANK`` sequences from ``BATCH_SEED``);
+    then, with ``save_to``, save the adapter there with ``save_adapter`` (every rank calls it)
+    and with the model's ``save_pretrained`` into ``save_to / "pretrained"``.
 
     Returns full tensors keyed by parameter name: ``grads`` (LoRA gradients of the first
     step), ``init`` and ``final`` (LoRA parameters), ``base`` (the frozen base weights at
@@ -70,6 +73,9 @@ def _train_steps(parallelize: Callable[[nn.Module], nn.Module], rows: slice) -> 
         if step == 0:
             grads = {n: _full(g) for n, g in lora_grads(model).items()}
         optimizer.step()
+    if save_to is not None:
+        fastpeft.save_adapter(model, save_to)
+        model.save_pretrained(save_to / "pretrained")
     params = {n: _full(p.detach()) for n, p in model.named_parameters()}
     lora = [m for m in model.modules() if isinstance(m, fastpeft.LoRALinear)]
     return {
@@ -123,15 +129,21 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     ``out_dir/rank{rank}.pt``."""
     with rank_process_group(rank, port):
         rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-        results = {name: _train_steps(parallelize, rows) for name, parallelize in SCENARIOS.items()}
+        results = {name: _train_steps(parallelize, rows, Path(out_dir) / f"{name}-adapter" if name == "fsdp2" else None)
+                   for name, parallelize in SCENARIOS.items()}
         results["op_on_dtensors"] = _op_on_dtensors()
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
-def rank_results(tmp_path_factory) -> list[dict]:
+def ranks_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ranks")
+
+
+@pytest.fixture(scope="module")
+def rank_results(ranks_dir) -> list[dict]:
     """The results of ``WORLD`` ranks running ``_worker``."""
-    return spawn_ranks(_worker, tmp_path_factory.mktemp("ranks"), "distributed")
+    return spawn_ranks(_worker, ranks_dir, "distributed")
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +183,20 @@ def test_optimizer_steps_keep_ranks_in_sync(rank_results, single_process, scenar
     for name, value in first["base"].items():
         assert torch.equal(value, single_process["base"][name]), f"{scenario}: frozen {name} changed"
     assert first["base_sharded"] == scenario.startswith("fsdp2")
+
+
+def test_a_sharded_model_saves_its_adapter(rank_results, ranks_dir):
+    """``save_adapter`` and ``save_pretrained`` on the FSDP2-sharded model (called on both ranks)
+    write one PEFT directory each, holding the trained LoRA weights whole, which ``load_adapter``
+    reads into an unsharded model."""
+    final = rank_results[0]["fsdp2"]["final"]
+    for directory in (ranks_dir / "fsdp2-adapter", ranks_dir / "fsdp2-adapter" / "pretrained"):
+        saved = safetensors.torch.load_file(directory / "adapter_model.safetensors")
+        assert len(saved) == len(final)
+        for key, value in saved.items():
+            assert torch.equal(value, final[key.removeprefix("base_model.model.")]), key
+        loaded = dict(fastpeft.load_adapter(build_model("llama"), directory).named_parameters())
+        assert all(torch.equal(loaded[name], value) for name, value in final.items())
 
 
 @pytest.mark.xfail(

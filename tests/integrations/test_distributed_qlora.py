@@ -110,6 +110,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         for scenario in SCENARIOS:
             model = _adapted(model_dir, scenario)
             results[scenario] = _train(model, _fsdp2(model), rows)
+            fastpeft.save_adapter(model, Path(out_dir) / f"{scenario}-adapter")  # every rank: a collective
         results["cast_codes_error"] = _cast_codes_error(model_dir)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
@@ -159,6 +160,17 @@ def test_sharded_training_equals_one_process(rank_results, single_process, scena
         # Adam divides by sqrt(v): near-zero gradients amplify rounding, hence 10x fp32 tolerance.
         err = relative_error(update, want)
         assert err <= 10 * TOLERANCE[torch.float32], f"update of {name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_the_sharded_quantized_model_saves_its_adapter(rank_results, ranks_dir, scenario):
+    """``save_adapter`` on the sharded QLoRA model writes the trained LoRA weights whole, which
+    ``load_adapter`` reads into a freshly loaded quantized model."""
+    final = rank_results[0][scenario]["final"]
+    loaded = fastpeft.load_adapter(load_quantized(ranks_dir / "model", SCENARIOS[scenario][0]),
+                                   ranks_dir / f"{scenario}-adapter")
+    params = dict(loaded.named_parameters())
+    assert final and all(torch.equal(params[name], value) for name, value in final.items())
 
 
 def test_value_cast_codes_are_refused(rank_results):
