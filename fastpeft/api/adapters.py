@@ -28,7 +28,7 @@ from fastpeft.api import pretrained_save
 from fastpeft.formats import adapterhub, peft_prompt, save_journal
 from fastpeft.formats import peft as peft_format
 from fastpeft.formats.file_names import ADAPTER_FILE_NAMES, CONFIG_NAME
-from fastpeft.formats.saved_tensors import is_sharded
+from fastpeft.formats.saved_tensors import sharded_group
 from fastpeft.formats.snapshot import Snapshot, open_snapshot
 from fastpeft.methods.bottleneck.config import AdapterConfig
 from fastpeft.methods.bottleneck.model import inject_bottleneck, merge_and_unload_bottleneck, unload_bottleneck
@@ -286,14 +286,6 @@ def save_adapter(model: nn.Module, directory: str | bytes | os.PathLike) -> None
     if outcome[0] is not None:
         raise RuntimeError(f"save_adapter: rank 0 of the model's mesh could not write the adapter: {outcome[0]}")
 
-
-def sharded_group(model: nn.Module):
-    """The process group of ``model``'s sharded parameters (FSDP2's ``DTensor`` s), or None
-    when none is sharded."""
-    for param in model.parameters():
-        if is_sharded(param):
-            return param.device_mesh.get_group()
-    return None
 
 
 def load_adapter(

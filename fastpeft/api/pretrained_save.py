@@ -23,6 +23,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from fastpeft.formats.saved_tensors import sharded_group
 from fastpeft.methods.state import without_transformers_adapter_flag
 
 # Instance attribute that shadows the class's save_pretrained.
@@ -53,7 +54,9 @@ class AdapterSavePretrained:
         """Write the adapter to ``save_directory`` with ``fastpeft.save_adapter`` (its type's
         native files: PEFT's ``adapter_config.json`` + ``adapter_model.safetensors`` for LoRA
         and prompt learning, AdapterHub's ``adapter_config.json`` + ``adapter.safetensors``
-        for bottleneck adapters) when ``is_main_process``; other processes write nothing. A
+        for bottleneck adapters) when ``is_main_process``; other processes write nothing (a model
+        sharded with FSDP2: every process gathers the adapter and rank 0 of its mesh writes,
+        ``fastpeft.save_adapter``). A
         prefix MLP or P-tuning MLP / LSTM, which PEFT's file lacks, is also written to
         ``fastpeft_prompt_encoder.safetensors`` in the same all-or-nothing save, so that
         resuming restores it.
@@ -78,7 +81,9 @@ class AdapterSavePretrained:
         if unsupported:
             raise TypeError(f"save_pretrained of a model with a fastpeft adapter writes the adapter only and does not "
                             f"take {unsupported}; call fastpeft.merge_and_unload(model) first to save the whole model")
-        if is_main_process:
+        # a sharded model's save gathers its adapter on every rank (a collective; rank 0 of
+        # its mesh writes): every process takes part, whatever is_main_process says
+        if is_main_process or sharded_group(self.model) is not None:
             self.save(self.model, save_directory)
 
 

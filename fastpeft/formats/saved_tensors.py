@@ -22,6 +22,15 @@ def is_sharded(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
+def sharded_group(model: torch.nn.Module):
+    """The process group of ``model``'s sharded parameters (FSDP2's ``DTensor`` s), or None
+    when none is sharded."""
+    for param in model.parameters():
+        if is_sharded(param):
+            return param.device_mesh.get_group()
+    return None
+
+
 def cpu_copy(t: torch.Tensor) -> torch.Tensor:
     """A detached, contiguous CPU copy of ``t``; a ``DTensor`` is gathered whole first
     (``full_tensor``: a collective, so every rank of its mesh must make the same calls in the

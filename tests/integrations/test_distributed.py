@@ -75,7 +75,8 @@ def _train_steps(parallelize: Callable[[nn.Module], nn.Module], rows: slice, sav
         optimizer.step()
     if save_to is not None:
         fastpeft.save_adapter(model, save_to)
-        model.save_pretrained(save_to / "pretrained")
+        # as Trainer calls it: only the main process says so (every rank must still gather)
+        model.save_pretrained(save_to / "pretrained", is_main_process=torch.distributed.get_rank() == 0)
     params = {n: _full(p.detach()) for n, p in model.named_parameters()}
     lora = [m for m in model.modules() if isinstance(m, fastpeft.LoRALinear)]
     return {
