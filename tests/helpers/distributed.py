@@ -1,6 +1,7 @@
 """Two-process CPU runs of the distributed tests: ``spawn_ranks`` starts ``WORLD`` ranks
 (gloo on 127.0.0.1 only), bounded in time so that a hang fails the test instead of stalling
-CI, and collects what each rank saved; the sizes and seeds the ranks share."""
+CI, and collects what each rank saved; the sizes and seeds the ranks share; what each rank
+does with a model (``shard_decoder_layers``, ``adamw_steps``, ``full``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,15 @@ import torch.multiprocessing as mp
 
 if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+from torch.distributed.tensor import DTensor  # noqa: E402
+
+try:
+    from torch.distributed.fsdp import fully_shard
+except ImportError:  # torch < 2.6 has FSDP2 only under its old private path
+    from torch.distributed._composable.fsdp import fully_shard
+
+from tests.helpers.training import lora_grads, shift_batch  # noqa: E402
 
 WORLD = 2  # ranks
 PER_RANK = 2  # sequences per rank and step; a single process takes WORLD * PER_RANK
@@ -71,3 +81,33 @@ def spawn_ranks(worker: Callable[[int, int, str], None], out_dir: Path, what: st
             if process.is_alive():
                 process.kill()
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor: DTensors (FSDP2 shards) are gathered in full."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_decoder_layers(model: torch.nn.Module, **options) -> torch.nn.Module:
+    """FSDP2 over each decoder layer of a transformers causal LM and over the model:
+    ``fully_shard(..., **options)`` on each, so every parameter is sharded, base weights too."""
+    for layer in model.model.layers:
+        fully_shard(layer, **options)
+    return fully_shard(model, **options)
+
+
+def adamw_steps(model: torch.nn.Module, wrapped: torch.nn.Module, rows: slice, steps: int) -> dict[str, torch.Tensor]:
+    """``steps`` AdamW steps on ``model``'s trainable parameters through ``wrapped`` (the
+    model, or its DDP / FSDP2 wrapping), each on ``rows`` of a fresh full batch (``WORLD *
+    PER_RANK`` sequences from ``BATCH_SEED``); the first step's gradients, whole, by name."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    generator = torch.Generator().manual_seed(BATCH_SEED)
+    for step in range(steps):
+        ids = shift_batch(generator, batch=WORLD * PER_RANK, length=8)[rows]
+        loss = wrapped(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if step == 0:
+            grads = {n: full(g) for n, g in lora_grads(model).items()}
+        optimizer.step()
+    return grads

@@ -28,26 +28,25 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import fastpeft
-from tests.helpers.distributed import BATCH_SEED, PER_RANK, WORLD, rank_process_group, spawn_ranks
+from tests.helpers.distributed import (
+    PER_RANK,
+    WORLD,
+    adamw_steps,
+    full,
+    rank_process_group,
+    shard_decoder_layers,
+    spawn_ranks,
+)
 from tests.helpers.numerics import TOLERANCE, assert_close, relative_error
-from tests.helpers.training import build_model, lora_grads, lora_model, one_thread, shift_batch
+from tests.helpers.training import build_model, lora_model, one_thread
 
 if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
-try:
-    from torch.distributed.fsdp import fully_shard
-except ImportError:  # torch < 2.6 has FSDP2 only under its old private path
-    from torch.distributed._composable.fsdp import fully_shard
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 STEPS = 3
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A plain tensor: DTensors (FSDP2 shards) are gathered in full."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _train_steps(parallelize: Callable[[nn.Module], nn.Module], rows: slice, save_to: Path | None = None) -> dict:
@@ -62,22 +61,12 @@ def _train_steps(parallelize: Callable[[nn.Module], nn.Module], rows: slice, sav
     """
     model = lora_model("llama").train()
     init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    wrapped = parallelize(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    generator = torch.Generator().manual_seed(BATCH_SEED)
-    for step in range(STEPS):
-        ids = shift_batch(generator, batch=WORLD * PER_RANK, length=8)[rows]
-        loss = wrapped(input_ids=ids, labels=ids).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if step == 0:
-            grads = {n: _full(g) for n, g in lora_grads(model).items()}
-        optimizer.step()
+    grads = adamw_steps(model, parallelize(model), rows, STEPS)
     if save_to is not None:
         fastpeft.save_adapter(model, save_to)
         # as Trainer calls it: only the main process says so (every rank must still gather)
         model.save_pretrained(save_to / "pretrained", is_main_process=torch.distributed.get_rank() == 0)
-    params = {n: _full(p.detach()) for n, p in model.named_parameters()}
+    params = {n: full(p.detach()) for n, p in model.named_parameters()}
     lora = [m for m in model.modules() if isinstance(m, fastpeft.LoRALinear)]
     return {
         "grads": grads,
@@ -94,9 +83,7 @@ def _ddp(model: nn.Module) -> nn.Module:
 
 def _fsdp2(model: nn.Module) -> nn.Module:
     """FSDP2 over each decoder layer and the root: every parameter sharded, base weights too."""
-    for layer in model.model.layers:
-        fully_shard(layer)
-    return fully_shard(model)
+    return shard_decoder_layers(model)
 
 
 def _fsdp2_checkpointed(model: nn.Module) -> nn.Module:

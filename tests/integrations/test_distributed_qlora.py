@@ -25,17 +25,25 @@ import torch.nn as nn
 
 import fastpeft
 from fastpeft.methods.lora.layer import QuantLoRALinear
-from tests.helpers.distributed import BATCH_SEED, PER_RANK, WORLD, rank_process_group, spawn_ranks
+from tests.helpers.distributed import (
+    PER_RANK,
+    WORLD,
+    adamw_steps,
+    full,
+    rank_process_group,
+    shard_decoder_layers,
+    spawn_ranks,
+)
 from tests.helpers.numerics import TOLERANCE, assert_close, relative_error
 from tests.helpers.quantized import MODEL_SETTINGS, load_quantized, save_tiny_llama
-from tests.helpers.training import lora_grads, one_thread, shift_batch
+from tests.helpers.training import one_thread
 
 if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 pytest.importorskip("transformers")
 
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
+from torch.distributed.fsdp import MixedPrecisionPolicy  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 STEPS = 2
@@ -49,10 +57,6 @@ SCENARIOS = {
 }
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
 def _adapted(model_dir: Path, scenario: str) -> nn.Module:
     settings, targets = SCENARIOS[scenario]
     model = load_quantized(model_dir, settings)
@@ -62,11 +66,8 @@ def _adapted(model_dir: Path, scenario: str) -> nn.Module:
 
 
 def _fsdp2(model: nn.Module, mp_policy: MixedPrecisionPolicy | None = None) -> nn.Module:
-    mesh = init_device_mesh("cpu", (WORLD,))
     kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, **kwargs)
-    return fully_shard(model, mesh=mesh, **kwargs)
+    return shard_decoder_layers(model, mesh=init_device_mesh("cpu", (WORLD,)), **kwargs)
 
 
 def _train(model: nn.Module, wrapped: nn.Module, rows: slice) -> dict:
@@ -74,19 +75,10 @@ def _train(model: nn.Module, wrapped: nn.Module, rows: slice) -> dict:
     the LoRA parameters before and after, whether the adapted layers' base weights were
     sharded (DTensors) while training."""
     init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    generator = torch.Generator().manual_seed(BATCH_SEED)
-    for step in range(STEPS):
-        ids = shift_batch(generator, batch=WORLD * PER_RANK, length=8)[rows]
-        loss = wrapped(input_ids=ids, labels=ids).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if step == 0:
-            grads = {n: _full(g) for n, g in lora_grads(model).items()}
-        optimizer.step()
+    grads = adamw_steps(model, wrapped, rows, STEPS)
     adapted = [m for m in model.modules() if isinstance(m, QuantLoRALinear)]
-    return {"grads": grads, "init": {n: _full(p) for n, p in init.items()},
-            "final": {n: _full(p.detach()) for n, p in model.named_parameters() if n in init},
+    return {"grads": grads, "init": {n: full(p) for n, p in init.items()},
+            "final": {n: full(p.detach()) for n, p in model.named_parameters() if n in init},
             "base_sharded": bool(adapted) and all(isinstance(m.weight, DTensor) for m in adapted)}
 
 
