@@ -139,14 +139,21 @@ _lora_linear_backward_op = torch.library.custom_op("fastpeft::lora_linear_backwa
 )
 
 
-@_lora_linear_backward_op.register_fake
-def _lora_linear_backward_fake(grad_y, x, weight, lora_a, lora_b, s, keep, scaling, dropout_p, seed, need_x, need_a,
-                               need_b):
+def lora_gradients_fake(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, need_x: bool, need_a: bool,
+                        need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fake ``(dX, dA, dB)`` of a LoRA backward op (this one's and the QLoRA op's): each
+    like its input, or an empty tensor when not asked for."""
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else x.new_empty(0),
         lora_a.new_empty(lora_a.shape) if need_a else x.new_empty(0),
         lora_b.new_empty(lora_b.shape) if need_b else x.new_empty(0),
     )
+
+
+@_lora_linear_backward_op.register_fake
+def _lora_linear_backward_fake(grad_y, x, weight, lora_a, lora_b, s, keep, scaling, dropout_p, seed, need_x, need_a,
+                               need_b):
+    return lora_gradients_fake(x, lora_a, lora_b, need_x, need_a, need_b)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -54,7 +54,7 @@ from fastpeft.kernels.quant.ref import INT8_TYPES, NF4_TORCHAO, QUANT_TYPES
 from fastpeft.ops.autocast import autocast_dtype, autocast_off, cast_for_autocast
 from fastpeft.ops.checks import describe, require_finite, require_probability, require_same_device, require_tensor
 from fastpeft.ops.dropout import kept_mask, redraws_mask, saved_or_redrawn_mask
-from fastpeft.ops.lora_linear import lora_backward_by_dispatch, lora_forward_by_dispatch
+from fastpeft.ops.lora_linear import lora_backward_by_dispatch, lora_forward_by_dispatch, lora_gradients_fake
 from fastpeft.ops.lora_linear_torch import (
     add_lora_product,
     keep_mask,
@@ -327,9 +327,7 @@ _backward_op = torch.library.custom_op("fastpeft::qlora_linear_backward", mutate
 def _qlora_backward_fake(grad_y, x, packed, absmax, code, nested_absmax, nested_code, offset, lora_a, lora_b, s, keep,
                          seed, quant_type, blocksize, nested_blocksize, compute_dtype, scaling, dropout_p, need_x,
                          need_a, need_b):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else x.new_empty(0),
-            lora_a.new_empty(lora_a.shape) if need_a else x.new_empty(0),
-            lora_b.new_empty(lora_b.shape) if need_b else x.new_empty(0))
+    return lora_gradients_fake(x, lora_a, lora_b, need_x, need_a, need_b)
 
 
 def _backward(ctx, grad_y, _grad_s, _grad_keep):
