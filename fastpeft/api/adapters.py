@@ -267,16 +267,19 @@ def save_adapter(model: nn.Module, directory: str | bytes | os.PathLike) -> None
             filesystem); nothing in it was changed.
     """
     files = saved_files(model)
-    group = sharded_group(model)
-    if group is None:
+
+    def write() -> None:
         save_journal.save_files(directory, files, removes=ADAPTER_FILE_NAMES - files.keys(), hide=(CONFIG_NAME,),
                                 allowed=ADAPTER_FILE_NAMES)
+
+    group = sharded_group(model)
+    if group is None:
+        write()
         return
     writer_error = None
     if torch.distributed.get_rank(group) == 0:
         try:
-            save_journal.save_files(directory, files, removes=ADAPTER_FILE_NAMES - files.keys(),
-                                    hide=(CONFIG_NAME,), allowed=ADAPTER_FILE_NAMES)
+            write()
         except Exception as exc:  # every rank raises it below
             writer_error = exc
     outcome = [None if writer_error is None else f"{type(writer_error).__name__}: {writer_error}"]

@@ -89,9 +89,10 @@ def _first(*values: object) -> object:
 
 
 def quantized_weight(module: nn.Module, storage_dtype: torch.dtype | None = None) -> QuantizedWeight:
-    """The weight of bitsandbytes layer ``module`` as the op takes it (module docstring).
+    """The weight of quantized layer ``module`` (bitsandbytes', or an ``nn.Linear`` with a torchao
+    weight) as the op takes it (module docstring).
 
-    The weight may be bitsandbytes' parameter or a plain tensor holding its bytes (FSDP2's
+    A bitsandbytes weight may be its parameter or a plain tensor holding its bytes (FSDP2's
     all-gathered weight): the quantization state is the weight's, else the module's
     (``stash_quantization_state``). ``storage_dtype``: the dtype the 4-bit codes were packed in
     when the layer was adapted; a weight now in another dtype was value-cast (FSDP2's

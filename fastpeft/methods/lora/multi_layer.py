@@ -156,7 +156,7 @@ class MultiLoRALinear(QuantizedBaseState, nn.Module):
 
     @property
     def quantized(self) -> bool:
-        """Whether the base is a bitsandbytes-quantized layer."""
+        """Whether the base is a quantized layer (bitsandbytes', torchao's)."""
         return self._quantized_base is not None
 
     def quantized_base_module(self) -> nn.Module | None:
