@@ -5,21 +5,14 @@ applies to the tensors it reads (``check_tensors``: ``check_keys``, shapes, ``ch
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable, Mapping
 
 import torch
 
+from fastpeft.methods.sharding import is_sharded
+
 # Keys a key mismatch names of each kind (missing, unexpected): enough to see the pattern.
 _KEYS_SHOWN = 8
-
-
-def is_sharded(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a ``DTensor`` (a parameter FSDP2 sharded, or a tensor-parallel one).
-    Looked up in ``sys.modules``: no tensor is one unless its module was imported, and
-    importing it (sympy and the rest) would slow every save down by seconds."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
 
 
 def sharded_group(model: torch.nn.Module):

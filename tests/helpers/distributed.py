@@ -1,7 +1,8 @@
 """Two-process CPU runs of the distributed tests: ``spawn_ranks`` starts ``WORLD`` ranks
 (gloo on 127.0.0.1 only), bounded in time so that a hang fails the test instead of stalling
 CI, and collects what each rank saved; the sizes and seeds the ranks share; what each rank
-does with a model (``shard_decoder_layers``, ``adamw_steps``, ``full``)."""
+does with a model (``shard_decoder_layers``, ``shard_adapters_apart``, ``adamw_steps``,
+``full``)."""
 
 from __future__ import annotations
 
@@ -94,6 +95,24 @@ def shard_decoder_layers(model: torch.nn.Module, **options) -> torch.nn.Module:
     for layer in model.model.layers:
         fully_shard(layer, **options)
     return fully_shard(model, **options)
+
+
+# The submodules of fastpeft's layers that hold an adapter's weights: LoRA's A and B, a bottleneck
+# adapter's projections.
+ADAPTER_SUBMODULES = ("lora_A", "lora_B", "adapter_down", "adapter_up")
+
+
+def shard_adapters_apart(model: torch.nn.Module, **options) -> torch.nn.Module:
+    """``fully_shard(..., **options)`` on every adapter submodule (``ADAPTER_SUBMODULES``), then
+    on the fastpeft layer holding them, then ``shard_decoder_layers``: the adapter's weights are
+    FSDP units of their own, gathered only around their own forwards."""
+    layers = [m for m in model.modules() if any(hasattr(m, name) for name in ADAPTER_SUBMODULES)]
+    for layer in layers:
+        for name in ADAPTER_SUBMODULES:
+            if hasattr(layer, name):
+                fully_shard(getattr(layer, name), **options)
+        fully_shard(layer, **options)
+    return shard_decoder_layers(model, **options)
 
 
 def adamw_steps(model: torch.nn.Module, wrapped: torch.nn.Module, rows: slice, steps: int) -> dict[str, torch.Tensor]:

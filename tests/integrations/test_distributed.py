@@ -28,12 +28,15 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import fastpeft
+from fastpeft.methods.sharding import is_fsdp_unit
 from tests.helpers.distributed import (
+    ADAPTER_SUBMODULES,
     PER_RANK,
     WORLD,
     adamw_steps,
     full,
     rank_process_group,
+    shard_adapters_apart,
     shard_decoder_layers,
     spawn_ranks,
 )
@@ -49,17 +52,26 @@ from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 STEPS = 3
 
 
-def _train_steps(parallelize: Callable[[nn.Module], nn.Module], rows: slice, save_to: Path | None = None) -> dict:
-    """Build the LoRA Llama, ``parallelize`` it, and take ``STEPS`` AdamW steps on the
+def bottleneck_model() -> nn.Module:
+    """``build_model("llama")`` with AdapterHub's sequential bottleneck adapters (BERT init:
+    every weight random, so every gradient is nonzero), no dropout."""
+    torch.manual_seed(2)
+    return fastpeft.inject(build_model("llama"), fastpeft.AdapterConfig("seq_bn", reduction_factor=4))
+
+
+def _train_steps(build: Callable[[], nn.Module], parallelize: Callable[[nn.Module], nn.Module], rows: slice,
+                 save_to: Path | None = None) -> dict:
+    """``build`` the adapted Llama, ``parallelize`` it, and take ``STEPS`` AdamW steps on the
     ``rows`` of each fresh full batch (``WORLD * PER_RANK`` sequences from ``BATCH_SEED``);
     then, with ``save_to``, save the adapter there with ``save_adapter`` (every rank calls it)
     and with the model's ``save_pretrained`` into ``save_to / "pretrained"``.
 
-    Returns full tensors keyed by parameter name: ``grads`` (LoRA gradients of the first
-    step), ``init`` and ``final`` (LoRA parameters), ``base`` (the frozen base weights at
-    the end), and ``base_sharded`` (whether the base weights were DTensors during training).
+    Returns full tensors keyed by parameter name: ``grads`` (adapter gradients of the first
+    step), ``init`` and ``final`` (adapter parameters), ``base`` (the frozen base weights at
+    the end); ``base_sharded`` (whether the frozen weights were DTensors between steps) and
+    ``adapter_units`` (for each adapter submodule, whether it was an FSDP unit of its own).
     """
-    model = lora_model("llama").train()
+    model = build().train()
     init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     grads = adamw_steps(model, parallelize(model), rows, STEPS)
     if save_to is not None:
@@ -67,13 +79,14 @@ def _train_steps(parallelize: Callable[[nn.Module], nn.Module], rows: slice, sav
         # as Trainer calls it: only the main process says so (every rank must still gather)
         model.save_pretrained(save_to / "pretrained", is_main_process=torch.distributed.get_rank() == 0)
     params = {n: full(p.detach()) for n, p in model.named_parameters()}
-    lora = [m for m in model.modules() if isinstance(m, fastpeft.LoRALinear)]
     return {
         "grads": grads,
         "init": init,
         "final": {n: params[n] for n in init},
         "base": {n: p for n, p in params.items() if n not in init},
-        "base_sharded": all(isinstance(m.weight, DTensor) for m in lora),
+        "base_sharded": all(isinstance(p, DTensor) for p in model.parameters() if not p.requires_grad),
+        "adapter_units": [is_fsdp_unit(m) for name, m in model.named_modules()
+                          if name.rpartition(".")[2] in ADAPTER_SUBMODULES],
     }
 
 
@@ -92,7 +105,20 @@ def _fsdp2_checkpointed(model: nn.Module) -> nn.Module:
     return _fsdp2(model)
 
 
-SCENARIOS = {"ddp": _ddp, "fsdp2": _fsdp2, "fsdp2_checkpointed": _fsdp2_checkpointed}
+def _lora() -> nn.Module:
+    return lora_model("llama")
+
+
+# scenario -> (the adapted model, how it is parallelized); the "apart" ones shard the adapter's
+# submodules as FSDP units of their own (the layers then call them instead of the fused op).
+SCENARIOS = {
+    "ddp": (_lora, _ddp),
+    "fsdp2": (_lora, _fsdp2),
+    "fsdp2_checkpointed": (_lora, _fsdp2_checkpointed),
+    "fsdp2_lora_apart": (_lora, shard_adapters_apart),
+    "fsdp2_bottleneck_apart": (bottleneck_model, shard_adapters_apart),
+}
+BUILDS = {build for build, _ in SCENARIOS.values()}
 
 
 def _op_on_dtensors() -> str | float:
@@ -117,8 +143,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     ``out_dir/rank{rank}.pt``."""
     with rank_process_group(rank, port):
         rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-        results = {name: _train_steps(parallelize, rows, Path(out_dir) / f"{name}-adapter" if name == "fsdp2" else None)
-                   for name, parallelize in SCENARIOS.items()}
+        results = {name: _train_steps(build, parallelize, rows,
+                                      Path(out_dir) / f"{name}-adapter" if name == "fsdp2" else None)
+                   for name, (build, parallelize) in SCENARIOS.items()}
         results["op_on_dtensors"] = _op_on_dtensors()
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
@@ -136,17 +163,19 @@ def rank_results(ranks_dir) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def single_process() -> dict:
-    """The reference: one process, no wrapper, the full batches."""
+    """The reference of each adapted model: one process, no wrapper, the full batches."""
     with one_thread():
-        return _train_steps(lambda model: model, slice(None))
+        return {build: _train_steps(build, lambda model: model, slice(None)) for build in BUILDS}
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_first_step_grads_equal_single_process(rank_results, single_process, scenario):
-    """Every rank's lora_A / lora_B gradients (averaged over ranks by DDP's all-reduce or
-    FSDP2's reduce-scatter) equal those of one process on the whole batch."""
-    expected = single_process["grads"]
-    assert len(expected) == 2 * 7 * 2  # lora_A and lora_B of 7 projections in 2 layers
+    """Every rank's adapter gradients (averaged over ranks by DDP's all-reduce or FSDP2's
+    reduce-scatter) equal those of one process on the whole batch."""
+    build = SCENARIOS[scenario][0]
+    expected = single_process[build]["grads"]
+    # lora_A and lora_B of 7 projections in 2 layers; down and up weight and bias of 2 adapters
+    assert len(expected) == (2 * 7 * 2 if build is _lora else 2 * 4)
     for rank, results in enumerate(rank_results):
         grads = results[scenario]["grads"]
         assert grads.keys() == expected.keys()
@@ -158,19 +187,22 @@ def test_first_step_grads_equal_single_process(rank_results, single_process, sce
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_optimizer_steps_keep_ranks_in_sync(rank_results, single_process, scenario):
     """After ``STEPS`` AdamW steps both ranks hold identical LoRA parameters, whose updates
-    match the single-process run's; the frozen base weights have not moved."""
+    match the single-process run's; the frozen base weights have not moved. The scenario
+    sharded what it says: the base weights under FSDP2, the adapter's submodules apart."""
+    reference = single_process[SCENARIOS[scenario][0]]
     first, second = (results[scenario] for results in rank_results)
     for name, value in first["final"].items():
         assert torch.equal(value, second["final"][name]), f"{scenario}: {name} differs between ranks"
         update = value - first["init"][name]
-        expected = single_process["final"][name] - single_process["init"][name]
+        expected = reference["final"][name] - reference["init"][name]
         assert update.abs().sum() > 0, f"{scenario}: {name} did not train"
         # Adam divides by sqrt(v): near-zero gradients amplify rounding, hence 10x fp32 tolerance.
         err = relative_error(update, expected)
         assert err <= 10 * TOLERANCE[torch.float32], f"{scenario}: update of {name}: relative error {err:.2e}"
     for name, value in first["base"].items():
-        assert torch.equal(value, single_process["base"][name]), f"{scenario}: frozen {name} changed"
+        assert torch.equal(value, reference["base"][name]), f"{scenario}: frozen {name} changed"
     assert first["base_sharded"] == scenario.startswith("fsdp2")
+    assert first["adapter_units"] and set(first["adapter_units"]) == {scenario.endswith("apart")}
 
 
 def test_a_sharded_model_saves_its_adapter(rank_results, ranks_dir):

@@ -5,7 +5,8 @@ reproduce one process on the full batches (``tests/helpers/distributed.py`` spaw
 
 Settings: NF4 with double quantization stored as uint8 (bitsandbytes' default) and as bf16
 (``bnb_4bit_quant_storage``, the FSDP1 recipe), both adapting q/v/down (the other layers run
-bitsandbytes' own forward); int8 adapting every linear (bitsandbytes' own int8 forward cannot
+bitsandbytes' own forward), the first also with each ``lora_A`` / ``lora_B`` sharded as an FSDP
+unit of its own (``shard_adapters_apart``); int8 adapting every linear (bitsandbytes' own int8 forward cannot
 run on FSDP2's all-gathered plain weight: its other layers would need ``ignored_params``).
 FSDP2 all-gathers each packed weight into a plain tensor of the same bytes, without
 bitsandbytes' quantization state: the adapted layers read it from the module
@@ -31,6 +32,7 @@ from tests.helpers.distributed import (
     adamw_steps,
     full,
     rank_process_group,
+    shard_adapters_apart,
     shard_decoder_layers,
     spawn_ranks,
 )
@@ -49,25 +51,28 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 STEPS = 2
 ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NF4_DQ = dict(MODEL_SETTINGS)["nf4-dq"]
-# (settings, target modules) per scenario
+# (settings, target modules, how FSDP2 shards the model) per scenario; "lora-apart" shards each
+# layer's lora_A and lora_B as FSDP units of their own (the layer then calls them)
 SCENARIOS = {
-    "nf4-dq-uint8-storage": (NF4_DQ, ["q_proj", "v_proj", "down_proj"]),
-    "nf4-dq-bf16-storage": ({**NF4_DQ, "bnb_4bit_quant_storage": torch.bfloat16}, ["q_proj", "v_proj", "down_proj"]),
-    "int8-all-linears": (dict(MODEL_SETTINGS)["int8"], ALL_LINEARS),
+    "nf4-dq-uint8-storage": (NF4_DQ, ["q_proj", "v_proj", "down_proj"], shard_decoder_layers),
+    "nf4-dq-bf16-storage": ({**NF4_DQ, "bnb_4bit_quant_storage": torch.bfloat16}, ["q_proj", "v_proj", "down_proj"],
+                            shard_decoder_layers),
+    "int8-all-linears": (dict(MODEL_SETTINGS)["int8"], ALL_LINEARS, shard_decoder_layers),
+    "nf4-dq-lora-apart": (NF4_DQ, ["q_proj", "v_proj", "down_proj"], shard_adapters_apart),
 }
 
 
 def _adapted(model_dir: Path, scenario: str) -> nn.Module:
-    settings, targets = SCENARIOS[scenario]
+    settings, targets, _ = SCENARIOS[scenario]
     model = load_quantized(model_dir, settings)
     torch.manual_seed(1)
     return fastpeft.inject(model, fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                                       init_lora_weights=False)).train()
 
 
-def _fsdp2(model: nn.Module, mp_policy: MixedPrecisionPolicy | None = None) -> nn.Module:
+def _fsdp2(model: nn.Module, scenario: str, mp_policy: MixedPrecisionPolicy | None = None) -> nn.Module:
     kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
-    return shard_decoder_layers(model, mesh=init_device_mesh("cpu", (WORLD,)), **kwargs)
+    return SCENARIOS[scenario][2](model, mesh=init_device_mesh("cpu", (WORLD,)), **kwargs)
 
 
 def _train(model: nn.Module, wrapped: nn.Module, rows: slice) -> dict:
@@ -85,7 +90,7 @@ def _train(model: nn.Module, wrapped: nn.Module, rows: slice) -> dict:
 def _cast_codes_error(model_dir: Path) -> str:
     """The error of a forward after FSDP2 value-casts bf16-stored 4-bit codes to fp16."""
     model = _adapted(model_dir, "nf4-dq-bf16-storage")
-    wrapped = _fsdp2(model, MixedPrecisionPolicy(param_dtype=torch.float16))
+    wrapped = _fsdp2(model, "nf4-dq-bf16-storage", MixedPrecisionPolicy(param_dtype=torch.float16))
     ids = torch.zeros(1, 4, dtype=torch.int64)
     try:
         wrapped(input_ids=ids)
@@ -101,7 +106,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results = {}
         for scenario in SCENARIOS:
             model = _adapted(model_dir, scenario)
-            results[scenario] = _train(model, _fsdp2(model), rows)
+            results[scenario] = _train(model, _fsdp2(model, scenario), rows)
             fastpeft.save_adapter(model, Path(out_dir) / f"{scenario}-adapter")  # every rank: a collective
         results["cast_codes_error"] = _cast_codes_error(model_dir)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")

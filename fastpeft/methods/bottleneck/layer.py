@@ -19,8 +19,9 @@ import math
 import torch
 import torch.nn as nn
 
-from fastpeft.kernels.bottleneck.ref import canonical_activation
+from fastpeft.kernels.bottleneck.ref import CANONICAL_ACTIVATIONS, canonical_activation
 from fastpeft.ops.bottleneck_adapter import bottleneck_adapter
+from fastpeft.methods.sharding import sharded_apart
 from fastpeft.ops.checks import require_finite, require_probability
 
 # Inits by name. AdapterHub's: "bert" (N(0, 0.02) weights, zero biases), "mam_adapter"
@@ -153,11 +154,25 @@ class BottleneckAdapter(nn.Module):
         return zero_up or zero_scale
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The fused op, or, when ``adapter_down`` / ``adapter_up`` are FSDP units of their own
+        (``fastpeft.methods.sharding``), the same math through their forwards."""
+        if sharded_apart(self.adapter_down, self.adapter_up):
+            return self._through_submodules(h, residual)
         return bottleneck_adapter(
             h, self.adapter_down.weight, self.adapter_down.bias, self.adapter_up.weight, self.adapter_up.bias,
             activation=self.non_linearity, scaling=self.scaling, residual=residual,
             dropout_p=self.dropout, training=self.training,
         )
+
+    def _through_submodules(self, h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """``forward``'s math with ``adapter_down`` and ``adapter_up`` called as modules (so
+        FSDP2 gathers their weights): the branch in the weights' dtype, rounded once to h's."""
+        activation = CANONICAL_ACTIVATIONS[canonical_activation(self.non_linearity)]
+        dtype = self.adapter_down.weight.dtype
+        x = nn.functional.dropout(h.to(dtype), self.dropout, self.training)
+        branch = self.adapter_up(activation(self.adapter_down(x)))
+        base = h if residual is None else residual
+        return (base.to(branch.dtype) + self.scaling * branch).to(h.dtype)
 
     def extra_repr(self) -> str:
         scaling = LEARNED if self.learned_scaling else self.scaling

@@ -23,6 +23,7 @@ from fastpeft.methods.base_layers import (
     require_base_layer,
 )
 from fastpeft.methods.quantized_base import QuantizedBaseState, add_to_quantized
+from fastpeft.methods.sharding import sharded_apart
 from fastpeft.ops.checks import require_finite, require_probability
 from fastpeft.ops.lora_linear import lora_linear
 from fastpeft.ops.qlora_linear import qlora_linear
@@ -238,13 +239,29 @@ class LoRALinear(AdapterLayer):
         return base.train(self.training) if base.training != self.training else base
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self._weight_out_in()
+        """The base layer (merged: nothing more), plus the LoRA term: the fused op, or, when
+        ``lora_A`` / ``lora_B`` are FSDP units of their own (``fastpeft.methods.sharding``), the
+        base layer plus ``scaling * lora_B(lora_A(dropout(x)))`` through their forwards."""
         if self.merged:
-            return F.linear(x, weight, self.bias)
+            return self._base_forward(x)
+        if sharded_apart(self.lora_A, self.lora_B):
+            return self._base_forward(x) + self._lora_through_submodules(x)
+        return self._fused_forward(x)
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._weight_out_in(), self.bias)
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         return lora_linear(
-            x, weight, self.bias, self.lora_A.weight, self.lora_B.weight,
+            x, self._weight_out_in(), self.bias, self.lora_A.weight, self.lora_B.weight,
             self.scaling, self.lora_dropout, self.training,
         )
+
+    def _lora_through_submodules(self, x: torch.Tensor) -> torch.Tensor:
+        """``scaling * lora_B(lora_A(dropout(x)))`` in x's dtype, A and B called as modules (so
+        FSDP2 gathers their weights), x cast to A's dtype first, as PEFT's ``lora.Linear``."""
+        h = F.dropout(x.to(self.lora_A.weight.dtype), self.lora_dropout, self.training)
+        return (self.lora_B(self.lora_A(h)) * self.scaling).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -297,14 +314,16 @@ class QuantLoRALinear(QuantizedBaseState, LoRALinear):
         add_to_quantized(base, self.delta_weight(), sign)
         self.weight = base.weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The (merged) base layer: the dequantized weight in its compute dtype."""
         weight = self.quantized_base_weight()
-        if self.merged:
-            dtype = weight.compute_dtype or x.dtype
-            bias = self.bias.to(dtype) if self.bias is not None else None
-            return F.linear(x.to(dtype), weight.dequantize(dtype), bias).to(x.dtype)
-        return qlora_linear(x, weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
-                            self.lora_dropout, self.training)
+        dtype = weight.compute_dtype or x.dtype
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        return F.linear(x.to(dtype), weight.dequantize(dtype), bias).to(x.dtype)
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return qlora_linear(x, self.quantized_base_weight(), self.bias, self.lora_A.weight, self.lora_B.weight,
+                            self.scaling, self.lora_dropout, self.training)
 
     def quantized_base_module(self) -> nn.Module:
         return self.base_module()
