@@ -17,7 +17,7 @@ the adapter goes.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ from fastpeft.api import pretrained_save
 from fastpeft.formats import adapterhub, peft_prompt, save_journal
 from fastpeft.formats import peft as peft_format
 from fastpeft.formats.file_names import ADAPTER_FILE_NAMES, CONFIG_NAME
+from fastpeft.formats.given_state_dict import adapter_entries, substituted
 from fastpeft.formats.saved_tensors import sharded_group
 from fastpeft.formats.snapshot import Snapshot, open_snapshot
 from fastpeft.methods.bottleneck.config import AdapterConfig
@@ -49,7 +50,8 @@ class Method:
     """One adaptation method: its config type, how to add it to a model (``inject(model,
     config, autocast_adapter_dtype)``) and take it out, and what a save of it writes
     (``saved_files``: name -> bytes, config last) and holds (``state_dict``: saved key -> CPU
-    tensor), in its format's files."""
+    tensor), in its format's files, and which of the model's own tensors a save reads
+    (``sources``)."""
 
     name: str
     config_type: type
@@ -58,16 +60,20 @@ class Method:
     unload: Callable[[nn.Module], nn.Module]
     saved_files: Callable[[nn.Module], dict[str, bytes]]
     state_dict: Callable[[nn.Module], dict[str, torch.Tensor]]
+    sources: Callable[[nn.Module], list[torch.Tensor]]
 
 
 METHODS = (
     Method("LoRA", LoraConfig, lambda m, c, autocast: inject_lora(m, c, autocast_adapter_dtype=autocast),
-           merge_and_unload_lora, unload_lora, peft_format.saved_files, peft_format.lora_state_dict),
+           merge_and_unload_lora, unload_lora, peft_format.saved_files, peft_format.lora_state_dict,
+           peft_format.lora_source_tensors),
     Method("bottleneck", AdapterConfig,
            lambda m, c, autocast: inject_bottleneck(m, c, autocast_adapter_dtype=autocast),
-           merge_and_unload_bottleneck, unload_bottleneck, adapterhub.saved_files, adapterhub.adapterhub_state_dict),
+           merge_and_unload_bottleneck, unload_bottleneck, adapterhub.saved_files, adapterhub.adapterhub_state_dict,
+           lambda m: list(adapterhub.adapterhub_parameters(m).values())),
     Method("prompt learning", PromptLearningConfig, lambda m, c, autocast: inject_prompt(m, c),
-           _prompt_merge, unload_prompt, peft_prompt.saved_files, peft_prompt.prompt_state_dict),
+           _prompt_merge, unload_prompt, peft_prompt.saved_files, peft_prompt.prompt_state_dict,
+           peft_prompt.prompt_source_tensors),
 )
 _LORA = METHODS[0]
 
@@ -209,7 +215,8 @@ def saved_files(model: nn.Module) -> dict[str, bytes]:
     return require_adapter(model).saved_files(model)
 
 
-def save_adapter(model: nn.Module, directory: str | bytes | os.PathLike) -> None:
+def save_adapter(model: nn.Module, directory: str | bytes | os.PathLike, *,
+                 state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
     """Write the model's adapter to ``directory`` in its format: PEFT's for LoRA and prompt
     learning (``peft.PeftModel.from_pretrained(base_model, directory)`` loads it), AdapterHub's
     for bottleneck adapters (``adapter_config.json`` + ``adapter.safetensors``). A
@@ -258,28 +265,36 @@ def save_adapter(model: nn.Module, directory: str | bytes | os.PathLike) -> None
     those, never the base weights), rank 0 writes the directory, and every rank returns once
     it is written (or raises rank 0's error).
 
+    With ``state_dict`` (keyed as ``model.state_dict()``: a full state dict gathered by FSDP,
+    ``torch.distributed.checkpoint``'s ``get_model_state_dict(..., full_state_dict=True)`` or
+    DeepSpeed ZeRO-3's 16-bit one), the adapter's tensors are taken from it instead of from
+    the model (``fastpeft.formats.given_state_dict``): no collective runs, so call it on the
+    one process that writes. Entries of the base are ignored.
+
     Raises:
-        ValueError: the model has no fastpeft adapter.
+        ValueError: the model has no fastpeft adapter; ``state_dict`` is empty, lacks some of
+            the adapter's tensors (partial), or holds a shard, a wrong shape or dtype for one.
         TypeError: ``directory`` is not a str, bytes or ``os.PathLike`` path.
         NotADirectoryError: ``directory`` exists and is not a directory.
         IsADirectoryError: a directory has the name of one of the adapter's files.
         PermissionError: ``directory`` is not writable (permissions or a read-only
             filesystem); nothing in it was changed.
     """
+    if state_dict is not None:
+        method = require_adapter(model)
+        with substituted(model, adapter_entries(model, method.sources(model), state_dict)):
+            files = method.saved_files(model)
+        _write_files(directory, files)
+        return
     files = saved_files(model)
-
-    def write() -> None:
-        save_journal.save_files(directory, files, removes=ADAPTER_FILE_NAMES - files.keys(), hide=(CONFIG_NAME,),
-                                allowed=ADAPTER_FILE_NAMES)
-
     group = sharded_group(model)
     if group is None:
-        write()
+        _write_files(directory, files)
         return
     writer_error = None
     if torch.distributed.get_rank(group) == 0:
         try:
-            write()
+            _write_files(directory, files)
         except Exception as exc:  # every rank raises it below
             writer_error = exc
     outcome = [None if writer_error is None else f"{type(writer_error).__name__}: {writer_error}"]
@@ -289,6 +304,11 @@ def save_adapter(model: nn.Module, directory: str | bytes | os.PathLike) -> None
     if outcome[0] is not None:
         raise RuntimeError(f"save_adapter: rank 0 of the model's mesh could not write the adapter: {outcome[0]}")
 
+
+def _write_files(directory: str | bytes | os.PathLike, files: dict[str, bytes]) -> None:
+    """``save_adapter``'s one all-or-nothing commit of an adapter's ``files``."""
+    save_journal.save_files(directory, files, removes=ADAPTER_FILE_NAMES - files.keys(), hide=(CONFIG_NAME,),
+                            allowed=ADAPTER_FILE_NAMES)
 
 
 def load_adapter(

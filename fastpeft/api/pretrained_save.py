@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch.nn as nn
 
 from fastpeft.formats.saved_tensors import sharded_group
-from fastpeft.methods.state import without_transformers_adapter_flag
 
 # Instance attribute that shadows the class's save_pretrained.
 METHOD_NAME = "save_pretrained"
@@ -36,11 +34,11 @@ IGNORED_OPTIONS = frozenset({"max_shard_size", "save_function", "safe_serializat
 
 class AdapterSavePretrained:
     """The ``save_pretrained`` of one adapted transformers model, kept in its instance
-    ``__dict__``. It holds the model itself and ``save(model, directory)``, the function that
-    writes its adapter (a module-level function), so ``copy.deepcopy`` and pickling carry it
-    over bound to the copy."""
+    ``__dict__``. It holds the model itself and ``save(model, directory, state_dict=None)``
+    (``fastpeft.save_adapter``), the module-level function that writes its adapter, so
+    ``copy.deepcopy`` and pickling carry it over bound to the copy."""
 
-    def __init__(self, model: nn.Module, save: Callable[[nn.Module, str | os.PathLike], None]) -> None:
+    def __init__(self, model: nn.Module, save: Callable[..., None]) -> None:
         self.model = model
         self.save = save
 
@@ -62,28 +60,28 @@ class AdapterSavePretrained:
         resuming restores it.
 
         A ``state_dict`` (what Trainer passes under FSDP or DeepSpeed, whose parameters are
-        sharded) cannot be turned into the adapter here: the whole model is then written
-        from it by the class's ``save_pretrained``, with a warning, as without fastpeft.
+        sharded: a full state dict, gathered on the main process) is where the adapter's
+        tensors are taken from, as PEFT does (``fastpeft.save_adapter(..., state_dict=...)``);
+        the base's entries are ignored, and a state dict without the whole adapter (empty, as
+        DeepSpeed ZeRO-3 gives without ``stage3_gather_16bit_weights_on_model_save``, or
+        partial) is a ``ValueError`` rather than a weightless checkpoint.
 
         Raises:
+            ValueError: a ``state_dict`` without the adapter's tensors whole (see above).
             TypeError: a ``save_pretrained`` option other than ``is_main_process``,
                 ``state_dict`` and the ignored ``max_shard_size`` / ``save_function`` /
                 ``safe_serialization`` (a full save needs ``fastpeft.merge_and_unload``).
         """
-        if state_dict is not None:
-            warnings.warn("save_pretrained got a state_dict (FSDP / DeepSpeed): fastpeft saves the adapter from "
-                          "the model's own parameters only, so the whole model is written", stacklevel=2)
-            with without_transformers_adapter_flag(self.model):
-                type(self.model).save_pretrained(self.model, save_directory, is_main_process=is_main_process,
-                                                 state_dict=state_dict, **kwargs)
-            return
         unsupported = sorted(k for k, v in kwargs.items() if k not in IGNORED_OPTIONS and v not in (None, False))
         if unsupported:
             raise TypeError(f"save_pretrained of a model with a fastpeft adapter writes the adapter only and does not "
                             f"take {unsupported}; call fastpeft.merge_and_unload(model) first to save the whole model")
+        if state_dict is not None:  # gathered already: no collective, the main process writes
+            if is_main_process:
+                self.save(self.model, save_directory, state_dict=state_dict)
         # a sharded model's save gathers its adapter on every rank (a collective; rank 0 of
         # its mesh writes): every process takes part, whatever is_main_process says
-        if is_main_process or sharded_group(self.model) is not None:
+        elif is_main_process or sharded_group(self.model) is not None:
             self.save(self.model, save_directory)
 
 
@@ -93,9 +91,9 @@ def is_pretrained_model(model: nn.Module) -> bool:
     return cls is not None and isinstance(model, cls)
 
 
-def attach(model: nn.Module, save: Callable[[nn.Module, str | os.PathLike], None]) -> None:
+def attach(model: nn.Module, save: Callable[..., None]) -> None:
     """Give a transformers model the adapter-only ``save_pretrained``, which writes with
-    ``save(model, directory)``; other modules have none to replace and are left alone.
+    ``save(model, directory, state_dict=None)``; other modules have none to replace and are left alone.
     Idempotent."""
     if is_pretrained_model(model) and not isinstance(model.__dict__.get(METHOD_NAME), AdapterSavePretrained):
         object.__setattr__(model, METHOD_NAME, AdapterSavePretrained(model, save))

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from fastpeft.formats.file_names import ADAPTER_FILE_NAMES, CONFIG_NAME, PEFT_PICKLE_NAME, PEFT_WEIGHTS_NAME
-from fastpeft.formats.saved_tensors import check_tensors, cpu_copy
+from fastpeft.formats.saved_tensors import check_tensors, cpu_copy, module_tensors
 from fastpeft.formats.snapshot import Snapshot, open_snapshot
 from fastpeft.methods.lora.config import LoraConfig
 from fastpeft.methods.lora.layer import A_MODULE, B_MODULE, lora_keys
@@ -43,6 +43,13 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for key, value in model.get_submodule(path).state_dict().items():
             out[f"{KEY_PREFIX}{path}.{key}"] = cpu_copy(value)
     return out
+
+
+def lora_source_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The model's own tensors that ``lora_state_dict`` copies (A and B of every LoRA layer,
+    the ``modules_to_save`` copies' tensors)."""
+    weights = [w for _, layer in lora_layers(model) for w in (layer.lora_A.weight, layer.lora_B.weight)]
+    return weights + module_tensors(model, adapter_state(model).modules_to_save)
 
 
 def saved_lora_config(model: nn.Module) -> dict:

@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from fastpeft.formats.file_names import CONFIG_NAME, ENCODER_STATE_NAME, PEFT_WEIGHTS_NAME
 from fastpeft.formats.peft import read_weights
-from fastpeft.formats.saved_tensors import check_tensors, cpu_copies, cpu_copy
+from fastpeft.formats.saved_tensors import check_tensors, cpu_copies, cpu_copy, module_tensors
 from fastpeft.formats.snapshot import Snapshot
 from fastpeft.methods.prompt.config import (
     PrefixTuningConfig,
@@ -111,6 +111,13 @@ def prompt_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for key, value in model.get_submodule(path).state_dict().items():
             out[f"{MODULE_PREFIX}{path}.{key}"] = cpu_copy(value)
     return out
+
+
+def prompt_source_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The model's own tensors a save of its prompt-learning adapter reads: the prompt
+    encoder's (the saved prompts are computed from them) and the ``modules_to_save`` copies'."""
+    encoder = list(prompt_encoder(model).state_dict(keep_vars=True).values())
+    return encoder + module_tensors(model, prompt_state(model).modules_to_save)
 
 
 def saved_prompt_config(model: nn.Module) -> dict[str, Any]:

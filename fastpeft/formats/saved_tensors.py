@@ -24,6 +24,12 @@ def sharded_group(model: torch.nn.Module):
     return None
 
 
+def module_tensors(model: torch.nn.Module, paths: Iterable[str]) -> list[torch.Tensor]:
+    """The state-dict tensors (parameters and persistent buffers, themselves) of the model's
+    submodules at ``paths`` (a ``modules_to_save`` list)."""
+    return [t for path in paths for t in model.get_submodule(path).state_dict(keep_vars=True).values()]
+
+
 def cpu_copy(t: torch.Tensor) -> torch.Tensor:
     """A detached, contiguous CPU copy of ``t``; a ``DTensor`` is gathered whole first
     (``full_tensor``: a collective, so every rank of its mesh must make the same calls in the
@@ -64,10 +70,11 @@ def check_keys(expected: Iterable[str], found: Iterable[str], message: str) -> N
     expected, found = set(expected), set(found)
     missing, extra = sorted(expected - found), sorted(found - expected)
     if missing or extra:
-        raise ValueError(f"{message}: missing keys {_shown(missing)}, unexpected keys {_shown(extra)}")
+        raise ValueError(f"{message}: missing keys {shown_keys(missing)}, unexpected keys {shown_keys(extra)}")
 
 
-def _shown(keys: list[str]) -> str:
+def shown_keys(keys: list[str]) -> str:
+    """The first ``_KEYS_SHOWN`` of ``keys``, and `` ...`` when there are more."""
     return f"{keys[:_KEYS_SHOWN]}{' ...' if len(keys) > _KEYS_SHOWN else ''}"
 
 

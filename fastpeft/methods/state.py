@@ -69,8 +69,7 @@ def adapter_state(model: nn.Module) -> AdapterState | None:
 # integration sets (``trainer_utils.validate_quantization_for_training``). A quantized model
 # carrying a fastpeft adapter is such a model: the flag is set while the adapter is on (and
 # only by fastpeft if it was not set already). Besides that check, transformers reads it in
-# save_pretrained (fastpeft's own replaces it on an adapted model, and its whole-model fallback
-# runs without the flag: ``without_transformers_adapter_flag``), in its own adapter methods
+# save_pretrained (fastpeft's own replaces it on an adapted model), in its own adapter methods
 # (``load_adapter``, ``active_adapters``: transformers' PEFT integration, not fastpeft's), and to
 # make activation checkpointing's inputs require grad, which the adapter needs too.
 _TRANSFORMERS_ADAPTER_FLAG = "_hf_peft_config_loaded"
@@ -83,21 +82,6 @@ def record_adapter(model: nn.Module, state: AdapterState) -> None:
     if getattr(model, "is_quantized", False) and not getattr(model, _TRANSFORMERS_ADAPTER_FLAG, False):
         setattr(model, _TRANSFORMERS_ADAPTER_FLAG, True)
         setattr(model, _FLAG_SET, True)
-
-
-@contextmanager
-def without_transformers_adapter_flag(model: nn.Module) -> Iterator[None]:
-    """The block with the transformers PEFT flag fastpeft set (``record_adapter``) off: a
-    transformers call that would take its PEFT branch for it (a whole-model ``save_pretrained``)
-    sees the model as it is, a model without PEFT adapters."""
-    if not getattr(model, _FLAG_SET, False):
-        yield
-        return
-    setattr(model, _TRANSFORMERS_ADAPTER_FLAG, False)
-    try:
-        yield
-    finally:
-        setattr(model, _TRANSFORMERS_ADAPTER_FLAG, True)
 
 
 def clear_adapter(model: nn.Module) -> None:

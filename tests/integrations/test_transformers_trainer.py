@@ -263,7 +263,7 @@ def test_save_pretrained_writes_the_adapter_until_merged(tmp_path):
 def test_save_pretrained_follows_copies_and_refuses_full_save_options(tmp_path):
     """``copy.deepcopy`` and pickling give the copy a ``save_pretrained`` that saves the
     copy; options of a full save are refused; a given ``state_dict`` (FSDP / DeepSpeed)
-    writes the whole model, with a warning."""
+    writes the adapter too (``tests/api/test_save_from_state_dict.py``)."""
     model = adapted_llama()
     for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         torch.nn.init.normal_(copied.model.layers[0].self_attn.q_proj.lora_B.weight)
@@ -275,9 +275,8 @@ def test_save_pretrained_follows_copies_and_refuses_full_save_options(tmp_path):
         model.save_pretrained(tmp_path / "hub", push_to_hub=True)
     model.save_pretrained(tmp_path / "shard", max_shard_size="1GB", safe_serialization=True)
     assert {p.name for p in (tmp_path / "shard").iterdir()} == ADAPTER_FILES
-    with pytest.warns(UserWarning, match="whole model"):
-        model.save_pretrained(tmp_path / "full", state_dict=model.state_dict())
-    assert "model.safetensors" in {p.name for p in (tmp_path / "full").iterdir()}
+    model.save_pretrained(tmp_path / "given", state_dict=model.state_dict())
+    assert {p.name for p in (tmp_path / "given").iterdir()} == ADAPTER_FILES
 
 
 def test_from_peft_models_get_adapter_checkpoints(tmp_path):
