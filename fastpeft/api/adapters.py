@@ -29,6 +29,7 @@ from fastpeft.formats import adapterhub, peft_prompt, save_journal
 from fastpeft.formats import peft as peft_format
 from fastpeft.formats.file_names import ADAPTER_FILE_NAMES, CONFIG_NAME
 from fastpeft.formats.given_state_dict import adapter_entries, substituted
+from fastpeft.formats.rank_zero import on_rank_zero
 from fastpeft.formats.saved_tensors import sharded_group
 from fastpeft.formats.snapshot import Snapshot, open_snapshot
 from fastpeft.methods.bottleneck.config import AdapterConfig
@@ -291,18 +292,7 @@ def save_adapter(model: nn.Module, directory: str | bytes | os.PathLike, *,
     if group is None:
         _write_files(directory, files)
         return
-    writer_error = None
-    if torch.distributed.get_rank(group) == 0:
-        try:
-            _write_files(directory, files)
-        except Exception as exc:  # every rank raises it below
-            writer_error = exc
-    outcome = [None if writer_error is None else f"{type(writer_error).__name__}: {writer_error}"]
-    torch.distributed.broadcast_object_list(outcome, src=torch.distributed.get_global_rank(group, 0), group=group)
-    if writer_error is not None:
-        raise writer_error
-    if outcome[0] is not None:
-        raise RuntimeError(f"save_adapter: rank 0 of the model's mesh could not write the adapter: {outcome[0]}")
+    on_rank_zero(group, "write the adapter", lambda: _write_files(directory, files))
 
 
 def _write_files(directory: str | bytes | os.PathLike, files: dict[str, bytes]) -> None:

@@ -39,7 +39,8 @@ from fastpeft.formats.file_names import (
     PEFT_WEIGHTS_NAME,
 )
 from fastpeft.formats.peft_prompt import unsaved_encoder
-from fastpeft.formats.saved_tensors import check_dtype, check_keys
+from fastpeft.formats.rank_zero import copy_from_rank_zero, on_rank_zero
+from fastpeft.formats.saved_tensors import check_dtype, check_keys, sharded_group
 from fastpeft.formats.snapshot import Snapshot, open_snapshot
 from fastpeft.methods.bottleneck.config import AdapterConfig
 from fastpeft.methods.lora.config import LoraConfig
@@ -178,6 +179,11 @@ def load_adapter_weights(model: nn.Module, directory: str | bytes | os.PathLike)
     ``fastpeft.load_adapter`` reads them: ``fastpeft.formats.snapshot``), and everything is
     checked before anything is copied.
 
+    A model sharded with FSDP2 (``DTensor`` parameters): call it on every rank, as a
+    collective. Rank 0 of the model's process group reads and checks the files; every rank
+    copies its shard of each tensor (scattered from rank 0), or raises rank 0's error with
+    nothing copied.
+
     Raises:
         ValueError: the model has no fastpeft adapter, or the checkpoint holds another
             adapter type, or its config, keys, shapes or dtypes differ from the model's,
@@ -186,16 +192,39 @@ def load_adapter_weights(model: nn.Module, directory: str | bytes | os.PathLike)
         TypeError: ``directory`` is not a str, bytes or ``os.PathLike`` path.
     """
     files = model_adapter_files(model)
-    with open_snapshot(directory, ADAPTER_FILE_NAMES) as snapshot:
-        targets = _read_checkpoint(model, files, snapshot)
-    with torch.no_grad():
-        for target, value in targets.values():
-            target.copy_(value)
+    saved = adapter_state_dict(model)  # of a sharded model: gathered on every rank (a collective)
+    targets = _checkpoint_targets(model, files)
+    group = sharded_group(model)
+
+    def read() -> dict[str, torch.Tensor]:
+        with open_snapshot(directory, ADAPTER_FILE_NAMES) as snapshot:
+            return _read_checkpoint(model, files, snapshot, saved)
+
+    if group is None:
+        values = read()
+        with torch.no_grad():
+            for key, target in targets.items():
+                target.copy_(values[key])
+        return
+    values = on_rank_zero(group, "read the adapter checkpoint", read)
+    for key, target in targets.items():
+        copy_from_rank_zero(target, None if values is None else values[key], group)
 
 
-def _read_checkpoint(model: nn.Module, files: AdapterFiles,
-                     snapshot: Snapshot) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``load_adapter_weights``' checks and reads: ``{key: (the model's tensor, the saved one)}``."""
+def _checkpoint_targets(model: nn.Module, files: AdapterFiles) -> dict[str, torch.Tensor]:
+    """The model's tensors a checkpoint is copied into, by the key ``_read_checkpoint`` gives
+    its value: the adapter file's keys, and a reparameterized prompt encoder's state."""
+    targets = dict(files.targets)
+    encoder = unsaved_encoder(model)
+    if encoder is not None:
+        targets.update({f"{ENCODER_NAME}.{k}": v for k, v in encoder.state_dict(keep_vars=True).items()})
+    return targets
+
+
+def _read_checkpoint(model: nn.Module, files: AdapterFiles, snapshot: Snapshot,
+                     saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``load_adapter_weights``' checks and reads, against the model's adapter as a save
+    would write it (``saved``): the checkpoint's value for each ``_checkpoint_targets`` key."""
     config_path = snapshot.file_path(CONFIG_NAME)
     if not snapshot.exists(CONFIG_NAME):
         raise FileNotFoundError(f"no {CONFIG_NAME} in {snapshot.path!r}")
@@ -203,16 +232,16 @@ def _read_checkpoint(model: nn.Module, files: AdapterFiles,
     if kind != files.kind:
         raise ValueError(f"{snapshot.path!r} holds a {kind} adapter, the model has a {files.kind} adapter")
     try:
-        saved = files.describe(snapshot.read_json(CONFIG_NAME))
+        saved_config = files.describe(snapshot.read_json(CONFIG_NAME))
     except (ValueError, TypeError, AttributeError) as exc:
         raise ValueError(f"{config_path!r} is not a readable {files.kind} adapter config: {exc}") from exc
     current = files.describe(files.config_json)
-    differences = [f"{key}: saved {saved.get(key)!r}, model {value!r}"
-                   for key, value in current.items() if saved.get(key) != value]
+    differences = [f"{key}: saved {saved_config.get(key)!r}, model {value!r}"
+                   for key, value in current.items() if saved_config.get(key) != value]
     if differences:
         raise ValueError(f"{snapshot.path!r} holds another adapter than the model's: {'; '.join(differences)}")
-    tensors = _read_checked(snapshot, files.weights_name, adapter_state_dict(model), "")
-    targets = {key: (files.targets[key], tensors[key]) for key in files.targets}
+    tensors = _read_checked(snapshot, files.weights_name, saved, "")
+    values = {key: tensors[key] for key in files.targets}
     encoder = unsaved_encoder(model)
     if encoder is not None:
         state = encoder.state_dict(keep_vars=True)
@@ -221,5 +250,5 @@ def _read_checkpoint(model: nn.Module, files: AdapterFiles,
             f": PEFT's {PEFT_WEIGHTS_NAME} holds the computed {files.kind} prompts, not the reparameterization "
             "this model trains; fastpeft writes its weights to that file beside it (save_adapter)",
         )
-        targets.update({f"{ENCODER_NAME}.{k}": (v, encoder_tensors[k]) for k, v in state.items()})
-    return targets
+        values.update({f"{ENCODER_NAME}.{k}": encoder_tensors[k] for k in state})
+    return values
