@@ -15,6 +15,21 @@ only into a ``peft.PeftModel`` (an isinstance check), and for any other model lo
 full weights (``model.safetensors`` or a sharded index) and fails. The function makes one
 trainer load adapter checkpoints into its fastpeft model, in place; any other checkpoint
 goes through Trainer's own code.
+
+Sharded training (what ``tests/integrations/test_trainer_sharded.py`` runs on the CPU):
+
+* FSDP2 with ``state_dict_type`` ``FULL_STATE_DICT`` (Trainer's default): Trainer passes
+  ``save_pretrained`` accelerate's gathered state dict, from which the adapter is written
+  (``fastpeft.save_adapter(..., state_dict=...)``); accelerate also writes its own whole-model
+  file, which Trainer resumes from without the line. With ``SHARDED_STATE_DICT`` Trainer
+  writes DCP shards only: ``enable_adapter_checkpoints`` adds the adapter to every checkpoint
+  and ``save_model()`` (gathered on every rank, ``save_adapter``), and loads it back into the
+  sharded model (``load_adapter_weights``: rank 0 reads, shards are scattered);
+* DeepSpeed ZeRO-2, and ZeRO-3 with ``stage3_gather_16bit_weights_on_model_save``: the
+  adapter comes from the state dict Trainer passes; resuming and the best model go through
+  DeepSpeed's own engine checkpoint, beside it, without the line. ZeRO-3 without that option
+  hands over an empty state dict: the first checkpoint raises a ``ValueError`` saying so,
+  and ``enable_adapter_checkpoints`` raises it before training starts.
 """
 
 from __future__ import annotations
@@ -39,11 +54,27 @@ logger = logging.getLogger(__name__)
 CHECKPOINTING_ARGS = ("gradient_checkpointing", "activation_checkpointing")
 
 
+def _fsdp_plugin(trainer: Trainer) -> object | None:
+    """accelerate's FSDP plugin of the trainer, or None without FSDP."""
+    return getattr(trainer.accelerator.state, "fsdp_plugin", None) if trainer.is_fsdp_enabled else None
+
+
+def _is_fsdp2(trainer: Trainer) -> bool:
+    return getattr(_fsdp_plugin(trainer), "fsdp_version", 1) == 2
+
+
+def _sharded_state_dicts(trainer: Trainer) -> bool:
+    """Whether Trainer saves the model as FSDP's sharded state dict (``state_dict_type``
+    ``SHARDED_STATE_DICT``), writing no weights through ``save_pretrained``."""
+    plugin = _fsdp_plugin(trainer)
+    return plugin is not None and "SHARDED_STATE_DICT" in str(getattr(plugin, "state_dict_type", ""))
+
+
 def _adapted_model(trainer: Trainer, model: nn.Module) -> nn.Module | None:
-    """The fastpeft model inside ``model`` (DDP / torch.compile wrappers removed), or None
-    when it has no adapter or its parameters are sharded (FSDP, DeepSpeed: their
-    checkpoints hold the whole model, see ``AdapterSavePretrained``)."""
-    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+    """The fastpeft model inside ``model`` (DDP / FSDP2 / torch.compile wrappers removed), or
+    None when it has no adapter or Trainer's own checkpoint code must load it: DeepSpeed
+    (its engine's checkpoint holds the adapter too) and FSDP1 (its flat parameters)."""
+    if trainer.is_deepspeed_enabled or (trainer.is_fsdp_enabled and not _is_fsdp2(trainer)):
         return None
     model = trainer.accelerator.unwrap_model(model, keep_torch_compile=False)
     return model if adapter_state(model) is not None else None
@@ -59,6 +90,21 @@ def _check_training_args(trainer: Trainer, model: nn.Module) -> None:
                          "activation_checkpointing False)")
 
 
+def _check_sharding(trainer: Trainer) -> None:
+    """Refuse sharded-training settings under which a checkpoint could not hold the adapter."""
+    if trainer.is_deepspeed_enabled:
+        zero = trainer.args.hf_deepspeed_config.config.get("zero_optimization", {})
+        gathers = str(zero.get("stage3_gather_16bit_weights_on_model_save", False)).lower() not in ("false", "0")
+        if zero.get("stage") == 3 and not gathers:
+            raise ValueError("enable_adapter_checkpoints: DeepSpeed ZeRO-3 without stage3_gather_16bit_weights_on_model_"
+                             "save hands save_pretrained an empty state dict, so no checkpoint could hold the adapter; "
+                             "set \"stage3_gather_16bit_weights_on_model_save\": true in the DeepSpeed config")
+    if _sharded_state_dicts(trainer) and not _is_fsdp2(trainer):
+        raise ValueError("enable_adapter_checkpoints: FSDP1 with state_dict_type SHARDED_STATE_DICT saves no weights "
+                         "through save_pretrained and fastpeft cannot gather FSDP1's flat parameters; use FSDP2 "
+                         "(fsdp_config version 2) or state_dict_type FULL_STATE_DICT")
+
+
 def enable_adapter_checkpoints(trainer: Trainer) -> Trainer:
     """Make ``trainer`` load the adapter-only checkpoints its fastpeft model writes, on
     ``train(resume_from_checkpoint=...)`` and with ``load_best_model_at_end``; return it.
@@ -67,10 +113,13 @@ def enable_adapter_checkpoints(trainer: Trainer) -> Trainer:
     instance (any Trainer subclass, e.g. TRL's): for a checkpoint directory holding an
     adapter and no full model, ``load_adapter_weights`` copies the saved adapter into the
     model's, in place (the optimizer and scheduler states are restored by Trainer as
-    usual); anything else goes to Trainer's own method.
+    usual); anything else goes to Trainer's own method. Under FSDP2 with sharded state dicts
+    ``save_model`` is wrapped too, so each checkpoint also holds the adapter.
 
     Raises:
-        ValueError: ``trainer.model`` has no fastpeft adapter or is a ``peft.PeftModel``, or
+        ValueError: DeepSpeed ZeRO-3 without ``stage3_gather_16bit_weights_on_model_save`` or
+            FSDP1 with sharded state dicts (no checkpoint could hold the adapter), or
+            ``trainer.model`` has no fastpeft adapter or is a ``peft.PeftModel``, or
             has a prefix-tuning adapter and ``trainer.args`` asks for gradient checkpointing
             (the recomputed layers would append the prefix to the key/value cache twice;
             ``inject`` refuses it too).
@@ -89,9 +138,17 @@ def enable_adapter_checkpoints(trainer: Trainer) -> Trainer:
         raise TypeError(f"enable_adapter_checkpoints: trainer.model is a {type(model).__name__}, not a transformers "
                         "PreTrainedModel; Trainer saves such a model's full state dict")
     _check_training_args(trainer, model)
+    _check_sharding(trainer)
     pretrained_save.attach(model, save_adapter)  # idempotent: inject, load_adapter and from_peft attach it too
     load_from_checkpoint = trainer._load_from_checkpoint
     load_best_model = trainer._load_best_model
+    save_model = trainer.save_model
+
+    def _save_model(output_dir: str | None = None, _internal_call: bool = False) -> None:
+        save_model(output_dir, _internal_call)
+        if _sharded_state_dicts(trainer):  # Trainer wrote DCP shards only: add the adapter (every rank gathers)
+            save_adapter(trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False),
+                         output_dir if output_dir is not None else trainer.args.output_dir)
 
     def _load_from_checkpoint(resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         adapted = _adapted_model(trainer, trainer.model if model is None else model)
@@ -112,4 +169,5 @@ def enable_adapter_checkpoints(trainer: Trainer) -> Trainer:
 
     trainer._load_from_checkpoint = _load_from_checkpoint
     trainer._load_best_model = _load_best_model
+    trainer.save_model = _save_model
     return trainer

@@ -1,0 +1,220 @@
+"""HF Trainer with a fastpeft model under sharded training, on two CPU processes (gloo,
+127.0.0.1 only; ``tests/helpers/distributed.py`` spawns the ranks): FSDP2 through accelerate
+(state dicts ``FULL_STATE_DICT``, Trainer's default, and ``SHARDED_STATE_DICT``) and DeepSpeed
+ZeRO-2 / ZeRO-3 (``DS_ACCELERATOR=cpu``).
+
+Every run trains ``STEPS`` steps with a checkpoint every ``SAVE_STEPS``, then a second run
+resumes from the first checkpoint. Checked: each checkpoint holds a PEFT-format adapter that
+PEFT itself loads; the adapter trained as one process trains on the same data; resuming
+reproduces the uninterrupted run's adapter exactly; ``load_best_model_at_end`` leaves the best
+checkpoint's adapter in the model; DeepSpeed ZeRO-3 without gathered 16-bit weights is a
+clear error before training (``enable_adapter_checkpoints``) or at the first checkpoint.
+
+What the CPU forces on these runs, and how each was handled:
+
+* accelerate enables FSDP only on accelerator devices (its CPU distributed type has no FSDP
+  branch): ``_allow_fsdp_on_cpu`` sets the distributed type to FSDP when accelerate was given
+  an FSDP plugin, as it does on a GPU; the rest (``fully_shard`` over the decoder layers,
+  state dicts, DCP checkpoints) is accelerate's and Trainer's own code;
+* under DeepSpeed without an accelerator accelerate counts one process while DeepSpeed runs
+  two: each rank gets the whole batch (so the reference is one process on it), and
+  evaluation's gather fails in accelerate, so ``load_best_model_at_end`` is checked under
+  FSDP2 only.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+import fastpeft
+from fastpeft.api.adapters import adapter_state_dict
+from tests.helpers.distributed import WORLD, full, spawn_ranks
+from tests.helpers.numerics import TOLERANCE, relative_error
+from tests.helpers.trainer import SAVE_STEPS, STEPS, CountingDataset, training_args
+from tests.helpers.training import build_model, lora_config, lora_model, one_thread
+
+transformers = pytest.importorskip("transformers")
+accelerate = pytest.importorskip("accelerate")
+peft = pytest.importorskip("peft")
+
+PER_DEVICE = 2  # sequences per rank and step
+# stack -> Trainer settings, whether enable_adapter_checkpoints is called, whether each rank
+# trains on a share of each global batch (FSDP2) or on all of it (DeepSpeed, see above)
+STACKS = {
+    "fsdp2-full": (dict(fsdp="full_shard auto_wrap", fsdp_config={
+        "version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "state_dict_type": "FULL_STATE_DICT"}),
+        False, True),
+    "fsdp2-sharded": (dict(fsdp="full_shard auto_wrap", fsdp_config={
+        "version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "state_dict_type": "SHARDED_STATE_DICT"}),
+        True, True),
+    "zero2": (dict(use_cpu=False, deepspeed={"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu":
+                                             PER_DEVICE, "gradient_accumulation_steps": 1}), False, False),
+    "zero3": (dict(use_cpu=False, deepspeed={
+        "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+        "train_micro_batch_size_per_gpu": PER_DEVICE, "gradient_accumulation_steps": 1}), False, False),
+}
+FSDP_STACKS = ("fsdp2-full", "fsdp2-sharded")
+DEEPSPEED_STACKS = ("zero2", "zero3")
+ZERO3_UNGATHERED = dict(use_cpu=False, deepspeed={"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu":
+                                                  PER_DEVICE, "gradient_accumulation_steps": 1})
+ADAPTER = "adapter_model.safetensors"
+
+
+def _allow_fsdp_on_cpu() -> None:
+    """accelerate's FSDP on the CPU: where accelerate was given an FSDP plugin but found no
+    accelerator, make its state say FSDP, as it would on a GPU (its own code does the rest)."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    init = AcceleratorState.__init__
+
+    def patched(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None:
+            self.fsdp_plugin = fsdp_plugin
+        if self.__dict__.get("fsdp_plugin") is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+
+    AcceleratorState.__init__ = patched
+
+
+def _trainer(stack_settings: dict, line: bool, out: Path, **overrides) -> transformers.Trainer:
+    args = training_args(out, per_device_train_batch_size=PER_DEVICE, ddp_backend="gloo",
+                         **{**stack_settings, **overrides})
+    trainer = transformers.Trainer(model=lora_model("llama"), args=args, train_dataset=CountingDataset(),
+                                   eval_dataset=CountingDataset(size=4, seed=1))
+    return fastpeft.integrations.enable_adapter_checkpoints(trainer) if line else trainer
+
+
+def _outcome(call) -> str:
+    try:
+        call()
+    except Exception as error:  # recorded for the parent
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+def _worker(stacks: tuple[str, ...], rank: int, port: int, out_dir: str) -> None:
+    """One rank: for each stack a run, a resumed run (and under FSDP2 a run keeping the best
+    model, whose adapter it saves); under DeepSpeed also the ZeRO-3 refusals."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    _allow_fsdp_on_cpu()
+    out, results = Path(out_dir), {}
+    for stack in stacks:
+        settings, line, _ = STACKS[stack]
+        _trainer(settings, line, out / stack).train()
+        _trainer(settings, line, out / f"{stack}-resumed").train(
+            resume_from_checkpoint=str(out / stack / f"checkpoint-{SAVE_STEPS}"))
+        if stack in FSDP_STACKS:
+            trainer = _trainer(settings, line, out / f"{stack}-best", load_best_model_at_end=True,
+                               eval_strategy="steps", eval_steps=SAVE_STEPS, metric_for_best_model="loss")
+            trainer.train()
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            results[f"{stack}-best"] = {
+                "checkpoint": trainer.state.best_model_checkpoint,
+                "adapter": {n: full(p.detach()) for n, p in model.named_parameters() if p.requires_grad}}
+    if stacks == DEEPSPEED_STACKS:
+        results["early"] = _outcome(lambda: _trainer(ZERO3_UNGATHERED, True, out / "zero3-early"))
+        results["first_checkpoint"] = _outcome(lambda: _trainer(ZERO3_UNGATHERED, False, out / "zero3-late").train())
+    torch.save(results, out / f"rank{rank}.pt")
+
+
+def _spawned(tmp_path_factory, stacks: tuple[str, ...]) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("trainer-" + stacks[0])
+    return out, spawn_ranks(functools.partial(_worker, stacks), out, f"Trainer under {', '.join(stacks)}")
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    return _spawned(tmp_path_factory, FSDP_STACKS)
+
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(tmp_path_factory):
+    return _spawned(tmp_path_factory, DEEPSPEED_STACKS)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict[bool, dict[str, torch.Tensor]]:
+    """The reference adapters at the end: one process training on the global batches (ranks
+    sharing each batch) or on each rank's batches (ranks each given all of it)."""
+    references = {}
+    with one_thread():
+        for shares in (True, False):
+            out = tmp_path_factory.mktemp("one-process")
+            batch = PER_DEVICE * (WORLD if shares else 1)
+            transformers.Trainer(model=lora_model("llama"), train_dataset=CountingDataset(),
+                                 args=training_args(out, per_device_train_batch_size=batch)).train()
+            references[shares] = safetensors.torch.load_file(out / f"checkpoint-{STEPS}" / ADAPTER)
+    return references
+
+
+def _runs(stack: str, fsdp_runs, deepspeed_runs) -> Path:
+    return (fsdp_runs if stack in FSDP_STACKS else deepspeed_runs)[0]
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_checkpoints_hold_the_trained_adapter_in_peft_format(stack, fsdp_runs, deepspeed_runs, one_process):
+    """Every checkpoint holds PEFT's two files, which ``peft.PeftModel.from_pretrained`` loads
+    (its LoRA weights are the file's); the last one's adapter is the one a single process
+    trains on the same data (10x fp32 tolerance: Adam divides by sqrt(v))."""
+    out = _runs(stack, fsdp_runs, deepspeed_runs) / stack
+    for step in range(SAVE_STEPS, STEPS + 1, SAVE_STEPS):
+        checkpoint = out / f"checkpoint-{step}"
+        assert {"adapter_config.json", ADAPTER} <= {p.name for p in checkpoint.iterdir()}
+        saved = safetensors.torch.load_file(checkpoint / ADAPTER)
+        loaded = peft.PeftModel.from_pretrained(build_model("llama"), checkpoint)
+        params = dict(loaded.named_parameters())
+        assert len(saved) == 2 * 7 * 2  # lora_A and lora_B of 7 projections in 2 layers
+        for key, value in saved.items():
+            assert torch.equal(params[key.replace(".weight", ".default.weight")], value), key
+    expected = one_process[STACKS[stack][2]]
+    init = adapter_state_dict(lora_model("llama"))
+    for key, value in safetensors.torch.load_file(out / f"checkpoint-{STEPS}" / ADAPTER).items():
+        update, want = value - init[key], expected[key] - init[key]
+        assert update.abs().sum() > 0, f"{stack}: {key} did not train"
+        err = relative_error(update, want)
+        assert err <= 10 * TOLERANCE[torch.float32], f"{stack}: update of {key}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_resuming_reproduces_the_run(stack, fsdp_runs, deepspeed_runs):
+    """The run resumed from the first checkpoint ends with the uninterrupted run's adapter,
+    bit for bit."""
+    out = _runs(stack, fsdp_runs, deepspeed_runs)
+    uninterrupted = safetensors.torch.load_file(out / stack / f"checkpoint-{STEPS}" / ADAPTER)
+    resumed = safetensors.torch.load_file(out / f"{stack}-resumed" / f"checkpoint-{STEPS}" / ADAPTER)
+    assert uninterrupted.keys() == resumed.keys()
+    assert all(torch.equal(resumed[k], v) for k, v in uninterrupted.items())
+
+
+@pytest.mark.parametrize("stack", FSDP_STACKS)
+def test_load_best_model_at_end(stack, fsdp_runs):
+    """``load_best_model_at_end``: after training, every rank's model holds the adapter of the
+    best checkpoint."""
+    out, results = fsdp_runs
+    for rank, result in enumerate(results):
+        best = result[f"{stack}-best"]
+        assert best["checkpoint"] is not None
+        saved = safetensors.torch.load_file(Path(best["checkpoint"]) / ADAPTER)
+        adapter = {f"base_model.model.{n}": v for n, v in best["adapter"].items()}
+        assert adapter.keys() == saved.keys()
+        assert all(torch.equal(adapter[k], v) for k, v in saved.items()), f"rank {rank}"
+
+
+def test_zero3_without_gathered_weights_fails_clearly(deepspeed_runs):
+    """ZeRO-3 without ``stage3_gather_16bit_weights_on_model_save``: ``enable_adapter_checkpoints``
+    refuses it before training; without it the first checkpoint raises, naming the option
+    (rank 0 writes; the other rank's save does nothing and it fails on the lost peer)."""
+    first = deepspeed_runs[1][0]
+    for outcome in (first["early"], first["first_checkpoint"]):
+        assert outcome.startswith("ValueError") and "stage3_gather_16bit_weights_on_model_save" in outcome, outcome
+    assert deepspeed_runs[1][1]["early"].startswith("ValueError")
