@@ -1,7 +1,8 @@
-"""HF Trainer with a fastpeft model under sharded training, on two CPU processes (gloo,
-127.0.0.1 only; ``tests/helpers/distributed.py`` spawns the ranks): FSDP2 through accelerate
-(state dicts ``FULL_STATE_DICT``, Trainer's default, and ``SHARDED_STATE_DICT``) and DeepSpeed
-ZeRO-2 / ZeRO-3 (``DS_ACCELERATOR=cpu``).
+"""HF Trainer with a fastpeft model under distributed training, on two CPU processes (gloo,
+127.0.0.1 only; ``tests/helpers/distributed.py`` spawns the ranks): DDP and FSDP2 through
+accelerate (state dicts ``FULL_STATE_DICT``, Trainer's default, and ``SHARDED_STATE_DICT``) and
+DeepSpeed ZeRO-2 / ZeRO-3 (``DS_ACCELERATOR=cpu``). DDP and FSDP2 with sharded state dicts
+call ``enable_adapter_checkpoints``; the others show what works without it.
 
 Every run trains ``STEPS`` steps with a checkpoint every ``SAVE_STEPS``, then a second run
 resumes from the first checkpoint. Checked: each checkpoint holds a PEFT-format adapter that
@@ -19,7 +20,7 @@ What the CPU forces on these runs, and how each was handled:
 * under DeepSpeed without an accelerator accelerate counts one process while DeepSpeed runs
   two: each rank gets the whole batch (so the reference is one process on it), and
   evaluation's gather fails in accelerate, so ``load_best_model_at_end`` is checked under
-  FSDP2 only.
+  DDP and FSDP2 only.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from fastpeft.api.adapters import adapter_state_dict
 from tests.helpers.distributed import WORLD, full, spawn_ranks
 from tests.helpers.numerics import TOLERANCE, relative_error
 from tests.helpers.trainer import SAVE_STEPS, STEPS, CountingDataset, training_args
-from tests.helpers.training import build_model, lora_config, lora_model, one_thread
+from tests.helpers.training import build_model, lora_model, one_thread
 
 transformers = pytest.importorskip("transformers")
 accelerate = pytest.importorskip("accelerate")
@@ -47,6 +48,7 @@ PER_DEVICE = 2  # sequences per rank and step
 # stack -> Trainer settings, whether enable_adapter_checkpoints is called, whether each rank
 # trains on a share of each global batch (FSDP2) or on all of it (DeepSpeed, see above)
 STACKS = {
+    "ddp": ({}, True, True),
     "fsdp2-full": (dict(fsdp="full_shard auto_wrap", fsdp_config={
         "version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "state_dict_type": "FULL_STATE_DICT"}),
         False, True),
@@ -59,7 +61,7 @@ STACKS = {
         "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
         "train_micro_batch_size_per_gpu": PER_DEVICE, "gradient_accumulation_steps": 1}), False, False),
 }
-FSDP_STACKS = ("fsdp2-full", "fsdp2-sharded")
+ACCELERATE_STACKS = ("ddp", "fsdp2-full", "fsdp2-sharded")
 DEEPSPEED_STACKS = ("zero2", "zero3")
 ZERO3_UNGATHERED = dict(use_cpu=False, deepspeed={"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu":
                                                   PER_DEVICE, "gradient_accumulation_steps": 1})
@@ -109,11 +111,12 @@ def _worker(stacks: tuple[str, ...], rank: int, port: int, out_dir: str) -> None
     _allow_fsdp_on_cpu()
     out, results = Path(out_dir), {}
     for stack in stacks:
+        accelerate.state.AcceleratorState._reset_state()  # each stack's plugins from scratch (the process group stays)
         settings, line, _ = STACKS[stack]
         _trainer(settings, line, out / stack).train()
         _trainer(settings, line, out / f"{stack}-resumed").train(
             resume_from_checkpoint=str(out / stack / f"checkpoint-{SAVE_STEPS}"))
-        if stack in FSDP_STACKS:
+        if stack in ACCELERATE_STACKS:
             trainer = _trainer(settings, line, out / f"{stack}-best", load_best_model_at_end=True,
                                eval_strategy="steps", eval_steps=SAVE_STEPS, metric_for_best_model="loss")
             trainer.train()
@@ -133,8 +136,8 @@ def _spawned(tmp_path_factory, stacks: tuple[str, ...]) -> tuple[Path, list[dict
 
 
 @pytest.fixture(scope="module")
-def fsdp_runs(tmp_path_factory):
-    return _spawned(tmp_path_factory, FSDP_STACKS)
+def accelerate_runs(tmp_path_factory):
+    return _spawned(tmp_path_factory, ACCELERATE_STACKS)
 
 
 @pytest.fixture(scope="module")
@@ -157,16 +160,16 @@ def one_process(tmp_path_factory) -> dict[bool, dict[str, torch.Tensor]]:
     return references
 
 
-def _runs(stack: str, fsdp_runs, deepspeed_runs) -> Path:
-    return (fsdp_runs if stack in FSDP_STACKS else deepspeed_runs)[0]
+def _runs(stack: str, accelerate_runs, deepspeed_runs) -> Path:
+    return (accelerate_runs if stack in ACCELERATE_STACKS else deepspeed_runs)[0]
 
 
 @pytest.mark.parametrize("stack", STACKS)
-def test_checkpoints_hold_the_trained_adapter_in_peft_format(stack, fsdp_runs, deepspeed_runs, one_process):
+def test_checkpoints_hold_the_trained_adapter_in_peft_format(stack, accelerate_runs, deepspeed_runs, one_process):
     """Every checkpoint holds PEFT's two files, which ``peft.PeftModel.from_pretrained`` loads
     (its LoRA weights are the file's); the last one's adapter is the one a single process
     trains on the same data (10x fp32 tolerance: Adam divides by sqrt(v))."""
-    out = _runs(stack, fsdp_runs, deepspeed_runs) / stack
+    out = _runs(stack, accelerate_runs, deepspeed_runs) / stack
     for step in range(SAVE_STEPS, STEPS + 1, SAVE_STEPS):
         checkpoint = out / f"checkpoint-{step}"
         assert {"adapter_config.json", ADAPTER} <= {p.name for p in checkpoint.iterdir()}
@@ -186,21 +189,21 @@ def test_checkpoints_hold_the_trained_adapter_in_peft_format(stack, fsdp_runs, d
 
 
 @pytest.mark.parametrize("stack", STACKS)
-def test_resuming_reproduces_the_run(stack, fsdp_runs, deepspeed_runs):
+def test_resuming_reproduces_the_run(stack, accelerate_runs, deepspeed_runs):
     """The run resumed from the first checkpoint ends with the uninterrupted run's adapter,
     bit for bit."""
-    out = _runs(stack, fsdp_runs, deepspeed_runs)
+    out = _runs(stack, accelerate_runs, deepspeed_runs)
     uninterrupted = safetensors.torch.load_file(out / stack / f"checkpoint-{STEPS}" / ADAPTER)
     resumed = safetensors.torch.load_file(out / f"{stack}-resumed" / f"checkpoint-{STEPS}" / ADAPTER)
     assert uninterrupted.keys() == resumed.keys()
     assert all(torch.equal(resumed[k], v) for k, v in uninterrupted.items())
 
 
-@pytest.mark.parametrize("stack", FSDP_STACKS)
-def test_load_best_model_at_end(stack, fsdp_runs):
+@pytest.mark.parametrize("stack", ACCELERATE_STACKS)
+def test_load_best_model_at_end(stack, accelerate_runs):
     """``load_best_model_at_end``: after training, every rank's model holds the adapter of the
     best checkpoint."""
-    out, results = fsdp_runs
+    out, results = accelerate_runs
     for rank, result in enumerate(results):
         best = result[f"{stack}-best"]
         assert best["checkpoint"] is not None
