@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import fastpeft
+from fastpeft.integrations import load_adapter_weights
 from fastpeft.methods.lora.layer import QuantLoRALinear
 from tests.helpers.distributed import (
     PER_RANK,
@@ -46,11 +47,15 @@ pytest.importorskip("transformers")
 
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import MixedPrecisionPolicy  # noqa: E402
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 STEPS = 2
 ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NF4_DQ = dict(MODEL_SETTINGS)["nf4-dq"]
+# torch's get_model_state_dict maps each state-dict key to a module attribute, and bitsandbytes'
+# Linear8bitLt writes keys that are none (SCB, weight_format): it fails on 8-bit models with or
+# without fastpeft, so the full-state-dict save is checked on the 4-bit ones.
 # (settings, target modules, how FSDP2 shards the model) per scenario; "lora-apart" shards each
 # layer's lora_A and lora_B as FSDP units of their own (the layer then calls them)
 SCENARIOS = {
@@ -99,6 +104,21 @@ def _cast_codes_error(model_dir: Path) -> str:
     return "no error"
 
 
+def _reloaded(model_dir: Path, scenario: str, trained: nn.Module, saved: Path) -> dict:
+    """The adapter saved from the trained sharded model, loaded into a fresh sharded one
+    (``load_adapter_weights``, what resuming does): its LoRA parameters, whole; and the
+    adapter rank 0 saves from the trained model's full state dict (what Trainer passes
+    ``save_pretrained`` under FSDP) into ``<saved>-from-state-dict``."""
+    fresh = _adapted(model_dir, scenario)
+    _fsdp2(fresh, scenario)
+    load_adapter_weights(fresh, saved)
+    if SCENARIOS[scenario][0].get("load_in_4bit"):
+        state_dict = get_model_state_dict(trained, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist.get_rank() == 0:
+            fastpeft.save_adapter(trained, f"{saved}-from-state-dict", state_dict=state_dict)
+    return {"resumed": {n: full(p.detach()) for n, p in fresh.named_parameters() if p.requires_grad}}
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     model_dir = Path(out_dir) / "model"
     with rank_process_group(rank, port):
@@ -107,7 +127,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         for scenario in SCENARIOS:
             model = _adapted(model_dir, scenario)
             results[scenario] = _train(model, _fsdp2(model, scenario), rows)
-            fastpeft.save_adapter(model, Path(out_dir) / f"{scenario}-adapter")  # every rank: a collective
+            saved = Path(out_dir) / f"{scenario}-adapter"
+            fastpeft.save_adapter(model, saved)  # every rank: a collective
+            results[scenario].update(_reloaded(model_dir, scenario, model, saved))
         results["cast_codes_error"] = _cast_codes_error(model_dir)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
@@ -168,6 +190,23 @@ def test_the_sharded_quantized_model_saves_its_adapter(rank_results, ranks_dir, 
                                    ranks_dir / f"{scenario}-adapter")
     params = dict(loaded.named_parameters())
     assert final and all(torch.equal(params[name], value) for name, value in final.items())
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_the_sharded_quantized_model_resumes_and_saves_from_its_state_dict(rank_results, ranks_dir, scenario):
+    """The saved adapter loaded into a fresh sharded QLoRA model (rank 0 reads, shards
+    scattered) gives every rank the trained LoRA weights; the adapter saved from the full
+    state dict (4-bit bases) has the same files as the collective save."""
+    final = rank_results[0][scenario]["final"]
+    for rank, results in enumerate(rank_results):
+        resumed = results[scenario]["resumed"]
+        assert resumed.keys() == final.keys()
+        assert all(torch.equal(resumed[name], value) for name, value in final.items()), f"rank {rank}"
+    if not SCENARIOS[scenario][0].get("load_in_4bit"):
+        return  # torch's full state dict fails on bitsandbytes' 8-bit layers (above)
+    collective, from_state_dict = ranks_dir / f"{scenario}-adapter", ranks_dir / f"{scenario}-adapter-from-state-dict"
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (collective / name).read_bytes() == (from_state_dict / name).read_bytes(), name
 
 
 def test_value_cast_codes_are_refused(rank_results):
