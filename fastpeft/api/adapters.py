@@ -128,6 +128,17 @@ def method_of_model(model: nn.Module) -> Method:
     return _LORA if state is None else _method_of_config(state.config)
 
 
+def _require_unsharded(model: nn.Module, what: str) -> None:
+    """Refuse to add an adapter to a model already sharded with FSDP2: FSDP2 swaps each
+    sharded base weight in and out of the module it found at ``fully_shard`` time, which an
+    adapter layer would replace, so the layer would compute on the shards."""
+    if sharded_group(model) is not None:
+        raise ValueError(f"{what}: the model is already sharded with FSDP2 (fully_shard), and FSDP2 gathers each "
+                         "base weight into the module it sharded, which the adapter's layers replace: add the adapter "
+                         "first, then fully_shard; to load saved weights into a sharded model that has the adapter, "
+                         "use fastpeft.integrations.load_adapter_weights on every rank")
+
+
 def _adapted(model: nn.Module) -> nn.Module:
     pretrained_save.attach(model, save_adapter)
     return model
@@ -159,9 +170,11 @@ def inject(
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``config`` not one of those configs.
         ValueError: the method's checks (nothing to adapt, an unsupported feature, a model
-            that already has an adapter, ...). The model is then unchanged.
+            that already has an adapter or is already sharded with FSDP2: adapt first, then
+            ``fully_shard``, ...). The model is then unchanged.
     """
     require_module(model)
+    _require_unsharded(model, "inject")
     return _adapted(_method_of_config(config).inject(model, config, autocast_adapter_dtype))
 
 
@@ -337,9 +350,12 @@ def load_adapter(
         ValueError: unreadable or corrupt files, an adapter file that is not a regular file
             (a directory, FIFO or device) or is too large, a peft_type or feature fastpeft
             does not implement, missing / unexpected keys, wrong shapes or dtypes, a pickle
-            without ``allow_pickle``, or a model that already has adapter layers.
+            without ``allow_pickle``, or a model that already has adapter layers or is already
+            sharded with FSDP2 (load first, then ``fully_shard``; into a sharded model that
+            has the adapter, ``fastpeft.integrations.load_adapter_weights`` loads its weights).
     """
     require_module(model)
+    _require_unsharded(model, "load_adapter")
     options = LoadOptions(is_trainable, allow_pickle, autocast_adapter_dtype)
     with open_snapshot(directory, ADAPTER_FILE_NAMES) as snapshot:
         next(f for f in FORMATS if f.detect(snapshot)).load(model, snapshot, options)

@@ -2,7 +2,8 @@
 ``tests/helpers/distributed.py`` spawns the ranks): an adapter saved from one sharded model is
 loaded back into another (``load_adapter_weights``, what resuming does; rank 0 reads, shards
 are scattered), ``torch.distributed.checkpoint`` (DCP) round-trips the adapter, whole-model
-and adapter-only, and a failed rank-0 read or write raises on every rank.
+and adapter-only, a failed rank-0 read or write raises on every rank, and adding an adapter
+to an already sharded model is refused.
 
 Each rank builds the LoRA Llama of ``tests/helpers/training.py`` twice with different LoRA
 inits (the same on both ranks: one seed), shards both, and moves the first one's adapter into
@@ -21,7 +22,7 @@ import torch.nn as nn
 import fastpeft
 from fastpeft.integrations import load_adapter_weights
 from tests.helpers.distributed import full, rank_process_group, shard_adapters_apart, shard_decoder_layers, spawn_ranks
-from tests.helpers.training import lora_model
+from tests.helpers.training import build_model, lora_config, lora_model
 
 if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
@@ -85,6 +86,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results["dcp_adapter_missing"] = sorted(set(unexpected.missing_keys) & trainable)
 
         results["missing_dir"] = _outcome(lambda: load_adapter_weights(target, out / "no-such-adapter"))
+        plain = shard_decoder_layers(build_model("llama"))
+        parameters = dict(plain.named_parameters())
+        results["inject_sharded"] = _outcome(lambda: fastpeft.inject(plain, lora_config("llama")))
+        results["load_sharded"] = _outcome(lambda: fastpeft.load_adapter(plain, out / "adapter"))
+        after = dict(plain.named_parameters())
+        results["sharded_unchanged"] = after.keys() == parameters.keys() and all(
+            p is parameters[n] for n, p in after.items())
         (out / "a-file").write_text("not a directory")
         results["unwritable"] = _outcome(lambda: fastpeft.save_adapter(source, out / "a-file"))
         torch.save(results, out / f"rank{rank}.pt")
@@ -108,6 +116,16 @@ def test_the_adapter_moves_between_sharded_models(rank_results, loaded):
             assert not torch.equal(before[name], value), f"{name}: the models started alike"
             assert torch.equal(after[name], value), f"rank {rank} {loaded}: {name}"
     assert rank_results[0]["dcp_adapter_missing"] == []
+
+
+def test_adapters_are_added_before_sharding(rank_results):
+    """``inject`` and ``load_adapter`` into a model already sharded with FSDP2 (whose base
+    weights FSDP2 would gather into the modules the adapter layers replace) are refused with
+    the order that works, and leave the model as it was."""
+    for results in rank_results:
+        for outcome in (results["inject_sharded"], results["load_sharded"]):
+            assert outcome.startswith("ValueError") and "first, then fully_shard" in outcome, outcome
+        assert results["sharded_unchanged"]
 
 
 def test_rank_zero_failures_raise_on_every_rank(rank_results):
