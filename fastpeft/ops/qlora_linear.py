@@ -242,8 +242,18 @@ def _qlora_forward(
         y = decode_forward(x2, *quant, bias_c, s_scaled, lora_b)
     else:
         w = dequantize(*quant, (out_features, k), compute_dtype)
-        y = add_lora_product(F.linear(x2.to(compute_dtype), w, bias_c).to(x.dtype), s_scaled, lora_b.t())
+        y = add_lora_product(_base_product(x2.to(compute_dtype), w, bias_c, quant_type).to(x.dtype), s_scaled,
+                             lora_b.t())
     return y.view(*x.shape[:-1], out_features), s, kept_mask(keep)
+
+
+def _base_product(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, quant_type: str) -> torch.Tensor:
+    """The base layer's ``x W^T + b`` on the dequantized weight, rounded as the base layer's
+    own forward rounds it: torchao's NF4 linear adds the bias to the rounded product (a GEMM
+    that takes the bias may round differently, by CPU), the others pass it to the GEMM."""
+    if quant_type == NF4_TORCHAO and bias is not None:
+        return F.linear(x2, w) + bias
+    return F.linear(x2, w, bias)
 
 
 def _decode_fits(x2: torch.Tensor, n: int, lora_a: torch.Tensor, lora_b: torch.Tensor,

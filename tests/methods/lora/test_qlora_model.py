@@ -10,10 +10,12 @@ import copy
 import warnings
 
 import pytest
+import safetensors.torch
 import torch
 import torch.nn as nn
 
 import fastpeft
+from fastpeft.api.adapters import adapter_state_dict
 from fastpeft.methods.lora.layer import QuantLoRALinear
 from fastpeft.methods.quantized_base import quantized_weight
 from tests.helpers.quantized import (
@@ -320,8 +322,8 @@ def test_state_dicts_hold_bitsandbytes_entries_and_refuse_base_loads(model_dir, 
     """An adapted quantized model's state dict has bitsandbytes' entries for each base (as the
     unadapted model's) beside A and B, in both the one-adapter and the serving layers; loading
     base entries back is refused before anything changes (an int8 layer would keep stale
-    scales), adapter entries load; the whole-model save_pretrained fallback (Trainer under
-    FSDP / DeepSpeed passes a state_dict) runs as transformers' own, not its PEFT branch."""
+    scales), adapter entries load; ``save_pretrained(state_dict=...)`` (Trainer under FSDP /
+    DeepSpeed) takes the adapter out of the state dict with its bitsandbytes entries."""
     plain = _load(model_dir, settings).state_dict()
     ours = fastpeft.inject(_load(model_dir, settings), fastpeft.LoraConfig(**LORA))
     served = fastpeft.MultiAdapterModel(_load(model_dir, settings), max_adapters=2, max_rank=4,
@@ -340,10 +342,10 @@ def test_state_dicts_hold_bitsandbytes_entries_and_refuse_base_loads(model_dir, 
     assert not ours.load_state_dict({k: v for k, v in state.items() if "lora_" in k}, strict=False).unexpected_keys
     if name == TORCHAO_NF4:  # transformers cannot save an NF4Tensor weight (no storage), adapted or not
         return
-    with pytest.warns(UserWarning, match="the whole model is written"):
-        ours.save_pretrained(tmp_path / "full", state_dict=ours.state_dict())
-    assert ours._hf_peft_config_loaded  # back on after the whole-model save
-    assert any(tmp_path.joinpath("full").glob("*.safetensors"))
+    ours.save_pretrained(tmp_path / "given", state_dict=ours.state_dict())
+    saved = safetensors.torch.load_file(tmp_path / "given" / "adapter_model.safetensors")
+    expected = adapter_state_dict(ours)
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], v) for k, v in expected.items())
 
 
 def test_from_peft_refuses_a_repacked_layer_before_any_change(model_dir):
