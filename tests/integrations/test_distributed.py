@@ -18,6 +18,8 @@ custom op only ever sees plain tensors. The op itself does not accept DTensor in
 from __future__ import annotations
 
 import builtins
+import gc
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,11 +71,15 @@ def _train_steps(build: Callable[[], nn.Module], parallelize: Callable[[nn.Modul
     Returns full tensors keyed by parameter name: ``grads`` (adapter gradients of the first
     step), ``init`` and ``final`` (adapter parameters), ``base`` (the frozen base weights at
     the end); ``base_sharded`` (whether the frozen weights were DTensors between steps) and
-    ``adapter_units`` (for each adapter submodule, whether it was an FSDP unit of its own).
+    ``adapter_units`` (for each adapter submodule, whether it was an FSDP unit of its own),
+    ``originals_alive`` (how many of the frozen weights as built are still alive: FSDP2 must
+    have freed every one, the adapter layers holding none).
     """
     model = build().train()
     init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    originals = [weakref.ref(p) for p in model.parameters() if not p.requires_grad]
     grads = adamw_steps(model, parallelize(model), rows, STEPS)
+    gc.collect()
     if save_to is not None:
         fastpeft.save_adapter(model, save_to)
         # as Trainer calls it: only the main process says so (every rank must still gather)
@@ -85,6 +91,7 @@ def _train_steps(build: Callable[[], nn.Module], parallelize: Callable[[nn.Modul
         "final": {n: params[n] for n in init},
         "base": {n: p for n, p in params.items() if n not in init},
         "base_sharded": all(isinstance(p, DTensor) for p in model.parameters() if not p.requires_grad),
+        "originals_alive": sum(ref() is not None for ref in originals),
         "adapter_units": [is_fsdp_unit(m) for name, m in model.named_modules()
                           if name.rpartition(".")[2] in ADAPTER_SUBMODULES],
     }
@@ -202,6 +209,7 @@ def test_optimizer_steps_keep_ranks_in_sync(rank_results, single_process, scenar
     for name, value in first["base"].items():
         assert torch.equal(value, reference["base"][name]), f"{scenario}: frozen {name} changed"
     assert first["base_sharded"] == scenario.startswith("fsdp2")
+    assert (first["originals_alive"] == 0) == scenario.startswith("fsdp2"), first["originals_alive"]
     assert first["adapter_units"] and set(first["adapter_units"]) == {scenario.endswith("apart")}
 
 

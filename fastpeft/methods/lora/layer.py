@@ -229,19 +229,27 @@ class LoRALinear(AdapterLayer):
     def base_module(self) -> nn.Module:
         """The wrapped ``nn.Linear`` / ``Conv1D``, holding this layer's current weight and bias
         and its train/eval mode. It computes the base layer, or the merged one after ``merge()``."""
+        base = self._synced_base()
+        return base.train(self.training) if base.training != self.training else base
+
+    def _synced_base(self) -> nn.Module:
+        """The wrapped module with this layer's current weight and bias, re-registered only
+        when they changed (a registration per forward costs more than the rest of a QLoRA
+        layer's Python work). FSDP2 swaps its sharded and all-gathered parameters into this
+        layer: without the sync the wrapped module would keep the original full weight alive
+        after sharding (FSDP2 frees it only once nothing else holds it)."""
         base = self._base_module
-        # re-registered only when they changed (FSDP2 swaps in its all-gathered parameters): a
-        # registration per forward costs more than the rest of a QLoRA layer's Python work
         if base.weight is not self.weight:
             base.weight = self.weight
         if base.bias is not self.bias:
             base.bias = self.bias
-        return base.train(self.training) if base.training != self.training else base
+        return base
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer (merged: nothing more), plus the LoRA term: the fused op, or, when
         ``lora_A`` / ``lora_B`` are FSDP units of their own (``fastpeft.methods.sharding``), the
         base layer plus ``scaling * lora_B(lora_A(dropout(x)))`` through their forwards."""
+        self._synced_base()  # lets go of weights FSDP2 replaced (cheap: identity checks)
         if self.merged:
             return self._base_forward(x)
         if sharded_apart(self.lora_A, self.lora_B):
