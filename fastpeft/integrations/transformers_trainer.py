@@ -27,13 +27,15 @@ Sharded training (what ``tests/integrations/test_trainer_sharded.py`` runs on th
   sharded model (``load_adapter_weights``: rank 0 reads, shards are scattered);
 * DeepSpeed ZeRO-2, and ZeRO-3 with ``stage3_gather_16bit_weights_on_model_save``: the
   adapter comes from the state dict Trainer passes; resuming and the best model go through
-  DeepSpeed's own engine checkpoint, beside it, without the line. ZeRO-3 without that option
+  DeepSpeed's own engine checkpoint, beside it, without the line (with it, that checkpoint
+  leaves the frozen base out, as Trainer's does for a PEFT model). ZeRO-3 without that option
   hands over an empty state dict: the first checkpoint raises a ``ValueError`` saying so,
   and ``enable_adapter_checkpoints`` raises it before training starts.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from typing import TYPE_CHECKING
@@ -105,6 +107,26 @@ def _check_sharding(trainer: Trainer) -> None:
                          "(fsdp_config version 2) or state_dict_type FULL_STATE_DICT")
 
 
+def _without_frozen_weights(trainer: Trainer) -> None:
+    """Under DeepSpeed: the engine ``trainer.accelerator.prepare`` makes saves its checkpoints
+    without the frozen weights and loads them without requiring them, as Trainer has it do for
+    a PEFT model (``exclude_frozen_parameters``, a non-strict module load): the base is not
+    written into every checkpoint, and the model keeps its own (they never change)."""
+    prepare = trainer.accelerator.prepare
+
+    def _prepare(*args, **kwargs):
+        prepared = prepare(*args, **kwargs)
+        engine_class = getattr(sys.modules.get("deepspeed"), "DeepSpeedEngine", None)
+        for engine in prepared if isinstance(prepared, tuple) else (prepared,):
+            if engine_class is not None and isinstance(engine, engine_class):
+                save, load = engine.save_checkpoint, engine.load_checkpoint
+                engine.save_checkpoint = functools.partial(save, exclude_frozen_parameters=True)
+                engine.load_checkpoint = lambda *a, **k: load(*a, **{**k, "load_module_strict": False})
+        return prepared
+
+    trainer.accelerator.prepare = _prepare
+
+
 def enable_adapter_checkpoints(trainer: Trainer) -> Trainer:
     """Make ``trainer`` load the adapter-only checkpoints its fastpeft model writes, on
     ``train(resume_from_checkpoint=...)`` and with ``load_best_model_at_end``; return it.
@@ -114,7 +136,8 @@ def enable_adapter_checkpoints(trainer: Trainer) -> Trainer:
     adapter and no full model, ``load_adapter_weights`` copies the saved adapter into the
     model's, in place (the optimizer and scheduler states are restored by Trainer as
     usual); anything else goes to Trainer's own method. Under FSDP2 with sharded state dicts
-    ``save_model`` is wrapped too, so each checkpoint also holds the adapter.
+    ``save_model`` is wrapped too, so each checkpoint also holds the adapter; under DeepSpeed
+    the engine's own checkpoints leave the frozen base out (``_without_frozen_weights``).
 
     Raises:
         ValueError: DeepSpeed ZeRO-3 without ``stage3_gather_16bit_weights_on_model_save`` or
@@ -170,4 +193,6 @@ def enable_adapter_checkpoints(trainer: Trainer) -> Trainer:
     trainer._load_from_checkpoint = _load_from_checkpoint
     trainer._load_best_model = _load_best_model
     trainer.save_model = _save_model
+    if trainer.is_deepspeed_enabled:
+        _without_frozen_weights(trainer)
     return trainer

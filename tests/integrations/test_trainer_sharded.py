@@ -1,8 +1,9 @@
 """HF Trainer with a fastpeft model under distributed training, on two CPU processes (gloo,
 127.0.0.1 only; ``tests/helpers/distributed.py`` spawns the ranks): DDP and FSDP2 through
 accelerate (state dicts ``FULL_STATE_DICT``, Trainer's default, and ``SHARDED_STATE_DICT``) and
-DeepSpeed ZeRO-2 / ZeRO-3 (``DS_ACCELERATOR=cpu``). DDP and FSDP2 with sharded state dicts
-call ``enable_adapter_checkpoints``; the others show what works without it.
+DeepSpeed ZeRO-2 / ZeRO-3 (``DS_ACCELERATOR=cpu``). DDP, FSDP2 with sharded state dicts and
+the DeepSpeed "-line" runs call ``enable_adapter_checkpoints``; the others show what works
+without it.
 
 Every run trains ``STEPS`` steps with a checkpoint every ``SAVE_STEPS``, then a second run
 resumes from the first checkpoint. Checked: each checkpoint holds a PEFT-format adapter that
@@ -55,14 +56,17 @@ STACKS = {
     "fsdp2-sharded": (dict(fsdp="full_shard auto_wrap", fsdp_config={
         "version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "state_dict_type": "SHARDED_STATE_DICT"}),
         True, True),
-    "zero2": (dict(use_cpu=False, deepspeed={"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu":
-                                             PER_DEVICE, "gradient_accumulation_steps": 1}), False, False),
-    "zero3": (dict(use_cpu=False, deepspeed={
-        "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
-        "train_micro_batch_size_per_gpu": PER_DEVICE, "gradient_accumulation_steps": 1}), False, False),
 }
+ZERO2 = dict(use_cpu=False, deepspeed={"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": PER_DEVICE,
+                                       "gradient_accumulation_steps": 1})
+ZERO3 = dict(use_cpu=False, deepspeed={
+    "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+    "train_micro_batch_size_per_gpu": PER_DEVICE, "gradient_accumulation_steps": 1})
+# without the line, and with it (the engine's checkpoints then leave the frozen base out)
+STACKS.update({"zero2": (ZERO2, False, False), "zero2-line": (ZERO2, True, False),
+               "zero3": (ZERO3, False, False), "zero3-line": (ZERO3, True, False)})
 ACCELERATE_STACKS = ("ddp", "fsdp2-full", "fsdp2-sharded")
-DEEPSPEED_STACKS = ("zero2", "zero3")
+DEEPSPEED_STACKS = ("zero2", "zero2-line", "zero3", "zero3-line")
 ZERO3_UNGATHERED = dict(use_cpu=False, deepspeed={"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu":
                                                   PER_DEVICE, "gradient_accumulation_steps": 1})
 ADAPTER = "adapter_model.safetensors"
@@ -211,6 +215,18 @@ def test_load_best_model_at_end(stack, accelerate_runs):
         adapter = {f"base_model.model.{n}": v for n, v in best["adapter"].items()}
         assert adapter.keys() == saved.keys()
         assert all(torch.equal(adapter[k], v) for k, v in saved.items()), f"rank {rank}"
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_checkpoints_leave_the_frozen_base_out_with_the_line(stage, deepspeed_runs):
+    """With ``enable_adapter_checkpoints`` DeepSpeed's own checkpoint files (``global_step*``)
+    leave the frozen base out: less than a third of the bytes of the same run's without it."""
+    out = deepspeed_runs[0]
+
+    def engine_bytes(stack: str) -> int:
+        return sum(p.stat().st_size for p in (out / stack / f"checkpoint-{SAVE_STEPS}").glob("global_step*/*model*"))
+
+    assert 0 < 3 * engine_bytes(f"{stage}-line") < engine_bytes(stage)
 
 
 def test_zero3_without_gathered_weights_fails_clearly(deepspeed_runs):
