@@ -29,15 +29,18 @@ from fastpeft.formats import adapterhub, peft_prompt, save_journal
 from fastpeft.formats import peft as peft_format
 from fastpeft.formats.file_names import ADAPTER_FILE_NAMES, CONFIG_NAME
 from fastpeft.formats.given_state_dict import adapter_entries, substituted
-from fastpeft.formats.rank_zero import on_rank_zero
+from fastpeft.formats.rank_zero import broadcast_object, on_rank_zero
+from fastpeft.formats.safe_write import fs_path
 from fastpeft.formats.saved_tensors import sharded_group
-from fastpeft.formats.snapshot import Snapshot, open_snapshot
+from fastpeft.formats.snapshot import CopiedSnapshot, Snapshot, copy_files, open_snapshot
+from fastpeft.methods.base_layers import base_layer_kind
 from fastpeft.methods.bottleneck.config import AdapterConfig
 from fastpeft.methods.bottleneck.model import inject_bottleneck, merge_and_unload_bottleneck, unload_bottleneck
 from fastpeft.methods.lora.config import LoraConfig
 from fastpeft.methods.lora.model import inject_lora, merge_and_unload_lora, unload_lora
 from fastpeft.methods.prompt.config import PromptLearningConfig
 from fastpeft.methods.prompt.model import inject_prompt, unload_prompt
+from fastpeft.methods.sharding import shard_new_modules
 from fastpeft.methods.state import adapter_state, require_module
 
 
@@ -128,15 +131,41 @@ def method_of_model(model: nn.Module) -> Method:
     return _LORA if state is None else _method_of_config(state.config)
 
 
-def _require_unsharded(model: nn.Module, what: str) -> None:
-    """Refuse to add an adapter to a model already sharded with FSDP2: FSDP2 swaps each
-    sharded base weight in and out of the module it found at ``fully_shard`` time, which an
-    adapter layer would replace, so the layer would compute on the shards."""
+def _require_unsharded(model: nn.Module) -> None:
+    """``inject`` into a model already sharded with FSDP2 is refused: each rank would draw its
+    own initial adapter."""
     if sharded_group(model) is not None:
-        raise ValueError(f"{what}: the model is already sharded with FSDP2 (fully_shard), and FSDP2 gathers each "
-                         "base weight into the module it sharded, which the adapter's layers replace: add the adapter "
-                         "first, then fully_shard; to load saved weights into a sharded model that has the adapter, "
-                         "use fastpeft.integrations.load_adapter_weights on every rank")
+        raise ValueError("inject: the model is already sharded with FSDP2 (fully_shard), and each rank would draw "
+                         "its own initial adapter: inject first, then fully_shard (or load a saved adapter into the "
+                         "sharded model with fastpeft.load_adapter on every rank)")
+
+
+def _load_into_sharded(model: nn.Module, directory: str | bytes | os.PathLike, options: LoadOptions,
+                       group: torch.distributed.ProcessGroup) -> None:
+    """``load_adapter`` into a model sharded with FSDP2, on every rank: rank 0 reads the
+    directory, every rank loads the same files and shards the new LoRA weights as FSDP units
+    of their own (``shard_new_modules``). LoRA without ``modules_to_save`` on unquantized
+    bases only, checked before the model changes."""
+    quantized = sorted({kind.name for m in model.modules() if (kind := base_layer_kind(m)) and kind.quantized})
+    if quantized:
+        raise ValueError(f"load_adapter: the model is sharded with FSDP2 and has quantized layers ({quantized}), "
+                         "whose quantization state FSDP2's shards lack: load the adapter first, then fully_shard")
+
+    def read() -> dict[str, bytes]:
+        with open_snapshot(directory, ADAPTER_FILE_NAMES) as snapshot:
+            return copy_files(snapshot, ADAPTER_FILE_NAMES)
+
+    files = broadcast_object(group, on_rank_zero(group, "read the adapter", read))
+    snapshot = CopiedSnapshot(fs_path(directory), files)
+    found = next(f for f in FORMATS if f.detect(snapshot))
+    config = snapshot.read_json(CONFIG_NAME) if snapshot.exists(CONFIG_NAME) else None
+    if found is not FORMATS[-1] or (isinstance(config, dict) and config.get("modules_to_save")):
+        raise ValueError(f"load_adapter: into a model sharded with FSDP2 fastpeft loads LoRA adapters without "
+                         f"modules_to_save; {snapshot.path!r} holds a {found.name} adapter"
+                         f"{' with modules_to_save' if found is FORMATS[-1] else ''}: load it first, then fully_shard")
+    old_parameters = {id(p) for p in model.parameters()}
+    found.load(model, snapshot, options)
+    shard_new_modules(model, old_parameters)
 
 
 def _adapted(model: nn.Module) -> nn.Module:
@@ -174,7 +203,7 @@ def inject(
             ``fully_shard``, ...). The model is then unchanged.
     """
     require_module(model)
-    _require_unsharded(model, "inject")
+    _require_unsharded(model)
     return _adapted(_method_of_config(config).inject(model, config, autocast_adapter_dtype))
 
 
@@ -343,6 +372,13 @@ def load_adapter(
     loaded into the new layers before the model is touched: on any error the model is
     unchanged.
 
+    A model already sharded with FSDP2 (``fully_shard``, before its first forward): call it on
+    every rank, as a collective. Rank 0 reads the directory, every rank loads the same files,
+    and the new ``lora_A`` / ``lora_B`` become FSDP units of their own on the model's mesh
+    (the layers read the base weights where FSDP2 gathers them and call those units). LoRA
+    adapters without ``modules_to_save`` on unquantized layers only; anything else: load
+    first, then shard.
+
     Raises:
         TypeError: ``directory`` is not a str, bytes or ``os.PathLike`` path.
         FileNotFoundError: ``directory`` does not exist, or has no config or weight file.
@@ -350,13 +386,16 @@ def load_adapter(
         ValueError: unreadable or corrupt files, an adapter file that is not a regular file
             (a directory, FIFO or device) or is too large, a peft_type or feature fastpeft
             does not implement, missing / unexpected keys, wrong shapes or dtypes, a pickle
-            without ``allow_pickle``, or a model that already has adapter layers or is already
-            sharded with FSDP2 (load first, then ``fully_shard``; into a sharded model that
-            has the adapter, ``fastpeft.integrations.load_adapter_weights`` loads its weights).
+            without ``allow_pickle``, or a model that already has adapter layers; into a model
+            sharded with FSDP2, anything but a LoRA adapter without ``modules_to_save`` on
+            unquantized layers.
     """
     require_module(model)
-    _require_unsharded(model, "load_adapter")
     options = LoadOptions(is_trainable, allow_pickle, autocast_adapter_dtype)
+    group = sharded_group(model)
+    if group is not None:
+        _load_into_sharded(model, directory, options, group)
+        return _adapted(model)
     with open_snapshot(directory, ADAPTER_FILE_NAMES) as snapshot:
         next(f for f in FORMATS if f.detect(snapshot)).load(model, snapshot, options)
     return _adapted(model)

@@ -53,3 +53,11 @@ def copy_from_rank_zero(target: torch.Tensor, value: torch.Tensor | None, group:
     whole = value.to(target) if value is not None else torch.empty_like(target)
     dist.broadcast(whole, src=dist.get_global_rank(group, 0), group=group)
     target.copy_(whole)
+
+
+def broadcast_object(group: dist.ProcessGroup, obj: T | None) -> T:
+    """Rank 0 of ``group``'s ``obj`` on every rank (pickled by torch.distributed: rank 0 is one
+    of the caller's own processes, never outside data)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]

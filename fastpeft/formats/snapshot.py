@@ -173,3 +173,29 @@ def open_snapshot(directory: str | bytes | os.PathLike, allowed: frozenset[str])
         yield Snapshot(fd, path, journal)
     finally:
         os.close(fd)  # also releases the flock
+
+
+class CopiedSnapshot(Snapshot):
+    """The files of one ``Snapshot`` that another process read (``copy_files``), read the same
+    way: what every rank of a sharded model loads, rank 0 having read the directory."""
+
+    def __init__(self, path: str, files: dict[str, bytes]) -> None:
+        super().__init__(-1, path, None)
+        self._files = files
+
+    def exists(self, name: str) -> bool:
+        return name in self._files
+
+    def read_bytes(self, name: str, limit: int) -> bytes:
+        if name not in self._files:
+            raise FileNotFoundError(errno.ENOENT, f"no {name} in {self.path!r}")
+        if len(self._files[name]) > limit:
+            raise ValueError(f"{self.file_path(name)!r} is larger than {limit} bytes")
+        return self._files[name]
+
+
+def copy_files(snapshot: Snapshot, names: frozenset[str]) -> dict[str, bytes]:
+    """The contents of the snapshot's files among ``names`` (each capped as a weight file is),
+    for a ``CopiedSnapshot``."""
+    return {name: snapshot.read_bytes(name, safe_read.MAX_TENSOR_BYTES) for name in sorted(names)
+            if snapshot.exists(name)}

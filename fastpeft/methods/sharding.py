@@ -65,3 +65,22 @@ def sharded_apart(*modules: nn.Module) -> bool:
             if issubclass(type(p), dtensor):  # isinstance goes through the tensor metaclass: 10x slower
                 return True
     return False
+
+
+def sharded_mesh(model: nn.Module):
+    """The device mesh of the model's sharded parameters (FSDP2's ``DTensor`` s), or None."""
+    return next((p.device_mesh for p in model.parameters() if is_sharded(p)), None)
+
+
+def shard_new_modules(model: nn.Module, old_parameters: set[int]) -> None:
+    """``fully_shard`` every module of ``model`` holding, directly, a parameter whose id is not
+    in ``old_parameters`` -- an adapter just added to a model sharded with FSDP2 -- on the mesh
+    of its sharded parameters, innermost first (FSDP2 shards children before parents). Each
+    becomes an FSDP unit of its own, which the fastpeft layers call (``sharded_apart``). Only
+    before the model's first forward: FSDP2 collects its units at the root's first forward."""
+    from torch.distributed.fsdp import fully_shard  # public from torch 2.6, fastpeft's floor
+
+    mesh = sharded_mesh(model)
+    for module in reversed(list(model.modules())):
+        if any(id(p) not in old_parameters for p in module._parameters.values() if p is not None):
+            fully_shard(module, mesh=mesh)

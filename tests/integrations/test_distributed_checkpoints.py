@@ -2,8 +2,8 @@
 ``tests/helpers/distributed.py`` spawns the ranks): an adapter saved from one sharded model is
 loaded back into another (``load_adapter_weights``, what resuming does; rank 0 reads, shards
 are scattered), ``torch.distributed.checkpoint`` (DCP) round-trips the adapter, whole-model
-and adapter-only, a failed rank-0 read or write raises on every rank, and adding an adapter
-to an already sharded model is refused.
+and adapter-only, a failed rank-0 read or write raises on every rank; ``load_adapter`` into an
+already sharded model (rank 0 reads) trains as one process; ``inject`` into one is refused.
 
 Each rank builds the LoRA Llama of ``tests/helpers/training.py`` twice with different LoRA
 inits (the same on both ranks: one seed), shards both, and moves the first one's adapter into
@@ -15,20 +15,33 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 import fastpeft
 from fastpeft.integrations import load_adapter_weights
-from tests.helpers.distributed import full, rank_process_group, shard_adapters_apart, shard_decoder_layers, spawn_ranks
-from tests.helpers.training import build_model, lora_config, lora_model
+from tests.helpers.distributed import (
+    PER_RANK,
+    adamw_steps,
+    full,
+    rank_process_group,
+    shard_adapters_apart,
+    shard_decoder_layers,
+    spawn_ranks,
+)
+from tests.helpers.numerics import assert_close
+from tests.helpers.training import build_model, lora_config, lora_model, one_thread
 
 if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
 import torch.distributed.checkpoint as dcp  # noqa: E402
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
+
+STEPS = 2
 
 SOURCE_SEED, TARGET_SEED = 7, 8  # the two models' LoRA inits
 
@@ -55,6 +68,19 @@ def _outcome(call) -> str:
     except Exception as error:  # recorded for the parent
         return f"{type(error).__name__}: {error}"
     return "no error"
+
+
+def _loaded_into_sharded(model: nn.Module, directory: Path, rank: int) -> dict:
+    """``load_adapter`` (trainable) into ``model``, already sharded (rank 0 reads the files),
+    then ``STEPS`` AdamW steps on this rank's rows, then ``save_adapter`` to
+    ``trained-after-load`` beside ``directory``: the LoRA weights as loaded and at the end,
+    whether each is sharded (a DTensor), the first step's gradients."""
+    fastpeft.load_adapter(model, directory, is_trainable=True)
+    lora = [p for p in model.parameters() if p.requires_grad]
+    loaded = {"weights": _lora(model), "sharded": bool(lora) and all(isinstance(p, DTensor) for p in lora)}
+    grads = adamw_steps(model.train(), model, slice(rank * PER_RANK, (rank + 1) * PER_RANK), STEPS)
+    fastpeft.save_adapter(model, directory.with_name("trained-after-load"))
+    return {**loaded, "grads": grads, "final": _lora(model)}
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -89,18 +115,23 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         plain = shard_decoder_layers(build_model("llama"))
         parameters = dict(plain.named_parameters())
         results["inject_sharded"] = _outcome(lambda: fastpeft.inject(plain, lora_config("llama")))
-        results["load_sharded"] = _outcome(lambda: fastpeft.load_adapter(plain, out / "adapter"))
         after = dict(plain.named_parameters())
         results["sharded_unchanged"] = after.keys() == parameters.keys() and all(
             p is parameters[n] for n, p in after.items())
+        results["loaded_into_sharded"] = _loaded_into_sharded(plain, out / "adapter", rank)
         (out / "a-file").write_text("not a directory")
         results["unwritable"] = _outcome(lambda: fastpeft.save_adapter(source, out / "a-file"))
         torch.save(results, out / f"rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
-def rank_results(tmp_path_factory) -> list[dict]:
-    return spawn_ranks(_worker, tmp_path_factory.mktemp("checkpoint-ranks"), "FSDP2 checkpoints")
+def ranks_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("checkpoint-ranks")
+
+
+@pytest.fixture(scope="module")
+def rank_results(ranks_dir) -> list[dict]:
+    return spawn_ranks(_worker, ranks_dir, "FSDP2 checkpoints")
 
 
 @pytest.mark.parametrize("loaded", ["resumed", "resumed_apart", "dcp_full", "dcp_adapter"])
@@ -118,14 +149,38 @@ def test_the_adapter_moves_between_sharded_models(rank_results, loaded):
     assert rank_results[0]["dcp_adapter_missing"] == []
 
 
-def test_adapters_are_added_before_sharding(rank_results):
-    """``inject`` and ``load_adapter`` into a model already sharded with FSDP2 (whose base
-    weights FSDP2 would gather into the modules the adapter layers replace) are refused with
-    the order that works, and leave the model as it was."""
+def test_inject_into_a_sharded_model_is_refused(rank_results):
+    """``inject`` into a model already sharded with FSDP2 (each rank would draw its own
+    adapter) is refused with the order that works, the model left as it was."""
     for results in rank_results:
-        for outcome in (results["inject_sharded"], results["load_sharded"]):
-            assert outcome.startswith("ValueError") and "first, then fully_shard" in outcome, outcome
+        outcome = results["inject_sharded"]
+        assert outcome.startswith("ValueError") and "inject first, then fully_shard" in outcome, outcome
         assert results["sharded_unchanged"]
+
+
+def test_load_adapter_into_a_sharded_model_trains_as_one_process(rank_results, ranks_dir):
+    """``load_adapter`` into a model already sharded with FSDP2: every rank holds the saved
+    LoRA weights, sharded; the first step's gradients equal one process's on the whole batch
+    (the adapter loaded into an unsharded model); the trained adapter saves whole."""
+    saved = {k.removeprefix("base_model.model."): v
+             for k, v in safetensors.torch.load_file(ranks_dir / "adapter" / "adapter_model.safetensors").items()}
+    with one_thread():
+        reference = fastpeft.load_adapter(build_model("llama"), ranks_dir / "adapter", is_trainable=True).train()
+        expected = adamw_steps(reference, reference, slice(None), STEPS)
+    for rank, results in enumerate(rank_results):
+        loaded = results["loaded_into_sharded"]
+        assert loaded["sharded"], f"rank {rank}: the loaded LoRA weights are not sharded"
+        assert loaded["weights"].keys() == saved.keys()
+        assert all(torch.equal(loaded["weights"][k], v) for k, v in saved.items()), f"rank {rank}"
+        assert loaded["grads"].keys() == expected.keys()
+        for name, grad in expected.items():
+            assert grad.abs().sum() > 0, f"{name}: zero gradient"
+            assert_close(loaded["grads"][name], grad, torch.float32, f"rank {rank} grad of {name}")
+    final = rank_results[0]["loaded_into_sharded"]["final"]
+    trained = safetensors.torch.load_file(ranks_dir / "trained-after-load" / "adapter_model.safetensors")
+    assert {k.removeprefix("base_model.model."): v for k, v in trained.items()}.keys() == final.keys()
+    assert all(torch.equal(trained[f"base_model.model.{k}"], v) and not torch.equal(v, saved[k])
+               for k, v in final.items())
 
 
 def test_rank_zero_failures_raise_on_every_rank(rank_results):

@@ -119,6 +119,17 @@ def _reloaded(model_dir: Path, scenario: str, trained: nn.Module, saved: Path) -
     return {"resumed": {n: full(p.detach()) for n, p in fresh.named_parameters() if p.requires_grad}}
 
 
+def _load_into_sharded_error(model_dir: Path, adapter: Path) -> str:
+    """The error of ``load_adapter`` into a quantized model already sharded with FSDP2."""
+    model = load_quantized(model_dir, NF4_DQ)
+    shard_decoder_layers(model, mesh=init_device_mesh("cpu", (WORLD,)))
+    try:
+        fastpeft.load_adapter(model, adapter)
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     model_dir = Path(out_dir) / "model"
     with rank_process_group(rank, port):
@@ -131,6 +142,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             fastpeft.save_adapter(model, saved)  # every rank: a collective
             results[scenario].update(_reloaded(model_dir, scenario, model, saved))
         results["cast_codes_error"] = _cast_codes_error(model_dir)
+        first_adapter = Path(out_dir) / f"{next(iter(SCENARIOS))}-adapter"
+        results["load_into_sharded"] = _load_into_sharded_error(model_dir, first_adapter)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
 
@@ -207,6 +220,14 @@ def test_the_sharded_quantized_model_resumes_and_saves_from_its_state_dict(rank_
     collective, from_state_dict = ranks_dir / f"{scenario}-adapter", ranks_dir / f"{scenario}-adapter-from-state-dict"
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert (collective / name).read_bytes() == (from_state_dict / name).read_bytes(), name
+
+
+def test_loading_into_a_sharded_quantized_model_is_refused(rank_results):
+    """FSDP2's shards of a quantized weight lack its quantization state: ``load_adapter`` into
+    a quantized model already sharded says to load first, then shard."""
+    for results in rank_results:
+        message = results["load_into_sharded"]
+        assert "quantized layers" in message and "load the adapter first, then fully_shard" in message, message
 
 
 def test_value_cast_codes_are_refused(rank_results):

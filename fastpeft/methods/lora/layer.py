@@ -23,7 +23,7 @@ from fastpeft.methods.base_layers import (
     require_base_layer,
 )
 from fastpeft.methods.quantized_base import QuantizedBaseState, add_to_quantized
-from fastpeft.methods.sharding import sharded_apart
+from fastpeft.methods.sharding import is_sharded, sharded_apart
 from fastpeft.ops.checks import require_finite, require_probability
 from fastpeft.ops.lora_linear import lora_linear
 from fastpeft.ops.qlora_linear import qlora_linear
@@ -79,6 +79,10 @@ class LoRALinear(AdapterLayer):
     """
 
     ADAPTER_KIND = "LoRA"
+    # Whether the wrapped layer's weight was already an FSDP2 shard at wrap time (an adapter
+    # loaded into a sharded model): FSDP2 then gathers it into the wrapped module, where the
+    # forward reads it, not into this layer.
+    _wraps_sharded_base = False
 
     def __init__(
         self,
@@ -165,6 +169,7 @@ class LoRALinear(AdapterLayer):
         self.in_features, self.out_features = kind.features(base)
         self.weight = weight
         self.bias = bias
+        self._wraps_sharded_base = is_sharded(weight)
         # The wrapped module, not registered as a submodule (its parameters are this layer's
         # own): ``base_module()`` hands it back, e.g. to unload the adapter.
         object.__setattr__(self, "_base_module", base)
@@ -198,9 +203,16 @@ class LoRALinear(AdapterLayer):
     def scaling(self) -> float:
         return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
 
+    def _base_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The base weight and bias the forward uses: this layer's, or the wrapped module's
+        where FSDP2 gathers them (``_wraps_sharded_base``)."""
+        owner = self._base_module if self._wraps_sharded_base else self
+        return owner.weight, owner.bias
+
     def _weight_out_in(self) -> torch.Tensor:
         """The base weight as ``[out, in]`` (a transposed view for fan_in_fan_out)."""
-        return self.weight.t() if self.fan_in_fan_out else self.weight
+        weight = self._base_tensors()[0]
+        return weight.t() if self.fan_in_fan_out else weight
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B A`` in the base weight's layout (``[out, in]``, or ``[in, out]`` with
@@ -237,8 +249,11 @@ class LoRALinear(AdapterLayer):
         when they changed (a registration per forward costs more than the rest of a QLoRA
         layer's Python work). FSDP2 swaps its sharded and all-gathered parameters into this
         layer: without the sync the wrapped module would keep the original full weight alive
-        after sharding (FSDP2 frees it only once nothing else holds it)."""
+        after sharding (FSDP2 frees it only once nothing else holds it). A layer wrapping an
+        already sharded base leaves the wrapped module as FSDP2 set it."""
         base = self._base_module
+        if self._wraps_sharded_base:
+            return base
         if base.weight is not self.weight:
             base.weight = self.weight
         if base.bias is not self.bias:
@@ -257,11 +272,11 @@ class LoRALinear(AdapterLayer):
         return self._fused_forward(x)
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self._weight_out_in(), self.bias)
+        return F.linear(x, self._weight_out_in(), self._base_tensors()[1])
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         return lora_linear(
-            x, self._weight_out_in(), self.bias, self.lora_A.weight, self.lora_B.weight,
+            x, self._weight_out_in(), self._base_tensors()[1], self.lora_A.weight, self.lora_B.weight,
             self.scaling, self.lora_dropout, self.training,
         )
 
