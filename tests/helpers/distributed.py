@@ -63,14 +63,14 @@ def rank_process_group(rank: int, port: int) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def spawn_ranks(worker: Callable[[int, int, str], None], out_dir: Path, what: str) -> list[dict]:
-    """Spawn ``WORLD`` ranks running ``worker(rank, port, out_dir)`` (bounded by
+def spawn_ranks(worker: Callable[[int, int, str], None], out_dir: Path, what: str, ranks: int = WORLD) -> list[dict]:
+    """Spawn ``ranks`` processes running ``worker(rank, port, out_dir)`` (bounded by
     ``SPAWN_TIMEOUT_S``); the results each saved as ``rank{r}.pt`` in ``out_dir``."""
     loopback = _loopback_interface()
     with pytest.MonkeyPatch.context() as env:
         if loopback is not None and "GLOO_SOCKET_IFNAME" not in os.environ:
             env.setenv("GLOO_SOCKET_IFNAME", loopback)  # else gloo binds the hostname's interface
-        context = mp.start_processes(worker, args=(_free_port(), str(out_dir)), nprocs=WORLD,
+        context = mp.start_processes(worker, args=(_free_port(), str(out_dir)), nprocs=ranks,
                                      join=False, start_method="spawn")
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     try:
@@ -81,7 +81,7 @@ def spawn_ranks(worker: Callable[[int, int, str], None], out_dir: Path, what: st
         for process in context.processes:
             if process.is_alive():
                 process.kill()
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(ranks)]
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,8 @@ What the CPU forces on these runs, and how each was handled:
   state dicts, DCP checkpoints) is accelerate's and Trainer's own code;
 * under DeepSpeed without an accelerator accelerate counts one process while DeepSpeed runs
   two: each rank gets the whole batch (so the reference is one process on it), and
-  evaluation's gather fails in accelerate, so ``load_best_model_at_end`` is checked under
-  DDP and FSDP2 only.
+  evaluation's gather fails in accelerate, so ``load_best_model_at_end`` under DeepSpeed runs
+  in one process.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch
 
 import fastpeft
 from fastpeft.api.adapters import adapter_state_dict
-from tests.helpers.distributed import WORLD, full, spawn_ranks
+from tests.helpers.distributed import WORLD, spawn_ranks
 from tests.helpers.numerics import TOLERANCE, relative_error
 from tests.helpers.trainer import SAVE_STEPS, STEPS, CountingDataset, training_args
 from tests.helpers.training import build_model, lora_model, one_thread
@@ -67,6 +67,7 @@ STACKS.update({"zero2": (ZERO2, False, False), "zero2-line": (ZERO2, True, False
                "zero3": (ZERO3, False, False), "zero3-line": (ZERO3, True, False)})
 ACCELERATE_STACKS = ("ddp", "fsdp2-full", "fsdp2-sharded")
 DEEPSPEED_STACKS = ("zero2", "zero2-line", "zero3", "zero3-line")
+DEEPSPEED_BEST_STACKS = ("zero2-line", "zero3")  # run in one process (see the module docstring)
 ZERO3_UNGATHERED = dict(use_cpu=False, deepspeed={"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu":
                                                   PER_DEVICE, "gradient_accumulation_steps": 1})
 ADAPTER = "adapter_model.safetensors"
@@ -106,6 +107,31 @@ def _outcome(call) -> str:
     return "no error"
 
 
+def _best_run(stack: str, out: Path) -> str:
+    """A run with ``load_best_model_at_end`` whose best checkpoint is the first one (the metric
+    is the evaluation loss, made "greater is better"), then ``save_model`` of the model it ends
+    with into ``<stack>-best/final``; the best checkpoint's path."""
+    settings, line, _ = STACKS[stack]
+    trainer = _trainer(settings, line, out / f"{stack}-best", load_best_model_at_end=True, eval_strategy="steps",
+                       eval_steps=SAVE_STEPS, metric_for_best_model="loss", greater_is_better=True)
+    trainer.train()
+    trainer.save_model(str(out / f"{stack}-best" / "final"))
+    return trainer.state.best_model_checkpoint
+
+
+def _deepspeed_best_worker(rank: int, port: int, out_dir: str) -> None:
+    """The one rank of DeepSpeed runs keeping the best model (with two, accelerate on a CPU
+    counts one process and evaluation fails): ZeRO-2 with the line, ZeRO-3 without."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                      LOCAL_WORLD_SIZE="1", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    results = {}
+    for stack in DEEPSPEED_BEST_STACKS:
+        accelerate.state.AcceleratorState._reset_state()
+        results[f"{stack}-best"] = _best_run(stack, Path(out_dir))
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+
+
 def _worker(stacks: tuple[str, ...], rank: int, port: int, out_dir: str) -> None:
     """One rank: for each stack a run, a resumed run (and under FSDP2 a run keeping the best
     model, whose adapter it saves); under DeepSpeed also the ZeRO-3 refusals."""
@@ -121,13 +147,7 @@ def _worker(stacks: tuple[str, ...], rank: int, port: int, out_dir: str) -> None
         _trainer(settings, line, out / f"{stack}-resumed").train(
             resume_from_checkpoint=str(out / stack / f"checkpoint-{SAVE_STEPS}"))
         if stack in ACCELERATE_STACKS:
-            trainer = _trainer(settings, line, out / f"{stack}-best", load_best_model_at_end=True,
-                               eval_strategy="steps", eval_steps=SAVE_STEPS, metric_for_best_model="loss")
-            trainer.train()
-            model = trainer.accelerator.unwrap_model(trainer.model)
-            results[f"{stack}-best"] = {
-                "checkpoint": trainer.state.best_model_checkpoint,
-                "adapter": {n: full(p.detach()) for n, p in model.named_parameters() if p.requires_grad}}
+            results[f"{stack}-best"] = _best_run(stack, out)
     if stacks == DEEPSPEED_STACKS:
         results["early"] = _outcome(lambda: _trainer(ZERO3_UNGATHERED, True, out / "zero3-early"))
         results["first_checkpoint"] = _outcome(lambda: _trainer(ZERO3_UNGATHERED, False, out / "zero3-late").train())
@@ -147,6 +167,12 @@ def accelerate_runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def deepspeed_runs(tmp_path_factory):
     return _spawned(tmp_path_factory, DEEPSPEED_STACKS)
+
+
+@pytest.fixture(scope="module")
+def deepspeed_best_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trainer-deepspeed-best")
+    return out, spawn_ranks(_deepspeed_best_worker, out, "Trainer keeping the best model under DeepSpeed", ranks=1)
 
 
 @pytest.fixture(scope="module")
@@ -203,18 +229,18 @@ def test_resuming_reproduces_the_run(stack, accelerate_runs, deepspeed_runs):
     assert all(torch.equal(resumed[k], v) for k, v in uninterrupted.items())
 
 
-@pytest.mark.parametrize("stack", ACCELERATE_STACKS)
-def test_load_best_model_at_end(stack, accelerate_runs):
-    """``load_best_model_at_end``: after training, every rank's model holds the adapter of the
-    best checkpoint."""
-    out, results = accelerate_runs
-    for rank, result in enumerate(results):
-        best = result[f"{stack}-best"]
-        assert best["checkpoint"] is not None
-        saved = safetensors.torch.load_file(Path(best["checkpoint"]) / ADAPTER)
-        adapter = {f"base_model.model.{n}": v for n, v in best["adapter"].items()}
-        assert adapter.keys() == saved.keys()
-        assert all(torch.equal(adapter[k], v) for k, v in saved.items()), f"rank {rank}"
+@pytest.mark.parametrize("stack", [*ACCELERATE_STACKS, *DEEPSPEED_BEST_STACKS])
+def test_load_best_model_at_end(stack, accelerate_runs, deepspeed_best_runs):
+    """``load_best_model_at_end`` with the first checkpoint the best: the model the run ends
+    with (saved by ``save_model``) holds that checkpoint's adapter, not the last one's."""
+    out, results = accelerate_runs if stack in ACCELERATE_STACKS else deepspeed_best_runs
+    run = out / f"{stack}-best"
+    assert all(result[f"{stack}-best"] == str(run / f"checkpoint-{SAVE_STEPS}") for result in results)
+    best, last, final = (safetensors.torch.load_file(run / name / ADAPTER)
+                         for name in (f"checkpoint-{SAVE_STEPS}", f"checkpoint-{STEPS}", "final"))
+    assert final.keys() == best.keys()
+    assert all(torch.equal(final[k], v) for k, v in best.items())
+    assert not all(torch.equal(final[k], v) for k, v in last.items())
 
 
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
