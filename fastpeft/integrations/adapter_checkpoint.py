@@ -94,17 +94,17 @@ class AdapterFiles(NamedTuple):
     config_json: dict[str, Any]
 
 
-def _lora_files(model: nn.Module) -> AdapterFiles:
+def _lora_files(model: nn.Module, saved: dict[str, torch.Tensor]) -> AdapterFiles:
     live = model.state_dict(keep_vars=True)
-    targets = {key: live[key.removeprefix(peft_format.KEY_PREFIX)] for key in adapter_state_dict(model)}
+    targets = {key: live[key.removeprefix(peft_format.KEY_PREFIX)] for key in saved}
     return AdapterFiles("LORA", PEFT_WEIGHTS_NAME, lambda data: _fields(LoraConfig.from_dict(data)), targets,
                         peft_format.saved_lora_config(model))
 
 
-def _prompt_files(model: nn.Module) -> AdapterFiles:
+def _prompt_files(model: nn.Module, saved: dict[str, torch.Tensor]) -> AdapterFiles:
     live = model.state_dict(keep_vars=True)
     targets = {}
-    for key in adapter_state_dict(model):
+    for key in saved:
         if key == peft_prompt.EMBEDDINGS_KEY:
             if unsaved_encoder(model) is None:  # the stored prompts / prefix are the encoder's weight
                 targets[key] = live[f"{ENCODER_NAME}.embedding.weight"]
@@ -118,7 +118,7 @@ def _prompt_files(model: nn.Module) -> AdapterFiles:
     return AdapterFiles(kind, PEFT_WEIGHTS_NAME, describe, targets, peft_prompt.saved_prompt_config(model))
 
 
-def _bottleneck_files(model: nn.Module) -> AdapterFiles:
+def _bottleneck_files(model: nn.Module, saved: dict[str, torch.Tensor]) -> AdapterFiles:
     def describe(data: object) -> dict[str, object]:
         if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
             raise ValueError("not an AdapterHub adapter config (a JSON object with 'config')")
@@ -129,15 +129,16 @@ def _bottleneck_files(model: nn.Module) -> AdapterFiles:
                         adapterhub.adapterhub_parameters(model), adapterhub.adapterhub_config(model))
 
 
-# How each method of ``fastpeft.api.adapters.METHODS`` (by name) is checkpointed.
-_CHECKPOINT_FILES: dict[str, Callable[[nn.Module], AdapterFiles]] = {
+# How each method of ``fastpeft.api.adapters.METHODS`` (by name) is checkpointed, given the model
+# and its ``adapter_state_dict`` (the keys a save writes).
+_CHECKPOINT_FILES: dict[str, Callable[[nn.Module, dict[str, torch.Tensor]], AdapterFiles]] = {
     "LoRA": _lora_files, "bottleneck": _bottleneck_files, "prompt learning": _prompt_files,
 }
 
 
-def model_adapter_files(model: nn.Module) -> AdapterFiles:
-    """The ``AdapterFiles`` of the model's adapter; ValueError when it has none."""
-    return _CHECKPOINT_FILES[require_adapter(model).name](model)
+def model_adapter_files(model: nn.Module, saved: dict[str, torch.Tensor]) -> AdapterFiles:
+    """The ``AdapterFiles`` of the model's adapter, whose ``adapter_state_dict`` is ``saved``."""
+    return _CHECKPOINT_FILES[require_adapter(model).name](model, saved)
 
 
 def _file_kind(snapshot: Snapshot) -> str:
@@ -191,8 +192,8 @@ def load_adapter_weights(model: nn.Module, directory: str | bytes | os.PathLike)
         FileNotFoundError: ``directory`` does not exist or lacks the config or a weight file.
         TypeError: ``directory`` is not a str, bytes or ``os.PathLike`` path.
     """
-    files = model_adapter_files(model)
-    saved = adapter_state_dict(model)  # of a sharded model: gathered on every rank (a collective)
+    saved = adapter_state_dict(model)  # of a sharded model: gathered on every rank (a collective), once
+    files = model_adapter_files(model, saved)
     targets = _checkpoint_targets(model, files)
     group = sharded_group(model)
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 
 from fastpeft.kernels.bottleneck.ref import CANONICAL_ACTIVATIONS, canonical_activation
-from fastpeft.ops.bottleneck_adapter import bottleneck_adapter
 from fastpeft.methods.sharding import sharded_apart
+from fastpeft.ops.bottleneck_adapter import bottleneck_adapter
 from fastpeft.ops.checks import require_finite, require_probability
 
 # Inits by name. AdapterHub's: "bert" (N(0, 0.02) weights, zero biases), "mam_adapter"
