@@ -2,7 +2,7 @@
 (gloo on 127.0.0.1 only), bounded in time so that a hang fails the test instead of stalling
 CI, and collects what each rank saved; the sizes and seeds the ranks share; what each rank
 does with a model (``shard_decoder_layers``, ``shard_adapters_apart``, ``adamw_steps``,
-``full``)."""
+``full``) and how it reports an error (``outcome``)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,16 @@ def spawn_ranks(worker: Callable[[int, int, str], None], out_dir: Path, what: st
             if process.is_alive():
                 process.kill()
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(ranks)]
+
+
+def outcome(call: Callable[[], object]) -> str:
+    """What ``call()`` did, as a rank reports it to the parent: ``"ExceptionType: message"``,
+    or ``"no error"``."""
+    try:
+        call()
+    except Exception as error:  # recorded for the parent
+        return f"{type(error).__name__}: {error}"
+    return "no error"
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

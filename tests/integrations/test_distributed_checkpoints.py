@@ -26,6 +26,7 @@ from tests.helpers.distributed import (
     PER_RANK,
     adamw_steps,
     full,
+    outcome,
     rank_process_group,
     shard_adapters_apart,
     shard_decoder_layers,
@@ -60,14 +61,6 @@ def _sharded(seed: int, shard=shard_decoder_layers) -> nn.Module:
             if p.requires_grad:
                 p.copy_(0.1 * torch.randn(p.shape, generator=generator))
     return shard(model)
-
-
-def _outcome(call) -> str:
-    try:
-        call()
-    except Exception as error:  # recorded for the parent
-        return f"{type(error).__name__}: {error}"
-    return "no error"
 
 
 def _loaded_into_sharded(model: nn.Module, directory: Path, rank: int) -> dict:
@@ -111,16 +104,16 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results["dcp_adapter"] = _lora(target)
         results["dcp_adapter_missing"] = sorted(set(unexpected.missing_keys) & trainable)
 
-        results["missing_dir"] = _outcome(lambda: load_adapter_weights(target, out / "no-such-adapter"))
+        results["missing_dir"] = outcome(lambda: load_adapter_weights(target, out / "no-such-adapter"))
         plain = shard_decoder_layers(build_model("llama"))
         parameters = dict(plain.named_parameters())
-        results["inject_sharded"] = _outcome(lambda: fastpeft.inject(plain, lora_config("llama")))
+        results["inject_sharded"] = outcome(lambda: fastpeft.inject(plain, lora_config("llama")))
         after = dict(plain.named_parameters())
         results["sharded_unchanged"] = after.keys() == parameters.keys() and all(
             p is parameters[n] for n, p in after.items())
         results["loaded_into_sharded"] = _loaded_into_sharded(plain, out / "adapter", rank)
         (out / "a-file").write_text("not a directory")
-        results["unwritable"] = _outcome(lambda: fastpeft.save_adapter(source, out / "a-file"))
+        results["unwritable"] = outcome(lambda: fastpeft.save_adapter(source, out / "a-file"))
         torch.save(results, out / f"rank{rank}.pt")
 
 

@@ -36,7 +36,7 @@ import torch
 
 import fastpeft
 from fastpeft.api.adapters import adapter_state_dict
-from tests.helpers.distributed import WORLD, spawn_ranks
+from tests.helpers.distributed import WORLD, outcome, spawn_ranks
 from tests.helpers.numerics import TOLERANCE, relative_error
 from tests.helpers.trainer import SAVE_STEPS, STEPS, CountingDataset, training_args
 from tests.helpers.training import build_model, lora_model, one_thread
@@ -99,14 +99,6 @@ def _trainer(stack_settings: dict, line: bool, out: Path, **overrides) -> transf
     return fastpeft.integrations.enable_adapter_checkpoints(trainer) if line else trainer
 
 
-def _outcome(call) -> str:
-    try:
-        call()
-    except Exception as error:  # recorded for the parent
-        return f"{type(error).__name__}: {error}"
-    return "no error"
-
-
 def _best_run(stack: str, out: Path) -> str:
     """A run with ``load_best_model_at_end`` whose best checkpoint is the first one (the metric
     is the evaluation loss, made "greater is better"), then ``save_model`` of the model it ends
@@ -149,8 +141,8 @@ def _worker(stacks: tuple[str, ...], rank: int, port: int, out_dir: str) -> None
         if stack in ACCELERATE_STACKS:
             results[f"{stack}-best"] = _best_run(stack, out)
     if stacks == DEEPSPEED_STACKS:
-        results["early"] = _outcome(lambda: _trainer(ZERO3_UNGATHERED, True, out / "zero3-early"))
-        results["first_checkpoint"] = _outcome(lambda: _trainer(ZERO3_UNGATHERED, False, out / "zero3-late").train())
+        results["early"] = outcome(lambda: _trainer(ZERO3_UNGATHERED, True, out / "zero3-early"))
+        results["first_checkpoint"] = outcome(lambda: _trainer(ZERO3_UNGATHERED, False, out / "zero3-late").train())
     torch.save(results, out / f"rank{rank}.pt")
 
 
@@ -260,6 +252,6 @@ def test_zero3_without_gathered_weights_fails_clearly(deepspeed_runs):
     refuses it before training; without it the first checkpoint raises, naming the option
     (rank 0 writes; the other rank's save does nothing and it fails on the lost peer)."""
     first = deepspeed_runs[1][0]
-    for outcome in (first["early"], first["first_checkpoint"]):
-        assert outcome.startswith("ValueError") and "stage3_gather_16bit_weights_on_model_save" in outcome, outcome
+    for reported in (first["early"], first["first_checkpoint"]):
+        assert reported.startswith("ValueError") and "stage3_gather_16bit_weights_on_model_save" in reported, reported
     assert deepspeed_runs[1][1]["early"].startswith("ValueError")
