@@ -16,6 +16,7 @@ the adapter goes.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,13 +26,13 @@ import torch
 import torch.nn as nn
 
 from fastpeft.api import pretrained_save
-from fastpeft.formats import adapterhub, peft_prompt, save_journal
+from fastpeft.formats import adapterhub, peft_prompt, save_journal, trainer_copy
 from fastpeft.formats import peft as peft_format
-from fastpeft.formats.file_names import ADAPTER_FILE_NAMES, CONFIG_NAME
-from fastpeft.formats.given_state_dict import adapter_entries, substituted
+from fastpeft.formats.file_names import ADAPTER_FILE_NAMES, CONFIG_NAME, SAVED_FILE_NAMES, TRAINER_COPY_NAME
+from fastpeft.formats.given_state_dict import adapter_entries, state_keys, substituted
 from fastpeft.formats.rank_zero import broadcast_object, on_rank_zero
 from fastpeft.formats.safe_write import fs_path
-from fastpeft.formats.saved_tensors import sharded_group
+from fastpeft.formats.saved_tensors import cpu_copies, sharded_group
 from fastpeft.formats.snapshot import CopiedSnapshot, Snapshot, copy_files, open_snapshot
 from fastpeft.methods.base_layers import base_layer_kind
 from fastpeft.methods.bottleneck.config import AdapterConfig
@@ -42,6 +43,8 @@ from fastpeft.methods.prompt.config import PromptLearningConfig
 from fastpeft.methods.prompt.model import inject_prompt, unload_prompt
 from fastpeft.methods.sharding import shard_new_modules
 from fastpeft.methods.state import adapter_state, require_module
+
+logger = logging.getLogger(__name__)
 
 
 def _prompt_merge(model: nn.Module) -> nn.Module:
@@ -152,7 +155,7 @@ def _load_into_sharded(model: nn.Module, directory: str | bytes | os.PathLike, o
                          "whose quantization state FSDP2's shards lack: load the adapter first, then fully_shard")
 
     def read() -> dict[str, bytes]:
-        with open_snapshot(directory, ADAPTER_FILE_NAMES) as snapshot:
+        with open_snapshot(directory, SAVED_FILE_NAMES) as snapshot:
             return copy_files(snapshot, ADAPTER_FILE_NAMES)
 
     files = broadcast_object(group, on_rank_zero(group, "read the adapter", read))
@@ -169,7 +172,7 @@ def _load_into_sharded(model: nn.Module, directory: str | bytes | os.PathLike, o
 
 
 def _adapted(model: nn.Module) -> nn.Module:
-    pretrained_save.attach(model, save_adapter)
+    pretrained_save.attach(model, save_pretrained_adapter)
     return model
 
 
@@ -323,24 +326,54 @@ def save_adapter(model: nn.Module, directory: str | bytes | os.PathLike, *,
         PermissionError: ``directory`` is not writable (permissions or a read-only
             filesystem); nothing in it was changed.
     """
+    _save(model, directory, state_dict, with_trainer_copy=False)
+
+
+def save_pretrained_adapter(model: nn.Module, directory: str | bytes | os.PathLike, *,
+                            state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
+    """``save_adapter``, plus the Trainer copy (``fastpeft.formats.trainer_copy``: the
+    adapter's tensors under the model's own keys in ``model.safetensors``, from which HF
+    Trainer resumes) in the same commit, unless the directory holds a transformers model's
+    files: what an adapted transformers model's ``save_pretrained`` writes."""
+    _save(model, directory, state_dict, with_trainer_copy=True)
+
+
+def _save(model: nn.Module, directory: str | bytes | os.PathLike, state_dict: Mapping[str, torch.Tensor] | None,
+          with_trainer_copy: bool) -> None:
+    """``save_adapter`` (see there); ``with_trainer_copy``: also the Trainer copy."""
+    method = require_adapter(model)
+    sources = method.sources(model)
     if state_dict is not None:
-        method = require_adapter(model)
-        with substituted(model, adapter_entries(model, method.sources(model), state_dict)):
+        entries = adapter_entries(model, sources, state_dict)
+        with substituted(model, entries):
             files = method.saved_files(model)
-        _write_files(directory, files)
+        _write_files(directory, files, cpu_copies(entries) if with_trainer_copy else None)
         return
-    files = saved_files(model)
+    files = method.saved_files(model)
+    # gathers a sharded model's tensors: on every rank, in the same order
+    copy = cpu_copies(dict(zip(state_keys(model, sources), sources))) if with_trainer_copy else None
     group = sharded_group(model)
     if group is None:
-        _write_files(directory, files)
+        _write_files(directory, files, copy)
         return
-    on_rank_zero(group, "write the adapter", lambda: _write_files(directory, files))
+    on_rank_zero(group, "write the adapter", lambda: _write_files(directory, files, copy))
 
 
-def _write_files(directory: str | bytes | os.PathLike, files: dict[str, bytes]) -> None:
-    """``save_adapter``'s one all-or-nothing commit of an adapter's ``files``."""
-    save_journal.save_files(directory, files, removes=ADAPTER_FILE_NAMES - files.keys(), hide=(CONFIG_NAME,),
-                            allowed=ADAPTER_FILE_NAMES)
+def _write_files(directory: str | bytes | os.PathLike, files: dict[str, bytes],
+                 copy: dict[str, torch.Tensor] | None) -> None:
+    """``save_adapter``'s one all-or-nothing commit of an adapter's ``files``, with the Trainer
+    ``copy`` (unless the directory holds a model's files: then logged and left out), or, given
+    none, removing an earlier save's copy."""
+    has_copy, model_files = trainer_copy.found_in(directory)
+    removes = ADAPTER_FILE_NAMES - files.keys()
+    if copy is not None and not model_files:
+        files = {TRAINER_COPY_NAME: trainer_copy.copy_bytes(copy), **files}  # the config stays last
+    elif has_copy:
+        removes |= {TRAINER_COPY_NAME}
+    if copy is not None and model_files:
+        logger.info("save_pretrained: %s holds a model's files (%s), so the adapter is saved without the copy "
+                    "Trainer resumes from (model.safetensors)", fs_path(directory), ", ".join(model_files))
+    save_journal.save_files(directory, files, removes=removes, hide=(CONFIG_NAME,), allowed=SAVED_FILE_NAMES)
 
 
 def load_adapter(
@@ -396,6 +429,6 @@ def load_adapter(
     if group is not None:
         _load_into_sharded(model, directory, options, group)
         return _adapted(model)
-    with open_snapshot(directory, ADAPTER_FILE_NAMES) as snapshot:
+    with open_snapshot(directory, SAVED_FILE_NAMES) as snapshot:
         next(f for f in FORMATS if f.detect(snapshot)).load(model, snapshot, options)
     return _adapted(model)

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from fastpeft.api import pretrained_save
 from fastpeft.api.adapters import merge_and_unload as merge_and_unload_model
-from fastpeft.api.adapters import save_adapter
+from fastpeft.api.adapters import save_adapter, save_pretrained_adapter
 from fastpeft.methods.base_layers import BASE_LAYER_KINDS, base_layer_kind
 from fastpeft.methods.lora.config import LoraConfig
 from fastpeft.methods.lora.layer import LoRALinear
@@ -129,7 +129,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     (adapter, peft_config), = configs.items()
     if getattr(peft_config, "is_prompt_learning", False):
         model = _from_peft_prompt(peft_model, adapter, peft_config)
-        pretrained_save.attach(model, save_adapter)
+        pretrained_save.attach(model, save_pretrained_adapter)
         return model
     config = LoraConfig.from_dict(peft_config.to_dict())
     model = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model.model
@@ -158,7 +158,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         for path, module in replacements.items():
             model.set_submodule(path, module)
     record_adapter(model, AdapterState(config, tuple(modules_to_save)))
-    pretrained_save.attach(model, save_adapter)
+    pretrained_save.attach(model, save_pretrained_adapter)
     _retire_peft_wrapper(peft_model, model)
     return model
 

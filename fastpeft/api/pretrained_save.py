@@ -6,11 +6,14 @@ model.
 ``fastpeft.inject`` / ``load_adapter`` change a model in place and keep its class, so the
 class's ``save_pretrained`` would write every base weight (plus LoRA tensors under keys that
 ``from_pretrained`` ignores): for an 8B model, 16 GB where the adapter is tens of MB. HF
-``Trainer`` writes its checkpoints and ``save_model()`` through ``model.save_pretrained``.
+``Trainer`` writes its checkpoints and ``save_model()`` through ``model.save_pretrained``,
+and resumes from ``model.safetensors``: the save also writes the adapter's tensors there,
+under the model's own keys (the Trainer copy, ``fastpeft.formats.trainer_copy``).
 ``attach`` (called by ``fastpeft.api`` when an adapter is installed, with the function that
-saves it, ``fastpeft.save_adapter``) shadows the class's method on the one model object with
-an ``AdapterSavePretrained``; ``detach`` (called by ``merge_and_unload`` / ``unload``) puts
-the class's back, so a merged (or unloaded) model saves in full again.
+saves it, ``fastpeft.api.adapters.save_pretrained_adapter``) shadows the class's method on
+the one model object with an ``AdapterSavePretrained``; ``detach`` (called by
+``merge_and_unload`` / ``unload``) puts the class's back, so a merged (or unloaded) model
+saves in full again.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ IGNORED_OPTIONS = frozenset({"max_shard_size", "save_function", "safe_serializat
 class AdapterSavePretrained:
     """The ``save_pretrained`` of one adapted transformers model, kept in its instance
     ``__dict__``. It holds the model itself and ``save(model, directory, state_dict=None)``
-    (``fastpeft.save_adapter``), the module-level function that writes its adapter, so
+    (``save_pretrained_adapter``), the module-level function that writes its adapter, so
     ``copy.deepcopy`` and pickling carry it over bound to the copy."""
 
     def __init__(self, model: nn.Module, save: Callable[..., None]) -> None:
@@ -49,10 +52,12 @@ class AdapterSavePretrained:
         state_dict: dict | None = None,
         **kwargs: Any,
     ) -> None:
-        """Write the adapter to ``save_directory`` with ``fastpeft.save_adapter`` (its type's
+        """Write the adapter to ``save_directory`` as ``fastpeft.save_adapter`` does (its type's
         native files: PEFT's ``adapter_config.json`` + ``adapter_model.safetensors`` for LoRA
         and prompt learning, AdapterHub's ``adapter_config.json`` + ``adapter.safetensors``
-        for bottleneck adapters) when ``is_main_process``; other processes write nothing (a model
+        for bottleneck adapters), plus its Trainer copy (``model.safetensors``, the adapter's
+        tensors under the model's keys, unless the directory holds a model's files), when
+        ``is_main_process``; other processes write nothing (a model
         sharded with FSDP2: every process gathers the adapter and rank 0 of its mesh writes,
         ``fastpeft.save_adapter``). A
         prefix MLP or P-tuning MLP / LSTM, which PEFT's file lacks, is also written to

@@ -1,6 +1,7 @@
 """The names of the files the adapter formats read and write, in one place: each format's
-module takes its names from here, and ``ADAPTER_FILE_NAMES`` (every name a save writes or
-removes) is what a save journal may name and what a save clears of other saves' files."""
+module takes its names from here. ``ADAPTER_FILE_NAMES`` (the adapter formats' files) is what
+a save clears of other saves' files; ``SAVED_FILE_NAMES`` (those and the Trainer copy) is
+every name a save journal may name."""
 
 from __future__ import annotations
 
@@ -20,3 +21,9 @@ ENCODER_STATE_NAME = "fastpeft_prompt_encoder.safetensors"
 ADAPTER_FILE_NAMES = frozenset({
     CONFIG_NAME, PEFT_WEIGHTS_NAME, PEFT_PICKLE_NAME, HUB_WEIGHTS_NAME, HUB_PICKLE_NAME, ENCODER_STATE_NAME,
 })
+
+# transformers' SAFE_WEIGHTS_NAME: a transformers model's save_pretrained also writes the
+# adapter's tensors here under the model's own keys, for HF Trainer to resume from
+# (fastpeft.formats.trainer_copy). fastpeft's loaders never read it as an adapter.
+TRAINER_COPY_NAME = "model.safetensors"
+SAVED_FILE_NAMES = ADAPTER_FILE_NAMES | {TRAINER_COPY_NAME}

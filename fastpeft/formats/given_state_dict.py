@@ -34,6 +34,12 @@ def full_shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(t, "ds_shape", t.shape))
 
 
+def state_keys(model: nn.Module, sources: Sequence[torch.Tensor]) -> list[str]:
+    """The ``model.state_dict()`` keys of the model's tensors ``sources``."""
+    names = {id(t): key for key, t in model.state_dict(keep_vars=True).items()}
+    return [names[id(t)] for t in sources]
+
+
 def adapter_entries(model: nn.Module, sources: Sequence[torch.Tensor], state_dict: object) -> dict[str, torch.Tensor]:
     """The entries of ``state_dict`` (keyed as ``model.state_dict()``) for the model's tensors
     ``sources`` (those a save of its adapter reads), checked.
@@ -46,8 +52,7 @@ def adapter_entries(model: nn.Module, sources: Sequence[torch.Tensor], state_dic
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of state-dict keys to tensors, got {type(state_dict).__name__}")
-    names = {id(t): key for key, t in model.state_dict(keep_vars=True).items()}
-    keys = [names[id(t)] for t in sources]
+    keys = state_keys(model, sources)
     if not state_dict:
         raise ValueError(f"state_dict is empty: it holds none of the adapter's {len(keys)} tensors, and a save from it "
                          f"would write no weights (DeepSpeed ZeRO-3 hands Trainer an empty one when "

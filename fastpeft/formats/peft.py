@@ -19,7 +19,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from fastpeft.formats.file_names import ADAPTER_FILE_NAMES, CONFIG_NAME, PEFT_PICKLE_NAME, PEFT_WEIGHTS_NAME
+from fastpeft.formats.file_names import CONFIG_NAME, PEFT_PICKLE_NAME, PEFT_WEIGHTS_NAME, SAVED_FILE_NAMES
 from fastpeft.formats.saved_tensors import check_tensors, cpu_copy, module_tensors
 from fastpeft.formats.snapshot import Snapshot, open_snapshot
 from fastpeft.methods.lora.config import LoraConfig
@@ -98,7 +98,7 @@ def read_lora_adapter(directory: str | bytes | os.PathLike,
     Raises:
         FileNotFoundError / NotADirectoryError / ValueError: as ``load_adapter``.
     """
-    with open_snapshot(directory, ADAPTER_FILE_NAMES) as snapshot:
+    with open_snapshot(directory, SAVED_FILE_NAMES) as snapshot:
         return _read_lora(snapshot, allow_pickle)
 
 

@@ -9,8 +9,10 @@ at most ``limit`` bytes; it never blocks on a FIFO and never leaks its descripto
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+from collections.abc import Iterator
 
 # Largest config file read (adapter_config.json and the like). PEFT's configs are a few KB;
 # a target_modules list naming every linear of a 1000-layer model is under 1 MiB.
@@ -41,6 +43,32 @@ def exists(dir_fd: int, name: str) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _open_regular(dir_fd: int, name: str, display: str) -> Iterator[tuple[int, int]]:
+    """The regular file ``name`` opened read-only: (descriptor, size), closed after the block."""
+    _require_regular(os.stat(name, dir_fd=dir_fd).st_mode, display)  # before open: a device is never opened
+    # O_NONBLOCK: if the name was swapped for a FIFO since the stat, open does not wait for a writer.
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+    try:
+        info = os.fstat(fd)
+        _require_regular(info.st_mode, display)
+        yield fd, info.st_size
+    finally:
+        os.close(fd)
+
+
+def _read(fd: int, size: int) -> bytes:
+    """Up to ``size`` bytes from the start of ``fd`` (fewer if the file ends first)."""
+    chunks, left = [], size
+    while left > 0:
+        chunk = os.read(fd, min(left, _CHUNK_BYTES))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
 def read_regular(dir_fd: int, name: str, limit: int, display: str) -> bytes:
     """The contents of the regular file ``name`` in the directory ``dir_fd`` (symlinks
     followed); ``display`` is its path for messages.
@@ -50,22 +78,20 @@ def read_regular(dir_fd: int, name: str, limit: int, display: str) -> bytes:
         ValueError: it is not a regular file (directory, FIFO, device, socket), or larger
             than ``limit`` bytes.
     """
-    _require_regular(os.stat(name, dir_fd=dir_fd).st_mode, display)  # before open: a device is never opened
-    # O_NONBLOCK: if the name was swapped for a FIFO since the stat, open does not wait for a writer.
-    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
-    try:
-        info = os.fstat(fd)
-        _require_regular(info.st_mode, display)
-        if info.st_size > limit:
-            raise ValueError(f"{display!r} is {info.st_size} bytes, more than the {limit} bytes fastpeft reads "
+    with _open_regular(dir_fd, name, display) as (fd, size):
+        if size > limit:
+            raise ValueError(f"{display!r} is {size} bytes, more than the {limit} bytes fastpeft reads "
                              "from such an adapter file")
-        chunks, left = [], info.st_size
-        while left > 0:
-            chunk = os.read(fd, min(left, _CHUNK_BYTES))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+        return _read(fd, size)
+
+
+def read_head(dir_fd: int, name: str, size: int, display: str) -> bytes:
+    """The first ``size`` bytes of the regular file ``name`` (all of it if shorter): a
+    header, read without reading a large file whole.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: it is not a regular file.
+    """
+    with _open_regular(dir_fd, name, display) as (fd, _):
+        return _read(fd, size)

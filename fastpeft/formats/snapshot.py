@@ -24,7 +24,7 @@ import fcntl
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import safetensors.torch
 import torch
@@ -61,11 +61,20 @@ class Snapshot:
             FileNotFoundError: ``no <name> in <directory>``.
             ValueError: not a regular file, or larger than ``limit``.
         """
+        return self._read(name, lambda source: safe_read.read_regular(self._fd, source, limit, self.file_path(name)))
+
+    def read_head(self, name: str, size: int) -> bytes:
+        """The first ``size`` bytes of ``name`` (a regular file; all of it if shorter): a
+        header, without reading a large file whole. Raises as ``read_bytes``."""
+        return self._read(name, lambda source: safe_read.read_head(self._fd, source, size, self.file_path(name)))
+
+    def _read(self, name: str, read: Callable[[str], bytes]) -> bytes:
+        """``read(source)`` of the file the save has under ``name``, errors naming it."""
         source = self._source(name)
         try:
             if source is None:
                 raise FileNotFoundError
-            return safe_read.read_regular(self._fd, source, limit, self.file_path(name))
+            return read(source)
         except FileNotFoundError:
             raise FileNotFoundError(errno.ENOENT, f"no {name} in {self.path!r}") from None
         except OSError as exc:
@@ -187,10 +196,16 @@ class CopiedSnapshot(Snapshot):
         return name in self._files
 
     def read_bytes(self, name: str, limit: int) -> bytes:
+        if len(self._copied(name)) > limit:
+            raise ValueError(f"{self.file_path(name)!r} is larger than {limit} bytes")
+        return self._files[name]
+
+    def read_head(self, name: str, size: int) -> bytes:
+        return self._copied(name)[:size]
+
+    def _copied(self, name: str) -> bytes:
         if name not in self._files:
             raise FileNotFoundError(errno.ENOENT, f"no {name} in {self.path!r}")
-        if len(self._files[name]) > limit:
-            raise ValueError(f"{self.file_path(name)!r} is larger than {limit} bytes")
         return self._files[name]
 
 

@@ -29,14 +29,14 @@ import torch
 import torch.nn as nn
 
 from fastpeft.api.adapters import adapter_state_dict, require_adapter
-from fastpeft.formats import adapterhub, peft_prompt
+from fastpeft.formats import adapterhub, peft_prompt, trainer_copy
 from fastpeft.formats import peft as peft_format
 from fastpeft.formats.file_names import (
-    ADAPTER_FILE_NAMES,
     CONFIG_NAME,
     ENCODER_STATE_NAME,
     HUB_WEIGHTS_NAME,
     PEFT_WEIGHTS_NAME,
+    SAVED_FILE_NAMES,
 )
 from fastpeft.formats.peft_prompt import unsaved_encoder
 from fastpeft.formats.rank_zero import copy_from_rank_zero, on_rank_zero
@@ -48,11 +48,6 @@ from fastpeft.methods.prompt.config import prompt_config_from_dict
 from fastpeft.methods.prompt.model import ENCODER_NAME
 from fastpeft.methods.state import adapter_state
 
-# Weight files of a full transformers checkpoint (transformers' WEIGHTS_NAME, SAFE_WEIGHTS_NAME
-# and their sharded indexes): a directory with one of them is not an adapter-only checkpoint.
-FULL_MODEL_FILES = (
-    "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json",
-)
 # The adapter weight files save_adapter writes: PEFT's (LoRA, prompt learning), AdapterHub's (bottleneck).
 ADAPTER_WEIGHT_FILES = (PEFT_WEIGHTS_NAME, HUB_WEIGHTS_NAME)
 # Config fields that do not describe the adapter's layers or math: a resumed run may differ.
@@ -61,11 +56,12 @@ UNCOMPARED_FIELDS = frozenset({"base_model_name_or_path"})
 
 def is_adapter_checkpoint(directory: str | bytes | os.PathLike) -> bool:
     """Whether ``directory`` holds an adapter in a format ``save_adapter`` writes (PEFT's or
-    AdapterHub's safetensors files) and no full model."""
+    AdapterHub's safetensors files) and no full model's weights (the Trainer copy of the
+    adapter aside: ``trainer_copy.model_weights``)."""
     try:
-        with open_snapshot(directory, ADAPTER_FILE_NAMES) as snapshot:
+        with open_snapshot(directory, SAVED_FILE_NAMES) as snapshot:
             return snapshot.exists(CONFIG_NAME) and any(snapshot.exists(name) for name in ADAPTER_WEIGHT_FILES) \
-                and not any(snapshot.exists(name) for name in FULL_MODEL_FILES)
+                and not trainer_copy.model_weights(snapshot)
     except (FileNotFoundError, NotADirectoryError):
         return False
 
@@ -198,7 +194,7 @@ def load_adapter_weights(model: nn.Module, directory: str | bytes | os.PathLike)
     group = sharded_group(model)
 
     def read() -> dict[str, torch.Tensor]:
-        with open_snapshot(directory, ADAPTER_FILE_NAMES) as snapshot:
+        with open_snapshot(directory, SAVED_FILE_NAMES) as snapshot:
             return _read_checkpoint(model, files, snapshot, saved)
 
     if group is None:

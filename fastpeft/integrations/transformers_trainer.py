@@ -9,12 +9,14 @@ checkpoint holds what a PEFT (or AdapterHub) model's does: ``adapter_config.json
 P-tuning MLP / LSTM adds ``fastpeft_prompt_encoder.safetensors`` (PEFT's file holds only
 their output).
 
-Loading them back needs ``enable_adapter_checkpoints(trainer)``: ``Trainer`` loads an
+Loading them back needs nothing either under DDP or in one process: ``Trainer`` loads an
 adapter-only checkpoint (``train(resume_from_checkpoint=...)``, ``load_best_model_at_end``)
-only into a ``peft.PeftModel`` (an isinstance check), and for any other model looks for
-full weights (``model.safetensors`` or a sharded index) and fails. The function makes one
-trainer load adapter checkpoints into its fastpeft model, in place; any other checkpoint
-goes through Trainer's own code.
+only into a ``peft.PeftModel`` (an isinstance check), and for any other model reads
+``model.safetensors`` non-strictly, which ``save_pretrained`` writes as the Trainer copy of
+the adapter (``fastpeft.formats.trainer_copy``). ``enable_adapter_checkpoints(trainer)``
+makes one trainer load the adapter files into its fastpeft model instead, in place,
+checking that they describe the model's adapter (and logging no missing base keys); any
+other checkpoint goes through Trainer's own code.
 
 Sharded training (what ``tests/integrations/test_trainer_sharded.py`` runs on the CPU):
 
@@ -43,7 +45,7 @@ from typing import TYPE_CHECKING
 import torch.nn as nn
 
 from fastpeft.api import pretrained_save
-from fastpeft.api.adapters import save_adapter
+from fastpeft.api.adapters import save_adapter, save_pretrained_adapter
 from fastpeft.integrations.adapter_checkpoint import is_adapter_checkpoint, load_adapter_weights
 from fastpeft.methods.prompt.config import PrefixTuningConfig
 from fastpeft.methods.state import adapter_state
@@ -128,8 +130,12 @@ def _without_frozen_weights(trainer: Trainer) -> None:
 
 
 def enable_adapter_checkpoints(trainer: Trainer) -> Trainer:
-    """Make ``trainer`` load the adapter-only checkpoints its fastpeft model writes, on
-    ``train(resume_from_checkpoint=...)`` and with ``load_best_model_at_end``; return it.
+    """Make ``trainer`` load the adapter-only checkpoints its fastpeft model writes through
+    fastpeft, on ``train(resume_from_checkpoint=...)`` and with ``load_best_model_at_end``;
+    return it. Under DDP or in one process Trainer also loads them without this (from the
+    Trainer copy, ``model.safetensors``); with it, a checkpoint of another adapter config is
+    refused naming the difference, and the frozen base is not logged as missing. Needed for
+    FSDP2 with sharded state dicts, and to keep DeepSpeed's checkpoints free of the base.
 
     The trainer's ``_load_from_checkpoint`` and ``_load_best_model`` are wrapped on this
     instance (any Trainer subclass, e.g. TRL's): for a checkpoint directory holding an
@@ -162,7 +168,8 @@ def enable_adapter_checkpoints(trainer: Trainer) -> Trainer:
                         "PreTrainedModel; Trainer saves such a model's full state dict")
     _check_training_args(trainer, model)
     _check_sharding(trainer)
-    pretrained_save.attach(model, save_adapter)  # idempotent: inject, load_adapter and from_peft attach it too
+    # idempotent: inject, load_adapter and from_peft attach it too
+    pretrained_save.attach(model, save_pretrained_adapter)
     load_from_checkpoint = trainer._load_from_checkpoint
     load_best_model = trainer._load_best_model
     save_model = trainer.save_model

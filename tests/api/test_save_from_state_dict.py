@@ -6,11 +6,13 @@ adapter is an error that writes nothing."""
 from __future__ import annotations
 
 import pytest
+import safetensors.torch
 import torch
 
 import fastpeft
 from fastpeft.methods.state import adapter_state
 from tests.helpers.adapter_cases import CASES, adapted, base_model
+from tests.helpers.trainer import TRAINER_COPY
 from tests.helpers.training import build_model
 
 transformers = pytest.importorskip("transformers")
@@ -95,13 +97,18 @@ def test_state_dicts_without_the_whole_adapter_are_refused(case, tmp_path):
 
 def test_save_pretrained_takes_the_adapter_from_the_state_dict(tmp_path):
     """``save_pretrained(state_dict=...)`` (Trainer under FSDP / DeepSpeed) writes the adapter
-    from the state dict on the main process, nothing on the others, and refuses an empty one
-    (ZeRO-3 without stage3_gather_16bit_weights_on_model_save) instead of a weightless save."""
+    from the state dict on the main process, and its Trainer copy (the state dict's adapter
+    entries), nothing on the others, and refuses an empty one (ZeRO-3 without
+    stage3_gather_16bit_weights_on_model_save) instead of a weightless save."""
     model = _model(LORA, seed=0)
     state_dict = _perturbed_state_dict(model, seed=3)
     model.save_pretrained(tmp_path / "main", state_dict=state_dict)
     fastpeft.save_adapter(model, tmp_path / "expected", state_dict=state_dict)
-    assert _files(tmp_path / "main") == _files(tmp_path / "expected")
+    main = _files(tmp_path / "main")
+    copy = safetensors.torch.load(main.pop(TRAINER_COPY))
+    assert main == _files(tmp_path / "expected")
+    keys = _adapter_keys(LORA, model)
+    assert copy.keys() == set(keys) and all(torch.equal(copy[k], state_dict[k]) for k in keys)
     model.save_pretrained(tmp_path / "other", state_dict={}, is_main_process=False)
     assert not (tmp_path / "other").exists()
     with pytest.raises(ValueError, match="stage3_gather_16bit_weights_on_model_save"):

@@ -1,7 +1,8 @@
 """Saves are all or nothing for every adapter kind, and every fastpeft reader reads one save.
 
 * ``kill -9`` at random moments of a writer saving two adapters in turn whose configs
-  differ (bottleneck, prompt tuning, prefix tuning with its MLP's extra file): afterwards
+  differ (bottleneck, prompt tuning, prefix tuning with its MLP's extra file, LoRA through
+  ``save_pretrained`` with its Trainer copy, ``model.safetensors``): afterwards
   the directory loads, and holds exactly one save's files (config and every tensor file,
   byte for byte); files that are not the adapter's are untouched;
 * a kill before each file-system call of a save, one by one (every step of the commit);
@@ -35,7 +36,7 @@ import torch.nn as nn
 
 import fastpeft
 from fastpeft.api import adapter_state_dict
-from fastpeft.formats.file_names import ADAPTER_FILE_NAMES
+from fastpeft.formats.file_names import SAVED_FILE_NAMES
 from fastpeft.formats.save_journal import JOURNAL_NAME
 from fastpeft.integrations import load_adapter_weights
 from fastpeft.serving import MultiAdapterModel
@@ -58,6 +59,9 @@ KINDS = {
                                                encoder_hidden_size=24)],
 }
 KINDS["prefix_same"] = [KINDS["prefix_mlp"][0], KINDS["prefix_mlp"][0]]
+# Kinds saved by the model's save_pretrained: the adapter and its Trainer copy in one commit.
+KINDS["lora_pretrained"] = KINDS["lora"]
+PRETRAINED_KINDS = {"lora_pretrained"}
 
 # Kills per kind: at least MIN_KILLS, more (up to MAX_KILLS) until MIN_MID_SAVE of them
 # landed mid-save (temp files or a journal left) and both variants were seen.
@@ -90,16 +94,25 @@ def variant_model(kind: str, index: int) -> nn.Module:
     return model
 
 
+def save(kind: str, index: int, directory: str | Path) -> None:
+    """Save the kind's variant ``index`` to ``directory`` as the kind is saved."""
+    model = variant_model(kind, index)
+    if kind in PRETRAINED_KINDS:
+        model.save_pretrained(directory)
+    else:
+        fastpeft.save_adapter(model, directory)
+
+
 @functools.cache
 def reference_files(kind: str, index: int) -> dict[str, bytes]:
     """Every adapter file a save of the variant writes, name -> bytes."""
     with tempfile.TemporaryDirectory() as directory:
-        fastpeft.save_adapter(variant_model(kind, index), directory)
+        save(kind, index, directory)
         return adapter_files(Path(directory))
 
 
 def adapter_files(directory: Path) -> dict[str, bytes]:
-    return {name: (directory / name).read_bytes() for name in os.listdir(directory) if name in ADAPTER_FILE_NAMES}
+    return {name: (directory / name).read_bytes() for name in os.listdir(directory) if name in SAVED_FILE_NAMES}
 
 
 def same_tensors(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> bool:
@@ -135,12 +148,12 @@ def loaded_variant(kind: str, directory: Path, *, writer_running: bool = False) 
 
 def _child_save_forever(kind: str, directory: str) -> None:
     for i in itertools.count():
-        fastpeft.save_adapter(variant_model(kind, (i + 1) % 2), directory)
+        save(kind, (i + 1) % 2, directory)
 
 
 def _child_save(kind: str, directory: str, times: int) -> None:
     for i in range(times):
-        fastpeft.save_adapter(variant_model(kind, (i + 1) % 2), directory)
+        save(kind, (i + 1) % 2, directory)
 
 
 def _with_keep_files(directory: Path) -> dict[str, bytes]:
@@ -150,10 +163,10 @@ def _with_keep_files(directory: Path) -> dict[str, bytes]:
     return {name: (directory / name).read_bytes() for name in ("notes.txt", "trainer_state.json")}
 
 
-@pytest.mark.parametrize("kind", ["bottleneck", "prompt", "prefix_mlp"])
+@pytest.mark.parametrize("kind", ["bottleneck", "prompt", "prefix_mlp", "lora_pretrained"])
 def test_sigkill_at_random_moments_leaves_one_whole_save(zygote, tmp_path, kind):
     target = tmp_path / "adapter"
-    fastpeft.save_adapter(variant_model(kind, 0), target)
+    save(kind, 0, target)
     keep = _with_keep_files(target)
     rng = random.Random(kind)
     seen: Counter[int] = Counter()
@@ -174,7 +187,7 @@ def test_sigkill_at_random_moments_leaves_one_whole_save(zygote, tmp_path, kind)
             high = min(2 * high, KILL_DELAY_MAX_S)
     assert mid_save >= MIN_MID_SAVE, f"only {mid_save} of {kills} kills landed mid-save"
     assert len(seen) == 2, seen
-    fastpeft.save_adapter(variant_model(kind, 0), target)  # removes the killed writers' temp files
+    save(kind, 0, target)  # removes the killed writers' temp files
     assert sorted(os.listdir(target)) == sorted([*reference_files(kind, 0), *keep])
 
 
@@ -197,11 +210,11 @@ def _child_save_killed_at(kind: str, directory: str, index: int, step: int | Non
             return _original(*args, **kwargs)
 
         setattr(os, name, counted)
-    fastpeft.save_adapter(variant_model(kind, index), directory)
+    save(kind, index, directory)
     return next(calls)
 
 
-@pytest.mark.parametrize("kind", ["lora", "prefix_mlp"])
+@pytest.mark.parametrize("kind", ["lora", "prefix_mlp", "lora_pretrained"])
 def test_a_kill_before_every_step_of_a_save_leaves_one_whole_save(zygote, tmp_path, kind):
     """Variant 1 saved over variant 0, killed before its first, second, ... call: each
     time the directory loads as variant 0 until the commit point and as variant 1 after it."""
@@ -210,7 +223,7 @@ def test_a_kill_before_every_step_of_a_save_leaves_one_whole_save(zygote, tmp_pa
     assert steps >= 10, steps  # stage x3, journal, renames, syncs
     outcomes = []
     for step in range(steps):
-        fastpeft.save_adapter(variant_model(kind, 0), target)
+        save(kind, 0, target)
         keep = _with_keep_files(target)
         code, _ = zygote.wait(zygote.fork("_child_save_killed_at", kind=kind, directory=str(target), index=1,
                                           step=step))
@@ -227,7 +240,7 @@ def test_a_kill_before_every_step_of_a_save_leaves_one_whole_save(zygote, tmp_pa
 def _read_while_writing(zygote, kind: str, target: Path, read) -> Counter:
     """Call ``read()`` (which returns the variant it read) in a loop while a writer process
     saves the kind's two variants in turn; every call must succeed."""
-    fastpeft.save_adapter(variant_model(kind, 0), target)
+    save(kind, 0, target)
     pid = zygote.fork("_child_save", kind=kind, directory=str(target), times=READER_SAVES)
     done, result = threading.Event(), []
     threading.Thread(target=lambda: (result.append(zygote.wait(pid)), done.set()), daemon=True).start()

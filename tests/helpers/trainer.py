@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import safetensors
+import safetensors.torch
 import torch
 
 from tests.helpers.training import shift_batch
@@ -19,6 +21,10 @@ SAVE_STEPS = 3
 # What Trainer writes next to the adapter in a checkpoint (PEFT's checkpoints also hold its
 # model card, README.md, which fastpeft does not write).
 TRAINER_FILES = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"}
+# transformers' SAFE_WEIGHTS_NAME: the Trainer copy of the adapter (its tensors under the
+# model's keys) that a fastpeft model's save_pretrained writes beside the adapter's files,
+# from which Trainer resumes without enable_adapter_checkpoints.
+TRAINER_COPY = "model.safetensors"
 
 
 class CountingDataset(torch.utils.data.Dataset):
@@ -59,3 +65,21 @@ def step_logs(trainer: transformers.Trainer) -> dict[int, dict]:
         entry["step"]: {k: entry[k] for k in ("loss", "grad_norm", "learning_rate")}
         for entry in trainer.state.log_history if "loss" in entry
     }
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable tensor of the model (its adapter's, a prompt encoder's MLP / LSTM
+    included), detached copies under its state-dict keys."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def check_trainer_copy(directory: Path, model: torch.nn.Module) -> None:
+    """``directory``'s Trainer copy holds exactly the model's trainable tensors, under its own
+    keys, equal to them, and is marked as fastpeft's adapter-only copy."""
+    path = directory / TRAINER_COPY
+    with safetensors.safe_open(path, "pt") as f:
+        assert f.metadata() == {"fastpeft": "adapter-only"}  # one entry: byte-deterministic
+    saved, expected = safetensors.torch.load_file(path), trainable_state(model)
+    assert saved.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(saved[key], value), key

@@ -27,6 +27,7 @@ import fastpeft
 from tests.helpers.adapter_cases import CASES, adapted
 from tests.helpers.distributed import BATCH_SEED, COLLECTIVE_TIMEOUT_S, PER_RANK, WORLD, spawn_ranks
 from tests.helpers.numerics import TOLERANCE, assert_close, relative_error
+from tests.helpers.trainer import TRAINER_COPY
 from tests.helpers.training import build_model, lora_config, lora_grads, lora_model, one_thread, shift_batch
 
 accelerate = pytest.importorskip("accelerate")
@@ -165,7 +166,7 @@ def test_save_and_reload_the_adapter_as_the_readme_says(tmp_path):
     model = lora_model("llama")
     _accelerated_steps(accelerator, model, slice(None))
     accelerator.unwrap_model(model).save_pretrained(tmp_path, is_main_process=accelerator.is_main_process)
-    assert {p.name for p in tmp_path.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    assert {p.name for p in tmp_path.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", TRAINER_COPY}
     other = accelerator.prepare(fastpeft.inject(build_model("llama"), lora_config("llama")))
     fastpeft.integrations.load_adapter_weights(accelerator.unwrap_model(other), tmp_path)
     trained = dict(model.named_parameters())
@@ -184,7 +185,7 @@ def test_save_and_reload_other_adapter_types(case, tmp_path):
     assert all(run["base"].values())
     assert all(not torch.equal(value, run["init"][name]) for name, value in run["final"].items())
     accelerator.unwrap_model(model).save_pretrained(tmp_path, is_main_process=accelerator.is_main_process)
-    assert {p.name for p in tmp_path.iterdir()} == CASES[case][2]
+    assert {p.name for p in tmp_path.iterdir()} == CASES[case][2] | {TRAINER_COPY}
     other = accelerator.prepare(adapted(case, seed=1))
     params = dict(other.named_parameters())
     fastpeft.integrations.load_adapter_weights(accelerator.unwrap_model(other), tmp_path)

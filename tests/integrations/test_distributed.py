@@ -216,8 +216,10 @@ def test_optimizer_steps_keep_ranks_in_sync(rank_results, single_process, scenar
 def test_a_sharded_model_saves_its_adapter(rank_results, ranks_dir):
     """``save_adapter`` and ``save_pretrained`` on the FSDP2-sharded model (called on both ranks)
     write one PEFT directory each, holding the trained LoRA weights whole, which ``load_adapter``
-    reads into an unsharded model."""
+    reads into an unsharded model; ``save_pretrained``'s Trainer copy holds them whole too."""
     final = rank_results[0]["fsdp2"]["final"]
+    copy = safetensors.torch.load_file(ranks_dir / "fsdp2-adapter" / "pretrained" / "model.safetensors")
+    assert copy.keys() == final.keys() and all(torch.equal(copy[name], value) for name, value in final.items())
     for directory in (ranks_dir / "fsdp2-adapter", ranks_dir / "fsdp2-adapter" / "pretrained"):
         saved = safetensors.torch.load_file(directory / "adapter_model.safetensors")
         assert len(saved) == len(final)

@@ -2,7 +2,8 @@
 127.0.0.1 only; ``tests/helpers/distributed.py`` spawns the ranks): DDP and FSDP2 through
 accelerate (state dicts ``FULL_STATE_DICT``, Trainer's default, and ``SHARDED_STATE_DICT``) and
 DeepSpeed ZeRO-2 / ZeRO-3 (``DS_ACCELERATOR=cpu``). DDP, FSDP2 with sharded state dicts and
-the DeepSpeed "-line" runs call ``enable_adapter_checkpoints``; the others show what works
+the DeepSpeed "-line" runs call ``enable_adapter_checkpoints``; the others (DDP too, as
+"ddp-plain": Trainer resumes from the Trainer copy, ``model.safetensors``) show what works
 without it.
 
 Every run trains ``STEPS`` steps with a checkpoint every ``SAVE_STEPS``, then a second run
@@ -50,6 +51,7 @@ PER_DEVICE = 2  # sequences per rank and step
 # trains on a share of each global batch (FSDP2) or on all of it (DeepSpeed, see above)
 STACKS = {
     "ddp": ({}, True, True),
+    "ddp-plain": ({}, False, True),
     "fsdp2-full": (dict(fsdp="full_shard auto_wrap", fsdp_config={
         "version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "state_dict_type": "FULL_STATE_DICT"}),
         False, True),
@@ -65,7 +67,7 @@ ZERO3 = dict(use_cpu=False, deepspeed={
 # without the line, and with it (the engine's checkpoints then leave the frozen base out)
 STACKS.update({"zero2": (ZERO2, False, False), "zero2-line": (ZERO2, True, False),
                "zero3": (ZERO3, False, False), "zero3-line": (ZERO3, True, False)})
-ACCELERATE_STACKS = ("ddp", "fsdp2-full", "fsdp2-sharded")
+ACCELERATE_STACKS = ("ddp", "ddp-plain", "fsdp2-full", "fsdp2-sharded")
 DEEPSPEED_STACKS = ("zero2", "zero2-line", "zero3", "zero3-line")
 DEEPSPEED_BEST_STACKS = ("zero2-line", "zero3")  # run in one process (see the module docstring)
 ZERO3_UNGATHERED = dict(use_cpu=False, deepspeed={"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu":

@@ -1,7 +1,9 @@
 """fastpeft models trained with HF ``transformers.Trainer``: checkpoints hold the adapter in
-PEFT's format (not the base weights), PEFT and fastpeft load them, resuming continues with
-the losses of an uninterrupted run, ``load_best_model_at_end`` loads the best adapter, and
-gradient checkpointing and ``bf16=True`` (CPU autocast) train. Also the adapter-only
+PEFT's format (not the base weights) and the Trainer copy of it (``model.safetensors``: its
+tensors under the model's keys), PEFT and fastpeft load them, resuming continues with the
+losses of an uninterrupted run and ``load_best_model_at_end`` loads the best adapter, with
+``enable_adapter_checkpoints`` and without it (Trainer reading the copy), and gradient
+checkpointing and ``bf16=True`` (CPU autocast) train. Also the adapter-only
 ``save_pretrained`` that makes this work, and the README's recipe.
 
 Everything runs on the CPU (``use_cpu=True``) with a 2-layer random Llama (no downloads) on
@@ -28,8 +30,10 @@ from tests.helpers.numerics import TOLERANCE, relative_error
 from tests.helpers.trainer import (
     SAVE_STEPS,
     STEPS,
+    TRAINER_COPY,
     TRAINER_FILES,
     CountingDataset,
+    check_trainer_copy,
     checkpointing_args,
     step_logs,
     training_args,
@@ -40,8 +44,9 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
-FULL_MODEL_FILES = {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"}
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
+# What a fastpeft model's save_pretrained writes (Trainer's checkpoints, save_model()).
+SAVED_FILES = ADAPTER_FILES | {TRAINER_COPY}
 
 
 @pytest.fixture(autouse=True)
@@ -61,9 +66,11 @@ def adapted_llama(lora_seed: int = 0, dropout: float = 0.1) -> torch.nn.Module:
     return fastpeft.inject(model, lora_config(dropout=dropout))
 
 
-def make_trainer(model: torch.nn.Module, args: transformers.TrainingArguments, **kwargs) -> transformers.Trainer:
+def make_trainer(model: torch.nn.Module, args: transformers.TrainingArguments, line: bool = True,
+                 **kwargs) -> transformers.Trainer:
+    """A Trainer of ``model``, with ``enable_adapter_checkpoints`` if ``line``."""
     trainer = transformers.Trainer(model=model, args=args, train_dataset=CountingDataset(), **kwargs)
-    return fastpeft.integrations.enable_adapter_checkpoints(trainer)
+    return fastpeft.integrations.enable_adapter_checkpoints(trainer) if line else trainer
 
 
 def saved_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -89,16 +96,19 @@ def uninterrupted(tmp_path_factory) -> tuple[transformers.Trainer, Path]:
 
 
 def test_checkpoints_hold_the_adapter_not_the_model(uninterrupted):
-    """Each checkpoint and the final save hold the adapter files and Trainer's state, no
-    base weights: the adapter file is a small fraction of the model's weights, and its
-    tensors are the model's adapter at that step."""
+    """Each checkpoint and the final save hold the adapter files, its Trainer copy and
+    Trainer's state, no base weights: each adapter file is a small fraction of the model's
+    weights, and its tensors are the model's adapter at that step."""
     trainer, out = uninterrupted
     full_bytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
     for step in (SAVE_STEPS, STEPS):
         files = {p.name for p in (out / f"checkpoint-{step}").iterdir()}
-        assert files == ADAPTER_FILES | TRAINER_FILES
-    assert {p.name for p in out.iterdir() if p.is_file()} == ADAPTER_FILES | {"training_args.bin"}
-    assert (out / "adapter_model.safetensors").stat().st_size < full_bytes / 10
+        assert files == SAVED_FILES | TRAINER_FILES
+    assert {p.name for p in out.iterdir() if p.is_file()} == SAVED_FILES | {"training_args.bin"}
+    for name in ("adapter_model.safetensors", TRAINER_COPY):
+        assert (out / name).stat().st_size < full_bytes / 10
+    check_trainer_copy(out, trainer.model)
+    check_trainer_copy(out / f"checkpoint-{STEPS}", trainer.model)
     final = saved_tensors(out)
     assert final.keys() == adapter_state_dict(trainer.model).keys()
     for key, value in adapter_state_dict(trainer.model).items():
@@ -122,14 +132,15 @@ def test_checkpoints_load_in_peft_and_fastpeft(uninterrupted):
 
 def test_checkpoint_contents_match_a_peft_models(uninterrupted, tmp_path):
     """A PEFT model trained the same way writes the same checkpoint files (plus its model
-    card), the same tensor keys and shapes, and the same adapter config."""
+    card; fastpeft's plus the Trainer copy), the same tensor keys and shapes, and the same
+    adapter config."""
     trainer, out = uninterrupted
     torch.manual_seed(0)
     peft_model = peft.get_peft_model(build_model("llama"), lora_config(peft))
     transformers.Trainer(model=peft_model, args=training_args(tmp_path, max_steps=SAVE_STEPS),
                          train_dataset=CountingDataset()).train()
     theirs, ours = tmp_path / f"checkpoint-{SAVE_STEPS}", out / f"checkpoint-{SAVE_STEPS}"
-    assert {p.name for p in theirs.iterdir()} - {"README.md"} == {p.name for p in ours.iterdir()}
+    assert {p.name for p in theirs.iterdir()} - {"README.md"} == {p.name for p in ours.iterdir()} - {TRAINER_COPY}
     their_tensors, our_tensors = saved_tensors(theirs), saved_tensors(ours)
     assert {k: v.shape for k, v in their_tensors.items()} == {k: v.shape for k, v in our_tensors.items()}
     their_config, our_config = (
@@ -140,12 +151,15 @@ def test_checkpoint_contents_match_a_peft_models(uninterrupted, tmp_path):
         dataclasses.replace(our_config, target_modules=sorted(our_config.target_modules))
 
 
-def test_resume_continues_with_the_uninterrupted_losses(uninterrupted, tmp_path):
+@pytest.mark.parametrize("line", [True, False], ids=["enable_adapter_checkpoints", "plain_trainer"])
+def test_resume_continues_with_the_uninterrupted_losses(uninterrupted, tmp_path, line, caplog):
     """A fresh model (another LoRA init) resumed from the halfway checkpoint logs the same
     losses, gradient norms and learning rates as the uninterrupted run (adapter, AdamW
-    state, scheduler and dropout RNG restored) and ends with the same adapter."""
+    state, scheduler and dropout RNG restored) and ends with the same adapter: with
+    ``enable_adapter_checkpoints`` (fastpeft loads the adapter files) and without it (Trainer
+    loads the Trainer copy, logging the frozen base's keys as missing)."""
     trainer, out = uninterrupted
-    resumed = make_trainer(adapted_llama(lora_seed=1), training_args(tmp_path))
+    resumed = make_trainer(adapted_llama(lora_seed=1), training_args(tmp_path), line=line)
     resumed.train(resume_from_checkpoint=str(out / f"checkpoint-{SAVE_STEPS}"))
     # The log history restored from the checkpoint holds steps 1 to SAVE_STEPS already.
     expected, logs = (
@@ -158,6 +172,7 @@ def test_resume_continues_with_the_uninterrupted_losses(uninterrupted, tmp_path)
     final = adapter_state_dict(trainer.model)
     for key, value in adapter_state_dict(resumed.model).items():
         assert relative_error(value, final[key]) <= 1e-5, key
+    assert ("missing keys" in caplog.text) is not line
 
 
 def test_resume_from_last_checkpoint_in_output_dir(tmp_path):
@@ -181,13 +196,15 @@ def test_resume_refuses_another_adapter(uninterrupted, tmp_path):
         trainer.train(resume_from_checkpoint=str(out / f"checkpoint-{SAVE_STEPS}"))
 
 
-def test_load_best_model_at_end_loads_the_best_adapter(tmp_path):
-    """With ``load_best_model_at_end`` the model ends with the best checkpoint's adapter.
+@pytest.mark.parametrize("line", [True, False], ids=["enable_adapter_checkpoints", "plain_trainer"])
+def test_load_best_model_at_end_loads_the_best_adapter(tmp_path, line):
+    """With ``load_best_model_at_end`` the model ends with the best checkpoint's adapter,
+    with ``enable_adapter_checkpoints`` and without it (the Trainer copy).
     ``greater_is_better=True`` on the eval loss makes the first checkpoint the best one, so
     the load really changes the trained weights."""
     args = training_args(tmp_path, eval_strategy="steps", eval_steps=2, save_steps=2, load_best_model_at_end=True,
                          metric_for_best_model="loss", greater_is_better=True)
-    trainer = make_trainer(adapted_llama(), args, eval_dataset=CountingDataset(size=8, seed=1))
+    trainer = make_trainer(adapted_llama(), args, line=line, eval_dataset=CountingDataset(size=8, seed=1))
     trainer.train()
     assert Path(trainer.state.best_model_checkpoint).name == "checkpoint-2"
     best = saved_tensors(tmp_path / "checkpoint-2")
@@ -221,7 +238,7 @@ def test_bf16_trains_like_peft(tmp_path):
         trainer = transformers.Trainer(model=model, args=training_args(tmp_path / name, bf16=True),
                                        train_dataset=CountingDataset())
         if name == "fastpeft":
-            fastpeft.integrations.enable_adapter_checkpoints(trainer)  # from_peft models need it to save adapters
+            fastpeft.integrations.enable_adapter_checkpoints(trainer)  # as the README recipe does
         trainer.train()
         runs[name] = step_logs(trainer)
     assert len(runs["fastpeft"]) == STEPS
@@ -241,15 +258,17 @@ def test_enable_adapter_checkpoints_needs_a_fastpeft_model(tmp_path):
 
 def test_save_pretrained_writes_the_adapter_until_merged(tmp_path):
     """An adapted transformers model's ``save_pretrained`` writes what ``save_adapter``
-    does (only on the main process); after ``merge_and_unload`` it writes the whole merged
+    does, plus the Trainer copy (only on the main process); after ``merge_and_unload`` it writes the whole merged
     model again, which ``from_pretrained`` loads."""
     model = adapted_llama()
     torch.nn.init.normal_(model.model.layers[0].self_attn.q_proj.lora_B.weight)
     model.save_pretrained(tmp_path / "adapter")
-    assert {p.name for p in (tmp_path / "adapter").iterdir()} == ADAPTER_FILES
+    assert {p.name for p in (tmp_path / "adapter").iterdir()} == SAVED_FILES
+    check_trainer_copy(tmp_path / "adapter", model)
     model.save_pretrained(tmp_path / "other_rank", is_main_process=False)
     assert not (tmp_path / "other_rank").exists()
     fastpeft.save_adapter(model, tmp_path / "save_adapter")
+    assert {p.name for p in (tmp_path / "save_adapter").iterdir()} == ADAPTER_FILES
     for name in ADAPTER_FILES:
         assert (tmp_path / "adapter" / name).read_bytes() == (tmp_path / "save_adapter" / name).read_bytes()
     expected = logits(model)
@@ -274,9 +293,10 @@ def test_save_pretrained_follows_copies_and_refuses_full_save_options(tmp_path):
     with pytest.raises(TypeError, match="merge_and_unload"):
         model.save_pretrained(tmp_path / "hub", push_to_hub=True)
     model.save_pretrained(tmp_path / "shard", max_shard_size="1GB", safe_serialization=True)
-    assert {p.name for p in (tmp_path / "shard").iterdir()} == ADAPTER_FILES
+    assert {p.name for p in (tmp_path / "shard").iterdir()} == SAVED_FILES
     model.save_pretrained(tmp_path / "given", state_dict=model.state_dict())
-    assert {p.name for p in (tmp_path / "given").iterdir()} == ADAPTER_FILES
+    assert {p.name for p in (tmp_path / "given").iterdir()} == SAVED_FILES
+    check_trainer_copy(tmp_path / "given", model)
 
 
 def test_from_peft_models_get_adapter_checkpoints(tmp_path):
@@ -285,7 +305,7 @@ def test_from_peft_models_get_adapter_checkpoints(tmp_path):
     model = fastpeft.from_peft(peft.get_peft_model(build_model("llama"), lora_config(peft)))
     transformers.Trainer(model=model, args=training_args(tmp_path, max_steps=1, save_steps=1),
                          train_dataset=CountingDataset()).train()
-    assert {p.name for p in (tmp_path / "checkpoint-1").iterdir()} == ADAPTER_FILES | TRAINER_FILES
+    assert {p.name for p in (tmp_path / "checkpoint-1").iterdir()} == SAVED_FILES | TRAINER_FILES
 
 
 def test_readme_recipe(tmp_path):
@@ -304,8 +324,8 @@ def test_readme_recipe(tmp_path):
     trainer.train()  # or trainer.train(resume_from_checkpoint=True)
     trainer.save_model()  # adapter_config.json + adapter_model.safetensors
     # --- end of recipe ---
-    assert {p.name for p in tmp_path.iterdir() if p.is_file()} == ADAPTER_FILES | {"training_args.bin"}
-    assert not FULL_MODEL_FILES & {p.name for p in (tmp_path / "checkpoint-2").iterdir()}
+    assert {p.name for p in tmp_path.iterdir() if p.is_file()} == SAVED_FILES | {"training_args.bin"}
+    check_trainer_copy(tmp_path, model)  # the adapter only, no base weight
     resumed = fastpeft.inject(build_model("llama"), fastpeft.LoraConfig(
         r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear"))
     trainer = fastpeft.integrations.enable_adapter_checkpoints(

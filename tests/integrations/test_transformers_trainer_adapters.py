@@ -7,7 +7,8 @@ adapter in its native files (which ``fastpeft.load_adapter`` loads back into a f
 model, computing what the trained model does), resuming from the halfway checkpoint into a
 model with another adapter init logs the losses, gradient norms and learning rates of the
 uninterrupted run and ends with its adapter (a reparameterization's MLP / LSTM restored from
-``fastpeft_prompt_encoder.safetensors``), and what cannot work is refused with a message that
+``fastpeft_prompt_encoder.safetensors``) -- with ``enable_adapter_checkpoints`` and without it
+(Trainer loading the Trainer copy, ``model.safetensors``) --, and what cannot work is refused with a message that
 says why: a checkpoint of another adapter type or config, a reparameterized prompt checkpoint
 without its encoder file, prefix tuning under gradient checkpointing. The cases (base model,
 config, native files) are ``tests/helpers/adapter_cases.py``'s.
@@ -35,10 +36,13 @@ from tests.helpers.adapter_cases import (
 )
 from tests.helpers.numerics import TOLERANCE, relative_error
 from tests.helpers.trainer import (
+    TRAINER_COPY,
     TRAINER_FILES,
     CountingDataset,
+    check_trainer_copy,
     checkpointing_args,
     step_logs,
+    trainable_state,
     training_args,
 )
 from tests.helpers.training import VOCAB, build_model, one_thread
@@ -63,16 +67,13 @@ def _one_thread():
         yield
 
 
-def trainer_for(model: torch.nn.Module, out: Path, eval_dataset=None, **overrides) -> transformers.Trainer:
+def trainer_for(model: torch.nn.Module, out: Path, eval_dataset=None, line: bool = True,
+                **overrides) -> transformers.Trainer:
+    """A Trainer of ``model`` for this module's run, with ``enable_adapter_checkpoints`` if ``line``."""
     args = training_args(out, **{"max_steps": STEPS, "save_steps": SAVE_STEPS, **overrides})
     data = LabelledDataset() if isinstance(model, transformers.BertPreTrainedModel) else CountingDataset()
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, eval_dataset=eval_dataset)
-    return fastpeft.integrations.enable_adapter_checkpoints(trainer)
-
-
-def trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable tensor of the adapter (a prompt encoder's MLP / LSTM included)."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return fastpeft.integrations.enable_adapter_checkpoints(trainer) if line else trainer
 
 
 def logits(model: torch.nn.Module) -> torch.Tensor:
@@ -99,16 +100,17 @@ def runs(tmp_path_factory) -> dict[str, tuple[transformers.Trainer, Path]]:
 
 @pytest.mark.parametrize("case", CASES)
 def test_checkpoints_hold_the_native_adapter_files(runs, case):
-    """Checkpoints and the final save hold the adapter's native files and Trainer's state, no
-    base weights; the weights are the model's adapter at that step (the halfway one differs),
+    """Checkpoints and the final save hold the adapter's native files, its Trainer copy and
+    Trainer's state, no base weights; the weights are the model's adapter at that step (the halfway one differs),
     and ``fastpeft.load_adapter`` loads them into a fresh base model that computes what the
     trained model does."""
     trainer, out = runs[case]
     native = CASES[case][2]
     weights = (native - {"adapter_config.json", ENCODER_STATE_NAME}).pop()
     for step in (SAVE_STEPS, STEPS):
-        assert {p.name for p in (out / f"checkpoint-{step}").iterdir()} == native | TRAINER_FILES
-    assert {p.name for p in out.iterdir() if p.is_file()} == native | {"training_args.bin"}
+        assert {p.name for p in (out / f"checkpoint-{step}").iterdir()} == native | {TRAINER_COPY} | TRAINER_FILES
+    assert {p.name for p in out.iterdir() if p.is_file()} == native | {TRAINER_COPY, "training_args.bin"}
+    check_trainer_copy(out, trainer.model)
     final = safetensors.torch.load_file(out / weights)
     halfway = safetensors.torch.load_file(out / f"checkpoint-{SAVE_STEPS}" / weights)
     expected = adapter_state_dict(trainer.model)
@@ -120,21 +122,23 @@ def test_checkpoints_hold_the_native_adapter_files(runs, case):
     assert relative_error(logits(loaded), logits(trainer.model)) <= TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("line", [True, False], ids=["enable_adapter_checkpoints", "plain_trainer"])
 @pytest.mark.parametrize("case", CASES)
-def test_resume_continues_with_the_uninterrupted_losses(runs, case, tmp_path):
+def test_resume_continues_with_the_uninterrupted_losses(runs, case, tmp_path, line):
     """A fresh model (another adapter init) resumed from the halfway checkpoint logs the
     uninterrupted run's losses, gradient norms and learning rates (adapter, AdamW state,
-    scheduler and dropout RNG restored) and ends with its trainable weights."""
+    scheduler and dropout RNG restored) and ends with its trainable weights, with
+    ``enable_adapter_checkpoints`` and without it (Trainer loads the Trainer copy)."""
     trainer, out = runs[case]
-    resumed = trainer_for(adapted(case, seed=1), tmp_path)
-    before = trained_state(resumed.model)
+    resumed = trainer_for(adapted(case, seed=1), tmp_path, line=line)
+    before = trainable_state(resumed.model)
     resumed.train(resume_from_checkpoint=str(out / f"checkpoint-{SAVE_STEPS}"))
     expected, logs = ({s: log for s, log in step_logs(t).items() if s > SAVE_STEPS} for t in (trainer, resumed))
     assert sorted(logs) == sorted(expected) == list(range(SAVE_STEPS + 1, STEPS + 1))
     for step, log in logs.items():
         for key, value in log.items():
             assert value == pytest.approx(expected[step][key], rel=1e-5), f"step {step} {key}"
-    final, ours = trained_state(trainer.model), trained_state(resumed.model)
+    final, ours = trainable_state(trainer.model), trainable_state(resumed.model)
     assert ours.keys() == final.keys()
     for name, value in ours.items():
         assert relative_error(value, final[name]) <= 1e-5, name
@@ -154,12 +158,14 @@ def test_resume_keeps_the_parameters_the_optimizer_holds(runs):
         assert torch.equal(value, saved[name]), name
 
 
-def test_load_best_model_at_end_loads_the_best_bottleneck_adapter(tmp_path):
+@pytest.mark.parametrize("line", [True, False], ids=["enable_adapter_checkpoints", "plain_trainer"])
+def test_load_best_model_at_end_loads_the_best_bottleneck_adapter(tmp_path, line):
     """``load_best_model_at_end`` reloads the best AdapterHub checkpoint (the first one, by
-    ``greater_is_better=True`` on the eval loss), not the last weights."""
+    ``greater_is_better=True`` on the eval loss), not the last weights, with
+    ``enable_adapter_checkpoints`` and without it (the Trainer copy)."""
     args = dict(eval_strategy="steps", eval_steps=2, load_best_model_at_end=True, metric_for_best_model="loss",
                 greater_is_better=True)
-    trainer = trainer_for(adapted("seq_bn"), tmp_path, CountingDataset(size=8, seed=1), **args)
+    trainer = trainer_for(adapted("seq_bn"), tmp_path, CountingDataset(size=8, seed=1), line=line, **args)
     trainer.train()
     assert Path(trainer.state.best_model_checkpoint).name == f"checkpoint-{SAVE_STEPS}"
     best = safetensors.torch.load_file(tmp_path / f"checkpoint-{SAVE_STEPS}" / "adapter.safetensors")
@@ -185,10 +191,10 @@ def test_resume_refuses_another_adapter(runs, tmp_path):
          prompt_out, "num_virtual_tokens: saved 3, model 5"),
     ]
     for model, checkpoint, message in cases:
-        before = trained_state(model)
+        before = trainable_state(model)
         with pytest.raises(ValueError, match=message):
             trainer_for(model, tmp_path).train(resume_from_checkpoint=str(checkpoint / f"checkpoint-{SAVE_STEPS}"))
-        assert all(torch.equal(value, before[name]) for name, value in trained_state(model).items())
+        assert all(torch.equal(value, before[name]) for name, value in trainable_state(model).items())
 
 
 def test_reparameterized_prompt_checkpoint_needs_its_encoder_file(runs, tmp_path):
@@ -217,8 +223,10 @@ def test_save_pretrained_writes_the_adapter_until_unloaded(case, tmp_path):
     unloaded model saves in full again."""
     model = adapted(case)
     model.save_pretrained(tmp_path / "adapter")
-    assert {p.name for p in (tmp_path / "adapter").iterdir()} == CASES[case][2]
+    assert {p.name for p in (tmp_path / "adapter").iterdir()} == CASES[case][2] | {TRAINER_COPY}
+    check_trainer_copy(tmp_path / "adapter", model)
     fastpeft.save_adapter(model, tmp_path / "save_adapter")
+    assert {p.name for p in (tmp_path / "save_adapter").iterdir()} == CASES[case][2]
     for name in CASES[case][2] - {ENCODER_STATE_NAME}:
         assert (tmp_path / "adapter" / name).read_bytes() == (tmp_path / "save_adapter" / name).read_bytes()
     if case == "ptuning_lstm":
@@ -227,7 +235,8 @@ def test_save_pretrained_writes_the_adapter_until_unloaded(case, tmp_path):
         assert saved.keys() == state.keys() and all(torch.equal(saved[k], v) for k, v in state.items())
         fastpeft.merge_prefix(model)
         model.save_pretrained(tmp_path / "adapter")
-        assert {p.name for p in (tmp_path / "adapter").iterdir()} == PEFT_FILES
+        assert {p.name for p in (tmp_path / "adapter").iterdir()} == PEFT_FILES | {TRAINER_COPY}
+        check_trainer_copy(tmp_path / "adapter", model)  # the merged prompts, no encoder
     fastpeft.unload(model)
     model.save_pretrained(tmp_path / "full")
     assert "model.safetensors" in {p.name for p in (tmp_path / "full").iterdir()}
@@ -247,13 +256,13 @@ def test_from_peft_prompt_models_checkpoint_their_encoder(tmp_path):
     trainer = trainer_for(model, tmp_path, max_steps=SAVE_STEPS)
     trainer.train()
     checkpoint = tmp_path / f"checkpoint-{SAVE_STEPS}"
-    assert {p.name for p in checkpoint.iterdir()} == PEFT_FILES | {ENCODER_STATE_NAME} | TRAINER_FILES
+    assert {p.name for p in checkpoint.iterdir()} == PEFT_FILES | {ENCODER_STATE_NAME, TRAINER_COPY} | TRAINER_FILES
     other = fastpeft.from_peft(peft.get_peft_model(build_model("llama"), peft.PromptEncoderConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL, encoder_hidden_size=8)))
     fastpeft.integrations.load_adapter_weights(other, checkpoint)
-    trained = trained_state(model)
-    assert trained and trained_state(other).keys() == trained.keys()
-    assert all(torch.equal(value, trained[name]) for name, value in trained_state(other).items())
+    trained = trainable_state(model)
+    assert trained and trainable_state(other).keys() == trained.keys()
+    assert all(torch.equal(value, trained[name]) for name, value in trainable_state(other).items())
 
 
 def test_every_method_has_its_checkpoint_files():

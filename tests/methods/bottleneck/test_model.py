@@ -322,8 +322,9 @@ def test_save_load_round_trip(tmp_path, kind, config):
     model = fastpeft.inject(MODELS[kind](), config)
     randomize(model)
     expected = logits(model)
-    model.save_pretrained(tmp_path)  # adapter-only, as fastpeft.save_adapter
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    model.save_pretrained(tmp_path)  # adapter-only: AdapterHub's files and the Trainer copy
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "adapter_config.json",
+                                                          "model.safetensors"]
     data = json.loads((tmp_path / "adapter_config.json").read_text())
     assert data["name"] == "default" and data["model_type"] == kind and data["config"] == config.to_dict()
     keys = safetensors.torch.load_file(tmp_path / "adapter.safetensors").keys()

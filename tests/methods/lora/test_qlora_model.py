@@ -273,29 +273,33 @@ def test_trainer_trains_checkpoints_and_resumes_a_quantized_model(model_dir, tmp
     """transformers' Trainer takes a quantized model carrying a fastpeft adapter (it refuses
     quantized models without adapters); its checkpoints hold the adapter, and a run resumed
     halfway on a fresh quantized model logs the uninterrupted run's losses and ends with its
-    adapter. ``unload`` takes the model back to a plain quantized one."""
+    adapter: resumed with ``enable_adapter_checkpoints`` or (Trainer reading the Trainer copy,
+    ``model.safetensors``, into the quantized model non-strictly) without it. ``unload`` takes
+    the model back to a plain quantized one."""
     from fastpeft.api import adapter_state_dict
     from tests.helpers.trainer import SAVE_STEPS, STEPS, CountingDataset, step_logs, training_args
 
-    def run(lora_seed: int, out, resume=None):
+    def run(lora_seed: int, out, resume=None, line=True):
         model = _load(model_dir, settings)
         torch.manual_seed(lora_seed)
         fastpeft.inject(model, fastpeft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS))
         trainer = transformers.Trainer(model=model, args=training_args(out), train_dataset=CountingDataset())
-        fastpeft.integrations.enable_adapter_checkpoints(trainer)
+        if line:
+            fastpeft.integrations.enable_adapter_checkpoints(trainer)
         trainer.train(resume_from_checkpoint=resume)
         return trainer
 
     whole = run(0, tmp_path / "whole")
     assert (tmp_path / "whole" / f"checkpoint-{SAVE_STEPS}" / "adapter_model.safetensors").is_file()
-    resumed = run(1, tmp_path / "resumed", str(tmp_path / "whole" / f"checkpoint-{SAVE_STEPS}"))
-    expected, got = ({s: log for s, log in step_logs(t).items() if s > SAVE_STEPS} for t in (whole, resumed))
-    assert sorted(got) == list(range(SAVE_STEPS + 1, STEPS + 1))
-    for step, log in got.items():
-        assert log["loss"] == pytest.approx(expected[step]["loss"], rel=1e-5), step
     final = adapter_state_dict(whole.model)
-    for key, value in adapter_state_dict(resumed.model).items():
-        assert _rel(value, final[key]) <= 1e-5, key
+    for line in (True, False):
+        resumed = run(1, tmp_path / f"resumed-{line}", str(tmp_path / "whole" / f"checkpoint-{SAVE_STEPS}"), line)
+        expected, got = ({s: log for s, log in step_logs(t).items() if s > SAVE_STEPS} for t in (whole, resumed))
+        assert sorted(got) == list(range(SAVE_STEPS + 1, STEPS + 1))
+        for step, log in got.items():
+            assert log["loss"] == pytest.approx(expected[step]["loss"], rel=1e-5), (line, step)
+        for key, value in adapter_state_dict(resumed.model).items():
+            assert _rel(value, final[key]) <= 1e-5, (line, key)
     model = fastpeft.unload(whole.model)
     assert not getattr(model, "_hf_peft_config_loaded", False)
     if name == TORCHAO_NF4:  # quantized after loading: transformers does not know the model is
