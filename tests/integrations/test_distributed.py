@@ -1,4 +1,5 @@
-"""fastpeft LoRA layers under DDP and FSDP2: two CPU processes (gloo, 127.0.0.1 only) train
+"""fastpeft adapters under DDP and FSDP2 (LoRA; bottleneck adapters; prompt tuning and prefix
+tuning with its MLP, sharded with the root): two CPU processes (gloo, 127.0.0.1 only) train
 the small Llama of ``tests/helpers/training.py`` on halves of each batch, and must
 reproduce a single process on the full batches (the ranks are spawned by
 ``tests/helpers/distributed.py``).
@@ -31,6 +32,7 @@ import torch.nn as nn
 
 import fastpeft
 from fastpeft.methods.sharding import is_fsdp_unit
+from tests.helpers.adapter_cases import adapted
 from tests.helpers.distributed import (
     ADAPTER_SUBMODULES,
     PER_RANK,
@@ -116,6 +118,14 @@ def _lora() -> nn.Module:
     return lora_model("llama")
 
 
+def _prompt() -> nn.Module:
+    return adapted("prompt")
+
+
+def _prefix_mlp() -> nn.Module:
+    return adapted("prefix_mlp")
+
+
 # scenario -> (the adapted model, how it is parallelized); the "apart" ones shard the adapter's
 # submodules as FSDP units of their own (the layers then call them instead of the fused op).
 SCENARIOS = {
@@ -124,8 +134,18 @@ SCENARIOS = {
     "fsdp2_checkpointed": (_lora, _fsdp2_checkpointed),
     "fsdp2_lora_apart": (_lora, shard_adapters_apart),
     "fsdp2_bottleneck_apart": (bottleneck_model, shard_adapters_apart),
+    "fsdp2_prompt": (_prompt, _fsdp2),
+    "fsdp2_prefix_mlp": (_prefix_mlp, _fsdp2),
 }
 BUILDS = {build for build, _ in SCENARIOS.values()}
+# The trainable tensors of each build: lora_A and lora_B of 7 projections in 2 layers; down and
+# up weight and bias of 2 adapters; the prompt embedding; the prefix embedding and its MLP's
+# two linear layers (weight and bias).
+TRAINABLE = {_lora: 2 * 7 * 2, bottleneck_model: 2 * 4, _prompt: 1, _prefix_mlp: 1 + 2 * 2}
+# Builds whose adapter has submodules that may be FSDP units of their own (ADAPTER_SUBMODULES).
+LAYERED = {_lora, bottleneck_model}
+# Scenarios whose adapter every rank saves after training, into "<scenario>-adapter".
+SAVED = ("fsdp2", "fsdp2_prompt", "fsdp2_prefix_mlp")
 
 
 def _op_on_dtensors() -> str | float:
@@ -151,7 +171,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     with rank_process_group(rank, port):
         rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
         results = {name: _train_steps(build, parallelize, rows,
-                                      Path(out_dir) / f"{name}-adapter" if name == "fsdp2" else None)
+                                      Path(out_dir) / f"{name}-adapter" if name in SAVED else None)
                    for name, (build, parallelize) in SCENARIOS.items()}
         results["op_on_dtensors"] = _op_on_dtensors()
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
@@ -181,8 +201,7 @@ def test_first_step_grads_equal_single_process(rank_results, single_process, sce
     reduce-scatter) equal those of one process on the whole batch."""
     build = SCENARIOS[scenario][0]
     expected = single_process[build]["grads"]
-    # lora_A and lora_B of 7 projections in 2 layers; down and up weight and bias of 2 adapters
-    assert len(expected) == (2 * 7 * 2 if build is _lora else 2 * 4)
+    assert len(expected) == TRAINABLE[build]
     for rank, results in enumerate(rank_results):
         grads = results[scenario]["grads"]
         assert grads.keys() == expected.keys()
@@ -210,7 +229,8 @@ def test_optimizer_steps_keep_ranks_in_sync(rank_results, single_process, scenar
         assert torch.equal(value, reference["base"][name]), f"{scenario}: frozen {name} changed"
     assert first["base_sharded"] == scenario.startswith("fsdp2")
     assert (first["originals_alive"] == 0) == scenario.startswith("fsdp2"), first["originals_alive"]
-    assert first["adapter_units"] and set(first["adapter_units"]) == {scenario.endswith("apart")}
+    if SCENARIOS[scenario][0] in LAYERED:
+        assert first["adapter_units"] and set(first["adapter_units"]) == {scenario.endswith("apart")}
 
 
 def test_a_sharded_model_saves_its_adapter(rank_results, ranks_dir):
@@ -227,6 +247,24 @@ def test_a_sharded_model_saves_its_adapter(rank_results, ranks_dir):
             assert torch.equal(value, final[key.removeprefix("base_model.model.")]), key
         loaded = dict(fastpeft.load_adapter(build_model("llama"), directory).named_parameters())
         assert all(torch.equal(loaded[name], value) for name, value in final.items())
+
+
+@pytest.mark.parametrize("scenario", ["fsdp2_prompt", "fsdp2_prefix_mlp"])
+def test_a_sharded_prompt_model_saves_its_adapter(rank_results, ranks_dir, scenario):
+    """``save_adapter`` and ``save_pretrained`` on an FSDP2-sharded prompt-tuned or prefix-tuned
+    model (its prompt encoder sharded with the root) write its trained prompts / prefix MLP
+    whole: ``load_adapter_weights`` restores them into a model with another init."""
+    final = rank_results[0][scenario]["final"]
+    for directory in (ranks_dir / f"{scenario}-adapter", ranks_dir / f"{scenario}-adapter" / "pretrained"):
+        model = SCENARIOS[scenario][0]()
+        torch.manual_seed(1)
+        for param in model.parameters():
+            if param.requires_grad:
+                nn.init.normal_(param)
+        fastpeft.integrations.load_adapter_weights(model, directory)
+        trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        assert trained.keys() == final.keys()
+        assert all(torch.equal(trained[name], value) for name, value in final.items()), directory
 
 
 @pytest.mark.xfail(
