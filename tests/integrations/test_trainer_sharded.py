@@ -113,6 +113,16 @@ def _best_run(stack: str, out: Path) -> str:
     return trainer.state.best_model_checkpoint
 
 
+def _leave_process_group() -> None:
+    """Destroy the process group accelerate / DeepSpeed made, every rank together, before the
+    interpreter exits: left to the exit, gloo's threads can be torn down while running
+    (``terminate called without an active exception``: the rank dies of SIGABRT after
+    saving its results, seen on a loaded 2-core CI machine)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def _deepspeed_best_worker(rank: int, port: int, out_dir: str) -> None:
     """The one rank of DeepSpeed runs keeping the best model (with two, accelerate on a CPU
     counts one process and evaluation fails): ZeRO-2 with the line, ZeRO-3 without."""
@@ -124,6 +134,7 @@ def _deepspeed_best_worker(rank: int, port: int, out_dir: str) -> None:
         accelerate.state.AcceleratorState._reset_state()
         results[f"{stack}-best"] = _best_run(stack, Path(out_dir))
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    _leave_process_group()
 
 
 def _worker(stacks: tuple[str, ...], rank: int, port: int, out_dir: str) -> None:
@@ -146,6 +157,7 @@ def _worker(stacks: tuple[str, ...], rank: int, port: int, out_dir: str) -> None
         results["early"] = outcome(lambda: _trainer(ZERO3_UNGATHERED, True, out / "zero3-early"))
         results["first_checkpoint"] = outcome(lambda: _trainer(ZERO3_UNGATHERED, False, out / "zero3-late").train())
     torch.save(results, out / f"rank{rank}.pt")
+    _leave_process_group()
 
 
 def _spawned(tmp_path_factory, stacks: tuple[str, ...]) -> tuple[Path, list[dict]]:
