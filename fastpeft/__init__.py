@@ -32,6 +32,7 @@ from fastpeft.api import (
     unload,
 )
 from fastpeft.methods.bottleneck.layer import BottleneckAdapter
+from fastpeft.methods.lora.dora_layer import DoRALinear
 from fastpeft.methods.lora.layer import LoRALinear
 from fastpeft.methods.lora.multi_layer import MultiLoRALinear
 from fastpeft.serving import MultiAdapterModel
@@ -39,6 +40,7 @@ from fastpeft.serving import MultiAdapterModel
 __all__ = [
     "AdapterConfig",
     "BottleneckAdapter",
+    "DoRALinear",
     "LoRALinear",
     "LoraConfig",
     "MultiAdapterModel",

@@ -14,6 +14,7 @@ from fastpeft.api.adapters import merge_and_unload as merge_and_unload_model
 from fastpeft.api.adapters import save_adapter, save_pretrained_adapter
 from fastpeft.methods.base_layers import BASE_LAYER_KINDS, base_layer_kind
 from fastpeft.methods.lora.config import LoraConfig
+from fastpeft.methods.lora.dora_layer import DoRALinear
 from fastpeft.methods.lora.layer import LoRALinear
 from fastpeft.methods.prompt.config import prompt_config_from_dict
 from fastpeft.methods.quantized_base import quantized_weight
@@ -39,19 +40,22 @@ def _unsupported(path: str, why: str) -> ValueError:
 
 
 def _convert_lora_linear(path: str, layer: nn.Module, adapter: str, use_rslora: bool) -> LoRALinear:
-    """A ``LoRALinear`` sharing ``layer``'s base weight, bias, ``lora_A`` and ``lora_B``
-    modules (so parameters, their ``requires_grad`` and optimizer state carry over)."""
+    """A ``LoRALinear`` (``DoRALinear`` for a DoRA layer) sharing ``layer``'s base weight,
+    bias, ``lora_A`` and ``lora_B`` modules and DoRA magnitude (so parameters, their
+    ``requires_grad`` and optimizer state carry over)."""
     if list(layer.lora_A.keys()) != [adapter]:
         raise _unsupported(path, f"has adapters {list(layer.lora_A.keys())}; fastpeft runs exactly one")
     if layer.disable_adapters or adapter not in layer.active_adapters:
         raise _unsupported(path, f"adapter {adapter!r} is disabled or not active")
-    if layer.use_dora.get(adapter) or adapter in layer.lora_magnitude_vector:
-        raise _unsupported(path, "DoRA is not implemented")
+    dora = bool(layer.use_dora.get(adapter)) or adapter in layer.lora_magnitude_vector
+    if dora and adapter in layer.merged_adapters:
+        raise _unsupported(path, "a merged DoRA layer cannot be converted (its merge scale is PEFT's); unmerge it "
+                                 "first (peft_model.unmerge_adapter())")
     # lora_bias / lora_variant are absent from older PEFT layers
     if getattr(layer, "lora_bias", {}).get(adapter):
         raise _unsupported(path, "lora_bias is not implemented")
     variant = getattr(layer, "lora_variant", {}).get(adapter)
-    if variant is not None and type(variant).__name__ not in PLAIN_FORWARD_VARIANTS:
+    if variant is not None and not dora and type(variant).__name__ not in PLAIN_FORWARD_VARIANTS:
         raise _unsupported(path, f"LoRA variant {type(variant).__name__} is not implemented")
     base = layer.base_layer
     kind = base_layer_kind(base)
@@ -67,7 +71,7 @@ def _convert_lora_linear(path: str, layer: nn.Module, adapter: str, use_rslora: 
     if not isinstance(dropout, (nn.Dropout, nn.Identity)):
         raise _unsupported(path, f"lora_dropout is a {type(dropout).__name__}, expected nn.Dropout or nn.Identity")
     lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
-    new = LoRALinear.wrap(
+    new = (DoRALinear if dora else LoRALinear).wrap(
         base, layer.r[adapter], layer.lora_alpha[adapter],
         dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
         use_rslora, lora_dtype=lora_a.weight.dtype,
@@ -76,6 +80,8 @@ def _convert_lora_linear(path: str, layer: nn.Module, adapter: str, use_rslora: 
         raise _unsupported(path, f"scaling {layer.scaling[adapter]} differs from lora_alpha / r ({new.scaling}); "
                                  "a scaling changed with set_scale / scale_layer is not supported")
     new.lora_A, new.lora_B = lora_a, lora_b
+    if dora:
+        new.lora_magnitude_vector = layer.lora_magnitude_vector[adapter].weight
     new.merged = adapter in layer.merged_adapters
     return new.train(layer.training)
 

@@ -4,7 +4,7 @@
 A PEFT LoRA directory holds ``adapter_config.json`` (the ``LoraConfig`` fields plus
 ``peft_type: "LORA"``) and ``adapter_model.safetensors`` (metadata ``{"format": "pt"}``), whose
 keys are ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight`` for each LoRA
-layer and ``base_model.model.<module path>.<name>`` for each entry of a ``modules_to_save``
+layer (plus ``.lora_magnitude_vector`` for a DoRA layer) and ``base_model.model.<module path>.<name>`` for each entry of a ``modules_to_save``
 module's state dict: what PEFT's ``save_pretrained`` writes for a ``get_peft_model`` model,
 whether a plain ``nn.Module`` or a transformers model with a ``task_type``.
 """
@@ -23,7 +23,7 @@ from fastpeft.formats.file_names import CONFIG_NAME, PEFT_PICKLE_NAME, PEFT_WEIG
 from fastpeft.formats.saved_tensors import check_tensors, cpu_copy, module_tensors
 from fastpeft.formats.snapshot import Snapshot, open_snapshot
 from fastpeft.methods.lora.config import LoraConfig
-from fastpeft.methods.lora.layer import A_MODULE, B_MODULE, lora_keys
+from fastpeft.methods.lora.layer import A_MODULE, B_MODULE, MAGNITUDE_KEY, adapter_shapes, lora_keys
 from fastpeft.methods.lora.model import build_replacements, install, lora_layers
 from fastpeft.methods.lora.targets import InjectionPlan, plan_injection
 from fastpeft.methods.state import adapter_state, check_not_adapted, restore_requires_grad
@@ -31,14 +31,16 @@ from fastpeft.methods.state import adapter_state, check_not_adapted, restore_req
 KEY_PREFIX = "base_model.model."
 # A LoRA weight key without the prefix, with or without the adapter name PEFT uses in memory.
 _LORA_KEY = re.compile(rf"(?P<module>.+)\.(?P<kind>{A_MODULE}|{B_MODULE})(?:\.(?P<adapter>[^.]+))?\.weight")
+# A DoRA magnitude key as PEFT holds it in memory (saved, it has no adapter name and no ".weight").
+_MAGNITUDE_KEY = re.compile(rf"(?P<module>.+)\.{MAGNITUDE_KEY}\.(?P<adapter>[^.]+)\.weight")
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA adapter's tensors under PEFT's saved keys (CPU copies), as a save writes them."""
     out = {}
     for name, layer in lora_layers(model):
-        a_key, b_key = lora_keys(f"{KEY_PREFIX}{name}")
-        out[a_key], out[b_key] = cpu_copy(layer.lora_A.weight), cpu_copy(layer.lora_B.weight)
+        for key, tensor in layer.adapter_tensors().items():
+            out[f"{KEY_PREFIX}{name}.{key}"] = cpu_copy(tensor)
     for path in adapter_state(model).modules_to_save:
         for key, value in model.get_submodule(path).state_dict().items():
             out[f"{KEY_PREFIX}{path}.{key}"] = cpu_copy(value)
@@ -46,9 +48,9 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def lora_source_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """The model's own tensors that ``lora_state_dict`` copies (A and B of every LoRA layer,
-    the ``modules_to_save`` copies' tensors)."""
-    weights = [w for _, layer in lora_layers(model) for w in (layer.lora_A.weight, layer.lora_B.weight)]
+    """The model's own tensors that ``lora_state_dict`` copies (A and B of every LoRA layer, a
+    DoRA layer's magnitude, the ``modules_to_save`` copies' tensors)."""
+    weights = [w for _, layer in lora_layers(model) for w in layer.adapter_tensors().values()]
     return weights + module_tensors(model, adapter_state(model).modules_to_save)
 
 
@@ -104,16 +106,21 @@ def read_lora_adapter(directory: str | bytes | os.PathLike,
 
 def _normalize_keys(tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """Keys relative to the model: without the ``base_model.model.`` prefix and without an
-    adapter name in LoRA keys (``x.lora_A.default.weight`` -> ``x.lora_A.weight``)."""
+    adapter name in LoRA keys (``x.lora_A.default.weight`` -> ``x.lora_A.weight``,
+    ``x.lora_magnitude_vector.default.weight`` -> ``x.lora_magnitude_vector``)."""
     out: dict[str, torch.Tensor] = {}
     adapters = set()
     for key, value in tensors.items():
         name = key.removeprefix(KEY_PREFIX)
         match = _LORA_KEY.fullmatch(name)
+        magnitude = _MAGNITUDE_KEY.fullmatch(name)
         if match and match["adapter"]:
             adapters.add(match["adapter"])
             a_key, b_key = lora_keys(match["module"])
             name = b_key if match["kind"] == B_MODULE else a_key
+        elif magnitude:
+            adapters.add(magnitude["adapter"])
+            name = f"{magnitude['module']}.{MAGNITUDE_KEY}"
         if name in out:
             raise ValueError(f"{source}: key {key!r} duplicates another key once prefixes and adapter names are removed")
         out[name] = value
@@ -123,15 +130,15 @@ def _normalize_keys(tensors: dict[str, torch.Tensor], source: str) -> dict[str, 
 
 
 def _check_tensors(
-    model: nn.Module, plan: InjectionPlan, tensors: dict[str, torch.Tensor], source: str
+    model: nn.Module, plan: InjectionPlan, config: LoraConfig, tensors: dict[str, torch.Tensor], source: str
 ) -> None:
-    """The file must hold exactly the plan's tensors, with the plan's shapes: LoRA weights
-    floating point, ``modules_to_save`` entries of their module's dtype kind."""
+    """The file must hold exactly the plan's tensors, with the plan's shapes: LoRA weights (and
+    DoRA magnitudes) floating point, ``modules_to_save`` entries of their module's dtype kind."""
     expected: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {}
     for t in plan.targets:
         in_f, out_f = t.kind.features(t.module)
-        a_key, b_key = lora_keys(t.name)
-        expected[a_key], expected[b_key] = ((t.r, in_f), None), ((out_f, t.r), None)
+        for key, shape in adapter_shapes(in_f, out_f, t.r, config.use_dora).items():
+            expected[f"{t.name}.{key}"] = (shape, None)
     for path in plan.modules_to_save:
         for key, value in model.get_submodule(path).state_dict().items():
             expected[f"{path}.{key}"] = (tuple(value.shape), value.dtype)
@@ -143,10 +150,8 @@ def _check_tensors(
 def _fill(replacements: dict[str, nn.Module], plan: InjectionPlan, tensors: dict[str, torch.Tensor]) -> None:
     """Copy the checked tensors into the not yet installed modules."""
     for t in plan.targets:
-        layer = replacements[t.name]
-        a_key, b_key = lora_keys(t.name)
-        layer.lora_A.weight.copy_(tensors[a_key])
-        layer.lora_B.weight.copy_(tensors[b_key])
+        for key, param in replacements[t.name].adapter_tensors().items():
+            param.copy_(tensors[f"{t.name}.{key}"])
     for path in plan.modules_to_save:
         prefix = f"{path}."
         own = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
@@ -161,7 +166,7 @@ def load_lora(model: nn.Module, snapshot: Snapshot, *, is_trainable: bool, allow
     config, tensors = _read_lora(snapshot, allow_pickle)
     check_not_adapted(model)
     plan = plan_injection(model, config)
-    _check_tensors(model, plan, tensors, snapshot.path)
+    _check_tensors(model, plan, config, tensors, snapshot.path)
     with restore_requires_grad(model, always=False):
         replacements = build_replacements(
             model, plan, config, init_lora_weights=True, autocast_adapter_dtype=autocast_adapter_dtype

@@ -15,7 +15,9 @@ or save would cost seconds.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -65,6 +67,22 @@ def sharded_apart(*modules: nn.Module) -> bool:
             if issubclass(type(p), dtensor):  # isinstance goes through the tensor metaclass: 10x slower
                 return True
     return False
+
+
+@contextlib.contextmanager
+def gathered(*modules: nn.Module) -> Iterator[None]:
+    """The block with the FSDP units among ``modules`` unsharded (``FSDPModule.unshard``: their
+    parameters whole, plain tensors), resharded after it, whatever happens: for reading a
+    unit's weights outside its forward (no gradient reaches them through such reads; FSDP2
+    gathers them again around the unit's own forward)."""
+    units = [m for m in modules if is_fsdp_unit(m)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
 
 
 def sharded_mesh(model: nn.Module):

@@ -138,6 +138,9 @@ class MultiAdapterModel(nn.Module):
         if config.modules_to_save:
             raise ValueError(f"{source}: modules_to_save {list(config.modules_to_save)} (full copies of modules per "
                              "adapter) is not supported by MultiAdapterModel")
+        if config.use_dora:
+            raise ValueError(f"{source} is a DoRA adapter (use_dora=True), which MultiAdapterModel does not serve "
+                             "yet; serve it alone with fastpeft.load_adapter")
         found: dict[str, tuple[int, float]] = {}
         for key, _ in self.model.named_modules():
             if not key or not is_targeted(config, target_modules, key) or is_excluded(config, key):

@@ -1,6 +1,6 @@
-"""Every fastpeft adapter type but LoRA as a named case, on a tiny random model with the same
-weights every time: bottleneck adapters (AdapterHub's files), prompt tuning, prefix tuning
-(with and without its MLP) and P-tuning (PEFT's files), on a Llama / GPT-2 LM or a BERT
+"""Every fastpeft adapter type but plain LoRA as a named case, on a tiny random model with the
+same weights every time: bottleneck adapters (AdapterHub's files), prompt tuning, prefix tuning
+(with and without its MLP), P-tuning and DoRA (PEFT's files), on a Llama / GPT-2 LM or a BERT
 sequence classifier."""
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ CASES = {
     "ptuning_lstm": ("llama", lambda: fastpeft.PromptEncoderConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=N_VIRTUAL, encoder_reparameterization_type="LSTM",
         encoder_hidden_size=8), PEFT_FILES | {ENCODER_STATE_NAME}),
+    # DoRA on GPT-2's Conv1D layers (fan_in_fan_out), with dropout; B random so the magnitude matters.
+    "dora": ("gpt2", lambda: fastpeft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["c_attn", "c_fc"],
+                                                 use_dora=True, init_lora_weights=False), PEFT_FILES),
 }
 
 

@@ -1,5 +1,5 @@
-"""fastpeft adapters under DDP and FSDP2 (LoRA; bottleneck adapters; prompt tuning and prefix
-tuning with its MLP, sharded with the root): two CPU processes (gloo, 127.0.0.1 only) train
+"""fastpeft adapters under DDP and FSDP2 (LoRA and DoRA; bottleneck adapters; prompt tuning and
+prefix tuning with its MLP, sharded with the root): two CPU processes (gloo, 127.0.0.1 only) train
 the small Llama of ``tests/helpers/training.py`` on halves of each batch, and must
 reproduce a single process on the full batches (the ranks are spawned by
 ``tests/helpers/distributed.py``).
@@ -19,6 +19,7 @@ custom op only ever sees plain tensors. The op itself does not accept DTensor in
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import gc
 import weakref
 from collections.abc import Callable
@@ -45,7 +46,7 @@ from tests.helpers.distributed import (
     spawn_ranks,
 )
 from tests.helpers.numerics import TOLERANCE, assert_close, relative_error
-from tests.helpers.training import build_model, lora_model, one_thread
+from tests.helpers.training import build_model, lora_config, lora_model, one_thread
 
 if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
@@ -118,6 +119,18 @@ def _lora() -> nn.Module:
     return lora_model("llama")
 
 
+def _dora() -> nn.Module:
+    """The LoRA model's config with DoRA; B drawn as ``lora_model`` draws it (A gets gradients
+    at the first step) and the magnitudes set to the row norms of the resulting weights."""
+    model = fastpeft.inject(build_model("llama"), dataclasses.replace(lora_config("llama"), use_dora=True))
+    for module in model.modules():
+        if isinstance(module, fastpeft.LoRALinear):
+            nn.init.normal_(module.lora_B.weight, std=0.1)
+            with torch.no_grad():
+                module.lora_magnitude_vector.copy_(module.row_norm())
+    return model
+
+
 def _prompt() -> nn.Module:
     return adapted("prompt")
 
@@ -134,18 +147,20 @@ SCENARIOS = {
     "fsdp2_checkpointed": (_lora, _fsdp2_checkpointed),
     "fsdp2_lora_apart": (_lora, shard_adapters_apart),
     "fsdp2_bottleneck_apart": (bottleneck_model, shard_adapters_apart),
+    "fsdp2_dora": (_dora, _fsdp2),
+    "fsdp2_dora_apart": (_dora, shard_adapters_apart),
     "fsdp2_prompt": (_prompt, _fsdp2),
     "fsdp2_prefix_mlp": (_prefix_mlp, _fsdp2),
 }
 BUILDS = {build for build, _ in SCENARIOS.values()}
-# The trainable tensors of each build: lora_A and lora_B of 7 projections in 2 layers; down and
-# up weight and bias of 2 adapters; the prompt embedding; the prefix embedding and its MLP's
-# two linear layers (weight and bias).
-TRAINABLE = {_lora: 2 * 7 * 2, bottleneck_model: 2 * 4, _prompt: 1, _prefix_mlp: 1 + 2 * 2}
+# The trainable tensors of each build: lora_A and lora_B of 7 projections in 2 layers (and
+# DoRA's magnitude); down and up weight and bias of 2 adapters; the prompt embedding; the
+# prefix embedding and its MLP's two linear layers (weight and bias).
+TRAINABLE = {_lora: 2 * 7 * 2, _dora: 3 * 7 * 2, bottleneck_model: 2 * 4, _prompt: 1, _prefix_mlp: 1 + 2 * 2}
 # Builds whose adapter has submodules that may be FSDP units of their own (ADAPTER_SUBMODULES).
-LAYERED = {_lora, bottleneck_model}
+LAYERED = {_lora, _dora, bottleneck_model}
 # Scenarios whose adapter every rank saves after training, into "<scenario>-adapter".
-SAVED = ("fsdp2", "fsdp2_prompt", "fsdp2_prefix_mlp")
+SAVED = ("fsdp2", "fsdp2_dora_apart", "fsdp2_prompt", "fsdp2_prefix_mlp")
 
 
 def _op_on_dtensors() -> str | float:
@@ -249,11 +264,12 @@ def test_a_sharded_model_saves_its_adapter(rank_results, ranks_dir):
         assert all(torch.equal(loaded[name], value) for name, value in final.items())
 
 
-@pytest.mark.parametrize("scenario", ["fsdp2_prompt", "fsdp2_prefix_mlp"])
-def test_a_sharded_prompt_model_saves_its_adapter(rank_results, ranks_dir, scenario):
-    """``save_adapter`` and ``save_pretrained`` on an FSDP2-sharded prompt-tuned or prefix-tuned
-    model (its prompt encoder sharded with the root) write its trained prompts / prefix MLP
-    whole: ``load_adapter_weights`` restores them into a model with another init."""
+@pytest.mark.parametrize("scenario", ["fsdp2_dora_apart", "fsdp2_prompt", "fsdp2_prefix_mlp"])
+def test_a_sharded_model_of_another_adapter_type_saves_it(rank_results, ranks_dir, scenario):
+    """``save_adapter`` and ``save_pretrained`` on an FSDP2-sharded DoRA model (A and B units
+    of their own), prompt-tuned or prefix-tuned model (its prompt encoder sharded with the
+    root) write its trained adapter whole (magnitudes, prompts, prefix MLP): ``load_adapter_weights``
+    restores them into a model with another init."""
     final = rank_results[0][scenario]["final"]
     for directory in (ranks_dir / f"{scenario}-adapter", ranks_dir / f"{scenario}-adapter" / "pretrained"):
         model = SCENARIOS[scenario][0]()

@@ -7,8 +7,7 @@ Keys of a PEFT config fall in four groups (see ``from_dict``):
 * metadata and creation-time settings that do not change the adapter's math once its
   weights exist (``peft_version``, ``revision``, ``inference_mode``, ``loftq_config``,
   ``eva_config``, ...): accepted and ignored;
-* features fastpeft does not implement that change the math or the model (DoRA,
-  ``lora_bias``, ``layer_replication``, ``target_parameters``, trainable tokens, aLoRA,
+* features fastpeft does not implement that change the math or the model (``lora_bias``, ``layer_replication``, ``target_parameters``, trainable tokens, aLoRA,
   QALoRA, the LoRA variants, Megatron, weight tying): a ``ValueError`` names the key when
   it is set, and they are accepted when unset (None / False / empty);
 * unknown keys (newer PEFT versions): ignored, with a warning when their value is set.
@@ -46,7 +45,6 @@ _IGNORED_KEYS = frozenset({
     "megatron_core", "qalora_group_size", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
 })
 _UNSUPPORTED_KEYS = {
-    "use_dora": "DoRA (weight-decomposed LoRA) is not implemented",
     "lora_bias": "a bias on lora_B is not implemented",
     "layer_replication": "layer replication changes the model's layers",
     "target_parameters": "LoRA on bare nn.Parameters is not implemented",
@@ -222,6 +220,8 @@ class LoraConfig:
             or a regex string (``re.fullmatch``).
         bias: only ``"none"`` (PEFT's ``"all"`` / ``"lora_only"`` train base biases).
         use_rslora: rank-stabilised scaling ``lora_alpha / sqrt(r)``.
+        use_dora: DoRA (weight-decomposed LoRA, ``fastpeft.methods.lora.dora_layer``): each
+            layer also trains a magnitude per output feature (``lora_magnitude_vector``).
         fan_in_fan_out: whether target weights are stored ``[in, out]``. As in PEFT it is
             decided per module by its type (True for transformers ``Conv1D``, False for
             ``nn.Linear``), with a warning when this field says otherwise.
@@ -263,6 +263,7 @@ class LoraConfig:
     exclude_modules: str | Sequence[str] | None = None
     bias: str = "none"
     use_rslora: bool = False
+    use_dora: bool = False
     fan_in_fan_out: bool = False
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
@@ -290,6 +291,7 @@ class LoraConfig:
                                  "does not implement; only 'none' is supported")
             raise ValueError(f"LoraConfig.bias must be 'none' (PEFT also knows 'all', 'lora_only'), got {self.bias!r}")
         _require_bool("use_rslora", self.use_rslora)
+        _require_bool("use_dora", self.use_dora)
         _require_bool("fan_in_fan_out", self.fan_in_fan_out)
         put("rank_pattern", _pattern_dict("rank_pattern", self.rank_pattern, lambda n, v: _require_int(n, v, 1)))
         put("alpha_pattern", _pattern_dict("alpha_pattern", self.alpha_pattern, _require_number))
@@ -402,7 +404,7 @@ _dataclass_init = LoraConfig.__init__
 def _init_accepting_peft_keys(self: LoraConfig, *args: Any, **kwargs: Any) -> None:
     """``LoraConfig(**kwargs)`` also takes the PEFT-only keys ``from_dict`` knows, so code
     written for ``peft.LoraConfig`` runs: metadata such as ``inference_mode=False`` is
-    ignored, and a set unimplemented feature (``use_dora=True``) is a ``ValueError`` naming
+    ignored, and a set unimplemented feature (``lora_bias=True``) is a ``ValueError`` naming
     it. Any other unknown keyword stays a ``TypeError``."""
     _dataclass_init(self, *args, **_without_peft_only_keys(kwargs, "LoraConfig"))
 

@@ -42,12 +42,22 @@ def _require_rank(r: object) -> int:
 # adapter name): declared here once for every reader and writer of LoRA tensors.
 A_MODULE, B_MODULE = "lora_A", "lora_B"
 A_KEY, B_KEY = f"{A_MODULE}.weight", f"{B_MODULE}.weight"
+# DoRA's magnitude: PEFT's saved key (in memory PEFT holds lora_magnitude_vector.<adapter>.weight),
+# and the DoRA layer's parameter.
+MAGNITUDE_KEY = "lora_magnitude_vector"
 
 
 def lora_keys(path: str) -> tuple[str, str]:
     """``(A's key, B's key)`` of the LoRA layer at ``path``: ``<path>.lora_A.weight``,
     ``<path>.lora_B.weight``."""
     return f"{path}.{A_KEY}", f"{path}.{B_KEY}"
+
+
+def adapter_shapes(in_features: int, out_features: int, r: int, use_dora: bool) -> dict[str, tuple[int, ...]]:
+    """The shapes of a LoRA (DoRA) layer's adapter tensors under their keys below its path, as
+    ``LoRALinear.adapter_tensors`` (``DoRALinear``'s) holds them."""
+    shapes = {A_KEY: (r, in_features), B_KEY: (out_features, r)}
+    return {**shapes, MAGNITUDE_KEY: (out_features,)} if use_dora else shapes
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
@@ -79,6 +89,7 @@ class LoRALinear(AdapterLayer):
     """
 
     ADAPTER_KIND = "LoRA"
+    use_dora = False
     # Whether the wrapped layer's weight was already an FSDP2 shard at wrap time (an adapter
     # loaded into a sharded model): FSDP2 then gathers it into the wrapped module, where the
     # forward reads it, not into this layer.
@@ -203,6 +214,11 @@ class LoRALinear(AdapterLayer):
     def scaling(self) -> float:
         return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
 
+    def adapter_tensors(self) -> dict[str, nn.Parameter]:
+        """The adapter's parameters under their keys below the layer's path (PEFT's saved keys
+        less ``base_model.model.<path>.``): ``lora_A.weight``, ``lora_B.weight``."""
+        return {A_KEY: self.lora_A.weight, B_KEY: self.lora_B.weight}
+
     def _base_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The base weight and bias the forward uses: this layer's, or the wrapped module's
         where FSDP2 gathers them (``_wraps_sharded_base``)."""
@@ -268,8 +284,12 @@ class LoRALinear(AdapterLayer):
         if self.merged:
             return self._base_forward(x)
         if sharded_apart(self.lora_A, self.lora_B):
-            return self._base_forward(x) + self._lora_through_submodules(x)
+            return self._forward_apart(x)
         return self._fused_forward(x)
+
+    def _forward_apart(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward when ``lora_A`` / ``lora_B`` are FSDP units of their own (``forward``)."""
+        return self._base_forward(x) + self._lora_through_submodules(x)
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self._weight_out_in(), self._base_tensors()[1])

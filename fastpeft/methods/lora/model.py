@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from fastpeft.methods.base_layers import default_lora_dtype
 from fastpeft.methods.lora.config import LoraConfig
-from fastpeft.methods.lora.layer import LoRALinear
+from fastpeft.methods.lora.dora_layer import DoRALinear
+from fastpeft.methods.lora.layer import B_KEY, LoRALinear
 from fastpeft.methods.lora.targets import InjectionPlan, LoraTarget, plan_injection
 from fastpeft.methods.state import (
     AdapterState,
@@ -47,11 +48,17 @@ def build_replacements(
     init_lora_weights: bool | str,
     autocast_adapter_dtype: bool,
 ) -> dict[str, nn.Module]:
-    """New modules by path, not yet installed: a ``LoRALinear`` per target (sharing and
-    freezing its base weight) and a deep copy per ``modules_to_save`` module."""
+    """New modules by path, not yet installed: a ``LoRALinear`` (``DoRALinear`` with
+    ``use_dora``) per target (sharing and freezing its base weight) and a deep copy per
+    ``modules_to_save`` module.
+
+    Raises:
+        ValueError: DoRA on a quantized base (not implemented).
+    """
     new: dict[str, nn.Module] = {}
+    layer_cls = DoRALinear if config.use_dora else LoRALinear
     for t in plan.targets:
-        new[t.name] = LoRALinear.wrap(
+        new[t.name] = layer_cls.wrap(
             t.module, t.r, t.lora_alpha, config.lora_dropout, config.use_rslora,
             lora_dtype=_lora_dtype(t, autocast_adapter_dtype), init_lora_weights=init_lora_weights,
         )
@@ -78,8 +85,8 @@ def install(
     model.requires_grad_(False)
     if trainable:
         for _, layer in lora_layers(model):
-            layer.lora_A.requires_grad_(True)
-            layer.lora_B.requires_grad_(config.trains_lora_b)
+            for key, param in layer.adapter_tensors().items():
+                param.requires_grad_(key != B_KEY or config.trains_lora_b)
         for path in modules_to_save:
             model.get_submodule(path).requires_grad_(True)
     record_adapter(model, AdapterState(config, modules_to_save))

@@ -110,7 +110,7 @@ def test_peft_reads_what_we_write_without_warnings():
 
 
 @pytest.mark.parametrize("key,value", [
-    ("use_dora", True), ("lora_bias", True), ("layer_replication", [[0, 1]]), ("target_parameters", ["w"]),
+    ("lora_bias", True), ("layer_replication", [[0, 1]]), ("target_parameters", ["w"]),
     ("trainable_token_indices", [1, 2]), ("alora_invocation_tokens", [5]), ("use_qalora", True),
     ("megatron_config", {"x": 1}), ("ensure_weight_tying", True), ("kasa_config", {"a": 1}),
 ])
@@ -151,16 +151,26 @@ def test_from_dict_errors(data, exc, match):
         LoraConfig.from_dict(data)
 
 
-@pytest.mark.parametrize("key,value", [("use_dora", True), ("lora_bias", True), ("use_qalora", True)])
+@pytest.mark.parametrize("key,value", [("lora_bias", True), ("use_qalora", True)])
 def test_constructor_refuses_unimplemented_features_like_the_load_path(key, value):
-    """``LoraConfig(use_dora=True)`` says what ``load_adapter`` says of such a config."""
+    """``LoraConfig(lora_bias=True)`` says what ``load_adapter`` says of such a config."""
     with pytest.raises(ValueError, match=f"{key}=True: .* not implemented in fastpeft"):
         LoraConfig(target_modules=["q_proj"], **{key: value})
 
 
+def test_use_dora_is_a_field_saved_as_peft_saves_it():
+    """DoRA's switch is a field (PEFT's name), a bool, saved and read back; PEFT reads it."""
+    config = LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)
+    data = config.to_dict()
+    assert data["use_dora"] is True and LoraConfig.from_dict(data) == config
+    assert peft.LoraConfig.from_peft_type(**data).use_dora is True
+    with pytest.raises(TypeError, match="use_dora must be a bool"):
+        LoraConfig(target_modules=["q_proj"], use_dora=1)
+
+
 def test_constructor_takes_peft_only_keys_when_unset_or_metadata():
     """Code written for ``peft.LoraConfig`` runs: unset features and metadata are accepted."""
-    config = LoraConfig(r=4, target_modules=["q_proj"], use_dora=False, inference_mode=False, peft_type="LORA")
+    config = LoraConfig(r=4, target_modules=["q_proj"], lora_bias=False, inference_mode=False, peft_type="LORA")
     assert config == LoraConfig(r=4, target_modules=["q_proj"])
     with pytest.raises(TypeError, match="unexpected keyword argument 'lora_alfa'"):
         LoraConfig(lora_alfa=16)

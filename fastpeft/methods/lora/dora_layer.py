@@ -1,0 +1,158 @@
+"""``DoRALinear``: a ``LoRALinear`` with PEFT's DoRA (weight-decomposed LoRA, ``use_dora=True``).
+
+    y = x W^T + b + (c - 1) * (x' W^T) + c * scaling * (x' A^T B^T),   c = m / ||W + scaling B A||_row
+
+with ``x' = dropout(x)`` and the row norm detached (the DoRA paper's section 4.3, as PEFT). The
+magnitude ``m`` (``lora_magnitude_vector``, ``[out]``, the adapter's dtype) trains with A and B; it
+starts as the row norms of ``W + scaling B A`` for the initial A and B, so the layer starts as
+its LoRA layer does. State-dict key ``<path>.lora_magnitude_vector``: PEFT's saved key (its
+model holds ``lora_magnitude_vector.<adapter>.weight``), so a PEFT state dict maps one to one.
+
+The forward is ``fastpeft.ops.dora_linear`` (its torch path). The squared row norms of the
+frozen W are computed once and reused while W is unchanged; at inference (eval mode, grad off)
+the whole row norm is, while W, A and B are unchanged (tensor identity and version counter).
+``merge()`` folds the layer into ``W' = c * (W + scaling B A)`` (PEFT's merge); ``unmerge()``
+divides that scale out again with the scale of the merge.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastpeft.methods.base_layers import BaseLayerKind
+from fastpeft.methods.lora.layer import MAGNITUDE_KEY, LoRALinear
+from fastpeft.methods.sharding import gathered
+from fastpeft.ops.dora_linear import dora_linear
+from fastpeft.ops.dora_linear_torch import dora_row_norm
+
+def _identity(*tensors: torch.Tensor) -> tuple:
+    """What a cached value derived from ``tensors`` is valid for: each one's object, in-place
+    version (an optimizer step or ``copy_`` bumps it) and storage (``.to()`` moves it)."""
+    return tuple((id(t), t._version, t.data_ptr(), t.device, t.dtype) for t in tensors)
+
+
+class DoRALinear(LoRALinear):
+    """DoRA on an ``nn.Linear`` or transformers ``Conv1D`` (module docstring). Arguments and
+    wrapping as ``LoRALinear``'s; quantized bases are not supported yet (``wrap`` refuses them)."""
+
+    ADAPTER_KIND = "DoRA"
+    use_dora = True
+
+    @classmethod
+    def _wrap(cls, base: nn.Module, kind: BaseLayerKind, *args) -> "DoRALinear":
+        if kind.quantized:
+            raise ValueError(f"DoRA on a quantized base layer ({kind.name}) is not implemented in fastpeft yet; "
+                             "use LoRA (use_dora=False) on it, or DoRA on an unquantized base")
+        return super()._wrap(base, kind, *args)
+
+    def _init_from(self, base: nn.Module, kind: BaseLayerKind, *args: Any) -> None:
+        self._weight_sq, self._weight_sq_key = None, None
+        self._norm, self._norm_key = None, None
+        self._merge_scale = None
+        super()._init_from(base, kind, *args)
+
+    def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
+        """``LoRALinear``'s inits for A and B, then the magnitude set to the row norms of
+        ``W + scaling B A`` (PEFT's DoRA init)."""
+        super().reset_lora_parameters(init_lora_weights)
+        with torch.no_grad():
+            norm = self.row_norm().to(self.lora_A.weight.dtype)
+        if MAGNITUDE_KEY in self._parameters:
+            with torch.no_grad():
+                self.lora_magnitude_vector.copy_(norm)
+        else:
+            self.lora_magnitude_vector = nn.Parameter(norm)
+
+    def adapter_tensors(self) -> dict[str, nn.Parameter]:
+        return {**super().adapter_tensors(), MAGNITUDE_KEY: self.lora_magnitude_vector}
+
+    def _weight_sq_cached(self) -> torch.Tensor:
+        """``||W_i||^2`` ``[out]`` in float32, recomputed only when W changes (every call while
+        ``torch.compile`` traces: the compiled graph computes it)."""
+        if torch.compiler.is_compiling():
+            return self._weight_sq_of_base()
+        key = _identity(self._base_tensors()[0])
+        if self._weight_sq is None or self._weight_sq_key != key:
+            self._weight_sq, self._weight_sq_key = self._weight_sq_of_base(), key
+        return self._weight_sq
+
+    def _weight_sq_of_base(self) -> torch.Tensor:
+        w = self._weight_out_in().detach().float()
+        return (w * w).sum(1)
+
+    def row_norm(self) -> torch.Tensor:
+        """``||W + scaling B A||`` of each output row, ``[out]`` float32 (detached)."""
+        with torch.no_grad():
+            return dora_row_norm(self._weight_out_in(), self.lora_A.weight, self.lora_B.weight, self.scaling,
+                                 self._weight_sq_cached())
+
+    def _inference_row_norm(self) -> torch.Tensor | None:
+        """The row norm cached for inference (eval mode, grad off, eager): reused while W, A
+        and B are the same tensors at the same versions; None otherwise."""
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        key = _identity(self._base_tensors()[0], self.lora_A.weight, self.lora_B.weight) + (self.scaling,)
+        if self._norm is None or self._norm_key != key:
+            self._norm, self._norm_key = self.row_norm(), key
+        return self._norm
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dora_linear(
+            x, self._weight_out_in(), self._base_tensors()[1], self.lora_A.weight, self.lora_B.weight,
+            self.lora_magnitude_vector, self.scaling, self.lora_dropout, self.training,
+            weight_sq=self._weight_sq_cached(), row_norm=self._inference_row_norm(),
+        )
+
+    def _forward_apart(self, x: torch.Tensor) -> torch.Tensor:
+        """PEFT's DoRA composition when ``lora_A`` / ``lora_B`` are FSDP units of their own:
+        their weights gathered for the (detached) row norm (``gathered``), the adapter term
+        through their forwards (so FSDP2 gathers them and reduces their gradients):
+        ``y = x W^T + b + (c - 1) * (x' W^T) + c * scaling * lora_B(lora_A(x'))``, combined in
+        float32 and rounded once to x's dtype."""
+        with gathered(self.lora_A, self.lora_B):
+            norm = self.row_norm()
+        scale = self.lora_magnitude_vector.float() / norm
+        weight, bias = self._weight_out_in(), self._base_tensors()[1]
+        dropout = self.training and self.lora_dropout > 0.0
+        dropped = F.dropout(x, self.lora_dropout) if dropout else x
+        lora = self.lora_B(self.lora_A(dropped.to(self.lora_A.weight.dtype))) * self.scaling
+        base = F.linear(x, weight, bias)
+        dropped_base = F.linear(dropped, weight)
+        return (base.float() + (scale - 1) * dropped_base.float() + scale * lora.float()).to(x.dtype)
+
+    def _dora_scale(self) -> torch.Tensor:
+        """``c = m / ||W + scaling B A||_row`` ``[out]`` float32, for merging."""
+        return self.lora_magnitude_vector.detach().float() / self.row_norm()
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """``W <- c * (W + scaling B A)`` (PEFT's DoRA merge), per output row; the scale is kept
+        for ``unmerge``."""
+        if self.merged:
+            raise RuntimeError("DoRALinear.merge(): the adapter is already merged")
+        scale = self._dora_scale()
+        merged = self._scaled(self.weight.float() + self.delta_weight().float(), scale)
+        self.weight.copy_(merged.to(self.weight.dtype))
+        self._merge_scale = scale
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """``W <- W / c - scaling B A`` with the scale of the merge (PEFT's DoRA unmerge)."""
+        if not self.merged:
+            raise RuntimeError("DoRALinear.unmerge(): the adapter is not merged")
+        unmerged = self._scaled(self.weight.float(), 1.0 / self._merge_scale) - self.delta_weight().float()
+        self.weight.copy_(unmerged.to(self.weight.dtype))
+        self._merge_scale = None
+        self.merged = False
+
+    def _scaled(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``weight`` (the base's layout) with each output row multiplied by ``scale``."""
+        return weight * (scale.view(1, -1) if self.fan_in_fan_out else scale.view(-1, 1))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, use_dora=True"
