@@ -68,11 +68,11 @@ def dora_forward_torch(
     dropped = _dropped(x, keep, dropout_p) if keep.numel() else x
     v = dropped @ weight.t()
     u = add_lora_product(v.clone() if keep.numel() else v, (s * scaling).to(lora_b.dtype), lora_b.t())
-    y = u.to(norm.dtype) * scale
+    wide = norm.dtype
+    # y = c * u + b (+ x W^T - x' W^T with dropout), each product in one fused pass
+    y = torch.addcmul(bias.to(wide), u.to(wide), scale) if bias is not None else u.to(wide) * scale
     if keep.numel():  # the base on the undropped x, less the dropped one c * u holds
-        y += (x @ weight.t()).to(norm.dtype) - v.to(norm.dtype)
-    if bias is not None:
-        y += bias.to(norm.dtype)
+        y += (x @ weight.t()).to(wide) - v.to(wide)
     return y.to(x.dtype), u, s, keep, norm
 
 

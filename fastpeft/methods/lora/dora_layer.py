@@ -101,10 +101,11 @@ class DoRALinear(LoRALinear):
         return self._norm
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        row_norm = self._inference_row_norm()
         return dora_linear(
             x, self._weight_out_in(), self._base_tensors()[1], self.lora_A.weight, self.lora_B.weight,
             self.lora_magnitude_vector, self.scaling, self.lora_dropout, self.training,
-            weight_sq=self._weight_sq_cached(), row_norm=self._inference_row_norm(),
+            weight_sq=self._weight_sq_cached() if row_norm is None else None, row_norm=row_norm,
         )
 
     def _forward_apart(self, x: torch.Tensor) -> torch.Tensor:
