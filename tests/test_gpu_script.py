@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastpeft.bench import focused, run_summary
 from fastpeft.bench.export import SCHEMA as BENCH_SCHEMA
@@ -194,7 +195,8 @@ def test_rehearsal_focused_json_schema(rehearsal):
 
 def test_rehearsal_focused_ran_the_other_ops_cells(rehearsal):
     """The focused run's other ops: every planned row of each is measured or skipped with a
-    reason (the kernel rows: no CUDA device), fastpeft's torch path measured, in the summary."""
+    reason (the kernel rows: no CUDA device; the rows that cannot run on a CPU among them),
+    fastpeft's torch path measured, in the summary."""
     data = json.loads((rehearsal / "focused.json").read_text())
     assert set(data["ops"]) == {focus.name for focus in focused.TINY_OP_FOCUS}
     for focus in focused.TINY_OP_FOCUS:
@@ -203,7 +205,9 @@ def test_rehearsal_focused_ran_the_other_ops_cells(rehearsal):
         assert {t["status"] for t in op["timings"]} <= {"ok", "skipped"}
         assert any(t["impl"] == "torch" and t["status"] == "ok" for t in op["timings"])
         assert all(t["error"] for t in op["timings"] if t["status"] == "skipped")
-        assert any(t["status"] == "skipped" and "CUDA device" in t["error"] for t in op["timings"])
+        gpu_only = {row.name for row in focus.spec.rows if row.unavailable(torch.device("cpu"))}
+        assert gpu_only <= {t["impl"] for t in op["timings"] if t["status"] == "skipped"}
+        assert all("CUDA device" in t["error"] for t in op["timings"] if t["status"] == "skipped")
     summary = (rehearsal / "summary.txt").read_text()
     assert "other ops (cells per status" in summary
     assert all(f"    {focus.name}: " in summary for focus in focused.TINY_OP_FOCUS)

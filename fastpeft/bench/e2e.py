@@ -23,6 +23,11 @@ Every ratio is fastpeft / PEFT from the same run, with the range the two measure
 allow (a point for memory, which is deterministic); a target is met or missed only when that
 whole range is on one side of it, inconclusive otherwise (``spread``).
 
+Variants of the LoRA step (``E2EConfig.variants``): QLoRA, the same step on the model with its
+decoder linears quantized by bitsandbytes (one per ``E2EConfig.quantizations``), and DoRA
+(``E2EConfig.dora``: the same LoRA with ``use_dora=True``, fastpeft's twin from ``from_peft``),
+each against PEFT's, with their own targets.
+
 Prompt learning (``E2EConfig.prompt_methods``, on in the CLI's cases): the same Llama, batch
 and step with PEFT's prompt tuning, then prefix tuning with its MLP (``prefix_projection``),
 ``NUM_VIRTUAL_TOKENS`` virtual tokens, fastpeft's twin from ``fastpeft.from_peft``: step
@@ -54,6 +59,7 @@ from fastpeft.bench.environment import describe_environment, package_version
 from fastpeft.bench.implementations import FASTPEFT, PEFT
 from fastpeft.bench.memory import measure_saved_activations
 from fastpeft.bench.qlora import NF4_DQ, quantize_linears
+from fastpeft.methods.lora.layer import MAGNITUDE_KEY
 from fastpeft.bench.report import (
     MISSING,
     format_bytes,
@@ -105,6 +111,25 @@ QLORA_E2E_TARGETS: tuple[Target, ...] = (
     Target(">= 1.5x PEFT's QLoRA tokens/s", TRAIN_STEP, TOKENS_PER_S, 1.5, at_most=False),
     Target("<= PEFT's QLoRA peak memory", TRAIN_STEP, PEAK_BYTES, 1.0, at_most=True),
 )
+# The DoRA variant's name, and issue "Fused DoRA"'s targets (GPU; on the CPU it asks for a step
+# faster than PEFT's DoRA), displayed, never asserted.
+DORA = "dora"
+DORA_E2E_TARGETS: tuple[Target, ...] = (
+    Target(">= 2x PEFT's DoRA tokens/s", TRAIN_STEP, TOKENS_PER_S, 2.0, at_most=False),
+    Target("<= PEFT's DoRA peak memory", TRAIN_STEP, PEAK_BYTES, 1.0, at_most=True),
+)
+
+
+def variant_title(variant: str) -> str:
+    """A variant of the LoRA step as reports name it: ``DoRA``, or ``QLoRA (<quantization>)``."""
+    return "DoRA" if variant == DORA else f"QLoRA ({variant})"
+
+
+def variant_targets(variant: str | None) -> tuple[Target, ...]:
+    """The targets of the LoRA step (``variant`` None) or of a variant."""
+    if variant is None:
+        return E2E_TARGETS
+    return DORA_E2E_TARGETS if variant == DORA else QLORA_E2E_TARGETS
 
 
 @dataclass(frozen=True)
@@ -147,10 +172,17 @@ class E2EConfig:
     # QLoRA: the same step on the model with its decoder linears quantized by bitsandbytes
     # (``fastpeft.bench.qlora.quantize_linears``), once per quantization named here.
     quantizations: tuple[str, ...] = ()
+    # DoRA: the same step with use_dora=True.
+    dora: bool = False
 
     @property
     def tokens(self) -> int:
         return self.batch * self.seq_len
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The variants of the LoRA step to run, in order: the quantizations, then DoRA."""
+        return (*self.quantizations, *((DORA,) if self.dora else ()))
 
     def settings(self) -> dict[str, Any]:
         """The configuration as plain data, for reports."""
@@ -188,6 +220,8 @@ class E2EConfig:
                         "blocks of 64, compute dtype = the model's dtype), the LM head in full precision; the same "
                         "LoRA, batch and step",
             },
+            "dora": {"on": self.dora, "step": "the same LoRA (use_dora=True), batch and step; PEFT's DoRA caching "
+                                              "off (its default)"},
             "prompt_learning": {
                 "methods": list(self.prompt_methods), "num_virtual_tokens": NUM_VIRTUAL_TOKENS,
                 "prefix": "prefix_projection=True (Embedding -> Linear -> Tanh -> Linear, hidden = token_dim)",
@@ -240,12 +274,13 @@ CPU_E2E = E2EConfig(CPU_MODEL, CPU_BATCH, CPU_SEQ_LEN, torch.device("cpu"), torc
 
 
 def default_e2e_config(device: torch.device, dtype: torch.dtype | None = None, **overrides: Any) -> E2EConfig:
-    """The GPU or CPU case for ``device`` (its default dtype unless ``dtype``), with ``overrides``
+    """The GPU or CPU case for ``device`` (its default dtype unless ``dtype``), with the QLoRA
+    variant where bitsandbytes is installed and the DoRA variant, and ``overrides``
     (``dropout``, ``gradient_checkpointing``, ``seed``)."""
     template = GPU_E2E if device.type == "cuda" else CPU_E2E
     quantizations = (NF4_DQ,) if importlib.util.find_spec("bitsandbytes") is not None else ()
     return dataclasses.replace(template, device=device, dtype=dtype or template.dtype,
-                               **{"quantizations": quantizations, **overrides})
+                               **{"quantizations": quantizations, "dora": True, **overrides})
 
 
 def missing_packages() -> list[str]:
@@ -256,19 +291,20 @@ def missing_packages() -> list[str]:
 # --- the twin models -----------------------------------------------------------------------
 
 
-def build_peft_model(config: E2EConfig, quantization: str | None = None) -> nn.Module:
-    """The Llama model (seeded random weights, on ``config.device`` in ``config.dtype``; its
-    decoder linears quantized by bitsandbytes with ``quantization``) with PEFT's LoRA on all
-    linear layers, in training mode; only the LoRA parameters train."""
+def build_peft_model(config: E2EConfig, variant: str | None = None) -> nn.Module:
+    """The Llama model (seeded random weights, on ``config.device`` in ``config.dtype``; for a
+    QLoRA ``variant`` its decoder linears quantized by bitsandbytes) with PEFT's LoRA (DoRA for
+    the DoRA variant) on all linear layers, in training mode; only the adapter trains."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(config.seed)
     with torch.device(config.device):
         base = LlamaForCausalLM(config.model.config(config.seq_len)).to(config.dtype)
-    if quantization is not None:
-        quantize_linears(base, quantization, config.dtype, config.device)
-    lora = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=config.dropout, target_modules=TARGET_MODULES)
+    if variant not in (None, DORA):
+        quantize_linears(base, variant, config.dtype, config.device)
+    lora = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=config.dropout, target_modules=TARGET_MODULES,
+                      use_dora=variant == DORA)
     with warnings.catch_warnings():
         # PEFT calls a transformers property transformers 5 deprecates; nothing to act on here.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -280,10 +316,10 @@ def _transformers_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def build_twins(config: E2EConfig, quantization: str | None = None) -> dict[str, nn.Module]:
+def build_twins(config: E2EConfig, variant: str | None = None) -> dict[str, nn.Module]:
     """``{PEFT: PEFT model, FASTPEFT: its fastpeft twin}`` on ``config.device``, checked identical
-    (``quantization``: on the quantized base, ``build_peft_model``)."""
-    peft_model = build_peft_model(config, quantization)
+    (``variant``: QLoRA's quantized base or DoRA, ``build_peft_model``)."""
+    peft_model = build_peft_model(config, variant)
     twins = {PEFT: peft_model, FASTPEFT: fastpeft.from_peft(copy.deepcopy(peft_model)).train()}
     if config.gradient_checkpointing:
         for model in twins.values():
@@ -296,15 +332,18 @@ def build_twins(config: E2EConfig, quantization: str | None = None) -> dict[str,
 
 def canonical_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Parameters by their name in the plain transformers model: PEFT's wrapper prefix, its
-    ``base_layer`` and adapter-name segments dropped (fastpeft's layers already use these names)."""
+    ``base_layer`` and adapter-name segments dropped, a DoRA magnitude under its saved key
+    (fastpeft's layers already use these names)."""
     return {
-        name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".").replace(f".{PEFT_ADAPTER}.", "."): p
+        name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
+        .replace(f".{MAGNITUDE_KEY}.{PEFT_ADAPTER}.weight", f".{MAGNITUDE_KEY}").replace(f".{PEFT_ADAPTER}.", "."): p
         for name, p in model.named_parameters()
     }
 
 
 def _is_lora(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name
+    """Whether a canonical parameter name is the adapter's (A, B, a DoRA magnitude)."""
+    return ".lora_A." in name or ".lora_B." in name or name.endswith(f".{MAGNITUDE_KEY}")
 
 
 def check_twins(ours: nn.Module, theirs: nn.Module) -> None:
@@ -519,19 +558,22 @@ class E2ERun:
     results: list[E2EResult] = field(default_factory=list)
     interrupted: bool = False
     prompt_results: list[PromptResult] = field(default_factory=list)
-    # per quantization (``E2EConfig.quantizations``): the QLoRA step's results, PEFT's then fastpeft's
-    qlora_results: dict[str, list[E2EResult]] = field(default_factory=dict)
+    # per variant of the LoRA step (``E2EConfig.variants``): its results, PEFT's then fastpeft's
+    variant_results: dict[str, list[E2EResult]] = field(default_factory=dict)
 
-    def result(self, impl: str, quantization: str | None = None) -> E2EResult | None:
-        """``impl``'s result of the LoRA step, or of the QLoRA step on ``quantization``."""
-        results = self.results if quantization is None else self.qlora_results.get(quantization, [])
-        return next((r for r in results if r.impl == impl), None)
+    def step_results(self, variant: str | None = None) -> list[E2EResult]:
+        """The results of the LoRA step (``variant`` None) or of a variant."""
+        return self.results if variant is None else self.variant_results.get(variant, [])
 
-    def ratio(self, metric: str, quantization: str | None = None) -> Spread | None:
+    def result(self, impl: str, variant: str | None = None) -> E2EResult | None:
+        """``impl``'s result of the LoRA step, or of a variant's."""
+        return next((r for r in self.step_results(variant) if r.impl == impl), None)
+
+    def ratio(self, metric: str, variant: str | None = None) -> Spread | None:
         """fastpeft's ``metric`` / PEFT's (``TOKENS_PER_S``, ``PEAK_BYTES``, ``SAVED_BYTES``), with
-        its range (a point for the byte counts, which are exact), of the LoRA step or of the
-        QLoRA step on ``quantization``."""
-        ours, theirs = self.result(FASTPEFT, quantization), self.result(PEFT, quantization)
+        its range (a point for the byte counts, which are exact), of the LoRA step or of a
+        variant's."""
+        ours, theirs = self.result(FASTPEFT, variant), self.result(PEFT, variant)
         if ours is None or theirs is None:
             return None
         return ratio(_measured(getattr(ours, metric)), _measured(getattr(theirs, metric)))
@@ -541,13 +583,13 @@ class E2ERun:
         """The memory the targets use: peak on a GPU, the saved-for-backward proxy on CPU."""
         return PEAK_BYTES if self.settings["device"] == "cuda" else SAVED_BYTES
 
-    def target_checks(self, quantization: str | None = None) -> list[E2ECheck]:
+    def target_checks(self, variant: str | None = None) -> list[E2ECheck]:
         """The targets that apply at this run's dropout, on the ratios that were measured: the
-        LoRA step's, or the QLoRA step's on ``quantization``."""
+        LoRA step's, or a variant's."""
         checks = []
-        for target in E2E_TARGETS if quantization is None else QLORA_E2E_TARGETS:
+        for target in variant_targets(variant):
             metric = self.memory_metric if target.metric == PEAK_BYTES else target.metric
-            value = self.ratio(metric, quantization)
+            value = self.ratio(metric, variant)
             if value is not None and target.dropout in (None, self.settings["lora"]["lora_dropout"]):
                 checks.append(E2ECheck(target, metric, value, target.verdict(value)))
         return checks
@@ -568,7 +610,8 @@ class E2ERun:
     @property
     def errors(self) -> list[str]:
         return ([f"e2e {r.impl}: {r.error}" for r in self.results if r.error]
-                + [f"e2e QLoRA {q} {r.impl}: {r.error}" for q, rs in self.qlora_results.items() for r in rs if r.error]
+                + [f"e2e {variant_title(v)} {r.impl}: {r.error}" for v, rs in self.variant_results.items()
+                   for r in rs if r.error]
                 + [f"e2e {r.method} {r.impl}: {r.error}" for r in self.prompt_results if r.error])
 
     @property
@@ -595,14 +638,14 @@ def _release(models: Iterable[nn.Module], device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def measure_twins(config: E2EConfig, input_ids: torch.Tensor, quantization: str | None, log: Callable[[str], None],
+def measure_twins(config: E2EConfig, input_ids: torch.Tensor, variant: str | None, log: Callable[[str], None],
                   results: list[E2EResult], settings: dict[str, Any] | None = None) -> None:
-    """Build the twin models (on the base quantized with ``quantization``, if given) and
-    measure PEFT's step, then fastpeft's, each alone on the device, appending each result to
-    ``results`` as it is measured (an interrupted run keeps them); a model that cannot be built
-    gives both results an error. ``settings``: where to record the fastpeft twin's counts."""
+    """Build the twin models (of ``variant``, if given: ``build_peft_model``) and measure PEFT's
+    step, then fastpeft's, each alone on the device, appending each result to ``results`` as it
+    is measured (an interrupted run keeps them); a model that cannot be built gives both
+    results an error. ``settings``: where to record the fastpeft twin's counts."""
     try:
-        twins = build_twins(config, quantization)
+        twins = build_twins(config, variant)
     except Exception as exc:  # no model to measure; report why (the rest of the case still runs)
         results.extend(E2EResult(impl, None, None, None, None, f"building the models: {describe_error(exc)}")
                        for impl in IMPLS)
@@ -630,10 +673,10 @@ def run_e2e(config: E2EConfig, log: Callable[[str], None] = log_to_stderr) -> E2
         log(f"[e2e] building the Llama model and its LoRA twins ({config.device.type}, {run.settings['dtype']})")
         input_ids = random_tokens(config)
         measure_twins(config, input_ids, None, log, run.results, run.settings)
-        for quantization in config.quantizations:
+        for variant in config.variants:
             _release((), config.device)
-            log(f"[e2e] QLoRA: the same model, its decoder linears quantized ({quantization})")
-            measure_twins(config, input_ids, quantization, log, run.qlora_results.setdefault(quantization, []))
+            log(f"[e2e] {variant_title(variant)}: the same model and step")
+            measure_twins(config, input_ids, variant, log, run.variant_results.setdefault(variant, []))
         _release((), config.device)
         for method in config.prompt_methods:
             run.prompt_results.extend(measure_prompt_method(config, method, input_ids, log))
@@ -653,25 +696,25 @@ def run_e2e(config: E2EConfig, log: Callable[[str], None] = log_to_stderr) -> E2
 E2E_HEADERS = ["impl", "step ms", "tokens/s", "x PEFT", "peak memory", "x PEFT", "saved for bwd", "x PEFT"]
 
 
-def _ratio_cell(run: E2ERun, metric: str, checks: dict[str, E2ECheck], quantization: str | None) -> str:
-    value = run.ratio(metric, quantization)
+def _ratio_cell(run: E2ERun, metric: str, checks: dict[str, E2ECheck], variant: str | None) -> str:
+    value = run.ratio(metric, variant)
     if value is None:
         return MISSING
     check = checks.get(metric)
     return format_ratio(value, None if check is None else check.verdict)
 
 
-def e2e_table_rows(run: E2ERun, quantization: str | None = None) -> list[list[str]]:
-    """One row per model of the LoRA step (or the QLoRA step on ``quantization``): step time and
-    tokens/s (median and interquartile range), peak memory, saved bytes; fastpeft's row has the
-    fastpeft / PEFT ratios (with their ranges and target marks)."""
-    checks = {c.metric: c for c in run.target_checks(quantization)}
+def e2e_table_rows(run: E2ERun, variant: str | None = None) -> list[list[str]]:
+    """One row per model of the LoRA step (or of a variant's): step time and tokens/s (median
+    and interquartile range), peak memory, saved bytes; fastpeft's row has the fastpeft / PEFT
+    ratios (with their ranges and target marks)."""
+    checks = {c.metric: c for c in run.target_checks(variant)}
     rows = []
-    for r in run.results if quantization is None else run.qlora_results[quantization]:
+    for r in run.step_results(variant):
         if r.error:
             rows.append([r.impl, "error"] + [MISSING] * (len(E2E_HEADERS) - 2))
             continue
-        ratios = [_ratio_cell(run, m, checks, quantization) if r.impl == FASTPEFT else MISSING
+        ratios = [_ratio_cell(run, m, checks, variant) if r.impl == FASTPEFT else MISSING
                   for m in (TOKENS_PER_S, PEAK_BYTES, SAVED_BYTES)]
         rows.append([
             r.impl, format_spread(r.ms, format_ms), format_spread(r.tokens_per_s, "{:,.0f}".format), ratios[0],
@@ -755,10 +798,10 @@ def e2e_footer_lines(run: E2ERun) -> list[str]:
         "met, missed, or inconclusive when the range reaches the target:"
     ]
     checks = [(None, c) for c in run.target_checks()] + [
-        (q, c) for q in run.qlora_results for c in run.target_checks(q)]
-    for quantization, c in checks:
+        (v, c) for v in run.variant_results for c in run.target_checks(v)]
+    for variant, c in checks:
         proxy = " (CPU proxy: bytes saved for backward)" if c.metric == SAVED_BYTES else ""
-        step = "" if quantization is None else f"QLoRA ({quantization}): "
+        step = "" if variant is None else f"{variant_title(variant)}: "
         lines.append(f"  {step}{c.target.label}{proxy}: {format_ratio(c.value)} {c.verdict}")
     if not checks:
         lines.append("  none applies to this run (they are stated at dropout 0.05, for runs that measured both)")
@@ -770,22 +813,23 @@ def e2e_footer_lines(run: E2ERun) -> list[str]:
     return lines
 
 
-def qlora_header_line(run: E2ERun, quantization: str) -> str:
-    return f"QLoRA ({quantization}): {run.settings['qlora']['base']}"
+def variant_header_line(run: E2ERun, variant: str) -> str:
+    s = run.settings
+    return f"{variant_title(variant)}: {s['dora']['step'] if variant == DORA else s['qlora']['base']}"
 
 
 def e2e_markdown(run: E2ERun) -> str:
     """The case's report as a markdown section."""
     fence = "```"
-    qlora = [line for q in run.qlora_results for line in (
-        f"### QLoRA training step ({q})", "", fence, qlora_header_line(run, q), fence, "",
-        markdown_table(E2E_HEADERS, e2e_table_rows(run, q)), "")]
+    variants = [line for v in run.variant_results for line in (
+        f"### {variant_title(v)} training step", "", fence, variant_header_line(run, v), fence, "",
+        markdown_table(E2E_HEADERS, e2e_table_rows(run, v)), "")]
     prompt = [] if not run.prompt_results else [
         "### Prompt tuning and prefix tuning", "", fence, *prompt_header_lines(run), fence, "",
         markdown_table(PROMPT_HEADERS, prompt_table_rows(run)), ""]
     return "\n".join(
         ["## End-to-end training step: fastpeft vs PEFT", "", fence, *e2e_header_lines(run), fence, "",
-         markdown_table(E2E_HEADERS, e2e_table_rows(run)), "", *qlora, *prompt, fence, *e2e_footer_lines(run),
+         markdown_table(E2E_HEADERS, e2e_table_rows(run)), "", *variants, *prompt, fence, *e2e_footer_lines(run),
          fence, ""]
     )
 
@@ -794,9 +838,9 @@ def print_e2e_report(run: E2ERun) -> None:
     """Print the case's report to stdout as plain text."""
     print("\n".join(e2e_header_lines(run)))
     print(plain_table(E2E_HEADERS, e2e_table_rows(run), text_columns=1))
-    for quantization in run.qlora_results:
-        print(qlora_header_line(run, quantization))
-        print(plain_table(E2E_HEADERS, e2e_table_rows(run, quantization), text_columns=1))
+    for variant in run.variant_results:
+        print(variant_header_line(run, variant))
+        print(plain_table(E2E_HEADERS, e2e_table_rows(run, variant), text_columns=1))
     if run.prompt_results:
         print("\n".join(prompt_header_lines(run)))
         print(plain_table(PROMPT_HEADERS, prompt_table_rows(run), text_columns=2))
@@ -806,6 +850,15 @@ def print_e2e_report(run: E2ERun) -> None:
 def _checks_json(checks: list[E2ECheck]) -> list[dict[str, Any]]:
     return [{"target": c.target.label, "metric": c.metric, "value": spread_json(c.value), "verdict": c.verdict}
             for c in checks]
+
+
+def _variant_json(run: E2ERun, variant: str) -> dict[str, Any]:
+    return {
+        "results": [dataclasses.asdict(r) for r in run.variant_results[variant]],
+        "fastpeft_vs_peft": {metric: spread_json(run.ratio(metric, variant))
+                             for metric in (TOKENS_PER_S, PEAK_BYTES, SAVED_BYTES)},
+        "targets": _checks_json(run.target_checks(variant)),
+    }
 
 
 def e2e_json(run: E2ERun) -> dict[str, Any]:
@@ -820,15 +873,8 @@ def e2e_json(run: E2ERun) -> dict[str, Any]:
             metric: spread_json(run.ratio(metric)) for metric in (TOKENS_PER_S, PEAK_BYTES, SAVED_BYTES)
         },
         "targets": _checks_json(run.target_checks()),
-        "qlora": {
-            quantization: {
-                "results": [dataclasses.asdict(r) for r in results],
-                "fastpeft_vs_peft": {metric: spread_json(run.ratio(metric, quantization))
-                                     for metric in (TOKENS_PER_S, PEAK_BYTES, SAVED_BYTES)},
-                "targets": _checks_json(run.target_checks(quantization)),
-            }
-            for quantization, results in run.qlora_results.items()
-        },
+        "qlora": {q: _variant_json(run, q) for q in run.variant_results if q != DORA},
+        "dora": _variant_json(run, DORA) if DORA in run.variant_results else None,
         "prompt_learning": [
             {"method": r.method, "impl": r.impl, "train": None if r.train is None else dataclasses.asdict(r.train),
              DECODE_TOKENS_PER_S: spread_json(r.decode_tokens_per_s), "error": r.error}

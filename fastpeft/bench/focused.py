@@ -108,11 +108,11 @@ from fastpeft.bench.forced import forced_backend, forced_env
 from fastpeft.bench.implementations import (
     BASE, COMPILE, PEFT, Implementation, LoRAWeights, build_fastpeft_op, build_implementation, random_weights,
 )
-from fastpeft.bench import bottleneck, multi_lora, qlora
+from fastpeft.bench import bottleneck, dora, multi_lora, qlora
 from fastpeft.bench.op_bench import OK as OP_OK
 from fastpeft.bench.op_bench import ERROR as OP_ERROR
 from fastpeft.bench.op_bench import OpRun, OpSpec, analyze_op, op_json, plan
-from fastpeft.bench.op_runs import BOTTLENECK, GRIDS, MULTI_LORA, QLORA
+from fastpeft.bench.op_runs import BOTTLENECK, DORA, GRIDS, MULTI_LORA, QLORA
 from fastpeft.bench.errors import describe_error
 from fastpeft.bench.runner import DEFAULT_DROPOUT, log_to_stderr, make_step
 from fastpeft.bench.spread import Spread, ratio, spread_json
@@ -214,6 +214,9 @@ OP_FOCUS = (
     # QLoRA (NF4 with double quantization, Llama width, r 16): its targets' cells, decode against
     # the quantized layer alone and a training batch against PEFT's QLoRA layer.
     OpFocus(QLORA, qlora.SPEC, qlora.grid((1, 4096), 4096, (16,), (qlora.NF4_DQ,)), _all_rows(qlora.SPEC)),
+    # DoRA (Llama width, r 16): its targets' cells, inference against fastpeft's LoRA layer (decode
+    # and M = 4096) and a training batch against PEFT's DoRA layer, with and without dropout.
+    OpFocus(DORA, dora.SPEC, dora.grid((1, 4096), 4096, (16,), (0.0, 0.05)), _all_rows(dora.SPEC)),
 )
 # The rehearsal's: the same code on CPU-sized cases, less torch.compile (its CPU compilations
 # would take the whole budget; the LoRA rows exercise the compile row's timing path).
@@ -223,12 +226,14 @@ TINY_OP_FOCUS = (
     OpFocus(MULTI_LORA, multi_lora.SPEC, (multi_lora.MultiLoRACase(16, 64, multi_lora.MIXED, 8, multi_lora.ZIPF),),
             _all_rows(multi_lora.SPEC)),
     OpFocus(QLORA, qlora.SPEC, qlora.grid((16,), 64, (8,), (qlora.NF4_DQ,)), _all_rows(qlora.SPEC)),
+    OpFocus(DORA, dora.SPEC, dora.grid((16,), 64, (8,), (0.0, 0.05)), _all_rows(dora.SPEC)),
 )
 # 14 bottleneck cells, then 28 multi-LoRA cells (PEFT's layer with 64 adapters built once per
 # input set, eager decode cells ~1 ms), 16 QLoRA cells (eager; a 4096 x 4096 NF4 layer
-# quantized per input set), then torch.compile's 4 bottleneck cells (its compiles: ~10 s a
-# graph) in about 75 s (estimate); the LoRA grid keeps the rest of the 3 minutes.
-GPU_OPS_BUDGET_S = 75.0
+# quantized per input set), 30 DoRA cells (eager 4096 x 4096 layers, ~10 s), then
+# torch.compile's 4 bottleneck cells (its compiles: ~10 s a graph) in about 85 s (estimate);
+# the LoRA grid keeps the rest of the 3 minutes.
+GPU_OPS_BUDGET_S = 85.0
 TINY_OPS_BUDGET_S = 30.0
 
 

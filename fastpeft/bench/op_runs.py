@@ -1,8 +1,9 @@
 """The ops ``fastpeft bench`` measures besides the LoRA grid, and their grids per run kind.
 
 ``--ops`` names them: ``lora`` (the LoRA linear grid: ``runner``), ``bottleneck``
-(``fastpeft.bench.bottleneck``), ``multi-lora`` (``fastpeft.bench.multi_lora``) and ``qlora``
-(``fastpeft.bench.qlora``: rows skipped without bitsandbytes). The others run on the LoRA run's device, dtype (bf16 on a GPU, fp32 on CPU), timing budget and seed,
+(``fastpeft.bench.bottleneck``), ``multi-lora`` (``fastpeft.bench.multi_lora``), ``qlora``
+(``fastpeft.bench.qlora``: rows skipped without bitsandbytes) and ``dora``
+(``fastpeft.bench.dora``). The others run on the LoRA run's device, dtype (bf16 on a GPU, fp32 on CPU), timing budget and seed,
 on their GPU, CPU or ``--quick`` cases. ``--quick`` leaves torch.compile out, as it does for
 the LoRA grid (its compilations alone take longer than the rest of a quick run).
 """
@@ -15,14 +16,14 @@ from typing import Any
 
 import torch
 
-from fastpeft.bench import bottleneck, multi_lora, qlora
+from fastpeft.bench import bottleneck, dora, multi_lora, qlora
 from fastpeft.bench.environment import describe_environment
 from fastpeft.bench.op_bench import OpAnalysis, OpSpec, analyze_op, run_op_benchmark
 from fastpeft.bench.roofline import device_peak_gb_s
 from fastpeft.bench.runner import BenchConfig, log_to_stderr
 
-LORA, BOTTLENECK, MULTI_LORA, QLORA = "lora", "bottleneck", "multi-lora", "qlora"
-OPS = (LORA, BOTTLENECK, MULTI_LORA, QLORA)
+LORA, BOTTLENECK, MULTI_LORA, QLORA, DORA = "lora", "bottleneck", "multi-lora", "qlora", "dora"
+OPS = (LORA, BOTTLENECK, MULTI_LORA, QLORA, DORA)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ GRIDS: dict[str, OpGrids] = {
     ),
     QLORA: OpGrids(qlora.SPEC, qlora.GPU_CASES, qlora.CPU_CASES, qlora.QUICK_CASES, (),
                    lambda device, dtype: qlora.settings(dtype)),
+    DORA: OpGrids(dora.SPEC, dora.GPU_CASES, dora.CPU_CASES, dora.QUICK_CASES, (),
+                  lambda device, dtype: dora.settings(dtype)),
 }
 
 

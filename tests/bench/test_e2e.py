@@ -213,12 +213,44 @@ def test_qlora_twins_start_identical_and_take_the_same_step():
         assert_close(twins[FASTPEFT](input_ids=ids).logits, twins[PEFT](input_ids=ids).logits, torch.float32,
                      "logits")
     run = run_e2e(dataclasses.replace(config, quantizations=(NF4_DQ,)), log=lambda message: None)
-    assert not run.failed and [r.impl for r in run.qlora_results[NF4_DQ]] == [PEFT, FASTPEFT]
+    assert not run.failed and [r.impl for r in run.variant_results[NF4_DQ]] == [PEFT, FASTPEFT]
     assert run.ratio(TOKENS_PER_S, NF4_DQ) is not None and run.ratio(SAVED_BYTES, NF4_DQ).value > 0
     assert [c.target.label for c in run.target_checks(NF4_DQ)] == [
         ">= 1.5x PEFT's QLoRA tokens/s", "<= PEFT's QLoRA peak memory"]
-    assert "### QLoRA training step (nf4-dq)" in e2e_markdown(run)
+    assert "### QLoRA (nf4-dq) training step" in e2e_markdown(run)
     assert any(line.startswith("  QLoRA (nf4-dq): ") for line in e2e_footer_lines(run))
+
+
+def test_dora_twins_start_identical_and_take_the_same_step():
+    """The DoRA variant: PEFT's DoRA model and its ``from_peft`` twin (``DoRALinear`` on every
+    linear, magnitudes shared by name) start identical, give the same logits and, after a step
+    without dropout, the same adapter (magnitudes included); the run reports both steps with
+    their ratios, the DoRA targets and a JSON section."""
+    from fastpeft.methods.lora.dora_layer import DoRALinear
+
+    config = dataclasses.replace(TINY, dropout=0.0, dora=True)
+    assert config.variants == (e2e.DORA,)
+    twins = build_twins(config, e2e.DORA)
+    layers = [m for m in twins[FASTPEFT].modules() if isinstance(m, DoRALinear)]
+    assert len(layers) == 7 * config.model.num_hidden_layers
+    ids = random_tokens(config)
+    assert_close(logits(twins[FASTPEFT], ids), logits(twins[PEFT], ids), torch.float32, "logits")
+    for model in twins.values():
+        make_train_step(model, ids)()
+    ours, theirs = (canonical_parameters(twins[name]) for name in (FASTPEFT, PEFT))
+    trained = [name for name, p in ours.items() if p.requires_grad]
+    assert any(name.endswith(".lora_magnitude_vector") for name in trained)
+    for name in trained:
+        assert_close(ours[name], theirs[name], torch.float32, name)
+    run = run_e2e(config, log=lambda message: None)
+    assert not run.failed and [r.impl for r in run.variant_results[e2e.DORA]] == [PEFT, FASTPEFT]
+    assert run.ratio(TOKENS_PER_S, e2e.DORA) is not None and run.ratio(SAVED_BYTES, e2e.DORA).value > 0
+    assert [c.target.label for c in run.target_checks(e2e.DORA)] == [
+        ">= 2x PEFT's DoRA tokens/s", "<= PEFT's DoRA peak memory"]
+    assert "### DoRA training step" in e2e_markdown(run)
+    assert any(line.startswith("  DoRA: ") for line in e2e_footer_lines(run))
+    data = e2e.e2e_json(run)
+    assert data["dora"]["fastpeft_vs_peft"][SAVED_BYTES]["value"] > 0 and data["qlora"] == {}
 
 
 def test_cli_e2e_writes_json_and_markdown_only(monkeypatch, tmp_path, capsys):

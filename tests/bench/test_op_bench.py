@@ -11,7 +11,7 @@ import argparse
 import pytest
 import torch
 
-from fastpeft.bench import bottleneck, multi_lora, op_runs
+from fastpeft.bench import bottleneck, dora, multi_lora, op_runs
 from fastpeft.bench.__main__ import build_parser, main, selected_ops
 from fastpeft.bench.cases import FORWARD, FORWARD_BACKWARD
 from fastpeft.bench.op_bench import (
@@ -23,6 +23,7 @@ from fastpeft.bench.spread import INCONCLUSIVE, MET, MISSED, Spread
 from fastpeft.bench.timing import TimingBudget
 from fastpeft.kernels.bottleneck.ref import bottleneck_adapter_ref
 from fastpeft.kernels.multi_lora.ref import multi_lora_linear_ref
+from tests.helpers.numerics import assert_close
 
 CPU = torch.device("cpu")
 ONE_CALL = TimingBudget(warmup_ms=0.0, rep_ms=0.0, min_reps=1, max_reps=1)
@@ -80,6 +81,27 @@ def test_multi_lora_rows_equal_the_per_token_reference(case):
     for name in (multi_lora.PEFT, multi_lora.LOOP, multi_lora.PADDED, multi_lora.TORCH):
         got = multi_lora.SPEC.row(name).build(p, FORWARD)()
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("case", [dora.DoRACase(5, 24, 4, 0.0), dora.DoRACase(9, 16, 2, 0.0)], ids=lambda c: c.label)
+def test_dora_rows_compute_the_same_layer(case):
+    """On the same weights fastpeft's DoRA layer gives PEFT's DoRA output and the gradients of
+    x, A, B and the magnitude; fastpeft's LoRA layer gives PEFT's LoRA's; DoRA's output differs
+    from LoRA's (the magnitude is off the norms: the rows do not time the same math). The
+    adapter is fp32 (PEFT's default) on a float64 base: fp32 tolerance."""
+    p = dora.make_problem(case, torch.float64, CPU, generator())
+    names = (dora.TORCH, dora.PEFT, dora.LORA, dora.PEFT_LORA)
+    for mode, counts in ((FORWARD, (1, 1)), (FORWARD_BACKWARD, (4, 3))):
+        results = {}
+        for name in names:
+            result = dora.SPEC.row(name).build(p, mode)()
+            results[name] = result if isinstance(result, tuple) else (result,)
+        for (ours, theirs), count in zip(((dora.TORCH, dora.PEFT), (dora.LORA, dora.PEFT_LORA)), counts):
+            assert len(results[ours]) == len(results[theirs]) == count
+            for got, want in zip(results[ours], results[theirs]):
+                assert_close(got, want, torch.float32, f"{ours} vs {theirs}, {mode}")
+        if mode == FORWARD:
+            assert not torch.allclose(results[dora.TORCH][0], results[dora.LORA][0])
 
 
 def test_multi_lora_ids_follow_the_popularity():
@@ -261,8 +283,8 @@ def test_ops_selection():
 
 def test_cli_rejects_an_unknown_op(capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["--ops", "dora"])
-    assert exc.value.code == 2 and "unknown op 'dora'" in capsys.readouterr().err
+        main(["--ops", "ia3"])
+    assert exc.value.code == 2 and "unknown op 'ia3'" in capsys.readouterr().err
 
 
 def test_cli_runs_the_chosen_ops_only(monkeypatch, tmp_path, capsys):
