@@ -340,3 +340,66 @@ def test_submodule_composition_equals_the_op(fan_in_fan_out):
     assert_close(y_apart, y_op, torch.float32, "output")
     for got, expected, name in zip(grads_apart, grads_op, ("x", "A", "B", "m")):
         assert_close(got, expected, torch.float32, f"grad of {name}")
+
+
+class PeftTestMLP(torch.nn.Module):
+    """The MLP of PEFT's own model tests (``test_custom_models``): 10 -> 20 -> 2 with ReLU,
+    dropout 0.5 and a log-softmax; its DoRA rows target ``lin0``, both layers, or ``lin1``
+    (a regex string) with ``lora_alpha=32``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0, self.lin1 = torch.nn.Linear(10, 20), torch.nn.Linear(20, 2)
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.lin1(self.drop(torch.relu(self.lin0(x)))), dim=-1)
+
+
+# row -> (its LoraConfig keywords besides use_dora, the layers it adapts)
+PEFT_DORA_ROWS = {
+    "Vanilla MLP 7 LoRA with DoRA": ({"target_modules": ["lin0"]}, {"lin0"}),
+    "Vanilla MLP 8 LoRA with DoRA": ({"target_modules": ["lin0", "lin1"]}, {"lin0", "lin1"}),
+    "Vanilla MLP 9 LoRA with DoRA": ({"target_modules": "lin1", "lora_alpha": 32}, {"lin1"}),
+}
+
+
+def _mlp(seed: int = 0) -> PeftTestMLP:
+    torch.manual_seed(seed)
+    return PeftTestMLP().eval()
+
+
+@pytest.mark.parametrize("row", PEFT_DORA_ROWS)
+def test_pefts_own_dora_rows_load_save_both_ways_and_merge(row, tmp_path):
+    """PEFT's DoRA test rows on its test MLP: PEFT's files load into fastpeft, fastpeft's into
+    PEFT, and fastpeft's merge equals PEFT's, all computing the PEFT model's output."""
+    kwargs, layers = PEFT_DORA_ROWS[row]
+    reference = peft_dora(_mlp, **kwargs).eval()
+    x = torch.randn(6, 10)
+    expected = reference(x)
+    assert relative_error(expected, _mlp()(x)) > 1e-3, "the adapter does not matter: vacuous"
+    reference.save_pretrained(tmp_path / "peft")
+    ours = fastpeft.load_adapter(_mlp(), tmp_path / "peft")
+    assert {name for name, _ in lora_layers(ours)} == layers
+    assert_close(ours(x), expected, torch.float32, "fastpeft loading PEFT's files")
+    fastpeft.save_adapter(ours, tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(_mlp(), tmp_path / "ours").eval()
+        their_merged = theirs.merge_and_unload()
+    assert_close(their_merged(x), expected, torch.float32, "PEFT loading fastpeft's files, merged")
+    merged = fastpeft.merge_and_unload(ours)
+    assert_close(merged(x), expected, torch.float32, "fastpeft's merge")
+    for name, value in their_merged.state_dict().items():
+        assert_close(merged.state_dict()[name], value, torch.float32, name)
+
+
+def test_pefts_conv2d_dora_rows_are_refused_by_name():
+    """PEFT's "Conv2d 1/2 LoRA with DoRA" rows target an ``nn.Conv2d``, which fastpeft's LoRA
+    does not adapt: refused naming the layer, the model unchanged."""
+    model = torch.nn.Sequential()
+    model.add_module("conv2d", torch.nn.Conv2d(3, 4, 3))
+    model.add_module("lin0", torch.nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="conv2d"):
+        fastpeft.inject(model, fastpeft.LoraConfig(target_modules=["conv2d", "lin0"], use_dora=True))
+    assert not lora_layers(model)
