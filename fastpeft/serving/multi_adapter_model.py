@@ -12,7 +12,8 @@ other adapters' slots are untouched, and a compiled or captured model keeps work
 Files are read with ``fastpeft.formats.peft``'s readers (safetensors; a pickle only with
 ``allow_pickle=True`` and ``weights_only=True``) and configs with ``LoraConfig`` (PEFT's
 rules: ``target_modules``, ``exclude_modules``, ``layers_to_transform``, ``rank_pattern`` /
-``alpha_pattern``, ``use_rslora``; unsupported features such as DoRA raise). Everything is
+``alpha_pattern``, ``use_rslora``; DoRA adapters on a model made with ``dora=True``;
+unsupported features raise). Everything is
 checked before any slot is written: a failed load changes nothing.
 
 Threads: a serving process may call ``forward`` / ``generate`` / ``load_adapter`` /
@@ -56,7 +57,7 @@ from fastpeft.formats.safe_write import fs_path
 from fastpeft.formats.saved_tensors import check_keys
 from fastpeft.methods.base_layers import is_linear
 from fastpeft.methods.lora.config import LoraConfig
-from fastpeft.methods.lora.layer import lora_keys, lora_scaling
+from fastpeft.methods.lora.layer import MAGNITUDE_KEY, adapter_shapes, lora_keys, lora_scaling
 from fastpeft.methods.lora.multi_layer import MultiLoRALinear, TokenAdapterIds
 from fastpeft.methods.lora.targets import is_excluded, is_targeted, pattern_value, plan_injection
 
@@ -75,6 +76,11 @@ class MultiAdapterModel(nn.Module):
             (``"all-linear"``: every linear layer but the output embedding); an adapter may
             target any subset of them.
         dtype: of the slots; default PEFT's (float32 on a 16-bit model).
+        dora: whether DoRA adapters (``use_dora=True``) may be loaded: each layer then keeps a
+            per-slot output scale (``MultiLoRALinear``'s ``dora``), applied on every forward, so
+            LoRA and DoRA adapters mix in one batch (inference: PEFT's DoRA formula, the scale
+            computed once at load). Off by default: the scale pass costs LoRA-only serving an
+            extra M x N multiply per layer.
     """
 
     def __init__(
@@ -85,6 +91,7 @@ class MultiAdapterModel(nn.Module):
         max_rank: int = 64,
         target_modules: str | Sequence[str] = "all-linear",
         dtype: torch.dtype | None = None,
+        dora: bool = False,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():  # PEFT's fan_in_fan_out notes concern adapters, not slots
@@ -96,11 +103,11 @@ class MultiAdapterModel(nn.Module):
         self.token_ids = TokenAdapterIds()
         self.layers: dict[str, MultiLoRALinear] = {}
         for t in targets:
-            layer = MultiLoRALinear(t.module, max_adapters, max_rank, dtype=dtype, token_ids=self.token_ids)
+            layer = MultiLoRALinear(t.module, max_adapters, max_rank, dtype=dtype, token_ids=self.token_ids, dora=dora)
             model.set_submodule(t.name, layer)
             self.layers[t.name] = layer
         self.model = model
-        self.max_adapters, self.max_rank = max_adapters, max_rank
+        self.max_adapters, self.max_rank, self.dora = max_adapters, max_rank, bool(dora)
         # Under _slots_changed (a Condition, notified when a slot becomes free): the loaded
         # adapters (name -> slot) and the number of running calls using each slot.
         self._slots_changed = threading.Condition()
@@ -138,9 +145,9 @@ class MultiAdapterModel(nn.Module):
         if config.modules_to_save:
             raise ValueError(f"{source}: modules_to_save {list(config.modules_to_save)} (full copies of modules per "
                              "adapter) is not supported by MultiAdapterModel")
-        if config.use_dora:
-            raise ValueError(f"{source} is a DoRA adapter (use_dora=True), which MultiAdapterModel does not serve "
-                             "yet; serve it alone with fastpeft.load_adapter")
+        if config.use_dora and not self.dora:
+            raise ValueError(f"{source} is a DoRA adapter (use_dora=True): create the MultiAdapterModel with "
+                             "dora=True to serve DoRA adapters")
         found: dict[str, tuple[int, float]] = {}
         for key, _ in self.model.named_modules():
             if not key or not is_targeted(config, target_modules, key) or is_excluded(config, key):
@@ -156,22 +163,25 @@ class MultiAdapterModel(nn.Module):
         return found
 
     def _check_weights(self, targets: dict[str, tuple[int, float]], tensors: dict[str, torch.Tensor],
-                       source: str) -> None:
-        check_keys((key for path in targets for key in lora_keys(path)), tensors,
-                   f"{source} does not match its config on this model")
+                       source: str, use_dora: bool) -> None:
+        """The file holds exactly each target's A and B (and DoRA magnitude), floating point,
+        of the target's shapes, with ranks up to ``max_rank``."""
+        expected = {f"{path}.{key}": shape for path, (r, _) in targets.items()
+                    for key, shape in adapter_shapes(self.layers[path].in_features, self.layers[path].out_features, r,
+                                                     use_dora).items()}
+        check_keys(expected, tensors, f"{source} does not match its config on this model")
         for path, (r, _) in targets.items():
             if r > self.max_rank:
                 raise ValueError(f"{source}: {path!r} has rank {r} > max_rank {self.max_rank}")
-            a, b = (tensors[key] for key in lora_keys(path))
-            if not (a.dtype.is_floating_point and b.dtype.is_floating_point):
-                raise ValueError(f"{source}: {path!r}'s LoRA weights must be floating point, got {a.dtype}/{b.dtype}")
-            layer = self.layers[path]
-            if tuple(a.shape) != (r, layer.in_features) or tuple(b.shape) != (layer.out_features, r):
-                raise ValueError(f"{source}: {path!r} has lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)}, expected "
-                                 f"({r}, {layer.in_features}) / ({layer.out_features}, {r})")
+        for key, shape in expected.items():
+            tensor = tensors[key]
+            if not tensor.dtype.is_floating_point or tuple(tensor.shape) != shape:
+                raise ValueError(f"{source}: {key!r} is {tuple(tensor.shape)} {tensor.dtype}, expected a floating "
+                                 f"{shape} (the config's rank and the model's layer)")
 
     def load_adapter(self, name: str, directory: str | bytes | os.PathLike, *, allow_pickle: bool = False) -> int:
-        """Load the PEFT LoRA adapter in ``directory`` as ``name`` into a free slot; return the slot.
+        """Load the PEFT LoRA (or, with ``dora``, DoRA) adapter in ``directory`` as ``name`` into a
+        free slot; return the slot.
 
         Safe against running calls and other loads (see the module docstring): a slot that a
         running call still uses after its adapter was unloaded is not free; when no other slot
@@ -193,7 +203,7 @@ class MultiAdapterModel(nn.Module):
         source = fs_path(directory)
         config, tensors = peft_format.read_lora_adapter(source, allow_pickle)
         targets = self._adapter_targets(config, source)
-        self._check_weights(targets, tensors, source)
+        self._check_weights(targets, tensors, source, config.use_dora)
         with self._slots_changed:
             while (slot := self._free_slot(name)) is None:
                 self._slots_changed.wait()
@@ -201,7 +211,8 @@ class MultiAdapterModel(nn.Module):
                 if path in targets:
                     r, alpha = targets[path]
                     lora_a, lora_b = (tensors[key] for key in lora_keys(path))
-                    layer.load_slot(slot, lora_a, lora_b, lora_scaling(r, alpha, config.use_rslora))
+                    magnitude = tensors[f"{path}.{MAGNITUDE_KEY}"] if config.use_dora else None
+                    layer.load_slot(slot, lora_a, lora_b, lora_scaling(r, alpha, config.use_rslora), magnitude)
                 else:
                     layer.clear_slot(slot)  # a layer this adapter does not target contributes nothing
             self._loaded[name] = slot

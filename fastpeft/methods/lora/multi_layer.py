@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from fastpeft.methods.base_layers import default_lora_dtype, require_base_layer
 from fastpeft.methods.quantized_base import QuantizedBaseState
 from fastpeft.ops.checks import describe
+from fastpeft.ops.dora_linear_torch import dora_row_norm
 from fastpeft.ops.multi_lora_linear import multi_lora_linear
 from fastpeft.ops.qlora_linear import dequantize
 
@@ -88,7 +89,11 @@ class TokenAdapterIds:
 class MultiLoRALinear(QuantizedBaseState, nn.Module):
     """``y[t] = x[t] W^T + b + scalings[i] x[t] A_i^T B_i^T`` with ``i`` the adapter slot of
     token t (``-1``: base only), over ``max_adapters`` preallocated slots of rank up to
-    ``max_rank``.
+    ``max_rank``. With ``dora``, a slot may hold a DoRA adapter: its tokens get
+    ``c_i * (x W^T + scalings[i] x A_i^T B_i^T) + b``, ``c_i = m_i / ||W + s_i B_i A_i||_row``
+    (PEFT's DoRA at inference), the per-slot scale ``dora_scales[i]`` (1 for a LoRA slot) applied
+    after the multi-LoRA op, before the bias, on every forward (so a compiled or captured model
+    keeps one graph whatever is loaded).
 
     Args:
         base_layer: the ``nn.Linear`` (or transformers ``Conv1D``, weight ``[in, out]``, or a
@@ -99,6 +104,8 @@ class MultiLoRALinear(QuantizedBaseState, nn.Module):
             dtype: the same where the two agree).
         max_adapters, max_rank: slot count and largest rank (both >= 1).
         dtype: of the slots; default PEFT's (float32 on a 16-bit or quantized base, else the base's).
+        dora: whether slots may hold DoRA adapters (``dora_scales``: ``[max_adapters, out]``
+            float32, one M x N gather and multiply per forward).
 
     ``forward(x, adapter_ids=None)``: ``adapter_ids`` one slot per row of x (x's leading
     shape); when None, the ids come from ``token_ids`` (the shared ``TokenAdapterIds``: the
@@ -119,6 +126,7 @@ class MultiLoRALinear(QuantizedBaseState, nn.Module):
         *,
         dtype: torch.dtype | None = None,
         token_ids: TokenAdapterIds | None = None,
+        dora: bool = False,
     ) -> None:
         super().__init__()
         kind = require_base_layer(base_layer, "base_layer")
@@ -144,6 +152,10 @@ class MultiLoRALinear(QuantizedBaseState, nn.Module):
                                    requires_grad=False)
         self.register_buffer("scalings", torch.zeros(max_adapters, dtype=torch.float32, device=device))
         self.register_buffer("ranks", torch.zeros(max_adapters, dtype=torch.int64, device=device))
+        self.dora = bool(dora)
+        if self.dora:
+            self.register_buffer("dora_scales", torch.ones(max_adapters, out_features, dtype=torch.float32,
+                                                           device=device))
         self.token_ids = token_ids or TokenAdapterIds()
 
     @property
@@ -187,13 +199,30 @@ class MultiLoRALinear(QuantizedBaseState, nn.Module):
         if tuple(lora_b.shape) != (self.out_features, rank):
             raise ValueError(f"lora_b has shape {tuple(lora_b.shape)}; expected ({self.out_features}, {rank})")
 
+    def check_magnitude(self, magnitude: torch.Tensor | None) -> None:
+        """A DoRA ``magnitude`` is ``[out]`` floating point, on a layer made with ``dora``."""
+        if magnitude is None:
+            return
+        if not self.dora:
+            raise ValueError("a DoRA adapter (magnitude given) needs a layer made with dora=True")
+        if tuple(magnitude.shape) != (self.out_features,) or not magnitude.dtype.is_floating_point:
+            raise ValueError(f"magnitude has shape {tuple(magnitude.shape)}, dtype {magnitude.dtype}; expected a "
+                             f"floating ({self.out_features},)")
+
+    def _dense_weight(self) -> torch.Tensor:
+        """The base weight ``[out, in]`` in float32 (a quantized base's dequantized)."""
+        return self._base_weight(torch.empty(0, dtype=torch.float32, device=self.lora_A.device)).float()
+
     @torch.no_grad()
-    def load_slot(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
-        """Copy an adapter (PEFT layouts: ``lora_A.weight [r, in]``, ``lora_B.weight [out, r]``)
-        into ``slot`` in place; the slot's padding past r is zeroed. No allocation on the
-        layer, no other slot touched."""
+    def load_slot(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                  magnitude: torch.Tensor | None = None) -> None:
+        """Copy an adapter (PEFT layouts: ``lora_A.weight [r, in]``, ``lora_B.weight [out, r]``,
+        and a DoRA adapter's ``lora_magnitude_vector [out]``, whose scale
+        ``m / ||W + scaling B A||_row`` is computed here) into ``slot`` in place; the slot's
+        padding past r is zeroed. No allocation on the layer, no other slot touched."""
         self._require_slot(slot)
         self.check_adapter(lora_a, lora_b)
+        self.check_magnitude(magnitude)
         rank = lora_a.shape[0]
         self.lora_A[slot, :rank].copy_(lora_a)
         self.lora_A[slot, rank:].zero_()
@@ -201,6 +230,12 @@ class MultiLoRALinear(QuantizedBaseState, nn.Module):
         self.lora_B[slot, :, rank:].zero_()
         self.scalings[slot] = float(scaling)
         self.ranks[slot] = rank
+        if self.dora and magnitude is None:
+            self.dora_scales[slot].fill_(1.0)
+        elif self.dora:
+            device = self.lora_A.device
+            norm = dora_row_norm(self._dense_weight(), lora_a.to(device), lora_b.to(device), float(scaling))
+            self.dora_scales[slot].copy_(magnitude.to(device, torch.float32) / norm)
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
@@ -210,6 +245,8 @@ class MultiLoRALinear(QuantizedBaseState, nn.Module):
         self.lora_B[slot].zero_()
         self.scalings[slot] = 0.0
         self.ranks[slot] = 0
+        if self.dora:
+            self.dora_scales[slot].fill_(1.0)
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
         if adapter_ids is None:
@@ -217,9 +254,20 @@ class MultiLoRALinear(QuantizedBaseState, nn.Module):
         bias = self.bias.to(x.dtype) if self.quantized and self.bias is not None else self.bias
         if adapter_ids is None:
             return F.linear(x, self._base_weight(x), bias)
-        return multi_lora_linear(x, self._base_weight(x), bias, self.lora_A, self.lora_B, self.scalings,
-                                 adapter_ids, self.ranks)
+        if not self.dora:
+            return multi_lora_linear(x, self._base_weight(x), bias, self.lora_A, self.lora_B, self.scalings,
+                                     adapter_ids, self.ranks)
+        y = multi_lora_linear(x, self._base_weight(x), None, self.lora_A, self.lora_B, self.scalings, adapter_ids,
+                              self.ranks)
+        # each token's slot scale (1 for base tokens and LoRA slots), then the bias: PEFT's DoRA at inference
+        ids = adapter_ids.reshape(-1)
+        scales = torch.where((ids >= 0)[:, None], self.dora_scales.index_select(0, ids.clamp_min(0)), 1.0)
+        out = y.reshape(-1, self.out_features).float() * scales
+        if bias is not None:
+            out += bias.float()
+        return out.to(x.dtype).view(y.shape)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"max_adapters={self.max_adapters}, max_rank={self.max_rank}, dtype={self.lora_A.dtype}")
+                f"max_adapters={self.max_adapters}, max_rank={self.max_rank}, dtype={self.lora_A.dtype}, "
+                f"dora={self.dora}")

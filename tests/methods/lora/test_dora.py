@@ -13,8 +13,8 @@ Llama (``nn.Linear``) and GPT-2 (``Conv1D``, ``fan_in_fan_out``):
 * the composition used when ``lora_A`` / ``lora_B`` are FSDP units of their own (through their
   forwards) computes what the op does (``tests/integrations/test_distributed.py`` runs it
   under FSDP2);
-* what is not built yet is refused by name: quantized bases, ``MultiAdapterModel``, a
-  PEFT-merged DoRA layer.
+* ``MultiAdapterModel(dora=True)`` serves DoRA and LoRA adapters in one batch;
+* what is not built yet is refused by name: quantized bases, a PEFT-merged DoRA layer.
 """
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ def test_inference_row_norm_is_cached_until_the_weights_change(monkeypatch):
     assert not torch.allclose(before, after)
 
 
-def test_what_is_not_built_yet_is_refused(tmp_path):
+def test_dora_on_a_quantized_base_is_refused():
     pytest.importorskip("bitsandbytes")
     from tests.helpers.quantized import linear_4bit
 
@@ -260,11 +260,6 @@ def test_what_is_not_built_yet_is_refused(tmp_path):
     attention.q_proj = linear_4bit(attention.q_proj)
     with pytest.raises(ValueError, match="DoRA on a quantized base layer"):
         fastpeft.inject(base, fastpeft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
-    dora = fastpeft.inject(tiny_llama(), fastpeft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
-    fastpeft.save_adapter(dora, tmp_path)
-    serving = fastpeft.serving.MultiAdapterModel(tiny_llama(), max_adapters=2, max_rank=8, target_modules=["q_proj"])
-    with pytest.raises(ValueError, match="DoRA adapter .* MultiAdapterModel does not serve"):
-        serving.load_adapter("dora", tmp_path)
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
@@ -403,3 +398,46 @@ def test_pefts_conv2d_dora_rows_are_refused_by_name():
     with pytest.raises(ValueError, match="conv2d"):
         fastpeft.inject(model, fastpeft.LoraConfig(target_modules=["conv2d", "lin0"], use_dora=True))
     assert not lora_layers(model)
+
+
+def _saved_adapter(directory, seed: int, use_dora: bool, r: int) -> None:
+    """A trained-looking adapter on q_proj / v_proj of the tiny Llama, saved to ``directory``."""
+    torch.manual_seed(seed)
+    model = fastpeft.inject(tiny_llama(), fastpeft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"],
+                                                              use_dora=use_dora, init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.3 * torch.randn_like(p))
+    fastpeft.save_adapter(model, directory)
+
+
+def test_serving_mixes_dora_and_lora_adapters_in_one_batch(tmp_path):
+    """``MultiAdapterModel(dora=True)``: two DoRA adapters, a LoRA one and base rows in one
+    batch; each row equals the model with that adapter alone (fastpeft's ``DoRALinear`` /
+    ``LoRALinear``, themselves PEFT's); a slot that held a DoRA adapter serves a LoRA adapter
+    loaded into it afterwards; without ``dora=True`` a DoRA adapter is refused, naming it."""
+    specs = {"dora-a": (1, True, 4), "lora": (2, False, 8), "dora-b": (3, True, 2)}
+    for name, (seed, use_dora, r) in specs.items():
+        _saved_adapter(tmp_path / name, seed, use_dora, r)
+    serving = fastpeft.MultiAdapterModel(tiny_llama(), max_adapters=3, max_rank=8,
+                                         target_modules=["q_proj", "v_proj"], dora=True).eval()
+    for name in specs:
+        serving.load_adapter(name, tmp_path / name)
+    names = ["dora-a", "lora", None, "dora-b", "dora-a"]
+    ids = token_ids(4, (len(names), 7))
+    with torch.no_grad():
+        got = serving(input_ids=ids, adapter_names=names).logits
+        for row, name in enumerate(names):
+            alone = tiny_llama() if name is None else fastpeft.load_adapter(tiny_llama(), tmp_path / name)
+            assert_close(got[row], alone.eval()(input_ids=ids[row:row + 1]).logits[0], torch.float32, f"row {row}")
+        slot = serving.adapters["dora-b"]
+        serving.unload_adapter("dora-b")
+        _saved_adapter(tmp_path / "lora-2", 4, False, 4)
+        assert serving.load_adapter("lora-2", tmp_path / "lora-2") == slot
+        got = serving(input_ids=ids[:1], adapter_names=["lora-2"]).logits
+        expected = fastpeft.load_adapter(tiny_llama(), tmp_path / "lora-2").eval()(input_ids=ids[:1]).logits
+    assert_close(got, expected, torch.float32, "a LoRA adapter in a former DoRA slot")
+    plain = fastpeft.MultiAdapterModel(tiny_llama(), max_adapters=2, max_rank=8, target_modules=["q_proj", "v_proj"])
+    with pytest.raises(ValueError, match="DoRA adapter .* dora=True"):
+        plain.load_adapter("dora-a", tmp_path / "dora-a")
