@@ -175,9 +175,11 @@ class MultiAdapterModel(nn.Module):
                 raise ValueError(f"{source}: {path!r} has rank {r} > max_rank {self.max_rank}")
         for key, shape in expected.items():
             tensor = tensors[key]
-            if not tensor.dtype.is_floating_point or tuple(tensor.shape) != shape:
-                raise ValueError(f"{source}: {key!r} is {tuple(tensor.shape)} {tensor.dtype}, expected a floating "
-                                 f"{shape} (the config's rank and the model's layer)")
+            if not tensor.dtype.is_floating_point:
+                raise ValueError(f"{source}: {key!r} has dtype {tensor.dtype}, expected a floating point dtype")
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, expected {shape} (the config's "
+                                 "rank and the model's layer)")
 
     def load_adapter(self, name: str, directory: str | bytes | os.PathLike, *, allow_pickle: bool = False) -> int:
         """Load the PEFT LoRA (or, with ``dora``, DoRA) adapter in ``directory`` as ``name`` into a
