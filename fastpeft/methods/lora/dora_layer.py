@@ -24,10 +24,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastpeft.methods.base_layers import BaseLayerKind
-from fastpeft.methods.lora.layer import MAGNITUDE_KEY, LoRALinear
+from fastpeft.methods.lora.layer import MAGNITUDE_KEY, LoRALinear, QuantLoRALinear
+from fastpeft.methods.quantized_base import add_to_quantized
 from fastpeft.methods.sharding import gathered
 from fastpeft.ops.dora_linear import dora_linear
 from fastpeft.ops.dora_linear_torch import dora_row_norm
+from fastpeft.ops.qlora_linear import qlora_linear
 
 def _identity(*tensors: torch.Tensor) -> tuple:
     """What a cached value derived from ``tensors`` is valid for: each one's object, in-place
@@ -43,11 +45,8 @@ class DoRALinear(LoRALinear):
     use_dora = True
 
     @classmethod
-    def _wrap(cls, base: nn.Module, kind: BaseLayerKind, *args) -> "DoRALinear":
-        if kind.quantized:
-            raise ValueError(f"DoRA on a quantized base layer ({kind.name}) is not implemented in fastpeft yet; "
-                             "use LoRA (use_dora=False) on it, or DoRA on an unquantized base")
-        return super()._wrap(base, kind, *args)
+    def _layer_class(cls, kind: BaseLayerKind) -> type[LoRALinear]:
+        return QuantDoRALinear if kind.quantized else cls
 
     def _init_from(self, base: nn.Module, kind: BaseLayerKind, *args: Any) -> None:
         self._weight_sq, self._weight_sq_key = None, None
@@ -81,13 +80,17 @@ class DoRALinear(LoRALinear):
         return self._weight_sq
 
     def _weight_sq_of_base(self) -> torch.Tensor:
-        w = self._weight_out_in().detach().float()
+        w = self._dense_weight().detach().float()
         return (w * w).sum(1)
+
+    def _dense_weight(self) -> torch.Tensor:
+        """The base weight as a dense ``[out, in]`` tensor (a view of W)."""
+        return self._weight_out_in()
 
     def row_norm(self) -> torch.Tensor:
         """``||W + scaling B A||`` of each output row, ``[out]`` float32 (detached)."""
         with torch.no_grad():
-            return dora_row_norm(self._weight_out_in(), self.lora_A.weight, self.lora_B.weight, self.scaling,
+            return dora_row_norm(self._dense_weight(), self.lora_A.weight, self.lora_B.weight, self.scaling,
                                  self._weight_sq_cached())
 
     def _inference_row_norm(self) -> torch.Tensor | None:
@@ -157,3 +160,70 @@ class DoRALinear(LoRALinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, use_dora=True"
+
+
+class QuantDoRALinear(QuantLoRALinear, DoRALinear):
+    """DoRA on a quantized base (bitsandbytes' NF4 / FP4 / int8, torchao's), PEFT's "QDoRA":
+    ``DoRALinear``'s math with the dequantized base weight, which is formed only transiently,
+    for the row norm (``||W||^2`` cached: W is frozen), never kept for the backward.
+
+    The forward goes through ``fastpeft.ops.qlora_linear`` (the quantized base product and its
+    backward, as ``QuantLoRALinear``'s): without dropout ``z = x W^T + b + s x A^T B^T`` and
+    ``y = c * z + (1 - c) * b`` (PEFT's DoRA, the base output reused); with dropout in training
+    ``y = (x W^T + b) + (c - 1) * (x' W^T) + c * s * x' A^T B^T``, ``x' = dropout(x)``, with two
+    base products and the LoRA term through torch ops, as PEFT computes it. ``merge()`` requantizes
+    ``c * (W + s B A)`` (PEFT's DoRA merge on a quantized base), ``unmerge()`` requantizes back.
+    """
+
+    def _init_from(self, base: nn.Module, kind: BaseLayerKind, *args: Any) -> None:
+        # the magnitude's init reads the dequantized weight: the base's state must be adopted first
+        self._adopt_quantized_base(base)
+        super()._init_from(base, kind, *args)
+
+    def _dense_weight(self) -> torch.Tensor:
+        """The base weight dequantized, ``[out, in]`` float32 (transient)."""
+        return self.quantized_base_weight().dequantize(torch.float32)
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias, a, b = self.quantized_base_weight(), self.bias, self.lora_A.weight, self.lora_B.weight
+        norm = self._inference_row_norm()
+        scale = self.lora_magnitude_vector.float() / (self.row_norm() if norm is None else norm)
+        if not (self.training and self.lora_dropout > 0.0):
+            z = qlora_linear(x, weight, bias, a, b, self.scaling)
+            y = scale * z.float() + (1.0 - scale) * bias.float() if bias is not None else scale * z.float()
+            return y.to(z.dtype)
+        dropped = F.dropout(x, self.lora_dropout)
+        base = qlora_linear(x, weight, bias, a, b, 0.0)
+        dropped_base = qlora_linear(dropped, weight, None, a, b, 0.0)
+        lora = F.linear(F.linear(dropped.to(a.dtype), a), b) * self.scaling
+        return (base.float() + (scale - 1.0) * dropped_base.float() + scale * lora.float()).to(base.dtype)
+
+    def _forward_apart(self, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError("DoRA on a quantized base with lora_A / lora_B sharded as FSDP units of their own is not "
+                         "supported; shard the layer (or its decoder layer) as a whole")
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Requantize ``c * (W + scaling B A)`` (PEFT's DoRA merge, with its rounding warning)."""
+        if self.merged:
+            raise RuntimeError("QuantDoRALinear.merge(): the adapter is already merged")
+        scale, dense = self._dora_scale(), self._dense_weight()
+        self._requantize(self._scaled(dense + self.delta_weight(), scale) - dense)
+        self._merge_scale = scale
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Requantize ``W' / c - scaling B A`` with the scale of the merge."""
+        if not self.merged:
+            raise RuntimeError("QuantDoRALinear.unmerge(): the adapter is not merged")
+        dense = self._dense_weight()
+        self._requantize(self._scaled(dense, 1.0 / self._merge_scale) - self.delta_weight() - dense)
+        self._merge_scale = None
+        self.merged = False
+
+    def _requantize(self, delta: torch.Tensor) -> None:
+        """Add ``delta`` (``[out, in]`` float32) to the quantized weight: a new quantized weight."""
+        base = self.base_module()
+        add_to_quantized(base, delta, 1.0)
+        self.weight = base.weight

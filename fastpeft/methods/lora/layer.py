@@ -152,8 +152,13 @@ class LoRALinear(AdapterLayer):
         return cls.wrap(conv1d, *args, **kwargs)
 
     @classmethod
+    def _layer_class(cls, kind: BaseLayerKind) -> type["LoRALinear"]:
+        """The class that wraps a base of ``kind``: the quantized variant for a quantized base."""
+        return QuantLoRALinear if kind.quantized else cls
+
+    @classmethod
     def _wrap(cls, base: nn.Module, kind: BaseLayerKind, *args) -> "LoRALinear":
-        layer_cls = QuantLoRALinear if kind.quantized else cls
+        layer_cls = cls._layer_class(kind)
         layer = layer_cls.__new__(layer_cls)
         nn.Module.__init__(layer)
         layer._init_from(base, kind, *args)

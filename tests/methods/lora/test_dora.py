@@ -14,7 +14,8 @@ Llama (``nn.Linear``) and GPT-2 (``Conv1D``, ``fan_in_fan_out``):
   forwards) computes what the op does (``tests/integrations/test_distributed.py`` runs it
   under FSDP2);
 * ``MultiAdapterModel(dora=True)`` serves DoRA and LoRA adapters in one batch;
-* what is not built yet is refused by name: quantized bases, a PEFT-merged DoRA layer.
+* a PEFT-merged DoRA layer is refused by name (``tests/methods/lora/test_qlora_model.py`` has
+  DoRA on quantized bases).
 """
 
 from __future__ import annotations
@@ -249,17 +250,6 @@ def test_inference_row_norm_is_cached_until_the_weights_change(monkeypatch):
     with torch.no_grad():
         assert_close(model(ids).logits, uncached(ids).logits, torch.float32, "cached vs fresh")
     assert not torch.allclose(before, after)
-
-
-def test_dora_on_a_quantized_base_is_refused():
-    pytest.importorskip("bitsandbytes")
-    from tests.helpers.quantized import linear_4bit
-
-    base = tiny_llama()
-    attention = base.model.layers[0].self_attn
-    attention.q_proj = linear_4bit(attention.q_proj)
-    with pytest.raises(ValueError, match="DoRA on a quantized base layer"):
-        fastpeft.inject(base, fastpeft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
