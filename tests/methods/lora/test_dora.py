@@ -431,3 +431,25 @@ def test_serving_mixes_dora_and_lora_adapters_in_one_batch(tmp_path):
     plain = fastpeft.MultiAdapterModel(tiny_llama(), max_adapters=2, max_rank=8, target_modules=["q_proj", "v_proj"])
     with pytest.raises(ValueError, match="DoRA adapter .* dora=True"):
         plain.load_adapter("dora-a", tmp_path / "dora-a")
+
+
+def test_submodule_composition_with_dropout_equals_pefts(monkeypatch):
+    """With dropout in training mode, the composition through A and B's forwards (what FSDP2
+    units of their own run; forced here) draws its mask with torch's generator once per layer,
+    as PEFT does: from one seed, logits and A / B / m gradients equal PEFT's."""
+    import fastpeft.methods.lora.layer as layer_module
+
+    monkeypatch.setattr(layer_module, "sharded_apart", lambda *modules: True)
+    make, kwargs = CASES["llama"]
+    reference = peft_dora(make, lora_dropout=0.3, **kwargs).train()
+    ours = ours_like(reference, make, lora_dropout=0.3, **kwargs).train()
+    outputs = []
+    for model in (reference, ours):
+        torch.manual_seed(5)
+        outputs.append(forward(model))
+        outputs[-1].square().mean().backward()
+    assert_close(outputs[1], outputs[0], torch.float32, "logits")
+    params = dict(ours.named_parameters())
+    for name, p in reference.named_parameters():
+        if p.requires_grad:
+            assert_close(params[_our_name(name)].grad, p.grad, torch.float32, f"grad of {name}")

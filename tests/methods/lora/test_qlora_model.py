@@ -447,3 +447,35 @@ def test_dora_on_quantized_bases_equals_pefts(model_dir, tmp_path, name, setting
         if name != TORCHAO:  # PEFT's torchao layer merges the plain LoRA delta, dropping DoRA's scale
             with torch.no_grad():
                 assert _rel(merged_logits, theirs.merge_and_unload()(**_inputs()).logits) <= 1e-3  # both requantize
+
+
+@pytest.mark.parametrize("name,settings", MODEL_SETTINGS[:3], ids=[n for n, _ in MODEL_SETTINGS[:3]])
+def test_dora_with_dropout_on_quantized_bases_equals_pefts(model_dir, name, settings):
+    """QDoRA in training mode with dropout (PEFT's three terms: base, (c - 1) x' W^T, c s x' A^T
+    B^T): both draw the dropout mask with torch's generator, once per layer in the same order,
+    so from one seed they drop the same elements; logits and A / B / m gradients equal PEFT's."""
+    config = dict(DORA, lora_dropout=0.3)
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(_load(model_dir, settings), peft.LoraConfig(**config)).train()
+    ours = fastpeft.inject(_load(model_dir, settings), fastpeft.LoraConfig(**config)).train()
+    params = dict(ours.named_parameters())
+    with torch.no_grad():
+        for key, value in theirs.named_parameters():
+            if value.requires_grad:
+                params[_our_dora_name(key)].copy_(value * (1.1 if "magnitude" in key else 1.0))
+                value.mul_(1.1 if "magnitude" in key else 1.0)
+    outputs = []
+    for model in (theirs, ours):
+        torch.manual_seed(7)
+        outputs.append(model(**_inputs()))
+        outputs[-1].loss.backward()
+    ref, out = outputs
+    tolerance = 1.6e-2 if name == "fp4-bf16" else 1e-4
+    assert _rel(out.logits, ref.logits) <= tolerance
+    torch.manual_seed(8)
+    assert _rel(ours(**_inputs()).logits, out.logits) > 1e-3  # another mask: dropout is on
+    for key, p in theirs.named_parameters():
+        if p.requires_grad:
+            assert _rel(params[_our_dora_name(key)].grad, p.grad) <= (5e-2 if name == "fp4-bf16" else 1e-3), key
