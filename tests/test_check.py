@@ -448,8 +448,8 @@ def fastpeft_rows() -> dict[str, check.Result]:
     opt-in TMA forward (rank 64)."""
     specs = [
         _fastpeft_spec("lora_bwd_wgrad[", "R64,HAS_DROPOUT=1,bf16/fp32"),
-        _fastpeft_spec("lora_fwd[64x128x64,w4,", "R16,HAS_BIAS=1,FUSE_SHRINK=0,bf16/fp32"),
-        _fastpeft_spec("lora_fwd_tma[", "R64,HAS_BIAS=1,fp16/fp16"),
+        _fastpeft_spec("lora_fwd[64x128x64,w4,", "R16,HAS_BIAS=1,HAS_SCALE=0,FUSE_SHRINK=0,bf16/fp32"),
+        _fastpeft_spec("lora_fwd_tma[", "R64,HAS_BIAS=1,HAS_SCALE=0,fp16/fp16"),
     ]
     return {r.kernel.split("[", 1)[0]: r for r in check._run(specs, ["sm_90"], jobs=2)}
 

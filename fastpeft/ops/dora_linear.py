@@ -9,8 +9,13 @@ backward reads: ``u``, ``s``, the dropout mask and the row norms) and
 ``torch.ops.fastpeft.dora_linear_backward`` the backward, gradients to x, A, B and m (and to
 W and b if they require it).
 
-Implementation: the torch path, on every device. No Triton DoRA kernel exists yet (the epilogue
-scale of issue "Fused DoRA" is not built), so nothing here runs unvalidated GPU code.
+Implementations: the torch path (``fastpeft.ops.dora_linear_torch``) by default, on every
+device; with ``FASTPEFT_BACKEND=triton`` (opt-in: no GPU has run them) and no dropout, where
+the LoRA kernels take the shapes, the LoRA kernels with DoRA's epilogue: the forward kernel
+multiplies its accumulator ``x W^T + s x A^T B^T`` by ``c`` per column before the bias and
+also writes the unscaled ``u``; the backward runs the LoRA backward kernels on ``g * c`` and
+forms ``dm`` with torch ops. With dropout the torch path runs (``x W^T`` and ``x' W^T`` from
+one read of x is not built).
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ import math
 
 import torch
 
+from fastpeft.backend import backend_choice
 from fastpeft.kernels.dropout_mask import draw_seed
 from fastpeft.ops.autocast import autocast_dtype, autocast_off, cast_for_autocast
 from fastpeft.ops.checks import check_lora_linear_args, describe, require_tensor
-from fastpeft.ops.dora_linear_torch import dora_backward_torch, dora_forward_torch
+from fastpeft.ops.dora_linear_torch import dora_backward_torch, dora_forward_torch, dora_row_norm
 from fastpeft.ops.lora_linear import lora_gradients_fake
 from fastpeft.ops.lora_linear_torch import base_linear_grads, rank_side_dtype
 from fastpeft.ops.op_calls import call_directly, eager_function, op_for_call, rows
@@ -30,6 +36,30 @@ from fastpeft.ops.op_calls import call_directly, eager_function, op_for_call, ro
 
 def _norm_dtype(weight: torch.Tensor, lora_a: torch.Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(weight.dtype, lora_a.dtype), torch.float32)
+
+
+def _uses_kernels(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, dropout_p: float) -> bool:
+    """Whether a call runs the LoRA kernels with DoRA's epilogue: ``FASTPEFT_BACKEND=triton``
+    only (unvalidated on a GPU, so never ``auto``), no dropout, and a problem the LoRA kernels
+    take (their dispatch picks the fused kernels for it)."""
+    if dropout_p > 0.0 or backend_choice() != "triton":
+        return False
+    from fastpeft.kernels.lora import dispatch
+
+    return dispatch.choose_implementation(x, weight, lora_a, True, False) == dispatch.FUSED
+
+
+def _dora_forward_kernels(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                          lora_b: torch.Tensor, scale: torch.Tensor, scaling: float,
+                          seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, u, s)`` for 2-D x from the LoRA forward kernels with DoRA's epilogue."""
+    from fastpeft.kernels import launch_device
+    from fastpeft.kernels.lora.launch import lora_forward
+
+    u = launch_device.empty_output((x2.shape[0], weight.shape[0]), x2.dtype, x2.device)
+    y, s = lora_forward(x2, weight, bias, lora_a, lora_b, scaling, 0.0, seed,
+                        dora_scale=scale.to(torch.float32).contiguous(), u=u)
+    return y, u, s
 
 
 def dora_forward(
@@ -46,9 +76,16 @@ def dora_forward(
     seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y [..., N], u [M, N], s [M, r], keep, n [N])`` for x ``[..., K]``
-    (``dora_forward_torch``)."""
-    y, u, s, keep, norm = dora_forward_torch(rows(x, weight.shape[1]), weight, bias, lora_a, lora_b, magnitude,
-                                             weight_sq, row_norm, scaling, dropout_p, seed)
+    (``dora_forward_torch``, or the kernels: ``_uses_kernels``)."""
+    x2 = rows(x, weight.shape[1])
+    if _uses_kernels(x, weight, lora_a, dropout_p):
+        norm = dora_row_norm(weight, lora_a, lora_b, scaling, weight_sq) if row_norm is None else row_norm
+        y, u, s = _dora_forward_kernels(x2, weight, bias, lora_a, lora_b, magnitude.to(norm.dtype) / norm, scaling,
+                                        seed)
+        keep = x.new_empty(0, dtype=torch.bool)
+    else:
+        y, u, s, keep, norm = dora_forward_torch(x2, weight, bias, lora_a, lora_b, magnitude, weight_sq, row_norm,
+                                                 scaling, dropout_p, seed)
     return y.view(*x.shape[:-1], weight.shape[0]), u, s, keep, norm
 
 
@@ -86,10 +123,21 @@ def dora_backward(
     need_m: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dX like x, dA, dB, dm)``; a gradient not asked for is an empty tensor
-    (``dora_backward_torch``)."""
+    (``dora_backward_torch``, or, where the forward ran them, the LoRA backward kernels on
+    ``g * c``: ``_uses_kernels``)."""
     n, k = weight.shape
-    dx, da, db, dm = dora_backward_torch(rows(grad_y, n), rows(x, k), weight, lora_a, lora_b, magnitude, u, s, keep,
-                                         norm, scaling, dropout_p, need_x, need_a, need_b, need_m)
+    g2, x2 = rows(grad_y, n), rows(x, k)
+    if _uses_kernels(x, weight, lora_a, dropout_p):
+        from fastpeft.kernels.lora.launch import lora_backward
+
+        wide = g2.to(norm.dtype)
+        grad_c = (wide * (magnitude.to(norm.dtype) / norm)).to(g2.dtype)
+        dm = ((wide * u.to(norm.dtype)).sum(0) / norm).to(magnitude.dtype) if need_m else None
+        dx, da, db = lora_backward(grad_c, x2, weight, lora_a, lora_b, s, scaling, 0.0,
+                                   x.new_empty(0, dtype=torch.int64), need_x, need_a, need_b)
+    else:
+        dx, da, db, dm = dora_backward_torch(g2, x2, weight, lora_a, lora_b, magnitude, u, s, keep, norm, scaling,
+                                             dropout_p, need_x, need_a, need_b, need_m)
     empty = x.new_empty(0)
     return (dx.view(x.shape) if dx is not None else empty, da if da is not None else empty,
             db if db is not None else empty, dm if dm is not None else empty)

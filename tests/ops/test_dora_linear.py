@@ -171,3 +171,34 @@ def test_bad_arguments_name_themselves(field, value, error, match):
     t = {**inputs(3, 5, 6, 2, torch.float32), field: value}
     with pytest.raises(error, match=match):
         dora_linear(*t.values(), SCALING)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(37, 48, 80, 8), (1, 16, 32, 4), (70, 64, 48, 16)], ids=str)
+def test_kernels_with_doras_epilogue(monkeypatch, shape, dtype):
+    """``FASTPEFT_BACKEND=triton`` (Triton's interpreter on CPU tensors here): the LoRA forward
+    kernel with DoRA's epilogue (``HAS_SCALE``: the unscaled sum stored as ``u``, then the
+    per-column scale, then the bias) and the LoRA backward kernels on ``g * c`` give PEFT's
+    float64 output and every gradient; the kernels did run (recorded), their outputs poisoned
+    before (``tests/conftest.py``). bf16: bf16 inputs and outputs, fp32 adapters (PEFT's
+    default); the interpreter computes bf16 products in fp32, so its tolerance is bf16's."""
+    pytest.importorskip("triton")
+    import fastpeft.kernels.lora.launch as launch
+
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    calls = []
+    for name in ("lora_forward", "lora_backward"):
+        original = getattr(launch, name)
+
+        def recorded(*args, _original=original, _name=name, **kwargs):
+            calls.append((_name, kwargs.get("dora_scale") is not None))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(launch, name, recorded)
+    t = inputs(*shape, dtype, lora_dtype=torch.float32)
+    expected = reference(t, SCALING)
+    got = run_op(t, SCALING, probe=expected["probe"])
+    assert ("lora_forward", True) in calls and ("lora_backward", False) in calls
+    assert got["y"].dtype == dtype
+    for key in ("y", "dx", "dlora_a", "dlora_b", "dmagnitude"):
+        assert_close(got[key].double(), expected[key], dtype, key)

@@ -109,6 +109,11 @@ _GEMM_LARGE = {90: TileConfig(128, 256, 64, 8, 3), 80: TileConfig(128, 128, 32, 
 # stays halved on sm_90 (128x256 needs the mask drawn in the accumulator's own layout), and on
 # sm_80 64x128 (128x128x32 spills).
 _DX_DROPOUT_LARGE = {90: TileConfig(128, 128, 64, 8, 3), 80: TileConfig(64, 128, 64, 8, 4)}
+# DoRA's forward epilogue (``HAS_SCALE``: the unscaled tile stored as u, then the per-column
+# scale) beside the accumulator: on sm_90 the 128x256 tile spills 4-32 B at 255 registers
+# (fastpeft check, ranks 16-64, bf16 / fp16 with fp32 or 16-bit adapters), so the output tile
+# halves there, as dX's with dropout; sm_80's 128x128 compiles without spills.
+_SCALED_LARGE = {90: TileConfig(128, 128, 64, 8, 3), 80: _GEMM_LARGE[80]}
 # The opt-in sm_90 forward with TMA loads and a persistent grid (``lora_fwd_tma_kernel``,
 # ``FASTPEFT_LORA_TMA``) runs on _GEMM_LARGE[90], the tile its pointer-load twin runs, so the
 # GPU timing compares the main loops and not two tiles. Programs per SM: 1, because 3 stages
@@ -176,10 +181,12 @@ def _arch_key(capability: int) -> int:
     return 90 if capability >= 90 else 80
 
 
-def gemm_tile(m: int, capability: int, n: int, num_sms: int, dropout_epilogue: bool = False) -> TileConfig:
+def gemm_tile(m: int, capability: int, n: int, num_sms: int, dropout_epilogue: bool = False,
+              scaled_epilogue: bool = False) -> TileConfig:
     """The base-GEMM tile for ``m`` rows and ``n`` output columns (N forward, K for dX).
 
-    ``dropout_epilogue``: the dX kernel's epilogue applies the dropout mask.
+    ``dropout_epilogue``: the dX kernel's epilogue applies the dropout mask;
+    ``scaled_epilogue``: the forward's epilogue is DoRA's (``HAS_SCALE``).
     """
     if m <= DECODE_MAX_M:
         wide = _GEMM_DECODE[64]
@@ -188,7 +195,7 @@ def gemm_tile(m: int, capability: int, n: int, num_sms: int, dropout_epilogue: b
         return _GEMM_DECODE[32] if narrow_ok else wide
     if m <= MEDIUM_MAX_M:
         return _GEMM_MEDIUM[_arch_key(capability)]
-    table = _DX_DROPOUT_LARGE if dropout_epilogue else _GEMM_LARGE
+    table = _DX_DROPOUT_LARGE if dropout_epilogue else _SCALED_LARGE if scaled_epilogue else _GEMM_LARGE
     return table[_arch_key(capability)]
 
 
@@ -259,9 +266,10 @@ def tma_requested() -> bool:
 
 
 def plan_forward(m: int, n: int, k: int, rank: int, dropout: bool, device: torch.device, *, a_bytes: int,
-                 w_bytes: int, tma: bool = False) -> ForwardPlan:
+                 w_bytes: int, tma: bool = False, scaled: bool = False) -> ForwardPlan:
     """Choose the forward kernels for x ``[m, k]``, W ``[n, k]`` (``w_bytes`` an element) and
-    rank ``rank`` (A's elements ``a_bytes``).
+    rank ``rank`` (A's elements ``a_bytes``); ``scaled``: with DoRA's epilogue (its tiles:
+    ``gemm_tile``'s ``scaled_epilogue``; never the TMA forward, whose tile is the large one).
 
     ``tma``: the TMA forward is asked for and x and W qualify for its descriptors; it then runs
     wherever the plan is sm_90's large tile without split-K, always with the separate shrink
@@ -269,7 +277,7 @@ def plan_forward(m: int, n: int, k: int, rank: int, dropout: bool, device: torch
     the descriptors' pipeline in a kernel no GPU has timed yet)."""
     num_sms, capability = device_info(device)
     r_block = block_r(rank)
-    gemm = gemm_tile(m, capability, n, num_sms)
+    gemm = gemm_tile(m, capability, n, num_sms, scaled_epilogue=scaled)
     split = gemm_split(m, n, k, gemm, num_sms)
     tma = tma and _arch_key(capability) == 90 and gemm == tma_tile() and split.count == 1
     if tma or dropout or split.count > 1 or not may_fuse_shrink(gemm, r_block, a_bytes, w_bytes):
@@ -372,6 +380,13 @@ def gemm_tile_choices() -> list[tuple[TileConfig, int | None, bool]]:
         if (table[family], None, drop) not in everywhere
     ]
     return list(dict.fromkeys(per_family + everywhere))
+
+
+def scaled_forward_tiles() -> list[tuple[TileConfig, int | None]]:
+    """Every base-GEMM tile the forward with DoRA's epilogue can run on, with its arch family
+    (None: all), without repeats."""
+    per_family = [(table[family], family) for family in (80, 90) for table in (_SCALED_LARGE, _GEMM_MEDIUM)]
+    return list(dict.fromkeys(per_family + [(_GEMM_DECODE[64], None), (_GEMM_DECODE[32], None)]))
 
 
 def shrink_tile_choices() -> list[tuple[TileConfig, int]]:

@@ -165,12 +165,14 @@ def _split_shrink_forward(
                                                         cdiv(m, shrink.block_m)), SHRINK_MIN_STEPS)
         parts = lora_launch.shrink_partials(x, lora_a, seed, keep_scale, dropout_p, shrink, split)
         e = split_epilogue_tile()
-        # parts stands in for the (absent) GEMM partials: an fp32 pointer, never read.
+        # parts stands in for the (absent) GEMM partials and DoRA's scale (fp32 pointers), y for
+        # DoRA's u: never read or written (no split, HAS_SCALE off).
         lora_fwd_split_epilogue_kernel[(cdiv(m, e.block_m) * cdiv(n, e.block_n),)](
-            parts, bias, lora_b, parts, s, y,
+            parts, bias, lora_b, parts, s, y, parts, y,
             m, n, rank, 0, split.count,
             lora_b.stride(0), lora_launch.strides2d(lora_b)[1], scaling,
-            HAS_BIAS=has_bias, BLOCK_M=e.block_m, BLOCK_N=e.block_n, BLOCK_R=block_r(rank), GROUP_M=GROUP_M,
+            HAS_BIAS=has_bias, HAS_SCALE=False, BLOCK_M=e.block_m, BLOCK_N=e.block_n, BLOCK_R=block_r(rank),
+            GROUP_M=GROUP_M,
             num_warps=e.num_warps, num_stages=e.num_stages, **launch_device.kernel_numerics(x.dtype, lora_a.dtype),
         )
         y.addmm_(x, weight.t())

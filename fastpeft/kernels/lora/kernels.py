@@ -169,39 +169,50 @@ def _add_lora_term(
 
 
 @triton.jit
-def _store_y(acc, rows, cols, bias_ptr, y_ptr, M, N, HAS_BIAS: tl.constexpr):
-    """Add the bias to the fp32 tile ``acc`` and store it as ``y``'s tile at ``rows, cols``."""
+def _store_y(acc, rows, cols, bias_ptr, scale_ptr, u_ptr, y_ptr, M, N, HAS_BIAS: tl.constexpr,
+             HAS_SCALE: tl.constexpr):
+    """Add the bias to the fp32 tile ``acc`` and store it as ``y``'s tile at ``rows, cols``.
+    ``HAS_SCALE`` (DoRA: ``y = c * (x W^T + s x A^T B^T) + b``): first store ``acc`` as ``u``'s
+    tile (what DoRA's backward reads) and multiply it by the fp32 ``scale [N]`` per column."""
     col_ok = cols < N
+    offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    if HAS_SCALE:
+        tl.store(u_ptr + offsets, acc.to(u_ptr.dtype.element_ty), mask=mask)
+        acc = acc * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None] & col_ok[None, :])
+    tl.store(y_ptr + offsets, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _fwd_epilogue(
-    acc, s_acc, rows, cols, pid_n, bias_ptr, b_ptr, s_ptr, y_ptr,
+    acc, s_acc, rows, cols, pid_n, bias_ptr, b_ptr, s_ptr, y_ptr, scale_ptr, u_ptr,
     M, N, R, stride_bn, stride_br, scaling,
-    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Finish a forward tile: store ``s`` (first column tile only), add
-    ``scaling * s B^T`` (in B's dtype) and the bias to ``acc``, store ``y``."""
+    ``scaling * s B^T`` (in B's dtype) to ``acc``, then (``_store_y``) DoRA's scale and the
+    bias, store ``y``."""
     _store_s(s_acc, rows, pid_n, s_ptr, M, R, BLOCK_R)
     acc = _add_lora_term(acc, s_acc, cols, b_ptr, N, R, stride_bn, stride_br, scaling, BLOCK_R, UPCAST, PRECISION)
-    _store_y(acc, rows, cols, bias_ptr, y_ptr, M, N, HAS_BIAS)
+    _store_y(acc, rows, cols, bias_ptr, scale_ptr, u_ptr, y_ptr, M, N, HAS_BIAS, HAS_SCALE)
 
 
 @triton.jit(do_not_specialize=("M", "R", "num_parts", "stride_bn"))
 def lora_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, part_ptr, s_ptr, y_ptr,
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, part_ptr, s_ptr, y_ptr, scale_ptr, u_ptr,
     M, N, K, R, num_parts,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     scaling,
-    HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, FUSE_SHRINK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """``y[M, N] = x W^T + bias + scaling * s B^T``; also writes ``s [M, R]`` (fp32).
+    """``y[M, N] = x W^T + bias + scaling * s B^T``; also writes ``s [M, R]`` (fp32). With
+    ``HAS_SCALE`` (DoRA) ``y = scale * (x W^T + scaling * s B^T) + bias`` and the unscaled sum
+    is written to ``u [M, N]`` (``_store_y``).
 
     Grid ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)``. Without ``FUSE_SHRINK``, ``s`` is the
     sum of ``num_parts`` shrink partials ``part [num_parts, M, R]``.
@@ -216,18 +227,18 @@ def lora_fwd_kernel(
     if not FUSE_SHRINK:
         s_acc = _rank_partials(s_acc, part_ptr, rows, M, R, num_parts, BLOCK_R)
     _fwd_epilogue(
-        acc, s_acc, rows, cols, pid_n, bias_ptr, b_ptr, s_ptr, y_ptr, M, N, R, stride_bn, stride_br, scaling,
-        HAS_BIAS, BLOCK_R, UPCAST, PRECISION,
+        acc, s_acc, rows, cols, pid_n, bias_ptr, b_ptr, s_ptr, y_ptr, scale_ptr, u_ptr, M, N, R, stride_bn,
+        stride_br, scaling, HAS_BIAS, HAS_SCALE, BLOCK_R, UPCAST, PRECISION,
     )
 
 
 @triton.jit(do_not_specialize=("M", "R", "num_parts", "num_programs", "stride_bn"))
 def lora_fwd_tma_kernel(
-    x_desc, w_desc, bias_ptr, b_ptr, part_ptr, s_ptr, y_ptr,
+    x_desc, w_desc, bias_ptr, b_ptr, part_ptr, s_ptr, y_ptr, scale_ptr, u_ptr,
     M, N, K, R, num_parts, num_programs,
     stride_bn, stride_br,
     scaling,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -266,7 +277,7 @@ def lora_fwd_tma_kernel(
             x = to_compute(x_desc.load([pid_m * BLOCK_M, k0]), y_ptr, UPCAST)
             w = to_compute(w_desc.load([pid_n * BLOCK_N, k0]), y_ptr, UPCAST)
             acc = tl.dot(x, w.T, acc, input_precision=PRECISION)
-        _store_y(acc, rows, cols, bias_ptr, y_ptr, M, N, HAS_BIAS)
+        _store_y(acc, rows, cols, bias_ptr, scale_ptr, u_ptr, y_ptr, M, N, HAS_BIAS, HAS_SCALE)
 
 
 @triton.jit(do_not_specialize=("M",))
@@ -308,11 +319,11 @@ def _split_sum(gemm_part_ptr, rows, cols, M, N, num_splits, BLOCK_M: tl.constexp
 
 @triton.jit(do_not_specialize=("M", "R", "num_splits", "num_parts", "stride_bn"))
 def lora_fwd_split_epilogue_kernel(
-    gemm_part_ptr, bias_ptr, b_ptr, part_ptr, s_ptr, y_ptr,
+    gemm_part_ptr, bias_ptr, b_ptr, part_ptr, s_ptr, y_ptr, scale_ptr, u_ptr,
     M, N, R, num_splits, num_parts,
     stride_bn, stride_br,
     scaling,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The forward's epilogue after a split-K GEMM: ``y`` from the sum of the GEMM's
@@ -324,8 +335,8 @@ def lora_fwd_split_epilogue_kernel(
     acc = _split_sum(gemm_part_ptr, rows, cols, M, N, num_splits, BLOCK_M, BLOCK_N)
     s_acc = _rank_partials(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), part_ptr, rows, M, R, num_parts, BLOCK_R)
     _fwd_epilogue(
-        acc, s_acc, rows, cols, pid_n, bias_ptr, b_ptr, s_ptr, y_ptr, M, N, R, stride_bn, stride_br, scaling,
-        HAS_BIAS, BLOCK_R, UPCAST, PRECISION,
+        acc, s_acc, rows, cols, pid_n, bias_ptr, b_ptr, s_ptr, y_ptr, scale_ptr, u_ptr, M, N, R, stride_bn,
+        stride_br, scaling, HAS_BIAS, HAS_SCALE, BLOCK_R, UPCAST, PRECISION,
     )
 
 

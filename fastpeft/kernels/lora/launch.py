@@ -164,22 +164,31 @@ def lora_forward(
     dropout_p: float,
     seed: torch.Tensor,
     tma: bool = False,
+    dora_scale: torch.Tensor | None = None,
+    u: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y [M, N] in x.dtype, s [M, R] fp32)`` for 2-D x ``[M, K]`` (M >= 1).
 
     ``tma`` (the dispatch table's ``fused-tma``) or ``FASTPEFT_LORA_TMA=1``: run the GEMM as
-    ``lora_fwd_tma_kernel`` where ``plan_forward`` allows it and x and W are ``tma_ready``."""
+    ``lora_fwd_tma_kernel`` where ``plan_forward`` allows it and x and W are ``tma_ready``.
+    ``dora_scale`` (fp32 ``[N]``, contiguous) with ``u`` (``[M, N]`` in x's dtype): DoRA's
+    epilogue, ``y = dora_scale * (x W^T + scaling s B^T) + bias``, the unscaled sum written to
+    ``u`` (the kernels' ``HAS_SCALE``)."""
     m, k = x.shape
     n, rank = weight.shape[0], lora_a.shape[0]
     with on_device_of(x):
         tma = (tma or tma_requested()) and tma_ready(x) and tma_ready(weight)
+        has_scale = dora_scale is not None
         plan = plan_forward(m, n, k, rank, dropout_p > 0.0, x.device, a_bytes=lora_a.element_size(),
-                            w_bytes=weight.element_size(), tma=tma)
+                            w_bytes=weight.element_size(), tma=tma, scaled=has_scale)
         r_block = block_r(rank)
         numerics = kernel_numerics(x.dtype, lora_a.dtype)
         y = launch_device.empty_output((m, n), x.dtype, x.device)
         s = launch_device.empty_output((m, rank), torch.float32, x.device)
         has_bias, bias = bias is not None, launchable_bias(bias, y)
+        # without DoRA's scale, s (fp32) and y (x's dtype) stand in for the pointers HAS_SCALE
+        # would read and write: never dereferenced, but of the dtypes the compiled kernels take
+        dora_scale, u = (dora_scale, u) if has_scale else (s, y)
         lora_a, lora_b = launchable(lora_a), launchable(lora_b, row_strides=False)
         if plan.fuse_shrink and dropout_p > 0.0:
             raise RuntimeError("internal: the fused-shrink forward cannot apply dropout")
@@ -194,10 +203,10 @@ def lora_forward(
             gemm_parts = _gemm_split(x, weight, strides2d(weight), n, g, plan.gemm_split, numerics)
             e = split_epilogue_tile()
             lora_fwd_split_epilogue_kernel[(cdiv(m, e.block_m) * cdiv(n, e.block_n),)](
-                gemm_parts, bias, lora_b, parts, s, y,
+                gemm_parts, bias, lora_b, parts, s, y, dora_scale, u,
                 m, n, rank, plan.gemm_split.count, num_parts,
                 *b_args, scaling,
-                HAS_BIAS=has_bias, BLOCK_M=e.block_m, BLOCK_N=e.block_n, BLOCK_R=r_block, GROUP_M=GROUP_M,
+                HAS_BIAS=has_bias, HAS_SCALE=has_scale, BLOCK_M=e.block_m, BLOCK_N=e.block_n, BLOCK_R=r_block, GROUP_M=GROUP_M,
                 num_warps=e.num_warps, num_stages=e.num_stages, **numerics,
             )
             return y, s
@@ -206,19 +215,19 @@ def lora_forward(
             programs = min(num_tiles, TMA_PROGRAMS_PER_SM * device_info(x.device)[0])
             lora_fwd_tma_kernel[(programs,)](
                 tensor_descriptor(x, g.block_m, g.block_k), tensor_descriptor(weight, g.block_n, g.block_k),
-                bias, lora_b, parts, s, y,
+                bias, lora_b, parts, s, y, dora_scale, u,
                 m, n, k, rank, num_parts, programs,
                 *b_args, scaling,
-                HAS_BIAS=has_bias, BLOCK_M=g.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k, BLOCK_R=r_block,
+                HAS_BIAS=has_bias, HAS_SCALE=has_scale, BLOCK_M=g.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k, BLOCK_R=r_block,
                 GROUP_M=GROUP_M, num_warps=g.num_warps, num_stages=g.num_stages, **numerics,
             )
             return y, s
         lora_fwd_kernel[(num_tiles,)](
-            x, weight, bias, lora_a, lora_b, parts, s, y,
+            x, weight, bias, lora_a, lora_b, parts, s, y, dora_scale, u,
             m, n, k, rank, num_parts,
             *strides2d(x), *strides2d(weight), *strides2d(lora_a), *b_args,
             scaling,
-            HAS_BIAS=has_bias, FUSE_SHRINK=plan.fuse_shrink,
+            HAS_BIAS=has_bias, HAS_SCALE=has_scale, FUSE_SHRINK=plan.fuse_shrink,
             BLOCK_M=g.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k, BLOCK_R=r_block, GROUP_M=GROUP_M,
             num_warps=g.num_warps, num_stages=g.num_stages, **numerics,
         )

@@ -24,6 +24,7 @@ from fastpeft.kernels.lora.configs import (
     gemm_tile_choices,
     may_fuse_shrink,
     reduce_tile,
+    scaled_forward_tiles,
     shrink_tile_choices,
     split_epilogue_tile,
     tma_tile,
@@ -61,7 +62,7 @@ _DESCRIPTORS = {"x_desc": ("block_m", "block_k"), "w_desc": ("block_n", "block_k
 
 # Pointer arguments by role: activations/base weights use the activation dtype, the LoRA
 # weights their own, the seed is int64, the mask int8, the rest are fp32 buffers.
-_ACT_POINTERS = {"x_ptr", "w_ptr", "bias_ptr", "y_ptr", "dy_ptr", "dx_ptr", "p_ptr", "q_ptr"}
+_ACT_POINTERS = {"x_ptr", "w_ptr", "bias_ptr", "y_ptr", "u_ptr", "dy_ptr", "dx_ptr", "p_ptr", "q_ptr"}
 # total_ptr: the sum of partials, in the LoRA weights' dtype (dA, dB) or fp32 (dS).
 _LORA_POINTERS = {"a_ptr", "b_ptr", "total_ptr"}
 _OTHER_POINTERS = {"seed_ptr": "*i64", "out_ptr": "*i8"}
@@ -130,6 +131,17 @@ def wgrad_spec(act: str, lora: str, block_r: int, dropout: bool) -> KernelSpec:
                   "PRECISION": _NUMERICS["PRECISION"]}, w)
 
 
+def _forward_specs(act: str, lora: str, t: TileConfig, family: int | None, r: int, dora: bool) -> list[KernelSpec]:
+    """``lora_fwd_kernel`` on tile ``t`` at rank tile ``r``: with and without the fused shrink
+    where ``may_fuse_shrink`` allows it; ``dora``: with DoRA's epilogue."""
+    fusable = may_fuse_shrink(t, r, ELEMENT_BYTES[lora], ELEMENT_BYTES[act])
+    return [_spec(lora_fwd_kernel, "lora_fwd", act, lora,
+                  {"BLOCK_R": r, "GROUP_M": GROUP_M, **_NUMERICS, "HAS_BIAS": True, "HAS_SCALE": dora,
+                   "FUSE_SHRINK": fuse, "BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k},
+                  t, family, _uses_wgmma(t))
+            for fuse in ((False, True) if fusable else (False,))]
+
+
 def lora_kernel_specs() -> list[KernelSpec]:
     """All configurations of the LoRA kernels and the mask kernel."""
     specs: list[KernelSpec] = []
@@ -142,22 +154,20 @@ def lora_kernel_specs() -> list[KernelSpec]:
                 t, family, _uses_wgmma(t)))
             if drop:  # the forward GEMM has no dropout epilogue
                 continue
-            fusable = may_fuse_shrink(t, r, ELEMENT_BYTES[lora], ELEMENT_BYTES[act])
-            for fuse in (False, True) if fusable else (False,):
-                specs.append(_spec(
-                    lora_fwd_kernel, "lora_fwd", act, lora,
-                    {**base, "HAS_BIAS": True, "FUSE_SHRINK": fuse,
-                     "BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k},
-                    t, family, _uses_wgmma(t)))
+            specs += _forward_specs(act, lora, t, family, r, dora=False)
+    # DoRA's forward (HAS_SCALE) on its own tiles (configs.scaled_forward_tiles).
+    for (act, lora), (t, family), r in itertools.product(DTYPE_CASES, scaled_forward_tiles(), BLOCK_R_CHOICES):
+        specs += _forward_specs(act, lora, t, family, r, dora=True)
     e = split_epilogue_tile()
     tma = tma_tile()
     for act, lora in DTYPE_CASES:
         # The opt-in TMA forward (sm_90 only, never fused); with a bias, as lora_fwd: the larger variant.
+        # (never DoRA's: plan_forward gives its epilogue a smaller tile than the TMA forward's)
         for r in BLOCK_R_CHOICES:
             specs.append(_spec(
                 lora_fwd_tma_kernel, "lora_fwd_tma", act, lora,
-                {"HAS_BIAS": True, "BLOCK_M": tma.block_m, "BLOCK_N": tma.block_n, "BLOCK_K": tma.block_k,
-                 "BLOCK_R": r, "GROUP_M": GROUP_M, **_NUMERICS},
+                {"HAS_BIAS": True, "HAS_SCALE": False, "BLOCK_M": tma.block_m, "BLOCK_N": tma.block_n,
+                 "BLOCK_K": tma.block_k, "BLOCK_R": r, "GROUP_M": GROUP_M, **_NUMERICS},
                 tma, 90, _uses_wgmma(tma), tma=True))
         # Split-K GEMM: no epilogue, so one spec per tile (with or without dropout) and use.
         for (t, family), use in itertools.product(_split_tiles(), _SPLIT_UNIT_STRIDES):
@@ -168,9 +178,10 @@ def lora_kernel_specs() -> list[KernelSpec]:
                 t, family, _uses_wgmma(t), unit_strides=_SPLIT_UNIT_STRIDES[use]))
         for r in BLOCK_R_CHOICES:
             base = {"BLOCK_M": e.block_m, "BLOCK_R": r, "GROUP_M": GROUP_M, **_NUMERICS}
-            specs.append(_spec(
-                lora_fwd_split_epilogue_kernel, "lora_fwd_split_epilogue", act, lora,
-                {**base, "HAS_BIAS": True, "BLOCK_N": e.block_n}, e))
+            for dora in (False, True):
+                specs.append(_spec(
+                    lora_fwd_split_epilogue_kernel, "lora_fwd_split_epilogue", act, lora,
+                    {**base, "HAS_BIAS": True, "HAS_SCALE": dora, "BLOCK_N": e.block_n}, e))
             for drop in (False, True):
                 specs.append(_spec(
                     lora_bwd_dx_split_epilogue_kernel, "lora_bwd_dx_split_epilogue", act, lora,

@@ -99,3 +99,32 @@ def test_every_tma_launch_is_checked(compiled, recorded, monkeypatch, act, lora)
             assert spec.runs_on(capability) and spec.expects_tma_on_sm90 == (key[0] == "lora_fwd_tma_kernel")
             kernels.add(key[0])
     assert "lora_fwd_tma_kernel" in kernels and "lora_fwd_kernel" not in kernels
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer-loads", "tma-asked"])
+@pytest.mark.parametrize("num_sms,capability", GPUS)
+@pytest.mark.parametrize("act,lora", DTYPES, ids=str)
+def test_every_dora_forward_launch_is_checked(compiled, recorded, monkeypatch, num_sms, capability, act, lora, tma):
+    """The forward with DoRA's epilogue (``HAS_SCALE``, as ``fastpeft.ops.dora_linear`` launches
+    it; its backward is the LoRA backward's, checked above) is a compiled spec for every
+    problem, on its own tiles (never the TMA forward, even when asked for)."""
+    monkeypatch.setattr(lora_configs, "device_info", lambda device: (num_sms, capability))
+    if tma:
+        monkeypatch.setenv(lora_configs.TMA_ENV, "1")
+    meta = torch.device("meta")
+    kernels = set()
+    for m, n, k, rank in itertools.product(MS, NS, NS, RANKS):
+        recorded.clear()
+        x, w = torch.empty(m, k, dtype=act, device=meta), torch.empty(n, k, dtype=act, device=meta)
+        a, b = torch.empty(rank, k, dtype=lora, device=meta), torch.empty(n, rank, dtype=lora, device=meta)
+        lora_launch.lora_forward(x, w, torch.empty(n, dtype=act, device=meta), a, b, 0.5, 0.0,
+                                 torch.empty(0, dtype=torch.int64, device=meta),
+                                 dora_scale=torch.empty(n, device=meta), u=torch.empty(m, n, dtype=act, device=meta))
+        for fn, args, kwargs in recorded:
+            key = launch_key(fn, args, kwargs)
+            spec = compiled.get(key)
+            assert spec is not None, f"m={m} n={n} k={k} r={rank}: {key} is never compiled"
+            assert spec.runs_on(capability), f"{spec.name} is checked only for the other architecture"
+            kernels.add(key[0])
+    assert "lora_fwd_kernel" in kernels and "lora_fwd_split_epilogue_kernel" in kernels
+    assert "lora_fwd_tma_kernel" not in kernels
