@@ -137,10 +137,9 @@ class DoRALinear(LoRALinear):
         """``W <- c * (W + scaling B A)`` (PEFT's DoRA merge), per output row; the scale is kept
         for ``unmerge``."""
         if self.merged:
-            raise RuntimeError("DoRALinear.merge(): the adapter is already merged")
-        scale = self._dora_scale()
-        merged = self._scaled(self.weight.float() + self.delta_weight().float(), scale)
-        self.weight.copy_(merged.to(self.weight.dtype))
+            raise RuntimeError(f"{type(self).__name__}.merge(): the adapter is already merged")
+        scale, dense = self._dora_scale(), self._base_weight_f32()
+        self._set_base_weight(self._scaled(dense + self.delta_weight().float(), scale), dense)
         self._merge_scale = scale
         self.merged = True
 
@@ -148,11 +147,19 @@ class DoRALinear(LoRALinear):
     def unmerge(self) -> None:
         """``W <- W / c - scaling B A`` with the scale of the merge (PEFT's DoRA unmerge)."""
         if not self.merged:
-            raise RuntimeError("DoRALinear.unmerge(): the adapter is not merged")
-        unmerged = self._scaled(self.weight.float(), 1.0 / self._merge_scale) - self.delta_weight().float()
-        self.weight.copy_(unmerged.to(self.weight.dtype))
+            raise RuntimeError(f"{type(self).__name__}.unmerge(): the adapter is not merged")
+        dense = self._base_weight_f32()
+        self._set_base_weight(self._scaled(dense, 1.0 / self._merge_scale) - self.delta_weight().float(), dense)
         self._merge_scale = None
         self.merged = False
+
+    def _base_weight_f32(self) -> torch.Tensor:
+        """The base weight in its own layout (``[in, out]`` with fan_in_fan_out), float32."""
+        return self.weight.float()
+
+    def _set_base_weight(self, new: torch.Tensor, old: torch.Tensor) -> None:
+        """Make ``new`` (float32, the base's layout; ``old`` the weight it replaces) the base weight."""
+        self.weight.copy_(new.to(self.weight.dtype))
 
     def _scaled(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``weight`` (the base's layout) with each output row multiplied by ``scale``."""
@@ -202,28 +209,16 @@ class QuantDoRALinear(QuantLoRALinear, DoRALinear):
         raise ValueError("DoRA on a quantized base with lora_A / lora_B sharded as FSDP units of their own is not "
                          "supported; shard the layer (or its decoder layer) as a whole")
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Requantize ``c * (W + scaling B A)`` (PEFT's DoRA merge, with its rounding warning)."""
-        if self.merged:
-            raise RuntimeError("QuantDoRALinear.merge(): the adapter is already merged")
-        scale, dense = self._dora_scale(), self._dense_weight()
-        self._requantize(self._scaled(dense + self.delta_weight(), scale) - dense)
-        self._merge_scale = scale
-        self.merged = True
+    # DoRALinear's (QuantLoRALinear's come first in the MRO), through the hooks below
+    merge = DoRALinear.merge
+    unmerge = DoRALinear.unmerge
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Requantize ``W' / c - scaling B A`` with the scale of the merge."""
-        if not self.merged:
-            raise RuntimeError("QuantDoRALinear.unmerge(): the adapter is not merged")
-        dense = self._dense_weight()
-        self._requantize(self._scaled(dense, 1.0 / self._merge_scale) - self.delta_weight() - dense)
-        self._merge_scale = None
-        self.merged = False
+    def _base_weight_f32(self) -> torch.Tensor:
+        return self._dense_weight()
 
-    def _requantize(self, delta: torch.Tensor) -> None:
-        """Add ``delta`` (``[out, in]`` float32) to the quantized weight: a new quantized weight."""
+    def _set_base_weight(self, new: torch.Tensor, old: torch.Tensor) -> None:
+        """Requantize: ``new - old`` added to the quantized weight gives a new quantized weight
+        (with PEFT's warning about the rounding)."""
         base = self.base_module()
-        add_to_quantized(base, delta, 1.0)
+        add_to_quantized(base, new - old, 1.0)
         self.weight = base.weight

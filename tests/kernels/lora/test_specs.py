@@ -60,6 +60,23 @@ def _run(m: int, n: int, k: int, rank: int, dropout: bool, act: torch.dtype, lor
     lora_launch.lora_backward(grad_y, x, w, a, b, s, 0.5, p, seed, True, True, True)
 
 
+def _checked_specs(recorded: list, compiled: dict, capability: int, problem: str) -> list:
+    """The compiled spec of every recorded launch (failing on a launch no spec compiles, or
+    one checked only for the other architecture); ``problem`` names the launches' problem."""
+    specs = []
+    for fn, args, kwargs in recorded:
+        key = launch_key(fn, args, kwargs)
+        spec = compiled.get(key)
+        assert spec is not None, f"{problem}: {key} is never compiled"
+        assert spec.runs_on(capability), f"{spec.name} is checked only for the other architecture"
+        specs.append(spec)
+    return specs
+
+
+def _kernel_name(spec) -> str:
+    return getattr(spec.fn, "fn", spec.fn).__name__
+
+
 @pytest.mark.parametrize("num_sms,capability", GPUS)
 @pytest.mark.parametrize("act,lora", DTYPES, ids=str)
 def test_every_launch_is_checked(compiled, recorded, monkeypatch, num_sms, capability, act, lora):
@@ -68,12 +85,8 @@ def test_every_launch_is_checked(compiled, recorded, monkeypatch, num_sms, capab
     for m, n, k, rank, dropout in itertools.product(MS, NS, NS, RANKS, (False, True)):
         recorded.clear()
         _run(m, n, k, rank, dropout, act, lora)
-        for fn, args, kwargs in recorded:
-            key = launch_key(fn, args, kwargs)
-            spec = compiled.get(key)
-            assert spec is not None, f"m={m} n={n} k={k} r={rank} dropout={dropout}: {key} is never compiled"
-            assert spec.runs_on(capability), f"{spec.name} is checked only for the other architecture"
-            kernels.add(key[0])
+        problem = f"m={m} n={n} k={k} r={rank} dropout={dropout}"
+        kernels |= {_kernel_name(spec) for spec in _checked_specs(recorded, compiled, capability, problem)}
     # Every kernel of the fused path was launched by some problem above.
     assert kernels == {
         "lora_shrink_kernel", "lora_fwd_kernel", "lora_gemm_split_kernel", "lora_fwd_split_epilogue_kernel",
@@ -92,12 +105,9 @@ def test_every_tma_launch_is_checked(compiled, recorded, monkeypatch, act, lora)
     for m, n, rank, dropout in itertools.product([513, 4096], NS, RANKS, (False, True)):
         recorded.clear()
         _run(m, n, 4096, rank, dropout, act, lora)
-        for fn, args, kwargs in recorded:
-            key = launch_key(fn, args, kwargs)
-            spec = compiled.get(key)
-            assert spec is not None, f"m={m} n={n} r={rank} dropout={dropout}: {key} is never compiled"
-            assert spec.runs_on(capability) and spec.expects_tma_on_sm90 == (key[0] == "lora_fwd_tma_kernel")
-            kernels.add(key[0])
+        for spec in _checked_specs(recorded, compiled, capability, f"m={m} n={n} r={rank} dropout={dropout}"):
+            assert spec.expects_tma_on_sm90 == (_kernel_name(spec) == "lora_fwd_tma_kernel")
+            kernels.add(_kernel_name(spec))
     assert "lora_fwd_tma_kernel" in kernels and "lora_fwd_kernel" not in kernels
 
 
@@ -120,11 +130,7 @@ def test_every_dora_forward_launch_is_checked(compiled, recorded, monkeypatch, n
         lora_launch.lora_forward(x, w, torch.empty(n, dtype=act, device=meta), a, b, 0.5, 0.0,
                                  torch.empty(0, dtype=torch.int64, device=meta),
                                  dora_scale=torch.empty(n, device=meta), u=torch.empty(m, n, dtype=act, device=meta))
-        for fn, args, kwargs in recorded:
-            key = launch_key(fn, args, kwargs)
-            spec = compiled.get(key)
-            assert spec is not None, f"m={m} n={n} k={k} r={rank}: {key} is never compiled"
-            assert spec.runs_on(capability), f"{spec.name} is checked only for the other architecture"
-            kernels.add(key[0])
+        kernels |= {_kernel_name(spec) for spec in _checked_specs(recorded, compiled, capability,
+                                                                  f"m={m} n={n} k={k} r={rank}")}
     assert "lora_fwd_kernel" in kernels and "lora_fwd_split_epilogue_kernel" in kernels
     assert "lora_fwd_tma_kernel" not in kernels
