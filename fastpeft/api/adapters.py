@@ -31,6 +31,7 @@ from fastpeft.formats import peft as peft_format
 from fastpeft.formats.file_names import ADAPTER_FILE_NAMES, CONFIG_NAME, SAVED_FILE_NAMES, TRAINER_COPY_NAME
 from fastpeft.formats.given_state_dict import adapter_entries, state_keys, substituted
 from fastpeft.formats.rank_zero import broadcast_object, on_rank_zero
+from fastpeft.formats import safe_write
 from fastpeft.formats.safe_write import fs_path
 from fastpeft.formats.saved_tensors import cpu_copies, sharded_group
 from fastpeft.formats.snapshot import CopiedSnapshot, Snapshot, copy_files, open_snapshot
@@ -363,17 +364,23 @@ def _write_files(directory: str | bytes | os.PathLike, files: dict[str, bytes],
                  copy: dict[str, torch.Tensor] | None) -> None:
     """``save_adapter``'s one all-or-nothing commit of an adapter's ``files``, with the Trainer
     ``copy`` (unless the directory holds a model's files: then logged and left out), or, given
-    none, removing an earlier save's copy."""
-    has_copy, model_files = trainer_copy.found_in(directory)
+    none, removing an earlier save's copy. Whether the directory holds a copy or a model is
+    read once the save holds the directory's lock (``save_journal.save_files``'s ``adjust``),
+    so no other fastpeft save changes it in between."""
     removes = ADAPTER_FILE_NAMES - files.keys()
-    if copy is not None and not model_files:
-        files = {TRAINER_COPY_NAME: trainer_copy.copy_bytes(copy), **files}  # the config stays last
-    elif has_copy:
-        removes |= {TRAINER_COPY_NAME}
-    if copy is not None and model_files:
-        logger.info("save_pretrained: %s holds a model's files (%s), so the adapter is saved without the copy "
-                    "Trainer resumes from (model.safetensors)", fs_path(directory), ", ".join(model_files))
-    save_journal.save_files(directory, files, removes=removes, hide=(CONFIG_NAME,), allowed=SAVED_FILE_NAMES)
+    copy_bytes = trainer_copy.copy_bytes(copy) if copy is not None else None
+
+    def adjust(target: safe_write.Directory) -> tuple[dict[str, bytes], frozenset[str]]:
+        has_copy, model_files = trainer_copy.found_in_directory(target)
+        if copy_bytes is not None and not model_files:
+            return {TRAINER_COPY_NAME: copy_bytes, **files}, removes  # the config stays last
+        if copy_bytes is not None:
+            logger.info("save_pretrained: %s holds a model's files (%s), so the adapter is saved without the copy "
+                        "Trainer resumes from (model.safetensors)", target.path, ", ".join(model_files))
+        return files, (removes | {TRAINER_COPY_NAME}) if has_copy else removes
+
+    save_journal.save_files(directory, files, removes=removes, hide=(CONFIG_NAME,), allowed=SAVED_FILE_NAMES,
+                            adjust=adjust)
 
 
 def load_adapter(

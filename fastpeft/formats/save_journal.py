@@ -37,7 +37,7 @@ import errno
 import json
 import os
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from fastpeft.formats import safe_read, safe_write
@@ -160,12 +160,23 @@ def _check_replaceable(target: safe_write.Directory, names: Iterable[str]) -> No
                                     "that name")
 
 
+def _require_allowed(files: Mapping[str, bytes], removes: Iterable[str], allowed: frozenset[str]) -> None:
+    names = {*files, *removes}
+    if not names <= allowed:
+        raise ValueError(f"save_files: {sorted(names - allowed)} are not among the allowed names")
+
+
 def save_files(path: str | os.PathLike, files: Mapping[str, bytes], *, removes: Iterable[str] = (),
-               hide: Iterable[str] = (), allowed: frozenset[str]) -> None:
+               hide: Iterable[str] = (), allowed: frozenset[str],
+               adjust: Callable[[safe_write.Directory], tuple[Mapping[str, bytes], Iterable[str]]] | None = None,
+               ) -> None:
     """Replace ``files`` (name -> contents, renamed in this order) in the directory ``path``
     and remove ``removes``, all in one commit (see the module docstring). ``hide`` names
     the file (the config) removed first when it changes. ``allowed``: every name a journal
-    of this directory may hold (``files`` and ``removes`` must be among them).
+    of this directory may hold (``files`` and ``removes`` must be among them). ``adjust``:
+    called with the open directory once this save holds its lock (and a killed save is
+    completed), returns the ``(files, removes)`` to save instead: for a choice that depends on
+    what the directory holds, made where no other fastpeft save can change it.
 
     Raises:
         NotADirectoryError / PermissionError: as ``safe_write.open_directory`` / ``stage``.
@@ -174,13 +185,16 @@ def save_files(path: str | os.PathLike, files: Mapping[str, bytes], *, removes: 
             removed); after it, the save is completed by the next save or fastpeft read.
     """
     removes, hide = tuple(removes), frozenset(hide)
-    if not {*files, *removes} <= allowed:
-        raise ValueError(f"save_files: {sorted({*files, *removes} - allowed)} are not among the allowed names")
+    _require_allowed(files, removes, allowed)
     with safe_write.open_directory(path) as target:
         try:
             recover(target, allowed)
         except FileNotFoundError:  # an earlier save's files were removed by hand: this save replaces them all
             safe_write.remove(target, JOURNAL_NAME)
+        if adjust is not None:
+            files, removes = adjust(target)
+            _require_allowed(files, removes, allowed)
+        removes = tuple(removes)
         safe_write.remove_stale_temps(target, {*allowed, JOURNAL_NAME})
         _check_replaceable(target, files)
         changed = {name: data for name, data in files.items() if not _unchanged(target, name, data)}

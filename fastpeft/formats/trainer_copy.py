@@ -29,14 +29,14 @@ PEFT's and AdapterHub's loaders read only their own files and ignore it.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 
 import safetensors.torch
 import torch
 
-from fastpeft.formats.file_names import SAVED_FILE_NAMES, TRAINER_COPY_NAME
-from fastpeft.formats.snapshot import Snapshot, open_snapshot
+from fastpeft.formats.file_names import TRAINER_COPY_NAME
+from fastpeft.formats.safe_write import Directory
+from fastpeft.formats.snapshot import Snapshot
 
 # The copy's safetensors metadata, its only entry: safetensors writes metadata entries in no
 # fixed order, so a second one would make two saves of one adapter differ byte for byte. No
@@ -91,13 +91,10 @@ def model_weights(snapshot: Snapshot) -> list[str]:
             and not (name == TRAINER_COPY_NAME and is_copy(snapshot))]
 
 
-def found_in(directory: str | bytes | os.PathLike) -> tuple[bool, list[str]]:
-    """What a save into ``directory`` finds there: whether it holds a copy, and a transformers
-    model's files (``model_weights`` and ``config.json``); (False, []) for a directory that
-    does not exist yet."""
-    try:
-        with open_snapshot(directory, SAVED_FILE_NAMES) as snapshot:
-            config = [MODEL_CONFIG_NAME] if snapshot.exists(MODEL_CONFIG_NAME) else []
-            return is_copy(snapshot), model_weights(snapshot) + config
-    except (FileNotFoundError, NotADirectoryError):  # the save creates it, or raises NotADirectoryError itself
-        return False, []
+def found_in_directory(directory: Directory) -> tuple[bool, list[str]]:
+    """What a save finds in the open ``directory`` (its lock held, no save journal pending):
+    whether it holds a copy, and a transformers model's files (``model_weights`` and
+    ``config.json``)."""
+    snapshot = Snapshot(directory.fd, directory.path, None)
+    config = [MODEL_CONFIG_NAME] if snapshot.exists(MODEL_CONFIG_NAME) else []
+    return is_copy(snapshot), model_weights(snapshot) + config

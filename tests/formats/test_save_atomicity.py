@@ -2,7 +2,8 @@
 
 * ``kill -9`` at random moments of a writer saving two adapters in turn whose configs
   differ (bottleneck, prompt tuning, prefix tuning with its MLP's extra file, LoRA through
-  ``save_pretrained`` with its Trainer copy, ``model.safetensors``): afterwards
+  ``save_pretrained`` with its Trainer copy, ``model.safetensors``, and LoRA alternating such a
+  save with ``save_adapter``, which removes the copy): afterwards
   the directory loads, and holds exactly one save's files (config and every tensor file,
   byte for byte); files that are not the adapter's are untouched;
 * a kill before each file-system call of a save, one by one (every step of the commit);
@@ -59,8 +60,10 @@ KINDS = {
                                                encoder_hidden_size=24)],
 }
 KINDS["prefix_same"] = [KINDS["prefix_mlp"][0], KINDS["prefix_mlp"][0]]
-# Kinds saved by the model's save_pretrained: the adapter and its Trainer copy in one commit.
+# Kinds saved by the model's save_pretrained: the adapter and its Trainer copy in one commit;
+# "lora_copy_removed": variant 0 so, variant 1 by save_adapter (which removes the copy in its commit).
 KINDS["lora_pretrained"] = KINDS["lora"]
+KINDS["lora_copy_removed"] = KINDS["lora"]
 PRETRAINED_KINDS = {"lora_pretrained"}
 
 # Kills per kind: at least MIN_KILLS, more (up to MAX_KILLS) until MIN_MID_SAVE of them
@@ -97,7 +100,7 @@ def variant_model(kind: str, index: int) -> nn.Module:
 def save(kind: str, index: int, directory: str | Path) -> None:
     """Save the kind's variant ``index`` to ``directory`` as the kind is saved."""
     model = variant_model(kind, index)
-    if kind in PRETRAINED_KINDS:
+    if kind in PRETRAINED_KINDS or (kind == "lora_copy_removed" and index == 0):
         model.save_pretrained(directory)
     else:
         fastpeft.save_adapter(model, directory)
@@ -163,7 +166,7 @@ def _with_keep_files(directory: Path) -> dict[str, bytes]:
     return {name: (directory / name).read_bytes() for name in ("notes.txt", "trainer_state.json")}
 
 
-@pytest.mark.parametrize("kind", ["bottleneck", "prompt", "prefix_mlp", "lora_pretrained"])
+@pytest.mark.parametrize("kind", ["bottleneck", "prompt", "prefix_mlp", "lora_pretrained", "lora_copy_removed"])
 def test_sigkill_at_random_moments_leaves_one_whole_save(zygote, tmp_path, kind):
     target = tmp_path / "adapter"
     save(kind, 0, target)
@@ -214,7 +217,7 @@ def _child_save_killed_at(kind: str, directory: str, index: int, step: int | Non
     return next(calls)
 
 
-@pytest.mark.parametrize("kind", ["lora", "prefix_mlp", "lora_pretrained"])
+@pytest.mark.parametrize("kind", ["lora", "prefix_mlp", "lora_pretrained", "lora_copy_removed"])
 def test_a_kill_before_every_step_of_a_save_leaves_one_whole_save(zygote, tmp_path, kind):
     """Variant 1 saved over variant 0, killed before its first, second, ... call: each
     time the directory loads as variant 0 until the commit point and as variant 1 after it."""
