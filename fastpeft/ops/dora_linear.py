@@ -28,7 +28,7 @@ from fastpeft.backend import backend_choice
 from fastpeft.kernels.dropout_mask import draw_seed
 from fastpeft.ops.autocast import autocast_dtype, autocast_off, cast_for_autocast
 from fastpeft.ops.checks import check_lora_linear_args, describe, require_tensor
-from fastpeft.ops.dora_linear_torch import dora_backward_torch, dora_forward_torch, dora_row_norm
+from fastpeft.ops.dora_linear_torch import dora_backward_torch, dora_forward_torch, dora_row_norm, dora_weight_grad
 from fastpeft.ops.lora_linear import lora_gradients_fake
 from fastpeft.ops.lora_linear_torch import base_linear_grads, rank_side_dtype
 from fastpeft.ops.op_calls import call_directly, eager_function, op_for_call, rows
@@ -86,6 +86,8 @@ def dora_forward(
     else:
         y, u, s, keep, norm = dora_forward_torch(x2, weight, bias, lora_a, lora_b, magnitude, weight_sq, row_norm,
                                                  scaling, dropout_p, seed)
+    if norm is row_norm:  # an op's output may not alias its input
+        norm = norm.clone()
     return y.view(*x.shape[:-1], weight.shape[0]), u, s, keep, norm
 
 
@@ -100,7 +102,7 @@ def _dora_linear_fake(x, weight, bias, lora_a, lora_b, magnitude, weight_sq, row
         x.new_empty((m, n)),
         x.new_empty((m, lora_a.shape[0]), dtype=rank_side_dtype(lora_a.dtype)),
         x.new_empty((m, k) if dropout_p > 0.0 else (0,), dtype=torch.bool),
-        x.new_empty((n,), dtype=_norm_dtype(weight, lora_a)),
+        x.new_empty((n,), dtype=_norm_dtype(weight, lora_a) if row_norm is None else row_norm.dtype),
     )
 
 
@@ -138,9 +140,9 @@ def dora_backward(
     else:
         dx, da, db, dm = dora_backward_torch(g2, x2, weight, lora_a, lora_b, magnitude, u, s, keep, norm, scaling,
                                              dropout_p, need_x, need_a, need_b, need_m)
-    empty = x.new_empty(0)
-    return (dx.view(x.shape) if dx is not None else empty, da if da is not None else empty,
-            db if db is not None else empty, dm if dm is not None else empty)
+    # a separate empty tensor per gradient not asked for: an op's outputs may not alias each other
+    return (dx.view(x.shape) if dx is not None else x.new_empty(0), da if da is not None else x.new_empty(0),
+            db if db is not None else x.new_empty(0), dm if dm is not None else x.new_empty(0))
 
 
 _dora_linear_backward_op = torch.library.custom_op("fastpeft::dora_linear_backward", mutates_args=())(dora_backward)
@@ -169,7 +171,9 @@ def _backward(ctx, grad_y, _grad_u, _grad_s, _grad_keep, _grad_norm):
     tensors = (grad_y, x, weight, lora_a, lora_b, magnitude, u, s, keep, norm)
     op = dora_backward if call_directly(*tensors) else torch.ops.fastpeft.dora_linear_backward
     dx, da, db, dm = op(*tensors, ctx.scaling, ctx.dropout_p, need_x, need_a, need_b, need_m)
-    dw, dbias = base_linear_grads(grad_y, x, weight, need_w, need_bias)
+    dw = dora_weight_grad(rows(grad_y, weight.shape[0]), rows(x, weight.shape[1]), weight, magnitude, norm, keep,
+                          ctx.dropout_p) if need_w else None
+    _, dbias = base_linear_grads(grad_y, x, weight, False, need_bias)
     return (dx if need_x else None, dw, dbias, da if need_a else None, db if need_b else None,
             dm if need_m else None, None, None, None, None, None)
 

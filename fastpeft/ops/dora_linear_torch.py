@@ -104,8 +104,22 @@ def dora_backward_torch(
     dm = ((wide * u.to(norm.dtype)).sum(0) / norm).to(magnitude.dtype) if need_m else None
     base_grad = None
     if need_x and keep.numel():
-        dropped_part = (grad_c - grad_y) @ weight
+        # (c - 1) * g formed wide and rounded once: near c = 1 (DoRA's start) g * c - g cancels
+        dropped_part = (wide * (scale - 1.0)).to(grad_y.dtype) @ weight
         base_grad = grad_y @ weight + _dropped(dropped_part, keep, dropout_p)
     dx, da, db = lora_backward_torch(grad_c, x, weight, lora_a, lora_b, s, keep, scaling, dropout_p,
                                      need_x, need_a, need_b, base_grad=base_grad)
     return dx, da, db, dm
+
+
+def dora_weight_grad(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, magnitude: torch.Tensor,
+                     norm: torch.Tensor, keep: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """``dW [N, K]`` in W's dtype for 2-D ``grad_y`` and x, the norm detached: ``(g * c)^T x``
+    without dropout, ``g^T x + ((c - 1) * g)^T x'`` with it. W is frozen in DoRA training and
+    serving; this is for a caller that trains it anyway."""
+    scale = magnitude.to(norm.dtype) / norm
+    wide = grad_y.to(norm.dtype)
+    if not keep.numel():
+        return ((wide * scale).t() @ x.to(norm.dtype)).to(weight.dtype)
+    dropped = _dropped(x.to(norm.dtype), keep, dropout_p)
+    return (wide.t() @ x.to(norm.dtype) + (wide * (scale - 1.0)).t() @ dropped).to(weight.dtype)

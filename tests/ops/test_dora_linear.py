@@ -151,13 +151,51 @@ def test_cached_norms_are_used():
                  reference({**t, "bias": None}, SCALING)["y"], torch.float32, "y")
 
 
+@pytest.mark.parametrize("cached_norm", [False, True], ids=["norm-computed", "norm-given"])
 @pytest.mark.parametrize("p", [0.0, 0.2])
-def test_opcheck(p):
-    """Schema, fake tensors and autograd registration of both ops (``torch.library.opcheck``)."""
+def test_opcheck(p, cached_norm):
+    """Schema, fake tensors and autograd registration of both ops (``torch.library.opcheck``),
+    with the row norm computed by the op or given (a cached one: the op's norm output is then a
+    copy, never the input itself)."""
     t = {k: (v.requires_grad_(k in ("x", "lora_a", "lora_b", "magnitude")) if v is not None else v)
          for k, v in inputs(6, 7, 5, 2, torch.float32).items()}
     seed = torch.tensor([123], dtype=torch.int64) if p else torch.empty(0, dtype=torch.int64)
-    torch.library.opcheck(torch.ops.fastpeft.dora_linear.default, (*t.values(), None, None, SCALING, p, seed))
+    norm = dora_row_norm(t["weight"], t["lora_a"].detach(), t["lora_b"].detach(), SCALING) if cached_norm else None
+    torch.library.opcheck(torch.ops.fastpeft.dora_linear.default, (*t.values(), None, norm, SCALING, p, seed))
+
+
+def test_backward_op_with_gradients_left_out():
+    """The registered backward asked for dX and dm only: separate empty outputs for dA and dB
+    (an op's outputs may not alias each other), checked by ``opcheck``."""
+    t = inputs(5, 8, 6, 2, torch.float32)
+    y, u, s, keep, norm = torch.ops.fastpeft.dora_linear(*t.values(), None, None, SCALING, 0.0,
+                                                         torch.empty(0, dtype=torch.int64))
+    args = (torch.randn_like(y), t["x"], t["weight"], t["lora_a"], t["lora_b"], t["magnitude"], u, s, keep, norm,
+            SCALING, 0.0)
+    dx, da, db, dm = torch.ops.fastpeft.dora_linear_backward(*args, True, False, False, True)
+    assert da.numel() == db.numel() == 0 and dx.shape == t["x"].shape and dm.shape == t["magnitude"].shape
+    torch.library.opcheck(torch.ops.fastpeft.dora_linear_backward.default, (*args, True, False, False, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_weight_gradient_when_the_base_trains(p):
+    """W frozen is DoRA's rule, but a caller that trains it gets the gradient of PEFT's formula
+    with the norm detached: ``(g c)^T x``, or with dropout ``g^T x + ((c - 1) g)^T x'``."""
+    t = inputs(9, 10, 7, 3, torch.float64)
+    probe = torch.randn(9, 7, dtype=torch.float64)
+    weight = t["weight"].clone().requires_grad_()
+    seed = torch.tensor([11], dtype=torch.int64) if p else torch.empty(0, dtype=torch.int64)
+    y, _, _, keep, _ = torch.ops.fastpeft.dora_linear(t["x"], weight, t["bias"], t["lora_a"], t["lora_b"],
+                                                       t["magnitude"], None, None, SCALING, p, seed)
+    y.backward(probe)
+    w = t["weight"].clone().requires_grad_()
+    dropped = t["x"] * keep.double() / (1 - p) if keep.numel() else t["x"]
+    c = t["magnitude"] / torch.linalg.norm(w + SCALING * t["lora_b"] @ t["lora_a"], dim=1).detach()
+    expected = (t["x"] @ w.t() + t["bias"] + (c - 1) * (dropped @ w.t())
+                + c * SCALING * (dropped @ t["lora_a"].t() @ t["lora_b"].t()))
+    expected.backward(probe)
+    assert_close(weight.grad, w.grad, torch.float64, "dW")
 
 
 @pytest.mark.parametrize("field,value,error,match", [

@@ -8,9 +8,12 @@ starts as the row norms of ``W + scaling B A`` for the initial A and B, so the l
 its LoRA layer does. State-dict key ``<path>.lora_magnitude_vector``: PEFT's saved key (its
 model holds ``lora_magnitude_vector.<adapter>.weight``), so a PEFT state dict maps one to one.
 
-The forward is ``fastpeft.ops.dora_linear`` (its torch path). The squared row norms of the
-frozen W are computed once and reused while W is unchanged; at inference (eval mode, grad off)
-the whole row norm is, while W, A and B are unchanged (tensor identity and version counter).
+The forward is ``fastpeft.ops.dora_linear`` (its torch path; the kernels with
+``FASTPEFT_BACKEND=triton``). The squared row norms of the frozen W are computed once and
+reused while W is unchanged; at inference (eval mode, grad off) the whole row norm is, while
+W, A and B are unchanged (tensor identity, version counter and storage) and until the next
+``train()`` / ``eval()``. Not seen: in-place writes that bump no version counter (through
+``.data``) while the layer stays in eval mode; call ``eval()`` again after such a write.
 ``merge()`` folds the layer into ``W' = c * (W + scaling B A)`` (PEFT's merge); ``unmerge()``
 divides that scale out again with the scale of the merge.
 """
@@ -31,15 +34,18 @@ from fastpeft.ops.dora_linear import dora_linear
 from fastpeft.ops.dora_linear_torch import dora_row_norm
 from fastpeft.ops.qlora_linear import qlora_linear
 
-def _identity(*tensors: torch.Tensor) -> tuple:
+def _identity(*tensors: torch.Tensor) -> tuple | None:
     """What a cached value derived from ``tensors`` is valid for: each one's object, in-place
-    version (an optimizer step or ``copy_`` bumps it) and storage (``.to()`` moves it)."""
+    version (an optimizer step or ``copy_`` bumps it) and storage (``.to()`` moves it); None
+    (nothing may be cached) for inference-mode tensors, which keep no version counter."""
+    if any(t.is_inference() for t in tensors):
+        return None
     return tuple((id(t), t._version, t.data_ptr(), t.device, t.dtype) for t in tensors)
 
 
 class DoRALinear(LoRALinear):
     """DoRA on an ``nn.Linear`` or transformers ``Conv1D`` (module docstring). Arguments and
-    wrapping as ``LoRALinear``'s; quantized bases are not supported yet (``wrap`` refuses them)."""
+    wrapping as ``LoRALinear``'s; ``wrap`` gives a quantized base a ``QuantDoRALinear``."""
 
     ADAPTER_KIND = "DoRA"
     use_dora = True
@@ -72,9 +78,9 @@ class DoRALinear(LoRALinear):
     def _weight_sq_cached(self) -> torch.Tensor:
         """``||W_i||^2`` ``[out]`` in float32, recomputed only when W changes (every call while
         ``torch.compile`` traces: the compiled graph computes it)."""
-        if torch.compiler.is_compiling():
+        key = None if torch.compiler.is_compiling() else _identity(self._base_tensors()[0])
+        if key is None:
             return self._weight_sq_of_base()
-        key = _identity(self._base_tensors()[0])
         if self._weight_sq is None or self._weight_sq_key != key:
             self._weight_sq, self._weight_sq_key = self._weight_sq_of_base(), key
         return self._weight_sq
@@ -98,10 +104,20 @@ class DoRALinear(LoRALinear):
         and B are the same tensors at the same versions; None otherwise."""
         if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
-        key = _identity(self._base_tensors()[0], self.lora_A.weight, self.lora_B.weight) + (self.scaling,)
+        key = _identity(self._base_tensors()[0], self.lora_A.weight, self.lora_B.weight)
+        if key is None:
+            return None
+        key += (self.scaling,)
         if self._norm is None or self._norm_key != key:
             self._norm, self._norm_key = self.row_norm(), key
         return self._norm
+
+    def train(self, mode: bool = True) -> "DoRALinear":
+        """``nn.Module.train``, dropping the inference row norm (as PEFT drops its DoRA cache):
+        weights changed in ways no version counter sees (FSDP2 regathers, ``.data`` writes)
+        are read afresh at the next eval."""
+        self._norm, self._norm_key = None, None
+        return super().train(mode)
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         row_norm = self._inference_row_norm()

@@ -49,12 +49,8 @@ def build_replacements(
     autocast_adapter_dtype: bool,
 ) -> dict[str, nn.Module]:
     """New modules by path, not yet installed: a ``LoRALinear`` (``DoRALinear`` with
-    ``use_dora``) per target (sharing and freezing its base weight) and a deep copy per
-    ``modules_to_save`` module.
-
-    Raises:
-        ValueError: DoRA on a quantized base (not implemented).
-    """
+    ``use_dora``; their quantized variants on quantized bases) per target (sharing and
+    freezing its base weight) and a deep copy per ``modules_to_save`` module."""
     new: dict[str, nn.Module] = {}
     layer_cls = DoRALinear if config.use_dora else LoRALinear
     for t in plan.targets:

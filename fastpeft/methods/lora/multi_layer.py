@@ -232,10 +232,10 @@ class MultiLoRALinear(QuantizedBaseState, nn.Module):
         self.ranks[slot] = rank
         if self.dora and magnitude is None:
             self.dora_scales[slot].fill_(1.0)
-        elif self.dora:
-            device = self.lora_A.device
-            norm = dora_row_norm(self._dense_weight(), lora_a.to(device), lora_b.to(device), float(scaling))
-            self.dora_scales[slot].copy_(magnitude.to(device, torch.float32) / norm)
+        elif self.dora:  # the norm of the slot's own weights (the slot dtype's rounding of A and B)
+            norm = dora_row_norm(self._dense_weight(), self.lora_A[slot, :rank], self.lora_B[slot, :, :rank],
+                                 float(scaling))
+            self.dora_scales[slot].copy_(magnitude.to(norm.device, torch.float32) / norm)
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:

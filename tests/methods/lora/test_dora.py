@@ -453,3 +453,28 @@ def test_submodule_composition_with_dropout_equals_pefts(monkeypatch):
     for name, p in reference.named_parameters():
         if p.requires_grad:
             assert_close(params[_our_name(name)].grad, p.grad, torch.float32, f"grad of {name}")
+
+
+def test_inference_cache_is_dropped_by_train_and_eval_and_skips_inference_tensors():
+    """A write through ``.data`` bumps no version counter: the documented remedy, calling
+    ``eval()`` again (any ``train()``), reads the weights afresh; parameters made under
+    ``torch.inference_mode`` (no version counter) are never cached, and the layer runs."""
+    model = fastpeft.inject(tiny_llama(), fastpeft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True,
+                                                              init_lora_weights=False)).eval()
+    ids = token_ids()
+    with torch.no_grad():
+        before = model(ids).logits
+        for _, layer in lora_layers(model):
+            layer.lora_B.weight.data.mul_(3.0)
+        model.eval()
+        after = model(ids).logits
+        fresh = copy.deepcopy(model)
+        for _, layer in lora_layers(fresh):
+            layer._norm = None
+        assert_close(after, fresh(ids).logits, torch.float32, "after eval()")
+    assert not torch.allclose(before, after)
+    with torch.inference_mode():
+        frozen = fastpeft.inject(tiny_llama(), fastpeft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+        frozen.eval()
+        frozen(ids)
+        assert all(layer._norm is None for _, layer in lora_layers(frozen))
