@@ -30,7 +30,7 @@ from fastpeft.ops.autocast import autocast_dtype, autocast_off, cast_for_autocas
 from fastpeft.ops.checks import check_lora_linear_args, describe, require_tensor
 from fastpeft.ops.dora_linear_torch import dora_backward_torch, dora_forward_torch, dora_row_norm, dora_weight_grad
 from fastpeft.ops.lora_linear import lora_gradients_fake
-from fastpeft.ops.lora_linear_torch import base_linear_grads, rank_side_dtype
+from fastpeft.ops.lora_linear_torch import base_linear_grads, lora_backward_torch, rank_side_dtype
 from fastpeft.ops.op_calls import call_directly, eager_function, op_for_call, rows
 
 
@@ -62,6 +62,16 @@ def _dora_forward_kernels(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return y, u, s
 
 
+def _lora_backward_kernels(grad_y, x, weight, lora_a, lora_b, s, keep, scaling, dropout_p, need_x, need_a, need_b,
+                           base_grad=None):
+    """The LoRA backward kernels with ``lora_backward_torch``'s signature, for the calls whose
+    forward ran the kernels (no dropout: no mask, no seed, no separate base gradient)."""
+    from fastpeft.kernels.lora.launch import lora_backward
+
+    return lora_backward(grad_y, x, weight, lora_a, lora_b, s, scaling, 0.0, x.new_empty(0, dtype=torch.int64),
+                         need_x, need_a, need_b)
+
+
 def dora_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -78,16 +88,14 @@ def dora_forward(
     """``(y [..., N], u [M, N], s [M, r], keep, n [N])`` for x ``[..., K]``
     (``dora_forward_torch``, or the kernels: ``_uses_kernels``)."""
     x2 = rows(x, weight.shape[1])
+    # an op's output may not alias its input: a given norm is returned as a copy
+    norm = dora_row_norm(weight, lora_a, lora_b, scaling, weight_sq) if row_norm is None else row_norm.clone()
     if _uses_kernels(x, weight, lora_a, dropout_p):
-        norm = dora_row_norm(weight, lora_a, lora_b, scaling, weight_sq) if row_norm is None else row_norm
         y, u, s = _dora_forward_kernels(x2, weight, bias, lora_a, lora_b, magnitude.to(norm.dtype) / norm, scaling,
                                         seed)
         keep = x.new_empty(0, dtype=torch.bool)
     else:
-        y, u, s, keep, norm = dora_forward_torch(x2, weight, bias, lora_a, lora_b, magnitude, weight_sq, row_norm,
-                                                 scaling, dropout_p, seed)
-    if norm is row_norm:  # an op's output may not alias its input
-        norm = norm.clone()
+        y, u, s, keep = dora_forward_torch(x2, weight, bias, lora_a, lora_b, magnitude, norm, scaling, dropout_p, seed)
     return y.view(*x.shape[:-1], weight.shape[0]), u, s, keep, norm
 
 
@@ -128,18 +136,9 @@ def dora_backward(
     (``dora_backward_torch``, or, where the forward ran them, the LoRA backward kernels on
     ``g * c``: ``_uses_kernels``)."""
     n, k = weight.shape
-    g2, x2 = rows(grad_y, n), rows(x, k)
-    if _uses_kernels(x, weight, lora_a, dropout_p):
-        from fastpeft.kernels.lora.launch import lora_backward
-
-        wide = g2.to(norm.dtype)
-        grad_c = (wide * (magnitude.to(norm.dtype) / norm)).to(g2.dtype)
-        dm = ((wide * u.to(norm.dtype)).sum(0) / norm).to(magnitude.dtype) if need_m else None
-        dx, da, db = lora_backward(grad_c, x2, weight, lora_a, lora_b, s, scaling, 0.0,
-                                   x.new_empty(0, dtype=torch.int64), need_x, need_a, need_b)
-    else:
-        dx, da, db, dm = dora_backward_torch(g2, x2, weight, lora_a, lora_b, magnitude, u, s, keep, norm, scaling,
-                                             dropout_p, need_x, need_a, need_b, need_m)
+    lora_gradients = _lora_backward_kernels if _uses_kernels(x, weight, lora_a, dropout_p) else lora_backward_torch
+    dx, da, db, dm = dora_backward_torch(rows(grad_y, n), rows(x, k), weight, lora_a, lora_b, magnitude, u, s, keep,
+                                         norm, scaling, dropout_p, need_x, need_a, need_b, need_m, lora_gradients)
     # a separate empty tensor per gradient not asked for: an op's outputs may not alias each other
     return (dx.view(x.shape) if dx is not None else x.new_empty(0), da if da is not None else x.new_empty(0),
             db if db is not None else x.new_empty(0), dm if dm is not None else x.new_empty(0))

@@ -12,11 +12,13 @@ For a base ``W [N, K]``, bias ``b``, LoRA ``A [r, K]``, ``B [N, r]``, scaling ``
 which is PEFT's ``y = x W^T + b + (c - 1) * (x' W^T) + c * s * (x' A^T B^T)``. The row norm
 never forms ``B A`` ([N, K]): ``n_i^2 = ||W_i||^2 + 2 s (W A^T)_i . B_i + s^2 B_i (A A^T) B_i^T``
 (``dora_row_norm``), one ``[N, K] x [K, r]`` product, with ``||W_i||^2`` of the frozen W
-passed in when cached. The backward needs ``u`` for ``dm = sum_rows(g * u) / n`` and keeps it
+passed in when cached; the op computes it once per call and hands it to both passes. The backward needs ``u`` for ``dm = sum_rows(g * u) / n`` and keeps it
 (``[M, N]`` in x's dtype; PEFT's autograd keeps two such tensors).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -49,20 +51,17 @@ def dora_forward_torch(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     magnitude: torch.Tensor,
-    weight_sq: torch.Tensor | None,
-    row_norm: torch.Tensor | None,
+    norm: torch.Tensor,
     scaling: float,
     dropout_p: float,
     seed: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y [M, N], u [M, N], s [M, r], keep, n [N])`` for 2-D x ``[M, K]`` (module docstring):
-    ``y`` and ``u`` in x's dtype, ``s = x' A^T`` as the LoRA op's torch path keeps it,
-    ``keep`` the bool dropout mask (empty without dropout), ``n`` the row norms
-    (``row_norm`` when the caller cached them, else ``dora_row_norm``). The scale
-    ``c = m / n`` and the sums are formed in float32 (float64 inputs: float64) and ``y``
-    rounded once to x's dtype."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y [M, N], u [M, N], s [M, r], keep)`` for 2-D x ``[M, K]`` and the row norms ``norm``
+    (module docstring): ``y`` and ``u`` in x's dtype, ``s = x' A^T`` as the LoRA op's torch
+    path keeps it, ``keep`` the bool dropout mask (empty without dropout). The scale
+    ``c = m / n`` and the sums are formed in the norm's dtype (float32; float64 inputs:
+    float64) and ``y`` rounded once to x's dtype."""
     keep = keep_mask(x, dropout_p, seed)
-    norm = dora_row_norm(weight, lora_a, lora_b, scaling, weight_sq) if row_norm is None else row_norm
     scale = magnitude.to(norm.dtype) / norm
     s = lora_rank_side(x, lora_a, dropout_p, keep)
     dropped = _dropped(x, keep, dropout_p) if keep.numel() else x
@@ -73,7 +72,7 @@ def dora_forward_torch(
     y = torch.addcmul(bias.to(wide), u.to(wide), scale) if bias is not None else u.to(wide) * scale
     if keep.numel():  # the base on the undropped x, less the dropped one c * u holds
         y += (x @ weight.t()).to(wide) - v.to(wide)
-    return y.to(x.dtype), u, s, keep, norm
+    return y.to(x.dtype), u, s, keep
 
 
 def dora_backward_torch(
@@ -93,11 +92,14 @@ def dora_backward_torch(
     need_a: bool,
     need_b: bool,
     need_m: bool,
+    lora_gradients: Callable[..., tuple] = lora_backward_torch,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(dX [M, K], dA, dB, dm [N])`` for 2-D ``grad_y`` ``[M, N]``, each None unless asked
     for. With ``g_c = g * c``: the LoRA gradients are the LoRA op's for ``g_c``;
     ``dX = g_c W + s (g_c B) A`` without dropout, and with it ``g W + ((g_c - g) W + s (g_c B)
-    A) * mask / (1 - p)``; ``dm = sum_rows(g * u) / n`` (the norm is detached)."""
+    A) * mask / (1 - p)``; ``dm = sum_rows(g * u) / n`` (the norm is detached).
+    ``lora_gradients``: what computes the LoRA part, ``lora_backward_torch``'s signature (the
+    op passes the LoRA backward kernels where its forward ran them)."""
     scale = magnitude.to(norm.dtype) / norm
     wide = grad_y.to(norm.dtype)
     grad_c = (wide * scale).to(grad_y.dtype)
@@ -107,8 +109,8 @@ def dora_backward_torch(
         # (c - 1) * g formed wide and rounded once: near c = 1 (DoRA's start) g * c - g cancels
         dropped_part = (wide * (scale - 1.0)).to(grad_y.dtype) @ weight
         base_grad = grad_y @ weight + _dropped(dropped_part, keep, dropout_p)
-    dx, da, db = lora_backward_torch(grad_c, x, weight, lora_a, lora_b, s, keep, scaling, dropout_p,
-                                     need_x, need_a, need_b, base_grad=base_grad)
+    dx, da, db = lora_gradients(grad_c, x, weight, lora_a, lora_b, s, keep, scaling, dropout_p,
+                                need_x, need_a, need_b, base_grad=base_grad)
     return dx, da, db, dm
 
 
