@@ -341,19 +341,21 @@ def save_pretrained_adapter(model: nn.Module, directory: str | bytes | os.PathLi
 
 def _save(model: nn.Module, directory: str | bytes | os.PathLike, state_dict: Mapping[str, torch.Tensor] | None,
           with_trainer_copy: bool) -> None:
-    """``save_adapter`` (see there); ``with_trainer_copy``: also the Trainer copy."""
+    """``save_adapter`` (see there); ``with_trainer_copy``: also the Trainer copy. The adapter's
+    tensors under the model's keys (from ``state_dict``, or, for the copy, the model's own
+    gathered once) stand in for the model's while its files are formed (``substituted``)."""
     method = require_adapter(model)
     sources = method.sources(model)
+    group = None if state_dict is not None else sharded_group(model)
     if state_dict is not None:
         entries = adapter_entries(model, sources, state_dict)
-        with substituted(model, entries):
-            files = method.saved_files(model)
-        _write_files(directory, files, cpu_copies(entries) if with_trainer_copy else None)
-        return
-    files = method.saved_files(model)
-    # gathers a sharded model's tensors: on every rank, in the same order
-    copy = cpu_copies(dict(zip(state_keys(model, sources), sources))) if with_trainer_copy else None
-    group = sharded_group(model)
+    elif with_trainer_copy:  # gathers a sharded model's tensors: on every rank, in the same order
+        entries = cpu_copies(dict(zip(state_keys(model, sources), sources)))
+    else:
+        entries = {}
+    with substituted(model, entries):
+        files = method.saved_files(model)
+    copy = None if not with_trainer_copy else cpu_copies(entries) if state_dict is not None else entries
     if group is None:
         _write_files(directory, files, copy)
         return

@@ -85,16 +85,20 @@ def is_copy(snapshot: Snapshot) -> bool:
     return isinstance(metadata, dict) and metadata.get(MARK[0]) == MARK[1]
 
 
+def _present(snapshot: Snapshot, names: tuple[str, ...], has_copy: bool) -> list[str]:
+    """Those of ``names`` the snapshot holds, a copy aside (``has_copy``: ``is_copy``'s answer)."""
+    return [name for name in names if snapshot.exists(name) and not (name == TRAINER_COPY_NAME and has_copy)]
+
+
 def model_weights(snapshot: Snapshot) -> list[str]:
     """The transformers weight files (``MODEL_WEIGHT_FILES``) in the snapshot, a copy aside."""
-    return [name for name in MODEL_WEIGHT_FILES if snapshot.exists(name)
-            and not (name == TRAINER_COPY_NAME and is_copy(snapshot))]
+    return _present(snapshot, MODEL_WEIGHT_FILES, is_copy(snapshot))
 
 
 def found_in_directory(directory: Directory) -> tuple[bool, list[str]]:
     """What a save finds in the open ``directory`` (its lock held, no save journal pending):
     whether it holds a copy, and a transformers model's files (``model_weights`` and
-    ``config.json``)."""
+    ``config.json``); the copy's header is read once."""
     snapshot = Snapshot(directory.fd, directory.path, None)
-    config = [MODEL_CONFIG_NAME] if snapshot.exists(MODEL_CONFIG_NAME) else []
-    return is_copy(snapshot), model_weights(snapshot) + config
+    has_copy = is_copy(snapshot)
+    return has_copy, _present(snapshot, (*MODEL_WEIGHT_FILES, MODEL_CONFIG_NAME), has_copy)
