@@ -20,6 +20,7 @@ divides that scale out again with the scale of the merge.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -55,8 +56,8 @@ class DoRALinear(LoRALinear):
         return QuantDoRALinear if kind.quantized else cls
 
     def _init_from(self, base: nn.Module, kind: BaseLayerKind, *args: Any) -> None:
-        self._weight_sq, self._weight_sq_key = None, None
-        self._norm, self._norm_key = None, None
+        # name -> (value, what it was computed from: ``_identity``): ``_memo``'s caches
+        self._memos: dict[str, tuple[torch.Tensor, tuple]] = {}
         self._merge_scale = None
         super()._init_from(base, kind, *args)
 
@@ -64,8 +65,7 @@ class DoRALinear(LoRALinear):
         """``LoRALinear``'s inits for A and B, then the magnitude set to the row norms of
         ``W + scaling B A`` (PEFT's DoRA init)."""
         super().reset_lora_parameters(init_lora_weights)
-        with torch.no_grad():
-            norm = self.row_norm().to(self.lora_A.weight.dtype)
+        norm = self.row_norm().to(self.lora_A.weight.dtype)
         if MAGNITUDE_KEY in self._parameters:
             with torch.no_grad():
                 self.lora_magnitude_vector.copy_(norm)
@@ -75,15 +75,22 @@ class DoRALinear(LoRALinear):
     def adapter_tensors(self) -> dict[str, nn.Parameter]:
         return {**super().adapter_tensors(), MAGNITUDE_KEY: self.lora_magnitude_vector}
 
-    def _weight_sq_cached(self) -> torch.Tensor:
-        """``||W_i||^2`` ``[out]`` in float32, recomputed only when W changes (every call while
-        ``torch.compile`` traces: the compiled graph computes it)."""
-        key = None if torch.compiler.is_compiling() else _identity(self._base_tensors()[0])
+    def _memo(self, name: str, compute: Callable[[], torch.Tensor], *sources: torch.Tensor) -> torch.Tensor:
+        """``compute()``, cached under ``name`` while ``sources`` are the same tensors at the same
+        versions (``_identity``) and the scaling is the same; computed afresh while
+        ``torch.compile`` traces (the compiled graph computes it) and for inference tensors."""
+        key = None if torch.compiler.is_compiling() else _identity(*sources)
         if key is None:
-            return self._weight_sq_of_base()
-        if self._weight_sq is None or self._weight_sq_key != key:
-            self._weight_sq, self._weight_sq_key = self._weight_sq_of_base(), key
-        return self._weight_sq
+            return compute()
+        key += (self.scaling,)
+        cached = self._memos.get(name)
+        if cached is None or cached[1] != key:
+            cached = self._memos[name] = (compute(), key)
+        return cached[0]
+
+    def _weight_sq_cached(self) -> torch.Tensor:
+        """``||W_i||^2`` ``[out]`` in float32, recomputed only when W changes."""
+        return self._memo("weight_sq", self._weight_sq_of_base, self._base_tensors()[0])
 
     def _weight_sq_of_base(self) -> torch.Tensor:
         w = self._dense_weight().detach().float()
@@ -100,23 +107,17 @@ class DoRALinear(LoRALinear):
                                  self._weight_sq_cached())
 
     def _inference_row_norm(self) -> torch.Tensor | None:
-        """The row norm cached for inference (eval mode, grad off, eager): reused while W, A
-        and B are the same tensors at the same versions; None otherwise."""
-        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        """The row norm cached for inference (eval mode, grad off): reused while W, A and B are
+        the same tensors at the same versions (``_memo``); None in training or with grad on."""
+        if self.training or torch.is_grad_enabled():
             return None
-        key = _identity(self._base_tensors()[0], self.lora_A.weight, self.lora_B.weight)
-        if key is None:
-            return None
-        key += (self.scaling,)
-        if self._norm is None or self._norm_key != key:
-            self._norm, self._norm_key = self.row_norm(), key
-        return self._norm
+        return self._memo("row_norm", self.row_norm, self._base_tensors()[0], self.lora_A.weight, self.lora_B.weight)
 
     def train(self, mode: bool = True) -> "DoRALinear":
         """``nn.Module.train``, dropping the inference row norm (as PEFT drops its DoRA cache):
         weights changed in ways no version counter sees (FSDP2 regathers, ``.data`` writes)
         are read afresh at the next eval."""
-        self._norm, self._norm_key = None, None
+        self._memos.pop("row_norm", None)
         return super().train(mode)
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -177,12 +177,12 @@ class MultiLoRALinear(QuantizedBaseState, nn.Module):
             base.weight, base.bias = self.weight, self.bias
         return base
 
-    def _base_weight(self, x: torch.Tensor) -> torch.Tensor:
+    def _base_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight as ``[out, in]`` (a transposed view for ``Conv1D``; a quantized base's
-        dequantized in x's dtype)."""
+        dequantized in ``dtype``, the activations')."""
         if self.quantized:
             w = self.quantized_base_weight()
-            return dequantize(w.quant_type, *w.tensors(), w.blocksize, w.nested_blocksize, w.shape, x.dtype)
+            return dequantize(w.quant_type, *w.tensors(), w.blocksize, w.nested_blocksize, w.shape, dtype)
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
     def _require_slot(self, slot: int) -> int:
@@ -211,7 +211,7 @@ class MultiLoRALinear(QuantizedBaseState, nn.Module):
 
     def _dense_weight(self) -> torch.Tensor:
         """The base weight ``[out, in]`` in float32 (a quantized base's dequantized)."""
-        return self._base_weight(torch.empty(0, dtype=torch.float32, device=self.lora_A.device)).float()
+        return self._base_weight(torch.float32).float()
 
     @torch.no_grad()
     def load_slot(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
@@ -253,11 +253,11 @@ class MultiLoRALinear(QuantizedBaseState, nn.Module):
             adapter_ids = self.token_ids.for_input(x)
         bias = self.bias.to(x.dtype) if self.quantized and self.bias is not None else self.bias
         if adapter_ids is None:
-            return F.linear(x, self._base_weight(x), bias)
+            return F.linear(x, self._base_weight(x.dtype), bias)
         if not self.dora:
-            return multi_lora_linear(x, self._base_weight(x), bias, self.lora_A, self.lora_B, self.scalings,
+            return multi_lora_linear(x, self._base_weight(x.dtype), bias, self.lora_A, self.lora_B, self.scalings,
                                      adapter_ids, self.ranks)
-        y = multi_lora_linear(x, self._base_weight(x), None, self.lora_A, self.lora_B, self.scalings, adapter_ids,
+        y = multi_lora_linear(x, self._base_weight(x.dtype), None, self.lora_A, self.lora_B, self.scalings, adapter_ids,
                               self.ranks)
         # each token's slot scale (1 for base tokens and LoRA slots), then the bias: PEFT's DoRA at inference
         ids = adapter_ids.reshape(-1)

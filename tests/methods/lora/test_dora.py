@@ -246,7 +246,7 @@ def test_inference_row_norm_is_cached_until_the_weights_change(monkeypatch):
         assert len(calls) == len(layers) + 2
     uncached = copy.deepcopy(model)
     for layer in (m for _, m in lora_layers(uncached)):
-        layer._norm = None
+        layer._memos.clear()
     with torch.no_grad():
         assert_close(model(ids).logits, uncached(ids).logits, torch.float32, "cached vs fresh")
     assert not torch.allclose(before, after)
@@ -470,11 +470,11 @@ def test_inference_cache_is_dropped_by_train_and_eval_and_skips_inference_tensor
         after = model(ids).logits
         fresh = copy.deepcopy(model)
         for _, layer in lora_layers(fresh):
-            layer._norm = None
+            layer._memos.clear()
         assert_close(after, fresh(ids).logits, torch.float32, "after eval()")
     assert not torch.allclose(before, after)
     with torch.inference_mode():
         frozen = fastpeft.inject(tiny_llama(), fastpeft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
         frozen.eval()
         frozen(ids)
-        assert all(layer._norm is None for _, layer in lora_layers(frozen))
+        assert all("row_norm" not in layer._memos for _, layer in lora_layers(frozen))
